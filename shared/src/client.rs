@@ -1,0 +1,381 @@
+//! Blocking Rust client SDK (std sockets): used by the terminal client and the integration tests.
+//!
+//! [`Client`] speaks protocol v1 over one TCP connection. Server pushes that arrive while a call
+//! waits for its response are queued and returned by [`Client::recv`]. [`Timeline`] is the
+//! client-side half of the message model: it drops duplicates by seq and detects gaps through
+//! `prev_seq`, so a caller knows when to sync.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codes::ErrorCode;
+use crate::frame::{DecodeError, FrameCodec};
+use crate::ids::{DeviceType, MsgId, Seq, UserId};
+use crate::proto::{BodyError, Command, Message};
+
+/// What went wrong in a client call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad frame from server: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("bad body from server: {0}")]
+    Body(#[from] BodyError),
+    #[error("server refused: {code:?} {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("kicked out (reason {reason}): {message}")]
+    Kicked { reason: u8, message: String },
+    #[error("connection closed by server")]
+    Closed,
+    #[error("timed out waiting for the server")]
+    Timeout,
+}
+
+impl ClientError {
+    /// The server's error code, if the server refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Result of a successful login.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginInfo {
+    pub max_seq: Seq,
+    pub server_time_ms: u64,
+    pub heartbeat_secs: u16,
+}
+
+/// A successful send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendAck {
+    pub client_msg_id: u64,
+    pub msg_id: MsgId,
+    pub seq: Seq,
+    pub server_time_ms: u64,
+}
+
+/// One protocol v1 connection.
+pub struct Client {
+    stream: TcpStream,
+    codec: FrameCodec,
+    rbuf: BytesMut,
+    next_req: u32,
+    inbox: VecDeque<Command>,
+    /// Default time to wait for a response.
+    pub timeout: Duration,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            stream,
+            codec: FrameCodec::new(16 * 1024 * 1024),
+            rbuf: BytesMut::with_capacity(4096),
+            next_req: 1,
+            inbox: VecDeque::new(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The underlying socket (for tests that misbehave on purpose).
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    fn req_id(&mut self) -> u32 {
+        let r = self.next_req;
+        self.next_req = self.next_req.wrapping_add(1).max(1);
+        r
+    }
+
+    /// Sends a command; returns its request id.
+    pub fn send_cmd(&mut self, cmd: &Command) -> Result<u32, ClientError> {
+        let req = self.req_id();
+        self.stream.write_all(&cmd.to_bytes(req))?;
+        Ok(req)
+    }
+
+    /// Writes raw bytes (for protocol tests).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Reads the next frame from the socket, waiting until `deadline`.
+    fn read_frame(&mut self, deadline: Instant) -> Result<(u32, Command), ClientError> {
+        loop {
+            if let Some(f) = self.codec.decode(&mut self.rbuf)? {
+                return Ok((f.req_id, Command::decode(&f)?));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            self.stream.set_read_timeout(Some(deadline - now))?;
+            let mut tmp = [0u8; 16 * 1024];
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    return Err(ClientError::Timeout)
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(ClientError::Closed)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits for a frame accepted by `want`; other frames are queued for [`Client::recv`].
+    /// An `Error` frame or a kickout ends the wait with an error.
+    fn wait_for<T>(
+        &mut self,
+        mut want: impl FnMut(u32, &Command) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let (req, cmd) = self.read_frame(deadline)?;
+            if let Some(t) = want(req, &cmd) {
+                return Ok(t);
+            }
+            match cmd {
+                Command::Error { code, message } => {
+                    return Err(ClientError::Server { code, message })
+                }
+                Command::Kickout { reason, message } => {
+                    return Err(ClientError::Kicked { reason, message })
+                }
+                other => self.inbox.push_back(other),
+            }
+        }
+    }
+
+    pub fn login(
+        &mut self,
+        uid: UserId,
+        token: &str,
+        device_type: DeviceType,
+        device_id: &str,
+        last_seq: Seq,
+    ) -> Result<LoginInfo, ClientError> {
+        let req = self.send_cmd(&Command::Login {
+            uid,
+            device_type,
+            device_id: device_id.to_owned(),
+            last_seq,
+            token: token.to_owned(),
+        })?;
+        let res = self.wait_for(|r, c| match c {
+            Command::LoginResult { .. } if r == req => Some(c.clone()),
+            _ => None,
+        })?;
+        match res {
+            Command::LoginResult {
+                code: ErrorCode::Ok,
+                server_time_ms,
+                max_seq,
+                heartbeat_secs,
+                ..
+            } => Ok(LoginInfo {
+                max_seq,
+                server_time_ms,
+                heartbeat_secs,
+            }),
+            Command::LoginResult { code, message, .. } => {
+                Err(ClientError::Server { code, message })
+            }
+            _ => unreachable!("filtered above"),
+        }
+    }
+
+    /// Sends a c2c message and waits for its ack. Retrying with the same `client_msg_id` is safe.
+    pub fn send_c2c(
+        &mut self,
+        to: UserId,
+        client_msg_id: u64,
+        body: impl Into<Bytes>,
+    ) -> Result<SendAck, ClientError> {
+        let req = self.send_cmd(&Command::SendC2c {
+            client_msg_id,
+            to,
+            body: body.into(),
+        })?;
+        let ack = self.wait_for(|r, c| match c {
+            Command::SendAck { .. } if r == req => Some(c.clone()),
+            _ => None,
+        })?;
+        match ack {
+            Command::SendAck {
+                code: ErrorCode::Ok,
+                client_msg_id,
+                msg_id,
+                seq,
+                server_time_ms,
+            } => Ok(SendAck {
+                client_msg_id,
+                msg_id,
+                seq,
+                server_time_ms,
+            }),
+            Command::SendAck { code, .. } => Err(ClientError::Server {
+                code,
+                message: "send refused".into(),
+            }),
+            _ => unreachable!("filtered above"),
+        }
+    }
+
+    /// Requests one sync page of messages after `after_seq`.
+    pub fn sync_page(
+        &mut self,
+        after_seq: Seq,
+        limit: u16,
+    ) -> Result<(Vec<Message>, bool, Seq), ClientError> {
+        let req = self.send_cmd(&Command::SyncRequest { after_seq, limit })?;
+        let page = self.wait_for(|r, c| match c {
+            Command::SyncPage { .. } if r == req => Some(c.clone()),
+            _ => None,
+        })?;
+        match page {
+            Command::SyncPage {
+                max_seq,
+                has_more,
+                messages,
+            } => Ok((messages, has_more, max_seq)),
+            _ => unreachable!("filtered above"),
+        }
+    }
+
+    /// Tells the server this device holds everything up to `seq`.
+    pub fn deliver_ack(&mut self, seq: Seq) -> Result<(), ClientError> {
+        self.send_cmd(&Command::DeliverAck { seq })?;
+        Ok(())
+    }
+
+    pub fn heartbeat(&mut self) -> Result<u64, ClientError> {
+        let req = self.send_cmd(&Command::Heartbeat)?;
+        self.wait_for(|r, c| match c {
+            Command::HeartbeatAck { server_time_ms } if r == req => Some(*server_time_ms),
+            _ => None,
+        })
+    }
+
+    pub fn logout(&mut self) -> Result<(), ClientError> {
+        let req = self.send_cmd(&Command::Logout)?;
+        self.wait_for(|r, c| matches!(c, Command::LogoutAck if r == req).then_some(()))
+    }
+
+    /// Next server push (deliver, delivered notice, kickout, error), waiting up to `timeout`.
+    /// `Ok(None)` on timeout.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Command>, ClientError> {
+        if let Some(c) = self.inbox.pop_front() {
+            return Ok(Some(c));
+        }
+        match self.read_frame(Instant::now() + timeout) {
+            Ok((_, c)) => Ok(Some(c)),
+            Err(ClientError::Timeout) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until the server closes the connection (returns the frames received before).
+    pub fn read_until_closed(&mut self, timeout: Duration) -> Result<Vec<Command>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let mut got: Vec<Command> = self.inbox.drain(..).collect();
+        loop {
+            match self.read_frame(deadline) {
+                Ok((_, c)) => got.push(c),
+                Err(ClientError::Closed) => return Ok(got),
+                Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Ok(got)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Client-side view of one user's timeline on one device: exactly-once and in order.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    /// Highest seq held with no gap before it.
+    pub last_seq: Seq,
+    /// Messages accepted, in seq order.
+    pub messages: Vec<Message>,
+}
+
+/// What [`Timeline::offer`] did with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Appended: it follows the last held seq.
+    Accepted,
+    /// Already held (seq not above the last one): dropped.
+    Duplicate,
+    /// Its `prev_seq` is above the last held seq: messages are missing, sync first.
+    Gap,
+}
+
+impl Timeline {
+    pub fn new(last_seq: Seq) -> Self {
+        Timeline {
+            last_seq,
+            messages: Vec::new(),
+        }
+    }
+
+    pub fn offer(&mut self, m: &Message) -> Offer {
+        if m.seq <= self.last_seq {
+            Offer::Duplicate
+        } else if m.prev_seq > self.last_seq {
+            Offer::Gap
+        } else {
+            self.last_seq = m.seq;
+            self.messages.push(m.clone());
+            Offer::Accepted
+        }
+    }
+
+    /// Pulls every page after `last_seq` from the server.
+    pub fn sync(&mut self, c: &mut Client) -> Result<usize, ClientError> {
+        let mut n = 0;
+        loop {
+            let (msgs, more, _) = c.sync_page(self.last_seq, 200)?;
+            for m in &msgs {
+                if self.offer(m) == Offer::Accepted {
+                    n += 1;
+                }
+            }
+            if !more || msgs.is_empty() {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Handles a `Deliver` push: accepts it, or syncs on a gap. Acks the new last seq to the
+    /// server. Returns the number of new messages.
+    pub fn on_deliver(&mut self, c: &mut Client, m: &Message) -> Result<usize, ClientError> {
+        let n = match self.offer(m) {
+            Offer::Accepted => 1,
+            Offer::Duplicate => return Ok(0),
+            Offer::Gap => self.sync(c)?,
+        };
+        c.deliver_ack(self.last_seq)?;
+        Ok(n)
+    }
+}

@@ -1,0 +1,21 @@
+//! `im-shared` owns everything both sides of the wire need: the protocol v1 frame codec (sans-io:
+//! it never touches a socket and never panics on any input), the typed client commands, newtype
+//! ids, wire error codes, the gate<->logic link protocol, the user→shard/core hash, the development
+//! SSO token scheme, and the blocking Rust client SDK used by the terminal client and the tests.
+//!
+//! The byte layout of everything in this crate is specified in `docs/PROTOCOL.md`.
+
+pub mod client;
+pub mod codes;
+pub mod frame;
+pub mod ids;
+pub mod link;
+pub mod proto;
+pub mod shard;
+pub mod token;
+mod wire;
+
+pub use codes::{ErrorCode, KickReason};
+pub use frame::{Cmd, DecodeError, Frame, FrameCodec, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
+pub use ids::{ConnId, DeviceType, MsgId, Seq, ShardId, UserId};
+pub use proto::Command;

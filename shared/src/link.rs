@@ -1,0 +1,324 @@
+//! The gate ↔ logic link protocol.
+//!
+//! A gate multiplexes all of its client connections onto a few links to logic. Upstream
+//! ([`Up`]) it forwards client frames *undecoded* (command byte + body) tagged with the
+//! connection and the user the connection claimed at login; downstream ([`Down`]) logic sends
+//! fully encoded client frames tagged with the connection, so the gate only copies bytes.
+//!
+//! The transports are traits ([`UpstreamLink`], [`DownstreamSink`]): the single-node server
+//! wires them in-process (typed values over channels, no encoding); a TCP transport uses the
+//! byte layout below ([`encode_up`], [`decode_up`], ...), many messages per write.
+//!
+//! ```text
+//! link message := len:u32 (bytes after this field) | kind:u8 | fields
+//! Up::Frame   kind 1: conn:u64 uid:u64 cmd:u8 req_id:u32 body...(rest)
+//! Up::Closed  kind 2: conn:u64 uid:u64
+//! Down::Send  kind 16: conn:u64 data...(rest)
+//! Down::Bind  kind 17: conn:u64 uid:u64 data...(rest)
+//! Down::Close kind 18: conn:u64 data...(rest)
+//! ```
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::frame::Cmd;
+use crate::ids::{ConnId, UserId};
+
+/// Gate → logic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Up {
+    /// A client frame, body not decoded by the gate.
+    Frame {
+        conn: ConnId,
+        /// The user this connection claimed in its login frame (verified by logic).
+        uid: UserId,
+        cmd: Cmd,
+        req_id: u32,
+        body: Bytes,
+    },
+    /// The connection is gone (client closed, timeout, kicked, error).
+    Closed { conn: ConnId, uid: UserId },
+}
+
+impl Up {
+    pub fn uid(&self) -> UserId {
+        match self {
+            Up::Frame { uid, .. } | Up::Closed { uid, .. } => *uid,
+        }
+    }
+}
+
+/// Logic → gate. `data` holds zero or more encoded client frames to write as they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Down {
+    /// Write `data` to the connection.
+    Send { conn: ConnId, data: Bytes },
+    /// Login accepted: the connection is now logged in as `uid`; write `data` (the login result).
+    Bind {
+        conn: ConnId,
+        uid: UserId,
+        data: Bytes,
+    },
+    /// Write `data` (e.g. a kickout or error frame), then close the connection.
+    Close { conn: ConnId, data: Bytes },
+}
+
+impl Down {
+    pub fn conn(&self) -> ConnId {
+        match self {
+            Down::Send { conn, .. } | Down::Bind { conn, .. } | Down::Close { conn, .. } => *conn,
+        }
+    }
+}
+
+/// Where a gate core sends upstream messages.
+pub trait UpstreamLink: Send + Sync + 'static {
+    /// Number of lanes (logic workers or links). All messages of one user use one lane, so their
+    /// order is kept.
+    fn lane_of(&self, uid: UserId) -> usize;
+    /// Whether the lane accepts new client work now (false when overloaded or the link is down);
+    /// the gate then answers the frame with a retryable error.
+    fn accepting(&self, lane: usize) -> bool;
+    /// Hands over a batch for one lane. Never drops: `Closed` messages must always arrive.
+    fn send(&self, lane: usize, batch: Vec<Up>);
+}
+
+/// Where logic sends downstream messages for one gate core.
+pub trait DownstreamSink: Send + Sync + 'static {
+    fn send(&self, core: u16, batch: Vec<Down>);
+}
+
+/// Why link bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    #[error("link message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("link message truncated")]
+    Truncated,
+    #[error("unknown link message kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown client command 0x{0:02x} in link message")]
+    UnknownCommand(u8),
+}
+
+/// Largest link message (a client frame plus link header).
+pub const MAX_LINK_MSG: usize = 16 * 1024 * 1024;
+
+fn put_len_kind(out: &mut BytesMut, payload: usize, kind: u8) {
+    out.reserve(5 + payload);
+    out.put_u32((1 + payload) as u32);
+    out.put_u8(kind);
+}
+
+pub fn encode_up(m: &Up, out: &mut BytesMut) {
+    match m {
+        Up::Frame {
+            conn,
+            uid,
+            cmd,
+            req_id,
+            body,
+        } => {
+            put_len_kind(out, 8 + 8 + 1 + 4 + body.len(), 1);
+            out.put_u64(conn.0);
+            out.put_u64(uid.0);
+            out.put_u8(*cmd as u8);
+            out.put_u32(*req_id);
+            out.put_slice(body);
+        }
+        Up::Closed { conn, uid } => {
+            put_len_kind(out, 16, 2);
+            out.put_u64(conn.0);
+            out.put_u64(uid.0);
+        }
+    }
+}
+
+pub fn encode_down(m: &Down, out: &mut BytesMut) {
+    match m {
+        Down::Send { conn, data } => {
+            put_len_kind(out, 8 + data.len(), 16);
+            out.put_u64(conn.0);
+            out.put_slice(data);
+        }
+        Down::Bind { conn, uid, data } => {
+            put_len_kind(out, 16 + data.len(), 17);
+            out.put_u64(conn.0);
+            out.put_u64(uid.0);
+            out.put_slice(data);
+        }
+        Down::Close { conn, data } => {
+            put_len_kind(out, 8 + data.len(), 18);
+            out.put_u64(conn.0);
+            out.put_slice(data);
+        }
+    }
+}
+
+/// Splits one complete link message (kind + payload) off `buf`.
+fn take_msg(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, LinkError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_LINK_MSG {
+        return Err(LinkError::TooLarge(len));
+    }
+    if len == 0 {
+        return Err(LinkError::Truncated);
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut m = buf.split_to(len).freeze();
+    let kind = m.get_u8();
+    Ok(Some((kind, m)))
+}
+
+fn need(b: &Bytes, n: usize) -> Result<(), LinkError> {
+    if b.len() < n {
+        Err(LinkError::Truncated)
+    } else {
+        Ok(())
+    }
+}
+
+pub fn decode_up(buf: &mut BytesMut) -> Result<Option<Up>, LinkError> {
+    let Some((kind, mut b)) = take_msg(buf)? else {
+        return Ok(None);
+    };
+    Ok(Some(match kind {
+        1 => {
+            need(&b, 21)?;
+            let conn = ConnId(b.get_u64());
+            let uid = UserId(b.get_u64());
+            let c = b.get_u8();
+            let cmd = Cmd::from_u8(c).ok_or(LinkError::UnknownCommand(c))?;
+            let req_id = b.get_u32();
+            Up::Frame {
+                conn,
+                uid,
+                cmd,
+                req_id,
+                body: b,
+            }
+        }
+        2 => {
+            need(&b, 16)?;
+            Up::Closed {
+                conn: ConnId(b.get_u64()),
+                uid: UserId(b.get_u64()),
+            }
+        }
+        k => return Err(LinkError::UnknownKind(k)),
+    }))
+}
+
+pub fn decode_down(buf: &mut BytesMut) -> Result<Option<Down>, LinkError> {
+    let Some((kind, mut b)) = take_msg(buf)? else {
+        return Ok(None);
+    };
+    Ok(Some(match kind {
+        16 => {
+            need(&b, 8)?;
+            Down::Send {
+                conn: ConnId(b.get_u64()),
+                data: b,
+            }
+        }
+        17 => {
+            need(&b, 16)?;
+            Down::Bind {
+                conn: ConnId(b.get_u64()),
+                uid: UserId(b.get_u64()),
+                data: b,
+            }
+        }
+        18 => {
+            need(&b, 8)?;
+            Down::Close {
+                conn: ConnId(b.get_u64()),
+                data: b,
+            }
+        }
+        k => return Err(LinkError::UnknownKind(k)),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn batch_round_trip() {
+        let ups = vec![
+            Up::Frame {
+                conn: ConnId::new(1, 2, 3),
+                uid: UserId(9),
+                cmd: Cmd::SendC2c,
+                req_id: 4,
+                body: Bytes::from_static(b"body"),
+            },
+            Up::Closed {
+                conn: ConnId(5),
+                uid: UserId(6),
+            },
+        ];
+        let downs = vec![
+            Down::Send {
+                conn: ConnId(1),
+                data: Bytes::from_static(b"x"),
+            },
+            Down::Bind {
+                conn: ConnId(2),
+                uid: UserId(3),
+                data: Bytes::new(),
+            },
+            Down::Close {
+                conn: ConnId(4),
+                data: Bytes::from_static(b"bye"),
+            },
+        ];
+        let mut b = BytesMut::new();
+        ups.iter().for_each(|u| encode_up(u, &mut b));
+        let mut got = vec![];
+        while let Some(u) = decode_up(&mut b).unwrap() {
+            got.push(u);
+        }
+        assert_eq!(got, ups);
+        ups.iter().for_each(|u| encode_up(u, &mut b));
+        let mut half = b.split_to(b.len() - 3);
+        assert!(decode_up(&mut half).unwrap().is_some());
+        assert_eq!(decode_up(&mut half).unwrap(), None);
+
+        let mut b = BytesMut::new();
+        downs.iter().for_each(|d| encode_down(d, &mut b));
+        let mut got = vec![];
+        while let Some(d) = decode_down(&mut b).unwrap() {
+            got.push(d);
+        }
+        assert_eq!(got, downs);
+    }
+
+    #[test]
+    fn errors() {
+        let mut b = BytesMut::from(&[0, 0, 0, 1, 9][..]);
+        assert_eq!(decode_up(&mut b), Err(LinkError::UnknownKind(9)));
+        let mut b = BytesMut::from(&[0, 0, 0, 2, 1, 0][..]);
+        assert_eq!(decode_up(&mut b), Err(LinkError::Truncated));
+        let mut b = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(decode_down(&mut b), Err(LinkError::TooLarge(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let mut b = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = decode_up(&mut b) {}
+            let mut b = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = decode_down(&mut b) {}
+        }
+    }
+}
