@@ -1,0 +1,122 @@
+//! Storage of messages, timelines, seq segments, device cursors, dedup entries and the outbox.
+//!
+//! [`Store`] is the one interface logic uses; it has real implementations only: the embedded
+//! [`FjallStore`] (single node) and, in a later issue, ScyllaDB. Every implementation must pass
+//! [`conformance`], the shared test-suite of this trait.
+//!
+//! Writes go through a [`WriteBatch`] that is applied atomically and durably by
+//! [`Store::commit`]; a logic worker collects the writes of many requests into one batch (group
+//! commit) and acknowledges nothing before `commit` returns.
+
+pub mod conformance;
+mod fjall_store;
+
+pub use fjall_store::FjallStore;
+
+use im_shared::proto::Message;
+use im_shared::{MsgId, Seq, ShardId, UserId};
+
+/// Storage failure. Callers answer the client with a retryable error and keep nothing in memory
+/// that was not committed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store i/o: {0}")]
+    Io(String),
+    #[error("corrupt record under key {key}: {why}")]
+    Corrupt { key: String, why: String },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What the sender's shard remembers about an accepted `client_msg_id`, to answer a retry with the
+/// same ack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupEntry {
+    pub msg_id: MsgId,
+    /// Seq of the message in the sender's timeline.
+    pub seq: Seq,
+    pub server_time_ms: u64,
+}
+
+/// A fan-out record: `msg` still has to be appended to the timelines of `recipients`.
+/// Written in the same batch as the sender's own timeline entry, deleted once every recipient's
+/// shard confirmed the append. Replayed after a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Virtual shard of the sender (the owner that replays it).
+    pub shard: ShardId,
+    pub msg_id: MsgId,
+    pub recipients: Vec<UserId>,
+    /// The message as stored in the sender's timeline (its `seq`/`prev_seq` are the sender's and
+    /// are replaced by each recipient's on append).
+    pub msg: Message,
+}
+
+/// One write of a [`WriteBatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Reserve seqs of `uid` up to and including `bound`.
+    SeqBound { uid: UserId, bound: Seq },
+    /// Append `msg` at `msg.seq` to the timeline of `uid`, and index `(uid, msg.msg_id) → msg.seq`.
+    Append { uid: UserId, msg: Message },
+    /// Remember an accepted `(uid, client_msg_id)`.
+    Dedup {
+        uid: UserId,
+        client_msg_id: u64,
+        entry: DedupEntry,
+    },
+    /// Device cursor: the device holds everything up to `seq`.
+    Cursor {
+        uid: UserId,
+        device_id: String,
+        seq: Seq,
+    },
+    OutboxPut(OutboxEntry),
+    OutboxDelete { shard: ShardId, msg_id: MsgId },
+}
+
+/// Writes applied atomically by [`Store::commit`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    pub ops: Vec<Op>,
+}
+
+impl WriteBatch {
+    pub fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// The storage interface of logic. Methods are async so network backends (ScyllaDB) fit; the
+/// embedded backend completes them inline.
+#[allow(async_fn_in_trait)]
+pub trait Store: Clone + 'static {
+    /// Applies every op atomically and durably (fsync for the embedded store) before returning.
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    /// Highest reserved seq of `uid` (0 if never reserved).
+    async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError>;
+    /// Seq of the last entry of `uid`'s timeline (0 if empty).
+    async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError>;
+    /// Up to `limit` entries of `uid`'s timeline with seq > `after`, ascending.
+    async fn timeline(
+        &self,
+        uid: UserId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
+    /// The seq at which `msg_id` was appended to `uid`'s timeline, if it was.
+    async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError>;
+    async fn dedup(&self, uid: UserId, client_msg_id: u64)
+        -> Result<Option<DedupEntry>, StoreError>;
+    /// Cursor of one device (0 if none).
+    async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError>;
+    /// Every outbox entry of one virtual shard, in msg_id order.
+    async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError>;
+}
