@@ -1,1 +1,172 @@
-//! placeholder
+//! `im-gate` owns the access layer: client TCP connections on a thread-per-core monoio runtime
+//! (io_uring, with the legacy epoll driver where io_uring is missing).
+//!
+//! Every core has its own `SO_REUSEPORT` listener. A connection is accepted by any core, must
+//! send its login frame within the login deadline, and is then handed (its fd, over a crossbeam
+//! mailbox) to the core that owns `hash(uid) % cores`, so all devices of one user on this gate live
+//! on one core and no lock is needed. The gate reads frame headers only: it answers heartbeats,
+//! enforces limits (login deadline, max frame size, idle timeout, bounded write queue) and forwards
+//! bodies undecoded ([`bytes::Bytes`], no copy) to logic over an [`UpstreamLink`]; logic's
+//! downstream messages arrive through [`GateSink`] and are written as they are.
+//!
+//! See `docs/ARCHITECTURE.md` for the picture.
+
+mod config;
+mod conn;
+mod core;
+mod mailbox;
+mod wheel;
+
+pub use config::GateConfig;
+pub use mailbox::{mailbox, Mailbox, MailboxRx};
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use im_shared::link::{Down, DownstreamSink, UpstreamLink};
+
+use crate::core::CoreMsg;
+
+/// Counters of one core, summed by [`GateHandle::stats`]. Written by one thread only.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    pub accepted: AtomicU64,
+    pub connections: AtomicU64,
+    pub logged_in: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub closed_protocol_error: AtomicU64,
+    pub closed_timeout: AtomicU64,
+    pub closed_slow: AtomicU64,
+    pub handoffs: AtomicU64,
+    pub overloaded: AtomicU64,
+}
+
+/// A snapshot of all cores' counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateStats {
+    pub accepted: u64,
+    pub connections: u64,
+    pub logged_in: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub closed_protocol_error: u64,
+    pub closed_timeout: u64,
+    pub closed_slow: u64,
+    pub handoffs: u64,
+    pub overloaded: u64,
+}
+
+/// Logic's way into the gate: routes each downstream batch to the mailbox of the core that holds
+/// the connection.
+pub struct GateSink {
+    cores: Vec<Mailbox<CoreMsg>>,
+}
+
+impl DownstreamSink for GateSink {
+    fn send(&self, core: u16, batch: Vec<Down>) {
+        if let Some(m) = self.cores.get(core as usize) {
+            // A closed mailbox means the core stopped; its connections are gone.
+            let _ = m.send(CoreMsg::Down(batch));
+        }
+    }
+}
+
+/// A gate before it starts: its sink can be handed to logic first.
+pub struct Gate {
+    cfg: GateConfig,
+    sink: Arc<GateSink>,
+    rxs: Vec<MailboxRx<CoreMsg>>,
+}
+
+/// A running gate.
+pub struct GateHandle {
+    local_addr: SocketAddr,
+    stats: Vec<Arc<CoreStats>>,
+    sink: Arc<GateSink>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Gate {
+    pub fn new(cfg: GateConfig) -> Gate {
+        let cores = cfg.cores.max(1);
+        let (txs, rxs) = (0..cores).map(|_| mailbox()).unzip();
+        Gate {
+            cfg,
+            sink: Arc::new(GateSink { cores: txs }),
+            rxs,
+        }
+    }
+
+    /// The sink logic writes to.
+    pub fn sink(&self) -> Arc<GateSink> {
+        self.sink.clone()
+    }
+
+    /// Binds the listeners and starts one thread per core.
+    pub fn start(self, link: Arc<dyn UpstreamLink>) -> std::io::Result<GateHandle> {
+        let listeners = core::bind_listeners(&self.cfg)?;
+        let local_addr = listeners[0].local_addr()?;
+        let cfg = Arc::new(self.cfg);
+        let mut stats = Vec::new();
+        let mut threads = Vec::new();
+        for (i, (listener, rx)) in listeners.into_iter().zip(self.rxs).enumerate() {
+            let st = Arc::new(CoreStats::default());
+            stats.push(st.clone());
+            let ctx = core::CoreCtx {
+                core: i as u16,
+                cfg: cfg.clone(),
+                link: link.clone(),
+                peers: self.sink.cores.clone(),
+                stats: st,
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("gate-{i}"))
+                    .spawn(move || core::run_core(ctx, listener, rx))?,
+            );
+        }
+        Ok(GateHandle {
+            local_addr,
+            stats,
+            sink: self.sink,
+            threads,
+        })
+    }
+}
+
+impl GateHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> GateStats {
+        let mut s = GateStats::default();
+        for c in &self.stats {
+            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            s.accepted += l(&c.accepted);
+            s.connections += l(&c.connections);
+            s.logged_in += l(&c.logged_in);
+            s.frames_in += l(&c.frames_in);
+            s.frames_out += l(&c.frames_out);
+            s.closed_protocol_error += l(&c.closed_protocol_error);
+            s.closed_timeout += l(&c.closed_timeout);
+            s.closed_slow += l(&c.closed_slow);
+            s.handoffs += l(&c.handoffs);
+            s.overloaded += l(&c.overloaded);
+        }
+        s
+    }
+
+    /// Stops every core: listeners close, connections are dropped.
+    pub fn shutdown(self) {
+        for m in &self.sink.cores {
+            let _ = m.send(CoreMsg::Shutdown);
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
