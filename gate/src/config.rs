@@ -1,0 +1,43 @@
+//! Gate configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Limits and layout of one gate process.
+#[derive(Clone, Debug)]
+pub struct GateConfig {
+    /// Client listener address (one `SO_REUSEPORT` socket per core).
+    pub listen: SocketAddr,
+    /// Worker threads (cores). Each owns the users with `hash(uid) % cores == core`.
+    pub cores: usize,
+    /// This gate's id in [`im_shared::ConnId`]s.
+    pub gate_id: u16,
+    /// Largest accepted frame body.
+    pub max_body: usize,
+    /// A connection must be logged in this long after accept, or it is closed.
+    pub login_timeout: Duration,
+    /// A logged-in connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bytes queued for a client that does not read before it is disconnected.
+    pub max_write_queue: usize,
+    /// io_uring submission queue entries per core.
+    pub uring_entries: u32,
+    /// Listen backlog.
+    pub backlog: i32,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            listen: "127.0.0.1:7000".parse().expect("valid literal"),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gate_id: 0,
+            max_body: im_shared::frame::DEFAULT_MAX_BODY,
+            login_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_write_queue: 256 * 1024,
+            uring_entries: 1024,
+            backlog: 4096,
+        }
+    }
+}

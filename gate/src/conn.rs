@@ -1,0 +1,320 @@
+//! One client connection on its owner core: a reader task that parses headers and forwards
+//! frames, and a writer task that drains a bounded queue of encoded frames (many per write).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use im_shared::frame::Cmd;
+use im_shared::link::Up;
+use im_shared::{Command, ConnId, ErrorCode, UserId};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+
+use crate::core::Core;
+
+/// Read buffer size for a connection with nothing pending: small, so idle connections park
+/// little memory in their outstanding read.
+const READ_IDLE: usize = 128;
+/// Read buffer size while frames are streaming in.
+const READ_BUSY: usize = 4096;
+
+pub struct Conn {
+    pub id: ConnId,
+    fd: RawFd,
+    /// The user claimed in the login frame.
+    pub uid: Cell<UserId>,
+    /// Logic lane of the user.
+    pub lane: usize,
+    /// The login frame was forwarded to logic (so logic must hear about the close).
+    pub login_sent: Cell<bool>,
+    /// Logic accepted the login.
+    pub logged_in: Cell<bool>,
+    /// Core second at which the connection was accepted.
+    accepted_at: u32,
+    /// Core second of the last byte received.
+    pub last_active: Cell<u32>,
+    out: RefCell<VecDeque<Bytes>>,
+    out_bytes: Cell<usize>,
+    closing: Cell<bool>,
+    /// Core second at which a graceful close began.
+    closing_since: Cell<u32>,
+    writer: RefCell<Option<Waker>>,
+}
+
+impl Conn {
+    pub fn new(id: ConnId, stream: &TcpStream, uid: UserId, lane: usize, now: u32) -> Conn {
+        Conn {
+            id,
+            fd: stream.as_raw_fd(),
+            uid: Cell::new(uid),
+            lane,
+            login_sent: Cell::new(false),
+            logged_in: Cell::new(false),
+            accepted_at: now,
+            last_active: Cell::new(now),
+            out: RefCell::new(VecDeque::new()),
+            out_bytes: Cell::new(0),
+            closing: Cell::new(false),
+            closing_since: Cell::new(0),
+            writer: RefCell::new(None),
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Queues encoded frames. A client whose queue exceeds the limit does not read: it is
+    /// disconnected instead of buffered forever.
+    pub fn enqueue(&self, core: &Core, data: Bytes) {
+        if data.is_empty() || self.closing.get() {
+            return;
+        }
+        let n = self.out_bytes.get() + data.len();
+        if n > core.ctx.cfg.max_write_queue {
+            core.ctx.stats.closed_slow.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = self.id.0, "slow consumer, closing");
+            self.hard_close();
+            return;
+        }
+        self.out_bytes.set(n);
+        self.out.borrow_mut().push_back(data);
+        self.wake_writer();
+    }
+
+    /// Sends an error frame, then closes once it is flushed.
+    pub fn close_with(&self, core: &Core, req_id: u32, code: ErrorCode, message: &str) {
+        let frame = Command::Error {
+            code,
+            message: message.to_owned(),
+        }
+        .to_bytes(req_id);
+        self.enqueue(core, frame);
+        self.close_after_flush(core);
+    }
+
+    /// Closes after the queued frames are written.
+    pub fn close_after_flush(&self, core: &Core) {
+        if !self.closing.replace(true) {
+            self.closing_since.set(core.now.get());
+        }
+        self.wake_writer();
+    }
+
+    /// Closes now: both directions are shut down, pending reads and writes fail, the reader
+    /// cleans up.
+    pub fn hard_close(&self) {
+        self.closing.set(true);
+        self.out.borrow_mut().clear();
+        self.out_bytes.set(0);
+        // SAFETY: plain syscall on a descriptor this connection owns until its tasks end.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+        self.wake_writer();
+    }
+
+    /// Timer wheel callback: closes the connection if a deadline passed, else returns when to
+    /// look again.
+    pub fn check_deadline(&self, core: &Core, now: u32) -> Option<u32> {
+        let cfg = &core.ctx.cfg;
+        if self.closing.get() {
+            // A graceful close that could not flush in time becomes a hard one.
+            let at = self.closing_since.get() + 5;
+            if now >= at {
+                self.hard_close();
+                return None;
+            }
+            return Some(at);
+        }
+        let (deadline, code, msg) = if self.logged_in.get() {
+            (
+                self.last_active.get() + cfg.idle_timeout.as_secs() as u32,
+                ErrorCode::IdleTimeout,
+                "idle timeout",
+            )
+        } else {
+            (
+                self.accepted_at + cfg.login_timeout.as_secs() as u32,
+                ErrorCode::LoginTimeout,
+                "login not completed within deadline",
+            )
+        };
+        if now >= deadline {
+            core.ctx.stats.closed_timeout.fetch_add(1, Ordering::Relaxed);
+            self.close_with(core, 0, code, msg);
+            Some(now + 5)
+        } else {
+            Some(deadline)
+        }
+    }
+}
+
+/// Reader task; owns the connection's lifetime.
+pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesMut) {
+    let (mut rd, wr) = stream.into_split();
+    monoio::spawn(writer(core.clone(), c.clone(), wr));
+    'conn: loop {
+        loop {
+            match core.codec.decode(&mut buf) {
+                Ok(Some(f)) => {
+                    core.ctx.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                    if !on_frame(&core, &c, f.cmd, f.req_id, f.body) {
+                        break 'conn;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    core.ctx
+                        .stats
+                        .closed_protocol_error
+                        .fetch_add(1, Ordering::Relaxed);
+                    c.close_with(&core, 0, e.code(), &e.to_string());
+                    break 'conn;
+                }
+            }
+        }
+        if c.closing.get() {
+            break;
+        }
+        if buf.is_empty() {
+            if buf.capacity() != READ_IDLE {
+                buf = BytesMut::with_capacity(READ_IDLE);
+            }
+        } else if buf.capacity() - buf.len() < READ_IDLE {
+            buf.reserve(READ_BUSY);
+        }
+        let (res, b) = rd.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => c.last_active.set(core.now.get()),
+        }
+    }
+    // Stop reading; the writer flushes what is queued (e.g. the error frame) and shuts down.
+    c.close_after_flush(&core);
+    core.forget(&c);
+    // Wait until the close completes so the read half is not dropped under the writer.
+    drop(rd);
+}
+
+/// Handles one client frame. Returns false when the connection must stop reading.
+fn on_frame(core: &Core, c: &Conn, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
+    let deny = |code: ErrorCode, msg: &str| {
+        core.ctx
+            .stats
+            .closed_protocol_error
+            .fetch_add(1, Ordering::Relaxed);
+        c.close_with(core, req_id, code, msg);
+        false
+    };
+    match cmd {
+        Cmd::Heartbeat => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            c.enqueue(
+                core,
+                Command::HeartbeatAck {
+                    server_time_ms: now_ms,
+                }
+                .to_bytes(req_id),
+            );
+            true
+        }
+        Cmd::Login => {
+            c.enqueue(
+                core,
+                Command::Error {
+                    code: ErrorCode::AlreadyLoggedIn,
+                    message: "this connection already sent a login".into(),
+                }
+                .to_bytes(req_id),
+            );
+            true
+        }
+        _ if !cmd.is_client_cmd() => deny(ErrorCode::UnknownCommand, "not a client command"),
+        _ if !c.logged_in.get() => deny(ErrorCode::NotLoggedIn, "wait for the login result"),
+        _ => {
+            if !core.ctx.link.accepting(c.lane) {
+                core.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                c.enqueue(
+                    core,
+                    Command::Error {
+                        code: ErrorCode::Overloaded,
+                        message: "server busy, retry later".into(),
+                    }
+                    .to_bytes(req_id),
+                );
+                return true;
+            }
+            core.push_up(
+                c.lane,
+                Up::Frame {
+                    conn: c.id,
+                    uid: c.uid.get(),
+                    cmd,
+                    req_id,
+                    body,
+                },
+            );
+            true
+        }
+    }
+}
+
+/// Writer task: waits for queued frames and writes everything queued in one write.
+async fn writer(core: Rc<Core>, c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
+    let mut scratch: Vec<u8> = Vec::new();
+    loop {
+        std::future::poll_fn(|cx| {
+            if !c.out.borrow().is_empty() || c.closing.get() {
+                Poll::Ready(())
+            } else {
+                *c.writer.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        let batch: Vec<Bytes> = c.out.borrow_mut().drain(..).collect();
+        c.out_bytes.set(0);
+        if batch.is_empty() {
+            break; // closing and nothing left
+        }
+        let n = batch.len() as u64;
+        let res = if batch.len() == 1 {
+            let b = batch.into_iter().next().expect("one element");
+            wr.write_all(b).await.0
+        } else {
+            scratch.clear();
+            for b in &batch {
+                scratch.extend_from_slice(b);
+            }
+            let (r, s) = wr.write_all(std::mem::take(&mut scratch)).await;
+            scratch = s;
+            r
+        };
+        if res.is_err() {
+            break;
+        }
+        core.ctx.stats.frames_out.fetch_add(n, Ordering::Relaxed);
+        if scratch.capacity() > 64 * 1024 {
+            scratch = Vec::new();
+        }
+    }
+    c.closing.set(true);
+    c.out.borrow_mut().clear();
+    // SAFETY: plain syscall on the connection's descriptor, still open (we hold the write half).
+    unsafe {
+        libc::shutdown(c.fd, libc::SHUT_RDWR);
+    }
+    drop(wr);
+}

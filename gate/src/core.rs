@@ -1,0 +1,420 @@
+//! One gate core: its listener, its connections, its timer wheel and its batches to logic.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::TcpListener as StdListener;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use im_shared::frame::{Cmd, Frame, FrameCodec};
+use im_shared::link::{Down, Up, UpstreamLink};
+use im_shared::proto::peek_login_uid;
+use im_shared::{shard, Command, ConnId, ErrorCode, UserId};
+use monoio::io::AsyncReadRent;
+use monoio::net::{TcpListener, TcpStream};
+
+use crate::config::GateConfig;
+use crate::conn::{self, Conn};
+use crate::mailbox::{Mailbox, MailboxRx};
+use crate::wheel::Wheel;
+use crate::CoreStats;
+
+/// What other threads send to a core.
+pub enum CoreMsg {
+    /// A connection accepted on another core whose user this core owns.
+    Handoff {
+        stream: std::net::TcpStream,
+        login: Frame,
+        rest: BytesMut,
+        accepted_at: Instant,
+    },
+    /// Downstream messages from logic.
+    Down(Vec<Down>),
+    Shutdown,
+}
+
+/// What a core is given at start.
+pub struct CoreCtx {
+    pub core: u16,
+    pub cfg: Arc<GateConfig>,
+    pub link: Arc<dyn UpstreamLink>,
+    pub peers: Vec<Mailbox<CoreMsg>>,
+    pub stats: Arc<CoreStats>,
+}
+
+/// State of one core, shared by its tasks through `Rc` (single thread, no locks).
+pub struct Core {
+    pub ctx: CoreCtx,
+    pub codec: FrameCodec,
+    pub conns: RefCell<HashMap<u32, Rc<Conn>>>,
+    next_serial: Cell<u32>,
+    started: Instant,
+    /// Seconds since the core started, advanced by the ticker.
+    pub now: Cell<u32>,
+    wheel: RefCell<Wheel>,
+    /// Upstream messages waiting for the flusher, per lane.
+    pending: RefCell<HashMap<usize, Vec<Up>>>,
+    flush_waker: RefCell<Option<Waker>>,
+    flush_scheduled: Cell<bool>,
+    stopping: Cell<bool>,
+}
+
+/// Binds one `SO_REUSEPORT` listener per core on the configured address (port 0 picks one port
+/// for all of them).
+pub fn bind_listeners(cfg: &GateConfig) -> std::io::Result<Vec<StdListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = cfg.listen;
+    let mut out = Vec::new();
+    for _ in 0..cfg.cores.max(1) {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(cfg.backlog)?;
+        let l: StdListener = s.into();
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Thread body of one core.
+pub fn run_core(ctx: CoreCtx, listener: StdListener, rx: MailboxRx<CoreMsg>) {
+    let entries = ctx.cfg.uring_entries;
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(entries)
+        .build()
+        .expect("build monoio runtime");
+    let core_id = ctx.core;
+    rt.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(core = core_id, "listener: {e}");
+                return;
+            }
+        };
+        let core = Rc::new(Core {
+            codec: FrameCodec::new(ctx.cfg.max_body),
+            ctx,
+            conns: RefCell::new(HashMap::new()),
+            next_serial: Cell::new(1),
+            started: Instant::now(),
+            now: Cell::new(0),
+            wheel: RefCell::new(Wheel::new(0)),
+            pending: RefCell::new(HashMap::new()),
+            flush_waker: RefCell::new(None),
+            flush_scheduled: Cell::new(false),
+            stopping: Cell::new(false),
+        });
+        tracing::info!(core = core_id, uring = monoio::utils::detect_uring(), "gate core up");
+        monoio::spawn(ticker(core.clone()));
+        monoio::spawn(flusher(core.clone()));
+        let acceptor = monoio::spawn(accept_loop(core.clone(), listener));
+        mailbox_loop(core.clone(), rx).await;
+        core.stopping.set(true);
+        drop(acceptor);
+        let conns: Vec<_> = core.conns.borrow().values().cloned().collect();
+        for c in conns {
+            c.hard_close();
+        }
+    });
+}
+
+async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                if core.stopping.get() {
+                    return;
+                }
+                core.ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(pre_login(core.clone(), stream));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(core = core.ctx.core, "accept: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads the first frame (which must be a login) under the login deadline, then hands the
+/// connection to the core that owns the user.
+async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
+    let accepted_at = Instant::now();
+    let deadline = core.ctx.cfg.login_timeout;
+    let first = monoio::time::timeout(deadline, read_first_frame(&core, &mut stream)).await;
+    let (frame, rest) = match first {
+        Err(_) => {
+            core.ctx.stats.closed_timeout.fetch_add(1, Ordering::Relaxed);
+            reject(stream, 0, ErrorCode::LoginTimeout, "no login within deadline").await;
+            return;
+        }
+        Ok(Err(None)) => return, // closed by the client
+        Ok(Err(Some((req, code, msg)))) => {
+            core.ctx
+                .stats
+                .closed_protocol_error
+                .fetch_add(1, Ordering::Relaxed);
+            reject(stream, req, code, &msg).await;
+            return;
+        }
+        Ok(Ok(v)) => v,
+    };
+    let uid = peek_login_uid(&frame.body).unwrap_or(UserId(0));
+    if uid.0 == 0 {
+        core.ctx
+            .stats
+            .closed_protocol_error
+            .fetch_add(1, Ordering::Relaxed);
+        reject(stream, frame.req_id, ErrorCode::Malformed, "login without user id").await;
+        return;
+    }
+    let owner = shard::core_of(uid, core.ctx.peers.len());
+    if owner == core.ctx.core as usize {
+        core.adopt(stream, frame, rest, accepted_at);
+        return;
+    }
+    // Hand the socket to its owner core. `into_raw_fd` needs no operation in flight, which
+    // holds here: the read above completed.
+    let fd = stream.into_raw_fd();
+    // SAFETY: `fd` was just released by monoio and is owned by nobody else.
+    let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    core.ctx.stats.handoffs.fetch_add(1, Ordering::Relaxed);
+    let msg = CoreMsg::Handoff {
+        stream: std_stream,
+        login: frame,
+        rest,
+        accepted_at,
+    };
+    if core.ctx.peers[owner].send(msg).is_err() {
+        tracing::warn!(owner, "hand-off target core is gone");
+    }
+}
+
+type FirstFrameError = Option<(u32, ErrorCode, String)>;
+
+async fn read_first_frame(
+    core: &Core,
+    stream: &mut TcpStream,
+) -> Result<(Frame, BytesMut), FirstFrameError> {
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        match core.codec.decode(&mut buf) {
+            Ok(Some(f)) if f.cmd == Cmd::Login => return Ok((f, buf)),
+            Ok(Some(f)) if f.cmd.is_client_cmd() => {
+                return Err(Some((
+                    f.req_id,
+                    ErrorCode::NotLoggedIn,
+                    "log in first".into(),
+                )))
+            }
+            Ok(Some(f)) => {
+                return Err(Some((
+                    f.req_id,
+                    ErrorCode::UnknownCommand,
+                    "not a client command".into(),
+                )))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Some((0, e.code(), e.to_string()))),
+        }
+        if buf.capacity() - buf.len() < 64 {
+            buf.reserve(256);
+        }
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Writes one error frame and closes.
+async fn reject(mut stream: TcpStream, req_id: u32, code: ErrorCode, message: &str) {
+    use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+    let bytes = Command::Error {
+        code,
+        message: message.to_owned(),
+    }
+    .to_bytes(req_id);
+    let _ = monoio::time::timeout(Duration::from_secs(1), stream.write_all(bytes)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn mailbox_loop(core: Rc<Core>, rx: MailboxRx<CoreMsg>) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            CoreMsg::Handoff {
+                stream,
+                login,
+                rest,
+                accepted_at,
+            } => match TcpStream::from_std(stream) {
+                Ok(s) => core.adopt(s, login, rest, accepted_at),
+                Err(e) => tracing::warn!("adopting handed-off socket: {e}"),
+            },
+            CoreMsg::Down(batch) => {
+                for d in batch {
+                    core.apply_down(d);
+                }
+            }
+            CoreMsg::Shutdown => return,
+        }
+    }
+}
+
+/// Advances the timer wheel once a second and closes connections past their deadline.
+async fn ticker(core: Rc<Core>) {
+    loop {
+        monoio::time::sleep(Duration::from_millis(250)).await;
+        let now = core.started.elapsed().as_secs() as u32;
+        if now == core.now.get() {
+            continue;
+        }
+        core.now.set(now);
+        let mut due = Vec::new();
+        core.wheel.borrow_mut().advance(now, |k| due.push(k));
+        for serial in due {
+            let Some(c) = core.conns.borrow().get(&serial).cloned() else {
+                continue;
+            };
+            match c.check_deadline(&core, now) {
+                None => {}
+                Some(next) => core.wheel.borrow_mut().insert(serial, next),
+            }
+        }
+    }
+}
+
+/// Sends the upstream messages queued during one scheduling round, one batch per lane.
+async fn flusher(core: Rc<Core>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            if core.flush_scheduled.get() {
+                std::task::Poll::Ready(())
+            } else {
+                *core.flush_waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        core.flush_scheduled.set(false);
+        let pending = std::mem::take(&mut *core.pending.borrow_mut());
+        for (lane, batch) in pending {
+            core.ctx.link.send(lane, batch);
+        }
+    }
+}
+
+impl Core {
+    fn now_secs(&self) -> u32 {
+        self.now.get()
+    }
+
+    /// Queues an upstream message; the flusher sends it after the current round of tasks.
+    pub fn push_up(&self, lane: usize, up: Up) {
+        self.pending.borrow_mut().entry(lane).or_default().push(up);
+        if !self.flush_scheduled.replace(true) {
+            if let Some(w) = self.flush_waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Registers a connection whose login frame was read, forwards the login to logic and
+    /// starts its tasks.
+    fn adopt(self: &Rc<Self>, stream: TcpStream, login: Frame, rest: BytesMut, accepted: Instant) {
+        let serial = self.next_serial.get();
+        self.next_serial.set(serial.wrapping_add(1).max(1));
+        let id = ConnId::new(self.ctx.cfg.gate_id, self.ctx.core, serial);
+        let uid = peek_login_uid(&login.body).unwrap_or(UserId(0));
+        let lane = self.ctx.link.lane_of(uid);
+        let elapsed = accepted.elapsed().as_secs() as u32;
+        let accepted_at = self.now_secs().saturating_sub(elapsed);
+        let c = Rc::new(Conn::new(id, &stream, uid, lane, accepted_at));
+        self.conns.borrow_mut().insert(serial, c.clone());
+        self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.wheel.borrow_mut().insert(
+            serial,
+            accepted_at + self.ctx.cfg.login_timeout.as_secs() as u32,
+        );
+        if !self.ctx.link.accepting(lane) {
+            self.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            c.close_with(
+                self,
+                login.req_id,
+                ErrorCode::Overloaded,
+                "server busy, retry later",
+            );
+        } else {
+            c.login_sent.set(true);
+            self.push_up(
+                lane,
+                Up::Frame {
+                    conn: id,
+                    uid,
+                    cmd: Cmd::Login,
+                    req_id: login.req_id,
+                    body: login.body,
+                },
+            );
+        }
+        monoio::spawn(conn::run(self.clone(), c, stream, rest));
+    }
+
+    fn apply_down(&self, d: Down) {
+        let conn = d.conn();
+        let Some(c) = self.conns.borrow().get(&conn.serial()).cloned() else {
+            return; // already closed
+        };
+        if c.id != conn {
+            return;
+        }
+        match d {
+            Down::Send { data, .. } => c.enqueue(self, data),
+            Down::Bind { uid, data, .. } => {
+                if uid == c.uid.get() && !c.logged_in.get() {
+                    c.logged_in.set(true);
+                    c.last_active.set(self.now_secs());
+                    self.ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
+                }
+                c.enqueue(self, data);
+            }
+            Down::Close { data, .. } => {
+                c.enqueue(self, data);
+                c.close_after_flush(self);
+            }
+        }
+    }
+
+    /// Called by a connection's reader when it ends.
+    pub fn forget(&self, c: &Conn) {
+        if self.conns.borrow_mut().remove(&c.id.serial()).is_some() {
+            self.ctx.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            if c.logged_in.get() {
+                self.ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
+            }
+            if c.login_sent.get() {
+                self.push_up(
+                    c.lane,
+                    Up::Closed {
+                        conn: c.id,
+                        uid: c.uid.get(),
+                    },
+                );
+            }
+        }
+    }
+}
