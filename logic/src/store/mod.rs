@@ -57,9 +57,15 @@ pub struct OutboxEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Reserve seqs of `uid` up to and including `bound`.
-    SeqBound { uid: UserId, bound: Seq },
+    SeqBound {
+        uid: UserId,
+        bound: Seq,
+    },
     /// Append `msg` at `msg.seq` to the timeline of `uid`, and index `(uid, msg.msg_id) → msg.seq`.
-    Append { uid: UserId, msg: Message },
+    Append {
+        uid: UserId,
+        msg: Message,
+    },
     /// Remember an accepted `(uid, client_msg_id)`.
     Dedup {
         uid: UserId,
@@ -73,7 +79,10 @@ pub enum Op {
         seq: Seq,
     },
     OutboxPut(OutboxEntry),
-    OutboxDelete { shard: ShardId, msg_id: MsgId },
+    OutboxDelete {
+        shard: ShardId,
+        msg_id: MsgId,
+    },
 }
 
 /// Writes applied atomically by [`Store::commit`].
@@ -99,6 +108,7 @@ impl WriteBatch {
 #[allow(async_fn_in_trait)]
 pub trait Store: Clone + 'static {
     /// Applies every op atomically and durably (fsync for the embedded store) before returning.
+    /// Ops on the same key within one batch are applied in order: the later one wins.
     async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// Highest reserved seq of `uid` (0 if never reserved).
     async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError>;
@@ -113,8 +123,11 @@ pub trait Store: Clone + 'static {
     ) -> Result<Vec<Message>, StoreError>;
     /// The seq at which `msg_id` was appended to `uid`'s timeline, if it was.
     async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError>;
-    async fn dedup(&self, uid: UserId, client_msg_id: u64)
-        -> Result<Option<DedupEntry>, StoreError>;
+    async fn dedup(
+        &self,
+        uid: UserId,
+        client_msg_id: u64,
+    ) -> Result<Option<DedupEntry>, StoreError>;
     /// Cursor of one device (0 if none).
     async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError>;
     /// Every outbox entry of one virtual shard, in msg_id order.

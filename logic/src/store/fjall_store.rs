@@ -1,0 +1,410 @@
+//! [`FjallStore`]: the embedded, single-node [`Store`] on the fjall LSM engine.
+//!
+//! One fjall [`Database`] in one directory holds one keyspace per record kind. Every integer in a
+//! key is big-endian so that the byte order of keys is their numeric order and range scans come
+//! out sorted:
+//!
+//! | keyspace   | key                                         | value                                          |
+//! |------------|---------------------------------------------|------------------------------------------------|
+//! | `timeline` | uid `u64` ++ seq `u64`                      | [`Message::encode`] bytes                      |
+//! | `msgidx`   | uid `u64` ++ msg_id `u64`                   | seq `u64`                                      |
+//! | `seqbound` | uid `u64`                                   | bound `u64`                                    |
+//! | `dedup`    | uid `u64` ++ client_msg_id `u64`            | msg_id `u64` ++ seq `u64` ++ server_time_ms `u64` |
+//! | `cursor`   | uid `u64` ++ device_id (UTF-8, rest of key) | seq `u64`                                      |
+//! | `outbox`   | shard `u16` ++ msg_id `u64`                 | count `u32` ++ count × uid `u64` ++ [`Message::encode`] bytes |
+//!
+//! [`Store::commit`] turns a whole [`WriteBatch`] into one fjall write batch that is journaled and
+//! fsynced ([`PersistMode::SyncAll`]) before it returns: that is the group-commit point. Reads are
+//! plain point lookups and range scans on the latest committed state. Every method is blocking
+//! and completes inline: each logic worker is a dedicated thread.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Buf, Bytes};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use im_shared::proto::Message;
+use im_shared::{MsgId, Seq, ShardId, UserId};
+
+use super::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+
+const TIMELINE: &str = "timeline";
+const MSGIDX: &str = "msgidx";
+const SEQBOUND: &str = "seqbound";
+const DEDUP: &str = "dedup";
+const CURSOR: &str = "cursor";
+const OUTBOX: &str = "outbox";
+
+/// Index of a keyspace in [`FjallStore::spaces`] (used to merge writes of one batch per key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Timeline = 0,
+    MsgIdx = 1,
+    SeqBound = 2,
+    Dedup = 3,
+    Cursor = 4,
+    Outbox = 5,
+}
+
+/// The embedded store: one fjall database, one keyspace per record kind (layout in the module
+/// docs). Cloning is cheap (reference-counted handles); every clone uses the same database.
+#[derive(Clone)]
+pub struct FjallStore {
+    db: Database,
+    /// In [`Kind`] order.
+    spaces: [Keyspace; 6],
+    dir: PathBuf,
+}
+
+impl fmt::Debug for FjallStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(e: fjall::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn corrupt(kind: Kind, key: &[u8], why: impl Into<String>) -> StoreError {
+    let mut k = String::with_capacity(16 + key.len() * 2);
+    k.push_str(kind.name());
+    k.push('/');
+    for b in key {
+        k.push_str(&format!("{b:02x}"));
+    }
+    StoreError::Corrupt {
+        key: k,
+        why: why.into(),
+    }
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Timeline => TIMELINE,
+            Kind::MsgIdx => MSGIDX,
+            Kind::SeqBound => SEQBOUND,
+            Kind::Dedup => DEDUP,
+            Kind::Cursor => CURSOR,
+            Kind::Outbox => OUTBOX,
+        }
+    }
+}
+
+fn key_u64(a: u64) -> [u8; 8] {
+    a.to_be_bytes()
+}
+
+fn key_u64_u64(a: u64, b: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a.to_be_bytes());
+    k[8..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+fn key_cursor(uid: UserId, device_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + device_id.len());
+    k.extend_from_slice(&uid.0.to_be_bytes());
+    k.extend_from_slice(device_id.as_bytes());
+    k
+}
+
+fn key_outbox(shard: ShardId, msg_id: MsgId) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(&shard.0.to_be_bytes());
+    k[2..].copy_from_slice(&msg_id.0.to_be_bytes());
+    k
+}
+
+/// Reads a value that must be exactly one big-endian `u64`.
+fn val_u64(kind: Kind, key: &[u8], v: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(v)
+        .map(u64::from_be_bytes)
+        .map_err(|_| corrupt(kind, key, format!("value of {} bytes, want 8", v.len())))
+}
+
+/// Decodes a timeline record and checks that it sits under its own seq.
+fn decode_timeline(key: &[u8], v: &[u8]) -> Result<Message, StoreError> {
+    let msg = Message::decode(Bytes::copy_from_slice(v))
+        .map_err(|e| corrupt(Kind::Timeline, key, e.to_string()))?;
+    let key_seq = key
+        .get(8..16)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes);
+    if key.len() != 16 || key_seq != Some(msg.seq.0) {
+        return Err(corrupt(
+            Kind::Timeline,
+            key,
+            format!("message seq {} does not match its key", msg.seq),
+        ));
+    }
+    Ok(msg)
+}
+
+fn encode_outbox(e: &OutboxEntry) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + 8 * e.recipients.len() + e.msg.encoded_len());
+    // More than u32::MAX recipients cannot be built in memory by a real caller; saturate rather
+    // than panic (decode then reports the record as corrupt).
+    let n = u32::try_from(e.recipients.len()).unwrap_or(u32::MAX);
+    v.extend_from_slice(&n.to_be_bytes());
+    for r in &e.recipients {
+        v.extend_from_slice(&r.0.to_be_bytes());
+    }
+    e.msg.encode(&mut v);
+    v
+}
+
+fn decode_outbox(key: &[u8], v: &[u8]) -> Result<OutboxEntry, StoreError> {
+    let bad = |why: String| corrupt(Kind::Outbox, key, why);
+    let k = <[u8; 10]>::try_from(key).map_err(|_| bad(format!("key of {} bytes", key.len())))?;
+    let shard = ShardId(u16::from_be_bytes([k[0], k[1]]));
+    let msg_id = MsgId(u64::from_be_bytes([
+        k[2], k[3], k[4], k[5], k[6], k[7], k[8], k[9],
+    ]));
+    let mut buf = Bytes::copy_from_slice(v);
+    if buf.remaining() < 4 {
+        return Err(bad("truncated recipient count".into()));
+    }
+    let n = buf.get_u32() as usize;
+    if buf.remaining() / 8 < n {
+        return Err(bad(format!("{n} recipients do not fit the value")));
+    }
+    let recipients = (0..n).map(|_| UserId(buf.get_u64())).collect();
+    let msg = Message::decode(buf).map_err(|e| bad(e.to_string()))?;
+    Ok(OutboxEntry {
+        shard,
+        msg_id,
+        recipients,
+        msg,
+    })
+}
+
+impl FjallStore {
+    /// Opens (creating if needed) the store in `dir`. The directory is locked by fjall: a second
+    /// open of the same directory while a store is alive fails with [`StoreError::Io`].
+    pub fn open(dir: &Path) -> Result<FjallStore, StoreError> {
+        let db = Database::builder(dir).open().map_err(io)?;
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(io)
+        };
+        let spaces = [
+            ks(TIMELINE)?,
+            ks(MSGIDX)?,
+            ks(SEQBOUND)?,
+            ks(DEDUP)?,
+            ks(CURSOR)?,
+            ks(OUTBOX)?,
+        ];
+        Ok(FjallStore {
+            db,
+            spaces,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Directory the store was opened in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn space(&self, kind: Kind) -> &Keyspace {
+        &self.spaces[kind as usize]
+    }
+
+    fn get(&self, kind: Kind, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
+        self.space(kind).get(key).map_err(io)
+    }
+
+    fn get_u64(&self, kind: Kind, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.get(kind, key)? {
+            Some(v) => val_u64(kind, key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Value of one key after a batch: `Some` = insert, `None` = remove.
+type Writes = HashMap<(Kind, Vec<u8>), Option<Vec<u8>>>;
+
+fn collect(batch: WriteBatch) -> Writes {
+    let mut w: Writes = HashMap::with_capacity(batch.ops.len() * 2);
+    for op in batch.ops {
+        match op {
+            Op::SeqBound { uid, bound } => {
+                w.insert(
+                    (Kind::SeqBound, key_u64(uid.0).to_vec()),
+                    Some(bound.0.to_be_bytes().to_vec()),
+                );
+            }
+            Op::Append { uid, msg } => {
+                w.insert(
+                    (Kind::MsgIdx, key_u64_u64(uid.0, msg.msg_id.0).to_vec()),
+                    Some(msg.seq.0.to_be_bytes().to_vec()),
+                );
+                let mut v = Vec::with_capacity(msg.encoded_len());
+                msg.encode(&mut v);
+                w.insert(
+                    (Kind::Timeline, key_u64_u64(uid.0, msg.seq.0).to_vec()),
+                    Some(v),
+                );
+            }
+            Op::Dedup {
+                uid,
+                client_msg_id,
+                entry,
+            } => {
+                let mut v = Vec::with_capacity(24);
+                v.extend_from_slice(&entry.msg_id.0.to_be_bytes());
+                v.extend_from_slice(&entry.seq.0.to_be_bytes());
+                v.extend_from_slice(&entry.server_time_ms.to_be_bytes());
+                w.insert(
+                    (Kind::Dedup, key_u64_u64(uid.0, client_msg_id).to_vec()),
+                    Some(v),
+                );
+            }
+            Op::Cursor {
+                uid,
+                device_id,
+                seq,
+            } => {
+                w.insert(
+                    (Kind::Cursor, key_cursor(uid, &device_id)),
+                    Some(seq.0.to_be_bytes().to_vec()),
+                );
+            }
+            Op::OutboxPut(e) => {
+                w.insert(
+                    (Kind::Outbox, key_outbox(e.shard, e.msg_id).to_vec()),
+                    Some(encode_outbox(&e)),
+                );
+            }
+            Op::OutboxDelete { shard, msg_id } => {
+                w.insert((Kind::Outbox, key_outbox(shard, msg_id).to_vec()), None);
+            }
+        }
+    }
+    w
+}
+
+impl Store for FjallStore {
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Every item of a fjall batch gets the same LSM sequence number, so two writes of one key
+        // in one batch would be ordered only by the memtable's replace-on-insert. Merge them here
+        // instead: the last op on a key wins, as if the ops were applied one after another.
+        let writes = collect(batch);
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for ((kind, key), value) in writes {
+            match value {
+                Some(v) => b.insert(self.space(kind), key, v),
+                None => b.remove(self.space(kind), key),
+            }
+        }
+        b.commit().map_err(io)
+    }
+
+    async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {
+        Ok(Seq(self
+            .get_u64(Kind::SeqBound, &key_u64(uid.0))?
+            .unwrap_or(0)))
+    }
+
+    async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
+        let Some(guard) = self
+            .space(Kind::Timeline)
+            .prefix(key_u64(uid.0))
+            .next_back()
+        else {
+            return Ok(Seq(0));
+        };
+        let key = guard.key().map_err(io)?;
+        match <[u8; 16]>::try_from(&*key) {
+            Ok(k) => Ok(Seq(u64::from_be_bytes([
+                k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15],
+            ]))),
+            Err(_) => Err(corrupt(
+                Kind::Timeline,
+                &key,
+                format!("key of {} bytes, want 16", key.len()),
+            )),
+        }
+    }
+
+    async fn timeline(
+        &self,
+        uid: UserId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let Some(first) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let lo = key_u64_u64(uid.0, first);
+        let hi = key_u64_u64(uid.0, u64::MAX);
+        let mut out = Vec::with_capacity(limit.min(256));
+        for guard in self.space(Kind::Timeline).range(lo..=hi).take(limit) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            out.push(decode_timeline(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
+        Ok(self
+            .get_u64(Kind::MsgIdx, &key_u64_u64(uid.0, msg_id.0))?
+            .map(Seq))
+    }
+
+    async fn dedup(
+        &self,
+        uid: UserId,
+        client_msg_id: u64,
+    ) -> Result<Option<DedupEntry>, StoreError> {
+        let key = key_u64_u64(uid.0, client_msg_id);
+        let Some(v) = self.get(Kind::Dedup, &key)? else {
+            return Ok(None);
+        };
+        let v = <[u8; 24]>::try_from(&*v).map_err(|_| {
+            corrupt(
+                Kind::Dedup,
+                &key,
+                format!("value of {} bytes, want 24", v.len()),
+            )
+        })?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&v[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(w)
+        };
+        Ok(Some(DedupEntry {
+            msg_id: MsgId(word(0)),
+            seq: Seq(word(1)),
+            server_time_ms: word(2),
+        }))
+    }
+
+    async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError> {
+        Ok(Seq(self
+            .get_u64(Kind::Cursor, &key_cursor(uid, device_id))?
+            .unwrap_or(0)))
+    }
+
+    async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::Outbox).prefix(shard.0.to_be_bytes()) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            out.push(decode_outbox(&k, &v)?);
+        }
+        Ok(out)
+    }
+}
