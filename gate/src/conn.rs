@@ -44,6 +44,8 @@ pub struct Conn {
     /// Core second at which a graceful close began.
     closing_since: Cell<u32>,
     writer: RefCell<Option<Waker>>,
+    /// Generation of this connection's current timer-wheel entry.
+    pub wheel_gen: Cell<u32>,
 }
 
 impl Conn {
@@ -62,6 +64,7 @@ impl Conn {
             closing: Cell::new(false),
             closing_since: Cell::new(0),
             writer: RefCell::new(None),
+            wheel_gen: Cell::new(0),
         }
     }
 
@@ -148,7 +151,10 @@ impl Conn {
             )
         };
         if now >= deadline {
-            core.ctx.stats.closed_timeout.fetch_add(1, Ordering::Relaxed);
+            core.ctx
+                .stats
+                .closed_timeout
+                .fetch_add(1, Ordering::Relaxed);
             self.close_with(core, 0, code, msg);
             Some(now + 5)
         } else {

@@ -114,7 +114,11 @@ pub fn run_core(ctx: CoreCtx, listener: StdListener, rx: MailboxRx<CoreMsg>) {
             flush_scheduled: Cell::new(false),
             stopping: Cell::new(false),
         });
-        tracing::info!(core = core_id, uring = monoio::utils::detect_uring(), "gate core up");
+        tracing::info!(
+            core = core_id,
+            uring = monoio::utils::detect_uring(),
+            "gate core up"
+        );
         monoio::spawn(ticker(core.clone()));
         monoio::spawn(flusher(core.clone()));
         let acceptor = monoio::spawn(accept_loop(core.clone(), listener));
@@ -156,8 +160,17 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
     let first = monoio::time::timeout(deadline, read_first_frame(&core, &mut stream)).await;
     let (frame, rest) = match first {
         Err(_) => {
-            core.ctx.stats.closed_timeout.fetch_add(1, Ordering::Relaxed);
-            reject(stream, 0, ErrorCode::LoginTimeout, "no login within deadline").await;
+            core.ctx
+                .stats
+                .closed_timeout
+                .fetch_add(1, Ordering::Relaxed);
+            reject(
+                stream,
+                0,
+                ErrorCode::LoginTimeout,
+                "no login within deadline",
+            )
+            .await;
             return;
         }
         Ok(Err(None)) => return, // closed by the client
@@ -177,7 +190,13 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
             .stats
             .closed_protocol_error
             .fetch_add(1, Ordering::Relaxed);
-        reject(stream, frame.req_id, ErrorCode::Malformed, "login without user id").await;
+        reject(
+            stream,
+            frame.req_id,
+            ErrorCode::Malformed,
+            "login without user id",
+        )
+        .await;
         return;
     }
     let owner = shard::core_of(uid, core.ctx.peers.len());
@@ -286,13 +305,16 @@ async fn ticker(core: Rc<Core>) {
         core.now.set(now);
         let mut due = Vec::new();
         core.wheel.borrow_mut().advance(now, |k| due.push(k));
-        for serial in due {
+        for key in due {
+            let (serial, gen) = ((key >> 32) as u32, key as u32);
             let Some(c) = core.conns.borrow().get(&serial).cloned() else {
                 continue;
             };
-            match c.check_deadline(&core, now) {
-                None => {}
-                Some(next) => core.wheel.borrow_mut().insert(serial, next),
+            if c.wheel_gen.get() != gen {
+                continue; // superseded by a later filing
+            }
+            if let Some(next) = c.check_deadline(&core, now) {
+                core.file(&c, next);
             }
         }
     }
@@ -323,6 +345,14 @@ impl Core {
         self.now.get()
     }
 
+    /// Files `c` in the timer wheel to be checked at second `at`, superseding earlier filings.
+    pub fn file(&self, c: &Conn, at: u32) {
+        let gen = c.wheel_gen.get().wrapping_add(1);
+        c.wheel_gen.set(gen);
+        let key = (u64::from(c.id.serial()) << 32) | u64::from(gen);
+        self.wheel.borrow_mut().insert(key, at);
+    }
+
     /// Queues an upstream message; the flusher sends it after the current round of tasks.
     pub fn push_up(&self, lane: usize, up: Up) {
         self.pending.borrow_mut().entry(lane).or_default().push(up);
@@ -346,8 +376,8 @@ impl Core {
         let c = Rc::new(Conn::new(id, &stream, uid, lane, accepted_at));
         self.conns.borrow_mut().insert(serial, c.clone());
         self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
-        self.wheel.borrow_mut().insert(
-            serial,
+        self.file(
+            &c,
             accepted_at + self.ctx.cfg.login_timeout.as_secs() as u32,
         );
         if !self.ctx.link.accepting(lane) {
@@ -389,6 +419,8 @@ impl Core {
                     c.logged_in.set(true);
                     c.last_active.set(self.now_secs());
                     self.ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
+                    let idle = self.ctx.cfg.idle_timeout.as_secs() as u32;
+                    self.file(&c, self.now_secs() + idle);
                 }
                 c.enqueue(self, data);
             }

@@ -3,14 +3,15 @@
 //! A connection is filed once under its current deadline. Activity only updates the
 //! connection's `last_active`; when the slot comes due the owner re-checks the real deadline
 //! and files the connection again if it moved (lazy re-insertion), so the hot path does no
-//! timer work and an idle connection costs 4 bytes in one slot.
+//! timer work and an idle connection costs 8 bytes in one slot. Keys carry a generation so that an entry
+//! superseded by a later filing is recognised and dropped.
 
 /// Slots of one second each; deadlines further out are re-filed when their slot comes up.
 const SLOTS: usize = 128;
 
 #[derive(Debug)]
 pub struct Wheel {
-    slots: Vec<Vec<u32>>,
+    slots: Vec<Vec<u64>>,
     /// The second whose slot fires next.
     now: u32,
 }
@@ -24,13 +25,13 @@ impl Wheel {
     }
 
     /// Files `key` to come due at second `at` (or at the wheel's horizon if further out).
-    pub fn insert(&mut self, key: u32, at: u32) {
+    pub fn insert(&mut self, key: u64, at: u32) {
         let at = at.clamp(self.now, self.now + SLOTS as u32 - 1);
         self.slots[at as usize % SLOTS].push(key);
     }
 
     /// Advances to second `now`, handing every key whose slot passed to `due`.
-    pub fn advance(&mut self, now: u32, mut due: impl FnMut(u32)) {
+    pub fn advance(&mut self, now: u32, mut due: impl FnMut(u64)) {
         while self.now <= now {
             let slot = std::mem::take(&mut self.slots[self.now as usize % SLOTS]);
             self.now += 1;

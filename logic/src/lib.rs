@@ -1,3 +1,19 @@
 //! `im-logic` owns the logic tier: login with SSO tokens, kickout, logout, c2c with dedup and an
-//! outbox, per-user timelines with seq segments, delivery acks and sync, on top of a [`store::Store`].
+//! outbox, per-user timelines with seq segments, delivery acks and sync, on top of a
+//! [`store::Store`].
+//!
+//! The user id space is split into virtual shards ([`im_shared::shard::VSHARDS`]) mapped onto
+//! workers; each worker is a thread with its own current-thread tokio runtime and owns the live
+//! state of its users (seq counter, device routes, dedup window), so the hot path takes no lock.
+//! A worker drains its inbox, applies a whole round of requests, commits their writes in one
+//! durable batch (group commit) and only then releases acks and deliveries.
+
+mod config;
+mod handle;
+mod msgid;
 pub mod store;
+mod worker;
+
+pub use config::LogicConfig;
+pub use handle::{start, LogicHandle};
+pub use msgid::MsgIdGen;

@@ -1,0 +1,40 @@
+//! Logic configuration.
+
+/// Settings of the logic tier.
+#[derive(Clone, Debug)]
+pub struct LogicConfig {
+    /// Worker threads; virtual shards are split evenly between them.
+    pub workers: usize,
+    /// This node's id (0..=1023 / workers); part of every msg id.
+    pub node_id: u16,
+    /// Heartbeat interval announced to clients in `LoginResult`.
+    pub heartbeat_secs: u16,
+    /// Seqs reserved in the store at a time (a restart skips at most this many).
+    pub seq_segment: u64,
+    /// Most messages in one sync page.
+    pub sync_page_max: u16,
+    /// Most bytes of messages in one sync page (at least one message is always sent).
+    pub sync_page_bytes: usize,
+    /// Client frames queued per worker before new work is refused with `Overloaded`.
+    pub max_queued: usize,
+    /// Most requests handled in one group commit.
+    pub max_group: usize,
+    /// Remembered `client_msg_id`s per user in memory (older ones are looked up in the store).
+    pub dedup_window: usize,
+}
+
+impl Default for LogicConfig {
+    fn default() -> Self {
+        LogicConfig {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            node_id: 0,
+            heartbeat_secs: 30,
+            seq_segment: 10_000,
+            sync_page_max: 200,
+            sync_page_bytes: 64 * 1024,
+            max_queued: 100_000,
+            max_group: 1024,
+            dedup_window: 256,
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Starting the workers, and the in-process [`UpstreamLink`] a co-located gate uses.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use im_shared::link::{DownstreamSink, Up, UpstreamLink};
+use im_shared::shard::{owner_of_vshard, vshard_of};
+use im_shared::token::TokenVerifier;
+use im_shared::UserId;
+use tokio::sync::mpsc;
+
+use crate::config::LogicConfig;
+use crate::store::Store;
+use crate::worker::{Worker, WorkerMsg};
+
+/// A running logic tier; also the gate's upstream link (one lane per worker).
+pub struct LogicHandle {
+    inboxes: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+    depth: Vec<Arc<AtomicUsize>>,
+    max_queued: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts `cfg.workers` worker threads over `store`. Each worker first replays the outbox of
+/// its shards (fan-out that a crash interrupted), then serves requests.
+pub fn start<S: Store + Send + Sync>(
+    cfg: LogicConfig,
+    store: S,
+    verifier: Arc<dyn TokenVerifier>,
+    gate: Arc<dyn DownstreamSink>,
+) -> std::io::Result<LogicHandle> {
+    let n = cfg.workers.max(1);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+    let depth: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let mut threads = Vec::new();
+    for (idx, rx) in rxs.into_iter().enumerate() {
+        let w = Worker::new(
+            idx,
+            cfg.clone(),
+            store.clone(),
+            verifier.clone(),
+            gate.clone(),
+            txs.clone(),
+            depth[idx].clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("logic-{idx}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("build tokio runtime");
+                    rt.block_on(w.run(rx));
+                })?,
+        );
+    }
+    Ok(LogicHandle {
+        inboxes: txs,
+        depth,
+        max_queued: cfg.max_queued,
+        threads,
+    })
+}
+
+impl LogicHandle {
+    /// Worker that owns `uid`.
+    pub fn worker_of(&self, uid: UserId) -> usize {
+        owner_of_vshard(vshard_of(uid), self.inboxes.len())
+    }
+
+    /// Stops the workers after they finish what is queued.
+    pub fn shutdown(self) {
+        for tx in &self.inboxes {
+            let _ = tx.send(WorkerMsg::Shutdown);
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl UpstreamLink for LogicHandle {
+    fn lane_of(&self, uid: UserId) -> usize {
+        self.worker_of(uid)
+    }
+
+    fn accepting(&self, lane: usize) -> bool {
+        self.depth
+            .get(lane)
+            .is_some_and(|d| d.load(Ordering::Relaxed) < self.max_queued)
+    }
+
+    fn send(&self, lane: usize, batch: Vec<Up>) {
+        let frames = batch
+            .iter()
+            .filter(|u| matches!(u, Up::Frame { .. }))
+            .count();
+        self.depth[lane].fetch_add(frames, Ordering::Relaxed);
+        let _ = self.inboxes[lane].send(WorkerMsg::Gate(batch));
+    }
+}

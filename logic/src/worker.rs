@@ -1,0 +1,844 @@
+//! One logic worker: owns the users of its virtual shards and serves their requests in rounds.
+//!
+//! A round drains the inbox, handles every request against in-memory state, collects all writes
+//! in one [`WriteBatch`], commits it durably, and only then sends what depends on it (acks,
+//! deliveries) — so an ack always means "durable". Fan-out to users of other workers goes over
+//! their inboxes after the commit, backed by the outbox record written in the same batch.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use im_shared::frame::Cmd;
+use im_shared::link::{Down, DownstreamSink, Up};
+use im_shared::proto::{Message, CONV_C2C, MAX_DEVICE_ID_LEN};
+use im_shared::shard::{owner_of_vshard, vshard_of, VSHARDS};
+use im_shared::token::{TokenError, TokenVerifier};
+use im_shared::{Command, ConnId, DeviceType, ErrorCode, KickReason, MsgId, Seq, ShardId, UserId};
+use tokio::sync::mpsc;
+
+use crate::config::LogicConfig;
+use crate::msgid::MsgIdGen;
+use crate::store::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+
+/// Most undelivered-notice entries kept per user.
+const MAX_PENDING_NOTICES: usize = 10_000;
+
+/// What a worker receives.
+pub enum WorkerMsg {
+    /// Client frames and closes from a gate.
+    Gate(Vec<Up>),
+    /// Appends to timelines of users this worker owns.
+    Append(Vec<AppendReq>),
+    /// Appends confirmed by recipients' workers: delete these outbox entries.
+    AppendDone(Vec<(ShardId, MsgId)>),
+    /// A recipient device acknowledged these messages: tell their senders.
+    Delivered(Vec<DeliveredNote>),
+    Shutdown,
+}
+
+/// Append `msg` to `recipient`'s timeline; `shard` names the outbox entry to release afterwards.
+#[derive(Clone, Debug)]
+pub struct AppendReq {
+    pub recipient: UserId,
+    pub shard: ShardId,
+    pub msg: Message,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct DeliveredNote {
+    pub sender: UserId,
+    pub msg_id: MsgId,
+    pub recipient: UserId,
+}
+
+struct Device {
+    conn: ConnId,
+    device_type: DeviceType,
+    device_id: String,
+    cursor: Seq,
+}
+
+/// Live state of one user, reloadable from the store at any time.
+struct UserState {
+    next_seq: u64,
+    bound: u64,
+    last_seq: u64,
+    dedup: HashMap<u64, DedupEntry>,
+    dedup_order: VecDeque<u64>,
+    /// Messages from others not yet acknowledged by any device: seq → (sender, msg_id).
+    pending: BTreeMap<u64, (UserId, MsgId)>,
+}
+
+struct Session {
+    uid: UserId,
+}
+
+/// Effects of one round.
+struct Round {
+    batch: WriteBatch,
+    /// Sent whatever the commit does (login results, kicks, sync pages, refusals).
+    downs: HashMap<u16, Vec<Down>>,
+    /// Sent only after a successful commit (acks, deliveries).
+    durable_downs: HashMap<u16, Vec<Down>>,
+    /// Senders to answer with a retryable error if the commit fails.
+    senders: Vec<(ConnId, u32, u64)>,
+    appends_out: Vec<Vec<AppendReq>>,
+    done_out: Vec<Vec<(ShardId, MsgId)>>,
+    delivered_out: Vec<Vec<DeliveredNote>>,
+    /// Appends handled this round, to be retried if the commit fails.
+    appends_in: Vec<AppendReq>,
+    appended: HashSet<(UserId, MsgId)>,
+    touched: HashSet<UserId>,
+}
+
+impl Round {
+    fn new(workers: usize) -> Round {
+        Round {
+            batch: WriteBatch::default(),
+            downs: HashMap::new(),
+            durable_downs: HashMap::new(),
+            senders: Vec::new(),
+            appends_out: (0..workers).map(|_| Vec::new()).collect(),
+            done_out: (0..workers).map(|_| Vec::new()).collect(),
+            delivered_out: (0..workers).map(|_| Vec::new()).collect(),
+            appends_in: Vec::new(),
+            appended: HashSet::new(),
+            touched: HashSet::new(),
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, data: Bytes) {
+        self.downs
+            .entry(conn.core())
+            .or_default()
+            .push(Down::Send { conn, data });
+    }
+
+    fn send_durable(&mut self, conn: ConnId, data: Bytes) {
+        self.durable_downs
+            .entry(conn.core())
+            .or_default()
+            .push(Down::Send { conn, data });
+    }
+
+    fn close(&mut self, conn: ConnId, data: Bytes) {
+        self.downs
+            .entry(conn.core())
+            .or_default()
+            .push(Down::Close { conn, data });
+    }
+}
+
+pub struct Worker<S> {
+    idx: usize,
+    cfg: LogicConfig,
+    store: S,
+    verifier: Arc<dyn TokenVerifier>,
+    gate: Arc<dyn DownstreamSink>,
+    peers: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+    depth: Arc<AtomicUsize>,
+    users: HashMap<UserId, UserState>,
+    routes: HashMap<UserId, Vec<Device>>,
+    sessions: HashMap<ConnId, Session>,
+    ids: MsgIdGen,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn error_frame(code: ErrorCode, req_id: u32, message: &str) -> Bytes {
+    Command::Error {
+        code,
+        message: message.to_owned(),
+    }
+    .to_bytes(req_id)
+}
+
+impl<S: Store> Worker<S> {
+    pub fn new(
+        idx: usize,
+        cfg: LogicConfig,
+        store: S,
+        verifier: Arc<dyn TokenVerifier>,
+        gate: Arc<dyn DownstreamSink>,
+        peers: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+        depth: Arc<AtomicUsize>,
+    ) -> Self {
+        let gen_id = cfg.node_id as usize * peers.len() + idx;
+        Worker {
+            idx,
+            ids: MsgIdGen::new(gen_id as u16),
+            cfg,
+            store,
+            verifier,
+            gate,
+            peers,
+            depth,
+            users: HashMap::new(),
+            routes: HashMap::new(),
+            sessions: HashMap::new(),
+        }
+    }
+
+    fn owner(&self, uid: UserId) -> usize {
+        owner_of_vshard(vshard_of(uid), self.peers.len())
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
+        self.replay_outbox().await;
+        let mut msgs = Vec::new();
+        loop {
+            let Some(first) = rx.recv().await else { return };
+            msgs.push(first);
+            while msgs.len() < self.cfg.max_group {
+                match rx.try_recv() {
+                    Ok(m) => msgs.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut round = Round::new(self.peers.len());
+            let mut stop = false;
+            for m in msgs.drain(..) {
+                match m {
+                    WorkerMsg::Gate(ups) => {
+                        for up in ups {
+                            if matches!(up, Up::Frame { .. }) {
+                                self.depth.fetch_sub(1, Ordering::Relaxed);
+                            }
+                            self.on_up(up, &mut round).await;
+                        }
+                    }
+                    WorkerMsg::Append(reqs) => {
+                        for a in reqs {
+                            self.on_append(a, &mut round).await;
+                        }
+                    }
+                    WorkerMsg::AppendDone(done) => {
+                        for (shard, msg_id) in done {
+                            round.batch.push(Op::OutboxDelete { shard, msg_id });
+                        }
+                    }
+                    WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
+                    WorkerMsg::Shutdown => stop = true,
+                }
+            }
+            self.finish(round).await;
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Re-sends the fan-out of every outbox entry of this worker's shards.
+    async fn replay_outbox(&mut self) {
+        let workers = self.peers.len();
+        let mut out: Vec<Vec<AppendReq>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut n = 0usize;
+        for s in 0..VSHARDS {
+            let shard = ShardId(s);
+            if owner_of_vshard(shard, workers) != self.idx {
+                continue;
+            }
+            let entries = loop {
+                match self.store.outbox(shard).await {
+                    Ok(e) => break e,
+                    Err(e) => {
+                        tracing::error!(
+                            worker = self.idx,
+                            "outbox replay read failed, retrying: {e}"
+                        );
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            for OutboxEntry {
+                shard,
+                recipients,
+                msg,
+                ..
+            } in entries
+            {
+                for r in recipients {
+                    n += 1;
+                    out[self.owner(r)].push(AppendReq {
+                        recipient: r,
+                        shard,
+                        msg: msg.clone(),
+                    });
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(worker = self.idx, appends = n, "replaying outbox");
+        }
+        for (w, reqs) in out.into_iter().enumerate() {
+            if !reqs.is_empty() {
+                let _ = self.peers[w].send(WorkerMsg::Append(reqs));
+            }
+        }
+    }
+
+    async fn load_user(&mut self, uid: UserId) -> Result<(), StoreError> {
+        if self.users.contains_key(&uid) {
+            return Ok(());
+        }
+        let bound = self.store.seq_bound(uid).await?.0;
+        let last = self.store.last_seq(uid).await?.0;
+        let top = bound.max(last);
+        self.users.insert(
+            uid,
+            UserState {
+                next_seq: top + 1,
+                bound: top,
+                last_seq: last,
+                dedup: HashMap::new(),
+                dedup_order: VecDeque::new(),
+                pending: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Allocates the next seq of a loaded user, reserving a new segment when needed.
+    fn alloc_seq(&mut self, uid: UserId, round: &mut Round) -> (Seq, Seq) {
+        let seg = self.cfg.seq_segment.max(1);
+        let u = self.users.get_mut(&uid).expect("user loaded");
+        if u.next_seq > u.bound {
+            u.bound = u.next_seq - 1 + seg;
+            round.batch.push(Op::SeqBound {
+                uid,
+                bound: Seq(u.bound),
+            });
+        }
+        let seq = u.next_seq;
+        u.next_seq += 1;
+        let prev = u.last_seq;
+        u.last_seq = seq;
+        round.touched.insert(uid);
+        (Seq(seq), Seq(prev))
+    }
+
+    async fn on_up(&mut self, up: Up, round: &mut Round) {
+        match up {
+            Up::Closed { conn, uid } => self.on_closed(conn, uid),
+            Up::Frame {
+                conn,
+                uid,
+                cmd,
+                req_id,
+                body,
+            } => {
+                if cmd == Cmd::Login {
+                    return self.on_login(conn, uid, req_id, body, round).await;
+                }
+                if self.sessions.get(&conn).map(|s| s.uid) != Some(uid) {
+                    round.close(
+                        conn,
+                        error_frame(ErrorCode::NotLoggedIn, req_id, "not logged in"),
+                    );
+                    return;
+                }
+                let cmd_body = match Command::decode_body(cmd, body) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        round.close(
+                            conn,
+                            error_frame(ErrorCode::Malformed, req_id, &e.to_string()),
+                        );
+                        return;
+                    }
+                };
+                match cmd_body {
+                    Command::SendC2c {
+                        client_msg_id,
+                        to,
+                        body,
+                    } => {
+                        self.on_send_c2c(conn, uid, req_id, client_msg_id, to, body, round)
+                            .await
+                    }
+                    Command::DeliverAck { seq } => self.on_deliver_ack(conn, uid, seq, round),
+                    Command::SyncRequest { after_seq, limit } => {
+                        self.on_sync(conn, uid, req_id, after_seq, limit, round)
+                            .await
+                    }
+                    Command::Logout => {
+                        self.on_closed(conn, uid);
+                        round.close(conn, Command::LogoutAck.to_bytes(req_id));
+                    }
+                    _ => round.close(
+                        conn,
+                        error_frame(ErrorCode::UnknownCommand, req_id, "not a client command"),
+                    ),
+                }
+            }
+        }
+    }
+
+    fn on_closed(&mut self, conn: ConnId, uid: UserId) {
+        if self.sessions.remove(&conn).is_some() {
+            if let Some(devs) = self.routes.get_mut(&uid) {
+                devs.retain(|d| d.conn != conn);
+                if devs.is_empty() {
+                    self.routes.remove(&uid);
+                }
+            }
+        }
+    }
+
+    async fn on_login(
+        &mut self,
+        conn: ConnId,
+        gate_uid: UserId,
+        req_id: u32,
+        body: Bytes,
+        round: &mut Round,
+    ) {
+        let refuse = |round: &mut Round, code: ErrorCode, message: &str| {
+            let r = Command::LoginResult {
+                code,
+                server_time_ms: now_ms(),
+                max_seq: Seq(0),
+                heartbeat_secs: 0,
+                message: message.to_owned(),
+            };
+            round.close(conn, r.to_bytes(req_id));
+        };
+        if self.sessions.contains_key(&conn) {
+            round.send(
+                conn,
+                error_frame(ErrorCode::AlreadyLoggedIn, req_id, "already logged in"),
+            );
+            return;
+        }
+        let Ok(Command::Login {
+            uid,
+            device_type,
+            device_id,
+            token,
+            ..
+        }) = Command::decode_body(Cmd::Login, body)
+        else {
+            return refuse(round, ErrorCode::Malformed, "malformed login");
+        };
+        if uid != gate_uid || uid.0 == 0 {
+            return refuse(round, ErrorCode::Malformed, "bad user id");
+        }
+        if device_id.is_empty() || device_id.len() > MAX_DEVICE_ID_LEN {
+            return refuse(
+                round,
+                ErrorCode::InvalidArgument,
+                "device id must be 1..=64 bytes",
+            );
+        }
+        match self.verifier.verify(uid, &token, now_ms() / 1000) {
+            Ok(()) => {}
+            Err(TokenError::Expired) => {
+                return refuse(round, ErrorCode::TokenExpired, "token expired")
+            }
+            Err(e) => return refuse(round, ErrorCode::BadToken, &e.to_string()),
+        }
+        if let Err(e) = self.load_user(uid).await {
+            tracing::warn!("login of {uid}: {e}");
+            return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+        }
+        let cursor = self.store.cursor(uid, &device_id).await.unwrap_or(Seq(0));
+        // One device per type: kick the previous one.
+        let devs = self.routes.entry(uid).or_default();
+        let mut kicked = Vec::new();
+        devs.retain(|d| {
+            if d.device_type == device_type {
+                kicked.push(d.conn);
+                false
+            } else {
+                true
+            }
+        });
+        devs.push(Device {
+            conn,
+            device_type,
+            device_id,
+            cursor,
+        });
+        for old in kicked {
+            self.sessions.remove(&old);
+            let k = Command::Kickout {
+                reason: KickReason::SameDeviceType as u8,
+                message: "logged in on another device of the same type".into(),
+            };
+            round.close(old, k.to_bytes(0));
+        }
+        self.sessions.insert(conn, Session { uid });
+        let max_seq = Seq(self.users[&uid].last_seq);
+        let r = Command::LoginResult {
+            code: ErrorCode::Ok,
+            server_time_ms: now_ms(),
+            max_seq,
+            heartbeat_secs: self.cfg.heartbeat_secs,
+            message: String::new(),
+        };
+        round
+            .downs
+            .entry(conn.core())
+            .or_default()
+            .push(Down::Bind {
+                conn,
+                uid,
+                data: r.to_bytes(req_id),
+            });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn on_send_c2c(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        client_msg_id: u64,
+        to: UserId,
+        body: Bytes,
+        round: &mut Round,
+    ) {
+        let ack = |e: DedupEntry| {
+            Command::SendAck {
+                code: ErrorCode::Ok,
+                client_msg_id,
+                msg_id: e.msg_id,
+                seq: e.seq,
+                server_time_ms: e.server_time_ms,
+            }
+            .to_bytes(req_id)
+        };
+        if to.0 == 0 {
+            round.send(
+                conn,
+                error_frame(
+                    ErrorCode::InvalidArgument,
+                    req_id,
+                    "recipient must not be 0",
+                ),
+            );
+            return;
+        }
+        if let Err(e) = self.load_user(uid).await {
+            tracing::warn!("send by {uid}: {e}");
+            round.send(
+                conn,
+                error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
+            );
+            return;
+        }
+        // Dedup: the in-memory window, then the store.
+        if let Some(e) = self.users[&uid].dedup.get(&client_msg_id).copied() {
+            round.send_durable(conn, ack(e));
+            return;
+        }
+        match self.store.dedup(uid, client_msg_id).await {
+            Ok(Some(e)) => {
+                self.remember(uid, client_msg_id, e);
+                round.send_durable(conn, ack(e));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("dedup lookup for {uid}: {e}");
+                round.send(
+                    conn,
+                    error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
+                );
+                return;
+            }
+        }
+        let now = now_ms();
+        let msg_id = self.ids.next(now);
+        let (seq, prev_seq) = self.alloc_seq(uid, round);
+        let msg = Message {
+            seq,
+            prev_seq,
+            msg_id,
+            conv: CONV_C2C,
+            from: uid,
+            to,
+            client_msg_id,
+            server_time_ms: now,
+            body,
+        };
+        let entry = DedupEntry {
+            msg_id,
+            seq,
+            server_time_ms: now,
+        };
+        self.remember(uid, client_msg_id, entry);
+        round.batch.push(Op::Append {
+            uid,
+            msg: msg.clone(),
+        });
+        round.batch.push(Op::Dedup {
+            uid,
+            client_msg_id,
+            entry,
+        });
+        if to != uid {
+            let shard = vshard_of(uid);
+            round.batch.push(Op::OutboxPut(OutboxEntry {
+                shard,
+                msg_id,
+                recipients: vec![to],
+                msg: msg.clone(),
+            }));
+            let w = self.owner(to);
+            round.appends_out[w].push(AppendReq {
+                recipient: to,
+                shard,
+                msg: msg.clone(),
+            });
+        }
+        round.senders.push((conn, req_id, client_msg_id));
+        round.send_durable(conn, ack(entry));
+        // Roaming: the sender's other devices see their own message.
+        let deliver = Command::Deliver(msg).to_bytes(0);
+        if let Some(devs) = self.routes.get(&uid) {
+            for d in devs.iter().filter(|d| d.conn != conn) {
+                round.send_durable(d.conn, deliver.clone());
+            }
+        }
+    }
+
+    fn remember(&mut self, uid: UserId, client_msg_id: u64, e: DedupEntry) {
+        let window = self.cfg.dedup_window;
+        let u = self.users.get_mut(&uid).expect("user loaded");
+        if u.dedup.insert(client_msg_id, e).is_none() {
+            u.dedup_order.push_back(client_msg_id);
+            while u.dedup_order.len() > window {
+                if let Some(old) = u.dedup_order.pop_front() {
+                    u.dedup.remove(&old);
+                }
+            }
+        }
+    }
+
+    async fn on_append(&mut self, a: AppendReq, round: &mut Round) {
+        let r = a.recipient;
+        let key = (r, a.msg.msg_id);
+        let done_to = owner_of_vshard(a.shard, self.peers.len());
+        if round.appended.contains(&key) {
+            round.done_out[done_to].push((a.shard, a.msg.msg_id));
+            return;
+        }
+        if let Err(e) = self.load_user(r).await {
+            tracing::warn!("append to {r}: {e}");
+            return self.retry_later(vec![a]);
+        }
+        match self.store.seq_of(r, a.msg.msg_id).await {
+            Ok(Some(_)) => {
+                // Already appended before a restart: only release the outbox entry.
+                round.done_out[done_to].push((a.shard, a.msg.msg_id));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("append index of {r}: {e}");
+                return self.retry_later(vec![a]);
+            }
+        }
+        let (seq, prev_seq) = self.alloc_seq(r, round);
+        let msg = Message {
+            seq,
+            prev_seq,
+            ..a.msg.clone()
+        };
+        round.batch.push(Op::Append {
+            uid: r,
+            msg: msg.clone(),
+        });
+        round.appended.insert(key);
+        let u = self.users.get_mut(&r).expect("loaded");
+        u.pending.insert(seq.0, (msg.from, msg.msg_id));
+        if u.pending.len() > MAX_PENDING_NOTICES {
+            u.pending.pop_first();
+        }
+        let deliver = Command::Deliver(msg).to_bytes(0);
+        if let Some(devs) = self.routes.get(&r) {
+            for d in devs {
+                round.send_durable(d.conn, deliver.clone());
+            }
+        }
+        round.done_out[done_to].push((a.shard, a.msg.msg_id));
+        round.appends_in.push(a);
+    }
+
+    /// Re-queues appends that failed on a store error.
+    fn retry_later(&self, reqs: Vec<AppendReq>) {
+        let me = self.peers[self.idx].clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = me.send(WorkerMsg::Append(reqs));
+        });
+    }
+
+    fn on_deliver_ack(&mut self, conn: ConnId, uid: UserId, seq: Seq, round: &mut Round) {
+        let Some(u) = self.users.get_mut(&uid) else {
+            return;
+        };
+        let seq = Seq(seq.0.min(u.last_seq));
+        let Some(dev) = self
+            .routes
+            .get_mut(&uid)
+            .and_then(|ds| ds.iter_mut().find(|d| d.conn == conn))
+        else {
+            return;
+        };
+        if seq <= dev.cursor {
+            return;
+        }
+        dev.cursor = seq;
+        round.batch.push(Op::Cursor {
+            uid,
+            device_id: dev.device_id.clone(),
+            seq,
+        });
+        let rest = u.pending.split_off(&(seq.0 + 1));
+        let acked = std::mem::replace(&mut u.pending, rest);
+        for (_, (sender, msg_id)) in acked {
+            let w = owner_of_vshard(vshard_of(sender), self.peers.len());
+            round.delivered_out[w].push(DeliveredNote {
+                sender,
+                msg_id,
+                recipient: uid,
+            });
+        }
+    }
+
+    fn on_delivered(&mut self, notes: Vec<DeliveredNote>, round: &mut Round) {
+        for n in notes {
+            let Some(devs) = self.routes.get(&n.sender) else {
+                continue;
+            };
+            let f = Command::Delivered {
+                msg_id: n.msg_id,
+                recipient: n.recipient,
+            }
+            .to_bytes(0);
+            for d in devs {
+                round.send(d.conn, f.clone());
+            }
+        }
+    }
+
+    async fn on_sync(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        after: Seq,
+        limit: u16,
+        round: &mut Round,
+    ) {
+        let limit = limit.clamp(1, self.cfg.sync_page_max) as usize;
+        if let Err(e) = self.load_user(uid).await {
+            tracing::warn!("sync of {uid}: {e}");
+            round.send(
+                conn,
+                error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
+            );
+            return;
+        }
+        let mut msgs = match self.store.timeline(uid, after, limit + 1).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("sync of {uid}: {e}");
+                round.send(
+                    conn,
+                    error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
+                );
+                return;
+            }
+        };
+        let mut has_more = msgs.len() > limit;
+        msgs.truncate(limit);
+        let mut bytes = 0;
+        let mut keep = 0;
+        for m in &msgs {
+            bytes += m.encoded_len();
+            if keep > 0 && bytes > self.cfg.sync_page_bytes {
+                break;
+            }
+            keep += 1;
+        }
+        if keep < msgs.len() {
+            msgs.truncate(keep);
+            has_more = true;
+        }
+        let page = Command::SyncPage {
+            max_seq: Seq(self.users[&uid].last_seq),
+            has_more,
+            messages: msgs,
+        };
+        round.send(conn, page.to_bytes(req_id));
+    }
+
+    /// Commits the round and releases its effects.
+    async fn finish(&mut self, mut round: Round) {
+        let batch = std::mem::take(&mut round.batch);
+        let committed = if batch.is_empty() {
+            true
+        } else {
+            match self.store.commit(batch).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(worker = self.idx, "commit failed: {e}");
+                    false
+                }
+            }
+        };
+        for (core, downs) in round.downs.drain() {
+            self.gate.send(core, downs);
+        }
+        if !committed {
+            // Nothing of this round is durable: forget the state it changed (it reloads from the
+            // store), refuse the sends with a retryable error and retry the appends.
+            for uid in &round.touched {
+                self.users.remove(uid);
+            }
+            let mut errs: HashMap<u16, Vec<Down>> = HashMap::new();
+            for (conn, req_id, _) in round.senders {
+                errs.entry(conn.core()).or_default().push(Down::Send {
+                    conn,
+                    data: error_frame(ErrorCode::Unavailable, req_id, "store unavailable, retry"),
+                });
+            }
+            for (core, downs) in errs {
+                self.gate.send(core, downs);
+            }
+            if !round.appends_in.is_empty() {
+                self.retry_later(round.appends_in);
+            }
+            return;
+        }
+        for (core, downs) in round.durable_downs.drain() {
+            self.gate.send(core, downs);
+        }
+        for (w, reqs) in round.appends_out.into_iter().enumerate() {
+            if !reqs.is_empty() {
+                let _ = self.peers[w].send(WorkerMsg::Append(reqs));
+            }
+        }
+        for (w, done) in round.done_out.into_iter().enumerate() {
+            if !done.is_empty() {
+                let _ = self.peers[w].send(WorkerMsg::AppendDone(done));
+            }
+        }
+        for (w, notes) in round.delivered_out.into_iter().enumerate() {
+            if !notes.is_empty() {
+                let _ = self.peers[w].send(WorkerMsg::Delivered(notes));
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `im-server` wires one gate and the logic tier into a single process with embedded defaults:
+//! the fjall store in a data directory and in-process routing between gate cores and logic
+//! workers. No external service is needed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use im_gate::{Gate, GateConfig, GateHandle, GateStats};
+use im_logic::store::FjallStore;
+use im_logic::{LogicConfig, LogicHandle};
+use im_shared::token::HmacTokens;
+use serde::Deserialize;
+
+/// The development token secret; the server warns when it runs with it.
+pub const DEV_TOKEN_SECRET: &str = "dev-secret-change-me";
+
+/// Configuration of a single-node server (TOML; every field optional).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Client listener (TCP, protocol v1).
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Gate threads (0 = one per CPU).
+    pub gate_cores: usize,
+    /// Logic worker threads (0 = one per CPU).
+    pub logic_workers: usize,
+    /// HMAC secret of the development SSO token issuer/verifier.
+    pub token_secret: String,
+    /// Largest client frame body in bytes.
+    pub max_body: usize,
+    /// Seconds a new connection has to log in.
+    pub login_timeout_secs: u64,
+    /// Seconds without any client byte before a logged-in connection is closed.
+    pub idle_timeout_secs: u64,
+    /// Heartbeat interval announced to clients.
+    pub heartbeat_secs: u16,
+    /// Bytes queued for a non-reading client before it is disconnected.
+    pub max_write_queue: usize,
+    /// Seqs reserved per store write.
+    pub seq_segment: u64,
+    /// Client frames queued per logic worker before new work is refused (retryable).
+    pub max_queued: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let g = GateConfig::default();
+        let l = LogicConfig::default();
+        ServerConfig {
+            listen: g.listen,
+            data_dir: PathBuf::from("data"),
+            gate_cores: 0,
+            logic_workers: 0,
+            token_secret: DEV_TOKEN_SECRET.to_owned(),
+            max_body: g.max_body,
+            login_timeout_secs: g.login_timeout.as_secs(),
+            idle_timeout_secs: g.idle_timeout.as_secs(),
+            heartbeat_secs: l.heartbeat_secs,
+            max_write_queue: g.max_write_queue,
+            seq_segment: l.seq_segment,
+            max_queued: l.max_queued,
+        }
+    }
+}
+
+/// A running single-node server.
+pub struct Server {
+    gate: GateHandle,
+    logic: Arc<LogicHandle>,
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Opens the store, starts logic workers and gate cores.
+pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let store = FjallStore::open(&cfg.data_dir)?;
+    let gate_cfg = GateConfig {
+        listen: cfg.listen,
+        cores: if cfg.gate_cores == 0 {
+            cpus()
+        } else {
+            cfg.gate_cores
+        },
+        gate_id: 0,
+        max_body: cfg.max_body,
+        login_timeout: Duration::from_secs(cfg.login_timeout_secs),
+        idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+        max_write_queue: cfg.max_write_queue,
+        ..GateConfig::default()
+    };
+    let logic_cfg = LogicConfig {
+        workers: if cfg.logic_workers == 0 {
+            cpus()
+        } else {
+            cfg.logic_workers
+        },
+        heartbeat_secs: cfg.heartbeat_secs,
+        seq_segment: cfg.seq_segment,
+        max_queued: cfg.max_queued,
+        ..LogicConfig::default()
+    };
+    let gate = Gate::new(gate_cfg);
+    let verifier = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
+    let logic = Arc::new(im_logic::start(logic_cfg, store, verifier, gate.sink())?);
+    let gate = gate.start(logic.clone())?;
+    tracing::info!(addr = %gate.local_addr(), "im-server listening");
+    Ok(Server { gate, logic })
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.gate.local_addr()
+    }
+    pub fn gate_stats(&self) -> GateStats {
+        self.gate.stats()
+    }
+    pub fn logic(&self) -> &LogicHandle {
+        &self.logic
+    }
+
+    /// Stops the gate (dropping every connection), then the logic workers after they finish
+    /// what is queued, and closes the store.
+    pub fn shutdown(self) {
+        self.gate.shutdown();
+        match Arc::try_unwrap(self.logic) {
+            Ok(l) => l.shutdown(),
+            Err(_) => tracing::warn!("logic still referenced; workers left running"),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Helpers shared by the integration tests: real servers on ephemeral ports, real clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use im_server::{ServerConfig, DEV_TOKEN_SECRET};
+use im_shared::client::{Client, LoginInfo};
+use im_shared::token::{now_secs, HmacTokens};
+use im_shared::{Command, DeviceType, Seq, UserId};
+
+pub struct TestServer {
+    pub server: Option<im_server::Server>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+pub fn config(dir: &std::path::Path) -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        gate_cores: 2,
+        logic_workers: 2,
+        ..ServerConfig::default()
+    }
+}
+
+pub fn start_with(f: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    f(&mut cfg);
+    let server = im_server::start(&cfg).unwrap();
+    let addr = server.local_addr();
+    TestServer {
+        server: Some(server),
+        addr,
+        dir,
+    }
+}
+
+pub fn start() -> TestServer {
+    start_with(|_| {})
+}
+
+pub fn token(uid: u64) -> String {
+    HmacTokens::new(DEV_TOKEN_SECRET).mint(UserId(uid), now_secs() + 3600)
+}
+
+pub fn connect(addr: SocketAddr) -> Client {
+    let mut c = Client::connect(addr).unwrap();
+    c.timeout = Duration::from_secs(10);
+    c
+}
+
+pub fn login_as(addr: SocketAddr, uid: u64, dt: DeviceType, device: &str) -> (Client, LoginInfo) {
+    let mut c = connect(addr);
+    let info = c
+        .login(UserId(uid), &token(uid), dt, device, Seq(0))
+        .unwrap();
+    (c, info)
+}
+
+pub fn login(addr: SocketAddr, uid: u64) -> Client {
+    login_as(addr, uid, DeviceType::Phone, &format!("phone-{uid}")).0
+}
+
+/// Waits for the next `Deliver` push, skipping other pushes.
+pub fn next_deliver(c: &mut Client) -> im_shared::proto::Message {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(Command::Deliver(m)) = c.recv(Duration::from_millis(200)).unwrap() {
+            return m;
+        }
+    }
+    panic!("no deliver within 10 s");
+}
+
+/// Asserts that no push of the given kind arrives within `wait`.
+pub fn assert_no_deliver(c: &mut Client, wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Some(Command::Deliver(m)) = c.recv(Duration::from_millis(50)).unwrap() {
+            panic!("unexpected deliver {m:?}");
+        }
+    }
+}
