@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use im_shared::frame::Cmd;
 use im_shared::link::Up;
 use im_shared::{Command, ConnId, ErrorCode, UserId};
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
@@ -197,8 +198,12 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
         } else if buf.capacity() - buf.len() < READ_IDLE {
             buf.reserve(READ_BUSY);
         }
-        let (res, b) = rd.read(buf).await;
-        buf = b;
+        // Read into the spare capacity after the bytes already buffered (monoio reads at the
+        // slice start, so the slice begins at `len`).
+        let len = buf.len();
+        let cap = buf.capacity();
+        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
         match res {
             Ok(0) | Err(_) => break,
             Ok(_) => c.last_active.set(core.now.get()),

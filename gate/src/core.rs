@@ -15,6 +15,7 @@ use im_shared::frame::{Cmd, Frame, FrameCodec};
 use im_shared::link::{Down, Up, UpstreamLink};
 use im_shared::proto::peek_login_uid;
 use im_shared::{shard, Command, ConnId, ErrorCode, UserId};
+use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream};
 
@@ -251,8 +252,12 @@ async fn read_first_frame(
         if buf.capacity() - buf.len() < 64 {
             buf.reserve(256);
         }
-        let (res, b) = stream.read(buf).await;
-        buf = b;
+        // Read into the spare capacity after the bytes already buffered (monoio reads at the
+        // slice start, so the slice begins at `len`).
+        let len = buf.len();
+        let cap = buf.capacity();
+        let (res, slice) = stream.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
         match res {
             Ok(0) | Err(_) => return Err(None),
             Ok(_) => {}

@@ -76,8 +76,10 @@ pub fn login(addr: SocketAddr, uid: u64) -> Client {
 pub fn next_deliver(c: &mut Client) -> im_shared::proto::Message {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        if let Some(Command::Deliver(m)) = c.recv(Duration::from_millis(200)).unwrap() {
-            return m;
+        match c.recv(Duration::from_millis(200)).unwrap() {
+            Some(Command::Deliver(m)) => return m,
+            Some(Command::Error { code, message }) => panic!("server error {code:?}: {message}"),
+            _ => {}
         }
     }
     panic!("no deliver within 10 s");
