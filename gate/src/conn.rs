@@ -255,13 +255,13 @@ fn on_frame(core: &Core, c: &Conn, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
         _ if !cmd.is_client_cmd() => deny(ErrorCode::UnknownCommand, "not a client command"),
         _ if !c.logged_in.get() => deny(ErrorCode::NotLoggedIn, "wait for the login result"),
         _ => {
-            if !core.ctx.link.accepting(c.lane) {
+            if let Err(code) = core.ctx.link.admit(c.lane) {
                 core.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
                 c.enqueue(
                     core,
                     Command::Error {
-                        code: ErrorCode::Overloaded,
-                        message: "server busy, retry later".into(),
+                        code,
+                        message: "logic busy or unreachable, retry later".into(),
                     }
                     .to_bytes(req_id),
                 );

@@ -385,14 +385,9 @@ impl Core {
             &c,
             accepted_at + self.ctx.cfg.login_timeout.as_secs() as u32,
         );
-        if !self.ctx.link.accepting(lane) {
+        if let Err(code) = self.ctx.link.admit(lane) {
             self.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-            c.close_with(
-                self,
-                login.req_id,
-                ErrorCode::Overloaded,
-                "server busy, retry later",
-            );
+            c.close_with(self, login.req_id, code, "logic busy or unreachable, retry later");
         } else {
             c.login_sent.set(true);
             self.push_up(

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use im_shared::link::{DownstreamSink, Up, UpstreamLink};
 use im_shared::shard::{owner_of_vshard, vshard_of};
 use im_shared::token::TokenVerifier;
-use im_shared::UserId;
+use im_shared::{ErrorCode, UserId};
 use tokio::sync::mpsc;
 
 use crate::config::LogicConfig;
@@ -86,10 +86,11 @@ impl UpstreamLink for LogicHandle {
         self.worker_of(uid)
     }
 
-    fn accepting(&self, lane: usize) -> bool {
-        self.depth
-            .get(lane)
-            .is_some_and(|d| d.load(Ordering::Relaxed) < self.max_queued)
+    fn admit(&self, lane: usize) -> Result<(), ErrorCode> {
+        match self.depth.get(lane) {
+            Some(d) if d.load(Ordering::Relaxed) < self.max_queued => Ok(()),
+            _ => Err(ErrorCode::Overloaded),
+        }
     }
 
     fn send(&self, lane: usize, batch: Vec<Up>) {

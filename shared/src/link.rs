@@ -16,7 +16,14 @@
 //! Down::Send  kind 16: conn:u64 data...(rest)
 //! Down::Bind  kind 17: conn:u64 uid:u64 data...(rest)
 //! Down::Close kind 18: conn:u64 data...(rest)
+//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64
+//! Ping        kind 33: (empty)
+//! Pong        kind 34: (empty)
+//! Peer        kind 48: payload...(rest)   logic↔logic messages, encoded by im-logic
 //! ```
+//!
+//! A link starts with a `Hello` from the connecting side, answered by a `Hello` of the accepting
+//! side; either side sends `Ping` when it has been silent for a while and the peer answers `Pong`.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -72,12 +79,12 @@ impl Down {
 
 /// Where a gate core sends upstream messages.
 pub trait UpstreamLink: Send + Sync + 'static {
-    /// Number of lanes (logic workers or links). All messages of one user use one lane, so their
+    /// Lane (logic worker or link) of a user. All messages of one user use one lane, so their
     /// order is kept.
     fn lane_of(&self, uid: UserId) -> usize;
-    /// Whether the lane accepts new client work now (false when overloaded or the link is down);
-    /// the gate then answers the frame with a retryable error.
-    fn accepting(&self, lane: usize) -> bool;
+    /// Whether the lane accepts new client work now. `Err` carries the retryable code the gate
+    /// answers with (`Overloaded` when queues are full, `Unavailable` when the link is down).
+    fn admit(&self, lane: usize) -> Result<(), crate::ErrorCode>;
     /// Hands over a batch for one lane. Never drops: `Closed` messages must always arrive.
     fn send(&self, lane: usize, batch: Vec<Up>);
 }
@@ -85,6 +92,26 @@ pub trait UpstreamLink: Send + Sync + 'static {
 /// Where logic sends downstream messages for one gate core.
 pub trait DownstreamSink: Send + Sync + 'static {
     fn send(&self, core: u16, batch: Vec<Down>);
+}
+
+/// Who is at the other end of a link (in `Hello`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    Gate = 1,
+    Logic = 2,
+}
+
+/// Any message on a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkMsg {
+    Up(Up),
+    Down(Down),
+    Hello { role: Role, id: u16, map_epoch: u64 },
+    Ping,
+    Pong,
+    /// Opaque logic↔logic payload.
+    Peer(Bytes),
 }
 
 /// Why link bytes could not be decoded.
@@ -99,6 +126,8 @@ pub enum LinkError {
     UnknownKind(u8),
     #[error("unknown client command 0x{0:02x} in link message")]
     UnknownCommand(u8),
+    #[error("unexpected link message kind {0} here")]
+    Unexpected(u8),
 }
 
 /// Largest link message (a client frame plus link header).
@@ -155,6 +184,58 @@ pub fn encode_down(m: &Down, out: &mut BytesMut) {
     }
 }
 
+/// Appends any link message.
+pub fn encode_msg(m: &LinkMsg, out: &mut BytesMut) {
+    match m {
+        LinkMsg::Up(u) => encode_up(u, out),
+        LinkMsg::Down(d) => encode_down(d, out),
+        LinkMsg::Hello {
+            role,
+            id,
+            map_epoch,
+        } => {
+            put_len_kind(out, 11, 32);
+            out.put_u8(*role as u8);
+            out.put_u16(*id);
+            out.put_u64(*map_epoch);
+        }
+        LinkMsg::Ping => put_len_kind(out, 0, 33),
+        LinkMsg::Pong => put_len_kind(out, 0, 34),
+        LinkMsg::Peer(p) => {
+            put_len_kind(out, p.len(), 48);
+            out.put_slice(p);
+        }
+    }
+}
+
+/// Takes one complete link message of any kind off `buf`.
+pub fn decode_msg(buf: &mut BytesMut) -> Result<Option<LinkMsg>, LinkError> {
+    let Some((kind, mut b)) = take_msg(buf)? else {
+        return Ok(None);
+    };
+    Ok(Some(match kind {
+        1 | 2 => LinkMsg::Up(up_body(kind, b)?),
+        16..=18 => LinkMsg::Down(down_body(kind, b)?),
+        32 => {
+            need(&b, 11)?;
+            let role = match b.get_u8() {
+                1 => Role::Gate,
+                2 => Role::Logic,
+                _ => return Err(LinkError::UnknownKind(kind)),
+            };
+            LinkMsg::Hello {
+                role,
+                id: b.get_u16(),
+                map_epoch: b.get_u64(),
+            }
+        }
+        33 => LinkMsg::Ping,
+        34 => LinkMsg::Pong,
+        48 => LinkMsg::Peer(b),
+        k => return Err(LinkError::UnknownKind(k)),
+    }))
+}
+
 /// Splits one complete link message (kind + payload) off `buf`.
 fn take_msg(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, LinkError> {
     if buf.len() < 4 {
@@ -185,10 +266,14 @@ fn need(b: &Bytes, n: usize) -> Result<(), LinkError> {
 }
 
 pub fn decode_up(buf: &mut BytesMut) -> Result<Option<Up>, LinkError> {
-    let Some((kind, mut b)) = take_msg(buf)? else {
+    let Some((kind, b)) = take_msg(buf)? else {
         return Ok(None);
     };
-    Ok(Some(match kind {
+    up_body(kind, b).map(Some)
+}
+
+fn up_body(kind: u8, mut b: Bytes) -> Result<Up, LinkError> {
+    Ok(match kind {
         1 => {
             need(&b, 21)?;
             let conn = ConnId(b.get_u64());
@@ -212,14 +297,18 @@ pub fn decode_up(buf: &mut BytesMut) -> Result<Option<Up>, LinkError> {
             }
         }
         k => return Err(LinkError::UnknownKind(k)),
-    }))
+    })
 }
 
 pub fn decode_down(buf: &mut BytesMut) -> Result<Option<Down>, LinkError> {
-    let Some((kind, mut b)) = take_msg(buf)? else {
+    let Some((kind, b)) = take_msg(buf)? else {
         return Ok(None);
     };
-    Ok(Some(match kind {
+    down_body(kind, b).map(Some)
+}
+
+fn down_body(kind: u8, mut b: Bytes) -> Result<Down, LinkError> {
+    Ok(match kind {
         16 => {
             need(&b, 8)?;
             Down::Send {
@@ -243,7 +332,7 @@ pub fn decode_down(buf: &mut BytesMut) -> Result<Option<Down>, LinkError> {
             }
         }
         k => return Err(LinkError::UnknownKind(k)),
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -312,6 +401,37 @@ mod tests {
         assert!(matches!(decode_down(&mut b), Err(LinkError::TooLarge(_))));
     }
 
+    #[test]
+    fn control_and_peer_messages_round_trip() {
+        let msgs = vec![
+            LinkMsg::Hello {
+                role: Role::Gate,
+                id: 3,
+                map_epoch: 9,
+            },
+            LinkMsg::Ping,
+            LinkMsg::Pong,
+            LinkMsg::Peer(Bytes::from_static(b"peer payload")),
+            LinkMsg::Up(Up::Closed {
+                conn: ConnId(1),
+                uid: UserId(2),
+            }),
+            LinkMsg::Down(Down::Send {
+                conn: ConnId(1),
+                data: Bytes::from_static(b"d"),
+            }),
+        ];
+        let mut b = BytesMut::new();
+        msgs.iter().for_each(|m| encode_msg(m, &mut b));
+        let mut got = vec![];
+        while let Some(m) = decode_msg(&mut b).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(got, msgs);
+        let mut b = BytesMut::from(&[0, 0, 0, 12, 32, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..]);
+        assert_eq!(decode_msg(&mut b), Err(LinkError::UnknownKind(32)));
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..128)) {
@@ -319,6 +439,8 @@ mod tests {
             while let Ok(Some(_)) = decode_up(&mut b) {}
             let mut b = BytesMut::from(&data[..]);
             while let Ok(Some(_)) = decode_down(&mut b) {}
+            let mut b = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = decode_msg(&mut b) {}
         }
     }
 }
