@@ -108,6 +108,8 @@ impl Conn {
     pub fn close_after_flush(&self, core: &Core) {
         if !self.closing.replace(true) {
             self.closing_since.set(core.now.get());
+            // Make sure the wheel looks again soon, to force the close if the flush hangs.
+            core.file(self, core.now.get() + CLOSE_GRACE.as_secs() as u32);
         }
         self.wake_writer();
     }
@@ -131,7 +133,7 @@ impl Conn {
         let cfg = &core.ctx.cfg;
         if self.closing.get() {
             // A graceful close that could not flush in time becomes a hard one.
-            let at = self.closing_since.get() + 5;
+            let at = self.closing_since.get() + CLOSE_GRACE.as_secs() as u32;
             if now >= at {
                 self.hard_close();
                 return None;
@@ -157,7 +159,7 @@ impl Conn {
                 .closed_timeout
                 .fetch_add(1, Ordering::Relaxed);
             self.close_with(core, 0, code, msg);
-            Some(now + 5)
+            None // close_with filed the connection for the forced close
         } else {
             Some(deadline)
         }
@@ -167,7 +169,7 @@ impl Conn {
 /// Reader task; owns the connection's lifetime.
 pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesMut) {
     let (mut rd, wr) = stream.into_split();
-    monoio::spawn(writer(core.clone(), c.clone(), wr));
+    let writer = monoio::spawn(writer(core.clone(), c.clone(), wr));
     'conn: loop {
         loop {
             match core.codec.decode(&mut buf) {
@@ -196,7 +198,8 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
                 buf = BytesMut::with_capacity(READ_IDLE);
             }
         } else if buf.capacity() - buf.len() < READ_IDLE {
-            buf.reserve(READ_BUSY);
+            // Grow as bytes arrive (never by what a header merely announces).
+            buf.reserve(READ_BUSY.max(buf.len()));
         }
         // Read into the spare capacity after the bytes already buffered (monoio reads at the
         // slice start, so the slice begins at `len`).
@@ -210,11 +213,24 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
         }
     }
     // Stop reading; the writer flushes what is queued (e.g. the error frame) and shuts down.
+    // A writer stuck on a client that does not read gets a bounded grace period, then the
+    // socket is shut down under it.
     c.close_after_flush(&core);
     core.forget(&c);
-    // Wait until the close completes so the read half is not dropped under the writer.
+    let mut writer = std::pin::pin!(writer);
+    if monoio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        c.hard_close();
+        writer.await;
+    }
     drop(rd);
+    core.ctx.stats.sockets.fetch_sub(1, Ordering::Relaxed);
 }
+
+/// How long a closing connection may take to flush its last frames.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Handles one client frame. Returns false when the connection must stop reading.
 fn on_frame(core: &Core, c: &Conn, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
@@ -228,14 +244,10 @@ fn on_frame(core: &Core, c: &Conn, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
     };
     match cmd {
         Cmd::Heartbeat => {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
             c.enqueue(
                 core,
                 Command::HeartbeatAck {
-                    server_time_ms: now_ms,
+                    server_time_ms: unix_ms(),
                 }
                 .to_bytes(req_id),
             );
@@ -280,6 +292,14 @@ fn on_frame(core: &Core, c: &Conn, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
             true
         }
     }
+}
+
+/// Wall-clock Unix milliseconds (for heartbeat acks).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Writer task: waits for queued frames and writes everything queued in one write.

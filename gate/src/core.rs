@@ -224,14 +224,30 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
 
 type FirstFrameError = Option<(u32, ErrorCode, String)>;
 
+/// Largest login frame body accepted before a connection is logged in.
+pub const MAX_LOGIN_BODY: usize = 1024;
+
 async fn read_first_frame(
     core: &Core,
     stream: &mut TcpStream,
 ) -> Result<(Frame, BytesMut), FirstFrameError> {
+    use monoio::io::AsyncWriteRentExt;
     let mut buf = BytesMut::with_capacity(256);
+    // A login frame is small: before login, the body limit is MAX_LOGIN_BODY.
+    let codec = FrameCodec::new(MAX_LOGIN_BODY.min(core.codec.max_body));
     loop {
-        match core.codec.decode(&mut buf) {
+        match codec.decode(&mut buf) {
             Ok(Some(f)) if f.cmd == Cmd::Login => return Ok((f, buf)),
+            Ok(Some(f)) if f.cmd == Cmd::Heartbeat => {
+                let ack = Command::HeartbeatAck {
+                    server_time_ms: crate::conn::unix_ms(),
+                }
+                .to_bytes(f.req_id);
+                if stream.write_all(ack).await.0.is_err() {
+                    return Err(None);
+                }
+                continue;
+            }
             Ok(Some(f)) if f.cmd.is_client_cmd() => {
                 return Err(Some((
                     f.req_id,
@@ -251,6 +267,9 @@ async fn read_first_frame(
         }
         if buf.capacity() - buf.len() < 64 {
             buf.reserve(256);
+        }
+        if buf.is_empty() && buf.capacity() > 512 {
+            buf = BytesMut::with_capacity(256);
         }
         // Read into the spare capacity after the bytes already buffered (monoio reads at the
         // slice start, so the slice begins at `len`).
@@ -371,7 +390,11 @@ impl Core {
     /// Registers a connection whose login frame was read, forwards the login to logic and
     /// starts its tasks.
     fn adopt(self: &Rc<Self>, stream: TcpStream, login: Frame, rest: BytesMut, accepted: Instant) {
-        let serial = self.next_serial.get();
+        // Serials wrap after 2^32 connections: skip any still in use.
+        let mut serial = self.next_serial.get();
+        while self.conns.borrow().contains_key(&serial) {
+            serial = serial.wrapping_add(1).max(1);
+        }
         self.next_serial.set(serial.wrapping_add(1).max(1));
         let id = ConnId::new(self.ctx.cfg.gate_id, self.ctx.core, serial);
         let uid = peek_login_uid(&login.body).unwrap_or(UserId(0));
@@ -381,13 +404,19 @@ impl Core {
         let c = Rc::new(Conn::new(id, &stream, uid, lane, accepted_at));
         self.conns.borrow_mut().insert(serial, c.clone());
         self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.ctx.stats.sockets.fetch_add(1, Ordering::Relaxed);
         self.file(
             &c,
             accepted_at + self.ctx.cfg.login_timeout.as_secs() as u32,
         );
         if let Err(code) = self.ctx.link.admit(lane) {
             self.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-            c.close_with(self, login.req_id, code, "logic busy or unreachable, retry later");
+            c.close_with(
+                self,
+                login.req_id,
+                code,
+                "logic busy or unreachable, retry later",
+            );
         } else {
             c.login_sent.set(true);
             self.push_up(

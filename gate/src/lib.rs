@@ -33,7 +33,10 @@ use crate::core::CoreMsg;
 #[derive(Debug, Default)]
 pub struct CoreStats {
     pub accepted: AtomicU64,
+    /// Connections registered on the core (logged in or waiting for the login result).
     pub connections: AtomicU64,
+    /// Sockets whose tasks are still running (includes connections still closing).
+    pub sockets: AtomicU64,
     pub logged_in: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
@@ -49,6 +52,7 @@ pub struct CoreStats {
 pub struct GateStats {
     pub accepted: u64,
     pub connections: u64,
+    pub sockets: u64,
     pub logged_in: u64,
     pub frames_in: u64,
     pub frames_out: u64,
@@ -148,6 +152,7 @@ impl GateHandle {
             let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
             s.accepted += l(&c.accepted);
             s.connections += l(&c.connections);
+            s.sockets += l(&c.sockets);
             s.logged_in += l(&c.logged_in);
             s.frames_in += l(&c.frames_in);
             s.frames_out += l(&c.frames_out);

@@ -76,22 +76,17 @@ struct Session {
     uid: UserId,
 }
 
-/// Effects of one round.
+/// Effects of one round. Nothing leaves the worker before the round's batch is committed, so
+/// every reply a client sees (acks, deliveries, login results, sync pages) describes durable
+/// state, and replies to one connection keep the order in which requests were handled.
 struct Round {
     batch: WriteBatch,
-    /// Sent whatever the commit does (login results, kicks, sync pages, refusals).
+    /// Downstream messages per gate core, in order.
     downs: HashMap<u16, Vec<Down>>,
-    /// Sent only after a successful commit (acks, deliveries).
-    durable_downs: HashMap<u16, Vec<Down>>,
-    /// Senders to answer with a retryable error if the commit fails.
-    senders: Vec<(ConnId, u32, u64)>,
     appends_out: Vec<Vec<AppendReq>>,
     done_out: Vec<Vec<(ShardId, MsgId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
-    /// Appends handled this round, to be retried if the commit fails.
-    appends_in: Vec<AppendReq>,
     appended: HashSet<(UserId, MsgId)>,
-    touched: HashSet<UserId>,
 }
 
 impl Round {
@@ -99,26 +94,15 @@ impl Round {
         Round {
             batch: WriteBatch::default(),
             downs: HashMap::new(),
-            durable_downs: HashMap::new(),
-            senders: Vec::new(),
             appends_out: (0..workers).map(|_| Vec::new()).collect(),
             done_out: (0..workers).map(|_| Vec::new()).collect(),
             delivered_out: (0..workers).map(|_| Vec::new()).collect(),
-            appends_in: Vec::new(),
             appended: HashSet::new(),
-            touched: HashSet::new(),
         }
     }
 
     fn send(&mut self, conn: ConnId, data: Bytes) {
         self.downs
-            .entry(conn.core())
-            .or_default()
-            .push(Down::Send { conn, data });
-    }
-
-    fn send_durable(&mut self, conn: ConnId, data: Bytes) {
-        self.durable_downs
             .entry(conn.core())
             .or_default()
             .push(Down::Send { conn, data });
@@ -321,7 +305,6 @@ impl<S: Store> Worker<S> {
         u.next_seq += 1;
         let prev = u.last_seq;
         u.last_seq = seq;
-        round.touched.insert(uid);
         (Seq(seq), Seq(prev))
     }
 
@@ -449,7 +432,13 @@ impl<S: Store> Worker<S> {
             tracing::warn!("login of {uid}: {e}");
             return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
         }
-        let cursor = self.store.cursor(uid, &device_id).await.unwrap_or(Seq(0));
+        let cursor = match self.store.cursor(uid, &device_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cursor of {uid}: {e}");
+                return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+            }
+        };
         // One device per type: kick the previous one.
         let devs = self.routes.entry(uid).or_default();
         let mut kicked = Vec::new();
@@ -537,13 +526,13 @@ impl<S: Store> Worker<S> {
         }
         // Dedup: the in-memory window, then the store.
         if let Some(e) = self.users[&uid].dedup.get(&client_msg_id).copied() {
-            round.send_durable(conn, ack(e));
+            round.send(conn, ack(e));
             return;
         }
         match self.store.dedup(uid, client_msg_id).await {
             Ok(Some(e)) => {
                 self.remember(uid, client_msg_id, e);
-                round.send_durable(conn, ack(e));
+                round.send(conn, ack(e));
                 return;
             }
             Ok(None) => {}
@@ -600,13 +589,12 @@ impl<S: Store> Worker<S> {
                 msg: msg.clone(),
             });
         }
-        round.senders.push((conn, req_id, client_msg_id));
-        round.send_durable(conn, ack(entry));
+        round.send(conn, ack(entry));
         // Roaming: the sender's other devices see their own message.
         let deliver = Command::Deliver(msg).to_bytes(0);
         if let Some(devs) = self.routes.get(&uid) {
             for d in devs.iter().filter(|d| d.conn != conn) {
-                round.send_durable(d.conn, deliver.clone());
+                round.send(d.conn, deliver.clone());
             }
         }
     }
@@ -632,21 +620,26 @@ impl<S: Store> Worker<S> {
             round.done_out[done_to].push((a.shard, a.msg.msg_id));
             return;
         }
-        if let Err(e) = self.load_user(r).await {
-            tracing::warn!("append to {r}: {e}");
-            return self.retry_later(vec![a]);
-        }
-        match self.store.seq_of(r, a.msg.msg_id).await {
-            Ok(Some(_)) => {
-                // Already appended before a restart: only release the outbox entry.
-                round.done_out[done_to].push((a.shard, a.msg.msg_id));
-                return;
+        // Store reads are retried in place (not re-queued) so appends keep their order.
+        let mut backoff = Duration::from_millis(20);
+        let existing = loop {
+            let res = match self.load_user(r).await {
+                Ok(()) => self.store.seq_of(r, a.msg.msg_id).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(v) => break v,
+                Err(e) => {
+                    tracing::warn!(worker = self.idx, "append to {r}: {e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!("append index of {r}: {e}");
-                return self.retry_later(vec![a]);
-            }
+        };
+        if existing.is_some() {
+            // Already appended before a restart: only release the outbox entry.
+            round.done_out[done_to].push((a.shard, a.msg.msg_id));
+            return;
         }
         let (seq, prev_seq) = self.alloc_seq(r, round);
         let msg = Message {
@@ -667,20 +660,10 @@ impl<S: Store> Worker<S> {
         let deliver = Command::Deliver(msg).to_bytes(0);
         if let Some(devs) = self.routes.get(&r) {
             for d in devs {
-                round.send_durable(d.conn, deliver.clone());
+                round.send(d.conn, deliver.clone());
             }
         }
         round.done_out[done_to].push((a.shard, a.msg.msg_id));
-        round.appends_in.push(a);
-    }
-
-    /// Re-queues appends that failed on a store error.
-    fn retry_later(&self, reqs: Vec<AppendReq>) {
-        let me = self.peers[self.idx].clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let _ = me.send(WorkerMsg::Append(reqs));
-        });
     }
 
     fn on_deliver_ack(&mut self, conn: ConnId, uid: UserId, seq: Seq, round: &mut Round) {
@@ -785,44 +768,32 @@ impl<S: Store> Worker<S> {
     }
 
     /// Commits the round and releases its effects.
+    ///
+    /// A retryable store error (a network backend that is unavailable) is retried with backoff:
+    /// the worker stalls rather than acknowledging anything that is not durable. Any other
+    /// commit error (e.g. a failed fsync of the embedded store) aborts the process: after a failed
+    /// fsync the kernel may have dropped the dirty pages, so the only safe state is the one on
+    /// disk, recovered at restart (the outbox then replays the unfinished fan-out).
     async fn finish(&mut self, mut round: Round) {
         let batch = std::mem::take(&mut round.batch);
-        let committed = if batch.is_empty() {
-            true
-        } else {
-            match self.store.commit(batch).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(worker = self.idx, "commit failed: {e}");
-                    false
+        if !batch.is_empty() {
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                match self.store.commit(batch.clone()).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(worker = self.idx, "commit failed, retrying: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        tracing::error!(worker = self.idx, "commit failed, aborting: {e}");
+                        std::process::abort();
+                    }
                 }
             }
-        };
+        }
         for (core, downs) in round.downs.drain() {
-            self.gate.send(core, downs);
-        }
-        if !committed {
-            // Nothing of this round is durable: forget the state it changed (it reloads from the
-            // store), refuse the sends with a retryable error and retry the appends.
-            for uid in &round.touched {
-                self.users.remove(uid);
-            }
-            let mut errs: HashMap<u16, Vec<Down>> = HashMap::new();
-            for (conn, req_id, _) in round.senders {
-                errs.entry(conn.core()).or_default().push(Down::Send {
-                    conn,
-                    data: error_frame(ErrorCode::Unavailable, req_id, "store unavailable, retry"),
-                });
-            }
-            for (core, downs) in errs {
-                self.gate.send(core, downs);
-            }
-            if !round.appends_in.is_empty() {
-                self.retry_later(round.appends_in);
-            }
-            return;
-        }
-        for (core, downs) in round.durable_downs.drain() {
             self.gate.send(core, downs);
         }
         for (w, reqs) in round.appends_out.into_iter().enumerate() {

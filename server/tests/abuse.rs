@@ -163,3 +163,32 @@ fn half_sent_frames_do_not_disturb_others() {
         thread::sleep(Duration::from_millis(300));
     });
 }
+
+#[test]
+fn connection_with_stuck_writer_is_forced_closed_after_protocol_error() {
+    // A huge write queue so the slow-consumer limit does not fire: the writer blocks on a full
+    // socket instead, then the client sends garbage. The server must still close the socket.
+    let s = start_with(|c| {
+        c.max_write_queue = 256 * 1024 * 1024;
+        c.max_body = 60 * 1024;
+    });
+    let mut victim = login(s.addr, 910);
+    let mut flooder = login(s.addr, 911);
+    let body = vec![1u8; 50 * 1024];
+    for i in 0..300u64 {
+        flooder.send_c2c(UserId(910), i + 1, body.clone()).unwrap();
+    }
+    let stats = || s.server.as_ref().unwrap().gate_stats();
+    assert_eq!(stats().connections, 2);
+    victim.send_raw(&[0xba, 0xad]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while stats().sockets > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck connection never closed: {:?}",
+            stats()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(flooder.heartbeat().is_ok());
+}

@@ -77,6 +77,25 @@ fn no_login_within_deadline_is_closed() {
 }
 
 #[test]
+fn heartbeat_before_login_is_answered() {
+    let s = start();
+    let mut c = connect(s.addr);
+    assert!(c.heartbeat().unwrap() > 0);
+    c.login(UserId(15), &token(15), DeviceType::Web, "w", Seq(0))
+        .unwrap();
+}
+
+#[test]
+fn oversized_login_frame_is_refused() {
+    let s = start();
+    let mut c = connect(s.addr);
+    let err = c
+        .login(UserId(16), &"x".repeat(2000), DeviceType::Web, "w", Seq(0))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::FrameTooLarge));
+}
+
+#[test]
 fn commands_before_login_are_refused() {
     let s = start();
     let mut c = connect(s.addr);

@@ -211,7 +211,8 @@ impl FrameCodec {
             return Ok(None);
         };
         if buf.len() < HEADER_LEN + h.body_len {
-            buf.reserve(HEADER_LEN + h.body_len - buf.len());
+            // No reserve for the announced body here: a peer could announce a large body and
+            // send nothing; the caller grows its buffer as bytes actually arrive.
             return Ok(None);
         }
         buf.advance(HEADER_LEN);

@@ -107,7 +107,11 @@ pub enum Role {
 pub enum LinkMsg {
     Up(Up),
     Down(Down),
-    Hello { role: Role, id: u16, map_epoch: u64 },
+    Hello {
+        role: Role,
+        id: u16,
+        map_epoch: u64,
+    },
     Ping,
     Pong,
     /// Opaque logic↔logic payload.
