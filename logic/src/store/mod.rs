@@ -29,6 +29,14 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+impl StoreError {
+    /// Whether the same operation may succeed later (a network backend that is unavailable).
+    /// Other errors (I/O of the embedded store, corruption) are not retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 /// What the sender's shard remembers about an accepted `client_msg_id`, to answer a retry with the
 /// same ack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
