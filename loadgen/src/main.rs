@@ -1,6 +1,187 @@
+//! `im-loadgen`: load generator for million-connection benchmarks of the IM server.
+//!
+//! One coordinator process spawns worker processes (this binary again, hidden `worker`
+//! subcommand), each holding at most `--max-conns-per-worker` sockets and running one glommio
+//! executor (io_uring, thread-per-core) per core it is given. See `loadgen/README.md`.
+
+mod account;
+mod coord;
+mod exec;
+mod msg;
+mod net;
+mod srcip;
+mod svg;
+mod worker;
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "im-loadgen",
+    version,
+    about = "Load generator for the IM server (glommio, thread-per-core)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Server (gate) address.
+    #[arg(long, global = true, default_value = "127.0.0.1:7000")]
+    pub server: SocketAddr,
+    /// Secret of the development token issuer (the server's default).
+    #[arg(
+        long,
+        global = true,
+        env = "IM_TOKEN_SECRET",
+        default_value = "dev-secret-change-me"
+    )]
+    pub token_secret: String,
+    /// First user id; user i is uid-base + i.
+    #[arg(long, global = true, default_value_t = 1_000_000)]
+    pub uid_base: u64,
+    /// Connect/login ramp, connections per second over all workers (0 = as fast as possible).
+    #[arg(long, global = true, default_value_t = 20_000.0)]
+    pub rate: f64,
+    /// Source addresses: list and/or ranges, e.g. 127.0.0.2-127.0.0.9,127.0.1.1 ("none" = let the
+    /// kernel choose).
+    #[arg(long, global = true, default_value = "127.0.0.2-127.0.0.9")]
+    pub src_ips: String,
+    /// Worker processes (0 = as many as needed for --max-conns-per-worker).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub workers: u32,
+    /// Sockets per worker process at most (the per-process open-file limit here is 20 000).
+    #[arg(long, global = true, default_value_t = 18_000)]
+    pub max_conns_per_worker: u32,
+    /// glommio executors (threads) per worker.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub cores_per_worker: u32,
+    /// Pin executors to CPUs (round robin).
+    #[arg(long, global = true)]
+    pub pin: bool,
+    /// glommio's registered I/O buffer per executor, KiB (unused by sockets; must fit `ulimit -l`).
+    #[arg(long, global = true, default_value_t = 512)]
+    pub io_memory_kib: usize,
+    /// Heartbeat period, seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub heartbeat_secs: u32,
+    /// A connection whose login has not succeeded after this long is closed and counted failed.
+    #[arg(long, global = true, default_value_t = 30.0)]
+    pub login_timeout_secs: f64,
+    /// A send not acknowledged this long after the send phase is counted as an ack timeout.
+    #[arg(long, global = true, default_value_t = 5000)]
+    pub ack_timeout_ms: u64,
+    /// c2c body size in bytes (at least 16: send time, sender, counter).
+    #[arg(long, global = true, default_value_t = 32)]
+    pub body_size: usize,
+    /// After sending, wait until no message arrived for this long...
+    #[arg(long, global = true, default_value_t = 1000)]
+    pub drain_quiet_ms: u64,
+    /// ...but at most this long.
+    #[arg(long, global = true, default_value_t = 15.0)]
+    pub drain_max_secs: f64,
+    /// Server process id(s) whose RSS to measure (repeatable).
+    #[arg(long, global = true)]
+    pub server_pid: Vec<u32>,
+    /// Print the result as JSON on stdout (the table goes to stderr).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Also write the JSON result to this file.
+    #[arg(long, global = true)]
+    pub json_out: Option<std::path::PathBuf>,
+    /// Write an SVG plot of throughput and latency over time to this file.
+    #[arg(long, global = true)]
+    pub svg: Option<std::path::PathBuf>,
+    /// Do not record message identities (no exact loss/duplicate/order accounting; less memory).
+    #[arg(long, global = true)]
+    pub no_track: bool,
+    /// Random seed (default: from the clock). Its high 32 bits tag this run's client_msg_ids.
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Scenario {
+    /// N logged-in connections with heartbeats: login rate, server RSS and kernel memory per connection.
+    Idle {
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        conns: u32,
+        /// How long to hold the connections after the last login.
+        #[arg(long, default_value_t = 10.0)]
+        hold_secs: f64,
+    },
+    /// N users, R msgs/s from random senders to random recipients for D seconds.
+    C2c {
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        users: u32,
+        /// Messages per second over all senders.
+        #[arg(long, default_value_t = 2000.0)]
+        msg_rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
+    /// Raise the c2c rate step by step until p99 send→deliver exceeds the bound or loss appears.
+    Max {
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        users: u32,
+        #[arg(long, default_value_t = 2000.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 2000.0)]
+        step: f64,
+        #[arg(long, default_value_t = 5.0)]
+        step_secs: f64,
+        #[arg(long, default_value_t = 10.0)]
+        p99_bound_ms: f64,
+        /// Stop after this many steps even if every step passed.
+        #[arg(long, default_value_t = 30)]
+        max_steps: u32,
+    },
+    /// All N connections drop and log in again at once; time until all are back, and no message
+    /// acknowledged before the storm is lost.
+    Storm {
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        conns: u32,
+        /// Messages per user sent right before the drop (their deliveries may be cut off).
+        #[arg(long, default_value_t = 2.0)]
+        msgs_per_user: f64,
+        /// Seconds over which those messages are sent.
+        #[arg(long, default_value_t = 2.0)]
+        send_secs: f64,
+        /// Reconnect rate during the storm, connections/s (0 = all at once).
+        #[arg(long, default_value_t = 0.0)]
+        storm_rate: f64,
+    },
+    /// Fan-out to a G-member group (requires groups, issue 5).
+    Group,
+    /// Internal: a worker process started by the coordinator.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        plan: String,
+    },
+}
+
 fn main() {
-    let ex = glommio::LocalExecutorBuilder::default().io_memory(1 << 20).make().unwrap();
-    ex.run(async { glommio::timer::sleep(std::time::Duration::from_millis(10)).await; println!("glommio ok"); });
+    let cli = Cli::parse();
+    let res = match &cli.scenario {
+        Scenario::Worker { plan } => worker::main(plan),
+        Scenario::Group => {
+            eprintln!("im-loadgen group: requires groups (issue 5)");
+            std::process::exit(2);
+        }
+        _ => coord::main(&cli),
+    };
+    if let Err(e) = res {
+        eprintln!("im-loadgen: {e:#}");
+        std::process::exit(1);
+    }
 }

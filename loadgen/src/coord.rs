@@ -1,0 +1,690 @@
+//! The coordinator: starts the workers, steps every scenario through them, merges what they
+//! report, prints a live progress line and the final table / JSON.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::process::{Child, ChildStdin, Command as Proc, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::account::{join, Join};
+use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request, BODY_HEADER};
+use crate::srcip::parse_src_ips;
+use crate::worker::rss_kib;
+use crate::{Cli, Common, Scenario};
+
+/// One point of the time series (once a second).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sample {
+    pub t: f64,
+    pub conns: u64,
+    pub sent_per_s: f64,
+    pub acked_per_s: f64,
+    pub delivered_per_s: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub deliver_p50_ms: f64,
+    pub deliver_p99_ms: f64,
+    pub deliver_p999_ms: f64,
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+struct Coord {
+    workers: Vec<WorkerProc>,
+    rx: Receiver<(usize, Option<Event>)>,
+    next_id: u64,
+    latest: Vec<Progress>,
+    iv_ack: Hist,
+    iv_deliver: Hist,
+    start: Instant,
+    next_print: Instant,
+    prev: (f64, u64, u64, u64),
+    samples: Vec<Sample>,
+    tty: bool,
+    quiet_lines: u64,
+}
+
+impl Coord {
+    fn spawn(common: &Common, total: u32, seed: u64) -> anyhow::Result<Coord> {
+        let src_ips = if common.src_ips == "none" {
+            Vec::new()
+        } else {
+            parse_src_ips(&common.src_ips).map_err(anyhow::Error::msg)?
+        };
+        let per = common.max_conns_per_worker.max(1);
+        let nw = common.workers.max(total.div_ceil(per)).max(1);
+        let exe = std::env::current_exe().context("current_exe")?;
+        let (tx, rx) = mpsc::channel();
+        let mut workers = Vec::new();
+        for w in 0..nw {
+            let first = (total as u64 * w as u64 / nw as u64) as u32;
+            let end = (total as u64 * (w as u64 + 1) / nw as u64) as u32;
+            let plan = Plan {
+                worker: w,
+                first,
+                count: end - first,
+                total,
+                cores: common.cores_per_worker.max(1),
+                pin: common.pin,
+                io_memory_kib: common.io_memory_kib,
+                server: common.server,
+                token_secret: common.token_secret.clone(),
+                uid_base: common.uid_base,
+                src_ips: src_ips.clone(),
+                heartbeat_secs: common.heartbeat_secs,
+                login_timeout_ms: (common.login_timeout_secs * 1000.0) as u64,
+                ack_timeout_ms: common.ack_timeout_ms,
+                body_size: common.body_size.max(BODY_HEADER),
+                track: !common.no_track,
+                // The run id (high 32 bits) is the same in every worker; the low bits differ.
+                seed: (seed & 0xffff_ffff_0000_0000)
+                    | ((seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9)) & 0xffff_ffff),
+            };
+            let mut child = Proc::new(&exe)
+                .arg("worker")
+                .arg("--plan")
+                .arg(serde_json::to_string(&plan)?)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("spawning worker {w}"))?;
+            let stdin = child.stdin.take().expect("piped");
+            let stdout = child.stdout.take().expect("piped");
+            let tx = tx.clone();
+            let wi = w as usize;
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<Event>(&line) {
+                        Ok(ev) => {
+                            if tx.send((wi, Some(ev))).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => eprintln!("worker {wi}: unreadable event ({e}): {line:.200}"),
+                    }
+                }
+                let _ = tx.send((wi, None));
+            });
+            workers.push(WorkerProc { child, stdin });
+        }
+        let now = Instant::now();
+        Ok(Coord {
+            latest: vec![Progress::default(); workers.len()],
+            workers,
+            rx,
+            next_id: 1,
+            iv_ack: Hist::default(),
+            iv_deliver: Hist::default(),
+            start: now,
+            next_print: now + Duration::from_secs(1),
+            prev: (0.0, 0, 0, 0),
+            samples: Vec::new(),
+            tty: std::io::stderr().is_terminal(),
+            quiet_lines: 0,
+        })
+    }
+
+    fn sum(&self, f: impl Fn(&Progress) -> u64) -> u64 {
+        self.latest.iter().map(f).sum()
+    }
+
+    fn print_progress(&mut self) {
+        let t = self.start.elapsed().as_secs_f64();
+        let (sent, acked, dlv) = (
+            self.sum(|p| p.sent),
+            self.sum(|p| p.acked),
+            self.sum(|p| p.delivered),
+        );
+        let dt = (t - self.prev.0).max(1e-3);
+        let s = Sample {
+            t,
+            conns: self.sum(|p| p.logged_in),
+            sent_per_s: (sent - self.prev.1.min(sent)) as f64 / dt,
+            acked_per_s: (acked - self.prev.2.min(acked)) as f64 / dt,
+            delivered_per_s: (dlv - self.prev.3.min(dlv)) as f64 / dt,
+            ack_p50_ms: self.iv_ack.ms(0.5),
+            ack_p99_ms: self.iv_ack.ms(0.99),
+            deliver_p50_ms: self.iv_deliver.ms(0.5),
+            deliver_p99_ms: self.iv_deliver.ms(0.99),
+            deliver_p999_ms: self.iv_deliver.ms(0.999),
+        };
+        self.prev = (t, sent, acked, dlv);
+        self.iv_ack.reset();
+        self.iv_deliver.reset();
+        let line = format!(
+            "[{:6.1}s] conns {:>7} (open {:>7}, fail {}, drop {}) | sent {:>8.0}/s ack {:>8.0}/s dlv {:>8.0}/s | p99 ack {:>7.2} ms dlv {:>7.2} ms | loadgen rss {} MiB",
+            t,
+            s.conns,
+            self.sum(|p| p.connected),
+            self.sum(|p| p.login_failed),
+            self.sum(|p| p.disconnects),
+            s.sent_per_s,
+            s.acked_per_s,
+            s.delivered_per_s,
+            s.ack_p99_ms,
+            s.deliver_p99_ms,
+            self.sum(|p| p.rss_kib) / 1024,
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else if self.quiet_lines % 5 == 0 {
+            eprintln!("{line}");
+        }
+        self.quiet_lines += 1;
+        self.samples.push(s);
+    }
+
+    fn send(&mut self, op: Op) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = serde_json::to_string(&Request { id, op })?;
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            writeln!(w.stdin, "{line}")
+                .and_then(|_| w.stdin.flush())
+                .with_context(|| format!("worker {i} is gone"))?;
+        }
+        Ok(id)
+    }
+
+    /// Sends `op` to every worker and waits for all of them; returns the merged report.
+    fn request(&mut self, op: Op) -> anyhow::Result<Report> {
+        let id = self.send(op)?;
+        let mut done = vec![false; self.workers.len()];
+        let mut merged = Report::default();
+        while done.iter().any(|d| !d) {
+            let wait = self.next_print.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok((w, Some(Event::Progress(p)))) => {
+                    self.iv_ack.merge(&p.ack_us);
+                    self.iv_deliver.merge(&p.deliver_us);
+                    self.latest[w] = *p;
+                }
+                Ok((w, Some(Event::Done { id: got, report }))) if got == id => {
+                    done[w] = true;
+                    if let Some(r) = report {
+                        merged.merge(&r);
+                    }
+                }
+                Ok((_, Some(Event::Done { .. }))) => {}
+                Ok((w, Some(Event::Fatal { message }))) => bail!("worker {w}: {message}"),
+                Ok((w, None)) => bail!("worker {w} exited unexpectedly"),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.next_print += Duration::from_secs(1);
+                    self.print_progress();
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("all workers gone"),
+            }
+        }
+        Ok(merged)
+    }
+
+    fn finish(mut self) {
+        if self.tty {
+            eprintln!();
+        }
+        let _ = self.send(Op::Quit);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for w in &mut self.workers {
+            loop {
+                match w.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Ok(None) => {
+                        let _ = w.child.kill();
+                        let _ = w.child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Kernel-side numbers read before and after a run.
+#[derive(Clone, Debug, Default, Serialize)]
+struct SysSnap {
+    server_rss_kib: u64,
+    tcp_mem_pages: u64,
+    tcp_inuse: u64,
+    slab_kib: u64,
+}
+
+fn sys_snap(pids: &[u32]) -> SysSnap {
+    let mut s = SysSnap {
+        server_rss_kib: pids.iter().filter_map(|p| rss_kib(&p.to_string())).sum(),
+        ..Default::default()
+    };
+    if let Ok(t) = std::fs::read_to_string("/proc/net/sockstat") {
+        if let Some(l) = t.lines().find(|l| l.starts_with("TCP:")) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            for w in f.windows(2) {
+                match w[0] {
+                    "mem" => s.tcp_mem_pages = w[1].parse().unwrap_or(0),
+                    "inuse" => s.tcp_inuse = w[1].parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Ok(t) = std::fs::read_to_string("/proc/meminfo") {
+        if let Some(l) = t.lines().find(|l| l.starts_with("Slab:")) {
+            s.slab_kib = l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    s
+}
+
+fn secs_between(a: Option<u64>, b: Option<u64>) -> f64 {
+    match (a, b) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e9,
+        _ => 0.0,
+    }
+}
+
+fn lat(h: &Hist) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_ms": h.ms(0.5),
+        "p99_ms": h.ms(0.99),
+        "p999_ms": h.ms(0.999),
+        "max_ms": h.max_ms(),
+    })
+}
+
+fn lat_row(name: &str, h: &Hist) -> String {
+    format!(
+        "  {name:<22} n={:<9} p50 {:>8.2} ms  p99 {:>8.2} ms  p99.9 {:>8.2} ms  max {:>8.2} ms\n",
+        h.len(),
+        h.ms(0.5),
+        h.ms(0.99),
+        h.ms(0.999),
+        h.max_ms()
+    )
+}
+
+fn traffic_json(r: &Report, j: Option<&Join>, secs: f64) -> Value {
+    json!({
+        "sent": r.sent,
+        "acked": r.acked,
+        "send_errors": r.send_errors,
+        "ack_timeouts": r.ack_timeouts,
+        "sent_per_s": r.sent as f64 / secs.max(1e-9),
+        "acked_per_s": r.acked as f64 / secs_between(r.first_send_ns, r.last_ack_ns).max(1e-9),
+        "delivered": r.delivered,
+        "delivered_per_s": r.delivered as f64 / secs_between(r.first_send_ns, r.last_deliver_ns).max(1e-9),
+        "delivered_by_sync": r.delivered_by_sync,
+        "echoes": r.echoes,
+        "lost": j.map(|j| j.lost),
+        "delivered_unacked": j.map(|j| j.delivered_unacked),
+        "phantom": j.map(|j| j.phantom),
+        "lost_examples": j.map(|j| j.lost_examples.clone()),
+        "raw_dups": r.raw_dups,
+        "dedup_dups": r.dedup_dups,
+        "out_of_order": r.out_of_order,
+        "gaps": r.gaps,
+        "push_reorders": r.push_reorders,
+        "sync_requests": r.sync_requests,
+        "ack_latency": lat(&r.ack_us),
+        "deliver_latency": lat(&r.deliver_us),
+        "disconnects": r.disconnects,
+        "reconnected": r.reconnected,
+    })
+}
+
+fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "  sent {} ({:.0}/s), acked {} ({:.0}/s), errors {:?}, ack timeouts {}\n",
+        r.sent,
+        r.sent as f64 / secs.max(1e-9),
+        r.acked,
+        r.acked as f64 / secs_between(r.first_send_ns, r.last_ack_ns).max(1e-9),
+        r.send_errors,
+        r.ack_timeouts
+    );
+    s += &format!(
+        "  delivered {} ({:.0}/s; {} via sync), own echoes {}\n",
+        r.delivered,
+        r.delivered as f64 / secs_between(r.first_send_ns, r.last_deliver_ns).max(1e-9),
+        r.delivered_by_sync,
+        r.echoes
+    );
+    match j {
+        Some(j) => {
+            s += &format!(
+                "  lost {} (acked, never delivered), delivered-unacked {}, phantom {}\n",
+                j.lost, j.delivered_unacked, j.phantom
+            );
+            if !j.lost_examples.is_empty() {
+                s += &format!("  lost e.g. (from,to,counter): {:?}\n", j.lost_examples);
+            }
+        }
+        None => s += "  lost: not tracked (--no-track)\n",
+    }
+    s += &format!(
+        "  duplicates: raw (same seq) {}, after dedup {}; out of order {}; gaps {} (pushes out of seq order {}); syncs {}\n",
+        r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps, r.push_reorders, r.sync_requests
+    );
+    if !r.disconnects.is_empty() {
+        s += &format!(
+            "  disconnects {:?} (reconnected and synced: {})\n",
+            r.disconnects, r.reconnected
+        );
+    }
+    s += &lat_row("send→ack", &r.ack_us);
+    s += &lat_row("send→deliver", &r.deliver_us);
+    s
+}
+
+fn login_json(r: &Report) -> Value {
+    let secs = secs_between(r.first_connect_ns, r.last_login_ns);
+    json!({
+        "attempted": r.attempted,
+        "logged_in": r.logged_in,
+        "failures": r.login_failures,
+        "seconds": secs,
+        "logins_per_s": if secs > 0.0 { r.logged_in as f64 / secs } else { 0.0 },
+        "login_latency": lat(&r.login_us),
+    })
+}
+
+fn login_table(r: &Report) -> String {
+    let secs = secs_between(r.first_connect_ns, r.last_login_ns);
+    let mut s = format!(
+        "  logins {}/{} in {:.2} s = {:.0} logins/s; failures {:?}\n",
+        r.logged_in,
+        r.attempted,
+        secs,
+        if secs > 0.0 {
+            r.logged_in as f64 / secs
+        } else {
+            0.0
+        },
+        r.login_failures
+    );
+    s += &lat_row("connect+login", &r.login_us);
+    s
+}
+
+fn output(common: &Common, coord: &Coord, table: String, mut result: Value) -> anyhow::Result<()> {
+    result["timeline"] = serde_json::to_value(&coord.samples)?;
+    if common.json {
+        eprint!("{table}");
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print!("{table}");
+    }
+    if let Some(p) = &common.json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &common.svg {
+        let title = result["scenario"].as_str().unwrap_or("run").to_string();
+        std::fs::write(p, crate::svg::plot(&title, &coord.samples))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn params(common: &Common) -> Value {
+    json!({
+        "server": common.server.to_string(),
+        "uid_base": common.uid_base,
+        "rate": common.rate,
+        "src_ips": common.src_ips,
+        "max_conns_per_worker": common.max_conns_per_worker,
+        "cores_per_worker": common.cores_per_worker,
+        "heartbeat_secs": common.heartbeat_secs,
+        "body_size": common.body_size,
+    })
+}
+
+pub fn main(cli: &Cli) -> anyhow::Result<()> {
+    let c = &cli.common;
+    let seed = c
+        .seed
+        .unwrap_or_else(|| crate::exec::now_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15) | (1 << 32));
+    let total = match &cli.scenario {
+        Scenario::Idle { conns, .. } | Scenario::Storm { conns, .. } => *conns,
+        Scenario::C2c { users, .. } | Scenario::Max { users, .. } => *users,
+        _ => unreachable!("handled in main"),
+    };
+    if total == 0 {
+        bail!("nothing to do: 0 users");
+    }
+    let mut coord = Coord::spawn(c, total, seed)?;
+    let workers = coord.workers.len();
+    eprintln!(
+        "im-loadgen: {total} users over {workers} worker process(es) × {} executor(s), server {}",
+        c.cores_per_worker, c.server
+    );
+    let res = run(cli, &mut coord, total, workers);
+    match res {
+        Ok((table, result)) => {
+            let out = output(c, &coord, table, result);
+            coord.finish();
+            out
+        }
+        Err(e) => {
+            coord.finish();
+            Err(e)
+        }
+    }
+}
+
+fn drain(c: &Common) -> Op {
+    Op::Drain {
+        quiet_ms: c.drain_quiet_ms,
+        max_secs: c.drain_max_secs,
+    }
+}
+
+fn run(
+    cli: &Cli,
+    coord: &mut Coord,
+    total: u32,
+    workers: usize,
+) -> anyhow::Result<(String, Value)> {
+    let c = &cli.common;
+    let mut result = json!({ "params": params(c), "workers": workers, "users": total });
+    let mut t = String::new();
+    match &cli.scenario {
+        Scenario::Idle { hold_secs, .. } => {
+            result["scenario"] = "idle".into();
+            let before = sys_snap(&c.server_pid);
+            let login = coord.request(Op::Login { rate: c.rate })?;
+            coord.request(Op::Hold { secs: *hold_secs })?;
+            let after = sys_snap(&c.server_pid);
+            let hold = coord.request(Op::Report)?;
+            let n = login.logged_in.max(1) as f64;
+            let still = coord.sum(|p| p.logged_in);
+            t += &format!("== idle: {total} connections, held {hold_secs} s ==\n");
+            t += &login_table(&login);
+            t += &format!(
+                "  during hold: heartbeats {} acked {}, disconnects {:?}, still logged in {}\n",
+                hold.heartbeats, hold.heartbeat_acks, hold.disconnects, still
+            );
+            let mut mem = json!({
+                "before": before, "after": after,
+                "loadgen_rss_kib": hold.rss_kib,
+                "loadgen_rss_per_conn_bytes": hold.rss_kib as f64 * 1024.0 / n,
+                "kernel_tcp_mem_delta_bytes": (after.tcp_mem_pages as f64 - before.tcp_mem_pages as f64) * 4096.0,
+                "kernel_tcp_mem_per_conn_bytes": (after.tcp_mem_pages as f64 - before.tcp_mem_pages as f64) * 4096.0 / n,
+                "slab_delta_per_conn_bytes": (after.slab_kib as f64 - before.slab_kib as f64) * 1024.0 / n,
+            });
+            t += &format!(
+                "  kernel: TCP sockets in use {} → {}, sockstat TCP mem {} → {} pages ({:.0} B/conn), slab {:+.0} B/conn (both ends of each connection are on this machine)\n",
+                before.tcp_inuse,
+                after.tcp_inuse,
+                before.tcp_mem_pages,
+                after.tcp_mem_pages,
+                (after.tcp_mem_pages as f64 - before.tcp_mem_pages as f64) * 4096.0 / n,
+                (after.slab_kib as f64 - before.slab_kib as f64) * 1024.0 / n
+            );
+            if !c.server_pid.is_empty() {
+                let d = after.server_rss_kib as f64 - before.server_rss_kib as f64;
+                mem["server_rss_delta_kib"] = d.into();
+                mem["server_rss_per_conn_bytes"] = (d * 1024.0 / n).into();
+                t += &format!(
+                    "  server RSS {} KiB → {} KiB: {:+.0} B per connection\n",
+                    before.server_rss_kib,
+                    after.server_rss_kib,
+                    d * 1024.0 / n
+                );
+            }
+            t += &format!(
+                "  loadgen RSS {} KiB ({:.0} B per connection)\n",
+                hold.rss_kib,
+                hold.rss_kib as f64 * 1024.0 / n
+            );
+            result["login"] = login_json(&login);
+            result["hold"] = json!({"secs": hold_secs, "heartbeats": hold.heartbeats, "heartbeat_acks": hold.heartbeat_acks, "disconnects": hold.disconnects, "still_logged_in": still});
+            result["memory"] = mem;
+        }
+        Scenario::C2c { msg_rate, secs, .. } => {
+            result["scenario"] = "c2c".into();
+            let login = coord.request(Op::Login { rate: c.rate })?;
+            t += &format!("== c2c: {total} users, {msg_rate} msgs/s for {secs} s ==\n");
+            t += &login_table(&login);
+            coord.request(Op::Send {
+                rate: *msg_rate,
+                secs: *secs,
+            })?;
+            coord.request(drain(c))?;
+            let r = coord.request(Op::Report)?;
+            let j = (!c.no_track).then(|| join(&r));
+            t += &traffic_table(&r, j.as_ref(), *secs);
+            result["login"] = login_json(&login);
+            result["msg_rate"] = (*msg_rate).into();
+            result["secs"] = (*secs).into();
+            result["c2c"] = traffic_json(&r, j.as_ref(), *secs);
+        }
+        Scenario::Max {
+            start_rate,
+            step,
+            step_secs,
+            p99_bound_ms,
+            max_steps,
+            ..
+        } => {
+            result["scenario"] = "max".into();
+            let login = coord.request(Op::Login { rate: c.rate })?;
+            t += &format!(
+                "== max: {total} users, from {start_rate} msgs/s by {step} every {step_secs} s until p99 send→deliver > {p99_bound_ms} ms or loss ==\n"
+            );
+            t += &login_table(&login);
+            t += "  rate/s   sent/s   acked   delivered  lost  p99 ack ms  p99 dlv ms  pass\n";
+            let mut rows = Vec::new();
+            let mut best: Option<f64> = None;
+            for i in 0..*max_steps {
+                let rate = start_rate + step * i as f64;
+                coord.request(Op::Send {
+                    rate,
+                    secs: *step_secs,
+                })?;
+                coord.request(drain(c))?;
+                let r = coord.request(Op::Report)?;
+                let j = (!c.no_track).then(|| join(&r));
+                let lost = j.as_ref().map_or(0, |j| j.lost);
+                let sent_rate = r.sent as f64 / step_secs;
+                let pass = r.deliver_us.ms(0.99) <= *p99_bound_ms
+                    && lost == 0
+                    && r.ack_timeouts == 0
+                    && r.send_errors.is_empty()
+                    && r.dedup_dups == 0
+                    && sent_rate >= 0.95 * rate;
+                t += &format!(
+                    "  {:>7.0} {:>8.0} {:>8} {:>10} {:>5} {:>11.2} {:>11.2}  {}\n",
+                    rate,
+                    sent_rate,
+                    r.acked,
+                    r.delivered,
+                    lost,
+                    r.ack_us.ms(0.99),
+                    r.deliver_us.ms(0.99),
+                    if pass { "yes" } else { "NO" }
+                );
+                rows.push(json!({"rate": rate, "pass": pass, "c2c": traffic_json(&r, j.as_ref(), *step_secs)}));
+                if !pass {
+                    if sent_rate < 0.95 * rate {
+                        t += "  (the loadgen could not generate the target rate: the limit may be this machine, not the server)\n";
+                    }
+                    break;
+                }
+                best = Some(rate);
+            }
+            t += &format!(
+                "  highest passing rate: {}\n",
+                best.map_or("none".into(), |b| format!("{b:.0} msgs/s"))
+            );
+            result["login"] = login_json(&login);
+            result["steps"] = rows.into();
+            result["best_rate"] = best.into();
+            result["p99_bound_ms"] = (*p99_bound_ms).into();
+        }
+        Scenario::Storm {
+            msgs_per_user,
+            send_secs,
+            storm_rate,
+            ..
+        } => {
+            result["scenario"] = "storm".into();
+            let login = coord.request(Op::Login { rate: c.rate })?;
+            t += &format!("== storm: {total} connections drop and log in again ==\n");
+            t += &login_table(&login);
+            let rate = total as f64 * msgs_per_user / send_secs.max(1e-3);
+            coord.request(Op::Send {
+                rate,
+                secs: *send_secs,
+            })?;
+            // No drain: deliveries still in flight are cut off by the drop and must come back
+            // through sync.
+            let t0 = Instant::now();
+            let storm = coord.request(Op::Storm { rate: *storm_rate })?;
+            let storm_secs = t0.elapsed().as_secs_f64();
+            coord.request(drain(c))?;
+            let rest = coord.request(Op::Report)?;
+            let mut all = storm.clone();
+            all.merge(&rest);
+            let j = (!c.no_track).then(|| join(&all));
+            t += &format!(
+                "  storm: {} back (logged in and synced) in {:.2} s; failures {:?}; disconnects {:?}\n",
+                storm.synced, storm_secs, storm.login_failures, storm.disconnects
+            );
+            t += &lat_row("drop→back", &storm.back_us);
+            t += &format!(
+                "  relogin rate {:.0}/s\n",
+                storm.logged_in as f64 / storm_secs.max(1e-9)
+            );
+            t += "  messages sent before the storm:\n";
+            t += &traffic_table(&all, j.as_ref(), *send_secs);
+            result["login"] = login_json(&login);
+            result["storm"] = json!({
+                "dropped": login.logged_in,
+                "back": storm.synced,
+                "seconds": storm_secs,
+                "failures": storm.login_failures,
+                "back_latency": lat(&storm.back_us),
+                "relogin": login_json(&storm),
+            });
+            result["c2c"] = traffic_json(&all, j.as_ref(), *send_secs);
+        }
+        Scenario::Group | Scenario::Worker { .. } => unreachable!("handled in main"),
+    }
+    Ok((t, result))
+}

@@ -1,0 +1,453 @@
+//! What the coordinator and its worker processes say to each other: one JSON object per line,
+//! requests on the worker's stdin, events on its stdout.
+//!
+//! Latency histograms travel as real HDR histograms (V2 serialization, hex encoded) so that the
+//! coordinator merges them exactly instead of averaging percentiles. Message identities for the
+//! loss/duplicate join travel as packed `(from, to, counter)` triples of user indices.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker needs to know, passed once on its command line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub worker: u32,
+    /// Index (0-based, relative to `uid_base`) of the first user this worker owns.
+    pub first: u32,
+    /// Number of users (= connections) this worker owns.
+    pub count: u32,
+    /// Users across all workers: recipients are drawn from `0..total`.
+    pub total: u32,
+    /// glommio executors (threads) in this worker.
+    pub cores: u32,
+    /// Pin executor `i` of worker `w` to CPU `(w * cores + i) % ncpu`.
+    pub pin: bool,
+    pub io_memory_kib: usize,
+    pub server: SocketAddr,
+    pub token_secret: String,
+    pub uid_base: u64,
+    pub src_ips: Vec<Ipv4Addr>,
+    pub heartbeat_secs: u32,
+    pub login_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
+    /// Total body size of a c2c message (at least [`BODY_HEADER`] bytes).
+    pub body_size: usize,
+    /// Record every message's identity for the exact loss/duplicate join.
+    pub track: bool,
+    /// Random seed (per worker it is mixed with the worker and executor index).
+    pub seed: u64,
+}
+
+/// Bytes of the c2c body the loadgen interprets: send wall-clock ns, sender index, counter.
+pub const BODY_HEADER: usize = 8 + 4 + 4;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Connect and log in every user of the worker at `rate` connections/s (0 = no limit).
+    Login { rate: f64 },
+    /// Keep the connections (heartbeats) for `secs`.
+    Hold { secs: f64 },
+    /// Send c2c messages at `rate` msgs/s (the worker's share) for `secs`, then wait for the acks.
+    Send { rate: f64, secs: f64 },
+    /// Wait until no message arrived for `quiet_ms` (at most `max_secs`).
+    Drain { quiet_ms: u64, max_secs: f64 },
+    /// Return the counters of the current step and reset them.
+    Report,
+    /// Drop every connection at once, reconnect at `rate` (0 = no limit), log in with the last
+    /// seq held and sync; done when all are back.
+    Storm { rate: f64 },
+    /// Close everything and exit.
+    Quit,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Event {
+    /// Cumulative counters once a second, with the latency histograms of the last interval.
+    Progress(Box<Progress>),
+    /// A request finished; `report` only for `Report` (and `Login`/`Storm`, which carry timing).
+    Done {
+        id: u64,
+        report: Option<Box<Report>>,
+    },
+    Fatal {
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub worker: u32,
+    pub connected: u64,
+    pub logged_in: u64,
+    pub login_failed: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub disconnects: u64,
+    pub rss_kib: u64,
+    pub ack_us: Hist,
+    pub deliver_us: Hist,
+}
+
+/// Counters of one step. Merged executor → worker → coordinator with [`Report::merge`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    // --- connections ---
+    pub attempted: u64,
+    pub logged_in: u64,
+    /// Login failures by reason (error code name, `connect: <errno>`, `timeout`, `closed`).
+    pub login_failures: BTreeMap<String, u64>,
+    /// Wall clock (Unix ns) of the first connect attempt and of the last successful login.
+    pub first_connect_ns: Option<u64>,
+    pub last_login_ns: Option<u64>,
+    /// Connect + login round trip.
+    pub login_us: Hist,
+    /// Connections lost after login, by reason.
+    pub disconnects: BTreeMap<String, u64>,
+    pub heartbeats: u64,
+    pub heartbeat_acks: u64,
+    // --- storm ---
+    /// Time from the drop until the connection was logged in and synced.
+    pub back_us: Hist,
+    pub synced: u64,
+    /// Lost connections that reconnected, logged in and synced.
+    pub reconnected: u64,
+    // --- messages ---
+    pub sent: u64,
+    pub acked: u64,
+    /// SendAck / Error codes other than Ok, by name.
+    pub send_errors: BTreeMap<String, u64>,
+    /// Sent, never answered within the ack timeout (or the connection died first).
+    pub ack_timeouts: u64,
+    /// New messages from other users accepted into a timeline (after seq dedup).
+    pub delivered: u64,
+    /// Of `delivered`, how many came through a sync page instead of a push.
+    pub delivered_by_sync: u64,
+    /// Copies of a user's own messages (the sender's timeline gets one too).
+    pub echoes: u64,
+    /// Entries dropped by the client's seq dedup (seq <= last seq held): raw duplicates.
+    pub raw_dups: u64,
+    /// Entries with a new seq but a `(from, client_msg_id)` this recipient already holds:
+    /// duplicates that survive client dedup (an invariant violation).
+    pub dedup_dups: u64,
+    /// Per (from → to) the sender's counter went backwards.
+    pub out_of_order: u64,
+    /// Gaps detected through `prev_seq` (each leads to a sync).
+    pub gaps: u64,
+    /// `Deliver` pushes whose seq is below one already pushed on the same connection (the server
+    /// pushed a timeline out of seq order; the client fixes it up through sync).
+    pub push_reorders: u64,
+    pub sync_requests: u64,
+    pub ack_us: Hist,
+    pub deliver_us: Hist,
+    /// Wall clock of the first send and the last ack/delivery of the step (Unix ns).
+    pub first_send_ns: Option<u64>,
+    pub last_ack_ns: Option<u64>,
+    pub last_deliver_ns: Option<u64>,
+    /// Identities for the exact join (when the plan tracks): acknowledged sends, sends never
+    /// acknowledged, and distinct deliveries.
+    pub acked_ids: Packed,
+    pub unacked_ids: Packed,
+    pub received_ids: Packed,
+    /// Worker RSS (sum over workers after merging).
+    pub rss_kib: u64,
+}
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    a.max(b)
+}
+
+fn merge_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    for (k, v) in b {
+        *a.entry(k.clone()).or_default() += v;
+    }
+}
+
+impl Report {
+    pub fn merge(&mut self, o: &Report) {
+        self.attempted += o.attempted;
+        self.logged_in += o.logged_in;
+        merge_map(&mut self.login_failures, &o.login_failures);
+        self.first_connect_ns = min_opt(self.first_connect_ns, o.first_connect_ns);
+        self.last_login_ns = max_opt(self.last_login_ns, o.last_login_ns);
+        self.login_us.merge(&o.login_us);
+        merge_map(&mut self.disconnects, &o.disconnects);
+        self.heartbeats += o.heartbeats;
+        self.heartbeat_acks += o.heartbeat_acks;
+        self.back_us.merge(&o.back_us);
+        self.synced += o.synced;
+        self.reconnected += o.reconnected;
+        self.sent += o.sent;
+        self.acked += o.acked;
+        merge_map(&mut self.send_errors, &o.send_errors);
+        self.ack_timeouts += o.ack_timeouts;
+        self.delivered += o.delivered;
+        self.delivered_by_sync += o.delivered_by_sync;
+        self.echoes += o.echoes;
+        self.raw_dups += o.raw_dups;
+        self.dedup_dups += o.dedup_dups;
+        self.out_of_order += o.out_of_order;
+        self.gaps += o.gaps;
+        self.push_reorders += o.push_reorders;
+        self.sync_requests += o.sync_requests;
+        self.ack_us.merge(&o.ack_us);
+        self.deliver_us.merge(&o.deliver_us);
+        self.first_send_ns = min_opt(self.first_send_ns, o.first_send_ns);
+        self.last_ack_ns = max_opt(self.last_ack_ns, o.last_ack_ns);
+        self.last_deliver_ns = max_opt(self.last_deliver_ns, o.last_deliver_ns);
+        self.acked_ids.extend(&o.acked_ids);
+        self.unacked_ids.extend(&o.unacked_ids);
+        self.received_ids.extend(&o.received_ids);
+        self.rss_kib += o.rss_kib;
+    }
+}
+
+/// A latency histogram in microseconds (1 µs .. 1 h, 3 significant digits).
+#[derive(Clone, Debug)]
+pub struct Hist(pub Histogram<u64>);
+
+impl Default for Hist {
+    fn default() -> Self {
+        Hist(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"))
+    }
+}
+
+impl Hist {
+    pub fn record(&mut self, us: u64) {
+        self.0.saturating_record(us.max(1));
+    }
+    pub fn merge(&mut self, o: &Hist) {
+        // Same bounds everywhere, so add cannot fail; saturate instead of panicking anyway.
+        if self.0.add(&o.0).is_err() {
+            for v in o.0.iter_recorded() {
+                self.0
+                    .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+            }
+        }
+    }
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+    /// Percentile in milliseconds (0 when empty).
+    pub fn ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            0.0
+        } else {
+            self.0.value_at_quantile(q) as f64 / 1000.0
+        }
+    }
+    pub fn max_ms(&self) -> f64 {
+        self.0.max() as f64 / 1000.0
+    }
+    pub fn reset(&mut self) {
+        self.0.reset();
+    }
+}
+
+impl Serialize for Hist {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = Vec::new();
+        V2Serializer::new()
+            .serialize(&self.0, &mut buf)
+            .map_err(|e| serde::ser::Error::custom(format!("{e:?}")))?;
+        s.serialize_str(&hex_encode(&buf))
+    }
+}
+
+impl<'de> Deserialize<'de> for Hist {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = hex_decode(&s).ok_or_else(|| serde::de::Error::custom("bad hex"))?;
+        let h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut &bytes[..])
+            .map_err(|e| serde::de::Error::custom(format!("{e:?}")))?;
+        let mut out = Hist::default();
+        out.merge(&Hist(h));
+        Ok(out)
+    }
+}
+
+/// Message identities `(from index, to index, sender counter)`, hex of little-endian u32s on the
+/// wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Packed(pub Vec<[u32; 3]>);
+
+impl Packed {
+    pub fn push(&mut self, from: u32, to: u32, counter: u32) {
+        self.0.push([from, to, counter]);
+    }
+    pub fn extend(&mut self, o: &Packed) {
+        self.0.extend_from_slice(&o.0);
+    }
+}
+
+impl Serialize for Packed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(self.0.len() * 12);
+        for t in &self.0 {
+            for v in t {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        s.serialize_str(&hex_encode(&bytes))
+    }
+}
+
+impl<'de> Deserialize<'de> for Packed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = hex_decode(&s).ok_or_else(|| serde::de::Error::custom("bad hex"))?;
+        if bytes.len() % 12 != 0 {
+            return Err(serde::de::Error::custom(
+                "packed ids: length not a multiple of 12",
+            ));
+        }
+        let u = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        Ok(Packed(
+            bytes
+                .chunks_exact(12)
+                .map(|c| [u(&c[0..4]), u(&c[4..8]), u(&c[8..12])])
+                .collect(),
+        ))
+    }
+}
+
+pub fn hex_encode(b: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(D[(x >> 4) as usize] as char);
+        s.push(D[(x & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    let v = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    b.chunks_exact(2)
+        .map(|p| Some(v(p[0])? << 4 | v(p[1])?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_merge_exactly_through_json() {
+        let mut a = Hist::default();
+        let mut b = Hist::default();
+        for v in 1..=1000 {
+            a.record(v);
+        }
+        for v in 1001..=2000 {
+            b.record(v * 10);
+        }
+        let ja = serde_json::to_string(&a).unwrap();
+        let jb = serde_json::to_string(&b).unwrap();
+        let mut m: Hist = serde_json::from_str(&ja).unwrap();
+        m.merge(&serde_json::from_str(&jb).unwrap());
+        let mut direct = a.clone();
+        direct.merge(&b);
+        assert_eq!(m.len(), 2000);
+        for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(
+                m.0.value_at_quantile(q),
+                direct.0.value_at_quantile(q),
+                "q={q}"
+            );
+        }
+        assert!((m.ms(0.5) - 1.0).abs() < 0.01, "{}", m.ms(0.5));
+        assert!(m.max_ms() >= 19.99);
+    }
+
+    #[test]
+    fn packed_round_trips() {
+        let mut p = Packed::default();
+        p.push(1, 2, 3);
+        p.push(u32::MAX, 0, 77);
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Packed>(&j).unwrap(), p);
+        assert!(serde_json::from_str::<Packed>("\"abc\"").is_err());
+    }
+
+    #[test]
+    fn requests_and_events_round_trip() {
+        let r = Request {
+            id: 3,
+            op: Op::Send {
+                rate: 10.0,
+                secs: 2.0,
+            },
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        let back: Request = serde_json::from_str(&j).unwrap();
+        assert!(matches!(back.op, Op::Send { .. }));
+        let mut rep = Report::default();
+        rep.login_failures.insert("BadToken".into(), 2);
+        rep.deliver_us.record(1500);
+        let e = Event::Done {
+            id: 3,
+            report: Some(Box::new(rep)),
+        };
+        let j = serde_json::to_string(&e).unwrap();
+        let Event::Done {
+            report: Some(r), ..
+        } = serde_json::from_str(&j).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.login_failures["BadToken"], 2);
+        assert_eq!(r.deliver_us.len(), 1);
+    }
+
+    #[test]
+    fn reports_merge() {
+        let mut a = Report {
+            first_connect_ns: Some(10),
+            last_login_ns: Some(20),
+            sent: 5,
+            ..Default::default()
+        };
+        let b = Report {
+            first_connect_ns: Some(5),
+            last_login_ns: Some(15),
+            sent: 7,
+            ..Default::default()
+        };
+        a.merge(&b);
+        assert_eq!(
+            (a.first_connect_ns, a.last_login_ns, a.sent),
+            (Some(5), Some(20), 12)
+        );
+    }
+}

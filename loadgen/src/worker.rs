@@ -1,0 +1,213 @@
+//! A worker process: the coordinator re-executes this binary as `im-loadgen worker --plan <json>`.
+//! It runs one glommio executor per core it was given, forwards the coordinator's requests (JSON
+//! lines on stdin) to every executor, merges their answers and writes events (JSON lines) to stdout.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::exec::{self, ExecMsg, Live};
+use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request};
+
+enum In {
+    Req(Request),
+    Eof,
+    Exec(ExecMsg),
+}
+
+fn emit(ev: &Event) {
+    let mut out = std::io::stdout().lock();
+    // The coordinator reads line by line; a broken pipe means it is gone, so exit quietly.
+    if serde_json::to_writer(&mut out, ev).is_err()
+        || out.write_all(b"\n").is_err()
+        || out.flush().is_err()
+    {
+        std::process::exit(0);
+    }
+}
+
+/// VmRSS of a process in KiB, from /proc/<pid>/status (`self` for this one).
+pub fn rss_kib(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+pub fn main(plan_json: &str) -> anyhow::Result<()> {
+    let plan: Plan = serde_json::from_str(plan_json).context("bad --plan")?;
+    raise_nofile();
+    let plan = Arc::new(plan);
+    let cores = plan.cores.max(1) as usize;
+    let live = Arc::new(Live::default());
+    let (tx, rx) = mpsc::channel::<In>();
+    let (etx, erx) = mpsc::channel::<(usize, ExecMsg)>();
+
+    // Executors: users split evenly, each with its share of the worker's rates.
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut senders = Vec::new();
+    let mut handles = Vec::new();
+    for i in 0..cores {
+        let lo = plan.first + (plan.count as u64 * i as u64 / cores as u64) as u32;
+        let hi = plan.first + (plan.count as u64 * (i as u64 + 1) / cores as u64) as u32;
+        let share = if plan.total == 0 {
+            0.0
+        } else {
+            (hi - lo) as f64 / plan.total as f64
+        };
+        let (rtx, rrx) = mpsc::channel::<Request>();
+        senders.push(rtx);
+        let placement = if plan.pin {
+            Placement::Fixed((plan.worker as usize * cores + i) % ncpu)
+        } else {
+            Placement::Unbound
+        };
+        let (p, l, e) = (plan.clone(), live.clone(), etx.clone());
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("lg-w{}-{}", plan.worker, i))
+            // Only sockets here: glommio's registered buffer is for file I/O, keep it small so
+            // it fits the memlock limit (8 MiB here) even with several executors.
+            .io_memory(plan.io_memory_kib * 1024)
+            .spawn(move || exec::run(p, i, lo..hi, share, l, rrx, e))
+            .map_err(|e| anyhow::anyhow!("glommio executor {i}: {e}"))?;
+        handles.push(h);
+    }
+    drop(etx);
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            while let Ok((_, m)) = erx.recv() {
+                if tx.send(In::Exec(m)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(r) => {
+                        if tx.send(In::Req(r)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => emit(&Event::Fatal {
+                        message: format!("bad request {line:?}: {e}"),
+                    }),
+                }
+            }
+            let _ = tx.send(In::Eof);
+        });
+    }
+    drop(tx);
+
+    let mut waiting: HashMap<u64, (usize, Option<Report>)> = HashMap::new();
+    let mut iv_ack = Hist::default();
+    let mut iv_deliver = Hist::default();
+    let mut next_progress = Instant::now() + Duration::from_secs(1);
+    let mut quitting: Option<u64> = None;
+    loop {
+        let wait = next_progress.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(In::Req(r)) => {
+                if matches!(r.op, Op::Quit) {
+                    quitting = Some(r.id);
+                }
+                waiting.insert(r.id, (0, None));
+                for s in &senders {
+                    let _ = s.send(r.clone());
+                }
+            }
+            Ok(In::Eof) => {
+                // Coordinator gone: stop.
+                for s in &senders {
+                    let _ = s.send(Request {
+                        id: u64::MAX,
+                        op: Op::Quit,
+                    });
+                }
+                quitting = Some(u64::MAX);
+                waiting.insert(u64::MAX, (0, None));
+            }
+            Ok(In::Exec(ExecMsg::Interval { ack, deliver })) => {
+                iv_ack.merge(&ack);
+                iv_deliver.merge(&deliver);
+            }
+            Ok(In::Exec(ExecMsg::Done { id, report })) => {
+                let Some(w) = waiting.get_mut(&id) else {
+                    continue;
+                };
+                w.0 += 1;
+                if let Some(r) = report {
+                    w.1.get_or_insert_with(Report::default).merge(&r);
+                }
+                if w.0 == cores {
+                    let (_, mut rep) = waiting.remove(&id).expect("present");
+                    if let Some(r) = rep.as_mut() {
+                        r.rss_kib = rss_kib("self").unwrap_or(0);
+                    }
+                    if id != u64::MAX {
+                        emit(&Event::Done {
+                            id,
+                            report: rep.map(Box::new),
+                        });
+                    }
+                    if quitting == Some(id) {
+                        break;
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                next_progress += Duration::from_secs(1);
+                emit(&Event::Progress(Box::new(Progress {
+                    worker: plan.worker,
+                    connected: live.connected.load(Relaxed),
+                    logged_in: live.logged_in.load(Relaxed),
+                    login_failed: live.login_failed.load(Relaxed),
+                    sent: live.sent.load(Relaxed),
+                    acked: live.acked.load(Relaxed),
+                    delivered: live.delivered.load(Relaxed),
+                    disconnects: live.disconnects.load(Relaxed),
+                    rss_kib: rss_kib("self").unwrap_or(0),
+                    ack_us: std::mem::take(&mut iv_ack),
+                    deliver_us: std::mem::take(&mut iv_deliver),
+                })));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
