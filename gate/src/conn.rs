@@ -1,12 +1,13 @@
 //! One client connection on its owner core: a reader task that parses headers and forwards
 //! frames, and a writer task that drains a bounded queue of encoded frames (many per write).
+//! The writer exists only while there is something to write: an idle connection parks its
+//! write half in [`Conn`] and costs one task (the reader), not two.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::task::{Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use im_shared::frame::Cmd;
@@ -44,7 +45,9 @@ pub struct Conn {
     closing: Cell<bool>,
     /// Core second at which a graceful close began.
     closing_since: Cell<u32>,
-    writer: RefCell<Option<Waker>>,
+    /// The write half while no writer task runs.
+    wr: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    writer_running: Cell<bool>,
     /// Generation of this connection's current timer-wheel entry.
     pub wheel_gen: Cell<u32>,
 }
@@ -64,20 +67,29 @@ impl Conn {
             out_bytes: Cell::new(0),
             closing: Cell::new(false),
             closing_since: Cell::new(0),
-            writer: RefCell::new(None),
+            wr: RefCell::new(None),
+            writer_running: Cell::new(false),
             wheel_gen: Cell::new(0),
         }
     }
 
-    fn wake_writer(&self) {
-        if let Some(w) = self.writer.borrow_mut().take() {
-            w.wake();
+    /// Starts a writer task if there is something to do and none runs.
+    fn wake_writer(self: &Rc<Self>) {
+        if self.writer_running.get() {
+            return; // the running writer looks at the queue again after each write
+        }
+        if self.out.borrow().is_empty() && !self.closing.get() {
+            return;
+        }
+        if let Some(wr) = self.wr.borrow_mut().take() {
+            self.writer_running.set(true);
+            monoio::spawn(writer(self.clone(), wr));
         }
     }
 
     /// Queues encoded frames. A client whose queue exceeds the limit does not read: it is
     /// disconnected instead of buffered forever.
-    pub fn enqueue(&self, core: &Core, data: Bytes) {
+    pub fn enqueue(self: &Rc<Self>, core: &Core, data: Bytes) {
         if data.is_empty() || self.closing.get() {
             return;
         }
@@ -90,11 +102,12 @@ impl Conn {
         }
         self.out_bytes.set(n);
         self.out.borrow_mut().push_back(data);
+        core.ctx.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         self.wake_writer();
     }
 
     /// Sends an error frame, then closes once it is flushed.
-    pub fn close_with(&self, core: &Core, req_id: u32, code: ErrorCode, message: &str) {
+    pub fn close_with(self: &Rc<Self>, core: &Core, req_id: u32, code: ErrorCode, message: &str) {
         let frame = Command::Error {
             code,
             message: message.to_owned(),
@@ -105,7 +118,7 @@ impl Conn {
     }
 
     /// Closes after the queued frames are written.
-    pub fn close_after_flush(&self, core: &Core) {
+    pub fn close_after_flush(self: &Rc<Self>, core: &Core) {
         if !self.closing.replace(true) {
             self.closing_since.set(core.now.get());
             // Make sure the wheel looks again soon, to force the close if the flush hangs.
@@ -124,12 +137,11 @@ impl Conn {
         unsafe {
             libc::shutdown(self.fd, libc::SHUT_RDWR);
         }
-        self.wake_writer();
     }
 
     /// Timer wheel callback: closes the connection if a deadline passed, else returns when to
     /// look again.
-    pub fn check_deadline(&self, core: &Core, now: u32) -> Option<u32> {
+    pub fn check_deadline(self: &Rc<Self>, core: &Core, now: u32) -> Option<u32> {
         let cfg = &core.ctx.cfg;
         if self.closing.get() {
             // A graceful close that could not flush in time becomes a hard one.
@@ -169,7 +181,8 @@ impl Conn {
 /// Reader task; owns the connection's lifetime.
 pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesMut) {
     let (mut rd, wr) = stream.into_split();
-    let writer = monoio::spawn(writer(core.clone(), c.clone(), wr));
+    *c.wr.borrow_mut() = Some(wr);
+    c.wake_writer();
     'conn: loop {
         loop {
             match core.codec.decode(&mut buf) {
@@ -217,15 +230,15 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
     // socket is shut down under it.
     c.close_after_flush(&core);
     core.forget(&c);
-    let mut writer = std::pin::pin!(writer);
-    if monoio::time::timeout(CLOSE_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        c.hard_close();
-        writer.await;
+    let deadline = std::time::Instant::now() + CLOSE_GRACE;
+    while c.writer_running.get() {
+        if std::time::Instant::now() >= deadline {
+            c.hard_close(); // the blocked write fails and the writer exits
+        }
+        monoio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     drop(rd);
+    c.wr.borrow_mut().take();
     core.ctx.stats.sockets.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -233,7 +246,7 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
 pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Handles one client frame. Returns false when the connection must stop reading.
-fn on_frame(core: &Core, c: &Conn, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
+fn on_frame(core: &Core, c: &Rc<Conn>, cmd: Cmd, req_id: u32, body: Bytes) -> bool {
     let deny = |code: ErrorCode, msg: &str| {
         core.ctx
             .stats
@@ -302,25 +315,21 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writer task: waits for queued frames and writes everything queued in one write.
-async fn writer(core: Rc<Core>, c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
+/// Writer task: writes everything queued (many frames per write) until the queue is empty, then
+/// parks the write half in the connection and ends; on close it shuts the socket down.
+async fn writer(c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
     let mut scratch: Vec<u8> = Vec::new();
     loop {
-        std::future::poll_fn(|cx| {
-            if !c.out.borrow().is_empty() || c.closing.get() {
-                Poll::Ready(())
-            } else {
-                *c.writer.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await;
         let batch: Vec<Bytes> = c.out.borrow_mut().drain(..).collect();
         c.out_bytes.set(0);
         if batch.is_empty() {
-            break; // closing and nothing left
+            if !c.closing.get() {
+                *c.wr.borrow_mut() = Some(wr);
+                c.writer_running.set(false);
+                return;
+            }
+            break; // closing and everything flushed
         }
-        let n = batch.len() as u64;
         let res = if batch.len() == 1 {
             let b = batch.into_iter().next().expect("one element");
             wr.write_all(b).await.0
@@ -336,10 +345,6 @@ async fn writer(core: Rc<Core>, c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) 
         if res.is_err() {
             break;
         }
-        core.ctx.stats.frames_out.fetch_add(n, Ordering::Relaxed);
-        if scratch.capacity() > 64 * 1024 {
-            scratch = Vec::new();
-        }
     }
     c.closing.set(true);
     c.out.borrow_mut().clear();
@@ -348,4 +353,5 @@ async fn writer(core: Rc<Core>, c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) 
         libc::shutdown(c.fd, libc::SHUT_RDWR);
     }
     drop(wr);
+    c.writer_running.set(false);
 }

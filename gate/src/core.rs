@@ -461,7 +461,7 @@ impl Core {
     }
 
     /// Called by a connection's reader when it ends.
-    pub fn forget(&self, c: &Conn) {
+    pub fn forget(&self, c: &Rc<Conn>) {
         if self.conns.borrow_mut().remove(&c.id.serial()).is_some() {
             self.ctx.stats.connections.fetch_sub(1, Ordering::Relaxed);
             if c.logged_in.get() {

@@ -12,6 +12,10 @@ pub mod conformance;
 mod fjall_store;
 
 pub use fjall_store::FjallStore;
+#[cfg(feature = "scylla")]
+mod scylla_store;
+#[cfg(feature = "scylla")]
+pub use scylla_store::ScyllaStore;
 
 use im_shared::proto::Message;
 use im_shared::{MsgId, Seq, ShardId, UserId};

@@ -1,0 +1,1704 @@
+//! [`ScyllaStore`]: the cluster [`Store`] on ScyllaDB (`scylla` driver, CQL native protocol).
+//!
+//! The schema is `deploy/scylla/schema.cql` (compiled in, see [`ScyllaStore::create_schema`]);
+//! `deploy/scylla/README.md` explains the partitioning. In short:
+//!
+//! | table             | primary key                | value                              |
+//! |-------------------|----------------------------|------------------------------------|
+//! | `timeline`        | ((uid, seq / 100000), seq) | msg blob ([`Message::encode`])     |
+//! | `timeline_bucket` | ((uid), bucket)            | — (which buckets exist)            |
+//! | `msgidx`          | ((uid, msg_id))            | seq                                |
+//! | `seq_bound`       | ((uid))                    | bound                              |
+//! | `dedup`           | ((uid, client_msg_id))     | msg_id, seq, server_time_ms; TTL 7 d |
+//! | `cursor`          | ((uid), device_id)         | seq                                |
+//! | `outbox`          | ((shard), msg_id)          | recipients frozen list, msg blob   |
+//!
+//! Every statement is prepared once in [`ScyllaStore::connect`] and routed token-aware by the
+//! driver's default load-balancing policy (to a replica of the partition, on the right shard).
+//! Reads and writes use `LOCAL_QUORUM`: a commit returns only when a majority of the local
+//! datacenter's replicas of every written partition have it in their commitlog, so an
+//! acknowledged write survives the loss of a minority of replicas; a `LOCAL_QUORUM` read overlaps
+//! every acknowledged write's quorum, so it sees it. No lightweight transaction (LWT/Paxos) is
+//! used: ownership of a user is already exclusive to one logic shard, so plain writes suffice; the
+//! serial consistency is set to `LOCAL_SERIAL` only so that a future LWT cannot silently go
+//! cross-DC.
+//!
+//! **Commit.** A [`WriteBatch`] becomes one `LOGGED` CQL batch: the coordinator first stores the
+//! batch in the batchlog of two other nodes, then applies it, and replays it from the batchlog if
+//! it dies midway, so a batch spanning many partitions is all-or-nothing (eventually; readers may
+//! see part of it while it is being applied). That costs one extra replicated write and a
+//! batchlog removal per batch, which is why logic commits in groups: one batch per round of many
+//! requests. Two rules of CQL batches shape the translation:
+//! - every statement of a batch gets the same write timestamp, and at equal timestamps a delete
+//!   wins over an insert and the larger value wins between two inserts, so ops on one key are
+//!   merged first (the later op wins, as the [`Store`] contract says);
+//! - the server refuses batches above `batch_size_fail_threshold_in_kb` (Scylla default 1024 KiB;
+//!   it warns above `batch_size_warn_threshold_in_kb`, default 128 KiB), so a batch above
+//!   [`DEFAULT_MAX_BATCH_BYTES`] (estimated) is split into several logged batches, sent one after
+//!   another. Each chunk is atomic, the whole is not: see [`ScyllaStore::commit`] for why that is
+//!   still safe for the ops logic writes, and the order chosen to make it so.
+//!
+//! Timestamps are client-side and monotonic per store ([`MonotonicTimestampGenerator`]): a later
+//! commit always wins over an earlier one on the same key, even when a timed-out batch is
+//! replayed from the batchlog later or two commits go through different coordinators. Across
+//! processes (a shard moving to another node) ordering relies on clocks in sync (NTP) and on the
+//! handover taking longer than the clock skew (the old owner is fenced well before the new one
+//! writes).
+//!
+//! **Runtime.** The driver spawns its connection and metadata tasks on the tokio runtime that
+//! builds the session. Logic runs one current-thread runtime per worker, which only makes
+//! progress while that worker awaits, so the session is built on a dedicated `scylla-driver`
+//! thread with its own runtime that lives as long as any clone of the store. Requests can then be
+//! issued from any runtime (every worker's), and they only need that runtime's timer.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use im_shared::proto::Message;
+use im_shared::{MsgId, Seq, ShardId, UserId};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::errors::{
+    DbError, ExecutionError, NewSessionError, PrepareError, RequestAttemptError,
+    SchemaAgreementError,
+};
+use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
+use scylla::response::query_result::QueryRowsResult;
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+use tokio::sync::oneshot;
+
+use super::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+
+/// Seqs per timeline partition: the timeline of `uid` is partitioned by `(uid, seq / this)`.
+/// Fixed for the life of the data (changing it makes existing rows unreachable).
+const TIMELINE_BUCKET_SEQS: u64 = 100_000;
+
+/// Default bound of the estimated size of one logged batch; larger [`WriteBatch`]es are split.
+/// Half of Scylla's default `batch_size_fail_threshold_in_kb` (1024), as margin for the estimate.
+const DEFAULT_MAX_BATCH_BYTES: usize = 512 * 1024;
+
+/// Most statements in one logged batch (the protocol allows 65 535).
+const MAX_BATCH_STATEMENTS: usize = 4096;
+
+/// Largest value a column whose order matters may hold (seq, bucket, outbox msg_id).
+const MAX_ORDERED: u64 = i64::MAX as u64;
+
+/// Client-side timeout of one request (the server's own timeouts are shorter: 2 s for writes,
+/// 5 s for reads by default, so their errors arrive first).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Rows per page of the scans.
+const TIMELINE_PAGE: i32 = 256;
+const BUCKET_PAGE: i32 = 64;
+const OUTBOX_PAGE: i32 = 256;
+
+/// The schema, applied by [`ScyllaStore::create_schema`] with the keyspace and replication
+/// replaced.
+const SCHEMA_CQL: &str = include_str!("../../../deploy/scylla/schema.cql");
+
+/// Keyspace of `deploy/scylla/schema.cql`.
+const SCHEMA_KEYSPACE: &str = "im";
+
+/// The ScyllaDB store. Cloning is cheap; every clone shares one session (one connection pool
+/// per node and shard) and its driver thread, which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct ScyllaStore {
+    inner: Arc<Inner>,
+    max_batch_bytes: usize,
+}
+
+struct Inner {
+    // Dropped before `_driver`, whose drop stops the driver thread.
+    session: Session,
+    st: Statements,
+    keyspace: String,
+    _driver: oneshot::Sender<()>,
+}
+
+impl fmt::Debug for ScyllaStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScyllaStore")
+            .field("keyspace", &self.inner.keyspace)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every statement, prepared once at connect.
+struct Statements {
+    // Writes, one per [`Phase`].
+    seq_bound_put: PreparedStatement,
+    bucket_put: PreparedStatement,
+    outbox_put: PreparedStatement,
+    timeline_put: PreparedStatement,
+    msgidx_put: PreparedStatement,
+    cursor_put: PreparedStatement,
+    outbox_delete: PreparedStatement,
+    dedup_put: PreparedStatement,
+    // Reads.
+    seq_bound_get: PreparedStatement,
+    buckets_from: PreparedStatement,
+    buckets_desc: PreparedStatement,
+    timeline_after: PreparedStatement,
+    timeline_last: PreparedStatement,
+    msgidx_get: PreparedStatement,
+    dedup_get: PreparedStatement,
+    cursor_get: PreparedStatement,
+    outbox_scan: PreparedStatement,
+}
+
+impl Statements {
+    async fn prepare(session: &Session, ks: &str) -> Result<Statements, StoreError> {
+        let p = |cql: String, page: Option<i32>| async move {
+            let mut st = session
+                .prepare(cql.as_str())
+                .await
+                .map_err(|e| prepare_err(&cql, e))?;
+            if let Some(n) = page {
+                st.set_page_size(n);
+            }
+            // Every statement (and so every batch of them) is idempotent: plain upserts and
+            // deletes of fixed values, no counters, no collection appends. The driver may
+            // then retry them after a timeout.
+            st.set_is_idempotent(true);
+            Ok::<_, StoreError>(st)
+        };
+        Ok(Statements {
+            seq_bound_put: p(
+                format!("INSERT INTO {ks}.seq_bound (uid, bound) VALUES (?, ?)"),
+                None,
+            )
+            .await?,
+            bucket_put: p(
+                format!("INSERT INTO {ks}.timeline_bucket (uid, bucket) VALUES (?, ?)"),
+                None,
+            )
+            .await?,
+            outbox_put: p(
+                format!(
+                    "INSERT INTO {ks}.outbox (shard, msg_id, recipients, msg) VALUES (?, ?, ?, ?)"
+                ),
+                None,
+            )
+            .await?,
+            timeline_put: p(
+                format!("INSERT INTO {ks}.timeline (uid, bucket, seq, msg) VALUES (?, ?, ?, ?)"),
+                None,
+            )
+            .await?,
+            msgidx_put: p(
+                format!("INSERT INTO {ks}.msgidx (uid, msg_id, seq) VALUES (?, ?, ?)"),
+                None,
+            )
+            .await?,
+            cursor_put: p(
+                format!("INSERT INTO {ks}.cursor (uid, device_id, seq) VALUES (?, ?, ?)"),
+                None,
+            )
+            .await?,
+            outbox_delete: p(
+                format!("DELETE FROM {ks}.outbox WHERE shard = ? AND msg_id = ?"),
+                None,
+            )
+            .await?,
+            dedup_put: p(
+                format!(
+                    "INSERT INTO {ks}.dedup (uid, client_msg_id, msg_id, seq, server_time_ms) \
+                     VALUES (?, ?, ?, ?, ?)"
+                ),
+                None,
+            )
+            .await?,
+            seq_bound_get: p(
+                format!("SELECT bound FROM {ks}.seq_bound WHERE uid = ?"),
+                None,
+            )
+            .await?,
+            buckets_from: p(
+                format!("SELECT bucket FROM {ks}.timeline_bucket WHERE uid = ? AND bucket >= ?"),
+                Some(BUCKET_PAGE),
+            )
+            .await?,
+            buckets_desc: p(
+                format!(
+                    "SELECT bucket FROM {ks}.timeline_bucket WHERE uid = ? ORDER BY bucket DESC"
+                ),
+                Some(BUCKET_PAGE),
+            )
+            .await?,
+            timeline_after: p(
+                format!(
+                    "SELECT seq, msg FROM {ks}.timeline \
+                     WHERE uid = ? AND bucket = ? AND seq > ? LIMIT ?"
+                ),
+                Some(TIMELINE_PAGE),
+            )
+            .await?,
+            timeline_last: p(
+                format!(
+                    "SELECT seq FROM {ks}.timeline WHERE uid = ? AND bucket = ? \
+                     ORDER BY seq DESC LIMIT 1"
+                ),
+                None,
+            )
+            .await?,
+            msgidx_get: p(
+                format!("SELECT seq FROM {ks}.msgidx WHERE uid = ? AND msg_id = ?"),
+                None,
+            )
+            .await?,
+            dedup_get: p(
+                format!(
+                    "SELECT msg_id, seq, server_time_ms FROM {ks}.dedup \
+                     WHERE uid = ? AND client_msg_id = ?"
+                ),
+                None,
+            )
+            .await?,
+            cursor_get: p(
+                format!("SELECT seq FROM {ks}.cursor WHERE uid = ? AND device_id = ?"),
+                None,
+            )
+            .await?,
+            outbox_scan: p(
+                format!("SELECT msg_id, recipients, msg FROM {ks}.outbox WHERE shard = ?"),
+                Some(OUTBOX_PAGE),
+            )
+            .await?,
+        })
+    }
+
+    fn write(&self, phase: Phase) -> &PreparedStatement {
+        match phase {
+            Phase::SeqBound => &self.seq_bound_put,
+            Phase::Bucket => &self.bucket_put,
+            Phase::OutboxPut => &self.outbox_put,
+            Phase::Timeline => &self.timeline_put,
+            Phase::MsgIdx => &self.msgidx_put,
+            Phase::Cursor => &self.cursor_put,
+            Phase::OutboxDelete => &self.outbox_delete,
+            Phase::Dedup => &self.dedup_put,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Whether a failed attempt may succeed when retried (node down, overloaded, timed out, broken
+/// connection) rather than being a bug or a schema problem.
+fn attempt_retryable(e: &RequestAttemptError) -> bool {
+    match e {
+        RequestAttemptError::DbError(db, _) => matches!(
+            db,
+            DbError::Unavailable { .. }
+                | DbError::Overloaded
+                | DbError::IsBootstrapping
+                | DbError::ReadTimeout { .. }
+                | DbError::WriteTimeout { .. }
+                | DbError::RateLimitReached { .. }
+                | DbError::ServerError
+                | DbError::TruncateError
+        ),
+        RequestAttemptError::UnableToAllocStreamId
+        | RequestAttemptError::BrokenConnectionError(_) => true,
+        _ => false,
+    }
+}
+
+fn prepare_retryable(e: &PrepareError) -> bool {
+    match e {
+        PrepareError::ConnectionPoolError(_) => true,
+        PrepareError::AllAttemptsFailed { first_attempt } => attempt_retryable(first_attempt),
+        _ => false,
+    }
+}
+
+fn classify(retryable: bool, msg: String) -> StoreError {
+    if retryable {
+        StoreError::Unavailable(msg)
+    } else {
+        StoreError::Io(msg)
+    }
+}
+
+/// Maps a driver error: [`StoreError::Unavailable`] when a retry may succeed (the client gets a
+/// retryable error code), [`StoreError::Io`] otherwise.
+///
+/// A failed *write* has an unknown outcome: a timed-out logged batch is in the batchlog and will
+/// be applied. Callers must not assume that nothing of a failed commit is durable.
+fn exec_err(what: &str, e: ExecutionError) -> StoreError {
+    let retryable = match &e {
+        ExecutionError::LastAttemptError(a) => attempt_retryable(a),
+        ExecutionError::PrepareError(p) => prepare_retryable(p),
+        ExecutionError::EmptyPlan
+        | ExecutionError::ConnectionPoolError(_)
+        | ExecutionError::RequestTimeout(_)
+        | ExecutionError::SchemaAgreementError(_)
+        | ExecutionError::MetadataError(_) => true,
+        _ => false,
+    };
+    classify(retryable, format!("scylla {what}: {e}"))
+}
+
+fn prepare_err(cql: &str, e: PrepareError) -> StoreError {
+    classify(
+        prepare_retryable(&e),
+        format!("scylla prepare `{cql}`: {e}"),
+    )
+}
+
+fn session_err(e: NewSessionError) -> StoreError {
+    let retryable = matches!(
+        e,
+        NewSessionError::FailedToResolveAnyHostname(_) | NewSessionError::MetadataError(_)
+    );
+    classify(retryable, format!("scylla connect: {e}"))
+}
+
+fn agreement_err(e: SchemaAgreementError) -> StoreError {
+    StoreError::Unavailable(format!("scylla schema agreement: {e}"))
+}
+
+fn corrupt(key: String, why: impl fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key,
+        why: why.to_string(),
+    }
+}
+
+/// Rows of a result as `R`; a type mismatch means the table is not the one this code expects.
+fn typed_rows<'f, R: DeserializeRow<'f, 'f>>(
+    res: &'f QueryRowsResult,
+    what: &str,
+) -> Result<scylla::deserialize::result::TypedRowIterator<'f, 'f, R>, StoreError> {
+    res.rows::<R>()
+        .map_err(|e| StoreError::Io(format!("scylla {what}: unexpected columns: {e}")))
+}
+
+fn into_rows(
+    res: scylla::response::query_result::QueryResult,
+    what: &str,
+) -> Result<QueryRowsResult, StoreError> {
+    res.into_rows_result()
+        .map_err(|e| StoreError::Io(format!("scylla {what}: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and values
+
+/// Bucket (second partition-key column) of `seq` in the timeline.
+fn timeline_bucket(seq: u64) -> u64 {
+    seq / TIMELINE_BUCKET_SEQS
+}
+
+/// A u64 stored in a bigint column whose order does not matter (same 64 bits).
+fn b(v: u64) -> i64 {
+    v as i64
+}
+
+/// A u64 stored in a bigint column whose order matters: must not exceed `i64::MAX`.
+fn ordered(what: &str, v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| {
+        StoreError::Io(format!(
+            "{what} {v} above {MAX_ORDERED} cannot be stored in order"
+        ))
+    })
+}
+
+/// The order of statements across the logged batches of one commit: a commit that stops between
+/// two chunks leaves a prefix of this order durable, and every prefix is safe (see
+/// [`ScyllaStore::commit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Phase {
+    /// Reserving seqs early only skips seqs.
+    SeqBound,
+    /// A bucket row without its timeline rows is an empty partition to readers.
+    Bucket,
+    /// Fan-out records before the sender's own timeline entries and dedup entries.
+    OutboxPut,
+    /// Timeline rows after their bucket rows (or readers would not find them).
+    Timeline,
+    /// "Appended at seq" only once the timeline row is there (replays skip indexed messages).
+    MsgIdx,
+    Cursor,
+    /// Only ever deletes fan-outs confirmed by earlier commits.
+    OutboxDelete,
+    /// Last: "accepted, here is the ack" only once everything the ack vouches for is durable.
+    Dedup,
+}
+
+/// One statement's values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Row {
+    SeqBound {
+        uid: i64,
+        bound: i64,
+    },
+    Bucket {
+        uid: i64,
+        bucket: i64,
+    },
+    OutboxPut {
+        shard: i32,
+        msg_id: i64,
+        recipients: Vec<i64>,
+        msg: Vec<u8>,
+    },
+    Timeline {
+        uid: i64,
+        bucket: i64,
+        seq: i64,
+        msg: Vec<u8>,
+    },
+    MsgIdx {
+        uid: i64,
+        msg_id: i64,
+        seq: i64,
+    },
+    Cursor {
+        uid: i64,
+        device_id: String,
+        seq: i64,
+    },
+    OutboxDelete {
+        shard: i32,
+        msg_id: i64,
+    },
+    Dedup {
+        uid: i64,
+        client_msg_id: i64,
+        msg_id: i64,
+        seq: i64,
+        server_time_ms: i64,
+    },
+}
+
+/// The primary key a [`Row`] writes (put and delete of one outbox entry share a key).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    SeqBound(i64),
+    Bucket(i64, i64),
+    Outbox(i32, i64),
+    Timeline(i64, i64),
+    MsgIdx(i64, i64),
+    Cursor(i64, String),
+    Dedup(i64, i64),
+}
+
+/// Estimated bytes of a statement in a batch beyond its values (statement id, lengths,
+/// mutation overhead).
+const ROW_OVERHEAD: usize = 48;
+
+impl Row {
+    fn phase(&self) -> Phase {
+        match self {
+            Row::SeqBound { .. } => Phase::SeqBound,
+            Row::Bucket { .. } => Phase::Bucket,
+            Row::OutboxPut { .. } => Phase::OutboxPut,
+            Row::Timeline { .. } => Phase::Timeline,
+            Row::MsgIdx { .. } => Phase::MsgIdx,
+            Row::Cursor { .. } => Phase::Cursor,
+            Row::OutboxDelete { .. } => Phase::OutboxDelete,
+            Row::Dedup { .. } => Phase::Dedup,
+        }
+    }
+
+    fn key(&self) -> Key {
+        match self {
+            Row::SeqBound { uid, .. } => Key::SeqBound(*uid),
+            Row::Bucket { uid, bucket } => Key::Bucket(*uid, *bucket),
+            Row::OutboxPut { shard, msg_id, .. } | Row::OutboxDelete { shard, msg_id } => {
+                Key::Outbox(*shard, *msg_id)
+            }
+            Row::Timeline { uid, seq, .. } => Key::Timeline(*uid, *seq),
+            Row::MsgIdx { uid, msg_id, .. } => Key::MsgIdx(*uid, *msg_id),
+            Row::Cursor { uid, device_id, .. } => Key::Cursor(*uid, device_id.clone()),
+            Row::Dedup {
+                uid, client_msg_id, ..
+            } => Key::Dedup(*uid, *client_msg_id),
+        }
+    }
+
+    /// Estimated size in a batch (values plus [`ROW_OVERHEAD`]).
+    fn size(&self) -> usize {
+        ROW_OVERHEAD
+            + match self {
+                Row::SeqBound { .. } | Row::Bucket { .. } => 16,
+                Row::OutboxPut {
+                    recipients, msg, ..
+                } => 12 + 8 * recipients.len() + msg.len(),
+                Row::Timeline { msg, .. } => 24 + msg.len(),
+                Row::MsgIdx { .. } => 24,
+                Row::Cursor { device_id, .. } => 16 + device_id.len(),
+                Row::OutboxDelete { .. } => 12,
+                Row::Dedup { .. } => 40,
+            }
+    }
+}
+
+impl SerializeRow for Row {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        w: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match self {
+            Row::SeqBound { uid, bound } => (uid, bound).serialize(ctx, w),
+            Row::Bucket { uid, bucket } => (uid, bucket).serialize(ctx, w),
+            Row::OutboxPut {
+                shard,
+                msg_id,
+                recipients,
+                msg,
+            } => (shard, msg_id, recipients, msg.as_slice()).serialize(ctx, w),
+            Row::Timeline {
+                uid,
+                bucket,
+                seq,
+                msg,
+            } => (uid, bucket, seq, msg.as_slice()).serialize(ctx, w),
+            Row::MsgIdx { uid, msg_id, seq } => (uid, msg_id, seq).serialize(ctx, w),
+            Row::Cursor {
+                uid,
+                device_id,
+                seq,
+            } => (uid, device_id.as_str(), seq).serialize(ctx, w),
+            Row::OutboxDelete { shard, msg_id } => (shard, msg_id).serialize(ctx, w),
+            Row::Dedup {
+                uid,
+                client_msg_id,
+                msg_id,
+                seq,
+                server_time_ms,
+            } => (uid, client_msg_id, msg_id, seq, server_time_ms).serialize(ctx, w),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+fn encode(msg: &Message) -> Vec<u8> {
+    let mut v = Vec::with_capacity(msg.encoded_len());
+    msg.encode(&mut v);
+    v
+}
+
+/// Rows of a batch with one row per key: the later op on a key replaces the earlier one (in the
+/// earlier one's place).
+#[derive(Default)]
+struct Merged {
+    rows: Vec<Row>,
+    at: HashMap<Key, usize>,
+}
+
+impl Merged {
+    fn put(&mut self, row: Row) {
+        match self.at.entry(row.key()) {
+            Entry::Occupied(e) => self.rows[*e.get()] = row,
+            Entry::Vacant(e) => {
+                e.insert(self.rows.len());
+                self.rows.push(row);
+            }
+        }
+    }
+}
+
+/// Translates ops into rows, merged per key (the later op wins).
+fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
+    let mut m = Merged::default();
+    for op in ops {
+        match op {
+            Op::SeqBound { uid, bound } => m.put(Row::SeqBound {
+                uid: b(uid.0),
+                bound: b(bound.0),
+            }),
+            Op::Append { uid, msg } => {
+                let seq = ordered("seq", msg.seq.0)?;
+                let bucket = ordered("bucket", timeline_bucket(msg.seq.0))?;
+                m.put(Row::Bucket {
+                    uid: b(uid.0),
+                    bucket,
+                });
+                m.put(Row::MsgIdx {
+                    uid: b(uid.0),
+                    msg_id: b(msg.msg_id.0),
+                    seq,
+                });
+                m.put(Row::Timeline {
+                    uid: b(uid.0),
+                    bucket,
+                    seq,
+                    msg: encode(&msg),
+                });
+            }
+            Op::Dedup {
+                uid,
+                client_msg_id,
+                entry,
+            } => m.put(Row::Dedup {
+                uid: b(uid.0),
+                client_msg_id: b(client_msg_id),
+                msg_id: b(entry.msg_id.0),
+                seq: b(entry.seq.0),
+                server_time_ms: b(entry.server_time_ms),
+            }),
+            Op::Cursor {
+                uid,
+                device_id,
+                seq,
+            } => m.put(Row::Cursor {
+                uid: b(uid.0),
+                device_id,
+                seq: b(seq.0),
+            }),
+            Op::OutboxPut(e) => m.put(Row::OutboxPut {
+                shard: i32::from(e.shard.0),
+                msg_id: ordered("outbox msg_id", e.msg_id.0)?,
+                recipients: e.recipients.iter().map(|r| b(r.0)).collect(),
+                msg: encode(&e.msg),
+            }),
+            Op::OutboxDelete { shard, msg_id } => m.put(Row::OutboxDelete {
+                shard: i32::from(shard.0),
+                msg_id: ordered("outbox msg_id", msg_id.0)?,
+            }),
+        }
+    }
+    Ok(m.rows)
+}
+
+/// Merges `ops` (the later op on a key wins), orders the rows by [`Phase`] (stable: op order
+/// within a phase) and cuts them into chunks of at most `max_bytes` estimated bytes and
+/// [`MAX_BATCH_STATEMENTS`] statements. A row larger than `max_bytes` gets a chunk of its own.
+fn plan(ops: Vec<Op>, max_bytes: usize) -> Result<Vec<Vec<Row>>, StoreError> {
+    let mut rows = merge(ops)?;
+    rows.sort_by_key(Row::phase);
+    let mut chunks = Vec::new();
+    let mut cur: Vec<Row> = Vec::new();
+    let mut bytes = 0usize;
+    for row in rows {
+        let size = row.size();
+        if !cur.is_empty()
+            && (bytes.saturating_add(size) > max_bytes || cur.len() >= MAX_BATCH_STATEMENTS)
+        {
+            chunks.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(size);
+        cur.push(row);
+    }
+    if !cur.is_empty() {
+        chunks.push(cur);
+    }
+    Ok(chunks)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema
+
+/// Checks that `ks` is a plain lowercase CQL identifier (it is spliced into statements).
+fn check_keyspace(ks: &str) -> Result<(), StoreError> {
+    let ok = !ks.is_empty()
+        && ks.len() <= 48
+        && ks.starts_with(|c: char| c.is_ascii_lowercase())
+        && ks
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Io(format!(
+            "bad keyspace name {ks:?}: want [a-z][a-z0-9_]{{0,47}}"
+        )))
+    }
+}
+
+/// The statements of `deploy/scylla/schema.cql` for keyspace `ks` with `rf` replicas per
+/// datacenter, whitespace normalised.
+fn schema_statements(ks: &str, rf: u32) -> Result<Vec<String>, StoreError> {
+    check_keyspace(ks)?;
+    if rf == 0 {
+        return Err(StoreError::Io("replication factor 0".into()));
+    }
+    let bad = |why: String| StoreError::Io(format!("deploy/scylla/schema.cql: {why}"));
+    let text: String = SCHEMA_CQL
+        .lines()
+        .map(|l| l.split_once("--").map_or(l, |(code, _)| code))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = Vec::new();
+    for stmt in text.split(';') {
+        let stmt = stmt.split_whitespace().collect::<Vec<_>>().join(" ");
+        if stmt.is_empty() {
+            continue;
+        }
+        let upper = stmt.to_ascii_uppercase();
+        if upper.starts_with("CREATE KEYSPACE ") {
+            if !out.is_empty() {
+                return Err(bad("the keyspace statement must come first".into()));
+            }
+            let want = format!("CREATE KEYSPACE IF NOT EXISTS {SCHEMA_KEYSPACE} WITH");
+            if !stmt.starts_with(&want) {
+                return Err(bad(format!("keyspace statement does not start {want:?}")));
+            }
+            out.push(format!(
+                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
+                 {{'class': 'NetworkTopologyStrategy', 'replication_factor': {rf}}} \
+                 AND durable_writes = true"
+            ));
+        } else {
+            let prefix = format!("CREATE TABLE IF NOT EXISTS {SCHEMA_KEYSPACE}.");
+            let Some(rest) = stmt.strip_prefix(&prefix) else {
+                return Err(bad(format!("unexpected statement {stmt:?}")));
+            };
+            if out.is_empty() {
+                return Err(bad("the keyspace statement must come first".into()));
+            }
+            out.push(format!("CREATE TABLE IF NOT EXISTS {ks}.{rest}"));
+        }
+    }
+    if out.is_empty() {
+        return Err(bad("no statements".into()));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session
+
+/// Builds a session on a new `scylla-driver` thread that keeps driving it until the returned
+/// sender is dropped.
+async fn open_session(
+    nodes: &[String],
+    keyspace: &str,
+) -> Result<(Session, oneshot::Sender<()>), StoreError> {
+    if nodes.is_empty() {
+        return Err(StoreError::Io("scylla connect: no nodes given".into()));
+    }
+    let nodes = nodes.to_vec();
+    let keyspace = keyspace.to_owned();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<Session, StoreError>>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("scylla-driver".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(StoreError::Io(format!("driver runtime: {e}"))));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let profile = ExecutionProfile::builder()
+                    .consistency(Consistency::LocalQuorum)
+                    .serial_consistency(Some(SerialConsistency::LocalSerial))
+                    .request_timeout(Some(REQUEST_TIMEOUT))
+                    .build();
+                let built = SessionBuilder::new()
+                    .known_nodes(&nodes)
+                    .default_execution_profile_handle(profile.into_handle())
+                    .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()))
+                    .keyspaces_to_fetch([keyspace])
+                    .build()
+                    .await
+                    .map_err(session_err);
+                let ok = built.is_ok();
+                // If the caller went away the session comes back in the error and is dropped.
+                if ready_tx.send(built).is_ok() && ok {
+                    // Resolves (with an error) when the store's sender is dropped.
+                    let _ = stop_rx.await;
+                }
+            });
+        })
+        .map_err(|e| StoreError::Io(format!("spawn scylla driver thread: {e}")))?;
+    let session = ready_rx
+        .await
+        .map_err(|_| StoreError::Io("scylla driver thread died".into()))??;
+    Ok((session, stop_tx))
+}
+
+impl ScyllaStore {
+    /// Connects to the cluster through `nodes` (`host:port`, at least one reachable; the others
+    /// are discovered) and prepares every statement against `keyspace`, whose tables must exist
+    /// ([`ScyllaStore::create_schema`] or `cqlsh -f deploy/scylla/schema.cql`).
+    pub async fn connect(nodes: &[String], keyspace: &str) -> Result<ScyllaStore, StoreError> {
+        check_keyspace(keyspace)?;
+        let (session, driver) = open_session(nodes, keyspace).await?;
+        let st = Statements::prepare(&session, keyspace).await?;
+        Ok(ScyllaStore {
+            inner: Arc::new(Inner {
+                session,
+                st,
+                keyspace: keyspace.to_owned(),
+                _driver: driver,
+            }),
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+        })
+    }
+
+    /// Creates `keyspace` (NetworkTopologyStrategy, `replication_factor` replicas in every
+    /// datacenter) and its tables from `deploy/scylla/schema.cql`, if they do not exist, and
+    /// waits for schema agreement. Production uses 3; tests on one node use 1.
+    pub async fn create_schema(
+        nodes: &[String],
+        keyspace: &str,
+        replication_factor: u32,
+    ) -> Result<(), StoreError> {
+        let stmts = schema_statements(keyspace, replication_factor)?;
+        let (session, _driver) = open_session(nodes, keyspace).await?;
+        for stmt in &stmts {
+            session
+                .query_unpaged(stmt.as_str(), &[])
+                .await
+                .map_err(|e| exec_err("schema", e))?;
+        }
+        session
+            .await_schema_agreement()
+            .await
+            .map_err(agreement_err)?;
+        Ok(())
+    }
+
+    /// The same store with another bound on the estimated size of one logged batch (see
+    /// [`ScyllaStore::commit`]); e.g. to match a cluster's `batch_size_fail_threshold_in_kb`.
+    pub fn with_max_batch_bytes(mut self, max_batch_bytes: usize) -> ScyllaStore {
+        self.max_batch_bytes = max_batch_bytes.max(1);
+        self
+    }
+
+    /// Keyspace the store reads and writes.
+    pub fn keyspace(&self) -> &str {
+        &self.inner.keyspace
+    }
+
+    /// One page of a prepared read.
+    async fn page(
+        &self,
+        st: &PreparedStatement,
+        values: impl SerializeRow,
+        paging: PagingState,
+        what: &str,
+    ) -> Result<(QueryRowsResult, PagingStateResponse), StoreError> {
+        let (res, next) = self
+            .inner
+            .session
+            .execute_single_page(st, values, paging)
+            .await
+            .map_err(|e| exec_err(what, e))?;
+        Ok((into_rows(res, what)?, next))
+    }
+
+    /// A read that returns at most one row.
+    async fn point(
+        &self,
+        st: &PreparedStatement,
+        values: impl SerializeRow,
+        what: &str,
+    ) -> Result<QueryRowsResult, StoreError> {
+        let res = self
+            .inner
+            .session
+            .execute_unpaged(st, values)
+            .await
+            .map_err(|e| exec_err(what, e))?;
+        into_rows(res, what)
+    }
+
+    /// Appends to `out` the entries of one timeline bucket with seq > `after`, until `out` holds
+    /// `limit` entries.
+    async fn read_bucket(
+        &self,
+        uid: UserId,
+        bucket: i64,
+        after: i64,
+        limit: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<(), StoreError> {
+        let want = i32::try_from(limit - out.len()).unwrap_or(i32::MAX);
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.inner.st.timeline_after,
+                    (b(uid.0), bucket, after, want),
+                    paging,
+                    "timeline",
+                )
+                .await?;
+            for row in typed_rows::<(i64, Vec<u8>)>(&rows, "timeline")? {
+                let key = || format!("timeline/{uid}/{bucket}");
+                let (seq, blob) = row.map_err(|e| corrupt(key(), e))?;
+                let msg = Message::decode(Bytes::from(blob))
+                    .map_err(|e| corrupt(format!("{}/{seq}", key()), e))?;
+                if i64::try_from(msg.seq.0) != Ok(seq)
+                    || i64::try_from(timeline_bucket(msg.seq.0)) != Ok(bucket)
+                {
+                    return Err(corrupt(
+                        format!("{}/{seq}", key()),
+                        format!("message seq {} does not match its key", msg.seq),
+                    ));
+                }
+                out.push(msg);
+                if out.len() >= limit {
+                    return Ok(());
+                }
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(()),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+
+    async fn send_chunk(&self, rows: &[Row]) -> Result<(), StoreError> {
+        let mut batch = Batch::new(BatchType::Logged);
+        for row in rows {
+            batch.append_statement(self.inner.st.write(row.phase()).clone());
+        }
+        batch.set_is_idempotent(true);
+        self.inner
+            .session
+            .batch(&batch, rows)
+            .await
+            .map_err(|e| exec_err("commit", e))?;
+        Ok(())
+    }
+}
+
+impl Store for ScyllaStore {
+    /// Writes the batch as one LOGGED batch, or, when its estimated size exceeds the store's
+    /// bound (512 KiB unless changed with [`ScyllaStore::with_max_batch_bytes`]), as several
+    /// logged batches sent one after another.
+    ///
+    /// Ops on one key are merged first (the later wins). After the merge every key is written
+    /// once, so the order of the statements does not change the final state and is chosen so
+    /// that any prefix of the chunks is safe to leave behind if the commit stops midway (logic
+    /// node crash, or an error returned after some chunks were applied): seq bounds, timeline
+    /// bucket rows, outbox puts, timeline rows, msg_id index, cursors, outbox deletes, and dedup
+    /// entries last. Hence:
+    /// - a dedup entry (what answers the client's retry with an ack) is durable only after the
+    ///   message's timeline entry and its outbox record are: an ack is never given for a message
+    ///   that could be lost;
+    /// - an outbox record is durable before the sender's timeline entry, so a message present in
+    ///   a timeline is always fanned out (the outbox is replayed by the shard's next owner);
+    /// - a msg_id index row never points at a missing timeline row, so a replayed append skips
+    ///   only appends that really happened;
+    /// - seq bounds come first, so a seq present in a timeline is never handed out again.
+    ///
+    /// What a stopped multi-chunk commit can leave is a message in the sender's timeline and
+    /// outbox whose send was never acknowledged; the client retries it with the same
+    /// `client_msg_id` and gets a second message with the same `(from, client_msg_id)`, which
+    /// clients can recognise. A duplicate, never a loss. Every chunk is idempotent, so committing
+    /// the same batch again is also safe. A single-chunk commit has none of this.
+    ///
+    /// An error means the outcome is unknown (a timed-out logged batch is still replayed from the
+    /// batchlog), not that nothing was written.
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let chunks = plan(batch.ops, self.max_batch_bytes)?;
+        if chunks.len() > 1 {
+            tracing::warn!(
+                chunks = chunks.len(),
+                max_bytes = self.max_batch_bytes,
+                "commit split into several logged batches; shrink the group commit"
+            );
+        }
+        for chunk in &chunks {
+            self.send_chunk(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {
+        let rows = self
+            .point(&self.inner.st.seq_bound_get, (b(uid.0),), "seq_bound")
+            .await?;
+        match typed_rows::<(i64,)>(&rows, "seq_bound")?.next() {
+            Some(row) => {
+                let (bound,) = row.map_err(|e| corrupt(format!("seq_bound/{uid}"), e))?;
+                Ok(Seq(bound as u64))
+            }
+            None => Ok(Seq(0)),
+        }
+    }
+
+    async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
+        // Buckets from the highest down; a bucket row can exist without timeline rows (a commit
+        // that stopped between chunks), so go on until a bucket has an entry.
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.inner.st.buckets_desc,
+                    (b(uid.0),),
+                    paging,
+                    "timeline_bucket",
+                )
+                .await?;
+            for row in typed_rows::<(i64,)>(&rows, "timeline_bucket")? {
+                let (bucket,) = row.map_err(|e| corrupt(format!("timeline_bucket/{uid}"), e))?;
+                let last = self
+                    .point(&self.inner.st.timeline_last, (b(uid.0), bucket), "timeline")
+                    .await?;
+                if let Some(row) = typed_rows::<(i64,)>(&last, "timeline")?.next() {
+                    let (seq,) = row.map_err(|e| corrupt(format!("timeline/{uid}/{bucket}"), e))?;
+                    return u64::try_from(seq).map(Seq).map_err(|_| {
+                        corrupt(format!("timeline/{uid}/{bucket}/{seq}"), "negative seq")
+                    });
+                }
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(Seq(0)),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+
+    async fn timeline(
+        &self,
+        uid: UserId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let Some(first) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 || first > MAX_ORDERED {
+            // No stored seq exceeds MAX_ORDERED.
+            return Ok(Vec::new());
+        }
+        let after = b(after.0);
+        let from = b(timeline_bucket(first));
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.inner.st.buckets_from,
+                    (b(uid.0), from),
+                    paging,
+                    "timeline_bucket",
+                )
+                .await?;
+            for row in typed_rows::<(i64,)>(&rows, "timeline_bucket")? {
+                let (bucket,) = row.map_err(|e| corrupt(format!("timeline_bucket/{uid}"), e))?;
+                self.read_bucket(uid, bucket, after, limit, &mut out)
+                    .await?;
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(out),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+
+    async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
+        let rows = self
+            .point(&self.inner.st.msgidx_get, (b(uid.0), b(msg_id.0)), "msgidx")
+            .await?;
+        match typed_rows::<(i64,)>(&rows, "msgidx")?.next() {
+            Some(row) => {
+                let (seq,) = row.map_err(|e| corrupt(format!("msgidx/{uid}/{msg_id}"), e))?;
+                Ok(Some(Seq(seq as u64)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn dedup(
+        &self,
+        uid: UserId,
+        client_msg_id: u64,
+    ) -> Result<Option<DedupEntry>, StoreError> {
+        let rows = self
+            .point(
+                &self.inner.st.dedup_get,
+                (b(uid.0), b(client_msg_id)),
+                "dedup",
+            )
+            .await?;
+        match typed_rows::<(i64, i64, i64)>(&rows, "dedup")?.next() {
+            Some(row) => {
+                let (msg_id, seq, time) =
+                    row.map_err(|e| corrupt(format!("dedup/{uid}/{client_msg_id}"), e))?;
+                Ok(Some(DedupEntry {
+                    msg_id: MsgId(msg_id as u64),
+                    seq: Seq(seq as u64),
+                    server_time_ms: time as u64,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError> {
+        let rows = self
+            .point(&self.inner.st.cursor_get, (b(uid.0), device_id), "cursor")
+            .await?;
+        match typed_rows::<(i64,)>(&rows, "cursor")?.next() {
+            Some(row) => {
+                let (seq,) = row.map_err(|e| corrupt(format!("cursor/{uid}/{device_id}"), e))?;
+                Ok(Seq(seq as u64))
+            }
+            None => Ok(Seq(0)),
+        }
+    }
+
+    async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut out = Vec::new();
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.inner.st.outbox_scan,
+                    (i32::from(shard.0),),
+                    paging,
+                    "outbox",
+                )
+                .await?;
+            for row in typed_rows::<(i64, Option<Vec<i64>>, Vec<u8>)>(&rows, "outbox")? {
+                let (msg_id, recipients, blob) =
+                    row.map_err(|e| corrupt(format!("outbox/{shard}"), e))?;
+                let key = || format!("outbox/{shard}/{msg_id}");
+                let msg_id =
+                    u64::try_from(msg_id).map_err(|_| corrupt(key(), "negative msg_id"))?;
+                let msg = Message::decode(Bytes::from(blob)).map_err(|e| corrupt(key(), e))?;
+                out.push(OutboxEntry {
+                    shard,
+                    msg_id: MsgId(msg_id),
+                    recipients: recipients
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|r| UserId(r as u64))
+                        .collect(),
+                    msg,
+                });
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(out),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_shared::proto::CONV_C2C;
+
+    fn msg(seq: u64, msg_id: u64, body: &[u8]) -> Message {
+        Message {
+            seq: Seq(seq),
+            prev_seq: Seq(seq.saturating_sub(1)),
+            msg_id: MsgId(msg_id),
+            conv: CONV_C2C,
+            from: UserId(1),
+            to: UserId(2),
+            client_msg_id: 7,
+            server_time_ms: 1_700_000_000_000,
+            body: Bytes::copy_from_slice(body),
+        }
+    }
+
+    fn phases(rows: &[Row]) -> Vec<Phase> {
+        rows.iter().map(Row::phase).collect()
+    }
+
+    #[test]
+    fn bucket_arithmetic() {
+        assert_eq!(TIMELINE_BUCKET_SEQS, 100_000);
+        assert_eq!(timeline_bucket(0), 0);
+        assert_eq!(timeline_bucket(1), 0);
+        assert_eq!(timeline_bucket(99_999), 0);
+        assert_eq!(timeline_bucket(100_000), 1);
+        assert_eq!(timeline_bucket(199_999), 1);
+        assert_eq!(timeline_bucket(200_000), 2);
+        assert_eq!(timeline_bucket(1 << 48), (1u64 << 48) / 100_000);
+        // Buckets are monotonic in seq and every bucket holds exactly TIMELINE_BUCKET_SEQS seqs.
+        for s in [
+            0u64,
+            12_345,
+            99_999,
+            100_000,
+            4_294_967_296,
+            MAX_ORDERED - 1,
+        ] {
+            assert!(timeline_bucket(s) <= timeline_bucket(s + 1));
+            let b = timeline_bucket(s);
+            assert!(b * TIMELINE_BUCKET_SEQS <= s && s < (b + 1) * TIMELINE_BUCKET_SEQS);
+        }
+        // Every storable seq has a storable bucket, and the bigint order is the numeric order.
+        assert!(i64::try_from(timeline_bucket(MAX_ORDERED)).is_ok());
+        assert!(b(timeline_bucket(99_999)) < b(timeline_bucket(100_000)));
+        // Non-ordered columns round-trip all 64 bits.
+        for v in [0u64, 1, MAX_ORDERED, MAX_ORDERED + 1, u64::MAX] {
+            assert_eq!(b(v) as u64, v);
+        }
+    }
+
+    #[test]
+    fn merge_later_op_wins_per_key() {
+        let ops = vec![
+            Op::SeqBound {
+                uid: UserId(1),
+                bound: Seq(10),
+            },
+            Op::Cursor {
+                uid: UserId(1),
+                device_id: "d".into(),
+                seq: Seq(1),
+            },
+            Op::SeqBound {
+                uid: UserId(2),
+                bound: Seq(5),
+            },
+            Op::SeqBound {
+                uid: UserId(1),
+                bound: Seq(20),
+            },
+            Op::Cursor {
+                uid: UserId(1),
+                device_id: "d".into(),
+                seq: Seq(3),
+            },
+            Op::Cursor {
+                uid: UserId(1),
+                device_id: "d2".into(),
+                seq: Seq(4),
+            },
+        ];
+        let rows = merge(ops).expect("merge");
+        assert_eq!(
+            rows,
+            vec![
+                Row::SeqBound { uid: 1, bound: 20 },
+                Row::Cursor {
+                    uid: 1,
+                    device_id: "d".into(),
+                    seq: 3
+                },
+                Row::SeqBound { uid: 2, bound: 5 },
+                Row::Cursor {
+                    uid: 1,
+                    device_id: "d2".into(),
+                    seq: 4
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn merge_outbox_put_and_delete_share_a_key() {
+        let e = OutboxEntry {
+            shard: ShardId(3),
+            msg_id: MsgId(9),
+            recipients: vec![UserId(4), UserId(u64::MAX)],
+            msg: msg(1, 9, b"x"),
+        };
+        let del = Op::OutboxDelete {
+            shard: ShardId(3),
+            msg_id: MsgId(9),
+        };
+        let rows = merge(vec![Op::OutboxPut(e.clone()), del.clone()]).expect("merge");
+        assert_eq!(
+            rows,
+            vec![Row::OutboxDelete {
+                shard: 3,
+                msg_id: 9
+            }]
+        );
+        let rows = merge(vec![del, Op::OutboxPut(e.clone())]).expect("merge");
+        assert_eq!(rows.len(), 1);
+        match &rows[0] {
+            Row::OutboxPut {
+                shard,
+                msg_id,
+                recipients,
+                msg: m,
+            } => {
+                assert_eq!((*shard, *msg_id), (3, 9));
+                assert_eq!(recipients, &vec![4, -1]);
+                assert_eq!(
+                    Message::decode(Bytes::from(m.clone())).expect("decode"),
+                    e.msg
+                );
+            }
+            other => panic!("want a put, got {other:?}"),
+        }
+        // Same msg_id in another shard is another key.
+        let rows = merge(vec![
+            Op::OutboxPut(e),
+            Op::OutboxDelete {
+                shard: ShardId(4),
+                msg_id: MsgId(9),
+            },
+        ])
+        .expect("merge");
+        assert_eq!(rows.len(), 2);
+    }
+
+    #[test]
+    fn append_writes_bucket_index_and_timeline() {
+        let uid = UserId(42);
+        let m1 = msg(100_001, 500, b"a");
+        let m2 = msg(100_002, 501, b"b");
+        let replaced = msg(100_001, 502, b"c");
+        let rows = merge(vec![
+            Op::Append {
+                uid,
+                msg: m1.clone(),
+            },
+            Op::Append {
+                uid,
+                msg: m2.clone(),
+            },
+            Op::Append {
+                uid,
+                msg: replaced.clone(),
+            },
+        ])
+        .expect("merge");
+        // One bucket row for both seqs; the timeline row at 100_001 holds the later message; the
+        // index keeps every msg_id (as the embedded store does).
+        let buckets: Vec<_> = rows.iter().filter(|r| r.phase() == Phase::Bucket).collect();
+        assert_eq!(buckets, vec![&Row::Bucket { uid: 42, bucket: 1 }]);
+        let timeline: Vec<(i64, Message)> = rows
+            .iter()
+            .filter_map(|r| match r {
+                Row::Timeline {
+                    uid: 42,
+                    bucket: 1,
+                    seq,
+                    msg,
+                } => Some((
+                    *seq,
+                    Message::decode(Bytes::from(msg.clone())).expect("decode"),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(timeline, vec![(100_001, replaced), (100_002, m2)]);
+        let idx: Vec<_> = rows
+            .iter()
+            .filter_map(|r| match r {
+                Row::MsgIdx { msg_id, seq, .. } => Some((*msg_id, *seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(idx, vec![(500, 100_001), (501, 100_002), (502, 100_001)]);
+    }
+
+    #[test]
+    fn ordered_columns_refuse_values_above_i64_max() {
+        let too_big = MAX_ORDERED + 1;
+        for op in [
+            Op::Append {
+                uid: UserId(1),
+                msg: msg(too_big, 1, b""),
+            },
+            Op::OutboxDelete {
+                shard: ShardId(0),
+                msg_id: MsgId(too_big),
+            },
+            Op::OutboxPut(OutboxEntry {
+                shard: ShardId(0),
+                msg_id: MsgId(u64::MAX),
+                recipients: vec![],
+                msg: msg(1, 1, b""),
+            }),
+        ] {
+            assert!(matches!(merge(vec![op]), Err(StoreError::Io(_))));
+        }
+        // Unordered columns take every u64.
+        let rows = merge(vec![
+            Op::Dedup {
+                uid: UserId(u64::MAX),
+                client_msg_id: u64::MAX,
+                entry: DedupEntry {
+                    msg_id: MsgId(u64::MAX),
+                    seq: Seq(u64::MAX - 1),
+                    server_time_ms: u64::MAX - 2,
+                },
+            },
+            Op::SeqBound {
+                uid: UserId(1),
+                bound: Seq(u64::MAX),
+            },
+            Op::Append {
+                uid: UserId(1),
+                msg: msg(MAX_ORDERED, u64::MAX, b""),
+            },
+        ])
+        .expect("merge");
+        assert_eq!(rows.len(), 5, "dedup, bound, and bucket + index + timeline");
+    }
+
+    /// The ops logic writes for one c2c send, plus a recipient append, a cursor and an outbox
+    /// delete from earlier rounds, in the worker's order.
+    fn round_ops() -> Vec<Op> {
+        let m = msg(7, 77, b"hello");
+        vec![
+            Op::SeqBound {
+                uid: UserId(1),
+                bound: Seq(10_000),
+            },
+            Op::Append {
+                uid: UserId(1),
+                msg: m.clone(),
+            },
+            Op::Dedup {
+                uid: UserId(1),
+                client_msg_id: 5,
+                entry: DedupEntry {
+                    msg_id: MsgId(77),
+                    seq: Seq(7),
+                    server_time_ms: 1,
+                },
+            },
+            Op::OutboxPut(OutboxEntry {
+                shard: ShardId(2),
+                msg_id: MsgId(77),
+                recipients: vec![UserId(2)],
+                msg: m.clone(),
+            }),
+            Op::OutboxDelete {
+                shard: ShardId(2),
+                msg_id: MsgId(60),
+            },
+            Op::Cursor {
+                uid: UserId(1),
+                device_id: "phone".into(),
+                seq: Seq(6),
+            },
+            Op::Append {
+                uid: UserId(3),
+                msg: msg(3, 66, b"in"),
+            },
+        ]
+    }
+
+    #[test]
+    fn plan_orders_rows_so_that_every_prefix_is_safe() {
+        let chunks = plan(round_ops(), DEFAULT_MAX_BATCH_BYTES).expect("plan");
+        assert_eq!(chunks.len(), 1, "a small round is one logged batch");
+        let p = phases(&chunks[0]);
+        let mut sorted = p.clone();
+        sorted.sort();
+        assert_eq!(p, sorted, "rows in phase order");
+        assert_eq!(
+            p,
+            vec![
+                Phase::SeqBound,
+                Phase::Bucket,
+                Phase::Bucket,
+                Phase::OutboxPut,
+                Phase::Timeline,
+                Phase::Timeline,
+                Phase::MsgIdx,
+                Phase::MsgIdx,
+                Phase::Cursor,
+                Phase::OutboxDelete,
+                Phase::Dedup,
+            ]
+        );
+        // Within a phase, op order: uid 1's timeline row before uid 3's.
+        let uids: Vec<i64> = chunks[0]
+            .iter()
+            .filter_map(|r| match r {
+                Row::Timeline { uid, .. } => Some(*uid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uids, vec![1, 3]);
+    }
+
+    #[test]
+    fn plan_splits_by_size_in_phase_order() {
+        let all = plan(round_ops(), DEFAULT_MAX_BATCH_BYTES)
+            .expect("plan")
+            .remove(0);
+        // One row per chunk when the bound is below every row's size.
+        let singles = plan(round_ops(), 1).expect("plan");
+        assert_eq!(singles.len(), all.len());
+        assert!(singles.iter().all(|c| c.len() == 1));
+        let flat: Vec<Row> = singles.into_iter().flatten().collect();
+        assert_eq!(flat, all, "splitting keeps the order");
+
+        // A bound in between: chunks respect it (except a lone oversized row), and
+        // concatenated they are the single-batch plan.
+        for max in [60, 100, 150, 200, 400] {
+            let chunks = plan(round_ops(), max).expect("plan");
+            assert!(chunks.len() > 1, "max {max}");
+            for c in &chunks {
+                let size: usize = c.iter().map(Row::size).sum();
+                assert!(c.len() == 1 || size <= max, "chunk of {size} > {max}");
+            }
+            let flat: Vec<Row> = chunks.into_iter().flatten().collect();
+            assert_eq!(flat, all, "max {max}");
+        }
+    }
+
+    #[test]
+    fn plan_splits_by_statement_count() {
+        let ops: Vec<Op> = (0..(MAX_BATCH_STATEMENTS as u64 * 2 + 10))
+            .map(|i| Op::SeqBound {
+                uid: UserId(i + 1),
+                bound: Seq(i),
+            })
+            .collect();
+        let chunks = plan(ops, usize::MAX).expect("plan");
+        let lens: Vec<usize> = chunks.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![MAX_BATCH_STATEMENTS, MAX_BATCH_STATEMENTS, 10]);
+    }
+
+    #[test]
+    fn plan_of_large_bodies() {
+        // 20 sends of 60 KiB: timeline + outbox rows of ~60 KiB each, ~2.4 MB in all.
+        let mut ops = Vec::new();
+        for i in 0..20u64 {
+            let m = msg(i + 1, 1000 + i, &vec![i as u8; 60 * 1024]);
+            ops.push(Op::Append {
+                uid: UserId(1),
+                msg: m.clone(),
+            });
+            ops.push(Op::OutboxPut(OutboxEntry {
+                shard: ShardId(1),
+                msg_id: MsgId(1000 + i),
+                recipients: vec![UserId(2)],
+                msg: m,
+            }));
+        }
+        let chunks = plan(ops, DEFAULT_MAX_BATCH_BYTES).expect("plan");
+        assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+        for c in &chunks {
+            let size: usize = c.iter().map(Row::size).sum();
+            assert!(size <= DEFAULT_MAX_BATCH_BYTES);
+        }
+        let p: Vec<Phase> = chunks.iter().flatten().map(Row::phase).collect();
+        let mut sorted = p.clone();
+        sorted.sort();
+        assert_eq!(p, sorted, "phase order across chunks");
+        assert_eq!(
+            p.len(),
+            1 + 20 + 20 + 20,
+            "one bucket, 20 outbox, timeline, index"
+        );
+    }
+
+    #[test]
+    fn empty_plan() {
+        assert!(plan(Vec::new(), 1).expect("plan").is_empty());
+    }
+
+    #[test]
+    fn keyspace_names() {
+        for ok in ["im", "im_test_0123abcd", "a", &"k".repeat(48)] {
+            assert!(check_keyspace(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Im",
+            "1im",
+            "_im",
+            "im-test",
+            "im;drop",
+            "im.x",
+            &"k".repeat(49),
+        ] {
+            assert!(check_keyspace(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn schema_file_is_loaded_for_any_keyspace() {
+        let stmts = schema_statements("im_test_1", 1).expect("schema");
+        assert_eq!(
+            stmts[0],
+            "CREATE KEYSPACE IF NOT EXISTS im_test_1 WITH replication = \
+             {'class': 'NetworkTopologyStrategy', 'replication_factor': 1} \
+             AND durable_writes = true"
+        );
+        let tables: Vec<&str> = stmts[1..]
+            .iter()
+            .map(|s| {
+                let rest = s
+                    .strip_prefix("CREATE TABLE IF NOT EXISTS im_test_1.")
+                    .expect("table in the keyspace");
+                rest.split([' ', '(']).next().expect("name")
+            })
+            .collect();
+        assert_eq!(
+            tables,
+            vec![
+                "timeline",
+                "timeline_bucket",
+                "msgidx",
+                "seq_bound",
+                "dedup",
+                "cursor",
+                "outbox"
+            ]
+        );
+        for s in &stmts {
+            assert!(
+                !s.contains("--") && !s.contains(';') && !s.contains('\n'),
+                "{s}"
+            );
+            assert!(!s.contains(" im."), "keyspace replaced: {s}");
+        }
+        // The key layout the statements rely on.
+        let table = |name: &str| {
+            stmts
+                .iter()
+                .find(|s| s.contains(&format!("im_test_1.{name} (")))
+                .expect("table")
+                .clone()
+        };
+        assert!(table("timeline").contains("PRIMARY KEY ((uid, bucket), seq)"));
+        assert!(table("timeline_bucket").contains("PRIMARY KEY ((uid), bucket)"));
+        assert!(table("msgidx").contains("PRIMARY KEY ((uid, msg_id))"));
+        assert!(table("seq_bound").contains("PRIMARY KEY ((uid))"));
+        assert!(table("dedup").contains("PRIMARY KEY ((uid, client_msg_id))"));
+        assert!(table("dedup").contains("default_time_to_live = 604800"));
+        assert!(table("cursor").contains("PRIMARY KEY ((uid), device_id)"));
+        assert!(table("outbox").contains("PRIMARY KEY ((shard), msg_id)"));
+        assert!(table("outbox").contains("recipients frozen<list<bigint>>"));
+
+        // cqlsh splits the file too: keep semicolons out of comments.
+        for line in SCHEMA_CQL.lines() {
+            if let Some((_, comment)) = line.split_once("--") {
+                assert!(!comment.contains(';'), "semicolon in a comment: {line}");
+            }
+        }
+
+        let prod = schema_statements("im", 3).expect("schema");
+        assert!(prod[0].contains("'replication_factor': 3"));
+        assert!(prod[1].starts_with("CREATE TABLE IF NOT EXISTS im.timeline ("));
+        assert!(schema_statements("im", 0).is_err());
+        assert!(schema_statements("bad-name", 1).is_err());
+    }
+}
