@@ -159,9 +159,10 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 };
                 next_cmid += 1;
-                match c.send_c2c(to, next_cmid, text) {
+                match c.send_c2c(to, next_cmid, text.clone()) {
                     Ok(ack) => {
                         sent_here.insert(ack.msg_id.0);
+                        tl.on_sent(&ack, me, to, text.into());
                         println!("  ✓ sent (msg {}, seq {})", ack.msg_id, ack.seq)
                     }
                     Err(e) => println!("! not sent: {e} (retry is safe)"),

@@ -311,8 +311,19 @@ impl Exec {
             Command::SendAck {
                 code,
                 client_msg_id,
+                seq,
+                prev_seq,
                 ..
-            } => self.on_send_result(c, req, Some(client_msg_id as u32), code),
+            } => {
+                // The sender's own message is in its timeline too: place it when it directly
+                // follows the last held seq (PROTOCOL.md), so the next push needs no sync.
+                if code == ErrorCode::Ok && prev_seq.0 == c.last_seq.get() && seq > prev_seq {
+                    c.last_seq.set(seq.0);
+                    c.seen_max.set(c.seen_max.get().max(seq.0));
+                    self.mark_dirty(c);
+                }
+                self.on_send_result(c, req, Some(client_msg_id as u32), code)
+            }
             Command::Deliver(m) => {
                 if m.seq.0 < c.push_max.get() {
                     self.rep.borrow_mut().push_reorders += 1;
@@ -999,6 +1010,7 @@ mod tests {
                             msg_id: MsgId(1),
                             seq: Seq(0),
                             server_time_ms: 0,
+                            prev_seq: Seq(0),
                         }
                         .encode(f.req_id, &mut out);
                     }

@@ -502,6 +502,7 @@ impl<S: Store> Worker<S> {
                 msg_id: e.msg_id,
                 seq: e.seq,
                 server_time_ms: e.server_time_ms,
+                prev_seq: e.prev_seq,
             }
             .to_bytes(req_id)
         };
@@ -563,6 +564,7 @@ impl<S: Store> Worker<S> {
             msg_id,
             seq,
             server_time_ms: now,
+            prev_seq,
         };
         self.remember(uid, client_msg_id, entry);
         round.batch.push(Op::Append {

@@ -223,6 +223,7 @@ async fn reconnect(store: &ScyllaStore, nodes: &[String]) {
         msg_id: MsgId(7_700),
         seq: Seq(77),
         server_time_ms: 5,
+        prev_seq: Seq(3),
     };
     commit(
         store,
@@ -272,6 +273,7 @@ async fn dedup_ttl(store: &ScyllaStore, raw: &scylla::client::session::Session) 
                 msg_id: MsgId(1),
                 seq: Seq(1),
                 server_time_ms: 1,
+                prev_seq: Seq(3),
             },
         }],
     )

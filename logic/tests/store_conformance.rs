@@ -41,6 +41,7 @@ async fn fjall_survives_reopen() {
         msg_id: MsgId(101),
         seq: Seq(2),
         server_time_ms: 1_700_000_000_000,
+        prev_seq: Seq(1),
     };
     let out = OutboxEntry {
         shard: ShardId(3),

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use im_shared::client::Timeline;
+use im_shared::client::{Offer, Timeline};
 use im_shared::{Command, DeviceType, ErrorCode, Seq, UserId};
 
 #[test]
@@ -42,6 +42,18 @@ fn online_c2c_ack_delivery_and_delivered_notice() {
     assert_eq!(
         r.prev_seq, ack.seq,
         "alice's own sent message is in her timeline"
+    );
+    // The sending device places its own message from the ack, then the reply follows it: no gap.
+    let mut tl = Timeline::new(Seq(0));
+    assert_eq!(
+        tl.on_sent(&ack, UserId(100), UserId(200), "hello bob".into()),
+        Offer::Accepted
+    );
+    assert_eq!(tl.offer(&r), Offer::Accepted);
+    assert_eq!(ack.prev_seq, Seq(0));
+    assert_eq!(
+        ack2.prev_seq, m.seq,
+        "bob's reply follows the message he received"
     );
 }
 

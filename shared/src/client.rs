@@ -62,6 +62,8 @@ pub struct SendAck {
     pub msg_id: MsgId,
     pub seq: Seq,
     pub server_time_ms: u64,
+    /// Seq before it in the sender's timeline.
+    pub prev_seq: Seq,
 }
 
 /// One protocol v1 connection.
@@ -227,11 +229,13 @@ impl Client {
                 msg_id,
                 seq,
                 server_time_ms,
+                prev_seq,
             } => Ok(SendAck {
                 client_msg_id,
                 msg_id,
                 seq,
                 server_time_ms,
+                prev_seq,
             }),
             Command::SendAck { code, .. } => Err(ClientError::Server {
                 code,
@@ -349,6 +353,22 @@ impl Timeline {
             self.messages.push(m.clone());
             Offer::Accepted
         }
+    }
+
+    /// Places a message this device sent (it is in the sender's own timeline too): accepted when
+    /// the ack's `prev_seq` is the last held seq, so no sync is needed for it.
+    pub fn on_sent(&mut self, ack: &SendAck, from: UserId, to: UserId, body: Bytes) -> Offer {
+        self.offer(&Message {
+            seq: ack.seq,
+            prev_seq: ack.prev_seq,
+            msg_id: ack.msg_id,
+            conv: crate::proto::CONV_C2C,
+            from,
+            to,
+            client_msg_id: ack.client_msg_id,
+            server_time_ms: ack.server_time_ms,
+            body,
+        })
     }
 
     /// Pulls every page after `last_seq` from the server.

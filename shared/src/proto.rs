@@ -122,6 +122,9 @@ pub enum Command {
         /// The message's seq in the sender's own timeline.
         seq: Seq,
         server_time_ms: u64,
+        /// Seq of the entry before it in the sender's timeline: the sending device can place its
+        /// own message without a sync when this equals its last seq.
+        prev_seq: Seq,
     },
     Deliver(Message),
     DeliverAck {
@@ -179,7 +182,7 @@ impl Command {
             Command::HeartbeatAck { .. } => 8,
             Command::Kickout { message, .. } => 1 + string_len(message),
             Command::SendC2c { body, .. } => 8 + 8 + 4 + body.len(),
-            Command::SendAck { .. } => 2 + 8 + 8 + 8 + 8,
+            Command::SendAck { .. } => 2 + 8 + 8 + 8 + 8 + 8,
             Command::Deliver(m) => m.encoded_len(),
             Command::DeliverAck { .. } => 8,
             Command::SyncRequest { .. } => 8 + 2,
@@ -244,12 +247,14 @@ impl Command {
                 msg_id,
                 seq,
                 server_time_ms,
+                prev_seq,
             } => {
                 out.put_u16(*code as u16);
                 out.put_u64(*client_msg_id);
                 out.put_u64(msg_id.0);
                 out.put_u64(seq.0);
                 out.put_u64(*server_time_ms);
+                out.put_u64(prev_seq.0);
             }
             Command::Deliver(m) => m.encode(out),
             Command::DeliverAck { seq } => out.put_u64(seq.0),
@@ -352,6 +357,7 @@ impl Command {
                 msg_id: MsgId(r.u64("msg_id")?),
                 seq: Seq(r.u64("seq")?),
                 server_time_ms: r.u64("server_time_ms")?,
+                prev_seq: Seq(r.u64("prev_seq")?),
             },
             Cmd::Deliver => Command::Deliver(Message::read(&mut r)?),
             Cmd::DeliverAck => Command::DeliverAck {
@@ -450,6 +456,7 @@ mod tests {
                 msg_id: MsgId(12),
                 seq: Seq(13),
                 server_time_ms: 14,
+                prev_seq: Seq(12),
             },
             Command::Deliver(msg(4, b"yo")),
             Command::DeliverAck { seq: Seq(4) },

@@ -372,6 +372,7 @@ pub async fn dedup<S: Store>(store: &S, base: u64) {
         msg_id: MsgId(77),
         seq: Seq(3),
         server_time_ms: 1_700_000_000_123,
+        prev_seq: Seq(3),
     };
     commit(
         store,
@@ -393,6 +394,7 @@ pub async fn dedup<S: Store>(store: &S, base: u64) {
         msg_id: MsgId(u64::MAX),
         seq: Seq(u64::MAX - 1),
         server_time_ms: u64::MAX - 2,
+        prev_seq: Seq(3),
     };
     commit(
         store,
@@ -580,6 +582,7 @@ pub async fn batch_atomicity<S: Store>(store: &S, base: u64) {
         msg_id: MsgId(0xabcd),
         seq: Seq(5),
         server_time_ms: msg.server_time_ms,
+        prev_seq: Seq(3),
     };
     let out = OutboxEntry {
         shard: s,

@@ -9,7 +9,7 @@
 //! | `timeline` | uid `u64` ++ seq `u64`                      | [`Message::encode`] bytes                      |
 //! | `msgidx`   | uid `u64` ++ msg_id `u64`                   | seq `u64`                                      |
 //! | `seqbound` | uid `u64`                                   | bound `u64`                                    |
-//! | `dedup`    | uid `u64` ++ client_msg_id `u64`            | msg_id `u64` ++ seq `u64` ++ server_time_ms `u64` |
+//! | `dedup`    | uid `u64` ++ client_msg_id `u64`            | msg_id `u64` ++ seq `u64` ++ server_time_ms `u64` ++ prev_seq `u64` |
 //! | `cursor`   | uid `u64` ++ device_id (UTF-8, rest of key) | seq `u64`                                      |
 //! | `outbox`   | shard `u16` ++ msg_id `u64`                 | count `u32` ++ count × uid `u64` ++ [`Message::encode`] bytes |
 //!
@@ -258,10 +258,11 @@ fn collect(batch: WriteBatch) -> Writes {
                 client_msg_id,
                 entry,
             } => {
-                let mut v = Vec::with_capacity(24);
+                let mut v = Vec::with_capacity(32);
                 v.extend_from_slice(&entry.msg_id.0.to_be_bytes());
                 v.extend_from_slice(&entry.seq.0.to_be_bytes());
                 v.extend_from_slice(&entry.server_time_ms.to_be_bytes());
+                v.extend_from_slice(&entry.prev_seq.0.to_be_bytes());
                 w.insert(
                     (Kind::Dedup, key_u64_u64(uid.0, client_msg_id).to_vec()),
                     Some(v),
@@ -374,11 +375,11 @@ impl Store for FjallStore {
         let Some(v) = self.get(Kind::Dedup, &key)? else {
             return Ok(None);
         };
-        let v = <[u8; 24]>::try_from(&*v).map_err(|_| {
+        let v = <[u8; 32]>::try_from(&*v).map_err(|_| {
             corrupt(
                 Kind::Dedup,
                 &key,
-                format!("value of {} bytes, want 24", v.len()),
+                format!("value of {} bytes, want 32", v.len()),
             )
         })?;
         let word = |i: usize| {
@@ -390,6 +391,7 @@ impl Store for FjallStore {
             msg_id: MsgId(word(0)),
             seq: Seq(word(1)),
             server_time_ms: word(2),
+            prev_seq: Seq(word(3)),
         }))
     }
 

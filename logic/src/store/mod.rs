@@ -48,6 +48,9 @@ pub struct DedupEntry {
     pub msg_id: MsgId,
     /// Seq of the message in the sender's timeline.
     pub seq: Seq,
+    /// Seq of the entry before it in the sender's timeline (lets the sending device place its own
+    /// message without a sync).
+    pub prev_seq: Seq,
     pub server_time_ms: u64,
 }
 

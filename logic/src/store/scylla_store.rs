@@ -9,7 +9,7 @@
 //! | `timeline_bucket` | ((uid), bucket)            | — (which buckets exist)            |
 //! | `msgidx`          | ((uid, msg_id))            | seq                                |
 //! | `seq_bound`       | ((uid))                    | bound                              |
-//! | `dedup`           | ((uid, client_msg_id))     | msg_id, seq, server_time_ms; TTL 7 d |
+//! | `dedup`           | ((uid, client_msg_id))     | msg_id, seq, server_time_ms, prev_seq; TTL 7 d |
 //! | `cursor`          | ((uid), device_id)         | seq                                |
 //! | `outbox`          | ((shard), msg_id)          | recipients frozen list, msg blob   |
 //!
@@ -215,7 +215,7 @@ impl Statements {
             .await?,
             dedup_put: p(
                 format!(
-                    "INSERT INTO {ks}.dedup (uid, client_msg_id, msg_id, seq, server_time_ms) \
+                    "INSERT INTO {ks}.dedup (uid, client_msg_id, msg_id, seq, server_time_ms, prev_seq) \
                      VALUES (?, ?, ?, ?, ?)"
                 ),
                 None,
@@ -261,7 +261,7 @@ impl Statements {
             .await?,
             dedup_get: p(
                 format!(
-                    "SELECT msg_id, seq, server_time_ms FROM {ks}.dedup \
+                    "SELECT msg_id, seq, server_time_ms, prev_seq FROM {ks}.dedup \
                      WHERE uid = ? AND client_msg_id = ?"
                 ),
                 None,
@@ -483,6 +483,7 @@ enum Row {
         msg_id: i64,
         seq: i64,
         server_time_ms: i64,
+        prev_seq: i64,
     },
 }
 
@@ -544,7 +545,7 @@ impl Row {
                 Row::MsgIdx { .. } => 24,
                 Row::Cursor { device_id, .. } => 16 + device_id.len(),
                 Row::OutboxDelete { .. } => 12,
-                Row::Dedup { .. } => 40,
+                Row::Dedup { .. } => 48,
             }
     }
 }
@@ -583,7 +584,8 @@ impl SerializeRow for Row {
                 msg_id,
                 seq,
                 server_time_ms,
-            } => (uid, client_msg_id, msg_id, seq, server_time_ms).serialize(ctx, w),
+                prev_seq,
+            } => (uid, client_msg_id, msg_id, seq, server_time_ms, prev_seq).serialize(ctx, w),
         }
     }
 
@@ -656,6 +658,7 @@ fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                 msg_id: b(entry.msg_id.0),
                 seq: b(entry.seq.0),
                 server_time_ms: b(entry.server_time_ms),
+                prev_seq: b(entry.prev_seq.0),
             }),
             Op::Cursor {
                 uid,
@@ -1140,14 +1143,15 @@ impl Store for ScyllaStore {
                 "dedup",
             )
             .await?;
-        match typed_rows::<(i64, i64, i64)>(&rows, "dedup")?.next() {
+        match typed_rows::<(i64, i64, i64, i64)>(&rows, "dedup")?.next() {
             Some(row) => {
-                let (msg_id, seq, time) =
+                let (msg_id, seq, time, prev) =
                     row.map_err(|e| corrupt(format!("dedup/{uid}/{client_msg_id}"), e))?;
                 Ok(Some(DedupEntry {
                     msg_id: MsgId(msg_id as u64),
                     seq: Seq(seq as u64),
                     server_time_ms: time as u64,
+                    prev_seq: Seq(prev as u64),
                 }))
             }
             None => Ok(None),
@@ -1442,6 +1446,7 @@ mod tests {
                     msg_id: MsgId(u64::MAX),
                     seq: Seq(u64::MAX - 1),
                     server_time_ms: u64::MAX - 2,
+                    prev_seq: Seq(3),
                 },
             },
             Op::SeqBound {
@@ -1477,6 +1482,7 @@ mod tests {
                     msg_id: MsgId(77),
                     seq: Seq(7),
                     server_time_ms: 1,
+                    prev_seq: Seq(3),
                 },
             },
             Op::OutboxPut(OutboxEntry {
