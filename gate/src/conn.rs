@@ -14,7 +14,7 @@ use im_shared::frame::Cmd;
 use im_shared::link::Up;
 use im_shared::{Command, ConnId, ErrorCode, UserId};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::core::Core;
@@ -230,6 +230,13 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
     // socket is shut down under it.
     c.close_after_flush(&core);
     core.forget(&c);
+    // The close tail waits with a timer; boxing it keeps the timer out of this future, which
+    // every idle connection carries for its whole life.
+    Box::pin(finish_close(core, c, rd)).await;
+}
+
+/// Waits (bounded) for the writer to flush and stop, then releases the socket.
+async fn finish_close(core: Rc<Core>, c: Rc<Conn>, rd: OwnedReadHalf<TcpStream>) {
     let deadline = std::time::Instant::now() + CLOSE_GRACE;
     while c.writer_running.get() {
         if std::time::Instant::now() >= deadline {
@@ -354,4 +361,39 @@ async fn writer(c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>) {
     }
     drop(wr);
     c.writer_running.set(false);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The reader future lives as long as its connection: keep it small (a `Sleep` inside it
+    /// would add over a kilobyte per idle connection).
+    #[test]
+    fn reader_future_is_small() {
+        fn size_of_run() -> usize {
+            // Never polled: only its size matters.
+            fn sz<F: std::future::Future>(_: &F) -> usize {
+                std::mem::size_of::<F>()
+            }
+            let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let stream = monoio::net::TcpStream::from_std(s).unwrap();
+                let core = crate::core::test_core();
+                let c = std::rc::Rc::new(super::Conn::new(
+                    im_shared::ConnId(1),
+                    &stream,
+                    im_shared::UserId(1),
+                    0,
+                    0,
+                ));
+                let f = super::run(core, c, stream, bytes::BytesMut::new());
+                sz(&f)
+            })
+        }
+        let n = size_of_run();
+        assert!(n <= 512, "reader future is {n} bytes");
+    }
 }

@@ -102,19 +102,7 @@ pub fn run_core(ctx: CoreCtx, listener: StdListener, rx: MailboxRx<CoreMsg>) {
                 return;
             }
         };
-        let core = Rc::new(Core {
-            codec: FrameCodec::new(ctx.cfg.max_body),
-            ctx,
-            conns: RefCell::new(HashMap::new()),
-            next_serial: Cell::new(1),
-            started: Instant::now(),
-            now: Cell::new(0),
-            wheel: RefCell::new(Wheel::new(0)),
-            pending: RefCell::new(HashMap::new()),
-            flush_waker: RefCell::new(None),
-            flush_scheduled: Cell::new(false),
-            stopping: Cell::new(false),
-        });
+        let core = Core::new(ctx);
         tracing::info!(
             core = core_id,
             uring = monoio::utils::detect_uring(),
@@ -364,7 +352,45 @@ async fn flusher(core: Rc<Core>) {
     }
 }
 
+/// A core that is not running, for unit tests.
+#[cfg(test)]
+pub fn test_core() -> Rc<Core> {
+    struct NoLink;
+    impl UpstreamLink for NoLink {
+        fn lane_of(&self, _: UserId) -> usize {
+            0
+        }
+        fn admit(&self, _: usize) -> Result<(), ErrorCode> {
+            Ok(())
+        }
+        fn send(&self, _: usize, _: Vec<Up>) {}
+    }
+    Core::new(CoreCtx {
+        core: 0,
+        cfg: Arc::new(GateConfig::default()),
+        link: Arc::new(NoLink),
+        peers: Vec::new(),
+        stats: Arc::new(CoreStats::default()),
+    })
+}
+
 impl Core {
+    fn new(ctx: CoreCtx) -> Rc<Core> {
+        Rc::new(Core {
+            codec: FrameCodec::new(ctx.cfg.max_body),
+            ctx,
+            conns: RefCell::new(HashMap::new()),
+            next_serial: Cell::new(1),
+            started: Instant::now(),
+            now: Cell::new(0),
+            wheel: RefCell::new(Wheel::new(0)),
+            pending: RefCell::new(HashMap::new()),
+            flush_waker: RefCell::new(None),
+            flush_scheduled: Cell::new(false),
+            stopping: Cell::new(false),
+        })
+    }
+
     fn now_secs(&self) -> u32 {
         self.now.get()
     }

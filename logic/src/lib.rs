@@ -9,6 +9,7 @@
 //! durable batch (group commit) and only then releases acks and deliveries.
 
 mod config;
+pub mod directory;
 mod handle;
 mod msgid;
 pub mod store;

@@ -9,6 +9,7 @@ use im_server::{ServerConfig, DEV_TOKEN_SECRET};
 use im_shared::token::{now_secs, HmacTokens};
 use im_shared::UserId;
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,0 +1,14 @@
+//! Test helpers shared by the workspace's integration tests (a dev-dependency only).
+//!
+//! [`RedisCluster`] starts a real Redis Cluster of `redis-server` processes (Debian's
+//! `redis-server` package, as CI installs it) on free loopback ports, waits until it serves every
+//! slot, and can kill masters and wait for a replica to take over. Everything it starts is killed
+//! and its data directory removed when it is dropped.
+//!
+//! Tests that need Redis must fail, not skip, when `redis-server` is missing: [`RedisCluster::start`]
+//! then returns an error saying how to install it.
+
+mod redis_cluster;
+mod resp;
+
+pub use redis_cluster::{key_slot, ClusterOptions, RedisCluster, SLOTS};
