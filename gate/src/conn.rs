@@ -21,7 +21,7 @@ use crate::core::Core;
 
 /// Read buffer size for a connection with nothing pending: small, so idle connections park
 /// little memory in their outstanding read.
-const READ_IDLE: usize = 128;
+const READ_IDLE: usize = 64;
 /// Read buffer size while frames are streaming in.
 const READ_BUSY: usize = 4096;
 

@@ -61,15 +61,27 @@ struct Device {
     cursor: Seq,
 }
 
-/// Live state of one user, reloadable from the store at any time.
+/// Live state of one user, reloadable from the store at any time. Kept small (32 bytes) for
+/// users who only sit online; the parts that only active users need live in [`Active`].
 struct UserState {
     next_seq: u64,
     bound: u64,
     last_seq: u64,
+    active: Option<Box<Active>>,
+}
+
+#[derive(Default)]
+struct Active {
     dedup: HashMap<u64, DedupEntry>,
     dedup_order: VecDeque<u64>,
     /// Messages from others not yet acknowledged by any device: seq → (sender, msg_id).
     pending: BTreeMap<u64, (UserId, MsgId)>,
+}
+
+impl UserState {
+    fn active(&mut self) -> &mut Active {
+        self.active.get_or_insert_with(Box::default)
+    }
 }
 
 struct Session {
@@ -282,9 +294,7 @@ impl<S: Store> Worker<S> {
                 next_seq: top + 1,
                 bound: top,
                 last_seq: last,
-                dedup: HashMap::new(),
-                dedup_order: VecDeque::new(),
-                pending: BTreeMap::new(),
+                active: None,
             },
         );
         Ok(())
@@ -440,7 +450,10 @@ impl<S: Store> Worker<S> {
             }
         };
         // One device per type: kick the previous one.
-        let devs = self.routes.entry(uid).or_default();
+        let devs = self
+            .routes
+            .entry(uid)
+            .or_insert_with(|| Vec::with_capacity(1));
         let mut kicked = Vec::new();
         devs.retain(|d| {
             if d.device_type == device_type {
@@ -526,7 +539,11 @@ impl<S: Store> Worker<S> {
             return;
         }
         // Dedup: the in-memory window, then the store.
-        if let Some(e) = self.users[&uid].dedup.get(&client_msg_id).copied() {
+        let cached = self.users[&uid]
+            .active
+            .as_ref()
+            .and_then(|a| a.dedup.get(&client_msg_id).copied());
+        if let Some(e) = cached {
             round.send(conn, ack(e));
             return;
         }
@@ -604,11 +621,12 @@ impl<S: Store> Worker<S> {
     fn remember(&mut self, uid: UserId, client_msg_id: u64, e: DedupEntry) {
         let window = self.cfg.dedup_window;
         let u = self.users.get_mut(&uid).expect("user loaded");
-        if u.dedup.insert(client_msg_id, e).is_none() {
-            u.dedup_order.push_back(client_msg_id);
-            while u.dedup_order.len() > window {
-                if let Some(old) = u.dedup_order.pop_front() {
-                    u.dedup.remove(&old);
+        let a = u.active();
+        if a.dedup.insert(client_msg_id, e).is_none() {
+            a.dedup_order.push_back(client_msg_id);
+            while a.dedup_order.len() > window {
+                if let Some(old) = a.dedup_order.pop_front() {
+                    a.dedup.remove(&old);
                 }
             }
         }
@@ -655,9 +673,10 @@ impl<S: Store> Worker<S> {
         });
         round.appended.insert(key);
         let u = self.users.get_mut(&r).expect("loaded");
-        u.pending.insert(seq.0, (msg.from, msg.msg_id));
-        if u.pending.len() > MAX_PENDING_NOTICES {
-            u.pending.pop_first();
+        let act = u.active();
+        act.pending.insert(seq.0, (msg.from, msg.msg_id));
+        if act.pending.len() > MAX_PENDING_NOTICES {
+            act.pending.pop_first();
         }
         let deliver = Command::Deliver(msg).to_bytes(0);
         if let Some(devs) = self.routes.get(&r) {
@@ -689,8 +708,11 @@ impl<S: Store> Worker<S> {
             device_id: dev.device_id.clone(),
             seq,
         });
-        let rest = u.pending.split_off(&(seq.0 + 1));
-        let acked = std::mem::replace(&mut u.pending, rest);
+        let Some(a) = u.active.as_mut() else {
+            return;
+        };
+        let rest = a.pending.split_off(&(seq.0 + 1));
+        let acked = std::mem::replace(&mut a.pending, rest);
         for (_, (sender, msg_id)) in acked {
             let w = owner_of_vshard(vshard_of(sender), self.peers.len());
             round.delivered_out[w].push(DeliveredNote {
