@@ -45,6 +45,9 @@ pub struct AppendReq {
     pub recipient: UserId,
     pub shard: ShardId,
     pub msg: Message,
+    /// Sent by an outbox replay: the append may already have happened, so the recipient checks
+    /// its `(uid, msg_id)` index first. A live fan-out is sent exactly once and skips that read.
+    pub replay: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -267,6 +270,7 @@ impl<S: Store> Worker<S> {
                         recipient: r,
                         shard,
                         msg: msg.clone(),
+                        replay: true,
                     });
                 }
             }
@@ -606,6 +610,7 @@ impl<S: Store> Worker<S> {
                 recipient: to,
                 shard,
                 msg: msg.clone(),
+                replay: false,
             });
         }
         round.send(conn, ack(entry));
@@ -644,7 +649,8 @@ impl<S: Store> Worker<S> {
         let mut backoff = Duration::from_millis(20);
         let existing = loop {
             let res = match self.load_user(r).await {
-                Ok(()) => self.store.seq_of(r, a.msg.msg_id).await,
+                Ok(()) if a.replay => self.store.seq_of(r, a.msg.msg_id).await,
+                Ok(()) => Ok(None),
                 Err(e) => Err(e),
             };
             match res {
