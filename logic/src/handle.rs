@@ -19,7 +19,7 @@ pub struct LogicHandle {
     inboxes: Vec<mpsc::UnboundedSender<WorkerMsg>>,
     depth: Vec<Arc<AtomicUsize>>,
     max_queued: usize,
-    threads: Vec<JoinHandle<()>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Starts `cfg.workers` worker threads over `store`. Each worker first replays the outbox of
@@ -60,7 +60,7 @@ pub fn start<S: Store + Send + Sync>(
         inboxes: txs,
         depth,
         max_queued: cfg.max_queued,
-        threads,
+        threads: std::sync::Mutex::new(threads),
     })
 }
 
@@ -70,12 +70,13 @@ impl LogicHandle {
         owner_of_vshard(vshard_of(uid), self.inboxes.len())
     }
 
-    /// Stops the workers after they finish what is queued.
-    pub fn shutdown(self) {
+    /// Stops the workers after they finish what is queued (and commit it). Idempotent.
+    pub fn shutdown(&self) {
         for tx in &self.inboxes {
             let _ = tx.send(WorkerMsg::Shutdown);
         }
-        for t in self.threads {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }

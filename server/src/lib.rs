@@ -129,9 +129,6 @@ impl Server {
     /// what is queued, and closes the store.
     pub fn shutdown(self) {
         self.gate.shutdown();
-        match Arc::try_unwrap(self.logic) {
-            Ok(l) => l.shutdown(),
-            Err(_) => tracing::warn!("logic still referenced; workers left running"),
-        }
+        self.logic.shutdown();
     }
 }

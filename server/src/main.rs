@@ -61,7 +61,35 @@ enum CliCmd {
     },
 }
 
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a locally owned signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is a valid, initialised signal set blocked in this thread.
+    unsafe {
+        libc::sigwait(set, &mut sig);
+    }
+    sig
+}
+
 fn main() -> anyhow::Result<()> {
+    // A panic in any gate or logic thread must not leave a half-alive process behind: log it and
+    // abort so the supervisor (systemd) restarts the server, which recovers from the store.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -115,12 +143,19 @@ fn main() -> anyhow::Result<()> {
                     "using the development token secret; set IM_TOKEN_SECRET in production"
                 );
             }
+            // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask
+            // and the main thread alone receives them below.
+            let signals = block_shutdown_signals();
             let server = im_server::start(&cfg)?;
             // Tests and scripts read this line to find an ephemeral port.
             println!("listening on {}", server.local_addr());
-            loop {
-                std::thread::park();
-            }
+            let sig = wait_for_signal(&signals);
+            tracing::info!(
+                signal = sig,
+                "shutting down: closing connections, draining logic"
+            );
+            server.shutdown();
+            Ok(())
         }
     }
 }

@@ -164,3 +164,37 @@ fn kill_9_keeps_every_acked_message_and_never_reuses_a_seq() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_keeps_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path());
+    let mut a = login(addr, 3001);
+    let ack = a.send_c2c(UserId(3002), 1, "before sigterm").unwrap();
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    // The client saw its connection closed.
+    assert!(a.read_until_closed(Duration::from_secs(5)).is_ok());
+    let (mut child, addr) = spawn_server(dir.path());
+    let mut b = login(addr, 3002);
+    let (msgs, _, _) = b.sync_page(Seq(0), 10).unwrap();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].msg_id, ack.msg_id);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
