@@ -1,0 +1,110 @@
+//! Invariant 5: overload sheds new work with a retryable error and never loses accepted work.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+use im_shared::client::Timeline;
+use im_shared::{Command, ErrorCode, Seq, UserId};
+
+#[test]
+fn overload_is_refused_retryably_and_accepted_work_is_kept() {
+    // A logic queue of 4 frames per worker: pipelined sends overflow it at once.
+    let s = start_with(|c| c.max_queued = 4);
+    let recipient = 7001u64;
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let mut refused_total = 0;
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|k| {
+                let addr = s.addr;
+                sc.spawn(move || {
+                    let uid = 7100 + k;
+                    let mut c = login(addr, uid);
+                    let mut todo: Vec<u64> = (1..=300).collect();
+                    let mut acked = Vec::new();
+                    let mut refused = 0;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !todo.is_empty() {
+                        assert!(
+                            Instant::now() < deadline,
+                            "could not get everything accepted"
+                        );
+                        // Pipeline the whole remainder, then read one answer per request.
+                        let mut wire = Vec::new();
+                        let mut by_req = HashMap::new();
+                        for (i, &n) in todo.iter().enumerate() {
+                            let req = i as u32 + 1;
+                            by_req.insert(req, n);
+                            wire.extend_from_slice(
+                                &Command::SendC2c {
+                                    client_msg_id: n,
+                                    to: UserId(recipient),
+                                    body: format!("{uid}:{n}").into(),
+                                }
+                                .to_bytes(req),
+                            );
+                        }
+                        c.stream().write_all(&wire).unwrap();
+                        let mut retry = Vec::new();
+                        let mut answered = 0;
+                        while answered < by_req.len() {
+                            match c.recv(Duration::from_secs(10)).unwrap() {
+                                Some(Command::SendAck {
+                                    code,
+                                    client_msg_id,
+                                    ..
+                                }) => {
+                                    assert_eq!(code, ErrorCode::Ok);
+                                    acked.push(format!("{uid}:{client_msg_id}"));
+                                    answered += 1;
+                                }
+                                Some(Command::Error { code, .. }) => {
+                                    assert_eq!(code, ErrorCode::Overloaded);
+                                    assert!(code.is_retryable());
+                                    refused += 1;
+                                    answered += 1;
+                                }
+                                Some(other) => panic!("unexpected {other:?}"),
+                                None => panic!("request unanswered"),
+                            }
+                        }
+                        // Retry whatever was not acked, with the same client_msg_id.
+                        let got: BTreeSet<_> = acked.iter().cloned().collect();
+                        for &n in &todo {
+                            if !got.contains(&format!("{uid}:{n}")) {
+                                retry.push(n);
+                            }
+                        }
+                        todo = retry;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    (acked, refused)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (a, r) = h.join().unwrap();
+            acked.extend(a);
+            refused_total += r;
+        }
+    });
+    assert!(refused_total > 0, "the queue limit never triggered");
+    assert!(s.server.as_ref().unwrap().gate_stats().overloaded > 0);
+    // Every accepted message is in the recipient's timeline exactly once, nothing refused is.
+    let mut b = login(s.addr, recipient);
+    let mut tl = Timeline::new(Seq(0));
+    tl.sync(&mut b).unwrap();
+    let got: Vec<String> = tl
+        .messages
+        .iter()
+        .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+        .collect();
+    let got_set: BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), got_set.len(), "duplicates in the timeline");
+    assert_eq!(got_set, acked);
+    assert_eq!(acked.len(), 4 * 300);
+}
