@@ -36,6 +36,8 @@ pub enum CoreMsg {
     },
     /// Downstream messages from logic.
     Down(Vec<Down>),
+    /// The upstream lane lost its link: close its connections.
+    LaneDown(usize),
     Shutdown,
 }
 
@@ -299,6 +301,23 @@ async fn mailbox_loop(core: Rc<Core>, rx: MailboxRx<CoreMsg>) {
             CoreMsg::Down(batch) => {
                 for d in batch {
                     core.apply_down(d);
+                }
+            }
+            CoreMsg::LaneDown(lane) => {
+                let conns: Vec<_> = core
+                    .conns
+                    .borrow()
+                    .values()
+                    .filter(|c| c.lane == lane)
+                    .cloned()
+                    .collect();
+                for c in conns {
+                    c.close_with(
+                        &core,
+                        0,
+                        ErrorCode::Unavailable,
+                        "logic link lost, reconnect",
+                    );
                 }
             }
             CoreMsg::Shutdown => return,

@@ -14,6 +14,7 @@
 mod config;
 mod conn;
 mod core;
+pub mod links;
 mod mailbox;
 mod wheel;
 
@@ -69,8 +70,18 @@ pub struct GateSink {
     cores: Vec<Mailbox<CoreMsg>>,
 }
 
+impl GateSink {
+    /// The link of `lane` dropped: every core closes the connections of that lane with the
+    /// retryable `Unavailable`, so their clients log in again (and sync) when it is back.
+    pub fn lane_down(&self, lane: usize) {
+        for m in &self.cores {
+            let _ = m.send(CoreMsg::LaneDown(lane));
+        }
+    }
+}
+
 impl DownstreamSink for GateSink {
-    fn send(&self, core: u16, batch: Vec<Down>) {
+    fn send(&self, _gate: u16, core: u16, batch: Vec<Down>) {
         if let Some(m) = self.cores.get(core as usize) {
             // A closed mailbox means the core stopped; its connections are gone.
             let _ = m.send(CoreMsg::Down(batch));

@@ -70,6 +70,13 @@ impl LogicHandle {
         owner_of_vshard(vshard_of(uid), self.inboxes.len())
     }
 
+    /// A gate's link dropped: every worker forgets that gate's connections.
+    pub fn gate_down(&self, gate: u16) {
+        for tx in &self.inboxes {
+            let _ = tx.send(WorkerMsg::GateDown(gate));
+        }
+    }
+
     /// Stops the workers after they finish what is queued (and commit it). Idempotent.
     pub fn shutdown(&self) {
         for tx in &self.inboxes {

@@ -12,6 +12,7 @@ mod config;
 pub mod directory;
 mod handle;
 mod msgid;
+pub mod net;
 pub mod store;
 mod worker;
 

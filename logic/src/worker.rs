@@ -36,6 +36,8 @@ pub enum WorkerMsg {
     AppendDone(Vec<(ShardId, MsgId)>),
     /// A recipient device acknowledged these messages: tell their senders.
     Delivered(Vec<DeliveredNote>),
+    /// The link to this gate dropped: its connections are gone.
+    GateDown(u16),
     Shutdown,
 }
 
@@ -97,7 +99,8 @@ struct Session {
 struct Round {
     batch: WriteBatch,
     /// Downstream messages per gate core, in order.
-    downs: HashMap<u16, Vec<Down>>,
+    /// Keyed by gate and core (`ConnId` bits 32..64).
+    downs: HashMap<u64, Vec<Down>>,
     appends_out: Vec<Vec<AppendReq>>,
     done_out: Vec<Vec<(ShardId, MsgId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
@@ -118,14 +121,14 @@ impl Round {
 
     fn send(&mut self, conn: ConnId, data: Bytes) {
         self.downs
-            .entry(conn.core())
+            .entry(conn.0 >> 32)
             .or_default()
             .push(Down::Send { conn, data });
     }
 
     fn close(&mut self, conn: ConnId, data: Bytes) {
         self.downs
-            .entry(conn.core())
+            .entry(conn.0 >> 32)
             .or_default()
             .push(Down::Close { conn, data });
     }
@@ -225,6 +228,7 @@ impl<S: Store> Worker<S> {
                         }
                     }
                     WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
+                    WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
                     WorkerMsg::Shutdown => stop = true,
                 }
             }
@@ -379,6 +383,18 @@ impl<S: Store> Worker<S> {
         }
     }
 
+    fn on_gate_down(&mut self, gate: u16) {
+        let gone: Vec<(ConnId, UserId)> = self
+            .sessions
+            .iter()
+            .filter(|(c, _)| c.gate() == gate)
+            .map(|(c, s)| (*c, s.uid))
+            .collect();
+        for (conn, uid) in gone {
+            self.on_closed(conn, uid);
+        }
+    }
+
     fn on_closed(&mut self, conn: ConnId, uid: UserId) {
         if self.sessions.remove(&conn).is_some() {
             if let Some(devs) = self.routes.get_mut(&uid) {
@@ -492,7 +508,7 @@ impl<S: Store> Worker<S> {
         };
         round
             .downs
-            .entry(conn.core())
+            .entry(conn.0 >> 32)
             .or_default()
             .push(Down::Bind {
                 conn,
@@ -824,7 +840,7 @@ impl<S: Store> Worker<S> {
             }
         }
         for (core, downs) in round.downs.drain() {
-            self.gate.send(core, downs);
+            self.gate.send((core >> 16) as u16, core as u16, downs);
         }
         for (w, reqs) in round.appends_out.into_iter().enumerate() {
             if !reqs.is_empty() {

@@ -81,21 +81,38 @@ fn cpus() -> usize {
 pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = FjallStore::open(&cfg.data_dir)?;
-    let gate_cfg = GateConfig {
+    let gate = Gate::new(gate_config(cfg, 0));
+    let verifier = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
+    let logic = Arc::new(im_logic::start(
+        logic_config(cfg),
+        store,
+        verifier,
+        gate.sink(),
+    )?);
+    let gate = gate.start(logic.clone())?;
+    tracing::info!(addr = %gate.local_addr(), "im-server listening");
+    Ok(Server { gate, logic })
+}
+
+fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
+    GateConfig {
         listen: cfg.listen,
         cores: if cfg.gate_cores == 0 {
             cpus()
         } else {
             cfg.gate_cores
         },
-        gate_id: 0,
+        gate_id,
         max_body: cfg.max_body,
         login_timeout: Duration::from_secs(cfg.login_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         max_write_queue: cfg.max_write_queue,
         ..GateConfig::default()
-    };
-    let logic_cfg = LogicConfig {
+    }
+}
+
+fn logic_config(cfg: &ServerConfig) -> LogicConfig {
+    LogicConfig {
         workers: if cfg.logic_workers == 0 {
             cpus()
         } else {
@@ -105,13 +122,40 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
         seq_segment: cfg.seq_segment,
         max_queued: cfg.max_queued,
         ..LogicConfig::default()
-    };
-    let gate = Gate::new(gate_cfg);
+    }
+}
+
+/// A gate process of the distributed shape: client listener + TCP links to logic nodes.
+pub fn start_gate(
+    cfg: &ServerConfig,
+    gate_id: u16,
+    logic: Vec<SocketAddr>,
+) -> anyhow::Result<GateHandle> {
+    let gate = Gate::new(gate_config(cfg, gate_id));
+    let upstream = im_gate::links::TcpUpstream::start(gate_id, logic, gate.sink());
+    let gate = gate.start(upstream)?;
+    tracing::info!(addr = %gate.local_addr(), gate_id, "gate listening");
+    Ok(gate)
+}
+
+/// A logic node of the distributed shape: workers + store, accepting gate links on `link_listen`.
+pub fn start_logic(
+    cfg: &ServerConfig,
+    node_id: u16,
+    link_listen: SocketAddr,
+) -> anyhow::Result<(Arc<LogicHandle>, SocketAddr)> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let store = FjallStore::open(&cfg.data_dir)?;
+    let links = im_logic::net::GateLinks::new();
     let verifier = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
-    let logic = Arc::new(im_logic::start(logic_cfg, store, verifier, gate.sink())?);
-    let gate = gate.start(logic.clone())?;
-    tracing::info!(addr = %gate.local_addr(), "im-server listening");
-    Ok(Server { gate, logic })
+    let mut lc = logic_config(cfg);
+    lc.node_id = node_id;
+    let logic = Arc::new(im_logic::start(lc, store, verifier, links.clone())?);
+    let listener = std::net::TcpListener::bind(link_listen)?;
+    let addr = listener.local_addr()?;
+    im_logic::net::serve(listener, node_id, links, logic.clone())?;
+    tracing::info!(%addr, node_id, "logic node accepting gate links");
+    Ok((logic, addr))
 }
 
 impl Server {

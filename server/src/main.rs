@@ -49,6 +49,28 @@ enum CliCmd {
         #[arg(long)]
         max_body: Option<usize>,
     },
+    /// Run a gate process (distributed shape): client listener + TCP links to logic nodes.
+    Gate {
+        #[command(flatten)]
+        common: Common,
+        /// This gate's id (unique among gates; part of every connection id).
+        #[arg(long, env = "IM_GATE_ID")]
+        gate_id: u16,
+        /// Logic node link addresses, comma separated, in shard-map order.
+        #[arg(long, env = "IM_LOGIC", value_delimiter = ',', required = true)]
+        logic: Vec<SocketAddr>,
+    },
+    /// Run a logic node (distributed shape): workers + store, accepting gate links.
+    Logic {
+        #[command(flatten)]
+        common: Common,
+        /// This node's id (part of every msg id).
+        #[arg(long, env = "IM_NODE_ID", default_value_t = 0)]
+        node_id: u16,
+        /// Address for gate links.
+        #[arg(long, env = "IM_LINK_LISTEN", default_value = "127.0.0.1:7100")]
+        link_listen: SocketAddr,
+    },
     /// Mint a development SSO token for a user.
     Token {
         #[arg(long)]
@@ -59,6 +81,59 @@ enum CliCmd {
         #[arg(long, env = "IM_TOKEN_SECRET", default_value = DEV_TOKEN_SECRET, hide_env_values = true)]
         secret: String,
     },
+}
+
+/// Options shared by the gate and logic processes (same meaning as for `run`).
+#[derive(clap::Args)]
+struct Common {
+    #[arg(long, env = "IM_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "IM_LISTEN")]
+    listen: Option<SocketAddr>,
+    #[arg(long, env = "IM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "IM_GATE_CORES")]
+    gate_cores: Option<usize>,
+    #[arg(long, env = "IM_LOGIC_WORKERS")]
+    logic_workers: Option<usize>,
+    #[arg(long, env = "IM_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+}
+
+impl Common {
+    fn config(self) -> anyhow::Result<ServerConfig> {
+        let mut cfg: ServerConfig = match &self.config {
+            Some(p) => toml::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {p:?}"))?,
+            )
+            .with_context(|| format!("parsing {p:?}"))?,
+            None => ServerConfig::default(),
+        };
+        let Common {
+            listen,
+            data_dir,
+            gate_cores,
+            logic_workers,
+            token_secret,
+            ..
+        } = self;
+        if let Some(v) = listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = data_dir {
+            cfg.data_dir = v;
+        }
+        if let Some(v) = gate_cores {
+            cfg.gate_cores = v;
+        }
+        if let Some(v) = logic_workers {
+            cfg.logic_workers = v;
+        }
+        if let Some(v) = token_secret {
+            cfg.token_secret = v;
+        }
+        Ok(cfg)
+    }
 }
 
 fn block_shutdown_signals() -> libc::sigset_t {
@@ -105,6 +180,32 @@ fn main() -> anyhow::Result<()> {
         } => {
             let t = HmacTokens::new(secret.as_bytes()).mint(UserId(uid), now_secs() + ttl_secs);
             println!("{t}");
+            Ok(())
+        }
+        CliCmd::Gate {
+            common,
+            gate_id,
+            logic,
+        } => {
+            let cfg = common.config()?;
+            let signals = block_shutdown_signals();
+            let gate = im_server::start_gate(&cfg, gate_id, logic)?;
+            println!("listening on {}", gate.local_addr());
+            wait_for_signal(&signals);
+            gate.shutdown();
+            Ok(())
+        }
+        CliCmd::Logic {
+            common,
+            node_id,
+            link_listen,
+        } => {
+            let cfg = common.config()?;
+            let signals = block_shutdown_signals();
+            let (logic, addr) = im_server::start_logic(&cfg, node_id, link_listen)?;
+            println!("links on {addr}");
+            wait_for_signal(&signals);
+            logic.shutdown();
             Ok(())
         }
         CliCmd::Run {

@@ -47,6 +47,13 @@ pub enum Up {
 }
 
 impl Up {
+    /// The gate that holds the connection.
+    pub fn conn_gate(&self) -> u16 {
+        match self {
+            Up::Frame { conn, .. } | Up::Closed { conn, .. } => conn.gate(),
+        }
+    }
+
     pub fn uid(&self) -> UserId {
         match self {
             Up::Frame { uid, .. } | Up::Closed { uid, .. } => *uid,
@@ -89,9 +96,9 @@ pub trait UpstreamLink: Send + Sync + 'static {
     fn send(&self, lane: usize, batch: Vec<Up>);
 }
 
-/// Where logic sends downstream messages for one gate core.
+/// Where logic sends downstream messages: one batch for one core of one gate.
 pub trait DownstreamSink: Send + Sync + 'static {
-    fn send(&self, core: u16, batch: Vec<Down>);
+    fn send(&self, gate: u16, core: u16, batch: Vec<Down>);
 }
 
 /// Who is at the other end of a link (in `Hello`).

@@ -1,7 +1,7 @@
 //! Storage of messages, timelines, seq segments, device cursors, dedup entries and the outbox.
 //!
 //! [`Store`] is the one interface logic uses; it has real implementations only: the embedded
-//! [`FjallStore`] (single node) and, in a later issue, ScyllaDB. Every implementation must pass
+//! [`FjallStore`] (single node) and, ScyllaDB ([`ScyllaStore`], feature `scylla`). Every implementation must pass
 //! [`conformance`], the shared test-suite of this trait.
 //!
 //! Writes go through a [`WriteBatch`] that is applied atomically and durably by

@@ -1,0 +1,260 @@
+//! TCP links to logic nodes (the distributed shape): one persistent link per logic node, with a
+//! writer thread that batches every queued upstream message into one write and pings when idle,
+//! and a reader thread that routes downstream batches to the gate cores. Virtual shards are split
+//! evenly over the configured nodes (the same map on every gate).
+//!
+//! While a link is down its lane refuses new work with the retryable `Unavailable`; frames that
+//! were queued but not written are answered with `Unavailable` too (the client retries with the
+//! same `client_msg_id`); connections whose users live on that node are closed so that they log
+//! in again (and sync) once the link is back.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLink};
+use im_shared::shard::{owner_of_vshard, vshard_of};
+use im_shared::{Command, ErrorCode, UserId};
+
+use crate::GateSink;
+
+/// Send a `Ping` after this long without writing.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Declare the link dead after this long without reading anything.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upstream frames queued per link before new work is refused with `Overloaded`.
+const MAX_QUEUED: usize = 100_000;
+
+struct NodeLink {
+    tx: Sender<Vec<Up>>,
+    up: AtomicBool,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The gate's upstream over TCP: one lane per logic node.
+pub struct TcpUpstream {
+    nodes: Vec<NodeLink>,
+}
+
+impl TcpUpstream {
+    /// Starts one link per logic node address; they connect (and reconnect) in the background.
+    pub fn start(gate_id: u16, logic: Vec<SocketAddr>, sink: Arc<GateSink>) -> Arc<TcpUpstream> {
+        let mut nodes = Vec::new();
+        let mut rxs = Vec::new();
+        for _ in &logic {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            nodes.push(NodeLink {
+                tx,
+                up: AtomicBool::new(false),
+                queued: Arc::new(AtomicUsize::new(0)),
+            });
+            rxs.push(rx);
+        }
+        let me = Arc::new(TcpUpstream { nodes });
+        for (lane, (addr, rx)) in logic.into_iter().zip(rxs).enumerate() {
+            let (me, sink) = (me.clone(), sink.clone());
+            std::thread::Builder::new()
+                .name(format!("link-{lane}"))
+                .spawn(move || me.run_link(lane, gate_id, addr, rx, sink))
+                .expect("spawn link thread");
+        }
+        me
+    }
+
+    /// Whether the link of `lane` is connected.
+    pub fn is_up(&self, lane: usize) -> bool {
+        self.nodes[lane].up.load(Ordering::Relaxed)
+    }
+
+    fn run_link(
+        &self,
+        lane: usize,
+        gate_id: u16,
+        addr: SocketAddr,
+        rx: Receiver<Vec<Up>>,
+        sink: Arc<GateSink>,
+    ) {
+        let node = &self.nodes[lane];
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match connect(addr, gate_id) {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(50);
+                    tracing::info!(lane, %addr, "logic link up");
+                    node.up.store(true, Ordering::Relaxed);
+                    let reader = stream.try_clone().map(|s| {
+                        let sink = sink.clone();
+                        std::thread::spawn(move || read_loop(s, gate_id, &sink))
+                    });
+                    write_loop(&stream, &rx, &node.queued);
+                    node.up.store(false, Ordering::Relaxed);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    if let Ok(r) = reader {
+                        let _ = r.join();
+                    }
+                    tracing::warn!(lane, %addr, "logic link down");
+                    self.fail_queued(lane, &rx, &sink, gate_id);
+                    sink.lane_down(lane);
+                }
+                Err(e) => {
+                    // Queued work cannot wait for a node that is not there.
+                    self.fail_queued(lane, &rx, &sink, gate_id);
+                    tracing::debug!(lane, %addr, "connecting to logic: {e}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Answers every queued, unsent client frame with the retryable `Unavailable`.
+    fn fail_queued(&self, lane: usize, rx: &Receiver<Vec<Up>>, sink: &GateSink, gate_id: u16) {
+        let mut per_core: HashMap<u16, Vec<Down>> = HashMap::new();
+        let mut n = 0;
+        while let Ok(batch) = rx.try_recv() {
+            for up in batch {
+                if let Up::Frame { conn, req_id, .. } = up {
+                    n += 1;
+                    per_core.entry(conn.core()).or_default().push(Down::Send {
+                        conn,
+                        data: Command::Error {
+                            code: ErrorCode::Unavailable,
+                            message: "logic link down, retry".into(),
+                        }
+                        .to_bytes(req_id),
+                    });
+                }
+            }
+        }
+        let q = &self.nodes[lane].queued;
+        q.fetch_sub(n.min(q.load(Ordering::Relaxed)), Ordering::Relaxed);
+        for (core, downs) in per_core {
+            sink.send(gate_id, core, downs);
+        }
+    }
+}
+
+fn connect(addr: SocketAddr, gate_id: u16) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_nodelay(true)?;
+    let mut out = BytesMut::new();
+    link::encode_msg(
+        &LinkMsg::Hello {
+            role: Role::Gate,
+            id: gate_id,
+            map_epoch: 0,
+        },
+        &mut out,
+    );
+    s.write_all(&out)?;
+    Ok(s)
+}
+
+fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize) {
+    let mut s = stream;
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        out.clear();
+        let first = match rx.recv_timeout(PING_EVERY) {
+            Ok(b) => b,
+            Err(RecvTimeoutError::Timeout) => {
+                link::encode_msg(&LinkMsg::Ping, &mut out);
+                if s.write_all(&out).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut frames = 0;
+        let mut add = |batch: Vec<Up>, out: &mut BytesMut| {
+            for up in &batch {
+                frames += matches!(up, Up::Frame { .. }) as usize;
+                link::encode_up(up, out);
+            }
+        };
+        add(first, &mut out);
+        while out.len() < 1024 * 1024 {
+            match rx.try_recv() {
+                Ok(b) => add(b, &mut out),
+                Err(_) => break,
+            }
+        }
+        queued.fetch_sub(
+            frames.min(queued.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        if s.write_all(&out).is_err() {
+            // What was in `out` may or may not have arrived: clients time out and retry with
+            // the same client_msg_id (deduplicated by logic).
+            return;
+        }
+    }
+}
+
+fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink) {
+    let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut tmp = vec![0u8; 64 * 1024];
+    let mut per_core: HashMap<u16, Vec<Down>> = HashMap::new();
+    loop {
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+        loop {
+            match link::decode_msg(&mut buf) {
+                Ok(Some(LinkMsg::Down(d))) => {
+                    per_core.entry(d.conn().core()).or_default().push(d);
+                }
+                Ok(Some(LinkMsg::Hello { .. } | LinkMsg::Pong | LinkMsg::Ping)) => {}
+                Ok(Some(other)) => {
+                    tracing::warn!("unexpected link message from logic: {other:?}");
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("bad link bytes from logic: {e}");
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        }
+        for (core, downs) in per_core.drain() {
+            sink.send(gate_id, core, downs);
+        }
+    }
+    // Make the writer notice too.
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+impl UpstreamLink for TcpUpstream {
+    fn lane_of(&self, uid: UserId) -> usize {
+        owner_of_vshard(vshard_of(uid), self.nodes.len())
+    }
+
+    fn admit(&self, lane: usize) -> Result<(), ErrorCode> {
+        let n = &self.nodes[lane];
+        if !n.up.load(Ordering::Relaxed) {
+            Err(ErrorCode::Unavailable)
+        } else if n.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+            Err(ErrorCode::Overloaded)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn send(&self, lane: usize, batch: Vec<Up>) {
+        let n = &self.nodes[lane];
+        let frames = batch
+            .iter()
+            .filter(|u| matches!(u, Up::Frame { .. }))
+            .count();
+        n.queued.fetch_add(frames, Ordering::Relaxed);
+        let _ = n.tx.send(batch);
+    }
+}

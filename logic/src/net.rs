@@ -1,0 +1,222 @@
+//! TCP links from gate processes (the distributed shape): each gate opens one persistent link,
+//! says `Hello`, then streams [`Up`] messages (many per write); logic answers with [`Down`]
+//! batches for that gate. A link that drops takes its sessions with it: the workers forget every
+//! connection of that gate, and the gate closes its clients, which log in again and sync.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, Sender};
+use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLink};
+use im_shared::Command;
+
+use crate::handle::LogicHandle;
+
+/// A link is considered dead after this long without any byte (gates ping every few seconds).
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Writer channel of one gate link, with the link's generation.
+type LinkTx = (u64, Sender<Vec<LinkMsg>>);
+
+/// The writers of the connected gates, by gate id: logic's [`DownstreamSink`] in the
+/// distributed shape.
+#[derive(Default)]
+pub struct GateLinks {
+    links: Mutex<HashMap<u16, LinkTx>>,
+    next: AtomicU64,
+}
+
+impl GateLinks {
+    pub fn new() -> Arc<GateLinks> {
+        Arc::new(GateLinks::default())
+    }
+
+    /// Gate ids with a live link.
+    pub fn connected(&self) -> Vec<u16> {
+        let mut v: Vec<u16> = self.lock().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u16, LinkTx>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DownstreamSink for GateLinks {
+    fn send(&self, gate: u16, _core: u16, batch: Vec<Down>) {
+        let tx = self.lock().get(&gate).map(|(_, tx)| tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx.send(batch.into_iter().map(LinkMsg::Down).collect());
+        }
+    }
+}
+
+/// Accepts gate links on `listener` (a thread per link direction) until the process ends.
+pub fn serve(
+    listener: TcpListener,
+    node_id: u16,
+    links: Arc<GateLinks>,
+    logic: Arc<LogicHandle>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("link-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (links, logic) = (links.clone(), logic.clone());
+                let _ = std::thread::Builder::new()
+                    .name("link-read".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_link(stream, node_id, &links, &logic) {
+                            tracing::warn!("gate link ended: {e}");
+                        }
+                    });
+            }
+        })
+}
+
+fn serve_link(
+    mut stream: TcpStream,
+    node_id: u16,
+    links: &GateLinks,
+    logic: &LogicHandle,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(LINK_IDLE_TIMEOUT))?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let gate = loop {
+        match link::decode_msg(&mut buf).map_err(invalid)? {
+            Some(LinkMsg::Hello {
+                role: Role::Gate,
+                id,
+                ..
+            }) => break id,
+            Some(other) => return Err(invalid(format!("expected Hello, got {other:?}"))),
+            None => read_more(&mut stream, &mut buf)?,
+        }
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let gen = links.next.fetch_add(1, Ordering::Relaxed);
+    let _ = tx.send(vec![LinkMsg::Hello {
+        role: Role::Logic,
+        id: node_id,
+        map_epoch: 0,
+    }]);
+    // A newer link of the same gate replaces an older one (whose writer then ends).
+    links.lock().insert(gate, (gen, tx.clone()));
+    tracing::info!(gate, "gate link up");
+    let writer = {
+        let s = stream.try_clone()?;
+        std::thread::Builder::new()
+            .name("link-write".into())
+            .spawn(move || write_loop(s, rx))?
+    };
+    let res = read_loop(&mut stream, &mut buf, gate, &tx, logic);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    {
+        let mut l = links.lock();
+        if l.get(&gate).is_some_and(|(g, _)| *g == gen) {
+            l.remove(&gate);
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+    // Sessions of this gate are gone with the link; its clients reconnect and sync.
+    logic.gate_down(gate);
+    tracing::warn!(gate, "gate link down");
+    res
+}
+
+fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+    let mut tmp = [0u8; 64 * 1024];
+    let n = stream.read(&mut tmp)?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    buf.extend_from_slice(&tmp[..n]);
+    Ok(())
+}
+
+fn invalid(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
+fn read_loop(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    gate: u16,
+    tx: &Sender<Vec<LinkMsg>>,
+    logic: &LogicHandle,
+) -> std::io::Result<()> {
+    let mut lanes: HashMap<usize, Vec<Up>> = HashMap::new();
+    loop {
+        let mut refused = Vec::new();
+        while let Some(m) = link::decode_msg(buf).map_err(invalid)? {
+            match m {
+                LinkMsg::Up(up) => {
+                    if up.conn_gate() != gate {
+                        return Err(invalid("connection id of another gate"));
+                    }
+                    let lane = logic.lane_of(up.uid());
+                    if let Up::Frame { conn, req_id, .. } = &up {
+                        // The gate admits by its own view; logic sheds here when its queue
+                        // is full, with the same retryable error.
+                        if let Err(code) = logic.admit(lane) {
+                            refused.push(LinkMsg::Down(Down::Send {
+                                conn: *conn,
+                                data: Command::Error {
+                                    code,
+                                    message: "logic busy, retry later".into(),
+                                }
+                                .to_bytes(*req_id),
+                            }));
+                            continue;
+                        }
+                    }
+                    lanes.entry(lane).or_default().push(up);
+                }
+                LinkMsg::Ping => {
+                    let _ = tx.send(vec![LinkMsg::Pong]);
+                }
+                LinkMsg::Pong => {}
+                other => return Err(invalid(format!("unexpected on a gate link: {other:?}"))),
+            }
+        }
+        for (lane, batch) in lanes.drain() {
+            logic.send(lane, batch);
+        }
+        if !refused.is_empty() {
+            let _ = tx.send(refused);
+        }
+        read_more(stream, buf)?;
+    }
+}
+
+fn write_loop(mut stream: TcpStream, rx: Receiver<Vec<LinkMsg>>) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    while let Ok(first) = rx.recv() {
+        out.clear();
+        for m in &first {
+            link::encode_msg(m, &mut out);
+        }
+        // Batch everything already queued into one write.
+        while let Ok(more) = rx.try_recv() {
+            for m in &more {
+                link::encode_msg(m, &mut out);
+            }
+            if out.len() > 1024 * 1024 {
+                break;
+            }
+        }
+        if stream.write_all(&out).is_err() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Separate processes: two gates and one logic node over TCP links. A logic crash closes the
+//! clients with a retryable error; after the restart they log in again and sync, losing nothing.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use im_shared::client::{Client, ClientError, Timeline};
+use im_shared::{Command as Cmd, DeviceType, ErrorCode, Seq, UserId};
+
+fn spawn(args: &[&str], prefix: &str) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_im-server"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn im-server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+fn spawn_logic(dir: &Path, link: &str) -> (Child, SocketAddr) {
+    let d = dir.to_str().unwrap();
+    spawn(
+        &[
+            "logic",
+            "--link-listen",
+            link,
+            "--data-dir",
+            d,
+            "--logic-workers",
+            "2",
+        ],
+        "links on ",
+    )
+}
+
+fn spawn_gate(id: u16, logic: SocketAddr) -> (Child, SocketAddr) {
+    let (id, logic) = (id.to_string(), logic.to_string());
+    spawn(
+        &[
+            "gate",
+            "--gate-id",
+            &id,
+            "--logic",
+            &logic,
+            "--listen",
+            "127.0.0.1:0",
+            "--gate-cores",
+            "2",
+        ],
+        "listening on ",
+    )
+}
+
+/// Logs in, retrying while the gate answers `Unavailable` (its link is not up yet).
+fn login_retry(addr: SocketAddr, uid: u64, last: Seq) -> (Client, Seq) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = connect(addr);
+        match c.login(UserId(uid), &token(uid), DeviceType::Phone, "p", last) {
+            Ok(info) => return (c, info.max_seq),
+            Err(ClientError::Server { code, .. }) if code.is_retryable() => {}
+            Err(ClientError::Closed) => {}
+            Err(e) => panic!("login of {uid}: {e}"),
+        }
+        assert!(Instant::now() < deadline, "login of {uid} kept failing");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn two_gates_one_logic_over_tcp_links_survive_a_logic_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut logic, link) = spawn_logic(dir.path(), "127.0.0.1:0");
+    let (mut g1, a1) = spawn_gate(1, link);
+    let (mut g2, a2) = spawn_gate(2, link);
+
+    let (mut alice, _) = login_retry(a1, 8001, Seq(0));
+    let (mut bob, _) = login_retry(a2, 8002, Seq(0));
+    let ack = alice.send_c2c(UserId(8002), 1, "across gates").unwrap();
+    let m = next_deliver(&mut bob);
+    assert_eq!((m.msg_id, &m.body[..]), (ack.msg_id, &b"across gates"[..]));
+    bob.deliver_ack(m.seq).unwrap();
+    let mut acked = vec![ack.msg_id];
+    for i in 2..=50u64 {
+        acked.push(
+            alice
+                .send_c2c(UserId(8002), i, format!("m{i}"))
+                .unwrap()
+                .msg_id,
+        );
+    }
+
+    // Logic dies: both gates close their clients with the retryable Unavailable.
+    logic.kill().unwrap();
+    logic.wait().unwrap();
+    for c in [&mut alice, &mut bob] {
+        let got = c.read_until_closed(Duration::from_secs(10)).unwrap();
+        assert!(
+            got.iter().any(|f| matches!(
+                f,
+                Cmd::Error {
+                    code: ErrorCode::Unavailable,
+                    ..
+                }
+            )),
+            "{got:?}"
+        );
+    }
+    // While it is down, a login is refused with a retryable error.
+    let mut c = connect(a1);
+    let err = c
+        .login(UserId(8001), &token(8001), DeviceType::Phone, "p", Seq(0))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable));
+
+    // Restart on the same link address: gates reconnect by themselves, clients log in and sync.
+    let (mut logic, _) = spawn_logic(dir.path(), &link.to_string());
+    let (mut bob, _) = login_retry(a2, 8002, Seq(0));
+    let mut tl = Timeline::new(Seq(0));
+    tl.sync(&mut bob).unwrap();
+    let got: Vec<_> = tl.messages.iter().map(|m| m.msg_id).collect();
+    assert_eq!(got, acked, "every acked message, once, in order");
+    let (mut alice, _) = login_retry(a1, 8001, Seq(0));
+    let ack2 = alice.send_c2c(UserId(8002), 1000, "after restart").unwrap();
+    assert!(ack2.seq > ack.seq);
+    let m = next_deliver(&mut bob);
+    assert_eq!(m.msg_id, ack2.msg_id);
+    for p in [&mut logic, &mut g1, &mut g2] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}
