@@ -5,17 +5,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use im_shared::link::{DownstreamSink, Up, UpstreamLink};
-use im_shared::shard::{owner_of_vshard, vshard_of};
 use im_shared::token::TokenVerifier;
 use im_shared::{ErrorCode, UserId};
 use tokio::sync::mpsc;
 
 use crate::config::LogicConfig;
+use crate::peer::PeerLinks;
+use crate::router::Router;
 use crate::store::Store;
 use crate::worker::{Worker, WorkerMsg};
 
 /// A running logic tier; also the gate's upstream link (one lane per worker).
 pub struct LogicHandle {
+    router: Arc<Router>,
     inboxes: Vec<mpsc::UnboundedSender<WorkerMsg>>,
     depth: Vec<Arc<AtomicUsize>>,
     max_queued: usize,
@@ -30,8 +32,42 @@ pub fn start<S: Store + Send + Sync>(
     verifier: Arc<dyn TokenVerifier>,
     gate: Arc<dyn DownstreamSink>,
 ) -> std::io::Result<LogicHandle> {
+    start_node(cfg, store, verifier, gate, None)
+}
+
+/// The nodes of a multi-node cluster: this node's index and every node's link address (the same
+/// list, in the same order, on every gate and node).
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub node: usize,
+    pub nodes: Vec<std::net::SocketAddr>,
+}
+
+/// Starts the workers of one node of a cluster (`None`: a single node).
+pub fn start_node<S: Store + Send + Sync>(
+    cfg: LogicConfig,
+    store: S,
+    verifier: Arc<dyn TokenVerifier>,
+    gate: Arc<dyn DownstreamSink>,
+    cluster: Option<Cluster>,
+) -> std::io::Result<LogicHandle> {
     let n = cfg.workers.max(1);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+    let (node, nodes, peers) = match cluster {
+        Some(c) if c.nodes.len() > 1 => (
+            c.node,
+            c.nodes.len(),
+            Some(Arc::new(PeerLinks::start(c.node, c.nodes))),
+        ),
+        _ => (0, 1, None),
+    };
+    let router = Arc::new(Router::new(node, nodes, txs.clone(), peers));
+    if router.total() > 1 << im_shared::MsgId::NODE_BITS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "nodes × workers exceeds the 1024 msg-id generators",
+        ));
+    }
     let depth: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let mut threads = Vec::new();
     for (idx, rx) in rxs.into_iter().enumerate() {
@@ -41,7 +77,7 @@ pub fn start<S: Store + Send + Sync>(
             store.clone(),
             verifier.clone(),
             gate.clone(),
-            txs.clone(),
+            router.clone(),
             depth[idx].clone(),
         );
         threads.push(
@@ -57,6 +93,7 @@ pub fn start<S: Store + Send + Sync>(
         );
     }
     Ok(LogicHandle {
+        router,
         inboxes: txs,
         depth,
         max_queued: cfg.max_queued,
@@ -65,9 +102,21 @@ pub fn start<S: Store + Send + Sync>(
 }
 
 impl LogicHandle {
-    /// Worker that owns `uid`.
+    /// Local worker that owns `uid` (meaningful when this node owns it).
     pub fn worker_of(&self, uid: UserId) -> usize {
-        owner_of_vshard(vshard_of(uid), self.inboxes.len())
+        self.router.local_of(uid)
+    }
+
+    /// Whether this node owns `uid` (a gate with a stale shard map may ask the wrong node).
+    pub fn owns(&self, uid: UserId) -> bool {
+        self.router.owns(uid)
+    }
+
+    /// Hands a message from a peer node to local worker `worker`.
+    pub fn deliver_peer(&self, worker: usize, msg: WorkerMsg) {
+        if let Some(tx) = self.inboxes.get(worker) {
+            let _ = tx.send(msg);
+        }
     }
 
     /// A gate's link dropped: every worker forgets that gate's connections.

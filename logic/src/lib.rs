@@ -13,9 +13,11 @@ pub mod directory;
 mod handle;
 mod msgid;
 pub mod net;
+pub mod peer;
+mod router;
 pub mod store;
-mod worker;
+pub mod worker;
 
 pub use config::LogicConfig;
-pub use handle::{start, LogicHandle};
+pub use handle::{start, start_node, Cluster, LogicHandle};
 pub use msgid::MsgIdGen;

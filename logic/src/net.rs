@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLink};
-use im_shared::Command;
+use im_shared::{Command, ErrorCode};
 
 use crate::handle::LogicHandle;
 
@@ -97,6 +97,11 @@ fn serve_link(
                 id,
                 ..
             }) => break id,
+            Some(LinkMsg::Hello {
+                role: Role::Logic,
+                id,
+                ..
+            }) => return serve_peer(stream, buf, id, logic),
             Some(other) => return Err(invalid(format!("expected Hello, got {other:?}"))),
             None => read_more(&mut stream, &mut buf)?,
         }
@@ -133,6 +138,29 @@ fn serve_link(
     res
 }
 
+/// An inbound link from another logic node: worker messages for local workers.
+fn serve_peer(
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    peer: u16,
+    logic: &LogicHandle,
+) -> std::io::Result<()> {
+    tracing::info!(peer, "peer link in");
+    loop {
+        while let Some(m) = link::decode_msg(&mut buf).map_err(invalid)? {
+            match m {
+                LinkMsg::Peer(p) => {
+                    let (w, msg) = crate::peer::decode(p).map_err(invalid)?;
+                    logic.deliver_peer(w, msg);
+                }
+                LinkMsg::Ping | LinkMsg::Pong => {}
+                other => return Err(invalid(format!("unexpected on a peer link: {other:?}"))),
+            }
+        }
+        read_more(&mut stream, &mut buf)?;
+    }
+}
+
 fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
     let mut tmp = [0u8; 64 * 1024];
     let n = stream.read(&mut tmp)?;
@@ -165,6 +193,18 @@ fn read_loop(
                     }
                     let lane = logic.lane_of(up.uid());
                     if let Up::Frame { conn, req_id, .. } = &up {
+                        // Fence: a gate with a stale shard map must not reach a non-owner.
+                        if !logic.owns(up.uid()) {
+                            refused.push(LinkMsg::Down(Down::Close {
+                                conn: *conn,
+                                data: Command::Error {
+                                    code: ErrorCode::Unavailable,
+                                    message: "user not owned by this logic node".into(),
+                                }
+                                .to_bytes(*req_id),
+                            }));
+                            continue;
+                        }
                         // The gate admits by its own view; logic sheds here when its queue
                         // is full, with the same retryable error.
                         if let Err(code) = logic.admit(lane) {

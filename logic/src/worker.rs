@@ -14,14 +14,18 @@ use bytes::Bytes;
 use im_shared::frame::Cmd;
 use im_shared::link::{Down, DownstreamSink, Up};
 use im_shared::proto::{Message, CONV_C2C, MAX_DEVICE_ID_LEN};
-use im_shared::shard::{owner_of_vshard, vshard_of, VSHARDS};
+use im_shared::shard::{vshard_of, VSHARDS};
 use im_shared::token::{TokenError, TokenVerifier};
 use im_shared::{Command, ConnId, DeviceType, ErrorCode, KickReason, MsgId, Seq, ShardId, UserId};
 use tokio::sync::mpsc;
 
 use crate::config::LogicConfig;
 use crate::msgid::MsgIdGen;
+use crate::router::Router;
 use crate::store::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+
+/// How often a worker of a multi-node cluster checks whether a peer link needs a resync.
+const RESYNC_CHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// Most undelivered-notice entries kept per user.
 const MAX_PENDING_NOTICES: usize = 10_000;
@@ -140,7 +144,7 @@ pub struct Worker<S> {
     store: S,
     verifier: Arc<dyn TokenVerifier>,
     gate: Arc<dyn DownstreamSink>,
-    peers: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+    router: Arc<Router>,
     depth: Arc<AtomicUsize>,
     users: HashMap<UserId, UserState>,
     routes: HashMap<UserId, Vec<Device>>,
@@ -170,10 +174,10 @@ impl<S: Store> Worker<S> {
         store: S,
         verifier: Arc<dyn TokenVerifier>,
         gate: Arc<dyn DownstreamSink>,
-        peers: Vec<mpsc::UnboundedSender<WorkerMsg>>,
+        router: Arc<Router>,
         depth: Arc<AtomicUsize>,
     ) -> Self {
-        let gen_id = cfg.node_id as usize * peers.len() + idx;
+        let gen_id = router.global(idx);
         Worker {
             idx,
             ids: MsgIdGen::new(gen_id as u16),
@@ -181,7 +185,7 @@ impl<S: Store> Worker<S> {
             store,
             verifier,
             gate,
-            peers,
+            router,
             depth,
             users: HashMap::new(),
             routes: HashMap::new(),
@@ -189,15 +193,31 @@ impl<S: Store> Worker<S> {
         }
     }
 
+    /// Global worker owning `uid` (see [`Router`]).
     fn owner(&self, uid: UserId) -> usize {
-        owner_of_vshard(vshard_of(uid), self.peers.len())
+        self.router.owner(uid)
     }
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
-        self.replay_outbox().await;
+        self.replay_outbox(None).await;
         let mut msgs = Vec::new();
+        // With several nodes a fan-out can be lost with a peer link: after every link change the
+        // worker re-sends its unconfirmed outbox to that node before any new live append.
+        let mut resync = tokio::time::interval(RESYNC_CHECK_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let Some(first) = rx.recv().await else { return };
+            let first = if self.router.nodes > 1 {
+                tokio::select! {
+                    m = rx.recv() => m,
+                    _ = resync.tick() => {
+                        self.resync_peers().await;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let Some(first) = first else { return };
             msgs.push(first);
             while msgs.len() < self.cfg.max_group {
                 match rx.try_recv() {
@@ -205,7 +225,7 @@ impl<S: Store> Worker<S> {
                     Err(_) => break,
                 }
             }
-            let mut round = Round::new(self.peers.len());
+            let mut round = Round::new(self.router.total());
             let mut stop = false;
             for m in msgs.drain(..) {
                 match m {
@@ -239,25 +259,48 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Re-sends the fan-out of every outbox entry of this worker's shards.
-    async fn replay_outbox(&mut self) {
-        let workers = self.peers.len();
-        let mut out: Vec<Vec<AppendReq>> = (0..workers).map(|_| Vec::new()).collect();
+    /// Resyncs every peer link that changed since this worker last looked.
+    async fn resync_peers(&mut self) {
+        let todo = match self.router.peers() {
+            Some(p) => p.needs_resync(self.idx),
+            None => return,
+        };
+        for (node, epoch) in todo {
+            self.replay_outbox(Some(node)).await;
+            if let Some(p) = self.router.peers() {
+                p.resynced(node, self.idx, epoch);
+            }
+        }
+    }
+
+    /// Re-sends the fan-out of this worker's outbox entries (all of them at start: everything a
+    /// crash interrupted; with `only_node`, those bound for that node).
+    async fn replay_outbox(&mut self, only_node: Option<usize>) {
+        let total = self.router.total();
+        let me = self.router.global(self.idx);
+        let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
         let mut n = 0usize;
         for s in 0..VSHARDS {
             let shard = ShardId(s);
-            if owner_of_vshard(shard, workers) != self.idx {
+            if self.router.owner_of_shard(shard) != me {
                 continue;
             }
             let entries = loop {
                 match self.store.outbox(shard).await {
                     Ok(e) => break e,
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(worker = self.idx, "outbox read failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                     Err(e) => {
+                        // A corrupt record must not keep the worker from serving: report it
+                        // loudly and go on; the entries of this shard need an operator.
                         tracing::error!(
                             worker = self.idx,
-                            "outbox replay read failed, retrying: {e}"
+                            shard = shard.0,
+                            "outbox of shard unreadable, skipped: {e}"
                         );
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break Vec::new();
                     }
                 }
             };
@@ -269,6 +312,9 @@ impl<S: Store> Worker<S> {
             } in entries
             {
                 for r in recipients {
+                    if only_node.is_some_and(|n| self.router.node_of(self.owner(r)) != n) {
+                        continue;
+                    }
                     n += 1;
                     out[self.owner(r)].push(AppendReq {
                         recipient: r,
@@ -284,7 +330,7 @@ impl<S: Store> Worker<S> {
         }
         for (w, reqs) in out.into_iter().enumerate() {
             if !reqs.is_empty() {
-                let _ = self.peers[w].send(WorkerMsg::Append(reqs));
+                self.router.send(self.idx, w, WorkerMsg::Append(reqs));
             }
         }
     }
@@ -656,7 +702,7 @@ impl<S: Store> Worker<S> {
     async fn on_append(&mut self, a: AppendReq, round: &mut Round) {
         let r = a.recipient;
         let key = (r, a.msg.msg_id);
-        let done_to = owner_of_vshard(a.shard, self.peers.len());
+        let done_to = self.router.owner_of_shard(a.shard);
         if round.appended.contains(&key) {
             round.done_out[done_to].push((a.shard, a.msg.msg_id));
             return;
@@ -736,7 +782,7 @@ impl<S: Store> Worker<S> {
         let rest = a.pending.split_off(&(seq.0 + 1));
         let acked = std::mem::replace(&mut a.pending, rest);
         for (_, (sender, msg_id)) in acked {
-            let w = owner_of_vshard(vshard_of(sender), self.peers.len());
+            let w = self.router.owner(sender);
             round.delivered_out[w].push(DeliveredNote {
                 sender,
                 msg_id,
@@ -844,17 +890,17 @@ impl<S: Store> Worker<S> {
         }
         for (w, reqs) in round.appends_out.into_iter().enumerate() {
             if !reqs.is_empty() {
-                let _ = self.peers[w].send(WorkerMsg::Append(reqs));
+                self.router.send(self.idx, w, WorkerMsg::Append(reqs));
             }
         }
         for (w, done) in round.done_out.into_iter().enumerate() {
             if !done.is_empty() {
-                let _ = self.peers[w].send(WorkerMsg::AppendDone(done));
+                self.router.send(self.idx, w, WorkerMsg::AppendDone(done));
             }
         }
         for (w, notes) in round.delivered_out.into_iter().enumerate() {
             if !notes.is_empty() {
-                let _ = self.peers[w].send(WorkerMsg::Delivered(notes));
+                self.router.send(self.idx, w, WorkerMsg::Delivered(notes));
             }
         }
     }

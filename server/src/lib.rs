@@ -139,19 +139,42 @@ pub fn start_gate(
 }
 
 /// A logic node of the distributed shape: workers + store, accepting gate links on `link_listen`.
+/// `nodes` is the cluster's list of logic link addresses (empty for a lone node); this node is
+/// `nodes[node_id]`.
 pub fn start_logic(
     cfg: &ServerConfig,
     node_id: u16,
     link_listen: SocketAddr,
+    nodes: Vec<SocketAddr>,
 ) -> anyhow::Result<(Arc<LogicHandle>, SocketAddr)> {
+    anyhow::ensure!(
+        nodes.is_empty() || (node_id as usize) < nodes.len(),
+        "--node-id {node_id} is not an index of the {} nodes",
+        nodes.len()
+    );
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = FjallStore::open(&cfg.data_dir)?;
     let links = im_logic::net::GateLinks::new();
     let verifier = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let mut lc = logic_config(cfg);
     lc.node_id = node_id;
-    let logic = Arc::new(im_logic::start(lc, store, verifier, links.clone())?);
+    // Bind first, so that peers and gates can connect as soon as the workers run.
     let listener = std::net::TcpListener::bind(link_listen)?;
+    let cluster = if nodes.is_empty() {
+        None
+    } else {
+        Some(im_logic::Cluster {
+            node: node_id as usize,
+            nodes,
+        })
+    };
+    let logic = Arc::new(im_logic::start_node(
+        lc,
+        store,
+        verifier,
+        links.clone(),
+        cluster,
+    )?);
     let addr = listener.local_addr()?;
     im_logic::net::serve(listener, node_id, links, logic.clone())?;
     tracing::info!(%addr, node_id, "logic node accepting gate links");

@@ -67,9 +67,14 @@ enum CliCmd {
         /// This node's id (part of every msg id).
         #[arg(long, env = "IM_NODE_ID", default_value_t = 0)]
         node_id: u16,
-        /// Address for gate links.
-        #[arg(long, env = "IM_LINK_LISTEN", default_value = "127.0.0.1:7100")]
-        link_listen: SocketAddr,
+        /// Address for gate and peer links (default: this node's entry of --nodes, else
+        /// 127.0.0.1:7100).
+        #[arg(long, env = "IM_LINK_LISTEN")]
+        link_listen: Option<SocketAddr>,
+        /// Every logic node's link address, comma separated, in shard-map order (the same list
+        /// the gates get); omit for a lone logic node.
+        #[arg(long, env = "IM_NODES", value_delimiter = ',')]
+        nodes: Vec<SocketAddr>,
     },
     /// Mint a development SSO token for a user.
     Token {
@@ -199,10 +204,14 @@ fn main() -> anyhow::Result<()> {
             common,
             node_id,
             link_listen,
+            nodes,
         } => {
             let cfg = common.config()?;
             let signals = block_shutdown_signals();
-            let (logic, addr) = im_server::start_logic(&cfg, node_id, link_listen)?;
+            let link_listen = link_listen
+                .or_else(|| nodes.get(node_id as usize).copied())
+                .unwrap_or_else(|| "127.0.0.1:7100".parse().expect("literal"));
+            let (logic, addr) = im_server::start_logic(&cfg, node_id, link_listen, nodes)?;
             println!("links on {addr}");
             wait_for_signal(&signals);
             logic.shutdown();

@@ -34,6 +34,34 @@ fn spawn(args: &[&str], prefix: &str) -> (Child, SocketAddr) {
     (child, addr)
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_node(dir: &Path, id: usize, nodes: &str) -> Child {
+    let d = dir.to_str().unwrap();
+    let id = id.to_string();
+    spawn(
+        &[
+            "logic",
+            "--node-id",
+            &id,
+            "--nodes",
+            nodes,
+            "--data-dir",
+            d,
+            "--logic-workers",
+            "2",
+        ],
+        "links on ",
+    )
+    .0
+}
+
 fn spawn_logic(dir: &Path, link: &str) -> (Child, SocketAddr) {
     let d = dir.to_str().unwrap();
     spawn(
@@ -50,7 +78,7 @@ fn spawn_logic(dir: &Path, link: &str) -> (Child, SocketAddr) {
     )
 }
 
-fn spawn_gate(id: u16, logic: SocketAddr) -> (Child, SocketAddr) {
+fn spawn_gate(id: u16, logic: impl ToString) -> (Child, SocketAddr) {
     let (id, logic) = (id.to_string(), logic.to_string());
     spawn(
         &[
@@ -143,6 +171,97 @@ fn two_gates_one_logic_over_tcp_links_survive_a_logic_crash() {
     let m = next_deliver(&mut bob);
     assert_eq!(m.msg_id, ack2.msg_id);
     for p in [&mut logic, &mut g1, &mut g2] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}
+
+fn node_of(uid: u64, nodes: usize) -> usize {
+    im_shared::shard::owner_of_vshard(im_shared::shard::vshard_of(UserId(uid)), nodes)
+}
+
+#[test]
+fn two_logic_nodes_fan_out_across_nodes_and_recover_a_crashed_one_from_the_outbox() {
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let mut n0 = spawn_node(d0.path(), 0, &nodes);
+    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let (mut g1, a1) = spawn_gate(1, &nodes);
+    let (mut g2, a2) = spawn_gate(2, &nodes);
+    // alice lives on node 0, bob on node 1.
+    let alice_uid = (9000..).find(|&u| node_of(u, 2) == 0).unwrap();
+    let bob_uid = (9000..).find(|&u| node_of(u, 2) == 1).unwrap();
+    let (mut alice, _) = login_retry(a1, alice_uid, Seq(0));
+    let (mut bob, _) = login_retry(a2, bob_uid, Seq(0));
+
+    // Cross-node c2c both ways, and a delivered notice back across nodes.
+    let ack = alice.send_c2c(UserId(bob_uid), 1, "hello node 1").unwrap();
+    let m = next_deliver(&mut bob);
+    assert_eq!(m.msg_id, ack.msg_id);
+    bob.deliver_ack(m.seq).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no delivered notice across nodes"
+        );
+        if let Some(Cmd::Delivered { msg_id, .. }) = alice.recv(Duration::from_millis(200)).unwrap()
+        {
+            assert_eq!(msg_id, ack.msg_id);
+            break;
+        }
+    }
+    let back = bob.send_c2c(UserId(alice_uid), 1, "hello node 0").unwrap();
+    assert_eq!(next_deliver(&mut alice).msg_id, back.msg_id);
+
+    // Node 1 dies: bob is disconnected; alice (node 0) keeps sending and gets acks, because her
+    // messages are durable in her timeline and outbox.
+    n1.kill().unwrap();
+    n1.wait().unwrap();
+    let got = bob.read_until_closed(Duration::from_secs(10)).unwrap();
+    assert!(got.iter().any(|f| matches!(
+        f,
+        Cmd::Error {
+            code: ErrorCode::Unavailable,
+            ..
+        }
+    )));
+    let mut acked = vec![ack.msg_id];
+    for i in 2..=20u64 {
+        acked.push(
+            alice
+                .send_c2c(UserId(bob_uid), i, format!("while down {i}"))
+                .unwrap()
+                .msg_id,
+        );
+    }
+
+    // Node 1 comes back: node 0 re-sends the unconfirmed fan-out; bob gets everything once.
+    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let (mut bob, _) = login_retry(a2, bob_uid, Seq(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tl = Timeline::new(Seq(0));
+    loop {
+        tl.sync(&mut bob).unwrap();
+        let got: Vec<_> = tl
+            .messages
+            .iter()
+            .filter(|m| m.from == UserId(alice_uid))
+            .map(|m| m.msg_id)
+            .collect();
+        if got.len() >= acked.len() {
+            assert_eq!(got, acked, "every acked message once, in order");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} arrived",
+            got.len(),
+            acked.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for p in [&mut n0, &mut n1, &mut g1, &mut g2] {
         p.kill().unwrap();
         p.wait().unwrap();
     }
