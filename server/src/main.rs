@@ -27,27 +27,8 @@ struct Cli {
 enum CliCmd {
     /// Run the server.
     Run {
-        /// TOML config file (see deploy/im-server.toml); flags override it.
-        #[arg(long, env = "IM_CONFIG")]
-        config: Option<PathBuf>,
-        #[arg(long, env = "IM_LISTEN")]
-        listen: Option<SocketAddr>,
-        #[arg(long, env = "IM_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        /// Gate threads (0 = one per CPU).
-        #[arg(long, env = "IM_GATE_CORES")]
-        gate_cores: Option<usize>,
-        /// Logic worker threads (0 = one per CPU).
-        #[arg(long, env = "IM_LOGIC_WORKERS")]
-        logic_workers: Option<usize>,
-        #[arg(long, env = "IM_TOKEN_SECRET", hide_env_values = true)]
-        token_secret: Option<String>,
-        #[arg(long)]
-        login_timeout_secs: Option<u64>,
-        #[arg(long)]
-        idle_timeout_secs: Option<u64>,
-        #[arg(long)]
-        max_body: Option<usize>,
+        #[command(flatten)]
+        common: Common,
     },
     /// Run a gate process (distributed shape): client listener + TCP links to logic nodes.
     Gate {
@@ -88,21 +69,30 @@ enum CliCmd {
     },
 }
 
-/// Options shared by the gate and logic processes (same meaning as for `run`).
+/// Options of every process kind; flags override the TOML file, which overrides defaults.
 #[derive(clap::Args)]
 struct Common {
+    /// TOML config file (see deploy/im-server.toml).
     #[arg(long, env = "IM_CONFIG")]
     config: Option<PathBuf>,
     #[arg(long, env = "IM_LISTEN")]
     listen: Option<SocketAddr>,
     #[arg(long, env = "IM_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Gate threads (0 = one per CPU).
     #[arg(long, env = "IM_GATE_CORES")]
     gate_cores: Option<usize>,
+    /// Logic worker threads (0 = one per CPU).
     #[arg(long, env = "IM_LOGIC_WORKERS")]
     logic_workers: Option<usize>,
     #[arg(long, env = "IM_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    #[arg(long)]
+    login_timeout_secs: Option<u64>,
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    #[arg(long)]
+    max_body: Option<usize>,
 }
 
 impl Common {
@@ -120,22 +110,26 @@ impl Common {
             gate_cores,
             logic_workers,
             token_secret,
+            login_timeout_secs,
+            idle_timeout_secs,
+            max_body,
             ..
         } = self;
-        if let Some(v) = listen {
-            cfg.listen = v;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = $f { cfg.$f = v; } )* };
         }
-        if let Some(v) = data_dir {
-            cfg.data_dir = v;
-        }
-        if let Some(v) = gate_cores {
-            cfg.gate_cores = v;
-        }
-        if let Some(v) = logic_workers {
-            cfg.logic_workers = v;
-        }
-        if let Some(v) = token_secret {
-            cfg.token_secret = v;
+        set!(
+            listen,
+            data_dir,
+            gate_cores,
+            logic_workers,
+            token_secret,
+            login_timeout_secs,
+            idle_timeout_secs,
+            max_body
+        );
+        if cfg.token_secret == DEV_TOKEN_SECRET {
+            tracing::warn!("using the development token secret; set IM_TOKEN_SECRET in production");
         }
         Ok(cfg)
     }
@@ -217,42 +211,8 @@ fn main() -> anyhow::Result<()> {
             logic.shutdown();
             Ok(())
         }
-        CliCmd::Run {
-            config,
-            listen,
-            data_dir,
-            gate_cores,
-            logic_workers,
-            token_secret,
-            login_timeout_secs,
-            idle_timeout_secs,
-            max_body,
-        } => {
-            let mut cfg: ServerConfig = match config {
-                Some(p) => toml::from_str(
-                    &std::fs::read_to_string(&p).with_context(|| format!("reading {p:?}"))?,
-                )
-                .with_context(|| format!("parsing {p:?}"))?,
-                None => ServerConfig::default(),
-            };
-            macro_rules! set {
-                ($($f:ident),*) => { $( if let Some(v) = $f { cfg.$f = v; } )* };
-            }
-            set!(
-                listen,
-                data_dir,
-                gate_cores,
-                logic_workers,
-                token_secret,
-                login_timeout_secs,
-                idle_timeout_secs,
-                max_body
-            );
-            if cfg.token_secret == DEV_TOKEN_SECRET {
-                tracing::warn!(
-                    "using the development token secret; set IM_TOKEN_SECRET in production"
-                );
-            }
+        CliCmd::Run { common } => {
+            let cfg = common.config()?;
             // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask
             // and the main thread alone receives them below.
             let signals = block_shutdown_signals();

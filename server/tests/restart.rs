@@ -4,10 +4,9 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
@@ -15,8 +14,9 @@ use im_shared::client::Timeline;
 use im_shared::{Seq, UserId};
 
 fn spawn_server(dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_im-server"))
-        .args([
+    let d = dir.to_str().unwrap();
+    spawn_process(
+        &[
             "run",
             "--listen",
             "127.0.0.1:0",
@@ -24,25 +24,11 @@ fn spawn_server(dir: &Path) -> (Child, SocketAddr) {
             "2",
             "--logic-workers",
             "2",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn im-server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
+            "--data-dir",
+            d,
+        ],
+        "listening on ",
+    )
 }
 
 #[test]

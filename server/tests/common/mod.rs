@@ -94,3 +94,27 @@ pub fn assert_no_deliver(c: &mut Client, wait: Duration) {
         }
     }
 }
+
+/// Starts the `im-server` binary with `args` and returns it with the address printed on its first
+/// stdout line after `prefix` (e.g. "listening on ").
+pub fn spawn_process(args: &[&str], prefix: &str) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn im-server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
