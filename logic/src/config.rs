@@ -21,6 +21,8 @@ pub struct LogicConfig {
     pub max_group: usize,
     /// Remembered `client_msg_id`s per user in memory (older ones are looked up in the store).
     pub dedup_window: usize,
+    /// Redis Cluster seed nodes (`redis://host:port`) of the shared directory; empty: none.
+    pub redis_nodes: Vec<String>,
 }
 
 impl Default for LogicConfig {
@@ -35,6 +37,7 @@ impl Default for LogicConfig {
             max_queued: 100_000,
             max_group: 1024,
             dedup_window: 256,
+            redis_nodes: Vec::new(),
         }
     }
 }

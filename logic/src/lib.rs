@@ -14,6 +14,7 @@ mod handle;
 mod msgid;
 pub mod net;
 pub mod peer;
+mod publish;
 mod router;
 pub mod store;
 pub mod worker;

@@ -95,6 +95,7 @@ impl UserState {
 
 struct Session {
     uid: UserId,
+    device_type: DeviceType,
 }
 
 /// Effects of one round. Nothing leaves the worker before the round's batch is committed, so
@@ -150,6 +151,8 @@ pub struct Worker<S> {
     routes: HashMap<UserId, Vec<Device>>,
     sessions: HashMap<ConnId, Session>,
     ids: MsgIdGen,
+    /// Route changes for the shared directory (when one is configured).
+    dir: Option<mpsc::UnboundedSender<crate::publish::DirOp>>,
 }
 
 fn now_ms() -> u64 {
@@ -190,6 +193,31 @@ impl<S: Store> Worker<S> {
             users: HashMap::new(),
             routes: HashMap::new(),
             sessions: HashMap::new(),
+            dir: None,
+        }
+    }
+
+    /// Connects this worker's directory publisher (Redis Cluster) if one is configured.
+    async fn connect_directory(&mut self) {
+        #[cfg(feature = "redis")]
+        if !self.cfg.redis_nodes.is_empty() {
+            match crate::directory::RedisDirectory::connect(self.cfg.redis_nodes.clone()).await {
+                Ok(d) => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(crate::publish::run(d, rx));
+                    self.dir = Some(tx);
+                }
+                Err(e) => tracing::error!(
+                    worker = self.idx,
+                    "directory unavailable, routes not published: {e}"
+                ),
+            }
+        }
+    }
+
+    fn publish(&self, op: crate::publish::DirOp) {
+        if let Some(tx) = &self.dir {
+            let _ = tx.send(op);
         }
     }
 
@@ -199,6 +227,7 @@ impl<S: Store> Worker<S> {
     }
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
+        self.connect_directory().await;
         self.replay_outbox(None).await;
         let mut msgs = Vec::new();
         // With several nodes a fan-out can be lost with a peer link: after every link change the
@@ -442,7 +471,12 @@ impl<S: Store> Worker<S> {
     }
 
     fn on_closed(&mut self, conn: ConnId, uid: UserId) {
-        if self.sessions.remove(&conn).is_some() {
+        if let Some(s) = self.sessions.remove(&conn) {
+            self.publish(crate::publish::DirOp::Offline {
+                uid,
+                device_type: s.device_type as u8,
+                conn,
+            });
             if let Some(devs) = self.routes.get_mut(&uid) {
                 devs.retain(|d| d.conn != conn);
                 if devs.is_empty() {
@@ -543,7 +577,21 @@ impl<S: Store> Worker<S> {
             };
             round.close(old, k.to_bytes(0));
         }
-        self.sessions.insert(conn, Session { uid });
+        self.sessions.insert(conn, Session { uid, device_type });
+        self.publish(crate::publish::DirOp::Online {
+            uid,
+            route: crate::directory::RouteEntry {
+                device_type: device_type as u8,
+                device_id: self.routes[&uid]
+                    .last()
+                    .map(|d| d.device_id.clone())
+                    .unwrap_or_default(),
+                gate: conn.gate(),
+                core: conn.core(),
+                conn: conn.0,
+                epoch: now_ms(),
+            },
+        });
         let max_seq = Seq(self.users[&uid].last_seq);
         let r = Command::LoginResult {
             code: ErrorCode::Ok,

@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub seq_segment: u64,
     /// Client frames queued per logic worker before new work is refused (retryable).
     pub max_queued: usize,
+    /// Redis Cluster seed nodes (`redis://127.0.0.1:7001`, …) for the shared directory of routes
+    /// and presence; empty (the default): no directory, routes live only in logic memory.
+    pub redis_nodes: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             max_write_queue: g.max_write_queue,
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
+            redis_nodes: Vec::new(),
         }
     }
 }
@@ -121,6 +125,7 @@ fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         heartbeat_secs: cfg.heartbeat_secs,
         seq_segment: cfg.seq_segment,
         max_queued: cfg.max_queued,
+        redis_nodes: cfg.redis_nodes.clone(),
         ..LogicConfig::default()
     }
 }

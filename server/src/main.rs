@@ -93,6 +93,9 @@ struct Common {
     idle_timeout_secs: Option<u64>,
     #[arg(long)]
     max_body: Option<usize>,
+    /// Redis Cluster seed nodes for the shared directory, comma separated.
+    #[arg(long, env = "IM_REDIS_NODES", value_delimiter = ',')]
+    redis_nodes: Vec<String>,
 }
 
 impl Common {
@@ -113,8 +116,12 @@ impl Common {
             login_timeout_secs,
             idle_timeout_secs,
             max_body,
+            redis_nodes,
             ..
         } = self;
+        if !redis_nodes.is_empty() {
+            cfg.redis_nodes = redis_nodes;
+        }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = $f { cfg.$f = v; } )* };
         }
