@@ -17,7 +17,7 @@
 //! | `p:{<uid>}` | STRING | `1` while the user is online, with the presence TTL |
 //! | `{gates}:live` | ZSET | member = gate id, score = expiry (server clock, Unix ms) |
 //! | `{gates}:info` | HASH | field = gate id, value = encoded [`GateInfo`] |
-//! | `{shards}:map` | HASH | field = vshard, value = `node:epoch` |
+//! | `{shards}:map` | HASH | field = vshard, value = `node:epoch:token` |
 //!
 //! # Consistency and what survives a Redis master failover
 //!
