@@ -248,3 +248,111 @@ fn two_logic_nodes_fan_out_across_nodes_and_recover_a_crashed_one_from_the_outbo
         p.wait().unwrap();
     }
 }
+
+#[test]
+fn kill_9_of_a_logic_node_under_c2c_load_loses_no_acked_message() {
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let mut n0 = spawn_node(d0.path(), 0, &nodes);
+    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let (mut g, addr) = spawn_gate(1, &nodes);
+    // Two senders and two recipients on each node: every direction of fan-out is exercised.
+    let on = |node: usize, skip: usize| {
+        (20_000..)
+            .filter(|&u| node_of(u, 2) == node)
+            .nth(skip)
+            .unwrap()
+    };
+    let senders = [on(0, 0), on(0, 1), on(1, 0), on(1, 1)];
+    let recipients = [on(0, 2), on(0, 3), on(1, 2), on(1, 3)];
+    for &r in &recipients {
+        login_retry(addr, r, Seq(0)); // registered once, then offline: everything goes to sync
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked: Vec<Vec<(u64, u64)>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = senders
+            .iter()
+            .map(|&s| {
+                let stop = &stop;
+                sc.spawn(move || {
+                    let (mut c, _) = login_retry(addr, s, Seq(0));
+                    let mut acked = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 5_000 {
+                        i += 1;
+                        let to = recipients[(i as usize) % recipients.len()];
+                        match c.send_c2c(UserId(to), i, format!("{s}:{i}")) {
+                            Ok(_) => acked.push((to, i)),
+                            Err(ClientError::Server { code, .. }) if code.is_retryable() => {}
+                            Err(_) => {
+                                // Disconnected (its node died): log in again when possible and
+                                // go on; the unacked message is simply not counted.
+                                c = login_retry(addr, s, Seq(0)).0;
+                            }
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        n1.kill().unwrap(); // SIGKILL under load
+        n1.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        n1 = spawn_node(d1.path(), 1, &nodes);
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let total: usize = acked.iter().map(Vec::len).sum();
+    assert!(total > 100, "too little load: {total}");
+    // Every acked message reaches its recipient exactly once, in each sender's order.
+    for &r in &recipients {
+        let want: Vec<String> = senders
+            .iter()
+            .zip(&acked)
+            .flat_map(|(&s, a)| {
+                a.iter()
+                    .filter(move |(to, _)| *to == r)
+                    .map(move |(_, i)| format!("{s}:{i}"))
+            })
+            .collect();
+        let (mut c, _) = login_retry(addr, r, Seq(0));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut tl = Timeline::new(Seq(0));
+        loop {
+            tl.sync(&mut c).unwrap();
+            if tl.messages.len() >= want.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{r}: {} of {}",
+                tl.messages.len(),
+                want.len()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let got: Vec<String> = tl
+            .messages
+            .iter()
+            .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+            .collect();
+        let got_set: std::collections::HashSet<&String> = got.iter().collect();
+        assert_eq!(got.len(), got_set.len(), "duplicates for {r}");
+        for w in &want {
+            assert!(got_set.contains(w), "{r} misses acked {w}");
+        }
+        let mut last: std::collections::HashMap<&str, u64> = Default::default();
+        for b in &got {
+            let (s, i) = b.split_once(':').unwrap();
+            let i: u64 = i.parse().unwrap();
+            assert!(i > *last.get(s).unwrap_or(&0), "out of order for {r}: {b}");
+            last.insert(s, i);
+        }
+    }
+    for p in [&mut n0, &mut n1, &mut g] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}
