@@ -43,7 +43,14 @@ pub struct TcpUpstream {
 
 impl TcpUpstream {
     /// Starts one link per logic node address; they connect (and reconnect) in the background.
-    pub fn start(gate_id: u16, logic: Vec<SocketAddr>, sink: Arc<GateSink>) -> Arc<TcpUpstream> {
+    /// `client_addr` (set once the client listener is bound) is announced to logic in `Hello`
+    /// for the gate registry; links wait for it before connecting.
+    pub fn start(
+        gate_id: u16,
+        client_addr: Arc<std::sync::OnceLock<SocketAddr>>,
+        logic: Vec<SocketAddr>,
+        sink: Arc<GateSink>,
+    ) -> Arc<TcpUpstream> {
         let mut nodes = Vec::new();
         let mut rxs = Vec::new();
         for _ in &logic {
@@ -57,10 +64,18 @@ impl TcpUpstream {
         }
         let me = Arc::new(TcpUpstream { nodes });
         for (lane, (addr, rx)) in logic.into_iter().zip(rxs).enumerate() {
-            let (me, sink) = (me.clone(), sink.clone());
+            let (me, sink, client_addr) = (me.clone(), sink.clone(), client_addr.clone());
             std::thread::Builder::new()
                 .name(format!("link-{lane}"))
-                .spawn(move || me.run_link(lane, gate_id, addr, rx, sink))
+                .spawn(move || {
+                    let client_addr = loop {
+                        if let Some(a) = client_addr.get() {
+                            break *a;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    };
+                    me.run_link(lane, gate_id, client_addr, addr, rx, sink)
+                })
                 .expect("spawn link thread");
         }
         me
@@ -75,6 +90,7 @@ impl TcpUpstream {
         &self,
         lane: usize,
         gate_id: u16,
+        client_addr: SocketAddr,
         addr: SocketAddr,
         rx: Receiver<Vec<Up>>,
         sink: Arc<GateSink>,
@@ -82,7 +98,7 @@ impl TcpUpstream {
         let node = &self.nodes[lane];
         let mut backoff = Duration::from_millis(50);
         loop {
-            match connect(addr, gate_id) {
+            match connect(addr, gate_id, client_addr) {
                 Ok(stream) => {
                     backoff = Duration::from_millis(50);
                     tracing::info!(lane, %addr, "logic link up");
@@ -139,7 +155,7 @@ impl TcpUpstream {
     }
 }
 
-fn connect(addr: SocketAddr, gate_id: u16) -> std::io::Result<TcpStream> {
+fn connect(addr: SocketAddr, gate_id: u16, client_addr: SocketAddr) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_nodelay(true)?;
     let mut out = BytesMut::new();
@@ -148,6 +164,7 @@ fn connect(addr: SocketAddr, gate_id: u16) -> std::io::Result<TcpStream> {
             role: Role::Gate,
             id: gate_id,
             map_epoch: 0,
+            addr: client_addr.to_string(),
         },
         &mut out,
     );

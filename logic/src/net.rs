@@ -20,8 +20,8 @@ use crate::handle::LogicHandle;
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Writer channel of one gate link, with the link's generation.
-type LinkTx = (u64, Sender<Vec<LinkMsg>>);
+/// Writer channel of one gate link, with the link's generation and the gate's client address.
+type LinkTx = (u64, Sender<Vec<LinkMsg>>, String);
 
 /// The writers of the connected gates, by gate id: logic's [`DownstreamSink`] in the
 /// distributed shape.
@@ -36,9 +36,13 @@ impl GateLinks {
         Arc::new(GateLinks::default())
     }
 
-    /// Gate ids with a live link.
-    pub fn connected(&self) -> Vec<u16> {
-        let mut v: Vec<u16> = self.lock().keys().copied().collect();
+    /// Gates with a live link: id and client address.
+    pub fn connected(&self) -> Vec<(u16, String)> {
+        let mut v: Vec<(u16, String)> = self
+            .lock()
+            .iter()
+            .map(|(id, (_, _, addr))| (*id, addr.clone()))
+            .collect();
         v.sort_unstable();
         v
     }
@@ -50,7 +54,7 @@ impl GateLinks {
 
 impl DownstreamSink for GateLinks {
     fn send(&self, gate: u16, _core: u16, batch: Vec<Down>) {
-        let tx = self.lock().get(&gate).map(|(_, tx)| tx.clone());
+        let tx = self.lock().get(&gate).map(|(_, tx, _)| tx.clone());
         if let Some(tx) = tx {
             let _ = tx.send(batch.into_iter().map(LinkMsg::Down).collect());
         }
@@ -90,13 +94,14 @@ fn serve_link(
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(LINK_IDLE_TIMEOUT))?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let gate = loop {
+    let (gate, gate_addr) = loop {
         match link::decode_msg(&mut buf).map_err(invalid)? {
             Some(LinkMsg::Hello {
                 role: Role::Gate,
                 id,
+                addr,
                 ..
-            }) => break id,
+            }) => break (id, addr),
             Some(LinkMsg::Hello {
                 role: Role::Logic,
                 id,
@@ -112,9 +117,10 @@ fn serve_link(
         role: Role::Logic,
         id: node_id,
         map_epoch: 0,
+        addr: String::new(),
     }]);
     // A newer link of the same gate replaces an older one (whose writer then ends).
-    links.lock().insert(gate, (gen, tx.clone()));
+    links.lock().insert(gate, (gen, tx.clone(), gate_addr));
     tracing::info!(gate, "gate link up");
     let writer = {
         let s = stream.try_clone()?;
@@ -126,7 +132,7 @@ fn serve_link(
     let _ = stream.shutdown(std::net::Shutdown::Both);
     {
         let mut l = links.lock();
-        if l.get(&gate).is_some_and(|(g, _)| *g == gen) {
+        if l.get(&gate).is_some_and(|(g, _, _)| *g == gen) {
             l.remove(&gate);
         }
     }
@@ -259,4 +265,56 @@ fn write_loop(mut stream: TcpStream, rx: Receiver<Vec<LinkMsg>>) {
             return;
         }
     }
+}
+
+/// Registration of a linked gate lasts this long unless refreshed.
+pub const GATE_TTL_SECS: u64 = 15;
+/// How often the linked gates are registered again.
+const GATE_REFRESH: Duration = Duration::from_secs(5);
+
+/// Registers the gates linked to this node in the directory's gate registry (for iplist), every
+/// few seconds with a TTL, from a thread of its own. A gate that dies stops being refreshed and
+/// drops out of the registry after [`GATE_TTL_SECS`].
+#[cfg(feature = "redis")]
+pub fn publish_gates(
+    links: Arc<GateLinks>,
+    redis_nodes: Vec<String>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use crate::directory::{Directory, GateInfo, RedisDirectory};
+    std::thread::Builder::new()
+        .name("gate-registry".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!("gate registry runtime: {e}"),
+            };
+            rt.block_on(async move {
+                let mut dir = None;
+                loop {
+                    if dir.is_none() {
+                        match RedisDirectory::connect(redis_nodes.clone()).await {
+                            Ok(d) => dir = Some(d),
+                            Err(e) => tracing::warn!("gate registry: directory unavailable: {e}"),
+                        }
+                    }
+                    if let Some(d) = &dir {
+                        for (id, addr) in links.connected() {
+                            let g = GateInfo {
+                                id,
+                                tcp_addr: addr,
+                                ws_addr: None,
+                                conns: 0,
+                            };
+                            if let Err(e) = d.register_gate(g, GATE_TTL_SECS).await {
+                                tracing::warn!(gate = id, "gate registry: {e}");
+                            }
+                        }
+                    }
+                    tokio::time::sleep(GATE_REFRESH).await;
+                }
+            })
+        })
 }

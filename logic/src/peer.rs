@@ -146,6 +146,7 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<Bytes>, st: &LinkState) {
                 role: Role::Logic,
                 id: me,
                 map_epoch: 0,
+                addr: String::new(),
             },
             &mut out,
         );

@@ -137,8 +137,11 @@ pub fn start_gate(
     logic: Vec<SocketAddr>,
 ) -> anyhow::Result<GateHandle> {
     let gate = Gate::new(gate_config(cfg, gate_id));
-    let upstream = im_gate::links::TcpUpstream::start(gate_id, logic, gate.sink());
+    let client_addr = Arc::new(std::sync::OnceLock::new());
+    let upstream =
+        im_gate::links::TcpUpstream::start(gate_id, client_addr.clone(), logic, gate.sink());
     let gate = gate.start(upstream)?;
+    let _ = client_addr.set(gate.local_addr());
     tracing::info!(addr = %gate.local_addr(), gate_id, "gate listening");
     Ok(gate)
 }
@@ -181,6 +184,9 @@ pub fn start_logic(
         cluster,
     )?);
     let addr = listener.local_addr()?;
+    if !cfg.redis_nodes.is_empty() {
+        im_logic::net::publish_gates(links.clone(), cfg.redis_nodes.clone())?;
+    }
     im_logic::net::serve(listener, node_id, links, logic.clone())?;
     tracing::info!(%addr, node_id, "logic node accepting gate links");
     Ok((logic, addr))

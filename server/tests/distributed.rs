@@ -356,3 +356,57 @@ fn kill_9_of_a_logic_node_under_c2c_load_loses_no_acked_message() {
         p.wait().unwrap();
     }
 }
+
+#[test]
+fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_die() {
+    use im_logic::directory::{Directory, RedisDirectory};
+    let cluster = im_testkit::RedisCluster::start(3, 1).expect("redis cluster");
+    let redis = cluster.nodes().join(",");
+    let dir_path = tempfile::tempdir().unwrap();
+    let d = dir_path.path().to_str().unwrap();
+    let (mut logic, link) = spawn(
+        &[
+            "logic",
+            "--link-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            d,
+            "--redis-nodes",
+            &redis,
+        ],
+        "links on ",
+    );
+    let (mut g1, a1) = spawn_gate(1, link);
+    let (mut g2, a2) = spawn_gate(2, link);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = rt
+        .block_on(RedisDirectory::connect(cluster.nodes()))
+        .unwrap();
+    let registry = || {
+        rt.block_on(dir.gates())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| (g.id, g.tcp_addr))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = vec![(1, a1.to_string()), (2, a2.to_string())];
+    while registry() != want {
+        assert!(Instant::now() < deadline, "registry {:?}", registry());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    g2.kill().unwrap();
+    g2.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while registry() != want[..1] {
+        assert!(Instant::now() < deadline, "registry {:?}", registry());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for p in [&mut logic, &mut g1] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}

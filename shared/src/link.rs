@@ -16,7 +16,7 @@
 //! Down::Send  kind 16: conn:u64 data...(rest)
 //! Down::Bind  kind 17: conn:u64 uid:u64 data...(rest)
 //! Down::Close kind 18: conn:u64 data...(rest)
-//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64
+//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64 [addr:str]
 //! Ping        kind 33: (empty)
 //! Pong        kind 34: (empty)
 //! Peer        kind 48: payload...(rest)   logic↔logic messages, encoded by im-logic
@@ -118,6 +118,8 @@ pub enum LinkMsg {
         role: Role,
         id: u16,
         map_epoch: u64,
+        /// A gate's client address (`host:port`) for the gate registry; empty otherwise.
+        addr: String,
     },
     Ping,
     Pong,
@@ -204,11 +206,15 @@ pub fn encode_msg(m: &LinkMsg, out: &mut BytesMut) {
             role,
             id,
             map_epoch,
+            addr,
         } => {
-            put_len_kind(out, 11, 32);
+            let a = &addr.as_bytes()[..addr.len().min(u16::MAX as usize)];
+            put_len_kind(out, 11 + 2 + a.len(), 32);
             out.put_u8(*role as u8);
             out.put_u16(*id);
             out.put_u64(*map_epoch);
+            out.put_u16(a.len() as u16);
+            out.put_slice(a);
         }
         LinkMsg::Ping => put_len_kind(out, 0, 33),
         LinkMsg::Pong => put_len_kind(out, 0, 34),
@@ -234,10 +240,21 @@ pub fn decode_msg(buf: &mut BytesMut) -> Result<Option<LinkMsg>, LinkError> {
                 2 => Role::Logic,
                 _ => return Err(LinkError::UnknownKind(kind)),
             };
+            let id = b.get_u16();
+            let map_epoch = b.get_u64();
+            // The address is optional (older peers end after map_epoch).
+            let addr = if b.remaining() >= 2 {
+                let n = b.get_u16() as usize;
+                need(&b, n)?;
+                String::from_utf8(b.split_to(n).to_vec()).map_err(|_| LinkError::Truncated)?
+            } else {
+                String::new()
+            };
             LinkMsg::Hello {
                 role,
-                id: b.get_u16(),
-                map_epoch: b.get_u64(),
+                id,
+                map_epoch,
+                addr,
             }
         }
         33 => LinkMsg::Ping,
@@ -419,6 +436,7 @@ mod tests {
                 role: Role::Gate,
                 id: 3,
                 map_epoch: 9,
+                addr: "127.0.0.1:7000".into(),
             },
             LinkMsg::Ping,
             LinkMsg::Pong,
