@@ -8,6 +8,8 @@
 //! A worker drains its inbox, applies a whole round of requests, commits their writes in one
 //! durable batch (group commit) and only then releases acks and deliveries.
 
+pub mod api;
+pub mod c2s;
 mod config;
 pub mod directory;
 mod handle;
@@ -15,6 +17,7 @@ mod msgid;
 pub mod net;
 pub mod peer;
 mod publish;
+pub mod push;
 mod router;
 pub mod store;
 pub mod worker;

@@ -35,8 +35,16 @@ pub enum ErrorCode {
     Overloaded = 21,
     /// A backend (logic, store) is unavailable; retry later with the same `client_msg_id`.
     Unavailable = 22,
-    /// Not allowed for this user.
+    /// Not allowed for this user (e.g. managing a group one does not own).
     Forbidden = 40,
+    /// Posting to or reading a group the user is not a member of.
+    NotMember = 41,
+    /// The group (or message) does not exist.
+    NotFound = 42,
+    /// A recall after the recall window, or of a message the user did not send.
+    RecallRefused = 43,
+    /// The group would exceed its member limit.
+    GroupFull = 44,
 }
 
 impl ErrorCode {
@@ -60,6 +68,10 @@ impl ErrorCode {
             21 => Overloaded,
             22 => Unavailable,
             40 => Forbidden,
+            41 => NotMember,
+            42 => NotFound,
+            43 => RecallRefused,
+            44 => GroupFull,
             _ => return None,
         })
     }

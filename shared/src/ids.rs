@@ -20,6 +20,11 @@ id!(
     UserId(u64)
 );
 id!(
+    /// A group. Allocated from the msg-id generator, so unique cluster-wide and never 0; sharded
+    /// like a user id (the worker owning `vshard_of(UserId(gid))` owns the group).
+    GroupId(u64)
+);
+id!(
     /// Server-assigned message id: unique and time ordered (see [`MsgId::timestamp_ms`]).
     MsgId(u64)
 );

@@ -17,5 +17,5 @@ mod wire;
 
 pub use codes::{ErrorCode, KickReason};
 pub use frame::{Cmd, DecodeError, Frame, FrameCodec, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
-pub use ids::{ConnId, DeviceType, MsgId, Seq, ShardId, UserId};
+pub use ids::{ConnId, DeviceType, GroupId, MsgId, Seq, ShardId, UserId};
 pub use proto::Command;

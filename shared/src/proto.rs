@@ -6,12 +6,171 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codes::ErrorCode;
 use crate::frame::{encode_header, Cmd, Frame, HEADER_LEN};
-use crate::ids::{DeviceType, MsgId, Seq, UserId};
+use crate::ids::{DeviceType, GroupId, MsgId, Seq, UserId};
 pub use crate::wire::BodyError;
 use crate::wire::{put_bytes, put_string, string_len, Reader};
 
-/// Conversation kind of a [`Message`].
+/// Kind of a [`Message`] (its `conv` field).
+/// One-to-one: `to` is the peer user.
 pub const CONV_C2C: u8 = 1;
+/// Group message: `to` is the group id, `from` the member who posted it.
+pub const CONV_C2G: u8 = 2;
+/// Server push from a business server (s2c): `from` is the business account, `to` the user or
+/// group it was addressed to.
+pub const CONV_S2C: u8 = 3;
+/// A recall: body = [`MarkerBody`] naming the recalled message; `to` is the peer or group.
+pub const CONV_RECALL: u8 = 4;
+/// A read receipt: `from` has read everything up to the body's msg id in the conversation.
+pub const CONV_READ: u8 = 5;
+/// A group event (created, members added/removed, left, updated): body = [`GroupEvent`].
+pub const CONV_GROUP_EVENT: u8 = 6;
+
+/// Largest group a client may create or grow (write diffusion: one timeline entry per member).
+pub const MAX_GROUP_MEMBERS: usize = 2000;
+/// Longest group name / announcement / c2s topic, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+pub const MAX_ANNOUNCEMENT_LEN: usize = 4096;
+pub const MAX_TOPIC_LEN: usize = 128;
+/// Longest push token, in bytes.
+pub const MAX_PUSH_TOKEN_LEN: usize = 512;
+
+/// Body of a [`CONV_RECALL`] or [`CONV_READ`] message: `conv:u8 msg_id:u64`, the conversation
+/// kind ([`CONV_C2C`] or [`CONV_C2G`]) and the message recalled / read up to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkerBody {
+    pub conv: u8,
+    pub msg_id: MsgId,
+}
+
+impl MarkerBody {
+    pub fn to_bytes(self) -> Bytes {
+        let mut b = BytesMut::with_capacity(9);
+        b.put_u8(self.conv);
+        b.put_u64(self.msg_id.0);
+        b.freeze()
+    }
+    pub fn decode(body: Bytes) -> Result<MarkerBody, BodyError> {
+        let mut r = Reader::new(body);
+        Ok(MarkerBody {
+            conv: r.u8("conv")?,
+            msg_id: MsgId(r.u64("msg_id")?),
+        })
+    }
+}
+
+/// What happened to a group, in a [`CONV_GROUP_EVENT`] message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GroupEventKind {
+    Created = 1,
+    MembersAdded = 2,
+    MembersRemoved = 3,
+    MemberLeft = 4,
+    Updated = 5,
+}
+
+/// Body of a [`CONV_GROUP_EVENT`] message: `kind:u8 count:u16 uid:u64*` (the users concerned).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupEvent {
+    pub kind: GroupEventKind,
+    pub users: Vec<UserId>,
+}
+
+impl GroupEvent {
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(3 + 8 * self.users.len());
+        b.put_u8(self.kind as u8);
+        b.put_u16(self.users.len() as u16);
+        for u in &self.users {
+            b.put_u64(u.0);
+        }
+        b.freeze()
+    }
+    pub fn decode(body: Bytes) -> Result<GroupEvent, BodyError> {
+        let mut r = Reader::new(body);
+        let k = r.u8("kind")?;
+        let kind = match k {
+            1 => GroupEventKind::Created,
+            2 => GroupEventKind::MembersAdded,
+            3 => GroupEventKind::MembersRemoved,
+            4 => GroupEventKind::MemberLeft,
+            5 => GroupEventKind::Updated,
+            _ => {
+                return Err(BodyError::Invalid {
+                    field: "kind",
+                    value: k as u64,
+                })
+            }
+        };
+        let users = read_uids(&mut r)?;
+        Ok(GroupEvent { kind, users })
+    }
+}
+
+/// Role of a group member.
+pub const ROLE_MEMBER: u8 = 0;
+pub const ROLE_OWNER: u8 = 2;
+
+/// A group as `GroupInfoReply` describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupDesc {
+    pub group: GroupId,
+    pub name: String,
+    pub creator: UserId,
+    pub owner: UserId,
+    pub announcement: String,
+    pub created_ms: u64,
+}
+
+impl GroupDesc {
+    fn encoded_len(&self) -> usize {
+        8 + string_len(&self.name) + 8 + 8 + string_len(&self.announcement) + 8
+    }
+    fn encode(&self, out: &mut impl BufMut) {
+        out.put_u64(self.group.0);
+        put_string(out, &self.name);
+        out.put_u64(self.creator.0);
+        out.put_u64(self.owner.0);
+        put_string(out, &self.announcement);
+        out.put_u64(self.created_ms);
+    }
+    /// Encoding used in `GroupInfoReply` and as the embedded store's group record.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.encoded_len());
+        self.encode(&mut b);
+        b.freeze()
+    }
+    pub fn decode(buf: Bytes) -> Result<GroupDesc, BodyError> {
+        Self::read(&mut Reader::new(buf))
+    }
+    fn read(r: &mut Reader) -> Result<GroupDesc, BodyError> {
+        Ok(GroupDesc {
+            group: GroupId(r.u64("group")?),
+            name: r.string("name")?,
+            creator: UserId(r.u64("creator")?),
+            owner: UserId(r.u64("owner")?),
+            announcement: r.string("announcement")?,
+            created_ms: r.u64("created_ms")?,
+        })
+    }
+}
+
+/// `count:u16 uid:u64*`, with the allocation capped by what the body can hold.
+fn read_uids(r: &mut Reader) -> Result<Vec<UserId>, BodyError> {
+    let n = r.u16("count")? as usize;
+    let mut v = Vec::with_capacity(n.min(r.remaining() / 8));
+    for _ in 0..n {
+        v.push(UserId(r.u64("uid")?));
+    }
+    Ok(v)
+}
+
+fn put_uids(out: &mut impl BufMut, uids: &[UserId]) {
+    out.put_u16(uids.len() as u16);
+    for u in uids {
+        out.put_u64(u.0);
+    }
+}
 
 /// Longest accepted device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 64;
@@ -149,6 +308,96 @@ pub enum Command {
         code: ErrorCode,
         message: String,
     },
+    /// Post to a group (members only). Acked with `SendAck` whose `seq`/`prev_seq` are 0: the
+    /// sender's own copy arrives as a `Deliver` like everyone else's, in the group's order.
+    SendC2g {
+        client_msg_id: u64,
+        group: GroupId,
+        body: Bytes,
+    },
+    /// Recall one's own message within the recall window. `conv` is [`CONV_C2C`] (peer = the
+    /// other user) or [`CONV_C2G`] (peer = the group). Acked with `SendAck`.
+    Recall {
+        client_msg_id: u64,
+        conv: u8,
+        peer: u64,
+        msg_id: MsgId,
+    },
+    /// "I have read up to `msg_id` in this conversation". For c2c the peer and the reader's
+    /// other devices get a [`CONV_READ`] message; for a group only the reader's devices do.
+    ReadReport {
+        client_msg_id: u64,
+        conv: u8,
+        peer: u64,
+        msg_id: MsgId,
+    },
+    /// c2s: an event for the business servers of `topic`. Acked with `SendAck` once durably
+    /// queued; delivered to the business side at least once.
+    Report {
+        client_msg_id: u64,
+        topic: String,
+        body: Bytes,
+    },
+    /// Create a group owned by the sender with these initial members (the sender is added).
+    /// Answered with `OpResult` whose `id` is the new group id.
+    GroupCreate {
+        name: String,
+        members: Vec<UserId>,
+    },
+    /// Owner only. Answered with `OpResult`.
+    GroupAdd {
+        group: GroupId,
+        members: Vec<UserId>,
+    },
+    /// Owner only (the owner cannot remove itself). Answered with `OpResult`.
+    GroupRemove {
+        group: GroupId,
+        members: Vec<UserId>,
+    },
+    /// A member leaves (the owner cannot leave). Answered with `OpResult`.
+    GroupLeave {
+        group: GroupId,
+    },
+    /// Owner only: new name and announcement. Answered with `OpResult`.
+    GroupUpdate {
+        group: GroupId,
+        name: String,
+        announcement: String,
+    },
+    /// Members only: the group and its members. Answered with `GroupInfoReply` (or `OpResult`
+    /// with an error code).
+    GroupInfo {
+        group: GroupId,
+    },
+    /// The groups the user belongs to. Answered with `GroupList`.
+    MyGroups,
+    /// Mute push notifications for one conversation (`peer` = user or group id) or for
+    /// everything (`peer` = 0). Answered with `OpResult`.
+    SetMute {
+        peer: u64,
+        muted: bool,
+    },
+    /// Register this device's push token (`provider`: 1 APNs, 2 FCM, 3 webhook); an empty token
+    /// unregisters. Answered with `OpResult`.
+    RegisterPush {
+        provider: u8,
+        token: String,
+    },
+    /// Result of a management command: `code` and, for `GroupCreate`, the new group in `id`.
+    OpResult {
+        code: ErrorCode,
+        id: u64,
+        message: String,
+    },
+    GroupInfoReply {
+        group: GroupDesc,
+        /// `(member, role)`.
+        members: Vec<(UserId, u8)>,
+    },
+    GroupList {
+        /// `(group, name)`.
+        groups: Vec<(GroupId, String)>,
+    },
 }
 
 impl Command {
@@ -169,6 +418,22 @@ impl Command {
             Command::SyncPage { .. } => Cmd::SyncPage,
             Command::Delivered { .. } => Cmd::Delivered,
             Command::Error { .. } => Cmd::Error,
+            Command::SendC2g { .. } => Cmd::SendC2g,
+            Command::Recall { .. } => Cmd::Recall,
+            Command::ReadReport { .. } => Cmd::ReadReport,
+            Command::Report { .. } => Cmd::Report,
+            Command::GroupCreate { .. } => Cmd::GroupCreate,
+            Command::GroupAdd { .. } => Cmd::GroupAdd,
+            Command::GroupRemove { .. } => Cmd::GroupRemove,
+            Command::GroupLeave { .. } => Cmd::GroupLeave,
+            Command::GroupUpdate { .. } => Cmd::GroupUpdate,
+            Command::GroupInfo { .. } => Cmd::GroupInfo,
+            Command::MyGroups => Cmd::MyGroups,
+            Command::SetMute { .. } => Cmd::SetMute,
+            Command::RegisterPush { .. } => Cmd::RegisterPush,
+            Command::OpResult { .. } => Cmd::OpResult,
+            Command::GroupInfoReply { .. } => Cmd::GroupInfoReply,
+            Command::GroupList { .. } => Cmd::GroupList,
         }
     }
 
@@ -191,6 +456,30 @@ impl Command {
             }
             Command::Delivered { .. } => 16,
             Command::Error { message, .. } => 2 + string_len(message),
+            Command::SendC2g { body, .. } => 8 + 8 + 4 + body.len(),
+            Command::Recall { .. } | Command::ReadReport { .. } => 8 + 1 + 8 + 8,
+            Command::Report { topic, body, .. } => 8 + string_len(topic) + 4 + body.len(),
+            Command::GroupCreate { name, members } => string_len(name) + 2 + 8 * members.len(),
+            Command::GroupAdd { members, .. } | Command::GroupRemove { members, .. } => {
+                8 + 2 + 8 * members.len()
+            }
+            Command::GroupLeave { .. } | Command::GroupInfo { .. } => 8,
+            Command::GroupUpdate {
+                name, announcement, ..
+            } => 8 + string_len(name) + string_len(announcement),
+            Command::MyGroups => 0,
+            Command::SetMute { .. } => 9,
+            Command::RegisterPush { token, .. } => 1 + string_len(token),
+            Command::OpResult { message, .. } => 2 + 8 + string_len(message),
+            Command::GroupInfoReply { group, members } => {
+                group.encoded_len() + 4 + 9 * members.len()
+            }
+            Command::GroupList { groups } => {
+                2 + groups
+                    .iter()
+                    .map(|(_, n)| 8 + string_len(n))
+                    .sum::<usize>()
+            }
         }
     }
 
@@ -281,6 +570,88 @@ impl Command {
             Command::Error { code, message } => {
                 out.put_u16(*code as u16);
                 put_string(out, message);
+            }
+            Command::SendC2g {
+                client_msg_id,
+                group,
+                body,
+            } => {
+                out.put_u64(*client_msg_id);
+                out.put_u64(group.0);
+                put_bytes(out, body);
+            }
+            Command::Recall {
+                client_msg_id,
+                conv,
+                peer,
+                msg_id,
+            }
+            | Command::ReadReport {
+                client_msg_id,
+                conv,
+                peer,
+                msg_id,
+            } => {
+                out.put_u64(*client_msg_id);
+                out.put_u8(*conv);
+                out.put_u64(*peer);
+                out.put_u64(msg_id.0);
+            }
+            Command::Report {
+                client_msg_id,
+                topic,
+                body,
+            } => {
+                out.put_u64(*client_msg_id);
+                put_string(out, topic);
+                put_bytes(out, body);
+            }
+            Command::GroupCreate { name, members } => {
+                put_string(out, name);
+                put_uids(out, members);
+            }
+            Command::GroupAdd { group, members } | Command::GroupRemove { group, members } => {
+                out.put_u64(group.0);
+                put_uids(out, members);
+            }
+            Command::GroupLeave { group } | Command::GroupInfo { group } => out.put_u64(group.0),
+            Command::GroupUpdate {
+                group,
+                name,
+                announcement,
+            } => {
+                out.put_u64(group.0);
+                put_string(out, name);
+                put_string(out, announcement);
+            }
+            Command::MyGroups => {}
+            Command::SetMute { peer, muted } => {
+                out.put_u64(*peer);
+                out.put_u8(*muted as u8);
+            }
+            Command::RegisterPush { provider, token } => {
+                out.put_u8(*provider);
+                put_string(out, token);
+            }
+            Command::OpResult { code, id, message } => {
+                out.put_u16(*code as u16);
+                out.put_u64(*id);
+                put_string(out, message);
+            }
+            Command::GroupInfoReply { group, members } => {
+                group.encode(out);
+                out.put_u32(members.len() as u32);
+                for (u, role) in members {
+                    out.put_u64(u.0);
+                    out.put_u8(*role);
+                }
+            }
+            Command::GroupList { groups } => {
+                out.put_u16(groups.len() as u16);
+                for (g, n) in groups {
+                    out.put_u64(g.0);
+                    put_string(out, n);
+                }
             }
         }
         debug_assert_eq!(out.len() - start, len);
@@ -391,6 +762,82 @@ impl Command {
                 code: code(r.u16("code")?)?,
                 message: r.string("message")?,
             },
+            Cmd::SendC2g => Command::SendC2g {
+                client_msg_id: r.u64("client_msg_id")?,
+                group: GroupId(r.u64("group")?),
+                body: r.bytes("body")?,
+            },
+            Cmd::Recall => Command::Recall {
+                client_msg_id: r.u64("client_msg_id")?,
+                conv: r.u8("conv")?,
+                peer: r.u64("peer")?,
+                msg_id: MsgId(r.u64("msg_id")?),
+            },
+            Cmd::ReadReport => Command::ReadReport {
+                client_msg_id: r.u64("client_msg_id")?,
+                conv: r.u8("conv")?,
+                peer: r.u64("peer")?,
+                msg_id: MsgId(r.u64("msg_id")?),
+            },
+            Cmd::Report => Command::Report {
+                client_msg_id: r.u64("client_msg_id")?,
+                topic: r.string("topic")?,
+                body: r.bytes("body")?,
+            },
+            Cmd::GroupCreate => Command::GroupCreate {
+                name: r.string("name")?,
+                members: read_uids(&mut r)?,
+            },
+            Cmd::GroupAdd => Command::GroupAdd {
+                group: GroupId(r.u64("group")?),
+                members: read_uids(&mut r)?,
+            },
+            Cmd::GroupRemove => Command::GroupRemove {
+                group: GroupId(r.u64("group")?),
+                members: read_uids(&mut r)?,
+            },
+            Cmd::GroupLeave => Command::GroupLeave {
+                group: GroupId(r.u64("group")?),
+            },
+            Cmd::GroupUpdate => Command::GroupUpdate {
+                group: GroupId(r.u64("group")?),
+                name: r.string("name")?,
+                announcement: r.string("announcement")?,
+            },
+            Cmd::GroupInfo => Command::GroupInfo {
+                group: GroupId(r.u64("group")?),
+            },
+            Cmd::MyGroups => Command::MyGroups,
+            Cmd::SetMute => Command::SetMute {
+                peer: r.u64("peer")?,
+                muted: r.u8("muted")? != 0,
+            },
+            Cmd::RegisterPush => Command::RegisterPush {
+                provider: r.u8("provider")?,
+                token: r.string("token")?,
+            },
+            Cmd::OpResult => Command::OpResult {
+                code: code(r.u16("code")?)?,
+                id: r.u64("id")?,
+                message: r.string("message")?,
+            },
+            Cmd::GroupInfoReply => {
+                let group = GroupDesc::read(&mut r)?;
+                let n = r.u32("count")? as usize;
+                let mut members = Vec::with_capacity(n.min(r.remaining() / 9));
+                for _ in 0..n {
+                    members.push((UserId(r.u64("uid")?), r.u8("role")?));
+                }
+                Command::GroupInfoReply { group, members }
+            }
+            Cmd::GroupList => {
+                let n = r.u16("count")? as usize;
+                let mut groups = Vec::with_capacity(n.min(r.remaining() / 10));
+                for _ in 0..n {
+                    groups.push((GroupId(r.u64("group")?), r.string("name")?));
+                }
+                Command::GroupList { groups }
+            }
         })
     }
 }
@@ -477,7 +924,94 @@ mod tests {
                 code: ErrorCode::Overloaded,
                 message: "later".into(),
             },
+            Command::SendC2g {
+                client_msg_id: 3,
+                group: GroupId(77),
+                body: Bytes::from_static(b"all"),
+            },
+            Command::Recall {
+                client_msg_id: 4,
+                conv: CONV_C2G,
+                peer: 77,
+                msg_id: MsgId(5),
+            },
+            Command::ReadReport {
+                client_msg_id: 4,
+                conv: CONV_C2C,
+                peer: 2,
+                msg_id: MsgId(6),
+            },
+            Command::Report {
+                client_msg_id: 9,
+                topic: "orders".into(),
+                body: Bytes::from_static(b"{}"),
+            },
+            Command::GroupCreate {
+                name: "team".into(),
+                members: vec![UserId(2), UserId(3)],
+            },
+            Command::GroupAdd {
+                group: GroupId(8),
+                members: vec![UserId(4)],
+            },
+            Command::GroupRemove {
+                group: GroupId(8),
+                members: vec![UserId(4), UserId(5)],
+            },
+            Command::GroupLeave { group: GroupId(8) },
+            Command::GroupUpdate {
+                group: GroupId(8),
+                name: "n".into(),
+                announcement: "a".into(),
+            },
+            Command::GroupInfo { group: GroupId(8) },
+            Command::MyGroups,
+            Command::SetMute {
+                peer: 8,
+                muted: true,
+            },
+            Command::RegisterPush {
+                provider: 3,
+                token: "tok".into(),
+            },
+            Command::OpResult {
+                code: ErrorCode::NotMember,
+                id: 8,
+                message: "no".into(),
+            },
+            Command::GroupInfoReply {
+                group: GroupDesc {
+                    group: GroupId(8),
+                    name: "team".into(),
+                    creator: UserId(1),
+                    owner: UserId(1),
+                    announcement: "hello".into(),
+                    created_ms: 5,
+                },
+                members: vec![(UserId(1), ROLE_OWNER), (UserId(2), ROLE_MEMBER)],
+            },
+            Command::GroupList {
+                groups: vec![(GroupId(8), "team".into()), (GroupId(9), String::new())],
+            },
         ]
+    }
+
+    #[test]
+    fn markers_and_events_round_trip() {
+        let m = MarkerBody {
+            conv: CONV_C2G,
+            msg_id: MsgId(42),
+        };
+        assert_eq!(MarkerBody::decode(m.to_bytes()).unwrap(), m);
+        assert!(MarkerBody::decode(m.to_bytes().slice(..8)).is_err());
+        let e = GroupEvent {
+            kind: GroupEventKind::MembersAdded,
+            users: vec![UserId(1), UserId(2)],
+        };
+        assert_eq!(GroupEvent::decode(e.to_bytes()).unwrap(), e);
+        assert!(GroupEvent::decode(Bytes::from_static(&[9, 0, 0])).is_err());
+        // A forged count larger than the body is an error, not a large allocation.
+        assert!(GroupEvent::decode(Bytes::from_static(&[1, 0xFF, 0xFF, 0, 0])).is_err());
     }
 
     #[test]

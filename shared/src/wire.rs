@@ -31,6 +31,11 @@ impl Reader {
             Ok(())
         }
     }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn u8(&mut self, what: &'static str) -> Result<u8, BodyError> {
         self.need(1, what)?;
         Ok(self.buf.get_u8())

@@ -12,6 +12,11 @@
 //! | `dedup`    | uid `u64` ++ client_msg_id `u64`            | msg_id `u64` ++ seq `u64` ++ server_time_ms `u64` ++ prev_seq `u64` |
 //! | `cursor`   | uid `u64` ++ device_id (UTF-8, rest of key) | seq `u64`                                      |
 //! | `outbox`   | shard `u16` ++ msg_id `u64`                 | count `u32` ++ count × uid `u64` ++ [`Message::encode`] bytes |
+//! | `group`    | group `u64`                                 | [`GroupDesc::to_bytes`]                        |
+//! | `member`   | group `u64` ++ uid `u64`                    | role `u8` ++ joined_ms `u64`                   |
+//! | `ugroup`   | uid `u64` ++ group `u64`                    | empty (index for `groups_of`)                  |
+//! | `mute`     | uid `u64` ++ peer `u64`                     | empty                                          |
+//! | `pushtok`  | uid `u64` ++ device_id (UTF-8, rest of key) | provider `u8` ++ token (UTF-8)                 |
 //!
 //! [`Store::commit`] turns a whole [`WriteBatch`] into one fjall write batch that is journaled and
 //! fsynced ([`PersistMode::SyncAll`]) before it returns: that is the group-commit point. Reads are
@@ -24,10 +29,12 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use im_shared::proto::Message;
-use im_shared::{MsgId, Seq, ShardId, UserId};
+use im_shared::proto::{GroupDesc, Message};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use super::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+use super::{
+    DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch,
+};
 
 const TIMELINE: &str = "timeline";
 const MSGIDX: &str = "msgidx";
@@ -35,6 +42,11 @@ const SEQBOUND: &str = "seqbound";
 const DEDUP: &str = "dedup";
 const CURSOR: &str = "cursor";
 const OUTBOX: &str = "outbox";
+const GROUP: &str = "group";
+const MEMBER: &str = "member";
+const UGROUP: &str = "ugroup";
+const MUTE: &str = "mute";
+const PUSHTOK: &str = "pushtok";
 
 /// Index of a keyspace in [`FjallStore::spaces`] (used to merge writes of one batch per key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,6 +57,11 @@ enum Kind {
     Dedup = 3,
     Cursor = 4,
     Outbox = 5,
+    Group = 6,
+    Member = 7,
+    UGroup = 8,
+    Mute = 9,
+    PushTok = 10,
 }
 
 /// The embedded store: one fjall database, one keyspace per record kind (layout in the module
@@ -53,7 +70,7 @@ enum Kind {
 pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
-    spaces: [Keyspace; 6],
+    spaces: [Keyspace; 11],
     dir: PathBuf,
 }
 
@@ -91,6 +108,11 @@ impl Kind {
             Kind::Dedup => DEDUP,
             Kind::Cursor => CURSOR,
             Kind::Outbox => OUTBOX,
+            Kind::Group => GROUP,
+            Kind::Member => MEMBER,
+            Kind::UGroup => UGROUP,
+            Kind::Mute => MUTE,
+            Kind::PushTok => PUSHTOK,
         }
     }
 }
@@ -199,6 +221,11 @@ impl FjallStore {
             ks(DEDUP)?,
             ks(CURSOR)?,
             ks(OUTBOX)?,
+            ks(GROUP)?,
+            ks(MEMBER)?,
+            ks(UGROUP)?,
+            ks(MUTE)?,
+            ks(PUSHTOK)?,
         ];
         Ok(FjallStore {
             db,
@@ -286,6 +313,44 @@ fn collect(batch: WriteBatch) -> Writes {
             }
             Op::OutboxDelete { shard, msg_id } => {
                 w.insert((Kind::Outbox, key_outbox(shard, msg_id).to_vec()), None);
+            }
+            Op::GroupPut(g) => {
+                w.insert(
+                    (Kind::Group, key_u64(g.group.0).to_vec()),
+                    Some(g.to_bytes().to_vec()),
+                );
+            }
+            Op::MemberPut { group, member } => {
+                let mut v = Vec::with_capacity(9);
+                v.push(member.role);
+                v.extend_from_slice(&member.joined_ms.to_be_bytes());
+                w.insert(
+                    (Kind::Member, key_u64_u64(group.0, member.uid.0).to_vec()),
+                    Some(v),
+                );
+                w.insert(
+                    (Kind::UGroup, key_u64_u64(member.uid.0, group.0).to_vec()),
+                    Some(Vec::new()),
+                );
+            }
+            Op::MemberDelete { group, uid } => {
+                w.insert((Kind::Member, key_u64_u64(group.0, uid.0).to_vec()), None);
+                w.insert((Kind::UGroup, key_u64_u64(uid.0, group.0).to_vec()), None);
+            }
+            Op::Mute { uid, peer, muted } => {
+                w.insert(
+                    (Kind::Mute, key_u64_u64(uid.0, peer).to_vec()),
+                    muted.then(Vec::new),
+                );
+            }
+            Op::PushToken { uid, token } => {
+                let v = (!token.token.is_empty()).then(|| {
+                    let mut v = Vec::with_capacity(1 + token.token.len());
+                    v.push(token.provider);
+                    v.extend_from_slice(token.token.as_bytes());
+                    v
+                });
+                w.insert((Kind::PushTok, key_cursor(uid, &token.device_id)), v);
             }
         }
     }
@@ -409,4 +474,83 @@ impl Store for FjallStore {
         }
         Ok(out)
     }
+
+    async fn group(&self, group: GroupId) -> Result<Option<GroupDesc>, StoreError> {
+        let key = key_u64(group.0);
+        let Some(v) = self.get(Kind::Group, &key)? else {
+            return Ok(None);
+        };
+        let g = GroupDesc::decode(Bytes::copy_from_slice(&v))
+            .map_err(|e| corrupt(Kind::Group, &key, e.to_string()))?;
+        if g.group != group {
+            return Err(corrupt(Kind::Group, &key, "group id does not match its key"));
+        }
+        Ok(Some(g))
+    }
+
+    async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::Member).prefix(key_u64(group.0)) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            let uid = second_u64(Kind::Member, &k)?;
+            if v.len() != 9 {
+                return Err(corrupt(Kind::Member, &k, format!("value of {} bytes", v.len())));
+            }
+            let mut t = [0u8; 8];
+            t.copy_from_slice(&v[1..9]);
+            out.push(MemberRecord {
+                uid: UserId(uid),
+                role: v[0],
+                joined_ms: u64::from_be_bytes(t),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::UGroup).prefix(key_u64(uid.0)) {
+            let k = guard.key().map_err(io)?;
+            out.push(GroupId(second_u64(Kind::UGroup, &k)?));
+        }
+        Ok(out)
+    }
+
+    async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::Mute).prefix(key_u64(uid.0)) {
+            let k = guard.key().map_err(io)?;
+            out.push(second_u64(Kind::Mute, &k)?);
+        }
+        Ok(out)
+    }
+
+    async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::PushTok).prefix(key_u64(uid.0)) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            let device_id = std::str::from_utf8(&k[8..])
+                .map_err(|_| corrupt(Kind::PushTok, &k, "device id is not UTF-8"))?;
+            let (provider, token) = v
+                .split_first()
+                .ok_or_else(|| corrupt(Kind::PushTok, &k, "empty value"))?;
+            let token = std::str::from_utf8(token)
+                .map_err(|_| corrupt(Kind::PushTok, &k, "token is not UTF-8"))?;
+            out.push(PushToken {
+                device_id: device_id.to_owned(),
+                provider: *provider,
+                token: token.to_owned(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The second half of a 16-byte `u64 ++ u64` key.
+fn second_u64(kind: Kind, key: &[u8]) -> Result<u64, StoreError> {
+    key.get(8..16)
+        .filter(|_| key.len() == 16)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(kind, key, format!("key of {} bytes, want 16", key.len())))
 }

@@ -17,8 +17,8 @@ mod scylla_store;
 #[cfg(feature = "scylla")]
 pub use scylla_store::ScyllaStore;
 
-use im_shared::proto::Message;
-use im_shared::{MsgId, Seq, ShardId, UserId};
+use im_shared::proto::{GroupDesc, Message};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
 /// Storage failure. Callers answer the client with a retryable error and keep nothing in memory
 /// that was not committed.
@@ -68,6 +68,24 @@ pub struct OutboxEntry {
     pub msg: Message,
 }
 
+/// One member of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub uid: UserId,
+    /// [`im_shared::proto::ROLE_MEMBER`] or [`im_shared::proto::ROLE_OWNER`].
+    pub role: u8,
+    pub joined_ms: u64,
+}
+
+/// A device's registered push token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushToken {
+    pub device_id: String,
+    /// 1 APNs, 2 FCM, 3 webhook (the company push gateway).
+    pub provider: u8,
+    pub token: String,
+}
+
 /// One write of a [`WriteBatch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -97,6 +115,29 @@ pub enum Op {
     OutboxDelete {
         shard: ShardId,
         msg_id: MsgId,
+    },
+    /// Create or replace a group's info record.
+    GroupPut(GroupDesc),
+    /// Add (or update) a member; also indexes `uid → group` for [`Store::groups_of`].
+    MemberPut {
+        group: GroupId,
+        member: MemberRecord,
+    },
+    /// Remove a member and its `uid → group` index entry.
+    MemberDelete {
+        group: GroupId,
+        uid: UserId,
+    },
+    /// Mute (or unmute) push notifications of `uid` for conversation `peer` (0: everything).
+    Mute {
+        uid: UserId,
+        peer: u64,
+        muted: bool,
+    },
+    /// Register a device's push token; an empty `token` removes the registration.
+    PushToken {
+        uid: UserId,
+        token: PushToken,
     },
 }
 
@@ -147,4 +188,14 @@ pub trait Store: Clone + 'static {
     async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError>;
     /// Every outbox entry of one virtual shard, in msg_id order.
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// A group's info record, if the group exists.
+    async fn group(&self, group: GroupId) -> Result<Option<GroupDesc>, StoreError>;
+    /// Every member of a group, in uid order.
+    async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError>;
+    /// The groups `uid` is a member of, in group id order.
+    async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError>;
+    /// Conversations `uid` muted (0 = everything), ascending.
+    async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError>;
+    /// Push tokens of `uid`'s devices, in device id order.
+    async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError>;
 }

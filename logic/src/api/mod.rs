@@ -1,0 +1,1 @@
+//! HTTP server API of logic (being written).

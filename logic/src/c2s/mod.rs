@@ -1,0 +1,1 @@
+//! c2s: client reports queued durably for business servers (being written).

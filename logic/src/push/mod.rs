@@ -1,0 +1,1 @@
+//! Offline push notifications (being written).
