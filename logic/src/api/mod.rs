@@ -1,1 +1,4 @@
 //! HTTP server API of logic (being written).
+
+mod backend;
+pub use backend::{Accepted, ApiBackend, ApiError, BoxFut, PushTarget};

@@ -1,0 +1,87 @@
+//! What the HTTP API needs from the logic tier: [`ApiBackend`], implemented by
+//! [`crate::LogicHandle`]. Every call is answered by the worker that owns the user or group, after
+//! the worker's group commit (so an `Ok` means durable).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use im_shared::proto::GroupDesc;
+use im_shared::{ErrorCode, GroupId, MsgId, UserId};
+
+/// A boxed, `Send` future (the API server and the workers run on different runtimes).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why the logic tier refused or failed a call: a protocol [`ErrorCode`] and a readable message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Recipients of a server push (s2c).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushTarget {
+    /// One or more users (each gets the message in their timeline).
+    Users(Vec<UserId>),
+    /// Every member of a group (write diffusion through the group's owner).
+    Group(GroupId),
+}
+
+/// A message the logic tier accepted (durably, with its fan-out recorded in the outbox).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub msg_id: MsgId,
+    pub server_time_ms: u64,
+}
+
+/// The logic operations behind the HTTP API.
+pub trait ApiBackend: Send + Sync + 'static {
+    /// s2c: `from` (a business account id) sends `body` to `target`. `request_id` (non-zero) makes
+    /// the call idempotent: a retry with the same `(from, request_id)` returns the first result.
+    fn server_send(
+        &self,
+        from: UserId,
+        target: PushTarget,
+        body: Bytes,
+        request_id: u64,
+    ) -> BoxFut<'_, Result<Accepted, ApiError>>;
+    /// Creates a group owned by `owner` with `members` (the owner is added).
+    fn group_create(
+        &self,
+        owner: UserId,
+        name: String,
+        members: Vec<UserId>,
+    ) -> BoxFut<'_, Result<GroupId, ApiError>>;
+    /// Adds members (administrative: no owner check).
+    fn group_add(&self, group: GroupId, members: Vec<UserId>)
+        -> BoxFut<'_, Result<(), ApiError>>;
+    /// Removes members (administrative; the owner cannot be removed).
+    fn group_remove(
+        &self,
+        group: GroupId,
+        members: Vec<UserId>,
+    ) -> BoxFut<'_, Result<(), ApiError>>;
+    /// The group and its `(member, role)` list.
+    fn group_info(&self, group: GroupId)
+        -> BoxFut<'_, Result<(GroupDesc, Vec<(UserId, u8)>), ApiError>>;
+    /// Groups `uid` belongs to, with their names.
+    fn groups_of(&self, uid: UserId) -> BoxFut<'_, Result<Vec<(GroupId, String)>, ApiError>>;
+    /// Appends the logic tier's metrics in Prometheus text format.
+    fn metrics(&self, out: &mut String);
+}
