@@ -4,7 +4,8 @@
 #
 #   deploy/local-cluster.sh [logic_nodes=3] [gates=2] [redis_masters=3]
 #
-# Gates listen on 127.0.0.1:7000, 7001, …; logic links on 127.0.0.1:7100, 7101, …; with
+# Gates listen on 127.0.0.1:7000, 7001, …; logic links on 127.0.0.1:7100, 7101, …; the logic
+# nodes' HTTP APIs (s2c, groups, iplist, metrics) on 127.0.0.1:8080, 8081, …; with
 # redis_masters > 0 (and redis-server installed) a Redis Cluster of that many masters, one
 # replica each, on 127.0.0.1:7300…, which the logic nodes use as their directory (routes and
 # presence). Each logic node keeps its messages in its own embedded store (ScyllaDB is not wired
@@ -44,7 +45,7 @@ if [ "$redis_n" -gt 0 ] && command -v redis-server >/dev/null; then
 fi
 for i in $(seq 0 $((nodes_n - 1))); do
   "$bin" logic --node-id "$i" --nodes "$nodes" --data-dir "$dir/logic$i" --logic-workers 1 \
-    ${redis_nodes:+--redis-nodes "$redis_nodes"} >"$dir/logic$i.log" 2>&1 &
+    --api-listen "127.0.0.1:$((8080 + i))" ${redis_nodes:+--redis-nodes "$redis_nodes"} >"$dir/logic$i.log" 2>&1 &
   pids+=($!)
 done
 for g in $(seq 1 "$gates_n"); do
@@ -53,6 +54,7 @@ for g in $(seq 1 "$gates_n"); do
   pids+=($!)
 done
 echo "logic nodes: $nodes"
+echo "http apis: $(for i in $(seq 0 $((nodes_n - 1))); do printf '127.0.0.1:%s ' $((8080 + i)); done)"
 echo "redis cluster: ${redis_nodes:-none}"
 echo "gates: $(for g in $(seq 1 "$gates_n"); do printf '127.0.0.1:%s ' $((7000 + g - 1)); done)"
 echo "logs in $dir; Ctrl-C to stop"

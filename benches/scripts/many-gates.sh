@@ -19,7 +19,7 @@ trap cleanup EXIT
 for i in $(seq 0 $((n - 1))); do
   port=$((7600 + i))
   "$bin/im-server" run --listen "127.0.0.1:$port" --data-dir "$work/d$i" \
-    --gate-cores 1 --logic-workers 1 >"$work/s$i.log" 2>&1 &
+    --api-listen "127.0.0.1:$((8600 + i))" --gate-cores 1 --logic-workers 1 >"$work/s$i.log" 2>&1 &
   pids+=($!)
 done
 sleep 1

@@ -4,6 +4,10 @@
 //! im-cli --uid 1                 # log in as user 1 (development token minted locally)
 //! > @2 hello bob                 # send to user 2
 //! > /to 2                        # make user 2 the default peer, then type plain lines
+//! > /group new team 2,3          # create a group with users 2 and 3 (prints its id)
+//! > #<group id> hello team       # post to a group
+//! > /groups  /group info <id>  /group add <id> 4  /group rm <id> 4  /group leave <id>
+//! > /recall <msg id>             # recall your own message (within the recall window)
 //! > /sync   /quit   /help
 //! ```
 //! Incoming messages print as they arrive; `✓` marks a server ack (durable), `✓✓` a delivery
@@ -19,9 +23,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use im_shared::client::{Client, Timeline};
-use im_shared::proto::Message;
+use im_shared::proto::{
+    GroupEvent, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_RECALL,
+    CONV_S2C,
+};
 use im_shared::token::{now_secs, HmacTokens};
-use im_shared::{Command, DeviceType, Seq, UserId};
+use im_shared::{Command, DeviceType, GroupId, MsgId, Seq, UserId};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -62,11 +69,94 @@ fn show(m: &Message, me: UserId, sent_here: &std::collections::HashSet<u64>) {
         return; // already shown when it was sent from this terminal
     }
     let body = String::from_utf8_lossy(&m.body);
-    if m.from == me {
-        println!("[{}] you → {}: {}", m.seq, m.to, body);
+    let who = if m.from == me {
+        "you".to_owned()
     } else {
-        println!("[{}] {} → you: {}", m.seq, m.from, body);
+        m.from.to_string()
+    };
+    match m.conv {
+        CONV_C2C if m.from == me => println!("[{}] you → {}: {}", m.seq, m.to, body),
+        CONV_C2C => println!("[{}] {} → you: {}", m.seq, m.from, body),
+        CONV_C2G => println!("[{}] #{} {}: {}", m.seq, m.to, who, body),
+        CONV_S2C => println!("[{}] (service {}): {}", m.seq, m.from, body),
+        CONV_RECALL => match MarkerBody::decode(m.body.clone()) {
+            Ok(r) => println!("[{}] {} recalled msg {}", m.seq, who, r.msg_id),
+            Err(_) => println!("[{}] {} recalled a message", m.seq, who),
+        },
+        CONV_READ => match MarkerBody::decode(m.body.clone()) {
+            Ok(r) => println!("[{}] {} read up to msg {}", m.seq, who, r.msg_id),
+            Err(_) => println!("[{}] {} read", m.seq, who),
+        },
+        CONV_GROUP_EVENT => match GroupEvent::decode(m.body.clone()) {
+            Ok(e) => println!(
+                "[{}] #{} {:?} by {}: {:?}",
+                m.seq, m.to, e.kind, who, e.users
+            ),
+            Err(_) => println!("[{}] #{} group changed", m.seq, m.to),
+        },
+        k => println!("[{}] kind {k} from {}: {}", m.seq, who, body),
     }
+}
+
+fn uids(s: &str) -> Option<Vec<UserId>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| p.trim().parse().ok().map(UserId))
+        .collect()
+}
+
+/// `/group …` and `/groups`; prints what happened.
+fn group_command(c: &mut Client, line: &str) -> Result<(), im_shared::client::ClientError> {
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let gid = |i: usize| parts.get(i).and_then(|p| p.parse().ok()).map(GroupId);
+    match parts.as_slice() {
+        ["/groups"] => {
+            for (g, name) in c.my_groups()? {
+                println!("  #{g} {name}");
+            }
+        }
+        ["/group", "new", name, rest @ ..] => {
+            let Some(members) = uids(&rest.join(",")) else {
+                println!("! bad member list");
+                return Ok(());
+            };
+            let g = c.create_group(name, &members)?;
+            println!("created group #{g}; post with `#{g} text`");
+        }
+        ["/group", "info", _] => {
+            let Some(g) = gid(2) else {
+                println!("! bad group id");
+                return Ok(());
+            };
+            let (d, members) = c.group_info(g)?;
+            println!("#{} {:?} owner {} announcement {:?}", d.group, d.name, d.owner, d.announcement);
+            for (u, role) in members {
+                println!("  {u}{}", if role == im_shared::proto::ROLE_OWNER { " (owner)" } else { "" });
+            }
+        }
+        ["/group", op @ ("add" | "rm"), _, list] => {
+            let (Some(g), Some(members)) = (gid(2), uids(list)) else {
+                println!("! usage: /group add|rm <group> <uid,uid>");
+                return Ok(());
+            };
+            if *op == "add" {
+                c.group_add(g, &members)?;
+            } else {
+                c.group_remove(g, &members)?;
+            }
+            println!("  ✓ done");
+        }
+        ["/group", "leave", _] => {
+            let Some(g) = gid(2) else {
+                println!("! bad group id");
+                return Ok(());
+            };
+            c.group_leave(g)?;
+            println!("  ✓ left #{g}");
+        }
+        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid>"),
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -149,7 +239,50 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/sync          fetch missed messages\n/quit          log out");
+                    continue;
+                } else if line.starts_with("/group") {
+                    if let Err(e) = group_command(&mut c, line) {
+                        println!("! {e}");
+                    }
+                    continue;
+                } else if let Some(rest) = line.strip_prefix('#') {
+                    let (g, t) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let Ok(g) = g.parse() else {
+                        println!("! bad group id {g:?}");
+                        continue;
+                    };
+                    next_cmid += 1;
+                    match c.send_c2g(GroupId(g), next_cmid, t.to_owned()) {
+                        Ok(ack) => println!("  ✓ posted (msg {})", ack.msg_id),
+                        Err(e) => println!("! not posted: {e}"),
+                    }
+                    continue;
+                } else if let Some(id) = line.strip_prefix("/recall ") {
+                    let Some(m) = id
+                        .trim()
+                        .parse()
+                        .ok()
+                        .and_then(|id| {
+                            tl.messages
+                                .iter()
+                                .find(|m| m.msg_id == MsgId(id) && m.from == me)
+                        })
+                        .cloned()
+                    else {
+                        println!("! not one of your messages here");
+                        continue;
+                    };
+                    let conv = if m.conv == CONV_C2G {
+                        CONV_C2G
+                    } else {
+                        CONV_C2C
+                    };
+                    next_cmid += 1;
+                    match c.recall(conv, m.to.0, m.msg_id, next_cmid) {
+                        Ok(_) => println!("  ✓ recalled msg {}", m.msg_id),
+                        Err(e) => println!("! not recalled: {e}"),
+                    }
                     continue;
                 } else {
                     (peer, line.to_owned())

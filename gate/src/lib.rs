@@ -152,14 +152,17 @@ impl Gate {
     }
 }
 
-impl GateHandle {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
+/// Reads the per-core counters of a gate.
+#[derive(Clone)]
+pub struct StatsHandle {
+    cores: Vec<Arc<CoreStats>>,
+}
 
-    pub fn stats(&self) -> GateStats {
+impl StatsHandle {
+    /// Sum over the cores.
+    pub fn snapshot(&self) -> GateStats {
         let mut s = GateStats::default();
-        for c in &self.stats {
+        for c in &self.cores {
             let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
             s.accepted += l(&c.accepted);
             s.connections += l(&c.connections);
@@ -174,6 +177,96 @@ impl GateHandle {
             s.overloaded += l(&c.overloaded);
         }
         s
+    }
+
+    /// Appends the counters in the Prometheus text format (`im_gate_*`).
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let s = self.snapshot();
+        for (name, kind, help, v) in [
+            (
+                "im_gate_connections",
+                "gauge",
+                "Open client connections.",
+                s.connections,
+            ),
+            (
+                "im_gate_logged_in",
+                "gauge",
+                "Logged-in client connections.",
+                s.logged_in,
+            ),
+            (
+                "im_gate_sockets",
+                "gauge",
+                "Sockets held by the gate.",
+                s.sockets,
+            ),
+            (
+                "im_gate_accepted_total",
+                "counter",
+                "Connections accepted.",
+                s.accepted,
+            ),
+            (
+                "im_gate_frames_in_total",
+                "counter",
+                "Client frames read.",
+                s.frames_in,
+            ),
+            (
+                "im_gate_frames_out_total",
+                "counter",
+                "Frames written to clients.",
+                s.frames_out,
+            ),
+            (
+                "im_gate_closed_protocol_error_total",
+                "counter",
+                "Connections closed for a protocol error.",
+                s.closed_protocol_error,
+            ),
+            (
+                "im_gate_closed_timeout_total",
+                "counter",
+                "Connections closed by a login or idle timeout.",
+                s.closed_timeout,
+            ),
+            (
+                "im_gate_closed_slow_total",
+                "counter",
+                "Connections closed as slow consumers.",
+                s.closed_slow,
+            ),
+            (
+                "im_gate_overloaded_total",
+                "counter",
+                "Requests refused with Overloaded.",
+                s.overloaded,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    }
+}
+
+impl GateHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> GateStats {
+        self.stats_handle().snapshot()
+    }
+
+    /// A cheap handle that reads the counters later (e.g. from the metrics endpoint).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            cores: self.stats.clone(),
+        }
     }
 
     /// Stops every core: listeners close, connections are dropped.

@@ -23,6 +23,8 @@ pub struct LogicConfig {
     pub dedup_window: usize,
     /// Redis Cluster seed nodes (`redis://host:port`) of the shared directory; empty: none.
     pub redis_nodes: Vec<String>,
+    /// How long after sending a user may recall a message.
+    pub recall_window_secs: u64,
 }
 
 impl Default for LogicConfig {
@@ -38,6 +40,7 @@ impl Default for LogicConfig {
             max_group: 1024,
             dedup_window: 256,
             redis_nodes: Vec::new(),
+            recall_window_secs: 120,
         }
     }
 }

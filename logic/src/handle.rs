@@ -4,16 +4,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use im_shared::link::{DownstreamSink, Up, UpstreamLink};
+use im_shared::proto::CONV_S2C;
 use im_shared::token::TokenVerifier;
-use im_shared::{ErrorCode, UserId};
-use tokio::sync::mpsc;
+use im_shared::{ErrorCode, GroupId, UserId};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::api::{Accepted, ApiBackend, ApiError, BoxFut, PushTarget};
 use crate::config::LogicConfig;
+use crate::metrics::Metrics;
 use crate::peer::PeerLinks;
 use crate::router::Router;
+use crate::services::Services;
 use crate::store::Store;
-use crate::worker::{Worker, WorkerMsg};
+use crate::worker::{ApiOk, ApiReq, GroupOp, GroupReq, Reply, Worker, WorkerMsg};
+
+/// How long an API call waits for its worker.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A running logic tier; also the gate's upstream link (one lane per worker).
 pub struct LogicHandle {
@@ -22,6 +30,7 @@ pub struct LogicHandle {
     depth: Vec<Arc<AtomicUsize>>,
     max_queued: usize,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Starts `cfg.workers` worker threads over `store`. Each worker first replays the outbox of
@@ -51,6 +60,19 @@ pub fn start_node<S: Store + Send + Sync>(
     gate: Arc<dyn DownstreamSink>,
     cluster: Option<Cluster>,
 ) -> std::io::Result<LogicHandle> {
+    start_with(cfg, store, verifier, gate, cluster, Services::default())
+}
+
+/// Starts the workers of one node with optional services (offline push, c2s queue).
+pub fn start_with<S: Store + Send + Sync>(
+    cfg: LogicConfig,
+    store: S,
+    verifier: Arc<dyn TokenVerifier>,
+    gate: Arc<dyn DownstreamSink>,
+    cluster: Option<Cluster>,
+    services: Services,
+) -> std::io::Result<LogicHandle> {
+    let metrics = Arc::new(Metrics::default());
     let n = cfg.workers.max(1);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     let (node, nodes, peers) = match cluster {
@@ -79,6 +101,8 @@ pub fn start_node<S: Store + Send + Sync>(
             gate.clone(),
             router.clone(),
             depth[idx].clone(),
+            services.clone(),
+            metrics.clone(),
         );
         threads.push(
             std::thread::Builder::new()
@@ -98,6 +122,7 @@ pub fn start_node<S: Store + Send + Sync>(
         depth,
         max_queued: cfg.max_queued,
         threads: std::sync::Mutex::new(threads),
+        metrics,
     })
 }
 
@@ -134,6 +159,213 @@ impl LogicHandle {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
+        }
+    }
+}
+
+impl LogicHandle {
+    /// The node's counters.
+    pub fn metrics_ref(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Sends `msg` to local worker `w` and waits for the answer on `rx`.
+    async fn call(
+        &self,
+        w: usize,
+        msg: WorkerMsg,
+        rx: oneshot::Receiver<Result<ApiOk, ApiError>>,
+    ) -> Result<ApiOk, ApiError> {
+        if self.inboxes[w].send(msg).is_err() {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "logic is shutting down",
+            ));
+        }
+        match tokio::time::timeout(API_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ApiError::new(ErrorCode::Unavailable, "request dropped")),
+            Err(_) => Err(ApiError::new(ErrorCode::Unavailable, "timed out, retry")),
+        }
+    }
+
+    /// A request for the owner of `group` (which must be on this node).
+    async fn group_call(
+        &self,
+        group: GroupId,
+        actor: UserId,
+        op: GroupOp,
+    ) -> Result<ApiOk, ApiError> {
+        if group.0 == 0 {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "group must not be 0",
+            ));
+        }
+        let uid = UserId(group.0);
+        if !self.router.owns(uid) {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "group {group} is owned by logic node {}: call that node's API",
+                    self.router.node_of(self.router.owner(uid))
+                ),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let req = GroupReq {
+            group,
+            actor,
+            admin: true,
+            reply: Reply::Api(tx),
+            op,
+        };
+        self.call(self.router.local_of(uid), WorkerMsg::Group(req), rx)
+            .await
+    }
+
+    /// Forgets a push token the provider reported invalid (written by the user's worker).
+    pub fn drop_push_token(&self, uid: UserId, device_id: String) {
+        if self.router.owns(uid) {
+            let w = self.router.local_of(uid);
+            let _ = self.inboxes[w].send(WorkerMsg::Api(ApiReq::DropPushToken { uid, device_id }));
+        }
+    }
+
+    fn unexpected(r: ApiOk) -> ApiError {
+        ApiError::new(ErrorCode::Internal, format!("unexpected answer {r:?}"))
+    }
+}
+
+impl ApiBackend for LogicHandle {
+    fn server_send(
+        &self,
+        from: UserId,
+        target: PushTarget,
+        body: Bytes,
+        request_id: u64,
+    ) -> BoxFut<'_, Result<Accepted, ApiError>> {
+        Box::pin(async move {
+            let r = match target {
+                PushTarget::Users(to) => {
+                    let (tx, rx) = oneshot::channel();
+                    let req = ApiReq::ServerSend {
+                        from,
+                        to,
+                        body,
+                        request_id,
+                        reply: tx,
+                    };
+                    // Any worker of this node can do it; the same sender always lands on the
+                    // same one, so its request ids are deduplicated in one place.
+                    let w = self.router.local_of(from);
+                    self.call(w, WorkerMsg::Api(req), rx).await?
+                }
+                PushTarget::Group(g) => {
+                    let op = GroupOp::Post {
+                        client_msg_id: request_id,
+                        conv: CONV_S2C,
+                        body,
+                    };
+                    self.group_call(g, from, op).await?
+                }
+            };
+            match r {
+                ApiOk::Accepted(a) => Ok(a),
+                r => Err(Self::unexpected(r)),
+            }
+        })
+    }
+
+    fn group_create(
+        &self,
+        owner: UserId,
+        name: String,
+        members: Vec<UserId>,
+    ) -> BoxFut<'_, Result<GroupId, ApiError>> {
+        Box::pin(async move {
+            if owner.0 == 0 {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "owner must not be 0",
+                ));
+            }
+            let (tx, rx) = oneshot::channel();
+            let req = ApiReq::GroupCreate {
+                owner,
+                name,
+                members,
+                reply: tx,
+            };
+            match self
+                .call(self.router.local_of(owner), WorkerMsg::Api(req), rx)
+                .await?
+            {
+                ApiOk::Group(g) => Ok(g),
+                r => Err(Self::unexpected(r)),
+            }
+        })
+    }
+
+    fn group_add(&self, group: GroupId, members: Vec<UserId>) -> BoxFut<'_, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.group_call(group, UserId(0), GroupOp::Add(members))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn group_remove(
+        &self,
+        group: GroupId,
+        members: Vec<UserId>,
+    ) -> BoxFut<'_, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.group_call(group, UserId(0), GroupOp::Remove(members))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn group_info(
+        &self,
+        group: GroupId,
+    ) -> BoxFut<'_, Result<crate::api::GroupWithMembers, ApiError>> {
+        Box::pin(async move {
+            match self.group_call(group, UserId(0), GroupOp::Info).await? {
+                ApiOk::Info(d, m) => Ok((d, m)),
+                r => Err(Self::unexpected(r)),
+            }
+        })
+    }
+
+    fn groups_of(&self, uid: UserId) -> BoxFut<'_, Result<Vec<(GroupId, String)>, ApiError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let req = ApiReq::GroupsOf { uid, reply: tx };
+            match self
+                .call(self.router.local_of(uid), WorkerMsg::Api(req), rx)
+                .await?
+            {
+                ApiOk::Groups(g) => Ok(g),
+                r => Err(Self::unexpected(r)),
+            }
+        })
+    }
+
+    fn metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        self.metrics.render(out);
+        let _ = writeln!(
+            out,
+            "# HELP im_logic_queued Client frames queued per logic worker.\n# TYPE im_logic_queued gauge"
+        );
+        for (i, d) in self.depth.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "im_logic_queued{{worker=\"{i}\"}} {}",
+                d.load(Ordering::Relaxed)
+            );
         }
     }
 }

@@ -6,7 +6,10 @@
 //! kind 1 Append    : recipient:u64 shard:u16 replay:u8 msg_len:u32 msg (Message encoding)
 //! kind 2 AppendDone: shard:u16 msg_id:u64
 //! kind 3 Delivered : sender:u64 msg_id:u64 recipient:u64
+//! kind 4 Group     : (count = 1) a group request of a client, see `worker::groups::encode_req`
 //! ```
+//! A group request is not in any outbox: if the link drops it, the client gets no answer and
+//! retries (posts are deduplicated on `(sender, client_msg_id)` by the group's owner).
 //! Each node opens one outbound link to every other node (reconnecting with backoff) and accepts
 //! the others' on its link listener. Nothing here is acknowledged; order and completeness come
 //! from the sender's outbox:
@@ -218,6 +221,13 @@ pub fn encode(worker: usize, msg: &WorkerMsg) -> Option<Bytes> {
                 b.put_u64(n.recipient.0);
             }
         }
+        WorkerMsg::Group(req) => {
+            b.put_u8(4);
+            b.put_u32(1);
+            if !crate::worker::groups_encode(req, &mut b) {
+                return None;
+            }
+        }
         _ => return None,
     }
     Some(b.freeze())
@@ -281,6 +291,7 @@ pub fn decode(mut b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
             }
             WorkerMsg::Delivered(v)
         }
+        4 => WorkerMsg::Group(crate::worker::groups_decode(&mut b).map_err(PeerError)?),
         _ => return Err(PeerError("kind")),
     };
     Ok((worker, msg))

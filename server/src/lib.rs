@@ -8,8 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use im_gate::{Gate, GateConfig, GateHandle, GateStats};
+use im_logic::api::{ApiBackend, ApiConfig, ApiServer, GateSource, MetricsFn};
+use im_logic::c2s::{C2sConfig, C2sHub};
+use im_logic::directory::GateInfo;
+use im_logic::push::{PushConfig, PushDispatcher};
 use im_logic::store::FjallStore;
-use im_logic::{LogicConfig, LogicHandle};
+use im_logic::{LogicConfig, LogicHandle, PushService, Services};
 use im_shared::token::HmacTokens;
 use serde::Deserialize;
 
@@ -47,6 +51,17 @@ pub struct ServerConfig {
     /// Redis Cluster seed nodes (`redis://127.0.0.1:7001`, …) for the shared directory of routes
     /// and presence; empty (the default): no directory, routes live only in logic memory.
     pub redis_nodes: Vec<String>,
+    /// Seconds after sending during which a user may recall a message.
+    pub recall_window_secs: u64,
+    /// HTTP server API (`[api]`): s2c pushes, groups, tokens, iplist, health, metrics.
+    /// Default: `127.0.0.1:8080` with no API keys (signed endpoints refuse every call until keys
+    /// are configured; health, metrics and iplist work).
+    pub api: Option<ApiConfig>,
+    /// c2s queue to business servers (`[c2s]`, docs/C2S.md). Default: the embedded durable
+    /// queue with no webhook, so reports are refused until a webhook is configured.
+    pub c2s: Option<C2sConfig>,
+    /// Offline push (`[push]`, docs/PUSH.md). Default: none (no provider configured).
+    pub push: Option<PushConfig>,
 }
 
 impl Default for ServerConfig {
@@ -67,7 +82,58 @@ impl Default for ServerConfig {
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
             redis_nodes: Vec::new(),
+            recall_window_secs: l.recall_window_secs,
+            api: Some(ApiConfig::default()),
+            c2s: Some(C2sConfig::Embedded {
+                webhooks: Default::default(),
+                default_url: None,
+                secret: None,
+                retry_initial_ms: 500,
+                retry_max_ms: 60_000,
+                timeout_ms: 10_000,
+            }),
+            push: None,
         }
+    }
+}
+
+/// The optional services of a logic node, started from the config.
+fn services(cfg: &ServerConfig) -> anyhow::Result<Services> {
+    let c2s = match &cfg.c2s {
+        Some(c) => Some(C2sHub::start(c, &cfg.data_dir)?),
+        None => None,
+    };
+    let push = match &cfg.push {
+        Some(p) => Some(PushService {
+            dispatcher: PushDispatcher::start(p)?,
+            delay_ms: p.delay_ms,
+        }),
+        None => None,
+    };
+    Ok(Services { push, c2s })
+}
+
+/// Metrics of the services, for the API's `/metrics`.
+fn service_metrics(s: &Services) -> Vec<MetricsFn> {
+    let mut v: Vec<MetricsFn> = Vec::new();
+    if let Some(c) = s.c2s.clone() {
+        v.push(Arc::new(move |out: &mut String| c.metrics(out)));
+    }
+    if let Some(p) = s.push.clone() {
+        v.push(Arc::new(move |out: &mut String| p.dispatcher.metrics(out)));
+    }
+    v
+}
+
+/// Removes a push token the provider reported invalid (through the user's worker).
+fn drop_invalid_tokens(s: &Services, logic: &Arc<LogicHandle>) {
+    if let Some(p) = &s.push {
+        let weak = Arc::downgrade(logic);
+        p.dispatcher.on_invalid_token(move |n| {
+            if let Some(l) = weak.upgrade() {
+                l.drop_push_token(n.uid, n.device_id.clone());
+            }
+        });
     }
 }
 
@@ -75,6 +141,8 @@ impl Default for ServerConfig {
 pub struct Server {
     gate: GateHandle,
     logic: Arc<LogicHandle>,
+    api: Option<ApiServer>,
+    services: Services,
 }
 
 fn cpus() -> usize {
@@ -86,16 +154,48 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = FjallStore::open(&cfg.data_dir)?;
     let gate = Gate::new(gate_config(cfg, 0));
-    let verifier = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
-    let logic = Arc::new(im_logic::start(
+    let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
+    let services = services(cfg)?;
+    let logic = Arc::new(im_logic::start_with(
         logic_config(cfg),
         store,
-        verifier,
+        tokens.clone(),
         gate.sink(),
+        None,
+        services.clone(),
     )?);
+    drop_invalid_tokens(&services, &logic);
     let gate = gate.start(logic.clone())?;
     tracing::info!(addr = %gate.local_addr(), "im-server listening");
-    Ok(Server { gate, logic })
+    let api = match &cfg.api {
+        Some(a) => {
+            let me = GateInfo {
+                id: 0,
+                tcp_addr: gate.local_addr().to_string(),
+                ws_addr: None,
+                conns: 0,
+            };
+            let mut extra = service_metrics(&services);
+            let stats = gate.stats_handle();
+            extra.push(Arc::new(move |out: &mut String| stats.render(out)));
+            let server = ApiServer::start(
+                a.clone(),
+                logic.clone() as Arc<dyn ApiBackend>,
+                GateSource::Static(vec![me]),
+                Some(tokens),
+                extra,
+            )?;
+            tracing::info!(addr = %server.local_addr(), "http api listening");
+            Some(server)
+        }
+        None => None,
+    };
+    Ok(Server {
+        gate,
+        logic,
+        api,
+        services,
+    })
 }
 
 fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
@@ -126,6 +226,7 @@ fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         seq_segment: cfg.seq_segment,
         max_queued: cfg.max_queued,
         redis_nodes: cfg.redis_nodes.clone(),
+        recall_window_secs: cfg.recall_window_secs,
         ..LogicConfig::default()
     }
 }
@@ -146,15 +247,40 @@ pub fn start_gate(
     Ok(gate)
 }
 
+/// A running logic node of the distributed shape.
+pub struct LogicNode {
+    pub logic: Arc<LogicHandle>,
+    /// Where gates and peer nodes connect.
+    pub link_addr: SocketAddr,
+    api: Option<ApiServer>,
+    services: Services,
+}
+
+impl LogicNode {
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(|a| a.local_addr())
+    }
+
+    pub fn shutdown(self) {
+        if let Some(a) = self.api {
+            a.shutdown();
+        }
+        self.logic.shutdown();
+        if let Some(c) = &self.services.c2s {
+            c.shutdown();
+        }
+    }
+}
+
 /// A logic node of the distributed shape: workers + store, accepting gate links on `link_listen`.
 /// `nodes` is the cluster's list of logic link addresses (empty for a lone node); this node is
-/// `nodes[node_id]`.
+/// `nodes[node_id]`. Its HTTP API takes the iplist's gates from the Redis gate registry.
 pub fn start_logic(
     cfg: &ServerConfig,
     node_id: u16,
     link_listen: SocketAddr,
     nodes: Vec<SocketAddr>,
-) -> anyhow::Result<(Arc<LogicHandle>, SocketAddr)> {
+) -> anyhow::Result<LogicNode> {
     anyhow::ensure!(
         nodes.is_empty() || (node_id as usize) < nodes.len(),
         "--node-id {node_id} is not an index of the {} nodes",
@@ -163,7 +289,7 @@ pub fn start_logic(
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = FjallStore::open(&cfg.data_dir)?;
     let links = im_logic::net::GateLinks::new();
-    let verifier = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
+    let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let mut lc = logic_config(cfg);
     lc.node_id = node_id;
     // Bind first, so that peers and gates can connect as soon as the workers run.
@@ -176,20 +302,47 @@ pub fn start_logic(
             nodes,
         })
     };
-    let logic = Arc::new(im_logic::start_node(
+    let services = services(cfg)?;
+    let logic = Arc::new(im_logic::start_with(
         lc,
         store,
-        verifier,
+        tokens.clone(),
         links.clone(),
         cluster,
+        services.clone(),
     )?);
+    drop_invalid_tokens(&services, &logic);
     let addr = listener.local_addr()?;
     if !cfg.redis_nodes.is_empty() {
         im_logic::net::publish_gates(links.clone(), cfg.redis_nodes.clone())?;
     }
     im_logic::net::serve(listener, node_id, links, logic.clone())?;
     tracing::info!(%addr, node_id, "logic node accepting gate links");
-    Ok((logic, addr))
+    let api = match &cfg.api {
+        Some(a) => {
+            let gates = if cfg.redis_nodes.is_empty() {
+                GateSource::Static(Vec::new())
+            } else {
+                GateSource::Redis(cfg.redis_nodes.clone())
+            };
+            let server = ApiServer::start(
+                a.clone(),
+                logic.clone() as Arc<dyn ApiBackend>,
+                gates,
+                Some(tokens),
+                service_metrics(&services),
+            )?;
+            tracing::info!(addr = %server.local_addr(), "http api listening");
+            Some(server)
+        }
+        None => None,
+    };
+    Ok(LogicNode {
+        logic,
+        link_addr: addr,
+        api,
+        services,
+    })
 }
 
 impl Server {
@@ -202,11 +355,21 @@ impl Server {
     pub fn logic(&self) -> &LogicHandle {
         &self.logic
     }
+    /// Address of the HTTP API, if it runs.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(|a| a.local_addr())
+    }
 
-    /// Stops the gate (dropping every connection), then the logic workers after they finish
-    /// what is queued, and closes the store.
+    /// Stops the API, the gate (dropping every connection), then the logic workers after they
+    /// finish what is queued, and closes the store and the c2s queue.
     pub fn shutdown(self) {
+        if let Some(a) = self.api {
+            a.shutdown();
+        }
         self.gate.shutdown();
         self.logic.shutdown();
+        if let Some(c) = &self.services.c2s {
+            c.shutdown();
+        }
     }
 }

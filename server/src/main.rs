@@ -96,6 +96,9 @@ struct Common {
     /// Redis Cluster seed nodes for the shared directory, comma separated.
     #[arg(long, env = "IM_REDIS_NODES", value_delimiter = ',')]
     redis_nodes: Vec<String>,
+    /// Address of the HTTP API (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long, env = "IM_API_LISTEN")]
+    api_listen: Option<std::net::SocketAddr>,
 }
 
 impl Common {
@@ -117,10 +120,14 @@ impl Common {
             idle_timeout_secs,
             max_body,
             redis_nodes,
+            api_listen,
             ..
         } = self;
         if !redis_nodes.is_empty() {
             cfg.redis_nodes = redis_nodes;
+        }
+        if let Some(a) = api_listen {
+            cfg.api.get_or_insert_with(Default::default).listen = a;
         }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = $f { cfg.$f = v; } )* };
@@ -212,10 +219,13 @@ fn main() -> anyhow::Result<()> {
             let link_listen = link_listen
                 .or_else(|| nodes.get(node_id as usize).copied())
                 .unwrap_or_else(|| "127.0.0.1:7100".parse().expect("literal"));
-            let (logic, addr) = im_server::start_logic(&cfg, node_id, link_listen, nodes)?;
-            println!("links on {addr}");
+            let node = im_server::start_logic(&cfg, node_id, link_listen, nodes)?;
+            println!("links on {}", node.link_addr);
+            if let Some(a) = node.api_addr() {
+                println!("api on {a}");
+            }
             wait_for_signal(&signals);
-            logic.shutdown();
+            node.shutdown();
             Ok(())
         }
         CliCmd::Run { common } => {
@@ -226,6 +236,9 @@ fn main() -> anyhow::Result<()> {
             let server = im_server::start(&cfg)?;
             // Tests and scripts read this line to find an ephemeral port.
             println!("listening on {}", server.local_addr());
+            if let Some(a) = server.api_addr() {
+                println!("api on {a}");
+            }
             let sig = wait_for_signal(&signals);
             tracing::info!(
                 signal = sig,

@@ -14,8 +14,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::codes::ErrorCode;
 use crate::frame::{DecodeError, FrameCodec};
-use crate::ids::{DeviceType, MsgId, Seq, UserId};
-use crate::proto::{BodyError, Command, Message};
+use crate::ids::{DeviceType, GroupId, MsgId, Seq, UserId};
+use crate::proto::{BodyError, Command, GroupDesc, Message};
 
 /// What went wrong in a client call.
 #[derive(Debug, thiserror::Error)]
@@ -213,11 +213,78 @@ impl Client {
         client_msg_id: u64,
         body: impl Into<Bytes>,
     ) -> Result<SendAck, ClientError> {
-        let req = self.send_cmd(&Command::SendC2c {
+        self.send_acked(&Command::SendC2c {
             client_msg_id,
             to,
             body: body.into(),
-        })?;
+        })
+    }
+
+    /// Posts to a group (members only). The ack's `seq` is 0: this device gets its own copy as
+    /// a `Deliver`, in the group's order.
+    pub fn send_c2g(
+        &mut self,
+        group: GroupId,
+        client_msg_id: u64,
+        body: impl Into<Bytes>,
+    ) -> Result<SendAck, ClientError> {
+        self.send_acked(&Command::SendC2g {
+            client_msg_id,
+            group,
+            body: body.into(),
+        })
+    }
+
+    /// Recalls one's own message (`conv` c2c with `peer` = the other user, or c2g with `peer` =
+    /// the group) within the server's recall window.
+    pub fn recall(
+        &mut self,
+        conv: u8,
+        peer: u64,
+        msg_id: MsgId,
+        client_msg_id: u64,
+    ) -> Result<SendAck, ClientError> {
+        self.send_acked(&Command::Recall {
+            client_msg_id,
+            conv,
+            peer,
+            msg_id,
+        })
+    }
+
+    /// Reports "read up to `msg_id`" in a conversation.
+    pub fn read_report(
+        &mut self,
+        conv: u8,
+        peer: u64,
+        msg_id: MsgId,
+        client_msg_id: u64,
+    ) -> Result<SendAck, ClientError> {
+        self.send_acked(&Command::ReadReport {
+            client_msg_id,
+            conv,
+            peer,
+            msg_id,
+        })
+    }
+
+    /// c2s: sends an event for the business servers of `topic`; acked once durably queued.
+    pub fn report(
+        &mut self,
+        topic: &str,
+        client_msg_id: u64,
+        body: impl Into<Bytes>,
+    ) -> Result<SendAck, ClientError> {
+        self.send_acked(&Command::Report {
+            client_msg_id,
+            topic: topic.to_owned(),
+            body: body.into(),
+        })
+    }
+
+    /// Sends a command answered by `SendAck` and waits for it.
+    pub fn send_acked(&mut self, cmd: &Command) -> Result<SendAck, ClientError> {
+        let req = self.send_cmd(cmd)?;
         let ack = self.wait_for(|r, c| match c {
             Command::SendAck { .. } if r == req => Some(c.clone()),
             _ => None,
@@ -243,6 +310,106 @@ impl Client {
             }),
             _ => unreachable!("filtered above"),
         }
+    }
+
+    /// Sends a management command answered by `OpResult`; returns its `id`.
+    pub fn op(&mut self, cmd: &Command) -> Result<u64, ClientError> {
+        let req = self.send_cmd(cmd)?;
+        let res = self.wait_for(|r, c| match c {
+            Command::OpResult { code, id, message } if r == req => {
+                Some((*code, *id, message.clone()))
+            }
+            _ => None,
+        })?;
+        match res {
+            (ErrorCode::Ok, id, _) => Ok(id),
+            (code, _, message) => Err(ClientError::Server { code, message }),
+        }
+    }
+
+    /// Creates a group owned by this user; returns its id.
+    pub fn create_group(&mut self, name: &str, members: &[UserId]) -> Result<GroupId, ClientError> {
+        self.op(&Command::GroupCreate {
+            name: name.to_owned(),
+            members: members.to_vec(),
+        })
+        .map(GroupId)
+    }
+
+    pub fn group_add(&mut self, group: GroupId, members: &[UserId]) -> Result<(), ClientError> {
+        self.op(&Command::GroupAdd {
+            group,
+            members: members.to_vec(),
+        })
+        .map(|_| ())
+    }
+
+    pub fn group_remove(&mut self, group: GroupId, members: &[UserId]) -> Result<(), ClientError> {
+        self.op(&Command::GroupRemove {
+            group,
+            members: members.to_vec(),
+        })
+        .map(|_| ())
+    }
+
+    pub fn group_leave(&mut self, group: GroupId) -> Result<(), ClientError> {
+        self.op(&Command::GroupLeave { group }).map(|_| ())
+    }
+
+    pub fn group_update(
+        &mut self,
+        group: GroupId,
+        name: &str,
+        announcement: &str,
+    ) -> Result<(), ClientError> {
+        self.op(&Command::GroupUpdate {
+            group,
+            name: name.to_owned(),
+            announcement: announcement.to_owned(),
+        })
+        .map(|_| ())
+    }
+
+    /// The group and its `(member, role)` list (members only).
+    pub fn group_info(
+        &mut self,
+        group: GroupId,
+    ) -> Result<(GroupDesc, Vec<(UserId, u8)>), ClientError> {
+        let req = self.send_cmd(&Command::GroupInfo { group })?;
+        let res = self.wait_for(|r, c| match c {
+            Command::GroupInfoReply { .. } | Command::OpResult { .. } if r == req => {
+                Some(c.clone())
+            }
+            _ => None,
+        })?;
+        match res {
+            Command::GroupInfoReply { group, members } => Ok((group, members)),
+            Command::OpResult { code, message, .. } => Err(ClientError::Server { code, message }),
+            _ => unreachable!("filtered above"),
+        }
+    }
+
+    /// The groups this user belongs to.
+    pub fn my_groups(&mut self) -> Result<Vec<(GroupId, String)>, ClientError> {
+        let req = self.send_cmd(&Command::MyGroups)?;
+        self.wait_for(|r, c| match c {
+            Command::GroupList { groups } if r == req => Some(groups.clone()),
+            _ => None,
+        })
+    }
+
+    /// Mutes (or unmutes) offline push for a conversation (`peer` user or group; 0 = all).
+    pub fn set_mute(&mut self, peer: u64, muted: bool) -> Result<(), ClientError> {
+        self.op(&Command::SetMute { peer, muted }).map(|_| ())
+    }
+
+    /// Registers this device's push token (provider 1 APNs, 2 FCM, 3 webhook; empty = remove).
+    pub fn register_push(&mut self, provider: u8, token: &str) -> Result<(), ClientError> {
+        self.op(&Command::RegisterPush {
+            provider,
+            token: token.to_owned(),
+        })
+        .map(|_| ())
     }
 
     /// Requests one sync page of messages after `after_seq`.

@@ -475,10 +475,7 @@ impl Command {
                 group.encoded_len() + 4 + 9 * members.len()
             }
             Command::GroupList { groups } => {
-                2 + groups
-                    .iter()
-                    .map(|(_, n)| 8 + string_len(n))
-                    .sum::<usize>()
+                2 + groups.iter().map(|(_, n)| 8 + string_len(n)).sum::<usize>()
             }
         }
     }

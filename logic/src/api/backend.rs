@@ -34,6 +34,9 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// A group and its `(member, role)` list.
+pub type GroupWithMembers = (GroupDesc, Vec<(UserId, u8)>);
+
 /// Recipients of a server push (s2c).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PushTarget {
@@ -69,8 +72,7 @@ pub trait ApiBackend: Send + Sync + 'static {
         members: Vec<UserId>,
     ) -> BoxFut<'_, Result<GroupId, ApiError>>;
     /// Adds members (administrative: no owner check).
-    fn group_add(&self, group: GroupId, members: Vec<UserId>)
-        -> BoxFut<'_, Result<(), ApiError>>;
+    fn group_add(&self, group: GroupId, members: Vec<UserId>) -> BoxFut<'_, Result<(), ApiError>>;
     /// Removes members (administrative; the owner cannot be removed).
     fn group_remove(
         &self,
@@ -78,8 +80,7 @@ pub trait ApiBackend: Send + Sync + 'static {
         members: Vec<UserId>,
     ) -> BoxFut<'_, Result<(), ApiError>>;
     /// The group and its `(member, role)` list.
-    fn group_info(&self, group: GroupId)
-        -> BoxFut<'_, Result<(GroupDesc, Vec<(UserId, u8)>), ApiError>>;
+    fn group_info(&self, group: GroupId) -> BoxFut<'_, Result<GroupWithMembers, ApiError>>;
     /// Groups `uid` belongs to, with their names.
     fn groups_of(&self, uid: UserId) -> BoxFut<'_, Result<Vec<(GroupId, String)>, ApiError>>;
     /// Appends the logic tier's metrics in Prometheus text format.

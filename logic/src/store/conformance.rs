@@ -2,17 +2,20 @@
 //! later ScyllaDB) must pass [`run_all`]. Each check is a `pub async fn` that panics (`assert!`)
 //! on a violation, so a backend's test calls [`run_all`] or picks single checks.
 //!
-//! Every check writes only uids and outbox shards derived from its `base` argument and its own
-//! block inside it, so all checks can share one store, and the whole suite can run again on the
-//! same store with another `base` (a different multiple of [`BASE_STRIDE`], see
+//! Every check writes only uids, group ids and outbox shards derived from its `base` argument and
+//! its own block inside it, so all checks can share one store, and the whole suite can run again
+//! on the same store with another `base` (a different multiple of [`BASE_STRIDE`], see
 //! [`run_all_at`]). Durability across a restart is backend specific and not checked here.
 
 use bytes::Bytes;
-use im_shared::proto::{Message, CONV_C2C};
+use im_shared::proto::{
+    GroupDesc, Message, CONV_C2C, CONV_GROUP_EVENT, MAX_ANNOUNCEMENT_LEN, MAX_NAME_LEN,
+    MAX_PUSH_TOKEN_LEN, ROLE_MEMBER, ROLE_OWNER,
+};
 use im_shared::shard::VSHARDS;
-use im_shared::{MsgId, Seq, ShardId, UserId};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use super::{DedupEntry, Op, OutboxEntry, Store, WriteBatch};
+use super::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, WriteBatch};
 
 /// Distance between two `base`s whose runs must not see each other's records. Uids of one run are
 /// `base + 1 .. base + BASE_STRIDE`.
@@ -28,6 +31,20 @@ const SHARDS_PER_RUN: u64 = 4;
 fn uid(base: u64, check: u64, i: u64) -> UserId {
     debug_assert!(i < BLOCK);
     UserId(base + 1 + check * BLOCK + i)
+}
+
+/// Group id `i` (< [`BLOCK`]) of check number `check` in the run at `base` (same numbering as
+/// [`uid`]: groups and users are different records). Never 0.
+fn gid(base: u64, check: u64, i: u64) -> GroupId {
+    GroupId(uid(base, check, i).0)
+}
+
+/// Id `i` (< [`BLOCK`]) of check number `check` in the run at `base` from the top of the u64
+/// range, above `i64::MAX` (bases stay below 2^28): for the checks that ids are ordered as
+/// unsigned numbers (a backend storing them in a signed column must not sort them first).
+fn high(base: u64, check: u64, i: u64) -> u64 {
+    debug_assert!(i < BLOCK);
+    u64::MAX - base - check * BLOCK - i
 }
 
 /// Outbox shard `j` (< [`SHARDS_PER_RUN`]) of the run at `base`, always below [`VSHARDS`].
@@ -90,6 +107,12 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     reappend_idempotent(store, base).await;
     last_op_wins(store, base).await;
     large_body(store, base).await;
+    group_info(store, base).await;
+    members(store, base).await;
+    groups_of_index(store, base).await;
+    mutes(store, base).await;
+    push_tokens(store, base).await;
+    batch_atomicity_groups(store, base).await;
 }
 
 /// An empty batch commits without error and changes nothing.
@@ -794,4 +817,577 @@ pub async fn large_body<S: Store>(store: &S, base: u64) {
         }],
     )
     .await;
+}
+
+fn group_desc(group: GroupId, owner: UserId, name: &str, announcement: &str) -> GroupDesc {
+    GroupDesc {
+        group,
+        name: name.to_owned(),
+        creator: owner,
+        owner,
+        announcement: announcement.to_owned(),
+        created_ms: 1_700_000_000_000 + group.0 % 1000,
+    }
+}
+
+fn member(uid: UserId, role: u8, joined_ms: u64) -> MemberRecord {
+    MemberRecord {
+        uid,
+        role,
+        joined_ms,
+    }
+}
+
+fn member_put(group: GroupId, m: MemberRecord) -> Op {
+    Op::MemberPut { group, member: m }
+}
+
+fn member_delete(group: GroupId, uid: UserId) -> Op {
+    Op::MemberDelete { group, uid }
+}
+
+fn mute(uid: UserId, peer: u64, muted: bool) -> Op {
+    Op::Mute { uid, peer, muted }
+}
+
+fn push_token(device_id: &str, provider: u8, token: &str) -> PushToken {
+    PushToken {
+        device_id: device_id.to_owned(),
+        provider,
+        token: token.to_owned(),
+    }
+}
+
+async fn group<S: Store>(store: &S, g: GroupId) -> Option<GroupDesc> {
+    store.group(g).await.expect("group failed")
+}
+
+async fn members_of<S: Store>(store: &S, g: GroupId) -> Vec<MemberRecord> {
+    store.members(g).await.expect("members failed")
+}
+
+async fn member_uids<S: Store>(store: &S, g: GroupId) -> Vec<UserId> {
+    members_of(store, g).await.iter().map(|m| m.uid).collect()
+}
+
+async fn groups_of<S: Store>(store: &S, uid: UserId) -> Vec<GroupId> {
+    store.groups_of(uid).await.expect("groups_of failed")
+}
+
+async fn mutes_of<S: Store>(store: &S, uid: UserId) -> Vec<u64> {
+    store.mutes(uid).await.expect("mutes failed")
+}
+
+async fn tokens_of<S: Store>(store: &S, uid: UserId) -> Vec<PushToken> {
+    store.push_tokens(uid).await.expect("push_tokens failed")
+}
+
+/// Group info records: absent, round trip (also of the longest name and announcement and of
+/// non-ASCII text), replace (also back to an empty announcement), per group, and the last of two
+/// puts in one batch wins.
+pub async fn group_info<S: Store>(store: &S, base: u64) {
+    let (g1, g2, never) = (gid(base, 11, 0), gid(base, 11, 1), gid(base, 11, 2));
+    let (alice, bob) = (uid(base, 11, 0), uid(base, 11, 1));
+    assert_eq!(group(store, g1).await, None, "never written group");
+
+    let d1 = group_desc(g1, alice, "家族 group", "");
+    let d2 = GroupDesc {
+        created_ms: u64::MAX,
+        ..group_desc(
+            g2,
+            bob,
+            &"n".repeat(MAX_NAME_LEN),
+            &"公告".repeat(MAX_ANNOUNCEMENT_LEN / 6),
+        )
+    };
+    commit(store, vec![Op::GroupPut(d1.clone())]).await;
+    commit(store, vec![Op::GroupPut(d2.clone())]).await;
+    assert_eq!(group(store, g1).await, Some(d1.clone()));
+    assert_eq!(group(store, g2).await, Some(d2.clone()));
+    assert_eq!(group(store, never).await, None, "neighbouring group id");
+
+    // Replace: new owner, name and announcement; the creator and creation time are kept by the
+    // caller, the store just keeps the latest record.
+    let d1b = GroupDesc {
+        owner: bob,
+        name: "renamed".into(),
+        announcement: "read the rules".into(),
+        ..d1.clone()
+    };
+    commit(store, vec![Op::GroupPut(d1b.clone())]).await;
+    assert_eq!(group(store, g1).await, Some(d1b.clone()), "replaced");
+    assert_eq!(group(store, g2).await, Some(d2.clone()), "other group");
+    let d1c = GroupDesc {
+        announcement: String::new(),
+        name: String::new(),
+        ..d1b.clone()
+    };
+    commit(store, vec![Op::GroupPut(d1c.clone())]).await;
+    assert_eq!(
+        group(store, g1).await,
+        Some(d1c),
+        "replaced by empty strings"
+    );
+
+    // Two puts of one group in one batch: the later wins.
+    let last = group_desc(g2, alice, "last", "wins");
+    commit(
+        store,
+        vec![Op::GroupPut(d2.clone()), Op::GroupPut(last.clone())],
+    )
+    .await;
+    assert_eq!(group(store, g2).await, Some(last), "later put in a batch");
+    assert_eq!(group(store, never).await, None);
+}
+
+/// Group members: none for an unknown group, listed in uid order (also a uid above `i64::MAX`)
+/// whatever the insertion order, role and joined_ms round trip (their whole range), update in
+/// place, delete (also of a non-member), per group, and ops on one member in one batch act in
+/// order.
+pub async fn members<S: Store>(store: &S, base: u64) {
+    let (g, other, never) = (gid(base, 12, 0), gid(base, 12, 1), gid(base, 12, 2));
+    let u = |i| uid(base, 12, i);
+    let top = UserId(high(base, 12, 0));
+    assert!(members_of(store, g).await.is_empty());
+
+    let m1 = member(u(1), ROLE_OWNER, 1_700_000_000_001);
+    let m2 = member(u(2), ROLE_MEMBER, 0);
+    let mmax = member(u(40), u8::MAX, u64::MAX);
+    let mtop = member(top, ROLE_MEMBER, 1_700_000_000_004);
+    commit(
+        store,
+        vec![member_put(g, mtop), member_put(g, mmax), member_put(g, m1)],
+    )
+    .await;
+    commit(
+        store,
+        vec![
+            member_put(g, m2),
+            // The same uid in another group is another member record.
+            member_put(other, member(u(1), ROLE_MEMBER, 5)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        members_of(store, g).await,
+        vec![m1, m2, mmax, mtop],
+        "uid order, unsigned"
+    );
+    assert_eq!(
+        members_of(store, other).await,
+        vec![member(u(1), ROLE_MEMBER, 5)]
+    );
+    assert!(members_of(store, never).await.is_empty(), "other group");
+
+    // Update in place: one record per member.
+    let m2b = member(u(2), ROLE_OWNER, 77);
+    commit(store, vec![member_put(g, m2b)]).await;
+    assert_eq!(members_of(store, g).await, vec![m1, m2b, mmax, mtop]);
+
+    // Delete a member, a non-member, and the same uid in another group.
+    commit(
+        store,
+        vec![
+            member_delete(g, u(40)),
+            member_delete(g, u(63)),
+            member_delete(other, u(2)),
+        ],
+    )
+    .await;
+    assert_eq!(members_of(store, g).await, vec![m1, m2b, mtop]);
+    commit(store, vec![member_delete(other, u(1))]).await;
+    assert!(members_of(store, other).await.is_empty());
+    assert_eq!(
+        members_of(store, g).await,
+        vec![m1, m2b, mtop],
+        "delete in another group"
+    );
+
+    // Several ops on one member in one batch: the last one wins.
+    let m3 = member(u(3), ROLE_MEMBER, 3);
+    let m3b = member(u(3), ROLE_OWNER, 33);
+    commit(
+        store,
+        vec![
+            member_put(g, m3),
+            member_put(g, m3b),
+            member_put(g, mmax),
+            member_delete(g, u(40)),
+            member_delete(g, top),
+            member_put(g, mtop),
+        ],
+    )
+    .await;
+    assert_eq!(
+        members_of(store, g).await,
+        vec![m1, m2b, m3b, mtop],
+        "put, put; put, delete; delete, put"
+    );
+}
+
+/// The `uid → groups` index follows MemberPut and MemberDelete: group id order (also above
+/// `i64::MAX`), one user in several groups, several users in one group, an update does not
+/// duplicate, a delete removes only its own entry, and a delete and a put of the same member in
+/// one batch leave what the last op says (in `members` too).
+pub async fn groups_of_index<S: Store>(store: &S, base: u64) {
+    let (a, b, c) = (uid(base, 13, 0), uid(base, 13, 1), uid(base, 13, 2));
+    let (g1, g2, g3) = (gid(base, 13, 1), gid(base, 13, 2), gid(base, 13, 3));
+    let gtop = GroupId(high(base, 13, 0));
+    assert!(groups_of(store, a).await.is_empty());
+
+    commit(
+        store,
+        vec![
+            member_put(gtop, member(a, ROLE_MEMBER, 1)),
+            member_put(g3, member(a, ROLE_MEMBER, 1)),
+            member_put(g1, member(a, ROLE_OWNER, 1)),
+        ],
+    )
+    .await;
+    commit(
+        store,
+        vec![
+            member_put(g2, member(b, ROLE_OWNER, 2)),
+            member_put(g2, member(a, ROLE_MEMBER, 2)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        groups_of(store, a).await,
+        vec![g1, g2, g3, gtop],
+        "group id order, unsigned"
+    );
+    assert_eq!(groups_of(store, b).await, vec![g2]);
+    assert!(groups_of(store, c).await.is_empty(), "neighbouring uid");
+    assert_eq!(member_uids(store, g2).await, vec![a, b]);
+
+    // An update of the membership does not duplicate the index entry.
+    commit(store, vec![member_put(g1, member(a, ROLE_MEMBER, 9))]).await;
+    assert_eq!(groups_of(store, a).await, vec![g1, g2, g3, gtop]);
+
+    // A delete removes exactly its own entry (also the index of a non-member is untouched).
+    commit(
+        store,
+        vec![
+            member_delete(g2, a),
+            member_delete(g1, c),
+            member_delete(g3, b),
+        ],
+    )
+    .await;
+    assert_eq!(groups_of(store, a).await, vec![g1, g3, gtop]);
+    assert_eq!(groups_of(store, b).await, vec![g2], "other member kept");
+    assert!(groups_of(store, c).await.is_empty());
+    assert_eq!(member_uids(store, g2).await, vec![b]);
+
+    // Delete then put of one member in one batch: a member again, in both directions.
+    commit(
+        store,
+        vec![
+            member_delete(g1, a),
+            member_put(g1, member(a, ROLE_OWNER, 11)),
+        ],
+    )
+    .await;
+    assert_eq!(groups_of(store, a).await, vec![g1, g3, gtop], "delete, put");
+    assert_eq!(members_of(store, g1).await, vec![member(a, ROLE_OWNER, 11)]);
+    // Put then delete in one batch: not a member, in either direction.
+    commit(
+        store,
+        vec![
+            member_put(g3, member(a, ROLE_OWNER, 12)),
+            member_put(g2, member(c, ROLE_MEMBER, 12)),
+            member_delete(g3, a),
+            member_delete(g2, c),
+        ],
+    )
+    .await;
+    assert_eq!(groups_of(store, a).await, vec![g1, gtop], "put, delete");
+    assert!(groups_of(store, c).await.is_empty(), "put, delete");
+    assert!(members_of(store, g3).await.is_empty());
+    assert_eq!(member_uids(store, g2).await, vec![b]);
+
+    // Leaving every group empties the index.
+    commit(
+        store,
+        vec![
+            member_delete(g1, a),
+            member_delete(gtop, a),
+            member_delete(g2, b),
+        ],
+    )
+    .await;
+    assert!(groups_of(store, a).await.is_empty());
+    assert!(groups_of(store, b).await.is_empty());
+    assert!(members_of(store, gtop).await.is_empty());
+}
+
+/// Mutes: none, ascending (0 = everything first, peers above `i64::MAX` last), muting twice keeps
+/// one entry, unmute (also of a peer never muted, and of peer 0), per user, and mute/unmute of
+/// one peer in one batch act in order.
+pub async fn mutes<S: Store>(store: &S, base: u64) {
+    let (a, b) = (uid(base, 14, 0), uid(base, 14, 1));
+    let top = high(base, 14, 0);
+    let peer = uid(base, 14, 5).0;
+    assert!(mutes_of(store, a).await.is_empty());
+
+    commit(
+        store,
+        vec![mute(a, top, true), mute(a, 300, true), mute(a, peer, true)],
+    )
+    .await;
+    commit(
+        store,
+        vec![mute(a, 0, true), mute(b, peer, true), mute(a, 300, true)],
+    )
+    .await;
+    let mut want = vec![0, 300, peer, top];
+    want.sort_unstable();
+    assert_eq!(want[0], 0);
+    assert_eq!(mutes_of(store, a).await, want, "ascending, unsigned");
+    assert_eq!(mutes_of(store, b).await, vec![peer]);
+
+    commit(
+        store,
+        vec![
+            mute(a, 300, false),
+            mute(a, 301, false),
+            mute(b, top, false),
+        ],
+    )
+    .await;
+    want.retain(|&p| p != 300);
+    assert_eq!(mutes_of(store, a).await, want, "unmuted 300");
+    assert_eq!(mutes_of(store, b).await, vec![peer], "other user");
+
+    commit(store, vec![mute(a, 0, false)]).await;
+    want.retain(|&p| p != 0);
+    assert_eq!(
+        mutes_of(store, a).await,
+        want,
+        "unmuted everything (peer 0)"
+    );
+
+    // One batch: mute then unmute, unmute then mute.
+    commit(
+        store,
+        vec![
+            mute(a, 7, true),
+            mute(a, 7, false),
+            mute(a, top, false),
+            mute(a, top, true),
+            mute(a, 0, true),
+            mute(a, 0, false),
+            mute(a, 0, true),
+        ],
+    )
+    .await;
+    let mut want = vec![0, peer, top];
+    want.sort_unstable();
+    assert_eq!(mutes_of(store, a).await, want, "last op on a peer wins");
+    assert_eq!(mutes_of(store, b).await, vec![peer]);
+}
+
+/// Push tokens: none, several devices in device id order (byte order: a device id that is a
+/// prefix of another comes first), round trip of provider and the longest token, replace, delete
+/// by an empty token (also of an unknown device), per user, and the last op on one device in a
+/// batch wins.
+pub async fn push_tokens<S: Store>(store: &S, base: u64) {
+    let (a, b) = (uid(base, 15, 0), uid(base, 15, 1));
+    let put = |uid, t: &PushToken| Op::PushToken {
+        uid,
+        token: t.clone(),
+    };
+    let del = |uid, device: &str| Op::PushToken {
+        uid,
+        token: push_token(device, 1, ""),
+    };
+    assert!(tokens_of(store, a).await.is_empty());
+
+    let phone = push_token("phone", 1, "apns-0123456789abcdef");
+    let pad = push_token("pad", 2, "fcm:APA91b-pad");
+    let pad2 = push_token("pad2", 3, &"t".repeat(MAX_PUSH_TOKEN_LEN));
+    let web = push_token("网页-web", 3, "https://push.example.com/u/42");
+    commit(store, vec![put(a, &web), put(a, &phone), put(a, &pad2)]).await;
+    commit(store, vec![put(a, &pad), put(b, &phone)]).await;
+    assert_eq!(
+        tokens_of(store, a).await,
+        vec![pad.clone(), pad2.clone(), phone.clone(), web.clone()],
+        "device id order"
+    );
+    assert_eq!(tokens_of(store, b).await, vec![phone.clone()]);
+
+    // Replace one device's registration (token and provider).
+    let phone2 = push_token("phone", 2, "fcm:new-token");
+    commit(store, vec![put(a, &phone2)]).await;
+    assert_eq!(
+        tokens_of(store, a).await,
+        vec![pad.clone(), pad2.clone(), phone2.clone(), web.clone()],
+        "replaced"
+    );
+    assert_eq!(tokens_of(store, b).await, vec![phone.clone()], "other user");
+
+    // An empty token deletes (whatever its provider); unknown devices are a no-op.
+    commit(store, vec![del(a, "pad"), del(a, "tablet"), del(b, "pad2")]).await;
+    assert_eq!(
+        tokens_of(store, a).await,
+        vec![pad2.clone(), phone2.clone(), web.clone()],
+        "deleted pad, not pad2"
+    );
+    assert_eq!(tokens_of(store, b).await, vec![phone.clone()]);
+
+    // One batch: put then delete, delete then put, put then put.
+    let pad3 = push_token("pad", 1, "apns-pad-again");
+    commit(
+        store,
+        vec![
+            put(a, &phone),
+            del(a, "phone"),
+            del(a, "pad"),
+            put(a, &pad3),
+            put(a, &web),
+            put(a, &push_token("网页-web", 1, "latest")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        tokens_of(store, a).await,
+        vec![pad3, pad2, push_token("网页-web", 1, "latest")],
+        "last op on a device wins"
+    );
+    commit(store, vec![del(b, "phone")]).await;
+    assert!(tokens_of(store, b).await.is_empty());
+}
+
+/// One commit mixing the group, member, mute and push-token ops with appends (a group created
+/// with its members and the event announcing it), a dedup entry and removals of earlier state:
+/// nothing of it is visible before the commit, all of it after.
+pub async fn batch_atomicity_groups<S: Store>(store: &S, base: u64) {
+    let owner = uid(base, 16, 0);
+    let g = gid(base, 16, 0);
+    let old = gid(base, 16, 1);
+    let invited: Vec<UserId> = (1..BLOCK).map(|i| uid(base, 16, i)).collect();
+
+    // Earlier state the batch removes or replaces.
+    let old_desc = group_desc(old, owner, "old", "");
+    let old_tok = push_token("old-phone", 1, "old");
+    commit(
+        store,
+        vec![
+            Op::GroupPut(old_desc.clone()),
+            member_put(old, member(owner, ROLE_OWNER, 1)),
+            member_put(old, member(invited[0], ROLE_MEMBER, 1)),
+            mute(owner, old.0, true),
+            Op::PushToken {
+                uid: owner,
+                token: old_tok.clone(),
+            },
+        ],
+    )
+    .await;
+
+    let desc = group_desc(g, owner, "new group", "welcome");
+    let event = |to: UserId, seq: u64| Message {
+        conv: CONV_GROUP_EVENT,
+        from: owner,
+        to,
+        ..message(to, seq, 0x6000 + seq, b"created")
+    };
+    let new_tok = push_token("phone", 2, "fcm:owner");
+    let mut batch = WriteBatch::default();
+    batch.push(Op::SeqBound {
+        uid: owner,
+        bound: Seq(1000),
+    });
+    batch.push(Op::GroupPut(desc.clone()));
+    batch.push(member_put(g, member(owner, ROLE_OWNER, 2)));
+    for &u in &invited {
+        batch.push(member_put(g, member(u, ROLE_MEMBER, 2)));
+    }
+    batch.push(Op::Append {
+        uid: owner,
+        msg: event(owner, 1),
+    });
+    batch.push(Op::Append {
+        uid: invited[0],
+        msg: event(invited[0], 1),
+    });
+    batch.push(member_delete(old, invited[0]));
+    batch.push(mute(owner, old.0, false));
+    batch.push(mute(owner, g.0, true));
+    batch.push(Op::PushToken {
+        uid: owner,
+        token: push_token("old-phone", 1, ""),
+    });
+    batch.push(Op::PushToken {
+        uid: owner,
+        token: new_tok.clone(),
+    });
+    batch.push(Op::Dedup {
+        uid: owner,
+        client_msg_id: 16,
+        entry: DedupEntry {
+            msg_id: MsgId(0x6001),
+            seq: Seq(1),
+            prev_seq: Seq(0),
+            server_time_ms: 1,
+        },
+    });
+
+    // Built but not committed: the earlier state only.
+    assert_eq!(group(store, g).await, None);
+    assert!(members_of(store, g).await.is_empty());
+    assert_eq!(groups_of(store, owner).await, vec![old]);
+    assert_eq!(groups_of(store, invited[0]).await, vec![old]);
+    assert_eq!(mutes_of(store, owner).await, vec![old.0]);
+    assert_eq!(tokens_of(store, owner).await, vec![old_tok]);
+    assert_eq!(store.last_seq(owner).await.expect("last_seq"), Seq(0));
+
+    store.commit(batch).await.expect("commit");
+    assert_eq!(group(store, g).await, Some(desc));
+    assert_eq!(group(store, old).await, Some(old_desc), "untouched");
+    let mut want = vec![member(owner, ROLE_OWNER, 2)];
+    want.extend(invited.iter().map(|&u| member(u, ROLE_MEMBER, 2)));
+    assert_eq!(members_of(store, g).await, want);
+    assert_eq!(member_uids(store, old).await, vec![owner]);
+    assert_eq!(groups_of(store, owner).await, vec![g, old]);
+    assert_eq!(groups_of(store, invited[0]).await, vec![g]);
+    for &u in &invited[1..] {
+        assert_eq!(groups_of(store, u).await, vec![g]);
+    }
+    assert_eq!(mutes_of(store, owner).await, vec![g.0]);
+    assert_eq!(tokens_of(store, owner).await, vec![new_tok]);
+    assert_eq!(timeline(store, owner, 0, 10).await, vec![event(owner, 1)]);
+    assert_eq!(
+        timeline(store, invited[0], 0, 10).await,
+        vec![event(invited[0], 1)]
+    );
+    assert_eq!(store.seq_bound(owner).await.expect("seq_bound"), Seq(1000));
+    assert!(store.dedup(owner, 16).await.expect("dedup").is_some());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FjallStore;
+
+    /// The whole suite on the embedded store, twice on one store (as `tests/store_conformance.rs`
+    /// does), so that `cargo test --lib store` covers the suite itself too.
+    #[tokio::test]
+    async fn fjall_passes_the_suite_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FjallStore::open(dir.path()).expect("open");
+        run_all(&store).await;
+        run_all_at(&store.clone(), 3 * BASE_STRIDE).await;
+    }
+
+    #[test]
+    fn high_ids_stay_apart_and_above_i64_max() {
+        for base in [BASE_STRIDE, 255 * BASE_STRIDE] {
+            let h = high(base, 16, BLOCK - 1);
+            assert!(h > i64::MAX as u64);
+            assert!(h > uid(base, 16, BLOCK - 1).0);
+            assert_ne!(high(base, 0, 0), high(base + BASE_STRIDE, 0, 0));
+        }
+    }
 }

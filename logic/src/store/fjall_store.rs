@@ -32,9 +32,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use super::{
-    DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch,
-};
+use super::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch};
 
 const TIMELINE: &str = "timeline";
 const MSGIDX: &str = "msgidx";
@@ -483,7 +481,11 @@ impl Store for FjallStore {
         let g = GroupDesc::decode(Bytes::copy_from_slice(&v))
             .map_err(|e| corrupt(Kind::Group, &key, e.to_string()))?;
         if g.group != group {
-            return Err(corrupt(Kind::Group, &key, "group id does not match its key"));
+            return Err(corrupt(
+                Kind::Group,
+                &key,
+                "group id does not match its key",
+            ));
         }
         Ok(Some(g))
     }
@@ -494,7 +496,11 @@ impl Store for FjallStore {
             let (k, v) = guard.into_inner().map_err(io)?;
             let uid = second_u64(Kind::Member, &k)?;
             if v.len() != 9 {
-                return Err(corrupt(Kind::Member, &k, format!("value of {} bytes", v.len())));
+                return Err(corrupt(
+                    Kind::Member,
+                    &k,
+                    format!("value of {} bytes", v.len()),
+                ));
             }
             let mut t = [0u8; 8];
             t.copy_from_slice(&v[1..9]);

@@ -12,6 +12,11 @@
 //! | `dedup`           | ((uid, client_msg_id))     | msg_id, seq, server_time_ms, prev_seq; TTL 7 d |
 //! | `cursor`          | ((uid), device_id)         | seq                                |
 //! | `outbox`          | ((shard), msg_id)          | recipients frozen list, msg blob   |
+//! | `group_info`      | ((gid))                    | name, creator, owner, announcement, created_ms |
+//! | `group_members`   | ((gid), uid)               | role, joined_ms                    |
+//! | `user_groups`     | ((uid), gid)               | — (index for `groups_of`)          |
+//! | `mutes`           | ((uid), peer)              | —                                  |
+//! | `push_tokens`     | ((uid), device_id)         | provider, push_token               |
 //!
 //! Every statement is prepared once in [`ScyllaStore::connect`] and routed token-aware by the
 //! driver's default load-balancing policy (to a replica of the partition, on the right shard).
@@ -58,8 +63,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use im_shared::proto::Message;
-use im_shared::{MsgId, Seq, ShardId, UserId};
+use im_shared::proto::{GroupDesc, Message};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -79,7 +84,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use tokio::sync::oneshot;
 
-use super::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+use super::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch};
 
 /// Seqs per timeline partition: the timeline of `uid` is partitioned by `(uid, seq / this)`.
 /// Fixed for the life of the data (changing it makes existing rows unreachable).
@@ -103,6 +108,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const TIMELINE_PAGE: i32 = 256;
 const BUCKET_PAGE: i32 = 64;
 const OUTBOX_PAGE: i32 = 256;
+/// Half of [`im_shared::proto::MAX_GROUP_MEMBERS`]: a full group is read in two pages.
+const MEMBERS_PAGE: i32 = 1000;
+/// The per-user lists (groups of a user, mutes, push tokens).
+const USER_LIST_PAGE: i32 = 512;
 
 /// The schema, applied by [`ScyllaStore::create_schema`] with the keyspace and replication
 /// replaced.
@@ -136,27 +145,196 @@ impl fmt::Debug for ScyllaStore {
     }
 }
 
-/// Every statement, prepared once at connect.
+/// Every statement, prepared once at connect: one write per [`Phase`], one per [`Read`].
 struct Statements {
-    // Writes, one per [`Phase`].
-    seq_bound_put: PreparedStatement,
-    bucket_put: PreparedStatement,
-    outbox_put: PreparedStatement,
-    timeline_put: PreparedStatement,
-    msgidx_put: PreparedStatement,
-    cursor_put: PreparedStatement,
-    outbox_delete: PreparedStatement,
-    dedup_put: PreparedStatement,
-    // Reads.
-    seq_bound_get: PreparedStatement,
-    buckets_from: PreparedStatement,
-    buckets_desc: PreparedStatement,
-    timeline_after: PreparedStatement,
-    timeline_last: PreparedStatement,
-    msgidx_get: PreparedStatement,
-    dedup_get: PreparedStatement,
-    cursor_get: PreparedStatement,
-    outbox_scan: PreparedStatement,
+    /// Indexed by `Phase as usize`.
+    writes: Vec<PreparedStatement>,
+    /// Indexed by `Read as usize`.
+    reads: Vec<PreparedStatement>,
+}
+
+impl Phase {
+    /// Every phase, in order (`Phase::ALL[p as usize] == p`).
+    const ALL: [Phase; 17] = [
+        Phase::SeqBound,
+        Phase::GroupPut,
+        Phase::UserGroupPut,
+        Phase::MemberPut,
+        Phase::MemberDelete,
+        Phase::UserGroupDelete,
+        Phase::Bucket,
+        Phase::OutboxPut,
+        Phase::Timeline,
+        Phase::MsgIdx,
+        Phase::Cursor,
+        Phase::MutePut,
+        Phase::MuteDelete,
+        Phase::PushTokenPut,
+        Phase::PushTokenDelete,
+        Phase::OutboxDelete,
+        Phase::Dedup,
+    ];
+
+    /// The statement writing the rows of this phase; its bind markers take a [`Row`]'s values
+    /// in the order [`Row`]'s `SerializeRow` writes them.
+    fn cql(self, ks: &str) -> String {
+        match self {
+            Phase::SeqBound => format!("INSERT INTO {ks}.seq_bound (uid, bound) VALUES (?, ?)"),
+            Phase::GroupPut => format!(
+                "INSERT INTO {ks}.group_info \
+                 (gid, name, creator, owner, announcement, created_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            Phase::UserGroupPut => {
+                format!("INSERT INTO {ks}.user_groups (uid, gid) VALUES (?, ?)")
+            }
+            Phase::MemberPut => format!(
+                "INSERT INTO {ks}.group_members (gid, uid, role, joined_ms) VALUES (?, ?, ?, ?)"
+            ),
+            Phase::MemberDelete => {
+                format!("DELETE FROM {ks}.group_members WHERE gid = ? AND uid = ?")
+            }
+            Phase::UserGroupDelete => {
+                format!("DELETE FROM {ks}.user_groups WHERE uid = ? AND gid = ?")
+            }
+            Phase::Bucket => {
+                format!("INSERT INTO {ks}.timeline_bucket (uid, bucket) VALUES (?, ?)")
+            }
+            Phase::OutboxPut => format!(
+                "INSERT INTO {ks}.outbox (shard, msg_id, recipients, msg) VALUES (?, ?, ?, ?)"
+            ),
+            Phase::Timeline => {
+                format!("INSERT INTO {ks}.timeline (uid, bucket, seq, msg) VALUES (?, ?, ?, ?)")
+            }
+            Phase::MsgIdx => {
+                format!("INSERT INTO {ks}.msgidx (uid, msg_id, seq) VALUES (?, ?, ?)")
+            }
+            Phase::Cursor => {
+                format!("INSERT INTO {ks}.cursor (uid, device_id, seq) VALUES (?, ?, ?)")
+            }
+            Phase::MutePut => format!("INSERT INTO {ks}.mutes (uid, peer) VALUES (?, ?)"),
+            Phase::MuteDelete => format!("DELETE FROM {ks}.mutes WHERE uid = ? AND peer = ?"),
+            Phase::PushTokenPut => format!(
+                "INSERT INTO {ks}.push_tokens (uid, device_id, provider, push_token) \
+                 VALUES (?, ?, ?, ?)"
+            ),
+            Phase::PushTokenDelete => {
+                format!("DELETE FROM {ks}.push_tokens WHERE uid = ? AND device_id = ?")
+            }
+            Phase::OutboxDelete => {
+                format!("DELETE FROM {ks}.outbox WHERE shard = ? AND msg_id = ?")
+            }
+            Phase::Dedup => format!(
+                "INSERT INTO {ks}.dedup \
+                 (uid, client_msg_id, msg_id, seq, server_time_ms, prev_seq) \
+                 VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+        }
+    }
+}
+
+/// Every read statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    SeqBound,
+    BucketsFrom,
+    BucketsDesc,
+    TimelineAfter,
+    TimelineLast,
+    MsgIdx,
+    Dedup,
+    Cursor,
+    Outbox,
+    Group,
+    Members,
+    UserGroups,
+    Mutes,
+    PushTokens,
+}
+
+/// Row types of the reads that name them in more than one place.
+type GroupRow = (Option<String>, i64, i64, Option<String>, i64);
+type MemberRow = (i64, i16, i64);
+type PushTokenRow = (String, i16, Option<String>);
+
+impl Read {
+    /// Every read, in order (`Read::ALL[r as usize] == r`).
+    const ALL: [Read; 14] = [
+        Read::SeqBound,
+        Read::BucketsFrom,
+        Read::BucketsDesc,
+        Read::TimelineAfter,
+        Read::TimelineLast,
+        Read::MsgIdx,
+        Read::Dedup,
+        Read::Cursor,
+        Read::Outbox,
+        Read::Group,
+        Read::Members,
+        Read::UserGroups,
+        Read::Mutes,
+        Read::PushTokens,
+    ];
+
+    fn cql(self, ks: &str) -> String {
+        match self {
+            Read::SeqBound => format!("SELECT bound FROM {ks}.seq_bound WHERE uid = ?"),
+            Read::BucketsFrom => {
+                format!("SELECT bucket FROM {ks}.timeline_bucket WHERE uid = ? AND bucket >= ?")
+            }
+            Read::BucketsDesc => format!(
+                "SELECT bucket FROM {ks}.timeline_bucket WHERE uid = ? ORDER BY bucket DESC"
+            ),
+            Read::TimelineAfter => format!(
+                "SELECT seq, msg FROM {ks}.timeline \
+                 WHERE uid = ? AND bucket = ? AND seq > ? LIMIT ?"
+            ),
+            Read::TimelineLast => format!(
+                "SELECT seq FROM {ks}.timeline WHERE uid = ? AND bucket = ? \
+                 ORDER BY seq DESC LIMIT 1"
+            ),
+            Read::MsgIdx => format!("SELECT seq FROM {ks}.msgidx WHERE uid = ? AND msg_id = ?"),
+            Read::Dedup => format!(
+                "SELECT msg_id, seq, server_time_ms, prev_seq FROM {ks}.dedup \
+                 WHERE uid = ? AND client_msg_id = ?"
+            ),
+            Read::Cursor => {
+                format!("SELECT seq FROM {ks}.cursor WHERE uid = ? AND device_id = ?")
+            }
+            Read::Outbox => {
+                format!("SELECT msg_id, recipients, msg FROM {ks}.outbox WHERE shard = ?")
+            }
+            Read::Group => format!(
+                "SELECT name, creator, owner, announcement, created_ms FROM {ks}.group_info \
+                 WHERE gid = ?"
+            ),
+            Read::Members => {
+                format!("SELECT uid, role, joined_ms FROM {ks}.group_members WHERE gid = ?")
+            }
+            Read::UserGroups => format!("SELECT gid FROM {ks}.user_groups WHERE uid = ?"),
+            Read::Mutes => format!("SELECT peer FROM {ks}.mutes WHERE uid = ?"),
+            Read::PushTokens => format!(
+                "SELECT device_id, provider, push_token FROM {ks}.push_tokens WHERE uid = ?"
+            ),
+        }
+    }
+
+    /// Page size of the reads that page (scans); point reads return at most one row.
+    fn page_size(self) -> Option<i32> {
+        match self {
+            Read::BucketsFrom | Read::BucketsDesc => Some(BUCKET_PAGE),
+            Read::TimelineAfter => Some(TIMELINE_PAGE),
+            Read::Outbox => Some(OUTBOX_PAGE),
+            Read::Members => Some(MEMBERS_PAGE),
+            Read::UserGroups | Read::Mutes | Read::PushTokens => Some(USER_LIST_PAGE),
+            Read::SeqBound
+            | Read::TimelineLast
+            | Read::MsgIdx
+            | Read::Dedup
+            | Read::Cursor
+            | Read::Group => None,
+        }
+    }
 }
 
 impl Statements {
@@ -175,122 +353,23 @@ impl Statements {
             st.set_is_idempotent(true);
             Ok::<_, StoreError>(st)
         };
-        Ok(Statements {
-            seq_bound_put: p(
-                format!("INSERT INTO {ks}.seq_bound (uid, bound) VALUES (?, ?)"),
-                None,
-            )
-            .await?,
-            bucket_put: p(
-                format!("INSERT INTO {ks}.timeline_bucket (uid, bucket) VALUES (?, ?)"),
-                None,
-            )
-            .await?,
-            outbox_put: p(
-                format!(
-                    "INSERT INTO {ks}.outbox (shard, msg_id, recipients, msg) VALUES (?, ?, ?, ?)"
-                ),
-                None,
-            )
-            .await?,
-            timeline_put: p(
-                format!("INSERT INTO {ks}.timeline (uid, bucket, seq, msg) VALUES (?, ?, ?, ?)"),
-                None,
-            )
-            .await?,
-            msgidx_put: p(
-                format!("INSERT INTO {ks}.msgidx (uid, msg_id, seq) VALUES (?, ?, ?)"),
-                None,
-            )
-            .await?,
-            cursor_put: p(
-                format!("INSERT INTO {ks}.cursor (uid, device_id, seq) VALUES (?, ?, ?)"),
-                None,
-            )
-            .await?,
-            outbox_delete: p(
-                format!("DELETE FROM {ks}.outbox WHERE shard = ? AND msg_id = ?"),
-                None,
-            )
-            .await?,
-            dedup_put: p(
-                format!(
-                    "INSERT INTO {ks}.dedup (uid, client_msg_id, msg_id, seq, server_time_ms, prev_seq) \
-                     VALUES (?, ?, ?, ?, ?)"
-                ),
-                None,
-            )
-            .await?,
-            seq_bound_get: p(
-                format!("SELECT bound FROM {ks}.seq_bound WHERE uid = ?"),
-                None,
-            )
-            .await?,
-            buckets_from: p(
-                format!("SELECT bucket FROM {ks}.timeline_bucket WHERE uid = ? AND bucket >= ?"),
-                Some(BUCKET_PAGE),
-            )
-            .await?,
-            buckets_desc: p(
-                format!(
-                    "SELECT bucket FROM {ks}.timeline_bucket WHERE uid = ? ORDER BY bucket DESC"
-                ),
-                Some(BUCKET_PAGE),
-            )
-            .await?,
-            timeline_after: p(
-                format!(
-                    "SELECT seq, msg FROM {ks}.timeline \
-                     WHERE uid = ? AND bucket = ? AND seq > ? LIMIT ?"
-                ),
-                Some(TIMELINE_PAGE),
-            )
-            .await?,
-            timeline_last: p(
-                format!(
-                    "SELECT seq FROM {ks}.timeline WHERE uid = ? AND bucket = ? \
-                     ORDER BY seq DESC LIMIT 1"
-                ),
-                None,
-            )
-            .await?,
-            msgidx_get: p(
-                format!("SELECT seq FROM {ks}.msgidx WHERE uid = ? AND msg_id = ?"),
-                None,
-            )
-            .await?,
-            dedup_get: p(
-                format!(
-                    "SELECT msg_id, seq, server_time_ms, prev_seq FROM {ks}.dedup \
-                     WHERE uid = ? AND client_msg_id = ?"
-                ),
-                None,
-            )
-            .await?,
-            cursor_get: p(
-                format!("SELECT seq FROM {ks}.cursor WHERE uid = ? AND device_id = ?"),
-                None,
-            )
-            .await?,
-            outbox_scan: p(
-                format!("SELECT msg_id, recipients, msg FROM {ks}.outbox WHERE shard = ?"),
-                Some(OUTBOX_PAGE),
-            )
-            .await?,
-        })
+        let mut writes = Vec::with_capacity(Phase::ALL.len());
+        for phase in Phase::ALL {
+            writes.push(p(phase.cql(ks), None).await?);
+        }
+        let mut reads = Vec::with_capacity(Read::ALL.len());
+        for read in Read::ALL {
+            reads.push(p(read.cql(ks), read.page_size()).await?);
+        }
+        Ok(Statements { writes, reads })
     }
 
     fn write(&self, phase: Phase) -> &PreparedStatement {
-        match phase {
-            Phase::SeqBound => &self.seq_bound_put,
-            Phase::Bucket => &self.bucket_put,
-            Phase::OutboxPut => &self.outbox_put,
-            Phase::Timeline => &self.timeline_put,
-            Phase::MsgIdx => &self.msgidx_put,
-            Phase::Cursor => &self.cursor_put,
-            Phase::OutboxDelete => &self.outbox_delete,
-            Phase::Dedup => &self.dedup_put,
-        }
+        &self.writes[phase as usize]
+    }
+
+    fn read(&self, read: Read) -> &PreparedStatement {
+        &self.reads[read as usize]
     }
 }
 
@@ -425,6 +504,18 @@ fn ordered(what: &str, v: u64) -> Result<i64, StoreError> {
 enum Phase {
     /// Reserving seqs early only skips seqs.
     SeqBound,
+    /// A group's record before its members (members of a group without a record would be
+    /// orphans) and before the events that announce it.
+    GroupPut,
+    /// The `uid → group` index is written before the membership row and removed after it, so
+    /// that it always holds at least the memberships (an extra entry is visible as "not in
+    /// `members`", a missing one would be invisible).
+    UserGroupPut,
+    /// Memberships before the timeline entries and fan-outs that announce them (a group event
+    /// never announces a change that is not durable).
+    MemberPut,
+    MemberDelete,
+    UserGroupDelete,
     /// A bucket row without its timeline rows is an empty partition to readers.
     Bucket,
     /// Fan-out records before the sender's own timeline entries and dedup entries.
@@ -434,6 +525,11 @@ enum Phase {
     /// "Appended at seq" only once the timeline row is there (replays skip indexed messages).
     MsgIdx,
     Cursor,
+    /// Mutes and push tokens depend on nothing else in a batch.
+    MutePut,
+    MuteDelete,
+    PushTokenPut,
+    PushTokenDelete,
     /// Only ever deletes fan-outs confirmed by earlier commits.
     OutboxDelete,
     /// Last: "accepted, here is the ack" only once everything the ack vouches for is durable.
@@ -485,9 +581,54 @@ enum Row {
         server_time_ms: i64,
         prev_seq: i64,
     },
+    GroupPut {
+        gid: i64,
+        name: String,
+        creator: i64,
+        owner: i64,
+        announcement: String,
+        created_ms: i64,
+    },
+    UserGroupPut {
+        uid: i64,
+        gid: i64,
+    },
+    MemberPut {
+        gid: i64,
+        uid: i64,
+        role: i16,
+        joined_ms: i64,
+    },
+    MemberDelete {
+        gid: i64,
+        uid: i64,
+    },
+    UserGroupDelete {
+        uid: i64,
+        gid: i64,
+    },
+    MutePut {
+        uid: i64,
+        peer: i64,
+    },
+    MuteDelete {
+        uid: i64,
+        peer: i64,
+    },
+    PushTokenPut {
+        uid: i64,
+        device_id: String,
+        provider: i16,
+        token: String,
+    },
+    PushTokenDelete {
+        uid: i64,
+        device_id: String,
+    },
 }
 
-/// The primary key a [`Row`] writes (put and delete of one outbox entry share a key).
+/// The primary key a [`Row`] writes (the put and the delete of one outbox entry, membership,
+/// index entry, mute or push token share a key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
     SeqBound(i64),
@@ -497,6 +638,13 @@ enum Key {
     MsgIdx(i64, i64),
     Cursor(i64, String),
     Dedup(i64, i64),
+    Group(i64),
+    /// (gid, uid)
+    Member(i64, i64),
+    /// (uid, gid)
+    UserGroup(i64, i64),
+    Mute(i64, i64),
+    PushToken(i64, String),
 }
 
 /// Estimated bytes of a statement in a batch beyond its values (statement id, lengths,
@@ -514,6 +662,15 @@ impl Row {
             Row::Cursor { .. } => Phase::Cursor,
             Row::OutboxDelete { .. } => Phase::OutboxDelete,
             Row::Dedup { .. } => Phase::Dedup,
+            Row::GroupPut { .. } => Phase::GroupPut,
+            Row::UserGroupPut { .. } => Phase::UserGroupPut,
+            Row::MemberPut { .. } => Phase::MemberPut,
+            Row::MemberDelete { .. } => Phase::MemberDelete,
+            Row::UserGroupDelete { .. } => Phase::UserGroupDelete,
+            Row::MutePut { .. } => Phase::MutePut,
+            Row::MuteDelete { .. } => Phase::MuteDelete,
+            Row::PushTokenPut { .. } => Phase::PushTokenPut,
+            Row::PushTokenDelete { .. } => Phase::PushTokenDelete,
         }
     }
 
@@ -530,6 +687,17 @@ impl Row {
             Row::Dedup {
                 uid, client_msg_id, ..
             } => Key::Dedup(*uid, *client_msg_id),
+            Row::GroupPut { gid, .. } => Key::Group(*gid),
+            Row::MemberPut { gid, uid, .. } | Row::MemberDelete { gid, uid } => {
+                Key::Member(*gid, *uid)
+            }
+            Row::UserGroupPut { uid, gid } | Row::UserGroupDelete { uid, gid } => {
+                Key::UserGroup(*uid, *gid)
+            }
+            Row::MutePut { uid, peer } | Row::MuteDelete { uid, peer } => Key::Mute(*uid, *peer),
+            Row::PushTokenPut { uid, device_id, .. } | Row::PushTokenDelete { uid, device_id } => {
+                Key::PushToken(*uid, device_id.clone())
+            }
         }
     }
 
@@ -546,6 +714,19 @@ impl Row {
                 Row::Cursor { device_id, .. } => 16 + device_id.len(),
                 Row::OutboxDelete { .. } => 12,
                 Row::Dedup { .. } => 48,
+                Row::GroupPut {
+                    name, announcement, ..
+                } => 32 + name.len() + announcement.len(),
+                Row::UserGroupPut { .. }
+                | Row::UserGroupDelete { .. }
+                | Row::MemberDelete { .. }
+                | Row::MutePut { .. }
+                | Row::MuteDelete { .. } => 16,
+                Row::MemberPut { .. } => 26,
+                Row::PushTokenPut {
+                    device_id, token, ..
+                } => 10 + device_id.len() + token.len(),
+                Row::PushTokenDelete { device_id, .. } => 8 + device_id.len(),
             }
     }
 }
@@ -586,6 +767,42 @@ impl SerializeRow for Row {
                 server_time_ms,
                 prev_seq,
             } => (uid, client_msg_id, msg_id, seq, server_time_ms, prev_seq).serialize(ctx, w),
+            Row::GroupPut {
+                gid,
+                name,
+                creator,
+                owner,
+                announcement,
+                created_ms,
+            } => (
+                gid,
+                name.as_str(),
+                creator,
+                owner,
+                announcement.as_str(),
+                created_ms,
+            )
+                .serialize(ctx, w),
+            Row::UserGroupPut { uid, gid } | Row::UserGroupDelete { uid, gid } => {
+                (uid, gid).serialize(ctx, w)
+            }
+            Row::MemberPut {
+                gid,
+                uid,
+                role,
+                joined_ms,
+            } => (gid, uid, role, joined_ms).serialize(ctx, w),
+            Row::MemberDelete { gid, uid } => (gid, uid).serialize(ctx, w),
+            Row::MutePut { uid, peer } | Row::MuteDelete { uid, peer } => {
+                (uid, peer).serialize(ctx, w)
+            }
+            Row::PushTokenPut {
+                uid,
+                device_id,
+                provider,
+                token,
+            } => (uid, device_id.as_str(), provider, token.as_str()).serialize(ctx, w),
+            Row::PushTokenDelete { uid, device_id } => (uid, device_id.as_str()).serialize(ctx, w),
         }
     }
 
@@ -625,14 +842,6 @@ fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
     let mut m = Merged::default();
     for op in ops {
         match op {
-            // TEMPORARY while the group/mute/push-token tables are written (issue 5).
-            Op::GroupPut(_)
-            | Op::MemberPut { .. }
-            | Op::MemberDelete { .. }
-            | Op::Mute { .. }
-            | Op::PushToken { .. } => {
-                return Err(StoreError::Unavailable("not written yet".into()))
-            }
             Op::SeqBound { uid, bound } => m.put(Row::SeqBound {
                 uid: b(uid.0),
                 bound: b(bound.0),
@@ -687,6 +896,60 @@ fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                 shard: i32::from(shard.0),
                 msg_id: ordered("outbox msg_id", msg_id.0)?,
             }),
+            Op::GroupPut(g) => m.put(Row::GroupPut {
+                gid: b(g.group.0),
+                name: g.name,
+                creator: b(g.creator.0),
+                owner: b(g.owner.0),
+                announcement: g.announcement,
+                created_ms: b(g.created_ms),
+            }),
+            Op::MemberPut { group, member } => {
+                m.put(Row::UserGroupPut {
+                    uid: b(member.uid.0),
+                    gid: b(group.0),
+                });
+                m.put(Row::MemberPut {
+                    gid: b(group.0),
+                    uid: b(member.uid.0),
+                    role: i16::from(member.role),
+                    joined_ms: b(member.joined_ms),
+                });
+            }
+            Op::MemberDelete { group, uid } => {
+                m.put(Row::UserGroupDelete {
+                    uid: b(uid.0),
+                    gid: b(group.0),
+                });
+                m.put(Row::MemberDelete {
+                    gid: b(group.0),
+                    uid: b(uid.0),
+                });
+            }
+            Op::Mute { uid, peer, muted } => {
+                let (uid, peer) = (b(uid.0), b(peer));
+                m.put(if muted {
+                    Row::MutePut { uid, peer }
+                } else {
+                    Row::MuteDelete { uid, peer }
+                });
+            }
+            Op::PushToken { uid, token } => {
+                let uid = b(uid.0);
+                m.put(if token.token.is_empty() {
+                    Row::PushTokenDelete {
+                        uid,
+                        device_id: token.device_id,
+                    }
+                } else {
+                    Row::PushTokenPut {
+                        uid,
+                        device_id: token.device_id,
+                        provider: i16::from(token.provider),
+                        token: token.token,
+                    }
+                });
+            }
         }
     }
     Ok(m.rows)
@@ -948,7 +1211,7 @@ impl ScyllaStore {
         loop {
             let (rows, next) = self
                 .page(
-                    &self.inner.st.timeline_after,
+                    self.inner.st.read(Read::TimelineAfter),
                     (b(uid.0), bucket, after, want),
                     paging,
                     "timeline",
@@ -979,6 +1242,31 @@ impl ScyllaStore {
         }
     }
 
+    /// Every row of the partition `key` (a bigint partition key) of a prepared scan, all pages.
+    /// Only for partitions with a bound on their size (a group's members, a user's lists).
+    async fn scan<R>(
+        &self,
+        st: &PreparedStatement,
+        key: u64,
+        what: &str,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'f> DeserializeRow<'f, 'f>,
+    {
+        let mut out = Vec::new();
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self.page(st, (b(key),), paging, what).await?;
+            for row in typed_rows::<R>(&rows, what)? {
+                out.push(row.map_err(|e| corrupt(format!("{what}/{key}"), e))?);
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(out),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+
     async fn send_chunk(&self, rows: &[Row]) -> Result<(), StoreError> {
         let mut batch = Batch::new(BatchType::Logged);
         for row in rows {
@@ -995,29 +1283,6 @@ impl ScyllaStore {
 }
 
 impl Store for ScyllaStore {
-    // TEMPORARY while the group/mute/push-token tables are written (issue 5).
-    async fn group(
-        &self,
-        _group: im_shared::GroupId,
-    ) -> Result<Option<im_shared::proto::GroupDesc>, StoreError> {
-        Err(StoreError::Unavailable("not written yet".into()))
-    }
-    async fn members(
-        &self,
-        _group: im_shared::GroupId,
-    ) -> Result<Vec<super::MemberRecord>, StoreError> {
-        Err(StoreError::Unavailable("not written yet".into()))
-    }
-    async fn groups_of(&self, _uid: UserId) -> Result<Vec<im_shared::GroupId>, StoreError> {
-        Err(StoreError::Unavailable("not written yet".into()))
-    }
-    async fn mutes(&self, _uid: UserId) -> Result<Vec<u64>, StoreError> {
-        Err(StoreError::Unavailable("not written yet".into()))
-    }
-    async fn push_tokens(&self, _uid: UserId) -> Result<Vec<super::PushToken>, StoreError> {
-        Err(StoreError::Unavailable("not written yet".into()))
-    }
-
     /// Writes the batch as one LOGGED batch, or, when its estimated size exceeds the store's
     /// bound (512 KiB unless changed with [`ScyllaStore::with_max_batch_bytes`]), as several
     /// logged batches sent one after another.
@@ -1025,9 +1290,10 @@ impl Store for ScyllaStore {
     /// Ops on one key are merged first (the later wins). After the merge every key is written
     /// once, so the order of the statements does not change the final state and is chosen so
     /// that any prefix of the chunks is safe to leave behind if the commit stops midway (logic
-    /// node crash, or an error returned after some chunks were applied): seq bounds, timeline
-    /// bucket rows, outbox puts, timeline rows, msg_id index, cursors, outbox deletes, and dedup
-    /// entries last. Hence:
+    /// node crash, or an error returned after some chunks were applied): seq bounds, group
+    /// records, `user_groups` puts, member puts, member deletes, `user_groups` deletes, timeline
+    /// bucket rows, outbox puts, timeline rows, msg_id index, cursors, mutes, push tokens, outbox
+    /// deletes, and dedup entries last (see [`Phase`]). Hence:
     /// - a dedup entry (what answers the client's retry with an ack) is durable only after the
     ///   message's timeline entry and its outbox record are: an ack is never given for a message
     ///   that could be lost;
@@ -1035,7 +1301,10 @@ impl Store for ScyllaStore {
     ///   a timeline is always fanned out (the outbox is replayed by the shard's next owner);
     /// - a msg_id index row never points at a missing timeline row, so a replayed append skips
     ///   only appends that really happened;
-    /// - seq bounds come first, so a seq present in a timeline is never handed out again.
+    /// - seq bounds come first, so a seq present in a timeline is never handed out again;
+    /// - a membership change is durable before the group events announcing it, and the
+    ///   `uid → group` index holds at least every membership (written before the member row,
+    ///   removed after it).
     ///
     /// What a stopped multi-chunk commit can leave is a message in the sender's timeline and
     /// outbox whose send was never acknowledged; the client retries it with the same
@@ -1065,7 +1334,7 @@ impl Store for ScyllaStore {
 
     async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {
         let rows = self
-            .point(&self.inner.st.seq_bound_get, (b(uid.0),), "seq_bound")
+            .point(self.inner.st.read(Read::SeqBound), (b(uid.0),), "seq_bound")
             .await?;
         match typed_rows::<(i64,)>(&rows, "seq_bound")?.next() {
             Some(row) => {
@@ -1083,7 +1352,7 @@ impl Store for ScyllaStore {
         loop {
             let (rows, next) = self
                 .page(
-                    &self.inner.st.buckets_desc,
+                    self.inner.st.read(Read::BucketsDesc),
                     (b(uid.0),),
                     paging,
                     "timeline_bucket",
@@ -1092,7 +1361,11 @@ impl Store for ScyllaStore {
             for row in typed_rows::<(i64,)>(&rows, "timeline_bucket")? {
                 let (bucket,) = row.map_err(|e| corrupt(format!("timeline_bucket/{uid}"), e))?;
                 let last = self
-                    .point(&self.inner.st.timeline_last, (b(uid.0), bucket), "timeline")
+                    .point(
+                        self.inner.st.read(Read::TimelineLast),
+                        (b(uid.0), bucket),
+                        "timeline",
+                    )
                     .await?;
                 if let Some(row) = typed_rows::<(i64,)>(&last, "timeline")?.next() {
                     let (seq,) = row.map_err(|e| corrupt(format!("timeline/{uid}/{bucket}"), e))?;
@@ -1128,7 +1401,7 @@ impl Store for ScyllaStore {
         loop {
             let (rows, next) = self
                 .page(
-                    &self.inner.st.buckets_from,
+                    self.inner.st.read(Read::BucketsFrom),
                     (b(uid.0), from),
                     paging,
                     "timeline_bucket",
@@ -1151,7 +1424,11 @@ impl Store for ScyllaStore {
 
     async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
         let rows = self
-            .point(&self.inner.st.msgidx_get, (b(uid.0), b(msg_id.0)), "msgidx")
+            .point(
+                self.inner.st.read(Read::MsgIdx),
+                (b(uid.0), b(msg_id.0)),
+                "msgidx",
+            )
             .await?;
         match typed_rows::<(i64,)>(&rows, "msgidx")?.next() {
             Some(row) => {
@@ -1169,7 +1446,7 @@ impl Store for ScyllaStore {
     ) -> Result<Option<DedupEntry>, StoreError> {
         let rows = self
             .point(
-                &self.inner.st.dedup_get,
+                self.inner.st.read(Read::Dedup),
                 (b(uid.0), b(client_msg_id)),
                 "dedup",
             )
@@ -1191,7 +1468,11 @@ impl Store for ScyllaStore {
 
     async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError> {
         let rows = self
-            .point(&self.inner.st.cursor_get, (b(uid.0), device_id), "cursor")
+            .point(
+                self.inner.st.read(Read::Cursor),
+                (b(uid.0), device_id),
+                "cursor",
+            )
             .await?;
         match typed_rows::<(i64,)>(&rows, "cursor")?.next() {
             Some(row) => {
@@ -1208,7 +1489,7 @@ impl Store for ScyllaStore {
         loop {
             let (rows, next) = self
                 .page(
-                    &self.inner.st.outbox_scan,
+                    self.inner.st.read(Read::Outbox),
                     (i32::from(shard.0),),
                     paging,
                     "outbox",
@@ -1238,12 +1519,107 @@ impl Store for ScyllaStore {
             }
         }
     }
+
+    async fn group(&self, group: GroupId) -> Result<Option<GroupDesc>, StoreError> {
+        let rows = self
+            .point(self.inner.st.read(Read::Group), (b(group.0),), "group_info")
+            .await?;
+        match typed_rows::<GroupRow>(&rows, "group_info")?.next() {
+            Some(row) => {
+                let (name, creator, owner, announcement, created_ms) =
+                    row.map_err(|e| corrupt(format!("group_info/{group}"), e))?;
+                // The store writes empty strings as such; a null (written by another tool) reads
+                // as empty too.
+                Ok(Some(GroupDesc {
+                    group,
+                    name: name.unwrap_or_default(),
+                    creator: UserId(creator as u64),
+                    owner: UserId(owner as u64),
+                    announcement: announcement.unwrap_or_default(),
+                    created_ms: created_ms as u64,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError> {
+        let rows: Vec<MemberRow> = self
+            .scan(self.inner.st.read(Read::Members), group.0, "group_members")
+            .await?;
+        let mut out = rows
+            .into_iter()
+            .map(|(uid, role, joined_ms)| {
+                let uid = UserId(uid as u64);
+                let role = u8::try_from(role).map_err(|_| {
+                    corrupt(
+                        format!("group_members/{group}/{uid}"),
+                        format!("role {role} out of range"),
+                    )
+                })?;
+                Ok(MemberRecord {
+                    uid,
+                    role,
+                    joined_ms: joined_ms as u64,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Clustered by the signed bigint: uids above i64::MAX come first. Unsigned order here.
+        out.sort_unstable_by_key(|m| m.uid);
+        Ok(out)
+    }
+
+    async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
+        let rows: Vec<(i64,)> = self
+            .scan(self.inner.st.read(Read::UserGroups), uid.0, "user_groups")
+            .await?;
+        let mut out: Vec<GroupId> = rows.into_iter().map(|(g,)| GroupId(g as u64)).collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError> {
+        let rows: Vec<(i64,)> = self
+            .scan(self.inner.st.read(Read::Mutes), uid.0, "mutes")
+            .await?;
+        let mut out: Vec<u64> = rows.into_iter().map(|(p,)| p as u64).collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError> {
+        let rows: Vec<PushTokenRow> = self
+            .scan(self.inner.st.read(Read::PushTokens), uid.0, "push_tokens")
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (device_id, provider, token) in rows {
+            let key = || format!("push_tokens/{uid}/{device_id}");
+            let provider = u8::try_from(provider)
+                .map_err(|_| corrupt(key(), format!("provider {provider} out of range")))?;
+            // An empty token is never stored (it deletes the registration).
+            let token = token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| corrupt(key(), "empty push token"))?;
+            out.push(PushToken {
+                device_id,
+                provider,
+                token,
+            });
+        }
+        // Text clusters in UTF-8 byte order, which is `str`'s order; sorting costs nothing and
+        // does not depend on it.
+        out.sort_unstable_by(|x, y| x.device_id.cmp(&y.device_id));
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use im_shared::proto::CONV_C2C;
+    use scylla::frame::response::result::{
+        CollectionType, ColumnSpec, ColumnType, NativeType, TableSpec,
+    };
 
     fn msg(seq: u64, msg_id: u64, body: &[u8]) -> Message {
         Message {
@@ -1646,6 +2022,477 @@ mod tests {
         );
     }
 
+    fn group(gid: u64, name: &str) -> GroupDesc {
+        GroupDesc {
+            group: GroupId(gid),
+            name: name.into(),
+            creator: UserId(1),
+            owner: UserId(u64::MAX),
+            announcement: String::new(),
+            created_ms: 5,
+        }
+    }
+
+    fn member_put(gid: u64, uid: u64, role: u8) -> Op {
+        Op::MemberPut {
+            group: GroupId(gid),
+            member: MemberRecord {
+                uid: UserId(uid),
+                role,
+                joined_ms: u64::MAX,
+            },
+        }
+    }
+
+    fn member_delete(gid: u64, uid: u64) -> Op {
+        Op::MemberDelete {
+            group: GroupId(gid),
+            uid: UserId(uid),
+        }
+    }
+
+    fn token_op(uid: u64, device: &str, provider: u8, token: &str) -> Op {
+        Op::PushToken {
+            uid: UserId(uid),
+            token: PushToken {
+                device_id: device.into(),
+                provider,
+                token: token.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn member_ops_write_the_row_and_the_index() {
+        let rows = merge(vec![member_put(7, 3, 2)]).expect("merge");
+        assert_eq!(
+            rows,
+            vec![
+                Row::UserGroupPut { uid: 3, gid: 7 },
+                Row::MemberPut {
+                    gid: 7,
+                    uid: 3,
+                    role: 2,
+                    joined_ms: -1
+                },
+            ]
+        );
+        let rows = merge(vec![member_delete(7, 3)]).expect("merge");
+        assert_eq!(
+            rows,
+            vec![
+                Row::UserGroupDelete { uid: 3, gid: 7 },
+                Row::MemberDelete { gid: 7, uid: 3 },
+            ]
+        );
+        // Every u64 fits: ids are stored as their 64 bits, and sorted after reading.
+        let rows = merge(vec![member_put(u64::MAX, u64::MAX - 1, u8::MAX)]).expect("merge");
+        assert_eq!(
+            rows[1],
+            Row::MemberPut {
+                gid: -1,
+                uid: -2,
+                role: 255,
+                joined_ms: -1
+            }
+        );
+    }
+
+    #[test]
+    fn member_put_and_delete_share_keys() {
+        // Delete then put: the member is back, in both tables.
+        let rows = merge(vec![member_delete(7, 3), member_put(7, 3, 0)]).expect("merge");
+        assert_eq!(
+            phases(&rows),
+            vec![Phase::UserGroupPut, Phase::MemberPut],
+            "{rows:?}"
+        );
+        // Put then delete: gone from both.
+        let rows = merge(vec![member_put(7, 3, 0), member_delete(7, 3)]).expect("merge");
+        assert_eq!(
+            phases(&rows),
+            vec![Phase::UserGroupDelete, Phase::MemberDelete]
+        );
+        // Put, put: the later record.
+        let rows = merge(vec![member_put(7, 3, 0), member_put(7, 3, 2)]).expect("merge");
+        assert!(matches!(rows[1], Row::MemberPut { role: 2, .. }));
+        // The same uid in two groups, two uids in one group: four keys each.
+        let rows = merge(vec![
+            member_put(7, 3, 0),
+            member_put(8, 3, 0),
+            member_put(7, 4, 0),
+            member_delete(8, 4),
+        ])
+        .expect("merge");
+        assert_eq!(rows.len(), 8);
+        // A user-group index key is (uid, gid), a member key (gid, uid): uid 7 in group 3 is not
+        // uid 3 in group 7.
+        let rows = merge(vec![member_put(7, 3, 0), member_delete(3, 7)]).expect("merge");
+        assert_eq!(rows.len(), 4);
+    }
+
+    #[test]
+    fn group_put_replaces_within_a_batch() {
+        let rows = merge(vec![
+            Op::GroupPut(group(9, "first")),
+            Op::GroupPut(group(10, "other")),
+            Op::GroupPut(group(9, "second")),
+        ])
+        .expect("merge");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0],
+            Row::GroupPut {
+                gid: 9,
+                name: "second".into(),
+                creator: 1,
+                owner: -1,
+                announcement: String::new(),
+                created_ms: 5,
+            }
+        );
+    }
+
+    #[test]
+    fn mute_false_and_empty_token_are_deletes_of_the_same_key() {
+        let m = |peer, muted| Op::Mute {
+            uid: UserId(1),
+            peer,
+            muted,
+        };
+        let rows = merge(vec![
+            m(0, true),
+            m(0, false),
+            m(u64::MAX, false),
+            m(u64::MAX, true),
+        ])
+        .expect("merge");
+        assert_eq!(
+            rows,
+            vec![
+                Row::MuteDelete { uid: 1, peer: 0 },
+                Row::MutePut { uid: 1, peer: -1 },
+            ]
+        );
+        let rows = merge(vec![
+            token_op(1, "phone", 1, "a"),
+            token_op(1, "phone", 3, ""),
+            token_op(1, "pad", 2, ""),
+            token_op(1, "pad", 2, "b"),
+            token_op(2, "pad", 2, "c"),
+        ])
+        .expect("merge");
+        assert_eq!(
+            rows,
+            vec![
+                Row::PushTokenDelete {
+                    uid: 1,
+                    device_id: "phone".into()
+                },
+                Row::PushTokenPut {
+                    uid: 1,
+                    device_id: "pad".into(),
+                    provider: 2,
+                    token: "b".into()
+                },
+                Row::PushTokenPut {
+                    uid: 2,
+                    device_id: "pad".into(),
+                    provider: 2,
+                    token: "c".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_orders_group_rows_before_messages_and_dedup_last() {
+        let mut ops = round_ops();
+        ops.extend([
+            token_op(1, "phone", 1, "t"),
+            member_delete(5, 9),
+            Op::Mute {
+                uid: UserId(1),
+                peer: 5,
+                muted: true,
+            },
+            member_put(5, 1, 2),
+            Op::GroupPut(group(5, "g")),
+            token_op(1, "pad", 1, ""),
+            Op::Mute {
+                uid: UserId(1),
+                peer: 6,
+                muted: false,
+            },
+        ]);
+        let chunks = plan(ops.clone(), DEFAULT_MAX_BATCH_BYTES).expect("plan");
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(
+            phases(&chunks[0]),
+            vec![
+                Phase::SeqBound,
+                Phase::GroupPut,
+                Phase::UserGroupPut,
+                Phase::MemberPut,
+                Phase::MemberDelete,
+                Phase::UserGroupDelete,
+                Phase::Bucket,
+                Phase::Bucket,
+                Phase::OutboxPut,
+                Phase::Timeline,
+                Phase::Timeline,
+                Phase::MsgIdx,
+                Phase::MsgIdx,
+                Phase::Cursor,
+                Phase::MutePut,
+                Phase::MuteDelete,
+                Phase::PushTokenPut,
+                Phase::PushTokenDelete,
+                Phase::OutboxDelete,
+                Phase::Dedup,
+            ]
+        );
+        // Split into single statements: same order.
+        let flat: Vec<Row> = plan(ops, 1).expect("plan").into_iter().flatten().collect();
+        assert_eq!(flat, chunks[0]);
+    }
+
+    /// Columns (name, CQL type), primary key and partition key columns of every table of the
+    /// schema file.
+    struct Table {
+        columns: Vec<(String, String)>,
+        key: Vec<String>,
+        partition: Vec<String>,
+    }
+
+    fn schema_tables(ks: &str) -> HashMap<String, Table> {
+        let mut tables = HashMap::new();
+        for stmt in &schema_statements(ks, 1).expect("schema")[1..] {
+            let rest = stmt
+                .strip_prefix(&format!("CREATE TABLE IF NOT EXISTS {ks}."))
+                .expect("table");
+            let (name, body) = rest.split_once(" (").expect("body");
+            let (cols, key) = body.split_once("PRIMARY KEY (").expect("primary key");
+            let columns = cols
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| {
+                    let (n, t) = c.split_once(' ').expect("name type");
+                    (n.to_owned(), t.trim().to_owned())
+                })
+                .collect();
+            let partition = key
+                .trim_start_matches('(')
+                .split(')')
+                .next()
+                .expect("partition key")
+                .split(',')
+                .map(|k| k.trim().to_owned())
+                .collect();
+            let key = key
+                .split(')')
+                .take_while(|part| !part.trim().is_empty())
+                .flat_map(|part| part.split(','))
+                .map(|k| k.trim_matches(|c: char| c == '(' || c.is_whitespace()))
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect();
+            tables.insert(
+                name.to_owned(),
+                Table {
+                    columns,
+                    key,
+                    partition,
+                },
+            );
+        }
+        tables
+    }
+
+    fn column_type(cql: &str) -> ColumnType<'static> {
+        match cql {
+            "bigint" => ColumnType::Native(NativeType::BigInt),
+            "int" => ColumnType::Native(NativeType::Int),
+            "smallint" => ColumnType::Native(NativeType::SmallInt),
+            "text" => ColumnType::Native(NativeType::Text),
+            "blob" => ColumnType::Native(NativeType::Blob),
+            "frozen<list<bigint>>" => ColumnType::Collection {
+                frozen: true,
+                typ: CollectionType::List(Box::new(ColumnType::Native(NativeType::BigInt))),
+            },
+            other => panic!("column type {other} unknown to this test"),
+        }
+    }
+
+    fn specs(ks: &str, table: &str, t: &Table, names: &[&str]) -> Vec<ColumnSpec<'static>> {
+        names
+            .iter()
+            .map(|n| {
+                let (_, typ) = t
+                    .columns
+                    .iter()
+                    .find(|(c, _)| c == n)
+                    .unwrap_or_else(|| panic!("{table} has no column {n}"));
+                ColumnSpec::owned(
+                    (*n).to_owned(),
+                    column_type(typ),
+                    TableSpec::owned(ks.to_owned(), table.to_owned()),
+                )
+            })
+            .collect()
+    }
+
+    /// Every op kind, so that merging yields a row of every phase.
+    fn every_kind_of_op() -> Vec<Op> {
+        let mut ops = round_ops();
+        ops.extend([
+            Op::GroupPut(group(5, "g")),
+            member_put(5, 1, 2),
+            member_delete(6, 1),
+            Op::Mute {
+                uid: UserId(1),
+                peer: 5,
+                muted: true,
+            },
+            Op::Mute {
+                uid: UserId(1),
+                peer: 6,
+                muted: false,
+            },
+            token_op(1, "phone", 1, "t"),
+            token_op(1, "pad", 1, ""),
+        ]);
+        ops
+    }
+
+    #[test]
+    fn phase_and_read_lists_are_complete() {
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "{p:?}");
+        }
+        assert_eq!(Phase::ALL.len(), Phase::Dedup as usize + 1);
+        for (i, r) in Read::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        assert_eq!(Read::ALL.len(), Read::PushTokens as usize + 1);
+        let rows = merge(every_kind_of_op()).expect("merge");
+        let seen: std::collections::HashSet<Phase> = rows.iter().map(Row::phase).collect();
+        assert_eq!(
+            seen.len(),
+            Phase::ALL.len(),
+            "a row of every phase: {seen:?}"
+        );
+    }
+
+    /// Each write statement against the schema file: its table and columns exist, it has one
+    /// bind marker per column, an insert sets the whole primary key and a delete names exactly
+    /// it, and a [`Row`] of its phase serializes against those columns (count and CQL types,
+    /// as the driver checks them against the prepared metadata).
+    #[test]
+    fn write_statements_match_the_schema_and_the_rows() {
+        let ks = "im_t";
+        let tables = schema_tables(ks);
+        let t = &tables["timeline"];
+        assert_eq!(
+            (t.key.len(), t.partition.len()),
+            (3, 2),
+            "parsed the schema"
+        );
+        assert_eq!(tables["group_info"].partition, vec!["gid".to_owned()]);
+        let rows = merge(every_kind_of_op()).expect("merge");
+        for phase in Phase::ALL {
+            let cql = phase.cql(ks);
+            let markers = cql.matches('?').count();
+            let (table, names): (&str, Vec<&str>) =
+                if let Some(rest) = cql.strip_prefix(&format!("INSERT INTO {ks}.")) {
+                    let (table, rest) = rest.split_once(" (").expect("columns");
+                    let (cols, values) = rest.split_once(") VALUES (").expect("values");
+                    let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+                    assert_eq!(values.matches('?').count(), names.len(), "{cql}");
+                    (table, names)
+                } else if let Some(rest) = cql.strip_prefix(&format!("DELETE FROM {ks}.")) {
+                    let (table, cond) = rest.split_once(" WHERE ").expect("where");
+                    let names: Vec<&str> = cond
+                        .split(" AND ")
+                        .map(|c| c.strip_suffix(" = ?").expect("equality"))
+                        .collect();
+                    (table, names)
+                } else {
+                    panic!("unexpected write {cql}");
+                };
+            assert_eq!(markers, names.len(), "{cql}");
+            let t = tables
+                .get(table)
+                .unwrap_or_else(|| panic!("no table {table}"));
+            for k in &t.key {
+                assert!(names.contains(&k.as_str()), "{cql} misses key column {k}");
+            }
+            if cql.starts_with("DELETE") {
+                assert_eq!(names.len(), t.key.len(), "a delete of whole rows: {cql}");
+            }
+            let specs = specs(ks, table, t, &names);
+            let row = rows
+                .iter()
+                .find(|r| r.phase() == phase)
+                .expect("a row of the phase");
+            let mut buf = Vec::new();
+            let mut w = RowWriter::new(&mut buf);
+            row.serialize(&RowSerializationContext::from_specs(&specs), &mut w)
+                .unwrap_or_else(|e| panic!("{row:?} against {cql}: {e}"));
+            assert_eq!(w.value_count(), names.len(), "{cql}");
+        }
+    }
+
+    /// Each read statement against the schema file: the columns exist, the whole partition key
+    /// is bound (single-partition reads), and the Rust row type the code deserializes into
+    /// accepts the selected columns.
+    #[test]
+    fn read_statements_match_the_schema_and_the_row_types() {
+        let ks = "im_t";
+        let tables = schema_tables(ks);
+        for read in Read::ALL {
+            let cql = read.cql(ks);
+            let rest = cql.strip_prefix("SELECT ").expect("select");
+            let (cols, rest) = rest.split_once(&format!(" FROM {ks}.")).expect("from");
+            let (table, cond) = rest.split_once(" WHERE ").expect("where");
+            let t = tables
+                .get(table)
+                .unwrap_or_else(|| panic!("no table {table}"));
+            let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+            let specs = specs(ks, table, t, &names);
+            let cond = cond.split(" ORDER BY ").next().expect("cond");
+            let cond = cond.split(" LIMIT ").next().expect("cond");
+            let bound: Vec<&str> = cond
+                .split(" AND ")
+                .map(|c| c.split(' ').next().expect("column"))
+                .collect();
+            for k in &t.partition {
+                assert!(
+                    bound.contains(&k.as_str()),
+                    "{cql} does not bind partition key {k}"
+                );
+            }
+            let checked = match read {
+                Read::SeqBound
+                | Read::BucketsFrom
+                | Read::BucketsDesc
+                | Read::TimelineLast
+                | Read::MsgIdx
+                | Read::Cursor
+                | Read::UserGroups
+                | Read::Mutes => <(i64,)>::type_check(&specs),
+                Read::TimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
+                Read::Dedup => <(i64, i64, i64, i64)>::type_check(&specs),
+                Read::Outbox => <(i64, Option<Vec<i64>>, Vec<u8>)>::type_check(&specs),
+                Read::Group => GroupRow::type_check(&specs),
+                Read::Members => MemberRow::type_check(&specs),
+                Read::PushTokens => PushTokenRow::type_check(&specs),
+            };
+            checked.unwrap_or_else(|e| panic!("{cql}: {e}"));
+        }
+    }
+
     #[test]
     fn empty_plan() {
         assert!(plan(Vec::new(), 1).expect("plan").is_empty());
@@ -1697,7 +2544,12 @@ mod tests {
                 "seq_bound",
                 "dedup",
                 "cursor",
-                "outbox"
+                "outbox",
+                "group_info",
+                "group_members",
+                "user_groups",
+                "mutes",
+                "push_tokens"
             ]
         );
         for s in &stmts {
@@ -1724,6 +2576,14 @@ mod tests {
         assert!(table("cursor").contains("PRIMARY KEY ((uid), device_id)"));
         assert!(table("outbox").contains("PRIMARY KEY ((shard), msg_id)"));
         assert!(table("outbox").contains("recipients frozen<list<bigint>>"));
+        assert!(table("group_info").contains("PRIMARY KEY ((gid))"));
+        assert!(table("group_members").contains("PRIMARY KEY ((gid), uid)"));
+        assert!(table("group_members").contains("role smallint"));
+        assert!(table("user_groups").contains("PRIMARY KEY ((uid), gid)"));
+        assert!(table("mutes").contains("PRIMARY KEY ((uid), peer)"));
+        assert!(table("push_tokens").contains("PRIMARY KEY ((uid), device_id)"));
+        assert!(table("push_tokens").contains("provider smallint"));
+        assert!(table("push_tokens").contains("push_token text"));
 
         // cqlsh splits the file too: keep semicolons out of comments.
         for line in SCHEMA_CQL.lines() {

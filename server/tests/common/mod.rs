@@ -29,6 +29,9 @@ pub fn config(dir: &std::path::Path) -> ServerConfig {
         data_dir: dir.to_path_buf(),
         gate_cores: 2,
         logic_workers: 2,
+        api: Some(im_logic::api::ApiConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+        )),
         ..ServerConfig::default()
     }
 }
@@ -96,25 +99,64 @@ pub fn assert_no_deliver(c: &mut Client, wait: Duration) {
 }
 
 /// Starts the `im-server` binary with `args` and returns it with the address printed on its first
-/// stdout line after `prefix` (e.g. "listening on ").
+/// stdout line after `prefix` (e.g. "listening on "). `run` and `logic` get a free API port.
 pub fn spawn_process(args: &[&str], prefix: &str) -> (std::process::Child, SocketAddr) {
+    let (child, mut lines) = spawn_lines(args);
+    (child, parse_after(&lines.remove(0), prefix))
+}
+
+/// Like [`spawn_process`] for `run` / `logic`: also returns the HTTP API address.
+pub fn spawn_with_api(
+    args: &[&str],
+    prefix: &str,
+) -> (std::process::Child, SocketAddr, SocketAddr) {
+    let (child, lines) = spawn_lines(args);
+    let api = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("api on "))
+        .expect("no `api on` line")
+        .parse()
+        .unwrap();
+    (child, parse_after(&lines[0], prefix), api)
+}
+
+fn parse_after(line: &str, prefix: &str) -> SocketAddr {
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// Spawns the binary and returns its startup lines (2 for `run`/`logic`, 1 otherwise); the rest
+/// of its stdout is drained by a thread so the process never writes into a closed pipe.
+fn spawn_lines(args: &[&str]) -> (std::process::Child, Vec<String>) {
     use std::io::BufRead;
+    let mut args: Vec<&str> = args.to_vec();
+    let with_api = matches!(args.first(), Some(&"run") | Some(&"logic"));
+    if with_api && !args.contains(&"--api-listen") {
+        args.extend(["--api-listen", "127.0.0.1:0"]);
+    }
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
-        .args(args)
+        .args(&args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("spawn im-server");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let want = if with_api { 2 } else { 1 };
+    let mut lines = Vec::new();
+    for _ in 0..want {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        lines.push(line);
+    }
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    (child, lines)
 }

@@ -13,19 +13,34 @@ use std::time::Duration;
 use bytes::Bytes;
 use im_shared::frame::Cmd;
 use im_shared::link::{Down, DownstreamSink, Up};
-use im_shared::proto::{Message, CONV_C2C, MAX_DEVICE_ID_LEN};
+use im_shared::proto::{GroupDesc, Message, CONV_C2C, CONV_C2G, MAX_DEVICE_ID_LEN};
 use im_shared::shard::{vshard_of, VSHARDS};
 use im_shared::token::{TokenError, TokenVerifier};
-use im_shared::{Command, ConnId, DeviceType, ErrorCode, KickReason, MsgId, Seq, ShardId, UserId};
-use tokio::sync::mpsc;
+use im_shared::{
+    Command, ConnId, DeviceType, ErrorCode, GroupId, KickReason, MsgId, Seq, ShardId, UserId,
+};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::api::{Accepted, ApiError};
+use crate::c2s::{C2sQueue, C2sRecord};
 use crate::config::LogicConfig;
+use crate::metrics::Metrics;
 use crate::msgid::MsgIdGen;
 use crate::router::Router;
+use crate::services::Services;
 use crate::store::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+
+mod features;
+mod groups;
+pub use features::MAX_S2C_USERS;
+pub(crate) use groups::{decode_req as groups_decode, encode_req as groups_encode};
+pub use groups::{GroupOp, GroupReq};
 
 /// How often a worker of a multi-node cluster checks whether a peer link needs a resync.
 const RESYNC_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+/// How often a worker looks for messages that no device acknowledged within the push delay.
+const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Most undelivered-notice entries kept per user.
 const MAX_PENDING_NOTICES: usize = 10_000;
@@ -42,7 +57,57 @@ pub enum WorkerMsg {
     Delivered(Vec<DeliveredNote>),
     /// The link to this gate dropped: its connections are gone.
     GateDown(u16),
+    /// A request for the group this worker owns.
+    Group(GroupReq),
+    /// A request of the HTTP API for this worker.
+    Api(ApiReq),
     Shutdown,
+}
+
+/// Where an API request's answer goes.
+pub type ApiReplyTx = oneshot::Sender<Result<ApiOk, ApiError>>;
+
+/// Where the answer to a request goes.
+pub enum Reply {
+    /// A client connection (any node can write to any gate).
+    Conn { conn: ConnId, req_id: u32 },
+    /// The HTTP API of this node.
+    Api(oneshot::Sender<Result<ApiOk, ApiError>>),
+}
+
+/// Successful results of API requests.
+#[derive(Debug)]
+pub enum ApiOk {
+    Accepted(Accepted),
+    Group(GroupId),
+    Done,
+    Info(GroupDesc, Vec<(UserId, u8)>),
+    Groups(Vec<(GroupId, String)>),
+}
+
+/// User-scoped HTTP API requests, handled by a worker of the node that received them.
+pub enum ApiReq {
+    /// s2c to users: `from` is the business account.
+    ServerSend {
+        from: UserId,
+        to: Vec<UserId>,
+        body: Bytes,
+        request_id: u64,
+        reply: oneshot::Sender<Result<ApiOk, ApiError>>,
+    },
+    /// Create a group: the group id is allocated here, the group's owner worker creates it.
+    GroupCreate {
+        owner: UserId,
+        name: String,
+        members: Vec<UserId>,
+        reply: oneshot::Sender<Result<ApiOk, ApiError>>,
+    },
+    GroupsOf {
+        uid: UserId,
+        reply: oneshot::Sender<Result<ApiOk, ApiError>>,
+    },
+    /// The push provider said this device's token is invalid: forget it.
+    DropPushToken { uid: UserId, device_id: String },
 }
 
 /// Append `msg` to `recipient`'s timeline; `shard` names the outbox entry to release afterwards.
@@ -83,9 +148,24 @@ struct UserState {
 struct Active {
     dedup: HashMap<u64, DedupEntry>,
     dedup_order: VecDeque<u64>,
-    /// Messages from others not yet acknowledged by any device: seq → (sender, msg_id).
-    pending: BTreeMap<u64, (UserId, MsgId)>,
+    /// Messages from others not yet acknowledged by any device, by seq.
+    pending: BTreeMap<u64, Pending>,
 }
+
+/// A message in a user's timeline that no device acknowledged yet: source of "delivered" notices
+/// (c2c) and of offline push notifications.
+struct Pending {
+    sender: UserId,
+    msg_id: MsgId,
+    conv: u8,
+    /// The conversation: the sender for c2c and s2c, the group for c2g.
+    peer: u64,
+    /// The first bytes of the body (push preview).
+    preview: Bytes,
+}
+
+/// Bytes of a message body kept for a push preview.
+const PREVIEW_BYTES: usize = 64;
 
 impl UserState {
     fn active(&mut self) -> &mut Active {
@@ -110,6 +190,10 @@ struct Round {
     done_out: Vec<Vec<(ShardId, MsgId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
     appended: HashSet<(UserId, MsgId)>,
+    /// API answers, released after the commit.
+    api: Vec<(ApiReplyTx, Result<ApiOk, ApiError>)>,
+    /// c2s records of this round with the acks that wait for their enqueue.
+    c2s: Vec<(C2sRecord, ConnId, u32)>,
 }
 
 impl Round {
@@ -121,6 +205,17 @@ impl Round {
             done_out: (0..workers).map(|_| Vec::new()).collect(),
             delivered_out: (0..workers).map(|_| Vec::new()).collect(),
             appended: HashSet::new(),
+            api: Vec::new(),
+            c2s: Vec::new(),
+        }
+    }
+
+    /// Answers a request successfully (after the commit): `frame(req_id)` to a connection, or
+    /// `ok` to the API.
+    fn reply(&mut self, to: Reply, ok: ApiOk, frame: impl FnOnce(u32) -> Bytes) {
+        match to {
+            Reply::Conn { conn, req_id } => self.send(conn, frame(req_id)),
+            Reply::Api(tx) => self.api.push((tx, Ok(ok))),
         }
     }
 
@@ -153,6 +248,13 @@ pub struct Worker<S> {
     ids: MsgIdGen,
     /// Route changes for the shared directory (when one is configured).
     dir: Option<mpsc::UnboundedSender<crate::publish::DirOp>>,
+    /// Groups this worker owns (loaded on first use).
+    groups: HashMap<GroupId, groups::GroupState>,
+    services: Services,
+    metrics: Arc<Metrics>,
+    c2s: Option<Box<dyn C2sQueue>>,
+    /// Offline-push candidates: (due time in ms, user, seq), in due order.
+    push_due: VecDeque<(u64, UserId, u64)>,
 }
 
 fn now_ms() -> u64 {
@@ -160,6 +262,26 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// `OpResult` with code Ok.
+fn op_ok(req_id: u32, id: u64) -> Bytes {
+    Command::OpResult {
+        code: ErrorCode::Ok,
+        id,
+        message: String::new(),
+    }
+    .to_bytes(req_id)
+}
+
+/// `OpResult` carrying an error.
+fn op_err(req_id: u32, e: &ApiError) -> Bytes {
+    Command::OpResult {
+        code: e.code,
+        id: 0,
+        message: e.message.clone(),
+    }
+    .to_bytes(req_id)
 }
 
 fn error_frame(code: ErrorCode, req_id: u32, message: &str) -> Bytes {
@@ -171,6 +293,7 @@ fn error_frame(code: ErrorCode, req_id: u32, message: &str) -> Bytes {
 }
 
 impl<S: Store> Worker<S> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         idx: usize,
         cfg: LogicConfig,
@@ -179,6 +302,8 @@ impl<S: Store> Worker<S> {
         gate: Arc<dyn DownstreamSink>,
         router: Arc<Router>,
         depth: Arc<AtomicUsize>,
+        services: Services,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let gen_id = router.global(idx);
         Worker {
@@ -194,6 +319,11 @@ impl<S: Store> Worker<S> {
             routes: HashMap::new(),
             sessions: HashMap::new(),
             dir: None,
+            groups: HashMap::new(),
+            services,
+            metrics,
+            c2s: None,
+            push_due: VecDeque::new(),
         }
     }
 
@@ -228,23 +358,28 @@ impl<S: Store> Worker<S> {
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
         self.connect_directory().await;
+        self.connect_c2s().await;
         self.replay_outbox(None).await;
         let mut msgs = Vec::new();
         // With several nodes a fan-out can be lost with a peer link: after every link change the
         // worker re-sends its unconfirmed outbox to that node before any new live append.
         let mut resync = tokio::time::interval(RESYNC_CHECK_EVERY);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut push_tick = tokio::time::interval(PUSH_CHECK_EVERY);
+        push_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let multi = self.router.nodes > 1;
+        let push = self.services.push.is_some();
         loop {
-            let first = if self.router.nodes > 1 {
-                tokio::select! {
-                    m = rx.recv() => m,
-                    _ = resync.tick() => {
-                        self.resync_peers().await;
-                        continue;
-                    }
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                _ = resync.tick(), if multi => {
+                    self.resync_peers().await;
+                    continue;
                 }
-            } else {
-                rx.recv().await
+                _ = push_tick.tick(), if push => {
+                    self.push_overdue().await;
+                    continue;
+                }
             };
             let Some(first) = first else { return };
             msgs.push(first);
@@ -278,6 +413,8 @@ impl<S: Store> Worker<S> {
                     }
                     WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
                     WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
+                    WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
+                    WorkerMsg::Api(req) => self.on_api(req, &mut round).await,
                     WorkerMsg::Shutdown => stop = true,
                 }
             }
@@ -448,6 +585,104 @@ impl<S: Store> Worker<S> {
                     Command::Logout => {
                         self.on_closed(conn, uid);
                         round.close(conn, Command::LogoutAck.to_bytes(req_id));
+                    }
+                    Command::SendC2g {
+                        client_msg_id,
+                        group,
+                        body,
+                    } => {
+                        let to = Reply::Conn { conn, req_id };
+                        self.forward_group(
+                            uid,
+                            group,
+                            GroupOp::Post {
+                                client_msg_id,
+                                conv: CONV_C2G,
+                                body,
+                            },
+                            to,
+                            round,
+                        );
+                    }
+                    Command::Recall {
+                        client_msg_id,
+                        conv,
+                        peer,
+                        msg_id,
+                    } => {
+                        self.on_recall(conn, uid, req_id, client_msg_id, conv, peer, msg_id, round)
+                            .await
+                    }
+                    Command::ReadReport {
+                        client_msg_id,
+                        conv,
+                        peer,
+                        msg_id,
+                    } => {
+                        self.on_read(conn, uid, req_id, client_msg_id, conv, peer, msg_id, round)
+                            .await
+                    }
+                    Command::Report {
+                        client_msg_id,
+                        topic,
+                        body,
+                    } => self.on_report(conn, uid, req_id, client_msg_id, topic, body, round),
+                    Command::GroupCreate { name, members } => self.on_group_create(
+                        uid,
+                        name,
+                        members,
+                        Reply::Conn { conn, req_id },
+                        round,
+                    ),
+                    Command::GroupAdd { group, members } => self.forward_group(
+                        uid,
+                        group,
+                        GroupOp::Add(members),
+                        Reply::Conn { conn, req_id },
+                        round,
+                    ),
+                    Command::GroupRemove { group, members } => self.forward_group(
+                        uid,
+                        group,
+                        GroupOp::Remove(members),
+                        Reply::Conn { conn, req_id },
+                        round,
+                    ),
+                    Command::GroupLeave { group } => self.forward_group(
+                        uid,
+                        group,
+                        GroupOp::Leave,
+                        Reply::Conn { conn, req_id },
+                        round,
+                    ),
+                    Command::GroupUpdate {
+                        group,
+                        name,
+                        announcement,
+                    } => self.forward_group(
+                        uid,
+                        group,
+                        GroupOp::Update { name, announcement },
+                        Reply::Conn { conn, req_id },
+                        round,
+                    ),
+                    Command::GroupInfo { group } => self.forward_group(
+                        uid,
+                        group,
+                        GroupOp::Info,
+                        Reply::Conn { conn, req_id },
+                        round,
+                    ),
+                    Command::MyGroups => {
+                        self.on_my_groups(uid, Reply::Conn { conn, req_id }, round)
+                            .await
+                    }
+                    Command::SetMute { peer, muted } => {
+                        round.batch.push(Op::Mute { uid, peer, muted });
+                        round.send(conn, op_ok(req_id, 0));
+                    }
+                    Command::RegisterPush { provider, token } => {
+                        self.on_register_push(conn, uid, req_id, provider, token, round)
                     }
                     _ => round.close(
                         conn,
@@ -622,6 +857,36 @@ impl<S: Store> Worker<S> {
         body: Bytes,
         round: &mut Round,
     ) {
+        self.accept_direct(
+            conn,
+            uid,
+            req_id,
+            client_msg_id,
+            CONV_C2C,
+            to,
+            body,
+            true,
+            round,
+        )
+        .await
+    }
+
+    /// Accepts a message of `uid` addressed to `to` (c2c content, or a recall / read receipt):
+    /// dedup on `(uid, client_msg_id)`, an entry in the sender's timeline (roaming to its other
+    /// devices) and, with `fan_out`, the outbox record and the append to `to`'s timeline.
+    #[allow(clippy::too_many_arguments)]
+    async fn accept_direct(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        client_msg_id: u64,
+        conv: u8,
+        to: UserId,
+        body: Bytes,
+        fan_out: bool,
+        round: &mut Round,
+    ) {
         let ack = |e: DedupEntry| {
             Command::SendAck {
                 code: ErrorCode::Ok,
@@ -684,13 +949,14 @@ impl<S: Store> Worker<S> {
             seq,
             prev_seq,
             msg_id,
-            conv: CONV_C2C,
+            conv,
             from: uid,
             to,
             client_msg_id,
             server_time_ms: now,
             body,
         };
+        self.metrics.accepted(conv);
         let entry = DedupEntry {
             msg_id,
             seq,
@@ -707,7 +973,7 @@ impl<S: Store> Worker<S> {
             client_msg_id,
             entry,
         });
-        if to != uid {
+        if fan_out && to != uid {
             let shard = vshard_of(uid);
             round.batch.push(Op::OutboxPut(OutboxEntry {
                 shard,
@@ -788,11 +1054,30 @@ impl<S: Store> Worker<S> {
             msg: msg.clone(),
         });
         round.appended.insert(key);
-        let u = self.users.get_mut(&r).expect("loaded");
-        let act = u.active();
-        act.pending.insert(seq.0, (msg.from, msg.msg_id));
-        if act.pending.len() > MAX_PENDING_NOTICES {
-            act.pending.pop_first();
+        if features::notifies(msg.conv) && msg.from != r {
+            let peer = if msg.conv == CONV_C2G {
+                msg.to.0
+            } else {
+                msg.from.0
+            };
+            let u = self.users.get_mut(&r).expect("loaded");
+            let act = u.active();
+            act.pending.insert(
+                seq.0,
+                Pending {
+                    sender: msg.from,
+                    msg_id: msg.msg_id,
+                    conv: msg.conv,
+                    peer,
+                    preview: Bytes::copy_from_slice(&msg.body[..msg.body.len().min(PREVIEW_BYTES)]),
+                },
+            );
+            if act.pending.len() > MAX_PENDING_NOTICES {
+                act.pending.pop_first();
+            }
+            if let Some(p) = &self.services.push {
+                self.push_due.push_back((now_ms() + p.delay_ms(), r, seq.0));
+            }
         }
         let deliver = Command::Deliver(msg).to_bytes(0);
         if let Some(devs) = self.routes.get(&r) {
@@ -829,11 +1114,15 @@ impl<S: Store> Worker<S> {
         };
         let rest = a.pending.split_off(&(seq.0 + 1));
         let acked = std::mem::replace(&mut a.pending, rest);
-        for (_, (sender, msg_id)) in acked {
-            let w = self.router.owner(sender);
+        for (_, p) in acked {
+            // "Delivered" notices are a c2c feature: a group post would get one per member.
+            if p.conv != CONV_C2C {
+                continue;
+            }
+            let w = self.router.owner(p.sender);
             round.delivered_out[w].push(DeliveredNote {
-                sender,
-                msg_id,
+                sender: p.sender,
+                msg_id: p.msg_id,
                 recipient: uid,
             });
         }
@@ -915,6 +1204,7 @@ impl<S: Store> Worker<S> {
     /// fsync the kernel may have dropped the dirty pages, so the only safe state is the one on
     /// disk, recovered at restart (the outbox then replays the unfinished fan-out).
     async fn finish(&mut self, mut round: Round) {
+        self.enqueue_c2s(&mut round).await;
         let batch = std::mem::take(&mut round.batch);
         if !batch.is_empty() {
             let mut backoff = Duration::from_millis(20);
@@ -935,6 +1225,9 @@ impl<S: Store> Worker<S> {
         }
         for (core, downs) in round.downs.drain() {
             self.gate.send((core >> 16) as u16, core as u16, downs);
+        }
+        for (tx, res) in round.api.drain(..) {
+            let _ = tx.send(res);
         }
         for (w, reqs) in round.appends_out.into_iter().enumerate() {
             if !reqs.is_empty() {

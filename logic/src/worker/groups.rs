@@ -1,0 +1,719 @@
+//! Groups (c2g) with write diffusion. A group is owned by the worker that owns
+//! `vshard_of(UserId(group))`: that worker holds its members, checks rights, gives the group's
+//! messages one order, and fans every message out to each member's timeline through the outbox
+//! (so a crash between the ack and the appends loses nothing). Requests reach the owner as
+//! [`WorkerMsg::Group`], from the requesting user's worker (any node) or from the HTTP API.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use im_shared::proto::{
+    GroupDesc, GroupEvent, GroupEventKind, Message, CONV_GROUP_EVENT, MAX_ANNOUNCEMENT_LEN,
+    MAX_GROUP_MEMBERS, MAX_NAME_LEN, ROLE_MEMBER, ROLE_OWNER,
+};
+use im_shared::shard::vshard_of;
+use im_shared::{Command, ConnId, ErrorCode, GroupId, UserId};
+
+use super::{error_frame, now_ms, op_err, op_ok, ApiOk, Reply, Round, Worker, WorkerMsg};
+use crate::api::{Accepted, ApiError};
+use crate::metrics::Metrics;
+use crate::store::{DedupEntry, MemberRecord, Op, Store, StoreError};
+use crate::worker::AppendReq;
+
+/// Client message ids remembered per group for dedup before the store is asked.
+const GROUP_DEDUP_WINDOW: usize = 1024;
+
+/// A request for the owner of `group`.
+pub struct GroupReq {
+    pub group: GroupId,
+    /// The user asking (the poster, the member leaving, …); 0 for the API.
+    pub actor: UserId,
+    /// Administrative (HTTP API): no membership or owner checks.
+    pub admin: bool,
+    pub reply: Reply,
+    pub op: GroupOp,
+}
+
+/// What is asked of a group.
+pub enum GroupOp {
+    Create {
+        name: String,
+        members: Vec<UserId>,
+    },
+    Add(Vec<UserId>),
+    Remove(Vec<UserId>),
+    Leave,
+    Update {
+        name: String,
+        announcement: String,
+    },
+    Info,
+    /// A message to every member: a member's post (c2g), a recall, or a business push (s2c).
+    Post {
+        client_msg_id: u64,
+        conv: u8,
+        body: Bytes,
+    },
+}
+
+/// Live state of a group on its owner.
+pub(super) struct GroupState {
+    desc: GroupDesc,
+    members: BTreeMap<UserId, u8>,
+    dedup: HashMap<(UserId, u64), DedupEntry>,
+    dedup_order: VecDeque<(UserId, u64)>,
+}
+
+fn unavailable(e: &StoreError) -> ApiError {
+    tracing::warn!("group store access: {e}");
+    ApiError::new(ErrorCode::Unavailable, "store unavailable, retry")
+}
+
+/// Distinct, non-zero ids.
+fn clean(mut v: Vec<UserId>) -> Vec<UserId> {
+    v.retain(|u| u.0 != 0);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+impl<S: Store> Worker<S> {
+    /// Sends a group request to the group's owner (possibly on another node).
+    pub(super) fn forward_group(
+        &mut self,
+        actor: UserId,
+        group: GroupId,
+        op: GroupOp,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        self.forward_group_req(
+            GroupReq {
+                group,
+                actor,
+                admin: false,
+                reply,
+                op,
+            },
+            round,
+        );
+    }
+
+    pub(super) fn forward_group_req(&mut self, req: GroupReq, round: &mut Round) {
+        if req.group.0 == 0 {
+            let e = ApiError::new(ErrorCode::InvalidArgument, "group must not be 0");
+            return self.refuse(req.reply, &req.op, e, round);
+        }
+        let owner = self.router.owner(UserId(req.group.0));
+        if matches!(req.reply, Reply::Api(_)) && self.router.node_of(owner) != self.router.node {
+            let e = ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "group {} is owned by logic node {}: call that node's API",
+                    req.group,
+                    self.router.node_of(owner)
+                ),
+            );
+            return self.refuse(req.reply, &req.op, e, round);
+        }
+        self.router.send(self.idx, owner, WorkerMsg::Group(req));
+    }
+
+    /// Answers a refused request: `Error` for a post (like a refused c2c send), `OpResult` for
+    /// management commands.
+    fn refuse(&mut self, reply: Reply, op: &GroupOp, e: ApiError, round: &mut Round) {
+        let frame = |req_id: u32| match op {
+            GroupOp::Post { .. } => error_frame(e.code, req_id, &e.message),
+            _ => op_err(req_id, &e),
+        };
+        match reply {
+            Reply::Conn { conn, req_id } => round.send(conn, frame(req_id)),
+            Reply::Api(tx) => round.api.push((tx, Err(e))),
+        }
+    }
+
+    /// A user (or the API) creates a group: allocate its id here, let its owner create it.
+    pub(super) fn on_group_create(
+        &mut self,
+        actor: UserId,
+        name: String,
+        members: Vec<UserId>,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let op = GroupOp::Create { name, members };
+        let GroupOp::Create { name, members } = &op else {
+            unreachable!()
+        };
+        if name.len() > MAX_NAME_LEN {
+            let e = ApiError::new(ErrorCode::InvalidArgument, "group name too long");
+            return self.refuse(reply, &op, e, round);
+        }
+        if actor.0 == 0 || members.len() >= MAX_GROUP_MEMBERS {
+            let e = ApiError::new(
+                ErrorCode::GroupFull,
+                format!("a group has at most {MAX_GROUP_MEMBERS} members"),
+            );
+            return self.refuse(reply, &op, e, round);
+        }
+        // An API call must land on a group of this node (it cannot wait for another node's
+        // answer): draw ids until one is owned here; about `nodes` draws on average.
+        let api = matches!(reply, Reply::Api(_));
+        let group = loop {
+            let g = GroupId(self.ids.next(now_ms()).0);
+            if !api || self.router.node_of(self.router.owner(UserId(g.0))) == self.router.node {
+                break g;
+            }
+        };
+        self.forward_group(actor, group, op, reply, round);
+    }
+
+    async fn load_group(&mut self, g: GroupId) -> Result<bool, StoreError> {
+        if self.groups.contains_key(&g) {
+            return Ok(true);
+        }
+        let Some(desc) = self.store.group(g).await? else {
+            return Ok(false);
+        };
+        let members = self.store.members(g).await?;
+        self.groups.insert(
+            g,
+            GroupState {
+                desc,
+                members: members.into_iter().map(|m| (m.uid, m.role)).collect(),
+                dedup: HashMap::new(),
+                dedup_order: VecDeque::new(),
+            },
+        );
+        Ok(true)
+    }
+
+    /// Writes `msg` to the outbox of the group's shard and sends the appends to `recipients`.
+    pub(super) fn fan_out(
+        &mut self,
+        shard: im_shared::ShardId,
+        msg: &Message,
+        recipients: Vec<UserId>,
+        round: &mut Round,
+    ) {
+        for r in &recipients {
+            round.appends_out[self.owner(*r)].push(AppendReq {
+                recipient: *r,
+                shard,
+                msg: msg.clone(),
+                replay: false,
+            });
+        }
+        round.batch.push(Op::OutboxPut(crate::store::OutboxEntry {
+            shard,
+            msg_id: msg.msg_id,
+            recipients,
+            msg: msg.clone(),
+        }));
+    }
+
+    /// A group event message (membership or info change) to `recipients`.
+    fn group_event(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        kind: GroupEventKind,
+        users: Vec<UserId>,
+        recipients: Vec<UserId>,
+        round: &mut Round,
+    ) {
+        let now = now_ms();
+        let msg = Message {
+            seq: im_shared::Seq(0),
+            prev_seq: im_shared::Seq(0),
+            msg_id: self.ids.next(now),
+            conv: CONV_GROUP_EVENT,
+            from: actor,
+            to: UserId(group.0),
+            client_msg_id: 0,
+            server_time_ms: now,
+            body: GroupEvent { kind, users }.to_bytes(),
+        };
+        self.metrics.accepted(CONV_GROUP_EVENT);
+        self.fan_out(vshard_of(UserId(group.0)), &msg, recipients, round);
+    }
+
+    pub(super) async fn on_group(&mut self, req: GroupReq, round: &mut Round) {
+        let GroupReq {
+            group,
+            actor,
+            admin,
+            reply,
+            op,
+        } = req;
+        if let GroupOp::Create { name, members } = op {
+            return self.create(group, actor, name, members, reply, round);
+        }
+        match self.load_group(group).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let e = ApiError::new(ErrorCode::NotFound, format!("no group {group}"));
+                return self.refuse(reply, &op, e, round);
+            }
+            Err(e) => return self.refuse(reply, &op, unavailable(&e), round),
+        }
+        let (owner, is_member) = {
+            let g = &self.groups[&group];
+            (g.desc.owner, g.members.contains_key(&actor))
+        };
+        let not_member = ApiError::new(ErrorCode::NotMember, format!("not a member of {group}"));
+        let needs_owner = matches!(
+            op,
+            GroupOp::Add(_) | GroupOp::Remove(_) | GroupOp::Update { .. }
+        );
+        if !admin && needs_owner && actor != owner {
+            let e = ApiError::new(ErrorCode::Forbidden, "only the group owner may do this");
+            return self.refuse(reply, &op, e, round);
+        }
+        let needs_member = matches!(op, GroupOp::Post { .. } | GroupOp::Info | GroupOp::Leave);
+        if needs_member && !admin && !is_member {
+            return self.refuse(reply, &op, not_member, round);
+        }
+        match op {
+            GroupOp::Create { .. } => unreachable!("handled above"),
+            GroupOp::Post {
+                client_msg_id,
+                conv,
+                body,
+            } => {
+                self.post(group, actor, client_msg_id, conv, body, reply, round)
+                    .await
+            }
+            GroupOp::Add(new) => self.add(group, actor, new, reply, round),
+            GroupOp::Remove(gone) => {
+                if gone.contains(&owner) {
+                    let e = ApiError::new(ErrorCode::Forbidden, "the owner cannot be removed");
+                    return self.refuse(reply, &GroupOp::Info, e, round);
+                }
+                self.remove(
+                    group,
+                    actor,
+                    gone,
+                    GroupEventKind::MembersRemoved,
+                    reply,
+                    round,
+                )
+            }
+            GroupOp::Leave => {
+                if actor == owner {
+                    let e = ApiError::new(ErrorCode::Forbidden, "the owner cannot leave");
+                    return self.refuse(reply, &GroupOp::Info, e, round);
+                }
+                self.remove(
+                    group,
+                    actor,
+                    vec![actor],
+                    GroupEventKind::MemberLeft,
+                    reply,
+                    round,
+                )
+            }
+            GroupOp::Update { name, announcement } => {
+                if name.len() > MAX_NAME_LEN || announcement.len() > MAX_ANNOUNCEMENT_LEN {
+                    let e =
+                        ApiError::new(ErrorCode::InvalidArgument, "name or announcement too long");
+                    return self.refuse(reply, &GroupOp::Info, e, round);
+                }
+                let g = self.groups.get_mut(&group).expect("loaded");
+                g.desc.name = name;
+                g.desc.announcement = announcement;
+                round.batch.push(Op::GroupPut(g.desc.clone()));
+                let all = g.members.keys().copied().collect();
+                self.group_event(
+                    group,
+                    actor,
+                    GroupEventKind::Updated,
+                    Vec::new(),
+                    all,
+                    round,
+                );
+                round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+            }
+            GroupOp::Info => {
+                let g = &self.groups[&group];
+                let desc = g.desc.clone();
+                let members: Vec<(UserId, u8)> = g.members.iter().map(|(u, r)| (*u, *r)).collect();
+                let (d, m) = (desc.clone(), members.clone());
+                round.reply(reply, ApiOk::Info(desc, members), move |r| {
+                    Command::GroupInfoReply {
+                        group: d,
+                        members: m,
+                    }
+                    .to_bytes(r)
+                });
+            }
+        }
+    }
+
+    fn create(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        name: String,
+        members: Vec<UserId>,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        if self.groups.contains_key(&group) {
+            // Already created (a duplicate request): answer the same.
+            return round.reply(reply, ApiOk::Group(group), |r| op_ok(r, group.0));
+        }
+        let now = now_ms();
+        let desc = GroupDesc {
+            group,
+            name,
+            creator: actor,
+            owner: actor,
+            announcement: String::new(),
+            created_ms: now,
+        };
+        let mut all = clean(members);
+        all.retain(|u| *u != actor);
+        let mut map = BTreeMap::new();
+        map.insert(actor, ROLE_OWNER);
+        for u in &all {
+            map.insert(*u, ROLE_MEMBER);
+        }
+        round.batch.push(Op::GroupPut(desc.clone()));
+        for (u, role) in &map {
+            round.batch.push(Op::MemberPut {
+                group,
+                member: MemberRecord {
+                    uid: *u,
+                    role: *role,
+                    joined_ms: now,
+                },
+            });
+        }
+        let everyone: Vec<UserId> = map.keys().copied().collect();
+        self.groups.insert(
+            group,
+            GroupState {
+                desc,
+                members: map,
+                dedup: HashMap::new(),
+                dedup_order: VecDeque::new(),
+            },
+        );
+        Metrics::inc(&self.metrics.groups_created);
+        self.group_event(
+            group,
+            actor,
+            GroupEventKind::Created,
+            everyone.clone(),
+            everyone,
+            round,
+        );
+        round.reply(reply, ApiOk::Group(group), |r| op_ok(r, group.0));
+    }
+
+    fn add(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        new: Vec<UserId>,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let g = self.groups.get_mut(&group).expect("loaded");
+        let new: Vec<UserId> = clean(new)
+            .into_iter()
+            .filter(|u| !g.members.contains_key(u))
+            .collect();
+        if g.members.len() + new.len() > MAX_GROUP_MEMBERS {
+            let e = ApiError::new(
+                ErrorCode::GroupFull,
+                format!("a group has at most {MAX_GROUP_MEMBERS} members"),
+            );
+            return self.refuse(reply, &GroupOp::Info, e, round);
+        }
+        let now = now_ms();
+        for u in &new {
+            g.members.insert(*u, ROLE_MEMBER);
+            round.batch.push(Op::MemberPut {
+                group,
+                member: MemberRecord {
+                    uid: *u,
+                    role: ROLE_MEMBER,
+                    joined_ms: now,
+                },
+            });
+        }
+        if !new.is_empty() {
+            let all = g.members.keys().copied().collect();
+            self.group_event(group, actor, GroupEventKind::MembersAdded, new, all, round);
+        }
+        round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+    }
+
+    /// Removes members; the event reaches the remaining members and those who left.
+    fn remove(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        gone: Vec<UserId>,
+        kind: GroupEventKind,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let g = self.groups.get_mut(&group).expect("loaded");
+        let gone: Vec<UserId> = clean(gone)
+            .into_iter()
+            .filter(|u| g.members.remove(u).is_some())
+            .collect();
+        for u in &gone {
+            round.batch.push(Op::MemberDelete { group, uid: *u });
+        }
+        if !gone.is_empty() {
+            let mut to: Vec<UserId> = g.members.keys().copied().collect();
+            to.extend(&gone);
+            self.group_event(group, actor, kind, gone, to, round);
+        }
+        round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+    }
+
+    /// A message to every member, in the group's order.
+    #[allow(clippy::too_many_arguments)]
+    async fn post(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        client_msg_id: u64,
+        conv: u8,
+        body: Bytes,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let ack = |e: DedupEntry, req_id: u32| {
+            Command::SendAck {
+                code: ErrorCode::Ok,
+                client_msg_id,
+                msg_id: e.msg_id,
+                seq: e.seq,
+                server_time_ms: e.server_time_ms,
+                prev_seq: e.prev_seq,
+            }
+            .to_bytes(req_id)
+        };
+        let accepted = |e: DedupEntry| {
+            ApiOk::Accepted(Accepted {
+                msg_id: e.msg_id,
+                server_time_ms: e.server_time_ms,
+            })
+        };
+        if client_msg_id != 0 {
+            let cached = self.groups[&group]
+                .dedup
+                .get(&(actor, client_msg_id))
+                .copied();
+            let found = match cached {
+                Some(e) => Some(e),
+                None => match self.store.dedup(actor, client_msg_id).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let op = GroupOp::Post {
+                            client_msg_id,
+                            conv,
+                            body,
+                        };
+                        return self.refuse(reply, &op, unavailable(&e), round);
+                    }
+                },
+            };
+            if let Some(e) = found {
+                return round.reply(reply, accepted(e), |r| ack(e, r));
+            }
+        }
+        let now = now_ms();
+        let msg = Message {
+            seq: im_shared::Seq(0),
+            prev_seq: im_shared::Seq(0),
+            msg_id: self.ids.next(now),
+            conv,
+            from: actor,
+            to: UserId(group.0),
+            client_msg_id,
+            server_time_ms: now,
+            body,
+        };
+        let entry = DedupEntry {
+            msg_id: msg.msg_id,
+            seq: im_shared::Seq(0),
+            prev_seq: im_shared::Seq(0),
+            server_time_ms: now,
+        };
+        let g = self.groups.get_mut(&group).expect("loaded");
+        if client_msg_id != 0 {
+            round.batch.push(Op::Dedup {
+                uid: actor,
+                client_msg_id,
+                entry,
+            });
+            let key = (actor, client_msg_id);
+            if g.dedup.insert(key, entry).is_none() {
+                g.dedup_order.push_back(key);
+                if g.dedup_order.len() > GROUP_DEDUP_WINDOW {
+                    if let Some(old) = g.dedup_order.pop_front() {
+                        g.dedup.remove(&old);
+                    }
+                }
+            }
+        }
+        let members = g.members.keys().copied().collect();
+        self.metrics.accepted(conv);
+        self.fan_out(vshard_of(UserId(group.0)), &msg, members, round);
+        round.reply(reply, accepted(entry), |r| ack(entry, r));
+    }
+
+    /// The groups of `uid`, with names.
+    pub(super) async fn on_my_groups(&mut self, uid: UserId, reply: Reply, round: &mut Round) {
+        let res: Result<Vec<(GroupId, String)>, StoreError> = async {
+            let mut out = Vec::new();
+            for g in self.store.groups_of(uid).await? {
+                let name = match self.groups.get(&g) {
+                    Some(s) => s.desc.name.clone(),
+                    None => self
+                        .store
+                        .group(g)
+                        .await?
+                        .map(|d| d.name)
+                        .unwrap_or_default(),
+                };
+                out.push((g, name));
+            }
+            Ok(out)
+        }
+        .await;
+        match res {
+            Ok(groups) => {
+                let f = groups.clone();
+                round.reply(reply, ApiOk::Groups(groups), move |r| {
+                    Command::GroupList { groups: f }.to_bytes(r)
+                })
+            }
+            Err(e) => self.refuse(reply, &GroupOp::Info, unavailable(&e), round),
+        }
+    }
+}
+
+/// Peer-link encoding of a group request from a client connection (API requests never cross
+/// nodes): `group:u64 actor:u64 conn:u64 req_id:u32 op:u8 fields`.
+pub(crate) fn encode_req(req: &GroupReq, b: &mut BytesMut) -> bool {
+    let Reply::Conn { conn, req_id } = req.reply else {
+        return false;
+    };
+    b.put_u64(req.group.0);
+    b.put_u64(req.actor.0);
+    b.put_u64(conn.0);
+    b.put_u32(req_id);
+    let put_str = |b: &mut BytesMut, s: &str| {
+        b.put_u16(s.len() as u16);
+        b.put_slice(s.as_bytes());
+    };
+    let put_uids = |b: &mut BytesMut, v: &[UserId]| {
+        b.put_u16(v.len() as u16);
+        for u in v {
+            b.put_u64(u.0);
+        }
+    };
+    match &req.op {
+        GroupOp::Create { name, members } => {
+            b.put_u8(1);
+            put_str(b, name);
+            put_uids(b, members);
+        }
+        GroupOp::Add(v) => {
+            b.put_u8(2);
+            put_uids(b, v);
+        }
+        GroupOp::Remove(v) => {
+            b.put_u8(3);
+            put_uids(b, v);
+        }
+        GroupOp::Leave => b.put_u8(4),
+        GroupOp::Update { name, announcement } => {
+            b.put_u8(5);
+            put_str(b, name);
+            put_str(b, announcement);
+        }
+        GroupOp::Info => b.put_u8(6),
+        GroupOp::Post {
+            client_msg_id,
+            conv,
+            body,
+        } => {
+            b.put_u8(7);
+            b.put_u64(*client_msg_id);
+            b.put_u8(*conv);
+            b.put_u32(body.len() as u32);
+            b.put_slice(body);
+        }
+    }
+    true
+}
+
+pub(crate) fn decode_req(b: &mut Bytes) -> Result<GroupReq, &'static str> {
+    fn need(b: &Bytes, n: usize) -> Result<(), &'static str> {
+        if b.remaining() < n {
+            Err("truncated group request")
+        } else {
+            Ok(())
+        }
+    }
+    fn string(b: &mut Bytes) -> Result<String, &'static str> {
+        need(b, 2)?;
+        let n = b.get_u16() as usize;
+        need(b, n)?;
+        String::from_utf8(b.split_to(n).to_vec()).map_err(|_| "group request string")
+    }
+    fn uids(b: &mut Bytes) -> Result<Vec<UserId>, &'static str> {
+        need(b, 2)?;
+        let n = b.get_u16() as usize;
+        need(b, n * 8)?;
+        Ok((0..n).map(|_| UserId(b.get_u64())).collect())
+    }
+    need(b, 8 + 8 + 8 + 4 + 1)?;
+    let group = GroupId(b.get_u64());
+    let actor = UserId(b.get_u64());
+    let conn = ConnId(b.get_u64());
+    let req_id = b.get_u32();
+    let op = match b.get_u8() {
+        1 => GroupOp::Create {
+            name: string(b)?,
+            members: uids(b)?,
+        },
+        2 => GroupOp::Add(uids(b)?),
+        3 => GroupOp::Remove(uids(b)?),
+        4 => GroupOp::Leave,
+        5 => GroupOp::Update {
+            name: string(b)?,
+            announcement: string(b)?,
+        },
+        6 => GroupOp::Info,
+        7 => {
+            need(b, 8 + 1 + 4)?;
+            let client_msg_id = b.get_u64();
+            let conv = b.get_u8();
+            let n = b.get_u32() as usize;
+            need(b, n)?;
+            GroupOp::Post {
+                client_msg_id,
+                conv,
+                body: b.split_to(n),
+            }
+        }
+        _ => return Err("group request kind"),
+    };
+    Ok(GroupReq {
+        group,
+        actor,
+        admin: false,
+        reply: Reply::Conn { conn, req_id },
+        op,
+    })
+}

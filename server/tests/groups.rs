@@ -1,0 +1,390 @@
+//! Group chat (c2g) with write diffusion, group management and its refusals, multi-device,
+//! recall and read receipts — over real sockets against a real server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use im_shared::client::ClientError;
+use im_shared::client::Timeline;
+use im_shared::proto::{
+    GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
+    CONV_READ, CONV_RECALL, MAX_GROUP_MEMBERS, ROLE_MEMBER, ROLE_OWNER,
+};
+use im_shared::{DeviceType, ErrorCode, GroupId, MsgId, Seq, UserId};
+
+/// Next delivered message of kind `conv` (acking everything on the way).
+fn next_of(c: &mut im_shared::client::Client, conv: u8) -> Message {
+    loop {
+        let m = next_deliver(c);
+        c.deliver_ack(m.seq).unwrap();
+        if m.conv == conv {
+            return m;
+        }
+    }
+}
+
+fn code(e: ClientError) -> ErrorCode {
+    e.code()
+        .unwrap_or_else(|| panic!("not a server refusal: {e}"))
+}
+
+#[test]
+fn create_post_and_every_member_gets_it_in_one_order() {
+    let s = start();
+    let mut a = login(s.addr, 1001);
+    let mut b = login(s.addr, 1002);
+    let mut c = login(s.addr, 1003);
+    let g = a
+        .create_group("team", &[UserId(1002), UserId(1003)])
+        .unwrap();
+    assert_ne!(g.0, 0);
+    // Everyone learns about the group from a "created" event.
+    for cl in [&mut a, &mut b, &mut c] {
+        let e = next_of(cl, CONV_GROUP_EVENT);
+        assert_eq!(e.to.0, g.0);
+        let ev = GroupEvent::decode(e.body).unwrap();
+        assert_eq!(ev.kind, GroupEventKind::Created);
+        assert_eq!(ev.users, vec![UserId(1001), UserId(1002), UserId(1003)]);
+    }
+    // Two members post concurrently-ish; all three see the same order.
+    let ack1 = a.send_c2g(g, 1, "from a").unwrap();
+    let ack2 = b.send_c2g(g, 1, "from b").unwrap();
+    assert_eq!(
+        ack1.seq,
+        Seq(0),
+        "a group ack carries no seq: the copy comes as Deliver"
+    );
+    let mut orders = Vec::new();
+    for cl in [&mut a, &mut b, &mut c] {
+        let m1 = next_of(cl, CONV_C2G);
+        let m2 = next_of(cl, CONV_C2G);
+        assert_eq!(m1.to.0, g.0);
+        orders.push(vec![m1.msg_id, m2.msg_id]);
+    }
+    assert!(orders.iter().all(|o| o == &orders[0]), "{orders:?}");
+    let mut ids = orders[0].clone();
+    ids.sort();
+    let mut want = vec![ack1.msg_id, ack2.msg_id];
+    want.sort();
+    assert_eq!(ids, want);
+    // Group info and "my groups".
+    let (desc, members) = c.group_info(g).unwrap();
+    assert_eq!((desc.name.as_str(), desc.owner), ("team", UserId(1001)));
+    assert_eq!(
+        members,
+        vec![
+            (UserId(1001), ROLE_OWNER),
+            (UserId(1002), ROLE_MEMBER),
+            (UserId(1003), ROLE_MEMBER)
+        ]
+    );
+    assert_eq!(b.my_groups().unwrap(), vec![(g, "team".to_owned())]);
+}
+
+#[test]
+fn refusals_non_member_non_owner_unknown_group_and_limits() {
+    let s = start();
+    let mut owner = login(s.addr, 2001);
+    let mut member = login(s.addr, 2002);
+    let mut outsider = login(s.addr, 2003);
+    let g = owner.create_group("club", &[UserId(2002)]).unwrap();
+    // A non-member can neither post nor read the member list; nothing reaches the members.
+    assert_eq!(
+        code(outsider.send_c2g(g, 1, "spam").unwrap_err()),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(outsider.group_info(g).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(outsider.group_leave(g).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    // Only the owner manages members.
+    assert_eq!(
+        code(member.group_add(g, &[UserId(2003)]).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(member.group_remove(g, &[UserId(2001)]).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(member.group_update(g, "mine", "").unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    // The owner can neither leave nor be removed.
+    assert_eq!(
+        code(owner.group_leave(g).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(owner.group_remove(g, &[UserId(2001)]).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    // Unknown group, group 0.
+    assert_eq!(
+        code(member.send_c2g(GroupId(12345), 2, "x").unwrap_err()),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(member.send_c2g(GroupId(0), 3, "x").unwrap_err()),
+        ErrorCode::InvalidArgument
+    );
+    // Too many members.
+    let many: Vec<UserId> = (0..MAX_GROUP_MEMBERS as u64)
+        .map(|i| UserId(900_000 + i))
+        .collect();
+    assert_eq!(
+        code(owner.create_group("huge", &many).unwrap_err()),
+        ErrorCode::GroupFull
+    );
+    assert_eq!(
+        code(owner.group_add(g, &many).unwrap_err()),
+        ErrorCode::GroupFull
+    );
+    // The connection of everyone refused stays usable, and the members saw no spam.
+    owner.send_c2g(g, 10, "still here").unwrap();
+    let m = next_of(&mut member, CONV_C2G);
+    assert_eq!(&m.body[..], b"still here");
+    outsider.heartbeat().unwrap();
+}
+
+#[test]
+fn membership_changes_and_removed_member_loses_access() {
+    let s = start();
+    let mut owner = login(s.addr, 3001);
+    let mut m2 = login(s.addr, 3002);
+    let g = owner.create_group("g", &[UserId(3002)]).unwrap();
+    next_of(&mut m2, CONV_GROUP_EVENT);
+    owner.group_add(g, &[UserId(3003)]).unwrap();
+    let e = next_of(&mut m2, CONV_GROUP_EVENT);
+    assert_eq!(
+        GroupEvent::decode(e.body).unwrap(),
+        GroupEvent {
+            kind: GroupEventKind::MembersAdded,
+            users: vec![UserId(3003)]
+        }
+    );
+    // The new member was offline: it syncs the event and later posts.
+    let mut m3 = login(s.addr, 3003);
+    owner.send_c2g(g, 1, "welcome").unwrap();
+    let mut tl = Timeline::new(Seq(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !tl.messages.iter().any(|m| m.conv == CONV_C2G) {
+        assert!(std::time::Instant::now() < deadline, "welcome never synced");
+        tl.sync(&mut m3).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(tl.messages[0].conv, CONV_GROUP_EVENT);
+    assert_eq!(
+        &tl.messages
+            .iter()
+            .find(|m| m.conv == CONV_C2G)
+            .unwrap()
+            .body[..],
+        b"welcome"
+    );
+    // Removal: the removed member learns it, then can no longer post or read.
+    owner.group_remove(g, &[UserId(3002)]).unwrap();
+    let e = next_of(&mut m2, CONV_GROUP_EVENT);
+    assert_eq!(
+        GroupEvent::decode(e.body).unwrap().kind,
+        GroupEventKind::MembersRemoved
+    );
+    assert_eq!(
+        code(m2.send_c2g(g, 5, "let me in").unwrap_err()),
+        ErrorCode::NotMember
+    );
+    assert_eq!(code(m2.group_info(g).unwrap_err()), ErrorCode::NotMember);
+    assert!(m2.my_groups().unwrap().is_empty());
+    // Leave.
+    m3.group_leave(g).unwrap();
+    assert_eq!(
+        code(m3.send_c2g(g, 6, "bye?").unwrap_err()),
+        ErrorCode::NotMember
+    );
+    let (_, members) = owner.group_info(g).unwrap();
+    assert_eq!(members, vec![(UserId(3001), ROLE_OWNER)]);
+    // Update (owner): name and announcement.
+    owner.group_update(g, "renamed", "read the rules").unwrap();
+    let (d, _) = owner.group_info(g).unwrap();
+    assert_eq!(
+        (d.name.as_str(), d.announcement.as_str()),
+        ("renamed", "read the rules")
+    );
+}
+
+#[test]
+fn group_post_retry_is_deduplicated() {
+    let s = start();
+    let mut a = login(s.addr, 4001);
+    let mut b = login(s.addr, 4002);
+    let g = a.create_group("d", &[UserId(4002)]).unwrap();
+    next_of(&mut b, CONV_GROUP_EVENT);
+    let first = a.send_c2g(g, 77, "once").unwrap();
+    let again = a.send_c2g(g, 77, "once").unwrap();
+    assert_eq!(first.msg_id, again.msg_id);
+    let m = next_of(&mut b, CONV_C2G);
+    assert_eq!(m.msg_id, first.msg_id);
+    assert_no_deliver(&mut b, Duration::from_millis(500));
+}
+
+#[test]
+fn every_device_of_a_member_gets_group_posts_and_own_posts() {
+    let s = start();
+    let (mut phone, _) = login_as(s.addr, 5001, DeviceType::Phone, "p");
+    let (mut desk, _) = login_as(s.addr, 5001, DeviceType::Desktop, "d");
+    let mut other = login(s.addr, 5002);
+    let g = other.create_group("md", &[UserId(5001)]).unwrap();
+    other.send_c2g(g, 1, "to both devices").unwrap();
+    for d in [&mut phone, &mut desk] {
+        assert_eq!(&next_of(d, CONV_C2G).body[..], b"to both devices");
+    }
+    // A post from the phone reaches the desktop too (roaming), with the same msg id.
+    let ack = phone.send_c2g(g, 2, "from my phone").unwrap();
+    let on_desk = next_of(&mut desk, CONV_C2G);
+    assert_eq!((on_desk.msg_id, on_desk.from), (ack.msg_id, UserId(5001)));
+    let on_phone = next_of(&mut phone, CONV_C2G);
+    assert_eq!(on_phone.msg_id, ack.msg_id);
+}
+
+#[test]
+fn recall_within_window_reaches_every_device_and_refusals() {
+    let s = start_with(|c| c.recall_window_secs = 2);
+    let mut a = login(s.addr, 6001);
+    let (mut b_phone, _) = login_as(s.addr, 6002, DeviceType::Phone, "bp");
+    let (mut b_desk, _) = login_as(s.addr, 6002, DeviceType::Desktop, "bd");
+    let ack = a.send_c2c(UserId(6002), 1, "oops").unwrap();
+    for d in [&mut b_phone, &mut b_desk] {
+        next_of(d, CONV_C2C);
+    }
+    // Someone else's message cannot be recalled (it is in bob's timeline, but alice sent it);
+    // nor one that does not exist.
+    assert_eq!(
+        code(b_phone.recall(CONV_C2C, 6001, ack.msg_id, 9).unwrap_err()),
+        ErrorCode::RecallRefused,
+    );
+    let missing = MsgId(ack.msg_id.0 + (1 << 12));
+    assert_eq!(
+        code(b_phone.recall(CONV_C2C, 6001, missing, 10).unwrap_err()),
+        ErrorCode::NotFound,
+    );
+    let bob_ack = b_phone.send_c2c(UserId(6001), 2, "mine").unwrap();
+    assert_eq!(
+        code(a.recall(CONV_C2C, 6002, bob_ack.msg_id, 3).unwrap_err()),
+        ErrorCode::RecallRefused,
+        "in alice's timeline but sent by bob"
+    );
+    assert_eq!(
+        code(a.recall(7, 6002, ack.msg_id, 4).unwrap_err()),
+        ErrorCode::InvalidArgument
+    );
+    // Recall in time: both of bob's devices learn it.
+    a.recall(CONV_C2C, 6002, ack.msg_id, 5).unwrap();
+    for d in [&mut b_phone, &mut b_desk] {
+        let r = next_of(d, CONV_RECALL);
+        assert_eq!(r.from, UserId(6001));
+        assert_eq!(
+            MarkerBody::decode(r.body).unwrap(),
+            MarkerBody {
+                conv: CONV_C2C,
+                msg_id: ack.msg_id
+            }
+        );
+    }
+    // After the window: refused.
+    let late = a
+        .send_c2c(UserId(6002), 6, "too late to take back")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2300));
+    assert_eq!(
+        code(a.recall(CONV_C2C, 6002, late.msg_id, 7).unwrap_err()),
+        ErrorCode::RecallRefused
+    );
+    assert_eq!(
+        code(a.recall(CONV_C2C, 6002, MsgId(1), 8).unwrap_err()),
+        ErrorCode::RecallRefused,
+        "an id older than the window"
+    );
+}
+
+#[test]
+fn group_recall_reaches_members() {
+    let s = start();
+    let mut a = login(s.addr, 6101);
+    let mut b = login(s.addr, 6102);
+    let g = a.create_group("r", &[UserId(6102)]).unwrap();
+    let ack = a.send_c2g(g, 1, "wrong group").unwrap();
+    let posted = next_of(&mut b, CONV_C2G);
+    assert_eq!(posted.msg_id, ack.msg_id);
+    // Own copy must have arrived in a's timeline before a can recall it.
+    next_of(&mut a, CONV_C2G);
+    assert_eq!(
+        code(b.recall(CONV_C2G, g.0, ack.msg_id, 2).unwrap_err()),
+        ErrorCode::RecallRefused,
+        "b holds the post but did not send it"
+    );
+    a.recall(CONV_C2G, g.0, ack.msg_id, 3).unwrap();
+    let r = next_of(&mut b, CONV_RECALL);
+    assert_eq!(r.to.0, g.0);
+    assert_eq!(MarkerBody::decode(r.body).unwrap().msg_id, ack.msg_id);
+}
+
+#[test]
+fn read_receipts_reach_the_peer_and_own_devices() {
+    let s = start();
+    let mut a = login(s.addr, 7001);
+    let (mut b_phone, _) = login_as(s.addr, 7002, DeviceType::Phone, "bp");
+    let (mut b_desk, _) = login_as(s.addr, 7002, DeviceType::Desktop, "bd");
+    let ack = a.send_c2c(UserId(7002), 1, "read me").unwrap();
+    next_of(&mut b_phone, CONV_C2C);
+    next_of(&mut b_desk, CONV_C2C);
+    b_phone.read_report(CONV_C2C, 7001, ack.msg_id, 2).unwrap();
+    let r = next_of(&mut a, CONV_READ);
+    assert_eq!(r.from, UserId(7002));
+    assert_eq!(MarkerBody::decode(r.body).unwrap().msg_id, ack.msg_id);
+    // Bob's other device learns it was read (clears its unread badge).
+    let mine = next_of(&mut b_desk, CONV_READ);
+    assert_eq!(mine.from, UserId(7002));
+    // Bad conversation kind.
+    assert_eq!(
+        code(b_phone.read_report(9, 7001, ack.msg_id, 3).unwrap_err()),
+        ErrorCode::InvalidArgument
+    );
+}
+
+#[test]
+fn offline_member_syncs_group_history_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let server = im_server::start(&cfg).unwrap();
+    let addr = server.local_addr();
+    let mut a = login(addr, 8001);
+    let g = a.create_group("persist", &[UserId(8002)]).unwrap();
+    for i in 0..20u64 {
+        a.send_c2g(g, 100 + i, format!("m{i}")).unwrap();
+    }
+    drop(a);
+    server.shutdown();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let server = im_server::start(&cfg).unwrap();
+    let mut b = login(server.local_addr(), 8002);
+    let mut tl = Timeline::new(Seq(0));
+    tl.sync(&mut b).unwrap();
+    let posts: Vec<_> = tl
+        .messages
+        .iter()
+        .filter(|m| m.conv == CONV_C2G)
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(posts, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // The group survived the restart: members and posting work.
+    let (_, members) = b.group_info(g).unwrap();
+    assert_eq!(members.len(), 2);
+    b.send_c2g(g, 1, "after restart").unwrap();
+    server.shutdown();
+}
