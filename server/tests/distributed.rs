@@ -410,3 +410,167 @@ fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_d
         p.wait().unwrap();
     }
 }
+
+/// `GET path` on the HTTP API; (status, JSON body).
+fn http_get(api: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+/// The gates the iplist offers `uid`, in the order the client should try them.
+fn iplist(api: SocketAddr, uid: u64) -> Vec<SocketAddr> {
+    let (status, v) = http_get(api, &format!("/v1/iplist?uid={uid}"));
+    if status != 200 {
+        return Vec::new();
+    }
+    v["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["tcp"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// What a mobile client does after losing its gate: walk the iplist in order until a gate takes
+/// the login, with backoff between rounds.
+fn reconnect_from_iplist(api: SocketAddr, uid: u64, last: Seq) -> (Client, SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        for gate in iplist(api, uid) {
+            let Ok(mut c) = Client::connect(gate) else {
+                continue; // dead gate still listed: try the next one
+            };
+            c.timeout = Duration::from_secs(5);
+            if c
+                .login(UserId(uid), &token(uid), DeviceType::Phone, "p", last)
+                .is_ok()
+            {
+                return (c, gate);
+            }
+        }
+        assert!(Instant::now() < deadline, "no gate from the iplist took the login");
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn gate_kill_clients_reconnect_to_another_gate_from_the_iplist_and_lose_nothing() {
+    let cluster = im_testkit::RedisCluster::start(3, 1).expect("redis cluster");
+    let redis = cluster.nodes().join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (mut logic, link, api) = spawn_with_api(
+        &[
+            "logic",
+            "--link-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            d,
+            "--logic-workers",
+            "2",
+            "--redis-nodes",
+            &redis,
+        ],
+        "links on ",
+    );
+    let (g1, a1) = spawn_gate(1, link);
+    let (g2, a2) = spawn_gate(2, link);
+    let mut gates = vec![(g1, a1), (g2, a2)];
+    let (receiver, sender) = (9101u64, 9102u64);
+    // Both gates registered: the iplist offers both, in a per-user order.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while iplist(api, receiver).len() != 2 {
+        assert!(Instant::now() < deadline, "gates never listed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let order = iplist(api, receiver);
+    assert_eq!(order, iplist(api, receiver), "the order is stable");
+    let (mut rx, rx_gate) = reconnect_from_iplist(api, receiver, Seq(0));
+    assert_eq!(rx_gate, order[0], "a client uses its first gate");
+    // The sender sits on the other gate and keeps sending, retrying refused sends.
+    let other = if order[0] == a1 { a2 } else { a1 };
+    let total = 150u64;
+    let send = std::thread::spawn(move || {
+        let (mut tx, _) = login_retry(other, sender, Seq(0));
+        let mut acked = Vec::new();
+        for i in 0..total {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match tx.send_c2c(UserId(receiver), i + 1, format!("m{i}")) {
+                    Ok(a) => {
+                        acked.push(a.msg_id);
+                        break;
+                    }
+                    Err(ClientError::Server { code, .. }) if code.is_retryable() => {}
+                    Err(ClientError::Timeout) => {}
+                    Err(e) => panic!("send {i}: {e}"),
+                }
+                assert!(Instant::now() < deadline, "send {i} never acked");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        acked
+    });
+    // Receive a while, then the receiver's gate dies (kill -9).
+    let mut tl = Timeline::new(Seq(0));
+    while tl.messages.len() < 30 {
+        if let Some(Cmd::Deliver(m)) = rx.recv(Duration::from_millis(500)).unwrap() {
+            tl.on_deliver(&mut rx, &m).unwrap();
+        }
+    }
+    let victim = gates.iter().position(|(_, a)| *a == rx_gate).unwrap();
+    gates[victim].0.kill().unwrap();
+    gates[victim].0.wait().unwrap();
+    // The client notices, walks the iplist (the dead gate may still be listed first), lands on
+    // the surviving gate and syncs from its last seq.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(rx.recv(Duration::from_millis(200)), Err(_)) {
+        assert!(Instant::now() < deadline, "connection outlived its gate");
+    }
+    let (mut rx, gate) = reconnect_from_iplist(api, receiver, tl.last_seq);
+    assert_eq!(gate, other);
+    let acked = send.join().unwrap();
+    assert_eq!(acked.len() as u64, total);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tl.sync(&mut rx).unwrap();
+        let got: Vec<_> = tl
+            .messages
+            .iter()
+            .filter(|m| m.from == UserId(sender))
+            .map(|m| m.msg_id)
+            .collect();
+        if got.len() >= acked.len() {
+            assert_eq!(got, acked, "every acked message exactly once, in order");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of {} synced", got.len(), acked.len());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The registry forgets the dead gate: the iplist offers only the live one.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while iplist(api, receiver) != vec![other] {
+        assert!(Instant::now() < deadline, "iplist {:?}", iplist(api, receiver));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    logic.kill().unwrap();
+    logic.wait().unwrap();
+    for (p, _) in &mut gates {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
