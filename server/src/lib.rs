@@ -62,6 +62,11 @@ pub struct ServerConfig {
     pub c2s: Option<C2sConfig>,
     /// Offline push (`[push]`, docs/PUSH.md). Default: none (no provider configured).
     pub push: Option<PushConfig>,
+    /// ScyllaDB contact points (`host:port`) of a logic node's store; empty (the default): the
+    /// embedded fjall store in `data_dir`. Only `im-server logic` uses it.
+    pub scylla_nodes: Vec<String>,
+    /// Keyspace of the ScyllaDB store (tables from `deploy/scylla/schema.cql`).
+    pub scylla_keyspace: String,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +98,8 @@ impl Default for ServerConfig {
                 timeout_ms: 10_000,
             }),
             push: None,
+            scylla_nodes: Vec::new(),
+            scylla_keyspace: "im".to_owned(),
         }
     }
 }
@@ -287,7 +294,30 @@ pub fn start_logic(
         nodes.len()
     );
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let store = FjallStore::open(&cfg.data_dir)?;
+    if cfg.scylla_nodes.is_empty() {
+        let store = FjallStore::open(&cfg.data_dir)?;
+        return start_logic_on(cfg, node_id, link_listen, nodes, store);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = rt
+        .block_on(im_logic::store::ScyllaStore::connect(
+            &cfg.scylla_nodes,
+            &cfg.scylla_keyspace,
+        ))
+        .map_err(|e| anyhow::anyhow!("connecting to ScyllaDB {:?}: {e}", cfg.scylla_nodes))?;
+    tracing::info!(nodes = ?cfg.scylla_nodes, keyspace = %cfg.scylla_keyspace, "store: ScyllaDB");
+    start_logic_on(cfg, node_id, link_listen, nodes, store)
+}
+
+fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
+    cfg: &ServerConfig,
+    node_id: u16,
+    link_listen: SocketAddr,
+    nodes: Vec<SocketAddr>,
+    store: S,
+) -> anyhow::Result<LogicNode> {
     let links = im_logic::net::GateLinks::new();
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let mut lc = logic_config(cfg);

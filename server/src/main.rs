@@ -96,6 +96,12 @@ struct Common {
     /// Redis Cluster seed nodes for the shared directory, comma separated.
     #[arg(long, env = "IM_REDIS_NODES", value_delimiter = ',')]
     redis_nodes: Vec<String>,
+    /// ScyllaDB contact points (`host:port`, comma separated) for a logic node's store.
+    #[arg(long, env = "IM_SCYLLA_NODES", value_delimiter = ',')]
+    scylla_nodes: Vec<String>,
+    /// Keyspace of the ScyllaDB store (default `im`).
+    #[arg(long, env = "IM_SCYLLA_KEYSPACE")]
+    scylla_keyspace: Option<String>,
     /// Address of the HTTP API (default 127.0.0.1:8080; port 0 picks a free one).
     #[arg(long, env = "IM_API_LISTEN")]
     api_listen: Option<std::net::SocketAddr>,
@@ -118,11 +124,16 @@ impl Common {
             token_secret,
             login_timeout_secs,
             idle_timeout_secs,
+            scylla_keyspace,
             max_body,
             redis_nodes,
             api_listen,
+            scylla_nodes,
             ..
         } = self;
+        if !scylla_nodes.is_empty() {
+            cfg.scylla_nodes = scylla_nodes;
+        }
         if !redis_nodes.is_empty() {
             cfg.redis_nodes = redis_nodes;
         }
@@ -140,6 +151,7 @@ impl Common {
             token_secret,
             login_timeout_secs,
             idle_timeout_secs,
+            scylla_keyspace,
             max_body
         );
         if cfg.token_secret == DEV_TOKEN_SECRET {

@@ -25,23 +25,25 @@ fn free_port() -> u16 {
 }
 
 fn spawn_node(dir: &Path, id: usize, nodes: &str) -> Child {
+    spawn_node_with(dir, id, nodes, &[])
+}
+
+fn spawn_node_with(dir: &Path, id: usize, nodes: &str, extra: &[String]) -> Child {
     let d = dir.to_str().unwrap();
     let id = id.to_string();
-    spawn(
-        &[
-            "logic",
-            "--node-id",
-            &id,
-            "--nodes",
-            nodes,
-            "--data-dir",
-            d,
-            "--logic-workers",
-            "2",
-        ],
-        "links on ",
-    )
-    .0
+    let mut args = vec![
+        "logic",
+        "--node-id",
+        &id,
+        "--nodes",
+        nodes,
+        "--data-dir",
+        d,
+        "--logic-workers",
+        "2",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    spawn(&args, "links on ").0
 }
 
 fn spawn_logic(dir: &Path, link: &str) -> (Child, SocketAddr) {
@@ -164,10 +166,38 @@ fn node_of(uid: u64, nodes: usize) -> usize {
 
 #[test]
 fn two_logic_nodes_fan_out_across_nodes_and_recover_a_crashed_one_from_the_outbox() {
+    cross_node_fan_out_and_crash_recovery(&[]);
+}
+
+/// The same with both nodes on one shared ScyllaDB keyspace (the cluster's store). Runs only
+/// when `SCYLLA_NODES` names a cluster (e.g. `127.0.0.1:9042`); reports "skipped" otherwise.
+#[test]
+fn two_logic_nodes_on_a_shared_scylla_store_recover_a_crashed_one() {
+    let Ok(raw) = std::env::var("SCYLLA_NODES") else {
+        println!("skipped: SCYLLA_NODES not set");
+        return;
+    };
+    let nodes: Vec<String> = raw.split(',').map(|s| s.trim().to_owned()).collect();
+    let ks = format!("im_test_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(im_logic::store::ScyllaStore::create_schema(&nodes, &ks, 1))
+        .expect("create keyspace");
+    cross_node_fan_out_and_crash_recovery(&[
+        "--scylla-nodes".into(),
+        raw.clone(),
+        "--scylla-keyspace".into(),
+        ks,
+    ]);
+}
+
+fn cross_node_fan_out_and_crash_recovery(store_args: &[String]) {
     let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
-    let mut n0 = spawn_node(d0.path(), 0, &nodes);
-    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let mut n0 = spawn_node_with(d0.path(), 0, &nodes, store_args);
+    let mut n1 = spawn_node_with(d1.path(), 1, &nodes, store_args);
     let (mut g1, a1) = spawn_gate(1, &nodes);
     let (mut g2, a2) = spawn_gate(2, &nodes);
     // alice lives on node 0, bob on node 1.
@@ -219,7 +249,7 @@ fn two_logic_nodes_fan_out_across_nodes_and_recover_a_crashed_one_from_the_outbo
     }
 
     // Node 1 comes back: node 0 re-sends the unconfirmed fan-out; bob gets everything once.
-    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let mut n1 = spawn_node_with(d1.path(), 1, &nodes, store_args);
     let (mut bob, _) = login_retry(a2, bob_uid, Seq(0));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut tl = Timeline::new(Seq(0));
@@ -425,7 +455,10 @@ fn http_get(api: SocketAddr, path: &str) -> (u16, serde_json::Value) {
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").expect("http response");
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// The gates the iplist offers `uid`, in the order the client should try them.
@@ -453,14 +486,16 @@ fn reconnect_from_iplist(api: SocketAddr, uid: u64, last: Seq) -> (Client, Socke
                 continue; // dead gate still listed: try the next one
             };
             c.timeout = Duration::from_secs(5);
-            if c
-                .login(UserId(uid), &token(uid), DeviceType::Phone, "p", last)
+            if c.login(UserId(uid), &token(uid), DeviceType::Phone, "p", last)
                 .is_ok()
             {
                 return (c, gate);
             }
         }
-        assert!(Instant::now() < deadline, "no gate from the iplist took the login");
+        assert!(
+            Instant::now() < deadline,
+            "no gate from the iplist took the login"
+        );
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -558,13 +593,22 @@ fn gate_kill_clients_reconnect_to_another_gate_from_the_iplist_and_lose_nothing(
             assert_eq!(got, acked, "every acked message exactly once, in order");
             break;
         }
-        assert!(Instant::now() < deadline, "{} of {} synced", got.len(), acked.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} synced",
+            got.len(),
+            acked.len()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // The registry forgets the dead gate: the iplist offers only the live one.
     let deadline = Instant::now() + Duration::from_secs(40);
     while iplist(api, receiver) != vec![other] {
-        assert!(Instant::now() < deadline, "iplist {:?}", iplist(api, receiver));
+        assert!(
+            Instant::now() < deadline,
+            "iplist {:?}",
+            iplist(api, receiver)
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     logic.kill().unwrap();
