@@ -403,3 +403,24 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_config_parses_and_matches_the_defaults() {
+        let cfg: ServerConfig = toml::from_str(include_str!("../../deploy/im-server.toml"))
+            .expect("deploy/im-server.toml parses");
+        let d = ServerConfig::default();
+        assert_eq!(cfg.listen, d.listen);
+        assert_eq!(cfg.max_body, d.max_body);
+        assert_eq!(cfg.recall_window_secs, d.recall_window_secs);
+        assert_eq!(
+            cfg.api.as_ref().map(|a| a.listen),
+            d.api.as_ref().map(|a| a.listen)
+        );
+        assert!(matches!(cfg.c2s, Some(C2sConfig::Embedded { .. })));
+        assert!(cfg.push.is_none());
+    }
+}
