@@ -9,6 +9,7 @@
 //! durable batch (group commit) and only then releases acks and deliveries.
 
 pub mod api;
+mod b64;
 pub mod c2s;
 mod config;
 pub mod directory;

@@ -132,42 +132,7 @@ pub(crate) fn user_list(
 /// Decodes standard base64 (RFC 4648 §4, padding optional, no whitespace); also accepts the
 /// URL-safe alphabet.
 pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let b = s.as_bytes();
-    let b = b
-        .strip_suffix(b"==")
-        .or_else(|| b.strip_suffix(b"="))
-        .unwrap_or(b);
-    if !s.len().is_multiple_of(4) && b.len() != s.len() {
-        return None; // padded but not to a multiple of 4
-    }
-    if b.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(b.len() * 3 / 4);
-    for chunk in b.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        let n = chunk.len() - 1;
-        // Non-canonical trailing bits (e.g. "QR==" for "A") are refused.
-        if n < 3 && (acc >> (8 * (3 - n))) << (8 * (3 - n)) != acc {
-            return None;
-        }
-        out.extend_from_slice(&bytes[1..1 + n]);
-    }
-    Some(out)
+    crate::b64::decode(s)
 }
 
 #[cfg(test)]

@@ -4,81 +4,21 @@
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 
-const STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
 /// Base64url without padding (RFC 7515 §2).
 pub fn b64url(data: &[u8]) -> String {
-    encode(data, URL)
-}
-
-fn encode(data: &[u8], alphabet: &[u8; 64]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            out.push(char::from(alphabet[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
+    crate::b64::encode_url(data)
 }
 
 /// Decodes standard or url-safe base64, with or without padding; ASCII whitespace is skipped
 /// (PEM bodies). `None` on any other character or a dangling bit.
 pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    let mut pad = false;
-    for c in s.bytes() {
-        if c.is_ascii_whitespace() {
-            continue;
-        }
-        if c == b'=' {
-            pad = true;
-            continue;
-        }
-        if pad {
-            return None; // data after padding
-        }
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // Leftover bits must be fewer than a byte and zero (canonical encoding).
-    if bits >= 6 || acc != 0 {
-        return None;
-    }
-    Some(out)
+    let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    crate::b64::decode(&compact)
 }
 
 /// Standard base64 with padding.
 pub fn b64_std(data: &[u8]) -> String {
-    let mut s = encode(data, STD);
-    let pad = match data.len() % 3 {
-        1 => "==",
-        2 => "=",
-        _ => "",
-    };
-    s.push_str(pad);
-    s
+    crate::b64::encode_std(data)
 }
 
 /// The DER bytes of the first PEM block labelled `label` (e.g. `PRIVATE KEY`).
