@@ -179,6 +179,12 @@ impl<S: Store> Worker<S> {
             );
             return;
         }
+        // A topic the queue cannot deliver (no webhook) is refused now, not dead-lettered later.
+        if let Some(Err(e)) = self.services.c2s.as_ref().map(|h| h.check_topic(&topic)) {
+            let m = e.to_string();
+            round.send(conn, error_frame(ErrorCode::InvalidArgument, req_id, &m));
+            return;
+        }
         let now = now_ms();
         let rec = C2sRecord {
             id: self.ids.next(now),
@@ -452,7 +458,13 @@ impl<S: Store> Worker<S> {
                     msg_id,
                     from: sender,
                     conv,
-                    to: peer,
+                    // The conversation as the recipient sees it: the group for c2g, else the
+                    // recipient itself (mutes are keyed by `peer`: the sender or the group).
+                    to: if conv == im_shared::proto::CONV_C2G {
+                        peer
+                    } else {
+                        uid.0
+                    },
                     preview: String::from_utf8_lossy(&preview).into_owned(),
                     unread,
                 });

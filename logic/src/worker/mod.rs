@@ -813,6 +813,7 @@ impl<S: Store> Worker<S> {
             round.close(old, k.to_bytes(0));
         }
         self.sessions.insert(conn, Session { uid, device_type });
+        Metrics::inc(&self.metrics.logins);
         self.publish(crate::publish::DirOp::Online {
             uid,
             route: crate::directory::RouteEntry {
