@@ -16,7 +16,7 @@ pub struct GateConfig {
     pub max_body: usize,
     /// A connection must be logged in this long after accept, or it is closed.
     pub login_timeout: Duration,
-    /// A logged-in connection that sends nothing for this long is closed.
+    /// A logged-in connection that sends no complete frame for this long is closed.
     pub idle_timeout: Duration,
     /// Bytes queued for a client that does not read before it is disconnected.
     pub max_write_queue: usize,
@@ -24,6 +24,20 @@ pub struct GateConfig {
     pub uring_entries: u32,
     /// Listen backlog.
     pub backlog: i32,
+    /// Attack protection: connection caps and rates, login back-off, message rate.
+    pub limits: crate::Limits,
+    /// WebSocket listener (one `SO_REUSEPORT` socket per core): protocol-v1 frames in binary
+    /// messages, and the static files of `web_root`. `None`: no WebSocket listener.
+    pub ws_listen: Option<SocketAddr>,
+    /// Directory of the web chat page, served on the WebSocket port: `GET /` is
+    /// `index.html`, `GET /static/…` the same path under this directory. `None`: 404 for all.
+    pub web_root: Option<std::path::PathBuf>,
+    /// Allowed `Origin`s of WebSocket upgrades (e.g. `https://chat.example.com`); empty: any.
+    pub ws_origins: Vec<String>,
+    /// TLS on the TCP listener (certificate chain and key, PEM files); `None`: plaintext.
+    pub tcp_tls: Option<crate::TlsFiles>,
+    /// TLS on the WebSocket listener (`wss`); `None`: plaintext `ws`.
+    pub ws_tls: Option<crate::TlsFiles>,
 }
 
 impl Default for GateConfig {
@@ -38,6 +52,12 @@ impl Default for GateConfig {
             max_write_queue: 256 * 1024,
             uring_entries: 1024,
             backlog: 4096,
+            limits: crate::Limits::default(),
+            ws_listen: None,
+            web_root: None,
+            ws_origins: Vec::new(),
+            tcp_tls: None,
+            ws_tls: None,
         }
     }
 }

@@ -15,13 +15,13 @@ use im_shared::frame::{Cmd, Frame, FrameCodec};
 use im_shared::link::{Down, Up, UpstreamLink};
 use im_shared::proto::peek_login_uid;
 use im_shared::{shard, Command, ConnId, ErrorCode, UserId};
-use monoio::buf::IoBufMut;
-use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::config::GateConfig;
 use crate::conn::{self, Conn};
+use crate::limits::{Admission, CoreLimits, Slot};
 use crate::mailbox::{Mailbox, MailboxRx};
+use crate::transport::{self, Layers, Transport};
 use crate::wheel::Wheel;
 use crate::CoreStats;
 
@@ -33,6 +33,10 @@ pub enum CoreMsg {
         login: Frame,
         rest: BytesMut,
         accepted_at: Instant,
+        /// The socket's admission (released when the connection is gone).
+        slot: Slot,
+        /// TLS / WebSocket state (transport/); `None` for plain TCP.
+        io: Option<Box<Layers>>,
     },
     /// Downstream messages from logic.
     Down(Vec<Down>),
@@ -48,6 +52,10 @@ pub struct CoreCtx {
     pub link: Arc<dyn UpstreamLink>,
     pub peers: Vec<Mailbox<CoreMsg>>,
     pub stats: Arc<CoreStats>,
+    /// Gate-wide connection counts and per-IP state (limits.rs).
+    pub admission: Arc<Admission>,
+    /// TLS configurations and WebSocket settings (transport/).
+    pub transport: Arc<Transport>,
 }
 
 /// State of one core, shared by its tasks through `Rc` (single thread, no locks).
@@ -65,13 +73,25 @@ pub struct Core {
     flush_waker: RefCell<Option<Waker>>,
     flush_scheduled: Cell<bool>,
     stopping: Cell<bool>,
+    /// Per-user message rates and failed logins of the users this core owns (limits.rs).
+    pub limits: RefCell<CoreLimits>,
+    /// Transport layers of the logged-in TLS / WebSocket connections, by serial (plain TCP
+    /// connections have none and pay nothing).
+    pub layered: RefCell<HashMap<u32, transport::Shared>>,
 }
 
 /// Binds one `SO_REUSEPORT` listener per core on the configured address (port 0 picks one port
 /// for all of them).
 pub fn bind_listeners(cfg: &GateConfig) -> std::io::Result<Vec<StdListener>> {
+    bind_reuseport(cfg, cfg.listen)
+}
+
+/// One `SO_REUSEPORT` listener per core on `addr` (also used for the WebSocket listener).
+pub fn bind_reuseport(
+    cfg: &GateConfig,
+    mut addr: std::net::SocketAddr,
+) -> std::io::Result<Vec<StdListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let mut addr = cfg.listen;
     let mut out = Vec::new();
     for _ in 0..cfg.cores.max(1) {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -88,7 +108,12 @@ pub fn bind_listeners(cfg: &GateConfig) -> std::io::Result<Vec<StdListener>> {
 }
 
 /// Thread body of one core.
-pub fn run_core(ctx: CoreCtx, listener: StdListener, rx: MailboxRx<CoreMsg>) {
+pub fn run_core(
+    ctx: CoreCtx,
+    listener: StdListener,
+    ws_listener: Option<StdListener>,
+    rx: MailboxRx<CoreMsg>,
+) {
     let entries = ctx.cfg.uring_entries;
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
@@ -112,10 +137,19 @@ pub fn run_core(ctx: CoreCtx, listener: StdListener, rx: MailboxRx<CoreMsg>) {
         );
         monoio::spawn(ticker(core.clone()));
         monoio::spawn(flusher(core.clone()));
-        let acceptor = monoio::spawn(accept_loop(core.clone(), listener));
+        let acceptor = monoio::spawn(accept_loop(core.clone(), listener, false));
+        // The WebSocket listener (transport/): same admission, same pre-login path.
+        let ws_acceptor = ws_listener.and_then(|l| match TcpListener::from_std(l) {
+            Ok(l) => Some(monoio::spawn(accept_loop(core.clone(), l, true))),
+            Err(e) => {
+                tracing::error!(core = core_id, "websocket listener: {e}");
+                None
+            }
+        });
         mailbox_loop(core.clone(), rx).await;
         core.stopping.set(true);
         drop(acceptor);
+        drop(ws_acceptor);
         let conns: Vec<_> = core.conns.borrow().values().cloned().collect();
         for c in conns {
             c.hard_close();
@@ -123,16 +157,23 @@ pub fn run_core(ctx: CoreCtx, listener: StdListener, rx: MailboxRx<CoreMsg>) {
     });
 }
 
-async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
+/// Accepts on the TCP listener, or on the WebSocket listener (`ws`).
+async fn accept_loop(core: Rc<Core>, listener: TcpListener, ws: bool) {
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if core.stopping.get() {
                     return;
                 }
                 core.ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                // Gate cap, per-IP cap and rate: a refused socket is closed right here (with an
+                // Error frame only where the client speaks bare protocol v1).
+                let plain = !ws && core.ctx.cfg.tcp_tls.is_none();
+                let Some(slot) = core.admit_socket(&stream, peer, plain) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(pre_login(core.clone(), stream));
+                monoio::spawn(pre_login(core.clone(), stream, slot, ws));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -145,10 +186,19 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener) {
 
 /// Reads the first frame (which must be a login) under the login deadline, then hands the
 /// connection to the core that owns the user.
-async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
+async fn pre_login(core: Rc<Core>, mut stream: TcpStream, slot: Slot, ws: bool) {
     let accepted_at = Instant::now();
+    // TLS and/or WebSocket layers; the handshakes happen in the reads below, under the deadline.
+    let mut io = match core.ctx.transport.layers(ws) {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::warn!("tls session: {e}");
+            return;
+        }
+    };
     let deadline = core.ctx.cfg.login_timeout;
-    let first = monoio::time::timeout(deadline, read_first_frame(&core, &mut stream)).await;
+    let first =
+        monoio::time::timeout(deadline, read_first_frame(&core, &mut stream, &mut io)).await;
     let (frame, rest) = match first {
         Err(_) => {
             core.ctx
@@ -157,6 +207,7 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
                 .fetch_add(1, Ordering::Relaxed);
             reject(
                 stream,
+                io,
                 0,
                 ErrorCode::LoginTimeout,
                 "no login within deadline",
@@ -170,7 +221,7 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
                 .stats
                 .closed_protocol_error
                 .fetch_add(1, Ordering::Relaxed);
-            reject(stream, req, code, &msg).await;
+            reject(stream, io, req, code, &msg).await;
             return;
         }
         Ok(Ok(v)) => v,
@@ -183,6 +234,7 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
             .fetch_add(1, Ordering::Relaxed);
         reject(
             stream,
+            io,
             frame.req_id,
             ErrorCode::Malformed,
             "login without user id",
@@ -192,7 +244,7 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
     }
     let owner = shard::core_of(uid, core.ctx.peers.len());
     if owner == core.ctx.core as usize {
-        core.adopt(stream, frame, rest, accepted_at);
+        core.adopt(stream, frame, rest, accepted_at, slot, io);
         return;
     }
     // Hand the socket to its owner core. `into_raw_fd` needs no operation in flight, which
@@ -206,6 +258,8 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream) {
         login: frame,
         rest,
         accepted_at,
+        slot,
+        io,
     };
     if core.ctx.peers[owner].send(msg).is_err() {
         tracing::warn!(owner, "hand-off target core is gone");
@@ -220,8 +274,8 @@ pub const MAX_LOGIN_BODY: usize = 1024;
 async fn read_first_frame(
     core: &Core,
     stream: &mut TcpStream,
+    io: &mut Option<Box<Layers>>,
 ) -> Result<(Frame, BytesMut), FirstFrameError> {
-    use monoio::io::AsyncWriteRentExt;
     let mut buf = BytesMut::with_capacity(256);
     // A login frame is small: before login, the body limit is MAX_LOGIN_BODY.
     let codec = FrameCodec::new(MAX_LOGIN_BODY.min(core.codec.max_body));
@@ -233,7 +287,7 @@ async fn read_first_frame(
                     server_time_ms: crate::conn::unix_ms(),
                 }
                 .to_bytes(f.req_id);
-                if stream.write_all(ack).await.0.is_err() {
+                if !transport::write_frame(stream, io, ack).await {
                     return Err(None);
                 }
                 continue;
@@ -261,29 +315,27 @@ async fn read_first_frame(
         if buf.is_empty() && buf.capacity() > 512 {
             buf = BytesMut::with_capacity(256);
         }
-        // Read into the spare capacity after the bytes already buffered (monoio reads at the
-        // slice start, so the slice begins at `len`).
-        let len = buf.len();
-        let cap = buf.capacity();
-        let (res, slice) = stream.read(buf.slice_mut(len..cap)).await;
-        buf = slice.into_inner();
-        match res {
-            Ok(0) | Err(_) => return Err(None),
-            Ok(_) => {}
+        // One read (through the TLS / WebSocket layers, if any) into the spare capacity.
+        if !transport::read_more(core, stream, io, &mut buf).await {
+            return Err(None);
         }
     }
 }
 
 /// Writes one error frame and closes.
-async fn reject(mut stream: TcpStream, req_id: u32, code: ErrorCode, message: &str) {
-    use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+async fn reject(
+    mut stream: TcpStream,
+    mut io: Option<Box<Layers>>,
+    req_id: u32,
+    code: ErrorCode,
+    message: &str,
+) {
     let bytes = Command::Error {
         code,
         message: message.to_owned(),
     }
     .to_bytes(req_id);
-    let _ = monoio::time::timeout(Duration::from_secs(1), stream.write_all(bytes)).await;
-    let _ = stream.shutdown().await;
+    transport::write_last(&mut stream, &mut io, bytes).await;
 }
 
 async fn mailbox_loop(core: Rc<Core>, rx: MailboxRx<CoreMsg>) {
@@ -294,8 +346,10 @@ async fn mailbox_loop(core: Rc<Core>, rx: MailboxRx<CoreMsg>) {
                 login,
                 rest,
                 accepted_at,
+                slot,
+                io,
             } => match TcpStream::from_std(stream) {
-                Ok(s) => core.adopt(s, login, rest, accepted_at),
+                Ok(s) => core.adopt(s, login, rest, accepted_at, slot, io),
                 Err(e) => tracing::warn!("adopting handed-off socket: {e}"),
             },
             CoreMsg::Down(batch) => {
@@ -334,6 +388,7 @@ async fn ticker(core: Rc<Core>) {
             continue;
         }
         core.now.set(now);
+        core.sweep_limits(now);
         let mut due = Vec::new();
         core.wheel.borrow_mut().advance(now, |k| due.push(k));
         for key in due {
@@ -390,6 +445,8 @@ pub fn test_core() -> Rc<Core> {
         link: Arc::new(NoLink),
         peers: Vec::new(),
         stats: Arc::new(CoreStats::default()),
+        admission: Admission::new(Default::default()),
+        transport: Arc::new(Transport::new(&GateConfig::default()).expect("plain transport")),
     })
 }
 
@@ -407,6 +464,8 @@ impl Core {
             flush_waker: RefCell::new(None),
             flush_scheduled: Cell::new(false),
             stopping: Cell::new(false),
+            limits: RefCell::new(CoreLimits::default()),
+            layered: RefCell::new(HashMap::new()),
         })
     }
 
@@ -434,7 +493,15 @@ impl Core {
 
     /// Registers a connection whose login frame was read, forwards the login to logic and
     /// starts its tasks.
-    fn adopt(self: &Rc<Self>, stream: TcpStream, login: Frame, rest: BytesMut, accepted: Instant) {
+    fn adopt(
+        self: &Rc<Self>,
+        stream: TcpStream,
+        login: Frame,
+        rest: BytesMut,
+        accepted: Instant,
+        slot: Slot,
+        io: Option<Box<Layers>>,
+    ) {
         // Serials wrap after 2^32 connections: skip any still in use.
         let mut serial = self.next_serial.get();
         while self.conns.borrow().contains_key(&serial) {
@@ -447,6 +514,7 @@ impl Core {
         let elapsed = accepted.elapsed().as_secs() as u32;
         let accepted_at = self.now_secs().saturating_sub(elapsed);
         let c = Rc::new(Conn::new(id, &stream, uid, lane, accepted_at));
+        let _ = c.slot.set(slot);
         self.conns.borrow_mut().insert(serial, c.clone());
         self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.ctx.stats.sockets.fetch_add(1, Ordering::Relaxed);
@@ -454,7 +522,9 @@ impl Core {
             &c,
             accepted_at + self.ctx.cfg.login_timeout.as_secs() as u32,
         );
-        if let Err(code) = self.ctx.link.admit(lane) {
+        if self.refuse_login(&c, login.req_id) {
+            // failed-login back-off (limits.rs): answered and closing
+        } else if let Err(code) = self.ctx.link.admit(lane) {
             self.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
             c.close_with(
                 self,
@@ -475,7 +545,10 @@ impl Core {
                 },
             );
         }
-        monoio::spawn(conn::run(self.clone(), c, stream, rest));
+        match io {
+            None => monoio::spawn(conn::run(self.clone(), c, stream, rest)),
+            Some(io) => monoio::spawn(conn::run_layered(self.clone(), c, stream, rest, io)),
+        };
     }
 
     fn apply_down(&self, d: Down) {
@@ -493,12 +566,14 @@ impl Core {
                     c.logged_in.set(true);
                     c.last_active.set(self.now_secs());
                     self.ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
+                    self.on_bound(uid);
                     let idle = self.ctx.cfg.idle_timeout.as_secs() as u32;
                     self.file(&c, self.now_secs() + idle);
                 }
                 c.enqueue(self, data);
             }
             Down::Close { data, .. } => {
+                self.on_login_closed(&c, &data);
                 c.enqueue(self, data);
                 c.close_after_flush(self);
             }
@@ -511,6 +586,7 @@ impl Core {
             self.ctx.stats.connections.fetch_sub(1, Ordering::Relaxed);
             if c.logged_in.get() {
                 self.ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
+                self.on_unbound(c.uid.get());
             }
             if c.login_sent.get() {
                 self.push_up(

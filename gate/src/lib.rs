@@ -5,21 +5,30 @@
 //! send its login frame within the login deadline, and is then handed (its fd, over a crossbeam
 //! mailbox) to the core that owns `hash(uid) % cores`, so all devices of one user on this gate live
 //! on one core and no lock is needed. The gate reads frame headers only: it answers heartbeats,
-//! enforces limits (login deadline, max frame size, idle timeout, bounded write queue) and forwards
-//! bodies undecoded ([`bytes::Bytes`], no copy) to logic over an [`UpstreamLink`]; logic's
+//! enforces limits (login deadline, max frame size, idle timeout, bounded write queue, and the
+//! attack protection of [`Limits`]: connection caps and rates, failed-login back-off, per-user
+//! message rate; docs/SECURITY.md) and forwards bodies undecoded ([`bytes::Bytes`], no copy) to logic over an [`UpstreamLink`]; logic's
 //! downstream messages arrive through [`GateSink`] and are written as they are.
+//!
+//! Either listener may speak TLS, and a second listener carries the same frames in WebSocket
+//! binary messages (and serves the web page's static files): sans-io layers over the same
+//! sockets, tasks and hand-off (`transport/`).
 //!
 //! See `docs/ARCHITECTURE.md` for the picture.
 
 mod config;
 mod conn;
 mod core;
+mod limits;
 pub mod links;
 mod mailbox;
+mod transport;
 mod wheel;
 
 pub use config::GateConfig;
+pub use limits::Limits;
 pub use mailbox::{mailbox, Mailbox, MailboxRx};
+pub use transport::TlsFiles;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +55,14 @@ pub struct CoreStats {
     pub closed_slow: AtomicU64,
     pub handoffs: AtomicU64,
     pub overloaded: AtomicU64,
+    // Attack protection (limits.rs).
+    pub refused_max_connections: AtomicU64,
+    pub refused_ip_connections: AtomicU64,
+    pub refused_ip_rate: AtomicU64,
+    pub login_failures: AtomicU64,
+    pub login_backoff_refused: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub closed_rate_limit: AtomicU64,
 }
 
 /// A snapshot of all cores' counters.
@@ -62,6 +79,20 @@ pub struct GateStats {
     pub closed_slow: u64,
     pub handoffs: u64,
     pub overloaded: u64,
+    /// Connections refused at accept: the gate held `max_connections` sockets.
+    pub refused_max_connections: u64,
+    /// Connections refused at accept: their address held `max_conns_per_ip` sockets.
+    pub refused_ip_connections: u64,
+    /// Connections refused at accept: their address connected faster than `conn_rate_per_ip`.
+    pub refused_ip_rate: u64,
+    /// Logins logic refused with `BadToken`.
+    pub login_failures: u64,
+    /// Logins refused by the gate during a failed-login back-off.
+    pub login_backoff_refused: u64,
+    /// Frames refused by the per-user message rate.
+    pub rate_limited: u64,
+    /// Connections closed for ignoring the message rate.
+    pub closed_rate_limit: u64,
 }
 
 /// Logic's way into the gate: routes each downstream batch to the mailbox of the core that holds
@@ -99,6 +130,7 @@ pub struct Gate {
 /// A running gate.
 pub struct GateHandle {
     local_addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
     stats: Vec<Arc<CoreStats>>,
     sink: Arc<GateSink>,
     threads: Vec<JoinHandle<()>>,
@@ -124,7 +156,15 @@ impl Gate {
     pub fn start(self, link: Arc<dyn UpstreamLink>) -> std::io::Result<GateHandle> {
         let listeners = core::bind_listeners(&self.cfg)?;
         let local_addr = listeners[0].local_addr()?;
+        // TLS certificates and the web root are checked here, before any thread starts.
+        let transport = Arc::new(transport::Transport::new(&self.cfg)?);
+        let mut ws_listeners = match self.cfg.ws_listen {
+            Some(a) => core::bind_reuseport(&self.cfg, a)?,
+            None => Vec::new(),
+        };
+        let ws_addr = ws_listeners.first().map(|l| l.local_addr()).transpose()?;
         let cfg = Arc::new(self.cfg);
+        let admission = limits::Admission::new(cfg.limits.clone());
         let mut stats = Vec::new();
         let mut threads = Vec::new();
         for (i, (listener, rx)) in listeners.into_iter().zip(self.rxs).enumerate() {
@@ -136,20 +176,30 @@ impl Gate {
                 link: link.clone(),
                 peers: self.sink.cores.clone(),
                 stats: st,
+                admission: admission.clone(),
+                transport: transport.clone(),
             };
+            let ws = ws_listeners.pop();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("gate-{i}"))
-                    .spawn(move || core::run_core(ctx, listener, rx))?,
+                    .spawn(move || core::run_core(ctx, listener, ws, rx))?,
             );
         }
         Ok(GateHandle {
             local_addr,
+            ws_addr,
             stats,
             sink: self.sink,
             threads,
         })
     }
+}
+
+/// Loads what [`Gate::start`] would for the transports (TLS certificates and keys, the web root),
+/// so that a bad path fails before anything else is started.
+pub fn check_transport(cfg: &GateConfig) -> std::io::Result<()> {
+    transport::Transport::new(cfg).map(drop)
 }
 
 /// Reads the per-core counters of a gate.
@@ -175,6 +225,13 @@ impl StatsHandle {
             s.closed_slow += l(&c.closed_slow);
             s.handoffs += l(&c.handoffs);
             s.overloaded += l(&c.overloaded);
+            s.refused_max_connections += l(&c.refused_max_connections);
+            s.refused_ip_connections += l(&c.refused_ip_connections);
+            s.refused_ip_rate += l(&c.refused_ip_rate);
+            s.login_failures += l(&c.login_failures);
+            s.login_backoff_refused += l(&c.login_backoff_refused);
+            s.rate_limited += l(&c.rate_limited);
+            s.closed_rate_limit += l(&c.closed_rate_limit);
         }
         s
     }
@@ -244,6 +301,48 @@ impl StatsHandle {
                 "Requests refused with Overloaded.",
                 s.overloaded,
             ),
+            (
+                "im_gate_refused_max_connections_total",
+                "counter",
+                "Connections refused at accept: gate at max_connections.",
+                s.refused_max_connections,
+            ),
+            (
+                "im_gate_refused_ip_connections_total",
+                "counter",
+                "Connections refused at accept: source address at max_conns_per_ip.",
+                s.refused_ip_connections,
+            ),
+            (
+                "im_gate_refused_ip_rate_total",
+                "counter",
+                "Connections refused at accept: source address over conn_rate_per_ip.",
+                s.refused_ip_rate,
+            ),
+            (
+                "im_gate_login_failures_total",
+                "counter",
+                "Logins refused by logic with BadToken.",
+                s.login_failures,
+            ),
+            (
+                "im_gate_login_backoff_refused_total",
+                "counter",
+                "Logins refused during a failed-login back-off.",
+                s.login_backoff_refused,
+            ),
+            (
+                "im_gate_rate_limited_total",
+                "counter",
+                "Frames refused by the per-user message rate.",
+                s.rate_limited,
+            ),
+            (
+                "im_gate_closed_rate_limit_total",
+                "counter",
+                "Connections closed for ignoring the per-user message rate.",
+                s.closed_rate_limit,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -256,6 +355,11 @@ impl StatsHandle {
 impl GateHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Address of the WebSocket listener, if one is configured.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
     }
 
     pub fn stats(&self) -> GateStats {

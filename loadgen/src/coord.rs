@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::account::{join, Join};
+use crate::account::{join, join_group, GroupJoin, Join};
 use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request, BODY_HEADER};
 use crate::srcip::parse_src_ips;
 use crate::worker::rss_kib;
@@ -52,7 +52,8 @@ struct Coord {
 }
 
 impl Coord {
-    fn spawn(common: &Common, total: u32, seed: u64) -> anyhow::Result<Coord> {
+    /// `groups`: number of groups and members per group (`group` scenario; else `(0, 0)`).
+    fn spawn(common: &Common, total: u32, seed: u64, groups: (u32, u32)) -> anyhow::Result<Coord> {
         let src_ips = if common.src_ips == "none" {
             Vec::new()
         } else {
@@ -86,6 +87,8 @@ impl Coord {
                 // The run id (high 32 bits) is the same in every worker; the low bits differ.
                 seed: (seed & 0xffff_ffff_0000_0000)
                     | ((seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9)) & 0xffff_ffff),
+                groups: groups.0,
+                group_size: groups.1,
             };
             let mut child = Proc::new(&exe)
                 .arg("worker")
@@ -461,13 +464,24 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::exec::now_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15) | (1 << 32));
     let total = match &cli.scenario {
         Scenario::Idle { conns, .. } | Scenario::Storm { conns, .. } => *conns,
-        Scenario::C2c { users, .. } | Scenario::Max { users, .. } => *users,
-        _ => unreachable!("handled in main"),
+        Scenario::C2c { users, .. }
+        | Scenario::Max { users, .. }
+        | Scenario::Group { users, .. } => *users,
+        Scenario::Worker { .. } => unreachable!("handled in main"),
     };
     if total == 0 {
         bail!("nothing to do: 0 users");
     }
-    let mut coord = Coord::spawn(c, total, seed)?;
+    let groups = match &cli.scenario {
+        Scenario::Group {
+            users,
+            members,
+            groups,
+            ..
+        } => group_layout(*users, *members, *groups)?,
+        _ => (0, 0),
+    };
+    let mut coord = Coord::spawn(c, total, seed, groups)?;
     let workers = coord.workers.len();
     eprintln!(
         "im-loadgen: {total} users over {workers} worker process(es) × {} executor(s), server {}",
@@ -485,6 +499,94 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
             Err(e)
         }
     }
+}
+
+/// `(groups, members per group)` of the `group` scenario, checked.
+fn group_layout(users: u32, members: u32, groups: Option<u32>) -> anyhow::Result<(u32, u32)> {
+    let max = im_shared::proto::MAX_GROUP_MEMBERS as u32;
+    if members == 0 || members > users {
+        bail!("--members must be 1..=--users ({users}), not {members}");
+    }
+    if members > max {
+        bail!("--members {members}: the server allows at most {max} members per group");
+    }
+    let groups = groups.unwrap_or(users / members).max(1);
+    Ok((groups, members))
+}
+
+fn group_json(r: &Report, j: Option<&GroupJoin>, secs: f64) -> Value {
+    let mut v = traffic_json(r, None, secs);
+    v["member_deliveries"] = r.delivered.into();
+    v["member_deliveries_per_s"] =
+        (r.delivered as f64 / secs_between(r.first_send_ns, r.last_deliver_ns).max(1e-9)).into();
+    v["accounting"] = serde_json::to_value(j).unwrap_or(Value::Null);
+    for k in [
+        "lost",
+        "delivered_unacked",
+        "phantom",
+        "lost_examples",
+        "echoes",
+    ] {
+        if let Some(o) = v.as_object_mut() {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "  posts sent {} ({:.0}/s), acked {} ({:.0}/s), errors {:?}, ack timeouts {}\n",
+        r.sent,
+        r.sent as f64 / secs.max(1e-9),
+        r.acked,
+        r.acked as f64 / secs_between(r.first_send_ns, r.last_ack_ns).max(1e-9),
+        r.send_errors,
+        r.ack_timeouts
+    );
+    s += &format!(
+        "  member deliveries {} ({:.0}/s fan-out; {} via sync)\n",
+        r.delivered,
+        r.delivered as f64 / secs_between(r.first_send_ns, r.last_deliver_ns).max(1e-9),
+        r.delivered_by_sync,
+    );
+    match j {
+        Some(j) => {
+            s += &format!(
+                "  expected {} copies of {} acked posts (poster's own copy included), received {} ({} own copies)\n",
+                j.expected, j.posts_acked, j.received, j.own_copies
+            );
+            s += &format!(
+                "  lost {} (acked post, member never got it; in {} posts), delivered-unacked {}, phantom {}, to non-members {}\n",
+                j.lost, j.posts_with_loss, j.delivered_unacked, j.phantom, j.non_member
+            );
+            if !j.lost_examples.is_empty() {
+                s += &format!("  lost e.g. (from,member,counter): {:?}\n", j.lost_examples);
+            }
+            s += &format!(
+                "  group order: {} of {} (group, member) timelines disagree with the group's order ({} copies out of place)\n",
+                j.order_mismatch_members, j.order_checked, j.order_mismatch_entries
+            );
+            if !j.order_examples.is_empty() {
+                s += &format!("  order e.g. (group,member): {:?}\n", j.order_examples);
+            }
+        }
+        None => s += "  lost / group order: not tracked (--no-track)\n",
+    }
+    s += &format!(
+        "  duplicates: raw (same seq) {}, after dedup {}; sender order (counter backwards per sender, group, member) {}; gaps {} (pushes out of seq order {}); syncs {}\n",
+        r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps, r.push_reorders, r.sync_requests
+    );
+    if !r.disconnects.is_empty() {
+        s += &format!(
+            "  disconnects {:?} (reconnected and synced: {})\n",
+            r.disconnects, r.reconnected
+        );
+    }
+    s += &lat_row("send→ack", &r.ack_us);
+    s += &lat_row("send→deliver (members)", &r.deliver_us);
+    s
 }
 
 fn drain(c: &Common) -> Op {
@@ -684,7 +786,68 @@ fn run(
             });
             result["c2c"] = traffic_json(&all, j.as_ref(), *send_secs);
         }
-        Scenario::Group | Scenario::Worker { .. } => unreachable!("handled in main"),
+        Scenario::Group {
+            members,
+            groups,
+            msg_rate,
+            secs,
+            ..
+        } => {
+            result["scenario"] = "group".into();
+            let (groups, size) = group_layout(total, *members, *groups)?;
+            let login = coord.request(Op::Login { rate: c.rate })?;
+            t += &format!(
+                "== group: {total} users, {groups} groups × {size} members, {msg_rate} posts/s for {secs} s ==\n"
+            );
+            t += &login_table(&login);
+            let t0 = Instant::now();
+            let created = coord.request(Op::CreateGroups)?;
+            let create_secs = t0.elapsed().as_secs_f64();
+            let mut ids = vec![0u64; groups as usize];
+            for (g, id) in &created.group_ids {
+                if let Some(slot) = ids.get_mut(*g as usize) {
+                    *slot = *id;
+                }
+            }
+            let made = ids.iter().filter(|id| **id != 0).count();
+            t += &format!(
+                "  groups created {made}/{groups} in {create_secs:.2} s; failures {:?}\n",
+                created.group_create_errors
+            );
+            if made == 0 {
+                bail!(
+                    "no group could be created: {:?}",
+                    created.group_create_errors
+                );
+            }
+            coord.request(Op::SetGroups { ids })?;
+            coord.request(Op::SendGroup {
+                rate: *msg_rate,
+                secs: *secs,
+            })?;
+            coord.request(drain(c))?;
+            let r = coord.request(Op::Report)?;
+            let j = (!c.no_track).then(|| join_group(&r, size, total));
+            let events = created.group_events + r.group_events;
+            t += &group_table(&r, j.as_ref(), *secs);
+            t += &format!(
+                "  group-created events accepted {events} (expected {}; ignored by the accounting)\n",
+                made as u64 * size as u64
+            );
+            result["login"] = login_json(&login);
+            result["groups"] = groups.into();
+            result["members"] = size.into();
+            result["msg_rate"] = (*msg_rate).into();
+            result["secs"] = (*secs).into();
+            result["create"] = json!({
+                "created": made,
+                "seconds": create_secs,
+                "failures": created.group_create_errors,
+                "events": events,
+            });
+            result["group"] = group_json(&r, j.as_ref(), *secs);
+        }
+        Scenario::Worker { .. } => unreachable!("handled in main"),
     }
     Ok((t, result))
 }

@@ -24,11 +24,11 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::timer::sleep;
 use im_shared::frame::encode_header;
-use im_shared::proto::Message;
+use im_shared::proto::{Message, CONV_C2G, CONV_GROUP_EVENT};
 use im_shared::token::HmacTokens;
 use im_shared::{Cmd, Command, DeviceType, ErrorCode, FrameCodec, Seq, UserId};
 
-use crate::msg::{Hist, Op, Plan, Report, Request, BODY_HEADER};
+use crate::msg::{group_member, group_members, Hist, Op, Plan, Report, Request, BODY_HEADER};
 use crate::net::{errno_name, start_connect};
 
 /// Counters the worker's main thread reads once a second for the progress line.
@@ -67,6 +67,7 @@ enum St {
 
 struct Pending {
     counter: u32,
+    /// Recipient index (c2c) or group number (c2g).
     to: u32,
     req: u32,
     at: Instant,
@@ -147,8 +148,17 @@ struct Exec {
     codec: FrameCodec,
     /// (to, from, counter) of accepted deliveries: dedup check across the whole run.
     seen: RefCell<HashSet<u128>>,
-    /// (from, to) → last counter accepted: order check.
-    order: RefCell<HashMap<u64, u32>>,
+    /// (kind, from, conversation, recipient) → last counter accepted: order check. The
+    /// conversation is the recipient for c2c and the group for c2g.
+    order: RefCell<HashMap<u128, u32>>,
+    /// `group` scenario: `(local conn, group number)` of every membership of this executor's
+    /// users.
+    memberships: Vec<(u32, u32)>,
+    /// Group number → id (0 = not created), and back.
+    group_ids: RefCell<Vec<u64>>,
+    group_of: RefCell<HashMap<u64, u32>>,
+    /// `(local conn << 32 | req_id)` of a `GroupCreate` in flight → group number.
+    creating: RefCell<HashMap<u64, u32>>,
     tasks: Cell<u32>,
     pending_total: Cell<u64>,
     last_activity: Cell<Instant>,
@@ -238,7 +248,15 @@ impl Exec {
         c.last_seq.set(m.seq.0);
         self.mark_dirty(c);
         self.last_activity.set(Instant::now());
-        if m.from == c.uid {
+        if m.conv == CONV_GROUP_EVENT {
+            // Membership changes are timeline entries, not messages.
+            self.rep.borrow_mut().group_events += 1;
+            return;
+        }
+        // A group post reaches its poster too (that copy is one of the member deliveries); a
+        // c2c message's copy in the sender's own timeline is an echo.
+        let group = m.conv == CONV_C2G;
+        if m.from == c.uid && !group {
             self.rep.borrow_mut().echoes += 1;
             return;
         }
@@ -268,7 +286,16 @@ impl Exec {
                 return;
             }
             r.received_ids.push(from_idx, c.idx, counter);
-            let pair = (from_idx as u64) << 32 | c.idx as u64;
+            let conv = if group {
+                let g = self.group_of.borrow().get(&m.to.0).copied();
+                g.unwrap_or(u32::MAX)
+            } else {
+                c.idx
+            };
+            let pair = (group as u128) << 96
+                | (from_idx as u128) << 64
+                | (conv as u128) << 32
+                | c.idx as u128;
             let mut order = self.order.borrow_mut();
             let last = order.entry(pair).or_insert(0);
             if counter < *last {
@@ -348,7 +375,10 @@ impl Exec {
                     return Err(code_name(code));
                 }
                 let is_send = c.pending.borrow().iter().any(|p| p.req == req);
-                if req != 0 && is_send {
+                let is_create = self.creating.borrow().contains_key(&create_key(c, req));
+                if req != 0 && is_create {
+                    self.on_create_result(c, req, code, 0);
+                } else if req != 0 && is_send {
                     self.on_send_result(c, req, None, code);
                 } else if !matches!(
                     code,
@@ -364,10 +394,68 @@ impl Exec {
                     return Err(format!("error {}: {m}", code_name(code)));
                 }
             }
+            Command::OpResult { code, id, .. } => self.on_create_result(c, req, code, id),
             Command::Kickout { reason, .. } => return Err(format!("kickout {reason}")),
             _ => {}
         }
         Ok(())
+    }
+
+    /// The answer to a `GroupCreate` (an `OpResult`, or an `Error` with its req id).
+    fn on_create_result(&self, c: &Conn, req: u32, code: ErrorCode, id: u64) {
+        let Some(g) = self.creating.borrow_mut().remove(&create_key(c, req)) else {
+            return;
+        };
+        self.last_activity.set(Instant::now());
+        let mut r = self.rep.borrow_mut();
+        if code == ErrorCode::Ok && id != 0 {
+            r.group_ids.push((g, id));
+        } else {
+            *r.group_create_errors.entry(code_name(code)).or_default() += 1;
+        }
+    }
+
+    /// The connection of global user `idx`, if this executor owns it.
+    fn conn_of(&self, idx: u32) -> Option<&Rc<Conn>> {
+        let first = self.conns.first()?.idx;
+        self.conns.get(idx.checked_sub(first)? as usize)
+    }
+
+    /// Every group whose owner (member 0) lives here is created by it, with the other members.
+    fn create_groups(&self) {
+        let p = &self.plan;
+        for k in 0..p.groups {
+            let owner = group_member(k, 0, p.group_size, p.total);
+            let Some(c) = self.conn_of(owner) else {
+                continue;
+            };
+            if c.st.get() != St::LoggedIn {
+                let mut r = self.rep.borrow_mut();
+                *r.group_create_errors
+                    .entry("owner not logged in".into())
+                    .or_default() += 1;
+                continue;
+            }
+            let members = group_members(k, p.group_size, p.total)
+                .skip(1)
+                .map(|u| UserId(p.uid_base + u as u64))
+                .collect();
+            let req = c.push(&Command::GroupCreate {
+                name: format!("lg-{k}"),
+                members,
+            });
+            self.creating.borrow_mut().insert(create_key(c, req), k);
+        }
+    }
+
+    fn set_groups(&self, ids: Vec<u64>) {
+        *self.group_of.borrow_mut() = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| **id != 0)
+            .map(|(k, id)| (*id, k as u32))
+            .collect();
+        *self.group_ids.borrow_mut() = ids;
     }
 
     fn on_send_result(&self, c: &Conn, req: u32, counter: Option<u32>, code: ErrorCode) {
@@ -420,21 +508,34 @@ impl Exec {
         Ok(())
     }
 
+    /// A c2c message to a random other user.
     fn send_one(&self, c: &Conn) {
         let total = self.plan.total as u64;
         let mut to = self.below(total - 1) as u32;
         if to >= c.idx {
             to += 1;
         }
+        self.send_msg(c, Cmd::SendC2c, to, self.plan.uid_base + to as u64);
+    }
+
+    /// A post to group number `g` (the caller checked it has an id).
+    fn send_post(&self, c: &Conn, g: u32) {
+        let id = self.group_ids.borrow()[g as usize];
+        self.send_msg(c, Cmd::SendC2g, g, id);
+    }
+
+    /// `SendC2c` and `SendC2g` share their layout: `client_msg_id:u64 to:u64 body:bytes`; `to`
+    /// is the recipient's index or the group number, `wire_to` the uid or group id.
+    fn send_msg(&self, c: &Conn, cmd: Cmd, to: u32, wire_to: u64) {
         let counter = c.counter.get() + 1;
         c.counter.set(counter);
         let req = c.req();
         let body_len = self.plan.body_size.max(BODY_HEADER);
         {
             let mut out = c.out.borrow_mut();
-            encode_header(&mut out, Cmd::SendC2c, req, 8 + 8 + 4 + body_len);
+            encode_header(&mut out, cmd, req, 8 + 8 + 4 + body_len);
             out.put_u64((self.run_id as u64) << 32 | counter as u64);
-            out.put_u64(self.plan.uid_base + to as u64);
+            out.put_u64(wire_to);
             out.put_u32(body_len as u32);
             out.put_u64(now_ns());
             out.put_u32(c.idx);
@@ -606,6 +707,10 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     }
 }
 
+fn create_key(c: &Conn, req: u32) -> u64 {
+    (c.local as u64) << 32 | req as u64
+}
+
 /// Reconnects per user per run after lost connections.
 const MAX_RECONNECTS: u32 = 5;
 
@@ -695,14 +800,26 @@ async fn ticker_ack(ex: Rc<Exec>) {
     }
 }
 
-async fn send_phase(ex: &Rc<Exec>, rate: f64, secs: f64) {
-    let logged: Vec<u32> = ex
-        .conns
-        .iter()
-        .filter(|c| c.st.get() == St::LoggedIn)
-        .map(|c| c.local)
-        .collect();
-    if rate > 0.0 && !logged.is_empty() && ex.plan.total > 1 {
+/// Sends at `rate` for `secs`: c2c messages from random logged-in users, or (`group`) posts of
+/// random memberships of groups that exist; then waits for the acks.
+async fn send_phase(ex: &Rc<Exec>, rate: f64, secs: f64, group: bool) {
+    let logged_in = |l: u32| ex.conns[l as usize].st.get() == St::LoggedIn;
+    // (local conn, group number)
+    let cands: Vec<(u32, u32)> = if group {
+        let ids = ex.group_ids.borrow();
+        ex.memberships
+            .iter()
+            .filter(|(l, g)| logged_in(*l) && ids.get(*g as usize).is_some_and(|id| *id != 0))
+            .copied()
+            .collect()
+    } else {
+        ex.conns
+            .iter()
+            .map(|c| (c.local, 0))
+            .filter(|(l, _)| logged_in(*l))
+            .collect()
+    };
+    if rate > 0.0 && !cands.is_empty() && (group || ex.plan.total > 1) {
         let start = Instant::now();
         let dur = Duration::from_secs_f64(secs);
         let mut sent: u64 = 0;
@@ -710,9 +827,14 @@ async fn send_phase(ex: &Rc<Exec>, rate: f64, secs: f64) {
             let el = start.elapsed();
             let target = (el.min(dur).as_secs_f64() * rate) as u64;
             while sent < target {
-                let c = &ex.conns[logged[ex.below(logged.len() as u64) as usize] as usize];
+                let (l, g) = cands[ex.below(cands.len() as u64) as usize];
+                let c = &ex.conns[l as usize];
                 if c.st.get() == St::LoggedIn {
-                    ex.send_one(c);
+                    if group {
+                        ex.send_post(c, g);
+                    } else {
+                        ex.send_one(c);
+                    }
                 }
                 sent += 1;
                 if sent % 512 == 0 {
@@ -740,6 +862,14 @@ pub async fn run(
     rx: Receiver<Request>,
     tx: Sender<(usize, ExecMsg)>,
 ) {
+    let mut memberships = Vec::new();
+    for k in 0..plan.groups {
+        for u in group_members(k, plan.group_size, plan.total) {
+            if users.contains(&u) {
+                memberships.push((u - users.start, k));
+            }
+        }
+    }
     let conns = users
         .clone()
         .enumerate()
@@ -787,6 +917,10 @@ pub async fn run(
         dirty: RefCell::default(),
         seen: RefCell::default(),
         order: RefCell::default(),
+        memberships,
+        group_ids: RefCell::default(),
+        group_of: RefCell::default(),
+        creating: RefCell::default(),
         tasks: Cell::new(0),
         pending_total: Cell::new(0),
         last_activity: Cell::new(Instant::now()),
@@ -828,7 +962,36 @@ pub async fn run(
                 None
             }
             Op::Send { rate, secs } => {
-                send_phase(&ex, share(rate), secs).await;
+                send_phase(&ex, share(rate), secs, false).await;
+                None
+            }
+            Op::CreateGroups => {
+                ex.create_groups();
+                let e2 = ex.clone();
+                wait_until(
+                    move || e2.creating.borrow().is_empty(),
+                    Duration::from_millis(ex.plan.ack_timeout_ms),
+                )
+                .await;
+                let unanswered = std::mem::take(&mut *ex.creating.borrow_mut()).len() as u64;
+                if unanswered > 0 {
+                    *ex.rep
+                        .borrow_mut()
+                        .group_create_errors
+                        .entry("timeout".into())
+                        .or_default() += unanswered;
+                }
+                Some(Box::new(ex.take_report()))
+            }
+            Op::SetGroups { ids } => {
+                ex.set_groups(ids);
+                None
+            }
+            Op::SendGroup { rate, secs } => {
+                // This executor's share of the posts: its share of the memberships.
+                let all = ex.plan.groups as f64 * ex.plan.group_size as f64;
+                let share = ex.memberships.len() as f64 / all.max(1.0);
+                send_phase(&ex, rate * share, secs, true).await;
                 None
             }
             Op::Drain { quiet_ms, max_secs } => {
@@ -926,33 +1089,92 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     //! The executor against a tiny in-process server (std threads): login, c2c with per-user
-    //! timelines (seq/prev_seq), acks; checks the executor's counting end to end.
+    //! timelines (seq/prev_seq), acks, groups (create with "created" events, posts fanned out to
+    //! every member's timeline, the poster's included, in one order); checks the executor's
+    //! counting end to end. The server can be told to lose or reorder one member's copy.
 
     use super::*;
-    use crate::account::join;
-    use im_shared::MsgId;
+    use crate::account::{join, join_group};
+    use im_shared::proto::{GroupEvent, GroupEventKind};
+    use im_shared::{GroupId, MsgId};
     use std::collections::HashMap;
     use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream as StdStream};
+    use std::net::{SocketAddr, TcpListener, TcpStream as StdStream};
     use std::sync::Mutex;
 
-    type Routes = Arc<Mutex<(HashMap<u64, StdStream>, HashMap<u64, u64>)>>;
+    /// Faults the fake server injects into group fan-out.
+    #[derive(Clone, Copy, Default)]
+    struct Faults {
+        /// This user never gets the copy of the group's post number `.1` (0-based, per group).
+        drop: Option<(u64, u64)>,
+        /// This user gets the first two posts of its group in the opposite order (its timeline
+        /// stays gap-free: only the order differs from the other members').
+        swap: Option<u64>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        conns: HashMap<u64, StdStream>,
+        /// Per user: last seq of its timeline.
+        seqs: HashMap<u64, u64>,
+        /// Group id → members (owner first) and posts so far.
+        groups: HashMap<u64, (Vec<u64>, u64)>,
+        faults: Faults,
+        /// The swapped user's held-back copy.
+        held: Option<Message>,
+    }
+
+    type Shared = Arc<Mutex<State>>;
+
+    impl State {
+        /// Appends `m` to `uid`'s timeline and pushes it if the user is online.
+        fn append(&mut self, uid: u64, mut m: Message) {
+            let seq = self.seqs.entry(uid).or_insert(0);
+            *seq += 1;
+            m.seq = Seq(*seq);
+            m.prev_seq = Seq(*seq - 1);
+            if let Some(s) = self.conns.get_mut(&uid) {
+                let _ = s.write_all(&Command::Deliver(m).to_bytes(0));
+            }
+        }
+    }
+
+    fn msg(conv: u8, from: u64, to: u64, client_msg_id: u64, body: bytes::Bytes) -> Message {
+        Message {
+            seq: Seq(0),
+            prev_seq: Seq(0),
+            msg_id: MsgId(1),
+            conv,
+            from: UserId(from),
+            to: UserId(to),
+            client_msg_id,
+            server_time_ms: 0,
+            body,
+        }
+    }
 
     fn fake_server() -> SocketAddr {
+        fake_server_with(Faults::default())
+    }
+
+    fn fake_server_with(faults: Faults) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let routes: Routes = Arc::default();
+        let state: Shared = Arc::new(Mutex::new(State {
+            faults,
+            ..Default::default()
+        }));
         std::thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(s) = s else { return };
-                let routes = routes.clone();
-                std::thread::spawn(move || serve(s, routes));
+                let state = state.clone();
+                std::thread::spawn(move || serve(s, state));
             }
         });
         addr
     }
 
-    fn serve(mut s: StdStream, routes: Routes) {
+    fn serve(mut s: StdStream, state: Shared) {
         let codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         let mut me = 0;
@@ -969,10 +1191,13 @@ mod tests {
                 .expect("loadgen sent a malformed frame")
             {
                 let mut out = BytesMut::new();
+                // One lock per frame: a group's fan-out is atomic, so every member sees the
+                // group's posts in one order, and frames written from several threads stay whole.
+                let mut g = state.lock().unwrap();
                 match Command::decode(&f).unwrap() {
                     Command::Login { uid, .. } => {
                         me = uid.0;
-                        routes.lock().unwrap().0.insert(me, s.try_clone().unwrap());
+                        g.conns.insert(me, s.try_clone().unwrap());
                         Command::LoginResult {
                             code: ErrorCode::Ok,
                             server_time_ms: 0,
@@ -987,22 +1212,62 @@ mod tests {
                         to,
                         body,
                     } => {
-                        let mut g = routes.lock().unwrap();
-                        let seq = g.1.entry(to.0).or_insert(0);
-                        *seq += 1;
-                        let m = Message {
-                            seq: Seq(*seq),
-                            prev_seq: Seq(*seq - 1),
-                            msg_id: MsgId(1),
-                            conv: 1,
-                            from: UserId(me),
-                            to,
+                        g.append(to.0, msg(1, me, to.0, client_msg_id, body));
+                        Command::SendAck {
+                            code: ErrorCode::Ok,
                             client_msg_id,
+                            msg_id: MsgId(1),
+                            seq: Seq(0),
                             server_time_ms: 0,
-                            body,
+                            prev_seq: Seq(0),
+                        }
+                        .encode(f.req_id, &mut out);
+                    }
+                    Command::GroupCreate { members, .. } => {
+                        let id = 7_000_000 + g.groups.len() as u64;
+                        let mut all = vec![me];
+                        all.extend(members.iter().map(|u| u.0).filter(|u| *u != me));
+                        let ev = GroupEvent {
+                            kind: GroupEventKind::Created,
+                            users: all.iter().map(|u| UserId(*u)).collect(),
+                        }
+                        .to_bytes();
+                        for u in &all {
+                            g.append(*u, msg(CONV_GROUP_EVENT, me, id, 0, ev.clone()));
+                        }
+                        g.groups.insert(id, (all, 0));
+                        Command::OpResult {
+                            code: ErrorCode::Ok,
+                            id,
+                            message: String::new(),
+                        }
+                        .encode(f.req_id, &mut out);
+                    }
+                    Command::SendC2g {
+                        client_msg_id,
+                        group: GroupId(id),
+                        body,
+                    } => {
+                        let Some((members, n)) = g.groups.get_mut(&id) else {
+                            panic!("post to unknown group {id}");
                         };
-                        if let Some(r) = g.0.get_mut(&to.0) {
-                            let _ = r.write_all(&Command::Deliver(m).to_bytes(0));
+                        let (members, n) = (members.clone(), *n);
+                        g.groups.get_mut(&id).unwrap().1 += 1;
+                        let m = msg(CONV_C2G, me, id, client_msg_id, body);
+                        let faults = g.faults;
+                        for u in members {
+                            if faults.drop == Some((u, n)) {
+                                continue;
+                            }
+                            if faults.swap == Some(u) && n == 0 {
+                                g.held = Some(m.clone());
+                                continue;
+                            }
+                            g.append(u, m.clone());
+                            if faults.swap == Some(u) && n == 1 {
+                                let h = g.held.take().expect("held copy");
+                                g.append(u, h);
+                            }
                         }
                         Command::SendAck {
                             code: ErrorCode::Ok,
@@ -1020,21 +1285,14 @@ mod tests {
                     _ => {}
                 }
                 if !out.is_empty() {
-                    // Writes to one socket come from several threads: keep frames whole.
-                    let _g = routes.lock().unwrap();
                     let _ = s.write_all(&out);
                 }
             }
         }
     }
 
-    use std::net::SocketAddr;
-
-    #[test]
-    fn executor_logs_in_sends_and_counts_exactly() {
-        let server = fake_server();
-        let n = 50;
-        let plan = Arc::new(Plan {
+    fn plan(server: SocketAddr, n: u32, groups: u32, group_size: u32) -> Arc<Plan> {
+        Arc::new(Plan {
             worker: 0,
             first: 0,
             count: n,
@@ -1052,41 +1310,75 @@ mod tests {
             body_size: 24,
             track: true,
             seed: 7 << 32 | 1,
-        });
-        let (rtx, rrx) = std::sync::mpsc::channel();
-        let (etx, erx) = std::sync::mpsc::channel();
-        let live = Arc::new(Live::default());
-        let l2 = live.clone();
-        let h = glommio::LocalExecutorBuilder::default()
-            .io_memory(256 * 1024)
-            .spawn(move || run(plan, 0, 0..n, 1.0, l2, rrx, etx))
-            .unwrap();
-        let ask = |id: u64, op: Op| -> Option<Box<Report>> {
-            rtx.send(Request { id, op }).unwrap();
+            groups,
+            group_size,
+        })
+    }
+
+    /// One executor on its own thread, driven like the worker drives it.
+    struct Harness {
+        rtx: std::sync::mpsc::Sender<Request>,
+        erx: Receiver<(usize, ExecMsg)>,
+        live: Arc<Live>,
+        h: glommio::ExecutorJoinHandle<()>,
+    }
+
+    impl Harness {
+        fn start(plan: Arc<Plan>) -> Harness {
+            let n = plan.count;
+            let (rtx, rrx) = std::sync::mpsc::channel();
+            let (etx, erx) = std::sync::mpsc::channel();
+            let live = Arc::new(Live::default());
+            let l2 = live.clone();
+            let h = glommio::LocalExecutorBuilder::default()
+                .io_memory(256 * 1024)
+                .spawn(move || run(plan, 0, 0..n, 1.0, l2, rrx, etx))
+                .unwrap();
+            Harness { rtx, erx, live, h }
+        }
+
+        fn ask(&self, id: u64, op: Op) -> Option<Box<Report>> {
+            self.rtx.send(Request { id, op }).unwrap();
             loop {
-                match erx.recv_timeout(Duration::from_secs(30)).expect("answer") {
+                match self
+                    .erx
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("answer")
+                {
                     (_, ExecMsg::Done { id: got, report }) if got == id => return report,
                     _ => {}
                 }
             }
-        };
-        let login = ask(1, Op::Login { rate: 0.0 }).unwrap();
+        }
+
+        fn quit(self) {
+            self.ask(u64::MAX, Op::Quit);
+            self.h.join().unwrap();
+        }
+    }
+
+    fn drain() -> Op {
+        Op::Drain {
+            quiet_ms: 200,
+            max_secs: 10.0,
+        }
+    }
+
+    #[test]
+    fn executor_logs_in_sends_and_counts_exactly() {
+        let n = 50;
+        let hx = Harness::start(plan(fake_server(), n, 0, 0));
+        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
         assert_eq!(login.logged_in, n as u64, "{:?}", login.login_failures);
-        ask(
+        hx.ask(
             2,
             Op::Send {
                 rate: 5000.0,
                 secs: 1.0,
             },
         );
-        ask(
-            3,
-            Op::Drain {
-                quiet_ms: 200,
-                max_secs: 10.0,
-            },
-        );
-        let r = ask(4, Op::Report).unwrap();
+        hx.ask(3, drain());
+        let r = hx.ask(4, Op::Report).unwrap();
         assert!(r.sent >= 4500, "sent {}", r.sent);
         assert_eq!(r.acked, r.sent);
         assert_eq!(r.delivered, r.sent);
@@ -1097,8 +1389,92 @@ mod tests {
         let j = join(&r);
         assert_eq!((j.lost, j.phantom), (0, 0));
         assert_eq!(r.deliver_us.len(), r.sent);
-        assert_eq!(live.logged_in.load(Relaxed), n as u64);
-        ask(5, Op::Quit);
-        h.join().unwrap();
+        assert_eq!(hx.live.logged_in.load(Relaxed), n as u64);
+        hx.quit();
+    }
+
+    /// Logs in, creates the groups, posts for 1 s at `rate`, drains; the final report.
+    fn group_run(hx: &Harness, groups: u32, rate: f64) -> (Report, Report) {
+        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
+        assert_eq!(login.logged_in, hx.live.logged_in.load(Relaxed));
+        let created = hx.ask(2, Op::CreateGroups).unwrap();
+        assert!(
+            created.group_create_errors.is_empty(),
+            "{:?}",
+            created.group_create_errors
+        );
+        assert_eq!(created.group_ids.len(), groups as usize);
+        let mut ids = vec![0; groups as usize];
+        for (g, id) in &created.group_ids {
+            ids[*g as usize] = *id;
+        }
+        hx.ask(3, Op::SetGroups { ids });
+        hx.ask(4, Op::SendGroup { rate, secs: 1.0 });
+        hx.ask(5, drain());
+        let r = *hx.ask(6, Op::Report).unwrap();
+        (*created, r)
+    }
+
+    #[test]
+    fn executor_creates_groups_posts_and_counts_every_member_copy() {
+        // 5 groups of 8 among 30 users: the layout wraps (group 3 = users 24..30 and 0..2,
+        // group 4 = users 2..10), so users 0..10 are in two groups.
+        let (n, groups, size) = (30, 5, 8);
+        let hx = Harness::start(plan(fake_server(), n, groups, size));
+        let (created, r) = group_run(&hx, groups, 400.0);
+        assert!(r.sent >= 350, "sent {}", r.sent);
+        assert_eq!(r.acked, r.sent);
+        // Every post reaches all 8 members, the poster included; events are not messages.
+        assert_eq!(r.delivered, r.sent * size as u64);
+        assert_eq!(r.echoes, 0);
+        assert_eq!(
+            created.group_events + r.group_events,
+            (groups * size) as u64
+        );
+        assert_eq!(
+            (r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(r.deliver_us.len(), r.delivered);
+        let j = join_group(&r, size, n);
+        assert_eq!(j.posts_acked, r.sent);
+        assert_eq!(j.expected, r.delivered);
+        assert_eq!(j.received, j.expected);
+        assert_eq!(j.own_copies, r.sent);
+        assert_eq!(
+            (j.lost, j.phantom, j.non_member, j.delivered_unacked),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(j.order_mismatch_members, 0);
+        assert_eq!(j.order_checked, (groups * size) as u64);
+        hx.quit();
+    }
+
+    #[test]
+    fn group_accounting_catches_a_lost_copy_and_a_member_out_of_order() {
+        // 4 groups of 6 among 24 users: every user in exactly one group. User 9 (group 1) misses
+        // the group's third post; user 15 (group 2) gets the group's first two posts swapped.
+        let (n, groups, size) = (24, 4, 6);
+        let faults = Faults {
+            drop: Some((1000 + 9, 2)),
+            swap: Some(1000 + 15),
+        };
+        let hx = Harness::start(plan(fake_server_with(faults), n, groups, size));
+        let (_, r) = group_run(&hx, groups, 300.0);
+        assert!(r.sent >= 250, "sent {}", r.sent);
+        assert_eq!(r.acked, r.sent);
+        assert_eq!(r.delivered, r.sent * size as u64 - 1);
+        // Seen from the swapped member alone, the two posts may come from different senders:
+        // the per-sender check cannot see it; only the comparison across members can.
+        let j = join_group(&r, size, n);
+        assert_eq!(j.lost, 1);
+        assert_eq!(j.posts_with_loss, 1);
+        assert_eq!(j.lost_examples.len(), 1);
+        assert_eq!(j.lost_examples[0][1], 9, "{:?}", j.lost_examples);
+        assert_eq!(j.order_mismatch_members, 1);
+        assert_eq!(j.order_mismatch_entries, 1);
+        assert_eq!(j.order_examples, vec![[2, 15]]);
+        assert_eq!((j.phantom, j.non_member), (0, 0));
+        hx.quit();
     }
 }

@@ -160,8 +160,24 @@ pub enum Scenario {
         #[arg(long, default_value_t = 0.0)]
         storm_rate: f64,
     },
-    /// Fan-out to a G-member group (requires groups, issue 5).
-    Group,
+    /// Group fan-out (c2g): G groups of M members among N users; owners create them, then random
+    /// members post at R posts/s in total for D seconds; every member copy is counted.
+    Group {
+        #[arg(long, short = 'n', default_value_t = 2000)]
+        users: u32,
+        /// Members per group, owner included (at most 2000, the server's limit). Group k is
+        /// users [k*M .. k*M+M) mod N; its first member owns and creates it.
+        #[arg(long, short = 'm', default_value_t = 10)]
+        members: u32,
+        /// Number of groups (default N / M: every user in exactly one group).
+        #[arg(long, short = 'g')]
+        groups: Option<u32>,
+        /// Posts per second over all members (each post is delivered M times).
+        #[arg(long, default_value_t = 200.0)]
+        msg_rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
     /// Internal: a worker process started by the coordinator.
     #[command(hide = true)]
     Worker {
@@ -174,10 +190,6 @@ fn main() {
     let cli = Cli::parse();
     let res = match &cli.scenario {
         Scenario::Worker { plan } => worker::main(plan),
-        Scenario::Group => {
-            eprintln!("im-loadgen group: requires groups (issue 5)");
-            std::process::exit(2);
-        }
         _ => coord::main(&cli),
     };
     if let Err(e) = res {

@@ -40,6 +40,24 @@ pub struct Plan {
     pub track: bool,
     /// Random seed (per worker it is mixed with the worker and executor index).
     pub seed: u64,
+    /// `group` scenario: number of groups and members per group (see [`group_member`]); 0 for
+    /// the other scenarios.
+    #[serde(default)]
+    pub groups: u32,
+    #[serde(default)]
+    pub group_size: u32,
+}
+
+/// Member `j` (`0..size`) of group `k` among `users` users: groups are consecutive runs of user
+/// indices, wrapping around, so group `k` = users `[k*size .. k*size+size)` mod `users`. Member 0
+/// is the owner (it creates the group). Members of one group are distinct when `size <= users`.
+pub fn group_member(k: u32, j: u32, size: u32, users: u32) -> u32 {
+    ((k as u64 * size as u64 + j as u64) % users.max(1) as u64) as u32
+}
+
+/// All members of group `k`, owner first.
+pub fn group_members(k: u32, size: u32, users: u32) -> impl Iterator<Item = u32> {
+    (0..size).map(move |j| group_member(k, j, size, users))
 }
 
 /// Bytes of the c2c body the loadgen interprets: send wall-clock ns, sender index, counter.
@@ -60,6 +78,14 @@ pub enum Op {
     Hold { secs: f64 },
     /// Send c2c messages at `rate` msgs/s (the worker's share) for `secs`, then wait for the acks.
     Send { rate: f64, secs: f64 },
+    /// Every logged-in owner (member 0) creates its groups; done when all are answered (or after
+    /// the ack timeout). The report carries the new group ids.
+    CreateGroups,
+    /// The id of every group (index = group number; 0 = not created).
+    SetGroups { ids: Vec<u64> },
+    /// Random members post to their groups at `rate` posts/s in total (each executor takes its
+    /// share of the memberships) for `secs`, then wait for the acks.
+    SendGroup { rate: f64, secs: f64 },
     /// Wait until no message arrived for `quiet_ms` (at most `max_secs`).
     Drain { quiet_ms: u64, max_secs: f64 },
     /// Return the counters of the current step and reset them.
@@ -157,12 +183,21 @@ pub struct Report {
     pub last_ack_ns: Option<u64>,
     pub last_deliver_ns: Option<u64>,
     /// Identities for the exact join (when the plan tracks): acknowledged sends, sends never
-    /// acknowledged, and distinct deliveries.
+    /// acknowledged, and distinct deliveries. In the `group` scenario the sends' `to` is the
+    /// group number and a delivery's `to` is the member that received it; deliveries are in the
+    /// order each member accepted them (its timeline order), which the group order check uses.
     pub acked_ids: Packed,
     pub unacked_ids: Packed,
     pub received_ids: Packed,
     /// Worker RSS (sum over workers after merging).
     pub rss_kib: u64,
+    // --- groups ---
+    /// `(group number, group id)` of the groups created in this step.
+    pub group_ids: Vec<(u32, u64)>,
+    /// Group creations refused or unanswered, by reason.
+    pub group_create_errors: BTreeMap<String, u64>,
+    /// Group events (created, ...) accepted into timelines: not messages, not counted above.
+    pub group_events: u64,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -219,6 +254,9 @@ impl Report {
         self.unacked_ids.extend(&o.unacked_ids);
         self.received_ids.extend(&o.received_ids);
         self.rss_kib += o.rss_kib;
+        self.group_ids.extend_from_slice(&o.group_ids);
+        merge_map(&mut self.group_create_errors, &o.group_create_errors);
+        self.group_events += o.group_events;
     }
 }
 
@@ -428,6 +466,41 @@ mod tests {
         };
         assert_eq!(r.login_failures["BadToken"], 2);
         assert_eq!(r.deliver_us.len(), 1);
+    }
+
+    #[test]
+    fn group_layout_is_consecutive_wraps_and_has_distinct_members() {
+        assert_eq!(group_members(0, 3, 10).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(group_members(3, 3, 10).collect::<Vec<_>>(), vec![9, 0, 1]);
+        // Owner = member 0; every group of size <= users has distinct members.
+        for (size, users) in [(10, 2000), (500, 2000), (7, 30), (30, 30)] {
+            for k in 0..50 {
+                let mut m: Vec<u32> = group_members(k, size, users).collect();
+                assert_eq!(m[0], group_member(k, 0, size, users));
+                m.sort_unstable();
+                m.dedup();
+                assert_eq!(m.len(), size as usize);
+                assert!(m.iter().all(|u| *u < users));
+            }
+        }
+        let r = Request {
+            id: 1,
+            op: Op::SetGroups { ids: vec![0, 42] },
+        };
+        let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert!(matches!(back.op, Op::SetGroups { ids } if ids == vec![0, 42]));
+        let mut a = Report {
+            group_ids: vec![(0, 5)],
+            ..Default::default()
+        };
+        let b = Report {
+            group_ids: vec![(1, 6)],
+            group_events: 3,
+            ..Default::default()
+        };
+        a.merge(&b);
+        let j: Report = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!((j.group_ids, j.group_events), (vec![(0, 5), (1, 6)], 3));
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct ServerConfig {
     pub max_body: usize,
     /// Seconds a new connection has to log in.
     pub login_timeout_secs: u64,
-    /// Seconds without any client byte before a logged-in connection is closed.
+    /// Seconds without a complete client frame before a logged-in connection is closed.
     pub idle_timeout_secs: u64,
     /// Heartbeat interval announced to clients.
     pub heartbeat_secs: u16,
@@ -62,11 +62,42 @@ pub struct ServerConfig {
     pub c2s: Option<C2sConfig>,
     /// Offline push (`[push]`, docs/PUSH.md). Default: none (no provider configured).
     pub push: Option<PushConfig>,
+    /// Attack protection at the gate (`[limits]`, docs/SECURITY.md).
+    pub limits: LimitsConfig,
     /// ScyllaDB contact points (`host:port`) of a logic node's store; empty (the default): the
     /// embedded fjall store in `data_dir`. Only `im-server logic` uses it.
     pub scylla_nodes: Vec<String>,
     /// Keyspace of the ScyllaDB store (tables from `deploy/scylla/schema.cql`).
     pub scylla_keyspace: String,
+    /// WebSocket listener for web clients (protocol-v1 frames in binary messages; `wss` with
+    /// `[ws_tls]`); it also serves `web_root`. Default: none.
+    pub ws_listen: Option<SocketAddr>,
+    /// Directory of the web chat page, served on the WebSocket port (`GET /`, `/static/…`).
+    pub web_root: Option<PathBuf>,
+    /// Allowed `Origin`s of WebSocket upgrades (`https://chat.example.com`); empty: any.
+    pub ws_origins: Vec<String>,
+    /// TLS on the TCP listener (`[tcp_tls]` with `cert` and `key` PEM paths); default: plaintext.
+    pub tcp_tls: Option<TlsPaths>,
+    /// TLS on the WebSocket listener (`[ws_tls]`, the same or other files); default: plain `ws`.
+    pub ws_tls: Option<TlsPaths>,
+}
+
+/// PEM files of a listener's certificate chain (leaf first) and private key; re-read when they
+/// change (docs/SECURITY.md, "Transport security").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl From<&TlsPaths> for im_gate::TlsFiles {
+    fn from(p: &TlsPaths) -> Self {
+        im_gate::TlsFiles {
+            cert: p.cert.clone(),
+            key: p.key.clone(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -98,8 +129,14 @@ impl Default for ServerConfig {
                 timeout_ms: 10_000,
             }),
             push: None,
+            limits: LimitsConfig::default(),
             scylla_nodes: Vec::new(),
             scylla_keyspace: "im".to_owned(),
+            ws_listen: None,
+            web_root: None,
+            ws_origins: Vec::new(),
+            tcp_tls: None,
+            ws_tls: None,
         }
     }
 }
@@ -158,6 +195,7 @@ fn cpus() -> usize {
 
 /// Opens the store, starts logic workers and gate cores.
 pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
+    im_gate::check_transport(&gate_config(cfg, 0))?;
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = FjallStore::open(&cfg.data_dir)?;
     let gate = Gate::new(gate_config(cfg, 0));
@@ -179,7 +217,10 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
             let me = GateInfo {
                 id: 0,
                 tcp_addr: gate.local_addr().to_string(),
-                ws_addr: None,
+                ws_addr: gate.ws_addr().map(|a| {
+                    let scheme = if cfg.ws_tls.is_some() { "wss" } else { "ws" };
+                    format!("{scheme}://{a}/ws")
+                }),
                 conns: 0,
             };
             let mut extra = service_metrics(&services);
@@ -205,6 +246,78 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     })
 }
 
+/// `[limits]`: the gate's attack protection (docs/SECURITY.md); 0 turns a limit off. Defaults:
+/// those of [`im_gate::Limits`].
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sockets per gate (pre-login, logged-in and closing); beyond: refused at accept.
+    pub max_connections: usize,
+    /// Sockets per source address (IPv6: per /64); beyond: refused at accept.
+    pub max_conns_per_ip: u32,
+    /// New connections per second per source address (token bucket rate) …
+    pub conn_rate_per_ip: u32,
+    /// … and its burst.
+    pub conn_burst_per_ip: u32,
+    /// Frames per second per logged-in user, all devices together (heartbeats and delivery acks
+    /// not counted); over it: `Error Overloaded`, frame dropped …
+    pub msg_rate_per_user: u32,
+    /// … and its burst.
+    pub msg_burst_per_user: u32,
+    /// Refused frames (since the user's bucket was last full) after which the connection is
+    /// closed.
+    pub msg_refusals_before_close: u32,
+    /// Failed logins (`BadToken`) from one address before its logins back off.
+    pub login_fails_per_ip: u32,
+    /// Failed logins of one user before its logins from addresses with failures back off.
+    pub login_fails_per_uid: u32,
+    /// First back-off, in milliseconds; doubled by each further failure …
+    pub login_backoff_ms: u64,
+    /// … up to this many seconds.
+    pub login_backoff_max_secs: u64,
+    /// Failures are forgotten after this many seconds without a new one.
+    pub login_fail_window_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = im_gate::Limits::default();
+        LimitsConfig {
+            max_connections: l.max_connections,
+            max_conns_per_ip: l.max_conns_per_ip,
+            conn_rate_per_ip: l.conn_rate_per_ip,
+            conn_burst_per_ip: l.conn_burst_per_ip,
+            msg_rate_per_user: l.msg_rate_per_user,
+            msg_burst_per_user: l.msg_burst_per_user,
+            msg_refusals_before_close: l.msg_refusals_before_close,
+            login_fails_per_ip: l.login_fails_per_ip,
+            login_fails_per_uid: l.login_fails_per_uid,
+            login_backoff_ms: l.login_backoff.as_millis() as u64,
+            login_backoff_max_secs: l.login_backoff_max.as_secs(),
+            login_fail_window_secs: l.login_fail_window.as_secs(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn to_gate(&self) -> im_gate::Limits {
+        im_gate::Limits {
+            max_connections: self.max_connections,
+            max_conns_per_ip: self.max_conns_per_ip,
+            conn_rate_per_ip: self.conn_rate_per_ip,
+            conn_burst_per_ip: self.conn_burst_per_ip,
+            msg_rate_per_user: self.msg_rate_per_user,
+            msg_burst_per_user: self.msg_burst_per_user,
+            msg_refusals_before_close: self.msg_refusals_before_close,
+            login_fails_per_ip: self.login_fails_per_ip,
+            login_fails_per_uid: self.login_fails_per_uid,
+            login_backoff: Duration::from_millis(self.login_backoff_ms),
+            login_backoff_max: Duration::from_secs(self.login_backoff_max_secs),
+            login_fail_window: Duration::from_secs(self.login_fail_window_secs),
+        }
+    }
+}
+
 fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
     GateConfig {
         listen: cfg.listen,
@@ -218,6 +331,12 @@ fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
         login_timeout: Duration::from_secs(cfg.login_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         max_write_queue: cfg.max_write_queue,
+        limits: cfg.limits.to_gate(),
+        ws_listen: cfg.ws_listen,
+        web_root: cfg.web_root.clone(),
+        ws_origins: cfg.ws_origins.clone(),
+        tcp_tls: cfg.tcp_tls.as_ref().map(Into::into),
+        ws_tls: cfg.ws_tls.as_ref().map(Into::into),
         ..GateConfig::default()
     }
 }
@@ -244,6 +363,7 @@ pub fn start_gate(
     gate_id: u16,
     logic: Vec<SocketAddr>,
 ) -> anyhow::Result<GateHandle> {
+    im_gate::check_transport(&gate_config(cfg, gate_id))?;
     let gate = Gate::new(gate_config(cfg, gate_id));
     let client_addr = Arc::new(std::sync::OnceLock::new());
     let upstream =
@@ -379,6 +499,10 @@ impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         self.gate.local_addr()
     }
+    /// Address of the WebSocket listener, if configured.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.gate.ws_addr()
+    }
     pub fn gate_stats(&self) -> GateStats {
         self.gate.stats()
     }
@@ -422,5 +546,6 @@ mod tests {
         );
         assert!(matches!(cfg.c2s, Some(C2sConfig::Embedded { .. })));
         assert!(cfg.push.is_none());
+        assert_eq!(cfg.limits, d.limits);
     }
 }

@@ -105,6 +105,12 @@ struct Common {
     /// Address of the HTTP API (default 127.0.0.1:8080; port 0 picks a free one).
     #[arg(long, env = "IM_API_LISTEN")]
     api_listen: Option<std::net::SocketAddr>,
+    /// WebSocket listener for web clients (default: none); TLS for it is set in the config file.
+    #[arg(long, env = "IM_WS_LISTEN")]
+    ws_listen: Option<SocketAddr>,
+    /// Directory of the web chat page served on the WebSocket port.
+    #[arg(long, env = "IM_WEB_ROOT")]
+    web_root: Option<PathBuf>,
 }
 
 impl Common {
@@ -129,8 +135,16 @@ impl Common {
             redis_nodes,
             api_listen,
             scylla_nodes,
+            ws_listen,
+            web_root,
             ..
         } = self;
+        if ws_listen.is_some() {
+            cfg.ws_listen = ws_listen;
+        }
+        if web_root.is_some() {
+            cfg.web_root = web_root;
+        }
         if !scylla_nodes.is_empty() {
             cfg.scylla_nodes = scylla_nodes;
         }
@@ -216,6 +230,9 @@ fn main() -> anyhow::Result<()> {
             let signals = block_shutdown_signals();
             let gate = im_server::start_gate(&cfg, gate_id, logic)?;
             println!("listening on {}", gate.local_addr());
+            if let Some(a) = gate.ws_addr() {
+                println!("ws on {a}");
+            }
             wait_for_signal(&signals);
             gate.shutdown();
             Ok(())
@@ -250,6 +267,9 @@ fn main() -> anyhow::Result<()> {
             println!("listening on {}", server.local_addr());
             if let Some(a) = server.api_addr() {
                 println!("api on {a}");
+            }
+            if let Some(a) = server.ws_addr() {
+                println!("ws on {a}");
             }
             let sig = wait_for_signal(&signals);
             tracing::info!(

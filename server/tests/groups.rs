@@ -134,7 +134,14 @@ fn refusals_non_member_non_owner_unknown_group_and_limits() {
         code(member.send_c2g(GroupId(0), 3, "x").unwrap_err()),
         ErrorCode::InvalidArgument
     );
-    // Too many members.
+    // Too many members; duplicates and the owner itself do not count twice.
+    let mut fits: Vec<UserId> = (1..MAX_GROUP_MEMBERS as u64)
+        .map(|i| UserId(800_000 + i))
+        .collect();
+    fits.push(UserId(2001));
+    fits.push(UserId(800_001));
+    let big = owner.create_group("exactly full", &fits).unwrap();
+    assert_eq!(owner.group_info(big).unwrap().1.len(), MAX_GROUP_MEMBERS);
     let many: Vec<UserId> = (0..MAX_GROUP_MEMBERS as u64)
         .map(|i| UserId(900_000 + i))
         .collect();

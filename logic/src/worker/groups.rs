@@ -149,7 +149,16 @@ impl<S: Store> Worker<S> {
             let e = ApiError::new(ErrorCode::InvalidArgument, "group name too long");
             return self.refuse(reply, &op, e, round);
         }
-        if actor.0 == 0 || members.len() >= MAX_GROUP_MEMBERS {
+        let distinct = {
+            let mut m = clean(members.clone());
+            m.retain(|u| *u != actor);
+            m.len()
+        };
+        if actor.0 == 0 {
+            let e = ApiError::new(ErrorCode::InvalidArgument, "the owner must not be 0");
+            return self.refuse(reply, &op, e, round);
+        }
+        if distinct + 1 > MAX_GROUP_MEMBERS {
             let e = ApiError::new(
                 ErrorCode::GroupFull,
                 format!("a group has at most {MAX_GROUP_MEMBERS} members"),

@@ -1211,7 +1211,10 @@ impl<S: Store> Worker<S> {
             let mut backoff = Duration::from_millis(20);
             loop {
                 match self.store.commit(batch.clone()).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        Metrics::inc(&self.metrics.commits);
+                        break;
+                    }
                     Err(e) if e.is_retryable() => {
                         tracing::warn!(worker = self.idx, "commit failed, retrying: {e}");
                         tokio::time::sleep(backoff).await;

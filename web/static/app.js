@@ -1,0 +1,437 @@
+// The web chat page: login form, conversations, groups, messages with delivery ticks.
+// The protocol session lives in client.js; this file only renders it and forwards user input.
+
+import { ImClient, convKind, convPeer } from './client.js';
+import { DEV_SECRET, mintDevToken } from './token.js';
+
+const $ = (sel) => document.querySelector(sel);
+const SESSION_KEY = 'im.web.session'; // sessionStorage: {ws, uid, token} of this tab
+const PREFS_KEY = 'im.web.prefs'; // localStorage: {ws, uid} to prefill the form
+const DEVICE_KEY = 'im.web.device'; // localStorage: this browser's device id
+
+const TICKS = { pending: '🕓', sent: '✓', delivered: '✓✓', read: '✓✓', failed: '⚠ retry' };
+const TICK_TITLES = {
+  pending: 'sending…',
+  sent: 'sent: stored by the server',
+  delivered: 'delivered to a device of the recipient',
+  read: 'read',
+  failed: 'not sent: click to retry',
+};
+
+let client = null;
+let active = null; // the open conversation key
+let renderQueued = false;
+let toastTimer = null;
+
+function defaultWsUrl() {
+  if (location.protocol === 'http:' || location.protocol === 'https:') {
+    return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+  }
+  return 'ws://127.0.0.1:7001/ws';
+}
+
+function deviceId() {
+  let id = localStorage.getItem(DEVICE_KEY);
+  if (!id) {
+    const b = crypto.getRandomValues(new Uint8Array(8));
+    id = `web-${Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('')}`;
+    localStorage.setItem(DEVICE_KEY, id);
+  }
+  return id;
+}
+
+function readJson(storage, key) {
+  try {
+    return JSON.parse(storage.getItem(key) ?? 'null');
+  } catch {
+    return null;
+  }
+}
+
+function toast(text, ms = 4000) {
+  const t = $('#toast');
+  t.textContent = text;
+  t.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => {
+    t.hidden = true;
+  }, ms);
+}
+
+function el(tag, props = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === 'class') e.className = v;
+    else if (k === 'dataset') Object.assign(e.dataset, v);
+    else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) e.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+
+function fmtTime(ms) {
+  const d = new Date(ms);
+  const now = new Date();
+  const hm = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  return d.toDateString() === now.toDateString() ? hm : `${d.toLocaleDateString()} ${hm}`;
+}
+
+// ---- login ------------------------------------------------------------------------------------
+
+function showLogin(error = '') {
+  $('#chat-view').hidden = true;
+  $('#login-view').hidden = false;
+  $('#login-error').textContent = error;
+  $('#login-submit').disabled = false;
+}
+
+function showChat() {
+  $('#login-view').hidden = true;
+  $('#chat-view').hidden = false;
+  $('#me-uid').textContent = client.me;
+}
+
+function start({ ws, uid, token }) {
+  if (client) client.finish('replaced', '');
+  $('#login-error').textContent = '';
+  $('#login-submit').disabled = true;
+  const c = new ImClient({ url: ws, uid, token, deviceId: deviceId(), storage: localStorage });
+  client = c;
+  window.im = c; // for the console and the browser test
+  active = null;
+  let shown = false;
+  c.addEventListener('loggedin', () => {
+    sessionStorage.setItem(SESSION_KEY, JSON.stringify({ ws, uid: c.me, token }));
+    localStorage.setItem(PREFS_KEY, JSON.stringify({ ws, uid: c.me }));
+    if (!shown) {
+      shown = true;
+      showChat();
+      const first = c.conversations()[0];
+      openConv(first ? first.key : null);
+    }
+  });
+  c.addEventListener('state', () => {
+    if (!shown && c === client) {
+      // Still on the login form: say what is going on, and let the user change the server.
+      const waiting = { connecting: 'connecting…', offline: 'cannot reach the server; retrying…' };
+      $('#login-error').textContent = waiting[c.state] ?? '';
+      $('#login-submit').disabled = c.state === 'connecting';
+    }
+    render();
+  });
+  c.addEventListener('change', render);
+  c.addEventListener('notice', (e) => toast(e.detail.text));
+  c.addEventListener('log', (e) => addLog(e.detail));
+  c.addEventListener('stopped', (e) => {
+    if (c !== client) return;
+    const { reason, text } = e.detail;
+    if (reason === 'logout' || reason === 'replaced') return;
+    sessionStorage.removeItem(SESSION_KEY);
+    if (!shown) {
+      showLogin(text);
+    } else {
+      toast(text, 10_000);
+      render();
+    }
+  });
+  c.start();
+  render();
+}
+
+async function onLoginSubmit(e) {
+  e.preventDefault();
+  const ws = $('#login-ws').value.trim();
+  const uid = $('#login-uid').value.trim();
+  const token = $('#login-token').value.trim();
+  if (!/^[1-9][0-9]*$/.test(uid)) {
+    $('#login-error').textContent = 'the user id is a positive number';
+    return;
+  }
+  if (!token) {
+    $('#login-error').textContent = 'a token is needed (paste one, or mint a development token)';
+    return;
+  }
+  start({ ws, uid, token });
+}
+
+async function onMint() {
+  const uid = $('#login-uid').value.trim();
+  if (!/^[1-9][0-9]*$/.test(uid)) {
+    $('#login-error').textContent = 'enter the user id first';
+    return;
+  }
+  try {
+    $('#login-token').value = await mintDevToken($('#mint-secret').value, uid);
+    $('#login-error').textContent = '';
+  } catch (err) {
+    $('#login-error').textContent = err.message;
+  }
+}
+
+async function onLogout() {
+  sessionStorage.removeItem(SESSION_KEY);
+  const c = client;
+  if (c) await c.logout();
+  client = null;
+  showLogin('');
+  $('#login-token').value = '';
+}
+
+// ---- conversations ----------------------------------------------------------------------------
+
+function openConv(key) {
+  active = key;
+  client.setActive(key);
+  $('#group-info').hidden = true;
+  render();
+  if (key) $('#message-input').focus();
+}
+
+function onNewChat(e) {
+  e.preventDefault();
+  const v = $('#peer-input').value.trim();
+  if (!/^[1-9][0-9]*$/.test(v)) {
+    toast('a user id is a positive number');
+    return;
+  }
+  $('#peer-input').value = '';
+  openConv(`u:${v}`);
+}
+
+async function onNewGroup(e) {
+  e.preventDefault();
+  const name = $('#group-name').value.trim();
+  const members = $('#group-members')
+    .value.split(/[\s,;]+/)
+    .filter(Boolean);
+  if (members.some((m) => !/^[1-9][0-9]*$/.test(m))) {
+    toast('members: user ids separated by commas');
+    return;
+  }
+  try {
+    const id = await client.createGroup(name, members);
+    $('#group-name').value = '';
+    $('#group-members').value = '';
+    openConv(`g:${id}`);
+  } catch (err) {
+    toast(`group not created: ${err.message}`);
+  }
+}
+
+async function onRefreshGroups() {
+  try {
+    const gs = await client.refreshGroups();
+    toast(`${gs.length} group${gs.length === 1 ? '' : 's'}`, 1500);
+  } catch (err) {
+    toast(`could not list groups: ${err.message}`);
+  }
+}
+
+async function onGroupInfo() {
+  const box = $('#group-info');
+  if (!box.hidden) {
+    box.hidden = true;
+    return;
+  }
+  try {
+    const info = await client.groupInfo(convPeer(active));
+    const names = info.members.map((m) => (m.role === 2 ? `${m.uid} (owner)` : m.uid));
+    box.textContent = `${info.members.length} members: ${names.join(', ')}${
+      info.announcement ? ` — ${info.announcement}` : ''
+    }`;
+    box.hidden = false;
+  } catch (err) {
+    toast(`group info: ${err.message}`);
+  }
+}
+
+function onSend(e) {
+  e.preventDefault();
+  const input = $('#message-input');
+  const text = input.value;
+  if (!text.trim() || !active) return;
+  try {
+    client.sendText(active, text);
+    input.value = '';
+  } catch (err) {
+    toast(err.message);
+  }
+}
+
+// ---- rendering --------------------------------------------------------------------------------
+
+function render() {
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => {
+    renderQueued = false;
+    if (!client) return;
+    renderStatus();
+    renderLists();
+    renderMessages();
+  });
+}
+
+function renderStatus() {
+  const s = $('#conn-status');
+  const labels = {
+    online: 'online',
+    syncing: 'syncing…',
+    connecting: 'connecting…',
+    offline: 'offline — reconnecting',
+    stopped: 'disconnected',
+  };
+  s.dataset.state = client.state;
+  s.textContent = labels[client.state] ?? client.state;
+  $('#seq-info').textContent = `seq ${client.lastSeq}`;
+}
+
+function preview(r) {
+  if (!r) return '';
+  if (r.recalled) return 'message recalled';
+  const group = convKind(r.convKey) === 'g' && !r.system;
+  const who = r.from === client.me && !r.system ? 'You: ' : group ? `User ${r.from}: ` : '';
+  return who + r.text;
+}
+
+function convItem(c, title) {
+  return el(
+    'li',
+    {
+      class: c.key === active ? 'active' : '',
+      dataset: { conv: c.key },
+      onclick: () => openConv(c.key),
+      title: c.key,
+    },
+    el('span', { class: 'name' }, title),
+    c.unread ? el('span', { class: 'badge' }, String(c.unread)) : el('span'),
+    el('span', { class: 'preview' }, preview(c.last)),
+  );
+}
+
+function renderLists() {
+  const convs = client.conversations();
+  const people = convs.filter((c) => convKind(c.key) !== 'g');
+  const list = $('#conv-list');
+  list.replaceChildren(
+    ...(people.length
+      ? people.map((c) => convItem(c, client.title(c.key)))
+      : [el('li', { class: 'empty' }, 'No conversations yet')]),
+  );
+  // Groups: the ones MyGroups lists, and any group conversation with history.
+  const byKey = new Map(convs.filter((c) => convKind(c.key) === 'g').map((c) => [c.key, c]));
+  for (const [id, g] of client.groups) {
+    const key = `g:${id}`;
+    if (!byKey.has(key) && !g.left) byKey.set(key, { key, unread: 0, last: null });
+  }
+  const groups = [...byKey.values()];
+  $('#group-list').replaceChildren(
+    ...(groups.length
+      ? groups.map((c) => {
+          const li = convItem(c, client.title(c.key));
+          li.dataset.groupId = convPeer(c.key);
+          if (client.groups.get(convPeer(c.key))?.left) li.classList.add('left');
+          return li;
+        })
+      : [el('li', { class: 'empty' }, 'No groups')]),
+  );
+}
+
+function renderMessages() {
+  const box = $('#messages');
+  const input = $('#message-input');
+  const send = $('#send-btn');
+  if (!active) {
+    $('#chat-title').textContent = 'Pick a conversation';
+    $('#group-info-btn').hidden = true;
+    box.replaceChildren(
+      el('li', { class: 'msg system' }, 'Start a chat with a user id, or create a group.'),
+    );
+    input.disabled = send.disabled = true;
+    return;
+  }
+  const kind = convKind(active);
+  $('#chat-title').textContent = client.title(active);
+  $('#chat-title').dataset.conv = active;
+  $('#group-info-btn').hidden = kind !== 'g';
+  const canSend = kind === 'u' || (kind === 'g' && !client.groups.get(convPeer(active))?.left);
+  input.disabled = send.disabled = !canSend;
+
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  const items = client.messages(active).map((r) => {
+    if (r.system) {
+      return el('li', { class: 'msg system', dataset: { msgId: r.msgId ?? '' } }, r.text);
+    }
+    const mine = r.from === client.me;
+    const cls = ['msg', mine ? 'mine' : 'theirs', r.recalled ? 'recalled' : ''].join(' ');
+    const tick = mine
+      ? el(
+          'span',
+          {
+            class: 'tick',
+            title: r.error ? `${TICK_TITLES[r.status]} (${r.error})` : TICK_TITLES[r.status],
+            onclick: r.status === 'failed' ? () => client.retry(r.rid) : undefined,
+          },
+          TICKS[r.status] ?? '',
+        )
+      : null;
+    return el(
+      'li',
+      {
+        class: cls,
+        dataset: {
+          rid: r.rid,
+          msgId: r.msgId ?? '',
+          clientMsgId: r.clientMsgId,
+          seq: r.seq ?? '',
+          status: mine ? r.status : 'received',
+          from: r.from,
+        },
+      },
+      kind !== 'u' && !mine ? el('div', { class: 'from' }, `User ${r.from}`) : null,
+      el('div', { class: 'text' }, r.recalled ? 'message recalled' : r.text),
+      el('div', { class: 'meta' }, fmtTime(r.timeMs), tick),
+    );
+  });
+  box.replaceChildren(
+    ...(items.length ? items : [el('li', { class: 'msg system' }, 'No messages yet. Say hello!')]),
+  );
+  if (atBottom || items.length < 2) box.scrollTop = box.scrollHeight;
+}
+
+function addLog({ dir, text }) {
+  const log = $('#log');
+  log.append(el('li', { class: dir, title: text }, `${dir === 'in' ? '←' : dir === 'out' ? '→' : '·'} ${text}`));
+  while (log.children.length > 300) log.firstElementChild.remove();
+}
+
+// ---- boot -------------------------------------------------------------------------------------
+
+function boot() {
+  const q = new URLSearchParams(location.search);
+  const prefs = readJson(localStorage, PREFS_KEY) ?? {};
+  $('#login-ws').value = q.get('ws') ?? prefs.ws ?? defaultWsUrl();
+  $('#login-uid').value = q.get('uid') ?? prefs.uid ?? '';
+  $('#mint-secret').value = DEV_SECRET;
+
+  $('#login-form').addEventListener('submit', onLoginSubmit);
+  $('#mint-btn').addEventListener('click', onMint);
+  $('#logout-btn').addEventListener('click', onLogout);
+  $('#new-chat').addEventListener('submit', onNewChat);
+  $('#new-group').addEventListener('submit', onNewGroup);
+  $('#refresh-groups').addEventListener('click', onRefreshGroups);
+  $('#group-info-btn').addEventListener('click', onGroupInfo);
+  $('#composer').addEventListener('submit', onSend);
+  window.addEventListener('online', () => client?.reconnectNow());
+  window.addEventListener('pagehide', () => client?.save());
+
+  // A reload of this tab logs in again with the same session and syncs what it missed.
+  const s = readJson(sessionStorage, SESSION_KEY);
+  if (s?.ws && s.uid && s.token) {
+    if (q.get('ws')) s.ws = q.get('ws');
+    start(s);
+  }
+}
+
+boot();

@@ -1,0 +1,899 @@
+// The chat session of one user on one web device, without any DOM: the WebSocket connection,
+// login and reconnects, heartbeats, the local timeline (last seq, gap detection by prev_seq,
+// sync pages, DeliverAck), sending with retries, delivery ticks and groups.
+// docs/PROTOCOL.md sections 9 and 10 describe the rules implemented here.
+//
+// Events (EventTarget): 'state' (detail: the new state), 'change' (the timeline, conversations
+// or groups changed), 'notice' (detail: {level, text} for the user), 'stopped' (detail:
+// {reason, text}: the session ended and will not reconnect), 'log' (detail: {dir, text}).
+
+import * as P from './proto.js';
+
+const SYNC_LIMIT = 200;
+const REQUEST_TIMEOUT_MS = 10_000;
+const MAX_RECORDS = 5000;
+const STATUS_RANK = { '': 0, failed: 0, pending: 1, sent: 2, delivered: 3, read: 4 };
+
+/** A random non-zero u64 as a decimal string (client_msg_id, section 10). */
+export function randomU64() {
+  const a = new BigUint64Array(1);
+  do globalThis.crypto.getRandomValues(a);
+  while (a[0] === 0n);
+  return a[0].toString();
+}
+
+/** `u:<uid>` (c2c), `g:<group>` (c2g), `s:<account>` (s2c). */
+export function convKind(key) {
+  return key.slice(0, 1);
+}
+
+export function convPeer(key) {
+  return key.slice(2);
+}
+
+export class ImClient extends EventTarget {
+  /**
+   * @param {object} o
+   * @param {string} o.url WebSocket URL of the gate
+   * @param {string|number|bigint} o.uid
+   * @param {string} o.token
+   * @param {string} o.deviceId stable id of this browser
+   * @param {Storage} o.storage localStorage or anything with getItem/setItem
+   * @param {typeof WebSocket} [o.WebSocket]
+   */
+  constructor({ url, uid, token, deviceId, storage, WebSocket: WS = globalThis.WebSocket }) {
+    super();
+    this.url = url;
+    this.uid = P.toU64(typeof uid === 'string' ? uid.trim() : uid, 'uid');
+    this.me = this.uid.toString();
+    this.token = token;
+    this.deviceId = deviceId;
+    this.storage = storage;
+    this.WS = WS;
+    this.storeKey = `im.v1.${this.me}.state`;
+
+    this.state = 'offline'; // offline | connecting | syncing | online | stopped
+    this.ws = null;
+    this.nextReq = 1;
+    this.requests = new Map(); // req_id → {resolve, reject, timer}
+    this.heartbeatSecs = 30;
+    this.heartbeatTimer = null;
+    this.reconnectTimer = null;
+    this.attempt = 0;
+    this.everLoggedIn = false;
+    this.logins = 0; // successful logins of this session (reconnects included)
+
+    this.lastSeq = 0n;
+    this.ackedSeq = 0n;
+    this.ackTimer = null;
+    this.syncing = false;
+    this.resyncWanted = false;
+
+    this.records = new Map(); // rid → record
+    this.byMsgId = new Map(); // msg id → rid
+    this.ownByCid = new Map(); // client_msg_id of this user's messages → rid
+    this.earlyDelivered = new Set(); // Delivered before we knew the msg id
+    this.inFlight = new Set(); // rids with a send request outstanding
+    this.groups = new Map(); // group id → {name, left}
+    this.convs = new Map(); // conv key → {unread}
+    this.order = 0;
+    this.activeConv = null;
+    this.groupsTimer = null;
+
+    this.load();
+  }
+
+  // ---- persistence ---------------------------------------------------------------------------
+
+  load() {
+    let s;
+    try {
+      s = JSON.parse(this.storage.getItem(this.storeKey) ?? 'null');
+    } catch {
+      s = null;
+    }
+    if (!s || s.v !== 1) return;
+    this.lastSeq = BigInt(s.lastSeq ?? '0');
+    for (const r of s.records ?? []) this.index(r);
+    for (const [id, g] of Object.entries(s.groups ?? {})) this.groups.set(id, g);
+    for (const [k, c] of Object.entries(s.convs ?? {})) this.convs.set(k, c);
+    this.order = s.order ?? this.records.size;
+  }
+
+  save() {
+    let recs = [...this.records.values()];
+    if (recs.length > MAX_RECORDS) {
+      recs.sort((a, b) => a.order - b.order);
+      for (const r of recs.slice(0, recs.length - MAX_RECORDS)) this.unindex(r);
+      recs = recs.slice(recs.length - MAX_RECORDS);
+    }
+    const s = {
+      v: 1,
+      lastSeq: this.lastSeq.toString(),
+      order: this.order,
+      records: recs,
+      groups: Object.fromEntries(this.groups),
+      convs: Object.fromEntries(this.convs),
+    };
+    try {
+      this.storage.setItem(this.storeKey, JSON.stringify(s));
+    } catch (e) {
+      this.notice('warn', `could not save the local history: ${e.message}`);
+    }
+  }
+
+  /** Forgets this user's local history (the next login syncs everything again). */
+  clearLocal() {
+    this.storage.removeItem(this.storeKey);
+  }
+
+  index(r) {
+    this.records.set(r.rid, r);
+    if (r.msgId) this.byMsgId.set(r.msgId, r.rid);
+    if (r.from === this.me && r.clientMsgId && !r.system) this.ownByCid.set(r.clientMsgId, r.rid);
+    if (!this.convs.has(r.convKey)) this.convs.set(r.convKey, { unread: 0 });
+  }
+
+  unindex(r) {
+    this.records.delete(r.rid);
+    if (r.msgId) this.byMsgId.delete(r.msgId);
+    if (r.clientMsgId) this.ownByCid.delete(r.clientMsgId);
+  }
+
+  // ---- events --------------------------------------------------------------------------------
+
+  changed() {
+    if (this.changePending) return;
+    this.changePending = true;
+    queueMicrotask(() => {
+      this.changePending = false;
+      this.save();
+      this.dispatchEvent(new CustomEvent('change'));
+    });
+  }
+
+  notice(level, text) {
+    this.dispatchEvent(new CustomEvent('notice', { detail: { level, text } }));
+  }
+
+  log(dir, text) {
+    this.dispatchEvent(new CustomEvent('log', { detail: { dir, text } }));
+  }
+
+  setState(s) {
+    if (this.state === s) return;
+    this.state = s;
+    this.dispatchEvent(new CustomEvent('state', { detail: s }));
+  }
+
+  // ---- connection ----------------------------------------------------------------------------
+
+  /** Connects and logs in; reconnects by itself until stop() or a final refusal. */
+  start() {
+    if (this.state !== 'offline' && this.state !== 'stopped') return;
+    this.stopped = false;
+    this.connect();
+  }
+
+  connect() {
+    clearTimeout(this.reconnectTimer);
+    this.setState('connecting');
+    let ws;
+    try {
+      ws = new this.WS(this.url, ['im.v1']);
+    } catch (e) {
+      this.finish('error', `cannot open ${this.url}: ${e.message}`);
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    this.reader = new P.FrameReader();
+    ws.onopen = () => {
+      if (ws === this.ws) this.login();
+    };
+    ws.onmessage = (e) => {
+      if (ws === this.ws) this.onData(e.data);
+    };
+    ws.onclose = (e) => {
+      if (ws === this.ws) this.onClosed(e);
+    };
+    ws.onerror = () => {}; // a close event follows
+  }
+
+  /** Closes the socket (if any) without ending the session: a reconnect follows. */
+  drop(why) {
+    this.log('info', `closing: ${why}`);
+    const ws = this.ws;
+    if (!ws) return;
+    try {
+      ws.close();
+    } catch {
+      /* already closing */
+    }
+    this.onClosed({ code: 0, reason: why });
+  }
+
+  onClosed(e) {
+    const wasLoggedIn = this.state === 'online' || this.state === 'syncing';
+    this.ws = null;
+    clearInterval(this.heartbeatTimer);
+    clearTimeout(this.ackTimer);
+    this.ackTimer = null;
+    for (const [, r] of this.requests) {
+      clearTimeout(r.timer);
+      r.reject(new Error('disconnected'));
+    }
+    this.requests.clear();
+    this.inFlight.clear();
+    this.syncing = false;
+    if (this.stopped) {
+      this.setState('stopped');
+      return;
+    }
+    this.setState('offline');
+    this.log('info', `connection closed (${e.code ?? ''} ${e.reason ?? ''})`);
+    if (wasLoggedIn) this.attempt = 0;
+    const base = Math.min(30_000, 500 * 2 ** this.attempt);
+    const delay = Math.round(base * (0.5 + Math.random()));
+    this.attempt = Math.min(this.attempt + 1, 10);
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  /** Ends the session for good (no reconnect). */
+  finish(reason, text) {
+    this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    this.save();
+    if (this.ws) {
+      try {
+        this.ws.close();
+      } catch {
+        /* closing */
+      }
+      this.onClosed({ code: 0, reason });
+    } else {
+      this.setState('stopped');
+    }
+    this.dispatchEvent(new CustomEvent('stopped', { detail: { reason, text } }));
+  }
+
+  /** Logs out (LogoutAck or 2 s), then ends the session. */
+  async logout() {
+    if (this.ws && (this.state === 'online' || this.state === 'syncing')) {
+      try {
+        await this.request({ type: 'Logout' }, 2000);
+      } catch {
+        /* closing anyway */
+      }
+    }
+    this.finish('logout', 'logged out');
+  }
+
+  /** Reconnects now (e.g. when the browser comes back online). */
+  reconnectNow() {
+    if (this.state === 'offline' && !this.stopped) {
+      this.attempt = 0;
+      this.connect();
+    }
+  }
+
+  /** The next request id: a counter from 1, wrapping and skipping 0 (section 6). */
+  reqId() {
+    const id = this.nextReq;
+    this.nextReq = this.nextReq >= 0xffffffff ? 1 : this.nextReq + 1;
+    return id;
+  }
+
+  sendFrame(cmd, reqId) {
+    const bytes = P.encode(cmd, reqId);
+    this.ws.send(bytes);
+    if (cmd.type !== 'Heartbeat') this.log('out', describe(cmd, reqId));
+  }
+
+  /** Sends a request and resolves with its response (typed, or an Error frame). */
+  request(cmd, timeoutMs = REQUEST_TIMEOUT_MS) {
+    if (!this.ws || this.ws.readyState !== 1) return Promise.reject(new Error('not connected'));
+    const reqId = this.reqId();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.requests.delete(reqId);
+        reject(new Error(`${cmd.type} timed out`));
+      }, timeoutMs);
+      this.requests.set(reqId, { resolve, reject, timer });
+      try {
+        this.sendFrame(cmd, reqId);
+      } catch (e) {
+        clearTimeout(timer);
+        this.requests.delete(reqId);
+        reject(e);
+      }
+    });
+  }
+
+  onData(data) {
+    if (typeof data === 'string') {
+      this.drop('text message from the server');
+      return;
+    }
+    let frames;
+    try {
+      frames = this.reader.push(new Uint8Array(data));
+    } catch (e) {
+      this.drop(`corrupt stream: ${e.message}`);
+      return;
+    }
+    for (const f of frames) {
+      let cmd;
+      try {
+        cmd = P.decodeBody(f.cmd, f.body);
+      } catch (e) {
+        this.drop(`bad ${P.CMD_NAME[f.cmd] ?? f.cmd} frame: ${e.message}`);
+        return;
+      }
+      if (cmd.type !== 'HeartbeatAck') this.log('in', describe(cmd, f.reqId));
+      const pending = f.reqId !== 0 ? this.requests.get(f.reqId) : undefined;
+      if (pending && cmd.type !== 'Deliver' && cmd.type !== 'Delivered') {
+        clearTimeout(pending.timer);
+        this.requests.delete(f.reqId);
+        pending.resolve(cmd);
+        continue;
+      }
+      this.onPush(cmd);
+    }
+  }
+
+  onPush(cmd) {
+    switch (cmd.type) {
+      case 'Deliver':
+        this.onDeliver(cmd.message);
+        break;
+      case 'Delivered':
+        this.onDelivered(cmd.msgId.toString(), cmd.recipient.toString());
+        break;
+      case 'Kickout': {
+        const text = `kicked out: ${cmd.message || `reason ${cmd.reason}`}`;
+        if (cmd.reason === P.KICK.ServerShutdown) {
+          this.notice('warn', `${text}; reconnecting`);
+        } else {
+          // Another web device of this user took over, or an administrator: do not come back.
+          this.finish('kicked', text);
+        }
+        break;
+      }
+      case 'Error':
+        this.notice('error', `server: ${P.errName(cmd.code)} ${cmd.message}`);
+        break;
+      default:
+        break; // a late response to a request that timed out
+    }
+  }
+
+  async login() {
+    let r;
+    try {
+      r = await this.request({
+        type: 'Login',
+        uid: this.uid,
+        deviceType: P.DEVICE.Web,
+        deviceId: this.deviceId,
+        lastSeq: this.lastSeq,
+        token: this.token,
+      });
+    } catch (e) {
+      this.drop(`login: ${e.message}`);
+      return;
+    }
+    const code = r.code;
+    if (r.type === 'LoginResult' && code === P.ERR.Ok) {
+      this.everLoggedIn = true;
+      this.logins++;
+      this.attempt = 0;
+      this.heartbeatSecs = r.heartbeatSecs || 30;
+      this.startHeartbeats();
+      this.ackedSeq = 0n;
+      this.setState('syncing');
+      this.dispatchEvent(new CustomEvent('loggedin', { detail: { maxSeq: r.maxSeq } }));
+      this.resendPending();
+      this.refreshGroups().catch(() => {});
+      await this.sync();
+      if (this.state === 'syncing') this.setState('online');
+      return;
+    }
+    const text = `login refused: ${P.errName(code)}${r.message ? ` (${r.message})` : ''}`;
+    if (code === P.ERR.BadToken || code === P.ERR.TokenExpired) {
+      this.finish('auth', text);
+    } else if (P.isRetryable(code)) {
+      this.notice('warn', `${text}; retrying`);
+      this.drop(text);
+    } else {
+      this.finish('refused', text);
+    }
+  }
+
+  startHeartbeats() {
+    clearInterval(this.heartbeatTimer);
+    const every = Math.max(1, this.heartbeatSecs / 2) * 1000;
+    this.heartbeatTimer = setInterval(() => {
+      this.request({ type: 'Heartbeat' }, this.heartbeatSecs * 1000).catch((e) => {
+        if (this.ws) this.drop(`heartbeat: ${e.message}`);
+      });
+    }, every);
+  }
+
+  // ---- timeline ------------------------------------------------------------------------------
+
+  /**
+   * Applies one timeline entry by the rules of section 10. `forced` (sync pages): apply any entry
+   * above last seq, since the page holds everything after the seq the sync started from.
+   * @returns {'dup'|'gap'|'applied'}
+   */
+  offer(m, forced = false) {
+    if (m.seq <= this.lastSeq) return 'dup';
+    if (!forced && m.prevSeq > this.lastSeq) return 'gap';
+    this.lastSeq = m.seq;
+    this.ingest(m);
+    return 'applied';
+  }
+
+  onDeliver(m) {
+    const r = this.offer(m);
+    if (r === 'applied') {
+      this.changed();
+      this.scheduleAck();
+    } else if (r === 'gap') {
+      this.log('info', `gap: prev_seq ${m.prevSeq} > last seq ${this.lastSeq}; syncing`);
+      this.sync();
+    }
+  }
+
+  /** Pulls everything after last seq in pages, then acknowledges (section 10). */
+  async sync() {
+    if (this.syncing) {
+      this.resyncWanted = true;
+      return;
+    }
+    this.syncing = true;
+    const wasOnline = this.state === 'online';
+    if (wasOnline) this.setState('syncing');
+    try {
+      do {
+        this.resyncWanted = false;
+        for (;;) {
+          const page = await this.request({
+            type: 'SyncRequest',
+            afterSeq: this.lastSeq,
+            limit: SYNC_LIMIT,
+          });
+          if (page.type !== 'SyncPage' && P.isRetryable(page.code)) {
+            await new Promise((r) => setTimeout(r, 500 + Math.random() * 1000));
+            continue;
+          }
+          if (page.type !== 'SyncPage') {
+            throw new Error(`sync refused: ${P.errName(page.code)} ${page.message ?? ''}`);
+          }
+          let n = 0;
+          for (const m of page.messages) if (this.offer(m, true) === 'applied') n++;
+          if (n) this.changed();
+          if (!page.hasMore || page.messages.length === 0) break;
+        }
+      } while (this.resyncWanted);
+      this.syncing = false;
+      this.flushAck();
+    } catch (e) {
+      this.syncing = false;
+      if (this.ws) this.drop(`sync: ${e.message}`);
+      return;
+    }
+    if (wasOnline && this.state === 'syncing') this.setState('online');
+  }
+
+  scheduleAck() {
+    if (this.ackTimer || this.syncing) return;
+    this.ackTimer = setTimeout(() => {
+      this.ackTimer = null;
+      this.flushAck();
+    }, 30);
+  }
+
+  /** DeliverAck of last seq, once per burst; the history is saved first. */
+  flushAck() {
+    if (!this.ws || this.ws.readyState !== 1) return;
+    if (this.lastSeq <= this.ackedSeq && this.ackedSeq !== 0n) return;
+    if (this.lastSeq === 0n) return;
+    this.save();
+    try {
+      this.sendFrame({ type: 'DeliverAck', seq: this.lastSeq }, this.reqId());
+      this.ackedSeq = this.lastSeq;
+    } catch {
+      /* the close handler reconnects */
+    }
+  }
+
+  /** Stores an applied entry in the conversation it belongs to. */
+  ingest(m) {
+    const from = m.from.toString();
+    const to = m.to.toString();
+    const base = {
+      msgId: m.msgId.toString(),
+      seq: m.seq.toString(),
+      conv: m.conv,
+      from,
+      to,
+      clientMsgId: m.clientMsgId.toString(),
+      timeMs: Number(m.serverTimeMs),
+    };
+    switch (m.conv) {
+      case P.CONV.C2C:
+        this.upsert({ ...base, convKey: `u:${from === this.me ? to : from}`, text: P.text(m.body) });
+        break;
+      case P.CONV.C2G:
+        this.knowGroup(to);
+        this.upsert({ ...base, convKey: `g:${to}`, text: P.text(m.body) });
+        break;
+      case P.CONV.S2C:
+        this.upsert({ ...base, convKey: `s:${from}`, text: P.text(m.body) });
+        break;
+      case P.CONV.RECALL: {
+        const mk = safe(() => P.decodeMarker(m.body));
+        const rid = mk && this.byMsgId.get(mk.msgId.toString());
+        const r = rid && this.records.get(rid);
+        if (r) {
+          r.recalled = true;
+          r.text = '';
+        }
+        break;
+      }
+      case P.CONV.READ: {
+        const mk = safe(() => P.decodeMarker(m.body));
+        if (!mk || mk.conv !== P.CONV.C2C) break;
+        if (from === this.me) {
+          // Another device of mine read the conversation with `to`.
+          const c = this.convs.get(`u:${to}`);
+          if (c) c.unread = 0;
+          break;
+        }
+        for (const r of this.records.values()) {
+          if (r.convKey === `u:${from}` && r.from === this.me && r.msgId && BigInt(r.msgId) <= mk.msgId) {
+            upgrade(r, 'read');
+          }
+        }
+        break;
+      }
+      case P.CONV.GROUP_EVENT:
+        this.groupEvent(m, base);
+        break;
+      default:
+        break; // a kind this page does not know: kept in seq order, not shown
+    }
+  }
+
+  upsert(rec) {
+    if (rec.from === this.me) {
+      const rid = this.ownByCid.get(rec.clientMsgId) ?? this.byMsgId.get(rec.msgId);
+      const r = rid && this.records.get(rid);
+      if (r) {
+        r.msgId = rec.msgId;
+        r.seq = rec.seq;
+        r.timeMs = rec.timeMs;
+        this.byMsgId.set(r.msgId, r.rid);
+        upgrade(r, 'sent');
+        if (this.earlyDelivered.delete(r.msgId)) upgrade(r, 'delivered');
+        return;
+      }
+      // Sent by another device of this user.
+      this.add({ ...rec, rid: `c:${rec.clientMsgId}`, status: 'sent' });
+      return;
+    }
+    const rid = this.byMsgId.get(rec.msgId);
+    if (rid) {
+      this.records.get(rid).seq = rec.seq;
+      return;
+    }
+    this.add({ ...rec, rid: `m:${rec.msgId}`, status: '' });
+    if (rec.convKey !== this.activeConv) this.conv(rec.convKey).unread++;
+  }
+
+  add(r) {
+    r.order = ++this.order;
+    this.index(r);
+  }
+
+  conv(key) {
+    let c = this.convs.get(key);
+    if (!c) {
+      c = { unread: 0 };
+      this.convs.set(key, c);
+    }
+    return c;
+  }
+
+  knowGroup(id) {
+    if (!this.groups.has(id)) {
+      this.groups.set(id, { name: '', left: false });
+      this.refreshGroupsSoon();
+    }
+  }
+
+  groupEvent(m, base) {
+    const ev = safe(() => P.decodeGroupEvent(m.body));
+    const gid = base.to;
+    if (!ev) return;
+    const users = ev.users.map((u) => u.toString());
+    const mine = users.includes(this.me);
+    const who = (u) => (u === this.me ? 'you' : `user ${u}`);
+    const actor = who(base.from);
+    const others = users.filter((u) => u !== base.from);
+    const list = (others.length ? others : users).map(who).join(', ');
+    let text;
+    switch (ev.kind) {
+      case P.GROUP_EVENT.Created:
+        text = `${actor} created the group with ${list}`;
+        break;
+      case P.GROUP_EVENT.MembersAdded:
+        text = `${actor} added ${list}`;
+        break;
+      case P.GROUP_EVENT.MembersRemoved:
+        text = `${actor} removed ${list}`;
+        break;
+      case P.GROUP_EVENT.MemberLeft:
+        text = `${list} left`;
+        break;
+      case P.GROUP_EVENT.Updated:
+        text = `${actor} updated the group`;
+        break;
+      default:
+        text = `group event ${ev.kind}`;
+    }
+    const g = this.groups.get(gid) ?? { name: '', left: false };
+    if (ev.kind === P.GROUP_EVENT.Created || ev.kind === P.GROUP_EVENT.MembersAdded) {
+      if (mine) g.left = false;
+    } else if (ev.kind === P.GROUP_EVENT.MembersRemoved || ev.kind === P.GROUP_EVENT.MemberLeft) {
+      if (mine) g.left = true;
+    }
+    this.groups.set(gid, g);
+    this.add({ ...base, rid: `m:${base.msgId}`, convKey: `g:${gid}`, text, system: true, status: '' });
+    this.refreshGroupsSoon();
+  }
+
+  onDelivered(msgId, recipient) {
+    const rid = this.byMsgId.get(msgId);
+    const r = rid && this.records.get(rid);
+    if (!r) {
+      this.earlyDelivered.add(msgId);
+      return;
+    }
+    if (!r.deliveredTo) r.deliveredTo = [];
+    if (!r.deliveredTo.includes(recipient)) r.deliveredTo.push(recipient);
+    upgrade(r, 'delivered');
+    this.changed();
+  }
+
+  // ---- sending -------------------------------------------------------------------------------
+
+  /** Queues a text message to a conversation (`u:<uid>` or `g:<group>`); returns its record. */
+  sendText(convKey, text) {
+    const kind = convKind(convKey);
+    if (kind !== 'u' && kind !== 'g') throw new Error(`cannot send to ${convKey}`);
+    const cid = randomU64();
+    const r = {
+      rid: `c:${cid}`,
+      msgId: null,
+      seq: null,
+      conv: kind === 'g' ? P.CONV.C2G : P.CONV.C2C,
+      from: this.me,
+      to: convPeer(convKey),
+      convKey,
+      clientMsgId: cid,
+      timeMs: Date.now(),
+      text,
+      status: 'pending',
+    };
+    this.add(r);
+    this.changed();
+    this.trySend(r);
+    return r;
+  }
+
+  /** Sends again a message that failed. */
+  retry(rid) {
+    const r = this.records.get(rid);
+    if (!r || r.status !== 'failed') return;
+    r.status = 'pending';
+    delete r.error;
+    this.changed();
+    this.trySend(r);
+  }
+
+  resendPending() {
+    const pend = [...this.records.values()].filter((r) => r.status === 'pending');
+    pend.sort((a, b) => a.order - b.order);
+    for (const r of pend) this.trySend(r);
+  }
+
+  async trySend(r) {
+    if (this.state !== 'online' && this.state !== 'syncing') return;
+    if (this.inFlight.has(r.rid)) return;
+    this.inFlight.add(r.rid);
+    const cmd =
+      r.conv === P.CONV.C2G
+        ? { type: 'SendC2g', clientMsgId: r.clientMsgId, group: r.to, body: r.text }
+        : { type: 'SendC2c', clientMsgId: r.clientMsgId, to: r.to, body: r.text };
+    let res;
+    try {
+      res = await this.request(cmd);
+    } catch (e) {
+      // Timed out or disconnected: the same client_msg_id is sent again (the server dedups).
+      this.inFlight.delete(r.rid);
+      if (this.ws && r.status === 'pending') setTimeout(() => this.trySend(r), 1000);
+      return;
+    }
+    this.inFlight.delete(r.rid);
+    if (res.type === 'SendAck' && res.code === P.ERR.Ok) {
+      this.onSendAck(r, res);
+    } else if (P.isRetryable(res.code)) {
+      setTimeout(() => this.trySend(r), 1000 + Math.random() * 1000);
+    } else {
+      r.status = 'failed';
+      r.error = `${P.errName(res.code)}${res.message ? `: ${res.message}` : ''}`;
+      this.notice('error', `message not sent: ${r.error}`);
+      this.changed();
+    }
+  }
+
+  onSendAck(r, ack) {
+    r.msgId = ack.msgId.toString();
+    r.timeMs = Number(ack.serverTimeMs);
+    this.byMsgId.set(r.msgId, r.rid);
+    upgrade(r, 'sent');
+    if (this.earlyDelivered.delete(r.msgId)) upgrade(r, 'delivered');
+    // c2c: the own entry is next in order when prev_seq is our last seq (section 5, SendAck);
+    // otherwise a later push shows the gap and a sync brings it. c2g acks carry seq 0.
+    if (ack.seq !== 0n && ack.prevSeq === this.lastSeq && ack.seq > this.lastSeq) {
+      this.lastSeq = ack.seq;
+      r.seq = ack.seq.toString();
+      this.scheduleAck();
+    }
+    this.changed();
+  }
+
+  // ---- groups --------------------------------------------------------------------------------
+
+  /** Creates a group with `members` (uids); resolves with its id (string). */
+  async createGroup(name, members) {
+    const res = await this.request({
+      type: 'GroupCreate',
+      name,
+      members: members.map((m) => P.toU64(m, 'member')),
+    });
+    if ((res.type !== 'OpResult' && res.type !== 'Error') || res.code !== P.ERR.Ok) {
+      throw new Error(`${P.errName(res.code)}${res.message ? `: ${res.message}` : ''}`);
+    }
+    const id = res.id.toString();
+    const g = this.groups.get(id) ?? { left: false };
+    this.groups.set(id, { ...g, name, left: false });
+    this.conv(`g:${id}`);
+    this.changed();
+    return id;
+  }
+
+  /** MyGroups → the group list (names). */
+  async refreshGroups() {
+    const res = await this.request({ type: 'MyGroups' });
+    if (res.type !== 'GroupList') {
+      throw new Error(`${P.errName(res.code)}${res.message ? `: ${res.message}` : ''}`);
+    }
+    const now = new Set();
+    for (const { group, name } of res.groups) {
+      const id = group.toString();
+      now.add(id);
+      this.groups.set(id, { name, left: false });
+    }
+    for (const [id, g] of this.groups) if (!now.has(id)) g.left = true;
+    this.changed();
+    return res.groups;
+  }
+
+  refreshGroupsSoon() {
+    clearTimeout(this.groupsTimer);
+    this.groupsTimer = setTimeout(() => {
+      if (this.state === 'online' || this.state === 'syncing') this.refreshGroups().catch(() => {});
+    }, 300);
+  }
+
+  /** GroupInfo → {name, owner, members: [{uid, role}]}. */
+  async groupInfo(id) {
+    const res = await this.request({ type: 'GroupInfo', group: id });
+    if (res.type !== 'GroupInfoReply') {
+      throw new Error(`${P.errName(res.code)}${res.message ? `: ${res.message}` : ''}`);
+    }
+    return {
+      name: res.name,
+      owner: res.owner.toString(),
+      announcement: res.announcement,
+      members: res.members.map((m) => ({ uid: m.uid.toString(), role: m.role })),
+    };
+  }
+
+  // ---- queries for the UI --------------------------------------------------------------------
+
+  setActive(key) {
+    this.activeConv = key;
+    if (key) {
+      this.conv(key).unread = 0;
+      this.changed();
+    }
+  }
+
+  /** A conversation's records in display order: seq order, unsequenced (pending) last. */
+  messages(key) {
+    const rs = [...this.records.values()].filter((r) => r.convKey === key);
+    rs.sort((a, b) => {
+      if (a.seq && b.seq) {
+        const x = BigInt(a.seq);
+        const y = BigInt(b.seq);
+        return x < y ? -1 : x > y ? 1 : 0;
+      }
+      if (a.seq) return -1;
+      if (b.seq) return 1;
+      return a.order - b.order;
+    });
+    return rs;
+  }
+
+  /** Conversations with their last record and unread count, most recent first. */
+  conversations() {
+    const last = new Map();
+    for (const r of this.records.values()) {
+      const l = last.get(r.convKey);
+      if (!l || r.order > l.order) last.set(r.convKey, r);
+    }
+    const out = [];
+    for (const [key, c] of this.convs) {
+      out.push({ key, unread: c.unread, last: last.get(key) ?? null });
+    }
+    out.sort((a, b) => (b.last?.order ?? 0) - (a.last?.order ?? 0));
+    return out;
+  }
+
+  title(key) {
+    const id = convPeer(key);
+    switch (convKind(key)) {
+      case 'u':
+        return `User ${id}`;
+      case 'g': {
+        const g = this.groups.get(id);
+        return g?.name ? g.name : `Group ${id}`;
+      }
+      case 's':
+        return `Service ${id}`;
+      default:
+        return key;
+    }
+  }
+}
+
+function upgrade(r, status) {
+  if ((STATUS_RANK[status] ?? 0) > (STATUS_RANK[r.status] ?? 0)) r.status = status;
+}
+
+function safe(f) {
+  try {
+    return f();
+  } catch {
+    return null;
+  }
+}
+
+/** One line for the protocol log. */
+export function describe(cmd, reqId) {
+  const parts = [];
+  for (const [k, v] of Object.entries(cmd)) {
+    if (k === 'type') continue;
+    if (k === 'token') parts.push('token=…');
+    else if (v instanceof Uint8Array) parts.push(`${k}=${JSON.stringify(P.text(v)).slice(0, 40)}`);
+    else if (k === 'message' && typeof v === 'object') parts.push(`seq=${v.seq} prev=${v.prevSeq} conv=${v.conv} from=${v.from}`);
+    else if (Array.isArray(v)) parts.push(`${k}=[${v.length}]`);
+    else parts.push(`${k}=${v}`);
+  }
+  return `${cmd.type}#${reqId} ${parts.join(' ')}`;
+}

@@ -1,0 +1,310 @@
+// Unit tests of the page's session logic (web/static/client.js) against a scripted fake
+// WebSocket: login with the stored last seq, sync pages, gap detection by prev_seq, dedup,
+// batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout.
+// Run: node --test web/tests/
+import './node-globals.mjs';
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { ImClient } from '../static/client.js';
+import { CONV, ERR, KICK, decode, encode, encodeGroupEvent, utf8 } from '../static/proto.js';
+
+const ME = 5n;
+const PEER = 6n;
+
+class MemStorage {
+  constructor() {
+    this.m = new Map();
+  }
+  getItem(k) {
+    return this.m.has(k) ? this.m.get(k) : null;
+  }
+  setItem(k, v) {
+    this.m.set(k, String(v));
+  }
+  removeItem(k) {
+    this.m.delete(k);
+  }
+}
+
+/** A WebSocket the test drives: records what the client sends, injects server frames. */
+class FakeWS {
+  static all = [];
+  constructor(url, protocols) {
+    this.url = url;
+    this.protocols = protocols;
+    this.readyState = 0;
+    this.sent = [];
+    this.waiters = [];
+    FakeWS.all.push(this);
+    setTimeout(() => {
+      this.readyState = 1;
+      this.onopen?.();
+    }, 0);
+  }
+  send(bytes) {
+    const c = decode(bytes);
+    this.sent.push(c);
+    for (const w of this.waiters.splice(0)) w();
+  }
+  close() {
+    this.readyState = 3;
+  }
+  /** Server → client frame. */
+  push(cmd, reqId = 0) {
+    const b = encode(cmd, reqId);
+    this.onmessage?.({ data: b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) });
+  }
+  /** Waits (up to 2 s) for the next client frame of `type` not taken yet. */
+  async next(type) {
+    const deadline = Date.now() + 2000;
+    for (;;) {
+      const c = this.sent.find((x) => x.type === type && !x.taken);
+      if (c) {
+        c.taken = true;
+        return c;
+      }
+      if (Date.now() >= deadline) throw new Error(`the client sent no ${type}`);
+      await new Promise((r) => {
+        const t = setTimeout(r, deadline - Date.now());
+        this.waiters.push(() => {
+          clearTimeout(t);
+          r();
+        });
+      });
+    }
+  }
+  frames(type) {
+    return this.sent.filter((c) => c.type === type);
+  }
+}
+
+const tick = (ms = 60) => new Promise((r) => setTimeout(r, ms));
+
+let seqMsgId = 1000n;
+function entry(seq, prevSeq, over = {}) {
+  return {
+    seq,
+    prevSeq,
+    msgId: (seqMsgId += 1n),
+    conv: CONV.C2C,
+    from: PEER,
+    to: ME,
+    clientMsgId: seq * 7n,
+    serverTimeMs: 1_767_225_600_000n,
+    body: utf8(`message ${seq}`),
+    ...over,
+  };
+}
+
+/** A client logged in; the initial sync answered with `backlog` (entries after `stored`). */
+async function loggedIn({ storage = new MemStorage(), maxSeq = 0n, backlog = [] } = {}) {
+  FakeWS.all = [];
+  const c = new ImClient({
+    url: 'ws://test/ws',
+    uid: ME,
+    token: 't',
+    deviceId: 'web-test',
+    storage,
+    WebSocket: FakeWS,
+  });
+  c.start();
+  await tick(5);
+  const ws = FakeWS.all.at(-1);
+  const login = await ws.next('Login');
+  ws.push(
+    { type: 'LoginResult', code: 0, serverTimeMs: 1n, maxSeq, heartbeatSecs: 30, message: '' },
+    login.reqId,
+  );
+  const sync = await ws.next('SyncRequest');
+  ws.push({ type: 'SyncPage', maxSeq, hasMore: false, messages: backlog }, sync.reqId);
+  const groups = await ws.next('MyGroups');
+  ws.push({ type: 'GroupList', groups: [] }, groups.reqId);
+  await tick();
+  return { c, ws, login, sync, storage };
+}
+
+test('login: web device, protocol im.v1, sync from 0, then DeliverAck of the backlog', async () => {
+  const { c, ws, login, sync } = await loggedIn({
+    maxSeq: 20n,
+    backlog: [entry(10n, 0n), entry(20n, 10n)],
+  });
+  assert.deepEqual(ws.protocols, ['im.v1']);
+  assert.equal(login.uid, ME);
+  assert.equal(login.deviceType, 4);
+  assert.equal(login.deviceId, 'web-test');
+  assert.equal(login.lastSeq, 0n);
+  assert.equal(sync.afterSeq, 0n);
+  assert.equal(c.state, 'online');
+  assert.equal(c.lastSeq, 20n);
+  assert.deepEqual(
+    ws.frames('DeliverAck').map((a) => a.seq),
+    [20n],
+  );
+  assert.deepEqual(
+    c.messages(`u:${PEER}`).map((r) => r.text),
+    ['message 10', 'message 20'],
+  );
+  c.finish('test', '');
+});
+
+test('sync follows has_more pages', async () => {
+  FakeWS.all = [];
+  const c = new ImClient({ url: 'u', uid: ME, token: 't', deviceId: 'd', storage: new MemStorage(), WebSocket: FakeWS });
+  c.start();
+  await tick(5);
+  const ws = FakeWS.all[0];
+  const login = await ws.next('Login');
+  ws.push({ type: 'LoginResult', code: 0, serverTimeMs: 1n, maxSeq: 30n, heartbeatSecs: 30, message: '' }, login.reqId);
+  const s1 = await ws.next('SyncRequest');
+  ws.push({ type: 'SyncPage', maxSeq: 30n, hasMore: true, messages: [entry(10n, 0n)] }, s1.reqId);
+  const s2 = await ws.next('SyncRequest');
+  assert.equal(s2.afterSeq, 10n);
+  ws.push({ type: 'SyncPage', maxSeq: 30n, hasMore: false, messages: [entry(30n, 10n)] }, s2.reqId);
+  await tick();
+  assert.equal(c.lastSeq, 30n);
+  c.finish('test', '');
+});
+
+test('pushes: in order applied and acked once per burst, duplicates dropped, a gap syncs', async () => {
+  const { c, ws } = await loggedIn();
+  ws.push({ type: 'Deliver', message: entry(3n, 0n) });
+  ws.push({ type: 'Deliver', message: entry(5n, 3n) });
+  ws.push({ type: 'Deliver', message: entry(5n, 3n) }); // duplicate
+  await tick();
+  assert.equal(c.lastSeq, 5n);
+  assert.deepEqual(ws.frames('DeliverAck').map((a) => a.seq), [5n]);
+  assert.equal(c.messages(`u:${PEER}`).length, 2);
+  assert.equal(c.conversations()[0].unread, 2);
+
+  // prev_seq 8 > last seq 5: entries are missing; the client syncs from 5.
+  ws.push({ type: 'Deliver', message: entry(9n, 8n) });
+  const s = await ws.next('SyncRequest');
+  assert.equal(s.afterSeq, 5n);
+  assert.equal(c.lastSeq, 5n, 'the gap entry is not applied by itself');
+  ws.push({ type: 'SyncPage', maxSeq: 9n, hasMore: false, messages: [entry(8n, 5n), entry(9n, 8n)] }, s.reqId);
+  await tick();
+  assert.equal(c.lastSeq, 9n);
+  assert.equal(ws.frames('DeliverAck').at(-1).seq, 9n);
+  assert.equal(c.messages(`u:${PEER}`).length, 4);
+  c.finish('test', '');
+});
+
+test('sending: ✓ on SendAck, own seq taken when prev_seq matches, ✓✓ on Delivered', async () => {
+  const { c, ws } = await loggedIn({ maxSeq: 4n, backlog: [entry(4n, 0n)] });
+  const r = c.sendText(`u:${PEER}`, 'hi');
+  assert.equal(r.status, 'pending');
+  const send = await ws.next('SendC2c');
+  assert.equal(send.to, PEER);
+  assert.equal(new TextDecoder().decode(send.body), 'hi');
+  ws.push(
+    { type: 'SendAck', code: 0, clientMsgId: send.clientMsgId, msgId: 77n, seq: 6n, serverTimeMs: 2n, prevSeq: 4n },
+    send.reqId,
+  );
+  await tick();
+  assert.equal(r.status, 'sent');
+  assert.equal(c.lastSeq, 6n, 'prev_seq equals last seq: the own entry is next');
+  ws.push({ type: 'Delivered', msgId: 77n, recipient: PEER });
+  await tick();
+  assert.equal(r.status, 'delivered');
+
+  // prev_seq ahead of last seq: last seq stays; the entry comes later in a sync, deduplicated.
+  const r2 = c.sendText(`u:${PEER}`, 'again');
+  const s2 = await ws.next('SendC2c');
+  ws.push({ type: 'Delivered', msgId: 99n, recipient: PEER }); // before the ack
+  ws.push(
+    { type: 'SendAck', code: 0, clientMsgId: s2.clientMsgId, msgId: 99n, seq: 9n, serverTimeMs: 3n, prevSeq: 8n },
+    s2.reqId,
+  );
+  await tick();
+  assert.equal(c.lastSeq, 6n);
+  assert.equal(r2.status, 'delivered', 'an early Delivered is kept');
+  ws.push({ type: 'Deliver', message: entry(10n, 9n) });
+  const s = await ws.next('SyncRequest');
+  assert.equal(s.afterSeq, 6n);
+  const own = entry(9n, 8n, { from: ME, to: PEER, msgId: 99n, clientMsgId: BigInt(s2.clientMsgId) });
+  ws.push({ type: 'SyncPage', maxSeq: 10n, hasMore: false, messages: [entry(8n, 6n), own, entry(10n, 9n)] }, s.reqId);
+  await tick();
+  assert.equal(c.lastSeq, 10n);
+  const texts = c.messages(`u:${PEER}`).map((m) => m.text);
+  assert.deepEqual(texts, ['message 4', 'hi', 'message 8', 'again', 'message 10']);
+  c.finish('test', '');
+});
+
+test('refusals: retryable codes resend the same client_msg_id, others fail', async () => {
+  const { c, ws } = await loggedIn();
+  const r = c.sendText('g:50', 'to the group');
+  const s1 = await ws.next('SendC2g');
+  ws.push({ type: 'Error', code: ERR.Overloaded, message: 'slow down' }, s1.reqId);
+  const s2 = await ws.next('SendC2g');
+  assert.equal(s2.clientMsgId, s1.clientMsgId);
+  ws.push({ type: 'Error', code: ERR.NotMember, message: 'not a member' }, s2.reqId);
+  await tick();
+  assert.equal(r.status, 'failed');
+  assert.match(r.error, /NotMember/);
+  c.finish('test', '');
+});
+
+test('groups: create, events, own post merged with its Deliver', async () => {
+  const { c, ws } = await loggedIn();
+  const p = c.createGroup('team', ['6', '7']);
+  const gc = await ws.next('GroupCreate');
+  assert.deepEqual(gc.members, [6n, 7n]);
+  ws.push({ type: 'OpResult', code: 0, id: 50n, message: '' }, gc.reqId);
+  assert.equal(await p, '50');
+  ws.push({
+    type: 'Deliver',
+    message: entry(2n, 0n, { conv: CONV.GROUP_EVENT, from: ME, to: 50n, clientMsgId: 0n, body: encodeGroupEvent({ kind: 1, users: [ME, 6n, 7n] }) }),
+  });
+  const r = c.sendText('g:50', 'hello team');
+  const s = await ws.next('SendC2g');
+  ws.push({ type: 'SendAck', code: 0, clientMsgId: s.clientMsgId, msgId: 500n, seq: 0n, serverTimeMs: 1n, prevSeq: 0n }, s.reqId);
+  ws.push({ type: 'Deliver', message: entry(3n, 2n, { conv: CONV.C2G, from: ME, to: 50n, msgId: 500n, clientMsgId: BigInt(s.clientMsgId) }) });
+  await tick();
+  const ms = c.messages('g:50');
+  assert.equal(ms.length, 2);
+  assert.equal(ms[0].system, true);
+  assert.match(ms[0].text, /you created the group with user 6, user 7/);
+  assert.equal(ms[1].rid, r.rid);
+  assert.equal(ms[1].seq, '3');
+  assert.equal(c.lastSeq, 3n);
+  assert.equal(c.title('g:50'), 'team');
+  c.finish('test', '');
+});
+
+test('the history and last seq survive a reload; login sends the stored last seq', async () => {
+  const storage = new MemStorage();
+  const first = await loggedIn({ storage, maxSeq: 7n, backlog: [entry(7n, 0n)] });
+  first.c.finish('test', '');
+  const again = await loggedIn({ storage, maxSeq: 7n });
+  assert.equal(again.login.lastSeq, 7n);
+  assert.equal(again.sync.afterSeq, 7n);
+  assert.deepEqual(again.c.messages(`u:${PEER}`).map((m) => m.text), ['message 7']);
+  again.c.finish('test', '');
+});
+
+test('kickout by another web device ends the session without reconnecting', async () => {
+  const { c, ws } = await loggedIn();
+  let stopped = null;
+  c.addEventListener('stopped', (e) => {
+    stopped = e.detail;
+  });
+  ws.push({ type: 'Kickout', reason: KICK.SameDeviceType, message: 'another web device' });
+  await tick(700);
+  assert.equal(c.state, 'stopped');
+  assert.equal(stopped.reason, 'kicked');
+  assert.equal(FakeWS.all.length, 1, 'no reconnect');
+});
+
+test('a lost connection reconnects and logs in with the last seq', async () => {
+  const { c, ws } = await loggedIn({ maxSeq: 3n, backlog: [entry(3n, 0n)] });
+  ws.readyState = 3;
+  ws.onclose({ code: 1006, reason: '' });
+  assert.equal(c.state, 'offline');
+  await tick(900); // first back-off: 250–750 ms
+  const ws2 = FakeWS.all.at(-1);
+  assert.notEqual(ws2, ws);
+  const login = await ws2.next('Login');
+  assert.equal(login.lastSeq, 3n);
+  c.finish('test', '');
+});

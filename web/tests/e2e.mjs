@@ -1,0 +1,362 @@
+// Browser test of the web page against a running server: two Chromium pages (users A and B)
+// log in, chat with each other (✓ then ✓✓), B goes away and syncs what it missed when it comes
+// back, both chat with a TCP client C, and the three share a group.
+//
+// It starts nothing but Chromium. The server and the TCP client C are provided by the caller
+// (server/tests/web_browser.rs), which talks to this script through lines:
+//   this script → stdout:  READY | STEP <name> [key=value …] | PASS
+//   caller → stdin:        OK <name> | FAIL <name> <reason>
+// Diagnostics go to stderr. With --no-tcp the C steps are skipped (no caller needed).
+//
+// Options (flags, or the environment variables in brackets):
+//   --page-url URL     the page, e.g. http://127.0.0.1:7001/            [IM_PAGE_URL] (required)
+//   --ws-url URL       the WebSocket URL; default: ws://<page host>/ws  [IM_WS_URL]
+//   --uid-a/-b/-c N    user ids of A, B and the TCP client C            [IM_UID_A, IM_UID_B, IM_UID_C]
+//   --im-server PATH   mint tokens with `PATH token --uid N`            [IM_SERVER_BIN]
+//   --token-secret S   else mint them here with this secret (default: the dev secret) [IM_TOKEN_SECRET]
+//   --chromium PATH    default /usr/bin/chromium                        [IM_CHROMIUM]
+//   --out DIR          screenshots; default <repo>/target/web-e2e       [IM_E2E_OUT]
+//   --no-tcp           skip the steps with C
+import './node-globals.mjs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+import { DEV_SECRET, mintDevToken } from '../static/token.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repo = path.resolve(here, '..', '..');
+
+// ---- options ----------------------------------------------------------------------------------
+
+function options() {
+  const o = {
+    pageUrl: process.env.IM_PAGE_URL,
+    wsUrl: process.env.IM_WS_URL,
+    uidA: process.env.IM_UID_A ?? '101',
+    uidB: process.env.IM_UID_B ?? '102',
+    uidC: process.env.IM_UID_C ?? '103',
+    imServer: process.env.IM_SERVER_BIN,
+    tokenSecret: process.env.IM_TOKEN_SECRET ?? DEV_SECRET,
+    chromium: process.env.IM_CHROMIUM ?? '/usr/bin/chromium',
+    out: process.env.IM_E2E_OUT ?? path.join(repo, 'target', 'web-e2e'),
+    tcp: true,
+  };
+  const names = {
+    '--page-url': 'pageUrl',
+    '--ws-url': 'wsUrl',
+    '--uid-a': 'uidA',
+    '--uid-b': 'uidB',
+    '--uid-c': 'uidC',
+    '--im-server': 'imServer',
+    '--token-secret': 'tokenSecret',
+    '--chromium': 'chromium',
+    '--out': 'out',
+  };
+  const argv = process.argv.slice(2);
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--no-tcp') o.tcp = false;
+    else if (names[a] && i + 1 < argv.length) o[names[a]] = argv[++i];
+    else throw new Error(`unknown argument ${a}`);
+  }
+  if (!o.pageUrl) throw new Error('--page-url (or IM_PAGE_URL) is required');
+  if (!o.wsUrl) {
+    const u = new URL(o.pageUrl);
+    o.wsUrl = `${u.protocol === 'https:' ? 'wss' : 'ws'}://${u.host}/ws`;
+  }
+  return o;
+}
+
+const opt = options();
+const log = (...a) => console.error('[e2e]', ...a);
+const nonce = Math.random().toString(36).slice(2, 7);
+const WAIT = 15_000;
+
+async function token(uid) {
+  if (opt.imServer) {
+    return execFileSync(opt.imServer, ['token', '--uid', String(uid)], { encoding: 'utf8' }).trim();
+  }
+  return mintDevToken(opt.tokenSecret, uid);
+}
+
+// ---- the line protocol with the caller --------------------------------------------------------
+
+const stdinLines = [];
+const stdinWaiters = [];
+let stdinClosed = false;
+if (opt.tcp) {
+  const rl = createInterface({ input: process.stdin });
+  rl.on('line', (l) => {
+    const w = stdinWaiters.shift();
+    if (w) w(l);
+    else stdinLines.push(l);
+  });
+  rl.on('close', () => {
+    stdinClosed = true;
+    for (const w of stdinWaiters.splice(0)) w(null);
+  });
+}
+
+function nextLine(ms) {
+  if (stdinLines.length) return Promise.resolve(stdinLines.shift());
+  if (stdinClosed) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => {
+      stdinWaiters.splice(stdinWaiters.indexOf(w), 1);
+      reject(new Error(`no answer from the caller within ${ms} ms`));
+    }, ms);
+    const w = (l) => {
+      clearTimeout(t);
+      resolve(l);
+    };
+    stdinWaiters.push(w);
+  });
+}
+
+/** Announces a step to the caller and waits for its `OK <name>`. */
+async function step(name, args = {}) {
+  if (!opt.tcp) return false;
+  const kv = Object.entries(args).map(([k, v]) => `${k}=${v}`);
+  console.log(['STEP', name, ...kv].join(' '));
+  const l = await nextLine(30_000);
+  if (l === null) throw new Error(`caller closed stdin during step ${name}`);
+  const [word, n, ...rest] = l.trim().split(' ');
+  if (word === 'OK' && n === name) return true;
+  throw new Error(`step ${name}: caller answered ${JSON.stringify(l)}${rest.length ? '' : ''}`);
+}
+
+// ---- page helpers -----------------------------------------------------------------------------
+
+function pageUrl() {
+  const u = new URL(opt.pageUrl);
+  u.searchParams.set('ws', opt.wsUrl);
+  return u.toString();
+}
+
+async function online(page) {
+  await page.locator('#conn-status[data-state="online"]').waitFor({ timeout: WAIT });
+}
+
+async function login(page, uid) {
+  await page.goto(pageUrl());
+  await page.fill('#login-uid', String(uid));
+  await page.fill('#login-token', await token(uid));
+  await page.click('#login-submit');
+  await page.locator('#chat-view').waitFor({ state: 'visible', timeout: WAIT });
+  await online(page);
+}
+
+/** Opens the conversation with a user (through the "Chat" form). */
+async function openChat(page, uid) {
+  await page.fill('#peer-input', String(uid));
+  await page.press('#peer-input', 'Enter');
+  await page.locator(`#chat-title[data-conv="u:${uid}"]`).waitFor({ timeout: WAIT });
+}
+
+/** Opens a conversation from the side lists once it shows up there. */
+async function openConv(page, key) {
+  const item = page.locator(`li[data-conv="${key}"]`);
+  await item.waitFor({ timeout: WAIT });
+  await item.click();
+  await page.locator(`#chat-title[data-conv="${key}"]`).waitFor({ timeout: WAIT });
+}
+
+async function send(page, text) {
+  await page.fill('#message-input', text);
+  await page.press('#message-input', 'Enter');
+  await mine(page, text).waitFor({ timeout: WAIT });
+}
+
+const mine = (page, text, status) =>
+  page.locator(`#messages li.msg.mine${status ? `[data-status="${status}"]` : ''}`, { hasText: text });
+
+const theirs = (page, text) => page.locator('#messages li.msg.theirs', { hasText: text });
+
+async function sees(page, text) {
+  await theirs(page, text).waitFor({ timeout: WAIT });
+}
+
+async function ticks(page, text, status, tick) {
+  const m = mine(page, text, status);
+  await m.waitFor({ timeout: WAIT });
+  const t = (await m.locator('.tick').textContent()).trim();
+  if (t !== tick) throw new Error(`"${text}": tick ${JSON.stringify(t)}, want ${tick}`);
+}
+
+async function evalIm(page, f) {
+  return page.evaluate(f);
+}
+
+// ---- the scenario -----------------------------------------------------------------------------
+
+async function run(browser) {
+  const { uidA: A, uidB: B, uidC: C } = opt;
+  const ctxA = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const ctxB = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const pa = await ctxA.newPage();
+  let pb = await ctxB.newPage();
+  for (const [p, n] of [
+    [pa, 'A'],
+    [pb, 'B'],
+  ]) {
+    p.on('pageerror', (e) => log(`page ${n} error:`, e.message));
+    p.on('console', (m) => m.type() === 'error' && log(`page ${n} console:`, m.text()));
+  }
+  const pages = { pa, get pb() { return pb; } };
+
+  try {
+    log('A and B log in');
+    await login(pa, A);
+    await login(pb, B);
+
+    log('A → B, ✓✓');
+    const t1 = `hello B, from A ${nonce}`;
+    await openChat(pa, B);
+    await send(pa, t1);
+    await openConv(pb, `u:${A}`);
+    await sees(pb, t1);
+    await ticks(pa, t1, 'delivered', '✓✓');
+
+    log('B → A, ✓✓');
+    const t2 = `hi A, B here ${nonce}`;
+    await send(pb, t2);
+    await sees(pa, t2);
+    await ticks(pb, t2, 'delivered', '✓✓');
+
+    log('B leaves; A sends while B is away');
+    const seqBefore = BigInt(await evalIm(pb, () => String(window.im.lastSeq)));
+    await pb.goto('about:blank');
+    const away = [`while you were away 1 ${nonce}`, `while you were away 2 ${nonce}`];
+    for (const t of away) {
+      await send(pa, t);
+      await ticks(pa, t, 'sent', '✓');
+    }
+    await step('b_offline'); // C sends to B (offline) and to A
+    if (opt.tcp) {
+      await openConv(pa, `u:${C}`);
+      await sees(pa, `hello A, from C`);
+    }
+
+    log('B comes back: the reload logs in again and syncs');
+    await pb.goto(pageUrl());
+    await online(pb);
+    const seqAfter = BigInt(await evalIm(pb, () => String(window.im.lastSeq)));
+    if (!(seqAfter > seqBefore)) throw new Error(`B's last seq did not move: ${seqBefore} → ${seqAfter}`);
+    await openConv(pb, `u:${A}`);
+    for (const t of [t1, ...away]) await pb.locator('#messages li.msg', { hasText: t }).waitFor({ timeout: WAIT });
+    await ticks(pb, t2, 'delivered', '✓✓'); // the local history survived the reload
+    await openConv(pa, `u:${B}`);
+    for (const t of away) await ticks(pa, t, 'delivered', '✓✓');
+    const stored = await evalIm(pb, () => localStorage.getItem(`im.v1.${window.im.me}.state`));
+    if (!stored || !JSON.parse(stored).lastSeq) throw new Error('B keeps no last seq in localStorage');
+
+    if (opt.tcp) {
+      log('both chat with the TCP client C');
+      await openConv(pb, `u:${C}`);
+      await sees(pb, `hello B, from C`);
+      await openConv(pa, `u:${C}`);
+      await send(pa, `hello C, from A ${nonce}`);
+      await send(pb, `hello C, from B ${nonce}`);
+      await step('to_c', { a: `hello C, from A ${nonce}`.replaceAll(' ', '_'), b: `hello C, from B ${nonce}`.replaceAll(' ', '_') });
+      await ticks(pa, `hello C, from A ${nonce}`, 'delivered', '✓✓');
+      await ticks(pb, `hello C, from B ${nonce}`, 'delivered', '✓✓');
+    }
+
+    log('groups: A creates one with B (and C), everyone posts');
+    const gname = `team ${nonce}`;
+    await pa.fill('#group-name', gname);
+    await pa.fill('#group-members', opt.tcp ? `${B}, ${C}` : `${B}`);
+    await pa.press('#group-members', 'Enter');
+    const title = pa.locator('#chat-title[data-conv^="g:"]');
+    await title.waitFor({ timeout: WAIT });
+    const gid = (await title.getAttribute('data-conv')).slice(2);
+    if ((await title.textContent()) !== gname) throw new Error(`group title ${await title.textContent()}`);
+    await pa.locator('#messages li.msg.system', { hasText: 'you created the group' }).waitFor({ timeout: WAIT });
+    const g1 = `hello team, A here ${nonce}`;
+    await send(pa, g1);
+    await ticks(pa, g1, 'sent', '✓');
+    await openConv(pb, `g:${gid}`);
+    await pb.locator(`#group-list li[data-group-id="${gid}"]`, { hasText: gname }).waitFor({ timeout: WAIT });
+    await sees(pb, g1);
+    const g2 = `B in the team ${nonce}`;
+    await send(pb, g2);
+    await sees(pa, g2);
+    if (await step('group', { gid, text: g1.replaceAll(' ', '_') })) {
+      await sees(pa, 'C in the team');
+      await sees(pb, 'C in the team');
+    }
+    log('B lists its groups (MyGroups)');
+    await pb.click('#refresh-groups');
+    await pb.locator(`#group-list li[data-group-id="${gid}"]`, { hasText: gname }).waitFor({ timeout: WAIT });
+    const listed = await evalIm(pb, () => [...window.im.groups.keys()]);
+    if (!listed.includes(gid)) throw new Error(`MyGroups of B lacks ${gid}: ${listed}`);
+
+    // Heartbeats kept both connections up: no reconnect on A, one login on B's new page.
+    const logins = [await evalIm(pa, () => window.im.logins), await evalIm(pb, () => window.im.logins)];
+    if (logins[0] !== 1 || logins[1] !== 1) throw new Error(`unexpected reconnects: logins ${logins}`);
+
+    log('screenshots');
+    mkdirSync(opt.out, { recursive: true });
+    await openConv(pa, `u:${B}`);
+    await pa.screenshot({ path: path.join(opt.out, 'chat.png') });
+    await pb.screenshot({ path: path.join(opt.out, 'group.png') });
+    log(`saved ${path.join(opt.out, 'chat.png')}`);
+  } catch (e) {
+    try {
+      mkdirSync(opt.out, { recursive: true });
+      await pages.pa.screenshot({ path: path.join(opt.out, 'failure-a.png') });
+      await pages.pb.screenshot({ path: path.join(opt.out, 'failure-b.png') });
+      log(`failure screenshots in ${opt.out}`);
+    } catch {
+      /* the page may be gone */
+    }
+    throw e;
+  }
+}
+
+async function main() {
+  log(`page ${opt.pageUrl}, ws ${opt.wsUrl}, users A=${opt.uidA} B=${opt.uidB} C=${opt.uidC}`);
+  // launch() gives Chromium a fresh temporary profile (--user-data-dir) of its own; each
+  // browser context below is isolated from the other (own localStorage).
+  const profile = mkdtempSync(path.join(tmpdir(), 'im-e2e-'));
+  const browser = await chromium.launch({
+    executablePath: opt.chromium,
+    headless: true,
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--disable-dev-shm-usage', // small /dev/shm in containers
+    ],
+    env: { ...process.env, HOME: profile },
+    timeout: 60_000,
+  });
+  console.log('READY');
+  try {
+    await run(browser);
+  } finally {
+    await browser.close();
+    rmSync(profile, { recursive: true, force: true });
+  }
+  console.log('PASS');
+}
+
+main().then(
+  () => process.exit(0),
+  (e) => {
+    log('FAILED:', e.stack ?? e);
+    console.log(`FAIL ${String(e.message ?? e).split('\n')[0]}`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,318 @@
+// Unit tests of the protocol v1 codec (web/proto.js) against the worked examples of
+// docs/PROTOCOL.md section 12 and round trips of every command. Run: node --test web/tests/
+import './node-globals.mjs';
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  CMD,
+  CMD_NAME,
+  CONV,
+  DEVICE,
+  ERR,
+  FrameReader,
+  GROUP_EVENT,
+  HEADER_LEN,
+  ProtoError,
+  decode,
+  decodeBody,
+  decodeGroupEvent,
+  decodeHeader,
+  decodeMarker,
+  encode,
+  encodeGroupEvent,
+  encodeMarker,
+  encodeMessage,
+  errName,
+  hex,
+  isRetryable,
+  msgIdTimeMs,
+  text,
+  toU64,
+  utf8,
+} from '../static/proto.js';
+import { DEV_SECRET, mintDevToken } from '../static/token.js';
+
+/** Bytes of a hex dump in the document's format (`0000: 49 4d …` lines). */
+function fromDump(dump) {
+  const bytes = [];
+  for (const line of dump.trim().split('\n')) {
+    const [, rest] = line.split(':');
+    for (const h of rest.trim().split(/\s+/)) bytes.push(parseInt(h, 16));
+  }
+  return Uint8Array.from(bytes);
+}
+
+const DOC_TOKEN =
+  'v1.42.1767225600.af4d0fba8583e1a637dc219746301b3dc1d9fb7213f27bd259638dd614e4475f';
+
+const LOGIN_DUMP = `
+0000: 49 4d 01 01 00 00 00 01 00 00 00 6b 00 00 00 00
+0010: 00 00 00 2a 01 00 05 69 6f 73 2d 31 00 00 00 00
+0020: 00 00 00 00 00 51 76 31 2e 34 32 2e 31 37 36 37
+0030: 32 32 35 36 30 30 2e 61 66 34 64 30 66 62 61 38
+0040: 35 38 33 65 31 61 36 33 37 64 63 32 31 39 37 34
+0050: 36 33 30 31 62 33 64 63 31 64 39 66 62 37 32 31
+0060: 33 66 32 37 62 64 32 35 39 36 33 38 64 64 36 31
+0070: 34 65 34 34 37 35 66
+`;
+
+const SEND_DUMP = `
+0000: 49 4d 01 10 00 00 00 02 00 00 00 16 00 00 00 00
+0010: 00 00 00 01 00 00 00 00 00 00 00 2b 00 00 00 02
+0020: 68 69
+`;
+
+test('section 12: Login encodes byte for byte', () => {
+  const want = fromDump(LOGIN_DUMP);
+  assert.equal(want.length, 119);
+  const got = encode(
+    {
+      type: 'Login',
+      uid: 42n,
+      deviceType: DEVICE.Phone,
+      deviceId: 'ios-1',
+      lastSeq: 0n,
+      token: DOC_TOKEN,
+    },
+    1,
+  );
+  assert.equal(hex(got), hex(want));
+});
+
+test('section 12: Login decodes to its fields', () => {
+  const c = decode(fromDump(LOGIN_DUMP));
+  assert.deepEqual(c, {
+    type: 'Login',
+    reqId: 1,
+    uid: 42n,
+    deviceType: 1,
+    deviceId: 'ios-1',
+    lastSeq: 0n,
+    token: DOC_TOKEN,
+  });
+  const h = decodeHeader(fromDump(LOGIN_DUMP));
+  assert.deepEqual(h, { cmd: CMD.Login, reqId: 1, bodyLen: 107 });
+});
+
+test('section 12: SendC2c encodes byte for byte, numbers or BigInts', () => {
+  const want = fromDump(SEND_DUMP);
+  assert.equal(want.length, 34);
+  const a = encode({ type: 'SendC2c', clientMsgId: 1n, to: 43n, body: utf8('hi') }, 2);
+  const b = encode({ type: 'SendC2c', clientMsgId: 1, to: 43, body: 'hi' }, 2);
+  assert.equal(hex(a), hex(want));
+  assert.equal(hex(b), hex(want));
+  const c = decode(want);
+  assert.equal(c.type, 'SendC2c');
+  assert.equal(c.reqId, 2);
+  assert.equal(c.clientMsgId, 1n);
+  assert.equal(c.to, 43n);
+  assert.equal(text(c.body), 'hi');
+});
+
+test('section 11: the development token of the example', async () => {
+  assert.equal(await mintDevToken('dev-secret', 42, 1767225600), DOC_TOKEN);
+  const t = await mintDevToken(DEV_SECRET, 7n);
+  assert.match(t, /^v1\.7\.\d+\.[0-9a-f]{64}$/);
+});
+
+const msg = (over = {}) => ({
+  seq: 1001n,
+  prevSeq: 1000n,
+  msgId: (123456789n << 22n) | 77n,
+  conv: CONV.C2C,
+  from: 1n,
+  to: 2n,
+  clientMsgId: 0xfedcba9876543210n,
+  serverTimeMs: 1_767_225_600_000n,
+  body: utf8('héllo ✓'),
+  ...over,
+});
+
+/** One sample of every command, with non-trivial values. */
+const SAMPLES = [
+  { type: 'Login', uid: 2n ** 64n - 1n, deviceType: DEVICE.Web, deviceId: 'web-x', lastSeq: 9n, token: 't' },
+  { type: 'Logout' },
+  { type: 'Heartbeat' },
+  { type: 'SendC2c', clientMsgId: 5n, to: 6n, body: new Uint8Array([0, 1, 255]) },
+  { type: 'DeliverAck', seq: 77n },
+  { type: 'SyncRequest', afterSeq: 12n, limit: 200 },
+  { type: 'SendC2g', clientMsgId: 1n, group: 99n, body: utf8('to the group') },
+  { type: 'Recall', clientMsgId: 3n, conv: CONV.C2C, peer: 4n, msgId: 5n },
+  { type: 'ReadReport', clientMsgId: 3n, conv: CONV.C2G, peer: 4n, msgId: 5n },
+  { type: 'Report', clientMsgId: 8n, topic: 'orders', body: utf8('{}') },
+  { type: 'GroupCreate', name: 'team ☕', members: [2n, 3n] },
+  { type: 'GroupAdd', group: 10n, members: [4n] },
+  { type: 'GroupRemove', group: 10n, members: [] },
+  { type: 'GroupLeave', group: 10n },
+  { type: 'GroupInfo', group: 10n },
+  { type: 'MyGroups' },
+  { type: 'SetMute', peer: 0n, muted: true },
+  { type: 'RegisterPush', provider: 2, token: 'fcm-token' },
+  { type: 'GroupUpdate', group: 10n, name: 'n', announcement: 'a' },
+  { type: 'LoginResult', code: ERR.Ok, serverTimeMs: 1n, maxSeq: 2n, heartbeatSecs: 30, message: '' },
+  { type: 'LogoutAck' },
+  { type: 'HeartbeatAck', serverTimeMs: 1_767_225_600_123n },
+  { type: 'Kickout', reason: 1, message: 'another web device logged in' },
+  { type: 'SendAck', code: ERR.Ok, clientMsgId: 5n, msgId: 6n, seq: 7n, serverTimeMs: 8n, prevSeq: 4n },
+  { type: 'Deliver', message: msg() },
+  { type: 'SyncPage', maxSeq: 2000n, hasMore: true, messages: [msg(), msg({ seq: 1002n, prevSeq: 1001n, body: new Uint8Array(0) })] },
+  { type: 'SyncPage', maxSeq: 0n, hasMore: false, messages: [] },
+  { type: 'Delivered', msgId: 6n, recipient: 2n },
+  { type: 'OpResult', code: ERR.NotMember, id: 10n, message: 'not a member' },
+  {
+    type: 'GroupInfoReply',
+    group: 10n,
+    name: 'team',
+    creator: 1n,
+    owner: 1n,
+    announcement: '',
+    createdMs: 5n,
+    members: [
+      { uid: 1n, role: 2 },
+      { uid: 2n, role: 0 },
+    ],
+  },
+  { type: 'GroupList', groups: [{ group: 10n, name: 'team' }, { group: 11n, name: '' }] },
+  { type: 'Error', code: ERR.BadToken, message: 'bad token' },
+];
+
+test('every command round-trips through encode/decode', () => {
+  const seen = new Set();
+  for (const [i, c] of SAMPLES.entries()) {
+    const reqId = i * 1000 + 1;
+    const bytes = encode(c, reqId);
+    assert.equal(bytes[3], CMD[c.type], c.type);
+    const h = decodeHeader(bytes);
+    assert.equal(h.bodyLen, bytes.length - HEADER_LEN, c.type);
+    assert.deepEqual(decode(bytes), { ...c, reqId }, c.type);
+    seen.add(c.type);
+  }
+  assert.deepEqual([...seen].sort(), Object.keys(CMD).sort(), 'a sample of every command');
+});
+
+test('body sizes match the document', () => {
+  const len = (c) => encode(c, 1).length - HEADER_LEN;
+  assert.equal(len({ type: 'SendAck', code: 0, clientMsgId: 0, msgId: 0, seq: 0, serverTimeMs: 0, prevSeq: 0 }), 42);
+  assert.equal(len({ type: 'Deliver', message: msg({ body: new Uint8Array(0) }) }), 61);
+  assert.equal(len({ type: 'SendC2c', clientMsgId: 0, to: 1, body: '' }), 20);
+  assert.equal(len({ type: 'Delivered', msgId: 1, recipient: 1 }), 16);
+  assert.equal(len({ type: 'SyncRequest', afterSeq: 0, limit: 1 }), 10);
+  assert.equal(len({ type: 'Heartbeat' }), 0);
+});
+
+test('Message field offsets (section 5)', () => {
+  const b = encodeMessage(msg({ body: utf8('xy') }));
+  const v = new DataView(b.buffer);
+  assert.equal(v.getBigUint64(0), 1001n); // seq
+  assert.equal(v.getBigUint64(8), 1000n); // prev_seq
+  assert.equal(b[24], CONV.C2C); // conv
+  assert.equal(v.getBigUint64(25), 1n); // from
+  assert.equal(v.getBigUint64(33), 2n); // to
+  assert.equal(v.getBigUint64(41), 0xfedcba9876543210n); // client_msg_id
+  assert.equal(v.getUint32(57), 2); // body length
+  assert.equal(text(b.subarray(61)), 'xy');
+});
+
+test('decoders ignore trailing bytes (section 13)', () => {
+  const c = { type: 'SendAck', code: 0, clientMsgId: 5n, msgId: 6n, seq: 7n, serverTimeMs: 8n, prevSeq: 4n };
+  const frame = encode(c, 3);
+  const body = new Uint8Array([...frame.subarray(HEADER_LEN), 1, 2, 3]);
+  assert.deepEqual(decodeBody(CMD.SendAck, body), c);
+});
+
+test('truncated bodies throw ProtoError, never something else', () => {
+  for (const c of SAMPLES) {
+    const full = encode(c, 1).subarray(HEADER_LEN);
+    for (let n = 0; n < full.length; n++) {
+      // Every strict prefix of a body with fields is invalid, except where what is cut off
+      // is an empty tail (no such layout: every layout ends with a fixed field or a length).
+      assert.throws(() => decodeBody(CMD[c.type], full.slice(0, n)), ProtoError, `${c.type} cut at ${n}`);
+    }
+  }
+});
+
+test('bad UTF-8 in a str field is refused', () => {
+  // Error { code: 1, message: <0xff> }
+  const body = new Uint8Array([0, 1, 0, 1, 0xff]);
+  assert.throws(() => decodeBody(CMD.Error, body), /UTF-8/);
+});
+
+test('unknown error codes decode as numbers', () => {
+  const c = decodeBody(CMD.Error, new Uint8Array([0x12, 0x34, 0, 0]));
+  assert.equal(c.code, 0x1234);
+  assert.equal(errName(0x1234), 'code 4660');
+  assert.equal(errName(ERR.NotMember), 'NotMember');
+  assert.ok(isRetryable(ERR.Unavailable) && !isRetryable(ERR.BadToken));
+});
+
+test('headers: bad magic, bad version, unknown command', () => {
+  const good = encode({ type: 'Heartbeat' }, 1);
+  const bad = (i, v) => {
+    const b = good.slice();
+    b[i] = v;
+    return b;
+  };
+  assert.throws(() => decodeHeader(bad(0, 0x48)), /magic/);
+  assert.throws(() => decodeHeader(bad(2, 2)), /version 2/);
+  assert.throws(() => decode(bad(3, 0x7f)), /unknown command/);
+  assert.throws(() => decodeHeader(good.subarray(0, 11)), /truncated/);
+  assert.throws(() => decode(new Uint8Array([...good, 0])), /does not match/);
+  assert.equal(CMD_NAME[0x92], 'SyncPage');
+});
+
+test('encoders refuse out-of-range values', () => {
+  assert.throws(() => encode({ type: 'DeliverAck', seq: -1n }), ProtoError);
+  assert.throws(() => encode({ type: 'DeliverAck', seq: 2n ** 64n }), ProtoError);
+  assert.throws(() => encode({ type: 'DeliverAck', seq: 1.5 }), ProtoError);
+  assert.throws(() => encode({ type: 'DeliverAck' }), /missing field seq/);
+  assert.throws(() => encode({ type: 'SyncRequest', afterSeq: 0, limit: 70000 }), ProtoError);
+  assert.throws(() => encode({ type: 'Nope' }), /unknown command/);
+  assert.throws(() => encode({ type: 'Heartbeat' }, -1), ProtoError);
+  assert.throws(() => encode({ type: 'Kickout', reason: 1, message: 'x'.repeat(70000) }), /65535/);
+  assert.equal(toU64('18446744073709551615'), 2n ** 64n - 1n);
+});
+
+test('FrameReader splits a stream at any chunk boundary', () => {
+  const frames = SAMPLES.map((c, i) => encode(c, i + 1));
+  const stream = new Uint8Array(frames.reduce((n, f) => n + f.length, 0));
+  let off = 0;
+  for (const f of frames) {
+    stream.set(f, off);
+    off += f.length;
+  }
+  for (const chunk of [1, 5, 12, 13, 64, stream.length]) {
+    const r = new FrameReader();
+    const got = [];
+    for (let i = 0; i < stream.length; i += chunk) {
+      for (const f of r.push(stream.subarray(i, i + chunk))) {
+        got.push({ ...decodeBody(f.cmd, f.body), reqId: f.reqId });
+      }
+    }
+    assert.equal(r.pending(), 0);
+    assert.deepEqual(got, SAMPLES.map((c, i) => ({ ...c, reqId: i + 1 })), `chunk ${chunk}`);
+  }
+});
+
+test('FrameReader refuses oversized bodies and corrupt headers', () => {
+  const r = new FrameReader(16);
+  const big = encode({ type: 'Kickout', reason: 1, message: 'x'.repeat(20) }, 0);
+  assert.throws(() => r.push(big), /above 16/);
+  assert.throws(() => new FrameReader().push(new Uint8Array(12)), /magic/);
+});
+
+test('marker and group event bodies', () => {
+  const m = { conv: CONV.C2G, msgId: 0x0102030405060708n };
+  const b = encodeMarker(m);
+  assert.equal(hex(b), '02 01 02 03 04 05 06 07 08');
+  assert.deepEqual(decodeMarker(b), m);
+  const e = { kind: GROUP_EVENT.Created, users: [1001n, 1002n] };
+  const eb = encodeGroupEvent(e);
+  assert.equal(eb.length, 3 + 16);
+  assert.deepEqual(decodeGroupEvent(eb), e);
+});
+
+test('msg id timestamps (section 10)', () => {
+  assert.equal(msgIdTimeMs(0n), 1_704_067_200_000);
+  assert.equal(msgIdTimeMs((1000n << 22n) | 0x3fffffn), 1_704_067_201_000);
+});
