@@ -22,7 +22,8 @@ mod core;
 mod limits;
 pub mod links;
 mod mailbox;
-mod transport;
+#[doc(hidden)]
+pub mod transport; // public for the fuzz targets (sans-io WebSocket and HTTP parsers)
 mod wheel;
 
 pub use config::GateConfig;

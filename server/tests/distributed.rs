@@ -618,3 +618,70 @@ fn gate_kill_clients_reconnect_to_another_gate_from_the_iplist_and_lose_nothing(
         let _ = p.wait();
     }
 }
+
+/// A group whose owner worker is on one node and whose members live on both: management and
+/// posts cross the peer links, every member gets every post once and in one order.
+#[test]
+fn groups_span_logic_nodes() {
+    use im_shared::proto::{CONV_C2G, CONV_GROUP_EVENT};
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let mut n0 = spawn_node(d0.path(), 0, &nodes);
+    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let (mut g1, a1) = spawn_gate(1, &nodes);
+    let on0: Vec<u64> = (9500..).filter(|&u| node_of(u, 2) == 0).take(2).collect();
+    let on1: Vec<u64> = (9500..).filter(|&u| node_of(u, 2) == 1).take(2).collect();
+    let members: Vec<u64> = on0.iter().chain(&on1).copied().collect();
+    let mut clients: Vec<Client> = members
+        .iter()
+        .map(|&u| login_retry(a1, u, Seq(0)).0)
+        .collect();
+    let others: Vec<UserId> = members[1..].iter().map(|&u| UserId(u)).collect();
+    // Create from a node-0 user; retry while peer links come up (the request is not queued).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let group = loop {
+        match clients[0].create_group("span", &others) {
+            Ok(g) => break g,
+            Err(ClientError::Timeout) => {}
+            Err(e) => panic!("create: {e}"),
+        }
+        assert!(Instant::now() < deadline, "group never created");
+    };
+    // Every member on both nodes posts once.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_c2g(group, 1, format!("from {i}")).unwrap();
+    }
+    let mut orders = Vec::new();
+    for c in &mut clients {
+        let mut tl = Timeline::new(Seq(0));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tl.messages.iter().filter(|m| m.conv == CONV_C2G).count() < members.len() {
+            assert!(Instant::now() < deadline, "posts missing");
+            tl.sync(c).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(tl.messages[0].conv, CONV_GROUP_EVENT);
+        orders.push(
+            tl.messages
+                .iter()
+                .filter(|m| m.conv == CONV_C2G)
+                .map(|m| m.msg_id)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert!(orders.iter().all(|o| o == &orders[0]), "{orders:?}");
+    // Info from a member on the other node than the group's owner worker, and a refusal.
+    let (_, m) = clients[3].group_info(group).unwrap();
+    assert_eq!(m.len(), members.len());
+    assert_eq!(
+        clients[2]
+            .group_remove(group, &[UserId(members[0])])
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::Forbidden)
+    );
+    for p in [&mut n0, &mut n1, &mut g1] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}

@@ -281,6 +281,8 @@ fn recall_within_window_reaches_every_device_and_refusals() {
         ErrorCode::NotFound,
     );
     let bob_ack = b_phone.send_c2c(UserId(6001), 2, "mine").unwrap();
+    // Wait until bob's message is in alice's timeline (the append follows bob's ack).
+    assert_eq!(next_of(&mut a, CONV_C2C).msg_id, bob_ack.msg_id);
     assert_eq!(
         code(a.recall(CONV_C2C, 6002, bob_ack.msg_id, 3).unwrap_err()),
         ErrorCode::RecallRefused,
