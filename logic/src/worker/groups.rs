@@ -14,7 +14,9 @@ use im_shared::proto::{
 use im_shared::shard::vshard_of;
 use im_shared::{Command, ConnId, ErrorCode, GroupId, UserId};
 
-use super::{error_frame, now_ms, op_err, op_ok, ApiOk, Reply, Round, Worker, WorkerMsg};
+use super::{
+    ack_frame, error_frame, now_ms, op_err, op_ok, ApiOk, Reply, Round, Worker, WorkerMsg,
+};
 use crate::api::{Accepted, ApiError};
 use crate::metrics::Metrics;
 use crate::store::{DedupEntry, MemberRecord, Op, Store, StoreError};
@@ -54,6 +56,22 @@ pub enum GroupOp {
         conv: u8,
         body: Bytes,
     },
+}
+
+/// The group and operation of a client's group-management command (`None` for other commands).
+pub(super) fn group_op(cmd: Command) -> Option<(GroupId, GroupOp)> {
+    Some(match cmd {
+        Command::GroupAdd { group, members } => (group, GroupOp::Add(members)),
+        Command::GroupRemove { group, members } => (group, GroupOp::Remove(members)),
+        Command::GroupLeave { group } => (group, GroupOp::Leave),
+        Command::GroupUpdate {
+            group,
+            name,
+            announcement,
+        } => (group, GroupOp::Update { name, announcement }),
+        Command::GroupInfo { group } => (group, GroupOp::Info),
+        _ => return None,
+    })
 }
 
 /// Live state of a group on its owner.
@@ -498,17 +516,7 @@ impl<S: Store> Worker<S> {
         reply: Reply,
         round: &mut Round,
     ) {
-        let ack = |e: DedupEntry, req_id: u32| {
-            Command::SendAck {
-                code: ErrorCode::Ok,
-                client_msg_id,
-                msg_id: e.msg_id,
-                seq: e.seq,
-                server_time_ms: e.server_time_ms,
-                prev_seq: e.prev_seq,
-            }
-            .to_bytes(req_id)
-        };
+        let ack = |e: DedupEntry, req_id: u32| ack_frame(client_msg_id, e, req_id);
         let accepted = |e: DedupEntry| {
             ApiOk::Accepted(Accepted {
                 msg_id: e.msg_id,

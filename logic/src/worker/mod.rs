@@ -264,6 +264,19 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The `SendAck` of an accepted message (also the answer to a deduplicated retry).
+fn ack_frame(client_msg_id: u64, e: DedupEntry, req_id: u32) -> Bytes {
+    Command::SendAck {
+        code: ErrorCode::Ok,
+        client_msg_id,
+        msg_id: e.msg_id,
+        seq: e.seq,
+        server_time_ms: e.server_time_ms,
+        prev_seq: e.prev_seq,
+    }
+    .to_bytes(req_id)
+}
+
 /// `OpResult` with code Ok.
 fn op_ok(req_id: u32, id: u64) -> Bytes {
     Command::OpResult {
@@ -634,45 +647,15 @@ impl<S: Store> Worker<S> {
                         Reply::Conn { conn, req_id },
                         round,
                     ),
-                    Command::GroupAdd { group, members } => self.forward_group(
-                        uid,
-                        group,
-                        GroupOp::Add(members),
-                        Reply::Conn { conn, req_id },
-                        round,
-                    ),
-                    Command::GroupRemove { group, members } => self.forward_group(
-                        uid,
-                        group,
-                        GroupOp::Remove(members),
-                        Reply::Conn { conn, req_id },
-                        round,
-                    ),
-                    Command::GroupLeave { group } => self.forward_group(
-                        uid,
-                        group,
-                        GroupOp::Leave,
-                        Reply::Conn { conn, req_id },
-                        round,
-                    ),
-                    Command::GroupUpdate {
-                        group,
-                        name,
-                        announcement,
-                    } => self.forward_group(
-                        uid,
-                        group,
-                        GroupOp::Update { name, announcement },
-                        Reply::Conn { conn, req_id },
-                        round,
-                    ),
-                    Command::GroupInfo { group } => self.forward_group(
-                        uid,
-                        group,
-                        GroupOp::Info,
-                        Reply::Conn { conn, req_id },
-                        round,
-                    ),
+                    cmd @ (Command::GroupAdd { .. }
+                    | Command::GroupRemove { .. }
+                    | Command::GroupLeave { .. }
+                    | Command::GroupUpdate { .. }
+                    | Command::GroupInfo { .. }) => {
+                        if let Some((group, op)) = groups::group_op(cmd) {
+                            self.forward_group(uid, group, op, Reply::Conn { conn, req_id }, round);
+                        }
+                    }
                     Command::MyGroups => {
                         self.on_my_groups(uid, Reply::Conn { conn, req_id }, round)
                             .await
@@ -888,17 +871,7 @@ impl<S: Store> Worker<S> {
         fan_out: bool,
         round: &mut Round,
     ) {
-        let ack = |e: DedupEntry| {
-            Command::SendAck {
-                code: ErrorCode::Ok,
-                client_msg_id,
-                msg_id: e.msg_id,
-                seq: e.seq,
-                server_time_ms: e.server_time_ms,
-                prev_seq: e.prev_seq,
-            }
-            .to_bytes(req_id)
-        };
+        let ack = |e: DedupEntry| ack_frame(client_msg_id, e, req_id);
         if to.0 == 0 {
             round.send(
                 conn,
