@@ -75,7 +75,7 @@ impl Coord {
                 cores: common.cores_per_worker.max(1),
                 pin: common.pin,
                 io_memory_kib: common.io_memory_kib,
-                server: common.server,
+                server: common.server.clone(),
                 token_secret: common.token_secret.clone(),
                 uid_base: common.uid_base,
                 src_ips: src_ips.clone(),
@@ -446,7 +446,7 @@ fn output(common: &Common, coord: &Coord, table: String, mut result: Value) -> a
 
 fn params(common: &Common) -> Value {
     json!({
-        "server": common.server.to_string(),
+        "server": common.server.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "uid_base": common.uid_base,
         "rate": common.rate,
         "src_ips": common.src_ips,
@@ -485,7 +485,12 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
     let workers = coord.workers.len();
     eprintln!(
         "im-loadgen: {total} users over {workers} worker process(es) × {} executor(s), server {}",
-        c.cores_per_worker, c.server
+        c.cores_per_worker,
+        c.server
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let res = run(cli, &mut coord, total, workers);
     match res {

@@ -638,7 +638,8 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
         }
     }
     let src = (!p.src_ips.is_empty()).then(|| p.src_ips[c.idx as usize % p.src_ips.len()]);
-    let why = match start_connect(src, p.server) {
+    let server = p.server[(c.uid.0 % p.server.len().max(1) as u64) as usize];
+    let why = match start_connect(src, server) {
         Err(e) => format!("connect {}", errno_name(&e)),
         Ok(fd) => {
             // SAFETY: `fd` is a freshly created socket that nothing else owns.
@@ -1300,7 +1301,7 @@ mod tests {
             cores: 1,
             pin: false,
             io_memory_kib: 256,
-            server,
+            server: vec![server],
             token_secret: "s".into(),
             uid_base: 1000,
             src_ips: vec![std::net::Ipv4Addr::new(127, 0, 0, 2)],

@@ -35,9 +35,15 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Server (gate) address.
-    #[arg(long, global = true, default_value = "127.0.0.1:7000")]
-    pub server: SocketAddr,
+    /// Server (gate) addresses, comma separated: each user always connects to
+    /// `server[uid % count]`, so the load spreads over the gates of a cluster.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:7000",
+        value_delimiter = ','
+    )]
+    pub server: Vec<SocketAddr>,
     /// Secret of the development token issuer (the server's default).
     #[arg(
         long,

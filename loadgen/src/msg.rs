@@ -27,7 +27,8 @@ pub struct Plan {
     /// Pin executor `i` of worker `w` to CPU `(w * cores + i) % ncpu`.
     pub pin: bool,
     pub io_memory_kib: usize,
-    pub server: SocketAddr,
+    /// Gates; a user connects to `server[uid % len]`.
+    pub server: Vec<SocketAddr>,
     pub token_secret: String,
     pub uid_base: u64,
     pub src_ips: Vec<Ipv4Addr>,
