@@ -239,7 +239,6 @@ impl StatsHandle {
 
     /// Appends the counters in the Prometheus text format (`im_gate_*`).
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
         let s = self.snapshot();
         for (name, kind, help, v) in [
             (
@@ -345,10 +344,7 @@ impl StatsHandle {
                 s.closed_rate_limit,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+            im_shared::prom::metric(out, name, kind, help, v);
         }
     }
 }

@@ -356,9 +356,11 @@ impl ApiBackend for LogicHandle {
     fn metrics(&self, out: &mut String) {
         use std::fmt::Write;
         self.metrics.render(out);
-        let _ = writeln!(
+        im_shared::prom::header(
             out,
-            "# HELP im_logic_queued Client frames queued per logic worker.\n# TYPE im_logic_queued gauge"
+            "im_logic_queued",
+            "gauge",
+            "Client frames queued per logic worker.",
         );
         for (i, d) in self.depth.iter().enumerate() {
             let _ = writeln!(

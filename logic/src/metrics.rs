@@ -32,10 +32,11 @@ impl Metrics {
 
     /// Appends the counters as Prometheus text.
     pub fn render(&self, out: &mut String) {
-        let _ = writeln!(
+        im_shared::prom::header(
             out,
-            "# HELP im_messages_accepted_total Messages accepted by logic, by kind.\n\
-             # TYPE im_messages_accepted_total counter"
+            "im_messages_accepted_total",
+            "counter",
+            "Messages accepted by logic, by kind.",
         );
         for (conv, name) in [
             (CONV_C2C, "c2c"),
@@ -81,11 +82,7 @@ impl Metrics {
                 &self.commits,
             ),
         ] {
-            let v = c.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
+            im_shared::prom::metric(out, name, "counter", help, c.load(Ordering::Relaxed));
         }
     }
 }

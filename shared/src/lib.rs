@@ -10,6 +10,7 @@ pub mod codes;
 pub mod frame;
 pub mod ids;
 pub mod link;
+pub mod prom;
 pub mod proto;
 pub mod shard;
 pub mod token;

@@ -25,7 +25,7 @@ mod redis_streams;
 mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -382,10 +382,7 @@ impl C2sHub {
     pub fn metrics(&self, out: &mut String) {
         let s = self.stats();
         let mut line = |name: &str, kind: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+            im_shared::prom::metric(out, name, kind, help, v)
         };
         line(
             "im_c2s_queued_total",

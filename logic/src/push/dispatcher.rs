@@ -301,7 +301,7 @@ impl PushDispatcher {
                 &c.failed,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            im_shared::prom::header(out, name, "counter", help);
             for &id in &ids {
                 let v = get(&per[slot(id)]);
                 let _ = writeln!(out, "{name}{{provider=\"{}\"}} {v}", provider_name(id));
@@ -351,10 +351,7 @@ impl PushDispatcher {
                 get(&c.in_flight),
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+            im_shared::prom::metric(out, name, kind, help, v);
         }
     }
 }
