@@ -221,6 +221,8 @@ fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink) {
     let mut per_core: HashMap<u16, Vec<Down>> = HashMap::new();
     loop {
         match s.read(&mut tmp) {
+            // SO_RCVTIMEO reads are interrupted by SIGSTOP/SIGCONT: retry.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => buf.extend_from_slice(&tmp[..n]),
         }

@@ -169,7 +169,14 @@ fn serve_peer(
 
 fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
     let mut tmp = [0u8; 64 * 1024];
-    let n = stream.read(&mut tmp)?;
+    let n = loop {
+        match stream.read(&mut tmp) {
+            // A read with SO_RCVTIMEO is interrupted when the process is stopped and continued
+            // (SIGSTOP/SIGCONT, a debugger): not an error of the link.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
     if n == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
