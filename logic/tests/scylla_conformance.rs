@@ -57,7 +57,7 @@ fn msg(to: u64, seq: u64, msg_id: u64, body: &[u8]) -> Message {
 
 async fn commit(store: &ScyllaStore, ops: Vec<Op>) {
     store
-        .commit(WriteBatch { ops })
+        .commit(WriteBatch { ops, writer: None })
         .await
         .expect("commit failed");
 }

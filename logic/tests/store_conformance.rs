@@ -82,13 +82,17 @@ async fn fjall_survives_reopen() {
                 ..out.clone()
             }),
         ];
-        store.commit(WriteBatch { ops }).await.expect("commit 2");
+        store
+            .commit(WriteBatch { ops, writer: None })
+            .await
+            .expect("commit 2");
         store
             .commit(WriteBatch {
                 ops: vec![Op::OutboxDelete {
                     shard: ShardId(3),
                     msg_id: MsgId(102),
                 }],
+                writer: None,
             })
             .await
             .expect("commit 3");

@@ -15,7 +15,9 @@ use im_shared::proto::{
 use im_shared::shard::VSHARDS;
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use super::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, WriteBatch};
+use super::{
+    DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch, Writer,
+};
 
 /// Distance between two `base`s whose runs must not see each other's records. Uids of one run are
 /// `base + 1 .. base + BASE_STRIDE`.
@@ -70,7 +72,7 @@ fn message(owner: UserId, seq: u64, msg_id: u64, body: &[u8]) -> Message {
 
 async fn commit<S: Store>(store: &S, ops: Vec<Op>) {
     store
-        .commit(WriteBatch { ops })
+        .commit(WriteBatch { ops, writer: None })
         .await
         .expect("commit failed");
 }
@@ -113,6 +115,7 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     mutes(store, base).await;
     push_tokens(store, base).await;
     batch_atomicity_groups(store, base).await;
+    writer_fence(store, base).await;
 }
 
 /// An empty batch commits without error and changes nothing.
@@ -1364,6 +1367,75 @@ pub async fn batch_atomicity_groups<S: Store>(store: &S, base: u64) {
     );
     assert_eq!(store.seq_bound(owner).await.expect("seq_bound"), Seq(1000));
     assert!(store.dedup(owner, 16).await.expect("dedup").is_some());
+}
+
+/// Writer fences: a batch of a node below its fence is refused whole; the fence never goes down;
+/// batches without a writer and batches of other nodes are not affected.
+pub async fn writer_fence<S: Store>(store: &S, base: u64) {
+    // One node id per base, so that runs on the same store do not see each other's fences.
+    let node = 10_000u16.wrapping_add((base / BASE_STRIDE) as u16);
+    let other = node.wrapping_add(1_000);
+    let uid = UserId(base + 901);
+    let w = |incarnation| Some(Writer { node, incarnation });
+    let batch = |writer, bound| WriteBatch {
+        ops: vec![Op::SeqBound {
+            uid,
+            bound: Seq(bound),
+        }],
+        writer,
+    };
+    // No fence yet: any incarnation writes.
+    store
+        .commit(batch(w(3), 10))
+        .await
+        .expect("unfenced commit");
+    assert_eq!(store.fence(node, 5).await.expect("fence"), 5);
+    // Below the fence: refused, nothing applied.
+    match store.commit(batch(w(4), 20)).await {
+        Err(StoreError::Fenced {
+            node: n,
+            incarnation: 4,
+            fence: 5,
+        }) if n == node => {}
+        other => panic!("a commit of incarnation 4 under fence 5 gave {other:?}"),
+    }
+    assert_eq!(store.seq_bound(uid).await.expect("seq_bound"), Seq(10));
+    // At and above the fence: accepted.
+    store
+        .commit(batch(w(5), 30))
+        .await
+        .expect("commit at the fence");
+    store
+        .commit(batch(w(6), 40))
+        .await
+        .expect("commit above the fence");
+    assert_eq!(store.seq_bound(uid).await.expect("seq_bound"), Seq(40));
+    // A lower fence changes nothing and reports the one in effect.
+    assert_eq!(store.fence(node, 2).await.expect("lower fence"), 5);
+    match store.commit(batch(w(4), 50)).await {
+        Err(StoreError::Fenced { fence: 5, .. }) => {}
+        other => panic!("the fence went down: {other:?}"),
+    }
+    // Other writers are unaffected.
+    store.commit(batch(None, 60)).await.expect("no writer");
+    store
+        .commit(WriteBatch {
+            writer: Some(Writer {
+                node: other,
+                incarnation: 1,
+            }),
+            ..batch(None, 70)
+        })
+        .await
+        .expect("another node");
+    assert_eq!(store.seq_bound(uid).await.expect("seq_bound"), Seq(70));
+    // Raising it again fences the previous incarnation.
+    assert_eq!(store.fence(node, 7).await.expect("fence 7"), 7);
+    assert!(matches!(
+        store.commit(batch(w(6), 80)).await,
+        Err(StoreError::Fenced { fence: 7, .. })
+    ));
+    assert_eq!(store.seq_bound(uid).await.expect("seq_bound"), Seq(70));
 }
 
 #[cfg(test)]

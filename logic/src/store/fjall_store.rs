@@ -17,6 +17,12 @@
 //! | `ugroup`   | uid `u64` ++ group `u64`                    | empty (index for `groups_of`)                  |
 //! | `mute`     | uid `u64` ++ peer `u64`                     | empty                                          |
 //! | `pushtok`  | uid `u64` ++ device_id (UTF-8, rest of key) | provider `u8` ++ token (UTF-8)                 |
+//! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
+//!
+//! Writer fences are also kept in memory behind a read-write lock: a commit holds the read lock
+//! from its fence check until its batch is durable, and [`Store::fence`] takes the write lock, so
+//! a fence raised while a commit is in flight waits for it and every later commit sees it (the
+//! check and the write are one atomic step here).
 //!
 //! [`Store::commit`] turns a whole [`WriteBatch`] into one fjall write batch that is journaled and
 //! fsynced ([`PersistMode::SyncAll`]) before it returns: that is the group-commit point. Reads are
@@ -26,13 +32,16 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use bytes::{Buf, Bytes};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use super::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch};
+use super::{
+    DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch, Writer,
+};
 
 const TIMELINE: &str = "timeline";
 const MSGIDX: &str = "msgidx";
@@ -45,6 +54,7 @@ const MEMBER: &str = "member";
 const UGROUP: &str = "ugroup";
 const MUTE: &str = "mute";
 const PUSHTOK: &str = "pushtok";
+const FENCE: &str = "fence";
 
 /// Index of a keyspace in [`FjallStore::spaces`] (used to merge writes of one batch per key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,6 +79,9 @@ pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
     spaces: [Keyspace; 11],
+    fence_space: Keyspace,
+    /// node → fence, mirror of `fence_space` (see the module docs).
+    fences: Arc<RwLock<HashMap<u16, u64>>>,
     dir: PathBuf,
 }
 
@@ -112,6 +125,13 @@ impl Kind {
             Kind::Mute => MUTE,
             Kind::PushTok => PUSHTOK,
         }
+    }
+}
+
+fn fence_corrupt(key: &[u8], why: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("{FENCE}/{key:02x?}"),
+        why: why.to_string(),
     }
 }
 
@@ -225,9 +245,23 @@ impl FjallStore {
             ks(MUTE)?,
             ks(PUSHTOK)?,
         ];
+        let fence_space = ks(FENCE)?;
+        let mut fences = HashMap::new();
+        for guard in fence_space.iter() {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            let node = <[u8; 2]>::try_from(&*k)
+                .map(u16::from_be_bytes)
+                .map_err(|_| fence_corrupt(&k, "key is not 2 bytes"))?;
+            let inc = <[u8; 8]>::try_from(&*v)
+                .map(u64::from_be_bytes)
+                .map_err(|_| fence_corrupt(&k, "value is not 8 bytes"))?;
+            fences.insert(node, inc);
+        }
         Ok(FjallStore {
             db,
             spaces,
+            fence_space,
+            fences: Arc::new(RwLock::new(fences)),
             dir: dir.to_path_buf(),
         })
     }
@@ -360,6 +394,19 @@ impl Store for FjallStore {
         if batch.is_empty() {
             return Ok(());
         }
+        // Held until the batch is durable: a concurrent `fence` waits for this commit.
+        let fences = self.fences.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(Writer { node, incarnation }) = batch.writer {
+            if let Some(&fence) = fences.get(&node) {
+                if fence > incarnation {
+                    return Err(StoreError::Fenced {
+                        node,
+                        incarnation,
+                        fence,
+                    });
+                }
+            }
+        }
         // Every item of a fjall batch gets the same LSM sequence number, so two writes of one key
         // in one batch would be ordered only by the memtable's replace-on-insert. Merge them here
         // instead: the last op on a key wins, as if the ops were applied one after another.
@@ -371,7 +418,26 @@ impl Store for FjallStore {
                 None => b.remove(self.space(kind), key),
             }
         }
-        b.commit().map_err(io)
+        let r = b.commit().map_err(io);
+        drop(fences);
+        r
+    }
+
+    async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
+        let mut fences = self.fences.write().unwrap_or_else(|p| p.into_inner());
+        let cur = fences.get(&node).copied().unwrap_or(0);
+        if incarnation <= cur {
+            return Ok(cur);
+        }
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(
+            &self.fence_space,
+            node.to_be_bytes(),
+            incarnation.to_be_bytes(),
+        );
+        b.commit().map_err(io)?;
+        fences.insert(node, incarnation);
+        Ok(incarnation)
     }
 
     async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {

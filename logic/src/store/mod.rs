@@ -31,6 +31,15 @@ pub enum StoreError {
     Corrupt { key: String, why: String },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The batch's writer is fenced: another process took over the shards of `node` (or a newer
+    /// incarnation of it started) and raised the node's fence to `fence` > `incarnation`. Not
+    /// retryable: the writer must stop.
+    #[error("writer fenced: node {node} incarnation {incarnation} is below the fence {fence}")]
+    Fenced {
+        node: u16,
+        incarnation: u64,
+        fence: u64,
+    },
 }
 
 impl StoreError {
@@ -141,10 +150,22 @@ pub enum Op {
     },
 }
 
+/// Who writes a batch: a logic node and the incarnation its shard lease gave it
+/// (`crate::ownership`). [`Store::commit`] refuses the batch with [`StoreError::Fenced`] when the
+/// node's fence ([`Store::fence`]) is above `incarnation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Writer {
+    pub node: u16,
+    pub incarnation: u64,
+}
+
 /// Writes applied atomically by [`Store::commit`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     pub ops: Vec<Op>,
+    /// Fencing identity; `None` (a node without shard leases, e.g. single-node mode) is never
+    /// fenced.
+    pub writer: Option<Writer>,
 }
 
 impl WriteBatch {
@@ -164,8 +185,14 @@ impl WriteBatch {
 #[allow(async_fn_in_trait)]
 pub trait Store: Clone + 'static {
     /// Applies every op atomically and durably (fsync for the embedded store) before returning.
-    /// Ops on the same key within one batch are applied in order: the later one wins.
+    /// Ops on the same key within one batch are applied in order: the later one wins. A batch
+    /// whose [`WriteBatch::writer`] is below its node's fence is refused with
+    /// [`StoreError::Fenced`] and nothing of it is applied.
     async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    /// Raises the fence of `node` to `incarnation`: from now on every batch of that node with a
+    /// lower incarnation is refused. Never lowers it. Returns the fence in effect afterwards
+    /// (`max(old, incarnation)`). Durable before it returns.
+    async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError>;
     /// Highest reserved seq of `uid` (0 if never reserved).
     async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError>;
     /// Seq of the last entry of `uid`'s timeline (0 if empty).

@@ -17,16 +17,38 @@
 //! | `user_groups`     | ((uid), gid)               | — (index for `groups_of`)          |
 //! | `mutes`           | ((uid), peer)              | —                                  |
 //! | `push_tokens`     | ((uid), device_id)         | provider, push_token               |
+//! | `writer_fence`    | ((node))                   | incarnation (see **Fencing**)      |
 //!
 //! Every statement is prepared once in [`ScyllaStore::connect`] and routed token-aware by the
 //! driver's default load-balancing policy (to a replica of the partition, on the right shard).
 //! Reads and writes use `LOCAL_QUORUM`: a commit returns only when a majority of the local
 //! datacenter's replicas of every written partition have it in their commitlog, so an
 //! acknowledged write survives the loss of a minority of replicas; a `LOCAL_QUORUM` read overlaps
-//! every acknowledged write's quorum, so it sees it. No lightweight transaction (LWT/Paxos) is
-//! used: ownership of a user is already exclusive to one logic shard, so plain writes suffice; the
-//! serial consistency is set to `LOCAL_SERIAL` only so that a future LWT cannot silently go
-//! cross-DC.
+//! every acknowledged write's quorum, so it sees it. The data itself is written without
+//! lightweight transactions (LWT/Paxos): ownership of a user is exclusive to one logic shard, so
+//! plain writes suffice. The one LWT is writer fencing (next paragraph), on its own table; its
+//! serial consistency is `LOCAL_SERIAL` (set on the statements and in the session's default
+//! profile), so Paxos runs among the local datacenter's replicas only, and its commit phase
+//! writes at `LOCAL_QUORUM`.
+//!
+//! **Fencing.** [`Store::fence`] raises the fence of a logic node in `writer_fence` with an LWT:
+//! `INSERT .. IF NOT EXISTS`, and if a row is there and below the wanted incarnation, a
+//! compare-and-set `UPDATE .. IF incarnation = <the value seen>`, repeated when another fence
+//! changed the row in between (see [`ScyllaStore::fence`]). [`Store::commit`] of a batch that
+//! names a [`WriteBatch::writer`] first reads that node's row with a `LOCAL_SERIAL` read, a Paxos
+//! read that sees every fence LWT completed before it, and refuses the batch with
+//! [`StoreError::Fenced`] before sending anything when the fence is above the writer's
+//! incarnation. That is one Paxos read per group commit (a few in-DC round trips; every commit of
+//! one node reads the same partition, so a node committing at a very high rate contends on it).
+//! The check and the logged batch are **not one atomic operation**: a fence that lands after the
+//! check is not seen by that batch, and a batch already sent (one the driver retries, or one
+//! replayed from the batchlog after a timeout) is applied whatever the fence says by then. So the
+//! fence alone does not stop every late write. The shard lease closes that window: an owner stops
+//! committing when its Redis lease expires, and a taker claims the shards (and fences the old
+//! owner) only after the lease expired. The fence catches a writer that kept going past its lease
+//! (e.g. a process paused and resumed): its next commit is refused. `LOCAL_SERIAL`
+//! makes all this linearizable within one datacenter only: the nodes that can take each other's
+//! shards must use the same datacenter.
 //!
 //! **Commit.** A [`WriteBatch`] becomes one `LOGGED` CQL batch: the coordinator first stores the
 //! batch in the batchlog of two other nodes, then applies it, and replays it from the batchlog if
@@ -82,6 +104,7 @@ use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
+use scylla::value::{CqlValue, Row as CqlRow};
 use tokio::sync::oneshot;
 
 use super::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch};
@@ -145,12 +168,15 @@ impl fmt::Debug for ScyllaStore {
     }
 }
 
-/// Every statement, prepared once at connect: one write per [`Phase`], one per [`Read`].
+/// Every statement, prepared once at connect: one write per [`Phase`], one per [`Read`], one
+/// per [`Fence`].
 struct Statements {
     /// Indexed by `Phase as usize`.
     writes: Vec<PreparedStatement>,
     /// Indexed by `Read as usize`.
     reads: Vec<PreparedStatement>,
+    /// Indexed by `Fence as usize`.
+    fences: Vec<PreparedStatement>,
 }
 
 impl Phase {
@@ -233,6 +259,42 @@ impl Phase {
     }
 }
 
+/// The conditional (LWT) statements of [`ScyllaStore::fence`], both on `writer_fence`. Their
+/// bind markers take [`FenceInsertValues`] and [`FenceRaiseValues`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fence {
+    /// The first fence of a node.
+    Insert,
+    /// Compare-and-set: raise the fence from the value last seen.
+    Raise,
+}
+
+/// Values of [`Fence::Insert`]: node, incarnation.
+type FenceInsertValues = (i32, i64);
+/// Values of [`Fence::Raise`]: new incarnation, node, incarnation expected now.
+type FenceRaiseValues = (i64, i32, i64);
+
+/// Rounds of [`ScyllaStore::fence`] before it gives up with a retryable error. Each round that
+/// does not return saw the fence changed by a concurrent fence of the same node, which only
+/// happens when several nodes take over one node's shards at once.
+const FENCE_ROUNDS: usize = 16;
+
+impl Fence {
+    /// Every fence statement, in order (`Fence::ALL[f as usize] == f`).
+    const ALL: [Fence; 2] = [Fence::Insert, Fence::Raise];
+
+    fn cql(self, ks: &str) -> String {
+        match self {
+            Fence::Insert => format!(
+                "INSERT INTO {ks}.writer_fence (node, incarnation) VALUES (?, ?) IF NOT EXISTS"
+            ),
+            Fence::Raise => format!(
+                "UPDATE {ks}.writer_fence SET incarnation = ? WHERE node = ? IF incarnation = ?"
+            ),
+        }
+    }
+}
+
 /// Every read statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Read {
@@ -250,6 +312,8 @@ enum Read {
     UserGroups,
     Mutes,
     PushTokens,
+    /// The fence of a node: a `LOCAL_SERIAL` (Paxos) read, see [`Read::consistency`].
+    Fence,
 }
 
 /// Row types of the reads that name them in more than one place.
@@ -259,7 +323,7 @@ type PushTokenRow = (String, i16, Option<String>);
 
 impl Read {
     /// Every read, in order (`Read::ALL[r as usize] == r`).
-    const ALL: [Read; 14] = [
+    const ALL: [Read; 15] = [
         Read::SeqBound,
         Read::BucketsFrom,
         Read::BucketsDesc,
@@ -274,6 +338,7 @@ impl Read {
         Read::UserGroups,
         Read::Mutes,
         Read::PushTokens,
+        Read::Fence,
     ];
 
     fn cql(self, ks: &str) -> String {
@@ -316,6 +381,19 @@ impl Read {
             Read::PushTokens => format!(
                 "SELECT device_id, provider, push_token FROM {ks}.push_tokens WHERE uid = ?"
             ),
+            Read::Fence => format!("SELECT incarnation FROM {ks}.writer_fence WHERE node = ?"),
+        }
+    }
+
+    /// Consistency of the reads that do not use the session's default (`LOCAL_QUORUM`).
+    /// [`Read::Fence`] is a `LOCAL_SERIAL` read: a Paxos read that first completes any fence LWT
+    /// in progress on the row, so it returns every fence that completed before it started (a
+    /// `LOCAL_QUORUM` read could miss the value of an LWT whose commit a replica has not
+    /// applied yet).
+    fn consistency(self) -> Option<Consistency> {
+        match self {
+            Read::Fence => Some(Consistency::LocalSerial),
+            _ => None,
         }
     }
 
@@ -332,14 +410,15 @@ impl Read {
             | Read::MsgIdx
             | Read::Dedup
             | Read::Cursor
-            | Read::Group => None,
+            | Read::Group
+            | Read::Fence => None,
         }
     }
 }
 
 impl Statements {
     async fn prepare(session: &Session, ks: &str) -> Result<Statements, StoreError> {
-        let p = |cql: String, page: Option<i32>| async move {
+        let p = |cql: String, page: Option<i32>, consistency: Option<Consistency>| async move {
             let mut st = session
                 .prepare(cql.as_str())
                 .await
@@ -347,21 +426,39 @@ impl Statements {
             if let Some(n) = page {
                 st.set_page_size(n);
             }
+            if let Some(c) = consistency {
+                st.set_consistency(c);
+            }
             // Every statement (and so every batch of them) is idempotent: plain upserts and
             // deletes of fixed values, no counters, no collection appends. The driver may
-            // then retry them after a timeout.
+            // then retry them after a timeout. The fence LWTs are too, as `fence` uses them: a
+            // retried one that was applied the first time is "not applied" with the value it
+            // wrote, which `fence` takes as done.
             st.set_is_idempotent(true);
             Ok::<_, StoreError>(st)
         };
         let mut writes = Vec::with_capacity(Phase::ALL.len());
         for phase in Phase::ALL {
-            writes.push(p(phase.cql(ks), None).await?);
+            writes.push(p(phase.cql(ks), None, None).await?);
         }
         let mut reads = Vec::with_capacity(Read::ALL.len());
         for read in Read::ALL {
-            reads.push(p(read.cql(ks), read.page_size()).await?);
+            reads.push(p(read.cql(ks), read.page_size(), read.consistency()).await?);
         }
-        Ok(Statements { writes, reads })
+        let mut fences = Vec::with_capacity(Fence::ALL.len());
+        for fence in Fence::ALL {
+            let mut st = p(fence.cql(ks), None, None).await?;
+            // Also the session profile's: Paxos among the local DC's replicas, the learn
+            // phase at LOCAL_QUORUM.
+            st.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+            st.set_consistency(Consistency::LocalQuorum);
+            fences.push(st);
+        }
+        Ok(Statements {
+            writes,
+            reads,
+            fences,
+        })
     }
 
     fn write(&self, phase: Phase) -> &PreparedStatement {
@@ -370,6 +467,10 @@ impl Statements {
 
     fn read(&self, read: Read) -> &PreparedStatement {
         &self.reads[read as usize]
+    }
+
+    fn fence(&self, fence: Fence) -> &PreparedStatement {
+        &self.fences[fence as usize]
     }
 }
 
@@ -473,6 +574,41 @@ fn into_rows(
 ) -> Result<QueryRowsResult, StoreError> {
     res.into_rows_result()
         .map_err(|e| StoreError::Io(format!("scylla {what}: {e}")))
+}
+
+/// Outcome of a conditional statement on `writer_fence`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cas {
+    Applied,
+    /// Not applied; the row's incarnation as the statement saw it, when the result carries it
+    /// (`None`: no row, or a server that does not return the row).
+    NotApplied(Option<u64>),
+}
+
+/// Reads the result row of a conditional statement, by column name: `[applied]` always comes
+/// first, but the columns after it differ between servers (Scylla always returns the row as it
+/// was before the statement, Cassandra only the condition's columns and only when not applied).
+fn cas_outcome(names: &[&str], row: &[Option<CqlValue>], what: &str) -> Result<Cas, StoreError> {
+    let col = |name: &str| {
+        names
+            .iter()
+            .position(|n| *n == name)
+            .and_then(|i| row.get(i))
+            .and_then(Option::as_ref)
+    };
+    match col("[applied]") {
+        Some(CqlValue::Boolean(true)) => Ok(Cas::Applied),
+        Some(CqlValue::Boolean(false)) => match col("incarnation") {
+            None => Ok(Cas::NotApplied(None)),
+            Some(CqlValue::BigInt(v)) => Ok(Cas::NotApplied(Some(*v as u64))),
+            Some(other) => Err(StoreError::Io(format!(
+                "scylla {what}: incarnation {other:?} is not a bigint"
+            ))),
+        },
+        other => Err(StoreError::Io(format!(
+            "scylla {what}: LWT result without a boolean [applied] ({other:?})"
+        ))),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1267,6 +1403,41 @@ impl ScyllaStore {
         }
     }
 
+    /// Executes a fence LWT and reads its outcome.
+    async fn cas(
+        &self,
+        fence: Fence,
+        values: impl SerializeRow,
+        what: &str,
+    ) -> Result<Cas, StoreError> {
+        let rows = self.point(self.inner.st.fence(fence), values, what).await?;
+        let names: Vec<&str> = rows.column_specs().iter().map(|c| c.name()).collect();
+        let row = rows
+            .maybe_first_row::<CqlRow>()
+            .map_err(|e| StoreError::Io(format!("scylla {what}: {e}")))?
+            .ok_or_else(|| StoreError::Io(format!("scylla {what}: empty LWT result")))?;
+        cas_outcome(&names, &row.columns, what)
+    }
+
+    /// The fence of `node` (`None`: never fenced), read with `LOCAL_SERIAL`: a Paxos read that
+    /// sees every fence LWT completed before it.
+    async fn read_fence(&self, node: u16) -> Result<Option<u64>, StoreError> {
+        let rows = self
+            .point(
+                self.inner.st.read(Read::Fence),
+                (i32::from(node),),
+                "writer_fence",
+            )
+            .await?;
+        match typed_rows::<(i64,)>(&rows, "writer_fence")?.next() {
+            Some(row) => {
+                let (fence,) = row.map_err(|e| corrupt(format!("writer_fence/{node}"), e))?;
+                Ok(Some(fence as u64))
+            }
+            None => Ok(None),
+        }
+    }
+
     async fn send_chunk(&self, rows: &[Row]) -> Result<(), StoreError> {
         let mut batch = Batch::new(BatchType::Logged);
         for row in rows {
@@ -1314,11 +1485,28 @@ impl Store for ScyllaStore {
     ///
     /// An error means the outcome is unknown (a timed-out logged batch is still replayed from the
     /// batchlog), not that nothing was written.
+    ///
+    /// **Fencing.** A batch with a [`WriteBatch::writer`] (also an empty one) first reads the
+    /// writer's node fence with a `LOCAL_SERIAL` (Paxos) read and is refused with
+    /// [`StoreError::Fenced`], nothing sent, when the fence is above the writer's incarnation.
+    /// The check and the batch are two operations, not one: a fence that lands after the check
+    /// is not seen by this batch (see the module docs for what closes that window).
     async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        if batch.is_empty() {
+        let WriteBatch { ops, writer } = batch;
+        if ops.is_empty() && writer.is_none() {
             return Ok(());
         }
-        let chunks = plan(batch.ops, self.max_batch_bytes)?;
+        let chunks = plan(ops, self.max_batch_bytes)?;
+        if let Some(w) = writer {
+            let fence = self.read_fence(w.node).await?.unwrap_or(0);
+            if fence > w.incarnation {
+                return Err(StoreError::Fenced {
+                    node: w.node,
+                    incarnation: w.incarnation,
+                    fence,
+                });
+            }
+        }
         if chunks.len() > 1 {
             tracing::warn!(
                 chunks = chunks.len(),
@@ -1330,6 +1518,57 @@ impl Store for ScyllaStore {
             self.send_chunk(chunk).await?;
         }
         Ok(())
+    }
+
+    /// Raises the fence of `node` to `incarnation` with lightweight
+    /// transactions on `writer_fence` (serial consistency `LOCAL_SERIAL`, commit at
+    /// `LOCAL_QUORUM`; Scylla syncs the commitlog of LWT writes, so the fence is durable on a
+    /// local quorum when this returns):
+    /// 1. `INSERT .. IF NOT EXISTS`: applied, the node had no fence, done. Otherwise the result
+    ///    carries the fence in place (or, if it does not, a `LOCAL_SERIAL` read gets it);
+    /// 2. a fence already at or above `incarnation` is returned as it is (never lowered);
+    /// 3. else `UPDATE .. SET incarnation = <incarnation> IF incarnation = <fence seen>`:
+    ///    applied, done; not applied, another fence of the same node changed the row in between,
+    ///    and its result carries the new value: back to 2.
+    ///
+    /// Each round that goes on saw a concurrent fence raise the value, so the loop ends quickly;
+    /// after 16 rounds (`FENCE_ROUNDS`) it gives up with [`StoreError::Unavailable`]. Errors
+    /// (timeouts, Paxos contention reported by the server) are retryable and leave the fence
+    /// raised or not; calling `fence` again is safe. The whole u64 is stored (bigint bits) and
+    /// compared as unsigned here.
+    async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
+        let key = i32::from(node);
+        let want = b(incarnation);
+        // The fence as last seen; None: start with the insert.
+        let mut seen: Option<u64> = None;
+        for _ in 0..FENCE_ROUNDS {
+            let current = match seen.take() {
+                Some(c) => c,
+                None => {
+                    let values: FenceInsertValues = (key, want);
+                    match self.cas(Fence::Insert, values, "fence insert").await? {
+                        Cas::Applied => return Ok(incarnation),
+                        Cas::NotApplied(Some(c)) => c,
+                        Cas::NotApplied(None) => match self.read_fence(node).await? {
+                            Some(c) => c,
+                            // No row after all (deleted by hand?): insert again.
+                            None => continue,
+                        },
+                    }
+                }
+            };
+            if current >= incarnation {
+                return Ok(current);
+            }
+            let values: FenceRaiseValues = (want, key, b(current));
+            match self.cas(Fence::Raise, values, "fence raise").await? {
+                Cas::Applied => return Ok(incarnation),
+                Cas::NotApplied(now) => seen = now,
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "fence of node {node}: still contended after {FENCE_ROUNDS} rounds"
+        )))
     }
 
     async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {
@@ -2375,7 +2614,11 @@ mod tests {
         for (i, r) in Read::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?}");
         }
-        assert_eq!(Read::ALL.len(), Read::PushTokens as usize + 1);
+        assert_eq!(Read::ALL.len(), Read::Fence as usize + 1);
+        for (i, f) in Fence::ALL.iter().enumerate() {
+            assert_eq!(*f as usize, i, "{f:?}");
+        }
+        assert_eq!(Fence::ALL.len(), Fence::Raise as usize + 1);
         let rows = merge(every_kind_of_op()).expect("merge");
         let seen: std::collections::HashSet<Phase> = rows.iter().map(Row::phase).collect();
         assert_eq!(
@@ -2481,7 +2724,8 @@ mod tests {
                 | Read::MsgIdx
                 | Read::Cursor
                 | Read::UserGroups
-                | Read::Mutes => <(i64,)>::type_check(&specs),
+                | Read::Mutes
+                | Read::Fence => <(i64,)>::type_check(&specs),
                 Read::TimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
                 Read::Dedup => <(i64, i64, i64, i64)>::type_check(&specs),
                 Read::Outbox => <(i64, Option<Vec<i64>>, Vec<u8>)>::type_check(&specs),
@@ -2491,6 +2735,152 @@ mod tests {
             };
             checked.unwrap_or_else(|e| panic!("{cql}: {e}"));
         }
+    }
+
+    /// The fence LWTs against the schema file: conditional statements on existing columns, the
+    /// insert sets the whole primary key, the update names exactly it in its WHERE clause and
+    /// conditions a non-key column, and the values the code binds ([`FenceInsertValues`],
+    /// [`FenceRaiseValues`]) serialize against the bound columns in marker order.
+    #[test]
+    fn fence_statements_match_the_schema_and_the_values() {
+        let ks = "im_t";
+        let tables = schema_tables(ks);
+        assert_eq!(tables["writer_fence"].key, vec!["node".to_owned()]);
+        for fence in Fence::ALL {
+            let cql = fence.cql(ks);
+            let markers = cql.matches('?').count();
+            // Bound columns in marker order.
+            let (table, names): (&str, Vec<&str>) =
+                if let Some(rest) = cql.strip_prefix(&format!("INSERT INTO {ks}.")) {
+                    let rest = rest
+                        .strip_suffix(" IF NOT EXISTS")
+                        .unwrap_or_else(|| panic!("not conditional: {cql}"));
+                    let (table, rest) = rest.split_once(" (").expect("columns");
+                    let (cols, values) = rest.split_once(") VALUES (").expect("values");
+                    let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+                    let values = values.strip_suffix(')').expect("values end");
+                    assert!(values.split(", ").all(|v| v == "?"), "{cql}");
+                    assert_eq!(values.matches('?').count(), names.len(), "{cql}");
+                    let t = &tables[table];
+                    for k in &t.key {
+                        assert!(names.contains(&k.as_str()), "{cql} misses key column {k}");
+                    }
+                    (table, names)
+                } else if let Some(rest) = cql.strip_prefix(&format!("UPDATE {ks}.")) {
+                    let (table, rest) = rest.split_once(" SET ").expect("set");
+                    let (set, rest) = rest.split_once(" WHERE ").expect("where");
+                    let (cond, when) = rest
+                        .split_once(" IF ")
+                        .unwrap_or_else(|| panic!("not conditional: {cql}"));
+                    let eq = |c: &'static str| {
+                        move |part: &str| -> String {
+                            part.strip_suffix(" = ?")
+                                .unwrap_or_else(|| panic!("{c}: {part}"))
+                                .to_owned()
+                        }
+                    };
+                    let set: Vec<String> = set.split(", ").map(eq("set")).collect();
+                    let key: Vec<String> = cond.split(" AND ").map(eq("where")).collect();
+                    let when: Vec<String> = when.split(" AND ").map(eq("if")).collect();
+                    let t = &tables[table];
+                    assert_eq!(key, t.key, "{cql} names the whole key");
+                    for c in set.iter().chain(&when) {
+                        assert!(!t.key.contains(c), "{cql}: {c} is a key column");
+                    }
+                    let names = set
+                        .iter()
+                        .chain(&key)
+                        .chain(&when)
+                        .map(|n| {
+                            t.columns
+                                .iter()
+                                .find(|(c, _)| c == n)
+                                .map(|(c, _)| c.as_str())
+                                .unwrap_or_else(|| panic!("{table} has no column {n}"))
+                        })
+                        .collect();
+                    (table, names)
+                } else {
+                    panic!("unexpected fence statement {cql}");
+                };
+            assert_eq!(markers, names.len(), "{cql}");
+            assert_eq!(table, "writer_fence");
+            let t = &tables[table];
+            let specs = specs(ks, table, t, &names);
+            let ctx = RowSerializationContext::from_specs(&specs);
+            let mut buf = Vec::new();
+            let mut w = RowWriter::new(&mut buf);
+            let res = match fence {
+                Fence::Insert => {
+                    let v: FenceInsertValues = (7, b(u64::MAX));
+                    v.serialize(&ctx, &mut w)
+                }
+                Fence::Raise => {
+                    let v: FenceRaiseValues = (b(9), 7, b(8));
+                    v.serialize(&ctx, &mut w)
+                }
+            };
+            res.unwrap_or_else(|e| panic!("values of {cql}: {e}"));
+            assert_eq!(w.value_count(), names.len(), "{cql}");
+        }
+    }
+
+    #[test]
+    fn fence_read_is_serial_and_the_rest_are_not() {
+        for read in Read::ALL {
+            let want = (read == Read::Fence).then_some(Consistency::LocalSerial);
+            assert_eq!(read.consistency(), want, "{read:?}");
+        }
+        assert_eq!(Read::Fence.page_size(), None, "a point read");
+        assert!(Read::Fence
+            .cql("im")
+            .ends_with("FROM im.writer_fence WHERE node = ?"));
+    }
+
+    #[test]
+    fn cas_results_of_scylla_and_cassandra() {
+        let t = || Some(CqlValue::Boolean(true));
+        let f = || Some(CqlValue::Boolean(false));
+        let node = || Some(CqlValue::Int(3));
+        let inc = |v: i64| Some(CqlValue::BigInt(v));
+        let ins = "fence insert";
+        // Scylla: the old row always, null when there was none.
+        let scylla = ["[applied]", "node", "incarnation"];
+        assert_eq!(
+            cas_outcome(&scylla, &[t(), None, None], ins).unwrap(),
+            Cas::Applied
+        );
+        assert_eq!(
+            cas_outcome(&scylla, &[f(), node(), inc(5)], ins).unwrap(),
+            Cas::NotApplied(Some(5))
+        );
+        assert_eq!(
+            cas_outcome(&scylla, &[t(), node(), inc(5)], ins).unwrap(),
+            Cas::Applied
+        );
+        // Every u64 round-trips through the bigint.
+        assert_eq!(
+            cas_outcome(&scylla, &[f(), node(), inc(-1)], ins).unwrap(),
+            Cas::NotApplied(Some(u64::MAX))
+        );
+        // Cassandra: [applied] alone when applied, the condition's columns when not.
+        assert_eq!(
+            cas_outcome(&["[applied]"], &[t()], ins).unwrap(),
+            Cas::Applied
+        );
+        assert_eq!(
+            cas_outcome(&["[applied]", "incarnation"], &[f(), inc(2)], ins).unwrap(),
+            Cas::NotApplied(Some(2))
+        );
+        // Not applied without the column: the caller reads the fence.
+        assert_eq!(
+            cas_outcome(&["[applied]"], &[f()], ins).unwrap(),
+            Cas::NotApplied(None)
+        );
+        // Not an LWT result, or a wrong type.
+        assert!(cas_outcome(&["incarnation"], &[inc(1)], ins).is_err());
+        assert!(cas_outcome(&["[applied]"], &[None], ins).is_err());
+        assert!(cas_outcome(&["[applied]", "incarnation"], &[f(), node()], ins).is_err());
     }
 
     #[test]
@@ -2549,7 +2939,8 @@ mod tests {
                 "group_members",
                 "user_groups",
                 "mutes",
-                "push_tokens"
+                "push_tokens",
+                "writer_fence"
             ]
         );
         for s in &stmts {
@@ -2584,6 +2975,9 @@ mod tests {
         assert!(table("push_tokens").contains("PRIMARY KEY ((uid), device_id)"));
         assert!(table("push_tokens").contains("provider smallint"));
         assert!(table("push_tokens").contains("push_token text"));
+        assert!(table("writer_fence").contains("PRIMARY KEY ((node))"));
+        assert!(table("writer_fence").contains("node int"));
+        assert!(table("writer_fence").contains("incarnation bigint"));
 
         // cqlsh splits the file too: keep semicolons out of comments.
         for line in SCHEMA_CQL.lines() {
