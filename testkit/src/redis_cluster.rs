@@ -385,6 +385,11 @@ impl RedisCluster {
         Ok(i)
     }
 
+    /// Process id of node `i`, while it runs (e.g. to pause it with SIGSTOP).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes.get(i)?.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills node `i` with SIGKILL (no shutdown, no final fsync) and reaps it.
     pub fn kill_node(&mut self, i: usize) -> io::Result<()> {
         let node = self

@@ -66,6 +66,7 @@ pub async fn run_all_at<D: Directory>(dir: &D, base: u64) {
     routes_by_device_type(dir, base).await;
     remove_is_compare_and_delete(dir, base).await;
     shard_claims_are_fenced(dir, base).await;
+    shard_leases(dir, base).await;
     many_users(dir, base).await;
     tokio::join!(
         presence_expires(dir, base),
@@ -295,6 +296,112 @@ pub async fn shard_claims_are_fenced<D: Directory>(dir: &D, base: u64) {
     let mut expected = vec![(s, 2, 2), (s2, winners[0], 1)];
     expected.sort();
     assert_eq!(mine, expected);
+}
+
+/// Node id `j` (< 8) of the run at `base` for the lease checks.
+fn lease_node(base: u64, j: u64) -> u16 {
+    ((base / BASE_STRIDE * 8 + j) % 65536) as u16
+}
+
+/// Shard leases: a live lease holds its shards, an expired one is displaced (its renewals then
+/// fail), a released one is taken at once, and a node's restart waits for its own old lease.
+pub async fn shard_leases<D: Directory>(dir: &D, base: u64) {
+    let (a, b) = (lease_node(base, 0), lease_node(base, 1));
+    let s: Vec<ShardId> = (2..8).map(|j| vshard(base, j)).collect();
+    let long = 60_000;
+    let short = 300;
+
+    // A takes s[0..3] under a short lease.
+    let got = dir.acquire_shards(a, &s[..3], short).await.unwrap();
+    assert_eq!(got.incarnation, 1);
+    assert_eq!(got.epochs, vec![(s[0], 1), (s[1], 1), (s[2], 1)]);
+    assert_eq!(got.displaced, vec![]);
+    assert_eq!(dir.shard_owner(s[1]).await.unwrap(), Some((a, 1)));
+    // Renewing keeps it: B is held off while A's lease is live.
+    dir.renew_lease(a, 1, short).await.unwrap();
+    assert_eq!(
+        dir.acquire_shards(b, &s[2..4], long).await,
+        Err(DirectoryError::Held {
+            vshard: s[2].0,
+            node: a
+        })
+    );
+    assert_eq!(
+        dir.shard_owner(s[3]).await.unwrap(),
+        None,
+        "nothing changed"
+    );
+    // A restart of A (new incarnation) waits for the old lease too.
+    assert!(matches!(
+        dir.acquire_shards(a, &s[..3], short).await,
+        Err(DirectoryError::Held { node, .. }) if node == a
+    ));
+
+    // A's lease runs out: B takes s[2], s[3] and displaces A.
+    tokio::time::sleep(std::time::Duration::from_millis(short * 2)).await;
+    let got = dir.acquire_shards(b, &s[2..4], long).await.unwrap();
+    assert_eq!(got.incarnation, 1);
+    assert_eq!(got.epochs, vec![(s[2], 2), (s[3], 1)]);
+    assert_eq!(got.displaced, vec![(a, 2)], "A's counter was raised to 2");
+    assert_eq!(dir.shard_owner(s[2]).await.unwrap(), Some((b, 2)));
+    // A (still incarnation 1) finds out when it renews, and keeps finding out.
+    let e = dir.renew_lease(a, 1, short).await.unwrap_err();
+    assert_eq!(e, DirectoryError::LeaseLost { current: 2 });
+    assert!(!e.is_retryable());
+    // A restarts: incarnation 3, takes s[0..2] back without waiting (its lease is gone) and
+    // without displacing B.
+    let got = dir.acquire_shards(a, &s[..2], long).await.unwrap();
+    assert_eq!(got.incarnation, 3);
+    assert_eq!(got.epochs, vec![(s[0], 2), (s[1], 2)]);
+    assert_eq!(got.displaced, vec![]);
+    dir.renew_lease(a, 3, long).await.unwrap();
+    dir.renew_lease(b, 1, long).await.unwrap();
+
+    // A lease that ran out without anyone taking the shards can be renewed.
+    let c = lease_node(base, 2);
+    let got = dir.acquire_shards(c, &s[4..], short).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(short * 2)).await;
+    dir.renew_lease(c, got.incarnation, long).await.unwrap();
+    // ... and is live again: another node cannot take C's shard.
+    assert!(matches!(
+        dir.acquire_shards(lease_node(base, 4), &s[4..], long).await,
+        Err(DirectoryError::Held { node, .. }) if node == c
+    ));
+
+    // B gives s[3] up by re-acquiring only s[2] (a new incarnation, after releasing its lease):
+    // A takes s[3] at once and displaces nobody, and B's previous incarnation is gone.
+    dir.release_lease(b, 1).await.unwrap();
+    let got = dir.acquire_shards(b, &s[2..3], long).await.unwrap();
+    assert_eq!(got.incarnation, 2);
+    let e = dir.renew_lease(b, 1, long).await.unwrap_err();
+    assert_eq!(e, DirectoryError::LeaseLost { current: 2 });
+    // A's acquire must name all of A's shards: a node's set is what it acquired last.
+    dir.release_lease(a, 3).await.unwrap();
+    let got = dir
+        .acquire_shards(a, &[s[0], s[1], s[3]], long)
+        .await
+        .unwrap();
+    assert_eq!(got.incarnation, 4);
+    assert_eq!(got.epochs, vec![(s[0], 3), (s[1], 3), (s[3], 2)]);
+    assert_eq!(got.displaced, vec![]);
+    dir.renew_lease(b, 2, long).await.unwrap();
+    // Releasing with a stale incarnation does nothing.
+    dir.release_lease(b, 1).await.unwrap();
+    assert_eq!(
+        dir.acquire_shards(lease_node(base, 3), &s[2..3], long)
+            .await,
+        Err(DirectoryError::Held {
+            vshard: s[2].0,
+            node: b
+        })
+    );
+    for n in [a, b, c] {
+        let inc = match dir.renew_lease(n, 0, 1).await {
+            Err(DirectoryError::LeaseLost { current }) => current,
+            other => panic!("renewing incarnation 0 gave {other:?}"),
+        };
+        dir.release_lease(n, inc).await.unwrap();
+    }
 }
 
 /// [`MANY_USERS`] users (their keys spread over every slot range of a cluster): every route,

@@ -1,12 +1,12 @@
 //! [`MemoryDirectory`]: the in-process directory of a single-node deployment.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use im_shared::{ShardId, UserId};
 
-use super::{Directory, DirectoryError, GateInfo, RouteEntry, DEFAULT_ROUTE_TTL_SECS};
+use super::{Acquired, Directory, DirectoryError, GateInfo, RouteEntry, DEFAULT_ROUTE_TTL_SECS};
 
 /// Independently locked partitions of the per-user maps.
 const PARTS: usize = 64;
@@ -28,6 +28,23 @@ struct Inner {
     users: [Mutex<Users>; PARTS],
     gates: Mutex<HashMap<u16, (GateInfo, Instant)>>,
     shards: Mutex<BTreeMap<u16, (u16, u64)>>,
+    leases: Mutex<Leases>,
+}
+
+#[derive(Default)]
+struct Leases {
+    /// node → newest incarnation.
+    incs: HashMap<u16, u64>,
+    /// node → (incarnation, expiry).
+    lease: HashMap<u16, (u64, Instant)>,
+    /// node → shards its newest incarnation acquired.
+    sets: HashMap<u16, BTreeSet<u16>>,
+}
+
+impl Leases {
+    fn live(&self, node: u16, now: Instant) -> bool {
+        self.lease.get(&node).is_some_and(|&(_, exp)| exp > now)
+    }
 }
 
 impl Default for Inner {
@@ -36,6 +53,7 @@ impl Default for Inner {
             users: std::array::from_fn(|_| Mutex::default()),
             gates: Mutex::default(),
             shards: Mutex::default(),
+            leases: Mutex::default(),
         }
     }
 }
@@ -207,5 +225,88 @@ impl Directory for MemoryDirectory {
             .iter()
             .map(|(&s, &(node, epoch))| (ShardId(s), node, epoch))
             .collect())
+    }
+
+    async fn acquire_shards(
+        &self,
+        node: u16,
+        shards: &[ShardId],
+        lease_ms: u64,
+    ) -> Result<Acquired, DirectoryError> {
+        // Lock order: shards, then leases (the only place that takes both).
+        let mut map = lock(&self.inner.shards);
+        let mut l = lock(&self.inner.leases);
+        let now = Instant::now();
+        if l.live(node, now) {
+            return Err(DirectoryError::Held {
+                vshard: shards.first().map_or(0, |s| s.0),
+                node,
+            });
+        }
+        for s in shards {
+            if let Some(&(owner, _)) = map.get(&s.0) {
+                if owner != node
+                    && l.live(owner, now)
+                    && l.sets.get(&owner).is_some_and(|set| set.contains(&s.0))
+                {
+                    return Err(DirectoryError::Held {
+                        vshard: s.0,
+                        node: owner,
+                    });
+                }
+            }
+        }
+        let inc = {
+            let c = l.incs.entry(node).or_insert(0);
+            *c += 1;
+            *c
+        };
+        l.lease
+            .insert(node, (inc, now + Duration::from_millis(lease_ms.max(1))));
+        l.sets.insert(node, shards.iter().map(|s| s.0).collect());
+        let mut displaced: Vec<(u16, u64)> = Vec::new();
+        let mut epochs = Vec::with_capacity(shards.len());
+        for s in shards {
+            let (owner, epoch) = map.get(&s.0).copied().unwrap_or((node, 0));
+            if owner != node && !l.live(owner, now) && !displaced.iter().any(|d| d.0 == owner) {
+                let c = l.incs.entry(owner).or_insert(0);
+                *c += 1;
+                displaced.push((owner, *c));
+            }
+            map.insert(s.0, (node, epoch + 1));
+            epochs.push((*s, epoch + 1));
+        }
+        Ok(Acquired {
+            incarnation: inc,
+            epochs,
+            displaced,
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        node: u16,
+        incarnation: u64,
+        lease_ms: u64,
+    ) -> Result<(), DirectoryError> {
+        let mut l = lock(&self.inner.leases);
+        let current = l.incs.get(&node).copied().unwrap_or(0);
+        if current != incarnation {
+            return Err(DirectoryError::LeaseLost { current });
+        }
+        let exp = Instant::now() + Duration::from_millis(lease_ms.max(1));
+        l.lease.insert(node, (incarnation, exp));
+        Ok(())
+    }
+
+    async fn release_lease(&self, node: u16, incarnation: u64) -> Result<(), DirectoryError> {
+        let mut l = lock(&self.inner.leases);
+        if l.lease
+            .get(&node)
+            .is_some_and(|&(inc, _)| inc == incarnation)
+        {
+            l.lease.remove(&node);
+        }
+        Ok(())
     }
 }

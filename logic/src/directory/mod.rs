@@ -18,6 +18,10 @@
 //! | `{gates}:live` | ZSET | member = gate id, score = expiry (server clock, Unix ms) |
 //! | `{gates}:info` | HASH | field = gate id, value = encoded [`GateInfo`] |
 //! | `{shards}:map` | HASH | field = vshard, value = `node:epoch:token` |
+//! | `{shards}:inc:<node>` | STRING | the node's newest incarnation (an `INCR` counter) |
+//! | `{shards}:lease:<node>` | STRING | incarnation holding the node's lease, with the lease TTL (`PX`) |
+//! | `{shards}:set:<node>` | SET | the vshards the node's newest incarnation acquired |
+//! | `{shards}:acq:<node>` | STRING | token and result of the last acquire (lets a resent acquire return its result) |
 //!
 //! # Consistency and what survives a Redis master failover
 //!
@@ -82,6 +86,26 @@ pub enum DirectoryError {
     /// A stored record could not be decoded, or the backend holds an unexpected type.
     #[error("corrupt directory record: {0}")]
     Corrupt(String),
+    /// [`Directory::acquire_shards`]: `vshard` is held by `node`, whose lease is still live (for
+    /// the acquiring node itself: its previous incarnation's lease). Retry after the lease.
+    #[error("shard {vshard} is held by node {node} under a live lease")]
+    Held { vshard: u16, node: u16 },
+    /// [`Directory::renew_lease`]: the node's incarnation is no longer `incarnation` (another node
+    /// took its shards, or a newer incarnation of it started); the holder must stop.
+    #[error("lease lost: the node's incarnation is now {current}")]
+    LeaseLost { current: u64 },
+}
+
+/// What [`Directory::acquire_shards`] gave a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acquired {
+    /// The node's new incarnation: the writer identity of its store batches.
+    pub incarnation: u64,
+    /// Each acquired shard with its new epoch, in the order asked.
+    pub epochs: Vec<(ShardId, u64)>,
+    /// Other nodes whose shards were taken after their lease expired, each with the incarnation
+    /// their counter was raised to: the store fence that stops a stale writer of that node.
+    pub displaced: Vec<(u16, u64)>,
 }
 
 impl DirectoryError {
@@ -168,4 +192,35 @@ pub trait Directory: Clone + Send + Sync + 'static {
 
     /// Every claimed shard as `(vshard, node, epoch)`, sorted by vshard.
     async fn shard_map(&self) -> Result<Vec<(ShardId, u16, u64)>, DirectoryError>;
+
+    /// Takes `shards` for `node` under a lease of `lease_ms`, atomically for the whole set:
+    ///
+    /// * refused with [`DirectoryError::Held`] (nothing changes) while `node`'s own previous
+    ///   lease is live, or while any shard is owned by another node whose lease is live and whose
+    ///   acquired set contains it;
+    /// * otherwise bumps `node`'s incarnation, sets its lease and its acquired set to `shards`,
+    ///   gives each shard epoch + 1 with `node` as owner, and for every other owner whose lease
+    ///   had expired raises that owner's incarnation counter (so its renewals fail) and reports
+    ///   it in [`Acquired::displaced`]. A shard another live node gave up (no longer in its set)
+    ///   is taken without displacing anyone.
+    async fn acquire_shards(
+        &self,
+        node: u16,
+        shards: &[ShardId],
+        lease_ms: u64,
+    ) -> Result<Acquired, DirectoryError>;
+
+    /// Extends `node`'s lease to `lease_ms` from now if its incarnation is still
+    /// `incarnation` (also after the lease ran out, as long as nobody displaced the node);
+    /// otherwise [`DirectoryError::LeaseLost`].
+    async fn renew_lease(
+        &self,
+        node: u16,
+        incarnation: u64,
+        lease_ms: u64,
+    ) -> Result<(), DirectoryError>;
+
+    /// Ends `node`'s lease now if it is held by `incarnation` (a clean shutdown), so that the
+    /// node's successor does not wait for it to expire.
+    async fn release_lease(&self, node: u16, incarnation: u64) -> Result<(), DirectoryError>;
 }

@@ -12,7 +12,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 
-use super::{Directory, DirectoryError, GateInfo, RouteEntry, DEFAULT_ROUTE_TTL_SECS};
+use super::{Acquired, Directory, DirectoryError, GateInfo, RouteEntry, DEFAULT_ROUTE_TTL_SECS};
 
 const GATES_LIVE: &str = "{gates}:live";
 const GATES_INFO: &str = "{gates}:info";
@@ -228,6 +228,97 @@ if cur ~= ARGV[3] then return {0, cur} end
 local new = string.format('%d', tonumber(cur) + 1)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. new .. ':' .. ARGV[4])
 return {1, new}
+"#,
+    )
+});
+
+/// `KEYS[1]` = shard map, `KEYS[2]` = `{shards}:acq:<node>`; `ARGV` = node, lease ms, token,
+/// vshards… (see [`Directory::acquire_shards`]). Every other key is built from the node ids and
+/// carries the `{shards}` hash tag, so it lives in the slot of `KEYS[1]`. Returns
+/// `{1, incarnation, n, owner1, fence1, …, ownern, fencen, vshard1, epoch1, …}` on success,
+/// `{0, holder, vshard}` when held. The result is kept under `KEYS[2]` with the token, so a
+/// resend of an applied acquire returns it again instead of "held by itself".
+static ACQUIRE_SHARDS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local node = ARGV[1]
+local prev = redis.call('GET', KEYS[2])
+if prev then
+  local sp = string.find(prev, ' ', 1, true)
+  if sp and string.sub(prev, 1, sp - 1) == ARGV[3] then
+    return cjson.decode(string.sub(prev, sp + 1))
+  end
+end
+local function live(n) return redis.call('EXISTS', '{shards}:lease:' .. n) == 1 end
+local function owner_of(v)
+  local o, e = string.match(v, '^(%d+):(%d+)')
+  if not o then return redis.error_reply('ERR corrupt shard entry ' .. v) end
+  return o, tonumber(e)
+end
+if live(node) then return {0, tonumber(node), tonumber(ARGV[4] or '0')} end
+for i = 4, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    local o = owner_of(v)
+    if type(o) == 'table' then return o end
+    if o ~= node and live(o) and redis.call('SISMEMBER', '{shards}:set:' .. o, ARGV[i]) == 1 then
+      return {0, tonumber(o), tonumber(ARGV[i])}
+    end
+  end
+end
+local inc = redis.call('INCR', '{shards}:inc:' .. node)
+redis.call('SET', '{shards}:lease:' .. node, inc, 'PX', ARGV[2])
+redis.call('DEL', '{shards}:set:' .. node)
+local head = {1, inc}
+local displaced = {}
+local tail = {}
+for i = 4, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  local epoch = 0
+  if v then
+    local o, e = owner_of(v)
+    epoch = e
+    if o ~= node and not live(o) and not displaced[o] then
+      displaced[o] = redis.call('INCR', '{shards}:inc:' .. o)
+      table.insert(head, tonumber(o))
+      table.insert(head, displaced[o])
+    end
+  end
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[1], ARGV[i], node .. ':' .. epoch .. ':' .. ARGV[3])
+  redis.call('SADD', '{shards}:set:' .. node, ARGV[i])
+  table.insert(tail, tonumber(ARGV[i]))
+  table.insert(tail, epoch)
+end
+local out = {1, inc, (#head - 2) / 2}
+for i = 3, #head do table.insert(out, head[i]) end
+for i = 1, #tail do table.insert(out, tail[i]) end
+redis.call('SET', KEYS[2], ARGV[3] .. ' ' .. cjson.encode(out), 'PX', ARGV[2])
+return out
+"#,
+    )
+});
+
+/// `KEYS[1]` = `{shards}:inc:<node>`, `KEYS[2]` = `{shards}:lease:<node>`; `ARGV` =
+/// incarnation, lease ms. Returns `{1, inc}` when renewed, `{0, current}` when lost.
+static RENEW_LEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local cur = redis.call('GET', KEYS[1]) or '0'
+if cur ~= ARGV[1] then return {0, tonumber(cur)} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {1, tonumber(cur)}
+"#,
+    )
+});
+
+/// `KEYS[1]` = `{shards}:lease:<node>`; `ARGV[1]` = incarnation. Deletes the lease if it is
+/// held by that incarnation.
+static RELEASE_LEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
 "#,
     )
 });
@@ -563,6 +654,125 @@ impl Directory for RedisDirectory {
             .collect::<Result<Vec<_>, DirectoryError>>()?;
         out.sort_by_key(|e| e.0);
         Ok(out)
+    }
+
+    async fn acquire_shards(
+        &self,
+        node: u16,
+        shards: &[ShardId],
+        lease_ms: u64,
+    ) -> Result<Acquired, DirectoryError> {
+        let token = claim_token();
+        let acq_key = format!("{{shards}}:acq:{node}");
+        let make = |sha: bool| {
+            let mut p = redis::pipe();
+            let mut c = ACQUIRE_SHARDS.cmd(sha, &[SHARDS, &acq_key]);
+            c.arg(node).arg(lease_ms.max(1)).arg(&token);
+            for s in shards {
+                c.arg(s.0);
+            }
+            p.add_command(c);
+            if self.claim_wait_replicas > 0 {
+                p.cmd("WAIT")
+                    .arg(self.claim_wait_replicas)
+                    .arg(self.claim_wait_ms);
+            }
+            p
+        };
+        let mut con = self.claim_con.clone();
+        let reply: Vec<redis::Value> = match make(true).query_async(&mut con).await {
+            Err(e) if is_noscript(&e) => make(false).query_async(&mut con).await,
+            r => r,
+        }
+        .map_err(map_err)?;
+        let mut reply = reply.into_iter();
+        let out: Vec<i64> = reply
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|e| DirectoryError::Corrupt(e.to_string()))?
+            .ok_or_else(|| DirectoryError::Corrupt("empty acquire reply".into()))?;
+        let bad = || DirectoryError::Corrupt(format!("acquire reply {out:?}"));
+        let num = |i: usize| out.get(i).copied().ok_or_else(bad);
+        if num(0)? != 1 {
+            return Err(DirectoryError::Held {
+                node: u16::try_from(num(1)?).map_err(|_| bad())?,
+                vshard: u16::try_from(num(2)?).map_err(|_| bad())?,
+            });
+        }
+        let incarnation = u64::try_from(num(1)?).map_err(|_| bad())?;
+        let n = usize::try_from(num(2)?).map_err(|_| bad())?;
+        let mut displaced = Vec::with_capacity(n);
+        for i in 0..n {
+            let o = u16::try_from(num(3 + 2 * i)?).map_err(|_| bad())?;
+            let f = u64::try_from(num(4 + 2 * i)?).map_err(|_| bad())?;
+            displaced.push((o, f));
+        }
+        let rest = &out[3 + 2 * n..];
+        if rest.len() != 2 * shards.len() {
+            return Err(bad());
+        }
+        let epochs = rest
+            .chunks(2)
+            .map(|c| {
+                Ok((
+                    ShardId(u16::try_from(c[0]).map_err(|_| bad())?),
+                    u64::try_from(c[1]).map_err(|_| bad())?,
+                ))
+            })
+            .collect::<Result<Vec<_>, DirectoryError>>()?;
+        if let Some(acked) = reply.next() {
+            let acked: i64 = redis::from_redis_value(acked).unwrap_or(0);
+            if acked < i64::from(self.claim_wait_replicas) {
+                tracing::warn!(
+                    node,
+                    incarnation,
+                    acked,
+                    "shard acquisition not yet on a replica; a failover now could lose it"
+                );
+            }
+        }
+        Ok(Acquired {
+            incarnation,
+            epochs,
+            displaced,
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        node: u16,
+        incarnation: u64,
+        lease_ms: u64,
+    ) -> Result<(), DirectoryError> {
+        let inc_key = format!("{{shards}}:inc:{node}");
+        let lease_key = format!("{{shards}}:lease:{node}");
+        let (ok, current): (i64, i64) = eval(&mut self.claim_con.clone(), |sha| {
+            let mut c = RENEW_LEASE.cmd(sha, &[&inc_key, &lease_key]);
+            c.arg(incarnation).arg(lease_ms.max(1));
+            c
+        })
+        .await
+        .map_err(map_err)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(DirectoryError::LeaseLost {
+                current: current.max(0) as u64,
+            })
+        }
+    }
+
+    async fn release_lease(&self, node: u16, incarnation: u64) -> Result<(), DirectoryError> {
+        let lease_key = format!("{{shards}}:lease:{node}");
+        let _: i64 = eval(&mut self.claim_con.clone(), |sha| {
+            let mut c = RELEASE_LEASE.cmd(sha, &[&lease_key]);
+            c.arg(incarnation);
+            c
+        })
+        .await
+        .map_err(map_err)?;
+        Ok(())
     }
 }
 
