@@ -25,6 +25,9 @@ pub struct LogicConfig {
     pub redis_nodes: Vec<String>,
     /// How long after sending a user may recall a message.
     pub recall_window_secs: u64,
+    /// This node's shard lease (cluster shape with a directory): every commit carries its
+    /// writer identity and waits while it is expired. `None`: no fencing (single node).
+    pub lease: Option<std::sync::Arc<crate::ownership::Lease>>,
 }
 
 impl Default for LogicConfig {
@@ -41,6 +44,7 @@ impl Default for LogicConfig {
             dedup_window: 256,
             redis_nodes: Vec::new(),
             recall_window_secs: 120,
+            lease: None,
         }
     }
 }

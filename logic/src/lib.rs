@@ -17,6 +17,7 @@ mod handle;
 pub mod metrics;
 mod msgid;
 pub mod net;
+pub mod ownership;
 pub mod peer;
 mod publish;
 pub mod push;

@@ -53,6 +53,12 @@ pub struct ServerConfig {
     pub redis_nodes: Vec<String>,
     /// Seconds after sending during which a user may recall a message.
     pub recall_window_secs: u64,
+    /// Logic nodes with `redis_nodes`: how long a node's shard lease lasts (ms). Renewed every
+    /// quarter of it; a node stops committing when it has not renewed within three quarters of
+    /// it, and exits with code 75 when another node (or a newer incarnation of itself) took its
+    /// shards. A node that was killed without releasing its lease is replaced after at most this
+    /// long. See docs/ARCHITECTURE.md, "Shard ownership".
+    pub shard_lease_ms: u64,
     /// HTTP server API (`[api]`): s2c pushes, groups, tokens, iplist, health, metrics.
     /// Default: `127.0.0.1:8080` with no API keys (signed endpoints refuse every call until keys
     /// are configured; health, metrics and iplist work).
@@ -119,6 +125,7 @@ impl Default for ServerConfig {
             max_queued: l.max_queued,
             redis_nodes: Vec::new(),
             recall_window_secs: l.recall_window_secs,
+            shard_lease_ms: 10_000,
             api: Some(ApiConfig::default()),
             c2s: Some(C2sConfig::Embedded {
                 webhooks: Default::default(),
@@ -381,6 +388,8 @@ pub struct LogicNode {
     pub link_addr: SocketAddr,
     api: Option<ApiServer>,
     services: Services,
+    /// The shard lease (with a Redis directory).
+    lease: Option<im_logic::ownership::Holder>,
 }
 
 impl LogicNode {
@@ -395,6 +404,9 @@ impl LogicNode {
         self.logic.shutdown();
         if let Some(c) = &self.services.c2s {
             c.shutdown();
+        }
+        if let Some(l) = self.lease {
+            l.release();
         }
     }
 }
@@ -453,6 +465,26 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
         })
     };
     let services = services(cfg)?;
+    // Hold this node's shards before serving anything (docs/ARCHITECTURE.md, "Shard ownership").
+    let lease = if cfg.redis_nodes.is_empty() {
+        None
+    } else {
+        let redis = cfg.redis_nodes.clone();
+        let shards = im_logic::ownership::shards_of(
+            node_id as usize,
+            cluster.as_ref().map_or(1, |c| c.nodes.len()),
+        );
+        let holder = im_logic::ownership::hold(
+            move || im_logic::directory::RedisDirectory::connect(redis),
+            store.clone(),
+            node_id,
+            shards,
+            cfg.shard_lease_ms,
+        )
+        .map_err(|e| anyhow::anyhow!("acquiring the shard lease: {e}"))?;
+        lc.lease = Some(holder.lease.clone());
+        Some(holder)
+    };
     let logic = Arc::new(im_logic::start_with(
         lc,
         store,
@@ -492,6 +524,7 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
         link_addr: addr,
         api,
         services,
+        lease,
     })
 }
 

@@ -69,6 +69,13 @@ enum CliCmd {
     },
 }
 
+/// Warns when a process that verifies tokens (run, logic) uses the public development secret.
+fn warn_dev_secret(cfg: &ServerConfig) {
+    if cfg.token_secret == DEV_TOKEN_SECRET {
+        tracing::warn!("using the development token secret; set IM_TOKEN_SECRET in production");
+    }
+}
+
 /// Options of every process kind; flags override the TOML file, which overrides defaults.
 #[derive(clap::Args)]
 struct Common {
@@ -108,6 +115,9 @@ struct Common {
     /// WebSocket listener for web clients (default: none); TLS for it is set in the config file.
     #[arg(long, env = "IM_WS_LISTEN")]
     ws_listen: Option<SocketAddr>,
+    /// Logic nodes with a Redis directory: shard lease duration in ms (default 10000).
+    #[arg(long, env = "IM_SHARD_LEASE_MS")]
+    shard_lease_ms: Option<u64>,
     /// Directory of the web chat page served on the WebSocket port.
     #[arg(long, env = "IM_WEB_ROOT")]
     web_root: Option<PathBuf>,
@@ -137,6 +147,7 @@ impl Common {
             scylla_nodes,
             ws_listen,
             web_root,
+            shard_lease_ms,
             ..
         } = self;
         if ws_listen.is_some() {
@@ -166,11 +177,9 @@ impl Common {
             login_timeout_secs,
             idle_timeout_secs,
             scylla_keyspace,
-            max_body
+            max_body,
+            shard_lease_ms
         );
-        if cfg.token_secret == DEV_TOKEN_SECRET {
-            tracing::warn!("using the development token secret; set IM_TOKEN_SECRET in production");
-        }
         Ok(cfg)
     }
 }
@@ -244,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             nodes,
         } => {
             let cfg = common.config()?;
+            warn_dev_secret(&cfg);
             let signals = block_shutdown_signals();
             let link_listen = link_listen
                 .or_else(|| nodes.get(node_id as usize).copied())
@@ -259,6 +269,7 @@ fn main() -> anyhow::Result<()> {
         }
         CliCmd::Run { common } => {
             let cfg = common.config()?;
+            warn_dev_secret(&cfg);
             // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask
             // and the main thread alone receives them below.
             let signals = block_shutdown_signals();

@@ -685,3 +685,146 @@ fn groups_span_logic_nodes() {
         p.wait().unwrap();
     }
 }
+
+/// Waits up to `limit` for `child` to exit.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    signal_pid(child.id(), sig);
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// A logic node is paused (SIGSTOP: a stuck VM, a long GC-like stall) while a client's message
+/// is on its way to it. A replacement process for the same node slot acquires the shards only
+/// after the paused one's lease ran out. The paused process then resumes while the Redis master
+/// holding the leases is paused too, so it cannot learn that it lost its shards: it must still
+/// not commit or acknowledge anything (its lease ran out by its own clock). Once Redis answers
+/// again it finds the lease lost and exits with code 75, and its store holds nothing written
+/// after the pause. The client's retry through the new owner is accepted once.
+#[test]
+fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
+    use im_logic::store::{FjallStore, Store};
+    const LEASE_MS: u64 = 1_500;
+    let mut cluster = im_testkit::RedisCluster::start(3, 0).expect("redis cluster");
+    let redis = cluster.nodes().join(",");
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let lease = LEASE_MS.to_string();
+    let logic = |d: &Path| {
+        spawn(
+            &[
+                "logic",
+                "--link-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--logic-workers",
+                "2",
+                "--redis-nodes",
+                &redis,
+                "--shard-lease-ms",
+                &lease,
+            ],
+            "links on ",
+        )
+    };
+    let (mut p1, link1) = logic(d1.path());
+    let (mut g1, a1) = spawn_gate(1, link1);
+    let (alice, bob) = (9201u64, 9202u64);
+    let (mut a, _) = login_retry(a1, alice, Seq(0));
+    let before = a.send_c2c(UserId(bob), 1, "before the pause").unwrap();
+
+    signal(&p1, "-STOP");
+    // Sent while the owner is paused: the gate writes it into the link, where the paused
+    // process will read it when it resumes.
+    let during = std::thread::spawn(move || {
+        a.timeout = Duration::from_secs(20);
+        a.send_c2c(UserId(bob), 2, "during the pause")
+    });
+    let paused = Instant::now();
+    // The replacement (same node id 0, its own address) waits out the paused node's lease:
+    // renewed every LEASE_MS/4, so it has at least 3/4 of LEASE_MS left at the pause.
+    let (mut p2, link2) = logic(d2.path());
+    let waited = paused.elapsed();
+    assert!(
+        waited >= Duration::from_millis(LEASE_MS * 3 / 4 - 100),
+        "the replacement acquired the shards after {waited:?}, while the paused node's lease \
+         was still live"
+    );
+
+    // Resume the old owner while the leases' Redis master is unreachable.
+    let m = cluster.master_of_key("{shards}:map").unwrap();
+    let master = cluster.pid(m).unwrap();
+    signal_pid(master, "-STOP");
+    signal(&p1, "-CONT");
+    std::thread::sleep(Duration::from_secs(3));
+    let early = p1.try_wait().unwrap();
+    signal_pid(master, "-CONT");
+    assert_eq!(
+        early, None,
+        "the old owner exited before it could know it was fenced"
+    );
+    let status = wait_exit(&mut p1, Duration::from_secs(15)).expect("the fenced node exits");
+    assert_eq!(status.code(), Some(75), "exit status of the fenced node");
+    let r = during.join().unwrap();
+    assert!(
+        r.is_err(),
+        "the paused node acknowledged a message after losing its shards: {r:?}"
+    );
+    // Nothing of the message sent during the pause reached the old owner's store.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let old = FjallStore::open(d1.path()).unwrap();
+    let tl = rt
+        .block_on(old.timeline(UserId(alice), Seq(0), 100))
+        .unwrap();
+    let bodies: Vec<_> = tl.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(bodies, vec![bytes::Bytes::from("before the pause")]);
+    assert_eq!(tl[0].seq, before.seq);
+    drop(old);
+
+    // The client retries the same client_msg_id through a gate of the new owner.
+    let (mut g2, a2) = spawn_gate(2, link2);
+    let (mut a, _) = login_retry(a2, alice, Seq(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ack = loop {
+        match a.send_c2c(UserId(bob), 2, "during the pause") {
+            Ok(ack) => break ack,
+            Err(ClientError::Server { code, .. }) if code.is_retryable() => {}
+            Err(e) => panic!("retry through the new owner: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the retry was never accepted");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let again = a.send_c2c(UserId(bob), 2, "during the pause").unwrap();
+    assert_eq!(again.msg_id, ack.msg_id, "a second retry is deduplicated");
+    let (mut b, _) = login_retry(a2, bob, Seq(0));
+    let mut tl = Timeline::new(Seq(0));
+    tl.sync(&mut b).unwrap();
+    let got: Vec<_> = tl.messages.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(got, vec![bytes::Bytes::from("during the pause")]);
+    for c in [&mut p2, &mut g1, &mut g2] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

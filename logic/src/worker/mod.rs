@@ -1179,14 +1179,22 @@ impl<S: Store> Worker<S> {
     /// disk, recovered at restart (the outbox then replays the unfinished fan-out).
     async fn finish(&mut self, mut round: Round) {
         self.enqueue_c2s(&mut round).await;
-        let batch = std::mem::take(&mut round.batch);
+        let mut batch = std::mem::take(&mut round.batch);
         if !batch.is_empty() {
             let mut backoff = Duration::from_millis(20);
             loop {
+                if let Some(lease) = &self.cfg.lease {
+                    // Checked before every attempt: a stale owner must not write.
+                    crate::ownership::wait_valid(lease, self.idx).await;
+                    batch.writer = Some(lease.writer());
+                }
                 match self.store.commit(batch.clone()).await {
                     Ok(()) => {
                         Metrics::inc(&self.metrics.commits);
                         break;
+                    }
+                    Err(e @ StoreError::Fenced { .. }) => {
+                        crate::ownership::exit_fenced(&e.to_string());
                     }
                     Err(e) if e.is_retryable() => {
                         tracing::warn!(worker = self.idx, "commit failed, retrying: {e}");
