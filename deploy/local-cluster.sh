@@ -1,61 +1,183 @@
 #!/usr/bin/env bash
 # Starts a whole cluster on this machine for demos, tests and the loadgen: N logic nodes (each
-# with its own embedded store under $DIR) and M gates linked to all of them. Ctrl-C stops it.
+# with its own embedded store under $DIR) and M gates linked to all of them. Ctrl-C (SIGINT) or
+# SIGTERM stops every process it started and exits 0.
 #
 #   deploy/local-cluster.sh [logic_nodes=3] [gates=2] [redis_masters=3]
 #
 # Gates listen on 127.0.0.1:7000, 7001, …; logic links on 127.0.0.1:7100, 7101, …; the logic
 # nodes' HTTP APIs (s2c, groups, iplist, metrics) on 127.0.0.1:8080, 8081, …; with
 # redis_masters > 0 (and redis-server installed) a Redis Cluster of that many masters, one
-# replica each, on 127.0.0.1:7300…, which the logic nodes use as their directory (routes and
-# presence). Each logic node keeps its messages in its own embedded store (ScyllaDB is not wired
-# in yet; see docs/ARCHITECTURE.md).
+# replica each, on 127.0.0.1:7300… (cluster bus: port + 10000), which the logic nodes use as
+# their directory (routes, presence, gate registry). Each logic node keeps its messages in its
+# own embedded store unless SCYLLA_NODES names a shared ScyllaDB.
+#
+# When every process listens, the script prints "cluster ready" as its last line; if a process
+# exits or does not listen within READY_TIMEOUT seconds, it stops everything and exits 1.
+#
+# Environment (all optional):
+#   DIR            data and logs (default /tmp/im-cluster). Running again with the same DIR
+#                  resumes the stores and the Redis Cluster kept there.
+#   IM_BIN         im-server binary to run instead of building target/release/im-server
+#                  (cargo build --release) first.
+#   BASE_PORT      port layout base (default 7000): gates BASE_PORT+0…, logic links
+#                  BASE_PORT+100…, HTTP APIs BASE_PORT+1080…, Redis BASE_PORT+300….
+#   SCYLLA_NODES   ScyllaDB contact points (host:port,…) for the logic nodes' shared store; the
+#                  keyspace (IM_SCYLLA_KEYSPACE, default "im") must exist (deploy/scylla/README.md).
+#   READY_TIMEOUT  seconds to wait for each process to listen (default 60).
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")/.."
 nodes_n=${1:-3}
 gates_n=${2:-2}
 redis_n=${3:-3}
 dir=${DIR:-/tmp/im-cluster}
-cargo build --release -q -p im-server
-bin=target/release/im-server
+case $dir in /*) ;; *) dir=$here/$dir ;; esac
+base=${BASE_PORT:-7000}
+ready_timeout=${READY_TIMEOUT:-60}
+gate_port() { echo $((base + $1 - 1)); }  # gate ids start at 1
+link_port() { echo $((base + 100 + $1)); }
+api_port() { echo $((base + 1080 + $1)); }
+redis_port() { echo $((base + 300 + $1)); }
+
+if [ -n "${IM_BIN:-}" ]; then
+  case $IM_BIN in
+    */*) case $IM_BIN in /*) bin=$IM_BIN ;; *) bin=$here/$IM_BIN ;; esac ;;
+    *) bin=$(command -v "$IM_BIN") || { echo "IM_BIN=$IM_BIN: not found" >&2; exit 1; } ;;
+  esac
+else
+  cargo build --release -q -p im-server
+  bin=$PWD/target/release/im-server
+fi
+[ -x "$bin" ] || { echo "$bin: not an executable" >&2; exit 1; }
 mkdir -p "$dir"
+
+# Children by kind, stopped in reverse order of start: gates, then logic nodes, then Redis.
+redis_pids=()
+logic_pids=()
+gate_pids=()
+
+# Sends SIGTERM to the given pids, waits up to 10 s for them to exit, then SIGKILLs the rest.
+stop_pids() {
+  [ $# -gt 0 ] || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  local deadline=$((SECONDS + 10)) p alive
+  while :; do
+    alive=()
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+    [ ${#alive[@]} -gt 0 ] || break
+    if [ $SECONDS -ge $deadline ]; then
+      echo "killing ${alive[*]} (no exit 10 s after SIGTERM)" >&2
+      kill -KILL "${alive[@]}" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+  done
+  for p in "$@"; do wait "$p" 2>/dev/null || true; done
+}
+
+cleanup() {
+  trap - EXIT INT TERM
+  stop_pids ${gate_pids[@]+"${gate_pids[@]}"}
+  stop_pids ${logic_pids[@]+"${logic_pids[@]}"}
+  stop_pids ${redis_pids[@]+"${redis_pids[@]}"}
+}
+trap 'cleanup' EXIT
+trap 'echo "stopping" >&2; cleanup; exit 0' INT TERM
+
+fail() {
+  echo "local-cluster: $*" >&2
+  exit 1 # the EXIT trap stops what was started
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_ready NAME PID LOG PORT [LINE]: until PORT accepts connections (and LOG has a line starting
+# with LINE), failing when PID exits or after READY_TIMEOUT seconds.
+wait_ready() {
+  local name=$1 pid=$2 log=$3 port=$4 line=${5:-} deadline=$((SECONDS + ready_timeout))
+  while :; do
+    if [ -z "$line" ] || grep -q "^$line" "$log" 2>/dev/null; then
+      port_open "$port" && return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "$name exited during startup; last lines of $log:" >&2
+      tail -n 20 "$log" >&2 || true
+      fail "$name did not start"
+    fi
+    [ $SECONDS -lt $deadline ] || fail "$name not listening on 127.0.0.1:$port after ${ready_timeout}s (log: $log)"
+    sleep 0.1
+  done
+}
+
 nodes=""
-for i in $(seq 0 $((nodes_n - 1))); do nodes+="${nodes:+,}127.0.0.1:$((7100 + i))"; done
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT INT TERM
+for i in $(seq 0 $((nodes_n - 1))); do nodes+="${nodes:+,}127.0.0.1:$(link_port "$i")"; done
+
 redis_nodes=""
 if [ "$redis_n" -gt 0 ] && command -v redis-server >/dev/null; then
   addrs=()
   for i in $(seq 0 $((redis_n * 2 - 1))); do
-    port=$((7300 + i))
+    port=$(redis_port "$i")
     mkdir -p "$dir/redis$port"
     redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
       --cluster-config-file "$dir/redis$port/nodes.conf" --cluster-node-timeout 2000 \
       --appendonly yes --save '' --dir "$dir/redis$port" --daemonize no \
       >"$dir/redis$port.log" 2>&1 &
-    pids+=($!)
+    redis_pids+=($!)
     addrs+=("127.0.0.1:$port")
     redis_nodes+="${redis_nodes:+,}redis://127.0.0.1:$port"
   done
-  for a in "${addrs[@]}"; do
-    until redis-cli -h 127.0.0.1 -p "${a#*:}" ping >/dev/null 2>&1; do sleep 0.1; done
+  for i in "${!addrs[@]}"; do
+    port=${addrs[$i]#*:}
+    wait_ready "redis-server :$port" "${redis_pids[$i]}" "$dir/redis$port.log" "$port"
+    until redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; do
+      kill -0 "${redis_pids[$i]}" 2>/dev/null || fail "redis-server :$port exited (log: $dir/redis$port.log)"
+      sleep 0.1
+    done
   done
-  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >"$dir/redis-create.log" 2>&1
-  until redis-cli -p 7300 cluster info | grep -q cluster_state:ok; do sleep 0.2; done
+  first=${addrs[0]#*:}
+  # A DIR kept from an earlier run already holds the cluster (nodes.conf): do not create it again.
+  known=$(redis-cli -p "$first" cluster info | tr -d '\r' | sed -n 's/^cluster_known_nodes://p')
+  if [ "$known" != "${#addrs[@]}" ]; then
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+      >"$dir/redis-create.log" 2>&1 || fail "redis-cli --cluster create failed (log: $dir/redis-create.log)"
+  fi
+  deadline=$((SECONDS + ready_timeout))
+  for a in "${addrs[@]}"; do
+    until redis-cli -p "${a#*:}" cluster info 2>/dev/null | grep cluster_state:ok >/dev/null; do
+      [ $SECONDS -lt $deadline ] || fail "Redis Cluster not ok after ${ready_timeout}s (node $a)"
+      sleep 0.2
+    done
+  done
+elif [ "$redis_n" -gt 0 ]; then
+  echo "redis-server not installed: running without a Redis Cluster (no directory, no iplist)" >&2
 fi
+
 for i in $(seq 0 $((nodes_n - 1))); do
   "$bin" logic --node-id "$i" --nodes "$nodes" --data-dir "$dir/logic$i" --logic-workers 1 \
-    --api-listen "127.0.0.1:$((8080 + i))" ${redis_nodes:+--redis-nodes "$redis_nodes"} >"$dir/logic$i.log" 2>&1 &
-  pids+=($!)
+    --api-listen "127.0.0.1:$(api_port "$i")" ${redis_nodes:+--redis-nodes "$redis_nodes"} \
+    ${SCYLLA_NODES:+--scylla-nodes "$SCYLLA_NODES"} >"$dir/logic$i.log" 2>&1 &
+  logic_pids+=($!)
+done
+for i in $(seq 0 $((nodes_n - 1))); do
+  # "api on" is printed after the link listener and the API are both bound.
+  wait_ready "logic node $i" "${logic_pids[$i]}" "$dir/logic$i.log" "$(api_port "$i")" "api on "
 done
 for g in $(seq 1 "$gates_n"); do
-  "$bin" gate --gate-id "$g" --logic "$nodes" --listen "127.0.0.1:$((7000 + g - 1))" --gate-cores 1 \
+  "$bin" gate --gate-id "$g" --logic "$nodes" --listen "127.0.0.1:$(gate_port "$g")" --gate-cores 1 \
     >"$dir/gate$g.log" 2>&1 &
-  pids+=($!)
+  gate_pids+=($!)
 done
+for g in $(seq 1 "$gates_n"); do
+  wait_ready "gate $g" "${gate_pids[$((g - 1))]}" "$dir/gate$g.log" "$(gate_port "$g")" "listening on "
+done
+
 echo "logic nodes: $nodes"
-echo "http apis: $(for i in $(seq 0 $((nodes_n - 1))); do printf '127.0.0.1:%s ' $((8080 + i)); done)"
+echo "http apis: $(for i in $(seq 0 $((nodes_n - 1))); do printf '127.0.0.1:%s ' "$(api_port "$i")"; done)"
 echo "redis cluster: ${redis_nodes:-none}"
-echo "gates: $(for g in $(seq 1 "$gates_n"); do printf '127.0.0.1:%s ' $((7000 + g - 1)); done)"
+echo "scylla: ${SCYLLA_NODES:-none (embedded store per logic node)}"
+echo "gates: $(for g in $(seq 1 "$gates_n"); do printf '127.0.0.1:%s ' "$(gate_port "$g")"; done)"
 echo "logs in $dir; Ctrl-C to stop"
+echo "cluster ready"
+# Returns when every child has exited, or is interrupted by the INT/TERM trap.
 wait

@@ -1,0 +1,236 @@
+//! The files in `deploy/` stay usable: every sample config parses as a `ServerConfig` (unknown
+//! keys are an error there) with the values its comments promise, every systemd unit's
+//! `ExecStart` is a command line the binary accepts, and `local-cluster.sh` is valid bash.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use im_logic::c2s::C2sConfig;
+use im_server::ServerConfig;
+
+fn deploy(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(deploy(rel)).unwrap_or_else(|e| panic!("deploy/{rel}: {e}"))
+}
+
+/// Parses a sample exactly as `im-server --config` does.
+fn parse(rel: &str) -> ServerConfig {
+    toml::from_str(&read(rel)).unwrap_or_else(|e| panic!("deploy/{rel}: {e}"))
+}
+
+/// The file's top-level keys (tables included).
+fn top_keys(rel: &str) -> BTreeSet<String> {
+    let v: toml::Table = toml::from_str(&read(rel)).unwrap();
+    v.keys().cloned().collect()
+}
+
+fn raw_int(rel: &str, key: &str) -> Option<i64> {
+    let v: toml::Table = toml::from_str(&read(rel)).unwrap();
+    v.get(key).and_then(toml::Value::as_integer)
+}
+
+/// Keys a gate process reads (`gate_config` in server/src/lib.rs).
+const GATE_KEYS: &[&str] = &[
+    "listen",
+    "gate_cores",
+    "max_body",
+    "login_timeout_secs",
+    "idle_timeout_secs",
+    "max_write_queue",
+    "limits",
+    "ws_listen",
+    "web_root",
+    "ws_origins",
+    "tcp_tls",
+    "ws_tls",
+];
+
+/// Keys a logic node reads (`logic_config`, `start_logic` and the services).
+const LOGIC_KEYS: &[&str] = &[
+    "data_dir",
+    "logic_workers",
+    "token_secret",
+    "heartbeat_secs",
+    "seq_segment",
+    "max_queued",
+    "redis_nodes",
+    "recall_window_secs",
+    "scylla_nodes",
+    "scylla_keyspace",
+    "shard_lease_ms",
+    "api",
+    "c2s",
+    "push",
+];
+
+#[test]
+fn single_node_sample_parses_at_the_defaults() {
+    let cfg = parse("im-server.toml");
+    let def = ServerConfig::default();
+    assert_eq!(cfg.listen, def.listen);
+    assert_eq!(cfg.data_dir, def.data_dir);
+    assert_eq!(cfg.max_body, def.max_body);
+    assert_eq!(cfg.idle_timeout_secs, def.idle_timeout_secs);
+    assert_eq!(cfg.max_write_queue, def.max_write_queue);
+    assert_eq!(
+        cfg.token_secret, def.token_secret,
+        "no secret in the sample"
+    );
+    assert_eq!(
+        cfg.api.as_ref().map(|a| a.listen),
+        def.api.as_ref().map(|a| a.listen)
+    );
+    assert!(matches!(cfg.c2s, Some(C2sConfig::Embedded { .. })));
+    assert_eq!(cfg.limits.max_connections, 1_000_000);
+    assert_eq!(raw_int("im-server.toml", "shard_lease_ms"), Some(10_000));
+}
+
+#[test]
+fn gate_sample_parses_and_holds_only_gate_keys() {
+    let cfg = parse("im-gate.toml");
+    assert_eq!(cfg.listen, "10.0.2.1:7000".parse().unwrap());
+    assert_eq!(cfg.gate_cores, 0);
+    assert_eq!(cfg.idle_timeout_secs, 90);
+    assert_eq!(cfg.limits.max_connections, 1_000_000);
+    assert_eq!(
+        cfg.token_secret,
+        im_server::DEV_TOKEN_SECRET,
+        "no secret in the sample"
+    );
+    for k in top_keys("im-gate.toml") {
+        assert!(
+            GATE_KEYS.contains(&k.as_str()),
+            "im-gate.toml: {k} is not a gate key"
+        );
+    }
+}
+
+#[test]
+fn logic_sample_parses_and_holds_only_logic_keys() {
+    let cfg = parse("im-logic.toml");
+    assert_eq!(cfg.redis_nodes.len(), 3);
+    assert!(cfg.redis_nodes.iter().all(|n| n.starts_with("redis://")));
+    assert_eq!(cfg.scylla_nodes.len(), 3);
+    assert_eq!(cfg.scylla_keyspace, "im");
+    assert_eq!(cfg.data_dir, Path::new("data"));
+    assert!(cfg.logic_workers > 0, "an explicit, equal worker count");
+    assert_eq!(
+        cfg.token_secret,
+        im_server::DEV_TOKEN_SECRET,
+        "no secret in the sample"
+    );
+    let api = cfg.api.as_ref().expect("[api]");
+    assert_eq!(api.listen, "10.0.1.1:8080".parse().unwrap());
+    assert!(api.keys.is_empty(), "no API key in the sample");
+    match &cfg.c2s {
+        Some(C2sConfig::RedisStreams { nodes, maxlen }) => {
+            assert_eq!(nodes, &cfg.redis_nodes);
+            assert_eq!(*maxlen, Some(1_000_000));
+        }
+        other => panic!("[c2s] should be redis_streams: {other:?}"),
+    }
+    assert!(cfg.push.is_none());
+    assert_eq!(raw_int("im-logic.toml", "shard_lease_ms"), Some(10_000));
+    for k in top_keys("im-logic.toml") {
+        assert!(
+            LOGIC_KEYS.contains(&k.as_str()),
+            "im-logic.toml: {k} is not a logic key"
+        );
+    }
+}
+
+/// `Key=value` lines of a unit file (comments skipped; a key may repeat).
+fn unit_values(text: &str, key: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn systemd_units_run_existing_subcommands_with_their_sample_configs() {
+    let units = [
+        ("systemd/im-server.service", "run", "im-server.toml"),
+        ("systemd/im-gate.service", "gate", "im-gate.toml"),
+        ("systemd/im-logic.service", "logic", "im-logic.toml"),
+    ];
+    for (unit, sub, sample) in units {
+        let text = read(unit);
+        let exec = unit_values(&text, "ExecStart");
+        assert_eq!(exec.len(), 1, "{unit}: one ExecStart");
+        let argv: Vec<&str> = exec[0].split_whitespace().collect();
+        assert_eq!(argv[0], "/usr/local/bin/im-server", "{unit}");
+        assert_eq!(argv[1], sub, "{unit}");
+        let config = argv
+            .windows(2)
+            .find(|w| w[0] == "--config")
+            .map(|w| w[1])
+            .unwrap_or_else(|| panic!("{unit}: no --config"));
+        assert_eq!(config, format!("/etc/im/{sample}"), "{unit}");
+        assert!(deploy(sample).is_file(), "{unit}: deploy/{sample} missing");
+        // The binary accepts the unit's arguments (clap answers --help before checking that
+        // required values such as the gate id are present).
+        let out = Command::new(env!("CARGO_BIN_EXE_im-server"))
+            .args(&argv[1..])
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{unit}: `im-server {} --help` failed: {}",
+            argv[1..].join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(unit_values(&text, "User"), ["im"], "{unit}");
+        assert_eq!(unit_values(&text, "NoNewPrivileges"), ["yes"], "{unit}");
+        assert_eq!(unit_values(&text, "ProtectSystem"), ["strict"], "{unit}");
+        assert_eq!(unit_values(&text, "EnvironmentFile").len(), 1, "{unit}");
+        assert!(!unit_values(&text, "LimitNOFILE").is_empty(), "{unit}");
+    }
+    let gate = read("systemd/im-gate.service");
+    assert_eq!(unit_values(&gate, "LimitNOFILE"), ["1048576"]);
+    assert_eq!(
+        unit_values(&gate, "EnvironmentFile"),
+        ["/etc/im/im-gate.env"]
+    );
+    let logic = read("systemd/im-logic.service");
+    // A fenced logic node exits with code 75 by design and must come back.
+    assert_eq!(unit_values(&logic, "Restart"), ["always"]);
+    assert_eq!(
+        unit_values(&logic, "EnvironmentFile"),
+        ["/etc/im/im-logic.env"]
+    );
+    assert_eq!(unit_values(&logic, "ReadWritePaths"), ["/var/lib/im"]);
+}
+
+#[test]
+fn local_cluster_script_is_valid_bash() {
+    let script = deploy("local-cluster.sh");
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // shellcheck is optional (CI does not install it); when present, the script must be clean.
+    match Command::new("shellcheck").arg(&script).output() {
+        Ok(out) => assert!(
+            out.status.success(),
+            "shellcheck:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+        Err(_) => println!("shellcheck not installed: only `bash -n` checked"),
+    }
+}
