@@ -335,7 +335,7 @@ pub fn hold<D, S, F, Fut>(
 where
     D: Directory,
     S: Store + Send,
-    F: FnOnce() -> Fut + Send + 'static,
+    F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<D, DirectoryError>>,
 {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -349,13 +349,11 @@ where
                 .build()
                 .expect("build tokio runtime");
             rt.block_on(async move {
-                let dir = match retry("connecting the directory", DirectoryError::is_retryable, {
-                    let mut connect = Some(connect);
-                    async move || match connect.take() {
-                        Some(c) => c().await,
-                        None => Err(DirectoryError::Corrupt("connect called twice".into())),
-                    }
-                })
+                let dir = match retry(
+                    "connecting the directory",
+                    DirectoryError::is_retryable,
+                    async || connect().await,
+                )
                 .await
                 {
                     Ok(d) => d,

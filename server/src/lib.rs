@@ -475,7 +475,7 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
             cluster.as_ref().map_or(1, |c| c.nodes.len()),
         );
         let holder = im_logic::ownership::hold(
-            move || im_logic::directory::RedisDirectory::connect(redis),
+            move || im_logic::directory::RedisDirectory::connect(redis.clone()),
             store.clone(),
             node_id,
             shards,

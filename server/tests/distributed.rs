@@ -700,6 +700,20 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
     }
 }
 
+/// Kills the processes it names when dropped, so a failing test leaves none behind.
+struct Reap(Vec<u32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn signal(child: &Child, sig: &str) {
     signal_pid(child.id(), sig);
 }
@@ -748,6 +762,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     };
     let (mut p1, link1) = logic(d1.path());
     let (mut g1, a1) = spawn_gate(1, link1);
+    let mut reap = Reap(vec![p1.id(), g1.id()]);
     let (alice, bob) = (9201u64, 9202u64);
     let (mut a, _) = login_retry(a1, alice, Seq(0));
     let before = a.send_c2c(UserId(bob), 1, "before the pause").unwrap();
@@ -763,6 +778,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     // The replacement (same node id 0, its own address) waits out the paused node's lease:
     // renewed every LEASE_MS/4, so it has at least 3/4 of LEASE_MS left at the pause.
     let (mut p2, link2) = logic(d2.path());
+    reap.0.push(p2.id());
     let waited = paused.elapsed();
     assert!(
         waited >= Duration::from_millis(LEASE_MS * 3 / 4 - 100),
@@ -783,6 +799,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
         "the old owner exited before it could know it was fenced"
     );
     let status = wait_exit(&mut p1, Duration::from_secs(15)).expect("the fenced node exits");
+    reap.0.retain(|&pid| pid != p1.id());
     assert_eq!(status.code(), Some(75), "exit status of the fenced node");
     let r = during.join().unwrap();
     assert!(
@@ -805,6 +822,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
 
     // The client retries the same client_msg_id through a gate of the new owner.
     let (mut g2, a2) = spawn_gate(2, link2);
+    reap.0.push(g2.id());
     let (mut a, _) = login_retry(a2, alice, Seq(0));
     let deadline = Instant::now() + Duration::from_secs(20);
     let ack = loop {
@@ -823,8 +841,8 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     tl.sync(&mut b).unwrap();
     let got: Vec<_> = tl.messages.iter().map(|m| m.body.clone()).collect();
     assert_eq!(got, vec![bytes::Bytes::from("during the pause")]);
+    drop(reap);
     for c in [&mut p2, &mut g1, &mut g2] {
-        let _ = c.kill();
         let _ = c.wait();
     }
 }
