@@ -116,6 +116,7 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     push_tokens(store, base).await;
     batch_atomicity_groups(store, base).await;
     writer_fence(store, base).await;
+    id_floor(store, base).await;
 }
 
 /// An empty batch commits without error and changes nothing.
@@ -1436,6 +1437,63 @@ pub async fn writer_fence<S: Store>(store: &S, base: u64) {
         Err(StoreError::Fenced { fence: 7, .. })
     ));
     assert_eq!(store.seq_bound(uid).await.expect("seq_bound"), Seq(70));
+}
+
+/// Msg-id floors: 0 until set, replaced by a later op (also within one batch), independent per
+/// generator, and part of the batch's atomicity.
+pub async fn id_floor<S: Store>(store: &S, base: u64) {
+    // Two generator ids per base, so that runs on the same store do not see each other's.
+    let g = (2 * (base / BASE_STRIDE) % 1024) as u16;
+    let h = g + 1;
+    let floor = |gen| async move { store.id_floor(gen).await.expect("id_floor") };
+    assert_eq!(floor(g).await, 0, "no floor yet");
+    commit(
+        store,
+        vec![Op::IdFloor {
+            generator: g,
+            ms: 5_000,
+        }],
+    )
+    .await;
+    assert_eq!(floor(g).await, 5_000);
+    assert_eq!(floor(h).await, 0, "another generator is unaffected");
+    commit(
+        store,
+        vec![
+            Op::IdFloor {
+                generator: g,
+                ms: 7_000,
+            },
+            Op::IdFloor {
+                generator: h,
+                ms: 1 << 41,
+            },
+            Op::IdFloor {
+                generator: g,
+                ms: 9_000,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(floor(g).await, 9_000, "the later op of a batch wins");
+    assert_eq!(floor(h).await, 1 << 41, "large values round-trip");
+    // A refused batch (fenced writer) changes no floor.
+    let node = 20_000u16.wrapping_add((base / BASE_STRIDE) as u16);
+    store.fence(node, 2).await.expect("fence");
+    let r = store
+        .commit(WriteBatch {
+            ops: vec![Op::IdFloor {
+                generator: g,
+                ms: 11_000,
+            }],
+            writer: Some(Writer {
+                node,
+                incarnation: 1,
+            }),
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+    assert_eq!(floor(g).await, 9_000);
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! | `ugroup`   | uid `u64` ++ group `u64`                    | empty (index for `groups_of`)                  |
 //! | `mute`     | uid `u64` ++ peer `u64`                     | empty                                          |
 //! | `pushtok`  | uid `u64` ++ device_id (UTF-8, rest of key) | provider `u8` ++ token (UTF-8)                 |
+//! | `idfloor`  | generator `u16`                             | ms `u64` (msg-id time floor, [`Op::IdFloor`])  |
 //! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
 //!
 //! Writer fences are also kept in memory behind a read-write lock: a commit holds the read lock
@@ -55,6 +56,7 @@ const UGROUP: &str = "ugroup";
 const MUTE: &str = "mute";
 const PUSHTOK: &str = "pushtok";
 const FENCE: &str = "fence";
+const IDFLOOR: &str = "idfloor";
 
 /// Index of a keyspace in [`FjallStore::spaces`] (used to merge writes of one batch per key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +72,7 @@ enum Kind {
     UGroup = 8,
     Mute = 9,
     PushTok = 10,
+    IdFloor = 11,
 }
 
 /// The embedded store: one fjall database, one keyspace per record kind (layout in the module
@@ -78,7 +81,7 @@ enum Kind {
 pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
-    spaces: [Keyspace; 11],
+    spaces: [Keyspace; 12],
     fence_space: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
     fences: Arc<RwLock<HashMap<u16, u64>>>,
@@ -124,6 +127,7 @@ impl Kind {
             Kind::UGroup => UGROUP,
             Kind::Mute => MUTE,
             Kind::PushTok => PUSHTOK,
+            Kind::IdFloor => IDFLOOR,
         }
     }
 }
@@ -244,6 +248,7 @@ impl FjallStore {
             ks(UGROUP)?,
             ks(MUTE)?,
             ks(PUSHTOK)?,
+            ks(IDFLOOR)?,
         ];
         let fence_space = ks(FENCE)?;
         let mut fences = HashMap::new();
@@ -294,6 +299,12 @@ fn collect(batch: WriteBatch) -> Writes {
     let mut w: Writes = HashMap::with_capacity(batch.ops.len() * 2);
     for op in batch.ops {
         match op {
+            Op::IdFloor { generator, ms } => {
+                w.insert(
+                    (Kind::IdFloor, generator.to_be_bytes().to_vec()),
+                    Some(ms.to_be_bytes().to_vec()),
+                );
+            }
             Op::SeqBound { uid, bound } => {
                 w.insert(
                     (Kind::SeqBound, key_u64(uid.0).to_vec()),
@@ -438,6 +449,12 @@ impl Store for FjallStore {
         b.commit().map_err(io)?;
         fences.insert(node, incarnation);
         Ok(incarnation)
+    }
+
+    async fn id_floor(&self, generator: u16) -> Result<u64, StoreError> {
+        Ok(self
+            .get_u64(Kind::IdFloor, &generator.to_be_bytes())?
+            .unwrap_or(0))
     }
 
     async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {

@@ -148,6 +148,14 @@ pub enum Op {
         uid: UserId,
         token: PushToken,
     },
+    /// Reserve msg-id time for generator `generator` up to and including `ms` (milliseconds
+    /// since [`MsgId::EPOCH_MS`], the generator's own time base); a later op replaces it (the
+    /// worker only raises it). A restarted worker issues ids above it, so ids stay unique and
+    /// increasing even when the wall clock stepped back across the restart.
+    IdFloor {
+        generator: u16,
+        ms: u64,
+    },
 }
 
 /// Who writes a batch: a logic node and the incarnation its shard lease gave it
@@ -225,4 +233,6 @@ pub trait Store: Clone + 'static {
     async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError>;
     /// Push tokens of `uid`'s devices, in device id order.
     async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError>;
+    /// The reserved msg-id time floor of `generator` ([`Op::IdFloor`]; 0 if none).
+    async fn id_floor(&self, generator: u16) -> Result<u64, StoreError>;
 }

@@ -9,6 +9,7 @@
 //! | `timeline_bucket` | ((uid), bucket)            | — (which buckets exist)            |
 //! | `msgidx`          | ((uid, msg_id))            | seq                                |
 //! | `seq_bound`       | ((uid))                    | bound                              |
+//! | `id_floor`        | ((generator))              | ms (reserved msg-id time)          |
 //! | `dedup`           | ((uid, client_msg_id))     | msg_id, seq, server_time_ms, prev_seq; TTL 7 d |
 //! | `cursor`          | ((uid), device_id)         | seq                                |
 //! | `outbox`          | ((shard), msg_id)          | recipients frozen list, msg blob   |
@@ -181,7 +182,8 @@ struct Statements {
 
 impl Phase {
     /// Every phase, in order (`Phase::ALL[p as usize] == p`).
-    const ALL: [Phase; 17] = [
+    const ALL: [Phase; 18] = [
+        Phase::IdFloor,
         Phase::SeqBound,
         Phase::GroupPut,
         Phase::UserGroupPut,
@@ -205,6 +207,9 @@ impl Phase {
     /// in the order [`Row`]'s `SerializeRow` writes them.
     fn cql(self, ks: &str) -> String {
         match self {
+            Phase::IdFloor => {
+                format!("INSERT INTO {ks}.id_floor (generator, ms) VALUES (?, ?)")
+            }
             Phase::SeqBound => format!("INSERT INTO {ks}.seq_bound (uid, bound) VALUES (?, ?)"),
             Phase::GroupPut => format!(
                 "INSERT INTO {ks}.group_info \
@@ -312,6 +317,8 @@ enum Read {
     UserGroups,
     Mutes,
     PushTokens,
+    /// The msg-id time floor of a generator (`LOCAL_QUORUM` like the others).
+    IdFloor,
     /// The fence of a node: a `LOCAL_SERIAL` (Paxos) read, see [`Read::consistency`].
     Fence,
 }
@@ -323,7 +330,7 @@ type PushTokenRow = (String, i16, Option<String>);
 
 impl Read {
     /// Every read, in order (`Read::ALL[r as usize] == r`).
-    const ALL: [Read; 15] = [
+    const ALL: [Read; 16] = [
         Read::SeqBound,
         Read::BucketsFrom,
         Read::BucketsDesc,
@@ -338,6 +345,7 @@ impl Read {
         Read::UserGroups,
         Read::Mutes,
         Read::PushTokens,
+        Read::IdFloor,
         Read::Fence,
     ];
 
@@ -381,6 +389,7 @@ impl Read {
             Read::PushTokens => format!(
                 "SELECT device_id, provider, push_token FROM {ks}.push_tokens WHERE uid = ?"
             ),
+            Read::IdFloor => format!("SELECT ms FROM {ks}.id_floor WHERE generator = ?"),
             Read::Fence => format!("SELECT incarnation FROM {ks}.writer_fence WHERE node = ?"),
         }
     }
@@ -411,6 +420,7 @@ impl Read {
             | Read::Dedup
             | Read::Cursor
             | Read::Group
+            | Read::IdFloor
             | Read::Fence => None,
         }
     }
@@ -633,11 +643,24 @@ fn ordered(what: &str, v: u64) -> Result<i64, StoreError> {
     })
 }
 
+/// A msg-id time floor as stored: a non-negative bigint, so that a negative one read back is
+/// corrupt rather than a huge floor. Real floors are far below (a msg_id holds 42 bits of ms).
+fn id_floor_ms(ms: u64) -> Result<i64, StoreError> {
+    i64::try_from(ms).map_err(|_| {
+        StoreError::Io(format!(
+            "msg-id time floor {ms} above {MAX_ORDERED} cannot be stored"
+        ))
+    })
+}
+
 /// The order of statements across the logged batches of one commit: a commit that stops between
 /// two chunks leaves a prefix of this order durable, and every prefix is safe (see
 /// [`ScyllaStore::commit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Phase {
+    /// First: a msg-id time floor is durable no later than any row of the same commit (the
+    /// messages whose ids it covers). Reserving early only skips id time.
+    IdFloor,
     /// Reserving seqs early only skips seqs.
     SeqBound,
     /// A group's record before its members (members of a group without a record would be
@@ -675,6 +698,10 @@ enum Phase {
 /// One statement's values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Row {
+    IdFloor {
+        generator: i32,
+        ms: i64,
+    },
     SeqBound {
         uid: i64,
         bound: i64,
@@ -767,6 +794,7 @@ enum Row {
 /// index entry, mute or push token share a key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
+    IdFloor(i32),
     SeqBound(i64),
     Bucket(i64, i64),
     Outbox(i32, i64),
@@ -790,6 +818,7 @@ const ROW_OVERHEAD: usize = 48;
 impl Row {
     fn phase(&self) -> Phase {
         match self {
+            Row::IdFloor { .. } => Phase::IdFloor,
             Row::SeqBound { .. } => Phase::SeqBound,
             Row::Bucket { .. } => Phase::Bucket,
             Row::OutboxPut { .. } => Phase::OutboxPut,
@@ -812,6 +841,7 @@ impl Row {
 
     fn key(&self) -> Key {
         match self {
+            Row::IdFloor { generator, .. } => Key::IdFloor(*generator),
             Row::SeqBound { uid, .. } => Key::SeqBound(*uid),
             Row::Bucket { uid, bucket } => Key::Bucket(*uid, *bucket),
             Row::OutboxPut { shard, msg_id, .. } | Row::OutboxDelete { shard, msg_id } => {
@@ -841,6 +871,7 @@ impl Row {
     fn size(&self) -> usize {
         ROW_OVERHEAD
             + match self {
+                Row::IdFloor { .. } => 12,
                 Row::SeqBound { .. } | Row::Bucket { .. } => 16,
                 Row::OutboxPut {
                     recipients, msg, ..
@@ -874,6 +905,7 @@ impl SerializeRow for Row {
         w: &mut RowWriter,
     ) -> Result<(), SerializationError> {
         match self {
+            Row::IdFloor { generator, ms } => (generator, ms).serialize(ctx, w),
             Row::SeqBound { uid, bound } => (uid, bound).serialize(ctx, w),
             Row::Bucket { uid, bucket } => (uid, bucket).serialize(ctx, w),
             Row::OutboxPut {
@@ -978,6 +1010,10 @@ fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
     let mut m = Merged::default();
     for op in ops {
         match op {
+            Op::IdFloor { generator, ms } => m.put(Row::IdFloor {
+                generator: i32::from(generator),
+                ms: id_floor_ms(ms)?,
+            }),
             Op::SeqBound { uid, bound } => m.put(Row::SeqBound {
                 uid: b(uid.0),
                 bound: b(bound.0),
@@ -1461,8 +1497,8 @@ impl Store for ScyllaStore {
     /// Ops on one key are merged first (the later wins). After the merge every key is written
     /// once, so the order of the statements does not change the final state and is chosen so
     /// that any prefix of the chunks is safe to leave behind if the commit stops midway (logic
-    /// node crash, or an error returned after some chunks were applied): seq bounds, group
-    /// records, `user_groups` puts, member puts, member deletes, `user_groups` deletes, timeline
+    /// node crash, or an error returned after some chunks were applied): msg-id time floors, seq
+    /// bounds, group records, `user_groups` puts, member puts, member deletes, `user_groups` deletes, timeline
     /// bucket rows, outbox puts, timeline rows, msg_id index, cursors, mutes, push tokens, outbox
     /// deletes, and dedup entries last (see [`Phase`]). Hence:
     /// - a dedup entry (what answers the client's retry with an ack) is durable only after the
@@ -1472,7 +1508,10 @@ impl Store for ScyllaStore {
     ///   a timeline is always fanned out (the outbox is replayed by the shard's next owner);
     /// - a msg_id index row never points at a missing timeline row, so a replayed append skips
     ///   only appends that really happened;
-    /// - seq bounds come first, so a seq present in a timeline is never handed out again;
+    /// - msg-id time floors come first, so a message row is never durable without the floor
+    ///   that covers its id: a restarted worker starts its ids above the floor and never hands
+    ///   that id out again, even after the wall clock stepped back;
+    /// - seq bounds come next, so a seq present in a timeline is never handed out again;
     /// - a membership change is durable before the group events announcing it, and the
     ///   `uid → group` index holds at least every membership (written before the member row,
     ///   removed after it).
@@ -1581,6 +1620,25 @@ impl Store for ScyllaStore {
                 Ok(Seq(bound as u64))
             }
             None => Ok(Seq(0)),
+        }
+    }
+
+    async fn id_floor(&self, generator: u16) -> Result<u64, StoreError> {
+        let rows = self
+            .point(
+                self.inner.st.read(Read::IdFloor),
+                (i32::from(generator),),
+                "id_floor",
+            )
+            .await?;
+        match typed_rows::<(i64,)>(&rows, "id_floor")?.next() {
+            Some(row) => {
+                let key = || format!("id_floor/{generator}");
+                let (ms,) = row.map_err(|e| corrupt(key(), e))?;
+                // Written as a non-negative bigint only (see `id_floor_ms`).
+                u64::try_from(ms).map_err(|_| corrupt(key(), format!("negative floor {ms}")))
+            }
+            None => Ok(0),
         }
     }
 
@@ -2080,6 +2138,11 @@ mod tests {
                 recipients: vec![],
                 msg: msg(1, 1, b""),
             }),
+            // Not ordered, but stored non-negative so that the read can tell corruption.
+            Op::IdFloor {
+                generator: 1,
+                ms: too_big,
+            },
         ] {
             assert!(matches!(merge(vec![op]), Err(StoreError::Io(_))));
         }
@@ -2108,8 +2171,74 @@ mod tests {
         assert_eq!(rows.len(), 5, "dedup, bound, and bucket + index + timeline");
     }
 
+    #[test]
+    fn id_floor_rows_merge_per_generator() {
+        let f = |generator, ms| Op::IdFloor { generator, ms };
+        let rows = merge(vec![
+            f(3, 5_000),
+            f(4, 1 << 41),
+            f(3, 9_000),
+            f(u16::MAX, MAX_ORDERED),
+        ])
+        .expect("merge");
+        assert_eq!(
+            rows,
+            vec![
+                Row::IdFloor {
+                    generator: 3,
+                    ms: 9_000
+                },
+                Row::IdFloor {
+                    generator: 4,
+                    ms: 1 << 41
+                },
+                Row::IdFloor {
+                    generator: 65_535,
+                    ms: i64::MAX
+                },
+            ]
+        );
+        assert!(rows.iter().all(|r| r.phase() == Phase::IdFloor));
+        // A generator and a uid with the same number are different keys.
+        let rows = merge(vec![
+            f(1, 7),
+            Op::SeqBound {
+                uid: UserId(1),
+                bound: Seq(7),
+            },
+        ])
+        .expect("merge");
+        assert_eq!(rows.len(), 2);
+    }
+
+    /// The floor is pushed last by the worker but written first: when a commit is split, it is
+    /// in the first chunk, durable no later than any message whose id it covers.
+    #[test]
+    fn id_floor_goes_in_the_first_chunk() {
+        let ops = round_ops();
+        assert!(matches!(ops.last(), Some(Op::IdFloor { .. })));
+        for max in [1, 60, 100, 200, DEFAULT_MAX_BATCH_BYTES] {
+            let chunks = plan(ops.clone(), max).expect("plan");
+            assert_eq!(
+                chunks[0][0],
+                Row::IdFloor {
+                    generator: 3,
+                    ms: 1 << 41
+                },
+                "max {max}"
+            );
+            let floors = chunks
+                .iter()
+                .flatten()
+                .filter(|r| r.phase() == Phase::IdFloor)
+                .count();
+            assert_eq!(floors, 1, "max {max}");
+        }
+    }
+
     /// The ops logic writes for one c2c send, plus a recipient append, a cursor and an outbox
-    /// delete from earlier rounds, in the worker's order.
+    /// delete from earlier rounds, and the msg-id floor the worker raises at the end of a round,
+    /// in the worker's order.
     fn round_ops() -> Vec<Op> {
         let m = msg(7, 77, b"hello");
         vec![
@@ -2150,6 +2279,10 @@ mod tests {
                 uid: UserId(3),
                 msg: msg(3, 66, b"in"),
             },
+            Op::IdFloor {
+                generator: 3,
+                ms: 1 << 41,
+            },
         ]
     }
 
@@ -2164,6 +2297,7 @@ mod tests {
         assert_eq!(
             p,
             vec![
+                Phase::IdFloor,
                 Phase::SeqBound,
                 Phase::Bucket,
                 Phase::Bucket,
@@ -2469,6 +2603,7 @@ mod tests {
         assert_eq!(
             phases(&chunks[0]),
             vec![
+                Phase::IdFloor,
                 Phase::SeqBound,
                 Phase::GroupPut,
                 Phase::UserGroupPut,
@@ -2725,6 +2860,7 @@ mod tests {
                 | Read::Cursor
                 | Read::UserGroups
                 | Read::Mutes
+                | Read::IdFloor
                 | Read::Fence => <(i64,)>::type_check(&specs),
                 Read::TimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
                 Read::Dedup => <(i64, i64, i64, i64)>::type_check(&specs),
@@ -2832,6 +2968,11 @@ mod tests {
             assert_eq!(read.consistency(), want, "{read:?}");
         }
         assert_eq!(Read::Fence.page_size(), None, "a point read");
+        assert_eq!(Read::IdFloor.page_size(), None, "a point read");
+        assert_eq!(
+            Read::IdFloor.cql("im"),
+            "SELECT ms FROM im.id_floor WHERE generator = ?"
+        );
         assert!(Read::Fence
             .cql("im")
             .ends_with("FROM im.writer_fence WHERE node = ?"));
@@ -2932,6 +3073,7 @@ mod tests {
                 "timeline_bucket",
                 "msgidx",
                 "seq_bound",
+                "id_floor",
                 "dedup",
                 "cursor",
                 "outbox",
@@ -2962,6 +3104,9 @@ mod tests {
         assert!(table("timeline_bucket").contains("PRIMARY KEY ((uid), bucket)"));
         assert!(table("msgidx").contains("PRIMARY KEY ((uid, msg_id))"));
         assert!(table("seq_bound").contains("PRIMARY KEY ((uid))"));
+        assert!(table("id_floor").contains("PRIMARY KEY ((generator))"));
+        assert!(table("id_floor").contains("generator int"));
+        assert!(table("id_floor").contains("ms bigint"));
         assert!(table("dedup").contains("PRIMARY KEY ((uid, client_msg_id))"));
         assert!(table("dedup").contains("default_time_to_live = 604800"));
         assert!(table("cursor").contains("PRIMARY KEY ((uid), device_id)"));

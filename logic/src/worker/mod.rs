@@ -44,6 +44,10 @@ const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Most undelivered-notice entries kept per user.
 const MAX_PENDING_NOTICES: usize = 10_000;
+/// Msg-id time reserved ahead in the store ([`Op::IdFloor`]) ...
+const ID_RESERVE_MS: u64 = 3_000;
+/// ... and renewed, in the round's batch, once ids come this close to the reserved floor.
+const ID_RESERVE_MARGIN_MS: u64 = 1_000;
 
 /// What a worker receives.
 pub enum WorkerMsg {
@@ -246,6 +250,11 @@ pub struct Worker<S> {
     routes: HashMap<UserId, Vec<Device>>,
     sessions: HashMap<ConnId, Session>,
     ids: MsgIdGen,
+    /// This worker's msg-id generator number (global worker index).
+    gen_id: u16,
+    /// Msg-id time reserved in the store: every id issued so far is at or below it, and a
+    /// restart resumes above it.
+    id_reserved: u64,
     /// Route changes for the shared directory (when one is configured).
     dir: Option<mpsc::UnboundedSender<crate::publish::DirOp>>,
     /// Groups this worker owns (loaded on first use).
@@ -322,6 +331,8 @@ impl<S: Store> Worker<S> {
         Worker {
             idx,
             ids: MsgIdGen::new(gen_id as u16),
+            gen_id: gen_id as u16,
+            id_reserved: 0,
             cfg,
             store,
             verifier,
@@ -370,6 +381,7 @@ impl<S: Store> Worker<S> {
     }
 
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
+        self.resume_ids().await;
         self.connect_directory().await;
         self.connect_c2s().await;
         self.replay_outbox(None).await;
@@ -454,6 +466,27 @@ impl<S: Store> Worker<S> {
 
     /// Re-sends the fan-out of this worker's outbox entries (all of them at start: everything a
     /// crash interrupted; with `only_node`, those bound for that node).
+    /// Resumes the msg-id generator above the floor reserved before the restart, so no id is
+    /// issued twice even if the wall clock is now behind the ids issued before.
+    async fn resume_ids(&mut self) {
+        let floor = loop {
+            match self.store.id_floor(self.gen_id).await {
+                Ok(f) => break f,
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(worker = self.idx, "id floor read failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    // Issuing ids without the floor could reuse ids of before the restart.
+                    tracing::error!(worker = self.idx, "id floor unreadable, aborting: {e}");
+                    std::process::abort();
+                }
+            }
+        };
+        self.ids.raise_to(floor);
+        self.id_reserved = floor;
+    }
+
     async fn replay_outbox(&mut self, only_node: Option<usize>) {
         let total = self.router.total();
         let me = self.router.global(self.idx);
@@ -1178,6 +1211,17 @@ impl<S: Store> Worker<S> {
     /// fsync the kernel may have dropped the dirty pages, so the only safe state is the one on
     /// disk, recovered at restart (the outbox then replays the unfinished fan-out).
     async fn finish(&mut self, mut round: Round) {
+        // Every id issued in this round must be covered by a reserved floor committed no later
+        // than what acknowledges it: extend the reservation in this round's batch.
+        let mut reserve = None;
+        if self.ids.last_ms() + ID_RESERVE_MARGIN_MS > self.id_reserved {
+            let ms = self.ids.last_ms() + ID_RESERVE_MS;
+            round.batch.push(Op::IdFloor {
+                generator: self.gen_id,
+                ms,
+            });
+            reserve = Some(ms);
+        }
         self.enqueue_c2s(&mut round).await;
         let mut batch = std::mem::take(&mut round.batch);
         if !batch.is_empty() {
@@ -1191,6 +1235,9 @@ impl<S: Store> Worker<S> {
                 match self.store.commit(batch.clone()).await {
                     Ok(()) => {
                         Metrics::inc(&self.metrics.commits);
+                        if let Some(ms) = reserve {
+                            self.id_reserved = ms;
+                        }
                         break;
                     }
                     Err(e @ StoreError::Fenced { .. }) => {
