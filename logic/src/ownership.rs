@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use im_shared::shard::{owner_of_vshard, VSHARDS};
 use im_shared::ShardId;
 
-use crate::directory::{Directory, DirectoryError};
+use crate::directory::{Acquired, Directory, DirectoryError};
 use crate::store::{Store, StoreError, Writer};
 
 /// Exit status of a logic process that lost its shards to another node or incarnation.
@@ -180,22 +180,19 @@ pub enum AcquireError {
     Thread(#[from] std::io::Error),
 }
 
-/// Takes `shards` for `node` (steps 1 and 2 of the module docs), waiting while they are held.
-/// Returns a valid lease; [`hold`] renews it.
-pub async fn acquire<D: Directory, S: Store>(
+/// [`Directory::acquire_shards`], retried while the shards are held under a live lease or the
+/// directory is unavailable. Returns what it got and when the successful call was sent.
+async fn acquire_waiting<D: Directory>(
     dir: &D,
-    store: &S,
     node: u16,
     shards: &[ShardId],
     lease_ms: u64,
-) -> Result<Arc<Lease>, AcquireError> {
-    let lease_ms = lease_ms.max(4);
-    let started = Instant::now();
+) -> Result<(Acquired, Instant), DirectoryError> {
     let mut logged: Option<(u16, u16)> = None;
-    let (mut got, mut sent) = loop {
+    loop {
         let sent = Instant::now();
         match dir.acquire_shards(node, shards, lease_ms).await {
-            Ok(got) => break (got, sent),
+            Ok(got) => return Ok((got, sent)),
             Err(DirectoryError::Held {
                 vshard,
                 node: holder,
@@ -214,9 +211,23 @@ pub async fn acquire<D: Directory, S: Store>(
                 tracing::warn!("acquiring shards: {e}; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
-    };
+    }
+}
+
+/// Takes `shards` for `node` (steps 1 and 2 of the module docs), waiting while they are held.
+/// Returns a valid lease; [`hold`] renews it.
+pub async fn acquire<D: Directory, S: Store>(
+    dir: &D,
+    store: &S,
+    node: u16,
+    shards: &[ShardId],
+    lease_ms: u64,
+) -> Result<Arc<Lease>, AcquireError> {
+    let lease_ms = lease_ms.max(4);
+    let started = Instant::now();
+    let (mut got, mut sent) = acquire_waiting(dir, node, shards, lease_ms).await?;
     for &(other, raised) in &got.displaced {
         // The store's fence is the durable record of the displaced node's incarnations (each one
         // fenced itself at start); go past it even if the directory's counter went back in a
@@ -273,19 +284,7 @@ pub async fn acquire<D: Directory, S: Store>(
             ))));
         }
         dir.release_lease(node, got.incarnation).await?;
-        (got, sent) = loop {
-            let sent = Instant::now();
-            match dir.acquire_shards(node, shards, lease_ms).await {
-                Ok(got) => break (got, sent),
-                Err(e) if e.is_retryable() => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(DirectoryError::Held { .. }) => {
-                    tokio::time::sleep(Duration::from_millis(lease_ms / 8 + 1)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        (got, sent) = acquire_waiting(dir, node, shards, lease_ms).await?;
     }
     let lease = Arc::new(Lease::new(
         node,

@@ -88,6 +88,45 @@ impl std::fmt::Debug for RedisDirectory {
 }
 
 impl RedisDirectory {
+    /// Runs a shard-map script (`script(by_sha)`) on the claim connection, followed in the same
+    /// pipeline (so routed with it to the `{shards}` master) by `WAIT` for the configured
+    /// replicas. Returns the script's reply and whether enough replicas acknowledged it within
+    /// the wait (always `true` without one).
+    async fn eval_replicated<T: FromRedisValue>(
+        &self,
+        what: &str,
+        script: impl Fn(bool) -> Cmd,
+    ) -> Result<(T, bool), DirectoryError> {
+        let make = |sha: bool| {
+            let mut p = redis::pipe();
+            p.add_command(script(sha));
+            if self.claim_wait_replicas > 0 {
+                p.cmd("WAIT")
+                    .arg(self.claim_wait_replicas)
+                    .arg(self.claim_wait_ms);
+            }
+            p
+        };
+        let mut con = self.claim_con.clone();
+        let reply: Vec<redis::Value> = match make(true).query_async(&mut con).await {
+            Err(e) if is_noscript(&e) => make(false).query_async(&mut con).await,
+            r => r,
+        }
+        .map_err(map_err)?;
+        let mut reply = reply.into_iter();
+        let out: T = reply
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|e| DirectoryError::Corrupt(e.to_string()))?
+            .ok_or_else(|| DirectoryError::Corrupt(format!("empty {what} reply")))?;
+        let replicated = reply.next().is_none_or(|acked| {
+            redis::from_redis_value::<i64>(acked).unwrap_or(0)
+                >= i64::from(self.claim_wait_replicas)
+        });
+        Ok((out, replicated))
+    }
+
     /// Connects to the cluster with [`RedisDirectoryConfig::new`] defaults.
     pub async fn connect<S: Into<String>>(
         nodes: impl IntoIterator<Item = S>,
@@ -593,47 +632,24 @@ impl Directory for RedisDirectory {
     ) -> Result<u64, DirectoryError> {
         let token = claim_token();
         let expected = expected_epoch.to_string();
-        let make = |sha: bool| {
-            let mut p = redis::pipe();
-            let mut c = CLAIM_SHARD.cmd(sha, &[SHARDS]);
-            c.arg(vshard.0).arg(node).arg(&expected).arg(&token);
-            p.add_command(c);
-            if self.claim_wait_replicas > 0 {
-                // In one pipeline with the CAS, so it is routed to the `{shards}` master.
-                p.cmd("WAIT")
-                    .arg(self.claim_wait_replicas)
-                    .arg(self.claim_wait_ms);
-            }
-            p
-        };
-        let mut con = self.claim_con.clone();
-        let reply: Vec<redis::Value> = match make(true).query_async(&mut con).await {
-            Err(e) if is_noscript(&e) => make(false).query_async(&mut con).await,
-            r => r,
-        }
-        .map_err(map_err)?;
-        let mut reply = reply.into_iter();
-        let (won, epoch): (i64, String) = reply
-            .next()
-            .map(redis::from_redis_value)
-            .transpose()
-            .map_err(|e| DirectoryError::Corrupt(e.to_string()))?
-            .ok_or_else(|| DirectoryError::Corrupt("empty claim reply".into()))?;
+        let ((won, epoch), replicated): ((i64, String), bool) = self
+            .eval_replicated("claim", |sha| {
+                let mut c = CLAIM_SHARD.cmd(sha, &[SHARDS]);
+                c.arg(vshard.0).arg(node).arg(&expected).arg(&token);
+                c
+            })
+            .await?;
         let epoch: u64 = epoch.parse().map_err(|_| corrupt("shard epoch", &epoch))?;
         if won != 1 {
             return Err(DirectoryError::Fenced { current: epoch });
         }
-        if let Some(acked) = reply.next() {
-            let acked: i64 = redis::from_redis_value(acked).unwrap_or(0);
-            if acked < i64::from(self.claim_wait_replicas) {
-                tracing::warn!(
-                    vshard = vshard.0,
-                    node,
-                    epoch,
-                    acked,
-                    "shard claim not yet on a replica; a failover now could lose it"
-                );
-            }
+        if !replicated {
+            tracing::warn!(
+                vshard = vshard.0,
+                node,
+                epoch,
+                "shard claim not yet on a replica; a failover now could lose it"
+            );
         }
         Ok(epoch)
     }
@@ -664,34 +680,16 @@ impl Directory for RedisDirectory {
     ) -> Result<Acquired, DirectoryError> {
         let token = claim_token();
         let acq_key = format!("{{shards}}:acq:{node}");
-        let make = |sha: bool| {
-            let mut p = redis::pipe();
-            let mut c = ACQUIRE_SHARDS.cmd(sha, &[SHARDS, &acq_key]);
-            c.arg(node).arg(lease_ms.max(1)).arg(&token);
-            for s in shards {
-                c.arg(s.0);
-            }
-            p.add_command(c);
-            if self.claim_wait_replicas > 0 {
-                p.cmd("WAIT")
-                    .arg(self.claim_wait_replicas)
-                    .arg(self.claim_wait_ms);
-            }
-            p
-        };
-        let mut con = self.claim_con.clone();
-        let reply: Vec<redis::Value> = match make(true).query_async(&mut con).await {
-            Err(e) if is_noscript(&e) => make(false).query_async(&mut con).await,
-            r => r,
-        }
-        .map_err(map_err)?;
-        let mut reply = reply.into_iter();
-        let out: Vec<i64> = reply
-            .next()
-            .map(redis::from_redis_value)
-            .transpose()
-            .map_err(|e| DirectoryError::Corrupt(e.to_string()))?
-            .ok_or_else(|| DirectoryError::Corrupt("empty acquire reply".into()))?;
+        let (out, replicated): (Vec<i64>, bool) = self
+            .eval_replicated("acquire", |sha| {
+                let mut c = ACQUIRE_SHARDS.cmd(sha, &[SHARDS, &acq_key]);
+                c.arg(node).arg(lease_ms.max(1)).arg(&token);
+                for s in shards {
+                    c.arg(s.0);
+                }
+                c
+            })
+            .await?;
         let bad = || DirectoryError::Corrupt(format!("acquire reply {out:?}"));
         let num = |i: usize| out.get(i).copied().ok_or_else(bad);
         if num(0)? != 1 {
@@ -721,16 +719,12 @@ impl Directory for RedisDirectory {
                 ))
             })
             .collect::<Result<Vec<_>, DirectoryError>>()?;
-        if let Some(acked) = reply.next() {
-            let acked: i64 = redis::from_redis_value(acked).unwrap_or(0);
-            if acked < i64::from(self.claim_wait_replicas) {
-                tracing::warn!(
-                    node,
-                    incarnation,
-                    acked,
-                    "shard acquisition not yet on a replica; a failover now could lose it"
-                );
-            }
+        if !replicated {
+            tracing::warn!(
+                node,
+                incarnation,
+                "shard acquisition not yet on a replica; a failover now could lose it"
+            );
         }
         Ok(Acquired {
             incarnation,
