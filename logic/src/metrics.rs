@@ -16,6 +16,7 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     pub pushes_muted: AtomicU64,
     pub commits: AtomicU64,
+    pub appends_retried: AtomicU64,
 }
 
 impl Metrics {
@@ -24,6 +25,11 @@ impl Metrics {
         if let Some(c) = self.by_conv.get(conv as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Appends re-sent to another node's workers because they were not confirmed in time.
+    pub fn add_retried_appends(&self, n: u64) {
+        self.appends_retried.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn inc(c: &AtomicU64) {
@@ -80,6 +86,11 @@ impl Metrics {
                 "im_store_commits_total",
                 "Group commits of the store.",
                 &self.commits,
+            ),
+            (
+                "im_appends_retried_total",
+                "Fan-out appends re-sent to another node because they were not confirmed in time.",
+                &self.appends_retried,
             ),
         ] {
             im_shared::prom::metric(out, name, "counter", help, c.load(Ordering::Relaxed));

@@ -4,7 +4,7 @@
 //! ```text
 //! payload := worker:u16 kind:u8 count:u32 entry*
 //! kind 1 Append    : recipient:u64 shard:u16 replay:u8 msg_len:u32 msg (Message encoding)
-//! kind 2 AppendDone: shard:u16 msg_id:u64
+//! kind 2 AppendDone: shard:u16 msg_id:u64 recipient:u64
 //! kind 3 Delivered : sender:u64 msg_id:u64 recipient:u64
 //! kind 4 Group     : (count = 1) a group request of a client, see `worker::groups::encode_req`
 //! ```
@@ -17,10 +17,15 @@
 //! - a worker sends live appends to a node only while the link is up and the worker has
 //!   *resynced* the current epoch: re-sent, in msg_id order, every outbox entry bound for that
 //!   node (whatever the dead connection may have swallowed);
-//! - messages still queued when a connection is replaced are dropped, not written to the new one.
+//! - every payload is queued with the epoch it was meant for (a live append: the epoch its worker
+//!   found ready), and the link thread writes only payloads of its current connection's epoch:
+//!   one queued for a connection that has since been replaced is dropped, never written to the
+//!   new one ahead of that epoch's resync.
 //!
 //! So on every connection an append never overtakes an older unconfirmed one of the same sender
-//! worker, and recipients drop duplicates by their `(uid, msg_id)` index.
+//! worker, and recipients drop duplicates by their `(uid, msg_id)` index. An outbox entry lives
+//! until every recipient confirmed it (`worker::outbox`), which also re-sends appends that stay
+//! unconfirmed for seconds: a safety net for a loss that no link change reveals.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -39,7 +44,7 @@ use crate::worker::{AppendReq, DeliveredNote, WorkerMsg};
 
 /// Outbound links to the other logic nodes.
 pub struct PeerLinks {
-    txs: Vec<Option<Sender<Bytes>>>,
+    txs: Vec<Option<Sender<(u64, Bytes)>>>,
     state: Vec<Arc<LinkState>>,
 }
 
@@ -73,17 +78,18 @@ impl PeerLinks {
         PeerLinks { txs, state }
     }
 
-    /// Whether local worker `worker` may send live appends to `node` now.
-    pub fn ready(&self, node: usize, worker: usize) -> bool {
+    /// The epoch in which local worker `worker` may send live appends to `node` now: the link
+    /// is up and the worker has resynced it. `None`: hold them back (they stay in the outbox).
+    pub fn ready(&self, node: usize, worker: usize) -> Option<u64> {
         let st = &self.state[node];
         let epoch = st.epoch.load(Ordering::Acquire);
-        st.up.load(Ordering::Acquire)
-            && st
-                .resynced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&worker)
-                == Some(&epoch)
+        let resynced = st
+            .resynced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&worker)
+            == Some(&epoch);
+        (st.up.load(Ordering::Acquire) && resynced).then_some(epoch)
     }
 
     /// Nodes (other than this one) that `worker` has to resync: `(node, epoch)` of links that are
@@ -118,14 +124,21 @@ impl PeerLinks {
             .insert(worker, epoch);
     }
 
+    /// Queues `msg` for worker `worker` of `node` on the link's current connection.
     pub fn send(&self, node: usize, worker: usize, msg: &WorkerMsg) {
+        let epoch = self.state[node].epoch.load(Ordering::Acquire);
+        self.send_in(node, worker, msg, epoch);
+    }
+
+    /// Queues `msg` for the connection of `epoch` only: dropped if the link has moved on.
+    pub fn send_in(&self, node: usize, worker: usize, msg: &WorkerMsg, epoch: u64) {
         if let (Some(Some(tx)), Some(p)) = (self.txs.get(node), encode(worker, msg)) {
-            let _ = tx.send(p);
+            let _ = tx.send((epoch, p));
         }
     }
 }
 
-fn run(me: u16, addr: SocketAddr, rx: Receiver<Bytes>, st: &LinkState) {
+fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
     let mut backoff = Duration::from_millis(50);
     loop {
         if st.up.swap(false, Ordering::AcqRel) {
@@ -156,9 +169,9 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<Bytes>, st: &LinkState) {
         if s.write_all(&out).is_err() {
             continue;
         }
-        // Nothing queued for the previous connection goes on this one: the workers resync first.
-        while rx.try_recv().is_ok() {}
-        st.epoch.fetch_add(1, Ordering::AcqRel);
+        // Nothing queued for an earlier connection goes on this one (the workers resync first):
+        // payloads of older epochs are skipped below.
+        let epoch = st.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         st.up.store(true, Ordering::Release);
         tracing::info!(%addr, "peer link up");
         loop {
@@ -169,13 +182,20 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<Bytes>, st: &LinkState) {
             };
             out.clear();
             match first {
-                Some(p) => {
-                    link::encode_msg(&LinkMsg::Peer(p), &mut out);
-                    while let Ok(p) = rx.try_recv() {
+                Some((e, p)) => {
+                    if e == epoch {
                         link::encode_msg(&LinkMsg::Peer(p), &mut out);
+                    }
+                    while let Ok((e, p)) = rx.try_recv() {
+                        if e == epoch {
+                            link::encode_msg(&LinkMsg::Peer(p), &mut out);
+                        }
                         if out.len() > 1024 * 1024 {
                             break;
                         }
+                    }
+                    if out.is_empty() {
+                        continue;
                     }
                 }
                 None => link::encode_msg(&LinkMsg::Ping, &mut out),
@@ -207,9 +227,10 @@ pub fn encode(worker: usize, msg: &WorkerMsg) -> Option<Bytes> {
         WorkerMsg::AppendDone(done) => {
             b.put_u8(2);
             b.put_u32(done.len() as u32);
-            for (s, m) in done {
+            for (s, m, r) in done {
                 b.put_u16(s.0);
                 b.put_u64(m.0);
+                b.put_u64(r.0);
             }
         }
         WorkerMsg::Delivered(notes) => {
@@ -274,8 +295,12 @@ pub fn decode(mut b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
         2 => {
             let mut v = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
-                need(&b, 10)?;
-                v.push((ShardId(b.get_u16()), MsgId(b.get_u64())));
+                need(&b, 18)?;
+                v.push((
+                    ShardId(b.get_u16()),
+                    MsgId(b.get_u64()),
+                    UserId(b.get_u64()),
+                ));
             }
             WorkerMsg::AppendDone(v)
         }
@@ -329,9 +354,14 @@ mod tests {
             (UserId(2), ShardId(4), true)
         );
         assert_eq!(v[0].msg, msg);
-        let d = WorkerMsg::AppendDone(vec![(ShardId(1), MsgId(2))]);
+        let done = vec![(ShardId(1), MsgId(2), UserId(3))];
+        let d = WorkerMsg::AppendDone(done.clone());
         let (_, back) = decode(encode(0, &d).unwrap()).unwrap();
-        assert!(matches!(back, WorkerMsg::AppendDone(v) if v == vec![(ShardId(1), MsgId(2))]));
+        assert!(matches!(back, WorkerMsg::AppendDone(v) if v == done));
+        let enc = encode(0, &d).unwrap();
+        for cut in 0..enc.len() {
+            assert!(decode(enc.slice(..cut)).is_err(), "cut {cut}");
+        }
         let enc = encode(0, &a).unwrap();
         for cut in 0..enc.len() {
             assert!(decode(enc.slice(..cut)).is_err(), "cut {cut}");

@@ -76,10 +76,14 @@ impl Router {
             let _ = self.local[w].send(msg);
         } else if let Some(r) = &self.remote {
             let live_append = matches!(&msg, WorkerMsg::Append(v) if v.iter().any(|a| !a.replay));
-            if live_append && !r.ready(node, from) {
-                return;
+            if !live_append {
+                return r.send(node, w, &msg);
             }
-            r.send(node, w, &msg);
+            // Tagged with the epoch found ready: if the link is replaced before the payload is
+            // written, it is dropped rather than overtaking that new epoch's resync.
+            if let Some(epoch) = r.ready(node, from) {
+                r.send_in(node, w, &msg, epoch);
+            }
         }
     }
 

@@ -6,13 +6,14 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Child;
+
 use std::time::{Duration, Instant};
 
 use common::*;
 use im_shared::client::{Client, ClientError, Timeline};
 use im_shared::{Command as Cmd, DeviceType, ErrorCode, Seq, UserId};
 
-fn spawn(args: &[&str], prefix: &str) -> (Child, SocketAddr) {
+fn spawn(args: &[&str], prefix: &str) -> (Proc, SocketAddr) {
     spawn_process(args, prefix)
 }
 
@@ -24,11 +25,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_node(dir: &Path, id: usize, nodes: &str) -> Child {
+fn spawn_node(dir: &Path, id: usize, nodes: &str) -> Proc {
     spawn_node_with(dir, id, nodes, &[])
 }
 
-fn spawn_node_with(dir: &Path, id: usize, nodes: &str, extra: &[String]) -> Child {
+fn spawn_node_with(dir: &Path, id: usize, nodes: &str, extra: &[String]) -> Proc {
     let d = dir.to_str().unwrap();
     let id = id.to_string();
     let mut args = vec![
@@ -46,7 +47,7 @@ fn spawn_node_with(dir: &Path, id: usize, nodes: &str, extra: &[String]) -> Chil
     spawn(&args, "links on ").0
 }
 
-fn spawn_logic(dir: &Path, link: &str) -> (Child, SocketAddr) {
+fn spawn_logic(dir: &Path, link: &str) -> (Proc, SocketAddr) {
     let d = dir.to_str().unwrap();
     spawn(
         &[
@@ -62,7 +63,7 @@ fn spawn_logic(dir: &Path, link: &str) -> (Child, SocketAddr) {
     )
 }
 
-fn spawn_gate(id: u16, logic: impl ToString) -> (Child, SocketAddr) {
+fn spawn_gate(id: u16, logic: impl ToString) -> (Proc, SocketAddr) {
     let (id, logic) = (id.to_string(), logic.to_string());
     spawn(
         &[
@@ -443,22 +444,7 @@ fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_d
 
 /// `GET path` on the HTTP API; (status, JSON body).
 fn http_get(api: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(api).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    http_request(api, "GET", path, &[], "")
 }
 
 /// The gates the iplist offers `uid`, in the order the client should try them.
@@ -652,11 +638,19 @@ fn groups_span_logic_nodes() {
         c.send_c2g(group, 1, format!("from {i}")).unwrap();
     }
     let mut orders = Vec::new();
-    for c in &mut clients {
+    for (i, c) in clients.iter_mut().enumerate() {
         let mut tl = Timeline::new(Seq(0));
         let deadline = Instant::now() + Duration::from_secs(20);
         while tl.messages.iter().filter(|m| m.conv == CONV_C2G).count() < members.len() {
-            assert!(Instant::now() < deadline, "posts missing");
+            assert!(
+                Instant::now() < deadline,
+                "posts missing for member {} of {members:?} (group {group}): {:?}",
+                members[i],
+                tl.messages
+                    .iter()
+                    .map(|m| (m.seq.0, m.conv, m.from.0, m.msg_id.0))
+                    .collect::<Vec<_>>()
+            );
             tl.sync(c).unwrap();
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -686,6 +680,95 @@ fn groups_span_logic_nodes() {
     }
 }
 
+/// A group post is acknowledged while the logic node of one member is down: the owner holds
+/// that member's append back (no peer link), while the members on its own node confirm theirs at
+/// once. The outbox entry must outlive those first confirmations: when the node comes up, the
+/// owner replays the post to it, and the late member gets the group's event and every post once,
+/// in the group's order. (Deleting the entry on the first confirmation lost the post for every
+/// member whose append was still on its way: issue 11.) No timing is involved: the node is simply
+/// not running while the posts are acknowledged.
+#[test]
+fn a_group_post_acked_while_a_members_node_is_down_reaches_that_member() {
+    use im_shared::proto::{CONV_C2G, CONV_GROUP_EVENT};
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let conf = api_keys_config(d0.path());
+    let (n0, _, api0) = spawn_with_api(
+        &[
+            "logic",
+            "--config",
+            conf.to_str().unwrap(),
+            "--node-id",
+            "0",
+            "--nodes",
+            &nodes,
+            "--data-dir",
+            d0.path().to_str().unwrap(),
+            "--logic-workers",
+            "2",
+        ],
+        "links on ",
+    );
+    let (g, addr) = spawn_gate(1, &nodes);
+    let on0: Vec<u64> = (9700..).filter(|&u| node_of(u, 2) == 0).take(2).collect();
+    let late = (9700..).find(|&u| node_of(u, 2) == 1).unwrap();
+    let mut early: Vec<Client> = on0
+        .iter()
+        .map(|&u| login_retry(addr, u, Seq(0)).0)
+        .collect();
+    // The API creates groups owned by its own node: node 0, the only one running.
+    let (status, v) = http_signed(
+        api0,
+        "POST",
+        "/v1/groups",
+        &format!(
+            r#"{{"owner":{},"name":"late","members":[{},{late}]}}"#,
+            on0[0], on0[1]
+        ),
+    );
+    assert_eq!(status, 200, "{v}");
+    let group = im_shared::GroupId(v["group"].as_u64().expect("group id"));
+    for (i, c) in early.iter_mut().enumerate() {
+        c.send_c2g(group, 1, format!("post {i}")).unwrap();
+    }
+    // The members on node 0 hold everything: their confirmations reached the owner (or are on
+    // their way in-process) before node 1 exists.
+    let mut want = Vec::new();
+    for c in &mut early {
+        let mut tl = Timeline::new(Seq(0));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tl.messages.len() < 3 {
+            assert!(Instant::now() < deadline, "{:?}", tl.messages);
+            tl.sync(c).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        want = tl.messages.iter().map(|m| (m.conv, m.msg_id)).collect();
+    }
+    assert_eq!(want[0].0, CONV_GROUP_EVENT);
+    assert!(want[1..].iter().all(|(c, _)| *c == CONV_C2G));
+    early[0].group_info(group).unwrap(); // one more round of the owner worker
+
+    let n1 = spawn_node(d1.path(), 1, &nodes);
+    let (mut c, _) = login_retry(addr, late, Seq(0));
+    let mut tl = Timeline::new(Seq(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tl.messages.len() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the member of the node that was down has {:?}, wants {want:?}",
+            tl.messages
+                .iter()
+                .map(|m| (m.conv, m.msg_id))
+                .collect::<Vec<_>>()
+        );
+        tl.sync(&mut c).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got: Vec<_> = tl.messages.iter().map(|m| (m.conv, m.msg_id)).collect();
+    assert_eq!(got, want, "once each, in the group's order");
+    drop((n0, n1, g));
+}
+
 /// Waits up to `limit` for `child` to exit.
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
@@ -697,20 +780,6 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Kills the processes it names when dropped, so a failing test leaves none behind.
-struct Reap(Vec<u32>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
     }
 }
 
@@ -761,8 +830,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
         )
     };
     let (mut p1, link1) = logic(d1.path());
-    let (mut g1, a1) = spawn_gate(1, link1);
-    let mut reap = Reap(vec![p1.id(), g1.id()]);
+    let (g1, a1) = spawn_gate(1, link1);
     let (alice, bob) = (9201u64, 9202u64);
     let (mut a, _) = login_retry(a1, alice, Seq(0));
     let before = a.send_c2c(UserId(bob), 1, "before the pause").unwrap();
@@ -777,8 +845,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     let paused = Instant::now();
     // The replacement (same node id 0, its own address) waits out the paused node's lease:
     // renewed every LEASE_MS/4, so it has at least 3/4 of LEASE_MS left at the pause.
-    let (mut p2, link2) = logic(d2.path());
-    reap.0.push(p2.id());
+    let (p2, link2) = logic(d2.path());
     let waited = paused.elapsed();
     assert!(
         waited >= Duration::from_millis(LEASE_MS * 3 / 4 - 100),
@@ -799,7 +866,6 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
         "the old owner exited before it could know it was fenced"
     );
     let status = wait_exit(&mut p1, Duration::from_secs(15)).expect("the fenced node exits");
-    reap.0.retain(|&pid| pid != p1.id());
     assert_eq!(status.code(), Some(75), "exit status of the fenced node");
     let r = during.join().unwrap();
     assert!(
@@ -821,8 +887,7 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     drop(old);
 
     // The client retries the same client_msg_id through a gate of the new owner.
-    let (mut g2, a2) = spawn_gate(2, link2);
-    reap.0.push(g2.id());
+    let (g2, a2) = spawn_gate(2, link2);
     let (mut a, _) = login_retry(a2, alice, Seq(0));
     let deadline = Instant::now() + Duration::from_secs(20);
     let ack = loop {
@@ -841,8 +906,6 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     tl.sync(&mut b).unwrap();
     let got: Vec<_> = tl.messages.iter().map(|m| m.body.clone()).collect();
     assert_eq!(got, vec![bytes::Bytes::from("during the pause")]);
-    drop(reap);
-    for c in [&mut p2, &mut g1, &mut g2] {
-        let _ = c.wait();
-    }
+    // p2, g1 and g2 are killed and reaped when they go out of scope.
+    drop((p2, g1, g2));
 }

@@ -6,14 +6,14 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use im_shared::client::Timeline;
 use im_shared::{Seq, UserId};
 
-fn spawn_server(dir: &Path) -> (Child, SocketAddr) {
+fn spawn_server(dir: &Path) -> (Proc, SocketAddr) {
     let d = dir.to_str().unwrap();
     spawn_process(
         &[

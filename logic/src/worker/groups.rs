@@ -20,7 +20,6 @@ use super::{
 use crate::api::{Accepted, ApiError};
 use crate::metrics::Metrics;
 use crate::store::{DedupEntry, MemberRecord, Op, Store, StoreError};
-use crate::worker::AppendReq;
 
 /// Client message ids remembered per group for dedup before the store is asked.
 const GROUP_DEDUP_WINDOW: usize = 1024;
@@ -213,30 +212,6 @@ impl<S: Store> Worker<S> {
             },
         );
         Ok(true)
-    }
-
-    /// Writes `msg` to the outbox of the group's shard and sends the appends to `recipients`.
-    pub(super) fn fan_out(
-        &mut self,
-        shard: im_shared::ShardId,
-        msg: &Message,
-        recipients: Vec<UserId>,
-        round: &mut Round,
-    ) {
-        for r in &recipients {
-            round.appends_out[self.owner(*r)].push(AppendReq {
-                recipient: *r,
-                shard,
-                msg: msg.clone(),
-                replay: false,
-            });
-        }
-        round.batch.push(Op::OutboxPut(crate::store::OutboxEntry {
-            shard,
-            msg_id: msg.msg_id,
-            recipients,
-            msg: msg.clone(),
-        }));
     }
 
     /// A group event message (membership or info change) to `recipients`.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use im_shared::frame::Cmd;
 use im_shared::link::{Down, DownstreamSink, Up};
 use im_shared::proto::{GroupDesc, Message, CONV_C2C, CONV_C2G, MAX_DEVICE_ID_LEN};
-use im_shared::shard::{vshard_of, VSHARDS};
+use im_shared::shard::vshard_of;
 use im_shared::token::{TokenError, TokenVerifier};
 use im_shared::{
     Command, ConnId, DeviceType, ErrorCode, GroupId, KickReason, MsgId, Seq, ShardId, UserId,
@@ -28,16 +28,21 @@ use crate::metrics::Metrics;
 use crate::msgid::MsgIdGen;
 use crate::router::Router;
 use crate::services::Services;
-use crate::store::{DedupEntry, Op, OutboxEntry, Store, StoreError, WriteBatch};
+use crate::store::{DedupEntry, Op, Store, StoreError, WriteBatch};
 
 mod features;
 mod groups;
+mod outbox;
 pub use features::MAX_S2C_USERS;
 pub(crate) use groups::{decode_req as groups_decode, encode_req as groups_encode};
 pub use groups::{GroupOp, GroupReq};
 
 /// How often a worker of a multi-node cluster checks whether a peer link needs a resync.
 const RESYNC_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+/// How often a worker of a multi-node cluster looks for fan-out appends that another node has
+/// not confirmed in time (see `outbox`).
+const RETRY_CHECK_EVERY: Duration = Duration::from_millis(1_000);
 
 /// How often a worker looks for messages that no device acknowledged within the push delay.
 const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -55,8 +60,9 @@ pub enum WorkerMsg {
     Gate(Vec<Up>),
     /// Appends to timelines of users this worker owns.
     Append(Vec<AppendReq>),
-    /// Appends confirmed by recipients' workers: delete these outbox entries.
-    AppendDone(Vec<(ShardId, MsgId)>),
+    /// Appends confirmed by recipients' workers: `(outbox shard, msg_id, recipient)`. An outbox
+    /// entry is deleted once every one of its recipients confirmed.
+    AppendDone(Vec<(ShardId, MsgId, UserId)>),
     /// A recipient device acknowledged these messages: tell their senders.
     Delivered(Vec<DeliveredNote>),
     /// The link to this gate dropped: its connections are gone.
@@ -191,7 +197,7 @@ struct Round {
     /// Keyed by gate and core (`ConnId` bits 32..64).
     downs: HashMap<u64, Vec<Down>>,
     appends_out: Vec<Vec<AppendReq>>,
-    done_out: Vec<Vec<(ShardId, MsgId)>>,
+    done_out: Vec<Vec<(ShardId, MsgId, UserId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
     appended: HashSet<(UserId, MsgId)>,
     /// API answers, released after the commit.
@@ -264,6 +270,8 @@ pub struct Worker<S> {
     c2s: Option<Box<dyn C2sQueue>>,
     /// Offline-push candidates: (due time in ms, user, seq), in due order.
     push_due: VecDeque<(u64, UserId, u64)>,
+    /// Fan-outs not yet confirmed by every recipient.
+    outbox: outbox::Outbox,
 }
 
 fn now_ms() -> u64 {
@@ -348,6 +356,7 @@ impl<S: Store> Worker<S> {
             metrics,
             c2s: None,
             push_due: VecDeque::new(),
+            outbox: outbox::Outbox::default(),
         }
     }
 
@@ -390,6 +399,8 @@ impl<S: Store> Worker<S> {
         // worker re-sends its unconfirmed outbox to that node before any new live append.
         let mut resync = tokio::time::interval(RESYNC_CHECK_EVERY);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(RETRY_CHECK_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut push_tick = tokio::time::interval(PUSH_CHECK_EVERY);
         push_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let multi = self.router.nodes > 1;
@@ -399,6 +410,10 @@ impl<S: Store> Worker<S> {
                 m = rx.recv() => m,
                 _ = resync.tick(), if multi => {
                     self.resync_peers().await;
+                    continue;
+                }
+                _ = retry.tick(), if multi && self.outbox.len() > 0 => {
+                    self.retry_overdue(now_ms());
                     continue;
                 }
                 _ = push_tick.tick(), if push => {
@@ -431,11 +446,7 @@ impl<S: Store> Worker<S> {
                             self.on_append(a, &mut round).await;
                         }
                     }
-                    WorkerMsg::AppendDone(done) => {
-                        for (shard, msg_id) in done {
-                            round.batch.push(Op::OutboxDelete { shard, msg_id });
-                        }
-                    }
+                    WorkerMsg::AppendDone(done) => self.on_append_done(done, &mut round),
                     WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
                     WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
                     WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
@@ -464,8 +475,6 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Re-sends the fan-out of this worker's outbox entries (all of them at start: everything a
-    /// crash interrupted; with `only_node`, those bound for that node).
     /// Resumes the msg-id generator above the floor reserved before the restart, so no id is
     /// issued twice even if the wall clock is now behind the ids issued before.
     async fn resume_ids(&mut self) {
@@ -485,66 +494,6 @@ impl<S: Store> Worker<S> {
         };
         self.ids.raise_to(floor);
         self.id_reserved = floor;
-    }
-
-    async fn replay_outbox(&mut self, only_node: Option<usize>) {
-        let total = self.router.total();
-        let me = self.router.global(self.idx);
-        let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
-        let mut n = 0usize;
-        for s in 0..VSHARDS {
-            let shard = ShardId(s);
-            if self.router.owner_of_shard(shard) != me {
-                continue;
-            }
-            let entries = loop {
-                match self.store.outbox(shard).await {
-                    Ok(e) => break e,
-                    Err(e) if e.is_retryable() => {
-                        tracing::warn!(worker = self.idx, "outbox read failed, retrying: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => {
-                        // A corrupt record must not keep the worker from serving: report it
-                        // loudly and go on; the entries of this shard need an operator.
-                        tracing::error!(
-                            worker = self.idx,
-                            shard = shard.0,
-                            "outbox of shard unreadable, skipped: {e}"
-                        );
-                        break Vec::new();
-                    }
-                }
-            };
-            for OutboxEntry {
-                shard,
-                recipients,
-                msg,
-                ..
-            } in entries
-            {
-                for r in recipients {
-                    if only_node.is_some_and(|n| self.router.node_of(self.owner(r)) != n) {
-                        continue;
-                    }
-                    n += 1;
-                    out[self.owner(r)].push(AppendReq {
-                        recipient: r,
-                        shard,
-                        msg: msg.clone(),
-                        replay: true,
-                    });
-                }
-            }
-        }
-        if n > 0 {
-            tracing::info!(worker = self.idx, appends = n, "replaying outbox");
-        }
-        for (w, reqs) in out.into_iter().enumerate() {
-            if !reqs.is_empty() {
-                self.router.send(self.idx, w, WorkerMsg::Append(reqs));
-            }
-        }
     }
 
     async fn load_user(&mut self, uid: UserId) -> Result<(), StoreError> {
@@ -981,20 +930,7 @@ impl<S: Store> Worker<S> {
             entry,
         });
         if fan_out && to != uid {
-            let shard = vshard_of(uid);
-            round.batch.push(Op::OutboxPut(OutboxEntry {
-                shard,
-                msg_id,
-                recipients: vec![to],
-                msg: msg.clone(),
-            }));
-            let w = self.owner(to);
-            round.appends_out[w].push(AppendReq {
-                recipient: to,
-                shard,
-                msg: msg.clone(),
-                replay: false,
-            });
+            self.fan_out(vshard_of(uid), &msg, vec![to], round);
         }
         round.send(conn, ack(entry));
         // Roaming: the sender's other devices see their own message.
@@ -1025,7 +961,7 @@ impl<S: Store> Worker<S> {
         let key = (r, a.msg.msg_id);
         let done_to = self.router.owner_of_shard(a.shard);
         if round.appended.contains(&key) {
-            round.done_out[done_to].push((a.shard, a.msg.msg_id));
+            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
             return;
         }
         // Store reads are retried in place (not re-queued) so appends keep their order.
@@ -1047,7 +983,7 @@ impl<S: Store> Worker<S> {
         };
         if existing.is_some() {
             // Already appended before a restart: only release the outbox entry.
-            round.done_out[done_to].push((a.shard, a.msg.msg_id));
+            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
             return;
         }
         let (seq, prev_seq) = self.alloc_seq(r, round);
@@ -1092,7 +1028,7 @@ impl<S: Store> Worker<S> {
                 round.send(d.conn, deliver.clone());
             }
         }
-        round.done_out[done_to].push((a.shard, a.msg.msg_id));
+        round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
     }
 
     fn on_deliver_ack(&mut self, conn: ConnId, uid: UserId, seq: Seq, round: &mut Round) {

@@ -104,18 +104,62 @@ pub fn assert_no_deliver(c: &mut Client, wait: Duration) {
     }
 }
 
+/// A child process of a test that is killed (SIGKILL) and reaped when dropped, so a test that
+/// panics or times out leaves nothing running; the child also gets SIGKILL if the test process
+/// dies first (`PR_SET_PDEATHSIG`), so a leaked server can never hold CI's output pipe open.
+/// Derefs to the [`std::process::Child`].
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+/// Spawns `cmd` as a [`Proc`]: killed when the spawning thread's process exits.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, so spawn from the test's own
+/// thread (or one that outlives the child).
+pub fn spawn_reaped(cmd: &mut std::process::Command) -> std::io::Result<Proc> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map(Proc)
+}
+
+/// How long a spawned server may take to print its startup lines.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Starts the `im-server` binary with `args` and returns it with the address printed on its first
 /// stdout line after `prefix` (e.g. "listening on "). `run` and `logic` get a free API port.
-pub fn spawn_process(args: &[&str], prefix: &str) -> (std::process::Child, SocketAddr) {
+pub fn spawn_process(args: &[&str], prefix: &str) -> (Proc, SocketAddr) {
     let (child, mut lines) = spawn_lines(args);
     (child, parse_after(&lines.remove(0), prefix))
 }
 
 /// Like [`spawn_process`] for `run` / `logic`: also returns the HTTP API address.
-pub fn spawn_with_api(
-    args: &[&str],
-    prefix: &str,
-) -> (std::process::Child, SocketAddr, SocketAddr) {
+pub fn spawn_with_api(args: &[&str], prefix: &str) -> (Proc, SocketAddr, SocketAddr) {
     let (child, lines) = spawn_lines(args);
     let api = lines
         .iter()
@@ -134,35 +178,121 @@ fn parse_after(line: &str, prefix: &str) -> SocketAddr {
         .unwrap()
 }
 
-/// Spawns the binary and returns its startup lines (2 for `run`/`logic`, 1 otherwise); the rest
-/// of its stdout is drained by a thread so the process never writes into a closed pipe.
-fn spawn_lines(args: &[&str]) -> (std::process::Child, Vec<String>) {
+/// Spawns the binary and returns its startup lines (2 for `run`/`logic`, 1 otherwise), waiting
+/// at most [`STARTUP_DEADLINE`] for them; the rest of its stdout is drained by a thread so the
+/// process never writes into a closed pipe.
+fn spawn_lines(args: &[&str]) -> (Proc, Vec<String>) {
     use std::io::BufRead;
     let mut args: Vec<&str> = args.to_vec();
     let with_api = matches!(args.first(), Some(&"run") | Some(&"logic"));
     if with_api && !args.contains(&"--api-listen") {
         args.extend(["--api-listen", "127.0.0.1:0"]);
     }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("spawn im-server");
+    let mut child = spawn_reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
+            .args(&args)
+            // IM_TEST_LOG=info (or a filter) shows the servers' logs when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("IM_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit()),
+    )
+    .expect("spawn im-server");
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let want = if with_api { 2 } else { 1 };
-    let mut lines = Vec::new();
-    for _ in 0..want {
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        lines.push(line);
-    }
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut sink = String::new();
-        while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
+        let mut line = String::new();
+        while out.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            // The receiver is gone after the startup lines: the rest is drained and dropped.
+            let _ = tx.send(std::mem::take(&mut line));
         }
     });
+    let deadline = std::time::Instant::now() + STARTUP_DEADLINE;
+    let mut lines = Vec::new();
+    while lines.len() < want {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(e) => {
+                panic!("im-server {args:?}: no startup line within {STARTUP_DEADLINE:?} ({e})")
+            }
+        }
+    }
     (child, lines)
+}
+
+/// One HTTP/1.1 request to `addr` with a deadline on every step: (status, JSON body, or `Null`
+/// when the body is not JSON).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Key id and secret of the business key in [`api_keys_config`].
+pub const API_KEY: (&str, &str) = ("biz", "s3cret");
+
+/// Writes a config file into `dir` that gives the HTTP API the [`API_KEY`]; returns its path.
+pub fn api_keys_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("api-keys.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\n[api.keys]\n{} = \"{}\"\n",
+            API_KEY.0, API_KEY.1
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// A request to the HTTP API signed with [`API_KEY`] (docs/API.md).
+pub fn http_signed(
+    api: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let ts = now_secs();
+    let sig = im_logic::api::sign(API_KEY.1, method, target, ts, body.as_bytes());
+    http_request(
+        api,
+        method,
+        target,
+        &[
+            ("X-IM-Key", API_KEY.0.to_owned()),
+            ("X-IM-Timestamp", ts.to_string()),
+            ("X-IM-Signature", sig),
+        ],
+        body,
+    )
 }
