@@ -155,6 +155,17 @@ fn start_script(ports: &Ports) -> Script {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .process_group(0);
+    // If this test process dies without unwinding (killed, aborted), the script gets SIGTERM and
+    // its trap stops the cluster it started; a normal failure kills the group in `Script::drop`.
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().expect("spawn bash deploy/local-cluster.sh");
     let out = BufReader::new(child.stdout.take().unwrap());
     let (tx, lines) = mpsc::channel();
