@@ -3,7 +3,7 @@
 //!
 //! [`Directory`] has two real implementations: [`MemoryDirectory`] (one node, in-process) and
 //! [`RedisDirectory`] (Redis Cluster through the `redis` crate's cluster-async connection, feature
-//! `redis`). Both pass the shared [`conformance`] suite. Logic caches the routes of the users it
+//! `redis`). Both pass the shared suite `im_testkit::directory_conformance`. Logic caches the routes of the users it
 //! owns; the directory is what other nodes read and what survives a logic restart.
 //!
 //! # Redis key layout
@@ -57,14 +57,13 @@
 //! TTLs are measured by the directory, never by callers: Redis expires keys on the master's clock
 //! and the gate registry scores use the server's `TIME`, so client clock skew does not matter.
 
-pub mod conformance;
-mod memory;
+mod memory_directory;
 #[cfg(feature = "redis")]
-mod redis_dir;
+mod redis_directory;
 
-pub use memory::MemoryDirectory;
+pub use memory_directory::MemoryDirectory;
 #[cfg(feature = "redis")]
-pub use redis_dir::{RedisDirectory, RedisDirectoryConfig};
+pub use redis_directory::{RedisDirectory, RedisDirectoryConfig};
 
 use im_shared::{ShardId, UserId};
 

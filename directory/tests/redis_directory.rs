@@ -3,7 +3,8 @@
 //! `redis-server`), plus a master failover test. The Redis tests fail, not skip, when
 //! `redis-server` is missing: CI installs it.
 
-use im_logic::directory::{conformance, MemoryDirectory};
+use im_directory::MemoryDirectory;
+use im_testkit::directory_conformance as conformance;
 
 #[tokio::test]
 async fn memory_directory_passes_conformance() {
@@ -21,7 +22,7 @@ mod redis_cluster {
     use std::future::Future;
     use std::time::{Duration, Instant};
 
-    use im_logic::directory::{Directory, DirectoryError, GateInfo, RedisDirectory, RouteEntry};
+    use im_directory::{Directory, DirectoryError, GateInfo, RedisDirectory, RouteEntry};
     use im_shared::{ShardId, UserId};
     use im_testkit::{key_slot, RedisCluster};
     use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};

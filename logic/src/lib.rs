@@ -12,7 +12,6 @@ pub mod api;
 mod b64;
 pub mod c2s;
 mod config;
-pub mod directory;
 mod handle;
 pub mod metrics;
 mod msgid;
@@ -23,8 +22,12 @@ mod publish;
 pub mod push;
 mod router;
 mod services;
-pub mod store;
 pub mod worker;
+
+/// The directory (crate `im-directory`), under its old path.
+pub use im_directory as directory;
+/// The message store (crate `im-store`), under its old path.
+pub use im_store as store;
 
 pub use config::LogicConfig;
 pub use handle::{start, start_node, start_with, Cluster, LogicHandle};

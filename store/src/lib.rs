@@ -1,14 +1,13 @@
 //! Storage of messages, timelines, seq segments, device cursors, dedup entries and the outbox.
 //!
 //! [`Store`] is the one interface logic uses; it has real implementations only: the embedded
-//! [`FjallStore`] (single node) and, ScyllaDB ([`ScyllaStore`], feature `scylla`). Every implementation must pass
-//! [`conformance`], the shared test-suite of this trait.
+//! [`FjallStore`] (single node) and ScyllaDB ([`ScyllaStore`], feature `scylla`). Every
+//! implementation must pass `im_testkit::store_conformance`, the shared test-suite of this trait.
 //!
 //! Writes go through a [`WriteBatch`] that is applied atomically and durably by
 //! [`Store::commit`]; a logic worker collects the writes of many requests into one batch (group
 //! commit) and acknowledges nothing before `commit` returns.
 
-pub mod conformance;
 mod fjall_store;
 
 pub use fjall_store::FjallStore;
@@ -159,7 +158,7 @@ pub enum Op {
 }
 
 /// Who writes a batch: a logic node and the incarnation its shard lease gave it
-/// (`crate::ownership`). [`Store::commit`] refuses the batch with [`StoreError::Fenced`] when the
+/// (`im_logic::ownership`). [`Store::commit`] refuses the batch with [`StoreError::Fenced`] when the
 /// node's fence ([`Store::fence`]) is above `incarnation`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Writer {

@@ -139,7 +139,7 @@ const USER_LIST_PAGE: i32 = 512;
 
 /// The schema, applied by [`ScyllaStore::create_schema`] with the keyspace and replication
 /// replaced.
-const SCHEMA_CQL: &str = include_str!("../../../deploy/scylla/schema.cql");
+const SCHEMA_CQL: &str = include_str!("../../deploy/scylla/schema.cql");
 
 /// Keyspace of `deploy/scylla/schema.cql`.
 const SCHEMA_KEYSPACE: &str = "im";

@@ -3,7 +3,7 @@
 //! a reconnect, the dedup TTL).
 //!
 //! Runs only when `SCYLLA_NODES` names the cluster (comma-separated `host:port`, e.g.
-//! `SCYLLA_NODES=127.0.0.1:9042 cargo test -p im-logic --test scylla_conformance -- --nocapture`);
+//! `SCYLLA_NODES=127.0.0.1:9042 cargo test -p im-store --test scylla_conformance -- --nocapture`);
 //! otherwise it prints "skipped: SCYLLA_NODES not set" and passes. Each run creates a fresh
 //! keyspace `im_test_<random>` with replication factor 1 and drops it at the end, also when a
 //! check fails.
@@ -13,9 +13,10 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
 use bytes::Bytes;
-use im_logic::store::{conformance, DedupEntry, Op, OutboxEntry, ScyllaStore, Store, WriteBatch};
 use im_shared::proto::{Message, CONV_C2C};
 use im_shared::{MsgId, Seq, ShardId, UserId};
+use im_store::{DedupEntry, Op, OutboxEntry, ScyllaStore, Store, WriteBatch};
+use im_testkit::store_conformance as conformance;
 use scylla::client::session_builder::SessionBuilder;
 
 fn nodes_from_env() -> Option<Vec<String>> {

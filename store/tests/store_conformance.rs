@@ -2,11 +2,10 @@
 //! specific to the embedded backend: durability across a reopen and corrupt records.
 
 use bytes::Bytes;
-use im_logic::store::{
-    conformance, DedupEntry, FjallStore, Op, OutboxEntry, Store, StoreError, WriteBatch,
-};
 use im_shared::proto::{Message, CONV_C2C};
 use im_shared::{MsgId, Seq, ShardId, UserId};
+use im_store::{DedupEntry, FjallStore, Op, OutboxEntry, Store, StoreError, WriteBatch};
+use im_testkit::store_conformance as conformance;
 
 fn msg(to: u64, seq: u64, msg_id: u64) -> Message {
     Message {

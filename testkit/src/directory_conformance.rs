@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use im_shared::{ShardId, UserId};
 
-use super::{Directory, DirectoryError, GateInfo, RouteEntry};
+use im_directory::{Directory, DirectoryError, GateInfo, RouteEntry};
 
 /// Distance between two `base`s whose runs must not see each other's records.
 pub const BASE_STRIDE: u64 = 1 << 20;

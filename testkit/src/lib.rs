@@ -8,7 +8,13 @@
 //! Tests that need Redis must fail, not skip, when `redis-server` is missing: [`RedisCluster::start`]
 //! then returns an error saying how to install it.
 
+//!
+//! [`store_conformance`] and [`directory_conformance`] are the shared test-suites every backend of
+//! `im_store::Store` and of `im_directory::Directory` passes.
+
+pub mod directory_conformance;
 mod redis_cluster;
 mod resp;
+pub mod store_conformance;
 
 pub use redis_cluster::{key_slot, ClusterOptions, RedisCluster, SLOTS};

@@ -1,5 +1,5 @@
-//! The conformance test-suite of [`Store`]: every backend (the embedded [`super::FjallStore`],
-//! later ScyllaDB) must pass [`run_all`]. Each check is a `pub async fn` that panics (`assert!`)
+//! The conformance test-suite of [`Store`]: every backend (the embedded [`FjallStore`], the
+//! ScyllaDB store) must pass [`run_all`]. Each check is a `pub async fn` that panics (`assert!`)
 //! on a violation, so a backend's test calls [`run_all`] or picks single checks.
 //!
 //! Every check writes only uids, group ids and outbox shards derived from its `base` argument and
@@ -15,7 +15,7 @@ use im_shared::proto::{
 use im_shared::shard::VSHARDS;
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use super::{
+use im_store::{
     DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch, Writer,
 };
 
@@ -1499,10 +1499,10 @@ pub async fn id_floor<S: Store>(store: &S, base: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::FjallStore;
+    use im_store::FjallStore;
 
-    /// The whole suite on the embedded store, twice on one store (as `tests/store_conformance.rs`
-    /// does), so that `cargo test --lib store` covers the suite itself too.
+    /// The whole suite on the embedded store, twice on one store (as
+    /// `store/tests/store_conformance.rs` does), so that the suite's own crate tests it too.
     #[tokio::test]
     async fn fjall_passes_the_suite_twice() {
         let dir = tempfile::tempdir().expect("tempdir");
