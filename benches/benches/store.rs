@@ -17,7 +17,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use im_logic::directory::{Directory, MemoryDirectory, RouteEntry};
 use im_logic::store::{DedupEntry, FjallStore, Op, OutboxEntry, Store, WriteBatch};
-use im_logic::MsgIdGen;
+use im_shared::msgid::MsgIdGen;
 use im_shared::proto::{Message, CONV_C2C};
 use im_shared::shard::{core_of, vshard_of};
 use im_shared::{MsgId, Seq, UserId};

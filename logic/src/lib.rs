@@ -8,28 +8,30 @@
 //! A worker drains its inbox, applies a whole round of requests, commits their writes in one
 //! durable batch (group commit) and only then releases acks and deliveries.
 
-pub mod api;
-mod b64;
-pub mod c2s;
 mod config;
 mod handle;
 pub mod metrics;
-mod msgid;
 pub mod net;
 pub mod ownership;
 pub mod peer;
 mod publish;
-pub mod push;
 mod router;
 mod services;
 pub mod worker;
 
-/// The directory (crate `im-directory`), under its old path.
+// The crates logic is built on, under the paths logic's users know.
+/// The HTTP server API (crate `im-api`).
+pub use im_api as api;
+/// The c2s queue to business servers (crate `im-c2s`).
+pub use im_c2s as c2s;
+/// The directory (crate `im-directory`).
 pub use im_directory as directory;
-/// The message store (crate `im-store`), under its old path.
+/// Offline push (crate `im-push`).
+pub use im_push as push;
+/// The message store (crate `im-store`).
 pub use im_store as store;
 
 pub use config::LogicConfig;
 pub use handle::{start, start_node, start_with, Cluster, LogicHandle};
-pub use msgid::MsgIdGen;
+pub use im_shared::msgid::MsgIdGen;
 pub use services::{PushService, Services};

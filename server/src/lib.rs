@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use im_api::{ApiBackend, ApiConfig, ApiServer, GateSource, MetricsFn};
+use im_c2s::{C2sConfig, C2sHub};
 use im_gate::{Gate, GateConfig, GateHandle, GateStats};
-use im_logic::api::{ApiBackend, ApiConfig, ApiServer, GateSource, MetricsFn};
-use im_logic::c2s::{C2sConfig, C2sHub};
 use im_logic::directory::GateInfo;
-use im_logic::push::{PushConfig, PushDispatcher};
 use im_logic::store::FjallStore;
 use im_logic::{LogicConfig, LogicHandle, PushService, Services};
+use im_push::{PushConfig, PushDispatcher};
 use im_shared::token::HmacTokens;
 use serde::Deserialize;
 

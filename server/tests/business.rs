@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use im_logic::c2s::{signature_hex, C2sConfig};
-use im_logic::push::{PushConfig, WebhookConfig, PROVIDER_WEBHOOK};
+use im_c2s::{signature_hex, C2sConfig};
+use im_push::{PushConfig, WebhookConfig, PROVIDER_WEBHOOK};
 use im_server::ServerConfig;
 use im_shared::client::{Client, ClientError, Timeline};
 use im_shared::proto::{
@@ -371,7 +371,7 @@ impl Api {
         target: &str,
         body: &str,
     ) -> HttpResp {
-        let sig = im_logic::api::sign(secret, method, target, ts, body.as_bytes());
+        let sig = im_api::sign(secret, method, target, ts, body.as_bytes());
         http(
             self.0,
             method,
@@ -826,7 +826,7 @@ fn api_refuses_unsigned_badly_signed_and_bad_requests_and_delivers_nothing() {
         "bad_signature",
     );
     // Signed over one body, sent with another.
-    let sig = im_logic::api::sign(SECRET, "POST", "/v1/messages", now, body.as_bytes());
+    let sig = im_api::sign(SECRET, "POST", "/v1/messages", now, body.as_bytes());
     let tampered = body.replace("pay now", "pay more");
     unauthorized(
         http(

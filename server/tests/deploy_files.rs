@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use im_logic::c2s::C2sConfig;
+use im_c2s::C2sConfig;
 use im_server::ServerConfig;
 
 fn deploy(rel: &str) -> PathBuf {

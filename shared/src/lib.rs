@@ -5,11 +5,13 @@
 //!
 //! The byte layout of everything in this crate is specified in `docs/PROTOCOL.md`.
 
+pub mod b64;
 pub mod client;
 pub mod codes;
 pub mod frame;
 pub mod ids;
 pub mod link;
+pub mod msgid;
 pub mod prom;
 pub mod proto;
 pub mod shard;

@@ -25,10 +25,10 @@ use crate::api::{Accepted, ApiError};
 use crate::c2s::{C2sQueue, C2sRecord};
 use crate::config::LogicConfig;
 use crate::metrics::Metrics;
-use crate::msgid::MsgIdGen;
 use crate::router::Router;
 use crate::services::Services;
 use crate::store::{DedupEntry, Op, Store, StoreError, WriteBatch};
+use im_shared::msgid::MsgIdGen;
 
 mod features;
 mod groups;

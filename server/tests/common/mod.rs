@@ -29,9 +29,7 @@ pub fn config(dir: &std::path::Path) -> ServerConfig {
         data_dir: dir.to_path_buf(),
         gate_cores: 2,
         logic_workers: 2,
-        api: Some(im_logic::api::ApiConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-        )),
+        api: Some(im_api::ApiConfig::new("127.0.0.1:0".parse().unwrap())),
         // Functional tests send as fast as they can: no per-user message rate (protection.rs
         // tests it). Every other limit keeps its production default.
         limits: im_server::LimitsConfig {
@@ -283,7 +281,7 @@ pub fn http_signed(
     body: &str,
 ) -> (u16, serde_json::Value) {
     let ts = now_secs();
-    let sig = im_logic::api::sign(API_KEY.1, method, target, ts, body.as_bytes());
+    let sig = im_api::sign(API_KEY.1, method, target, ts, body.as_bytes());
     http_request(
         api,
         method,

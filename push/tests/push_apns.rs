@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use im_logic::push::jwt::{b64_std, b64url, pem_block};
-use im_logic::push::{
+use im_push::jwt::{b64_std, b64url, pem_block};
+use im_push::{
     apns_payload, classify_apns_response, ApnsConfig, ApnsProvider, DispatchOptions, PushConfig,
     PushDispatcher, PushError, PushProvider, APNS_MAX_PAYLOAD, APNS_TOKEN_REFRESH_SECS,
     PROVIDER_APNS,

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use im_logic::push::jwt::b64_decode;
-use im_logic::push::{
+use im_push::jwt::b64_decode;
+use im_push::{
     classify_fcm_response, fcm_message, FcmConfig, FcmProvider, PushDispatcher, PushError,
     PushProvider, ServiceAccount, FCM_MAX_PAYLOAD, FCM_SCOPE, PROVIDER_FCM,
 };
@@ -320,7 +320,7 @@ fn push_fcm_error_classification() {
 
 #[test]
 fn push_fcm_token_answers() {
-    use im_logic::push::FCM_ENDPOINT;
+    use im_push::FCM_ENDPOINT;
     assert!(FCM_ENDPOINT.starts_with("https://"));
     let parse = im_fcm_parse;
     let (t, exp) = parse(
@@ -341,7 +341,7 @@ fn push_fcm_token_answers() {
 }
 
 fn im_fcm_parse(status: u16, body: &[u8]) -> Result<(String, u64), PushError> {
-    im_logic::push::parse_token_answer(status, body, None, 1000)
+    im_push::parse_token_answer(status, body, None, 1000)
 }
 
 /// Google's token endpoint and FCM in one server: `/token` checks the assertion and issues

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use im_logic::push::{
+use im_push::{
     DispatchOptions, ErrorClass, PushDispatcher, PushError, PushNotification, PushProvider,
     PROVIDER_APNS, PROVIDER_FCM, PROVIDER_WEBHOOK,
 };

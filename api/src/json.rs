@@ -132,7 +132,7 @@ pub(crate) fn user_list(
 /// Decodes standard base64 (RFC 4648 §4, padding optional, no whitespace); also accepts the
 /// URL-safe alphabet.
 pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    crate::b64::decode(s)
+    im_shared::b64::decode(s)
 }
 
 #[cfg(test)]

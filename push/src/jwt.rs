@@ -6,19 +6,19 @@ use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 
 /// Base64url without padding (RFC 7515 §2).
 pub fn b64url(data: &[u8]) -> String {
-    crate::b64::encode_url(data)
+    im_shared::b64::encode_url(data)
 }
 
 /// Decodes standard or url-safe base64, with or without padding; ASCII whitespace is skipped
 /// (PEM bodies). `None` on any other character or a dangling bit.
 pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
     let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    crate::b64::decode(&compact)
+    im_shared::b64::decode(&compact)
 }
 
 /// Standard base64 with padding.
 pub fn b64_std(data: &[u8]) -> String {
-    crate::b64::encode_std(data)
+    im_shared::b64::encode_std(data)
 }
 
 /// The DER bytes of the first PEM block labelled `label` (e.g. `PRIVATE KEY`).

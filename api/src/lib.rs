@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 
 use im_shared::token::HmacTokens;
 
-use crate::directory::GateInfo;
+use im_directory::GateInfo;
 
 /// Settings of the HTTP API.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -110,7 +110,7 @@ pub enum GateSource {
     /// A fixed list (single node, tests); every gate is considered healthy.
     Static(Vec<GateInfo>),
     /// The gate registry of the Redis Cluster directory, given by its seed nodes
-    /// (`redis://host:port`); read through [`crate::directory::RedisDirectory::gates`] and cached
+    /// (`redis://host:port`); read through [`im_directory::RedisDirectory::gates`] and cached
     /// for about a second. Needs the `redis` feature.
     Redis(Vec<String>),
 }

@@ -12,8 +12,8 @@ mod redis_streams {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
-    use im_logic::c2s::{stream_key, C2sConfig, C2sError, C2sHub, C2sRecord};
-    use im_logic::MsgIdGen;
+    use im_c2s::{stream_key, C2sConfig, C2sError, C2sHub, C2sRecord};
+    use im_shared::msgid::MsgIdGen;
     use im_shared::UserId;
     use im_testkit::RedisCluster;
     use redis::cluster_async::ClusterConnection;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use im_logic::push::{
+use im_push::{
     DispatchOptions, PushConfig, PushDispatcher, PushProvider, PushStats, WebhookConfig,
     WebhookProvider, PROVIDER_APNS, PROVIDER_WEBHOOK, WEBHOOK_HEADER_SIGNATURE,
 };

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use im_logic::push::PushNotification;
+use im_push::PushNotification;
 use im_shared::{MsgId, UserId};
 
 /// One request the server received.
@@ -225,7 +225,7 @@ pub fn hmac_hex(key: &[u8], data: &[u8]) -> String {
 
 /// Splits a compact JWT into its decoded header, claims, the signing input and the signature.
 pub fn split_jwt(jwt: &str) -> (serde_json::Value, serde_json::Value, String, Vec<u8>) {
-    use im_logic::push::jwt::b64_decode;
+    use im_push::jwt::b64_decode;
     let parts: Vec<&str> = jwt.split('.').collect();
     assert_eq!(parts.len(), 3, "compact JWS has three parts: {jwt}");
     for p in &parts {

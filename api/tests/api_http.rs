@@ -14,11 +14,11 @@ mod api {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use im_logic::api::{
+    use im_api::{
         sign, Accepted, ApiBackend, ApiConfig, ApiError, ApiServer, BackoffConfig, BoxFut,
         GateSource, MetricsFn, PushTarget,
     };
-    use im_logic::directory::GateInfo;
+    use im_directory::GateInfo;
     use im_shared::proto::{GroupDesc, ROLE_MEMBER, ROLE_OWNER};
     use im_shared::token::{now_secs, HmacTokens, TokenVerifier};
     use im_shared::{ErrorCode, GroupId, MsgId, UserId};
@@ -1198,7 +1198,7 @@ mod api {
         assert_eq!(r.header("cache-control"), Some("no-store"));
         let v = r.json();
         let mut expected = (1..=4).map(gate).collect::<Vec<_>>();
-        im_logic::api::order_gates(UserId(42), &mut expected);
+        im_api::order_gates(UserId(42), &mut expected);
         let gates: Vec<Value> = expected
             .iter()
             .map(|g| json!({"id": g.id, "tcp": g.tcp_addr, "ws": g.ws_addr}))
@@ -1314,7 +1314,7 @@ mod api {
     #[cfg(feature = "redis")]
     #[test]
     fn iplist_reads_live_gates_from_redis_cluster() {
-        use im_logic::directory::{Directory, RedisDirectory};
+        use im_directory::{Directory, RedisDirectory};
         use std::time::Instant;
 
         let cluster = im_testkit::RedisCluster::start(3, 0).unwrap_or_else(|e| {
@@ -1350,7 +1350,7 @@ mod api {
             std::thread::sleep(Duration::from_millis(100));
         };
         let mut expected: Vec<GateInfo> = (1..=3).map(gate).collect();
-        im_logic::api::order_gates(UserId(9), &mut expected);
+        im_api::order_gates(UserId(9), &mut expected);
         let ids: Vec<u64> = v["gates"]
             .as_array()
             .unwrap()

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use im_shared::UserId;
 
-use crate::directory::GateInfo;
+use im_directory::GateInfo;
 
 /// How long a gate list read from Redis is served before it is read again.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -98,7 +98,7 @@ mod redis_source {
     use std::time::{Duration, Instant};
 
     use super::{GatesError, CACHE_TTL, RETRY_PAUSE, STALE_MAX};
-    use crate::directory::{Directory, GateInfo, RedisDirectory, RedisDirectoryConfig};
+    use im_directory::{Directory, GateInfo, RedisDirectory, RedisDirectoryConfig};
 
     /// The Redis gate registry, connected lazily on the API runtime, with a short cache.
     pub(crate) struct RedisGates {

@@ -66,7 +66,7 @@ pub fn payload_json(rec: &C2sRecord) -> Vec<u8> {
 
 /// Standard base64 (RFC 4648 §4) with padding.
 pub fn base64(data: &[u8]) -> String {
-    crate::b64::encode_std(data)
+    im_shared::b64::encode_std(data)
 }
 
 /// Lowercase hex of HMAC-SHA256(`secret`, `body`).

@@ -161,7 +161,7 @@ pub enum C2sError {
 impl C2sError {
     /// Whether the same enqueue may succeed later: only a network backend that is unavailable.
     /// An embedded I/O error is not retried (after a failed fsync the only safe state is the one
-    /// on disk), like [`crate::store::StoreError::is_retryable`].
+    /// on disk), like [`im_store::StoreError::is_retryable`].
     pub fn is_retryable(&self) -> bool {
         matches!(self, C2sError::Unavailable(_))
     }

@@ -17,11 +17,11 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use im_logic::c2s::{
+use im_c2s::{
     C2sConfig, C2sError, C2sHub, C2sQueue, C2sRecord, DeadReason, HEADER_ATTEMPT, HEADER_ID,
     HEADER_SIGNATURE, HEADER_TOPIC,
 };
-use im_logic::MsgIdGen;
+use im_shared::msgid::MsgIdGen;
 use im_shared::{MsgId, UserId};
 use sha2::Sha256;
 
@@ -539,7 +539,7 @@ async fn c2s_webhook_undelivered_records_survive_restart() {
     inbox.set_status("/r", 500);
     let data = tempfile::tempdir().unwrap();
     // The server keeps its store in the data dir too; the c2s database lives beside it.
-    let store = im_logic::store::FjallStore::open(data.path()).expect("store");
+    let store = im_store::FjallStore::open(data.path()).expect("store");
     let c = cfg(&[], Some(rx.url("/r")), Some(SECRET));
     let hub = start(&c, data.path());
     let q = hub.queue().await.unwrap();
@@ -560,7 +560,7 @@ async fn c2s_webhook_undelivered_records_survive_restart() {
     assert!(inbox.delivered().is_empty());
 
     // Restart: the queue is found again and delivered once the receiver answers.
-    let store = im_logic::store::FjallStore::open(data.path()).expect("store reopens");
+    let store = im_store::FjallStore::open(data.path()).expect("store reopens");
     inbox.set_status("/r", 200);
     let hub = start(&c, data.path());
     assert_eq!(hub.stats().pending, 7, "found after restart");

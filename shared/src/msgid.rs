@@ -1,6 +1,6 @@
 //! Time-ordered unique message ids: `ms since 2024-01-01 : 42 | generator : 10 | counter : 12`.
 
-use im_shared::MsgId;
+use crate::MsgId;
 
 /// One generator per worker; ids from distinct generators never collide.
 #[derive(Debug)]
