@@ -787,6 +787,31 @@ fn signal(child: &Child, sig: &str) {
     signal_pid(child.id(), sig);
 }
 
+/// Waits (at most 10 s) until every thread of `pid` is in the stopped state (`T` in
+/// `/proc/<pid>/task/*/stat`).
+fn wait_all_threads_stopped(pid: u32) {
+    let t0 = Instant::now();
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let running: Vec<String> = tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter(|stat| {
+                let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+                !matches!(state, Some(Some('T' | 't')))
+            })
+            .collect();
+        if running.is_empty() {
+            eprintln!("all threads of {pid} stopped after {:?}", t0.elapsed());
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "threads of {pid} not stopped: {running:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn signal_pid(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -836,6 +861,10 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     let before = a.send_c2c(UserId(bob), 1, "before the pause").unwrap();
 
     signal(&p1, "-STOP");
+    // kill(2) only queues the stop: a thread in an uninterruptible wait (an fsync) stops when it
+    // comes out, and the others keep running until one of them starts the group stop. Send only
+    // once every thread is stopped, or the message may be handled before the pause.
+    wait_all_threads_stopped(p1.id());
     // Sent while the owner is paused: the gate writes it into the link, where the paused
     // process will read it when it resumes.
     let during = std::thread::spawn(move || {
