@@ -35,11 +35,60 @@ pub(super) const RETRY_MAX_MS: u64 = 60_000;
 /// A fan-out not yet confirmed by every recipient.
 struct Fanout {
     msg: Message,
-    left: HashSet<UserId>,
+    left: Left,
     /// When the recipients on other nodes that are still in `left` get the next re-send.
     due_ms: u64,
     backoff_ms: u64,
 }
+
+/// The recipients of a fan-out that have not confirmed yet; one (c2c) without an allocation.
+enum Left {
+    One(Option<UserId>),
+    Many(HashSet<UserId>),
+}
+
+impl Left {
+    fn new(recipients: &[UserId]) -> Left {
+        match recipients {
+            [r] => Left::One(Some(*r)),
+            rs => Left::Many(rs.iter().copied().collect()),
+        }
+    }
+
+    fn contains(&self, r: UserId) -> bool {
+        match self {
+            Left::One(o) => *o == Some(r),
+            Left::Many(m) => m.contains(&r),
+        }
+    }
+
+    /// Strikes `r`; true if it was there.
+    fn remove(&mut self, r: UserId) -> bool {
+        match self {
+            Left::One(o) if *o == Some(r) => o.take().is_some(),
+            Left::One(_) => false,
+            Left::Many(m) => m.remove(&r),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Left::One(o) => o.is_none(),
+            Left::Many(m) => m.is_empty(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = UserId> + '_ {
+        let (one, many) = match self {
+            Left::One(o) => (*o, None),
+            Left::Many(m) => (None, Some(m.iter().copied())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// Appends to re-send: `(outbox shard, message, recipients)`.
+pub(super) type Resend = Vec<(ShardId, Message, Vec<UserId>)>;
 
 /// The unconfirmed fan-outs of one worker, by outbox key.
 #[derive(Default)]
@@ -53,15 +102,23 @@ impl Outbox {
         self.pending.len()
     }
 
+    /// Starts tracking a fan-out (at `now`); one already tracked keeps its confirmations.
     fn track(&mut self, shard: ShardId, msg: &Message, recipients: &[UserId], now: u64) {
         self.pending
             .entry((shard, msg.msg_id))
             .or_insert_with(|| Fanout {
                 msg: msg.clone(),
-                left: recipients.iter().copied().collect(),
+                left: Left::new(recipients),
                 due_ms: now + RETRY_FIRST_MS,
                 backoff_ms: RETRY_FIRST_MS,
             });
+    }
+
+    /// Whether `recipient` has yet to confirm the entry `(shard, msg_id)`.
+    fn is_unconfirmed(&self, shard: ShardId, msg_id: MsgId, recipient: UserId) -> bool {
+        self.pending
+            .get(&(shard, msg_id))
+            .is_some_and(|f| f.left.contains(recipient))
     }
 
     /// Records that `recipient` appended `msg_id`; true when that was the last one (the entry
@@ -72,11 +129,29 @@ impl Outbox {
             // Already complete (a replay's second confirmation), or not ours: nothing to do.
             return false;
         };
-        if !f.left.remove(&recipient) || !f.left.is_empty() {
+        if !f.left.remove(recipient) || !f.left.is_empty() {
             return false;
         }
         self.pending.remove(&key);
         true
+    }
+
+    /// The unconfirmed recipients for which `remote` holds, of every fan-out due at `now`; each
+    /// such fan-out's next re-send moves out by its doubled backoff.
+    fn take_overdue(&mut self, now: u64, remote: impl Fn(UserId) -> bool) -> Resend {
+        let mut out = Vec::new();
+        for (&(shard, _), f) in self.pending.iter_mut() {
+            if f.due_ms > now {
+                continue;
+            }
+            f.backoff_ms = (f.backoff_ms * 2).min(RETRY_MAX_MS);
+            f.due_ms = now + f.backoff_ms;
+            let to: Vec<UserId> = f.left.iter().filter(|r| remote(*r)).collect();
+            if !to.is_empty() {
+                out.push((shard, f.msg.clone(), to));
+            }
+        }
+        out
     }
 }
 
@@ -161,9 +236,8 @@ impl<S: Store> Worker<S> {
             } in entries
             {
                 self.outbox.track(shard, &msg, &recipients, now);
-                let left = &self.outbox.pending[&(shard, msg.msg_id)].left;
                 for r in recipients {
-                    if !left.contains(&r)
+                    if !self.outbox.is_unconfirmed(shard, msg.msg_id, r)
                         || only_node.is_some_and(|n| self.router.node_of(self.owner(r)) != n)
                     {
                         continue;
@@ -186,25 +260,19 @@ impl<S: Store> Worker<S> {
 
     /// Re-sends the appends that recipients on other nodes have not confirmed in time.
     pub(super) fn retry_overdue(&mut self, now: u64) {
-        let total = self.router.total();
-        let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
+        let router = &self.router;
+        let resend = self
+            .outbox
+            .take_overdue(now, |r| router.node_of(router.owner(r)) != router.node);
+        let mut out: Vec<Vec<AppendReq>> = (0..router.total()).map(|_| Vec::new()).collect();
         let mut n = 0usize;
-        for (&(shard, _), f) in self.outbox.pending.iter_mut() {
-            if f.due_ms > now {
-                continue;
-            }
-            f.backoff_ms = (f.backoff_ms * 2).min(RETRY_MAX_MS);
-            f.due_ms = now + f.backoff_ms;
-            for &r in &f.left {
-                let w = self.router.owner(r);
-                if self.router.node_of(w) == self.router.node {
-                    continue;
-                }
+        for (shard, msg, to) in resend {
+            for r in to {
                 n += 1;
-                out[w].push(AppendReq {
+                out[self.owner(r)].push(AppendReq {
                     recipient: r,
                     shard,
-                    msg: f.msg.clone(),
+                    msg: msg.clone(),
                     replay: true,
                 });
             }
@@ -271,6 +339,65 @@ mod tests {
             !o.confirm(s, m.msg_id, UserId(3)),
             "late duplicate after completion"
         );
+    }
+
+    #[test]
+    fn a_single_recipient_completes_on_its_own_confirmation_only() {
+        let mut o = Outbox::default();
+        let (s, m) = (ShardId(2), msg(5));
+        o.track(s, &m, &[UserId(8)], 0);
+        assert!(o.is_unconfirmed(s, m.msg_id, UserId(8)));
+        assert!(!o.confirm(s, m.msg_id, UserId(9)));
+        assert!(o.confirm(s, m.msg_id, UserId(8)));
+        assert!(!o.is_unconfirmed(s, m.msg_id, UserId(8)));
+        assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn overdue_fan_outs_resend_to_unconfirmed_remote_recipients_with_backoff() {
+        let mut o = Outbox::default();
+        let (s, a, b) = (ShardId(1), msg(10), msg(11));
+        // Users >= 100 live on another node.
+        let remote = |u: UserId| u.0 >= 100;
+        o.track(s, &a, &[UserId(1), UserId(100), UserId(101)], 0);
+        o.track(s, &b, &[UserId(102)], 3_000);
+        assert!(
+            o.take_overdue(RETRY_FIRST_MS - 1, remote).is_empty(),
+            "not due yet"
+        );
+        assert!(!o.confirm(s, a.msg_id, UserId(101)));
+        let mut due = o.take_overdue(RETRY_FIRST_MS, remote);
+        assert_eq!(due.len(), 1, "only `a` is due");
+        let (shard, m, mut to) = due.remove(0);
+        to.sort();
+        assert_eq!((shard, m.msg_id, to), (s, a.msg_id, vec![UserId(100)]));
+        // Next re-send of `a` after twice the first delay; `b` is due at 3 s + the first.
+        let t = RETRY_FIRST_MS + 2 * RETRY_FIRST_MS;
+        let due: Vec<MsgId> = o
+            .take_overdue(t - 1, remote)
+            .iter()
+            .map(|d| d.1.msg_id)
+            .collect();
+        assert_eq!(due, vec![b.msg_id]);
+        let due: Vec<MsgId> = o
+            .take_overdue(t, remote)
+            .iter()
+            .map(|d| d.1.msg_id)
+            .collect();
+        assert_eq!(due, vec![a.msg_id]);
+        // The backoff stops doubling at the cap.
+        let mut now = t;
+        for _ in 0..10 {
+            now += RETRY_MAX_MS;
+            o.take_overdue(now, remote);
+        }
+        assert!(o.take_overdue(now + RETRY_MAX_MS - 1, remote).is_empty());
+        assert_eq!(o.take_overdue(now + RETRY_MAX_MS, remote).len(), 2);
+        // A confirmed fan-out is never re-sent again.
+        assert!(o.confirm(s, b.msg_id, UserId(102)));
+        assert!(!o.confirm(s, a.msg_id, UserId(1)));
+        assert!(o.confirm(s, a.msg_id, UserId(100)));
+        assert!(o.take_overdue(u64::MAX / 2, remote).is_empty());
     }
 
     #[test]
