@@ -4,6 +4,21 @@
 //! in one [`WriteBatch`], commits it durably, and only then sends what depends on it (acks,
 //! deliveries) — so an ack always means "durable". Fan-out to users of other workers goes over
 //! their inboxes after the commit, backed by the outbox record written in the same batch.
+//!
+//! This file holds the worker's state, the round (`Round`) and the loop that runs it (`run`,
+//! `finish`); each kind of request has a file of its own:
+//!
+//! | file | owns |
+//! |---|---|
+//! | `session.rs` | login (token, kickout of the same device type), closed connections, a gate going down |
+//! | `c2c.rs` | one-to-one sends: dedup, the sender's timeline, the ack, the fan-out |
+//! | `outbox.rs` | fan-out records until every recipient confirmed: replay, resync, retries |
+//! | `append.rs` | appends to a recipient's timeline, live delivery, the confirmation |
+//! | `delivery.rs` | delivery acks: device cursors and `Delivered` notices to senders |
+//! | `sync.rs` | sync pages |
+//! | `groups.rs` | groups: management, posts in the group's order, their wire codec on peer links |
+//! | `recall.rs`, `receipts.rs` | recall and read markers |
+//! | `c2s.rs`, `push.rs`, `api.rs` | c2s reports, offline push, requests of the HTTP API (s2c) |
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use im_shared::frame::Cmd;
 use im_shared::link::{Down, DownstreamSink, Up};
-use im_shared::proto::{GroupDesc, Message, CONV_C2C, CONV_C2G, MAX_DEVICE_ID_LEN};
+use im_shared::proto::{GroupDesc, Message, CONV_C2C, CONV_C2G, CONV_S2C, MAX_DEVICE_ID_LEN};
 use im_shared::shard::vshard_of;
 use im_shared::token::{TokenError, TokenVerifier};
 use im_shared::{
@@ -30,10 +45,19 @@ use crate::services::Services;
 use crate::store::{DedupEntry, Op, Store, StoreError, WriteBatch};
 use im_shared::msgid::MsgIdGen;
 
-mod features;
+mod api;
+mod append;
+mod c2c;
+mod c2s;
+mod delivery;
 mod groups;
 mod outbox;
-pub use features::MAX_S2C_USERS;
+mod push;
+mod recall;
+mod receipts;
+mod session;
+mod sync;
+pub use api::MAX_S2C_USERS;
 pub(crate) use groups::{decode_req as groups_decode, encode_req as groups_encode};
 pub use groups::{GroupOp, GroupReq};
 
@@ -46,6 +70,12 @@ const RETRY_CHECK_EVERY: Duration = Duration::from_millis(1_000);
 
 /// How often a worker looks for messages that no device acknowledged within the push delay.
 const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether a message of this kind counts as unread content: it may trigger an offline push and
+/// waits for a device's ack. Recalls, read receipts and group events do not.
+fn notifies(conv: u8) -> bool {
+    matches!(conv, CONV_C2C | CONV_C2G | CONV_S2C)
+}
 
 /// Most undelivered-notice entries kept per user.
 const MAX_PENDING_NOTICES: usize = 10_000;
@@ -656,487 +686,6 @@ impl<S: Store> Worker<S> {
                 }
             }
         }
-    }
-
-    fn on_gate_down(&mut self, gate: u16) {
-        let gone: Vec<(ConnId, UserId)> = self
-            .sessions
-            .iter()
-            .filter(|(c, _)| c.gate() == gate)
-            .map(|(c, s)| (*c, s.uid))
-            .collect();
-        for (conn, uid) in gone {
-            self.on_closed(conn, uid);
-        }
-    }
-
-    fn on_closed(&mut self, conn: ConnId, uid: UserId) {
-        if let Some(s) = self.sessions.remove(&conn) {
-            self.publish(crate::publish::DirOp::Offline {
-                uid,
-                device_type: s.device_type as u8,
-                conn,
-            });
-            if let Some(devs) = self.routes.get_mut(&uid) {
-                devs.retain(|d| d.conn != conn);
-                if devs.is_empty() {
-                    self.routes.remove(&uid);
-                }
-            }
-        }
-    }
-
-    async fn on_login(
-        &mut self,
-        conn: ConnId,
-        gate_uid: UserId,
-        req_id: u32,
-        body: Bytes,
-        round: &mut Round,
-    ) {
-        let refuse = |round: &mut Round, code: ErrorCode, message: &str| {
-            let r = Command::LoginResult {
-                code,
-                server_time_ms: now_ms(),
-                max_seq: Seq(0),
-                heartbeat_secs: 0,
-                message: message.to_owned(),
-            };
-            round.close(conn, r.to_bytes(req_id));
-        };
-        if self.sessions.contains_key(&conn) {
-            round.send(
-                conn,
-                error_frame(ErrorCode::AlreadyLoggedIn, req_id, "already logged in"),
-            );
-            return;
-        }
-        let Ok(Command::Login {
-            uid,
-            device_type,
-            device_id,
-            token,
-            ..
-        }) = Command::decode_body(Cmd::Login, body)
-        else {
-            return refuse(round, ErrorCode::Malformed, "malformed login");
-        };
-        if uid != gate_uid || uid.0 == 0 {
-            return refuse(round, ErrorCode::Malformed, "bad user id");
-        }
-        if device_id.is_empty() || device_id.len() > MAX_DEVICE_ID_LEN {
-            return refuse(
-                round,
-                ErrorCode::InvalidArgument,
-                "device id must be 1..=64 bytes",
-            );
-        }
-        match self.verifier.verify(uid, &token, now_ms() / 1000) {
-            Ok(()) => {}
-            Err(TokenError::Expired) => {
-                return refuse(round, ErrorCode::TokenExpired, "token expired")
-            }
-            Err(e) => return refuse(round, ErrorCode::BadToken, &e.to_string()),
-        }
-        if let Err(e) = self.load_user(uid).await {
-            tracing::warn!("login of {uid}: {e}");
-            return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
-        }
-        let cursor = match self.store.cursor(uid, &device_id).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("cursor of {uid}: {e}");
-                return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
-            }
-        };
-        // One device per type: kick the previous one.
-        let devs = self
-            .routes
-            .entry(uid)
-            .or_insert_with(|| Vec::with_capacity(1));
-        let mut kicked = Vec::new();
-        devs.retain(|d| {
-            if d.device_type == device_type {
-                kicked.push(d.conn);
-                false
-            } else {
-                true
-            }
-        });
-        devs.push(Device {
-            conn,
-            device_type,
-            device_id,
-            cursor,
-        });
-        for old in kicked {
-            self.sessions.remove(&old);
-            let k = Command::Kickout {
-                reason: KickReason::SameDeviceType as u8,
-                message: "logged in on another device of the same type".into(),
-            };
-            round.close(old, k.to_bytes(0));
-        }
-        self.sessions.insert(conn, Session { uid, device_type });
-        Metrics::inc(&self.metrics.logins);
-        self.publish(crate::publish::DirOp::Online {
-            uid,
-            route: crate::directory::RouteEntry {
-                device_type: device_type as u8,
-                device_id: self.routes[&uid]
-                    .last()
-                    .map(|d| d.device_id.clone())
-                    .unwrap_or_default(),
-                gate: conn.gate(),
-                core: conn.core(),
-                conn: conn.0,
-                epoch: now_ms(),
-            },
-        });
-        let max_seq = Seq(self.users[&uid].last_seq);
-        let r = Command::LoginResult {
-            code: ErrorCode::Ok,
-            server_time_ms: now_ms(),
-            max_seq,
-            heartbeat_secs: self.cfg.heartbeat_secs,
-            message: String::new(),
-        };
-        round
-            .downs
-            .entry(conn.0 >> 32)
-            .or_default()
-            .push(Down::Bind {
-                conn,
-                uid,
-                data: r.to_bytes(req_id),
-            });
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn on_send_c2c(
-        &mut self,
-        conn: ConnId,
-        uid: UserId,
-        req_id: u32,
-        client_msg_id: u64,
-        to: UserId,
-        body: Bytes,
-        round: &mut Round,
-    ) {
-        self.accept_direct(
-            conn,
-            uid,
-            req_id,
-            client_msg_id,
-            CONV_C2C,
-            to,
-            body,
-            true,
-            round,
-        )
-        .await
-    }
-
-    /// Accepts a message of `uid` addressed to `to` (c2c content, or a recall / read receipt):
-    /// dedup on `(uid, client_msg_id)`, an entry in the sender's timeline (roaming to its other
-    /// devices) and, with `fan_out`, the outbox record and the append to `to`'s timeline.
-    #[allow(clippy::too_many_arguments)]
-    async fn accept_direct(
-        &mut self,
-        conn: ConnId,
-        uid: UserId,
-        req_id: u32,
-        client_msg_id: u64,
-        conv: u8,
-        to: UserId,
-        body: Bytes,
-        fan_out: bool,
-        round: &mut Round,
-    ) {
-        let ack = |e: DedupEntry| ack_frame(client_msg_id, e, req_id);
-        if to.0 == 0 {
-            round.send(
-                conn,
-                error_frame(
-                    ErrorCode::InvalidArgument,
-                    req_id,
-                    "recipient must not be 0",
-                ),
-            );
-            return;
-        }
-        if let Err(e) = self.load_user(uid).await {
-            tracing::warn!("send by {uid}: {e}");
-            round.send(
-                conn,
-                error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
-            );
-            return;
-        }
-        // Dedup: the in-memory window, then the store.
-        let cached = self.users[&uid]
-            .active
-            .as_ref()
-            .and_then(|a| a.dedup.get(&client_msg_id).copied());
-        if let Some(e) = cached {
-            round.send(conn, ack(e));
-            return;
-        }
-        match self.store.dedup(uid, client_msg_id).await {
-            Ok(Some(e)) => {
-                self.remember(uid, client_msg_id, e);
-                round.send(conn, ack(e));
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!("dedup lookup for {uid}: {e}");
-                round.send(
-                    conn,
-                    error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
-                );
-                return;
-            }
-        }
-        let now = now_ms();
-        let msg_id = self.ids.next(now);
-        let (seq, prev_seq) = self.alloc_seq(uid, round);
-        let msg = Message {
-            seq,
-            prev_seq,
-            msg_id,
-            conv,
-            from: uid,
-            to,
-            client_msg_id,
-            server_time_ms: now,
-            body,
-        };
-        self.metrics.accepted(conv);
-        let entry = DedupEntry {
-            msg_id,
-            seq,
-            server_time_ms: now,
-            prev_seq,
-        };
-        self.remember(uid, client_msg_id, entry);
-        round.batch.push(Op::Append {
-            uid,
-            msg: msg.clone(),
-        });
-        round.batch.push(Op::Dedup {
-            uid,
-            client_msg_id,
-            entry,
-        });
-        if fan_out && to != uid {
-            self.fan_out(vshard_of(uid), &msg, vec![to], round);
-        }
-        round.send(conn, ack(entry));
-        // Roaming: the sender's other devices see their own message.
-        let deliver = Command::Deliver(msg).to_bytes(0);
-        if let Some(devs) = self.routes.get(&uid) {
-            for d in devs.iter().filter(|d| d.conn != conn) {
-                round.send(d.conn, deliver.clone());
-            }
-        }
-    }
-
-    fn remember(&mut self, uid: UserId, client_msg_id: u64, e: DedupEntry) {
-        let window = self.cfg.dedup_window;
-        let u = self.users.get_mut(&uid).expect("user loaded");
-        let a = u.active();
-        if a.dedup.insert(client_msg_id, e).is_none() {
-            a.dedup_order.push_back(client_msg_id);
-            while a.dedup_order.len() > window {
-                if let Some(old) = a.dedup_order.pop_front() {
-                    a.dedup.remove(&old);
-                }
-            }
-        }
-    }
-
-    async fn on_append(&mut self, a: AppendReq, round: &mut Round) {
-        let r = a.recipient;
-        let key = (r, a.msg.msg_id);
-        let done_to = self.router.owner_of_shard(a.shard);
-        if round.appended.contains(&key) {
-            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
-            return;
-        }
-        // Store reads are retried in place (not re-queued) so appends keep their order.
-        let mut backoff = Duration::from_millis(20);
-        let existing = loop {
-            let res = match self.load_user(r).await {
-                Ok(()) if a.replay => self.store.seq_of(r, a.msg.msg_id).await,
-                Ok(()) => Ok(None),
-                Err(e) => Err(e),
-            };
-            match res {
-                Ok(v) => break v,
-                Err(e) => {
-                    tracing::warn!(worker = self.idx, "append to {r}: {e}; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
-        if existing.is_some() {
-            // Already appended before a restart: only release the outbox entry.
-            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
-            return;
-        }
-        let (seq, prev_seq) = self.alloc_seq(r, round);
-        let msg = Message {
-            seq,
-            prev_seq,
-            ..a.msg.clone()
-        };
-        round.batch.push(Op::Append {
-            uid: r,
-            msg: msg.clone(),
-        });
-        round.appended.insert(key);
-        if features::notifies(msg.conv) && msg.from != r {
-            let peer = if msg.conv == CONV_C2G {
-                msg.to.0
-            } else {
-                msg.from.0
-            };
-            let u = self.users.get_mut(&r).expect("loaded");
-            let act = u.active();
-            act.pending.insert(
-                seq.0,
-                Pending {
-                    sender: msg.from,
-                    msg_id: msg.msg_id,
-                    conv: msg.conv,
-                    peer,
-                    preview: Bytes::copy_from_slice(&msg.body[..msg.body.len().min(PREVIEW_BYTES)]),
-                },
-            );
-            if act.pending.len() > MAX_PENDING_NOTICES {
-                act.pending.pop_first();
-            }
-            if let Some(p) = &self.services.push {
-                self.push_due.push_back((now_ms() + p.delay_ms(), r, seq.0));
-            }
-        }
-        let deliver = Command::Deliver(msg).to_bytes(0);
-        if let Some(devs) = self.routes.get(&r) {
-            for d in devs {
-                round.send(d.conn, deliver.clone());
-            }
-        }
-        round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
-    }
-
-    fn on_deliver_ack(&mut self, conn: ConnId, uid: UserId, seq: Seq, round: &mut Round) {
-        let Some(u) = self.users.get_mut(&uid) else {
-            return;
-        };
-        let seq = Seq(seq.0.min(u.last_seq));
-        let Some(dev) = self
-            .routes
-            .get_mut(&uid)
-            .and_then(|ds| ds.iter_mut().find(|d| d.conn == conn))
-        else {
-            return;
-        };
-        if seq <= dev.cursor {
-            return;
-        }
-        dev.cursor = seq;
-        round.batch.push(Op::Cursor {
-            uid,
-            device_id: dev.device_id.clone(),
-            seq,
-        });
-        let Some(a) = u.active.as_mut() else {
-            return;
-        };
-        let rest = a.pending.split_off(&(seq.0 + 1));
-        let acked = std::mem::replace(&mut a.pending, rest);
-        for (_, p) in acked {
-            // "Delivered" notices are a c2c feature: a group post would get one per member.
-            if p.conv != CONV_C2C {
-                continue;
-            }
-            let w = self.router.owner(p.sender);
-            round.delivered_out[w].push(DeliveredNote {
-                sender: p.sender,
-                msg_id: p.msg_id,
-                recipient: uid,
-            });
-        }
-    }
-
-    fn on_delivered(&mut self, notes: Vec<DeliveredNote>, round: &mut Round) {
-        for n in notes {
-            let Some(devs) = self.routes.get(&n.sender) else {
-                continue;
-            };
-            let f = Command::Delivered {
-                msg_id: n.msg_id,
-                recipient: n.recipient,
-            }
-            .to_bytes(0);
-            for d in devs {
-                round.send(d.conn, f.clone());
-            }
-        }
-    }
-
-    async fn on_sync(
-        &mut self,
-        conn: ConnId,
-        uid: UserId,
-        req_id: u32,
-        after: Seq,
-        limit: u16,
-        round: &mut Round,
-    ) {
-        let limit = limit.clamp(1, self.cfg.sync_page_max) as usize;
-        if let Err(e) = self.load_user(uid).await {
-            tracing::warn!("sync of {uid}: {e}");
-            round.send(
-                conn,
-                error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
-            );
-            return;
-        }
-        let mut msgs = match self.store.timeline(uid, after, limit + 1).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("sync of {uid}: {e}");
-                round.send(
-                    conn,
-                    error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
-                );
-                return;
-            }
-        };
-        let mut has_more = msgs.len() > limit;
-        msgs.truncate(limit);
-        let mut bytes = 0;
-        let mut keep = 0;
-        for m in &msgs {
-            bytes += m.encoded_len();
-            if keep > 0 && bytes > self.cfg.sync_page_bytes {
-                break;
-            }
-            keep += 1;
-        }
-        if keep < msgs.len() {
-            msgs.truncate(keep);
-            has_more = true;
-        }
-        let page = Command::SyncPage {
-            max_seq: Seq(self.users[&uid].last_seq),
-            has_more,
-            messages: msgs,
-        };
-        round.send(conn, page.to_bytes(req_id));
     }
 
     /// Commits the round and releases its effects.

@@ -1,0 +1,81 @@
+//! The recipient side of a fan-out: an append to a user's timeline (idempotent for replays), the
+//! live delivery to its devices and the confirmation to the outbox owner.
+
+use super::*;
+
+impl<S: Store> Worker<S> {
+    pub(super) async fn on_append(&mut self, a: AppendReq, round: &mut Round) {
+        let r = a.recipient;
+        let key = (r, a.msg.msg_id);
+        let done_to = self.router.owner_of_shard(a.shard);
+        if round.appended.contains(&key) {
+            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
+            return;
+        }
+        // Store reads are retried in place (not re-queued) so appends keep their order.
+        let mut backoff = Duration::from_millis(20);
+        let existing = loop {
+            let res = match self.load_user(r).await {
+                Ok(()) if a.replay => self.store.seq_of(r, a.msg.msg_id).await,
+                Ok(()) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(v) => break v,
+                Err(e) => {
+                    tracing::warn!(worker = self.idx, "append to {r}: {e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if existing.is_some() {
+            // Already appended before a restart: only release the outbox entry.
+            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
+            return;
+        }
+        let (seq, prev_seq) = self.alloc_seq(r, round);
+        let msg = Message {
+            seq,
+            prev_seq,
+            ..a.msg.clone()
+        };
+        round.batch.push(Op::Append {
+            uid: r,
+            msg: msg.clone(),
+        });
+        round.appended.insert(key);
+        if notifies(msg.conv) && msg.from != r {
+            let peer = if msg.conv == CONV_C2G {
+                msg.to.0
+            } else {
+                msg.from.0
+            };
+            let u = self.users.get_mut(&r).expect("loaded");
+            let act = u.active();
+            act.pending.insert(
+                seq.0,
+                Pending {
+                    sender: msg.from,
+                    msg_id: msg.msg_id,
+                    conv: msg.conv,
+                    peer,
+                    preview: Bytes::copy_from_slice(&msg.body[..msg.body.len().min(PREVIEW_BYTES)]),
+                },
+            );
+            if act.pending.len() > MAX_PENDING_NOTICES {
+                act.pending.pop_first();
+            }
+            if let Some(p) = &self.services.push {
+                self.push_due.push_back((now_ms() + p.delay_ms(), r, seq.0));
+            }
+        }
+        let deliver = Command::Deliver(msg).to_bytes(0);
+        if let Some(devs) = self.routes.get(&r) {
+            for d in devs {
+                round.send(d.conn, deliver.clone());
+            }
+        }
+        round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
+    }
+}

@@ -1,0 +1,150 @@
+//! One-to-one messages: dedup on `(sender, client_msg_id)`, the sender's timeline entry, the ack,
+//! and the fan-out to the recipient through the outbox.
+
+use super::*;
+
+impl<S: Store> Worker<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn on_send_c2c(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        client_msg_id: u64,
+        to: UserId,
+        body: Bytes,
+        round: &mut Round,
+    ) {
+        self.accept_direct(
+            conn,
+            uid,
+            req_id,
+            client_msg_id,
+            CONV_C2C,
+            to,
+            body,
+            true,
+            round,
+        )
+        .await
+    }
+
+    /// Accepts a message of `uid` addressed to `to` (c2c content, or a recall / read receipt):
+    /// dedup on `(uid, client_msg_id)`, an entry in the sender's timeline (roaming to its other
+    /// devices) and, with `fan_out`, the outbox record and the append to `to`'s timeline.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn accept_direct(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        client_msg_id: u64,
+        conv: u8,
+        to: UserId,
+        body: Bytes,
+        fan_out: bool,
+        round: &mut Round,
+    ) {
+        let ack = |e: DedupEntry| ack_frame(client_msg_id, e, req_id);
+        if to.0 == 0 {
+            round.send(
+                conn,
+                error_frame(
+                    ErrorCode::InvalidArgument,
+                    req_id,
+                    "recipient must not be 0",
+                ),
+            );
+            return;
+        }
+        if let Err(e) = self.load_user(uid).await {
+            tracing::warn!("send by {uid}: {e}");
+            round.send(
+                conn,
+                error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
+            );
+            return;
+        }
+        // Dedup: the in-memory window, then the store.
+        let cached = self.users[&uid]
+            .active
+            .as_ref()
+            .and_then(|a| a.dedup.get(&client_msg_id).copied());
+        if let Some(e) = cached {
+            round.send(conn, ack(e));
+            return;
+        }
+        match self.store.dedup(uid, client_msg_id).await {
+            Ok(Some(e)) => {
+                self.remember(uid, client_msg_id, e);
+                round.send(conn, ack(e));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("dedup lookup for {uid}: {e}");
+                round.send(
+                    conn,
+                    error_frame(ErrorCode::Unavailable, req_id, "store unavailable"),
+                );
+                return;
+            }
+        }
+        let now = now_ms();
+        let msg_id = self.ids.next(now);
+        let (seq, prev_seq) = self.alloc_seq(uid, round);
+        let msg = Message {
+            seq,
+            prev_seq,
+            msg_id,
+            conv,
+            from: uid,
+            to,
+            client_msg_id,
+            server_time_ms: now,
+            body,
+        };
+        self.metrics.accepted(conv);
+        let entry = DedupEntry {
+            msg_id,
+            seq,
+            server_time_ms: now,
+            prev_seq,
+        };
+        self.remember(uid, client_msg_id, entry);
+        round.batch.push(Op::Append {
+            uid,
+            msg: msg.clone(),
+        });
+        round.batch.push(Op::Dedup {
+            uid,
+            client_msg_id,
+            entry,
+        });
+        if fan_out && to != uid {
+            self.fan_out(vshard_of(uid), &msg, vec![to], round);
+        }
+        round.send(conn, ack(entry));
+        // Roaming: the sender's other devices see their own message.
+        let deliver = Command::Deliver(msg).to_bytes(0);
+        if let Some(devs) = self.routes.get(&uid) {
+            for d in devs.iter().filter(|d| d.conn != conn) {
+                round.send(d.conn, deliver.clone());
+            }
+        }
+    }
+
+    pub(super) fn remember(&mut self, uid: UserId, client_msg_id: u64, e: DedupEntry) {
+        let window = self.cfg.dedup_window;
+        let u = self.users.get_mut(&uid).expect("user loaded");
+        let a = u.active();
+        if a.dedup.insert(client_msg_id, e).is_none() {
+            a.dedup_order.push_back(client_msg_id);
+            while a.dedup_order.len() > window {
+                if let Some(old) = a.dedup_order.pop_front() {
+                    a.dedup.remove(&old);
+                }
+            }
+        }
+    }
+}

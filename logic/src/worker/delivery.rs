@@ -1,0 +1,67 @@
+//! Delivery acks: a device's `DeliverAck` moves its cursor and tells the senders (`Delivered`).
+
+use super::*;
+
+impl<S: Store> Worker<S> {
+    pub(super) fn on_deliver_ack(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        seq: Seq,
+        round: &mut Round,
+    ) {
+        let Some(u) = self.users.get_mut(&uid) else {
+            return;
+        };
+        let seq = Seq(seq.0.min(u.last_seq));
+        let Some(dev) = self
+            .routes
+            .get_mut(&uid)
+            .and_then(|ds| ds.iter_mut().find(|d| d.conn == conn))
+        else {
+            return;
+        };
+        if seq <= dev.cursor {
+            return;
+        }
+        dev.cursor = seq;
+        round.batch.push(Op::Cursor {
+            uid,
+            device_id: dev.device_id.clone(),
+            seq,
+        });
+        let Some(a) = u.active.as_mut() else {
+            return;
+        };
+        let rest = a.pending.split_off(&(seq.0 + 1));
+        let acked = std::mem::replace(&mut a.pending, rest);
+        for (_, p) in acked {
+            // "Delivered" notices are a c2c feature: a group post would get one per member.
+            if p.conv != CONV_C2C {
+                continue;
+            }
+            let w = self.router.owner(p.sender);
+            round.delivered_out[w].push(DeliveredNote {
+                sender: p.sender,
+                msg_id: p.msg_id,
+                recipient: uid,
+            });
+        }
+    }
+
+    pub(super) fn on_delivered(&mut self, notes: Vec<DeliveredNote>, round: &mut Round) {
+        for n in notes {
+            let Some(devs) = self.routes.get(&n.sender) else {
+                continue;
+            };
+            let f = Command::Delivered {
+                msg_id: n.msg_id,
+                recipient: n.recipient,
+            }
+            .to_bytes(0);
+            for d in devs {
+                round.send(d.conn, f.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Recall: a sender withdraws its message within the recall window; every device of both sides
+//! (or every member) gets a recall marker.
+
+use im_shared::proto::{MarkerBody, CONV_C2C, CONV_C2G, CONV_RECALL};
+use im_shared::{ConnId, ErrorCode, GroupId, MsgId, Seq, UserId};
+
+use super::groups::GroupOp;
+use super::{error_frame, now_ms, Reply, Round, Worker};
+use crate::store::Store;
+
+impl<S: Store> Worker<S> {
+    /// Recall of one's own message within the recall window.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn on_recall(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        client_msg_id: u64,
+        conv: u8,
+        peer: u64,
+        msg_id: MsgId,
+        round: &mut Round,
+    ) {
+        let refuse = |round: &mut Round, code: ErrorCode, m: &str| {
+            round.send(conn, error_frame(code, req_id, m));
+        };
+        if conv != CONV_C2C && conv != CONV_C2G || peer == 0 {
+            return refuse(
+                round,
+                ErrorCode::InvalidArgument,
+                "recall: conv must be c2c or c2g",
+            );
+        }
+        let window = self.cfg.recall_window_secs * 1000;
+        if now_ms().saturating_sub(msg_id.timestamp_ms()) > window {
+            return refuse(round, ErrorCode::RecallRefused, "recall window has passed");
+        }
+        // The message must be in the sender's own timeline, sent by them, in this conversation.
+        let found = async {
+            let Some(seq) = self.store.seq_of(uid, msg_id).await? else {
+                return Ok(None);
+            };
+            let m = self.store.timeline(uid, Seq(seq.0 - 1), 1).await?;
+            Ok::<_, crate::store::StoreError>(m.into_iter().next().filter(|m| m.msg_id == msg_id))
+        }
+        .await;
+        let msg = match found {
+            Ok(Some(m)) => m,
+            Ok(None) => return refuse(round, ErrorCode::NotFound, "no such message"),
+            Err(e) => {
+                tracing::warn!("recall by {uid}: {e}");
+                return refuse(round, ErrorCode::Unavailable, "store unavailable");
+            }
+        };
+        if msg.from != uid || msg.conv != conv || msg.to.0 != peer {
+            return refuse(
+                round,
+                ErrorCode::RecallRefused,
+                "not your message in this conversation",
+            );
+        }
+        let body = MarkerBody { conv, msg_id }.to_bytes();
+        if conv == CONV_C2C {
+            self.accept_direct(
+                conn,
+                uid,
+                req_id,
+                client_msg_id,
+                CONV_RECALL,
+                UserId(peer),
+                body,
+                true,
+                round,
+            )
+            .await
+        } else {
+            let op = GroupOp::Post {
+                client_msg_id,
+                conv: CONV_RECALL,
+                body,
+            };
+            self.forward_group(uid, GroupId(peer), op, Reply::Conn { conn, req_id }, round);
+        }
+    }
+}

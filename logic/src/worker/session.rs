@@ -1,0 +1,160 @@
+//! Sessions: login with an SSO token (kicking the previous device of the same type), a closed
+//! connection, and a gate whose link dropped.
+
+use super::*;
+
+impl<S: Store> Worker<S> {
+    pub(super) fn on_gate_down(&mut self, gate: u16) {
+        let gone: Vec<(ConnId, UserId)> = self
+            .sessions
+            .iter()
+            .filter(|(c, _)| c.gate() == gate)
+            .map(|(c, s)| (*c, s.uid))
+            .collect();
+        for (conn, uid) in gone {
+            self.on_closed(conn, uid);
+        }
+    }
+
+    pub(super) fn on_closed(&mut self, conn: ConnId, uid: UserId) {
+        if let Some(s) = self.sessions.remove(&conn) {
+            self.publish(crate::publish::DirOp::Offline {
+                uid,
+                device_type: s.device_type as u8,
+                conn,
+            });
+            if let Some(devs) = self.routes.get_mut(&uid) {
+                devs.retain(|d| d.conn != conn);
+                if devs.is_empty() {
+                    self.routes.remove(&uid);
+                }
+            }
+        }
+    }
+
+    pub(super) async fn on_login(
+        &mut self,
+        conn: ConnId,
+        gate_uid: UserId,
+        req_id: u32,
+        body: Bytes,
+        round: &mut Round,
+    ) {
+        let refuse = |round: &mut Round, code: ErrorCode, message: &str| {
+            let r = Command::LoginResult {
+                code,
+                server_time_ms: now_ms(),
+                max_seq: Seq(0),
+                heartbeat_secs: 0,
+                message: message.to_owned(),
+            };
+            round.close(conn, r.to_bytes(req_id));
+        };
+        if self.sessions.contains_key(&conn) {
+            round.send(
+                conn,
+                error_frame(ErrorCode::AlreadyLoggedIn, req_id, "already logged in"),
+            );
+            return;
+        }
+        let Ok(Command::Login {
+            uid,
+            device_type,
+            device_id,
+            token,
+            ..
+        }) = Command::decode_body(Cmd::Login, body)
+        else {
+            return refuse(round, ErrorCode::Malformed, "malformed login");
+        };
+        if uid != gate_uid || uid.0 == 0 {
+            return refuse(round, ErrorCode::Malformed, "bad user id");
+        }
+        if device_id.is_empty() || device_id.len() > MAX_DEVICE_ID_LEN {
+            return refuse(
+                round,
+                ErrorCode::InvalidArgument,
+                "device id must be 1..=64 bytes",
+            );
+        }
+        match self.verifier.verify(uid, &token, now_ms() / 1000) {
+            Ok(()) => {}
+            Err(TokenError::Expired) => {
+                return refuse(round, ErrorCode::TokenExpired, "token expired")
+            }
+            Err(e) => return refuse(round, ErrorCode::BadToken, &e.to_string()),
+        }
+        if let Err(e) = self.load_user(uid).await {
+            tracing::warn!("login of {uid}: {e}");
+            return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+        }
+        let cursor = match self.store.cursor(uid, &device_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cursor of {uid}: {e}");
+                return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+            }
+        };
+        // One device per type: kick the previous one.
+        let devs = self
+            .routes
+            .entry(uid)
+            .or_insert_with(|| Vec::with_capacity(1));
+        let mut kicked = Vec::new();
+        devs.retain(|d| {
+            if d.device_type == device_type {
+                kicked.push(d.conn);
+                false
+            } else {
+                true
+            }
+        });
+        devs.push(Device {
+            conn,
+            device_type,
+            device_id,
+            cursor,
+        });
+        for old in kicked {
+            self.sessions.remove(&old);
+            let k = Command::Kickout {
+                reason: KickReason::SameDeviceType as u8,
+                message: "logged in on another device of the same type".into(),
+            };
+            round.close(old, k.to_bytes(0));
+        }
+        self.sessions.insert(conn, Session { uid, device_type });
+        Metrics::inc(&self.metrics.logins);
+        self.publish(crate::publish::DirOp::Online {
+            uid,
+            route: crate::directory::RouteEntry {
+                device_type: device_type as u8,
+                device_id: self.routes[&uid]
+                    .last()
+                    .map(|d| d.device_id.clone())
+                    .unwrap_or_default(),
+                gate: conn.gate(),
+                core: conn.core(),
+                conn: conn.0,
+                epoch: now_ms(),
+            },
+        });
+        let max_seq = Seq(self.users[&uid].last_seq);
+        let r = Command::LoginResult {
+            code: ErrorCode::Ok,
+            server_time_ms: now_ms(),
+            max_seq,
+            heartbeat_secs: self.cfg.heartbeat_secs,
+            message: String::new(),
+        };
+        round
+            .downs
+            .entry(conn.0 >> 32)
+            .or_default()
+            .push(Down::Bind {
+                conn,
+                uid,
+                data: r.to_bytes(req_id),
+            });
+    }
+}
