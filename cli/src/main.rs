@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use im_shared::client::{Client, Timeline};
+use im_client::{Client, Timeline};
 use im_shared::proto::{
     GroupEvent, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_RECALL,
     CONV_S2C,
@@ -106,7 +106,7 @@ fn uids(s: &str) -> Option<Vec<UserId>> {
 }
 
 /// `/group …` and `/groups`; prints what happened.
-fn group_command(c: &mut Client, line: &str) -> Result<(), im_shared::client::ClientError> {
+fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientError> {
     let parts: Vec<&str> = line.split_whitespace().collect();
     let gid = |i: usize| parts.get(i).and_then(|p| p.parse().ok()).map(GroupId);
     match parts.as_slice() {

@@ -28,7 +28,7 @@ fn others_keep_chatting(s: &TestServer, attack: impl FnOnce() + Send) {
     assert!(a.heartbeat().is_ok() && b.heartbeat().is_ok());
 }
 
-fn expect_closed_with(c: &mut im_shared::client::Client, code: ErrorCode) {
+fn expect_closed_with(c: &mut im_client::Client, code: ErrorCode) {
     let got = c.read_until_closed(Duration::from_secs(5)).unwrap();
     assert!(
         got.iter()

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use im_c2s::{signature_hex, C2sConfig};
+use im_client::{Client, ClientError, Timeline};
 use im_push::{PushConfig, WebhookConfig, PROVIDER_WEBHOOK};
 use im_server::ServerConfig;
-use im_shared::client::{Client, ClientError, Timeline};
 use im_shared::proto::{
     GroupEvent, GroupEventKind, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_S2C,
     ROLE_MEMBER, ROLE_OWNER,

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use im_shared::client::{Offer, Timeline};
+use im_client::{Offer, Timeline};
 use im_shared::{Command, DeviceType, ErrorCode, Seq, UserId};
 
 #[test]

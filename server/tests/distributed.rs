@@ -10,7 +10,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
-use im_shared::client::{Client, ClientError, Timeline};
+use im_client::{Client, ClientError, Timeline};
 use im_shared::{Command as Cmd, DeviceType, ErrorCode, Seq, UserId};
 
 fn spawn(args: &[&str], prefix: &str) -> (Proc, SocketAddr) {

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use im_shared::client::ClientError;
-use im_shared::client::Timeline;
+use im_client::ClientError;
+use im_client::Timeline;
 use im_shared::proto::{
     GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
     CONV_READ, CONV_RECALL, MAX_GROUP_MEMBERS, ROLE_MEMBER, ROLE_OWNER,
@@ -15,7 +15,7 @@ use im_shared::proto::{
 use im_shared::{DeviceType, ErrorCode, GroupId, MsgId, Seq, UserId};
 
 /// Next delivered message of kind `conv` (acking everything on the way).
-fn next_of(c: &mut im_shared::client::Client, conv: u8) -> Message {
+fn next_of(c: &mut im_client::Client, conv: u8) -> Message {
     loop {
         let m = next_deliver(c);
         c.deliver_ack(m.seq).unwrap();

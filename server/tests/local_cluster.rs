@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::token;
-use im_shared::client::{Client, ClientError, Timeline};
+use im_client::{Client, ClientError, Timeline};
 use im_shared::{Command as Cmd, DeviceType, Seq, UserId};
 
 const NODES: usize = 3;

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use im_shared::client::ClientError;
+use im_client::ClientError;
 use im_shared::token::{now_secs, HmacTokens};
 use im_shared::{Command, DeviceType, ErrorCode, KickReason, Seq, UserId};
 

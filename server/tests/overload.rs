@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::*;
-use im_shared::client::Timeline;
+use im_client::Timeline;
 use im_shared::{Command, ErrorCode, Seq, UserId};
 
 #[test]

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::*;
+use im_client::Client;
 use im_gate::GateStats;
-use im_shared::client::Client;
 use im_shared::frame::{encode_header, Cmd};
 use im_shared::{shard, Command, DeviceType, ErrorCode, Seq, UserId};
 

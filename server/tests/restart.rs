@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use im_shared::client::Timeline;
+use im_client::Timeline;
 use im_shared::{Seq, UserId};
 
 fn spawn_server(dir: &Path) -> (Proc, SocketAddr) {

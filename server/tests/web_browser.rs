@@ -16,8 +16,8 @@ use std::process::{Child, ChildStdin, Command as Process, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use im_client::Client;
 use im_server::{ServerConfig, DEV_TOKEN_SECRET};
-use im_shared::client::Client;
 use im_shared::proto::{Message, CONV_C2C, CONV_C2G};
 use im_shared::token::{now_secs, HmacTokens};
 use im_shared::{Command, DeviceType, GroupId, Seq, UserId};

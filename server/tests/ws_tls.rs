@@ -640,10 +640,7 @@ fn plaintext_clients_on_tls_listeners_fail_cleanly() {
     let err = plain
         .login(UserId(7501), &token(7501), DeviceType::Phone, "p", Seq(0))
         .unwrap_err();
-    assert!(
-        !matches!(err, im_shared::client::ClientError::Timeout),
-        "{err:?}"
-    );
+    assert!(!matches!(err, im_client::ClientError::Timeout), "{err:?}");
     // A plaintext WebSocket upgrade on the wss port: no HTTP answer, just the close.
     let r = http(ws_addr, "GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(!r.starts_with("HTTP/"), "{r}");

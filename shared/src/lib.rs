@@ -1,12 +1,12 @@
 //! `im-shared` owns everything both sides of the wire need: the protocol v1 frame codec (sans-io:
 //! it never touches a socket and never panics on any input), the typed client commands, newtype
 //! ids, wire error codes, the gate<->logic link protocol, the user→shard/core hash, the development
-//! SSO token scheme, and the blocking Rust client SDK used by the terminal client and the tests.
+//! SSO token scheme, the msg-id generator and the base64 of the HTTP API. No I/O: the blocking
+//! client SDK is the crate `im-client`.
 //!
 //! The byte layout of everything in this crate is specified in `docs/PROTOCOL.md`.
 
 pub mod b64;
-pub mod client;
 pub mod codes;
 pub mod frame;
 pub mod ids;

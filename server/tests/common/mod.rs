@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use im_client::{Client, LoginInfo};
 use im_server::{ServerConfig, DEV_TOKEN_SECRET};
-use im_shared::client::{Client, LoginInfo};
 use im_shared::token::{now_secs, HmacTokens};
 use im_shared::{Command, DeviceType, Seq, UserId};
 

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codes::ErrorCode;
-use crate::frame::{DecodeError, FrameCodec};
-use crate::ids::{DeviceType, GroupId, MsgId, Seq, UserId};
-use crate::proto::{BodyError, Command, GroupDesc, Message};
+use im_shared::codes::ErrorCode;
+use im_shared::frame::{DecodeError, FrameCodec};
+use im_shared::ids::{DeviceType, GroupId, MsgId, Seq, UserId};
+use im_shared::proto::{BodyError, Command, GroupDesc, Message};
 
 /// What went wrong in a client call.
 #[derive(Debug, thiserror::Error)]
@@ -533,7 +533,7 @@ impl Timeline {
             seq: ack.seq,
             prev_seq: ack.prev_seq,
             msg_id: ack.msg_id,
-            conv: crate::proto::CONV_C2C,
+            conv: im_shared::proto::CONV_C2C,
             from,
             to,
             client_msg_id: ack.client_msg_id,
