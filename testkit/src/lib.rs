@@ -10,11 +10,14 @@
 
 //!
 //! [`store_conformance`] and [`directory_conformance`] are the shared test-suites every backend of
-//! `im_store::Store` and of `im_directory::Directory` passes.
+//! `im_store::Store` and of `im_directory::Directory` passes; [`FaultyStore`] wraps a real store
+//! and fails its commits on demand (retryable, fatal, fenced) for tests of the commit path.
 
 pub mod directory_conformance;
+mod faulty_store;
 mod redis_cluster;
 mod resp;
 pub mod store_conformance;
 
+pub use faulty_store::{CommitAttempt, FaultyStore};
 pub use redis_cluster::{key_slot, ClusterOptions, RedisCluster, SLOTS};

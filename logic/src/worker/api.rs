@@ -5,7 +5,7 @@ use im_shared::proto::CONV_S2C;
 use im_shared::shard::VSHARDS;
 use im_shared::{ErrorCode, Seq, ShardId, UserId};
 
-use super::{now_ms, ApiOk, ApiReq, Reply, Round, Worker};
+use super::{ApiOk, ApiReq, Reply, Round, Worker};
 use crate::api::{Accepted, ApiError};
 use crate::store::{DedupEntry, Op, PushToken, Store};
 
@@ -62,7 +62,7 @@ impl<S: Store> Worker<S> {
                         }
                     }
                 }
-                let now = now_ms();
+                let now = self.now;
                 let msg = im_shared::proto::Message {
                     seq: Seq(0),
                     prev_seq: Seq(0),

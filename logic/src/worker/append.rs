@@ -67,7 +67,7 @@ impl<S: Store> Worker<S> {
                 act.pending.pop_first();
             }
             if let Some(p) = &self.services.push {
-                self.push_due.push_back((now_ms() + p.delay_ms(), r, seq.0));
+                self.push_due.push_back((self.now + p.delay_ms(), r, seq.0));
             }
         }
         let deliver = Command::Deliver(msg).to_bytes(0);

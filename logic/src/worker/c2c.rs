@@ -90,7 +90,7 @@ impl<S: Store> Worker<S> {
                 return;
             }
         }
-        let now = now_ms();
+        let now = self.now;
         let msg_id = self.ids.next(now);
         let (seq, prev_seq) = self.alloc_seq(uid, round);
         let msg = Message {

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use im_shared::proto::MAX_TOPIC_LEN;
 use im_shared::{Command, ConnId, ErrorCode, Seq, UserId};
 
-use super::{error_frame, now_ms, Round, Worker};
+use super::{error_frame, Round, Worker};
 use crate::c2s::C2sRecord;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -53,7 +53,7 @@ impl<S: Store> Worker<S> {
             round.send(conn, error_frame(ErrorCode::InvalidArgument, req_id, &m));
             return;
         }
-        let now = now_ms();
+        let now = self.now;
         let rec = C2sRecord {
             id: self.ids.next(now),
             from: uid,

@@ -14,9 +14,7 @@ use im_shared::proto::{
 use im_shared::shard::vshard_of;
 use im_shared::{Command, ConnId, ErrorCode, GroupId, UserId};
 
-use super::{
-    ack_frame, error_frame, now_ms, op_err, op_ok, ApiOk, Reply, Round, Worker, WorkerMsg,
-};
+use super::{ack_frame, error_frame, op_err, op_ok, ApiOk, Reply, Round, Worker, WorkerMsg};
 use crate::api::{Accepted, ApiError};
 use crate::metrics::Metrics;
 use crate::store::{DedupEntry, MemberRecord, Op, Store, StoreError};
@@ -186,7 +184,7 @@ impl<S: Store> Worker<S> {
         // answer): draw ids until one is owned here; about `nodes` draws on average.
         let api = matches!(reply, Reply::Api(_));
         let group = loop {
-            let g = GroupId(self.ids.next(now_ms()).0);
+            let g = GroupId(self.ids.next(self.now).0);
             if !api || self.router.node_of(self.router.owner(UserId(g.0))) == self.router.node {
                 break g;
             }
@@ -224,7 +222,7 @@ impl<S: Store> Worker<S> {
         recipients: Vec<UserId>,
         round: &mut Round,
     ) {
-        let now = now_ms();
+        let now = self.now;
         let msg = Message {
             seq: im_shared::Seq(0),
             prev_seq: im_shared::Seq(0),
@@ -365,7 +363,7 @@ impl<S: Store> Worker<S> {
             // Already created (a duplicate request): answer the same.
             return round.reply(reply, ApiOk::Group(group), |r| op_ok(r, group.0));
         }
-        let now = now_ms();
+        let now = self.now;
         let desc = GroupDesc {
             group,
             name,
@@ -434,7 +432,7 @@ impl<S: Store> Worker<S> {
             );
             return self.refuse(reply, &GroupOp::Info, e, round);
         }
-        let now = now_ms();
+        let now = self.now;
         for u in &new {
             g.members.insert(*u, ROLE_MEMBER);
             round.batch.push(Op::MemberPut {
@@ -521,7 +519,7 @@ impl<S: Store> Worker<S> {
                 return round.reply(reply, accepted(e), |r| ack(e, r));
             }
         }
-        let now = now_ms();
+        let now = self.now;
         let msg = Message {
             seq: im_shared::Seq(0),
             prev_seq: im_shared::Seq(0),

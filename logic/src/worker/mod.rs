@@ -57,6 +57,8 @@ mod recall;
 mod receipts;
 mod session;
 mod sync;
+#[cfg(test)]
+mod tests;
 pub use api::MAX_S2C_USERS;
 pub(crate) use groups::{decode_req as groups_decode, encode_req as groups_encode};
 pub use groups::{GroupOp, GroupReq};
@@ -102,6 +104,39 @@ pub enum WorkerMsg {
     /// A request of the HTTP API for this worker.
     Api(ApiReq),
     Shutdown,
+}
+
+/// What [`Worker::step`] tells its caller to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    Continue,
+    /// `Shutdown` was handled: the round is committed and released, the worker ends.
+    Stop,
+}
+
+/// Why a round could not commit. Nothing of the round was released; the worker must stop.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Halt {
+    /// The store refused the batch: another incarnation owns these shards now. The process
+    /// exits (see [`crate::ownership::exit_fenced`]) and must not write again.
+    #[error("fenced")]
+    Fenced(#[source] StoreError),
+    /// A commit error that retrying cannot cure (e.g. a failed fsync of the embedded store,
+    /// after which the kernel may have dropped the dirty pages): the only safe state is the one
+    /// on disk, recovered at restart, so the process aborts.
+    #[error("commit failed")]
+    Fatal(#[source] StoreError),
+}
+
+/// The timers of a worker (see [`Worker::tick`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Tick {
+    /// Replay the outbox over peer links that changed.
+    Resync,
+    /// Re-send fan-out appends other nodes have not confirmed in time.
+    Retry,
+    /// Offline pushes for messages no device acknowledged within the delay.
+    Push,
 }
 
 /// Where an API request's answer goes.
@@ -302,9 +337,14 @@ pub struct Worker<S> {
     push_due: VecDeque<(u64, UserId, u64)>,
     /// Fan-outs not yet confirmed by every recipient.
     outbox: outbox::Outbox,
+    /// The time of the current round or tick (ms since the epoch), given by the caller of
+    /// [`Worker::step`] / [`Worker::tick`]: the only clock handlers read.
+    now: u64,
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in ms since the Unix epoch: read by [`Worker::run`] only, once per round or
+/// tick; everything else gets the time as an input.
+fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -387,6 +427,7 @@ impl<S: Store> Worker<S> {
             c2s: None,
             push_due: VecDeque::new(),
             outbox: outbox::Outbox::default(),
+            now: 0,
         }
     }
 
@@ -419,11 +460,13 @@ impl<S: Store> Worker<S> {
         self.router.owner(uid)
     }
 
+    /// Runs the worker until `Shutdown` or until its inbox closes: the wall clock is read here,
+    /// once per round or timer tick, and handed to [`Worker::step`] and [`Worker::tick`], which
+    /// read no clock of their own.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
-        self.resume_ids().await;
+        self.start(wall_clock_ms()).await;
         self.connect_directory().await;
         self.connect_c2s().await;
-        self.replay_outbox(None).await;
         let mut msgs = Vec::new();
         // With several nodes a fan-out can be lost with a peer link: after every link change the
         // worker re-sends its unconfirmed outbox to that node before any new live append.
@@ -439,15 +482,15 @@ impl<S: Store> Worker<S> {
             let first = tokio::select! {
                 m = rx.recv() => m,
                 _ = resync.tick(), if multi => {
-                    self.resync_peers().await;
+                    self.tick(Tick::Resync, wall_clock_ms()).await;
                     continue;
                 }
                 _ = retry.tick(), if multi && self.outbox.len() > 0 => {
-                    self.retry_overdue(now_ms());
+                    self.tick(Tick::Retry, wall_clock_ms()).await;
                     continue;
                 }
                 _ = push_tick.tick(), if push => {
-                    self.push_overdue().await;
+                    self.tick(Tick::Push, wall_clock_ms()).await;
                     continue;
                 }
             };
@@ -459,35 +502,72 @@ impl<S: Store> Worker<S> {
                     Err(_) => break,
                 }
             }
-            let mut round = Round::new(self.router.total());
-            let mut stop = false;
-            for m in msgs.drain(..) {
-                match m {
-                    WorkerMsg::Gate(ups) => {
-                        for up in ups {
-                            if matches!(up, Up::Frame { .. }) {
-                                self.depth.fetch_sub(1, Ordering::Relaxed);
-                            }
-                            self.on_up(up, &mut round).await;
-                        }
-                    }
-                    WorkerMsg::Append(reqs) => {
-                        for a in reqs {
-                            self.on_append(a, &mut round).await;
-                        }
-                    }
-                    WorkerMsg::AppendDone(done) => self.on_append_done(done, &mut round),
-                    WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
-                    WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
-                    WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
-                    WorkerMsg::Api(req) => self.on_api(req, &mut round).await,
-                    WorkerMsg::Shutdown => stop = true,
+            match self.step(msgs.drain(..), wall_clock_ms()).await {
+                Ok(Step::Continue) => {}
+                Ok(Step::Stop) => return,
+                Err(Halt::Fenced(e)) => crate::ownership::exit_fenced(&e.to_string()),
+                Err(Halt::Fatal(e)) => {
+                    tracing::error!(worker = self.idx, "commit failed, aborting: {e}");
+                    std::process::abort();
                 }
             }
-            self.finish(round).await;
-            if stop {
-                return;
+        }
+    }
+
+    /// What a worker does before its first round, at time `now`: resumes the msg-id generator
+    /// above the reserved floor and replays its whole outbox (fan-outs a crash interrupted).
+    pub(crate) async fn start(&mut self, now: u64) {
+        self.now = now;
+        self.resume_ids().await;
+        self.replay_outbox(None).await;
+    }
+
+    /// One round at time `now`: handles `msgs` in order against in-memory state, commits the
+    /// writes they made in one batch, and only then releases their effects (replies, deliveries,
+    /// messages to other workers). An error means nothing of the round was released and the
+    /// worker must not go on (see [`Halt`]).
+    pub(crate) async fn step(
+        &mut self,
+        msgs: impl IntoIterator<Item = WorkerMsg>,
+        now: u64,
+    ) -> Result<Step, Halt> {
+        self.now = now;
+        let mut round = Round::new(self.router.total());
+        let mut stop = false;
+        for m in msgs {
+            match m {
+                WorkerMsg::Gate(ups) => {
+                    for up in ups {
+                        if matches!(up, Up::Frame { .. }) {
+                            self.depth.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        self.on_up(up, &mut round).await;
+                    }
+                }
+                WorkerMsg::Append(reqs) => {
+                    for a in reqs {
+                        self.on_append(a, &mut round).await;
+                    }
+                }
+                WorkerMsg::AppendDone(done) => self.on_append_done(done, &mut round),
+                WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
+                WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
+                WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
+                WorkerMsg::Api(req) => self.on_api(req, &mut round).await,
+                WorkerMsg::Shutdown => stop = true,
             }
+        }
+        self.finish(round).await?;
+        Ok(if stop { Step::Stop } else { Step::Continue })
+    }
+
+    /// A timer's work at time `now`, outside of any round.
+    pub(crate) async fn tick(&mut self, tick: Tick, now: u64) {
+        self.now = now;
+        match tick {
+            Tick::Resync => self.resync_peers().await,
+            Tick::Retry => self.retry_overdue(now),
+            Tick::Push => self.push_overdue().await,
         }
     }
 
@@ -691,11 +771,11 @@ impl<S: Store> Worker<S> {
     /// Commits the round and releases its effects.
     ///
     /// A retryable store error (a network backend that is unavailable) is retried with backoff:
-    /// the worker stalls rather than acknowledging anything that is not durable. Any other
-    /// commit error (e.g. a failed fsync of the embedded store) aborts the process: after a failed
-    /// fsync the kernel may have dropped the dirty pages, so the only safe state is the one on
-    /// disk, recovered at restart (the outbox then replays the unfinished fan-out).
-    async fn finish(&mut self, mut round: Round) {
+    /// the worker stalls rather than acknowledging anything that is not durable (and its queue
+    /// fills, so the gate sheds new requests with `Overloaded`). A fence or any other commit
+    /// error ends the round with a [`Halt`] and releases nothing; the outbox replays the
+    /// unfinished fan-out at the restart.
+    async fn finish(&mut self, mut round: Round) -> Result<(), Halt> {
         // Every id issued in this round must be covered by a reserved floor committed no later
         // than what acknowledges it: extend the reservation in this round's batch.
         let mut reserve = None;
@@ -725,18 +805,13 @@ impl<S: Store> Worker<S> {
                         }
                         break;
                     }
-                    Err(e @ StoreError::Fenced { .. }) => {
-                        crate::ownership::exit_fenced(&e.to_string());
-                    }
+                    Err(e @ StoreError::Fenced { .. }) => return Err(Halt::Fenced(e)),
                     Err(e) if e.is_retryable() => {
                         tracing::warn!(worker = self.idx, "commit failed, retrying: {e}");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
-                    Err(e) => {
-                        tracing::error!(worker = self.idx, "commit failed, aborting: {e}");
-                        std::process::abort();
-                    }
+                    Err(e) => return Err(Halt::Fatal(e)),
                 }
             }
         }
@@ -761,5 +836,6 @@ impl<S: Store> Worker<S> {
                 self.router.send(self.idx, w, WorkerMsg::Delivered(notes));
             }
         }
+        Ok(())
     }
 }

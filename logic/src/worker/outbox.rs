@@ -24,7 +24,7 @@ use im_shared::proto::Message;
 use im_shared::shard::VSHARDS;
 use im_shared::{MsgId, ShardId, UserId};
 
-use super::{now_ms, AppendReq, Round, Worker, WorkerMsg};
+use super::{AppendReq, Round, Worker, WorkerMsg};
 use crate::store::{Op, OutboxEntry, Store};
 
 /// First re-send of appends that a worker of another node has not confirmed ...
@@ -173,7 +173,7 @@ impl<S: Store> Worker<S> {
                 replay: false,
             });
         }
-        self.outbox.track(shard, msg, &recipients, now_ms());
+        self.outbox.track(shard, msg, &recipients, self.now);
         round.batch.push(Op::OutboxPut(OutboxEntry {
             shard,
             msg_id: msg.msg_id,
@@ -201,7 +201,7 @@ impl<S: Store> Worker<S> {
     pub(super) async fn replay_outbox(&mut self, only_node: Option<usize>) {
         let total = self.router.total();
         let me = self.router.global(self.idx);
-        let now = now_ms();
+        let now = self.now;
         let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
         let mut n = 0usize;
         for s in 0..VSHARDS {

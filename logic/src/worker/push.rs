@@ -4,7 +4,7 @@
 use im_shared::proto::MAX_PUSH_TOKEN_LEN;
 use im_shared::{ConnId, ErrorCode, UserId};
 
-use super::{error_frame, now_ms, op_ok, Round, Worker};
+use super::{error_frame, op_ok, Round, Worker};
 use crate::metrics::Metrics;
 use crate::push::PushNotification;
 use crate::store::{Op, PushToken, Store};
@@ -49,7 +49,7 @@ impl<S: Store> Worker<S> {
         let Some(push) = self.services.push.clone() else {
             return;
         };
-        let now = now_ms();
+        let now = self.now;
         let mut due: Vec<(UserId, u64)> = Vec::new();
         while let Some(&(t, uid, seq)) = self.push_due.front() {
             if t > now {

@@ -5,7 +5,7 @@ use im_shared::proto::{MarkerBody, CONV_C2C, CONV_C2G, CONV_RECALL};
 use im_shared::{ConnId, ErrorCode, GroupId, MsgId, Seq, UserId};
 
 use super::groups::GroupOp;
-use super::{error_frame, now_ms, Reply, Round, Worker};
+use super::{error_frame, Reply, Round, Worker};
 use crate::store::Store;
 
 impl<S: Store> Worker<S> {
@@ -33,7 +33,7 @@ impl<S: Store> Worker<S> {
             );
         }
         let window = self.cfg.recall_window_secs * 1000;
-        if now_ms().saturating_sub(msg_id.timestamp_ms()) > window {
+        if self.now.saturating_sub(msg_id.timestamp_ms()) > window {
             return refuse(round, ErrorCode::RecallRefused, "recall window has passed");
         }
         // The message must be in the sender's own timeline, sent by them, in this conversation.

@@ -40,10 +40,11 @@ impl<S: Store> Worker<S> {
         body: Bytes,
         round: &mut Round,
     ) {
+        let now = self.now;
         let refuse = |round: &mut Round, code: ErrorCode, message: &str| {
             let r = Command::LoginResult {
                 code,
-                server_time_ms: now_ms(),
+                server_time_ms: now,
                 max_seq: Seq(0),
                 heartbeat_secs: 0,
                 message: message.to_owned(),
@@ -77,7 +78,7 @@ impl<S: Store> Worker<S> {
                 "device id must be 1..=64 bytes",
             );
         }
-        match self.verifier.verify(uid, &token, now_ms() / 1000) {
+        match self.verifier.verify(uid, &token, self.now / 1000) {
             Ok(()) => {}
             Err(TokenError::Expired) => {
                 return refuse(round, ErrorCode::TokenExpired, "token expired")
@@ -136,13 +137,13 @@ impl<S: Store> Worker<S> {
                 gate: conn.gate(),
                 core: conn.core(),
                 conn: conn.0,
-                epoch: now_ms(),
+                epoch: self.now,
             },
         });
         let max_seq = Seq(self.users[&uid].last_seq);
         let r = Command::LoginResult {
             code: ErrorCode::Ok,
-            server_time_ms: now_ms(),
+            server_time_ms: self.now,
             max_seq,
             heartbeat_secs: self.cfg.heartbeat_secs,
             message: String::new(),

@@ -1,0 +1,742 @@
+//! Unit tests of the worker as a core: no sockets, no threads, no wall clock. A test builds
+//! workers over a real fjall store (in a temporary directory) wrapped in a [`FaultyStore`], hands
+//! them client frames and worker messages, runs their rounds with [`Worker::step`] at a time it
+//! chooses, and reads what left them: frames to gates (a capturing sink), messages to other
+//! workers (their inboxes, which the test pumps) and the store.
+
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use im_shared::frame::FrameCodec;
+use im_shared::token::HmacTokens;
+use im_store::FjallStore;
+use im_testkit::FaultyStore;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::*;
+
+type TestStore = FaultyStore<FjallStore>;
+
+/// A fixed, plausible time (2026-12-03): tokens minted for it are valid.
+const T0: u64 = 1_796_342_400_000;
+
+/// Frames sent to gates, in order.
+#[derive(Default)]
+struct Sink(Mutex<Vec<Down>>);
+
+impl DownstreamSink for Sink {
+    fn send(&self, _gate: u16, _core: u16, batch: Vec<Down>) {
+        self.0.lock().unwrap().extend(batch);
+    }
+}
+
+/// One frame a connection received: its command, request id, and whether the gate was told to
+/// close the connection after it (`Close`) or to bind it to a user (`Bind`).
+#[derive(Debug)]
+struct Out {
+    conn: ConnId,
+    req_id: u32,
+    cmd: Command,
+    close: bool,
+    bind: bool,
+}
+
+struct Fx {
+    /// Removed with the fixture.
+    _dir: tempfile::TempDir,
+    store: TestStore,
+    sink: Arc<Sink>,
+    tokens: HmacTokens,
+    cfg: LogicConfig,
+    workers: Vec<Worker<TestStore>>,
+    inboxes: Vec<UnboundedReceiver<WorkerMsg>>,
+    depth: Arc<AtomicUsize>,
+    /// Frames decoded but not yet taken by [`Fx::out`].
+    kept: Vec<Out>,
+    now: u64,
+}
+
+impl Fx {
+    /// A node of `n` workers over a fresh store.
+    async fn new(n: usize) -> Fx {
+        Self::with(n, LogicConfig::default()).await
+    }
+
+    async fn with(n: usize, cfg: LogicConfig) -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::new(FjallStore::open(dir.path()).unwrap());
+        let mut fx = Fx {
+            _dir: dir,
+            store,
+            sink: Arc::default(),
+            tokens: HmacTokens::new(b"worker-tests".to_vec()),
+            cfg: LogicConfig { workers: n, ..cfg },
+            workers: Vec::new(),
+            inboxes: Vec::new(),
+            depth: Arc::default(),
+            kept: Vec::new(),
+            now: T0,
+        };
+        fx.restart().await;
+        fx
+    }
+
+    /// Replaces every worker by a fresh one over the same store, as a restart of the process
+    /// does (in-memory state and unsent messages are gone), and runs their start.
+    async fn restart(&mut self) {
+        let n = self.cfg.workers;
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let router = Arc::new(Router::new(0, 1, txs, None));
+        self.workers = (0..n)
+            .map(|i| {
+                Worker::new(
+                    i,
+                    self.cfg.clone(),
+                    self.store.clone(),
+                    Arc::new(self.tokens.clone()),
+                    self.sink.clone(),
+                    router.clone(),
+                    self.depth.clone(),
+                    Services::default(),
+                    Arc::new(Metrics::default()),
+                )
+            })
+            .collect();
+        self.inboxes = rxs;
+        for w in &mut self.workers {
+            w.start(self.now).await;
+        }
+    }
+
+    /// The local worker of `uid`.
+    fn worker_of(&self, uid: UserId) -> usize {
+        self.workers[0].router.local_of(uid)
+    }
+
+    /// The first user id ≥ `from` that lives on worker `w`.
+    fn user_on(&self, w: usize, from: u64) -> UserId {
+        (from..)
+            .map(UserId)
+            .find(|&u| self.worker_of(u) == w)
+            .unwrap()
+    }
+
+    /// Runs one round of the worker of `uid`'s connection with these client frames.
+    async fn client(&mut self, conn: ConnId, uid: UserId, cmds: Vec<(u32, Command)>) {
+        let ups = cmds
+            .into_iter()
+            .map(|(req_id, c)| {
+                self.depth.fetch_add(1, Ordering::Relaxed);
+                let f = c.to_frame(req_id);
+                Up::Frame {
+                    conn,
+                    uid,
+                    cmd: f.cmd,
+                    req_id,
+                    body: f.body,
+                }
+            })
+            .collect();
+        let w = self.worker_of(uid);
+        self.step(w, vec![WorkerMsg::Gate(ups)]).await.unwrap();
+    }
+
+    async fn step(&mut self, w: usize, msgs: Vec<WorkerMsg>) -> Result<Step, Halt> {
+        self.workers[w].step(msgs, self.now).await
+    }
+
+    /// Runs rounds until no worker has anything in its inbox (bounded).
+    async fn pump(&mut self) {
+        for _ in 0..100 {
+            let mut idle = true;
+            for w in 0..self.workers.len() {
+                let mut msgs = Vec::new();
+                while let Ok(m) = self.inboxes[w].try_recv() {
+                    msgs.push(m);
+                }
+                if !msgs.is_empty() {
+                    idle = false;
+                    self.step(w, msgs).await.unwrap();
+                }
+            }
+            if idle {
+                return;
+            }
+        }
+        panic!("workers still busy after 100 rounds");
+    }
+
+    /// Messages waiting in worker `w`'s inbox (taken out).
+    fn inbox(&mut self, w: usize) -> Vec<WorkerMsg> {
+        let mut v = Vec::new();
+        while let Ok(m) = self.inboxes[w].try_recv() {
+            v.push(m);
+        }
+        v
+    }
+
+    /// Everything sent to gates since the last call, decoded.
+    fn out(&mut self) -> Vec<Out> {
+        let downs = std::mem::take(&mut *self.sink.0.lock().unwrap());
+        let mut out = std::mem::take(&mut self.kept);
+        out.extend(downs.into_iter().map(decode_down));
+        out
+    }
+
+    async fn login(&mut self, conn: ConnId, uid: UserId, dt: DeviceType) -> Seq {
+        let token = self.tokens.mint(uid, self.now / 1000 + 3600);
+        let login = Command::Login {
+            uid,
+            device_type: dt,
+            device_id: format!("dev-{}", conn.serial()),
+            last_seq: Seq(0),
+            token,
+        };
+        self.client(conn, uid, vec![(1, login)]).await;
+        // Takes the login result; everything else stays for `out`.
+        let mut out = self.out();
+        let i = out
+            .iter()
+            .position(|o| o.conn == conn && matches!(o.cmd, Command::LoginResult { .. }))
+            .expect("a login result");
+        let o = out.remove(i);
+        self.kept = out;
+        assert!(o.bind, "login not bound: {o:?}");
+        match o.cmd {
+            Command::LoginResult {
+                code: ErrorCode::Ok,
+                max_seq,
+                ..
+            } => max_seq,
+            c => panic!("login failed: {c:?}"),
+        }
+    }
+
+    async fn timeline(&self, uid: UserId) -> Vec<Message> {
+        self.store.timeline(uid, Seq(0), 1000).await.unwrap()
+    }
+}
+
+fn decode_down(d: Down) -> Out {
+    let (conn, data, close, bind) = match d {
+        Down::Send { conn, data } => (conn, data, false, false),
+        Down::Close { conn, data } => (conn, data, true, false),
+        Down::Bind { conn, data, .. } => (conn, data, false, true),
+    };
+    let mut buf = BytesMut::from(&data[..]);
+    let f = FrameCodec::new(1 << 24).decode(&mut buf).unwrap().unwrap();
+    assert!(buf.is_empty(), "one frame per down");
+    Out {
+        conn,
+        req_id: f.req_id,
+        cmd: Command::decode(&f).unwrap(),
+        close,
+        bind,
+    }
+}
+
+fn conn(serial: u32) -> ConnId {
+    ConnId::new(1, 0, serial)
+}
+
+fn send(client_msg_id: u64, to: UserId, body: &'static str) -> Command {
+    Command::SendC2c {
+        client_msg_id,
+        to,
+        body: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+/// `(client_msg_id, msg_id, seq, prev_seq)` of every `SendAck` in `out`, in order.
+fn acks(out: &[Out]) -> Vec<(u64, MsgId, Seq, Seq)> {
+    out.iter()
+        .filter_map(|o| match &o.cmd {
+            Command::SendAck {
+                code: ErrorCode::Ok,
+                client_msg_id,
+                msg_id,
+                seq,
+                prev_seq,
+                ..
+            } => Some((*client_msg_id, *msg_id, *seq, *prev_seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Messages delivered live to `c`, in order.
+fn delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
+    out.iter()
+        .filter(|o| o.conn == c)
+        .filter_map(|o| match &o.cmd {
+            Command::Deliver(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_c2c_send_is_acked_after_the_senders_commit_and_delivered_after_the_recipients() {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Tablet).await;
+    fx.client(
+        conn(1),
+        a,
+        vec![(10, send(100, b, "one")), (11, send(101, b, "two"))],
+    )
+    .await;
+    // The sender's round acked; the appends for the recipient wait for the recipient's round.
+    assert!(fx.timeline(b).await.is_empty());
+    fx.pump().await;
+    let out = fx.out();
+    let acks = acks(&out);
+    assert_eq!(acks.len(), 2);
+    let req_ids: Vec<_> = out
+        .iter()
+        .filter(|o| matches!(o.cmd, Command::SendAck { .. }))
+        .map(|o| (o.conn, o.req_id))
+        .collect();
+    assert_eq!(req_ids, [(conn(1), 10), (conn(1), 11)]);
+    // The sender's timeline: seq 1 and 2, each naming the one before.
+    assert_eq!((acks[0].2, acks[0].3), (Seq(1), Seq(0)));
+    assert_eq!((acks[1].2, acks[1].3), (Seq(2), Seq(1)));
+    assert!(acks[0].1 < acks[1].1, "msg ids increase");
+    // The recipient got both, live, in order, with its own seqs.
+    let got = delivered_to(&out, conn(2));
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].seq, got[0].prev_seq), (Seq(1), Seq(0)));
+    assert_eq!((got[1].seq, got[1].prev_seq), (Seq(2), Seq(1)));
+    assert_eq!(got[0].msg_id, acks[0].1);
+    assert_eq!(got[1].body, Bytes::from_static(b"two"));
+    assert_eq!(fx.timeline(b).await.len(), 2);
+    assert_eq!(fx.timeline(a).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_retried_client_msg_id_gets_the_first_ack_and_is_stored_once() {
+    // A window of 2 in memory: the third retry below is answered from the store's record.
+    let cfg = LogicConfig {
+        dedup_window: 2,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(1, cfg).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    // The same client_msg_id twice in one round, then again in a later round.
+    fx.client(
+        conn(1),
+        a,
+        vec![(1, send(7, b, "x")), (2, send(7, b, "x again"))],
+    )
+    .await;
+    fx.now += 10;
+    fx.client(conn(1), a, vec![(3, send(7, b, "x once more"))])
+        .await;
+    // Push 7 out of the in-memory window, then retry it after a restart too.
+    fx.client(conn(1), a, vec![(4, send(8, b, "y")), (5, send(9, b, "z"))])
+        .await;
+    fx.client(conn(1), a, vec![(6, send(7, b, "x from the store"))])
+        .await;
+    fx.restart().await;
+    fx.login(conn(3), a, DeviceType::Phone).await;
+    fx.client(conn(3), a, vec![(7, send(7, b, "x after a restart"))])
+        .await;
+    fx.pump().await;
+    let acks = acks(&fx.out());
+    let sevens: Vec<_> = acks.iter().filter(|a| a.0 == 7).collect();
+    assert_eq!(sevens.len(), 5);
+    for s in &sevens {
+        assert_eq!(*s, sevens[0], "every retry gets the first ack");
+    }
+    let tl = fx.timeline(b).await;
+    let bodies: Vec<_> = tl.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(
+        bodies,
+        ["x", "y", "z"].map(|s| Bytes::from_static(s.as_bytes()))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retryable_commit_error_is_retried_with_backoff_and_nothing_is_released_before_the_commit(
+) {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let sink = fx.sink.clone();
+    fx.store.observe(move || sink.0.lock().unwrap().len());
+    let before = fx.store.attempts().len();
+    for _ in 0..3 {
+        fx.store
+            .fail_next_commit(StoreError::Unavailable("test".into()));
+    }
+    fx.client(conn(1), a, vec![(5, send(1, b, "hello"))]).await;
+    let attempts = fx.store.attempts().split_off(before);
+    assert_eq!(attempts.len(), 4, "{attempts:?}");
+    assert!(attempts[..3].iter().all(|a| a.error.is_some()));
+    assert_eq!(attempts[3].error, None);
+    // Nothing reached a gate at any attempt: no ack, no delivery before the commit.
+    assert!(attempts.iter().all(|a| a.observed == 0), "{attempts:?}");
+    // Backoff doubles from 20 ms.
+    let gaps: Vec<_> = attempts
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_millis())
+        .collect();
+    assert_eq!(gaps, [20, 40, 80]);
+    // After the commit: the ack and, after the recipient's round, the delivery, once.
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(acks(&out).len(), 1);
+    assert_eq!(delivered_to(&out, conn(2)).len(), 1);
+    assert_eq!(fx.timeline(b).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_fatal_commit_error_halts_the_worker_and_releases_nothing() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.store
+        .fail_next_commit(StoreError::Io("disk gone".into()));
+    let w = fx.worker_of(a);
+    let mut ups = Vec::new();
+    let f = send(1, b, "lost?").to_frame(9);
+    ups.push(Up::Frame {
+        conn: conn(1),
+        uid: a,
+        cmd: f.cmd,
+        req_id: 9,
+        body: f.body,
+    });
+    let r = fx.step(w, vec![WorkerMsg::Gate(ups)]).await;
+    assert!(matches!(r, Err(Halt::Fatal(StoreError::Io(_)))), "{r:?}");
+    // No ack, no delivery, no append sent to the recipient's worker, nothing stored.
+    assert!(fx.out().is_empty());
+    assert!(fx.inbox(1).is_empty());
+    assert!(fx.timeline(a).await.is_empty());
+    assert!(fx.timeline(b).await.is_empty());
+    // The restarted process accepts the client's retry as new.
+    fx.restart().await;
+    fx.login(conn(3), a, DeviceType::Phone).await;
+    fx.client(conn(3), a, vec![(10, send(1, b, "lost?"))]).await;
+    fx.pump().await;
+    assert_eq!(acks(&fx.out()).len(), 1);
+    assert_eq!(fx.timeline(b).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_fenced_commit_halts_the_worker_and_releases_nothing() {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.store.fail_next_commit(StoreError::Fenced {
+        node: 0,
+        incarnation: 1,
+        fence: 2,
+    });
+    let f = send(1, b, "x").to_frame(3);
+    let up = Up::Frame {
+        conn: conn(1),
+        uid: a,
+        cmd: f.cmd,
+        req_id: 3,
+        body: f.body,
+    };
+    let r = fx.step(0, vec![WorkerMsg::Gate(vec![up])]).await;
+    assert!(matches!(r, Err(Halt::Fenced(_))), "{r:?}");
+    assert!(fx.out().is_empty());
+    assert!(fx.timeline(b).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_fan_out_across_workers_is_kept_in_the_outbox_until_confirmed_and_replayed_after_a_crash()
+{
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    // Acked once the sender's side is durable; the recipient's append is in flight.
+    let ack = acks(&fx.out())[0];
+    let shard = vshard_of(a);
+    let entries = fx.store.outbox(shard).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].recipients, vec![b]);
+    assert_eq!(entries[0].msg.msg_id, ack.1);
+    // The process dies before worker 1 handled the append: the append is lost with memory.
+    let lost = fx.inbox(1);
+    assert!(matches!(&lost[..], [WorkerMsg::Append(v)] if v.len() == 1 && !v[0].replay));
+    fx.restart().await;
+    // At start, worker 0 replays its outbox to worker 1.
+    let replay = fx.inbox(1);
+    assert!(
+        matches!(&replay[..], [WorkerMsg::Append(v)] if v.len() == 1 && v[0].replay && v[0].recipient == b),
+        "no replay"
+    );
+    // The lost live append and the replay both arrive (a duplicate): stored once.
+    fx.step(1, lost).await.unwrap();
+    fx.step(1, replay).await.unwrap();
+    let tl = fx.timeline(b).await;
+    assert_eq!(tl.len(), 1);
+    assert_eq!((tl[0].msg_id, tl[0].seq), (ack.1, Seq(1)));
+    // Worker 1 confirmed (twice); worker 0 deletes the outbox entry.
+    fx.pump().await;
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
+    // Nothing left to replay at the next start.
+    fx.restart().await;
+    assert!(fx.inbox(1).is_empty());
+}
+
+#[tokio::test]
+async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    let msg_id = acks(&out)[0].1;
+    let got = delivered_to(&out, conn(2));
+    assert_eq!(got.len(), 1);
+    fx.client(
+        conn(2),
+        b,
+        vec![(0, Command::DeliverAck { seq: got[0].seq })],
+    )
+    .await;
+    fx.pump().await;
+    let out = fx.out();
+    let notes: Vec<_> = out
+        .iter()
+        .filter_map(|o| match &o.cmd {
+            Command::Delivered { msg_id, recipient } if o.conn == conn(1) => {
+                Some((*msg_id, *recipient))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes, [(msg_id, b)]);
+    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), got[0].seq);
+}
+
+#[tokio::test]
+async fn a_login_with_the_same_device_type_kicks_the_first_and_another_type_does_not() {
+    let mut fx = Fx::new(1).await;
+    let a = UserId(5);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), a, DeviceType::Web).await;
+    // The login of conn 3 answers it and closes conn 1 with a kickout; conn 2 stays.
+    let token = fx.tokens.mint(a, fx.now / 1000 + 60);
+    let login = Command::Login {
+        uid: a,
+        device_type: DeviceType::Phone,
+        device_id: "dev-3".into(),
+        last_seq: Seq(0),
+        token,
+    };
+    fx.client(conn(3), a, vec![(1, login)]).await;
+    let out = fx.out();
+    let kicked: Vec<_> = out
+        .iter()
+        .filter(|o| matches!(o.cmd, Command::Kickout { .. }))
+        .collect();
+    assert_eq!(kicked.len(), 1);
+    assert_eq!(kicked[0].conn, conn(1));
+    assert!(kicked[0].close);
+    assert!(out.iter().any(|o| o.conn == conn(3) && o.bind));
+    // conn 1 is no session any more; conn 2 and 3 are.
+    fx.client(conn(1), a, vec![(2, send(1, UserId(6), "x"))])
+        .await;
+    fx.client(conn(2), a, vec![(3, send(2, UserId(6), "y"))])
+        .await;
+    let out = fx.out();
+    assert!(out.iter().any(|o| o.conn == conn(1)
+        && o.close
+        && matches!(
+            o.cmd,
+            Command::Error {
+                code: ErrorCode::NotLoggedIn,
+                ..
+            }
+        )));
+    assert_eq!(acks(&out).len(), 1);
+    // An expired token is refused and the connection closed.
+    let expired = fx.tokens.mint(a, fx.now / 1000 - 1);
+    let login = Command::Login {
+        uid: a,
+        device_type: DeviceType::Tablet,
+        device_id: "dev-4".into(),
+        last_seq: Seq(0),
+        token: expired,
+    };
+    fx.client(conn(4), a, vec![(1, login)]).await;
+    let out = fx.out();
+    assert!(matches!(
+        &out[..],
+        [Out {
+            cmd: Command::LoginResult {
+                code: ErrorCode::TokenExpired,
+                ..
+            },
+            close: true,
+            ..
+        }]
+    ));
+}
+
+#[tokio::test]
+async fn sync_pages_are_bounded_by_count_and_bytes_and_say_whether_more_follow() {
+    let cfg = LogicConfig {
+        sync_page_max: 3,
+        sync_page_bytes: 400,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(1, cfg).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let sends = (1..=5).map(|i| (i as u32, send(i, b, "short"))).collect();
+    fx.client(conn(1), a, sends).await;
+    fx.pump().await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let sync = |after, limit| Command::SyncRequest {
+        after_seq: Seq(after),
+        limit,
+    };
+    // limit 100 is capped at sync_page_max 3.
+    fx.client(conn(2), b, vec![(1, sync(0, 100))]).await;
+    fx.client(conn(2), b, vec![(2, sync(3, 100))]).await;
+    fx.client(conn(2), b, vec![(3, sync(5, 100))]).await;
+    let pages: Vec<_> = fx
+        .out()
+        .into_iter()
+        .filter_map(|o| match o.cmd {
+            Command::SyncPage {
+                max_seq,
+                has_more,
+                messages,
+            } => Some((
+                max_seq,
+                has_more,
+                messages.iter().map(|m| m.seq.0).collect::<Vec<_>>(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            (Seq(5), true, vec![1, 2, 3]),
+            (Seq(5), false, vec![4, 5]),
+            (Seq(5), false, vec![]),
+        ]
+    );
+    // A page holds at least one message, however large, and stops at the byte bound.
+    let big = Bytes::from(vec![b'x'; 1000]);
+    fx.client(
+        conn(1),
+        a,
+        vec![
+            (
+                9,
+                Command::SendC2c {
+                    client_msg_id: 50,
+                    to: b,
+                    body: big.clone(),
+                },
+            ),
+            (
+                10,
+                Command::SendC2c {
+                    client_msg_id: 51,
+                    to: b,
+                    body: big,
+                },
+            ),
+        ],
+    )
+    .await;
+    fx.pump().await;
+    fx.out();
+    fx.client(conn(2), b, vec![(4, sync(5, 3))]).await;
+    let out = fx.out();
+    let [Out {
+        cmd: Command::SyncPage {
+            has_more, messages, ..
+        },
+        ..
+    }] = &out[..]
+    else {
+        panic!("{out:?}");
+    };
+    assert_eq!(messages.len(), 1);
+    assert!(has_more);
+}
+
+#[tokio::test]
+async fn a_group_post_is_stored_for_every_member_and_delivered_to_those_online() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = fx.user_on(0, a.0 + 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let create = Command::GroupCreate {
+        name: "team".into(),
+        members: vec![b, c],
+    };
+    fx.client(conn(1), a, vec![(1, create)]).await;
+    fx.pump().await;
+    let out = fx.out();
+    let group = out
+        .iter()
+        .find_map(|o| match o.cmd {
+            Command::OpResult {
+                code: ErrorCode::Ok,
+                id,
+                ..
+            } if o.conn == conn(1) => Some(GroupId(id)),
+            _ => None,
+        })
+        .expect("group created");
+    let post = Command::SendC2g {
+        client_msg_id: 77,
+        group,
+        body: Bytes::from_static(b"hi all"),
+    };
+    fx.client(conn(2), b, vec![(2, post.clone())]).await;
+    fx.pump().await;
+    // A retry of the same post is answered with the same ack and stored once.
+    fx.client(conn(2), b, vec![(3, post)]).await;
+    fx.pump().await;
+    let out = fx.out();
+    let acks = acks(&out);
+    assert_eq!(acks.len(), 2);
+    assert_eq!(acks[0].1, acks[1].1);
+    for m in [a, b, c] {
+        let posts: Vec<_> = fx
+            .timeline(m)
+            .await
+            .into_iter()
+            .filter(|x| x.conv == CONV_C2G)
+            .collect();
+        assert_eq!(posts.len(), 1, "member {m}");
+        assert_eq!(posts[0].msg_id, acks[0].1);
+        assert_eq!(posts[0].to.0, group.0);
+    }
+    let live = delivered_to(&out, conn(1));
+    assert_eq!(live.iter().filter(|m| m.conv == CONV_C2G).count(), 1);
+    // Every member's fan-out confirmed: no outbox entry is left.
+    for w in 0..2 {
+        for s in 0..im_shared::shard::VSHARDS {
+            if fx.workers[w].router.owner_of_shard(ShardId(s)) == w {
+                assert!(fx.store.outbox(ShardId(s)).await.unwrap().is_empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! A worker whose store cannot commit stalls without acknowledging anything, its queue fills, and
+//! the gate's admission (`UpstreamLink::admit`) sheds new client frames with `Overloaded` until
+//! the store is back; then every queued request is answered. Real worker threads, a real fjall
+//! store behind a `FaultyStore` that is made unavailable on purpose.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use im_logic::store::FjallStore;
+use im_logic::LogicConfig;
+use im_shared::frame::FrameCodec;
+use im_shared::link::{Down, DownstreamSink, Up, UpstreamLink};
+use im_shared::token::HmacTokens;
+use im_shared::{Command, ConnId, DeviceType, ErrorCode, Seq, UserId};
+use im_testkit::FaultyStore;
+
+#[derive(Default)]
+struct Sink(Mutex<Vec<Down>>);
+
+impl DownstreamSink for Sink {
+    fn send(&self, _gate: u16, _core: u16, batch: Vec<Down>) {
+        self.0.lock().unwrap().extend(batch);
+    }
+}
+
+impl Sink {
+    /// Decoded frames received so far.
+    fn commands(&self) -> Vec<Command> {
+        let codec = FrameCodec::new(1 << 24);
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let data = match d {
+                    Down::Send { data, .. }
+                    | Down::Bind { data, .. }
+                    | Down::Close { data, .. } => data,
+                };
+                let f = codec
+                    .decode(&mut BytesMut::from(&data[..]))
+                    .unwrap()
+                    .unwrap();
+                Command::decode(&f).unwrap()
+            })
+            .collect()
+    }
+
+    /// Waits (at most 20 s) until `pred` holds for the frames received.
+    fn wait(&self, what: &str, pred: impl Fn(&[Command]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pred(&self.commands()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn up(conn: ConnId, uid: UserId, req_id: u32, c: Command) -> Up {
+    let f = c.to_frame(req_id);
+    Up::Frame {
+        conn,
+        uid,
+        cmd: f.cmd,
+        req_id,
+        body: f.body,
+    }
+}
+
+fn acks(cmds: &[Command]) -> usize {
+    cmds.iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Command::SendAck {
+                    code: ErrorCode::Ok,
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded() {
+    const MAX_QUEUED: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FaultyStore::new(FjallStore::open(dir.path()).unwrap());
+    let tokens = HmacTokens::new(b"stall".to_vec());
+    let sink = Arc::new(Sink::default());
+    let cfg = LogicConfig {
+        workers: 1,
+        max_queued: MAX_QUEUED,
+        ..LogicConfig::default()
+    };
+    let logic =
+        im_logic::start(cfg, store.clone(), Arc::new(tokens.clone()), sink.clone()).unwrap();
+    let (a, b) = (UserId(1), UserId(2));
+    let conn = ConnId::new(1, 0, 1);
+    let lane = logic.lane_of(a);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let login = Command::Login {
+        uid: a,
+        device_type: DeviceType::Phone,
+        device_id: "d".into(),
+        last_seq: Seq(0),
+        token: tokens.mint(a, now + 600),
+    };
+    logic.send(lane, vec![up(conn, a, 1, login)]);
+    sink.wait("the login result", |c| {
+        c.iter().any(|c| {
+            matches!(
+                c,
+                Command::LoginResult {
+                    code: ErrorCode::Ok,
+                    ..
+                }
+            )
+        })
+    });
+
+    store.set_unavailable(true);
+    let send = |i: u64| {
+        up(
+            conn,
+            a,
+            100 + i as u32,
+            Command::SendC2c {
+                client_msg_id: i,
+                to: b,
+                body: Bytes::from_static(b"x"),
+            },
+        )
+    };
+    // The first frame's round stalls in its commit; wait until it is retrying.
+    logic.send(lane, vec![send(0)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store
+        .attempts()
+        .iter()
+        .filter(|a| a.error.is_some())
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the commit was never retried");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Frames queue behind it until the queue is full; then the gate is told to shed.
+    let mut admitted = 0;
+    while logic.admit(lane).is_ok() {
+        admitted += 1;
+        assert!(admitted <= MAX_QUEUED, "admitted past max_queued");
+        logic.send(lane, vec![send(admitted as u64)]);
+    }
+    assert_eq!(admitted, MAX_QUEUED);
+    assert_eq!(logic.admit(lane), Err(ErrorCode::Overloaded));
+    // Nothing was acknowledged while the store could not commit.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(acks(&sink.commands()), 0);
+
+    store.set_unavailable(false);
+    sink.wait("every queued request answered", |c| {
+        acks(c) == MAX_QUEUED + 1
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logic.admit(lane).is_err() {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    logic.shutdown();
+}

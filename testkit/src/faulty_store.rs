@@ -1,0 +1,156 @@
+//! A [`Store`] that fails on demand: a real backend underneath, and commits that fail with the
+//! errors a test queued, or keep failing while the store is marked unavailable. Every commit
+//! attempt is logged (with what an observer saw at that moment), so a test can assert what a
+//! caller did before, between and after its attempts — e.g. that no ack left a worker before its
+//! batch was committed.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use im_shared::proto::{GroupDesc, Message};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
+use im_store::{DedupEntry, MemberRecord, OutboxEntry, PushToken, Store, StoreError, WriteBatch};
+
+/// One call of [`Store::commit`].
+#[derive(Clone, Debug)]
+pub struct CommitAttempt {
+    /// Ops in the batch.
+    pub ops: usize,
+    /// `None`: committed; otherwise the error returned (nothing of the batch was applied).
+    pub error: Option<String>,
+    /// What the observer (see [`FaultyStore::observe`]) returned at the start of the attempt.
+    pub observed: usize,
+    /// Tokio's clock at the attempt (paused time in tests advances only by sleeps).
+    pub at: tokio::time::Instant,
+}
+
+type Observer = Arc<dyn Fn() -> usize + Send + Sync>;
+
+#[derive(Default)]
+struct Faults {
+    /// Errors the next commits return, in order (one each).
+    queued: VecDeque<StoreError>,
+    /// While set, every commit fails with [`StoreError::Unavailable`].
+    unavailable: bool,
+    attempts: Vec<CommitAttempt>,
+    observer: Option<Observer>,
+}
+
+/// Wraps a store; clones share the same faults and log.
+#[derive(Clone)]
+pub struct FaultyStore<S> {
+    inner: S,
+    faults: Arc<Mutex<Faults>>,
+}
+
+impl<S: Store> FaultyStore<S> {
+    pub fn new(inner: S) -> Self {
+        FaultyStore {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// The wrapped store (reads and writes through it bypass the faults).
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The next commit fails with `e` (queued after any error queued before).
+    pub fn fail_next_commit(&self, e: StoreError) {
+        self.faults.lock().unwrap().queued.push_back(e);
+    }
+
+    /// While `on`, every commit fails with a retryable [`StoreError::Unavailable`].
+    pub fn set_unavailable(&self, on: bool) {
+        self.faults.lock().unwrap().unavailable = on;
+    }
+
+    /// Calls `f` at the start of every commit attempt and logs what it returned.
+    pub fn observe(&self, f: impl Fn() -> usize + Send + Sync + 'static) {
+        self.faults.lock().unwrap().observer = Some(Arc::new(f));
+    }
+
+    /// Every commit attempt so far, in order.
+    pub fn attempts(&self) -> Vec<CommitAttempt> {
+        self.faults.lock().unwrap().attempts.clone()
+    }
+}
+
+impl<S: Store> Store for FaultyStore<S> {
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let (fault, observer) = {
+            let mut f = self.faults.lock().unwrap();
+            let fault = match f.queued.pop_front() {
+                Some(e) => Some(e),
+                None if f.unavailable => Some(StoreError::Unavailable("made unavailable".into())),
+                None => None,
+            };
+            (fault, f.observer.clone())
+        };
+        let observed = observer.map_or(0, |o| o());
+        let ops = batch.len();
+        let res = match fault {
+            Some(e) => Err(e),
+            None => self.inner.commit(batch).await,
+        };
+        self.faults.lock().unwrap().attempts.push(CommitAttempt {
+            ops,
+            error: res.as_ref().err().map(|e| e.to_string()),
+            observed,
+            at: tokio::time::Instant::now(),
+        });
+        res
+    }
+    async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
+        self.inner.fence(node, incarnation).await
+    }
+    async fn seq_bound(&self, uid: UserId) -> Result<Seq, StoreError> {
+        self.inner.seq_bound(uid).await
+    }
+    async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
+        self.inner.last_seq(uid).await
+    }
+    async fn timeline(
+        &self,
+        uid: UserId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.inner.timeline(uid, after, limit).await
+    }
+    async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
+        self.inner.seq_of(uid, msg_id).await
+    }
+    async fn dedup(
+        &self,
+        uid: UserId,
+        client_msg_id: u64,
+    ) -> Result<Option<DedupEntry>, StoreError> {
+        self.inner.dedup(uid, client_msg_id).await
+    }
+    async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError> {
+        self.inner.cursor(uid, device_id).await
+    }
+    async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.inner.outbox(shard).await
+    }
+    async fn group(&self, group: GroupId) -> Result<Option<GroupDesc>, StoreError> {
+        self.inner.group(group).await
+    }
+    async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError> {
+        self.inner.members(group).await
+    }
+    async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
+        self.inner.groups_of(uid).await
+    }
+    async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError> {
+        self.inner.mutes(uid).await
+    }
+    async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError> {
+        self.inner.push_tokens(uid).await
+    }
+    async fn id_floor(&self, generator: u16) -> Result<u64, StoreError> {
+        self.inner.id_floor(generator).await
+    }
+}
