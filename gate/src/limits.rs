@@ -36,7 +36,12 @@ use crate::conn::Conn;
 use crate::core::Core;
 
 /// Attack-protection limits of one gate (`GateConfig::limits`). A limit of 0 is off.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Also the `[limits]` table of the server's config file, deserialised as is: a key per field,
+/// except the durations, which are written `login_backoff_ms`, `login_backoff_max_secs` and
+/// `login_fail_window_secs`; a missing key keeps its default, an unknown key is an error.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Sockets the gate holds at once, logged in or not (pre-login and closing ones included).
     /// Beyond it a new connection gets `Error Overloaded` and is closed at accept.
@@ -64,12 +69,23 @@ pub struct Limits {
     /// period from every address that has failed a login itself (an address with a clean record
     /// still gets through, so an attacker cannot lock the real user out).
     pub login_fails_per_uid: u32,
-    /// First back-off period; each further failure doubles it.
+    /// First back-off period; each further failure doubles it (`login_backoff_ms`).
+    #[serde(rename = "login_backoff_ms", deserialize_with = "millis")]
     pub login_backoff: Duration,
-    /// Longest back-off period.
+    /// Longest back-off period (`login_backoff_max_secs`).
+    #[serde(rename = "login_backoff_max_secs", deserialize_with = "secs")]
     pub login_backoff_max: Duration,
-    /// Failures are forgotten after this long without a new one.
+    /// Failures are forgotten after this long without a new one (`login_fail_window_secs`).
+    #[serde(rename = "login_fail_window_secs", deserialize_with = "secs")]
     pub login_fail_window: Duration,
+}
+
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_millis)
+}
+
+fn secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_secs)
 }
 
 impl Default for Limits {

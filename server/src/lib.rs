@@ -68,8 +68,9 @@ pub struct ServerConfig {
     pub c2s: Option<C2sConfig>,
     /// Offline push (`[push]`, docs/PUSH.md). Default: none (no provider configured).
     pub push: Option<PushConfig>,
-    /// Attack protection at the gate (`[limits]`, docs/SECURITY.md).
-    pub limits: LimitsConfig,
+    /// Attack protection at the gate (`[limits]`, docs/SECURITY.md; keys and defaults in
+    /// [`im_gate::Limits`]; 0 turns a limit off).
+    pub limits: im_gate::Limits,
     /// ScyllaDB contact points (`host:port`) of a logic node's store; empty (the default): the
     /// embedded fjall store in `data_dir`. Only `im-server logic` uses it.
     pub scylla_nodes: Vec<String>,
@@ -136,7 +137,7 @@ impl Default for ServerConfig {
                 timeout_ms: 10_000,
             }),
             push: None,
-            limits: LimitsConfig::default(),
+            limits: im_gate::Limits::default(),
             scylla_nodes: Vec::new(),
             scylla_keyspace: "im".to_owned(),
             ws_listen: None,
@@ -253,78 +254,6 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     })
 }
 
-/// `[limits]`: the gate's attack protection (docs/SECURITY.md); 0 turns a limit off. Defaults:
-/// those of [`im_gate::Limits`].
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Sockets per gate (pre-login, logged-in and closing); beyond: refused at accept.
-    pub max_connections: usize,
-    /// Sockets per source address (IPv6: per /64); beyond: refused at accept.
-    pub max_conns_per_ip: u32,
-    /// New connections per second per source address (token bucket rate) …
-    pub conn_rate_per_ip: u32,
-    /// … and its burst.
-    pub conn_burst_per_ip: u32,
-    /// Frames per second per logged-in user, all devices together (heartbeats and delivery acks
-    /// not counted); over it: `Error Overloaded`, frame dropped …
-    pub msg_rate_per_user: u32,
-    /// … and its burst.
-    pub msg_burst_per_user: u32,
-    /// Refused frames (since the user's bucket was last full) after which the connection is
-    /// closed.
-    pub msg_refusals_before_close: u32,
-    /// Failed logins (`BadToken`) from one address before its logins back off.
-    pub login_fails_per_ip: u32,
-    /// Failed logins of one user before its logins from addresses with failures back off.
-    pub login_fails_per_uid: u32,
-    /// First back-off, in milliseconds; doubled by each further failure …
-    pub login_backoff_ms: u64,
-    /// … up to this many seconds.
-    pub login_backoff_max_secs: u64,
-    /// Failures are forgotten after this many seconds without a new one.
-    pub login_fail_window_secs: u64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        let l = im_gate::Limits::default();
-        LimitsConfig {
-            max_connections: l.max_connections,
-            max_conns_per_ip: l.max_conns_per_ip,
-            conn_rate_per_ip: l.conn_rate_per_ip,
-            conn_burst_per_ip: l.conn_burst_per_ip,
-            msg_rate_per_user: l.msg_rate_per_user,
-            msg_burst_per_user: l.msg_burst_per_user,
-            msg_refusals_before_close: l.msg_refusals_before_close,
-            login_fails_per_ip: l.login_fails_per_ip,
-            login_fails_per_uid: l.login_fails_per_uid,
-            login_backoff_ms: l.login_backoff.as_millis() as u64,
-            login_backoff_max_secs: l.login_backoff_max.as_secs(),
-            login_fail_window_secs: l.login_fail_window.as_secs(),
-        }
-    }
-}
-
-impl LimitsConfig {
-    fn to_gate(&self) -> im_gate::Limits {
-        im_gate::Limits {
-            max_connections: self.max_connections,
-            max_conns_per_ip: self.max_conns_per_ip,
-            conn_rate_per_ip: self.conn_rate_per_ip,
-            conn_burst_per_ip: self.conn_burst_per_ip,
-            msg_rate_per_user: self.msg_rate_per_user,
-            msg_burst_per_user: self.msg_burst_per_user,
-            msg_refusals_before_close: self.msg_refusals_before_close,
-            login_fails_per_ip: self.login_fails_per_ip,
-            login_fails_per_uid: self.login_fails_per_uid,
-            login_backoff: Duration::from_millis(self.login_backoff_ms),
-            login_backoff_max: Duration::from_secs(self.login_backoff_max_secs),
-            login_fail_window: Duration::from_secs(self.login_fail_window_secs),
-        }
-    }
-}
-
 fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
     GateConfig {
         listen: cfg.listen,
@@ -338,7 +267,7 @@ fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
         login_timeout: Duration::from_secs(cfg.login_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         max_write_queue: cfg.max_write_queue,
-        limits: cfg.limits.to_gate(),
+        limits: cfg.limits.clone(),
         ws_listen: cfg.ws_listen,
         web_root: cfg.web_root.clone(),
         ws_origins: cfg.ws_origins.clone(),
@@ -580,5 +509,31 @@ mod tests {
         assert!(matches!(cfg.c2s, Some(C2sConfig::Embedded { .. })));
         assert!(cfg.push.is_none());
         assert_eq!(cfg.limits, d.limits);
+    }
+
+    #[test]
+    fn the_limits_table_is_the_gates_limits_with_durations_in_their_units() {
+        let cfg: ServerConfig = toml::from_str(
+            "[limits]\nmsg_rate_per_user = 0\nlogin_backoff_ms = 250\n\
+             login_backoff_max_secs = 7\nlogin_fail_window_secs = 9\n",
+        )
+        .unwrap();
+        let d = im_gate::Limits::default();
+        assert_eq!(
+            cfg.limits,
+            im_gate::Limits {
+                msg_rate_per_user: 0,
+                login_backoff: Duration::from_millis(250),
+                login_backoff_max: Duration::from_secs(7),
+                login_fail_window: Duration::from_secs(9),
+                ..d
+            }
+        );
+        // The field's own name is not a key: durations are spelled with their unit.
+        let e = toml::from_str::<ServerConfig>("[limits]\nlogin_backoff = 1\n").unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `login_backoff`"),
+            "{e}"
+        );
     }
 }

@@ -314,7 +314,7 @@ fn failed_logins_back_off_per_user_for_dirty_addresses_only() {
     let s = start_with(|c| {
         c.limits.login_fails_per_uid = 3;
         c.limits.login_fails_per_ip = 100;
-        c.limits.login_backoff_ms = 2000;
+        c.limits.login_backoff = Duration::from_millis(2000);
     });
     let (victim, attacker, home) = (150, "127.0.0.7", "127.0.0.8");
     let guess = |t: &str| try_login_from(attacker, s.addr, victim, t, DeviceType::Desktop);
@@ -351,7 +351,7 @@ fn failed_logins_back_off_per_user_for_dirty_addresses_only() {
 fn failed_logins_back_off_per_address() {
     let s = start_with(|c| {
         c.limits.login_fails_per_ip = 3;
-        c.limits.login_backoff_ms = 5000;
+        c.limits.login_backoff = Duration::from_millis(5000);
     });
     let attacker = "127.0.0.9";
     // Three different users, one wrong guess each: the address is what backs off.

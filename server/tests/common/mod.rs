@@ -32,7 +32,7 @@ pub fn config(dir: &std::path::Path) -> ServerConfig {
         api: Some(im_api::ApiConfig::new("127.0.0.1:0".parse().unwrap())),
         // Functional tests send as fast as they can: no per-user message rate (protection.rs
         // tests it). Every other limit keeps its production default.
-        limits: im_server::LimitsConfig {
+        limits: im_gate::Limits {
             msg_rate_per_user: 0,
             ..Default::default()
         },
