@@ -40,60 +40,70 @@ use im_shared::link::{Down, DownstreamSink, UpstreamLink};
 
 use crate::core::CoreMsg;
 
-/// Counters of one core, summed by [`GateHandle::stats`]. Written by one thread only.
-#[derive(Debug, Default)]
-pub struct CoreStats {
-    pub accepted: AtomicU64,
-    /// Connections registered on the core (logged in or waiting for the login result).
-    pub connections: AtomicU64,
-    /// Sockets whose tasks are still running (includes connections still closing).
-    pub sockets: AtomicU64,
-    pub logged_in: AtomicU64,
-    pub frames_in: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub closed_protocol_error: AtomicU64,
-    pub closed_timeout: AtomicU64,
-    pub closed_slow: AtomicU64,
-    pub handoffs: AtomicU64,
-    pub overloaded: AtomicU64,
-    // Attack protection (limits.rs).
-    pub refused_max_connections: AtomicU64,
-    pub refused_ip_connections: AtomicU64,
-    pub refused_ip_rate: AtomicU64,
-    pub login_failures: AtomicU64,
-    pub login_backoff_refused: AtomicU64,
-    pub rate_limited: AtomicU64,
-    pub closed_rate_limit: AtomicU64,
+/// Declares every counter of the gate once: its field, its metric kind, name and help. From this
+/// list come [`CoreStats`] (one per core, atomics written by that core only), [`GateStats`] (a
+/// snapshot summed over the cores) and the Prometheus text of [`StatsHandle::render`].
+macro_rules! gate_counters {
+    ($($field:ident: $kind:literal $metric:literal $help:literal,)*) => {
+        /// Counters of one core, summed by [`GateHandle::stats`]. Written by one thread only.
+        #[derive(Debug, Default)]
+        pub struct CoreStats {
+            $(#[doc = $help] pub $field: AtomicU64,)*
+        }
+
+        /// A snapshot of all cores' counters.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct GateStats {
+            $(#[doc = $help] pub $field: u64,)*
+        }
+
+        impl GateStats {
+            fn add(&mut self, c: &CoreStats) {
+                $(self.$field += c.$field.load(Ordering::Relaxed);)*
+            }
+
+            /// `(metric name, kind, help, value)` of every counter, in declaration order.
+            fn metrics(&self) -> [(&'static str, &'static str, &'static str, u64); COUNTERS] {
+                [$(($metric, $kind, $help, self.$field),)*]
+            }
+        }
+
+        const COUNTERS: usize = [$($metric),*].len();
+    };
 }
 
-/// A snapshot of all cores' counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GateStats {
-    pub accepted: u64,
-    pub connections: u64,
-    pub sockets: u64,
-    pub logged_in: u64,
-    pub frames_in: u64,
-    pub frames_out: u64,
-    pub closed_protocol_error: u64,
-    pub closed_timeout: u64,
-    pub closed_slow: u64,
-    pub handoffs: u64,
-    pub overloaded: u64,
-    /// Connections refused at accept: the gate held `max_connections` sockets.
-    pub refused_max_connections: u64,
-    /// Connections refused at accept: their address held `max_conns_per_ip` sockets.
-    pub refused_ip_connections: u64,
-    /// Connections refused at accept: their address connected faster than `conn_rate_per_ip`.
-    pub refused_ip_rate: u64,
-    /// Logins logic refused with `BadToken`.
-    pub login_failures: u64,
-    /// Logins refused by the gate during a failed-login back-off.
-    pub login_backoff_refused: u64,
-    /// Frames refused by the per-user message rate.
-    pub rate_limited: u64,
-    /// Connections closed for ignoring the message rate.
-    pub closed_rate_limit: u64,
+gate_counters! {
+    connections: "gauge" "im_gate_connections"
+        "Open client connections (registered on a core: logged in or waiting for the login result).",
+    logged_in: "gauge" "im_gate_logged_in" "Logged-in client connections.",
+    sockets: "gauge" "im_gate_sockets"
+        "Sockets held by the gate (their tasks still run; includes connections still closing).",
+    accepted: "counter" "im_gate_accepted_total" "Connections accepted.",
+    frames_in: "counter" "im_gate_frames_in_total" "Client frames read.",
+    frames_out: "counter" "im_gate_frames_out_total" "Frames written to clients.",
+    closed_protocol_error: "counter" "im_gate_closed_protocol_error_total"
+        "Connections closed for a protocol error.",
+    closed_timeout: "counter" "im_gate_closed_timeout_total"
+        "Connections closed by a login or idle timeout.",
+    closed_slow: "counter" "im_gate_closed_slow_total" "Connections closed as slow consumers.",
+    handoffs: "counter" "im_gate_handoffs_total"
+        "Logged-in connections handed to the core of their user.",
+    overloaded: "counter" "im_gate_overloaded_total" "Requests refused with Overloaded.",
+    // Attack protection (limits.rs).
+    refused_max_connections: "counter" "im_gate_refused_max_connections_total"
+        "Connections refused at accept: gate at max_connections.",
+    refused_ip_connections: "counter" "im_gate_refused_ip_connections_total"
+        "Connections refused at accept: source address at max_conns_per_ip.",
+    refused_ip_rate: "counter" "im_gate_refused_ip_rate_total"
+        "Connections refused at accept: source address over conn_rate_per_ip.",
+    login_failures: "counter" "im_gate_login_failures_total"
+        "Logins refused by logic with BadToken.",
+    login_backoff_refused: "counter" "im_gate_login_backoff_refused_total"
+        "Logins refused during a failed-login back-off.",
+    rate_limited: "counter" "im_gate_rate_limited_total"
+        "Frames refused by the per-user message rate.",
+    closed_rate_limit: "counter" "im_gate_closed_rate_limit_total"
+        "Connections closed for ignoring the per-user message rate.",
 }
 
 /// Logic's way into the gate: routes each downstream batch to the mailbox of the core that holds
@@ -214,136 +224,14 @@ impl StatsHandle {
     pub fn snapshot(&self) -> GateStats {
         let mut s = GateStats::default();
         for c in &self.cores {
-            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            s.accepted += l(&c.accepted);
-            s.connections += l(&c.connections);
-            s.sockets += l(&c.sockets);
-            s.logged_in += l(&c.logged_in);
-            s.frames_in += l(&c.frames_in);
-            s.frames_out += l(&c.frames_out);
-            s.closed_protocol_error += l(&c.closed_protocol_error);
-            s.closed_timeout += l(&c.closed_timeout);
-            s.closed_slow += l(&c.closed_slow);
-            s.handoffs += l(&c.handoffs);
-            s.overloaded += l(&c.overloaded);
-            s.refused_max_connections += l(&c.refused_max_connections);
-            s.refused_ip_connections += l(&c.refused_ip_connections);
-            s.refused_ip_rate += l(&c.refused_ip_rate);
-            s.login_failures += l(&c.login_failures);
-            s.login_backoff_refused += l(&c.login_backoff_refused);
-            s.rate_limited += l(&c.rate_limited);
-            s.closed_rate_limit += l(&c.closed_rate_limit);
+            s.add(c);
         }
         s
     }
 
     /// Appends the counters in the Prometheus text format (`im_gate_*`).
     pub fn render(&self, out: &mut String) {
-        let s = self.snapshot();
-        for (name, kind, help, v) in [
-            (
-                "im_gate_connections",
-                "gauge",
-                "Open client connections.",
-                s.connections,
-            ),
-            (
-                "im_gate_logged_in",
-                "gauge",
-                "Logged-in client connections.",
-                s.logged_in,
-            ),
-            (
-                "im_gate_sockets",
-                "gauge",
-                "Sockets held by the gate.",
-                s.sockets,
-            ),
-            (
-                "im_gate_accepted_total",
-                "counter",
-                "Connections accepted.",
-                s.accepted,
-            ),
-            (
-                "im_gate_frames_in_total",
-                "counter",
-                "Client frames read.",
-                s.frames_in,
-            ),
-            (
-                "im_gate_frames_out_total",
-                "counter",
-                "Frames written to clients.",
-                s.frames_out,
-            ),
-            (
-                "im_gate_closed_protocol_error_total",
-                "counter",
-                "Connections closed for a protocol error.",
-                s.closed_protocol_error,
-            ),
-            (
-                "im_gate_closed_timeout_total",
-                "counter",
-                "Connections closed by a login or idle timeout.",
-                s.closed_timeout,
-            ),
-            (
-                "im_gate_closed_slow_total",
-                "counter",
-                "Connections closed as slow consumers.",
-                s.closed_slow,
-            ),
-            (
-                "im_gate_overloaded_total",
-                "counter",
-                "Requests refused with Overloaded.",
-                s.overloaded,
-            ),
-            (
-                "im_gate_refused_max_connections_total",
-                "counter",
-                "Connections refused at accept: gate at max_connections.",
-                s.refused_max_connections,
-            ),
-            (
-                "im_gate_refused_ip_connections_total",
-                "counter",
-                "Connections refused at accept: source address at max_conns_per_ip.",
-                s.refused_ip_connections,
-            ),
-            (
-                "im_gate_refused_ip_rate_total",
-                "counter",
-                "Connections refused at accept: source address over conn_rate_per_ip.",
-                s.refused_ip_rate,
-            ),
-            (
-                "im_gate_login_failures_total",
-                "counter",
-                "Logins refused by logic with BadToken.",
-                s.login_failures,
-            ),
-            (
-                "im_gate_login_backoff_refused_total",
-                "counter",
-                "Logins refused during a failed-login back-off.",
-                s.login_backoff_refused,
-            ),
-            (
-                "im_gate_rate_limited_total",
-                "counter",
-                "Frames refused by the per-user message rate.",
-                s.rate_limited,
-            ),
-            (
-                "im_gate_closed_rate_limit_total",
-                "counter",
-                "Connections closed for ignoring the per-user message rate.",
-                s.closed_rate_limit,
-            ),
-        ] {
+        for (name, kind, help, v) in self.snapshot().metrics() {
             im_shared::prom::metric(out, name, kind, help, v);
         }
     }
@@ -377,6 +265,33 @@ impl GateHandle {
         }
         for t in self.threads {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_rendered_once_as_the_sum_over_the_cores() {
+        let cores = vec![
+            Arc::new(CoreStats::default()),
+            Arc::new(CoreStats::default()),
+        ];
+        cores[0].closed_slow.store(2, Ordering::Relaxed);
+        cores[1].closed_slow.store(3, Ordering::Relaxed);
+        cores[1].handoffs.store(7, Ordering::Relaxed);
+        let h = StatsHandle { cores };
+        assert_eq!(h.snapshot().closed_slow, 5);
+        let mut out = String::new();
+        h.render(&mut out);
+        assert!(out.contains("\nim_gate_closed_slow_total 5\n"), "{out}");
+        assert!(out.contains("\nim_gate_handoffs_total 7\n"), "{out}");
+        for (name, kind, ..) in GateStats::default().metrics() {
+            let samples = out.lines().filter(|l| l.starts_with(&format!("{name} ")));
+            assert_eq!(samples.count(), 1, "{name}");
+            assert!(out.contains(&format!("# TYPE {name} {kind}\n")), "{name}");
         }
     }
 }
