@@ -42,220 +42,45 @@ const PUSH_SLACK: Duration = Duration::from_millis(2500);
 const NO_PUSH_WAIT: Duration = Duration::from_millis(1000);
 
 // ---------------------------------------------------------------------------------------------
-// A small JSON reader (im-server has no JSON dev-dependency).
+// JSON answers, read with serde_json; a wrong shape fails the test with what was found.
 
-#[derive(Clone, Debug, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    /// The number's text, so that 64-bit ids stay exact.
-    Num(String),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+type Json = serde_json::Value;
+
+trait JsonExt {
+    fn parse(text: &[u8]) -> Json;
+    fn u64(&self) -> u64;
+    fn str(&self) -> &str;
+    fn arr(&self) -> &[Json];
+    /// The object's keys, sorted.
+    fn keys(&self) -> Vec<&str>;
 }
 
-static NULL: Json = Json::Null;
-
-impl Json {
+impl JsonExt for Json {
     fn parse(text: &[u8]) -> Json {
-        let mut p = JsonParser { b: text, i: 0 };
-        let v = p.value();
-        p.ws();
-        assert_eq!(
-            p.i,
-            text.len(),
-            "trailing bytes in JSON {:?}",
-            String::from_utf8_lossy(text)
-        );
-        v
+        serde_json::from_slice(text)
+            .unwrap_or_else(|e| panic!("bad JSON {:?}: {e}", String::from_utf8_lossy(text)))
     }
-
     fn u64(&self) -> u64 {
-        match self {
-            Json::Num(n) => n.parse().unwrap_or_else(|_| panic!("not a u64: {n}")),
-            other => panic!("not a number: {other:?}"),
-        }
+        self.as_u64()
+            .unwrap_or_else(|| panic!("not a u64: {self:?}"))
     }
-
     fn str(&self) -> &str {
-        match self {
-            Json::Str(s) => s,
-            other => panic!("not a string: {other:?}"),
-        }
+        self.as_str()
+            .unwrap_or_else(|| panic!("not a string: {self:?}"))
     }
-
     fn arr(&self) -> &[Json] {
-        match self {
-            Json::Arr(a) => a,
-            other => panic!("not an array: {other:?}"),
-        }
+        self.as_array()
+            .unwrap_or_else(|| panic!("not an array: {self:?}"))
     }
-
     fn keys(&self) -> Vec<&str> {
-        match self {
-            Json::Obj(kv) => kv.iter().map(|(k, _)| k.as_str()).collect(),
-            other => panic!("not an object: {other:?}"),
-        }
-    }
-}
-
-impl std::ops::Index<&str> for Json {
-    type Output = Json;
-    fn index(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(kv) => kv.iter().find(|(k, _)| k == key).map_or(&NULL, |(_, v)| v),
-            _ => &NULL,
-        }
-    }
-}
-
-impl std::ops::Index<usize> for Json {
-    type Output = Json;
-    fn index(&self, i: usize) -> &Json {
-        match self {
-            Json::Arr(a) => a.get(i).unwrap_or(&NULL),
-            _ => &NULL,
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&self) -> u8 {
-        *self.b.get(self.i).expect("unexpected end of JSON")
-    }
-
-    fn eat(&mut self, c: u8) {
-        assert_eq!(self.peek() as char, c as char, "JSON at byte {}", self.i);
-        self.i += 1;
-    }
-
-    fn literal(&mut self, text: &str, v: Json) -> Json {
-        assert!(
-            self.b[self.i..].starts_with(text.as_bytes()),
-            "bad JSON at byte {}",
-            self.i
-        );
-        self.i += text.len();
-        v
-    }
-
-    fn value(&mut self) -> Json {
-        self.ws();
-        match self.peek() {
-            b'{' => {
-                self.i += 1;
-                let mut kv = Vec::new();
-                self.ws();
-                if self.peek() == b'}' {
-                    self.i += 1;
-                    return Json::Obj(kv);
-                }
-                loop {
-                    self.ws();
-                    let k = self.string();
-                    self.ws();
-                    self.eat(b':');
-                    kv.push((k, self.value()));
-                    self.ws();
-                    if self.peek() == b',' {
-                        self.i += 1;
-                    } else {
-                        self.eat(b'}');
-                        return Json::Obj(kv);
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                let mut a = Vec::new();
-                self.ws();
-                if self.peek() == b']' {
-                    self.i += 1;
-                    return Json::Arr(a);
-                }
-                loop {
-                    a.push(self.value());
-                    self.ws();
-                    if self.peek() == b',' {
-                        self.i += 1;
-                    } else {
-                        self.eat(b']');
-                        return Json::Arr(a);
-                    }
-                }
-            }
-            b'"' => Json::Str(self.string()),
-            b't' => self.literal("true", Json::Bool(true)),
-            b'f' => self.literal("false", Json::Bool(false)),
-            b'n' => self.literal("null", Json::Null),
-            _ => {
-                let start = self.i;
-                while self.i < self.b.len()
-                    && matches!(
-                        self.b[self.i],
-                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
-                    )
-                {
-                    self.i += 1;
-                }
-                assert!(self.i > start, "bad JSON at byte {start}");
-                Json::Num(String::from_utf8(self.b[start..self.i].to_vec()).unwrap())
-            }
-        }
-    }
-
-    fn hex4(&mut self) -> u32 {
-        let s = std::str::from_utf8(&self.b[self.i..self.i + 4]).unwrap();
-        self.i += 4;
-        u32::from_str_radix(s, 16).expect("\\u escape")
-    }
-
-    fn string(&mut self) -> String {
-        self.eat(b'"');
-        let mut out = Vec::new();
-        loop {
-            let c = self.peek();
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).expect("UTF-8 JSON string"),
-                b'\\' => {
-                    let e = self.peek();
-                    self.i += 1;
-                    match e {
-                        b'"' | b'\\' | b'/' => out.push(e),
-                        b'b' => out.push(8),
-                        b'f' => out.push(12),
-                        b'n' => out.push(b'\n'),
-                        b'r' => out.push(b'\r'),
-                        b't' => out.push(b'\t'),
-                        b'u' => {
-                            let mut cp = self.hex4();
-                            if (0xD800..0xDC00).contains(&cp) {
-                                self.eat(b'\\');
-                                self.eat(b'u');
-                                cp = 0x10000 + ((cp - 0xD800) << 10) + (self.hex4() - 0xDC00);
-                            }
-                            let ch = char::from_u32(cp).expect("valid \\u escape");
-                            out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
-                        }
-                        _ => panic!("bad JSON escape \\{}", e as char),
-                    }
-                }
-                _ => out.push(c),
-            }
-        }
+        let mut k: Vec<&str> = self
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {self:?}"))
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        k.sort_unstable();
+        k
     }
 }
 
@@ -1153,19 +978,26 @@ fn c2s_report_is_acked_and_posted_to_the_webhook_with_the_documented_json() {
     let sig = format!("sha256={}", signature_hex(C2S_SECRET.as_bytes(), &g.body));
     assert_eq!(g.header("x-im-signature"), Some(sig.as_str()));
     let j = g.json();
-    assert_eq!(
-        j.keys(),
-        vec![
-            "v",
-            "id",
-            "from",
-            "client_msg_id",
-            "topic",
-            "time_ms",
-            "encoding",
-            "body"
-        ]
-    );
+    // Exactly the documented keys, in the documented order.
+    let documented = [
+        "v",
+        "id",
+        "from",
+        "client_msg_id",
+        "topic",
+        "time_ms",
+        "encoding",
+        "body",
+    ];
+    let mut sorted = documented.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(j.keys(), sorted);
+    let raw = String::from_utf8_lossy(&g.body);
+    let at: Vec<usize> = documented
+        .iter()
+        .map(|k| raw.find(&format!("\"{k}\":")).expect(k))
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "key order: {raw}");
     assert_eq!(j["v"].u64(), 1);
     assert_eq!(j["id"].str(), id);
     assert_eq!(j["from"].str(), "51081");
