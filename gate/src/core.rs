@@ -215,13 +215,17 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream, slot: Slot, ws: bool) 
             .await;
             return;
         }
-        Ok(Err(None)) => return, // closed by the client
-        Ok(Err(Some((req, code, msg)))) => {
+        Ok(Err(FirstFrameError::Closed)) => return,
+        Ok(Err(FirstFrameError::Refused {
+            req_id,
+            code,
+            message,
+        })) => {
             core.ctx
                 .stats
                 .closed_protocol_error
                 .fetch_add(1, Ordering::Relaxed);
-            reject(stream, io, req, code, &msg).await;
+            reject(stream, io, req_id, code, &message).await;
             return;
         }
         Ok(Ok(v)) => v,
@@ -266,7 +270,18 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream, slot: Slot, ws: bool) 
     }
 }
 
-type FirstFrameError = Option<(u32, ErrorCode, String)>;
+/// Why a connection that is not logged in gave no login frame.
+enum FirstFrameError {
+    /// The client closed the connection, or a read or write failed: nothing to answer.
+    Closed,
+    /// The client sent what it may not before logging in: answer `Error { code, message }` to
+    /// `req_id`, then close.
+    Refused {
+        req_id: u32,
+        code: ErrorCode,
+        message: String,
+    },
+}
 
 /// Largest login frame body accepted before a connection is logged in.
 pub const MAX_LOGIN_BODY: usize = 1024;
@@ -288,26 +303,32 @@ async fn read_first_frame(
                 }
                 .to_bytes(f.req_id);
                 if !transport::write_frame(stream, io, ack).await {
-                    return Err(None);
+                    return Err(FirstFrameError::Closed);
                 }
                 continue;
             }
             Ok(Some(f)) if f.cmd.is_client_cmd() => {
-                return Err(Some((
-                    f.req_id,
-                    ErrorCode::NotLoggedIn,
-                    "log in first".into(),
-                )))
+                return Err(FirstFrameError::Refused {
+                    req_id: f.req_id,
+                    code: ErrorCode::NotLoggedIn,
+                    message: "log in first".into(),
+                })
             }
             Ok(Some(f)) => {
-                return Err(Some((
-                    f.req_id,
-                    ErrorCode::UnknownCommand,
-                    "not a client command".into(),
-                )))
+                return Err(FirstFrameError::Refused {
+                    req_id: f.req_id,
+                    code: ErrorCode::UnknownCommand,
+                    message: "not a client command".into(),
+                })
             }
             Ok(None) => {}
-            Err(e) => return Err(Some((0, e.code(), e.to_string()))),
+            Err(e) => {
+                return Err(FirstFrameError::Refused {
+                    req_id: 0,
+                    code: e.code(),
+                    message: e.to_string(),
+                })
+            }
         }
         if buf.capacity() - buf.len() < 64 {
             buf.reserve(256);
@@ -317,7 +338,7 @@ async fn read_first_frame(
         }
         // One read (through the TLS / WebSocket layers, if any) into the spare capacity.
         if !transport::read_more(core, stream, io, &mut buf).await {
-            return Err(None);
+            return Err(FirstFrameError::Closed);
         }
     }
 }
