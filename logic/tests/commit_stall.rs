@@ -57,17 +57,6 @@ impl Sink {
     }
 }
 
-fn up(conn: ConnId, uid: UserId, req_id: u32, c: Command) -> Up {
-    let f = c.to_frame(req_id);
-    Up::Frame {
-        conn,
-        uid,
-        cmd: f.cmd,
-        req_id,
-        body: f.body,
-    }
-}
-
 fn acks(cmds: &[Command]) -> usize {
     cmds.iter()
         .filter(|c| {
@@ -110,7 +99,7 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
         last_seq: Seq(0),
         token: tokens.mint(a, now + 600),
     };
-    logic.send(lane, vec![up(conn, a, 1, login)]);
+    logic.send(lane, vec![Up::request(conn, a, 1, &login)]);
     sink.wait("the login result", |c| {
         c.iter().any(|c| {
             matches!(
@@ -125,16 +114,12 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
 
     store.set_unavailable(true);
     let send = |i: u64| {
-        up(
-            conn,
-            a,
-            100 + i as u32,
-            Command::SendC2c {
-                client_msg_id: i,
-                to: b,
-                body: Bytes::from_static(b"x"),
-            },
-        )
+        let c = Command::SendC2c {
+            client_msg_id: i,
+            to: b,
+            body: Bytes::from_static(b"x"),
+        };
+        Up::request(conn, a, 100 + i as u32, &c)
     };
     // The first frame's round stalls in its commit; wait until it is retrying.
     logic.send(lane, vec![send(0)]);

@@ -47,6 +47,19 @@ pub enum Up {
 }
 
 impl Up {
+    /// `cmd` sent by a client on `conn` as request `req_id`, as the gate forwards it (command and
+    /// encoded body; the gate does not decode bodies).
+    pub fn request(conn: ConnId, uid: UserId, req_id: u32, cmd: &crate::proto::Command) -> Up {
+        let f = cmd.to_frame(req_id);
+        Up::Frame {
+            conn,
+            uid,
+            cmd: f.cmd,
+            req_id,
+            body: f.body,
+        }
+    }
+
     /// The gate that holds the connection.
     pub fn conn_gate(&self) -> u16 {
         match self {

@@ -127,14 +127,7 @@ impl Fx {
             .into_iter()
             .map(|(req_id, c)| {
                 self.depth.fetch_add(1, Ordering::Relaxed);
-                let f = c.to_frame(req_id);
-                Up::Frame {
-                    conn,
-                    uid,
-                    cmd: f.cmd,
-                    req_id,
-                    body: f.body,
-                }
+                Up::request(conn, uid, req_id, &c)
             })
             .collect();
         let w = self.worker_of(uid);
@@ -403,16 +396,8 @@ async fn a_fatal_commit_error_halts_the_worker_and_releases_nothing() {
     fx.store
         .fail_next_commit(StoreError::Io("disk gone".into()));
     let w = fx.worker_of(a);
-    let mut ups = Vec::new();
-    let f = send(1, b, "lost?").to_frame(9);
-    ups.push(Up::Frame {
-        conn: conn(1),
-        uid: a,
-        cmd: f.cmd,
-        req_id: 9,
-        body: f.body,
-    });
-    let r = fx.step(w, vec![WorkerMsg::Gate(ups)]).await;
+    let up = Up::request(conn(1), a, 9, &send(1, b, "lost?"));
+    let r = fx.step(w, vec![WorkerMsg::Gate(vec![up])]).await;
     assert!(matches!(r, Err(Halt::Fatal(StoreError::Io(_)))), "{r:?}");
     // No ack, no delivery, no append sent to the recipient's worker, nothing stored.
     assert!(fx.out().is_empty());
@@ -438,14 +423,7 @@ async fn a_fenced_commit_halts_the_worker_and_releases_nothing() {
         incarnation: 1,
         fence: 2,
     });
-    let f = send(1, b, "x").to_frame(3);
-    let up = Up::Frame {
-        conn: conn(1),
-        uid: a,
-        cmd: f.cmd,
-        req_id: 3,
-        body: f.body,
-    };
+    let up = Up::request(conn(1), a, 3, &send(1, b, "x"));
     let r = fx.step(0, vec![WorkerMsg::Gate(vec![up])]).await;
     assert!(matches!(r, Err(Halt::Fenced(_))), "{r:?}");
     assert!(fx.out().is_empty());
