@@ -10,8 +10,8 @@
 
 mod config;
 mod handle;
+pub mod links;
 pub mod metrics;
-pub mod net;
 pub mod ownership;
 pub mod peer;
 mod publish;

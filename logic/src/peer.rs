@@ -1,13 +1,7 @@
 //! Logic ↔ logic links: worker messages for workers on another node (appends of a fan-out, their
 //! confirmations, delivered notices), carried as `LinkMsg::Peer` payloads.
 //!
-//! ```text
-//! payload := worker:u16 kind:u8 count:u32 entry*
-//! kind 1 Append    : recipient:u64 shard:u16 replay:u8 msg_len:u32 msg (Message encoding)
-//! kind 2 AppendDone: shard:u16 msg_id:u64 recipient:u64
-//! kind 3 Delivered : sender:u64 msg_id:u64 recipient:u64
-//! kind 4 Group     : (count = 1) a group request of a client, see `worker::groups::encode_req`
-//! ```
+//! The payload's layout is `im_shared::peer`; this module maps it to and from worker messages.
 //! A group request is not in any outbox: if the link drops it, the client gets no answer and
 //! retries (posts are deduplicated on `(sender, client_msg_id)` by the group's owner).
 //! Each node opens one outbound link to every other node (reconnecting with backoff) and accepts
@@ -34,13 +28,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 use im_shared::link::{self, LinkMsg, Role};
-use im_shared::proto::Message;
-use im_shared::{MsgId, ShardId, UserId};
+use im_shared::peer::{self, PeerError, PeerMsg, PeerMsgRef};
 
-use crate::worker::{AppendReq, DeliveredNote, WorkerMsg};
+use crate::worker::{GroupReq, WorkerMsg};
 
 /// Outbound links to the other logic nodes.
 pub struct PeerLinks {
@@ -208,164 +201,55 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
     }
 }
 
-/// Encodes a worker message for worker `worker` of another node (`None` for local-only kinds).
+/// Encodes a worker message for worker `worker` of another node (`None` for local-only kinds and
+/// for API group requests, whose reply cannot cross nodes).
 pub fn encode(worker: usize, msg: &WorkerMsg) -> Option<Bytes> {
-    let mut b = BytesMut::new();
-    b.put_u16(worker as u16);
-    match msg {
-        WorkerMsg::Append(reqs) => {
-            b.put_u8(1);
-            b.put_u32(reqs.len() as u32);
-            for a in reqs {
-                b.put_u64(a.recipient.0);
-                b.put_u16(a.shard.0);
-                b.put_u8(a.replay as u8);
-                b.put_u32(a.msg.encoded_len() as u32);
-                a.msg.encode(&mut b);
-            }
-        }
-        WorkerMsg::AppendDone(done) => {
-            b.put_u8(2);
-            b.put_u32(done.len() as u32);
-            for (s, m, r) in done {
-                b.put_u16(s.0);
-                b.put_u64(m.0);
-                b.put_u64(r.0);
-            }
-        }
-        WorkerMsg::Delivered(notes) => {
-            b.put_u8(3);
-            b.put_u32(notes.len() as u32);
-            for n in notes {
-                b.put_u64(n.sender.0);
-                b.put_u64(n.msg_id.0);
-                b.put_u64(n.recipient.0);
-            }
-        }
-        WorkerMsg::Group(req) => {
-            b.put_u8(4);
-            b.put_u32(1);
-            if !crate::worker::groups_encode(req, &mut b) {
-                return None;
-            }
-        }
+    let w = worker as u16;
+    Some(match msg {
+        WorkerMsg::Append(v) => peer::encode(w, PeerMsgRef::Append(v)),
+        WorkerMsg::AppendDone(v) => peer::encode(w, PeerMsgRef::AppendDone(v)),
+        WorkerMsg::Delivered(v) => peer::encode(w, PeerMsgRef::Delivered(v)),
+        WorkerMsg::Group(req) => peer::encode(w, PeerMsgRef::Group(&req.to_call()?)),
         _ => return None,
-    }
-    Some(b.freeze())
+    })
 }
 
-/// Why a peer payload could not be decoded.
-#[derive(Debug, thiserror::Error)]
-#[error("bad peer payload: {0}")]
-pub struct PeerError(&'static str);
-
 /// Decodes a payload into (local worker, message).
-pub fn decode(mut b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
-    let need = |b: &Bytes, n: usize| {
-        if b.remaining() < n {
-            Err(PeerError("truncated"))
-        } else {
-            Ok(())
-        }
+pub fn decode(b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
+    let (w, msg) = peer::decode(b)?;
+    let msg = match msg {
+        PeerMsg::Append(v) => WorkerMsg::Append(v),
+        PeerMsg::AppendDone(v) => WorkerMsg::AppendDone(v),
+        PeerMsg::Delivered(v) => WorkerMsg::Delivered(v),
+        PeerMsg::Group(c) => WorkerMsg::Group(GroupReq::from_call(c)),
     };
-    need(&b, 7)?;
-    let worker = b.get_u16() as usize;
-    let kind = b.get_u8();
-    let n = b.get_u32() as usize;
-    let msg = match kind {
-        1 => {
-            let mut v = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                need(&b, 15)?;
-                let recipient = UserId(b.get_u64());
-                let shard = ShardId(b.get_u16());
-                let replay = b.get_u8() != 0;
-                let len = b.get_u32() as usize;
-                need(&b, len)?;
-                let msg = Message::decode(b.split_to(len)).map_err(|_| PeerError("message"))?;
-                v.push(AppendReq {
-                    recipient,
-                    shard,
-                    msg,
-                    replay,
-                });
-            }
-            WorkerMsg::Append(v)
-        }
-        2 => {
-            let mut v = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                need(&b, 18)?;
-                v.push((
-                    ShardId(b.get_u16()),
-                    MsgId(b.get_u64()),
-                    UserId(b.get_u64()),
-                ));
-            }
-            WorkerMsg::AppendDone(v)
-        }
-        3 => {
-            let mut v = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                need(&b, 24)?;
-                v.push(DeliveredNote {
-                    sender: UserId(b.get_u64()),
-                    msg_id: MsgId(b.get_u64()),
-                    recipient: UserId(b.get_u64()),
-                });
-            }
-            WorkerMsg::Delivered(v)
-        }
-        4 => WorkerMsg::Group(crate::worker::groups_decode(&mut b).map_err(PeerError)?),
-        _ => return Err(PeerError("kind")),
-    };
-    Ok((worker, msg))
+    Ok((w as usize, msg))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use im_shared::Seq;
+    use crate::worker::{GroupOp, Reply};
+    use im_shared::{ConnId, GroupId, UserId};
 
     #[test]
-    fn payloads_round_trip_and_garbage_is_refused() {
-        let msg = Message {
-            seq: Seq(3),
-            prev_seq: Seq(2),
-            msg_id: MsgId(9),
-            conv: 1,
-            from: UserId(1),
-            to: UserId(2),
-            client_msg_id: 7,
-            server_time_ms: 5,
-            body: Bytes::from_static(b"hi"),
+    fn a_client_group_request_crosses_nodes_and_an_api_one_does_not() {
+        let req = |reply| GroupReq {
+            group: GroupId(7),
+            actor: UserId(3),
+            admin: false,
+            reply,
+            op: GroupOp::Leave,
         };
-        let a = WorkerMsg::Append(vec![AppendReq {
-            recipient: UserId(2),
-            shard: ShardId(4),
-            msg: msg.clone(),
-            replay: true,
-        }]);
-        let (w, back) = decode(encode(3, &a).unwrap()).unwrap();
-        assert_eq!(w, 3);
-        let WorkerMsg::Append(v) = back else { panic!() };
-        assert_eq!(
-            (v[0].recipient, v[0].shard, v[0].replay),
-            (UserId(2), ShardId(4), true)
-        );
-        assert_eq!(v[0].msg, msg);
-        let done = vec![(ShardId(1), MsgId(2), UserId(3))];
-        let d = WorkerMsg::AppendDone(done.clone());
-        let (_, back) = decode(encode(0, &d).unwrap()).unwrap();
-        assert!(matches!(back, WorkerMsg::AppendDone(v) if v == done));
-        let enc = encode(0, &d).unwrap();
-        for cut in 0..enc.len() {
-            assert!(decode(enc.slice(..cut)).is_err(), "cut {cut}");
-        }
-        let enc = encode(0, &a).unwrap();
-        for cut in 0..enc.len() {
-            assert!(decode(enc.slice(..cut)).is_err(), "cut {cut}");
-        }
-        assert!(decode(Bytes::from_static(&[0, 0, 9, 0, 0, 0, 0])).is_err());
+        let conn = || Reply::Conn {
+            conn: ConnId(5),
+            req_id: 9,
+        };
+        let (w, back) = decode(encode(2, &WorkerMsg::Group(req(conn()))).unwrap()).unwrap();
+        assert_eq!(w, 2);
+        let WorkerMsg::Group(g) = back else { panic!() };
+        assert_eq!(g.to_call(), req(conn()).to_call());
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        assert!(encode(0, &WorkerMsg::Group(req(Reply::Api(tx)))).is_none());
     }
 }

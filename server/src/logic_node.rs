@@ -80,7 +80,7 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
     nodes: Vec<SocketAddr>,
     store: S,
 ) -> anyhow::Result<LogicNode> {
-    let links = im_logic::net::GateLinks::new();
+    let links = im_logic::links::GateLinks::new();
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let mut lc = logic_config(cfg);
     lc.node_id = node_id;
@@ -126,9 +126,9 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
     drop_invalid_tokens(&services, &logic);
     let addr = listener.local_addr()?;
     if !cfg.redis_nodes.is_empty() {
-        im_logic::net::publish_gates(links.clone(), cfg.redis_nodes.clone())?;
+        im_logic::links::publish_gates(links.clone(), cfg.redis_nodes.clone())?;
     }
-    im_logic::net::serve(listener, node_id, links, logic.clone())?;
+    im_logic::links::serve(listener, node_id, links, logic.clone())?;
     tracing::info!(%addr, node_id, "logic node accepting gate links");
     let api = match &cfg.api {
         Some(a) => {

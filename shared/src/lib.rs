@@ -12,6 +12,7 @@ pub mod frame;
 pub mod ids;
 pub mod link;
 pub mod msgid;
+pub mod peer;
 pub mod prom;
 pub mod proto;
 pub mod shard;

@@ -19,7 +19,7 @@
 //! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64 [addr:str]
 //! Ping        kind 33: (empty)
 //! Pong        kind 34: (empty)
-//! Peer        kind 48: payload...(rest)   logic↔logic messages, encoded by im-logic
+//! Peer        kind 48: payload...(rest)   logic↔logic messages, layout in [`crate::peer`]
 //! ```
 //!
 //! A link starts with a `Hello` from the connecting side, answered by a `Hello` of the accepting

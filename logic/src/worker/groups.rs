@@ -6,13 +6,14 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
+use im_shared::peer::{GroupCall, GroupOp};
 use im_shared::proto::{
     GroupDesc, GroupEvent, GroupEventKind, Message, CONV_GROUP_EVENT, MAX_ANNOUNCEMENT_LEN,
     MAX_GROUP_MEMBERS, MAX_NAME_LEN, ROLE_MEMBER, ROLE_OWNER,
 };
 use im_shared::shard::vshard_of;
-use im_shared::{Command, ConnId, ErrorCode, GroupId, UserId};
+use im_shared::{Command, ErrorCode, GroupId, UserId};
 
 use super::{ack_frame, error_frame, op_err, op_ok, ApiOk, Reply, Round, Worker, WorkerMsg};
 use crate::api::{Accepted, ApiError};
@@ -33,26 +34,35 @@ pub struct GroupReq {
     pub op: GroupOp,
 }
 
-/// What is asked of a group.
-pub enum GroupOp {
-    Create {
-        name: String,
-        members: Vec<UserId>,
-    },
-    Add(Vec<UserId>),
-    Remove(Vec<UserId>),
-    Leave,
-    Update {
-        name: String,
-        announcement: String,
-    },
-    Info,
-    /// A message to every member: a member's post (c2g), a recall, or a business push (s2c).
-    Post {
-        client_msg_id: u64,
-        conv: u8,
-        body: Bytes,
-    },
+impl GroupReq {
+    /// The peer-link form of a client's request (`None` for an API request, which never crosses
+    /// nodes: its reply is a channel of this process).
+    pub(crate) fn to_call(&self) -> Option<GroupCall> {
+        let Reply::Conn { conn, req_id } = self.reply else {
+            return None;
+        };
+        Some(GroupCall {
+            group: self.group,
+            actor: self.actor,
+            conn,
+            req_id,
+            op: self.op.clone(),
+        })
+    }
+
+    /// A client's request that came over a peer link.
+    pub(crate) fn from_call(c: GroupCall) -> GroupReq {
+        GroupReq {
+            group: c.group,
+            actor: c.actor,
+            admin: false,
+            reply: Reply::Conn {
+                conn: c.conn,
+                req_id: c.req_id,
+            },
+            op: c.op,
+        }
+    }
 }
 
 /// The group and operation of a client's group-management command (`None` for other commands).
@@ -589,121 +599,4 @@ impl<S: Store> Worker<S> {
             Err(e) => self.refuse(reply, &GroupOp::Info, unavailable(&e), round),
         }
     }
-}
-
-/// Peer-link encoding of a group request from a client connection (API requests never cross
-/// nodes): `group:u64 actor:u64 conn:u64 req_id:u32 op:u8 fields`.
-pub(crate) fn encode_req(req: &GroupReq, b: &mut BytesMut) -> bool {
-    let Reply::Conn { conn, req_id } = req.reply else {
-        return false;
-    };
-    b.put_u64(req.group.0);
-    b.put_u64(req.actor.0);
-    b.put_u64(conn.0);
-    b.put_u32(req_id);
-    let put_str = |b: &mut BytesMut, s: &str| {
-        b.put_u16(s.len() as u16);
-        b.put_slice(s.as_bytes());
-    };
-    let put_uids = |b: &mut BytesMut, v: &[UserId]| {
-        b.put_u16(v.len() as u16);
-        for u in v {
-            b.put_u64(u.0);
-        }
-    };
-    match &req.op {
-        GroupOp::Create { name, members } => {
-            b.put_u8(1);
-            put_str(b, name);
-            put_uids(b, members);
-        }
-        GroupOp::Add(v) => {
-            b.put_u8(2);
-            put_uids(b, v);
-        }
-        GroupOp::Remove(v) => {
-            b.put_u8(3);
-            put_uids(b, v);
-        }
-        GroupOp::Leave => b.put_u8(4),
-        GroupOp::Update { name, announcement } => {
-            b.put_u8(5);
-            put_str(b, name);
-            put_str(b, announcement);
-        }
-        GroupOp::Info => b.put_u8(6),
-        GroupOp::Post {
-            client_msg_id,
-            conv,
-            body,
-        } => {
-            b.put_u8(7);
-            b.put_u64(*client_msg_id);
-            b.put_u8(*conv);
-            b.put_u32(body.len() as u32);
-            b.put_slice(body);
-        }
-    }
-    true
-}
-
-pub(crate) fn decode_req(b: &mut Bytes) -> Result<GroupReq, &'static str> {
-    fn need(b: &Bytes, n: usize) -> Result<(), &'static str> {
-        if b.remaining() < n {
-            Err("truncated group request")
-        } else {
-            Ok(())
-        }
-    }
-    fn string(b: &mut Bytes) -> Result<String, &'static str> {
-        need(b, 2)?;
-        let n = b.get_u16() as usize;
-        need(b, n)?;
-        String::from_utf8(b.split_to(n).to_vec()).map_err(|_| "group request string")
-    }
-    fn uids(b: &mut Bytes) -> Result<Vec<UserId>, &'static str> {
-        need(b, 2)?;
-        let n = b.get_u16() as usize;
-        need(b, n * 8)?;
-        Ok((0..n).map(|_| UserId(b.get_u64())).collect())
-    }
-    need(b, 8 + 8 + 8 + 4 + 1)?;
-    let group = GroupId(b.get_u64());
-    let actor = UserId(b.get_u64());
-    let conn = ConnId(b.get_u64());
-    let req_id = b.get_u32();
-    let op = match b.get_u8() {
-        1 => GroupOp::Create {
-            name: string(b)?,
-            members: uids(b)?,
-        },
-        2 => GroupOp::Add(uids(b)?),
-        3 => GroupOp::Remove(uids(b)?),
-        4 => GroupOp::Leave,
-        5 => GroupOp::Update {
-            name: string(b)?,
-            announcement: string(b)?,
-        },
-        6 => GroupOp::Info,
-        7 => {
-            need(b, 8 + 1 + 4)?;
-            let client_msg_id = b.get_u64();
-            let conv = b.get_u8();
-            let n = b.get_u32() as usize;
-            need(b, n)?;
-            GroupOp::Post {
-                client_msg_id,
-                conv,
-                body: b.split_to(n),
-            }
-        }
-        _ => return Err("group request kind"),
-    };
-    Ok(GroupReq {
-        group,
-        actor,
-        admin: false,
-        reply: Reply::Conn { conn, req_id },
-        op,
-    })
 }

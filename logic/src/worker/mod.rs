@@ -60,8 +60,8 @@ mod sync;
 #[cfg(test)]
 mod tests;
 pub use api::MAX_S2C_USERS;
-pub(crate) use groups::{decode_req as groups_decode, encode_req as groups_encode};
-pub use groups::{GroupOp, GroupReq};
+pub use groups::GroupReq;
+pub use im_shared::peer::{AppendReq, DeliveredNote, GroupOp};
 
 /// How often a worker of a multi-node cluster checks whether a peer link needs a resync.
 const RESYNC_CHECK_EVERY: Duration = Duration::from_millis(200);
@@ -183,24 +183,6 @@ pub enum ApiReq {
     },
     /// The push provider said this device's token is invalid: forget it.
     DropPushToken { uid: UserId, device_id: String },
-}
-
-/// Append `msg` to `recipient`'s timeline; `shard` names the outbox entry to release afterwards.
-#[derive(Clone, Debug)]
-pub struct AppendReq {
-    pub recipient: UserId,
-    pub shard: ShardId,
-    pub msg: Message,
-    /// Sent by an outbox replay: the append may already have happened, so the recipient checks
-    /// its `(uid, msg_id)` index first. A live fan-out is sent exactly once and skips that read.
-    pub replay: bool,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct DeliveredNote {
-    pub sender: UserId,
-    pub msg_id: MsgId,
-    pub recipient: UserId,
 }
 
 struct Device {

@@ -4,7 +4,7 @@
 use im_shared::proto::{MarkerBody, CONV_C2C, CONV_C2G, CONV_RECALL};
 use im_shared::{ConnId, ErrorCode, GroupId, MsgId, Seq, UserId};
 
-use super::groups::GroupOp;
+use super::GroupOp;
 use super::{error_frame, Reply, Round, Worker};
 use crate::store::Store;
 

@@ -2,6 +2,8 @@
 //! says `Hello`, then streams [`Up`] messages (many per write); logic answers with [`Down`]
 //! batches for that gate. A link that drops takes its sessions with it: the workers forget every
 //! connection of that gate, and the gate closes its clients, which log in again and sync.
+//! The gate's end of these links is `gate/src/links.rs`. The same listener takes the inbound
+//! links of the other logic nodes (their outbound end is [`crate::peer`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
