@@ -179,6 +179,52 @@ fn code_name(c: ErrorCode) -> String {
     format!("{c:?}")
 }
 
+/// Why a connection's task ended. The report tallies ends by their text (`login_failures`,
+/// `disconnects`), so the text is short and stable.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    /// The loadgen itself closed the connection: the run is quitting, a reconnect storm drops
+    /// it, or the server stayed silent too long.
+    #[error("{0}")]
+    Local(&'static str),
+    #[error("closed")]
+    PeerClosed,
+    /// A socket error, by errno name.
+    #[error("{0}")]
+    Io(String),
+    #[error("connect {0}")]
+    Connect(String),
+    /// The login was refused with this code.
+    #[error("{0:?}")]
+    LoginRefused(ErrorCode),
+    /// An `Error` frame the loadgen cannot go on after.
+    #[error("error {code:?}: {message}")]
+    Server { code: ErrorCode, message: String },
+    /// A `Kickout` (reason byte, PROTOCOL.md section 8): the loadgen does not reconnect.
+    #[error("kickout {0}")]
+    Kicked(u8),
+    #[error("bad body")]
+    BadBody(#[source] im_shared::proto::BodyError),
+    #[error("bad frame")]
+    BadFrame(#[source] im_shared::DecodeError),
+}
+
+impl End {
+    /// The loadgen ended it on purpose: not a failure.
+    fn is_planned(&self) -> bool {
+        matches!(self, End::Local("storm" | "quit"))
+    }
+
+    /// The text the report counts it under (with the cause of a protocol error).
+    fn tally(&self) -> String {
+        match self {
+            End::BadBody(e) => format!("bad body: {e}"),
+            End::BadFrame(e) => format!("bad frame: {e}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl Exec {
     fn rand(&self) -> u64 {
         // splitmix64
@@ -307,11 +353,11 @@ impl Exec {
     }
 
     /// Handles one frame; `Err(reason)` closes the connection.
-    fn handle(&self, c: &Conn, req: u32, cmd: Command) -> Result<(), String> {
+    fn handle(&self, c: &Conn, req: u32, cmd: Command) -> Result<(), End> {
         match cmd {
             Command::LoginResult { code, max_seq, .. } if req == c.login_req.get() => {
                 if code != ErrorCode::Ok {
-                    return Err(code_name(code));
+                    return Err(End::LoginRefused(code));
                 }
                 c.st.set(St::LoggedIn);
                 self.live.logged_in.fetch_add(1, Relaxed);
@@ -372,7 +418,7 @@ impl Exec {
             }
             Command::Error { code, message } => {
                 if c.st.get() == St::LoginSent && req == c.login_req.get() {
-                    return Err(code_name(code));
+                    return Err(End::LoginRefused(code));
                 }
                 let is_send = c.pending.borrow().iter().any(|p| p.req == req);
                 let is_create = self.creating.borrow().contains_key(&create_key(c, req));
@@ -389,13 +435,13 @@ impl Exec {
                         | ErrorCode::Forbidden
                         | ErrorCode::AlreadyLoggedIn
                 ) {
-                    let mut m = message;
-                    m.truncate(60);
-                    return Err(format!("error {}: {m}", code_name(code)));
+                    let mut message = message;
+                    message.truncate(60);
+                    return Err(End::Server { code, message });
                 }
             }
             Command::OpResult { code, id, .. } => self.on_create_result(c, req, code, id),
-            Command::Kickout { reason, .. } => return Err(format!("kickout {reason}")),
+            Command::Kickout { reason, .. } => return Err(End::Kicked(reason)),
             _ => {}
         }
         Ok(())
@@ -488,17 +534,17 @@ impl Exec {
         }
     }
 
-    fn process(&self, c: &Conn, data: &[u8]) -> Result<(), String> {
+    fn process(&self, c: &Conn, data: &[u8]) -> Result<(), End> {
         let mut buf = c.rbuf.borrow_mut();
         buf.extend_from_slice(data);
         loop {
             match self.codec.decode(&mut buf) {
                 Ok(Some(f)) => {
-                    let cmd = Command::decode(&f).map_err(|e| format!("bad body: {e}"))?;
+                    let cmd = Command::decode(&f).map_err(End::BadBody)?;
                     self.handle(c, f.req_id, cmd)?;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(format!("bad frame: {e}")),
+                Err(e) => return Err(End::BadFrame(e)),
             }
         }
         if buf.is_empty() {
@@ -578,19 +624,19 @@ impl Exec {
 }
 
 /// Drives one socket until it closes; returns why.
-async fn io_loop(ex: &Exec, c: &Conn, stream: &mut TcpStream) -> String {
+async fn io_loop(ex: &Exec, c: &Conn, stream: &mut TcpStream) -> End {
     poll_fn(|cx| {
         for _ in 0..64 {
             if let Some(why) = c.close.get() {
-                return Poll::Ready(why.to_string());
+                return Poll::Ready(End::Local(why));
             }
             {
                 let mut out = c.out.borrow_mut();
                 while !out.is_empty() {
                     match Pin::new(&mut *stream).poll_write(cx, &out) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready("closed".into()),
+                        Poll::Ready(Ok(0)) => return Poll::Ready(End::PeerClosed),
                         Poll::Ready(Ok(n)) => out.advance(n),
-                        Poll::Ready(Err(e)) => return Poll::Ready(errno_name(&e)),
+                        Poll::Ready(Err(e)) => return Poll::Ready(End::Io(errno_name(&e))),
                         Poll::Pending => break,
                     }
                 }
@@ -600,13 +646,13 @@ async fn io_loop(ex: &Exec, c: &Conn, stream: &mut TcpStream) -> String {
             }
             let mut scratch = ex.scratch.borrow_mut();
             match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
-                Poll::Ready(Ok(0)) => return Poll::Ready("closed".into()),
+                Poll::Ready(Ok(0)) => return Poll::Ready(End::PeerClosed),
                 Poll::Ready(Ok(n)) => {
                     if let Err(e) = ex.process(c, &scratch[..n]) {
                         return Poll::Ready(e);
                     }
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(errno_name(&e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(End::Io(errno_name(&e))),
                 Poll::Pending => {
                     c.waker.set(Some(cx.waker().clone()));
                     return Poll::Pending;
@@ -640,7 +686,7 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     let src = (!p.src_ips.is_empty()).then(|| p.src_ips[c.idx as usize % p.src_ips.len()]);
     let server = p.server[(c.uid.0 % p.server.len().max(1) as u64) as usize];
     let why = match start_connect(src, server) {
-        Err(e) => format!("connect {}", errno_name(&e)),
+        Err(e) => End::Connect(errno_name(&e)),
         Ok(fd) => {
             // SAFETY: `fd` is a freshly created socket that nothing else owns.
             let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
@@ -668,18 +714,18 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
         ex.live.logged_in.fetch_sub(1, Relaxed);
     }
     c.st.set(St::Idle);
-    if why == "storm" || why == "quit" {
+    if why.is_planned() {
         return;
     }
     c.st.set(St::Failed);
     let mut r = ex.rep.borrow_mut();
-    let kicked = why.starts_with("kickout");
+    let kicked = matches!(why, End::Kicked(_));
     if was == St::LoginSent {
         ex.live.login_failed.fetch_add(1, Relaxed);
-        *r.login_failures.entry(why).or_default() += 1;
+        *r.login_failures.entry(why.tally()).or_default() += 1;
     } else {
         ex.live.disconnects.fetch_add(1, Relaxed);
-        *r.disconnects.entry(why).or_default() += 1;
+        *r.disconnects.entry(why.tally()).or_default() += 1;
     }
     drop(r);
     if was == St::LoggedIn && !kicked && c.reconnects.get() < MAX_RECONNECTS {

@@ -126,8 +126,10 @@ impl ApnsProvider {
 
     /// With the key given as PEM (`cfg.key_path` is not read).
     pub fn with_key_pem(cfg: &ApnsConfig, pem: &str) -> Result<Self, PushError> {
-        let key =
-            Es256Key::from_pem(pem).map_err(|e| PushError::Config(format!("APNs key: {e}")))?;
+        let key = Es256Key::from_pem(pem).map_err(|source| PushError::Key {
+            provider: "APNs",
+            source,
+        })?;
         if cfg.team_id.is_empty() || cfg.key_id.is_empty() {
             return Err(PushError::Config(
                 "APNs team_id and key_id are required".into(),
@@ -179,7 +181,10 @@ impl ApnsProvider {
                 &serde_json::json!({ "alg": "ES256", "kid": self.key_id }),
                 &serde_json::json!({ "iss": self.team_id, "iat": now }),
             )
-            .map_err(PushError::Config)?;
+            .map_err(|source| PushError::Key {
+                provider: "APNs",
+                source,
+            })?;
         *t = Some((jwt.clone(), now));
         Ok(jwt)
     }

@@ -229,8 +229,10 @@ impl FcmProvider {
 
     /// With the service account given (`cfg.service_account_path` is not read).
     pub fn with_service_account(cfg: &FcmConfig, sa: ServiceAccount) -> Result<Self, PushError> {
-        let key = Rs256Key::from_pem(&sa.private_key)
-            .map_err(|e| PushError::Config(format!("FCM service account key: {e}")))?;
+        let key = Rs256Key::from_pem(&sa.private_key).map_err(|source| PushError::Key {
+            provider: "FCM service account",
+            source,
+        })?;
         let project_id = cfg
             .project_id
             .clone()
@@ -302,7 +304,12 @@ impl FcmProvider {
             "iat": now,
             "exp": now + ASSERTION_TTL_SECS,
         });
-        self.key.sign(&header, &claims).map_err(PushError::Config)
+        self.key
+            .sign(&header, &claims)
+            .map_err(|source| PushError::Key {
+                provider: "FCM",
+                source,
+            })
     }
 
     /// The token request at `now`: a form POST with the JWT-bearer grant (RFC 7523).

@@ -37,6 +37,23 @@ pub fn signing_input(header: &serde_json::Value, claims: &serde_json::Value) -> 
     format!("{}.{}", b64url(&h), b64url(&c))
 }
 
+/// Why a key could not be loaded or a JWT not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    /// No PEM block with one of the expected labels, or its base64 is invalid.
+    #[error("no `-----BEGIN {0}-----` PEM block with valid base64")]
+    NoPemBlock(&'static str),
+    /// The DER is not a key of the expected kind (ring's reason follows).
+    #[error("not {expected}: {reason}")]
+    KeyRejected {
+        expected: &'static str,
+        reason: ring::error::KeyRejected,
+    },
+    /// ring refused to sign (it does not say why).
+    #[error("{0} signing failed")]
+    Sign(&'static str),
+}
+
 /// A P-256 key signing ES256 JWTs.
 pub struct Es256Key {
     key: EcdsaKeyPair,
@@ -52,16 +69,18 @@ impl std::fmt::Debug for Es256Key {
 impl Es256Key {
     /// From a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, as in Apple's `.p8` files). The
     /// PKCS#8 must carry the public key (Apple's and OpenSSL's do).
-    pub fn from_pem(pem: &str) -> Result<Self, String> {
-        let der = pem_block(pem, "PRIVATE KEY")
-            .ok_or("no `-----BEGIN PRIVATE KEY-----` PEM block with valid base64")?;
+    pub fn from_pem(pem: &str) -> Result<Self, JwtError> {
+        let der = pem_block(pem, "PRIVATE KEY").ok_or(JwtError::NoPemBlock("PRIVATE KEY"))?;
         Self::from_pkcs8(&der)
     }
 
-    pub fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
+    pub fn from_pkcs8(der: &[u8]) -> Result<Self, JwtError> {
         let rng = SystemRandom::new();
         let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
-            .map_err(|e| format!("not a PKCS#8 P-256 private key (with public key): {e}"))?;
+            .map_err(|reason| JwtError::KeyRejected {
+                expected: "a PKCS#8 P-256 private key (with public key)",
+                reason,
+            })?;
         Ok(Es256Key { key, rng })
     }
 
@@ -75,12 +94,12 @@ impl Es256Key {
         &self,
         header: &serde_json::Value,
         claims: &serde_json::Value,
-    ) -> Result<String, String> {
+    ) -> Result<String, JwtError> {
         let input = signing_input(header, claims);
         let sig = self
             .key
             .sign(&self.rng, input.as_bytes())
-            .map_err(|_| "ES256 signing failed".to_owned())?;
+            .map_err(|_| JwtError::Sign("ES256"))?;
         Ok(format!("{input}.{}", b64url(sig.as_ref())))
     }
 }
@@ -100,15 +119,18 @@ impl std::fmt::Debug for Rs256Key {
 impl Rs256Key {
     /// From a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, as in Google service-account files)
     /// or a PKCS#1 PEM (`-----BEGIN RSA PRIVATE KEY-----`).
-    pub fn from_pem(pem: &str) -> Result<Self, String> {
+    pub fn from_pem(pem: &str) -> Result<Self, JwtError> {
         let key = if let Some(der) = pem_block(pem, "PRIVATE KEY") {
             RsaKeyPair::from_pkcs8(&der)
         } else if let Some(der) = pem_block(pem, "RSA PRIVATE KEY") {
             RsaKeyPair::from_der(&der)
         } else {
-            return Err("no `PRIVATE KEY` / `RSA PRIVATE KEY` PEM block with valid base64".into());
+            return Err(JwtError::NoPemBlock("PRIVATE KEY` or `RSA PRIVATE KEY"));
         }
-        .map_err(|e| format!("not an RSA private key ring accepts (2048..=4096 bits): {e}"))?;
+        .map_err(|reason| JwtError::KeyRejected {
+            expected: "an RSA private key ring accepts (2048..=4096 bits)",
+            reason,
+        })?;
         Ok(Rs256Key {
             key,
             rng: SystemRandom::new(),
@@ -120,7 +142,7 @@ impl Rs256Key {
         &self,
         header: &serde_json::Value,
         claims: &serde_json::Value,
-    ) -> Result<String, String> {
+    ) -> Result<String, JwtError> {
         let input = signing_input(header, claims);
         let mut sig = vec![0; self.key.public().modulus_len()];
         self.key
@@ -130,7 +152,7 @@ impl Rs256Key {
                 input.as_bytes(),
                 &mut sig,
             )
-            .map_err(|_| "RS256 signing failed".to_owned())?;
+            .map_err(|_| JwtError::Sign("RS256"))?;
         Ok(format!("{input}.{}", b64url(&sig)))
     }
 }

@@ -258,6 +258,13 @@ pub enum PushError {
     /// The provider is misconfigured (key, credentials, URL). Permanent.
     #[error("provider config: {0}")]
     Config(String),
+    /// The provider's signing key cannot be loaded or cannot sign. Permanent.
+    #[error("{provider} key")]
+    Key {
+        provider: &'static str,
+        #[source]
+        source: crate::jwt::JwtError,
+    },
 }
 
 impl PushError {
@@ -266,7 +273,7 @@ impl PushError {
         match self {
             PushError::Transport(_) | PushError::Timeout(_) => true,
             PushError::Rejected { class, .. } => *class == ErrorClass::Retryable,
-            PushError::Invalid { .. } | PushError::Config(_) => false,
+            PushError::Invalid { .. } | PushError::Config(_) | PushError::Key { .. } => false,
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use im_push::jwt::{b64_std, b64url, pem_block};
+use im_push::jwt::{b64_std, b64url, pem_block, JwtError};
 use im_push::{
     apns_payload, classify_apns_response, ApnsConfig, ApnsProvider, DispatchOptions, PushConfig,
     PushDispatcher, PushError, PushProvider, APNS_MAX_PAYLOAD, APNS_TOKEN_REFRESH_SECS,
@@ -171,10 +171,22 @@ fn push_apns_bad_config_is_refused() {
         matches!(ApnsProvider::new(&cfg()), Err(PushError::Config(_))),
         "missing key file"
     );
-    assert!(ApnsProvider::with_key_pem(&cfg(), "not a key").is_err());
+    assert!(matches!(
+        ApnsProvider::with_key_pem(&cfg(), "not a key"),
+        Err(PushError::Key {
+            source: JwtError::NoPemBlock(_),
+            ..
+        })
+    ));
     let rsa = include_str!("push_fixtures/fcm_test_key.pem");
     assert!(
-        ApnsProvider::with_key_pem(&cfg(), rsa).is_err(),
+        matches!(
+            ApnsProvider::with_key_pem(&cfg(), rsa),
+            Err(PushError::Key {
+                source: JwtError::KeyRejected { .. },
+                ..
+            })
+        ),
         "an RSA key is not a P-256 key"
     );
     let mut c = cfg();

@@ -165,7 +165,7 @@ impl Layers {
             match tls_ingest(tls, &mut self.raw, dst) {
                 Ok(closed) => peer_closed = closed,
                 Err(e) => {
-                    tracing::debug!("tls: {e}");
+                    tracing::debug!(error = &e as &dyn std::error::Error, "client TLS failed");
                     return Step::Failed;
                 }
             }
@@ -284,25 +284,41 @@ impl Layers {
     }
 }
 
+/// Why TLS bytes from a client could not be taken.
+#[derive(Debug, thiserror::Error)]
+enum TlsIngestError {
+    /// rustls could not buffer the records (e.g. a record over its size limit).
+    #[error("reading TLS records")]
+    Read(#[source] std::io::Error),
+    /// A TLS protocol error: bad record, failed handshake, decryption failure.
+    #[error("TLS protocol")]
+    Protocol(#[source] rustls::Error),
+    /// The plaintext rustls announced could not be read.
+    #[error("reading TLS plaintext")]
+    Plaintext(#[source] std::io::Error),
+}
+
 /// Feeds ciphertext to rustls and appends the plaintext to `dst`. Returns whether the peer sent
 /// close_notify.
 fn tls_ingest(
     tls: &mut rustls::ServerConnection,
     raw: &mut BytesMut,
     dst: &mut BytesMut,
-) -> Result<bool, String> {
+) -> Result<bool, TlsIngestError> {
     while !raw.is_empty() {
         let mut rd: &[u8] = raw;
-        let n = tls.read_tls(&mut rd).map_err(|e| e.to_string())?;
+        let n = tls.read_tls(&mut rd).map_err(TlsIngestError::Read)?;
         raw.advance(n);
-        let st = tls.process_new_packets().map_err(|e| e.to_string())?;
+        let st = tls
+            .process_new_packets()
+            .map_err(TlsIngestError::Protocol)?;
         let pending = st.plaintext_bytes_to_read();
         if pending > 0 {
             let at = dst.len();
             dst.resize(at + pending, 0);
             tls.reader()
                 .read_exact(&mut dst[at..])
-                .map_err(|e| e.to_string())?;
+                .map_err(TlsIngestError::Plaintext)?;
         }
         if st.peer_has_closed() {
             raw.clear();
