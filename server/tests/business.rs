@@ -3,16 +3,15 @@
 //! delivered to a real webhook; offline push notifications to a real push-gateway webhook.
 //!
 //! Everything goes over real sockets and real HTTP/1.1. The business side (the webhook receivers
-//! and the API caller) is written here over `std::net`: a tiny HTTP/1.1 client, a tiny HTTP/1.1
-//! server reading `Content-Length` bodies (keep-alive), and a small JSON reader.
+//! and the API caller) is `im_testkit::http` over `std::net`: a tiny HTTP/1.1 client, a tiny
+//! HTTP/1.1 server reading `Content-Length` bodies (keep-alive); the small JSON reader is here.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,6 +25,7 @@ use im_shared::proto::{
 };
 use im_shared::token::now_secs;
 use im_shared::{DeviceType, ErrorCode, MsgId, Seq, UserId};
+use im_testkit::http::{http, metric, Got, HttpResp, Json, Receiver};
 
 /// API key id and secret of the business server.
 const KEY_ID: &str = "biz";
@@ -43,8 +43,6 @@ const NO_PUSH_WAIT: Duration = Duration::from_millis(1000);
 
 // ---------------------------------------------------------------------------------------------
 // JSON answers, read with serde_json; a wrong shape fails the test with what was found.
-
-type Json = serde_json::Value;
 
 trait JsonExt {
     fn parse(text: &[u8]) -> Json;
@@ -85,98 +83,7 @@ impl JsonExt for Json {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP/1.1 over std sockets.
-
-/// Reads a request or status line and the headers (names lower-cased); `None` at end of stream.
-fn read_head(r: &mut impl BufRead) -> Option<(String, HashMap<String, String>)> {
-    let mut line = String::new();
-    if r.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let first = line.trim_end().to_owned();
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).ok()? == 0 {
-            return None;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            return Some((first, headers));
-        }
-        let (k, v) = h.split_once(':')?;
-        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-    }
-}
-
-struct HttpResp {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl HttpResp {
-    fn json(&self) -> Json {
-        Json::parse(&self.body)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-    /// `error.code` of an error answer.
-    fn error_code(&self) -> String {
-        self.json()["error"]["code"].str().to_owned()
-    }
-}
-
-/// One request on a fresh connection (`Connection: close`).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, String)],
-    body: &[u8],
-) -> HttpResp {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut r = BufReader::new(s);
-    let (line, headers) = read_head(&mut r).expect("an HTTP response");
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut body = Vec::new();
-    match headers.get("content-length") {
-        Some(n) => {
-            body.resize(n.parse().unwrap(), 0);
-            r.read_exact(&mut body).unwrap();
-        }
-        None => {
-            r.read_to_end(&mut body).unwrap();
-        }
-    }
-    HttpResp {
-        status,
-        headers,
-        body,
-    }
-}
+// The HTTP API (client, webhook receiver and `metric` from `im_testkit::http`).
 
 /// The HTTP API of the server under test, called as the business server.
 struct Api(SocketAddr);
@@ -246,132 +153,6 @@ impl Api {
                 "{series} is {got:?}, want {want}"
             );
             std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// The value of one Prometheus series (`name` or `name{labels}` exactly as rendered).
-fn metric(text: &str, series: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-/// A request a receiver got.
-#[derive(Clone, Debug)]
-struct Got {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-    /// What it was answered.
-    status: u16,
-    at: Instant,
-}
-
-impl Got {
-    fn json(&self) -> Json {
-        Json::parse(&self.body)
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-}
-
-type Respond = dyn Fn(&Got) -> u16 + Send + Sync;
-
-/// A webhook receiver: an HTTP/1.1 server (keep-alive, `Content-Length` bodies) on a free
-/// loopback port that records every request and answers it with the status `respond` picks.
-struct Receiver {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Got>>>,
-}
-
-impl Receiver {
-    fn start(respond: impl Fn(&Got) -> u16 + Send + Sync + 'static) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let respond: Arc<Respond> = Arc::new(respond);
-        let log = got.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (log, respond) = (log.clone(), respond.clone());
-                std::thread::spawn(move || serve_http(stream, &log, &*respond));
-            }
-        });
-        Receiver { addr, got }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn got(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    /// Waits until at least `n` requests arrived.
-    fn wait(&self, n: usize, within: Duration) -> Vec<Got> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.got();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {n} requests within {within:?}: {got:?}",
-                got.len()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Requests answered 2xx.
-    fn delivered(&self) -> Vec<Got> {
-        self.got()
-            .into_iter()
-            .filter(|g| (200..300).contains(&g.status))
-            .collect()
-    }
-}
-
-fn serve_http(stream: TcpStream, log: &Mutex<Vec<Got>>, respond: &Respond) {
-    let Ok(mut w) = stream.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(stream);
-    while let Some((line, headers)) = read_head(&mut r) {
-        let mut parts = line.split(' ');
-        let method = parts.next().unwrap_or_default().to_owned();
-        let path = parts.next().unwrap_or_default().to_owned();
-        let len: usize = headers
-            .get("content-length")
-            .map_or(0, |n| n.parse().expect("Content-Length"));
-        let mut body = vec![0; len];
-        if r.read_exact(&mut body).is_err() {
-            return;
-        }
-        let mut g = Got {
-            method,
-            path,
-            headers,
-            body,
-            status: 0,
-            at: Instant::now(),
-        };
-        g.status = respond(&g);
-        let status = g.status;
-        log.lock().unwrap().push(g);
-        let answer = format!("HTTP/1.1 {status} Answer\r\nContent-Length: 2\r\n\r\nok");
-        if w.write_all(answer.as_bytes()).is_err() {
-            return;
         }
     }
 }

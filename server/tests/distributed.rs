@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use im_client::{Client, ClientError, Timeline};
 use im_shared::{Command as Cmd, DeviceType, ErrorCode, Seq, UserId};
+use im_testkit::http::http_json;
 
 fn spawn(args: &[&str], prefix: &str) -> (Proc, SocketAddr) {
     spawn_process(args, prefix)
@@ -444,7 +445,7 @@ fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_d
 
 /// `GET path` on the HTTP API; (status, JSON body).
 fn http_get(api: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    http_request(api, "GET", path, &[], "")
+    http_json(api, "GET", path, &[], "")
 }
 
 /// The gates the iplist offers `uid`, in the order the client should try them.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::token;
 use im_client::{Client, ClientError, Timeline};
 use im_shared::{Command as Cmd, DeviceType, Seq, UserId};
+use im_testkit::http::{try_http, Deadlines};
 
 const NODES: usize = 3;
 const GATES: usize = 2;
@@ -207,31 +208,24 @@ fn login_retry(gate: SocketAddr, uid: u64) -> Client {
 
 /// `GET /v1/iplist?uid=` on a logic node's API: the gates' TCP addresses (empty on any error).
 fn iplist(api: SocketAddr, uid: u64) -> Vec<SocketAddr> {
-    use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect_timeout(&api, Duration::from_secs(2)) else {
-        return Vec::new();
+    // Short deadlines: the caller polls until every node lists both gates.
+    let deadlines = Deadlines {
+        connect: Duration::from_secs(2),
+        io: Duration::from_secs(5),
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let req =
-        format!("GET /v1/iplist?uid={uid} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    let mut raw = Vec::new();
-    if s.write_all(req.as_bytes()).is_err() || s.read_to_end(&mut raw).is_err() {
-        return Vec::new();
+    let path = format!("/v1/iplist?uid={uid}");
+    match try_http(api, "GET", &path, &[], b"", deadlines) {
+        Ok(r) if r.status == 200 => {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            v["gates"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g["tcp"].as_str()?.parse().ok())
+                .collect()
+        }
+        _ => Vec::new(),
     }
-    let text = String::from_utf8_lossy(&raw);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return Vec::new();
-    };
-    if head.split_whitespace().nth(1) != Some("200") {
-        return Vec::new();
-    }
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    v["gates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|g| g["tcp"].as_str()?.parse().ok())
-        .collect()
 }
 
 #[test]

@@ -222,40 +222,6 @@ fn spawn_lines(args: &[&str]) -> (Proc, Vec<String>) {
     (child, lines)
 }
 
-/// One HTTP/1.1 request to `addr` with a deadline on every step: (status, JSON body, or `Null`
-/// when the body is not JSON).
-pub fn http_request(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, String)],
-    body: &str,
-) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 /// Key id and secret of the business key in [`api_keys_config`].
 pub const API_KEY: (&str, &str) = ("biz", "s3cret");
 
@@ -273,7 +239,8 @@ pub fn api_keys_config(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
-/// A request to the HTTP API signed with [`API_KEY`] (docs/API.md).
+/// A request to the HTTP API signed with [`API_KEY`] (docs/API.md): (status, JSON body, or
+/// `Null` when the body is not JSON), every step with a deadline (`im_testkit::http`).
 pub fn http_signed(
     api: SocketAddr,
     method: &str,
@@ -282,7 +249,7 @@ pub fn http_signed(
 ) -> (u16, serde_json::Value) {
     let ts = now_secs();
     let sig = im_api::sign(API_KEY.1, method, target, ts, body.as_bytes());
-    http_request(
+    im_testkit::http::http_json(
         api,
         method,
         target,
