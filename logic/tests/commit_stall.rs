@@ -3,65 +3,26 @@
 //! the store is back; then every queued request is answered. Real worker threads, a real fjall
 //! store behind a `FaultyStore` that is made unavailable on purpose.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use im_logic::store::FjallStore;
 use im_logic::LogicConfig;
-use im_shared::frame::FrameCodec;
-use im_shared::link::{Down, DownstreamSink, Up, UpstreamLink};
+use im_shared::link::{Up, UpstreamLink};
 use im_shared::token::HmacTokens;
 use im_shared::{Command, ConnId, DeviceType, ErrorCode, Seq, UserId};
-use im_testkit::FaultyStore;
+use im_testkit::{DownFrame, FaultyStore, RecordingSink};
 
-#[derive(Default)]
-struct Sink(Mutex<Vec<Down>>);
+/// Deadline of every wait.
+const WAIT: Duration = Duration::from_secs(20);
 
-impl DownstreamSink for Sink {
-    fn send(&self, _gate: u16, _core: u16, batch: Vec<Down>) {
-        self.0.lock().unwrap().extend(batch);
-    }
-}
-
-impl Sink {
-    /// Decoded frames received so far.
-    fn commands(&self) -> Vec<Command> {
-        let codec = FrameCodec::new(1 << 24);
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let data = match d {
-                    Down::Send { data, .. }
-                    | Down::Bind { data, .. }
-                    | Down::Close { data, .. } => data,
-                };
-                let f = codec
-                    .decode(&mut BytesMut::from(&data[..]))
-                    .unwrap()
-                    .unwrap();
-                Command::decode(&f).unwrap()
-            })
-            .collect()
-    }
-
-    /// Waits (at most 20 s) until `pred` holds for the frames received.
-    fn wait(&self, what: &str, pred: impl Fn(&[Command]) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pred(&self.commands()) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-fn acks(cmds: &[Command]) -> usize {
-    cmds.iter()
-        .filter(|c| {
+fn acks(frames: &[DownFrame]) -> usize {
+    frames
+        .iter()
+        .filter(|f| {
             matches!(
-                c,
+                f.cmd,
                 Command::SendAck {
                     code: ErrorCode::Ok,
                     ..
@@ -77,7 +38,7 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
     let dir = tempfile::tempdir().unwrap();
     let store = FaultyStore::new(FjallStore::open(dir.path()).unwrap());
     let tokens = HmacTokens::new(b"stall".to_vec());
-    let sink = Arc::new(Sink::default());
+    let sink = Arc::new(RecordingSink::default());
     let cfg = LogicConfig {
         workers: 1,
         max_queued: MAX_QUEUED,
@@ -100,10 +61,10 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
         token: tokens.mint(a, now + 600),
     };
     logic.send(lane, vec![Up::request(conn, a, 1, &login)]);
-    sink.wait("the login result", |c| {
-        c.iter().any(|c| {
+    sink.wait("the login result", WAIT, |f| {
+        f.iter().any(|f| {
             matches!(
-                c,
+                f.cmd,
                 Command::LoginResult {
                     code: ErrorCode::Ok,
                     ..
@@ -145,11 +106,11 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
     assert_eq!(logic.admit(lane), Err(ErrorCode::Overloaded));
     // Nothing was acknowledged while the store could not commit.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(acks(&sink.commands()), 0);
+    assert_eq!(acks(&sink.frames()), 0);
 
     store.set_unavailable(false);
-    sink.wait("every queued request answered", |c| {
-        acks(c) == MAX_QUEUED + 1
+    sink.wait("every queued request answered", WAIT, |f| {
+        acks(f) == MAX_QUEUED + 1
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     while logic.admit(lane).is_err() {

@@ -11,17 +11,20 @@
 //!
 //! [`store_conformance`] and [`directory_conformance`] are the shared test-suites every backend of
 //! `im_store::Store` and of `im_directory::Directory` passes; [`FaultyStore`] wraps a real store
-//! and fails its commits on demand (retryable, fatal, fenced) for tests of the commit path.
+//! and fails its commits on demand (retryable, fatal, fenced) for tests of the commit path;
+//! [`RecordingSink`] records and decodes what logic sends to gates when a test has no gate.
 //!
 //! [`http`] is plain HTTP/1.1 for tests that play the business side: a client for the HTTP API,
 //! a recording webhook / push-gateway receiver, and a reader of one Prometheus series.
 
 pub mod directory_conformance;
+mod downstream;
 mod faulty_store;
 pub mod http;
 mod redis_cluster;
 mod resp;
 pub mod store_conformance;
 
+pub use downstream::{DownFrame, RecordingSink};
 pub use faulty_store::{CommitAttempt, FaultyStore};
 pub use redis_cluster::{key_slot, ClusterOptions, RedisCluster, SLOTS};

@@ -1,16 +1,13 @@
 //! Unit tests of the worker as a core: no sockets, no threads, no wall clock. A test builds
 //! workers over a real fjall store (in a temporary directory) wrapped in a [`FaultyStore`], hands
 //! them client frames and worker messages, runs their rounds with [`Worker::step`] at a time it
-//! chooses, and reads what left them: frames to gates (a capturing sink), messages to other
+//! chooses, and reads what left them: frames to gates (a [`RecordingSink`]), messages to other
 //! workers (their inboxes, which the test pumps) and the store.
 
-use std::sync::Mutex;
 
-use bytes::BytesMut;
-use im_shared::frame::FrameCodec;
 use im_shared::token::HmacTokens;
 use im_store::FjallStore;
-use im_testkit::FaultyStore;
+use im_testkit::{DownFrame, FaultyStore, RecordingSink};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
@@ -20,32 +17,14 @@ type TestStore = FaultyStore<FjallStore>;
 /// A fixed, plausible time (2026-12-03): tokens minted for it are valid.
 const T0: u64 = 1_796_342_400_000;
 
-/// Frames sent to gates, in order.
-#[derive(Default)]
-struct Sink(Mutex<Vec<Down>>);
-
-impl DownstreamSink for Sink {
-    fn send(&self, _gate: u16, _core: u16, batch: Vec<Down>) {
-        self.0.lock().unwrap().extend(batch);
-    }
-}
-
-/// One frame a connection received: its command, request id, and whether the gate was told to
-/// close the connection after it (`Close`) or to bind it to a user (`Bind`).
-#[derive(Debug)]
-struct Out {
-    conn: ConnId,
-    req_id: u32,
-    cmd: Command,
-    close: bool,
-    bind: bool,
-}
+/// One frame a connection received.
+type Out = DownFrame;
 
 struct Fx {
     /// Removed with the fixture.
     _dir: tempfile::TempDir,
     store: TestStore,
-    sink: Arc<Sink>,
+    sink: Arc<RecordingSink>,
     tokens: HmacTokens,
     cfg: LogicConfig,
     workers: Vec<Worker<TestStore>>,
@@ -170,9 +149,8 @@ impl Fx {
 
     /// Everything sent to gates since the last call, decoded.
     fn out(&mut self) -> Vec<Out> {
-        let downs = std::mem::take(&mut *self.sink.0.lock().unwrap());
         let mut out = std::mem::take(&mut self.kept);
-        out.extend(downs.into_iter().map(decode_down));
+        out.extend(self.sink.take());
         out
     }
 
@@ -207,24 +185,6 @@ impl Fx {
 
     async fn timeline(&self, uid: UserId) -> Vec<Message> {
         self.store.timeline(uid, Seq(0), 1000).await.unwrap()
-    }
-}
-
-fn decode_down(d: Down) -> Out {
-    let (conn, data, close, bind) = match d {
-        Down::Send { conn, data } => (conn, data, false, false),
-        Down::Close { conn, data } => (conn, data, true, false),
-        Down::Bind { conn, data, .. } => (conn, data, false, true),
-    };
-    let mut buf = BytesMut::from(&data[..]);
-    let f = FrameCodec::new(1 << 24).decode(&mut buf).unwrap().unwrap();
-    assert!(buf.is_empty(), "one frame per down");
-    Out {
-        conn,
-        req_id: f.req_id,
-        cmd: Command::decode(&f).unwrap(),
-        close,
-        bind,
     }
 }
 
@@ -359,7 +319,7 @@ async fn a_retryable_commit_error_is_retried_with_backoff_and_nothing_is_release
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.login(conn(2), b, DeviceType::Phone).await;
     let sink = fx.sink.clone();
-    fx.store.observe(move || sink.0.lock().unwrap().len());
+    fx.store.observe(move || sink.len());
     let before = fx.store.attempts().len();
     for _ in 0..3 {
         fx.store
