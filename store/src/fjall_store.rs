@@ -25,20 +25,33 @@
 //! a fence raised while a commit is in flight waits for it and every later commit sees it (the
 //! check and the write are one atomic step here).
 //!
-//! [`Store::commit`] turns a whole [`WriteBatch`] into one fjall write batch that is journaled and
-//! fsynced ([`PersistMode::SyncAll`]) before it returns: that is the group-commit point. Reads are
-//! plain point lookups and range scans on the latest committed state. Every method is blocking
-//! and completes inline: each logic worker is a dedicated thread.
+//! [`Store::commit`] turns a whole [`WriteBatch`] into one record of the store's commit log
+//! (`commit_log`, in `<dir>/commitlog/`) and syncs it: that is the group-commit point, one
+//! `fdatasync` of a write into preallocated space. It then applies the same writes to fjall as one
+//! batch without a sync, together with the record's seq under key `applied` of keyspace `meta`.
+//! fjall's journal is made durable only at a checkpoint (`Database::persist`, before the log
+//! reuses a segment) and when the store is opened; so after a crash fjall holds some prefix of
+//! the batches, `meta/applied` says which, and [`FjallStore::open`] replays the log's records
+//! after it. A commit, its log record and its fjall batch happen under one lock, in seq order.
+//!
+//! The log record of a batch lists its writes after merging (last op on a key wins):
+//! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
+//! keyspace's index in the table above (timeline 0 … idfloor 11).
+//!
+//! Reads are plain point lookups and range scans on the latest committed state. Every method is
+//! blocking and completes inline: each logic worker is a dedicated thread.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Buf, Bytes};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
+
+use crate::commit_log::{CommitLog, LogError, LogShape};
 
 use super::{
     DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch, Writer,
@@ -57,6 +70,9 @@ const MUTE: &str = "mute";
 const PUSHTOK: &str = "pushtok";
 const FENCE: &str = "fence";
 const IDFLOOR: &str = "idfloor";
+const META: &str = "meta";
+/// Key in `meta`: seq of the last commit-log record applied to fjall (`u64`).
+const APPLIED: &[u8] = b"applied";
 
 /// Index of a keyspace in [`FjallStore::spaces`] (used to merge writes of one batch per key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +91,23 @@ enum Kind {
     IdFloor = 11,
 }
 
+impl Kind {
+    const ALL: [Kind; 12] = [
+        Kind::Timeline,
+        Kind::MsgIdx,
+        Kind::SeqBound,
+        Kind::Dedup,
+        Kind::Cursor,
+        Kind::Outbox,
+        Kind::Group,
+        Kind::Member,
+        Kind::UGroup,
+        Kind::Mute,
+        Kind::PushTok,
+        Kind::IdFloor,
+    ];
+}
+
 /// The embedded store: one fjall database, one keyspace per record kind (layout in the module
 /// docs). Cloning is cheap (reference-counted handles); every clone uses the same database.
 #[derive(Clone)]
@@ -83,9 +116,15 @@ pub struct FjallStore {
     /// In [`Kind`] order.
     spaces: [Keyspace; 12],
     fence_space: Keyspace,
+    meta: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
     fences: Arc<RwLock<HashMap<u16, u64>>>,
+    /// The commit lock: held from a batch's log append until fjall has it.
+    log: Arc<Mutex<CommitLog>>,
     dir: PathBuf,
+    /// Test hook: commits stop after the log sync, as if the process died before fjall got them.
+    #[cfg(test)]
+    skip_apply: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for FjallStore {
@@ -98,6 +137,18 @@ impl fmt::Debug for FjallStore {
 
 fn io(e: fjall::Error) -> StoreError {
     StoreError::Io(e.to_string())
+}
+
+/// An error and its sources, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn corrupt(kind: Kind, key: &[u8], why: impl Into<String>) -> StoreError {
@@ -231,7 +282,14 @@ impl FjallStore {
     /// Opens (creating if needed) the store in `dir`. The directory is locked by fjall: a second
     /// open of the same directory while a store is alive fails with [`StoreError::Io`].
     pub fn open(dir: &Path) -> Result<FjallStore, StoreError> {
-        let db = Database::builder(dir).open().map_err(io)?;
+        FjallStore::open_with(dir, LogShape::default())
+    }
+
+    pub(crate) fn open_with(dir: &Path, shape: LogShape) -> Result<FjallStore, StoreError> {
+        let db = Database::builder(dir)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(io)?;
         let ks = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(io)
@@ -251,6 +309,34 @@ impl FjallStore {
             ks(IDFLOOR)?,
         ];
         let fence_space = ks(FENCE)?;
+        let meta = ks(META)?;
+        let applied = match meta.get(APPLIED).map_err(io)? {
+            Some(v) => <[u8; 8]>::try_from(&*v)
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: format!("{META}/applied"),
+                    why: format!("value of {} bytes, want 8", v.len()),
+                })?,
+            None => 0,
+        };
+        let mut replayed = 0u64;
+        let log = CommitLog::open(&dir.join("commitlog"), shape, applied, |seq, payload| {
+            let writes = decode_writes(payload).ok_or_else(|| {
+                LogError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("commit log record {seq} does not decode"),
+                ))
+            })?;
+            apply(&db, &spaces, &meta, writes, seq)
+                .map_err(|e| LogError::Io(std::io::Error::other(e.to_string())))?;
+            replayed += 1;
+            Ok(())
+        })
+        .map_err(|e| StoreError::Io(chain(&e)))?;
+        if replayed > 0 {
+            tracing::info!(dir = %dir.display(), replayed, "store: replayed the commit log");
+        }
+        db.persist(PersistMode::SyncAll).map_err(io)?;
         let mut fences = HashMap::new();
         for guard in fence_space.iter() {
             let (k, v) = guard.into_inner().map_err(io)?;
@@ -266,8 +352,12 @@ impl FjallStore {
             db,
             spaces,
             fence_space,
+            meta,
             fences: Arc::new(RwLock::new(fences)),
+            log: Arc::new(Mutex::new(log)),
             dir: dir.to_path_buf(),
+            #[cfg(test)]
+            skip_apply: Arc::default(),
         })
     }
 
@@ -294,6 +384,83 @@ impl FjallStore {
 
 /// Value of one key after a batch: `Some` = insert, `None` = remove.
 type Writes = HashMap<(Kind, Vec<u8>), Option<Vec<u8>>>;
+
+/// One write of a batch: keyspace, key, value (`None` = remove).
+type Write = (Kind, Vec<u8>, Option<Vec<u8>>);
+
+/// The commit-log record of a batch (layout in the module docs).
+fn encode_writes(w: &Writes) -> Vec<u8> {
+    let size: usize = w
+        .iter()
+        .map(|((_, k), v)| 8 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
+        .sum();
+    let mut out = Vec::with_capacity(4 + size);
+    out.extend_from_slice(&(w.len() as u32).to_be_bytes());
+    for ((kind, key), value) in w {
+        out.push(*kind as u8);
+        // Keys are ids and device ids, far below 64 KiB (the protocol bounds device ids).
+        out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+        out.extend_from_slice(key);
+        match value {
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+/// The writes of a commit-log record; `None` if it does not decode.
+fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Some(h)
+    }
+    let n = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+    let mut out = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let kind = *Kind::ALL.get(take(&mut b, 1)?[0] as usize)?;
+        let klen = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?) as usize;
+        let key = take(&mut b, klen)?.to_vec();
+        let value = match take(&mut b, 1)?[0] {
+            0 => None,
+            1 => {
+                let vlen = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+                Some(take(&mut b, vlen)?.to_vec())
+            }
+            _ => return None,
+        };
+        out.push((kind, key, value));
+    }
+    b.is_empty().then_some(out)
+}
+
+/// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq.
+fn apply(
+    db: &Database,
+    spaces: &[Keyspace; 12],
+    meta: &Keyspace,
+    writes: impl IntoIterator<Item = Write>,
+    seq: u64,
+) -> Result<(), StoreError> {
+    let mut b = db.batch().durability(None);
+    for (kind, key, value) in writes {
+        let space = &spaces[kind as usize];
+        match value {
+            Some(v) => b.insert(space, key, v),
+            None => b.remove(space, key),
+        }
+    }
+    b.insert(meta, APPLIED, seq.to_be_bytes());
+    b.commit().map_err(io)
+}
 
 fn collect(batch: WriteBatch) -> Writes {
     let mut w: Writes = HashMap::with_capacity(batch.ops.len() * 2);
@@ -422,14 +589,27 @@ impl Store for FjallStore {
         // in one batch would be ordered only by the memtable's replace-on-insert. Merge them here
         // instead: the last op on a key wins, as if the ops were applied one after another.
         let writes = collect(batch);
-        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
-        for ((kind, key), value) in writes {
-            match value {
-                Some(v) => b.insert(self.space(kind), key, v),
-                None => b.remove(self.space(kind), key),
-            }
+        let record = encode_writes(&writes);
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let db = &self.db;
+        let seq = log
+            .append(&record, || {
+                db.persist(PersistMode::SyncAll)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+            .map_err(|e| StoreError::Io(format!("commit log: {e}")))?;
+        #[cfg(test)]
+        if self.skip_apply.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
         }
-        let r = b.commit().map_err(io);
+        let r = apply(
+            &self.db,
+            &self.spaces,
+            &self.meta,
+            writes.into_iter().map(|((k, key), v)| (k, key, v)),
+            seq,
+        );
+        drop(log);
         drop(fences);
         r
     }
@@ -642,4 +822,149 @@ fn second_u64(kind: Kind, key: &[u8]) -> Result<u64, StoreError> {
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
         .map(u64::from_be_bytes)
         .ok_or_else(|| corrupt(kind, key, format!("key of {} bytes, want 16", key.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use im_shared::proto::CONV_C2C;
+
+    use super::*;
+
+    fn msg(uid: u64, seq: u64) -> Message {
+        Message {
+            seq: Seq(seq),
+            prev_seq: Seq(seq - 1),
+            msg_id: MsgId(1000 + seq),
+            conv: CONV_C2C,
+            from: UserId(1),
+            to: UserId(uid),
+            client_msg_id: seq,
+            server_time_ms: 1_700_000_000_000,
+            body: Bytes::from(format!("message {seq}")),
+        }
+    }
+
+    fn append(uid: u64, seq: u64) -> WriteBatch {
+        let mut b = WriteBatch::default();
+        b.push(Op::Append {
+            uid: UserId(uid),
+            msg: msg(uid, seq),
+        });
+        b.push(Op::Cursor {
+            uid: UserId(uid),
+            device_id: "phone".into(),
+            seq: Seq(seq),
+        });
+        b
+    }
+
+    async fn seqs(store: &FjallStore, uid: u64) -> Vec<u64> {
+        let t = store.timeline(UserId(uid), Seq(0), 10_000).await.unwrap();
+        t.iter().map(|m| m.seq.0).collect()
+    }
+
+    #[tokio::test]
+    async fn a_commit_synced_in_the_log_but_never_applied_to_fjall_is_there_after_a_restart_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = FjallStore::open(dir.path()).unwrap();
+            store.commit(append(7, 1)).await.unwrap();
+            // The process dies after the log sync of the next two commits, before fjall has them.
+            store.skip_apply.store(true, Ordering::Relaxed);
+            store.commit(append(7, 2)).await.unwrap();
+            store.commit(append(7, 3)).await.unwrap();
+            assert_eq!(seqs(&store, 7).await, vec![1]);
+        }
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(seqs(&store, 7).await, vec![1, 2, 3]);
+        assert_eq!(
+            store.seq_of(UserId(7), MsgId(1003)).await.unwrap(),
+            Some(Seq(3))
+        );
+        assert_eq!(store.cursor(UserId(7), "phone").await.unwrap(), Seq(3));
+        // Nothing is replayed twice: the replay itself is recorded as applied.
+        store.commit(append(7, 4)).await.unwrap();
+        drop(store);
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(seqs(&store, 7).await, vec![1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn removes_are_replayed_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = OutboxEntry {
+            shard: ShardId(1),
+            msg_id: MsgId(5),
+            recipients: vec![UserId(2)],
+            msg: msg(2, 1),
+        };
+        {
+            let store = FjallStore::open(dir.path()).unwrap();
+            let mut b = WriteBatch::default();
+            b.push(Op::OutboxPut(entry.clone()));
+            store.commit(b).await.unwrap();
+            store.skip_apply.store(true, Ordering::Relaxed);
+            let mut b = WriteBatch::default();
+            b.push(Op::OutboxDelete {
+                shard: ShardId(1),
+                msg_id: MsgId(5),
+            });
+            store.commit(b).await.unwrap();
+            assert_eq!(store.outbox(ShardId(1)).await.unwrap(), vec![entry]);
+        }
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert!(store.outbox(ShardId(1)).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_log_turns_its_ring_many_times_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = LogShape {
+            segments: 3,
+            segment_bytes: 8192,
+        };
+        {
+            let store = FjallStore::open_with(dir.path(), shape).unwrap();
+            for seq in 1..=300 {
+                store.commit(append(9, seq)).await.unwrap();
+            }
+            // The last ones only in the log.
+            store.skip_apply.store(true, Ordering::Relaxed);
+            for seq in 301..=310 {
+                store.commit(append(9, seq)).await.unwrap();
+            }
+        }
+        let store = FjallStore::open_with(dir.path(), shape).unwrap();
+        assert_eq!(seqs(&store, 9).await, (1..=310).collect::<Vec<_>>());
+        for i in 0..3 {
+            let f = dir.path().join("commitlog").join(format!("seg-{i}"));
+            assert_eq!(
+                std::fs::metadata(f).unwrap().len(),
+                crate::commit_log::CHUNK
+            );
+        }
+    }
+
+    #[test]
+    fn a_log_record_decodes_to_the_writes_it_was_made_of_and_garbage_does_not() {
+        let mut w: Writes = HashMap::new();
+        w.insert((Kind::Timeline, vec![1, 2]), Some(b"v".to_vec()));
+        w.insert((Kind::Outbox, vec![3]), None);
+        w.insert((Kind::IdFloor, vec![]), Some(Vec::new()));
+        let rec = encode_writes(&w);
+        let back: Writes = decode_writes(&rec)
+            .unwrap()
+            .into_iter()
+            .map(|(k, key, v)| ((k, key), v))
+            .collect();
+        assert_eq!(back, w);
+        for cut in 0..rec.len() {
+            assert!(decode_writes(&rec[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut bad = rec.clone();
+        bad[4] = 12; // no such keyspace
+        assert!(decode_writes(&bad).is_none());
+    }
 }

@@ -8,6 +8,7 @@
 //! [`Store::commit`]; a logic worker collects the writes of many requests into one batch (group
 //! commit) and acknowledges nothing before `commit` returns.
 
+mod commit_log;
 mod fjall_store;
 
 pub use fjall_store::FjallStore;
