@@ -1,0 +1,1245 @@
+//! Unit tests that need no server: the statements against the schema file and the row types,
+//! the batch planning, the value encoding and the schema loader.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use im_shared::proto::{GroupDesc, Message};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
+use scylla::deserialize::row::DeserializeRow;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::statement::Consistency;
+use scylla::value::CqlValue;
+
+use super::batch::{merge, plan, Phase, DEFAULT_MAX_BATCH_BYTES, MAX_BATCH_STATEMENTS};
+use super::rows::{b, cas_outcome, timeline_bucket, Cas, Row, MAX_ORDERED, TIMELINE_BUCKET_SEQS};
+use super::schema::{check_keyspace, schema_statements, SCHEMA_CQL};
+use super::statements::{
+    Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow, Read,
+};
+use crate::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, StoreError};
+use im_shared::proto::CONV_C2C;
+use scylla::frame::response::result::{
+    CollectionType, ColumnSpec, ColumnType, NativeType, TableSpec,
+};
+
+fn msg(seq: u64, msg_id: u64, body: &[u8]) -> Message {
+    Message {
+        seq: Seq(seq),
+        prev_seq: Seq(seq.saturating_sub(1)),
+        msg_id: MsgId(msg_id),
+        conv: CONV_C2C,
+        from: UserId(1),
+        to: UserId(2),
+        client_msg_id: 7,
+        server_time_ms: 1_700_000_000_000,
+        body: Bytes::copy_from_slice(body),
+    }
+}
+
+fn phases(rows: &[Row]) -> Vec<Phase> {
+    rows.iter().map(Row::phase).collect()
+}
+
+#[test]
+fn bucket_arithmetic() {
+    assert_eq!(TIMELINE_BUCKET_SEQS, 100_000);
+    assert_eq!(timeline_bucket(0), 0);
+    assert_eq!(timeline_bucket(1), 0);
+    assert_eq!(timeline_bucket(99_999), 0);
+    assert_eq!(timeline_bucket(100_000), 1);
+    assert_eq!(timeline_bucket(199_999), 1);
+    assert_eq!(timeline_bucket(200_000), 2);
+    assert_eq!(timeline_bucket(1 << 48), (1u64 << 48) / 100_000);
+    // Buckets are monotonic in seq and every bucket holds exactly TIMELINE_BUCKET_SEQS seqs.
+    for s in [
+        0u64,
+        12_345,
+        99_999,
+        100_000,
+        4_294_967_296,
+        MAX_ORDERED - 1,
+    ] {
+        assert!(timeline_bucket(s) <= timeline_bucket(s + 1));
+        let b = timeline_bucket(s);
+        assert!(b * TIMELINE_BUCKET_SEQS <= s && s < (b + 1) * TIMELINE_BUCKET_SEQS);
+    }
+    // Every storable seq has a storable bucket, and the bigint order is the numeric order.
+    assert!(i64::try_from(timeline_bucket(MAX_ORDERED)).is_ok());
+    assert!(b(timeline_bucket(99_999)) < b(timeline_bucket(100_000)));
+    // Non-ordered columns round-trip all 64 bits.
+    for v in [0u64, 1, MAX_ORDERED, MAX_ORDERED + 1, u64::MAX] {
+        assert_eq!(b(v) as u64, v);
+    }
+}
+
+#[test]
+fn merge_later_op_wins_per_key() {
+    let ops = vec![
+        Op::SeqBound {
+            uid: UserId(1),
+            bound: Seq(10),
+        },
+        Op::Cursor {
+            uid: UserId(1),
+            device_id: "d".into(),
+            seq: Seq(1),
+        },
+        Op::SeqBound {
+            uid: UserId(2),
+            bound: Seq(5),
+        },
+        Op::SeqBound {
+            uid: UserId(1),
+            bound: Seq(20),
+        },
+        Op::Cursor {
+            uid: UserId(1),
+            device_id: "d".into(),
+            seq: Seq(3),
+        },
+        Op::Cursor {
+            uid: UserId(1),
+            device_id: "d2".into(),
+            seq: Seq(4),
+        },
+    ];
+    let rows = merge(ops).expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::SeqBound { uid: 1, bound: 20 },
+            Row::Cursor {
+                uid: 1,
+                device_id: "d".into(),
+                seq: 3
+            },
+            Row::SeqBound { uid: 2, bound: 5 },
+            Row::Cursor {
+                uid: 1,
+                device_id: "d2".into(),
+                seq: 4
+            },
+        ]
+    );
+}
+
+#[test]
+fn merge_outbox_put_and_delete_share_a_key() {
+    let e = OutboxEntry {
+        shard: ShardId(3),
+        msg_id: MsgId(9),
+        recipients: vec![UserId(4), UserId(u64::MAX)],
+        msg: msg(1, 9, b"x"),
+    };
+    let del = Op::OutboxDelete {
+        shard: ShardId(3),
+        msg_id: MsgId(9),
+    };
+    let rows = merge(vec![Op::OutboxPut(e.clone()), del.clone()]).expect("merge");
+    assert_eq!(
+        rows,
+        vec![Row::OutboxDelete {
+            shard: 3,
+            msg_id: 9
+        }]
+    );
+    let rows = merge(vec![del, Op::OutboxPut(e.clone())]).expect("merge");
+    assert_eq!(rows.len(), 1);
+    match &rows[0] {
+        Row::OutboxPut {
+            shard,
+            msg_id,
+            recipients,
+            msg: m,
+        } => {
+            assert_eq!((*shard, *msg_id), (3, 9));
+            assert_eq!(recipients, &vec![4, -1]);
+            assert_eq!(
+                Message::decode(Bytes::from(m.clone())).expect("decode"),
+                e.msg
+            );
+        }
+        other => panic!("want a put, got {other:?}"),
+    }
+    // Same msg_id in another shard is another key.
+    let rows = merge(vec![
+        Op::OutboxPut(e),
+        Op::OutboxDelete {
+            shard: ShardId(4),
+            msg_id: MsgId(9),
+        },
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 2);
+}
+
+#[test]
+fn append_writes_bucket_index_and_timeline() {
+    let uid = UserId(42);
+    let m1 = msg(100_001, 500, b"a");
+    let m2 = msg(100_002, 501, b"b");
+    let replaced = msg(100_001, 502, b"c");
+    let rows = merge(vec![
+        Op::Append {
+            uid,
+            msg: m1.clone(),
+        },
+        Op::Append {
+            uid,
+            msg: m2.clone(),
+        },
+        Op::Append {
+            uid,
+            msg: replaced.clone(),
+        },
+    ])
+    .expect("merge");
+    // One bucket row for both seqs; the timeline row at 100_001 holds the later message; the
+    // index keeps every msg_id (as the embedded store does).
+    let buckets: Vec<_> = rows.iter().filter(|r| r.phase() == Phase::Bucket).collect();
+    assert_eq!(buckets, vec![&Row::Bucket { uid: 42, bucket: 1 }]);
+    let timeline: Vec<(i64, Message)> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::Timeline {
+                uid: 42,
+                bucket: 1,
+                seq,
+                msg,
+            } => Some((
+                *seq,
+                Message::decode(Bytes::from(msg.clone())).expect("decode"),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(timeline, vec![(100_001, replaced), (100_002, m2)]);
+    let idx: Vec<_> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::MsgIdx { msg_id, seq, .. } => Some((*msg_id, *seq)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(idx, vec![(500, 100_001), (501, 100_002), (502, 100_001)]);
+}
+
+#[test]
+fn ordered_columns_refuse_values_above_i64_max() {
+    let too_big = MAX_ORDERED + 1;
+    for op in [
+        Op::Append {
+            uid: UserId(1),
+            msg: msg(too_big, 1, b""),
+        },
+        Op::OutboxDelete {
+            shard: ShardId(0),
+            msg_id: MsgId(too_big),
+        },
+        Op::OutboxPut(OutboxEntry {
+            shard: ShardId(0),
+            msg_id: MsgId(u64::MAX),
+            recipients: vec![],
+            msg: msg(1, 1, b""),
+        }),
+        // Not ordered, but stored non-negative so that the read can tell corruption.
+        Op::IdFloor {
+            generator: 1,
+            ms: too_big,
+        },
+    ] {
+        assert!(matches!(merge(vec![op]), Err(StoreError::Io(_))));
+    }
+    // Unordered columns take every u64.
+    let rows = merge(vec![
+        Op::Dedup {
+            uid: UserId(u64::MAX),
+            client_msg_id: u64::MAX,
+            entry: DedupEntry {
+                msg_id: MsgId(u64::MAX),
+                seq: Seq(u64::MAX - 1),
+                server_time_ms: u64::MAX - 2,
+                prev_seq: Seq(3),
+            },
+        },
+        Op::SeqBound {
+            uid: UserId(1),
+            bound: Seq(u64::MAX),
+        },
+        Op::Append {
+            uid: UserId(1),
+            msg: msg(MAX_ORDERED, u64::MAX, b""),
+        },
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 5, "dedup, bound, and bucket + index + timeline");
+}
+
+#[test]
+fn id_floor_rows_merge_per_generator() {
+    let f = |generator, ms| Op::IdFloor { generator, ms };
+    let rows = merge(vec![
+        f(3, 5_000),
+        f(4, 1 << 41),
+        f(3, 9_000),
+        f(u16::MAX, MAX_ORDERED),
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::IdFloor {
+                generator: 3,
+                ms: 9_000
+            },
+            Row::IdFloor {
+                generator: 4,
+                ms: 1 << 41
+            },
+            Row::IdFloor {
+                generator: 65_535,
+                ms: i64::MAX
+            },
+        ]
+    );
+    assert!(rows.iter().all(|r| r.phase() == Phase::IdFloor));
+    // A generator and a uid with the same number are different keys.
+    let rows = merge(vec![
+        f(1, 7),
+        Op::SeqBound {
+            uid: UserId(1),
+            bound: Seq(7),
+        },
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 2);
+}
+
+/// The floor is pushed last by the worker but written first: when a commit is split, it is
+/// in the first chunk, durable no later than any message whose id it covers.
+#[test]
+fn id_floor_goes_in_the_first_chunk() {
+    let ops = round_ops();
+    assert!(matches!(ops.last(), Some(Op::IdFloor { .. })));
+    for max in [1, 60, 100, 200, DEFAULT_MAX_BATCH_BYTES] {
+        let chunks = plan(ops.clone(), max).expect("plan");
+        assert_eq!(
+            chunks[0][0],
+            Row::IdFloor {
+                generator: 3,
+                ms: 1 << 41
+            },
+            "max {max}"
+        );
+        let floors = chunks
+            .iter()
+            .flatten()
+            .filter(|r| r.phase() == Phase::IdFloor)
+            .count();
+        assert_eq!(floors, 1, "max {max}");
+    }
+}
+
+/// The ops logic writes for one c2c send, plus a recipient append, a cursor and an outbox
+/// delete from earlier rounds, and the msg-id floor the worker raises at the end of a round,
+/// in the worker's order.
+fn round_ops() -> Vec<Op> {
+    let m = msg(7, 77, b"hello");
+    vec![
+        Op::SeqBound {
+            uid: UserId(1),
+            bound: Seq(10_000),
+        },
+        Op::Append {
+            uid: UserId(1),
+            msg: m.clone(),
+        },
+        Op::Dedup {
+            uid: UserId(1),
+            client_msg_id: 5,
+            entry: DedupEntry {
+                msg_id: MsgId(77),
+                seq: Seq(7),
+                server_time_ms: 1,
+                prev_seq: Seq(3),
+            },
+        },
+        Op::OutboxPut(OutboxEntry {
+            shard: ShardId(2),
+            msg_id: MsgId(77),
+            recipients: vec![UserId(2)],
+            msg: m.clone(),
+        }),
+        Op::OutboxDelete {
+            shard: ShardId(2),
+            msg_id: MsgId(60),
+        },
+        Op::Cursor {
+            uid: UserId(1),
+            device_id: "phone".into(),
+            seq: Seq(6),
+        },
+        Op::Append {
+            uid: UserId(3),
+            msg: msg(3, 66, b"in"),
+        },
+        Op::IdFloor {
+            generator: 3,
+            ms: 1 << 41,
+        },
+    ]
+}
+
+#[test]
+fn plan_orders_rows_so_that_every_prefix_is_safe() {
+    let chunks = plan(round_ops(), DEFAULT_MAX_BATCH_BYTES).expect("plan");
+    assert_eq!(chunks.len(), 1, "a small round is one logged batch");
+    let p = phases(&chunks[0]);
+    let mut sorted = p.clone();
+    sorted.sort();
+    assert_eq!(p, sorted, "rows in phase order");
+    assert_eq!(
+        p,
+        vec![
+            Phase::IdFloor,
+            Phase::SeqBound,
+            Phase::Bucket,
+            Phase::Bucket,
+            Phase::OutboxPut,
+            Phase::Timeline,
+            Phase::Timeline,
+            Phase::MsgIdx,
+            Phase::MsgIdx,
+            Phase::Cursor,
+            Phase::OutboxDelete,
+            Phase::Dedup,
+        ]
+    );
+    // Within a phase, op order: uid 1's timeline row before uid 3's.
+    let uids: Vec<i64> = chunks[0]
+        .iter()
+        .filter_map(|r| match r {
+            Row::Timeline { uid, .. } => Some(*uid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uids, vec![1, 3]);
+}
+
+#[test]
+fn plan_splits_by_size_in_phase_order() {
+    let all = plan(round_ops(), DEFAULT_MAX_BATCH_BYTES)
+        .expect("plan")
+        .remove(0);
+    // One row per chunk when the bound is below every row's size.
+    let singles = plan(round_ops(), 1).expect("plan");
+    assert_eq!(singles.len(), all.len());
+    assert!(singles.iter().all(|c| c.len() == 1));
+    let flat: Vec<Row> = singles.into_iter().flatten().collect();
+    assert_eq!(flat, all, "splitting keeps the order");
+
+    // A bound in between: chunks respect it (except a lone oversized row), and
+    // concatenated they are the single-batch plan.
+    for max in [60, 100, 150, 200, 400] {
+        let chunks = plan(round_ops(), max).expect("plan");
+        assert!(chunks.len() > 1, "max {max}");
+        for c in &chunks {
+            let size: usize = c.iter().map(Row::size).sum();
+            assert!(c.len() == 1 || size <= max, "chunk of {size} > {max}");
+        }
+        let flat: Vec<Row> = chunks.into_iter().flatten().collect();
+        assert_eq!(flat, all, "max {max}");
+    }
+}
+
+#[test]
+fn plan_splits_by_statement_count() {
+    let ops: Vec<Op> = (0..(MAX_BATCH_STATEMENTS as u64 * 2 + 10))
+        .map(|i| Op::SeqBound {
+            uid: UserId(i + 1),
+            bound: Seq(i),
+        })
+        .collect();
+    let chunks = plan(ops, usize::MAX).expect("plan");
+    let lens: Vec<usize> = chunks.iter().map(Vec::len).collect();
+    assert_eq!(lens, vec![MAX_BATCH_STATEMENTS, MAX_BATCH_STATEMENTS, 10]);
+}
+
+#[test]
+fn plan_of_large_bodies() {
+    // 20 sends of 60 KiB: timeline + outbox rows of ~60 KiB each, ~2.4 MB in all.
+    let mut ops = Vec::new();
+    for i in 0..20u64 {
+        let m = msg(i + 1, 1000 + i, &vec![i as u8; 60 * 1024]);
+        ops.push(Op::Append {
+            uid: UserId(1),
+            msg: m.clone(),
+        });
+        ops.push(Op::OutboxPut(OutboxEntry {
+            shard: ShardId(1),
+            msg_id: MsgId(1000 + i),
+            recipients: vec![UserId(2)],
+            msg: m,
+        }));
+    }
+    let chunks = plan(ops, DEFAULT_MAX_BATCH_BYTES).expect("plan");
+    assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+    for c in &chunks {
+        let size: usize = c.iter().map(Row::size).sum();
+        assert!(size <= DEFAULT_MAX_BATCH_BYTES);
+    }
+    let p: Vec<Phase> = chunks.iter().flatten().map(Row::phase).collect();
+    let mut sorted = p.clone();
+    sorted.sort();
+    assert_eq!(p, sorted, "phase order across chunks");
+    assert_eq!(
+        p.len(),
+        1 + 20 + 20 + 20,
+        "one bucket, 20 outbox, timeline, index"
+    );
+}
+
+fn group(gid: u64, name: &str) -> GroupDesc {
+    GroupDesc {
+        group: GroupId(gid),
+        name: name.into(),
+        creator: UserId(1),
+        owner: UserId(u64::MAX),
+        announcement: String::new(),
+        created_ms: 5,
+    }
+}
+
+fn member_put(gid: u64, uid: u64, role: u8) -> Op {
+    Op::MemberPut {
+        group: GroupId(gid),
+        member: MemberRecord {
+            uid: UserId(uid),
+            role,
+            joined_ms: u64::MAX,
+        },
+    }
+}
+
+fn member_delete(gid: u64, uid: u64) -> Op {
+    Op::MemberDelete {
+        group: GroupId(gid),
+        uid: UserId(uid),
+    }
+}
+
+fn token_op(uid: u64, device: &str, provider: u8, token: &str) -> Op {
+    Op::PushToken {
+        uid: UserId(uid),
+        token: PushToken {
+            device_id: device.into(),
+            provider,
+            token: token.into(),
+        },
+    }
+}
+
+#[test]
+fn member_ops_write_the_row_and_the_index() {
+    let rows = merge(vec![member_put(7, 3, 2)]).expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::UserGroupPut { uid: 3, gid: 7 },
+            Row::MemberPut {
+                gid: 7,
+                uid: 3,
+                role: 2,
+                joined_ms: -1
+            },
+        ]
+    );
+    let rows = merge(vec![member_delete(7, 3)]).expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::UserGroupDelete { uid: 3, gid: 7 },
+            Row::MemberDelete { gid: 7, uid: 3 },
+        ]
+    );
+    // Every u64 fits: ids are stored as their 64 bits, and sorted after reading.
+    let rows = merge(vec![member_put(u64::MAX, u64::MAX - 1, u8::MAX)]).expect("merge");
+    assert_eq!(
+        rows[1],
+        Row::MemberPut {
+            gid: -1,
+            uid: -2,
+            role: 255,
+            joined_ms: -1
+        }
+    );
+}
+
+#[test]
+fn member_put_and_delete_share_keys() {
+    // Delete then put: the member is back, in both tables.
+    let rows = merge(vec![member_delete(7, 3), member_put(7, 3, 0)]).expect("merge");
+    assert_eq!(
+        phases(&rows),
+        vec![Phase::UserGroupPut, Phase::MemberPut],
+        "{rows:?}"
+    );
+    // Put then delete: gone from both.
+    let rows = merge(vec![member_put(7, 3, 0), member_delete(7, 3)]).expect("merge");
+    assert_eq!(
+        phases(&rows),
+        vec![Phase::UserGroupDelete, Phase::MemberDelete]
+    );
+    // Put, put: the later record.
+    let rows = merge(vec![member_put(7, 3, 0), member_put(7, 3, 2)]).expect("merge");
+    assert!(matches!(rows[1], Row::MemberPut { role: 2, .. }));
+    // The same uid in two groups, two uids in one group: four keys each.
+    let rows = merge(vec![
+        member_put(7, 3, 0),
+        member_put(8, 3, 0),
+        member_put(7, 4, 0),
+        member_delete(8, 4),
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 8);
+    // A user-group index key is (uid, gid), a member key (gid, uid): uid 7 in group 3 is not
+    // uid 3 in group 7.
+    let rows = merge(vec![member_put(7, 3, 0), member_delete(3, 7)]).expect("merge");
+    assert_eq!(rows.len(), 4);
+}
+
+#[test]
+fn group_put_replaces_within_a_batch() {
+    let rows = merge(vec![
+        Op::GroupPut(group(9, "first")),
+        Op::GroupPut(group(10, "other")),
+        Op::GroupPut(group(9, "second")),
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        rows[0],
+        Row::GroupPut {
+            gid: 9,
+            name: "second".into(),
+            creator: 1,
+            owner: -1,
+            announcement: String::new(),
+            created_ms: 5,
+        }
+    );
+}
+
+#[test]
+fn mute_false_and_empty_token_are_deletes_of_the_same_key() {
+    let m = |peer, muted| Op::Mute {
+        uid: UserId(1),
+        peer,
+        muted,
+    };
+    let rows = merge(vec![
+        m(0, true),
+        m(0, false),
+        m(u64::MAX, false),
+        m(u64::MAX, true),
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::MuteDelete { uid: 1, peer: 0 },
+            Row::MutePut { uid: 1, peer: -1 },
+        ]
+    );
+    let rows = merge(vec![
+        token_op(1, "phone", 1, "a"),
+        token_op(1, "phone", 3, ""),
+        token_op(1, "pad", 2, ""),
+        token_op(1, "pad", 2, "b"),
+        token_op(2, "pad", 2, "c"),
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::PushTokenDelete {
+                uid: 1,
+                device_id: "phone".into()
+            },
+            Row::PushTokenPut {
+                uid: 1,
+                device_id: "pad".into(),
+                provider: 2,
+                token: "b".into()
+            },
+            Row::PushTokenPut {
+                uid: 2,
+                device_id: "pad".into(),
+                provider: 2,
+                token: "c".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn plan_orders_group_rows_before_messages_and_dedup_last() {
+    let mut ops = round_ops();
+    ops.extend([
+        token_op(1, "phone", 1, "t"),
+        member_delete(5, 9),
+        Op::Mute {
+            uid: UserId(1),
+            peer: 5,
+            muted: true,
+        },
+        member_put(5, 1, 2),
+        Op::GroupPut(group(5, "g")),
+        token_op(1, "pad", 1, ""),
+        Op::Mute {
+            uid: UserId(1),
+            peer: 6,
+            muted: false,
+        },
+    ]);
+    let chunks = plan(ops.clone(), DEFAULT_MAX_BATCH_BYTES).expect("plan");
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(
+        phases(&chunks[0]),
+        vec![
+            Phase::IdFloor,
+            Phase::SeqBound,
+            Phase::GroupPut,
+            Phase::UserGroupPut,
+            Phase::MemberPut,
+            Phase::MemberDelete,
+            Phase::UserGroupDelete,
+            Phase::Bucket,
+            Phase::Bucket,
+            Phase::OutboxPut,
+            Phase::Timeline,
+            Phase::Timeline,
+            Phase::MsgIdx,
+            Phase::MsgIdx,
+            Phase::Cursor,
+            Phase::MutePut,
+            Phase::MuteDelete,
+            Phase::PushTokenPut,
+            Phase::PushTokenDelete,
+            Phase::OutboxDelete,
+            Phase::Dedup,
+        ]
+    );
+    // Split into single statements: same order.
+    let flat: Vec<Row> = plan(ops, 1).expect("plan").into_iter().flatten().collect();
+    assert_eq!(flat, chunks[0]);
+}
+
+/// Columns (name, CQL type), primary key and partition key columns of every table of the
+/// schema file.
+struct Table {
+    columns: Vec<(String, String)>,
+    key: Vec<String>,
+    partition: Vec<String>,
+}
+
+fn schema_tables(ks: &str) -> HashMap<String, Table> {
+    let mut tables = HashMap::new();
+    for stmt in &schema_statements(ks, 1).expect("schema")[1..] {
+        let rest = stmt
+            .strip_prefix(&format!("CREATE TABLE IF NOT EXISTS {ks}."))
+            .expect("table");
+        let (name, body) = rest.split_once(" (").expect("body");
+        let (cols, key) = body.split_once("PRIMARY KEY (").expect("primary key");
+        let columns = cols
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                let (n, t) = c.split_once(' ').expect("name type");
+                (n.to_owned(), t.trim().to_owned())
+            })
+            .collect();
+        let partition = key
+            .trim_start_matches('(')
+            .split(')')
+            .next()
+            .expect("partition key")
+            .split(',')
+            .map(|k| k.trim().to_owned())
+            .collect();
+        let key = key
+            .split(')')
+            .take_while(|part| !part.trim().is_empty())
+            .flat_map(|part| part.split(','))
+            .map(|k| k.trim_matches(|c: char| c == '(' || c.is_whitespace()))
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect();
+        tables.insert(
+            name.to_owned(),
+            Table {
+                columns,
+                key,
+                partition,
+            },
+        );
+    }
+    tables
+}
+
+fn column_type(cql: &str) -> ColumnType<'static> {
+    match cql {
+        "bigint" => ColumnType::Native(NativeType::BigInt),
+        "int" => ColumnType::Native(NativeType::Int),
+        "smallint" => ColumnType::Native(NativeType::SmallInt),
+        "text" => ColumnType::Native(NativeType::Text),
+        "blob" => ColumnType::Native(NativeType::Blob),
+        "frozen<list<bigint>>" => ColumnType::Collection {
+            frozen: true,
+            typ: CollectionType::List(Box::new(ColumnType::Native(NativeType::BigInt))),
+        },
+        other => panic!("column type {other} unknown to this test"),
+    }
+}
+
+fn specs(ks: &str, table: &str, t: &Table, names: &[&str]) -> Vec<ColumnSpec<'static>> {
+    names
+        .iter()
+        .map(|n| {
+            let (_, typ) = t
+                .columns
+                .iter()
+                .find(|(c, _)| c == n)
+                .unwrap_or_else(|| panic!("{table} has no column {n}"));
+            ColumnSpec::owned(
+                (*n).to_owned(),
+                column_type(typ),
+                TableSpec::owned(ks.to_owned(), table.to_owned()),
+            )
+        })
+        .collect()
+}
+
+/// Every op kind, so that merging yields a row of every phase.
+fn every_kind_of_op() -> Vec<Op> {
+    let mut ops = round_ops();
+    ops.extend([
+        Op::GroupPut(group(5, "g")),
+        member_put(5, 1, 2),
+        member_delete(6, 1),
+        Op::Mute {
+            uid: UserId(1),
+            peer: 5,
+            muted: true,
+        },
+        Op::Mute {
+            uid: UserId(1),
+            peer: 6,
+            muted: false,
+        },
+        token_op(1, "phone", 1, "t"),
+        token_op(1, "pad", 1, ""),
+    ]);
+    ops
+}
+
+#[test]
+fn phase_and_read_lists_are_complete() {
+    for (i, p) in Phase::ALL.iter().enumerate() {
+        assert_eq!(*p as usize, i, "{p:?}");
+    }
+    assert_eq!(Phase::ALL.len(), Phase::Dedup as usize + 1);
+    for (i, r) in Read::ALL.iter().enumerate() {
+        assert_eq!(*r as usize, i, "{r:?}");
+    }
+    assert_eq!(Read::ALL.len(), Read::Fence as usize + 1);
+    for (i, f) in Fence::ALL.iter().enumerate() {
+        assert_eq!(*f as usize, i, "{f:?}");
+    }
+    assert_eq!(Fence::ALL.len(), Fence::Raise as usize + 1);
+    let rows = merge(every_kind_of_op()).expect("merge");
+    let seen: std::collections::HashSet<Phase> = rows.iter().map(Row::phase).collect();
+    assert_eq!(
+        seen.len(),
+        Phase::ALL.len(),
+        "a row of every phase: {seen:?}"
+    );
+}
+
+/// Each write statement against the schema file: its table and columns exist, it has one
+/// bind marker per column, an insert sets the whole primary key and a delete names exactly
+/// it, and a [`Row`] of its phase serializes against those columns (count and CQL types,
+/// as the driver checks them against the prepared metadata).
+#[test]
+fn write_statements_match_the_schema_and_the_rows() {
+    let ks = "im_t";
+    let tables = schema_tables(ks);
+    let t = &tables["timeline"];
+    assert_eq!(
+        (t.key.len(), t.partition.len()),
+        (3, 2),
+        "parsed the schema"
+    );
+    assert_eq!(tables["group_info"].partition, vec!["gid".to_owned()]);
+    let rows = merge(every_kind_of_op()).expect("merge");
+    for phase in Phase::ALL {
+        let cql = phase.cql(ks);
+        let markers = cql.matches('?').count();
+        let (table, names): (&str, Vec<&str>) =
+            if let Some(rest) = cql.strip_prefix(&format!("INSERT INTO {ks}.")) {
+                let (table, rest) = rest.split_once(" (").expect("columns");
+                let (cols, values) = rest.split_once(") VALUES (").expect("values");
+                let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+                assert_eq!(values.matches('?').count(), names.len(), "{cql}");
+                (table, names)
+            } else if let Some(rest) = cql.strip_prefix(&format!("DELETE FROM {ks}.")) {
+                let (table, cond) = rest.split_once(" WHERE ").expect("where");
+                let names: Vec<&str> = cond
+                    .split(" AND ")
+                    .map(|c| c.strip_suffix(" = ?").expect("equality"))
+                    .collect();
+                (table, names)
+            } else {
+                panic!("unexpected write {cql}");
+            };
+        assert_eq!(markers, names.len(), "{cql}");
+        let t = tables
+            .get(table)
+            .unwrap_or_else(|| panic!("no table {table}"));
+        for k in &t.key {
+            assert!(names.contains(&k.as_str()), "{cql} misses key column {k}");
+        }
+        if cql.starts_with("DELETE") {
+            assert_eq!(names.len(), t.key.len(), "a delete of whole rows: {cql}");
+        }
+        let specs = specs(ks, table, t, &names);
+        let row = rows
+            .iter()
+            .find(|r| r.phase() == phase)
+            .expect("a row of the phase");
+        let mut buf = Vec::new();
+        let mut w = RowWriter::new(&mut buf);
+        row.serialize(&RowSerializationContext::from_specs(&specs), &mut w)
+            .unwrap_or_else(|e| panic!("{row:?} against {cql}: {e}"));
+        assert_eq!(w.value_count(), names.len(), "{cql}");
+    }
+}
+
+/// Each read statement against the schema file: the columns exist, the whole partition key
+/// is bound (single-partition reads), and the Rust row type the code deserializes into
+/// accepts the selected columns.
+#[test]
+fn read_statements_match_the_schema_and_the_row_types() {
+    let ks = "im_t";
+    let tables = schema_tables(ks);
+    for read in Read::ALL {
+        let cql = read.cql(ks);
+        let rest = cql.strip_prefix("SELECT ").expect("select");
+        let (cols, rest) = rest.split_once(&format!(" FROM {ks}.")).expect("from");
+        let (table, cond) = rest.split_once(" WHERE ").expect("where");
+        let t = tables
+            .get(table)
+            .unwrap_or_else(|| panic!("no table {table}"));
+        let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+        let specs = specs(ks, table, t, &names);
+        let cond = cond.split(" ORDER BY ").next().expect("cond");
+        let cond = cond.split(" LIMIT ").next().expect("cond");
+        let bound: Vec<&str> = cond
+            .split(" AND ")
+            .map(|c| c.split(' ').next().expect("column"))
+            .collect();
+        for k in &t.partition {
+            assert!(
+                bound.contains(&k.as_str()),
+                "{cql} does not bind partition key {k}"
+            );
+        }
+        let checked = match read {
+            Read::SeqBound
+            | Read::BucketsFrom
+            | Read::BucketsDesc
+            | Read::TimelineLast
+            | Read::MsgIdx
+            | Read::Cursor
+            | Read::UserGroups
+            | Read::Mutes
+            | Read::IdFloor
+            | Read::Fence => <(i64,)>::type_check(&specs),
+            Read::TimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
+            Read::Dedup => <(i64, i64, i64, i64)>::type_check(&specs),
+            Read::Outbox => <(i64, Option<Vec<i64>>, Vec<u8>)>::type_check(&specs),
+            Read::Group => GroupRow::type_check(&specs),
+            Read::Members => MemberRow::type_check(&specs),
+            Read::PushTokens => PushTokenRow::type_check(&specs),
+        };
+        checked.unwrap_or_else(|e| panic!("{cql}: {e}"));
+    }
+}
+
+/// The fence LWTs against the schema file: conditional statements on existing columns, the
+/// insert sets the whole primary key, the update names exactly it in its WHERE clause and
+/// conditions a non-key column, and the values the code binds ([`FenceInsertValues`],
+/// [`FenceRaiseValues`]) serialize against the bound columns in marker order.
+#[test]
+fn fence_statements_match_the_schema_and_the_values() {
+    let ks = "im_t";
+    let tables = schema_tables(ks);
+    assert_eq!(tables["writer_fence"].key, vec!["node".to_owned()]);
+    for fence in Fence::ALL {
+        let cql = fence.cql(ks);
+        let markers = cql.matches('?').count();
+        // Bound columns in marker order.
+        let (table, names): (&str, Vec<&str>) =
+            if let Some(rest) = cql.strip_prefix(&format!("INSERT INTO {ks}.")) {
+                let rest = rest
+                    .strip_suffix(" IF NOT EXISTS")
+                    .unwrap_or_else(|| panic!("not conditional: {cql}"));
+                let (table, rest) = rest.split_once(" (").expect("columns");
+                let (cols, values) = rest.split_once(") VALUES (").expect("values");
+                let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+                let values = values.strip_suffix(')').expect("values end");
+                assert!(values.split(", ").all(|v| v == "?"), "{cql}");
+                assert_eq!(values.matches('?').count(), names.len(), "{cql}");
+                let t = &tables[table];
+                for k in &t.key {
+                    assert!(names.contains(&k.as_str()), "{cql} misses key column {k}");
+                }
+                (table, names)
+            } else if let Some(rest) = cql.strip_prefix(&format!("UPDATE {ks}.")) {
+                let (table, rest) = rest.split_once(" SET ").expect("set");
+                let (set, rest) = rest.split_once(" WHERE ").expect("where");
+                let (cond, when) = rest
+                    .split_once(" IF ")
+                    .unwrap_or_else(|| panic!("not conditional: {cql}"));
+                let eq = |c: &'static str| {
+                    move |part: &str| -> String {
+                        part.strip_suffix(" = ?")
+                            .unwrap_or_else(|| panic!("{c}: {part}"))
+                            .to_owned()
+                    }
+                };
+                let set: Vec<String> = set.split(", ").map(eq("set")).collect();
+                let key: Vec<String> = cond.split(" AND ").map(eq("where")).collect();
+                let when: Vec<String> = when.split(" AND ").map(eq("if")).collect();
+                let t = &tables[table];
+                assert_eq!(key, t.key, "{cql} names the whole key");
+                for c in set.iter().chain(&when) {
+                    assert!(!t.key.contains(c), "{cql}: {c} is a key column");
+                }
+                let names = set
+                    .iter()
+                    .chain(&key)
+                    .chain(&when)
+                    .map(|n| {
+                        t.columns
+                            .iter()
+                            .find(|(c, _)| c == n)
+                            .map(|(c, _)| c.as_str())
+                            .unwrap_or_else(|| panic!("{table} has no column {n}"))
+                    })
+                    .collect();
+                (table, names)
+            } else {
+                panic!("unexpected fence statement {cql}");
+            };
+        assert_eq!(markers, names.len(), "{cql}");
+        assert_eq!(table, "writer_fence");
+        let t = &tables[table];
+        let specs = specs(ks, table, t, &names);
+        let ctx = RowSerializationContext::from_specs(&specs);
+        let mut buf = Vec::new();
+        let mut w = RowWriter::new(&mut buf);
+        let res = match fence {
+            Fence::Insert => {
+                let v: FenceInsertValues = (7, b(u64::MAX));
+                v.serialize(&ctx, &mut w)
+            }
+            Fence::Raise => {
+                let v: FenceRaiseValues = (b(9), 7, b(8));
+                v.serialize(&ctx, &mut w)
+            }
+        };
+        res.unwrap_or_else(|e| panic!("values of {cql}: {e}"));
+        assert_eq!(w.value_count(), names.len(), "{cql}");
+    }
+}
+
+#[test]
+fn fence_read_is_serial_and_the_rest_are_not() {
+    for read in Read::ALL {
+        let want = (read == Read::Fence).then_some(Consistency::LocalSerial);
+        assert_eq!(read.consistency(), want, "{read:?}");
+    }
+    assert_eq!(Read::Fence.page_size(), None, "a point read");
+    assert_eq!(Read::IdFloor.page_size(), None, "a point read");
+    assert_eq!(
+        Read::IdFloor.cql("im"),
+        "SELECT ms FROM im.id_floor WHERE generator = ?"
+    );
+    assert!(Read::Fence
+        .cql("im")
+        .ends_with("FROM im.writer_fence WHERE node = ?"));
+}
+
+#[test]
+fn cas_results_of_scylla_and_cassandra() {
+    let t = || Some(CqlValue::Boolean(true));
+    let f = || Some(CqlValue::Boolean(false));
+    let node = || Some(CqlValue::Int(3));
+    let inc = |v: i64| Some(CqlValue::BigInt(v));
+    let ins = "fence insert";
+    // Scylla: the old row always, null when there was none.
+    let scylla = ["[applied]", "node", "incarnation"];
+    assert_eq!(
+        cas_outcome(&scylla, &[t(), None, None], ins).unwrap(),
+        Cas::Applied
+    );
+    assert_eq!(
+        cas_outcome(&scylla, &[f(), node(), inc(5)], ins).unwrap(),
+        Cas::NotApplied(Some(5))
+    );
+    assert_eq!(
+        cas_outcome(&scylla, &[t(), node(), inc(5)], ins).unwrap(),
+        Cas::Applied
+    );
+    // Every u64 round-trips through the bigint.
+    assert_eq!(
+        cas_outcome(&scylla, &[f(), node(), inc(-1)], ins).unwrap(),
+        Cas::NotApplied(Some(u64::MAX))
+    );
+    // Cassandra: [applied] alone when applied, the condition's columns when not.
+    assert_eq!(
+        cas_outcome(&["[applied]"], &[t()], ins).unwrap(),
+        Cas::Applied
+    );
+    assert_eq!(
+        cas_outcome(&["[applied]", "incarnation"], &[f(), inc(2)], ins).unwrap(),
+        Cas::NotApplied(Some(2))
+    );
+    // Not applied without the column: the caller reads the fence.
+    assert_eq!(
+        cas_outcome(&["[applied]"], &[f()], ins).unwrap(),
+        Cas::NotApplied(None)
+    );
+    // Not an LWT result, or a wrong type.
+    assert!(cas_outcome(&["incarnation"], &[inc(1)], ins).is_err());
+    assert!(cas_outcome(&["[applied]"], &[None], ins).is_err());
+    assert!(cas_outcome(&["[applied]", "incarnation"], &[f(), node()], ins).is_err());
+}
+
+#[test]
+fn empty_plan() {
+    assert!(plan(Vec::new(), 1).expect("plan").is_empty());
+}
+
+#[test]
+fn keyspace_names() {
+    for ok in ["im", "im_test_0123abcd", "a", &"k".repeat(48)] {
+        assert!(check_keyspace(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "",
+        "Im",
+        "1im",
+        "_im",
+        "im-test",
+        "im;drop",
+        "im.x",
+        &"k".repeat(49),
+    ] {
+        assert!(check_keyspace(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn schema_file_is_loaded_for_any_keyspace() {
+    let stmts = schema_statements("im_test_1", 1).expect("schema");
+    assert_eq!(
+        stmts[0],
+        "CREATE KEYSPACE IF NOT EXISTS im_test_1 WITH replication = \
+         {'class': 'NetworkTopologyStrategy', 'replication_factor': 1} \
+         AND durable_writes = true"
+    );
+    let tables: Vec<&str> = stmts[1..]
+        .iter()
+        .map(|s| {
+            let rest = s
+                .strip_prefix("CREATE TABLE IF NOT EXISTS im_test_1.")
+                .expect("table in the keyspace");
+            rest.split([' ', '(']).next().expect("name")
+        })
+        .collect();
+    assert_eq!(
+        tables,
+        vec![
+            "timeline",
+            "timeline_bucket",
+            "msgidx",
+            "seq_bound",
+            "id_floor",
+            "dedup",
+            "cursor",
+            "outbox",
+            "group_info",
+            "group_members",
+            "user_groups",
+            "mutes",
+            "push_tokens",
+            "writer_fence"
+        ]
+    );
+    for s in &stmts {
+        assert!(
+            !s.contains("--") && !s.contains(';') && !s.contains('\n'),
+            "{s}"
+        );
+        assert!(!s.contains(" im."), "keyspace replaced: {s}");
+    }
+    // The key layout the statements rely on.
+    let table = |name: &str| {
+        stmts
+            .iter()
+            .find(|s| s.contains(&format!("im_test_1.{name} (")))
+            .expect("table")
+            .clone()
+    };
+    assert!(table("timeline").contains("PRIMARY KEY ((uid, bucket), seq)"));
+    assert!(table("timeline_bucket").contains("PRIMARY KEY ((uid), bucket)"));
+    assert!(table("msgidx").contains("PRIMARY KEY ((uid, msg_id))"));
+    assert!(table("seq_bound").contains("PRIMARY KEY ((uid))"));
+    assert!(table("id_floor").contains("PRIMARY KEY ((generator))"));
+    assert!(table("id_floor").contains("generator int"));
+    assert!(table("id_floor").contains("ms bigint"));
+    assert!(table("dedup").contains("PRIMARY KEY ((uid, client_msg_id))"));
+    assert!(table("dedup").contains("default_time_to_live = 604800"));
+    assert!(table("cursor").contains("PRIMARY KEY ((uid), device_id)"));
+    assert!(table("outbox").contains("PRIMARY KEY ((shard), msg_id)"));
+    assert!(table("outbox").contains("recipients frozen<list<bigint>>"));
+    assert!(table("group_info").contains("PRIMARY KEY ((gid))"));
+    assert!(table("group_members").contains("PRIMARY KEY ((gid), uid)"));
+    assert!(table("group_members").contains("role smallint"));
+    assert!(table("user_groups").contains("PRIMARY KEY ((uid), gid)"));
+    assert!(table("mutes").contains("PRIMARY KEY ((uid), peer)"));
+    assert!(table("push_tokens").contains("PRIMARY KEY ((uid), device_id)"));
+    assert!(table("push_tokens").contains("provider smallint"));
+    assert!(table("push_tokens").contains("push_token text"));
+    assert!(table("writer_fence").contains("PRIMARY KEY ((node))"));
+    assert!(table("writer_fence").contains("node int"));
+    assert!(table("writer_fence").contains("incarnation bigint"));
+
+    // cqlsh splits the file too: keep semicolons out of comments.
+    for line in SCHEMA_CQL.lines() {
+        if let Some((_, comment)) = line.split_once("--") {
+            assert!(!comment.contains(';'), "semicolon in a comment: {line}");
+        }
+    }
+
+    let prod = schema_statements("im", 3).expect("schema");
+    assert!(prod[0].contains("'replication_factor': 3"));
+    assert!(prod[1].starts_with("CREATE TABLE IF NOT EXISTS im.timeline ("));
+    assert!(schema_statements("im", 0).is_err());
+    assert!(schema_statements("bad-name", 1).is_err());
+}
