@@ -29,16 +29,22 @@ impl<S: Store> Worker<S> {
                 }
             }
         };
-        if existing.is_some() {
-            // Already appended before a restart: only release the outbox entry.
-            round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
-            return;
+        if existing.is_none() {
+            self.append_now(r, &a.msg, round);
         }
+        // (An existing one was appended before a restart: only the outbox entry is released.)
+        round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
+    }
+
+    /// Appends `m` to the timeline of `r` (a loaded user of this worker) in this round's batch
+    /// and queues its live delivery and offline-push bookkeeping.
+    pub(super) fn append_now(&mut self, r: UserId, m: &Message, round: &mut Round) {
+        let key = (r, m.msg_id);
         let (seq, prev_seq) = self.alloc_seq(r, round);
         let msg = Message {
             seq,
             prev_seq,
-            ..a.msg.clone()
+            ..m.clone()
         };
         round.batch.push(Op::Append {
             uid: r,
@@ -76,6 +82,5 @@ impl<S: Store> Worker<S> {
                 round.send(d.conn, deliver.clone());
             }
         }
-        round.done_out[done_to].push((a.shard, a.msg.msg_id, r));
     }
 }

@@ -57,7 +57,14 @@ impl<S: Store> Worker<S> {
             );
             return;
         }
-        if let Err(e) = self.load_user(uid).await {
+        // A recipient of this worker is appended in the same batch (below), so it is loaded now,
+        // before anything is decided: a send is accepted whole or not at all.
+        let local = fan_out && to != uid && self.owner(to) == self.router.global(self.idx);
+        let mut loaded = self.load_user(uid).await;
+        if loaded.is_ok() && local {
+            loaded = self.load_user(to).await;
+        }
+        if let Err(e) = loaded {
             tracing::warn!("send by {uid}: {e}");
             round.send(
                 conn,
@@ -121,7 +128,11 @@ impl<S: Store> Worker<S> {
             client_msg_id,
             entry,
         });
-        if fan_out && to != uid {
+        if local {
+            // Sender and recipient on one worker: both timelines in one batch, one commit; no
+            // outbox entry is needed, since nothing is left to do after the commit but deliver.
+            self.append_now(to, &msg, round);
+        } else if fan_out && to != uid {
             self.fan_out(vshard_of(uid), &msg, vec![to], round);
         }
         round.send(conn, ack(entry));

@@ -4,7 +4,6 @@
 //! chooses, and reads what left them: frames to gates (a [`RecordingSink`]), messages to other
 //! workers (their inboxes, which the test pumps) and the store.
 
-
 use im_shared::token::HmacTokens;
 use im_store::FjallStore;
 use im_testkit::{DownFrame, FaultyStore, RecordingSink};
@@ -229,9 +228,10 @@ fn delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
 }
 
 #[tokio::test]
-async fn a_c2c_send_is_acked_after_the_senders_commit_and_delivered_after_the_recipients() {
-    let mut fx = Fx::new(1).await;
-    let (a, b) = (UserId(1), UserId(2));
+async fn a_c2c_send_to_another_workers_user_is_acked_after_the_senders_commit_and_delivered_after_the_recipients(
+) {
+    let mut fx = Fx::new(2).await;
+    let (a, b) = (fx.user_on(0, 1), fx.user_on(1, 1));
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.login(conn(2), b, DeviceType::Tablet).await;
     fx.client(
@@ -240,11 +240,49 @@ async fn a_c2c_send_is_acked_after_the_senders_commit_and_delivered_after_the_re
         vec![(10, send(100, b, "one")), (11, send(101, b, "two"))],
     )
     .await;
-    // The sender's round acked; the appends for the recipient wait for the recipient's round.
+    // The sender's round acked; the appends for the recipient wait for the recipient's round,
+    // and the outbox holds them until then.
     assert!(fx.timeline(b).await.is_empty());
+    let mut out = fx.out();
+    assert_eq!(out.iter().filter(|o| o.conn == conn(2)).count(), 0);
+    let shard = im_shared::shard::vshard_of(a);
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), 2);
     fx.pump().await;
+    out.extend(fx.out());
+    check_two_sends_arrived(&fx, &out, a, b).await;
+    // Confirmed: the outbox entries are gone.
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_c2c_send_to_a_user_of_the_same_worker_is_stored_for_both_in_one_commit_without_an_outbox(
+) {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Tablet).await;
+    let commits = fx.store.attempts().len();
+    fx.client(
+        conn(1),
+        a,
+        vec![(10, send(100, b, "one")), (11, send(101, b, "two"))],
+    )
+    .await;
+    // One round, one commit: both timelines are written, nothing waits in an outbox.
+    assert_eq!(fx.store.attempts().len(), commits + 1);
+    assert_eq!(fx.timeline(b).await.len(), 2);
+    let shard = im_shared::shard::vshard_of(a);
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
     let out = fx.out();
-    let acks = acks(&out);
+    check_two_sends_arrived(&fx, &out, a, b).await;
+    // Nothing else is pending for another round.
+    assert!(fx.inbox(0).is_empty());
+}
+
+/// What both c2c tests above expect after sending "one" (client_msg_id 100, req 10) and "two"
+/// (101, req 11) from `a` on conn 1 to `b` on conn 2.
+async fn check_two_sends_arrived(fx: &Fx, out: &[Out], a: UserId, b: UserId) {
+    let acks = acks(out);
     assert_eq!(acks.len(), 2);
     let req_ids: Vec<_> = out
         .iter()
@@ -257,7 +295,7 @@ async fn a_c2c_send_is_acked_after_the_senders_commit_and_delivered_after_the_re
     assert_eq!((acks[1].2, acks[1].3), (Seq(2), Seq(1)));
     assert!(acks[0].1 < acks[1].1, "msg ids increase");
     // The recipient got both, live, in order, with its own seqs.
-    let got = delivered_to(&out, conn(2));
+    let got = delivered_to(out, conn(2));
     assert_eq!(got.len(), 2);
     assert_eq!((got[0].seq, got[0].prev_seq), (Seq(1), Seq(0)));
     assert_eq!((got[1].seq, got[1].prev_seq), (Seq(2), Seq(1)));
