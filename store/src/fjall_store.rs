@@ -19,6 +19,7 @@
 //! | `pushtok`  | uid `u64` ++ device_id (UTF-8, rest of key) | provider `u8` ++ token (UTF-8)                 |
 //! | `idfloor`  | generator `u16`                             | ms `u64` (msg-id time floor, [`Op::IdFloor`])  |
 //! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
+//! | `meta`     | `applied` (bytes)                           | seq `u64` of the last commit-log record in fjall |
 //!
 //! Writer fences are also kept in memory behind a read-write lock: a commit holds the read lock
 //! from its fence check until its batch is durable, and [`Store::fence`] takes the write lock, so

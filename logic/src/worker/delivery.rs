@@ -25,11 +25,10 @@ impl<S: Store> Worker<S> {
             return;
         }
         dev.cursor = seq;
-        round.batch.push(Op::Cursor {
-            uid,
-            device_id: dev.device_id.clone(),
-            seq,
-        });
+        if self.cursors.is_empty() {
+            self.cursors_since = self.now;
+        }
+        self.cursors.insert((uid, dev.device_id.clone()), seq);
         let Some(a) = u.active.as_mut() else {
             return;
         };

@@ -73,6 +73,10 @@ const RETRY_CHECK_EVERY: Duration = Duration::from_millis(1_000);
 /// How often a worker looks for messages that no device acknowledged within the push delay.
 const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
+/// A device's delivery cursor is written with the next commit its worker makes anyway, or on its
+/// own once it has waited this long (see `Worker::cursors`).
+const CURSOR_FLUSH_MS: u64 = 1_000;
+
 /// Whether a message of this kind counts as unread content: it may trigger an offline push and
 /// waits for a device's ack. Recalls, read receipts and group events do not.
 fn notifies(conv: u8) -> bool {
@@ -319,6 +323,13 @@ pub struct Worker<S> {
     push_due: VecDeque<(u64, UserId, u64)>,
     /// Fan-outs not yet confirmed by every recipient.
     outbox: outbox::Outbox,
+    /// Delivery cursors moved by `DeliverAck`s and not yet written, per (user, device id), with
+    /// the time the oldest of them waits since. A cursor is only read back at the device's next
+    /// login (to ignore acks below it), so it does not need a commit of its own: it rides with
+    /// the next commit, or is written alone after [`CURSOR_FLUSH_MS`]. A crash forgets at most
+    /// that much of cursor movement, and no message.
+    cursors: HashMap<(UserId, String), Seq>,
+    cursors_since: u64,
     /// The time of the current round or tick (ms since the epoch), given by the caller of
     /// [`Worker::step`] / [`Worker::tick`]: the only clock handlers read.
     now: u64,
@@ -409,6 +420,8 @@ impl<S: Store> Worker<S> {
             c2s: None,
             push_due: VecDeque::new(),
             outbox: outbox::Outbox::default(),
+            cursors: HashMap::new(),
+            cursors_since: 0,
             now: 0,
         }
     }
@@ -458,11 +471,17 @@ impl<S: Store> Worker<S> {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut push_tick = tokio::time::interval(PUSH_CHECK_EVERY);
         push_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cursor_tick = tokio::time::interval(Duration::from_millis(CURSOR_FLUSH_MS / 4));
+        cursor_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let multi = self.router.nodes > 1;
         let push = self.services.push.is_some();
         loop {
+            // `None`: the cursor timer, an empty round that writes cursors that waited too long.
             let first = tokio::select! {
-                m = rx.recv() => m,
+                m = rx.recv() => match m {
+                    Some(m) => Some(m),
+                    None => return,
+                },
                 _ = resync.tick(), if multi => {
                     self.tick(Tick::Resync, wall_clock_ms()).await;
                     continue;
@@ -475,9 +494,9 @@ impl<S: Store> Worker<S> {
                     self.tick(Tick::Push, wall_clock_ms()).await;
                     continue;
                 }
+                _ = cursor_tick.tick(), if !self.cursors.is_empty() => None,
             };
-            let Some(first) = first else { return };
-            msgs.push(first);
+            msgs.extend(first);
             while msgs.len() < self.cfg.max_group {
                 match rx.try_recv() {
                     Ok(m) => msgs.push(m),
@@ -539,7 +558,7 @@ impl<S: Store> Worker<S> {
                 WorkerMsg::Shutdown => stop = true,
             }
         }
-        self.finish(round).await?;
+        self.finish(round, stop).await?;
         Ok(if stop { Step::Stop } else { Step::Continue })
     }
 
@@ -757,7 +776,7 @@ impl<S: Store> Worker<S> {
     /// fills, so the gate sheds new requests with `Overloaded`). A fence or any other commit
     /// error ends the round with a [`Halt`] and releases nothing; the outbox replays the
     /// unfinished fan-out at the restart.
-    async fn finish(&mut self, mut round: Round) -> Result<(), Halt> {
+    async fn finish(&mut self, mut round: Round, last: bool) -> Result<(), Halt> {
         // Every id issued in this round must be covered by a reserved floor committed no later
         // than what acknowledges it: extend the reservation in this round's batch.
         let mut reserve = None;
@@ -770,6 +789,17 @@ impl<S: Store> Worker<S> {
             reserve = Some(ms);
         }
         self.enqueue_c2s(&mut round).await;
+        // Waiting cursors go with a commit that happens anyway; alone only when due.
+        let due = self.now >= self.cursors_since + CURSOR_FLUSH_MS;
+        if !self.cursors.is_empty() && (!round.batch.is_empty() || due || last) {
+            for ((uid, device_id), seq) in self.cursors.drain() {
+                round.batch.push(Op::Cursor {
+                    uid,
+                    device_id,
+                    seq,
+                });
+            }
+        }
         let mut batch = std::mem::take(&mut round.batch);
         if !batch.is_empty() {
             let mut backoff = Duration::from_millis(20);

@@ -89,7 +89,12 @@ impl<S: Store> Worker<S> {
             tracing::warn!("login of {uid}: {e}");
             return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
         }
-        let cursor = match self.store.cursor(uid, &device_id).await {
+        // A cursor not yet written (see `Worker::cursors`) is newer than the store's.
+        let cursor = match self.cursors.get(&(uid, device_id.clone())) {
+            Some(&c) => Ok(c),
+            None => self.store.cursor(uid, &device_id).await,
+        };
+        let cursor = match cursor {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("cursor of {uid}: {e}");

@@ -498,6 +498,57 @@ async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
         })
         .collect();
     assert_eq!(notes, [(msg_id, b)]);
+    // The cursor alone does not cost a commit: it waits for one, at most CURSOR_FLUSH_MS.
+    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), Seq(0));
+    let commits = fx.store.attempts().len();
+    fx.now += CURSOR_FLUSH_MS - 1;
+    let wb = fx.worker_of(b);
+    fx.step(wb, Vec::new()).await.unwrap();
+    assert_eq!(fx.store.attempts().len(), commits, "not due yet");
+    fx.now += 1;
+    fx.step(wb, Vec::new()).await.unwrap();
+    assert_eq!(fx.store.attempts().len(), commits + 1);
+    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), got[0].seq);
+}
+
+#[tokio::test]
+async fn a_waiting_cursor_rides_with_the_next_commit_and_a_relogin_sees_it() {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    let got = delivered_to(&fx.out(), conn(2));
+    assert_eq!(got.len(), 1);
+    let commits = fx.store.attempts().len();
+    fx.client(
+        conn(2),
+        b,
+        vec![(0, Command::DeliverAck { seq: got[0].seq })],
+    )
+    .await;
+    assert_eq!(
+        fx.store.attempts().len(),
+        commits,
+        "an ack alone commits nothing"
+    );
+    // b logs in again on the same device before the cursor was written: the login takes the
+    // waiting cursor, not the store's older one.
+    let token = fx.tokens.mint(b, fx.now / 1000 + 3600);
+    let relogin = Command::Login {
+        uid: b,
+        device_type: DeviceType::Phone,
+        device_id: "dev-2".into(),
+        last_seq: Seq(0),
+        token,
+    };
+    fx.client(conn(3), b, vec![(1, relogin)]).await;
+    assert!(fx.out().iter().any(|o| o.conn == conn(3) && o.bind));
+    let dev = &fx.workers[0].routes[&b][0];
+    assert_eq!((dev.conn, dev.cursor), (conn(3), got[0].seq));
+    // The next commit (a's next send) carries the cursor.
+    fx.client(conn(1), a, vec![(2, send(2, b, "m2"))]).await;
+    assert_eq!(fx.store.attempts().len(), commits + 1);
     assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), got[0].seq);
 }
 
