@@ -46,7 +46,23 @@ pub fn order_gates(uid: UserId, gates: &mut [GateInfo]) {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum GatesError {
     /// The gate registry could not be read (and no recent list is cached).
-    Unavailable(String),
+    Unavailable(RegistryError),
+}
+
+/// Why the gate registry could not be read.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegistryError {
+    #[error("connecting to Redis timed out")]
+    ConnectTimeout,
+    #[error("reading the gate registry timed out")]
+    ReadTimeout,
+    /// A read failed less than `RETRY_PAUSE` ago: not tried again yet.
+    #[error("the gate registry was unavailable moments ago")]
+    RecentlyFailed,
+    #[cfg(feature = "redis")]
+    #[error(transparent)]
+    Directory(#[from] im_directory::DirectoryError),
 }
 
 /// The configured gate source.
@@ -97,7 +113,7 @@ mod redis_source {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{GatesError, CACHE_TTL, RETRY_PAUSE, STALE_MAX};
+    use super::{GatesError, RegistryError, CACHE_TTL, RETRY_PAUSE, STALE_MAX};
     use im_directory::{Directory, GateInfo, RedisDirectory, RedisDirectoryConfig};
 
     /// The Redis gate registry, connected lazily on the API runtime, with a short cache.
@@ -134,7 +150,7 @@ mod redis_source {
             }
             if st.failed_at.is_some_and(|t| t.elapsed() < RETRY_PAUSE) {
                 on_error();
-                return stale(&st, "the gate registry was unavailable moments ago".into());
+                return stale(&st, RegistryError::RecentlyFailed);
             }
             match self.read(&mut st).await {
                 Ok(gates) => {
@@ -152,7 +168,7 @@ mod redis_source {
             }
         }
 
-        async fn read(&self, st: &mut State) -> Result<Vec<GateInfo>, String> {
+        async fn read(&self, st: &mut State) -> Result<Vec<GateInfo>, RegistryError> {
             // Bounds one read, so that an iplist request never hangs on a failing Redis.
             const LIMIT: Duration = Duration::from_secs(2);
             const CONNECT_LIMIT: Duration = Duration::from_secs(3);
@@ -162,19 +178,18 @@ mod redis_source {
                 cfg.retries = 5;
                 let dir = tokio::time::timeout(CONNECT_LIMIT, RedisDirectory::connect_with(cfg))
                     .await
-                    .map_err(|_| "connecting to Redis timed out".to_string())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| RegistryError::ConnectTimeout)??;
                 st.dir = Some(dir);
             }
             let dir = st.dir.as_ref().expect("connected above");
             tokio::time::timeout(LIMIT, dir.gates())
                 .await
-                .map_err(|_| "reading the gate registry timed out".to_string())?
-                .map_err(|e| e.to_string())
+                .map_err(|_| RegistryError::ReadTimeout)?
+                .map_err(RegistryError::from)
         }
     }
 
-    fn stale(st: &State, error: String) -> Result<Arc<Vec<GateInfo>>, GatesError> {
+    fn stale(st: &State, error: RegistryError) -> Result<Arc<Vec<GateInfo>>, GatesError> {
         match &st.cached {
             Some((at, gates)) if at.elapsed() < STALE_MAX => Ok(gates.clone()),
             _ => Err(GatesError::Unavailable(error)),

@@ -99,6 +99,21 @@ pub(crate) struct TokenReq {
     pub ttl_secs: Option<Id>,
 }
 
+/// Why a list of user ids is refused (the text is the `invalid_argument` message).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ListError {
+    #[error("`{0}` must not be empty")]
+    Empty(String),
+    #[error("`{field}` has {len} entries; at most {max} are allowed per request")]
+    TooLong {
+        field: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("`{0}` contains user id 0, which is never valid")]
+    Zero(String),
+}
+
 /// Checks a list of user ids (`field` names it in messages): not empty unless `allow_empty`, at
 /// most `max`, no 0; duplicates are dropped keeping the first occurrence.
 pub(crate) fn user_list(
@@ -106,20 +121,19 @@ pub(crate) fn user_list(
     ids: &[Id],
     max: usize,
     allow_empty: bool,
-) -> Result<Vec<u64>, String> {
+) -> Result<Vec<u64>, ListError> {
     if ids.is_empty() && !allow_empty {
-        return Err(format!("`{field}` must not be empty"));
+        return Err(ListError::Empty(field.to_owned()));
     }
     if ids.len() > max {
-        return Err(format!(
-            "`{field}` has {} entries; at most {max} are allowed per request",
-            ids.len()
-        ));
+        return Err(ListError::TooLong {
+            field: field.to_owned(),
+            len: ids.len(),
+            max,
+        });
     }
     if ids.iter().any(|i| i.0 == 0) {
-        return Err(format!(
-            "`{field}` contains user id 0, which is never valid"
-        ));
+        return Err(ListError::Zero(field.to_owned()));
     }
     let mut seen = std::collections::HashSet::with_capacity(ids.len());
     Ok(ids

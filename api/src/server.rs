@@ -663,7 +663,7 @@ async fn send_message(state: &State, body: &[u8]) -> Result<Resp, Fail> {
     let target = match (&req.to_users, req.to_group) {
         (Some(users), None) => PushTarget::Users(
             json::user_list("to_users", users, json::MAX_RECIPIENTS, false)
-                .map_err(bad_request)?
+                .map_err(|e| bad_request(e.to_string()))?
                 .into_iter()
                 .map(UserId)
                 .collect(),
@@ -726,7 +726,7 @@ fn check_name(name: &str) -> Result<(), Fail> {
 
 fn users(field: &str, ids: &[Id], allow_empty: bool) -> Result<Vec<UserId>, Fail> {
     Ok(json::user_list(field, ids, json::MAX_LIST_LEN, allow_empty)
-        .map_err(bad_request)?
+        .map_err(|e| bad_request(e.to_string()))?
         .into_iter()
         .map(UserId)
         .collect())

@@ -57,7 +57,7 @@ impl Coord {
         let src_ips = if common.src_ips == "none" {
             Vec::new()
         } else {
-            parse_src_ips(&common.src_ips).map_err(anyhow::Error::msg)?
+            parse_src_ips(&common.src_ips).context("--src-ips")?
         };
         let per = common.max_conns_per_worker.max(1);
         let nw = common.workers.max(total.div_ceil(per)).max(1);
