@@ -25,10 +25,7 @@ impl<S: Store> Worker<S> {
             return;
         }
         dev.cursor = seq;
-        if self.cursors.is_empty() {
-            self.cursors_since = self.now;
-        }
-        self.cursors.insert((uid, dev.device_id.clone()), seq);
+        self.lazy.cursor(uid, dev.device_id.clone(), seq, self.now);
         let Some(a) = u.active.as_mut() else {
             return;
         };

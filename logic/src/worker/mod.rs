@@ -73,9 +73,10 @@ const RETRY_CHECK_EVERY: Duration = Duration::from_millis(1_000);
 /// How often a worker looks for messages that no device acknowledged within the push delay.
 const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
-/// A device's delivery cursor is written with the next commit its worker makes anyway, or on its
-/// own once it has waited this long (see `Worker::cursors`).
-const CURSOR_FLUSH_MS: u64 = 1_000;
+/// Writes whose loss in a crash is harmless (a device's delivery cursor, the deletion of a
+/// confirmed outbox entry) are made with the next commit their worker makes anyway, or on their
+/// own once they have waited this long (see `Worker::lazy`).
+const LAZY_FLUSH_MS: u64 = 1_000;
 
 /// Whether a message of this kind counts as unread content: it may trigger an offline push and
 /// waits for a device's ack. Recalls, read receipts and group events do not.
@@ -323,16 +324,61 @@ pub struct Worker<S> {
     push_due: VecDeque<(u64, UserId, u64)>,
     /// Fan-outs not yet confirmed by every recipient.
     outbox: outbox::Outbox,
-    /// Delivery cursors moved by `DeliverAck`s and not yet written, per (user, device id), with
-    /// the time the oldest of them waits since. A cursor is only read back at the device's next
-    /// login (to ignore acks below it), so it does not need a commit of its own: it rides with
-    /// the next commit, or is written alone after [`CURSOR_FLUSH_MS`]. A crash forgets at most
-    /// that much of cursor movement, and no message.
-    cursors: HashMap<(UserId, String), Seq>,
-    cursors_since: u64,
+    /// Writes that need no commit of their own, with the time the oldest of them waits since:
+    /// they ride with the next commit, or are written alone after [`LAZY_FLUSH_MS`].
+    lazy: Lazy,
     /// The time of the current round or tick (ms since the epoch), given by the caller of
     /// [`Worker::step`] / [`Worker::tick`]: the only clock handlers read.
     now: u64,
+}
+
+/// Writes that may wait for a commit (see [`Worker::lazy`]). Losing them in a crash is harmless:
+/// - a device's delivery cursor is only read back at its next login, to ignore acks below it, so
+///   a crash forgets at most [`LAZY_FLUSH_MS`] of cursor movement and no message;
+/// - a confirmed outbox entry that is not yet deleted is replayed after a crash, and the
+///   recipient's append of a replay is idempotent (its msg index): nothing is stored twice.
+#[derive(Default)]
+struct Lazy {
+    /// Newest cursor per (user, device id).
+    cursors: HashMap<(UserId, String), Seq>,
+    outbox_deletes: Vec<(ShardId, MsgId)>,
+    /// When the oldest waiting write was made.
+    since: u64,
+}
+
+impl Lazy {
+    fn is_empty(&self) -> bool {
+        self.cursors.is_empty() && self.outbox_deletes.is_empty()
+    }
+
+    fn note(&mut self, now: u64) {
+        if self.is_empty() {
+            self.since = now;
+        }
+    }
+
+    fn cursor(&mut self, uid: UserId, device_id: String, seq: Seq, now: u64) {
+        self.note(now);
+        self.cursors.insert((uid, device_id), seq);
+    }
+
+    fn outbox_delete(&mut self, shard: ShardId, msg_id: MsgId, now: u64) {
+        self.note(now);
+        self.outbox_deletes.push((shard, msg_id));
+    }
+
+    fn drain_into(&mut self, batch: &mut WriteBatch) {
+        for ((uid, device_id), seq) in self.cursors.drain() {
+            batch.push(Op::Cursor {
+                uid,
+                device_id,
+                seq,
+            });
+        }
+        for (shard, msg_id) in self.outbox_deletes.drain(..) {
+            batch.push(Op::OutboxDelete { shard, msg_id });
+        }
+    }
 }
 
 /// The wall clock in ms since the Unix epoch: read by [`Worker::run`] only, once per round or
@@ -420,8 +466,7 @@ impl<S: Store> Worker<S> {
             c2s: None,
             push_due: VecDeque::new(),
             outbox: outbox::Outbox::default(),
-            cursors: HashMap::new(),
-            cursors_since: 0,
+            lazy: Lazy::default(),
             now: 0,
         }
     }
@@ -471,12 +516,12 @@ impl<S: Store> Worker<S> {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut push_tick = tokio::time::interval(PUSH_CHECK_EVERY);
         push_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut cursor_tick = tokio::time::interval(Duration::from_millis(CURSOR_FLUSH_MS / 4));
-        cursor_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lazy_tick = tokio::time::interval(Duration::from_millis(LAZY_FLUSH_MS / 4));
+        lazy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let multi = self.router.nodes > 1;
         let push = self.services.push.is_some();
         loop {
-            // `None`: the cursor timer, an empty round that writes cursors that waited too long.
+            // `None`: the lazy-write timer, an empty round that writes what waited too long.
             let first = tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => Some(m),
@@ -494,7 +539,7 @@ impl<S: Store> Worker<S> {
                     self.tick(Tick::Push, wall_clock_ms()).await;
                     continue;
                 }
-                _ = cursor_tick.tick(), if !self.cursors.is_empty() => None,
+                _ = lazy_tick.tick(), if !self.lazy.is_empty() => None,
             };
             msgs.extend(first);
             while msgs.len() < self.cfg.max_group {
@@ -550,7 +595,7 @@ impl<S: Store> Worker<S> {
                         self.on_append(a, &mut round).await;
                     }
                 }
-                WorkerMsg::AppendDone(done) => self.on_append_done(done, &mut round),
+                WorkerMsg::AppendDone(done) => self.on_append_done(done),
                 WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
                 WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
                 WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
@@ -789,16 +834,10 @@ impl<S: Store> Worker<S> {
             reserve = Some(ms);
         }
         self.enqueue_c2s(&mut round).await;
-        // Waiting cursors go with a commit that happens anyway; alone only when due.
-        let due = self.now >= self.cursors_since + CURSOR_FLUSH_MS;
-        if !self.cursors.is_empty() && (!round.batch.is_empty() || due || last) {
-            for ((uid, device_id), seq) in self.cursors.drain() {
-                round.batch.push(Op::Cursor {
-                    uid,
-                    device_id,
-                    seq,
-                });
-            }
+        // Lazy writes go with a commit that happens anyway; alone only when due.
+        let due = self.now >= self.lazy.since + LAZY_FLUSH_MS;
+        if !self.lazy.is_empty() && (!round.batch.is_empty() || due || last) {
+            self.lazy.drain_into(&mut round.batch);
         }
         let mut batch = std::mem::take(&mut round.batch);
         if !batch.is_empty() {

@@ -182,15 +182,12 @@ impl<S: Store> Worker<S> {
         }));
     }
 
-    /// Recipients' workers confirmed these appends: an entry is deleted once all did.
-    pub(super) fn on_append_done(
-        &mut self,
-        done: Vec<(ShardId, MsgId, UserId)>,
-        round: &mut Round,
-    ) {
+    /// Recipients' workers confirmed these appends: an entry is deleted once all did (a lazy
+    /// write: see `Lazy`).
+    pub(super) fn on_append_done(&mut self, done: Vec<(ShardId, MsgId, UserId)>) {
         for (shard, msg_id, recipient) in done {
             if self.outbox.confirm(shard, msg_id, recipient) {
-                round.batch.push(Op::OutboxDelete { shard, msg_id });
+                self.lazy.outbox_delete(shard, msg_id, self.now);
             }
         }
     }

@@ -89,8 +89,8 @@ impl<S: Store> Worker<S> {
             tracing::warn!("login of {uid}: {e}");
             return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
         }
-        // A cursor not yet written (see `Worker::cursors`) is newer than the store's.
-        let cursor = match self.cursors.get(&(uid, device_id.clone())) {
+        // A cursor not yet written (see `Worker::lazy`) is newer than the store's.
+        let cursor = match self.lazy.cursors.get(&(uid, device_id.clone())) {
             Some(&c) => Ok(c),
             None => self.store.cursor(uid, &device_id).await,
         };

@@ -116,6 +116,15 @@ impl Fx {
         self.workers[w].step(msgs, self.now).await
     }
 
+    /// Lets the lazy writes of every worker fall due and runs an empty round on each (what the
+    /// worker's timer does).
+    async fn settle(&mut self) {
+        self.now += LAZY_FLUSH_MS;
+        for w in 0..self.workers.len() {
+            self.step(w, Vec::new()).await.unwrap();
+        }
+    }
+
     /// Runs rounds until no worker has anything in its inbox (bounded).
     async fn pump(&mut self) {
         for _ in 0..100 {
@@ -250,7 +259,10 @@ async fn a_c2c_send_to_another_workers_user_is_acked_after_the_senders_commit_an
     fx.pump().await;
     out.extend(fx.out());
     check_two_sends_arrived(&fx, &out, a, b).await;
-    // Confirmed: the outbox entries are gone.
+    // Confirmed: the outbox entries are deleted with the sender's next commit, or alone once the
+    // deletion has waited LAZY_FLUSH_MS.
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), 2);
+    fx.settle().await;
     assert!(fx.store.outbox(shard).await.unwrap().is_empty());
 }
 
@@ -461,10 +473,36 @@ async fn a_fan_out_across_workers_is_kept_in_the_outbox_until_confirmed_and_repl
     assert_eq!((tl[0].msg_id, tl[0].seq), (ack.1, Seq(1)));
     // Worker 1 confirmed (twice); worker 0 deletes the outbox entry.
     fx.pump().await;
+    fx.settle().await;
     assert!(fx.store.outbox(shard).await.unwrap().is_empty());
     // Nothing left to replay at the next start.
     fx.restart().await;
     assert!(fx.inbox(1).is_empty());
+}
+
+#[tokio::test]
+async fn a_crash_before_a_confirmed_outbox_entry_is_deleted_replays_it_and_stores_nothing_twice() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    fx.pump().await;
+    assert_eq!(fx.timeline(b).await.len(), 1);
+    // Confirmed, but its deletion waits for worker 0's next commit: the process dies first.
+    let shard = vshard_of(a);
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), 1);
+    fx.restart().await;
+    let replay = fx.inbox(1);
+    assert!(matches!(&replay[..], [WorkerMsg::Append(v)] if v.len() == 1 && v[0].replay));
+    fx.step(1, replay).await.unwrap();
+    fx.pump().await;
+    // The replayed append found b's copy by its msg index: still one message, and the entry
+    // goes once the deletion is due.
+    let tl = fx.timeline(b).await;
+    assert_eq!(tl.iter().map(|m| m.seq).collect::<Vec<_>>(), [Seq(1)]);
+    fx.settle().await;
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -498,10 +536,10 @@ async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
         })
         .collect();
     assert_eq!(notes, [(msg_id, b)]);
-    // The cursor alone does not cost a commit: it waits for one, at most CURSOR_FLUSH_MS.
+    // The cursor alone does not cost a commit: it waits for one, at most LAZY_FLUSH_MS.
     assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), Seq(0));
     let commits = fx.store.attempts().len();
-    fx.now += CURSOR_FLUSH_MS - 1;
+    fx.now += LAZY_FLUSH_MS - 1;
     let wb = fx.worker_of(b);
     fx.step(wb, Vec::new()).await.unwrap();
     assert_eq!(fx.store.attempts().len(), commits, "not due yet");
@@ -758,7 +796,8 @@ async fn a_group_post_is_stored_for_every_member_and_delivered_to_those_online()
     }
     let live = delivered_to(&out, conn(1));
     assert_eq!(live.iter().filter(|m| m.conv == CONV_C2G).count(), 1);
-    // Every member's fan-out confirmed: no outbox entry is left.
+    // Every member's fan-out confirmed: no outbox entry is left (once the deletions are due).
+    fx.settle().await;
     for w in 0..2 {
         for s in 0..im_shared::shard::VSHARDS {
             if fx.workers[w].router.owner_of_shard(ShardId(s)) == w {
