@@ -8,7 +8,8 @@
 # Prints one line per rate: load average before the run, send->deliver p50/p99/p99.9, loss,
 # server CPU (utime+stime from /proc/PID/stat over the loadgen run) per sent message, and the
 # server's fsync + fdatasync calls per sent message (perf stat on syscall tracepoints, as root).
-# Before each run it waits (up to QUIET_WAIT=240 s) for a 1-minute load average below 1.
+# Before each run it flushes dirty pages (`sync`: a build's writeback would stall the server's
+# syncs) and waits (up to QUIET_WAIT=240 s) for a 1-minute load average below QUIET_LOAD (0.5).
 # Environment: USERS (2000), SECS (10), OUT (results dir), DATA (data dir parent; default $OUT).
 set -euo pipefail
 bin=${1:?usage: c2c-rates.sh BIN_DIR [rate...]}
@@ -34,9 +35,11 @@ for rate in "${rates[@]}"; do
     grep -q "listening" "$out/server-$rate.log" 2>/dev/null && break
     sleep 0.1
   done
-  # A quiet machine: wait (at most QUIET_WAIT s) until the 1-minute load average is below 1.
+  # A quiet machine: no writeback pending, and (at most QUIET_WAIT s) a 1-minute load average
+  # below QUIET_LOAD.
+  sync
   for _ in $(seq $(( ${QUIET_WAIT:-240} / 5 ))); do
-    awk '{exit !($1 < 1.0)}' /proc/loadavg && break
+    awk -v q="${QUIET_LOAD:-0.5}" '{exit !($1 < q)}' /proc/loadavg && break
     sleep 5
   done
   load=$(cut -d' ' -f1-3 /proc/loadavg)

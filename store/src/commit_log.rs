@@ -23,6 +23,14 @@
 //! one whose length, checksum or seq is not the expected one: that is the end of what was written
 //! in this lap (a torn write, zeros, or a record of an older lap, whose seq is always lower).
 //!
+//! **Group commit.** Writing a record and syncing it are two steps: [`CommitLog::write`] (under
+//! the caller's writer lock) puts the record in the file, and [`Syncer::sync`] (no writer lock)
+//! returns once it is durable. One `fdatasync` covers every record written before it started, so
+//! committers that write while another one syncs are covered by the next sync together, or find
+//! theirs already covered: with several logic workers on one store, a sync serves all of them.
+//! A failed sync poisons the log: every later sync fails too (after a failed `fdatasync` the
+//! kernel may have dropped the dirty pages, so a later successful one proves nothing).
+//!
 //! **Checkpoints and reuse.** Before a segment is started (and so before an older lap of it is
 //! overwritten) the caller's checkpoint runs: the store persists fjall, after which every record
 //! written so far is durable in fjall and the log holds nothing else that is needed.
@@ -35,6 +43,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Header of a segment.
 const MAGIC: &[u8; 8] = b"IMCLOG01";
@@ -90,7 +100,7 @@ pub(crate) enum LogError {
 }
 
 struct Segment {
-    file: File,
+    file: Arc<File>,
     /// 0 while the file holds no valid header (never started).
     generation: u64,
     first_seq: u64,
@@ -98,7 +108,77 @@ struct Segment {
     len: u64,
 }
 
-/// The log's writer. Not shared: the store holds it behind its commit lock.
+/// Makes written records durable, shared by every committer of a store (group commit, see the
+/// module docs).
+#[derive(Debug)]
+pub(crate) struct Syncer {
+    /// The segment file the newest record went to, and that record's seq. Set by the writer
+    /// after each record (a record in an older segment was synced when the writer left it).
+    tail: Mutex<(Option<Arc<File>>, u64)>,
+    /// Held through an `fdatasync`: committers queue here and most find their record covered.
+    synced: Mutex<Synced>,
+    /// `fdatasync` calls made (for tests and benchmarks).
+    syncs: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Synced {
+    /// Every record up to this seq is durable.
+    upto: u64,
+    /// A sync failed: the log can no longer promise anything.
+    poisoned: bool,
+}
+
+impl Syncer {
+    fn new(upto: u64) -> Syncer {
+        Syncer {
+            tail: Mutex::new((None, upto)),
+            synced: Mutex::new(Synced {
+                upto,
+                poisoned: false,
+            }),
+            syncs: AtomicU64::new(0),
+        }
+    }
+
+    /// Returns once record `seq` (already written) is durable: at once if a sync that started
+    /// after it was written has finished, else after one `fdatasync` that covers every record
+    /// written so far.
+    pub(crate) fn sync(&self, seq: u64) -> io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if synced.poisoned {
+            return Err(io::Error::other(
+                "an earlier fdatasync of the commit log failed",
+            ));
+        }
+        if synced.upto >= seq {
+            return Ok(());
+        }
+        let (file, upto) = {
+            let t = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            (t.0.clone(), t.1)
+        };
+        debug_assert!(upto >= seq, "record {seq} synced before it was written");
+        if let Some(file) = file {
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = file.sync_data() {
+                synced.poisoned = true;
+                return Err(e);
+            }
+        }
+        synced.upto = upto;
+        Ok(())
+    }
+
+    /// `fdatasync` calls made so far.
+    #[cfg(test)]
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+}
+
+/// The log's writer. Not shared: the store holds it behind its writer lock; the [`Syncer`] it
+/// hands out is.
 pub(crate) struct CommitLog {
     dir: PathBuf,
     shape: LogShape,
@@ -109,6 +189,7 @@ pub(crate) struct CommitLog {
     pos: u64,
     next_seq: u64,
     buf: Vec<u8>,
+    syncer: Arc<Syncer>,
 }
 
 impl std::fmt::Debug for CommitLog {
@@ -207,7 +288,7 @@ impl CommitLog {
                 (0, 0)
             };
             segs.push(Segment {
-                file,
+                file: Arc::new(file),
                 generation,
                 first_seq,
                 len,
@@ -221,6 +302,7 @@ impl CommitLog {
             pos: HEADER,
             next_seq: applied + 1,
             buf: Vec::new(),
+            syncer: Arc::new(Syncer::new(applied)),
         };
         // Started segments, oldest first.
         let mut order: Vec<usize> = (0..log.segs.len())
@@ -254,7 +336,7 @@ impl CommitLog {
                 });
             }
             data.clear();
-            (&seg.file).read_to_end(&mut data)?;
+            (&*seg.file).read_to_end(&mut data)?;
             let (end, next) = scan(&data, seg.first_seq, |seq, payload| {
                 if seq > applied {
                     replay(seq, payload)?;
@@ -276,27 +358,34 @@ impl CommitLog {
             expected = applied + 1;
         }
         log.next_seq = expected;
+        // What was read back is what the store starts from (it persists the replay before use).
+        log.syncer = Arc::new(Syncer::new(expected - 1));
         Ok(log)
     }
 
+    /// The syncer of this log's records.
+    pub(crate) fn syncer(&self) -> Arc<Syncer> {
+        self.syncer.clone()
+    }
+
     /// Seq the next record gets.
-    #[cfg(test)]
     pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
-    /// Appends one record and syncs it; returns its seq. `checkpoint` runs before a segment is
-    /// (re)started: afterwards, nothing already in the log may be needed any more. On an error the
-    /// record is not in the log (a retry writes it again at the same place).
-    pub(crate) fn append(
+    /// Writes one record (not yet durable: see [`Syncer::sync`]) and returns its seq.
+    /// `checkpoint` runs before a segment is (re)started, with the seq of the last record written
+    /// so far: once it returns, nothing already in the log may be needed any more. On an error
+    /// the record is not in the log (a retry writes it again at the same place).
+    pub(crate) fn write(
         &mut self,
         payload: &[u8],
-        checkpoint: impl FnOnce() -> io::Result<()>,
+        checkpoint: impl FnOnce(u64) -> io::Result<()>,
     ) -> io::Result<u64> {
         let need = RECORD_HEAD + payload.len() as u64;
         let full = self.pos > HEADER && self.pos + need > self.shape.segment_bytes;
         if self.cur.is_none() || full {
-            checkpoint()?;
+            checkpoint(self.next_seq - 1)?;
             self.cur_to_next_segment(self.next_seq)?;
         }
         let seq = self.next_seq;
@@ -310,9 +399,21 @@ impl CommitLog {
         self.ensure_allocated(i, self.pos + need)?;
         let seg = &self.segs[i];
         seg.file.write_all_at(&self.buf, self.pos)?;
-        seg.file.sync_data()?;
+        *self.syncer.tail.lock().unwrap_or_else(|p| p.into_inner()) = (Some(seg.file.clone()), seq);
         self.pos += need;
         self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// [`CommitLog::write`] and [`Syncer::sync`] in one (a single committer).
+    #[cfg(test)]
+    pub(crate) fn append(
+        &mut self,
+        payload: &[u8],
+        checkpoint: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let seq = self.write(payload, |_| checkpoint())?;
+        self.syncer.sync(seq)?;
         Ok(seq)
     }
 
@@ -320,7 +421,12 @@ impl CommitLog {
     fn cur_to_next_segment(&mut self, first_seq: u64) -> io::Result<()> {
         let generation = self.segs.iter().map(|s| s.generation).max().unwrap_or(0) + 1;
         let i = match self.cur {
-            Some(c) => (c + 1) % self.segs.len(),
+            Some(c) => {
+                // What the segment left behind holds is durable before the next one exists: a
+                // reader never finds a started segment after a torn one.
+                self.segs[c].file.sync_data()?;
+                (c + 1) % self.segs.len()
+            }
             None => 0,
         };
         self.ensure_allocated(i, HEADER + RECORD_HEAD)?;
@@ -404,6 +510,61 @@ mod tests {
         assert_eq!(
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
             (43..=50).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn one_sync_covers_every_record_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = reopen(dir.path(), LogShape::default(), 0);
+        let syncer = log.syncer();
+        // Three committers write before any of them syncs.
+        for i in 1..=3 {
+            assert_eq!(log.write(&payload(i), |_| Ok(())).unwrap(), i);
+        }
+        syncer.sync(2).unwrap();
+        assert_eq!(syncer.syncs(), 1);
+        // The other two find theirs covered.
+        syncer.sync(1).unwrap();
+        syncer.sync(3).unwrap();
+        assert_eq!(syncer.syncs(), 1);
+        // A record written after that sync needs one of its own.
+        assert_eq!(log.write(&payload(4), |_| Ok(())).unwrap(), 4);
+        syncer.sync(4).unwrap();
+        assert_eq!(syncer.syncs(), 2);
+        drop(log);
+        let (_, got) = reopen(dir.path(), LogShape::default(), 0);
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_is_told_the_last_record_written_and_records_written_before_a_new_segment_stay_readable(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = reopen(dir.path(), small(), 0);
+        let syncer = log.syncer();
+        let mut told = Vec::new();
+        for i in 1..=200 {
+            // Nobody syncs: the writer makes a segment's records durable before it leaves it.
+            log.write(&payload(i), |last| {
+                told.push(last);
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(told[0], 0);
+        assert!(told.len() > 2, "{told:?}");
+        assert!(told.windows(2).all(|w| w[0] < w[1]), "{told:?}");
+        syncer.sync(200).unwrap();
+        drop(log);
+        let durable = told[told.len() - 2];
+        let (_, got) = reopen(dir.path(), small(), durable);
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (durable + 1..=200).collect::<Vec<_>>()
         );
     }
 

@@ -33,7 +33,18 @@
 //! fjall's journal is made durable only at a checkpoint (`Database::persist`, before the log
 //! reuses a segment) and when the store is opened; so after a crash fjall holds some prefix of
 //! the batches, `meta/applied` says which, and [`FjallStore::open`] replays the log's records
-//! after it. A commit, its log record and its fjall batch happen under one lock, in seq order.
+//! after it.
+//!
+//! A commit takes three steps, so that concurrent commits (one per logic worker) share syncs:
+//! 1. under the *writer lock*, its record is written to the log and gets the next seq;
+//! 2. [`Syncer::sync`] returns once the record is durable (group commit: one `fdatasync` covers
+//!    every record written before it started, see `commit_log`);
+//! 3. it waits for its *turn* and applies its batch to fjall: batches are applied strictly in seq
+//!    order, so `meta/applied` only grows and fjall never holds a batch whose predecessors it lacks.
+//!
+//! A batch is visible to reads only after it is durable. A checkpoint (under the writer lock)
+//! first waits until every record written so far is applied. A failed sync or apply breaks the
+//! store: every later commit fails with [`StoreError::Io`], which stops the worker.
 //!
 //! The log record of a batch lists its writes after merging (last op on a key wins):
 //! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
@@ -45,14 +56,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use bytes::{Buf, Bytes};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
-use crate::commit_log::{CommitLog, LogError, LogShape};
+use crate::commit_log::{CommitLog, LogError, LogShape, Syncer};
 
 use super::{
     DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, Store, StoreError, WriteBatch, Writer,
@@ -120,12 +131,88 @@ pub struct FjallStore {
     meta: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
     fences: Arc<RwLock<HashMap<u16, u64>>>,
-    /// The commit lock: held from a batch's log append until fjall has it.
+    /// The writer lock: held while a batch's record is written to the log (step 1 of a commit).
     log: Arc<Mutex<CommitLog>>,
+    /// Makes written records durable (step 2).
+    syncer: Arc<Syncer>,
+    /// Whose turn it is to apply (step 3).
+    turns: Arc<Turns>,
     dir: PathBuf,
     /// Test hook: commits stop after the log sync, as if the process died before fjall got them.
     #[cfg(test)]
     skip_apply: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Step 3 of a commit: batches are applied to fjall one at a time, in the seq order of their
+/// log records.
+#[derive(Debug)]
+struct Turns {
+    state: Mutex<Turn>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct Turn {
+    /// Seq of the next record to apply.
+    next: u64,
+    /// A commit failed after its record took a seq: nothing after it may be applied.
+    broken: bool,
+}
+
+impl Turns {
+    fn new(next: u64) -> Turns {
+        Turns {
+            state: Mutex::new(Turn {
+                next,
+                broken: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn broken() -> StoreError {
+        StoreError::Io("an earlier commit failed after its log record was written".into())
+    }
+
+    /// Waits until every record up to `seq` is applied.
+    fn wait_applied(&self, seq: u64) -> Result<(), StoreError> {
+        let mut t = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while t.next <= seq {
+            if t.broken {
+                return Err(Turns::broken());
+            }
+            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` when it is record `seq`'s turn; the next one's turn comes when `f` succeeds.
+    fn apply(
+        &self,
+        seq: u64,
+        f: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut t = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while t.next != seq {
+            if t.broken {
+                return Err(Turns::broken());
+            }
+            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        let r = f();
+        match r {
+            Ok(()) => t.next = seq + 1,
+            Err(_) => t.broken = true,
+        }
+        self.changed.notify_all();
+        r
+    }
+
+    /// Record `seq` will never be applied (its sync failed).
+    fn break_at(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).broken = true;
+        self.changed.notify_all();
+    }
 }
 
 impl fmt::Debug for FjallStore {
@@ -355,6 +442,8 @@ impl FjallStore {
             fence_space,
             meta,
             fences: Arc::new(RwLock::new(fences)),
+            syncer: log.syncer(),
+            turns: Arc::new(Turns::new(log.next_seq())),
             log: Arc::new(Mutex::new(log)),
             dir: dir.to_path_buf(),
             #[cfg(test)]
@@ -591,26 +680,39 @@ impl Store for FjallStore {
         // instead: the last op on a key wins, as if the ops were applied one after another.
         let writes = collect(batch);
         let record = encode_writes(&writes);
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let db = &self.db;
-        let seq = log
-            .append(&record, || {
+        // 1. The record, under the writer lock. A checkpoint (before a segment is reused) first
+        // waits until every record written so far is in fjall, then persists fjall.
+        let seq = {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let (db, turns) = (&self.db, &self.turns);
+            log.write(&record, |last| {
+                turns
+                    .wait_applied(last)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
                 db.persist(PersistMode::SyncAll)
                     .map_err(|e| std::io::Error::other(e.to_string()))
             })
-            .map_err(|e| StoreError::Io(format!("commit log: {e}")))?;
-        #[cfg(test)]
-        if self.skip_apply.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(());
+            .map_err(|e| StoreError::Io(format!("commit log: {e}")))?
+        };
+        // 2. Durable, with whatever other commits were written meanwhile.
+        if let Err(e) = self.syncer.sync(seq) {
+            self.turns.break_at();
+            return Err(StoreError::Io(format!("commit log sync: {e}")));
         }
-        let r = apply(
-            &self.db,
-            &self.spaces,
-            &self.meta,
-            writes.into_iter().map(|((k, key), v)| (k, key, v)),
-            seq,
-        );
-        drop(log);
+        // 3. Into fjall, in seq order.
+        let r = self.turns.apply(seq, || {
+            #[cfg(test)]
+            if self.skip_apply.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(());
+            }
+            apply(
+                &self.db,
+                &self.spaces,
+                &self.meta,
+                writes.into_iter().map(|((k, key), v)| (k, key, v)),
+                seq,
+            )
+        });
         drop(fences);
         r
     }
@@ -946,6 +1048,84 @@ mod tests {
                 crate::commit_log::CHUNK
             );
         }
+    }
+
+    #[test]
+    fn concurrent_committers_share_syncs_apply_in_order_and_lose_nothing_while_the_ring_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = LogShape {
+            segments: 3,
+            segment_bytes: 8192,
+        };
+        const THREADS: u64 = 4;
+        const EACH: u64 = 150;
+        {
+            let store = FjallStore::open_with(dir.path(), shape).unwrap();
+            std::thread::scope(|s| {
+                for t in 1..=THREADS {
+                    let store = store.clone();
+                    s.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        rt.block_on(async {
+                            for seq in 1..=EACH {
+                                store.commit(append(t, seq)).await.unwrap();
+                                // A committed batch is readable at once.
+                                let c = store.cursor(UserId(t), "phone").await.unwrap();
+                                assert_eq!(c, Seq(seq));
+                            }
+                        });
+                    });
+                }
+            });
+            let syncs = store.syncer.syncs();
+            assert!(
+                syncs <= THREADS * EACH,
+                "{syncs} syncs for {} commits",
+                THREADS * EACH
+            );
+            // fjall holds every record, in order: `applied` is the last seq.
+            let applied = store.meta.get(APPLIED).unwrap().unwrap();
+            assert_eq!(
+                u64::from_be_bytes(<[u8; 8]>::try_from(&*applied).unwrap()),
+                THREADS * EACH
+            );
+        }
+        let store = FjallStore::open_with(dir.path(), shape).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for t in 1..=THREADS {
+                assert_eq!(seqs(&store, t).await, (1..=EACH).collect::<Vec<_>>());
+            }
+        });
+    }
+
+    #[test]
+    fn after_a_failed_apply_nothing_later_is_applied_and_waiters_are_told() {
+        let turns = Turns::new(1);
+        turns.apply(1, || Ok(())).unwrap();
+        let r = turns.apply(2, || Err(StoreError::Io("disk gone".into())));
+        assert!(matches!(r, Err(StoreError::Io(_))));
+        let mut ran = false;
+        let r = turns.apply(3, || {
+            ran = true;
+            Ok(())
+        });
+        assert!(matches!(r, Err(StoreError::Io(_))) && !ran);
+        assert!(matches!(turns.wait_applied(3), Err(StoreError::Io(_))));
+        // A failed sync breaks the turns the same way, waking a committer that waits for its turn.
+        let turns = Arc::new(Turns::new(1));
+        let waiter = {
+            let turns = turns.clone();
+            std::thread::spawn(move || turns.apply(2, || Ok(())))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        turns.break_at();
+        assert!(matches!(waiter.join().unwrap(), Err(StoreError::Io(_))));
+        assert!(turns.wait_applied(1).is_err());
     }
 
     #[test]
