@@ -28,7 +28,7 @@ trap '[ -n "$spid" ] && kill "$spid" 2>/dev/null; wait 2>/dev/null || true' EXIT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for rate in "${rates[@]}"; do
   rm -rf "$data/data-$rate"
-  "$bin/im-server" run --listen "127.0.0.1:$port" --data-dir "$data/data-$rate" \
+  "$bin/im-server" run --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$data/data-$rate" \
     >"$out/server-$rate.log" 2>&1 &
   spid=$!
   for _ in $(seq 100); do
@@ -74,10 +74,12 @@ def find(d, key):
     return None
 lat = find(j, "deliver_latency") or {}
 sent = find(j, "sent") or 0
+lg = (j.get("cpu") or {}).get("loadgen_us_per_msg")
 print(f"rate {rate}/s  load {load}  send->deliver p50 {lat.get('p50_ms', 0):.2f} "
       f"p99 {lat.get('p99_ms', 0):.2f} p99.9 {lat.get('p999_ms', 0):.2f} max {lat.get('max_ms', 0):.2f} ms  "
       f"sent {sent} acked/s {find(j, 'acked_per_s') or 0:.0f} lost {find(j, 'lost')}  "
       f"server cpu {ticks / tck:.2f} s = {1e6 * ticks / tck / max(sent, 1):.1f} us/msg  "
-      f"syncs {syncs} = {syncs / max(sent, 1):.2f}/msg")
+      f"syncs {syncs} = {syncs / max(sent, 1):.2f}/msg"
+      + (f"  loadgen cpu {lg:.1f} us/msg" if lg is not None else ""))
 PY
 done

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::account::{join, join_group, GroupJoin, Join};
 use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request, BODY_HEADER};
 use crate::srcip::parse_src_ips;
-use crate::worker::rss_kib;
+use crate::worker::{cpu_ticks, rss_kib};
 use crate::{Cli, Common, Scenario};
 
 /// One point of the time series (once a second).
@@ -290,6 +290,58 @@ fn sys_snap(pids: &[u32]) -> SysSnap {
         }
     }
     s
+}
+
+/// CPU time used so far, in clock ticks: by the loadgen (this process and its workers) and by
+/// the `--server-pid` processes (`None` without one, or when one has gone).
+#[derive(Clone, Copy)]
+struct CpuSnap {
+    loadgen: u64,
+    server: Option<u64>,
+}
+
+impl Coord {
+    fn cpu(&self, server_pids: &[u32]) -> CpuSnap {
+        let mut loadgen = cpu_ticks("self").unwrap_or(0);
+        for w in &self.workers {
+            loadgen += cpu_ticks(&w.child.id().to_string()).unwrap_or(0);
+        }
+        let server = (!server_pids.is_empty())
+            .then(|| {
+                server_pids
+                    .iter()
+                    .map(|p| cpu_ticks(&p.to_string()))
+                    .sum::<Option<u64>>()
+            })
+            .flatten();
+        CpuSnap { loadgen, server }
+    }
+}
+
+/// CPU used between two snapshots per message sent (`what`: "message", "post"): a text line and
+/// the JSON of the report.
+fn cpu_report(a: CpuSnap, b: CpuSnap, sent: u64, what: &str) -> (String, Value) {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let per = |ticks: u64| ticks as f64 / hz * 1e6 / sent.max(1) as f64;
+    let lg = b.loadgen.saturating_sub(a.loadgen);
+    let mut t = format!(
+        "  cpu (user+system) per {what} sent: loadgen {:.1} µs ({:.2} s)",
+        per(lg),
+        lg as f64 / hz
+    );
+    let mut j = json!({
+        "loadgen_secs": lg as f64 / hz,
+        "loadgen_us_per_msg": per(lg),
+    });
+    if let (Some(x), Some(y)) = (a.server, b.server) {
+        let sv = y.saturating_sub(x);
+        t += &format!(", server {:.1} µs ({:.2} s)", per(sv), sv as f64 / hz);
+        j["server_secs"] = (sv as f64 / hz).into();
+        j["server_us_per_msg"] = per(sv).into();
+    }
+    t.push('\n');
+    (t, j)
 }
 
 fn secs_between(a: Option<u64>, b: Option<u64>) -> f64 {
@@ -668,14 +720,19 @@ fn run(
             let login = coord.request(Op::Login { rate: c.rate })?;
             t += &format!("== c2c: {total} users, {msg_rate} msgs/s for {secs} s ==\n");
             t += &login_table(&login);
+            let cpu0 = coord.cpu(&c.server_pid);
             coord.request(Op::Send {
                 rate: *msg_rate,
                 secs: *secs,
             })?;
             coord.request(drain(c))?;
+            let cpu1 = coord.cpu(&c.server_pid);
             let r = coord.request(Op::Report)?;
             let j = (!c.no_track).then(|| join(&r));
             t += &traffic_table(&r, j.as_ref(), *secs);
+            let (ct, cj) = cpu_report(cpu0, cpu1, r.sent, "message");
+            t += &ct;
+            result["cpu"] = cj;
             result["login"] = login_json(&login);
             result["msg_rate"] = (*msg_rate).into();
             result["secs"] = (*secs).into();
@@ -826,12 +883,16 @@ fn run(
                 );
             }
             coord.request(Op::SetGroups { ids })?;
+            let cpu0 = coord.cpu(&c.server_pid);
             coord.request(Op::SendGroup {
                 rate: *msg_rate,
                 secs: *secs,
             })?;
             coord.request(drain(c))?;
+            let cpu1 = coord.cpu(&c.server_pid);
             let r = coord.request(Op::Report)?;
+            let (ct, cj) = cpu_report(cpu0, cpu1, r.sent, "post");
+            result["cpu"] = cj;
             let j = (!c.no_track).then(|| join_group(&r, size, total));
             let events = created.group_events + r.group_events;
             t += &group_table(&r, j.as_ref(), *secs);
@@ -839,6 +900,7 @@ fn run(
                 "  group-created events accepted {events} (expected {}; ignored by the accounting)\n",
                 made as u64 * size as u64
             );
+            t += &ct;
             result["login"] = login_json(&login);
             result["groups"] = groups.into();
             result["members"] = size.into();

@@ -95,7 +95,8 @@ pub struct Common {
     /// ...but at most this long.
     #[arg(long, global = true, default_value_t = 15.0)]
     pub drain_max_secs: f64,
-    /// Server process id(s) whose RSS to measure (repeatable).
+    /// Server process id(s) whose RSS (idle) and CPU per message (c2c, group) to measure
+    /// (repeatable).
     #[arg(long, global = true)]
     pub server_pid: Vec<u32>,
     /// Print the result as JSON on stdout (the table goes to stderr).

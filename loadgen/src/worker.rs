@@ -43,6 +43,16 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system) process `pid` has used so far, in clock ticks (`/proc/PID/stat`).
+pub fn cpu_ticks(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain anything.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
 fn raise_nofile() {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -210,4 +220,26 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
         let _ = h.join();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn cpu_ticks_reads_this_process_and_grows_with_work() {
+        let t0 = cpu_ticks("self").expect("/proc/self/stat");
+        assert_eq!(cpu_ticks("4294967295"), None);
+        // Burn CPU until a tick is counted (10 ms at 100 Hz), within a deadline.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut x = 0u64;
+        while cpu_ticks("self").unwrap() == t0 {
+            assert!(Instant::now() < deadline, "no CPU tick counted in 10 s");
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        }
+    }
 }
