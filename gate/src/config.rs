@@ -3,6 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Default of [`GateConfig::max_login_body`]: 8 KiB.
+pub const DEFAULT_MAX_LOGIN_BODY: usize = 8 * 1024;
+
 /// Limits and layout of one gate process.
 #[derive(Clone, Debug)]
 pub struct GateConfig {
@@ -14,6 +17,10 @@ pub struct GateConfig {
     pub gate_id: u16,
     /// Largest accepted frame body.
     pub max_body: usize,
+    /// Largest body of the first frame (the `Login`), read before the connection is logged in
+    /// (capped at `max_body`). Big enough for an SSO token of a few KiB, small enough that an
+    /// unauthenticated connection cannot make the gate reserve `max_body` bytes.
+    pub max_login_body: usize,
     /// A connection must be logged in this long after accept, or it is closed.
     pub login_timeout: Duration,
     /// A logged-in connection that sends no complete frame for this long is closed.
@@ -47,6 +54,7 @@ impl Default for GateConfig {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             gate_id: 0,
             max_body: im_shared::frame::DEFAULT_MAX_BODY,
+            max_login_body: DEFAULT_MAX_LOGIN_BODY,
             login_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_write_queue: 256 * 1024,

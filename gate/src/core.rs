@@ -283,17 +283,15 @@ enum FirstFrameError {
     },
 }
 
-/// Largest login frame body accepted before a connection is logged in.
-pub const MAX_LOGIN_BODY: usize = 1024;
-
 async fn read_first_frame(
     core: &Core,
     stream: &mut TcpStream,
     io: &mut Option<Box<Layers>>,
 ) -> Result<(Frame, BytesMut), FirstFrameError> {
     let mut buf = BytesMut::with_capacity(256);
-    // A login frame is small: before login, the body limit is MAX_LOGIN_BODY.
-    let codec = FrameCodec::new(MAX_LOGIN_BODY.min(core.codec.max_body));
+    // Before login, the body limit is `max_login_body` (never above `max_body`).
+    let cfg = &core.ctx.cfg;
+    let codec = FrameCodec::new(cfg.max_login_body.min(cfg.max_body));
     loop {
         match codec.decode(&mut buf) {
             Ok(Some(f)) if f.cmd == Cmd::Login => return Ok((f, buf)),

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub token_secret: String,
     /// Largest client frame body in bytes.
     pub max_body: usize,
+    /// Largest body of the `Login` frame, read before a connection is logged in (capped at
+    /// `max_body`).
+    pub max_login_body: usize,
     /// Seconds a new connection has to log in.
     pub login_timeout_secs: u64,
     /// Seconds without a complete client frame before a logged-in connection is closed.
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             logic_workers: 0,
             token_secret: DEV_TOKEN_SECRET.to_owned(),
             max_body: g.max_body,
+            max_login_body: g.max_login_body,
             login_timeout_secs: g.login_timeout.as_secs(),
             idle_timeout_secs: g.idle_timeout.as_secs(),
             heartbeat_secs: l.heartbeat_secs,
@@ -153,6 +157,7 @@ pub(crate) fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
         },
         gate_id,
         max_body: cfg.max_body,
+        max_login_body: cfg.max_login_body,
         login_timeout: Duration::from_secs(cfg.login_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         max_write_queue: cfg.max_write_queue,
@@ -197,6 +202,7 @@ mod tests {
         let d = ServerConfig::default();
         assert_eq!(cfg.listen, d.listen);
         assert_eq!(cfg.max_body, d.max_body);
+        assert_eq!(cfg.max_login_body, d.max_login_body);
         assert_eq!(cfg.recall_window_secs, d.recall_window_secs);
         assert_eq!(
             cfg.api.as_ref().map(|a| a.listen),

@@ -35,11 +35,12 @@ fn raw_int(rel: &str, key: &str) -> Option<i64> {
     v.get(key).and_then(toml::Value::as_integer)
 }
 
-/// Keys a gate process reads (`gate_config` in server/src/lib.rs).
+/// Keys a gate process reads (`gate_config` in server/src/config.rs).
 const GATE_KEYS: &[&str] = &[
     "listen",
     "gate_cores",
     "max_body",
+    "max_login_body",
     "login_timeout_secs",
     "idle_timeout_secs",
     "max_write_queue",

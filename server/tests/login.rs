@@ -89,10 +89,48 @@ fn heartbeat_before_login_is_answered() {
 fn oversized_login_frame_is_refused() {
     let s = start();
     let mut c = connect(s.addr);
+    // The default limit before login is 8 KiB of body.
     let err = c
-        .login(UserId(16), &"x".repeat(2000), DeviceType::Web, "w", Seq(0))
+        .login(UserId(16), &"x".repeat(9000), DeviceType::Web, "w", Seq(0))
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::FrameTooLarge));
+}
+
+#[test]
+fn a_login_with_a_token_of_several_kib_is_read_and_judged_by_its_token() {
+    let s = start();
+    // A company SSO token of ~6 KB fits the default pre-login limit: the server reads the frame
+    // and answers on the token (a forged one here), not with FrameTooLarge.
+    assert_eq!(refused(s.addr, 17, &"t".repeat(6000)), ErrorCode::BadToken);
+    // Right below the limit (8 192 bytes of body) is read too.
+    let body_rest = 8 + 1 + (2 + 1) + 8 + 2;
+    assert_eq!(
+        refused(s.addr, 17, &"t".repeat(8192 - body_rest)),
+        ErrorCode::BadToken
+    );
+    assert_eq!(
+        refused(s.addr, 17, &"t".repeat(8193 - body_rest)),
+        ErrorCode::FrameTooLarge
+    );
+}
+
+#[test]
+fn the_pre_login_limit_is_configurable_and_capped_by_max_body() {
+    let s = start_with(|c| c.max_login_body = 2048);
+    assert_eq!(refused(s.addr, 18, &"t".repeat(1500)), ErrorCode::BadToken);
+    assert_eq!(
+        refused(s.addr, 18, &"t".repeat(3000)),
+        ErrorCode::FrameTooLarge
+    );
+    // Never more than max_body.
+    let s = start_with(|c| {
+        c.max_body = 1024;
+        c.max_login_body = 8192;
+    });
+    assert_eq!(
+        refused(s.addr, 18, &"t".repeat(1500)),
+        ErrorCode::FrameTooLarge
+    );
 }
 
 #[test]
