@@ -76,9 +76,11 @@ impl<S: Store> Worker<S> {
                 self.push_due.push_back((self.now + p.delay_ms(), r, seq.0));
             }
         }
+        let seq = msg.seq;
         let deliver = Command::Deliver(msg).to_bytes(0);
-        if let Some(devs) = self.routes.get(&r) {
+        if let Some(devs) = self.routes.get_mut(&r) {
             for d in devs {
+                d.sent = d.sent.max(seq);
                 round.send(d.conn, deliver.clone());
             }
         }

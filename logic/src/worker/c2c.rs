@@ -138,9 +138,13 @@ impl<S: Store> Worker<S> {
         round.send(conn, ack(entry));
         // Roaming: the sender's other devices see their own message.
         let deliver = Command::Deliver(msg).to_bytes(0);
-        if let Some(devs) = self.routes.get(&uid) {
-            for d in devs.iter().filter(|d| d.conn != conn) {
-                round.send(d.conn, deliver.clone());
+        if let Some(devs) = self.routes.get_mut(&uid) {
+            for d in devs.iter_mut() {
+                // The sending device got its own message's place in the ack.
+                d.sent = d.sent.max(seq);
+                if d.conn != conn {
+                    round.send(d.conn, deliver.clone());
+                }
             }
         }
     }

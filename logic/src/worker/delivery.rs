@@ -1,4 +1,6 @@
-//! Delivery acks: a device's `DeliverAck` moves its cursor and tells the senders (`Delivered`).
+//! Delivery acks: a device's `DeliverAck` moves its cursor and tells the senders (`Delivered`),
+//! up to the highest seq that connection was given (a live `Deliver`, a `SyncPage`) or declared
+//! at login; an ack beyond it counts only up to it.
 
 use super::*;
 
@@ -21,6 +23,8 @@ impl<S: Store> Worker<S> {
         else {
             return;
         };
+        // Only what this connection was given (or declared at login) can be acknowledged.
+        let seq = seq.min(dev.sent);
         if seq <= dev.cursor {
             return;
         }

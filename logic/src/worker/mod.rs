@@ -195,6 +195,9 @@ struct Device {
     device_type: DeviceType,
     device_id: String,
     cursor: Seq,
+    /// Highest seq this connection was given (`Deliver`, `SyncPage`) or declared at login
+    /// (`last_seq`): a `DeliverAck` cannot move the cursor past it.
+    sent: Seq,
 }
 
 /// Live state of one user, reloadable from the store at any time. Kept small (32 bytes) for

@@ -63,7 +63,7 @@ impl<S: Store> Worker<S> {
             device_type,
             device_id,
             token,
-            ..
+            last_seq,
         }) = Command::decode_body(Cmd::Login, body)
         else {
             return refuse(round, ErrorCode::Malformed, "malformed login");
@@ -115,11 +115,14 @@ impl<S: Store> Worker<S> {
                 true
             }
         });
+        // What the device may acknowledge: what it had acknowledged, or what it says it holds.
+        let sent = cursor.max(Seq(last_seq.0.min(self.users[&uid].last_seq)));
         devs.push(Device {
             conn,
             device_type,
             device_id,
             cursor,
+            sent,
         });
         for old in kicked {
             self.sessions.remove(&old);

@@ -47,6 +47,15 @@ impl<S: Store> Worker<S> {
             msgs.truncate(keep);
             has_more = true;
         }
+        if let Some(last) = msgs.last() {
+            if let Some(d) = self
+                .routes
+                .get_mut(&uid)
+                .and_then(|ds| ds.iter_mut().find(|d| d.conn == conn))
+            {
+                d.sent = d.sent.max(last.seq);
+            }
+        }
         let page = Command::SyncPage {
             max_seq: Seq(self.users[&uid].last_seq),
             has_more,

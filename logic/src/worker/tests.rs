@@ -550,6 +550,77 @@ async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
 }
 
 #[tokio::test]
+async fn an_ack_beyond_what_the_device_was_given_counts_only_up_to_it() {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    // b is offline while a sends three messages.
+    for i in 1..=3 {
+        fx.client(conn(1), a, vec![(i, send(i as u64, b, "m"))])
+            .await;
+    }
+    fx.out();
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    // Given nothing yet (declared last_seq 0): an ack of everything moves nothing and tells
+    // nobody.
+    fx.client(conn(2), b, vec![(0, Command::DeliverAck { seq: Seq(3) })])
+        .await;
+    let notes = |out: &[Out]| {
+        out.iter()
+            .filter(|o| o.conn == conn(1) && matches!(o.cmd, Command::Delivered { .. }))
+            .count()
+    };
+    assert_eq!(notes(&fx.out()), 0);
+    assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(0));
+    // A sync page of the first two: an ack of 3 counts up to 2.
+    fx.client(
+        conn(2),
+        b,
+        vec![(
+            5,
+            Command::SyncRequest {
+                after_seq: Seq(0),
+                limit: 2,
+            },
+        )],
+    )
+    .await;
+    fx.out();
+    fx.client(conn(2), b, vec![(0, Command::DeliverAck { seq: Seq(3) })])
+        .await;
+    fx.pump().await;
+    assert_eq!(notes(&fx.out()), 2);
+    assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(2));
+    // A live delivery of a fourth: now everything up to 4 can be acknowledged.
+    fx.client(conn(1), a, vec![(4, send(4, b, "m4"))]).await;
+    let got = delivered_to(&fx.out(), conn(2));
+    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [Seq(4)]);
+    fx.client(conn(2), b, vec![(0, Command::DeliverAck { seq: Seq(9) })])
+        .await;
+    fx.pump().await;
+    assert_eq!(notes(&fx.out()), 2);
+    assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(4));
+    // A device that declares at login what it holds may acknowledge up to that.
+    let token = fx.tokens.mint(b, fx.now / 1000 + 3600);
+    let login = Command::Login {
+        uid: b,
+        device_type: DeviceType::Desktop,
+        device_id: "desk".into(),
+        last_seq: Seq(3),
+        token,
+    };
+    fx.client(conn(3), b, vec![(1, login)]).await;
+    fx.out();
+    fx.client(conn(3), b, vec![(0, Command::DeliverAck { seq: Seq(4) })])
+        .await;
+    let desk = fx.workers[0].routes[&b]
+        .iter()
+        .find(|d| d.conn == conn(3))
+        .map(|d| d.cursor);
+    assert_eq!(desk, Some(Seq(3)));
+}
+
+#[tokio::test]
 async fn a_waiting_cursor_rides_with_the_next_commit_and_a_relogin_sees_it() {
     let mut fx = Fx::new(1).await;
     let (a, b) = (UserId(1), UserId(2));
