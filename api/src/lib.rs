@@ -48,6 +48,21 @@ pub struct ApiConfig {
     /// Reconnect backoff handed to clients by the iplist.
     #[serde(default)]
     pub backoff: BackoffConfig,
+    /// Signed requests per second each API key may make, on average (default 1 000; 0: no
+    /// limit). Past it: `429 rate_limited` with `Retry-After`.
+    #[serde(default = "default_rate_per_key")]
+    pub rate_per_key: u32,
+    /// Signed requests an API key may make at once above the rate (default 2 000).
+    #[serde(default = "default_burst_per_key")]
+    pub burst_per_key: u32,
+}
+
+fn default_rate_per_key() -> u32 {
+    1_000
+}
+
+fn default_burst_per_key() -> u32 {
+    2_000
 }
 
 fn default_max_skew_secs() -> u64 {
@@ -67,7 +82,8 @@ impl Default for ApiConfig {
 
 impl ApiConfig {
     /// Defaults for everything but the listen address: no keys (every signed request is
-    /// refused), 300 s skew, 1 MiB bodies, [`BackoffConfig::default`].
+    /// refused), 300 s skew, 1 MiB bodies, [`BackoffConfig::default`], 1 000 requests/s per key
+    /// with bursts of 2 000.
     pub fn new(listen: SocketAddr) -> Self {
         ApiConfig {
             listen,
@@ -75,6 +91,8 @@ impl ApiConfig {
             max_skew_secs: default_max_skew_secs(),
             max_body: default_max_body(),
             backoff: BackoffConfig::default(),
+            rate_per_key: default_rate_per_key(),
+            burst_per_key: default_burst_per_key(),
         }
     }
 }

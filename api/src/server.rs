@@ -1,11 +1,11 @@
 //! The hyper server: accept loop, routing, auth, handlers, the API's own metrics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -45,9 +45,54 @@ pub(crate) struct State {
     tokens: Option<Arc<HmacTokens>>,
     extra_metrics: Vec<MetricsFn>,
     metrics: ApiMetrics,
+    /// Token bucket of each API key that made a request (a key of `cfg.keys`: bounded).
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+/// Requests an API key may still make: `tokens` grows by `rate` per second up to `burst`.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32, now: Instant) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst.max(1)),
+            at: now,
+        }
+    }
+
+    /// Refills for the time since the last call, then takes one token; `Err(secs)`: empty, one
+    /// token is back in `secs` whole seconds (at least 1).
+    fn take(&mut self, rate: u32, burst: u32, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst.max(1)));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.tokens) / f64::from(rate.max(1))).ceil() as u64).max(1))
+        }
+    }
 }
 
 impl State {
+    /// Takes one request from `key`'s bucket; `Err(secs)` when it is empty: the whole seconds
+    /// until one is back.
+    fn take(&self, key: &str, now: Instant) -> Result<(), u64> {
+        let (rate, burst) = (self.cfg.rate_per_key, self.cfg.burst_per_key);
+        if rate == 0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets
+            .entry(key.to_owned())
+            .or_insert_with(|| Bucket::full(burst, now))
+            .take(rate, burst, now)
+    }
+
     pub(crate) fn new(
         cfg: ApiConfig,
         backend: Arc<dyn ApiBackend>,
@@ -62,6 +107,7 @@ impl State {
             tokens,
             extra_metrics,
             metrics: ApiMetrics::default(),
+            buckets: Mutex::default(),
         }
     }
 }
@@ -369,6 +415,7 @@ struct ApiMetrics {
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     iplist_source_errors: AtomicU64,
     rejected_connections: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 impl ApiMetrics {
@@ -412,9 +459,13 @@ impl ApiMetrics {
              im_api_iplist_source_errors_total {}\n\
              # HELP im_api_rejected_connections_total Connections closed at accept (limit reached).\n\
              # TYPE im_api_rejected_connections_total counter\n\
-             im_api_rejected_connections_total {}\n",
+             im_api_rejected_connections_total {}\n\
+             # HELP im_api_rate_limited_total Signed requests refused because their key was over its rate.\n\
+             # TYPE im_api_rate_limited_total counter\n\
+             im_api_rate_limited_total {}\n",
             self.iplist_source_errors.load(Ordering::Relaxed),
             self.rejected_connections.load(Ordering::Relaxed),
+            self.rate_limited.load(Ordering::Relaxed),
         );
     }
 }
@@ -504,7 +555,7 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         timestamp: header(auth::HEADER_TIMESTAMP),
         signature: header(auth::HEADER_SIGNATURE),
     };
-    if let Err((failure, message)) = auth::verify(
+    let verified = auth::verify(
         &state.cfg.keys,
         state.cfg.max_skew_secs,
         im_shared::token::now_secs(),
@@ -512,7 +563,23 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         parts.method.as_str(),
         path_and_query,
         &body,
-    ) {
+    );
+    if let Ok(key) = verified {
+        if let Err(secs) = state.take(key, Instant::now()) {
+            state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Fail::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "API key {key} is over {} requests/s (bursts of {})",
+                    state.cfg.rate_per_key, state.cfg.burst_per_key
+                ),
+            )
+            .retry_after(secs)
+            .into_response();
+        }
+    }
+    if let Err((failure, message)) = verified {
         let i = AuthFailure::ALL
             .iter()
             .position(|f| *f == failure)
@@ -826,6 +893,33 @@ fn mint_token(state: &State, body: &[u8]) -> Result<Resp, Fail> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_bucket_allows_its_burst_then_its_rate_and_says_when_to_come_back() {
+        let t0 = Instant::now();
+        let mut b = Bucket::full(3, t0);
+        for _ in 0..3 {
+            assert_eq!(b.take(2, 3, t0), Ok(()));
+        }
+        assert_eq!(b.take(2, 3, t0), Err(1));
+        // 2 per second: one back after half a second, not two.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(b.take(2, 3, t1), Ok(()));
+        assert_eq!(b.take(2, 3, t1), Err(1));
+        // Refilled, but never above the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(b.take(2, 3, t2), Ok(()));
+        }
+        assert!(b.take(2, 3, t2).is_err());
+        // Empty at 1 per second: back in 1 s, and 1 s later it is.
+        let mut b = Bucket {
+            tokens: 0.0,
+            at: t0,
+        };
+        assert_eq!(b.take(1, 1, t0), Err(1));
+        assert_eq!(b.take(1, 1, t0 + Duration::from_secs(1)), Ok(()));
+    }
 
     #[test]
     fn routes() {

@@ -383,6 +383,74 @@ mod api {
     // Health, metrics, routing
 
     #[test]
+    fn a_key_over_its_rate_gets_429_rate_limited_with_retry_after_and_other_keys_do_not() {
+        let mut cfg = config();
+        cfg.rate_per_key = 1;
+        cfg.burst_per_key = 3;
+        let api = Api::start_with(cfg, GateSource::Static(vec![]), None);
+        for _ in 0..3 {
+            assert_eq!(api.signed("GET", "/v1/groups/77", "").status, 200);
+        }
+        let r = api.signed("GET", "/v1/groups/77", "");
+        let msg = r.assert_error(429, "rate_limited");
+        assert!(msg.contains("1 requests/s"), "{msg}");
+        let secs: u64 = r
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&secs), "Retry-After {secs}");
+        // The backend never saw the refused request.
+        assert_eq!(api.backend.calls().len(), 3);
+        // Another key has a bucket of its own.
+        let ts = now_secs();
+        let sig = sign("other-secret", "GET", "/v1/groups/77", ts, b"");
+        let other = request(
+            api.addr(),
+            "GET",
+            "/v1/groups/77",
+            &[
+                ("X-IM-Key", "other"),
+                ("X-IM-Timestamp", &ts.to_string()),
+                ("X-IM-Signature", &sig),
+            ],
+            b"",
+        );
+        assert_eq!(other.status, 200);
+        // Unsigned endpoints are not limited; the refusal is counted.
+        assert_eq!(api.get("/healthz").status, 200);
+        assert!(api.metrics().contains("im_api_rate_limited_total 1\n"));
+        // A bad signature is a 401, not a 429, and uses no token of the key.
+        let ts = now_secs();
+        let bad = request(
+            api.addr(),
+            "GET",
+            "/v1/groups/77",
+            &[
+                ("X-IM-Key", KEY),
+                ("X-IM-Timestamp", &ts.to_string()),
+                ("X-IM-Signature", "00"),
+            ],
+            b"",
+        );
+        assert_eq!(bad.status, 401);
+        // Within the deadline a token is back (1 per second).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = api.signed("GET", "/v1/groups/77", "");
+            if r.status == 200 {
+                break;
+            }
+            assert_eq!(r.status, 429);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no token back in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    #[test]
     fn healthz_is_ok_without_auth() {
         let api = Api::start();
         let r = api.get("/healthz");
