@@ -37,17 +37,26 @@ struct NodeLink {
 }
 
 /// The gate's upstream over TCP: one lane per logic node.
+/// What a gate tells logic nodes about itself in `Hello`, for the gate registry (iplist).
+#[derive(Clone, Debug)]
+pub struct Announce {
+    /// The client listener (`host:port`).
+    pub client: SocketAddr,
+    /// The WebSocket URL (`ws://host:port/ws`, `wss://…`); empty without a WebSocket listener.
+    pub ws_url: String,
+}
+
 pub struct TcpUpstream {
     nodes: Vec<NodeLink>,
 }
 
 impl TcpUpstream {
     /// Starts one link per logic node address; they connect (and reconnect) in the background.
-    /// `client_addr` (set once the client listener is bound) is announced to logic in `Hello`
-    /// for the gate registry; links wait for it before connecting.
+    /// `client_addr` (set once the listeners are bound) is announced to logic in `Hello` for
+    /// the gate registry; links wait for it before connecting.
     pub fn start(
         gate_id: u16,
-        client_addr: Arc<std::sync::OnceLock<SocketAddr>>,
+        client_addr: Arc<std::sync::OnceLock<Announce>>,
         logic: Vec<SocketAddr>,
         sink: Arc<GateSink>,
     ) -> Arc<TcpUpstream> {
@@ -70,7 +79,7 @@ impl TcpUpstream {
                 .spawn(move || {
                     let client_addr = loop {
                         if let Some(a) = client_addr.get() {
-                            break *a;
+                            break a.clone();
                         }
                         std::thread::sleep(Duration::from_millis(5));
                     };
@@ -90,7 +99,7 @@ impl TcpUpstream {
         &self,
         lane: usize,
         gate_id: u16,
-        client_addr: SocketAddr,
+        client_addr: Announce,
         addr: SocketAddr,
         rx: Receiver<Vec<Up>>,
         sink: Arc<GateSink>,
@@ -98,7 +107,7 @@ impl TcpUpstream {
         let node = &self.nodes[lane];
         let mut backoff = Duration::from_millis(50);
         loop {
-            match connect(addr, gate_id, client_addr) {
+            match connect(addr, gate_id, &client_addr) {
                 Ok(stream) => {
                     backoff = Duration::from_millis(50);
                     tracing::info!(lane, %addr, "logic link up");
@@ -155,7 +164,7 @@ impl TcpUpstream {
     }
 }
 
-fn connect(addr: SocketAddr, gate_id: u16, client_addr: SocketAddr) -> std::io::Result<TcpStream> {
+fn connect(addr: SocketAddr, gate_id: u16, me: &Announce) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_nodelay(true)?;
     let mut out = BytesMut::new();
@@ -164,7 +173,8 @@ fn connect(addr: SocketAddr, gate_id: u16, client_addr: SocketAddr) -> std::io::
             role: Role::Gate,
             id: gate_id,
             map_epoch: 0,
-            addr: client_addr.to_string(),
+            addr: me.client.to_string(),
+            ws: me.ws_url.clone(),
         },
         &mut out,
     );

@@ -22,8 +22,9 @@ use crate::handle::LogicHandle;
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Writer channel of one gate link, with the link's generation and the gate's client address.
-type LinkTx = (u64, Sender<Vec<LinkMsg>>, String);
+/// Writer channel of one gate link, with the link's generation and what the gate announced in
+/// its `Hello`: (client address, WebSocket URL).
+type LinkTx = (u64, Sender<Vec<LinkMsg>>, (String, String));
 
 /// The writers of the connected gates, by gate id: logic's [`DownstreamSink`] in the
 /// distributed shape.
@@ -38,12 +39,13 @@ impl GateLinks {
         Arc::new(GateLinks::default())
     }
 
-    /// Gates with a live link: id and client address.
-    pub fn connected(&self) -> Vec<(u16, String)> {
-        let mut v: Vec<(u16, String)> = self
+    /// Gates with a live link: id, client address and WebSocket URL (empty: none), as they
+    /// announced them in `Hello`.
+    pub fn connected(&self) -> Vec<(u16, String, String)> {
+        let mut v: Vec<(u16, String, String)> = self
             .lock()
             .iter()
-            .map(|(id, (_, _, addr))| (*id, addr.clone()))
+            .map(|(id, (_, _, (addr, ws)))| (*id, addr.clone(), ws.clone()))
             .collect();
         v.sort_unstable();
         v
@@ -102,8 +104,9 @@ fn serve_link(
                 role: Role::Gate,
                 id,
                 addr,
+                ws,
                 ..
-            }) => break (id, addr),
+            }) => break (id, (addr, ws)),
             Some(LinkMsg::Hello {
                 role: Role::Logic,
                 id,
@@ -120,6 +123,7 @@ fn serve_link(
         id: node_id,
         map_epoch: 0,
         addr: String::new(),
+        ws: String::new(),
     }]);
     // A newer link of the same gate replaces an older one (whose writer then ends).
     links.lock().insert(gate, (gen, tx.clone(), gate_addr));
@@ -310,11 +314,11 @@ pub fn publish_gates(
                         }
                     }
                     if let Some(d) = &dir {
-                        for (id, addr) in links.connected() {
+                        for (id, addr, ws) in links.connected() {
                             let g = GateInfo {
                                 id,
                                 tcp_addr: addr,
-                                ws_addr: None,
+                                ws_addr: (!ws.is_empty()).then_some(ws),
                                 conns: 0,
                             };
                             if let Err(e) = d.register_gate(g, GATE_TTL_SECS).await {

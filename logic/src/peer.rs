@@ -156,6 +156,7 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
                 id: me,
                 map_epoch: 0,
                 addr: String::new(),
+                ws: String::new(),
             },
             &mut out,
         );

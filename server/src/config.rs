@@ -147,6 +147,13 @@ impl Default for ServerConfig {
     }
 }
 
+/// The URL web clients reach a gate's WebSocket listener at `addr` by (`ws://…/ws`, or `wss`
+/// with TLS), as the iplist hands it out.
+pub(crate) fn ws_url(cfg: &ServerConfig, addr: SocketAddr) -> String {
+    let scheme = if cfg.ws_tls.is_some() { "wss" } else { "ws" };
+    format!("{scheme}://{addr}/ws")
+}
+
 pub(crate) fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
     GateConfig {
         listen: cfg.listen,

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use im_gate::links::Announce;
 use im_gate::{Gate, GateHandle};
 
-use crate::config::{gate_config, ServerConfig};
+use crate::config::{gate_config, ws_url, ServerConfig};
 
 /// A gate process of the distributed shape: client listener + TCP links to logic nodes.
 pub fn start_gate(
@@ -15,11 +16,14 @@ pub fn start_gate(
 ) -> anyhow::Result<GateHandle> {
     im_gate::check_transport(&gate_config(cfg, gate_id))?;
     let gate = Gate::new(gate_config(cfg, gate_id));
-    let client_addr = Arc::new(std::sync::OnceLock::new());
+    let announce = Arc::new(std::sync::OnceLock::new());
     let upstream =
-        im_gate::links::TcpUpstream::start(gate_id, client_addr.clone(), logic, gate.sink());
+        im_gate::links::TcpUpstream::start(gate_id, announce.clone(), logic, gate.sink());
     let gate = gate.start(upstream)?;
-    let _ = client_addr.set(gate.local_addr());
+    let _ = announce.set(Announce {
+        client: gate.local_addr(),
+        ws_url: gate.ws_addr().map(|a| ws_url(cfg, a)).unwrap_or_default(),
+    });
     tracing::info!(addr = %gate.local_addr(), gate_id, "gate listening");
     Ok(gate)
 }

@@ -10,7 +10,7 @@ use im_logic::store::FjallStore;
 use im_logic::{LogicHandle, Services};
 use im_shared::token::HmacTokens;
 
-use crate::config::{gate_config, logic_config, ServerConfig};
+use crate::config::{gate_config, logic_config, ws_url, ServerConfig};
 use crate::services::{drop_invalid_tokens, service_metrics, services};
 
 /// A running single-node server.
@@ -45,10 +45,7 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
             let me = GateInfo {
                 id: 0,
                 tcp_addr: gate.local_addr().to_string(),
-                ws_addr: gate.ws_addr().map(|a| {
-                    let scheme = if cfg.ws_tls.is_some() { "wss" } else { "ws" };
-                    format!("{scheme}://{a}/ws")
-                }),
+                ws_addr: gate.ws_addr().map(|a| ws_url(cfg, a)),
                 conns: 0,
             };
             let mut extra = service_metrics(&services);

@@ -409,7 +409,23 @@ fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_d
         "links on ",
     );
     let (mut g1, a1) = spawn_gate(1, link);
-    let (mut g2, a2) = spawn_gate(2, link);
+    // Gate 2 also takes web clients: it announces its WebSocket URL too.
+    let (mut g2, a2) = spawn(
+        &[
+            "gate",
+            "--gate-id",
+            "2",
+            "--logic",
+            &link.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--gate-cores",
+            "1",
+        ],
+        "listening on ",
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -421,15 +437,32 @@ fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_d
         rt.block_on(dir.gates())
             .unwrap_or_default()
             .into_iter()
-            .map(|g| (g.id, g.tcp_addr))
+            .map(|g| (g.id, g.tcp_addr, g.ws_addr))
             .collect::<Vec<_>>()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    let want = vec![(1, a1.to_string()), (2, a2.to_string())];
-    while registry() != want {
-        assert!(Instant::now() < deadline, "registry {:?}", registry());
+    let ws_of_2 = loop {
+        let r = registry();
+        if let [(1, t1, None), (2, t2, Some(ws))] = r.as_slice() {
+            if *t1 == a1.to_string() && *t2 == a2.to_string() {
+                break ws.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "registry {r:?}");
         std::thread::sleep(Duration::from_millis(200));
-    }
+    };
+    let port: u16 = ws_of_2
+        .strip_prefix("ws://127.0.0.1:")
+        .and_then(|r| r.strip_suffix("/ws"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("ws URL {ws_of_2}"));
+    assert_ne!(port, 0);
+    // The URL is the gate's real WebSocket listener.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the announced ws port listens");
+    let want = vec![
+        (1, a1.to_string(), None),
+        (2, a2.to_string(), Some(ws_of_2)),
+    ];
     g2.kill().unwrap();
     g2.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(40);

@@ -16,7 +16,7 @@
 //! Down::Send  kind 16: conn:u64 data...(rest)
 //! Down::Bind  kind 17: conn:u64 uid:u64 data...(rest)
 //! Down::Close kind 18: conn:u64 data...(rest)
-//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64 [addr:str]
+//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64 [addr:str [ws:str]]
 //! Ping        kind 33: (empty)
 //! Pong        kind 34: (empty)
 //! Peer        kind 48: payload...(rest)   logic↔logic messages, layout in [`crate::peer`]
@@ -133,6 +133,9 @@ pub enum LinkMsg {
         map_epoch: u64,
         /// A gate's client address (`host:port`) for the gate registry; empty otherwise.
         addr: String,
+        /// A gate's WebSocket URL (`ws://host:port/ws` or `wss://…`) for the gate registry;
+        /// empty when it has no WebSocket listener (and from senders that predate the field).
+        ws: String,
     },
     Ping,
     Pong,
@@ -220,14 +223,18 @@ pub fn encode_msg(m: &LinkMsg, out: &mut BytesMut) {
             id,
             map_epoch,
             addr,
+            ws,
         } => {
             let a = &addr.as_bytes()[..addr.len().min(u16::MAX as usize)];
-            put_len_kind(out, 11 + 2 + a.len(), 32);
+            let w = &ws.as_bytes()[..ws.len().min(u16::MAX as usize)];
+            put_len_kind(out, 11 + 2 + a.len() + 2 + w.len(), 32);
             out.put_u8(*role as u8);
             out.put_u16(*id);
             out.put_u64(*map_epoch);
             out.put_u16(a.len() as u16);
             out.put_slice(a);
+            out.put_u16(w.len() as u16);
+            out.put_slice(w);
         }
         LinkMsg::Ping => put_len_kind(out, 0, 33),
         LinkMsg::Pong => put_len_kind(out, 0, 34),
@@ -255,19 +262,23 @@ pub fn decode_msg(buf: &mut BytesMut) -> Result<Option<LinkMsg>, LinkError> {
             };
             let id = b.get_u16();
             let map_epoch = b.get_u64();
-            // The address is optional (older peers end after map_epoch).
-            let addr = if b.remaining() >= 2 {
+            // The addresses are optional (older peers end after map_epoch, or after addr).
+            let mut opt_str = || -> Result<String, LinkError> {
+                if b.remaining() < 2 {
+                    return Ok(String::new());
+                }
                 let n = b.get_u16() as usize;
                 need(&b, n)?;
-                String::from_utf8(b.split_to(n).to_vec()).map_err(|_| LinkError::Truncated)?
-            } else {
-                String::new()
+                String::from_utf8(b.split_to(n).to_vec()).map_err(|_| LinkError::Truncated)
             };
+            let addr = opt_str()?;
+            let ws = opt_str()?;
             LinkMsg::Hello {
                 role,
                 id,
                 map_epoch,
                 addr,
+                ws,
             }
         }
         33 => LinkMsg::Ping,
@@ -450,6 +461,14 @@ mod tests {
                 id: 3,
                 map_epoch: 9,
                 addr: "127.0.0.1:7000".into(),
+                ws: "wss://127.0.0.1:7443/ws".into(),
+            },
+            LinkMsg::Hello {
+                role: Role::Logic,
+                id: 4,
+                map_epoch: 0,
+                addr: String::new(),
+                ws: String::new(),
             },
             LinkMsg::Ping,
             LinkMsg::Pong,
@@ -472,6 +491,36 @@ mod tests {
         assert_eq!(got, msgs);
         let mut b = BytesMut::from(&[0, 0, 0, 12, 32, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..]);
         assert_eq!(decode_msg(&mut b), Err(LinkError::UnknownKind(32)));
+    }
+
+    #[test]
+    fn a_hello_of_an_older_peer_without_addresses_or_without_ws_decodes_with_empty_ones() {
+        // role 1, id 7, map_epoch 5, then nothing.
+        let mut head = vec![1, 0, 7, 0, 0, 0, 0, 0, 0, 0, 5];
+        let frame = |body: &[u8]| {
+            let mut b = BytesMut::new();
+            b.put_u32(1 + body.len() as u32);
+            b.put_u8(32);
+            b.put_slice(body);
+            b
+        };
+        let hello = |addr: &str, ws: &str| LinkMsg::Hello {
+            role: Role::Gate,
+            id: 7,
+            map_epoch: 5,
+            addr: addr.into(),
+            ws: ws.into(),
+        };
+        assert_eq!(decode_msg(&mut frame(&head)).unwrap(), Some(hello("", "")));
+        head.extend_from_slice(&[0, 3]);
+        head.extend_from_slice(b"a:1");
+        assert_eq!(
+            decode_msg(&mut frame(&head)).unwrap(),
+            Some(hello("a:1", ""))
+        );
+        // A ws length with its bytes missing is an error, not an empty URL.
+        head.extend_from_slice(&[0, 9, b'w']);
+        assert_eq!(decode_msg(&mut frame(&head)), Err(LinkError::Truncated));
     }
 
     proptest! {
