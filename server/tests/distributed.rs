@@ -459,7 +459,7 @@ fn gates_linked_to_logic_appear_in_the_redis_gate_registry_and_leave_when_they_d
     assert_ne!(port, 0);
     // The URL is the gate's real WebSocket listener.
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("the announced ws port listens");
-    let want = vec![
+    let want = [
         (1, a1.to_string(), None),
         (2, a2.to_string(), Some(ws_of_2)),
     ];
