@@ -202,17 +202,12 @@ impl Poster {
             Err(e) => return Outcome::Retry(format!("cannot build request: {e}")),
         };
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                // The legacy client's error hides its cause in `source()`.
-                let mut s = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(c) = src {
-                    s.push_str(": ");
-                    s.push_str(&c.to_string());
-                    src = c.source();
-                }
-                s
-            })?;
+            // The legacy client's error hides its cause in `source()`.
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| im_shared::errors::error_chain(&e))?;
             let status = resp.status().as_u16();
             // Read (a bounded part of) the answer so the connection can be reused; its content
             // does not matter, and neither does a failure to read it.

@@ -80,7 +80,7 @@ pub(crate) async fn execute(
         let resp = client
             .request(req)
             .await
-            .map_err(|e| PushError::Transport(error_chain(&e)))?;
+            .map_err(|e| PushError::Transport(im_shared::errors::error_chain(&e)))?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, MAX_ANSWER)
             .collect()
@@ -98,18 +98,6 @@ pub(crate) async fn execute(
         Ok(r) => r,
         Err(_) => Err(PushError::Timeout(timeout)),
     }
-}
-
-/// `e` and its sources, `: `-separated (hyper-util's errors say little at the top level).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A short printable snippet of an answer body for logs and error reasons.

@@ -8,6 +8,7 @@
 
 pub mod b64;
 pub mod codes;
+pub mod errors;
 pub mod frame;
 pub mod ids;
 pub mod link;

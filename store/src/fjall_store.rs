@@ -227,18 +227,6 @@ fn io(e: fjall::Error) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-/// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn corrupt(kind: Kind, key: &[u8], why: impl Into<String>) -> StoreError {
     let mut k = String::with_capacity(16 + key.len() * 2);
     k.push_str(kind.name());
@@ -420,7 +408,7 @@ impl FjallStore {
             replayed += 1;
             Ok(())
         })
-        .map_err(|e| StoreError::Io(chain(&e)))?;
+        .map_err(|e| StoreError::Io(im_shared::errors::error_chain(&e)))?;
         if replayed > 0 {
             tracing::info!(dir = %dir.display(), replayed, "store: replayed the commit log");
         }
