@@ -6,6 +6,9 @@ use std::time::Duration;
 /// Default of [`GateConfig::max_login_body`]: 8 KiB.
 pub const DEFAULT_MAX_LOGIN_BODY: usize = 8 * 1024;
 
+/// Default of [`GateConfig::max_inflight`].
+pub const DEFAULT_MAX_INFLIGHT: usize = 64;
+
 /// Limits and layout of one gate process.
 #[derive(Clone, Debug)]
 pub struct GateConfig {
@@ -25,8 +28,14 @@ pub struct GateConfig {
     pub login_timeout: Duration,
     /// A logged-in connection that sends no complete frame for this long is closed.
     pub idle_timeout: Duration,
-    /// Bytes queued for a client that does not read before it is disconnected.
+    /// Bytes queued for a client that does not read before it is disconnected
+    /// (`Error SlowConsumer`). The reader stops taking a connection's requests while more than a
+    /// quarter of this is queued, and goes on below an eighth.
     pub max_write_queue: usize,
+    /// Requests of one connection forwarded to logic and not answered yet, beyond which the
+    /// gate stops reading that connection until an answer comes (TCP then slows the client).
+    /// Of the requests with large answers (`SyncRequest`, `GroupInfo`, `MyGroups`) one at a time.
+    pub max_inflight: usize,
     /// io_uring submission queue entries per core.
     pub uring_entries: u32,
     /// Listen backlog.
@@ -58,6 +67,7 @@ impl Default for GateConfig {
             login_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_write_queue: 256 * 1024,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
             uring_entries: 1024,
             backlog: 4096,
             limits: crate::Limits::default(),

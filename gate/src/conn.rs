@@ -8,9 +8,10 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use im_shared::frame::Cmd;
+use im_shared::frame::{Cmd, HEADER_LEN};
 use im_shared::link::Up;
 use im_shared::{Command, ConnId, ErrorCode, UserId};
 use monoio::buf::IoBufMut;
@@ -58,6 +59,37 @@ pub struct Conn {
     pub wheel_gen: Cell<u32>,
     /// Admission of the socket (limits.rs); dropping it with the connection releases the counts.
     pub slot: std::cell::OnceCell<crate::limits::Slot>,
+    /// Requests forwarded to logic and not answered yet (heavy ones excluded).
+    inflight: Cell<u16>,
+    /// `req_id` of the heavy request (sync, group info, group list) awaiting its answer.
+    heavy: Cell<Option<u32>>,
+    /// Reading stopped because the pending output passed the high-water mark; it resumes
+    /// below the low-water mark.
+    out_paused: Cell<bool>,
+    /// Core second at which the reader last paused (for the in-flight escape).
+    paused_at: Cell<u32>,
+    /// The paused reader, woken when it may go on.
+    resume: Cell<Option<Waker>>,
+}
+
+/// Whether a client command's answer may be large (a sync page, a member or group list): at
+/// most one such request is in flight per connection, so the answers to what one connection may
+/// have outstanding stay below its write queue bound.
+pub fn is_heavy(cmd: Cmd) -> bool {
+    matches!(cmd, Cmd::SyncRequest | Cmd::GroupInfo | Cmd::MyGroups)
+}
+
+/// How long a paused reader waits for the answers to its connection's requests before it
+/// forgets them and reads on (logic restarted and lost them; the client retries on its own).
+pub const INFLIGHT_TIMEOUT_SECS: u32 = 10;
+
+/// Why a connection's reader waits before taking the next frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pause {
+    /// `max_inflight` requests, or the one heavy request, await their answers.
+    Inflight,
+    /// The pending output is above the high-water mark (`max_write_queue / 4`).
+    Output,
 }
 
 impl Conn {
@@ -80,7 +112,84 @@ impl Conn {
             writer_running: Cell::new(false),
             wheel_gen: Cell::new(0),
             slot: std::cell::OnceCell::new(),
+            inflight: Cell::new(0),
+            heavy: Cell::new(None),
+            out_paused: Cell::new(false),
+            paused_at: Cell::new(u32::MAX),
+            resume: Cell::new(None),
         }
+    }
+
+    /// Why the reader may not take the next frame now, if it may not.
+    pub fn pause(&self, core: &Core) -> Option<Pause> {
+        let cfg = &core.ctx.cfg;
+        if self.out_paused.get() {
+            if self.out_bytes.get() as usize > cfg.max_write_queue / 8 {
+                return Some(Pause::Output);
+            }
+            self.out_paused.set(false);
+        }
+        if self.out_bytes.get() as usize > cfg.max_write_queue / 4 {
+            self.out_paused.set(true);
+            return Some(Pause::Output);
+        }
+        if usize::from(self.inflight.get()) >= cfg.max_inflight.max(1) || self.heavy.get().is_some()
+        {
+            return Some(Pause::Inflight);
+        }
+        None
+    }
+
+    /// Counts a request forwarded to logic.
+    fn forwarded(&self, cmd: Cmd, req_id: u32) {
+        if is_heavy(cmd) {
+            self.heavy.set(Some(req_id));
+        } else if cmd != Cmd::DeliverAck {
+            self.inflight.set(self.inflight.get().saturating_add(1));
+        }
+    }
+
+    /// Counts the answers among the frames logic sends (`data` holds whole frames), and wakes a
+    /// reader that waited for them.
+    pub fn answered(&self, data: &[u8]) {
+        let mut at = 0;
+        let mut any = false;
+        while let Some(h) = data.get(at..at + HEADER_LEN) {
+            let req_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+            at += HEADER_LEN + len;
+            let heavy_answer = match Cmd::from_u8(h[3]) {
+                Some(Cmd::SyncPage | Cmd::GroupInfoReply | Cmd::GroupList) => true,
+                // A refusal answers the heavy request if it carries its id.
+                Some(Cmd::OpResult | Cmd::Error) if self.heavy.get() == Some(req_id) => true,
+                Some(Cmd::SendAck | Cmd::OpResult | Cmd::LogoutAck | Cmd::Error) => false,
+                _ => continue, // a push
+            };
+            if heavy_answer {
+                self.heavy.set(None);
+            } else {
+                self.inflight.set(self.inflight.get().saturating_sub(1));
+            }
+            any = true;
+        }
+        if any {
+            self.wake_reader();
+        }
+    }
+
+    /// Wakes the reader if it waits.
+    fn wake_reader(&self) {
+        if let Some(w) = self.resume.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether the reader waits.
+    fn reader_waits(&self) -> bool {
+        let w = self.resume.take();
+        let waits = w.is_some();
+        self.resume.set(w);
+        waits
     }
 
     /// Starts a writer task if there is something to do and none runs.
@@ -104,8 +213,11 @@ impl Conn {
         }
     }
 
-    /// Queues encoded frames. A client whose queue exceeds the limit does not read: it is
-    /// disconnected instead of buffered forever.
+    /// Queues encoded frames. A client whose queue would exceed `max_write_queue` does not read
+    /// what it is sent (its reader stopped taking requests at a quarter of that, so its own
+    /// answers cannot fill it): the frame is dropped, `Error SlowConsumer` is queued after what
+    /// is already there, and the connection closes once that is flushed, or after
+    /// [`CLOSE_GRACE`] if it never is.
     pub fn enqueue(self: &Rc<Self>, core: &Core, data: Bytes) {
         if data.is_empty() || self.closing.get() {
             return;
@@ -114,9 +226,20 @@ impl Conn {
         if n > core.ctx.cfg.max_write_queue {
             core.ctx.stats.closed_slow.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conn = self.id.0, "slow consumer, closing");
-            self.hard_close();
+            let bye = Command::Error {
+                code: ErrorCode::SlowConsumer,
+                message: "the client does not read what it is sent".into(),
+            }
+            .to_bytes(0);
+            self.push(core, bye);
+            self.close_after_flush(core);
             return;
         }
+        self.push(core, data);
+    }
+
+    fn push(self: &Rc<Self>, core: &Core, data: Bytes) {
+        let n = self.out_bytes.get() as usize + data.len();
         self.out_bytes.set(u32::try_from(n).unwrap_or(u32::MAX));
         self.out.borrow_mut().push_back(data);
         core.ctx.stats.frames_out.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +265,7 @@ impl Conn {
             core.file(self, core.now.get() + CLOSE_GRACE.as_secs() as u32);
         }
         self.wake_writer(core);
+        self.wake_reader();
     }
 
     /// Closes now: both directions are shut down, pending reads and writes fail, the reader
@@ -150,6 +274,7 @@ impl Conn {
         self.closing.set(true);
         self.out.borrow_mut().clear();
         self.out_bytes.set(0);
+        self.wake_reader();
         // SAFETY: plain syscall on a descriptor this connection owns until its tasks end.
         unsafe {
             libc::shutdown(self.fd, libc::SHUT_RDWR);
@@ -168,6 +293,18 @@ impl Conn {
                 return None;
             }
             return Some(at);
+        }
+        // A reader paused on requests logic never answered (lost in a logic restart) forgets them.
+        let mut escape = None;
+        if self.reader_waits() && self.pause(core) == Some(Pause::Inflight) {
+            let at = self.paused_at.get().saturating_add(INFLIGHT_TIMEOUT_SECS);
+            if now >= at {
+                self.inflight.set(0);
+                self.heavy.set(None);
+                self.wake_reader();
+            } else {
+                escape = Some(at);
+            }
         }
         let (deadline, code, msg) = if self.logged_in.get() {
             (
@@ -190,7 +327,7 @@ impl Conn {
             self.close_with(core, 0, code, msg);
             None // close_with filed the connection for the forced close
         } else {
-            Some(deadline)
+            Some(escape.map_or(deadline, |e: u32| e.min(deadline)))
         }
     }
 }
@@ -201,8 +338,13 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
     *c.wr.borrow_mut() = Some(wr);
     c.wake_writer(&core);
     loop {
-        if !drain_frames(&core, &c, &mut buf) {
-            break;
+        match drain_frames(&core, &c, &mut buf) {
+            Drain::Stop => break,
+            Drain::Paused => {
+                Resume { core: &core, c: &c }.await;
+                continue;
+            }
+            Drain::More => {}
         }
         if c.closing.get() {
             break;
@@ -235,26 +377,71 @@ pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesM
     Box::pin(finish_close(core, c, rd)).await;
 }
 
-/// Decodes and handles the buffered frames. Returns false when the connection must stop reading.
-fn drain_frames(core: &Core, c: &Rc<Conn>, buf: &mut BytesMut) -> bool {
+/// What the reader does after [`drain_frames`].
+enum Drain {
+    /// Every complete frame was handled: read more.
+    More,
+    /// Frames (or reads) must wait: [`Resume`] says when.
+    Paused,
+    /// A protocol error or a refusal that closes: the connection stops reading.
+    Stop,
+}
+
+/// Decodes and handles the buffered frames, until none is complete, the connection must stop,
+/// or it must wait (backpressure: too many requests in flight, or too much output pending; the
+/// frames not taken stay in `buf` and in the socket, and TCP slows the client down).
+fn drain_frames(core: &Core, c: &Rc<Conn>, buf: &mut BytesMut) -> Drain {
     loop {
+        if c.closing.get() {
+            return Drain::More; // the caller sees `closing` and stops
+        }
+        if c.logged_in.get() {
+            if let Some(why) = c.pause(core) {
+                core.ctx.stats.reads_paused.fetch_add(1, Ordering::Relaxed);
+                let now = core.now.get();
+                // The wheel looks for the in-flight escape (at most one new entry a second).
+                if why == Pause::Inflight && c.paused_at.replace(now) != now {
+                    core.file(c, now + INFLIGHT_TIMEOUT_SECS);
+                }
+                c.paused_at.set(now);
+                return Drain::Paused;
+            }
+        }
         match core.codec.decode(buf) {
             Ok(Some(f)) => {
                 core.ctx.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                 if !on_frame(core, c, f.cmd, f.req_id, f.body) {
-                    return false;
+                    return Drain::Stop;
                 }
             }
-            Ok(None) => return true,
+            Ok(None) => return Drain::More,
             Err(e) => {
                 core.ctx
                     .stats
                     .closed_protocol_error
                     .fetch_add(1, Ordering::Relaxed);
                 c.close_with(core, 0, e.code(), &e.to_string());
-                return false;
+                return Drain::Stop;
             }
         }
+    }
+}
+
+/// Resolves when a paused reader may take the next frame (or must stop: the connection closes).
+struct Resume<'a> {
+    core: &'a Core,
+    c: &'a Conn,
+}
+
+impl std::future::Future for Resume<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.c.closing.get() || self.c.pause(self.core).is_none() {
+            return Poll::Ready(());
+        }
+        self.c.resume.set(Some(cx.waker().clone()));
+        Poll::Pending
     }
 }
 
@@ -281,9 +468,17 @@ pub async fn run_layered(
         if io.borrow().has_output() {
             c.wake_writer(&core); // a pong, TLS records
         }
-        if !drain_frames(&core, &c, &mut buf) {
-            io.borrow_mut().set_close(transport::ws::close::POLICY, "");
-            break;
+        match drain_frames(&core, &c, &mut buf) {
+            Drain::Stop => {
+                io.borrow_mut().set_close(transport::ws::close::POLICY, "");
+                break;
+            }
+            // The peer's close or a transport failure ends the connection now.
+            Drain::Paused if matches!(step, Step::Open) => {
+                Resume { core: &core, c: &c }.await;
+                continue;
+            }
+            Drain::Paused | Drain::More => {}
         }
         match step {
             Step::Open => {}
@@ -399,6 +594,7 @@ fn on_frame(core: &Core, c: &Rc<Conn>, cmd: Cmd, req_id: u32, body: Bytes) -> bo
                 );
                 return true;
             }
+            c.forwarded(cmd, req_id);
             core.push_up(
                 c.lane,
                 Up::Frame {
@@ -430,6 +626,9 @@ async fn writer(c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, io: Option<Share
     loop {
         let batch: Vec<Bytes> = c.out.borrow_mut().drain(..).collect();
         c.out_bytes.set(0);
+        if c.out_paused.get() {
+            c.wake_reader(); // the output is below the low-water mark now
+        }
         let control = io.as_ref().is_some_and(|l| l.borrow().has_output());
         if batch.is_empty() && !control {
             if !c.closing.get() {
@@ -482,6 +681,184 @@ async fn writer(c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, io: Option<Share
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A connection (on a real socket, for its descriptor) and a core with default limits.
+    fn with_conn(f: impl FnOnce(&Rc<Core>, &Rc<Conn>)) {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let stream = TcpStream::from_std(s).unwrap();
+            let core = crate::core::test_core();
+            let c = Rc::new(Conn::new(ConnId(1), &stream, UserId(1), 0, 0));
+            c.logged_in.set(true);
+            f(&core, &c);
+        });
+    }
+
+    fn frames(cmds: &[(Command, u32)]) -> Vec<u8> {
+        cmds.iter()
+            .flat_map(|(c, r)| c.to_bytes(*r).to_vec())
+            .collect()
+    }
+
+    fn ack(req: u32) -> (Command, u32) {
+        let a = Command::SendAck {
+            code: ErrorCode::Ok,
+            client_msg_id: u64::from(req),
+            msg_id: im_shared::MsgId(1),
+            seq: im_shared::Seq(1),
+            server_time_ms: 0,
+            prev_seq: im_shared::Seq(0),
+        };
+        (a, req)
+    }
+
+    #[test]
+    fn reader_pauses_at_max_inflight_and_resumes_on_an_answer() {
+        with_conn(|core, c| {
+            let max = core.ctx.cfg.max_inflight;
+            for r in 1..max as u32 {
+                c.forwarded(Cmd::SendC2c, r);
+                assert_eq!(c.pause(core), None, "{r} in flight");
+            }
+            // DeliverAck has no answer: it is not counted.
+            c.forwarded(Cmd::DeliverAck, 0);
+            assert_eq!(c.pause(core), None);
+            c.forwarded(Cmd::SendC2c, max as u32);
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            // Pushes answer nothing.
+            let deliver = Command::Kickout {
+                reason: 1,
+                message: String::new(),
+            };
+            c.answered(&frames(&[(deliver, 0)]));
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            // One answer, in a batch with a push, frees one place.
+            let delivered = Command::Delivered {
+                msg_id: im_shared::MsgId(3),
+                recipient: UserId(2),
+            };
+            c.answered(&frames(&[(delivered, 0), ack(1)]));
+            assert_eq!(c.pause(core), None);
+            // A refusal is an answer too.
+            c.forwarded(Cmd::SendC2c, 99);
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            let refusal = Command::Error {
+                code: ErrorCode::Overloaded,
+                message: "busy".into(),
+            };
+            c.answered(&frames(&[(refusal, 99)]));
+            assert_eq!(c.pause(core), None);
+        });
+    }
+
+    #[test]
+    fn one_heavy_request_at_a_time_answered_by_its_reply_or_its_refusal() {
+        with_conn(|core, c| {
+            c.forwarded(Cmd::SendC2c, 1);
+            c.forwarded(Cmd::SyncRequest, 2);
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            // The light request's answer does not free the heavy slot.
+            c.answered(&frames(&[ack(1)]));
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            let page = Command::SyncPage {
+                messages: Vec::new(),
+                has_more: false,
+                max_seq: im_shared::Seq(0),
+            };
+            c.answered(&frames(&[(page, 2)]));
+            assert_eq!(c.pause(core), None);
+            assert_eq!(c.inflight.get(), 0);
+            // GroupInfo refused with an OpResult carrying its id.
+            c.forwarded(Cmd::GroupInfo, 7);
+            c.forwarded(Cmd::SendC2c, 8);
+            let refused = Command::OpResult {
+                code: ErrorCode::Forbidden,
+                id: 0,
+                message: "not a member".into(),
+            };
+            c.answered(&frames(&[(refused, 7)]));
+            assert_eq!(c.heavy.get(), None);
+            assert_eq!(c.inflight.get(), 1, "the light request is still out");
+        });
+    }
+
+    #[test]
+    fn output_above_a_quarter_of_the_queue_pauses_until_below_an_eighth() {
+        with_conn(|core, c| {
+            let max = core.ctx.cfg.max_write_queue;
+            c.out_bytes.set((max / 4 + 1) as u32);
+            assert_eq!(c.pause(core), Some(Pause::Output));
+            c.out_bytes.set((max / 8 + 1) as u32);
+            assert_eq!(c.pause(core), Some(Pause::Output), "hysteresis");
+            c.out_bytes.set((max / 8) as u32);
+            assert_eq!(c.pause(core), None);
+        });
+    }
+
+    #[test]
+    fn a_reader_waiting_on_unanswered_requests_reads_on_after_the_timeout() {
+        with_conn(|core, c| {
+            for r in 0..core.ctx.cfg.max_inflight as u32 {
+                c.forwarded(Cmd::SendC2c, r + 1);
+            }
+            c.paused_at.set(100);
+            c.last_active.set(100);
+            c.resume.set(Some(Waker::noop().clone()));
+            let idle = core.ctx.cfg.idle_timeout.as_secs() as u32;
+            // Before the timeout the wheel comes back at the escape time.
+            assert_eq!(
+                c.check_deadline(core, 101),
+                Some(100 + INFLIGHT_TIMEOUT_SECS)
+            );
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            c.last_active.set(100 + INFLIGHT_TIMEOUT_SECS);
+            assert_eq!(
+                c.check_deadline(core, 100 + INFLIGHT_TIMEOUT_SECS),
+                Some(100 + INFLIGHT_TIMEOUT_SECS + idle)
+            );
+            assert_eq!(c.pause(core), None, "the unanswered requests are forgotten");
+            assert!(!c.reader_waits(), "the reader was woken");
+        });
+    }
+
+    #[test]
+    fn an_overflowing_queue_ends_with_slow_consumer_not_a_silent_cut() {
+        with_conn(|core, c| {
+            let max = core.ctx.cfg.max_write_queue;
+            // No writer runs (the write half is not parked here), so frames stay queued.
+            let big = Bytes::from(vec![0u8; max - 10]);
+            c.enqueue(core, big);
+            c.enqueue(core, Bytes::from(vec![1u8; 100]));
+            assert!(c.closing.get());
+            let out = c.out.borrow();
+            assert_eq!(
+                out.len(),
+                2,
+                "the overflowing frame is dropped, the error queued"
+            );
+            let mut last = BytesMut::from(&out[1][..]);
+            let f = core.codec.decode(&mut last).unwrap().unwrap();
+            assert_eq!(
+                Command::decode(&f).unwrap(),
+                Command::Error {
+                    code: ErrorCode::SlowConsumer,
+                    message: "the client does not read what it is sent".into()
+                }
+            );
+            drop(out);
+            assert_eq!(core.ctx.stats.closed_slow.load(Ordering::Relaxed), 1);
+            // Nothing more is queued once closing.
+            c.enqueue(core, Bytes::from_static(b"x"));
+            assert_eq!(c.out.borrow().len(), 2);
+        });
+    }
+
     /// The reader future lives as long as its connection: keep it small (a `Sleep` inside it
     /// would add over a kilobyte per idle connection).
     #[test]

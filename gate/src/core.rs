@@ -579,7 +579,10 @@ impl Core {
             return;
         }
         match d {
-            Down::Send { data, .. } => c.enqueue(self, data),
+            Down::Send { data, .. } => {
+                c.answered(&data);
+                c.enqueue(self, data);
+            }
             Down::Bind { uid, data, .. } => {
                 if uid == c.uid.get() && !c.logged_in.get() {
                     c.logged_in.set(true);

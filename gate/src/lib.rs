@@ -86,6 +86,8 @@ gate_counters! {
     closed_timeout: "counter" "im_gate_closed_timeout_total"
         "Connections closed by a login or idle timeout.",
     closed_slow: "counter" "im_gate_closed_slow_total" "Connections closed as slow consumers.",
+    reads_paused: "counter" "im_gate_reads_paused_total"
+        "Times a connection's reader paused: max_inflight requests unanswered, or output above the high-water mark.",
     handoffs: "counter" "im_gate_handoffs_total"
         "Logged-in connections handed to the core of their user.",
     overloaded: "counter" "im_gate_overloaded_total" "Requests refused with Overloaded.",

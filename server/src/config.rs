@@ -39,8 +39,11 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// Heartbeat interval announced to clients.
     pub heartbeat_secs: u16,
-    /// Bytes queued for a non-reading client before it is disconnected.
+    /// Bytes queued for a non-reading client before it is disconnected (`SlowConsumer`); the
+    /// gate stops reading a connection's requests above a quarter of it.
     pub max_write_queue: usize,
+    /// Requests of one connection awaiting their answers before the gate stops reading it.
+    pub max_inflight: usize,
     /// Seqs reserved per store write.
     pub seq_segment: u64,
     /// Client frames queued per logic worker before new work is refused (retryable).
@@ -120,6 +123,7 @@ impl Default for ServerConfig {
             idle_timeout_secs: g.idle_timeout.as_secs(),
             heartbeat_secs: l.heartbeat_secs,
             max_write_queue: g.max_write_queue,
+            max_inflight: g.max_inflight,
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
             redis_nodes: Vec::new(),
@@ -168,6 +172,7 @@ pub(crate) fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
         login_timeout: Duration::from_secs(cfg.login_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         max_write_queue: cfg.max_write_queue,
+        max_inflight: cfg.max_inflight,
         limits: cfg.limits.clone(),
         ws_listen: cfg.ws_listen,
         web_root: cfg.web_root.clone(),

@@ -143,6 +143,21 @@ fn never_reading_client_is_disconnected() {
         }
         panic!("the non-reading client was never disconnected");
     });
+    // When it reads again it finds what was queued before the cut, then `SlowConsumer`
+    // (queued past the limit, within the 5 s the gate gives a closing connection to flush).
+    let got = sink.read_until_closed(Duration::from_secs(10)).unwrap();
+    assert!(
+        matches!(
+            got.last(),
+            Some(Command::Error {
+                code: ErrorCode::SlowConsumer,
+                ..
+            })
+        ),
+        "{} frames, the last {:?}",
+        got.len(),
+        got.last()
+    );
     // Everything acked is still there for the slow user when it comes back.
     drop(sink);
     let mut back = login(s.addr, 908);

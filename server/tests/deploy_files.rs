@@ -41,6 +41,7 @@ const GATE_KEYS: &[&str] = &[
     "gate_cores",
     "max_body",
     "max_login_body",
+    "max_inflight",
     "login_timeout_secs",
     "idle_timeout_secs",
     "max_write_queue",

@@ -108,3 +108,51 @@ fn overload_is_refused_retryably_and_accepted_work_is_kept() {
     assert_eq!(got_set, acked);
     assert_eq!(acked.len(), 4 * 300);
 }
+
+/// Issue 14: a client that pipelines far more requests than the gate lets it have in flight, and
+/// reads all the while, is slowed by TCP (the gate stops reading its socket), not cut: every
+/// request is answered, nothing closes as a slow consumer, and everything acked is stored once.
+#[test]
+fn a_pipelining_client_that_reads_is_slowed_not_cut() {
+    const N: u64 = 20_000;
+    let s = start(); // default max_write_queue (256 KiB) and max_inflight (64)
+    let mut c = login(s.addr, 7301);
+    let mut wire = Vec::new();
+    for n in 1..=N {
+        let cmd = Command::SendC2c {
+            to: UserId(7302),
+            client_msg_id: n,
+            body: format!("pipelined {n}").into(),
+        };
+        wire.extend_from_slice(&cmd.to_bytes(n as u32));
+    }
+    let mut out = c.stream().try_clone().unwrap();
+    let writer = std::thread::spawn(move || out.write_all(&wire));
+    let mut acked = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (acked.len() as u64) < N {
+        assert!(Instant::now() < deadline, "{} of {N} acked", acked.len());
+        match c.recv(Duration::from_secs(1)).unwrap() {
+            Some(Command::SendAck {
+                code: ErrorCode::Ok,
+                client_msg_id,
+                ..
+            }) => assert!(acked.insert(client_msg_id), "{client_msg_id} acked twice"),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => {}
+        }
+    }
+    writer.join().unwrap().unwrap();
+    let stats = s.server.as_ref().unwrap().gate_stats();
+    assert_eq!(stats.closed_slow, 0);
+    assert!(stats.reads_paused > 0, "the reader never paused: {stats:?}");
+    // The recipient finds every message once, in order.
+    let mut r = login(s.addr, 7302);
+    let mut t = Timeline::new(Seq(0));
+    t.sync(&mut r).unwrap();
+    let bodies: Vec<_> = t.messages.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(bodies.len() as u64, N);
+    for (i, b) in bodies.iter().enumerate() {
+        assert_eq!(b, format!("pipelined {}", i + 1).as_bytes());
+    }
+}
