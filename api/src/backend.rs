@@ -64,12 +64,15 @@ pub trait ApiBackend: Send + Sync + 'static {
         body: Bytes,
         request_id: u64,
     ) -> BoxFut<'_, Result<Accepted, ApiError>>;
-    /// Creates a group owned by `owner` with `members` (the owner is added).
+    /// Creates a group owned by `owner` with `members` (the owner is added). A non-zero
+    /// `client_id` makes the create idempotent: the same owner and `client_id` answer the group
+    /// the first call made.
     fn group_create(
         &self,
         owner: UserId,
         name: String,
         members: Vec<UserId>,
+        client_id: u64,
     ) -> BoxFut<'_, Result<GroupId, ApiError>>;
     /// Adds members (administrative: no owner check).
     fn group_add(&self, group: GroupId, members: Vec<UserId>) -> BoxFut<'_, Result<(), ApiError>>;

@@ -74,6 +74,10 @@ pub(crate) struct CreateGroupReq {
     pub name: String,
     #[serde(default)]
     pub members: Vec<Id>,
+    /// Idempotency key (optional): a retry with the same owner and `client_id` answers the
+    /// group the first call created.
+    #[serde(default)]
+    pub client_id: Option<Id>,
 }
 
 /// `POST /v1/groups/{id}/members`.

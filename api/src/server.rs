@@ -806,11 +806,12 @@ async fn create_group(state: &State, body: &[u8]) -> Result<Resp, Fail> {
     }
     check_name(&req.name)?;
     let members = users("members", &req.members, true)?;
-    let group = call(
-        state
-            .backend
-            .group_create(UserId(req.owner.0), req.name, members),
-    )
+    let group = call(state.backend.group_create(
+        UserId(req.owner.0),
+        req.name,
+        members,
+        req.client_id.map_or(0, |c| c.0),
+    ))
     .await?;
     Ok(ok(json!({"group": group.0})))
 }

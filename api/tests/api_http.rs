@@ -42,6 +42,7 @@ mod api {
             owner: u64,
             name: String,
             members: Vec<u64>,
+            client_id: u64,
         },
         Add(u64, Vec<u64>),
         Remove(u64, Vec<u64>),
@@ -101,11 +102,13 @@ mod api {
             owner: UserId,
             name: String,
             members: Vec<UserId>,
+            client_id: u64,
         ) -> BoxFut<'_, Result<GroupId, ApiError>> {
             let call = Call::Create {
                 owner: owner.0,
                 name,
                 members: members.iter().map(|u| u.0).collect(),
+                client_id,
             };
             self.record(call, GroupId(77))
         }
@@ -1051,7 +1054,11 @@ mod api {
             r#"{"owner":1,"name":"team","members":[2,3,"4"]}"#,
         );
         assert_eq!((r.status, r.json()), (200, json!({"group": 77})));
-        let r = api.signed("POST", "/v1/groups", r#"{"owner":1,"name":"solo"}"#);
+        let r = api.signed(
+            "POST",
+            "/v1/groups",
+            r#"{"owner":1,"name":"solo","client_id":"18446744073709551615"}"#,
+        );
         assert_eq!((r.status, r.json()), (200, json!({"group": 77})));
         let r = api.signed("GET", "/v1/groups/77", "");
         assert_eq!(r.status, 200);
@@ -1084,12 +1091,14 @@ mod api {
                 Call::Create {
                     owner: 1,
                     name: "team".into(),
-                    members: vec![2, 3, 4]
+                    members: vec![2, 3, 4],
+                    client_id: 0,
                 },
                 Call::Create {
                     owner: 1,
                     name: "solo".into(),
-                    members: vec![]
+                    members: vec![],
+                    client_id: u64::MAX,
                 },
                 Call::Info(77),
                 Call::Add(77, vec![5, 6]),

@@ -331,11 +331,26 @@ impl Client {
         }
     }
 
-    /// Creates a group owned by this user; returns its id.
+    /// Creates a group owned by this user; returns its id. Not idempotent: see
+    /// [`Client::create_group_with_id`] for a create that may be retried.
     pub fn create_group(&mut self, name: &str, members: &[UserId]) -> Result<GroupId, ClientError> {
+        self.create_group_with_id(name, members, 0)
+    }
+
+    /// Creates a group with an idempotency key: sending it again with the same non-zero
+    /// `client_id` (after a lost answer, on a new connection, after a server restart) answers the
+    /// group the first create made instead of making another. Keep the key with the pending
+    /// create, like a message's `client_msg_id`.
+    pub fn create_group_with_id(
+        &mut self,
+        name: &str,
+        members: &[UserId],
+        client_id: u64,
+    ) -> Result<GroupId, ClientError> {
         self.op(&Command::GroupCreate {
             name: name.to_owned(),
             members: members.to_vec(),
+            client_id,
         })
         .map(GroupId)
     }

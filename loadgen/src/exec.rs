@@ -489,6 +489,7 @@ impl Exec {
             let req = c.push(&Command::GroupCreate {
                 name: format!("lg-{k}"),
                 members,
+                client_id: 0, // a fresh group in every run, even against the same store
             });
             self.creating.borrow_mut().insert(create_key(c, req), k);
         }

@@ -282,6 +282,7 @@ impl ApiBackend for LogicHandle {
         owner: UserId,
         name: String,
         members: Vec<UserId>,
+        client_id: u64,
     ) -> BoxFut<'_, Result<GroupId, ApiError>> {
         Box::pin(async move {
             if owner.0 == 0 {
@@ -295,6 +296,7 @@ impl ApiBackend for LogicHandle {
                 owner,
                 name,
                 members,
+                client_id,
                 reply: tx,
             };
             match self

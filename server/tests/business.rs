@@ -1173,3 +1173,39 @@ fn gateway_410_drops_the_token_and_later_messages_skip_it() {
     );
     api.wait_metric("im_push_sent_total{provider=\"webhook\"}", 2);
 }
+
+/// Issue 14: a group create over the API with a `client_id`, retried, answers the first group,
+/// and a client's `GroupCreate` retried with its `client_id` on a new connection does the same.
+#[test]
+fn group_creates_with_a_client_id_are_idempotent_over_the_api_and_the_protocol() {
+    let (s, api) = start_biz(|_| {});
+    let (o, m) = (51041, 51042);
+    let mut member = login(s.addr, m);
+    let body = r#"{"owner":51041,"name":"ops","members":[51042],"client_id":"9"}"#;
+    let g = api.ok("POST", "/v1/groups", body)["group"].u64();
+    assert_eq!(api.ok("POST", "/v1/groups", body)["group"].u64(), g);
+    // Without a key every call is a new group.
+    let plain = r#"{"owner":51041,"name":"ops","members":[51042]}"#;
+    let p1 = api.ok("POST", "/v1/groups", plain)["group"].u64();
+    let p2 = api.ok("POST", "/v1/groups", plain)["group"].u64();
+    assert!(p1 != p2 && p1 != g && p2 != g);
+    // Over the protocol: the answer "was lost", the client reconnects and sends it again.
+    let mut c = login(s.addr, o);
+    let g2 = c.create_group_with_id("team", &[UserId(m)], 10).unwrap();
+    drop(c);
+    let mut c = login(s.addr, o);
+    assert_eq!(
+        c.create_group_with_id("team", &[UserId(m)], 10).unwrap(),
+        g2
+    );
+    // The member saw exactly one `Created` event per group.
+    let mut created = Vec::new();
+    for _ in 0..4 {
+        created.push(next_of(&mut member, CONV_GROUP_EVENT).to.0);
+    }
+    created.sort_unstable();
+    let mut want = vec![g, p1, p2, g2.0];
+    want.sort_unstable();
+    assert_eq!(created, want);
+    assert_no_deliver(&mut member, Duration::from_millis(300));
+}

@@ -343,6 +343,10 @@ pub enum Command {
     GroupCreate {
         name: String,
         members: Vec<UserId>,
+        /// Chosen by the client, like `client_msg_id`: a create retried with the same non-zero
+        /// `client_id` by the same user answers the group the first one made. 0: none (every
+        /// create makes a new group). Optional on the wire (absent = 0).
+        client_id: u64,
     },
     /// Owner only. Answered with `OpResult`.
     GroupAdd {
@@ -459,7 +463,9 @@ impl Command {
             Command::SendC2g { body, .. } => 8 + 8 + 4 + body.len(),
             Command::Recall { .. } | Command::ReadReport { .. } => 8 + 1 + 8 + 8,
             Command::Report { topic, body, .. } => 8 + string_len(topic) + 4 + body.len(),
-            Command::GroupCreate { name, members } => string_len(name) + 2 + 8 * members.len(),
+            Command::GroupCreate { name, members, .. } => {
+                string_len(name) + 2 + 8 * members.len() + 8
+            }
             Command::GroupAdd { members, .. } | Command::GroupRemove { members, .. } => {
                 8 + 2 + 8 * members.len()
             }
@@ -603,9 +609,14 @@ impl Command {
                 put_string(out, topic);
                 put_bytes(out, body);
             }
-            Command::GroupCreate { name, members } => {
+            Command::GroupCreate {
+                name,
+                members,
+                client_id,
+            } => {
                 put_string(out, name);
                 put_uids(out, members);
+                out.put_u64(*client_id);
             }
             Command::GroupAdd { group, members } | Command::GroupRemove { group, members } => {
                 out.put_u64(group.0);
@@ -784,6 +795,12 @@ impl Command {
             Cmd::GroupCreate => Command::GroupCreate {
                 name: r.string("name")?,
                 members: read_uids(&mut r)?,
+                // Appended field: absent in bodies from older clients.
+                client_id: if r.remaining() == 0 {
+                    0
+                } else {
+                    r.u64("client_id")?
+                },
             },
             Cmd::GroupAdd => Command::GroupAdd {
                 group: GroupId(r.u64("group")?),
@@ -946,6 +963,7 @@ mod tests {
             Command::GroupCreate {
                 name: "team".into(),
                 members: vec![UserId(2), UserId(3)],
+                client_id: 0x0102_0304_0506_0708,
             },
             Command::GroupAdd {
                 group: GroupId(8),
@@ -1028,6 +1046,9 @@ mod tests {
         for c in all_commands() {
             let f = c.to_frame(1);
             for cut in 0..f.body.len() {
+                if matches!(c, Command::GroupCreate { .. }) && cut == f.body.len() - 8 {
+                    continue; // the body before the optional `client_id` is complete
+                }
                 let short = Frame::new(f.cmd, 1, f.body.slice(..cut));
                 assert!(Command::decode(&short).is_err(), "{c:?} cut at {cut}");
             }
@@ -1042,6 +1063,25 @@ mod tests {
         body.extend_from_slice(b"future fields");
         f.body = body.freeze();
         assert_eq!(Command::decode(&f).unwrap(), c);
+    }
+
+    #[test]
+    fn a_group_create_without_the_appended_client_id_reads_as_zero() {
+        let c = Command::GroupCreate {
+            name: "old".into(),
+            members: vec![UserId(5)],
+            client_id: 77,
+        };
+        let mut f = c.to_frame(1);
+        f.body = f.body.slice(..f.body.len() - 8); // what a client before the field sends
+        assert_eq!(
+            Command::decode(&f).unwrap(),
+            Command::GroupCreate {
+                name: "old".into(),
+                members: vec![UserId(5)],
+                client_id: 0,
+            }
+        );
     }
 
     #[test]

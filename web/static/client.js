@@ -764,6 +764,7 @@ export class ImClient extends EventTarget {
       type: 'GroupCreate',
       name,
       members: members.map((m) => P.toU64(m, 'member')),
+      clientId: randomU64(), // idempotency key (the page does not retry a create yet)
     });
     if ((res.type !== 'OpResult' && res.type !== 'Error') || res.code !== P.ERR.Ok) {
       throw new Error(`${P.errName(res.code)}${res.message ? `: ${res.message}` : ''}`);

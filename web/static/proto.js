@@ -419,6 +419,7 @@ const LAYOUT = {
   GroupCreate: [
     ['name', T.str],
     ['members', UIDS],
+    ['clientId', T.u64],
   ],
   GroupAdd: [
     ['group', T.u64],

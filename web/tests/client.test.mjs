@@ -250,6 +250,7 @@ test('groups: create, events, own post merged with its Deliver', async () => {
   const p = c.createGroup('team', ['6', '7']);
   const gc = await ws.next('GroupCreate');
   assert.deepEqual(gc.members, [6n, 7n]);
+  assert.ok(typeof gc.clientId === 'bigint' && gc.clientId !== 0n, 'an idempotency key');
   ws.push({ type: 'OpResult', code: 0, id: 50n, message: '' }, gc.reqId);
   assert.equal(await p, '50');
   ws.push({

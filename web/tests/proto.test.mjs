@@ -141,7 +141,7 @@ const SAMPLES = [
   { type: 'Recall', clientMsgId: 3n, conv: CONV.C2C, peer: 4n, msgId: 5n },
   { type: 'ReadReport', clientMsgId: 3n, conv: CONV.C2G, peer: 4n, msgId: 5n },
   { type: 'Report', clientMsgId: 8n, topic: 'orders', body: utf8('{}') },
-  { type: 'GroupCreate', name: 'team ☕', members: [2n, 3n] },
+  { type: 'GroupCreate', name: 'team ☕', members: [2n, 3n], clientId: 9n },
   { type: 'GroupAdd', group: 10n, members: [4n] },
   { type: 'GroupRemove', group: 10n, members: [] },
   { type: 'GroupLeave', group: 10n },

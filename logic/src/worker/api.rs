@@ -100,8 +100,9 @@ impl<S: Store> Worker<S> {
                 owner,
                 name,
                 members,
+                client_id,
                 reply,
-            } => self.on_group_create(owner, name, members, Reply::Api(reply), round),
+            } => self.on_group_create(owner, name, members, client_id, Reply::Api(reply), round),
             ApiReq::GroupsOf { uid, reply } => {
                 self.on_my_groups(uid, Reply::Api(reply), round).await
             }

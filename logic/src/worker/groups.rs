@@ -158,11 +158,13 @@ impl<S: Store> Worker<S> {
     }
 
     /// A user (or the API) creates a group: allocate its id here, let its owner create it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_group_create(
         &mut self,
         actor: UserId,
         name: String,
         members: Vec<UserId>,
+        client_id: u64,
         reply: Reply,
         round: &mut Round,
     ) {
@@ -191,10 +193,17 @@ impl<S: Store> Worker<S> {
             return self.refuse(reply, &op, e, round);
         }
         // An API call must land on a group of this node (it cannot wait for another node's
-        // answer): draw ids until one is owned here; about `nodes` draws on average.
+        // answer): draw ids until one is owned here; about `nodes` draws on average. With a
+        // client id the draws are derived from it, so a retry finds the same group.
         let api = matches!(reply, Reply::Api(_));
+        let mut attempt = 0u32;
         let group = loop {
-            let g = GroupId(self.ids.next(self.now).0);
+            let g = if client_id == 0 {
+                GroupId(self.ids.next(self.now).0)
+            } else {
+                attempt += 1;
+                derived_group_id(actor, client_id, attempt - 1)
+            };
             if !api || self.router.node_of(self.router.owner(UserId(g.0))) == self.router.node {
                 break g;
             }
@@ -257,7 +266,22 @@ impl<S: Store> Worker<S> {
             op,
         } = req;
         if let GroupOp::Create { name, members } = op {
-            return self.create(group, actor, name, members, reply, round);
+            // A retried create (same derived id) finds the group in memory or in the store.
+            return match self.load_group(group).await {
+                Ok(false) => self.create(group, actor, name, members, reply, round),
+                Ok(true) if self.groups[&group].desc.creator == actor => {
+                    round.reply(reply, ApiOk::Group(group), |r| op_ok(r, group.0))
+                }
+                Ok(true) => {
+                    let e = ApiError::new(ErrorCode::InvalidArgument, "group id already in use");
+                    let op = GroupOp::Create { name, members };
+                    self.refuse(reply, &op, e, round)
+                }
+                Err(e) => {
+                    let op = GroupOp::Create { name, members };
+                    self.refuse(reply, &op, unavailable(&e), round)
+                }
+            };
         }
         match self.load_group(group).await {
             Ok(true) => {}
@@ -369,10 +393,6 @@ impl<S: Store> Worker<S> {
         reply: Reply,
         round: &mut Round,
     ) {
-        if self.groups.contains_key(&group) {
-            // Already created (a duplicate request): answer the same.
-            return round.reply(reply, ApiOk::Group(group), |r| op_ok(r, group.0));
-        }
         let now = self.now;
         let desc = GroupDesc {
             group,
@@ -599,4 +619,21 @@ impl<S: Store> Worker<S> {
             Err(e) => self.refuse(reply, &GroupOp::Info, unavailable(&e), round),
         }
     }
+}
+
+/// The id of the group `actor` creates with idempotency key `client_id` (draw `attempt`): a hash,
+/// so a retried create (after a lost answer, a reconnect, a restart) names the same group and
+/// finds it, and another user cannot aim at an id someone else will create (SHA-256, not
+/// invertible). 63 bits, never 0, like the ids drawn from the message id generator, which it
+/// meets with the odds of a random 63-bit collision.
+pub(super) fn derived_group_id(actor: UserId, client_id: u64, attempt: u32) -> GroupId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"im group create v1");
+    h.update(actor.0.to_be_bytes());
+    h.update(client_id.to_be_bytes());
+    h.update(attempt.to_be_bytes());
+    let d = h.finalize();
+    let v = u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) >> 1;
+    GroupId(v.max(1))
 }

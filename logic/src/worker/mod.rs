@@ -180,6 +180,8 @@ pub enum ApiReq {
         owner: UserId,
         name: String,
         members: Vec<UserId>,
+        /// Idempotency key of the create (0: none), as `Command::GroupCreate::client_id`.
+        client_id: u64,
         reply: oneshot::Sender<Result<ApiOk, ApiError>>,
     },
     GroupsOf {
@@ -781,10 +783,15 @@ impl<S: Store> Worker<S> {
                         topic,
                         body,
                     } => self.on_report(conn, uid, req_id, client_msg_id, topic, body, round),
-                    Command::GroupCreate { name, members } => self.on_group_create(
+                    Command::GroupCreate {
+                        name,
+                        members,
+                        client_id,
+                    } => self.on_group_create(
                         uid,
                         name,
                         members,
+                        client_id,
                         Reply::Conn { conn, req_id },
                         round,
                     ),

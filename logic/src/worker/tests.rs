@@ -825,6 +825,7 @@ async fn a_group_post_is_stored_for_every_member_and_delivered_to_those_online()
     let create = Command::GroupCreate {
         name: "team".into(),
         members: vec![b, c],
+        client_id: 0,
     };
     fx.client(conn(1), a, vec![(1, create)]).await;
     fx.pump().await;
@@ -876,4 +877,72 @@ async fn a_group_post_is_stored_for_every_member_and_delivered_to_those_online()
             }
         }
     }
+}
+
+/// The group id of the first `OpResult Ok` sent to `c`.
+fn created(out: &[Out], c: ConnId) -> GroupId {
+    out.iter()
+        .find_map(|o| match o.cmd {
+            Command::OpResult {
+                code: ErrorCode::Ok,
+                id,
+                ..
+            } if o.conn == c => Some(GroupId(id)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no group created for {c:?}: {out:?}"))
+}
+
+#[tokio::test]
+async fn a_group_create_retried_with_its_client_id_answers_the_first_group_even_after_a_restart() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let create = |client_id| Command::GroupCreate {
+        name: "team".into(),
+        members: vec![b],
+        client_id,
+    };
+    fx.client(conn(1), a, vec![(1, create(42))]).await;
+    fx.pump().await;
+    let g1 = created(&fx.out(), conn(1));
+    // The answer was lost: the client sends the same create again.
+    fx.client(conn(1), a, vec![(2, create(42))]).await;
+    fx.pump().await;
+    assert_eq!(created(&fx.out(), conn(1)), g1);
+    // After a restart nothing is in memory: the store has it.
+    fx.restart().await;
+    fx.pump().await;
+    fx.login(conn(2), a, DeviceType::Phone).await;
+    fx.client(conn(2), a, vec![(3, create(42))]).await;
+    fx.pump().await;
+    assert_eq!(created(&fx.out(), conn(2)), g1);
+    // One group: one `Created` event for each member.
+    fx.settle().await;
+    for m in [a, b] {
+        let events = fx
+            .timeline(m)
+            .await
+            .into_iter()
+            .filter(|x| x.conv == im_shared::proto::CONV_GROUP_EVENT)
+            .count();
+        assert_eq!(events, 1, "member {m}");
+    }
+    // Another key makes another group; so does the same key from another user, and no key.
+    fx.client(conn(2), a, vec![(4, create(43))]).await;
+    fx.pump().await;
+    let g2 = created(&fx.out(), conn(2));
+    fx.login(conn(3), b, DeviceType::Phone).await;
+    fx.client(conn(3), b, vec![(5, create(42))]).await;
+    fx.pump().await;
+    let g3 = created(&fx.out(), conn(3));
+    fx.client(conn(2), a, vec![(6, create(0))]).await;
+    fx.pump().await;
+    let g4 = created(&fx.out(), conn(2));
+    fx.client(conn(2), a, vec![(7, create(0))]).await;
+    fx.pump().await;
+    let g5 = created(&fx.out(), conn(2));
+    let all: std::collections::BTreeSet<_> = [g1, g2, g3, g4, g5].into();
+    assert_eq!(all.len(), 5, "{all:?}");
 }
