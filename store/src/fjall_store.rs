@@ -21,6 +21,10 @@
 //! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
 //! | `meta`     | `applied` (bytes)                           | seq `u64` of the last commit-log record in fjall |
 //!
+//! Dedup records expire after [`crate::DEDUP_WINDOW`] (7 days, ScyllaDB's TTL): a compaction
+//! filter on `dedup` drops those older than the window before the newest record committed
+//! (`DedupExpiry`).
+//!
 //! Writer fences are also kept in memory behind a read-write lock: a commit holds the read lock
 //! from its fence check until its batch is durable, and [`Store::fence`] takes the write lock, so
 //! a fence raised while a commit is in flight waits for it and every later commit sees it (the
@@ -56,6 +60,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use bytes::{Buf, Bytes};
@@ -137,6 +142,9 @@ pub struct FjallStore {
     syncer: Arc<Syncer>,
     /// Whose turn it is to apply (step 3).
     turns: Arc<Turns>,
+    /// Newest `server_time_ms` of a dedup record committed since open: the clock of the dedup
+    /// expiry ([`DedupExpiry`]).
+    dedup_clock: Arc<AtomicU64>,
     dir: PathBuf,
     /// Test hook: commits stop after the log sync, as if the process died before fjall got them.
     #[cfg(test)]
@@ -362,8 +370,17 @@ impl FjallStore {
     }
 
     pub(crate) fn open_with(dir: &Path, shape: LogShape) -> Result<FjallStore, StoreError> {
+        let dedup_clock = Arc::new(AtomicU64::new(0));
+        let expiry = Arc::new(DedupExpiry {
+            clock: dedup_clock.clone(),
+            window_ms: crate::DEDUP_WINDOW.as_millis() as u64,
+        });
         let db = Database::builder(dir)
             .manual_journal_persist(true)
+            .with_compaction_filter_factories(Arc::new(move |name: &str| {
+                (name == DEDUP)
+                    .then(|| expiry.clone() as Arc<dyn fjall::compaction::filter::Factory>)
+            }))
             .open()
             .map_err(io)?;
         let ks = |name: &str| {
@@ -433,6 +450,7 @@ impl FjallStore {
             syncer: log.syncer(),
             turns: Arc::new(Turns::new(log.next_seq())),
             log: Arc::new(Mutex::new(log)),
+            dedup_clock,
             dir: dir.to_path_buf(),
             #[cfg(test)]
             skip_apply: Arc::default(),
@@ -666,6 +684,12 @@ impl Store for FjallStore {
         // Every item of a fjall batch gets the same LSM sequence number, so two writes of one key
         // in one batch would be ordered only by the memtable's replace-on-insert. Merge them here
         // instead: the last op on a key wins, as if the ops were applied one after another.
+        for op in &batch.ops {
+            if let Op::Dedup { entry, .. } = op {
+                self.dedup_clock
+                    .fetch_max(entry.server_time_ms, Ordering::Relaxed);
+            }
+        }
         let writes = collect(batch);
         let record = encode_writes(&writes);
         // 1. The record, under the writer lock. A checkpoint (before a segment is reused) first
@@ -915,6 +939,66 @@ fn second_u64(kind: Kind, key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| corrupt(kind, key, format!("key of {} bytes, want 16", key.len())))
 }
 
+/// Whether a dedup record written at `server_time_ms` is out of the window at `now_ms`.
+fn dedup_expired(server_time_ms: u64, now_ms: u64, window_ms: u64) -> bool {
+    server_time_ms.saturating_add(window_ms) < now_ms
+}
+
+/// Compaction filter of the `dedup` keyspace: drops records more than [`crate::DEDUP_WINDOW`]
+/// older than the newest one committed, so the keyspace holds about a window's worth of sends,
+/// not every send ever made (ScyllaDB does the same with a TTL). The clock is the newest record's
+/// `server_time_ms` rather than the wall clock, so a store whose writers stopped (or tests with a
+/// fixed clock) never loses a record to time alone; in a running system the two agree. Keys are
+/// spread over the whole uid range, so new writes keep compactions passing over every table, old
+/// ones included. A record past the window that compaction has not reached yet is still read:
+/// logic ignores it (`worker/c2c.rs`), as ScyllaDB's TTL hides its rows.
+struct DedupExpiry {
+    clock: Arc<AtomicU64>,
+    window_ms: u64,
+}
+
+impl fjall::compaction::filter::Factory for DedupExpiry {
+    fn name(&self) -> &str {
+        "dedup-expiry"
+    }
+
+    fn make_filter(
+        &self,
+        _: &fjall::compaction::filter::Context,
+    ) -> Box<dyn fjall::compaction::filter::CompactionFilter> {
+        Box::new(DedupExpiryFilter {
+            now_ms: self.clock.load(Ordering::Relaxed),
+            window_ms: self.window_ms,
+        })
+    }
+}
+
+struct DedupExpiryFilter {
+    now_ms: u64,
+    window_ms: u64,
+}
+
+impl fjall::compaction::filter::CompactionFilter for DedupExpiryFilter {
+    fn filter_item(
+        &mut self,
+        item: fjall::compaction::filter::ItemAccessor<'_>,
+        _: &fjall::compaction::filter::Context,
+    ) -> fjall::compaction::filter::CompactionFilterResult {
+        use fjall::compaction::filter::Verdict;
+        let v = item.value()?;
+        // A value that is not a dedup record is kept (reads report it as corrupt).
+        let Some(time) = v.get(16..24) else {
+            return Ok(Verdict::Keep);
+        };
+        let time = u64::from_be_bytes(time.try_into().expect("8 bytes"));
+        Ok(if dedup_expired(time, self.now_ms, self.window_ms) {
+            Verdict::Remove
+        } else {
+            Verdict::Keep
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -954,6 +1038,59 @@ mod tests {
     async fn seqs(store: &FjallStore, uid: u64) -> Vec<u64> {
         let t = store.timeline(UserId(uid), Seq(0), 10_000).await.unwrap();
         t.iter().map(|m| m.seq.0).collect()
+    }
+
+    fn dedup_put(uid: u64, cid: u64, server_time_ms: u64) -> WriteBatch {
+        let mut b = WriteBatch::default();
+        b.push(Op::Dedup {
+            uid: UserId(uid),
+            client_msg_id: cid,
+            entry: DedupEntry {
+                msg_id: MsgId(cid),
+                seq: Seq(cid),
+                prev_seq: Seq(0),
+                server_time_ms,
+            },
+        });
+        b
+    }
+
+    /// Dedup records in the keyspace itself (what compaction kept), not filtered by any read.
+    fn raw_dedup(store: &FjallStore) -> Vec<u64> {
+        store
+            .space(Kind::Dedup)
+            .iter()
+            .map(|g| {
+                let (k, _) = g.into_inner().unwrap();
+                u64::from_be_bytes(k[8..16].try_into().unwrap())
+            })
+            .collect()
+    }
+
+    fn compact_dedup(store: &FjallStore) {
+        let ks = store.space(Kind::Dedup);
+        ks.rotate_memtable_and_wait().unwrap();
+        ks.major_compact().unwrap();
+    }
+
+    #[tokio::test]
+    async fn compaction_drops_dedup_records_older_than_the_window_before_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(dir.path()).unwrap();
+        let window = crate::DEDUP_WINDOW.as_millis() as u64;
+        let t = 1_800_000_000_000;
+        // Alone, an old record stays: the clock is the newest record, not the wall clock.
+        store.commit(dedup_put(1, 1, t - window - 1)).await.unwrap();
+        compact_dedup(&store);
+        assert_eq!(raw_dedup(&store), [1]);
+        // Newer records move the clock: the first is now out of the window, the one exactly at
+        // its edge is not.
+        store.commit(dedup_put(1, 2, t - window)).await.unwrap();
+        store.commit(dedup_put(1, 3, t)).await.unwrap();
+        compact_dedup(&store);
+        assert_eq!(raw_dedup(&store), [2, 3]);
+        assert_eq!(store.dedup(UserId(1), 1).await.unwrap(), None);
+        assert!(store.dedup(UserId(1), 2).await.unwrap().is_some());
     }
 
     #[tokio::test]

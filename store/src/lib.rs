@@ -50,6 +50,11 @@ impl StoreError {
     }
 }
 
+/// How long a dedup record answers a retry: 7 days, far longer than any client keeps retrying one
+/// send. ScyllaDB expires the rows with `default_time_to_live = 604800` (deploy/scylla/schema.cql);
+/// fjall hides older records from reads and drops them in compaction.
+pub const DEDUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// What the sender's shard remembers about an accepted `client_msg_id`, to answer a retry with the
 /// same ack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -44,7 +44,7 @@ impl<S: Store> Worker<S> {
                     return;
                 }
                 if request_id != 0 {
-                    match self.store.dedup(from, request_id).await {
+                    match self.stored_dedup(from, request_id).await {
                         Ok(Some(e)) => {
                             let a = Accepted {
                                 msg_id: e.msg_id,

@@ -4,6 +4,23 @@
 use super::*;
 
 impl<S: Store> Worker<S> {
+    /// The stored dedup record of `(uid, client_msg_id)` if it is within
+    /// [`im_store::DEDUP_WINDOW`] of this round's clock: an older one (fjall keeps it until a
+    /// compaction drops it) no longer makes a send a retry, as ScyllaDB's TTL would have removed
+    /// it.
+    pub(super) async fn stored_dedup(
+        &self,
+        uid: UserId,
+        client_msg_id: u64,
+    ) -> Result<Option<DedupEntry>, StoreError> {
+        let window = im_store::DEDUP_WINDOW.as_millis() as u64;
+        Ok(self
+            .store
+            .dedup(uid, client_msg_id)
+            .await?
+            .filter(|e| e.server_time_ms.saturating_add(window) >= self.now))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn on_send_c2c(
         &mut self,
@@ -81,7 +98,7 @@ impl<S: Store> Worker<S> {
             round.send(conn, ack(e));
             return;
         }
-        match self.store.dedup(uid, client_msg_id).await {
+        match self.stored_dedup(uid, client_msg_id).await {
             Ok(Some(e)) => {
                 self.remember(uid, client_msg_id, e);
                 round.send(conn, ack(e));

@@ -533,7 +533,7 @@ impl<S: Store> Worker<S> {
                 .copied();
             let found = match cached {
                 Some(e) => Some(e),
-                None => match self.store.dedup(actor, client_msg_id).await {
+                None => match self.stored_dedup(actor, client_msg_id).await {
                     Ok(e) => e,
                     Err(e) => {
                         let op = GroupOp::Post {

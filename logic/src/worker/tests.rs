@@ -359,6 +359,18 @@ async fn a_retried_client_msg_id_gets_the_first_ack_and_is_stored_once() {
         bodies,
         ["x", "y", "z"].map(|s| Bytes::from_static(s.as_bytes()))
     );
+    // Past the dedup window the stored record no longer makes it a retry: a new message (the
+    // same rule as ScyllaDB's TTL on its dedup rows).
+    fx.now += im_store::DEDUP_WINDOW.as_millis() as u64 + 1;
+    fx.restart().await;
+    fx.login(conn(4), a, DeviceType::Phone).await;
+    fx.client(conn(4), a, vec![(8, send(7, b, "x, a week later"))])
+        .await;
+    fx.pump().await;
+    let late = self::acks(&fx.out());
+    assert_eq!(late.len(), 1);
+    assert_ne!(late[0].1, sevens[0].1, "a new message id");
+    assert_eq!(fx.timeline(b).await.len(), 4);
 }
 
 #[tokio::test(start_paused = true)]
