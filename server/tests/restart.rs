@@ -261,3 +261,110 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// Issue 14: what logic only held in memory is not lost with a kill -9. A `Delivered` notice for
+/// a message a device received but acknowledged only after the restart still reaches the
+/// sender, and an offline push whose delay had not run out at the crash is still sent.
+#[test]
+fn delivered_notices_and_offline_pushes_pending_at_a_kill_9_still_happen_after_the_restart() {
+    use im_shared::Command as Cmd;
+    use im_shared::DeviceType;
+    let rx = im_testkit::http::Receiver::start(|_| 200);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("push.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[push]\ndelay_ms = 4000\nretry_base_ms = 50\nretry_max_ms = 200\n\
+             [push.webhook]\nurl = \"{}\"\n",
+            rx.url("/push")
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let args = |d: &Path| -> Vec<String> {
+        [
+            "run",
+            "--config",
+            conf.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--gate-cores",
+            "2",
+            "--logic-workers",
+            "2",
+            "--data-dir",
+            d.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let spawn = || {
+        let a = args(&data);
+        spawn_process(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            "listening on ",
+        )
+    };
+    let (sender, offline, holder) = (4001u64, 4002u64, 4003u64);
+    let (mut child, addr) = spawn();
+    // `offline` has a push token and is gone; `holder` is online and will not ack in time.
+    let (mut o, _) = login_as(addr, offline, DeviceType::Phone, "o-phone");
+    o.register_push(im_push::PROVIDER_WEBHOOK, "gw-o").unwrap();
+    o.logout().unwrap();
+    let (mut h, _) = login_as(addr, holder, DeviceType::Phone, "h-phone");
+    let mut s = login(addr, sender);
+    let to_offline = s
+        .send_c2c(UserId(offline), 1, "while you were away")
+        .unwrap();
+    s.send_c2c(UserId(holder), 2, "got it?").unwrap();
+    let m = next_deliver(&mut h);
+    child.kill().unwrap(); // SIGKILL, well within the 4 s push delay
+    child.wait().unwrap();
+    assert!(
+        rx.got().is_empty(),
+        "pushed before the crash: {:?}",
+        rx.got()
+    );
+
+    let (mut child, addr) = spawn();
+    let mut s = login(addr, sender);
+    // The device held the message: it logs in saying so and acknowledges it now.
+    let mut h = connect(addr);
+    h.login(
+        UserId(holder),
+        &token(holder),
+        DeviceType::Phone,
+        "h-phone",
+        m.seq,
+    )
+    .unwrap();
+    h.deliver_ack(m.seq).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Delivered notice after the restart"
+        );
+        if let Some(Cmd::Delivered { msg_id, recipient }) =
+            s.recv(Duration::from_millis(200)).unwrap()
+        {
+            assert_eq!((msg_id, recipient), (m.msg_id, UserId(holder)));
+            break;
+        }
+    }
+    // The push the crash interrupted.
+    let got = rx.wait(1, Duration::from_secs(15));
+    let j = got[0].json();
+    assert_eq!(j["uid"].as_str().unwrap(), offline.to_string());
+    assert_eq!(
+        j["msg_id"].as_str().unwrap(),
+        to_offline.msg_id.0.to_string()
+    );
+    assert_eq!(j["token"].as_str().unwrap(), "gw-o");
+    // Once: decided and unwatched, not pushed again by a later check.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(rx.got().len(), 1, "{:?}", rx.got());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

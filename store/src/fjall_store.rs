@@ -18,6 +18,7 @@
 //! | `mute`     | uid `u64` ++ peer `u64`                     | empty                                          |
 //! | `pushtok`  | uid `u64` ++ device_id (UTF-8, rest of key) | provider `u8` ++ token (UTF-8)                 |
 //! | `idfloor`  | generator `u16`                             | ms `u64` (msg-id time floor, [`Op::IdFloor`])  |
+//! | `pushwatch`| shard `u16` ++ uid `u64` ++ seq `u64`       | empty ([`Op::PushWatch`])                      |
 //! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
 //! | `meta`     | `applied` (bytes)                           | seq `u64` of the last commit-log record in fjall |
 //!
@@ -52,7 +53,7 @@
 //!
 //! The log record of a batch lists its writes after merging (last op on a key wins):
 //! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
-//! keyspace's index in the table above (timeline 0 … idfloor 11).
+//! keyspace's index in the table above (timeline 0 … idfloor 11, pushwatch 12).
 //!
 //! Reads are plain point lookups and range scans on the latest committed state. Every method is
 //! blocking and completes inline: each logic worker is a dedicated thread.
@@ -87,6 +88,7 @@ const MUTE: &str = "mute";
 const PUSHTOK: &str = "pushtok";
 const FENCE: &str = "fence";
 const IDFLOOR: &str = "idfloor";
+const PUSHWATCH: &str = "pushwatch";
 const META: &str = "meta";
 /// Key in `meta`: seq of the last commit-log record applied to fjall (`u64`).
 const APPLIED: &[u8] = b"applied";
@@ -106,10 +108,11 @@ enum Kind {
     Mute = 9,
     PushTok = 10,
     IdFloor = 11,
+    PushWatch = 12,
 }
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 13] = [
         Kind::Timeline,
         Kind::MsgIdx,
         Kind::SeqBound,
@@ -122,6 +125,7 @@ impl Kind {
         Kind::Mute,
         Kind::PushTok,
         Kind::IdFloor,
+        Kind::PushWatch,
     ];
 }
 
@@ -131,7 +135,7 @@ impl Kind {
 pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
-    spaces: [Keyspace; 12],
+    spaces: [Keyspace; 13],
     fence_space: Keyspace,
     meta: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
@@ -263,6 +267,7 @@ impl Kind {
             Kind::Mute => MUTE,
             Kind::PushTok => PUSHTOK,
             Kind::IdFloor => IDFLOOR,
+            Kind::PushWatch => PUSHWATCH,
         }
     }
 }
@@ -400,6 +405,7 @@ impl FjallStore {
             ks(MUTE)?,
             ks(PUSHTOK)?,
             ks(IDFLOOR)?,
+            ks(PUSHWATCH)?,
         ];
         let fence_space = ks(FENCE)?;
         let meta = ks(META)?;
@@ -541,7 +547,7 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq.
 fn apply(
     db: &Database,
-    spaces: &[Keyspace; 12],
+    spaces: &[Keyspace; 13],
     meta: &Keyspace,
     writes: impl IntoIterator<Item = Write>,
     seq: u64,
@@ -619,6 +625,18 @@ fn collect(batch: WriteBatch) -> Writes {
             }
             Op::OutboxDelete { shard, msg_id } => {
                 w.insert((Kind::Outbox, key_outbox(shard, msg_id).to_vec()), None);
+            }
+            Op::PushWatch {
+                shard,
+                uid,
+                seq,
+                on,
+            } => {
+                let mut k = Vec::with_capacity(18);
+                k.extend_from_slice(&shard.0.to_be_bytes());
+                k.extend_from_slice(&uid.0.to_be_bytes());
+                k.extend_from_slice(&seq.0.to_be_bytes());
+                w.insert((Kind::PushWatch, k), on.then(Vec::new));
             }
             Op::GroupPut(g) => {
                 w.insert(
@@ -840,6 +858,30 @@ impl Store for FjallStore {
         Ok(Seq(self
             .get_u64(Kind::Cursor, &key_cursor(uid, device_id))?
             .unwrap_or(0)))
+    }
+
+    async fn cursors(&self, uid: UserId) -> Result<Vec<(String, Seq)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::Cursor).prefix(key_u64(uid.0)) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            let device_id = std::str::from_utf8(&k[8..])
+                .map_err(|_| corrupt(Kind::Cursor, &k, "device id is not UTF-8"))?;
+            out.push((device_id.to_owned(), Seq(val_u64(Kind::Cursor, &k, &v)?)));
+        }
+        Ok(out)
+    }
+
+    async fn push_watches(&self, shard: ShardId) -> Result<Vec<(UserId, Seq)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::PushWatch).prefix(shard.0.to_be_bytes()) {
+            let (k, _) = guard.into_inner().map_err(io)?;
+            let Some(rest) = k.get(2..18).filter(|_| k.len() == 18) else {
+                return Err(corrupt(Kind::PushWatch, &k, "key is not 18 bytes"));
+            };
+            let word = |i: usize| u64::from_be_bytes(rest[i..i + 8].try_into().expect("8"));
+            out.push((UserId(word(0)), Seq(word(8))));
+        }
+        Ok(out)
     }
 
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -1270,7 +1312,7 @@ mod tests {
             assert!(decode_writes(&rec[..cut]).is_none(), "cut at {cut}");
         }
         let mut bad = rec.clone();
-        bad[4] = 12; // no such keyspace
+        bad[4] = 13; // no such keyspace
         assert!(decode_writes(&bad).is_none());
     }
 }

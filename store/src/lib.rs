@@ -153,6 +153,15 @@ pub enum Op {
         uid: UserId,
         token: PushToken,
     },
+    /// Offline-push watch of a message in `uid`'s timeline at `seq` (`on`: set, else clear), kept
+    /// on the recipient's shard `shard` until logic decided the push (sent, or not needed because
+    /// a device acknowledged it), so a decision pending at a crash is taken after the restart.
+    PushWatch {
+        shard: ShardId,
+        uid: UserId,
+        seq: Seq,
+        on: bool,
+    },
     /// Reserve msg-id time for generator `generator` up to and including `ms` (milliseconds
     /// since [`MsgId::EPOCH_MS`], the generator's own time base); a later op replaces it (the
     /// worker only raises it). A restarted worker issues ids above it, so ids stay unique and
@@ -226,6 +235,10 @@ pub trait Store: Clone + 'static {
     ) -> Result<Option<DedupEntry>, StoreError>;
     /// Cursor of one device (0 if none).
     async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError>;
+    /// Every device cursor of `uid`, in device id order.
+    async fn cursors(&self, uid: UserId) -> Result<Vec<(String, Seq)>, StoreError>;
+    /// Every push watch ([`Op::PushWatch`]) of one virtual shard, in `(uid, seq)` order.
+    async fn push_watches(&self, shard: ShardId) -> Result<Vec<(UserId, Seq)>, StoreError>;
     /// Every outbox entry of one virtual shard, in msg_id order.
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError>;
     /// A group's info record, if the group exists.

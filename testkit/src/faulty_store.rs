@@ -132,6 +132,12 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn cursor(&self, uid: UserId, device_id: &str) -> Result<Seq, StoreError> {
         self.inner.cursor(uid, device_id).await
     }
+    async fn cursors(&self, uid: UserId) -> Result<Vec<(String, Seq)>, StoreError> {
+        self.inner.cursors(uid).await
+    }
+    async fn push_watches(&self, shard: ShardId) -> Result<Vec<(UserId, Seq)>, StoreError> {
+        self.inner.push_watches(shard).await
+    }
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
         self.inner.outbox(shard).await
     }

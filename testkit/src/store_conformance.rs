@@ -104,6 +104,8 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     seq_of(store, base).await;
     dedup(store, base).await;
     cursor(store, base).await;
+    cursors(store, base).await;
+    push_watches(store, base).await;
     outbox(store, base).await;
     batch_atomicity(store, base).await;
     reappend_idempotent(store, base).await;
@@ -499,6 +501,89 @@ pub async fn cursor<S: Store>(store: &S, base: u64) {
         "other device"
     );
     assert_eq!(store.cursor(b, phone).await.expect("cursor"), Seq(5));
+}
+
+/// All cursors of a user: in device id order, only that user's, overwrites seen.
+pub async fn cursors<S: Store>(store: &S, base: u64) {
+    let (a, b) = (uid(base, 17, 0), uid(base, 17, 1));
+    assert!(store.cursors(a).await.expect("cursors").is_empty());
+    let set = |uid, device: &str, seq| Op::Cursor {
+        uid,
+        device_id: device.to_owned(),
+        seq: Seq(seq),
+    };
+    commit(
+        store,
+        vec![
+            set(a, "web", 3),
+            set(a, "phone", 9),
+            set(a, "pad", 7),
+            set(b, "phone", 1),
+        ],
+    )
+    .await;
+    commit(store, vec![set(a, "pad", 8)]).await;
+    let got = store.cursors(a).await.expect("cursors");
+    let want = [("pad", 8), ("phone", 9), ("web", 3)].map(|(d, s)| (d.to_owned(), Seq(s)));
+    assert_eq!(got, want);
+    assert_eq!(
+        store.cursors(b).await.expect("cursors"),
+        [("phone".to_owned(), Seq(1))]
+    );
+}
+
+/// Push watches: set, list in (uid, seq) order per shard, clear, last op on a key wins.
+pub async fn push_watches<S: Store>(store: &S, base: u64) {
+    let (s, other) = (shard(base, 0), shard(base, 1));
+    let (a, b) = (uid(base, 18, 0), uid(base, 18, 1));
+    let w = |shard, uid, seq, on| Op::PushWatch {
+        shard,
+        uid,
+        seq: Seq(seq),
+        on,
+    };
+    assert!(store.push_watches(s).await.expect("watches").is_empty());
+    commit(
+        store,
+        vec![
+            w(s, b, 2, true),
+            w(s, a, 5, true),
+            w(s, a, 3, true),
+            w(other, a, 9, true),
+            // Set then cleared in one batch: absent; cleared then set: present.
+            w(s, a, 4, true),
+            w(s, a, 4, false),
+            w(s, b, 7, false),
+            w(s, b, 7, true),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.push_watches(s).await.expect("watches"),
+        [(a, Seq(3)), (a, Seq(5)), (b, Seq(2)), (b, Seq(7))]
+    );
+    assert_eq!(
+        store.push_watches(other).await.expect("watches"),
+        [(a, Seq(9))]
+    );
+    // Clearing one (and one that is not there) leaves the others.
+    commit(store, vec![w(s, a, 3, false), w(s, a, 6, false)]).await;
+    assert_eq!(
+        store.push_watches(s).await.expect("watches"),
+        [(a, Seq(5)), (b, Seq(2)), (b, Seq(7))]
+    );
+    commit(
+        store,
+        vec![
+            w(s, a, 5, false),
+            w(s, b, 2, false),
+            w(s, b, 7, false),
+            w(other, a, 9, false),
+        ],
+    )
+    .await;
+    assert!(store.push_watches(s).await.expect("watches").is_empty());
+    assert!(store.push_watches(other).await.expect("watches").is_empty());
 }
 
 /// Outbox: put, scan in msg_id order, scan returns only its own shard, delete (also of an absent

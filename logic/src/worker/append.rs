@@ -52,28 +52,22 @@ impl<S: Store> Worker<S> {
         });
         round.appended.insert(key);
         if notifies(msg.conv) && msg.from != r {
-            let peer = if msg.conv == CONV_C2G {
-                msg.to.0
-            } else {
-                msg.from.0
-            };
             let u = self.users.get_mut(&r).expect("loaded");
             let act = u.active();
-            act.pending.insert(
-                seq.0,
-                Pending {
-                    sender: msg.from,
-                    msg_id: msg.msg_id,
-                    conv: msg.conv,
-                    peer,
-                    preview: Bytes::copy_from_slice(&msg.body[..msg.body.len().min(PREVIEW_BYTES)]),
-                },
-            );
+            act.pending.insert(seq.0, Pending::of(&msg));
             if act.pending.len() > MAX_PENDING_NOTICES {
                 act.pending.pop_first();
             }
             if let Some(p) = &self.services.push {
                 self.push_due.push_back((self.now + p.delay_ms(), r, seq.0));
+                // Durable with the message: a push still to be decided at a crash is decided
+                // after the restart (push.rs `replay_push_watches`).
+                round.batch.push(Op::PushWatch {
+                    shard: vshard_of(r),
+                    uid: r,
+                    seq,
+                    on: true,
+                });
             }
         }
         let seq = msg.seq;

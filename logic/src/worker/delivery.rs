@@ -5,13 +5,17 @@
 use super::*;
 
 impl<S: Store> Worker<S> {
-    pub(super) fn on_deliver_ack(
+    pub(super) async fn on_deliver_ack(
         &mut self,
         conn: ConnId,
         uid: UserId,
         seq: Seq,
         round: &mut Round,
     ) {
+        // Notices pending before this process loaded the user come back from the store first.
+        if let Err(e) = self.recover_pending(uid).await {
+            tracing::warn!("pending notices of {uid} not recovered yet: {e}");
+        }
         let Some(u) = self.users.get_mut(&uid) else {
             return;
         };

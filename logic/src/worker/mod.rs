@@ -208,6 +208,10 @@ struct UserState {
     next_seq: u64,
     bound: u64,
     last_seq: u64,
+    /// The user's last seq when this process loaded it while pending notices for seqs up to it
+    /// are not known (in memory only, lost with the previous process): rebuilt from the store
+    /// by [`Worker::recover_pending`] before the first ack or push check needs them. 0: known.
+    loaded_last: u64,
     active: Option<Box<Active>>,
 }
 
@@ -233,6 +237,19 @@ struct Pending {
 
 /// Bytes of a message body kept for a push preview.
 const PREVIEW_BYTES: usize = 64;
+
+impl Pending {
+    /// The pending notice of `m` (a message from someone else in a user's timeline).
+    fn of(m: &Message) -> Pending {
+        Pending {
+            sender: m.from,
+            msg_id: m.msg_id,
+            conv: m.conv,
+            peer: if m.conv == CONV_C2G { m.to.0 } else { m.from.0 },
+            preview: Bytes::copy_from_slice(&m.body[..m.body.len().min(PREVIEW_BYTES)]),
+        }
+    }
+}
 
 impl UserState {
     fn active(&mut self) -> &mut Active {
@@ -347,13 +364,15 @@ struct Lazy {
     /// Newest cursor per (user, device id).
     cursors: HashMap<(UserId, String), Seq>,
     outbox_deletes: Vec<(ShardId, MsgId)>,
+    /// Push watches whose push was decided.
+    unwatch: Vec<(ShardId, UserId, Seq)>,
     /// When the oldest waiting write was made.
     since: u64,
 }
 
 impl Lazy {
     fn is_empty(&self) -> bool {
-        self.cursors.is_empty() && self.outbox_deletes.is_empty()
+        self.cursors.is_empty() && self.outbox_deletes.is_empty() && self.unwatch.is_empty()
     }
 
     fn note(&mut self, now: u64) {
@@ -372,6 +391,11 @@ impl Lazy {
         self.outbox_deletes.push((shard, msg_id));
     }
 
+    fn unwatch(&mut self, shard: ShardId, uid: UserId, seq: Seq, now: u64) {
+        self.note(now);
+        self.unwatch.push((shard, uid, seq));
+    }
+
     fn drain_into(&mut self, batch: &mut WriteBatch) {
         for ((uid, device_id), seq) in self.cursors.drain() {
             batch.push(Op::Cursor {
@@ -382,6 +406,14 @@ impl Lazy {
         }
         for (shard, msg_id) in self.outbox_deletes.drain(..) {
             batch.push(Op::OutboxDelete { shard, msg_id });
+        }
+        for (shard, uid, seq) in self.unwatch.drain(..) {
+            batch.push(Op::PushWatch {
+                shard,
+                uid,
+                seq,
+                on: false,
+            });
         }
     }
 }
@@ -571,6 +603,7 @@ impl<S: Store> Worker<S> {
         self.now = now;
         self.resume_ids().await;
         self.replay_outbox(None).await;
+        self.replay_push_watches().await;
     }
 
     /// One round at time `now`: handles `msgs` in order against in-memory state, commits the
@@ -670,9 +703,65 @@ impl<S: Store> Worker<S> {
                 next_seq: top + 1,
                 bound: top,
                 last_seq: last,
+                loaded_last: last,
                 active: None,
             },
         );
+        Ok(())
+    }
+
+    /// Rebuilds the pending notices (delivered notices, offline pushes) of the messages a user
+    /// got before this process loaded it: the notifying messages from others in its timeline
+    /// after the highest cursor of its devices, up to its last seq at load (at most the newest
+    /// [`MAX_PENDING_NOTICES`]). Once per load; a store error leaves it to the next caller.
+    /// Cursors are written lazily, so a message acknowledged just before a crash can count as
+    /// pending again: its `Delivered` notice (or push) may come twice, never not at all.
+    pub(super) async fn recover_pending(&mut self, uid: UserId) -> Result<(), StoreError> {
+        let Some(upto) = self.users.get(&uid).map(|u| u.loaded_last) else {
+            return Ok(());
+        };
+        if upto == 0 {
+            return Ok(());
+        }
+        let stored = self.store.cursors(uid).await?;
+        let live = self
+            .routes
+            .get(&uid)
+            .into_iter()
+            .flatten()
+            .map(|d| d.cursor.0);
+        let acked = stored
+            .iter()
+            .map(|(_, s)| s.0)
+            .chain(live)
+            .max()
+            .unwrap_or(0);
+        let mut found = Vec::new();
+        if acked < upto {
+            let from = acked.max(upto.saturating_sub(MAX_PENDING_NOTICES as u64));
+            let msgs = self
+                .store
+                .timeline(uid, Seq(from), (upto - from) as usize)
+                .await?;
+            found = msgs
+                .into_iter()
+                .filter(|m| m.seq.0 <= upto && notifies(m.conv) && m.from != uid)
+                .collect();
+        }
+        let u = self.users.get_mut(&uid).expect("loaded above");
+        u.loaded_last = 0;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let act = u.active();
+        for m in found {
+            act.pending
+                .entry(m.seq.0)
+                .or_insert_with(|| Pending::of(&m));
+        }
+        while act.pending.len() > MAX_PENDING_NOTICES {
+            act.pending.pop_first();
+        }
         Ok(())
     }
 
@@ -733,7 +822,7 @@ impl<S: Store> Worker<S> {
                         self.on_send_c2c(conn, uid, req_id, client_msg_id, to, body, round)
                             .await
                     }
-                    Command::DeliverAck { seq } => self.on_deliver_ack(conn, uid, seq, round),
+                    Command::DeliverAck { seq } => self.on_deliver_ack(conn, uid, seq, round).await,
                     Command::SyncRequest { after_seq, limit } => {
                         self.on_sync(conn, uid, req_id, after_seq, limit, round)
                             .await

@@ -2,7 +2,8 @@
 //! acknowledged within the push delay.
 
 use im_shared::proto::MAX_PUSH_TOKEN_LEN;
-use im_shared::{ConnId, ErrorCode, UserId};
+use im_shared::shard::{vshard_of, VSHARDS};
+use im_shared::{ConnId, ErrorCode, ShardId, UserId};
 
 use super::{error_frame, op_ok, Round, Worker};
 use crate::metrics::Metrics;
@@ -44,6 +45,52 @@ impl<S: Store> Worker<S> {
         round.send(conn, op_ok(req_id, 0));
     }
 
+    /// At start: the push watches of this worker's shards are the messages whose push was not
+    /// decided when the previous process stopped; they are checked one push delay later (the
+    /// users' pending
+    /// notices are rebuilt from the store on the way, see `recover_pending`). Without a push
+    /// service they are dropped.
+    pub(super) async fn replay_push_watches(&mut self) {
+        let me = self.router.global(self.idx);
+        let now = self.now;
+        let delay = self.services.push.as_ref().map_or(0, |p| p.delay_ms());
+        let mut n = 0usize;
+        for s in 0..VSHARDS {
+            let shard = ShardId(s);
+            if self.router.owner_of_shard(shard) != me {
+                continue;
+            }
+            let watches = match self.store.push_watches(shard).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(worker = self.idx, shard = s, "push watches unreadable: {e}");
+                    continue;
+                }
+            };
+            for (uid, seq) in watches {
+                if self.services.push.is_none() {
+                    self.lazy.unwatch(shard, uid, seq, now);
+                    continue;
+                }
+                if let Err(e) = self.load_user(uid).await {
+                    tracing::warn!("push watch of {uid}: {e}");
+                    continue; // stays watched: the next start tries again
+                }
+                // A whole delay from now: the message may be younger than that, and a push
+                // checked too early is not checked again (the queue is in due order).
+                self.push_due.push_back((now + delay, uid, seq.0));
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                worker = self.idx,
+                n,
+                "offline pushes pending at the last stop"
+            );
+        }
+    }
+
     /// Sends push notifications for messages that no device acknowledged within the delay.
     pub(super) async fn push_overdue(&mut self) {
         let Some(push) = self.services.push.clone() else {
@@ -57,12 +104,19 @@ impl<S: Store> Worker<S> {
             }
             self.push_due.pop_front();
             due.push((uid, seq));
+            // Decided below (pushed, or no longer needed): its watch goes with the next commit.
+            self.lazy
+                .unwatch(vshard_of(uid), uid, im_shared::Seq(seq), now);
         }
         // One notification per user per check: the newest overdue message, with the count of
         // unacknowledged ones as the badge.
         due.sort_unstable();
         due.dedup_by_key(|(u, _)| *u);
         for (uid, _) in due {
+            if let Err(e) = self.recover_pending(uid).await {
+                tracing::warn!("pending notices of {uid} not recovered, no push: {e}");
+                continue;
+            }
             let Some(p) = self
                 .users
                 .get(&uid)

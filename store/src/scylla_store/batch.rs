@@ -47,6 +47,10 @@ pub(super) enum Phase {
     OutboxPut,
     /// Timeline rows after their bucket rows (or readers would not find them).
     Timeline,
+    /// Push watches of appended messages: written in the same round as the append, right after
+    /// the timeline row (a watch never names a missing entry) and before its msg_id index row (a
+    /// replayed append, which skips indexed messages, never skips one whose watch is missing).
+    PushWatchPut,
     /// "Appended at seq" only once the timeline row is there (replays skip indexed messages).
     MsgIdx,
     Cursor,
@@ -57,6 +61,10 @@ pub(super) enum Phase {
     PushTokenDelete,
     /// Only ever deletes fan-outs confirmed by earlier commits.
     OutboxDelete,
+    /// Clears watches whose push was decided (sent, or not needed since a device acknowledged
+    /// the message, a cursor written earlier in the batch or before): with the other deletes,
+    /// after everything else but the dedup entries. A watch left behind is only decided again.
+    PushWatchDelete,
     /// Last: "accepted, here is the ack" only once everything the ack vouches for is durable.
     Dedup,
 }
@@ -196,6 +204,20 @@ pub(super) fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                         provider: i16::from(token.provider),
                         token: token.token,
                     }
+                });
+            }
+            Op::PushWatch {
+                shard,
+                uid,
+                seq,
+                on,
+            } => {
+                let (shard, uid) = (i32::from(shard.0), b(uid.0));
+                let seq = ordered("push watch seq", seq.0)?;
+                m.put(if on {
+                    Row::PushWatchPut { shard, uid, seq }
+                } else {
+                    Row::PushWatchDelete { shard, uid, seq }
                 });
             }
         }

@@ -13,6 +13,7 @@
 //! | `dedup`           | ((uid, client_msg_id))     | msg_id, seq, server_time_ms, prev_seq; TTL 7 d |
 //! | `cursor`          | ((uid), device_id)         | seq                                |
 //! | `outbox`          | ((shard), msg_id)          | recipients frozen list, msg blob   |
+//! | `push_watch`      | ((shard), uid, seq)        | — (push decision pending); TTL 1 d |
 //! | `group_info`      | ((gid))                    | name, creator, owner, announcement, created_ms |
 //! | `group_members`   | ((gid), uid)               | role, joined_ms                    |
 //! | `user_groups`     | ((uid), gid)               | — (index for `groups_of`)          |
@@ -131,8 +132,8 @@ use rows::{b, cas_outcome, into_rows, timeline_bucket, typed_rows, Cas, Row, MAX
 use schema::{check_keyspace, schema_statements};
 use session::open_session;
 use statements::{
-    Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow, Read,
-    Statements, FENCE_ROUNDS,
+    CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow,
+    PushWatchRow, Read, Statements, FENCE_ROUNDS,
 };
 
 /// The ScyllaDB store. Cloning is cheap; every clone shares one session (one connection pool
@@ -377,9 +378,10 @@ impl Store for ScyllaStore {
     /// once, so the order of the statements does not change the final state and is chosen so
     /// that any prefix of the chunks is safe to leave behind if the commit stops midway (logic
     /// node crash, or an error returned after some chunks were applied): msg-id time floors, seq
-    /// bounds, group records, `user_groups` puts, member puts, member deletes, `user_groups` deletes, timeline
-    /// bucket rows, outbox puts, timeline rows, msg_id index, cursors, mutes, push tokens, outbox
-    /// deletes, and dedup entries last (see [`Phase`]). Hence:
+    /// bounds, group records, `user_groups` puts, member puts, member deletes, `user_groups`
+    /// deletes, timeline bucket rows, outbox puts, timeline rows, push-watch puts, msg_id index,
+    /// cursors, mutes, push tokens, outbox deletes, push-watch deletes, and dedup entries last
+    /// (see [`Phase`]). Hence:
     /// - a dedup entry (what answers the client's retry with an ack) is durable only after the
     ///   message's timeline entry and its outbox record are: an ack is never given for a message
     ///   that could be lost;
@@ -387,6 +389,11 @@ impl Store for ScyllaStore {
     ///   a timeline is always fanned out (the outbox is replayed by the shard's next owner);
     /// - a msg_id index row never points at a missing timeline row, so a replayed append skips
     ///   only appends that really happened;
+    /// - push watches are set with the timeline rows of the round that appends their messages
+    ///   (after the timeline row, before its msg_id index row): a watch never names a missing
+    ///   entry, and a replayed append never skips one whose watch is missing. They are cleared
+    ///   with the other deletes, near the end: a watch left behind by a stopped commit is only
+    ///   decided once more after a restart;
     /// - msg-id time floors come first, so a message row is never durable without the floor
     ///   that covers its id: a restarted worker starts its ids above the floor and never hands
     ///   that id out again, even after the wall clock stepped back;
@@ -659,6 +666,51 @@ impl Store for ScyllaStore {
             }
             None => Ok(Seq(0)),
         }
+    }
+
+    async fn cursors(&self, uid: UserId) -> Result<Vec<(String, Seq)>, StoreError> {
+        let rows: Vec<CursorRow> = self
+            .scan(self.inner.st.read(Read::Cursors), uid.0, "cursor")
+            .await?;
+        let mut out: Vec<(String, Seq)> = rows
+            .into_iter()
+            .map(|(device_id, seq)| (device_id, Seq(seq as u64)))
+            .collect();
+        // Text clusters in UTF-8 byte order, which is `str`'s order; sorting costs nothing and
+        // does not depend on it.
+        out.sort_unstable_by(|x, y| x.0.cmp(&y.0));
+        Ok(out)
+    }
+
+    async fn push_watches(&self, shard: ShardId) -> Result<Vec<(UserId, Seq)>, StoreError> {
+        let mut out = Vec::new();
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    self.inner.st.read(Read::PushWatches),
+                    (i32::from(shard.0),),
+                    paging,
+                    "push_watch",
+                )
+                .await?;
+            for row in typed_rows::<PushWatchRow>(&rows, "push_watch")? {
+                let (uid, seq) = row.map_err(|e| corrupt(format!("push_watch/{shard}"), e))?;
+                let uid = UserId(uid as u64);
+                // Written as an ordered (non-negative) bigint only.
+                let seq = u64::try_from(seq).map_err(|_| {
+                    corrupt(format!("push_watch/{shard}/{uid}/{seq}"), "negative seq")
+                })?;
+                out.push((uid, Seq(seq)));
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => break,
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+        // Clustered by the signed uid bigint: uids above i64::MAX come first. Unsigned order here.
+        out.sort_unstable();
+        Ok(out)
     }
 
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {

@@ -17,7 +17,8 @@ use crate::StoreError;
 /// Fixed for the life of the data (changing it makes existing rows unreachable).
 pub(super) const TIMELINE_BUCKET_SEQS: u64 = 100_000;
 
-/// Largest value a column whose order matters may hold (seq, bucket, outbox msg_id).
+/// Largest value a column whose order matters may hold (seq, bucket, outbox msg_id, push-watch
+/// seq).
 pub(super) const MAX_ORDERED: u64 = i64::MAX as u64;
 
 /// Bucket (second partition-key column) of `seq` in the timeline.
@@ -81,6 +82,11 @@ pub(super) enum Row {
         msg_id: i64,
         seq: i64,
     },
+    PushWatchPut {
+        shard: i32,
+        uid: i64,
+        seq: i64,
+    },
     Cursor {
         uid: i64,
         device_id: String,
@@ -142,10 +148,15 @@ pub(super) enum Row {
         uid: i64,
         device_id: String,
     },
+    PushWatchDelete {
+        shard: i32,
+        uid: i64,
+        seq: i64,
+    },
 }
 
 /// The primary key a [`Row`] writes (the put and the delete of one outbox entry, membership,
-/// index entry, mute or push token share a key).
+/// index entry, mute, push token or push watch share a key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Key {
     IdFloor(i32),
@@ -163,6 +174,8 @@ pub(super) enum Key {
     UserGroup(i64, i64),
     Mute(i64, i64),
     PushToken(i64, String),
+    /// (shard, uid, seq)
+    PushWatch(i32, i64, i64),
 }
 
 /// Estimated bytes of a statement in a batch beyond its values (statement id, lengths,
@@ -178,6 +191,7 @@ impl Row {
             Row::OutboxPut { .. } => Phase::OutboxPut,
             Row::Timeline { .. } => Phase::Timeline,
             Row::MsgIdx { .. } => Phase::MsgIdx,
+            Row::PushWatchPut { .. } => Phase::PushWatchPut,
             Row::Cursor { .. } => Phase::Cursor,
             Row::OutboxDelete { .. } => Phase::OutboxDelete,
             Row::Dedup { .. } => Phase::Dedup,
@@ -190,6 +204,7 @@ impl Row {
             Row::MuteDelete { .. } => Phase::MuteDelete,
             Row::PushTokenPut { .. } => Phase::PushTokenPut,
             Row::PushTokenDelete { .. } => Phase::PushTokenDelete,
+            Row::PushWatchDelete { .. } => Phase::PushWatchDelete,
         }
     }
 
@@ -217,6 +232,9 @@ impl Row {
             Row::MutePut { uid, peer } | Row::MuteDelete { uid, peer } => Key::Mute(*uid, *peer),
             Row::PushTokenPut { uid, device_id, .. } | Row::PushTokenDelete { uid, device_id } => {
                 Key::PushToken(*uid, device_id.clone())
+            }
+            Row::PushWatchPut { shard, uid, seq } | Row::PushWatchDelete { shard, uid, seq } => {
+                Key::PushWatch(*shard, *uid, *seq)
             }
         }
     }
@@ -248,6 +266,7 @@ impl Row {
                     device_id, token, ..
                 } => 10 + device_id.len() + token.len(),
                 Row::PushTokenDelete { device_id, .. } => 8 + device_id.len(),
+                Row::PushWatchPut { .. } | Row::PushWatchDelete { .. } => 20,
             }
     }
 }
@@ -325,6 +344,9 @@ impl SerializeRow for Row {
                 token,
             } => (uid, device_id.as_str(), provider, token.as_str()).serialize(ctx, w),
             Row::PushTokenDelete { uid, device_id } => (uid, device_id.as_str()).serialize(ctx, w),
+            Row::PushWatchPut { shard, uid, seq } | Row::PushWatchDelete { shard, uid, seq } => {
+                (shard, uid, seq).serialize(ctx, w)
+            }
         }
     }
 

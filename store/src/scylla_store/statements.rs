@@ -16,8 +16,10 @@ const BUCKET_PAGE: i32 = 64;
 const OUTBOX_PAGE: i32 = 256;
 /// Half of [`im_shared::proto::MAX_GROUP_MEMBERS`]: a full group is read in two pages.
 const MEMBERS_PAGE: i32 = 1000;
-/// The per-user lists (groups of a user, mutes, push tokens).
+/// The per-user lists (groups of a user, mutes, push tokens, device cursors).
 const USER_LIST_PAGE: i32 = 512;
+/// Push watches of a shard: tiny rows, live for seconds each.
+const PUSH_WATCH_PAGE: i32 = 1000;
 
 /// Every statement, prepared once at connect: one write per [`Phase`], one per [`Read`], one
 /// per [`Fence`].
@@ -32,7 +34,7 @@ pub(super) struct Statements {
 
 impl Phase {
     /// Every phase, in order (`Phase::ALL[p as usize] == p`).
-    pub(super) const ALL: [Phase; 18] = [
+    pub(super) const ALL: [Phase; 20] = [
         Phase::IdFloor,
         Phase::SeqBound,
         Phase::GroupPut,
@@ -43,6 +45,7 @@ impl Phase {
         Phase::Bucket,
         Phase::OutboxPut,
         Phase::Timeline,
+        Phase::PushWatchPut,
         Phase::MsgIdx,
         Phase::Cursor,
         Phase::MutePut,
@@ -50,6 +53,7 @@ impl Phase {
         Phase::PushTokenPut,
         Phase::PushTokenDelete,
         Phase::OutboxDelete,
+        Phase::PushWatchDelete,
         Phase::Dedup,
     ];
 
@@ -89,6 +93,9 @@ impl Phase {
             Phase::Timeline => {
                 format!("INSERT INTO {ks}.timeline (uid, bucket, seq, msg) VALUES (?, ?, ?, ?)")
             }
+            Phase::PushWatchPut => {
+                format!("INSERT INTO {ks}.push_watch (shard, uid, seq) VALUES (?, ?, ?)")
+            }
             Phase::MsgIdx => {
                 format!("INSERT INTO {ks}.msgidx (uid, msg_id, seq) VALUES (?, ?, ?)")
             }
@@ -106,6 +113,9 @@ impl Phase {
             }
             Phase::OutboxDelete => {
                 format!("DELETE FROM {ks}.outbox WHERE shard = ? AND msg_id = ?")
+            }
+            Phase::PushWatchDelete => {
+                format!("DELETE FROM {ks}.push_watch WHERE shard = ? AND uid = ? AND seq = ?")
             }
             Phase::Dedup => format!(
                 "INSERT INTO {ks}.dedup \
@@ -167,7 +177,11 @@ pub(super) enum Read {
     MsgIdx,
     Dedup,
     Cursor,
+    /// Every device cursor of a user.
+    Cursors,
     Outbox,
+    /// Every push watch of a shard.
+    PushWatches,
     Group,
     Members,
     UserGroups,
@@ -183,10 +197,14 @@ pub(super) enum Read {
 pub(super) type GroupRow = (Option<String>, i64, i64, Option<String>, i64);
 pub(super) type MemberRow = (i64, i16, i64);
 pub(super) type PushTokenRow = (String, i16, Option<String>);
+/// device_id, seq
+pub(super) type CursorRow = (String, i64);
+/// uid, seq
+pub(super) type PushWatchRow = (i64, i64);
 
 impl Read {
     /// Every read, in order (`Read::ALL[r as usize] == r`).
-    pub(super) const ALL: [Read; 16] = [
+    pub(super) const ALL: [Read; 18] = [
         Read::SeqBound,
         Read::BucketsFrom,
         Read::BucketsDesc,
@@ -195,7 +213,9 @@ impl Read {
         Read::MsgIdx,
         Read::Dedup,
         Read::Cursor,
+        Read::Cursors,
         Read::Outbox,
+        Read::PushWatches,
         Read::Group,
         Read::Members,
         Read::UserGroups,
@@ -230,9 +250,11 @@ impl Read {
             Read::Cursor => {
                 format!("SELECT seq FROM {ks}.cursor WHERE uid = ? AND device_id = ?")
             }
+            Read::Cursors => format!("SELECT device_id, seq FROM {ks}.cursor WHERE uid = ?"),
             Read::Outbox => {
                 format!("SELECT msg_id, recipients, msg FROM {ks}.outbox WHERE shard = ?")
             }
+            Read::PushWatches => format!("SELECT uid, seq FROM {ks}.push_watch WHERE shard = ?"),
             Read::Group => format!(
                 "SELECT name, creator, owner, announcement, created_ms FROM {ks}.group_info \
                  WHERE gid = ?"
@@ -269,7 +291,10 @@ impl Read {
             Read::TimelineAfter => Some(TIMELINE_PAGE),
             Read::Outbox => Some(OUTBOX_PAGE),
             Read::Members => Some(MEMBERS_PAGE),
-            Read::UserGroups | Read::Mutes | Read::PushTokens => Some(USER_LIST_PAGE),
+            Read::PushWatches => Some(PUSH_WATCH_PAGE),
+            Read::UserGroups | Read::Mutes | Read::PushTokens | Read::Cursors => {
+                Some(USER_LIST_PAGE)
+            }
             Read::SeqBound
             | Read::TimelineLast
             | Read::MsgIdx

@@ -16,7 +16,8 @@ use super::batch::{merge, plan, Phase, DEFAULT_MAX_BATCH_BYTES, MAX_BATCH_STATEM
 use super::rows::{b, cas_outcome, timeline_bucket, Cas, Row, MAX_ORDERED, TIMELINE_BUCKET_SEQS};
 use super::schema::{check_keyspace, schema_statements, SCHEMA_CQL};
 use super::statements::{
-    Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow, Read,
+    CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow,
+    PushWatchRow, Read,
 };
 use crate::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, StoreError};
 use im_shared::proto::CONV_C2C;
@@ -175,6 +176,72 @@ fn merge_outbox_put_and_delete_share_a_key() {
     assert_eq!(rows.len(), 2);
 }
 
+fn watch(shard: u16, uid: u64, seq: u64, on: bool) -> Op {
+    Op::PushWatch {
+        shard: ShardId(shard),
+        uid: UserId(uid),
+        seq: Seq(seq),
+        on,
+    }
+}
+
+#[test]
+fn push_watch_set_and_clear_share_a_key() {
+    // Set then cleared: the delete; cleared then set: the put; the last op wins.
+    let rows = merge(vec![
+        watch(3, 1, 4, true),
+        watch(3, 1, 4, false),
+        watch(3, 2, 7, false),
+        watch(3, 2, 7, true),
+        watch(3, 1, 4, true),
+        watch(3, 1, 4, false),
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::PushWatchDelete {
+                shard: 3,
+                uid: 1,
+                seq: 4
+            },
+            Row::PushWatchPut {
+                shard: 3,
+                uid: 2,
+                seq: 7
+            },
+        ]
+    );
+    // Another shard, uid or seq is another key; uids take every u64.
+    let rows = merge(vec![
+        watch(3, 1, 4, true),
+        watch(4, 1, 4, false),
+        watch(3, 2, 4, true),
+        watch(3, 1, 5, false),
+        watch(3, u64::MAX, MAX_ORDERED, true),
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 5);
+    assert_eq!(
+        rows[4],
+        Row::PushWatchPut {
+            shard: 3,
+            uid: -1,
+            seq: i64::MAX
+        }
+    );
+    assert_eq!(
+        phases(&rows),
+        vec![
+            Phase::PushWatchPut,
+            Phase::PushWatchDelete,
+            Phase::PushWatchPut,
+            Phase::PushWatchDelete,
+            Phase::PushWatchPut,
+        ]
+    );
+}
+
 #[test]
 fn append_writes_bucket_index_and_timeline() {
     let uid = UserId(42);
@@ -244,6 +311,8 @@ fn ordered_columns_refuse_values_above_i64_max() {
             recipients: vec![],
             msg: msg(1, 1, b""),
         }),
+        watch(0, 1, too_big, true),
+        watch(0, 1, u64::MAX, false),
         // Not ordered, but stored non-negative so that the read can tell corruption.
         Op::IdFloor {
             generator: 1,
@@ -342,9 +411,9 @@ fn id_floor_goes_in_the_first_chunk() {
     }
 }
 
-/// The ops logic writes for one c2c send, plus a recipient append, a cursor and an outbox
-/// delete from earlier rounds, and the msg-id floor the worker raises at the end of a round,
-/// in the worker's order.
+/// The ops logic writes for one c2c send, plus a recipient append and its push watch, a cursor,
+/// an outbox delete and a push-watch clear from earlier rounds, and the msg-id floor the worker
+/// raises at the end of a round, in the worker's order.
 fn round_ops() -> Vec<Op> {
     let m = msg(7, 77, b"hello");
     vec![
@@ -385,6 +454,8 @@ fn round_ops() -> Vec<Op> {
             uid: UserId(3),
             msg: msg(3, 66, b"in"),
         },
+        watch(5, 3, 3, true),
+        watch(5, 3, 1, false),
         Op::IdFloor {
             generator: 3,
             ms: 1 << 41,
@@ -410,10 +481,12 @@ fn plan_orders_rows_so_that_every_prefix_is_safe() {
             Phase::OutboxPut,
             Phase::Timeline,
             Phase::Timeline,
+            Phase::PushWatchPut,
             Phase::MsgIdx,
             Phase::MsgIdx,
             Phase::Cursor,
             Phase::OutboxDelete,
+            Phase::PushWatchDelete,
             Phase::Dedup,
         ]
     );
@@ -721,6 +794,7 @@ fn plan_orders_group_rows_before_messages_and_dedup_last() {
             Phase::OutboxPut,
             Phase::Timeline,
             Phase::Timeline,
+            Phase::PushWatchPut,
             Phase::MsgIdx,
             Phase::MsgIdx,
             Phase::Cursor,
@@ -729,6 +803,7 @@ fn plan_orders_group_rows_before_messages_and_dedup_last() {
             Phase::PushTokenPut,
             Phase::PushTokenDelete,
             Phase::OutboxDelete,
+            Phase::PushWatchDelete,
             Phase::Dedup,
         ]
     );
@@ -974,6 +1049,8 @@ fn read_statements_match_the_schema_and_the_row_types() {
             Read::Group => GroupRow::type_check(&specs),
             Read::Members => MemberRow::type_check(&specs),
             Read::PushTokens => PushTokenRow::type_check(&specs),
+            Read::Cursors => CursorRow::type_check(&specs),
+            Read::PushWatches => PushWatchRow::type_check(&specs),
         };
         checked.unwrap_or_else(|e| panic!("{cql}: {e}"));
     }
@@ -1075,6 +1152,16 @@ fn fence_read_is_serial_and_the_rest_are_not() {
     }
     assert_eq!(Read::Fence.page_size(), None, "a point read");
     assert_eq!(Read::IdFloor.page_size(), None, "a point read");
+    assert!(Read::Cursors.page_size().is_some(), "a scan");
+    assert!(Read::PushWatches.page_size().is_some(), "a scan");
+    assert_eq!(
+        Read::Cursors.cql("im"),
+        "SELECT device_id, seq FROM im.cursor WHERE uid = ?"
+    );
+    assert_eq!(
+        Read::PushWatches.cql("im"),
+        "SELECT uid, seq FROM im.push_watch WHERE shard = ?"
+    );
     assert_eq!(
         Read::IdFloor.cql("im"),
         "SELECT ms FROM im.id_floor WHERE generator = ?"
@@ -1183,6 +1270,7 @@ fn schema_file_is_loaded_for_any_keyspace() {
             "dedup",
             "cursor",
             "outbox",
+            "push_watch",
             "group_info",
             "group_members",
             "user_groups",
@@ -1218,6 +1306,10 @@ fn schema_file_is_loaded_for_any_keyspace() {
     assert!(table("cursor").contains("PRIMARY KEY ((uid), device_id)"));
     assert!(table("outbox").contains("PRIMARY KEY ((shard), msg_id)"));
     assert!(table("outbox").contains("recipients frozen<list<bigint>>"));
+    assert!(table("push_watch").contains("PRIMARY KEY ((shard), uid, seq)"));
+    assert!(table("push_watch").contains("shard int"));
+    assert!(table("push_watch").contains("CLUSTERING ORDER BY (uid ASC, seq ASC)"));
+    assert!(table("push_watch").contains("default_time_to_live = 86400"));
     assert!(table("group_info").contains("PRIMARY KEY ((gid))"));
     assert!(table("group_members").contains("PRIMARY KEY ((gid), uid)"));
     assert!(table("group_members").contains("role smallint"));
