@@ -21,6 +21,12 @@ pub struct LogicConfig {
     pub max_group: usize,
     /// Remembered `client_msg_id`s per user in memory (older ones are looked up in the store).
     pub dedup_window: usize,
+    /// User states the node keeps in memory (split between its workers). Past it, the offline
+    /// users touched longest ago are dropped (down to 90 %) and reloaded from the store when
+    /// needed; online users are never dropped, so this is a soft bound when more are online.
+    pub max_cached_users: usize,
+    /// Group states (info, members, recent post ids) the node keeps in memory, the same way.
+    pub max_cached_groups: usize,
     /// Redis Cluster seed nodes (`redis://host:port`) of the shared directory; empty: none.
     pub redis_nodes: Vec<String>,
     /// How long after sending a user may recall a message.
@@ -42,6 +48,8 @@ impl Default for LogicConfig {
             max_queued: 100_000,
             max_group: 1024,
             dedup_window: 256,
+            max_cached_users: 2_000_000,
+            max_cached_groups: 200_000,
             redis_nodes: Vec::new(),
             recall_window_secs: 120,
             lease: None,

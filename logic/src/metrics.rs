@@ -17,6 +17,12 @@ pub struct Metrics {
     pub pushes_muted: AtomicU64,
     pub commits: AtomicU64,
     pub appends_retried: AtomicU64,
+    /// User states held in memory (all workers; a gauge).
+    pub users_cached: AtomicU64,
+    pub users_evicted: AtomicU64,
+    /// Group states held in memory (all workers; a gauge).
+    pub groups_cached: AtomicU64,
+    pub groups_evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -92,8 +98,32 @@ impl Metrics {
                 "Fan-out appends re-sent to another node because they were not confirmed in time.",
                 &self.appends_retried,
             ),
+            (
+                "im_users_evicted_total",
+                "Offline users' state dropped from memory to keep within max_cached_users.",
+                &self.users_evicted,
+            ),
+            (
+                "im_groups_evicted_total",
+                "Groups' state dropped from memory to keep within max_cached_groups.",
+                &self.groups_evicted,
+            ),
         ] {
             im_shared::prom::metric(out, name, "counter", help, c.load(Ordering::Relaxed));
+        }
+        for (name, help, c) in [
+            (
+                "im_users_cached",
+                "User states held in logic memory.",
+                &self.users_cached,
+            ),
+            (
+                "im_groups_cached",
+                "Group states held in logic memory.",
+                &self.groups_cached,
+            ),
+        ] {
+            im_shared::prom::metric(out, name, "gauge", help, c.load(Ordering::Relaxed));
         }
     }
 }

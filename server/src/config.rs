@@ -48,6 +48,11 @@ pub struct ServerConfig {
     pub seq_segment: u64,
     /// Client frames queued per logic worker before new work is refused (retryable).
     pub max_queued: usize,
+    /// User states a logic node keeps in memory; past it the offline users used longest ago
+    /// are dropped and reloaded from the store when needed.
+    pub max_cached_users: usize,
+    /// Group states a logic node keeps in memory, the same way.
+    pub max_cached_groups: usize,
     /// Redis Cluster seed nodes (`redis://127.0.0.1:7001`, …) for the shared directory of routes
     /// and presence; empty (the default): no directory, routes live only in logic memory.
     pub redis_nodes: Vec<String>,
@@ -126,6 +131,8 @@ impl Default for ServerConfig {
             max_inflight: g.max_inflight,
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
+            max_cached_users: l.max_cached_users,
+            max_cached_groups: l.max_cached_groups,
             redis_nodes: Vec::new(),
             recall_window_secs: l.recall_window_secs,
             shard_lease_ms: 10_000,
@@ -193,6 +200,8 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         heartbeat_secs: cfg.heartbeat_secs,
         seq_segment: cfg.seq_segment,
         max_queued: cfg.max_queued,
+        max_cached_users: cfg.max_cached_users,
+        max_cached_groups: cfg.max_cached_groups,
         redis_nodes: cfg.redis_nodes.clone(),
         recall_window_secs: cfg.recall_window_secs,
         ..LogicConfig::default()

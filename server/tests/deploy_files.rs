@@ -61,6 +61,8 @@ const LOGIC_KEYS: &[&str] = &[
     "heartbeat_secs",
     "seq_segment",
     "max_queued",
+    "max_cached_users",
+    "max_cached_groups",
     "redis_nodes",
     "recall_window_secs",
     "scylla_nodes",

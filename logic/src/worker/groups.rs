@@ -83,6 +83,8 @@ pub(super) fn group_op(cmd: Command) -> Option<(GroupId, GroupOp)> {
 
 /// Live state of a group on its owner.
 pub(super) struct GroupState {
+    /// Second of the last use (LRU stamp for `trim_caches`).
+    pub(super) touched: u32,
     desc: GroupDesc,
     members: BTreeMap<UserId, u8>,
     dedup: HashMap<(UserId, u64), DedupEntry>,
@@ -212,7 +214,9 @@ impl<S: Store> Worker<S> {
     }
 
     async fn load_group(&mut self, g: GroupId) -> Result<bool, StoreError> {
-        if self.groups.contains_key(&g) {
+        let touched = self.now_secs();
+        if let Some(s) = self.groups.get_mut(&g) {
+            s.touched = touched;
             return Ok(true);
         }
         let Some(desc) = self.store.group(g).await? else {
@@ -222,6 +226,7 @@ impl<S: Store> Worker<S> {
         self.groups.insert(
             g,
             GroupState {
+                touched,
                 desc,
                 members: members.into_iter().map(|m| (m.uid, m.role)).collect(),
                 dedup: HashMap::new(),
@@ -424,6 +429,7 @@ impl<S: Store> Worker<S> {
         self.groups.insert(
             group,
             GroupState {
+                touched: self.now_secs(),
                 desc,
                 members: map,
                 dedup: HashMap::new(),

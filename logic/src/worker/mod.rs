@@ -212,6 +212,9 @@ struct UserState {
     /// are not known (in memory only, lost with the previous process): rebuilt from the store
     /// by [`Worker::recover_pending`] before the first ack or push check needs them. 0: known.
     loaded_last: u64,
+    /// Second (of the worker's clock) of the last use: offline users least recently used are
+    /// evicted first ([`Worker::trim_caches`]).
+    touched: u32,
     active: Option<Box<Active>>,
 }
 
@@ -327,6 +330,9 @@ pub struct Worker<S> {
     router: Arc<Router>,
     depth: Arc<AtomicUsize>,
     users: HashMap<UserId, UserState>,
+    /// This worker's share of the `im_users_cached` / `im_groups_cached` gauges, as last added.
+    cached_users: u64,
+    cached_groups: u64,
     routes: HashMap<UserId, Vec<Device>>,
     sessions: HashMap<ConnId, Session>,
     ids: MsgIdGen,
@@ -494,6 +500,8 @@ impl<S: Store> Worker<S> {
             router,
             depth,
             users: HashMap::new(),
+            cached_users: 0,
+            cached_groups: 0,
             routes: HashMap::new(),
             sessions: HashMap::new(),
             dir: None,
@@ -642,6 +650,7 @@ impl<S: Store> Worker<S> {
             }
         }
         self.finish(round, stop).await?;
+        self.trim_caches();
         Ok(if stop { Step::Stop } else { Step::Continue })
     }
 
@@ -691,7 +700,9 @@ impl<S: Store> Worker<S> {
     }
 
     async fn load_user(&mut self, uid: UserId) -> Result<(), StoreError> {
-        if self.users.contains_key(&uid) {
+        let touched = self.now_secs();
+        if let Some(u) = self.users.get_mut(&uid) {
+            u.touched = touched;
             return Ok(());
         }
         let bound = self.store.seq_bound(uid).await?.0;
@@ -704,10 +715,73 @@ impl<S: Store> Worker<S> {
                 bound: top,
                 last_seq: last,
                 loaded_last: last,
+                touched,
                 active: None,
             },
         );
         Ok(())
+    }
+
+    /// The worker's clock in whole seconds (LRU stamps).
+    fn now_secs(&self) -> u32 {
+        (self.now / 1000) as u32
+    }
+
+    /// Keeps the user and group caches within their budgets. Runs after a round is committed and
+    /// released, so everything they hold is in the store: an evicted user reloads its seq bound
+    /// and last seq ([`Worker::load_user`]; unused reserved seqs are skipped, as after a
+    /// restart), finds older dedup records in the store and gets its pending notices rebuilt
+    /// ([`Worker::recover_pending`]); an evicted group reloads its record and members. Online
+    /// users are never evicted. One pass drops the least recently used down to 90 % of the
+    /// budget (`select_nth_unstable`, linear in the cache size), so passes are rare.
+    fn trim_caches(&mut self) {
+        let workers = self.cfg.workers.max(1);
+        let max_users = (self.cfg.max_cached_users / workers).max(1);
+        if self.users.len() > max_users {
+            let keep = max_users - max_users / 10;
+            let mut idle: Vec<(u32, UserId)> = self
+                .users
+                .iter()
+                .filter(|(uid, _)| !self.routes.contains_key(uid))
+                .map(|(uid, u)| (u.touched, *uid))
+                .collect();
+            let drop = (self.users.len() - keep).min(idle.len());
+            if drop > 0 {
+                if drop < idle.len() {
+                    idle.select_nth_unstable(drop - 1);
+                }
+                for (_, uid) in &idle[..drop] {
+                    self.users.remove(uid);
+                }
+                self.metrics
+                    .users_evicted
+                    .fetch_add(drop as u64, Ordering::Relaxed);
+            }
+            self.users.shrink_to(self.users.len() * 5 / 4);
+        }
+        let max_groups = (self.cfg.max_cached_groups / workers).max(1);
+        if self.groups.len() > max_groups {
+            let keep = max_groups - max_groups / 10;
+            let mut all: Vec<(u32, GroupId)> =
+                self.groups.iter().map(|(g, s)| (s.touched, *g)).collect();
+            let drop = self.groups.len() - keep;
+            all.select_nth_unstable(drop - 1);
+            for (_, g) in &all[..drop] {
+                self.groups.remove(g);
+            }
+            self.metrics
+                .groups_evicted
+                .fetch_add(drop as u64, Ordering::Relaxed);
+            self.groups.shrink_to(self.groups.len() * 5 / 4);
+        }
+        let (users, groups) = (self.users.len() as u64, self.groups.len() as u64);
+        let (du, dg) = (
+            users.wrapping_sub(self.cached_users),
+            groups.wrapping_sub(self.cached_groups),
+        );
+        self.metrics.users_cached.fetch_add(du, Ordering::Relaxed);
+        self.metrics.groups_cached.fetch_add(dg, Ordering::Relaxed);
+        (self.cached_users, self.cached_groups) = (users, groups);
     }
 
     /// Rebuilds the pending notices (delivered notices, offline pushes) of the messages a user
@@ -730,10 +804,18 @@ impl<S: Store> Worker<S> {
             .into_iter()
             .flatten()
             .map(|d| d.cursor.0);
+        // Cursors acknowledged but not written yet (`lazy`) count too.
+        let waiting = self
+            .lazy
+            .cursors
+            .iter()
+            .filter(|((u, _), _)| *u == uid)
+            .map(|(_, s)| s.0);
         let acked = stored
             .iter()
             .map(|(_, s)| s.0)
             .chain(live)
+            .chain(waiting)
             .max()
             .unwrap_or(0);
         let mut found = Vec::new();

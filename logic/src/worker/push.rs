@@ -113,6 +113,11 @@ impl<S: Store> Worker<S> {
         due.sort_unstable();
         due.dedup_by_key(|(u, _)| *u);
         for (uid, _) in due {
+            // An evicted user (trim_caches) comes back with its pending notices rebuilt.
+            if let Err(e) = self.load_user(uid).await {
+                tracing::warn!("push check of {uid}: {e}");
+                continue;
+            }
             if let Err(e) = self.recover_pending(uid).await {
                 tracing::warn!("pending notices of {uid} not recovered, no push: {e}");
                 continue;

@@ -958,3 +958,115 @@ async fn a_group_create_retried_with_its_client_id_answers_the_first_group_even_
     let all: std::collections::BTreeSet<_> = [g1, g2, g3, g4, g5].into();
     assert_eq!(all.len(), 5, "{all:?}");
 }
+
+#[tokio::test]
+async fn offline_users_and_groups_are_evicted_past_the_budget_and_come_back_with_nothing_lost() {
+    let cfg = LogicConfig {
+        max_cached_users: 10,
+        max_cached_groups: 2,
+        seq_segment: 100,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(1, cfg).await;
+    let a = UserId(1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    // b gets a message while offline (a notice is pending for a), then 30 other users are
+    // touched: far over the budget of 10.
+    let b = UserId(2);
+    fx.client(conn(1), a, vec![(1, send(1, b, "first"))]).await;
+    for (i, u) in (100..130).enumerate() {
+        fx.now += 1000;
+        fx.client(
+            conn(1),
+            a,
+            vec![(2 + i as u32, send(2 + i as u64, UserId(u), "x"))],
+        )
+        .await;
+    }
+    fx.out();
+    let w = &fx.workers[0];
+    assert!(w.users.len() <= 10, "{} users cached", w.users.len());
+    assert!(w.users.contains_key(&a), "an online user is never evicted");
+    assert!(
+        !w.users.contains_key(&b),
+        "the least recently used went first"
+    );
+    // b comes back: its next message follows the first (seqs skip the unused reserved ones
+    // and prev_seq links them), and its ack still tells a (the pending notice is rebuilt).
+    fx.client(conn(1), a, vec![(50, send(50, b, "second"))])
+        .await;
+    // A retry of a's first send is still answered from the store, not sent again.
+    fx.client(conn(1), a, vec![(51, send(1, b, "first, retried"))])
+        .await;
+    fx.out();
+    let tl = fx.timeline(b).await;
+    assert_eq!(tl.len(), 2, "{tl:?}");
+    assert!(tl[1].seq > tl[0].seq);
+    assert_eq!(tl[1].prev_seq, tl[0].seq);
+    for u in 100..130 {
+        fx.now += 1000;
+        fx.client(conn(1), a, vec![(60, send(1000 + u, UserId(u), "y"))])
+            .await;
+    }
+    assert!(!fx.workers[0].users.contains_key(&b));
+    let token = fx.tokens.mint(b, fx.now / 1000 + 3600);
+    let login = Command::Login {
+        uid: b,
+        device_type: DeviceType::Phone,
+        device_id: "b-phone".into(),
+        last_seq: tl[1].seq,
+        token,
+    };
+    fx.client(conn(2), b, vec![(1, login)]).await;
+    fx.out();
+    fx.client(
+        conn(2),
+        b,
+        vec![(0, Command::DeliverAck { seq: tl[1].seq })],
+    )
+    .await;
+    fx.pump().await;
+    let notes: Vec<MsgId> = fx
+        .out()
+        .iter()
+        .filter_map(|o| match o.cmd {
+            Command::Delivered { msg_id, recipient } if o.conn == conn(1) && recipient == b => {
+                Some(msg_id)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes, [tl[0].msg_id, tl[1].msg_id]);
+    // Groups: three created with a budget of two; the first, evicted, still takes posts.
+    let mut groups = Vec::new();
+    for k in 0..3u64 {
+        fx.now += 1000;
+        let create = Command::GroupCreate {
+            name: format!("g{k}"),
+            members: vec![b],
+            client_id: 0,
+        };
+        fx.client(conn(1), a, vec![(70 + k as u32, create)]).await;
+        fx.pump().await;
+        groups.push(created(&fx.out(), conn(1)));
+    }
+    assert!(fx.workers[0].groups.len() <= 2);
+    assert!(!fx.workers[0].groups.contains_key(&groups[0]));
+    let post = Command::SendC2g {
+        client_msg_id: 80,
+        group: groups[0],
+        body: Bytes::from_static(b"still here"),
+    };
+    fx.client(conn(1), a, vec![(80, post)]).await;
+    fx.pump().await;
+    assert_eq!(acks(&fx.out()).len(), 1);
+    let posts = fx
+        .timeline(b)
+        .await
+        .into_iter()
+        .filter(|m| m.conv == CONV_C2G && m.to.0 == groups[0].0)
+        .count();
+    assert_eq!(posts, 1);
+    let evicted = fx.workers[0].metrics.users_evicted.load(Ordering::Relaxed);
+    assert!(evicted > 0);
+}
