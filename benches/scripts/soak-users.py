@@ -9,7 +9,8 @@ then
   1. s2c through the HTTP API (POST /v1/messages, signed as docs/API.md says) to --users
      distinct users, --batch recipients per request: every recipient's state is loaded on its
      logic worker and a message appended to its timeline;
-  2. logins of --logins further distinct users with `im-loadgen idle` (20 000 at a time).
+  2. logins of --logins further distinct users with `im-loadgen idle` (15 000 at a time: one
+     server process holds at most 20 000 open files here).
 Every 100 requests (and after each login wave) it samples the server's RSS (/proc/PID/status
 VmRSS), the users touched so far and the server's im_users_cached / im_users_evicted_total
 metrics, and writes them to OUT/soak.csv. Prints the CSV path and a summary. Every step has a
@@ -45,10 +46,13 @@ def rss_kib(pid):
     return 0
 
 
-def metric(conn, name):
-    conn.request("GET", "/metrics")
-    r = conn.getresponse()
-    text = r.read().decode()
+def metric(api, name):
+    # A fresh connection: the API closes idle keep-alive connections.
+    host, port = api.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
     m = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
     return int(m.group(1)) if m else -1
 
@@ -106,7 +110,7 @@ def main():
 
         def sample(touched):
             row = (f"{time.time() - t0:.1f},{touched},{rss_kib(srv.pid)},"
-                   f"{metric(conn, 'im_users_cached')},{metric(conn, 'im_users_evicted_total')}")
+                   f"{metric(api, 'im_users_cached')},{metric(api, 'im_users_evicted_total')}")
             csv.write(row + "\n")
             csv.flush()
             return row
@@ -139,11 +143,11 @@ def main():
             if n % 100 == 0:
                 print(sample(touched), flush=True)
         print(sample(touched), flush=True)
-        # Logins of further users, 20 000 at a time.
+        # Logins of further users, 15 000 at a time.
         lbase = base + a.users
         done = 0
         while done < a.logins:
-            k = min(20_000, a.logins - done)
+            k = min(15_000, a.logins - done)
             subprocess.run(
                 [os.path.join(a.bin, "im-loadgen"), "idle", "-n", str(k), "--hold-secs", "1",
                  "--server", gate, "--uid-base", str(lbase + done)],
