@@ -219,6 +219,8 @@ pub fn check_transport(cfg: &GateConfig) -> std::io::Result<()> {
 #[derive(Clone)]
 pub struct StatsHandle {
     cores: Vec<Arc<CoreStats>>,
+    /// The cores' mailboxes (downstream batches from logic, hand-offs), for their depth.
+    mailboxes: Vec<Mailbox<CoreMsg>>,
 }
 
 impl StatsHandle {
@@ -233,8 +235,18 @@ impl StatsHandle {
 
     /// Appends the counters in the Prometheus text format (`im_gate_*`).
     pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
         for (name, kind, help, v) in self.snapshot().metrics() {
             im_shared::prom::metric(out, name, kind, help, v);
+        }
+        im_shared::prom::header(
+            out,
+            "im_gate_core_mailbox",
+            "gauge",
+            "Messages waiting for a gate core: downstream batches from logic and hand-offs.",
+        );
+        for (i, m) in self.mailboxes.iter().enumerate() {
+            let _ = writeln!(out, "im_gate_core_mailbox{{core=\"{i}\"}} {}", m.len());
         }
     }
 }
@@ -257,6 +269,7 @@ impl GateHandle {
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle {
             cores: self.stats.clone(),
+            mailboxes: self.sink.cores.clone(),
         }
     }
 
@@ -284,10 +297,25 @@ mod stats_tests {
         cores[0].closed_slow.store(2, Ordering::Relaxed);
         cores[1].closed_slow.store(3, Ordering::Relaxed);
         cores[1].handoffs.store(7, Ordering::Relaxed);
-        let h = StatsHandle { cores };
+        let (m0, _rx0) = mailbox::<CoreMsg>();
+        let (m1, _rx1) = mailbox::<CoreMsg>();
+        m1.send(CoreMsg::Shutdown).ok();
+        m1.send(CoreMsg::Shutdown).ok();
+        let h = StatsHandle {
+            cores,
+            mailboxes: vec![m0, m1],
+        };
         assert_eq!(h.snapshot().closed_slow, 5);
         let mut out = String::new();
         h.render(&mut out);
+        assert!(
+            out.contains("\nim_gate_core_mailbox{core=\"0\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nim_gate_core_mailbox{core=\"1\"} 2\n"),
+            "{out}"
+        );
         assert!(out.contains("\nim_gate_closed_slow_total 5\n"), "{out}");
         assert!(out.contains("\nim_gate_handoffs_total 7\n"), "{out}");
         for (name, kind, ..) in GateStats::default().metrics() {

@@ -44,6 +44,16 @@ pub fn mailbox<T>() -> (Mailbox<T>, MailboxRx<T>) {
 }
 
 impl<T> Mailbox<T> {
+    /// Messages waiting in the mailbox.
+    pub fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Whether no message waits.
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_empty()
+    }
+
     /// Enqueues `v`; on a closed mailbox it is handed back.
     pub fn send(&self, v: T) -> Result<(), T> {
         self.tx.send(v).map_err(|e| e.0)?;

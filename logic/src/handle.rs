@@ -371,6 +371,18 @@ impl ApiBackend for LogicHandle {
                 d.load(Ordering::Relaxed)
             );
         }
+        self.metrics.render_inboxes(self.depth.len(), out);
+        if let Some(p) = self.router.peers() {
+            im_shared::prom::header(
+                out,
+                "im_logic_peer_queue",
+                "gauge",
+                "Messages queued for the link to another logic node (dropped with the link; the outbox replays).",
+            );
+            for (node, n) in p.queue_depths() {
+                let _ = writeln!(out, "im_logic_peer_queue{{node=\"{node}\"}} {n}");
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use im_shared::proto::{CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_RECALL, CONV_S2C};
 
 /// Shared by every worker of a node (relaxed atomics: monotonic counters only).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     by_conv: [AtomicU64; 7],
     pub logins: AtomicU64,
@@ -23,9 +23,62 @@ pub struct Metrics {
     /// Group states held in memory (all workers; a gauge).
     pub groups_cached: AtomicU64,
     pub groups_evicted: AtomicU64,
+    /// Messages waiting in each worker's inbox (client frames, appends and confirmations from
+    /// other workers, group and API requests), as the worker saw it before its last round.
+    inbox: Vec<AtomicU64>,
+}
+
+/// Most workers of one node whose inbox depth is reported (msg-id generator ids bound the
+/// worker count far lower).
+pub const MAX_WORKERS: usize = 1024;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            by_conv: Default::default(),
+            logins: AtomicU64::new(0),
+            groups_created: AtomicU64::new(0),
+            c2s_queued: AtomicU64::new(0),
+            c2s_failed: AtomicU64::new(0),
+            pushes: AtomicU64::new(0),
+            pushes_muted: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            appends_retried: AtomicU64::new(0),
+            users_cached: AtomicU64::new(0),
+            users_evicted: AtomicU64::new(0),
+            groups_cached: AtomicU64::new(0),
+            groups_evicted: AtomicU64::new(0),
+            inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl Metrics {
+    /// Worker `idx` found `n` messages in its inbox.
+    pub fn set_inbox(&self, idx: usize, n: usize) {
+        if let Some(a) = self.inbox.get(idx) {
+            a.store(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends `im_logic_inbox{worker}` for the first `workers` workers.
+    pub fn render_inboxes(&self, workers: usize, out: &mut String) {
+        im_shared::prom::header(
+            out,
+            "im_logic_inbox",
+            "gauge",
+            "Messages waiting in a logic worker's inbox (unbounded: client work is bounded by \
+             max_queued, everything else follows from admitted work).",
+        );
+        for (i, a) in self.inbox.iter().take(workers).enumerate() {
+            let _ = writeln!(
+                out,
+                "im_logic_inbox{{worker=\"{i}\"}} {}",
+                a.load(Ordering::Relaxed)
+            );
+        }
+    }
+
     /// A message of kind `conv` was accepted (acknowledged to its sender).
     pub fn accepted(&self, conv: u8) {
         if let Some(c) = self.by_conv.get(conv as usize) {

@@ -71,6 +71,15 @@ impl PeerLinks {
         PeerLinks { txs, state }
     }
 
+    /// Payloads queued for each other node's link writer: `(node, depth)`.
+    pub fn queue_depths(&self) -> Vec<(usize, usize)> {
+        self.txs
+            .iter()
+            .enumerate()
+            .filter_map(|(n, tx)| tx.as_ref().map(|tx| (n, tx.len())))
+            .collect()
+    }
+
     /// The epoch in which local worker `worker` may send live appends to `node` now: the link
     /// is up and the worker has resynced it. `None`: hold them back (they stay in the outbox).
     pub fn ready(&self, node: usize, worker: usize) -> Option<u64> {

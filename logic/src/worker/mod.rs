@@ -593,6 +593,7 @@ impl<S: Store> Worker<S> {
                     Err(_) => break,
                 }
             }
+            self.metrics.set_inbox(self.idx, msgs.len() + rx.len());
             match self.step(msgs.drain(..), wall_clock_ms()).await {
                 Ok(Step::Continue) => {}
                 Ok(Step::Stop) => return,
