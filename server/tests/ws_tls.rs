@@ -749,3 +749,55 @@ fn missing_certificate_files_fail_the_start() {
     let err = im_server::start(&cfg).err().expect("start must fail");
     assert!(format!("{err:#}").contains("no-such-dir"), "{err:#}");
 }
+
+/// Issue 14, over WebSocket: 3 000 requests pipelined in three binary messages (1 000 frames
+/// each) are all answered; the gate pauses the layered reader in the middle of a message
+/// instead of cutting the client.
+#[test]
+fn a_pipelining_ws_client_is_slowed_not_cut() {
+    let (s, ws_addr) = start_ws(|_| {});
+    let mut w = Session::new(Ws(ws_connect(ws_addr)));
+    w.login(7100);
+    // Writes never hang the test: the gate reads on as this side reads.
+    w.wire
+        .0
+        .get_ref()
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    for k in 0..3u64 {
+        let mut msg = Vec::new();
+        for i in 1..=1000u64 {
+            let n = k * 1000 + i;
+            let cmd = Command::SendC2c {
+                client_msg_id: n,
+                to: UserId(7101),
+                body: format!("ws {n}").into_bytes().into(),
+            };
+            msg.extend_from_slice(&cmd.to_bytes(n as u32));
+        }
+        w.wire.send(msg);
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.len() < 3000 {
+        assert!(Instant::now() < deadline, "{} of 3000 acked", acked.len());
+        match w.next(Duration::from_secs(1)) {
+            Some((
+                _,
+                Command::SendAck {
+                    code: ErrorCode::Ok,
+                    client_msg_id,
+                    ..
+                },
+            )) => assert!(acked.insert(client_msg_id), "{client_msg_id} twice"),
+            Some((_, other)) => panic!("unexpected {other:?}"),
+            None => {}
+        }
+    }
+    let stats = s.server.as_ref().unwrap().gate_stats();
+    assert_eq!(stats.closed_slow, 0);
+    assert!(stats.reads_paused > 0, "{stats:?}");
+    // Still a working session afterwards.
+    let req = w.send(&Command::Heartbeat);
+    assert!(matches!(w.answer(req), Command::HeartbeatAck { .. }));
+}
