@@ -379,9 +379,25 @@ impl ApiBackend for LogicHandle {
                 "gauge",
                 "Messages queued for the link to another logic node (dropped with the link; the outbox replays).",
             );
-            for (node, n) in p.queue_depths() {
+            for (node, n, _) in p.queue_depths() {
                 let _ = writeln!(out, "im_logic_peer_queue{{node=\"{node}\"}} {n}");
             }
+            im_shared::prom::header(
+                out,
+                "im_logic_peer_queue_bytes",
+                "gauge",
+                "Bytes queued for the link to another logic node (bound: 64 MiB, then the link is reset).",
+            );
+            for (node, _, b) in p.queue_depths() {
+                let _ = writeln!(out, "im_logic_peer_queue_bytes{{node=\"{node}\"}} {b}");
+            }
+            im_shared::prom::metric(
+                out,
+                "im_logic_peer_resets_total",
+                "counter",
+                "Peer links reset because their queue passed its bound (outboxes replay).",
+                p.resets(),
+            );
         }
     }
 }

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,16 @@ use crate::worker::{GroupReq, WorkerMsg};
 pub struct PeerLinks {
     txs: Vec<Option<Sender<(u64, Bytes)>>>,
     state: Vec<Arc<LinkState>>,
+    max_queue_bytes: usize,
 }
+
+/// Bytes of payloads one outbound link may hold queued. Past it the link is reset: the queue
+/// is dropped, the connection closed and reopened in a new epoch, and every worker re-sends its
+/// outbox for that node before any new append (what a link failure does). Appends are never
+/// lost by it (they are in the outbox); confirmations are re-earned by the replay; `Delivered`
+/// notices in the queue are lost (informational); group requests in it get no answer and the
+/// client retries.
+pub const MAX_QUEUE_BYTES: usize = 64 << 20;
 
 /// Up/down state of one outbound link, shared with the workers.
 #[derive(Default)]
@@ -48,11 +57,23 @@ pub struct LinkState {
     epoch: AtomicU64,
     /// Per local worker: the epoch it has resynced.
     resynced: Mutex<HashMap<usize, u64>>,
+    /// Bytes of payloads queued for the writer.
+    queued: AtomicUsize,
+    /// The current connection (a clone), so that a reset can unblock a writer stuck in a write
+    /// to a peer that does not read.
+    conn: Mutex<Option<TcpStream>>,
+    /// Resets because the queue passed [`MAX_QUEUE_BYTES`].
+    resets: AtomicU64,
 }
 
 impl PeerLinks {
     /// Starts a link thread to every node but `me`.
     pub fn start(me: usize, nodes: Vec<SocketAddr>) -> PeerLinks {
+        Self::start_with(me, nodes, MAX_QUEUE_BYTES)
+    }
+
+    /// [`PeerLinks::start`] with another queue bound (tests).
+    pub fn start_with(me: usize, nodes: Vec<SocketAddr>, max_queue_bytes: usize) -> PeerLinks {
         let mut txs = Vec::new();
         let mut state = Vec::new();
         for (i, addr) in nodes.into_iter().enumerate() {
@@ -68,16 +89,31 @@ impl PeerLinks {
                 .name(format!("peer-{i}"))
                 .spawn(move || run(me as u16, addr, rx, &st));
         }
-        PeerLinks { txs, state }
+        PeerLinks {
+            txs,
+            state,
+            max_queue_bytes,
+        }
     }
 
-    /// Payloads queued for each other node's link writer: `(node, depth)`.
-    pub fn queue_depths(&self) -> Vec<(usize, usize)> {
+    /// Payloads queued for each other node's link writer: `(node, payloads, bytes)`.
+    pub fn queue_depths(&self) -> Vec<(usize, usize, usize)> {
         self.txs
             .iter()
             .enumerate()
-            .filter_map(|(n, tx)| tx.as_ref().map(|tx| (n, tx.len())))
+            .filter_map(|(n, tx)| {
+                let bytes = self.state[n].queued.load(Ordering::Relaxed);
+                tx.as_ref().map(|tx| (n, tx.len(), bytes))
+            })
             .collect()
+    }
+
+    /// Resets of all links because a queue passed its bound.
+    pub fn resets(&self) -> u64 {
+        self.state
+            .iter()
+            .map(|s| s.resets.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The epoch in which local worker `worker` may send live appends to `node` now: the link
@@ -135,9 +171,36 @@ impl PeerLinks {
     /// Queues `msg` for the connection of `epoch` only: dropped if the link has moved on.
     pub fn send_in(&self, node: usize, worker: usize, msg: &WorkerMsg, epoch: u64) {
         if let (Some(Some(tx)), Some(p)) = (self.txs.get(node), encode(worker, msg)) {
+            let st = &self.state[node];
+            let len = p.len();
+            if st.queued.fetch_add(len, Ordering::AcqRel) + len > self.max_queue_bytes {
+                st.queued.fetch_sub(len, Ordering::AcqRel);
+                reset(st);
+                return;
+            }
             let _ = tx.send((epoch, p));
         }
     }
+}
+
+/// Resets a link whose queue is full (see [`MAX_QUEUE_BYTES`]): marks it down, so that no worker
+/// sends in the current epoch any more, and shuts its connection down under the writer, which
+/// then drops the queue and reconnects in a new epoch.
+fn reset(st: &LinkState) {
+    if st.up.load(Ordering::Acquire) {
+        st.resets.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("peer link queue full: resetting the link (outboxes replay)");
+    }
+    // Whoever sends next finds the link down (`ready` is None) until the new epoch's resync.
+    st.up.store(false, Ordering::Release);
+    if let Some(c) = st.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Takes a payload off the queue (its bytes no longer count).
+fn took(st: &LinkState, p: &Bytes) {
+    st.queued.fetch_sub(p.len(), Ordering::AcqRel);
 }
 
 fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
@@ -150,7 +213,9 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
             Ok(s) => s,
             Err(_) => {
                 // The peer is down: what is queued for it is dropped (outboxes re-send appends).
-                while rx.try_recv().is_ok() {}
+                while let Ok((_, p)) = rx.try_recv() {
+                    took(st, &p);
+                }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -172,6 +237,7 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
         if s.write_all(&out).is_err() {
             continue;
         }
+        *st.conn.lock().unwrap_or_else(|e| e.into_inner()) = s.try_clone().ok();
         // Nothing queued for an earlier connection goes on this one (the workers resync first):
         // payloads of older epochs are skipped below.
         let epoch = st.epoch.fetch_add(1, Ordering::AcqRel) + 1;
@@ -186,10 +252,12 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
             out.clear();
             match first {
                 Some((e, p)) => {
+                    took(st, &p);
                     if e == epoch {
                         link::encode_msg(&LinkMsg::Peer(p), &mut out);
                     }
                     while let Ok((e, p)) = rx.try_recv() {
+                        took(st, &p);
                         if e == epoch {
                             link::encode_msg(&LinkMsg::Peer(p), &mut out);
                         }
@@ -208,6 +276,7 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
                 break;
             }
         }
+        st.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -241,6 +310,65 @@ mod tests {
     use super::*;
     use crate::worker::{GroupOp, Reply};
     use im_shared::{ConnId, GroupId, UserId};
+
+    /// Issue 14: a peer that accepts the link but never reads cannot make the sender queue
+    /// without bound: past the bound the link is reset (queue dropped, new connection, new
+    /// epoch, so the workers replay their outboxes), and the queue stays within the bound.
+    #[test]
+    fn a_peer_that_does_not_read_gets_its_link_reset_at_the_queue_bound() {
+        use std::time::Instant;
+        let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = peer.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (accepted, held) = (accepted.clone(), held.clone());
+            std::thread::spawn(move || {
+                for s in peer.incoming().flatten() {
+                    let _ = s.set_nonblocking(false);
+                    held.lock().unwrap().push(s); // held open, never read
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        const BOUND: usize = 1 << 20;
+        let links = PeerLinks::start_with(0, vec!["127.0.0.1:9".parse().unwrap(), addr], BOUND);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let wait = |what: &str, cond: &dyn Fn() -> bool| {
+            while !cond() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait("the link", &|| links.state[1].up.load(Ordering::Acquire));
+        let first_epoch = links.state[1].epoch.load(Ordering::Acquire);
+        let notes: Vec<_> = (0..1000u64)
+            .map(|i| im_shared::peer::DeliveredNote {
+                sender: UserId(i + 1),
+                msg_id: im_shared::MsgId(i + 1),
+                recipient: UserId(2),
+            })
+            .collect();
+        let msg = WorkerMsg::Delivered(notes);
+        while links.resets() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "never reset: {:?}",
+                links.queue_depths()
+            );
+            let epoch = links.state[1].epoch.load(Ordering::Acquire);
+            links.send_in(1, 0, &msg, epoch);
+            let (_, _, bytes) = links.queue_depths()[0];
+            assert!(bytes <= BOUND, "{bytes} bytes queued");
+        }
+        wait("a new connection", &|| accepted.load(Ordering::SeqCst) >= 2);
+        wait("the new epoch", &|| {
+            links.state[1].up.load(Ordering::Acquire)
+                && links.state[1].epoch.load(Ordering::Acquire) > first_epoch
+        });
+        let (_, _, bytes) = links.queue_depths()[0];
+        assert!(bytes <= BOUND);
+    }
 
     #[test]
     fn a_client_group_request_crosses_nodes_and_an_api_one_does_not() {
