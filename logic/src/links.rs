@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,21 +22,93 @@ use crate::handle::LogicHandle;
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Bytes of downstream data one gate link may hold queued for its writer (a gate that stops
+/// reading fills it). Past it the link is reset: its connection is shut down, the workers forget
+/// that gate's sessions and the gate closes its clients with the retryable `Unavailable`; they
+/// log in again and sync, so nothing acknowledged is lost.
+pub const MAX_GATE_QUEUE_BYTES: usize = 64 << 20;
+
 /// Writer channel of one gate link, with the link's generation and what the gate announced in
 /// its `Hello`: (client address, WebSocket URL).
-type LinkTx = (u64, Sender<Vec<LinkMsg>>, (String, String));
+struct LinkTx {
+    gen: u64,
+    tx: Sender<Vec<LinkMsg>>,
+    announced: (String, String),
+    /// Bytes of `Down` data queued for the writer.
+    queued: Arc<AtomicUsize>,
+    /// The link's socket (a clone), shut down by a reset.
+    stream: TcpStream,
+}
 
 /// The writers of the connected gates, by gate id: logic's [`DownstreamSink`] in the
 /// distributed shape.
-#[derive(Default)]
 pub struct GateLinks {
     links: Mutex<HashMap<u16, LinkTx>>,
     next: AtomicU64,
+    max_queue_bytes: usize,
+    /// Links reset because their queue passed the bound.
+    resets: AtomicU64,
+}
+
+impl Default for GateLinks {
+    fn default() -> Self {
+        GateLinks {
+            links: Mutex::default(),
+            next: AtomicU64::new(0),
+            max_queue_bytes: MAX_GATE_QUEUE_BYTES,
+            resets: AtomicU64::new(0),
+        }
+    }
 }
 
 impl GateLinks {
     pub fn new() -> Arc<GateLinks> {
         Arc::new(GateLinks::default())
+    }
+
+    /// With another queue bound (tests).
+    pub fn with_queue_bound(max_queue_bytes: usize) -> Arc<GateLinks> {
+        Arc::new(GateLinks {
+            max_queue_bytes,
+            ..GateLinks::default()
+        })
+    }
+
+    /// Queued bytes per linked gate: `(gate, bytes)`, by gate id.
+    pub fn queue_depths(&self) -> Vec<(u16, usize)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(id, l)| (*id, l.queued.load(Ordering::Relaxed)))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Links reset because their queue passed the bound.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    /// Appends `im_logic_gate_queue_bytes{gate}` and `im_logic_gate_link_resets_total`.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        im_shared::prom::header(
+            out,
+            "im_logic_gate_queue_bytes",
+            "gauge",
+            "Bytes queued for the link to a gate (bound: 64 MiB, then the link is reset).",
+        );
+        for (gate, b) in self.queue_depths() {
+            let _ = writeln!(out, "im_logic_gate_queue_bytes{{gate=\"{gate}\"}} {b}");
+        }
+        im_shared::prom::metric(
+            out,
+            "im_logic_gate_link_resets_total",
+            "counter",
+            "Gate links reset because their queue passed its bound (the gate's clients reconnect).",
+            self.resets(),
+        );
     }
 
     /// Gates with a live link: id, client address and WebSocket URL (empty: none), as they
@@ -45,7 +117,7 @@ impl GateLinks {
         let mut v: Vec<(u16, String, String)> = self
             .lock()
             .iter()
-            .map(|(id, (_, _, (addr, ws)))| (*id, addr.clone(), ws.clone()))
+            .map(|(id, l)| (*id, l.announced.0.clone(), l.announced.1.clone()))
             .collect();
         v.sort_unstable();
         v
@@ -58,10 +130,20 @@ impl GateLinks {
 
 impl DownstreamSink for GateLinks {
     fn send(&self, gate: u16, _core: u16, batch: Vec<Down>) {
-        let tx = self.lock().get(&gate).map(|(_, tx, _)| tx.clone());
-        if let Some(tx) = tx {
-            let _ = tx.send(batch.into_iter().map(LinkMsg::Down).collect());
+        let bytes: usize = batch.iter().map(down_bytes).sum();
+        let links = self.lock();
+        let Some(l) = links.get(&gate) else {
+            return; // the gate's sessions are gone with its link
+        };
+        if l.queued.fetch_add(bytes, Ordering::AcqRel) + bytes > self.max_queue_bytes {
+            l.queued.fetch_sub(bytes, Ordering::AcqRel);
+            // The gate does not read: reset its link (sessions dropped, clients reconnect).
+            self.resets.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(gate, "gate link queue full: resetting the link");
+            let _ = l.stream.shutdown(std::net::Shutdown::Both);
+            return;
         }
+        let _ = l.tx.send(batch.into_iter().map(LinkMsg::Down).collect());
     }
 }
 
@@ -126,19 +208,30 @@ fn serve_link(
         ws: String::new(),
     }]);
     // A newer link of the same gate replaces an older one (whose writer then ends).
-    links.lock().insert(gate, (gen, tx.clone(), gate_addr));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let counted = queued.clone();
+    links.lock().insert(
+        gate,
+        LinkTx {
+            gen,
+            tx: tx.clone(),
+            announced: gate_addr,
+            queued: queued.clone(),
+            stream: stream.try_clone()?,
+        },
+    );
     tracing::info!(gate, "gate link up");
     let writer = {
         let s = stream.try_clone()?;
         std::thread::Builder::new()
             .name("link-write".into())
-            .spawn(move || write_loop(s, rx))?
+            .spawn(move || write_loop(s, rx, &queued))?
     };
-    let res = read_loop(&mut stream, &mut buf, gate, &tx, logic);
+    let res = read_loop(&mut stream, &mut buf, gate, &tx, &counted, logic);
     let _ = stream.shutdown(std::net::Shutdown::Both);
     {
         let mut l = links.lock();
-        if l.get(&gate).is_some_and(|(g, _, _)| *g == gen) {
+        if l.get(&gate).is_some_and(|t| t.gen == gen) {
             l.remove(&gate);
         }
     }
@@ -199,6 +292,7 @@ fn read_loop(
     buf: &mut BytesMut,
     gate: u16,
     tx: &Sender<Vec<LinkMsg>>,
+    queued: &AtomicUsize,
     logic: &LogicHandle,
 ) -> std::io::Result<()> {
     let mut lanes: HashMap<usize, Vec<Up>> = HashMap::new();
@@ -251,21 +345,44 @@ fn read_loop(
             logic.send(lane, batch);
         }
         if !refused.is_empty() {
+            queued.fetch_add(batch_bytes(&refused), Ordering::AcqRel);
             let _ = tx.send(refused);
         }
         read_more(stream, buf)?;
     }
 }
 
-fn write_loop(mut stream: TcpStream, rx: Receiver<Vec<LinkMsg>>) {
+/// Bytes a `Down` message holds for the writer's queue bound.
+fn down_bytes(d: &Down) -> usize {
+    match d {
+        Down::Send { data, .. } | Down::Bind { data, .. } | Down::Close { data, .. } => {
+            data.len() + 16
+        }
+    }
+}
+
+/// Bytes of a queued batch (only `Down`s are counted on the way in).
+fn batch_bytes(batch: &[LinkMsg]) -> usize {
+    batch
+        .iter()
+        .map(|m| match m {
+            LinkMsg::Down(d) => down_bytes(d),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn write_loop(mut stream: TcpStream, rx: Receiver<Vec<LinkMsg>>, queued: &AtomicUsize) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
         out.clear();
+        queued.fetch_sub(batch_bytes(&first), Ordering::AcqRel);
         for m in &first {
             link::encode_msg(m, &mut out);
         }
         // Batch everything already queued into one write.
         while let Ok(more) = rx.try_recv() {
+            queued.fetch_sub(batch_bytes(&more), Ordering::AcqRel);
             for m in &more {
                 link::encode_msg(m, &mut out);
             }
@@ -330,4 +447,54 @@ pub fn publish_gates(
                 }
             })
         })
+}
+
+#[cfg(test)]
+mod queue_bound_tests {
+    use super::*;
+    use im_shared::ConnId;
+
+    /// Issue 14: downstream data for a gate whose link writer cannot write (the gate does not
+    /// read) stays within the bound; past it the link's socket is shut down, which ends the link
+    /// like any failure (sessions dropped, the gate's clients reconnect and sync).
+    #[test]
+    fn a_gate_that_does_not_read_gets_its_link_reset_at_the_queue_bound() {
+        const BOUND: usize = 64 * 1024;
+        let links = GateLinks::with_queue_bound(BOUND);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = l.accept().unwrap();
+        // No writer drains the queue: as if it were stuck writing to the gate.
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        links.lock().insert(
+            3,
+            LinkTx {
+                gen: 0,
+                tx,
+                announced: (String::new(), String::new()),
+                queued: queued.clone(),
+                stream: ours,
+            },
+        );
+        let down = || Down::Send {
+            conn: ConnId::new(3, 0, 1),
+            data: bytes::Bytes::from(vec![0u8; 1000]),
+        };
+        for _ in 0..200 {
+            links.send(3, 0, vec![down()]);
+            assert!(queued.load(Ordering::Relaxed) <= BOUND);
+        }
+        assert!(links.resets() > 0);
+        assert_eq!(links.queue_depths(), [(3, queued.load(Ordering::Relaxed))]);
+        // The gate's end sees the link closed.
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(theirs.read(&mut b).unwrap(), 0, "link not shut down");
+        let mut out = String::new();
+        links.render(&mut out);
+        assert!(out.contains("im_logic_gate_link_resets_total"), "{out}");
+    }
 }

@@ -128,6 +128,7 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
     if !cfg.redis_nodes.is_empty() {
         im_logic::links::publish_gates(links.clone(), cfg.redis_nodes.clone())?;
     }
+    let links_for_metrics = links.clone();
     im_logic::links::serve(listener, node_id, links, logic.clone())?;
     tracing::info!(%addr, node_id, "logic node accepting gate links");
     let api = match &cfg.api {
@@ -137,12 +138,15 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
             } else {
                 GateSource::Redis(cfg.redis_nodes.clone())
             };
+            let mut extra = service_metrics(&services);
+            let gl = links_for_metrics.clone();
+            extra.push(Arc::new(move |out: &mut String| gl.render(out)));
             let server = ApiServer::start(
                 a.clone(),
                 logic.clone() as Arc<dyn ApiBackend>,
                 gates,
                 Some(tokens),
-                service_metrics(&services),
+                extra,
             )?;
             tracing::info!(addr = %server.local_addr(), "http api listening");
             Some(server)
