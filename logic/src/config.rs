@@ -27,6 +27,9 @@ pub struct LogicConfig {
     pub max_cached_users: usize,
     /// Group states (info, members, recent post ids) the node keeps in memory, the same way.
     pub max_cached_groups: usize,
+    /// Bytes queued for one link to another logic node before that link is reset (its queue
+    /// dropped, the outboxes replayed over a new connection).
+    pub peer_queue_bytes: usize,
     /// Redis Cluster seed nodes (`redis://host:port`) of the shared directory; empty: none.
     pub redis_nodes: Vec<String>,
     /// How long after sending a user may recall a message.
@@ -50,6 +53,7 @@ impl Default for LogicConfig {
             dedup_window: 256,
             max_cached_users: 2_000_000,
             max_cached_groups: 200_000,
+            peer_queue_bytes: crate::peer::MAX_QUEUE_BYTES,
             redis_nodes: Vec::new(),
             recall_window_secs: 120,
             lease: None,

@@ -79,7 +79,11 @@ pub fn start_with<S: Store + Send + Sync>(
         Some(c) if c.nodes.len() > 1 => (
             c.node,
             c.nodes.len(),
-            Some(Arc::new(PeerLinks::start(c.node, c.nodes))),
+            Some(Arc::new(PeerLinks::start_with(
+                c.node,
+                c.nodes,
+                cfg.peer_queue_bytes,
+            ))),
         ),
         _ => (0, 1, None),
     };

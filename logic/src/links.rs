@@ -22,7 +22,8 @@ use crate::handle::LogicHandle;
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Bytes of downstream data one gate link may hold queued for its writer (a gate that stops
+/// Default bytes of downstream data one gate link may hold queued for its writer
+/// (`gate_link_queue_bytes`) (a gate that stops
 /// reading fills it). Past it the link is reset: its connection is shut down, the workers forget
 /// that gate's sessions and the gate closes its clients with the retryable `Unavailable`; they
 /// log in again and sync, so nothing acknowledged is lost.
@@ -66,7 +67,7 @@ impl GateLinks {
         Arc::new(GateLinks::default())
     }
 
-    /// With another queue bound (tests).
+    /// With another queue bound (`gate_link_queue_bytes`).
     pub fn with_queue_bound(max_queue_bytes: usize) -> Arc<GateLinks> {
         Arc::new(GateLinks {
             max_queue_bytes,

@@ -42,7 +42,7 @@ pub struct PeerLinks {
     max_queue_bytes: usize,
 }
 
-/// Bytes of payloads one outbound link may hold queued. Past it the link is reset: the queue
+/// Default bytes of payloads one outbound link may hold queued (`peer_queue_bytes`). Past it the link is reset: the queue
 /// is dropped, the connection closed and reopened in a new epoch, and every worker re-sends its
 /// outbox for that node before any new append (what a link failure does). Appends are never
 /// lost by it (they are in the outbox); confirmations are re-earned by the replay; `Delivered`
@@ -72,7 +72,7 @@ impl PeerLinks {
         Self::start_with(me, nodes, MAX_QUEUE_BYTES)
     }
 
-    /// [`PeerLinks::start`] with another queue bound (tests).
+    /// [`PeerLinks::start`] with another queue bound (`peer_queue_bytes`).
     pub fn start_with(me: usize, nodes: Vec<SocketAddr>, max_queue_bytes: usize) -> PeerLinks {
         let mut txs = Vec::new();
         let mut state = Vec::new();

@@ -53,6 +53,11 @@ pub struct ServerConfig {
     pub max_cached_users: usize,
     /// Group states a logic node keeps in memory, the same way.
     pub max_cached_groups: usize,
+    /// Bytes a logic node queues for one link to another logic node before resetting it.
+    pub peer_queue_bytes: usize,
+    /// Bytes a logic node queues for one gate link before resetting it (the gate's clients
+    /// reconnect and sync).
+    pub gate_link_queue_bytes: usize,
     /// Redis Cluster seed nodes (`redis://127.0.0.1:7001`, …) for the shared directory of routes
     /// and presence; empty (the default): no directory, routes live only in logic memory.
     pub redis_nodes: Vec<String>,
@@ -133,6 +138,8 @@ impl Default for ServerConfig {
             max_queued: l.max_queued,
             max_cached_users: l.max_cached_users,
             max_cached_groups: l.max_cached_groups,
+            peer_queue_bytes: l.peer_queue_bytes,
+            gate_link_queue_bytes: im_logic::links::MAX_GATE_QUEUE_BYTES,
             redis_nodes: Vec::new(),
             recall_window_secs: l.recall_window_secs,
             shard_lease_ms: 10_000,
@@ -202,6 +209,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         max_queued: cfg.max_queued,
         max_cached_users: cfg.max_cached_users,
         max_cached_groups: cfg.max_cached_groups,
+        peer_queue_bytes: cfg.peer_queue_bytes,
         redis_nodes: cfg.redis_nodes.clone(),
         recall_window_secs: cfg.recall_window_secs,
         ..LogicConfig::default()

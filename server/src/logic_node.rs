@@ -80,7 +80,7 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
     nodes: Vec<SocketAddr>,
     store: S,
 ) -> anyhow::Result<LogicNode> {
-    let links = im_logic::links::GateLinks::new();
+    let links = im_logic::links::GateLinks::with_queue_bound(cfg.gate_link_queue_bytes);
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let mut lc = logic_config(cfg);
     lc.node_id = node_id;

@@ -63,6 +63,8 @@ const LOGIC_KEYS: &[&str] = &[
     "max_queued",
     "max_cached_users",
     "max_cached_groups",
+    "peer_queue_bytes",
+    "gate_link_queue_bytes",
     "redis_nodes",
     "recall_window_secs",
     "scylla_nodes",
