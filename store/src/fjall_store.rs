@@ -1135,6 +1135,34 @@ mod tests {
         assert!(store.dedup(UserId(1), 2).await.unwrap().is_some());
     }
 
+    /// Issue 14: after a long run the dedup keyspace holds about a window's worth of sends, not
+    /// every send: 30 simulated days of 2 000 sends a day, compacted daily, keep 7 to 8 days.
+    #[tokio::test]
+    async fn the_dedup_keyspace_stays_proportional_to_the_window_not_to_the_sends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(dir.path()).unwrap();
+        const DAY: u64 = 24 * 3600 * 1000;
+        const PER_DAY: u64 = 2000;
+        let t0 = 1_800_000_000_000;
+        for day in 0..30u64 {
+            let mut b = WriteBatch::default();
+            for i in 0..PER_DAY {
+                let n = day * PER_DAY + i;
+                b.ops
+                    .extend(dedup_put(1 + n % 500, n, t0 + day * DAY + i).ops);
+            }
+            store.commit(b).await.unwrap();
+            compact_dedup(&store);
+        }
+        let kept = raw_dedup(&store).len() as u64;
+        println!("dedup records kept: {kept} of {}", 30 * PER_DAY);
+        assert!(
+            (7 * PER_DAY..=8 * PER_DAY).contains(&kept),
+            "{kept} of {} dedup records kept",
+            30 * PER_DAY
+        );
+    }
+
     #[tokio::test]
     async fn a_commit_synced_in_the_log_but_never_applied_to_fjall_is_there_after_a_restart_once() {
         let dir = tempfile::tempdir().unwrap();
