@@ -141,10 +141,24 @@ impl LogicHandle {
         self.router.owns(uid)
     }
 
-    /// Hands a message from a peer node to local worker `worker`.
+    /// Hands a message from a peer node to local worker `worker`. Blocks the caller (the
+    /// link's reader thread) while `max_queued` messages from other nodes wait for that worker:
+    /// the link stops reading, TCP slows the sending node, whose bounded link queue resets the
+    /// link if it stays full (its outbox then replays). No worker waits on a link reader, so
+    /// this wait cannot close a cycle.
     pub fn deliver_peer(&self, worker: usize, msg: WorkerMsg) {
-        if let Some(tx) = self.inboxes.get(worker) {
-            let _ = tx.send(msg);
+        let Some(tx) = self.inboxes.get(worker) else {
+            return;
+        };
+        while self.metrics.peer_waiting(worker) >= self.max_queued as u64 {
+            if tx.is_closed() {
+                return; // the worker ended
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.metrics.peer_given(worker);
+        if tx.send(WorkerMsg::Peer(Box::new(msg))).is_err() {
+            self.metrics.peer_taken(worker);
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Metrics {
     /// Messages waiting in each worker's inbox (client frames, appends and confirmations from
     /// other workers, group and API requests), as the worker saw it before its last round.
     inbox: Vec<AtomicU64>,
+    /// Messages from other logic nodes handed to each worker and not taken yet.
+    peer_inbox: Vec<AtomicU64>,
 }
 
 /// Most workers of one node whose inbox depth is reported (msg-id generator ids bound the
@@ -49,6 +51,7 @@ impl Default for Metrics {
             groups_cached: AtomicU64::new(0),
             groups_evicted: AtomicU64::new(0),
             inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
+            peer_inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
@@ -59,6 +62,27 @@ impl Metrics {
         if let Some(a) = self.inbox.get(idx) {
             a.store(n as u64, Ordering::Relaxed);
         }
+    }
+
+    /// A message from another node was handed to worker `idx`.
+    pub fn peer_given(&self, idx: usize) {
+        if let Some(a) = self.peer_inbox.get(idx) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker `idx` took a message from another node.
+    pub fn peer_taken(&self, idx: usize) {
+        if let Some(a) = self.peer_inbox.get(idx) {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Messages from other nodes waiting for worker `idx`.
+    pub fn peer_waiting(&self, idx: usize) -> u64 {
+        self.peer_inbox
+            .get(idx)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
     }
 
     /// Appends `im_logic_inbox{worker}` for the first `workers` workers.
@@ -74,6 +98,20 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "im_logic_inbox{{worker=\"{i}\"}} {}",
+                a.load(Ordering::Relaxed)
+            );
+        }
+        im_shared::prom::header(
+            out,
+            "im_logic_peer_inbox",
+            "gauge",
+            "Messages from other logic nodes waiting for a worker (bound: max_queued, then the \
+             link's reader waits).",
+        );
+        for (i, a) in self.peer_inbox.iter().take(workers).enumerate() {
+            let _ = writeln!(
+                out,
+                "im_logic_peer_inbox{{worker=\"{i}\"}} {}",
                 a.load(Ordering::Relaxed)
             );
         }

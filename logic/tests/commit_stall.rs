@@ -119,3 +119,93 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
     }
     logic.shutdown();
 }
+
+/// Issue 14: messages from other logic nodes cannot pile up without bound behind a stalled
+/// worker: past `max_queued` of them the link reader that hands them over waits (and with it
+/// the link: TCP slows the other node), and goes on once the worker takes them.
+#[test]
+fn messages_from_other_nodes_wait_in_the_link_at_max_queued_behind_a_stalled_worker() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const MAX_QUEUED: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FaultyStore::new(FjallStore::open(dir.path()).unwrap());
+    let tokens = HmacTokens::new(b"stall".to_vec());
+    let sink = Arc::new(RecordingSink::default());
+    let cfg = LogicConfig {
+        workers: 1,
+        max_queued: MAX_QUEUED,
+        ..LogicConfig::default()
+    };
+    let logic = Arc::new(
+        im_logic::start(cfg, store.clone(), Arc::new(tokens.clone()), sink.clone()).unwrap(),
+    );
+    let a = UserId(1);
+    let conn = ConnId::new(1, 0, 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let login = Command::Login {
+        uid: a,
+        device_type: DeviceType::Phone,
+        device_id: "d".into(),
+        last_seq: Seq(0),
+        token: tokens.mint(a, now + 600),
+    };
+    logic.send(0, vec![Up::request(conn, a, 1, &login)]);
+    sink.wait("the login result", WAIT, |f| {
+        f.iter()
+            .any(|f| matches!(f.cmd, Command::LoginResult { .. }))
+    });
+    // Stall the worker in a commit.
+    store.set_unavailable(true);
+    let c = Command::SendC2c {
+        client_msg_id: 1,
+        to: UserId(2),
+        body: Bytes::from_static(b"x"),
+    };
+    logic.send(0, vec![Up::request(conn, a, 2, &c)]);
+    let deadline = Instant::now() + WAIT;
+    while store
+        .attempts()
+        .iter()
+        .filter(|a| a.error.is_some())
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the commit was never retried");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A link reader hands over twice the bound.
+    let handed = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (logic, handed) = (logic.clone(), handed.clone());
+        std::thread::spawn(move || {
+            for _ in 0..2 * MAX_QUEUED {
+                logic.deliver_peer(0, im_logic::worker::WorkerMsg::Delivered(Vec::new()));
+                handed.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        handed.load(Ordering::SeqCst),
+        MAX_QUEUED,
+        "the reader did not wait"
+    );
+    let mut m = String::new();
+    logic.metrics_ref().render_inboxes(1, &mut m);
+    assert!(
+        m.contains(&format!("im_logic_peer_inbox{{worker=\"0\"}} {MAX_QUEUED}")),
+        "{m}"
+    );
+    // The store is back: the worker takes them and the reader goes on.
+    store.set_unavailable(false);
+    let deadline = Instant::now() + WAIT;
+    while handed.load(Ordering::SeqCst) < 2 * MAX_QUEUED {
+        assert!(Instant::now() < deadline, "the reader never went on");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    reader.join().unwrap();
+    logic.shutdown();
+}

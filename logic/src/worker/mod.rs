@@ -108,6 +108,9 @@ pub enum WorkerMsg {
     Group(GroupReq),
     /// A request of the HTTP API for this worker.
     Api(ApiReq),
+    /// A message that came over a link from another logic node (counted while it waits, so
+    /// that the link's reader can hold back: [`crate::LogicHandle::deliver_peer`]).
+    Peer(Box<WorkerMsg>),
     Shutdown,
 }
 
@@ -594,7 +597,9 @@ impl<S: Store> Worker<S> {
                 }
             }
             self.metrics.set_inbox(self.idx, msgs.len() + rx.len());
-            match self.step(msgs.drain(..), wall_clock_ms()).await {
+            let stepped = self.step(msgs.drain(..), wall_clock_ms()).await;
+            self.metrics.set_inbox(self.idx, rx.len());
+            match stepped {
                 Ok(Step::Continue) => {}
                 Ok(Step::Stop) => return,
                 Err(Halt::Fenced(e)) => crate::ownership::exit_fenced(&e.to_string()),
@@ -628,7 +633,15 @@ impl<S: Store> Worker<S> {
         let mut round = Round::new(self.router.total());
         let mut stop = false;
         for m in msgs {
+            let m = match m {
+                WorkerMsg::Peer(inner) => {
+                    self.metrics.peer_taken(self.idx);
+                    *inner
+                }
+                m => m,
+            };
             match m {
+                WorkerMsg::Peer(_) => unreachable!("peer messages are not nested"),
                 WorkerMsg::Gate(ups) => {
                     for up in ups {
                         if matches!(up, Up::Frame { .. }) {
