@@ -36,6 +36,9 @@ pub struct GateConfig {
     /// gate stops reading that connection until an answer comes (TCP then slows the client).
     /// Of the requests with large answers (`SyncRequest`, `GroupInfo`, `MyGroups`) one at a time.
     pub max_inflight: usize,
+    /// Downstream messages (from logic) handed to one core and not applied yet, beyond which the
+    /// producer waits (up to 5 s): logic slows down instead of queueing without bound.
+    pub max_down_backlog: usize,
     /// io_uring submission queue entries per core.
     pub uring_entries: u32,
     /// Listen backlog.
@@ -68,6 +71,7 @@ impl Default for GateConfig {
             idle_timeout: Duration::from_secs(90),
             max_write_queue: 256 * 1024,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_down_backlog: 100_000,
             uring_entries: 1024,
             backlog: 4096,
             limits: crate::Limits::default(),

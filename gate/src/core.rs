@@ -51,6 +51,8 @@ pub struct CoreCtx {
     pub cfg: Arc<GateConfig>,
     pub link: Arc<dyn UpstreamLink>,
     pub peers: Vec<Mailbox<CoreMsg>>,
+    /// This core's count of `Down` messages handed over and not applied yet (`GateSink`).
+    pub backlog: Arc<std::sync::atomic::AtomicUsize>,
     pub stats: Arc<CoreStats>,
     /// Gate-wide connection counts and per-IP state (limits.rs).
     pub admission: Arc<Admission>,
@@ -372,9 +374,11 @@ async fn mailbox_loop(core: Rc<Core>, rx: MailboxRx<CoreMsg>) {
                 Err(e) => tracing::warn!("adopting handed-off socket: {e}"),
             },
             CoreMsg::Down(batch) => {
+                let n = batch.len();
                 for d in batch {
                     core.apply_down(d);
                 }
+                core.ctx.backlog.fetch_sub(n, Ordering::AcqRel);
             }
             CoreMsg::LaneDown(lane) => {
                 let conns: Vec<_> = core
@@ -463,6 +467,7 @@ pub fn test_core() -> Rc<Core> {
         cfg: Arc::new(GateConfig::default()),
         link: Arc::new(NoLink),
         peers: Vec::new(),
+        backlog: Arc::default(),
         stats: Arc::new(CoreStats::default()),
         admission: Admission::new(Default::default()),
         transport: Arc::new(Transport::new(&GateConfig::default()).expect("plain transport")),

@@ -32,7 +32,7 @@ pub use mailbox::{mailbox, Mailbox, MailboxRx};
 pub use transport::TlsFiles;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -112,7 +112,16 @@ gate_counters! {
 /// the connection.
 pub struct GateSink {
     cores: Vec<Mailbox<CoreMsg>>,
+    /// Per core: `Down` messages handed over and not applied yet.
+    backlog: Vec<Arc<AtomicUsize>>,
+    /// Bound of each core's backlog (`GateConfig::max_down_backlog`).
+    max_backlog: usize,
 }
+
+/// Longest a producer waits for a core whose backlog is full before handing its batch over
+/// anyway: a core that applies nothing for this long is stuck (a bug), and waiting forever
+/// would stop logic with it.
+pub const DOWN_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl GateSink {
     /// The link of `lane` dropped: every core closes the connections of that lane with the
@@ -125,10 +134,36 @@ impl GateSink {
 }
 
 impl DownstreamSink for GateSink {
+    /// Hands a batch to its core. While the core has `max_down_backlog` messages not applied
+    /// yet, the producer (a logic worker, or a gate link's reader) waits, up to
+    /// [`DOWN_WAIT_MAX`]: logic slows down, its queue fills and the gate sheds new requests with
+    /// `Overloaded`. A core never waits on a producer, so this cannot close a cycle (hand-offs
+    /// between cores are not counted and never wait).
     fn send(&self, _gate: u16, core: u16, batch: Vec<Down>) {
-        if let Some(m) = self.cores.get(core as usize) {
-            // A closed mailbox means the core stopped; its connections are gone.
-            let _ = m.send(CoreMsg::Down(batch));
+        let (Some(m), Some(b)) = (
+            self.cores.get(core as usize),
+            self.backlog.get(core as usize),
+        ) else {
+            return;
+        };
+        if b.load(Ordering::Acquire) >= self.max_backlog {
+            let start = std::time::Instant::now();
+            while b.load(Ordering::Acquire) >= self.max_backlog {
+                if start.elapsed() >= DOWN_WAIT_MAX {
+                    tracing::warn!(
+                        core,
+                        "gate core applies nothing: handing over past its bound"
+                    );
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        let n = batch.len();
+        b.fetch_add(n, Ordering::AcqRel);
+        // A closed mailbox means the core stopped; its connections are gone.
+        if m.send(CoreMsg::Down(batch)).is_err() {
+            b.fetch_sub(n, Ordering::AcqRel);
         }
     }
 }
@@ -153,9 +188,14 @@ impl Gate {
     pub fn new(cfg: GateConfig) -> Gate {
         let cores = cfg.cores.max(1);
         let (txs, rxs) = (0..cores).map(|_| mailbox()).unzip();
+        let max_backlog = cfg.max_down_backlog.max(1);
         Gate {
             cfg,
-            sink: Arc::new(GateSink { cores: txs }),
+            sink: Arc::new(GateSink {
+                backlog: (0..cores).map(|_| Arc::default()).collect(),
+                max_backlog,
+                cores: txs,
+            }),
             rxs,
         }
     }
@@ -188,6 +228,7 @@ impl Gate {
                 cfg: cfg.clone(),
                 link: link.clone(),
                 peers: self.sink.cores.clone(),
+                backlog: self.sink.backlog[i].clone(),
                 stats: st,
                 admission: admission.clone(),
                 transport: transport.clone(),
@@ -221,6 +262,8 @@ pub struct StatsHandle {
     cores: Vec<Arc<CoreStats>>,
     /// The cores' mailboxes (downstream batches from logic, hand-offs), for their depth.
     mailboxes: Vec<Mailbox<CoreMsg>>,
+    /// The cores' `Down` backlogs.
+    backlog: Vec<Arc<AtomicUsize>>,
 }
 
 impl StatsHandle {
@@ -248,6 +291,19 @@ impl StatsHandle {
         for (i, m) in self.mailboxes.iter().enumerate() {
             let _ = writeln!(out, "im_gate_core_mailbox{{core=\"{i}\"}} {}", m.len());
         }
+        im_shared::prom::header(
+            out,
+            "im_gate_down_backlog",
+            "gauge",
+            "Downstream messages handed to a gate core and not applied yet (bound: max_down_backlog).",
+        );
+        for (i, b) in self.backlog.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "im_gate_down_backlog{{core=\"{i}\"}} {}",
+                b.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 
@@ -270,6 +326,7 @@ impl GateHandle {
         StatsHandle {
             cores: self.stats.clone(),
             mailboxes: self.sink.cores.clone(),
+            backlog: self.sink.backlog.clone(),
         }
     }
 
@@ -304,6 +361,7 @@ mod stats_tests {
         let h = StatsHandle {
             cores,
             mailboxes: vec![m0, m1],
+            backlog: vec![Arc::default(), Arc::new(AtomicUsize::new(3))],
         };
         assert_eq!(h.snapshot().closed_slow, 5);
         let mut out = String::new();
@@ -316,6 +374,10 @@ mod stats_tests {
             out.contains("\nim_gate_core_mailbox{core=\"1\"} 2\n"),
             "{out}"
         );
+        assert!(
+            out.contains("\nim_gate_down_backlog{core=\"1\"} 3\n"),
+            "{out}"
+        );
         assert!(out.contains("\nim_gate_closed_slow_total 5\n"), "{out}");
         assert!(out.contains("\nim_gate_handoffs_total 7\n"), "{out}");
         for (name, kind, ..) in GateStats::default().metrics() {
@@ -323,5 +385,53 @@ mod stats_tests {
             assert_eq!(samples.count(), 1, "{name}");
             assert!(out.contains(&format!("# TYPE {name} {kind}\n")), "{name}");
         }
+    }
+
+    /// Issue 14: logic cannot queue without bound into a gate core that does not keep up: at
+    /// `max_down_backlog` the producer waits until the core applies what it has.
+    #[test]
+    fn a_producer_waits_at_the_down_backlog_bound_until_the_core_applies() {
+        use im_shared::link::DownstreamSink;
+        use std::time::{Duration, Instant};
+        let (m, rx) = mailbox::<CoreMsg>();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let sink = Arc::new(GateSink {
+            cores: vec![m],
+            backlog: vec![backlog.clone()],
+            max_backlog: 4,
+        });
+        let down = || Down::Send {
+            conn: im_shared::ConnId::new(0, 0, 1),
+            data: bytes::Bytes::from_static(b"x"),
+        };
+        let sent = Arc::new(AtomicUsize::new(0));
+        let producer = {
+            let (sink, sent) = (sink.clone(), sent.clone());
+            std::thread::spawn(move || {
+                for _ in 0..6 {
+                    sink.send(0, 0, vec![down()]);
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            4,
+            "the producer did not wait at the bound"
+        );
+        assert_eq!(backlog.load(Ordering::SeqCst), 4);
+        // The core applies two batches (what core.rs does after applying one).
+        for _ in 0..2 {
+            assert!(rx.try_recv().is_some());
+            backlog.fetch_sub(1, Ordering::SeqCst);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sent.load(Ordering::SeqCst) < 6 {
+            assert!(Instant::now() < deadline, "the producer never went on");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        producer.join().unwrap();
+        assert_eq!(backlog.load(Ordering::SeqCst), 4);
     }
 }

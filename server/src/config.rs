@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub max_write_queue: usize,
     /// Requests of one connection awaiting their answers before the gate stops reading it.
     pub max_inflight: usize,
+    /// Downstream messages handed to one gate core and not applied yet before logic waits.
+    pub max_down_backlog: usize,
     /// Seqs reserved per store write.
     pub seq_segment: u64,
     /// Client frames queued per logic worker before new work is refused (retryable).
@@ -134,6 +136,7 @@ impl Default for ServerConfig {
             heartbeat_secs: l.heartbeat_secs,
             max_write_queue: g.max_write_queue,
             max_inflight: g.max_inflight,
+            max_down_backlog: g.max_down_backlog,
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
             max_cached_users: l.max_cached_users,
@@ -187,6 +190,7 @@ pub(crate) fn gate_config(cfg: &ServerConfig, gate_id: u16) -> GateConfig {
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         max_write_queue: cfg.max_write_queue,
         max_inflight: cfg.max_inflight,
+        max_down_backlog: cfg.max_down_backlog,
         limits: cfg.limits.clone(),
         ws_listen: cfg.ws_listen,
         web_root: cfg.web_root.clone(),

@@ -42,6 +42,7 @@ const GATE_KEYS: &[&str] = &[
     "max_body",
     "max_login_body",
     "max_inflight",
+    "max_down_backlog",
     "login_timeout_secs",
     "idle_timeout_secs",
     "max_write_queue",
