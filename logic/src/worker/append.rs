@@ -56,7 +56,7 @@ impl<S: Store> Worker<S> {
             let act = u.active();
             act.pending.insert(seq.0, Pending::of(&msg));
             if act.pending.len() > MAX_PENDING_NOTICES {
-                act.pending.pop_first();
+                act.pending.pop_oldest();
             }
             if let Some(p) = &self.services.push {
                 self.push_due.push_back((self.now + p.delay_ms(), r, seq.0));

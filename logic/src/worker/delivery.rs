@@ -37,9 +37,7 @@ impl<S: Store> Worker<S> {
         let Some(a) = u.active.as_mut() else {
             return;
         };
-        let rest = a.pending.split_off(&(seq.0 + 1));
-        let acked = std::mem::replace(&mut a.pending, rest);
-        for (_, p) in acked {
+        for p in a.pending.take_through(seq.0) {
             // "Delivered" notices are a c2c feature: a group post would get one per member.
             if p.conv != CONV_C2C {
                 continue;

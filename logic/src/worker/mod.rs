@@ -20,7 +20,7 @@
 //! | `recall.rs`, `receipts.rs` | recall and read markers |
 //! | `c2s.rs`, `push.rs`, `api.rs` | c2s reports, offline push, requests of the HTTP API (s2c) |
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,7 +226,54 @@ struct Active {
     dedup: HashMap<u64, DedupEntry>,
     dedup_order: VecDeque<u64>,
     /// Messages from others not yet acknowledged by any device, by seq.
-    pending: BTreeMap<u64, Pending>,
+    pending: PendingList,
+}
+
+/// The pending entries of a user in seq order: a deque, not a `BTreeMap`, because entries are
+/// added in seq order (appends) or before all others (a recovery) and taken from the front (an
+/// ack); a `BTreeMap` leaf node costs ~700 bytes even for one entry, and most users who get a
+/// message have one or two pending.
+#[derive(Default)]
+struct PendingList(VecDeque<(u64, Pending)>);
+
+impl PendingList {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds the entry of `seq` (kept sorted; an entry already there stays).
+    fn insert(&mut self, seq: u64, p: Pending) {
+        match self.0.back() {
+            None => self.0.push_back((seq, p)),
+            Some(&(last, _)) if seq > last => self.0.push_back((seq, p)),
+            _ => {
+                let i = self.0.partition_point(|(s, _)| *s < seq);
+                if self.0.get(i).is_none_or(|(s, _)| *s != seq) {
+                    self.0.insert(i, (seq, p));
+                }
+            }
+        }
+    }
+
+    /// Drops the oldest entry.
+    fn pop_oldest(&mut self) {
+        self.0.pop_front();
+    }
+
+    /// Takes every entry with seq ≤ `seq`, oldest first.
+    fn take_through(&mut self, seq: u64) -> Vec<Pending> {
+        let n = self.0.partition_point(|(s, _)| *s <= seq);
+        let taken = self.0.drain(..n).map(|(_, p)| p).collect();
+        if self.0.is_empty() {
+            self.0 = VecDeque::new(); // give the memory back
+        }
+        taken
+    }
+
+    /// The newest entry.
+    fn newest(&self) -> Option<&Pending> {
+        self.0.back().map(|(_, p)| p)
+    }
 }
 
 /// A message in a user's timeline that no device acknowledged yet: source of "delivered" notices
@@ -851,12 +898,10 @@ impl<S: Store> Worker<S> {
         }
         let act = u.active();
         for m in found {
-            act.pending
-                .entry(m.seq.0)
-                .or_insert_with(|| Pending::of(&m));
+            act.pending.insert(m.seq.0, Pending::of(&m));
         }
         while act.pending.len() > MAX_PENDING_NOTICES {
-            act.pending.pop_first();
+            act.pending.pop_oldest();
         }
         Ok(())
     }

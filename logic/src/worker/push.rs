@@ -128,7 +128,7 @@ impl<S: Store> Worker<S> {
                 .and_then(|u| u.active.as_ref())
                 .and_then(|a| {
                     let unread = a.pending.len() as u32;
-                    a.pending.values().next_back().map(|p| (p, unread))
+                    a.pending.newest().map(|p| (p, unread))
                 })
                 .map(|(p, unread)| {
                     (

@@ -1070,3 +1070,31 @@ async fn offline_users_and_groups_are_evicted_past_the_budget_and_come_back_with
     let evicted = fx.workers[0].metrics.users_evicted.load(Ordering::Relaxed);
     assert!(evicted > 0);
 }
+
+#[test]
+fn the_pending_list_keeps_seq_order_for_appends_and_recovered_entries() {
+    let p = |n: u64| Pending {
+        sender: UserId(n),
+        msg_id: MsgId(n),
+        conv: CONV_C2C,
+        peer: n,
+        preview: Bytes::new(),
+    };
+    let mut l = PendingList::default();
+    l.insert(10, p(10));
+    l.insert(11, p(11));
+    // Recovered after a reload: older entries, one of them already there.
+    for s in [3, 5, 10] {
+        l.insert(s, p(s));
+    }
+    l.insert(12, p(12));
+    assert_eq!(l.len(), 5);
+    assert_eq!(l.newest().map(|p| p.msg_id), Some(MsgId(12)));
+    let taken: Vec<_> = l.take_through(10).iter().map(|p| p.msg_id.0).collect();
+    assert_eq!(taken, [3, 5, 10]);
+    l.pop_oldest();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l.take_through(99).len(), 1);
+    assert_eq!(l.len(), 0);
+    assert!(l.newest().is_none());
+}
