@@ -32,35 +32,55 @@ fn acks(frames: &[DownFrame]) -> usize {
         .count()
 }
 
-#[test]
-fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded() {
-    const MAX_QUEUED: usize = 8;
+/// One logic worker over a fjall store that can be made unavailable, with user 1 logged in.
+struct Node {
+    _dir: tempfile::TempDir,
+    store: FaultyStore<FjallStore>,
+    sink: Arc<RecordingSink>,
+    logic: Arc<im_logic::LogicHandle>,
+}
+
+const A: UserId = UserId(1);
+
+fn conn() -> ConnId {
+    ConnId::new(1, 0, 1)
+}
+
+/// A `SendC2c` of user 1 to user 2 with client msg id `i`.
+fn send(i: u64) -> Up {
+    let c = Command::SendC2c {
+        client_msg_id: i,
+        to: UserId(2),
+        body: Bytes::from_static(b"x"),
+    };
+    Up::request(conn(), A, 100 + i as u32, &c)
+}
+
+fn logged_in(max_queued: usize) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = FaultyStore::new(FjallStore::open(dir.path()).unwrap());
     let tokens = HmacTokens::new(b"stall".to_vec());
     let sink = Arc::new(RecordingSink::default());
     let cfg = LogicConfig {
         workers: 1,
-        max_queued: MAX_QUEUED,
+        max_queued,
         ..LogicConfig::default()
     };
-    let logic =
-        im_logic::start(cfg, store.clone(), Arc::new(tokens.clone()), sink.clone()).unwrap();
-    let (a, b) = (UserId(1), UserId(2));
-    let conn = ConnId::new(1, 0, 1);
-    let lane = logic.lane_of(a);
+    let logic = Arc::new(
+        im_logic::start(cfg, store.clone(), Arc::new(tokens.clone()), sink.clone()).unwrap(),
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let login = Command::Login {
-        uid: a,
+        uid: A,
         device_type: DeviceType::Phone,
         device_id: "d".into(),
         last_seq: Seq(0),
-        token: tokens.mint(a, now + 600),
+        token: tokens.mint(A, now + 600),
     };
-    logic.send(lane, vec![Up::request(conn, a, 1, &login)]);
+    logic.send(logic.lane_of(A), vec![Up::request(conn(), A, 1, &login)]);
     sink.wait("the login result", WAIT, |f| {
         f.iter().any(|f| {
             matches!(
@@ -72,29 +92,43 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
             )
         })
     });
-
-    store.set_unavailable(true);
-    let send = |i: u64| {
-        let c = Command::SendC2c {
-            client_msg_id: i,
-            to: b,
-            body: Bytes::from_static(b"x"),
-        };
-        Up::request(conn, a, 100 + i as u32, &c)
-    };
-    // The first frame's round stalls in its commit; wait until it is retrying.
-    logic.send(lane, vec![send(0)]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while store
-        .attempts()
-        .iter()
-        .filter(|a| a.error.is_some())
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "the commit was never retried");
-        std::thread::sleep(Duration::from_millis(5));
+    Node {
+        _dir: dir,
+        store,
+        sink,
+        logic,
     }
+}
+
+impl Node {
+    /// Makes the store unavailable and waits until the worker's round of `send(0)` is retrying
+    /// its commit.
+    fn stall(&self) {
+        self.store.set_unavailable(true);
+        self.logic.send(self.logic.lane_of(A), vec![send(0)]);
+        let deadline = Instant::now() + WAIT;
+        while self
+            .store
+            .attempts()
+            .iter()
+            .filter(|a| a.error.is_some())
+            .count()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "the commit was never retried");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded() {
+    const MAX_QUEUED: usize = 8;
+    let n = logged_in(MAX_QUEUED);
+    let (logic, sink, store) = (&n.logic, &n.sink, &n.store);
+    let lane = logic.lane_of(A);
+    // The first frame's round stalls in its commit.
+    n.stall();
     // Frames queue behind it until the queue is full; then the gate is told to shed.
     let mut admitted = 0;
     while logic.admit(lane).is_ok() {
@@ -127,55 +161,9 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
 fn messages_from_other_nodes_wait_in_the_link_at_max_queued_behind_a_stalled_worker() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     const MAX_QUEUED: usize = 8;
-    let dir = tempfile::tempdir().unwrap();
-    let store = FaultyStore::new(FjallStore::open(dir.path()).unwrap());
-    let tokens = HmacTokens::new(b"stall".to_vec());
-    let sink = Arc::new(RecordingSink::default());
-    let cfg = LogicConfig {
-        workers: 1,
-        max_queued: MAX_QUEUED,
-        ..LogicConfig::default()
-    };
-    let logic = Arc::new(
-        im_logic::start(cfg, store.clone(), Arc::new(tokens.clone()), sink.clone()).unwrap(),
-    );
-    let a = UserId(1);
-    let conn = ConnId::new(1, 0, 1);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let login = Command::Login {
-        uid: a,
-        device_type: DeviceType::Phone,
-        device_id: "d".into(),
-        last_seq: Seq(0),
-        token: tokens.mint(a, now + 600),
-    };
-    logic.send(0, vec![Up::request(conn, a, 1, &login)]);
-    sink.wait("the login result", WAIT, |f| {
-        f.iter()
-            .any(|f| matches!(f.cmd, Command::LoginResult { .. }))
-    });
-    // Stall the worker in a commit.
-    store.set_unavailable(true);
-    let c = Command::SendC2c {
-        client_msg_id: 1,
-        to: UserId(2),
-        body: Bytes::from_static(b"x"),
-    };
-    logic.send(0, vec![Up::request(conn, a, 2, &c)]);
-    let deadline = Instant::now() + WAIT;
-    while store
-        .attempts()
-        .iter()
-        .filter(|a| a.error.is_some())
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "the commit was never retried");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let n = logged_in(MAX_QUEUED);
+    let logic = &n.logic;
+    n.stall();
     // A link reader hands over twice the bound.
     let handed = Arc::new(AtomicUsize::new(0));
     let reader = {
@@ -200,7 +188,7 @@ fn messages_from_other_nodes_wait_in_the_link_at_max_queued_behind_a_stalled_wor
         "{m}"
     );
     // The store is back: the worker takes them and the reader goes on.
-    store.set_unavailable(false);
+    n.store.set_unavailable(false);
     let deadline = Instant::now() + WAIT;
     while handed.load(Ordering::SeqCst) < 2 * MAX_QUEUED {
         assert!(Instant::now() < deadline, "the reader never went on");

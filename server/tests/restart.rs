@@ -14,21 +14,25 @@ use im_client::Timeline;
 use im_shared::{Seq, UserId};
 
 fn spawn_server(dir: &Path) -> (Proc, SocketAddr) {
+    spawn_server_with(dir, &[])
+}
+
+/// A single-node server on `dir` with `extra` arguments (e.g. `--config FILE`).
+fn spawn_server_with(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     let d = dir.to_str().unwrap();
-    spawn_process(
-        &[
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--gate-cores",
-            "2",
-            "--logic-workers",
-            "2",
-            "--data-dir",
-            d,
-        ],
-        "listening on ",
-    )
+    let mut args = vec![
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--gate-cores",
+        "2",
+        "--logic-workers",
+        "2",
+        "--data-dir",
+        d,
+    ];
+    args.extend_from_slice(extra);
+    spawn_process(&args, "listening on ")
 }
 
 #[test]
@@ -282,30 +286,7 @@ fn delivered_notices_and_offline_pushes_pending_at_a_kill_9_still_happen_after_t
     )
     .unwrap();
     let data = dir.path().join("data");
-    let args = |d: &Path| -> Vec<String> {
-        [
-            "run",
-            "--config",
-            conf.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--gate-cores",
-            "2",
-            "--logic-workers",
-            "2",
-            "--data-dir",
-            d.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let spawn = || {
-        let a = args(&data);
-        spawn_process(
-            &a.iter().map(String::as_str).collect::<Vec<_>>(),
-            "listening on ",
-        )
-    };
+    let spawn = || spawn_server_with(&data, &["--config", conf.to_str().unwrap()]);
     let (sender, offline, holder) = (4001u64, 4002u64, 4003u64);
     let (mut child, addr) = spawn();
     // `offline` has a push token and is gone; `holder` is online and will not ack in time.
