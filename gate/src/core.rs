@@ -58,6 +58,11 @@ pub struct CoreCtx {
     pub admission: Arc<Admission>,
     /// TLS configurations and WebSocket settings (transport/).
     pub transport: Arc<Transport>,
+    /// A task this core runs on its thread (a single node's logic worker, `Gate::start_hosting`).
+    pub hosted: Option<im_shared::link::HostedTask>,
+    /// Users are placed on cores by their logic worker (`owner_of_vshard`) instead of the
+    /// gate's own hash, so that each core holds the users of the worker it hosts.
+    pub colocated: bool,
 }
 
 /// State of one core, shared by its tasks through `Rc` (single thread, no locks).
@@ -123,7 +128,12 @@ pub fn run_core(
         .build()
         .expect("build monoio runtime");
     let core_id = ctx.core;
+    let mut ctx = ctx;
+    let hosted = ctx.hosted.take();
     rt.block_on(async move {
+        if let Some(task) = hosted {
+            monoio::spawn(task());
+        }
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
@@ -248,7 +258,7 @@ async fn pre_login(core: Rc<Core>, mut stream: TcpStream, slot: Slot, ws: bool) 
         .await;
         return;
     }
-    let owner = shard::core_of(uid, core.ctx.peers.len());
+    let owner = core.core_of(uid);
     if owner == core.ctx.core as usize {
         core.adopt(stream, frame, rest, accepted_at, slot, io);
         return;
@@ -452,6 +462,12 @@ async fn flusher(core: Rc<Core>) {
 /// A core that is not running, for unit tests.
 #[cfg(test)]
 pub fn test_core() -> Rc<Core> {
+    test_core_of(1, false)
+}
+
+/// A core that is not running, of a gate with `cores` cores.
+#[cfg(test)]
+pub fn test_core_of(cores: usize, colocated: bool) -> Rc<Core> {
     struct NoLink;
     impl UpstreamLink for NoLink {
         fn lane_of(&self, _: UserId) -> usize {
@@ -466,11 +482,13 @@ pub fn test_core() -> Rc<Core> {
         core: 0,
         cfg: Arc::new(GateConfig::default()),
         link: Arc::new(NoLink),
-        peers: Vec::new(),
+        peers: (0..cores).map(|_| crate::mailbox::mailbox().0).collect(),
         backlog: Arc::default(),
         stats: Arc::new(CoreStats::default()),
         admission: Admission::new(Default::default()),
         transport: Arc::new(Transport::new(&GateConfig::default()).expect("plain transport")),
+        hosted: None,
+        colocated,
     })
 }
 
@@ -491,6 +509,16 @@ impl Core {
             limits: RefCell::new(CoreLimits::default()),
             layered: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// The core that holds `uid`'s connections.
+    pub fn core_of(&self, uid: UserId) -> usize {
+        let cores = self.ctx.peers.len();
+        if self.ctx.colocated {
+            shard::owner_of_vshard(shard::vshard_of(uid), cores)
+        } else {
+            shard::core_of(uid, cores)
+        }
     }
 
     fn now_secs(&self) -> u32 {
@@ -624,6 +652,32 @@ impl Core {
                     },
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Thread per core: a core hosting logic worker `i` must hold the connections of worker
+    /// `i`'s users, i.e. place users as a single node's router places them on workers
+    /// (`owner_of_vshard` over the virtual shards); otherwise the gate's own hash.
+    #[test]
+    fn a_colocated_core_places_users_by_their_logic_worker() {
+        for cores in [1, 2, 3, 8] {
+            let (own, colo) = (test_core_of(cores, false), test_core_of(cores, true));
+            let mut differ = 0;
+            for u in 1..5_000u64 {
+                let uid = UserId(u);
+                assert_eq!(
+                    colo.core_of(uid),
+                    shard::owner_of_vshard(shard::vshard_of(uid), cores)
+                );
+                assert_eq!(own.core_of(uid), shard::core_of(uid, cores));
+                differ += usize::from(colo.core_of(uid) != own.core_of(uid));
+            }
+            assert_eq!(differ > 0, cores > 1, "{cores} cores");
         }
     }
 }

@@ -32,10 +32,11 @@ pub use mailbox::{mailbox, Mailbox, MailboxRx};
 pub use transport::TlsFiles;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+pub use im_shared::link::HostedTask;
 use im_shared::link::{Down, DownstreamSink, UpstreamLink};
 
 use crate::core::CoreMsg;
@@ -116,12 +117,14 @@ pub struct GateSink {
     backlog: Vec<Arc<AtomicUsize>>,
     /// Bound of each core's backlog (`GateConfig::max_down_backlog`).
     max_backlog: usize,
+    /// Set when logic workers run on the cores' threads ([`Gate::start_hosting`]): then no
+    /// producer may block in `send` (it would stop a core it may share a thread with, or two
+    /// cores waiting for each other); they ask [`DownstreamSink::has_room`] and wait
+    /// asynchronously instead.
+    hosted: AtomicBool,
 }
 
-/// Longest a producer waits for a core whose backlog is full before handing its batch over
-/// anyway: a core that applies nothing for this long is stuck (a bug), and waiting forever
-/// would stop logic with it.
-pub const DOWN_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+pub use im_shared::link::DOWN_WAIT_MAX;
 
 impl GateSink {
     /// The link of `lane` dropped: every core closes the connections of that lane with the
@@ -146,7 +149,7 @@ impl DownstreamSink for GateSink {
         ) else {
             return;
         };
-        if b.load(Ordering::Acquire) >= self.max_backlog {
+        if b.load(Ordering::Acquire) >= self.max_backlog && !self.hosted.load(Ordering::Relaxed) {
             let start = std::time::Instant::now();
             while b.load(Ordering::Acquire) >= self.max_backlog {
                 if start.elapsed() >= DOWN_WAIT_MAX {
@@ -165,6 +168,12 @@ impl DownstreamSink for GateSink {
         if m.send(CoreMsg::Down(batch)).is_err() {
             b.fetch_sub(n, Ordering::AcqRel);
         }
+    }
+
+    fn has_room(&self, core: u16) -> bool {
+        self.backlog
+            .get(core as usize)
+            .is_none_or(|b| b.load(Ordering::Acquire) < self.max_backlog)
     }
 }
 
@@ -195,6 +204,7 @@ impl Gate {
                 backlog: (0..cores).map(|_| Arc::default()).collect(),
                 max_backlog,
                 cores: txs,
+                hosted: AtomicBool::new(false),
             }),
             rxs,
         }
@@ -207,6 +217,42 @@ impl Gate {
 
     /// Binds the listeners and starts one thread per core.
     pub fn start(self, link: Arc<dyn UpstreamLink>) -> std::io::Result<GateHandle> {
+        self.start_inner(link, Vec::new())
+    }
+
+    /// Like [`Gate::start`], and core `i` also runs `tasks[i]` on its thread (thread per core:
+    /// a single node's logic worker `i` beside the connections of core `i`). A user's
+    /// connections then go to the core whose index is the user's logic worker
+    /// (`owner_of_vshard(vshard_of(uid), cores)`), so a request and its answers never cross a
+    /// thread when sender and worker share a core, and a hand-over between a core and its
+    /// worker is a local wake-up instead of a thread wake-up. `tasks` must be empty or hold one
+    /// task per core.
+    pub fn start_hosting(
+        self,
+        link: Arc<dyn UpstreamLink>,
+        tasks: Vec<HostedTask>,
+    ) -> std::io::Result<GateHandle> {
+        if !tasks.is_empty() && tasks.len() != self.cfg.cores.max(1) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} hosted tasks for {} gate cores",
+                    tasks.len(),
+                    self.cfg.cores.max(1)
+                ),
+            ));
+        }
+        self.sink.hosted.store(!tasks.is_empty(), Ordering::Relaxed);
+        self.start_inner(link, tasks)
+    }
+
+    fn start_inner(
+        self,
+        link: Arc<dyn UpstreamLink>,
+        tasks: Vec<HostedTask>,
+    ) -> std::io::Result<GateHandle> {
+        let colocated = !tasks.is_empty();
+        let mut tasks = tasks.into_iter();
         let listeners = core::bind_listeners(&self.cfg)?;
         let local_addr = listeners[0].local_addr()?;
         // TLS certificates and the web root are checked here, before any thread starts.
@@ -232,6 +278,8 @@ impl Gate {
                 stats: st,
                 admission: admission.clone(),
                 transport: transport.clone(),
+                hosted: tasks.next(),
+                colocated,
             };
             let ws = ws_listeners.pop();
             threads.push(
@@ -399,6 +447,7 @@ mod stats_tests {
             cores: vec![m],
             backlog: vec![backlog.clone()],
             max_backlog: 4,
+            hosted: AtomicBool::new(false),
         });
         let down = || Down::Send {
             conn: im_shared::ConnId::new(0, 0, 1),
@@ -433,5 +482,40 @@ mod stats_tests {
         }
         producer.join().unwrap();
         assert_eq!(backlog.load(Ordering::SeqCst), 4);
+    }
+
+    /// With logic workers on the cores' threads, a producer must never block in `send` (it
+    /// could be the thread of the core it waits for): it is told there is no room instead.
+    #[test]
+    fn a_hosted_producer_is_told_at_the_bound_and_never_blocks() {
+        use im_shared::link::DownstreamSink;
+        let (m, rx) = mailbox::<CoreMsg>();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let sink = GateSink {
+            cores: vec![m],
+            backlog: vec![backlog.clone()],
+            max_backlog: 2,
+            hosted: AtomicBool::new(true),
+        };
+        let down = || Down::Send {
+            conn: im_shared::ConnId::new(0, 0, 1),
+            data: bytes::Bytes::from_static(b"x"),
+        };
+        assert!(sink.has_room(0));
+        sink.send(0, 0, vec![down()]);
+        sink.send(0, 0, vec![down()]);
+        assert!(!sink.has_room(0), "a full core reports no room");
+        // Past the bound `send` hands over at once (this thread would hang otherwise).
+        sink.send(0, 0, vec![down()]);
+        assert_eq!(backlog.load(Ordering::SeqCst), 3);
+        for _ in 0..2 {
+            assert!(rx.try_recv().is_some());
+            backlog.fetch_sub(1, Ordering::SeqCst);
+        }
+        assert!(sink.has_room(0));
+        assert!(
+            sink.has_room(7),
+            "an unknown core never makes a producer wait"
+        );
     }
 }

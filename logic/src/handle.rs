@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use im_shared::link::{DownstreamSink, Up, UpstreamLink};
+use im_shared::link::{DownstreamSink, HostedTask, Up, UpstreamLink};
 use im_shared::proto::CONV_S2C;
 use im_shared::token::TokenVerifier;
 use im_shared::{ErrorCode, GroupId, UserId};
@@ -30,7 +30,57 @@ pub struct LogicHandle {
     depth: Vec<Arc<AtomicUsize>>,
     max_queued: usize,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Hosted workers ([`start_hosted`]): every one holds a sender of this channel until its
+    /// future ends, so `recv` fails once all of them ended.
+    hosted_done: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// The runtime whose timers hosted workers use (their own threads run no tokio): a thread
+    /// that drives it until this sender is dropped.
+    _timers: Option<(tokio::runtime::Handle, oneshot::Sender<()>)>,
     metrics: Arc<Metrics>,
+}
+
+/// A current-thread runtime driven by a thread of its own ("logic-timers") until the returned
+/// sender is dropped: hosted workers register their timers with its handle.
+fn timer_runtime() -> std::io::Result<(tokio::runtime::Handle, oneshot::Sender<()>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("logic-timers".into())
+        .spawn(move || {
+            let _ = rt.block_on(stopped);
+        })?;
+    Ok((handle, stop))
+}
+
+/// Where the workers run.
+enum Placement {
+    /// A thread each, with a tokio runtime of its own.
+    Threads,
+    /// On threads that someone else runs (gate cores): handed back as [`HostedTask`]s.
+    Hosted,
+}
+
+/// A hosted worker's future, polled inside its tokio handle so that its timers (`interval`,
+/// `sleep`) work on a thread whose runtime is not tokio's.
+struct Entered<F> {
+    handle: tokio::runtime::Handle,
+    fut: std::pin::Pin<Box<F>>,
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for Entered<F> {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = &mut *self;
+        let _entered = this.handle.enter();
+        this.fut.as_mut().poll(cx)
+    }
 }
 
 /// Starts `cfg.workers` worker threads over `store`. Each worker first replays the outbox of
@@ -72,6 +122,49 @@ pub fn start_with<S: Store + Send + Sync>(
     cluster: Option<Cluster>,
     services: Services,
 ) -> std::io::Result<LogicHandle> {
+    let (h, _) = start_placed(
+        cfg,
+        store,
+        verifier,
+        gate,
+        cluster,
+        services,
+        Placement::Threads,
+    )?;
+    Ok(h)
+}
+
+/// Builds the workers of a single node without starting them: worker `i` is `tasks[i]`, for
+/// gate core `i` to run on its thread (`Gate::start_hosting`; thread per core). The handle
+/// works as [`start_with`]'s; its `shutdown` waits until every hosted worker ended, so it must
+/// run while the cores still run.
+pub fn start_hosted<S: Store + Send + Sync>(
+    cfg: LogicConfig,
+    store: S,
+    verifier: Arc<dyn TokenVerifier>,
+    gate: Arc<dyn DownstreamSink>,
+    services: Services,
+) -> std::io::Result<(LogicHandle, Vec<HostedTask>)> {
+    start_placed(
+        cfg,
+        store,
+        verifier,
+        gate,
+        None,
+        services,
+        Placement::Hosted,
+    )
+}
+
+fn start_placed<S: Store + Send + Sync>(
+    cfg: LogicConfig,
+    store: S,
+    verifier: Arc<dyn TokenVerifier>,
+    gate: Arc<dyn DownstreamSink>,
+    cluster: Option<Cluster>,
+    services: Services,
+    placement: Placement,
+) -> std::io::Result<(LogicHandle, Vec<HostedTask>)> {
     let metrics = Arc::new(Metrics::default());
     let n = cfg.workers.max(1);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
@@ -96,6 +189,12 @@ pub fn start_with<S: Store + Send + Sync>(
     }
     let depth: Vec<_> = (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let mut threads = Vec::new();
+    let mut tasks: Vec<HostedTask> = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let timers = match placement {
+        Placement::Threads => None,
+        Placement::Hosted => Some(timer_runtime()?),
+    };
     for (idx, rx) in rxs.into_iter().enumerate() {
         let w = Worker::new(
             idx,
@@ -108,6 +207,17 @@ pub fn start_with<S: Store + Send + Sync>(
             services.clone(),
             metrics.clone(),
         );
+        if let Some((handle, _)) = &timers {
+            let (handle, done) = (handle.clone(), done_tx.clone());
+            tasks.push(Box::new(move || {
+                Box::pin(Entered {
+                    handle,
+                    fut: Box::pin(w.run(rx)),
+                    _done: done,
+                })
+            }));
+            continue;
+        }
         threads.push(
             std::thread::Builder::new()
                 .name(format!("logic-{idx}"))
@@ -120,14 +230,18 @@ pub fn start_with<S: Store + Send + Sync>(
                 })?,
         );
     }
-    Ok(LogicHandle {
+    drop(done_tx);
+    let handle = LogicHandle {
         router,
         inboxes: txs,
         depth,
         max_queued: cfg.max_queued,
         threads: std::sync::Mutex::new(threads),
+        hosted_done: std::sync::Mutex::new(timers.as_ref().map(|_| done_rx)),
+        _timers: timers,
         metrics,
-    })
+    };
+    Ok((handle, tasks))
 }
 
 impl LogicHandle {
@@ -177,6 +291,15 @@ impl LogicHandle {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
             let _ = t.join();
+        }
+        let done = self
+            .hosted_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(done) = done {
+            // Fails once every hosted worker's future has ended (or was dropped with its core).
+            while done.recv().is_ok() {}
         }
     }
 }

@@ -32,6 +32,6 @@ pub use im_push as push;
 pub use im_store as store;
 
 pub use config::LogicConfig;
-pub use handle::{start, start_node, start_with, Cluster, LogicHandle};
+pub use handle::{start, start_hosted, start_node, start_with, Cluster, LogicHandle};
 pub use im_shared::msgid::MsgIdGen;
 pub use services::{PushService, Services};

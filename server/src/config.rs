@@ -26,6 +26,10 @@ pub struct ServerConfig {
     pub gate_cores: usize,
     /// Logic worker threads (0 = one per CPU).
     pub logic_workers: usize,
+    /// Thread per core: logic worker `i` runs on the thread of gate core `i`, which holds the
+    /// connections of that worker's users (when `gate_cores` and `logic_workers` come out
+    /// equal; otherwise each worker has a thread of its own).
+    pub thread_per_core: bool,
     /// HMAC secret of the development SSO token issuer/verifier.
     pub token_secret: String,
     /// Largest client frame body in bytes.
@@ -128,6 +132,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             gate_cores: 0,
             logic_workers: 0,
+            thread_per_core: true,
             token_secret: DEV_TOKEN_SECRET.to_owned(),
             max_body: g.max_body,
             max_login_body: g.max_login_body,
@@ -244,6 +249,7 @@ mod tests {
         assert!(matches!(cfg.c2s, Some(C2sConfig::Embedded { .. })));
         assert!(cfg.push.is_none());
         assert_eq!(cfg.limits, d.limits);
+        assert_eq!(cfg.thread_per_core, d.thread_per_core);
     }
 
     #[test]

@@ -92,6 +92,9 @@ struct Common {
     /// Logic worker threads (0 = one per CPU).
     #[arg(long, env = "IM_LOGIC_WORKERS")]
     logic_workers: Option<usize>,
+    /// Run logic worker i on the thread of gate core i (single node, equal counts; default true).
+    #[arg(long, env = "IM_THREAD_PER_CORE")]
+    thread_per_core: Option<bool>,
     #[arg(long, env = "IM_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
     #[arg(long)]
@@ -137,6 +140,7 @@ impl Common {
             data_dir,
             gate_cores,
             logic_workers,
+            thread_per_core,
             token_secret,
             login_timeout_secs,
             idle_timeout_secs,
@@ -173,6 +177,7 @@ impl Common {
             data_dir,
             gate_cores,
             logic_workers,
+            thread_per_core,
             token_secret,
             login_timeout_secs,
             idle_timeout_secs,

@@ -19,6 +19,8 @@ pub struct Server {
     logic: Arc<LogicHandle>,
     api: Option<ApiServer>,
     services: Services,
+    /// Logic workers run on the gate cores' threads (`thread_per_core`).
+    hosted: bool,
 }
 
 /// Opens the store, starts logic workers and gate cores.
@@ -29,17 +31,25 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     let gate = Gate::new(gate_config(cfg, 0));
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let services = services(cfg)?;
-    let logic = Arc::new(im_logic::start_with(
-        logic_config(cfg),
-        store,
-        tokens.clone(),
-        gate.sink(),
-        None,
-        services.clone(),
-    )?);
+    let (lcfg, gcfg) = (logic_config(cfg), gate_config(cfg, 0));
+    let hosted = cfg.thread_per_core && lcfg.workers == gcfg.cores;
+    let (logic, tasks) = if hosted {
+        im_logic::start_hosted(lcfg, store, tokens.clone(), gate.sink(), services.clone())?
+    } else {
+        let l = im_logic::start_with(
+            lcfg,
+            store,
+            tokens.clone(),
+            gate.sink(),
+            None,
+            services.clone(),
+        )?;
+        (l, Vec::new())
+    };
+    let logic = Arc::new(logic);
     drop_invalid_tokens(&services, &logic);
-    let gate = gate.start(logic.clone())?;
-    tracing::info!(addr = %gate.local_addr(), "im-server listening");
+    let gate = gate.start_hosting(logic.clone(), tasks)?;
+    tracing::info!(addr = %gate.local_addr(), thread_per_core = hosted, "im-server listening");
     let api = match &cfg.api {
         Some(a) => {
             let me = GateInfo {
@@ -68,6 +78,7 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
         logic,
         api,
         services,
+        hosted,
     })
 }
 
@@ -96,8 +107,14 @@ impl Server {
         if let Some(a) = self.api {
             a.shutdown();
         }
-        self.gate.shutdown();
-        self.logic.shutdown();
+        if self.hosted {
+            // The workers run on the cores' threads: they finish first, while the cores run.
+            self.logic.shutdown();
+            self.gate.shutdown();
+        } else {
+            self.gate.shutdown();
+            self.logic.shutdown();
+        }
         if let Some(c) = &self.services.c2s {
             c.shutdown();
         }

@@ -185,3 +185,32 @@ fn gap_in_push_is_filled_by_sync() {
     // The late first push is recognised as a duplicate.
     assert_eq!(tl.on_deliver(&mut b, &first).unwrap(), 0);
 }
+
+/// `thread_per_core = false`: every logic worker on a thread of its own (the placement of a
+/// node whose gate cores and workers differ in number). The same chat works: ack, delivery to
+/// users on both workers, the delivered notice.
+#[test]
+fn c2c_works_with_a_thread_per_logic_worker() {
+    let s = start_with(|c| c.thread_per_core = false);
+    // Users 100..108 land on both workers and both cores.
+    let mut clients: Vec<_> = (100..108).map(|u| login(s.addr, u)).collect();
+    for i in 0..clients.len() {
+        let to = 100 + ((i as u64 + 3) % 8);
+        let ack = clients[i]
+            .send_c2c(UserId(to), 1, format!("from {}", 100 + i))
+            .unwrap();
+        let m = next_deliver(&mut clients[(to - 100) as usize]);
+        assert_eq!((m.from, m.msg_id), (UserId(100 + i as u64), ack.msg_id));
+        clients[(to - 100) as usize].deliver_ack(m.seq).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no delivered notice");
+            if let Some(Command::Delivered { msg_id, .. }) =
+                clients[i].recv(Duration::from_millis(200)).unwrap()
+            {
+                assert_eq!(msg_id, ack.msg_id);
+                break;
+            }
+        }
+    }
+}

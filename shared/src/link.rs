@@ -112,7 +112,27 @@ pub trait UpstreamLink: Send + Sync + 'static {
 /// Where logic sends downstream messages: one batch for one core of one gate.
 pub trait DownstreamSink: Send + Sync + 'static {
     fn send(&self, gate: u16, core: u16, batch: Vec<Down>);
+
+    /// Whether `core` can take more without its producer waiting. A producer that runs on a
+    /// gate core's own thread (a hosted logic worker) must not block in [`DownstreamSink::send`]:
+    /// it asks first and waits asynchronously, so the core it shares a thread with keeps
+    /// draining.
+    fn has_room(&self, _core: u16) -> bool {
+        true
+    }
 }
+
+/// Longest a producer waits for a gate core whose downstream backlog is full before handing its
+/// batch over anyway: a core that applies nothing for this long is stuck (a bug), and waiting
+/// forever would stop logic with it.
+pub const DOWN_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A task that a gate core runs on its own thread beside its connections (a logic worker in a
+/// single-node server, see `Gate::start_hosting`): called once on the core's thread, inside its
+/// runtime, and the future it returns is spawned there. The future may use tokio's timers only
+/// through a handle it enters itself (the core's runtime is not tokio's).
+pub type HostedTask =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>;
 
 /// Who is at the other end of a link (in `Hello`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1107,7 +1107,19 @@ impl<S: Store> Worker<S> {
             }
         }
         for (core, downs) in round.downs.drain() {
-            self.gate.send((core >> 16) as u16, core as u16, downs);
+            let (gate, core) = ((core >> 16) as u16, core as u16);
+            // A core at its backlog bound: wait here, asynchronously, instead of in `send`. A
+            // worker hosted on a gate core's thread must not block it (that core may be the
+            // one to drain, or be waiting for this one); the wait ends after `DOWN_WAIT_MAX`
+            // as the sink's own does.
+            if !self.gate.has_room(core) {
+                let start = std::time::Instant::now();
+                while !self.gate.has_room(core) && start.elapsed() < im_shared::link::DOWN_WAIT_MAX
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            self.gate.send(gate, core, downs);
         }
         for (tx, res) in round.api.drain(..) {
             let _ = tx.send(res);
