@@ -10,7 +10,8 @@
 # server's fsync + fdatasync calls per sent message (perf stat on syscall tracepoints, as root).
 # Before each run it flushes dirty pages (`sync`: a build's writeback would stall the server's
 # syncs) and waits (up to QUIET_WAIT=240 s) for a 1-minute load average below QUIET_LOAD (0.5).
-# Environment: USERS (2000), SECS (10), OUT (results dir), DATA (data dir parent; default $OUT).
+# Environment: USERS (2000), SECS (10), OUT (results dir), DATA (data dir parent; default $OUT),
+# SERVER_ARGS (more `im-server run` flags, e.g. "--gate-cores 1 --logic-workers 1").
 set -euo pipefail
 bin=${1:?usage: c2c-rates.sh BIN_DIR [rate...]}
 shift
@@ -28,7 +29,7 @@ trap '[ -n "$spid" ] && kill "$spid" 2>/dev/null; wait 2>/dev/null || true' EXIT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for rate in "${rates[@]}"; do
   rm -rf "$data/data-$rate"
-  "$bin/im-server" run --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$data/data-$rate" \
+  "$bin/im-server" run --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$data/data-$rate" ${SERVER_ARGS:-} \
     >"$out/server-$rate.log" 2>&1 &
   spid=$!
   for _ in $(seq 100); do

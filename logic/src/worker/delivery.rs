@@ -37,17 +37,27 @@ impl<S: Store> Worker<S> {
         let Some(a) = u.active.as_mut() else {
             return;
         };
+        let me = self.router.global(self.idx);
+        let mut mine = Vec::new();
         for p in a.pending.take_through(seq.0) {
             // "Delivered" notices are a c2c feature: a group post would get one per member.
             if p.conv != CONV_C2C {
                 continue;
             }
-            let w = self.router.owner(p.sender);
-            round.delivered_out[w].push(DeliveredNote {
+            let note = DeliveredNote {
                 sender: p.sender,
                 msg_id: p.msg_id,
                 recipient: uid,
-            });
+            };
+            match self.router.owner(p.sender) {
+                // The sender is this worker's: its notice goes out with this round, not
+                // through the inbox and a round of its own.
+                w if w == me => mine.push(note),
+                w => round.delivered_out[w].push(note),
+            }
+        }
+        if !mine.is_empty() {
+            self.on_delivered(mine, round);
         }
     }
 

@@ -517,6 +517,42 @@ async fn a_crash_before_a_confirmed_outbox_entry_is_deleted_replays_it_and_store
     assert!(fx.store.outbox(shard).await.unwrap().is_empty());
 }
 
+/// Sender and recipient on one worker: the `Delivered` notice leaves with the round of the ack
+/// itself, without a trip through the worker's inbox.
+#[tokio::test]
+async fn a_device_ack_tells_a_sender_of_the_same_worker_in_the_same_round() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(0, a.0 + 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    let msg_id = acks(&out)[0].1;
+    let got = delivered_to(&out, conn(2));
+    assert_eq!(got.len(), 1);
+    fx.client(
+        conn(2),
+        b,
+        vec![(0, Command::DeliverAck { seq: got[0].seq })],
+    )
+    .await;
+    // No pump: nothing went through an inbox.
+    assert!(fx.inboxes[0].is_empty() && fx.inboxes[1].is_empty());
+    let notes: Vec<_> = fx
+        .out()
+        .iter()
+        .filter_map(|o| match &o.cmd {
+            Command::Delivered { msg_id, recipient } if o.conn == conn(1) => {
+                Some((*msg_id, *recipient))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notes, [(msg_id, b)]);
+}
+
 #[tokio::test]
 async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
     let mut fx = Fx::new(2).await;
