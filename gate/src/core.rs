@@ -99,6 +99,19 @@ pub fn bind_reuseport(
     mut addr: std::net::SocketAddr,
 ) -> std::io::Result<Vec<StdListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() != 0 {
+        // `SO_REUSEPORT` would let this group join the listeners of another process on the same
+        // address (another server of the same user), splitting clients between the two. So
+        // first bind a socket without it: that fails while anyone listens there.
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{addr} is already in use (another server listening there?): {e}"),
+            ));
+        }
+    }
     let mut out = Vec::new();
     for _ in 0..cfg.cores.max(1) {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -659,6 +672,38 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second server on an address in use must fail, not share the port through
+    /// `SO_REUSEPORT` (issue 19); the same process's own group still binds every core.
+    #[test]
+    fn an_address_in_use_is_refused_not_shared() {
+        let cfg = GateConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cores: 3,
+            ..GateConfig::default()
+        };
+        let first = bind_listeners(&cfg).unwrap();
+        assert_eq!(first.len(), 3);
+        let addr = first[0].local_addr().unwrap();
+        assert!(first.iter().all(|l| l.local_addr().unwrap() == addr));
+        let again = GateConfig {
+            listen: addr,
+            ..cfg.clone()
+        };
+        let e = bind_listeners(&again).expect_err("a second group on a port in use");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("already in use"), "{e}");
+        // A plain listener of someone else counts too.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = GateConfig {
+            listen: other.local_addr().unwrap(),
+            ..cfg.clone()
+        };
+        assert!(bind_listeners(&taken).is_err());
+        // Once the first group is gone the port is free again.
+        drop(first);
+        assert_eq!(bind_listeners(&again).unwrap().len(), 3);
+    }
 
     /// Thread per core: a core hosting logic worker `i` must hold the connections of worker
     /// `i`'s users, i.e. place users as a single node's router places them on workers

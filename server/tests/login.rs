@@ -229,3 +229,21 @@ fn idle_connection_is_closed() {
         "{got:?}"
     );
 }
+
+/// A second server on the address of a running one fails to start (issue 19): with
+/// `SO_REUSEPORT` alone it started and split the clients between two unrelated servers.
+#[test]
+fn a_second_server_on_a_busy_address_fails_to_start() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.listen = s.addr;
+    let e = match im_server::start(&cfg) {
+        Ok(_) => panic!("a second server started on {}", s.addr),
+        Err(e) => e,
+    };
+    assert!(format!("{e:#}").contains("already in use"), "{e:#}");
+    // The first one still serves.
+    let mut c = login(s.addr, 100);
+    c.send_c2c(UserId(100), 1, "still here").unwrap();
+}
