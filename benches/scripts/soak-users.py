@@ -97,7 +97,7 @@ def main():
             if time.time() > deadline:
                 sys.exit("no api address in the server log")
             with open(os.path.join(out, "server.log")) as f:
-                m = re.search(r"http api listening.*?addr=(\S+)", re.sub(r"\x1b\[[0-9;]*m", "", f.read()))
+                m = re.search(r"api: listening on http://(\S+)", re.sub(r"\x1b\[[0-9;]*m", "", f.read()))
             if m:
                 api = m.group(1)
             else:

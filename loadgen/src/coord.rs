@@ -509,6 +509,34 @@ fn params(common: &Common) -> Value {
     })
 }
 
+/// Why a finished run failed, for the exit status (2): no connection logged in at all, or the
+/// accounting found an acknowledged message that never arrived, or a message never sent.
+pub(crate) fn verdict(result: &Value) -> Vec<String> {
+    let mut bad = Vec::new();
+    let login = &result["login"];
+    if login["attempted"].as_u64().unwrap_or(0) > 0 && login["logged_in"].as_u64() == Some(0) {
+        bad.push(
+            "no connection logged in: is a server listening at --server? (the default \
+             --src-ips 127.0.0.2-127.0.0.9 reach only a loopback server: use --src-ips none \
+             for another)"
+                .to_string(),
+        );
+    }
+    let mut check = |what: String, v: &Value| {
+        for k in ["lost", "phantom", "non_member"] {
+            if let Some(n) = v[k].as_u64().filter(|&n| n > 0) {
+                bad.push(format!("{what}: {n} {k}"));
+            }
+        }
+    };
+    check("c2c".into(), &result["c2c"]);
+    check("group".into(), &result["group"]["accounting"]);
+    for row in result["steps"].as_array().into_iter().flatten() {
+        check(format!("max step {}", row["rate"]), &row["c2c"]);
+    }
+    bad
+}
+
 pub fn main(cli: &Cli) -> anyhow::Result<()> {
     let c = &cli.common;
     let seed = c
@@ -547,9 +575,17 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
     let res = run(cli, &mut coord, total, workers);
     match res {
         Ok((table, result)) => {
+            let bad = verdict(&result);
             let out = output(c, &coord, table, result);
             coord.finish();
-            out
+            out?;
+            if !bad.is_empty() {
+                for b in &bad {
+                    eprintln!("im-loadgen: FAILED: {b}");
+                }
+                std::process::exit(2);
+            }
+            Ok(())
         }
         Err(e) => {
             coord.finish();
@@ -917,4 +953,31 @@ fn run(
         Scenario::Worker { .. } => unreachable!("handled in main"),
     }
     Ok((t, result))
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::verdict;
+    use serde_json::json;
+
+    #[test]
+    fn a_run_fails_when_nobody_logged_in_or_a_message_was_lost() {
+        let ok = json!({"login": {"attempted": 10, "logged_in": 10},
+                        "c2c": {"lost": 0, "phantom": 0}});
+        assert!(verdict(&ok).is_empty());
+        let nobody = json!({"login": {"attempted": 10, "logged_in": 0}, "c2c": {"lost": 0}});
+        assert!(verdict(&nobody)[0].contains("no connection logged in"));
+        let lost = json!({"login": {"attempted": 10, "logged_in": 10}, "c2c": {"lost": 3}});
+        assert_eq!(verdict(&lost), ["c2c: 3 lost"]);
+        let group = json!({"login": {"attempted": 4, "logged_in": 4},
+                           "group": {"accounting": {"lost": 0, "phantom": 1}}});
+        assert_eq!(verdict(&group), ["group: 1 phantom"]);
+        let max = json!({"login": {"attempted": 4, "logged_in": 4},
+                         "steps": [{"rate": 1000, "c2c": {"lost": 0}},
+                                   {"rate": 2000, "c2c": {"lost": 2}}]});
+        assert_eq!(verdict(&max), ["max step 2000: 2 lost"]);
+        // Untracked runs (--no-track) have no counts: nothing to judge.
+        let untracked = json!({"login": {"attempted": 4, "logged_in": 4}, "c2c": {"lost": null}});
+        assert!(verdict(&untracked).is_empty());
+    }
 }

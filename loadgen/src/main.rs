@@ -120,6 +120,7 @@ pub struct Common {
 pub enum Scenario {
     /// N logged-in connections with heartbeats: login rate, server RSS and kernel memory per connection.
     Idle {
+        /// Connections (one user each).
         #[arg(long, short = 'n', default_value_t = 2000)]
         conns: u32,
         /// How long to hold the connections after the last login.
@@ -128,24 +129,31 @@ pub enum Scenario {
     },
     /// N users, R msgs/s from random senders to random recipients for D seconds.
     C2c {
+        /// Users, one connection each.
         #[arg(long, short = 'n', default_value_t = 2000)]
         users: u32,
         /// Messages per second over all senders.
         #[arg(long, default_value_t = 2000.0)]
         msg_rate: f64,
+        /// Seconds of sending.
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
     },
     /// Raise the c2c rate step by step until p99 send→deliver exceeds the bound or loss appears.
     Max {
+        /// Users, one connection each.
         #[arg(long, short = 'n', default_value_t = 2000)]
         users: u32,
+        /// Rate of the first step, messages per second.
         #[arg(long, default_value_t = 2000.0)]
         start_rate: f64,
+        /// Added to the rate at each step, messages per second.
         #[arg(long, default_value_t = 2000.0)]
         step: f64,
+        /// Seconds of sending per step.
         #[arg(long, default_value_t = 5.0)]
         step_secs: f64,
+        /// A step passes while p99 send→deliver stays at or below this (and nothing is lost).
         #[arg(long, default_value_t = 10.0)]
         p99_bound_ms: f64,
         /// Stop after this many steps even if every step passed.
@@ -155,6 +163,7 @@ pub enum Scenario {
     /// All N connections drop and log in again at once; time until all are back, and no message
     /// acknowledged before the storm is lost.
     Storm {
+        /// Connections (one user each).
         #[arg(long, short = 'n', default_value_t = 2000)]
         conns: u32,
         /// Messages per user sent right before the drop (their deliveries may be cut off).
@@ -170,6 +179,7 @@ pub enum Scenario {
     /// Group fan-out (c2g): G groups of M members among N users; owners create them, then random
     /// members post at R posts/s in total for D seconds; every member copy is counted.
     Group {
+        /// Users, one connection each.
         #[arg(long, short = 'n', default_value_t = 2000)]
         users: u32,
         /// Members per group, owner included (at most 2000, the server's limit). Group k is
@@ -182,6 +192,7 @@ pub enum Scenario {
         /// Posts per second over all members (each post is delivered M times).
         #[arg(long, default_value_t = 200.0)]
         msg_rate: f64,
+        /// Seconds of posting.
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
     },

@@ -148,7 +148,6 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
                 Some(tokens),
                 extra,
             )?;
-            tracing::info!(addr = %server.local_addr(), "http api listening");
             Some(server)
         }
         None => None,

@@ -82,8 +82,11 @@ struct Common {
     /// TOML config file (see deploy/im-server.toml).
     #[arg(long, env = "IM_CONFIG")]
     config: Option<PathBuf>,
+    /// Client listener, binary protocol over TCP (default 127.0.0.1:7000; port 0 picks a free
+    /// one, printed as "listening on ADDR").
     #[arg(long, env = "IM_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Directory of the embedded store (default ./data; `run` and `logic`).
     #[arg(long, env = "IM_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Gate threads (0 = one per CPU).
@@ -95,12 +98,17 @@ struct Common {
     /// Run logic worker i on the thread of gate core i (single node, equal counts; default true).
     #[arg(long, env = "IM_THREAD_PER_CORE")]
     thread_per_core: Option<bool>,
+    /// HMAC secret of the SSO token verifier (default: the public development secret; set it
+    /// in the environment, not on the command line, in production).
     #[arg(long, env = "IM_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// Seconds a new connection has to log in (default 10).
     #[arg(long)]
     login_timeout_secs: Option<u64>,
+    /// Seconds without a complete frame before a logged-in connection is closed (default 90).
     #[arg(long)]
     idle_timeout_secs: Option<u64>,
+    /// Largest client frame body in bytes (default 65536).
     #[arg(long)]
     max_body: Option<usize>,
     /// Redis Cluster seed nodes for the shared directory, comma separated.
@@ -210,6 +218,9 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+/// Log filter when `RUST_LOG` is not set.
+const DEFAULT_LOG: &str = "info,lsm_tree=warn,fjall=warn";
+
 fn main() -> anyhow::Result<()> {
     // A panic in any gate or logic thread must not leave a half-alive process behind: log it and
     // abort so the supervisor (systemd) restarts the server, which recovers from the store.
@@ -218,11 +229,16 @@ fn main() -> anyhow::Result<()> {
         default_hook(info);
         std::process::abort();
     }));
+    // The storage engine's own INFO lines (a dozen per start, one per keyspace) drown the
+    // server's; RUST_LOG overrides all of this. Colour only on a terminal: a file or journald
+    // gets plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {

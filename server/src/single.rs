@@ -68,7 +68,6 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
                 Some(tokens),
                 extra,
             )?;
-            tracing::info!(addr = %server.local_addr(), "http api listening");
             Some(server)
         }
         None => None,
