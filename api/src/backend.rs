@@ -89,3 +89,52 @@ pub trait ApiBackend: Send + Sync + 'static {
     /// Appends the logic tier's metrics in Prometheus text format.
     fn metrics(&self, out: &mut String);
 }
+
+/// The backend of a status-only server (a gate process): it has no logic tier, and its
+/// server answers no business route (`ApiServer::start_status`), so these are never reached.
+pub(crate) struct NoBackend;
+
+impl NoBackend {
+    fn none<T: Send + 'static>() -> BoxFut<'static, Result<T, ApiError>> {
+        Box::pin(async {
+            Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "no logic tier here: the business API is on the logic nodes",
+            ))
+        })
+    }
+}
+
+impl ApiBackend for NoBackend {
+    fn server_send(
+        &self,
+        _: UserId,
+        _: PushTarget,
+        _: Bytes,
+        _: u64,
+    ) -> BoxFut<'_, Result<Accepted, ApiError>> {
+        Self::none()
+    }
+    fn group_create(
+        &self,
+        _: UserId,
+        _: String,
+        _: Vec<UserId>,
+        _: u64,
+    ) -> BoxFut<'_, Result<GroupId, ApiError>> {
+        Self::none()
+    }
+    fn group_add(&self, _: GroupId, _: Vec<UserId>) -> BoxFut<'_, Result<(), ApiError>> {
+        Self::none()
+    }
+    fn group_remove(&self, _: GroupId, _: Vec<UserId>) -> BoxFut<'_, Result<(), ApiError>> {
+        Self::none()
+    }
+    fn group_info(&self, _: GroupId) -> BoxFut<'_, Result<GroupWithMembers, ApiError>> {
+        Self::none()
+    }
+    fn groups_of(&self, _: UserId) -> BoxFut<'_, Result<Vec<(GroupId, String)>, ApiError>> {
+        Self::none()
+    }
+    fn metrics(&self, _: &mut String) {}
+}

@@ -164,20 +164,35 @@ impl ApiServer {
         extra_metrics: Vec<MetricsFn>,
     ) -> std::io::Result<ApiServer> {
         let gates = iplist::Gates::new(gates)?;
-        let listener = std::net::TcpListener::bind(cfg.listen)?;
+        let state = server::State::new(cfg, backend, gates, tokens, extra_metrics);
+        Self::serve(state)
+    }
+
+    /// A status server for a process without a logic tier (a gate of the distributed shape):
+    /// `/healthz` and `/metrics` (the `metrics` functions' output and the HTTP counters); every
+    /// other path is `404 not_found`, saying the business API is on the logic nodes.
+    pub fn start_status(listen: SocketAddr, metrics: Vec<MetricsFn>) -> std::io::Result<ApiServer> {
+        let gates = iplist::Gates::new(GateSource::Static(Vec::new()))?;
+        let mut state = server::State::new(
+            ApiConfig::new(listen),
+            Arc::new(backend::NoBackend),
+            gates,
+            None,
+            metrics,
+        );
+        state.status_only = true;
+        Self::serve(state)
+    }
+
+    fn serve(state: server::State) -> std::io::Result<ApiServer> {
+        let listener = std::net::TcpListener::bind(state.cfg.listen)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let state = Arc::new(server::State::new(
-            cfg,
-            backend,
-            gates,
-            tokens,
-            extra_metrics,
-        ));
+        let state = Arc::new(state);
         let thread = std::thread::Builder::new()
             .name("im-api".into())
             .spawn(move || {

@@ -39,7 +39,7 @@ type Resp = Response<Full<Bytes>>;
 
 /// Everything the handlers share.
 pub(crate) struct State {
-    cfg: ApiConfig,
+    pub(crate) cfg: ApiConfig,
     backend: Arc<dyn ApiBackend>,
     gates: Gates,
     tokens: Option<Arc<HmacTokens>>,
@@ -47,6 +47,8 @@ pub(crate) struct State {
     metrics: ApiMetrics,
     /// Token bucket of each API key that made a request (a key of `cfg.keys`: bounded).
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Only `/healthz` and `/metrics` are served (`ApiServer::start_status`).
+    pub(crate) status_only: bool,
 }
 
 /// Requests an API key may still make: `tokens` grows by `rate` per second up to `burst`.
@@ -108,6 +110,7 @@ impl State {
             extra_metrics,
             metrics: ApiMetrics::default(),
             buckets: Mutex::default(),
+            status_only: false,
         }
     }
 }
@@ -503,6 +506,18 @@ async fn handle(state: &State, req: Request<Incoming>) -> Resp {
                 "invalid {what} {s:?}: expected a positive decimal integer"
             ))
             .into_response(),
+        ),
+        Ok(r) if state.status_only && !matches!(r, Route::Healthz | Route::Metrics) => (
+            "unmatched",
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no route for {} here: this process serves /healthz and /metrics only; the \
+                     business API is on the logic nodes",
+                    req.uri().path()
+                ),
+            ),
         ),
         Ok(r) => (r.template(), handle_route(state, r, req).await),
     };

@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub gate_cores: usize,
     /// Logic worker threads (0 = one per CPU).
     pub logic_workers: usize,
+    /// A gate process's status listener (`/healthz`, `/metrics`); none by default. A single node
+    /// and a logic node serve both on the HTTP API (`[api]`) instead.
+    pub status_listen: Option<SocketAddr>,
     /// Thread per core: logic worker `i` runs on the thread of gate core `i`, which holds the
     /// connections of that worker's users (when `gate_cores` and `logic_workers` come out
     /// equal; otherwise each worker has a thread of its own).
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             gate_cores: 0,
             logic_workers: 0,
             thread_per_core: true,
+            status_listen: None,
             token_secret: DEV_TOKEN_SECRET.to_owned(),
             max_body: g.max_body,
             max_login_body: g.max_login_body,

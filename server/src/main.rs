@@ -129,6 +129,9 @@ struct Common {
     /// Logic nodes with a Redis directory: shard lease duration in ms (default 10000).
     #[arg(long, env = "IM_SHARD_LEASE_MS")]
     shard_lease_ms: Option<u64>,
+    /// Gate: serve `/healthz` and `/metrics` on this address (default: none).
+    #[arg(long, env = "IM_STATUS_LISTEN")]
+    status_listen: Option<SocketAddr>,
     /// Directory of the web chat page served on the WebSocket port.
     #[arg(long, env = "IM_WEB_ROOT")]
     web_root: Option<PathBuf>,
@@ -160,8 +163,12 @@ impl Common {
             ws_listen,
             web_root,
             shard_lease_ms,
+            status_listen,
             ..
         } = self;
+        if status_listen.is_some() {
+            cfg.status_listen = status_listen;
+        }
         if ws_listen.is_some() {
             cfg.ws_listen = ws_listen;
         }
@@ -263,7 +270,24 @@ fn main() -> anyhow::Result<()> {
             if let Some(a) = gate.ws_addr() {
                 println!("ws on {a}");
             }
+            let status = match cfg.status_listen {
+                Some(a) => {
+                    let stats = gate.stats_handle();
+                    let s = im_api::ApiServer::start_status(
+                        a,
+                        vec![std::sync::Arc::new(move |out: &mut String| {
+                            stats.render(out)
+                        })],
+                    )?;
+                    println!("status on {}", s.local_addr());
+                    Some(s)
+                }
+                None => None,
+            };
             wait_for_signal(&signals);
+            if let Some(s) = status {
+                s.shutdown();
+            }
             gate.shutdown();
             Ok(())
         }

@@ -52,6 +52,7 @@ const GATE_KEYS: &[&str] = &[
     "ws_origins",
     "tcp_tls",
     "ws_tls",
+    "status_listen",
 ];
 
 /// Keys a logic node reads (`logic_config`, `start_logic` and the services).
@@ -102,6 +103,7 @@ fn single_node_sample_parses_at_the_defaults() {
 fn gate_sample_parses_and_holds_only_gate_keys() {
     let cfg = parse("im-gate.toml");
     assert_eq!(cfg.listen, "10.0.2.1:7000".parse().unwrap());
+    assert_eq!(cfg.status_listen, Some("127.0.0.1:9100".parse().unwrap()));
     assert_eq!(cfg.gate_cores, 0);
     assert_eq!(cfg.idle_timeout_secs, 90);
     assert_eq!(cfg.limits.max_connections, 1_000_000);

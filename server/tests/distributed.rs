@@ -98,6 +98,45 @@ fn login_retry(addr: SocketAddr, uid: u64, last: Seq) -> (Client, Seq) {
     }
 }
 
+/// A gate process serves `/healthz` and its counters on `/metrics` at `--status-listen`, and
+/// nothing else there (issue 19: a cluster's gates could not be monitored).
+#[test]
+fn a_gate_serves_health_and_metrics_on_its_status_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_logic, link) = spawn_logic(dir.path(), "127.0.0.1:0");
+    let link = link.to_string();
+    let (_gate, addr, status) = spawn_with_status(&[
+        "gate",
+        "--gate-id",
+        "1",
+        "--logic",
+        &link,
+        "--listen",
+        "127.0.0.1:0",
+        "--gate-cores",
+        "2",
+        "--status-listen",
+        "127.0.0.1:0",
+    ]);
+    let (code, body) = http_json(status, "GET", "/healthz", &[], "");
+    assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+    let (mut c, _) = login_retry(addr, 8101, Seq(0));
+    c.send_c2c(UserId(8101), 1, "to myself").unwrap();
+    let r = im_testkit::http::http(status, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let accepted = im_testkit::http::metric(&text, "im_gate_accepted_total").expect("gate counter");
+    assert!(accepted >= 1, "{text}");
+    assert!(im_testkit::http::metric(&text, "im_gate_frames_in_total").unwrap() >= 1);
+    assert!(text.contains("im_gate_core_mailbox{core=\"1\"}"), "{text}");
+    // No business API on a gate: a clear 404, not an empty iplist.
+    let (code, body) = http_json(status, "GET", "/v1/iplist?uid=1", &[], "");
+    assert_eq!(code, 404);
+    assert_eq!(body["error"]["code"].as_str(), Some("not_found"), "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("logic nodes"), "{body}");
+}
+
 #[test]
 fn two_gates_one_logic_over_tcp_links_survive_a_logic_crash() {
     let dir = tempfile::tempdir().unwrap();

@@ -168,6 +168,18 @@ pub fn spawn_with_api(args: &[&str], prefix: &str) -> (Proc, SocketAddr, SocketA
     (child, parse_after(&lines[0], prefix), api)
 }
 
+/// Like [`spawn_process`] for a `gate` with `--status-listen`: also returns the status address.
+pub fn spawn_with_status(args: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
+    let (child, lines) = spawn_lines(args);
+    let status = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("status on "))
+        .expect("no `status on` line")
+        .parse()
+        .unwrap();
+    (child, parse_after(&lines[0], "listening on "), status)
+}
+
 fn parse_after(line: &str, prefix: &str) -> SocketAddr {
     line.trim()
         .strip_prefix(prefix)
@@ -199,7 +211,13 @@ fn spawn_lines(args: &[&str]) -> (Proc, Vec<String>) {
     )
     .expect("spawn im-server");
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let want = if with_api { 2 } else { 1 };
+    // `gate` prints "ws on" and "status on" lines after its first when it has those listeners.
+    let gate = args.first() == Some(&"gate");
+    let has = |f: &str| args.contains(&f);
+    let want = 1
+        + usize::from(with_api)
+        + usize::from(gate && has("--ws-listen"))
+        + usize::from(gate && has("--status-listen"));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
