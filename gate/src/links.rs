@@ -23,6 +23,9 @@ use im_shared::{Command, ErrorCode, UserId};
 
 use crate::GateSink;
 
+/// How often a gate repeats the warning about a logic node it cannot reach.
+const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// Send a `Ping` after this long without writing.
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Declare the link dead after this long without reading anything.
@@ -106,10 +109,15 @@ impl TcpUpstream {
     ) {
         let node = &self.nodes[lane];
         let mut backoff = Duration::from_millis(50);
+        // Failed connects since the link was last up: the first and then one every
+        // `UNREACHABLE_WARN_EVERY` are warnings (an operator must see a node the gate cannot
+        // reach), the rest debug.
+        let mut failing: Option<(std::time::Instant, std::time::Instant)> = None;
         loop {
             match connect(addr, gate_id, &client_addr) {
                 Ok(stream) => {
                     backoff = Duration::from_millis(50);
+                    failing = None;
                     tracing::info!(lane, %addr, "logic link up");
                     node.up.store(true, Ordering::Relaxed);
                     let reader = stream.try_clone().map(|s| {
@@ -129,7 +137,25 @@ impl TcpUpstream {
                 Err(e) => {
                     // Queued work cannot wait for a node that is not there.
                     self.fail_queued(lane, &rx, &sink, gate_id);
-                    tracing::debug!(lane, %addr, "connecting to logic: {e}");
+                    let now = std::time::Instant::now();
+                    match &mut failing {
+                        None => {
+                            tracing::warn!(lane, %addr, "cannot reach logic node (retrying): {e}");
+                            failing = Some((now, now));
+                        }
+                        Some((since, warned))
+                            if now.duration_since(*warned) >= UNREACHABLE_WARN_EVERY =>
+                        {
+                            tracing::warn!(
+                                lane,
+                                %addr,
+                                secs = now.duration_since(*since).as_secs(),
+                                "still cannot reach logic node: {e}"
+                            );
+                            *warned = now;
+                        }
+                        Some(_) => tracing::debug!(lane, %addr, "connecting to logic: {e}"),
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }

@@ -137,6 +137,46 @@ fn a_gate_serves_health_and_metrics_on_its_status_listener() {
     assert!(msg.contains("logic nodes"), "{body}");
 }
 
+/// A gate that cannot reach a logic node says so at `warn` (the default log level of a
+/// deployment), not only at `debug` (issue 19).
+#[test]
+fn a_gate_warns_when_it_cannot_reach_a_logic_node() {
+    use std::io::BufRead;
+    // A port nobody listens on: bound, then closed.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut gate = spawn_reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
+            .args(["gate", "--gate-id", "1", "--logic", &dead])
+            .args(["--listen", "127.0.0.1:0", "--gate-cores", "1"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .unwrap();
+    let err = gate.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("no warning about the unreachable logic node");
+        if line.contains("WARN") && line.contains("cannot reach logic node") {
+            assert!(line.contains(&dead), "{line}");
+            break;
+        }
+    }
+}
+
 #[test]
 fn two_gates_one_logic_over_tcp_links_survive_a_logic_crash() {
     let dir = tempfile::tempdir().unwrap();
