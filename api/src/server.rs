@@ -489,9 +489,17 @@ fn method_label(m: &Method) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // Request handling
 
-async fn handle(state: &State, req: Request<Incoming>) -> Resp {
+async fn handle(state: &State, mut req: Request<Incoming>) -> Resp {
     let method = method_label(req.method());
-    let (label, resp) = match route(req.uri().path()) {
+    let route = route(req.uri().path());
+    // HEAD of an unsigned GET route (`/healthz`, `/metrics`, `/v1/iplist`) is answered like the
+    // GET, and hyper leaves the body out: load balancers and uptime checks probe with HEAD.
+    if req.method() == Method::HEAD
+        && matches!(&route, Ok(r) if !r.signed() && r.methods().contains(&Method::GET))
+    {
+        *req.method_mut() = Method::GET;
+    }
+    let (label, resp) = match route {
         Err(NoRoute::NotFound) => (
             "unmatched",
             error(

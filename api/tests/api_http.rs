@@ -461,6 +461,38 @@ mod api {
         assert_eq!(r.json(), json!({"status": "ok"}));
     }
 
+    /// HEAD of an unsigned GET route answers like the GET, without a body; a signed route does
+    /// not take HEAD.
+    #[test]
+    fn head_of_healthz_is_ok_without_a_body() {
+        use std::io::{Read, Write};
+        let api = Api::start();
+        let head = |path: &str| {
+            let mut s = std::net::TcpStream::connect(api.addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(
+                s,
+                "HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut got = String::new();
+            s.read_to_string(&mut got).unwrap();
+            got
+        };
+        let got = head("/healthz");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        let (headers, body) = got.split_once("\r\n\r\n").unwrap();
+        assert!(body.is_empty(), "a HEAD answer has no body: {body:?}");
+        assert!(
+            headers
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{headers}"
+        );
+        assert!(head("/metrics").starts_with("HTTP/1.1 200"));
+        assert!(head("/v1/groups/77").starts_with("HTTP/1.1 405"));
+    }
+
     #[test]
     fn metrics_have_backend_extra_and_api_counters() {
         let api = Api::start();

@@ -24,8 +24,8 @@ use anyhow::Context;
 use clap::Parser;
 use im_client::{Client, Timeline};
 use im_shared::proto::{
-    GroupEvent, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_RECALL,
-    CONV_S2C,
+    GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
+    CONV_READ, CONV_RECALL, CONV_S2C,
 };
 use im_shared::token::{now_secs, HmacTokens};
 use im_shared::{Command, DeviceType, GroupId, MsgId, Seq, UserId};
@@ -89,13 +89,38 @@ fn show(m: &Message, me: UserId, sent_here: &std::collections::HashSet<u64>) {
         },
         CONV_GROUP_EVENT => match GroupEvent::decode(m.body.clone()) {
             Ok(e) => println!(
-                "[{}] #{} {:?} by {}: {:?}",
-                m.seq, m.to, e.kind, who, e.users
+                "[{}] {}",
+                m.seq,
+                group_event_line(m.to.0, m.from.0, m.from == me, &e)
             ),
             Err(_) => println!("[{}] #{} group changed", m.seq, m.to),
         },
         k => println!("[{}] kind {k} from {}: {}", m.seq, who, body),
     }
+}
+
+/// A group event in words: `#7: 12 added 3, 4`. Events made through the HTTP API have no
+/// acting user (`from` 0): "an administrator".
+fn group_event_line(group: u64, from: u64, is_me: bool, e: &GroupEvent) -> String {
+    let who = match (is_me, from) {
+        (true, _) => "you".to_owned(),
+        (false, 0) => "an administrator".to_owned(),
+        (false, u) => u.to_string(),
+    };
+    let users = e
+        .users
+        .iter()
+        .map(|u| u.0.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let what = match e.kind {
+        GroupEventKind::Created => format!("{who} created the group with {users}"),
+        GroupEventKind::MembersAdded => format!("{who} added {users}"),
+        GroupEventKind::MembersRemoved => format!("{who} removed {users}"),
+        GroupEventKind::MemberLeft => format!("{users} left"),
+        GroupEventKind::Updated => format!("{who} updated the name or announcement"),
+    };
+    format!("#{group}: {what}")
 }
 
 fn uids(s: &str) -> Option<Vec<UserId>> {
@@ -332,5 +357,34 @@ fn main() -> anyhow::Result<()> {
             c.send_cmd(&Command::Heartbeat)?;
             last_beat = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_events_read_as_sentences() {
+        let ev = |kind, users: &[u64]| GroupEvent {
+            kind,
+            users: users.iter().copied().map(UserId).collect(),
+        };
+        assert_eq!(
+            group_event_line(7, 12, false, &ev(GroupEventKind::MembersAdded, &[3, 4])),
+            "#7: 12 added 3, 4"
+        );
+        assert_eq!(
+            group_event_line(7, 0, false, &ev(GroupEventKind::MembersAdded, &[1, 2])),
+            "#7: an administrator added 1, 2"
+        );
+        assert_eq!(
+            group_event_line(7, 5, true, &ev(GroupEventKind::Created, &[5, 6])),
+            "#7: you created the group with 5, 6"
+        );
+        assert_eq!(
+            group_event_line(7, 9, false, &ev(GroupEventKind::MemberLeft, &[9])),
+            "#7: 9 left"
+        );
     }
 }
