@@ -326,32 +326,28 @@ impl StatsHandle {
 
     /// Appends the counters in the Prometheus text format (`im_gate_*`).
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
         for (name, kind, help, v) in self.snapshot().metrics() {
             im_shared::prom::metric(out, name, kind, help, v);
         }
-        im_shared::prom::header(
+        im_shared::prom::labeled(
             out,
             "im_gate_core_mailbox",
             "gauge",
             "Messages waiting for a gate core: downstream batches from logic and hand-offs.",
+            "core",
+            self.mailboxes.iter().map(|m| m.len() as u64).enumerate(),
         );
-        for (i, m) in self.mailboxes.iter().enumerate() {
-            let _ = writeln!(out, "im_gate_core_mailbox{{core=\"{i}\"}} {}", m.len());
-        }
-        im_shared::prom::header(
+        im_shared::prom::labeled(
             out,
             "im_gate_down_backlog",
             "gauge",
             "Downstream messages handed to a gate core and not applied yet (bound: max_down_backlog).",
+            "core",
+            self.backlog
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed) as u64)
+                .enumerate(),
         );
-        for (i, b) in self.backlog.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "im_gate_down_backlog{{core=\"{i}\"}} {}",
-                b.load(Ordering::Relaxed)
-            );
-        }
     }
 }
 
@@ -435,24 +431,41 @@ mod stats_tests {
         }
     }
 
+    /// The sink of a one-core gate: the core's mailbox and its backlog counter.
+    fn one_core_sink(
+        max_backlog: usize,
+        hosted: bool,
+    ) -> (
+        GateSink,
+        crate::mailbox::MailboxRx<CoreMsg>,
+        Arc<AtomicUsize>,
+    ) {
+        let (m, rx) = mailbox::<CoreMsg>();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let sink = GateSink {
+            cores: vec![m],
+            backlog: vec![backlog.clone()],
+            max_backlog,
+            hosted: AtomicBool::new(hosted),
+        };
+        (sink, rx, backlog)
+    }
+
+    fn down() -> Down {
+        Down::Send {
+            conn: im_shared::ConnId::new(0, 0, 1),
+            data: bytes::Bytes::from_static(b"x"),
+        }
+    }
+
     /// Issue 14: logic cannot queue without bound into a gate core that does not keep up: at
     /// `max_down_backlog` the producer waits until the core applies what it has.
     #[test]
     fn a_producer_waits_at_the_down_backlog_bound_until_the_core_applies() {
         use im_shared::link::DownstreamSink;
         use std::time::{Duration, Instant};
-        let (m, rx) = mailbox::<CoreMsg>();
-        let backlog = Arc::new(AtomicUsize::new(0));
-        let sink = Arc::new(GateSink {
-            cores: vec![m],
-            backlog: vec![backlog.clone()],
-            max_backlog: 4,
-            hosted: AtomicBool::new(false),
-        });
-        let down = || Down::Send {
-            conn: im_shared::ConnId::new(0, 0, 1),
-            data: bytes::Bytes::from_static(b"x"),
-        };
+        let (sink, rx, backlog) = one_core_sink(4, false);
+        let sink = Arc::new(sink);
         let sent = Arc::new(AtomicUsize::new(0));
         let producer = {
             let (sink, sent) = (sink.clone(), sent.clone());
@@ -489,18 +502,7 @@ mod stats_tests {
     #[test]
     fn a_hosted_producer_is_told_at_the_bound_and_never_blocks() {
         use im_shared::link::DownstreamSink;
-        let (m, rx) = mailbox::<CoreMsg>();
-        let backlog = Arc::new(AtomicUsize::new(0));
-        let sink = GateSink {
-            cores: vec![m],
-            backlog: vec![backlog.clone()],
-            max_backlog: 2,
-            hosted: AtomicBool::new(true),
-        };
-        let down = || Down::Send {
-            conn: im_shared::ConnId::new(0, 0, 1),
-            data: bytes::Bytes::from_static(b"x"),
-        };
+        let (sink, rx, backlog) = one_core_sink(2, true);
         assert!(sink.has_room(0));
         sink.send(0, 0, vec![down()]);
         sink.send(0, 0, vec![down()]);

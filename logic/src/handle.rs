@@ -497,41 +497,37 @@ impl ApiBackend for LogicHandle {
     }
 
     fn metrics(&self, out: &mut String) {
-        use std::fmt::Write;
         self.metrics.render(out);
-        im_shared::prom::header(
+        im_shared::prom::labeled(
             out,
             "im_logic_queued",
             "gauge",
             "Client frames queued per logic worker.",
+            "worker",
+            self.depth
+                .iter()
+                .map(|d| d.load(Ordering::Relaxed) as u64)
+                .enumerate(),
         );
-        for (i, d) in self.depth.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "im_logic_queued{{worker=\"{i}\"}} {}",
-                d.load(Ordering::Relaxed)
-            );
-        }
         self.metrics.render_inboxes(self.depth.len(), out);
         if let Some(p) = self.router.peers() {
-            im_shared::prom::header(
+            let depths = p.queue_depths();
+            im_shared::prom::labeled(
                 out,
                 "im_logic_peer_queue",
                 "gauge",
                 "Messages queued for the link to another logic node (dropped with the link; the outbox replays).",
+                "node",
+                depths.iter().map(|&(node, n, _)| (node, n as u64)),
             );
-            for (node, n, _) in p.queue_depths() {
-                let _ = writeln!(out, "im_logic_peer_queue{{node=\"{node}\"}} {n}");
-            }
-            im_shared::prom::header(
+            im_shared::prom::labeled(
                 out,
                 "im_logic_peer_queue_bytes",
                 "gauge",
                 "Bytes queued for the link to another logic node (bound: 64 MiB, then the link is reset).",
+                "node",
+                depths.iter().map(|&(node, _, b)| (node, b as u64)),
             );
-            for (node, _, b) in p.queue_depths() {
-                let _ = writeln!(out, "im_logic_peer_queue_bytes{{node=\"{node}\"}} {b}");
-            }
             im_shared::prom::metric(
                 out,
                 "im_logic_peer_resets_total",

@@ -93,16 +93,14 @@ impl GateLinks {
 
     /// Appends `im_logic_gate_queue_bytes{gate}` and `im_logic_gate_link_resets_total`.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        im_shared::prom::header(
+        im_shared::prom::labeled(
             out,
             "im_logic_gate_queue_bytes",
             "gauge",
             "Bytes queued for the link to a gate (bound: 64 MiB, then the link is reset).",
+            "gate",
+            self.queue_depths().into_iter().map(|(g, b)| (g, b as u64)),
         );
-        for (gate, b) in self.queue_depths() {
-            let _ = writeln!(out, "im_logic_gate_queue_bytes{{gate=\"{gate}\"}} {b}");
-        }
         im_shared::prom::metric(
             out,
             "im_logic_gate_link_resets_total",

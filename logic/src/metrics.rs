@@ -87,34 +87,31 @@ impl Metrics {
 
     /// Appends `im_logic_inbox{worker}` for the first `workers` workers.
     pub fn render_inboxes(&self, workers: usize, out: &mut String) {
-        im_shared::prom::header(
+        let load = |v: &[AtomicU64]| -> Vec<(usize, u64)> {
+            v.iter()
+                .take(workers)
+                .map(|a| a.load(Ordering::Relaxed))
+                .enumerate()
+                .collect()
+        };
+        im_shared::prom::labeled(
             out,
             "im_logic_inbox",
             "gauge",
             "Messages waiting in a logic worker's inbox (unbounded: client work is bounded by \
              max_queued, everything else follows from admitted work).",
+            "worker",
+            load(&self.inbox),
         );
-        for (i, a) in self.inbox.iter().take(workers).enumerate() {
-            let _ = writeln!(
-                out,
-                "im_logic_inbox{{worker=\"{i}\"}} {}",
-                a.load(Ordering::Relaxed)
-            );
-        }
-        im_shared::prom::header(
+        im_shared::prom::labeled(
             out,
             "im_logic_peer_inbox",
             "gauge",
             "Messages from other logic nodes waiting for a worker (bound: max_queued, then the \
              link's reader waits).",
+            "worker",
+            load(&self.peer_inbox),
         );
-        for (i, a) in self.peer_inbox.iter().take(workers).enumerate() {
-            let _ = writeln!(
-                out,
-                "im_logic_peer_inbox{{worker=\"{i}\"}} {}",
-                a.load(Ordering::Relaxed)
-            );
-        }
     }
 
     /// A message of kind `conv` was accepted (acknowledged to its sender).

@@ -236,6 +236,38 @@ fn delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
         .collect()
 }
 
+/// `Delivered` notices written to connection `c`: (msg_id, recipient).
+fn notices_to(out: &[Out], c: ConnId) -> Vec<(MsgId, UserId)> {
+    out.iter()
+        .filter(|o| o.conn == c)
+        .filter_map(|o| match o.cmd {
+            Command::Delivered { msg_id, recipient } => Some((msg_id, recipient)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `a` (on `conn(1)`) sends one c2c message to `b` (on `conn(2)`), and `b`'s device acks it;
+/// returns the message's id and its seq in `b`'s timeline. What the ack caused is left in the
+/// fixture (inboxes, output).
+async fn send_one_and_ack(fx: &mut Fx, a: UserId, b: UserId) -> (MsgId, Seq) {
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    let msg_id = acks(&out)[0].1;
+    let got = delivered_to(&out, conn(2));
+    assert_eq!(got.len(), 1);
+    fx.client(
+        conn(2),
+        b,
+        vec![(0, Command::DeliverAck { seq: got[0].seq })],
+    )
+    .await;
+    (msg_id, got[0].seq)
+}
+
 #[tokio::test]
 async fn a_c2c_send_to_another_workers_user_is_acked_after_the_senders_commit_and_delivered_after_the_recipients(
 ) {
@@ -524,33 +556,10 @@ async fn a_device_ack_tells_a_sender_of_the_same_worker_in_the_same_round() {
     let mut fx = Fx::new(2).await;
     let a = fx.user_on(0, 1);
     let b = fx.user_on(0, a.0 + 1);
-    fx.login(conn(1), a, DeviceType::Phone).await;
-    fx.login(conn(2), b, DeviceType::Phone).await;
-    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
-    fx.pump().await;
-    let out = fx.out();
-    let msg_id = acks(&out)[0].1;
-    let got = delivered_to(&out, conn(2));
-    assert_eq!(got.len(), 1);
-    fx.client(
-        conn(2),
-        b,
-        vec![(0, Command::DeliverAck { seq: got[0].seq })],
-    )
-    .await;
+    let (msg_id, _) = send_one_and_ack(&mut fx, a, b).await;
     // No pump: nothing went through an inbox.
     assert!(fx.inboxes[0].is_empty() && fx.inboxes[1].is_empty());
-    let notes: Vec<_> = fx
-        .out()
-        .iter()
-        .filter_map(|o| match &o.cmd {
-            Command::Delivered { msg_id, recipient } if o.conn == conn(1) => {
-                Some((*msg_id, *recipient))
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(notes, [(msg_id, b)]);
+    assert_eq!(notices_to(&fx.out(), conn(1)), [(msg_id, b)]);
 }
 
 #[tokio::test]
@@ -558,32 +567,9 @@ async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
     let mut fx = Fx::new(2).await;
     let a = fx.user_on(0, 1);
     let b = fx.user_on(1, 1);
-    fx.login(conn(1), a, DeviceType::Phone).await;
-    fx.login(conn(2), b, DeviceType::Phone).await;
-    fx.client(conn(1), a, vec![(1, send(1, b, "m1"))]).await;
+    let (msg_id, seq) = send_one_and_ack(&mut fx, a, b).await;
     fx.pump().await;
-    let out = fx.out();
-    let msg_id = acks(&out)[0].1;
-    let got = delivered_to(&out, conn(2));
-    assert_eq!(got.len(), 1);
-    fx.client(
-        conn(2),
-        b,
-        vec![(0, Command::DeliverAck { seq: got[0].seq })],
-    )
-    .await;
-    fx.pump().await;
-    let out = fx.out();
-    let notes: Vec<_> = out
-        .iter()
-        .filter_map(|o| match &o.cmd {
-            Command::Delivered { msg_id, recipient } if o.conn == conn(1) => {
-                Some((*msg_id, *recipient))
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(notes, [(msg_id, b)]);
+    assert_eq!(notices_to(&fx.out(), conn(1)), [(msg_id, b)]);
     // The cursor alone does not cost a commit: it waits for one, at most LAZY_FLUSH_MS.
     assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), Seq(0));
     let commits = fx.store.attempts().len();
@@ -594,7 +580,7 @@ async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
     fx.now += 1;
     fx.step(wb, Vec::new()).await.unwrap();
     assert_eq!(fx.store.attempts().len(), commits + 1);
-    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), got[0].seq);
+    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), seq);
 }
 
 #[tokio::test]
@@ -1062,15 +1048,10 @@ async fn offline_users_and_groups_are_evicted_past_the_budget_and_come_back_with
     )
     .await;
     fx.pump().await;
-    let notes: Vec<MsgId> = fx
-        .out()
-        .iter()
-        .filter_map(|o| match o.cmd {
-            Command::Delivered { msg_id, recipient } if o.conn == conn(1) && recipient == b => {
-                Some(msg_id)
-            }
-            _ => None,
-        })
+    let notes: Vec<MsgId> = notices_to(&fx.out(), conn(1))
+        .into_iter()
+        .filter(|&(_, r)| r == b)
+        .map(|(m, _)| m)
         .collect();
     assert_eq!(notes, [tl[0].msg_id, tl[1].msg_id]);
     // Groups: three created with a budget of two; the first, evicted, still takes posts.

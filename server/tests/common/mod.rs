@@ -159,25 +159,25 @@ pub fn spawn_process(args: &[&str], prefix: &str) -> (Proc, SocketAddr) {
 /// Like [`spawn_process`] for `run` / `logic`: also returns the HTTP API address.
 pub fn spawn_with_api(args: &[&str], prefix: &str) -> (Proc, SocketAddr, SocketAddr) {
     let (child, lines) = spawn_lines(args);
-    let api = lines
-        .iter()
-        .find_map(|l| l.trim().strip_prefix("api on "))
-        .expect("no `api on` line")
-        .parse()
-        .unwrap();
+    let api = startup_addr(&lines, "api on ");
     (child, parse_after(&lines[0], prefix), api)
 }
 
 /// Like [`spawn_process`] for a `gate` with `--status-listen`: also returns the status address.
 pub fn spawn_with_status(args: &[&str]) -> (Proc, SocketAddr, SocketAddr) {
     let (child, lines) = spawn_lines(args);
-    let status = lines
-        .iter()
-        .find_map(|l| l.trim().strip_prefix("status on "))
-        .expect("no `status on` line")
-        .parse()
-        .unwrap();
+    let status = startup_addr(&lines, "status on ");
     (child, parse_after(&lines[0], "listening on "), status)
+}
+
+/// The address on the startup line that starts with `prefix`.
+fn startup_addr(lines: &[String], prefix: &str) -> SocketAddr {
+    lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in {lines:?}"))
+        .parse()
+        .unwrap()
 }
 
 fn parse_after(line: &str, prefix: &str) -> SocketAddr {
