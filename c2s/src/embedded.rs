@@ -361,14 +361,20 @@ impl Core {
         for k in dead_keys {
             b.remove(&self.dead, k.clone());
         }
-        b.commit().map_err(io)?;
+        // Counted before the commit: once committed, a dispatch task may deliver a record (and
+        // take it off `pending`) before this thread runs again, and a decrement that found 0
+        // would be lost, leaving the gauge too high for good.
+        add(&self.counters.pending, recs.len() as u64);
+        if let Err(e) = b.commit() {
+            sub(&self.counters.pending, recs.len() as u64);
+            return Err(io(e));
+        }
         for r in recs {
             shared[r.topic.as_str()]
                 .min_new
                 .fetch_min(r.id.0, Ordering::SeqCst);
         }
         drop(guards);
-        add(&self.counters.pending, recs.len() as u64);
         for s in shared.values() {
             s.wake.notify_one();
         }

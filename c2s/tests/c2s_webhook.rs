@@ -434,10 +434,13 @@ async fn c2s_webhook_retries_5xx_and_outage_without_loss_in_order() {
         all_b.extend(recs.iter().filter(|r| r.topic == "b").cloned());
     }
     // The receiver answers 5xx: retried with backoff, nothing deleted.
+    // The receiver records a request before the dispatcher has read its answer and counted
+    // the retry: wait for both.
     wait_until("retries of both topics", Duration::from_secs(10), || {
         let got = inbox.got();
         got.iter().filter(|g| g.path == "/a").count() >= 3
             && got.iter().filter(|g| g.path == "/b").count() >= 3
+            && hub.stats().retries >= 6
     })
     .await;
     let s = hub.stats();
