@@ -205,6 +205,13 @@ pub enum Scenario {
 }
 
 fn main() {
+    // No transparent huge pages (inherited by the worker processes), unless IM_HUGE_PAGES=1: a
+    // huge-page fault zeroes 2 MiB inside the executor thread, which took 17 ms per page on
+    // this project's VM and showed up as latency of the server (the server does the same).
+    if std::env::var("IM_HUGE_PAGES").map_or(true, |v| v != "1") {
+        // SAFETY: prctl(2) with PR_SET_THP_DISABLE takes plain integers and touches no memory.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     let cli = Cli::parse();
     let res = match &cli.scenario {
         Scenario::Worker { plan } => worker::main(plan),

@@ -228,7 +228,22 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 /// Log filter when `RUST_LOG` is not set.
 const DEFAULT_LOG: &str = "info,lsm_tree=warn,fjall=warn";
 
+/// Turns transparent huge pages off for this process (and its children), unless
+/// `IM_HUGE_PAGES=1`. The allocator asks for huge pages; a huge-page fault zeroes 2 MiB at once
+/// inside whatever thread touched the memory first, and on a VM whose host backs memory lazily
+/// that took 17 ms per page here (0.1 ms once backed): a gate core stalled 40–50 ms at a time
+/// while its memtable grew, and that was the whole c2c p99 (docs/BENCHMARKS.md, "Huge pages").
+/// Databases advise the same (Redis, MongoDB). Returns whether they are off.
+fn no_huge_pages() -> bool {
+    if std::env::var("IM_HUGE_PAGES").is_ok_and(|v| v == "1") {
+        return false;
+    }
+    // SAFETY: prctl(2) with PR_SET_THP_DISABLE takes plain integers and touches no memory.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+}
+
 fn main() -> anyhow::Result<()> {
+    let thp_off = no_huge_pages();
     // A panic in any gate or logic thread must not leave a half-alive process behind: log it and
     // abort so the supervisor (systemd) restarts the server, which recovers from the store.
     let default_hook = std::panic::take_hook();
@@ -248,6 +263,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!(thp_off, "transparent huge pages");
     match Cli::parse().cmd {
         CliCmd::Token {
             uid,

@@ -17,6 +17,14 @@
 //! All integers big-endian. A segment file grows in zero-filled chunks of [`CHUNK`] bytes (one
 //! `fsync` per chunk, not per commit) and is then overwritten in place, lap after lap.
 //!
+//! **Space ahead of the writer.** Growing a segment (zeros written, then an `fsync` for the new
+//! size) costs milliseconds on a disk, and every [`CHUNK`] of records needs it in the first lap
+//! (a fresh store, or one whose records grew). A thread of the log's own (`commitlog-space`)
+//! therefore grows the current segment [`AHEAD`] bytes in front of the writer, and the first
+//! bytes of the next segment once the current one is half written, so a commit only writes into
+//! space that is already there. The writer grows a segment itself only if it catches up with
+//! that thread (or the thread failed, e.g. on a full disk: the commit then gets the error).
+//!
 //! **Sequence numbers.** Every record has the next `seq` (1, 2, …); the segment header says the
 //! seq of its first record and its *generation* (1 for the first segment ever started, +1 for each
 //! segment started after it). A reader scans a segment record after record and stops at the first
@@ -43,8 +51,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 /// Header of a segment.
 const MAGIC: &[u8; 8] = b"IMCLOG01";
@@ -53,6 +62,8 @@ const HEADER: u64 = 32;
 const RECORD_HEAD: u64 = 16;
 /// A segment file grows by this many zero bytes at a time.
 pub(crate) const CHUNK: u64 = 1 << 20;
+/// The space thread keeps this many bytes allocated in front of the writer.
+const AHEAD: u64 = 4 * CHUNK;
 
 /// Sizes of the ring.
 #[derive(Clone, Copy, Debug)]
@@ -104,8 +115,87 @@ struct Segment {
     /// 0 while the file holds no valid header (never started).
     generation: u64,
     first_seq: u64,
-    /// Current file length: every byte below it is allocated.
-    len: u64,
+}
+
+/// The allocated length of every segment, shared by the writer and the space thread.
+#[derive(Debug)]
+struct Space {
+    files: Vec<Arc<File>>,
+    /// Length of each segment file whose size is durable: every byte below it is allocated.
+    lens: Vec<AtomicU64>,
+    /// Held while a segment grows (by the space thread, or by a writer that caught up with it).
+    growing: Vec<Mutex<()>>,
+    /// What the writer asked the space thread for, per segment.
+    want: Mutex<Want>,
+    wake: Condvar,
+    /// The space thread hit an error and stopped working ahead.
+    failed: AtomicBool,
+    /// Segments the writer had to grow itself (for tests and benchmarks).
+    inline_grows: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Want {
+    len: Vec<u64>,
+    stop: bool,
+}
+
+impl Space {
+    fn len(&self, i: usize) -> u64 {
+        self.lens[i].load(Ordering::Acquire)
+    }
+
+    /// Makes sure bytes `..end` of segment `i` exist on disk (zero-filled, size synced).
+    fn grow(&self, i: usize, end: u64) -> io::Result<()> {
+        let _g = self.growing[i].lock().unwrap_or_else(|p| p.into_inner());
+        let len = self.len(i);
+        if end <= len {
+            return Ok(());
+        }
+        let new_len = end.div_ceil(CHUNK) * CHUNK;
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut at = len;
+        while at < new_len {
+            let n = (new_len - at).min(CHUNK);
+            self.files[i].write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        self.files[i].sync_all()?;
+        self.lens[i].store(new_len, Ordering::Release);
+        Ok(())
+    }
+
+    /// Asks the space thread to grow segment `i` to `len` bytes.
+    fn ask(&self, i: usize, len: u64) {
+        let mut w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len[i] < len {
+            w.len[i] = len;
+            self.wake.notify_one();
+        }
+    }
+
+    /// The space thread: grows segments to what the writer asked for until told to stop.
+    fn run(&self) {
+        loop {
+            let (i, len) = {
+                let mut w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if w.stop {
+                        return;
+                    }
+                    let job = (0..w.len.len()).find(|&i| w.len[i] > self.len(i));
+                    if let (Some(i), false) = (job, self.failed.load(Ordering::Relaxed)) {
+                        break (i, w.len[i]);
+                    }
+                    w = self.wake.wait(w).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            if let Err(e) = self.grow(i, len) {
+                tracing::warn!("commit log: growing segment {i} ahead of the writer failed: {e}");
+                self.failed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Makes written records durable, shared by every committer of a store (group commit, see the
@@ -190,6 +280,23 @@ pub(crate) struct CommitLog {
     next_seq: u64,
     buf: Vec<u8>,
     syncer: Arc<Syncer>,
+    space: Arc<Space>,
+    /// The space thread; joined when the log is dropped.
+    space_thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for CommitLog {
+    fn drop(&mut self) {
+        self.space
+            .want
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop = true;
+        self.space.wake.notify_all();
+        if let Some(t) = self.space_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for CommitLog {
@@ -272,6 +379,7 @@ impl CommitLog {
     ) -> Result<CommitLog, LogError> {
         std::fs::create_dir_all(dir)?;
         let mut segs = Vec::with_capacity(shape.segments);
+        let mut lens = Vec::with_capacity(shape.segments);
         for i in 0..shape.segments {
             let file = OpenOptions::new()
                 .read(true)
@@ -291,9 +399,27 @@ impl CommitLog {
                 file: Arc::new(file),
                 generation,
                 first_seq,
-                len,
             });
+            lens.push(AtomicU64::new(len));
         }
+        let space = Arc::new(Space {
+            files: segs.iter().map(|s| s.file.clone()).collect(),
+            lens,
+            growing: (0..shape.segments).map(|_| Mutex::new(())).collect(),
+            want: Mutex::new(Want {
+                len: vec![0; shape.segments],
+                stop: false,
+            }),
+            wake: Condvar::new(),
+            failed: AtomicBool::new(false),
+            inline_grows: AtomicU64::new(0),
+        });
+        let space_thread = {
+            let space = space.clone();
+            std::thread::Builder::new()
+                .name("commitlog-space".into())
+                .spawn(move || space.run())?
+        };
         let mut log = CommitLog {
             dir: dir.to_path_buf(),
             shape,
@@ -303,6 +429,8 @@ impl CommitLog {
             next_seq: applied + 1,
             buf: Vec::new(),
             syncer: Arc::new(Syncer::new(applied)),
+            space,
+            space_thread: Some(space_thread),
         };
         // Started segments, oldest first.
         let mut order: Vec<usize> = (0..log.segs.len())
@@ -310,6 +438,7 @@ impl CommitLog {
             .collect();
         order.sort_by_key(|&i| log.segs[i].generation);
         let Some(&oldest) = order.first() else {
+            log.ask_ahead(0);
             return Ok(log);
         };
         // The newest segment that starts at or before the first record to replay.
@@ -360,6 +489,7 @@ impl CommitLog {
         log.next_seq = expected;
         // What was read back is what the store starts from (it persists the replay before use).
         log.syncer = Arc::new(Syncer::new(expected - 1));
+        log.ask_ahead(log.cur.unwrap_or_default());
         Ok(log)
     }
 
@@ -402,7 +532,31 @@ impl CommitLog {
         *self.syncer.tail.lock().unwrap_or_else(|p| p.into_inner()) = (Some(seg.file.clone()), seq);
         self.pos += need;
         self.next_seq += 1;
+        self.ask_ahead(i);
         Ok(seq)
+    }
+
+    /// Asks the space thread for room in front of the writer in segment `i`, and for the start
+    /// of the next segment once `i` is half written.
+    fn ask_ahead(&self, i: usize) {
+        let cap = self.shape.segment_bytes.div_ceil(CHUNK) * CHUNK;
+        let len = self.space.len(i);
+        if len < cap && len < self.pos + AHEAD / 2 {
+            self.space.ask(i, (self.pos + AHEAD).min(cap));
+        }
+        let next = (i + 1) % self.segs.len();
+        if next != i && self.pos > self.shape.segment_bytes / 2 {
+            let first = AHEAD.min(cap);
+            if self.space.len(next) < first {
+                self.space.ask(next, first);
+            }
+        }
+    }
+
+    /// Segments the writer had to grow itself because the space thread was behind.
+    #[cfg(test)]
+    pub(crate) fn inline_grows(&self) -> u64 {
+        self.space.inline_grows.load(Ordering::Relaxed)
     }
 
     /// [`CommitLog::write`] and [`Syncer::sync`] in one (a single committer).
@@ -445,23 +599,14 @@ impl CommitLog {
         Ok(())
     }
 
-    /// Makes sure bytes `..end` of segment `i` exist on disk (zero-filled, size synced).
+    /// Makes sure bytes `..end` of segment `i` exist on disk: normally the space thread has
+    /// grown the segment already; if not, the writer grows it here.
     fn ensure_allocated(&mut self, i: usize, end: u64) -> io::Result<()> {
-        let seg = &mut self.segs[i];
-        if end <= seg.len {
+        if end <= self.space.len(i) {
             return Ok(());
         }
-        let new_len = end.div_ceil(CHUNK) * CHUNK;
-        let zeros = vec![0u8; CHUNK as usize];
-        let mut at = seg.len;
-        while at < new_len {
-            let n = (new_len - at).min(CHUNK);
-            seg.file.write_all_at(&zeros[..n as usize], at)?;
-            at += n;
-        }
-        seg.file.sync_all()?;
-        seg.len = new_len;
-        Ok(())
+        self.space.inline_grows.fetch_add(1, Ordering::Relaxed);
+        self.space.grow(i, end)
     }
 }
 
@@ -488,6 +633,58 @@ mod tests {
         })
         .unwrap();
         (log, got)
+    }
+
+    /// Waits (at most 10 s) until the space thread has segment `i` allocated to `len` bytes.
+    fn wait_space(log: &CommitLog, i: usize, len: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.space.len(i) < len {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the space thread did not grow segment {i} to {len} bytes (has {})",
+                log.space.len(i)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_space_thread_grows_segments_ahead_so_commits_write_into_existing_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = LogShape {
+            segments: 2,
+            segment_bytes: 16 * CHUNK,
+        };
+        let (mut log, _) = reopen(dir.path(), shape, 0);
+        wait_space(&log, 0, AHEAD);
+        assert_eq!(
+            log.inline_grows(),
+            0,
+            "a fresh log asks for room before its first record"
+        );
+        // Records of ~64 KiB: the writer moves through the segment while the thread keeps ahead.
+        let big = vec![7u8; 64 << 10];
+        let mut seq = 0;
+        while log.pos < 12 * CHUNK {
+            seq = log.append(&big, || Ok(())).unwrap();
+            // The writer asked for room well before it needs it; give the thread its time.
+            wait_space(&log, 0, log.pos + big.len() as u64 + RECORD_HEAD);
+        }
+        assert_eq!(
+            log.inline_grows(),
+            0,
+            "every record went into space grown ahead"
+        );
+        // Past the half, the next segment's start is grown too.
+        wait_space(&log, 1, AHEAD);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("seg-1")).unwrap().len(),
+            AHEAD
+        );
+        drop(log);
+        let (_, got) = reopen(dir.path(), shape, 0);
+        assert_eq!(got.len() as u64, seq);
+        assert!(got.iter().all(|(_, p)| p == &big));
     }
 
     #[test]
