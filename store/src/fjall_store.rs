@@ -552,6 +552,11 @@ fn apply(
     writes: impl IntoIterator<Item = Write>,
     seq: u64,
 ) -> Result<(), StoreError> {
+    // In key order, keyspace by keyspace: each memtable insert searches a skiplist from its top,
+    // and consecutive inserts of nearby keys find most of that path already in the CPU cache
+    // (the skiplist searches were a fifth of the server's CPU at 15 000 c2c/s).
+    let mut writes: Vec<Write> = writes.into_iter().collect();
+    writes.sort_unstable_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
     let mut b = db.batch().durability(None);
     for (kind, key, value) in writes {
         let space = &spaces[kind as usize];
