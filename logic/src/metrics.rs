@@ -3,6 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use im_shared::prom::Histogram;
 use im_shared::proto::{CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_RECALL, CONV_S2C};
 
 /// Shared by every worker of a node (relaxed atomics: monotonic counters only).
@@ -28,6 +29,10 @@ pub struct Metrics {
     inbox: Vec<AtomicU64>,
     /// Messages from other logic nodes handed to each worker and not taken yet.
     peer_inbox: Vec<AtomicU64>,
+    /// A worker's round, from taking its messages to releasing their effects.
+    pub round_seconds: Histogram,
+    /// A round's store commit, as the worker waited for it (successful attempts).
+    pub commit_seconds: Histogram,
 }
 
 /// Most workers of one node whose inbox depth is reported (msg-id generator ids bound the
@@ -52,6 +57,8 @@ impl Default for Metrics {
             groups_evicted: AtomicU64::new(0),
             inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
             peer_inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
+            round_seconds: Histogram::new(),
+            commit_seconds: Histogram::new(),
         }
     }
 }
@@ -213,5 +220,20 @@ impl Metrics {
         ] {
             im_shared::prom::metric(out, name, "gauge", help, c.load(Ordering::Relaxed));
         }
+        self.round_seconds.render(
+            out,
+            "im_logic_round_seconds",
+            "A logic worker's round: its messages handled, committed and their effects released.",
+        );
+        self.commit_seconds.render(
+            out,
+            "im_store_commit_seconds",
+            "A round's store commit as the worker waited for it (durable, and applied for the embedded store).",
+        );
+        im_store::LOG_SYNC_SECONDS.render(
+            out,
+            "im_store_log_sync_seconds",
+            "One fdatasync of the embedded store's commit log (one covers every commit written before it).",
+        );
     }
 }

@@ -714,6 +714,31 @@ fn healthz_and_metrics_show_message_counters_and_gate_gauges() {
     api.wait_metric("im_messages_accepted_total{kind=\"c2g\"}", 0);
     api.wait_metric("im_gate_logged_in", 2);
     api.wait_metric("im_gate_connections", 2);
+    // Latency histograms: the c2c and the s2c message each took a round and a commit, and the
+    // embedded store synced its log for them (a round is counted just after its effects left).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = api.plain("GET", "/metrics", "").text();
+        if metric(&m, "im_logic_round_seconds_count").is_some_and(|c| c >= 2)
+            || Instant::now() > deadline
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for h in [
+        "im_logic_round_seconds",
+        "im_store_commit_seconds",
+        "im_store_log_sync_seconds",
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {h} histogram\n")),
+            "{h} missing:\n{m}"
+        );
+        let count = metric(&m, &format!("{h}_count"));
+        assert!(count.is_some_and(|c| c >= 2), "{h}_count {count:?}");
+        assert_eq!(metric(&m, &format!("{h}_bucket{{le=\"+Inf\"}}")), count);
+    }
     // Caches and queues (issue 14): both users are cached, nothing waits anywhere now.
     api.wait_metric("im_users_cached", 2);
     api.wait_metric("im_users_evicted_total", 0);

@@ -251,7 +251,10 @@ impl Syncer {
         debug_assert!(upto >= seq, "record {seq} synced before it was written");
         if let Some(file) = file {
             self.syncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = file.sync_data() {
+            let began = std::time::Instant::now();
+            let r = file.sync_data();
+            crate::LOG_SYNC_SECONDS.observe(began.elapsed());
+            if let Err(e) = r {
                 synced.poisoned = true;
                 return Err(e);
             }

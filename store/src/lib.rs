@@ -12,6 +12,10 @@ mod commit_log;
 mod fjall_store;
 
 pub use fjall_store::FjallStore;
+
+/// Durations of the embedded store's commit-log `fdatasync`s, for the node's `/metrics`
+/// (`im_store_log_sync_seconds`); one per process, like the store.
+pub static LOG_SYNC_SECONDS: im_shared::prom::Histogram = im_shared::prom::Histogram::new();
 #[cfg(feature = "scylla")]
 mod scylla_store;
 #[cfg(feature = "scylla")]

@@ -644,7 +644,9 @@ impl<S: Store> Worker<S> {
                 }
             }
             self.metrics.set_inbox(self.idx, msgs.len() + rx.len());
+            let began = std::time::Instant::now();
             let stepped = self.step(msgs.drain(..), wall_clock_ms()).await;
+            self.metrics.round_seconds.observe(began.elapsed());
             self.metrics.set_inbox(self.idx, rx.len());
             match stepped {
                 Ok(Step::Continue) => {}
@@ -1088,8 +1090,10 @@ impl<S: Store> Worker<S> {
                     crate::ownership::wait_valid(lease, self.idx).await;
                     batch.writer = Some(lease.writer());
                 }
+                let began = std::time::Instant::now();
                 match self.store.commit(batch.clone()).await {
                     Ok(()) => {
+                        self.metrics.commit_seconds.observe(began.elapsed());
                         Metrics::inc(&self.metrics.commits);
                         if let Some(ms) = reserve {
                             self.id_reserved = ms;
