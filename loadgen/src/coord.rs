@@ -548,6 +548,7 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
     };
     check("c2c".into(), &result["c2c"]);
     check("group".into(), &result["group"]["accounting"]);
+    check("max warm-up".into(), &result["warmup"]);
     for row in result["steps"].as_array().into_iter().flatten() {
         check(format!("max step {}", row["rate"]), &row["c2c"]);
     }
@@ -797,6 +798,7 @@ fn run(
             step_secs,
             p99_bound_ms,
             max_steps,
+            warmup_secs,
             ..
         } => {
             result["scenario"] = "max".into();
@@ -808,7 +810,29 @@ fn run(
             t += "  rate/s   sent/s   acked   delivered  lost  p99 ack ms  p99 dlv ms  pass\n";
             let mut rows = Vec::new();
             let mut best: Option<f64> = None;
-            for i in 0..*max_steps {
+            let mut warm_lost = 0;
+            if *warmup_secs > 0.0 {
+                coord.request(Op::Send {
+                    rate: *start_rate,
+                    secs: *warmup_secs,
+                })?;
+                coord.request(drain(c))?;
+                let r = coord.request(Op::Report)?;
+                let j = (!c.no_track).then(|| join(&r));
+                warm_lost = j.as_ref().map_or(0, |j| j.lost);
+                t += &format!(
+                    "  {:>7.0} {:>8.0} {:>8} {:>10} {:>5} {:>11.2} {:>11.2}  warm-up ({warmup_secs} s, not judged)\n",
+                    start_rate,
+                    r.sent as f64 / warmup_secs,
+                    r.acked,
+                    r.delivered,
+                    warm_lost,
+                    r.ack_us.ms(0.99),
+                    r.deliver_us.ms(0.99),
+                );
+                result["warmup"] = traffic_json(&r, j.as_ref(), *warmup_secs);
+            }
+            for i in 0..if warm_lost > 0 { 0 } else { *max_steps } {
                 let rate = start_rate + step * i as f64;
                 coord.request(Op::Send {
                     rate,
@@ -998,6 +1022,9 @@ mod verdict_tests {
                          "steps": [{"rate": 1000, "c2c": {"lost": 0}},
                                    {"rate": 2000, "c2c": {"lost": 2}}]});
         assert_eq!(verdict(&max), ["max step 2000: 2 lost"]);
+        let warm = json!({"login": {"attempted": 4, "logged_in": 4},
+                          "warmup": {"lost": 1}, "steps": []});
+        assert_eq!(verdict(&warm), ["max warm-up: 1 lost"]);
         // Untracked runs (--no-track) have no counts: nothing to judge.
         let untracked = json!({"login": {"attempted": 4, "logged_in": 4}, "c2c": {"lost": null}});
         assert!(verdict(&untracked).is_empty());

@@ -159,6 +159,11 @@ pub enum Scenario {
         /// Stop after this many steps even if every step passed.
         #[arg(long, default_value_t = 30)]
         max_steps: u32,
+        /// Seconds of sending at the first step's rate before the steps, not judged: the first
+        /// message of each user after login loads its state, and a step right after thousands of
+        /// logins measures that. Its loss is still counted (any loss fails the run); 0 skips it.
+        #[arg(long, default_value_t = 2.0)]
+        warmup_secs: f64,
     },
     /// All N connections drop and log in again at once; time until all are back, and no message
     /// acknowledged before the storm is lost.
