@@ -16,7 +16,8 @@ use crate::srcip::parse_src_ips;
 use crate::worker::{cpu_ticks, rss_kib};
 use crate::{Cli, Common, Scenario};
 
-/// One point of the time series (once a second).
+/// One point of the time series (once a second). A latency is `None` (`null` in the JSON) for a
+/// second in which nothing was acknowledged or delivered: no latency, not a latency of 0.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Sample {
     pub t: f64,
@@ -24,11 +25,16 @@ pub struct Sample {
     pub sent_per_s: f64,
     pub acked_per_s: f64,
     pub delivered_per_s: f64,
-    pub ack_p50_ms: f64,
-    pub ack_p99_ms: f64,
-    pub deliver_p50_ms: f64,
-    pub deliver_p99_ms: f64,
-    pub deliver_p999_ms: f64,
+    pub ack_p50_ms: Option<f64>,
+    pub ack_p99_ms: Option<f64>,
+    pub deliver_p50_ms: Option<f64>,
+    pub deliver_p99_ms: Option<f64>,
+    pub deliver_p999_ms: Option<f64>,
+}
+
+/// A latency of the progress line: `-` when there is none.
+fn ms_cell(v: Option<f64>) -> String {
+    v.map_or_else(|| format!("{:>7}", "-"), |v| format!("{v:>7.2}"))
 }
 
 struct WorkerProc {
@@ -48,7 +54,6 @@ struct Coord {
     prev: (f64, u64, u64, u64),
     samples: Vec<Sample>,
     tty: bool,
-    quiet_lines: u64,
 }
 
 impl Coord {
@@ -132,7 +137,6 @@ impl Coord {
             prev: (0.0, 0, 0, 0),
             samples: Vec::new(),
             tty: std::io::stderr().is_terminal(),
-            quiet_lines: 0,
         })
     }
 
@@ -154,17 +158,17 @@ impl Coord {
             sent_per_s: (sent - self.prev.1.min(sent)) as f64 / dt,
             acked_per_s: (acked - self.prev.2.min(acked)) as f64 / dt,
             delivered_per_s: (dlv - self.prev.3.min(dlv)) as f64 / dt,
-            ack_p50_ms: self.iv_ack.ms(0.5),
-            ack_p99_ms: self.iv_ack.ms(0.99),
-            deliver_p50_ms: self.iv_deliver.ms(0.5),
-            deliver_p99_ms: self.iv_deliver.ms(0.99),
-            deliver_p999_ms: self.iv_deliver.ms(0.999),
+            ack_p50_ms: self.iv_ack.ms_opt(0.5),
+            ack_p99_ms: self.iv_ack.ms_opt(0.99),
+            deliver_p50_ms: self.iv_deliver.ms_opt(0.5),
+            deliver_p99_ms: self.iv_deliver.ms_opt(0.99),
+            deliver_p999_ms: self.iv_deliver.ms_opt(0.999),
         };
         self.prev = (t, sent, acked, dlv);
         self.iv_ack.reset();
         self.iv_deliver.reset();
         let line = format!(
-            "[{:6.1}s] conns {:>7} (open {:>7}, fail {}, drop {}) | sent {:>8.0}/s ack {:>8.0}/s dlv {:>8.0}/s | p99 ack {:>7.2} ms dlv {:>7.2} ms | loadgen rss {} MiB",
+            "[{:5.0}s] conns {:>7} (open {}, fail {}, drop {}) | /s sent {:>7.0} ack {:>7.0} dlv {:>7.0} | p99 ms ack {} dlv {} | rss {} MiB",
             t,
             s.conns,
             self.sum(|p| p.connected),
@@ -173,16 +177,15 @@ impl Coord {
             s.sent_per_s,
             s.acked_per_s,
             s.delivered_per_s,
-            s.ack_p99_ms,
-            s.deliver_p99_ms,
+            ms_cell(s.ack_p99_ms),
+            ms_cell(s.deliver_p99_ms),
             self.sum(|p| p.rss_kib) / 1024,
         );
         if self.tty {
             eprint!("\r{line}\x1b[K");
-        } else if self.quiet_lines % 5 == 0 {
+        } else {
             eprintln!("{line}");
         }
-        self.quiet_lines += 1;
         self.samples.push(s);
     }
 

@@ -28,7 +28,9 @@ use im_shared::proto::{Message, CONV_C2G, CONV_GROUP_EVENT};
 use im_shared::token::HmacTokens;
 use im_shared::{Cmd, Command, DeviceType, ErrorCode, FrameCodec, Seq, UserId};
 
-use crate::msg::{group_member, group_members, Hist, Op, Plan, Report, Request, BODY_HEADER};
+use crate::msg::{
+    group_member, group_members, Hist, Op, Plan, Report, Request, BODY_HEADER, PROGRESS_EVERY,
+};
 use crate::net::{errno_name, start_connect};
 
 /// Counters the worker's main thread reads once a second for the progress line.
@@ -801,8 +803,8 @@ async fn wait_until(mut f: impl FnMut() -> bool, max: Duration) {
     }
 }
 
-/// 1 s ticker: heartbeats (spread over the period), login timeouts, progress histograms.
-async fn ticker_1s(ex: Rc<Exec>, tx: Sender<(usize, ExecMsg)>, me: usize) {
+/// 1 s ticker: heartbeats (spread over the period), login timeouts.
+async fn ticker_1s(ex: Rc<Exec>) {
     let mut tick: u64 = 0;
     let hb = ex.plan.heartbeat_secs.max(1) as u64;
     let login_timeout = Duration::from_millis(ex.plan.login_timeout_ms);
@@ -823,6 +825,13 @@ async fn ticker_1s(ex: Rc<Exec>, tx: Sender<(usize, ExecMsg)>, me: usize) {
             }
         }
         ex.rep.borrow_mut().heartbeats += hbs;
+    }
+}
+
+/// Hands the latency histograms of the last [`PROGRESS_EVERY`] to the worker process.
+async fn ticker_progress(ex: Rc<Exec>, tx: Sender<(usize, ExecMsg)>, me: usize) {
+    loop {
+        sleep(PROGRESS_EVERY).await;
         let ack = std::mem::take(&mut *ex.iv_ack.borrow_mut());
         let deliver = std::mem::take(&mut *ex.iv_deliver.borrow_mut());
         if tx.send((me, ExecMsg::Interval { ack, deliver })).is_err() {
@@ -995,7 +1004,8 @@ pub async fn run(
         storm_back: Cell::new(0),
         storm_failed: Cell::new(0),
     });
-    glommio::spawn_local(ticker_1s(ex.clone(), tx.clone(), me)).detach();
+    glommio::spawn_local(ticker_1s(ex.clone())).detach();
+    glommio::spawn_local(ticker_progress(ex.clone(), tx.clone(), me)).detach();
     glommio::spawn_local(ticker_ack(ex.clone())).detach();
     let share = |total_rate: f64| total_rate * rate_share;
     loop {

@@ -287,6 +287,10 @@ impl Hist {
     pub fn len(&self) -> u64 {
         self.0.len()
     }
+    /// Percentile in milliseconds, `None` when nothing was recorded.
+    pub fn ms_opt(&self, q: f64) -> Option<f64> {
+        (!self.0.is_empty()).then(|| self.ms(q))
+    }
     /// Percentile in milliseconds (0 when empty).
     pub fn ms(&self, q: f64) -> f64 {
         if self.0.is_empty() {
@@ -396,6 +400,11 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .map(|p| Some(v(p[0])? << 4 | v(p[1])?))
         .collect()
 }
+
+/// How often an executor hands its latency histograms to its worker process, and a worker its
+/// progress to the coordinator. Four times per printed second, so that each printed second gets
+/// the latencies of its own deliveries (to within this much) and none gets an empty histogram.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {

@@ -7,13 +7,13 @@ use std::io::{BufRead, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::exec::{self, ExecMsg, Live};
-use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request};
+use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request, PROGRESS_EVERY};
 
 enum In {
     Req(Request),
@@ -144,7 +144,7 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
     let mut waiting: HashMap<u64, (usize, Option<Report>)> = HashMap::new();
     let mut iv_ack = Hist::default();
     let mut iv_deliver = Hist::default();
-    let mut next_progress = Instant::now() + Duration::from_secs(1);
+    let mut next_progress = Instant::now() + PROGRESS_EVERY;
     let mut quitting: Option<u64> = None;
     loop {
         let wait = next_progress.saturating_duration_since(Instant::now());
@@ -198,7 +198,7 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                next_progress += Duration::from_secs(1);
+                next_progress += PROGRESS_EVERY;
                 emit(&Event::Progress(Box::new(Progress {
                     worker: plan.worker,
                     connected: live.connected.load(Relaxed),
