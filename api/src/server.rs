@@ -248,7 +248,8 @@ impl Route {
 /// Why a path did not resolve to a route.
 enum NoRoute {
     NotFound,
-    BadId(&'static str, String),
+    /// A known route (its template, for the metrics) with an id that is not a positive integer.
+    BadId(&'static str, &'static str, String),
 }
 
 /// A positive decimal integer without sign or spaces.
@@ -260,8 +261,8 @@ fn positive_id(s: &str) -> Option<u64> {
 }
 
 fn route(path: &str) -> Result<Route, NoRoute> {
-    fn id(what: &'static str, s: &str) -> Result<u64, NoRoute> {
-        positive_id(s).ok_or_else(|| NoRoute::BadId(what, s.to_string()))
+    fn id(template: &'static str, what: &'static str, s: &str) -> Result<u64, NoRoute> {
+        positive_id(s).ok_or_else(|| NoRoute::BadId(template, what, s.to_string()))
     }
     let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     Ok(match segs.as_slice() {
@@ -271,9 +272,13 @@ fn route(path: &str) -> Result<Route, NoRoute> {
         ["v1", "messages"] => Route::Messages,
         ["v1", "groups"] => Route::Groups,
         ["v1", "tokens"] => Route::Tokens,
-        ["v1", "groups", g] => Route::Group(GroupId(id("group id", g)?)),
-        ["v1", "groups", g, "members"] => Route::GroupMembers(GroupId(id("group id", g)?)),
-        ["v1", "users", u, "groups"] => Route::UserGroups(UserId(id("user id", u)?)),
+        ["v1", "groups", g] => Route::Group(GroupId(id("/v1/groups/{id}", "group id", g)?)),
+        ["v1", "groups", g, "members"] => {
+            Route::GroupMembers(GroupId(id("/v1/groups/{id}/members", "group id", g)?))
+        }
+        ["v1", "users", u, "groups"] => {
+            Route::UserGroups(UserId(id("/v1/users/{uid}/groups", "user id", u)?))
+        }
         _ => return Err(NoRoute::NotFound),
     })
 }
@@ -508,8 +513,9 @@ async fn handle(state: &State, mut req: Request<Incoming>) -> Resp {
                 format!("no route for {}", req.uri().path()),
             ),
         ),
-        Err(NoRoute::BadId(what, s)) => (
-            "unmatched",
+        // Counted under the route it names: a client sending bad ids shows up there.
+        Err(NoRoute::BadId(template, what, s)) => (
+            template,
             bad_request(format!(
                 "invalid {what} {s:?}: expected a positive decimal integer"
             ))

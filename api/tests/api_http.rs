@@ -501,6 +501,7 @@ mod api {
         assert_eq!(api.get("/nope").status, 404);
         assert_eq!(api.signed("GET", "/v1/groups/77", "").status, 200);
         assert_eq!(api.signed("GET", "/v1/groups/5", "").status, 404);
+        assert_eq!(api.signed("GET", "/v1/groups/x7", "").status, 400);
         let r = request(
             api.addr(),
             "GET",
@@ -525,6 +526,8 @@ mod api {
             r#"im_api_requests_total{method="GET",route="/v1/groups/{id}",status="200"} 1"#,
             r#"im_api_requests_total{method="GET",route="/v1/groups/{id}",status="404"} 1"#,
             r#"im_api_requests_total{method="GET",route="/v1/groups/{id}",status="401"} 1"#,
+            // A bad id on a known route is counted under that route, not as unmatched.
+            r#"im_api_requests_total{method="GET",route="/v1/groups/{id}",status="400"} 1"#,
             "# TYPE im_api_auth_failures_total counter",
             r#"im_api_auth_failures_total{reason="missing_auth"} 1"#,
             r#"im_api_auth_failures_total{reason="bad_signature"} 0"#,
