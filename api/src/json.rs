@@ -49,19 +49,26 @@ impl<'de> Deserialize<'de> for Id {
     }
 }
 
+/// An optional field that may be absent but not `null`: the fields whose "exactly one of" rules
+/// (`to_users`/`to_group`, `body`/`body_base64`) look at presence, as docs/openapi.yaml states.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
 /// `POST /v1/messages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendReq {
     pub from: Id,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub to_users: Option<Vec<Id>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub to_group: Option<Id>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub body: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub body_base64: Option<String>,
+    /// `null` is the same as absent (as for every other optional field).
     #[serde(default)]
     pub request_id: Option<Id>,
 }

@@ -877,10 +877,11 @@ mod api {
             r#"{"from":"18446744073709551615","to_group":"77","body_base64":"AP8BAg=="}"#,
         );
         assert_eq!(r.status, 200, "{r:?}");
+        // `request_id: null` is the same as absent (openapi.yaml: nullable).
         let r2 = api.signed(
             "POST",
             "/v1/messages",
-            r#"{"from":5,"to_users":["6"],"body":""}"#,
+            r#"{"from":5,"to_users":["6"],"body":"","request_id":null}"#,
         );
         assert_eq!(r2.status, 200, "{r2:?}");
         assert_eq!(
@@ -990,6 +991,17 @@ mod api {
                 "not valid base64",
             ),
             (big, "invalid_argument", "at most 61440"),
+            // The exclusive fields may be absent but not null (openapi.yaml says the same).
+            (
+                r#"{"from":1,"to_users":[2],"to_group":null,"body":"x"}"#.into(),
+                "bad_json",
+                "invalid type: null",
+            ),
+            (
+                r#"{"from":1,"to_users":[2],"body":"x","body_base64":null}"#.into(),
+                "bad_json",
+                "invalid type: null",
+            ),
         ];
         for (body, code, needle) in &cases {
             let r = api.signed("POST", "/v1/messages", body);
@@ -1263,9 +1275,13 @@ mod api {
         assert_eq!(tokens.verify(UserId(42), tok, now_secs()), Ok(()));
         assert!(tokens.verify(UserId(42), tok, exp).is_err());
         assert!(tokens.verify(UserId(43), tok, now_secs()).is_err());
-        // Default lifetime 1 h.
+        // Default lifetime 1 h, also for `ttl_secs: null` (openapi.yaml: nullable).
         let v = api.signed("POST", "/v1/tokens", r#"{"uid":7}"#).json();
         assert!(v["expires_at"].as_u64().unwrap() >= before + 3600);
+        let v = api
+            .signed("POST", "/v1/tokens", r#"{"uid":7,"ttl_secs":null}"#)
+            .json();
+        assert!(v["expires_at"].as_u64().unwrap() >= before + 3600, "{v}");
         for (body, needle) in [
             (r#"{"uid":0,"ttl_secs":60}"#, "`uid`"),
             (r#"{"uid":1,"ttl_secs":0}"#, "`ttl_secs`"),
