@@ -685,12 +685,104 @@ fn metrics(state: &State) -> Resp {
         out.push('\n');
     }
     state.metrics.render(&mut out);
+    process_metrics(&mut out);
     let mut r = Response::new(Full::new(Bytes::from(out)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
+}
+
+/// The process's own series, under the names Prometheus client libraries use (`process_*`),
+/// read from `/proc/self`, and `im_build_info`: every role's `/metrics` has them.
+fn process_metrics(out: &mut String) {
+    use im_shared::prom::metric;
+    let _ = writeln!(
+        out,
+        "# HELP im_build_info The running build (value 1).\n# TYPE im_build_info gauge\nim_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    // Fields after the command name (which may hold spaces) of /proc/self/stat.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    // SAFETY: sysconf takes an integer and returns one.
+    let (tck, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        im_shared::prom::header(
+            out,
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, seconds.",
+        );
+        let _ = writeln!(
+            out,
+            "process_cpu_seconds_total {}",
+            (utime + stime) as f64 / tck
+        );
+    }
+    if let Some(rss) = field(24) {
+        metric(
+            out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size, bytes.",
+            rss * page,
+        );
+    }
+    if let Some(vsz) = field(23) {
+        metric(
+            out,
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size, bytes.",
+            vsz,
+        );
+    }
+    if let Some(threads) = field(20) {
+        metric(
+            out,
+            "process_threads",
+            "gauge",
+            "Threads of the process.",
+            threads,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metric(
+            out,
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            fds.count() as u64,
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot, field(22)) {
+        im_shared::prom::header(
+            out,
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch, seconds.",
+        );
+        let _ = writeln!(
+            out,
+            "process_start_time_seconds {}",
+            boot as f64 + start as f64 / tck
+        );
+    }
 }
 
 async fn iplist(state: &State, query: &str) -> Resp {

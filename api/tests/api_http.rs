@@ -532,12 +532,41 @@ mod api {
             r#"im_api_auth_failures_total{reason="missing_auth"} 1"#,
             r#"im_api_auth_failures_total{reason="bad_signature"} 0"#,
             "im_api_iplist_source_errors_total 0",
+            "# TYPE process_cpu_seconds_total counter",
+            "# TYPE process_resident_memory_bytes gauge",
+            "# TYPE process_open_fds gauge",
+            "# TYPE process_start_time_seconds gauge",
+            concat!(
+                r#"im_build_info{version=""#,
+                env!("CARGO_PKG_VERSION"),
+                r#""} 1"#
+            ),
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in:\n{text}"
             );
         }
+        // The process series hold this test process's real values.
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_threads") >= 2.0);
+        assert!(value("process_cpu_seconds_total") >= 0.0); // whole clock ticks: 0 in a young process
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 2.0 && start > now - 3600.0,
+            "start {start}, now {now}"
+        );
+        assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
         // Every sample line is `name{labels} value` or `name value` with a numeric value.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = l.rsplit_once(' ').expect(l);
