@@ -813,47 +813,16 @@ fn run(
             t += "  rate/s   sent/s   acked   delivered  lost  p99 ack ms  p99 dlv ms  pass\n";
             let mut rows = Vec::new();
             let mut best: Option<f64> = None;
-            let mut warm_lost = 0;
-            if *warmup_secs > 0.0 {
-                coord.request(Op::Send {
-                    rate: *start_rate,
-                    secs: *warmup_secs,
-                })?;
-                coord.request(drain(c))?;
-                let r = coord.request(Op::Report)?;
-                let j = (!c.no_track).then(|| join(&r));
-                warm_lost = j.as_ref().map_or(0, |j| j.lost);
-                t += &format!(
-                    "  {:>7.0} {:>8.0} {:>8} {:>10} {:>5} {:>11.2} {:>11.2}  warm-up ({warmup_secs} s, not judged)\n",
-                    start_rate,
-                    r.sent as f64 / warmup_secs,
-                    r.acked,
-                    r.delivered,
-                    warm_lost,
-                    r.ack_us.ms(0.99),
-                    r.deliver_us.ms(0.99),
-                );
-                result["warmup"] = traffic_json(&r, j.as_ref(), *warmup_secs);
-            }
-            for i in 0..if warm_lost > 0 { 0 } else { *max_steps } {
-                let rate = start_rate + step * i as f64;
-                coord.request(Op::Send {
-                    rate,
-                    secs: *step_secs,
-                })?;
+            // One step: send at `rate` for `secs`, drain, and account; its table row's cells.
+            let mut run = |rate: f64, secs: f64| -> anyhow::Result<_> {
+                coord.request(Op::Send { rate, secs })?;
                 coord.request(drain(c))?;
                 let r = coord.request(Op::Report)?;
                 let j = (!c.no_track).then(|| join(&r));
                 let lost = j.as_ref().map_or(0, |j| j.lost);
-                let sent_rate = r.sent as f64 / step_secs;
-                let pass = r.deliver_us.ms(0.99) <= *p99_bound_ms
-                    && lost == 0
-                    && r.ack_timeouts == 0
-                    && r.send_errors.is_empty()
-                    && r.dedup_dups == 0
-                    && sent_rate >= 0.95 * rate;
-                t += &format!(
-                    "  {:>7.0} {:>8.0} {:>8} {:>10} {:>5} {:>11.2} {:>11.2}  {}\n",
+                let sent_rate = r.sent as f64 / secs;
+                let row = format!(
+                    "  {:>7.0} {:>8.0} {:>8} {:>10} {:>5} {:>11.2} {:>11.2}",
                     rate,
                     sent_rate,
                     r.acked,
@@ -861,9 +830,28 @@ fn run(
                     lost,
                     r.ack_us.ms(0.99),
                     r.deliver_us.ms(0.99),
-                    if pass { "yes" } else { "NO" }
                 );
-                rows.push(json!({"rate": rate, "pass": pass, "c2c": traffic_json(&r, j.as_ref(), *step_secs)}));
+                let json = traffic_json(&r, j.as_ref(), secs);
+                Ok((r, lost, sent_rate, row, json))
+            };
+            let mut warm_lost = 0;
+            if *warmup_secs > 0.0 {
+                let (_, lost, _, row, json) = run(*start_rate, *warmup_secs)?;
+                warm_lost = lost;
+                t += &format!("{row}  warm-up ({warmup_secs} s, not judged)\n");
+                result["warmup"] = json;
+            }
+            for i in 0..if warm_lost > 0 { 0 } else { *max_steps } {
+                let rate = start_rate + step * i as f64;
+                let (r, lost, sent_rate, row, json) = run(rate, *step_secs)?;
+                let pass = r.deliver_us.ms(0.99) <= *p99_bound_ms
+                    && lost == 0
+                    && r.ack_timeouts == 0
+                    && r.send_errors.is_empty()
+                    && r.dedup_dups == 0
+                    && sent_rate >= 0.95 * rate;
+                t += &format!("{row}  {}\n", if pass { "yes" } else { "NO" });
+                rows.push(json!({"rate": rate, "pass": pass, "c2c": json}));
                 if !pass {
                     if sent_rate < 0.95 * rate {
                         t += "  (the loadgen could not generate the target rate: the limit may be this machine, not the server)\n";
