@@ -5,7 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::task::{Poll, Waker};
@@ -21,11 +21,13 @@ use monoio::net::TcpStream;
 use crate::core::Core;
 use crate::transport::{self, Layers, Shared, Step};
 
-/// Read buffer size for a connection with nothing pending: small, so idle connections park
-/// little memory in their outstanding read.
+/// Least spare room for a read into a buffer that holds part of a frame (and the read size of a
+/// TLS / WebSocket connection with nothing pending).
 const READ_IDLE: usize = 64;
 /// Read buffer size while frames are streaming in.
 const READ_BUSY: usize = 4096;
+/// Size of a core's scratch buffer, which a plain connection with no partial frame receives into.
+pub const READ_SCRATCH: usize = 64 * 1024;
 
 pub struct Conn {
     pub id: ConnId,
@@ -43,7 +45,7 @@ pub struct Conn {
     /// Core second of the last complete frame received (bytes of a partial frame do not count,
     /// so a frame trickled in slowly is bounded by the idle timeout).
     pub last_active: Cell<u32>,
-    out: RefCell<VecDeque<Bytes>>,
+    pub(crate) out: RefCell<VecDeque<Bytes>>,
     /// Bytes in `out` (u32: `max_write_queue` above 4 GiB makes no sense, and the spare bytes
     /// hold `layered` without growing the struct).
     out_bytes: Cell<u32>,
@@ -70,6 +72,19 @@ pub struct Conn {
     paused_at: Cell<u32>,
     /// The paused reader, woken when it may go on.
     resume: Cell<Option<Waker>>,
+    /// A plain TCP connection's socket (poller.rs), until it is finalized; `None` for a layered
+    /// one, whose reader and writer tasks own theirs.
+    sock: Cell<Option<std::os::fd::OwnedFd>>,
+    /// A plain connection's bytes of a frame not complete yet.
+    pub(crate) rbuf: RefCell<BytesMut>,
+    /// A plain connection's socket may hold bytes not read yet (it paused or used its turn).
+    pub(crate) unread: Cell<bool>,
+    /// On the core's list for the sender.
+    pub(crate) dirty: Cell<bool>,
+    /// A write did not fit: the sender waits for `EPOLLOUT`.
+    pub(crate) write_blocked: Cell<bool>,
+    /// A plain connection's end was handled (poller.rs `finalize`).
+    pub(crate) finalized: Cell<bool>,
 }
 
 /// Whether a client command's answer may be large (a sync page, a member or group list): at
@@ -93,10 +108,10 @@ pub enum Pause {
 }
 
 impl Conn {
-    pub fn new(id: ConnId, stream: &TcpStream, uid: UserId, lane: usize, now: u32) -> Conn {
+    pub fn new(id: ConnId, fd: RawFd, uid: UserId, lane: usize, now: u32) -> Conn {
         Conn {
             id,
-            fd: stream.as_raw_fd(),
+            fd,
             uid: Cell::new(uid),
             lane,
             login_sent: Cell::new(false),
@@ -117,6 +132,59 @@ impl Conn {
             out_paused: Cell::new(false),
             paused_at: Cell::new(u32::MAX),
             resume: Cell::new(None),
+            sock: Cell::new(None),
+            rbuf: RefCell::new(BytesMut::new()),
+            unread: Cell::new(false),
+            dirty: Cell::new(false),
+            write_blocked: Cell::new(false),
+            finalized: Cell::new(false),
+        }
+    }
+
+    /// Makes this a plain TCP connection that owns `fd` (read and written by poller.rs).
+    pub fn set_sock(&self, fd: std::os::fd::OwnedFd) {
+        self.sock.set(Some(fd));
+    }
+
+    pub(crate) fn take_sock(&self) -> Option<std::os::fd::OwnedFd> {
+        self.sock.take()
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Marks a connection with TLS / WebSocket layers (before anything is queued for it).
+    pub fn set_layered(&self) {
+        self.layered.set(true);
+    }
+
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Whether the reader must wait before its next frame.
+    pub(crate) fn reader_paused(&self, core: &Core) -> bool {
+        self.logged_in.get() && self.pause(core).is_some()
+    }
+
+    /// Who to wake when a paused reader may go on.
+    pub(crate) fn set_reader_waker(&self, w: Option<Waker>) {
+        self.resume.set(w);
+    }
+
+    /// The first `n` queued bytes were written.
+    pub(crate) fn written(&self, n: usize) {
+        let mut out = self.out.borrow_mut();
+        crate::poller::advance(&mut out, n);
+        if out.is_empty() {
+            *out = VecDeque::new(); // an idle connection keeps no queue allocation
+        }
+        drop(out);
+        self.out_bytes
+            .set(self.out_bytes.get().saturating_sub(u32::try_from(n).unwrap_or(u32::MAX)));
+        if self.out_paused.get() {
+            self.wake_reader(); // it may be below the low-water mark now
         }
     }
 
@@ -194,6 +262,10 @@ impl Conn {
 
     /// Starts a writer task if there is something to do and none runs.
     fn wake_writer(self: &Rc<Self>, core: &Core) {
+        if !self.layered.get() {
+            crate::poller::mark_dirty(core, self);
+            return;
+        }
         if self.writer_running.get() {
             return; // the running writer looks at the queue again after each write
         }
@@ -332,53 +404,79 @@ impl Conn {
     }
 }
 
-/// Reader task; owns the connection's lifetime.
-pub async fn run(core: Rc<Core>, c: Rc<Conn>, stream: TcpStream, mut buf: BytesMut) {
-    let (mut rd, wr) = stream.into_split();
-    *c.wr.borrow_mut() = Some(wr);
-    c.wake_writer(&core);
-    loop {
-        match drain_frames(&core, &c, &mut buf) {
-            Drain::Stop => break,
-            Drain::Paused => {
-                Resume { core: &core, c: &c }.await;
-                continue;
+/// What one [`recv_now`] got.
+pub(crate) enum Recv {
+    /// The peer closed its side.
+    Closed,
+    /// `n` bytes were appended; `full`: as many as were asked for (more may be waiting).
+    Got { n: usize, full: bool },
+    /// Nothing was there (`EAGAIN`).
+    Nothing,
+}
+
+/// Receives what the socket holds, without blocking, and appends it to `buf`. With nothing
+/// buffered (the usual case: frames arrive whole) the bytes land in the core's scratch buffer
+/// and `buf` gets an allocation of exactly their size, so a connection owns no buffer between
+/// its frames; with a partial frame buffered they land in `buf`'s spare room.
+pub(crate) fn recv_now(core: &Core, fd: RawFd, buf: &mut BytesMut) -> std::io::Result<Recv> {
+    fn recv(fd: RawFd, to: &mut [std::mem::MaybeUninit<u8>]) -> std::io::Result<Option<usize>> {
+        loop {
+            // SAFETY: `to` is writable memory of its length; the descriptor is this
+            // connection's, open while its reader runs.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    to.as_mut_ptr().cast(),
+                    to.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
             }
-            Drain::More => {}
-        }
-        if c.closing.get() {
-            break;
-        }
-        if buf.is_empty() {
-            if buf.capacity() != READ_IDLE {
-                buf = BytesMut::with_capacity(READ_IDLE);
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(e),
             }
-        } else if buf.capacity() - buf.len() < READ_IDLE {
+        }
+    }
+    let got = if buf.is_empty() {
+        let mut scratch = core.scratch.borrow_mut();
+        if scratch.capacity() < READ_SCRATCH {
+            *scratch = Vec::with_capacity(READ_SCRATCH);
+        }
+        let want = scratch.capacity();
+        let Some(n) = recv(fd, &mut scratch.spare_capacity_mut()[..want])? else {
+            return Ok(Recv::Nothing);
+        };
+        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
+        let bytes = unsafe { std::slice::from_raw_parts(scratch.as_ptr(), n) };
+        *buf = BytesMut::from(bytes);
+        (n, want)
+    } else {
+        if buf.capacity() - buf.len() < READ_IDLE {
             // Grow as bytes arrive (never by what a header merely announces).
             buf.reserve(READ_BUSY.max(buf.len()));
         }
-        // Read into the spare capacity after the bytes already buffered (monoio reads at the
-        // slice start, so the slice begins at `len`).
-        let len = buf.len();
-        let cap = buf.capacity();
-        let (res, slice) = rd.read(buf.slice_mut(len..cap)).await;
-        buf = slice.into_inner();
-        if let Ok(0) | Err(_) = res {
-            break;
-        }
-    }
-    // Stop reading; the writer flushes what is queued (e.g. the error frame) and shuts down.
-    // A writer stuck on a client that does not read gets a bounded grace period, then the
-    // socket is shut down under it.
-    c.close_after_flush(&core);
-    core.forget(&c);
-    // The close tail waits with a timer; boxing it keeps the timer out of this future, which
-    // every idle connection carries for its whole life.
-    Box::pin(finish_close(core, c, rd)).await;
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len();
+        let Some(n) = recv(fd, spare)? else {
+            return Ok(Recv::Nothing);
+        };
+        // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        (n, want)
+    };
+    Ok(match got {
+        (0, _) => Recv::Closed,
+        (n, want) => Recv::Got { n, full: n == want },
+    })
 }
 
 /// What the reader does after [`drain_frames`].
-enum Drain {
+pub(crate) enum Drain {
     /// Every complete frame was handled: read more.
     More,
     /// Frames (or reads) must wait: [`Resume`] says when.
@@ -390,7 +488,7 @@ enum Drain {
 /// Decodes and handles the buffered frames, until none is complete, the connection must stop,
 /// or it must wait (backpressure: too many requests in flight, or too much output pending; the
 /// frames not taken stay in `buf` and in the socket, and TCP slows the client down).
-fn drain_frames(core: &Core, c: &Rc<Conn>, buf: &mut BytesMut) -> Drain {
+pub(crate) fn drain_frames(core: &Core, c: &Rc<Conn>, buf: &mut BytesMut) -> Drain {
     loop {
         if c.closing.get() {
             return Drain::More; // the caller sees `closing` and stops
@@ -582,7 +680,7 @@ fn on_frame(core: &Core, c: &Rc<Conn>, cmd: Cmd, req_id: u32, body: Bytes) -> bo
             if let Some(keep) = core.limit_frame(c, cmd, req_id) {
                 return keep; // over the user's message rate (limits.rs)
             }
-            if let Err(code) = core.ctx.link.admit(c.lane) {
+            if let Err(code) = core.admit_up(c.lane) {
                 core.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
                 c.enqueue(
                     core,
@@ -694,7 +792,7 @@ mod tests {
             let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let stream = TcpStream::from_std(s).unwrap();
             let core = crate::core::test_core();
-            let c = Rc::new(Conn::new(ConnId(1), &stream, UserId(1), 0, 0));
+            let c = Rc::new(Conn::new(ConnId(1), std::os::fd::AsRawFd::as_raw_fd(&stream), UserId(1), 0, 0));
             c.logged_in.set(true);
             f(&core, &c);
         });
@@ -859,40 +957,17 @@ mod tests {
         });
     }
 
-    /// The reader future lives as long as its connection: keep it small (a `Sleep` inside it
-    /// would add over a kilobyte per idle connection).
+    /// A plain connection has no task and no buffer while it waits: its record is most of what
+    /// it costs the gate (issue 15: at most 500 B of RSS per idle connection in all). Keep it
+    /// small; `Conn` plus its `Rc` counts must fit a 256 B allocation.
     #[test]
-    fn reader_future_is_small() {
-        fn size_of_run() -> usize {
-            // Never polled: only its size matters.
-            fn sz<F: std::future::Future>(_: &F) -> usize {
-                std::mem::size_of::<F>()
-            }
-            let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-                let stream = monoio::net::TcpStream::from_std(s).unwrap();
-                let core = crate::core::test_core();
-                let c = std::rc::Rc::new(super::Conn::new(
-                    im_shared::ConnId(1),
-                    &stream,
-                    im_shared::UserId(1),
-                    0,
-                    0,
-                ));
-                let f = super::run(core, c, stream, bytes::BytesMut::new());
-                sz(&f)
-            })
-        }
-        let n = size_of_run();
-        assert!(n <= 512, "reader future is {n} bytes");
+    fn a_connection_record_is_small() {
+        let n = std::mem::size_of::<super::Conn>();
+        assert!(n + 16 <= 256, "Conn is {n} bytes");
     }
 
-    /// What a TLS / WebSocket connection carries besides a TCP one: the layered reader future
-    /// (instead of the plain one) and its `Layers` (plus, with TLS, rustls' connection state
+    /// What a TLS / WebSocket connection carries besides a TCP one: the layered reader task
+    /// (a plain one has none) and its `Layers` (plus, with TLS, rustls' connection state
     /// and buffers on the heap). Run with `--nocapture` to see the numbers.
     #[test]
     fn layered_sizes() {
@@ -902,36 +977,27 @@ mod tests {
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()
             .unwrap();
-        let (plain, fut) = rt.block_on(async {
+        let fut = rt.block_on(async {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let stream = monoio::net::TcpStream::from_std(s).unwrap();
             let core = crate::core::test_core();
             let c = std::rc::Rc::new(super::Conn::new(
                 im_shared::ConnId(1),
-                &stream,
+                std::os::fd::AsRawFd::as_raw_fd(&stream),
                 im_shared::UserId(1),
                 0,
                 0,
             ));
-            let plain = sz(&super::run(
-                core.clone(),
-                c.clone(),
-                monoio::net::TcpStream::from_std(
-                    std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap(),
-                )
-                .unwrap(),
-                bytes::BytesMut::new(),
-            ));
             let layers = core.ctx.transport.layers(true).unwrap().unwrap();
             let f = super::run_layered(core, c, stream, bytes::BytesMut::new(), layers);
-            (plain, sz(&f))
+            sz(&f)
         });
         let conn = std::mem::size_of::<super::Conn>();
         let layers = std::mem::size_of::<super::Layers>();
         let tls = std::mem::size_of::<rustls::ServerConnection>();
         println!(
-            "Conn {conn} B, reader future {plain} B, layered reader future {fut} B, \
+            "Conn {conn} B, layered reader future {fut} B, \
              Layers {layers} B, rustls::ServerConnection {tls} B"
         );
         assert!(fut <= 768, "layered reader future is {fut} bytes");

@@ -3,7 +3,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::TcpListener as StdListener;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -79,12 +79,22 @@ pub struct Core {
     pending: RefCell<HashMap<usize, Vec<Up>>>,
     flush_waker: RefCell<Option<Waker>>,
     flush_scheduled: Cell<bool>,
-    stopping: Cell<bool>,
+    pub(crate) stopping: Cell<bool>,
     /// Per-user message rates and failed logins of the users this core owns (limits.rs).
     pub limits: RefCell<CoreLimits>,
     /// Transport layers of the logged-in TLS / WebSocket connections, by serial (plain TCP
     /// connections have none and pay nothing).
     pub layered: RefCell<HashMap<u32, transport::Shared>>,
+    /// Where plain connections with no partial frame receive (conn.rs `recv_now`).
+    pub scratch: RefCell<Vec<u8>>,
+    /// The plain connections' sockets (poller.rs).
+    pub epoll: crate::poller::Epoll,
+    /// Plain connections that stopped reading with bytes left (paused, or their turn used up).
+    pub paused: RefCell<Vec<Rc<Conn>>>,
+    /// Plain connections with output (or a close) for the sender.
+    pub dirty: RefCell<Vec<Rc<Conn>>>,
+    pub poller_waker: RefCell<Option<Waker>>,
+    pub sender_waker: RefCell<Option<Waker>>,
 }
 
 /// Binds one `SO_REUSEPORT` listener per core on the configured address (port 0 picks one port
@@ -162,6 +172,8 @@ pub fn run_core(
         );
         monoio::spawn(ticker(core.clone()));
         monoio::spawn(flusher(core.clone()));
+        monoio::spawn(crate::poller::poller(core.clone()));
+        monoio::spawn(crate::poller::sender(core.clone()));
         let acceptor = monoio::spawn(accept_loop(core.clone(), listener, false));
         // The WebSocket listener (transport/): same admission, same pre-login path.
         let ws_acceptor = ws_listener.and_then(|l| match TcpListener::from_std(l) {
@@ -486,7 +498,7 @@ pub fn test_core_of(cores: usize, colocated: bool) -> Rc<Core> {
         fn lane_of(&self, _: UserId) -> usize {
             0
         }
-        fn admit(&self, _: usize) -> Result<(), ErrorCode> {
+        fn admit(&self, _: usize, _: usize) -> Result<(), ErrorCode> {
             Ok(())
         }
         fn send(&self, _: usize, _: Vec<Up>) {}
@@ -521,6 +533,12 @@ impl Core {
             stopping: Cell::new(false),
             limits: RefCell::new(CoreLimits::default()),
             layered: RefCell::new(HashMap::new()),
+            scratch: RefCell::new(Vec::new()),
+            epoll: crate::poller::Epoll::new().expect("epoll_create1"),
+            paused: RefCell::new(Vec::new()),
+            dirty: RefCell::new(Vec::new()),
+            poller_waker: RefCell::new(None),
+            sender_waker: RefCell::new(None),
         })
     }
 
@@ -544,6 +562,12 @@ impl Core {
         c.wheel_gen.set(gen);
         let key = (u64::from(c.id.serial()) << 32) | u64::from(gen);
         self.wheel.borrow_mut().insert(key, at);
+    }
+
+    /// Whether `lane` takes new client work, counting what this core holds for it unsent.
+    pub fn admit_up(&self, lane: usize) -> Result<(), ErrorCode> {
+        let unsent = self.pending.borrow().get(&lane).map_or(0, Vec::len);
+        self.ctx.link.admit(lane, unsent)
     }
 
     /// Queues an upstream message; the flusher sends it after the current round of tasks.
@@ -578,7 +602,21 @@ impl Core {
         let lane = self.ctx.link.lane_of(uid);
         let elapsed = accepted.elapsed().as_secs() as u32;
         let accepted_at = self.now_secs().saturating_sub(elapsed);
-        let c = Rc::new(Conn::new(id, &stream, uid, lane, accepted_at));
+        let fd = stream.as_raw_fd();
+        let c = Rc::new(Conn::new(id, fd, uid, lane, accepted_at));
+        // A plain TCP socket leaves monoio (no operation is in flight: the login read completed)
+        // for the core's epoll set; a layered one keeps its reader and writer tasks.
+        let stream = match io {
+            None => {
+                // SAFETY: the descriptor was just released by monoio and is owned by nobody else.
+                c.set_sock(unsafe { std::os::fd::OwnedFd::from_raw_fd(stream.into_raw_fd()) });
+                None
+            }
+            Some(io) => {
+                c.set_layered();
+                Some((stream, io))
+            }
+        };
         let _ = c.slot.set(slot);
         self.conns.borrow_mut().insert(serial, c.clone());
         self.ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -589,7 +627,7 @@ impl Core {
         );
         if self.refuse_login(&c, login.req_id) {
             // failed-login back-off (limits.rs): answered and closing
-        } else if let Err(code) = self.ctx.link.admit(lane) {
+        } else if let Err(code) = self.admit_up(lane) {
             self.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
             c.close_with(
                 self,
@@ -610,10 +648,22 @@ impl Core {
                 },
             );
         }
-        match io {
-            None => monoio::spawn(conn::run(self.clone(), c, stream, rest)),
-            Some(io) => monoio::spawn(conn::run_layered(self.clone(), c, stream, rest, io)),
-        };
+        match stream {
+            None => {
+                *c.rbuf.borrow_mut() = rest;
+                if let Err(e) = self.epoll.add(fd, serial) {
+                    tracing::warn!(conn = id.0, "epoll: {e}");
+                    c.hard_close();
+                    crate::poller::mark_dirty(self, &c);
+                } else {
+                    // Frames that came with the login, and whatever arrived since.
+                    crate::poller::read_ready(self, &c);
+                }
+            }
+            Some((stream, io)) => {
+                monoio::spawn(conn::run_layered(self.clone(), c, stream, rest, io));
+            }
+        }
     }
 
     fn apply_down(&self, d: Down) {

@@ -22,6 +22,7 @@ mod core;
 mod limits;
 pub mod links;
 mod mailbox;
+mod poller;
 #[doc(hidden)]
 pub mod transport; // public for the fuzz targets (sans-io WebSocket and HTTP parsers)
 mod wheel;

@@ -292,11 +292,11 @@ impl UpstreamLink for TcpUpstream {
         owner_of_vshard(vshard_of(uid), self.nodes.len())
     }
 
-    fn admit(&self, lane: usize) -> Result<(), ErrorCode> {
+    fn admit(&self, lane: usize, unsent: usize) -> Result<(), ErrorCode> {
         let n = &self.nodes[lane];
         if !n.up.load(Ordering::Relaxed) {
             Err(ErrorCode::Unavailable)
-        } else if n.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+        } else if n.queued.load(Ordering::Relaxed) + unsent >= MAX_QUEUED {
             Err(ErrorCode::Overloaded)
         } else {
             Ok(())

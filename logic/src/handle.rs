@@ -544,9 +544,9 @@ impl UpstreamLink for LogicHandle {
         self.worker_of(uid)
     }
 
-    fn admit(&self, lane: usize) -> Result<(), ErrorCode> {
+    fn admit(&self, lane: usize, unsent: usize) -> Result<(), ErrorCode> {
         match self.depth.get(lane) {
-            Some(d) if d.load(Ordering::Relaxed) < self.max_queued => Ok(()),
+            Some(d) if d.load(Ordering::Relaxed) + unsent < self.max_queued => Ok(()),
             _ => Err(ErrorCode::Overloaded),
         }
     }

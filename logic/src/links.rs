@@ -319,7 +319,8 @@ fn read_loop(
                         }
                         // The gate admits by its own view; logic sheds here when its queue
                         // is full, with the same retryable error.
-                        if let Err(code) = logic.admit(lane) {
+                        let unsent = lanes.get(&lane).map_or(0, Vec::len);
+                        if let Err(code) = logic.admit(lane, unsent) {
                             refused.push(LinkMsg::Down(Down::Send {
                                 conn: *conn,
                                 data: Command::Error {

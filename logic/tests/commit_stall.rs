@@ -131,13 +131,13 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
     n.stall();
     // Frames queue behind it until the queue is full; then the gate is told to shed.
     let mut admitted = 0;
-    while logic.admit(lane).is_ok() {
+    while logic.admit(lane, 0).is_ok() {
         admitted += 1;
         assert!(admitted <= MAX_QUEUED, "admitted past max_queued");
         logic.send(lane, vec![send(admitted as u64)]);
     }
     assert_eq!(admitted, MAX_QUEUED);
-    assert_eq!(logic.admit(lane), Err(ErrorCode::Overloaded));
+    assert_eq!(logic.admit(lane, 0), Err(ErrorCode::Overloaded));
     // Nothing was acknowledged while the store could not commit.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(acks(&sink.frames()), 0);
@@ -147,7 +147,7 @@ fn a_worker_that_cannot_commit_acks_nothing_and_its_queue_sheds_with_overloaded(
         acks(f) == MAX_QUEUED + 1
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    while logic.admit(lane).is_err() {
+    while logic.admit(lane, 0).is_err() {
         assert!(Instant::now() < deadline, "the queue never drained");
         std::thread::sleep(Duration::from_millis(5));
     }

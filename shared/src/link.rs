@@ -102,9 +102,11 @@ pub trait UpstreamLink: Send + Sync + 'static {
     /// Lane (logic worker or link) of a user. All messages of one user use one lane, so their
     /// order is kept.
     fn lane_of(&self, uid: UserId) -> usize;
-    /// Whether the lane accepts new client work now. `Err` carries the retryable code the gate
-    /// answers with (`Overloaded` when queues are full, `Unavailable` when the link is down).
-    fn admit(&self, lane: usize) -> Result<(), crate::ErrorCode>;
+    /// Whether the lane accepts new client work now, counting `unsent` messages the caller
+    /// holds for it and has not handed over yet (a batch being built counts against the same
+    /// bound as the queue it goes to). `Err` carries the retryable code the gate answers with
+    /// (`Overloaded` when queues are full, `Unavailable` when the link is down).
+    fn admit(&self, lane: usize, unsent: usize) -> Result<(), crate::ErrorCode>;
     /// Hands over a batch for one lane. Never drops: `Closed` messages must always arrive.
     fn send(&self, lane: usize, batch: Vec<Up>);
 }
