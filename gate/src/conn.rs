@@ -35,7 +35,7 @@ pub struct Conn {
     /// The user claimed in the login frame.
     pub uid: Cell<UserId>,
     /// Logic lane of the user.
-    pub lane: usize,
+    pub lane: u16,
     /// The login frame was forwarded to logic (so logic must hear about the close).
     pub login_sent: Cell<bool>,
     /// Logic accepted the login.
@@ -55,7 +55,7 @@ pub struct Conn {
     /// Core second at which a graceful close began.
     closing_since: Cell<u32>,
     /// The write half while no writer task runs.
-    wr: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    wr: Cell<Option<OwnedWriteHalf<TcpStream>>>,
     writer_running: Cell<bool>,
     /// Generation of this connection's current timer-wheel entry.
     pub wheel_gen: Cell<u32>,
@@ -75,8 +75,9 @@ pub struct Conn {
     /// A plain TCP connection's socket (poller.rs), until it is finalized; `None` for a layered
     /// one, whose reader and writer tasks own theirs.
     sock: Cell<Option<std::os::fd::OwnedFd>>,
-    /// A plain connection's bytes of a frame not complete yet.
-    pub(crate) rbuf: RefCell<BytesMut>,
+    /// A plain connection's bytes of a frame not complete yet (boxed: rarely there, and the
+    /// record stays small).
+    pub(crate) rbuf: Cell<Option<Box<BytesMut>>>,
     /// A plain connection's socket may hold bytes not read yet (it paused or used its turn).
     pub(crate) unread: Cell<bool>,
     /// On the core's list for the sender.
@@ -113,7 +114,7 @@ impl Conn {
             id,
             fd,
             uid: Cell::new(uid),
-            lane,
+            lane: u16::try_from(lane).expect("fewer than 65 536 lanes"),
             login_sent: Cell::new(false),
             logged_in: Cell::new(false),
             accepted_at: now,
@@ -123,7 +124,7 @@ impl Conn {
             closing: Cell::new(false),
             layered: Cell::new(false),
             closing_since: Cell::new(0),
-            wr: RefCell::new(None),
+            wr: Cell::new(None),
             writer_running: Cell::new(false),
             wheel_gen: Cell::new(0),
             slot: std::cell::OnceCell::new(),
@@ -133,7 +134,7 @@ impl Conn {
             paused_at: Cell::new(u32::MAX),
             resume: Cell::new(None),
             sock: Cell::new(None),
-            rbuf: RefCell::new(BytesMut::new()),
+            rbuf: Cell::new(None),
             unread: Cell::new(false),
             dirty: Cell::new(false),
             write_blocked: Cell::new(false),
@@ -181,8 +182,11 @@ impl Conn {
             *out = VecDeque::new(); // an idle connection keeps no queue allocation
         }
         drop(out);
-        self.out_bytes
-            .set(self.out_bytes.get().saturating_sub(u32::try_from(n).unwrap_or(u32::MAX)));
+        self.out_bytes.set(
+            self.out_bytes
+                .get()
+                .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX)),
+        );
         if self.out_paused.get() {
             self.wake_reader(); // it may be below the low-water mark now
         }
@@ -279,7 +283,7 @@ impl Conn {
         if self.out.borrow().is_empty() && !self.closing.get() && !control {
             return;
         }
-        if let Some(wr) = self.wr.borrow_mut().take() {
+        if let Some(wr) = self.wr.take() {
             self.writer_running.set(true);
             monoio::spawn(writer(self.clone(), wr, io));
         }
@@ -423,14 +427,7 @@ pub(crate) fn recv_now(core: &Core, fd: RawFd, buf: &mut BytesMut) -> std::io::R
         loop {
             // SAFETY: `to` is writable memory of its length; the descriptor is this
             // connection's, open while its reader runs.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    to.as_mut_ptr().cast(),
-                    to.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let n = unsafe { libc::recv(fd, to.as_mut_ptr().cast(), to.len(), libc::MSG_DONTWAIT) };
             if n >= 0 {
                 return Ok(Some(n as usize));
             }
@@ -557,7 +554,7 @@ pub async fn run_layered(
     core.layered.borrow_mut().insert(c.id.serial(), io.clone());
     c.layered.set(true);
     let (mut rd, wr) = stream.into_split();
-    *c.wr.borrow_mut() = Some(wr);
+    c.wr.set(Some(wr));
     c.wake_writer(&core);
     let mut busy = false;
     loop {
@@ -634,7 +631,7 @@ async fn finish_close(core: Rc<Core>, c: Rc<Conn>, rd: OwnedReadHalf<TcpStream>)
         monoio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     drop(rd);
-    c.wr.borrow_mut().take();
+    c.wr.take();
     core.ctx.stats.sockets.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -680,7 +677,7 @@ fn on_frame(core: &Core, c: &Rc<Conn>, cmd: Cmd, req_id: u32, body: Bytes) -> bo
             if let Some(keep) = core.limit_frame(c, cmd, req_id) {
                 return keep; // over the user's message rate (limits.rs)
             }
-            if let Err(code) = core.admit_up(c.lane) {
+            if let Err(code) = core.admit_up(usize::from(c.lane)) {
                 core.ctx.stats.overloaded.fetch_add(1, Ordering::Relaxed);
                 c.enqueue(
                     core,
@@ -694,7 +691,7 @@ fn on_frame(core: &Core, c: &Rc<Conn>, cmd: Cmd, req_id: u32, body: Bytes) -> bo
             }
             c.forwarded(cmd, req_id);
             core.push_up(
-                c.lane,
+                usize::from(c.lane),
                 Up::Frame {
                     conn: c.id,
                     uid: c.uid.get(),
@@ -730,7 +727,7 @@ async fn writer(c: Rc<Conn>, mut wr: OwnedWriteHalf<TcpStream>, io: Option<Share
         let control = io.as_ref().is_some_and(|l| l.borrow().has_output());
         if batch.is_empty() && !control {
             if !c.closing.get() {
-                *c.wr.borrow_mut() = Some(wr);
+                c.wr.set(Some(wr));
                 c.writer_running.set(false);
                 return;
             }
@@ -792,7 +789,13 @@ mod tests {
             let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
             let stream = TcpStream::from_std(s).unwrap();
             let core = crate::core::test_core();
-            let c = Rc::new(Conn::new(ConnId(1), std::os::fd::AsRawFd::as_raw_fd(&stream), UserId(1), 0, 0));
+            let c = Rc::new(Conn::new(
+                ConnId(1),
+                std::os::fd::AsRawFd::as_raw_fd(&stream),
+                UserId(1),
+                0,
+                0,
+            ));
             c.logged_in.set(true);
             f(&core, &c);
         });
@@ -959,11 +962,11 @@ mod tests {
 
     /// A plain connection has no task and no buffer while it waits: its record is most of what
     /// it costs the gate (issue 15: at most 500 B of RSS per idle connection in all). Keep it
-    /// small; `Conn` plus its `Rc` counts must fit a 256 B allocation.
+    /// small; `Conn` plus its `Rc` counts must fit mimalloc's 192 B size class.
     #[test]
     fn a_connection_record_is_small() {
         let n = std::mem::size_of::<super::Conn>();
-        assert!(n + 16 <= 256, "Conn is {n} bytes");
+        assert!(n + 16 <= 192, "Conn is {n} bytes");
     }
 
     /// What a TLS / WebSocket connection carries besides a TCP one: the layered reader task

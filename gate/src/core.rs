@@ -420,7 +420,7 @@ async fn mailbox_loop(core: Rc<Core>, rx: MailboxRx<CoreMsg>) {
                     .conns
                     .borrow()
                     .values()
-                    .filter(|c| c.lane == lane)
+                    .filter(|c| usize::from(c.lane) == lane)
                     .cloned()
                     .collect();
                 for c in conns {
@@ -650,7 +650,9 @@ impl Core {
         }
         match stream {
             None => {
-                *c.rbuf.borrow_mut() = rest;
+                if !rest.is_empty() {
+                    c.rbuf.set(Some(Box::new(rest)));
+                }
                 if let Err(e) = self.epoll.add(fd, serial) {
                     tracing::warn!(conn = id.0, "epoll: {e}");
                     c.hard_close();
@@ -708,7 +710,7 @@ impl Core {
             }
             if c.login_sent.get() {
                 self.push_up(
-                    c.lane,
+                    usize::from(c.lane),
                     Up::Closed {
                         conn: c.id,
                         uid: c.uid.get(),

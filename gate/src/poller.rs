@@ -24,13 +24,13 @@
 //!
 //! TLS and WebSocket connections keep their reader and writer tasks (conn.rs `run_layered`).
 
+use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::future::Future;
 use std::task::Poll;
 
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 
 use crate::conn::{self, Conn, Drain};
 use crate::core::Core;
@@ -101,7 +101,11 @@ pub async fn poller(core: Rc<Core>) {
     // SAFETY: plain syscall; the duplicate is owned by the wrapper below.
     let dup = unsafe { libc::fcntl(core.epoll.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
-        tracing::error!(core = core.ctx.core, "epoll: {}", std::io::Error::last_os_error());
+        tracing::error!(
+            core = core.ctx.core,
+            "epoll: {}",
+            std::io::Error::last_os_error()
+        );
         return;
     }
     // SAFETY: `dup` is a fresh descriptor nobody else owns.
@@ -173,7 +177,7 @@ pub fn read_ready(core: &Core, c: &Rc<Conn>) {
     if c.finalized.get() {
         return;
     }
-    let mut buf = std::mem::take(&mut *c.rbuf.borrow_mut());
+    let mut buf = c.rbuf.take().map(|b| *b).unwrap_or_default();
     let mut budget = READ_BUDGET;
     // The last `recv` was short: it took everything there was. What arrives later is a new edge
     // (every segment queued on a socket wakes its epoll entry), so the `recv` that would only
@@ -225,10 +229,9 @@ pub fn read_ready(core: &Core, c: &Rc<Conn>) {
         c.unread.set(false);
         mark_dirty(core, c);
     }
-    if buf.is_empty() {
-        buf = BytesMut::new(); // nothing pending: hold no buffer while waiting
+    if !buf.is_empty() {
+        c.rbuf.set(Some(Box::new(buf))); // else nothing pending: no buffer held while waiting
     }
-    *c.rbuf.borrow_mut() = buf;
 }
 
 /// Queues `c` for the sender (once).
@@ -334,7 +337,7 @@ fn finalize(core: &Core, c: &Rc<Conn>) {
         drop(fd); // closing it also removes it from the epoll set
         core.ctx.stats.sockets.fetch_sub(1, Ordering::Relaxed);
     }
-    *c.rbuf.borrow_mut() = BytesMut::new();
+    c.rbuf.take();
 }
 
 /// Drops the first `n` bytes of the queue `out` (whole frames, then part of one).
