@@ -873,11 +873,16 @@ fn run(
             msgs_per_user,
             send_secs,
             storm_rate,
+            storm_fraction,
             ..
         } => {
             result["scenario"] = "storm".into();
             let login = coord.request(Op::Login { rate: c.rate })?;
-            t += &format!("== storm: {total} connections drop and log in again ==\n");
+            let share = storm_fraction.clamp(0.0, 1.0);
+            t += &format!(
+                "== storm: {} of {total} connections drop and log in again ==\n",
+                if share >= 1.0 { "all".to_string() } else { format!("{:.1} %", share * 100.0) }
+            );
             t += &login_table(&login);
             let rate = total as f64 * msgs_per_user / send_secs.max(1e-3);
             coord.request(Op::Send {
@@ -887,7 +892,10 @@ fn run(
             // No drain: deliveries still in flight are cut off by the drop and must come back
             // through sync.
             let t0 = Instant::now();
-            let storm = coord.request(Op::Storm { rate: *storm_rate })?;
+            let storm = coord.request(Op::Storm {
+                rate: *storm_rate,
+                fraction: *storm_fraction,
+            })?;
             let storm_secs = t0.elapsed().as_secs_f64();
             coord.request(drain(c))?;
             let rest = coord.request(Op::Report)?;
@@ -907,7 +915,7 @@ fn run(
             t += &traffic_table(&all, j.as_ref(), *send_secs);
             result["login"] = login_json(&login);
             result["storm"] = json!({
-                "dropped": login.logged_in,
+                "dropped": storm.dropped,
                 "back": storm.synced,
                 "seconds": storm_secs,
                 "failures": storm.login_failures,

@@ -1092,30 +1092,36 @@ pub async fn run(
                 ex.expire_pending();
                 Some(Box::new(ex.take_report()))
             }
-            Op::Storm { rate } => {
+            Op::Storm { rate, fraction } => {
+                let below = (fraction.clamp(0.0, 1.0) * 1000.0).round() as u32;
                 ex.storm_mode.set(true);
                 ex.storm_back.set(0);
                 ex.storm_failed.set(0);
                 let t0 = Instant::now();
-                let mut targets = 0u64;
-                for c in &ex.conns {
-                    if c.live.get() || c.st.get() == St::LoggedIn {
-                        c.request_close("storm");
-                        c.storm_t0.set(Some(t0));
-                        c.in_storm.set(true);
-                        targets += 1;
-                    }
-                }
-                let e2 = ex.clone();
-                wait_until(move || e2.tasks.get() == 0, Duration::from_secs(60)).await;
-                // Reconnect only the users that were online.
-                let start = Instant::now();
+                // The users that were online and are in the dropped share.
                 let targets_list: Vec<Rc<Conn>> = ex
                     .conns
                     .iter()
-                    .filter(|c| c.in_storm.get())
+                    .filter(|c| {
+                        (c.live.get() || c.st.get() == St::LoggedIn) && c.idx % 1000 < below
+                    })
                     .cloned()
                     .collect();
+                for c in &targets_list {
+                    c.request_close("storm");
+                    c.storm_t0.set(Some(t0));
+                    c.in_storm.set(true);
+                }
+                let targets = targets_list.len() as u64;
+                ex.rep.borrow_mut().dropped += targets;
+                let dropped = targets_list.clone();
+                wait_until(
+                    move || dropped.iter().all(|c| !c.live.get()),
+                    Duration::from_secs(60),
+                )
+                .await;
+                // Reconnect them.
+                let start = Instant::now();
                 let r = share(rate);
                 for (i, c) in targets_list.iter().enumerate() {
                     if r > 0.0 {

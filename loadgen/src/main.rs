@@ -180,6 +180,10 @@ pub enum Scenario {
         /// Reconnect rate during the storm, connections/s (0 = all at once).
         #[arg(long, default_value_t = 0.0)]
         storm_rate: f64,
+        /// Fraction of the connections that drop (users whose index mod 1000 is below
+        /// fraction × 1000); the others stay online through the storm.
+        #[arg(long, default_value_t = 1.0)]
+        storm_fraction: f64,
     },
     /// Group fan-out (c2g): G groups of M members among N users; owners create them, then random
     /// members post at R posts/s in total for D seconds; every member copy is counted.

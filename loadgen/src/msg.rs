@@ -93,7 +93,8 @@ pub enum Op {
     Report,
     /// Drop every connection at once, reconnect at `rate` (0 = no limit), log in with the last
     /// seq held and sync; done when all are back.
-    Storm { rate: f64 },
+    /// `fraction`: the share of users that drop (index mod 1000 below fraction × 1000).
+    Storm { rate: f64, fraction: f64 },
     /// Close everything and exit.
     Quit,
 }
@@ -146,6 +147,8 @@ pub struct Report {
     pub heartbeats: u64,
     pub heartbeat_acks: u64,
     // --- storm ---
+    /// Connections the storm dropped.
+    pub dropped: u64,
     /// Time from the drop until the connection was logged in and synced.
     pub back_us: Hist,
     pub synced: u64,
@@ -230,6 +233,7 @@ impl Report {
         merge_map(&mut self.disconnects, &o.disconnects);
         self.heartbeats += o.heartbeats;
         self.heartbeat_acks += o.heartbeat_acks;
+        self.dropped += o.dropped;
         self.back_us.merge(&o.back_us);
         self.synced += o.synced;
         self.reconnected += o.reconnected;
