@@ -25,6 +25,7 @@
 #   SCYLLA_NODES   ScyllaDB contact points (host:port,…) for the logic nodes' shared store; the
 #                  keyspace (IM_SCYLLA_KEYSPACE, default "im") must exist (deploy/scylla/README.md).
 #   READY_TIMEOUT  seconds to wait for each process to listen (default 60).
+#   GATE_ARGS      more `im-server gate` flags for every gate (e.g. "--idle-timeout-secs 600").
 set -euo pipefail
 here=$PWD
 cd "$(dirname "$0")/.."
@@ -164,8 +165,9 @@ for i in $(seq 0 $((nodes_n - 1))); do
   wait_ready "logic node $i" "${logic_pids[$i]}" "$dir/logic$i.log" "$(api_port "$i")" "api on "
 done
 for g in $(seq 1 "$gates_n"); do
+  # shellcheck disable=SC2086 # GATE_ARGS is a list of flags
   "$bin" gate --gate-id "$g" --logic "$nodes" --listen "127.0.0.1:$(gate_port "$g")" --gate-cores 1 \
-    >"$dir/gate$g.log" 2>&1 &
+    ${GATE_ARGS:-} >"$dir/gate$g.log" 2>&1 &
   gate_pids+=($!)
 done
 for g in $(seq 1 "$gates_n"); do

@@ -23,7 +23,11 @@
 #
 # Environment: CONNS (1000000), GATES (CONNS / 18000, rounded up), LOGIC_NODES (2),
 # REDIS_MASTERS (3), HOLD_SECS (60), C2C_RATE (5000), C2C_SECS (30), STORM_FRACTION (0.1),
-# LOGIN_RATE (loadgen --rate, 20000), SAMPLE_SECS (5), BIN_DIR (target/release; built if
+# LOGIN_RATE (loadgen --rate, 6000), HEARTBEAT_SECS (120: the loadgen's heartbeat period; the
+# gates' idle timeout is set to three of them), STORM_RATE (reconnects/s during the storm, 5000:
+# phones back off with jitter; 0 = all at once), LOADGEN_NICE (10: the loadgen's 56 processes
+# share the 2 cores with the system they load and would otherwise starve its 2 logic threads;
+# clients are elsewhere in a real deployment), SAMPLE_SECS (5), BIN_DIR (target/release; built if
 # missing), OUT (/tmp/im-million-<time>), BASE_PORT (7000).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,7 +40,10 @@ hold=${HOLD_SECS:-60}
 c2c_rate=${C2C_RATE:-5000}
 c2c_secs=${C2C_SECS:-30}
 storm_fraction=${STORM_FRACTION:-0.1}
-login_rate=${LOGIN_RATE:-20000}
+login_rate=${LOGIN_RATE:-6000}
+heartbeat=${HEARTBEAT_SECS:-120}
+storm_rate=${STORM_RATE:-5000}
+lg_nice=${LOADGEN_NICE:-10}
 sample_secs=${SAMPLE_SECS:-5}
 bin=${BIN_DIR:-$here/target/release}
 out=${OUT:-/tmp/im-million-$(date +%Y%m%d-%H%M%S)}
@@ -75,6 +82,7 @@ sampler_pid=
 lg_pid=
 cleanup() {
   trap - EXIT INT TERM
+  set +e # every step of the cleanup runs, whatever failed before
   [ -n "$lg_pid" ] && kill -TERM "$lg_pid" 2>/dev/null
   [ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null
   if [ -n "$cluster_pid" ]; then
@@ -85,12 +93,15 @@ cleanup() {
   # Anything of ours still there (a cluster script killed hard leaves its children).
   pkill -KILL -f -- "--data-dir $out/cluster/" 2>/dev/null || true
   pkill -KILL -f -- "^$bin/im-server gate " 2>/dev/null || true
+  pkill -KILL -f -- "redis-server 127.0.0.1:$(( (base + 300) / 100 ))[0-9][0-9] " 2>/dev/null || true
+  pkill -KILL -f -- "local-cluster.sh $logic_nodes $gates " 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
 trap 'echo "million: interrupted" >&2; exit 130' INT TERM
 
 DIR=$out/cluster IM_BIN=$bin/im-server BASE_PORT=$base READY_TIMEOUT=120 \
+  GATE_ARGS="--idle-timeout-secs $(( heartbeat * 3 ))" \
   "$here/deploy/local-cluster.sh" "$logic_nodes" "$gates" "$redis_masters" >"$out/cluster.log" 2>&1 &
 cluster_pid=$!
 for _ in $(seq 600); do
@@ -141,7 +152,8 @@ sampler_pid=$!
 
 run_loadgen() { # name, args...
   local name=$1; shift
-  timeout -k 10 3600 "$bin/im-loadgen" "$@" --server "$servers" --rate "$login_rate" $server_args \
+  timeout -k 10 3600 nice -n "$lg_nice" "$bin/im-loadgen" "$@" --server "$servers" --rate "$login_rate" \
+    --heartbeat-secs "$heartbeat" $server_args \
     --json-out "$out/$name.json" --svg "$out/$name.svg" >"$out/$name.txt" 2>&1 &
   lg_pid=$!
   local rc=0
@@ -157,7 +169,7 @@ run_loadgen idle idle -n "$conns" --hold-secs "$hold" || status=1
 msgs_per_user=$(awk -v r="$c2c_rate" -v s="$c2c_secs" -v n="$conns" 'BEGIN {printf "%.6f", r * s / n}')
 echo "== phase 2: log in again, c2c $c2c_rate/s for $c2c_secs s, then $storm_fraction of them drop =="
 run_loadgen storm storm -n "$conns" --msgs-per-user "$msgs_per_user" --send-secs "$c2c_secs" \
-  --storm-fraction "$storm_fraction" || status=1
+  --storm-fraction "$storm_fraction" --storm-rate "$storm_rate" || status=1
 kill "$sampler_pid" 2>/dev/null || true
 sampler_pid=
 
