@@ -23,7 +23,7 @@
 #
 # Environment: CONNS (1000000), GATES (CONNS / 18000, rounded up), LOGIC_NODES (2),
 # REDIS_MASTERS (3), HOLD_SECS (60), C2C_RATE (5000), C2C_SECS (30), STORM_FRACTION (0.1),
-# LOGIN_RATE (loadgen --rate, 6000), HEARTBEAT_SECS (120: the loadgen's heartbeat period; the
+# KEEP_DATA (1 keeps the stores and Redis files), LOGIN_RATE (loadgen --rate, 6000), HEARTBEAT_SECS (120: the loadgen's heartbeat period; the
 # gates' idle timeout is set to three of them), STORM_RATE (reconnects/s during the storm, 5000:
 # phones back off with jitter; 0 = all at once), LOADGEN_NICE (10: the loadgen's 56 processes
 # share the 2 cores with the system they load and would otherwise starve its 2 logic threads;
@@ -96,6 +96,8 @@ cleanup() {
   pkill -KILL -f -- "redis-server 127.0.0.1:$(( (base + 300) / 100 ))[0-9][0-9] " 2>/dev/null || true
   pkill -KILL -f -- "local-cluster.sh $logic_nodes $gates " 2>/dev/null || true
   wait 2>/dev/null || true
+  # The stores and Redis files of the run (the logs stay), unless KEEP_DATA=1.
+  [ "${KEEP_DATA:-0}" = 1 ] || rm -rf "$out"/cluster/logic*/ "$out"/cluster/redis*/
 }
 trap cleanup EXIT
 trap 'echo "million: interrupted" >&2; exit 130' INT TERM

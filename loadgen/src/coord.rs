@@ -881,7 +881,11 @@ fn run(
             let share = storm_fraction.clamp(0.0, 1.0);
             t += &format!(
                 "== storm: {} of {total} connections drop and log in again ==\n",
-                if share >= 1.0 { "all".to_string() } else { format!("{:.1} %", share * 100.0) }
+                if share >= 1.0 {
+                    "all".to_string()
+                } else {
+                    format!("{:.1} %", share * 100.0)
+                }
             );
             t += &login_table(&login);
             let rate = total as f64 * msgs_per_user / send_secs.max(1e-3);

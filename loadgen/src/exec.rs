@@ -693,7 +693,8 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     // address count gave each gate one address, and the gate's per-address cap of 10 000
     // connections stopped the run).
     let gates = p.server.len().max(1);
-    let src = (!p.src_ips.is_empty()).then(|| p.src_ips[(c.idx as usize / gates) % p.src_ips.len()]);
+    let src =
+        (!p.src_ips.is_empty()).then(|| p.src_ips[(c.idx as usize / gates) % p.src_ips.len()]);
     let server = p.server[(c.uid.0 % p.server.len().max(1) as u64) as usize];
     let why = match start_connect(src, server) {
         Err(e) => End::Connect(errno_name(&e)),
