@@ -14,7 +14,7 @@
 #             is accounted (lost, duplicated, out of order), the storm's time to all back and
 #             synced is measured.
 # Every SAMPLE_SECS a sampler records each process kind's RSS and CPU time and the kernel's
-# socket and slab memory (samples.csv). Results: $OUT/idle.json, storm.json, samples.csv,
+# socket and slab memory (samples.csv, drawn by million-plot.py as samples.svg). Results: $OUT/idle.json, storm.json,
 # summary.json, the loadgen's SVG plots, and every process's log under $OUT/cluster.
 #
 # Before it starts it checks the machine (open-file limits, memory, port layout) and refuses with
@@ -209,5 +209,6 @@ print("peak RSS growth per connection (B):", per_conn)
 print("kernel slab growth per connection (B):", summary["slab_growth_bytes_per_conn"],
       " TCP sockets at peak:", summary["tcp_sockets_peak"])
 PY
+python3 "$here/benches/scripts/million-plot.py" "$out" >/dev/null || echo "million: no plot of the samples" >&2
 [ "$status" -eq 0 ] && echo "million: passed" || echo "million: FAILED (see $out)"
 exit "$status"
