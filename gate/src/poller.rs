@@ -355,3 +355,26 @@ pub fn advance(out: &mut std::collections::VecDeque<bytes::Bytes>, mut n: usize)
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use bytes::Bytes;
+
+    /// A partial write leaves the unwritten tail of the frame it stopped in, and whole frames
+    /// after it, in order.
+    #[test]
+    fn advance_drops_whole_frames_then_part_of_one() {
+        let mut q: VecDeque<Bytes> = [&b"abc"[..], b"defg", b"hi"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        super::advance(&mut q, 5);
+        assert_eq!(q, [Bytes::from_static(b"fg"), Bytes::from_static(b"hi")]);
+        super::advance(&mut q, 2);
+        assert_eq!(q, [Bytes::from_static(b"hi")]);
+        super::advance(&mut q, 10);
+        assert!(q.is_empty());
+    }
+}
