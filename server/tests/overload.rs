@@ -177,3 +177,18 @@ fn a_pipelining_client_that_reads_is_slowed_not_cut() {
         assert_eq!(b, format!("pipelined {}", i + 1).as_bytes());
     }
 }
+
+/// A login while logic's queue is full is refused with a retryable `Overloaded` (carrying the
+/// login's req_id) and the connection is closed (PROTOCOL.md §7).
+#[test]
+fn a_login_while_the_queue_is_full_is_refused_retryably_and_closed() {
+    // A queue of zero admits nothing.
+    let s = start_with(|c| c.max_queued = 0);
+    let mut c = connect(s.addr);
+    let err = c
+        .login(UserId(7300), &token(7300), DeviceType::Phone, "p", Seq(0))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Overloaded));
+    assert!(ErrorCode::Overloaded.is_retryable());
+    assert!(c.read_until_closed(Duration::from_secs(5)).is_ok());
+}
