@@ -444,8 +444,8 @@ pub(crate) fn recv_now(core: &Core, fd: RawFd, buf: &mut BytesMut) -> std::io::R
         if scratch.capacity() < READ_SCRATCH {
             *scratch = Vec::with_capacity(READ_SCRATCH);
         }
-        let want = scratch.capacity();
-        let Some(n) = recv(fd, &mut scratch.spare_capacity_mut()[..want])? else {
+        let want = scratch.capacity(); // the scratch buffer is always empty between reads
+        let Some(n) = recv(fd, scratch.spare_capacity_mut())? else {
             return Ok(Recv::Nothing);
         };
         // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
@@ -476,7 +476,8 @@ pub(crate) fn recv_now(core: &Core, fd: RawFd, buf: &mut BytesMut) -> std::io::R
 pub(crate) enum Drain {
     /// Every complete frame was handled: read more.
     More,
-    /// Frames (or reads) must wait: [`Resume`] says when.
+    /// Frames (or reads) must wait: [`Resume`] (a layered reader) or the core's `paused` list (a
+    /// plain connection, poller.rs) says when.
     Paused,
     /// A protocol error or a refusal that closes: the connection stops reading.
     Stop,

@@ -119,10 +119,16 @@ pub async fn poller(core: Rc<Core>) {
     };
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
     loop {
-        // Connections that paused, and those that used up their turn, in the order they stopped.
+        // Connections that paused and may go on now, and those that used up their turn, in the
+        // order they stopped; the ones still paused stay on the list, waiting to be woken.
         let again = std::mem::take(&mut *core.paused.borrow_mut());
         for c in again {
-            read_ready(&core, &c);
+            if may_read(&core, &c) {
+                read_ready(&core, &c);
+            } else {
+                c.set_reader_waker(core.poller_waker.borrow().clone());
+                core.paused.borrow_mut().push(c);
+            }
         }
         loop {
             let n = core.epoll.ready(&mut events);

@@ -695,7 +695,7 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     let gates = p.server.len().max(1);
     let src =
         (!p.src_ips.is_empty()).then(|| p.src_ips[(c.idx as usize / gates) % p.src_ips.len()]);
-    let server = p.server[(c.uid.0 % p.server.len().max(1) as u64) as usize];
+    let server = p.server[(c.uid.0 % gates as u64) as usize];
     let why = match start_connect(src, server) {
         Err(e) => End::Connect(errno_name(&e)),
         Ok(fd) => {
