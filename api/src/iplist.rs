@@ -24,18 +24,7 @@ pub(crate) const STALE_MAX: Duration = Duration::from_secs(10);
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-fn mix64(mut z: u64) -> u64 {
-    // The splitmix64 finalizer: a bijection with full avalanche.
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The rendezvous weight of gate `gate` for user `uid`:
-/// `mix64(mix64(uid) ^ mix64(gate + 0x9e3779b97f4a7c15))` with `mix64` the splitmix64 finalizer.
-pub fn rendezvous_weight(uid: UserId, gate: u16) -> u64 {
-    mix64(mix64(uid.0) ^ mix64((gate as u64).wrapping_add(0x9e37_79b9_7f4a_7c15)))
-}
+pub use im_shared::iplist::rendezvous_weight;
 
 /// Sorts `gates` into `uid`'s order: decreasing [`rendezvous_weight`], ties by gate id.
 pub fn order_gates(uid: UserId, gates: &mut [GateInfo]) {

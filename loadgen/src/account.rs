@@ -10,7 +10,10 @@
 //! - **lost**: acknowledged, never received;
 //! - **delivered, unacknowledged**: received although the sender saw no ack (a timeout or a
 //!   retryable error after the server had accepted it) — allowed, reported for information;
-//! - **phantom**: received but never sent in this run — must be 0.
+//! - **phantom**: received but never sent in this run — must be 0;
+//! - **undelivered, recipient offline**: acknowledged, not received, and the recipient was not
+//!   logged in and synced at the end of the run (`Report::not_back_ids`): stored for its next
+//!   login, not lost. The run fails on such users anyway (they should have come back).
 //!
 //! Duplicates and order are checked at the recipient, which sees all of its own deliveries:
 //! raw duplicates (same seq twice, dropped by seq dedup) and duplicates after dedup (a new seq for
@@ -30,6 +33,8 @@ pub struct Join {
     pub lost: u64,
     pub delivered_unacked: u64,
     pub phantom: u64,
+    /// Acknowledged, not received, and the recipient was not back at the end (not in `lost`).
+    pub undelivered_offline: u64,
     /// Example lost messages (from index, to index, counter), at most 10.
     pub lost_examples: Vec<[u32; 3]>,
 }
@@ -38,6 +43,7 @@ pub fn join(r: &Report) -> Join {
     let received: HashSet<[u32; 3]> = r.received_ids.0.iter().copied().collect();
     let acked: HashSet<[u32; 3]> = r.acked_ids.0.iter().copied().collect();
     let unacked: HashSet<[u32; 3]> = r.unacked_ids.0.iter().copied().collect();
+    let offline: HashSet<u32> = r.not_back_ids.iter().copied().collect();
     let mut j = Join {
         acked: acked.len() as u64,
         received: received.len() as u64,
@@ -45,6 +51,10 @@ pub fn join(r: &Report) -> Join {
     };
     for id in &acked {
         if !received.contains(id) {
+            if offline.contains(&id[1]) {
+                j.undelivered_offline += 1;
+                continue;
+            }
             j.lost += 1;
             if j.lost_examples.len() < 10 {
                 j.lost_examples.push(*id);
@@ -83,6 +93,8 @@ pub struct GroupJoin {
     pub own_copies: u64,
     /// (acknowledged post, member) pairs never delivered.
     pub lost: u64,
+    /// Of the pairs never delivered, those whose member was not back at the end (not in `lost`).
+    pub undelivered_offline: u64,
     /// Acknowledged posts with at least one member copy missing.
     pub posts_with_loss: u64,
     /// Copies of posts the sender saw no ack for (allowed).
@@ -155,6 +167,7 @@ pub fn join_group(r: &Report, size: u32, users: u32) -> GroupJoin {
     }
     j.received = received.len() as u64;
     let mut lost: Vec<[u32; 3]> = Vec::new();
+    let offline: HashSet<u32> = r.not_back_ids.iter().copied().collect();
     for (k, (g, acked)) in &posts {
         if !acked {
             continue;
@@ -163,6 +176,10 @@ pub fn join_group(r: &Report, size: u32, users: u32) -> GroupJoin {
         let mut any = false;
         for m in group_members(*g, size, users) {
             if !received.contains(&[from, m, counter]) {
+                if offline.contains(&m) {
+                    j.undelivered_offline += 1;
+                    continue;
+                }
                 j.lost += 1;
                 any = true;
                 if lost.len() < 10 {

@@ -2,6 +2,7 @@
 //! report, prints a live progress line and the final table / JSON.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, Command as Proc, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::account::{join, join_group, GroupJoin, Join};
-use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request, BODY_HEADER};
+use crate::msg::{Backoff, Event, Hist, Op, Plan, Progress, Report, Request, BODY_HEADER};
 use crate::srcip::parse_src_ips;
 use crate::worker::{cpu_ticks, rss_kib};
 use crate::{Cli, Common, Scenario};
@@ -58,7 +59,13 @@ struct Coord {
 
 impl Coord {
     /// `groups`: number of groups and members per group (`group` scenario; else `(0, 0)`).
-    fn spawn(common: &Common, total: u32, seed: u64, groups: (u32, u32)) -> anyhow::Result<Coord> {
+    fn spawn(
+        common: &Common,
+        gates: &Gates,
+        total: u32,
+        seed: u64,
+        groups: (u32, u32),
+    ) -> anyhow::Result<Coord> {
         let src_ips = if common.src_ips == "none" {
             Vec::new()
         } else {
@@ -80,7 +87,7 @@ impl Coord {
                 cores: common.cores_per_worker.max(1),
                 pin: common.pin,
                 io_memory_kib: common.io_memory_kib,
-                server: common.server.clone(),
+                server: gates.server.clone(),
                 token_secret: common.token_secret.clone(),
                 uid_base: common.uid_base,
                 src_ips: src_ips.clone(),
@@ -94,6 +101,9 @@ impl Coord {
                     | ((seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9)) & 0xffff_ffff),
                 groups: groups.0,
                 group_size: groups.1,
+                gate_ids: gates.ids.clone(),
+                backoff: gates.backoff,
+                login_retry_ms: (common.login_retry_secs * 1000.0) as u64,
             };
             let mut child = Proc::new(&exe)
                 .arg("worker")
@@ -390,6 +400,7 @@ fn traffic_json(r: &Report, j: Option<&Join>, secs: f64) -> Value {
         "lost": j.map(|j| j.lost),
         "delivered_unacked": j.map(|j| j.delivered_unacked),
         "phantom": j.map(|j| j.phantom),
+        "undelivered_offline": j.map(|j| j.undelivered_offline),
         "lost_examples": j.map(|j| j.lost_examples.clone()),
         "raw_dups": r.raw_dups,
         "dedup_dups": r.dedup_dups,
@@ -401,6 +412,9 @@ fn traffic_json(r: &Report, j: Option<&Join>, secs: f64) -> Value {
         "deliver_latency": lat(&r.deliver_us),
         "disconnects": r.disconnects,
         "reconnected": r.reconnected,
+        "retries": r.retries,
+        "resent": r.resent,
+        "not_back": r.not_back,
     })
 }
 
@@ -428,6 +442,12 @@ fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
                 "  lost {} (acked, never delivered), delivered-unacked {}, phantom {}\n",
                 j.lost, j.delivered_unacked, j.phantom
             );
+            if j.undelivered_offline > 0 {
+                s += &format!(
+                    "  undelivered {} (acked; the recipient was not back at the end: stored for its next login)\n",
+                    j.undelivered_offline
+                );
+            }
             if !j.lost_examples.is_empty() {
                 s += &format!("  lost e.g. (from,to,counter): {:?}\n", j.lost_examples);
             }
@@ -438,10 +458,17 @@ fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
         "  duplicates: raw (same seq) {}, after dedup {}; out of order {}; gaps {} (pushes out of seq order {}); syncs {}\n",
         r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps, r.push_reorders, r.sync_requests
     );
-    if !r.disconnects.is_empty() {
+    if !r.disconnects.is_empty() || r.retries > 0 {
         s += &format!(
-            "  disconnects {:?} (reconnected and synced: {})\n",
-            r.disconnects, r.reconnected
+            "  disconnects {:?} (reconnected and synced: {}; attempts after a failure {}; sends repeated after a re-login {})\n",
+            r.disconnects, r.reconnected, r.retries, r.resent
+        );
+    }
+    if r.not_back > 0 {
+        s += &format!(
+            "  NOT BACK at the end: {} users (e.g. indices {:?})\n",
+            r.not_back,
+            &r.not_back_ids[..r.not_back_ids.len().min(10)]
         );
     }
     s += &lat_row("send→ack", &r.ack_us);
@@ -455,6 +482,7 @@ fn login_json(r: &Report) -> Value {
         "attempted": r.attempted,
         "logged_in": r.logged_in,
         "failures": r.login_failures,
+        "gave_up": r.gave_up,
         "seconds": secs,
         "logins_per_s": if secs > 0.0 { r.logged_in as f64 / secs } else { 0.0 },
         "login_latency": lat(&r.login_us),
@@ -464,7 +492,7 @@ fn login_json(r: &Report) -> Value {
 fn login_table(r: &Report) -> String {
     let secs = secs_between(r.first_connect_ns, r.last_login_ns);
     let mut s = format!(
-        "  logins {}/{} in {:.2} s = {:.0} logins/s; failures {:?}\n",
+        "  logins {}/{} attempts in {:.2} s = {:.0} logins/s; failures {:?}; users that gave up {}\n",
         r.logged_in,
         r.attempted,
         secs,
@@ -473,7 +501,8 @@ fn login_table(r: &Report) -> String {
         } else {
             0.0
         },
-        r.login_failures
+        r.login_failures,
+        r.gave_up
     );
     s += &lat_row("connect+login", &r.login_us);
     s
@@ -518,14 +547,15 @@ fn params(common: &Common) -> Value {
 pub(crate) fn verdict(result: &Value) -> Vec<String> {
     let mut bad = Vec::new();
     let login = &result["login"];
-    let (attempted, logged_in) = (
+    let (attempted, logged_in, gave_up) = (
         login["attempted"].as_u64().unwrap_or(0),
         login["logged_in"].as_u64().unwrap_or(0),
+        login["gave_up"].as_u64().unwrap_or(0),
     );
-    if attempted > 0 && logged_in > 0 && logged_in < attempted {
+    if logged_in > 0 && gave_up > 0 {
         bad.push(format!(
-            "{} of {attempted} logins failed",
-            attempted - logged_in
+            "{gave_up} users never logged in (failed attempts by reason: {})",
+            login["failures"]
         ));
     }
     if attempted > 0 && login["logged_in"].as_u64() == Some(0) {
@@ -555,6 +585,13 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
     for row in result["steps"].as_array().into_iter().flatten() {
         check(format!("max step {}", row["rate"]), &row["c2c"]);
     }
+    for k in ["c2c", "group", "warmup"] {
+        if let Some(n) = result[k]["not_back"].as_u64().filter(|&n| n > 0) {
+            bad.push(format!(
+                "{k}: {n} users that were online were not back (logged in and synced) at the end"
+            ));
+        }
+    }
     bad
 }
 
@@ -582,12 +619,26 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
         } => group_layout(*users, *members, *groups)?,
         _ => (0, 0),
     };
-    let mut coord = Coord::spawn(c, total, seed, groups)?;
+    let gates = match &c.iplist {
+        Some(url) => fetch_iplist(url, c.uid_base)?,
+        None => Gates {
+            server: c.server.clone(),
+            ids: Vec::new(),
+            backoff: Backoff {
+                initial_ms: c.reconnect_initial_ms,
+                max_ms: c.reconnect_max_ms,
+                multiplier: c.reconnect_multiplier,
+                jitter: c.reconnect_jitter,
+            },
+        },
+    };
+    let mut coord = Coord::spawn(c, &gates, total, seed, groups)?;
     let workers = coord.workers.len();
     eprintln!(
         "im-loadgen: {total} users over {workers} worker process(es) × {} executor(s), server {}",
         c.cores_per_worker,
-        c.server
+        gates
+            .server
             .iter()
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
@@ -615,6 +666,70 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The gates every user walks (in its own order) and the reconnect backoff.
+struct Gates {
+    server: Vec<SocketAddr>,
+    /// Gate ids from the iplist (same order as `server`); empty with `--server`.
+    ids: Vec<u16>,
+    backoff: Backoff,
+}
+
+/// `GET <url>/v1/iplist?uid=<uid>` of a logic node's API (plain HTTP): the live gates and the
+/// backoff. Each user then orders the gates itself by the iplist's rendezvous weight, so one
+/// request serves every user of the run.
+fn fetch_iplist(url: &str, uid: u64) -> anyhow::Result<Gates> {
+    use std::io::{Read, Write};
+    let hostport = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--iplist {url}: only http:// URLs"))?
+        .trim_end_matches('/');
+    let mut sock = std::net::TcpStream::connect(hostport)
+        .with_context(|| format!("--iplist: connecting to {hostport}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        sock,
+        "GET /v1/iplist?uid={uid} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    sock.read_to_string(&mut resp)
+        .context("--iplist: reading the answer")?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("--iplist: no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "--iplist: {} ({body:.200})",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    let v: Value = serde_json::from_str(body).context("--iplist: not JSON")?;
+    let mut server = Vec::new();
+    let mut ids = Vec::new();
+    for g in v["gates"].as_array().into_iter().flatten() {
+        let addr = g["tcp"].as_str().context("--iplist: gate without tcp")?;
+        server.push(
+            addr.parse()
+                .with_context(|| format!("--iplist: gate address {addr}"))?,
+        );
+        ids.push(g["id"].as_u64().context("--iplist: gate without id")? as u16);
+    }
+    if server.is_empty() {
+        bail!("--iplist: no gate in the list");
+    }
+    let b = &v["backoff"];
+    let backoff = Backoff {
+        initial_ms: b["initial_ms"].as_u64().context("--iplist: backoff")?,
+        max_ms: b["max_ms"].as_u64().context("--iplist: backoff")?,
+        multiplier: b["multiplier"].as_f64().context("--iplist: backoff")?,
+        jitter: b["jitter"].as_f64().context("--iplist: backoff")?,
+    };
+    Ok(Gates {
+        server,
+        ids,
+        backoff,
+    })
+}
+
 /// `(groups, members per group)` of the `group` scenario, checked.
 fn group_layout(users: u32, members: u32, groups: Option<u32>) -> anyhow::Result<(u32, u32)> {
     let max = im_shared::proto::MAX_GROUP_MEMBERS as u32;
@@ -638,6 +753,7 @@ fn group_json(r: &Report, j: Option<&GroupJoin>, secs: f64) -> Value {
         "lost",
         "delivered_unacked",
         "phantom",
+        "undelivered_offline",
         "lost_examples",
         "echoes",
     ] {
@@ -675,6 +791,12 @@ fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
                 "  lost {} (acked post, member never got it; in {} posts), delivered-unacked {}, phantom {}, to non-members {}\n",
                 j.lost, j.posts_with_loss, j.delivered_unacked, j.phantom, j.non_member
             );
+            if j.undelivered_offline > 0 {
+                s += &format!(
+                    "  undelivered {} copies (acked post; the member was not back at the end: stored for its next login)\n",
+                    j.undelivered_offline
+                );
+            }
             if !j.lost_examples.is_empty() {
                 s += &format!("  lost e.g. (from,member,counter): {:?}\n", j.lost_examples);
             }
@@ -692,10 +814,17 @@ fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
         "  duplicates: raw (same seq) {}, after dedup {}; sender order (counter backwards per sender, group, member) {}; gaps {} (pushes out of seq order {}); syncs {}\n",
         r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps, r.push_reorders, r.sync_requests
     );
-    if !r.disconnects.is_empty() {
+    if !r.disconnects.is_empty() || r.retries > 0 {
         s += &format!(
-            "  disconnects {:?} (reconnected and synced: {})\n",
-            r.disconnects, r.reconnected
+            "  disconnects {:?} (reconnected and synced: {}; attempts after a failure {}; sends repeated after a re-login {})\n",
+            r.disconnects, r.reconnected, r.retries, r.resent
+        );
+    }
+    if r.not_back > 0 {
+        s += &format!(
+            "  NOT BACK at the end: {} users (e.g. indices {:?})\n",
+            r.not_back,
+            &r.not_back_ids[..r.not_back_ids.len().min(10)]
         );
     }
     s += &lat_row("send→ack", &r.ack_us);
@@ -1013,8 +1142,24 @@ mod verdict_tests {
         assert!(verdict(&nobody)[0].contains("no connection logged in"));
         let lost = json!({"login": {"attempted": 10, "logged_in": 10}, "c2c": {"lost": 3}});
         assert_eq!(verdict(&lost), ["c2c: 3 lost"]);
-        let some = json!({"login": {"attempted": 10, "logged_in": 7}, "c2c": {"lost": 0}});
-        assert_eq!(verdict(&some), ["3 of 10 logins failed"]);
+        // Retried attempts are no failure; users that never logged in are.
+        let retried = json!({"login": {"attempted": 14, "logged_in": 10, "gave_up": 0},
+                             "c2c": {"lost": 0}});
+        assert!(verdict(&retried).is_empty());
+        let some = json!({"login": {"attempted": 10, "logged_in": 7, "gave_up": 3,
+                                    "failures": {"BadToken": 3}},
+                          "c2c": {"lost": 0}});
+        assert_eq!(
+            verdict(&some),
+            [r#"3 users never logged in (failed attempts by reason: {"BadToken":3})"#]
+        );
+        // Users still away at the end fail the run; their messages are not counted lost.
+        let away = json!({"login": {"attempted": 10, "logged_in": 10},
+                          "c2c": {"lost": 0, "undelivered_offline": 5, "not_back": 2}});
+        assert_eq!(
+            verdict(&away),
+            ["c2c: 2 users that were online were not back (logged in and synced) at the end"]
+        );
         let slow = json!({"login": {"attempted": 10, "logged_in": 10},
                           "c2c": {"lost": 0, "ack_timeouts": 4}});
         assert_eq!(verdict(&slow), ["c2c: 4 ack_timeouts"]);

@@ -44,6 +44,28 @@ pub struct Common {
         value_delimiter = ','
     )]
     pub server: Vec<SocketAddr>,
+    /// Take the gates and the reconnect backoff from the iplist of this logic-node API instead
+    /// of --server and --reconnect-* (e.g. http://127.0.0.1:8080): each user then tries the gates
+    /// in its own iplist order (docs/API.md).
+    #[arg(long, global = true)]
+    pub iplist: Option<String>,
+    /// Reconnect backoff: the first wait after a failed login or a lost connection, ms (each
+    /// attempt also moves to the user's next gate).
+    #[arg(long, global = true, default_value_t = 500)]
+    pub reconnect_initial_ms: u64,
+    /// Reconnect backoff: the longest wait, ms.
+    #[arg(long, global = true, default_value_t = 30_000)]
+    pub reconnect_max_ms: u64,
+    /// Reconnect backoff: each failed attempt in a row multiplies the wait by this.
+    #[arg(long, global = true, default_value_t = 2.0)]
+    pub reconnect_multiplier: f64,
+    /// Reconnect backoff: each wait is multiplied by a random factor in [1 - j, 1 + j].
+    #[arg(long, global = true, default_value_t = 0.5)]
+    pub reconnect_jitter: f64,
+    /// A user that has never logged in stops retrying this long after its first attempt (a user
+    /// that was logged in once reconnects until the run ends).
+    #[arg(long, global = true, default_value_t = 60.0)]
+    pub login_retry_secs: f64,
     /// Secret of the development token issuer (the server's default).
     #[arg(
         long,

@@ -47,6 +47,62 @@ pub struct Plan {
     pub groups: u32,
     #[serde(default)]
     pub group_size: u32,
+    /// Gate ids of `server` (same order) when the gates came from the iplist (`--iplist`): each
+    /// user tries them in its rendezvous order (docs/API.md). Empty: user `uid` starts at
+    /// `server[uid % len]` and walks on from there.
+    #[serde(default)]
+    pub gate_ids: Vec<u16>,
+    /// The wait before each reconnect attempt (the iplist's `backoff`).
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// A user that has never logged in stops retrying this long after its first attempt (a user
+    /// that was logged in once keeps reconnecting until the run ends).
+    #[serde(default = "default_login_retry_ms")]
+    pub login_retry_ms: u64,
+}
+
+fn default_login_retry_ms() -> u64 {
+    60_000
+}
+
+/// Reconnect backoff, as the iplist hands it out: the wait before attempt `n` (0-based, reset
+/// after a connection that stayed logged in for [`Backoff::STABLE_MS`]) is
+/// `min(max_ms, initial_ms * multiplier^n)` times a random factor in `[1 - jitter, 1 + jitter]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    pub multiplier: f64,
+    pub jitter: f64,
+}
+
+impl Backoff {
+    /// A connection that stayed logged in this long resets the attempt count.
+    pub const STABLE_MS: u64 = 10_000;
+
+    /// The wait before attempt `attempt`, with `unit` uniform in `[0, 1)`.
+    pub fn wait_ms(&self, attempt: u32, unit: f64) -> u64 {
+        im_shared::iplist::reconnect_wait_ms(
+            self.initial_ms,
+            self.max_ms,
+            self.multiplier,
+            self.jitter,
+            attempt,
+            unit,
+        )
+    }
+}
+
+impl Default for Backoff {
+    /// The iplist's default: 500 ms, doubling up to 30 s, ±50 %.
+    fn default() -> Self {
+        Backoff {
+            initial_ms: 500,
+            max_ms: 30_000,
+            multiplier: 2.0,
+            jitter: 0.5,
+        }
+    }
 }
 
 /// Member `j` (`0..size`) of group `k` among `users` users: groups are consecutive runs of user
@@ -154,6 +210,18 @@ pub struct Report {
     pub synced: u64,
     /// Lost connections that reconnected, logged in and synced.
     pub reconnected: u64,
+    /// Connection attempts after a failed login or a lost connection (each after its backoff).
+    pub retries: u64,
+    /// Sends repeated after a re-login because their ack never came on the lost connection
+    /// (same `client_msg_id`: the server's dedup answers them with the first ack).
+    pub resent: u64,
+    /// Users that were logged in during the run but were not logged in and synced at the
+    /// report (still reconnecting, or stopped by a non-retryable end), and their indices.
+    pub not_back: u64,
+    pub not_back_ids: Vec<u32>,
+    /// Users that never logged in and stopped retrying (`login_retry_ms` passed, or a
+    /// non-retryable refusal).
+    pub gave_up: u64,
     // --- messages ---
     pub sent: u64,
     pub acked: u64,
@@ -237,6 +305,11 @@ impl Report {
         self.back_us.merge(&o.back_us);
         self.synced += o.synced;
         self.reconnected += o.reconnected;
+        self.retries += o.retries;
+        self.resent += o.resent;
+        self.not_back += o.not_back;
+        self.not_back_ids.extend_from_slice(&o.not_back_ids);
+        self.gave_up += o.gave_up;
         self.sent += o.sent;
         self.acked += o.acked;
         merge_map(&mut self.send_errors, &o.send_errors);

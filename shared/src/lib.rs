@@ -11,6 +11,7 @@ pub mod codes;
 pub mod errors;
 pub mod frame;
 pub mod ids;
+pub mod iplist;
 pub mod link;
 pub mod msgid;
 pub mod peer;
