@@ -26,6 +26,7 @@
 #                  keyspace (IM_SCYLLA_KEYSPACE, default "im") must exist (deploy/scylla/README.md).
 #   READY_TIMEOUT  seconds to wait for each process to listen (default 60).
 #   GATE_ARGS      more `im-server gate` flags for every gate (e.g. "--idle-timeout-secs 600").
+#   LOGIC_ARGS     more `im-server logic` flags for every logic node (e.g. "--shard-lease-ms 3000").
 set -euo pipefail
 here=$PWD
 cd "$(dirname "$0")/.."
@@ -155,9 +156,10 @@ elif [ "$redis_n" -gt 0 ]; then
 fi
 
 for i in $(seq 0 $((nodes_n - 1))); do
+  # shellcheck disable=SC2086 # LOGIC_ARGS is a list of flags
   "$bin" logic --node-id "$i" --nodes "$nodes" --data-dir "$dir/logic$i" --logic-workers 1 \
     --api-listen "127.0.0.1:$(api_port "$i")" ${redis_nodes:+--redis-nodes "$redis_nodes"} \
-    ${SCYLLA_NODES:+--scylla-nodes "$SCYLLA_NODES"} >"$dir/logic$i.log" 2>&1 &
+    ${SCYLLA_NODES:+--scylla-nodes "$SCYLLA_NODES"} ${LOGIC_ARGS:-} >"$dir/logic$i.log" 2>&1 &
   logic_pids+=($!)
 done
 for i in $(seq 0 $((nodes_n - 1))); do

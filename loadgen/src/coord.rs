@@ -104,6 +104,7 @@ impl Coord {
                 gate_ids: gates.ids.clone(),
                 backoff: gates.backoff,
                 login_retry_ms: (common.login_retry_secs * 1000.0) as u64,
+                resend_ms: common.resend_ms,
             };
             let mut child = Proc::new(&exe)
                 .arg("worker")
@@ -412,6 +413,7 @@ fn traffic_json(r: &Report, j: Option<&Join>, secs: f64) -> Value {
         "deliver_latency": lat(&r.deliver_us),
         "disconnects": r.disconnects,
         "reconnected": r.reconnected,
+        "reconnect_latency": lat(&r.reconnect_us),
         "retries": r.retries,
         "resent": r.resent,
         "not_back": r.not_back,
@@ -473,6 +475,9 @@ fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
     }
     s += &lat_row("send→ack", &r.ack_us);
     s += &lat_row("send→deliver", &r.deliver_us);
+    if r.reconnect_us.len() > 0 {
+        s += &lat_row("lost→back", &r.reconnect_us);
+    }
     s
 }
 
@@ -581,6 +586,9 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
     };
     check("c2c".into(), &result["c2c"]);
     check("group".into(), &result["group"]["accounting"]);
+    // A group run's ack timeouts are in its traffic counters, next to the accounting.
+    let group_timeouts = json!({"ack_timeouts": result["group"]["ack_timeouts"]});
+    check("group".into(), &group_timeouts);
     check("max warm-up".into(), &result["warmup"]);
     for row in result["steps"].as_array().into_iter().flatten() {
         check(format!("max step {}", row["rate"]), &row["c2c"]);
@@ -676,8 +684,26 @@ struct Gates {
 
 /// `GET <url>/v1/iplist?uid=<uid>` of a logic node's API (plain HTTP): the live gates and the
 /// backoff. Each user then orders the gates itself by the iplist's rendezvous weight, so one
-/// request serves every user of the run.
+/// request serves every user of the run. As docs/API.md tells clients, an answer `503` (no gate
+/// registered yet, the directory unavailable) or a failed connect is retried with backoff, here
+/// for up to a minute.
 fn fetch_iplist(url: &str, uid: u64) -> anyhow::Result<Gates> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match fetch_iplist_once(url, uid) {
+            Ok(g) => return Ok(g),
+            Err(e) if Instant::now() + wait < deadline => {
+                eprintln!("im-loadgen: {e:#}; trying again in {} ms", wait.as_millis());
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(4));
+            }
+            Err(e) => return Err(e.context("--iplist: no usable answer within 60 s")),
+        }
+    }
+}
+
+fn fetch_iplist_once(url: &str, uid: u64) -> anyhow::Result<Gates> {
     use std::io::{Read, Write};
     let hostport = url
         .strip_prefix("http://")
@@ -1166,6 +1192,9 @@ mod verdict_tests {
         let group = json!({"login": {"attempted": 4, "logged_in": 4},
                            "group": {"accounting": {"lost": 0, "phantom": 1}}});
         assert_eq!(verdict(&group), ["group: 1 phantom"]);
+        let group_slow = json!({"login": {"attempted": 4, "logged_in": 4},
+                                "group": {"ack_timeouts": 2, "accounting": {"lost": 0}}});
+        assert_eq!(verdict(&group_slow), ["group: 2 ack_timeouts"]);
         let max = json!({"login": {"attempted": 4, "logged_in": 4},
                          "steps": [{"rate": 1000, "c2c": {"lost": 0}},
                                    {"rate": 2000, "c2c": {"lost": 2}}]});

@@ -81,6 +81,8 @@ struct Pending {
     cmd: Cmd,
     wire_to: u64,
     sent_ns: u64,
+    /// When this send last went out (the first time, or its last repetition).
+    last_try: Instant,
 }
 
 struct Conn {
@@ -318,7 +320,9 @@ impl Exec {
                     r.synced += 1;
                     self.storm_back.set(self.storm_back.get() + 1);
                 } else {
-                    self.rep.borrow_mut().reconnected += 1;
+                    let mut r = self.rep.borrow_mut();
+                    r.reconnected += 1;
+                    r.reconnect_us.record(t0.elapsed().as_micros() as u64);
                 }
             }
         }
@@ -638,6 +642,7 @@ impl Exec {
             cmd,
             wire_to,
             sent_ns,
+            last_try: Instant::now(),
         });
         self.pending_total.set(self.pending_total.get() + 1);
         let mut r = self.rep.borrow_mut();
@@ -667,17 +672,26 @@ impl Exec {
     /// again with the same `client_msg_id` and body, as a phone's outbox does; the server's dedup
     /// answers one it already stored with the same ack.
     fn resend_pending(&self, c: &Conn) {
+        self.resend_older(c, Duration::ZERO);
+    }
+
+    /// Sends again (same `client_msg_id` and body, a new `req_id`) every pending send that went
+    /// out at least `age` ago: PROTOCOL.md section 10 tells a client to do so when the `SendAck`
+    /// does not come.
+    fn resend_older(&self, c: &Conn, age: Duration) {
         let mut pend = c.pending.borrow_mut();
-        if pend.is_empty() {
-            return;
-        }
-        for p in pend.iter_mut() {
+        let mut n = 0;
+        for p in pend.iter_mut().filter(|p| p.last_try.elapsed() >= age) {
             p.req = c.req();
+            p.last_try = Instant::now();
             self.encode_send(c, p.cmd, p.req, p.counter, p.wire_to, p.sent_ns);
+            n += 1;
         }
-        self.rep.borrow_mut().resent += pend.len() as u64;
         drop(pend);
-        c.wake();
+        if n > 0 {
+            self.rep.borrow_mut().resent += n;
+            c.wake();
+        }
     }
 
     /// The gate for this user's next attempt: its `gate_pos`-th gate in its order (the iplist's
@@ -937,11 +951,22 @@ async fn ticker_1s(ex: Rc<Exec>) {
     let mut tick: u64 = 0;
     let hb = ex.plan.heartbeat_secs.max(1) as u64;
     let login_timeout = Duration::from_millis(ex.plan.login_timeout_ms);
+    let resend = Duration::from_millis(ex.plan.resend_ms);
     loop {
         sleep(Duration::from_secs(1)).await;
         tick += 1;
         let mut hbs = 0;
         for c in &ex.conns {
+            if ex.plan.resend_ms > 0 && c.st.get() == St::LoggedIn {
+                let due = c
+                    .pending
+                    .borrow()
+                    .front()
+                    .is_some_and(|p| p.last_try.elapsed() >= resend);
+                if due {
+                    ex.resend_older(c, resend);
+                }
+            }
             match c.st.get() {
                 St::LoggedIn if (c.local as u64 % hb) == tick % hb => {
                     c.push(&Command::Heartbeat);
@@ -1584,6 +1609,7 @@ mod tests {
                 jitter: 0.5,
             },
             login_retry_ms: 10_000,
+            resend_ms: 0,
         })
     }
 

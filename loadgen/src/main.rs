@@ -66,6 +66,11 @@ pub struct Common {
     /// that was logged in once reconnects until the run ends).
     #[arg(long, global = true, default_value_t = 60.0)]
     pub login_retry_secs: f64,
+    /// A send whose `SendAck` has not come this long after it went out is sent again on the same
+    /// connection with the same client_msg_id (PROTOCOL.md section 10), ms; 0 = only after a
+    /// re-login.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    pub resend_ms: u64,
     /// Secret of the development token issuer (the server's default).
     #[arg(
         long,

@@ -59,6 +59,10 @@ pub struct Plan {
     /// that was logged in once keeps reconnecting until the run ends).
     #[serde(default = "default_login_retry_ms")]
     pub login_retry_ms: u64,
+    /// A send whose ack has not come this long after it went out is sent again on the same
+    /// connection (same `client_msg_id`); 0: only after a re-login.
+    #[serde(default)]
+    pub resend_ms: u64,
 }
 
 fn default_login_retry_ms() -> u64 {
@@ -210,6 +214,8 @@ pub struct Report {
     pub synced: u64,
     /// Lost connections that reconnected, logged in and synced.
     pub reconnected: u64,
+    /// Time from a lost connection until the user was logged in and synced again.
+    pub reconnect_us: Hist,
     /// Connection attempts after a failed login or a lost connection (each after its backoff).
     pub retries: u64,
     /// Sends repeated after a re-login because their ack never came on the lost connection
@@ -305,6 +311,7 @@ impl Report {
         self.back_us.merge(&o.back_us);
         self.synced += o.synced;
         self.reconnected += o.reconnected;
+        self.reconnect_us.merge(&o.reconnect_us);
         self.retries += o.retries;
         self.resent += o.resent;
         self.not_back += o.not_back;

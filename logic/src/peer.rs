@@ -116,6 +116,12 @@ impl PeerLinks {
             .sum()
     }
 
+    /// Whether the link to `node` is connected now (a request sent while it is not would be
+    /// dropped with the queue when the link comes back in a new epoch).
+    pub fn is_up(&self, node: usize) -> bool {
+        self.state[node].up.load(Ordering::Acquire)
+    }
+
     /// The epoch in which local worker `worker` may send live appends to `node` now: the link
     /// is up and the worker has resynced it. `None`: hold them back (they stay in the outbox).
     pub fn ready(&self, node: usize, worker: usize) -> Option<u64> {

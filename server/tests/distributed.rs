@@ -736,12 +736,16 @@ fn groups_span_logic_nodes() {
         .map(|&u| login_retry(a1, u, Seq(0)).0)
         .collect();
     let others: Vec<UserId> = members[1..].iter().map(|&u| UserId(u)).collect();
-    // Create from a node-0 user; retry while peer links come up (the request is not queued).
+    // Create from a node-0 user; retry while peer links come up (the request is not queued:
+    // refused `Unavailable` while a link is down, or unanswered while it is coming up).
     let deadline = Instant::now() + Duration::from_secs(20);
     let group = loop {
         match clients[0].create_group("span", &others) {
             Ok(g) => break g,
             Err(ClientError::Timeout) => {}
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
             Err(e) => panic!("create: {e}"),
         }
         assert!(Instant::now() < deadline, "group never created");
@@ -790,6 +794,60 @@ fn groups_span_logic_nodes() {
     for p in [&mut n0, &mut n1, &mut g1] {
         p.kill().unwrap();
         p.wait().unwrap();
+    }
+}
+
+/// A post to a group whose owner's logic node is down is refused `Unavailable` at once (found by
+/// the chaos run, issue 16): before, the request was queued on the dead peer link, dropped with
+/// it, and the client got no answer at all until its own timeout. After the node is back the
+/// same post (same `client_msg_id`) is accepted.
+#[test]
+fn a_post_to_a_group_whose_node_is_down_is_refused_unavailable_not_left_unanswered() {
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let _n0 = spawn_node(d0.path(), 0, &nodes);
+    let mut n1 = spawn_node(d1.path(), 1, &nodes);
+    let (_g, addr) = spawn_gate(1, &nodes);
+    let u0 = (9800..).find(|&u| node_of(u, 2) == 0).unwrap();
+    let u1 = (9800..).find(|&u| node_of(u, 2) == 1).unwrap();
+    let (mut c0, _) = login_retry(addr, u0, Seq(0));
+    let (mut c1, _) = login_retry(addr, u1, Seq(0));
+    // A group owned by node 1 (its id decides its owner): create until one is.
+    let group = (0..64)
+        .map(|_| c1.create_group("down", &[UserId(u0)]).unwrap())
+        .find(|g| node_of(g.0, 2) == 1)
+        .expect("a group owned by node 1 among 64");
+    c0.send_c2g(group, 1, "while up").unwrap();
+    n1.kill().unwrap();
+    n1.wait().unwrap();
+    // Node 0's link notices the dead peer at its next write (a request written into the socket
+    // just before that is lost with it: the client's timeout and resend cover that window, as
+    // PROTOCOL.md section 10 says). From then on the answer is an immediate Unavailable; before
+    // the fix every post timed out for as long as the node was down.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c0.send_c2g(group, 2, "while down") {
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "still not refused Unavailable: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And it stays an answer, not silence, while the node is down.
+    for _ in 0..3 {
+        let e = c0.send_c2g(group, 2, "while down").unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
+    }
+    let _n1 = spawn_node(d1.path(), 1, &nodes);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c0.send_c2g(group, 2, "while down") {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never accepted again: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

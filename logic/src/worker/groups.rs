@@ -143,6 +143,17 @@ impl<S: Store> Worker<S> {
             );
             return self.refuse(req.reply, &req.op, e, round);
         }
+        // A request for a node whose link is down would be dropped unanswered: say so now, so
+        // the client retries (PROTOCOL.md: `Unavailable` is retryable) instead of waiting out
+        // its own timeout.
+        let node = self.router.node_of(owner);
+        if node != self.router.node && self.router.peers().is_some_and(|p| !p.is_up(node)) {
+            let e = ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the group's logic node {node} is unreachable; retry"),
+            );
+            return self.refuse(req.reply, &req.op, e, round);
+        }
         self.router.send(self.idx, owner, WorkerMsg::Group(req));
     }
 

@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# Faults under load (issue 16): a local cluster (deploy/local-cluster.sh: logic nodes with their
+# embedded stores, gates, a Redis Cluster) carries c2c and group traffic from two loadgens while a
+# seeded schedule kills, restarts and pauses its processes. The loadgens are the judges: they
+# reconnect as phones do (the iplist's gates and backoff), send again what was never acked, and at
+# the end every user that was online must be back and synced, every acknowledged message
+# delivered exactly once per recipient, in per-sender order.
+#
+#   benches/scripts/chaos.sh                         (SECS=600, a fault every ~15 s)
+#   SECS=60 FAULT_EVERY=10 benches/scripts/chaos.sh  (what CI runs, with debug builds)
+#   SEED=1234 benches/scripts/chaos.sh               (replays the schedule of a run)
+#
+# Faults (FAULTS, comma separated; picked by a PRNG seeded with SEED, one every FAULT_EVERY
+# seconds ± 30 %, overlapping when the previous one has not recovered yet, never two on one
+# process, and a Redis fault only while the Redis Cluster is whole):
+#   kill-logic    kill -9 of a logic node, restarted after 1–3 s (it waits for its old shard
+#                 lease to run out before serving again: at most LEASE_MS)
+#   kill-gate     kill -9 of a gate, restarted after 1–3 s (its users move to their next gate)
+#   stop-logic    SIGSTOP of a logic node for LEASE_MS + 1–2 s (longer than its lease), then
+#                 SIGCONT; a node that finds itself fenced exits with 75 and is restarted
+#   kill-redis-master / kill-redis-replica
+#                 kill -9 of a Redis Cluster master (its replica takes over after the cluster's
+#                 2 s node timeout) or replica, restarted after 3–5 s (it rejoins as a replica)
+# Every fault and recovery is written to $OUT/faults.log with its time since the start.
+#
+# Verdict (exit 0 only if all hold): both loadgens exit 0 (their accounting: nothing lost,
+# no phantom, no duplicate after dedup, no per-sender reordering, every send acknowledged, every
+# user back; see loadgen/README.md), every process of the cluster is up and listening at the
+# end, the Redis Cluster is ok. On failure the seed and the fault log are printed, so the run can
+# be replayed with SEED=<seed>. Everything started is stopped on exit, failure or Ctrl-C.
+#
+# Environment: SECS (600), FAULT_EVERY (15), FAULTS (all five), SEED (from the clock), USERS
+# (c2c users, 2000), RATE (c2c msgs/s, 400), GROUP_USERS (600), MEMBERS (20), GROUP_RATE
+# (posts/s, 20), LOGIC_NODES (2), GATES (2), LEASE_MS (4000: the logic nodes' shard lease),
+# BIN_DIR (target/release; built if missing), OUT (/tmp/im-chaos-<time>), BASE_PORT (7600),
+# KEEP_DATA (1 keeps the stores and logs; they are kept anyway when the run fails).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+secs=${SECS:-600}
+every=${FAULT_EVERY:-15}
+faults=${FAULTS:-kill-logic,kill-gate,stop-logic,kill-redis-master,kill-redis-replica}
+seed=${SEED:-$(( $(date +%s%N) % 1000000007 ))}
+users=${USERS:-2000}
+rate=${RATE:-400}
+group_users=${GROUP_USERS:-600}
+members=${MEMBERS:-20}
+group_rate=${GROUP_RATE:-20}
+logic_n=${LOGIC_NODES:-2}
+gates_n=${GATES:-2}
+lease_ms=${LEASE_MS:-4000}
+base=${BASE_PORT:-7600}
+out=${OUT:-/tmp/im-chaos-$(date +%Y%m%d-%H%M%S)}
+bin=${BIN_DIR:-$here/target/release}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+dir=$out/cluster
+
+die() { echo "chaos: $*" >&2; exit 1; }
+command -v redis-server >/dev/null || die "redis-server is not installed (apt-get install -y redis-server)"
+if [ ! -x "$bin/im-server" ] || [ ! -x "$bin/im-loadgen" ]; then
+  [ -z "${BIN_DIR:-}" ] || die "$bin has no im-server and im-loadgen"
+  (cd "$here" && cargo build --release -q -p im-server -p im-loadgen)
+fi
+
+t_start=$(date +%s.%N)
+since() { awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%7.1f", b - a }'; }
+log() { echo "$(since) $*" | tee -a "$out/faults.log" >&2; }
+
+cluster_pid=
+lg_pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  set +e
+  for p in "${lg_pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  # Children of the fault subshells first (they may be sleeping before a restart).
+  pkill -KILL -P $$ -f "sleep" 2>/dev/null
+  pkill -CONT -f -- "--data-dir $dir/" 2>/dev/null # a paused node cannot stop
+  if [ -n "$cluster_pid" ]; then
+    kill -TERM "$cluster_pid" 2>/dev/null
+    for _ in $(seq 300); do kill -0 "$cluster_pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  # Restarted processes are not the cluster script's children: stop them by their arguments.
+  pkill -TERM -f -- "--data-dir $dir/" 2>/dev/null
+  pkill -TERM -f -- "^$bin/im-server gate .*--listen 127.0.0.1:$(( base / 100 ))[0-9][0-9]" 2>/dev/null
+  sleep 1
+  pkill -KILL -f -- "--data-dir $dir/" 2>/dev/null
+  pkill -KILL -f -- "^$bin/im-server gate .*--listen 127.0.0.1:$(( base / 100 ))[0-9][0-9]" 2>/dev/null
+  pkill -KILL -f -- "redis-server 127.0.0.1:$(( (base + 300) / 100 ))[0-9][0-9]" 2>/dev/null
+  pkill -KILL -f -- "$bin/im-loadgen" 2>/dev/null
+  [ -n "$cluster_pid" ] && kill -KILL "$cluster_pid" 2>/dev/null
+  wait 2>/dev/null
+  if [ "${verdict:-1}" = 0 ] && [ "${KEEP_DATA:-0}" != 1 ]; then
+    rm -rf "$dir"/logic* "$dir"/redis7*
+  fi
+}
+trap cleanup EXIT
+trap 'echo "chaos: interrupted" >&2; exit 130' INT TERM
+
+log "seed $seed; ${secs}s of traffic, a fault every ~${every}s from: $faults"
+DIR=$dir IM_BIN=$bin/im-server BASE_PORT=$base LOGIC_ARGS="--shard-lease-ms $lease_ms" \
+  "$here/deploy/local-cluster.sh" "$logic_n" "$gates_n" 3 >"$out/cluster.log" 2>&1 &
+cluster_pid=$!
+for _ in $(seq 1200); do
+  grep -q "cluster ready" "$out/cluster.log" 2>/dev/null && break
+  kill -0 "$cluster_pid" 2>/dev/null || { cat "$out/cluster.log" >&2; die "the cluster did not start"; }
+  sleep 0.1
+done
+grep -q "cluster ready" "$out/cluster.log" || die "the cluster was not ready after 120 s"
+log "cluster ready: $logic_n logic nodes, $gates_n gates, Redis Cluster 3+3"
+
+gate_port() { echo $((base + $1 - 1)); }
+link_port() { echo $((base + 100 + $1)); }
+api_port() { echo $((base + 1080 + $1)); }
+redis_port() { echo $((base + 300 + $1)); }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The pid of a cluster process by its name: logic<i>, gate<g>, redis<port>.
+pid_of() {
+  case $1 in
+    logic*) pgrep -f -- "--data-dir $dir/logic${1#logic} " | head -1 ;;
+    gate*) pgrep -f -- "^$bin/im-server gate --gate-id ${1#gate} " | head -1 ;;
+    redis*) pgrep -f -- "^redis-server 127.0.0.1:${1#redis}( |$)" | head -1 ;;
+  esac
+}
+port_of() {
+  case $1 in
+    logic*) api_port "${1#logic}" ;;
+    gate*) gate_port "${1#gate}" ;;
+    redis*) echo "${1#redis}" ;;
+  esac
+}
+log_of() {
+  case $1 in
+    logic*|gate*) echo "$dir/$1.log" ;;
+    redis*) echo "$dir/redis${1#redis}.log" ;;
+  esac
+}
+# The command line a process was started with (Redis rewrites its title: its arguments are the
+# ones deploy/local-cluster.sh uses).
+cmdline_of() {
+  case $1 in
+    redis*)
+      local p=${1#redis}
+      printf '%s\0' redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+        --cluster-config-file "$dir/redis$p/nodes.conf" --cluster-node-timeout 2000 \
+        --appendonly yes --save '' --dir "$dir/redis$p" --daemonize no ;;
+    *) cat "/proc/$2/cmdline" ;;
+  esac
+}
+redis_ok() { redis-cli -p "$(redis_port 0)" cluster info 2>/dev/null | grep -q cluster_state:ok; }
+# Redis nodes by role: "port role" for every connected node.
+redis_roles() {
+  local p
+  for i in 0 1 2 3 4 5; do
+    p=$(redis_port "$i")
+    redis-cli -p "$p" role 2>/dev/null | head -1 | sed "s/^/$p /" || true
+  done
+}
+
+mkdir -p "$out/down"
+# kill -9 NAME, wait, start it again with the same arguments; logs the recovery (listening).
+kill_restart() {
+  local name=$1 down_ms=$2 pid cmd t0
+  pid=$(pid_of "$name")
+  [ -n "$pid" ] || { log "$name: not running, skipped"; rm -f "$out/down/$name"; return; }
+  mapfile -d '' cmd < <(cmdline_of "$name" "$pid")
+  kill -KILL "$pid"
+  log "kill -9 $name (pid $pid); restart in ${down_ms} ms"
+  sleep "$(awk -v m="$down_ms" 'BEGIN { print m / 1000 }')"
+  t0=$(date +%s%N)
+  "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
+  local npid=$! port
+  port=$(port_of "$name")
+  for _ in $(seq 600); do port_open "$port" && break; sleep 0.1; done
+  if port_open "$port"; then
+    log "$name back (pid $npid), listening $(( ($(date +%s%N) - t0) / 1000000 )) ms after the restart"
+  else
+    log "$name NOT listening 60 s after its restart (pid $npid)"
+  fi
+  rm -f "$out/down/$name"
+}
+# SIGSTOP NAME for stop_ms, then SIGCONT; a fenced node exits 75 and is restarted.
+stop_cont() {
+  local name=$1 stop_ms=$2 pid cmd
+  pid=$(pid_of "$name")
+  [ -n "$pid" ] || { log "$name: not running, skipped"; rm -f "$out/down/$name"; return; }
+  mapfile -d '' cmd < <(cmdline_of "$name" "$pid")
+  kill -STOP "$pid"
+  log "SIGSTOP $name (pid $pid) for ${stop_ms} ms (lease ${lease_ms} ms)"
+  sleep "$(awk -v m="$stop_ms" 'BEGIN { print m / 1000 }')"
+  kill -CONT "$pid"
+  log "SIGCONT $name"
+  sleep 2
+  if ! kill -0 "$pid" 2>/dev/null; then
+    log "$name exited after SIGCONT ($(tail -n 3 "$(log_of "$name")" | grep -o 'fenced, exiting.*' | head -1)); restarting"
+    "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
+    for _ in $(seq 600); do port_open "$(port_of "$name")" && break; sleep 0.1; done
+    log "$name back (pid $!)"
+  fi
+  rm -f "$out/down/$name"
+}
+
+RANDOM=$seed
+pick() { local a=("$@"); echo "${a[$((RANDOM % ${#a[@]}))]}"; }
+between() { echo $(( $1 + RANDOM % ($2 - $1 + 1) )); }
+
+iplist="http://127.0.0.1:$(api_port 0)"
+common=(--iplist "$iplist" --reconnect-initial-ms 200 --reconnect-max-ms 3000
+  --drain-quiet-ms 2000 --drain-max-secs 180 --ack-timeout-ms 60000 --login-retry-secs 120
+  --heartbeat-secs 10 --seed "$seed")
+"$bin/im-loadgen" c2c -n "$users" --msg-rate "$rate" --secs "$secs" --uid-base 1000000 \
+  "${common[@]}" --json-out "$out/c2c.json" >"$out/c2c.txt" 2>&1 &
+lg_pids+=($!)
+"$bin/im-loadgen" group -n "$group_users" --members "$members" --msg-rate "$group_rate" \
+  --secs "$secs" --uid-base 2000000 --src-ips 127.0.0.10-127.0.0.12 \
+  "${common[@]}" --json-out "$out/group.json" >"$out/group.txt" 2>&1 &
+lg_pids+=($!)
+# Faults start once both loadgens are sending (their logins and group creation done).
+for _ in $(seq 1200); do
+  grep -qE '/s sent +[1-9]' "$out/c2c.txt" 2>/dev/null &&
+    grep -qE '/s sent +[1-9]' "$out/group.txt" 2>/dev/null && break
+  for p in "${lg_pids[@]}"; do
+    kill -0 "$p" 2>/dev/null || { tail -n 5 "$out/c2c.txt" "$out/group.txt" >&2; die "a loadgen exited before its traffic started"; }
+  done
+  sleep 0.1
+done
+sleep 2
+log "traffic running: c2c $users users at $rate/s, group $group_users users × groups of $members at $group_rate posts/s"
+
+IFS=, read -r -a kinds <<<"$faults"
+t_end=$(( $(date +%s) + secs - 5 ))
+n_faults=0
+while [ "$(date +%s)" -lt "$t_end" ]; do
+  sleep "$(awk -v e="$every" -v r=$((RANDOM % 61)) 'BEGIN { print e * (0.7 + r / 100) }')"
+  [ "$(date +%s)" -lt "$t_end" ] || break
+  kind=$(pick "${kinds[@]}")
+  case $kind in
+    kill-logic|stop-logic) name=logic$(between 0 $((logic_n - 1))) ;;
+    kill-gate) name=gate$(between 1 "$gates_n") ;;
+    kill-redis-master|kill-redis-replica)
+      if ! redis_ok || [ "$(redis_roles | wc -l)" -lt 6 ] || ls "$out/down" | grep -q redis; then
+        log "$kind: the Redis Cluster is not whole, skipped"
+        continue
+      fi
+      want=master; [ "$kind" = kill-redis-replica ] && want=slave
+      mapfile -t cands < <(redis_roles | awk -v w="$want" '$2 == w { print $1 }')
+      [ ${#cands[@]} -gt 0 ] || { log "$kind: no $want found, skipped"; continue; }
+      name=redis$(pick "${cands[@]}") ;;
+    *) die "unknown fault $kind (FAULTS=$faults)" ;;
+  esac
+  if [ -e "$out/down/$name" ]; then
+    log "$kind $name: still recovering from the last fault, skipped"
+    continue
+  fi
+  touch "$out/down/$name"
+  n_faults=$((n_faults + 1))
+  case $kind in
+    kill-logic|kill-gate) kill_restart "$name" "$(between 1000 3000)" & ;;
+    kill-redis-*) kill_restart "$name" "$(between 3000 5000)" & ;;
+    stop-logic) stop_cont "$name" $((lease_ms + $(between 1000 2000))) & ;;
+  esac
+done
+log "fault schedule done: $n_faults faults; waiting for the recoveries and the loadgens"
+for _ in $(seq 900); do
+  [ -z "$(ls "$out/down")" ] && break
+  sleep 0.1
+done
+
+rc_c2c=0; rc_group=0
+wait "${lg_pids[0]}" || rc_c2c=$?
+wait "${lg_pids[1]}" || rc_group=$?
+lg_pids=()
+log "loadgens done: c2c rc $rc_c2c, group rc $rc_group"
+
+verdict=0
+bad() { log "VIOLATION: $*"; verdict=1; }
+[ "$rc_c2c" = 0 ] || bad "c2c loadgen exit $rc_c2c: $(grep 'FAILED' "$out/c2c.txt" | tr '\n' ' ')"
+[ "$rc_group" = 0 ] || bad "group loadgen exit $rc_group: $(grep 'FAILED' "$out/group.txt" | tr '\n' ' ')"
+for i in $(seq 0 $((logic_n - 1))); do
+  port_open "$(api_port "$i")" && port_open "$(link_port "$i")" || bad "logic$i is not up at the end"
+done
+for g in $(seq 1 "$gates_n"); do port_open "$(gate_port "$g")" || bad "gate$g is not up at the end"; done
+for i in 0 1 2 3 4 5; do port_open "$(redis_port "$i")" || bad "redis $(redis_port "$i") is not up at the end"; done
+redis_ok || bad "the Redis Cluster is not ok at the end"
+
+python3 - "$out" "$seed" "$n_faults" "$verdict" <<'PY'
+import json, sys, os
+out, seed, n_faults, verdict = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def load(n):
+    try:
+        return json.load(open(os.path.join(out, n)))
+    except Exception:
+        return {}
+c, g = load("c2c.json"), load("group.json")
+cc, ga = c.get("c2c", {}), g.get("group", {})
+acc = ga.get("accounting", {}) or {}
+def lat(x):
+    x = x or {}
+    return {k: x.get(k) for k in ("p50_ms", "p99_ms", "max_ms")}
+summary = {
+    "seed": seed, "faults": n_faults, "passed": verdict == 0,
+    "c2c": {k: cc.get(k) for k in ("sent", "acked", "delivered", "delivered_by_sync", "lost",
+            "undelivered_offline", "phantom", "dedup_dups", "out_of_order", "ack_timeouts",
+            "send_errors", "disconnects", "reconnected", "retries", "resent", "not_back")},
+    "c2c_reconnect": lat(cc.get("reconnect_latency")),
+    "group": {k: acc.get(k) for k in ("posts_acked", "expected", "received", "lost",
+              "undelivered_offline", "phantom", "non_member", "order_mismatch_members")},
+    "group_traffic": {k: ga.get(k) for k in ("sent", "acked", "ack_timeouts", "send_errors",
+                      "dedup_dups", "out_of_order", "reconnected", "resent", "not_back")},
+    "group_reconnect": lat(ga.get("reconnect_latency")),
+}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+print(json.dumps(summary, indent=1))
+PY
+if [ "$verdict" = 0 ]; then
+  log "PASSED: seed $seed, $n_faults faults (results in $out)"
+else
+  log "FAILED: seed $seed (replay: SEED=$seed SECS=$secs FAULT_EVERY=$every FAULTS=$faults $0); fault log $out/faults.log"
+  exit 1
+fi
