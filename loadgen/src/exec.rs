@@ -565,6 +565,27 @@ impl Exec {
         let pos = pend
             .iter()
             .position(|p| p.req == req || Some(p.counter) == counter);
+        let retryable = matches!(
+            code,
+            ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::Internal
+        );
+        if retryable && self.plan.resend_ms > 0 {
+            // A phone sends it again after a pause (same client_msg_id): due for the resend
+            // ticker about a second from now.
+            if let Some(p) = pos.map(|i| &mut pend[i]) {
+                let back = Duration::from_millis(self.plan.resend_ms.saturating_sub(1000));
+                p.last_try = Instant::now()
+                    .checked_sub(back)
+                    .unwrap_or_else(Instant::now);
+                *self
+                    .rep
+                    .borrow_mut()
+                    .send_errors
+                    .entry(code_name(code))
+                    .or_default() += 1;
+            }
+            return;
+        }
         let Some(p) = pos.and_then(|i| pend.remove(i)) else {
             return; // late answer after the step gave up on it
         };
@@ -961,8 +982,8 @@ async fn ticker_1s(ex: Rc<Exec>) {
                 let due = c
                     .pending
                     .borrow()
-                    .front()
-                    .is_some_and(|p| p.last_try.elapsed() >= resend);
+                    .iter()
+                    .any(|p| p.last_try.elapsed() >= resend);
                 if due {
                     ex.resend_older(c, resend);
                 }
