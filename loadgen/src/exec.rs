@@ -1380,6 +1380,8 @@ mod tests {
         cut_after_store: Option<u64>,
         /// The first login of every user is refused with `Unavailable` (retryable).
         refuse_first_login: bool,
+        /// The first `SendC2c` of every user is refused with `Unavailable` (retryable).
+        refuse_first_send: bool,
     }
 
     #[derive(Default)]
@@ -1398,6 +1400,7 @@ mod tests {
         dedup: HashSet<(u64, u64)>,
         sends: u64,
         logins: HashSet<u64>,
+        senders: HashSet<u64>,
     }
 
     type Shared = Arc<Mutex<State>>;
@@ -1499,6 +1502,15 @@ mod tests {
                         to,
                         body,
                     } => {
+                        if g.faults.refuse_first_send && g.senders.insert(me) {
+                            Command::Error {
+                                code: ErrorCode::Unavailable,
+                                message: "later".into(),
+                            }
+                            .encode(f.req_id, &mut out);
+                            let _ = s.write_all(&out);
+                            continue;
+                        }
                         if g.dedup.insert((me, client_msg_id)) {
                             g.append(to.0, msg(1, me, to.0, client_msg_id, body));
                             g.sends += 1;
@@ -1791,6 +1803,39 @@ mod tests {
             login.login_failures
         );
         assert_eq!(login.retries, n as u64 + refused);
+        hx.quit();
+    }
+
+    /// A send refused with a retryable code is sent again after a pause with the same
+    /// `client_msg_id` (PROTOCOL.md section 10), and then acknowledged: nothing is counted
+    /// unacknowledged, the refusals are reported.
+    #[test]
+    fn a_send_refused_retryably_is_sent_again_and_acked() {
+        let n = 20;
+        let faults = Faults {
+            refuse_first_send: true,
+            ..Default::default()
+        };
+        let mut p = (*plan(fake_server_with(faults), n, 0, 0)).clone();
+        p.resend_ms = 1500;
+        let hx = Harness::start(Arc::new(p));
+        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
+        assert_eq!(login.logged_in, n as u64);
+        hx.ask(
+            2,
+            Op::Send {
+                rate: 200.0,
+                secs: 1.0,
+            },
+        );
+        hx.ask(3, drain());
+        let r = hx.ask(4, Op::Report).unwrap();
+        let j = join(&r);
+        assert_eq!(r.send_errors.get("Unavailable").copied(), Some(n as u64));
+        assert_eq!(r.resent, n as u64);
+        assert_eq!((r.acked, r.ack_timeouts), (r.sent, 0));
+        assert_eq!((j.lost, j.phantom, j.delivered_unacked), (0, 0, 0));
+        assert!(r.unacked_ids.0.is_empty());
         hx.quit();
     }
 
