@@ -23,7 +23,7 @@
 #
 # Environment: CONNS (1000000), GATES (CONNS / 18000, rounded up), LOGIC_NODES (2),
 # REDIS_MASTERS (3), HOLD_SECS (60), C2C_RATE (5000), C2C_SECS (30), STORM_FRACTION (0.1),
-# KEEP_DATA (1 keeps the stores and Redis files), LOGIN_RATE (loadgen --rate, 6000), HEARTBEAT_SECS (120: the loadgen's heartbeat period; the
+# KEEP_DATA (1 keeps the stores and Redis files), RESEND_MS (30000: the loadgen's --resend-ms), LOGIN_RATE (loadgen --rate, 6000), HEARTBEAT_SECS (120: the loadgen's heartbeat period; the
 # gates' idle timeout is set to three of them), STORM_RATE (reconnects/s during the storm, 5000:
 # phones back off with jitter; 0 = all at once), LOADGEN_NICE (10: the loadgen's 56 processes
 # share the 2 cores with the system they load and would otherwise starve its 2 logic threads;
@@ -38,6 +38,9 @@ logic_nodes=${LOGIC_NODES:-2}
 redis_masters=${REDIS_MASTERS:-3}
 hold=${HOLD_SECS:-60}
 c2c_rate=${C2C_RATE:-5000}
+# A send not acknowledged after this long is sent again (same client_msg_id); at the saturated
+# c2c rate acks take seconds, and a shorter wait would only add load.
+resend_ms=${RESEND_MS:-30000}
 c2c_secs=${C2C_SECS:-30}
 storm_fraction=${STORM_FRACTION:-0.1}
 login_rate=${LOGIN_RATE:-6000}
@@ -155,7 +158,7 @@ sampler_pid=$!
 run_loadgen() { # name, args...
   local name=$1; shift
   timeout -k 10 3600 nice -n "$lg_nice" "$bin/im-loadgen" "$@" --server "$servers" --rate "$login_rate" \
-    --heartbeat-secs "$heartbeat" $server_args \
+    --heartbeat-secs "$heartbeat" --resend-ms "$resend_ms" $server_args \
     --json-out "$out/$name.json" --svg "$out/$name.svg" >"$out/$name.txt" 2>&1 &
   lg_pid=$!
   local rc=0
