@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -18,8 +18,16 @@ use crate::msg::{Event, Hist, Op, Plan, Progress, Report, Request, PROGRESS_EVER
 enum In {
     Req(Request),
     Eof,
-    Exec(ExecMsg),
+    Exec(usize, ExecMsg),
 }
+
+/// An executor that has not handed over its latency interval (every [`PROGRESS_EVERY`], from a
+/// timer) for this long is stuck: its timers no longer fire. Seen once at a million connections
+/// with the load average at ~170: the executor's thread asleep in `io_uring_enter`
+/// (`io_cqring_wait`) for good, a lost wakeup of glommio's sleep (the class of
+/// DataDog/glommio#547). Its users would hang the run until a phase's deadline (up to an hour),
+/// so the worker reports it as fatal instead.
+const STALLED: Duration = Duration::from_secs(60);
 
 fn emit(ev: &Event) {
     let mut out = std::io::stdout().lock();
@@ -109,8 +117,8 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
     {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            while let Ok((_, m)) = erx.recv() {
-                if tx.send(In::Exec(m)).is_err() {
+            while let Ok((i, m)) = erx.recv() {
+                if tx.send(In::Exec(i, m)).is_err() {
                     return;
                 }
             }
@@ -146,6 +154,7 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
     let mut iv_deliver = Hist::default();
     let mut next_progress = Instant::now() + PROGRESS_EVERY;
     let mut quitting: Option<u64> = None;
+    let mut last_tick = vec![Instant::now(); cores];
     loop {
         let wait = next_progress.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
@@ -169,11 +178,14 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
                 quitting = Some(u64::MAX);
                 waiting.insert(u64::MAX, (0, None));
             }
-            Ok(In::Exec(ExecMsg::Interval { ack, deliver })) => {
+            Ok(In::Exec(i, ExecMsg::Interval { ack, deliver })) => {
+                if let Some(t) = last_tick.get_mut(i) {
+                    *t = Instant::now();
+                }
                 iv_ack.merge(&ack);
                 iv_deliver.merge(&deliver);
             }
-            Ok(In::Exec(ExecMsg::Done { id, report })) => {
+            Ok(In::Exec(_, ExecMsg::Done { id, report })) => {
                 let Some(w) = waiting.get_mut(&id) else {
                     continue;
                 };
@@ -199,6 +211,18 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 next_progress += PROGRESS_EVERY;
+                if let Some(i) = (0..cores).find(|&i| last_tick[i].elapsed() >= STALLED) {
+                    emit(&Event::Fatal {
+                        message: format!(
+                            "executor {i} of worker {} ran no timer for {} s (stuck in \
+                             io_uring_enter: a lost wakeup in glommio); its users cannot be \
+                             accounted, the run stops",
+                            plan.worker,
+                            STALLED.as_secs()
+                        ),
+                    });
+                    std::process::exit(3);
+                }
                 emit(&Event::Progress(Box::new(Progress {
                     worker: plan.worker,
                     connected: live.connected.load(Relaxed),
