@@ -309,6 +309,34 @@ summary = {
                       "dedup_dups", "out_of_order", "reconnected", "resent", "not_back")},
     "group_reconnect": lat(ga.get("reconnect_latency")),
 }
+# Per fault kind: how many, and how long the process was gone (kill -9 → listening again) or
+# paused (SIGSTOP → SIGCONT), from the fault log.
+import re
+kinds, start = {}, {}
+for line in open(os.path.join(out, "faults.log")):
+    m = re.match(r"\s*([\d.]+) (.*)", line)
+    if not m:
+        continue
+    t, text = float(m.group(1)), m.group(2)
+    if (k := re.match(r"kill -9 (\w+?)(\d+) ", text)):
+        name = k.group(1) + k.group(2)
+        kind = {"logic": "kill-logic", "gate": "kill-gate", "redis": "kill-redis"}[k.group(1)]
+        start[name] = (kind, t)
+    elif (k := re.match(r"SIGSTOP (\w+) ", text)):
+        start[k.group(1)] = ("stop-logic", t)
+    elif (k := re.match(r"(\w+) back \(pid", text)) or (k := re.match(r"SIGCONT (\w+)", text)):
+        if k.group(1) in start:
+            kind, t0 = start.pop(k.group(1))
+            kinds.setdefault(kind, []).append(t - t0)
+def stats(v):
+    v = sorted(v)
+    return {"count": len(v), "p50_s": round(v[len(v) // 2], 1), "max_s": round(v[-1], 1)}
+summary["faults_by_kind"] = {k: stats(v) for k, v in sorted(kinds.items())}
+fenced = 0
+for f in os.listdir(os.path.join(out, "cluster")):
+    if f.startswith("logic") and f.endswith(".log"):
+        fenced += open(os.path.join(out, "cluster", f), errors="replace").read().count("fenced, exiting")
+summary["fenced_exits"] = fenced
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PY
