@@ -8,7 +8,8 @@
 #
 #   benches/scripts/chaos.sh                         (SECS=600, a fault every ~15 s)
 #   SECS=60 FAULT_EVERY=10 benches/scripts/chaos.sh  (what CI runs, with debug builds)
-#   SEED=1234 benches/scripts/chaos.sh               (replays the schedule of a run)
+#   SEED=1234 benches/scripts/chaos.sh               (the same draws as that run: the same faults
+#                                                    until timing makes one be skipped)
 #
 # Faults (FAULTS, comma separated; picked by a PRNG seeded with SEED, one every FAULT_EVERY
 # seconds ± 30 %, overlapping when the previous one has not recovered yet, never two on one
@@ -16,6 +17,9 @@
 #   kill-logic    kill -9 of a logic node, restarted after 1–3 s (it waits for its old shard
 #                 lease to run out before serving again: at most LEASE_MS)
 #   kill-gate     kill -9 of a gate, restarted after 1–3 s (its users move to their next gate)
+#   term-logic / term-gate
+#                 a graceful restart, as a deploy does it: SIGTERM, wait for the exit (SIGKILL
+#                 after 15 s, logged), start again after 1–3 s
 #   stop-logic    SIGSTOP of a logic node for LEASE_MS + 1–2 s (longer than its lease), then
 #                 SIGCONT; a node that finds itself fenced exits with 75 and is restarted
 #   kill-redis-master / kill-redis-replica
@@ -23,7 +27,8 @@
 #                 2 s node timeout) or replica, restarted after 3–5 s (it rejoins as a replica)
 # Every fault and recovery is written to $OUT/faults.log with its time since the start.
 #
-# Verdict (exit 0 only if all hold): both loadgens exit 0 (their accounting: nothing lost,
+# Verdict (exit 0 only if all hold): every SIGTERM'd process exited within 15 s, both loadgens
+# exit 0 (their accounting: nothing lost,
 # no phantom, no duplicate after dedup, no per-sender reordering, every send acknowledged, every
 # user back; see loadgen/README.md), every process of the cluster is up and listening at the
 # end, the Redis Cluster is ok. On failure the seed and the fault log are printed, so the run can
@@ -38,7 +43,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 secs=${SECS:-600}
 every=${FAULT_EVERY:-15}
-faults=${FAULTS:-kill-logic,kill-gate,stop-logic,kill-redis-master,kill-redis-replica}
+faults=${FAULTS:-kill-logic,kill-gate,term-logic,term-gate,stop-logic,kill-redis-master,kill-redis-replica}
 seed=${SEED:-$(( $(date +%s%N) % 1000000007 ))}
 users=${USERS:-2000}
 rate=${RATE:-400}
@@ -158,14 +163,28 @@ redis_roles() {
 }
 
 mkdir -p "$out/down"
-# kill -9 NAME, wait, start it again with the same arguments; logs the recovery (listening).
+# kill -9 NAME (or SIGTERM it and wait for its exit, with SIG=TERM), wait, start it again with
+# the same arguments; logs the recovery (listening).
 kill_restart() {
-  local name=$1 down_ms=$2 pid cmd t0
+  local name=$1 down_ms=$2 sig=${3:-KILL} pid cmd t0
   pid=$(pid_of "$name")
   [ -n "$pid" ] || { log "$name: not running, skipped"; rm -f "$out/down/$name"; return; }
   mapfile -d '' cmd < <(cmdline_of "$name" "$pid")
-  kill -KILL "$pid"
-  log "kill -9 $name (pid $pid); restart in ${down_ms} ms"
+  if [ "$sig" = TERM ]; then
+    t0=$(date +%s%N)
+    kill -TERM "$pid"
+    log "SIGTERM $name (pid $pid)"
+    for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$name did not exit 15 s after SIGTERM; kill -9"
+      echo "$name did not exit within 15 s of SIGTERM" >>"$out/violations"
+      kill -KILL "$pid"
+    fi
+    log "$name exited $(( ($(date +%s%N) - t0) / 1000000 )) ms after SIGTERM; restart in ${down_ms} ms"
+  else
+    kill -KILL "$pid"
+    log "kill -9 $name (pid $pid); restart in ${down_ms} ms"
+  fi
   sleep "$(awk -v m="$down_ms" 'BEGIN { print m / 1000 }')"
   t0=$(date +%s%N)
   "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
@@ -207,7 +226,7 @@ between() { echo $(( $1 + RANDOM % ($2 - $1 + 1) )); }
 iplist="http://127.0.0.1:$(api_port 0)"
 common=(--iplist "$iplist" --reconnect-initial-ms 200 --reconnect-max-ms 3000
   --drain-quiet-ms 2000 --drain-max-secs 180 --ack-timeout-ms 60000 --login-retry-secs 120
-  --heartbeat-secs 10 --seed "$seed")
+  --heartbeat-secs 10 --login-timeout-secs 10 --seed "$seed")
 "$bin/im-loadgen" c2c -n "$users" --msg-rate "$rate" --secs "$secs" --uid-base 1000000 \
   "${common[@]}" --json-out "$out/c2c.json" >"$out/c2c.txt" 2>&1 &
 lg_pids+=($!)
@@ -235,8 +254,8 @@ while [ "$(date +%s)" -lt "$t_end" ]; do
   [ "$(date +%s)" -lt "$t_end" ] || break
   kind=$(pick "${kinds[@]}")
   case $kind in
-    kill-logic|stop-logic) name=logic$(between 0 $((logic_n - 1))) ;;
-    kill-gate) name=gate$(between 1 "$gates_n") ;;
+    kill-logic|term-logic|stop-logic) name=logic$(between 0 $((logic_n - 1))) ;;
+    kill-gate|term-gate) name=gate$(between 1 "$gates_n") ;;
     kill-redis-master|kill-redis-replica)
       if ! redis_ok || [ "$(redis_roles | wc -l)" -lt 6 ] || ls "$out/down" | grep -q redis; then
         log "$kind: the Redis Cluster is not whole, skipped"
@@ -256,6 +275,7 @@ while [ "$(date +%s)" -lt "$t_end" ]; do
   n_faults=$((n_faults + 1))
   case $kind in
     kill-logic|kill-gate) kill_restart "$name" "$(between 1000 3000)" & ;;
+    term-logic|term-gate) kill_restart "$name" "$(between 1000 3000)" TERM & ;;
     kill-redis-*) kill_restart "$name" "$(between 3000 5000)" & ;;
     stop-logic) stop_cont "$name" $((lease_ms + $(between 1000 2000))) & ;;
   esac
@@ -274,6 +294,9 @@ log "loadgens done: c2c rc $rc_c2c, group rc $rc_group"
 
 verdict=0
 bad() { log "VIOLATION: $*"; verdict=1; }
+if [ -s "$out/violations" ]; then
+  while read -r v; do bad "$v"; done <"$out/violations"
+fi
 [ "$rc_c2c" = 0 ] || bad "c2c loadgen exit $rc_c2c: $(grep 'FAILED' "$out/c2c.txt" | tr '\n' ' ')"
 [ "$rc_group" = 0 ] || bad "group loadgen exit $rc_group: $(grep 'FAILED' "$out/group.txt" | tr '\n' ' ')"
 for i in $(seq 0 $((logic_n - 1))); do
@@ -322,6 +345,8 @@ for line in open(os.path.join(out, "faults.log")):
         name = k.group(1) + k.group(2)
         kind = {"logic": "kill-logic", "gate": "kill-gate", "redis": "kill-redis"}[k.group(1)]
         start[name] = (kind, t)
+    elif (k := re.match(r"SIGTERM (\w+?)(\d+) ", text)):
+        start[k.group(1) + k.group(2)] = ("term-" + k.group(1), t)
     elif (k := re.match(r"SIGSTOP (\w+) ", text)):
         start[k.group(1)] = ("stop-logic", t)
     elif (k := re.match(r"(\w+) back \(pid", text)) or (k := re.match(r"SIGCONT (\w+)", text)):

@@ -406,6 +406,7 @@ fn traffic_json(r: &Report, j: Option<&Join>, secs: f64) -> Value {
         "raw_dups": r.raw_dups,
         "dedup_dups": r.dedup_dups,
         "out_of_order": r.out_of_order,
+        "reordered_by_resend": r.reordered_by_resend,
         "gaps": r.gaps,
         "push_reorders": r.push_reorders,
         "sync_requests": r.sync_requests,
@@ -457,8 +458,8 @@ fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
         None => s += "  lost: not tracked (--no-track)\n",
     }
     s += &format!(
-        "  duplicates: raw (same seq) {}, after dedup {}; out of order {}; gaps {} (pushes out of seq order {}); syncs {}\n",
-        r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps, r.push_reorders, r.sync_requests
+        "  duplicates: raw (same seq) {}, after dedup {}; out of order {} (and {} accepted late at the loadgen's own repetition); gaps {} (pushes out of seq order {}); syncs {}\n",
+        r.raw_dups, r.dedup_dups, r.out_of_order, r.reordered_by_resend, r.gaps, r.push_reorders, r.sync_requests
     );
     if !r.disconnects.is_empty() || r.retries > 0 {
         s += &format!(
@@ -575,7 +576,15 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
     // expected there (the message itself is still accounted for).
     let storm = result["scenario"] == "storm";
     let mut check = |what: String, v: &Value| {
-        for k in ["lost", "phantom", "non_member", "ack_timeouts"] {
+        for k in [
+            "lost",
+            "phantom",
+            "non_member",
+            "ack_timeouts",
+            "dedup_dups",
+            "out_of_order",
+            "order_mismatch_members",
+        ] {
             if k == "ack_timeouts" && storm {
                 continue;
             }
@@ -586,9 +595,14 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
     };
     check("c2c".into(), &result["c2c"]);
     check("group".into(), &result["group"]["accounting"]);
-    // A group run's ack timeouts are in its traffic counters, next to the accounting.
-    let group_timeouts = json!({"ack_timeouts": result["group"]["ack_timeouts"]});
-    check("group".into(), &group_timeouts);
+    // A group run's ack timeouts, duplicates and per-sender order are in its traffic counters,
+    // next to the accounting.
+    let group_traffic = json!({
+        "ack_timeouts": result["group"]["ack_timeouts"],
+        "dedup_dups": result["group"]["dedup_dups"],
+        "out_of_order": result["group"]["out_of_order"],
+    });
+    check("group".into(), &group_traffic);
     check("max warm-up".into(), &result["warmup"]);
     for row in result["steps"].as_array().into_iter().flatten() {
         check(format!("max step {}", row["rate"]), &row["c2c"]);
@@ -837,8 +851,8 @@ fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
         None => s += "  lost / group order: not tracked (--no-track)\n",
     }
     s += &format!(
-        "  duplicates: raw (same seq) {}, after dedup {}; sender order (counter backwards per sender, group, member) {}; gaps {} (pushes out of seq order {}); syncs {}\n",
-        r.raw_dups, r.dedup_dups, r.out_of_order, r.gaps, r.push_reorders, r.sync_requests
+        "  duplicates: raw (same seq) {}, after dedup {}; sender order (counter backwards per sender, group, member) {} (and {} accepted late at the loadgen's own repetition); gaps {} (pushes out of seq order {}); syncs {}\n",
+        r.raw_dups, r.dedup_dups, r.out_of_order, r.reordered_by_resend, r.gaps, r.push_reorders, r.sync_requests
     );
     if !r.disconnects.is_empty() || r.retries > 0 {
         s += &format!(
@@ -1195,6 +1209,17 @@ mod verdict_tests {
         let group_slow = json!({"login": {"attempted": 4, "logged_in": 4},
                                 "group": {"ack_timeouts": 2, "accounting": {"lost": 0}}});
         assert_eq!(verdict(&group_slow), ["group: 2 ack_timeouts"]);
+        // Duplicates after dedup and per-sender reordering are violations too.
+        let dup = json!({"login": {"attempted": 4, "logged_in": 4},
+                         "c2c": {"lost": 0, "dedup_dups": 1, "out_of_order": 2}});
+        assert_eq!(verdict(&dup), ["c2c: 1 dedup_dups", "c2c: 2 out_of_order"]);
+        let group_order = json!({"login": {"attempted": 4, "logged_in": 4},
+                                 "group": {"out_of_order": 3, "reordered_by_resend": 9,
+                                           "accounting": {"order_mismatch_members": 1}}});
+        assert_eq!(
+            verdict(&group_order),
+            ["group: 1 order_mismatch_members", "group: 3 out_of_order"]
+        );
         let max = json!({"login": {"attempted": 4, "logged_in": 4},
                          "steps": [{"rate": 1000, "c2c": {"lost": 0}},
                                    {"rate": 2000, "c2c": {"lost": 2}}]});

@@ -83,6 +83,8 @@ struct Pending {
     sent_ns: u64,
     /// When this send last went out (the first time, or its last repetition).
     last_try: Instant,
+    /// Repetitions so far (carried in the body: [`BODY_HEADER`]).
+    tries: u8,
 }
 
 struct Conn {
@@ -367,6 +369,7 @@ impl Exec {
         let send_ns = u64::from_be_bytes(b[0..8].try_into().expect("8 bytes"));
         let from_idx = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes"));
         let counter = u32::from_be_bytes(b[12..16].try_into().expect("4 bytes"));
+        let repeated = b[16] != 0;
         let lat_us = now_ns().saturating_sub(send_ns) / 1000;
         self.live.delivered.fetch_add(1, Relaxed);
         self.iv_deliver.borrow_mut().record(lat_us);
@@ -396,7 +399,10 @@ impl Exec {
                 | c.idx as u128;
             let mut order = self.order.borrow_mut();
             let last = order.entry(pair).or_insert(0);
-            if counter < *last {
+            if counter < *last && repeated {
+                // Accepted at its repetition, after later messages: the client reordered it.
+                r.reordered_by_resend += 1;
+            } else if counter < *last {
                 r.out_of_order += 1;
             } else {
                 *last = counter;
@@ -654,7 +660,7 @@ impl Exec {
         c.counter.set(counter);
         let req = c.req();
         let sent_ns = now_ns();
-        self.encode_send(c, cmd, req, counter, wire_to, sent_ns);
+        self.encode_send(c, cmd, req, counter, wire_to, sent_ns, 0);
         c.pending.borrow_mut().push_back(Pending {
             counter,
             to,
@@ -664,6 +670,7 @@ impl Exec {
             wire_to,
             sent_ns,
             last_try: Instant::now(),
+            tries: 0,
         });
         self.pending_total.set(self.pending_total.get() + 1);
         let mut r = self.rep.borrow_mut();
@@ -676,7 +683,17 @@ impl Exec {
     }
 
     /// Writes one `SendC2c` / `SendC2g` frame into the connection's output buffer.
-    fn encode_send(&self, c: &Conn, cmd: Cmd, req: u32, counter: u32, wire_to: u64, sent_ns: u64) {
+    #[allow(clippy::too_many_arguments)]
+    fn encode_send(
+        &self,
+        c: &Conn,
+        cmd: Cmd,
+        req: u32,
+        counter: u32,
+        wire_to: u64,
+        sent_ns: u64,
+        tries: u8,
+    ) {
         let body_len = self.plan.body_size.max(BODY_HEADER);
         let mut out = c.out.borrow_mut();
         encode_header(&mut out, cmd, req, 8 + 8 + 4 + body_len);
@@ -686,6 +703,7 @@ impl Exec {
         out.put_u64(sent_ns);
         out.put_u32(c.idx);
         out.put_u32(counter);
+        out.put_u8(tries);
         out.put_bytes(b'x', body_len - BODY_HEADER);
     }
 
@@ -705,7 +723,8 @@ impl Exec {
         for p in pend.iter_mut().filter(|p| p.last_try.elapsed() >= age) {
             p.req = c.req();
             p.last_try = Instant::now();
-            self.encode_send(c, p.cmd, p.req, p.counter, p.wire_to, p.sent_ns);
+            p.tries = p.tries.saturating_add(1);
+            self.encode_send(c, p.cmd, p.req, p.counter, p.wire_to, p.sent_ns, p.tries);
             n += 1;
         }
         drop(pend);
@@ -1836,6 +1855,10 @@ mod tests {
         assert_eq!((r.acked, r.ack_timeouts), (r.sent, 0));
         assert_eq!((j.lost, j.phantom, j.delivered_unacked), (0, 0, 0));
         assert!(r.unacked_ids.0.is_empty());
+        // Each user's first message was accepted at its repetition, after later ones: the
+        // client reordered it, which is told apart from a server that reorders.
+        assert_eq!((r.out_of_order, r.dedup_dups), (0, 0));
+        assert!(r.reordered_by_resend > 0);
         hx.quit();
     }
 

@@ -113,7 +113,7 @@ pub struct Common {
     /// A send not acknowledged this long after the send phase is counted as an ack timeout.
     #[arg(long, global = true, default_value_t = 5000)]
     pub ack_timeout_ms: u64,
-    /// c2c body size in bytes (at least 16: send time, sender, counter).
+    /// c2c body size in bytes (at least 17: send time, sender, counter, attempt).
     #[arg(long, global = true, default_value_t = 32)]
     pub body_size: usize,
     /// After sending, wait until no message arrived for this long...

@@ -121,8 +121,9 @@ pub fn group_members(k: u32, size: u32, users: u32) -> impl Iterator<Item = u32>
     (0..size).map(move |j| group_member(k, j, size, users))
 }
 
-/// Bytes of the c2c body the loadgen interprets: send wall-clock ns, sender index, counter.
-pub const BODY_HEADER: usize = 8 + 4 + 4;
+/// Bytes of the c2c body the loadgen interprets: send wall-clock ns, sender index, counter, and
+/// the attempt (0 for the first send, n for the n-th repetition, saturating at 255).
+pub const BODY_HEADER: usize = 8 + 4 + 4 + 1;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Request {
@@ -248,6 +249,10 @@ pub struct Report {
     pub dedup_dups: u64,
     /// Per (from → to) the sender's counter went backwards.
     pub out_of_order: u64,
+    /// Messages that arrived after later ones of the same sender because the loadgen itself sent
+    /// them again after a refusal or a lost connection (the stored copy is a repetition: its
+    /// first attempt was not accepted), so the server accepted them later. Not `out_of_order`.
+    pub reordered_by_resend: u64,
     /// Gaps detected through `prev_seq` (each leads to a sync).
     pub gaps: u64,
     /// `Deliver` pushes whose seq is below one already pushed on the same connection (the server
@@ -327,6 +332,7 @@ impl Report {
         self.raw_dups += o.raw_dups;
         self.dedup_dups += o.dedup_dups;
         self.out_of_order += o.out_of_order;
+        self.reordered_by_resend += o.reordered_by_resend;
         self.gaps += o.gaps;
         self.push_reorders += o.push_reorders;
         self.sync_requests += o.sync_requests;
