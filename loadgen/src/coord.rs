@@ -461,6 +461,18 @@ fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
         "  duplicates: raw (same seq) {}, after dedup {}; out of order {} (and {} accepted late at the loadgen's own repetition); gaps {} (pushes out of seq order {}); syncs {}\n",
         r.raw_dups, r.dedup_dups, r.out_of_order, r.reordered_by_resend, r.gaps, r.push_reorders, r.sync_requests
     );
+    s += &reconnect_rows(r);
+    s += &lat_row("send→ack", &r.ack_us);
+    s += &lat_row("send→deliver", &r.deliver_us);
+    if r.reconnect_us.len() > 0 {
+        s += &lat_row("lost→back", &r.reconnect_us);
+    }
+    s
+}
+
+/// The table rows about lost connections: how they came back, and who did not.
+fn reconnect_rows(r: &Report) -> String {
+    let mut s = String::new();
     if !r.disconnects.is_empty() || r.retries > 0 {
         s += &format!(
             "  disconnects {:?} (reconnected and synced: {}; attempts after a failure {}; sends repeated after a re-login {})\n",
@@ -473,11 +485,6 @@ fn traffic_table(r: &Report, j: Option<&Join>, secs: f64) -> String {
             r.not_back,
             &r.not_back_ids[..r.not_back_ids.len().min(10)]
         );
-    }
-    s += &lat_row("send→ack", &r.ack_us);
-    s += &lat_row("send→deliver", &r.deliver_us);
-    if r.reconnect_us.len() > 0 {
-        s += &lat_row("lost→back", &r.reconnect_us);
     }
     s
 }
@@ -854,19 +861,7 @@ fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
         "  duplicates: raw (same seq) {}, after dedup {}; sender order (counter backwards per sender, group, member) {} (and {} accepted late at the loadgen's own repetition); gaps {} (pushes out of seq order {}); syncs {}\n",
         r.raw_dups, r.dedup_dups, r.out_of_order, r.reordered_by_resend, r.gaps, r.push_reorders, r.sync_requests
     );
-    if !r.disconnects.is_empty() || r.retries > 0 {
-        s += &format!(
-            "  disconnects {:?} (reconnected and synced: {}; attempts after a failure {}; sends repeated after a re-login {})\n",
-            r.disconnects, r.reconnected, r.retries, r.resent
-        );
-    }
-    if r.not_back > 0 {
-        s += &format!(
-            "  NOT BACK at the end: {} users (e.g. indices {:?})\n",
-            r.not_back,
-            &r.not_back_ids[..r.not_back_ids.len().min(10)]
-        );
-    }
+    s += &reconnect_rows(r);
     s += &lat_row("send→ack", &r.ack_us);
     s += &lat_row("send→deliver (members)", &r.deliver_us);
     s

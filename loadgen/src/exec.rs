@@ -1714,21 +1714,20 @@ mod tests {
         }
     }
 
+    /// Logs in all `n` users, sends c2c for 1 s at `rate`, drains; the final report.
+    fn c2c_run(hx: &Harness, n: u32, rate: f64) -> Report {
+        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
+        assert_eq!(login.logged_in, n as u64, "{:?}", login.login_failures);
+        hx.ask(2, Op::Send { rate, secs: 1.0 });
+        hx.ask(3, drain());
+        *hx.ask(4, Op::Report).unwrap()
+    }
+
     #[test]
     fn executor_logs_in_sends_and_counts_exactly() {
         let n = 50;
         let hx = Harness::start(plan(fake_server(), n, 0, 0));
-        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
-        assert_eq!(login.logged_in, n as u64, "{:?}", login.login_failures);
-        hx.ask(
-            2,
-            Op::Send {
-                rate: 5000.0,
-                secs: 1.0,
-            },
-        );
-        hx.ask(3, drain());
-        let r = hx.ask(4, Op::Report).unwrap();
+        let r = c2c_run(&hx, n, 5000.0);
         assert!(r.sent >= 4500, "sent {}", r.sent);
         assert_eq!(r.acked, r.sent);
         assert_eq!(r.delivered, r.sent);
@@ -1755,17 +1754,7 @@ mod tests {
             ..Default::default()
         };
         let hx = Harness::start(plan(fake_server_with(faults), n, 0, 0));
-        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
-        assert_eq!(login.logged_in, n as u64, "{:?}", login.login_failures);
-        hx.ask(
-            2,
-            Op::Send {
-                rate: 2000.0,
-                secs: 1.0,
-            },
-        );
-        hx.ask(3, drain());
-        let r = hx.ask(4, Op::Report).unwrap();
+        let r = c2c_run(&hx, n, 2000.0);
         let j = join(&r);
         assert!(
             r.disconnects.get("closed").copied().unwrap_or(0) >= 10,
@@ -1838,17 +1827,7 @@ mod tests {
         let mut p = (*plan(fake_server_with(faults), n, 0, 0)).clone();
         p.resend_ms = 1500;
         let hx = Harness::start(Arc::new(p));
-        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
-        assert_eq!(login.logged_in, n as u64);
-        hx.ask(
-            2,
-            Op::Send {
-                rate: 200.0,
-                secs: 1.0,
-            },
-        );
-        hx.ask(3, drain());
-        let r = hx.ask(4, Op::Report).unwrap();
+        let r = c2c_run(&hx, n, 200.0);
         let j = join(&r);
         assert_eq!(r.send_errors.get("Unavailable").copied(), Some(n as u64));
         assert_eq!(r.resent, n as u64);
