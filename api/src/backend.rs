@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
+use im_shared::org::{OrgChange, OrgTree};
 use im_shared::proto::GroupDesc;
 use im_shared::{ErrorCode, GroupId, MsgId, UserId};
 
@@ -88,6 +89,23 @@ pub trait ApiBackend: Send + Sync + 'static {
     fn groups_of(&self, uid: UserId) -> BoxFut<'_, Result<Vec<(GroupId, String)>, ApiError>>;
     /// Appends the logic tier's metrics in Prometheus text format.
     fn metrics(&self, out: &mut String);
+    /// Changes the organisation tree; the answer is the tree's version afterwards.
+    fn org_change(&self, change: OrgChange) -> BoxFut<'_, Result<u64, ApiError>> {
+        let _ = change;
+        Box::pin(async { Err(no_org()) })
+    }
+    /// The tree as this node's cache has it, read by `f` (the API sees hidden departments too).
+    fn org_read(&self, f: &mut dyn FnMut(&OrgTree)) -> Result<(), ApiError> {
+        let _ = f;
+        Err(no_org())
+    }
+}
+
+fn no_org() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "no organisation tree here: it is on the logic nodes",
+    )
 }
 
 /// The backend of a status-only server (a gate process): it has no logic tier, and its

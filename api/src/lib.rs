@@ -7,14 +7,16 @@
 //!
 //! * `GET /healthz`, `GET /metrics` (Prometheus text) and `GET /v1/iplist?uid=N` need no auth.
 //! * `POST /v1/messages` (s2c), `POST /v1/groups`, `GET /v1/groups/{id}`,
-//!   `POST|DELETE /v1/groups/{id}/members`, `GET /v1/users/{uid}/groups` and `POST /v1/tokens`
-//!   are signed by the calling business server: headers `X-IM-Key`, `X-IM-Timestamp` and
+//!   `POST|DELETE /v1/groups/{id}/members`, `GET /v1/users/{uid}/groups`, `POST /v1/tokens`
+//!   and the organisation tree's (`GET /v1/org`, `GET|PUT|DELETE /v1/org/departments/{id}`,
+//!   `GET|PUT|DELETE /v1/org/users/{uid}`, `POST /v1/org/import`) are signed by the calling business server: headers `X-IM-Key`, `X-IM-Timestamp` and
 //!   `X-IM-Signature` (see [`sign`]).
 
 mod auth;
 mod backend;
 mod iplist;
 mod json;
+mod org;
 mod server;
 
 pub use auth::{sign, HEADER_KEY, HEADER_SIGNATURE, HEADER_TIMESTAMP};

@@ -35,12 +35,12 @@ const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time requests in flight get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
 /// Everything the handlers share.
 pub(crate) struct State {
     pub(crate) cfg: ApiConfig,
-    backend: Arc<dyn ApiBackend>,
+    pub(crate) backend: Arc<dyn ApiBackend>,
     gates: Gates,
     tokens: Option<Arc<HmacTokens>>,
     extra_metrics: Vec<MetricsFn>,
@@ -207,6 +207,10 @@ enum Route {
     GroupMembers(GroupId),
     UserGroups(UserId),
     Tokens,
+    Org,
+    OrgDept(u64),
+    OrgUser(u64),
+    OrgImport,
 }
 
 impl Route {
@@ -222,6 +226,10 @@ impl Route {
             Route::GroupMembers(_) => "/v1/groups/{id}/members",
             Route::UserGroups(_) => "/v1/users/{uid}/groups",
             Route::Tokens => "/v1/tokens",
+            Route::Org => "/v1/org",
+            Route::OrgDept(_) => "/v1/org/departments/{id}",
+            Route::OrgUser(_) => "/v1/org/users/{uid}",
+            Route::OrgImport => "/v1/org/import",
         }
     }
 
@@ -229,14 +237,17 @@ impl Route {
         const GET: &[Method] = &[Method::GET];
         const POST: &[Method] = &[Method::POST];
         const POST_DELETE: &[Method] = &[Method::POST, Method::DELETE];
+        const GET_PUT_DELETE: &[Method] = &[Method::GET, Method::PUT, Method::DELETE];
         match self {
             Route::Healthz
             | Route::Metrics
             | Route::Iplist
             | Route::Group(_)
-            | Route::UserGroups(_) => GET,
-            Route::Messages | Route::Groups | Route::Tokens => POST,
+            | Route::UserGroups(_)
+            | Route::Org => GET,
+            Route::Messages | Route::Groups | Route::Tokens | Route::OrgImport => POST,
             Route::GroupMembers(_) => POST_DELETE,
+            Route::OrgDept(_) | Route::OrgUser(_) => GET_PUT_DELETE,
         }
     }
 
@@ -279,6 +290,12 @@ fn route(path: &str) -> Result<Route, NoRoute> {
         ["v1", "users", u, "groups"] => {
             Route::UserGroups(UserId(id("/v1/users/{uid}/groups", "user id", u)?))
         }
+        ["v1", "org"] => Route::Org,
+        ["v1", "org", "import"] => Route::OrgImport,
+        ["v1", "org", "departments", d] => {
+            Route::OrgDept(id("/v1/org/departments/{id}", "department id", d)?)
+        }
+        ["v1", "org", "users", u] => Route::OrgUser(id("/v1/org/users/{uid}", "user id", u)?),
         _ => return Err(NoRoute::NotFound),
     })
 }
@@ -300,7 +317,7 @@ fn json_response(status: StatusCode, v: &Value) -> Resp {
     r
 }
 
-fn ok(v: Value) -> Resp {
+pub(crate) fn ok(v: Value) -> Resp {
     json_response(StatusCode::OK, &v)
 }
 
@@ -313,7 +330,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
 }
 
 /// A refusal on its way to becoming an error response (small, unlike a [`Resp`]).
-struct Fail {
+pub(crate) struct Fail {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -346,7 +363,7 @@ impl Fail {
     }
 }
 
-fn bad_request(message: impl Into<String>) -> Fail {
+pub(crate) fn bad_request(message: impl Into<String>) -> Fail {
     Fail::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
 }
 
@@ -375,16 +392,17 @@ fn code_name(code: ErrorCode) -> &'static str {
         NotFound => "not_found",
         RecallRefused => "recall_refused",
         GroupFull => "group_full",
+        Conflict => "conflict",
     }
 }
 
 /// Maps a logic error onto an HTTP response.
-fn api_error(e: &ApiError) -> Fail {
+pub(crate) fn api_error(e: &ApiError) -> Fail {
     let status = match e.code {
         ErrorCode::InvalidArgument | ErrorCode::Malformed => StatusCode::BAD_REQUEST,
         ErrorCode::Forbidden | ErrorCode::NotMember => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
-        ErrorCode::GroupFull => StatusCode::CONFLICT,
+        ErrorCode::GroupFull | ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -401,7 +419,7 @@ fn api_error(e: &ApiError) -> Fail {
 }
 
 /// Runs a backend call with [`BACKEND_TIMEOUT`]; a timeout is `Unavailable`.
-async fn call<T>(fut: super::BoxFut<'_, Result<T, ApiError>>) -> Result<T, Fail> {
+pub(crate) async fn call<T>(fut: super::BoxFut<'_, Result<T, ApiError>>) -> Result<T, Fail> {
     match tokio::time::timeout(BACKEND_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(api_error(&e)),
@@ -569,7 +587,11 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         };
     }
     let (parts, body) = req.into_parts();
-    let body = match read_body(&parts.headers, body, state.cfg.max_body).await {
+    let max_body = match route {
+        Route::OrgImport => state.cfg.max_body.max(crate::org::MAX_IMPORT_BODY),
+        _ => state.cfg.max_body,
+    };
+    let body = match read_body(&parts.headers, body, max_body).await {
         Ok(b) => b,
         Err(f) => return f.into_response(),
     };
@@ -621,6 +643,7 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         );
         return r;
     }
+    let query = parts.uri.query().unwrap_or("");
     let result = match (route, &parts.method) {
         (Route::Messages, _) => send_message(state, &body).await,
         (Route::Groups, _) => create_group(state, &body).await,
@@ -629,6 +652,14 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         (Route::GroupMembers(g), _) => remove_members(state, g, &body).await,
         (Route::UserGroups(u), _) => groups_of(state, u).await,
         (Route::Tokens, _) => mint_token(state, &body),
+        (Route::Org, _) => crate::org::top(state),
+        (Route::OrgDept(d), &Method::GET) => crate::org::get_dept(state, d, query),
+        (Route::OrgDept(d), &Method::PUT) => crate::org::put_dept(state, d, &body).await,
+        (Route::OrgDept(d), _) => crate::org::delete_dept(state, d).await,
+        (Route::OrgUser(u), &Method::GET) => crate::org::get_user(state, u),
+        (Route::OrgUser(u), &Method::PUT) => crate::org::put_user(state, u, &body).await,
+        (Route::OrgUser(u), _) => crate::org::delete_user(state, u).await,
+        (Route::OrgImport, _) => crate::org::import(state, &body).await,
         (Route::Healthz | Route::Metrics | Route::Iplist, _) => unreachable!("not signed"),
     };
     result.unwrap_or_else(Fail::into_response)
@@ -662,7 +693,7 @@ async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<By
     }
 }
 
-fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Fail> {
+pub(crate) fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Fail> {
     serde_json::from_slice(body).map_err(|e| {
         Fail::new(
             StatusCode::BAD_REQUEST,

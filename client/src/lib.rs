@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use im_shared::codes::ErrorCode;
 use im_shared::frame::{DecodeError, FrameCodec};
 use im_shared::ids::{DeviceType, GroupId, MsgId, Seq, UserId};
+use im_shared::org::{OrgRecord, OrgTree};
 use im_shared::proto::{BodyError, Command, GroupDesc, Message};
 
 /// What went wrong in a client call.
@@ -429,6 +430,85 @@ impl Client {
             token: token.to_owned(),
         })
         .map(|_| ())
+    }
+
+    /// One page of the organisation tree's records above `since` (0: from the start):
+    /// `(version, next, more, records)`; call again with `since = next` while `more`.
+    pub fn org_sync(
+        &mut self,
+        since: u64,
+        limit: u16,
+    ) -> Result<(u64, u64, bool, Vec<OrgRecord>), ClientError> {
+        let req = self.send_cmd(&Command::OrgSync { since, limit })?;
+        self.wait_for(|r, c| match c {
+            Command::OrgPage {
+                version,
+                next,
+                more,
+                records,
+            } if r == req => Some((*version, *next, *more, records.clone())),
+            _ => None,
+        })
+    }
+
+    /// Every organisation record above `since`, page by page, applied to `tree`; returns the
+    /// version reached (the next `since`).
+    pub fn org_sync_all(&mut self, tree: &mut OrgTree, since: u64) -> Result<u64, ClientError> {
+        let mut since = since;
+        loop {
+            let (_, next, more, records) = self.org_sync(since, 1000)?;
+            for r in records {
+                tree.apply(r);
+            }
+            since = next;
+            if !more {
+                return Ok(since);
+            }
+        }
+    }
+
+    fn org_reply(&mut self, cmd: &Command) -> Result<(u64, u32, Vec<OrgRecord>), ClientError> {
+        let req = self.send_cmd(cmd)?;
+        self.wait_for(|r, c| match c {
+            Command::OrgReply {
+                version,
+                total,
+                records,
+            } if r == req => Some((*version, *total, records.clone())),
+            _ => None,
+        })
+    }
+
+    /// A department (0: the top level): `(version, members_total, records)`, the records being
+    /// the department, its sub-departments, then a page of members (membership, person).
+    pub fn org_dept(
+        &mut self,
+        dept: u64,
+        offset: u32,
+        limit: u16,
+    ) -> Result<(u64, u32, Vec<OrgRecord>), ClientError> {
+        self.org_reply(&Command::OrgDept {
+            dept,
+            offset,
+            limit,
+        })
+    }
+
+    /// A user's person record, memberships and the departments above them.
+    pub fn org_user(&mut self, uid: UserId) -> Result<(u64, u32, Vec<OrgRecord>), ClientError> {
+        self.org_reply(&Command::OrgUser { uid })
+    }
+
+    /// Departments and people whose name contains `query`: `(version, matches, records)`.
+    pub fn org_search(
+        &mut self,
+        query: &str,
+        limit: u16,
+    ) -> Result<(u64, u32, Vec<OrgRecord>), ClientError> {
+        self.org_reply(&Command::OrgSearch {
+            query: query.to_owned(),
+            limit,
+        })
     }
 
     /// Requests one sync page of messages after `after_seq`.

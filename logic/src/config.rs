@@ -37,6 +37,10 @@ pub struct LogicConfig {
     /// This node's shard lease (cluster shape with a directory): every commit carries its
     /// writer identity and waits while it is expired. `None`: no fencing (single node).
     pub lease: Option<std::sync::Arc<crate::ownership::Lease>>,
+    /// The c2c policy of the organisation tree: a user may start a chat only with users visible
+    /// to it in the tree (hidden departments are seen from inside only; a user outside the tree
+    /// is seen by nobody). Off: anyone may write to anyone.
+    pub org_visibility: bool,
 }
 
 impl Default for LogicConfig {
@@ -57,6 +61,7 @@ impl Default for LogicConfig {
             redis_nodes: Vec::new(),
             recall_window_secs: 120,
             lease: None,
+            org_visibility: false,
         }
     }
 }

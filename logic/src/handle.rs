@@ -37,6 +37,8 @@ pub struct LogicHandle {
     /// that drives it until this sender is dropped.
     _timers: Option<(tokio::runtime::Handle, oneshot::Sender<()>)>,
     metrics: Arc<Metrics>,
+    /// The node's copy of the organisation tree (also in every worker's [`Services`]).
+    org: Arc<crate::org::OrgCache>,
 }
 
 /// A current-thread runtime driven by a thread of its own ("logic-timers") until the returned
@@ -166,6 +168,7 @@ fn start_placed<S: Store + Send + Sync>(
     placement: Placement,
 ) -> std::io::Result<(LogicHandle, Vec<HostedTask>)> {
     let metrics = Arc::new(Metrics::default());
+    let org = services.org.clone();
     let n = cfg.workers.max(1);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
     let (node, nodes, peers) = match cluster {
@@ -240,6 +243,7 @@ fn start_placed<S: Store + Send + Sync>(
         hosted_done: std::sync::Mutex::new(timers.as_ref().map(|_| done_rx)),
         _timers: timers,
         metrics,
+        org,
     };
     Ok((handle, tasks))
 }
@@ -494,6 +498,41 @@ impl ApiBackend for LogicHandle {
                 r => Err(Self::unexpected(r)),
             }
         })
+    }
+
+    fn org_change(&self, change: crate::org::OrgChange) -> BoxFut<'_, Result<u64, ApiError>> {
+        Box::pin(async move {
+            let route = crate::org::ORG_ROUTE;
+            if !self.router.owns(route) {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the organisation tree is owned by logic node {}: call that node's API",
+                        self.router.node_of(self.router.owner(route))
+                    ),
+                ));
+            }
+            let (tx, rx) = oneshot::channel();
+            let req = ApiReq::Org { change, reply: tx };
+            match self
+                .call(self.router.local_of(route), WorkerMsg::Api(req), rx)
+                .await?
+            {
+                ApiOk::Org(v) => Ok(v),
+                r => Err(Self::unexpected(r)),
+            }
+        })
+    }
+
+    fn org_read(&self, f: &mut dyn FnMut(&im_shared::org::OrgTree)) -> Result<(), ApiError> {
+        if !self.org.loaded() {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the organisation tree is loading, retry",
+            ));
+        }
+        f(&self.org.read());
+        Ok(())
     }
 
     fn metrics(&self, out: &mut String) {

@@ -12,6 +12,7 @@ mod config;
 mod handle;
 pub mod links;
 pub mod metrics;
+pub mod org;
 pub mod ownership;
 pub mod peer;
 mod publish;

@@ -1,4 +1,5 @@
-//! Optional process-wide services the workers use: offline push and the c2s queue.
+//! Process-wide services the workers use: offline push and the c2s queue (optional), and the
+//! node's cache of the organisation tree.
 
 use std::sync::Arc;
 
@@ -27,4 +28,6 @@ pub struct Services {
     pub push: Option<PushService>,
     /// The c2s queue; without it `Report` is refused with `Unavailable`.
     pub c2s: Option<Arc<C2sHub>>,
+    /// The node's copy of the organisation tree (one per node, shared by its workers and API).
+    pub org: Arc<crate::org::OrgCache>,
 }

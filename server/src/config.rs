@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub redis_nodes: Vec<String>,
     /// Seconds after sending during which a user may recall a message.
     pub recall_window_secs: u64,
+    /// The organisation tree's c2c policy: a user may start a chat only with users visible to
+    /// it in the tree (docs/API.md "Organisation tree"). Default off.
+    pub org_visibility: bool,
     /// Logic nodes with `redis_nodes`: how long a node's shard lease lasts (ms). Renewed every
     /// quarter of it; a node stops committing when it has not renewed within three quarters of
     /// it, and exits with code 75 when another node (or a newer incarnation of itself) took its
@@ -154,6 +157,7 @@ impl Default for ServerConfig {
             gate_link_queue_bytes: im_logic::links::MAX_GATE_QUEUE_BYTES,
             redis_nodes: Vec::new(),
             recall_window_secs: l.recall_window_secs,
+            org_visibility: l.org_visibility,
             shard_lease_ms: 10_000,
             api: Some(ApiConfig::default()),
             c2s: Some(C2sConfig::Embedded {
@@ -225,6 +229,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         peer_queue_bytes: cfg.peer_queue_bytes,
         redis_nodes: cfg.redis_nodes.clone(),
         recall_window_secs: cfg.recall_window_secs,
+        org_visibility: cfg.org_visibility,
         ..LogicConfig::default()
     }
 }
@@ -254,6 +259,7 @@ mod tests {
         assert!(cfg.push.is_none());
         assert_eq!(cfg.limits, d.limits);
         assert_eq!(cfg.thread_per_core, d.thread_per_core);
+        assert_eq!(cfg.org_visibility, d.org_visibility);
     }
 
     #[test]

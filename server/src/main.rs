@@ -135,6 +135,10 @@ struct Common {
     /// Directory of the web chat page served on the WebSocket port.
     #[arg(long, env = "IM_WEB_ROOT")]
     web_root: Option<PathBuf>,
+    /// Organisation tree policy: a user may start a c2c chat only with users visible to it in
+    /// the tree (default false).
+    #[arg(long, env = "IM_ORG_VISIBILITY")]
+    org_visibility: Option<bool>,
 }
 
 impl Common {
@@ -164,6 +168,7 @@ impl Common {
             web_root,
             shard_lease_ms,
             status_listen,
+            org_visibility,
             ..
         } = self;
         if status_listen.is_some() {
@@ -198,7 +203,8 @@ impl Common {
             idle_timeout_secs,
             scylla_keyspace,
             max_body,
-            shard_lease_ms
+            shard_lease_ms,
+            org_visibility
         );
         Ok(cfg)
     }

@@ -22,7 +22,11 @@ pub(crate) fn services(cfg: &ServerConfig) -> anyhow::Result<Services> {
         }),
         None => None,
     };
-    Ok(Services { push, c2s })
+    Ok(Services {
+        push,
+        c2s,
+        ..Services::default()
+    })
 }
 
 /// Metrics of the services, for the API's `/metrics`.

@@ -69,6 +69,7 @@ const LOGIC_KEYS: &[&str] = &[
     "gate_link_queue_bytes",
     "redis_nodes",
     "recall_window_secs",
+    "org_visibility",
     "scylla_nodes",
     "scylla_keyspace",
     "shard_lease_ms",

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     RecallRefused = 43,
     /// The group would exceed its member limit.
     GroupFull = 44,
+    /// The change conflicts with the current state (a department that still has members or
+    /// sub-departments, a move that would make a loop).
+    Conflict = 45,
 }
 
 impl ErrorCode {
@@ -72,6 +75,7 @@ impl ErrorCode {
             42 => NotFound,
             43 => RecallRefused,
             44 => GroupFull,
+            45 => Conflict,
             _ => return None,
         })
     }

@@ -44,6 +44,10 @@ pub enum Cmd {
     SetMute = 0x1D,
     RegisterPush = 0x1E,
     GroupUpdate = 0x1F,
+    OrgSync = 0x20,
+    OrgDept = 0x21,
+    OrgUser = 0x22,
+    OrgSearch = 0x23,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -56,6 +60,9 @@ pub enum Cmd {
     OpResult = 0x94,
     GroupInfoReply = 0x95,
     GroupList = 0x96,
+    OrgPage = 0x97,
+    OrgReply = 0x98,
+    OrgChanged = 0x99,
     Error = 0xFF,
 }
 
@@ -82,6 +89,10 @@ impl Cmd {
             0x1D => SetMute,
             0x1E => RegisterPush,
             0x1F => GroupUpdate,
+            0x20 => OrgSync,
+            0x21 => OrgDept,
+            0x22 => OrgUser,
+            0x23 => OrgSearch,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,
@@ -93,6 +104,9 @@ impl Cmd {
             0x94 => OpResult,
             0x95 => GroupInfoReply,
             0x96 => GroupList,
+            0x97 => OrgPage,
+            0x98 => OrgReply,
+            0x99 => OrgChanged,
             0xFF => Error,
             _ => return None,
         })

@@ -14,6 +14,7 @@ pub mod ids;
 pub mod iplist;
 pub mod link;
 pub mod msgid;
+pub mod org;
 pub mod peer;
 pub mod prom;
 pub mod proto;

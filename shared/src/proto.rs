@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::codes::ErrorCode;
 use crate::frame::{encode_header, Cmd, Frame, HEADER_LEN};
 use crate::ids::{DeviceType, GroupId, MsgId, Seq, UserId};
+use crate::org::{self, OrgRecord};
 pub use crate::wire::BodyError;
 use crate::wire::{put_bytes, put_string, string_len, Reader};
 
@@ -402,6 +403,50 @@ pub enum Command {
         /// `(group, name)`.
         groups: Vec<(GroupId, String)>,
     },
+    /// The organisation tree's records with a version above `since` (0: everything), visible
+    /// to the user, at most `limit` (capped at [`crate::org::MAX_ORG_PAGE`]). Answered with
+    /// `OrgPage`.
+    OrgSync {
+        since: u64,
+        limit: u16,
+    },
+    /// A department (0: the top level), its sub-departments and a page of its members.
+    /// Answered with `OrgReply`.
+    OrgDept {
+        dept: u64,
+        offset: u32,
+        limit: u16,
+    },
+    /// A user's person record, memberships and the departments above them. Answered with
+    /// `OrgReply`.
+    OrgUser {
+        uid: UserId,
+    },
+    /// Departments and people whose name contains `query` (case-insensitive). Answered with
+    /// `OrgReply`.
+    OrgSearch {
+        query: String,
+        limit: u16,
+    },
+    /// A page of `OrgSync`: records in version order; sync again with `since = next` while
+    /// `more`. `version` is the tree's version when the page was read.
+    OrgPage {
+        version: u64,
+        next: u64,
+        more: bool,
+        records: Vec<OrgRecord>,
+    },
+    /// Answer of `OrgDept`, `OrgUser` and `OrgSearch`: `total` counts the department's members
+    /// (`OrgDept`) or the matches (`OrgSearch`), of which `records` may hold a page.
+    OrgReply {
+        version: u64,
+        total: u32,
+        records: Vec<OrgRecord>,
+    },
+    /// Server push: the tree changed and is now at `version`; sync from the last version held.
+    OrgChanged {
+        version: u64,
+    },
 }
 
 impl Command {
@@ -438,6 +483,13 @@ impl Command {
             Command::OpResult { .. } => Cmd::OpResult,
             Command::GroupInfoReply { .. } => Cmd::GroupInfoReply,
             Command::GroupList { .. } => Cmd::GroupList,
+            Command::OrgSync { .. } => Cmd::OrgSync,
+            Command::OrgDept { .. } => Cmd::OrgDept,
+            Command::OrgUser { .. } => Cmd::OrgUser,
+            Command::OrgSearch { .. } => Cmd::OrgSearch,
+            Command::OrgPage { .. } => Cmd::OrgPage,
+            Command::OrgReply { .. } => Cmd::OrgReply,
+            Command::OrgChanged { .. } => Cmd::OrgChanged,
         }
     }
 
@@ -483,6 +535,12 @@ impl Command {
             Command::GroupList { groups } => {
                 2 + groups.iter().map(|(_, n)| 8 + string_len(n)).sum::<usize>()
             }
+            Command::OrgSync { .. } => 8 + 2,
+            Command::OrgDept { .. } => 8 + 4 + 2,
+            Command::OrgUser { .. } | Command::OrgChanged { .. } => 8,
+            Command::OrgSearch { query, .. } => string_len(query) + 2,
+            Command::OrgPage { records, .. } => 8 + 8 + 1 + org::records_len(records),
+            Command::OrgReply { records, .. } => 8 + 4 + org::records_len(records),
         }
     }
 
@@ -661,6 +719,45 @@ impl Command {
                     put_string(out, n);
                 }
             }
+            Command::OrgSync { since, limit } => {
+                out.put_u64(*since);
+                out.put_u16(*limit);
+            }
+            Command::OrgDept {
+                dept,
+                offset,
+                limit,
+            } => {
+                out.put_u64(*dept);
+                out.put_u32(*offset);
+                out.put_u16(*limit);
+            }
+            Command::OrgUser { uid } => out.put_u64(uid.0),
+            Command::OrgSearch { query, limit } => {
+                put_string(out, query);
+                out.put_u16(*limit);
+            }
+            Command::OrgPage {
+                version,
+                next,
+                more,
+                records,
+            } => {
+                out.put_u64(*version);
+                out.put_u64(*next);
+                out.put_u8(*more as u8);
+                org::put_records(out, records);
+            }
+            Command::OrgReply {
+                version,
+                total,
+                records,
+            } => {
+                out.put_u64(*version);
+                out.put_u32(*total);
+                org::put_records(out, records);
+            }
+            Command::OrgChanged { version } => out.put_u64(*version),
         }
         debug_assert_eq!(out.len() - start, len);
     }
@@ -852,6 +949,36 @@ impl Command {
                 }
                 Command::GroupList { groups }
             }
+            Cmd::OrgSync => Command::OrgSync {
+                since: r.u64("since")?,
+                limit: r.u16("limit")?,
+            },
+            Cmd::OrgDept => Command::OrgDept {
+                dept: r.u64("dept")?,
+                offset: r.u32("offset")?,
+                limit: r.u16("limit")?,
+            },
+            Cmd::OrgUser => Command::OrgUser {
+                uid: UserId(r.u64("uid")?),
+            },
+            Cmd::OrgSearch => Command::OrgSearch {
+                query: r.string("query")?,
+                limit: r.u16("limit")?,
+            },
+            Cmd::OrgPage => Command::OrgPage {
+                version: r.u64("version")?,
+                next: r.u64("next")?,
+                more: r.u8("more")? != 0,
+                records: org::read_records(&mut r)?,
+            },
+            Cmd::OrgReply => Command::OrgReply {
+                version: r.u64("version")?,
+                total: r.u32("total")?,
+                records: org::read_records(&mut r)?,
+            },
+            Cmd::OrgChanged => Command::OrgChanged {
+                version: r.u64("version")?,
+            },
         })
     }
 }
@@ -1008,6 +1135,61 @@ mod tests {
             Command::GroupList {
                 groups: vec![(GroupId(8), "team".into()), (GroupId(9), String::new())],
             },
+            Command::OrgSync {
+                since: 7,
+                limit: 100,
+            },
+            Command::OrgDept {
+                dept: 3,
+                offset: 20,
+                limit: 50,
+            },
+            Command::OrgUser { uid: UserId(9) },
+            Command::OrgSearch {
+                query: "stor".into(),
+                limit: 10,
+            },
+            Command::OrgPage {
+                version: 12,
+                next: 12,
+                more: false,
+                records: vec![
+                    OrgRecord {
+                        version: 11,
+                        deleted: false,
+                        entity: org::OrgEntity::Dept(org::OrgDept {
+                            id: 3,
+                            parent: 1,
+                            order: 2,
+                            hidden: true,
+                            name: "Storage".into(),
+                        }),
+                    },
+                    OrgRecord {
+                        version: 12,
+                        deleted: true,
+                        entity: org::OrgEntity::Member(org::OrgMember {
+                            uid: 9,
+                            dept: 3,
+                            order: 0,
+                            title: "lead".into(),
+                        }),
+                    },
+                ],
+            },
+            Command::OrgReply {
+                version: 12,
+                total: 1,
+                records: vec![OrgRecord {
+                    version: 5,
+                    deleted: false,
+                    entity: org::OrgEntity::Person(org::OrgPerson {
+                        uid: 9,
+                        name: "Alice".into(),
+                    }),
+                }],
+            },
+            Command::OrgChanged { version: 12 },
         ]
     }
 

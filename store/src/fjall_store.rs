@@ -19,6 +19,7 @@
 //! | `pushtok`  | uid `u64` ++ device_id (UTF-8, rest of key) | provider `u8` ++ token (UTF-8)                 |
 //! | `idfloor`  | generator `u16`                             | ms `u64` (msg-id time floor, [`Op::IdFloor`])  |
 //! | `pushwatch`| shard `u16` ++ uid `u64` ++ seq `u64`       | empty ([`Op::PushWatch`])                      |
+//! | `org`      | version `u64`                               | [`OrgRecord::encode`] bytes ([`Op::OrgPut`])   |
 //! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
 //! | `meta`     | `applied` (bytes)                           | seq `u64` of the last commit-log record in fjall |
 //!
@@ -53,7 +54,7 @@
 //!
 //! The log record of a batch lists its writes after merging (last op on a key wins):
 //! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
-//! keyspace's index in the table above (timeline 0 … idfloor 11, pushwatch 12).
+//! keyspace's index in the table above (timeline 0 … idfloor 11, pushwatch 12, org 13).
 //!
 //! Reads are plain point lookups and range scans on the latest committed state. Every method is
 //! blocking and completes inline: each logic worker is a dedicated thread.
@@ -66,6 +67,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use bytes::{Buf, Bytes};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use im_shared::org::OrgRecord;
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
@@ -89,6 +91,7 @@ const PUSHTOK: &str = "pushtok";
 const FENCE: &str = "fence";
 const IDFLOOR: &str = "idfloor";
 const PUSHWATCH: &str = "pushwatch";
+const ORG: &str = "org";
 const META: &str = "meta";
 /// Key in `meta`: seq of the last commit-log record applied to fjall (`u64`).
 const APPLIED: &[u8] = b"applied";
@@ -109,10 +112,11 @@ enum Kind {
     PushTok = 10,
     IdFloor = 11,
     PushWatch = 12,
+    Org = 13,
 }
 
 impl Kind {
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 14] = [
         Kind::Timeline,
         Kind::MsgIdx,
         Kind::SeqBound,
@@ -126,6 +130,7 @@ impl Kind {
         Kind::PushTok,
         Kind::IdFloor,
         Kind::PushWatch,
+        Kind::Org,
     ];
 }
 
@@ -135,7 +140,7 @@ impl Kind {
 pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
-    spaces: [Keyspace; 13],
+    spaces: [Keyspace; 14],
     fence_space: Keyspace,
     meta: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
@@ -268,6 +273,7 @@ impl Kind {
             Kind::PushTok => PUSHTOK,
             Kind::IdFloor => IDFLOOR,
             Kind::PushWatch => PUSHWATCH,
+            Kind::Org => ORG,
         }
     }
 }
@@ -406,6 +412,7 @@ impl FjallStore {
             ks(PUSHTOK)?,
             ks(IDFLOOR)?,
             ks(PUSHWATCH)?,
+            ks(ORG)?,
         ];
         let fence_space = ks(FENCE)?;
         let meta = ks(META)?;
@@ -547,7 +554,7 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq.
 fn apply(
     db: &Database,
-    spaces: &[Keyspace; 13],
+    spaces: &[Keyspace; 14],
     meta: &Keyspace,
     writes: impl IntoIterator<Item = Write>,
     seq: u64,
@@ -680,6 +687,15 @@ fn collect(batch: WriteBatch) -> Writes {
                     v
                 });
                 w.insert((Kind::PushTok, key_cursor(uid, &token.device_id)), v);
+            }
+            Op::OrgPut { record, replaces } => {
+                if let Some(old) = replaces.filter(|&v| v != record.version) {
+                    w.insert((Kind::Org, key_u64(old).to_vec()), None);
+                }
+                w.insert(
+                    (Kind::Org, key_u64(record.version).to_vec()),
+                    Some(record.to_bytes().to_vec()),
+                );
             }
         }
     }
@@ -952,6 +968,26 @@ impl Store for FjallStore {
         for guard in self.space(Kind::Mute).prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(second_u64(Kind::Mute, &k)?);
+        }
+        Ok(out)
+    }
+
+    async fn org_records(&self, after: u64, limit: usize) -> Result<Vec<OrgRecord>, StoreError> {
+        let mut out = Vec::new();
+        let Some(from) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for guard in self.space(Kind::Org).range(key_u64(from)..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = guard.into_inner().map_err(io)?;
+            let rec = OrgRecord::decode(Bytes::copy_from_slice(&v))
+                .map_err(|e| corrupt(Kind::Org, &k, e.to_string()))?;
+            if key_u64(rec.version) != *k {
+                return Err(corrupt(Kind::Org, &k, "version does not match its key"));
+            }
+            out.push(rec);
         }
         Ok(out)
     }
@@ -1345,7 +1381,7 @@ mod tests {
             assert!(decode_writes(&rec[..cut]).is_none(), "cut at {cut}");
         }
         let mut bad = rec.clone();
-        bad[4] = 13; // no such keyspace
+        bad[4] = 14; // no such keyspace
         assert!(decode_writes(&bad).is_none());
     }
 }

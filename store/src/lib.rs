@@ -21,6 +21,7 @@ mod scylla_store;
 #[cfg(feature = "scylla")]
 pub use scylla_store::ScyllaStore;
 
+use im_shared::org::OrgRecord;
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 
@@ -174,6 +175,13 @@ pub enum Op {
         generator: u16,
         ms: u64,
     },
+    /// Write one record of the organisation tree at `record.version`, and remove the record
+    /// of the same key it replaces (at version `replaces`), so the store holds the latest record
+    /// of every key, in version order ([`Store::org_records`]).
+    OrgPut {
+        record: OrgRecord,
+        replaces: Option<u64>,
+    },
 }
 
 /// Who writes a batch: a logic node and the incarnation its shard lease gave it
@@ -257,4 +265,7 @@ pub trait Store: Clone + 'static {
     async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError>;
     /// The reserved msg-id time floor of `generator` ([`Op::IdFloor`]; 0 if none).
     async fn id_floor(&self, generator: u16) -> Result<u64, StoreError>;
+    /// Up to `limit` records of the organisation tree with a version above `after`, in version
+    /// order ([`Op::OrgPut`]).
+    async fn org_records(&self, after: u64, limit: usize) -> Result<Vec<OrgRecord>, StoreError>;
 }

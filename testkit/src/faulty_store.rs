@@ -159,4 +159,11 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn id_floor(&self, generator: u16) -> Result<u64, StoreError> {
         self.inner.id_floor(generator).await
     }
+    async fn org_records(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<im_shared::org::OrgRecord>, StoreError> {
+        self.inner.org_records(after, limit).await
+    }
 }

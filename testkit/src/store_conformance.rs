@@ -8,6 +8,7 @@
 //! [`run_all_at`]). Durability across a restart is backend specific and not checked here.
 
 use bytes::Bytes;
+use im_shared::org::{OrgDept, OrgEntity, OrgMember, OrgPerson, OrgRecord};
 use im_shared::proto::{
     GroupDesc, Message, CONV_C2C, CONV_GROUP_EVENT, MAX_ANNOUNCEMENT_LEN, MAX_NAME_LEN,
     MAX_PUSH_TOKEN_LEN, ROLE_MEMBER, ROLE_OWNER,
@@ -119,6 +120,7 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     batch_atomicity_groups(store, base).await;
     writer_fence(store, base).await;
     id_floor(store, base).await;
+    org_records(store, base).await;
 }
 
 /// An empty batch commits without error and changes nothing.
@@ -1579,6 +1581,106 @@ pub async fn id_floor<S: Store>(store: &S, base: u64) {
         .await;
     assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
     assert_eq!(floor(g).await, 9_000);
+}
+
+/// The organisation tree's records ([`Op::OrgPut`], [`Store::org_records`]): read back in version
+/// order, paged by `after` and `limit`; a record that replaces another removes it (also within one
+/// batch, where the last op wins); tombstones round-trip; a fenced batch writes none. Versions of
+/// this check are `base + 1 ..`, and only those below `base + BASE_STRIDE` are looked at, so runs at
+/// other bases (and a shared cluster's other data) do not interfere.
+pub async fn org_records<S: Store>(store: &S, base: u64) {
+    let read = |after: u64, limit: usize| async move {
+        store
+            .org_records(after, limit)
+            .await
+            .expect("org_records")
+            .into_iter()
+            .filter(|r| r.version < base + BASE_STRIDE)
+            .collect::<Vec<_>>()
+    };
+    let versions = |rs: &[OrgRecord]| rs.iter().map(|r| r.version - base).collect::<Vec<_>>();
+    let dept = |v: u64, name: &str, deleted: bool| OrgRecord {
+        version: base + v,
+        deleted,
+        entity: OrgEntity::Dept(OrgDept {
+            id: base + 1,
+            parent: base + 7,
+            order: 3,
+            hidden: true,
+            name: name.into(),
+        }),
+    };
+    let person = OrgRecord {
+        version: base + 2,
+        deleted: false,
+        entity: OrgEntity::Person(OrgPerson {
+            uid: u64::MAX - base,
+            name: "名前 ✓".into(),
+        }),
+    };
+    let member = OrgRecord {
+        version: base + 3,
+        deleted: false,
+        entity: OrgEntity::Member(OrgMember {
+            uid: u64::MAX - base,
+            dept: base + 1,
+            order: u32::MAX,
+            title: "x".repeat(im_shared::org::MAX_TITLE_LEN),
+        }),
+    };
+    assert!(read(base, 100).await.is_empty(), "no records yet");
+    let put = |record: &OrgRecord, replaces: Option<u64>| Op::OrgPut {
+        record: record.clone(),
+        replaces: replaces.map(|v| base + v),
+    };
+    commit(
+        store,
+        vec![
+            put(&member, None),
+            put(&dept(1, "Storage", false), None),
+            put(&person, None),
+        ],
+    )
+    .await;
+    let all = read(base, 100).await;
+    assert_eq!(versions(&all), vec![1, 2, 3], "in version order");
+    assert_eq!(
+        all,
+        vec![dept(1, "Storage", false), person.clone(), member.clone()]
+    );
+    assert_eq!(versions(&read(base, 2).await), vec![1, 2], "limit");
+    assert_eq!(versions(&read(base + 2, 100).await), vec![3], "after");
+    // A rename replaces the department's record.
+    commit(store, vec![put(&dept(4, "Storage & Db", false), Some(1))]).await;
+    let all = read(base, 100).await;
+    assert_eq!(versions(&all), vec![2, 3, 4]);
+    assert_eq!(all[2], dept(4, "Storage & Db", false));
+    // Within one batch: 5 replaces 4, then a tombstone at 6 replaces 5.
+    commit(
+        store,
+        vec![
+            put(&dept(5, "again", false), Some(4)),
+            put(&dept(6, "Storage & Db", true), Some(5)),
+        ],
+    )
+    .await;
+    let all = read(base, 100).await;
+    assert_eq!(versions(&all), vec![2, 3, 6]);
+    assert!(all[2].deleted, "the tombstone round-trips");
+    // A fenced batch writes nothing.
+    let node = 21_000u16.wrapping_add((base / BASE_STRIDE) as u16);
+    store.fence(node, 2).await.expect("fence");
+    let r = store
+        .commit(WriteBatch {
+            ops: vec![put(&dept(7, "fenced", false), Some(6))],
+            writer: Some(Writer {
+                node,
+                incarnation: 1,
+            }),
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
+    assert_eq!(versions(&read(base, 100).await), vec![2, 3, 6]);
 }
 
 #[cfg(test)]

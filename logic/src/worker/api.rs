@@ -114,6 +114,7 @@ impl<S: Store> Worker<S> {
                     token: String::new(),
                 },
             }),
+            ApiReq::Org { change, reply } => self.on_org_change(change, reply, round).await,
         }
     }
 }

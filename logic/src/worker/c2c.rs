@@ -32,6 +32,10 @@ impl<S: Store> Worker<S> {
         body: Bytes,
         round: &mut Round,
     ) {
+        if let Err((code, why)) = self.org_allows_c2c(uid, to) {
+            round.send(conn, error_frame(code, req_id, &why));
+            return;
+        }
         self.accept_direct(
             conn,
             uid,

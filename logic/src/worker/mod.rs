@@ -19,6 +19,7 @@
 //! | `groups.rs` | groups: management, posts in the group's order, their wire codec on peer links |
 //! | `recall.rs`, `receipts.rs` | recall and read markers |
 //! | `c2s.rs`, `push.rs`, `api.rs` | c2s reports, offline push, requests of the HTTP API (s2c) |
+//! | `org.rs` | the organisation tree: clients' reads, the owner's changes, `OrgChanged` notices |
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,6 +52,7 @@ mod c2c;
 mod c2s;
 mod delivery;
 mod groups;
+mod org;
 mod outbox;
 mod push;
 mod recall;
@@ -111,6 +113,8 @@ pub enum WorkerMsg {
     /// A message that came over a link from another logic node (counted while it waits, so
     /// that the link's reader can hold back: [`crate::LogicHandle::deliver_peer`]).
     Peer(Box<WorkerMsg>),
+    /// The node's organisation tree cache is now at this version: tell the connections.
+    OrgChanged(u64),
     Shutdown,
 }
 
@@ -145,6 +149,8 @@ pub(crate) enum Tick {
     Retry,
     /// Offline pushes for messages no device acknowledged within the delay.
     Push,
+    /// Records of the organisation tree that other nodes wrote.
+    Org,
 }
 
 /// Where an API request's answer goes.
@@ -166,6 +172,8 @@ pub enum ApiOk {
     Done,
     Info(GroupDesc, Vec<(UserId, u8)>),
     Groups(Vec<(GroupId, String)>),
+    /// The organisation tree's version after a change.
+    Org(u64),
 }
 
 /// User-scoped HTTP API requests, handled by a worker of the node that received them.
@@ -193,6 +201,11 @@ pub enum ApiReq {
     },
     /// The push provider said this device's token is invalid: forget it.
     DropPushToken { uid: UserId, device_id: String },
+    /// A change of the organisation tree, for the worker that owns it.
+    Org {
+        change: crate::org::OrgChange,
+        reply: oneshot::Sender<Result<ApiOk, ApiError>>,
+    },
 }
 
 struct Device {
@@ -615,6 +628,10 @@ impl<S: Store> Worker<S> {
         lazy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let multi = self.router.nodes > 1;
         let push = self.services.push.is_some();
+        let mut org_tick = tokio::time::interval(org::ORG_REFRESH_EVERY);
+        org_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One node writes the tree; the others' caches poll the store for what it wrote.
+        let org_poll = self.keeps_org();
         loop {
             // `None`: the lazy-write timer, an empty round that writes what waited too long.
             let first = tokio::select! {
@@ -632,6 +649,10 @@ impl<S: Store> Worker<S> {
                 }
                 _ = push_tick.tick(), if push => {
                     self.tick(Tick::Push, wall_clock_ms()).await;
+                    continue;
+                }
+                _ = org_tick.tick(), if org_poll && (multi || !self.services.org.loaded()) => {
+                    self.tick(Tick::Org, wall_clock_ms()).await;
                     continue;
                 }
                 _ = lazy_tick.tick(), if !self.lazy.is_empty() => None,
@@ -667,6 +688,9 @@ impl<S: Store> Worker<S> {
         self.resume_ids().await;
         self.replay_outbox(None).await;
         self.replay_push_watches().await;
+        if self.keeps_org() {
+            self.org_refresh().await;
+        }
     }
 
     /// One round at time `now`: handles `msgs` in order against in-memory state, commits the
@@ -681,6 +705,7 @@ impl<S: Store> Worker<S> {
         self.now = now;
         let mut round = Round::new(self.router.total());
         let mut stop = false;
+        let mut org_changed = None;
         for m in msgs {
             let m = match m {
                 WorkerMsg::Peer(inner) => {
@@ -709,8 +734,12 @@ impl<S: Store> Worker<S> {
                 WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
                 WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
                 WorkerMsg::Api(req) => self.on_api(req, &mut round).await,
+                WorkerMsg::OrgChanged(v) => org_changed = org_changed.max(Some(v)),
                 WorkerMsg::Shutdown => stop = true,
             }
+        }
+        if let Some(v) = org_changed {
+            self.on_org_changed(v, &mut round);
         }
         self.finish(round, stop).await?;
         self.trim_caches();
@@ -724,6 +753,7 @@ impl<S: Store> Worker<S> {
             Tick::Resync => self.resync_peers().await,
             Tick::Retry => self.retry_overdue(now),
             Tick::Push => self.push_overdue().await,
+            Tick::Org => self.org_refresh().await,
         }
     }
 
@@ -1047,6 +1077,10 @@ impl<S: Store> Worker<S> {
                     Command::RegisterPush { provider, token } => {
                         self.on_register_push(conn, uid, req_id, provider, token, round)
                     }
+                    cmd @ (Command::OrgSync { .. }
+                    | Command::OrgDept { .. }
+                    | Command::OrgUser { .. }
+                    | Command::OrgSearch { .. }) => self.on_org_read(conn, uid, req_id, cmd, round),
                     _ => round.close(
                         conn,
                         error_frame(ErrorCode::UnknownCommand, req_id, "not a client command"),

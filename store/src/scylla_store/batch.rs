@@ -32,6 +32,12 @@ pub(super) enum Phase {
     /// A group's record before its members (members of a group without a record would be
     /// orphans) and before the events that announce it.
     GroupPut,
+    /// Org records with the other records, early: before anything later in the batch that may
+    /// announce them (group events, fan-outs, the dedup ack), and before [`Phase::OrgDelete`]
+    /// of the version they replace, so that a commit stopped between chunks leaves the key with
+    /// its new record, or both (the older one is superseded: readers apply records by version),
+    /// never with none.
+    OrgPut,
     /// The `uid → group` index is written before the membership row and removed after it, so
     /// that it always holds at least the memberships (an extra entry is visible as "not in
     /// `members`", a missing one would be invisible).
@@ -65,6 +71,12 @@ pub(super) enum Phase {
     /// the message, a cursor written earlier in the batch or before): with the other deletes,
     /// after everything else but the dedup entries. A watch left behind is only decided again.
     PushWatchDelete,
+    /// The org record an [`Op::OrgPut`] replaces (another key: its own version): with the other
+    /// deletes, after its replacement's [`Phase::OrgPut`] (see there), and before the dedup
+    /// entries so that the ack vouches for the whole change. One left behind by a stopped commit
+    /// is only a superseded record (a later commit of the same key does not delete it: it names
+    /// the version it replaces, the newer one).
+    OrgDelete,
     /// Last: "accepted, here is the ack" only once everything the ack vouches for is durable.
     Dedup,
 }
@@ -218,6 +230,20 @@ pub(super) fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                     Row::PushWatchPut { shard, uid, seq }
                 } else {
                     Row::PushWatchDelete { shard, uid, seq }
+                });
+            }
+            Op::OrgPut { record, replaces } => {
+                let version = ordered("org version", record.version)?;
+                // The replaced version first: if an earlier op of the batch replaced this very
+                // version, the put (later) wins. A record never replaces itself.
+                if let Some(old) = replaces.filter(|&v| v != record.version) {
+                    m.put(Row::OrgDelete {
+                        version: ordered("org version", old)?,
+                    });
+                }
+                m.put(Row::OrgPut {
+                    version,
+                    record: record.to_bytes().to_vec(),
                 });
             }
         }

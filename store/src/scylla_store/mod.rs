@@ -19,6 +19,7 @@
 //! | `user_groups`     | ((uid), gid)               | — (index for `groups_of`)          |
 //! | `mutes`           | ((uid), peer)              | —                                  |
 //! | `push_tokens`     | ((uid), device_id)         | provider, push_token               |
+//! | `org_records`     | ((org), version), org = 0  | record blob ([`OrgRecord::to_bytes`]) |
 //! | `writer_fence`    | ((node))                   | incarnation (see **Fencing**)      |
 //!
 //! Every statement is prepared once in [`ScyllaStore::connect`] and routed token-aware by the
@@ -103,6 +104,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use im_shared::org::OrgRecord;
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 use scylla::client::session::Session;
@@ -128,12 +130,14 @@ mod tests;
 
 use batch::{plan, DEFAULT_MAX_BATCH_BYTES};
 use errors::{agreement_err, corrupt, exec_err};
-use rows::{b, cas_outcome, into_rows, timeline_bucket, typed_rows, Cas, Row, MAX_ORDERED};
+use rows::{
+    b, cas_outcome, into_rows, timeline_bucket, typed_rows, Cas, Row, MAX_ORDERED, ORG_PARTITION,
+};
 use schema::{check_keyspace, schema_statements};
 use session::open_session;
 use statements::{
-    CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow,
-    PushWatchRow, Read, Statements, FENCE_ROUNDS,
+    CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, OrgRow,
+    PushTokenRow, PushWatchRow, Read, Statements, FENCE_ROUNDS,
 };
 
 /// The ScyllaDB store. Cloning is cheap; every clone shares one session (one connection pool
@@ -378,10 +382,10 @@ impl Store for ScyllaStore {
     /// once, so the order of the statements does not change the final state and is chosen so
     /// that any prefix of the chunks is safe to leave behind if the commit stops midway (logic
     /// node crash, or an error returned after some chunks were applied): msg-id time floors, seq
-    /// bounds, group records, `user_groups` puts, member puts, member deletes, `user_groups`
-    /// deletes, timeline bucket rows, outbox puts, timeline rows, push-watch puts, msg_id index,
-    /// cursors, mutes, push tokens, outbox deletes, push-watch deletes, and dedup entries last
-    /// (see [`Phase`]). Hence:
+    /// bounds, group records, org record puts, `user_groups` puts, member puts, member deletes,
+    /// `user_groups` deletes, timeline bucket rows, outbox puts, timeline rows, push-watch puts,
+    /// msg_id index, cursors, mutes, push tokens, outbox deletes, push-watch deletes, deletes of
+    /// replaced org records, and dedup entries last (see [`Phase`]). Hence:
     /// - a dedup entry (what answers the client's retry with an ack) is durable only after the
     ///   message's timeline entry and its outbox record are: an ack is never given for a message
     ///   that could be lost;
@@ -400,7 +404,11 @@ impl Store for ScyllaStore {
     /// - seq bounds come next, so a seq present in a timeline is never handed out again;
     /// - a membership change is durable before the group events announcing it, and the
     ///   `uid → group` index holds at least every membership (written before the member row,
-    ///   removed after it).
+    ///   removed after it);
+    /// - an org record is durable before the delete of the version it replaces (another row of
+    ///   `org_records`): a stopped commit can leave the superseded record next to its
+    ///   replacement (readers apply records by version, so it changes nothing), never a key with
+    ///   no record.
     ///
     /// What a stopped multi-chunk commit can leave is a message in the sender's timeline and
     /// outbox whose send was never acknowledged; the client retries it with the same
@@ -815,6 +823,48 @@ impl Store for ScyllaStore {
         let mut out: Vec<u64> = rows.into_iter().map(|(p,)| p as u64).collect();
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// A range read of the one `org_records` partition (`version > after LIMIT n`, clustered
+    /// by version), paged. Versions are stored as ordered bigints (≤ `i64::MAX`), so there is
+    /// nothing above `after` ≥ `i64::MAX`.
+    async fn org_records(&self, after: u64, limit: usize) -> Result<Vec<OrgRecord>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 || after >= MAX_ORDERED {
+            // CQL refuses LIMIT 0; no stored version exceeds MAX_ORDERED.
+            return Ok(out);
+        }
+        let want = i32::try_from(limit).unwrap_or(i32::MAX);
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    self.inner.st.read(Read::OrgAfter),
+                    (ORG_PARTITION, b(after), want),
+                    paging,
+                    "org_records",
+                )
+                .await?;
+            for row in typed_rows::<OrgRow>(&rows, "org_records")? {
+                let (version, blob) = row.map_err(|e| corrupt("org_records".into(), e))?;
+                let key = || format!("org_records/{version}");
+                let rec = OrgRecord::decode(Bytes::from(blob)).map_err(|e| corrupt(key(), e))?;
+                if i64::try_from(rec.version) != Ok(version) {
+                    return Err(corrupt(
+                        key(),
+                        format!("record version {} does not match its key", rec.version),
+                    ));
+                }
+                out.push(rec);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(out),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
     }
 
     async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError> {

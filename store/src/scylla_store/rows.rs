@@ -18,13 +18,19 @@ use crate::StoreError;
 pub(super) const TIMELINE_BUCKET_SEQS: u64 = 100_000;
 
 /// Largest value a column whose order matters may hold (seq, bucket, outbox msg_id, push-watch
-/// seq).
+/// seq, org version).
 pub(super) const MAX_ORDERED: u64 = i64::MAX as u64;
 
 /// Bucket (second partition-key column) of `seq` in the timeline.
 pub(super) fn timeline_bucket(seq: u64) -> u64 {
     seq / TIMELINE_BUCKET_SEQS
 }
+
+/// The one partition of `org_records` (one company per deployment): the whole tree in one
+/// partition, clustered by version, so that [`Store::org_records`] is a range read of it.
+///
+/// [`Store::org_records`]: crate::Store::org_records
+pub(super) const ORG_PARTITION: i32 = 0;
 
 /// A u64 stored in a bigint column whose order does not matter (same 64 bits).
 pub(super) fn b(v: u64) -> i64 {
@@ -112,6 +118,13 @@ pub(super) enum Row {
         announcement: String,
         created_ms: i64,
     },
+    /// An org record at `version` ([`OrgRecord::to_bytes`]), in partition [`ORG_PARTITION`].
+    ///
+    /// [`OrgRecord::to_bytes`]: im_shared::org::OrgRecord::to_bytes
+    OrgPut {
+        version: i64,
+        record: Vec<u8>,
+    },
     UserGroupPut {
         uid: i64,
         gid: i64,
@@ -153,10 +166,14 @@ pub(super) enum Row {
         uid: i64,
         seq: i64,
     },
+    /// The record an [`OrgPut`](crate::Op::OrgPut) replaces.
+    OrgDelete {
+        version: i64,
+    },
 }
 
 /// The primary key a [`Row`] writes (the put and the delete of one outbox entry, membership,
-/// index entry, mute, push token or push watch share a key).
+/// index entry, mute, push token, push watch or org record version share a key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Key {
     IdFloor(i32),
@@ -176,6 +193,8 @@ pub(super) enum Key {
     PushToken(i64, String),
     /// (shard, uid, seq)
     PushWatch(i32, i64, i64),
+    /// version (in partition [`ORG_PARTITION`])
+    Org(i64),
 }
 
 /// Estimated bytes of a statement in a batch beyond its values (statement id, lengths,
@@ -196,6 +215,7 @@ impl Row {
             Row::OutboxDelete { .. } => Phase::OutboxDelete,
             Row::Dedup { .. } => Phase::Dedup,
             Row::GroupPut { .. } => Phase::GroupPut,
+            Row::OrgPut { .. } => Phase::OrgPut,
             Row::UserGroupPut { .. } => Phase::UserGroupPut,
             Row::MemberPut { .. } => Phase::MemberPut,
             Row::MemberDelete { .. } => Phase::MemberDelete,
@@ -205,6 +225,7 @@ impl Row {
             Row::PushTokenPut { .. } => Phase::PushTokenPut,
             Row::PushTokenDelete { .. } => Phase::PushTokenDelete,
             Row::PushWatchDelete { .. } => Phase::PushWatchDelete,
+            Row::OrgDelete { .. } => Phase::OrgDelete,
         }
     }
 
@@ -236,6 +257,7 @@ impl Row {
             Row::PushWatchPut { shard, uid, seq } | Row::PushWatchDelete { shard, uid, seq } => {
                 Key::PushWatch(*shard, *uid, *seq)
             }
+            Row::OrgPut { version, .. } | Row::OrgDelete { version } => Key::Org(*version),
         }
     }
 
@@ -267,6 +289,8 @@ impl Row {
                 } => 10 + device_id.len() + token.len(),
                 Row::PushTokenDelete { device_id, .. } => 8 + device_id.len(),
                 Row::PushWatchPut { .. } | Row::PushWatchDelete { .. } => 20,
+                Row::OrgPut { record, .. } => 12 + record.len(),
+                Row::OrgDelete { .. } => 12,
             }
     }
 }
@@ -347,6 +371,10 @@ impl SerializeRow for Row {
             Row::PushWatchPut { shard, uid, seq } | Row::PushWatchDelete { shard, uid, seq } => {
                 (shard, uid, seq).serialize(ctx, w)
             }
+            Row::OrgPut { version, record } => {
+                (ORG_PARTITION, version, record.as_slice()).serialize(ctx, w)
+            }
+            Row::OrgDelete { version } => (ORG_PARTITION, version).serialize(ctx, w),
         }
     }
 

@@ -20,6 +20,8 @@ const MEMBERS_PAGE: i32 = 1000;
 const USER_LIST_PAGE: i32 = 512;
 /// Push watches of a shard: tiny rows, live for seconds each.
 const PUSH_WATCH_PAGE: i32 = 1000;
+/// Org records (tens to hundreds of bytes each): a page is at most a few hundred KB.
+const ORG_PAGE: i32 = 1000;
 
 /// Every statement, prepared once at connect: one write per [`Phase`], one per [`Read`], one
 /// per [`Fence`].
@@ -34,10 +36,11 @@ pub(super) struct Statements {
 
 impl Phase {
     /// Every phase, in order (`Phase::ALL[p as usize] == p`).
-    pub(super) const ALL: [Phase; 20] = [
+    pub(super) const ALL: [Phase; 22] = [
         Phase::IdFloor,
         Phase::SeqBound,
         Phase::GroupPut,
+        Phase::OrgPut,
         Phase::UserGroupPut,
         Phase::MemberPut,
         Phase::MemberDelete,
@@ -54,6 +57,7 @@ impl Phase {
         Phase::PushTokenDelete,
         Phase::OutboxDelete,
         Phase::PushWatchDelete,
+        Phase::OrgDelete,
         Phase::Dedup,
     ];
 
@@ -72,6 +76,9 @@ impl Phase {
                  (gid, name, creator, owner, announcement, created_ms) \
                  VALUES (?, ?, ?, ?, ?, ?)"
             ),
+            Phase::OrgPut => {
+                format!("INSERT INTO {ks}.org_records (org, version, record) VALUES (?, ?, ?)")
+            }
             Phase::UserGroupPut => {
                 format!("INSERT INTO {ks}.user_groups (uid, gid) VALUES (?, ?)")
             }
@@ -116,6 +123,9 @@ impl Phase {
             }
             Phase::PushWatchDelete => {
                 format!("DELETE FROM {ks}.push_watch WHERE shard = ? AND uid = ? AND seq = ?")
+            }
+            Phase::OrgDelete => {
+                format!("DELETE FROM {ks}.org_records WHERE org = ? AND version = ?")
             }
             Phase::Dedup => format!(
                 "INSERT INTO {ks}.dedup \
@@ -189,6 +199,8 @@ pub(super) enum Read {
     PushTokens,
     /// The msg-id time floor of a generator (`LOCAL_QUORUM` like the others).
     IdFloor,
+    /// Org records above a version, in version order, up to a limit.
+    OrgAfter,
     /// The fence of a node: a `LOCAL_SERIAL` (Paxos) read, see [`Read::consistency`].
     Fence,
 }
@@ -201,10 +213,12 @@ pub(super) type PushTokenRow = (String, i16, Option<String>);
 pub(super) type CursorRow = (String, i64);
 /// uid, seq
 pub(super) type PushWatchRow = (i64, i64);
+/// version, record
+pub(super) type OrgRow = (i64, Vec<u8>);
 
 impl Read {
     /// Every read, in order (`Read::ALL[r as usize] == r`).
-    pub(super) const ALL: [Read; 18] = [
+    pub(super) const ALL: [Read; 19] = [
         Read::SeqBound,
         Read::BucketsFrom,
         Read::BucketsDesc,
@@ -222,6 +236,7 @@ impl Read {
         Read::Mutes,
         Read::PushTokens,
         Read::IdFloor,
+        Read::OrgAfter,
         Read::Fence,
     ];
 
@@ -268,6 +283,10 @@ impl Read {
                 "SELECT device_id, provider, push_token FROM {ks}.push_tokens WHERE uid = ?"
             ),
             Read::IdFloor => format!("SELECT ms FROM {ks}.id_floor WHERE generator = ?"),
+            Read::OrgAfter => format!(
+                "SELECT version, record FROM {ks}.org_records \
+                 WHERE org = ? AND version > ? LIMIT ?"
+            ),
             Read::Fence => format!("SELECT incarnation FROM {ks}.writer_fence WHERE node = ?"),
         }
     }
@@ -292,6 +311,7 @@ impl Read {
             Read::Outbox => Some(OUTBOX_PAGE),
             Read::Members => Some(MEMBERS_PAGE),
             Read::PushWatches => Some(PUSH_WATCH_PAGE),
+            Read::OrgAfter => Some(ORG_PAGE),
             Read::UserGroups | Read::Mutes | Read::PushTokens | Read::Cursors => {
                 Some(USER_LIST_PAGE)
             }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use im_shared::org::{OrgDept, OrgEntity, OrgPerson, OrgRecord};
 use im_shared::proto::{GroupDesc, Message};
 use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
 use scylla::deserialize::row::DeserializeRow;
@@ -16,8 +17,8 @@ use super::batch::{merge, plan, Phase, DEFAULT_MAX_BATCH_BYTES, MAX_BATCH_STATEM
 use super::rows::{b, cas_outcome, timeline_bucket, Cas, Row, MAX_ORDERED, TIMELINE_BUCKET_SEQS};
 use super::schema::{check_keyspace, schema_statements, SCHEMA_CQL};
 use super::statements::{
-    CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, PushTokenRow,
-    PushWatchRow, Read,
+    CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, OrgRow,
+    PushTokenRow, PushWatchRow, Read,
 };
 use crate::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, StoreError};
 use im_shared::proto::CONV_C2C;
@@ -318,6 +319,10 @@ fn ordered_columns_refuse_values_above_i64_max() {
             generator: 1,
             ms: too_big,
         },
+        org_put(too_big, "d", None),
+        org_put(u64::MAX, "d", Some(1)),
+        // The replaced version too.
+        org_put(5, "d", Some(too_big)),
     ] {
         assert!(matches!(merge(vec![op]), Err(StoreError::Io(_))));
     }
@@ -812,6 +817,159 @@ fn plan_orders_group_rows_before_messages_and_dedup_last() {
     assert_eq!(flat, chunks[0]);
 }
 
+fn org_dept(version: u64, name: &str) -> OrgRecord {
+    OrgRecord {
+        version,
+        deleted: false,
+        entity: OrgEntity::Dept(OrgDept {
+            id: 3,
+            parent: 0,
+            order: 1,
+            hidden: false,
+            name: name.into(),
+        }),
+    }
+}
+
+fn org_put(version: u64, name: &str, replaces: Option<u64>) -> Op {
+    Op::OrgPut {
+        record: org_dept(version, name),
+        replaces,
+    }
+}
+
+fn org_put_row(version: u64, name: &str) -> Row {
+    Row::OrgPut {
+        version: b(version),
+        record: org_dept(version, name).to_bytes().to_vec(),
+    }
+}
+
+/// An org put writes its version and deletes the one it replaces (another key); ops on one
+/// version merge (the later wins), as in the embedded store.
+#[test]
+fn org_put_merges_per_version() {
+    // v5, then v6 replacing v5, in one batch: v5's put becomes its delete.
+    let rows = merge(vec![org_put(5, "a", None), org_put(6, "b", Some(5))]).expect("merge");
+    assert_eq!(
+        rows,
+        vec![Row::OrgDelete { version: 5 }, org_put_row(6, "b")]
+    );
+    // A replacement chain: only the last version is put, the others deleted.
+    let rows = merge(vec![
+        org_put(5, "a", Some(4)),
+        org_put(6, "b", Some(5)),
+        org_put(7, "c", Some(6)),
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::OrgDelete { version: 4 },
+            Row::OrgDelete { version: 5 },
+            Row::OrgDelete { version: 6 },
+            org_put_row(7, "c"),
+        ]
+    );
+    // A delete then a put of the same version: the put (later) wins.
+    let rows = merge(vec![org_put(6, "b", Some(5)), org_put(5, "a", None)]).expect("merge");
+    assert_eq!(rows, vec![org_put_row(5, "a"), org_put_row(6, "b")]);
+    // A record never deletes itself; no replaced version, no delete.
+    assert_eq!(
+        merge(vec![org_put(8, "x", Some(8))]).expect("merge"),
+        vec![org_put_row(8, "x")]
+    );
+    // Other entities at other versions are other keys; the bytes are the record's encoding.
+    let person = OrgRecord {
+        version: 9,
+        deleted: true,
+        entity: OrgEntity::Person(OrgPerson {
+            uid: u64::MAX,
+            name: "p".into(),
+        }),
+    };
+    let rows = merge(vec![
+        org_put(8, "x", None),
+        Op::OrgPut {
+            record: person.clone(),
+            replaces: None,
+        },
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 2);
+    match &rows[1] {
+        Row::OrgPut { version, record } => {
+            assert_eq!(*version, 9);
+            assert_eq!(
+                OrgRecord::decode(Bytes::from(record.clone())).expect("decode"),
+                person
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The largest storable version is stored as it is.
+    assert_eq!(
+        merge(vec![org_put(MAX_ORDERED, "m", None)]).expect("merge"),
+        vec![org_put_row(MAX_ORDERED, "m")]
+    );
+}
+
+/// Org puts go with the records, early; the deletes of the versions they replace go with the
+/// other deletes, before the dedup entries: split anywhere, a replaced record is deleted only
+/// once its replacement is durable.
+#[test]
+fn plan_orders_org_puts_before_the_deletes_they_replace() {
+    let mut ops = round_ops();
+    ops.extend([
+        org_put(11, "n", Some(10)),
+        Op::GroupPut(group(5, "g")),
+        org_put(12, "m", Some(2)),
+    ]);
+    let chunks = plan(ops.clone(), DEFAULT_MAX_BATCH_BYTES).expect("plan");
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(
+        phases(&chunks[0]),
+        vec![
+            Phase::IdFloor,
+            Phase::SeqBound,
+            Phase::GroupPut,
+            Phase::OrgPut,
+            Phase::OrgPut,
+            Phase::Bucket,
+            Phase::Bucket,
+            Phase::OutboxPut,
+            Phase::Timeline,
+            Phase::Timeline,
+            Phase::PushWatchPut,
+            Phase::MsgIdx,
+            Phase::MsgIdx,
+            Phase::Cursor,
+            Phase::OutboxDelete,
+            Phase::PushWatchDelete,
+            Phase::OrgDelete,
+            Phase::OrgDelete,
+            Phase::Dedup,
+        ]
+    );
+    // Within a phase, op order.
+    let org: Vec<&Row> = chunks[0]
+        .iter()
+        .filter(|r| matches!(r, Row::OrgPut { .. } | Row::OrgDelete { .. }))
+        .collect();
+    assert_eq!(
+        org,
+        vec![
+            &org_put_row(11, "n"),
+            &org_put_row(12, "m"),
+            &Row::OrgDelete { version: 10 },
+            &Row::OrgDelete { version: 2 },
+        ]
+    );
+    // Split into single statements: same order, every put before every delete.
+    let flat: Vec<Row> = plan(ops, 1).expect("plan").into_iter().flatten().collect();
+    assert_eq!(flat, chunks[0]);
+}
+
 /// Columns (name, CQL type), primary key and partition key columns of every table of the
 /// schema file.
 struct Table {
@@ -902,6 +1060,7 @@ fn specs(ks: &str, table: &str, t: &Table, names: &[&str]) -> Vec<ColumnSpec<'st
 fn every_kind_of_op() -> Vec<Op> {
     let mut ops = round_ops();
     ops.extend([
+        org_put(9, "d", Some(4)),
         Op::GroupPut(group(5, "g")),
         member_put(5, 1, 2),
         member_delete(6, 1),
@@ -1051,6 +1210,7 @@ fn read_statements_match_the_schema_and_the_row_types() {
             Read::PushTokens => PushTokenRow::type_check(&specs),
             Read::Cursors => CursorRow::type_check(&specs),
             Read::PushWatches => PushWatchRow::type_check(&specs),
+            Read::OrgAfter => OrgRow::type_check(&specs),
         };
         checked.unwrap_or_else(|e| panic!("{cql}: {e}"));
     }
@@ -1154,6 +1314,11 @@ fn fence_read_is_serial_and_the_rest_are_not() {
     assert_eq!(Read::IdFloor.page_size(), None, "a point read");
     assert!(Read::Cursors.page_size().is_some(), "a scan");
     assert!(Read::PushWatches.page_size().is_some(), "a scan");
+    assert!(Read::OrgAfter.page_size().is_some(), "a scan");
+    assert_eq!(
+        Read::OrgAfter.cql("im"),
+        "SELECT version, record FROM im.org_records WHERE org = ? AND version > ? LIMIT ?"
+    );
     assert_eq!(
         Read::Cursors.cql("im"),
         "SELECT device_id, seq FROM im.cursor WHERE uid = ?"
@@ -1276,6 +1441,7 @@ fn schema_file_is_loaded_for_any_keyspace() {
             "user_groups",
             "mutes",
             "push_tokens",
+            "org_records",
             "writer_fence"
         ]
     );
@@ -1318,6 +1484,11 @@ fn schema_file_is_loaded_for_any_keyspace() {
     assert!(table("push_tokens").contains("PRIMARY KEY ((uid), device_id)"));
     assert!(table("push_tokens").contains("provider smallint"));
     assert!(table("push_tokens").contains("push_token text"));
+    assert!(table("org_records").contains("PRIMARY KEY ((org), version)"));
+    assert!(table("org_records").contains("org int"));
+    assert!(table("org_records").contains("version bigint"));
+    assert!(table("org_records").contains("record blob"));
+    assert!(table("org_records").contains("CLUSTERING ORDER BY (version ASC)"));
     assert!(table("writer_fence").contains("PRIMARY KEY ((node))"));
     assert!(table("writer_fence").contains("node int"));
     assert!(table("writer_fence").contains("incarnation bigint"));

@@ -1,0 +1,262 @@
+//! The organisation tree in a worker: clients' reads from the node's cache, the owner worker's
+//! changes (committed in a batch of their own, then applied to the cache), `OrgChanged` notices,
+//! and the refresh of a node that does not own the tree (see `crate::org`).
+
+use std::time::Duration;
+
+use im_shared::org::{OrgError, OrgRecord, MAX_ORG_PAGE, MAX_SEARCH_LEN};
+use im_shared::{Command, ConnId, ErrorCode, UserId};
+
+use super::{error_frame, ApiOk, ApiReplyTx, Round, Worker, WorkerMsg};
+use crate::api::ApiError;
+use crate::org::{self, OrgChange, IMPORT_CHUNK};
+use crate::store::{Store, StoreError, WriteBatch};
+
+/// How often a worker that keeps a node's cache fresh looks for records other nodes wrote.
+pub(crate) const ORG_REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// The API error of a refused change.
+pub(crate) fn org_error(e: OrgError) -> ApiError {
+    match e {
+        OrgError::Invalid(m) => ApiError::new(ErrorCode::InvalidArgument, m),
+        OrgError::NotFound(m) => ApiError::new(ErrorCode::NotFound, m),
+        OrgError::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
+    }
+}
+
+impl<S: Store> Worker<S> {
+    /// Whether this worker keeps its node's cache fresh (worker 0 of every node).
+    pub(super) fn keeps_org(&self) -> bool {
+        self.idx == 0
+    }
+
+    /// Reads what the store has above the cache's version; tells the node's workers when
+    /// something changed. A failure is logged and retried at the next tick.
+    pub(super) async fn org_refresh(&mut self) {
+        let cache = self.services.org.clone();
+        let before = cache.version();
+        match org::refresh(&self.store, &cache).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(worker = self.idx, records = n, before, "org: refreshed");
+                self.org_notify(cache.version());
+            }
+            Err(e) => tracing::warn!(worker = self.idx, "org: refresh failed, retrying: {e}"),
+        }
+    }
+
+    /// Tells every worker of this node that the tree is at `version`.
+    fn org_notify(&self, version: u64) {
+        for w in 0..self.cfg.workers.max(1) {
+            let _ = self.router.local(w).send(WorkerMsg::OrgChanged(version));
+        }
+    }
+
+    /// Sends `OrgChanged` to every connection of this worker (called once per round, with the
+    /// highest version the round was told of).
+    pub(super) fn on_org_changed(&mut self, version: u64, round: &mut Round) {
+        let frame = Command::OrgChanged { version }.to_bytes(0);
+        for conn in self.sessions.keys() {
+            round.send(*conn, frame.clone());
+        }
+    }
+
+    /// A change from the HTTP API, on the worker that owns the tree.
+    pub(super) async fn on_org_change(
+        &mut self,
+        change: OrgChange,
+        reply: ApiReplyTx,
+        round: &mut Round,
+    ) {
+        let r = self.org_change(change).await;
+        round.api.push((reply, r.map(ApiOk::Org)));
+    }
+
+    async fn org_change(&mut self, change: OrgChange) -> Result<u64, ApiError> {
+        let unavailable = |e: StoreError| {
+            tracing::warn!("org: store: {e}");
+            ApiError::new(ErrorCode::Unavailable, "store unavailable, retry")
+        };
+        let cache = self.services.org.clone();
+        // Catch up first: a node that took the tree over from another sees its last records.
+        org::refresh(&self.store, &cache)
+            .await
+            .map_err(unavailable)?;
+        let planned = org::plan(&cache.read(), change).map_err(org_error)?;
+        if planned.is_empty() {
+            return Ok(cache.version());
+        }
+        for chunk in planned.chunks(IMPORT_CHUNK) {
+            let mut batch = WriteBatch {
+                ops: org::ops(chunk),
+                writer: None,
+            };
+            if let Some(lease) = &self.cfg.lease {
+                crate::ownership::wait_valid(lease, self.idx).await;
+                batch.writer = Some(lease.writer());
+            }
+            match self.store.commit(batch).await {
+                Ok(()) => {}
+                Err(e @ StoreError::Fenced { .. }) => crate::ownership::exit_fenced(&e.to_string()),
+                Err(e) if e.is_retryable() => return Err(unavailable(e)),
+                Err(e) => {
+                    tracing::error!(worker = self.idx, "org commit failed, aborting: {e}");
+                    std::process::abort();
+                }
+            }
+            cache.apply(chunk.iter().map(|(r, _)| r.clone()));
+        }
+        let version = cache.version();
+        self.org_notify(version);
+        Ok(version)
+    }
+
+    /// `OrgSync`, `OrgDept`, `OrgUser`, `OrgSearch` from a client: answered from the cache.
+    pub(super) fn on_org_read(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        cmd: Command,
+        round: &mut Round,
+    ) {
+        let cache = self.services.org.clone();
+        if !cache.loaded() {
+            round.send(
+                conn,
+                error_frame(
+                    ErrorCode::Unavailable,
+                    req_id,
+                    "the organisation tree is loading, retry",
+                ),
+            );
+            return;
+        }
+        let tree = cache.read();
+        let viewer = uid.0;
+        let limit = |l: u16| usize::from(l).clamp(1, MAX_ORG_PAGE);
+        let frame = match cmd {
+            Command::OrgSync { since, limit: l } => {
+                let version = tree.version();
+                let page = tree.changes_since(since, limit(l));
+                let next = page.last().map_or(version.max(since), |r| r.version);
+                let more = next < version;
+                // What the viewer may not see goes out as a removal of it.
+                let records = page
+                    .into_iter()
+                    .map(|r| {
+                        if r.deleted || tree.record_visible_to(viewer, r) {
+                            r.clone()
+                        } else {
+                            OrgRecord {
+                                deleted: true,
+                                ..r.clone()
+                            }
+                        }
+                    })
+                    .collect();
+                Command::OrgPage {
+                    version,
+                    next,
+                    more,
+                    records,
+                }
+            }
+            Command::OrgDept {
+                dept,
+                offset,
+                limit: l,
+            } => match tree.dept_view(viewer, dept, offset as usize, limit(l)) {
+                Some(v) => Command::OrgReply {
+                    version: tree.version(),
+                    total: v.members_total as u32,
+                    records: v
+                        .dept
+                        .into_iter()
+                        .chain(v.children)
+                        .chain(v.members)
+                        .collect(),
+                },
+                None => {
+                    round.send(
+                        conn,
+                        error_frame(
+                            ErrorCode::NotFound,
+                            req_id,
+                            &format!("no department {dept}"),
+                        ),
+                    );
+                    return;
+                }
+            },
+            Command::OrgUser { uid: who } => {
+                let records = tree.user_view(viewer, who.0);
+                if records.is_empty() {
+                    round.send(
+                        conn,
+                        error_frame(
+                            ErrorCode::NotFound,
+                            req_id,
+                            &format!("user {who} is not in the organisation tree"),
+                        ),
+                    );
+                    return;
+                }
+                Command::OrgReply {
+                    version: tree.version(),
+                    total: 1,
+                    records,
+                }
+            }
+            Command::OrgSearch { query, limit: l } => {
+                if query.trim().is_empty() || query.len() > MAX_SEARCH_LEN {
+                    round.send(
+                        conn,
+                        error_frame(
+                            ErrorCode::InvalidArgument,
+                            req_id,
+                            &format!("the query must have 1..={MAX_SEARCH_LEN} bytes"),
+                        ),
+                    );
+                    return;
+                }
+                let (records, total) = tree.search(viewer, query.trim(), limit(l));
+                Command::OrgReply {
+                    version: tree.version(),
+                    total: total as u32,
+                    records,
+                }
+            }
+            _ => return,
+        };
+        drop(tree);
+        round.send(conn, frame.to_bytes(req_id));
+    }
+
+    /// The c2c policy: with `org_visibility` on, a user may start a chat only with users it sees in
+    /// the tree. `Err`: the error frame's code and message.
+    pub(super) fn org_allows_c2c(
+        &self,
+        from: UserId,
+        to: UserId,
+    ) -> Result<(), (ErrorCode, String)> {
+        if !self.cfg.org_visibility {
+            return Ok(());
+        }
+        let cache = &self.services.org;
+        if !cache.loaded() {
+            return Err((
+                ErrorCode::Unavailable,
+                "the organisation tree is loading, retry".into(),
+            ));
+        }
+        if cache.read().user_visible_to(from.0, to.0) {
+            Ok(())
+        } else {
+            Err((
+                ErrorCode::Forbidden,
+                format!("user {to} is not visible to you in the organisation tree"),
+            ))
+        }
+    }
+}
