@@ -5,8 +5,9 @@
 //! owning node elsewhere, as for groups). It turns a change into versioned records ([`plan`]),
 //! commits them in a batch of its own, and only then applies them to its node's cache and tells
 //! the node's workers, which send `OrgChanged` to their connections. Every other node's worker 0
-//! polls the store for records above its cache's version once a second ([`refresh`]) and does the
-//! same with what it finds. Clients' reads (`OrgSync`, `OrgDept`, `OrgUser`, `OrgSearch`) and the
+//! asks the owner for the records above its cache's version once a second (`OrgPull` over the
+//! peer link: in a cluster of embedded stores only the owner's store has the tree) and does the
+//! same with what it gets. Clients' reads (`OrgSync`, `OrgDept`, `OrgUser`, `OrgSearch`) and the
 //! optional c2c visibility policy are answered from the node's cache.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,6 +53,11 @@ impl OrgCache {
         self.read().version()
     }
 
+    /// The cache holds what the tree's owner had (a node that does not own it, after an answer).
+    pub fn mark_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
+    }
+
     /// Applies committed records; returns the version afterwards.
     pub fn apply(&self, records: impl IntoIterator<Item = OrgRecord>) -> u64 {
         let mut t = self.tree.write().unwrap_or_else(|p| p.into_inner());
@@ -74,7 +80,7 @@ pub async fn refresh<S: Store>(store: &S, cache: &OrgCache) -> Result<usize, Sto
         n += page.len();
         cache.apply(page);
     }
-    cache.loaded.store(true, Ordering::Release);
+    cache.mark_loaded();
     Ok(n)
 }
 

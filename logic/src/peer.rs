@@ -295,6 +295,14 @@ pub fn encode(worker: usize, msg: &WorkerMsg) -> Option<Bytes> {
         WorkerMsg::AppendDone(v) => peer::encode(w, PeerMsgRef::AppendDone(v)),
         WorkerMsg::Delivered(v) => peer::encode(w, PeerMsgRef::Delivered(v)),
         WorkerMsg::Group(req) => peer::encode(w, PeerMsgRef::Group(&req.to_call()?)),
+        WorkerMsg::OrgPull { reply_to, since } => peer::encode(
+            w,
+            PeerMsgRef::OrgPull {
+                reply_to: *reply_to as u32,
+                since: *since,
+            },
+        ),
+        WorkerMsg::OrgRecords(v) => peer::encode(w, PeerMsgRef::OrgRecords(v)),
         _ => return None,
     })
 }
@@ -307,6 +315,11 @@ pub fn decode(b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
         PeerMsg::AppendDone(v) => WorkerMsg::AppendDone(v),
         PeerMsg::Delivered(v) => WorkerMsg::Delivered(v),
         PeerMsg::Group(c) => WorkerMsg::Group(GroupReq::from_call(c)),
+        PeerMsg::OrgPull { reply_to, since } => WorkerMsg::OrgPull {
+            reply_to: reply_to as usize,
+            since,
+        },
+        PeerMsg::OrgRecords(v) => WorkerMsg::OrgRecords(v),
     };
     Ok((w as usize, msg))
 }

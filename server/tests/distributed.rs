@@ -1109,3 +1109,130 @@ fn a_paused_logic_node_is_fenced_when_a_replacement_takes_its_shards() {
     // p2, g1 and g2 are killed and reaped when they go out of scope.
     drop((p2, g1, g2));
 }
+
+/// The organisation tree is owned by one logic node; a client whose user lives on the other
+/// node reads the same tree and is told of changes (its node pulls the owner's records over the
+/// peer link: each node's embedded store holds only its own shards' data).
+#[test]
+fn the_organisation_tree_reaches_the_clients_of_every_logic_node() {
+    use im_shared::org::OrgTree;
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = d0.path().join("api.toml");
+    std::fs::write(
+        &cfg,
+        "[api]\nlisten = \"127.0.0.1:0\"\n[api.keys]\nbiz = \"s3cret\"\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let node = |d: &Path, id: &str| {
+        let d = d.to_str().unwrap().to_owned();
+        spawn_with_api(
+            &[
+                "logic",
+                "--config",
+                cfg,
+                "--node-id",
+                id,
+                "--nodes",
+                &nodes,
+                "--data-dir",
+                &d,
+                "--logic-workers",
+                "2",
+            ],
+            "links on ",
+        )
+    };
+    let (mut n0, _, api0) = node(d0.path(), "0");
+    let (mut n1, _, api1) = node(d1.path(), "1");
+    let (mut g1, a1) = spawn_gate(1, &nodes);
+    let signed = |api: SocketAddr, method: &str, target: &str, body: &str| {
+        let ts = im_shared::token::now_secs();
+        let sig = im_api::sign("s3cret", method, target, ts, body.as_bytes());
+        im_testkit::http::http(
+            api,
+            method,
+            target,
+            &[
+                ("X-IM-Key", "biz".to_owned()),
+                ("X-IM-Timestamp", ts.to_string()),
+                ("X-IM-Signature", sig),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let import = r#"{"departments": [{"id": 1, "name": "Company"}, {"id": 2, "parent": 1, "name": "Eng"}],
+        "users": [{"uid": 7, "name": "Ann", "departments": [{"dept": 2}]}]}"#;
+    // One node owns the tree; the other refuses changes, naming the owner.
+    let r0 = signed(api0, "POST", "/v1/org/import", import);
+    let (owner_api, other_api, r) = if r0.status == 200 {
+        (api0, api1, r0)
+    } else {
+        (api1, api0, signed(api1, "POST", "/v1/org/import", import))
+    };
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json()["version"].as_u64().unwrap();
+    let refused = signed(other_api, "POST", "/v1/org/import", import);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("owned by logic node"),
+        "{}",
+        refused.text()
+    );
+    // A user on each node sees the whole tree.
+    let users: Vec<u64> = [0, 1]
+        .iter()
+        .map(|&n| (9600..).find(|&u| node_of(u, 2) == n).unwrap())
+        .collect();
+    let mut clients: Vec<Client> = users
+        .iter()
+        .map(|&u| login_retry(a1, u, Seq(0)).0)
+        .collect();
+    for c in clients.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut t = OrgTree::new();
+            match c.org_sync_all(&mut t, 0) {
+                Ok(got) if got == v => {
+                    assert_eq!(t.depts_of(7), vec![2]);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::Unavailable) => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tree never reached this node"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // A change reaches both as a notice, then by an incremental sync.
+    let r = signed(
+        owner_api,
+        "PUT",
+        "/v1/org/departments/2",
+        r#"{"parent": 1, "name": "Engineering"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v2 = r.json()["version"].as_u64().unwrap();
+    for c in clients.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(Cmd::OrgChanged { version }) = c.recv(Duration::from_millis(200)).unwrap() {
+                if version == v2 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "no OrgChanged {v2}");
+        }
+        let (_, next, more, page) = c.org_sync(v, 100).unwrap();
+        assert_eq!((next, more, page.len()), (v2, false, 1));
+    }
+    for p in [&mut n0, &mut n1, &mut g1] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}

@@ -12,13 +12,18 @@
 //!   op 4 Leave                                op 5 Update: name:str16 announcement:str16
 //!   op 6 Info                                 op 7 Post: client_msg_id:u64 conv:u8 len:u32 body
 //!   str16 := len:u16 utf8      uids := n:u16 uid:u64 * n
+//! kind 5 OrgPull   : (count = 1) reply_to:u32 since:u64
+//! kind 6 OrgRecords: len:u32 record (the organisation tree's record encoding, PROTOCOL.md §6.9)
 //! ```
+//! `OrgPull` asks the worker that owns the organisation tree for its records above `since`;
+//! it answers `OrgRecords` to global worker `reply_to` (a node with no store of the tree's own).
 //! `worker` is the index of the receiving worker on its node. Decoding never panics: a truncated
 //! or unknown payload is a [`PeerError`], and the receiving link treats it as a broken peer.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::ids::{ConnId, GroupId, MsgId, ShardId, UserId};
+use crate::org::OrgRecord;
 use crate::proto::Message;
 
 /// Append `msg` to `recipient`'s timeline; `shard` names the outbox entry to release afterwards.
@@ -82,6 +87,12 @@ pub enum PeerMsg {
     AppendDone(Vec<(ShardId, MsgId, UserId)>),
     Delivered(Vec<DeliveredNote>),
     Group(GroupCall),
+    /// Records of the organisation tree above `since`, for global worker `reply_to`.
+    OrgPull {
+        reply_to: u32,
+        since: u64,
+    },
+    OrgRecords(Vec<OrgRecord>),
 }
 
 /// A payload to encode, borrowed from the sender's own message.
@@ -91,6 +102,8 @@ pub enum PeerMsgRef<'a> {
     AppendDone(&'a [(ShardId, MsgId, UserId)]),
     Delivered(&'a [DeliveredNote]),
     Group(&'a GroupCall),
+    OrgPull { reply_to: u32, since: u64 },
+    OrgRecords(&'a [OrgRecord]),
 }
 
 impl PeerMsg {
@@ -100,6 +113,11 @@ impl PeerMsg {
             PeerMsg::AppendDone(v) => PeerMsgRef::AppendDone(v),
             PeerMsg::Delivered(v) => PeerMsgRef::Delivered(v),
             PeerMsg::Group(g) => PeerMsgRef::Group(g),
+            PeerMsg::OrgPull { reply_to, since } => PeerMsgRef::OrgPull {
+                reply_to: *reply_to,
+                since: *since,
+            },
+            PeerMsg::OrgRecords(v) => PeerMsgRef::OrgRecords(v),
         }
     }
 }
@@ -147,6 +165,20 @@ pub fn encode(worker: u16, msg: PeerMsgRef<'_>) -> Bytes {
             b.put_u8(4);
             b.put_u32(1);
             encode_group(call, &mut b);
+        }
+        PeerMsgRef::OrgPull { reply_to, since } => {
+            b.put_u8(5);
+            b.put_u32(1);
+            b.put_u32(reply_to);
+            b.put_u64(since);
+        }
+        PeerMsgRef::OrgRecords(records) => {
+            b.put_u8(6);
+            b.put_u32(records.len() as u32);
+            for r in records {
+                b.put_u32(r.encoded_len() as u32);
+                r.encode(&mut b);
+            }
         }
     }
     b.freeze()
@@ -203,6 +235,24 @@ pub fn decode(mut b: Bytes) -> Result<(u16, PeerMsg), PeerError> {
             PeerMsg::Delivered(v)
         }
         4 => PeerMsg::Group(decode_group(&mut b)?),
+        5 => {
+            need(&b, 12)?;
+            PeerMsg::OrgPull {
+                reply_to: b.get_u32(),
+                since: b.get_u64(),
+            }
+        }
+        6 => {
+            let mut v = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                need(&b, 4)?;
+                let len = b.get_u32() as usize;
+                need(&b, len)?;
+                let r = OrgRecord::decode(b.split_to(len)).map_err(|_| PeerError("org record"))?;
+                v.push(r);
+            }
+            PeerMsg::OrgRecords(v)
+        }
         _ => return Err(PeerError("kind")),
     };
     Ok((worker, msg))
@@ -379,6 +429,18 @@ mod tests {
                 conv: 2,
                 body: Bytes::from_static(b"post"),
             }),
+            PeerMsg::OrgPull {
+                reply_to: 7,
+                since: 1 << 40,
+            },
+            PeerMsg::OrgRecords(vec![crate::org::OrgRecord {
+                version: 3,
+                deleted: true,
+                entity: crate::org::OrgEntity::Person(crate::org::OrgPerson {
+                    uid: 9,
+                    name: "名".into(),
+                }),
+            }]),
         ]
     }
 

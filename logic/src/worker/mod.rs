@@ -115,6 +115,14 @@ pub enum WorkerMsg {
     Peer(Box<WorkerMsg>),
     /// The node's organisation tree cache is now at this version: tell the connections.
     OrgChanged(u64),
+    /// For the worker that owns the organisation tree: send global worker `reply_to` the records
+    /// above `since` (a node that does not own the tree keeps its cache this way).
+    OrgPull {
+        reply_to: usize,
+        since: u64,
+    },
+    /// The owner's answer to an `OrgPull`.
+    OrgRecords(Vec<im_shared::org::OrgRecord>),
     Shutdown,
 }
 
@@ -735,6 +743,8 @@ impl<S: Store> Worker<S> {
                 WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
                 WorkerMsg::Api(req) => self.on_api(req, &mut round).await,
                 WorkerMsg::OrgChanged(v) => org_changed = org_changed.max(Some(v)),
+                WorkerMsg::OrgPull { reply_to, since } => self.on_org_pull(reply_to, since).await,
+                WorkerMsg::OrgRecords(records) => self.on_org_records(records),
                 WorkerMsg::Shutdown => stop = true,
             }
         }

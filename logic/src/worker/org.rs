@@ -30,9 +30,23 @@ impl<S: Store> Worker<S> {
         self.idx == 0
     }
 
-    /// Reads what the store has above the cache's version; tells the node's workers when
-    /// something changed. A failure is logged and retried at the next tick.
+    /// Brings the node's cache up to date: from the store on the node that owns the tree,
+    /// otherwise by asking the owner over the peer link (each node of a cluster of embedded
+    /// stores has only its own shards' data; with a shared store the owner's answer is the
+    /// same). A failure is logged and retried at the next tick.
     pub(super) async fn org_refresh(&mut self) {
+        if !self.router.owns(org::ORG_ROUTE) {
+            let since = self.services.org.version();
+            let owner = self.router.owner(org::ORG_ROUTE);
+            let reply_to = self.router.global(self.idx);
+            self.router
+                .send(self.idx, owner, WorkerMsg::OrgPull { reply_to, since });
+            return;
+        }
+        self.org_refresh_from_store().await;
+    }
+
+    async fn org_refresh_from_store(&mut self) {
         let cache = self.services.org.clone();
         let before = cache.version();
         match org::refresh(&self.store, &cache).await {
@@ -42,6 +56,47 @@ impl<S: Store> Worker<S> {
                 self.org_notify(cache.version());
             }
             Err(e) => tracing::warn!(worker = self.idx, "org: refresh failed, retrying: {e}"),
+        }
+    }
+
+    /// On the owner: another node's worker asks for the records above `since`.
+    pub(super) async fn on_org_pull(&mut self, reply_to: usize, since: u64) {
+        let cache = self.services.org.clone();
+        if !cache.loaded() {
+            self.org_refresh_from_store().await;
+            if !cache.loaded() {
+                return; // the store failed: the asker asks again at its next tick
+            }
+        }
+        let records: Vec<OrgRecord> = cache
+            .read()
+            .changes_since(since, IMPORT_CHUNK)
+            .into_iter()
+            .cloned()
+            .collect();
+        self.router
+            .send(self.idx, reply_to, WorkerMsg::OrgRecords(records));
+    }
+
+    /// On a node that does not own the tree: the owner's answer. A non-empty answer is applied
+    /// and followed at once by the next pull (until one comes back empty).
+    pub(super) fn on_org_records(&mut self, records: Vec<OrgRecord>) {
+        let cache = self.services.org.clone();
+        let more = !records.is_empty();
+        let version = cache.apply(records);
+        cache.mark_loaded();
+        if more {
+            self.org_notify(version);
+            let owner = self.router.owner(org::ORG_ROUTE);
+            let reply_to = self.router.global(self.idx);
+            self.router.send(
+                self.idx,
+                owner,
+                WorkerMsg::OrgPull {
+                    reply_to,
+                    since: version,
+                },
+            );
         }
     }
 
@@ -78,6 +133,12 @@ impl<S: Store> Worker<S> {
             ApiError::new(ErrorCode::Unavailable, "store unavailable, retry")
         };
         let cache = self.services.org.clone();
+        if !self.router.owns(org::ORG_ROUTE) {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "this node no longer owns the organisation tree, retry",
+            ));
+        }
         // Catch up first: a node that took the tree over from another sees its last records.
         org::refresh(&self.store, &cache)
             .await
