@@ -8,11 +8,16 @@
 //! > #<group id> hello team       # post to a group
 //! > /groups  /group info <id>  /group add <id> 4  /group rm <id> 4  /group leave <id>
 //! > /recall <msg id>             # recall your own message (within the recall window)
+//! > /org  /org <dept> [offset]   # the organisation tree: top level, a department (50 a page)
+//! > /who <uid>  /find <text>     # a person's departments; departments and people by name
 //! > /sync   /quit   /help
 //! ```
 //! Incoming messages print as they arrive; `✓` marks a server ack (durable), `✓✓` a delivery
 //! ack from one of the recipient's devices. The last seq held is kept in a state file so a
-//! restart syncs only what was missed.
+//! restart syncs only what was missed. A local copy of the organisation tree is synced after
+//! login and again, incrementally, whenever the server announces a change (`OrgChanged`); the
+//! `/org`, `/who` and `/find` views come from the server, the paths above a department from the
+//! local copy.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -22,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use im_client::{Client, Timeline};
+use im_client::{Client, ClientError, Timeline};
+use im_shared::org::{OrgEntity, OrgRecord, OrgTree};
 use im_shared::proto::{
     GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
     CONV_READ, CONV_RECALL, CONV_S2C,
@@ -184,6 +190,285 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
     Ok(())
 }
 
+/// Members shown per `/org <dept>` page.
+const ORG_PAGE: u16 = 50;
+/// Matches shown by `/find`.
+const FIND_LIMIT: u16 = 20;
+
+/// An organisation-tree command typed by the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum OrgCmd {
+    /// `/org [<dept> [<offset>]]`: department 0 is the top level.
+    Dept { dept: u64, offset: u32 },
+    /// `/who <uid>`.
+    Who(u64),
+    /// `/find <text>`.
+    Find(String),
+}
+
+/// Parses `/org`, `/who` and `/find` lines: `None` for any other line, `Some(Err(usage))` for
+/// one of them with bad arguments.
+fn parse_org_command(line: &str) -> Option<Result<OrgCmd, &'static str>> {
+    let line = line.trim();
+    let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+    let args: Vec<&str> = rest.split_whitespace().collect();
+    Some(match word {
+        "/org" => {
+            const USAGE: &str = "usage: /org [<dept id> [<offset>]]";
+            match args.as_slice() {
+                [] => Ok(OrgCmd::Dept { dept: 0, offset: 0 }),
+                [d] => d
+                    .parse()
+                    .map(|dept| OrgCmd::Dept { dept, offset: 0 })
+                    .map_err(|_| USAGE),
+                [d, o] => match (d.parse(), o.parse()) {
+                    (Ok(dept), Ok(offset)) => Ok(OrgCmd::Dept { dept, offset }),
+                    _ => Err(USAGE),
+                },
+                _ => Err(USAGE),
+            }
+        }
+        "/who" => match args.as_slice() {
+            [u] => u.parse().map(OrgCmd::Who).map_err(|_| "usage: /who <uid>"),
+            _ => Err("usage: /who <uid>"),
+        },
+        "/find" => match rest.trim() {
+            "" => Err("usage: /find <text>"),
+            q => Ok(OrgCmd::Find(q.to_owned())),
+        },
+        _ => return None,
+    })
+}
+
+/// The names of the departments from the top down to `dept` in `tree` (empty if not held).
+fn dept_path(tree: &OrgTree, dept: u64) -> Vec<String> {
+    tree.path(dept)
+        .into_iter()
+        .filter_map(|id| tree.dept(id).map(|d| d.name.clone()))
+        .collect()
+}
+
+fn person_names(records: &[OrgRecord]) -> std::collections::HashMap<u64, &str> {
+    records
+        .iter()
+        .filter(|r| !r.deleted)
+        .filter_map(|r| match &r.entity {
+            OrgEntity::Person(p) => Some((p.uid, p.name.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The lines of `/org [<dept> [<offset>]]` from an `OrgDept` reply (`total` members, `records`:
+/// the department, its sub-departments, a page of members starting at `offset`). `path`: the
+/// department names from the top (from the local tree; empty: unknown, the reply's name is used).
+fn format_dept(
+    dept: u64,
+    offset: u32,
+    total: u32,
+    records: &[OrgRecord],
+    path: &[String],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut children = Vec::new();
+    let mut members = Vec::new();
+    let mut name = None;
+    for r in records.iter().filter(|r| !r.deleted) {
+        match &r.entity {
+            OrgEntity::Dept(d) if d.id == dept => name = Some(d.name.as_str()),
+            OrgEntity::Dept(d) => children.push(d),
+            OrgEntity::Member(m) => members.push(m),
+            OrgEntity::Person(_) => {}
+        }
+    }
+    let names = person_names(records);
+    if dept == 0 {
+        if children.is_empty() {
+            out.push("the organisation tree is empty".to_owned());
+        } else {
+            out.push("top-level departments:".to_owned());
+        }
+    } else {
+        let title = if path.is_empty() {
+            name.unwrap_or("?").to_owned()
+        } else {
+            path.join(" / ")
+        };
+        out.push(format!("{title}  (dept {dept})"));
+        if !children.is_empty() {
+            out.push("  sub-departments:".to_owned());
+        }
+    }
+    let indent = if dept == 0 { "  " } else { "    " };
+    for d in &children {
+        let hidden = if d.hidden { "  (hidden)" } else { "" };
+        out.push(format!("{indent}{}  {}{hidden}", d.id, d.name));
+    }
+    if dept == 0 && total == 0 {
+        return out;
+    }
+    if total == 0 {
+        out.push("  no members".to_owned());
+    } else if members.is_empty() {
+        out.push(format!("  no members from {offset} ({total} in all)"));
+    } else {
+        let first = u64::from(offset) + 1;
+        let last = u64::from(offset) + members.len() as u64;
+        out.push(format!("  members {first}-{last} of {total}:"));
+        for m in &members {
+            let name = names.get(&m.uid).copied().unwrap_or("(no name)");
+            if m.title.is_empty() {
+                out.push(format!("    {}  {name}", m.uid));
+            } else {
+                out.push(format!("    {}  {name}, {}", m.uid, m.title));
+            }
+        }
+        if last < u64::from(total) {
+            out.push(format!("  more: /org {dept} {last}"));
+        }
+    }
+    out
+}
+
+/// The lines of `/who <uid>` from an `OrgUser` reply (the person, the memberships and every
+/// department on the paths to them).
+fn format_user(uid: u64, records: &[OrgRecord]) -> Vec<String> {
+    let mut tree = OrgTree::new();
+    for r in records {
+        tree.apply(r.clone());
+    }
+    let name = tree.person(uid).map_or("(no name)", |p| p.name.as_str());
+    let mut out = vec![format!("{uid}  {name}")];
+    // In the reply's order (the server's order of the user's departments).
+    let depts: Vec<u64> = records
+        .iter()
+        .filter(|r| !r.deleted)
+        .filter_map(|r| match &r.entity {
+            OrgEntity::Member(m) if m.uid == uid => Some(m.dept),
+            _ => None,
+        })
+        .collect();
+    if depts.is_empty() {
+        out.push("  in no department".to_owned());
+    }
+    for dept in depts {
+        let path = dept_path(&tree, dept);
+        let path = if path.is_empty() {
+            format!("dept {dept}")
+        } else {
+            path.join(" / ")
+        };
+        match tree.membership(uid, dept) {
+            Some(m) if !m.title.is_empty() => {
+                out.push(format!("  dept {dept}  {path}, {}", m.title))
+            }
+            _ => out.push(format!("  dept {dept}  {path}")),
+        }
+    }
+    out
+}
+
+/// The lines of `/find <query>` from an `OrgSearch` reply (`total` matches, a page of them in
+/// `records`); `tree` (the local copy) gives the paths of departments and people's departments.
+fn format_search(query: &str, total: u32, records: &[OrgRecord], tree: &OrgTree) -> Vec<String> {
+    let mut out = vec![match total {
+        0 => format!("nothing matches {query:?}"),
+        1 => format!("1 match for {query:?}:"),
+        n => format!("{n} matches for {query:?}:"),
+    }];
+    let mut shown = 0;
+    for r in records.iter().filter(|r| !r.deleted) {
+        match &r.entity {
+            OrgEntity::Dept(d) => {
+                let path = dept_path(tree, d.id);
+                let path = if path.is_empty() {
+                    d.name.clone()
+                } else {
+                    path.join(" / ")
+                };
+                out.push(format!("  dept {}  {path}", d.id));
+            }
+            OrgEntity::Person(p) => {
+                let depts: Vec<&str> = tree
+                    .depts_of(p.uid)
+                    .into_iter()
+                    .filter_map(|d| tree.dept(d).map(|d| d.name.as_str()))
+                    .collect();
+                if depts.is_empty() {
+                    out.push(format!("  user {}  {}", p.uid, p.name));
+                } else {
+                    out.push(format!(
+                        "  user {}  {} ({})",
+                        p.uid,
+                        p.name,
+                        depts.join(", ")
+                    ));
+                }
+            }
+            OrgEntity::Member(_) => continue,
+        }
+        shown += 1;
+    }
+    if shown < total as usize {
+        out.push(format!("  showing {shown} of {total}; narrow the search"));
+    }
+    out
+}
+
+/// The local copy of the organisation tree and the version synced up to.
+#[derive(Default)]
+struct Org {
+    tree: OrgTree,
+    /// The version of the last complete sync (the next `since`).
+    at: u64,
+    /// Whether a sync completed (a failed one at start is retried at the next `/org`).
+    synced: bool,
+}
+
+impl Org {
+    /// Syncs what changed since the last complete sync; returns whether the version moved.
+    fn sync(&mut self, c: &mut Client) -> Result<bool, ClientError> {
+        let v = c.org_sync_all(&mut self.tree, self.at)?;
+        let moved = v != self.at;
+        self.at = v;
+        self.synced = true;
+        Ok(moved)
+    }
+
+    /// Brings the local copy up to `version` (seen in a reply or a push) if it is behind.
+    fn catch_up(&mut self, c: &mut Client, version: u64) -> Result<bool, ClientError> {
+        if self.synced && version <= self.at {
+            return Ok(false);
+        }
+        self.sync(c)
+    }
+}
+
+/// `/org`, `/who`, `/find`: asks the server, prints the answer.
+fn org_command(c: &mut Client, org: &mut Org, cmd: OrgCmd) -> Result<(), ClientError> {
+    let lines = match cmd {
+        OrgCmd::Dept { dept, offset } => {
+            let (version, total, records) = c.org_dept(dept, offset, ORG_PAGE)?;
+            // The path comes from the local copy: make it as new as the answer (best effort).
+            org.catch_up(c, version).ok();
+            format_dept(dept, offset, total, &records, &dept_path(&org.tree, dept))
+        }
+        OrgCmd::Who(uid) => {
+            let (_, _, records) = c.org_user(UserId(uid))?;
+            format_user(uid, &records)
+        }
+        OrgCmd::Find(query) => {
+            let (version, total, records) = c.org_search(&query, FIND_LIMIT)?;
+            org.catch_up(c, version).ok();
+            format_search(&query, total, &records, &org.tree)
+        }
+    };
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let me = UserId(a.uid);
@@ -216,6 +501,16 @@ fn main() -> anyhow::Result<()> {
         c.deliver_ack(tl.last_seq)?;
     }
     std::fs::write(&state, tl.last_seq.0.to_string())?;
+    let mut org = Org::default();
+    match org.sync(&mut c) {
+        Ok(_) if org.at == 0 => {}
+        Ok(_) => println!(
+            "organisation tree v{} ({} departments); `/org` to browse",
+            org.at,
+            org.tree.dept_count()
+        ),
+        Err(e) => println!("(organisation tree not synced: {e}; `/org` retries)"),
+    }
     println!("type `@<uid> text` to send, `/to <uid>` to pick a peer, `/help` for more");
 
     let (tx, rx) = mpsc::channel::<String>();
@@ -264,7 +559,17 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/sync          fetch missed messages\n/quit          log out");
+                    continue;
+                } else if let Some(cmd) = parse_org_command(line) {
+                    match cmd {
+                        Ok(cmd) => {
+                            if let Err(e) = org_command(&mut c, &mut org, cmd) {
+                                println!("! {e}");
+                            }
+                        }
+                        Err(usage) => println!("! {usage}"),
+                    }
                     continue;
                 } else if line.starts_with("/group") {
                     if let Err(e) = group_command(&mut c, line) {
@@ -351,6 +656,11 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Error { code, message }) => {
                 println!("! server error {code:?}: {message}")
             }
+            Some(Command::OrgChanged { version }) => match org.catch_up(&mut c, version) {
+                Ok(true) => println!("(organisation tree updated to v{})", org.at),
+                Ok(false) => {}
+                Err(e) => println!("! organisation tree not synced: {e}"),
+            },
             Some(_) | None => {}
         }
         if last_beat.elapsed() >= heartbeat {
@@ -363,6 +673,230 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use im_shared::org::{OrgDept, OrgMember, OrgPerson};
+
+    fn dept(version: u64, id: u64, parent: u64, name: &str) -> OrgRecord {
+        OrgRecord {
+            version,
+            deleted: false,
+            entity: OrgEntity::Dept(OrgDept {
+                id,
+                parent,
+                order: 0,
+                hidden: false,
+                name: name.into(),
+            }),
+        }
+    }
+
+    fn person(version: u64, uid: u64, name: &str) -> OrgRecord {
+        OrgRecord {
+            version,
+            deleted: false,
+            entity: OrgEntity::Person(OrgPerson {
+                uid,
+                name: name.into(),
+            }),
+        }
+    }
+
+    fn member(version: u64, uid: u64, dept: u64, title: &str) -> OrgRecord {
+        OrgRecord {
+            version,
+            deleted: false,
+            entity: OrgEntity::Member(OrgMember {
+                uid,
+                dept,
+                order: 0,
+                title: title.into(),
+            }),
+        }
+    }
+
+    /// Company(1) ⊃ Engineering(2) ⊃ Storage(3); Alice (101, lead) and Bob (102) in Storage,
+    /// Bob in Engineering too.
+    fn company() -> Vec<OrgRecord> {
+        vec![
+            dept(1, 1, 0, "Company"),
+            dept(2, 2, 1, "Engineering"),
+            dept(3, 3, 2, "Storage"),
+            person(4, 101, "Alice Smith"),
+            member(5, 101, 3, "lead"),
+            person(6, 102, "Bob Jones"),
+            member(7, 102, 2, ""),
+            member(8, 102, 3, "dev"),
+        ]
+    }
+
+    fn tree(records: &[OrgRecord]) -> OrgTree {
+        let mut t = OrgTree::new();
+        for r in records {
+            t.apply(r.clone());
+        }
+        t
+    }
+
+    #[test]
+    fn org_commands_parse_and_bad_ones_get_a_usage() {
+        let p = parse_org_command;
+        assert_eq!(p("/org"), Some(Ok(OrgCmd::Dept { dept: 0, offset: 0 })));
+        assert_eq!(p(" /org 3 "), Some(Ok(OrgCmd::Dept { dept: 3, offset: 0 })));
+        assert_eq!(
+            p("/org 3 50"),
+            Some(Ok(OrgCmd::Dept {
+                dept: 3,
+                offset: 50
+            }))
+        );
+        assert_eq!(p("/who 102"), Some(Ok(OrgCmd::Who(102))));
+        assert_eq!(
+            p("/find  bob jones "),
+            Some(Ok(OrgCmd::Find("bob jones".into())))
+        );
+        for bad in [
+            "/org x",
+            "/org 3 -1",
+            "/org 1 2 3",
+            "/who",
+            "/who bob",
+            "/find",
+            "/find  ",
+        ] {
+            assert!(matches!(p(bad), Some(Err(_))), "{bad}");
+        }
+        for other in [
+            "/organise",
+            "/groups",
+            "@2 /org",
+            "hello",
+            "/whoami",
+            "/finder x",
+        ] {
+            assert_eq!(p(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_department_shows_its_path_sub_departments_and_a_page_of_members() {
+        let t = tree(&company());
+        assert_eq!(dept_path(&t, 3), vec!["Company", "Engineering", "Storage"]);
+        assert!(dept_path(&t, 99).is_empty());
+        // The server's answer for Engineering: itself, Storage, then Bob (membership, person).
+        let reply = vec![
+            dept(2, 2, 1, "Engineering"),
+            dept(3, 3, 2, "Storage"),
+            member(7, 102, 2, ""),
+            person(6, 102, "Bob Jones"),
+        ];
+        assert_eq!(
+            format_dept(2, 0, 1, &reply, &dept_path(&t, 2)),
+            vec![
+                "Company / Engineering  (dept 2)",
+                "  sub-departments:",
+                "    3  Storage",
+                "  members 1-1 of 1:",
+                "    102  Bob Jones",
+            ]
+        );
+        // Storage, first page of one member of two, path unknown locally: the reply's name.
+        let reply = vec![
+            dept(3, 3, 2, "Storage"),
+            member(5, 101, 3, "lead"),
+            person(4, 101, "Alice Smith"),
+        ];
+        assert_eq!(
+            format_dept(3, 0, 2, &reply, &[]),
+            vec![
+                "Storage  (dept 3)",
+                "  members 1-1 of 2:",
+                "    101  Alice Smith, lead",
+                "  more: /org 3 1",
+            ]
+        );
+        // Past the last member; a member with no person record.
+        assert_eq!(
+            format_dept(3, 5, 2, &reply[..1], &[]),
+            vec!["Storage  (dept 3)", "  no members from 5 (2 in all)"]
+        );
+        let lone = vec![dept(3, 3, 2, "Storage"), member(5, 7, 3, "")];
+        assert_eq!(format_dept(3, 0, 1, &lone, &[])[2], "    7  (no name)");
+        assert_eq!(
+            format_dept(3, 0, 0, &lone[..1], &[]),
+            vec!["Storage  (dept 3)", "  no members"]
+        );
+    }
+
+    #[test]
+    fn the_top_level_lists_its_departments() {
+        let mut hidden = dept(9, 4, 0, "Board");
+        if let OrgEntity::Dept(d) = &mut hidden.entity {
+            d.hidden = true;
+        }
+        assert_eq!(
+            format_dept(0, 0, 0, &[dept(1, 1, 0, "Company"), hidden], &[]),
+            vec![
+                "top-level departments:",
+                "  1  Company",
+                "  4  Board  (hidden)"
+            ]
+        );
+        assert_eq!(
+            format_dept(0, 0, 0, &[], &[]),
+            vec!["the organisation tree is empty"]
+        );
+    }
+
+    #[test]
+    fn a_person_shows_each_department_with_title_and_path() {
+        // The server's answer for Bob: person, then each membership and the path to it.
+        let reply = vec![
+            person(6, 102, "Bob Jones"),
+            member(7, 102, 2, ""),
+            dept(1, 1, 0, "Company"),
+            dept(2, 2, 1, "Engineering"),
+            member(8, 102, 3, "dev"),
+            dept(3, 3, 2, "Storage"),
+        ];
+        assert_eq!(
+            format_user(102, &reply),
+            vec![
+                "102  Bob Jones",
+                "  dept 2  Company / Engineering",
+                "  dept 3  Company / Engineering / Storage, dev",
+            ]
+        );
+        assert_eq!(
+            format_user(5, &[person(1, 5, "Eve")]),
+            vec!["5  Eve", "  in no department"]
+        );
+    }
+
+    #[test]
+    fn search_results_show_paths_people_s_departments_and_the_total() {
+        let t = tree(&company());
+        let found = vec![dept(3, 3, 2, "Storage"), person(4, 101, "Alice Smith")];
+        assert_eq!(
+            format_search("stor", 2, &found, &t),
+            vec![
+                "2 matches for \"stor\":",
+                "  dept 3  Company / Engineering / Storage",
+                "  user 101  Alice Smith (Storage)",
+            ]
+        );
+        assert_eq!(
+            format_search("o", 30, &found[1..], &OrgTree::new()),
+            vec![
+                "30 matches for \"o\":",
+                "  user 101  Alice Smith",
+                "  showing 1 of 30; narrow the search",
+            ]
+        );
+        assert_eq!(
+            format_search("zz", 0, &[], &t),
+            vec!["nothing matches \"zz\""]
+        );
+    }
 
     #[test]
     fn group_events_read_as_sentences() {

@@ -1211,6 +1211,53 @@ mod tests {
         assert!(GroupEvent::decode(Bytes::from_static(&[1, 0xFF, 0xFF, 0, 0])).is_err());
     }
 
+    /// The worked examples of PROTOCOL.md §12 ("Organisation tree sync"), byte for byte.
+    #[test]
+    fn the_org_worked_examples_are_the_documented_bytes() {
+        let req = Command::OrgSync {
+            since: 0,
+            limit: 100,
+        }
+        .to_bytes(3);
+        let want: &[u8] = &[
+            0x49, 0x4d, 0x01, 0x20, 0, 0, 0, 3, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64,
+        ];
+        assert_eq!(&req[..], want);
+        let page = Command::OrgPage {
+            version: 5,
+            next: 5,
+            more: false,
+            records: vec![OrgRecord {
+                version: 5,
+                deleted: false,
+                entity: org::OrgEntity::Dept(org::OrgDept {
+                    id: 2,
+                    parent: 1,
+                    order: 0,
+                    hidden: false,
+                    name: "Eng".into(),
+                }),
+            }],
+        }
+        .to_bytes(3);
+        let want: &[u8] = &[
+            0x49, 0x4d, 0x01, 0x97, 0, 0, 0, 3, 0, 0, 0, 0x37, // header
+            0, 0, 0, 0, 0, 0, 0, 5, // version
+            0, 0, 0, 0, 0, 0, 0, 5, // next
+            0, // more
+            0, 1, // count
+            1, // tag Dept
+            0, 0, 0, 0, 0, 0, 0, 5, // record version
+            0, // deleted
+            0, 0, 0, 0, 0, 0, 0, 2, // id
+            0, 0, 0, 0, 0, 0, 0, 1, // parent
+            0, 0, 0, 0, // order
+            0, // hidden
+            0, 3, b'E', b'n', b'g', // name
+        ];
+        assert_eq!(&page[..], want);
+    }
+
     #[test]
     fn every_command_round_trips() {
         for c in all_commands() {
