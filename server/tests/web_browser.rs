@@ -1,6 +1,7 @@
 //! The web page (`web/`) in a real browser against a real server: `web/tests/e2e.mjs` drives two
 //! headless Chromium pages (users A and B) over the gate's WebSocket port, while this test plays
-//! a TCP client C (the Rust SDK) that chats with both and posts in their group.
+//! a TCP client C (the Rust SDK) that chats with both and posts in their group; then it imports an
+//! organisation tree over the signed HTTP API and checks the pages' Contacts panel.
 //!
 //! Needs `node`, `web/node_modules/playwright-core` (`npm ci --prefix web`) and Chromium
 //! (`/usr/bin/chromium`, or `IM_CHROMIUM`). Without them the test prints "skipped: …" and passes,
@@ -196,13 +197,20 @@ fn web_page_chats_in_a_browser_with_browsers_and_a_tcp_client() {
         // not is closed after 3 × heartbeat_secs, which the script sees as a reconnect.
         heartbeat_secs,
         idle_timeout_secs: 3 * heartbeat_secs as u64,
-        api: None,
+        // The HTTP API with a business key: the script imports an organisation tree through it
+        // and checks the page's Contacts panel.
+        api: Some({
+            let mut a = im_api::ApiConfig::new("127.0.0.1:0".parse().unwrap());
+            a.keys.insert("e2e".into(), "e2e-secret".into());
+            a
+        }),
         ..ServerConfig::default()
     };
     let server = im_server::start(&cfg).unwrap();
     let ws = server
         .ws_addr()
         .expect("the server has a WebSocket listener");
+    let api = server.api_addr().expect("the server runs the HTTP API");
 
     let mut c = Client::connect(server.local_addr()).unwrap();
     c.timeout = Duration::from_secs(10);
@@ -226,6 +234,8 @@ fn web_page_chats_in_a_browser_with_browsers_and_a_tcp_client() {
         .args(["--uid-a", &A.to_string(), "--uid-b", &B.to_string()])
         .args(["--uid-c", &C.to_string()])
         .args(["--im-server", env!("CARGO_BIN_EXE_im-server")])
+        .args(["--api-url", &format!("http://{api}")])
+        .args(["--api-key", "e2e", "--api-secret", "e2e-secret"])
         .arg("--chromium")
         .arg(chromium())
         .arg("--out")

@@ -272,7 +272,22 @@ pub struct OrgTree {
     dept_members: HashMap<u64, BTreeSet<(u32, u64)>>,
     /// uid → depts of its live memberships.
     user_depts: HashMap<u64, BTreeSet<u64>>,
+    /// The names searched by [`OrgTree::search`], built at the first search after a change.
+    names: std::sync::OnceLock<NameIndex>,
 }
+
+/// Every live department's and person's name, lower-cased, in one string separated by `\0`
+/// (departments first, then people, each in id order), and where each starts: a search is one
+/// substring scan of contiguous memory instead of a walk over every record.
+#[derive(Clone, Debug, Default)]
+struct NameIndex {
+    text: String,
+    /// `(offset in text, key)`, ascending by offset.
+    starts: Vec<(usize, OrgKey)>,
+}
+
+/// Most matches a search counts (its `total`); past it the count says "at least this many".
+pub const MAX_SEARCH_TOTAL: usize = 10_000;
 
 /// A department with what a client shows of it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -387,6 +402,7 @@ impl OrgTree {
             self.by_version.remove(&old.version);
         }
         self.version = self.version.max(rec.version);
+        self.names.take();
         self.by_version.insert(rec.version, key);
         if !rec.deleted {
             self.index(&rec);
@@ -603,42 +619,69 @@ impl OrgTree {
 
     /// Departments and people whose name contains `query` (case-insensitive), visible to
     /// `viewer`: departments first, then people, each in id order; at most `limit` records, and the
-    /// number of matches.
+    /// number of matches (counted up to [`MAX_SEARCH_TOTAL`]).
     pub fn search(&self, viewer: u64, query: &str, limit: usize) -> (Vec<OrgRecord>, usize) {
         let q = query.to_lowercase();
-        let mut depts = Vec::new();
-        let mut people = Vec::new();
-        for r in self.records.values() {
-            if r.deleted {
+        let (mut out, mut total, mut bytes) = (Vec::new(), 0, 0);
+        if q.is_empty() || q.contains('\0') {
+            return (out, 0);
+        }
+        let idx = self.names.get_or_init(|| self.name_index());
+        let mut from = 0;
+        while let Some(at) = idx.text[from..].find(&q) {
+            let at = from + at;
+            // The name the match is in: the last start at or before it.
+            let i = idx.starts.partition_point(|&(o, _)| o <= at) - 1;
+            let key = idx.starts[i].1;
+            from = idx.starts.get(i + 1).map_or(idx.text.len(), |&(o, _)| o);
+            let visible = match key {
+                OrgKey::Dept(id) => self.dept_visible_to(viewer, id),
+                OrgKey::Person(uid) => self.user_visible_to(viewer, uid),
+                OrgKey::Member { .. } => false,
+            };
+            if !visible {
                 continue;
             }
-            match &r.entity {
-                OrgEntity::Dept(d)
-                    if contains_folded(&d.name, &q) && self.dept_visible_to(viewer, d.id) =>
-                {
-                    depts.push((d.id, r));
+            total += 1;
+            if out.len() < limit {
+                let r = &self.records[&key];
+                bytes += r.encoded_len();
+                if bytes <= ORG_PAGE_BYTES {
+                    out.push(r.clone());
                 }
-                OrgEntity::Person(p)
-                    if contains_folded(&p.name, &q) && self.user_visible_to(viewer, p.uid) =>
-                {
-                    people.push((p.uid, r));
-                }
-                _ => {}
             }
-        }
-        depts.sort_unstable_by_key(|&(id, _)| id);
-        people.sort_unstable_by_key(|&(id, _)| id);
-        let total = depts.len() + people.len();
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for (_, r) in depts.into_iter().chain(people) {
-            bytes += r.encoded_len();
-            if out.len() >= limit || bytes > ORG_PAGE_BYTES {
+            if total >= MAX_SEARCH_TOTAL {
                 break;
             }
-            out.push(r.clone());
         }
         (out, total)
+    }
+
+    fn name_index(&self) -> NameIndex {
+        let mut depts = Vec::new();
+        let mut people = Vec::new();
+        for r in self.records.values().filter(|r| !r.deleted) {
+            match &r.entity {
+                OrgEntity::Dept(d) => depts.push((d.id, OrgKey::Dept(d.id), d.name.as_str())),
+                OrgEntity::Person(p) => {
+                    people.push((p.uid, OrgKey::Person(p.uid), p.name.as_str()))
+                }
+                OrgEntity::Member(_) => {}
+            }
+        }
+        depts.sort_unstable_by_key(|e| e.0);
+        people.sort_unstable_by_key(|e| e.0);
+        let mut idx = NameIndex::default();
+        for (_, key, name) in depts.into_iter().chain(people) {
+            idx.starts.push((idx.text.len(), key));
+            idx.text.extend(
+                name.to_lowercase()
+                    .chars()
+                    .map(|c| if c == '\0' { ' ' } else { c }),
+            );
+            idx.text.push('\0');
+        }
+        idx
     }
 
     /// Checks that `entity` may be written (created, moved, renamed) over the tree as it is.
@@ -716,16 +759,6 @@ impl OrgTree {
         }
         h
     }
-}
-
-fn contains_folded(name: &str, lower_query: &str) -> bool {
-    if name.is_ascii() && lower_query.is_ascii() {
-        let (n, q) = (name.as_bytes(), lower_query.as_bytes());
-        return q.is_empty()
-            || n.windows(q.len())
-                .any(|w| w.iter().zip(q).all(|(a, b)| a.to_ascii_lowercase() == *b));
-    }
-    name.to_lowercase().contains(lower_query)
 }
 
 fn check_name(what: &str, name: &str, max: usize) -> Result<(), OrgError> {
@@ -969,6 +1002,18 @@ mod tests {
         });
         assert!(matches!(t.check(&deeper), Err(OrgError::Invalid(_))));
         assert_eq!(t.path(MAX_ORG_DEPTH as u64).len(), MAX_ORG_DEPTH);
+    }
+
+    #[test]
+    fn search_counts_a_name_once_and_sees_changes_after_it_was_indexed() {
+        let mut t = company();
+        t.apply(person(20, 12, "Anna Annabel"));
+        t.apply(member(21, 12, 2));
+        assert_eq!(t.search(10, "ann", 10).1, 1, "two hits in one name");
+        t.apply(person(22, 12, "Zed"));
+        assert_eq!(t.search(10, "ann", 10).1, 0, "the index follows the change");
+        assert_eq!(t.search(10, "zed", 10).0[0].key(), OrgKey::Person(12));
+        assert_eq!(t.search(10, "", 10).1, 0);
     }
 
     #[test]

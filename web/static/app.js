@@ -1,4 +1,5 @@
-// The web chat page: login form, conversations, groups, messages with delivery ticks.
+// The web chat page: login form, conversations, groups, messages with delivery ticks, and the
+// organisation tree as a contact list.
 // The protocol session lives in client.js; this file only renders it and forwards user input.
 
 import { ImClient, convKind, convPeer } from './client.js';
@@ -22,6 +23,9 @@ let client = null;
 let active = null; // the open conversation key
 let renderQueued = false;
 let toastTimer = null;
+const expanded = new Set(); // department ids open in the contacts tree
+let orgDirty = true; // the contacts need rendering again
+let orgShown = false; // the tree has been shown once (its single top department opened)
 
 function defaultWsUrl() {
   if (location.protocol === 'http:' || location.protocol === 'https:') {
@@ -100,6 +104,9 @@ function start({ ws, uid, token }) {
   client = c;
   window.im = c; // for the console and the browser test
   active = null;
+  expanded.clear();
+  orgDirty = true;
+  orgShown = false;
   let shown = false;
   c.addEventListener('loggedin', () => {
     sessionStorage.setItem(SESSION_KEY, JSON.stringify({ ws, uid: c.me, token }));
@@ -121,6 +128,16 @@ function start({ ws, uid, token }) {
     render();
   });
   c.addEventListener('change', render);
+  c.addEventListener('org', () => {
+    // A tree with a single top department opens it the first time (nothing else to pick there).
+    const roots = c.org.roots();
+    if (!orgShown && roots.length) {
+      orgShown = true;
+      if (roots.length === 1) expanded.add(roots[0].id);
+    }
+    orgDirty = true;
+    render();
+  });
   c.addEventListener('notice', (e) => toast(e.detail.text));
   c.addEventListener('log', (e) => addLog(e.detail));
   c.addEventListener('stopped', (e) => {
@@ -259,6 +276,118 @@ function onSend(e) {
   }
 }
 
+// ---- contacts ---------------------------------------------------------------------------------
+
+function toggleDept(id) {
+  if (expanded.has(id)) expanded.delete(id);
+  else expanded.add(id);
+  orgDirty = true;
+  render();
+}
+
+/** Shows a department in the tree: opens it and every department above it. */
+function revealDept(id) {
+  for (const d of client.org.path(id)) expanded.add(d);
+  $('#org-search').value = '';
+  orgDirty = true;
+  render();
+  requestAnimationFrame(() =>
+    document.querySelector(`#org-tree li[data-dept-id="${id}"]`)?.scrollIntoView({ block: 'nearest' }),
+  );
+}
+
+function onOrgSearch() {
+  orgDirty = true;
+  render();
+}
+
+function deptNode(d) {
+  const org = client.org;
+  const open = expanded.has(d.id);
+  const count = org.memberCount(d.id);
+  const li = el(
+    'li',
+    { class: 'org-dept', dataset: { deptId: d.id }, role: 'treeitem', 'aria-expanded': String(open) },
+    el(
+      'button',
+      { type: 'button', class: 'org-row', title: `department ${d.id}`, onclick: () => toggleDept(d.id) },
+      el('span', { class: 'caret' }, open ? '▾' : '▸'),
+      el('span', { class: 'name' }, d.name),
+      count ? el('span', { class: 'count' }, String(count)) : null,
+    ),
+  );
+  if (open) {
+    const items = [...org.children(d.id).map(deptNode), ...org.membersOf(d.id).map((m) => personNode(m, m.title))];
+    li.append(el('ul', { role: 'group' }, ...(items.length ? items : [el('li', { class: 'empty' }, 'Nobody here')])));
+  }
+  return li;
+}
+
+/** A person; a click opens the chat with them (as the "Chat" form does with a typed uid). */
+function personNode(p, sub) {
+  const me = p.uid === client.me;
+  return el(
+    'li',
+    { class: me ? 'org-person me' : 'org-person', dataset: { uid: p.uid, dept: p.dept ?? '' }, role: 'treeitem' },
+    el(
+      'button',
+      {
+        type: 'button',
+        class: 'org-row',
+        title: me ? 'you' : `chat with user ${p.uid}`,
+        onclick: me ? undefined : () => openConv(`u:${p.uid}`),
+      },
+      el('span', { class: 'caret' }, ''),
+      el('span', { class: 'name' }, `${p.name || `User ${p.uid}`}${me ? ' (you)' : ''}`),
+      sub ? el('span', { class: 'title' }, sub) : null,
+    ),
+  );
+}
+
+function renderContacts() {
+  if (!orgDirty) return;
+  orgDirty = false;
+  const org = client.org;
+  const tree = $('#org-tree');
+  $('#org-count').textContent = org.people.size ? String(org.people.size) : '';
+  const q = $('#org-search').value.trim();
+  if (q) {
+    const r = org.search(q, 50);
+    const items = [
+      ...r.depts.map((d) => {
+        const path = org.path(d.id).slice(0, -1).map((id) => org.dept(id).name).join(' › ');
+        return el(
+          'li',
+          { class: 'org-dept', dataset: { deptId: d.id }, role: 'treeitem' },
+          el(
+            'button',
+            { type: 'button', class: 'org-row', title: 'show in the tree', onclick: () => revealDept(d.id) },
+            el('span', { class: 'caret' }, '▸'),
+            el('span', { class: 'name' }, d.name),
+            path ? el('span', { class: 'title' }, path) : null,
+          ),
+        );
+      }),
+      ...r.people.map((p) => {
+        const where = org.deptsOf(p.uid).map((d) => {
+          const t = org.membership(p.uid, d.id)?.title;
+          return t ? `${d.name} · ${t}` : d.name;
+        });
+        return personNode(p, where.join(', '));
+      }),
+    ];
+    if (r.total > items.length) items.push(el('li', { class: 'empty' }, `${r.total - items.length} more…`));
+    tree.replaceChildren(...(items.length ? items : [el('li', { class: 'empty' }, 'No match')]));
+    return;
+  }
+  const roots = org.roots();
+  let empty = null;
+  if (!roots.length) {
+    empty = org.synced ? 'No organisation tree' : org.error ? `Not loaded: ${org.error}` : 'Loading…';
+  }
+  tree.replaceChildren(...(empty ? [el('li', { class: 'empty' }, empty)] : roots.map(deptNode)));
+}
+
 // ---- rendering --------------------------------------------------------------------------------
 
 function render() {
@@ -269,6 +398,7 @@ function render() {
     if (!client) return;
     renderStatus();
     renderLists();
+    renderContacts();
     renderMessages();
   });
 }
@@ -423,6 +553,13 @@ function boot() {
   $('#refresh-groups').addEventListener('click', onRefreshGroups);
   $('#group-info-btn').addEventListener('click', onGroupInfo);
   $('#composer').addEventListener('submit', onSend);
+  $('#org-search').addEventListener('input', onOrgSearch);
+  $('#org-search').addEventListener('keydown', (e) => {
+    if (e.key === 'Escape') {
+      e.target.value = '';
+      onOrgSearch();
+    }
+  });
   window.addEventListener('online', () => client?.reconnectNow());
   window.addEventListener('pagehide', () => client?.save());
 

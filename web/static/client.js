@@ -1,15 +1,20 @@
 // The chat session of one user on one web device, without any DOM: the WebSocket connection,
 // login and reconnects, heartbeats, the local timeline (last seq, gap detection by prev_seq,
-// sync pages, DeliverAck), sending with retries, delivery ticks and groups.
-// docs/PROTOCOL.md sections 9 and 10 describe the rules implemented here.
+// sync pages, DeliverAck), sending with retries, delivery ticks, groups and the organisation tree
+// (contacts). docs/PROTOCOL.md sections 9 and 10 describe the rules implemented here; the
+// organisation tree's records and their rules are shared/src/org.rs.
 //
 // Events (EventTarget): 'state' (detail: the new state), 'change' (the timeline, conversations
-// or groups changed), 'notice' (detail: {level, text} for the user), 'stopped' (detail:
-// {reason, text}: the session ended and will not reconnect), 'log' (detail: {dir, text}).
+// or groups changed), 'org' (detail: {version, changed} when the organisation tree was synced,
+// {version, error} when a sync failed),
+// 'notice' (detail: {level, text} for the user), 'stopped' (detail: {reason, text}: the session
+// ended and will not reconnect), 'log' (detail: {dir, text}).
 
 import * as P from './proto.js';
 
 const SYNC_LIMIT = 200;
+const ORG_SYNC_LIMIT = P.MAX_ORG_PAGE;
+const ORG_RETRIES = 8; // retryable refusals (Unavailable while the tree loads) before giving up
 const REQUEST_TIMEOUT_MS = 10_000;
 const MAX_RECORDS = 5000;
 const STATUS_RANK = { '': 0, failed: 0, pending: 1, sent: 2, delivered: 3, read: 4 };
@@ -29,6 +34,265 @@ export function convKind(key) {
 
 export function convPeer(key) {
   return key.slice(2);
+}
+
+/** Orders decimal id strings numerically (no leading zeros: shorter is smaller). */
+export function cmpId(a, b) {
+  return a.length - b.length || (a < b ? -1 : a > b ? 1 : 0);
+}
+
+const byOrderThenId = (idOf) => (a, b) => a.order - b.order || cmpId(idOf(a), idOf(b));
+
+/** The identity of an org record: a newer record of the same key replaces it. */
+export function orgKey(rec) {
+  switch (rec.kind) {
+    case 'dept':
+      return `d:${rec.id}`;
+    case 'person':
+      return `p:${rec.uid}`;
+    case 'member':
+      return `m:${rec.uid}/${rec.dept}`;
+    default:
+      throw new Error(`unknown org record kind ${rec.kind}`);
+  }
+}
+
+function addTo(index, k, v) {
+  let s = index.get(k);
+  if (!s) {
+    s = new Set();
+    index.set(k, s);
+  }
+  s.add(v);
+}
+
+function dropFrom(index, k, v) {
+  const s = index.get(k);
+  if (!s) return;
+  s.delete(v);
+  if (s.size === 0) index.delete(k);
+}
+
+/**
+ * The organisation tree as this user sees it (the client side of shared/src/org.rs `OrgTree`):
+ * the latest record of every key, applied by version (an older or equal version is ignored, a
+ * tombstone removes the entity), with indexes for the tree view. Ids are decimal strings, like
+ * the rest of this file; versions are BigInt.
+ */
+export class OrgModel {
+  constructor() {
+    /** Sync cursor: every record up to this version is held (the next OrgSync's `since`). */
+    this.version = 0n;
+    /** A complete sync has been done at least once. */
+    this.synced = false;
+    /** Why the last sync failed ('' after a complete one). */
+    this.error = '';
+    this.versions = new Map(); // key → version of its latest record, tombstones included
+    this.depts = new Map(); // id → {id, parent, order, hidden, name, version}
+    this.people = new Map(); // uid → {uid, name, version}
+    this.members = new Map(); // `${uid}/${dept}` → {uid, dept, order, title, version}
+    this.childIdx = new Map(); // parent → Set of dept ids
+    this.memberIdx = new Map(); // dept → Set of uids
+    this.userIdx = new Map(); // uid → Set of dept ids
+  }
+
+  /**
+   * Applies one record (as decoded by proto.js: u64 fields BigInt or anything toU64 takes).
+   * @returns {boolean} whether the model changed (false: not newer than the record held)
+   */
+  apply(rec) {
+    const key = orgKey(rec);
+    const version = P.toU64(rec.version, 'version');
+    const held = this.versions.get(key);
+    if (held !== undefined && held >= version) return false;
+    this.versions.set(key, version);
+    this.remove(rec);
+    if (!rec.deleted) this.insert(rec, version);
+    return true;
+  }
+
+  /** Removes the live entity of `rec`'s key, if any. */
+  remove(rec) {
+    switch (rec.kind) {
+      case 'dept': {
+        const id = String(rec.id);
+        const old = this.depts.get(id);
+        if (!old) return;
+        this.depts.delete(id);
+        dropFrom(this.childIdx, old.parent, id);
+        return;
+      }
+      case 'person':
+        this.people.delete(String(rec.uid));
+        return;
+      case 'member': {
+        const uid = String(rec.uid);
+        const dept = String(rec.dept);
+        if (!this.members.delete(`${uid}/${dept}`)) return;
+        dropFrom(this.memberIdx, dept, uid);
+        dropFrom(this.userIdx, uid, dept);
+        return;
+      }
+      default:
+    }
+  }
+
+  insert(rec, version) {
+    switch (rec.kind) {
+      case 'dept': {
+        const d = {
+          id: String(rec.id),
+          parent: String(rec.parent),
+          order: rec.order,
+          hidden: !!rec.hidden,
+          name: rec.name,
+          version,
+        };
+        this.depts.set(d.id, d);
+        addTo(this.childIdx, d.parent, d.id);
+        return;
+      }
+      case 'person': {
+        const p = { uid: String(rec.uid), name: rec.name, version };
+        this.people.set(p.uid, p);
+        return;
+      }
+      case 'member': {
+        const m = {
+          uid: String(rec.uid),
+          dept: String(rec.dept),
+          order: rec.order,
+          title: rec.title,
+          version,
+        };
+        this.members.set(`${m.uid}/${m.dept}`, m);
+        addTo(this.memberIdx, m.dept, m.uid);
+        addTo(this.userIdx, m.uid, m.dept);
+        return;
+      }
+      default:
+    }
+  }
+
+  /** Forgets everything (the next sync starts from version 0). */
+  clear() {
+    Object.assign(this, new OrgModel());
+  }
+
+  dept(id) {
+    return this.depts.get(String(id)) ?? null;
+  }
+
+  person(uid) {
+    return this.people.get(String(uid)) ?? null;
+  }
+
+  membership(uid, dept) {
+    return this.members.get(`${uid}/${dept}`) ?? null;
+  }
+
+  /** Sub-departments of `parent` ('0': the top level), by order, then id. */
+  children(parent = '0') {
+    const ids = this.childIdx.get(String(parent));
+    if (!ids) return [];
+    return [...ids].map((id) => this.depts.get(id)).sort(byOrderThenId((d) => d.id));
+  }
+
+  /**
+   * The top of the tree: departments whose parent is 0, and any whose parent this user does not
+   * hold (not expected from the server; shown rather than lost).
+   */
+  roots() {
+    const out = this.children('0');
+    for (const [parent, ids] of this.childIdx) {
+      if (parent === '0' || this.depts.has(parent)) continue;
+      for (const id of ids) out.push(this.depts.get(id));
+    }
+    return out.sort(byOrderThenId((d) => d.id));
+  }
+
+  /** Members of `dept` by order, then uid: `{uid, dept, order, title, name}`. */
+  membersOf(dept) {
+    const uids = this.memberIdx.get(String(dept));
+    if (!uids) return [];
+    return [...uids]
+      .map((uid) => {
+        const m = this.members.get(`${uid}/${dept}`);
+        return { ...m, name: this.people.get(uid)?.name ?? '' };
+      })
+      .sort(byOrderThenId((m) => m.uid));
+  }
+
+  memberCount(dept) {
+    return this.memberIdx.get(String(dept))?.size ?? 0;
+  }
+
+  /** Departments of `uid`, by id. */
+  deptsOf(uid) {
+    const ids = this.userIdx.get(String(uid));
+    if (!ids) return [];
+    return [...ids].sort(cmpId).map((id) => this.depts.get(id) ?? { id, name: '' });
+  }
+
+  /** Department ids from the top down to `dept`, both included (as far as they are held). */
+  path(dept) {
+    const out = [];
+    const seen = new Set();
+    for (let d = this.depts.get(String(dept)); d && !seen.has(d.id); d = this.depts.get(d.parent)) {
+      seen.add(d.id);
+      out.unshift(d.id);
+    }
+    return out;
+  }
+
+  /**
+   * Departments and people whose name contains `query` (case-insensitive), each by id, at most
+   * `limit` of both together (departments first), like the server's OrgSearch; and the number
+   * of matches.
+   */
+  search(query, limit = 50) {
+    const q = query.trim().toLowerCase();
+    if (!q) return { depts: [], people: [], total: 0 };
+    const depts = [...this.depts.values()].filter((d) => d.name.toLowerCase().includes(q));
+    const people = [...this.people.values()].filter((p) => p.name.toLowerCase().includes(q));
+    depts.sort((a, b) => cmpId(a.id, b.id));
+    people.sort((a, b) => cmpId(a.uid, b.uid));
+    const total = depts.length + people.length;
+    const d = depts.slice(0, limit);
+    return { depts: d, people: people.slice(0, Math.max(0, limit - d.length)), total };
+  }
+}
+
+/** An Error of a refused request, with the protocol's error code. */
+function refused(res, want) {
+  const code = res?.code;
+  const e = new Error(
+    res?.type === 'Error'
+      ? `${P.errName(code)}${res.message ? `: ${res.message}` : ''}`
+      : `unexpected ${res?.type} (wanted ${want})`,
+  );
+  e.code = code;
+  return e;
+}
+
+/** Splits the records of an OrgReply to OrgDept: the department, sub-departments, members. */
+function deptReply(id, res) {
+  let dept = null;
+  const children = [];
+  const members = [];
+  for (const r of res.records) {
+    if (r.kind === 'dept') {
+      const d = { id: r.id.toString(), parent: r.parent.toString(), order: r.order, hidden: r.hidden, name: r.name };
+      if (!dept && d.id === id && id !== '0') dept = d;
+      else children.push(d);
+    } else if (r.kind === 'member') {
+      members.push({ uid: r.uid.toString(), dept: r.dept.toString(), order: r.order, title: r.title, name: '' });
+    } else if (r.kind === 'person') {
+      const m = members.at(-1);
+      if (m && m.uid === r.uid.toString()) m.name = r.name;
+    }
+  }
+  return { version: res.version, total: res.total, dept, children, members, records: res.records };
 }
 
 export class ImClient extends EventTarget {
@@ -79,6 +343,10 @@ export class ImClient extends EventTarget {
     this.order = 0;
     this.activeConv = null;
     this.groupsTimer = null;
+
+    this.org = new OrgModel(); // the organisation tree (in memory: synced again after a reload)
+    this.orgRunning = null; // the orgSyncAll in progress
+    this.orgResync = false;
 
     this.load();
   }
@@ -350,6 +618,12 @@ export class ImClient extends EventTarget {
       case 'Delivered':
         this.onDelivered(cmd.msgId.toString(), cmd.recipient.toString());
         break;
+      case 'OrgChanged':
+        // The tree changed: fetch what is newer than the version held.
+        if (cmd.version > this.org.version || !this.org.synced) {
+          this.orgSyncAll().catch((e) => this.log('info', `org sync: ${e.message}`));
+        }
+        break;
       case 'Kickout': {
         const text = `kicked out: ${cmd.message || `reason ${cmd.reason}`}`;
         if (cmd.reason === P.KICK.ServerShutdown) {
@@ -397,6 +671,8 @@ export class ImClient extends EventTarget {
       this.refreshGroups().catch(() => {});
       await this.sync();
       if (this.state === 'syncing') this.setState('online');
+      // The contacts: everything on the first login, what changed while away on a reconnect.
+      this.orgSyncAll().catch((e) => this.log('info', `org sync: ${e.message}`));
       return;
     }
     const text = `login refused: ${P.errName(code)}${r.message ? ` (${r.message})` : ''}`;
@@ -815,6 +1091,114 @@ export class ImClient extends EventTarget {
     };
   }
 
+  // ---- organisation tree (contacts) ----------------------------------------------------------
+
+  /**
+   * One OrgSync request: records with a version above `since`, in version order. Resolves with
+   * the OrgPage `{version, next, more, records}` (sync again from `next` while `more`); rejects
+   * with an Error carrying `code` when refused. Does not touch the local model (orgSyncAll does).
+   */
+  async orgSync(since, limit = ORG_SYNC_LIMIT) {
+    const res = await this.request({ type: 'OrgSync', since: P.toU64(since, 'since'), limit });
+    if (res.type !== 'OrgPage') throw refused(res, 'OrgPage');
+    return res;
+  }
+
+  /**
+   * Brings the local model (`this.org`) up to date: OrgSync from the version held, page by page
+   * while `more`, each record applied by version; then an 'org' event. Calls while one runs join
+   * it (and make it sync once more). Retryable refusals (Unavailable while the server loads the
+   * tree) are retried with a back-off. Resolves with the version reached.
+   */
+  orgSyncAll() {
+    if (this.orgRunning) {
+      this.orgResync = true;
+      return this.orgRunning;
+    }
+    const run = async () => {
+      let changed = 0;
+      do {
+        this.orgResync = false;
+        let tries = 0;
+        for (;;) {
+          const since = this.org.version;
+          let page;
+          try {
+            page = await this.orgSync(since);
+          } catch (e) {
+            if (P.isRetryable(e.code) && ++tries < ORG_RETRIES) {
+              await sleep(Math.min(5000, 300 * 2 ** tries) * (0.5 + Math.random()));
+              continue;
+            }
+            throw e;
+          }
+          tries = 0;
+          for (const r of page.records) if (this.org.apply(r)) changed++;
+          this.org.version = page.next;
+          if (!page.more) break;
+          if (page.next <= since) throw new Error(`OrgSync from ${since} made no progress`);
+        }
+      } while (this.orgResync);
+      const first = !this.org.synced || this.org.error;
+      this.org.synced = true;
+      this.org.error = '';
+      if (changed || first) {
+        this.dispatchEvent(
+          new CustomEvent('org', { detail: { version: this.org.version, changed } }),
+        );
+      }
+      return this.org.version;
+    };
+    this.orgRunning = run()
+      .catch((e) => {
+        this.org.error = e.message;
+        this.dispatchEvent(new CustomEvent('org', { detail: { version: this.org.version, error: e.message } }));
+        throw e;
+      })
+      .finally(() => {
+        this.orgRunning = null;
+      });
+    return this.orgRunning;
+  }
+
+  /**
+   * A department (`0`: the top level) from the server: `{version, total, dept, children,
+   * members: [{uid, dept, order, title, name}], records}`; `total` counts its members, of which
+   * `members` holds the page from `offset`.
+   */
+  async orgDept(id, offset = 0, limit = 100) {
+    const dept = P.toU64(id, 'dept');
+    const res = await this.request({ type: 'OrgDept', dept, offset, limit });
+    if (res.type !== 'OrgReply') throw refused(res, 'OrgReply');
+    return deptReply(dept.toString(), res);
+  }
+
+  /** A user from the server: `{version, records}` (person, memberships, departments above). */
+  async orgUser(uid) {
+    const res = await this.request({ type: 'OrgUser', uid: P.toU64(uid, 'uid') });
+    if (res.type !== 'OrgReply') throw refused(res, 'OrgReply');
+    return { version: res.version, records: res.records };
+  }
+
+  /**
+   * Departments and people whose name contains `query` (case-insensitive), from the server:
+   * `{version, total, depts: [{id, parent, name, …}], people: [{uid, name}], records}`.
+   */
+  async orgSearch(query, limit = 50) {
+    const res = await this.request({ type: 'OrgSearch', query, limit });
+    if (res.type !== 'OrgReply') throw refused(res, 'OrgReply');
+    const depts = [];
+    const people = [];
+    for (const r of res.records) {
+      if (r.kind === 'dept') {
+        depts.push({ id: r.id.toString(), parent: r.parent.toString(), order: r.order, hidden: r.hidden, name: r.name });
+      } else if (r.kind === 'person') {
+        people.push({ uid: r.uid.toString(), name: r.name });
+      }
+    }
+    return { version: res.version, total: res.total, depts, people, records: res.records };
+  }
+
   // ---- queries for the UI --------------------------------------------------------------------
 
   setActive(key) {
@@ -859,8 +1243,10 @@ export class ImClient extends EventTarget {
   title(key) {
     const id = convPeer(key);
     switch (convKind(key)) {
-      case 'u':
-        return `User ${id}`;
+      case 'u': {
+        const p = this.org.person(id);
+        return p?.name ? p.name : `User ${id}`;
+      }
       case 'g': {
         const g = this.groups.get(id);
         return g?.name ? g.name : `Group ${id}`;
@@ -875,6 +1261,10 @@ export class ImClient extends EventTarget {
 
 function upgrade(r, status) {
   if ((STATUS_RANK[status] ?? 0) > (STATUS_RANK[r.status] ?? 0)) r.status = status;
+}
+
+function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
 }
 
 function safe(f) {

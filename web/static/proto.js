@@ -38,6 +38,10 @@ export const CMD = Object.freeze({
   SetMute: 0x1d,
   RegisterPush: 0x1e,
   GroupUpdate: 0x1f,
+  OrgSync: 0x20,
+  OrgDept: 0x21,
+  OrgUser: 0x22,
+  OrgSearch: 0x23,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -49,6 +53,9 @@ export const CMD = Object.freeze({
   OpResult: 0x94,
   GroupInfoReply: 0x95,
   GroupList: 0x96,
+  OrgPage: 0x97,
+  OrgReply: 0x98,
+  OrgChanged: 0x99,
   Error: 0xff,
 });
 
@@ -116,6 +123,10 @@ export const GROUP_EVENT = Object.freeze({
   Updated: 5,
 });
 export const ROLE = Object.freeze({ Member: 0, Owner: 2 });
+/** Kinds of organisation-tree records (the record's tag byte): `record.kind` is the key. */
+export const ORG_TAG = Object.freeze({ dept: 1, person: 2, member: 3 });
+/** Most records the server puts in one OrgPage or OrgReply (a larger limit is capped). */
+export const MAX_ORG_PAGE = 1000;
 
 /** Milliseconds since 2024-01-01T00:00:00Z at the top of a msg id (section 10). */
 export const MSG_ID_EPOCH_MS = 1_704_067_200_000n;
@@ -373,6 +384,63 @@ const MESSAGE = record([
 
 const UIDS = list(T.u16, T.u64);
 
+/**
+ * One record of the organisation tree (shared/src/org.rs, `OrgRecord`):
+ * `tag:u8 version:u64 deleted:u8` then the fields of its kind. Decoded as
+ * `{kind: 'dept', version, deleted, id, parent, order, hidden, name}`,
+ * `{kind: 'person', version, deleted, uid, name}` or
+ * `{kind: 'member', version, deleted, uid, dept, order, title}`.
+ */
+const ORG_HEAD = record([
+  ['version', T.u64],
+  ['deleted', T.bool],
+]);
+const ORG_BODY = {
+  dept: record([
+    ['id', T.u64],
+    ['parent', T.u64],
+    ['order', T.u32],
+    ['hidden', T.bool],
+    ['name', T.str],
+  ]),
+  person: record([
+    ['uid', T.u64],
+    ['name', T.str],
+  ]),
+  member: record([
+    ['uid', T.u64],
+    ['dept', T.u64],
+    ['order', T.u32],
+    ['title', T.str],
+  ]),
+};
+const ORG_KIND = Object.fromEntries(Object.entries(ORG_TAG).map(([k, v]) => [v, k]));
+
+function orgBody(v, f) {
+  const body = ORG_BODY[v?.kind];
+  if (!body) throw new ProtoError(`field ${f}: unknown org record kind ${v?.kind}`);
+  return body;
+}
+
+const ORG_RECORD = {
+  size: (v, f) => 1 + ORG_HEAD.size(v, f) + orgBody(v, f).size(v, f),
+  put(w, v, f) {
+    const body = orgBody(v, f);
+    w.u8(ORG_TAG[v.kind]);
+    ORG_HEAD.put(w, v, f);
+    body.put(w, v, f);
+  },
+  get(r) {
+    const tag = r.u8('org record tag');
+    const head = ORG_HEAD.get(r);
+    const kind = ORG_KIND[tag];
+    if (!kind) throw new ProtoError(`unknown org record tag ${tag}`);
+    return { kind, ...head, ...ORG_BODY[kind].get(r) };
+  },
+};
+
+const ORG_RECORDS = list(T.u16, ORG_RECORD);
+
 /** Body layouts by command name, fields in wire order. */
 const LAYOUT = {
   Login: [
@@ -445,6 +513,20 @@ const LAYOUT = {
     ['name', T.str],
     ['announcement', T.str],
   ],
+  OrgSync: [
+    ['since', T.u64],
+    ['limit', T.u16],
+  ],
+  OrgDept: [
+    ['dept', T.u64],
+    ['offset', T.u32],
+    ['limit', T.u16],
+  ],
+  OrgUser: [['uid', T.u64]],
+  OrgSearch: [
+    ['query', T.str],
+    ['limit', T.u16],
+  ],
   LoginResult: [
     ['code', T.u16],
     ['serverTimeMs', T.u64],
@@ -511,6 +593,18 @@ const LAYOUT = {
       ),
     ],
   ],
+  OrgPage: [
+    ['version', T.u64],
+    ['next', T.u64],
+    ['more', T.bool],
+    ['records', ORG_RECORDS],
+  ],
+  OrgReply: [
+    ['version', T.u64],
+    ['total', T.u32],
+    ['records', ORG_RECORDS],
+  ],
+  OrgChanged: [['version', T.u64]],
   Error: [
     ['code', T.u16],
     ['message', T.str],
@@ -668,6 +762,18 @@ export function encodeMessage(m) {
   const w = new Writer(MESSAGE.size(m));
   MESSAGE.put(w, m);
   return w.buf;
+}
+
+/** Encodes one organisation-tree record (`{kind, version, deleted, …}`), e.g. for tests. */
+export function encodeOrgRecord(rec) {
+  const w = new Writer(ORG_RECORD.size(rec, 'record'));
+  ORG_RECORD.put(w, rec, 'record');
+  return w.buf;
+}
+
+/** Decodes one organisation-tree record; trailing bytes are ignored. */
+export function decodeOrgRecord(bytes) {
+  return ORG_RECORD.get(new Reader(bytes));
 }
 
 /** Hex dump helper: `49 4d 01 …`. */

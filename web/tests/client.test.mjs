@@ -1,12 +1,13 @@
 // Unit tests of the page's session logic (web/static/client.js) against a scripted fake
 // WebSocket: login with the stored last seq, sync pages, gap detection by prev_seq, dedup,
-// batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout.
+// batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout, and the
+// organisation tree's local model (apply by version, tombstones, paged and incremental sync).
 // Run: node --test web/tests/
 import './node-globals.mjs';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { ImClient } from '../static/client.js';
+import { ImClient, OrgModel } from '../static/client.js';
 import { CONV, ERR, KICK, decode, encode, encodeGroupEvent, utf8 } from '../static/proto.js';
 
 const ME = 5n;
@@ -307,5 +308,214 @@ test('a lost connection reconnects and logs in with the last seq', async () => {
   assert.notEqual(ws2, ws);
   const login = await ws2.next('Login');
   assert.equal(login.lastSeq, 3n);
+  c.finish('test', '');
+});
+
+// ---- organisation tree ------------------------------------------------------------------------
+
+const dept = (version, id, parent, name, over = {}) => ({
+  kind: 'dept', version, deleted: false, id, parent, order: 0, hidden: false, name, ...over,
+});
+const person = (version, uid, name, over = {}) => ({ kind: 'person', version, deleted: false, uid, name, ...over });
+const member = (version, uid, deptId, title, over = {}) => ({
+  kind: 'member', version, deleted: false, uid, dept: deptId, order: 0, title, ...over,
+});
+const ids = (ds) => ds.map((d) => d.id);
+
+test('org model: apply, a newer version replaces, an older one is ignored, tombstones remove', () => {
+  const m = new OrgModel();
+  assert.equal(m.apply(dept(1n, 1n, 0n, 'Company')), true);
+  assert.equal(m.apply(dept(2n, 2n, 1n, 'Engineering', { order: 5 })), true);
+  assert.equal(m.apply(dept(3n, 3n, 1n, 'Sales', { order: 1 })), true);
+  assert.equal(m.apply(dept(4n, 10n, 1n, 'Legal', { order: 1 })), true);
+  m.apply(person(5n, 101n, 'Alice Smith'));
+  m.apply(member(6n, 101n, 2n, 'lead', { order: 2 }));
+  m.apply(person(7n, 102n, 'Bob Jones'));
+  m.apply(member(8n, 102n, 2n, 'dev', { order: 1 }));
+  m.apply(member(9n, 102n, 3n, ''));
+  assert.deepEqual(ids(m.roots()), ['1']);
+  assert.deepEqual(ids(m.children('1')), ['3', '10', '2'], 'by order, then id (numerically)');
+  assert.deepEqual(
+    m.membersOf('2').map((x) => [x.uid, x.name, x.title]),
+    [['102', 'Bob Jones', 'dev'], ['101', 'Alice Smith', 'lead']],
+  );
+  assert.deepEqual(ids(m.deptsOf('102')), ['2', '3']);
+  assert.deepEqual(m.path('2'), ['1', '2']);
+
+  // A newer record of a key replaces it (a move and a rename); an older or equal one is ignored.
+  assert.equal(m.apply(dept(11n, 2n, 0n, 'Engineering (top)', { order: 0 })), true);
+  assert.deepEqual(ids(m.roots()), ['1', '2']);
+  assert.deepEqual(ids(m.children('1')), ['3', '10']);
+  assert.equal(m.apply(dept(2n, 2n, 1n, 'Engineering')), false);
+  assert.equal(m.apply(dept(11n, 2n, 1n, 'same version')), false);
+  assert.equal(m.dept('2').name, 'Engineering (top)');
+  assert.equal(m.apply(member(12n, 101n, 2n, 'manager', { order: 2 })), true);
+  assert.equal(m.membership('101', '2').title, 'manager');
+
+  // Tombstones: a membership, a person, a department; a stale record cannot bring them back.
+  assert.equal(m.apply(member(13n, 102n, 2n, '', { deleted: true })), true);
+  assert.deepEqual(m.membersOf('2').map((x) => x.uid), ['101']);
+  assert.deepEqual(ids(m.deptsOf('102')), ['3']);
+  m.apply(person(14n, 101n, '', { deleted: true }));
+  assert.equal(m.person('101'), null);
+  assert.equal(m.membersOf('2')[0].name, '', 'a membership without its person');
+  m.apply(dept(15n, 10n, 0n, '', { deleted: true }));
+  assert.equal(m.dept('10'), null);
+  assert.deepEqual(ids(m.children('1')), ['3']);
+  assert.equal(m.apply(dept(4n, 10n, 1n, 'Legal')), false, 'older than the tombstone');
+  assert.equal(m.apply(dept(16n, 10n, 1n, 'Legal again', { order: 1 })), true, 'newer than the tombstone');
+  assert.deepEqual(ids(m.children('1')), ['3', '10']);
+
+  // Search by name, case-insensitive, departments first.
+  m.apply(person(17n, 103n, 'Carol Legalson'));
+  const r = m.search('LEGAL');
+  assert.deepEqual([ids(r.depts), r.people.map((p) => p.uid), r.total], [['10'], ['103'], 2]);
+  assert.equal(m.search('legal', 1).people.length, 0);
+  assert.equal(m.search('  ').total, 0);
+});
+
+test('org sync: pages with more=1 then more=0, retries Unavailable, then OrgChanged syncs incrementally', async () => {
+  const { c, ws } = await loggedIn();
+  const events = [];
+  c.addEventListener('org', (e) => events.push(e.detail));
+
+  // The tree is still loading on the server: retried from the same version.
+  const s0 = await ws.next('OrgSync');
+  assert.equal(s0.since, 0n);
+  ws.push({ type: 'Error', code: ERR.Unavailable, message: 'loading' }, s0.reqId);
+  const s1 = await ws.next('OrgSync');
+  assert.equal(s1.since, 0n);
+  assert.equal(s1.limit, 1000);
+  ws.push(
+    {
+      type: 'OrgPage',
+      version: 6n,
+      next: 3n,
+      more: true,
+      records: [dept(1n, 1n, 0n, 'Company'), dept(2n, 2n, 1n, 'Engineering', { order: 2 }), dept(3n, 3n, 1n, 'Sales', { order: 1 })],
+    },
+    s1.reqId,
+  );
+  const s2 = await ws.next('OrgSync');
+  assert.equal(s2.since, 3n, 'the next page from `next`');
+  assert.equal(events.length, 0, 'no event before the last page');
+  ws.push(
+    {
+      type: 'OrgPage',
+      version: 6n,
+      next: 6n,
+      more: false,
+      records: [person(4n, PEER, 'Bob Jones'), member(5n, PEER, 2n, 'dev'), person(6n, 7n, 'Carol')],
+    },
+    s2.reqId,
+  );
+  await tick();
+  assert.equal(c.org.version, 6n);
+  assert.equal(c.org.synced, true);
+  assert.deepEqual(events, [{ version: 6n, changed: 6 }]);
+  assert.deepEqual(ids(c.org.roots()), ['1']);
+  assert.deepEqual(ids(c.org.children('1')), ['3', '2']);
+  assert.deepEqual(c.org.membersOf('2').map((x) => [x.uid, x.name, x.title]), [[`${PEER}`, 'Bob Jones', 'dev']]);
+  assert.equal(c.title(`u:${PEER}`), 'Bob Jones', 'a chat is titled with the name from the tree');
+  assert.equal(c.title('u:99'), 'User 99');
+
+  // The server says the tree changed: one sync from the version held.
+  ws.push({ type: 'OrgChanged', version: 8n });
+  const s3 = await ws.next('OrgSync');
+  assert.equal(s3.since, 6n);
+  ws.push(
+    {
+      type: 'OrgPage',
+      version: 8n,
+      next: 8n,
+      more: false,
+      records: [member(7n, PEER, 2n, '', { deleted: true }), dept(8n, 2n, 0n, 'Engineering')],
+    },
+    s3.reqId,
+  );
+  await tick();
+  assert.equal(c.org.version, 8n);
+  assert.deepEqual(c.org.membersOf('2'), []);
+  assert.deepEqual(ids(c.org.roots()), ['1', '2']);
+  assert.deepEqual(events.at(-1), { version: 8n, changed: 2 });
+
+  // A notice of a version already held asks nothing.
+  ws.push({ type: 'OrgChanged', version: 8n });
+  await tick();
+  assert.equal(ws.frames('OrgSync').length, 4);
+  c.finish('test', '');
+});
+
+test('org sync: an OrgChanged during a sync makes it sync once more; a reconnect syncs from the version held', async () => {
+  const { c, ws } = await loggedIn();
+  const s1 = await ws.next('OrgSync');
+  ws.push({ type: 'OrgChanged', version: 3n });
+  await tick(10);
+  assert.equal(ws.frames('OrgSync').length, 1, 'joins the sync in progress');
+  ws.push({ type: 'OrgPage', version: 2n, next: 2n, more: false, records: [dept(2n, 1n, 0n, 'Company')] }, s1.reqId);
+  const s2 = await ws.next('OrgSync');
+  assert.equal(s2.since, 2n);
+  ws.push({ type: 'OrgPage', version: 3n, next: 3n, more: false, records: [person(3n, PEER, 'Bob')] }, s2.reqId);
+  await tick();
+  assert.equal(c.org.version, 3n);
+
+  ws.readyState = 3;
+  ws.onclose({ code: 1006, reason: '' });
+  await tick(900);
+  const ws2 = FakeWS.all.at(-1);
+  const login = await ws2.next('Login');
+  ws2.push({ type: 'LoginResult', code: 0, serverTimeMs: 1n, maxSeq: 0n, heartbeatSecs: 30, message: '' }, login.reqId);
+  const sync = await ws2.next('SyncRequest');
+  ws2.push({ type: 'SyncPage', maxSeq: 0n, hasMore: false, messages: [] }, sync.reqId);
+  const s3 = await ws2.next('OrgSync');
+  assert.equal(s3.since, 3n, 'the model survives a reconnect');
+  c.finish('test', '');
+});
+
+test('org requests: a department, a search, and a refusal with its code', async () => {
+  const { c, ws } = await loggedIn();
+  const pd = c.orgDept(2, 0, 10);
+  const rd = await ws.next('OrgDept');
+  assert.deepEqual([rd.dept, rd.offset, rd.limit], [2n, 0, 10]);
+  ws.push(
+    {
+      type: 'OrgReply',
+      version: 9n,
+      total: 2,
+      records: [
+        dept(2n, 2n, 1n, 'Engineering'),
+        dept(3n, 3n, 2n, 'Storage'),
+        member(5n, 101n, 2n, 'lead'),
+        person(4n, 101n, 'Alice'),
+        member(6n, 102n, 2n, 'dev'),
+        person(7n, 102n, 'Bob'),
+      ],
+    },
+    rd.reqId,
+  );
+  const d = await pd;
+  assert.equal(d.total, 2);
+  assert.equal(d.dept.name, 'Engineering');
+  assert.deepEqual(ids(d.children), ['3']);
+  assert.deepEqual(d.members.map((m) => [m.uid, m.name, m.title]), [['101', 'Alice', 'lead'], ['102', 'Bob', 'dev']]);
+
+  const pt = c.orgDept(0);
+  const rt = await ws.next('OrgDept');
+  ws.push({ type: 'OrgReply', version: 9n, total: 0, records: [dept(1n, 1n, 0n, 'Company')] }, rt.reqId);
+  const top = await pt;
+  assert.equal(top.dept, null, 'the top level is no department');
+  assert.deepEqual(ids(top.children), ['1']);
+
+  const ps = c.orgSearch('bo', 5);
+  const rs = await ws.next('OrgSearch');
+  assert.deepEqual([rs.query, rs.limit], ['bo', 5]);
+  ws.push({ type: 'OrgReply', version: 9n, total: 2, records: [dept(8n, 8n, 1n, 'Board'), person(7n, 102n, 'Bob')] }, rs.reqId);
+  const found = await ps;
+  assert.deepEqual([found.total, ids(found.depts), found.people], [2, ['8'], [{ uid: '102', name: 'Bob' }]]);
+
+  const pe = c.orgDept(4);
+  const re = await ws.next('OrgDept');
+  ws.push({ type: 'Error', code: ERR.NotFound, message: 'no department 4' }, re.reqId);
+  await assert.rejects(pe, (e) => e.code === ERR.NotFound && /NotFound: no department 4/.test(e.message));
   c.finish('test', '');
 });

@@ -1,6 +1,9 @@
 // Browser test of the web page against a running server: two Chromium pages (users A and B)
 // log in, chat with each other (✓ then ✓✓), B goes away and syncs what it missed when it comes
-// back, both chat with a TCP client C, and the three share a group.
+// back, both chat with a TCP client C, and the three share a group. With an HTTP API (--api-url and
+// a key), it also imports an organisation tree there and checks A's Contacts panel: the imported
+// department and person show up (pushed by OrgChanged), the search finds the person, and a click on
+// the person opens the chat with them. Without --api-url that part is skipped.
 //
 // It starts nothing but Chromium. The server and the TCP client C are provided by the caller
 // (server/tests/web_browser.rs), which talks to this script through lines:
@@ -17,8 +20,12 @@
 //   --chromium PATH    default /usr/bin/chromium                        [IM_CHROMIUM]
 //   --out DIR          screenshots; default <repo>/target/web-e2e       [IM_E2E_OUT]
 //   --no-tcp           skip the steps with C
+//   --api-url URL      the server's HTTP API, e.g. http://127.0.0.1:8080 [IM_API_URL]
+//   --api-key ID       a key id of its [api.keys]                      [IM_API_KEY]
+//   --api-secret S     that key's secret                               [IM_API_SECRET]
 import './node-globals.mjs';
 import { execFileSync } from 'node:child_process';
+import { createHash, createHmac } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -45,6 +52,9 @@ function options() {
     tokenSecret: process.env.IM_TOKEN_SECRET ?? DEV_SECRET,
     chromium: process.env.IM_CHROMIUM ?? '/usr/bin/chromium',
     out: process.env.IM_E2E_OUT ?? path.join(repo, 'target', 'web-e2e'),
+    apiUrl: process.env.IM_API_URL,
+    apiKey: process.env.IM_API_KEY,
+    apiSecret: process.env.IM_API_SECRET,
     tcp: true,
   };
   const names = {
@@ -57,6 +67,9 @@ function options() {
     '--token-secret': 'tokenSecret',
     '--chromium': 'chromium',
     '--out': 'out',
+    '--api-url': 'apiUrl',
+    '--api-key': 'apiKey',
+    '--api-secret': 'apiSecret',
   };
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
@@ -66,6 +79,7 @@ function options() {
     else throw new Error(`unknown argument ${a}`);
   }
   if (!o.pageUrl) throw new Error('--page-url (or IM_PAGE_URL) is required');
+  if (o.apiUrl && !(o.apiKey && o.apiSecret)) throw new Error('--api-url needs --api-key and --api-secret');
   if (!o.wsUrl) {
     const u = new URL(o.pageUrl);
     o.wsUrl = `${u.protocol === 'https:' ? 'wss' : 'ws'}://${u.host}/ws`;
@@ -193,6 +207,89 @@ async function evalIm(page, f) {
   return page.evaluate(f);
 }
 
+// ---- the HTTP API (docs/API.md, "Authentication of business servers") ------------------------
+
+const sha256hex = (b) => createHash('sha256').update(b).digest('hex');
+
+/** X-IM-Signature: hex HMAC-SHA256(secret, "METHOD\npath_and_query\ntimestamp\nhex(sha256(body))"). */
+function apiSignature(secret, method, target, ts, body) {
+  return createHmac('sha256', secret)
+    .update([method, target, String(ts), sha256hex(Buffer.from(body, 'utf8'))].join('\n'))
+    .digest('hex');
+}
+
+/** A signed API call; resolves with the JSON answer, throws unless 200. */
+async function api(method, target, body = '') {
+  const ts = Math.floor(Date.now() / 1000);
+  const res = await fetch(new URL(target, opt.apiUrl), {
+    method,
+    headers: {
+      'X-IM-Key': opt.apiKey,
+      'X-IM-Timestamp': String(ts),
+      'X-IM-Signature': apiSignature(opt.apiSecret, method, target, ts, body),
+      ...(body ? { 'Content-Type': 'application/json' } : {}),
+    },
+    body: body || undefined,
+  });
+  const text = await res.text();
+  if (res.status !== 200) throw new Error(`${method} ${target}: ${res.status} ${text}`);
+  return JSON.parse(text);
+}
+
+/**
+ * The Contacts panel of A's page: a department and its people imported over the API reach the
+ * page (OrgChanged, then an incremental OrgSync), search finds a person, a click opens the chat.
+ */
+async function contacts(page, A, B) {
+  const vector = apiSignature('s3cret', 'POST', '/v1/messages', 1700000000, '{"from":1,"to_users":[2],"body":"hi"}');
+  if (vector !== 'bf48d4e25582901b595e3b5811c510b68b1016a467a39591f2e02cd75934febd') {
+    throw new Error(`the request signature does not match docs/API.md's test vector: ${vector}`);
+  }
+  const top = 700_000 + Math.floor(Math.random() * 100_000) * 2;
+  const team = top + 1;
+  const [nameA, nameB] = [`Alice ${nonce}`, `Bob ${nonce}`];
+  const imported = await api(
+    'POST',
+    '/v1/org/import',
+    JSON.stringify({
+      departments: [
+        { id: top, name: `E2E company ${nonce}` },
+        { id: team, parent: top, name: `Chat team ${nonce}`, order: 1 },
+      ],
+      users: [
+        { uid: Number(A), name: nameA, departments: [{ dept: team, title: 'tester' }] },
+        { uid: Number(B), name: nameB, departments: [{ dept: team, title: 'peer', order: 1 }] },
+      ],
+    }),
+  );
+  log(`org tree imported at version ${imported.version}`);
+  /** Opens a department of the tree (once it is shown) unless it is open already. */
+  const open = async (id, name) => {
+    const li = page.locator(`#org-tree li.org-dept[data-dept-id="${id}"]`);
+    await li.filter({ hasText: name }).first().waitFor({ timeout: WAIT });
+    if ((await li.getAttribute('aria-expanded')) !== 'true') await li.locator(':scope > .org-row').click();
+    await page.locator(`#org-tree li.org-dept[data-dept-id="${id}"][aria-expanded="true"]`).waitFor({ timeout: WAIT });
+  };
+  await open(top, `E2E company ${nonce}`);
+  await open(team, `Chat team ${nonce}`);
+  const bob = page.locator(`#org-tree li.org-person[data-uid="${B}"][data-dept="${team}"]`);
+  await bob.filter({ hasText: nameB }).filter({ hasText: 'peer' }).waitFor({ timeout: WAIT });
+  await page.locator(`#org-tree li.org-person.me[data-uid="${A}"]`, { hasText: nameA }).waitFor({ timeout: WAIT });
+  const version = await evalIm(page, () => String(window.im.org.version));
+  if (BigInt(version) < BigInt(imported.version)) throw new Error(`A's tree is at ${version}, want ${imported.version}`);
+
+  log('contacts: search, then a click on the person opens the chat');
+  await page.fill('#org-search', `bob ${nonce}`);
+  await page.locator(`#org-tree li.org-person[data-uid="${B}"]`, { hasText: `Chat team ${nonce} · peer` }).waitFor({ timeout: WAIT });
+  if ((await page.locator('#org-tree li.org-dept').count()) !== 0) throw new Error('the search lists departments');
+  await page.fill('#org-search', '');
+  await bob.click();
+  const title = page.locator(`#chat-title[data-conv="u:${B}"]`);
+  await title.waitFor({ timeout: WAIT });
+  if ((await title.textContent()) !== nameB) throw new Error(`chat title ${await title.textContent()}, want ${nameB}`);
+  await page.locator(`#conv-list li[data-conv="u:${B}"]`, { hasText: nameB }).waitFor({ timeout: WAIT });
+}
+
 // ---- the scenario -----------------------------------------------------------------------------
 
 async function run(browser) {
@@ -300,6 +397,13 @@ async function run(browser) {
     // Heartbeats kept both connections up: no reconnect on A, one login on B's new page.
     const logins = [await evalIm(pa, () => window.im.logins), await evalIm(pb, () => window.im.logins)];
     if (logins[0] !== 1 || logins[1] !== 1) throw new Error(`unexpected reconnects: logins ${logins}`);
+
+    if (opt.apiUrl) {
+      log('contacts: an organisation tree imported over the API');
+      await contacts(pa, A, B);
+    } else {
+      log('contacts: skipped (no --api-url)');
+    }
 
     log('screenshots');
     mkdirSync(opt.out, { recursive: true });

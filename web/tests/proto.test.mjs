@@ -13,16 +13,19 @@ import {
   FrameReader,
   GROUP_EVENT,
   HEADER_LEN,
+  ORG_TAG,
   ProtoError,
   decode,
   decodeBody,
   decodeGroupEvent,
   decodeHeader,
   decodeMarker,
+  decodeOrgRecord,
   encode,
   encodeGroupEvent,
   encodeMarker,
   encodeMessage,
+  encodeOrgRecord,
   errName,
   hex,
   isRetryable,
@@ -129,6 +132,14 @@ const msg = (over = {}) => ({
   ...over,
 });
 
+/** One organisation-tree record of each kind (and a tombstone), with non-trivial values. */
+const ORG_RECORDS = [
+  { kind: 'dept', version: 1n, deleted: false, id: 7n, parent: 0n, order: 3, hidden: true, name: 'Eng ✓' },
+  { kind: 'person', version: 2n, deleted: false, uid: 2n ** 64n - 1n, name: '名字' },
+  { kind: 'member', version: 2n ** 64n - 1n, deleted: false, uid: 9n, dept: 7n, order: 0xffffffff, title: 'lead' },
+  { kind: 'member', version: 12n, deleted: true, uid: 9n, dept: 8n, order: 0, title: '' },
+];
+
 /** One sample of every command, with non-trivial values. */
 const SAMPLES = [
   { type: 'Login', uid: 2n ** 64n - 1n, deviceType: DEVICE.Web, deviceId: 'web-x', lastSeq: 9n, token: 't' },
@@ -150,6 +161,10 @@ const SAMPLES = [
   { type: 'SetMute', peer: 0n, muted: true },
   { type: 'RegisterPush', provider: 2, token: 'fcm-token' },
   { type: 'GroupUpdate', group: 10n, name: 'n', announcement: 'a' },
+  { type: 'OrgSync', since: 0x0102030405060708n, limit: 1000 },
+  { type: 'OrgDept', dept: 0n, offset: 70000, limit: 100 },
+  { type: 'OrgUser', uid: 102n },
+  { type: 'OrgSearch', query: 'Stör', limit: 20 },
   { type: 'LoginResult', code: ERR.Ok, serverTimeMs: 1n, maxSeq: 2n, heartbeatSecs: 30, message: '' },
   { type: 'LogoutAck' },
   { type: 'HeartbeatAck', serverTimeMs: 1_767_225_600_123n },
@@ -174,6 +189,10 @@ const SAMPLES = [
     ],
   },
   { type: 'GroupList', groups: [{ group: 10n, name: 'team' }, { group: 11n, name: '' }] },
+  { type: 'OrgPage', version: 12n, next: 3n, more: true, records: ORG_RECORDS },
+  { type: 'OrgPage', version: 0n, next: 0n, more: false, records: [] },
+  { type: 'OrgReply', version: 12n, total: 70000, records: ORG_RECORDS.slice(0, 3) },
+  { type: 'OrgChanged', version: 13n },
   { type: 'Error', code: ERR.BadToken, message: 'bad token' },
 ];
 
@@ -315,4 +334,73 @@ test('marker and group event bodies', () => {
 test('msg id timestamps (section 10)', () => {
   assert.equal(msgIdTimeMs(0n), 1_704_067_200_000);
   assert.equal(msgIdTimeMs((1000n << 22n) | 0x3fffffn), 1_704_067_201_000);
+});
+
+/** Bytes of a hex string: spaces and `|` separators are ignored. */
+const bytesOf = (h) => Uint8Array.from(h.replace(/[\s|]+/g, '').match(/../g), (x) => parseInt(x, 16));
+
+test('OrgSync encodes byte for byte', () => {
+  const want = bytesOf(`
+    49 4d 01 20 | 00 00 00 07 | 00 00 00 0a
+    00 00 00 00 00 00 00 2a | 03 e8`);
+  assert.equal(hex(encode({ type: 'OrgSync', since: 42n, limit: 1000 }, 7)), hex(want));
+  assert.equal(hex(encode({ type: 'OrgSync', since: 42, limit: 1000 }, 7)), hex(want), 'a Number since');
+  assert.deepEqual(decode(want), { type: 'OrgSync', reqId: 7, since: 42n, limit: 1000 });
+  const len = (c) => encode(c, 1).length - HEADER_LEN;
+  assert.equal(len({ type: 'OrgDept', dept: 1, offset: 0, limit: 1 }), 14);
+  assert.equal(len({ type: 'OrgUser', uid: 1 }), 8);
+  assert.equal(len({ type: 'OrgSearch', query: 'ab', limit: 1 }), 6);
+  assert.equal(len({ type: 'OrgChanged', version: 1 }), 8);
+});
+
+test('a hand-built OrgPage decodes: a department, a person, a membership tombstone', () => {
+  const frame = bytesOf(`
+    49 4d 01 97 | 00 00 00 05 | 00 00 00 7c
+    00 00 00 00 00 00 00 0b | 00 00 00 00 00 00 00 03 | 01 | 00 03
+    01 | 00 00 00 00 00 00 00 01 | 00 | 00 00 00 00 00 00 00 01 | 00 00 00 00 00 00 00 00
+       | 00 00 00 00 | 00 | 00 07 43 6f 6d 70 61 6e 79
+    02 | 00 00 00 00 00 00 00 02 | 00 | 00 00 00 00 00 00 00 65 | 00 09 41 6c 69 63 65 20 e2 9c 93
+    03 | 00 00 00 00 00 00 00 03 | 01 | 00 00 00 00 00 00 00 65 | 00 00 00 00 00 00 00 01
+       | 00 00 00 02 | 00 04 6c 65 61 64`);
+  assert.equal(frame.length, HEADER_LEN + 0x7c);
+  const page = decode(frame);
+  assert.deepEqual(page, {
+    type: 'OrgPage',
+    reqId: 5,
+    version: 11n,
+    next: 3n,
+    more: true,
+    records: [
+      { kind: 'dept', version: 1n, deleted: false, id: 1n, parent: 0n, order: 0, hidden: false, name: 'Company' },
+      { kind: 'person', version: 2n, deleted: false, uid: 101n, name: 'Alice ✓' },
+      { kind: 'member', version: 3n, deleted: true, uid: 101n, dept: 1n, order: 2, title: 'lead' },
+    ],
+  });
+  // And back to the same bytes.
+  assert.equal(hex(encode(page, 5)), hex(frame));
+});
+
+test('every org record kind round-trips; tags, sizes and refusals', () => {
+  for (const r of ORG_RECORDS) {
+    const b = encodeOrgRecord(r);
+    assert.equal(b[0], ORG_TAG[r.kind]);
+    assert.equal(b[9], r.deleted ? 1 : 0, 'deleted after tag and version');
+    assert.deepEqual(decodeOrgRecord(b), r);
+    for (let n = 0; n < b.length; n++) assert.throws(() => decodeOrgRecord(b.slice(0, n)), ProtoError);
+  }
+  // Sizes with an empty string (shared/src/org.rs encoded_len): 10 + 21 / 8 / 20, + 2 for the length.
+  assert.equal(encodeOrgRecord({ ...ORG_RECORDS[0], name: '' }).length, 33);
+  assert.equal(encodeOrgRecord({ ...ORG_RECORDS[1], name: '' }).length, 20);
+  assert.equal(encodeOrgRecord({ ...ORG_RECORDS[2], title: '' }).length, 32);
+  const bad = encodeOrgRecord(ORG_RECORDS[0]);
+  bad[0] = 9;
+  assert.throws(() => decodeOrgRecord(bad), /unknown org record tag 9/);
+  assert.throws(() => encodeOrgRecord({ ...ORG_RECORDS[0], kind: 'team' }), /unknown org record kind/);
+  assert.throws(() => encodeOrgRecord({ kind: 'person', version: 1n, deleted: false, uid: 1n }), /missing field name/);
+  // A count larger than the records that follow is truncation, not garbage.
+  const reply = encode({ type: 'OrgReply', version: 1n, total: 1, records: [ORG_RECORDS[1]] }, 1);
+  const body = reply.slice(HEADER_LEN);
+  body[13] = 2; // count 1 → 2
+  assert.throws(() => decodeBody(CMD.OrgReply, body), ProtoError);
+  assert.equal(CMD_NAME[0x99], 'OrgChanged');
 });
