@@ -92,7 +92,16 @@ pub struct Conn {
 /// most one such request is in flight per connection, so the answers to what one connection may
 /// have outstanding stay below its write queue bound.
 pub fn is_heavy(cmd: Cmd) -> bool {
-    matches!(cmd, Cmd::SyncRequest | Cmd::GroupInfo | Cmd::MyGroups)
+    matches!(
+        cmd,
+        Cmd::SyncRequest
+            | Cmd::GroupInfo
+            | Cmd::MyGroups
+            | Cmd::OrgSync
+            | Cmd::OrgDept
+            | Cmd::OrgUser
+            | Cmd::OrgSearch
+    )
 }
 
 /// How long a paused reader waits for the answers to its connection's requests before it
@@ -231,7 +240,13 @@ impl Conn {
             let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
             at += HEADER_LEN + len;
             let heavy_answer = match Cmd::from_u8(h[3]) {
-                Some(Cmd::SyncPage | Cmd::GroupInfoReply | Cmd::GroupList) => true,
+                Some(
+                    Cmd::SyncPage
+                    | Cmd::GroupInfoReply
+                    | Cmd::GroupList
+                    | Cmd::OrgPage
+                    | Cmd::OrgReply,
+                ) => true,
                 // A refusal answers the heavy request if it carries its id.
                 Some(Cmd::OpResult | Cmd::Error) if self.heavy.get() == Some(req_id) => true,
                 Some(Cmd::SendAck | Cmd::OpResult | Cmd::LogoutAck | Cmd::Error) => false,
