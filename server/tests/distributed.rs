@@ -817,7 +817,18 @@ fn a_post_to_a_group_whose_node_is_down_is_refused_unavailable_not_left_unanswer
         .map(|_| c1.create_group("down", &[UserId(u0)]).unwrap())
         .find(|g| node_of(g.0, 2) == 1)
         .expect("a group owned by node 1 among 64");
-    c0.send_c2g(group, 1, "while up").unwrap();
+    // While node 0's link to node 1 is still coming up (its connect backoff reaches 2 s while
+    // node 1 starts), the post is refused `Unavailable`: retry until the link is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c0.send_c2g(group, 1, "while up") {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("post while node 1 is up: {e}"),
+        }
+    }
     n1.kill().unwrap();
     n1.wait().unwrap();
     // Node 0's link notices the dead peer at its next write (a request written into the socket

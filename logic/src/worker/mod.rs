@@ -429,6 +429,9 @@ pub struct Worker<S> {
     /// The time of the current round or tick (ms since the epoch), given by the caller of
     /// [`Worker::step`] / [`Worker::tick`]: the only clock handlers read.
     now: u64,
+    /// `OrgChanged` notices to this worker's connections: when the last went out (ms) and the
+    /// version waiting to go out (at most one notice a second, see `worker/org.rs`).
+    org_notice: (u64, Option<u64>),
 }
 
 /// Writes that may wait for a commit (see [`Worker::lazy`]). Losing them in a crash is harmless:
@@ -584,6 +587,7 @@ impl<S: Store> Worker<S> {
             outbox: outbox::Outbox::default(),
             lazy: Lazy::default(),
             now: 0,
+            org_notice: (0, None),
         }
     }
 
@@ -663,7 +667,7 @@ impl<S: Store> Worker<S> {
                     self.tick(Tick::Org, wall_clock_ms()).await;
                     continue;
                 }
-                _ = lazy_tick.tick(), if !self.lazy.is_empty() => None,
+                _ = lazy_tick.tick(), if !self.lazy.is_empty() || self.org_notice.1.is_some() => None,
             };
             msgs.extend(first);
             while msgs.len() < self.cfg.max_group {
@@ -749,8 +753,9 @@ impl<S: Store> Worker<S> {
             }
         }
         if let Some(v) = org_changed {
-            self.on_org_changed(v, &mut round);
+            self.org_notice.1 = self.org_notice.1.max(Some(v));
         }
+        self.org_notice_due(&mut round);
         self.finish(round, stop).await?;
         self.trim_caches();
         Ok(if stop { Step::Stop } else { Step::Continue })

@@ -15,6 +15,9 @@ use crate::store::{Store, StoreError, WriteBatch};
 /// How often a worker that keeps a node's cache fresh looks for records other nodes wrote.
 pub(crate) const ORG_REFRESH_EVERY: Duration = Duration::from_secs(1);
 
+/// Least time between two `OrgChanged` notices to a connection.
+pub(crate) const ORG_NOTICE_EVERY_MS: u64 = 1000;
+
 /// The API error of a refused change.
 pub(crate) fn org_error(e: OrgError) -> ApiError {
     match e {
@@ -107,9 +110,17 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Sends `OrgChanged` to every connection of this worker (called once per round, with the
-    /// highest version the round was told of).
-    pub(super) fn on_org_changed(&mut self, version: u64, round: &mut Round) {
+    /// Sends the waiting `OrgChanged` notice to every connection of this worker, unless one went
+    /// out less than [`ORG_NOTICE_EVERY_MS`] ago (then a later round sends it: a burst of changes,
+    /// e.g. an HR system updating people one call at a time, costs each connection at most one
+    /// notice a second, carrying the newest version).
+    pub(super) fn org_notice_due(&mut self, round: &mut Round) {
+        let (last, pending) = self.org_notice;
+        let Some(version) = pending else { return };
+        if self.now < last + ORG_NOTICE_EVERY_MS {
+            return;
+        }
+        self.org_notice = (self.now, None);
         let frame = Command::OrgChanged { version }.to_bytes(0);
         for conn in self.sessions.keys() {
             round.send(*conn, frame.clone());

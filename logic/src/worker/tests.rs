@@ -1115,3 +1115,34 @@ fn the_pending_list_keeps_seq_order_for_appends_and_recovered_entries() {
     assert_eq!(l.len(), 0);
     assert!(l.newest().is_none());
 }
+
+/// A burst of organisation tree changes costs each connection at most one `OrgChanged` a second,
+/// carrying the newest version; the one held back goes out on a later (even empty) round.
+#[tokio::test]
+async fn org_change_notices_are_coalesced_to_one_a_second_per_connection() {
+    let mut fx = Fx::new(1).await;
+    fx.login(conn(1), UserId(1), DeviceType::Phone).await;
+    let notices = |out: &[Out]| -> Vec<u64> {
+        out.iter()
+            .filter_map(|o| match o.cmd {
+                Command::OrgChanged { version } if o.conn == conn(1) => Some(version),
+                _ => None,
+            })
+            .collect()
+    };
+    fx.step(0, vec![WorkerMsg::OrgChanged(5)]).await.unwrap();
+    assert_eq!(notices(&fx.out()), [5]);
+    fx.now += 300;
+    fx.step(0, vec![WorkerMsg::OrgChanged(6), WorkerMsg::OrgChanged(8)])
+        .await
+        .unwrap();
+    fx.now += 300;
+    fx.step(0, vec![WorkerMsg::OrgChanged(7)]).await.unwrap();
+    assert!(notices(&fx.out()).is_empty(), "within a second of the last");
+    fx.now += 400;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert_eq!(notices(&fx.out()), [8], "the newest, once");
+    fx.now += 5000;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert!(notices(&fx.out()).is_empty(), "nothing more to tell");
+}
