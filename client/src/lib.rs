@@ -452,11 +452,27 @@ impl Client {
     }
 
     /// Every organisation record above `since`, page by page, applied to `tree`; returns the
-    /// version reached (the next `since`).
+    /// version reached (the next `since`). A page refused with a retryable code (`Overloaded`:
+    /// the pages count against the user's message rate; `Unavailable`: the tree is loading) is
+    /// asked again after a backoff (100 ms doubling to 2 s, at most 30 times in a row).
     pub fn org_sync_all(&mut self, tree: &mut OrgTree, since: u64) -> Result<u64, ClientError> {
         let mut since = since;
+        let mut refused = 0u32;
         loop {
-            let (_, next, more, records) = self.org_sync(since, 1000)?;
+            let (_, next, more, records) = match self.org_sync(since, 1000) {
+                Ok(p) => {
+                    refused = 0;
+                    p
+                }
+                Err(e) if e.code().is_some_and(ErrorCode::is_retryable) && refused < 30 => {
+                    let wait =
+                        Duration::from_millis(100 << refused.min(5)).min(Duration::from_secs(2));
+                    refused += 1;
+                    std::thread::sleep(wait);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             for r in records {
                 tree.apply(r);
             }
