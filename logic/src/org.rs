@@ -129,6 +129,7 @@ pub fn plan(tree: &OrgTree, change: OrgChange) -> Result<Vec<Planned>, OrgError>
             replace,
         } => plan_import(tree, &mut out, depts, users, replace)?,
     }
+    out.visibility_followups();
     Ok(out.records)
 }
 
@@ -313,6 +314,8 @@ struct Plan<'a> {
     tree: &'a OrgTree,
     next: u64,
     records: Vec<Planned>,
+    /// Keys with a record in `records`.
+    keys: std::collections::HashSet<im_shared::org::OrgKey>,
 }
 
 impl<'a> Plan<'a> {
@@ -321,6 +324,83 @@ impl<'a> Plan<'a> {
             tree,
             next: tree.version() + 1,
             records: Vec::new(),
+            keys: Default::default(),
+        }
+    }
+
+    /// Writes an unchanged live record again with a new version, so that a reader whose view of
+    /// it changed (it was sent as a removal, or must be now) gets it in an incremental sync.
+    fn touch(&mut self, key: im_shared::org::OrgKey) {
+        if self.keys.contains(&key) {
+            return;
+        }
+        if let Some(r) = self.tree.record(key).filter(|r| !r.deleted) {
+            let (entity, old) = (r.entity.clone(), r.version);
+            self.keys.insert(key);
+            self.records.push((
+                OrgRecord {
+                    version: self.next,
+                    deleted: false,
+                    entity,
+                },
+                Some(old),
+            ));
+            self.next += 1;
+        }
+    }
+
+    /// Who may see what depends on the tree, not only on a record: after a change that alters it,
+    /// the records whose visibility may have changed are written again (see [`Plan::touch`]).
+    /// - a department hidden or shown, or moved: its whole subtree (departments, memberships, the
+    ///   people in them);
+    /// - a membership begun or ended in a hidden subtree: that subtree (its new or former member
+    ///   sees it, or no longer does);
+    /// - a user whose memberships changed: its person record (seen through its departments).
+    fn visibility_followups(&mut self) {
+        use im_shared::org::OrgKey;
+        let mut subtrees = BTreeSet::new();
+        let mut users = BTreeSet::new();
+        for (r, _) in &self.records {
+            match &r.entity {
+                OrgEntity::Dept(d) if !r.deleted => {
+                    if let Some(old) = self.tree.dept(d.id) {
+                        if old.hidden != d.hidden || old.parent != d.parent {
+                            subtrees.insert(d.id);
+                        }
+                    }
+                }
+                OrgEntity::Member(m) => {
+                    users.insert(m.uid);
+                    if let Some(&h) = self
+                        .tree
+                        .path(m.dept)
+                        .iter()
+                        .find(|&&d| self.tree.dept(d).is_some_and(|x| x.hidden))
+                    {
+                        subtrees.insert(h);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for root in subtrees {
+            let mut level = vec![root];
+            while !level.is_empty() {
+                let mut next = Vec::new();
+                for d in level {
+                    self.touch(OrgKey::Dept(d));
+                    let members: Vec<u64> = self.tree.members_of(d).collect();
+                    for uid in members {
+                        self.touch(OrgKey::Member { uid, dept: d });
+                        self.touch(OrgKey::Person(uid));
+                    }
+                    next.extend(self.tree.children_of(d));
+                }
+                level = next;
+            }
+        }
+        for uid in users {
+            self.touch(OrgKey::Person(uid));
         }
     }
 
@@ -333,6 +413,7 @@ impl<'a> Plan<'a> {
         } else if deleted {
             return;
         }
+        self.keys.insert(entity.key());
         self.records.push((
             OrgRecord {
                 version: self.next,
@@ -523,6 +604,8 @@ mod tests {
                 (OrgKey::Person(11), true),
                 (OrgKey::Dept(3), true),
                 (OrgKey::Dept(2), true),
+                // Its memberships changed: seen through other departments now.
+                (OrgKey::Person(10), false),
             ]
         );
         // Each record replaces the one of its key.
@@ -609,6 +692,7 @@ mod tests {
                 (OrgKey::Member { uid: 11, dept: 1 }, false),
                 (OrgKey::Member { uid: 11, dept: 2 }, true),
                 (OrgKey::Member { uid: 11, dept: 3 }, true),
+                (OrgKey::Person(11), false),
             ]
         );
         assert_eq!(t.depts_of(11), vec![1]);
@@ -630,6 +714,84 @@ mod tests {
             },
         );
         assert!(matches!(too_many, Err(OrgError::Invalid(_))));
+    }
+
+    #[test]
+    fn hiding_a_department_writes_its_whole_subtree_again() {
+        let mut t = company();
+        let before = t.version();
+        let p = applied(
+            &mut t,
+            OrgChange::PutDept(OrgDept {
+                hidden: true,
+                ..dept(2, 1, "Eng")
+            }),
+        );
+        let mut k = keys(&p);
+        k.sort();
+        assert_eq!(
+            k,
+            vec![
+                (OrgKey::Dept(2), false),
+                (OrgKey::Dept(3), false),
+                (OrgKey::Person(10), false),
+                (OrgKey::Person(11), false),
+                (OrgKey::Member { uid: 10, dept: 3 }, false),
+                (OrgKey::Member { uid: 11, dept: 2 }, false),
+                (OrgKey::Member { uid: 11, dept: 3 }, false),
+            ]
+        );
+        // Every record replaces its older version; versions stay unique and increasing.
+        assert!(p.iter().all(|(r, old)| old.is_some() && r.version > before));
+        assert_eq!(t.changes_since(before, 100).len(), p.len());
+        // Renaming it (still hidden) writes the department only.
+        let p = applied(
+            &mut t,
+            OrgChange::PutDept(OrgDept {
+                hidden: true,
+                ..dept(2, 1, "Engineering")
+            }),
+        );
+        assert_eq!(keys(&p), vec![(OrgKey::Dept(2), false)]);
+    }
+
+    #[test]
+    fn joining_a_hidden_department_writes_it_again_for_the_new_member() {
+        let mut t = company();
+        applied(
+            &mut t,
+            OrgChange::PutDept(OrgDept {
+                hidden: true,
+                ..dept(3, 2, "Storage")
+            }),
+        );
+        let p = applied(
+            &mut t,
+            OrgChange::PutUser {
+                person: person(12),
+                depts: vec![member(12, 3)],
+            },
+        );
+        let k: std::collections::BTreeSet<_> = keys(&p).into_iter().collect();
+        for want in [
+            OrgKey::Person(12),
+            OrgKey::Member { uid: 12, dept: 3 },
+            OrgKey::Dept(3),
+            OrgKey::Member { uid: 10, dept: 3 },
+            OrgKey::Person(10),
+        ] {
+            assert!(k.contains(&(want, false)), "{want:?} not in {k:?}");
+        }
+        // Changing a visible membership re-puts the person only.
+        let p = applied(
+            &mut t,
+            OrgChange::PutUser {
+                person: person(11),
+                depts: vec![member(11, 1)],
+            },
+        );
+        assert!(keys(&p).contains(&(OrgKey::Person(11), false)));
+        assert!(!keys(&p).contains(&(OrgKey::Dept(1), false)));
     }
 
     #[test]

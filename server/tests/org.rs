@@ -215,12 +215,16 @@ fn a_change_reaches_online_clients_and_an_incremental_sync_fetches_only_it() {
         "/v1/org/departments/3",
         r#"{"name": "Storage & Databases", "order": 1}"#,
     );
-    assert_eq!(v, held + 1);
+    // A move writes what is in the department again too (its visibility may have changed):
+    // Storage, its two memberships and their two people.
+    assert_eq!(v, held + 5);
     assert_eq!(org_changed(&mut alice), v);
     assert_eq!(org_changed(&mut bob), v);
     let (version, next, more, page) = alice.org_sync(held, 100).unwrap();
-    assert_eq!((version, next, more, page.len()), (v, v, false, 1));
-    tree.apply(page[0].clone());
+    assert_eq!((version, next, more, page.len()), (v, v, false, 5));
+    for r in page {
+        tree.apply(r);
+    }
     assert_eq!(tree.dept(3).unwrap().name, "Storage & Databases");
     assert_eq!(tree.children_of(0), vec![1, 3]);
 
@@ -417,6 +421,25 @@ fn a_hidden_department_is_seen_from_inside_only_and_leaves_outsiders_as_a_remova
         outside.dept(2).is_none(),
         "a removal for who may not see it"
     );
+    // Everything under it goes with it, and no removal carries a name.
+    assert!(outside.dept(3).is_none());
+    assert_eq!(outside.members_of(3).count(), 0);
+    assert!(outside.person(101).is_none() && outside.person(102).is_none());
+    let (_, _, _, page) = carol.org_sync(held, 100).unwrap();
+    for r in page.iter().filter(|r| r.deleted) {
+        assert_eq!(r, &r.removal(), "a removal is the bare key: {r:?}");
+    }
+    // Shown again: Carol gets it all back.
+    let shown = outside.version();
+    api.change(
+        "PUT",
+        "/v1/org/departments/2",
+        r#"{"parent": 1, "name": "Engineering", "hidden": false}"#,
+    );
+    carol.org_sync_all(&mut outside, shown).unwrap();
+    assert_eq!(outside.dept(3).unwrap().name, "Storage");
+    assert_eq!(outside.members_of(3).collect::<Vec<_>>(), vec![101, 102]);
+    assert_eq!(outside.person(101).unwrap().name, "Alice Smith");
     let mut alice_tree = OrgTree::new();
     alice.org_sync_all(&mut alice_tree, 0).unwrap();
     assert!(alice_tree.dept(2).is_some());

@@ -116,6 +116,32 @@ impl OrgRecord {
         self.entity.key()
     }
 
+    /// The removal of this record's entity as a reader is told of it: the key, the version and
+    /// `deleted`, every other field empty (a reader must not learn a hidden entity's name from its
+    /// removal).
+    pub fn removal(&self) -> OrgRecord {
+        let entity = match &self.entity {
+            OrgEntity::Dept(d) => OrgEntity::Dept(OrgDept {
+                id: d.id,
+                ..OrgDept::default()
+            }),
+            OrgEntity::Person(p) => OrgEntity::Person(OrgPerson {
+                uid: p.uid,
+                ..OrgPerson::default()
+            }),
+            OrgEntity::Member(m) => OrgEntity::Member(OrgMember {
+                uid: m.uid,
+                dept: m.dept,
+                ..OrgMember::default()
+            }),
+        };
+        OrgRecord {
+            version: self.version,
+            deleted: true,
+            entity,
+        }
+    }
+
     pub fn encoded_len(&self) -> usize {
         1 + 8
             + 1
@@ -285,6 +311,10 @@ struct NameIndex {
     /// `(offset in text, key)`, ascending by offset.
     starts: Vec<(usize, OrgKey)>,
 }
+
+/// Most sub-departments an `OrgDept` answer lists (the first in order, within half the byte
+/// budget of a reply); a client that synced the tree has them all.
+pub const MAX_VIEW_CHILDREN: usize = 500;
 
 /// Most matches a search counts (its `total`); past it the count says "at least this many".
 pub const MAX_SEARCH_TOTAL: usize = 10_000;
@@ -561,8 +591,14 @@ impl OrgTree {
         let mut bytes = rec.as_ref().map_or(0, OrgRecord::encoded_len);
         let mut children = Vec::new();
         for id in self.children_of(dept) {
+            if children.len() >= MAX_VIEW_CHILDREN {
+                break;
+            }
             if self.dept_visible_to(viewer, id) {
                 let r = self.records[&OrgKey::Dept(id)].clone();
+                if bytes + r.encoded_len() > ORG_PAGE_BYTES / 2 {
+                    break;
+                }
                 bytes += r.encoded_len();
                 children.push(r);
             }
@@ -612,6 +648,10 @@ impl OrgTree {
                 if seen.insert(id) {
                     out.push(self.records[&OrgKey::Dept(id)].clone());
                 }
+            }
+            if out.len() >= MAX_ORG_PAGE {
+                out.truncate(MAX_ORG_PAGE);
+                break;
             }
         }
         out
@@ -951,6 +991,46 @@ mod tests {
         let top = t.dept_view(10, 0, 0, 10).unwrap();
         assert!(top.dept.is_none());
         assert_eq!(top.children.len(), 1);
+    }
+
+    #[test]
+    fn a_department_view_lists_at_most_so_many_children_and_still_pages_members() {
+        let mut t = OrgTree::new();
+        t.apply(dept(1, 1, 0, "top"));
+        for i in 0..600u64 {
+            t.apply(dept(10 + i, 100 + i, 1, &"n".repeat(10)));
+        }
+        for uid in 1..=300u64 {
+            t.apply(member(1000 + uid, uid, 1));
+        }
+        let v = t.dept_view(ADMIN, 1, 0, 1000).unwrap();
+        assert_eq!(v.children.len(), MAX_VIEW_CHILDREN);
+        assert!(
+            !v.members.is_empty(),
+            "members still fit beside the children"
+        );
+        let n = 1 + v.children.len() + v.members.len();
+        assert!(n <= MAX_ORG_PAGE, "{n}");
+        let bytes: usize = v
+            .children
+            .iter()
+            .chain(&v.members)
+            .map(|r| r.encoded_len())
+            .sum();
+        assert!(bytes <= ORG_PAGE_BYTES, "{bytes}");
+    }
+
+    #[test]
+    fn a_removal_is_the_bare_key() {
+        let r = member(7, 9, 3).removal();
+        assert!(r.deleted && r.version == 7);
+        assert_eq!(r.key(), OrgKey::Member { uid: 9, dept: 3 });
+        let OrgEntity::Member(m) = &r.entity else {
+            panic!()
+        };
+        assert!(m.title.is_empty() && m.order == 0);
+        let d = dept(5, 2, 1, "Secret board").removal();
+        assert_eq!(d.encoded_len(), 1 + 8 + 1 + 8 + 8 + 4 + 1 + 2);
     }
 
     #[test]

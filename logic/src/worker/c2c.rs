@@ -33,8 +33,11 @@ impl<S: Store> Worker<S> {
         round: &mut Round,
     ) {
         if let Err((code, why)) = self.org_allows_c2c(uid, to) {
-            round.send(conn, error_frame(code, req_id, &why));
-            return;
+            // A retry of a message accepted before the tree changed still gets its ack.
+            if !matches!(self.stored_dedup(uid, client_msg_id).await, Ok(Some(_))) {
+                round.send(conn, error_frame(code, req_id, &why));
+                return;
+            }
         }
         self.accept_direct(
             conn,

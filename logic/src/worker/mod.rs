@@ -432,6 +432,8 @@ pub struct Worker<S> {
     /// `OrgChanged` notices to this worker's connections: when the last went out (ms) and the
     /// version waiting to go out (at most one notice a second, see `worker/org.rs`).
     org_notice: (u64, Option<u64>),
+    /// When this worker's `OrgPull` to the tree's owner went out, while no answer came back.
+    org_pulled_at: Option<u64>,
 }
 
 /// Writes that may wait for a commit (see [`Worker::lazy`]). Losing them in a crash is harmless:
@@ -588,6 +590,7 @@ impl<S: Store> Worker<S> {
             lazy: Lazy::default(),
             now: 0,
             org_notice: (0, None),
+            org_pulled_at: None,
         }
     }
 

@@ -15,6 +15,9 @@ use crate::store::{Store, StoreError, WriteBatch};
 /// How often a worker that keeps a node's cache fresh looks for records other nodes wrote.
 pub(crate) const ORG_REFRESH_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a pull waits for its answer before the next tick sends another.
+pub(crate) const ORG_PULL_TIMEOUT_MS: u64 = 5000;
+
 /// Least time between two `OrgChanged` notices to a connection.
 pub(crate) const ORG_NOTICE_EVERY_MS: u64 = 1000;
 
@@ -39,6 +42,15 @@ impl<S: Store> Worker<S> {
     /// same). A failure is logged and retried at the next tick.
     pub(super) async fn org_refresh(&mut self) {
         if !self.router.owns(org::ORG_ROUTE) {
+            // One pull at a time (an answer sends the next one at once); a lost one is
+            // replaced after ORG_PULL_TIMEOUT_MS.
+            if self
+                .org_pulled_at
+                .is_some_and(|at| self.now < at + ORG_PULL_TIMEOUT_MS)
+            {
+                return;
+            }
+            self.org_pulled_at = Some(self.now);
             let since = self.services.org.version();
             let owner = self.router.owner(org::ORG_ROUTE);
             let reply_to = self.router.global(self.idx);
@@ -87,8 +99,13 @@ impl<S: Store> Worker<S> {
         let cache = self.services.org.clone();
         let more = !records.is_empty();
         let version = cache.apply(records);
-        cache.mark_loaded();
+        self.org_pulled_at = None;
+        if !more {
+            // Caught up with the owner: only now may reads (and the c2c policy) rely on it.
+            cache.mark_loaded();
+        }
         if more {
+            self.org_pulled_at = Some(self.now);
             self.org_notify(version);
             let owner = self.router.owner(org::ORG_ROUTE);
             let reply_to = self.router.global(self.idx);
@@ -213,17 +230,14 @@ impl<S: Store> Worker<S> {
                 let page = tree.changes_since(since, limit(l));
                 let next = page.last().map_or(version.max(since), |r| r.version);
                 let more = next < version;
-                // What the viewer may not see goes out as a removal of it.
+                // A removal, and what the viewer may not see, go out as the bare key.
                 let records = page
                     .into_iter()
                     .map(|r| {
-                        if r.deleted || tree.record_visible_to(viewer, r) {
+                        if !r.deleted && tree.record_visible_to(viewer, r) {
                             r.clone()
                         } else {
-                            OrgRecord {
-                                deleted: true,
-                                ..r.clone()
-                            }
+                            r.removal()
                         }
                     })
                     .collect();
@@ -281,7 +295,7 @@ impl<S: Store> Worker<S> {
                 }
             }
             Command::OrgSearch { query, limit: l } => {
-                if query.trim().is_empty() || query.len() > MAX_SEARCH_LEN {
+                if query.trim().is_empty() || query.trim().len() > MAX_SEARCH_LEN {
                     round.send(
                         conn,
                         error_frame(
