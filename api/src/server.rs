@@ -442,6 +442,8 @@ struct ApiMetrics {
     iplist_source_errors: AtomicU64,
     rejected_connections: AtomicU64,
     rate_limited: AtomicU64,
+    /// How long requests took, from the request head to the response (body read included).
+    request_seconds: im_shared::prom::Histogram,
 }
 
 impl ApiMetrics {
@@ -451,6 +453,11 @@ impl ApiMetrics {
     }
 
     fn render(&self, out: &mut String) {
+        self.request_seconds.render(
+            out,
+            "im_api_request_seconds",
+            "HTTP API requests from head to response (the body read and the logic call included).",
+        );
         out.push_str(
             "# HELP im_api_requests_total HTTP API requests by method, route and status.\n\
              # TYPE im_api_requests_total counter\n",
@@ -513,6 +520,7 @@ fn method_label(m: &Method) -> &'static str {
 // Request handling
 
 async fn handle(state: &State, mut req: Request<Incoming>) -> Resp {
+    let began = Instant::now();
     let method = method_label(req.method());
     let route = route(req.uri().path());
     // HEAD of an unsigned GET route (`/healthz`, `/metrics`, `/v1/iplist`) is answered like the
@@ -554,6 +562,7 @@ async fn handle(state: &State, mut req: Request<Incoming>) -> Resp {
         Ok(r) => (r.template(), handle_route(state, r, req).await),
     };
     state.metrics.record(method, label, resp.status());
+    state.metrics.request_seconds.observe(began.elapsed());
     resp
 }
 

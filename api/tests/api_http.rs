@@ -532,6 +532,9 @@ mod api {
             r#"im_api_auth_failures_total{reason="missing_auth"} 1"#,
             r#"im_api_auth_failures_total{reason="bad_signature"} 0"#,
             "im_api_iplist_source_errors_total 0",
+            // The seven requests before this one, timed.
+            "# TYPE im_api_request_seconds histogram",
+            "im_api_request_seconds_count 7",
             "# TYPE process_cpu_seconds_total counter",
             "# TYPE process_resident_memory_bytes gauge",
             "# TYPE process_open_fds gauge",

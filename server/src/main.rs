@@ -260,15 +260,21 @@ fn main() -> anyhow::Result<()> {
     // The storage engine's own INFO lines (a dozen per start, one per keyspace) drown the
     // server's; RUST_LOG overrides all of this. Colour only on a terminal: a file or journald
     // gets plain text.
+    // IM_LOG_FORMAT=json: one JSON object per line (for log shippers).
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("IM_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().init(),
+        Ok("text") | Err(_) => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok(other) => {
+            logs.with_ansi(false).init();
+            tracing::warn!("IM_LOG_FORMAT={other:?} is neither `text` nor `json`: text it is");
+        }
+    }
     tracing::debug!(thp_off, "transparent huge pages");
     match Cli::parse().cmd {
         CliCmd::Token {

@@ -1247,3 +1247,60 @@ fn the_organisation_tree_reaches_the_clients_of_every_logic_node() {
         p.wait().unwrap();
     }
 }
+
+/// `IM_LOG_FORMAT=json` (issue 19): every log line is one JSON object with a level, a target and
+/// the message, for log shippers.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_reaped(
+        Command::new(env!("CARGO_BIN_EXE_im-server"))
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("IM_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("im-server listening"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no startup line within the deadline: {seen:?}"),
+        }
+    }
+    for l in &seen {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["target"].is_string(), "{l}");
+        assert!(v["fields"]["message"].is_string(), "{l}");
+    }
+    child.kill().unwrap();
+}
