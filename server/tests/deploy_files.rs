@@ -244,3 +244,82 @@ fn local_cluster_script_is_valid_bash() {
         Err(_) => println!("shellcheck not installed: only `bash -n` checked"),
     }
 }
+
+/// Every metric the alert rules (deploy/prometheus/im-alerts.yml) use is one a running server
+/// exports: a renamed metric cannot leave an alert that never fires.
+#[test]
+fn the_alert_rules_use_only_metrics_the_server_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        gate_cores: 1,
+        logic_workers: 1,
+        api: Some(im_api::ApiConfig::new("127.0.0.1:0".parse().unwrap())),
+        ..ServerConfig::default()
+    };
+    let server = im_server::start(&cfg).unwrap();
+    let r = im_testkit::http::http(server.api_addr().unwrap(), "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let exported: BTreeSet<String> = r
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    server.shutdown();
+    let rules = read("prometheus/im-alerts.yml");
+    let mut used = BTreeSet::new();
+    for (i, _) in rules.match_indices("im_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        // Not a metric: the file's own name in a comment.
+        if name == "im_" || rules[..i].ends_with('/') || rules[..i].ends_with('-') {
+            continue;
+        }
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_owned();
+        used.insert(base);
+    }
+    assert!(used.len() >= 8, "{used:?}");
+    let missing: Vec<_> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "alerts use metrics the server does not export: {missing:?}"
+    );
+}
+
+/// `promtool check rules` and `promtool test rules` (deploy/prometheus/im-alerts.test.yml: each
+/// alert fires on its series). Skipped without promtool unless `IM_PROMTOOL_TESTS=1` (CI sets it
+/// and installs Debian's prometheus package).
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let required = std::env::var("IM_PROMTOOL_TESTS").is_ok_and(|v| v == "1");
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            !required,
+            "IM_PROMTOOL_TESTS=1 but promtool is not installed"
+        );
+        eprintln!("skipped: promtool not installed (IM_PROMTOOL_TESTS=1 makes this a failure)");
+        return;
+    }
+    for (sub, file) in [("check", "im-alerts.yml"), ("test", "im-alerts.test.yml")] {
+        let out = Command::new("promtool")
+            .args([sub, "rules", file])
+            .current_dir(deploy("prometheus"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {sub} rules {file}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
