@@ -11,6 +11,7 @@
 //! | `logic_node.rs` | `start_logic` / `LogicNode`: workers, store (fjall or ScyllaDB), shard lease, gate links |
 //! | `services.rs` | the optional c2s queue and offline push, and their metrics |
 
+pub mod check;
 mod config;
 mod gate_node;
 mod logic_node;

@@ -57,6 +57,18 @@ enum CliCmd {
         #[arg(long, env = "IM_NODES", value_delimiter = ',')]
         nodes: Vec<SocketAddr>,
     },
+    /// Check a configuration without starting: listeners already in use, TLS files, the data
+    /// directory, the development secret, an API without keys. Exits 1 if a start would fail.
+    CheckConfig {
+        #[command(flatten)]
+        common: Common,
+        /// The process kind the configuration is for: run, gate or logic.
+        #[arg(long, default_value = "run")]
+        role: String,
+        /// A logic node's link address, checked too.
+        #[arg(long)]
+        link_listen: Option<SocketAddr>,
+    },
     /// Mint a development SSO token for a user.
     Token {
         #[arg(long)]
@@ -277,6 +289,38 @@ fn main() -> anyhow::Result<()> {
     }
     tracing::debug!(thp_off, "transparent huge pages");
     match Cli::parse().cmd {
+        CliCmd::CheckConfig {
+            common,
+            role,
+            link_listen,
+        } => {
+            use im_server::check::{check, Role};
+            let role = match role.as_str() {
+                "run" => Role::Run,
+                "gate" => Role::Gate,
+                "logic" => Role::Logic,
+                r => anyhow::bail!("--role is run, gate or logic, not {r:?}"),
+            };
+            let f = check(&common.config()?, role, link_listen);
+            for l in &f.ok {
+                println!("ok       {l}");
+            }
+            for l in &f.warnings {
+                println!("warning  {l}");
+            }
+            for l in &f.errors {
+                println!("error    {l}");
+            }
+            if f.errors.is_empty() {
+                println!(
+                    "the configuration is usable ({} warnings)",
+                    f.warnings.len()
+                );
+                Ok(())
+            } else {
+                anyhow::bail!("{} problems would stop or break a start", f.errors.len())
+            }
+        }
         CliCmd::Token {
             uid,
             ttl_secs,

@@ -323,3 +323,47 @@ fn the_alert_rules_pass_promtool() {
         );
     }
 }
+
+/// `im-server check-config` (issue 19): exit 0 with the warnings for a usable configuration, exit 1
+/// naming the listener that another process holds, and a clear error for an unknown key.
+#[test]
+fn check_config_names_what_would_stop_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_im-server"))
+            .arg("check-config")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("warning  token_secret is the public development secret"),
+        "{text}"
+    );
+    assert!(!data.exists(), "a check creates nothing");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&["--listen", &addr, "--api-listen", "127.0.0.1:0"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("error    listen {addr} is already in use")),
+        "{text}"
+    );
+
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "listne = \"127.0.0.1:7000\"\n").unwrap();
+    let out = run(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `listne`"), "{err}");
+}
