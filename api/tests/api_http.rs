@@ -539,17 +539,32 @@ mod api {
             "# TYPE process_resident_memory_bytes gauge",
             "# TYPE process_open_fds gauge",
             "# TYPE process_start_time_seconds gauge",
-            concat!(
-                r#"im_build_info{version=""#,
-                env!("CARGO_PKG_VERSION"),
-                r#""} 1"#
-            ),
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in:\n{text}"
             );
         }
+        // The build: the crate's version and the git commit it was built from (12 hex digits in a
+        // checkout, "unknown" outside one).
+        let build = text
+            .lines()
+            .find(|l| l.starts_with("im_build_info{"))
+            .expect("im_build_info");
+        let want = format!(
+            "im_build_info{{version=\"{}\",commit=\"",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(
+            build.starts_with(&want) && build.ends_with("\"} 1"),
+            "{build}"
+        );
+        let commit = &build[want.len()..build.len() - 4];
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{build}"
+        );
         // The process series hold this test process's real values.
         let value = |name: &str| -> f64 {
             text.lines()
