@@ -15,7 +15,7 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=IM_GIT_COMMIT={commit}");
     // Rebuilt when HEAD moves (a commit, a checkout); harmless where these do not exist.
-    for f in ["../.git/HEAD", "../.git/index"] {
+    for f in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
         println!("cargo:rerun-if-changed={f}");
     }
 }
