@@ -14,8 +14,16 @@ fn main() {
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=IM_GIT_COMMIT={commit}");
-    // Rebuilt when HEAD moves (a commit, a checkout); harmless where these do not exist.
+    // Rebuilt when HEAD moves (a commit, a checkout). Only paths that exist: a missing one
+    // would make cargo run this script, and rebuild the crate, at every build.
+    let mut watched = false;
     for f in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
-        println!("cargo:rerun-if-changed={f}");
+        if std::path::Path::new(f).exists() {
+            println!("cargo:rerun-if-changed={f}");
+            watched = true;
+        }
+    }
+    if !watched {
+        println!("cargo:rerun-if-changed=build.rs");
     }
 }
