@@ -245,10 +245,11 @@ fn local_cluster_script_is_valid_bash() {
     }
 }
 
-/// Every metric the alert rules (deploy/prometheus/im-alerts.yml) use is one a running server
-/// exports: a renamed metric cannot leave an alert that never fires.
+/// Every metric the alert rules (deploy/prometheus/im-alerts.yml) and the Grafana dashboard
+/// (deploy/grafana/im-dashboard.json) use is one a running server exports: a renamed metric cannot
+/// leave an alert that never fires or a panel that stays empty.
 #[test]
-fn the_alert_rules_use_only_metrics_the_server_exports() {
+fn the_alert_rules_and_the_dashboard_use_only_metrics_the_server_exports() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -269,30 +270,53 @@ fn the_alert_rules_use_only_metrics_the_server_exports() {
         .map(str::to_owned)
         .collect();
     server.shutdown();
-    let rules = read("prometheus/im-alerts.yml");
-    let mut used = BTreeSet::new();
-    for (i, _) in rules.match_indices("im_") {
-        let name: String = rules[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-            .collect();
-        // Not a metric: the file's own name in a comment.
-        if name == "im_" || rules[..i].ends_with('/') || rules[..i].ends_with('-') {
-            continue;
+    // The metric names in a text: `im_…` and `process_…` words (histogram series by their base).
+    let used = |text: &str| {
+        let mut used = BTreeSet::new();
+        for prefix in ["im_", "process_"] {
+            for (i, _) in text.match_indices(prefix) {
+                let before = text[..i].chars().last();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || "_/-.".contains(c)) {
+                    continue; // inside another word or a path
+                }
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                let base = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name)
+                    .to_owned();
+                used.insert(base);
+            }
         }
-        let base = ["_bucket", "_count", "_sum"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(&name)
-            .to_owned();
-        used.insert(base);
+        used
+    };
+    let dashboard = read("grafana/im-dashboard.json");
+    let d: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let exprs: Vec<&str> = d["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().expect("targets").iter())
+        .map(|t| t["expr"].as_str().expect("expr"))
+        .collect();
+    assert!(exprs.len() >= 16, "{exprs:?}");
+    for (file, names) in [
+        (
+            "prometheus/im-alerts.yml",
+            used(&read("prometheus/im-alerts.yml")),
+        ),
+        ("grafana/im-dashboard.json", used(&exprs.join("\n"))),
+    ] {
+        assert!(names.len() >= 8, "{file}: {names:?}");
+        let missing: Vec<_> = names.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses metrics the server does not export: {missing:?}"
+        );
     }
-    assert!(used.len() >= 8, "{used:?}");
-    let missing: Vec<_> = used.difference(&exported).collect();
-    assert!(
-        missing.is_empty(),
-        "alerts use metrics the server does not export: {missing:?}"
-    );
 }
 
 /// `promtool check rules` and `promtool test rules` (deploy/prometheus/im-alerts.test.yml: each
