@@ -103,18 +103,7 @@ impl Api {
         target: &str,
         body: &str,
     ) -> HttpResp {
-        let sig = im_api::sign(secret, method, target, ts, body.as_bytes());
-        http(
-            self.0,
-            method,
-            target,
-            &[
-                ("X-IM-Key", key.to_owned()),
-                ("X-IM-Timestamp", ts.to_string()),
-                ("X-IM-Signature", sig),
-            ],
-            body.as_bytes(),
-        )
+        signed_request(self.0, (key, secret), ts, method, target, body)
     }
 
     /// An unsigned request.

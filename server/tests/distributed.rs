@@ -1160,18 +1160,7 @@ fn the_organisation_tree_reaches_the_clients_of_every_logic_node() {
     let (mut g1, a1) = spawn_gate(1, &nodes);
     let signed = |api: SocketAddr, method: &str, target: &str, body: &str| {
         let ts = im_shared::token::now_secs();
-        let sig = im_api::sign("s3cret", method, target, ts, body.as_bytes());
-        im_testkit::http::http(
-            api,
-            method,
-            target,
-            &[
-                ("X-IM-Key", "biz".to_owned()),
-                ("X-IM-Timestamp", ts.to_string()),
-                ("X-IM-Signature", sig),
-            ],
-            body.as_bytes(),
-        )
+        signed_request(api, ("biz", "s3cret"), ts, method, target, body)
     };
     let import = r#"{"departments": [{"id": 1, "name": "Company"}, {"id": 2, "parent": 1, "name": "Eng"}],
         "users": [{"uid": 7, "name": "Ann", "departments": [{"dept": 2}]}]}"#;

@@ -14,7 +14,7 @@ use im_server::ServerConfig;
 use im_shared::org::{OrgEntity, OrgKey, OrgRecord, OrgTree};
 use im_shared::token::now_secs;
 use im_shared::{Command, ErrorCode, UserId};
-use im_testkit::http::{http, HttpResp, Json};
+use im_testkit::http::{HttpResp, Json};
 
 const KEY_ID: &str = "biz";
 const SECRET: &str = "s3cret";
@@ -23,19 +23,7 @@ struct Api(SocketAddr);
 
 impl Api {
     fn signed(&self, method: &str, target: &str, body: &str) -> HttpResp {
-        let ts = now_secs();
-        let sig = im_api::sign(SECRET, method, target, ts, body.as_bytes());
-        http(
-            self.0,
-            method,
-            target,
-            &[
-                ("X-IM-Key", KEY_ID.to_owned()),
-                ("X-IM-Timestamp", ts.to_string()),
-                ("X-IM-Signature", sig),
-            ],
-            body.as_bytes(),
-        )
+        signed_request(self.0, (KEY_ID, SECRET), now_secs(), method, target, body)
     }
 
     fn ok(&self, method: &str, target: &str, body: &str) -> Json {

@@ -279,3 +279,27 @@ pub fn http_signed(
         body,
     )
 }
+
+/// A request to the HTTP API at `api` signed with API key `key` / `secret` at Unix time `ts`
+/// (docs/API.md, "Authentication of business servers").
+pub fn signed_request(
+    api: SocketAddr,
+    (key, secret): (&str, &str),
+    ts: u64,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> im_testkit::http::HttpResp {
+    let sig = im_api::sign(secret, method, target, ts, body.as_bytes());
+    im_testkit::http::http(
+        api,
+        method,
+        target,
+        &[
+            ("X-IM-Key", key.to_owned()),
+            ("X-IM-Timestamp", ts.to_string()),
+            ("X-IM-Signature", sig),
+        ],
+        body.as_bytes(),
+    )
+}
