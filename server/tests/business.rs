@@ -151,16 +151,8 @@ impl Api {
 
 /// A server with the business API key configured (plus whatever `f` sets).
 fn start_biz(f: impl FnOnce(&mut ServerConfig)) -> (TestServer, Api) {
-    let s = start_with(|cfg| {
-        cfg.api
-            .as_mut()
-            .expect("the test config runs the API")
-            .keys
-            .insert(KEY_ID.into(), SECRET.into());
-        f(cfg);
-    });
-    let api = Api(s.server.as_ref().unwrap().api_addr().expect("the API runs"));
-    (s, api)
+    let (s, api) = start_with_api_key((KEY_ID, SECRET), f);
+    (s, Api(api))
 }
 
 /// Embedded c2s queue posting every topic to `rx` `/c2s`, signed, with fast retries.

@@ -49,16 +49,8 @@ impl Api {
 }
 
 fn start_org(f: impl FnOnce(&mut ServerConfig)) -> (TestServer, Api) {
-    let s = start_with(|cfg| {
-        cfg.api
-            .as_mut()
-            .expect("the test config runs the API")
-            .keys
-            .insert(KEY_ID.into(), SECRET.into());
-        f(cfg);
-    });
-    let api = Api(s.server.as_ref().unwrap().api_addr().expect("the API runs"));
-    (s, api)
+    let (s, api) = start_with_api_key((KEY_ID, SECRET), f);
+    (s, Api(api))
 }
 
 /// Company(1) ⊃ Engineering(2) ⊃ Storage(3); Company ⊃ Board(4, hidden).

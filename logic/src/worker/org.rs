@@ -50,15 +50,19 @@ impl<S: Store> Worker<S> {
             {
                 return;
             }
-            self.org_pulled_at = Some(self.now);
-            let since = self.services.org.version();
-            let owner = self.router.owner(org::ORG_ROUTE);
-            let reply_to = self.router.global(self.idx);
-            self.router
-                .send(self.idx, owner, WorkerMsg::OrgPull { reply_to, since });
+            self.send_org_pull(self.services.org.version());
             return;
         }
         self.org_refresh_from_store().await;
+    }
+
+    /// Asks the tree's owner for its records above `since` (the pull in flight from now).
+    fn send_org_pull(&mut self, since: u64) {
+        self.org_pulled_at = Some(self.now);
+        let owner = self.router.owner(org::ORG_ROUTE);
+        let reply_to = self.router.global(self.idx);
+        self.router
+            .send(self.idx, owner, WorkerMsg::OrgPull { reply_to, since });
     }
 
     async fn org_refresh_from_store(&mut self) {
@@ -97,27 +101,15 @@ impl<S: Store> Worker<S> {
     /// and followed at once by the next pull (until one comes back empty).
     pub(super) fn on_org_records(&mut self, records: Vec<OrgRecord>) {
         let cache = self.services.org.clone();
-        let more = !records.is_empty();
-        let version = cache.apply(records);
-        self.org_pulled_at = None;
-        if !more {
+        if records.is_empty() {
             // Caught up with the owner: only now may reads (and the c2c policy) rely on it.
+            self.org_pulled_at = None;
             cache.mark_loaded();
+            return;
         }
-        if more {
-            self.org_pulled_at = Some(self.now);
-            self.org_notify(version);
-            let owner = self.router.owner(org::ORG_ROUTE);
-            let reply_to = self.router.global(self.idx);
-            self.router.send(
-                self.idx,
-                owner,
-                WorkerMsg::OrgPull {
-                    reply_to,
-                    since: version,
-                },
-            );
-        }
+        let version = cache.apply(records);
+        self.org_notify(version);
+        self.send_org_pull(version);
     }
 
     /// Tells every worker of this node that the tree is at `version`.

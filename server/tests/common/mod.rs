@@ -53,6 +53,24 @@ pub fn start_with(f: impl FnOnce(&mut ServerConfig)) -> TestServer {
     }
 }
 
+/// A server whose HTTP API accepts requests signed with `key` / `secret` (plus whatever `f`
+/// sets); returns it with the API's address.
+pub fn start_with_api_key(
+    (key, secret): (&str, &str),
+    f: impl FnOnce(&mut ServerConfig),
+) -> (TestServer, SocketAddr) {
+    let s = start_with(|cfg| {
+        cfg.api
+            .as_mut()
+            .expect("the test config runs the API")
+            .keys
+            .insert(key.into(), secret.into());
+        f(cfg);
+    });
+    let api = s.server.as_ref().unwrap().api_addr().expect("the API runs");
+    (s, api)
+}
+
 pub fn start() -> TestServer {
     start_with(|_| {})
 }
