@@ -2,8 +2,9 @@
 //! here and messages carry a reference (the file's SHA-256), not the bytes.
 //!
 //! - **Content addressed.** A file is named by the SHA-256 of its bytes ([`FileId`]): the same file
-//!   uploaded twice is stored once, and a client that declares a hash the store already has skips
-//!   the upload ([`Begin::Exists`]).
+//!   uploaded twice is stored once. Every upload still sends its bytes: a store that answered
+//!   "already have it" to a declared hash would hand the file to anyone who knows the hash, so
+//!   duplicates are dropped at [`FileStore::complete`], after the bytes proved possession.
 //! - **Resumable uploads.** A client declares the size and the hash first ([`FileStore::begin`]),
 //!   then sends the bytes in chunks, each at the offset the store has ([`FileStore::append`]); a
 //!   chunk that returned is durable, so after a dropped mobile connection the client asks where
@@ -126,15 +127,6 @@ fn io(e: std::io::Error) -> FileError {
     FileError::Io(e.to_string())
 }
 
-/// The answer to [`FileStore::begin`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Begin {
-    /// The store already has this file: nothing to upload.
-    Exists,
-    /// Send the bytes to this upload.
-    Upload(UploadId),
-}
-
 /// Where an upload stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UploadState {
@@ -150,7 +142,7 @@ pub struct UploadState {
 #[allow(async_fn_in_trait)]
 pub trait FileStore: Clone + Send + Sync + 'static {
     /// Starts an upload of `size` bytes (1 ..= `max_size`) hashing to `file`, at time `now_ms`.
-    async fn begin(&self, file: FileId, size: u64, now_ms: u64) -> Result<Begin, FileError>;
+    async fn begin(&self, file: FileId, size: u64, now_ms: u64) -> Result<UploadId, FileError>;
     async fn status(&self, id: UploadId) -> Result<UploadState, FileError>;
     /// Appends `data` at `offset`, which must be the upload's length; durable when it returns.
     /// Returns the length afterwards. Past the declared size: `Invalid`.
@@ -274,15 +266,12 @@ fn sync_dir(dir: &Path) -> Result<(), FileError> {
 }
 
 impl FileStore for LocalFiles {
-    async fn begin(&self, file: FileId, size: u64, now_ms: u64) -> Result<Begin, FileError> {
+    async fn begin(&self, file: FileId, size: u64, now_ms: u64) -> Result<UploadId, FileError> {
         if size == 0 || size > self.max_size {
             return Err(FileError::Invalid(format!(
                 "a file has 1 to {} bytes, not {size}",
                 self.max_size
             )));
-        }
-        if self.size(file).await?.is_some() {
-            return Ok(Begin::Exists);
         }
         let id = UploadId::random();
         let mut meta = Vec::with_capacity(48);
@@ -293,7 +282,7 @@ impl FileStore for LocalFiles {
         let mut m = File::create(self.meta(id)).map_err(io)?;
         m.write_all(&meta).and_then(|_| m.sync_all()).map_err(io)?;
         sync_dir(&self.root.join("uploads"))?;
-        Ok(Begin::Upload(id))
+        Ok(id)
     }
 
     async fn status(&self, id: UploadId) -> Result<UploadState, FileError> {
@@ -445,9 +434,7 @@ mod tests {
 
     async fn upload(s: &LocalFiles, bytes: &[u8], chunk: usize) -> FileId {
         let id = FileId::of(bytes);
-        let Begin::Upload(u) = s.begin(id, bytes.len() as u64, 1).await.unwrap() else {
-            return id;
-        };
+        let u = s.begin(id, bytes.len() as u64, 1).await.unwrap();
         let mut off = 0;
         for c in bytes.chunks(chunk) {
             off = s.append(u, off, c).await.unwrap();
@@ -504,18 +491,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_same_file_is_stored_once_and_a_known_hash_skips_the_upload() {
+    async fn the_same_file_is_stored_once_and_a_second_upload_proves_possession() {
         let (d, s) = store();
         let bytes = data(5000);
         let id = upload(&s, &bytes, 5000).await;
-        assert_eq!(s.begin(id, 5000, 2).await.unwrap(), Begin::Exists);
+        // A second upload of a stored file sends its bytes again and stores nothing new.
+        let again = s.begin(id, 5000, 2).await.unwrap();
+        s.append(again, 0, &bytes).await.unwrap();
+        assert_eq!(s.complete(again).await.unwrap(), id);
         // Two uploads of the same bytes racing: both complete, one blob.
-        let Begin::Upload(a) = s.begin(FileId::of(b"twice"), 5, 3).await.unwrap() else {
-            panic!()
-        };
-        let Begin::Upload(b) = s.begin(FileId::of(b"twice"), 5, 3).await.unwrap() else {
-            panic!()
-        };
+        let a = s.begin(FileId::of(b"twice"), 5, 3).await.unwrap();
+        let b = s.begin(FileId::of(b"twice"), 5, 3).await.unwrap();
         s.append(a, 0, b"twice").await.unwrap();
         s.append(b, 0, b"twice").await.unwrap();
         assert_eq!(s.complete(a).await.unwrap(), FileId::of(b"twice"));
@@ -533,9 +519,7 @@ mod tests {
         let (d, s) = store();
         let bytes = data(10_000);
         let id = FileId::of(&bytes);
-        let Begin::Upload(u) = s.begin(id, 10_000, 1).await.unwrap() else {
-            panic!()
-        };
+        let u = s.begin(id, 10_000, 1).await.unwrap();
         assert_eq!(s.append(u, 0, &bytes[..4000]).await.unwrap(), 4000);
         // The client lost the answer and sends the chunk again: told where to go on.
         assert_eq!(
@@ -564,9 +548,7 @@ mod tests {
     async fn bytes_that_do_not_match_the_declared_hash_are_discarded() {
         let (_d, s) = store();
         let claimed = FileId::of(b"what I said");
-        let Begin::Upload(u) = s.begin(claimed, 6, 1).await.unwrap() else {
-            panic!()
-        };
+        let u = s.begin(claimed, 6, 1).await.unwrap();
         s.append(u, 0, b"forged").await.unwrap();
         assert_eq!(s.complete(u).await, Err(FileError::Mismatch));
         assert_eq!(s.size(claimed).await.unwrap(), None);
@@ -591,12 +573,8 @@ mod tests {
     #[tokio::test]
     async fn stale_uploads_are_purged_and_recent_ones_kept() {
         let (_d, s) = store();
-        let Begin::Upload(old) = s.begin(FileId::of(b"old"), 3, 1_000).await.unwrap() else {
-            panic!()
-        };
-        let Begin::Upload(new) = s.begin(FileId::of(b"new"), 3, 9_000).await.unwrap() else {
-            panic!()
-        };
+        let old = s.begin(FileId::of(b"old"), 3, 1_000).await.unwrap();
+        let new = s.begin(FileId::of(b"new"), 3, 9_000).await.unwrap();
         s.append(old, 0, b"ol").await.unwrap();
         assert_eq!(s.purge_stale(5_000).await.unwrap(), 1);
         assert_eq!(s.status(old).await, Err(FileError::NotFound));
@@ -607,9 +585,7 @@ mod tests {
     #[tokio::test]
     async fn a_chunk_while_another_of_the_same_upload_is_written_is_told_to_resume() {
         let (_d, s) = store();
-        let Begin::Upload(u) = s.begin(FileId::of(b"ab"), 2, 1).await.unwrap() else {
-            panic!()
-        };
+        let u = s.begin(FileId::of(b"ab"), 2, 1).await.unwrap();
         let claim = s.claim(u).unwrap();
         assert_eq!(
             s.append(u, 0, b"a").await,
