@@ -11,9 +11,13 @@
 //!   and the organisation tree's (`GET /v1/org`, `GET|PUT|DELETE /v1/org/departments/{id}`,
 //!   `GET|PUT|DELETE /v1/org/users/{uid}`, `POST /v1/org/import`) are signed by the calling business server: headers `X-IM-Key`, `X-IM-Timestamp` and
 //!   `X-IM-Signature` (see [`sign`]).
+//! * The file service's `POST /v1/files/uploads`, `HEAD|PATCH /v1/files/uploads/{id}` and
+//!   `GET|HEAD /v1/files/{sha256}` are authorized by an upload ticket or a signed download URL
+//!   that a logged-in client got over the binary protocol (`FileUpload`, `FileDownload`).
 
 mod auth;
 mod backend;
+mod files;
 mod iplist;
 mod json;
 mod org;
@@ -21,6 +25,7 @@ mod server;
 
 pub use auth::{sign, HEADER_KEY, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 pub use backend::{Accepted, ApiBackend, ApiError, BoxFut, GroupWithMembers, PushTarget};
+pub use files::{FileBackend, FilesHttp, DEFAULT_MAX_CHUNK, STALE_UPLOAD};
 pub use iplist::{order_gates, rendezvous_weight};
 pub use json::{MAX_LIST_LEN, MAX_MESSAGE_BODY, MAX_RECIPIENTS, MAX_TOKEN_TTL_SECS};
 
@@ -164,9 +169,11 @@ impl ApiServer {
         gates: GateSource,
         tokens: Option<Arc<HmacTokens>>,
         extra_metrics: Vec<MetricsFn>,
+        files: Option<FilesHttp>,
     ) -> std::io::Result<ApiServer> {
         let gates = iplist::Gates::new(gates)?;
-        let state = server::State::new(cfg, backend, gates, tokens, extra_metrics);
+        let mut state = server::State::new(cfg, backend, gates, tokens, extra_metrics);
+        state.files = files;
         Self::serve(state)
     }
 

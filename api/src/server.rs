@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -23,6 +24,7 @@ use super::auth::{self, AuthFailure, Credentials};
 use super::iplist::{order_gates, Gates, GatesError};
 use super::json::{self, Id};
 use super::{ApiBackend, ApiConfig, ApiError, MetricsFn, PushTarget};
+use crate::files::FilePath;
 
 /// Most connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 4096;
@@ -35,7 +37,14 @@ const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time requests in flight get to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-pub(crate) type Resp = Response<Full<Bytes>>;
+/// A response body: a buffer, or a file streamed from the store.
+pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+pub(crate) type Resp = Response<Body>;
+
+/// A body of these bytes.
+pub(crate) fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
 
 /// Everything the handlers share.
 pub(crate) struct State {
@@ -49,6 +58,9 @@ pub(crate) struct State {
     buckets: Mutex<HashMap<String, Bucket>>,
     /// Only `/healthz` and `/metrics` are served (`ApiServer::start_status`).
     pub(crate) status_only: bool,
+    /// The file service's endpoints (`None`: they answer `503`).
+    pub(crate) files: Option<crate::files::FilesHttp>,
+    pub(crate) file_metrics: crate::files::FileMetrics,
 }
 
 /// Requests an API key may still make: `tokens` grows by `rate` per second up to `burst`.
@@ -111,6 +123,8 @@ impl State {
             metrics: ApiMetrics::default(),
             buckets: Mutex::default(),
             status_only: false,
+            files: None,
+            file_metrics: Default::default(),
         }
     }
 }
@@ -122,6 +136,7 @@ pub(crate) async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let purge = tokio::spawn(crate::files::purge_loop(state.clone()));
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -147,6 +162,7 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
+    purge.abort();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while conns.join_next().await.is_some() {}
     })
@@ -211,6 +227,7 @@ enum Route {
     OrgDept(u64),
     OrgUser(u64),
     OrgImport,
+    File(crate::files::FilePath),
 }
 
 impl Route {
@@ -230,6 +247,9 @@ impl Route {
             Route::OrgDept(_) => "/v1/org/departments/{id}",
             Route::OrgUser(_) => "/v1/org/users/{uid}",
             Route::OrgImport => "/v1/org/import",
+            Route::File(FilePath::Uploads) => "/v1/files/uploads",
+            Route::File(FilePath::Upload(_)) => "/v1/files/uploads/{id}",
+            Route::File(FilePath::File(_)) => "/v1/files/{sha256}",
         }
     }
 
@@ -248,11 +268,19 @@ impl Route {
             Route::Messages | Route::Groups | Route::Tokens | Route::OrgImport => POST,
             Route::GroupMembers(_) => POST_DELETE,
             Route::OrgDept(_) | Route::OrgUser(_) => GET_PUT_DELETE,
+            Route::File(FilePath::Uploads) => &[Method::POST, Method::OPTIONS],
+            Route::File(FilePath::Upload(_)) => &[Method::HEAD, Method::PATCH, Method::OPTIONS],
+            Route::File(FilePath::File(_)) => &[Method::GET, Method::HEAD, Method::OPTIONS],
         }
     }
 
+    /// Signed by a business server; the file routes have their own authorization (a ticket, a
+    /// signed URL).
     fn signed(self) -> bool {
-        !matches!(self, Route::Healthz | Route::Metrics | Route::Iplist)
+        !matches!(
+            self,
+            Route::Healthz | Route::Metrics | Route::Iplist | Route::File(_)
+        )
     }
 }
 
@@ -261,6 +289,8 @@ enum NoRoute {
     NotFound,
     /// A known route (its template, for the metrics) with an id that is not a positive integer.
     BadId(&'static str, &'static str, String),
+    /// A file route with an id that is not `what` (its template, the message).
+    BadFileId(&'static str, String),
 }
 
 /// A positive decimal integer without sign or spaces.
@@ -296,6 +326,25 @@ fn route(path: &str) -> Result<Route, NoRoute> {
             Route::OrgDept(id("/v1/org/departments/{id}", "department id", d)?)
         }
         ["v1", "org", "users", u] => Route::OrgUser(id("/v1/org/users/{uid}", "user id", u)?),
+        ["v1", "files", "uploads"] => Route::File(FilePath::Uploads),
+        ["v1", "files", "uploads", u] => match im_files::UploadId::from_hex(u) {
+            Some(u) => Route::File(FilePath::Upload(u)),
+            None => {
+                return Err(NoRoute::BadFileId(
+                    "/v1/files/uploads/{id}",
+                    format!("invalid upload id {u:?}: expected 32 hex digits"),
+                ))
+            }
+        },
+        ["v1", "files", f] => match im_files::FileId::from_hex(f) {
+            Some(f) => Route::File(FilePath::File(f)),
+            None => {
+                return Err(NoRoute::BadFileId(
+                    "/v1/files/{sha256}",
+                    format!("invalid file id {f:?}: expected the file's SHA-256 in 64 hex digits"),
+                ))
+            }
+        },
         _ => return Err(NoRoute::NotFound),
     })
 }
@@ -303,10 +352,14 @@ fn route(path: &str) -> Result<Route, NoRoute> {
 // ---------------------------------------------------------------------------------------------
 // Responses
 
+pub(crate) fn json_with(status: StatusCode, v: &Value) -> Resp {
+    json_response(status, v)
+}
+
 fn json_response(status: StatusCode, v: &Value) -> Resp {
     let mut body = serde_json::to_vec(v).expect("a Value always serializes");
     body.push(b'\n');
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -335,29 +388,42 @@ pub(crate) struct Fail {
     code: &'static str,
     message: String,
     retry_after: Option<u64>,
+    extra: Option<(&'static str, String)>,
 }
 
 impl Fail {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Fail {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Fail {
         Fail {
             status,
             code,
             message: message.into(),
             retry_after: None,
+            extra: None,
         }
     }
 
     /// Adds `Retry-After: secs` (at least 1).
-    fn retry_after(mut self, secs: u64) -> Fail {
+    pub(crate) fn retry_after(mut self, secs: u64) -> Fail {
         self.retry_after = Some(secs.max(1));
         self
     }
 
-    fn into_response(self) -> Resp {
+    /// Adds one more header.
+    pub(crate) fn header(mut self, name: &'static str, value: String) -> Fail {
+        self.extra = Some((name, value));
+        self
+    }
+
+    pub(crate) fn into_response(self) -> Resp {
         let mut r = error(self.status, self.code, self.message);
         if let Some(secs) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some((name, value)) = self.extra {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                r.headers_mut().insert(name, v);
+            }
         }
         r
     }
@@ -526,7 +592,7 @@ async fn handle(state: &State, mut req: Request<Incoming>) -> Resp {
     // HEAD of an unsigned GET route (`/healthz`, `/metrics`, `/v1/iplist`) is answered like the
     // GET, and hyper leaves the body out: load balancers and uptime checks probe with HEAD.
     if req.method() == Method::HEAD
-        && matches!(&route, Ok(r) if !r.signed() && r.methods().contains(&Method::GET))
+        && matches!(&route, Ok(r) if !r.signed() && !matches!(r, Route::File(_)) && r.methods().contains(&Method::GET))
     {
         *req.method_mut() = Method::GET;
     }
@@ -547,6 +613,9 @@ async fn handle(state: &State, mut req: Request<Incoming>) -> Resp {
             ))
             .into_response(),
         ),
+        Err(NoRoute::BadFileId(template, message)) => {
+            (template, error(StatusCode::NOT_FOUND, "not_found", message))
+        }
         Ok(r) if state.status_only && !matches!(r, Route::Healthz | Route::Metrics) => (
             "unmatched",
             error(
@@ -592,6 +661,15 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         return match route {
             Route::Healthz => ok(json!({"status": "ok"})),
             Route::Metrics => metrics(state),
+            Route::File(_) if req.method() == Method::OPTIONS => {
+                let allow = route
+                    .methods()
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>();
+                crate::files::preflight(&allow.join(", "))
+            }
+            Route::File(path) => crate::files::handle(state, path, req).await,
             _ => iplist(state, req.uri().query().unwrap_or("")).await,
         };
     }
@@ -669,13 +747,19 @@ async fn handle_route(state: &State, route: Route, req: Request<Incoming>) -> Re
         (Route::OrgUser(u), &Method::PUT) => crate::org::put_user(state, u, &body).await,
         (Route::OrgUser(u), _) => crate::org::delete_user(state, u).await,
         (Route::OrgImport, _) => crate::org::import(state, &body).await,
-        (Route::Healthz | Route::Metrics | Route::Iplist, _) => unreachable!("not signed"),
+        (Route::Healthz | Route::Metrics | Route::Iplist | Route::File(_), _) => {
+            unreachable!("not signed")
+        }
     };
     result.unwrap_or_else(Fail::into_response)
 }
 
 /// Reads the whole body, at most `max` bytes (`413` beyond), within [`BODY_TIMEOUT`].
-async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, Fail> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    max: usize,
+) -> Result<Bytes, Fail> {
     let too_large = || {
         Fail::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -725,8 +809,11 @@ fn metrics(state: &State) -> Resp {
         out.push('\n');
     }
     state.metrics.render(&mut out);
+    if state.files.is_some() {
+        state.file_metrics.render(&mut out);
+    }
     process_metrics(&mut out);
-    let mut r = Response::new(Full::new(Bytes::from(out)));
+    let mut r = Response::new(full(Bytes::from(out)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

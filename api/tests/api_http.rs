@@ -207,7 +207,7 @@ mod api {
                 out.push_str("# TYPE im_gate_test_conns gauge\nim_gate_test_conns 3\n")
             })];
             let server =
-                ApiServer::start(cfg, backend.clone(), gates, tokens, extra).expect("start");
+                ApiServer::start(cfg, backend.clone(), gates, tokens, extra, None).expect("start");
             Api { server, backend }
         }
 

@@ -5,6 +5,8 @@
 //! client-side half of the message model: it drops duplicates by seq and detects gaps through
 //! `prev_seq`, so a caller knows when to sync.
 
+pub mod files;
+
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};

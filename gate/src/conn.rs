@@ -249,7 +249,14 @@ impl Conn {
                 ) => true,
                 // A refusal answers the heavy request if it carries its id.
                 Some(Cmd::OpResult | Cmd::Error) if self.heavy.get() == Some(req_id) => true,
-                Some(Cmd::SendAck | Cmd::OpResult | Cmd::LogoutAck | Cmd::Error) => false,
+                Some(
+                    Cmd::SendAck
+                    | Cmd::OpResult
+                    | Cmd::LogoutAck
+                    | Cmd::Error
+                    | Cmd::FileTicket
+                    | Cmd::FileUrl,
+                ) => false,
                 _ => continue, // a push
             };
             if heavy_answer {

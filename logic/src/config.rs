@@ -41,6 +41,54 @@ pub struct LogicConfig {
     /// to it in the tree (hidden departments are seen from inside only; a user outside the tree
     /// is seen by nobody). Off: anyone may write to anyone.
     pub org_visibility: bool,
+    /// The file service (file messages, upload tickets, download URLs); `None`: file messages
+    /// and the file commands are refused with `Unavailable`.
+    pub files: Option<std::sync::Arc<FilesPolicy>>,
+}
+
+/// Largest image and voice clip a client may upload (a video or a document: up to
+/// [`FilesPolicy::max_size`]).
+pub const MAX_IMAGE_SIZE: u64 = 32 << 20;
+pub const MAX_VOICE_SIZE: u64 = 16 << 20;
+
+/// What logic needs of the file service: the signing keys, where the HTTP endpoints are, the
+/// limits and lifetimes.
+#[derive(Debug)]
+pub struct FilesPolicy {
+    pub keys: im_shared::files::FileKeys,
+    /// Base URL of the HTTP file endpoints (`http://host:port`, no trailing slash): the public
+    /// URL from the configuration, or the API's address once it listens.
+    pub base_url: std::sync::RwLock<String>,
+    /// Largest file (a video or a document).
+    pub max_size: u64,
+    /// How long an upload ticket is valid.
+    pub ticket_ms: u64,
+    /// How long a download URL is valid.
+    pub url_ms: u64,
+}
+
+impl FilesPolicy {
+    /// The largest file of `kind`.
+    pub fn max_for(&self, kind: im_shared::files::FileKind) -> u64 {
+        use im_shared::files::FileKind;
+        match kind {
+            FileKind::Image => MAX_IMAGE_SIZE.min(self.max_size),
+            FileKind::Voice => MAX_VOICE_SIZE.min(self.max_size),
+            FileKind::Video | FileKind::File => self.max_size,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        self.base_url
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_base_url(&self, url: &str) {
+        *self.base_url.write().unwrap_or_else(|e| e.into_inner()) =
+            url.trim_end_matches('/').to_owned();
+    }
 }
 
 impl Default for LogicConfig {
@@ -62,6 +110,7 @@ impl Default for LogicConfig {
             recall_window_secs: 120,
             lease: None,
             org_visibility: false,
+            files: None,
         }
     }
 }

@@ -32,7 +32,7 @@ pub use im_push as push;
 /// The message store (crate `im-store`).
 pub use im_store as store;
 
-pub use config::LogicConfig;
+pub use config::{FilesPolicy, LogicConfig, MAX_IMAGE_SIZE, MAX_VOICE_SIZE};
 pub use handle::{start, start_hosted, start_node, start_with, Cluster, LogicHandle};
 pub use im_shared::msgid::MsgIdGen;
 pub use services::{PushService, Services};

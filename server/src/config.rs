@@ -109,6 +109,8 @@ pub struct ServerConfig {
     pub tcp_tls: Option<TlsPaths>,
     /// TLS on the WebSocket listener (`[ws_tls]`, the same or other files); default: plain `ws`.
     pub ws_tls: Option<TlsPaths>,
+    /// The file service (`[files]`): file messages, uploads and downloads over the HTTP API.
+    pub files: crate::files::FilesConfig,
 }
 
 /// PEM files of a listener's certificate chain (leaf first) and private key; re-read when they
@@ -177,6 +179,7 @@ impl Default for ServerConfig {
             ws_origins: Vec::new(),
             tcp_tls: None,
             ws_tls: None,
+            files: Default::default(),
         }
     }
 }
@@ -230,6 +233,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         redis_nodes: cfg.redis_nodes.clone(),
         recall_window_secs: cfg.recall_window_secs,
         org_visibility: cfg.org_visibility,
+        files: crate::files::policy(cfg),
         ..LogicConfig::default()
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod check;
 mod config;
+pub mod files;
 mod gate_node;
 mod logic_node;
 mod services;

@@ -84,6 +84,7 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let mut lc = logic_config(cfg);
     lc.node_id = node_id;
+    let files = lc.files.clone();
     // Bind first, so that peers and gates can connect as soon as the workers run.
     let listener = std::net::TcpListener::bind(link_listen)?;
     let cluster = if nodes.is_empty() {
@@ -147,7 +148,9 @@ fn start_logic_on<S: im_logic::store::Store + Send + Sync>(
                 gates,
                 Some(tokens),
                 extra,
+                crate::files::http(cfg)?,
             )?;
+            crate::files::announce(files.as_ref(), server.local_addr());
             Some(server)
         }
         None => None,

@@ -32,6 +32,7 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let services = services(cfg)?;
     let (lcfg, gcfg) = (logic_config(cfg), gate_config(cfg, 0));
+    let files = lcfg.files.clone();
     let hosted = cfg.thread_per_core && lcfg.workers == gcfg.cores;
     let (logic, tasks) = if hosted {
         im_logic::start_hosted(lcfg, store, tokens.clone(), gate.sink(), services.clone())?
@@ -67,7 +68,9 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
                 GateSource::Static(vec![me]),
                 Some(tokens),
                 extra,
+                crate::files::http(cfg)?,
             )?;
+            crate::files::announce(files.as_ref(), server.local_addr());
             Some(server)
         }
         None => None,

@@ -48,6 +48,8 @@ pub enum Cmd {
     OrgDept = 0x21,
     OrgUser = 0x22,
     OrgSearch = 0x23,
+    FileUpload = 0x24,
+    FileDownload = 0x25,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -63,6 +65,8 @@ pub enum Cmd {
     OrgPage = 0x97,
     OrgReply = 0x98,
     OrgChanged = 0x99,
+    FileTicket = 0x9A,
+    FileUrl = 0x9B,
     Error = 0xFF,
 }
 
@@ -93,6 +97,8 @@ impl Cmd {
             0x21 => OrgDept,
             0x22 => OrgUser,
             0x23 => OrgSearch,
+            0x24 => FileUpload,
+            0x25 => FileDownload,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,
@@ -107,6 +113,8 @@ impl Cmd {
             0x97 => OrgPage,
             0x98 => OrgReply,
             0x99 => OrgChanged,
+            0x9A => FileTicket,
+            0x9B => FileUrl,
             0xFF => Error,
             _ => return None,
         })

@@ -66,6 +66,12 @@ pub enum GroupOp {
         conv: u8,
         body: Bytes,
     },
+    /// A member asks for a download URL of a file posted in the group (members only: a user
+    /// removed from the group no longer gets one). Answered with `FileUrl`.
+    FileUrl {
+        sha256: [u8; 32],
+        mime: String,
+    },
 }
 
 /// A client's group request, forwarded to the node that owns the group. The owner answers the
@@ -313,6 +319,11 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u32(body.len() as u32);
             b.put_slice(body);
         }
+        GroupOp::FileUrl { sha256, mime } => {
+            b.put_u8(8);
+            b.put_slice(sha256);
+            put_str(b, mime);
+        }
     }
 }
 
@@ -357,6 +368,15 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
                 client_msg_id,
                 conv,
                 body: b.split_to(n),
+            }
+        }
+        8 => {
+            need(b, 32)?;
+            let mut sha256 = [0u8; 32];
+            b.copy_to_slice(&mut sha256);
+            GroupOp::FileUrl {
+                sha256,
+                mime: string(b)?,
             }
         }
         _ => return Err(PeerError("group request kind")),
@@ -428,6 +448,10 @@ mod tests {
                 client_msg_id: 11,
                 conv: 2,
                 body: Bytes::from_static(b"post"),
+            }),
+            call(GroupOp::FileUrl {
+                sha256: [0xAB; 32],
+                mime: "image/jpeg".into(),
             }),
             PeerMsg::OrgPull {
                 reply_to: 7,

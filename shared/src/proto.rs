@@ -447,6 +447,32 @@ pub enum Command {
     OrgChanged {
         version: u64,
     },
+    /// "I am about to upload a file of `size` bytes whose SHA-256 is `sha256`" (`kind` as in
+    /// [`crate::files::FileKind`], `mime` its type). Answered with `FileTicket`, or an `Error`
+    /// with this request's id (docs/PROTOCOL.md, "File messages").
+    FileUpload {
+        kind: u8,
+        size: u64,
+        sha256: [u8; 32],
+        mime: String,
+    },
+    /// "Give me a download URL for the file of my message `seq`" (a message of the user's own
+    /// timeline whose body is a file reference). Answered with `FileUrl` or an `Error`.
+    FileDownload {
+        seq: Seq,
+    },
+    /// Upload the bytes to `url` with this `ticket` (HTTP, docs/API.md "Files") before
+    /// `expires_ms` (Unix ms).
+    FileTicket {
+        url: String,
+        ticket: String,
+        expires_ms: u64,
+    },
+    /// A signed download URL, valid until `expires_ms`.
+    FileUrl {
+        url: String,
+        expires_ms: u64,
+    },
 }
 
 impl Command {
@@ -490,6 +516,10 @@ impl Command {
             Command::OrgPage { .. } => Cmd::OrgPage,
             Command::OrgReply { .. } => Cmd::OrgReply,
             Command::OrgChanged { .. } => Cmd::OrgChanged,
+            Command::FileUpload { .. } => Cmd::FileUpload,
+            Command::FileDownload { .. } => Cmd::FileDownload,
+            Command::FileTicket { .. } => Cmd::FileTicket,
+            Command::FileUrl { .. } => Cmd::FileUrl,
         }
     }
 
@@ -541,6 +571,10 @@ impl Command {
             Command::OrgSearch { query, .. } => string_len(query) + 2,
             Command::OrgPage { records, .. } => 8 + 8 + 1 + org::records_len(records),
             Command::OrgReply { records, .. } => 8 + 4 + org::records_len(records),
+            Command::FileUpload { mime, .. } => 1 + 8 + 32 + string_len(mime),
+            Command::FileDownload { .. } => 8,
+            Command::FileTicket { url, ticket, .. } => string_len(url) + string_len(ticket) + 8,
+            Command::FileUrl { url, .. } => string_len(url) + 8,
         }
     }
 
@@ -758,6 +792,31 @@ impl Command {
                 org::put_records(out, records);
             }
             Command::OrgChanged { version } => out.put_u64(*version),
+            Command::FileUpload {
+                kind,
+                size,
+                sha256,
+                mime,
+            } => {
+                out.put_u8(*kind);
+                out.put_u64(*size);
+                out.put_slice(sha256);
+                put_string(out, mime);
+            }
+            Command::FileDownload { seq } => out.put_u64(seq.0),
+            Command::FileTicket {
+                url,
+                ticket,
+                expires_ms,
+            } => {
+                put_string(out, url);
+                put_string(out, ticket);
+                out.put_u64(*expires_ms);
+            }
+            Command::FileUrl { url, expires_ms } => {
+                put_string(out, url);
+                out.put_u64(*expires_ms);
+            }
         }
         debug_assert_eq!(out.len() - start, len);
     }
@@ -979,6 +1038,30 @@ impl Command {
             Cmd::OrgChanged => Command::OrgChanged {
                 version: r.u64("version")?,
             },
+            Cmd::FileUpload => Command::FileUpload {
+                kind: r.u8("kind")?,
+                size: r.u64("size")?,
+                sha256: {
+                    let mut h = [0u8; 32];
+                    for b in &mut h {
+                        *b = r.u8("sha256")?;
+                    }
+                    h
+                },
+                mime: r.string("mime")?,
+            },
+            Cmd::FileDownload => Command::FileDownload {
+                seq: Seq(r.u64("seq")?),
+            },
+            Cmd::FileTicket => Command::FileTicket {
+                url: r.string("url")?,
+                ticket: r.string("ticket")?,
+                expires_ms: r.u64("expires_ms")?,
+            },
+            Cmd::FileUrl => Command::FileUrl {
+                url: r.string("url")?,
+                expires_ms: r.u64("expires_ms")?,
+            },
         })
     }
 }
@@ -1190,6 +1273,22 @@ mod tests {
                 }],
             },
             Command::OrgChanged { version: 12 },
+            Command::FileUpload {
+                kind: 1,
+                size: 1234,
+                sha256: [7; 32],
+                mime: "image/png".into(),
+            },
+            Command::FileDownload { seq: Seq(77) },
+            Command::FileTicket {
+                url: "http://127.0.0.1:8080/v1/files/uploads".into(),
+                ticket: "5.07.1234.99.ab".into(),
+                expires_ms: 99,
+            },
+            Command::FileUrl {
+                url: "http://127.0.0.1:8080/v1/files/07?u=5".into(),
+                expires_ms: 99,
+            },
         ]
     }
 

@@ -43,6 +43,10 @@ impl<S: Store> Worker<S> {
                     round.api.push((reply, Err(e)));
                     return;
                 }
+                if let Err((code, why)) = self.check_body(&body) {
+                    round.api.push((reply, Err(ApiError::new(code, why))));
+                    return;
+                }
                 if request_id != 0 {
                     match self.stored_dedup(from, request_id).await {
                         Ok(Some(e)) => {

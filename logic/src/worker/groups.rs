@@ -161,7 +161,9 @@ impl<S: Store> Worker<S> {
     /// management commands.
     fn refuse(&mut self, reply: Reply, op: &GroupOp, e: ApiError, round: &mut Round) {
         let frame = |req_id: u32| match op {
-            GroupOp::Post { .. } => error_frame(e.code, req_id, &e.message),
+            GroupOp::Post { .. } | GroupOp::FileUrl { .. } => {
+                error_frame(e.code, req_id, &e.message)
+            }
             _ => op_err(req_id, &e),
         };
         match reply {
@@ -320,7 +322,10 @@ impl<S: Store> Worker<S> {
             let e = ApiError::new(ErrorCode::Forbidden, "only the group owner may do this");
             return self.refuse(reply, &op, e, round);
         }
-        let needs_member = matches!(op, GroupOp::Post { .. } | GroupOp::Info | GroupOp::Leave);
+        let needs_member = matches!(
+            op,
+            GroupOp::Post { .. } | GroupOp::Info | GroupOp::Leave | GroupOp::FileUrl { .. }
+        );
         if needs_member && !admin && !is_member {
             return self.refuse(reply, &op, not_member, round);
         }
@@ -331,6 +336,15 @@ impl<S: Store> Worker<S> {
                 conv,
                 body,
             } => {
+                // A business push to a group arrives here without the sender worker's check.
+                if let Err((code, why)) = self.check_body(&body) {
+                    let op = GroupOp::Post {
+                        client_msg_id,
+                        conv,
+                        body,
+                    };
+                    return self.refuse(reply, &op, ApiError::new(code, why), round);
+                }
                 self.post(group, actor, client_msg_id, conv, body, reply, round)
                     .await
             }
@@ -397,6 +411,19 @@ impl<S: Store> Worker<S> {
                     .to_bytes(r)
                 });
             }
+            GroupOp::FileUrl { sha256, mime } => match (reply, self.cfg.files.clone()) {
+                (Reply::Conn { conn, req_id }, Some(p)) => round.send(
+                    conn,
+                    super::files::file_url(&p, self.now, actor, &sha256, &mime, req_id),
+                ),
+                (reply, _) => {
+                    let e = ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the file service is not configured on this server",
+                    );
+                    self.refuse(reply, &GroupOp::FileUrl { sha256, mime }, e, round)
+                }
+            },
         }
     }
 

@@ -51,6 +51,7 @@ mod append;
 mod c2c;
 mod c2s;
 mod delivery;
+mod files;
 mod groups;
 mod org;
 mod outbox;
@@ -1005,6 +1006,12 @@ impl<S: Store> Worker<S> {
                     }
                 };
                 match cmd_body {
+                    Command::SendC2c { body, .. } | Command::SendC2g { body, .. }
+                        if self.check_body(&body).is_err() =>
+                    {
+                        let (code, why) = self.check_body(&body).unwrap_err();
+                        round.send(conn, error_frame(code, req_id, &why));
+                    }
                     Command::SendC2c {
                         client_msg_id,
                         to,
@@ -1099,6 +1106,15 @@ impl<S: Store> Worker<S> {
                     | Command::OrgDept { .. }
                     | Command::OrgUser { .. }
                     | Command::OrgSearch { .. }) => self.on_org_read(conn, uid, req_id, cmd, round),
+                    Command::FileUpload {
+                        kind,
+                        size,
+                        sha256,
+                        mime,
+                    } => self.on_file_upload(conn, uid, req_id, kind, size, sha256, mime, round),
+                    Command::FileDownload { seq } => {
+                        self.on_file_download(conn, uid, req_id, seq, round).await
+                    }
                     _ => round.close(
                         conn,
                         error_frame(ErrorCode::UnknownCommand, req_id, "not a client command"),
