@@ -1,6 +1,7 @@
 //! `im-server check-config`: what a start with this configuration would run into, found without
 //! starting: listeners already in use, TLS files that do not load, a data directory that cannot
-//! be written, the development token secret, an API without keys.
+//! be written, the development token secret, an API without keys, a cluster's file service
+//! without a shared URL or secret.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -134,6 +135,23 @@ pub fn check(cfg: &ServerConfig, role: Role, link_listen: Option<SocketAddr>) ->
                     .into(),
             );
         }
+        if cfg.files.enabled {
+            if let Some(d) = &cfg.files.dir {
+                data_dir(&mut f, d);
+            }
+            if role == Role::Logic && cfg.files.public_url.is_none() {
+                f.warnings.push(
+                    "[files] has no public_url: each logic node hands out its own API address,                      so with several nodes a file uploaded through one is not found through                      another; name the one node that stores the files in every node's                      public_url"
+                        .into(),
+                );
+            }
+            if role == Role::Logic && cfg.files.secret.is_none() {
+                f.warnings.push(
+                    "[files] has no secret: it is derived from token_secret, which every                      logic node must then share"
+                        .into(),
+                );
+            }
+        }
         for n in &cfg.redis_nodes {
             if !n.starts_with("redis://") && !n.starts_with("rediss://") {
                 f.errors.push(format!(
@@ -188,6 +206,13 @@ mod tests {
             check(&c, Role::Gate, None).warnings.is_empty(),
             "a gate has neither"
         );
+        // A logic node of a cluster is told what its file service needs.
+        let w = check(&c, Role::Logic, None).warnings;
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("public_url") && w[1].contains("secret"), "{w:?}");
+        c.files.public_url = Some("http://10.0.0.1:8080".into());
+        c.files.secret = Some("x".repeat(32));
+        assert!(check(&c, Role::Logic, None).warnings.is_empty());
     }
 
     #[test]

@@ -1312,6 +1312,23 @@ mod tests {
 
     /// The worked examples of PROTOCOL.md §12 ("Organisation tree sync"), byte for byte.
     #[test]
+    fn the_file_upload_worked_example_is_the_documented_bytes() {
+        let req = Command::FileUpload {
+            kind: 1,
+            size: 1234,
+            sha256: [0xab; 32],
+            mime: "image/png".into(),
+        }
+        .to_bytes(4);
+        let mut want = vec![0x49, 0x4d, 0x01, 0x24, 0, 0, 0, 4, 0, 0, 0, 0x34, 1];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0x04, 0xd2]);
+        want.extend_from_slice(&[0xab; 32]);
+        want.extend_from_slice(&[0, 9]);
+        want.extend_from_slice(b"image/png");
+        assert_eq!(&req[..], &want[..]);
+    }
+
+    #[test]
     fn the_org_worked_examples_are_the_documented_bytes() {
         let req = Command::OrgSync {
             since: 0,
