@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use im_client::{Client, ClientError, Timeline};
+use im_shared::files::{FileKind, FileRef};
 use im_shared::org::{OrgEntity, OrgRecord, OrgTree};
 use im_shared::proto::{
     GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
@@ -74,7 +75,10 @@ fn show(m: &Message, me: UserId, sent_here: &std::collections::HashSet<u64>) {
     if sent_here.contains(&m.msg_id.0) {
         return; // already shown when it was sent from this terminal
     }
-    let body = String::from_utf8_lossy(&m.body);
+    let body = match file_line(&m.body) {
+        Some(f) => format!("{f} — `/fetch {} <path>`", m.seq),
+        None => String::from_utf8_lossy(&m.body).into_owned(),
+    };
     let who = if m.from == me {
         "you".to_owned()
     } else {
@@ -102,6 +106,78 @@ fn show(m: &Message, me: UserId, sent_here: &std::collections::HashSet<u64>) {
             Err(_) => println!("[{}] #{} group changed", m.seq, m.to),
         },
         k => println!("[{}] kind {k} from {}: {}", m.seq, who, body),
+    }
+}
+
+/// A file message in words (`None`: not one): `[image cat.png, image/png, 640×480, 12 345 bytes]`.
+fn file_line(body: &bytes::Bytes) -> Option<String> {
+    let f = match FileRef::from_body(body) {
+        Ok(Some(f)) => f,
+        Ok(None) => return None,
+        Err(e) => return Some(format!("[unreadable file message: {e}]")),
+    };
+    let mut parts = vec![
+        format!("{} {}", f.kind.name(), f.name).trim().to_owned(),
+        f.mime,
+    ];
+    if f.width > 0 && f.height > 0 {
+        parts.push(format!("{}×{}", f.width, f.height));
+    }
+    if f.duration_ms > 0 {
+        parts.push(format!("{:.1} s", f.duration_ms as f64 / 1000.0));
+    }
+    parts.push(format!("{} bytes", f.size));
+    Some(format!("[{}]", parts.join(", ")))
+}
+
+/// The kind and MIME type of a file to send, from its extension.
+fn guess_kind(path: &std::path::Path) -> (FileKind, &'static str) {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "png" => (FileKind::Image, "image/png"),
+        "jpg" | "jpeg" => (FileKind::Image, "image/jpeg"),
+        "gif" => (FileKind::Image, "image/gif"),
+        "webp" => (FileKind::Image, "image/webp"),
+        "mp3" => (FileKind::Voice, "audio/mpeg"),
+        "ogg" | "opus" => (FileKind::Voice, "audio/ogg"),
+        "m4a" | "aac" => (FileKind::Voice, "audio/mp4"),
+        "wav" => (FileKind::Voice, "audio/wav"),
+        "mp4" => (FileKind::Video, "video/mp4"),
+        "mov" => (FileKind::Video, "video/quicktime"),
+        "webm" => (FileKind::Video, "video/webm"),
+        "pdf" => (FileKind::File, "application/pdf"),
+        "txt" => (FileKind::File, "text/plain"),
+        _ => (FileKind::File, "application/octet-stream"),
+    }
+}
+
+/// `/send <uid>|#<group> <path>`: uploads the file and sends a message that references it.
+fn send_file(c: &mut Client, target: &str, path: &str, cmid: u64) -> anyhow::Result<String> {
+    let path = std::path::Path::new(path);
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (kind, mime) = guess_kind(path);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file")
+        .to_owned();
+    let f = c.upload_file(kind, mime, &name, &data, 1 << 20)?;
+    let line = file_line(&f.to_body()).unwrap_or_default();
+    if let Some(g) = target.strip_prefix('#') {
+        let g: u64 = g.parse().context("bad group id")?;
+        c.send_c2g(GroupId(g), cmid, f.to_body())?;
+        Ok(format!("  ✓ posted {line} to #{g}"))
+    } else {
+        let u: u64 = target.parse().context("bad user id")?;
+        let ack = c.send_c2c(UserId(u), cmid, f.to_body())?;
+        Ok(format!(
+            "  ✓ sent {line} (msg {}, seq {})",
+            ack.msg_id, ack.seq
+        ))
     }
 }
 
@@ -550,6 +626,34 @@ fn main() -> anyhow::Result<()> {
                         Err(_) => println!("! bad user id"),
                     }
                     continue;
+                } else if let Some(rest) = line.strip_prefix("/send ") {
+                    let Some((target, path)) = rest.trim().split_once(' ') else {
+                        println!("! usage: /send <uid>|#<group> <path>");
+                        continue;
+                    };
+                    next_cmid += 1;
+                    match send_file(&mut c, target, path.trim(), next_cmid) {
+                        Ok(m) => println!("{m}"),
+                        Err(e) => println!("! not sent: {e:#}"),
+                    }
+                    continue;
+                } else if let Some(rest) = line.strip_prefix("/fetch ") {
+                    let Some((seq, path)) = rest
+                        .trim()
+                        .split_once(' ')
+                        .and_then(|(s, p)| Some((s.parse::<u64>().ok()?, p.trim())))
+                    else {
+                        println!("! usage: /fetch <seq> <path>");
+                        continue;
+                    };
+                    match c.fetch_file(Seq(seq)) {
+                        Ok(b) => match std::fs::write(path, &b) {
+                            Ok(()) => println!("  ✓ {} bytes written to {path}", b.len()),
+                            Err(e) => println!("! cannot write {path}: {e}"),
+                        },
+                        Err(e) => println!("! not fetched: {e}"),
+                    }
+                    continue;
                 } else if line == "/sync" {
                     let n = tl.sync(&mut c)?;
                     println!("synced {n} new message(s); last seq {}", tl.last_seq);
@@ -559,7 +663,7 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/sync          fetch missed messages\n/quit          log out");
                     continue;
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {
@@ -920,5 +1024,39 @@ mod tests {
             group_event_line(7, 9, false, &ev(GroupEventKind::MemberLeft, &[9])),
             "#7: 9 left"
         );
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn file_messages_read_as_a_line_and_kinds_follow_the_extension() {
+        let f = FileRef {
+            kind: FileKind::Image,
+            sha256: [1; 32],
+            size: 12_345,
+            key: [2; 16],
+            mime: "image/png".into(),
+            name: "cat.png".into(),
+            width: 640,
+            height: 480,
+            duration_ms: 0,
+            thumb: bytes::Bytes::new(),
+        };
+        assert_eq!(
+            file_line(&f.to_body()).as_deref(),
+            Some("[image cat.png, image/png, 640×480, 12345 bytes]")
+        );
+        assert_eq!(file_line(&bytes::Bytes::from_static(b"hi")), None);
+        assert!(file_line(&bytes::Bytes::from_static(&[0xFF, 7]))
+            .unwrap()
+            .contains("unreadable"));
+        let p = |s: &str| guess_kind(std::path::Path::new(s));
+        assert_eq!(p("a/B.JPG"), (FileKind::Image, "image/jpeg"));
+        assert_eq!(p("v.ogg"), (FileKind::Voice, "audio/ogg"));
+        assert_eq!(p("m.mp4"), (FileKind::Video, "video/mp4"));
+        assert_eq!(p("doc"), (FileKind::File, "application/octet-stream"));
     }
 }
