@@ -1293,3 +1293,116 @@ fn json_logs_are_one_object_per_line() {
     }
     child.kill().unwrap();
 }
+
+/// File messages across two logic nodes: the file service of node 0 stores the files (both
+/// nodes name it in `files.public_url` and share the secret), a member on node 1 fetches a
+/// group's file through the group's owner on the other node, a c2c file sent from node 0 is
+/// accepted by its key and fetched on node 1, and a member removed on one node is refused.
+#[test]
+fn file_messages_span_logic_nodes() {
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (p0, p1) = (free_port(), free_port());
+    let config = |d: &Path| {
+        let f = d.join("node.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "[files]\npublic_url = \"http://127.0.0.1:{p0}\"\n\
+                 secret = \"a-shared-file-secret-of-the-cluster\"\n"
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let (c0, c1) = (config(d0.path()), config(d1.path()));
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let node = |d: &Path, cfg: &Path, id: &str, api: u16| {
+        spawn_with_api(
+            &[
+                "logic",
+                "--api-listen",
+                &format!("127.0.0.1:{api}"),
+                "--config",
+                cfg.to_str().unwrap(),
+                "--node-id",
+                id,
+                "--nodes",
+                &nodes,
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--logic-workers",
+                "2",
+            ],
+            "links on ",
+        )
+    };
+    let (mut n0, _, api0) = node(d0.path(), &c0, "0", p0);
+    let (mut n1, _, api1) = node(d1.path(), &c1, "1", p1);
+    assert_eq!((api0.port(), api1.port()), (p0, p1));
+    let (mut g1, a1) = spawn_gate(1, &nodes);
+    let u0 = (9700..).find(|&u| node_of(u, 2) == 0).unwrap();
+    let u1 = (9700..).find(|&u| node_of(u, 2) == 1).unwrap();
+    let (mut c0, _) = login_retry(a1, u0, Seq(0));
+    let (mut c1, _) = login_retry(a1, u1, Seq(0));
+    // A group owned by node 0, so that u1's requests about it cross the peer link.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let group = loop {
+        match c0.create_group("files", &[UserId(u1)]) {
+            Ok(g) if node_of(g.0, 2) == 0 => break g,
+            Ok(_) => {}
+            Err(ClientError::Timeout) => {}
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("create: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no group on node 0");
+    };
+    let bytes: Vec<u8> = (0..70_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let f = c0
+        .upload_file(
+            im_shared::files::FileKind::File,
+            "application/zip",
+            "a.zip",
+            &bytes,
+            16 << 10,
+        )
+        .unwrap();
+    c0.send_c2g(group, 1, f.to_body()).unwrap();
+    c0.send_c2c(UserId(u1), 2, f.to_body()).unwrap();
+    let mut tl = Timeline::new(Seq(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let files = loop {
+        tl.sync(&mut c1).unwrap();
+        let v: Vec<_> = tl
+            .messages
+            .iter()
+            .filter(|m| matches!(im_shared::files::FileRef::from_body(&m.body), Ok(Some(_))))
+            .map(|m| (m.conv, m.seq))
+            .collect();
+        if v.len() == 2 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "file messages missing: {v:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (conv, seq) in &files {
+        let (url, _) = c1.file_url(*seq).unwrap();
+        assert!(url.starts_with(&format!("http://127.0.0.1:{p0}/")), "{url}");
+        assert_eq!(c1.fetch_file(*seq).unwrap(), bytes, "conv {conv}");
+    }
+    // Removed on node 0, refused for the group's file on node 1; the c2c copy stays readable.
+    c0.group_remove(group, &[UserId(u1)]).unwrap();
+    for (conv, seq) in files {
+        let r = c1.file_url(seq);
+        if conv == im_shared::proto::CONV_C2G {
+            assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotMember));
+        } else {
+            r.unwrap();
+        }
+    }
+    for p in [&mut n0, &mut n1, &mut g1] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}
