@@ -209,7 +209,10 @@ mod tests {
         // A logic node of a cluster is told what its file service needs.
         let w = check(&c, Role::Logic, None).warnings;
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("public_url") && w[1].contains("secret"), "{w:?}");
+        assert!(
+            w[0].contains("public_url") && w[1].contains("secret"),
+            "{w:?}"
+        );
         c.files.public_url = Some("http://10.0.0.1:8080".into());
         c.files.secret = Some("x".repeat(32));
         assert!(check(&c, Role::Logic, None).warnings.is_empty());

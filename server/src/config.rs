@@ -266,8 +266,20 @@ mod tests {
         assert_eq!(cfg.org_visibility, d.org_visibility);
         let (f, df) = (&cfg.files, &d.files);
         assert_eq!(
-            (f.enabled, f.max_size, f.max_chunk, f.ticket_secs, f.url_secs),
-            (df.enabled, df.max_size, df.max_chunk, df.ticket_secs, df.url_secs)
+            (
+                f.enabled,
+                f.max_size,
+                f.max_chunk,
+                f.ticket_secs,
+                f.url_secs
+            ),
+            (
+                df.enabled,
+                df.max_size,
+                df.max_chunk,
+                df.ticket_secs,
+                df.url_secs
+            )
         );
     }
 
