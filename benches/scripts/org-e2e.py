@@ -17,10 +17,12 @@ import hmac
 import http.client
 import json
 import os
-import socket
 import struct
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import improto  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--api", required=True)
@@ -30,7 +32,6 @@ ap.add_argument("--key", default="biz")
 ap.add_argument("--secret", default="s3cret")
 ap.add_argument("--uid", type=int, default=1)
 args = ap.parse_args()
-TOKEN_SECRET = os.environ.get("IM_TOKEN_SECRET", "dev-secret-change-me")
 
 
 def signed(method, target, body=b""):
@@ -80,51 +81,17 @@ print(f"the same import again: version {v2} (unchanged: {v2 == version}), "
 if v2 != version:
     sys.exit("a repeated import wrote records")
 
-# --- a client from PROTOCOL.md
-host, port = args.gate.rsplit(":", 1)
-sock = socket.create_connection((host, int(port)), timeout=30)
-sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as every real client does
-buf = b""
-req = 0
-
-
-def send(cmd, body):
-    global req
-    req += 1
-    sock.sendall(b"IM" + bytes([1, cmd]) + struct.pack(">II", req, len(body)) + body)
-    return req
+# --- a client from PROTOCOL.md (improto.py)
+conn = improto.Conn(args.gate, args.uid, "org-e2e")
+send, reply = conn.send, conn.reply
 
 
 def frame():
-    global buf
-    while True:
-        if len(buf) >= 12:
-            n = struct.unpack(">I", buf[8:12])[0]
-            if len(buf) >= 12 + n:
-                cmd, rid = buf[3], struct.unpack(">I", buf[4:8])[0]
-                b, buf = buf[12:12 + n], buf[12 + n:]
-                return cmd, rid, b
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            sys.exit("server closed the connection")
-        buf += chunk
-
-
-def s16(s):
-    b = s.encode()
-    return struct.pack(">H", len(b)) + b
-
-
-def reply(rid, want):
-    while True:
-        cmd, r, b = frame()
-        if r == rid and cmd == want:
-            return b
-        if r == rid and cmd == 0xFF:
-            code = struct.unpack(">H", b[:2])[0]
-            if code == 21:  # Overloaded: over the user's message rate; back off, ask again
-                return None
-            sys.exit(f"error {code}: {b[4:].decode()}")
+    # A push that arrived while a request waited is taken first.
+    if conn.pushes:
+        cmd, b = conn.pushes.pop(0)
+        return cmd, 0, b
+    return conn.frame()
 
 
 def records_of(b, off):
@@ -153,14 +120,6 @@ def records_of(b, off):
         out.append((key, ver, deleted))
     return out
 
-
-exp = int(time.time()) + 3600
-payload = f"v1.{args.uid}.{exp}"
-token = payload + "." + hmac.new(TOKEN_SECRET.encode(), payload.encode(), hashlib.sha256).hexdigest()
-rid = send(0x01, struct.pack(">QB", args.uid, 1) + s16("org-e2e") + struct.pack(">Q", 0) + s16(token))
-lr = reply(rid, 0x81)
-if struct.unpack(">H", lr[:2])[0] != 0:
-    sys.exit(f"login refused: {lr!r}")
 
 held = {}
 since, pages, nbytes, refused = 0, 0, 0, 0
