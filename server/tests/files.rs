@@ -489,3 +489,41 @@ fn a_server_without_the_file_service_says_so() {
     let e = a.send_c2c(UserId(42), 1, f.to_body()).unwrap_err();
     assert_eq!(code(e), ErrorCode::Unavailable);
 }
+
+#[test]
+fn tickets_and_urls_stop_working_when_they_expire() {
+    let s = start_with(|cfg| {
+        cfg.files.ticket_secs = 1;
+        cfg.files.url_secs = 1;
+    });
+    let mut a = login(s.addr, 51);
+    let bytes = data(2_000, 9);
+    let f = a
+        .upload_file(FileKind::File, "text/plain", "a.txt", &bytes, CHUNK_MAX)
+        .unwrap();
+    let ack = a.send_c2c(UserId(52), 1, f.to_body()).unwrap();
+    let (url, expires) = a.file_url(ack.seq).unwrap();
+    assert_eq!(get(&url, &[]).body, bytes);
+    let t = a
+        .file_ticket(FileKind::File, 3, sha256(b"abc"), "text/plain")
+        .unwrap();
+    assert!(t.expires_ms <= expires + 1_000);
+    // Past both expiries (1 s, to the millisecond): refused, with a reason that says so.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let r = get(&url, &[]);
+    assert_eq!(r.status, 403);
+    assert!(text(&r).contains("url_expired"), "{}", text(&r));
+    let r = http_request(
+        "POST",
+        &t.url,
+        &[("Authorization", format!("Ticket {}", t.ticket))],
+        &[],
+        T,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    assert!(text(&r).contains("ticket_expired"), "{}", text(&r));
+    // A new URL for the same message works again.
+    let (url, _) = a.file_url(ack.seq).unwrap();
+    assert_eq!(get(&url, &[]).body, bytes);
+}
