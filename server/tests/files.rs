@@ -527,3 +527,51 @@ fn tickets_and_urls_stop_working_when_they_expire() {
     let (url, _) = a.file_url(ack.seq).unwrap();
     assert_eq!(get(&url, &[]).body, bytes);
 }
+
+#[test]
+fn a_business_push_may_carry_a_file_reference_checked_like_a_clients() {
+    let (s, api) = start_with_api_key(("biz", "s3cret"), |cfg| cfg.files.max_chunk = CHUNK_MAX);
+    let mut a = login(s.addr, 61);
+    let mut b = login(s.addr, 62);
+    let push = |body: &[u8]| {
+        let json = format!(
+            r#"{{"from": 9000, "to_users": [62], "body_base64": "{}"}}"#,
+            im_shared::b64::encode_std(body)
+        );
+        let ts = im_shared::token::now_secs();
+        signed_request(api, ("biz", "s3cret"), ts, "POST", "/v1/messages", &json)
+    };
+    let r = push(&[TYPED_BODY, 9]);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "invalid_argument".to_owned()),
+        "{}",
+        r.text()
+    );
+    let bytes = data(3_000, 5);
+    let mut f = a
+        .upload_file(
+            FileKind::File,
+            "application/pdf",
+            "invoice.pdf",
+            &bytes,
+            CHUNK_MAX,
+        )
+        .unwrap();
+    let good = f.key;
+    f.key = [7; 16];
+    let r = push(&f.to_body());
+    assert_eq!(
+        (r.status, r.error_code()),
+        (403, "forbidden".to_owned()),
+        "{}",
+        r.text()
+    );
+    assert_no_deliver(&mut b, Duration::from_millis(200));
+    f.key = good;
+    let r = push(&f.to_body());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = next_deliver(&mut b);
+    assert_eq!(file_of(&m.body), f);
+    assert_eq!(b.fetch_file(m.seq).unwrap(), bytes);
+}
