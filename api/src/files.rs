@@ -37,6 +37,39 @@ pub const DEFAULT_MAX_CHUNK: usize = 8 << 20;
 /// Bytes read from the store per body frame of a download.
 const READ_CHUNK: u64 = 256 * 1024;
 
+/// Chunks and files above this size are written / hashed on the blocking pool ([`offload`]).
+const OFFLOAD_ABOVE: u64 = 256 * 1024;
+
+/// Runs `f` on the store on tokio's blocking pool. Used for the two operations that can take long
+/// on a local store (which does plain file I/O, complete at the first poll): a chunk's write and
+/// `fdatasync` (up to `max_chunk`), and the completion that hashes the whole file (about a second
+/// for 256 MiB), when the chunk or the file is above [`OFFLOAD_ABOVE`]. Inline, they would stall
+/// the API's one thread and every other request with it. Everything smaller (a picture, status,
+/// size, reads of 256 KiB, begin) stays inline: a hand-off to another thread costs more than it
+/// does (docs/BENCHMARKS.md, "File messages").
+async fn offload<T, F, Fut>(store: &FileBackend, f: F) -> Result<T, FileError>
+where
+    F: FnOnce(FileBackend) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, FileError>>,
+    T: Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut fut = std::pin::pin!(f(store));
+        match fut
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(FileError::Io(
+                "a local file operation did not complete at once".into(),
+            )),
+        }
+    })
+    .await
+    .map_err(|e| FileError::Io(format!("file store task: {e}")))?
+}
+
 /// The file service as the HTTP API serves it.
 #[derive(Clone, Debug)]
 pub struct FilesHttp {
@@ -292,11 +325,16 @@ async fn handle_inner(state: &State, path: FilePath, req: Request<Incoming>) -> 
             let chunk = read_body(&parts.headers, body, files.max_chunk).await?;
             let mut received = st.received;
             if !chunk.is_empty() || offset != st.received {
-                received = files
-                    .store
-                    .append(id, offset, &chunk)
+                received = if chunk.len() as u64 > OFFLOAD_ABOVE {
+                    let data = chunk.clone();
+                    offload(&files.store, move |s| async move {
+                        s.append(id, offset, &data).await
+                    })
                     .await
-                    .map_err(store_error)?;
+                } else {
+                    files.store.append(id, offset, &chunk).await
+                }
+                .map_err(store_error)?;
                 state
                     .file_metrics
                     .received_bytes
@@ -309,7 +347,12 @@ async fn handle_inner(state: &State, path: FilePath, req: Request<Incoming>) -> 
                     .insert("upload-offset", HeaderValue::from(received));
                 return Ok(r);
             }
-            let file = files.store.complete(id).await.map_err(store_error)?;
+            let file = if st.size > OFFLOAD_ABOVE {
+                offload(&files.store, move |s| async move { s.complete(id).await }).await
+            } else {
+                files.store.complete(id).await
+            }
+            .map_err(store_error)?;
             state
                 .file_metrics
                 .uploads_completed

@@ -6,7 +6,8 @@ protocol, uploads and downloads over HTTP, file references sent as c2c messages.
   1. small images one after another on one connection: ticket + begin + one chunk + the message's
      SendAck, per image (p50/p99) and images/s;
   2. the same from THREADS users at once (the API serves them on one thread): images/s, MB/s;
-  3. one large file in CHUNK_MB chunks (each chunk synced before its answer): MB/s;
+  3. one large file in CHUNK_MB chunks (each chunk synced before its answer): MB/s, and meanwhile
+     the latency of `GET /healthz` on the same API (what the upload costs the API's other callers);
   4. the recipient's FileDownload → FileUrl, a whole GET (checked by SHA-256) in MB/s, and ranged
      GETs of 64 KiB at random offsets (p50/p99).
 
@@ -140,11 +141,36 @@ a = improto.Conn(args.gate, 3, "big")
 b = improto.Conn(args.gate, 4, "big")
 big = os.urandom(args.big_mb << 20)
 web = Http()
+probe, probing = [], [True]
+api_base = None
+
+
+def probe_api():
+    h = Http()
+    while probing[0]:
+        if api_base:
+            t = time.monotonic()
+            st, _, _ = h.req("GET", api_base + "/healthz")
+            probe.append(time.monotonic() - t)
+            if st != 200:
+                sys.exit(f"healthz: {st}")
+        time.sleep(0.005)
+
+
+# The API's address: from a ticket (the file endpoints are on its listener).
+rid = a.send(0x24, struct.pack(">BQ", 4, 1) + bytes(32) + improto.s16("text/plain"))
+tb = a.reply(rid, 0x9A)
+api_base = tb[2:2 + struct.unpack(">H", tb[:2])[0]].decode().split("/v1/")[0]
+pt = threading.Thread(target=probe_api)
+pt.start()
 t0 = time.monotonic()
 body = upload(a, web, 4, "application/octet-stream", big, args.chunk_mb << 20)
 el = time.monotonic() - t0
+probing[0] = False
+pt.join()
 print(f"one {args.big_mb} MiB file in {args.chunk_mb} MiB chunks: {el:.2f} s = "
-      f"{args.big_mb / el:.0f} MiB/s (hash checked at the end)")
+      f"{args.big_mb / el:.0f} MiB/s (hash checked at the end); GET /healthz meanwhile: "
+      f"{len(probe)} calls, p50 {pct(probe, .5) * 1000:.2f} ms, max {max(probe) * 1000:.1f} ms")
 send_c2c(a, 4, 1, body)
 
 # 4. the recipient downloads it

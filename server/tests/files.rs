@@ -575,3 +575,18 @@ fn a_business_push_may_carry_a_file_reference_checked_like_a_clients() {
     assert_eq!(file_of(&m.body), f);
     assert_eq!(b.fetch_file(m.seq).unwrap(), bytes);
 }
+
+#[test]
+fn a_large_chunk_and_a_large_file_are_written_off_the_api_thread_and_read_back() {
+    // Default `max_chunk` (8 MiB): one 600 kB chunk, and a file above the size where the API
+    // hands the write and the hash to its blocking pool.
+    let s = start();
+    let mut a = login(s.addr, 71);
+    let bytes = data(600_000, 11);
+    let f = a
+        .upload_file(FileKind::Video, "video/mp4", "clip.mp4", &bytes, 1 << 20)
+        .unwrap();
+    assert_eq!(f.sha256, sha256(&bytes));
+    let ack = a.send_c2c(UserId(72), 1, f.to_body()).unwrap();
+    assert_eq!(a.fetch_file(ack.seq).unwrap(), bytes);
+}
