@@ -713,6 +713,9 @@ fn on_frame(core: &Core, c: &Rc<Conn>, cmd: Cmd, req_id: u32, body: Bytes) -> bo
                 return true;
             }
             c.forwarded(cmd, req_id);
+            if matches!(cmd, Cmd::SendC2c | Cmd::SendC2g) {
+                core.time_request(c.id.serial(), req_id, false);
+            }
             core.push_up(
                 usize::from(c.lane),
                 Up::Frame {

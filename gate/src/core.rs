@@ -54,6 +54,8 @@ pub struct CoreCtx {
     /// This core's count of `Down` messages handed over and not applied yet (`GateSink`).
     pub backlog: Arc<std::sync::atomic::AtomicUsize>,
     pub stats: Arc<CoreStats>,
+    /// The gate's latency histograms (shared by its cores).
+    pub latency: Arc<crate::GateLatency>,
     /// Gate-wide connection counts and per-IP state (limits.rs).
     pub admission: Arc<Admission>,
     /// TLS configurations and WebSocket settings (transport/).
@@ -95,7 +97,18 @@ pub struct Core {
     pub dirty: RefCell<Vec<Rc<Conn>>>,
     pub poller_waker: RefCell<Option<Waker>>,
     pub sender_waker: RefCell<Option<Waker>>,
+    /// Requests being timed for the latency histograms: `(conn serial, req_id)` → when the gate
+    /// read them and whether it is a login (bounded by [`MAX_TIMED`]).
+    timed: RefCell<HashMap<(u32, u32), (Instant, bool)>>,
+    /// Sends seen, to time one in [`SEND_SAMPLE`].
+    sends: Cell<u32>,
 }
+
+/// Requests timed at once per core; past it the table is emptied (answers lost with a closed
+/// connection or a restarted logic node would otherwise stay in it).
+const MAX_TIMED: usize = 4096;
+/// One send in this many is timed.
+const SEND_SAMPLE: u32 = 16;
 
 /// Binds one `SO_REUSEPORT` listener per core on the configured address (port 0 picks one port
 /// for all of them).
@@ -510,6 +523,7 @@ pub fn test_core_of(cores: usize, colocated: bool) -> Rc<Core> {
         peers: (0..cores).map(|_| crate::mailbox::mailbox().0).collect(),
         backlog: Arc::default(),
         stats: Arc::new(CoreStats::default()),
+        latency: Arc::default(),
         admission: Admission::new(Default::default()),
         transport: Arc::new(Transport::new(&GateConfig::default()).expect("plain transport")),
         hosted: None,
@@ -539,6 +553,8 @@ impl Core {
             dirty: RefCell::new(Vec::new()),
             poller_waker: RefCell::new(None),
             sender_waker: RefCell::new(None),
+            timed: RefCell::default(),
+            sends: Cell::new(0),
         })
     }
 
@@ -637,6 +653,7 @@ impl Core {
             );
         } else {
             c.login_sent.set(true);
+            self.time_request(id.serial(), login.req_id, true);
             self.push_up(
                 lane,
                 Up::Frame {
@@ -679,9 +696,11 @@ impl Core {
         match d {
             Down::Send { data, .. } => {
                 c.answered(&data);
+                self.answers_timed(conn.serial(), &data);
                 c.enqueue(self, data);
             }
             Down::Bind { uid, data, .. } => {
+                self.answers_timed(conn.serial(), &data);
                 if uid == c.uid.get() && !c.logged_in.get() {
                     c.logged_in.set(true);
                     c.last_active.set(self.now_secs());
@@ -693,9 +712,55 @@ impl Core {
                 c.enqueue(self, data);
             }
             Down::Close { data, .. } => {
+                self.answers_timed(conn.serial(), &data);
                 self.on_login_closed(&c, &data);
                 c.enqueue(self, data);
                 c.close_after_flush(self);
+            }
+        }
+    }
+
+    /// Starts timing a request the gate forwards to logic: every login, one send in
+    /// [`SEND_SAMPLE`].
+    pub(crate) fn time_request(&self, serial: u32, req_id: u32, login: bool) {
+        if !login {
+            let n = self.sends.get().wrapping_add(1);
+            self.sends.set(n);
+            if n % SEND_SAMPLE != 0 {
+                return;
+            }
+        }
+        let mut t = self.timed.borrow_mut();
+        if t.len() >= MAX_TIMED {
+            t.clear();
+        }
+        t.insert((serial, req_id), (Instant::now(), login));
+    }
+
+    /// Observes the timed requests that the frames in `data` answer (`SendAck`, `LoginResult`,
+    /// or an `Error` with their req_id).
+    fn answers_timed(&self, serial: u32, data: &[u8]) {
+        if self.timed.borrow().is_empty() {
+            return;
+        }
+        let mut at = 0;
+        while let Some(h) = data.get(at..at + im_shared::HEADER_LEN) {
+            let req_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            at += im_shared::HEADER_LEN + u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+            let answer = matches!(
+                Cmd::from_u8(h[3]),
+                Some(Cmd::SendAck | Cmd::LoginResult | Cmd::Error)
+            );
+            if !answer || req_id == 0 {
+                continue;
+            }
+            if let Some((t, login)) = self.timed.borrow_mut().remove(&(serial, req_id)) {
+                let h = if login {
+                    &self.ctx.latency.login
+                } else {
+                    &self.ctx.latency.send_ack
+                };
+                h.observe(t.elapsed());
             }
         }
     }

@@ -185,11 +185,21 @@ pub struct Gate {
     rxs: Vec<MailboxRx<CoreMsg>>,
 }
 
+/// The gate's latency histograms, shared by its cores (an observation is two relaxed atomic adds).
+#[derive(Debug, Default)]
+pub struct GateLatency {
+    /// A sample of sends: the frame read → its `SendAck` (or refusal) from logic.
+    pub send_ack: im_shared::prom::Histogram,
+    /// Every login: `Login` forwarded → its `LoginResult` from logic.
+    pub login: im_shared::prom::Histogram,
+}
+
 /// A running gate.
 pub struct GateHandle {
     local_addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
     stats: Vec<Arc<CoreStats>>,
+    latency: Arc<GateLatency>,
     sink: Arc<GateSink>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -266,6 +276,7 @@ impl Gate {
         let cfg = Arc::new(self.cfg);
         let admission = limits::Admission::new(cfg.limits.clone());
         let mut stats = Vec::new();
+        let latency = Arc::new(GateLatency::default());
         let mut threads = Vec::new();
         for (i, (listener, rx)) in listeners.into_iter().zip(self.rxs).enumerate() {
             let st = Arc::new(CoreStats::default());
@@ -277,6 +288,7 @@ impl Gate {
                 peers: self.sink.cores.clone(),
                 backlog: self.sink.backlog[i].clone(),
                 stats: st,
+                latency: latency.clone(),
                 admission: admission.clone(),
                 transport: transport.clone(),
                 hosted: tasks.next(),
@@ -293,6 +305,7 @@ impl Gate {
             local_addr,
             ws_addr,
             stats,
+            latency,
             sink: self.sink,
             threads,
         })
@@ -309,6 +322,7 @@ pub fn check_transport(cfg: &GateConfig) -> std::io::Result<()> {
 #[derive(Clone)]
 pub struct StatsHandle {
     cores: Vec<Arc<CoreStats>>,
+    latency: Arc<GateLatency>,
     /// The cores' mailboxes (downstream batches from logic, hand-offs), for their depth.
     mailboxes: Vec<Mailbox<CoreMsg>>,
     /// The cores' `Down` backlogs.
@@ -330,6 +344,16 @@ impl StatsHandle {
         for (name, kind, help, v) in self.snapshot().metrics() {
             im_shared::prom::metric(out, name, kind, help, v);
         }
+        self.latency.send_ack.render(
+            out,
+            "im_gate_send_ack_seconds",
+            "A sample (one in 16) of SendC2c/SendC2g from the gate reading the frame to the gate getting its SendAck or refusal from logic: the server's share of a send's latency.",
+        );
+        self.latency.login.render(
+            out,
+            "im_gate_login_seconds",
+            "Logins from the gate forwarding the Login to the gate getting its LoginResult from logic (token check, session, kickout).",
+        );
         im_shared::prom::labeled(
             out,
             "im_gate_core_mailbox",
@@ -370,6 +394,7 @@ impl GateHandle {
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle {
             cores: self.stats.clone(),
+            latency: self.latency.clone(),
             mailboxes: self.sink.cores.clone(),
             backlog: self.sink.backlog.clone(),
         }

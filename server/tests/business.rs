@@ -720,6 +720,21 @@ fn healthz_and_metrics_show_message_counters_and_gate_gauges() {
         assert!(count.is_some_and(|c| c >= 2), "{h}_count {count:?}");
         assert_eq!(metric(&m, &format!("{h}_bucket{{le=\"+Inf\"}}")), count);
     }
+    // The gate's own histograms: both logins; one send in 16 (15 more make the 16th).
+    for i in 2..=16 {
+        a.send_c2c(UserId(51072), i, "more").unwrap();
+    }
+    let m = api.plain("GET", "/metrics", "").text();
+    for (h, n) in [
+        ("im_gate_login_seconds", 2),
+        ("im_gate_send_ack_seconds", 1),
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {h} histogram\n")),
+            "{h} missing"
+        );
+        assert_eq!(metric(&m, &format!("{h}_count")), Some(n), "{h}");
+    }
     // Caches and queues (issue 14): both users are cached, nothing waits anywhere now.
     api.wait_metric("im_users_cached", 2);
     api.wait_metric("im_users_evicted_total", 0);
