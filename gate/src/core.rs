@@ -107,7 +107,7 @@ pub struct Core {
 /// Requests timed at once per core; past it the table is emptied (answers lost with a closed
 /// connection or a restarted logic node would otherwise stay in it).
 const MAX_TIMED: usize = 4096;
-/// One send in this many is timed.
+/// One send in this many is timed (a power of two).
 const SEND_SAMPLE: u32 = 16;
 
 /// Binds one `SO_REUSEPORT` listener per core on the configured address (port 0 picks one port
@@ -726,7 +726,7 @@ impl Core {
         if !login {
             let n = self.sends.get().wrapping_add(1);
             self.sends.set(n);
-            if n % SEND_SAMPLE != 0 {
+            if n & (SEND_SAMPLE - 1) != 0 {
                 return;
             }
         }

@@ -430,6 +430,7 @@ mod stats_tests {
         m1.send(CoreMsg::Shutdown).ok();
         let h = StatsHandle {
             cores,
+            latency: Arc::default(),
             mailboxes: vec![m0, m1],
             backlog: vec![Arc::default(), Arc::new(AtomicUsize::new(3))],
         };
