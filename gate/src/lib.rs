@@ -123,6 +123,8 @@ pub struct GateSink {
     /// cores waiting for each other); they ask [`DownstreamSink::has_room`] and wait
     /// asynchronously instead.
     hosted: AtomicBool,
+    /// The gate's latency histograms (its cores and its links observe them).
+    pub latency: Arc<GateLatency>,
 }
 
 pub use im_shared::link::DOWN_WAIT_MAX;
@@ -192,6 +194,9 @@ pub struct GateLatency {
     pub send_ack: im_shared::prom::Histogram,
     /// Every login: `Login` forwarded → its `LoginResult` from logic.
     pub login: im_shared::prom::Histogram,
+    /// A gate process's links to logic nodes: `Ping` written → `Pong` read, one every few
+    /// seconds per link, busy or idle.
+    pub link_rtt: im_shared::prom::Histogram,
 }
 
 /// A running gate.
@@ -216,6 +221,7 @@ impl Gate {
                 max_backlog,
                 cores: txs,
                 hosted: AtomicBool::new(false),
+                latency: Arc::default(),
             }),
             rxs,
         }
@@ -276,7 +282,7 @@ impl Gate {
         let cfg = Arc::new(self.cfg);
         let admission = limits::Admission::new(cfg.limits.clone());
         let mut stats = Vec::new();
-        let latency = Arc::new(GateLatency::default());
+        let latency = self.sink.latency.clone();
         let mut threads = Vec::new();
         for (i, (listener, rx)) in listeners.into_iter().zip(self.rxs).enumerate() {
             let st = Arc::new(CoreStats::default());
@@ -353,6 +359,11 @@ impl StatsHandle {
             out,
             "im_gate_login_seconds",
             "Logins from the gate forwarding the Login to the gate getting its LoginResult from logic (token check, session, kickout).",
+        );
+        self.latency.link_rtt.render(
+            out,
+            "im_gate_link_rtt_seconds",
+            "Round trips of a gate process's links to logic nodes (Ping written to Pong read; one every 5 s per link, busy or idle; none in a single node).",
         );
         im_shared::prom::labeled(
             out,
@@ -474,6 +485,7 @@ mod stats_tests {
             backlog: vec![backlog.clone()],
             max_backlog,
             hosted: AtomicBool::new(hosted),
+            latency: Arc::default(),
         };
         (sink, rx, backlog)
     }

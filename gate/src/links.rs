@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,11 +120,12 @@ impl TcpUpstream {
                     failing = None;
                     tracing::info!(lane, %addr, "logic link up");
                     node.up.store(true, Ordering::Relaxed);
+                    let ping = Arc::new(PingClock::default());
                     let reader = stream.try_clone().map(|s| {
-                        let sink = sink.clone();
-                        std::thread::spawn(move || read_loop(s, gate_id, &sink))
+                        let (sink, ping) = (sink.clone(), ping.clone());
+                        std::thread::spawn(move || read_loop(s, gate_id, &sink, &ping))
                     });
-                    write_loop(&stream, &rx, &node.queued);
+                    write_loop(&stream, &rx, &node.queued, &ping);
                     node.up.store(false, Ordering::Relaxed);
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     if let Ok(r) = reader {
@@ -208,7 +209,50 @@ fn connect(addr: SocketAddr, gate_id: u16, me: &Announce) -> std::io::Result<Tcp
     Ok(s)
 }
 
-fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize) {
+/// The `Ping` of a link in flight, for its round trip (`im_gate_link_rtt_seconds`).
+struct PingClock {
+    base: std::time::Instant,
+    /// Nanoseconds after `base` when the outstanding `Ping` was written; 0: none.
+    sent_ns: AtomicU64,
+    /// When the last `Ping` was written (`sent_ns` may already be cleared by its `Pong`).
+    last_ns: AtomicU64,
+}
+
+impl Default for PingClock {
+    fn default() -> Self {
+        PingClock {
+            base: std::time::Instant::now(),
+            sent_ns: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PingClock {
+    fn now_ns(&self) -> u64 {
+        (self.base.elapsed().as_nanos() as u64).max(1)
+    }
+
+    /// Appends a `Ping` to `out` if none was written for [`PING_EVERY`] and none is in flight.
+    fn maybe_ping(&self, out: &mut BytesMut) {
+        let now = self.now_ns();
+        let last = self.last_ns.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= PING_EVERY.as_nanos() as u64;
+        if due && self.sent_ns.load(Ordering::Relaxed) == 0 {
+            link::encode_msg(&LinkMsg::Ping, out);
+            self.sent_ns.store(now, Ordering::Relaxed);
+            self.last_ns.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// A `Pong` arrived: its round trip, if a `Ping` was in flight.
+    fn pong(&self) -> Option<Duration> {
+        let sent = self.sent_ns.swap(0, Ordering::Relaxed);
+        (sent != 0).then(|| Duration::from_nanos(self.now_ns().saturating_sub(sent)))
+    }
+}
+
+fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize, ping: &PingClock) {
     let mut s = stream;
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -216,7 +260,7 @@ fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize) 
         let first = match rx.recv_timeout(PING_EVERY) {
             Ok(b) => b,
             Err(RecvTimeoutError::Timeout) => {
-                link::encode_msg(&LinkMsg::Ping, &mut out);
+                ping.maybe_ping(&mut out);
                 if s.write_all(&out).is_err() {
                     return;
                 }
@@ -224,6 +268,8 @@ fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize) 
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        // A busy link is timed too: a `Ping` rides with the batch when one is due.
+        ping.maybe_ping(&mut out);
         let mut frames = 0;
         let mut add = |batch: Vec<Up>, out: &mut BytesMut| {
             for up in &batch {
@@ -250,7 +296,7 @@ fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize) 
     }
 }
 
-fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink) {
+fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink, ping: &PingClock) {
     let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut tmp = vec![0u8; 64 * 1024];
@@ -267,7 +313,12 @@ fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink) {
                 Ok(Some(LinkMsg::Down(d))) => {
                     per_core.entry(d.conn().core()).or_default().push(d);
                 }
-                Ok(Some(LinkMsg::Hello { .. } | LinkMsg::Pong | LinkMsg::Ping)) => {}
+                Ok(Some(LinkMsg::Pong)) => {
+                    if let Some(rtt) = ping.pong() {
+                        sink.latency.link_rtt.observe(rtt);
+                    }
+                }
+                Ok(Some(LinkMsg::Hello { .. } | LinkMsg::Ping)) => {}
                 Ok(Some(other)) => {
                     tracing::warn!("unexpected link message from logic: {other:?}");
                 }

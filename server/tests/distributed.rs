@@ -129,6 +129,21 @@ fn a_gate_serves_health_and_metrics_on_its_status_listener() {
     assert!(accepted >= 1, "{text}");
     assert!(im_testkit::http::metric(&text, "im_gate_frames_in_total").unwrap() >= 1);
     assert!(text.contains("im_gate_core_mailbox{core=\"1\"}"), "{text}");
+    // The link's round trip is timed from its first batch on (a Ping rides with it), and the
+    // login through this gate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let t = im_testkit::http::http(status, "GET", "/metrics", &[], b"").text();
+        let n = im_testkit::http::metric(&t, "im_gate_link_rtt_seconds_count");
+        if n.is_some_and(|n| n >= 1) || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for h in ["im_gate_link_rtt_seconds", "im_gate_login_seconds"] {
+        let n = im_testkit::http::metric(&text, &format!("{h}_count"));
+        assert!(n.is_some_and(|n| n >= 1), "{h}: {n:?}\n{text}");
+    }
     // No business API on a gate: a clear 404, not an empty iplist.
     let (code, body) = http_json(status, "GET", "/v1/iplist?uid=1", &[], "");
     assert_eq!(code, 404);
