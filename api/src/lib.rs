@@ -24,6 +24,9 @@ mod org;
 mod server;
 
 pub use auth::{sign, HEADER_KEY, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+
+/// The git commit this build was made from (`unknown` outside a checkout); `im_build_info`.
+pub const GIT_COMMIT: &str = env!("IM_GIT_COMMIT");
 pub use backend::{Accepted, ApiBackend, ApiError, BoxFut, GroupWithMembers, PushTarget};
 pub use files::{FileBackend, FilesHttp, DEFAULT_MAX_CHUNK, STALE_UPLOAD};
 pub use iplist::{order_gates, rendezvous_weight};

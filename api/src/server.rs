@@ -829,7 +829,7 @@ fn process_metrics(out: &mut String) {
         out,
         "# HELP im_build_info The running build (value 1).\n# TYPE im_build_info gauge\nim_build_info{{version=\"{}\",commit=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION"),
-        env!("IM_GIT_COMMIT")
+        crate::GIT_COMMIT
     );
     // Fields after the command name (which may hold spaces) of /proc/self/stat.
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

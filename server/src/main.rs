@@ -234,6 +234,27 @@ fn block_shutdown_signals() -> libc::sigset_t {
     }
 }
 
+/// The lifecycle's first line: what starts, which build.
+fn log_start(role: &str) {
+    tracing::info!(
+        role,
+        version = env!("CARGO_PKG_VERSION"),
+        commit = im_api::GIT_COMMIT,
+        pid = std::process::id(),
+        "im-server starting"
+    );
+}
+
+/// Waits for SIGTERM/SIGINT and says that the process stops (the lifecycle's next line).
+fn wait_for_stop(set: &libc::sigset_t, role: &str) {
+    let sig = wait_for_signal(set);
+    tracing::info!(
+        role,
+        signal = sig,
+        "shutting down: closing connections, draining logic"
+    );
+}
+
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     // SAFETY: `set` is a valid, initialised signal set blocked in this thread.
@@ -337,6 +358,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let cfg = common.config()?;
             let signals = block_shutdown_signals();
+            log_start("gate");
             let gate = im_server::start_gate(&cfg, gate_id, logic)?;
             println!("listening on {}", gate.local_addr());
             if let Some(a) = gate.ws_addr() {
@@ -356,11 +378,12 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            wait_for_signal(&signals);
+            wait_for_stop(&signals, "gate");
             if let Some(s) = status {
                 s.shutdown();
             }
             gate.shutdown();
+            tracing::info!(role = "gate", "stopped");
             Ok(())
         }
         CliCmd::Logic {
@@ -370,6 +393,7 @@ fn main() -> anyhow::Result<()> {
             nodes,
         } => {
             let cfg = common.config()?;
+            log_start("logic");
             warn_dev_secret(&cfg);
             let signals = block_shutdown_signals();
             let link_listen = link_listen
@@ -380,12 +404,14 @@ fn main() -> anyhow::Result<()> {
             if let Some(a) = node.api_addr() {
                 println!("api on {a}");
             }
-            wait_for_signal(&signals);
+            wait_for_stop(&signals, "logic");
             node.shutdown();
+            tracing::info!(role = "logic", "stopped");
             Ok(())
         }
         CliCmd::Run { common } => {
             let cfg = common.config()?;
+            log_start("run");
             warn_dev_secret(&cfg);
             // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask
             // and the main thread alone receives them below.
@@ -399,12 +425,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(a) = server.ws_addr() {
                 println!("ws on {a}");
             }
-            let sig = wait_for_signal(&signals);
-            tracing::info!(
-                signal = sig,
-                "shutting down: closing connections, draining logic"
-            );
+            wait_for_stop(&signals, "run");
             server.shutdown();
+            tracing::info!(role = "run", "stopped");
             Ok(())
         }
     }

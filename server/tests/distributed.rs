@@ -1306,7 +1306,24 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["target"].is_string(), "{l}");
         assert!(v["fields"]["message"].is_string(), "{l}");
     }
-    child.kill().unwrap();
+    // The lifecycle: the first line names the role and the build, and a SIGTERM ends with
+    // "shutting down" then "stopped".
+    let first: serde_json::Value = serde_json::from_str(&seen[0]).unwrap();
+    assert_eq!(first["fields"]["message"], "im-server starting", "{seen:?}");
+    assert_eq!(first["fields"]["role"], "run");
+    assert!(first["fields"]["version"].is_string() && first["fields"]["commit"].is_string());
+    signal(&child, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut rest = Vec::new();
+    while !rest.iter().any(|l: &String| l.contains("\"stopped\"")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => rest.push(l),
+            Err(_) => panic!("no \"stopped\" line after SIGTERM: {rest:?}"),
+        }
+    }
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{rest:?}");
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).is_some_and(|s| s.success()));
 }
 
 /// File messages across two logic nodes: the file service of node 0 stores the files (both
