@@ -340,7 +340,7 @@ impl FileKeys {
         format!(
             "u={}&e={expires_ms}&m={}&s={}",
             uid.0,
-            pct_encode(mime),
+            crate::url::percent_encode(mime),
             hex(&sig)
         )
     }
@@ -372,7 +372,7 @@ impl FileKeys {
         };
         let uid = UserId(u.parse().map_err(|_| SignedError::Malformed)?);
         let expires_ms: u64 = e.parse().map_err(|_| SignedError::Malformed)?;
-        let mime = pct_decode(m).ok_or(SignedError::Malformed)?;
+        let mime = crate::url::percent_decode(m).ok_or(SignedError::Malformed)?;
         let sig = unhex::<32>(s).ok_or(SignedError::Malformed)?;
         let payload = Self::download_payload(sha256, uid, expires_ms, &mime);
         self.mac("im-download", payload.as_bytes())
@@ -383,35 +383,6 @@ impl FileKeys {
         }
         Ok(mime)
     }
-}
-
-fn pct_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn pct_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(h, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

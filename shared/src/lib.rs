@@ -21,6 +21,7 @@ pub mod prom;
 pub mod proto;
 pub mod shard;
 pub mod token;
+pub mod url;
 mod wire;
 
 pub use codes::{ErrorCode, KickReason};

@@ -174,22 +174,7 @@ pub fn resolve(root: &Path, target: &str) -> Option<PathBuf> {
     full.starts_with(root).then_some(full)
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
+use im_shared::url::percent_decode;
 
 fn content_type(path: &Path) -> &'static str {
     let ext = path
