@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use im_shared::url::percent_decode;
+
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Most headers in a request.
@@ -173,8 +175,6 @@ pub fn resolve(root: &Path, target: &str) -> Option<PathBuf> {
     let full = root.join(rel).canonicalize().ok()?;
     full.starts_with(root).then_some(full)
 }
-
-use im_shared::url::percent_decode;
 
 fn content_type(path: &Path) -> &'static str {
     let ext = path
