@@ -25,8 +25,8 @@ use serde_json::json;
 
 use crate::server::{full, json_with, read_body, Fail, Resp, State};
 
-/// The storage backend the endpoints use.
-pub type FileBackend = im_files::LocalFiles;
+/// The storage backend the endpoints use: the local filesystem or an S3-compatible store.
+pub type FileBackend = im_files::AnyFiles;
 
 /// An upload that has not completed this long after it began is removed.
 pub const STALE_UPLOAD: Duration = Duration::from_secs(24 * 3600);
@@ -43,7 +43,9 @@ const OFFLOAD_ABOVE: u64 = 256 * 1024;
 /// Runs `f` on the store on tokio's blocking pool. Used for the two operations that can take long
 /// on a local store (which does plain file I/O, complete at the first poll): a chunk's write and
 /// `fdatasync` (up to `max_chunk`), and the completion that hashes the whole file (about a second
-/// for 256 MiB), when the chunk or the file is above [`OFFLOAD_ABOVE`]. Inline, they would stall
+/// for 256 MiB), when the chunk or the file is above [`OFFLOAD_ABOVE`]. Only for a store whose
+/// operations complete inline (`AnyFiles::completes_inline`: the local one); an S3 store's are
+/// network calls, awaited on the API's runtime. Inline, they would stall
 /// the API's one thread and every other request with it. Everything smaller (a picture, status,
 /// size, reads of 256 KiB, begin) stays inline: a hand-off to another thread costs more than it
 /// does (docs/BENCHMARKS.md, "File messages").
@@ -325,16 +327,17 @@ async fn handle_inner(state: &State, path: FilePath, req: Request<Incoming>) -> 
             let chunk = read_body(&parts.headers, body, files.max_chunk).await?;
             let mut received = st.received;
             if !chunk.is_empty() || offset != st.received {
-                received = if chunk.len() as u64 > OFFLOAD_ABOVE {
-                    let data = chunk.clone();
-                    offload(&files.store, move |s| async move {
-                        s.append(id, offset, &data).await
-                    })
-                    .await
-                } else {
-                    files.store.append(id, offset, &chunk).await
-                }
-                .map_err(store_error)?;
+                received =
+                    if chunk.len() as u64 > OFFLOAD_ABOVE && files.store.completes_inline() {
+                        let data = chunk.clone();
+                        offload(&files.store, move |s| async move {
+                            s.append(id, offset, &data).await
+                        })
+                        .await
+                    } else {
+                        files.store.append(id, offset, &chunk).await
+                    }
+                    .map_err(store_error)?;
                 state
                     .file_metrics
                     .received_bytes
@@ -347,7 +350,7 @@ async fn handle_inner(state: &State, path: FilePath, req: Request<Incoming>) -> 
                     .insert("upload-offset", HeaderValue::from(received));
                 return Ok(r);
             }
-            let file = if st.size > OFFLOAD_ABOVE {
+            let file = if st.size > OFFLOAD_ABOVE && files.store.completes_inline() {
                 offload(&files.store, move |s| async move { s.complete(id).await }).await
             } else {
                 files.store.complete(id).await

@@ -83,6 +83,37 @@ fn data_dir(f: &mut Findings, dir: &Path) {
     }
 }
 
+/// The file service's S3 store: its configuration, then a HEAD of the bucket (credentials,
+/// bucket, reachability), within a few seconds.
+fn s3_store(f: &mut Findings, s3: &im_files::S3Config, max_size: u64) {
+    let what = format!("[files.s3] {} bucket {}", s3.endpoint, s3.bucket);
+    let store = match im_files::S3Files::new(s3.clone(), max_size) {
+        Ok(s) => s,
+        Err(e) => return f.errors.push(format!("{what}: {e}")),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return f
+                .errors
+                .push(format!("{what}: no runtime to check it: {e}"))
+        }
+    };
+    let checked = rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.check()).await
+    });
+    match checked {
+        Ok(Ok(())) => {
+            f.ok.push(format!("{what}: reachable, bucket and credentials work"))
+        }
+        Ok(Err(e)) => f.errors.push(format!("{what}: {e}")),
+        Err(_) => f.errors.push(format!("{what}: no answer within 10 s")),
+    }
+}
+
 /// Checks `cfg` for `role`; `link_listen`: a logic node's link address, if known.
 pub fn check(cfg: &ServerConfig, role: Role, link_listen: Option<SocketAddr>) -> Findings {
     let mut f = Findings::default();
@@ -136,18 +167,27 @@ pub fn check(cfg: &ServerConfig, role: Role, link_listen: Option<SocketAddr>) ->
             );
         }
         if cfg.files.enabled {
-            if let Some(d) = &cfg.files.dir {
-                data_dir(&mut f, d);
+            match &cfg.files.s3 {
+                Some(s3) => s3_store(&mut f, s3, cfg.files.max_size),
+                None => {
+                    if let Some(d) = &cfg.files.dir {
+                        data_dir(&mut f, d);
+                    }
+                }
             }
-            if role == Role::Logic && cfg.files.public_url.is_none() {
+            if role == Role::Logic && cfg.files.public_url.is_none() && cfg.files.s3.is_none() {
                 f.warnings.push(
-                    "[files] has no public_url: each logic node hands out its own API address,                      so with several nodes a file uploaded through one is not found through                      another; name the one node that stores the files in every node's                      public_url"
+                    "[files] has no public_url and no [files.s3]: each logic node hands out its \
+                     own API address, so with several nodes a file uploaded through one is not \
+                     found through another; share an S3 store ([files.s3]) or name the one node \
+                     that stores the files in every node's public_url"
                         .into(),
                 );
             }
             if role == Role::Logic && cfg.files.secret.is_none() {
                 f.warnings.push(
-                    "[files] has no secret: it is derived from token_secret, which every                      logic node must then share"
+                    "[files] has no secret: it is derived from token_secret, which every logic \
+                     node must then share"
                         .into(),
                 );
             }

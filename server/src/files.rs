@@ -34,6 +34,9 @@ pub struct FilesConfig {
     /// Lifetime of an upload ticket, of a download URL.
     pub ticket_secs: u64,
     pub url_secs: u64,
+    /// An S3-compatible object store (`[files.s3]`) instead of the local directory: what a
+    /// cluster's logic nodes share.
+    pub s3: Option<im_files::S3Config>,
 }
 
 impl Default for FilesConfig {
@@ -47,6 +50,7 @@ impl Default for FilesConfig {
             max_chunk: im_api::DEFAULT_MAX_CHUNK,
             ticket_secs: 900,
             url_secs: 3600,
+            s3: None,
         }
     }
 }
@@ -89,9 +93,20 @@ pub(crate) fn http(cfg: &ServerConfig) -> anyhow::Result<Option<FilesHttp>> {
     if !f.enabled {
         return Ok(None);
     }
-    let dir = f.dir.clone().unwrap_or_else(|| cfg.data_dir.join("files"));
-    let store = im_files::LocalFiles::open(&dir, f.max_size)
-        .map_err(|e| anyhow::anyhow!("opening the file store in {}: {e}", dir.display()))?;
+    let store = match &f.s3 {
+        Some(s3) => {
+            let s = im_files::S3Files::new(s3.clone(), f.max_size)
+                .map_err(|e| anyhow::anyhow!("the file store's [files.s3]: {e}"))?;
+            tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, "file store: S3");
+            im_files::AnyFiles::S3(s)
+        }
+        None => {
+            let dir = f.dir.clone().unwrap_or_else(|| cfg.data_dir.join("files"));
+            let s = im_files::LocalFiles::open(&dir, f.max_size)
+                .map_err(|e| anyhow::anyhow!("opening the file store in {}: {e}", dir.display()))?;
+            im_files::AnyFiles::Local(s)
+        }
+    };
     Ok(Some(FilesHttp {
         store,
         keys: keys(cfg),

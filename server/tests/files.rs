@@ -590,3 +590,45 @@ fn a_large_chunk_and_a_large_file_are_written_off_the_api_thread_and_read_back()
     let ack = a.send_c2c(UserId(72), 1, f.to_body()).unwrap();
     assert_eq!(a.fetch_file(ack.seq).unwrap(), bytes);
 }
+
+/// The same flow on the S3 backend (`[files.s3]`, a real `s3s-fs`): a picture and a file above the
+/// size the local store would write on the blocking pool, both through the API's own runtime;
+/// the objects land in the bucket; ranged reads.
+#[test]
+fn file_messages_on_an_s3_store() {
+    let Some(s3) = im_testkit::s3s::S3sFs::start("im-files") else {
+        return; // skipped (said so): s3s-fs is not installed outside CI
+    };
+    let s = start_with(|cfg| {
+        cfg.files.s3 = Some(im_files::S3Config {
+            endpoint: s3.endpoint(),
+            region: "us-east-1".into(),
+            bucket: "im-files".into(),
+            access_key: im_testkit::s3s::ACCESS_KEY.into(),
+            secret_key: im_testkit::s3s::SECRET_KEY.into(),
+            prefix: "chat".into(),
+        });
+    });
+    let (mut a, mut b) = (login(s.addr, 81), login(s.addr, 82));
+    for (n, chunk) in [(40_000usize, 16 << 10), (700_000, 512 << 10)] {
+        let bytes = data(n, n as u8);
+        let f = a
+            .upload_file(FileKind::Image, "image/jpeg", "p.jpg", &bytes, chunk)
+            .unwrap();
+        assert_eq!(f.sha256, sha256(&bytes));
+        a.send_c2c(UserId(82), n as u64, f.to_body()).unwrap();
+        let m = next_deliver(&mut b);
+        let (url, _) = b.file_url(m.seq).unwrap();
+        assert_eq!(get(&url, &[]).body, bytes);
+        let r = get(&url, &[("Range", "bytes=1000-1999".into())]);
+        assert_eq!((r.status, r.body.as_slice()), (206, &bytes[1000..2000]));
+    }
+    let blobs = std::fs::read_dir(s3.root().join("im-files/chat/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 2, "the files are objects in the bucket");
+    assert!(
+        !s.dir.path().join("files/blobs").exists(),
+        "nothing stored locally"
+    );
+}

@@ -16,6 +16,8 @@
 //!
 //! [`http`] is plain HTTP/1.1 for tests that play the business side: a client for the HTTP API,
 //! a recording webhook / push-gateway receiver, and a reader of one Prometheus series.
+//!
+//! [`s3s::S3sFs`] runs a real S3-compatible server (`s3s-fs`) for the file service's tests.
 
 pub mod directory_conformance;
 mod downstream;
@@ -23,6 +25,7 @@ mod faulty_store;
 pub mod http;
 mod redis_cluster;
 mod resp;
+pub mod s3s;
 pub mod store_conformance;
 
 pub use downstream::{DownFrame, RecordingSink};
