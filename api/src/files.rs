@@ -23,7 +23,7 @@ use im_files::{FileError, FileId, FileStore, UploadId};
 use im_shared::files::{hex, FileKeys, SignedError, Ticket};
 use serde_json::json;
 
-use crate::server::{full, json_with, read_body, Fail, Resp, State};
+use crate::server::{full, json_with, read_body_within, Fail, Resp, State};
 
 /// The storage backend the endpoints use: the local filesystem or an S3-compatible store.
 pub type FileBackend = im_files::AnyFiles;
@@ -34,6 +34,9 @@ pub const STALE_UPLOAD: Duration = Duration::from_secs(24 * 3600);
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Default largest chunk of one `PATCH`.
 pub const DEFAULT_MAX_CHUNK: usize = 8 << 20;
+/// Time one chunk's body has to arrive: a chunk is stored whole or not at all, so a client on a
+/// slow link sends chunks it can send in this time (8 MiB at 70 KB/s).
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes read from the store per body frame of a download.
 const READ_CHUNK: u64 = 256 * 1024;
 
@@ -324,7 +327,8 @@ async fn handle_inner(state: &State, path: FilePath, req: Request<Incoming>) -> 
                         "a chunk needs the header Upload-Offset: <the offset it starts at>",
                     )
                 })?;
-            let chunk = read_body(&parts.headers, body, files.max_chunk).await?;
+            let chunk =
+                read_body_within(&parts.headers, body, files.max_chunk, CHUNK_TIMEOUT).await?;
             let mut received = st.received;
             if !chunk.is_empty() || offset != st.received {
                 received =

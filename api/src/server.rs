@@ -760,6 +760,16 @@ pub(crate) async fn read_body(
     body: Incoming,
     max: usize,
 ) -> Result<Bytes, Fail> {
+    read_body_within(headers, body, max, BODY_TIMEOUT).await
+}
+
+/// [`read_body`] with another deadline (a file chunk over a slow mobile link).
+pub(crate) async fn read_body_within(
+    headers: &HeaderMap,
+    body: Incoming,
+    max: usize,
+    within: Duration,
+) -> Result<Bytes, Fail> {
     let too_large = || {
         Fail::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -774,7 +784,7 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await {
+    match tokio::time::timeout(within, Limited::new(body, max).collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Ok(Err(e)) => Err(bad_request(format!("cannot read the request body: {e}"))),
