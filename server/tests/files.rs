@@ -217,6 +217,11 @@ fn an_image_goes_from_upload_to_a_message_to_a_ranged_download() {
     let r = next_deliver(&mut b);
     assert_eq!(r.conv, CONV_RECALL);
     assert_eq!(MarkerBody::decode(r.body).unwrap().msg_id, ack.msg_id);
+    // Once recalled, its file is not handed out any more, to either side.
+    for (c, seq) in [(&mut b, m.seq), (&mut a, ack.seq)] {
+        let e = c.file_url(seq).unwrap_err();
+        assert_eq!(code(e), ErrorCode::NotFound);
+    }
 
     // The same bytes uploaded again by someone else: sent again, stored once.
     let again = b

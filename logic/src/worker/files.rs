@@ -3,7 +3,7 @@
 //! only while the user is a member). The bytes go over HTTP (im-api), never through a worker.
 
 use im_shared::files::{check_mime, FileKind, FileRef, Ticket};
-use im_shared::proto::CONV_RECALL;
+use im_shared::proto::{MarkerBody, CONV_RECALL};
 
 use super::*;
 use crate::config::FilesPolicy;
@@ -154,6 +154,23 @@ impl<S: Store> Worker<S> {
                 return round.send(conn, f);
             }
         };
+        // A recalled message's file is not handed out any more.
+        match self.recalled(uid, &m).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let f = error_frame(
+                    ErrorCode::NotFound,
+                    req_id,
+                    &format!("message {} was recalled", seq.0),
+                );
+                return round.send(conn, f);
+            }
+            Err(e) => {
+                tracing::warn!("file download of {uid}: {e}");
+                let f = error_frame(ErrorCode::Unavailable, req_id, "store unavailable");
+                return round.send(conn, f);
+            }
+        }
         // A group's post (or a business push to a group: `to` is then the group, neither the
         // user nor 0) is fetched while a member only.
         let group = m.conv == CONV_C2G || (m.conv == CONV_S2C && m.to != uid && m.to.0 != 0);
@@ -177,6 +194,39 @@ impl<S: Store> Worker<S> {
         }
     }
 }
+
+impl<S: Store> Worker<S> {
+    /// Whether `uid`'s timeline holds a recall of `m` after it. A recall is accepted within the
+    /// recall window of the message's time, so only the entries written until then (plus a
+    /// margin for clock steps between nodes) are read, at most [`RECALL_SCAN`] of them.
+    async fn recalled(&self, uid: UserId, m: &Message) -> Result<bool, StoreError> {
+        let until = m.server_time_ms + self.cfg.recall_window_secs * 1000 + 60_000;
+        let mut after = m.seq;
+        let mut read = 0;
+        while read < RECALL_SCAN {
+            let page = self.store.timeline(uid, after, 200).await?;
+            let Some(last) = page.last() else {
+                return Ok(false);
+            };
+            after = last.seq;
+            read += page.len();
+            for e in &page {
+                if e.conv == CONV_RECALL
+                    && MarkerBody::decode(e.body.clone()).is_ok_and(|r| r.msg_id == m.msg_id)
+                {
+                    return Ok(true);
+                }
+            }
+            if last.server_time_ms > until || page.len() < 200 {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Most timeline entries read after a file message to find its recall.
+const RECALL_SCAN: usize = 2_000;
 
 /// The `FileUrl` answer: a download URL of `sha256` for `uid`, served as `mime`.
 pub(super) fn file_url(
