@@ -1,7 +1,8 @@
 //! The web page (`web/`) in a real browser against a real server: `web/tests/e2e.mjs` drives two
 //! headless Chromium pages (users A and B) over the gate's WebSocket port, while this test plays
-//! a TCP client C (the Rust SDK) that chats with both and posts in their group; then it imports an
-//! organisation tree over the signed HTTP API and checks the pages' Contacts panel.
+//! a TCP client C (the Rust SDK) that chats with both and posts in their group; A sends B a picture
+//! through the file service (both pages show it, loaded); then it imports an organisation tree
+//! over the signed HTTP API and checks the pages' Contacts panel.
 //!
 //! Needs `node`, `web/node_modules/playwright-core` (`npm ci --prefix web`) and Chromium
 //! (`/usr/bin/chromium`, or `IM_CHROMIUM`). Without them the test prints "skipped: …" and passes,

@@ -276,6 +276,83 @@ function onSend(e) {
   }
 }
 
+// ---- files ------------------------------------------------------------------------------------
+
+/** Download URLs by seq, reused for 50 minutes (a URL lives an hour). */
+const fileUrls = new Map();
+
+function cachedUrl(seq) {
+  const hit = fileUrls.get(seq);
+  return hit && Date.now() - hit.at < 50 * 60_000 ? hit.url : null;
+}
+
+async function urlOf(seq) {
+  const known = cachedUrl(seq);
+  if (known) return known;
+  const url = await client.fileUrl(seq);
+  fileUrls.set(seq, { url, at: Date.now() });
+  return url;
+}
+
+/** What a file message shows: the picture itself, or a link that fetches the file. */
+function fileView(r) {
+  const f = r.file;
+  if (!f) return null;
+  const seq = r.seq ?? r.ackSeq;
+  if (!seq) return el('span', { class: 'file pending' }, `${r.text} (sending…)`);
+  if (f.kind === 1) {
+    const img = el('img', { class: 'file-image', alt: f.name || 'picture', title: f.name });
+    if (f.width && f.height) img.style.aspectRatio = `${f.width} / ${f.height}`;
+    const known = cachedUrl(seq);
+    if (known) img.src = known;
+    else
+      urlOf(seq)
+        .then((u) => (img.src = u))
+        .catch((e) => img.replaceWith(el('span', { class: 'file error' }, `${r.text}: ${e.message}`)));
+    return img;
+  }
+  const kb = Math.max(1, Math.round(Number(f.size) / 1024));
+  return el(
+    'a',
+    {
+      href: '#',
+      class: 'file link',
+      onclick: async (e) => {
+        e.preventDefault();
+        try {
+          window.open(await urlOf(seq), '_blank', 'noopener');
+        } catch (err) {
+          toast(`file: ${err.message}`);
+        }
+      },
+    },
+    `⬇ ${f.name || 'file'} (${kb} KiB)`,
+  );
+}
+
+async function onAttach(e) {
+  const file = e.target.files?.[0];
+  e.target.value = '';
+  if (!file || !active) return;
+  const mime = file.type || 'application/octet-stream';
+  let width = 0;
+  let height = 0;
+  if (mime.startsWith('image/') && typeof createImageBitmap === 'function') {
+    try {
+      const bmp = await createImageBitmap(file);
+      [width, height] = [bmp.width, bmp.height];
+      bmp.close?.();
+    } catch {
+      /* not decodable here: sent without its size */
+    }
+  }
+  try {
+    await client.sendFile(active, file, { name: file.name, mime, width, height });
+  } catch (err) {
+    toast(`not sent: ${err.message}`);
+  }
+}
+
 // ---- contacts ---------------------------------------------------------------------------------
 
 function toggleDept(id) {
@@ -472,13 +549,14 @@ function renderMessages() {
   const box = $('#messages');
   const input = $('#message-input');
   const send = $('#send-btn');
+  const attach = $('#attach-btn');
   if (!active) {
     $('#chat-title').textContent = 'Pick a conversation';
     $('#group-info-btn').hidden = true;
     box.replaceChildren(
       el('li', { class: 'msg system' }, 'Start a chat with a user id, or create a group.'),
     );
-    input.disabled = send.disabled = true;
+    input.disabled = send.disabled = attach.disabled = true;
     return;
   }
   const kind = convKind(active);
@@ -486,7 +564,7 @@ function renderMessages() {
   $('#chat-title').dataset.conv = active;
   $('#group-info-btn').hidden = kind !== 'g';
   const canSend = kind === 'u' || (kind === 'g' && !client.groups.get(convPeer(active))?.left);
-  input.disabled = send.disabled = !canSend;
+  input.disabled = send.disabled = attach.disabled = !canSend;
 
   const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
   const items = client.messages(active).map((r) => {
@@ -520,7 +598,7 @@ function renderMessages() {
         },
       },
       kind !== 'u' && !mine ? el('div', { class: 'from' }, `User ${r.from}`) : null,
-      el('div', { class: 'text' }, r.recalled ? 'message recalled' : r.text),
+      el('div', { class: 'text' }, r.recalled ? 'message recalled' : (fileView(r) ?? r.text)),
       el('div', { class: 'meta' }, fmtTime(r.timeMs), tick),
     );
   });
@@ -553,6 +631,8 @@ function boot() {
   $('#refresh-groups').addEventListener('click', onRefreshGroups);
   $('#group-info-btn').addEventListener('click', onGroupInfo);
   $('#composer').addEventListener('submit', onSend);
+  $('#attach-btn').addEventListener('click', () => $('#file-input').click());
+  $('#file-input').addEventListener('change', onAttach);
   $('#org-search').addEventListener('input', onOrgSearch);
   $('#org-search').addEventListener('keydown', (e) => {
     if (e.key === 'Escape') {

@@ -305,7 +305,15 @@ export class ImClient extends EventTarget {
    * @param {Storage} o.storage localStorage or anything with getItem/setItem
    * @param {typeof WebSocket} [o.WebSocket]
    */
-  constructor({ url, uid, token, deviceId, storage, WebSocket: WS = globalThis.WebSocket }) {
+  constructor({
+    url,
+    uid,
+    token,
+    deviceId,
+    storage,
+    WebSocket: WS = globalThis.WebSocket,
+    fetch: fetchFn = globalThis.fetch?.bind(globalThis),
+  }) {
     super();
     this.url = url;
     this.uid = P.toU64(typeof uid === 'string' ? uid.trim() : uid, 'uid');
@@ -338,6 +346,9 @@ export class ImClient extends EventTarget {
     this.ownByCid = new Map(); // client_msg_id of this user's messages → rid
     this.earlyDelivered = new Set(); // Delivered before we knew the msg id
     this.inFlight = new Set(); // rids with a send request outstanding
+    this.urls = new Map(); // seq → {url, expiresMs} of files
+    // fetch() for the file service's HTTP endpoints (a test passes its own).
+    this.fetch = fetchFn;
     this.groups = new Map(); // group id → {name, left}
     this.convs = new Map(); // conv key → {unread}
     this.order = 0;
@@ -798,16 +809,17 @@ export class ImClient extends EventTarget {
       clientMsgId: m.clientMsgId.toString(),
       timeMs: Number(m.serverTimeMs),
     };
+    const content = bodyContent(m.body);
     switch (m.conv) {
       case P.CONV.C2C:
-        this.upsert({ ...base, convKey: `u:${from === this.me ? to : from}`, text: P.text(m.body) });
+        this.upsert({ ...base, convKey: `u:${from === this.me ? to : from}`, ...content });
         break;
       case P.CONV.C2G:
         this.knowGroup(to);
-        this.upsert({ ...base, convKey: `g:${to}`, text: P.text(m.body) });
+        this.upsert({ ...base, convKey: `g:${to}`, ...content });
         break;
       case P.CONV.S2C:
-        this.upsert({ ...base, convKey: `s:${from}`, text: P.text(m.body) });
+        this.upsert({ ...base, convKey: `s:${from}`, ...content });
         break;
       case P.CONV.RECALL: {
         const mk = safe(() => P.decodeMarker(m.body));
@@ -948,6 +960,48 @@ export class ImClient extends EventTarget {
 
   /** Queues a text message to a conversation (`u:<uid>` or `g:<group>`); returns its record. */
   sendText(convKey, text) {
+    return this.queue(convKey, { text });
+  }
+
+  /**
+   * Uploads a file (a `Blob`/`File` or bytes) and queues a message that references it: the
+   * ticket over the connection, the bytes over HTTP in resumable chunks (PROTOCOL.md "File
+   * messages", API.md "Files"). Resolves with the message's record; rejects with the server's
+   * reason when the upload is refused.
+   */
+  async sendFile(convKey, data, { name = 'file', mime = 'application/octet-stream', width = 0, height = 0 } = {}) {
+    const bytes = data instanceof Uint8Array ? data : new Uint8Array(await data.arrayBuffer());
+    const kind = mime.startsWith('image/') ? P.FILE_KIND.Image : P.FILE_KIND.File;
+    const sha256 = new Uint8Array(await crypto.subtle.digest('SHA-256', bytes));
+    const t = await this.request({ type: 'FileUpload', kind, size: BigInt(bytes.length), sha256, mime });
+    if (t.type !== 'FileTicket') throw new Error(refusal(t));
+    const up = await uploadBytes(this.fetch, t.url, t.ticket, bytes);
+    const file = {
+      kind,
+      sha256: hexOf(up.sha256),
+      size: String(bytes.length),
+      key: up.key,
+      mime,
+      name,
+      width,
+      height,
+      durationMs: 0,
+    };
+    return this.queue(convKey, { text: fileText(file), file });
+  }
+
+  /** A download URL of the file of message `seq` (cached until shortly before it expires). */
+  async fileUrl(seq) {
+    const hit = this.urls.get(String(seq));
+    if (hit && hit.expiresMs - 60_000 > Date.now()) return hit.url;
+    const res = await this.request({ type: 'FileDownload', seq: P.toU64(seq, 'seq') });
+    if (res.type !== 'FileUrl') throw new Error(refusal(res));
+    this.urls.set(String(seq), { url: res.url, expiresMs: Number(res.expiresMs) });
+    return res.url;
+  }
+
+  /** A message to `convKey` with `content` (`{text}` or `{text, file}`), queued and sent. */
+  queue(convKey, content) {
     const kind = convKind(convKey);
     if (kind !== 'u' && kind !== 'g') throw new Error(`cannot send to ${convKey}`);
     const cid = randomU64();
@@ -961,7 +1015,7 @@ export class ImClient extends EventTarget {
       convKey,
       clientMsgId: cid,
       timeMs: Date.now(),
-      text,
+      ...content,
       status: 'pending',
     };
     this.add(r);
@@ -990,10 +1044,11 @@ export class ImClient extends EventTarget {
     if (this.state !== 'online' && this.state !== 'syncing') return;
     if (this.inFlight.has(r.rid)) return;
     this.inFlight.add(r.rid);
+    const body = r.file ? fileBody(r.file) : r.text;
     const cmd =
       r.conv === P.CONV.C2G
-        ? { type: 'SendC2g', clientMsgId: r.clientMsgId, group: r.to, body: r.text }
-        : { type: 'SendC2c', clientMsgId: r.clientMsgId, to: r.to, body: r.text };
+        ? { type: 'SendC2g', clientMsgId: r.clientMsgId, group: r.to, body }
+        : { type: 'SendC2c', clientMsgId: r.clientMsgId, to: r.to, body };
     let res;
     try {
       res = await this.request(cmd);
@@ -1018,6 +1073,9 @@ export class ImClient extends EventTarget {
 
   onSendAck(r, ack) {
     r.msgId = ack.msgId.toString();
+    // The own entry's seq (c2c; 0 for a group post), even when it is not next in order yet: a
+    // file message's download URL is asked by it.
+    if (ack.seq !== 0n) r.ackSeq = ack.seq.toString();
     r.timeMs = Number(ack.serverTimeMs);
     this.byMsgId.set(r.msgId, r.rid);
     upgrade(r, 'sent');
@@ -1265,6 +1323,108 @@ function upgrade(r, status) {
 
 function sleep(ms) {
   return new Promise((r) => setTimeout(r, ms));
+}
+
+// ---- file messages -----------------------------------------------------------------------------
+
+const UPLOAD_CHUNK = 1 << 20;
+
+function hexOf(bytes) {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function bytesOf(hex) {
+  const out = new Uint8Array(hex.length / 2);
+  for (let i = 0; i < out.length; i++) out[i] = parseInt(hex.slice(2 * i, 2 * i + 2), 16);
+  return out;
+}
+
+function refusal(res) {
+  return `${P.errName(res.code)}${res.message ? `: ${res.message}` : ''}`;
+}
+
+const KIND_NAME = { 1: 'image', 2: 'voice', 3: 'video', 4: 'file' };
+
+/** The line shown for a file message (and its fallback text). */
+export function fileText(f) {
+  return `[${KIND_NAME[f.kind] ?? 'file'} ${f.name}]`.replace(' ]', ']');
+}
+
+/** A record's JSON-safe file (hex ids, size as a string) → the message body. */
+export function fileBody(f) {
+  return P.encodeFileRef({
+    kind: f.kind,
+    sha256: bytesOf(f.sha256),
+    size: BigInt(f.size),
+    key: bytesOf(f.key),
+    mime: f.mime,
+    name: f.name,
+    width: f.width,
+    height: f.height,
+    durationMs: f.durationMs,
+    thumb: new Uint8Array(0),
+  });
+}
+
+/** What a record holds of a message body: `{text}`, or `{text, file}` for a file message. */
+export function bodyContent(body) {
+  let f = null;
+  try {
+    f = P.decodeFileRef(body);
+  } catch (e) {
+    return { text: `[unreadable file message: ${e.message}]` };
+  }
+  if (!f) return { text: P.text(body) };
+  const file = {
+    kind: f.kind,
+    sha256: hexOf(f.sha256),
+    size: f.size.toString(),
+    key: hexOf(f.key),
+    mime: f.mime,
+    name: f.name,
+    width: f.width,
+    height: f.height,
+    durationMs: f.durationMs,
+  };
+  return { text: fileText(file), file };
+}
+
+/**
+ * The HTTP part of an upload: begin with the ticket, then `PATCH` the bytes in chunks, going on
+ * from the server's `Upload-Offset` after a refused chunk. Resolves with `{sha256, key}`.
+ */
+export async function uploadBytes(fetchFn, url, ticket, bytes) {
+  const auth = { Authorization: `Ticket ${ticket}` };
+  const fail = async (what, r) => {
+    let why = `HTTP ${r.status}`;
+    try {
+      why = (await r.json()).error?.message ?? why;
+    } catch {
+      /* not JSON */
+    }
+    return new Error(`${what}: ${why}`);
+  };
+  const begun = await fetchFn(url, { method: 'POST', headers: auth });
+  if (begun.status !== 201) throw await fail('upload refused', begun);
+  const { upload } = await begun.json();
+  const at = `${url}/${upload}`;
+  let offset = 0;
+  for (let refused = 0; refused < 8; ) {
+    const piece = bytes.subarray(offset, offset + UPLOAD_CHUNK);
+    const r = await fetchFn(at, {
+      method: 'PATCH',
+      headers: { ...auth, 'Upload-Offset': String(offset), 'Content-Type': 'application/offset+octet-stream' },
+      body: piece,
+    });
+    if (r.status === 201) {
+      const done = await r.json();
+      return { sha256: bytesOf(done.sha256), key: done.key };
+    }
+    if (r.status !== 204 && r.status !== 409) throw await fail('upload failed', r);
+    if (r.status === 409) refused++;
+    offset = Number(r.headers.get('Upload-Offset'));
+  }
+  throw new Error('upload failed: the server kept refusing the chunks');
 }
 
 function safe(f) {

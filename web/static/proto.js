@@ -42,6 +42,8 @@ export const CMD = Object.freeze({
   OrgDept: 0x21,
   OrgUser: 0x22,
   OrgSearch: 0x23,
+  FileUpload: 0x24,
+  FileDownload: 0x25,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -56,6 +58,8 @@ export const CMD = Object.freeze({
   OrgPage: 0x97,
   OrgReply: 0x98,
   OrgChanged: 0x99,
+  FileTicket: 0x9a,
+  FileUrl: 0x9b,
   Error: 0xff,
 });
 
@@ -318,6 +322,19 @@ const T = {
     get: (r, f) => r.raw(r.u32(f), f),
   },
 };
+
+/** `n` raw bytes (a SHA-256, a file key). */
+function fixed(n) {
+  return {
+    size: () => n,
+    put: (w, v, f) => {
+      const b = asBytes(v, f);
+      if (b.length !== n) throw new ProtoError(`field ${f}: expected ${n} bytes, got ${b.length}`);
+      w.raw(b);
+    },
+    get: (r, f) => r.raw(n, f),
+  };
+}
 
 /** A record type from a field list `[[name, type], …]`. */
 function record(fields) {
@@ -605,6 +622,22 @@ const LAYOUT = {
     ['records', ORG_RECORDS],
   ],
   OrgChanged: [['version', T.u64]],
+  FileUpload: [
+    ['kind', T.u8],
+    ['size', T.u64],
+    ['sha256', fixed(32)],
+    ['mime', T.str],
+  ],
+  FileDownload: [['seq', T.u64]],
+  FileTicket: [
+    ['url', T.str],
+    ['ticket', T.str],
+    ['expiresMs', T.u64],
+  ],
+  FileUrl: [
+    ['url', T.str],
+    ['expiresMs', T.u64],
+  ],
   Error: [
     ['code', T.u16],
     ['message', T.str],
@@ -755,6 +788,48 @@ export function encodeGroupEvent(e) {
   const w = new Writer(GROUP_EVENT_BODY.size(e));
   GROUP_EVENT_BODY.put(w, e);
   return w.buf;
+}
+
+/** File kinds of a file message (PROTOCOL.md, "File messages"). */
+export const FILE_KIND = Object.freeze({ Image: 1, Voice: 2, Video: 3, File: 4 });
+
+/** First byte of a typed message body. */
+export const TYPED_BODY = 0xff;
+
+const FILE_REF = record([
+  ['kind', T.u8],
+  ['sha256', fixed(32)],
+  ['size', T.u64],
+  ['key', fixed(16)],
+  ['mime', T.str],
+  ['name', T.str],
+  ['width', T.u32],
+  ['height', T.u32],
+  ['durationMs', T.u32],
+  ['thumb', T.bytes],
+]);
+
+/**
+ * The body of a file message: `0xFF` then `{kind, sha256, size, key, mime, name, width, height,
+ * durationMs, thumb}` (sha256 32 bytes, key 16, size a BigInt).
+ */
+export function encodeFileRef(f) {
+  const w = new Writer(1 + FILE_REF.size(f, 'file'));
+  w.u8(TYPED_BODY);
+  FILE_REF.put(w, f, 'file');
+  return w.buf;
+}
+
+/**
+ * A message body as a file reference; `null` when it is not a typed body (text). Throws
+ * ProtoError for a typed body that is not a valid file reference.
+ */
+export function decodeFileRef(body) {
+  if (!body || body.length === 0 || body[0] !== TYPED_BODY) return null;
+  const r = new Reader(body.subarray(1));
+  const f = FILE_REF.get(r);
+  if (f.kind < 1 || f.kind > 4) throw new ProtoError(`typed body of unknown kind ${f.kind}`);
+  return f;
 }
 
 /** Encodes one Message (as stored or in a Deliver body), e.g. for tests. */

@@ -1,14 +1,26 @@
 // Unit tests of the page's session logic (web/static/client.js) against a scripted fake
 // WebSocket: login with the stored last seq, sync pages, gap detection by prev_seq, dedup,
-// batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout, and the
-// organisation tree's local model (apply by version, tombstones, paged and incremental sync).
+// batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout, the
+// organisation tree's local model (apply by version, tombstones, paged and incremental sync), and
+// file messages (resumable upload against a fake fetch, the reference sent, URLs cached).
 // Run: node --test web/tests/
 import './node-globals.mjs';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { ImClient, OrgModel } from '../static/client.js';
-import { CONV, ERR, KICK, decode, encode, encodeGroupEvent, utf8 } from '../static/proto.js';
+import {
+  CONV,
+  ERR,
+  FILE_KIND,
+  KICK,
+  decode,
+  decodeFileRef,
+  encode,
+  encodeFileRef,
+  encodeGroupEvent,
+  utf8,
+} from '../static/proto.js';
 
 const ME = 5n;
 const PEER = 6n;
@@ -99,7 +111,7 @@ function entry(seq, prevSeq, over = {}) {
 }
 
 /** A client logged in; the initial sync answered with `backlog` (entries after `stored`). */
-async function loggedIn({ storage = new MemStorage(), maxSeq = 0n, backlog = [] } = {}) {
+async function loggedIn({ storage = new MemStorage(), maxSeq = 0n, backlog = [], fetch } = {}) {
   FakeWS.all = [];
   const c = new ImClient({
     url: 'ws://test/ws',
@@ -108,6 +120,7 @@ async function loggedIn({ storage = new MemStorage(), maxSeq = 0n, backlog = [] 
     deviceId: 'web-test',
     storage,
     WebSocket: FakeWS,
+    fetch,
   });
   c.start();
   await tick(5);
@@ -517,5 +530,77 @@ test('org requests: a department, a search, and a refusal with its code', async 
   const re = await ws.next('OrgDept');
   ws.push({ type: 'Error', code: ERR.NotFound, message: 'no department 4' }, re.reqId);
   await assert.rejects(pe, (e) => e.code === ERR.NotFound && /NotFound: no department 4/.test(e.message));
+  c.finish('test', '');
+});
+
+test('files: sendFile uploads in chunks, resumes at the server offset, sends the reference; received files and URLs', async () => {
+  const bytes = new Uint8Array(1_500_000).map((_, i) => (i * 7) % 251);
+  const hex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  const sha = new Uint8Array(await crypto.subtle.digest('SHA-256', bytes));
+  const http = [];
+  let refusedOnce = false;
+  let stored = 0;
+  const fetch = async (url, init) => {
+    http.push({ url, method: init.method, headers: init.headers, size: init.body?.length ?? 0 });
+    assert.equal(init.headers.Authorization, 'Ticket tk');
+    if (init.method === 'POST') return new Response(JSON.stringify({ upload: 'u1', offset: 0, size: bytes.length }), { status: 201 });
+    const off = Number(init.headers['Upload-Offset']);
+    if (off === 1 << 20 && !refusedOnce) {
+      // The first try of the second chunk is refused: the server has less than the client thinks.
+      refusedOnce = true;
+      stored = 1000;
+      return new Response('{"error":{"code":"offset_mismatch"}}', { status: 409, headers: { 'Upload-Offset': '1000' } });
+    }
+    assert.equal(off, stored, 'each chunk starts where the server is');
+    stored += init.body.length;
+    if (stored < bytes.length) return new Response(null, { status: 204, headers: { 'Upload-Offset': String(stored) } });
+    return new Response(JSON.stringify({ sha256: hex(sha), size: bytes.length, key: 'ab'.repeat(16) }), { status: 201 });
+  };
+  const { c, ws } = await loggedIn({ fetch });
+  const done = c.sendFile(`u:${PEER}`, bytes, { name: 'cat.png', mime: 'image/png', width: 2, height: 3 });
+  const t = await ws.next('FileUpload');
+  assert.deepEqual([t.kind, t.size, t.mime], [FILE_KIND.Image, 1_500_000n, 'image/png']);
+  assert.deepEqual([...t.sha256], [...sha]);
+  ws.push({ type: 'FileTicket', url: 'http://api/v1/files/uploads', ticket: 'tk', expiresMs: 9n }, t.reqId);
+  const r = await done;
+  assert.deepEqual(
+    http.map((h) => `${h.method} ${h.url} ${h.headers['Upload-Offset'] ?? ''}`),
+    [
+      'POST http://api/v1/files/uploads ',
+      'PATCH http://api/v1/files/uploads/u1 0',
+      'PATCH http://api/v1/files/uploads/u1 1048576',
+      'PATCH http://api/v1/files/uploads/u1 1000',
+      'PATCH http://api/v1/files/uploads/u1 1049576',
+    ],
+  );
+  assert.equal(r.text, '[image cat.png]');
+  const send = await ws.next('SendC2c');
+  const f = decodeFileRef(send.body);
+  assert.deepEqual([f.kind, f.size, f.name, f.width, f.height], [1, 1_500_000n, 'cat.png', 2, 3]);
+  assert.equal(hex(f.key), 'ab'.repeat(16));
+  ws.push({ type: 'SendAck', code: 0, clientMsgId: send.clientMsgId, msgId: 70n, seq: 1n, serverTimeMs: 2n, prevSeq: 0n }, send.reqId);
+  await tick();
+  assert.equal(r.status, 'sent');
+
+  // A received file message keeps its file; its URL is asked once and cached.
+  const body = encodeFileRef({ ...f, name: 'dog.jpg' });
+  ws.push({ type: 'Deliver', message: entry(2n, 1n, { body }) });
+  await tick();
+  const got = c.messages(`u:${PEER}`).at(-1);
+  assert.equal(got.text, '[image dog.jpg]');
+  assert.equal(got.file.name, 'dog.jpg');
+  const u1 = c.fileUrl(got.seq);
+  const dl = await ws.next('FileDownload');
+  assert.equal(dl.seq, 2n);
+  ws.push({ type: 'FileUrl', url: 'http://api/v1/files/x?s=1', expiresMs: BigInt(Date.now() + 3_600_000) }, dl.reqId);
+  assert.equal(await u1, 'http://api/v1/files/x?s=1');
+  assert.equal(await c.fileUrl(got.seq), 'http://api/v1/files/x?s=1');
+  assert.equal(ws.frames('FileDownload').length, 1, 'cached');
+
+  // A refused ticket rejects with the server's reason.
+  const bad = c.sendFile(`u:${PEER}`, new Uint8Array(5), { name: 'x', mime: 'image/png' });
+  const t2 = await ws.next('FileUpload');
+  ws.push({ type: 'Error', code: ERR.InvalidArgument, message: 'a image has 1 to 33554432 bytes' }, t2.reqId);
+  await assert.rejects(bad, /InvalidArgument: a image has/);
   c.finish('test', '');
 });

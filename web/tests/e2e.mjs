@@ -1,6 +1,7 @@
 // Browser test of the web page against a running server: two Chromium pages (users A and B)
 // log in, chat with each other (✓ then ✓✓), B goes away and syncs what it missed when it comes
-// back, both chat with a TCP client C, and the three share a group. With an HTTP API (--api-url and
+// back, both chat with a TCP client C, the three share a group, and A sends B a picture (uploaded
+// over HTTP, shown on both pages from its signed URL). With an HTTP API (--api-url and
 // a key), it also imports an organisation tree there and checks A's Contacts panel: the imported
 // department and person show up (pushed by OrgChanged), the search finds the person, and a click on
 // the person opens the chat with them. Without --api-url that part is skipped.
@@ -30,6 +31,7 @@ import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
+import { deflateSync } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 
 import { chromium } from 'playwright-core';
@@ -292,6 +294,43 @@ async function contacts(page, A, B) {
 
 // ---- the scenario -----------------------------------------------------------------------------
 
+/** A valid `w`×`h` RGB PNG (a gradient), built here: zlib from Node, CRC-32 by hand. */
+function png(w, h) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (b) => {
+    let c = 0xffffffff;
+    for (const x of b) c = crcTable[(c ^ x) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const t = Buffer.concat([Buffer.from(type, 'ascii'), data]);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const sum = Buffer.alloc(4);
+    sum.writeUInt32BE(crc(t));
+    return Buffer.concat([len, t, sum]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(w, 0);
+  ihdr.writeUInt32BE(h, 4);
+  ihdr.set([8, 2, 0, 0, 0], 8); // 8 bits, RGB
+  const rows = [];
+  for (let y = 0; y < h; y++) {
+    rows.push(0); // filter: none
+    for (let x = 0; x < w; x++) rows.push((x * 2) & 0xff, (y * 3) & 0xff, 200);
+  }
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk('IHDR', ihdr),
+    chunk('IDAT', deflateSync(Buffer.from(rows))),
+    chunk('IEND', Buffer.alloc(0)),
+  ]);
+}
+
 async function run(browser) {
   const { uidA: A, uidB: B, uidC: C } = opt;
   const ctxA = await browser.newContext({ viewport: { width: 1100, height: 720 } });
@@ -397,6 +436,22 @@ async function run(browser) {
     // Heartbeats kept both connections up: no reconnect on A, one login on B's new page.
     const logins = [await evalIm(pa, () => window.im.logins), await evalIm(pb, () => window.im.logins)];
     if (logins[0] !== 1 || logins[1] !== 1) throw new Error(`unexpected reconnects: logins ${logins}`);
+
+    log('pictures: A sends a PNG to B; both pages show it, loaded from its signed URL');
+    await openConv(pa, `u:${B}`);
+    const picture = `dot-${nonce}.png`;
+    await pa.setInputFiles('#file-input', { name: picture, mimeType: 'image/png', buffer: png(120, 80) });
+    await openConv(pb, `u:${A}`);
+    for (const p of [pb, pa]) {
+      await p.waitForFunction(
+        (alt) => {
+          const i = document.querySelector(`#messages img.file-image[alt="${alt}"]`);
+          return i && i.complete && i.naturalWidth === 120 && i.naturalHeight === 80;
+        },
+        picture,
+        { timeout: WAIT },
+      );
+    }
 
     if (opt.apiUrl) {
       log('contacts: an organisation tree imported over the API');

@@ -6,6 +6,9 @@ import assert from 'node:assert/strict';
 
 import {
   CMD,
+  FILE_KIND,
+  decodeFileRef,
+  encodeFileRef,
   CMD_NAME,
   CONV,
   DEVICE,
@@ -193,6 +196,10 @@ const SAMPLES = [
   { type: 'OrgPage', version: 0n, next: 0n, more: false, records: [] },
   { type: 'OrgReply', version: 12n, total: 70000, records: ORG_RECORDS.slice(0, 3) },
   { type: 'OrgChanged', version: 13n },
+  { type: 'FileUpload', kind: 1, size: 1234n, sha256: new Uint8Array(32).fill(0xab), mime: 'image/png' },
+  { type: 'FileDownload', seq: 77n },
+  { type: 'FileTicket', url: 'http://127.0.0.1:8080/v1/files/uploads', ticket: '5.ab.1.2.cd', expiresMs: 99n },
+  { type: 'FileUrl', url: 'http://127.0.0.1:8080/v1/files/ab?u=5', expiresMs: 99n },
   { type: 'Error', code: ERR.BadToken, message: 'bad token' },
 ];
 
@@ -403,4 +410,40 @@ test('every org record kind round-trips; tags, sizes and refusals', () => {
   body[13] = 2; // count 1 → 2
   assert.throws(() => decodeBody(CMD.OrgReply, body), ProtoError);
   assert.equal(CMD_NAME[0x99], 'OrgChanged');
+});
+
+test('section 12: the FileUpload example, byte for byte', () => {
+  const bytes = encode(
+    { type: 'FileUpload', kind: 1, size: 1234n, sha256: new Uint8Array(32).fill(0xab), mime: 'image/png' },
+    4,
+  );
+  const want = [0x49, 0x4d, 0x01, 0x24, 0, 0, 0, 4, 0, 0, 0, 0x34, 1, 0, 0, 0, 0, 0, 0, 0x04, 0xd2];
+  want.push(...new Array(32).fill(0xab), 0, 9, ...new TextEncoder().encode('image/png'));
+  assert.deepEqual([...bytes], want);
+});
+
+test('a file reference is the typed body the server checks; text is not typed', () => {
+  const f = {
+    kind: FILE_KIND.Image,
+    sha256: new Uint8Array(32).fill(7),
+    size: 1234n,
+    key: new Uint8Array(16).fill(9),
+    mime: 'image/png',
+    name: 'cat.png',
+    width: 640,
+    height: 480,
+    durationMs: 0,
+    thumb: new TextEncoder().encode('tiny'),
+  };
+  const body = encodeFileRef(f);
+  // 0xFF kind sha256[32] size:u64 key[16] mime:str name:str width height duration thumb:bytes
+  assert.equal(body.length, 2 + 32 + 8 + 16 + 11 + 9 + 12 + 8);
+  assert.deepEqual([...body.subarray(0, 3)], [0xff, 1, 7]);
+  assert.deepEqual([...body.subarray(34, 42)], [0, 0, 0, 0, 0, 0, 0x04, 0xd2]);
+  assert.deepEqual(decodeFileRef(body), f);
+  assert.equal(decodeFileRef(new TextEncoder().encode('hello')), null);
+  assert.equal(decodeFileRef(new Uint8Array(0)), null);
+  assert.throws(() => decodeFileRef(new Uint8Array([0xff, 1, 0])), /truncated/);
+  assert.throws(() => decodeFileRef(encodeFileRef({ ...f, kind: 9 })), /unknown kind 9/);
+  assert.throws(() => encodeFileRef({ ...f, key: new Uint8Array(3) }), /16 bytes/);
 });
