@@ -154,6 +154,25 @@ pub struct UploadState {
     pub created_ms: u64,
 }
 
+impl UploadState {
+    /// Whether a chunk of `len` bytes at `offset` may be appended: at the upload's length
+    /// (`Offset` otherwise), and not past its declared size (`Invalid`).
+    pub fn check_append(&self, offset: u64, len: usize) -> Result<(), FileError> {
+        if offset != self.received {
+            return Err(FileError::Offset {
+                received: self.received,
+            });
+        }
+        if self.received + len as u64 > self.size {
+            return Err(FileError::Invalid(format!(
+                "the upload declared {} bytes; {len} more would pass it",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The file service's storage (see the crate docs). Methods are async so network backends fit;
 /// [`LocalFiles`] completes them inline.
 #[allow(async_fn_in_trait)]
@@ -325,18 +344,7 @@ impl FileStore for LocalFiles {
             });
         };
         let st = self.read_meta(id)?;
-        if offset != st.received {
-            return Err(FileError::Offset {
-                received: st.received,
-            });
-        }
-        if st.received + data.len() as u64 > st.size {
-            return Err(FileError::Invalid(format!(
-                "the upload declared {} bytes; {} more would pass it",
-                st.size,
-                data.len()
-            )));
-        }
+        st.check_append(offset, data.len())?;
         let mut f = OpenOptions::new()
             .append(true)
             .open(self.part(id))

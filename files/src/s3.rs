@@ -820,18 +820,7 @@ impl FileStore for S3Files {
             });
         };
         let st = self.state(id).await?;
-        if offset != st.received {
-            return Err(FileError::Offset {
-                received: st.received,
-            });
-        }
-        if st.received + data.len() as u64 > st.size {
-            return Err(FileError::Invalid(format!(
-                "the upload declared {} bytes; {} more would pass it",
-                st.size,
-                data.len()
-            )));
-        }
+        st.check_append(offset, data.len())?;
         if data.is_empty() {
             return Ok(st.received);
         }

@@ -20,6 +20,18 @@ use im_testkit::s3s::S3sFs;
 
 const BUCKET: &str = "im-files";
 
+/// The test server's credentials and bucket at `endpoint`, objects under `prefix`.
+fn config_at(endpoint: String, prefix: &str) -> S3Config {
+    S3Config {
+        endpoint,
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        access_key: im_testkit::s3s::ACCESS_KEY.into(),
+        secret_key: im_testkit::s3s::SECRET_KEY.into(),
+        prefix: prefix.into(),
+    }
+}
+
 /// A running `s3s-fs` (im-testkit) with the bucket [`BUCKET`] and the store's views of it.
 struct Server {
     s3: S3sFs,
@@ -37,14 +49,7 @@ impl Server {
     }
 
     fn config(&self, prefix: &str) -> S3Config {
-        S3Config {
-            endpoint: self.s3.endpoint(),
-            region: "us-east-1".into(),
-            bucket: BUCKET.into(),
-            access_key: im_testkit::s3s::ACCESS_KEY.into(),
-            secret_key: im_testkit::s3s::SECRET_KEY.into(),
-            prefix: prefix.into(),
-        }
+        config_at(self.s3.endpoint(), prefix)
     }
 
     fn store(&self, prefix: &str, max_size: u64) -> S3Files {
@@ -345,18 +350,7 @@ async fn an_unreachable_store_is_an_io_error_naming_it() {
         .local_addr()
         .unwrap()
         .port();
-    let s = S3Files::new(
-        S3Config {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            region: "us-east-1".into(),
-            bucket: BUCKET.into(),
-            access_key: im_testkit::s3s::ACCESS_KEY.into(),
-            secret_key: im_testkit::s3s::SECRET_KEY.into(),
-            prefix: String::new(),
-        },
-        MAX,
-    )
-    .unwrap();
+    let s = S3Files::new(config_at(format!("http://127.0.0.1:{port}"), ""), MAX).unwrap();
     let e = s.status(UploadId::random()).await.unwrap_err();
     let FileError::Io(m) = e else { panic!("{e:?}") };
     assert!(
@@ -368,18 +362,7 @@ async fn an_unreachable_store_is_an_io_error_naming_it() {
 #[test]
 fn the_futures_of_the_stores_are_send() {
     fn send<T: Send>(_: T) {}
-    let s = S3Files::new(
-        S3Config {
-            endpoint: "http://127.0.0.1:9".into(),
-            region: "us-east-1".into(),
-            bucket: BUCKET.into(),
-            access_key: im_testkit::s3s::ACCESS_KEY.into(),
-            secret_key: im_testkit::s3s::SECRET_KEY.into(),
-            prefix: String::new(),
-        },
-        MAX,
-    )
-    .unwrap();
+    let s = S3Files::new(config_at("http://127.0.0.1:9".into(), ""), MAX).unwrap();
     let a = AnyFiles::S3(s.clone());
     let (f, u) = (FileId::of(b""), UploadId::random());
     send(s.begin(f, 1, 1));
