@@ -425,6 +425,29 @@ impl Client {
         self.op(&Command::SetMute { peer, muted }).map(|_| ())
     }
 
+    /// Tells the other side of a conversation that this user types (`true`) or stopped:
+    /// `conv` [`im_shared::proto::CONV_C2C`] with user `peer`, or `CONV_C2G` in group `peer`.
+    /// Repeat it every few seconds while typing: a notice stands for
+    /// [`im_shared::proto::TYPING_TTL_MS`] only. Refused `Overloaded` above 2 a second.
+    pub fn typing(&mut self, conv: u8, peer: u64, typing: bool) -> Result<(), ClientError> {
+        self.op(&Command::Typing {
+            conv,
+            peer,
+            state: typing as u8,
+        })
+        .map(|_| ())
+    }
+
+    /// Follows the presence of exactly these users (at most
+    /// [`im_shared::proto::MAX_PRESENCE_SUBSCRIPTIONS`]; empty: none). Their current state and
+    /// every later change arrive as `PresenceNotice` pushes ([`Client::recv`]).
+    pub fn presence_subscribe(&mut self, users: &[UserId]) -> Result<(), ClientError> {
+        self.op(&Command::PresenceSubscribe {
+            users: users.to_vec(),
+        })
+        .map(|_| ())
+    }
+
     /// Registers this device's push token (provider 1 APNs, 2 FCM, 3 webhook; empty = remove).
     pub fn register_push(&mut self, provider: u8, token: &str) -> Result<(), ClientError> {
         self.op(&Command::RegisterPush {

@@ -44,6 +44,9 @@ pub struct LogicConfig {
     /// The file service (file messages, upload tickets, download URLs); `None`: file messages
     /// and the file commands are refused with `Unavailable`.
     pub files: Option<std::sync::Arc<FilesPolicy>>,
+    /// How long a user's last device must stay away before its followers are told it went
+    /// offline (a phone that reconnects within it, e.g. switching networks, never flaps).
+    pub presence_offline_delay_ms: u64,
 }
 
 /// Largest image and voice clip a client may upload (a video or a document: up to
@@ -108,6 +111,7 @@ impl Default for LogicConfig {
             peer_queue_bytes: crate::peer::MAX_QUEUE_BYTES,
             redis_nodes: Vec::new(),
             recall_window_secs: 120,
+            presence_offline_delay_ms: 5_000,
             lease: None,
             org_visibility: false,
             files: None,

@@ -11,6 +11,9 @@ use im_shared::proto::{CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_REC
 pub struct Metrics {
     by_conv: [AtomicU64; 7],
     pub logins: AtomicU64,
+    /// `Typing` commands forwarded, and refused by the per-connection rate limit.
+    pub typing_sent: AtomicU64,
+    pub typing_refused: AtomicU64,
     pub groups_created: AtomicU64,
     pub c2s_queued: AtomicU64,
     pub c2s_failed: AtomicU64,
@@ -44,6 +47,8 @@ impl Default for Metrics {
         Metrics {
             by_conv: Default::default(),
             logins: AtomicU64::new(0),
+            typing_sent: AtomicU64::new(0),
+            typing_refused: AtomicU64::new(0),
             groups_created: AtomicU64::new(0),
             c2s_queued: AtomicU64::new(0),
             c2s_failed: AtomicU64::new(0),
@@ -158,6 +163,16 @@ impl Metrics {
         }
         for (name, help, c) in [
             ("im_logins_total", "Successful logins.", &self.logins),
+            (
+                "im_typing_sent_total",
+                "Typing indicators forwarded.",
+                &self.typing_sent,
+            ),
+            (
+                "im_typing_refused_total",
+                "Typing indicators refused by the per-connection rate limit.",
+                &self.typing_refused,
+            ),
             (
                 "im_groups_created_total",
                 "Groups created.",

@@ -303,6 +303,9 @@ pub fn encode(worker: usize, msg: &WorkerMsg) -> Option<Bytes> {
             },
         ),
         WorkerMsg::OrgRecords(v) => peer::encode(w, PeerMsgRef::OrgRecords(v)),
+        WorkerMsg::Typing(v) => peer::encode(w, PeerMsgRef::Typing(v)),
+        WorkerMsg::Watch(r) => peer::encode(w, PeerMsgRef::Watch(r)),
+        WorkerMsg::Presence(v) => peer::encode(w, PeerMsgRef::Presence(v)),
         _ => return None,
     })
 }
@@ -320,6 +323,9 @@ pub fn decode(b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
             since,
         },
         PeerMsg::OrgRecords(v) => WorkerMsg::OrgRecords(v),
+        PeerMsg::Typing(v) => WorkerMsg::Typing(v),
+        PeerMsg::Watch(r) => WorkerMsg::Watch(r),
+        PeerMsg::Presence(v) => WorkerMsg::Presence(v),
     };
     Ok((w as usize, msg))
 }

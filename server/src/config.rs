@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub redis_nodes: Vec<String>,
     /// Seconds after sending during which a user may recall a message.
     pub recall_window_secs: u64,
+    /// How long (ms) a user's last device must stay away before its presence followers are told
+    /// it went offline (PROTOCOL.md "Presence").
+    pub presence_offline_delay_ms: u64,
     /// The organisation tree's c2c policy: a user may start a chat only with users visible to
     /// it in the tree (docs/API.md "Organisation tree"). Default off.
     pub org_visibility: bool,
@@ -159,6 +162,7 @@ impl Default for ServerConfig {
             gate_link_queue_bytes: im_logic::links::MAX_GATE_QUEUE_BYTES,
             redis_nodes: Vec::new(),
             recall_window_secs: l.recall_window_secs,
+            presence_offline_delay_ms: l.presence_offline_delay_ms,
             org_visibility: l.org_visibility,
             shard_lease_ms: 10_000,
             api: Some(ApiConfig::default()),
@@ -232,6 +236,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         peer_queue_bytes: cfg.peer_queue_bytes,
         redis_nodes: cfg.redis_nodes.clone(),
         recall_window_secs: cfg.recall_window_secs,
+        presence_offline_delay_ms: cfg.presence_offline_delay_ms,
         org_visibility: cfg.org_visibility,
         files: crate::files::policy(cfg),
         ..LogicConfig::default()
@@ -255,6 +260,7 @@ mod tests {
         assert_eq!(cfg.max_body, d.max_body);
         assert_eq!(cfg.max_login_body, d.max_login_body);
         assert_eq!(cfg.recall_window_secs, d.recall_window_secs);
+        assert_eq!(cfg.presence_offline_delay_ms, d.presence_offline_delay_ms);
         assert_eq!(
             cfg.api.as_ref().map(|a| a.listen),
             d.api.as_ref().map(|a| a.listen)

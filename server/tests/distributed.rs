@@ -1438,3 +1438,84 @@ fn file_messages_span_logic_nodes() {
         p.wait().unwrap();
     }
 }
+
+/// Presence and typing across logic nodes: a user of node 0 follows a user of node 1 (the watch
+/// goes to node 1's worker, which pushes every change back), and typing crosses the peer link
+/// both ways, in c2c and in a group owned by the other node.
+#[test]
+fn presence_and_typing_cross_logic_nodes() {
+    use im_shared::proto::{CONV_C2C, CONV_C2G};
+    use im_shared::Command;
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let _n0 = spawn_node(d0.path(), 0, &nodes);
+    let _n1 = spawn_node(d1.path(), 1, &nodes);
+    let (_g1, a1) = spawn_gate(1, &nodes);
+    let w = (9700..).find(|&u| node_of(u, 2) == 0).unwrap();
+    let f = (9700..).find(|&u| node_of(u, 2) == 1).unwrap();
+    let (mut wc, _) = login_retry(a1, w, Seq(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = |c: &mut Client, what: &str| -> Command {
+        loop {
+            assert!(Instant::now() < deadline, "no {what} within 20 s");
+            if let Some(cmd @ (Command::PresenceNotice { .. } | Command::TypingNotice { .. })) =
+                c.recv(Duration::from_millis(100)).unwrap()
+            {
+                return cmd;
+            }
+        }
+    };
+    let state = |cmd: Command| match cmd {
+        Command::PresenceNotice { entries } => {
+            assert_eq!(entries.len(), 1, "{entries:?}");
+            (entries[0].uid.0, entries[0].online)
+        }
+        other => panic!("{other:?}"),
+    };
+    // The watch may go out before the peer link is up: retry until the state comes back.
+    let first = loop {
+        wc.presence_subscribe(&[UserId(f)]).unwrap();
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut got = None;
+        while got.is_none() && Instant::now() < until {
+            if let Some(Command::PresenceNotice { entries }) =
+                wc.recv(Duration::from_millis(100)).unwrap()
+            {
+                got = Some(entries);
+            }
+        }
+        if let Some(g) = got {
+            break g;
+        }
+        wc.presence_subscribe(&[]).unwrap();
+        assert!(Instant::now() < deadline, "no presence across nodes");
+    };
+    assert_eq!((first[0].uid.0, first[0].online), (f, false));
+    let (mut fc, _) = login_retry(a1, f, Seq(0));
+    assert_eq!(state(next(&mut wc, "online")), (f, true));
+    // Typing both ways in c2c.
+    fc.typing(CONV_C2C, w, true).unwrap();
+    match next(&mut wc, "typing") {
+        Command::TypingNotice { conv, from, .. } => assert_eq!((conv, from.0), (CONV_C2C, f)),
+        other => panic!("{other:?}"),
+    }
+    wc.typing(CONV_C2C, f, true).unwrap();
+    match next(&mut fc, "typing") {
+        Command::TypingNotice { conv, from, .. } => assert_eq!((conv, from.0), (CONV_C2C, w)),
+        other => panic!("{other:?}"),
+    }
+    // In a group created by the node-1 user.
+    let g = fc.create_group("cross", &[UserId(w)]).unwrap();
+    fc.typing(CONV_C2G, g.0, true).unwrap();
+    match next(&mut wc, "group typing") {
+        Command::TypingNotice {
+            conv, peer, from, ..
+        } => {
+            assert_eq!((conv, peer, from.0), (CONV_C2G, g.0, f))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Offline after the default delay (5 s).
+    fc.logout().unwrap();
+    assert_eq!(state(next(&mut wc, "offline")), (f, false));
+}

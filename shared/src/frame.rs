@@ -50,6 +50,8 @@ pub enum Cmd {
     OrgSearch = 0x23,
     FileUpload = 0x24,
     FileDownload = 0x25,
+    Typing = 0x26,
+    PresenceSubscribe = 0x27,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -67,6 +69,8 @@ pub enum Cmd {
     OrgChanged = 0x99,
     FileTicket = 0x9A,
     FileUrl = 0x9B,
+    TypingNotice = 0x9C,
+    PresenceNotice = 0x9D,
     Error = 0xFF,
 }
 
@@ -99,6 +103,8 @@ impl Cmd {
             0x23 => OrgSearch,
             0x24 => FileUpload,
             0x25 => FileDownload,
+            0x26 => Typing,
+            0x27 => PresenceSubscribe,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,
@@ -115,6 +121,8 @@ impl Cmd {
             0x99 => OrgChanged,
             0x9A => FileTicket,
             0x9B => FileUrl,
+            0x9C => TypingNotice,
+            0x9D => PresenceNotice,
             0xFF => Error,
             _ => return None,
         })

@@ -14,7 +14,14 @@
 //!   str16 := len:u16 utf8      uids := n:u16 uid:u64 * n
 //! kind 5 OrgPull   : (count = 1) reply_to:u32 since:u64
 //! kind 6 OrgRecords: len:u32 record (the organisation tree's record encoding, PROTOCOL.md §6.9)
+//! kind 7 Typing    : from:u64 conv:u8 peer:u64 state:u8 to:uids
+//! kind 8 Watch     : (count = 1) watcher:u32 on:uids off:uids
+//! kind 9 Presence  : uid:u64 online:u8 last_seen_ms:u64
+//!   group op 9 Typing: state:u8
 //! ```
+//! `Typing` asks the receiving worker to tell its users `to` that `from` types in a conversation;
+//! `Watch` tells a user's owner that global worker `watcher` starts (`on`) or stops (`off`)
+//! following these users' presence, and `Presence` is the owner's answer and every later change.
 //! `OrgPull` asks the worker that owns the organisation tree for its records above `since`;
 //! it answers `OrgRecords` to global worker `reply_to` (a node with no store of the tree's own).
 //! `worker` is the index of the receiving worker on its node. Decoding never panics: a truncated
@@ -24,7 +31,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::ids::{ConnId, GroupId, MsgId, ShardId, UserId};
 use crate::org::OrgRecord;
-use crate::proto::Message;
+use crate::proto::{Message, PresenceEntry};
 
 /// Append `msg` to `recipient`'s timeline; `shard` names the outbox entry to release afterwards.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +50,26 @@ pub struct DeliveredNote {
     pub sender: UserId,
     pub msg_id: MsgId,
     pub recipient: UserId,
+}
+
+/// "`from` types (`state` 1) / stopped (0) in conversation `conv`/`peer`": for the devices of
+/// users `to` (users of the receiving worker).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypingNote {
+    pub to: Vec<UserId>,
+    pub from: UserId,
+    pub conv: u8,
+    pub peer: u64,
+    pub state: u8,
+}
+
+/// Global worker `watcher` starts (`on`) and stops (`off`) following the presence of these
+/// users of the receiving worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchReq {
+    pub watcher: u32,
+    pub on: Vec<UserId>,
+    pub off: Vec<UserId>,
 }
 
 /// What is asked of a group.
@@ -72,6 +99,11 @@ pub enum GroupOp {
         sha256: [u8; 32],
         mime: String,
     },
+    /// A member types (`state` 1) or stopped (0): its online co-members are told (groups of at
+    /// most [`crate::proto::MAX_TYPING_GROUP`] members). Nothing is stored.
+    Typing {
+        state: u8,
+    },
 }
 
 /// A client's group request, forwarded to the node that owns the group. The owner answers the
@@ -99,6 +131,9 @@ pub enum PeerMsg {
         since: u64,
     },
     OrgRecords(Vec<OrgRecord>),
+    Typing(Vec<TypingNote>),
+    Watch(WatchReq),
+    Presence(Vec<PresenceEntry>),
 }
 
 /// A payload to encode, borrowed from the sender's own message.
@@ -110,6 +145,9 @@ pub enum PeerMsgRef<'a> {
     Group(&'a GroupCall),
     OrgPull { reply_to: u32, since: u64 },
     OrgRecords(&'a [OrgRecord]),
+    Typing(&'a [TypingNote]),
+    Watch(&'a WatchReq),
+    Presence(&'a [PresenceEntry]),
 }
 
 impl PeerMsg {
@@ -124,6 +162,9 @@ impl PeerMsg {
                 since: *since,
             },
             PeerMsg::OrgRecords(v) => PeerMsgRef::OrgRecords(v),
+            PeerMsg::Typing(v) => PeerMsgRef::Typing(v),
+            PeerMsg::Watch(w) => PeerMsgRef::Watch(w),
+            PeerMsg::Presence(v) => PeerMsgRef::Presence(v),
         }
     }
 }
@@ -186,8 +227,51 @@ pub fn encode(worker: u16, msg: PeerMsgRef<'_>) -> Bytes {
                 r.encode(&mut b);
             }
         }
+        PeerMsgRef::Typing(notes) => {
+            b.put_u8(7);
+            b.put_u32(notes.len() as u32);
+            for n in notes {
+                b.put_u64(n.from.0);
+                b.put_u8(n.conv);
+                b.put_u64(n.peer);
+                b.put_u8(n.state);
+                put_uids(&mut b, &n.to);
+            }
+        }
+        PeerMsgRef::Watch(w) => {
+            b.put_u8(8);
+            b.put_u32(1);
+            b.put_u32(w.watcher);
+            put_uids(&mut b, &w.on);
+            put_uids(&mut b, &w.off);
+        }
+        PeerMsgRef::Presence(entries) => {
+            b.put_u8(9);
+            b.put_u32(entries.len() as u32);
+            for e in entries {
+                b.put_u64(e.uid.0);
+                b.put_u8(e.online as u8);
+                b.put_u64(e.last_seen_ms);
+            }
+        }
     }
     b.freeze()
+}
+
+/// `n:u32 uid:u64 * n` (a watch list or a typing note's recipients: a group's members can be
+/// more than a u16 counts).
+fn put_uids(b: &mut BytesMut, v: &[UserId]) {
+    b.put_u32(v.len() as u32);
+    for u in v {
+        b.put_u64(u.0);
+    }
+}
+
+fn get_uids(b: &mut Bytes) -> Result<Vec<UserId>, PeerError> {
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    need(b, n.saturating_mul(8))?;
+    Ok((0..n).map(|_| UserId(b.get_u64())).collect())
 }
 
 /// Decodes a payload into (receiving worker, message).
@@ -259,6 +343,43 @@ pub fn decode(mut b: Bytes) -> Result<(u16, PeerMsg), PeerError> {
             }
             PeerMsg::OrgRecords(v)
         }
+        7 => {
+            let mut v = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                need(&b, 18)?;
+                let from = UserId(b.get_u64());
+                let conv = b.get_u8();
+                let peer = b.get_u64();
+                let state = b.get_u8();
+                v.push(TypingNote {
+                    to: get_uids(&mut b)?,
+                    from,
+                    conv,
+                    peer,
+                    state,
+                });
+            }
+            PeerMsg::Typing(v)
+        }
+        8 => {
+            need(&b, 4)?;
+            let watcher = b.get_u32();
+            let on = get_uids(&mut b)?;
+            let off = get_uids(&mut b)?;
+            PeerMsg::Watch(WatchReq { watcher, on, off })
+        }
+        9 => {
+            let mut v = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                need(&b, 17)?;
+                v.push(PresenceEntry {
+                    uid: UserId(b.get_u64()),
+                    online: b.get_u8() != 0,
+                    last_seen_ms: b.get_u64(),
+                });
+            }
+            PeerMsg::Presence(v)
+        }
         _ => return Err(PeerError("kind")),
     };
     Ok((worker, msg))
@@ -324,6 +445,10 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_slice(sha256);
             put_str(b, mime);
         }
+        GroupOp::Typing { state } => {
+            b.put_u8(9);
+            b.put_u8(*state);
+        }
     }
 }
 
@@ -378,6 +503,10 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
                 sha256,
                 mime: string(b)?,
             }
+        }
+        9 => {
+            need(b, 1)?;
+            GroupOp::Typing { state: b.get_u8() }
         }
         _ => return Err(PeerError("group request kind")),
     };
@@ -453,6 +582,7 @@ mod tests {
                 sha256: [0xAB; 32],
                 mime: "image/jpeg".into(),
             }),
+            call(GroupOp::Typing { state: 1 }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,
@@ -464,6 +594,23 @@ mod tests {
                     uid: 9,
                     name: "名".into(),
                 }),
+            }]),
+            PeerMsg::Typing(vec![TypingNote {
+                to: vec![UserId(3), UserId(4)],
+                from: UserId(5),
+                conv: 2,
+                peer: 77,
+                state: 1,
+            }]),
+            PeerMsg::Watch(WatchReq {
+                watcher: 3,
+                on: vec![UserId(1)],
+                off: vec![UserId(2), UserId(6)],
+            }),
+            PeerMsg::Presence(vec![PresenceEntry {
+                uid: UserId(1),
+                online: false,
+                last_seen_ms: 1_700_000_000_000,
             }]),
         ]
     }
@@ -484,7 +631,7 @@ mod tests {
                 assert!(decode(enc.slice(..cut)).is_err(), "{m:?} cut at {cut}");
             }
         }
-        assert!(decode(Bytes::from_static(&[0, 0, 9, 0, 0, 0, 0])).is_err());
+        assert!(decode(Bytes::from_static(&[0, 0, 99, 0, 0, 0, 0])).is_err());
         let mut bad_op = encode(0, every_kind()[8].as_ref()).to_vec();
         *bad_op.last_mut().unwrap() = 99;
         assert!(decode(Bytes::from(bad_op)).is_err());

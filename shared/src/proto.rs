@@ -32,6 +32,13 @@ pub const MAX_GROUP_MEMBERS: usize = 2000;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_ANNOUNCEMENT_LEN: usize = 4096;
 pub const MAX_TOPIC_LEN: usize = 128;
+/// Most users one connection may follow the presence of (`PresenceSubscribe`).
+pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 256;
+/// How long a `TypingNotice` stands unless repeated (the sender's client repeats `Typing` every
+/// few seconds while the user types).
+pub const TYPING_TTL_MS: u32 = 6_000;
+/// Largest group whose members are told who is typing.
+pub const MAX_TYPING_GROUP: usize = 500;
 /// Longest push token, in bytes.
 pub const MAX_PUSH_TOKEN_LEN: usize = 512;
 
@@ -473,6 +480,39 @@ pub enum Command {
         url: String,
         expires_ms: u64,
     },
+    /// "I am typing (`state` 1) / I stopped (0)" in a conversation: `conv` [`CONV_C2C`] with user
+    /// `peer`, or [`CONV_C2G`] in group `peer`. Never stored and never answered on success.
+    Typing {
+        conv: u8,
+        peer: u64,
+        state: u8,
+    },
+    /// Follow the presence of these users (replaces the connection's list; empty = none).
+    /// Answered with `OpResult`; the current state of each then comes as `PresenceNotice`.
+    PresenceSubscribe {
+        users: Vec<UserId>,
+    },
+    /// Server push: `from` is typing (`state` 1) or stopped (0) in conversation `conv`/`peer`
+    /// (for c2c `peer` is `from`, for c2g the group). It stands for `ttl_ms` unless repeated.
+    TypingNotice {
+        conv: u8,
+        peer: u64,
+        from: UserId,
+        state: u8,
+        ttl_ms: u32,
+    },
+    /// Server push: the presence of followed users.
+    PresenceNotice {
+        entries: Vec<PresenceEntry>,
+    },
+}
+
+/// One user's presence: online, or offline since `last_seen_ms` (Unix ms; 0 = not known).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub uid: UserId,
+    pub online: bool,
+    pub last_seen_ms: u64,
 }
 
 impl Command {
@@ -518,6 +558,10 @@ impl Command {
             Command::OrgChanged { .. } => Cmd::OrgChanged,
             Command::FileUpload { .. } => Cmd::FileUpload,
             Command::FileDownload { .. } => Cmd::FileDownload,
+            Command::Typing { .. } => Cmd::Typing,
+            Command::PresenceSubscribe { .. } => Cmd::PresenceSubscribe,
+            Command::TypingNotice { .. } => Cmd::TypingNotice,
+            Command::PresenceNotice { .. } => Cmd::PresenceNotice,
             Command::FileTicket { .. } => Cmd::FileTicket,
             Command::FileUrl { .. } => Cmd::FileUrl,
         }
@@ -573,6 +617,10 @@ impl Command {
             Command::OrgReply { records, .. } => 8 + 4 + org::records_len(records),
             Command::FileUpload { mime, .. } => 1 + 8 + 32 + string_len(mime),
             Command::FileDownload { .. } => 8,
+            Command::Typing { .. } => 1 + 8 + 1,
+            Command::PresenceSubscribe { users } => 2 + 8 * users.len(),
+            Command::TypingNotice { .. } => 1 + 8 + 8 + 1 + 4,
+            Command::PresenceNotice { entries } => 2 + 17 * entries.len(),
             Command::FileTicket { url, ticket, .. } => string_len(url) + string_len(ticket) + 8,
             Command::FileUrl { url, .. } => string_len(url) + 8,
         }
@@ -804,6 +852,33 @@ impl Command {
                 put_string(out, mime);
             }
             Command::FileDownload { seq } => out.put_u64(seq.0),
+            Command::Typing { conv, peer, state } => {
+                out.put_u8(*conv);
+                out.put_u64(*peer);
+                out.put_u8(*state);
+            }
+            Command::PresenceSubscribe { users } => put_uids(out, users),
+            Command::TypingNotice {
+                conv,
+                peer,
+                from,
+                state,
+                ttl_ms,
+            } => {
+                out.put_u8(*conv);
+                out.put_u64(*peer);
+                out.put_u64(from.0);
+                out.put_u8(*state);
+                out.put_u32(*ttl_ms);
+            }
+            Command::PresenceNotice { entries } => {
+                out.put_u16(entries.len() as u16);
+                for e in entries {
+                    out.put_u64(e.uid.0);
+                    out.put_u8(e.online as u8);
+                    out.put_u64(e.last_seen_ms);
+                }
+            }
             Command::FileTicket {
                 url,
                 ticket,
@@ -1062,6 +1137,33 @@ impl Command {
                 url: r.string("url")?,
                 expires_ms: r.u64("expires_ms")?,
             },
+            Cmd::Typing => Command::Typing {
+                conv: r.u8("conv")?,
+                peer: r.u64("peer")?,
+                state: r.u8("state")?,
+            },
+            Cmd::PresenceSubscribe => Command::PresenceSubscribe {
+                users: read_uids(&mut r)?,
+            },
+            Cmd::TypingNotice => Command::TypingNotice {
+                conv: r.u8("conv")?,
+                peer: r.u64("peer")?,
+                from: UserId(r.u64("from")?),
+                state: r.u8("state")?,
+                ttl_ms: r.u32("ttl_ms")?,
+            },
+            Cmd::PresenceNotice => {
+                let n = r.u16("count")? as usize;
+                let mut entries = Vec::with_capacity(n.min(r.remaining() / 17));
+                for _ in 0..n {
+                    entries.push(PresenceEntry {
+                        uid: UserId(r.u64("uid")?),
+                        online: r.u8("online")? != 0,
+                        last_seen_ms: r.u64("last_seen_ms")?,
+                    });
+                }
+                Command::PresenceNotice { entries }
+            }
         })
     }
 }
@@ -1288,6 +1390,35 @@ mod tests {
             Command::FileUrl {
                 url: "http://127.0.0.1:8080/v1/files/07?u=5".into(),
                 expires_ms: 99,
+            },
+            Command::Typing {
+                conv: CONV_C2G,
+                peer: 7,
+                state: 1,
+            },
+            Command::PresenceSubscribe {
+                users: vec![UserId(2), UserId(3)],
+            },
+            Command::TypingNotice {
+                conv: CONV_C2C,
+                peer: 5,
+                from: UserId(5),
+                state: 0,
+                ttl_ms: TYPING_TTL_MS,
+            },
+            Command::PresenceNotice {
+                entries: vec![
+                    PresenceEntry {
+                        uid: UserId(2),
+                        online: true,
+                        last_seen_ms: 0,
+                    },
+                    PresenceEntry {
+                        uid: UserId(3),
+                        online: false,
+                        last_seen_ms: 1_700_000_000_000,
+                    },
+                ],
             },
         ]
     }

@@ -86,7 +86,7 @@ pub(super) struct GroupState {
     /// Second of the last use (LRU stamp for `trim_caches`).
     pub(super) touched: u32,
     desc: GroupDesc,
-    members: BTreeMap<UserId, u8>,
+    pub(super) members: BTreeMap<UserId, u8>,
     dedup: HashMap<(UserId, u64), DedupEntry>,
     dedup_order: VecDeque<(UserId, u64)>,
 }
@@ -159,9 +159,9 @@ impl<S: Store> Worker<S> {
 
     /// Answers a refused request: `Error` for a post (like a refused c2c send), `OpResult` for
     /// management commands.
-    fn refuse(&mut self, reply: Reply, op: &GroupOp, e: ApiError, round: &mut Round) {
+    pub(super) fn refuse(&mut self, reply: Reply, op: &GroupOp, e: ApiError, round: &mut Round) {
         let frame = |req_id: u32| match op {
-            GroupOp::Post { .. } | GroupOp::FileUrl { .. } => {
+            GroupOp::Post { .. } | GroupOp::FileUrl { .. } | GroupOp::Typing { .. } => {
                 error_frame(e.code, req_id, &e.message)
             }
             _ => op_err(req_id, &e),
@@ -324,7 +324,11 @@ impl<S: Store> Worker<S> {
         }
         let needs_member = matches!(
             op,
-            GroupOp::Post { .. } | GroupOp::Info | GroupOp::Leave | GroupOp::FileUrl { .. }
+            GroupOp::Post { .. }
+                | GroupOp::Info
+                | GroupOp::Leave
+                | GroupOp::FileUrl { .. }
+                | GroupOp::Typing { .. }
         );
         if needs_member && !admin && !is_member {
             return self.refuse(reply, &op, not_member, round);
@@ -424,6 +428,7 @@ impl<S: Store> Worker<S> {
                     self.refuse(reply, &GroupOp::FileUrl { sha256, mime }, e, round)
                 }
             },
+            GroupOp::Typing { state } => self.group_typing(group, actor, state, reply, round),
         }
     }
 

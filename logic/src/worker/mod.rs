@@ -20,6 +20,7 @@
 //! | `recall.rs`, `receipts.rs` | recall and read markers |
 //! | `c2s.rs`, `push.rs`, `api.rs` | c2s reports, offline push, requests of the HTTP API (s2c) |
 //! | `org.rs` | the organisation tree: clients' reads, the owner's changes, `OrgChanged` notices |
+//! | `presence.rs` | presence subscriptions and changes, typing indicators (ephemeral, never stored) |
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +56,7 @@ mod files;
 mod groups;
 mod org;
 mod outbox;
+mod presence;
 mod push;
 mod recall;
 mod receipts;
@@ -64,7 +66,7 @@ mod sync;
 mod tests;
 pub use api::MAX_S2C_USERS;
 pub use groups::GroupReq;
-pub use im_shared::peer::{AppendReq, DeliveredNote, GroupOp};
+pub use im_shared::peer::{AppendReq, DeliveredNote, GroupOp, TypingNote, WatchReq};
 
 /// How often a worker of a multi-node cluster checks whether a peer link needs a resync.
 const RESYNC_CHECK_EVERY: Duration = Duration::from_millis(200);
@@ -124,6 +126,12 @@ pub enum WorkerMsg {
     },
     /// The owner's answer to an `OrgPull`.
     OrgRecords(Vec<im_shared::org::OrgRecord>),
+    /// Typing indicators for users of this worker.
+    Typing(Vec<TypingNote>),
+    /// Another worker starts or stops following the presence of users of this worker.
+    Watch(WatchReq),
+    /// Presence of users this worker's connections follow (an owner's answer or a change).
+    Presence(Vec<im_shared::proto::PresenceEntry>),
     Shutdown,
 }
 
@@ -160,6 +168,8 @@ pub(crate) enum Tick {
     Push,
     /// Records of the organisation tree that other nodes wrote.
     Org,
+    /// Offline presence changes whose debounce ran out.
+    Presence,
 }
 
 /// Where an API request's answer goes.
@@ -335,6 +345,8 @@ impl UserState {
 struct Session {
     uid: UserId,
     device_type: DeviceType,
+    /// Rate limit of `Typing` (see `presence.rs`): the theoretical arrival time of the next one.
+    typing_tat: u64,
 }
 
 /// Effects of one round. Nothing leaves the worker before the round's batch is committed, so
@@ -348,6 +360,7 @@ struct Round {
     appends_out: Vec<Vec<AppendReq>>,
     done_out: Vec<Vec<(ShardId, MsgId, UserId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
+    typing_out: Vec<Vec<TypingNote>>,
     appended: HashSet<(UserId, MsgId)>,
     /// API answers, released after the commit.
     api: Vec<(ApiReplyTx, Result<ApiOk, ApiError>)>,
@@ -363,6 +376,7 @@ impl Round {
             appends_out: (0..workers).map(|_| Vec::new()).collect(),
             done_out: (0..workers).map(|_| Vec::new()).collect(),
             delivered_out: (0..workers).map(|_| Vec::new()).collect(),
+            typing_out: (0..workers).map(|_| Vec::new()).collect(),
             appended: HashSet::new(),
             api: Vec::new(),
             c2s: Vec::new(),
@@ -435,6 +449,8 @@ pub struct Worker<S> {
     org_notice: (u64, Option<u64>),
     /// When this worker's `OrgPull` to the tree's owner went out, while no answer came back.
     org_pulled_at: Option<u64>,
+    /// Presence subscriptions of this worker's connections and of its users' followers.
+    presence: presence::Presence,
 }
 
 /// Writes that may wait for a commit (see [`Worker::lazy`]). Losing them in a crash is harmless:
@@ -592,6 +608,7 @@ impl<S: Store> Worker<S> {
             now: 0,
             org_notice: (0, None),
             org_pulled_at: None,
+            presence: presence::Presence::default(),
         }
     }
 
@@ -644,6 +661,8 @@ impl<S: Store> Worker<S> {
         lazy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let multi = self.router.nodes > 1;
         let push = self.services.push.is_some();
+        let mut presence_tick = tokio::time::interval(presence::PRESENCE_CHECK_EVERY);
+        presence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut org_tick = tokio::time::interval(org::ORG_REFRESH_EVERY);
         org_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // One node writes the tree; the others' caches poll the store for what it wrote.
@@ -665,6 +684,10 @@ impl<S: Store> Worker<S> {
                 }
                 _ = push_tick.tick(), if push => {
                     self.tick(Tick::Push, wall_clock_ms()).await;
+                    continue;
+                }
+                _ = presence_tick.tick(), if self.presence.offline_pending() => {
+                    self.tick(Tick::Presence, wall_clock_ms()).await;
                     continue;
                 }
                 _ = org_tick.tick(), if org_poll && (multi || !self.services.org.loaded()) => {
@@ -753,6 +776,9 @@ impl<S: Store> Worker<S> {
                 WorkerMsg::OrgChanged(v) => org_changed = org_changed.max(Some(v)),
                 WorkerMsg::OrgPull { reply_to, since } => self.on_org_pull(reply_to, since).await,
                 WorkerMsg::OrgRecords(records) => self.on_org_records(records),
+                WorkerMsg::Typing(notes) => self.on_typing_notes(notes, &mut round),
+                WorkerMsg::Watch(req) => self.on_watch(req),
+                WorkerMsg::Presence(entries) => self.on_presence(entries, &mut round),
                 WorkerMsg::Shutdown => stop = true,
             }
         }
@@ -773,6 +799,7 @@ impl<S: Store> Worker<S> {
             Tick::Retry => self.retry_overdue(now),
             Tick::Push => self.push_overdue().await,
             Tick::Org => self.org_refresh().await,
+            Tick::Presence => self.presence_due(now),
         }
     }
 
@@ -784,6 +811,8 @@ impl<S: Store> Worker<S> {
         };
         for (node, epoch) in todo {
             self.replay_outbox(Some(node)).await;
+            // The node may have restarted and forgotten who follows its users.
+            self.rewatch(node);
             if let Some(p) = self.router.peers() {
                 p.resynced(node, self.idx, epoch);
             }
@@ -865,6 +894,8 @@ impl<S: Store> Worker<S> {
                 for (_, uid) in &idle[..drop] {
                     self.users.remove(uid);
                 }
+                let users = &self.users;
+                self.presence.retain_last_seen(|u| users.contains_key(u));
                 self.metrics
                     .users_evicted
                     .fetch_add(drop as u64, Ordering::Relaxed);
@@ -1115,6 +1146,12 @@ impl<S: Store> Worker<S> {
                     Command::FileDownload { seq } => {
                         self.on_file_download(conn, uid, req_id, seq, round).await
                     }
+                    Command::Typing { conv, peer, state } => {
+                        self.on_typing(conn, uid, req_id, conv, peer, state, round)
+                    }
+                    Command::PresenceSubscribe { users } => {
+                        self.on_presence_subscribe(conn, req_id, users, round)
+                    }
                     _ => round.close(
                         conn,
                         error_frame(ErrorCode::UnknownCommand, req_id, "not a client command"),
@@ -1209,6 +1246,11 @@ impl<S: Store> Worker<S> {
         for (w, notes) in round.delivered_out.into_iter().enumerate() {
             if !notes.is_empty() {
                 self.router.send(self.idx, w, WorkerMsg::Delivered(notes));
+            }
+        }
+        for (w, notes) in round.typing_out.into_iter().enumerate() {
+            if !notes.is_empty() {
+                self.router.send(self.idx, w, WorkerMsg::Typing(notes));
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ impl<S: Store> Worker<S> {
     }
 
     pub(super) fn on_closed(&mut self, conn: ConnId, uid: UserId) {
+        self.unsubscribe_all(conn);
         if let Some(s) = self.sessions.remove(&conn) {
             self.publish(crate::publish::DirOp::Offline {
                 uid,
@@ -27,6 +28,7 @@ impl<S: Store> Worker<S> {
                 devs.retain(|d| d.conn != conn);
                 if devs.is_empty() {
                     self.routes.remove(&uid);
+                    self.went_offline(uid);
                 }
             }
         }
@@ -101,6 +103,7 @@ impl<S: Store> Worker<S> {
                 return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
             }
         };
+        let was_online = self.routes.contains_key(&uid);
         // One device per type: kick the previous one.
         let devs = self
             .routes
@@ -132,7 +135,17 @@ impl<S: Store> Worker<S> {
             };
             round.close(old, k.to_bytes(0));
         }
-        self.sessions.insert(conn, Session { uid, device_type });
+        self.sessions.insert(
+            conn,
+            Session {
+                uid,
+                device_type,
+                typing_tat: 0,
+            },
+        );
+        if !was_online {
+            self.came_online(uid);
+        }
         Metrics::inc(&self.metrics.logins);
         self.publish(crate::publish::DirOp::Online {
             uid,

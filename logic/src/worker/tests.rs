@@ -1146,3 +1146,324 @@ async fn org_change_notices_are_coalesced_to_one_a_second_per_connection() {
     fx.step(0, Vec::new()).await.unwrap();
     assert!(notices(&fx.out()).is_empty(), "nothing more to tell");
 }
+
+/// `TypingNotice`s written to connection `c`: (conv, peer, from, state).
+fn typing_to(out: &[Out], c: ConnId) -> Vec<(u8, u64, UserId, u8)> {
+    out.iter()
+        .filter(|o| o.conn == c)
+        .filter_map(|o| match o.cmd {
+            Command::TypingNotice {
+                conv,
+                peer,
+                from,
+                state,
+                ttl_ms,
+            } => {
+                assert_eq!(ttl_ms, im_shared::proto::TYPING_TTL_MS);
+                Some((conv, peer, from, state))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Presence entries written to connection `c`, in order: (uid, online, last_seen_ms).
+fn presence_to(out: &[Out], c: ConnId) -> Vec<(UserId, bool, u64)> {
+    out.iter()
+        .filter(|o| o.conn == c)
+        .filter_map(|o| match &o.cmd {
+            Command::PresenceNotice { entries } => Some(
+                entries
+                    .iter()
+                    .map(|e| (e.uid, e.online, e.last_seen_ms))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// The error code (and message) answered to `req_id` on `c`, if any.
+fn error_to(out: &[Out], c: ConnId, req_id: u32) -> Option<(ErrorCode, String)> {
+    out.iter()
+        .filter(|o| o.conn == c && o.req_id == req_id)
+        .find_map(|o| match &o.cmd {
+            Command::Error { code, message } => Some((*code, message.clone())),
+            _ => None,
+        })
+}
+
+fn ok_to(out: &[Out], c: ConnId, req_id: u32) -> bool {
+    out.iter().any(|o| {
+        o.conn == c
+            && o.req_id == req_id
+            && matches!(
+                o.cmd,
+                Command::OpResult {
+                    code: ErrorCode::Ok,
+                    ..
+                }
+            )
+    })
+}
+
+fn typing(conv: u8, peer: u64, state: u8) -> Command {
+    Command::Typing { conv, peer, state }
+}
+
+#[tokio::test]
+async fn typing_in_a_c2c_chat_reaches_the_peers_devices_on_another_worker_and_is_never_stored() {
+    let mut fx = Fx::new(2).await;
+    let (a, b) = (fx.user_on(0, 1), fx.user_on(1, 1));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.login(conn(3), b, DeviceType::Desktop).await;
+    fx.out();
+    let commits = fx.store.attempts().len();
+    fx.client(conn(1), a, vec![(5, typing(CONV_C2C, b.0, 1))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(ok_to(&out, conn(1), 5));
+    for c in [conn(2), conn(3)] {
+        assert_eq!(typing_to(&out, c), vec![(CONV_C2C, a.0, a, 1)], "{c:?}");
+    }
+    assert!(
+        typing_to(&out, conn(1)).is_empty(),
+        "not echoed to the typist"
+    );
+    assert_eq!(fx.store.attempts().len(), commits, "nothing was written");
+    assert!(fx.timeline(b).await.is_empty());
+    // Stopped.
+    fx.client(conn(1), a, vec![(6, typing(CONV_C2C, b.0, 0))])
+        .await;
+    fx.pump().await;
+    assert_eq!(typing_to(&fx.out(), conn(2)), vec![(CONV_C2C, a.0, a, 0)]);
+}
+
+#[tokio::test]
+async fn bad_typing_commands_are_refused_with_a_reason_and_forward_nothing() {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.out();
+    let cases = [
+        (1, typing(CONV_C2C, b.0, 2), "state must be 0 or 1"),
+        (2, typing(CONV_C2C, 0, 1), "peer must be another user"),
+        (3, typing(CONV_C2C, a.0, 1), "peer must be another user"),
+        (4, typing(CONV_C2G, 0, 1), "group 0"),
+        (5, typing(9, b.0, 1), "conv must be 1 (c2c) or 2 (c2g)"),
+    ];
+    for (req, cmd, why) in cases {
+        fx.client(conn(1), a, vec![(req, cmd)]).await;
+        fx.pump().await;
+        let out = fx.out();
+        let (code, msg) = error_to(&out, conn(1), req).expect("an error");
+        assert_eq!(code, ErrorCode::InvalidArgument);
+        assert!(msg.contains(why), "{msg}");
+        assert!(typing_to(&out, conn(2)).is_empty());
+    }
+    // A group that does not exist.
+    fx.client(conn(1), a, vec![(6, typing(CONV_C2G, 999, 1))])
+        .await;
+    fx.pump().await;
+    assert_eq!(
+        error_to(&fx.out(), conn(1), 6).map(|e| e.0),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[tokio::test]
+async fn typing_is_rate_limited_per_connection_with_a_burst() {
+    let mut fx = Fx::new(1).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.out();
+    let burst = super::presence::TYPING_BURST as u32;
+    let cmds = (0..burst + 2)
+        .map(|i| (10 + i, typing(CONV_C2C, b.0, 1)))
+        .collect();
+    fx.client(conn(1), a, cmds).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(typing_to(&out, conn(2)).len(), burst as usize);
+    for i in 0..burst {
+        assert!(ok_to(&out, conn(1), 10 + i));
+    }
+    for i in burst..burst + 2 {
+        let (code, msg) = error_to(&out, conn(1), 10 + i).expect("refused");
+        assert_eq!(code, ErrorCode::Overloaded);
+        assert!(msg.contains("at most 2 a second"), "{msg}");
+    }
+    // One more is allowed once its interval has passed.
+    fx.now += super::presence::TYPING_EVERY_MS;
+    fx.client(conn(1), a, vec![(30, typing(CONV_C2C, b.0, 0))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(ok_to(&out, conn(1), 30));
+    assert_eq!(typing_to(&out, conn(2)).len(), 1);
+}
+
+#[tokio::test]
+async fn typing_in_a_group_reaches_the_other_online_members_and_a_non_member_is_refused() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = fx.user_on(0, a.0 + 1);
+    let stranger = fx.user_on(1, b.0 + 1);
+    for (i, u) in [a, b, c, stranger].into_iter().enumerate() {
+        fx.login(conn(i as u32 + 1), u, DeviceType::Phone).await;
+    }
+    let create = Command::GroupCreate {
+        name: "team".into(),
+        members: vec![b, c],
+        client_id: 0,
+    };
+    fx.client(conn(1), a, vec![(1, create)]).await;
+    fx.pump().await;
+    let group = fx
+        .out()
+        .iter()
+        .find_map(|o| match o.cmd {
+            Command::OpResult {
+                code: ErrorCode::Ok,
+                id,
+                ..
+            } if o.conn == conn(1) => Some(GroupId(id)),
+            _ => None,
+        })
+        .expect("group created");
+    fx.client(conn(2), b, vec![(7, typing(CONV_C2G, group.0, 1))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(ok_to(&out, conn(2), 7));
+    for c in [conn(1), conn(3)] {
+        assert_eq!(typing_to(&out, c), vec![(CONV_C2G, group.0, b, 1)]);
+    }
+    assert!(typing_to(&out, conn(2)).is_empty());
+    assert!(typing_to(&out, conn(4)).is_empty());
+    fx.client(conn(4), stranger, vec![(8, typing(CONV_C2G, group.0, 1))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(
+        error_to(&out, conn(4), 8).map(|e| e.0),
+        Some(ErrorCode::NotMember)
+    );
+    assert!(typing_to(&out, conn(1)).is_empty());
+}
+
+#[tokio::test]
+async fn presence_is_answered_then_pushed_on_change_with_offline_debounced() {
+    let cfg = LogicConfig {
+        presence_offline_delay_ms: 3_000,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(2, cfg).await;
+    let watcher = fx.user_on(0, 1);
+    let (a, b) = (fx.user_on(1, 1), fx.user_on(0, watcher.0 + 1));
+    fx.login(conn(1), watcher, DeviceType::Phone).await;
+    fx.login(conn(2), a, DeviceType::Phone).await;
+    fx.out();
+    let sub = Command::PresenceSubscribe {
+        users: vec![a, b, a],
+    };
+    fx.client(conn(1), watcher, vec![(3, sub)]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(ok_to(&out, conn(1), 3));
+    let mut got = presence_to(&out, conn(1));
+    got.sort();
+    let mut want = vec![(a, true, 0), (b, false, 0)];
+    want.sort();
+    assert_eq!(got, want, "the current state of each, once");
+    // b comes online: told at once.
+    fx.login(conn(3), b, DeviceType::Phone).await;
+    fx.pump().await;
+    assert_eq!(presence_to(&fx.out(), conn(1)), vec![(b, true, 0)]);
+    // a's phone drops and comes back within the delay: nothing.
+    fx.now += 100;
+    let close = |c, u| WorkerMsg::Gate(vec![Up::Closed { conn: c, uid: u }]);
+    let wa = fx.worker_of(a);
+    fx.step(wa, vec![close(conn(2), a)]).await.unwrap();
+    fx.now += 1_000;
+    fx.login(conn(4), a, DeviceType::Phone).await;
+    fx.now += 5_000;
+    for w in 0..2 {
+        fx.workers[w].tick(Tick::Presence, fx.now).await;
+    }
+    fx.pump().await;
+    assert!(
+        presence_to(&fx.out(), conn(1)).is_empty(),
+        "a flap is not news"
+    );
+    // a leaves for good: told after the delay, with the time it left.
+    let left = fx.now;
+    fx.step(wa, vec![close(conn(4), a)]).await.unwrap();
+    fx.now += 2_000;
+    fx.workers[wa].tick(Tick::Presence, fx.now).await;
+    fx.pump().await;
+    assert!(
+        presence_to(&fx.out(), conn(1)).is_empty(),
+        "not before the delay"
+    );
+    fx.now += 1_500;
+    fx.workers[wa].tick(Tick::Presence, fx.now).await;
+    fx.pump().await;
+    assert_eq!(presence_to(&fx.out(), conn(1)), vec![(a, false, left)]);
+    // A second follower on the same worker gets the known state at once, without a new watch.
+    let second = fx.user_on(0, b.0 + 1);
+    fx.login(conn(5), second, DeviceType::Phone).await;
+    fx.out();
+    let sub = Command::PresenceSubscribe { users: vec![a] };
+    fx.client(conn(5), second, vec![(9, sub)]).await;
+    assert!(fx.inbox(wa).is_empty(), "the owner is not asked again");
+    let out = fx.out();
+    assert!(ok_to(&out, conn(5), 9));
+    assert_eq!(presence_to(&out, conn(5)), vec![(a, false, left)]);
+    // Unsubscribed (empty list) and closed connections hear nothing more; the owner forgets
+    // the watcher once no connection there follows a.
+    let none = Command::PresenceSubscribe { users: vec![] };
+    fx.client(conn(1), watcher, vec![(10, none)]).await;
+    let ww = fx.worker_of(watcher);
+    fx.step(ww, vec![close(conn(5), second)]).await.unwrap();
+    fx.pump().await;
+    fx.login(conn(6), a, DeviceType::Phone).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(presence_to(&out, conn(1)).is_empty());
+    assert!(presence_to(&out, conn(5)).is_empty());
+    assert_eq!(fx.workers[ww].presence.sizes().0, 0);
+    assert_eq!(fx.workers[wa].presence.sizes().2, 0);
+}
+
+#[tokio::test]
+async fn a_presence_list_above_the_limit_or_with_user_0_is_refused() {
+    let mut fx = Fx::new(1).await;
+    let a = UserId(1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.out();
+    let too_many = (1..=im_shared::proto::MAX_PRESENCE_SUBSCRIPTIONS as u64 + 1)
+        .map(|u| UserId(u + 10))
+        .collect();
+    let cases = [
+        (1, too_many, "at most 256 users"),
+        (2, vec![UserId(2), UserId(0)], "user 0"),
+    ];
+    for (req, users, why) in cases {
+        let sub = Command::PresenceSubscribe { users };
+        fx.client(conn(1), a, vec![(req, sub)]).await;
+        fx.pump().await;
+        let out = fx.out();
+        let (code, msg) = error_to(&out, conn(1), req).expect("refused");
+        assert_eq!(code, ErrorCode::InvalidArgument);
+        assert!(msg.contains(why), "{msg}");
+        assert!(presence_to(&out, conn(1)).is_empty());
+    }
+    assert_eq!(fx.workers[0].presence.sizes(), (0, 0, 0));
+}
