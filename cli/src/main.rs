@@ -205,6 +205,38 @@ fn group_event_line(group: u64, from: u64, is_me: bool, e: &GroupEvent) -> Strin
     format!("#{group}: {what}")
 }
 
+/// A presence change as a line: `● 42 is online`, `○ 42 went offline at 12:04:05 UTC`.
+fn presence_line(e: &im_shared::proto::PresenceEntry) -> String {
+    if e.online {
+        return format!("● {} is online", e.uid);
+    }
+    if e.last_seen_ms == 0 {
+        return format!("○ {} is offline", e.uid);
+    }
+    let secs = e.last_seen_ms / 1000 % 86_400;
+    format!(
+        "○ {} went offline at {:02}:{:02}:{:02} UTC",
+        e.uid,
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// A typing notice as a line: `… 42 is typing` (`#7: 42 is typing` in a group).
+fn typing_line(conv: u8, peer: u64, from: UserId, state: u8) -> String {
+    let what = if state == 1 {
+        "is typing"
+    } else {
+        "stopped typing"
+    };
+    if conv == CONV_C2G {
+        format!("… #{peer}: {from} {what}")
+    } else {
+        format!("… {from} {what}")
+    }
+}
+
 fn uids(s: &str) -> Option<Vec<UserId>> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
@@ -654,6 +686,41 @@ fn main() -> anyhow::Result<()> {
                         Err(e) => println!("! not fetched: {e}"),
                     }
                     continue;
+                } else if let Some(rest) = line
+                    .strip_prefix("/follow")
+                    .filter(|r| r.is_empty() || r.starts_with(' '))
+                {
+                    let list: Result<Vec<u64>, _> =
+                        rest.split_whitespace().map(str::parse).collect();
+                    match list {
+                        Ok(list) => {
+                            let users: Vec<UserId> = list.into_iter().map(UserId).collect();
+                            match c.presence_subscribe(&users) {
+                                Ok(()) => println!(
+                                    "  ✓ following the presence of {} user(s)",
+                                    users.len()
+                                ),
+                                Err(e) => println!("! {e}"),
+                            }
+                        }
+                        Err(_) => println!("! usage: /follow <uid> [<uid>…] (none: stop)"),
+                    }
+                    continue;
+                } else if let Some(rest) = line.strip_prefix("/typing ") {
+                    let rest = rest.trim();
+                    let target = match rest.strip_prefix('#') {
+                        Some(g) => g.parse().map(|g| (CONV_C2G, g)),
+                        None => rest.parse().map(|u| (CONV_C2C, u)),
+                    };
+                    match target {
+                        Ok((conv, peer)) => {
+                            if let Err(e) = c.typing(conv, peer, true) {
+                                println!("! {e}");
+                            }
+                        }
+                        Err(_) => println!("! usage: /typing <uid>|#<group>"),
+                    }
+                    continue;
                 } else if line == "/sync" {
                     let n = tl.sync(&mut c)?;
                     println!("synced {n} new message(s); last seq {}", tl.last_seq);
@@ -663,7 +730,7 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/sync          fetch missed messages\n/quit          log out");
                     continue;
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {
@@ -760,6 +827,18 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Error { code, message }) => {
                 println!("! server error {code:?}: {message}")
             }
+            Some(Command::PresenceNotice { entries }) => {
+                for e in &entries {
+                    println!("{}", presence_line(e));
+                }
+            }
+            Some(Command::TypingNotice {
+                conv,
+                peer,
+                from,
+                state,
+                ..
+            }) => println!("{}", typing_line(conv, peer, from, state)),
             Some(Command::OrgChanged { version }) => match org.catch_up(&mut c, version) {
                 Ok(true) => println!("(organisation tree updated to v{})", org.at),
                 Ok(false) => {}
@@ -779,6 +858,27 @@ mod tests {
     use super::*;
 
     use im_shared::org::{OrgDept, OrgMember, OrgPerson};
+
+    #[test]
+    fn presence_and_typing_are_printed_as_sentences() {
+        let e = |online, last_seen_ms| im_shared::proto::PresenceEntry {
+            uid: UserId(42),
+            online,
+            last_seen_ms,
+        };
+        assert_eq!(presence_line(&e(true, 0)), "● 42 is online");
+        assert_eq!(presence_line(&e(false, 0)), "○ 42 is offline");
+        // 2023-11-14 22:13:20 UTC
+        assert_eq!(
+            presence_line(&e(false, 1_700_000_000_000)),
+            "○ 42 went offline at 22:13:20 UTC"
+        );
+        assert_eq!(typing_line(CONV_C2C, 42, UserId(42), 1), "… 42 is typing");
+        assert_eq!(
+            typing_line(CONV_C2G, 7, UserId(42), 0),
+            "… #7: 42 stopped typing"
+        );
+    }
 
     fn dept(version: u64, id: u64, parent: u64, name: &str) -> OrgRecord {
         OrgRecord {

@@ -1460,6 +1460,40 @@ mod tests {
     }
 
     #[test]
+    fn the_presence_and_typing_worked_examples_are_the_documented_bytes() {
+        let typing = Command::Typing {
+            conv: CONV_C2G,
+            peer: 7,
+            state: 1,
+        }
+        .to_bytes(5);
+        let want: &[u8] = &[
+            0x49, 0x4d, 0x01, 0x26, 0, 0, 0, 5, 0, 0, 0, 0x0a, 2, 0, 0, 0, 0, 0, 0, 0, 7, 1,
+        ];
+        assert_eq!(&typing[..], want);
+        let notice = Command::PresenceNotice {
+            entries: vec![
+                PresenceEntry {
+                    uid: UserId(2),
+                    online: true,
+                    last_seen_ms: 0,
+                },
+                PresenceEntry {
+                    uid: UserId(3),
+                    online: false,
+                    last_seen_ms: 1_700_000_000_000,
+                },
+            ],
+        }
+        .to_bytes(0);
+        let mut want = vec![0x49, 0x4d, 0x01, 0x9d, 0, 0, 0, 0, 0, 0, 0, 0x24, 0, 2];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3, 0]);
+        want.extend_from_slice(&[0, 0, 0x01, 0x8b, 0xcf, 0xe5, 0x68, 0x00]);
+        assert_eq!(&notice[..], &want[..]);
+    }
+
+    #[test]
     fn the_org_worked_examples_are_the_documented_bytes() {
         let req = Command::OrgSync {
             since: 0,

@@ -270,6 +270,7 @@ function onSend(e) {
   if (!text.trim() || !active) return;
   try {
     client.sendText(active, text);
+    client.typing(active, false);
     input.value = '';
   } catch (err) {
     toast(err.message);
@@ -517,13 +518,40 @@ function convItem(c, title) {
   );
 }
 
+/** "online", "typing…", "last seen 14:05" (local time) or "" for the header of `key`. */
+function convStatus(key) {
+  const typing = client.typingIn(key);
+  if (typing.length) {
+    return convKind(key) === 'g' ? `User ${typing.join(', User ')} typing…` : 'typing…';
+  }
+  if (convKind(key) !== 'u') return '';
+  const p = client.presenceOf(convPeer(key));
+  if (!p) return '';
+  if (p.online) return 'online';
+  if (!p.lastSeenMs) return 'offline';
+  const t = new Date(p.lastSeenMs);
+  return `last seen ${String(t.getHours()).padStart(2, '0')}:${String(t.getMinutes()).padStart(2, '0')}`;
+}
+
 function renderLists() {
   const convs = client.conversations();
   const people = convs.filter((c) => convKind(c.key) !== 'g');
+  // Follow the presence of the people one has conversations with (the newest 256).
+  client
+    .followPresence(people.filter((c) => convKind(c.key) === 'u').map((c) => convPeer(c.key)))
+    .catch((e) => addLog({ dir: 'info', text: `presence: ${e.message}` }));
   const list = $('#conv-list');
   list.replaceChildren(
     ...(people.length
-      ? people.map((c) => convItem(c, client.title(c.key)))
+      ? people.map((c) => {
+          const li = convItem(c, client.title(c.key));
+          const p = convKind(c.key) === 'u' ? client.presenceOf(convPeer(c.key)) : undefined;
+          if (p) {
+            li.prepend(el('span', { class: `dot ${p.online ? 'online' : ''}`, title: p.online ? 'online' : 'offline' }, '●'));
+            li.dataset.online = String(p.online);
+          }
+          return li;
+        })
       : [el('li', { class: 'empty' }, 'No conversations yet')]),
   );
   // Groups: the ones MyGroups lists, and any group conversation with history.
@@ -550,6 +578,7 @@ function renderMessages() {
   const input = $('#message-input');
   const send = $('#send-btn');
   const attach = $('#attach-btn');
+  $('#chat-status').textContent = active ? convStatus(active) : '';
   if (!active) {
     $('#chat-title').textContent = 'Pick a conversation';
     $('#group-info-btn').hidden = true;
@@ -631,6 +660,9 @@ function boot() {
   $('#refresh-groups').addEventListener('click', onRefreshGroups);
   $('#group-info-btn').addEventListener('click', onGroupInfo);
   $('#composer').addEventListener('submit', onSend);
+  $('#message-input').addEventListener('input', (e) => {
+    if (active) client.typing(active, e.target.value.trim() !== '');
+  });
   $('#attach-btn').addEventListener('click', () => $('#file-input').click());
   $('#file-input').addEventListener('change', onAttach);
   $('#org-search').addEventListener('input', onOrgSearch);

@@ -16,6 +16,8 @@ const SYNC_LIMIT = 200;
 const ORG_SYNC_LIMIT = P.MAX_ORG_PAGE;
 const ORG_RETRIES = 8; // retryable refusals (Unavailable while the tree loads) before giving up
 const REQUEST_TIMEOUT_MS = 10_000;
+/** While the user types, `Typing` is repeated at most this often (a notice stands for 6 s). */
+export const TYPING_REPEAT_MS = 3_000;
 const MAX_RECORDS = 5000;
 const STATUS_RANK = { '': 0, failed: 0, pending: 1, sent: 2, delivered: 3, read: 4 };
 
@@ -351,6 +353,10 @@ export class ImClient extends EventTarget {
     this.fetch = fetchFn;
     this.groups = new Map(); // group id → {name, left}
     this.convs = new Map(); // conv key → {unread}
+    this.presence = new Map(); // uid (string) → {online, lastSeenMs} from PresenceNotice
+    this.typers = new Map(); // conv key → Map(uid string → local ms its notice expires)
+    this.presenceList = null; // the users followed on this connection (sorted, joined)
+    this.typingSentAt = new Map(); // conv key → local ms of the last Typing(1) sent
     this.order = 0;
     this.activeConv = null;
     this.groupsTimer = null;
@@ -629,6 +635,27 @@ export class ImClient extends EventTarget {
       case 'Delivered':
         this.onDelivered(cmd.msgId.toString(), cmd.recipient.toString());
         break;
+      case 'PresenceNotice':
+        for (const e of cmd.entries) {
+          this.presence.set(e.uid.toString(), { online: e.online, lastSeenMs: Number(e.lastSeenMs) });
+        }
+        this.dispatchEvent(new CustomEvent('change'));
+        break;
+      case 'TypingNotice': {
+        const key = cmd.conv === P.CONV.C2G ? `g:${cmd.peer}` : `u:${cmd.from}`;
+        const who = this.typers.get(key) ?? new Map();
+        if (cmd.state === 1) {
+          who.set(cmd.from.toString(), Date.now() + cmd.ttlMs);
+          // Redrawn when it expires unless repeated.
+          const t = setTimeout(() => this.dispatchEvent(new CustomEvent('change')), cmd.ttlMs + 20);
+          t.unref?.();
+        } else {
+          who.delete(cmd.from.toString());
+        }
+        this.typers.set(key, who);
+        this.dispatchEvent(new CustomEvent('change'));
+        break;
+      }
       case 'OrgChanged':
         // The tree changed: fetch what is newer than the version held.
         if (cmd.version > this.org.version || !this.org.synced) {
@@ -671,6 +698,9 @@ export class ImClient extends EventTarget {
     const code = r.code;
     if (r.type === 'LoginResult' && code === P.ERR.Ok) {
       this.everLoggedIn = true;
+      // A new connection follows nobody and has told nobody it types.
+      this.presenceList = null;
+      this.typingSentAt.clear();
       this.logins++;
       this.attempt = 0;
       this.heartbeatSecs = r.heartbeatSecs || 30;
@@ -1296,6 +1326,70 @@ export class ImClient extends EventTarget {
     }
     out.sort((a, b) => (b.last?.order ?? 0) - (a.last?.order ?? 0));
     return out;
+  }
+
+  /**
+   * Follows the presence of these users (at most 256: the server's limit per connection); their
+   * states arrive as 'change' events (see `presenceOf`). Sent only when the list changed since
+   * the last one this connection sent.
+   */
+  followPresence(uids) {
+    const list = [...new Set(uids.map(String))].slice(0, 256).sort();
+    const key = list.join(',');
+    if (key === this.presenceList || this.state !== 'online') return Promise.resolve();
+    this.presenceList = key;
+    return this.request({ type: 'PresenceSubscribe', users: list.map(BigInt) }).then(
+      (r) => {
+        if (r.type !== 'OpResult' || r.code !== P.ERR.Ok) {
+          this.presenceList = null;
+          throw new Error(refusal(r));
+        }
+      },
+      (e) => {
+        this.presenceList = null;
+        throw e;
+      },
+    );
+  }
+
+  /** `{online, lastSeenMs}` of a followed user, or undefined while not known. */
+  presenceOf(uid) {
+    return this.presence.get(String(uid));
+  }
+
+  /**
+   * Tells the other side of `convKey` that this user types (`on`; repeated at most every
+   * TYPING_REPEAT_MS) or stopped (sent only after a `true`). Refusals are logged, not raised.
+   */
+  typing(convKey, on) {
+    const kind = convKind(convKey);
+    if ((kind !== 'u' && kind !== 'g') || this.state !== 'online') return;
+    const now = Date.now();
+    if (on) {
+      if (now - (this.typingSentAt.get(convKey) ?? -Infinity) < TYPING_REPEAT_MS) return;
+      this.typingSentAt.set(convKey, now);
+    } else {
+      if (!this.typingSentAt.has(convKey)) return;
+      this.typingSentAt.delete(convKey);
+    }
+    const cmd = {
+      type: 'Typing',
+      conv: kind === 'g' ? P.CONV.C2G : P.CONV.C2C,
+      peer: BigInt(convPeer(convKey)),
+      state: on ? 1 : 0,
+    };
+    this.request(cmd).then(
+      (r) => {
+        if (r.type === 'Error') this.log('info', `typing: ${refusal(r)}`);
+      },
+      () => {},
+    );
+  }
+
+  /** The users (uid strings) typing in `convKey` now. */
+  typingIn(convKey) {
+    const now = Date.now();
+    return [...(this.typers.get(convKey) ?? [])].filter(([, until]) => until > now).map(([u]) => u);
   }
 
   title(key) {

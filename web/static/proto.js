@@ -44,6 +44,8 @@ export const CMD = Object.freeze({
   OrgSearch: 0x23,
   FileUpload: 0x24,
   FileDownload: 0x25,
+  Typing: 0x26,
+  PresenceSubscribe: 0x27,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -60,6 +62,8 @@ export const CMD = Object.freeze({
   OrgChanged: 0x99,
   FileTicket: 0x9a,
   FileUrl: 0x9b,
+  TypingNotice: 0x9c,
+  PresenceNotice: 0x9d,
   Error: 0xff,
 });
 
@@ -637,6 +641,32 @@ const LAYOUT = {
   FileUrl: [
     ['url', T.str],
     ['expiresMs', T.u64],
+  ],
+  Typing: [
+    ['conv', T.u8],
+    ['peer', T.u64],
+    ['state', T.u8],
+  ],
+  PresenceSubscribe: [['users', UIDS]],
+  TypingNotice: [
+    ['conv', T.u8],
+    ['peer', T.u64],
+    ['from', T.u64],
+    ['state', T.u8],
+    ['ttlMs', T.u32],
+  ],
+  PresenceNotice: [
+    [
+      'entries',
+      list(
+        T.u16,
+        record([
+          ['uid', T.u64],
+          ['online', T.bool],
+          ['lastSeenMs', T.u64],
+        ]),
+      ),
+    ],
   ],
   Error: [
     ['code', T.u16],

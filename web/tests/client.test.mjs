@@ -604,3 +604,66 @@ test('files: sendFile uploads in chunks, resumes at the server offset, sends the
   await assert.rejects(bad, /InvalidArgument: a image has/);
   c.finish('test', '');
 });
+
+test('presence: followed once per list, notices update the state, a new connection follows again', async () => {
+  const { c, ws } = await loggedIn();
+  const p = c.followPresence([PEER, 7n, PEER]);
+  const sub = await ws.next('PresenceSubscribe');
+  assert.deepEqual(sub.users, [6n, 7n]);
+  ws.push({ type: 'OpResult', code: ERR.Ok, id: 0n, message: '' }, sub.reqId);
+  await p;
+  // The same list again sends nothing.
+  await c.followPresence([7n, PEER]);
+  assert.equal(ws.frames('PresenceSubscribe').length, 1);
+  let changes = 0;
+  c.addEventListener('change', () => changes++);
+  ws.push({
+    type: 'PresenceNotice',
+    entries: [
+      { uid: PEER, online: true, lastSeenMs: 0n },
+      { uid: 7n, online: false, lastSeenMs: 1_700_000_000_000n },
+    ],
+  });
+  await tick(5);
+  assert.deepEqual(c.presenceOf(PEER), { online: true, lastSeenMs: 0 });
+  assert.deepEqual(c.presenceOf(7n), { online: false, lastSeenMs: 1_700_000_000_000 });
+  assert.equal(c.presenceOf(8n), undefined);
+  assert.ok(changes >= 1);
+  // A refusal is reported and the list is sent again next time.
+  const bad = c.followPresence([0n]);
+  const sub2 = await ws.next('PresenceSubscribe');
+  ws.push({ type: 'Error', code: ERR.InvalidArgument, message: 'presence: user 0 does not exist' }, sub2.reqId);
+  await assert.rejects(bad, /user 0/);
+  assert.equal(c.presenceList, null);
+  c.finish('test', '');
+});
+
+test('typing: sent on the first keystroke, repeated at most every 3 s, stopped once; notices expire', async () => {
+  const { c, ws } = await loggedIn();
+  c.typing(`u:${PEER}`, true);
+  c.typing(`u:${PEER}`, true); // within 3 s: not repeated
+  const t1 = await ws.next('Typing');
+  assert.deepEqual([t1.conv, t1.peer, t1.state], [CONV.C2C, PEER, 1]);
+  ws.push({ type: 'OpResult', code: ERR.Ok, id: 0n, message: '' }, t1.reqId);
+  c.typing(`u:${PEER}`, false);
+  c.typing(`u:${PEER}`, false); // already stopped: nothing
+  const t2 = await ws.next('Typing');
+  assert.equal(t2.state, 0);
+  ws.push({ type: 'OpResult', code: ERR.Ok, id: 0n, message: '' }, t2.reqId);
+  c.typing('g:9', true);
+  const t3 = await ws.next('Typing');
+  assert.deepEqual([t3.conv, t3.peer, t3.state], [CONV.C2G, 9n, 1]);
+  await tick(20);
+  assert.equal(ws.frames('Typing').length, 3);
+  // Notices: keyed by the conversation as this user sees it, cleared by a stop or their ttl.
+  ws.push({ type: 'TypingNotice', conv: CONV.C2C, peer: PEER, from: PEER, state: 1, ttlMs: 6000 });
+  ws.push({ type: 'TypingNotice', conv: CONV.C2G, peer: 9n, from: 8n, state: 1, ttlMs: 30 });
+  await tick(5);
+  assert.deepEqual(c.typingIn(`u:${PEER}`), [String(PEER)]);
+  assert.deepEqual(c.typingIn('g:9'), ['8']);
+  ws.push({ type: 'TypingNotice', conv: CONV.C2C, peer: PEER, from: PEER, state: 0, ttlMs: 6000 });
+  await tick(60);
+  assert.deepEqual(c.typingIn(`u:${PEER}`), []);
+  assert.deepEqual(c.typingIn('g:9'), [], 'expired by its ttl');
+  c.finish('test', '');
+});

@@ -365,6 +365,14 @@ async function run(browser) {
     await sees(pa, t2);
     await ticks(pb, t2, 'delivered', '✓✓');
 
+    log('presence and typing: A sees B online, then typing');
+    await pa.locator(`#conv-list li[data-conv="u:${B}"][data-online="true"]`).waitFor({ timeout: WAIT });
+    await pa.locator('#chat-status', { hasText: 'online' }).waitFor({ timeout: WAIT });
+    await pb.type('#message-input', 'typ');
+    await pa.locator('#chat-status', { hasText: 'typing…' }).waitFor({ timeout: WAIT });
+    await pb.fill('#message-input', '');
+    await pa.locator('#chat-status', { hasText: /^online$/ }).waitFor({ timeout: WAIT });
+
     log('B leaves; A sends while B is away');
     const seqBefore = BigInt(await evalIm(pb, () => String(window.im.lastSeq)));
     await pb.goto('about:blank');
@@ -373,6 +381,8 @@ async function run(browser) {
       await send(pa, t);
       await ticks(pa, t, 'sent', '✓');
     }
+    // B's presence: offline once the server's offline delay (5 s) has passed.
+    await pa.locator(`#conv-list li[data-conv="u:${B}"][data-online="false"]`).waitFor({ timeout: WAIT });
     await step('b_offline'); // C sends to B (offline) and to A
     if (opt.tcp) {
       await openConv(pa, `u:${C}`);

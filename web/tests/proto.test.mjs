@@ -200,6 +200,16 @@ const SAMPLES = [
   { type: 'FileDownload', seq: 77n },
   { type: 'FileTicket', url: 'http://127.0.0.1:8080/v1/files/uploads', ticket: '5.ab.1.2.cd', expiresMs: 99n },
   { type: 'FileUrl', url: 'http://127.0.0.1:8080/v1/files/ab?u=5', expiresMs: 99n },
+  { type: 'Typing', conv: CONV.C2G, peer: 7n, state: 1 },
+  { type: 'PresenceSubscribe', users: [2n, 3n] },
+  { type: 'TypingNotice', conv: CONV.C2C, peer: 5n, from: 5n, state: 0, ttlMs: 6000 },
+  {
+    type: 'PresenceNotice',
+    entries: [
+      { uid: 2n, online: true, lastSeenMs: 0n },
+      { uid: 3n, online: false, lastSeenMs: 1_700_000_000_000n },
+    ],
+  },
   { type: 'Error', code: ERR.BadToken, message: 'bad token' },
 ];
 
@@ -215,6 +225,29 @@ test('every command round-trips through encode/decode', () => {
     seen.add(c.type);
   }
   assert.deepEqual([...seen].sort(), Object.keys(CMD).sort(), 'a sample of every command');
+});
+
+test('the typing and presence worked examples (section 12) are the documented bytes', () => {
+  const hex = (b) => [...b].map((x) => x.toString(16).padStart(2, '0')).join(' ');
+  assert.equal(
+    hex(encode({ type: 'Typing', conv: CONV.C2G, peer: 7n, state: 1 }, 5)),
+    '49 4d 01 26 00 00 00 05 00 00 00 0a 02 00 00 00 00 00 00 00 07 01',
+  );
+  const notice = encode(
+    {
+      type: 'PresenceNotice',
+      entries: [
+        { uid: 2n, online: true, lastSeenMs: 0n },
+        { uid: 3n, online: false, lastSeenMs: 1_700_000_000_000n },
+      ],
+    },
+    0,
+  );
+  assert.equal(
+    hex(notice),
+    '49 4d 01 9d 00 00 00 00 00 00 00 24 00 02 00 00 00 00 00 00 00 02 01 00 00 00 00 00 00 00 00 00 ' +
+      '00 00 00 00 00 00 03 00 00 00 01 8b cf e5 68 00',
+  );
 });
 
 test('body sizes match the document', () => {
