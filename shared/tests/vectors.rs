@@ -272,6 +272,40 @@ fn vectors() -> Vec<(&'static str, u32, Command, Value)> {
                    "expiresMs": "1767229200000"}),
         ),
         (
+            "a typing indicator in a group",
+            0,
+            Command::TypingNotice {
+                conv: CONV_C2G,
+                peer: 77,
+                from: UserId(1001),
+                state: 1,
+                ttl_ms: 6000,
+            },
+            json!({"conv": 2, "peer": "77", "from": "1001", "state": 1, "ttlMs": 6000}),
+        ),
+        (
+            "presence: one user online, one offline since a time",
+            0,
+            Command::PresenceNotice {
+                entries: vec![
+                    im_shared::proto::PresenceEntry {
+                        uid: UserId(1001),
+                        online: true,
+                        last_seen_ms: 0,
+                    },
+                    im_shared::proto::PresenceEntry {
+                        uid: UserId(1003),
+                        online: false,
+                        last_seen_ms: 1_767_225_000_000,
+                    },
+                ],
+            },
+            json!({"entries": [
+                {"uid": "1001", "online": true, "lastSeenMs": "0"},
+                {"uid": "1003", "online": false, "lastSeenMs": "1767225000000"}
+            ]}),
+        ),
+        (
             "a request refused: over the message rate",
             12,
             Command::Error {
