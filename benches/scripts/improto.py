@@ -27,9 +27,11 @@ def token(uid, secret=TOKEN_SECRET):
 class Conn:
     """One logged-in connection."""
 
-    def __init__(self, gate, uid, device="e2e"):
+    def __init__(self, gate, uid, device="e2e", src=None):
         host, port = gate.rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        # `src`: a source address (e.g. 127.0.0.2), for many connections past a gate's per-IP caps.
+        self.sock = socket.create_connection((host, int(port)), timeout=30,
+                                             source_address=(src, 0) if src else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as every real client does
         self.buf = b""
         self.req = 0
