@@ -69,6 +69,7 @@ const LOGIC_KEYS: &[&str] = &[
     "gate_link_queue_bytes",
     "redis_nodes",
     "recall_window_secs",
+    "presence_offline_delay_ms",
     "org_visibility",
     "scylla_nodes",
     "scylla_keyspace",
