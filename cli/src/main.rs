@@ -706,6 +706,21 @@ fn main() -> anyhow::Result<()> {
                         Err(_) => println!("! usage: /follow <uid> [<uid>…] (none: stop)"),
                     }
                     continue;
+                } else if let Some(rest) = line.strip_prefix("/hide ") {
+                    let hidden = match rest.trim() {
+                        "on" => true,
+                        "off" => false,
+                        _ => {
+                            println!("! usage: /hide on|off");
+                            continue;
+                        }
+                    };
+                    match c.set_presence_hidden(hidden) {
+                        Ok(()) if hidden => println!("  ✓ your presence is hidden"),
+                        Ok(()) => println!("  ✓ your presence is shown"),
+                        Err(e) => println!("! {e}"),
+                    }
+                    continue;
                 } else if let Some(rest) = line.strip_prefix("/typing ") {
                     let rest = rest.trim();
                     let target = match rest.strip_prefix('#') {
@@ -730,7 +745,7 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
                     continue;
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {

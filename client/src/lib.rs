@@ -448,6 +448,12 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Hides this user's presence from everyone (`true`: followers see it offline, with no
+    /// last-seen time) or shows it again. Stored with the user, for all its devices.
+    pub fn set_presence_hidden(&mut self, hidden: bool) -> Result<(), ClientError> {
+        self.op(&Command::PresencePrivacy { hidden }).map(|_| ())
+    }
+
     /// Registers this device's push token (provider 1 APNs, 2 FCM, 3 webhook; empty = remove).
     pub fn register_push(&mut self, provider: u8, token: &str) -> Result<(), ClientError> {
         self.op(&Command::RegisterPush {

@@ -110,6 +110,29 @@ fn presence_is_answered_then_changes_are_pushed_and_offline_waits_for_the_delay(
 }
 
 #[test]
+fn a_user_who_hides_its_presence_is_seen_offline_until_it_shows_it_again() {
+    let s = start();
+    let mut w = login(s.addr, 5301);
+    let mut a = login(s.addr, 5302);
+    w.presence_subscribe(&[UserId(5302)]).unwrap();
+    assert!(presence(&mut w, 1)[0].online);
+    a.set_presence_hidden(true).unwrap();
+    let got = presence(&mut w, 1);
+    assert_eq!((got[0].online, got[0].last_seen_ms), (false, 0));
+    // Another device of a logging in reveals nothing; a new follower sees it offline too.
+    let _a2 = login_as(s.addr, 5302, DeviceType::Desktop, "desk").0;
+    quiet(&mut w, Duration::from_millis(500), |c| {
+        matches!(c, Command::PresenceNotice { .. })
+    });
+    let mut w2 = login(s.addr, 5303);
+    w2.presence_subscribe(&[UserId(5302)]).unwrap();
+    assert!(!presence(&mut w2, 1)[0].online);
+    a.set_presence_hidden(false).unwrap();
+    assert!(presence(&mut w, 1)[0].online);
+    assert!(presence(&mut w2, 1)[0].online);
+}
+
+#[test]
 fn bad_presence_lists_are_refused_and_the_connection_stays_usable() {
     let s = start();
     let mut w = login(s.addr, 5101);

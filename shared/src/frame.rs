@@ -52,6 +52,7 @@ pub enum Cmd {
     FileDownload = 0x25,
     Typing = 0x26,
     PresenceSubscribe = 0x27,
+    PresencePrivacy = 0x28,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -105,6 +106,7 @@ impl Cmd {
             0x25 => FileDownload,
             0x26 => Typing,
             0x27 => PresenceSubscribe,
+            0x28 => PresencePrivacy,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,

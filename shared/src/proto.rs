@@ -492,6 +492,11 @@ pub enum Command {
     PresenceSubscribe {
         users: Vec<UserId>,
     },
+    /// Hide this user's presence from everyone (`hidden` true: followers see it offline with no
+    /// last-seen time) or show it again. Stored; answered with `OpResult`.
+    PresencePrivacy {
+        hidden: bool,
+    },
     /// Server push: `from` is typing (`state` 1) or stopped (0) in conversation `conv`/`peer`
     /// (for c2c `peer` is `from`, for c2g the group). It stands for `ttl_ms` unless repeated.
     TypingNotice {
@@ -560,6 +565,7 @@ impl Command {
             Command::FileDownload { .. } => Cmd::FileDownload,
             Command::Typing { .. } => Cmd::Typing,
             Command::PresenceSubscribe { .. } => Cmd::PresenceSubscribe,
+            Command::PresencePrivacy { .. } => Cmd::PresencePrivacy,
             Command::TypingNotice { .. } => Cmd::TypingNotice,
             Command::PresenceNotice { .. } => Cmd::PresenceNotice,
             Command::FileTicket { .. } => Cmd::FileTicket,
@@ -619,6 +625,7 @@ impl Command {
             Command::FileDownload { .. } => 8,
             Command::Typing { .. } => 1 + 8 + 1,
             Command::PresenceSubscribe { users } => 2 + 8 * users.len(),
+            Command::PresencePrivacy { .. } => 1,
             Command::TypingNotice { .. } => 1 + 8 + 8 + 1 + 4,
             Command::PresenceNotice { entries } => 2 + 17 * entries.len(),
             Command::FileTicket { url, ticket, .. } => string_len(url) + string_len(ticket) + 8,
@@ -858,6 +865,7 @@ impl Command {
                 out.put_u8(*state);
             }
             Command::PresenceSubscribe { users } => put_uids(out, users),
+            Command::PresencePrivacy { hidden } => out.put_u8(*hidden as u8),
             Command::TypingNotice {
                 conv,
                 peer,
@@ -1145,6 +1153,9 @@ impl Command {
             Cmd::PresenceSubscribe => Command::PresenceSubscribe {
                 users: read_uids(&mut r)?,
             },
+            Cmd::PresencePrivacy => Command::PresencePrivacy {
+                hidden: r.u8("hidden")? != 0,
+            },
             Cmd::TypingNotice => Command::TypingNotice {
                 conv: r.u8("conv")?,
                 peer: r.u64("peer")?,
@@ -1399,6 +1410,7 @@ mod tests {
             Command::PresenceSubscribe {
                 users: vec![UserId(2), UserId(3)],
             },
+            Command::PresencePrivacy { hidden: true },
             Command::TypingNotice {
                 conv: CONV_C2C,
                 peer: 5,

@@ -92,6 +92,7 @@ const FENCE: &str = "fence";
 const IDFLOOR: &str = "idfloor";
 const PUSHWATCH: &str = "pushwatch";
 const ORG: &str = "org";
+const FLAG: &str = "flag";
 const META: &str = "meta";
 /// Key in `meta`: seq of the last commit-log record applied to fjall (`u64`).
 const APPLIED: &[u8] = b"applied";
@@ -113,10 +114,11 @@ enum Kind {
     IdFloor = 11,
     PushWatch = 12,
     Org = 13,
+    Flag = 14,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::Timeline,
         Kind::MsgIdx,
         Kind::SeqBound,
@@ -131,6 +133,7 @@ impl Kind {
         Kind::IdFloor,
         Kind::PushWatch,
         Kind::Org,
+        Kind::Flag,
     ];
 }
 
@@ -140,7 +143,7 @@ impl Kind {
 pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
-    spaces: [Keyspace; 14],
+    spaces: [Keyspace; 15],
     fence_space: Keyspace,
     meta: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
@@ -274,6 +277,7 @@ impl Kind {
             Kind::IdFloor => IDFLOOR,
             Kind::PushWatch => PUSHWATCH,
             Kind::Org => ORG,
+            Kind::Flag => FLAG,
         }
     }
 }
@@ -413,6 +417,7 @@ impl FjallStore {
             ks(IDFLOOR)?,
             ks(PUSHWATCH)?,
             ks(ORG)?,
+            ks(FLAG)?,
         ];
         let fence_space = ks(FENCE)?;
         let meta = ks(META)?;
@@ -554,7 +559,7 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq.
 fn apply(
     db: &Database,
-    spaces: &[Keyspace; 14],
+    spaces: &[Keyspace; 15],
     meta: &Keyspace,
     writes: impl IntoIterator<Item = Write>,
     seq: u64,
@@ -672,6 +677,12 @@ fn collect(batch: WriteBatch) -> Writes {
             Op::MemberDelete { group, uid } => {
                 w.insert((Kind::Member, key_u64_u64(group.0, uid.0).to_vec()), None);
                 w.insert((Kind::UGroup, key_u64_u64(uid.0, group.0).to_vec()), None);
+            }
+            Op::UserFlag { uid, flag, on } => {
+                w.insert(
+                    (Kind::Flag, key_u64_u64(uid.0, u64::from(flag)).to_vec()),
+                    on.then(Vec::new),
+                );
             }
             Op::Mute { uid, peer, muted } => {
                 w.insert(
@@ -959,6 +970,19 @@ impl Store for FjallStore {
         for guard in self.space(Kind::UGroup).prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(GroupId(second_u64(Kind::UGroup, &k)?));
+        }
+        Ok(out)
+    }
+
+    async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::Flag).prefix(key_u64(uid.0)) {
+            let k = guard.key().map_err(io)?;
+            let f = second_u64(Kind::Flag, &k)?;
+            out.push(u8::try_from(f).map_err(|_| StoreError::Corrupt {
+                key: format!("{FLAG}/{uid}"),
+                why: format!("flag {f} above 255"),
+            })?);
         }
         Ok(out)
     }
@@ -1381,7 +1405,7 @@ mod tests {
             assert!(decode_writes(&rec[..cut]).is_none(), "cut at {cut}");
         }
         let mut bad = rec.clone();
-        bad[4] = 14; // no such keyspace
+        bad[4] = 15; // no such keyspace
         assert!(decode_writes(&bad).is_none());
     }
 }

@@ -55,6 +55,9 @@ impl StoreError {
     }
 }
 
+/// [`Op::UserFlag`]: the user's presence is hidden (followers see it offline, with no last seen).
+pub const FLAG_PRESENCE_HIDDEN: u8 = 1;
+
 /// How long a dedup record answers a retry: 7 days, far longer than any client keeps retrying one
 /// send. ScyllaDB expires the rows with `default_time_to_live = 604800` (deploy/scylla/schema.cql);
 /// fjall hides older records from reads and drops them in compaction.
@@ -152,6 +155,12 @@ pub enum Op {
         uid: UserId,
         peer: u64,
         muted: bool,
+    },
+    /// Set (`on`) or clear a per-user setting ([`FLAG_PRESENCE_HIDDEN`], …).
+    UserFlag {
+        uid: UserId,
+        flag: u8,
+        on: bool,
     },
     /// Register a device's push token; an empty `token` removes the registration.
     PushToken {
@@ -259,6 +268,8 @@ pub trait Store: Clone + 'static {
     async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError>;
     /// The groups `uid` is a member of, in group id order.
     async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError>;
+    /// The settings ([`Op::UserFlag`]) `uid` has on, ascending.
+    async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError>;
     /// Conversations `uid` muted (0 = everything), ascending.
     async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError>;
     /// Push tokens of `uid`'s devices, in device id order.

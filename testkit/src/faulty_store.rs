@@ -150,6 +150,9 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
         self.inner.groups_of(uid).await
     }
+    async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
+        self.inner.user_flags(uid).await
+    }
     async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError> {
         self.inner.mutes(uid).await
     }

@@ -116,6 +116,7 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     members(store, base).await;
     groups_of_index(store, base).await;
     mutes(store, base).await;
+    user_flags(store, base).await;
     push_tokens(store, base).await;
     batch_atomicity_groups(store, base).await;
     writer_fence(store, base).await;
@@ -1216,6 +1217,26 @@ pub async fn groups_of_index<S: Store>(store: &S, base: u64) {
 /// Mutes: none, ascending (0 = everything first, peers above `i64::MAX` last), muting twice keeps
 /// one entry, unmute (also of a peer never muted, and of peer 0), per user, and mute/unmute of
 /// one peer in one batch act in order.
+/// Per-user settings: set, cleared, per user, ascending; setting one twice keeps one; clearing
+/// one that is not set is harmless.
+pub async fn user_flags<S: Store>(store: &S, base: u64) {
+    let (a, b) = (uid(base, 19, 0), uid(base, 19, 1));
+    let flag = |uid, flag, on| Op::UserFlag { uid, flag, on };
+    let flags = |u| async move { store.user_flags(u).await.expect("user_flags failed") };
+    assert!(flags(a).await.is_empty());
+    commit(
+        store,
+        vec![flag(a, 200, true), flag(a, 1, true), flag(b, 7, true)],
+    )
+    .await;
+    commit(store, vec![flag(a, 1, true), flag(b, 9, false)]).await;
+    assert_eq!(flags(a).await, vec![1, 200], "ascending, set once");
+    assert_eq!(flags(b).await, vec![7]);
+    commit(store, vec![flag(a, 1, false), flag(a, 200, true)]).await;
+    assert_eq!(flags(a).await, vec![200], "cleared 1");
+    assert_eq!(flags(b).await, vec![7], "other user");
+}
+
 pub async fn mutes<S: Store>(store: &S, base: u64) {
     let (a, b) = (uid(base, 14, 0), uid(base, 14, 1));
     let top = high(base, 14, 0);

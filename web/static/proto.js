@@ -46,6 +46,7 @@ export const CMD = Object.freeze({
   FileDownload: 0x25,
   Typing: 0x26,
   PresenceSubscribe: 0x27,
+  PresencePrivacy: 0x28,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -648,6 +649,7 @@ const LAYOUT = {
     ['state', T.u8],
   ],
   PresenceSubscribe: [['users', UIDS]],
+  PresencePrivacy: [['hidden', T.bool]],
   TypingNotice: [
     ['conv', T.u8],
     ['peer', T.u64],

@@ -202,6 +202,7 @@ const SAMPLES = [
   { type: 'FileUrl', url: 'http://127.0.0.1:8080/v1/files/ab?u=5', expiresMs: 99n },
   { type: 'Typing', conv: CONV.C2G, peer: 7n, state: 1 },
   { type: 'PresenceSubscribe', users: [2n, 3n] },
+  { type: 'PresencePrivacy', hidden: true },
   { type: 'TypingNotice', conv: CONV.C2C, peer: 5n, from: 5n, state: 0, ttlMs: 6000 },
   {
     type: 'PresenceNotice',

@@ -777,7 +777,7 @@ impl<S: Store> Worker<S> {
                 WorkerMsg::OrgPull { reply_to, since } => self.on_org_pull(reply_to, since).await,
                 WorkerMsg::OrgRecords(records) => self.on_org_records(records),
                 WorkerMsg::Typing(notes) => self.on_typing_notes(notes, &mut round),
-                WorkerMsg::Watch(req) => self.on_watch(req),
+                WorkerMsg::Watch(req) => self.on_watch(req).await,
                 WorkerMsg::Presence(entries) => self.on_presence(entries, &mut round),
                 WorkerMsg::Shutdown => stop = true,
             }
@@ -1151,6 +1151,9 @@ impl<S: Store> Worker<S> {
                     }
                     Command::PresenceSubscribe { users } => {
                         self.on_presence_subscribe(conn, req_id, users, round)
+                    }
+                    Command::PresencePrivacy { hidden } => {
+                        self.on_presence_privacy(conn, uid, req_id, hidden, round)
                     }
                     _ => round.close(
                         conn,

@@ -15,6 +15,12 @@
 //! left (`last_seen_ms`). That time is known only for users who left while this process ran
 //! (and whose state is still cached): otherwise 0, "not known".
 //!
+//! **Privacy.** A user may hide its presence (`PresencePrivacy`, stored as
+//! [`im_store::FLAG_PRESENCE_HIDDEN`]): its followers then see it offline with no last-seen time,
+//! whatever its devices do. The owner reads the setting from the store when the user gets its
+//! first watcher (a read that fails counts as hidden, and is tried again at the next watch) and
+//! keeps it while the user is watched.
+//!
 //! Watches live in memory. A watcher whose connection closes drops its watches; after a peer
 //! link changed (the other node may have restarted), the watcher sends its watches for that
 //! node's users again, and the owner answers the current state. An owner that tells a watcher
@@ -50,6 +56,8 @@ pub(super) struct Presence {
     known: HashMap<UserId, PresenceEntry>,
     /// Owner side: the global workers following each user of this worker.
     watchers: HashMap<UserId, Vec<u32>>,
+    /// Owner side: the privacy setting of watched users of this worker (true: hidden).
+    hidden: HashMap<UserId, bool>,
     /// Owner side: when users of this worker last left (ms), while this process ran.
     last_seen: HashMap<UserId, u64>,
     /// Owner side: users whose last device left and whose followers have not been told yet ...
@@ -64,9 +72,13 @@ impl Presence {
         !self.going_due.is_empty()
     }
 
-    /// Forgets when evicted users left (they are no longer cached: see `trim_caches`).
+    /// Forgets when evicted users left and the privacy of evicted users nobody watches (they are
+    /// no longer cached: see `trim_caches`).
     pub(super) fn retain_last_seen(&mut self, cached: impl Fn(&UserId) -> bool) {
         self.last_seen.retain(|u, _| cached(u));
+        let watchers = &self.watchers;
+        self.hidden
+            .retain(|u, _| cached(u) || watchers.contains_key(u));
     }
 
     /// Local followers and known states held (for tests).
@@ -171,18 +183,31 @@ impl<S: Store> Worker<S> {
 
     /// Owner side: a watcher starts or stops following users of this worker; the ones it
     /// starts get their current state.
-    pub(super) fn on_watch(&mut self, req: WatchReq) {
+    pub(super) async fn on_watch(&mut self, req: WatchReq) {
         let p = &mut self.presence;
         for u in &req.off {
             if let Some(ws) = p.watchers.get_mut(u) {
                 ws.retain(|w| *w != req.watcher);
                 if ws.is_empty() {
                     p.watchers.remove(u);
+                    p.hidden.remove(u);
                 }
             }
         }
         let mut states = Vec::with_capacity(req.on.len());
         for u in req.on {
+            if !self.presence.hidden.contains_key(&u) {
+                match self.store.user_flags(u).await {
+                    Ok(f) => {
+                        let hidden = f.contains(&im_store::FLAG_PRESENCE_HIDDEN);
+                        self.presence.hidden.insert(u, hidden);
+                    }
+                    Err(e) => {
+                        // Shown as hidden this time (never reveal what the user may have hidden).
+                        tracing::warn!("presence setting of {u}: {e}");
+                    }
+                }
+            }
             let ws = self.presence.watchers.entry(u).or_default();
             if !ws.contains(&req.watcher) {
                 ws.push(req.watcher);
@@ -195,8 +220,16 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Owner side: the state followers see of `u`, a user of this worker.
+    /// Owner side: the state followers see of `u`, a user of this worker (offline, not known,
+    /// for a hidden user or one whose setting could not be read).
     fn presence_of(&self, u: UserId) -> PresenceEntry {
+        if self.presence.hidden.get(&u) != Some(&false) {
+            return PresenceEntry {
+                uid: u,
+                online: false,
+                last_seen_ms: 0,
+            };
+        }
         let online = self.routes.contains_key(&u) || self.presence.going.contains(&u);
         PresenceEntry {
             uid: u,
@@ -283,6 +316,28 @@ impl<S: Store> Worker<S> {
         for (conn, entries) in per_conn {
             round.send(conn, Command::PresenceNotice { entries }.to_bytes(0));
         }
+    }
+
+    /// `PresencePrivacy` of `uid` (a user of this worker): stored, then its followers see the
+    /// result.
+    pub(super) fn on_presence_privacy(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        hidden: bool,
+        round: &mut Round,
+    ) {
+        round.batch.push(Op::UserFlag {
+            uid,
+            flag: im_store::FLAG_PRESENCE_HIDDEN,
+            on: hidden,
+        });
+        round.send(conn, op_ok(req_id, 0));
+        // Kept even while nobody watches: a watch later in this round must not read the store's
+        // older value before this round commits.
+        self.presence.hidden.insert(uid, hidden);
+        self.announce(&[uid]);
     }
 
     /// `Typing` from a logged-in connection of `uid`.

@@ -1467,3 +1467,39 @@ async fn a_presence_list_above_the_limit_or_with_user_0_is_refused() {
     }
     assert_eq!(fx.workers[0].presence.sizes(), (0, 0, 0));
 }
+
+#[tokio::test]
+async fn a_hidden_user_is_seen_offline_by_followers_and_the_setting_survives_a_restart() {
+    let mut fx = Fx::new(2).await;
+    let watcher = fx.user_on(0, 1);
+    let a = fx.user_on(1, 1);
+    fx.login(conn(1), watcher, DeviceType::Phone).await;
+    fx.login(conn(2), a, DeviceType::Phone).await;
+    let sub = || Command::PresenceSubscribe { users: vec![a] };
+    fx.client(conn(1), watcher, vec![(1, sub())]).await;
+    fx.pump().await;
+    assert_eq!(presence_to(&fx.out(), conn(1)), vec![(a, true, 0)]);
+    // a hides: its followers see it offline, with no last-seen time.
+    let hide = |hidden| Command::PresencePrivacy { hidden };
+    fx.client(conn(2), a, vec![(2, hide(true))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(ok_to(&out, conn(2), 2));
+    assert_eq!(presence_to(&out, conn(1)), vec![(a, false, 0)]);
+    // Its devices coming and going show nothing.
+    fx.login(conn(3), a, DeviceType::Desktop).await;
+    fx.pump().await;
+    assert!(presence_to(&fx.out(), conn(1)).is_empty());
+    // Stored: after a restart a new watch finds it hidden although a is online again.
+    fx.restart().await;
+    fx.login(conn(4), watcher, DeviceType::Phone).await;
+    fx.login(conn(5), a, DeviceType::Phone).await;
+    fx.client(conn(4), watcher, vec![(3, sub())]).await;
+    fx.pump().await;
+    assert_eq!(presence_to(&fx.out(), conn(4)), vec![(a, false, 0)]);
+    // Shown again: online at once.
+    fx.client(conn(5), a, vec![(4, hide(false))]).await;
+    fx.pump().await;
+    assert_eq!(presence_to(&fx.out(), conn(4)), vec![(a, true, 0)]);
+    assert_eq!(fx.store.user_flags(a).await.unwrap(), Vec::<u8>::new());
+}

@@ -63,6 +63,9 @@ pub(super) enum Phase {
     /// Mutes and push tokens depend on nothing else in a batch.
     MutePut,
     MuteDelete,
+    /// Per-user settings ([`Op::UserFlag`]): like mutes, independent of the rest.
+    FlagPut,
+    FlagDelete,
     PushTokenPut,
     PushTokenDelete,
     /// Only ever deletes fan-outs confirmed by earlier commits.
@@ -192,6 +195,14 @@ pub(super) fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                 m.put(Row::MemberDelete {
                     gid: b(group.0),
                     uid: b(uid.0),
+                });
+            }
+            Op::UserFlag { uid, flag, on } => {
+                let (uid, flag) = (b(uid.0), i16::from(flag));
+                m.put(if on {
+                    Row::FlagPut { uid, flag }
+                } else {
+                    Row::FlagDelete { uid, flag }
                 });
             }
             Op::Mute { uid, peer, muted } => {

@@ -18,6 +18,7 @@
 //! | `group_members`   | ((gid), uid)               | role, joined_ms                    |
 //! | `user_groups`     | ((uid), gid)               | — (index for `groups_of`)          |
 //! | `mutes`           | ((uid), peer)              | —                                  |
+//! | `user_flags`      | ((uid), flag)              | —                                  |
 //! | `push_tokens`     | ((uid), device_id)         | provider, push_token               |
 //! | `org_records`     | ((org), version), org = 0  | record blob ([`OrgRecord::to_bytes`]) |
 //! | `writer_fence`    | ((node))                   | incarnation (see **Fencing**)      |
@@ -812,6 +813,15 @@ impl Store for ScyllaStore {
             .scan(self.inner.st.read(Read::UserGroups), uid.0, "user_groups")
             .await?;
         let mut out: Vec<GroupId> = rows.into_iter().map(|(g,)| GroupId(g as u64)).collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
+        let rows: Vec<(i16,)> = self
+            .scan(self.inner.st.read(Read::Flags), uid.0, "user_flags")
+            .await?;
+        let mut out: Vec<u8> = rows.into_iter().map(|(f,)| f as u8).collect();
         out.sort_unstable();
         Ok(out)
     }

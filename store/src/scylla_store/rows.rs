@@ -151,6 +151,14 @@ pub(super) enum Row {
         uid: i64,
         peer: i64,
     },
+    FlagPut {
+        uid: i64,
+        flag: i16,
+    },
+    FlagDelete {
+        uid: i64,
+        flag: i16,
+    },
     PushTokenPut {
         uid: i64,
         device_id: String,
@@ -190,6 +198,7 @@ pub(super) enum Key {
     /// (uid, gid)
     UserGroup(i64, i64),
     Mute(i64, i64),
+    Flag(i64, i16),
     PushToken(i64, String),
     /// (shard, uid, seq)
     PushWatch(i32, i64, i64),
@@ -222,6 +231,8 @@ impl Row {
             Row::UserGroupDelete { .. } => Phase::UserGroupDelete,
             Row::MutePut { .. } => Phase::MutePut,
             Row::MuteDelete { .. } => Phase::MuteDelete,
+            Row::FlagPut { .. } => Phase::FlagPut,
+            Row::FlagDelete { .. } => Phase::FlagDelete,
             Row::PushTokenPut { .. } => Phase::PushTokenPut,
             Row::PushTokenDelete { .. } => Phase::PushTokenDelete,
             Row::PushWatchDelete { .. } => Phase::PushWatchDelete,
@@ -251,6 +262,7 @@ impl Row {
                 Key::UserGroup(*uid, *gid)
             }
             Row::MutePut { uid, peer } | Row::MuteDelete { uid, peer } => Key::Mute(*uid, *peer),
+            Row::FlagPut { uid, flag } | Row::FlagDelete { uid, flag } => Key::Flag(*uid, *flag),
             Row::PushTokenPut { uid, device_id, .. } | Row::PushTokenDelete { uid, device_id } => {
                 Key::PushToken(*uid, device_id.clone())
             }
@@ -283,6 +295,7 @@ impl Row {
                 | Row::MemberDelete { .. }
                 | Row::MutePut { .. }
                 | Row::MuteDelete { .. } => 16,
+                Row::FlagPut { .. } | Row::FlagDelete { .. } => 10,
                 Row::MemberPut { .. } => 26,
                 Row::PushTokenPut {
                     device_id, token, ..
@@ -360,6 +373,9 @@ impl SerializeRow for Row {
             Row::MemberDelete { gid, uid } => (gid, uid).serialize(ctx, w),
             Row::MutePut { uid, peer } | Row::MuteDelete { uid, peer } => {
                 (uid, peer).serialize(ctx, w)
+            }
+            Row::FlagPut { uid, flag } | Row::FlagDelete { uid, flag } => {
+                (uid, flag).serialize(ctx, w)
             }
             Row::PushTokenPut {
                 uid,

@@ -36,7 +36,7 @@ pub(super) struct Statements {
 
 impl Phase {
     /// Every phase, in order (`Phase::ALL[p as usize] == p`).
-    pub(super) const ALL: [Phase; 22] = [
+    pub(super) const ALL: [Phase; 24] = [
         Phase::IdFloor,
         Phase::SeqBound,
         Phase::GroupPut,
@@ -53,6 +53,8 @@ impl Phase {
         Phase::Cursor,
         Phase::MutePut,
         Phase::MuteDelete,
+        Phase::FlagPut,
+        Phase::FlagDelete,
         Phase::PushTokenPut,
         Phase::PushTokenDelete,
         Phase::OutboxDelete,
@@ -111,6 +113,10 @@ impl Phase {
             }
             Phase::MutePut => format!("INSERT INTO {ks}.mutes (uid, peer) VALUES (?, ?)"),
             Phase::MuteDelete => format!("DELETE FROM {ks}.mutes WHERE uid = ? AND peer = ?"),
+            Phase::FlagPut => format!("INSERT INTO {ks}.user_flags (uid, flag) VALUES (?, ?)"),
+            Phase::FlagDelete => {
+                format!("DELETE FROM {ks}.user_flags WHERE uid = ? AND flag = ?")
+            }
             Phase::PushTokenPut => format!(
                 "INSERT INTO {ks}.push_tokens (uid, device_id, provider, push_token) \
                  VALUES (?, ?, ?, ?)"
@@ -196,6 +202,7 @@ pub(super) enum Read {
     Members,
     UserGroups,
     Mutes,
+    Flags,
     PushTokens,
     /// The msg-id time floor of a generator (`LOCAL_QUORUM` like the others).
     IdFloor,
@@ -218,7 +225,7 @@ pub(super) type OrgRow = (i64, Vec<u8>);
 
 impl Read {
     /// Every read, in order (`Read::ALL[r as usize] == r`).
-    pub(super) const ALL: [Read; 19] = [
+    pub(super) const ALL: [Read; 20] = [
         Read::SeqBound,
         Read::BucketsFrom,
         Read::BucketsDesc,
@@ -234,6 +241,7 @@ impl Read {
         Read::Members,
         Read::UserGroups,
         Read::Mutes,
+        Read::Flags,
         Read::PushTokens,
         Read::IdFloor,
         Read::OrgAfter,
@@ -279,6 +287,7 @@ impl Read {
             }
             Read::UserGroups => format!("SELECT gid FROM {ks}.user_groups WHERE uid = ?"),
             Read::Mutes => format!("SELECT peer FROM {ks}.mutes WHERE uid = ?"),
+            Read::Flags => format!("SELECT flag FROM {ks}.user_flags WHERE uid = ?"),
             Read::PushTokens => format!(
                 "SELECT device_id, provider, push_token FROM {ks}.push_tokens WHERE uid = ?"
             ),
@@ -312,7 +321,7 @@ impl Read {
             Read::Members => Some(MEMBERS_PAGE),
             Read::PushWatches => Some(PUSH_WATCH_PAGE),
             Read::OrgAfter => Some(ORG_PAGE),
-            Read::UserGroups | Read::Mutes | Read::PushTokens | Read::Cursors => {
+            Read::UserGroups | Read::Mutes | Read::Flags | Read::PushTokens | Read::Cursors => {
                 Some(USER_LIST_PAGE)
             }
             Read::SeqBound

@@ -1074,6 +1074,16 @@ fn every_kind_of_op() -> Vec<Op> {
             peer: 6,
             muted: false,
         },
+        Op::UserFlag {
+            uid: UserId(1),
+            flag: 1,
+            on: true,
+        },
+        Op::UserFlag {
+            uid: UserId(1),
+            flag: 2,
+            on: false,
+        },
         token_op(1, "phone", 1, "t"),
         token_op(1, "pad", 1, ""),
     ]);
@@ -1202,6 +1212,7 @@ fn read_statements_match_the_schema_and_the_row_types() {
             | Read::Mutes
             | Read::IdFloor
             | Read::Fence => <(i64,)>::type_check(&specs),
+            Read::Flags => <(i16,)>::type_check(&specs),
             Read::TimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
             Read::Dedup => <(i64, i64, i64, i64)>::type_check(&specs),
             Read::Outbox => <(i64, Option<Vec<i64>>, Vec<u8>)>::type_check(&specs),
@@ -1440,6 +1451,7 @@ fn schema_file_is_loaded_for_any_keyspace() {
             "group_members",
             "user_groups",
             "mutes",
+            "user_flags",
             "push_tokens",
             "org_records",
             "writer_fence"
