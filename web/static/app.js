@@ -655,6 +655,16 @@ function boot() {
   $('#login-form').addEventListener('submit', onLoginSubmit);
   $('#mint-btn').addEventListener('click', onMint);
   $('#logout-btn').addEventListener('click', onLogout);
+  $('#hide-presence').addEventListener('change', async (e) => {
+    const box = e.target;
+    try {
+      await client.setPresenceHidden(box.checked);
+      toast(box.checked ? 'your presence is hidden' : 'your presence is shown');
+    } catch (err) {
+      box.checked = !box.checked;
+      toast(`presence: ${err.message}`);
+    }
+  });
   $('#new-chat').addEventListener('submit', onNewChat);
   $('#new-group').addEventListener('submit', onNewGroup);
   $('#refresh-groups').addEventListener('click', onRefreshGroups);

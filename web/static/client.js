@@ -1352,6 +1352,12 @@ export class ImClient extends EventTarget {
     );
   }
 
+  /** Hides this user's presence from everyone (`true`) or shows it; stored by the server. */
+  async setPresenceHidden(hidden) {
+    const r = await this.request({ type: 'PresencePrivacy', hidden });
+    if (r.type !== 'OpResult' || r.code !== P.ERR.Ok) throw new Error(refusal(r));
+  }
+
   /** `{online, lastSeenMs}` of a followed user, or undefined while not known. */
   presenceOf(uid) {
     return this.presence.get(String(uid));

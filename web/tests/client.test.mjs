@@ -667,3 +667,18 @@ test('typing: sent on the first keystroke, repeated at most every 3 s, stopped o
   assert.deepEqual(c.typingIn('g:9'), [], 'expired by its ttl');
   c.finish('test', '');
 });
+
+test('presence privacy: the setting is sent and a refusal rejects', async () => {
+  const { c, ws } = await loggedIn();
+  const p = c.setPresenceHidden(true);
+  const r = await ws.next('PresencePrivacy');
+  assert.equal(r.hidden, true);
+  ws.push({ type: 'OpResult', code: ERR.Ok, id: 0n, message: '' }, r.reqId);
+  await p;
+  const p2 = c.setPresenceHidden(false);
+  const r2 = await ws.next('PresencePrivacy');
+  assert.equal(r2.hidden, false);
+  ws.push({ type: 'Error', code: ERR.Unavailable, message: 'store unavailable' }, r2.reqId);
+  await assert.rejects(p2, /store unavailable/);
+  c.finish('test', '');
+});

@@ -365,13 +365,17 @@ async function run(browser) {
     await sees(pa, t2);
     await ticks(pb, t2, 'delivered', '✓✓');
 
-    log('presence and typing: A sees B online, then typing');
+    log('presence and typing: A sees B online, then typing, then hidden and shown');
     await pa.locator(`#conv-list li[data-conv="u:${B}"][data-online="true"]`).waitFor({ timeout: WAIT });
     await pa.locator('#chat-status', { hasText: 'online' }).waitFor({ timeout: WAIT });
     await pb.type('#message-input', 'typ');
     await pa.locator('#chat-status', { hasText: 'typing…' }).waitFor({ timeout: WAIT });
     await pb.fill('#message-input', '');
     await pa.locator('#chat-status', { hasText: /^online$/ }).waitFor({ timeout: WAIT });
+    await pb.check('#hide-presence');
+    await pa.locator(`#conv-list li[data-conv="u:${B}"][data-online="false"]`).waitFor({ timeout: WAIT });
+    await pb.uncheck('#hide-presence');
+    await pa.locator(`#conv-list li[data-conv="u:${B}"][data-online="true"]`).waitFor({ timeout: WAIT });
 
     log('B leaves; A sends while B is away');
     const seqBefore = BigInt(await evalIm(pb, () => String(window.im.lastSeq)));
