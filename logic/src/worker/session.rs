@@ -129,6 +129,8 @@ impl<S: Store> Worker<S> {
         });
         for old in kicked {
             self.sessions.remove(&old);
+            // Its presence subscriptions go with it (the gate closes it without telling back).
+            self.unsubscribe_all(old);
             let k = Command::Kickout {
                 reason: KickReason::SameDeviceType as u8,
                 message: "logged in on another device of the same type".into(),

@@ -1503,3 +1503,22 @@ async fn a_hidden_user_is_seen_offline_by_followers_and_the_setting_survives_a_r
     assert_eq!(presence_to(&fx.out(), conn(4)), vec![(a, true, 0)]);
     assert_eq!(fx.store.user_flags(a).await.unwrap(), Vec::<u8>::new());
 }
+
+#[tokio::test]
+async fn a_kicked_connection_follows_nobody_any_more() {
+    let mut fx = Fx::new(1).await;
+    let (w, a) = (UserId(1), UserId(2));
+    fx.login(conn(1), w, DeviceType::Phone).await;
+    let sub = Command::PresenceSubscribe { users: vec![a] };
+    fx.client(conn(1), w, vec![(1, sub)]).await;
+    fx.pump().await;
+    assert_eq!(fx.workers[0].presence.sizes(), (1, 1, 1));
+    // The same device type logs in on another connection: the first one is kicked.
+    fx.login(conn(2), w, DeviceType::Phone).await;
+    fx.pump().await;
+    assert_eq!(fx.workers[0].presence.sizes(), (0, 0, 0));
+    fx.out();
+    fx.login(conn(3), a, DeviceType::Phone).await;
+    fx.pump().await;
+    assert!(presence_to(&fx.out(), conn(1)).is_empty());
+}
