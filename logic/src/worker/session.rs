@@ -129,7 +129,8 @@ impl<S: Store> Worker<S> {
         });
         for old in kicked {
             self.sessions.remove(&old);
-            // Its presence subscriptions go with it (the gate closes it without telling back).
+            // Its presence subscriptions go with it now, not when the gate's close report comes
+            // back (until then it would still be sent notices).
             self.unsubscribe_all(old);
             let k = Command::Kickout {
                 reason: KickReason::SameDeviceType as u8,
