@@ -1325,18 +1325,7 @@ async fn typing_in_a_group_reaches_the_other_online_members_and_a_non_member_is_
     };
     fx.client(conn(1), a, vec![(1, create)]).await;
     fx.pump().await;
-    let group = fx
-        .out()
-        .iter()
-        .find_map(|o| match o.cmd {
-            Command::OpResult {
-                code: ErrorCode::Ok,
-                id,
-                ..
-            } if o.conn == conn(1) => Some(GroupId(id)),
-            _ => None,
-        })
-        .expect("group created");
+    let group = created(&fx.out(), conn(1));
     fx.client(conn(2), b, vec![(7, typing(CONV_C2G, group.0, 1))])
         .await;
     fx.pump().await;
