@@ -17,6 +17,11 @@ pub struct LogicConfig {
     pub sync_page_bytes: usize,
     /// Client frames queued per worker before new work is refused with `Overloaded`.
     pub max_queued: usize,
+    /// Items (appends, confirmations, notices, requests) one worker may have waiting at another
+    /// worker of this node. Past it the sending worker holds new client work back (frames stay
+    /// counted against `max_queued`, so the gate refuses more with `Overloaded`) until the other
+    /// worker catches up; what other workers send it is still handled, so no cycle forms.
+    pub max_worker_backlog: usize,
     /// Most requests handled in one group commit.
     pub max_group: usize,
     /// Remembered `client_msg_id`s per user in memory (older ones are looked up in the store).
@@ -104,6 +109,7 @@ impl Default for LogicConfig {
             sync_page_max: 200,
             sync_page_bytes: 64 * 1024,
             max_queued: 100_000,
+            max_worker_backlog: 100_000,
             max_group: 1024,
             dedup_window: 256,
             max_cached_users: 2_000_000,

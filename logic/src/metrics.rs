@@ -32,6 +32,12 @@ pub struct Metrics {
     inbox: Vec<AtomicU64>,
     /// Messages from other logic nodes handed to each worker and not taken yet.
     peer_inbox: Vec<AtomicU64>,
+    /// Items (appends, confirmations, notices, requests) from this node's other workers waiting
+    /// for each worker, as it saw them after its last round.
+    worker_backlog: Vec<AtomicU64>,
+    /// Rounds in which a worker held client work back because its messages waited at another
+    /// worker past `max_worker_backlog`.
+    pub admission_held: AtomicU64,
     /// A worker's round, from taking its messages to releasing their effects.
     pub round_seconds: Histogram,
     /// A round's store commit, as the worker waited for it (successful attempts).
@@ -62,6 +68,8 @@ impl Default for Metrics {
             groups_evicted: AtomicU64::new(0),
             inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
             peer_inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
+            worker_backlog: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
+            admission_held: AtomicU64::new(0),
             round_seconds: Histogram::new(),
             commit_seconds: Histogram::new(),
         }
@@ -72,6 +80,13 @@ impl Metrics {
     /// Worker `idx` found `n` messages in its inbox.
     pub fn set_inbox(&self, idx: usize, n: usize) {
         if let Some(a) = self.inbox.get(idx) {
+            a.store(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker `idx` has `n` items from this node's other workers waiting.
+    pub fn set_worker_backlog(&self, idx: usize, n: usize) {
+        if let Some(a) = self.worker_backlog.get(idx) {
             a.store(n as u64, Ordering::Relaxed);
         }
     }
@@ -110,8 +125,9 @@ impl Metrics {
             out,
             "im_logic_inbox",
             "gauge",
-            "Messages waiting in a logic worker's inbox (unbounded: client work is bounded by \
-             max_queued, everything else follows from admitted work).",
+            "Messages waiting in a logic worker's inbox (client frames: bound max_queued; from \
+             other nodes: max_queued; from this node's workers: max_worker_backlog items per \
+             worker pair, then the sender holds client work back).",
             "worker",
             load(&self.inbox),
         );
@@ -123,6 +139,15 @@ impl Metrics {
              link's reader waits).",
             "worker",
             load(&self.peer_inbox),
+        );
+        im_shared::prom::labeled(
+            out,
+            "im_logic_worker_backlog",
+            "gauge",
+            "Items (appends, confirmations, notices) from this node's other workers waiting for a \
+             worker (a sender with max_worker_backlog of them waiting holds client work back).",
+            "worker",
+            load(&self.worker_backlog),
         );
     }
 
@@ -207,6 +232,12 @@ impl Metrics {
                 "im_appends_retried_total",
                 "Fan-out appends re-sent to another node because they were not confirmed in time.",
                 &self.appends_retried,
+            ),
+            (
+                "im_logic_admission_held_total",
+                "Worker rounds that held client work back because the worker's messages waited \
+                 at another worker of the node past max_worker_backlog.",
+                &self.admission_held,
             ),
             (
                 "im_users_evicted_total",

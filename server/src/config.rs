@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub seq_segment: u64,
     /// Client frames queued per logic worker before new work is refused (retryable).
     pub max_queued: usize,
+    /// Items one logic worker may have waiting at another worker of its node before it holds
+    /// new client work back.
+    pub max_worker_backlog: usize,
     /// User states a logic node keeps in memory; past it the offline users used longest ago
     /// are dropped and reloaded from the store when needed.
     pub max_cached_users: usize,
@@ -156,6 +159,7 @@ impl Default for ServerConfig {
             max_down_backlog: g.max_down_backlog,
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
+            max_worker_backlog: l.max_worker_backlog,
             max_cached_users: l.max_cached_users,
             max_cached_groups: l.max_cached_groups,
             peer_queue_bytes: l.peer_queue_bytes,
@@ -231,6 +235,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         heartbeat_secs: cfg.heartbeat_secs,
         seq_segment: cfg.seq_segment,
         max_queued: cfg.max_queued,
+        max_worker_backlog: cfg.max_worker_backlog,
         max_cached_users: cfg.max_cached_users,
         max_cached_groups: cfg.max_cached_groups,
         peer_queue_bytes: cfg.peer_queue_bytes,

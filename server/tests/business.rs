@@ -739,6 +739,8 @@ fn healthz_and_metrics_show_message_counters_and_gate_gauges() {
     api.wait_metric("im_users_cached", 2);
     api.wait_metric("im_users_evicted_total", 0);
     api.wait_metric("im_logic_inbox{worker=\"0\"}", 0);
+    api.wait_metric("im_logic_worker_backlog{worker=\"0\"}", 0);
+    api.wait_metric("im_logic_admission_held_total", 0);
     api.wait_metric("im_gate_core_mailbox{core=\"0\"}", 0);
     api.wait_metric(
         "im_api_requests_total{method=\"POST\",route=\"/v1/messages\",status=\"200\"}",

@@ -63,6 +63,7 @@ const LOGIC_KEYS: &[&str] = &[
     "heartbeat_secs",
     "seq_segment",
     "max_queued",
+    "max_worker_backlog",
     "max_cached_users",
     "max_cached_groups",
     "peer_queue_bytes",

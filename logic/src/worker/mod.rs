@@ -132,7 +132,44 @@ pub enum WorkerMsg {
     Watch(WatchReq),
     /// Presence of users this worker's connections follow (an owner's answer or a change).
     Presence(Vec<im_shared::proto::PresenceEntry>),
+    /// A message from local worker `from`, counting `items` in that pair's backlog until this
+    /// worker takes it ([`Router::send`], [`Router::taken`]).
+    Local {
+        from: u16,
+        items: u32,
+        msg: Box<WorkerMsg>,
+    },
+    /// The backlog of this worker's messages at another local worker fell below the bound:
+    /// admit client work again ([`Router::held`]).
+    Resume,
     Shutdown,
+}
+
+impl WorkerMsg {
+    /// How many items this message adds to a worker → worker backlog: one per append,
+    /// confirmation or notice it carries, one for anything else.
+    pub(crate) fn items(&self) -> usize {
+        match self {
+            WorkerMsg::Append(v) => v.len(),
+            WorkerMsg::AppendDone(v) => v.len(),
+            WorkerMsg::Delivered(v) => v.len(),
+            WorkerMsg::Typing(v) => v.len(),
+            WorkerMsg::Presence(v) => v.len(),
+            WorkerMsg::OrgRecords(v) => v.len(),
+            _ => 1,
+        }
+        .max(1)
+    }
+
+    /// Client work that a worker may hold back while its messages to other workers wait
+    /// ([`Router::held`]): frames, closes and logins from gates, a gate's loss (kept in order
+    /// with its frames), and HTTP API requests.
+    fn is_admission(&self) -> bool {
+        matches!(
+            self,
+            WorkerMsg::Gate(_) | WorkerMsg::Api(_) | WorkerMsg::GateDown(_)
+        )
+    }
 }
 
 /// What [`Worker::step`] tells its caller to do next.
@@ -451,6 +488,10 @@ pub struct Worker<S> {
     org_pulled_at: Option<u64>,
     /// Presence subscriptions of this worker's connections and of its users' followers.
     presence: presence::Presence,
+    /// Client work held back while this worker's messages wait at other workers
+    /// ([`Router::held`]), in arrival order; its frames still count in the gate's `depth`, so the
+    /// gate refuses new ones with `Overloaded` once `max_queued` wait.
+    held_back: VecDeque<WorkerMsg>,
 }
 
 /// Writes that may wait for a commit (see [`Worker::lazy`]). Losing them in a crash is harmless:
@@ -609,6 +650,7 @@ impl<S: Store> Worker<S> {
             org_notice: (0, None),
             org_pulled_at: None,
             presence: presence::Presence::default(),
+            held_back: VecDeque::new(),
         }
     }
 
@@ -708,6 +750,8 @@ impl<S: Store> Worker<S> {
             let stepped = self.step(msgs.drain(..), wall_clock_ms()).await;
             self.metrics.round_seconds.observe(began.elapsed());
             self.metrics.set_inbox(self.idx, rx.len());
+            self.metrics
+                .set_worker_backlog(self.idx, self.router.waiting_at(self.idx));
             match stepped {
                 Ok(Step::Continue) => {}
                 Ok(Step::Stop) => return,
@@ -745,16 +789,44 @@ impl<S: Store> Worker<S> {
         let mut round = Round::new(self.router.total());
         let mut stop = false;
         let mut org_changed = None;
-        for m in msgs {
+        // The worker → worker bound: while this worker's messages wait at another worker of
+        // this node past `max_worker_backlog`, client work is held back (in order) and only
+        // what other workers send is handled, which never waits, so no cycle forms.
+        let held = self.router.held(self.idx, self.cfg.max_worker_backlog);
+        let earlier = if held {
+            Vec::new()
+        } else {
+            Vec::from(std::mem::take(&mut self.held_back))
+        };
+        if held {
+            Metrics::inc(&self.metrics.admission_held);
+        }
+        for m in earlier.into_iter().chain(msgs) {
             let m = match m {
                 WorkerMsg::Peer(inner) => {
                     self.metrics.peer_taken(self.idx);
                     *inner
                 }
+                WorkerMsg::Local { from, items, msg } => {
+                    self.router.taken(
+                        from as usize,
+                        self.idx,
+                        items as usize,
+                        self.cfg.max_worker_backlog,
+                    );
+                    *msg
+                }
+                m if held && m.is_admission() => {
+                    self.held_back.push_back(m);
+                    continue;
+                }
                 m => m,
             };
             match m {
-                WorkerMsg::Peer(_) => unreachable!("peer messages are not nested"),
+                WorkerMsg::Peer(_) | WorkerMsg::Local { .. } => {
+                    unreachable!("peer and local messages are not nested")
+                }
+                WorkerMsg::Resume => {}
                 WorkerMsg::Gate(ups) => {
                     for up in ups {
                         if matches!(up, Up::Frame { .. }) {

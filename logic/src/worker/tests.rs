@@ -146,11 +146,20 @@ impl Fx {
         panic!("workers still busy after 100 rounds");
     }
 
-    /// Messages waiting in worker `w`'s inbox (taken out).
+    /// Messages waiting in worker `w`'s inbox (taken out; one from another worker is unwrapped
+    /// and counted as taken, as the worker would).
     fn inbox(&mut self, w: usize) -> Vec<WorkerMsg> {
         let mut v = Vec::new();
         while let Ok(m) = self.inboxes[w].try_recv() {
-            v.push(m);
+            v.push(match m {
+                WorkerMsg::Local { from, items, msg } => {
+                    let limit = self.cfg.max_worker_backlog;
+                    let router = &self.workers[w].router;
+                    router.taken(from as usize, w, items as usize, limit);
+                    *msg
+                }
+                m => m,
+            });
         }
         v
     }
@@ -1510,4 +1519,128 @@ async fn a_kicked_connection_follows_nobody_any_more() {
     fx.login(conn(3), a, DeviceType::Phone).await;
     fx.pump().await;
     assert!(presence_to(&fx.out(), conn(1)).is_empty());
+}
+
+/// The worker → worker hop is bounded: a worker whose appends wait at another worker past
+/// `max_worker_backlog` holds new client frames back (unanswered, still counted against the
+/// gate's `max_queued`) and handles them, in order, once the other worker took its backlog.
+#[tokio::test]
+async fn a_worker_whose_appends_wait_at_another_holds_client_frames_until_they_are_taken() {
+    let cfg = LogicConfig {
+        max_worker_backlog: 3,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(2, cfg).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.out();
+    // Three sends in one round: three appends wait at worker 1, the bound.
+    let three = (1..=3).map(|i| (i as u32, send(i, b, "m"))).collect();
+    fx.client(conn(1), a, three).await;
+    assert_eq!(acks(&fx.out()).len(), 3);
+    assert!(fx.workers[0].router.held(0, 3));
+    assert_eq!(fx.workers[0].router.waiting_at(1), 3);
+    // The next frame is held: no answer, still queued for the gate.
+    fx.client(conn(1), a, vec![(4, send(4, b, "held"))]).await;
+    assert!(fx.out().is_empty(), "a held frame was answered");
+    assert_eq!(fx.depth.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        fx.workers[0].metrics.admission_held.load(Ordering::Relaxed),
+        1
+    );
+    // Worker 1 takes the appends: its confirmations and a Resume wake worker 0, which then
+    // answers the held frame; nothing is lost, duplicated or reordered.
+    let raw: Vec<WorkerMsg> = std::iter::from_fn(|| fx.inboxes[1].try_recv().ok()).collect();
+    fx.step(1, raw).await.unwrap();
+    assert!(!fx.workers[0].router.held(0, 3));
+    let to0: Vec<WorkerMsg> = std::iter::from_fn(|| fx.inboxes[0].try_recv().ok()).collect();
+    assert!(to0.iter().any(|m| matches!(m, WorkerMsg::Resume)));
+    fx.step(0, to0).await.unwrap();
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(acks(&out).iter().map(|a| a.0).collect::<Vec<_>>(), vec![4]);
+    assert_eq!(fx.depth.load(Ordering::Relaxed), 0);
+    let got: Vec<u64> = fx
+        .timeline(b)
+        .await
+        .iter()
+        .map(|m| m.client_msg_id)
+        .collect();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+    let live: Vec<u64> = delivered_to(&out, conn(2))
+        .iter()
+        .map(|m| m.client_msg_id)
+        .collect();
+    assert_eq!(live, vec![1, 2, 3, 4]);
+}
+
+/// Two workers held by each other at once still take each other's appends (work from other
+/// workers is never held), so both resume: no cycle.
+#[tokio::test]
+async fn two_workers_held_by_each_other_both_resume() {
+    let cfg = LogicConfig {
+        max_worker_backlog: 1,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(2, cfg).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.out();
+    let ups = |fx: &Fx, c: ConnId, u: UserId, to: UserId, id: u64| {
+        fx.depth.fetch_add(1, Ordering::Relaxed);
+        WorkerMsg::Gate(vec![Up::request(c, u, id as u32, &send(id, to, "x"))])
+    };
+    let m = ups(&fx, conn(1), a, b, 1);
+    fx.step(0, vec![m]).await.unwrap();
+    let m = ups(&fx, conn(2), b, a, 1);
+    fx.step(1, vec![m]).await.unwrap();
+    assert!(fx.workers[0].router.held(0, 1) && fx.workers[0].router.held(1, 1));
+    // Both hold their next frame ...
+    let m = ups(&fx, conn(1), a, b, 2);
+    fx.step(0, vec![m]).await.unwrap();
+    let m = ups(&fx, conn(2), b, a, 2);
+    fx.step(1, vec![m]).await.unwrap();
+    assert_eq!(
+        acks(&fx.out()).len(),
+        2,
+        "only the first sends were answered"
+    );
+    assert_eq!(fx.depth.load(Ordering::Relaxed), 2);
+    // ... and the plain pump (rounds of whatever is in the inboxes) settles everything.
+    for _ in 0..10 {
+        for w in 0..2 {
+            let raw: Vec<WorkerMsg> =
+                std::iter::from_fn(|| fx.inboxes[w].try_recv().ok()).collect();
+            fx.step(w, raw).await.unwrap();
+        }
+    }
+    assert_eq!(fx.depth.load(Ordering::Relaxed), 0);
+    assert_eq!(acks(&fx.out()).len(), 2);
+    let ids = |v: Vec<Message>| v.iter().map(|m| m.client_msg_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(fx
+            .timeline(a)
+            .await
+            .into_iter()
+            .filter(|m| m.from == b)
+            .collect()),
+        [1, 2]
+    );
+    assert_eq!(
+        ids(fx
+            .timeline(b)
+            .await
+            .into_iter()
+            .filter(|m| m.from == a)
+            .collect()),
+        [1, 2]
+    );
+    assert_eq!(
+        fx.workers[0].router.waiting_at(0) + fx.workers[0].router.waiting_at(1),
+        0
+    );
 }
