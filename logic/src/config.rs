@@ -30,6 +30,12 @@ pub struct LogicConfig {
     /// users touched longest ago are dropped (down to 90 %) and reloaded from the store when
     /// needed; online users are never dropped, so this is a soft bound when more are online.
     pub max_cached_users: usize,
+    /// Estimated bytes of user states the node keeps in memory (split between its workers),
+    /// counting each state and each remembered `client_msg_id` and pending notice it holds.
+    /// Past it, offline users are dropped and then online users' recent ids and pending
+    /// notices (both reloaded from the store when needed), least recently used first, down to
+    /// 75 %.
+    pub max_cache_bytes: usize,
     /// Group states (info, members, recent post ids) the node keeps in memory, the same way.
     pub max_cached_groups: usize,
     /// Bytes queued for one link to another logic node before that link is reset (its queue
@@ -113,6 +119,7 @@ impl Default for LogicConfig {
             max_group: 1024,
             dedup_window: 256,
             max_cached_users: 2_000_000,
+            max_cache_bytes: 1 << 30,
             max_cached_groups: 200_000,
             peer_queue_bytes: crate::peer::MAX_QUEUE_BYTES,
             redis_nodes: Vec::new(),

@@ -27,6 +27,11 @@ pub struct Metrics {
     /// Group states held in memory (all workers; a gauge).
     pub groups_cached: AtomicU64,
     pub groups_evicted: AtomicU64,
+    /// Estimated bytes of the user states held in memory (all workers; a gauge).
+    pub cache_bytes: AtomicU64,
+    /// Online users whose recent `client_msg_id`s and pending notices were dropped from memory
+    /// to keep within `max_cache_bytes` (reloaded from the store when needed).
+    pub active_trimmed: AtomicU64,
     /// Messages waiting in each worker's inbox (client frames, appends and confirmations from
     /// other workers, group and API requests), as the worker saw it before its last round.
     inbox: Vec<AtomicU64>,
@@ -66,6 +71,8 @@ impl Default for Metrics {
             users_evicted: AtomicU64::new(0),
             groups_cached: AtomicU64::new(0),
             groups_evicted: AtomicU64::new(0),
+            cache_bytes: AtomicU64::new(0),
+            active_trimmed: AtomicU64::new(0),
             inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
             peer_inbox: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
             worker_backlog: (0..MAX_WORKERS).map(|_| AtomicU64::new(0)).collect(),
@@ -241,8 +248,14 @@ impl Metrics {
             ),
             (
                 "im_users_evicted_total",
-                "Offline users' state dropped from memory to keep within max_cached_users.",
+                "Offline users' state dropped from memory to keep within max_cached_users or max_cache_bytes.",
                 &self.users_evicted,
+            ),
+            (
+                "im_users_trimmed_total",
+                "Online users whose remembered client_msg_ids and pending notices were dropped from \
+                 memory to keep within max_cache_bytes (reloaded from the store when needed).",
+                &self.active_trimmed,
             ),
             (
                 "im_groups_evicted_total",
@@ -262,6 +275,11 @@ impl Metrics {
                 "im_groups_cached",
                 "Group states held in logic memory.",
                 &self.groups_cached,
+            ),
+            (
+                "im_users_cached_bytes",
+                "Estimated bytes of the user states held in logic memory (bound: max_cache_bytes).",
+                &self.cache_bytes,
             ),
         ] {
             im_shared::prom::metric(out, name, "gauge", help, c.load(Ordering::Relaxed));

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// User states a logic node keeps in memory; past it the offline users used longest ago
     /// are dropped and reloaded from the store when needed.
     pub max_cached_users: usize,
+    /// Estimated bytes of user states a logic node keeps in memory; past it offline users are
+    /// dropped, then online users' recent ids and pending notices (reloaded when needed).
+    pub max_cache_bytes: usize,
     /// Group states a logic node keeps in memory, the same way.
     pub max_cached_groups: usize,
     /// Bytes a logic node queues for one link to another logic node before resetting it.
@@ -161,6 +164,7 @@ impl Default for ServerConfig {
             max_queued: l.max_queued,
             max_worker_backlog: l.max_worker_backlog,
             max_cached_users: l.max_cached_users,
+            max_cache_bytes: l.max_cache_bytes,
             max_cached_groups: l.max_cached_groups,
             peer_queue_bytes: l.peer_queue_bytes,
             gate_link_queue_bytes: im_logic::links::MAX_GATE_QUEUE_BYTES,
@@ -237,6 +241,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         max_queued: cfg.max_queued,
         max_worker_backlog: cfg.max_worker_backlog,
         max_cached_users: cfg.max_cached_users,
+        max_cache_bytes: cfg.max_cache_bytes,
         max_cached_groups: cfg.max_cached_groups,
         peer_queue_bytes: cfg.peer_queue_bytes,
         redis_nodes: cfg.redis_nodes.clone(),

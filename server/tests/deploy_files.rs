@@ -65,6 +65,7 @@ const LOGIC_KEYS: &[&str] = &[
     "max_queued",
     "max_worker_backlog",
     "max_cached_users",
+    "max_cache_bytes",
     "max_cached_groups",
     "peer_queue_bytes",
     "gate_link_queue_bytes",

@@ -53,10 +53,14 @@ impl<S: Store> Worker<S> {
         round.appended.insert(key);
         if notifies(msg.conv) && msg.from != r {
             let u = self.users.get_mut(&r).expect("loaded");
+            self.active_users += usize::from(u.active.is_none());
             let act = u.active();
-            act.pending.insert(seq.0, Pending::of(&msg));
+            if act.pending.insert(seq.0, Pending::of(&msg)) {
+                self.pending_entries += 1;
+            }
             if act.pending.len() > MAX_PENDING_NOTICES {
                 act.pending.pop_oldest();
+                self.pending_entries -= 1;
             }
             if let Some(p) = &self.services.push {
                 self.push_due.push_back((self.now + p.delay_ms(), r, seq.0));

@@ -176,12 +176,16 @@ impl<S: Store> Worker<S> {
     pub(super) fn remember(&mut self, uid: UserId, client_msg_id: u64, e: DedupEntry) {
         let window = self.cfg.dedup_window;
         let u = self.users.get_mut(&uid).expect("user loaded");
+        self.active_users += usize::from(u.active.is_none());
         let a = u.active();
         if a.dedup.insert(client_msg_id, e).is_none() {
+            self.dedup_entries += 1;
             a.dedup_order.push_back(client_msg_id);
             while a.dedup_order.len() > window {
                 if let Some(old) = a.dedup_order.pop_front() {
-                    a.dedup.remove(&old);
+                    if a.dedup.remove(&old).is_some() {
+                        self.dedup_entries -= 1;
+                    }
                 }
             }
         }

@@ -39,7 +39,9 @@ impl<S: Store> Worker<S> {
         };
         let me = self.router.global(self.idx);
         let mut mine = Vec::new();
-        for p in a.pending.take_through(seq.0) {
+        let taken = a.pending.take_through(seq.0);
+        self.pending_entries -= taken.len();
+        for p in taken {
             // "Delivered" notices are a c2c feature: a group post would get one per member.
             if p.conv != CONV_C2C {
                 continue;

@@ -91,6 +91,16 @@ fn notifies(conv: u8) -> bool {
 
 /// Most undelivered-notice entries kept per user.
 const MAX_PENDING_NOTICES: usize = 10_000;
+
+/// Estimated bytes of one cached user state (its map slot and [`UserState`]), of the [`Active`]
+/// part of a user that sends or has pending notices (the box and the first allocations of its
+/// map and queues), of one remembered `client_msg_id` (map slot, order entry) and of one pending
+/// notice (entry and preview copy): what [`Worker::trim_caches`] counts against
+/// `max_cache_bytes`. Pinned against the types' sizes by `cache_byte_estimates_cover_the_types`.
+const USER_BYTES: usize = 72;
+const ACTIVE_BYTES: usize = 256;
+const DEDUP_BYTES: usize = 64;
+const PENDING_BYTES: usize = 160;
 /// Msg-id time reserved ahead in the store ([`Op::IdFloor`]) ...
 const ID_RESERVE_MS: u64 = 3_000;
 /// ... and renewed, in the round's batch, once ids come this close to the reserved floor.
@@ -274,7 +284,7 @@ struct Device {
     sent: Seq,
 }
 
-/// Live state of one user, reloadable from the store at any time. Kept small (32 bytes) for
+/// Live state of one user, reloadable from the store at any time. Kept small (48 bytes) for
 /// users who only sit online; the parts that only active users need live in [`Active`].
 struct UserState {
     next_seq: u64,
@@ -310,18 +320,20 @@ impl PendingList {
         self.0.len()
     }
 
-    /// Adds the entry of `seq` (kept sorted; an entry already there stays).
-    fn insert(&mut self, seq: u64, p: Pending) {
+    /// Adds the entry of `seq` (kept sorted; an entry already there stays); true if added.
+    fn insert(&mut self, seq: u64, p: Pending) -> bool {
         match self.0.back() {
             None => self.0.push_back((seq, p)),
             Some(&(last, _)) if seq > last => self.0.push_back((seq, p)),
             _ => {
                 let i = self.0.partition_point(|(s, _)| *s < seq);
-                if self.0.get(i).is_none_or(|(s, _)| *s != seq) {
-                    self.0.insert(i, (seq, p));
+                if self.0.get(i).is_some_and(|(s, _)| *s == seq) {
+                    return false;
                 }
+                self.0.insert(i, (seq, p));
             }
         }
+        true
     }
 
     /// Drops the oldest entry.
@@ -376,6 +388,13 @@ impl Pending {
 impl UserState {
     fn active(&mut self) -> &mut Active {
         self.active.get_or_insert_with(Box::default)
+    }
+
+    /// Remembered `client_msg_id`s and pending notices of this user.
+    fn entries(&self) -> (usize, usize) {
+        self.active
+            .as_ref()
+            .map_or((0, 0), |a| (a.dedup.len(), a.pending.len()))
     }
 }
 
@@ -456,6 +475,14 @@ pub struct Worker<S> {
     /// This worker's share of the `im_users_cached` / `im_groups_cached` gauges, as last added.
     cached_users: u64,
     cached_groups: u64,
+    /// Remembered `client_msg_id`s and pending notices held by this worker's users' [`Active`]
+    /// parts (kept up to date where they change, for the byte budget).
+    dedup_entries: usize,
+    pending_entries: usize,
+    /// Users of this worker with an [`Active`] part.
+    active_users: usize,
+    /// The estimate last added to the node's `cache_bytes` gauge.
+    cached_bytes: u64,
     routes: HashMap<UserId, Vec<Device>>,
     sessions: HashMap<ConnId, Session>,
     ids: MsgIdGen,
@@ -636,6 +663,10 @@ impl<S: Store> Worker<S> {
             users: HashMap::new(),
             cached_users: 0,
             cached_groups: 0,
+            dedup_entries: 0,
+            pending_entries: 0,
+            active_users: 0,
+            cached_bytes: 0,
             routes: HashMap::new(),
             sessions: HashMap::new(),
             dir: None,
@@ -964,7 +995,12 @@ impl<S: Store> Worker<S> {
                     idle.select_nth_unstable(drop - 1);
                 }
                 for (_, uid) in &idle[..drop] {
-                    self.users.remove(uid);
+                    if let Some(u) = self.users.remove(uid) {
+                        let (d, p) = u.entries();
+                        self.dedup_entries -= d;
+                        self.pending_entries -= p;
+                        self.active_users -= usize::from(u.active.is_some());
+                    }
                 }
                 let users = &self.users;
                 self.presence.retain_last_seen(|u| users.contains_key(u));
@@ -974,6 +1010,7 @@ impl<S: Store> Worker<S> {
             }
             self.users.shrink_to(self.users.len() * 5 / 4);
         }
+        self.trim_bytes();
         let max_groups = (self.cfg.max_cached_groups / workers).max(1);
         if self.groups.len() > max_groups {
             let keep = max_groups - max_groups / 10;
@@ -997,6 +1034,76 @@ impl<S: Store> Worker<S> {
         self.metrics.users_cached.fetch_add(du, Ordering::Relaxed);
         self.metrics.groups_cached.fetch_add(dg, Ordering::Relaxed);
         (self.cached_users, self.cached_groups) = (users, groups);
+        let bytes = self.cache_bytes() as u64;
+        self.metrics
+            .cache_bytes
+            .fetch_add(bytes.wrapping_sub(self.cached_bytes), Ordering::Relaxed);
+        self.cached_bytes = bytes;
+    }
+
+    /// Estimated bytes of this worker's user states (see [`USER_BYTES`]).
+    fn cache_bytes(&self) -> usize {
+        self.users.len() * USER_BYTES
+            + self.active_users * ACTIVE_BYTES
+            + self.dedup_entries * DEDUP_BYTES
+            + self.pending_entries * PENDING_BYTES
+    }
+
+    /// Keeps this worker's user states within its share of `max_cache_bytes`. Past it, one pass
+    /// goes through the states least recently used first, offline users before online ones,
+    /// down to 75 % of the share: an offline user's whole state is dropped (as by the count
+    /// budget), an online user's [`Active`] part only (its remembered `client_msg_id`s, found
+    /// in the store's dedup records instead, and its pending notices, rebuilt from the store by
+    /// [`Worker::recover_pending`] before the next ack or push check needs them). Nothing is
+    /// lost; a pass sorts the states, so passes are kept rare by the 25 % margin.
+    fn trim_bytes(&mut self) {
+        let budget = self.cfg.max_cache_bytes / self.cfg.workers.max(1);
+        if self.cache_bytes() <= budget {
+            return;
+        }
+        let target = budget - budget / 4;
+        let mut order: Vec<(bool, u32, UserId)> = self
+            .users
+            .iter()
+            .filter(|(uid, u)| u.active.is_some() || !self.routes.contains_key(uid))
+            .map(|(uid, u)| (self.routes.contains_key(uid), u.touched, *uid))
+            .collect();
+        order.sort_unstable();
+        let (mut evicted, mut trimmed) = (0u64, 0u64);
+        for (online, _, uid) in order {
+            if self.cache_bytes() <= target {
+                break;
+            }
+            let Some(u) = self.users.get_mut(&uid) else {
+                continue;
+            };
+            let (d, p) = u.entries();
+            self.dedup_entries -= d;
+            self.pending_entries -= p;
+            self.active_users -= usize::from(u.active.is_some());
+            if online {
+                if p > 0 {
+                    // Rebuilt from the timeline after the devices' cursors, up to here.
+                    u.loaded_last = u.loaded_last.max(u.last_seq);
+                }
+                u.active = None;
+                trimmed += 1;
+            } else {
+                self.users.remove(&uid);
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            let users = &self.users;
+            self.presence.retain_last_seen(|u| users.contains_key(u));
+            self.users.shrink_to(self.users.len() * 5 / 4);
+        }
+        self.metrics
+            .users_evicted
+            .fetch_add(evicted, Ordering::Relaxed);
+        self.metrics
+            .active_trimmed
+            .fetch_add(trimmed, Ordering::Relaxed);
     }
 
     /// Rebuilds the pending notices (delivered notices, offline pushes) of the messages a user
@@ -1050,12 +1157,16 @@ impl<S: Store> Worker<S> {
         if found.is_empty() {
             return Ok(());
         }
+        self.active_users += usize::from(u.active.is_none());
         let act = u.active();
         for m in found {
-            act.pending.insert(m.seq.0, Pending::of(&m));
+            if act.pending.insert(m.seq.0, Pending::of(&m)) {
+                self.pending_entries += 1;
+            }
         }
         while act.pending.len() > MAX_PENDING_NOTICES {
             act.pending.pop_oldest();
+            self.pending_entries -= 1;
         }
         Ok(())
     }

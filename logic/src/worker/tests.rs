@@ -1644,3 +1644,105 @@ async fn two_workers_held_by_each_other_both_resume() {
         0
     );
 }
+
+/// The counters behind the byte budget agree with the states they count.
+fn assert_entries_counted(w: &Worker<TestStore>) {
+    let (mut d, mut p, mut a) = (0, 0, 0);
+    for u in w.users.values() {
+        let (ud, up) = u.entries();
+        d += ud;
+        p += up;
+        a += usize::from(u.active.is_some());
+    }
+    assert_eq!(
+        (w.dedup_entries, w.pending_entries, w.active_users),
+        (d, p, a),
+        "counted (dedup, pending, active) differ from the states"
+    );
+}
+
+#[test]
+fn cache_byte_estimates_cover_the_types() {
+    use std::mem::size_of;
+    // A hash map slot is the entry plus a control byte, at a load of at most 7/8.
+    let slot = |entry: usize| (entry + 1) * 8 / 7;
+    assert!(slot(size_of::<(UserId, UserState)>()) <= USER_BYTES);
+    assert!(size_of::<Active>() + 16 <= ACTIVE_BYTES);
+    assert!(slot(size_of::<(u64, DedupEntry)>()) + size_of::<u64>() <= DEDUP_BYTES);
+    assert!(size_of::<(u64, Pending)>() + PREVIEW_BYTES + 16 <= PENDING_BYTES);
+}
+
+/// Past `max_cache_bytes`, an online user's remembered ids and pending notices are dropped
+/// from memory, and nothing is lost: the recipient's ack still brings every `Delivered`
+/// notice (rebuilt from the store) and the sender's retry of an old id still gets its ack
+/// (found in the store's dedup records), not a second message.
+#[tokio::test]
+async fn past_the_byte_budget_online_users_active_parts_go_and_nothing_is_lost() {
+    let cfg = LogicConfig {
+        max_cache_bytes: 2 * USER_BYTES + 2 * ACTIVE_BYTES + 8 * PENDING_BYTES,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(1, cfg).await;
+    let (a, b) = (UserId(1), UserId(2));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.out();
+    let sends = (1..=20).map(|i| (i as u32, send(i, b, "m"))).collect();
+    fx.client(conn(1), a, sends).await;
+    let out = fx.out();
+    let first: Vec<_> = acks(&out);
+    assert_eq!(first.len(), 20);
+    assert_eq!(delivered_to(&out, conn(2)).len(), 20);
+    let w = &fx.workers[0];
+    assert_entries_counted(w);
+    assert!(w.cache_bytes() <= w.cfg.max_cache_bytes, "not trimmed");
+    assert!(
+        w.users[&b].active.is_none(),
+        "the receiver's pending notices stayed"
+    );
+    assert_eq!(w.metrics.active_trimmed.load(Ordering::Relaxed), 2);
+    assert_eq!(w.users.len(), 2, "an online user was evicted");
+    // b acknowledges everything: all 20 notices reach a, from the store.
+    fx.client(conn(2), b, vec![(0, Command::DeliverAck { seq: Seq(20) })])
+        .await;
+    fx.pump().await;
+    let notes: Vec<MsgId> = notices_to(&fx.out(), conn(1))
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    assert_eq!(notes, first.iter().map(|x| x.1).collect::<Vec<_>>());
+    // a retries message 5: the same ack, no new message.
+    fx.client(conn(1), a, vec![(50, send(5, b, "m"))]).await;
+    let again = acks(&fx.out());
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].1, again[0].2), (first[4].1, first[4].2));
+    assert_eq!(fx.timeline(b).await.len(), 20);
+    assert_entries_counted(&fx.workers[0]);
+}
+
+/// The counters stay exact through appends, acks, the dedup window and evictions.
+#[tokio::test]
+async fn the_byte_budget_counters_follow_every_change() {
+    let cfg = LogicConfig {
+        max_cached_users: 3,
+        dedup_window: 4,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(1, cfg).await;
+    let a = UserId(1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    for (i, to) in (2..12).map(UserId).enumerate() {
+        fx.now += 1000;
+        fx.client(conn(1), a, vec![(i as u32, send(i as u64, to, "x"))])
+            .await;
+        assert_entries_counted(&fx.workers[0]);
+    }
+    assert!(fx.workers[0].users.len() <= 3);
+    assert!(fx.workers[0].dedup_entries <= 4);
+    let b = UserId(2);
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.client(conn(2), b, vec![(0, Command::DeliverAck { seq: Seq(1) })])
+        .await;
+    fx.pump().await;
+    assert_entries_counted(&fx.workers[0]);
+}
