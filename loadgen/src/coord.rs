@@ -105,6 +105,7 @@ impl Coord {
                 backoff: gates.backoff,
                 login_retry_ms: (common.login_retry_secs * 1000.0) as u64,
                 resend_ms: common.resend_ms,
+                no_deliver_ack: common.no_deliver_ack,
             };
             let mut child = Proc::new(&exe)
                 .arg("worker")

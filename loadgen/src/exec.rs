@@ -1205,7 +1205,9 @@ pub async fn run(
     });
     glommio::spawn_local(ticker_1s(ex.clone())).detach();
     glommio::spawn_local(ticker_progress(ex.clone(), tx.clone(), me)).detach();
-    glommio::spawn_local(ticker_ack(ex.clone())).detach();
+    if !ex.plan.no_deliver_ack {
+        glommio::spawn_local(ticker_ack(ex.clone())).detach();
+    }
     let share = |total_rate: f64| total_rate * rate_share;
     loop {
         let req = loop {

@@ -138,6 +138,10 @@ pub struct Common {
     /// Do not record message identities (no exact loss/duplicate/order accounting; less memory).
     #[arg(long, global = true)]
     pub no_track: bool,
+    /// Never send `DeliverAck`: every connection receives and never acknowledges (the server
+    /// keeps a pending notice per message, and sends no `Delivered`).
+    #[arg(long, global = true)]
+    pub no_deliver_ack: bool,
     /// Random seed (default: from the clock). Its high 32 bits tag this run's client_msg_ids.
     #[arg(long, global = true)]
     pub seed: Option<u64>,

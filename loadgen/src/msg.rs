@@ -63,6 +63,9 @@ pub struct Plan {
     /// connection (same `client_msg_id`); 0: only after a re-login.
     #[serde(default)]
     pub resend_ms: u64,
+    /// Never acknowledge deliveries (a client that receives and never sends `DeliverAck`).
+    #[serde(default)]
+    pub no_deliver_ack: bool,
 }
 
 fn default_login_retry_ms() -> u64 {
