@@ -1422,6 +1422,8 @@ mod tests {
         sends: u64,
         logins: HashSet<u64>,
         senders: HashSet<u64>,
+        /// `DeliverAck`s received.
+        deliver_acks: u64,
     }
 
     type Shared = Arc<Mutex<State>>;
@@ -1459,12 +1461,18 @@ mod tests {
     }
 
     fn fake_server_with(faults: Faults) -> SocketAddr {
+        fake_server_state(faults).0
+    }
+
+    /// A fake server and its state, for tests that read what it received.
+    fn fake_server_state(faults: Faults) -> (SocketAddr, Shared) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let state: Shared = Arc::new(Mutex::new(State {
             faults,
             ..Default::default()
         }));
+        let shared = state.clone();
         std::thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(s) = s else { return };
@@ -1472,7 +1480,7 @@ mod tests {
                 std::thread::spawn(move || serve(s, state));
             }
         });
-        addr
+        (addr, shared)
     }
 
     fn serve(mut s: StdStream, state: Shared) {
@@ -1611,6 +1619,7 @@ mod tests {
                     Command::Heartbeat => {
                         Command::HeartbeatAck { server_time_ms: 0 }.encode(f.req_id, &mut out)
                     }
+                    Command::DeliverAck { .. } => g.deliver_acks += 1,
                     Command::SyncRequest { after_seq, limit } => {
                         let all = g.timelines.get(&me).cloned().unwrap_or_default();
                         let rest: Vec<Message> =
@@ -1664,6 +1673,7 @@ mod tests {
             },
             login_retry_ms: 10_000,
             resend_ms: 0,
+            no_deliver_ack: false,
         })
     }
 
@@ -1742,6 +1752,30 @@ mod tests {
         assert_eq!(r.deliver_us.len(), r.sent);
         assert_eq!(hx.live.logged_in.load(Relaxed), n as u64);
         hx.quit();
+    }
+
+    /// Deliveries are acknowledged (a `DeliverAck` per connection at most every 100 ms), and
+    /// not at all with `--no-deliver-ack`, which changes nothing else of the run.
+    #[test]
+    fn deliveries_are_acked_unless_no_deliver_ack() {
+        let n = 20;
+        for off in [false, true] {
+            let (addr, state) = fake_server_state(Faults::default());
+            let mut p = (*plan(addr, n, 0, 0)).clone();
+            p.no_deliver_ack = off;
+            let hx = Harness::start(Arc::new(p));
+            let r = c2c_run(&hx, n, 1000.0);
+            assert_eq!((r.acked, r.delivered), (r.sent, r.sent));
+            assert_eq!(join(&r).lost, 0);
+            // The drain waited 200 ms after the last delivery: every ack due was sent.
+            let acks = state.lock().unwrap().deliver_acks;
+            if off {
+                assert_eq!(acks, 0, "acked with --no-deliver-ack");
+            } else {
+                assert!(acks >= n as u64 / 2, "only {acks} DeliverAcks");
+            }
+            hx.quit();
+        }
     }
 
     /// A server that dies after storing a message but before acking it: the sender logs in
