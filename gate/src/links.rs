@@ -30,8 +30,9 @@ const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// Declare the link dead after this long without reading anything.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Upstream frames queued per link before new work is refused with `Overloaded`.
-const MAX_QUEUED: usize = 100_000;
+/// Upstream client frames queued per link before new work is refused with `Overloaded`, unless
+/// configured (`max_link_queued`).
+pub const MAX_QUEUED: usize = 100_000;
 
 struct NodeLink {
     tx: Sender<Vec<Up>>,
@@ -51,6 +52,8 @@ pub struct Announce {
 
 pub struct TcpUpstream {
     nodes: Vec<NodeLink>,
+    /// Client frames queued per link before new ones are refused with `Overloaded`.
+    max_queued: usize,
 }
 
 impl TcpUpstream {
@@ -62,6 +65,7 @@ impl TcpUpstream {
         client_addr: Arc<std::sync::OnceLock<Announce>>,
         logic: Vec<SocketAddr>,
         sink: Arc<GateSink>,
+        max_queued: usize,
     ) -> Arc<TcpUpstream> {
         let mut nodes = Vec::new();
         let mut rxs = Vec::new();
@@ -74,7 +78,7 @@ impl TcpUpstream {
             });
             rxs.push(rx);
         }
-        let me = Arc::new(TcpUpstream { nodes });
+        let me = Arc::new(TcpUpstream { nodes, max_queued });
         for (lane, (addr, rx)) in logic.into_iter().zip(rxs).enumerate() {
             let (me, sink, client_addr) = (me.clone(), sink.clone(), client_addr.clone());
             std::thread::Builder::new()
@@ -96,6 +100,34 @@ impl TcpUpstream {
     /// Whether the link of `lane` is connected.
     pub fn is_up(&self, lane: usize) -> bool {
         self.nodes[lane].up.load(Ordering::Relaxed)
+    }
+
+    /// Appends `im_gate_link_queued{node}` and `im_gate_link_up{node}` (Prometheus text).
+    pub fn render(&self, out: &mut String) {
+        im_shared::prom::labeled(
+            out,
+            "im_gate_link_queued",
+            "gauge",
+            "Client frames queued for a logic node's link and not written yet (bound: \
+             max_link_queued, then new ones are refused with Overloaded).",
+            "node",
+            self.nodes
+                .iter()
+                .map(|n| n.queued.load(Ordering::Relaxed) as u64)
+                .enumerate(),
+        );
+        im_shared::prom::labeled(
+            out,
+            "im_gate_link_up",
+            "gauge",
+            "Whether the gate's link to a logic node is connected (1) or not (0: its users' \
+             requests are refused with Unavailable).",
+            "node",
+            self.nodes
+                .iter()
+                .map(|n| u64::from(n.up.load(Ordering::Relaxed)))
+                .enumerate(),
+        );
     }
 
     fn run_link(
@@ -347,7 +379,7 @@ impl UpstreamLink for TcpUpstream {
         let n = &self.nodes[lane];
         if !n.up.load(Ordering::Relaxed) {
             Err(ErrorCode::Unavailable)
-        } else if n.queued.load(Ordering::Relaxed) + unsent >= MAX_QUEUED {
+        } else if n.queued.load(Ordering::Relaxed) + unsent >= self.max_queued {
             Err(ErrorCode::Overloaded)
         } else {
             Ok(())
@@ -362,5 +394,58 @@ impl UpstreamLink for TcpUpstream {
             .count();
         n.queued.fetch_add(frames, Ordering::Relaxed);
         let _ = n.tx.send(batch);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    fn upstream(max_queued: usize) -> (TcpUpstream, Receiver<Vec<Up>>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let node = NodeLink {
+            tx,
+            up: AtomicBool::new(true),
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        (
+            TcpUpstream {
+                nodes: vec![node],
+                max_queued,
+            },
+            rx,
+        )
+    }
+
+    fn frame(i: u32) -> Up {
+        Up::request(
+            im_shared::ConnId::new(1, 0, i),
+            UserId(7),
+            i,
+            &Command::Heartbeat,
+        )
+    }
+
+    /// A link holds at most `max_link_queued` unwritten client frames: past it new work is
+    /// refused `Overloaded` (counting what the caller has not handed over yet), and a link down
+    /// refuses with `Unavailable`; the depth is on `/metrics`.
+    #[test]
+    fn a_link_refuses_past_its_configured_bound_and_shows_its_depth() {
+        let (up, _rx) = upstream(3);
+        assert_eq!(up.admit(0, 0), Ok(()));
+        up.send(0, vec![frame(1), frame(2)]);
+        assert_eq!(up.admit(0, 0), Ok(()));
+        assert_eq!(up.admit(0, 1), Err(ErrorCode::Overloaded));
+        up.send(0, vec![frame(3)]);
+        assert_eq!(up.admit(0, 0), Err(ErrorCode::Overloaded));
+        let mut out = String::new();
+        up.render(&mut out);
+        assert!(
+            out.contains("\nim_gate_link_queued{node=\"0\"} 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("\nim_gate_link_up{node=\"0\"} 1\n"), "{out}");
+        up.nodes[0].up.store(false, Ordering::Relaxed);
+        assert_eq!(up.admit(0, 0), Err(ErrorCode::Unavailable));
     }
 }

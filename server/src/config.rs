@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub max_inflight: usize,
     /// Downstream messages handed to one gate core and not applied yet before logic waits.
     pub max_down_backlog: usize,
+    /// Client frames a gate process queues for one logic node's link before new ones are
+    /// refused with `Overloaded` (distributed shape).
+    pub max_link_queued: usize,
     /// Seqs reserved per store write.
     pub seq_segment: u64,
     /// Client frames queued per logic worker before new work is refused (retryable).
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             max_write_queue: g.max_write_queue,
             max_inflight: g.max_inflight,
             max_down_backlog: g.max_down_backlog,
+            max_link_queued: im_gate::links::MAX_QUEUED,
             seq_segment: l.seq_segment,
             max_queued: l.max_queued,
             max_worker_backlog: l.max_worker_backlog,

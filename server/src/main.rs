@@ -359,7 +359,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = common.config()?;
             let signals = block_shutdown_signals();
             log_start("gate");
-            let gate = im_server::start_gate(&cfg, gate_id, logic)?;
+            let (gate, links) = im_server::start_gate(&cfg, gate_id, logic)?;
             println!("listening on {}", gate.local_addr());
             if let Some(a) = gate.ws_addr() {
                 println!("ws on {a}");
@@ -369,9 +369,10 @@ fn main() -> anyhow::Result<()> {
                     let stats = gate.stats_handle();
                     let s = im_api::ApiServer::start_status(
                         a,
-                        vec![std::sync::Arc::new(move |out: &mut String| {
-                            stats.render(out)
-                        })],
+                        vec![
+                            std::sync::Arc::new(move |out: &mut String| stats.render(out)),
+                            std::sync::Arc::new(move |out: &mut String| links.render(out)),
+                        ],
                     )?;
                     println!("status on {}", s.local_addr());
                     Some(s)

@@ -43,6 +43,7 @@ const GATE_KEYS: &[&str] = &[
     "max_login_body",
     "max_inflight",
     "max_down_backlog",
+    "max_link_queued",
     "login_timeout_secs",
     "idle_timeout_secs",
     "max_write_queue",
@@ -110,6 +111,7 @@ fn gate_sample_parses_and_holds_only_gate_keys() {
     assert_eq!(cfg.status_listen, Some("127.0.0.1:9100".parse().unwrap()));
     assert_eq!(cfg.gate_cores, 0);
     assert_eq!(cfg.idle_timeout_secs, 90);
+    assert_eq!(cfg.max_link_queued, ServerConfig::default().max_link_queued);
     assert_eq!(cfg.limits.max_connections, 1_000_000);
     assert_eq!(
         cfg.token_secret,

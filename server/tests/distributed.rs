@@ -144,6 +144,12 @@ fn a_gate_serves_health_and_metrics_on_its_status_listener() {
         let n = im_testkit::http::metric(&text, &format!("{h}_count"));
         assert!(n.is_some_and(|n| n >= 1), "{h}: {n:?}\n{text}");
     }
+    // Each link to a logic node: up, nothing queued at rest (issue 14: every hop's depth).
+    assert!(text.contains("\nim_gate_link_up{node=\"0\"} 1\n"), "{text}");
+    assert!(
+        text.contains("\nim_gate_link_queued{node=\"0\"} 0\n"),
+        "{text}"
+    );
     // No business API on a gate: a clear 404, not an empty iplist.
     let (code, body) = http_json(status, "GET", "/v1/iplist?uid=1", &[], "");
     assert_eq!(code, 404);
