@@ -21,6 +21,10 @@ pub struct Metrics {
     pub pushes_muted: AtomicU64,
     pub commits: AtomicU64,
     pub appends_retried: AtomicU64,
+    /// Route changes dropped at a full directory publisher queue, and the full resyncs sent
+    /// after them.
+    pub dir_dropped: AtomicU64,
+    pub dir_resyncs: AtomicU64,
     /// User states held in memory (all workers; a gauge).
     pub users_cached: AtomicU64,
     pub users_evicted: AtomicU64,
@@ -67,6 +71,8 @@ impl Default for Metrics {
             pushes_muted: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             appends_retried: AtomicU64::new(0),
+            dir_dropped: AtomicU64::new(0),
+            dir_resyncs: AtomicU64::new(0),
             users_cached: AtomicU64::new(0),
             users_evicted: AtomicU64::new(0),
             groups_cached: AtomicU64::new(0),
@@ -239,6 +245,17 @@ impl Metrics {
                 "im_appends_retried_total",
                 "Fan-out appends re-sent to another node because they were not confirmed in time.",
                 &self.appends_retried,
+            ),
+            (
+                "im_directory_changes_dropped_total",
+                "Route changes dropped because a worker's directory publisher queue was full \
+                 (each loss is repaired by a full resync of the worker's routes).",
+                &self.dir_dropped,
+            ),
+            (
+                "im_directory_resyncs_total",
+                "Full resyncs of a worker's routes to the directory after dropped changes.",
+                &self.dir_resyncs,
             ),
             (
                 "im_logic_admission_held_total",

@@ -3,6 +3,12 @@
 //! bounded retries and refreshes presence of the users online on this worker. A directory outage
 //! never blocks messaging: the owning worker's in-memory routes stay authoritative for delivery,
 //! and every login re-writes its route, so the directory heals itself.
+//!
+//! The queue is bounded ([`QUEUE`] changes): a worker whose change does not fit (the directory is
+//! slow or down while users log in and out) drops it and, once there is room again, sends one
+//! [`DirOp::Resync`] with every route it holds, which replaces this task's view: routes it had
+//! published and the worker no longer holds are removed (compare-and-delete by connection), the
+//! others written again. So memory stays bounded and the directory converges after any loss.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,6 +22,8 @@ use crate::directory::{Directory, RouteEntry};
 pub const PRESENCE_TTL_SECS: u64 = 90;
 /// Refresh period of presence and routes.
 const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Route changes a worker may have queued for its publisher.
+pub const QUEUE: usize = 16_384;
 
 /// A route change for the directory.
 #[derive(Debug)]
@@ -29,10 +37,12 @@ pub enum DirOp {
         device_type: u8,
         conn: ConnId,
     },
+    /// Every route the worker holds now (after changes were dropped at a full queue).
+    Resync(Vec<(UserId, RouteEntry)>),
 }
 
 /// Runs until the worker drops its sender.
-pub async fn run<D: Directory>(dir: D, mut rx: mpsc::UnboundedReceiver<DirOp>) {
+pub async fn run<D: Directory>(dir: D, mut rx: mpsc::Receiver<DirOp>) {
     let mut online: HashMap<(UserId, u8), RouteEntry> = HashMap::new();
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,37 +64,138 @@ pub async fn run<D: Directory>(dir: D, mut rx: mpsc::UnboundedReceiver<DirOp>) {
                     }
                     retry(|| dir.remove_route(uid, device_type, conn.0)).await;
                 }
-            },
-            _ = tick.tick() => {
-                for ((uid, _), route) in &online {
-                    retry(|| async {
-                        dir.set_route(*uid, route.clone()).await?;
-                        dir.touch_presence(*uid, PRESENCE_TTL_SECS).await
-                    })
-                    .await;
+                Some(DirOp::Resync(routes)) => {
+                    let now: HashMap<(UserId, u8), RouteEntry> = routes
+                        .into_iter()
+                        .map(|(uid, r)| ((uid, r.device_type), r))
+                        .collect();
+                    let gone: Vec<((UserId, u8), u64)> = online
+                        .iter()
+                        .filter(|(k, r)| now.get(k).is_none_or(|n| n.conn != r.conn))
+                        .map(|(k, r)| (*k, r.conn))
+                        .collect();
+                    online = now;
+                    for ((uid, device_type), conn) in gone {
+                        if !retry(|| dir.remove_route(uid, device_type, conn)).await {
+                            break; // routes not removed expire with their presence TTL
+                        }
+                    }
+                    write_all(&dir, &online).await;
                 }
-            }
+            },
+            _ = tick.tick() => write_all(&dir, &online).await,
+        }
+    }
+}
+
+/// Writes every route of `online` and touches its presence; stops at the first change that
+/// fails its retries (the directory is down: the next refresh writes them all again).
+async fn write_all<D: Directory>(dir: &D, online: &HashMap<(UserId, u8), RouteEntry>) {
+    for ((uid, _), route) in online {
+        let ok = retry(|| async {
+            dir.set_route(*uid, route.clone()).await?;
+            dir.touch_presence(*uid, PRESENCE_TTL_SECS).await
+        })
+        .await;
+        if !ok {
+            return;
         }
     }
 }
 
 /// Up to 3 attempts for retryable errors; failures are logged and dropped (the next login or
-/// refresh writes the state again).
-async fn retry<T, F, Fut>(mut f: F)
+/// refresh writes the state again). Whether it succeeded.
+async fn retry<T, F, Fut>(mut f: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::directory::DirectoryError>>,
 {
     for attempt in 0..3 {
         match f().await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(e) if e.is_retryable() && attempt < 2 => {
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
             }
             Err(e) => {
                 tracing::warn!("directory update dropped: {e}");
-                return;
+                return false;
             }
         }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::MemoryDirectory;
+
+    fn route(dt: u8, conn: u64) -> RouteEntry {
+        RouteEntry {
+            device_type: dt,
+            device_id: format!("d{conn}"),
+            gate: 1,
+            core: 0,
+            conn,
+            epoch: 1,
+        }
+    }
+
+    async fn conns(dir: &MemoryDirectory, uid: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = dir
+            .routes(UserId(uid))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.conn)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Waits (with a deadline) until the publisher applied what was sent.
+    async fn settle(dir: &MemoryDirectory, uid: u64, want: &[u64]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while conns(dir, uid).await != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "uid {uid}: {:?}",
+                conns(dir, uid).await
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A resync replaces the publisher's view: routes the worker no longer holds are removed,
+    /// held ones written (also those whose `Online` was dropped), a newer route of the same
+    /// device type replaces the old one.
+    #[tokio::test]
+    async fn a_resync_removes_what_the_worker_no_longer_holds_and_writes_the_rest() {
+        let dir = MemoryDirectory::new();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(dir.clone(), rx));
+        for (uid, conn) in [(1, 11), (2, 21), (3, 31)] {
+            let route = route(1, conn);
+            tx.send(DirOp::Online {
+                uid: UserId(uid),
+                route,
+            })
+            .await
+            .unwrap();
+        }
+        settle(&dir, 3, &[31]).await;
+        // The worker lost changes: user 2 went away, user 3 re-logged in on connection 32, user
+        // 4 came (its Online dropped), user 1 stayed.
+        let held = vec![
+            (UserId(1), route(1, 11)),
+            (UserId(3), route(1, 32)),
+            (UserId(4), route(1, 41)),
+        ];
+        tx.send(DirOp::Resync(held)).await.unwrap();
+        settle(&dir, 4, &[41]).await;
+        assert_eq!(conns(&dir, 1).await, [11]);
+        assert_eq!(conns(&dir, 2).await, Vec::<u64>::new());
+        assert_eq!(conns(&dir, 3).await, [32]);
+        assert!(dir.is_online(UserId(4)).await.unwrap());
     }
 }

@@ -492,7 +492,10 @@ pub struct Worker<S> {
     /// restart resumes above it.
     id_reserved: u64,
     /// Route changes for the shared directory (when one is configured).
-    dir: Option<mpsc::UnboundedSender<crate::publish::DirOp>>,
+    dir: Option<mpsc::Sender<crate::publish::DirOp>>,
+    /// A route change did not fit the publisher's queue: a full [`crate::publish::DirOp::Resync`]
+    /// goes out once there is room.
+    dir_lost: bool,
     /// Groups this worker owns (loaded on first use).
     groups: HashMap<GroupId, groups::GroupState>,
     services: Services,
@@ -670,6 +673,7 @@ impl<S: Store> Worker<S> {
             routes: HashMap::new(),
             sessions: HashMap::new(),
             dir: None,
+            dir_lost: false,
             groups: HashMap::new(),
             services,
             metrics,
@@ -691,7 +695,7 @@ impl<S: Store> Worker<S> {
         if !self.cfg.redis_nodes.is_empty() {
             match crate::directory::RedisDirectory::connect(self.cfg.redis_nodes.clone()).await {
                 Ok(d) => {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let (tx, rx) = mpsc::channel(crate::publish::QUEUE);
                     tokio::spawn(crate::publish::run(d, rx));
                     self.dir = Some(tx);
                 }
@@ -703,10 +707,55 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    fn publish(&self, op: crate::publish::DirOp) {
+    /// Queues a route change for the directory; one that does not fit is dropped and makes the
+    /// next [`Worker::resync_directory`] send every route.
+    fn publish(&mut self, op: crate::publish::DirOp) {
         if let Some(tx) = &self.dir {
-            let _ = tx.send(op);
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(op) {
+                if !self.dir_lost {
+                    tracing::warn!(
+                        worker = self.idx,
+                        "directory publisher behind: route changes dropped until a full resync"
+                    );
+                }
+                self.dir_lost = true;
+                Metrics::inc(&self.metrics.dir_dropped);
+            }
         }
+    }
+
+    /// After route changes were dropped: every route this worker holds, as one resync, once the
+    /// publisher's queue has room.
+    fn resync_directory(&mut self) {
+        if !self.dir_lost {
+            return;
+        }
+        let Some(Ok(permit)) = self.dir.as_ref().map(|tx| tx.try_reserve()) else {
+            return;
+        };
+        let routes = self
+            .sessions
+            .iter()
+            .map(|(conn, s)| {
+                let device_id = self.routes.get(&s.uid).and_then(|ds| {
+                    ds.iter()
+                        .find(|d| d.conn == *conn)
+                        .map(|d| d.device_id.clone())
+                });
+                let route = crate::directory::RouteEntry {
+                    device_type: s.device_type as u8,
+                    device_id: device_id.unwrap_or_default(),
+                    gate: conn.gate(),
+                    core: conn.core(),
+                    conn: conn.0,
+                    epoch: self.now,
+                };
+                (s.uid, route)
+            })
+            .collect();
+        permit.send(crate::publish::DirOp::Resync(routes));
+        self.dir_lost = false;
+        Metrics::inc(&self.metrics.dir_resyncs);
     }
 
     /// Global worker owning `uid` (see [`Router`]).
@@ -891,6 +940,7 @@ impl<S: Store> Worker<S> {
         self.org_notice_due(&mut round);
         self.finish(round, stop).await?;
         self.trim_caches();
+        self.resync_directory();
         Ok(if stop { Step::Stop } else { Step::Continue })
     }
 

@@ -1746,3 +1746,44 @@ async fn the_byte_budget_counters_follow_every_change() {
     fx.pump().await;
     assert_entries_counted(&fx.workers[0]);
 }
+
+/// The directory publisher's queue is bounded: a route change that does not fit is dropped, and
+/// once there is room the worker sends every route it holds as one resync (so the directory
+/// converges, `publish.rs` test `a_resync_removes_what_the_worker_no_longer_holds_and_writes_the_rest`).
+#[tokio::test]
+async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there_is_room() {
+    let mut fx = Fx::new(1).await;
+    let (tx, mut rx) = mpsc::channel(2);
+    fx.workers[0].dir = Some(tx);
+    for u in 1..=3 {
+        fx.login(conn(u as u32), UserId(u), DeviceType::Phone).await;
+    }
+    let w = &fx.workers[0];
+    assert!(w.dir_lost);
+    assert_eq!(w.metrics.dir_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        w.metrics.dir_resyncs.load(Ordering::Relaxed),
+        0,
+        "no room yet"
+    );
+    let queued: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert!(matches!(
+        &queued[..],
+        [
+            crate::publish::DirOp::Online { .. },
+            crate::publish::DirOp::Online { .. }
+        ]
+    ));
+    fx.step(0, Vec::new()).await.unwrap();
+    let Ok(crate::publish::DirOp::Resync(mut routes)) = rx.try_recv() else {
+        panic!("no resync");
+    };
+    routes.sort_by_key(|(u, _)| u.0);
+    let got: Vec<(u64, u64)> = routes.iter().map(|(u, r)| (u.0, r.conn)).collect();
+    assert_eq!(got, [(1, conn(1).0), (2, conn(2).0), (3, conn(3).0)]);
+    assert!(routes
+        .iter()
+        .all(|(u, r)| r.device_id == format!("dev-{}", u.0)));
+    assert!(!fx.workers[0].dir_lost);
+    assert_eq!(fx.workers[0].metrics.dir_resyncs.load(Ordering::Relaxed), 1);
+}
