@@ -11,7 +11,9 @@
 # Before each run it flushes dirty pages (`sync`: a build's writeback would stall the server's
 # syncs) and waits (up to QUIET_WAIT=240 s) for a 1-minute load average below QUIET_LOAD (0.5).
 # Environment: USERS (2000), SECS (10), OUT (results dir), DATA (data dir parent; default $OUT),
-# SERVER_ARGS (more `im-server run` flags, e.g. "--gate-cores 1 --logic-workers 1").
+# SERVER_ARGS (more `im-server run` flags, e.g. "--gate-cores 1 --logic-workers 1"),
+# SERVER_CPUS / LOADGEN_CPUS (a `taskset -c` CPU list for each process, e.g. 0 and 1; default:
+# no pinning, the scheduler shares both CPUs between them).
 set -euo pipefail
 bin=${1:?usage: c2c-rates.sh BIN_DIR [rate...]}
 shift
@@ -29,7 +31,7 @@ trap '[ -n "$spid" ] && kill "$spid" 2>/dev/null; wait 2>/dev/null || true' EXIT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for rate in "${rates[@]}"; do
   rm -rf "$data/data-$rate"
-  "$bin/im-server" run --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$data/data-$rate" ${SERVER_ARGS:-} \
+  ${SERVER_CPUS:+taskset -c "$SERVER_CPUS"} "$bin/im-server" run --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$data/data-$rate" ${SERVER_ARGS:-} \
     >"$out/server-$rate.log" 2>&1 &
   spid=$!
   for _ in $(seq 100); do
@@ -49,7 +51,7 @@ for rate in "${rates[@]}"; do
   perf stat -x, -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync -p "$spid" \
     -o "$out/syncs-$rate.csv" 2>/dev/null &
   ppid=$!
-  timeout 300 "$bin/im-loadgen" c2c -n "$users" --msg-rate "$rate" --secs "$secs" \
+  timeout 300 ${LOADGEN_CPUS:+taskset -c "$LOADGEN_CPUS"} "$bin/im-loadgen" c2c -n "$users" --msg-rate "$rate" --secs "$secs" \
     --server "127.0.0.1:$port" --json-out "$out/c2c-$rate.json" >"$out/c2c-$rate.txt" 2>&1
   t1=$(cpu_ticks "$spid")
   kill -INT "$ppid" 2>/dev/null || true

@@ -25,6 +25,15 @@
 #   kill-redis-master / kill-redis-replica
 #                 kill -9 of a Redis Cluster master (its replica takes over after the cluster's
 #                 2 s node timeout) or replica, restarted after 3–5 s (it rejoins as a replica)
+#   part-redis    (NETNS only) a network partition between a logic node and every Redis node,
+#                 for 2–(LEASE_MS + 3 s), then healed: the node cannot renew its shard lease
+#   part-gate     (NETNS only) a partition between a gate and a logic node, 2–8 s
+#   part-peer     (NETNS only) a partition between two logic nodes, 2–8 s
+# With NETNS (a short prefix, e.g. imc; root only) every process runs in a network namespace of
+# its own (deploy/local-cluster.sh NETNS) and a partition is a blackhole route for the other
+# side's address in both namespaces (new connections time out, established ones stall, as on a
+# cut cable); the loadgens connect from the bridge address NETNS_NET.1. NETNS adds the three
+# partition kinds to the default FAULTS.
 # Every fault and recovery is written to $OUT/faults.log with its time since the start.
 #
 # Verdict (exit 0 only if all hold): every SIGTERM'd process exited within 15 s, both loadgens
@@ -43,7 +52,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 secs=${SECS:-600}
 every=${FAULT_EVERY:-15}
-faults=${FAULTS:-kill-logic,kill-gate,term-logic,term-gate,stop-logic,kill-redis-master,kill-redis-replica}
+netns=${NETNS:-}
+net=${NETNS_NET:-10.77.0}
+faults=${FAULTS:-kill-logic,kill-gate,term-logic,term-gate,stop-logic,kill-redis-master,kill-redis-replica${netns:+,part-redis,part-gate,part-peer}}
 seed=${SEED:-$(( $(date +%s%N) % 1000000007 ))}
 users=${USERS:-2000}
 rate=${RATE:-400}
@@ -62,6 +73,9 @@ dir=$out/cluster
 
 die() { echo "chaos: $*" >&2; exit 1; }
 command -v redis-server >/dev/null || die "redis-server is not installed (apt-get install -y redis-server)"
+case ,$faults, in
+  *,part-*) [ -n "$netns" ] || die "partition faults need NETNS=<prefix> (processes in network namespaces, as root)" ;;
+esac
 if [ ! -x "$bin/im-server" ] || [ ! -x "$bin/im-loadgen" ]; then
   [ -z "${BIN_DIR:-}" ] || die "$bin has no im-server and im-loadgen"
   (cd "$here" && cargo build --release -q -p im-server -p im-loadgen)
@@ -86,14 +100,24 @@ cleanup() {
   fi
   # Restarted processes are not the cluster script's children: stop them by their arguments.
   pkill -TERM -f -- "--data-dir $dir/" 2>/dev/null
-  pkill -TERM -f -- "^$bin/im-server gate .*--listen 127.0.0.1:$(( base / 100 ))[0-9][0-9]" 2>/dev/null
+  pkill -TERM -f -- "^$bin/im-server gate .*--listen [0-9.]+:$(( base / 100 ))[0-9][0-9]" 2>/dev/null
   sleep 1
   pkill -KILL -f -- "--data-dir $dir/" 2>/dev/null
-  pkill -KILL -f -- "^$bin/im-server gate .*--listen 127.0.0.1:$(( base / 100 ))[0-9][0-9]" 2>/dev/null
-  pkill -KILL -f -- "redis-server 127.0.0.1:$(( (base + 300) / 100 ))[0-9][0-9]" 2>/dev/null
+  pkill -KILL -f -- "^$bin/im-server gate .*--listen [0-9.]+:$(( base / 100 ))[0-9][0-9]" 2>/dev/null
+  pkill -KILL -f -- "redis-server [0-9.]+:$(( (base + 300) / 100 ))[0-9][0-9]" 2>/dev/null
   pkill -KILL -f -- "$bin/im-loadgen" 2>/dev/null
   [ -n "$cluster_pid" ] && kill -KILL "$cluster_pid" 2>/dev/null
   wait 2>/dev/null
+  if [ -n "$netns" ]; then
+    # What the cluster script did not remove (it was killed, or processes it restarted).
+    for l in $(ip -br link | awk -v p="${netns}h" 'index($1, p) == 1 { sub(/@.*/, "", $1); print $1 }'); do
+      ip link del "$l" 2>/dev/null
+    done
+    for ns in $(ip netns list | awk -v p="$netns-" 'index($1, p) == 1 { print $1 }'); do
+      ip netns del "$ns" 2>/dev/null
+    done
+    ip link del "${netns}br" 2>/dev/null
+  fi
   if [ "${verdict:-1}" = 0 ] && [ "${KEEP_DATA:-0}" != 1 ]; then
     rm -rf "$dir"/logic* "$dir"/redis7*
   fi
@@ -102,7 +126,7 @@ trap cleanup EXIT
 trap 'echo "chaos: interrupted" >&2; exit 130' INT TERM
 
 log "seed $seed; ${secs}s of traffic, a fault every ~${every}s from: $faults"
-DIR=$dir IM_BIN=$bin/im-server BASE_PORT=$base LOGIC_ARGS="--shard-lease-ms $lease_ms" \
+DIR=$dir IM_BIN=$bin/im-server BASE_PORT=$base LOGIC_ARGS="--shard-lease-ms $lease_ms" NETNS=$netns NETNS_NET=$net \
   "$here/deploy/local-cluster.sh" "$logic_n" "$gates_n" 3 >"$out/cluster.log" 2>&1 &
 cluster_pid=$!
 for _ in $(seq 1200); do
@@ -117,14 +141,31 @@ gate_port() { echo $((base + $1 - 1)); }
 link_port() { echo $((base + 100 + $1)); }
 api_port() { echo $((base + 1080 + $1)); }
 redis_port() { echo $((base + 300 + $1)); }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# The address of a process (redis…, logic<i>, gate<g>; as deploy/local-cluster.sh places them)
+# and how to run a command in its network namespace.
+host_of() {
+  [ -n "$netns" ] || { echo 127.0.0.1; return; }
+  case $1 in
+    redis*) echo "$net.2" ;;
+    logic*) echo "$net.$((10 + ${1#logic}))" ;;
+    gate*) echo "$net.$((20 + ${1#gate}))" ;;
+  esac
+}
+ns_of() { case $1 in redis*) echo "$netns-redis" ;; *) echo "$netns-$1" ;; esac; }
+in_ns() {
+  local name=$1
+  shift
+  if [ -n "$netns" ]; then ip netns exec "$(ns_of "$name")" "$@"; else "$@"; fi
+}
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+rh=$(host_of redis)
 
 # The pid of a cluster process by its name: logic<i>, gate<g>, redis<port>.
 pid_of() {
   case $1 in
     logic*) pgrep -f -- "--data-dir $dir/logic${1#logic} " | head -1 ;;
     gate*) pgrep -f -- "^$bin/im-server gate --gate-id ${1#gate} " | head -1 ;;
-    redis*) pgrep -f -- "^redis-server 127.0.0.1:${1#redis}( |$)" | head -1 ;;
+    redis*) pgrep -f -- "^redis-server $rh:${1#redis}( |$)" | head -1 ;;
   esac
 }
 port_of() {
@@ -134,6 +175,8 @@ port_of() {
     redis*) echo "${1#redis}" ;;
   esac
 }
+# Whether a cluster process accepts connections.
+listening() { port_open "$(host_of "$1")" "$(port_of "$1")"; }
 log_of() {
   case $1 in
     logic*|gate*) echo "$dir/$1.log" ;;
@@ -146,19 +189,20 @@ cmdline_of() {
   case $1 in
     redis*)
       local p=${1#redis}
-      printf '%s\0' redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+      printf '%s\0' redis-server --port "$p" --bind "$rh" --cluster-enabled yes \
         --cluster-config-file "$dir/redis$p/nodes.conf" --cluster-node-timeout 2000 \
-        --appendonly yes --save '' --dir "$dir/redis$p" --daemonize no ;;
+        --appendonly yes --save '' --dir "$dir/redis$p" --daemonize no \
+        ${netns:+--protected-mode no} ;;
     *) cat "/proc/$2/cmdline" ;;
   esac
 }
-redis_ok() { redis-cli -p "$(redis_port 0)" cluster info 2>/dev/null | grep -q cluster_state:ok; }
+redis_ok() { redis-cli -h "$rh" -p "$(redis_port 0)" cluster info 2>/dev/null | grep -q cluster_state:ok; }
 # Redis nodes by role: "port role" for every connected node.
 redis_roles() {
   local p
   for i in 0 1 2 3 4 5; do
     p=$(redis_port "$i")
-    redis-cli -p "$p" role 2>/dev/null | head -1 | sed "s/^/$p /" || true
+    redis-cli -h "$rh" -p "$p" role 2>/dev/null | head -1 | sed "s/^/$p /" || true
   done
 }
 
@@ -187,11 +231,10 @@ kill_restart() {
   fi
   sleep "$(awk -v m="$down_ms" 'BEGIN { print m / 1000 }')"
   t0=$(date +%s%N)
-  "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
-  local npid=$! port
-  port=$(port_of "$name")
-  for _ in $(seq 600); do port_open "$port" && break; sleep 0.1; done
-  if port_open "$port"; then
+  in_ns "$name" "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
+  local npid=$!
+  for _ in $(seq 600); do listening "$name" && break; sleep 0.1; done
+  if listening "$name"; then
     log "$name back (pid $npid), listening $(( ($(date +%s%N) - t0) / 1000000 )) ms after the restart"
   else
     log "$name NOT listening 60 s after its restart (pid $npid)"
@@ -212,26 +255,61 @@ stop_cont() {
   sleep 2
   if ! kill -0 "$pid" 2>/dev/null; then
     log "$name exited after SIGCONT ($(tail -n 3 "$(log_of "$name")" | grep -o 'fenced, exiting.*' | head -1)); restarting"
-    "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
-    for _ in $(seq 600); do port_open "$(port_of "$name")" && break; sleep 0.1; done
+    in_ns "$name" "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
+    for _ in $(seq 600); do listening "$name" && break; sleep 0.1; done
     log "$name back (pid $!)"
   fi
   rm -f "$out/down/$name"
+}
+# A partition between A and B (cluster process names; "redis" is every Redis node) for ms
+# milliseconds: a blackhole route for the other's address in each namespace, then removed. A
+# logic node that exits meanwhile (it found itself fenced: 75) is restarted after the heal.
+partition() {
+  local a=$1 b=$2 ms=$3 ha hb pa pb cmd_a=() cmd_b=()
+  ha=$(host_of "$a")
+  hb=$(host_of "$b")
+  pa=$(pid_of "$a" || true)
+  pb=$(pid_of "$b" || true)
+  [ -n "$pa" ] && case $a in logic*) mapfile -d '' cmd_a < <(cmdline_of "$a" "$pa") ;; esac
+  [ -n "$pb" ] && case $b in logic*) mapfile -d '' cmd_b < <(cmdline_of "$b" "$pb") ;; esac
+  ip -n "$(ns_of "$a")" route add blackhole "$hb/32"
+  ip -n "$(ns_of "$b")" route add blackhole "$ha/32"
+  log "partition $a | $b for ${ms} ms"
+  sleep "$(awk -v m="$ms" 'BEGIN { print m / 1000 }')"
+  ip -n "$(ns_of "$a")" route del blackhole "$hb/32"
+  ip -n "$(ns_of "$b")" route del blackhole "$ha/32"
+  log "healed $a | $b"
+  sleep 2
+  local n p c
+  for n in "$a" "$b"; do
+    case $n in logic*) ;; *) continue ;; esac
+    p=$pa c=("${cmd_a[@]}")
+    [ "$n" = "$b" ] && p=$pb c=("${cmd_b[@]}")
+    if [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null && [ ${#c[@]} -gt 0 ]; then
+      log "$n exited during the partition ($(tail -n 3 "$(log_of "$n")" | grep -o 'fenced, exiting.*' | head -1)); restarting"
+      in_ns "$n" "${c[@]}" >>"$(log_of "$n")" 2>&1 &
+      for _ in $(seq 600); do listening "$n" && break; sleep 0.1; done
+      log "$n back (pid $!)"
+    fi
+  done
+  rm -f "$out/down/$a" "$out/down/$b"
 }
 
 RANDOM=$seed
 pick() { local a=("$@"); echo "${a[$((RANDOM % ${#a[@]}))]}"; }
 between() { echo $(( $1 + RANDOM % ($2 - $1 + 1) )); }
 
-iplist="http://127.0.0.1:$(api_port 0)"
+iplist="http://$(host_of logic0):$(api_port 0)"
+src_c2c=() src_group=(--src-ips 127.0.0.10-127.0.0.12)
+[ -n "$netns" ] && src_c2c=(--src-ips "$net.1") src_group=(--src-ips "$net.1")
 common=(--iplist "$iplist" --reconnect-initial-ms 200 --reconnect-max-ms 3000
   --drain-quiet-ms 2000 --drain-max-secs 180 --ack-timeout-ms 60000 --login-retry-secs 120
   --heartbeat-secs 10 --login-timeout-secs 10 --seed "$seed")
 "$bin/im-loadgen" c2c -n "$users" --msg-rate "$rate" --secs "$secs" --uid-base 1000000 \
-  "${common[@]}" --json-out "$out/c2c.json" >"$out/c2c.txt" 2>&1 &
+  "${src_c2c[@]}" "${common[@]}" --json-out "$out/c2c.json" >"$out/c2c.txt" 2>&1 &
 lg_pids+=($!)
 "$bin/im-loadgen" group -n "$group_users" --members "$members" --msg-rate "$group_rate" \
-  --secs "$secs" --uid-base 2000000 --src-ips 127.0.0.10-127.0.0.12 \
+  --secs "$secs" --uid-base 2000000 "${src_group[@]}" \
   "${common[@]}" --json-out "$out/group.json" >"$out/group.txt" 2>&1 &
 lg_pids+=($!)
 # Faults start once both loadgens are sending (their logins and group creation done).
@@ -265,19 +343,29 @@ while [ "$(date +%s)" -lt "$t_end" ]; do
       mapfile -t cands < <(redis_roles | awk -v w="$want" '$2 == w { print $1 }')
       [ ${#cands[@]} -gt 0 ] || { log "$kind: no $want found, skipped"; continue; }
       name=redis$(pick "${cands[@]}") ;;
+    part-redis) name=logic$(between 0 $((logic_n - 1))) peer=redis ;;
+    part-gate) name=gate$(between 1 "$gates_n") peer=logic$(between 0 $((logic_n - 1))) ;;
+    part-peer)
+      [ "$logic_n" -ge 2 ] || { log "part-peer: one logic node, skipped"; continue; }
+      name=logic$(between 0 $((logic_n - 1)))
+      peer=logic$(( (${name#logic} + $(between 1 $((logic_n - 1)))) % logic_n )) ;;
     *) die "unknown fault $kind (FAULTS=$faults)" ;;
   esac
-  if [ -e "$out/down/$name" ]; then
-    log "$kind $name: still recovering from the last fault, skipped"
+  case $kind in part-*) ;; *) peer= ;; esac
+  if [ -e "$out/down/$name" ] || { [ -n "$peer" ] && ls "$out/down" | grep -q "^$peer"; }; then
+    log "$kind $name${peer:+ | $peer}: still recovering from the last fault, skipped"
     continue
   fi
   touch "$out/down/$name"
+  [ -n "$peer" ] && touch "$out/down/$peer"
   n_faults=$((n_faults + 1))
   case $kind in
     kill-logic|kill-gate) kill_restart "$name" "$(between 1000 3000)" & ;;
     term-logic|term-gate) kill_restart "$name" "$(between 1000 3000)" TERM & ;;
     kill-redis-*) kill_restart "$name" "$(between 3000 5000)" & ;;
     stop-logic) stop_cont "$name" $((lease_ms + $(between 1000 2000))) & ;;
+    part-redis) partition "$name" redis "$(between 2000 $((lease_ms + 3000)))" & ;;
+    part-gate|part-peer) partition "$name" "$peer" "$(between 2000 8000)" & ;;
   esac
 done
 log "fault schedule done: $n_faults faults; waiting for the recoveries and the loadgens"
@@ -300,10 +388,11 @@ fi
 [ "$rc_c2c" = 0 ] || bad "c2c loadgen exit $rc_c2c: $(grep 'FAILED' "$out/c2c.txt" | tr '\n' ' ')"
 [ "$rc_group" = 0 ] || bad "group loadgen exit $rc_group: $(grep 'FAILED' "$out/group.txt" | tr '\n' ' ')"
 for i in $(seq 0 $((logic_n - 1))); do
-  port_open "$(api_port "$i")" && port_open "$(link_port "$i")" || bad "logic$i is not up at the end"
+  port_open "$(host_of "logic$i")" "$(api_port "$i")" && port_open "$(host_of "logic$i")" "$(link_port "$i")" ||
+    bad "logic$i is not up at the end"
 done
-for g in $(seq 1 "$gates_n"); do port_open "$(gate_port "$g")" || bad "gate$g is not up at the end"; done
-for i in 0 1 2 3 4 5; do port_open "$(redis_port "$i")" || bad "redis $(redis_port "$i") is not up at the end"; done
+for g in $(seq 1 "$gates_n"); do listening "gate$g" || bad "gate$g is not up at the end"; done
+for i in 0 1 2 3 4 5; do port_open "$rh" "$(redis_port "$i")" || bad "redis $(redis_port "$i") is not up at the end"; done
 redis_ok || bad "the Redis Cluster is not ok at the end"
 
 python3 - "$out" "$seed" "$n_faults" "$verdict" <<'PY'
@@ -349,6 +438,14 @@ for line in open(os.path.join(out, "faults.log")):
         start[k.group(1) + k.group(2)] = ("term-" + k.group(1), t)
     elif (k := re.match(r"SIGSTOP (\w+) ", text)):
         start[k.group(1)] = ("stop-logic", t)
+    elif (k := re.match(r"partition (\S+) \| (\S+) for", text)):
+        a, b = k.group(1), k.group(2)
+        kind = "part-redis" if b == "redis" else "part-gate" if a.startswith("gate") else "part-peer"
+        start[a + "|" + b] = (kind, t)
+    elif (k := re.match(r"healed (\S+) \| (\S+)", text)):
+        if (key := k.group(1) + "|" + k.group(2)) in start:
+            kind, t0 = start.pop(key)
+            kinds.setdefault(kind, []).append(t - t0)
     elif (k := re.match(r"(\w+) back \(pid", text)) or (k := re.match(r"SIGCONT (\w+)", text)):
         if k.group(1) in start:
             kind, t0 = start.pop(k.group(1))
