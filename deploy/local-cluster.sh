@@ -60,10 +60,11 @@ host_of() {
     gate*) echo "$net.$((20 + ${1#gate}))" ;;
   esac
 }
+# Only in the background (`in_ns NAME cmd… &`): it execs, so `$!` is the process itself.
 in_ns() {
   local name=$1
   shift
-  if [ -n "$netns" ]; then ip netns exec "$netns-$name" "$@"; else "$@"; fi
+  if [ -n "$netns" ]; then exec ip netns exec "$netns-$name" "$@"; else exec "$@"; fi
 }
 # ns_add NAME: a namespace with a veth into the bridge and the address host_of NAME.
 ns_add() {

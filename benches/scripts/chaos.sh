@@ -152,10 +152,11 @@ host_of() {
   esac
 }
 ns_of() { case $1 in redis*) echo "$netns-redis" ;; *) echo "$netns-$1" ;; esac; }
+# Only in the background (`in_ns NAME cmd… &`): it execs, so `$!` is the process itself.
 in_ns() {
   local name=$1
   shift
-  if [ -n "$netns" ]; then ip netns exec "$(ns_of "$name")" "$@"; else "$@"; fi
+  if [ -n "$netns" ]; then exec ip netns exec "$(ns_of "$name")" "$@"; else exec "$@"; fi
 }
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 rh=$(host_of redis)
@@ -235,7 +236,7 @@ kill_restart() {
   local npid=$!
   for _ in $(seq 600); do listening "$name" && break; sleep 0.1; done
   if listening "$name"; then
-    log "$name back (pid $npid), listening $(( ($(date +%s%N) - t0) / 1000000 )) ms after the restart"
+    log "$name back (pid $(pid_of "$name" || echo "$npid")), listening $(( ($(date +%s%N) - t0) / 1000000 )) ms after the restart"
   else
     log "$name NOT listening 60 s after its restart (pid $npid)"
   fi
