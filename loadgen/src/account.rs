@@ -113,6 +113,10 @@ pub struct GroupJoin {
     /// Examples: lost `(from, member, counter)`, order mismatches `(group, member)`; at most 10.
     pub lost_examples: Vec<[u32; 3]>,
     pub order_examples: Vec<[u32; 2]>,
+    /// Copies out of place `(group, member, from, counter)` and each such group's reference
+    /// member `(group, member)`, to trace a mismatch in the server's logs; at most 10.
+    pub order_copies: Vec<[u32; 4]>,
+    pub order_refs: Vec<[u32; 2]>,
 }
 
 /// Joins the posts and member copies of a `group` run: `groups` groups of `size` members among
@@ -198,6 +202,7 @@ pub fn join_group(r: &Report, size: u32, users: u32) -> GroupJoin {
         by_group.entry(*g).or_default().push((*m, s));
     }
     let mut examples = Vec::new();
+    let (mut copies, mut refs) = (Vec::new(), Vec::new());
     for (g, mut members) in by_group {
         members.sort_by_key(|(m, s)| (std::cmp::Reverse(s.len()), *m));
         let rank: HashMap<u64, usize> = members[0]
@@ -214,6 +219,9 @@ pub fn join_group(r: &Report, size: u32, users: u32) -> GroupJoin {
                 let Some(&r) = rank.get(p) else { continue };
                 if high.is_some_and(|h| r < h) {
                     bad += 1;
+                    if copies.len() < 10 {
+                        copies.push([g, *m, (p >> 32) as u32, *p as u32]);
+                    }
                 } else {
                     high = Some(r);
                 }
@@ -222,12 +230,18 @@ pub fn join_group(r: &Report, size: u32, users: u32) -> GroupJoin {
                 j.order_mismatch_members += 1;
                 j.order_mismatch_entries += bad;
                 examples.push([g, *m]);
+                if refs.len() < 10 && !refs.iter().any(|r: &[u32; 2]| r[0] == g) {
+                    refs.push([g, members[0].0]);
+                }
             }
         }
     }
     examples.sort_unstable();
     examples.truncate(10);
     j.order_examples = examples;
+    copies.sort_unstable();
+    refs.sort_unstable();
+    (j.order_copies, j.order_refs) = (copies, refs);
     j
 }
 
@@ -306,6 +320,9 @@ mod tests {
         assert_eq!(j.order_mismatch_members, 1);
         assert_eq!(j.order_mismatch_entries, 1);
         assert_eq!(j.order_examples, vec![[0, 3]]);
+        // Member 3 got 0:1 after 2:1; the reference is member 0 (all have both; lowest id).
+        assert_eq!(j.order_copies, vec![[0, 3, 0, 1]]);
+        assert_eq!(j.order_refs, vec![[0, 0]]);
         // group 0: 4 members; group 1: members 4, 5, 0 (5:1) and 4 (1:7)
         assert_eq!(j.order_checked, 7);
     }

@@ -854,6 +854,10 @@ fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
             );
             if !j.order_examples.is_empty() {
                 s += &format!("  order e.g. (group,member): {:?}\n", j.order_examples);
+                s += &format!(
+                    "  out of place e.g. (group,member,from,counter): {:?}; reference (group,member): {:?}\n",
+                    j.order_copies, j.order_refs
+                );
             }
         }
         None => s += "  lost / group order: not tracked (--no-track)\n",

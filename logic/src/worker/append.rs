@@ -30,6 +30,20 @@ impl<S: Store> Worker<S> {
             }
         };
         if existing.is_none() {
+            if a.replay {
+                // The live append was lost (with a link, a restart): this copy goes after
+                // whatever reached the recipient meanwhile (ARCHITECTURE.md, known limits). Rare
+                // enough to log each, so a run that finds a timeline out of order can be traced.
+                tracing::warn!(
+                    worker = self.idx,
+                    recipient = r.0,
+                    msg_id = a.msg.msg_id.0,
+                    conv = a.msg.conv,
+                    to = a.msg.to.0,
+                    from = a.msg.from.0,
+                    "a replayed append was stored now: its live copy was lost"
+                );
+            }
             self.append_now(r, &a.msg, round);
         }
         // (An existing one was appended before a restart: only the outbox entry is released.)
