@@ -136,6 +136,11 @@ impl PeerLinks {
         (st.up.load(Ordering::Acquire) && resynced).then_some(epoch)
     }
 
+    /// The link's current epoch (a new one with every connection).
+    pub fn epoch(&self, node: usize) -> u64 {
+        self.state[node].epoch.load(Ordering::Acquire)
+    }
+
     /// Nodes (other than this one) that `worker` has to resync: `(node, epoch)` of links that are
     /// up in an epoch the worker has not resynced yet.
     pub fn needs_resync(&self, worker: usize) -> Vec<(usize, u64)> {

@@ -105,6 +105,23 @@ impl Router {
         }
     }
 
+    /// Sends appends to a global worker of another node only if `from` may send live appends
+    /// there now (the link is up and `from` has resynced it), tagged with that epoch; else drops
+    /// them (they stay in the outbox, and the next resync of that link sends them in order).
+    /// For re-sends of unconfirmed appends: one that went out before the resync of a new link
+    /// would reach the recipient ahead of older appends that the resync brings, out of order.
+    pub fn send_if_resynced(&self, from: usize, global: usize, msg: WorkerMsg) {
+        let (node, w) = (global / self.workers, global % self.workers);
+        if node == self.node {
+            return self.send(from, global, msg);
+        }
+        if let Some(r) = &self.remote {
+            if let Some(epoch) = r.ready(node, from) {
+                r.send_in(node, w, &msg, epoch);
+            }
+        }
+    }
+
     /// Local worker `to` took `items` that local worker `from` sent it. When that brings the
     /// pair's backlog below `limit` from at or above it, `from` gets a `Resume`: it may admit
     /// client work again (see [`Router::held`]).
@@ -152,5 +169,100 @@ impl Router {
     /// Inbox of a local worker.
     pub fn local(&self, idx: usize) -> &mpsc::UnboundedSender<WorkerMsg> {
         &self.local[idx]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_shared::peer::AppendReq;
+    use im_shared::proto::Message;
+    use im_shared::{MsgId, Seq};
+    use std::time::{Duration, Instant};
+
+    fn append(replay: bool) -> WorkerMsg {
+        WorkerMsg::Append(vec![AppendReq {
+            recipient: UserId(5),
+            shard: ShardId(1),
+            msg: Message {
+                seq: Seq(0),
+                prev_seq: Seq(0),
+                msg_id: MsgId(9),
+                conv: 2,
+                from: UserId(1),
+                to: UserId(77),
+                client_msg_id: 1,
+                server_time_ms: 0,
+                body: bytes::Bytes::from_static(b"post"),
+            },
+            replay,
+        }])
+    }
+
+    /// A re-send of unconfirmed appends goes to another node only over a link this worker has
+    /// resynced: before the resync it would overtake the older appends the resync brings. (A
+    /// plain replay `send` goes out in the current epoch whatever the resync state: the resync
+    /// itself is sent that way.)
+    #[test]
+    fn re_sends_wait_for_the_resync_of_the_link() {
+        use std::io::Read;
+        use std::sync::atomic::AtomicUsize;
+        let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = peer.local_addr().unwrap();
+        let got = Arc::new(AtomicUsize::new(0));
+        {
+            let got = got.clone();
+            std::thread::spawn(move || {
+                for mut s in peer.incoming().flatten() {
+                    let got = got.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = s.read(&mut buf) {
+                            got.fetch_add(n, Ordering::SeqCst);
+                        }
+                    });
+                }
+            });
+        }
+        let links = Arc::new(PeerLinks::start(
+            0,
+            vec!["127.0.0.1:9".parse().unwrap(), addr],
+        ));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let router = Router::new(0, 2, vec![tx], Some(links.clone()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+            while !cond() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        wait_for("the link", &|| links.is_up(1));
+        // Whatever the link says first (its hello) has arrived and nothing else is coming.
+        let settled = || {
+            let mut last = got.load(Ordering::SeqCst);
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = got.load(Ordering::SeqCst);
+                if now == last {
+                    return now;
+                }
+                last = now;
+            }
+        };
+        let before = settled();
+        // Node 1's worker 0 is global worker 1. Not resynced yet: the re-send is dropped, while
+        // a plain replay send (how the resync goes) is written.
+        assert!(links.ready(1, 0).is_none());
+        router.send_if_resynced(0, 1, append(true));
+        assert_eq!(settled(), before, "a re-send went out before the resync");
+        router.send(0, 1, append(true));
+        wait_for("the plain send", &|| got.load(Ordering::SeqCst) > before);
+        let before = settled();
+        // Once worker 0 resynced the link's epoch, re-sends go out in it.
+        links.resynced(1, 0, links.epoch(1));
+        assert_eq!(links.ready(1, 0), Some(links.epoch(1)));
+        router.send_if_resynced(0, 1, append(true));
+        wait_for("the re-send", &|| got.load(Ordering::SeqCst) > before);
     }
 }

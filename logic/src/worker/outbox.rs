@@ -151,6 +151,9 @@ impl Outbox {
                 out.push((shard, f.msg.clone(), to));
             }
         }
+        // In each shard's order (a group's posts, a sender's messages): a recipient stores them
+        // in the order they arrive.
+        out.sort_unstable_by_key(|(shard, m, _)| (shard.0, m.msg_id.0));
         out
     }
 }
@@ -282,7 +285,15 @@ impl<S: Store> Worker<S> {
             );
             self.metrics.add_retried_appends(n as u64);
         }
-        self.send_appends(out);
+        // Only over links this worker has resynced: a re-send written before the resync of a new
+        // link would overtake the older appends the resync brings (seen as a group's posts out
+        // of order in one member's timeline in a chaos run with partitions and restarts).
+        for (w, reqs) in out.into_iter().enumerate() {
+            if !reqs.is_empty() {
+                self.router
+                    .send_if_resynced(self.idx, w, WorkerMsg::Append(reqs));
+            }
+        }
     }
 
     fn send_appends(&self, out: Vec<Vec<AppendReq>>) {
@@ -348,6 +359,27 @@ mod tests {
         assert!(o.confirm(s, m.msg_id, UserId(8)));
         assert!(!o.is_unconfirmed(s, m.msg_id, UserId(8)));
         assert_eq!(o.len(), 0);
+    }
+
+    /// Re-sends come in each shard's msg_id order (a group's posts, a sender's messages), not in
+    /// the map's order: a recipient stores appends in the order they arrive.
+    #[test]
+    fn overdue_fan_outs_come_in_shard_and_msg_id_order() {
+        let mut o = Outbox::default();
+        let remote = |_: UserId| true;
+        let ids: Vec<u64> = (0..200).map(|i| 1_000 + (i * 7919) % 200).collect();
+        for &id in &ids {
+            o.track(ShardId((id % 3) as u16), &msg(id), &[UserId(100)], 0);
+        }
+        let due: Vec<(u16, u64)> = o
+            .take_overdue(RETRY_FIRST_MS, remote)
+            .iter()
+            .map(|(s, m, _)| (s.0, m.msg_id.0))
+            .collect();
+        let mut want = due.clone();
+        want.sort_unstable();
+        assert_eq!(due.len(), 200);
+        assert_eq!(due, want);
     }
 
     #[test]
