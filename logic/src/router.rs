@@ -94,13 +94,10 @@ impl Router {
             }
         } else if let Some(r) = &self.remote {
             let live_append = matches!(&msg, WorkerMsg::Append(v) if v.iter().any(|a| !a.replay));
-            if !live_append {
-                return r.send(node, w, &msg);
-            }
-            // Tagged with the epoch found ready: if the link is replaced before the payload is
-            // written, it is dropped rather than overtaking that new epoch's resync.
-            if let Some(epoch) = r.ready(node, from) {
-                r.send_in(node, w, &msg, epoch);
+            if live_append {
+                self.send_if_resynced(from, global, msg);
+            } else {
+                r.send(node, w, &msg);
             }
         }
     }
@@ -115,10 +112,14 @@ impl Router {
         if node == self.node {
             return self.send(from, global, msg);
         }
-        if let Some(r) = &self.remote {
-            if let Some(epoch) = r.ready(node, from) {
-                r.send_in(node, w, &msg, epoch);
-            }
+        // Tagged with the epoch found ready: if the link is replaced before the payload is
+        // written, it is dropped rather than overtaking that new epoch's resync.
+        if let Some((r, epoch)) = self
+            .remote
+            .as_ref()
+            .and_then(|r| Some((r, r.ready(node, from)?)))
+        {
+            r.send_in(node, w, &msg, epoch);
         }
     }
 

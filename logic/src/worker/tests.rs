@@ -164,6 +164,12 @@ impl Fx {
         v
     }
 
+    /// Messages waiting in worker `w`'s inbox, taken out as they are (a worker's own step gives
+    /// back the backlog counts).
+    fn raw_inbox(&mut self, w: usize) -> Vec<WorkerMsg> {
+        std::iter::from_fn(|| self.inboxes[w].try_recv().ok()).collect()
+    }
+
     /// Everything sent to gates since the last call, decoded.
     fn out(&mut self) -> Vec<Out> {
         let mut out = std::mem::take(&mut self.kept);
@@ -1521,13 +1527,11 @@ async fn a_kicked_connection_follows_nobody_any_more() {
     assert!(presence_to(&fx.out(), conn(1)).is_empty());
 }
 
-/// The worker → worker hop is bounded: a worker whose appends wait at another worker past
-/// `max_worker_backlog` holds new client frames back (unanswered, still counted against the
-/// gate's `max_queued`) and handles them, in order, once the other worker took its backlog.
-#[tokio::test]
-async fn a_worker_whose_appends_wait_at_another_holds_client_frames_until_they_are_taken() {
+/// Two workers with `max_worker_backlog` = `bound`, user `a` (connection 1) online on worker 0
+/// and `b` (connection 2) on worker 1, their logins' output taken.
+async fn two_workers_with_backlog(bound: usize) -> (Fx, UserId, UserId) {
     let cfg = LogicConfig {
-        max_worker_backlog: 3,
+        max_worker_backlog: bound,
         ..LogicConfig::default()
     };
     let mut fx = Fx::with(2, cfg).await;
@@ -1536,6 +1540,15 @@ async fn a_worker_whose_appends_wait_at_another_holds_client_frames_until_they_a
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.login(conn(2), b, DeviceType::Phone).await;
     fx.out();
+    (fx, a, b)
+}
+
+/// The worker → worker hop is bounded: a worker whose appends wait at another worker past
+/// `max_worker_backlog` holds new client frames back (unanswered, still counted against the
+/// gate's `max_queued`) and handles them, in order, once the other worker took its backlog.
+#[tokio::test]
+async fn a_worker_whose_appends_wait_at_another_holds_client_frames_until_they_are_taken() {
+    let (mut fx, a, b) = two_workers_with_backlog(3).await;
     // Three sends in one round: three appends wait at worker 1, the bound.
     let three = (1..=3).map(|i| (i as u32, send(i, b, "m"))).collect();
     fx.client(conn(1), a, three).await;
@@ -1552,10 +1565,10 @@ async fn a_worker_whose_appends_wait_at_another_holds_client_frames_until_they_a
     );
     // Worker 1 takes the appends: its confirmations and a Resume wake worker 0, which then
     // answers the held frame; nothing is lost, duplicated or reordered.
-    let raw: Vec<WorkerMsg> = std::iter::from_fn(|| fx.inboxes[1].try_recv().ok()).collect();
+    let raw = fx.raw_inbox(1);
     fx.step(1, raw).await.unwrap();
     assert!(!fx.workers[0].router.held(0, 3));
-    let to0: Vec<WorkerMsg> = std::iter::from_fn(|| fx.inboxes[0].try_recv().ok()).collect();
+    let to0 = fx.raw_inbox(0);
     assert!(to0.iter().any(|m| matches!(m, WorkerMsg::Resume)));
     fx.step(0, to0).await.unwrap();
     fx.pump().await;
@@ -1580,16 +1593,7 @@ async fn a_worker_whose_appends_wait_at_another_holds_client_frames_until_they_a
 /// workers is never held), so both resume: no cycle.
 #[tokio::test]
 async fn two_workers_held_by_each_other_both_resume() {
-    let cfg = LogicConfig {
-        max_worker_backlog: 1,
-        ..LogicConfig::default()
-    };
-    let mut fx = Fx::with(2, cfg).await;
-    let a = fx.user_on(0, 1);
-    let b = fx.user_on(1, 1);
-    fx.login(conn(1), a, DeviceType::Phone).await;
-    fx.login(conn(2), b, DeviceType::Phone).await;
-    fx.out();
+    let (mut fx, a, b) = two_workers_with_backlog(1).await;
     let ups = |fx: &Fx, c: ConnId, u: UserId, to: UserId, id: u64| {
         fx.depth.fetch_add(1, Ordering::Relaxed);
         WorkerMsg::Gate(vec![Up::request(c, u, id as u32, &send(id, to, "x"))])
@@ -1613,8 +1617,7 @@ async fn two_workers_held_by_each_other_both_resume() {
     // ... and the plain pump (rounds of whatever is in the inboxes) settles everything.
     for _ in 0..10 {
         for w in 0..2 {
-            let raw: Vec<WorkerMsg> =
-                std::iter::from_fn(|| fx.inboxes[w].try_recv().ok()).collect();
+            let raw = fx.raw_inbox(w);
             fx.step(w, raw).await.unwrap();
         }
     }
