@@ -311,6 +311,17 @@ impl Metrics {
             "im_store_commit_seconds",
             "A round's store commit as the worker waited for it (durable, and applied for the embedded store).",
         );
+        im_shared::prom::labeled(
+            out,
+            "im_store_log_handoffs_total",
+            "counter",
+            "Embedded store: commits whose appends went to another worker before their sync; covered: that worker's sync covered them, synced: they synced themselves after handoff_linger_us.",
+            "outcome",
+            [
+                ("covered", im_store::LOG_HANDOFFS_COVERED.load(Ordering::Relaxed)),
+                ("synced", im_store::LOG_HANDOFFS_SYNCED.load(Ordering::Relaxed)),
+            ],
+        );
         im_store::LOG_SYNC_SECONDS.render(
             out,
             "im_store_log_sync_seconds",

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     /// Estimated bytes of user states a logic node keeps in memory; past it offline users are
     /// dropped, then online users' recent ids and pending notices (reloaded when needed).
     pub max_cache_bytes: usize,
+    /// Embedded store: how long (µs) a worker's commit that handed appends to another worker of
+    /// the node waits for that worker's `fdatasync` to cover it before it syncs itself.
+    pub handoff_linger_us: u64,
     /// Group states a logic node keeps in memory, the same way.
     pub max_cached_groups: usize,
     /// Bytes a logic node queues for one link to another logic node before resetting it.
@@ -169,6 +172,7 @@ impl Default for ServerConfig {
             max_worker_backlog: l.max_worker_backlog,
             max_cached_users: l.max_cached_users,
             max_cache_bytes: l.max_cache_bytes,
+            handoff_linger_us: im_logic::store::DEFAULT_HANDOFF_LINGER_US,
             max_cached_groups: l.max_cached_groups,
             peer_queue_bytes: l.peer_queue_bytes,
             gate_link_queue_bytes: im_logic::links::MAX_GATE_QUEUE_BYTES,

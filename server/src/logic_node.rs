@@ -58,6 +58,7 @@ pub fn start_logic(
     std::fs::create_dir_all(&cfg.data_dir)?;
     if cfg.scylla_nodes.is_empty() {
         let store = FjallStore::open(&cfg.data_dir)?;
+        store.set_handoff_linger(std::time::Duration::from_micros(cfg.handoff_linger_us));
         return start_logic_on(cfg, node_id, link_listen, nodes, store);
     }
     let rt = tokio::runtime::Builder::new_current_thread()

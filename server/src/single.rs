@@ -28,6 +28,7 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<Server> {
     im_gate::check_transport(&gate_config(cfg, 0))?;
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = FjallStore::open(&cfg.data_dir)?;
+    store.set_handoff_linger(std::time::Duration::from_micros(cfg.handoff_linger_us));
     let gate = Gate::new(gate_config(cfg, 0));
     let tokens = Arc::new(HmacTokens::new(cfg.token_secret.as_bytes()));
     let services = services(cfg)?;

@@ -11,11 +11,18 @@
 mod commit_log;
 mod fjall_store;
 
-pub use fjall_store::FjallStore;
+pub use fjall_store::{FjallStore, DEFAULT_HANDOFF_LINGER_US};
 
 /// Durations of the embedded store's commit-log `fdatasync`s, for the node's `/metrics`
 /// (`im_store_log_sync_seconds`); one per process, like the store.
 pub static LOG_SYNC_SECONDS: im_shared::prom::Histogram = im_shared::prom::Histogram::new();
+/// Commits that handed work to another committer right after writing their record and then
+/// found their record covered by that one's sync, without a sync of their own
+/// (`im_store_log_handoffs_total{outcome="covered"}`).
+pub static LOG_HANDOFFS_COVERED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+/// Such commits that waited out their linger and synced themselves (`outcome="synced"`).
+pub static LOG_HANDOFFS_SYNCED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 #[cfg(feature = "scylla")]
 mod scylla_store;
 #[cfg(feature = "scylla")]
@@ -232,6 +239,24 @@ pub trait Store: Clone + 'static {
     /// whose [`WriteBatch::writer`] is below its node's fence is refused with
     /// [`StoreError::Fenced`] and nothing of it is applied.
     async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    /// [`Store::commit`], calling `written` as early as this backend allows work that depends
+    /// on the batch to go ahead: at the point from which any batch committed afterwards (by any
+    /// caller of this store) can only become durable together with this one or after it. For
+    /// the embedded store that is once the batch's record is in the commit log, before its sync
+    /// (a log is durable as a prefix); for others, once the commit returned. `written` is not
+    /// called for a batch that is refused (fenced) or fails before it is written; an error
+    /// after `written` ran is never retryable: the batch's fate is unknown and the caller must
+    /// stop. A logic worker hands its appends for another worker of the same store to `written`,
+    /// so that worker's commit, which comes after, can share this one's sync.
+    async fn commit_then(
+        &self,
+        batch: WriteBatch,
+        written: impl FnOnce(),
+    ) -> Result<(), StoreError> {
+        self.commit(batch).await?;
+        written();
+        Ok(())
+    }
     /// Raises the fence of `node` to `incarnation`: from now on every batch of that node with a
     /// lower incarnation is refused. Never lowers it. Returns the fence in effect afterwards
     /// (`max(old, incarnation)`). Durable before it returns.

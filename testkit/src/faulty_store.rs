@@ -22,6 +22,9 @@ pub struct CommitAttempt {
     pub observed: usize,
     /// Tokio's clock at the attempt (paused time in tests advances only by sleeps).
     pub at: tokio::time::Instant,
+    /// For a [`Store::commit_then`]: what the observer returned right after its `written` ran
+    /// (`None`: a plain commit, or `written` did not run).
+    pub observed_written: Option<usize>,
 }
 
 type Observer = Arc<dyn Fn() -> usize + Send + Sync>;
@@ -66,7 +69,8 @@ impl<S: Store> FaultyStore<S> {
         self.faults.lock().unwrap().unavailable = on;
     }
 
-    /// Calls `f` at the start of every commit attempt and logs what it returned.
+    /// Calls `f` at the start of every commit attempt (and, for a [`Store::commit_then`], right
+    /// after its `written` ran) and logs what it returned.
     pub fn observe(&self, f: impl Fn() -> usize + Send + Sync + 'static) {
         self.faults.lock().unwrap().observer = Some(Arc::new(f));
     }
@@ -77,8 +81,12 @@ impl<S: Store> FaultyStore<S> {
     }
 }
 
-impl<S: Store> Store for FaultyStore<S> {
-    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+impl<S: Store> FaultyStore<S> {
+    async fn attempt(
+        &self,
+        batch: WriteBatch,
+        written: Option<impl FnOnce()>,
+    ) -> Result<(), StoreError> {
         let (fault, observer) = {
             let mut f = self.faults.lock().unwrap();
             let fault = match f.queued.pop_front() {
@@ -88,19 +96,44 @@ impl<S: Store> Store for FaultyStore<S> {
             };
             (fault, f.observer.clone())
         };
-        let observed = observer.map_or(0, |o| o());
+        let observed = observer.as_ref().map_or(0, |o| o());
         let ops = batch.len();
-        let res = match fault {
-            Some(e) => Err(e),
-            None => self.inner.commit(batch).await,
+        let mut observed_written = None;
+        let res = match (fault, written) {
+            (Some(e), _) => Err(e),
+            (None, None) => self.inner.commit(batch).await,
+            (None, Some(written)) => {
+                let seen = &mut observed_written;
+                let observer = observer.clone();
+                self.inner
+                    .commit_then(batch, move || {
+                        written();
+                        *seen = Some(observer.map_or(0, |o| o()));
+                    })
+                    .await
+            }
         };
         self.faults.lock().unwrap().attempts.push(CommitAttempt {
             ops,
             error: res.as_ref().err().map(|e| e.to_string()),
             observed,
             at: tokio::time::Instant::now(),
+            observed_written,
         });
         res
+    }
+}
+
+impl<S: Store> Store for FaultyStore<S> {
+    async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.attempt(batch, None::<fn()>).await
+    }
+    async fn commit_then(
+        &self,
+        batch: WriteBatch,
+        written: impl FnOnce(),
+    ) -> Result<(), StoreError> {
+        self.attempt(batch, Some(written)).await
     }
     async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
         self.inner.fence(node, incarnation).await

@@ -407,7 +407,10 @@ struct Session {
 
 /// Effects of one round. Nothing leaves the worker before the round's batch is committed, so
 /// every reply a client sees (acks, deliveries, login results, sync pages) describes durable
-/// state, and replies to one connection keep the order in which requests were handled.
+/// state, and replies to one connection keep the order in which requests were handled. The one
+/// exception are appends for another worker of the same store: they leave once the batch is
+/// written ([`Store::commit_then`]), and whatever that worker makes of them is committed after
+/// this batch, so it is durable only if this batch is (see `finish`).
 struct Round {
     batch: WriteBatch,
     /// Downstream messages per gate core, in order.
@@ -1423,6 +1426,20 @@ impl<S: Store> Worker<S> {
             self.lazy.drain_into(&mut round.batch);
         }
         let mut batch = std::mem::take(&mut round.batch);
+        // Appends for the other workers of this node go as soon as this round's record is
+        // written, before its sync: they share this store, so their commits come after this
+        // one's and cannot become durable without it, and their sync covers this record too
+        // (one `fdatasync` for both rounds instead of one each, one after the other). Appends
+        // for other nodes wait for the commit, like every other effect.
+        let mut early: Vec<(usize, Vec<AppendReq>)> = Vec::new();
+        if !batch.is_empty() {
+            let me = self.router.global(self.idx);
+            for (w, reqs) in round.appends_out.iter_mut().enumerate() {
+                if !reqs.is_empty() && w != me && self.router.node_of(w) == self.router.node {
+                    early.push((w, std::mem::take(reqs)));
+                }
+            }
+        }
         if !batch.is_empty() {
             let mut backoff = Duration::from_millis(20);
             loop {
@@ -1432,7 +1449,19 @@ impl<S: Store> Worker<S> {
                     batch.writer = Some(lease.writer());
                 }
                 let began = std::time::Instant::now();
-                match self.store.commit(batch.clone()).await {
+                let committed = if early.is_empty() {
+                    self.store.commit(batch.clone()).await
+                } else {
+                    let (router, from, early) = (&self.router, self.idx, &mut early);
+                    self.store
+                        .commit_then(batch.clone(), move || {
+                            for (w, reqs) in early.drain(..) {
+                                router.send(from, w, WorkerMsg::Append(reqs));
+                            }
+                        })
+                        .await
+                };
+                match committed {
                     Ok(()) => {
                         self.metrics.commit_seconds.observe(began.elapsed());
                         Metrics::inc(&self.metrics.commits);
@@ -1468,6 +1497,10 @@ impl<S: Store> Worker<S> {
         }
         for (tx, res) in round.api.drain(..) {
             let _ = tx.send(res);
+        }
+        // (`commit_then` ran `written` unless the commit failed, and then nothing gets here.)
+        for (w, reqs) in early {
+            self.router.send(self.idx, w, WorkerMsg::Append(reqs));
         }
         for (w, reqs) in round.appends_out.into_iter().enumerate() {
             if !reqs.is_empty() {

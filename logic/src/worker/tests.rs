@@ -420,6 +420,47 @@ async fn a_retried_client_msg_id_gets_the_first_ack_and_is_stored_once() {
     assert_eq!(fx.timeline(b).await.len(), 4);
 }
 
+#[tokio::test]
+async fn appends_for_another_worker_leave_once_the_record_is_written_and_nothing_else_before_the_commit(
+) {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let a2 = fx.user_on(0, a.0 + 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.out();
+    // Observed at the start of a commit and right after its `written`: appends waiting at
+    // worker 1 (× 1000) plus what reached the gates.
+    let (router, sink) = (fx.workers[0].router.clone(), fx.sink.clone());
+    fx.store
+        .observe(move || router.waiting_at(1) * 1000 + sink.len());
+    let gate_before = fx.sink.len();
+    let before = fx.store.attempts().len();
+    fx.client(conn(1), a, vec![(1, send(1, b, "across"))]).await;
+    let attempts = fx.store.attempts().split_off(before);
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].observed, gate_before);
+    assert_eq!(
+        attempts[0].observed_written,
+        Some(1000 + gate_before),
+        "the append waits at worker 1 while the sender's ack has not left: {attempts:?}"
+    );
+    // To a user of the same worker nothing is handed on: one plain commit.
+    fx.client(conn(1), a, vec![(2, send(2, a2, "same worker"))])
+        .await;
+    let last = fx.store.attempts().pop().unwrap();
+    assert_eq!(last.observed_written, None, "{last:?}");
+    // And the message arrives, once.
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(acks(&out).len(), 2);
+    let got = delivered_to(&out, conn(2));
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].body[..], b"across");
+    assert_eq!(fx.timeline(b).await.len(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_retryable_commit_error_is_retried_with_backoff_and_nothing_is_released_before_the_commit(
 ) {
