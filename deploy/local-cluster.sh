@@ -35,6 +35,11 @@
 #                  .(20+g); every address above is then that IP instead of 127.0.0.1 (Redis
 #                  without protected mode: the bridge is private to this machine). The
 #                  namespaces and the bridge are removed when the script stops.
+#   DATA_FS_MB     (root only) each logic node's store on a filesystem of its own: an ext4 image
+#                  of this many MiB ($DIR/fs<i>.img, sparse, no blocks reserved for root),
+#                  loop-mounted at $DIR/fs<i>, with $DIR/logic<i> a link to fs<i>/data; so one
+#                  node's disk can be filled up (benches/scripts/chaos.sh fill-disk). Unmounted
+#                  when the script stops; the images stay in DIR (a rerun mounts them again).
 set -euo pipefail
 here=$PWD
 cd "$(dirname "$0")/.."
@@ -93,6 +98,35 @@ ns_teardown() {
   ip link del "${netns}br" 2>/dev/null || true
 }
 
+data_fs=${DATA_FS_MB:-}
+# fs_setup: a loop-mounted filesystem per logic node (DATA_FS_MB); fs_teardown unmounts them
+# (lazily if a process still holds one: it is gone once that exits).
+fs_setup() {
+  local i img mnt
+  for i in $(seq 0 $((nodes_n - 1))); do
+    img=$dir/fs$i.img mnt=$dir/fs$i
+    if [ ! -e "$img" ]; then
+      truncate -s "${data_fs}M" "$img"
+      mkfs.ext4 -q -F -m 0 "$img" || fail "mkfs.ext4 $img failed"
+    fi
+    mkdir -p "$mnt"
+    mountpoint -q "$mnt" || mount -o loop "$img" "$mnt" || fail "cannot loop-mount $img (DATA_FS_MB needs root and loop devices)"
+    mkdir -p "$mnt/data"
+    if [ -e "$dir/logic$i" ] && [ ! -L "$dir/logic$i" ]; then
+      fail "$dir/logic$i is a directory of an earlier run without DATA_FS_MB; use another DIR"
+    fi
+    ln -sfn "fs$i/data" "$dir/logic$i"
+  done
+}
+fs_teardown() {
+  [ -n "$data_fs" ] || return 0
+  local i
+  for i in $(seq 0 $((nodes_n - 1))); do
+    mountpoint -q "$dir/fs$i" 2>/dev/null || continue
+    umount "$dir/fs$i" 2>/dev/null || umount -l "$dir/fs$i" 2>/dev/null || true
+  done
+}
+
 if [ -n "${IM_BIN:-}" ]; then
   case $IM_BIN in
     */*) case $IM_BIN in /*) bin=$IM_BIN ;; *) bin=$here/$IM_BIN ;; esac ;;
@@ -135,6 +169,7 @@ cleanup() {
   stop_pids ${logic_pids[@]+"${logic_pids[@]}"}
   stop_pids ${redis_pids[@]+"${redis_pids[@]}"}
   ns_teardown
+  fs_teardown
 }
 trap 'cleanup' EXIT
 trap 'echo "stopping" >&2; cleanup; exit 0' INT TERM
@@ -175,6 +210,10 @@ if [ -n "$netns" ]; then
   for g in $(seq 1 "$gates_n"); do ns_add "gate$g"; done
 fi
 rh=$(host_of redis)
+if [ -n "$data_fs" ]; then
+  [ "$(id -u)" = 0 ] || fail "DATA_FS_MB needs root (mount)"
+  fs_setup
+fi
 
 nodes=""
 for i in $(seq 0 $((nodes_n - 1))); do nodes+="${nodes:+,}$(host_of "logic$i"):$(link_port "$i")"; done

@@ -29,11 +29,19 @@
 #                 for 2–(LEASE_MS + 3 s), then healed: the node cannot renew its shard lease
 #   part-gate     (NETNS only) a partition between a gate and a logic node, 2–8 s
 #   part-peer     (NETNS only) a partition between two logic nodes, 2–8 s
+#   fill-disk     (DATA_FS_MB only) the filesystem of a logic node's store filled up (fallocate)
+#                 for 2–6 s, then freed. The node's next write that needs space fails; it must
+#                 stop acknowledging (it aborts: a failed write to the store is fatal) and ack
+#                 nothing it did not store; it is restarted once the space is back, as a
+#                 supervisor would (and watched for 5 s more)
 # With NETNS (a short prefix, e.g. imc; root only) every process runs in a network namespace of
 # its own (deploy/local-cluster.sh NETNS) and a partition is a blackhole route for the other
 # side's address in both namespaces (new connections time out, established ones stall, as on a
 # cut cable); the loadgens connect from the bridge address NETNS_NET.1. NETNS adds the three
-# partition kinds to the default FAULTS.
+# partition kinds to the default FAULTS. With DATA_FS_MB (root only) every logic node's store is
+# on a loop-mounted filesystem of that many MiB of its own (deploy/local-cluster.sh DATA_FS_MB),
+# and fill-disk joins the default FAULTS. A slow disk is not simulated: this machine's kernel has
+# no device-mapper (no dm-delay), and throttling a loop device would not slow the syncs honestly.
 # Every fault and recovery is written to $OUT/faults.log with its time since the start.
 #
 # Verdict (exit 0 only if all hold): every SIGTERM'd process exited within 15 s, both loadgens
@@ -43,7 +51,8 @@
 # end, the Redis Cluster is ok. On failure the seed and the fault log are printed, so the run can
 # be replayed with SEED=<seed>. Everything started is stopped on exit, failure or Ctrl-C.
 #
-# Environment: SECS (600), FAULT_EVERY (15), FAULTS (all five), SEED (from the clock), USERS
+# Environment: SECS (600), FAULT_EVERY (15), FAULTS (every kind NETNS and DATA_FS_MB allow), SEED
+# (from the clock), NETNS, NETNS_NET, DATA_FS_MB (above), USERS
 # (c2c users, 2000), RATE (c2c msgs/s, 400), GROUP_USERS (600), MEMBERS (20), GROUP_RATE
 # (posts/s, 20), LOGIC_NODES (2), GATES (2), LEASE_MS (4000: the logic nodes' shard lease),
 # BIN_DIR (target/release; built if missing), OUT (/tmp/im-chaos-<time>), BASE_PORT (7600),
@@ -54,7 +63,8 @@ secs=${SECS:-600}
 every=${FAULT_EVERY:-15}
 netns=${NETNS:-}
 net=${NETNS_NET:-10.77.0}
-faults=${FAULTS:-kill-logic,kill-gate,term-logic,term-gate,stop-logic,kill-redis-master,kill-redis-replica${netns:+,part-redis,part-gate,part-peer}}
+data_fs=${DATA_FS_MB:-}
+faults=${FAULTS:-kill-logic,kill-gate,term-logic,term-gate,stop-logic,kill-redis-master,kill-redis-replica${netns:+,part-redis,part-gate,part-peer}${data_fs:+,fill-disk}}
 seed=${SEED:-$(( $(date +%s%N) % 1000000007 ))}
 users=${USERS:-2000}
 rate=${RATE:-400}
@@ -75,6 +85,9 @@ die() { echo "chaos: $*" >&2; exit 1; }
 command -v redis-server >/dev/null || die "redis-server is not installed (apt-get install -y redis-server)"
 case ,$faults, in
   *,part-*) [ -n "$netns" ] || die "partition faults need NETNS=<prefix> (processes in network namespaces, as root)" ;;
+esac
+case ,$faults, in
+  *,fill-disk,*) [ -n "$data_fs" ] || die "fill-disk needs DATA_FS_MB=<MiB> (a loop-mounted filesystem per logic node, as root)" ;;
 esac
 if [ ! -x "$bin/im-server" ] || [ ! -x "$bin/im-loadgen" ]; then
   [ -z "${BIN_DIR:-}" ] || die "$bin has no im-server and im-loadgen"
@@ -118,15 +131,21 @@ cleanup() {
     done
     ip link del "${netns}br" 2>/dev/null
   fi
+  if [ -n "$data_fs" ]; then
+    # What the cluster script did not unmount (it was killed first); the images go with $dir.
+    for m in "$dir"/fs*; do
+      [ -d "$m" ] && mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; }
+    done
+  fi
   if [ "${verdict:-1}" = 0 ] && [ "${KEEP_DATA:-0}" != 1 ]; then
-    rm -rf "$dir"/logic* "$dir"/redis7*
+    rm -rf "$dir"/logic* "$dir"/redis7* "$dir"/fs*
   fi
 }
 trap cleanup EXIT
 trap 'echo "chaos: interrupted" >&2; exit 130' INT TERM
 
 log "seed $seed; ${secs}s of traffic, a fault every ~${every}s from: $faults"
-DIR=$dir IM_BIN=$bin/im-server BASE_PORT=$base LOGIC_ARGS="--shard-lease-ms $lease_ms" NETNS=$netns NETNS_NET=$net \
+DIR=$dir IM_BIN=$bin/im-server BASE_PORT=$base LOGIC_ARGS="--shard-lease-ms $lease_ms" NETNS=$netns NETNS_NET=$net DATA_FS_MB=$data_fs \
   "$here/deploy/local-cluster.sh" "$logic_n" "$gates_n" 3 >"$out/cluster.log" 2>&1 &
 cluster_pid=$!
 for _ in $(seq 1200); do
@@ -296,6 +315,39 @@ partition() {
   rm -f "$out/down/$a" "$out/down/$b"
 }
 
+# Fills the filesystem of logic node NAME's store for ms milliseconds (fallocate until nothing is
+# left), then frees it. A node that stopped meanwhile (its store's write failed: it aborts) is
+# restarted once the space is back; one that is still up is watched 5 s more.
+fill_disk() {
+  local name=$1 ms=$2 fs=$dir/fs${1#logic} pid cmd avail n=0 p
+  pid=$(pid_of "$name")
+  [ -n "$pid" ] || { log "$name: not running, skipped"; rm -f "$out/down/$name"; return; }
+  mapfile -d '' cmd < <(cmdline_of "$name" "$pid")
+  while avail=$(df -B1 --output=avail "$fs" | tail -1 | tr -d ' ') && [ "$avail" -gt 0 ] && [ $n -lt 20 ]; do
+    fallocate -l "$avail" "$fs/filler$n" 2>/dev/null || true
+    n=$((n + 1))
+  done
+  log "disk of $name full for ${ms} ms ($(df -B1M --output=avail "$fs" | tail -1 | tr -d ' ') MiB left)"
+  sleep "$(awk -v m="$ms" 'BEGIN { print m / 1000 }')"
+  rm -f "$fs"/filler*
+  log "disk of $name freed"
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if ! kill -0 "$pid" 2>/dev/null; then
+    log "$name stopped on the full disk ($(grep -o 'commit failed, aborting.*' "$(log_of "$name")" | tail -1 | cut -c1-160)); restarting"
+    in_ns "$name" "${cmd[@]}" >>"$(log_of "$name")" 2>&1 &
+    p=$!
+    for _ in $(seq 600); do listening "$name" && break; sleep 0.1; done
+    if listening "$name"; then
+      log "$name back (pid $p)"
+    else
+      log "$name NOT listening 60 s after its restart (pid $p)"
+    fi
+  else
+    log "$name back (pid $pid): it kept running through the full disk"
+  fi
+  rm -f "$out/down/$name"
+}
+
 RANDOM=$seed
 pick() { local a=("$@"); echo "${a[$((RANDOM % ${#a[@]}))]}"; }
 between() { echo $(( $1 + RANDOM % ($2 - $1 + 1) )); }
@@ -345,6 +397,7 @@ while [ "$(date +%s)" -lt "$t_end" ]; do
       [ ${#cands[@]} -gt 0 ] || { log "$kind: no $want found, skipped"; continue; }
       name=redis$(pick "${cands[@]}") ;;
     part-redis) name=logic$(between 0 $((logic_n - 1))) peer=redis ;;
+    fill-disk) name=logic$(between 0 $((logic_n - 1))) ;;
     part-gate) name=gate$(between 1 "$gates_n") peer=logic$(between 0 $((logic_n - 1))) ;;
     part-peer)
       [ "$logic_n" -ge 2 ] || { log "part-peer: one logic node, skipped"; continue; }
@@ -367,6 +420,7 @@ while [ "$(date +%s)" -lt "$t_end" ]; do
     stop-logic) stop_cont "$name" $((lease_ms + $(between 1000 2000))) & ;;
     part-redis) partition "$name" redis "$(between 2000 $((lease_ms + 3000)))" & ;;
     part-gate|part-peer) partition "$name" "$peer" "$(between 2000 8000)" & ;;
+    fill-disk) fill_disk "$name" "$(between 2000 6000)" & ;;
   esac
 done
 log "fault schedule done: $n_faults faults; waiting for the recoveries and the loadgens"
@@ -439,6 +493,8 @@ for line in open(os.path.join(out, "faults.log")):
         start[k.group(1) + k.group(2)] = ("term-" + k.group(1), t)
     elif (k := re.match(r"SIGSTOP (\w+) ", text)):
         start[k.group(1)] = ("stop-logic", t)
+    elif (k := re.match(r"disk of (\w+) full", text)):
+        start[k.group(1)] = ("fill-disk", t)
     elif (k := re.match(r"partition (\S+) \| (\S+) for", text)):
         a, b = k.group(1), k.group(2)
         kind = "part-redis" if b == "redis" else "part-gate" if a.startswith("gate") else "part-peer"
