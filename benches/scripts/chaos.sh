@@ -95,6 +95,7 @@ if [ ! -x "$bin/im-server" ] || [ ! -x "$bin/im-loadgen" ]; then
 fi
 
 t_start=$(date +%s.%N)
+echo "$t_start" >"$out/t_start"
 since() { awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%7.1f", b - a }'; }
 log() { echo "$(since) $*" | tee -a "$out/faults.log" >&2; }
 
@@ -479,7 +480,7 @@ summary = {
 # Per fault kind: how many, and how long the process was gone (kill -9 → listening again) or
 # paused (SIGSTOP → SIGCONT), from the fault log.
 import re
-kinds, start = {}, {}
+kinds, start, windows = {}, {}, []
 for line in open(os.path.join(out, "faults.log")):
     m = re.match(r"\s*([\d.]+) (.*)", line)
     if not m:
@@ -503,14 +504,37 @@ for line in open(os.path.join(out, "faults.log")):
         if (key := k.group(1) + "|" + k.group(2)) in start:
             kind, t0 = start.pop(key)
             kinds.setdefault(kind, []).append(t - t0)
+            windows.append((kind, t0, t))
     elif (k := re.match(r"(\w+) back \(pid", text)) or (k := re.match(r"SIGCONT (\w+)", text)):
         if k.group(1) in start:
             kind, t0 = start.pop(k.group(1))
             kinds.setdefault(kind, []).append(t - t0)
+            windows.append((kind, t0, t))
 def stats(v):
     v = sorted(v)
     return {"count": len(v), "p50_s": round(v[len(v) // 2], 1), "max_s": round(v[-1], 1)}
 summary["faults_by_kind"] = {k: stats(v) for k, v in sorted(kinds.items())}
+# The clients' recovery by the fault that caused it: each lost connection (both loadgens'
+# `reconnect_times`: when it was lost, how long until logged in and synced again) goes to the
+# fault that started last before it, if it was lost between that fault's start and 10 s after
+# its recovery (a client notices a dead peer late: heartbeats, the login timeout).
+try:
+    t_start = float(open(os.path.join(out, "t_start")).read())
+except Exception:
+    t_start = None
+by_fault = {}
+if t_start is not None:
+    for rep in (cc, ga):
+        for lost_at, took in rep.get("reconnect_times") or []:
+            t = lost_at / 1000 - t_start
+            cands = [w for w in windows if w[1] - 1 <= t <= w[2] + 10]
+            kind = max(cands, key=lambda w: w[1])[0] if cands else "none"
+            by_fault.setdefault(kind, []).append(took / 1000)
+def cstats(v):
+    v = sorted(v)
+    q = lambda p: round(v[min(len(v) - 1, int(p * len(v)))], 2)
+    return {"reconnects": len(v), "p50_s": q(0.5), "p99_s": q(0.99), "max_s": round(v[-1], 2)}
+summary["client_recovery_by_fault"] = {k: cstats(v) for k, v in sorted(by_fault.items())}
 fenced = 0
 for f in os.listdir(os.path.join(out, "cluster")):
     if f.startswith("logic") and f.endswith(".log"):

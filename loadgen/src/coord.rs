@@ -416,6 +416,7 @@ fn traffic_json(r: &Report, j: Option<&Join>, secs: f64) -> Value {
         "disconnects": r.disconnects,
         "reconnected": r.reconnected,
         "reconnect_latency": lat(&r.reconnect_us),
+        "reconnect_times": r.reconnect_times,
         "retries": r.retries,
         "resent": r.resent,
         "not_back": r.not_back,

@@ -220,6 +220,11 @@ pub struct Report {
     pub reconnected: u64,
     /// Time from a lost connection until the user was logged in and synced again.
     pub reconnect_us: Hist,
+    /// Each such reconnect: when the connection was lost (Unix ms) and how long until the user
+    /// was back (ms); the first [`MAX_RECONNECT_TIMES`] of the run, so a chaos run can tell
+    /// the clients' recovery by the fault that caused it.
+    #[serde(default)]
+    pub reconnect_times: Vec<(u64, u32)>,
     /// Connection attempts after a failed login or a lost connection (each after its backoff).
     pub retries: u64,
     /// Sends repeated after a re-login because their ack never came on the lost connection
@@ -298,6 +303,9 @@ fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     a.max(b)
 }
 
+/// Reconnects a report keeps the times of (see [`Report::reconnect_times`]).
+pub const MAX_RECONNECT_TIMES: usize = 200_000;
+
 fn merge_map(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
     for (k, v) in b {
         *a.entry(k.clone()).or_default() += v;
@@ -320,6 +328,9 @@ impl Report {
         self.synced += o.synced;
         self.reconnected += o.reconnected;
         self.reconnect_us.merge(&o.reconnect_us);
+        let room = MAX_RECONNECT_TIMES.saturating_sub(self.reconnect_times.len());
+        self.reconnect_times
+            .extend(o.reconnect_times.iter().take(room).copied());
         self.retries += o.retries;
         self.resent += o.resent;
         self.not_back += o.not_back;
