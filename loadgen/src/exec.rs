@@ -327,7 +327,8 @@ impl Exec {
                     r.reconnected += 1;
                     r.reconnect_us.record(took.as_micros() as u64);
                     if r.reconnect_times.len() < crate::msg::MAX_RECONNECT_TIMES {
-                        let lost_at = (now_ns() / 1_000_000).saturating_sub(took.as_millis() as u64);
+                        let lost_at =
+                            (now_ns() / 1_000_000).saturating_sub(took.as_millis() as u64);
                         r.reconnect_times.push((lost_at, took.as_millis() as u32));
                     }
                 }
@@ -1808,8 +1809,14 @@ mod tests {
         assert_eq!(r.reconnect_times.len() as u64, r.reconnected);
         let now_ms = now_ns() / 1_000_000;
         for &(lost_at, took) in &r.reconnect_times {
-            assert!(lost_at <= now_ms && lost_at + 120_000 > now_ms, "{lost_at} vs {now_ms}");
-            assert!(f64::from(took) <= r.reconnect_us.max_ms() + 1.0, "{took} ms");
+            assert!(
+                lost_at <= now_ms && lost_at + 120_000 > now_ms,
+                "{lost_at} vs {now_ms}"
+            );
+            assert!(
+                f64::from(took) <= r.reconnect_us.max_ms() + 1.0,
+                "{took} ms"
+            );
         }
         assert_eq!((r.not_back, r.ack_timeouts), (0, 0));
         assert_eq!(r.acked, r.sent, "{:?}", r.send_errors);
