@@ -65,6 +65,7 @@ const LOGIC_KEYS: &[&str] = &[
     "seq_segment",
     "max_queued",
     "max_worker_backlog",
+    "handoff_linger_us",
     "max_cached_users",
     "max_cache_bytes",
     "max_cached_groups",
