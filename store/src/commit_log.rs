@@ -701,6 +701,15 @@ mod tests {
         (log, got)
     }
 
+    /// Bytes of `seg-0` that never reached the disk, as a crash leaves them.
+    fn overwrite(dir: &Path, at: u64, bytes: &[u8]) {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.join("seg-0"))
+            .unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
     /// Waits (at most 10 s) until the space thread has segment `i` allocated to `len` bytes.
     fn wait_space(log: &CommitLog, i: usize, len: u64) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -842,11 +851,7 @@ mod tests {
             log.append(&[b'b'; 100], || Ok(())).unwrap();
             log.append(&[b'c'; 100], || Ok(())).unwrap();
             drop(log);
-            let f = OpenOptions::new()
-                .write(true)
-                .open(dir.join("seg-0"))
-                .unwrap();
-            f.write_all_at(&[0; 8], at2 + RECORD_HEAD + 50).unwrap();
+            overwrite(dir, at2 + RECORD_HEAD + 50, &[0; 8]);
         };
         // Writing on in place: a new record 2 of the same length as the torn one ends where it
         // ended, and the old, never acknowledged record 3 reads as its successor. This is the
@@ -975,11 +980,7 @@ mod tests {
         let torn_at = log.pos - 3;
         drop(log);
         // The last record's tail never reached the disk.
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("seg-0"))
-            .unwrap();
-        f.write_all_at(&[0, 0, 0], torn_at).unwrap();
+        overwrite(dir.path(), torn_at, &[0, 0, 0]);
         let (mut log, got) = reopen(dir.path(), LogShape::default(), 0);
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(log.append(b"again", || Ok(())).unwrap(), 3);

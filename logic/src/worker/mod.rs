@@ -1439,8 +1439,6 @@ impl<S: Store> Worker<S> {
                     early.push((w, std::mem::take(reqs)));
                 }
             }
-        }
-        if !batch.is_empty() {
             let mut backoff = Duration::from_millis(20);
             loop {
                 if let Some(lease) = &self.cfg.lease {
