@@ -282,6 +282,8 @@ struct Device {
     /// Highest seq this connection was given (`Deliver`, `SyncPage`) or declared at login
     /// (`last_seq`): a `DeliverAck` cannot move the cursor past it.
     sent: Seq,
+    /// Rate limit of `Typing` (see `presence.rs`): the theoretical arrival time of the next one.
+    typing_tat: u64,
 }
 
 /// Live state of one user, reloadable from the store at any time. Kept small (48 bytes) for
@@ -398,13 +400,6 @@ impl UserState {
     }
 }
 
-struct Session {
-    uid: UserId,
-    device_type: DeviceType,
-    /// Rate limit of `Typing` (see `presence.rs`): the theoretical arrival time of the next one.
-    typing_tat: u64,
-}
-
 /// Effects of one round. Nothing leaves the worker before the round's batch is committed, so
 /// every reply a client sees (acks, deliveries, login results, sync pages) describes durable
 /// state, and replies to one connection keep the order in which requests were handled. The one
@@ -486,8 +481,10 @@ pub struct Worker<S> {
     active_users: usize,
     /// The estimate last added to the node's `cache_bytes` gauge.
     cached_bytes: u64,
+    /// The logged-in connections of this worker's users, by user: a connection is logged in
+    /// here exactly while it has a [`Device`] in its user's list (the gate's frames carry the
+    /// user id, so no map by connection is needed).
     routes: HashMap<UserId, Vec<Device>>,
-    sessions: HashMap<ConnId, Session>,
     ids: MsgIdGen,
     /// This worker's msg-id generator number (global worker index).
     gen_id: u16,
@@ -674,7 +671,6 @@ impl<S: Store> Worker<S> {
             active_users: 0,
             cached_bytes: 0,
             routes: HashMap::new(),
-            sessions: HashMap::new(),
             dir: None,
             dir_lost: false,
             groups: HashMap::new(),
@@ -737,28 +733,32 @@ impl<S: Store> Worker<S> {
             return;
         };
         let routes = self
-            .sessions
+            .routes
             .iter()
-            .map(|(conn, s)| {
-                let device_id = self.routes.get(&s.uid).and_then(|ds| {
-                    ds.iter()
-                        .find(|d| d.conn == *conn)
-                        .map(|d| d.device_id.clone())
-                });
+            .flat_map(|(&uid, devs)| devs.iter().map(move |d| (uid, d)))
+            .map(|(uid, d)| {
                 let route = crate::directory::RouteEntry {
-                    device_type: s.device_type as u8,
-                    device_id: device_id.unwrap_or_default(),
-                    gate: conn.gate(),
-                    core: conn.core(),
-                    conn: conn.0,
+                    device_type: d.device_type as u8,
+                    device_id: d.device_id.clone(),
+                    gate: d.conn.gate(),
+                    core: d.conn.core(),
+                    conn: d.conn.0,
                     epoch: self.now,
                 };
-                (s.uid, route)
+                (uid, route)
             })
             .collect();
         permit.send(crate::publish::DirOp::Resync(routes));
         self.dir_lost = false;
         Metrics::inc(&self.metrics.dir_resyncs);
+    }
+
+    /// The device of `uid` logged in on `conn`, if that connection is logged in as `uid` here.
+    fn device(&mut self, uid: UserId, conn: ConnId) -> Option<&mut Device> {
+        self.routes
+            .get_mut(&uid)?
+            .iter_mut()
+            .find(|d| d.conn == conn)
     }
 
     /// Global worker owning `uid` (see [`Router`]).
@@ -1255,7 +1255,7 @@ impl<S: Store> Worker<S> {
                 if cmd == Cmd::Login {
                     return self.on_login(conn, uid, req_id, body, round).await;
                 }
-                if self.sessions.get(&conn).map(|s| s.uid) != Some(uid) {
+                if self.device(uid, conn).is_none() {
                     round.close(
                         conn,
                         error_frame(ErrorCode::NotLoggedIn, req_id, "not logged in"),

@@ -131,8 +131,8 @@ impl<S: Store> Worker<S> {
         }
         self.org_notice = (self.now, None);
         let frame = Command::OrgChanged { version }.to_bytes(0);
-        for conn in self.sessions.keys() {
-            round.send(*conn, frame.clone());
+        for d in self.routes.values().flatten() {
+            round.send(d.conn, frame.clone());
         }
     }
 

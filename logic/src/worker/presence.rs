@@ -383,7 +383,7 @@ impl<S: Store> Worker<S> {
         };
         // GCRA: at most TYPING_BURST at once, one per TYPING_EVERY_MS on average.
         let now = self.now;
-        let Some(s) = self.sessions.get_mut(&conn) else {
+        let Some(s) = self.device(uid, conn) else {
             return;
         };
         let tat = s.typing_tat.max(now);

@@ -6,10 +6,10 @@ use super::*;
 impl<S: Store> Worker<S> {
     pub(super) fn on_gate_down(&mut self, gate: u16) {
         let gone: Vec<(ConnId, UserId)> = self
-            .sessions
+            .routes
             .iter()
+            .flat_map(|(&uid, devs)| devs.iter().map(move |d| (d.conn, uid)))
             .filter(|(c, _)| c.gate() == gate)
-            .map(|(c, s)| (*c, s.uid))
             .collect();
         for (conn, uid) in gone {
             self.on_closed(conn, uid);
@@ -18,19 +18,23 @@ impl<S: Store> Worker<S> {
 
     pub(super) fn on_closed(&mut self, conn: ConnId, uid: UserId) {
         self.unsubscribe_all(conn);
-        if let Some(s) = self.sessions.remove(&conn) {
-            self.publish(crate::publish::DirOp::Offline {
-                uid,
-                device_type: s.device_type as u8,
-                conn,
-            });
-            if let Some(devs) = self.routes.get_mut(&uid) {
-                devs.retain(|d| d.conn != conn);
-                if devs.is_empty() {
-                    self.routes.remove(&uid);
-                    self.went_offline(uid);
-                }
-            }
+        // A connection kicked by a newer login of the same device type has no device any more.
+        let Some(devs) = self.routes.get_mut(&uid) else {
+            return;
+        };
+        let Some(i) = devs.iter().position(|d| d.conn == conn) else {
+            return;
+        };
+        let device_type = devs.remove(i).device_type;
+        let empty = devs.is_empty();
+        self.publish(crate::publish::DirOp::Offline {
+            uid,
+            device_type: device_type as u8,
+            conn,
+        });
+        if empty {
+            self.routes.remove(&uid);
+            self.went_offline(uid);
         }
     }
 
@@ -53,7 +57,7 @@ impl<S: Store> Worker<S> {
             };
             round.close(conn, r.to_bytes(req_id));
         };
-        if self.sessions.contains_key(&conn) {
+        if self.device(gate_uid, conn).is_some() {
             round.send(
                 conn,
                 error_frame(ErrorCode::AlreadyLoggedIn, req_id, "already logged in"),
@@ -126,9 +130,9 @@ impl<S: Store> Worker<S> {
             device_id,
             cursor,
             sent,
+            typing_tat: 0,
         });
         for old in kicked {
-            self.sessions.remove(&old);
             // Its presence subscriptions go with it now, not when the gate's close report comes
             // back (until then it would still be sent notices).
             self.unsubscribe_all(old);
@@ -138,14 +142,6 @@ impl<S: Store> Worker<S> {
             };
             round.close(old, k.to_bytes(0));
         }
-        self.sessions.insert(
-            conn,
-            Session {
-                uid,
-                device_type,
-                typing_tat: 0,
-            },
-        );
         if !was_online {
             self.came_online(uid);
         }

@@ -792,6 +792,57 @@ async fn a_login_with_the_same_device_type_kicks_the_first_and_another_type_does
             }
         )));
     assert_eq!(acks(&out).len(), 1);
+    // The gate's close report of the kicked conn 1 comes later: it must not take conn 3 (the
+    // same device type) or conn 2 with it.
+    let w = fx.worker_of(a);
+    fx.step(
+        w,
+        vec![WorkerMsg::Gate(vec![Up::Closed {
+            conn: conn(1),
+            uid: a,
+        }])],
+    )
+    .await
+    .unwrap();
+    fx.client(conn(2), a, vec![(4, send(3, UserId(6), "z"))])
+        .await;
+    fx.client(conn(3), a, vec![(2, send(4, UserId(6), "w"))])
+        .await;
+    assert_eq!(acks(&fx.out()).len(), 2, "conn 2 and 3 are still logged in");
+    // A second login on a logged-in connection is refused; the connection stays logged in.
+    let token = fx.tokens.mint(a, fx.now / 1000 + 60);
+    let again = Command::Login {
+        uid: a,
+        device_type: DeviceType::Phone,
+        device_id: "dev-3".into(),
+        last_seq: Seq(0),
+        token,
+    };
+    fx.client(conn(3), a, vec![(3, again)]).await;
+    let out = fx.out();
+    assert!(out.iter().any(|o| o.conn == conn(3)
+        && matches!(
+            o.cmd,
+            Command::Error {
+                code: ErrorCode::AlreadyLoggedIn,
+                ..
+            }
+        )));
+    // A frame of conn 3 that names another user is not that user's: refused and closed.
+    let b = fx.user_on(w, 100);
+    fx.client(conn(3), b, vec![(4, send(5, UserId(6), "v"))])
+        .await;
+    let out = fx.out();
+    assert!(out.iter().any(|o| o.conn == conn(3)
+        && o.close
+        && matches!(
+            o.cmd,
+            Command::Error {
+                code: ErrorCode::NotLoggedIn,
+                ..
+            }
+        )));
+    assert!(acks(&out).is_empty());
     // An expired token is refused and the connection closed.
     let expired = fx.tokens.mint(a, fx.now / 1000 - 1);
     let login = Command::Login {
