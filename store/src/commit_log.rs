@@ -177,7 +177,7 @@ impl Space {
         while at < new_len {
             let n = (new_len - at).min(PIECE);
             self.files[i].write_all_at(&zeros[..n as usize], at)?;
-            write_back(&self.files[i], at, n)?;
+            write_back(&self.files[i], at, n, true)?;
             at += n;
             if paced && at < new_len {
                 std::thread::sleep(PACE);
@@ -710,13 +710,19 @@ impl CommitLog {
     }
 }
 
-/// Starts the writeback of bytes `at..at + len` of `file` and waits for it (data only: no
-/// metadata, no cache flush), so that the `fsync` after a growth finds no dirty pages.
-fn write_back(file: &File, at: u64, len: u64) -> io::Result<()> {
+/// Starts the writeback of the dirty pages in bytes `at..at + len` of `file` (`len` 0: to its
+/// end) and, with `wait`, waits for it (`sync_file_range`: data only, no metadata, no cache
+/// flush; it makes nothing durable). The space thread waits, so that the `fsync` after a growth
+/// finds no dirty pages; the journal's trickle (`trickle.rs`) does not.
+pub(crate) fn write_back(file: &File, at: u64, len: u64, wait: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
     // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
     let r = unsafe { libc::sync_file_range(file.as_raw_fd(), at as i64, len as i64, flags) };
     if r == 0 {

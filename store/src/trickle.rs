@@ -84,7 +84,7 @@ fn run(dir: &Path, stop: &(Mutex<bool>, Condvar)) {
         if let Some((_, f)) = &journal {
             // Errors are ignored: this only moves work earlier, and the checkpoint's own `fsync`
             // reports what matters.
-            let _ = start_write_back(f);
+            let _ = crate::commit_log::write_back(f, 0, 0, false);
         }
     }
 }
@@ -100,18 +100,6 @@ pub(crate) fn active_journal(dir: &Path) -> Option<(u64, PathBuf)> {
             Some((id, e.path()))
         })
         .max_by_key(|(id, _)| *id)
-}
-
-/// Starts the writeback of every dirty page of `file` and returns at once.
-fn start_write_back(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
-    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]

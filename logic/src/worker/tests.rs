@@ -177,15 +177,19 @@ impl Fx {
         out
     }
 
-    async fn login(&mut self, conn: ConnId, uid: UserId, dt: DeviceType) -> Seq {
-        let token = self.tokens.mint(uid, self.now / 1000 + 3600);
-        let login = Command::Login {
+    /// A `Login` of `uid` with a token valid for an hour.
+    fn login_cmd(&self, uid: UserId, dt: DeviceType, device_id: &str, last_seq: Seq) -> Command {
+        Command::Login {
             uid,
             device_type: dt,
-            device_id: format!("dev-{}", conn.serial()),
-            last_seq: Seq(0),
-            token,
-        };
+            device_id: device_id.into(),
+            last_seq,
+            token: self.tokens.mint(uid, self.now / 1000 + 3600),
+        }
+    }
+
+    async fn login(&mut self, conn: ConnId, uid: UserId, dt: DeviceType) -> Seq {
+        let login = self.login_cmd(uid, dt, &format!("dev-{}", conn.serial()), Seq(0));
         self.client(conn, uid, vec![(1, login)]).await;
         // Takes the login result; everything else stays for `out`.
         let mut out = self.out();
@@ -691,14 +695,7 @@ async fn an_ack_beyond_what_the_device_was_given_counts_only_up_to_it() {
     assert_eq!(notes(&fx.out()), 2);
     assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(4));
     // A device that declares at login what it holds may acknowledge up to that.
-    let token = fx.tokens.mint(b, fx.now / 1000 + 3600);
-    let login = Command::Login {
-        uid: b,
-        device_type: DeviceType::Desktop,
-        device_id: "desk".into(),
-        last_seq: Seq(3),
-        token,
-    };
+    let login = fx.login_cmd(b, DeviceType::Desktop, "desk", Seq(3));
     fx.client(conn(3), b, vec![(1, login)]).await;
     fx.out();
     fx.client(conn(3), b, vec![(0, Command::DeliverAck { seq: Seq(4) })])
@@ -733,14 +730,7 @@ async fn a_waiting_cursor_rides_with_the_next_commit_and_a_relogin_sees_it() {
     );
     // b logs in again on the same device before the cursor was written: the login takes the
     // waiting cursor, not the store's older one.
-    let token = fx.tokens.mint(b, fx.now / 1000 + 3600);
-    let relogin = Command::Login {
-        uid: b,
-        device_type: DeviceType::Phone,
-        device_id: "dev-2".into(),
-        last_seq: Seq(0),
-        token,
-    };
+    let relogin = fx.login_cmd(b, DeviceType::Phone, "dev-2", Seq(0));
     fx.client(conn(3), b, vec![(1, relogin)]).await;
     assert!(fx.out().iter().any(|o| o.conn == conn(3) && o.bind));
     let dev = &fx.workers[0].routes[&b][0];
@@ -758,14 +748,7 @@ async fn a_login_with_the_same_device_type_kicks_the_first_and_another_type_does
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.login(conn(2), a, DeviceType::Web).await;
     // The login of conn 3 answers it and closes conn 1 with a kickout; conn 2 stays.
-    let token = fx.tokens.mint(a, fx.now / 1000 + 60);
-    let login = Command::Login {
-        uid: a,
-        device_type: DeviceType::Phone,
-        device_id: "dev-3".into(),
-        last_seq: Seq(0),
-        token,
-    };
+    let login = fx.login_cmd(a, DeviceType::Phone, "dev-3", Seq(0));
     fx.client(conn(3), a, vec![(1, login)]).await;
     let out = fx.out();
     let kicked: Vec<_> = out
@@ -810,14 +793,7 @@ async fn a_login_with_the_same_device_type_kicks_the_first_and_another_type_does
         .await;
     assert_eq!(acks(&fx.out()).len(), 2, "conn 2 and 3 are still logged in");
     // A second login on a logged-in connection is refused; the connection stays logged in.
-    let token = fx.tokens.mint(a, fx.now / 1000 + 60);
-    let again = Command::Login {
-        uid: a,
-        device_type: DeviceType::Phone,
-        device_id: "dev-3".into(),
-        last_seq: Seq(0),
-        token,
-    };
+    let again = fx.login_cmd(a, DeviceType::Phone, "dev-3", Seq(0));
     fx.client(conn(3), a, vec![(3, again)]).await;
     let out = fx.out();
     assert!(out.iter().any(|o| o.conn == conn(3)
@@ -1138,14 +1114,7 @@ async fn offline_users_and_groups_are_evicted_past_the_budget_and_come_back_with
             .await;
     }
     assert!(!fx.workers[0].users.contains_key(&b));
-    let token = fx.tokens.mint(b, fx.now / 1000 + 3600);
-    let login = Command::Login {
-        uid: b,
-        device_type: DeviceType::Phone,
-        device_id: "b-phone".into(),
-        last_seq: tl[1].seq,
-        token,
-    };
+    let login = fx.login_cmd(b, DeviceType::Phone, "b-phone", tl[1].seq);
     fx.client(conn(2), b, vec![(1, login)]).await;
     fx.out();
     fx.client(
