@@ -7,6 +7,7 @@
 //! > /group new team 2,3          # create a group with users 2 and 3 (prints its id)
 //! > #<group id> hello team       # post to a group
 //! > /groups  /group info <id>  /group add <id> 4  /group rm <id> 4  /group leave <id>
+//! > /group sync <id> [after]  /group members <id> [after]   # a large group's posts, its members
 //! > /recall <msg id>             # recall your own message (within the recall window)
 //! > /org  /org <dept> [offset]   # the organisation tree: top level, a department (50 a page)
 //! > /who <uid>  /find <text>     # a person's departments; departments and people by name
@@ -201,8 +202,19 @@ fn group_event_line(group: u64, from: u64, is_me: bool, e: &GroupEvent) -> Strin
         GroupEventKind::MembersRemoved => format!("{who} removed {users}"),
         GroupEventKind::MemberLeft => format!("{users} left"),
         GroupEventKind::Updated => format!("{who} updated the name or announcement"),
+        GroupEventKind::BecameLarge => {
+            "is now a large group: its posts come live and are read with /group sync".to_owned()
+        }
     };
     format!("#{group}: {what}")
+}
+
+/// Where a large group stands at login: `#7: 12 posts, read up to 10 (/group sync 7 10)`.
+fn heads_line(h: &im_shared::proto::GroupHead) -> String {
+    format!(
+        "#{}: {} posts, read up to {} (/group sync {} {})",
+        h.group, h.head, h.read, h.group, h.read
+    )
 }
 
 /// A presence change as a line: `● 42 is online`, `○ 42 went offline at 12:04:05 UTC`.
@@ -293,7 +305,41 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
             c.group_leave(g)?;
             println!("  ✓ left #{g}");
         }
-        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid>"),
+        ["/group", "sync", _, rest @ ..] => {
+            let after = rest.first().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let Some(g) = gid(2) else {
+                println!("! usage: /group sync <id> [after seq]");
+                return Ok(());
+            };
+            let (posts, more, head) = c.group_sync(g, Seq(after), 50)?;
+            let last = posts.last().map_or(after, |m| m.seq.0);
+            for m in &posts {
+                println!("  #{g} [{}] {}: {}", m.seq, m.from, String::from_utf8_lossy(&m.body));
+            }
+            if more {
+                println!("  … more up to {head}: /group sync {g} {last}");
+            } else if last > 0 {
+                c.group_read(g, Seq(last))?;
+            }
+        }
+        ["/group", "members", _, rest @ ..] => {
+            let after = rest.first().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let Some(g) = gid(2) else {
+                println!("! usage: /group members <id> [after uid]");
+                return Ok(());
+            };
+            let im_client::MembersPage {
+                total,
+                more,
+                members: page,
+            } = c.group_members(g, UserId(after), 50)?;
+            let list: Vec<String> = page.iter().map(|(u, _)| u.to_string()).collect();
+            println!("  #{g}: {total} members: {}", list.join(", "));
+            if let (true, Some((u, _))) = (more, page.last()) {
+                println!("  … /group members {g} {u}");
+            }
+        }
+        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid> | /group sync <id> [after] | /group members <id> [after]"),
     }
     Ok(())
 }
@@ -835,6 +881,13 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Delivered { msg_id, recipient }) => {
                 println!("  ✓✓ msg {msg_id} delivered to {recipient}");
             }
+            // A large group's post (its seq is the group's): shown, not kept in the timeline.
+            Some(Command::GroupDeliver(m)) => show(&m, me, &sent_here),
+            Some(Command::GroupHeads { heads }) => {
+                for h in &heads {
+                    println!("{}", heads_line(h));
+                }
+            }
             Some(Command::Kickout { message, .. }) => {
                 println!("! kicked out: {message}");
                 return Ok(());
@@ -873,6 +926,27 @@ mod tests {
     use super::*;
 
     use im_shared::org::{OrgDept, OrgMember, OrgPerson};
+
+    #[test]
+    fn a_large_groups_head_and_switch_are_printed_with_the_command_to_read_it() {
+        let h = im_shared::proto::GroupHead {
+            group: GroupId(7),
+            head: Seq(12),
+            read: Seq(10),
+        };
+        assert_eq!(
+            heads_line(&h),
+            "#7: 12 posts, read up to 10 (/group sync 7 10)"
+        );
+        let e = GroupEvent {
+            kind: GroupEventKind::BecameLarge,
+            users: Vec::new(),
+        };
+        assert_eq!(
+            group_event_line(7, 1, false, &e),
+            "#7: is now a large group: its posts come live and are read with /group sync"
+        );
+    }
 
     #[test]
     fn presence_and_typing_are_printed_as_sentences() {

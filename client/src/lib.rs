@@ -80,6 +80,17 @@ pub struct Client {
     pub timeout: Duration,
 }
 
+/// A page of a group's member list ([`Client::group_members`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembersPage {
+    /// Members of the group in all.
+    pub total: u32,
+    /// A later page exists: ask again after the last uid of this one.
+    pub more: bool,
+    /// `(uid, role)` in uid order.
+    pub members: Vec<(UserId, u8)>,
+}
+
 impl Client {
     pub fn connect(addr: SocketAddr) -> Result<Client, ClientError> {
         Client::from_stream(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
@@ -406,6 +417,74 @@ impl Client {
         })?;
         match res {
             Command::GroupInfoReply { group, members } => Ok((group, members)),
+            Command::OpResult { code, message, .. } => Err(ClientError::Server { code, message }),
+            _ => unreachable!("filtered above"),
+        }
+    }
+
+    /// One page of a large group's timeline after `after_seq` (`limit` 0: the server's page
+    /// size): `(posts, has_more, head)`.
+    pub fn group_sync(
+        &mut self,
+        group: GroupId,
+        after_seq: Seq,
+        limit: u16,
+    ) -> Result<(Vec<Message>, bool, Seq), ClientError> {
+        let req = self.send_cmd(&Command::GroupSync {
+            group,
+            after_seq,
+            limit,
+        })?;
+        let res = self.wait_for(|r, c| match c {
+            Command::GroupSyncPage { .. } | Command::OpResult { .. } if r == req => Some(c.clone()),
+            _ => None,
+        })?;
+        match res {
+            Command::GroupSyncPage {
+                head,
+                has_more,
+                messages,
+                ..
+            } => Ok((messages, has_more, head)),
+            Command::OpResult { code, message, .. } => Err(ClientError::Server { code, message }),
+            _ => unreachable!("filtered above"),
+        }
+    }
+
+    /// Marks a large group read up to `seq` (the read cursor `GroupHeads` reports).
+    pub fn group_read(&mut self, group: GroupId, seq: Seq) -> Result<(), ClientError> {
+        self.op(&Command::GroupRead { group, seq }).map(|_| ())
+    }
+
+    /// One page of a group's members with uid above `after` (`limit` 0: the server's page).
+    pub fn group_members(
+        &mut self,
+        group: GroupId,
+        after: UserId,
+        limit: u16,
+    ) -> Result<MembersPage, ClientError> {
+        let req = self.send_cmd(&Command::GroupMembers {
+            group,
+            after,
+            limit,
+        })?;
+        let res = self.wait_for(|r, c| match c {
+            Command::GroupMembersPage { .. } | Command::OpResult { .. } if r == req => {
+                Some(c.clone())
+            }
+            _ => None,
+        })?;
+        match res {
+            Command::GroupMembersPage {
+                total,
+                more,
+                members,
+                ..
+            } => Ok(MembersPage {
+                total,
+                more,
+                members,
+            }),
             Command::OpResult { code, message, .. } => Err(ClientError::Server { code, message }),
             _ => unreachable!("filtered above"),
         }

@@ -58,6 +58,14 @@ pub struct LogicConfig {
     /// How long a user's last device must stay away before its followers are told it went
     /// offline (a phone that reconnects within it, e.g. switching networks, never flaps).
     pub presence_offline_delay_ms: u64,
+    /// A group with more members than this is *large*: its posts are stored once in the group's
+    /// own timeline (read diffusion) instead of once per member.
+    pub large_group_threshold: usize,
+    /// Most members of any group (a large one; a small one stops at the threshold and switches).
+    pub max_group_members: usize,
+    /// Posts per second a large group accepts (a burst of as many); more are refused with
+    /// `Overloaded` (retryable).
+    pub large_group_posts_per_sec: u32,
 }
 
 /// Largest image and voice clip a client may upload (a video or a document: up to
@@ -125,6 +133,9 @@ impl Default for LogicConfig {
             redis_nodes: Vec::new(),
             recall_window_secs: 120,
             presence_offline_delay_ms: 5_000,
+            large_group_threshold: im_shared::proto::MAX_GROUP_MEMBERS,
+            max_group_members: 1_000_000,
+            large_group_posts_per_sec: 100,
             lease: None,
             org_visibility: false,
             files: None,

@@ -311,6 +311,7 @@ pub fn encode(worker: usize, msg: &WorkerMsg) -> Option<Bytes> {
         WorkerMsg::Typing(v) => peer::encode(w, PeerMsgRef::Typing(v)),
         WorkerMsg::Watch(r) => peer::encode(w, PeerMsgRef::Watch(r)),
         WorkerMsg::Presence(v) => peer::encode(w, PeerMsgRef::Presence(v)),
+        WorkerMsg::GroupLive(v) => peer::encode(w, PeerMsgRef::GroupLive(v)),
         _ => return None,
     })
 }
@@ -331,6 +332,7 @@ pub fn decode(b: Bytes) -> Result<(usize, WorkerMsg), PeerError> {
         PeerMsg::Typing(v) => WorkerMsg::Typing(v),
         PeerMsg::Watch(r) => WorkerMsg::Watch(r),
         PeerMsg::Presence(v) => WorkerMsg::Presence(v),
+        PeerMsg::GroupLive(v) => WorkerMsg::GroupLive(v),
     };
     Ok((w as usize, msg))
 }

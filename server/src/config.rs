@@ -87,6 +87,13 @@ pub struct ServerConfig {
     /// How long (ms) a user's last device must stay away before its presence followers are told
     /// it went offline (PROTOCOL.md "Presence").
     pub presence_offline_delay_ms: u64,
+    /// Groups with more members than this are large: posts stored once in the group's timeline
+    /// (read diffusion; PROTOCOL.md "Large groups").
+    pub large_group_threshold: usize,
+    /// Most members of any group.
+    pub max_group_members: usize,
+    /// Posts per second a large group accepts.
+    pub large_group_posts_per_sec: u32,
     /// The organisation tree's c2c policy: a user may start a chat only with users visible to
     /// it in the tree (docs/API.md "Organisation tree"). Default off.
     pub org_visibility: bool,
@@ -179,6 +186,9 @@ impl Default for ServerConfig {
             redis_nodes: Vec::new(),
             recall_window_secs: l.recall_window_secs,
             presence_offline_delay_ms: l.presence_offline_delay_ms,
+            large_group_threshold: l.large_group_threshold,
+            max_group_members: l.max_group_members,
+            large_group_posts_per_sec: l.large_group_posts_per_sec,
             org_visibility: l.org_visibility,
             shard_lease_ms: 10_000,
             api: Some(ApiConfig::default()),
@@ -255,6 +265,9 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         redis_nodes: cfg.redis_nodes.clone(),
         recall_window_secs: cfg.recall_window_secs,
         presence_offline_delay_ms: cfg.presence_offline_delay_ms,
+        large_group_threshold: cfg.large_group_threshold,
+        max_group_members: cfg.max_group_members,
+        large_group_posts_per_sec: cfg.large_group_posts_per_sec,
         org_visibility: cfg.org_visibility,
         files: crate::files::policy(cfg),
         ..LogicConfig::default()

@@ -1525,3 +1525,100 @@ fn presence_and_typing_cross_logic_nodes() {
     fc.logout().unwrap();
     assert_eq!(state(next(&mut wc, "offline")), (f, false));
 }
+
+/// A large group (read diffusion) whose members are spread over two logic nodes, each with its
+/// own store: live posts reach online members on both nodes (one `GroupLive` per worker), a
+/// member who logs in later gets the group's head from the owner's node and syncs it there.
+#[test]
+fn a_large_group_spans_logic_nodes() {
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let conf = d0.path().join("large.toml");
+    std::fs::write(&conf, "large_group_threshold = 2\n").unwrap();
+    let extra = vec!["--config".to_string(), conf.to_str().unwrap().to_string()];
+    let nodes = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let mut n0 = spawn_node_with(d0.path(), 0, &nodes, &extra);
+    let mut n1 = spawn_node_with(d1.path(), 1, &nodes, &extra);
+    let (mut g1, a1) = spawn_gate(1, &nodes);
+    let on0: Vec<u64> = (9700..).filter(|&u| node_of(u, 2) == 0).take(3).collect();
+    let on1: Vec<u64> = (9700..).filter(|&u| node_of(u, 2) == 1).take(3).collect();
+    // Online: two members on each node; the third of each logs in later.
+    let online = [on0[0], on1[0], on0[1], on1[1]];
+    let mut clients: Vec<Client> = online
+        .iter()
+        .map(|&u| login_retry(a1, u, Seq(0)).0)
+        .collect();
+    let retry = |f: &mut dyn FnMut() -> Result<(), ClientError>| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match f() {
+                Ok(()) => return,
+                Err(ClientError::Timeout) => {}
+                Err(e) if e.code() == Some(ErrorCode::Unavailable) => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline, "peer links never came up");
+        }
+    };
+    let mut group = None;
+    retry(&mut || {
+        group = Some(clients[0].create_group_with_id("span", &[UserId(online[1])], 7)?);
+        Ok(())
+    });
+    let group = group.unwrap();
+    // Past the threshold (2): large from here on.
+    let more: Vec<UserId> = [online[2], online[3], on0[2], on1[2]]
+        .iter()
+        .map(|&u| UserId(u))
+        .collect();
+    retry(&mut || clients[0].group_add(group, &more));
+    let mut ack = None;
+    retry(&mut || {
+        ack = Some(clients[3].send_c2g(group, 1, "across nodes")?);
+        Ok(())
+    });
+    let ack = ack.unwrap();
+    assert_eq!(
+        (ack.seq, ack.prev_seq),
+        (Seq(3), Seq(2)),
+        "marker, add, post"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "member {} got no live post",
+                online[i]
+            );
+            if let Some(Cmd::GroupDeliver(m)) = c.recv(Duration::from_millis(200)).unwrap() {
+                if m.msg_id == ack.msg_id {
+                    assert_eq!((m.seq, m.to.0), (Seq(3), group.0));
+                    break;
+                }
+            }
+        }
+    }
+    // The late members, one per node: the head comes from the group's owner, wherever it is.
+    for late in [on0[2], on1[2]] {
+        let (mut c, _) = login_retry(a1, late, Seq(0));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let heads = loop {
+            assert!(Instant::now() < deadline, "no GroupHeads for {late}");
+            if let Some(Cmd::GroupHeads { heads }) = c.recv(Duration::from_millis(200)).unwrap() {
+                break heads;
+            }
+        };
+        assert_eq!(heads.len(), 1);
+        assert_eq!((heads[0].group, heads[0].head), (group, Seq(3)));
+        let (posts, more, head) = c.group_sync(group, Seq(0), 0).unwrap();
+        assert_eq!((posts.len(), more, head), (3, false, Seq(3)));
+        assert_eq!(posts[2].msg_id, ack.msg_id);
+        c.group_read(group, Seq(3)).unwrap();
+    }
+    for p in [&mut n0, &mut n1, &mut g1] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}

@@ -12,7 +12,7 @@ use im_shared::proto::{
     GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
     CONV_READ, CONV_RECALL, MAX_GROUP_MEMBERS, ROLE_MEMBER, ROLE_OWNER,
 };
-use im_shared::{DeviceType, ErrorCode, GroupId, MsgId, Seq, UserId};
+use im_shared::{Command, DeviceType, ErrorCode, GroupId, MsgId, Seq, UserId};
 
 /// Next delivered message of kind `conv` (acking everything on the way).
 fn next_of(c: &mut im_client::Client, conv: u8) -> Message {
@@ -85,7 +85,9 @@ fn create_post_and_every_member_gets_it_in_one_order() {
 
 #[test]
 fn refusals_non_member_non_owner_unknown_group_and_limits() {
-    let s = start();
+    // No group may grow past the creation limit here, so an add above it is refused (with the
+    // defaults it would make the group large: see the large-group test below).
+    let s = start_with(|cfg| cfg.max_group_members = MAX_GROUP_MEMBERS);
     let mut owner = login(s.addr, 2001);
     let mut member = login(s.addr, 2002);
     let mut outsider = login(s.addr, 2003);
@@ -396,4 +398,118 @@ fn offline_member_syncs_group_history_after_restart() {
     assert_eq!(members.len(), 2);
     b.send_c2g(g, 1, "after restart").unwrap();
     server.shutdown();
+}
+
+/// Waits (up to 10 s) for the next push accepted by `want`, skipping others.
+fn next_push<T>(c: &mut im_client::Client, mut want: impl FnMut(&Command) -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match c.recv(Duration::from_millis(200)).unwrap() {
+            Some(Command::Error { code, message }) => panic!("server error {code:?}: {message}"),
+            Some(cmd) => {
+                if let Some(t) = want(&cmd) {
+                    return t;
+                }
+            }
+            None => {}
+        }
+    }
+    panic!("no such push within 10 s");
+}
+
+fn group_deliver(c: &mut im_client::Client) -> Message {
+    next_push(c, |cmd| match cmd {
+        Command::GroupDeliver(m) => Some(m.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_group_past_the_threshold_is_read_from_its_own_timeline() {
+    let s = start_with(|cfg| cfg.large_group_threshold = 3);
+    let mut a = login(s.addr, 1101);
+    let mut b = login(s.addr, 1102);
+    let mut d = login(s.addr, 1104);
+    let g = a
+        .create_group("company", &[UserId(1102), UserId(1103)])
+        .unwrap();
+    let small = a.send_c2g(g, 1, "small").unwrap();
+    a.group_add(g, &[UserId(1104)]).unwrap();
+    // Online members, the new one included, get the group's timeline live: the switch's
+    // marker, the add, then the posts.
+    let post = b.send_c2g(g, 1, "large").unwrap();
+    assert_eq!(
+        (post.seq, post.prev_seq),
+        (Seq(3), Seq(2)),
+        "the ack places the post in the group's timeline"
+    );
+    for cl in [&mut a, &mut b, &mut d] {
+        let got: Vec<u64> = (0..3).map(|_| group_deliver(cl).seq.0).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+    }
+    // c was offline: its timeline has the small post then the marker; the group's head comes
+    // after the login result, and the rest is read from the group's timeline.
+    let mut c = connect(s.addr);
+    c.login(UserId(1103), &token(1103), DeviceType::Phone, "c", Seq(0))
+        .unwrap();
+    let heads = next_push(&mut c, |cmd| match cmd {
+        Command::GroupHeads { heads } => Some(heads.clone()),
+        _ => None,
+    });
+    assert_eq!(heads.len(), 1);
+    assert_eq!(
+        (heads[0].group, heads[0].head, heads[0].read),
+        (g, Seq(3), Seq(0))
+    );
+    let (mine, _, _) = c.sync_page(Seq(0), 100).unwrap();
+    let in_group: Vec<&Message> = mine.iter().filter(|m| m.to.0 == g.0).collect();
+    assert_eq!(in_group.iter().filter(|m| m.conv == CONV_C2G).count(), 1);
+    assert!(in_group.iter().any(|m| m.msg_id == small.msg_id));
+    let last = in_group.last().unwrap();
+    assert_eq!(
+        GroupEvent::decode(last.body.clone()).unwrap().kind,
+        GroupEventKind::BecameLarge
+    );
+    let (posts, more, head) = c.group_sync(g, Seq(0), 0).unwrap();
+    assert_eq!((posts.len(), more, head), (3, false, Seq(3)));
+    assert_eq!(posts[2].msg_id, post.msg_id);
+    assert_eq!(&posts[2].body[..], b"large");
+    c.group_read(g, Seq(3)).unwrap();
+    c.group_read(g, Seq(2)).unwrap();
+    // The member list, paged.
+    let page = c.group_members(g, UserId(0), 2).unwrap();
+    assert_eq!((page.total, page.more), (4, true));
+    assert_eq!(
+        page.members,
+        vec![(UserId(1101), ROLE_OWNER), (UserId(1102), ROLE_MEMBER)]
+    );
+    // A non-member can neither read the group nor page its members.
+    let mut e = login(s.addr, 1105);
+    assert_eq!(
+        code(e.group_sync(g, Seq(0), 0).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(e.group_members(g, UserId(0), 0).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(e.group_read(g, Seq(1)).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    // A later login reports the read cursor.
+    let mut c2 = connect(s.addr);
+    c2.login(
+        UserId(1103),
+        &token(1103),
+        DeviceType::Desktop,
+        "c-pc",
+        Seq(0),
+    )
+    .unwrap();
+    let heads = next_push(&mut c2, |cmd| match cmd {
+        Command::GroupHeads { heads } => Some(heads.clone()),
+        _ => None,
+    });
+    assert_eq!(heads[0].read, Seq(3));
 }

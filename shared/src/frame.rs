@@ -53,6 +53,9 @@ pub enum Cmd {
     Typing = 0x26,
     PresenceSubscribe = 0x27,
     PresencePrivacy = 0x28,
+    GroupSync = 0x29,
+    GroupRead = 0x2A,
+    GroupMembers = 0x2B,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -72,6 +75,10 @@ pub enum Cmd {
     FileUrl = 0x9B,
     TypingNotice = 0x9C,
     PresenceNotice = 0x9D,
+    GroupDeliver = 0x9E,
+    GroupSyncPage = 0x9F,
+    GroupHeads = 0xA0,
+    GroupMembersPage = 0xA1,
     Error = 0xFF,
 }
 
@@ -107,6 +114,9 @@ impl Cmd {
             0x26 => Typing,
             0x27 => PresenceSubscribe,
             0x28 => PresencePrivacy,
+            0x29 => GroupSync,
+            0x2A => GroupRead,
+            0x2B => GroupMembers,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,
@@ -125,6 +135,10 @@ impl Cmd {
             0x9B => FileUrl,
             0x9C => TypingNotice,
             0x9D => PresenceNotice,
+            0x9E => GroupDeliver,
+            0x9F => GroupSyncPage,
+            0xA0 => GroupHeads,
+            0xA1 => GroupMembersPage,
             0xFF => Error,
             _ => return None,
         })

@@ -18,7 +18,12 @@
 //! kind 8 Watch     : (count = 1) watcher:u32 on:uids off:uids
 //! kind 9 Presence  : uid:u64 online:u8 last_seen_ms:u64
 //!   group op 9 Typing: state:u8
+//!   group op 10 Sync: after:u64 limit:u16    op 11 Members: after:u64 limit:u16
+//!   group op 12 Head: read:u64
+//! kind 10 GroupLive : group:u64 msg_len:u32 msg (a large group's post, for online members)
 //! ```
+//! `GroupLive` goes from a large group's owner to every worker of the cluster once per post (not
+//! once per member): each delivers it to its own online members.
 //! `Typing` asks the receiving worker to tell its users `to` that `from` types in a conversation;
 //! `Watch` tells a user's owner that global worker `watcher` starts (`on`) or stops (`off`)
 //! following these users' presence, and `Presence` is the owner's answer and every later change.
@@ -29,7 +34,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::ids::{ConnId, GroupId, MsgId, ShardId, UserId};
+use crate::ids::{ConnId, GroupId, MsgId, Seq, ShardId, UserId};
 use crate::org::OrgRecord;
 use crate::proto::{Message, PresenceEntry};
 
@@ -104,6 +109,21 @@ pub enum GroupOp {
     Typing {
         state: u8,
     },
+    /// A member reads a large group's timeline (`GroupSync`). Answered with `GroupSyncPage`.
+    Sync {
+        after: Seq,
+        limit: u16,
+    },
+    /// A member pages the member list (`GroupMembers`). Answered with `GroupMembersPage`.
+    Members {
+        after: UserId,
+        limit: u16,
+    },
+    /// A member's device logged in: the owner pushes it the group's head (`GroupHeads`) with the
+    /// member's read cursor `read` (kept by the member's own shard). Nothing on a refusal.
+    Head {
+        read: Seq,
+    },
 }
 
 /// A client's group request, forwarded to the node that owns the group. The owner answers the
@@ -134,6 +154,7 @@ pub enum PeerMsg {
     Typing(Vec<TypingNote>),
     Watch(WatchReq),
     Presence(Vec<PresenceEntry>),
+    GroupLive(Vec<(GroupId, Message)>),
 }
 
 /// A payload to encode, borrowed from the sender's own message.
@@ -148,6 +169,7 @@ pub enum PeerMsgRef<'a> {
     Typing(&'a [TypingNote]),
     Watch(&'a WatchReq),
     Presence(&'a [PresenceEntry]),
+    GroupLive(&'a [(GroupId, Message)]),
 }
 
 impl PeerMsg {
@@ -163,6 +185,7 @@ impl PeerMsg {
             },
             PeerMsg::OrgRecords(v) => PeerMsgRef::OrgRecords(v),
             PeerMsg::Typing(v) => PeerMsgRef::Typing(v),
+            PeerMsg::GroupLive(v) => PeerMsgRef::GroupLive(v),
             PeerMsg::Watch(w) => PeerMsgRef::Watch(w),
             PeerMsg::Presence(v) => PeerMsgRef::Presence(v),
         }
@@ -252,6 +275,15 @@ pub fn encode(worker: u16, msg: PeerMsgRef<'_>) -> Bytes {
                 b.put_u64(e.uid.0);
                 b.put_u8(e.online as u8);
                 b.put_u64(e.last_seen_ms);
+            }
+        }
+        PeerMsgRef::GroupLive(posts) => {
+            b.put_u8(10);
+            b.put_u32(posts.len() as u32);
+            for (g, m) in posts {
+                b.put_u64(g.0);
+                b.put_u32(m.encoded_len() as u32);
+                m.encode(&mut b);
             }
         }
     }
@@ -380,6 +412,18 @@ pub fn decode(mut b: Bytes) -> Result<(u16, PeerMsg), PeerError> {
             }
             PeerMsg::Presence(v)
         }
+        10 => {
+            let mut v = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                need(&b, 12)?;
+                let g = GroupId(b.get_u64());
+                let len = b.get_u32() as usize;
+                need(&b, len)?;
+                let msg = Message::decode(b.split_to(len)).map_err(|_| PeerError("message"))?;
+                v.push((g, msg));
+            }
+            PeerMsg::GroupLive(v)
+        }
         _ => return Err(PeerError("kind")),
     };
     Ok((worker, msg))
@@ -449,6 +493,20 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u8(9);
             b.put_u8(*state);
         }
+        GroupOp::Sync { after, limit } => {
+            b.put_u8(10);
+            b.put_u64(after.0);
+            b.put_u16(*limit);
+        }
+        GroupOp::Members { after, limit } => {
+            b.put_u8(11);
+            b.put_u64(after.0);
+            b.put_u16(*limit);
+        }
+        GroupOp::Head { read } => {
+            b.put_u8(12);
+            b.put_u64(read.0);
+        }
     }
 }
 
@@ -508,6 +566,26 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
             need(b, 1)?;
             GroupOp::Typing { state: b.get_u8() }
         }
+        10 => {
+            need(b, 10)?;
+            GroupOp::Sync {
+                after: Seq(b.get_u64()),
+                limit: b.get_u16(),
+            }
+        }
+        11 => {
+            need(b, 10)?;
+            GroupOp::Members {
+                after: UserId(b.get_u64()),
+                limit: b.get_u16(),
+            }
+        }
+        12 => {
+            need(b, 8)?;
+            GroupOp::Head {
+                read: Seq(b.get_u64()),
+            }
+        }
         _ => return Err(PeerError("group request kind")),
     };
     Ok(GroupCall {
@@ -522,7 +600,6 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::Seq;
 
     fn msg() -> Message {
         Message {
@@ -583,6 +660,16 @@ mod tests {
                 mime: "image/jpeg".into(),
             }),
             call(GroupOp::Typing { state: 1 }),
+            call(GroupOp::Sync {
+                after: Seq(5),
+                limit: 100,
+            }),
+            call(GroupOp::Members {
+                after: UserId(u64::MAX - 1),
+                limit: 0,
+            }),
+            PeerMsg::GroupLive(vec![(GroupId(9), msg()), (GroupId(u64::MAX), msg())]),
+            call(GroupOp::Head { read: Seq(7) }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,

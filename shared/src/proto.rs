@@ -75,6 +75,9 @@ pub enum GroupEventKind {
     MembersRemoved = 3,
     MemberLeft = 4,
     Updated = 5,
+    /// The group passed the large-group threshold: its posts from now on are in the group's own
+    /// timeline (`GroupDeliver`, `GroupSync`), no longer appended to members' timelines.
+    BecameLarge = 6,
 }
 
 /// Body of a [`CONV_GROUP_EVENT`] message: `kind:u8 count:u16 uid:u64*` (the users concerned).
@@ -103,6 +106,7 @@ impl GroupEvent {
             3 => GroupEventKind::MembersRemoved,
             4 => GroupEventKind::MemberLeft,
             5 => GroupEventKind::Updated,
+            6 => GroupEventKind::BecameLarge,
             _ => {
                 return Err(BodyError::Invalid {
                     field: "kind",
@@ -510,6 +514,57 @@ pub enum Command {
     PresenceNotice {
         entries: Vec<PresenceEntry>,
     },
+    /// Posts of a large group (read diffusion) with seq > `after_seq`, at most `limit` (0 = the
+    /// server's page size). Members only. Answered with `GroupSyncPage`.
+    GroupSync {
+        group: GroupId,
+        after_seq: Seq,
+        limit: u16,
+    },
+    /// "I have read the large group up to `seq`": stored as the user's read cursor of the
+    /// group (never lowered), reported back in `GroupHeads`. Answered with `OpResult`.
+    GroupRead {
+        group: GroupId,
+        seq: Seq,
+    },
+    /// A page of a group's member list: members with uid > `after`, at most `limit` (0 = the
+    /// server's page size), in uid order. Members only. Answered with `GroupMembersPage`.
+    GroupMembers {
+        group: GroupId,
+        after: UserId,
+        limit: u16,
+    },
+    /// Server push: a post of a large group, live. `seq`/`prev_seq` are the group timeline's
+    /// (not the user's), `to` is the group.
+    GroupDeliver(Message),
+    /// Answer to `GroupSync`: posts ascending; `head` is the group's last seq.
+    GroupSyncPage {
+        group: GroupId,
+        head: Seq,
+        has_more: bool,
+        messages: Vec<Message>,
+    },
+    /// Server push (after `LoginResult`): the user's large groups, each with its head and the
+    /// user's read cursor, so the client syncs the ones it is behind on.
+    GroupHeads {
+        heads: Vec<GroupHead>,
+    },
+    /// Answer to `GroupMembers`: `total` members in all; `more` when a later page exists
+    /// (ask again with `after` = the last uid of this page).
+    GroupMembersPage {
+        group: GroupId,
+        total: u32,
+        more: bool,
+        members: Vec<(UserId, u8)>,
+    },
+}
+
+/// One large group in `GroupHeads`: its last seq and the user's read cursor in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupHead {
+    pub group: GroupId,
+    pub head: Seq,
+    pub read: Seq,
 }
 
 /// One user's presence: online, or offline since `last_seen_ms` (Unix ms; 0 = not known).
@@ -568,6 +623,13 @@ impl Command {
             Command::PresencePrivacy { .. } => Cmd::PresencePrivacy,
             Command::TypingNotice { .. } => Cmd::TypingNotice,
             Command::PresenceNotice { .. } => Cmd::PresenceNotice,
+            Command::GroupSync { .. } => Cmd::GroupSync,
+            Command::GroupRead { .. } => Cmd::GroupRead,
+            Command::GroupMembers { .. } => Cmd::GroupMembers,
+            Command::GroupDeliver(_) => Cmd::GroupDeliver,
+            Command::GroupSyncPage { .. } => Cmd::GroupSyncPage,
+            Command::GroupHeads { .. } => Cmd::GroupHeads,
+            Command::GroupMembersPage { .. } => Cmd::GroupMembersPage,
             Command::FileTicket { .. } => Cmd::FileTicket,
             Command::FileUrl { .. } => Cmd::FileUrl,
         }
@@ -628,6 +690,15 @@ impl Command {
             Command::PresencePrivacy { .. } => 1,
             Command::TypingNotice { .. } => 1 + 8 + 8 + 1 + 4,
             Command::PresenceNotice { entries } => 2 + 17 * entries.len(),
+            Command::GroupSync { .. } => 8 + 8 + 2,
+            Command::GroupRead { .. } => 8 + 8,
+            Command::GroupMembers { .. } => 8 + 8 + 2,
+            Command::GroupDeliver(m) => m.encoded_len(),
+            Command::GroupSyncPage { messages, .. } => {
+                8 + 8 + 1 + 2 + messages.iter().map(Message::encoded_len).sum::<usize>()
+            }
+            Command::GroupHeads { heads } => 2 + 24 * heads.len(),
+            Command::GroupMembersPage { members, .. } => 8 + 4 + 1 + 2 + 9 * members.len(),
             Command::FileTicket { url, ticket, .. } => string_len(url) + string_len(ticket) + 8,
             Command::FileUrl { url, .. } => string_len(url) + 8,
         }
@@ -885,6 +956,66 @@ impl Command {
                     out.put_u64(e.uid.0);
                     out.put_u8(e.online as u8);
                     out.put_u64(e.last_seen_ms);
+                }
+            }
+            Command::GroupSync {
+                group,
+                after_seq,
+                limit,
+            } => {
+                out.put_u64(group.0);
+                out.put_u64(after_seq.0);
+                out.put_u16(*limit);
+            }
+            Command::GroupRead { group, seq } => {
+                out.put_u64(group.0);
+                out.put_u64(seq.0);
+            }
+            Command::GroupMembers {
+                group,
+                after,
+                limit,
+            } => {
+                out.put_u64(group.0);
+                out.put_u64(after.0);
+                out.put_u16(*limit);
+            }
+            Command::GroupDeliver(m) => m.encode(out),
+            Command::GroupSyncPage {
+                group,
+                head,
+                has_more,
+                messages,
+            } => {
+                out.put_u64(group.0);
+                out.put_u64(head.0);
+                out.put_u8(*has_more as u8);
+                out.put_u16(messages.len() as u16);
+                for m in messages {
+                    m.encode(out);
+                }
+            }
+            Command::GroupHeads { heads } => {
+                out.put_u16(heads.len() as u16);
+                for h in heads {
+                    out.put_u64(h.group.0);
+                    out.put_u64(h.head.0);
+                    out.put_u64(h.read.0);
+                }
+            }
+            Command::GroupMembersPage {
+                group,
+                total,
+                more,
+                members,
+            } => {
+                out.put_u64(group.0);
+                out.put_u32(*total);
+                out.put_u8(*more as u8);
+                out.put_u16(members.len() as u16);
+                for (u, role) in members {
+                    out.put_u64(u.0);
+                    out.put_u8(*role);
                 }
             }
             Command::FileTicket {
@@ -1175,6 +1306,65 @@ impl Command {
                 }
                 Command::PresenceNotice { entries }
             }
+            Cmd::GroupSync => Command::GroupSync {
+                group: GroupId(r.u64("group")?),
+                after_seq: Seq(r.u64("after_seq")?),
+                limit: r.u16("limit")?,
+            },
+            Cmd::GroupRead => Command::GroupRead {
+                group: GroupId(r.u64("group")?),
+                seq: Seq(r.u64("seq")?),
+            },
+            Cmd::GroupMembers => Command::GroupMembers {
+                group: GroupId(r.u64("group")?),
+                after: UserId(r.u64("after")?),
+                limit: r.u16("limit")?,
+            },
+            Cmd::GroupDeliver => Command::GroupDeliver(Message::read(&mut r)?),
+            Cmd::GroupSyncPage => {
+                let group = GroupId(r.u64("group")?);
+                let head = Seq(r.u64("head")?);
+                let has_more = r.u8("has_more")? != 0;
+                let n = r.u16("count")? as usize;
+                let mut messages = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    messages.push(Message::read(&mut r)?);
+                }
+                Command::GroupSyncPage {
+                    group,
+                    head,
+                    has_more,
+                    messages,
+                }
+            }
+            Cmd::GroupHeads => {
+                let n = r.u16("count")? as usize;
+                let mut heads = Vec::with_capacity(n.min(r.remaining() / 24));
+                for _ in 0..n {
+                    heads.push(GroupHead {
+                        group: GroupId(r.u64("group")?),
+                        head: Seq(r.u64("head")?),
+                        read: Seq(r.u64("read")?),
+                    });
+                }
+                Command::GroupHeads { heads }
+            }
+            Cmd::GroupMembersPage => {
+                let group = GroupId(r.u64("group")?);
+                let total = r.u32("total")?;
+                let more = r.u8("more")? != 0;
+                let n = r.u16("count")? as usize;
+                let mut members = Vec::with_capacity(n.min(r.remaining() / 9));
+                for _ in 0..n {
+                    members.push((UserId(r.u64("uid")?), r.u8("role")?));
+                }
+                Command::GroupMembersPage {
+                    group,
+                    total,
+                    more,
+                    members,
+                }
+            }
         })
     }
 }
@@ -1432,6 +1622,60 @@ mod tests {
                     },
                 ],
             },
+            Command::GroupSync {
+                group: GroupId(9),
+                after_seq: Seq(3),
+                limit: 50,
+            },
+            Command::GroupRead {
+                group: GroupId(9),
+                seq: Seq(4),
+            },
+            Command::GroupMembers {
+                group: GroupId(9),
+                after: UserId(7),
+                limit: 0,
+            },
+            Command::GroupDeliver(Message {
+                seq: Seq(4),
+                prev_seq: Seq(3),
+                msg_id: MsgId(99),
+                conv: CONV_C2G,
+                from: UserId(5),
+                to: UserId(9),
+                client_msg_id: 1,
+                server_time_ms: 1_700_000_000_000,
+                body: Bytes::from_static(b"hi all"),
+            }),
+            Command::GroupSyncPage {
+                group: GroupId(9),
+                head: Seq(4),
+                has_more: false,
+                messages: vec![Message {
+                    seq: Seq(4),
+                    prev_seq: Seq(3),
+                    msg_id: MsgId(99),
+                    conv: CONV_C2G,
+                    from: UserId(5),
+                    to: UserId(9),
+                    client_msg_id: 1,
+                    server_time_ms: 1_700_000_000_000,
+                    body: Bytes::from_static(b"hi all"),
+                }],
+            },
+            Command::GroupHeads {
+                heads: vec![GroupHead {
+                    group: GroupId(9),
+                    head: Seq(4),
+                    read: Seq(2),
+                }],
+            },
+            Command::GroupMembersPage {
+                group: GroupId(9),
+                total: 3,
+                more: true,
+                members: vec![(UserId(5), ROLE_OWNER), (UserId(7), ROLE_MEMBER)],
+            },
         ]
     }
 
@@ -1503,6 +1747,31 @@ mod tests {
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3, 0]);
         want.extend_from_slice(&[0, 0, 0x01, 0x8b, 0xcf, 0xe5, 0x68, 0x00]);
         assert_eq!(&notice[..], &want[..]);
+    }
+
+    #[test]
+    fn the_large_group_worked_examples_are_the_documented_bytes() {
+        let sync = Command::GroupSync {
+            group: GroupId(9),
+            after_seq: Seq(3),
+            limit: 50,
+        }
+        .to_bytes(6);
+        let mut want = vec![0x49, 0x4d, 0x01, 0x29, 0, 0, 0, 6, 0, 0, 0, 0x12];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0x32]);
+        assert_eq!(&sync[..], &want[..]);
+        let heads = Command::GroupHeads {
+            heads: vec![GroupHead {
+                group: GroupId(9),
+                head: Seq(5),
+                read: Seq(3),
+            }],
+        }
+        .to_bytes(0);
+        let mut want = vec![0x49, 0x4d, 0x01, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0x1a, 0, 1];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 5]);
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]);
+        assert_eq!(&heads[..], &want[..]);
     }
 
     #[test]

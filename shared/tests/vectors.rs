@@ -66,6 +66,8 @@ fn vectors() -> Vec<(&'static str, u32, Command, Value)> {
     let (file_msg, file_v) = message(6, 5, CONV_C2C, file.to_body());
     let (g1, g1_v) = message(7, 6, CONV_C2G, Bytes::from_static(b"team"));
     let (g2, g2_v) = message(9, 7, CONV_C2G, Bytes::new());
+    let (lg1, lg1_v) = message(3, 2, CONV_C2G, Bytes::from_static(b"all hands"));
+    let (lg2, lg2_v) = message(4, 3, CONV_C2G, Bytes::from_static(b"q3"));
     vec![
         (
             "login accepted",
@@ -303,6 +305,48 @@ fn vectors() -> Vec<(&'static str, u32, Command, Value)> {
             json!({"entries": [
                 {"uid": "1001", "online": true, "lastSeenMs": "0"},
                 {"uid": "1003", "online": false, "lastSeenMs": "1767225000000"}
+            ]}),
+        ),
+        (
+            "a large group's post pushed (the group timeline's seqs)",
+            0,
+            Command::GroupDeliver(lg1),
+            json!({ "message": lg1_v }),
+        ),
+        (
+            "a large group's head after a login",
+            0,
+            Command::GroupHeads {
+                heads: vec![im_shared::proto::GroupHead {
+                    group: GroupId(88),
+                    head: Seq(4),
+                    read: Seq(2),
+                }],
+            },
+            json!({"heads": [{"group": "88", "head": "4", "read": "2"}]}),
+        ),
+        (
+            "a page of a large group's timeline, the last",
+            6,
+            Command::GroupSyncPage {
+                group: GroupId(88),
+                head: Seq(4),
+                has_more: false,
+                messages: vec![lg2],
+            },
+            json!({"group": "88", "head": "4", "hasMore": false, "messages": [lg2_v]}),
+        ),
+        (
+            "a page of a group's members, more to come",
+            7,
+            Command::GroupMembersPage {
+                group: GroupId(88),
+                total: 3001,
+                more: true,
+                members: vec![(UserId(1001), 2), (UserId(1002), 0)],
+            },
+            json!({"group": "88", "total": 3001, "more": true, "members": [
+                {"uid": "1001", "role": 2}, {"uid": "1002", "role": 0}
             ]}),
         ),
         (

@@ -20,6 +20,10 @@
 //! | `idfloor`  | generator `u16`                             | ms `u64` (msg-id time floor, [`Op::IdFloor`])  |
 //! | `pushwatch`| shard `u16` ++ uid `u64` ++ seq `u64`       | empty ([`Op::PushWatch`])                      |
 //! | `org`      | version `u64`                               | [`OrgRecord::encode`] bytes ([`Op::OrgPut`])   |
+//! | `flag`     | uid `u64` ++ flag `u64`                     | empty ([`Op::UserFlag`])                       |
+//! | `gtimeline`| group `u64` ++ seq `u64`                    | [`Message::encode`] bytes ([`Op::GroupAppend`]) |
+//! | `ularge`   | uid `u64` ++ group `u64`                    | empty (index for `large_groups_of`)            |
+//! | `gread`    | uid `u64` ++ group `u64`                    | seq `u64` ([`Op::GroupRead`])                  |
 //! | `fence`    | node `u16`                                  | incarnation `u64` (writer fence, [`Store::fence`]) |
 //! | `meta`     | `applied` (bytes)                           | seq `u64` of the last commit-log record in fjall |
 //!
@@ -55,7 +59,8 @@
 //!
 //! The log record of a batch lists its writes after merging (last op on a key wins):
 //! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
-//! keyspace's index in the table above (timeline 0 … idfloor 11, pushwatch 12, org 13).
+//! keyspace's index in the table above (timeline 0 … idfloor 11, pushwatch 12, org 13, flag 14,
+//! gtimeline 15, ularge 16, gread 17).
 //!
 //! Reads are plain point lookups and range scans on the latest committed state. Every method is
 //! blocking and completes inline: each logic worker is a dedicated thread.
@@ -94,6 +99,9 @@ const IDFLOOR: &str = "idfloor";
 const PUSHWATCH: &str = "pushwatch";
 const ORG: &str = "org";
 const FLAG: &str = "flag";
+const GTIMELINE: &str = "gtimeline";
+const ULARGE: &str = "ularge";
+const GREAD: &str = "gread";
 const META: &str = "meta";
 /// Key in `meta`: seq of the last commit-log record applied to fjall (`u64`).
 const APPLIED: &[u8] = b"applied";
@@ -116,10 +124,13 @@ enum Kind {
     PushWatch = 12,
     Org = 13,
     Flag = 14,
+    GTimeline = 15,
+    ULarge = 16,
+    GRead = 17,
 }
 
 impl Kind {
-    const ALL: [Kind; 15] = [
+    const ALL: [Kind; 18] = [
         Kind::Timeline,
         Kind::MsgIdx,
         Kind::SeqBound,
@@ -135,6 +146,9 @@ impl Kind {
         Kind::PushWatch,
         Kind::Org,
         Kind::Flag,
+        Kind::GTimeline,
+        Kind::ULarge,
+        Kind::GRead,
     ];
 }
 
@@ -144,7 +158,7 @@ impl Kind {
 pub struct FjallStore {
     db: Database,
     /// In [`Kind`] order.
-    spaces: [Keyspace; 15],
+    spaces: [Keyspace; 18],
     fence_space: Keyspace,
     meta: Keyspace,
     /// node → fence, mirror of `fence_space` (see the module docs).
@@ -284,6 +298,9 @@ impl Kind {
             Kind::PushWatch => PUSHWATCH,
             Kind::Org => ORG,
             Kind::Flag => FLAG,
+            Kind::GTimeline => GTIMELINE,
+            Kind::ULarge => ULARGE,
+            Kind::GRead => GREAD,
         }
     }
 }
@@ -329,15 +346,21 @@ fn val_u64(kind: Kind, key: &[u8], v: &[u8]) -> Result<u64, StoreError> {
 
 /// Decodes a timeline record and checks that it sits under its own seq.
 fn decode_timeline(key: &[u8], v: &[u8]) -> Result<Message, StoreError> {
+    decode_in(Kind::Timeline, key, v)
+}
+
+/// Decodes a record of a user's or a group's timeline (`kind`) and checks that it sits under
+/// its own seq.
+fn decode_in(kind: Kind, key: &[u8], v: &[u8]) -> Result<Message, StoreError> {
     let msg = Message::decode(Bytes::copy_from_slice(v))
-        .map_err(|e| corrupt(Kind::Timeline, key, e.to_string()))?;
+        .map_err(|e| corrupt(kind, key, e.to_string()))?;
     let key_seq = key
         .get(8..16)
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
         .map(u64::from_be_bytes);
     if key.len() != 16 || key_seq != Some(msg.seq.0) {
         return Err(corrupt(
-            Kind::Timeline,
+            kind,
             key,
             format!("message seq {} does not match its key", msg.seq),
         ));
@@ -424,6 +447,9 @@ impl FjallStore {
             ks(PUSHWATCH)?,
             ks(ORG)?,
             ks(FLAG)?,
+            ks(GTIMELINE)?,
+            ks(ULARGE)?,
+            ks(GREAD)?,
         ];
         let fence_space = ks(FENCE)?;
         let meta = ks(META)?;
@@ -584,7 +610,7 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq.
 fn apply(
     db: &Database,
-    spaces: &[Keyspace; 15],
+    spaces: &[Keyspace; 18],
     meta: &Keyspace,
     writes: impl IntoIterator<Item = Write>,
     seq: u64,
@@ -702,6 +728,27 @@ fn collect(batch: WriteBatch) -> Writes {
             Op::MemberDelete { group, uid } => {
                 w.insert((Kind::Member, key_u64_u64(group.0, uid.0).to_vec()), None);
                 w.insert((Kind::UGroup, key_u64_u64(uid.0, group.0).to_vec()), None);
+                w.insert((Kind::ULarge, key_u64_u64(uid.0, group.0).to_vec()), None);
+            }
+            Op::LargeMember { group, uid, on } => {
+                w.insert(
+                    (Kind::ULarge, key_u64_u64(uid.0, group.0).to_vec()),
+                    on.then(Vec::new),
+                );
+            }
+            Op::GroupAppend { group, msg } => {
+                let mut v = Vec::with_capacity(msg.encoded_len());
+                msg.encode(&mut v);
+                w.insert(
+                    (Kind::GTimeline, key_u64_u64(group.0, msg.seq.0).to_vec()),
+                    Some(v),
+                );
+            }
+            Op::GroupRead { uid, group, seq } => {
+                w.insert(
+                    (Kind::GRead, key_u64_u64(uid.0, group.0).to_vec()),
+                    Some(seq.0.to_be_bytes().to_vec()),
+                );
             }
             Op::UserFlag { uid, flag, on } => {
                 w.insert(
@@ -1036,6 +1083,55 @@ impl Store for FjallStore {
             out.push(GroupId(second_u64(Kind::UGroup, &k)?));
         }
         Ok(out)
+    }
+
+    async fn large_groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.space(Kind::ULarge).prefix(key_u64(uid.0)) {
+            let k = guard.key().map_err(io)?;
+            out.push(GroupId(second_u64(Kind::ULarge, &k)?));
+        }
+        Ok(out)
+    }
+
+    async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError> {
+        let Some(guard) = self
+            .space(Kind::GTimeline)
+            .prefix(key_u64(group.0))
+            .next_back()
+        else {
+            return Ok(Seq(0));
+        };
+        let key = guard.key().map_err(io)?;
+        Ok(Seq(second_u64(Kind::GTimeline, &key)?))
+    }
+
+    async fn group_timeline(
+        &self,
+        group: GroupId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let Some(first) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let lo = key_u64_u64(group.0, first);
+        let hi = key_u64_u64(group.0, u64::MAX);
+        let mut out = Vec::with_capacity(limit.min(256));
+        for guard in self.space(Kind::GTimeline).range(lo..=hi).take(limit) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            out.push(decode_in(Kind::GTimeline, &k, &v)?);
+        }
+        Ok(out)
+    }
+
+    async fn group_read(&self, uid: UserId, group: GroupId) -> Result<Seq, StoreError> {
+        Ok(Seq(self
+            .get_u64(Kind::GRead, &key_u64_u64(uid.0, group.0))?
+            .unwrap_or(0)))
     }
 
     async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
@@ -1520,7 +1616,7 @@ mod tests {
             assert!(decode_writes(&rec[..cut]).is_none(), "cut at {cut}");
         }
         let mut bad = rec.clone();
-        bad[4] = 15; // no such keyspace
+        bad[4] = Kind::ALL.len() as u8; // no such keyspace
         assert!(decode_writes(&bad).is_none());
     }
 }

@@ -153,10 +153,31 @@ pub enum Op {
         group: GroupId,
         member: MemberRecord,
     },
-    /// Remove a member and its `uid → group` index entry.
+    /// Remove a member and its `uid → group` index entries (also the large-group one).
     MemberDelete {
         group: GroupId,
         uid: UserId,
+    },
+    /// Index `uid → group` among the *large* groups of `uid` ([`Store::large_groups_of`]): the
+    /// groups whose posts are not appended to its timeline but read from the group's own
+    /// ([`Op::GroupAppend`]). Set (`on`) or removed; also removed by [`Op::MemberDelete`]. Written
+    /// by the user's own shard (when the group event that makes it so reaches its timeline).
+    LargeMember {
+        group: GroupId,
+        uid: UserId,
+        on: bool,
+    },
+    /// Append `msg` at `msg.seq` to the timeline of a large group (read diffusion: stored once,
+    /// not per member; `msg.seq`/`msg.prev_seq` are the group's).
+    GroupAppend {
+        group: GroupId,
+        msg: Message,
+    },
+    /// The read cursor of `uid` in a large group: it has read everything up to `seq`.
+    GroupRead {
+        uid: UserId,
+        group: GroupId,
+        seq: Seq,
     },
     /// Mute (or unmute) push notifications of `uid` for conversation `peer` (0: everything).
     Mute {
@@ -294,6 +315,19 @@ pub trait Store: Clone + 'static {
     async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError>;
     /// The groups `uid` is a member of, in group id order.
     async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError>;
+    /// The large groups `uid` is a member of ([`Op::LargeMember`]), in group id order.
+    async fn large_groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError>;
+    /// Seq of the last post of a large group's timeline (0 if it has none: a small group).
+    async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError>;
+    /// Up to `limit` posts of a large group's timeline with seq > `after`, ascending.
+    async fn group_timeline(
+        &self,
+        group: GroupId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
+    /// The read cursor of `uid` in a large group ([`Op::GroupRead`]; 0 if none).
+    async fn group_read(&self, uid: UserId, group: GroupId) -> Result<Seq, StoreError>;
     /// The settings ([`Op::UserFlag`]) `uid` has on, ascending.
     async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError>;
     /// Conversations `uid` muted (0 = everything), ascending.

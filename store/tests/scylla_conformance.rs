@@ -1,6 +1,6 @@
 //! [`ScyllaStore`] against a real ScyllaDB cluster: the shared [`conformance`] suite of the
-//! `Store` trait, then the checks specific to this backend (timeline buckets, split commits,
-//! a reconnect, the dedup TTL).
+//! `Store` trait, then the checks specific to this backend (timeline buckets of users and of
+//! large groups, split commits, a reconnect, the dedup TTL, large-group index merges).
 //!
 //! Runs only when `SCYLLA_NODES` names the cluster (comma-separated `host:port`, e.g.
 //! `SCYLLA_NODES=127.0.0.1:9042 cargo test -p im-store --test scylla_conformance -- --nocapture`);
@@ -13,9 +13,11 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
 use bytes::Bytes;
-use im_shared::proto::{Message, CONV_C2C};
-use im_shared::{MsgId, Seq, ShardId, UserId};
-use im_store::{DedupEntry, Op, OutboxEntry, ScyllaStore, Store, WriteBatch};
+use im_shared::proto::{Message, CONV_C2C, CONV_C2G, ROLE_MEMBER};
+use im_shared::{GroupId, MsgId, Seq, ShardId, UserId};
+use im_store::{
+    DedupEntry, MemberRecord, Op, OutboxEntry, ScyllaStore, Store, StoreError, WriteBatch,
+};
 use im_testkit::store_conformance as conformance;
 use scylla::client::session_builder::SessionBuilder;
 
@@ -296,6 +298,233 @@ async fn dedup_ttl(store: &ScyllaStore, raw: &scylla::client::session::Session) 
     assert!((604_800 - 600..=604_800).contains(&ttl), "dedup TTL {ttl}");
 }
 
+/// A post of large group `g` at the group's `seq`.
+fn post(g: GroupId, seq: u64, body: &[u8]) -> Message {
+    Message {
+        seq: Seq(seq),
+        prev_seq: Seq(seq.saturating_sub(1)),
+        msg_id: MsgId(70_000 + seq),
+        conv: CONV_C2G,
+        from: UserId(OWN + 10),
+        to: UserId(g.0),
+        client_msg_id: seq,
+        server_time_ms: 1_700_000_000_000 + seq,
+        body: Bytes::copy_from_slice(body),
+    }
+}
+
+/// A large group's timeline across bucket boundaries (bucket = seq / 100 000, as for users):
+/// ranges and paging across partitions, the head across buckets, an empty bucket row skipped,
+/// a gid above 2^63 (a partition key: every u64), a seq above 2^63 refused.
+async fn group_buckets(store: &ScyllaStore, raw: &scylla::client::session::Session) {
+    let g = GroupId(u64::MAX - 7);
+    let s: Vec<u64> = vec![1, 2, 99_999, 100_000, 100_001, 500_000, 10_000_000_000];
+    assert_eq!(store.group_head(g).await.expect("head"), Seq(0));
+    let ops = s
+        .iter()
+        .rev()
+        .map(|&seq| Op::GroupAppend {
+            group: g,
+            msg: post(g, seq, b"p"),
+        })
+        .collect();
+    commit(store, ops).await;
+    let all = store.group_timeline(g, Seq(0), 100).await.expect("range");
+    assert_eq!(seqs(&all), s);
+    assert_eq!(all[3], post(g, 100_000, b"p"), "stored whole");
+    for limit in 1..=s.len() + 1 {
+        let mut got = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store
+                .group_timeline(g, Seq(after), limit)
+                .await
+                .expect("range");
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            after = last.seq.0;
+            got.extend(seqs(&page));
+        }
+        assert_eq!(got, s, "paging with limit {limit}");
+    }
+    for (after, want) in [
+        (1u64, &s[1..]),
+        (99_998, &s[2..]),
+        (99_999, &s[3..]),
+        (100_001, &s[5..]),
+        (499_999, &s[5..]),
+        (500_000, &s[6..]),
+        (10_000_000_000, &s[7..]),
+        (u64::MAX - 1, &s[7..]),
+    ] {
+        let got = store
+            .group_timeline(g, Seq(after), 100)
+            .await
+            .expect("range");
+        assert_eq!(seqs(&got), want.to_vec(), "after {after}");
+    }
+    assert_eq!(
+        store.group_head(g).await.expect("head"),
+        Seq(10_000_000_000)
+    );
+    // Not a user's timeline: the same id as a uid has nothing.
+    assert!(store
+        .timeline(UserId(g.0), Seq(0), 10)
+        .await
+        .expect("timeline")
+        .is_empty());
+    assert_eq!(store.last_seq(UserId(g.0)).await.expect("last_seq"), Seq(0));
+
+    // A bucket row above every entry, without entries (what a commit stopped between chunks can
+    // leave): skipped by the head and the ranges.
+    raw.query_unpaged(
+        format!(
+            "INSERT INTO {}.group_timeline_bucket (gid, bucket) VALUES (?, ?)",
+            store.keyspace()
+        ),
+        (g.0 as i64, 999_999_999i64),
+    )
+    .await
+    .expect("raw insert");
+    assert_eq!(
+        store.group_head(g).await.expect("head"),
+        Seq(10_000_000_000)
+    );
+    assert_eq!(
+        seqs(
+            &store
+                .group_timeline(g, Seq(500_000), 10)
+                .await
+                .expect("range")
+        ),
+        vec![10_000_000_000]
+    );
+
+    // A seq above i64::MAX cannot be stored in order: refused, nothing written.
+    let err = store
+        .commit(WriteBatch {
+            ops: vec![
+                Op::GroupAppend {
+                    group: GroupId(OWN + 11),
+                    msg: post(GroupId(OWN + 11), 1, b"ok"),
+                },
+                Op::GroupAppend {
+                    group: GroupId(OWN + 11),
+                    msg: post(GroupId(OWN + 11), u64::MAX, b"too far"),
+                },
+            ],
+            writer: None,
+        })
+        .await
+        .expect_err("seq above i64::MAX");
+    assert!(matches!(err, StoreError::Io(_)), "{err}");
+    assert_eq!(
+        store.group_head(GroupId(OWN + 11)).await.expect("head"),
+        Seq(0)
+    );
+}
+
+/// Merges of one batch on the `user_large_groups` key (a `CQL` batch gives all its statements one
+/// timestamp, at which a delete would beat an insert): the later op wins, as in the embedded
+/// store; the group read cursor is last-write-wins like a device cursor, a later lower seq
+/// included; and a second connection reads it all.
+async fn large_group_merges(store: &ScyllaStore, nodes: &[String]) {
+    let u = UserId(OWN + 12);
+    let (g1, g2, g3) = (GroupId(OWN + 13), GroupId(OWN + 14), GroupId(u64::MAX - 3));
+    let member = |g: GroupId| Op::MemberPut {
+        group: g,
+        member: MemberRecord {
+            uid: u,
+            role: ROLE_MEMBER,
+            joined_ms: 1,
+        },
+    };
+    let large = |g: GroupId, on: bool| Op::LargeMember {
+        group: g,
+        uid: u,
+        on,
+    };
+    let delete = |g: GroupId| Op::MemberDelete { group: g, uid: u };
+    commit(
+        store,
+        vec![
+            member(g1),
+            large(g1, true),
+            member(g2),
+            large(g2, true),
+            member(g3),
+            large(g3, true),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.large_groups_of(u).await.expect("index"),
+        vec![g1, g2, g3],
+        "unsigned order"
+    );
+    // Set, then the member is deleted, in one batch: gone. Deleted, then re-added and set: set.
+    // Set, then cleared: cleared.
+    commit(
+        store,
+        vec![
+            large(g1, true),
+            delete(g1),
+            delete(g2),
+            member(g2),
+            large(g2, true),
+            large(g3, true),
+            large(g3, false),
+        ],
+    )
+    .await;
+    assert_eq!(store.large_groups_of(u).await.expect("index"), vec![g2]);
+    let groups: Vec<GroupId> = store.groups_of(u).await.expect("groups_of");
+    assert_eq!(groups, vec![g2, g3], "the memberships as written");
+
+    // Read cursors: the later write wins, within a batch and across commits.
+    let read = |g: GroupId, seq: u64| Op::GroupRead {
+        uid: u,
+        group: g,
+        seq: Seq(seq),
+    };
+    commit(store, vec![read(g2, 9), read(g2, 4), read(g3, 7)]).await;
+    assert_eq!(store.group_read(u, g2).await.expect("read"), Seq(4));
+    assert_eq!(store.group_read(u, g3).await.expect("read"), Seq(7));
+    commit(store, vec![read(g3, 2)]).await;
+    assert_eq!(store.group_read(u, g3).await.expect("read"), Seq(2));
+    assert_eq!(store.group_read(u, g1).await.expect("read"), Seq(0));
+    assert_eq!(
+        store.group_read(UserId(OWN + 13), g2).await.expect("read"),
+        Seq(0),
+        "per user"
+    );
+
+    commit(
+        store,
+        vec![
+            Op::GroupAppend {
+                group: g2,
+                msg: post(g2, 1, b"first"),
+            },
+            Op::GroupAppend {
+                group: g2,
+                msg: post(g2, 2, b"second"),
+            },
+        ],
+    )
+    .await;
+    let other = ScyllaStore::connect(nodes, store.keyspace())
+        .await
+        .expect("second connect");
+    assert_eq!(other.large_groups_of(u).await.expect("index"), vec![g2]);
+    assert_eq!(other.group_read(u, g2).await.expect("read"), Seq(4));
+    assert_eq!(other.group_head(g2).await.expect("head"), Seq(2));
+    assert_eq!(
+        other.group_timeline(g2, Seq(0), 10).await.expect("range"),
+        vec![post(g2, 1, b"first"), post(g2, 2, b"second")]
+    );
+}
+
 async fn run(nodes: Vec<String>, keyspace: String) {
     ScyllaStore::create_schema(&nodes, &keyspace, 1)
         .await
@@ -321,6 +550,8 @@ async fn run(nodes: Vec<String>, keyspace: String) {
     split_commits(&store).await;
     reconnect(&store, &nodes).await;
     dedup_ttl(&store, &raw).await;
+    group_buckets(&store, &raw).await;
+    large_group_merges(&store, &nodes).await;
 }
 
 #[tokio::test]

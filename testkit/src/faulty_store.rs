@@ -183,6 +183,23 @@ impl<S: Store> Store for FaultyStore<S> {
     async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
         self.inner.groups_of(uid).await
     }
+    async fn large_groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
+        self.inner.large_groups_of(uid).await
+    }
+    async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError> {
+        self.inner.group_head(group).await
+    }
+    async fn group_timeline(
+        &self,
+        group: GroupId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.inner.group_timeline(group, after, limit).await
+    }
+    async fn group_read(&self, uid: UserId, group: GroupId) -> Result<Seq, StoreError> {
+        self.inner.group_read(uid, group).await
+    }
     async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
         self.inner.user_flags(uid).await
     }

@@ -122,6 +122,7 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     writer_fence(store, base).await;
     id_floor(store, base).await;
     org_records(store, base).await;
+    large_groups(store, base).await;
 }
 
 /// An empty batch commits without error and changes nothing.
@@ -1702,6 +1703,182 @@ pub async fn org_records<S: Store>(store: &S, base: u64) {
         .await;
     assert!(matches!(r, Err(StoreError::Fenced { .. })), "{r:?}");
     assert_eq!(versions(&read(base, 100).await), vec![2, 3, 6]);
+}
+
+/// Large groups (read diffusion): the group timeline (ordered, ranged, its head), the per-user
+/// index of large groups (ordered as unsigned ids, removed with the membership) and the read
+/// cursor (last write wins).
+pub async fn large_groups<S: Store>(store: &S, base: u64) {
+    let (a, b) = (uid(base, 20, 0), uid(base, 20, 1));
+    let (g1, g2) = (gid(base, 20, 1), gid(base, 20, 2));
+    let gtop = GroupId(high(base, 20, 0));
+    let post = |g: GroupId, seq: u64| Message {
+        seq: Seq(seq),
+        prev_seq: Seq(seq.saturating_sub(1)),
+        msg_id: MsgId(base + 20 * BLOCK + seq),
+        conv: im_shared::proto::CONV_C2G,
+        from: a,
+        to: UserId(g.0),
+        client_msg_id: seq,
+        server_time_ms: 1_700_000_000_000 + seq,
+        body: Bytes::from(format!("post {seq}")),
+    };
+    assert_eq!(
+        store.group_head(g1).await.expect("head"),
+        Seq(0),
+        "no posts"
+    );
+    assert!(store.large_groups_of(a).await.expect("index").is_empty());
+
+    // Posts of two neighbouring groups, in two batches, out of order within one.
+    commit(
+        store,
+        vec![
+            Op::GroupAppend {
+                group: g1,
+                msg: post(g1, 2),
+            },
+            Op::GroupAppend {
+                group: g1,
+                msg: post(g1, 1),
+            },
+            Op::GroupAppend {
+                group: g2,
+                msg: post(g2, 1),
+            },
+        ],
+    )
+    .await;
+    commit(
+        store,
+        vec![Op::GroupAppend {
+            group: g1,
+            msg: post(g1, 3),
+        }],
+    )
+    .await;
+    assert_eq!(store.group_head(g1).await.expect("head"), Seq(3));
+    assert_eq!(
+        store.group_head(g2).await.expect("head"),
+        Seq(1),
+        "neighbour"
+    );
+    let all = store.group_timeline(g1, Seq(0), 100).await.expect("range");
+    assert_eq!(seqs(&all), vec![1, 2, 3]);
+    assert_eq!(all[1], post(g1, 2), "stored whole");
+    let page = store.group_timeline(g1, Seq(1), 1).await.expect("range");
+    assert_eq!(seqs(&page), vec![2], "after and limit");
+    assert!(store
+        .group_timeline(g1, Seq(3), 10)
+        .await
+        .expect("range")
+        .is_empty());
+    assert!(store
+        .group_timeline(g1, Seq(u64::MAX), 10)
+        .await
+        .expect("range")
+        .is_empty());
+    assert!(store
+        .group_timeline(g1, Seq(0), 0)
+        .await
+        .expect("range")
+        .is_empty());
+
+    // The index of large groups: unsigned order, per user, removed with the membership.
+    commit(
+        store,
+        vec![
+            member_put(gtop, member(a, ROLE_MEMBER, 1)),
+            Op::LargeMember {
+                group: gtop,
+                uid: a,
+                on: true,
+            },
+            member_put(g2, member(a, ROLE_MEMBER, 1)),
+            Op::LargeMember {
+                group: g2,
+                uid: a,
+                on: true,
+            },
+            member_put(g1, member(a, ROLE_MEMBER, 1)),
+            Op::LargeMember {
+                group: g1,
+                uid: a,
+                on: true,
+            },
+            member_put(g1, member(b, ROLE_MEMBER, 1)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.large_groups_of(a).await.expect("index"),
+        vec![g1, g2, gtop]
+    );
+    assert!(
+        store.large_groups_of(b).await.expect("index").is_empty(),
+        "not marked"
+    );
+    assert_eq!(
+        groups_of(store, a).await,
+        vec![g1, g2, gtop],
+        "also a member"
+    );
+    commit(store, vec![member_delete(g2, a)]).await;
+    assert_eq!(
+        store.large_groups_of(a).await.expect("index"),
+        vec![g1, gtop]
+    );
+    assert_eq!(groups_of(store, a).await, vec![g1, gtop]);
+    // Cleared alone (the user's shard), the membership stays.
+    commit(
+        store,
+        vec![Op::LargeMember {
+            group: gtop,
+            uid: a,
+            on: false,
+        }],
+    )
+    .await;
+    assert_eq!(store.large_groups_of(a).await.expect("index"), vec![g1]);
+    assert_eq!(groups_of(store, a).await, vec![g1, gtop]);
+
+    // The read cursor: 0 until written, then the last write, per (user, group).
+    assert_eq!(store.group_read(a, g1).await.expect("read"), Seq(0));
+    commit(
+        store,
+        vec![Op::GroupRead {
+            uid: a,
+            group: g1,
+            seq: Seq(2),
+        }],
+    )
+    .await;
+    commit(
+        store,
+        vec![Op::GroupRead {
+            uid: b,
+            group: g1,
+            seq: Seq(1),
+        }],
+    )
+    .await;
+    assert_eq!(store.group_read(a, g1).await.expect("read"), Seq(2));
+    assert_eq!(store.group_read(b, g1).await.expect("read"), Seq(1));
+    assert_eq!(
+        store.group_read(a, g2).await.expect("read"),
+        Seq(0),
+        "other group"
+    );
+    commit(
+        store,
+        vec![Op::GroupRead {
+            uid: a,
+            group: g1,
+            seq: Seq(3),
+        }],
+    )
+    .await;
+    assert_eq!(store.group_read(a, g1).await.expect("read"), Seq(3));
 }
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ export const CMD = Object.freeze({
   Typing: 0x26,
   PresenceSubscribe: 0x27,
   PresencePrivacy: 0x28,
+  GroupSync: 0x29,
+  GroupRead: 0x2a,
+  GroupMembers: 0x2b,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -65,6 +68,10 @@ export const CMD = Object.freeze({
   FileUrl: 0x9b,
   TypingNotice: 0x9c,
   PresenceNotice: 0x9d,
+  GroupDeliver: 0x9e,
+  GroupSyncPage: 0x9f,
+  GroupHeads: 0xa0,
+  GroupMembersPage: 0xa1,
   Error: 0xff,
 });
 
@@ -650,6 +657,55 @@ const LAYOUT = {
   ],
   PresenceSubscribe: [['users', UIDS]],
   PresencePrivacy: [['hidden', T.bool]],
+  GroupSync: [
+    ['group', T.u64],
+    ['afterSeq', T.u64],
+    ['limit', T.u16],
+  ],
+  GroupRead: [
+    ['group', T.u64],
+    ['seq', T.u64],
+  ],
+  GroupMembers: [
+    ['group', T.u64],
+    ['after', T.u64],
+    ['limit', T.u16],
+  ],
+  GroupDeliver: [['message', MESSAGE]],
+  GroupSyncPage: [
+    ['group', T.u64],
+    ['head', T.u64],
+    ['hasMore', T.bool],
+    ['messages', list(T.u16, MESSAGE)],
+  ],
+  GroupHeads: [
+    [
+      'heads',
+      list(
+        T.u16,
+        record([
+          ['group', T.u64],
+          ['head', T.u64],
+          ['read', T.u64],
+        ]),
+      ),
+    ],
+  ],
+  GroupMembersPage: [
+    ['group', T.u64],
+    ['total', T.u32],
+    ['more', T.bool],
+    [
+      'members',
+      list(
+        T.u16,
+        record([
+          ['uid', T.u64],
+          ['role', T.u8],
+        ]),
+      ),
+    ],
+  ],
   TypingNotice: [
     ['conv', T.u8],
     ['peer', T.u64],

@@ -211,6 +211,22 @@ const SAMPLES = [
       { uid: 3n, online: false, lastSeenMs: 1_700_000_000_000n },
     ],
   },
+  { type: 'GroupSync', group: 9n, afterSeq: 3n, limit: 50 },
+  { type: 'GroupRead', group: 9n, seq: 4n },
+  { type: 'GroupMembers', group: 9n, after: 7n, limit: 0 },
+  { type: 'GroupDeliver', message: msg({ seq: 4n, prevSeq: 3n, conv: CONV.C2G }) },
+  { type: 'GroupSyncPage', group: 9n, head: 4n, hasMore: false, messages: [msg()] },
+  { type: 'GroupHeads', heads: [{ group: 9n, head: 5n, read: 3n }] },
+  {
+    type: 'GroupMembersPage',
+    group: 9n,
+    total: 3,
+    more: true,
+    members: [
+      { uid: 5n, role: 2 },
+      { uid: 7n, role: 0 },
+    ],
+  },
   { type: 'Error', code: ERR.BadToken, message: 'bad token' },
 ];
 

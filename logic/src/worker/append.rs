@@ -88,6 +88,9 @@ impl<S: Store> Worker<S> {
                 });
             }
         }
+        if msg.conv == im_shared::proto::CONV_GROUP_EVENT {
+            self.large_event_appended(r, &msg, round);
+        }
         let seq = msg.seq;
         let deliver = Command::Deliver(msg).to_bytes(0);
         if let Some(devs) = self.routes.get_mut(&r) {

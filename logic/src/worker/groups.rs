@@ -10,7 +10,7 @@ use bytes::Bytes;
 use im_shared::peer::{GroupCall, GroupOp};
 use im_shared::proto::{
     GroupDesc, GroupEvent, GroupEventKind, Message, CONV_GROUP_EVENT, MAX_ANNOUNCEMENT_LEN,
-    MAX_GROUP_MEMBERS, MAX_NAME_LEN, ROLE_MEMBER, ROLE_OWNER,
+    MAX_NAME_LEN, ROLE_MEMBER, ROLE_OWNER,
 };
 use im_shared::shard::vshard_of;
 use im_shared::{Command, ErrorCode, GroupId, UserId};
@@ -87,6 +87,8 @@ pub(super) struct GroupState {
     pub(super) touched: u32,
     desc: GroupDesc,
     pub(super) members: BTreeMap<UserId, u8>,
+    /// `Some` for a large group (read diffusion, `worker/large.rs`).
+    pub(super) large: Option<super::large::Large>,
     dedup: HashMap<(UserId, u64), DedupEntry>,
     dedup_order: VecDeque<(UserId, u64)>,
 }
@@ -160,6 +162,10 @@ impl<S: Store> Worker<S> {
     /// Answers a refused request: `Error` for a post (like a refused c2c send), `OpResult` for
     /// management commands.
     pub(super) fn refuse(&mut self, reply: Reply, op: &GroupOp, e: ApiError, round: &mut Round) {
+        if matches!(op, GroupOp::Head { .. }) {
+            // A login's head request: no request of the client's to answer.
+            return;
+        }
         let frame = |req_id: u32| match op {
             GroupOp::Post { .. } | GroupOp::FileUrl { .. } | GroupOp::Typing { .. } => {
                 error_frame(e.code, req_id, &e.message)
@@ -200,10 +206,15 @@ impl<S: Store> Worker<S> {
             let e = ApiError::new(ErrorCode::InvalidArgument, "the owner must not be 0");
             return self.refuse(reply, &op, e, round);
         }
-        if distinct + 1 > MAX_GROUP_MEMBERS {
+        let most = self
+            .cfg
+            .large_group_threshold
+            .min(self.cfg.max_group_members)
+            .max(1);
+        if distinct + 1 > most {
             let e = ApiError::new(
                 ErrorCode::GroupFull,
-                format!("a group has at most {MAX_GROUP_MEMBERS} members"),
+                format!("a group is created with at most {most} members (add more later)"),
             );
             return self.refuse(reply, &op, e, round);
         }
@@ -236,12 +247,15 @@ impl<S: Store> Worker<S> {
             return Ok(false);
         };
         let members = self.store.members(g).await?;
+        // A large group's timeline starts with the switch's marker: a head means large.
+        let head = self.store.group_head(g).await?.0;
         self.groups.insert(
             g,
             GroupState {
                 touched,
                 desc,
                 members: members.into_iter().map(|m| (m.uid, m.role)).collect(),
+                large: (head > 0).then(|| super::large::Large::at(head)),
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
             },
@@ -250,7 +264,7 @@ impl<S: Store> Worker<S> {
     }
 
     /// A group event message (membership or info change) to `recipients`.
-    fn group_event(
+    pub(super) fn group_event(
         &mut self,
         group: GroupId,
         actor: UserId,
@@ -313,6 +327,13 @@ impl<S: Store> Worker<S> {
             let g = &self.groups[&group];
             (g.desc.owner, g.members.contains_key(&actor))
         };
+        if let GroupOp::Head { read } = op {
+            // A push that nobody asked for by a request: nothing on a refusal.
+            if is_member {
+                self.large_head(group, read, reply, round);
+            }
+            return;
+        }
         let not_member = ApiError::new(ErrorCode::NotMember, format!("not a member of {group}"));
         let needs_owner = matches!(
             op,
@@ -329,6 +350,8 @@ impl<S: Store> Worker<S> {
                 | GroupOp::Leave
                 | GroupOp::FileUrl { .. }
                 | GroupOp::Typing { .. }
+                | GroupOp::Sync { .. }
+                | GroupOp::Members { .. }
         );
         if needs_member && !admin && !is_member {
             return self.refuse(reply, &op, not_member, round);
@@ -391,21 +414,32 @@ impl<S: Store> Worker<S> {
                 g.desc.name = name;
                 g.desc.announcement = announcement;
                 round.batch.push(Op::GroupPut(g.desc.clone()));
-                let all = g.members.keys().copied().collect();
-                self.group_event(
-                    group,
-                    actor,
-                    GroupEventKind::Updated,
-                    Vec::new(),
-                    all,
-                    round,
-                );
+                if g.large.is_some() {
+                    self.large_event(group, actor, GroupEventKind::Updated, Vec::new(), round);
+                } else {
+                    let all = g.members.keys().copied().collect();
+                    self.group_event(
+                        group,
+                        actor,
+                        GroupEventKind::Updated,
+                        Vec::new(),
+                        all,
+                        round,
+                    );
+                }
                 round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
             }
             GroupOp::Info => {
                 let g = &self.groups[&group];
                 let desc = g.desc.clone();
-                let members: Vec<(UserId, u8)> = g.members.iter().map(|(u, r)| (*u, *r)).collect();
+                // A large group's list is paged (`GroupMembers`): the first page only.
+                let most = if g.large.is_some() {
+                    super::large::MEMBERS_PAGE
+                } else {
+                    usize::MAX
+                };
+                let members: Vec<(UserId, u8)> =
+                    g.members.iter().take(most).map(|(u, r)| (*u, *r)).collect();
                 let (d, m) = (desc.clone(), members.clone());
                 round.reply(reply, ApiOk::Info(desc, members), move |r| {
                     Command::GroupInfoReply {
@@ -429,6 +463,13 @@ impl<S: Store> Worker<S> {
                 }
             },
             GroupOp::Typing { state } => self.group_typing(group, actor, state, reply, round),
+            GroupOp::Sync { after, limit } => {
+                self.large_sync(group, after, limit, reply, round).await
+            }
+            GroupOp::Members { after, limit } => {
+                self.members_page(group, after, limit, reply, round)
+            }
+            GroupOp::Head { .. } => unreachable!("handled above"),
         }
     }
 
@@ -475,6 +516,7 @@ impl<S: Store> Worker<S> {
                 touched: self.now_secs(),
                 desc,
                 members: map,
+                large: None,
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
             },
@@ -504,13 +546,25 @@ impl<S: Store> Worker<S> {
             .into_iter()
             .filter(|u| !g.members.contains_key(u))
             .collect();
-        if g.members.len() + new.len() > MAX_GROUP_MEMBERS {
+        let max = self.cfg.max_group_members;
+        if g.members.len() + new.len() > max {
             let e = ApiError::new(
                 ErrorCode::GroupFull,
-                format!("a group has at most {MAX_GROUP_MEMBERS} members"),
+                format!("a group has at most {max} members"),
             );
             return self.refuse(reply, &GroupOp::Info, e, round);
         }
+        let large = g.large.is_some();
+        if !new.is_empty()
+            && (large || g.members.len() + new.len() > self.cfg.large_group_threshold)
+        {
+            if !large {
+                self.make_large(group, actor, round);
+            }
+            self.large_add(group, actor, new, round);
+            return round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+        }
+        let g = self.groups.get_mut(&group).expect("loaded");
         let now = self.now;
         for u in &new {
             g.members.insert(*u, ROLE_MEMBER);
@@ -548,7 +602,9 @@ impl<S: Store> Worker<S> {
         for u in &gone {
             round.batch.push(Op::MemberDelete { group, uid: *u });
         }
-        if !gone.is_empty() {
+        if !gone.is_empty() && g.large.is_some() {
+            self.large_removed(group, actor, gone, kind, round);
+        } else if !gone.is_empty() {
             let mut to: Vec<UserId> = g.members.keys().copied().collect();
             to.extend(&gone);
             self.group_event(group, actor, kind, gone, to, round);
@@ -598,6 +654,19 @@ impl<S: Store> Worker<S> {
                 return round.reply(reply, accepted(e), |r| ack(e, r));
             }
         }
+        if !self.large_admit(group) {
+            let rate = self.cfg.large_group_posts_per_sec;
+            let e = ApiError::new(
+                ErrorCode::Overloaded,
+                format!("this group takes at most {rate} posts a second; retry later"),
+            );
+            let op = GroupOp::Post {
+                client_msg_id,
+                conv,
+                body,
+            };
+            return self.refuse(reply, &op, e, round);
+        }
         let now = self.now;
         let msg = Message {
             seq: im_shared::Seq(0),
@@ -610,12 +679,17 @@ impl<S: Store> Worker<S> {
             server_time_ms: now,
             body,
         };
-        let entry = DedupEntry {
+        let mut entry = DedupEntry {
             msg_id: msg.msg_id,
             seq: im_shared::Seq(0),
             prev_seq: im_shared::Seq(0),
             server_time_ms: now,
         };
+        // A large group: one entry in the group's timeline; the ack carries its place there.
+        let large = self.groups[&group].large.is_some();
+        if large {
+            (entry.seq, entry.prev_seq) = self.large_append(group, msg.clone(), round);
+        }
         let g = self.groups.get_mut(&group).expect("loaded");
         if client_msg_id != 0 {
             round.batch.push(Op::Dedup {
@@ -633,9 +707,11 @@ impl<S: Store> Worker<S> {
                 }
             }
         }
-        let members = g.members.keys().copied().collect();
         self.metrics.accepted(conv);
-        self.fan_out(vshard_of(UserId(group.0)), &msg, members, round);
+        if !large {
+            let members = g.members.keys().copied().collect();
+            self.fan_out(vshard_of(UserId(group.0)), &msg, members, round);
+        }
         round.reply(reply, accepted(entry), |r| ack(entry, r));
     }
 

@@ -54,6 +54,7 @@ mod c2s;
 mod delivery;
 mod files;
 mod groups;
+mod large;
 mod org;
 mod outbox;
 mod presence;
@@ -142,6 +143,8 @@ pub enum WorkerMsg {
     Watch(WatchReq),
     /// Presence of users this worker's connections follow (an owner's answer or a change).
     Presence(Vec<im_shared::proto::PresenceEntry>),
+    /// Posts of large groups, from their owners, for this worker's online members.
+    GroupLive(Vec<(GroupId, Message)>),
     /// A message from local worker `from`, counting `items` in that pair's backlog until this
     /// worker takes it ([`Router::send`], [`Router::taken`]).
     Local {
@@ -165,6 +168,7 @@ impl WorkerMsg {
             WorkerMsg::Delivered(v) => v.len(),
             WorkerMsg::Typing(v) => v.len(),
             WorkerMsg::Presence(v) => v.len(),
+            WorkerMsg::GroupLive(v) => v.len(),
             WorkerMsg::OrgRecords(v) => v.len(),
             _ => 1,
         }
@@ -415,6 +419,11 @@ struct Round {
     done_out: Vec<Vec<(ShardId, MsgId, UserId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
     typing_out: Vec<Vec<TypingNote>>,
+    /// Head requests for the owners of large groups (a login's `GroupHeads`), sent once this
+    /// round's answers are on their way to the gates.
+    heads_out: Vec<GroupReq>,
+    /// Posts of large groups this worker owns, for every worker's online members.
+    live: Vec<(GroupId, Message)>,
     appended: HashSet<(UserId, MsgId)>,
     /// API answers, released after the commit.
     api: Vec<(ApiReplyTx, Result<ApiOk, ApiError>)>,
@@ -431,6 +440,8 @@ impl Round {
             done_out: (0..workers).map(|_| Vec::new()).collect(),
             delivered_out: (0..workers).map(|_| Vec::new()).collect(),
             typing_out: (0..workers).map(|_| Vec::new()).collect(),
+            heads_out: Vec::new(),
+            live: Vec::new(),
             appended: HashSet::new(),
             api: Vec::new(),
             c2s: Vec::new(),
@@ -518,6 +529,8 @@ pub struct Worker<S> {
     org_pulled_at: Option<u64>,
     /// Presence subscriptions of this worker's connections and of its users' followers.
     presence: presence::Presence,
+    /// This worker's online users in large groups.
+    large: large::LargeIndex,
     /// Client work held back while this worker's messages wait at other workers
     /// ([`Router::held`]), in arrival order; its frames still count in the gate's `depth`, so the
     /// gate refuses new ones with `Overloaded` once `max_queued` wait.
@@ -684,6 +697,7 @@ impl<S: Store> Worker<S> {
             org_notice: (0, None),
             org_pulled_at: None,
             presence: presence::Presence::default(),
+            large: large::LargeIndex::default(),
             held_back: VecDeque::new(),
         }
     }
@@ -934,6 +948,7 @@ impl<S: Store> Worker<S> {
                 WorkerMsg::Typing(notes) => self.on_typing_notes(notes, &mut round),
                 WorkerMsg::Watch(req) => self.on_watch(req).await,
                 WorkerMsg::Presence(entries) => self.on_presence(entries, &mut round),
+                WorkerMsg::GroupLive(posts) => self.on_group_live(posts, &mut round),
                 WorkerMsg::Shutdown => stop = true,
             }
         }
@@ -1391,6 +1406,29 @@ impl<S: Store> Worker<S> {
                     Command::PresencePrivacy { hidden } => {
                         self.on_presence_privacy(conn, uid, req_id, hidden, round)
                     }
+                    Command::GroupSync {
+                        group,
+                        after_seq,
+                        limit,
+                    } => {
+                        let op = GroupOp::Sync {
+                            after: after_seq,
+                            limit,
+                        };
+                        self.forward_group(uid, group, op, Reply::Conn { conn, req_id }, round);
+                    }
+                    Command::GroupMembers {
+                        group,
+                        after,
+                        limit,
+                    } => {
+                        let op = GroupOp::Members { after, limit };
+                        self.forward_group(uid, group, op, Reply::Conn { conn, req_id }, round);
+                    }
+                    Command::GroupRead { group, seq } => {
+                        self.on_group_read(conn, uid, req_id, group, seq, round)
+                            .await
+                    }
                     _ => round.close(
                         conn,
                         error_frame(ErrorCode::UnknownCommand, req_id, "not a client command"),
@@ -1518,6 +1556,18 @@ impl<S: Store> Worker<S> {
         for (w, notes) in round.typing_out.into_iter().enumerate() {
             if !notes.is_empty() {
                 self.router.send(self.idx, w, WorkerMsg::Typing(notes));
+            }
+        }
+        // After the `LoginResult` went to its gate: the owners' `GroupHeads` come after it.
+        for req in round.heads_out {
+            let owner = self.router.owner(UserId(req.group.0));
+            self.router.send(self.idx, owner, WorkerMsg::Group(req));
+        }
+        if !round.live.is_empty() {
+            // Once per worker of the cluster, whatever the number of members.
+            for w in 0..self.router.total() {
+                self.router
+                    .send(self.idx, w, WorkerMsg::GroupLive(round.live.clone()));
             }
         }
         Ok(())

@@ -34,6 +34,7 @@ impl<S: Store> Worker<S> {
         });
         if empty {
             self.routes.remove(&uid);
+            self.large.offline(uid);
             self.went_offline(uid);
         }
     }
@@ -107,6 +108,14 @@ impl<S: Store> Worker<S> {
                 return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
             }
         };
+        // The user's large groups and read cursors, for `GroupHeads` after the result.
+        let reads = match self.large_reads(uid).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("large groups of {uid}: {e}");
+                return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+            }
+        };
         let was_online = self.routes.contains_key(&uid);
         // One device per type: kick the previous one.
         let devs = self
@@ -145,6 +154,7 @@ impl<S: Store> Worker<S> {
         if !was_online {
             self.came_online(uid);
         }
+        self.large_login(uid, conn, reads, !was_online, round);
         Metrics::inc(&self.metrics.logins);
         self.publish(crate::publish::DirOp::Online {
             uid,

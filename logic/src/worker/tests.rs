@@ -4,6 +4,7 @@
 //! chooses, and reads what left them: frames to gates (a [`RecordingSink`]), messages to other
 //! workers (their inboxes, which the test pumps) and the store.
 
+use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT};
 use im_shared::token::HmacTokens;
 use im_store::FjallStore;
 use im_testkit::{DownFrame, FaultyStore, RecordingSink};
@@ -1850,4 +1851,529 @@ async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there
         .all(|(u, r)| r.device_id == format!("dev-{}", u.0)));
     assert!(!fx.workers[0].dir_lost);
     assert_eq!(fx.workers[0].metrics.dir_resyncs.load(Ordering::Relaxed), 1);
+}
+
+/// Posts of large groups delivered live to `c` (`GroupDeliver`), in order.
+fn group_delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
+    out.iter()
+        .filter(|o| o.conn == c)
+        .filter_map(|o| match &o.cmd {
+            Command::GroupDeliver(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(code, message)` of every `OpResult` sent to `c`, in order.
+fn op_results(out: &[Out], c: ConnId) -> Vec<(ErrorCode, String)> {
+    out.iter()
+        .filter(|o| o.conn == c)
+        .filter_map(|o| match &o.cmd {
+            Command::OpResult { code, message, .. } => Some((*code, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The group events (kind, users) in `uid`'s timeline for `group`, in order.
+async fn events_of(fx: &Fx, uid: UserId, group: GroupId) -> Vec<(GroupEventKind, Vec<UserId>)> {
+    fx.timeline(uid)
+        .await
+        .into_iter()
+        .filter(|m| m.conv == CONV_GROUP_EVENT && m.to.0 == group.0)
+        .map(|m| {
+            let e = GroupEvent::decode(m.body).unwrap();
+            (e.kind, e.users)
+        })
+        .collect()
+}
+
+fn post(client_msg_id: u64, group: GroupId, body: &'static str) -> Command {
+    Command::SendC2g {
+        client_msg_id,
+        group,
+        body: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+/// A node of two workers where groups with more than 3 members are large.
+async fn large_fx() -> Fx {
+    let cfg = LogicConfig {
+        large_group_threshold: 3,
+        ..LogicConfig::default()
+    };
+    Fx::with(2, cfg).await
+}
+
+/// `a` (logged in on `conn(1)`) creates a group of `a`, `b`, `c`; returns its id.
+async fn create_group(fx: &mut Fx, a: UserId, members: Vec<UserId>) -> GroupId {
+    let create = Command::GroupCreate {
+        name: "all hands".into(),
+        members,
+        client_id: 0,
+    };
+    fx.client(conn(1), a, vec![(1, create)]).await;
+    fx.pump().await;
+    created(&fx.out(), conn(1))
+}
+
+#[tokio::test]
+async fn a_group_switches_to_read_diffusion_past_the_threshold_and_every_post_is_in_exactly_one_place(
+) {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = fx.user_on(0, a.0 + 1);
+    let d = fx.user_on(1, b.0 + 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.login(conn(4), d, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    // Small: the post goes to every member's timeline.
+    fx.client(conn(2), b, vec![(2, post(1, group, "small"))])
+        .await;
+    fx.pump().await;
+    fx.out();
+    // The add that passes the threshold switches the group.
+    let add = Command::GroupAdd {
+        group,
+        members: vec![d],
+    };
+    fx.client(conn(1), a, vec![(3, add)]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(
+        op_results(&out, conn(1)),
+        vec![(ErrorCode::Ok, String::new())]
+    );
+    // Online members, d included, get the group timeline's first entries live.
+    for c in [conn(1), conn(2), conn(4)] {
+        let live = group_delivered_to(&out, c);
+        let seqs: Vec<u64> = live.iter().map(|m| m.seq.0).collect();
+        assert_eq!(seqs, vec![1, 2], "{c:?}");
+        assert_eq!(live[1].prev_seq, Seq(1));
+    }
+    fx.client(conn(2), b, vec![(4, post(2, group, "large one"))])
+        .await;
+    fx.client(conn(1), a, vec![(5, post(3, group, "large two"))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    let acks = acks(&out);
+    assert_eq!(
+        acks.iter().map(|a| (a.2, a.3)).collect::<Vec<_>>(),
+        vec![(Seq(3), Seq(2)), (Seq(4), Seq(3))],
+        "acks carry the place in the group's timeline"
+    );
+    for c in [conn(1), conn(2), conn(4)] {
+        let live = group_delivered_to(&out, c);
+        let bodies: Vec<&[u8]> = live.iter().map(|m| &m.body[..]).collect();
+        assert_eq!(bodies, vec![&b"large one"[..], b"large two"], "{c:?}");
+    }
+    // The group timeline: marker, the add, the two posts, chained.
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    assert_eq!(gt.len(), 4);
+    for (i, m) in gt.iter().enumerate() {
+        assert_eq!((m.seq.0, m.prev_seq.0), (i as u64 + 1, i as u64));
+        assert_eq!(m.to.0, group.0);
+    }
+    assert_eq!(
+        GroupEvent::decode(gt[0].body.clone()).unwrap().kind,
+        GroupEventKind::BecameLarge
+    );
+    assert_eq!(
+        GroupEvent::decode(gt[1].body.clone()).unwrap(),
+        GroupEvent {
+            kind: GroupEventKind::MembersAdded,
+            users: vec![d]
+        }
+    );
+    assert_eq!(gt[2].msg_id, acks[0].1);
+    // Members' timelines: the small post, then the marker last; no large post in any.
+    for m in [a, b, c] {
+        let tl = fx.timeline(m).await;
+        let posts: Vec<&[u8]> = tl
+            .iter()
+            .filter(|x| x.conv == CONV_C2G)
+            .map(|x| &x.body[..])
+            .collect();
+        assert_eq!(posts, vec![&b"small"[..]], "member {m}");
+        let ev = events_of(&fx, m, group).await;
+        assert_eq!(ev.last().unwrap().0, GroupEventKind::BecameLarge, "{m}");
+        assert_eq!(
+            tl.last().unwrap().conv,
+            CONV_GROUP_EVENT,
+            "marker after the post: {m}"
+        );
+    }
+    // The new member: told it was added and that the group is large; no old post.
+    let ev = events_of(&fx, d, group).await;
+    assert_eq!(
+        ev,
+        vec![
+            (GroupEventKind::MembersAdded, vec![d]),
+            (GroupEventKind::BecameLarge, vec![])
+        ]
+    );
+    assert!(fx.timeline(d).await.iter().all(|m| m.conv != CONV_C2G));
+    assert_eq!(
+        fx.store.large_groups_of(c).await.unwrap(),
+        vec![group],
+        "offline member indexed too"
+    );
+}
+
+#[tokio::test]
+async fn a_member_learns_the_heads_at_login_syncs_the_group_and_keeps_a_read_cursor() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let (b, c, d) = (UserId(a.0 + 1), UserId(a.0 + 2), UserId(a.0 + 3));
+    let e = UserId(a.0 + 4);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    // 3 members: small (large is "more than 3").
+    assert!(fx.store.large_groups_of(a).await.unwrap().is_empty());
+    let add = Command::GroupAdd {
+        group,
+        members: vec![d, e],
+    };
+    fx.client(conn(1), a, vec![(2, add)]).await;
+    for i in 0..3 {
+        fx.client(conn(1), a, vec![(10 + i as u32, post(10 + i, group, "p"))])
+            .await;
+    }
+    fx.pump().await;
+    fx.out();
+    // Head 5: marker, add, three posts.
+    let heads = |out: &[Out], cn: ConnId| {
+        out.iter()
+            .filter(|o| o.conn == cn)
+            .find_map(|o| match &o.cmd {
+                Command::GroupHeads { heads } => Some(heads.clone()),
+                _ => None,
+            })
+    };
+    fx.login(conn(3), c, DeviceType::Phone).await;
+    fx.pump().await;
+    let out = fx.out();
+    let h = heads(&out, conn(3)).expect("heads after the login result");
+    assert_eq!(
+        h,
+        vec![GroupHead {
+            group,
+            head: Seq(5),
+            read: Seq(0)
+        }]
+    );
+    // Sync in pages.
+    let sync = |after, limit| Command::GroupSync {
+        group,
+        after_seq: Seq(after),
+        limit,
+    };
+    fx.client(conn(3), c, vec![(20, sync(0, 2)), (21, sync(2, 0))])
+        .await;
+    fx.pump().await;
+    let pages: Vec<(Seq, bool, Vec<u64>)> = fx
+        .out()
+        .into_iter()
+        .filter_map(|o| match o.cmd {
+            Command::GroupSyncPage {
+                head,
+                has_more,
+                messages,
+                ..
+            } => Some((head, has_more, messages.iter().map(|m| m.seq.0).collect())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        vec![(Seq(5), true, vec![1, 2]), (Seq(5), false, vec![3, 4, 5])]
+    );
+    // The read cursor: stored, never lowered.
+    let read = |seq| Command::GroupRead {
+        group,
+        seq: Seq(seq),
+    };
+    fx.client(conn(3), c, vec![(30, read(4)), (31, read(2))])
+        .await;
+    let out = fx.out();
+    let r = op_results(&out, conn(3));
+    assert_eq!(r, vec![(ErrorCode::Ok, String::new()); 2]);
+    assert_eq!(fx.store.group_read(c, group).await.unwrap(), Seq(4));
+    fx.client(conn(3), c, vec![(33, Command::Logout)]).await;
+    fx.out();
+    fx.login(conn(5), c, DeviceType::Phone).await;
+    fx.pump().await;
+    let h = heads(&fx.out(), conn(5)).unwrap();
+    assert_eq!(h[0].read, Seq(4));
+    // A non-member: no heads, and every read refused with NotMember.
+    let outsider = UserId(a.0 + 50);
+    fx.login(conn(6), outsider, DeviceType::Phone).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(heads(&out, conn(6)).is_none());
+    fx.client(conn(6), outsider, vec![(40, sync(0, 0)), (41, read(1))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    let r = op_results(&out, conn(6));
+    assert_eq!(r.len(), 2, "{out:?}");
+    assert!(
+        r.iter().all(|(code, _)| *code == ErrorCode::NotMember),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn removing_a_member_of_a_large_group_touches_only_that_member_and_stops_its_live_posts() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let (c, d) = (UserId(b.0 + 100), UserId(b.0 + 101));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    fx.client(
+        conn(1),
+        a,
+        vec![(
+            2,
+            Command::GroupAdd {
+                group,
+                members: vec![d],
+            },
+        )],
+    )
+    .await;
+    fx.pump().await;
+    fx.out();
+    let before_c = fx.timeline(c).await.len();
+    fx.client(
+        conn(1),
+        a,
+        vec![(
+            3,
+            Command::GroupRemove {
+                group,
+                members: vec![b],
+            },
+        )],
+    )
+    .await;
+    fx.pump().await;
+    fx.out();
+    assert_eq!(
+        events_of(&fx, b, group).await.last().unwrap(),
+        &(GroupEventKind::MembersRemoved, vec![b])
+    );
+    assert_eq!(
+        fx.timeline(c).await.len(),
+        before_c,
+        "others' timelines untouched"
+    );
+    assert!(fx.store.large_groups_of(b).await.unwrap().is_empty());
+    assert_eq!(fx.workers[fx.worker_of(b)].large.online_in(group), 0);
+    fx.client(conn(1), a, vec![(4, post(5, group, "after"))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(group_delivered_to(&out, conn(1)).len(), 1);
+    assert!(
+        group_delivered_to(&out, conn(2)).is_empty(),
+        "removed member"
+    );
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    let kinds: Vec<_> = gt
+        .iter()
+        .filter(|m| m.conv == CONV_GROUP_EVENT)
+        .map(|m| GroupEvent::decode(m.body.clone()).unwrap().kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            GroupEventKind::BecameLarge,
+            GroupEventKind::MembersAdded,
+            GroupEventKind::MembersRemoved
+        ]
+    );
+    fx.client(
+        conn(2),
+        b,
+        vec![(
+            5,
+            Command::GroupSync {
+                group,
+                after_seq: Seq(0),
+                limit: 0,
+            },
+        )],
+    )
+    .await;
+    fx.pump().await;
+    let r = op_results(&fx.out(), conn(2));
+    assert_eq!(r[0].0, ErrorCode::NotMember);
+}
+
+#[tokio::test]
+async fn a_large_group_stays_large_across_a_restart_and_its_timeline_continues() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let others: Vec<UserId> = (1..=3).map(|i| UserId(a.0 + i)).collect();
+    let group = create_group(&mut fx, a, others[..2].to_vec()).await;
+    fx.client(
+        conn(1),
+        a,
+        vec![(
+            2,
+            Command::GroupAdd {
+                group,
+                members: vec![others[2]],
+            },
+        )],
+    )
+    .await;
+    fx.client(conn(1), a, vec![(3, post(1, group, "before"))])
+        .await;
+    fx.pump().await;
+    fx.out();
+    fx.restart().await;
+    fx.login(conn(7), a, DeviceType::Phone).await;
+    fx.out();
+    // A retried post is answered from the dedup record, a new one continues the timeline.
+    fx.client(
+        conn(7),
+        a,
+        vec![(4, post(1, group, "before")), (5, post(2, group, "after"))],
+    )
+    .await;
+    fx.pump().await;
+    let out = fx.out();
+    let acks = acks(&out);
+    assert_eq!(acks[0].2, Seq(3), "the retry's ack");
+    assert_eq!(acks[1].2, Seq(4));
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    assert_eq!(
+        gt.iter().map(|m| m.seq.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        group_delivered_to(&out, conn(7))
+            .iter()
+            .map(|m| m.seq.0)
+            .collect::<Vec<_>>(),
+        vec![4]
+    );
+}
+
+#[tokio::test]
+async fn a_large_group_refuses_posts_past_its_rate_and_members_past_its_limit() {
+    let cfg = LogicConfig {
+        large_group_threshold: 2,
+        max_group_members: 4,
+        large_group_posts_per_sec: 2,
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(1, cfg).await;
+    let a = UserId(1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    // Created with more than the threshold: refused (groups grow past it by adds).
+    let create = Command::GroupCreate {
+        name: "big".into(),
+        members: vec![UserId(2), UserId(3)],
+        client_id: 0,
+    };
+    fx.client(conn(1), a, vec![(1, create)]).await;
+    let r = op_results(&fx.out(), conn(1));
+    assert_eq!(r[0].0, ErrorCode::GroupFull, "{r:?}");
+    let group = create_group(&mut fx, a, vec![UserId(2)]).await;
+    let add = |members| Command::GroupAdd { group, members };
+    fx.client(conn(1), a, vec![(2, add(vec![UserId(3), UserId(4)]))])
+        .await;
+    fx.client(conn(1), a, vec![(3, add(vec![UserId(5)]))]).await;
+    fx.pump().await;
+    let r = op_results(&fx.out(), conn(1));
+    assert_eq!(r[0].0, ErrorCode::Ok);
+    assert_eq!(r[1].0, ErrorCode::GroupFull, "{r:?}");
+    // Two posts a second with a burst of two: the third in the same instant is refused, and a
+    // retry of an accepted one is still acked.
+    fx.now += 10_000;
+    fx.client(
+        conn(1),
+        a,
+        vec![
+            (10, post(1, group, "1")),
+            (11, post(2, group, "2")),
+            (12, post(3, group, "3")),
+            (13, post(1, group, "1")),
+        ],
+    )
+    .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(acks(&out).len(), 3, "{out:?}");
+    let refused: Vec<_> = out
+        .iter()
+        .filter_map(|o| match &o.cmd {
+            Command::Error { code, .. } => Some((o.req_id, *code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, vec![(12, ErrorCode::Overloaded)]);
+    fx.now += 500;
+    fx.client(conn(1), a, vec![(14, post(3, group, "3"))]).await;
+    fx.pump().await;
+    assert_eq!(
+        acks(&fx.out()).len(),
+        1,
+        "half a second later: room for one"
+    );
+}
+
+#[tokio::test]
+async fn the_member_list_of_a_group_is_paged() {
+    let mut fx = Fx::new(1).await;
+    let a = UserId(10);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, (11..=14).map(UserId).collect()).await;
+    let page = |after, limit| Command::GroupMembers {
+        group,
+        after: UserId(after),
+        limit,
+    };
+    fx.client(
+        conn(1),
+        a,
+        vec![(2, page(0, 2)), (3, page(11, 0)), (4, page(14, 5))],
+    )
+    .await;
+    fx.pump().await;
+    let pages: Vec<(u32, bool, Vec<u64>)> = fx
+        .out()
+        .into_iter()
+        .filter_map(|o| match o.cmd {
+            Command::GroupMembersPage {
+                total,
+                more,
+                members,
+                ..
+            } => Some((total, more, members.iter().map(|m| m.0 .0).collect())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        vec![
+            (5, true, vec![10, 11]),
+            (5, false, vec![12, 13, 14]),
+            (5, false, vec![])
+        ]
+    );
+    // Not a member: refused.
+    fx.login(conn(2), UserId(99), DeviceType::Phone).await;
+    fx.client(conn(2), UserId(99), vec![(5, page(0, 0))]).await;
+    fx.pump().await;
+    assert_eq!(op_results(&fx.out(), conn(2))[0].0, ErrorCode::NotMember);
 }

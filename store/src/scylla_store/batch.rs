@@ -42,11 +42,20 @@ pub(super) enum Phase {
     /// that it always holds at least the memberships (an extra entry is visible as "not in
     /// `members`", a missing one would be invisible).
     UserGroupPut,
+    /// The `uid → large group` index ([`Op::LargeMember`]) like the `uid → group` one, and
+    /// before the timeline rows: it is set in the batch that appends the `BecameLarge` event to
+    /// the user's timeline, so that event is never durable without it (the user's shard would
+    /// not know to read the group's timeline, and the user would miss its posts); an entry
+    /// without its event only makes the user read a group timeline early.
+    UserLargeGroupPut,
     /// Memberships before the timeline entries and fan-outs that announce them (a group event
     /// never announces a change that is not durable).
     MemberPut,
     MemberDelete,
     UserGroupDelete,
+    /// Removed after the membership row, like the `uid → group` index ([`Op::MemberDelete`]
+    /// removes both; [`Op::LargeMember`] `on = false` this one alone).
+    UserLargeGroupDelete,
     /// A bucket row without its timeline rows is an empty partition to readers.
     Bucket,
     /// Fan-out records before the sender's own timeline entries and dedup entries.
@@ -59,7 +68,20 @@ pub(super) enum Phase {
     PushWatchPut,
     /// "Appended at seq" only once the timeline row is there (replays skip indexed messages).
     MsgIdx,
+    /// The bucket rows of large groups' timelines, before their rows (as [`Phase::Bucket`]).
+    GroupBucket,
+    /// Posts of large groups ([`Op::GroupAppend`]): after the memberships they announce, and
+    /// after the users' timeline rows and fan-outs of the same batch, so that the group's first
+    /// post (the switch marker, which makes the group load as large: `group_head > 0`) is
+    /// never durable before the `BecameLarge` events that tell its members to read the group's
+    /// timeline (a stopped commit can leave members told while the group still loads as small,
+    /// whose posts then still reach their timelines, never the reverse, where members would
+    /// miss them); before the dedup entries, so a post is acknowledged only once durable, and
+    /// the group's head (its next seq) covers every acknowledged post.
+    GroupTimeline,
     Cursor,
+    /// Read cursors of large groups, like the device cursors: independent of the rest.
+    GroupRead,
     /// Mutes and push tokens depend on nothing else in a batch.
     MutePut,
     MuteDelete,
@@ -196,7 +218,38 @@ pub(super) fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                     gid: b(group.0),
                     uid: b(uid.0),
                 });
+                m.put(Row::UserLargeGroupDelete {
+                    uid: b(uid.0),
+                    gid: b(group.0),
+                });
             }
+            Op::LargeMember { group, uid, on } => {
+                let (uid, gid) = (b(uid.0), b(group.0));
+                m.put(if on {
+                    Row::UserLargeGroupPut { uid, gid }
+                } else {
+                    Row::UserLargeGroupDelete { uid, gid }
+                });
+            }
+            Op::GroupAppend { group, msg } => {
+                let seq = ordered("group seq", msg.seq.0)?;
+                let bucket = ordered("group bucket", timeline_bucket(msg.seq.0))?;
+                m.put(Row::GroupBucket {
+                    gid: b(group.0),
+                    bucket,
+                });
+                m.put(Row::GroupTimeline {
+                    gid: b(group.0),
+                    bucket,
+                    seq,
+                    msg: encode(&msg),
+                });
+            }
+            Op::GroupRead { uid, group, seq } => m.put(Row::GroupRead {
+                uid: b(uid.0),
+                gid: b(group.0),
+                seq: b(seq.0),
+            }),
             Op::UserFlag { uid, flag, on } => {
                 let (uid, flag) = (b(uid.0), i16::from(flag));
                 m.put(if on {

@@ -17,11 +17,21 @@
 //! | `group_info`      | ((gid))                    | name, creator, owner, announcement, created_ms |
 //! | `group_members`   | ((gid), uid)               | role, joined_ms                    |
 //! | `user_groups`     | ((uid), gid)               | — (index for `groups_of`)          |
+//! | `user_large_groups` | ((uid), gid)             | — (index for `large_groups_of`)    |
+//! | `group_timeline`  | ((gid, seq / 100000), seq) | msg blob of a large group's post   |
+//! | `group_timeline_bucket` | ((gid), bucket)      | — (which buckets exist)            |
+//! | `group_reads`     | ((uid), gid)               | seq (read cursor in a large group) |
 //! | `mutes`           | ((uid), peer)              | —                                  |
 //! | `user_flags`      | ((uid), flag)              | —                                  |
 //! | `push_tokens`     | ((uid), device_id)         | provider, push_token               |
 //! | `org_records`     | ((org), version), org = 0  | record blob ([`OrgRecord::to_bytes`]) |
 //! | `writer_fence`    | ((node))                   | incarnation (see **Fencing**)      |
+//!
+//! **Timelines.** A user's timeline and a large group's (read diffusion: each post stored once)
+//! are stored and read the same way: partition `(id, seq / 100000)` (at most 100 000 entries),
+//! plus a bucket table that lists the partitions in use, written in the same batch. A range
+//! read walks the buckets up from the one of `after + 1`; the head (`last_seq`, `group_head`)
+//! walks them down to the first bucket with an entry. Seqs above `i64::MAX` are refused.
 //!
 //! Every statement is prepared once in [`ScyllaStore::connect`] and routed token-aware by the
 //! driver's default load-balancing policy (to a replica of the partition, on the right shard).
@@ -138,7 +148,7 @@ use schema::{check_keyspace, schema_statements};
 use session::open_session;
 use statements::{
     CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, OrgRow,
-    PushTokenRow, PushWatchRow, Read, Statements, FENCE_ROUNDS,
+    PushTokenRow, PushWatchRow, Read, Statements, TimelineOf, FENCE_ROUNDS,
 };
 
 /// The ScyllaDB store. Cloning is cheap; every clone shares one session (one connection pool
@@ -253,29 +263,31 @@ impl ScyllaStore {
         into_rows(res, what)
     }
 
-    /// Appends to `out` the entries of one timeline bucket with seq > `after`, until `out` holds
-    /// `limit` entries.
+    /// Appends to `out` the entries of one bucket of the timeline `id` of kind `tl` (a user's
+    /// or a large group's) with seq > `after`, until `out` holds `limit` entries.
     async fn read_bucket(
         &self,
-        uid: UserId,
+        tl: TimelineOf,
+        id: u64,
         bucket: i64,
         after: i64,
         limit: usize,
         out: &mut Vec<Message>,
     ) -> Result<(), StoreError> {
+        let what = tl.table();
         let want = i32::try_from(limit - out.len()).unwrap_or(i32::MAX);
         let mut paging = PagingState::start();
         loop {
             let (rows, next) = self
                 .page(
-                    self.inner.st.read(Read::TimelineAfter),
-                    (b(uid.0), bucket, after, want),
+                    self.inner.st.read(tl.after()),
+                    (b(id), bucket, after, want),
                     paging,
-                    "timeline",
+                    what,
                 )
                 .await?;
-            for row in typed_rows::<(i64, Vec<u8>)>(&rows, "timeline")? {
-                let key = || format!("timeline/{uid}/{bucket}");
+            for row in typed_rows::<(i64, Vec<u8>)>(&rows, what)? {
+                let key = || format!("{what}/{id}/{bucket}");
                 let (seq, blob) = row.map_err(|e| corrupt(key(), e))?;
                 let msg = Message::decode(Bytes::from(blob))
                     .map_err(|e| corrupt(format!("{}/{seq}", key()), e))?;
@@ -294,6 +306,85 @@ impl ScyllaStore {
             }
             match next.into_paging_control_flow() {
                 std::ops::ControlFlow::Break(()) => return Ok(()),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+
+    /// Seq of the last entry of the timeline `id` of kind `tl` (0 if empty): its buckets from the
+    /// highest down; a bucket row can exist without entries (a commit that stopped between
+    /// chunks), so go on until a bucket has an entry.
+    async fn head(&self, tl: TimelineOf, id: u64) -> Result<Seq, StoreError> {
+        let (what, buckets) = (tl.table(), tl.bucket_table());
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    self.inner.st.read(tl.buckets_desc()),
+                    (b(id),),
+                    paging,
+                    buckets,
+                )
+                .await?;
+            for row in typed_rows::<(i64,)>(&rows, buckets)? {
+                let (bucket,) = row.map_err(|e| corrupt(format!("{buckets}/{id}"), e))?;
+                let last = self
+                    .point(self.inner.st.read(tl.last()), (b(id), bucket), what)
+                    .await?;
+                if let Some(row) = typed_rows::<(i64,)>(&last, what)?.next() {
+                    let (seq,) = row.map_err(|e| corrupt(format!("{what}/{id}/{bucket}"), e))?;
+                    return u64::try_from(seq).map(Seq).map_err(|_| {
+                        corrupt(format!("{what}/{id}/{bucket}/{seq}"), "negative seq")
+                    });
+                }
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(Seq(0)),
+                std::ops::ControlFlow::Continue(p) => paging = p,
+            }
+        }
+    }
+
+    /// Up to `limit` entries of the timeline `id` of kind `tl` with seq > `after`, ascending:
+    /// its buckets from the one of `after + 1` up, each read from `after` on.
+    async fn range(
+        &self,
+        tl: TimelineOf,
+        id: u64,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let Some(first) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 || first > MAX_ORDERED {
+            // No stored seq exceeds MAX_ORDERED.
+            return Ok(Vec::new());
+        }
+        let buckets = tl.bucket_table();
+        let after = b(after.0);
+        let from = b(timeline_bucket(first));
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut paging = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page(
+                    self.inner.st.read(tl.buckets_from()),
+                    (b(id), from),
+                    paging,
+                    buckets,
+                )
+                .await?;
+            for row in typed_rows::<(i64,)>(&rows, buckets)? {
+                let (bucket,) = row.map_err(|e| corrupt(format!("{buckets}/{id}"), e))?;
+                self.read_bucket(tl, id, bucket, after, limit, &mut out)
+                    .await?;
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            match next.into_paging_control_flow() {
+                std::ops::ControlFlow::Break(()) => return Ok(out),
                 std::ops::ControlFlow::Continue(p) => paging = p,
             }
         }
@@ -383,10 +474,12 @@ impl Store for ScyllaStore {
     /// once, so the order of the statements does not change the final state and is chosen so
     /// that any prefix of the chunks is safe to leave behind if the commit stops midway (logic
     /// node crash, or an error returned after some chunks were applied): msg-id time floors, seq
-    /// bounds, group records, org record puts, `user_groups` puts, member puts, member deletes,
-    /// `user_groups` deletes, timeline bucket rows, outbox puts, timeline rows, push-watch puts,
-    /// msg_id index, cursors, mutes, push tokens, outbox deletes, push-watch deletes, deletes of
-    /// replaced org records, and dedup entries last (see [`Phase`]). Hence:
+    /// bounds, group records, org record puts, `user_groups` and `user_large_groups` puts, member
+    /// puts, member deletes, `user_groups` and `user_large_groups` deletes, timeline bucket rows,
+    /// outbox puts, timeline rows, push-watch puts, msg_id index, large groups' bucket and
+    /// timeline rows, cursors, large-group read cursors, mutes, push tokens, outbox deletes,
+    /// push-watch deletes, deletes of replaced org records, and dedup entries last (see
+    /// [`Phase`]). Hence:
     /// - a dedup entry (what answers the client's retry with an ack) is durable only after the
     ///   message's timeline entry and its outbox record are: an ack is never given for a message
     ///   that could be lost;
@@ -406,6 +499,13 @@ impl Store for ScyllaStore {
     /// - a membership change is durable before the group events announcing it, and the
     ///   `uid → group` index holds at least every membership (written before the member row,
     ///   removed after it);
+    /// - a user's `uid → large group` entry is durable before the timeline entries of the same
+    ///   batch (the `BecameLarge` event that sets it): the user is never told a group is large
+    ///   without its shard knowing it;
+    /// - a large group's posts come after the timeline entries and fan-outs of the same batch
+    ///   (the group's first post, which makes it load as large, is never durable before the
+    ///   events telling its members) and before the dedup entries (a post is acknowledged only
+    ///   once durable, so the group's head covers it and its seq is never handed out again);
     /// - an org record is durable before the delete of the version it replaces (another row of
     ///   `org_records`): a stopped commit can leave the superseded record next to its
     ///   replacement (readers apply records by version, so it changes nothing), never a key with
@@ -540,39 +640,7 @@ impl Store for ScyllaStore {
     }
 
     async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
-        // Buckets from the highest down; a bucket row can exist without timeline rows (a commit
-        // that stopped between chunks), so go on until a bucket has an entry.
-        let mut paging = PagingState::start();
-        loop {
-            let (rows, next) = self
-                .page(
-                    self.inner.st.read(Read::BucketsDesc),
-                    (b(uid.0),),
-                    paging,
-                    "timeline_bucket",
-                )
-                .await?;
-            for row in typed_rows::<(i64,)>(&rows, "timeline_bucket")? {
-                let (bucket,) = row.map_err(|e| corrupt(format!("timeline_bucket/{uid}"), e))?;
-                let last = self
-                    .point(
-                        self.inner.st.read(Read::TimelineLast),
-                        (b(uid.0), bucket),
-                        "timeline",
-                    )
-                    .await?;
-                if let Some(row) = typed_rows::<(i64,)>(&last, "timeline")?.next() {
-                    let (seq,) = row.map_err(|e| corrupt(format!("timeline/{uid}/{bucket}"), e))?;
-                    return u64::try_from(seq).map(Seq).map_err(|_| {
-                        corrupt(format!("timeline/{uid}/{bucket}/{seq}"), "negative seq")
-                    });
-                }
-            }
-            match next.into_paging_control_flow() {
-                std::ops::ControlFlow::Break(()) => return Ok(Seq(0)),
-                std::ops::ControlFlow::Continue(p) => paging = p,
-            }
-        }
+        self.head(TimelineOf::User, uid.0).await
     }
 
     async fn timeline(
@@ -581,39 +649,7 @@ impl Store for ScyllaStore {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let Some(first) = after.0.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        if limit == 0 || first > MAX_ORDERED {
-            // No stored seq exceeds MAX_ORDERED.
-            return Ok(Vec::new());
-        }
-        let after = b(after.0);
-        let from = b(timeline_bucket(first));
-        let mut out = Vec::with_capacity(limit.min(256));
-        let mut paging = PagingState::start();
-        loop {
-            let (rows, next) = self
-                .page(
-                    self.inner.st.read(Read::BucketsFrom),
-                    (b(uid.0), from),
-                    paging,
-                    "timeline_bucket",
-                )
-                .await?;
-            for row in typed_rows::<(i64,)>(&rows, "timeline_bucket")? {
-                let (bucket,) = row.map_err(|e| corrupt(format!("timeline_bucket/{uid}"), e))?;
-                self.read_bucket(uid, bucket, after, limit, &mut out)
-                    .await?;
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-            match next.into_paging_control_flow() {
-                std::ops::ControlFlow::Break(()) => return Ok(out),
-                std::ops::ControlFlow::Continue(p) => paging = p,
-            }
-        }
+        self.range(TimelineOf::User, uid.0, after, limit).await
     }
 
     async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
@@ -815,6 +851,50 @@ impl Store for ScyllaStore {
         let mut out: Vec<GroupId> = rows.into_iter().map(|(g,)| GroupId(g as u64)).collect();
         out.sort_unstable();
         Ok(out)
+    }
+
+    async fn large_groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
+        let rows: Vec<(i64,)> = self
+            .scan(
+                self.inner.st.read(Read::LargeGroups),
+                uid.0,
+                "user_large_groups",
+            )
+            .await?;
+        let mut out: Vec<GroupId> = rows.into_iter().map(|(g,)| GroupId(g as u64)).collect();
+        // Clustered by the signed bigint: gids above i64::MAX come first. Unsigned order here.
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError> {
+        self.head(TimelineOf::Group, group.0).await
+    }
+
+    async fn group_timeline(
+        &self,
+        group: GroupId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.range(TimelineOf::Group, group.0, after, limit).await
+    }
+
+    async fn group_read(&self, uid: UserId, group: GroupId) -> Result<Seq, StoreError> {
+        let rows = self
+            .point(
+                self.inner.st.read(Read::GroupCursor),
+                (b(uid.0), b(group.0)),
+                "group_reads",
+            )
+            .await?;
+        match typed_rows::<(i64,)>(&rows, "group_reads")?.next() {
+            Some(row) => {
+                let (seq,) = row.map_err(|e| corrupt(format!("group_reads/{uid}/{group}"), e))?;
+                Ok(Seq(seq as u64))
+            }
+            None => Ok(Seq(0)),
+        }
     }
 
     async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {

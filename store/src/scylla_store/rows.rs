@@ -18,10 +18,11 @@ use crate::StoreError;
 pub(super) const TIMELINE_BUCKET_SEQS: u64 = 100_000;
 
 /// Largest value a column whose order matters may hold (seq, bucket, outbox msg_id, push-watch
-/// seq, org version).
+/// seq, org version, group timeline seq and bucket).
 pub(super) const MAX_ORDERED: u64 = i64::MAX as u64;
 
-/// Bucket (second partition-key column) of `seq` in the timeline.
+/// Bucket (second partition-key column) of `seq` in a timeline: a user's (`timeline`) or a
+/// large group's (`group_timeline`), both partitioned the same way.
 pub(super) fn timeline_bucket(seq: u64) -> u64 {
     seq / TIMELINE_BUCKET_SEQS
 }
@@ -178,10 +179,40 @@ pub(super) enum Row {
     OrgDelete {
         version: i64,
     },
+    /// `uid → gid` among the large groups of `uid` ([`LargeMember`](crate::Op::LargeMember)).
+    UserLargeGroupPut {
+        uid: i64,
+        gid: i64,
+    },
+    /// Cleared by [`LargeMember`](crate::Op::LargeMember) `on = false` or a
+    /// [`MemberDelete`](crate::Op::MemberDelete).
+    UserLargeGroupDelete {
+        uid: i64,
+        gid: i64,
+    },
+    /// A bucket of a large group's timeline exists (like [`Row::Bucket`] for a user's).
+    GroupBucket {
+        gid: i64,
+        bucket: i64,
+    },
+    /// A post of a large group ([`GroupAppend`](crate::Op::GroupAppend)).
+    GroupTimeline {
+        gid: i64,
+        bucket: i64,
+        seq: i64,
+        msg: Vec<u8>,
+    },
+    /// The read cursor of `uid` in large group `gid` ([`GroupRead`](crate::Op::GroupRead)).
+    GroupRead {
+        uid: i64,
+        gid: i64,
+        seq: i64,
+    },
 }
 
 /// The primary key a [`Row`] writes (the put and the delete of one outbox entry, membership,
-/// index entry, mute, push token, push watch or org record version share a key).
+/// index entry, large-group index entry, mute, push token, push watch or org record version
+/// share a key).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Key {
     IdFloor(i32),
@@ -204,6 +235,14 @@ pub(super) enum Key {
     PushWatch(i32, i64, i64),
     /// version (in partition [`ORG_PARTITION`])
     Org(i64),
+    /// (uid, gid)
+    UserLargeGroup(i64, i64),
+    /// (gid, bucket)
+    GroupBucket(i64, i64),
+    /// (gid, seq)
+    GroupTimeline(i64, i64),
+    /// (uid, gid)
+    GroupRead(i64, i64),
 }
 
 /// Estimated bytes of a statement in a batch beyond its values (statement id, lengths,
@@ -237,6 +276,11 @@ impl Row {
             Row::PushTokenDelete { .. } => Phase::PushTokenDelete,
             Row::PushWatchDelete { .. } => Phase::PushWatchDelete,
             Row::OrgDelete { .. } => Phase::OrgDelete,
+            Row::UserLargeGroupPut { .. } => Phase::UserLargeGroupPut,
+            Row::UserLargeGroupDelete { .. } => Phase::UserLargeGroupDelete,
+            Row::GroupBucket { .. } => Phase::GroupBucket,
+            Row::GroupTimeline { .. } => Phase::GroupTimeline,
+            Row::GroupRead { .. } => Phase::GroupRead,
         }
     }
 
@@ -270,6 +314,12 @@ impl Row {
                 Key::PushWatch(*shard, *uid, *seq)
             }
             Row::OrgPut { version, .. } | Row::OrgDelete { version } => Key::Org(*version),
+            Row::UserLargeGroupPut { uid, gid } | Row::UserLargeGroupDelete { uid, gid } => {
+                Key::UserLargeGroup(*uid, *gid)
+            }
+            Row::GroupBucket { gid, bucket } => Key::GroupBucket(*gid, *bucket),
+            Row::GroupTimeline { gid, seq, .. } => Key::GroupTimeline(*gid, *seq),
+            Row::GroupRead { uid, gid, .. } => Key::GroupRead(*uid, *gid),
         }
     }
 
@@ -278,12 +328,12 @@ impl Row {
         ROW_OVERHEAD
             + match self {
                 Row::IdFloor { .. } => 12,
-                Row::SeqBound { .. } | Row::Bucket { .. } => 16,
+                Row::SeqBound { .. } | Row::Bucket { .. } | Row::GroupBucket { .. } => 16,
                 Row::OutboxPut {
                     recipients, msg, ..
                 } => 12 + 8 * recipients.len() + msg.len(),
-                Row::Timeline { msg, .. } => 24 + msg.len(),
-                Row::MsgIdx { .. } => 24,
+                Row::Timeline { msg, .. } | Row::GroupTimeline { msg, .. } => 24 + msg.len(),
+                Row::MsgIdx { .. } | Row::GroupRead { .. } => 24,
                 Row::Cursor { device_id, .. } => 16 + device_id.len(),
                 Row::OutboxDelete { .. } => 12,
                 Row::Dedup { .. } => 48,
@@ -294,7 +344,9 @@ impl Row {
                 | Row::UserGroupDelete { .. }
                 | Row::MemberDelete { .. }
                 | Row::MutePut { .. }
-                | Row::MuteDelete { .. } => 16,
+                | Row::MuteDelete { .. }
+                | Row::UserLargeGroupPut { .. }
+                | Row::UserLargeGroupDelete { .. } => 16,
                 Row::FlagPut { .. } | Row::FlagDelete { .. } => 10,
                 Row::MemberPut { .. } => 26,
                 Row::PushTokenPut {
@@ -391,6 +443,17 @@ impl SerializeRow for Row {
                 (ORG_PARTITION, version, record.as_slice()).serialize(ctx, w)
             }
             Row::OrgDelete { version } => (ORG_PARTITION, version).serialize(ctx, w),
+            Row::UserLargeGroupPut { uid, gid } | Row::UserLargeGroupDelete { uid, gid } => {
+                (uid, gid).serialize(ctx, w)
+            }
+            Row::GroupBucket { gid, bucket } => (gid, bucket).serialize(ctx, w),
+            Row::GroupTimeline {
+                gid,
+                bucket,
+                seq,
+                msg,
+            } => (gid, bucket, seq, msg.as_slice()).serialize(ctx, w),
+            Row::GroupRead { uid, gid, seq } => (uid, gid, seq).serialize(ctx, w),
         }
     }
 

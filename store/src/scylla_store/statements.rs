@@ -16,7 +16,7 @@ const BUCKET_PAGE: i32 = 64;
 const OUTBOX_PAGE: i32 = 256;
 /// Half of [`im_shared::proto::MAX_GROUP_MEMBERS`]: a full group is read in two pages.
 const MEMBERS_PAGE: i32 = 1000;
-/// The per-user lists (groups of a user, mutes, push tokens, device cursors).
+/// The per-user lists (groups and large groups of a user, mutes, push tokens, device cursors).
 const USER_LIST_PAGE: i32 = 512;
 /// Push watches of a shard: tiny rows, live for seconds each.
 const PUSH_WATCH_PAGE: i32 = 1000;
@@ -36,21 +36,26 @@ pub(super) struct Statements {
 
 impl Phase {
     /// Every phase, in order (`Phase::ALL[p as usize] == p`).
-    pub(super) const ALL: [Phase; 24] = [
+    pub(super) const ALL: [Phase; 29] = [
         Phase::IdFloor,
         Phase::SeqBound,
         Phase::GroupPut,
         Phase::OrgPut,
         Phase::UserGroupPut,
+        Phase::UserLargeGroupPut,
         Phase::MemberPut,
         Phase::MemberDelete,
         Phase::UserGroupDelete,
+        Phase::UserLargeGroupDelete,
         Phase::Bucket,
         Phase::OutboxPut,
         Phase::Timeline,
         Phase::PushWatchPut,
         Phase::MsgIdx,
+        Phase::GroupBucket,
+        Phase::GroupTimeline,
         Phase::Cursor,
+        Phase::GroupRead,
         Phase::MutePut,
         Phase::MuteDelete,
         Phase::FlagPut,
@@ -84,6 +89,9 @@ impl Phase {
             Phase::UserGroupPut => {
                 format!("INSERT INTO {ks}.user_groups (uid, gid) VALUES (?, ?)")
             }
+            Phase::UserLargeGroupPut => {
+                format!("INSERT INTO {ks}.user_large_groups (uid, gid) VALUES (?, ?)")
+            }
             Phase::MemberPut => format!(
                 "INSERT INTO {ks}.group_members (gid, uid, role, joined_ms) VALUES (?, ?, ?, ?)"
             ),
@@ -92,6 +100,9 @@ impl Phase {
             }
             Phase::UserGroupDelete => {
                 format!("DELETE FROM {ks}.user_groups WHERE uid = ? AND gid = ?")
+            }
+            Phase::UserLargeGroupDelete => {
+                format!("DELETE FROM {ks}.user_large_groups WHERE uid = ? AND gid = ?")
             }
             Phase::Bucket => {
                 format!("INSERT INTO {ks}.timeline_bucket (uid, bucket) VALUES (?, ?)")
@@ -108,8 +119,17 @@ impl Phase {
             Phase::MsgIdx => {
                 format!("INSERT INTO {ks}.msgidx (uid, msg_id, seq) VALUES (?, ?, ?)")
             }
+            Phase::GroupBucket => {
+                format!("INSERT INTO {ks}.group_timeline_bucket (gid, bucket) VALUES (?, ?)")
+            }
+            Phase::GroupTimeline => format!(
+                "INSERT INTO {ks}.group_timeline (gid, bucket, seq, msg) VALUES (?, ?, ?, ?)"
+            ),
             Phase::Cursor => {
                 format!("INSERT INTO {ks}.cursor (uid, device_id, seq) VALUES (?, ?, ?)")
+            }
+            Phase::GroupRead => {
+                format!("INSERT INTO {ks}.group_reads (uid, gid, seq) VALUES (?, ?, ?)")
             }
             Phase::MutePut => format!("INSERT INTO {ks}.mutes (uid, peer) VALUES (?, ?)"),
             Phase::MuteDelete => format!("DELETE FROM {ks}.mutes WHERE uid = ? AND peer = ?"),
@@ -208,8 +228,79 @@ pub(super) enum Read {
     IdFloor,
     /// Org records above a version, in version order, up to a limit.
     OrgAfter,
+    /// Every large group of a user (`user_large_groups`).
+    LargeGroups,
+    /// The buckets of a large group's timeline from one up, as [`Read::BucketsFrom`].
+    GroupBucketsFrom,
+    /// The buckets of a large group's timeline from the highest down, as [`Read::BucketsDesc`].
+    GroupBucketsDesc,
+    /// Posts of one bucket of a large group's timeline above a seq, as [`Read::TimelineAfter`].
+    GroupTimelineAfter,
+    /// The last post of one bucket of a large group's timeline, as [`Read::TimelineLast`].
+    GroupTimelineLast,
+    /// The read cursor of a user in a large group (`group_reads`).
+    GroupCursor,
     /// The fence of a node: a `LOCAL_SERIAL` (Paxos) read, see [`Read::consistency`].
     Fence,
+}
+
+/// The two bucketed timelines, stored and read the same way (see **Timelines** in the module docs
+/// of [`ScyllaStore`](super::ScyllaStore)): a user's (`timeline`, `timeline_bucket`) and a large
+/// group's (`group_timeline`, `group_timeline_bucket`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TimelineOf {
+    User,
+    Group,
+}
+
+impl TimelineOf {
+    /// The table of the entries (also the name of its reads in errors).
+    pub(super) fn table(self) -> &'static str {
+        match self {
+            TimelineOf::User => "timeline",
+            TimelineOf::Group => "group_timeline",
+        }
+    }
+
+    /// The table of the buckets that exist.
+    pub(super) fn bucket_table(self) -> &'static str {
+        match self {
+            TimelineOf::User => "timeline_bucket",
+            TimelineOf::Group => "group_timeline_bucket",
+        }
+    }
+
+    /// The buckets from one up.
+    pub(super) fn buckets_from(self) -> Read {
+        match self {
+            TimelineOf::User => Read::BucketsFrom,
+            TimelineOf::Group => Read::GroupBucketsFrom,
+        }
+    }
+
+    /// The buckets from the highest down.
+    pub(super) fn buckets_desc(self) -> Read {
+        match self {
+            TimelineOf::User => Read::BucketsDesc,
+            TimelineOf::Group => Read::GroupBucketsDesc,
+        }
+    }
+
+    /// The entries of one bucket above a seq, up to a limit.
+    pub(super) fn after(self) -> Read {
+        match self {
+            TimelineOf::User => Read::TimelineAfter,
+            TimelineOf::Group => Read::GroupTimelineAfter,
+        }
+    }
+
+    /// The seq of the last entry of one bucket.
+    pub(super) fn last(self) -> Read {
+        match self {
+            TimelineOf::User => Read::TimelineLast,
+            TimelineOf::Group => Read::GroupTimelineLast,
+        }
+    }
 }
 
 /// Row types of the reads that name them in more than one place.
@@ -225,7 +316,7 @@ pub(super) type OrgRow = (i64, Vec<u8>);
 
 impl Read {
     /// Every read, in order (`Read::ALL[r as usize] == r`).
-    pub(super) const ALL: [Read; 20] = [
+    pub(super) const ALL: [Read; 26] = [
         Read::SeqBound,
         Read::BucketsFrom,
         Read::BucketsDesc,
@@ -245,6 +336,12 @@ impl Read {
         Read::PushTokens,
         Read::IdFloor,
         Read::OrgAfter,
+        Read::LargeGroups,
+        Read::GroupBucketsFrom,
+        Read::GroupBucketsDesc,
+        Read::GroupTimelineAfter,
+        Read::GroupTimelineLast,
+        Read::GroupCursor,
         Read::Fence,
     ];
 
@@ -296,6 +393,27 @@ impl Read {
                 "SELECT version, record FROM {ks}.org_records \
                  WHERE org = ? AND version > ? LIMIT ?"
             ),
+            Read::LargeGroups => {
+                format!("SELECT gid FROM {ks}.user_large_groups WHERE uid = ?")
+            }
+            Read::GroupBucketsFrom => format!(
+                "SELECT bucket FROM {ks}.group_timeline_bucket WHERE gid = ? AND bucket >= ?"
+            ),
+            Read::GroupBucketsDesc => format!(
+                "SELECT bucket FROM {ks}.group_timeline_bucket WHERE gid = ? \
+                 ORDER BY bucket DESC"
+            ),
+            Read::GroupTimelineAfter => format!(
+                "SELECT seq, msg FROM {ks}.group_timeline \
+                 WHERE gid = ? AND bucket = ? AND seq > ? LIMIT ?"
+            ),
+            Read::GroupTimelineLast => format!(
+                "SELECT seq FROM {ks}.group_timeline WHERE gid = ? AND bucket = ? \
+                 ORDER BY seq DESC LIMIT 1"
+            ),
+            Read::GroupCursor => {
+                format!("SELECT seq FROM {ks}.group_reads WHERE uid = ? AND gid = ?")
+            }
             Read::Fence => format!("SELECT incarnation FROM {ks}.writer_fence WHERE node = ?"),
         }
     }
@@ -315,15 +433,21 @@ impl Read {
     /// Page size of the reads that page (scans); point reads return at most one row.
     pub(super) fn page_size(self) -> Option<i32> {
         match self {
-            Read::BucketsFrom | Read::BucketsDesc => Some(BUCKET_PAGE),
-            Read::TimelineAfter => Some(TIMELINE_PAGE),
+            Read::BucketsFrom
+            | Read::BucketsDesc
+            | Read::GroupBucketsFrom
+            | Read::GroupBucketsDesc => Some(BUCKET_PAGE),
+            Read::TimelineAfter | Read::GroupTimelineAfter => Some(TIMELINE_PAGE),
             Read::Outbox => Some(OUTBOX_PAGE),
             Read::Members => Some(MEMBERS_PAGE),
             Read::PushWatches => Some(PUSH_WATCH_PAGE),
             Read::OrgAfter => Some(ORG_PAGE),
-            Read::UserGroups | Read::Mutes | Read::Flags | Read::PushTokens | Read::Cursors => {
-                Some(USER_LIST_PAGE)
-            }
+            Read::UserGroups
+            | Read::LargeGroups
+            | Read::Mutes
+            | Read::Flags
+            | Read::PushTokens
+            | Read::Cursors => Some(USER_LIST_PAGE),
             Read::SeqBound
             | Read::TimelineLast
             | Read::MsgIdx
@@ -331,6 +455,8 @@ impl Read {
             | Read::Cursor
             | Read::Group
             | Read::IdFloor
+            | Read::GroupTimelineLast
+            | Read::GroupCursor
             | Read::Fence => None,
         }
     }

@@ -18,7 +18,7 @@ use super::rows::{b, cas_outcome, timeline_bucket, Cas, Row, MAX_ORDERED, TIMELI
 use super::schema::{check_keyspace, schema_statements, SCHEMA_CQL};
 use super::statements::{
     CursorRow, Fence, FenceInsertValues, FenceRaiseValues, GroupRow, MemberRow, OrgRow,
-    PushTokenRow, PushWatchRow, Read,
+    PushTokenRow, PushWatchRow, Read, TimelineOf,
 };
 use crate::{DedupEntry, MemberRecord, Op, OutboxEntry, PushToken, StoreError};
 use im_shared::proto::CONV_C2C;
@@ -323,6 +323,11 @@ fn ordered_columns_refuse_values_above_i64_max() {
         org_put(u64::MAX, "d", Some(1)),
         // The replaced version too.
         org_put(5, "d", Some(too_big)),
+        // A large group's timeline is ordered by seq like a user's.
+        Op::GroupAppend {
+            group: GroupId(1),
+            msg: msg(too_big, 1, b""),
+        },
     ] {
         assert!(matches!(merge(vec![op]), Err(StoreError::Io(_))));
     }
@@ -634,12 +639,14 @@ fn member_ops_write_the_row_and_the_index() {
             },
         ]
     );
+    // A delete also removes the user's large-group index entry (as the embedded store does).
     let rows = merge(vec![member_delete(7, 3)]).expect("merge");
     assert_eq!(
         rows,
         vec![
             Row::UserGroupDelete { uid: 3, gid: 7 },
             Row::MemberDelete { gid: 7, uid: 3 },
+            Row::UserLargeGroupDelete { uid: 3, gid: 7 },
         ]
     );
     // Every u64 fits: ids are stored as their 64 bits, and sorted after reading.
@@ -657,23 +664,32 @@ fn member_ops_write_the_row_and_the_index() {
 
 #[test]
 fn member_put_and_delete_share_keys() {
-    // Delete then put: the member is back, in both tables.
+    // Delete then put: the member is back, in both tables; a put does not touch the large-group
+    // index, so the delete's removal of it stays.
     let rows = merge(vec![member_delete(7, 3), member_put(7, 3, 0)]).expect("merge");
     assert_eq!(
         phases(&rows),
-        vec![Phase::UserGroupPut, Phase::MemberPut],
+        vec![
+            Phase::UserGroupPut,
+            Phase::MemberPut,
+            Phase::UserLargeGroupDelete
+        ],
         "{rows:?}"
     );
-    // Put then delete: gone from both.
+    // Put then delete: gone from both (and from the large-group index).
     let rows = merge(vec![member_put(7, 3, 0), member_delete(7, 3)]).expect("merge");
     assert_eq!(
         phases(&rows),
-        vec![Phase::UserGroupDelete, Phase::MemberDelete]
+        vec![
+            Phase::UserGroupDelete,
+            Phase::MemberDelete,
+            Phase::UserLargeGroupDelete
+        ]
     );
     // Put, put: the later record.
     let rows = merge(vec![member_put(7, 3, 0), member_put(7, 3, 2)]).expect("merge");
     assert!(matches!(rows[1], Row::MemberPut { role: 2, .. }));
-    // The same uid in two groups, two uids in one group: four keys each.
+    // The same uid in two groups, two uids in one group: two keys per put, three per delete.
     let rows = merge(vec![
         member_put(7, 3, 0),
         member_put(8, 3, 0),
@@ -681,11 +697,11 @@ fn member_put_and_delete_share_keys() {
         member_delete(8, 4),
     ])
     .expect("merge");
-    assert_eq!(rows.len(), 8);
+    assert_eq!(rows.len(), 9);
     // A user-group index key is (uid, gid), a member key (gid, uid): uid 7 in group 3 is not
     // uid 3 in group 7.
     let rows = merge(vec![member_put(7, 3, 0), member_delete(3, 7)]).expect("merge");
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 5);
 }
 
 #[test]
@@ -794,6 +810,7 @@ fn plan_orders_group_rows_before_messages_and_dedup_last() {
             Phase::MemberPut,
             Phase::MemberDelete,
             Phase::UserGroupDelete,
+            Phase::UserLargeGroupDelete,
             Phase::Bucket,
             Phase::Bucket,
             Phase::OutboxPut,
@@ -970,6 +987,393 @@ fn plan_orders_org_puts_before_the_deletes_they_replace() {
     assert_eq!(flat, chunks[0]);
 }
 
+fn large_member(gid: u64, uid: u64, on: bool) -> Op {
+    Op::LargeMember {
+        group: GroupId(gid),
+        uid: UserId(uid),
+        on,
+    }
+}
+
+/// A post of large group `gid` at the group's `seq`.
+fn group_post(gid: u64, seq: u64, body: &[u8]) -> Message {
+    Message {
+        to: UserId(gid),
+        ..msg(seq, 9_000 + seq, body)
+    }
+}
+
+fn group_append(gid: u64, seq: u64) -> Op {
+    Op::GroupAppend {
+        group: GroupId(gid),
+        msg: group_post(gid, seq, b"post"),
+    }
+}
+
+fn group_read(uid: u64, gid: u64, seq: u64) -> Op {
+    Op::GroupRead {
+        uid: UserId(uid),
+        group: GroupId(gid),
+        seq: Seq(seq),
+    }
+}
+
+/// `LargeMember` on/off are the put and the delete of one `user_large_groups` key, which a
+/// `MemberDelete` deletes too: the later op wins, as in the embedded store.
+#[test]
+fn large_member_set_clear_and_member_delete_share_a_key() {
+    let rows = merge(vec![
+        large_member(7, 3, true),
+        large_member(7, 3, false),
+        large_member(8, 3, false),
+        large_member(8, 3, true),
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::UserLargeGroupDelete { uid: 3, gid: 7 },
+            Row::UserLargeGroupPut { uid: 3, gid: 8 },
+        ]
+    );
+    // Set, then the member is deleted: gone from the index too.
+    let rows = merge(vec![large_member(7, 3, true), member_delete(7, 3)]).expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::UserLargeGroupDelete { uid: 3, gid: 7 },
+            Row::UserGroupDelete { uid: 3, gid: 7 },
+            Row::MemberDelete { gid: 7, uid: 3 },
+        ]
+    );
+    // Deleted, then set again (a re-added member whose event came in the same batch): set.
+    let rows = merge(vec![member_delete(7, 3), large_member(7, 3, true)]).expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::UserGroupDelete { uid: 3, gid: 7 },
+            Row::MemberDelete { gid: 7, uid: 3 },
+            Row::UserLargeGroupPut { uid: 3, gid: 7 },
+        ]
+    );
+    // The key is (uid, gid), its own: not the reverse pair, not the user-group index's (a member
+    // put leaves the large-group entry alone); ids take every u64.
+    let rows = merge(vec![
+        large_member(7, 3, true),
+        large_member(3, 7, true),
+        member_put(7, 3, 0),
+        large_member(u64::MAX, u64::MAX - 1, true),
+    ])
+    .expect("merge");
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[0], Row::UserLargeGroupPut { uid: 3, gid: 7 });
+    assert_eq!(rows[4], Row::UserLargeGroupPut { uid: -2, gid: -1 });
+}
+
+/// A large group's post writes its bucket row and its timeline row, nothing of a user's
+/// timeline; posts at one seq merge (the later wins), as user timeline rows do.
+#[test]
+fn group_append_writes_bucket_and_timeline() {
+    let g = u64::MAX;
+    let replaced = group_post(g, 100_001, b"again");
+    let rows = merge(vec![
+        group_append(g, 100_001),
+        group_append(g, 100_002),
+        Op::GroupAppend {
+            group: GroupId(g),
+            msg: replaced.clone(),
+        },
+        group_append(5, 100_001),
+    ])
+    .expect("merge");
+    // Group ids take every u64 (a partition key, never ordered).
+    let buckets: Vec<_> = rows
+        .iter()
+        .filter(|r| r.phase() == Phase::GroupBucket)
+        .collect();
+    assert_eq!(
+        buckets,
+        vec![
+            &Row::GroupBucket { gid: -1, bucket: 1 },
+            &Row::GroupBucket { gid: 5, bucket: 1 }
+        ]
+    );
+    let posts: Vec<(i64, i64, i64, Message)> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Row::GroupTimeline {
+                gid,
+                bucket,
+                seq,
+                msg,
+            } => Some((
+                *gid,
+                *bucket,
+                *seq,
+                Message::decode(Bytes::from(msg.clone())).expect("decode"),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        posts,
+        vec![
+            (-1, 1, 100_001, replaced),
+            (-1, 1, 100_002, group_post(g, 100_002, b"post")),
+            (5, 1, 100_001, group_post(5, 100_001, b"post")),
+        ]
+    );
+    assert_eq!(rows.len(), 2 + 3, "two buckets, three posts, nothing else");
+    // A group and a user with the same id are different keys.
+    let rows = merge(vec![
+        Op::Append {
+            uid: UserId(5),
+            msg: msg(1, 1, b"u"),
+        },
+        group_append(5, 1),
+    ])
+    .expect("merge");
+    assert_eq!(
+        phases(&rows),
+        vec![
+            Phase::Bucket,
+            Phase::MsgIdx,
+            Phase::Timeline,
+            Phase::GroupBucket,
+            Phase::GroupTimeline
+        ]
+    );
+    // The largest storable seq is stored as it is, in its bucket.
+    let rows = merge(vec![group_append(1, MAX_ORDERED)]).expect("merge");
+    assert_eq!(
+        rows[0],
+        Row::GroupBucket {
+            gid: 1,
+            bucket: b(timeline_bucket(MAX_ORDERED))
+        }
+    );
+    assert!(matches!(rows[1], Row::GroupTimeline { seq: i64::MAX, .. }));
+}
+
+/// The read cursor of a large group is a plain value per (uid, gid): the later write wins
+/// within a batch (also a lower seq), as for device cursors.
+#[test]
+fn group_read_later_write_wins_like_cursor() {
+    let rows = merge(vec![
+        group_read(1, 5, 9),
+        group_read(2, 5, 1),
+        group_read(1, 5, 3),
+        group_read(1, 6, 4),
+        group_read(5, 1, 8),
+        Op::Cursor {
+            uid: UserId(1),
+            device_id: "5".into(),
+            seq: Seq(7),
+        },
+    ])
+    .expect("merge");
+    assert_eq!(
+        rows,
+        vec![
+            Row::GroupRead {
+                uid: 1,
+                gid: 5,
+                seq: 3
+            },
+            Row::GroupRead {
+                uid: 2,
+                gid: 5,
+                seq: 1
+            },
+            Row::GroupRead {
+                uid: 1,
+                gid: 6,
+                seq: 4
+            },
+            Row::GroupRead {
+                uid: 5,
+                gid: 1,
+                seq: 8
+            },
+            Row::Cursor {
+                uid: 1,
+                device_id: "5".into(),
+                seq: 7
+            },
+        ]
+    );
+    // Every u64, like a device cursor (read back as the same bits).
+    assert_eq!(
+        merge(vec![group_read(u64::MAX, u64::MAX, u64::MAX)]).expect("merge"),
+        vec![Row::GroupRead {
+            uid: -1,
+            gid: -1,
+            seq: -1
+        }]
+    );
+}
+
+/// Large-group rows in a round: the index entries with the user-group index (before the
+/// memberships and every timeline row), the group's posts after the users' timeline rows and
+/// fan-outs and before the dedup entries, the read cursors with the device cursors.
+#[test]
+fn plan_orders_large_group_rows() {
+    let mut ops = round_ops();
+    ops.extend([
+        group_read(1, 5, 2),
+        group_append(5, 1),
+        large_member(5, 3, true),
+        member_put(5, 3, 0),
+        large_member(6, 3, false),
+        member_delete(7, 4),
+    ]);
+    let chunks = plan(ops.clone(), DEFAULT_MAX_BATCH_BYTES).expect("plan");
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(
+        phases(&chunks[0]),
+        vec![
+            Phase::IdFloor,
+            Phase::SeqBound,
+            Phase::UserGroupPut,
+            Phase::UserLargeGroupPut,
+            Phase::MemberPut,
+            Phase::MemberDelete,
+            Phase::UserGroupDelete,
+            Phase::UserLargeGroupDelete,
+            Phase::UserLargeGroupDelete,
+            Phase::Bucket,
+            Phase::Bucket,
+            Phase::OutboxPut,
+            Phase::Timeline,
+            Phase::Timeline,
+            Phase::PushWatchPut,
+            Phase::MsgIdx,
+            Phase::MsgIdx,
+            Phase::GroupBucket,
+            Phase::GroupTimeline,
+            Phase::Cursor,
+            Phase::GroupRead,
+            Phase::OutboxDelete,
+            Phase::PushWatchDelete,
+            Phase::Dedup,
+        ]
+    );
+    // Within a phase, op order: the cleared entry (uid 3, group 6) before the member delete's.
+    let deletes: Vec<&Row> = chunks[0]
+        .iter()
+        .filter(|r| r.phase() == Phase::UserLargeGroupDelete)
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![
+            &Row::UserLargeGroupDelete { uid: 3, gid: 6 },
+            &Row::UserLargeGroupDelete { uid: 4, gid: 7 },
+        ]
+    );
+    // Split into single statements, or at any bound: same order.
+    let flat: Vec<Row> = plan(ops.clone(), 1)
+        .expect("plan")
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(flat, chunks[0]);
+    for max in [60, 100, 200] {
+        let flat: Vec<Row> = plan(ops.clone(), max)
+            .expect("plan")
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(flat, chunks[0], "max {max}");
+    }
+}
+
+/// Large groups' posts are split by size like user timeline rows: a round of big posts becomes
+/// several logged batches, each under the bound, buckets before posts.
+#[test]
+fn plan_of_large_group_posts() {
+    let ops: Vec<Op> = (1..=20u64)
+        .map(|seq| Op::GroupAppend {
+            group: GroupId(9),
+            msg: group_post(9, seq, &vec![seq as u8; 60 * 1024]),
+        })
+        .collect();
+    let chunks = plan(ops, DEFAULT_MAX_BATCH_BYTES).expect("plan");
+    assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+    for c in &chunks {
+        let size: usize = c.iter().map(Row::size).sum();
+        assert!(size <= DEFAULT_MAX_BATCH_BYTES);
+    }
+    let p: Vec<Phase> = chunks.iter().flatten().map(Row::phase).collect();
+    assert_eq!(p[0], Phase::GroupBucket, "one bucket row, first");
+    assert!(p[1..].iter().all(|x| *x == Phase::GroupTimeline));
+    assert_eq!(p.len(), 1 + 20);
+}
+
+/// A user's timeline and a large group's are read with the same statements on their own
+/// tables (see `ScyllaStore::head` and `ScyllaStore::range`).
+#[test]
+fn user_and_group_timelines_are_read_alike() {
+    let ks = "im";
+    for tl in [TimelineOf::User, TimelineOf::Group] {
+        let (t, bt) = (tl.table(), tl.bucket_table());
+        let from = tl.buckets_from().cql(ks);
+        assert!(
+            from.starts_with(&format!("SELECT bucket FROM {ks}.{bt} WHERE ")),
+            "{from}"
+        );
+        assert!(from.ends_with(" AND bucket >= ?"), "{from}");
+        let desc = tl.buckets_desc().cql(ks);
+        assert!(
+            desc.starts_with(&format!("SELECT bucket FROM {ks}.{bt} WHERE ")),
+            "{desc}"
+        );
+        assert!(desc.ends_with(" ORDER BY bucket DESC"), "{desc}");
+        let after = tl.after().cql(ks);
+        assert!(
+            after.starts_with(&format!("SELECT seq, msg FROM {ks}.{t} WHERE ")),
+            "{after}"
+        );
+        assert!(
+            after.ends_with(" AND bucket = ? AND seq > ? LIMIT ?"),
+            "{after}"
+        );
+        let last = tl.last().cql(ks);
+        assert!(
+            last.starts_with(&format!("SELECT seq FROM {ks}.{t} WHERE ")),
+            "{last}"
+        );
+        assert!(
+            last.ends_with(" AND bucket = ? ORDER BY seq DESC LIMIT 1"),
+            "{last}"
+        );
+        // Scans page, the last-entry read is a point read.
+        assert!(tl.buckets_from().page_size().is_some());
+        assert!(tl.buckets_desc().page_size().is_some());
+        assert!(tl.after().page_size().is_some());
+        assert_eq!(tl.last().page_size(), None);
+    }
+    // The group's statements are the user's on the group's tables, keyed by gid.
+    let group = |r: Read| r.cql(ks).replace("im.timeline", "im.group_timeline");
+    for (user, grp) in [
+        (Read::BucketsFrom, Read::GroupBucketsFrom),
+        (Read::BucketsDesc, Read::GroupBucketsDesc),
+        (Read::TimelineAfter, Read::GroupTimelineAfter),
+        (Read::TimelineLast, Read::GroupTimelineLast),
+    ] {
+        assert_eq!(group(user).replace("uid = ?", "gid = ?"), grp.cql(ks));
+    }
+    assert_eq!(
+        Read::LargeGroups.cql(ks),
+        "SELECT gid FROM im.user_large_groups WHERE uid = ?"
+    );
+    assert_eq!(
+        Read::GroupCursor.cql(ks),
+        "SELECT seq FROM im.group_reads WHERE uid = ? AND gid = ?"
+    );
+    assert!(Read::LargeGroups.page_size().is_some(), "a scan");
+    assert_eq!(Read::GroupCursor.page_size(), None, "a point read");
+}
+
 /// Columns (name, CQL type), primary key and partition key columns of every table of the
 /// schema file.
 struct Table {
@@ -1086,6 +1490,10 @@ fn every_kind_of_op() -> Vec<Op> {
         },
         token_op(1, "phone", 1, "t"),
         token_op(1, "pad", 1, ""),
+        large_member(5, 1, true),
+        large_member(7, 1, false),
+        group_append(5, 1),
+        group_read(1, 5, 1),
     ]);
     ops
 }
@@ -1211,9 +1619,14 @@ fn read_statements_match_the_schema_and_the_row_types() {
             | Read::UserGroups
             | Read::Mutes
             | Read::IdFloor
+            | Read::LargeGroups
+            | Read::GroupBucketsFrom
+            | Read::GroupBucketsDesc
+            | Read::GroupTimelineLast
+            | Read::GroupCursor
             | Read::Fence => <(i64,)>::type_check(&specs),
             Read::Flags => <(i16,)>::type_check(&specs),
-            Read::TimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
+            Read::TimelineAfter | Read::GroupTimelineAfter => <(i64, Vec<u8>)>::type_check(&specs),
             Read::Dedup => <(i64, i64, i64, i64)>::type_check(&specs),
             Read::Outbox => <(i64, Option<Vec<i64>>, Vec<u8>)>::type_check(&specs),
             Read::Group => GroupRow::type_check(&specs),
@@ -1450,6 +1863,10 @@ fn schema_file_is_loaded_for_any_keyspace() {
             "group_info",
             "group_members",
             "user_groups",
+            "user_large_groups",
+            "group_timeline",
+            "group_timeline_bucket",
+            "group_reads",
             "mutes",
             "user_flags",
             "push_tokens",
@@ -1492,6 +1909,14 @@ fn schema_file_is_loaded_for_any_keyspace() {
     assert!(table("group_members").contains("PRIMARY KEY ((gid), uid)"));
     assert!(table("group_members").contains("role smallint"));
     assert!(table("user_groups").contains("PRIMARY KEY ((uid), gid)"));
+    assert!(table("user_large_groups").contains("PRIMARY KEY ((uid), gid)"));
+    assert!(table("group_timeline").contains("PRIMARY KEY ((gid, bucket), seq)"));
+    assert!(table("group_timeline").contains("msg blob"));
+    assert!(table("group_timeline").contains("CLUSTERING ORDER BY (seq ASC)"));
+    assert!(table("group_timeline_bucket").contains("PRIMARY KEY ((gid), bucket)"));
+    assert!(table("group_timeline_bucket").contains("CLUSTERING ORDER BY (bucket ASC)"));
+    assert!(table("group_reads").contains("PRIMARY KEY ((uid), gid)"));
+    assert!(table("group_reads").contains("seq bigint"));
     assert!(table("mutes").contains("PRIMARY KEY ((uid), peer)"));
     assert!(table("push_tokens").contains("PRIMARY KEY ((uid), device_id)"));
     assert!(table("push_tokens").contains("provider smallint"));

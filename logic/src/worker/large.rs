@@ -1,0 +1,494 @@
+//! Large groups (read diffusion). A group with more than `large_group_threshold` members keeps
+//! one timeline of its own, written once per post by its owner ([`Op::GroupAppend`]), instead of
+//! an append to every member's timeline. Members:
+//! - get the posts live while online: the owner sends each round's posts once to every worker
+//!   of the cluster ([`WorkerMsg::GroupLive`]), and each worker hands them to the devices of its
+//!   own online members of the group ([`LargeIndex`]), one frame shared by all;
+//! - learn at login where each of their large groups stands (`GroupHeads`, from each group's
+//!   owner, with the read cursor their own shard keeps) and read what they missed with
+//!   `GroupSync`; mark what they read with `GroupRead`.
+//!
+//! A user's shard knows which of its user's groups are large from the user's own timeline: the
+//! `BecameLarge` event (sent to every member at the switch, and to every member added later)
+//! sets the user's `uid → large group` index entry in the batch that appends it, and the event of
+//! the user's removal clears it (`large_event_appended`). So the index lives with the user, in
+//! its node's store, written durably in order with its timeline, whatever node owns the group.
+//!
+//! The switch happens inside one owner round, at the add that takes the group past the
+//! threshold: every member up to then gets a last write-diffused event (`BecameLarge`) after
+//! every earlier post (the owner orders all of a group's messages and fans them out FIFO), and
+//! the group's own timeline starts at seq 1 with the same marker. A post is therefore in exactly
+//! one place for every member: before the marker in its own timeline, after it in the group's.
+//! Membership changes of a large group cost O(changed members): the members concerned get a
+//! personal event, everyone else sees one entry in the group's timeline.
+
+use std::collections::{HashMap, HashSet};
+
+use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT, ROLE_MEMBER};
+use im_store::MemberRecord;
+
+use super::*;
+
+/// Members per `GroupMembersPage` when the client asks for 0, and the most it may ask for; also
+/// the members a `GroupInfoReply` lists for a large group.
+pub const MEMBERS_PAGE: usize = 1000;
+
+/// This worker's online users in large groups, both ways.
+#[derive(Default)]
+pub(super) struct LargeIndex {
+    /// Online users of this worker in each large group.
+    online: HashMap<GroupId, HashSet<UserId>>,
+    /// The large groups of each online user of this worker.
+    of: HashMap<UserId, Vec<GroupId>>,
+}
+
+impl LargeIndex {
+    fn add(&mut self, uid: UserId, g: GroupId) {
+        let gs = self.of.entry(uid).or_default();
+        if !gs.contains(&g) {
+            gs.push(g);
+        }
+        self.online.entry(g).or_default().insert(uid);
+    }
+
+    fn remove(&mut self, uid: UserId, g: GroupId) {
+        if let Some(gs) = self.of.get_mut(&uid) {
+            gs.retain(|x| *x != g);
+        }
+        if let Some(us) = self.online.get_mut(&g) {
+            us.remove(&uid);
+            if us.is_empty() {
+                self.online.remove(&g);
+            }
+        }
+    }
+
+    /// `uid`'s last device went away.
+    pub(super) fn offline(&mut self, uid: UserId) {
+        for g in self.of.remove(&uid).unwrap_or_default() {
+            if let Some(us) = self.online.get_mut(&g) {
+                us.remove(&uid);
+                if us.is_empty() {
+                    self.online.remove(&g);
+                }
+            }
+        }
+    }
+
+    /// The large groups of an online user (none for an offline one).
+    pub(super) fn groups_of(&self, uid: UserId) -> &[GroupId] {
+        self.of.get(&uid).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub(super) fn is_online(&self, uid: UserId) -> bool {
+        self.of.contains_key(&uid)
+    }
+
+    /// Online users of this worker in `g`.
+    #[cfg(test)]
+    pub(super) fn online_in(&self, g: GroupId) -> usize {
+        self.online.get(&g).map_or(0, HashSet::len)
+    }
+}
+
+/// A large group's state on its owner.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Large {
+    /// Seq of the group timeline's last post.
+    pub(super) head: u64,
+    /// Posting rate limit (GCRA): the theoretical arrival time of the next post, in µs.
+    tat_us: u64,
+}
+
+impl Large {
+    pub(super) fn at(head: u64) -> Large {
+        Large { head, tat_us: 0 }
+    }
+
+    /// Whether a post at `now_ms` fits `per_sec` posts a second with a burst of as many.
+    fn admit(&mut self, now_ms: u64, per_sec: u32) -> bool {
+        let per_sec = u64::from(per_sec.max(1));
+        let interval = 1_000_000 / per_sec;
+        let now = now_ms.saturating_mul(1000);
+        let tat = self.tat_us.max(now);
+        if tat - now > interval * (per_sec - 1) {
+            return false;
+        }
+        self.tat_us = tat + interval;
+        true
+    }
+}
+
+impl<S: Store> Worker<S> {
+    /// The large groups of `uid` (from the index when it is online here, else the store) with
+    /// `uid`'s read cursor in each: what a device that logs in is told about (`GroupHeads`).
+    pub(super) async fn large_reads(&self, uid: UserId) -> Result<Vec<(GroupId, Seq)>, StoreError> {
+        let groups = if self.large.is_online(uid) {
+            self.large.groups_of(uid).to_vec()
+        } else {
+            self.store.large_groups_of(uid).await?
+        };
+        let mut out = Vec::with_capacity(groups.len());
+        for group in groups {
+            out.push((group, self.store.group_read(uid, group).await?));
+        }
+        Ok(out)
+    }
+
+    /// A device of `uid` logged in on `conn`: index the user's large groups (first device) and
+    /// ask each group's owner to push the device its head, after the `LoginResult`.
+    pub(super) fn large_login(
+        &mut self,
+        uid: UserId,
+        conn: ConnId,
+        reads: Vec<(GroupId, Seq)>,
+        first: bool,
+        round: &mut Round,
+    ) {
+        for (group, read) in reads {
+            if first {
+                self.large.add(uid, group);
+            }
+            round.heads_out.push(GroupReq {
+                group,
+                actor: uid,
+                admin: false,
+                reply: Reply::Conn { conn, req_id: 0 },
+                op: GroupOp::Head { read },
+            });
+        }
+    }
+
+    /// Owner side: the head of a large group for a member's device that logged in.
+    pub(super) fn large_head(
+        &mut self,
+        group: GroupId,
+        read: Seq,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let Some(l) = self.groups[&group].large else {
+            return;
+        };
+        if let Reply::Conn { conn, .. } = reply {
+            let heads = vec![GroupHead {
+                group,
+                head: Seq(l.head),
+                read,
+            }];
+            round.send(conn, Command::GroupHeads { heads }.to_bytes(0));
+        }
+    }
+
+    /// User side: a group event reached `r`'s timeline (in this round's batch). `BecameLarge`
+    /// makes `r` a member of a large group, the event of `r`'s removal ends it: the user's index
+    /// entry is written with the event, and live posts reach `r`'s devices from now on (or no
+    /// longer). The owner sends its posts after the event on the same FIFO channel.
+    pub(super) fn large_event_appended(&mut self, r: UserId, m: &Message, round: &mut Round) {
+        let Ok(e) = GroupEvent::decode(m.body.clone()) else {
+            return;
+        };
+        let group = GroupId(m.to.0);
+        let on = match e.kind {
+            GroupEventKind::BecameLarge => true,
+            GroupEventKind::MembersRemoved | GroupEventKind::MemberLeft if e.users.contains(&r) => {
+                false
+            }
+            _ => return,
+        };
+        round.batch.push(Op::LargeMember { group, uid: r, on });
+        if !self.routes.contains_key(&r) {
+            return;
+        }
+        if on {
+            self.large.add(r, group);
+        } else {
+            self.large.remove(r, group);
+        }
+    }
+
+    /// Owner side: `g` passes the threshold. Its members so far get the `BecameLarge` marker
+    /// as the last entry of their timelines for this group, and the group's timeline starts
+    /// with it; their workers learn that they are members of a large group.
+    pub(super) fn make_large(&mut self, group: GroupId, actor: UserId, round: &mut Round) {
+        let members: Vec<UserId> = self.groups[&group].members.keys().copied().collect();
+        let g = self.groups.get_mut(&group).expect("loaded");
+        g.large = Some(Large::at(0));
+        Metrics::inc(&self.metrics.groups_made_large);
+        tracing::info!(
+            group = group.0,
+            members = members.len(),
+            "group is now large"
+        );
+        self.group_event(
+            group,
+            actor,
+            GroupEventKind::BecameLarge,
+            Vec::new(),
+            members,
+            round,
+        );
+        self.large_event(group, actor, GroupEventKind::BecameLarge, Vec::new(), round);
+    }
+
+    /// Owner side: adds members to a large group (the caller checked the limits).
+    pub(super) fn large_add(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        new: Vec<UserId>,
+        round: &mut Round,
+    ) {
+        let now = self.now;
+        for &u in &new {
+            self.groups
+                .get_mut(&group)
+                .expect("loaded")
+                .members
+                .insert(u, ROLE_MEMBER);
+            round.batch.push(Op::MemberPut {
+                group,
+                member: MemberRecord {
+                    uid: u,
+                    role: ROLE_MEMBER,
+                    joined_ms: now,
+                },
+            });
+        }
+        // The new members learn it in their own timelines (that they were added, then that this
+        // group's posts are in its own timeline); the others from the group's timeline.
+        self.group_event(
+            group,
+            actor,
+            GroupEventKind::MembersAdded,
+            new.clone(),
+            new.clone(),
+            round,
+        );
+        self.group_event(
+            group,
+            actor,
+            GroupEventKind::BecameLarge,
+            Vec::new(),
+            new.clone(),
+            round,
+        );
+        self.large_event(group, actor, GroupEventKind::MembersAdded, new, round);
+    }
+
+    /// Owner side: members of a large group are gone (`MemberDelete`s already in the batch):
+    /// they get the event in their timelines, the others in the group's.
+    pub(super) fn large_removed(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        gone: Vec<UserId>,
+        kind: GroupEventKind,
+        round: &mut Round,
+    ) {
+        self.group_event(group, actor, kind, gone.clone(), gone.clone(), round);
+        self.large_event(group, actor, kind, gone, round);
+    }
+
+    /// Owner side: a group event stored once in a large group's timeline and sent live.
+    pub(super) fn large_event(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        kind: GroupEventKind,
+        users: Vec<UserId>,
+        round: &mut Round,
+    ) {
+        let now = self.now;
+        let msg = Message {
+            seq: Seq(0),
+            prev_seq: Seq(0),
+            msg_id: self.ids.next(now),
+            conv: CONV_GROUP_EVENT,
+            from: actor,
+            to: UserId(group.0),
+            client_msg_id: 0,
+            server_time_ms: now,
+            body: GroupEvent { kind, users }.to_bytes(),
+        };
+        self.metrics.accepted(CONV_GROUP_EVENT);
+        self.large_append(group, msg, round);
+    }
+
+    /// Owner side: `msg` becomes the next post of large group `group`'s timeline (in this round's
+    /// batch) and goes live to the online members after the commit. Returns its seq and the
+    /// previous one.
+    pub(super) fn large_append(
+        &mut self,
+        group: GroupId,
+        mut msg: Message,
+        round: &mut Round,
+    ) -> (Seq, Seq) {
+        let g = self.groups.get_mut(&group).expect("loaded");
+        let l = g.large.as_mut().expect("a large group");
+        msg.prev_seq = Seq(l.head);
+        l.head += 1;
+        msg.seq = Seq(l.head);
+        let at = (msg.seq, msg.prev_seq);
+        round.batch.push(Op::GroupAppend {
+            group,
+            msg: msg.clone(),
+        });
+        round.live.push((group, msg));
+        at
+    }
+
+    /// Owner side: whether large group `group` takes one more post now.
+    pub(super) fn large_admit(&mut self, group: GroupId) -> bool {
+        let (now, rate) = (self.now, self.cfg.large_group_posts_per_sec);
+        let g = self.groups.get_mut(&group).expect("loaded");
+        g.large.as_mut().is_none_or(|l| l.admit(now, rate))
+    }
+
+    /// Posts of large groups from their owners: to the devices of this worker's online members.
+    pub(super) fn on_group_live(&mut self, posts: Vec<(GroupId, Message)>, round: &mut Round) {
+        for (g, msg) in posts {
+            let Some(users) = self.large.online.get(&g) else {
+                continue;
+            };
+            let frame = Command::GroupDeliver(msg).to_bytes(0);
+            let mut sent = 0u64;
+            for u in users {
+                for d in self.routes.get(u).map(Vec::as_slice).unwrap_or(&[]) {
+                    round.send(d.conn, frame.clone());
+                    sent += 1;
+                }
+            }
+            self.metrics
+                .large_delivered
+                .fetch_add(sent, Ordering::Relaxed);
+        }
+    }
+
+    /// `GroupRead`: `uid` has read large group `group` up to `seq` (never lowered). The cursor is
+    /// the user's own (its shard keeps it, the group's owner may be on another node): it is not
+    /// checked against the group's head.
+    pub(super) async fn on_group_read(
+        &mut self,
+        conn: ConnId,
+        uid: UserId,
+        req_id: u32,
+        group: GroupId,
+        seq: Seq,
+        round: &mut Round,
+    ) {
+        if !self.large.groups_of(uid).contains(&group) {
+            let e = ApiError::new(
+                ErrorCode::NotMember,
+                format!("not a member of a large group {group}"),
+            );
+            return round.send(conn, op_err(req_id, &e));
+        }
+        match self.store.group_read(uid, group).await {
+            Ok(stored) => {
+                // A cursor raised earlier in this round is not in the store yet.
+                let pending = round.batch.ops.iter().filter_map(|op| match op {
+                    Op::GroupRead {
+                        uid: u,
+                        group: g,
+                        seq,
+                    } if *u == uid && *g == group => Some(*seq),
+                    _ => None,
+                });
+                let stored = pending.fold(stored, Seq::max);
+                if seq > stored {
+                    round.batch.push(Op::GroupRead { uid, group, seq });
+                }
+                round.send(conn, op_ok(req_id, group.0));
+            }
+            Err(e) => {
+                tracing::warn!("group read of {uid}: {e}");
+                let e = ApiError::new(ErrorCode::Unavailable, "store unavailable, retry");
+                round.send(conn, op_err(req_id, &e));
+            }
+        }
+    }
+
+    /// Owner side: a member reads the group's timeline (`GroupSync`).
+    pub(super) async fn large_sync(
+        &mut self,
+        group: GroupId,
+        after: Seq,
+        limit: u16,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let op = GroupOp::Sync { after, limit };
+        let Some(head) = self.groups[&group].large.map(|l| l.head) else {
+            let e = ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("group {group} is not large: its posts are in the members' timelines"),
+            );
+            return self.refuse(reply, &op, e, round);
+        };
+        let max = self.cfg.sync_page_max.max(1);
+        let limit = if limit == 0 { max } else { limit.min(max) };
+        let msgs = match self
+            .store
+            .group_timeline(group, after, limit as usize)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("group sync of {group}: {e}");
+                let e = ApiError::new(ErrorCode::Unavailable, "store unavailable, retry");
+                return self.refuse(reply, &op, e, round);
+            }
+        };
+        // The same byte budget as a timeline page, at least one post.
+        let mut bytes = 0usize;
+        let mut messages = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            bytes += m.encoded_len();
+            if !messages.is_empty() && bytes > self.cfg.sync_page_bytes {
+                break;
+            }
+            messages.push(m);
+        }
+        let has_more = messages.last().is_some_and(|m| m.seq.0 < head);
+        if let Reply::Conn { conn, req_id } = reply {
+            let page = Command::GroupSyncPage {
+                group,
+                head: Seq(head),
+                has_more,
+                messages,
+            };
+            round.send(conn, page.to_bytes(req_id));
+        }
+    }
+
+    /// Owner side: a page of the member list (`GroupMembers`).
+    pub(super) fn members_page(
+        &mut self,
+        group: GroupId,
+        after: UserId,
+        limit: u16,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let limit = match limit as usize {
+            0 => MEMBERS_PAGE,
+            n => n.min(MEMBERS_PAGE),
+        };
+        let g = &self.groups[&group];
+        let from = std::ops::Bound::Excluded(after);
+        let mut it = g.members.range((from, std::ops::Bound::Unbounded));
+        let members: Vec<(UserId, u8)> = it.by_ref().take(limit).map(|(u, r)| (*u, *r)).collect();
+        let more = it.next().is_some();
+        let total = g.members.len() as u32;
+        if let Reply::Conn { conn, req_id } = reply {
+            let page = Command::GroupMembersPage {
+                group,
+                total,
+                more,
+                members,
+            };
+            round.send(conn, page.to_bytes(req_id));
+        }
+    }
+}
