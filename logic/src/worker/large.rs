@@ -14,6 +14,11 @@
 //! the user's removal clears it (`large_event_appended`). So the index lives with the user, in
 //! its node's store, written durably in order with its timeline, whatever node owns the group.
 //!
+//! A member who muted a large group (`SetMute` with the group) gets no live posts of it: its
+//! worker notes the group's new head instead and pushes the heads of all such groups of the user
+//! in one `GroupHeads` at most every [`MUTED_HEADS_EVERY_MS`] (a member of 500 busy groups gets
+//! one push a second, not 500).
+//!
 //! The switch happens inside one owner round, at the add that takes the group past the
 //! threshold: every member up to then gets a last write-diffused event (`BecameLarge`) after
 //! every earlier post (the owner orders all of a group's messages and fans them out FIFO), and
@@ -33,6 +38,9 @@ use super::*;
 /// the members a `GroupInfoReply` lists for a large group.
 pub const MEMBERS_PAGE: usize = 1000;
 
+/// How often a member gets the heads of the large groups it muted that moved (one push for all).
+pub const MUTED_HEADS_EVERY_MS: u64 = 1_000;
+
 /// This worker's online users in large groups, both ways.
 #[derive(Default)]
 pub(super) struct LargeIndex {
@@ -40,6 +48,12 @@ pub(super) struct LargeIndex {
     online: HashMap<GroupId, HashSet<UserId>>,
     /// The large groups of each online user of this worker.
     of: HashMap<UserId, Vec<GroupId>>,
+    /// Large groups an online user muted: heads instead of live posts.
+    muted: HashSet<(UserId, GroupId)>,
+    /// Muted groups that moved since the last heads push, with their newest head, by user.
+    moved: HashMap<UserId, HashMap<GroupId, u64>>,
+    /// When the last heads push of muted groups went out.
+    pushed_at: u64,
 }
 
 impl LargeIndex {
@@ -52,6 +66,10 @@ impl LargeIndex {
     }
 
     fn remove(&mut self, uid: UserId, g: GroupId) {
+        self.muted.remove(&(uid, g));
+        if let Some(m) = self.moved.get_mut(&uid) {
+            m.remove(&g);
+        }
         if let Some(gs) = self.of.get_mut(&uid) {
             gs.retain(|x| *x != g);
         }
@@ -63,8 +81,29 @@ impl LargeIndex {
         }
     }
 
+    /// Mutes (or unmutes) `g` for `uid`, if it is one of its large groups.
+    pub(super) fn set_muted(&mut self, uid: UserId, g: GroupId, muted: bool) {
+        if !self.groups_of(uid).contains(&g) {
+            return;
+        }
+        if muted {
+            self.muted.insert((uid, g));
+        } else {
+            self.muted.remove(&(uid, g));
+            if let Some(m) = self.moved.get_mut(&uid) {
+                m.remove(&g);
+            }
+        }
+    }
+
+    pub(super) fn has_moved(&self) -> bool {
+        !self.moved.is_empty()
+    }
+
     /// `uid`'s last device went away.
     pub(super) fn offline(&mut self, uid: UserId) {
+        self.moved.remove(&uid);
+        self.muted.retain(|(u, _)| *u != uid);
         for g in self.of.remove(&uid).unwrap_or_default() {
             if let Some(us) = self.online.get_mut(&g) {
                 us.remove(&uid);
@@ -121,16 +160,25 @@ impl Large {
 
 impl<S: Store> Worker<S> {
     /// The large groups of `uid` (from the index when it is online here, else the store) with
-    /// `uid`'s read cursor in each: what a device that logs in is told about (`GroupHeads`).
-    pub(super) async fn large_reads(&self, uid: UserId) -> Result<Vec<(GroupId, Seq)>, StoreError> {
+    /// `uid`'s read cursor in each and whether it muted it: what a device that logs in is told
+    /// about (`GroupHeads`).
+    pub(super) async fn large_reads(
+        &self,
+        uid: UserId,
+    ) -> Result<Vec<(GroupId, Seq, bool)>, StoreError> {
         let groups = if self.large.is_online(uid) {
             self.large.groups_of(uid).to_vec()
         } else {
             self.store.large_groups_of(uid).await?
         };
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mutes = self.store.mutes(uid).await?;
         let mut out = Vec::with_capacity(groups.len());
         for group in groups {
-            out.push((group, self.store.group_read(uid, group).await?));
+            let read = self.store.group_read(uid, group).await?;
+            out.push((group, read, mutes.contains(&group.0)));
         }
         Ok(out)
     }
@@ -141,13 +189,14 @@ impl<S: Store> Worker<S> {
         &mut self,
         uid: UserId,
         conn: ConnId,
-        reads: Vec<(GroupId, Seq)>,
+        reads: Vec<(GroupId, Seq, bool)>,
         first: bool,
         round: &mut Round,
     ) {
-        for (group, read) in reads {
+        for (group, read, muted) in reads {
             if first {
                 self.large.add(uid, group);
+                self.large.set_muted(uid, group, muted);
             }
             round.heads_out.push(GroupReq {
                 group,
@@ -351,9 +400,21 @@ impl<S: Store> Worker<S> {
             let Some(users) = self.large.online.get(&g) else {
                 continue;
             };
+            let seq = msg.seq.0;
             let frame = Command::GroupDeliver(msg).to_bytes(0);
             let mut sent = 0u64;
             for u in users {
+                if self.large.muted.contains(&(*u, g)) {
+                    let head = self
+                        .large
+                        .moved
+                        .entry(*u)
+                        .or_default()
+                        .entry(g)
+                        .or_default();
+                    *head = (*head).max(seq);
+                    continue;
+                }
                 for d in self.routes.get(u).map(Vec::as_slice).unwrap_or(&[]) {
                     round.send(d.conn, frame.clone());
                     sent += 1;
@@ -362,6 +423,32 @@ impl<S: Store> Worker<S> {
             self.metrics
                 .large_delivered
                 .fetch_add(sent, Ordering::Relaxed);
+        }
+    }
+
+    /// The heads of muted large groups that moved, one `GroupHeads` per user (all its groups)
+    /// to each of its devices, at most every [`MUTED_HEADS_EVERY_MS`].
+    pub(super) async fn muted_heads_due(&mut self, round: &mut Round) {
+        if !self.large.has_moved() || self.now < self.large.pushed_at + MUTED_HEADS_EVERY_MS {
+            return;
+        }
+        self.large.pushed_at = self.now;
+        for (uid, moved) in std::mem::take(&mut self.large.moved) {
+            let mut heads = Vec::with_capacity(moved.len());
+            for (group, head) in moved {
+                // The cursor is only informative here: a failed read reports 0.
+                let read = self.store.group_read(uid, group).await.unwrap_or_default();
+                heads.push(GroupHead {
+                    group,
+                    head: Seq(head),
+                    read,
+                });
+            }
+            heads.sort_unstable_by_key(|h| h.group);
+            let frame = Command::GroupHeads { heads }.to_bytes(0);
+            for d in self.routes.get(&uid).map(Vec::as_slice).unwrap_or(&[]) {
+                round.send(d.conn, frame.clone());
+            }
         }
     }
 

@@ -833,7 +833,9 @@ impl<S: Store> Worker<S> {
                     self.tick(Tick::Org, wall_clock_ms()).await;
                     continue;
                 }
-                _ = lazy_tick.tick(), if !self.lazy.is_empty() || self.org_notice.1.is_some() => None,
+                _ = lazy_tick.tick(), if !self.lazy.is_empty()
+                    || self.org_notice.1.is_some()
+                    || self.large.has_moved() => None,
             };
             msgs.extend(first);
             while msgs.len() < self.cfg.max_group {
@@ -956,6 +958,7 @@ impl<S: Store> Worker<S> {
             self.org_notice.1 = self.org_notice.1.max(Some(v));
         }
         self.org_notice_due(&mut round);
+        self.muted_heads_due(&mut round).await;
         self.finish(round, stop).await?;
         self.trim_caches();
         self.resync_directory();
@@ -1379,6 +1382,7 @@ impl<S: Store> Worker<S> {
                     }
                     Command::SetMute { peer, muted } => {
                         round.batch.push(Op::Mute { uid, peer, muted });
+                        self.large.set_muted(uid, GroupId(peer), muted);
                         round.send(conn, op_ok(req_id, 0));
                     }
                     Command::RegisterPush { provider, token } => {

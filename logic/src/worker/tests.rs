@@ -4,6 +4,7 @@
 //! chooses, and reads what left them: frames to gates (a [`RecordingSink`]), messages to other
 //! workers (their inboxes, which the test pumps) and the store.
 
+use super::large::MUTED_HEADS_EVERY_MS;
 use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT};
 use im_shared::token::HmacTokens;
 use im_store::FjallStore;
@@ -2376,4 +2377,98 @@ async fn the_member_list_of_a_group_is_paged() {
     fx.client(conn(2), UserId(99), vec![(5, page(0, 0))]).await;
     fx.pump().await;
     assert_eq!(op_results(&fx.out(), conn(2))[0].0, ErrorCode::NotMember);
+}
+
+#[tokio::test]
+async fn a_muted_large_group_sends_one_coalesced_heads_push_instead_of_every_post() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let others: Vec<UserId> = (1..=3).map(|i| UserId(b.0 + 100 + i)).collect();
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    // Two large groups with b in both.
+    let mut groups = Vec::new();
+    for _ in 0..2 {
+        let g = create_group(&mut fx, a, vec![b]).await;
+        let add = Command::GroupAdd {
+            group: g,
+            members: others.clone(),
+        };
+        fx.client(conn(1), a, vec![(2, add)]).await;
+        fx.pump().await;
+        fx.out();
+        groups.push(g);
+    }
+    fx.out();
+    let mute = |g: GroupId, muted| Command::SetMute { peer: g.0, muted };
+    fx.client(
+        conn(2),
+        b,
+        vec![(3, mute(groups[0], true)), (4, mute(groups[1], true))],
+    )
+    .await;
+    fx.out();
+    for (i, g) in [groups[0], groups[1], groups[0]].into_iter().enumerate() {
+        fx.client(
+            conn(1),
+            a,
+            vec![(10 + i as u32, post(10 + i as u64, g, "x"))],
+        )
+        .await;
+    }
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(group_delivered_to(&out, conn(1)).len(), 3, "not muted");
+    assert!(
+        group_delivered_to(&out, conn(2)).is_empty(),
+        "muted: no live post"
+    );
+    let heads_to = |out: &[Out]| -> Vec<Vec<GroupHead>> {
+        out.iter()
+            .filter(|o| o.conn == conn(2))
+            .filter_map(|o| match &o.cmd {
+                Command::GroupHeads { heads } => Some(heads.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    // Heads instead of posts: at most one push per second, each for every muted group that
+    // moved since the last; together they tell the newest head of each.
+    let mut pushes = heads_to(&out);
+    assert!(
+        pushes.len() <= 1,
+        "one push at most within a second: {pushes:?}"
+    );
+    fx.client(conn(1), a, vec![(15, post(15, groups[1], "z"))])
+        .await;
+    fx.pump().await;
+    assert!(heads_to(&fx.out()).is_empty(), "within the second: held");
+    fx.now += MUTED_HEADS_EVERY_MS;
+    let wb = fx.worker_of(b);
+    fx.step(wb, Vec::new()).await.unwrap();
+    let later = heads_to(&fx.out());
+    assert_eq!(later.len(), 1, "{later:?}");
+    pushes.extend(later);
+    let mut newest = std::collections::BTreeMap::new();
+    for h in pushes.iter().flatten() {
+        let e = newest.entry(h.group).or_insert(Seq(0));
+        *e = (*e).max(h.head);
+    }
+    let want: std::collections::BTreeMap<GroupId, Seq> = [(groups[0], Seq(4)), (groups[1], Seq(4))]
+        .into_iter()
+        .collect();
+    assert_eq!(newest, want);
+    fx.now += MUTED_HEADS_EVERY_MS;
+    fx.step(wb, Vec::new()).await.unwrap();
+    assert!(heads_to(&fx.out()).is_empty(), "nothing moved since");
+    // Unmuted: live again.
+    fx.client(conn(2), b, vec![(5, mute(groups[1], false))])
+        .await;
+    fx.client(conn(1), a, vec![(20, post(20, groups[1], "y"))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(group_delivered_to(&out, conn(2)).len(), 1);
+    assert!(heads_to(&out).is_empty());
 }
