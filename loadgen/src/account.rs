@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::msg::{group_members, Report};
+use crate::msg::{group_members, Packed, Report};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Join {
@@ -245,6 +245,53 @@ pub fn join_group(r: &Report, size: u32, users: u32) -> GroupJoin {
     j
 }
 
+/// The group seqs of a `large-group` run's posts (`Report::post_seqs`: what the members and the
+/// posters' acks said): every post has one place in the group's timeline, and no two posts
+/// share one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SeqCheck {
+    /// Distinct posts with a known seq.
+    pub posts: u64,
+    /// Posts seen with more than one seq (at different members, or in the ack): must be 0.
+    pub posts_with_two_seqs: u64,
+    /// Seqs carried by more than one post: must be 0.
+    pub seqs_with_two_posts: u64,
+    /// Examples `(poster, counter, seq)` of either, at most 10.
+    pub examples: Vec<[u32; 3]>,
+}
+
+pub fn check_post_seqs(p: &Packed) -> SeqCheck {
+    let pairs: HashSet<[u32; 3]> = p.0.iter().copied().collect();
+    let mut by_post: HashMap<(u32, u32), Vec<u32>> = HashMap::new();
+    let mut by_seq: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
+    for [from, counter, seq] in &pairs {
+        by_post.entry((*from, *counter)).or_default().push(*seq);
+        by_seq.entry(*seq).or_default().push((*from, *counter));
+    }
+    let mut c = SeqCheck {
+        posts: by_post.len() as u64,
+        ..Default::default()
+    };
+    let mut ex = Vec::new();
+    for ((from, counter), seqs) in &by_post {
+        if seqs.len() > 1 {
+            c.posts_with_two_seqs += 1;
+            ex.extend(seqs.iter().map(|s| [*from, *counter, *s]));
+        }
+    }
+    for (seq, posts) in &by_seq {
+        if posts.len() > 1 {
+            c.seqs_with_two_posts += 1;
+            ex.extend(posts.iter().map(|(f, n)| [*f, *n, *seq]));
+        }
+    }
+    ex.sort_unstable();
+    ex.dedup();
+    ex.truncate(10);
+    c.examples = ex;
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +372,35 @@ mod tests {
         assert_eq!(j.order_refs, vec![[0, 0]]);
         // group 0: 4 members; group 1: members 4, 5, 0 (5:1) and 4 (1:7)
         assert_eq!(j.order_checked, 7);
+    }
+
+    #[test]
+    fn post_seqs_catch_a_post_with_two_seqs_and_a_seq_with_two_posts() {
+        let mut p = Packed::default();
+        // (poster, counter, seq), reported by several executors and by the poster's ack.
+        for _ in 0..3 {
+            p.push(1, 1, 10);
+            p.push(2, 1, 11);
+        }
+        assert_eq!(
+            check_post_seqs(&p),
+            SeqCheck {
+                posts: 2,
+                ..Default::default()
+            }
+        );
+        p.push(3, 1, 12);
+        p.push(3, 1, 13); // one member saw post 3:1 at another place
+        p.push(4, 1, 11); // two posts at seq 11
+        let c = check_post_seqs(&p);
+        assert_eq!(
+            (c.posts, c.posts_with_two_seqs, c.seqs_with_two_posts),
+            (4, 1, 1)
+        );
+        assert_eq!(
+            c.examples,
+            vec![[2, 1, 11], [3, 1, 12], [3, 1, 13], [4, 1, 11]]
+        );
     }
 
     #[test]

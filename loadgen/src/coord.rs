@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::account::{join, join_group, GroupJoin, Join};
+use crate::account::{check_post_seqs, join, join_group, GroupJoin, Join, SeqCheck};
 use crate::msg::{Backoff, Event, Hist, Op, Plan, Progress, Report, Request, BODY_HEADER};
 use crate::srcip::parse_src_ips;
 use crate::worker::{cpu_ticks, rss_kib};
@@ -616,6 +616,22 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
     for row in result["steps"].as_array().into_iter().flatten() {
         check(format!("max step {}", row["rate"]), &row["c2c"]);
     }
+    // large-group: the build, the members' readiness and the group timeline's own checks.
+    let large = &result["large"];
+    for (k, v) in [
+        ("batches never added", &large["build"]["adds_failed"]),
+        ("members not ready", &large["ready"]["not_ready"]),
+        (
+            "holes in the group's timeline",
+            &large["timeline"]["group_holes"],
+        ),
+        ("posts with two seqs", &large["seqs"]["posts_with_two_seqs"]),
+        ("seqs with two posts", &large["seqs"]["seqs_with_two_posts"]),
+    ] {
+        if let Some(n) = v.as_u64().filter(|&n| n > 0) {
+            bad.push(format!("large-group: {n} {k}"));
+        }
+    }
     for k in ["c2c", "group", "warmup"] {
         if let Some(n) = result[k]["not_back"].as_u64().filter(|&n| n > 0) {
             bad.push(format!(
@@ -635,7 +651,8 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
         Scenario::Idle { conns, .. } | Scenario::Storm { conns, .. } => *conns,
         Scenario::C2c { users, .. }
         | Scenario::Max { users, .. }
-        | Scenario::Group { users, .. } => *users,
+        | Scenario::Group { users, .. }
+        | Scenario::LargeGroup { users, .. } => *users,
         Scenario::Worker { .. } => unreachable!("handled in main"),
     };
     if total == 0 {
@@ -648,6 +665,22 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
             groups,
             ..
         } => group_layout(*users, *members, *groups)?,
+        Scenario::LargeGroup {
+            users,
+            members,
+            add_batch,
+            ..
+        } => {
+            if members < users {
+                bail!("--members ({members}) must be at least --users ({users}): the connected users are members 0..N");
+            }
+            if *add_batch == 0 || *add_batch > u16::MAX as u32 {
+                bail!("--add-batch must be 1..=65535, not {add_batch}");
+            }
+            // One group whose online members are all the users: the posting and the
+            // accounting of the `group` scenario then apply as they are.
+            (1, *users)
+        }
         _ => (0, 0),
     };
     let gates = match &c.iplist {
@@ -866,6 +899,85 @@ fn group_table(r: &Report, j: Option<&GroupJoin>, secs: f64) -> String {
     s += &format!(
         "  duplicates: raw (same seq) {}, after dedup {}; sender order (counter backwards per sender, group, member) {} (and {} accepted late at the loadgen's own repetition); gaps {} (pushes out of seq order {}); syncs {}\n",
         r.raw_dups, r.dedup_dups, r.out_of_order, r.reordered_by_resend, r.gaps, r.push_reorders, r.sync_requests
+    );
+    s += &reconnect_rows(r);
+    s += &lat_row("send→ack", &r.ack_us);
+    s += &lat_row("send→deliver (members)", &r.deliver_us);
+    s
+}
+
+/// The table of a `large-group` run: posts, member copies, and the checks of the group's
+/// timeline (every connected member is a member of the one group).
+fn large_table(r: &Report, j: Option<&GroupJoin>, seqs: Option<&SeqCheck>, secs: f64) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "  posts sent {} ({:.1}/s), acked {} ({:.1}/s), errors {:?}, ack timeouts {}\n",
+        r.sent,
+        r.sent as f64 / secs.max(1e-9),
+        r.acked,
+        r.acked as f64 / secs_between(r.first_send_ns, r.last_ack_ns).max(1e-9),
+        r.send_errors,
+        r.ack_timeouts
+    );
+    s += &format!(
+        "  member copies delivered {} ({:.0}/s; {} via GroupSync); GroupDeliver pushes {}\n",
+        r.delivered,
+        r.delivered as f64 / secs_between(r.first_send_ns, r.last_deliver_ns).max(1e-9),
+        r.delivered_by_sync,
+        r.group_pushes,
+    );
+    match j {
+        Some(j) => {
+            s += &format!(
+                "  expected {} copies of {} acked posts (poster's own copy included), received {} ({} own copies)\n",
+                j.expected, j.posts_acked, j.received, j.own_copies
+            );
+            s += &format!(
+                "  lost {} (acked post, member never got it; in {} posts), delivered-unacked {}, phantom {}, to non-members {}\n",
+                j.lost, j.posts_with_loss, j.delivered_unacked, j.phantom, j.non_member
+            );
+            if j.undelivered_offline > 0 {
+                s += &format!(
+                    "  undelivered {} copies (the member was not back at the end)\n",
+                    j.undelivered_offline
+                );
+            }
+            if !j.lost_examples.is_empty() {
+                s += &format!("  lost e.g. (from,member,counter): {:?}\n", j.lost_examples);
+            }
+            s += &format!(
+                "  order: {} of {} members disagree with the group's order ({} copies out of place)\n",
+                j.order_mismatch_members, j.order_checked, j.order_mismatch_entries
+            );
+            if !j.order_copies.is_empty() {
+                s += &format!(
+                    "  out of place e.g. (group,member,from,counter): {:?}\n",
+                    j.order_copies
+                );
+            }
+        }
+        None => s += "  lost / order: not tracked (--no-track)\n",
+    }
+    if let Some(q) = seqs {
+        s += &format!(
+            "  group seqs: {} posts, {} with two seqs, {} seqs with two posts{}\n",
+            q.posts,
+            q.posts_with_two_seqs,
+            q.seqs_with_two_posts,
+            if q.examples.is_empty() {
+                String::new()
+            } else {
+                format!(" (e.g. (from,counter,seq) {:?})", q.examples)
+            }
+        );
+    }
+    s += &format!(
+        "  duplicates: raw (same group seq) {}, after dedup {}; sender order backwards {} (and {} accepted late at the loadgen's own repetition)\n",
+        r.group_raw_dups, r.dedup_dups, r.out_of_order, r.reordered_by_resend
+    );
+    s += &format!(
+        "  group timeline: gaps {} (a push whose prev_seq the member did not hold), pushes out of seq order {}, GroupSyncs {}, holes in the group's timeline {}\n",
+        r.group_gaps, r.group_push_reorders, r.group_sync_requests, r.group_holes
     );
     s += &reconnect_rows(r);
     s += &lat_row("send→ack", &r.ack_us);
@@ -1164,6 +1276,170 @@ fn run(
             });
             result["group"] = group_json(&r, j.as_ref(), *secs);
         }
+        Scenario::LargeGroup {
+            members,
+            msg_rate,
+            secs,
+            add_batch,
+            add_window,
+            create_members,
+            ready_secs,
+            p99_bound_ms,
+            ..
+        } => {
+            result["scenario"] = "large-group".into();
+            let login = coord.request(Op::Login { rate: c.rate })?;
+            t += &format!(
+                "== large-group: {total} online members of one {members}-member group, {msg_rate} posts/s for {secs} s ==\n"
+            );
+            t += &login_table(&login);
+            let initial = (*create_members).clamp(1, *members);
+            let t0 = Instant::now();
+            let built = coord.request(Op::BuildLarge {
+                members: *members,
+                initial,
+                batch: *add_batch,
+                window: *add_window,
+            })?;
+            let build_secs = t0.elapsed().as_secs_f64();
+            let Some(&(_, id)) = built.group_ids.first() else {
+                bail!(
+                    "the group could not be created: {:?}",
+                    built.group_create_errors
+                );
+            };
+            let batches = (members - initial).div_ceil(*add_batch);
+            let size = initial as u64 + built.members_added;
+            t += &format!(
+                "  group {id} built in {build_secs:.2} s: created with {initial} members, then {} added by {}/{batches} GroupAdds of {add_batch} (window {add_window}): {size} members; refusals {:?}; batches never added {}\n",
+                built.members_added, built.adds_ok, built.add_errors, built.adds_failed
+            );
+            t += &lat_row("GroupAdd→OpResult", &built.add_us);
+            let large = built.head_error.is_none();
+            match &built.head_error {
+                None => t += &format!("  group head after the build: seq {}\n", built.large_head),
+                Some(e) => {
+                    t += &format!(
+                        "  the group is NOT large (its head could not be read: {e}): posts go to the members' own timelines\n"
+                    )
+                }
+            }
+            coord.request(Op::SetGroups { ids: vec![id] })?;
+            let t1 = Instant::now();
+            let ready = coord.request(Op::LargeReady {
+                group: id,
+                head: built.large_head,
+                max_secs: if large { *ready_secs } else { 0.0 },
+            })?;
+            let ready_secs_taken = t1.elapsed().as_secs_f64();
+            // The build's events may still be on their way to the members online: let them
+            // arrive before posting, so that the posts are measured alone.
+            let t2 = Instant::now();
+            coord.request(drain(c))?;
+            let settle_secs = t2.elapsed().as_secs_f64();
+            let late = coord.request(Op::Report)?;
+            let build_pushes = built.build_pushes + ready.build_pushes + late.build_pushes;
+            let build_bytes =
+                built.build_push_bytes + ready.build_push_bytes + late.build_push_bytes;
+            let late_pushes = late.group_pushes;
+            t += &format!(
+                "  group events pushed live (GroupDeliver) during the build to the members online: {build_pushes} frames, {:.1} MiB of bodies\n",
+                build_bytes as f64 / 1048576.0
+            );
+            if large {
+                t += &format!(
+                    "  members ready (BecameLarge in their own timeline) {}/{} after {ready_secs_taken:.2} s more; the build's pushes settled {settle_secs:.2} s later ({late_pushes} arrived after the head was read)\n",
+                    ready.large_ready,
+                    ready.large_ready + ready.large_not_ready
+                );
+            }
+            let cpu0 = coord.cpu(&c.server_pid);
+            coord.request(Op::SendGroup {
+                rate: *msg_rate,
+                secs: *secs,
+            })?;
+            coord.request(drain(c))?;
+            let cpu1 = coord.cpu(&c.server_pid);
+            let r = coord.request(Op::Report)?;
+            let (ct, cj) = cpu_report(cpu0, cpu1, r.sent, "post");
+            let j = (!c.no_track).then(|| join_group(&r, total, total));
+            let seqs = (!c.no_track).then(|| check_post_seqs(&r.post_seqs));
+            t += &large_table(&r, j.as_ref(), seqs.as_ref(), *secs);
+            let events = login.group_events
+                + built.group_events
+                + ready.group_events
+                + late.group_events
+                + r.group_events;
+            t += &format!(
+                "  group events accepted (own timelines and, after the build, the group's; ignored by the accounting): {events}\n"
+            );
+            let p99 = r.deliver_us.ms(0.99);
+            let met = r.deliver_us.len() > 0 && p99 <= *p99_bound_ms;
+            t += &format!(
+                "  target p99 send→deliver ≤ {p99_bound_ms} ms over every member copy: p99 {p99:.2} ms: {}\n",
+                if met { "met" } else { "NOT met" }
+            );
+            t += &ct;
+            let mut cj = cj;
+            if let Some(sv) = cj["server_secs"].as_f64() {
+                let per_copy = sv * 1e6 / r.delivered.max(1) as f64;
+                cj["server_us_per_copy"] = per_copy.into();
+                t += &format!(
+                    "  server cpu per member copy delivered: {per_copy:.2} µs ({} copies)\n",
+                    r.delivered
+                );
+            }
+            result["cpu"] = cj;
+            result["login"] = login_json(&login);
+            result["members"] = (*members).into();
+            result["msg_rate"] = (*msg_rate).into();
+            result["secs"] = (*secs).into();
+            result["group"] = group_json(&r, j.as_ref(), *secs);
+            result["large"] = json!({
+                "group": id,
+                "members": size,
+                "online": total,
+                "large": large,
+                "build": {
+                    "seconds": build_secs,
+                    "created_with": initial,
+                    "add_batch": add_batch,
+                    "add_window": add_window,
+                    "adds": batches,
+                    "adds_ok": built.adds_ok,
+                    "members_added": built.members_added,
+                    "refusals": built.add_errors,
+                    "adds_failed": built.adds_failed,
+                    "add_latency": lat(&built.add_us),
+                    "head": built.large_head,
+                    "head_error": built.head_error,
+                    "live_event_frames": build_pushes,
+                    "live_event_bytes": build_bytes,
+                },
+                "ready": {
+                    "seconds": ready_secs_taken,
+                    "settle_seconds": settle_secs,
+                    "late_build_pushes": late_pushes,
+                    "ready": ready.large_ready,
+                    "not_ready": ready.large_not_ready,
+                },
+                "timeline": {
+                    "pushes": r.group_pushes,
+                    "raw_dups": r.group_raw_dups,
+                    "gaps": r.group_gaps,
+                    "push_reorders": r.group_push_reorders,
+                    "sync_requests": r.group_sync_requests,
+                    "group_holes": r.group_holes,
+                },
+                "seqs": seqs,
+                "events": events,
+                "target": {
+                    "p99_bound_ms": p99_bound_ms,
+                    "p99_ms": p99,
+                    "met": met,
+                },
+            });
+        }
         Scenario::Worker { .. } => unreachable!("handled in main"),
     }
     Ok((t, result))
@@ -1228,6 +1504,22 @@ mod verdict_tests {
         let warm = json!({"login": {"attempted": 4, "logged_in": 4},
                           "warmup": {"lost": 1}, "steps": []});
         assert_eq!(verdict(&warm), ["max warm-up: 1 lost"]);
+        // large-group: its build, readiness and group-timeline checks fail the run too; a
+        // missed latency target does not.
+        let large = json!({"login": {"attempted": 4, "logged_in": 4},
+                           "group": {"accounting": {"lost": 0}},
+                           "large": {"build": {"adds_failed": 1}, "ready": {"not_ready": 0},
+                                     "timeline": {"group_holes": 2},
+                                     "seqs": {"posts_with_two_seqs": 0, "seqs_with_two_posts": 3},
+                                     "target": {"met": false}}});
+        assert_eq!(
+            verdict(&large),
+            [
+                "large-group: 1 batches never added",
+                "large-group: 2 holes in the group's timeline",
+                "large-group: 3 seqs with two posts"
+            ]
+        );
         // Untracked runs (--no-track) have no counts: nothing to judge.
         let untracked = json!({"login": {"attempted": 4, "logged_in": 4}, "c2c": {"lost": null}});
         assert!(verdict(&untracked).is_empty());

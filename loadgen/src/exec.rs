@@ -26,9 +26,11 @@ use glommio::net::TcpStream;
 use glommio::timer::sleep;
 use im_shared::frame::encode_header;
 use im_shared::iplist::rendezvous_weight;
-use im_shared::proto::{Message, CONV_C2G, CONV_GROUP_EVENT};
+use im_shared::proto::{GroupEventKind, Message, CONV_C2G, CONV_GROUP_EVENT};
 use im_shared::token::HmacTokens;
-use im_shared::{Cmd, Command, DeviceType, ErrorCode, FrameCodec, KickReason, Seq, UserId};
+use im_shared::{
+    Cmd, Command, DeviceType, ErrorCode, FrameCodec, GroupId, KickReason, Seq, UserId,
+};
 
 use crate::msg::{
     group_member, group_members, Backoff, Hist, Op, Plan, Report, Request, BODY_HEADER,
@@ -130,6 +132,20 @@ struct Conn {
     // sending
     counter: Cell<u32>,
     pending: RefCell<VecDeque<Pending>>,
+    // The tracked large group's timeline (`large-group` scenario), with the client rules of
+    // PROTOCOL.md section 10 applied to the group's own seqs.
+    /// Tracking started (`LargeReady`); `g_base` is the group's head then.
+    g_on: Cell<bool>,
+    g_base: Cell<u64>,
+    g_last: Cell<u64>,
+    g_syncing: Cell<bool>,
+    /// req_id of the `GroupSync` in flight (a refusal ends it).
+    g_sync_req: Cell<u32>,
+    g_seen_max: Cell<u64>,
+    /// Highest group seq pushed (`GroupDeliver`) on the current connection.
+    g_push_max: Cell<u64>,
+    /// Group id of the last `BecameLarge` event in the user's own timeline.
+    large_of: Cell<u64>,
 }
 
 impl Conn {
@@ -185,6 +201,17 @@ struct Exec {
     group_of: RefCell<HashMap<u64, u32>>,
     /// `(local conn << 32 | req_id)` of a `GroupCreate` in flight → group number.
     creating: RefCell<HashMap<u64, u32>>,
+    /// `large-group`: the id of the tracked large group (0 = none yet).
+    large_group: Cell<u64>,
+    /// `(local conn << 32 | req_id)` of a `GroupAdd` in flight → (first member index, end,
+    /// sent at, attempts so far).
+    adding: RefCell<HashMap<u64, (u32, u32, Instant, u32)>>,
+    /// Batches refused with a retryable code: (first, end, due, attempts so far).
+    add_retry: RefCell<VecDeque<(u32, u32, Instant, u32)>>,
+    /// `(local conn << 32 | req_id)` of the owner's `GroupSync` that reads the head.
+    head_req: Cell<Option<u64>>,
+    /// `(poster << 32 | counter, group seq)` pairs seen here (each reported once).
+    post_seq: RefCell<HashSet<(u64, u64)>>,
     tasks: Cell<u32>,
     pending_total: Cell<u64>,
     last_activity: Cell<Instant>,
@@ -313,6 +340,7 @@ impl Exec {
         if let Some(t0) = c.storm_t0.get() {
             if c.st.get() == St::LoggedIn
                 && !c.syncing.get()
+                && !c.g_syncing.get()
                 && c.last_seq.get() >= c.storm_target.get()
             {
                 c.storm_t0.set(None);
@@ -356,6 +384,10 @@ impl Exec {
         self.last_activity.set(Instant::now());
         if m.conv == CONV_GROUP_EVENT {
             // Membership changes are timeline entries, not messages.
+            if m.body.first() == Some(&(GroupEventKind::BecameLarge as u8)) {
+                // From here on the group's posts reach this user as `GroupDeliver`.
+                c.large_of.set(m.to.0);
+            }
             self.rep.borrow_mut().group_events += 1;
             return;
         }
@@ -366,10 +398,16 @@ impl Exec {
             self.rep.borrow_mut().echoes += 1;
             return;
         }
+        self.count_post(c, m, via_sync, group);
+    }
+
+    /// Counts one accepted message or member copy of this run (latency, identity, duplicates,
+    /// per-sender order); its `(sender index, counter)`, or `None` when it is not this run's.
+    fn count_post(&self, c: &Conn, m: &Message, via_sync: bool, group: bool) -> Option<(u32, u32)> {
         let p = &self.plan;
         if (m.client_msg_id >> 32) as u32 != self.run_id || m.body.len() < BODY_HEADER {
             // Left over from an earlier run (synced after a reconnect): not ours to count.
-            return;
+            return None;
         }
         let b = &m.body[..];
         let send_ns = u64::from_be_bytes(b[0..8].try_into().expect("8 bytes"));
@@ -390,7 +428,7 @@ impl Exec {
             let key = (c.idx as u128) << 64 | (from_idx as u128) << 32 | counter as u128;
             if !self.seen.borrow_mut().insert(key) {
                 r.dedup_dups += 1;
-                return;
+                return Some((from_idx, counter));
             }
             r.received_ids.push(from_idx, c.idx, counter);
             let conv = if group {
@@ -413,6 +451,95 @@ impl Exec {
             } else {
                 *last = counter;
             }
+        }
+        Some((from_idx, counter))
+    }
+
+    /// Records that post `(from, counter)` has group seq `seq` (once per distinct pair).
+    fn note_post_seq(&self, from: u32, counter: u32, seq: u64) {
+        if self.plan.track
+            && self
+                .post_seq
+                .borrow_mut()
+                .insert(((from as u64) << 32 | counter as u64, seq))
+        {
+            self.rep
+                .borrow_mut()
+                .post_seqs
+                .push(from, counter, seq.min(u32::MAX as u64) as u32);
+        }
+    }
+
+    fn start_group_sync(&self, c: &Conn) {
+        if !c.g_syncing.get() {
+            c.g_syncing.set(true);
+            self.rep.borrow_mut().group_sync_requests += 1;
+            let req = c.push(&Command::GroupSync {
+                group: GroupId(self.large_group.get()),
+                after_seq: Seq(c.g_last.get()),
+                limit: 200,
+            });
+            c.g_sync_req.set(req);
+        }
+    }
+
+    /// A `GroupDeliver` push.
+    fn on_group_push(&self, c: &Conn, m: &Message) {
+        let g = self.large_group.get();
+        // Any push is activity: a drain after the build waits until its events stop coming.
+        self.last_activity.set(Instant::now());
+        if g == 0 || m.to.0 != g || !c.g_on.get() {
+            // Before tracking started: the build's events, sent live to the members online.
+            let mut r = self.rep.borrow_mut();
+            r.build_pushes += 1;
+            r.build_push_bytes += m.body.len() as u64;
+            return;
+        }
+        {
+            let mut r = self.rep.borrow_mut();
+            r.group_pushes += 1;
+            if m.seq.0 < c.g_push_max.get() && m.seq.0 > c.g_base.get() {
+                r.group_push_reorders += 1;
+            }
+        }
+        c.g_push_max.set(c.g_push_max.get().max(m.seq.0));
+        self.offer_group(c, m, false);
+    }
+
+    /// Applies one entry of the tracked large group's timeline (a push or a `GroupSyncPage`
+    /// entry) with the rules of PROTOCOL.md section 10 on the group's own seqs: duplicate,
+    /// next, or gap → `GroupSync`. Posts are counted as member copies, events apart.
+    fn offer_group(&self, c: &Conn, m: &Message, via_sync: bool) {
+        c.g_seen_max.set(c.g_seen_max.get().max(m.seq.0));
+        if m.seq.0 <= c.g_last.get() {
+            if m.seq.0 > c.g_base.get() {
+                self.rep.borrow_mut().group_raw_dups += 1;
+            }
+            return;
+        }
+        if m.prev_seq.0 > c.g_last.get() {
+            if !via_sync {
+                // Gap: the sync in progress, or a new one, picks it up.
+                if !c.g_syncing.get() {
+                    self.rep.borrow_mut().group_gaps += 1;
+                    self.start_group_sync(c);
+                }
+                return;
+            }
+            // The group's timeline itself lacks the entries in between: take it anyway (a
+            // client could not do better) and count the hole.
+            self.rep.borrow_mut().group_holes += 1;
+        }
+        c.g_last.set(m.seq.0);
+        self.last_activity.set(Instant::now());
+        match m.conv {
+            CONV_GROUP_EVENT => self.rep.borrow_mut().group_events += 1,
+            CONV_C2G => {
+                if let Some((from, counter)) = self.count_post(c, m, via_sync, true) {
+                    self.note_post_seq(from, counter, m.seq.0);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -455,9 +582,25 @@ impl Exec {
                 prev_seq,
                 ..
             } => {
-                // The sender's own message is in its timeline too: place it when it directly
-                // follows the last held seq (PROTOCOL.md), so the next push needs no sync.
-                if code == ErrorCode::Ok && prev_seq.0 == c.last_seq.get() && seq > prev_seq {
+                let post = c
+                    .pending
+                    .borrow()
+                    .iter()
+                    .find(|p| p.req == req || p.counter == client_msg_id as u32)
+                    .is_some_and(|p| p.cmd == Cmd::SendC2g);
+                if post {
+                    // A large group's post: `seq` is its place in the group's timeline (0 for a
+                    // small group), not in the poster's.
+                    if code == ErrorCode::Ok
+                        && seq.0 > 0
+                        && (client_msg_id >> 32) as u32 == self.run_id
+                    {
+                        self.note_post_seq(c.idx, client_msg_id as u32, seq.0);
+                    }
+                } else if code == ErrorCode::Ok && prev_seq.0 == c.last_seq.get() && seq > prev_seq
+                {
+                    // The sender's own message is in its timeline too: place it when it directly
+                    // follows the last held seq (PROTOCOL.md), so the next push needs no sync.
                     c.last_seq.set(seq.0);
                     c.seen_max.set(c.seen_max.get().max(seq.0));
                     self.mark_dirty(c);
@@ -470,6 +613,42 @@ impl Exec {
                 }
                 c.push_max.set(c.push_max.get().max(m.seq.0));
                 self.offer(c, &m, false)
+            }
+            Command::GroupDeliver(m) => self.on_group_push(c, &m),
+            Command::GroupSyncPage {
+                group,
+                head,
+                has_more,
+                messages,
+            } => {
+                if self.head_req.get() == Some(create_key(c, req)) {
+                    self.head_req.set(None);
+                    self.rep.borrow_mut().large_head = head.0;
+                    return Ok(());
+                }
+                if group.0 != self.large_group.get() || !c.g_on.get() {
+                    return Ok(());
+                }
+                for m in &messages {
+                    self.offer_group(c, m, true);
+                }
+                c.g_syncing.set(false);
+                if !messages.is_empty() && (has_more || c.g_seen_max.get() > c.g_last.get()) {
+                    self.start_group_sync(c);
+                }
+                self.check_back(c);
+            }
+            Command::GroupHeads { heads } => {
+                // After a re-login: catch up with the group if it moved on meanwhile.
+                let g = self.large_group.get();
+                if c.g_on.get() {
+                    for h in heads.iter().filter(|h| h.group.0 == g) {
+                        c.g_seen_max.set(c.g_seen_max.get().max(h.head.0));
+                        if h.head.0 > c.g_last.get() {
+                            self.start_group_sync(c);
+                        }
+                    }
+                }
             }
             Command::SyncPage {
                 has_more, messages, ..
@@ -489,7 +668,9 @@ impl Exec {
                 }
                 let is_send = c.pending.borrow().iter().any(|p| p.req == req);
                 let is_create = self.creating.borrow().contains_key(&create_key(c, req));
-                if req != 0 && is_create {
+                if req != 0 && self.large_answer(c, req, code, &message) {
+                    // an add, the head read or a group sync of the large group
+                } else if req != 0 && is_create {
                     self.on_create_result(c, req, code, 0);
                 } else if req != 0 && is_send {
                     self.on_send_result(c, req, None, code);
@@ -507,11 +688,65 @@ impl Exec {
                     return Err(End::Server { code, message });
                 }
             }
-            Command::OpResult { code, id, .. } => self.on_create_result(c, req, code, id),
+            Command::OpResult { code, id, message } => {
+                let large = self.large_answer(c, req, code, &message);
+                if !large {
+                    self.on_create_result(c, req, code, id)
+                }
+            }
             Command::Kickout { reason, .. } => return Err(End::Kicked(reason)),
             _ => {}
         }
         Ok(())
+    }
+
+    /// An `OpResult` / `Error` answering a request about the large group (an add, the head
+    /// read, a member's `GroupSync`): handled here, `true`; anything else, `false`.
+    fn large_answer(&self, c: &Conn, req: u32, code: ErrorCode, message: &str) -> bool {
+        let key = create_key(c, req);
+        let add = self.adding.borrow_mut().remove(&key);
+        if let Some((lo, hi, at, tries)) = add {
+            self.last_activity.set(Instant::now());
+            let mut r = self.rep.borrow_mut();
+            if code == ErrorCode::Ok {
+                r.adds_ok += 1;
+                r.members_added += (hi - lo) as u64;
+                r.add_us.record(at.elapsed().as_micros() as u64);
+            } else {
+                let mut m = message.to_string();
+                m.truncate(80);
+                *r.add_errors.entry(format!("{code:?}: {m}")).or_default() += 1;
+                let retryable = matches!(
+                    code,
+                    ErrorCode::Overloaded | ErrorCode::Unavailable | ErrorCode::Internal
+                );
+                if retryable && tries < MAX_ADD_TRIES {
+                    let due = Instant::now() + Duration::from_secs(1);
+                    self.add_retry.borrow_mut().push_back((lo, hi, due, tries));
+                } else {
+                    r.adds_failed += 1;
+                }
+            }
+            return true;
+        }
+        if self.head_req.get() == Some(key) {
+            self.head_req.set(None);
+            let mut m = message.to_string();
+            m.truncate(120);
+            self.rep.borrow_mut().head_error = Some(format!("{code:?}: {m}"));
+            return true;
+        }
+        if c.g_syncing.get() && c.g_sync_req.get() == req {
+            c.g_syncing.set(false);
+            *self
+                .rep
+                .borrow_mut()
+                .send_errors
+                .entry(format!("GroupSync {code:?}"))
+                .or_default() += 1;
+            return true;
+        }
+        false
     }
 
     /// The answer to a `GroupCreate` (an `OpResult`, or an `Error` with its req id).
@@ -762,7 +997,10 @@ impl Exec {
     fn count_not_back(&self) {
         let mut r = self.rep.borrow_mut();
         for c in &self.conns {
-            let back = c.st.get() == St::LoggedIn && !c.syncing.get() && c.storm_t0.get().is_none();
+            let back = c.st.get() == St::LoggedIn
+                && !c.syncing.get()
+                && !c.g_syncing.get()
+                && c.storm_t0.get().is_none();
             if c.ever_in.get() && !back {
                 r.not_back += 1;
                 r.not_back_ids.push(c.idx);
@@ -840,6 +1078,8 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     c.started.set(Some(Instant::now()));
     c.syncing.set(false);
     c.push_max.set(0);
+    c.g_syncing.set(false);
+    c.g_push_max.set(0);
     c.up_since.set(None);
     if c.first_try.get().is_none() {
         c.first_try.set(Some(Instant::now()));
@@ -1075,6 +1315,106 @@ async fn ticker_ack(ex: Rc<Exec>) {
     }
 }
 
+/// A `GroupAdd` batch is sent at most this many times (retryable refusals).
+const MAX_ADD_TRIES: u32 = 10;
+
+/// `large-group`: the owner (user 0, if this executor has it) creates the group with users
+/// `0..initial`, adds users `initial..members` in batches of `batch` with at most `window` adds
+/// in flight, then reads the group's head (a one-entry `GroupSync` from seq 0).
+async fn build_large(ex: &Rc<Exec>, members: u32, initial: u32, batch: u32, window: u32) {
+    let Some(c) = ex.conn_of(0).cloned() else {
+        return;
+    };
+    if c.st.get() != St::LoggedIn {
+        *ex.rep
+            .borrow_mut()
+            .group_create_errors
+            .entry("owner not logged in".into())
+            .or_default() += 1;
+        return;
+    }
+    let base = ex.plan.uid_base;
+    let uid = move |i: u32| UserId(base + i as u64);
+    let initial = initial.clamp(1, members.max(1));
+    let req = c.push(&Command::GroupCreate {
+        name: "lg-large".into(),
+        members: (1..initial).map(uid).collect(),
+        client_id: 0, // a fresh group in every run
+    });
+    ex.creating.borrow_mut().insert(create_key(&c, req), 0);
+    let long = Duration::from_millis(ex.plan.ack_timeout_ms).max(Duration::from_secs(30));
+    wait_until(|| ex.creating.borrow().is_empty(), long).await;
+    if !std::mem::take(&mut *ex.creating.borrow_mut()).is_empty() {
+        *ex.rep
+            .borrow_mut()
+            .group_create_errors
+            .entry("timeout".into())
+            .or_default() += 1;
+        return;
+    }
+    let Some(id) = ex.rep.borrow().group_ids.first().map(|g| g.1) else {
+        return;
+    };
+    let (batch, window) = (batch.clamp(1, u16::MAX as u32), window.max(1) as usize);
+    let mut next = initial;
+    loop {
+        while ex.adding.borrow().len() < window {
+            let due = {
+                let mut q = ex.add_retry.borrow_mut();
+                match q.front() {
+                    Some(&(_, _, at, _)) if at <= Instant::now() => q.pop_front(),
+                    _ => None,
+                }
+            };
+            let (lo, hi, tries) = match due {
+                Some((lo, hi, _, tries)) => (lo, hi, tries),
+                None if next < members => {
+                    let lo = next;
+                    next = next.saturating_add(batch).min(members);
+                    (lo, next, 0)
+                }
+                None => break,
+            };
+            let req = c.push(&Command::GroupAdd {
+                group: GroupId(id),
+                members: (lo..hi).map(uid).collect(),
+            });
+            ex.adding
+                .borrow_mut()
+                .insert(create_key(&c, req), (lo, hi, Instant::now(), tries + 1));
+        }
+        if next >= members && ex.adding.borrow().is_empty() && ex.add_retry.borrow().is_empty() {
+            break;
+        }
+        // An add not answered for this long is given up (the owner's connection was lost, or
+        // the server is stuck): counted, and the build goes on.
+        let expired: Vec<u64> = ex
+            .adding
+            .borrow()
+            .iter()
+            .filter(|(_, v)| v.2.elapsed() >= long)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            ex.adding.borrow_mut().remove(&k);
+            let mut r = ex.rep.borrow_mut();
+            *r.add_errors.entry("timeout".into()).or_default() += 1;
+            r.adds_failed += 1;
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    let req = c.push(&Command::GroupSync {
+        group: GroupId(id),
+        after_seq: Seq(0),
+        limit: 1,
+    });
+    ex.head_req.set(Some(create_key(&c, req)));
+    wait_until(|| ex.head_req.get().is_none(), long).await;
+    if ex.head_req.take().is_some() {
+        ex.rep.borrow_mut().head_error = Some("timeout".into());
+    }
+}
+
 /// Sends at `rate` for `secs`: c2c messages from random logged-in users, or (`group`) posts of
 /// random memberships of groups that exist; then waits for the acks.
 async fn send_phase(ex: &Rc<Exec>, rate: f64, secs: f64, group: bool) {
@@ -1179,6 +1519,14 @@ pub async fn run(
                 up_since: Cell::new(None),
                 counter: Cell::new(0),
                 pending: RefCell::new(VecDeque::new()),
+                g_on: Cell::new(false),
+                g_base: Cell::new(0),
+                g_last: Cell::new(0),
+                g_syncing: Cell::new(false),
+                g_sync_req: Cell::new(0),
+                g_seen_max: Cell::new(0),
+                g_push_max: Cell::new(0),
+                large_of: Cell::new(0),
             })
         })
         .collect();
@@ -1201,6 +1549,11 @@ pub async fn run(
         group_ids: RefCell::default(),
         group_of: RefCell::default(),
         creating: RefCell::default(),
+        large_group: Cell::new(0),
+        adding: RefCell::default(),
+        add_retry: RefCell::default(),
+        head_req: Cell::new(None),
+        post_seq: RefCell::default(),
         tasks: Cell::new(0),
         pending_total: Cell::new(0),
         last_activity: Cell::new(Instant::now()),
@@ -1270,6 +1623,50 @@ pub async fn run(
                 ex.set_groups(ids);
                 None
             }
+            Op::BuildLarge {
+                members,
+                initial,
+                batch,
+                window,
+            } => {
+                build_large(&ex, members, initial, batch, window).await;
+                Some(Box::new(ex.take_report()))
+            }
+            Op::LargeReady {
+                group,
+                head,
+                max_secs,
+            } => {
+                ex.large_group.set(group);
+                for c in &ex.conns {
+                    c.g_on.set(true);
+                    c.g_base.set(head);
+                    c.g_last.set(head);
+                    c.g_seen_max.set(head);
+                    c.g_push_max.set(head);
+                    c.g_syncing.set(false);
+                }
+                let ready = |c: &Rc<Conn>| c.large_of.get() == group;
+                wait_until(
+                    || {
+                        ex.conns
+                            .iter()
+                            .all(|c| c.st.get() != St::LoggedIn || ready(c))
+                    },
+                    Duration::from_secs_f64(max_secs),
+                )
+                .await;
+                let mut r = ex.rep.borrow_mut();
+                for c in ex.conns.iter().filter(|c| c.st.get() == St::LoggedIn) {
+                    if ready(c) {
+                        r.large_ready += 1;
+                    } else {
+                        r.large_not_ready += 1;
+                    }
+                }
+                drop(r);
+                Some(Box::new(ex.take_report()))
+            }
             Op::SendGroup { rate, secs } => {
                 // This executor's share of the posts: its share of the memberships.
                 let all = ex.plan.groups as f64 * ex.plan.group_size as f64;
@@ -1286,10 +1683,9 @@ pub async fn run(
                         e2.last_activity.get().elapsed() >= quiet
                             && start.elapsed() >= quiet
                             && e2.pending_total.get() == 0
-                            && e2
-                                .conns
-                                .iter()
-                                .all(|c| !c.syncing.get() && c.storm_t0.get().is_none())
+                            && e2.conns.iter().all(|c| {
+                                !c.syncing.get() && !c.g_syncing.get() && c.storm_t0.get().is_none()
+                            })
                     },
                     Duration::from_secs_f64(max_secs),
                 )
@@ -1386,7 +1782,7 @@ mod tests {
 
     use super::*;
     use crate::account::{join, join_group};
-    use im_shared::proto::{GroupEvent, GroupEventKind};
+    use im_shared::proto::GroupEvent;
     use im_shared::{GroupId, MsgId};
     use std::collections::HashMap;
     use std::io::{Read, Write};
@@ -1409,6 +1805,26 @@ mod tests {
         refuse_first_login: bool,
         /// The first `SendC2c` of every user is refused with `Unavailable` (retryable).
         refuse_first_send: bool,
+        /// Large group: this user never gets the group's post number `.1` (0-based), neither
+        /// pushed nor in `GroupSync` (a hole in what the server holds for it).
+        large_drop: Option<(u64, u64)>,
+        /// Large group: this user gets the group's first two posts pushed in the opposite
+        /// order (with their true seqs: its `GroupSync` repairs it).
+        large_reorder: Option<u64>,
+        /// Large group: this user gets the group's first two posts in the opposite order, each
+        /// with the other's seq (a consistent chain, but another order than the members').
+        large_seq_swap: Option<u64>,
+        /// The first `GroupAdd` is refused with `Overloaded` (retryable).
+        refuse_first_add: bool,
+    }
+
+    /// A large group of the fake server: members in the order they joined, its own timeline,
+    /// posts so far.
+    #[derive(Default)]
+    struct LargeFake {
+        members: Vec<u64>,
+        timeline: Vec<Message>,
+        posts: u64,
     }
 
     #[derive(Default)]
@@ -1430,6 +1846,14 @@ mod tests {
         senders: HashSet<u64>,
         /// `DeliverAck`s received.
         deliver_acks: u64,
+        /// Large groups (made large by their first `GroupAdd`).
+        large: HashMap<u64, LargeFake>,
+        /// `(user, group seq)` entries a user never sees (`large_drop`).
+        hidden: HashSet<(u64, u64)>,
+        /// Copies held back for `large_reorder` and `large_seq_swap`.
+        held_reorder: Option<Message>,
+        held_swap: Option<Message>,
+        add_refused: bool,
     }
 
     type Shared = Arc<Mutex<State>>;
@@ -1446,6 +1870,63 @@ mod tests {
                 let _ = s.write_all(&Command::Deliver(m).to_bytes(0));
             }
         }
+    }
+
+    impl State {
+        /// Writes a frame to `uid` if it is online.
+        fn push_to(&mut self, uid: u64, cmd: Command) {
+            if let Some(s) = self.conns.get_mut(&uid) {
+                let _ = s.write_all(&cmd.to_bytes(0));
+            }
+        }
+
+        /// Appends `m` to large group `id`'s timeline and pushes it to the members online;
+        /// returns its seq and the previous one.
+        fn large_append(&mut self, id: u64, mut m: Message) -> (Seq, Seq) {
+            let l = self.large.get_mut(&id).expect("large group");
+            m.prev_seq = Seq(l.timeline.len() as u64);
+            m.seq = Seq(l.timeline.len() as u64 + 1);
+            l.timeline.push(m.clone());
+            let members = l.members.clone();
+            let post = (m.conv == CONV_C2G).then(|| {
+                l.posts += 1;
+                l.posts - 1
+            });
+            let f = self.faults;
+            for u in members {
+                match post {
+                    Some(n) if f.large_drop == Some((u, n)) => {
+                        self.hidden.insert((u, m.seq.0));
+                    }
+                    Some(0) if f.large_reorder == Some(u) => self.held_reorder = Some(m.clone()),
+                    Some(0) if f.large_seq_swap == Some(u) => self.held_swap = Some(m.clone()),
+                    Some(1) if f.large_reorder == Some(u) => {
+                        self.push_to(u, Command::GroupDeliver(m.clone()));
+                        let h = self.held_reorder.take().expect("held copy");
+                        self.push_to(u, Command::GroupDeliver(h));
+                    }
+                    Some(1) if f.large_seq_swap == Some(u) => {
+                        // Post 1 at post 0's place, then post 0 at post 1's.
+                        let mut h = self.held_swap.take().expect("held copy");
+                        let mut first = m.clone();
+                        (first.seq, first.prev_seq) = (h.seq, h.prev_seq);
+                        (h.seq, h.prev_seq) = (m.seq, m.prev_seq);
+                        self.push_to(u, Command::GroupDeliver(first));
+                        self.push_to(u, Command::GroupDeliver(h));
+                    }
+                    _ => self.push_to(u, Command::GroupDeliver(m.clone())),
+                }
+            }
+            (m.seq, m.prev_seq)
+        }
+    }
+
+    fn event(kind: GroupEventKind, users: &[u64]) -> bytes::Bytes {
+        GroupEvent {
+            kind,
+            users: users.iter().map(|u| UserId(*u)).collect(),
+        }
+        .to_bytes()
     }
 
     fn msg(conv: u8, from: u64, to: u64, client_msg_id: u64, body: bytes::Bytes) -> Message {
@@ -1583,6 +2064,98 @@ mod tests {
                             code: ErrorCode::Ok,
                             id,
                             message: String::new(),
+                        }
+                        .encode(f.req_id, &mut out);
+                    }
+                    Command::SendC2g {
+                        client_msg_id,
+                        group: GroupId(id),
+                        body,
+                    } if g.large.contains_key(&id) => {
+                        let m = msg(CONV_C2G, me, id, client_msg_id, body);
+                        let (seq, prev_seq) = g.large_append(id, m);
+                        Command::SendAck {
+                            code: ErrorCode::Ok,
+                            client_msg_id,
+                            msg_id: MsgId(1),
+                            seq,
+                            server_time_ms: 0,
+                            prev_seq,
+                        }
+                        .encode(f.req_id, &mut out);
+                    }
+                    Command::GroupAdd {
+                        group: GroupId(id),
+                        members,
+                    } => {
+                        if g.faults.refuse_first_add && !g.add_refused {
+                            g.add_refused = true;
+                            Command::Error {
+                                code: ErrorCode::Overloaded,
+                                message: "slow down".into(),
+                            }
+                            .encode(f.req_id, &mut out);
+                            let _ = s.write_all(&out);
+                            continue;
+                        }
+                        if let Some((old, _)) = g.groups.remove(&id) {
+                            // Past the threshold (here: at the first add): the members so far
+                            // get the marker, and the group's timeline starts with it.
+                            for u in &old {
+                                let ev = event(GroupEventKind::BecameLarge, &[]);
+                                g.append(*u, msg(CONV_GROUP_EVENT, me, id, 0, ev));
+                            }
+                            g.large.insert(
+                                id,
+                                LargeFake {
+                                    members: old,
+                                    ..Default::default()
+                                },
+                            );
+                            let ev = event(GroupEventKind::BecameLarge, &[]);
+                            g.large_append(id, msg(CONV_GROUP_EVENT, me, id, 0, ev));
+                        }
+                        let l = g.large.get_mut(&id).expect("large group");
+                        let new: Vec<u64> = members
+                            .iter()
+                            .map(|u| u.0)
+                            .filter(|u| !l.members.contains(u))
+                            .collect();
+                        l.members.extend(&new);
+                        for u in &new {
+                            let ev = event(GroupEventKind::MembersAdded, &new);
+                            g.append(*u, msg(CONV_GROUP_EVENT, me, id, 0, ev));
+                            let ev = event(GroupEventKind::BecameLarge, &[]);
+                            g.append(*u, msg(CONV_GROUP_EVENT, me, id, 0, ev));
+                        }
+                        let ev = event(GroupEventKind::MembersAdded, &new);
+                        g.large_append(id, msg(CONV_GROUP_EVENT, me, id, 0, ev));
+                        Command::OpResult {
+                            code: ErrorCode::Ok,
+                            id,
+                            message: String::new(),
+                        }
+                        .encode(f.req_id, &mut out);
+                    }
+                    Command::GroupSync {
+                        group,
+                        after_seq,
+                        limit,
+                    } => {
+                        let l = &g.large[&group.0];
+                        let head = l.timeline.len() as u64;
+                        let messages: Vec<Message> = l
+                            .timeline
+                            .iter()
+                            .filter(|m| m.seq > after_seq && !g.hidden.contains(&(me, m.seq.0)))
+                            .take(limit.max(1) as usize)
+                            .cloned()
+                            .collect();
+                        Command::GroupSyncPage {
+                            group,
+                            head: Seq(head),
+                            has_more: messages.last().is_some_and(|m| m.seq.0 < head),
+                            messages,
                         }
                         .encode(f.req_id, &mut out);
                     }
@@ -1979,6 +2552,144 @@ mod tests {
         assert_eq!(j.order_mismatch_entries, 1);
         assert_eq!(j.order_examples, vec![[2, 15]]);
         assert_eq!((j.phantom, j.non_member), (0, 0));
+        hx.quit();
+    }
+
+    /// `large-group`: logs in, builds the group (created with `initial` members, the rest of
+    /// `members` added in batches of `batch`, two adds in flight), starts tracking it, posts
+    /// for 1 s at `rate`, drains; the build's, the readiness's and the final report.
+    fn large_run(
+        hx: &Harness,
+        members: u32,
+        initial: u32,
+        batch: u32,
+        rate: f64,
+    ) -> (Report, Report, Report) {
+        let login = hx.ask(1, Op::Login { rate: 0.0 }).unwrap();
+        assert_eq!(login.logged_in, hx.live.logged_in.load(Relaxed));
+        let built = *hx
+            .ask(
+                2,
+                Op::BuildLarge {
+                    members,
+                    initial,
+                    batch,
+                    window: 2,
+                },
+            )
+            .unwrap();
+        assert_eq!(built.group_ids.len(), 1, "{:?}", built.group_create_errors);
+        assert_eq!(built.head_error, None);
+        let id = built.group_ids[0].1;
+        hx.ask(3, Op::SetGroups { ids: vec![id] });
+        let ready = *hx
+            .ask(
+                4,
+                Op::LargeReady {
+                    group: id,
+                    head: built.large_head,
+                    max_secs: 10.0,
+                },
+            )
+            .unwrap();
+        hx.ask(5, Op::SendGroup { rate, secs: 1.0 });
+        hx.ask(6, drain());
+        let r = *hx.ask(7, Op::Report).unwrap();
+        (built, ready, r)
+    }
+
+    #[test]
+    fn executor_builds_a_large_group_and_counts_every_copy_once_in_seq_order() {
+        // 20 connected users of a 50-member group: created with 10, 40 added in 6 batches of
+        // at most 7; the first add is refused once (retryable) and sent again.
+        let n = 20;
+        let faults = Faults {
+            refuse_first_add: true,
+            ..Default::default()
+        };
+        let hx = Harness::start(plan(fake_server_with(faults), n, 1, n));
+        let (built, ready, r) = large_run(&hx, 50, 10, 7, 300.0);
+        assert_eq!((built.adds_ok, built.members_added), (6, 40));
+        assert_eq!(built.adds_failed, 0);
+        assert_eq!(
+            built.add_errors.get("Overloaded: slow down").copied(),
+            Some(1),
+            "{:?}",
+            built.add_errors
+        );
+        assert_eq!(built.add_us.len(), 6);
+        // BecameLarge, then one MembersAdded per add.
+        assert_eq!(built.large_head, 7);
+        assert!(built.build_pushes > 0);
+        assert_eq!((ready.large_ready, ready.large_not_ready), (n as u64, 0));
+        assert!(r.sent >= 250, "sent {}", r.sent);
+        assert_eq!(r.acked, r.sent);
+        // Every post reaches every connected member once (the poster included), pushed.
+        assert_eq!(r.delivered, r.sent * n as u64);
+        assert_eq!(r.group_pushes, r.delivered);
+        assert_eq!(r.deliver_us.len(), r.delivered);
+        assert_eq!(
+            (
+                r.group_raw_dups,
+                r.group_gaps,
+                r.group_push_reorders,
+                r.group_holes
+            ),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(
+            (r.dedup_dups, r.out_of_order, r.delivered_by_sync),
+            (0, 0, 0)
+        );
+        let j = join_group(&r, n, n);
+        assert_eq!(j.posts_acked, r.sent);
+        assert_eq!((j.expected, j.received), (r.delivered, r.delivered));
+        assert_eq!(j.own_copies, r.sent);
+        assert_eq!((j.lost, j.phantom, j.non_member), (0, 0, 0));
+        assert_eq!((j.order_mismatch_members, j.order_checked), (0, n as u64));
+        let q = crate::account::check_post_seqs(&r.post_seqs);
+        assert_eq!(q.posts, r.sent);
+        assert_eq!((q.posts_with_two_seqs, q.seqs_with_two_posts), (0, 0));
+        hx.quit();
+    }
+
+    #[test]
+    fn large_group_accounting_catches_a_lost_copy_and_out_of_order_copies() {
+        // 24 connected users of a 40-member group. User 9 never gets the group's third post
+        // (not even by GroupSync); user 15 gets the first two posts pushed in the wrong order
+        // (its GroupSync repairs it); user 5 gets them in the wrong order with each other's
+        // seqs (its chain looks right: only the comparison with the others can tell).
+        let n = 24;
+        let faults = Faults {
+            large_drop: Some((1000 + 9, 2)),
+            large_reorder: Some(1000 + 15),
+            large_seq_swap: Some(1000 + 5),
+            ..Default::default()
+        };
+        let hx = Harness::start(plan(fake_server_with(faults), n, 1, n));
+        let (built, ready, r) = large_run(&hx, 40, 10, 10, 300.0);
+        assert_eq!((built.adds_ok, built.members_added), (3, 30));
+        assert_eq!(ready.large_ready, n as u64);
+        assert!(r.sent >= 250, "sent {}", r.sent);
+        assert_eq!(r.acked, r.sent);
+        assert_eq!(r.delivered, r.sent * n as u64 - 1);
+        // The lost copy: found by the accounting, and by user 9's GroupSync as a hole.
+        let j = join_group(&r, n, n);
+        assert_eq!((j.lost, j.posts_with_loss), (1, 1));
+        assert_eq!(j.lost_examples.len(), 1);
+        assert_eq!(j.lost_examples[0][1], 9, "{:?}", j.lost_examples);
+        assert_eq!(r.group_holes, 1);
+        // The reordered push: seen, and repaired through GroupSync (no order disagreement).
+        assert_eq!(r.group_push_reorders, 1);
+        assert_eq!(r.group_gaps, 2, "user 15's and user 9's");
+        assert!(r.delivered_by_sync >= 2, "{}", r.delivered_by_sync);
+        // The swapped seqs: user 5's order differs from the others', and two posts have two
+        // seqs each (at user 5 and everywhere else), so two seqs name two posts.
+        assert_eq!(j.order_mismatch_members, 1);
+        assert_eq!(j.order_examples, vec![[0, 5]]);
+        let q = crate::account::check_post_seqs(&r.post_seqs);
+        assert_eq!((q.posts_with_two_seqs, q.seqs_with_two_posts), (2, 2));
+        assert_eq!((j.phantom, j.non_member, r.dedup_dups), (0, 0, 0));
         hx.quit();
     }
 }

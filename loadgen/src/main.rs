@@ -236,6 +236,43 @@ pub enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
     },
+    /// Large group (read diffusion): ONE group of M members of which the N connected users are
+    /// the first (users N..M never connect); user 0 creates it with up to --create-members and
+    /// adds the rest with `GroupAdd`s of --add-batch; then random connected members post at R
+    /// posts/s for D seconds and every connected member must get every post (`GroupDeliver`)
+    /// once, in the group's seq order.
+    LargeGroup {
+        /// Connected users (online members), one connection each.
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        users: u32,
+        /// Members of the group (the connected users are members 0..N; the others are user ids
+        /// that never connect).
+        #[arg(long, short = 'm', default_value_t = 100_000)]
+        members: u32,
+        /// Posts per second over all connected members (each post reaches every one of them).
+        #[arg(long, default_value_t = 10.0)]
+        msg_rate: f64,
+        /// Seconds of posting.
+        #[arg(long, default_value_t = 30.0)]
+        secs: f64,
+        /// Members per `GroupAdd` (at most 65 535: a u16 count).
+        #[arg(long, default_value_t = 2000)]
+        add_batch: u32,
+        /// `GroupAdd`s in flight at once (1: each waits for the previous one's `OpResult`).
+        #[arg(long, default_value_t = 1)]
+        add_window: u32,
+        /// Members of the `GroupCreate`, the creator included (the server's limit: 2000).
+        #[arg(long, default_value_t = im_shared::proto::MAX_GROUP_MEMBERS as u32)]
+        create_members: u32,
+        /// After the build, wait at most this long for every connected member to have the
+        /// group's `BecameLarge` event in its own timeline (its shard then sends it the posts).
+        #[arg(long, default_value_t = 60.0)]
+        ready_secs: f64,
+        /// The target: p99 send→deliver over every member copy at or below this (reported; a
+        /// miss does not fail the run).
+        #[arg(long, default_value_t = 50.0)]
+        p99_bound_ms: f64,
+    },
     /// Internal: a worker process started by the coordinator.
     #[command(hide = true)]
     Worker {

@@ -151,6 +151,27 @@ pub enum Op {
     /// Random members post to their groups at `rate` posts/s in total (each executor takes its
     /// share of the memberships) for `secs`, then wait for the acks.
     SendGroup { rate: f64, secs: f64 },
+    /// `large-group` scenario: the executor owning user 0 creates one group with users
+    /// `0..initial` (at most the server's create limit), then adds users `initial..members` with
+    /// `GroupAdd`s of `batch` members, at most `window` in flight (a batch refused with a
+    /// retryable code is sent again a second later); finally it reads the group's head with a
+    /// one-entry `GroupSync`. Every other executor answers at once. The report carries the id
+    /// (`group_ids`), the add counters and `large_head`.
+    BuildLarge {
+        members: u32,
+        initial: u32,
+        batch: u32,
+        window: u32,
+    },
+    /// `large-group` scenario: track large group `group` from its seq `head` on (every
+    /// connection's group timeline starts there: what the build pushed is not counted), then
+    /// wait until every logged-in user has the group's `BecameLarge` event in its own timeline
+    /// (its shard sends it the group's posts from then on), at most `max_secs`.
+    LargeReady {
+        group: u64,
+        head: u64,
+        max_secs: f64,
+    },
     /// Wait until no message arrived for `quiet_ms` (at most `max_secs`).
     Drain { quiet_ms: u64, max_secs: f64 },
     /// Return the counters of the current step and reset them.
@@ -289,6 +310,60 @@ pub struct Report {
     pub group_create_errors: BTreeMap<String, u64>,
     /// Group events (created, ...) accepted into timelines: not messages, not counted above.
     pub group_events: u64,
+    // --- large groups (read diffusion; `large-group` scenario) ---
+    /// `GroupAdd`s answered Ok, the members they added, their latency (request → `OpResult`).
+    #[serde(default)]
+    pub adds_ok: u64,
+    #[serde(default)]
+    pub members_added: u64,
+    #[serde(default)]
+    pub add_us: Hist,
+    /// `GroupAdd`s refused (each refusal once, a retried batch may be refused again) or never
+    /// answered, by `Code: message`.
+    #[serde(default)]
+    pub add_errors: BTreeMap<String, u64>,
+    /// Batches that were never added (a final refusal or no answer).
+    #[serde(default)]
+    pub adds_failed: u64,
+    /// The group's last seq after the build (from the owner's `GroupSync`); 0 if not large.
+    #[serde(default)]
+    pub large_head: u64,
+    /// Why the head could not be read, if it could not.
+    #[serde(default)]
+    pub head_error: Option<String>,
+    /// Logged-in users with (without) the group's `BecameLarge` in their own timeline when
+    /// `LargeReady` ended.
+    #[serde(default)]
+    pub large_ready: u64,
+    #[serde(default)]
+    pub large_not_ready: u64,
+    /// `GroupDeliver` frames of the tracked group received before its tracking started (the
+    /// build's events, pushed live to the members already online), and their body bytes.
+    #[serde(default)]
+    pub build_pushes: u64,
+    #[serde(default)]
+    pub build_push_bytes: u64,
+    /// `GroupDeliver` frames of the tracked group received while tracking it.
+    #[serde(default)]
+    pub group_pushes: u64,
+    /// The group timeline's counterparts of `raw_dups`, `gaps`, `push_reorders`,
+    /// `sync_requests` (`GroupSync` requests).
+    #[serde(default)]
+    pub group_raw_dups: u64,
+    #[serde(default)]
+    pub group_gaps: u64,
+    #[serde(default)]
+    pub group_push_reorders: u64,
+    #[serde(default)]
+    pub group_sync_requests: u64,
+    /// Entries of a `GroupSyncPage` whose `prev_seq` the member did not hold: the group's
+    /// timeline itself has a hole there (accepted anyway; must be 0).
+    #[serde(default)]
+    pub group_holes: u64,
+    /// `(poster, counter, group seq)` of each post, once per distinct seq an executor saw it
+    /// with (at a member, or in the poster's `SendAck`): every post has exactly one seq.
+    #[serde(default)]
+    pub post_seqs: Packed,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -362,6 +437,26 @@ impl Report {
         self.group_ids.extend_from_slice(&o.group_ids);
         merge_map(&mut self.group_create_errors, &o.group_create_errors);
         self.group_events += o.group_events;
+        self.adds_ok += o.adds_ok;
+        self.members_added += o.members_added;
+        self.add_us.merge(&o.add_us);
+        merge_map(&mut self.add_errors, &o.add_errors);
+        self.adds_failed += o.adds_failed;
+        self.large_head = self.large_head.max(o.large_head);
+        if self.head_error.is_none() {
+            self.head_error.clone_from(&o.head_error);
+        }
+        self.large_ready += o.large_ready;
+        self.large_not_ready += o.large_not_ready;
+        self.build_pushes += o.build_pushes;
+        self.build_push_bytes += o.build_push_bytes;
+        self.group_pushes += o.group_pushes;
+        self.group_raw_dups += o.group_raw_dups;
+        self.group_gaps += o.group_gaps;
+        self.group_push_reorders += o.group_push_reorders;
+        self.group_sync_requests += o.group_sync_requests;
+        self.group_holes += o.group_holes;
+        self.post_seqs.extend(&o.post_seqs);
     }
 }
 

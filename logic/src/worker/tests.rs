@@ -1947,12 +1947,13 @@ async fn a_group_switches_to_read_diffusion_past_the_threshold_and_every_post_is
         op_results(&out, conn(1)),
         vec![(ErrorCode::Ok, String::new())]
     );
-    // Online members, d included, get the group timeline's first entries live.
+    // Online members, d included, get the group timeline's first entry live: the marker (the
+    // add itself is told only to d).
     for c in [conn(1), conn(2), conn(4)] {
         let live = group_delivered_to(&out, c);
         let seqs: Vec<u64> = live.iter().map(|m| m.seq.0).collect();
-        assert_eq!(seqs, vec![1, 2], "{c:?}");
-        assert_eq!(live[1].prev_seq, Seq(1));
+        assert_eq!(seqs, vec![1], "{c:?}");
+        assert_eq!(live[0].prev_seq, Seq(0));
     }
     fx.client(conn(2), b, vec![(4, post(2, group, "large one"))])
         .await;
@@ -1963,7 +1964,7 @@ async fn a_group_switches_to_read_diffusion_past_the_threshold_and_every_post_is
     let acks = acks(&out);
     assert_eq!(
         acks.iter().map(|a| (a.2, a.3)).collect::<Vec<_>>(),
-        vec![(Seq(3), Seq(2)), (Seq(4), Seq(3))],
+        vec![(Seq(2), Seq(1)), (Seq(3), Seq(2))],
         "acks carry the place in the group's timeline"
     );
     for c in [conn(1), conn(2), conn(4)] {
@@ -1971,9 +1972,9 @@ async fn a_group_switches_to_read_diffusion_past_the_threshold_and_every_post_is
         let bodies: Vec<&[u8]> = live.iter().map(|m| &m.body[..]).collect();
         assert_eq!(bodies, vec![&b"large one"[..], b"large two"], "{c:?}");
     }
-    // The group timeline: marker, the add, the two posts, chained.
+    // The group timeline: the marker, the two posts, chained.
     let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
-    assert_eq!(gt.len(), 4);
+    assert_eq!(gt.len(), 3);
     for (i, m) in gt.iter().enumerate() {
         assert_eq!((m.seq.0, m.prev_seq.0), (i as u64 + 1, i as u64));
         assert_eq!(m.to.0, group.0);
@@ -1982,14 +1983,7 @@ async fn a_group_switches_to_read_diffusion_past_the_threshold_and_every_post_is
         GroupEvent::decode(gt[0].body.clone()).unwrap().kind,
         GroupEventKind::BecameLarge
     );
-    assert_eq!(
-        GroupEvent::decode(gt[1].body.clone()).unwrap(),
-        GroupEvent {
-            kind: GroupEventKind::MembersAdded,
-            users: vec![d]
-        }
-    );
-    assert_eq!(gt[2].msg_id, acks[0].1);
+    assert_eq!(gt[1].msg_id, acks[0].1);
     // Members' timelines: the small post, then the marker last; no large post in any.
     for m in [a, b, c] {
         let tl = fx.timeline(m).await;
@@ -2045,7 +2039,7 @@ async fn a_member_learns_the_heads_at_login_syncs_the_group_and_keeps_a_read_cur
     }
     fx.pump().await;
     fx.out();
-    // Head 5: marker, add, three posts.
+    // Head 4: the marker, three posts.
     let heads = |out: &[Out], cn: ConnId| {
         out.iter()
             .filter(|o| o.conn == cn)
@@ -2062,7 +2056,7 @@ async fn a_member_learns_the_heads_at_login_syncs_the_group_and_keeps_a_read_cur
         h,
         vec![GroupHead {
             group,
-            head: Seq(5),
+            head: Seq(4),
             read: Seq(0)
         }]
     );
@@ -2090,7 +2084,7 @@ async fn a_member_learns_the_heads_at_login_syncs_the_group_and_keeps_a_read_cur
         .collect();
     assert_eq!(
         pages,
-        vec![(Seq(5), true, vec![1, 2]), (Seq(5), false, vec![3, 4, 5])]
+        vec![(Seq(4), true, vec![1, 2]), (Seq(4), false, vec![3, 4])]
     );
     // The read cursor: stored, never lowered.
     let read = |seq| Command::GroupRead {
@@ -2193,11 +2187,8 @@ async fn removing_a_member_of_a_large_group_touches_only_that_member_and_stops_i
         .collect();
     assert_eq!(
         kinds,
-        vec![
-            GroupEventKind::BecameLarge,
-            GroupEventKind::MembersAdded,
-            GroupEventKind::MembersRemoved
-        ]
+        vec![GroupEventKind::BecameLarge],
+        "no membership entries"
     );
     fx.client(
         conn(2),
@@ -2253,19 +2244,19 @@ async fn a_large_group_stays_large_across_a_restart_and_its_timeline_continues()
     fx.pump().await;
     let out = fx.out();
     let acks = acks(&out);
-    assert_eq!(acks[0].2, Seq(3), "the retry's ack");
-    assert_eq!(acks[1].2, Seq(4));
+    assert_eq!(acks[0].2, Seq(2), "the retry's ack");
+    assert_eq!(acks[1].2, Seq(3));
     let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
     assert_eq!(
         gt.iter().map(|m| m.seq.0).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3]
     );
     assert_eq!(
         group_delivered_to(&out, conn(7))
             .iter()
             .map(|m| m.seq.0)
             .collect::<Vec<_>>(),
-        vec![4]
+        vec![3]
     );
 }
 
@@ -2455,7 +2446,7 @@ async fn a_muted_large_group_sends_one_coalesced_heads_push_instead_of_every_pos
         let e = newest.entry(h.group).or_insert(Seq(0));
         *e = (*e).max(h.head);
     }
-    let want: std::collections::BTreeMap<GroupId, Seq> = [(groups[0], Seq(4)), (groups[1], Seq(4))]
+    let want: std::collections::BTreeMap<GroupId, Seq> = [(groups[0], Seq(3)), (groups[1], Seq(3))]
         .into_iter()
         .collect();
     assert_eq!(newest, want);
