@@ -238,18 +238,32 @@ impl Client {
         })
     }
 
-    /// Posts to a group (members only). The ack's `seq` is 0: this device gets its own copy as
-    /// a `Deliver`, in the group's order.
+    /// Posts to a group (members only). For a small group the ack's `seq` is 0: this device
+    /// gets its own copy as a `Deliver`, in the group's order. For a large group the ack carries
+    /// the post's place in the group's timeline, and the copy comes as a `GroupDeliver`.
     pub fn send_c2g(
         &mut self,
         group: GroupId,
         client_msg_id: u64,
         body: impl Into<Bytes>,
     ) -> Result<SendAck, ClientError> {
+        self.send_c2g_mentioning(group, client_msg_id, body, &[])
+    }
+
+    /// [`Client::send_c2g`] mentioning members (`@user`, at most 20): in a large group each
+    /// gets the post in its own timeline too, as a mention (and an offline push).
+    pub fn send_c2g_mentioning(
+        &mut self,
+        group: GroupId,
+        client_msg_id: u64,
+        body: impl Into<Bytes>,
+        mentions: &[UserId],
+    ) -> Result<SendAck, ClientError> {
         self.send_acked(&Command::SendC2g {
             client_msg_id,
             group,
             body: body.into(),
+            mentions: mentions.to_vec(),
         })
     }
 

@@ -2071,6 +2071,7 @@ mod tests {
                         client_msg_id,
                         group: GroupId(id),
                         body,
+                        ..
                     } if g.large.contains_key(&id) => {
                         let m = msg(CONV_C2G, me, id, client_msg_id, body);
                         let (seq, prev_seq) = g.large_append(id, m);
@@ -2163,6 +2164,7 @@ mod tests {
                         client_msg_id,
                         group: GroupId(id),
                         body,
+                        ..
                     } => {
                         let Some((members, n)) = g.groups.get_mut(&id) else {
                             panic!("post to unknown group {id}");

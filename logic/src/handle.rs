@@ -411,6 +411,7 @@ impl ApiBackend for LogicHandle {
                         client_msg_id: request_id,
                         conv: CONV_S2C,
                         body,
+                        mentions: Vec::new(),
                     };
                     self.group_call(g, from, op).await?
                 }

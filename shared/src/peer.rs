@@ -11,6 +11,7 @@
 //!   op 1 Create: name:str16 members:uids      op 2 Add: uids     op 3 Remove: uids
 //!   op 4 Leave                                op 5 Update: name:str16 announcement:str16
 //!   op 6 Info                                 op 7 Post: client_msg_id:u64 conv:u8 len:u32 body
+//!                                                  [mentions:uids] (trailing, absent if none)
 //!   str16 := len:u16 utf8      uids := n:u16 uid:u64 * n
 //! kind 5 OrgPull   : (count = 1) reply_to:u32 since:u64
 //! kind 6 OrgRecords: len:u32 record (the organisation tree's record encoding, PROTOCOL.md §6.9)
@@ -97,6 +98,8 @@ pub enum GroupOp {
         client_msg_id: u64,
         conv: u8,
         body: Bytes,
+        /// Members mentioned (`SendC2g`'s trailing field).
+        mentions: Vec<UserId>,
     },
     /// A member asks for a download URL of a file posted in the group (members only: a user
     /// removed from the group no longer gets one). Answered with `FileUrl`.
@@ -477,12 +480,16 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             client_msg_id,
             conv,
             body,
+            mentions,
         } => {
             b.put_u8(7);
             b.put_u64(*client_msg_id);
             b.put_u8(*conv);
             b.put_u32(body.len() as u32);
             b.put_slice(body);
+            if !mentions.is_empty() {
+                put_uids(b, mentions);
+            }
         }
         GroupOp::FileUrl { sha256, mime } => {
             b.put_u8(8);
@@ -547,10 +554,18 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
             let conv = b.get_u8();
             let n = b.get_u32() as usize;
             need(b, n)?;
+            let body = b.split_to(n);
+            // Mentions are a trailing field (absent from older senders and when empty).
+            let mentions = if b.remaining() >= 2 {
+                uids(b)?
+            } else {
+                Vec::new()
+            };
             GroupOp::Post {
                 client_msg_id,
                 conv,
-                body: b.split_to(n),
+                body,
+                mentions,
             }
         }
         8 => {
@@ -654,6 +669,13 @@ mod tests {
                 client_msg_id: 11,
                 conv: 2,
                 body: Bytes::from_static(b"post"),
+                mentions: Vec::new(),
+            }),
+            call(GroupOp::Post {
+                client_msg_id: 12,
+                conv: 2,
+                body: Bytes::from_static(b"@3"),
+                mentions: vec![UserId(3), UserId(0)],
             }),
             call(GroupOp::FileUrl {
                 sha256: [0xAB; 32],
@@ -714,7 +736,18 @@ mod tests {
     fn every_truncation_and_an_unknown_kind_are_refused() {
         for m in every_kind() {
             let enc = encode(0, m.as_ref());
+            // A post is complete before its optional mentions (one stray byte reads as none).
+            let optional = match &m {
+                PeerMsg::Group(GroupCall {
+                    op: GroupOp::Post { mentions, .. },
+                    ..
+                }) if !mentions.is_empty() => Some(enc.len() - (2 + 8 * mentions.len())),
+                _ => None,
+            };
             for cut in 0..enc.len() {
+                if optional.is_some_and(|at| cut == at || cut == at + 1) {
+                    continue;
+                }
                 assert!(decode(enc.slice(..cut)).is_err(), "{m:?} cut at {cut}");
             }
         }

@@ -25,6 +25,11 @@ pub const CONV_RECALL: u8 = 4;
 pub const CONV_READ: u8 = 5;
 /// A group event (created, members added/removed, left, updated): body = [`GroupEvent`].
 pub const CONV_GROUP_EVENT: u8 = 6;
+/// The user was mentioned in a large group's post: `to` is the group, `msg_id`, `from` and the
+/// body are the post's (its place in the group's timeline comes with `GroupSync`).
+pub const CONV_MENTION: u8 = 7;
+/// Most members one post may mention.
+pub const MAX_MENTIONS: usize = 20;
 
 /// Largest group a client may create or grow (write diffusion: one timeline entry per member).
 pub const MAX_GROUP_MEMBERS: usize = 2000;
@@ -326,6 +331,10 @@ pub enum Command {
         client_msg_id: u64,
         group: GroupId,
         body: Bytes,
+        /// Members mentioned (`@user`; at most [`MAX_MENTIONS`]): in a large group each gets
+        /// the post as a personal [`CONV_MENTION`] entry (and its offline push). A trailing
+        /// field: absent when empty.
+        mentions: Vec<UserId>,
     },
     /// Recall one's own message within the recall window. `conv` is [`CONV_C2C`] (peer = the
     /// other user) or [`CONV_C2G`] (peer = the group). Acked with `SendAck`.
@@ -654,7 +663,16 @@ impl Command {
             }
             Command::Delivered { .. } => 16,
             Command::Error { message, .. } => 2 + string_len(message),
-            Command::SendC2g { body, .. } => 8 + 8 + 4 + body.len(),
+            Command::SendC2g { body, mentions, .. } => {
+                8 + 8
+                    + 4
+                    + body.len()
+                    + if mentions.is_empty() {
+                        0
+                    } else {
+                        2 + 8 * mentions.len()
+                    }
+            }
             Command::Recall { .. } | Command::ReadReport { .. } => 8 + 1 + 8 + 8,
             Command::Report { topic, body, .. } => 8 + string_len(topic) + 4 + body.len(),
             Command::GroupCreate { name, members, .. } => {
@@ -796,10 +814,14 @@ impl Command {
                 client_msg_id,
                 group,
                 body,
+                mentions,
             } => {
                 out.put_u64(*client_msg_id);
                 out.put_u64(group.0);
                 put_bytes(out, body);
+                if !mentions.is_empty() {
+                    put_uids(out, mentions);
+                }
             }
             Command::Recall {
                 client_msg_id,
@@ -1144,6 +1166,11 @@ impl Command {
                 client_msg_id: r.u64("client_msg_id")?,
                 group: GroupId(r.u64("group")?),
                 body: r.bytes("body")?,
+                mentions: if r.remaining() >= 2 {
+                    read_uids(&mut r)?
+                } else {
+                    Vec::new()
+                },
             },
             Cmd::Recall => Command::Recall {
                 client_msg_id: r.u64("client_msg_id")?,
@@ -1455,6 +1482,13 @@ mod tests {
                 client_msg_id: 3,
                 group: GroupId(77),
                 body: Bytes::from_static(b"all"),
+                mentions: Vec::new(),
+            },
+            Command::SendC2g {
+                client_msg_id: 3,
+                group: GroupId(77),
+                body: Bytes::from_static(b"@5 @6 hi"),
+                mentions: vec![UserId(5), UserId(6)],
             },
             Command::Recall {
                 client_msg_id: 4,
@@ -1839,6 +1873,13 @@ mod tests {
             for cut in 0..f.body.len() {
                 if matches!(c, Command::GroupCreate { .. }) && cut == f.body.len() - 8 {
                     continue; // the body before the optional `client_id` is complete
+                }
+                if let Command::SendC2g { mentions, .. } = &c {
+                    // Complete before the optional mentions (one stray byte reads as none).
+                    let at = f.body.len() - (2 + 8 * mentions.len());
+                    if !mentions.is_empty() && (cut == at || cut == at + 1) {
+                        continue;
+                    }
                 }
                 let short = Frame::new(f.cmd, 1, f.body.slice(..cut));
                 assert!(Command::decode(&short).is_err(), "{c:?} cut at {cut}");

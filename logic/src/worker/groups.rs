@@ -20,6 +20,14 @@ use crate::api::{Accepted, ApiError};
 use crate::metrics::Metrics;
 use crate::store::{DedupEntry, MemberRecord, Op, Store, StoreError};
 
+/// A post, for [`Worker::refuse`] (which answers by the kind of request only).
+const POST: GroupOp = GroupOp::Post {
+    client_msg_id: 0,
+    conv: 0,
+    body: Bytes::new(),
+    mentions: Vec::new(),
+};
+
 /// Client message ids remembered per group for dedup before the store is asked.
 const GROUP_DEDUP_WINDOW: usize = 1024;
 
@@ -362,18 +370,23 @@ impl<S: Store> Worker<S> {
                 client_msg_id,
                 conv,
                 body,
+                mentions,
             } => {
                 // A business push to a group arrives here without the sender worker's check.
                 if let Err((code, why)) = self.check_body(&body) {
-                    let op = GroupOp::Post {
-                        client_msg_id,
-                        conv,
-                        body,
-                    };
-                    return self.refuse(reply, &op, ApiError::new(code, why), round);
+                    return self.refuse(reply, &POST, ApiError::new(code, why), round);
                 }
-                self.post(group, actor, client_msg_id, conv, body, reply, round)
-                    .await
+                self.post(
+                    group,
+                    actor,
+                    client_msg_id,
+                    conv,
+                    body,
+                    mentions,
+                    reply,
+                    round,
+                )
+                .await
             }
             GroupOp::Add(new) => self.add(group, actor, new, reply, round),
             GroupOp::Remove(gone) => {
@@ -621,6 +634,7 @@ impl<S: Store> Worker<S> {
         client_msg_id: u64,
         conv: u8,
         body: Bytes,
+        mentions: Vec<UserId>,
         reply: Reply,
         round: &mut Round,
     ) {
@@ -641,12 +655,7 @@ impl<S: Store> Worker<S> {
                 None => match self.stored_dedup(actor, client_msg_id).await {
                     Ok(e) => e,
                     Err(e) => {
-                        let op = GroupOp::Post {
-                            client_msg_id,
-                            conv,
-                            body,
-                        };
-                        return self.refuse(reply, &op, unavailable(&e), round);
+                        return self.refuse(reply, &POST, unavailable(&e), round);
                     }
                 },
             };
@@ -654,18 +663,21 @@ impl<S: Store> Worker<S> {
                 return round.reply(reply, accepted(e), |r| ack(e, r));
             }
         }
+        let large = self.groups[&group].large.is_some();
+        if large && mentions.contains(&UserId(0)) {
+            let e = ApiError::new(
+                ErrorCode::InvalidArgument,
+                "@all (uid 0) is not available in a large group: mention members by uid",
+            );
+            return self.refuse(reply, &POST, e, round);
+        }
         if !self.large_admit(group) {
             let rate = self.cfg.large_group_posts_per_sec;
             let e = ApiError::new(
                 ErrorCode::Overloaded,
                 format!("this group takes at most {rate} posts a second; retry later"),
             );
-            let op = GroupOp::Post {
-                client_msg_id,
-                conv,
-                body,
-            };
-            return self.refuse(reply, &op, e, round);
+            return self.refuse(reply, &POST, e, round);
         }
         let now = self.now;
         let msg = Message {
@@ -686,9 +698,10 @@ impl<S: Store> Worker<S> {
             server_time_ms: now,
         };
         // A large group: one entry in the group's timeline; the ack carries its place there.
-        let large = self.groups[&group].large.is_some();
+        // The members it mentions get it in their own timelines too (the offline push with it).
         if large {
             (entry.seq, entry.prev_seq) = self.large_append(group, msg.clone(), round);
+            self.mention(group, actor, &msg, mentions, round);
         }
         let g = self.groups.get_mut(&group).expect("loaded");
         if client_msg_id != 0 {

@@ -29,7 +29,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT, ROLE_MEMBER};
+use im_shared::proto::{
+    GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT, CONV_MENTION, ROLE_MEMBER,
+};
+use im_shared::shard::vshard_of;
 use im_store::MemberRecord;
 
 use super::*;
@@ -386,6 +389,35 @@ impl<S: Store> Worker<S> {
         });
         round.live.push((group, msg));
         at
+    }
+
+    /// Owner side: the members of large group `group` that post `msg` mentions (not the poster,
+    /// not a non-member) get it as a [`CONV_MENTION`] entry in their own timelines, through the
+    /// outbox like any fan-out: live, synced, and pushed when no device acknowledges it.
+    pub(super) fn mention(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        msg: &Message,
+        mentions: Vec<UserId>,
+        round: &mut Round,
+    ) {
+        let g = &self.groups[&group];
+        let mut to: Vec<UserId> = mentions
+            .into_iter()
+            .filter(|u| *u != actor && g.members.contains_key(u))
+            .collect();
+        to.sort_unstable();
+        to.dedup();
+        if to.is_empty() {
+            return;
+        }
+        let m = Message {
+            conv: CONV_MENTION,
+            ..msg.clone()
+        };
+        self.metrics.accepted(CONV_MENTION);
+        self.fan_out(vshard_of(UserId(group.0)), &m, to, round);
     }
 
     /// Owner side: whether large group `group` takes one more post now.

@@ -30,7 +30,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use im_shared::frame::Cmd;
 use im_shared::link::{Down, DownstreamSink, Up};
-use im_shared::proto::{GroupDesc, Message, CONV_C2C, CONV_C2G, CONV_S2C, MAX_DEVICE_ID_LEN};
+use im_shared::proto::{
+    GroupDesc, Message, CONV_C2C, CONV_C2G, CONV_S2C, MAX_DEVICE_ID_LEN, MAX_MENTIONS,
+};
 use im_shared::shard::vshard_of;
 use im_shared::token::{TokenError, TokenVerifier};
 use im_shared::{
@@ -87,7 +89,10 @@ const LAZY_FLUSH_MS: u64 = 1_000;
 /// Whether a message of this kind counts as unread content: it may trigger an offline push and
 /// waits for a device's ack. Recalls, read receipts and group events do not.
 fn notifies(conv: u8) -> bool {
-    matches!(conv, CONV_C2C | CONV_C2G | CONV_S2C)
+    matches!(
+        conv,
+        CONV_C2C | CONV_C2G | CONV_S2C | im_shared::proto::CONV_MENTION
+    )
 }
 
 /// Most undelivered-notice entries kept per user.
@@ -385,7 +390,11 @@ impl Pending {
             sender: m.from,
             msg_id: m.msg_id,
             conv: m.conv,
-            peer: if m.conv == CONV_C2G { m.to.0 } else { m.from.0 },
+            peer: if m.conv == CONV_C2G || m.conv == im_shared::proto::CONV_MENTION {
+                m.to.0
+            } else {
+                m.from.0
+            },
             preview: Bytes::copy_from_slice(&m.body[..m.body.len().min(PREVIEW_BYTES)]),
         }
     }
@@ -1314,10 +1323,15 @@ impl<S: Store> Worker<S> {
                         self.on_closed(conn, uid);
                         round.close(conn, Command::LogoutAck.to_bytes(req_id));
                     }
+                    Command::SendC2g { mentions, .. } if mentions.len() > MAX_MENTIONS => {
+                        let why = format!("a post mentions at most {MAX_MENTIONS} members");
+                        round.send(conn, error_frame(ErrorCode::InvalidArgument, req_id, &why));
+                    }
                     Command::SendC2g {
                         client_msg_id,
                         group,
                         body,
+                        mentions,
                     } => {
                         let to = Reply::Conn { conn, req_id };
                         self.forward_group(
@@ -1327,6 +1341,7 @@ impl<S: Store> Worker<S> {
                                 client_msg_id,
                                 conv: CONV_C2G,
                                 body,
+                                mentions,
                             },
                             to,
                             round,

@@ -155,8 +155,10 @@ impl<S: Store> Worker<S> {
                     continue;
                 }
             };
+            // A mention gets through the mute of its group (not "mute everything").
+            let mention = conv == im_shared::proto::CONV_MENTION;
             match self.store.mutes(uid).await {
-                Ok(m) if m.contains(&0) || m.contains(&peer) => {
+                Ok(m) if m.contains(&0) || (!mention && m.contains(&peer)) => {
                     Metrics::inc(&self.metrics.pushes_muted);
                     continue;
                 }
@@ -178,7 +180,7 @@ impl<S: Store> Worker<S> {
                     conv,
                     // The conversation as the recipient sees it: the group for c2g, else the
                     // recipient itself (mutes are keyed by `peer`: the sender or the group).
-                    to: if conv == im_shared::proto::CONV_C2G {
+                    to: if conv == im_shared::proto::CONV_C2G || mention {
                         peer
                     } else {
                         uid.0

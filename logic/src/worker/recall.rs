@@ -79,6 +79,7 @@ impl<S: Store> Worker<S> {
                 client_msg_id,
                 conv: CONV_RECALL,
                 body,
+                mentions: Vec::new(),
             };
             self.forward_group(uid, GroupId(peer), op, Reply::Conn { conn, req_id }, round);
         }

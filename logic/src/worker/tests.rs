@@ -964,6 +964,7 @@ async fn a_group_post_is_stored_for_every_member_and_delivered_to_those_online()
         client_msg_id: 77,
         group,
         body: Bytes::from_static(b"hi all"),
+        mentions: Vec::new(),
     };
     fx.client(conn(2), b, vec![(2, post.clone())]).await;
     fx.pump().await;
@@ -1151,6 +1152,7 @@ async fn offline_users_and_groups_are_evicted_past_the_budget_and_come_back_with
         client_msg_id: 80,
         group: groups[0],
         body: Bytes::from_static(b"still here"),
+        mentions: Vec::new(),
     };
     fx.client(conn(1), a, vec![(80, post)]).await;
     fx.pump().await;
@@ -1894,6 +1896,7 @@ fn post(client_msg_id: u64, group: GroupId, body: &'static str) -> Command {
         client_msg_id,
         group,
         body: Bytes::from_static(body.as_bytes()),
+        mentions: Vec::new(),
     }
 }
 
@@ -2462,4 +2465,94 @@ async fn a_muted_large_group_sends_one_coalesced_heads_push_instead_of_every_pos
     let out = fx.out();
     assert_eq!(group_delivered_to(&out, conn(2)).len(), 1);
     assert!(heads_to(&out).is_empty());
+}
+
+#[tokio::test]
+async fn a_mention_in_a_large_group_reaches_the_mentioned_members_own_timelines_only() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let (c, d, e) = (UserId(b.0 + 100), UserId(b.0 + 101), UserId(b.0 + 102));
+    let outsider = UserId(b.0 + 200);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    let add = Command::GroupAdd {
+        group,
+        members: vec![d, e],
+    };
+    fx.client(conn(1), a, vec![(2, add)]).await;
+    fx.pump().await;
+    fx.out();
+    let before: Vec<usize> = {
+        let mut v = Vec::new();
+        for u in [a, b, c, d, e, outsider] {
+            v.push(fx.timeline(u).await.len());
+        }
+        v
+    };
+    let mention = |cid, mentions: Vec<UserId>| Command::SendC2g {
+        client_msg_id: cid,
+        group,
+        body: Bytes::from_static(b"@b @c look"),
+        mentions,
+    };
+    // b (online) and c (offline) are mentioned; the poster itself and a non-member are ignored.
+    fx.client(
+        conn(1),
+        a,
+        vec![(3, mention(1, vec![b, c, c, a, outsider]))],
+    )
+    .await;
+    fx.pump().await;
+    let out = fx.out();
+    let ack = acks(&out)[0];
+    for (i, u) in [a, b, c, d, e, outsider].into_iter().enumerate() {
+        let tl = fx.timeline(u).await;
+        let mentions: Vec<&Message> = tl[before[i]..]
+            .iter()
+            .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+            .collect();
+        if u == b || u == c {
+            assert_eq!(mentions.len(), 1, "{u}");
+            let m = mentions[0];
+            assert_eq!((m.msg_id, m.from, m.to.0), (ack.1, a, group.0));
+            assert_eq!(&m.body[..], b"@b @c look");
+        } else {
+            assert_eq!(tl.len(), before[i], "nothing new for {u}");
+        }
+    }
+    // b's device got both: the post live (group seqs) and the mention (b's own timeline).
+    assert_eq!(group_delivered_to(&out, conn(2)).len(), 1);
+    assert_eq!(
+        delivered_to(&out, conn(2))
+            .iter()
+            .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+            .count(),
+        1
+    );
+    // @all (uid 0) is refused in a large group, and more than 20 mentions anywhere.
+    let many: Vec<UserId> = (1..=21).map(|i| UserId(b.0 + 300 + i)).collect();
+    fx.client(
+        conn(1),
+        a,
+        vec![(4, mention(2, vec![UserId(0)])), (5, mention(3, many))],
+    )
+    .await;
+    fx.pump().await;
+    let refused: Vec<(u32, ErrorCode)> = fx
+        .out()
+        .iter()
+        .filter_map(|o| match &o.cmd {
+            Command::Error { code, .. } => Some((o.req_id, *code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            (5, ErrorCode::InvalidArgument),
+            (4, ErrorCode::InvalidArgument)
+        ]
+    );
 }
