@@ -338,10 +338,10 @@ impl PushError {
     }
 }
 
-/// Thread id of a notification for grouping on the device: `g<group>` for group messages,
-/// else `u<sender>`.
+/// Thread id of a notification for grouping on the device: `g<group>` for group messages and
+/// mentions in a group, else `u<sender>`.
 fn thread_key(n: &PushNotification) -> String {
-    if n.conv == im_shared::proto::CONV_C2G {
+    if n.conv == im_shared::proto::CONV_C2G || n.conv == im_shared::proto::CONV_MENTION {
         format!("g{}", n.to)
     } else {
         format!("u{}", n.from.0)

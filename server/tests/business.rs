@@ -1118,6 +1118,45 @@ fn muted_peer_and_mute_all_suppress_the_push() {
     assert_eq!(rx.got().len(), 1);
 }
 
+/// A large group pushes no post (members read its timeline), but a member it mentions gets a
+/// push of its mention entry, also when it muted the group (PROTOCOL.md "Large groups").
+#[test]
+fn a_mention_in_a_large_group_is_pushed_through_the_groups_mute() {
+    let rx = Receiver::start(|_| 200);
+    let (s, _api) = start_biz(|cfg| {
+        cfg.push = Some(push_to(&rx));
+        cfg.large_group_threshold = 2;
+    });
+    let (a, b, c) = (51161, 51162, 51163);
+    let mut ac = login(s.addr, a);
+    let g = ac.create_group("all hands", &[UserId(b)]).unwrap();
+    ac.group_add(g, &[UserId(c)]).unwrap();
+    {
+        let (mut bc, _) = login_as(s.addr, b, DeviceType::Phone, "b-phone");
+        bc.register_push(PROVIDER_WEBHOOK, "gw-l").unwrap();
+        bc.set_mute(g.0, true).unwrap();
+        bc.logout().unwrap();
+    }
+    ac.send_c2g(g, 1, "no mention").unwrap();
+    std::thread::sleep(PUSH_DELAY + NO_PUSH_WAIT);
+    assert_eq!(rx.got().len(), 0, "a large group's post is not pushed");
+    let ack = ac
+        .send_c2g_mentioning(g, 2, "@b please look", &[UserId(b)])
+        .unwrap();
+    let got = rx.wait(1, PUSH_DELAY + PUSH_SLACK);
+    let j = assert_push(&got[0], b, "b-phone", "gw-l");
+    assert_eq!(j["msg_id"].str(), ack.msg_id.0.to_string());
+    assert_eq!(j["conv"].u64(), u64::from(im_shared::proto::CONV_MENTION));
+    assert_eq!(
+        j["to"].str(),
+        g.0.to_string(),
+        "the conversation is the group"
+    );
+    assert_eq!(j["preview"].str(), "@b please look");
+    std::thread::sleep(NO_PUSH_WAIT);
+    assert_eq!(rx.got().len(), 1);
+}
+
 #[test]
 fn group_post_to_an_offline_member_with_a_token_is_pushed_to_that_member_only() {
     let rx = Receiver::start(|_| 200);
