@@ -56,6 +56,7 @@ pub enum Cmd {
     GroupSync = 0x29,
     GroupRead = 0x2A,
     GroupMembers = 0x2B,
+    GroupPosting = 0x2C,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -117,6 +118,7 @@ impl Cmd {
             0x29 => GroupSync,
             0x2A => GroupRead,
             0x2B => GroupMembers,
+            0x2C => GroupPosting,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,

@@ -20,7 +20,7 @@
 //! kind 9 Presence  : uid:u64 online:u8 last_seen_ms:u64
 //!   group op 9 Typing: state:u8
 //!   group op 10 Sync: after:u64 limit:u16    op 11 Members: after:u64 limit:u16
-//!   group op 12 Head: read:u64
+//!   group op 12 Head: read:u64               op 13 Posting: owner_only:u8
 //! kind 10 GroupLive : group:u64 msg_len:u32 msg (a large group's post, for online members)
 //! ```
 //! `GroupLive` goes from a large group's owner to every worker of the cluster once per post (not
@@ -126,6 +126,10 @@ pub enum GroupOp {
     /// member's read cursor `read` (kept by the member's own shard). Nothing on a refusal.
     Head {
         read: Seq,
+    },
+    /// The owner lets everyone post (`owner_only` false) or only itself (`GroupPosting`).
+    Posting {
+        owner_only: bool,
     },
 }
 
@@ -514,6 +518,10 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u8(12);
             b.put_u64(read.0);
         }
+        GroupOp::Posting { owner_only } => {
+            b.put_u8(13);
+            b.put_u8(*owner_only as u8);
+        }
     }
 }
 
@@ -599,6 +607,12 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
             need(b, 8)?;
             GroupOp::Head {
                 read: Seq(b.get_u64()),
+            }
+        }
+        13 => {
+            need(b, 1)?;
+            GroupOp::Posting {
+                owner_only: b.get_u8() != 0,
             }
         }
         _ => return Err(PeerError("group request kind")),
@@ -692,6 +706,7 @@ mod tests {
             }),
             PeerMsg::GroupLive(vec![(GroupId(9), msg()), (GroupId(u64::MAX), msg())]),
             call(GroupOp::Head { read: Seq(7) }),
+            call(GroupOp::Posting { owner_only: true }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,

@@ -543,6 +543,12 @@ pub enum Command {
         after: UserId,
         limit: u16,
     },
+    /// Who may post in a group: everyone (`owner_only` false) or only its owner (a broadcast
+    /// channel). Owner only. Answered with `OpResult`.
+    GroupPosting {
+        group: GroupId,
+        owner_only: bool,
+    },
     /// Server push: a post of a large group, live. `seq`/`prev_seq` are the group timeline's
     /// (not the user's), `to` is the group.
     GroupDeliver(Message),
@@ -635,6 +641,7 @@ impl Command {
             Command::GroupSync { .. } => Cmd::GroupSync,
             Command::GroupRead { .. } => Cmd::GroupRead,
             Command::GroupMembers { .. } => Cmd::GroupMembers,
+            Command::GroupPosting { .. } => Cmd::GroupPosting,
             Command::GroupDeliver(_) => Cmd::GroupDeliver,
             Command::GroupSyncPage { .. } => Cmd::GroupSyncPage,
             Command::GroupHeads { .. } => Cmd::GroupHeads,
@@ -711,6 +718,7 @@ impl Command {
             Command::GroupSync { .. } => 8 + 8 + 2,
             Command::GroupRead { .. } => 8 + 8,
             Command::GroupMembers { .. } => 8 + 8 + 2,
+            Command::GroupPosting { .. } => 8 + 1,
             Command::GroupDeliver(m) => m.encoded_len(),
             Command::GroupSyncPage { messages, .. } => {
                 8 + 8 + 1 + 2 + messages.iter().map(Message::encoded_len).sum::<usize>()
@@ -1001,6 +1009,10 @@ impl Command {
                 out.put_u64(group.0);
                 out.put_u64(after.0);
                 out.put_u16(*limit);
+            }
+            Command::GroupPosting { group, owner_only } => {
+                out.put_u64(group.0);
+                out.put_u8(*owner_only as u8);
             }
             Command::GroupDeliver(m) => m.encode(out),
             Command::GroupSyncPage {
@@ -1347,6 +1359,10 @@ impl Command {
                 after: UserId(r.u64("after")?),
                 limit: r.u16("limit")?,
             },
+            Cmd::GroupPosting => Command::GroupPosting {
+                group: GroupId(r.u64("group")?),
+                owner_only: r.u8("owner_only")? != 0,
+            },
             Cmd::GroupDeliver => Command::GroupDeliver(Message::read(&mut r)?),
             Cmd::GroupSyncPage => {
                 let group = GroupId(r.u64("group")?);
@@ -1669,6 +1685,10 @@ mod tests {
                 group: GroupId(9),
                 after: UserId(7),
                 limit: 0,
+            },
+            Command::GroupPosting {
+                group: GroupId(9),
+                owner_only: true,
             },
             Command::GroupDeliver(Message {
                 seq: Seq(4),

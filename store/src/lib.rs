@@ -66,6 +66,11 @@ impl StoreError {
 /// [`Op::UserFlag`]: the user's presence is hidden (followers see it offline, with no last seen).
 pub const FLAG_PRESENCE_HIDDEN: u8 = 1;
 
+/// [`Op::UserFlag`] on a *group's* id: only the group's owner posts (a broadcast channel). Group
+/// settings share the flags keyspace with users' settings under the group's id, at numbers from
+/// 128 up, which no user setting uses, so a user whose id equals a group id never sees them.
+pub const FLAG_GROUP_OWNER_POSTS: u8 = 128;
+
 /// How long a dedup record answers a retry: 7 days, far longer than any client keeps retrying one
 /// send. ScyllaDB expires the rows with `default_time_to_live = 604800` (deploy/scylla/schema.cql);
 /// fjall hides older records from reads and drops them in compaction.

@@ -50,6 +50,7 @@ export const CMD = Object.freeze({
   GroupSync: 0x29,
   GroupRead: 0x2a,
   GroupMembers: 0x2b,
+  GroupPosting: 0x2c,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -670,6 +671,10 @@ const LAYOUT = {
     ['group', T.u64],
     ['after', T.u64],
     ['limit', T.u16],
+  ],
+  GroupPosting: [
+    ['group', T.u64],
+    ['ownerOnly', T.bool],
   ],
   GroupDeliver: [['message', MESSAGE]],
   GroupSyncPage: [

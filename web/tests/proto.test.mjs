@@ -214,6 +214,7 @@ const SAMPLES = [
   { type: 'GroupSync', group: 9n, afterSeq: 3n, limit: 50 },
   { type: 'GroupRead', group: 9n, seq: 4n },
   { type: 'GroupMembers', group: 9n, after: 7n, limit: 0 },
+  { type: 'GroupPosting', group: 9n, ownerOnly: true },
   { type: 'GroupDeliver', message: msg({ seq: 4n, prevSeq: 3n, conv: CONV.C2G }) },
   { type: 'GroupSyncPage', group: 9n, head: 4n, hasMore: false, messages: [msg()] },
   { type: 'GroupHeads', heads: [{ group: 9n, head: 5n, read: 3n }] },

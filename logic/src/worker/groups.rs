@@ -85,6 +85,7 @@ pub(super) fn group_op(cmd: Command) -> Option<(GroupId, GroupOp)> {
             announcement,
         } => (group, GroupOp::Update { name, announcement }),
         Command::GroupInfo { group } => (group, GroupOp::Info),
+        Command::GroupPosting { group, owner_only } => (group, GroupOp::Posting { owner_only }),
         _ => return None,
     })
 }
@@ -97,6 +98,8 @@ pub(super) struct GroupState {
     pub(super) members: BTreeMap<UserId, u8>,
     /// `Some` for a large group (read diffusion, `worker/large.rs`).
     pub(super) large: Option<super::large::Large>,
+    /// Only the owner posts (a broadcast channel; `GroupPosting`).
+    owner_posts: bool,
     dedup: HashMap<(UserId, u64), DedupEntry>,
     dedup_order: VecDeque<(UserId, u64)>,
 }
@@ -257,6 +260,11 @@ impl<S: Store> Worker<S> {
         let members = self.store.members(g).await?;
         // A large group's timeline starts with the switch's marker: a head means large.
         let head = self.store.group_head(g).await?.0;
+        let owner_posts = self
+            .store
+            .user_flags(UserId(g.0))
+            .await?
+            .contains(&im_store::FLAG_GROUP_OWNER_POSTS);
         self.groups.insert(
             g,
             GroupState {
@@ -264,6 +272,7 @@ impl<S: Store> Worker<S> {
                 desc,
                 members: members.into_iter().map(|m| (m.uid, m.role)).collect(),
                 large: (head > 0).then(|| super::large::Large::at(head)),
+                owner_posts,
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
             },
@@ -345,7 +354,7 @@ impl<S: Store> Worker<S> {
         let not_member = ApiError::new(ErrorCode::NotMember, format!("not a member of {group}"));
         let needs_owner = matches!(
             op,
-            GroupOp::Add(_) | GroupOp::Remove(_) | GroupOp::Update { .. }
+            GroupOp::Add(_) | GroupOp::Remove(_) | GroupOp::Update { .. } | GroupOp::Posting { .. }
         );
         if !admin && needs_owner && actor != owner {
             let e = ApiError::new(ErrorCode::Forbidden, "only the group owner may do this");
@@ -372,6 +381,11 @@ impl<S: Store> Worker<S> {
                 body,
                 mentions,
             } => {
+                if self.groups[&group].owner_posts && !admin && actor != owner {
+                    let e =
+                        ApiError::new(ErrorCode::Forbidden, "only the owner posts in this group");
+                    return self.refuse(reply, &POST, e, round);
+                }
                 // A business push to a group arrives here without the sender worker's check.
                 if let Err((code, why)) = self.check_body(&body) {
                     return self.refuse(reply, &POST, ApiError::new(code, why), round);
@@ -427,19 +441,7 @@ impl<S: Store> Worker<S> {
                 g.desc.name = name;
                 g.desc.announcement = announcement;
                 round.batch.push(Op::GroupPut(g.desc.clone()));
-                if g.large.is_some() {
-                    self.large_event(group, actor, GroupEventKind::Updated, Vec::new(), round);
-                } else {
-                    let all = g.members.keys().copied().collect();
-                    self.group_event(
-                        group,
-                        actor,
-                        GroupEventKind::Updated,
-                        Vec::new(),
-                        all,
-                        round,
-                    );
-                }
+                self.announce_update(group, actor, round);
                 round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
             }
             GroupOp::Info => {
@@ -483,6 +485,19 @@ impl<S: Store> Worker<S> {
                 self.members_page(group, after, limit, reply, round)
             }
             GroupOp::Head { .. } => unreachable!("handled above"),
+            GroupOp::Posting { owner_only } => {
+                let g = self.groups.get_mut(&group).expect("loaded");
+                if g.owner_posts != owner_only {
+                    g.owner_posts = owner_only;
+                    round.batch.push(Op::UserFlag {
+                        uid: UserId(group.0),
+                        flag: im_store::FLAG_GROUP_OWNER_POSTS,
+                        on: owner_only,
+                    });
+                    self.announce_update(group, actor, round);
+                }
+                round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+            }
         }
     }
 
@@ -530,6 +545,7 @@ impl<S: Store> Worker<S> {
                 desc,
                 members: map,
                 large: None,
+                owner_posts: false,
                 dedup: HashMap::new(),
                 dedup_order: VecDeque::new(),
             },
@@ -623,6 +639,24 @@ impl<S: Store> Worker<S> {
             self.group_event(group, actor, kind, gone, to, round);
         }
         round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+    }
+
+    /// An `Updated` event: in a large group's timeline, else to every member.
+    fn announce_update(&mut self, group: GroupId, actor: UserId, round: &mut Round) {
+        let g = &self.groups[&group];
+        if g.large.is_some() {
+            self.large_event(group, actor, GroupEventKind::Updated, Vec::new(), round);
+        } else {
+            let all = g.members.keys().copied().collect();
+            self.group_event(
+                group,
+                actor,
+                GroupEventKind::Updated,
+                Vec::new(),
+                all,
+                round,
+            );
+        }
     }
 
     /// A message to every member, in the group's order.

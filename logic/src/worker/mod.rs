@@ -1386,7 +1386,8 @@ impl<S: Store> Worker<S> {
                     | Command::GroupRemove { .. }
                     | Command::GroupLeave { .. }
                     | Command::GroupUpdate { .. }
-                    | Command::GroupInfo { .. }) => {
+                    | Command::GroupInfo { .. }
+                    | Command::GroupPosting { .. }) => {
                         if let Some((group, op)) = groups::group_op(cmd) {
                             self.forward_group(uid, group, op, Reply::Conn { conn, req_id }, round);
                         }

@@ -2556,3 +2556,63 @@ async fn a_mention_in_a_large_group_reaches_the_mentioned_members_own_timelines_
         ]
     );
 }
+
+#[tokio::test]
+async fn a_broadcast_channel_takes_posts_from_its_owner_only_across_a_restart() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b]).await;
+    let posting = |owner_only| Command::GroupPosting { group, owner_only };
+    // Only the owner sets it.
+    fx.client(conn(2), b, vec![(2, posting(true))]).await;
+    fx.client(conn(1), a, vec![(3, posting(true))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(op_results(&out, conn(2))[0].0, ErrorCode::Forbidden);
+    assert_eq!(
+        op_results(&out, conn(1)),
+        vec![(ErrorCode::Ok, String::new())]
+    );
+    let refused = |out: &[Out]| -> Vec<ErrorCode> {
+        out.iter()
+            .filter_map(|o| match &o.cmd {
+                Command::Error { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect()
+    };
+    for round in 0..2 {
+        if round == 1 {
+            // The setting is stored: a restarted owner loads it with the group.
+            fx.restart().await;
+            fx.login(conn(5), a, DeviceType::Phone).await;
+            fx.login(conn(6), b, DeviceType::Phone).await;
+            fx.out();
+        }
+        let (ca, cb) = if round == 0 {
+            (conn(1), conn(2))
+        } else {
+            (conn(5), conn(6))
+        };
+        fx.client(cb, b, vec![(10, post(10 + round, group, "me too"))])
+            .await;
+        fx.client(ca, a, vec![(11, post(20 + round, group, "news"))])
+            .await;
+        fx.pump().await;
+        let out = fx.out();
+        assert_eq!(refused(&out), vec![ErrorCode::Forbidden], "round {round}");
+        assert_eq!(acks(&out).len(), 1, "the owner's post, round {round}");
+    }
+    // Open again: members post.
+    fx.client(conn(5), a, vec![(12, posting(false))]).await;
+    fx.pump().await;
+    fx.client(conn(6), b, vec![(13, post(30, group, "finally"))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(refused(&out).is_empty(), "{out:?}");
+    assert_eq!(acks(&out).len(), 1);
+}
