@@ -344,11 +344,6 @@ fn val_u64(kind: Kind, key: &[u8], v: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(kind, key, format!("value of {} bytes, want 8", v.len())))
 }
 
-/// Decodes a timeline record and checks that it sits under its own seq.
-fn decode_timeline(key: &[u8], v: &[u8]) -> Result<Message, StoreError> {
-    decode_in(Kind::Timeline, key, v)
-}
-
 /// Decodes a record of a user's or a group's timeline (`kind`) and checks that it sits under
 /// its own seq.
 fn decode_in(kind: Kind, key: &[u8], v: &[u8]) -> Result<Message, StoreError> {
@@ -529,6 +524,31 @@ impl FjallStore {
     /// Directory the store was opened in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Up to `limit` messages of timeline `id` (a user's or a group's: `kind`) with seq above
+    /// `after`, ascending.
+    fn range_of(
+        &self,
+        kind: Kind,
+        id: u64,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let Some(first) = after.0.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let lo = key_u64_u64(id, first);
+        let hi = key_u64_u64(id, u64::MAX);
+        let mut out = Vec::with_capacity(limit.min(256));
+        for guard in self.space(kind).range(lo..=hi).take(limit) {
+            let (k, v) = guard.into_inner().map_err(io)?;
+            out.push(decode_in(kind, &k, &v)?);
+        }
+        Ok(out)
     }
 
     fn space(&self, kind: Kind) -> &Keyspace {
@@ -946,20 +966,7 @@ impl Store for FjallStore {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let Some(first) = after.0.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let lo = key_u64_u64(uid.0, first);
-        let hi = key_u64_u64(uid.0, u64::MAX);
-        let mut out = Vec::with_capacity(limit.min(256));
-        for guard in self.space(Kind::Timeline).range(lo..=hi).take(limit) {
-            let (k, v) = guard.into_inner().map_err(io)?;
-            out.push(decode_timeline(&k, &v)?);
-        }
-        Ok(out)
+        self.range_of(Kind::Timeline, uid.0, after, limit)
     }
 
     async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
@@ -1112,20 +1119,7 @@ impl Store for FjallStore {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let Some(first) = after.0.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let lo = key_u64_u64(group.0, first);
-        let hi = key_u64_u64(group.0, u64::MAX);
-        let mut out = Vec::with_capacity(limit.min(256));
-        for guard in self.space(Kind::GTimeline).range(lo..=hi).take(limit) {
-            let (k, v) = guard.into_inner().map_err(io)?;
-            out.push(decode_in(Kind::GTimeline, &k, &v)?);
-        }
-        Ok(out)
+        self.range_of(Kind::GTimeline, group.0, after, limit)
     }
 
     async fn group_read(&self, uid: UserId, group: GroupId) -> Result<Seq, StoreError> {

@@ -290,8 +290,21 @@ impl<S: Store> Worker<S> {
         recipients: Vec<UserId>,
         round: &mut Round,
     ) {
+        let msg = self.event_msg(group, actor, kind, users);
+        self.fan_out(vshard_of(UserId(group.0)), &msg, recipients, round);
+    }
+
+    /// A new group event message of `actor` about `users` (counted as accepted).
+    pub(super) fn event_msg(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        kind: GroupEventKind,
+        users: Vec<UserId>,
+    ) -> Message {
         let now = self.now;
-        let msg = Message {
+        self.metrics.accepted(CONV_GROUP_EVENT);
+        Message {
             seq: im_shared::Seq(0),
             prev_seq: im_shared::Seq(0),
             msg_id: self.ids.next(now),
@@ -301,9 +314,7 @@ impl<S: Store> Worker<S> {
             client_msg_id: 0,
             server_time_ms: now,
             body: GroupEvent { kind, users }.to_bytes(),
-        };
-        self.metrics.accepted(CONV_GROUP_EVENT);
-        self.fan_out(vshard_of(UserId(group.0)), &msg, recipients, round);
+        }
     }
 
     pub(super) async fn on_group(&mut self, req: GroupReq, round: &mut Round) {

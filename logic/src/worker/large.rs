@@ -29,9 +29,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use im_shared::proto::{
-    GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT, CONV_MENTION, ROLE_MEMBER,
-};
+use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_MENTION, ROLE_MEMBER};
 use im_shared::shard::vshard_of;
 use im_store::MemberRecord;
 
@@ -352,19 +350,7 @@ impl<S: Store> Worker<S> {
         users: Vec<UserId>,
         round: &mut Round,
     ) {
-        let now = self.now;
-        let msg = Message {
-            seq: Seq(0),
-            prev_seq: Seq(0),
-            msg_id: self.ids.next(now),
-            conv: CONV_GROUP_EVENT,
-            from: actor,
-            to: UserId(group.0),
-            client_msg_id: 0,
-            server_time_ms: now,
-            body: GroupEvent { kind, users }.to_bytes(),
-        };
-        self.metrics.accepted(CONV_GROUP_EVENT);
+        let msg = self.event_msg(group, actor, kind, users);
         self.large_append(group, msg, round);
     }
 
