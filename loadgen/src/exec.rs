@@ -1,17 +1,43 @@
 //! One glommio executor (one thread, one core): owns a slice of the worker's users, one
 //! connection each, and runs the requests the worker forwards.
 //!
-//! Each connection is one task (`conn_task`) that owns its `TcpStream` and drives it with a single
-//! `poll_fn`: flush the connection's output buffer, read what arrived, handle every complete
-//! frame, park. Other tasks (the sender, the heartbeat and ack tickers) never touch the socket:
-//! they append encoded frames to the connection's output buffer and wake its task. Nothing here
-//! blocks the thread; all state is `Rc`/`Cell`, as the executor is single threaded.
+//! **Connections have no task** (issue 15: the loadgen holds up to a million idle connections on
+//! the machine it loads, so an idle one must cost next to nothing). A connection is its [`Conn`]
+//! record in the executor's `conns` slab (a `Vec` indexed by the user's local number; a unit test
+//! pins its size) and a raw non-blocking socket: no glommio `TcpStream` (which keeps a reactor
+//! source and two registered timers per socket), no future, no buffer while idle.
+//!
+//! - Each executor keeps one **epoll set**; a socket is registered once, right after its
+//!   non-blocking connect (`EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET`, tagged with the user's
+//!   local number and the connection's generation, so an event of a closed socket is ignored).
+//! - The **poller** task awaits the epoll descriptor's readability through glommio's io_uring (see
+//!   [`epoll_readable`]), takes the ready events (`epoll_wait` without waiting, 256 at a time) and
+//!   reads each ready socket with `recv(MSG_DONTWAIT)` into the executor's one 64 KiB scratch
+//!   buffer, handling every complete frame; only a partial frame is kept (in `partial`, per
+//!   connection, freed once the frame is complete). A connection that filled the scratch buffer
+//!   four times in a row goes last in the queue (`again`), so one busy socket cannot starve the
+//!   others.
+//! - Other code never touches a socket: it encodes frames into the connection's output buffer
+//!   (`out`, an entry only while something is queued) and marks the connection for the
+//!   **sender** task, which writes each marked connection's queue with `send(MSG_DONTWAIT |
+//!   MSG_NOSIGNAL)` after the round of tasks that queued it (so a round's frames leave in one
+//!   write); a write that does not fit (or a connect still in progress) waits for `EPOLLOUT`.
+//!   A close requested by the loadgen (storm, quit, login timeout) is carried out by the sender
+//!   too, without flushing, as the old per-connection task did.
+//! - Timers are shared: heartbeats and login deadlines are the 1 s ticker's scan, delivery acks
+//!   and reconnects after a backoff are ordered queues that the 5 ms ticker takes due entries
+//!   from. Nothing waits in a glommio timer per connection. The worker's hang detector still
+//!   sees this executor's timers: the progress ticker is one.
+//!
+//! Nothing here blocks the thread; all state is `Cell`/`RefCell`, as the executor is single
+//! threaded.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -21,7 +47,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use glommio::timer::sleep;
 use im_shared::frame::encode_header;
@@ -89,21 +115,67 @@ struct Pending {
     tries: u8,
 }
 
+/// An optional instant in 10 µs units since the process's first use of it (0 = none), 4 bytes
+/// instead of 16: the loadgen's per-connection record keeps four of them. Good for 11.9 hours.
+#[derive(Default)]
+struct Stamp(Cell<u32>);
+
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| Instant::now() - Duration::from_millis(1))
+}
+
+impl Stamp {
+    const UNIT_NS: u128 = 10_000;
+
+    fn new() -> Stamp {
+        Stamp(Cell::new(0))
+    }
+    fn get(&self) -> Option<Instant> {
+        match self.0.get() {
+            0 => None,
+            t => Some(epoch() + Duration::from_nanos(t as u64 * Self::UNIT_NS as u64)),
+        }
+    }
+    fn set(&self, t: Option<Instant>) {
+        let v = t.map_or(0, |t| {
+            let n = t.saturating_duration_since(epoch()).as_nanos() / Self::UNIT_NS;
+            n.clamp(1, u32::MAX as u128) as u32
+        });
+        self.0.set(v);
+    }
+    fn take(&self) -> Option<Instant> {
+        let t = self.get();
+        self.0.set(0);
+        t
+    }
+}
+
+/// Why the loadgen closes a connection itself (`Conn::close`, one byte).
+const CLOSE_WHY: [&str; 4] = ["", "storm", "quit", "timeout"];
+
+/// One user's connection record (the slab entry). Compact on purpose: an idle connection is this
+/// record and its kernel socket, nothing else (a unit test pins the size).
 struct Conn {
     /// Global user index (uid = uid_base + idx).
     idx: u32,
     local: u32,
     uid: UserId,
+    /// The socket (-1 = none) and its generation (the epoll tag's high half; bumped at close).
+    fd: Cell<i32>,
+    gen: Cell<u32>,
     st: Cell<St>,
-    /// A task owns a socket for this user right now.
+    /// A socket is open for this user right now.
     live: Cell<bool>,
-    close: Cell<Option<&'static str>>,
-    out: RefCell<BytesMut>,
-    rbuf: RefCell<BytesMut>,
-    waker: Cell<Option<Waker>>,
+    /// The loadgen asked to close it: an index into [`CLOSE_WHY`] (0 = no).
+    close: Cell<u8>,
+    /// Marked for the sender (in `Exec::flush`).
+    queued: Cell<bool>,
+    /// A write did not fit: the rest waits for `EPOLLOUT`.
+    want_out: Cell<bool>,
     next_req: Cell<u32>,
     login_req: Cell<u32>,
-    started: Cell<Option<Instant>>,
+    started: Stamp,
     // timeline
     last_seq: Cell<u64>,
     acked_seq: Cell<u64>,
@@ -114,7 +186,7 @@ struct Conn {
     push_max: Cell<u64>,
     /// Re-login (storm or reconnect after a lost connection): when the drop happened and the seq
     /// to reach before counting the user "back".
-    storm_t0: Cell<Option<Instant>>,
+    storm_t0: Stamp,
     storm_target: Cell<u64>,
     /// The drop was the storm's (counted in the storm's numbers), not a lost connection.
     in_storm: Cell<bool>,
@@ -127,8 +199,8 @@ struct Conn {
     /// The user was logged in at least once in this run: it reconnects until the run ends.
     ever_in: Cell<bool>,
     /// First connect attempt (for `login_retry_ms`) and when the current login succeeded.
-    first_try: Cell<Option<Instant>>,
-    up_since: Cell<Option<Instant>>,
+    first_try: Stamp,
+    up_since: Stamp,
     // sending
     counter: Cell<u32>,
     pending: RefCell<VecDeque<Pending>>,
@@ -149,34 +221,74 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(idx: u32, local: u32, uid: UserId) -> Conn {
+        Conn {
+            idx,
+            local,
+            uid,
+            fd: Cell::new(-1),
+            gen: Cell::new(0),
+            st: Cell::new(St::Idle),
+            live: Cell::new(false),
+            close: Cell::new(0),
+            queued: Cell::new(false),
+            want_out: Cell::new(false),
+            next_req: Cell::new(1),
+            login_req: Cell::new(0),
+            started: Stamp::new(),
+            last_seq: Cell::new(0),
+            acked_seq: Cell::new(0),
+            in_dirty: Cell::new(false),
+            syncing: Cell::new(false),
+            seen_max: Cell::new(0),
+            push_max: Cell::new(0),
+            storm_t0: Stamp::new(),
+            storm_target: Cell::new(0),
+            in_storm: Cell::new(false),
+            reconnects: Cell::new(0),
+            attempt: Cell::new(0),
+            gate_pos: Cell::new(0),
+            ever_in: Cell::new(false),
+            first_try: Stamp::new(),
+            up_since: Stamp::new(),
+            counter: Cell::new(0),
+            pending: RefCell::new(VecDeque::new()),
+            g_on: Cell::new(false),
+            g_base: Cell::new(0),
+            g_last: Cell::new(0),
+            g_syncing: Cell::new(false),
+            g_sync_req: Cell::new(0),
+            g_seen_max: Cell::new(0),
+            g_push_max: Cell::new(0),
+            large_of: Cell::new(0),
+        }
+    }
+
     fn req(&self) -> u32 {
         let r = self.next_req.get();
         self.next_req.set(r.wrapping_add(1).max(1));
         r
-    }
-    fn wake(&self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
-    fn push(&self, cmd: &Command) -> u32 {
-        let r = self.req();
-        cmd.encode(r, &mut self.out.borrow_mut());
-        self.wake();
-        r
-    }
-    fn request_close(&self, why: &'static str) {
-        if self.live.get() && self.close.get().is_none() {
-            self.close.set(Some(why));
-            self.wake();
-        }
     }
 }
 
 struct Exec {
     plan: Arc<Plan>,
     run_id: u32,
-    conns: Vec<Rc<Conn>>,
+    /// The slab: one record per user of this executor, by local number.
+    conns: Vec<Conn>,
+    /// The executor's epoll set (every open socket, edge-triggered).
+    epfd: RawFd,
+    /// Queued output of the connections that have some (no entry while idle).
+    out: RefCell<HashMap<u32, BytesMut>>,
+    /// The partial frame of the connections that have one (no entry while idle).
+    partial: RefCell<HashMap<u32, BytesMut>>,
+    /// Connections marked for the sender (to write or to close), and its waker.
+    flush: RefCell<Vec<u32>>,
+    sender_waker: Cell<Option<Waker>>,
+    /// Connections that used their read turn with data left: read again before waiting.
+    again: RefCell<VecDeque<u32>>,
+    /// Reconnects waiting for their backoff: (due, local), earliest first.
+    reconnect: RefCell<BinaryHeap<Reverse<(Instant, u32)>>>,
     rep: RefCell<Report>,
     iv_ack: RefCell<Hist>,
     iv_deliver: RefCell<Hist>,
@@ -212,6 +324,8 @@ struct Exec {
     head_req: Cell<Option<u64>>,
     /// `(poster << 32 | counter, group seq)` pairs seen here (each reported once).
     post_seq: RefCell<HashSet<(u64, u64)>>,
+    /// Open connections plus reconnects waiting for their backoff (drains and quits wait for
+    /// them).
     tasks: Cell<u32>,
     pending_total: Cell<u64>,
     last_activity: Cell<Instant>,
@@ -219,6 +333,20 @@ struct Exec {
     quitting: Cell<bool>,
     storm_back: Cell<u64>,
     storm_failed: Cell<u64>,
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        // SAFETY: the executor owns these descriptors; nothing uses them any more.
+        unsafe {
+            for c in &self.conns {
+                if c.fd.get() >= 0 {
+                    libc::close(c.fd.get());
+                }
+            }
+            libc::close(self.epfd);
+        }
+    }
 }
 
 pub fn now_ns() -> u64 {
@@ -305,6 +433,33 @@ impl End {
 }
 
 impl Exec {
+    /// Encodes `cmd` into the connection's output queue and marks it for the sender; the req id.
+    fn push(&self, c: &Conn, cmd: &Command) -> u32 {
+        let r = c.req();
+        cmd.encode(r, self.out.borrow_mut().entry(c.local).or_default());
+        self.mark_flush(c);
+        r
+    }
+
+    /// Marks the connection for the sender (it has output, or is to be closed).
+    fn mark_flush(&self, c: &Conn) {
+        if !c.queued.get() && c.live.get() {
+            c.queued.set(true);
+            self.flush.borrow_mut().push(c.local);
+            if let Some(w) = self.sender_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn request_close(&self, c: &Conn, why: &'static str) {
+        if c.live.get() && c.close.get() == 0 {
+            let code = CLOSE_WHY.iter().position(|w| *w == why).unwrap_or(3);
+            c.close.set(code as u8);
+            self.mark_flush(c);
+        }
+    }
+
     fn rand(&self) -> u64 {
         // splitmix64
         let mut z = self.rng.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -329,10 +484,13 @@ impl Exec {
         if !c.syncing.get() {
             c.syncing.set(true);
             self.rep.borrow_mut().sync_requests += 1;
-            c.push(&Command::SyncRequest {
-                after_seq: Seq(c.last_seq.get()),
-                limit: 200,
-            });
+            self.push(
+                c,
+                &Command::SyncRequest {
+                    after_seq: Seq(c.last_seq.get()),
+                    limit: 200,
+                },
+            );
         }
     }
 
@@ -474,11 +632,14 @@ impl Exec {
         if !c.g_syncing.get() {
             c.g_syncing.set(true);
             self.rep.borrow_mut().group_sync_requests += 1;
-            let req = c.push(&Command::GroupSync {
-                group: GroupId(self.large_group.get()),
-                after_seq: Seq(c.g_last.get()),
-                limit: 200,
-            });
+            let req = self.push(
+                c,
+                &Command::GroupSync {
+                    group: GroupId(self.large_group.get()),
+                    after_seq: Seq(c.g_last.get()),
+                    limit: 200,
+                },
+            );
             c.g_sync_req.set(req);
         }
     }
@@ -764,7 +925,7 @@ impl Exec {
     }
 
     /// The connection of global user `idx`, if this executor owns it.
-    fn conn_of(&self, idx: u32) -> Option<&Rc<Conn>> {
+    fn conn_of(&self, idx: u32) -> Option<&Conn> {
         let first = self.conns.first()?.idx;
         self.conns.get(idx.checked_sub(first)? as usize)
     }
@@ -788,11 +949,14 @@ impl Exec {
                 .skip(1)
                 .map(|u| UserId(p.uid_base + u as u64))
                 .collect();
-            let req = c.push(&Command::GroupCreate {
-                name: format!("lg-{k}"),
-                members,
-                client_id: 0, // a fresh group in every run, even against the same store
-            });
+            let req = self.push(
+                c,
+                &Command::GroupCreate {
+                    name: format!("lg-{k}"),
+                    members,
+                    client_id: 0, // a fresh group in every run, even against the same store
+                },
+            );
             self.creating.borrow_mut().insert(create_key(c, req), k);
         }
     }
@@ -858,8 +1022,14 @@ impl Exec {
         }
     }
 
+    /// Handles the bytes just read: every complete frame; a partial one is kept in `partial`
+    /// (no entry, so no buffer, once nothing is left over).
     fn process(&self, c: &Conn, data: &[u8]) -> Result<(), End> {
-        let mut buf = c.rbuf.borrow_mut();
+        let mut buf = self
+            .partial
+            .borrow_mut()
+            .remove(&c.local)
+            .unwrap_or_default();
         buf.extend_from_slice(data);
         loop {
             match self.codec.decode(&mut buf) {
@@ -871,9 +1041,8 @@ impl Exec {
                 Err(e) => return Err(End::BadFrame(e)),
             }
         }
-        if buf.is_empty() {
-            // No read buffer parked on an idle connection.
-            *buf = BytesMut::new();
+        if !buf.is_empty() && c.live.get() {
+            self.partial.borrow_mut().insert(c.local, buf);
         }
         Ok(())
     }
@@ -920,7 +1089,7 @@ impl Exec {
             r.first_send_ns = Some(now_ns());
         }
         self.live.sent.fetch_add(1, Relaxed);
-        c.wake();
+        self.mark_flush(c);
     }
 
     /// Writes one `SendC2c` / `SendC2g` frame into the connection's output buffer.
@@ -936,8 +1105,9 @@ impl Exec {
         tries: u8,
     ) {
         let body_len = self.plan.body_size.max(BODY_HEADER);
-        let mut out = c.out.borrow_mut();
-        encode_header(&mut out, cmd, req, 8 + 8 + 4 + body_len);
+        let mut outs = self.out.borrow_mut();
+        let out = outs.entry(c.local).or_default();
+        encode_header(out, cmd, req, 8 + 8 + 4 + body_len);
         out.put_u64((self.run_id as u64) << 32 | counter as u64);
         out.put_u64(wire_to);
         out.put_u32(body_len as u32);
@@ -971,7 +1141,7 @@ impl Exec {
         drop(pend);
         if n > 0 {
             self.rep.borrow_mut().resent += n;
-            c.wake();
+            self.mark_flush(c);
         }
     }
 
@@ -1027,53 +1197,228 @@ impl Exec {
     }
 }
 
-/// Drives one socket until it closes; returns why.
-async fn io_loop(ex: &Exec, c: &Conn, stream: &mut TcpStream) -> End {
-    poll_fn(|cx| {
-        for _ in 0..64 {
-            if let Some(why) = c.close.get() {
-                return Poll::Ready(End::Local(why));
+/// The epoll tag of a connection's socket: its generation and local number.
+fn tag(c: &Conn) -> u64 {
+    (c.gen.get() as u64) << 32 | c.local as u64
+}
+
+fn last_errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// Waits until the epoll set `epfd` has ready events, through glommio's reactor: the executor
+/// still sleeps in one place (its io_uring), and a busy executor does not spin on epoll.
+///
+/// glommio has no public "wait for this descriptor" call, but a stream made from a raw
+/// descriptor arms an io_uring `POLL_ADD` for readability at once (`TcpStream::from_raw_fd`),
+/// and its `poll_read` waits on that poll before it tries a `recv`. The stream is made from a
+/// duplicate of `epfd` (dropping the stream closes it): the `recv` it tries once the poll fired
+/// fails (`ENOTSOCK`, an epoll descriptor is no socket), which means "readable" here. One
+/// duplicate, one poll and one close per wait, however many sockets are ready.
+async fn epoll_readable(epfd: RawFd) -> std::io::Result<()> {
+    // SAFETY: `epfd` is a valid descriptor owned by the executor; the duplicate is owned below.
+    let dup = unsafe { libc::fcntl(epfd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(last_errno());
+    }
+    // SAFETY: `dup` is a fresh descriptor that nothing else owns; the stream closes it.
+    let mut stream = unsafe { TcpStream::from_raw_fd(dup) };
+    let mut byte = [0u8; 1];
+    let r = poll_fn(|cx| Pin::new(&mut stream).poll_read(cx, &mut byte)).await;
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => Ok(()),
+        // Not reachable with an epoll descriptor; any other answer also ends the wait.
+        Err(e) => Err(e),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The poller task: reads every socket the epoll set reports ready and handles its frames; also
+/// hands `EPOLLOUT` to the sender for connections whose write did not fit.
+async fn poller(ex: Rc<Exec>) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    loop {
+        if ex.again.borrow().is_empty() {
+            if let Err(e) = epoll_readable(ex.epfd).await {
+                // Should not happen (EMFILE for the duplicate?): poll again a little later.
+                eprintln!("im-loadgen: waiting for the epoll set: {e}");
+                sleep(Duration::from_millis(1)).await;
             }
-            {
-                let mut out = c.out.borrow_mut();
-                while !out.is_empty() {
-                    match Pin::new(&mut *stream).poll_write(cx, &out) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready(End::PeerClosed),
-                        Poll::Ready(Ok(n)) => out.advance(n),
-                        Poll::Ready(Err(e)) => return Poll::Ready(End::Io(errno_name(&e))),
-                        Poll::Pending => break,
-                    }
+        }
+        loop {
+            // SAFETY: `events` has room for `len` entries; `epfd` is the executor's epoll set.
+            let n =
+                unsafe { libc::epoll_wait(ex.epfd, events.as_mut_ptr(), events.len() as i32, 0) };
+            if n < 0 {
+                if last_errno().raw_os_error() == Some(libc::EINTR) {
+                    continue;
                 }
-                if out.is_empty() && out.capacity() > 0 {
-                    *out = BytesMut::new();
-                }
+                break;
             }
-            let mut scratch = ex.scratch.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(End::PeerClosed),
-                Poll::Ready(Ok(n)) => {
-                    if let Err(e) = ex.process(c, &scratch[..n]) {
-                        return Poll::Ready(e);
-                    }
+            let n = n as usize;
+            for ev in &events[..n] {
+                let (bits, t) = (ev.events, ev.u64);
+                on_event(&ex, bits, t);
+            }
+            if n < events.len() {
+                break;
+            }
+            glommio::yield_if_needed().await;
+        }
+        let again = std::mem::take(&mut *ex.again.borrow_mut());
+        for l in again {
+            read_ready(&ex, l, false);
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+fn on_event(ex: &Rc<Exec>, bits: u32, t: u64) {
+    let Some(c) = ex.conns.get(t as u32 as usize) else {
+        return;
+    };
+    if !c.live.get() || c.gen.get() != (t >> 32) as u32 {
+        return; // a socket closed meanwhile
+    }
+    let hup = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+    if bits & (libc::EPOLLOUT as u32 | hup) != 0 && c.want_out.get() {
+        c.want_out.set(false);
+        ex.mark_flush(c);
+    }
+    if bits & (libc::EPOLLIN as u32 | hup) != 0 {
+        read_ready(ex, c.local, bits & hup != 0);
+    }
+}
+
+/// Reads connection `l` until its socket is empty (a short read means empty, unless the peer
+/// hung up: then until the end), it closed, or it used its turn (4 full scratch buffers: then it
+/// goes last in the `again` queue, as an edge-triggered socket will not be reported again).
+fn read_ready(ex: &Rc<Exec>, l: u32, hup: bool) {
+    let c = &ex.conns[l as usize];
+    for _ in 0..4 {
+        if !c.live.get() || c.close.get() != 0 {
+            return;
+        }
+        let mut scratch = ex.scratch.borrow_mut();
+        // SAFETY: the scratch buffer is valid for writes of its length; `fd` is this open socket.
+        let r = unsafe {
+            libc::recv(
+                c.fd.get(),
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            let e = last_errno();
+            drop(scratch);
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => return,
+                Some(libc::EINTR) => continue,
+                _ => return finalize(ex, c, End::Io(errno_name(&e))),
+            }
+        }
+        if r == 0 {
+            drop(scratch);
+            return finalize(ex, c, End::PeerClosed);
+        }
+        let n = r as usize;
+        let full = n == scratch.len();
+        let res = ex.process(c, &scratch[..n]);
+        drop(scratch);
+        if let Err(e) = res {
+            return finalize(ex, c, e);
+        }
+        if !full && !hup {
+            return;
+        }
+    }
+    ex.again.borrow_mut().push_back(l);
+}
+
+/// The sender task: writes the output of every marked connection (one `send` of its whole queue,
+/// so a round's frames leave together), or closes it if the loadgen asked to.
+async fn sender(ex: Rc<Exec>) {
+    let mut list = Vec::new();
+    loop {
+        poll_fn(|cx| {
+            if ex.flush.borrow().is_empty() {
+                ex.sender_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        std::mem::swap(&mut list, &mut *ex.flush.borrow_mut());
+        for l in list.drain(..) {
+            flush_one(&ex, l);
+        }
+        if list.capacity() > 4096 {
+            list = Vec::new();
+        }
+    }
+}
+
+fn flush_one(ex: &Rc<Exec>, l: u32) {
+    let c = &ex.conns[l as usize];
+    c.queued.set(false);
+    if !c.live.get() {
+        return;
+    }
+    if c.close.get() != 0 {
+        return finalize(ex, c, End::Local(CLOSE_WHY[c.close.get() as usize]));
+    }
+    if c.want_out.get() {
+        return; // waits for EPOLLOUT
+    }
+    let mut outs = ex.out.borrow_mut();
+    let Some(out) = outs.get_mut(&l) else {
+        return;
+    };
+    while !out.is_empty() {
+        // SAFETY: `out` is valid for reads of its length; `fd` is this open socket.
+        let r = unsafe {
+            libc::send(
+                c.fd.get(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            let e = last_errno();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    // Full, or the connect is still in progress: `EPOLLOUT` brings it back.
+                    c.want_out.set(true);
+                    return;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(End::Io(errno_name(&e))),
-                Poll::Pending => {
-                    c.waker.set(Some(cx.waker().clone()));
-                    return Poll::Pending;
+                _ => {
+                    drop(outs);
+                    return finalize(ex, c, End::Io(errno_name(&e)));
                 }
             }
         }
-        // Fairness: let the other connections run.
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await
+        out.advance(r as usize);
+    }
+    // Nothing queued: no buffer kept.
+    outs.remove(&l);
+    if outs.is_empty() && outs.capacity() > 1024 {
+        outs.shrink_to_fit();
+    }
 }
 
-async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
+/// Opens a connection for user `c` (a non-blocking connect, registered with the epoll set) and
+/// queues its `Login`; a connect that fails at once ends the attempt as a lost one would.
+fn start_conn(ex: &Rc<Exec>, c: &Conn) {
     let p = &ex.plan;
+    ex.tasks.set(ex.tasks.get() + 1);
     c.live.set(true);
-    c.close.set(None);
+    c.close.set(0);
+    c.queued.set(false);
+    c.want_out.set(false);
     c.st.set(St::LoginSent);
     c.started.set(Some(Instant::now()));
     c.syncing.set(false);
@@ -1084,8 +1429,6 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     if c.first_try.get().is_none() {
         c.first_try.set(Some(Instant::now()));
     }
-    *c.out.borrow_mut() = BytesMut::new();
-    *c.rbuf.borrow_mut() = BytesMut::new();
     {
         let mut r = ex.rep.borrow_mut();
         r.attempted += 1;
@@ -1100,32 +1443,62 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
     let gates = p.server.len().max(1);
     let src =
         (!p.src_ips.is_empty()).then(|| p.src_ips[(c.idx as usize / gates) % p.src_ips.len()]);
-    let server = ex.gate_for(&c);
-    let why = match start_connect(src, server) {
-        Err(e) => End::Connect(errno_name(&e)),
-        Ok(fd) => {
-            // SAFETY: `fd` is a freshly created socket that nothing else owns.
-            let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
-            ex.live.connected.fetch_add(1, Relaxed);
-            let token = ex.tokens.mint(c.uid, im_shared::token::now_secs() + 86_400);
-            let req = c.push(&Command::Login {
-                uid: c.uid,
-                device_type: DeviceType::Phone,
-                device_id: format!("lg-{}", c.uid.0),
-                last_seq: Seq(c.last_seq.get()),
-                token,
-            });
-            c.login_req.set(req);
-            let why = io_loop(&ex, &c, &mut stream).await;
-            ex.live.connected.fetch_sub(1, Relaxed);
-            drop(stream);
-            why
-        }
+    let server = ex.gate_for(c);
+    let fd = match start_connect(src, server) {
+        Err(e) => return end_conn(ex, c, End::Connect(errno_name(&e))),
+        Ok(fd) => fd,
     };
-    c.waker.take();
+    c.fd.set(fd);
+    ex.live.connected.fetch_add(1, Relaxed);
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+        u64: tag(c),
+    };
+    // SAFETY: both descriptors are open and owned by this executor; `ev` lives on the stack.
+    if unsafe { libc::epoll_ctl(ex.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        let e = last_errno();
+        return finalize(ex, c, End::Io(errno_name(&e)));
+    }
+    let token = ex.tokens.mint(c.uid, im_shared::token::now_secs() + 86_400);
+    let req = ex.push(
+        c,
+        &Command::Login {
+            uid: c.uid,
+            device_type: DeviceType::Phone,
+            device_id: format!("lg-{}", c.uid.0),
+            last_seq: Seq(c.last_seq.get()),
+            token,
+        },
+    );
+    c.login_req.set(req);
+}
+
+/// Closes connection `c`'s socket (which leaves the epoll set), drops its buffers, and ends the
+/// attempt with `why`.
+fn finalize(ex: &Rc<Exec>, c: &Conn, why: End) {
+    if !c.live.get() {
+        return;
+    }
+    let fd = c.fd.replace(-1);
+    if fd >= 0 {
+        // SAFETY: `fd` is this connection's socket, owned here and closed once.
+        unsafe { libc::close(fd) };
+        ex.live.connected.fetch_sub(1, Relaxed);
+    }
+    c.gen.set(c.gen.get().wrapping_add(1));
+    c.want_out.set(false);
+    ex.out.borrow_mut().remove(&c.local);
+    ex.partial.borrow_mut().remove(&c.local);
+    end_conn(ex, c, why);
+}
+
+/// The end of a connection attempt: counts why, and schedules the next attempt after the
+/// backoff when a phone would try again.
+fn end_conn(ex: &Rc<Exec>, c: &Conn, why: End) {
     let was = c.st.get();
     let up_for = c.up_since.take().map_or(Duration::ZERO, |t| t.elapsed());
     c.live.set(false);
+    c.close.set(0);
     ex.tasks.set(ex.tasks.get() - 1);
     if was == St::LoggedIn {
         ex.live.logged_in.fetch_sub(1, Relaxed);
@@ -1168,17 +1541,11 @@ async fn conn_task(ex: Rc<Exec>, c: Rc<Conn>) {
         c.gate_pos.set(c.gate_pos.get().wrapping_add(1));
         c.st.set(St::Idle);
         ex.rep.borrow_mut().retries += 1;
-        let ex2 = ex.clone();
-        let c2 = c.clone();
-        ex.tasks.set(ex.tasks.get() + 1); // the pending reconnect keeps drains and quits waiting
-        glommio::spawn_local(async move {
-            sleep(wait).await;
-            ex2.tasks.set(ex2.tasks.get() - 1);
-            if !ex2.quitting.get() && !c2.live.get() {
-                spawn_conn(&ex2, &c2);
-            }
-        })
-        .detach();
+        // The pending reconnect keeps drains and quits waiting; the 5 ms ticker starts it.
+        ex.tasks.set(ex.tasks.get() + 1);
+        ex.reconnect
+            .borrow_mut()
+            .push(Reverse((Instant::now() + wait, c.local)));
     } else {
         c.st.set(St::Failed);
         if !c.ever_in.get() {
@@ -1195,11 +1562,6 @@ fn create_key(c: &Conn, req: u32) -> u64 {
     (c.local as u64) << 32 | req as u64
 }
 
-fn spawn_conn(ex: &Rc<Exec>, c: &Rc<Conn>) {
-    ex.tasks.set(ex.tasks.get() + 1);
-    glommio::spawn_local(conn_task(ex.clone(), c.clone())).detach();
-}
-
 /// Spawns a connection task for every user (or those selected) at `rate` per second.
 async fn ramp(ex: &Rc<Exec>, rate: f64) {
     let start = Instant::now();
@@ -1212,7 +1574,7 @@ async fn ramp(ex: &Rc<Exec>, rate: f64) {
             ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(n)
         };
         while i < due {
-            spawn_conn(ex, &ex.conns[i]);
+            start_conn(ex, &ex.conns[i]);
             i += 1;
             if i % 256 == 0 {
                 // Let the connects already started make progress.
@@ -1255,11 +1617,11 @@ async fn ticker_1s(ex: Rc<Exec>) {
             }
             match c.st.get() {
                 St::LoggedIn if (c.local as u64 % hb) == tick % hb => {
-                    c.push(&Command::Heartbeat);
+                    ex.push(c, &Command::Heartbeat);
                     hbs += 1;
                 }
                 St::LoginSent if c.started.get().is_some_and(|t| t.elapsed() > login_timeout) => {
-                    c.request_close("timeout");
+                    ex.request_close(c, "timeout");
                 }
                 _ => {}
             }
@@ -1285,14 +1647,16 @@ async fn ticker_progress(ex: Rc<Exec>, tx: Sender<(usize, ExecMsg)>, me: usize) 
 const ACK_DELAY: Duration = Duration::from_millis(100);
 
 /// Every 5 ms: `DeliverAck` with the highest contiguous seq of each connection whose first
-/// unacknowledged delivery is [`ACK_DELAY`] old. Each connection keeps its own 100 ms rhythm, as
-/// independent phones do; acking every connection on one common 100 ms tick instead made bursts
-/// of thousands of acks (and `Delivered` notices) that both processes measured as latency.
-async fn ticker_ack(ex: Rc<Exec>) {
+/// unacknowledged delivery is [`ACK_DELAY`] old (unless `--no-deliver-ack`), and the reconnects
+/// whose backoff is over. Each connection keeps its own 100 ms ack rhythm, as independent phones
+/// do; acking every connection on one common 100 ms tick instead made bursts of thousands of acks
+/// (and `Delivered` notices) that both processes measured as latency.
+async fn ticker_5ms(ex: Rc<Exec>) {
+    let acks = !ex.plan.no_deliver_ack;
     loop {
         sleep(Duration::from_millis(5)).await;
         let now = Instant::now();
-        loop {
+        while acks && !ex.dirty.borrow().is_empty() {
             let i = {
                 let mut dirty = ex.dirty.borrow_mut();
                 match dirty.front() {
@@ -1307,9 +1671,30 @@ async fn ticker_ack(ex: Rc<Exec>) {
             c.in_dirty.set(false);
             if c.st.get() == St::LoggedIn && c.last_seq.get() > c.acked_seq.get() {
                 c.acked_seq.set(c.last_seq.get());
-                c.push(&Command::DeliverAck {
-                    seq: Seq(c.last_seq.get()),
-                });
+                ex.push(
+                    c,
+                    &Command::DeliverAck {
+                        seq: Seq(c.last_seq.get()),
+                    },
+                );
+            }
+        }
+        loop {
+            let l = {
+                let mut q = ex.reconnect.borrow_mut();
+                match q.peek() {
+                    Some(Reverse((at, l))) if *at <= now => {
+                        let l = *l;
+                        q.pop();
+                        l
+                    }
+                    _ => break,
+                }
+            };
+            ex.tasks.set(ex.tasks.get() - 1);
+            let c = &ex.conns[l as usize];
+            if !ex.quitting.get() && !c.live.get() {
+                start_conn(&ex, c);
             }
         }
     }
@@ -1322,7 +1707,7 @@ const MAX_ADD_TRIES: u32 = 10;
 /// `0..initial`, adds users `initial..members` in batches of `batch` with at most `window` adds
 /// in flight, then reads the group's head (a one-entry `GroupSync` from seq 0).
 async fn build_large(ex: &Rc<Exec>, members: u32, initial: u32, batch: u32, window: u32) {
-    let Some(c) = ex.conn_of(0).cloned() else {
+    let Some(c) = ex.conn_of(0) else {
         return;
     };
     if c.st.get() != St::LoggedIn {
@@ -1336,12 +1721,15 @@ async fn build_large(ex: &Rc<Exec>, members: u32, initial: u32, batch: u32, wind
     let base = ex.plan.uid_base;
     let uid = move |i: u32| UserId(base + i as u64);
     let initial = initial.clamp(1, members.max(1));
-    let req = c.push(&Command::GroupCreate {
-        name: "lg-large".into(),
-        members: (1..initial).map(uid).collect(),
-        client_id: 0, // a fresh group in every run
-    });
-    ex.creating.borrow_mut().insert(create_key(&c, req), 0);
+    let req = ex.push(
+        c,
+        &Command::GroupCreate {
+            name: "lg-large".into(),
+            members: (1..initial).map(uid).collect(),
+            client_id: 0, // a fresh group in every run
+        },
+    );
+    ex.creating.borrow_mut().insert(create_key(c, req), 0);
     let long = Duration::from_millis(ex.plan.ack_timeout_ms).max(Duration::from_secs(30));
     wait_until(|| ex.creating.borrow().is_empty(), long).await;
     if !std::mem::take(&mut *ex.creating.borrow_mut()).is_empty() {
@@ -1375,13 +1763,16 @@ async fn build_large(ex: &Rc<Exec>, members: u32, initial: u32, batch: u32, wind
                 }
                 None => break,
             };
-            let req = c.push(&Command::GroupAdd {
-                group: GroupId(id),
-                members: (lo..hi).map(uid).collect(),
-            });
+            let req = ex.push(
+                c,
+                &Command::GroupAdd {
+                    group: GroupId(id),
+                    members: (lo..hi).map(uid).collect(),
+                },
+            );
             ex.adding
                 .borrow_mut()
-                .insert(create_key(&c, req), (lo, hi, Instant::now(), tries + 1));
+                .insert(create_key(c, req), (lo, hi, Instant::now(), tries + 1));
         }
         if next >= members && ex.adding.borrow().is_empty() && ex.add_retry.borrow().is_empty() {
             break;
@@ -1403,12 +1794,15 @@ async fn build_large(ex: &Rc<Exec>, members: u32, initial: u32, batch: u32, wind
         }
         sleep(Duration::from_millis(1)).await;
     }
-    let req = c.push(&Command::GroupSync {
-        group: GroupId(id),
-        after_seq: Seq(0),
-        limit: 1,
-    });
-    ex.head_req.set(Some(create_key(&c, req)));
+    let req = ex.push(
+        c,
+        &Command::GroupSync {
+            group: GroupId(id),
+            after_seq: Seq(0),
+            limit: 1,
+        },
+    );
+    ex.head_req.set(Some(create_key(c, req)));
     wait_until(|| ex.head_req.get().is_none(), long).await;
     if ex.head_req.take().is_some() {
         ex.rep.borrow_mut().head_error = Some("timeout".into());
@@ -1488,48 +1882,20 @@ pub async fn run(
     let conns = users
         .clone()
         .enumerate()
-        .map(|(local, idx)| {
-            Rc::new(Conn {
-                idx,
-                local: local as u32,
-                uid: UserId(plan.uid_base + idx as u64),
-                st: Cell::new(St::Idle),
-                live: Cell::new(false),
-                close: Cell::new(None),
-                out: RefCell::new(BytesMut::new()),
-                rbuf: RefCell::new(BytesMut::new()),
-                waker: Cell::new(None),
-                next_req: Cell::new(1),
-                login_req: Cell::new(0),
-                started: Cell::new(None),
-                last_seq: Cell::new(0),
-                acked_seq: Cell::new(0),
-                in_dirty: Cell::new(false),
-                syncing: Cell::new(false),
-                seen_max: Cell::new(0),
-                push_max: Cell::new(0),
-                storm_t0: Cell::new(None),
-                storm_target: Cell::new(0),
-                in_storm: Cell::new(false),
-                reconnects: Cell::new(0),
-                attempt: Cell::new(0),
-                gate_pos: Cell::new(0),
-                ever_in: Cell::new(false),
-                first_try: Cell::new(None),
-                up_since: Cell::new(None),
-                counter: Cell::new(0),
-                pending: RefCell::new(VecDeque::new()),
-                g_on: Cell::new(false),
-                g_base: Cell::new(0),
-                g_last: Cell::new(0),
-                g_syncing: Cell::new(false),
-                g_sync_req: Cell::new(0),
-                g_seen_max: Cell::new(0),
-                g_push_max: Cell::new(0),
-                large_of: Cell::new(0),
-            })
-        })
+        .map(|(local, idx)| Conn::new(idx, local as u32, UserId(plan.uid_base + idx as u64)))
         .collect();
+    // SAFETY: plain syscall; the descriptor is owned by the executor (closed by its Drop).
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        let _ = tx.send((
+            me,
+            ExecMsg::Done {
+                id: u64::MAX,
+                report: None,
+            },
+        ));
+        panic!("epoll_create1: {}", last_errno());
+    }
     let ex = Rc::new(Exec {
         run_id: (plan.seed >> 32) as u32,
         rng: Cell::new(plan.seed ^ (me as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)),
@@ -1537,6 +1903,13 @@ pub async fn run(
         codec: FrameCodec::new(16 * 1024 * 1024),
         plan,
         conns,
+        epfd,
+        out: RefCell::default(),
+        partial: RefCell::default(),
+        flush: RefCell::default(),
+        sender_waker: Cell::new(None),
+        again: RefCell::default(),
+        reconnect: RefCell::default(),
         rep: RefCell::default(),
         iv_ack: RefCell::default(),
         iv_deliver: RefCell::default(),
@@ -1564,9 +1937,9 @@ pub async fn run(
     });
     glommio::spawn_local(ticker_1s(ex.clone())).detach();
     glommio::spawn_local(ticker_progress(ex.clone(), tx.clone(), me)).detach();
-    if !ex.plan.no_deliver_ack {
-        glommio::spawn_local(ticker_ack(ex.clone())).detach();
-    }
+    glommio::spawn_local(ticker_5ms(ex.clone())).detach();
+    glommio::spawn_local(poller(ex.clone())).detach();
+    glommio::spawn_local(sender(ex.clone())).detach();
     let share = |total_rate: f64| total_rate * rate_share;
     loop {
         let req = loop {
@@ -1646,7 +2019,7 @@ pub async fn run(
                     c.g_push_max.set(head);
                     c.g_syncing.set(false);
                 }
-                let ready = |c: &Rc<Conn>| c.large_of.get() == group;
+                let ready = |c: &Conn| c.large_of.get() == group;
                 wait_until(
                     || {
                         ex.conns
@@ -1704,24 +2077,22 @@ pub async fn run(
                 ex.storm_failed.set(0);
                 let t0 = Instant::now();
                 // The users that were online and are in the dropped share.
-                let targets_list: Vec<Rc<Conn>> = ex
+                let targets_list: Vec<&Conn> = ex
                     .conns
                     .iter()
                     .filter(|c| {
                         (c.live.get() || c.st.get() == St::LoggedIn) && c.idx % 1000 < below
                     })
-                    .cloned()
                     .collect();
                 for c in &targets_list {
-                    c.request_close("storm");
+                    ex.request_close(c, "storm");
                     c.storm_t0.set(Some(t0));
                     c.in_storm.set(true);
                 }
                 let targets = targets_list.len() as u64;
                 ex.rep.borrow_mut().dropped += targets;
-                let dropped = targets_list.clone();
                 wait_until(
-                    move || dropped.iter().all(|c| !c.live.get()),
+                    || targets_list.iter().all(|c| !c.live.get()),
                     Duration::from_secs(60),
                 )
                 .await;
@@ -1736,7 +2107,9 @@ pub async fn run(
                             sleep(due - el).await;
                         }
                     }
-                    spawn_conn(&ex, c);
+                    if !c.live.get() {
+                        start_conn(&ex, c);
+                    }
                     if i % 256 == 255 {
                         glommio::yield_if_needed().await;
                     }
@@ -1752,8 +2125,11 @@ pub async fn run(
             }
             Op::Quit => {
                 ex.quitting.set(true);
+                // Reconnects still in their backoff will not happen.
+                let waiting = std::mem::take(&mut *ex.reconnect.borrow_mut()).len() as u32;
+                ex.tasks.set(ex.tasks.get() - waiting);
                 for c in &ex.conns {
-                    c.request_close("quit");
+                    ex.request_close(c, "quit");
                 }
                 let e2 = ex.clone();
                 wait_until(move || e2.tasks.get() == 0, Duration::from_secs(5)).await;
@@ -2221,6 +2597,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An idle connection is its slab record: keep it compact (issue 15, loadgen ≤ 1 KiB per
+    /// connection in all, with the process's fixed part).
+    #[test]
+    fn the_connection_record_stays_compact() {
+        assert_eq!(std::mem::size_of::<Stamp>(), 4);
+        let size = std::mem::size_of::<Conn>();
+        assert!(size <= 200, "Conn is {size} bytes");
+    }
+
+    #[test]
+    fn stamps_keep_instants_to_10_us() {
+        let s = Stamp::new();
+        assert_eq!(s.get(), None);
+        let t = Instant::now();
+        s.set(Some(t));
+        let back = s.get().expect("set");
+        let diff = if back > t { back - t } else { t - back };
+        assert!(diff <= Duration::from_micros(10), "{diff:?}");
+        assert_eq!(s.take(), Some(back));
+        assert_eq!(s.get(), None);
     }
 
     fn plan(server: SocketAddr, n: u32, groups: u32, group_size: u32) -> Arc<Plan> {
