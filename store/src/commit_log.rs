@@ -53,10 +53,13 @@
 //!
 //! **Recovery** ([`CommitLog::open`]): the caller says up to which seq its state is durable
 //! (`applied`, which the store writes into fjall with every batch); the log hands back every
-//! record after it, in order, and goes on writing after the last valid record.
+//! record after it and every record since the last checkpoint (the newest segment's), in order,
+//! and goes on writing after the last valid record. Replaying a record again is harmless (its
+//! writes are plain puts and deletes, re-applied in order), and it repairs a store whose
+//! recovery kept a later batch and lost an earlier one.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -426,6 +429,13 @@ fn parse_header(h: &[u8]) -> Option<(u64, u64)> {
     (generation > 0).then_some((generation, first_seq))
 }
 
+/// Reads the whole of `file` into `data` (positional reads: the file's cursor is not used).
+fn read_whole(file: &File, data: &mut Vec<u8>) -> io::Result<()> {
+    data.clear();
+    data.resize(file.metadata()?.len() as usize, 0);
+    file.read_exact_at(data, 0)
+}
+
 /// Scans the records of one segment from `first_seq`: calls `f` for each valid one and returns
 /// (offset after the last valid record, seq after it).
 fn scan(
@@ -455,7 +465,9 @@ fn scan(
 
 impl CommitLog {
     /// Opens (creating if needed) the log in `dir` and replays it: `replay` gets every record
-    /// with a seq above `applied`, in order. Fails if such records are missing.
+    /// with a seq above `applied`, in order, and before them those of the newest segment that
+    /// are not (the ones since the last checkpoint: see the comment inside). Fails if records
+    /// after `applied` are missing.
     pub(crate) fn open(
         dir: &Path,
         shape: LogShape,
@@ -527,10 +539,29 @@ impl CommitLog {
             log.ask_ahead(0);
             return Ok(log);
         };
+        // Replayed: every record after `applied`, and every record of the newest segment. The
+        // newest segment was started right after a checkpoint made everything before it durable
+        // in the store, so that far the store's state needs no log; after it, the store's own
+        // word (`applied`) is trusted only as far as the store's recovery deserves: a torn
+        // journal may come back with a later batch kept and an earlier one dropped (it then
+        // says `applied` of the later one). Replaying a record the store already has writes the
+        // same values again, in the same order, and then every later write on the same keys:
+        // that changes nothing, provided the log goes on at least to `applied`. A store ahead
+        // of its log (a log restored from an older backup) gets only what is after `applied`.
+        let newest = order[order.len() - 1];
+        let newest_first = log.segs[newest].first_seq;
+        let mut data = Vec::new();
+        read_whole(&log.segs[newest].file, &mut data)?;
+        let (_, newest_end) = scan(&data, newest_first, |_, _| Ok(()))?;
+        let from = if newest_end > applied {
+            applied.min(newest_first.saturating_sub(1))
+        } else {
+            applied
+        };
         // The newest segment that starts at or before the first record to replay.
         let start = order
             .iter()
-            .rposition(|&i| log.segs[i].first_seq <= applied + 1);
+            .rposition(|&i| log.segs[i].first_seq <= from + 1);
         let Some(start) = start else {
             return Err(LogError::Gap {
                 dir: log.dir.clone(),
@@ -539,7 +570,6 @@ impl CommitLog {
             });
         };
         let mut expected = log.segs[order[start]].first_seq;
-        let mut data = Vec::new();
         for (n, &i) in order[start..].iter().enumerate() {
             let seg = &log.segs[i];
             if n > 0 && seg.first_seq != expected {
@@ -550,10 +580,9 @@ impl CommitLog {
                     want: expected,
                 });
             }
-            data.clear();
-            (&*seg.file).read_to_end(&mut data)?;
+            read_whole(&seg.file, &mut data)?;
             let (end, next) = scan(&data, seg.first_seq, |seq, payload| {
-                if seq > applied {
+                if seq > from {
                     replay(seq, payload)?;
                 }
                 Ok(())
@@ -858,10 +887,28 @@ mod tests {
         }
         assert_eq!(log.next_seq(), 51);
         drop(log);
+        // A store that says it has 42 still gets the whole newest segment: the store's word is
+        // trusted only up to the last checkpoint.
+        let (mut log, got) = reopen(dir.path(), LogShape::default(), 42);
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (1..=50).collect::<Vec<_>>()
+        );
+        // After a checkpoint (the next segment started), only what follows it and `applied`.
+        log.leave_recovered_segment().unwrap();
+        for i in 51..=60 {
+            assert_eq!(log.append(&payload(i), || Ok(())).unwrap(), i);
+        }
+        drop(log);
+        let (_, got) = reopen(dir.path(), LogShape::default(), 55);
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (51..=60).collect::<Vec<_>>()
+        );
         let (_, got) = reopen(dir.path(), LogShape::default(), 42);
         assert_eq!(
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
-            (43..=50).collect::<Vec<_>>()
+            (43..=60).collect::<Vec<_>>()
         );
     }
 
@@ -943,7 +990,8 @@ mod tests {
         assert_eq!(log.append(&[b'B'; 100], || Ok(())).unwrap(), 2);
         drop(log);
         let (_, got) = reopen(dir.path(), LogShape::default(), 1);
-        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![2, 3]);
+        // (1 comes again too: it is in the newest segment, see `open`.)
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![1, 2, 3]);
         // As the store does it: after the replay, the next segment.
         let dir = tempfile::tempdir().unwrap();
         crash(dir.path());
@@ -1066,7 +1114,8 @@ mod tests {
         assert_eq!(log.append(b"again", || Ok(())).unwrap(), 3);
         drop(log);
         let (_, got) = reopen(dir.path(), LogShape::default(), 2);
-        assert_eq!(got, vec![(3, b"again".to_vec())]);
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(got[2], (3, b"again".to_vec()));
     }
 
     #[test]

@@ -43,7 +43,8 @@
 //! fjall's journal is made durable only at a checkpoint (`Database::persist`, before the log
 //! reuses a segment) and when the store is opened; so after a crash fjall holds some prefix of
 //! the batches, `meta/applied` says which, and [`FjallStore::open`] replays the log's records
-//! after it. A thread of the store (`trickle`) starts the writeback of fjall's journal every
+//! after it and those since the last checkpoint (a torn journal may keep a later batch and lose
+//! an earlier one; one fjall refuses to recover is cut by `journal_repair` first). A thread of the store (`trickle`) starts the writeback of fjall's journal every
 //! 20 ms, so that a checkpoint's `fsync` finds little left to write.
 //!
 //! A commit takes three steps, so that concurrent commits (one per logic worker) share syncs:
@@ -414,14 +415,37 @@ impl FjallStore {
             clock: dedup_clock.clone(),
             window_ms: crate::DEDUP_WINDOW.as_millis() as u64,
         });
-        let db = Database::builder(dir)
-            .manual_journal_persist(true)
-            .with_compaction_filter_factories(Arc::new(move |name: &str| {
-                (name == DEDUP)
-                    .then(|| expiry.clone() as Arc<dyn fjall::compaction::filter::Factory>)
-            }))
-            .open()
-            .map_err(io)?;
+        let open = || {
+            let expiry = expiry.clone();
+            Database::builder(dir)
+                .manual_journal_persist(true)
+                .with_compaction_filter_factories(Arc::new(move |name: &str| {
+                    (name == DEDUP)
+                        .then(|| expiry.clone() as Arc<dyn fjall::compaction::filter::Factory>)
+                }))
+                .open()
+        };
+        let db = match open() {
+            Ok(db) => db,
+            // A torn journal tail fjall does not cut by itself (see `journal_repair`): cut it at
+            // its last intact batch and open again; what it held is replayed from the log.
+            Err(e @ fjall::Error::JournalRecovery(_)) => {
+                match crate::journal_repair::repair(dir).map_err(StoreError::Io)? {
+                    Some(cut) => tracing::warn!(
+                        dir = %dir.display(),
+                        fjall_error = %e,
+                        journal = %cut.journal.display(),
+                        at = cut.at,
+                        dropped_bytes = cut.dropped,
+                        why = cut.why,
+                        "store: cut a torn tail of fjall's journal; the commit log replays it"
+                    ),
+                    None => return Err(io(e)),
+                }
+                open().map_err(io)?
+            }
+            Err(e) => return Err(io(e)),
+        };
         let ks = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(io)
@@ -1406,6 +1430,108 @@ mod tests {
         drop(store);
         let store = FjallStore::open(dir.path()).unwrap();
         assert_eq!(seqs(&store, 7).await, vec![1, 2, 3, 4]);
+    }
+
+    /// Copies every file of `from` into `to` (a store's directory, two levels deep at most).
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let dst = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &dst);
+            } else if !e.file_name().to_string_lossy().ends_with(".jnl") {
+                // (Journals are written by the caller.)
+                std::fs::copy(e.path(), dst).unwrap();
+            }
+        }
+    }
+
+    /// Length of a preallocated journal's written part: up to its last non-zero byte.
+    fn written_len(bytes: &[u8]) -> usize {
+        bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+    }
+
+    /// fjall's journal after a crash in the middle of writing it (a full disk, a lost page) is
+    /// torn in many ways; every batch in it is also in the commit log, after `meta/applied`, so
+    /// whatever fjall keeps or drops of its torn tail, the store must open with every commit.
+    #[tokio::test]
+    async fn a_torn_fjall_journal_loses_nothing_the_commit_log_holds() {
+        let base = tempfile::tempdir().unwrap();
+        const N: u64 = 12;
+        // Where each batch ends in the journal: the store flushes fjall's buffer after each.
+        let mut ends = vec![];
+        let journal_name;
+        // A small log, cheap to copy for every case.
+        let shape = LogShape {
+            segments: 3,
+            segment_bytes: 8192,
+        };
+        {
+            let store = FjallStore::open_with(base.path(), shape).unwrap();
+            let (_, path) = crate::trickle::active_journal(base.path()).unwrap();
+            journal_name = path.file_name().unwrap().to_owned();
+            ends.push(written_len(&std::fs::read(&path).unwrap()));
+            for seq in 1..=N {
+                store.commit(append(7, seq)).await.unwrap();
+                store.db.persist(PersistMode::Buffer).unwrap();
+                ends.push(written_len(&std::fs::read(&path).unwrap()));
+            }
+        }
+        let mut journal = std::fs::read(base.path().join(&journal_name)).unwrap();
+        let file_len = journal.len() as u64;
+        let full = ends[N as usize];
+        journal.truncate(full);
+        let region = ends[N as usize - 2]..full;
+        let last = ends[N as usize - 1]..full;
+        let mut cases: Vec<(String, Vec<u8>)> = vec![];
+        // Every fifth byte of the last two batches is a cut point (every byte of every kind
+        // takes minutes in a debug build; `journal_repair`'s own tests cut at every byte).
+        for c in region.clone().step_by(5) {
+            // A write that stopped at `c`: the rest of the preallocated file is zeros.
+            let mut t = journal.clone();
+            t.truncate(c);
+            cases.push((format!("cut at {c}"), t));
+            // A lost run of bytes (a page that never reached the disk), later batches intact.
+            let mut t = journal.clone();
+            t[c..(c + 24).min(full)].fill(0);
+            cases.push((format!("zeros at {c}..+24"), t));
+            // A batch cut at `c`, then the last batch again in full right after it.
+            if c < last.start {
+                let mut t = journal[..c].to_vec();
+                t.extend_from_slice(&journal[last.clone()]);
+                cases.push((format!("cut at {c}, then the last batch"), t));
+            }
+        }
+        let mut failures = vec![];
+        for (what, torn) in &cases {
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(base.path(), dir.path());
+            // The rest of the preallocated file reads as zeros, as fjall left it.
+            let path = dir.path().join(&journal_name);
+            std::fs::write(&path, torn).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(file_len)
+                .unwrap();
+            match FjallStore::open_with(dir.path(), shape) {
+                Ok(store) => {
+                    let got = seqs(&store, 7).await;
+                    if got != (1..=N).collect::<Vec<_>>() {
+                        failures.push(format!("{what}: seqs {got:?}"));
+                    }
+                }
+                Err(e) => failures.push(format!("{what}: open failed: {e}")),
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} cases: {failures:#?}",
+            failures.len(),
+            cases.len()
+        );
     }
 
     #[tokio::test]

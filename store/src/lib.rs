@@ -10,6 +10,7 @@
 
 mod commit_log;
 mod fjall_store;
+mod journal_repair;
 mod trickle;
 
 pub use fjall_store::{FjallStore, DEFAULT_HANDOFF_LINGER_US};
