@@ -8,6 +8,7 @@
 //! > #<group id> hello team       # post to a group
 //! > /groups  /group info <id>  /group add <id> 4  /group rm <id> 4  /group leave <id>
 //! > /group sync <id> [after]  /group members <id> [after]   # a large group's posts, its members
+//! > /group posting <id> owner  # only the owner posts (a broadcast channel); `all` opens it again
 //! > /recall <msg id>             # recall your own message (within the recall window)
 //! > /org  /org <dept> [offset]   # the organisation tree: top level, a department (50 a page)
 //! > /who <uid>  /find <text>     # a person's departments; departments and people by name
@@ -305,6 +306,18 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
             c.group_leave(g)?;
             println!("  ✓ left #{g}");
         }
+        ["/group", "posting", _, who @ ("owner" | "all")] => {
+            let Some(g) = gid(2) else {
+                println!("! usage: /group posting <id> owner|all");
+                return Ok(());
+            };
+            c.group_posting(g, *who == "owner")?;
+            if *who == "owner" {
+                println!("  ✓ #{g} is a channel: only its owner posts");
+            } else {
+                println!("  ✓ every member of #{g} may post");
+            }
+        }
         ["/group", "sync", _, rest @ ..] => {
             let after = rest.first().and_then(|p| p.parse().ok()).unwrap_or(0);
             let Some(g) = gid(2) else {
@@ -339,7 +352,7 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
                 println!("  … /group members {g} {u}");
             }
         }
-        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid> | /group sync <id> [after] | /group members <id> [after]"),
+        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid> | /group sync <id> [after] | /group members <id> [after] | /group posting <id> owner|all"),
     }
     Ok(())
 }
@@ -791,7 +804,7 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave  groups\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave|sync|members  groups\n/group posting <id> owner|all  make a group a channel (owner only)\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
                     continue;
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {

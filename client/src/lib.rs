@@ -403,6 +403,13 @@ impl Client {
         self.op(&Command::GroupLeave { group }).map(|_| ())
     }
 
+    /// Makes `group` a broadcast channel (`owner_only`: only the owner may post; a member's
+    /// post is refused `Forbidden`) or opens it to every member again. Owner only.
+    pub fn group_posting(&mut self, group: GroupId, owner_only: bool) -> Result<(), ClientError> {
+        self.op(&Command::GroupPosting { group, owner_only })
+            .map(|_| ())
+    }
+
     pub fn group_update(
         &mut self,
         group: GroupId,

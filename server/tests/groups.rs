@@ -84,6 +84,47 @@ fn create_post_and_every_member_gets_it_in_one_order() {
 }
 
 #[test]
+fn a_broadcast_channel_takes_posts_from_its_owner_only_until_it_is_opened_again() {
+    let s = start();
+    let mut owner = login(s.addr, 2101);
+    let mut member = login(s.addr, 2102);
+    let g = owner.create_group("news", &[UserId(2102)]).unwrap();
+    // Only the owner may turn the group into a channel, and nothing changes for a refusal.
+    assert_eq!(
+        code(member.group_posting(g, true).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    member.send_c2g(g, 1, "still open").unwrap();
+    owner.group_posting(g, true).unwrap();
+    assert_eq!(
+        code(member.send_c2g(g, 2, "not allowed").unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    let news = owner.send_c2g(g, 1, "announcement").unwrap();
+    // The member gets its own early post and the owner's, never the refused one.
+    assert_eq!(next_of(&mut member, CONV_C2G).body, "still open".as_bytes());
+    let m = next_of(&mut member, CONV_C2G);
+    assert_eq!(
+        (m.msg_id, &m.body[..]),
+        (news.msg_id, "announcement".as_bytes())
+    );
+    // Opened again: the member posts with the client id of its refused post (a refusal is not
+    // remembered as a send, so the id is taken as new).
+    owner.group_posting(g, false).unwrap();
+    member.send_c2g(g, 2, "open again").unwrap();
+    assert_eq!(next_of(&mut owner, CONV_C2G).body, "still open".as_bytes());
+    assert_eq!(
+        next_of(&mut owner, CONV_C2G).body,
+        "announcement".as_bytes()
+    );
+    assert_eq!(next_of(&mut owner, CONV_C2G).body, "open again".as_bytes());
+    assert_eq!(
+        code(member.group_posting(GroupId(987_654), true).unwrap_err()),
+        ErrorCode::NotFound
+    );
+}
+
+#[test]
 fn refusals_non_member_non_owner_unknown_group_and_limits() {
     // No group may grow past the creation limit here, so an add above it is refused (with the
     // defaults it would make the group large: see the large-group test below).
