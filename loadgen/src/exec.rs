@@ -1237,11 +1237,15 @@ async fn epoll_readable(epfd: RawFd) -> std::io::Result<()> {
 /// hands `EPOLLOUT` to the sender for connections whose write did not fit.
 async fn poller(ex: Rc<Exec>) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut warned = false;
     loop {
         if ex.again.borrow().is_empty() {
             if let Err(e) = epoll_readable(ex.epfd).await {
-                // Should not happen (EMFILE for the duplicate?): poll again a little later.
-                eprintln!("im-loadgen: waiting for the epoll set: {e}");
+                // No descriptor left for the duplicate (`EMFILE` at the open-file limit): look
+                // every millisecond instead, until one is free again.
+                if !std::mem::replace(&mut warned, true) {
+                    eprintln!("im-loadgen: waiting for the epoll set: {e}; polling every 1 ms");
+                }
                 sleep(Duration::from_millis(1)).await;
             }
         }

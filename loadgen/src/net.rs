@@ -4,11 +4,11 @@
 //! socket2: `SO_REUSEADDR` and `IP_BIND_ADDRESS_NO_PORT` (the kernel picks the port at connect
 //! time, per 4-tuple, so each source address has its own ~28 000 ephemeral ports towards one
 //! server port instead of sharing one pool), `bind(src:0)`, then a **non-blocking** `connect`
-//! that returns `EINPROGRESS`. The fd is handed to glommio (`TcpStream::from_raw_fd`); glommio's
-//! write path tries `send` and, on `EAGAIN` (which a socket still in `SYN_SENT` returns), waits for
-//! `POLLOUT` through io_uring, so the first write — the `Login` frame — completes only once the
-//! handshake has, and a refused connect surfaces as that write's error. Nothing blocks the
-//! executor thread.
+//! that returns `EINPROGRESS`. The executor registers the fd with its epoll set (exec.rs: no
+//! glommio stream per connection); its sender's `send` of the `Login` frame gets `EAGAIN` while
+//! the socket is still in `SYN_SENT` and is retried on the `EPOLLOUT` edge that the completed
+//! handshake brings, and a refused connect surfaces as that `send`'s or the next `recv`'s error
+//! (`ECONNREFUSED`). Nothing blocks the executor thread.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
