@@ -686,6 +686,16 @@ impl Core {
     }
 
     fn apply_down(&self, d: Down) {
+        if let Down::SendMany { conns, data } = &d {
+            // A large group's post: the same frames to each connection still open here.
+            for conn in conns {
+                let c = self.conns.borrow().get(&conn.serial()).cloned();
+                if let Some(c) = c.filter(|c| c.id == *conn) {
+                    c.enqueue(self, data.clone());
+                }
+            }
+            return;
+        }
         let conn = d.conn();
         let Some(c) = self.conns.borrow().get(&conn.serial()).cloned() else {
             return; // already closed
@@ -717,6 +727,7 @@ impl Core {
                 c.enqueue(self, data);
                 c.close_after_flush(self);
             }
+            Down::SendMany { .. } => {} // applied above
         }
     }
 

@@ -234,6 +234,7 @@ fn connect(addr: SocketAddr, gate_id: u16, me: &Announce) -> std::io::Result<Tcp
             map_epoch: 0,
             addr: me.client.to_string(),
             ws: me.ws_url.clone(),
+            caps: link::CAP_SEND_MANY,
         },
         &mut out,
     );

@@ -179,15 +179,16 @@ fn serve_link(
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(LINK_IDLE_TIMEOUT))?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let (gate, gate_addr) = loop {
+    let (gate, gate_addr, caps) = loop {
         match link::decode_msg(&mut buf).map_err(invalid)? {
             Some(LinkMsg::Hello {
                 role: Role::Gate,
                 id,
                 addr,
                 ws,
+                caps,
                 ..
-            }) => break (id, (addr, ws)),
+            }) => break (id, (addr, ws), caps),
             Some(LinkMsg::Hello {
                 role: Role::Logic,
                 id,
@@ -205,6 +206,7 @@ fn serve_link(
         map_epoch: 0,
         addr: String::new(),
         ws: String::new(),
+        caps: 0,
     }]);
     // A newer link of the same gate replaces an older one (whose writer then ends).
     let queued = Arc::new(AtomicUsize::new(0));
@@ -224,7 +226,7 @@ fn serve_link(
         let s = stream.try_clone()?;
         std::thread::Builder::new()
             .name("link-write".into())
-            .spawn(move || write_loop(s, rx, &queued))?
+            .spawn(move || write_loop(s, rx, &queued, caps & link::CAP_SEND_MANY != 0))?
     };
     let res = read_loop(&mut stream, &mut buf, gate, &tx, &counted, logic);
     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -358,6 +360,7 @@ fn down_bytes(d: &Down) -> usize {
         Down::Send { data, .. } | Down::Bind { data, .. } | Down::Close { data, .. } => {
             data.len() + 16
         }
+        Down::SendMany { conns, data } => data.len() + 8 * conns.len() + 16,
     }
 }
 
@@ -372,19 +375,41 @@ fn batch_bytes(batch: &[LinkMsg]) -> usize {
         .sum()
 }
 
-fn write_loop(mut stream: TcpStream, rx: Receiver<Vec<LinkMsg>>, queued: &AtomicUsize) {
+/// Encodes `m` for a gate; `send_many`: whether it announced [`link::CAP_SEND_MANY`] (a gate
+/// that predates it gets a `Send` per connection instead).
+fn encode_for_gate(m: &LinkMsg, send_many: bool, out: &mut BytesMut) {
+    match m {
+        LinkMsg::Down(Down::SendMany { conns, data }) if !send_many => {
+            for &conn in conns {
+                let d = Down::Send {
+                    conn,
+                    data: data.clone(),
+                };
+                link::encode_down(&d, out);
+            }
+        }
+        m => link::encode_msg(m, out),
+    }
+}
+
+fn write_loop(
+    mut stream: TcpStream,
+    rx: Receiver<Vec<LinkMsg>>,
+    queued: &AtomicUsize,
+    send_many: bool,
+) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
         out.clear();
         queued.fetch_sub(batch_bytes(&first), Ordering::AcqRel);
         for m in &first {
-            link::encode_msg(m, &mut out);
+            encode_for_gate(m, send_many, &mut out);
         }
         // Batch everything already queued into one write.
         while let Ok(more) = rx.try_recv() {
             queued.fetch_sub(batch_bytes(&more), Ordering::AcqRel);
             for m in &more {
-                link::encode_msg(m, &mut out);
+                encode_for_gate(m, send_many, &mut out);
             }
             if out.len() > 1024 * 1024 {
                 break;
@@ -457,6 +482,48 @@ mod queue_bound_tests {
     /// Issue 14: downstream data for a gate whose link writer cannot write (the gate does not
     /// read) stays within the bound; past it the link's socket is shut down, which ends the link
     /// like any failure (sessions dropped, the gate's clients reconnect and sync).
+    #[test]
+    fn a_send_many_reaches_a_gate_that_predates_it_as_one_send_per_connection() {
+        let (a, b) = (
+            im_shared::ConnId::new(1, 0, 1),
+            im_shared::ConnId::new(1, 0, 2),
+        );
+        let data = bytes::Bytes::from_static(b"post");
+        let m = LinkMsg::Down(Down::SendMany {
+            conns: vec![a, b],
+            data: data.clone(),
+        });
+        let decoded = |send_many| {
+            let mut out = BytesMut::new();
+            encode_for_gate(&m, send_many, &mut out);
+            let mut got = vec![];
+            while let Some(d) = link::decode_down(&mut out).unwrap() {
+                got.push(d);
+            }
+            got
+        };
+        assert_eq!(
+            decoded(false),
+            vec![
+                Down::Send {
+                    conn: a,
+                    data: data.clone()
+                },
+                Down::Send {
+                    conn: b,
+                    data: data.clone()
+                },
+            ]
+        );
+        assert_eq!(
+            decoded(true),
+            vec![Down::SendMany {
+                conns: vec![a, b],
+                data
+            }]
+        );
+    }
+
     #[test]
     fn a_gate_that_does_not_read_gets_its_link_reset_at_the_queue_bound() {
         const BOUND: usize = 64 * 1024;

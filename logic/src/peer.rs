@@ -242,6 +242,7 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
                 map_epoch: 0,
                 addr: String::new(),
                 ws: String::new(),
+                caps: 0,
             },
             &mut out,
         );

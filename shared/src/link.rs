@@ -16,14 +16,17 @@
 //! Down::Send  kind 16: conn:u64 data...(rest)
 //! Down::Bind  kind 17: conn:u64 uid:u64 data...(rest)
 //! Down::Close kind 18: conn:u64 data...(rest)
-//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64 [addr:str [ws:str]]
+//! Down::SendMany kind 19: count:u32 (≥ 1) conn:u64*count data...(rest)
+//! Hello       kind 32: role:u8 (1 gate, 2 logic) id:u16 map_epoch:u64 [addr:str [ws:str [caps:u8]]]
 //! Ping        kind 33: (empty)
 //! Pong        kind 34: (empty)
 //! Peer        kind 48: payload...(rest)   logic↔logic messages, layout in [`crate::peer`]
 //! ```
 //!
 //! A link starts with a `Hello` from the connecting side, answered by a `Hello` of the accepting
-//! side; either side sends `Ping` when it has been silent for a while and the peer answers `Pong`.
+//! side (`caps`: what the sender understands beyond the first version, [`CAP_SEND_MANY`]; older
+//! peers send none and ignore it, so a logic node sends `SendMany` only to a gate that has
+//! announced it, and gates and logic nodes can be upgraded in any order); either side sends `Ping` when it has been silent for a while and the peer answers `Pong`.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -87,12 +90,29 @@ pub enum Down {
     },
     /// Write `data` (e.g. a kickout or error frame), then close the connection.
     Close { conn: ConnId, data: Bytes },
+    /// Write the same `data` to every connection in `conns` (at least one, all of one gate
+    /// core): a post of a large group to the devices of its online members crosses the link
+    /// once per gate core instead of once per device, and the core fans it out.
+    SendMany { conns: Vec<ConnId>, data: Bytes },
 }
 
 impl Down {
+    /// The connection, or for [`Down::SendMany`] the first one (all of its connections are
+    /// on the same gate core, which is what callers route by).
     pub fn conn(&self) -> ConnId {
         match self {
             Down::Send { conn, .. } | Down::Bind { conn, .. } | Down::Close { conn, .. } => *conn,
+            Down::SendMany { conns, .. } => conns.first().copied().unwrap_or(ConnId(0)),
+        }
+    }
+
+    /// The frames this message writes.
+    pub fn data(&self) -> &Bytes {
+        match self {
+            Down::Send { data, .. }
+            | Down::Bind { data, .. }
+            | Down::Close { data, .. }
+            | Down::SendMany { data, .. } => data,
         }
     }
 }
@@ -158,6 +178,8 @@ pub enum LinkMsg {
         /// A gate's WebSocket URL (`ws://host:port/ws` or `wss://…`) for the gate registry;
         /// empty when it has no WebSocket listener (and from senders that predate the field).
         ws: String,
+        /// Capabilities, a bit set ([`CAP_SEND_MANY`]); 0 from senders that predate the field.
+        caps: u8,
     },
     Ping,
     Pong,
@@ -179,7 +201,12 @@ pub enum LinkError {
     UnknownCommand(u8),
     #[error("unexpected link message kind {0} here")]
     Unexpected(u8),
+    #[error("SendMany link message for no connection")]
+    NoConnections,
 }
+
+/// `Hello` capability: the sender (a gate) applies [`Down::SendMany`].
+pub const CAP_SEND_MANY: u8 = 1;
 
 /// Largest link message (a client frame plus link header).
 pub const MAX_LINK_MSG: usize = 16 * 1024 * 1024;
@@ -232,6 +259,14 @@ pub fn encode_down(m: &Down, out: &mut BytesMut) {
             out.put_u64(conn.0);
             out.put_slice(data);
         }
+        Down::SendMany { conns, data } => {
+            put_len_kind(out, 4 + 8 * conns.len() + data.len(), 19);
+            out.put_u32(conns.len() as u32);
+            for c in conns {
+                out.put_u64(c.0);
+            }
+            out.put_slice(data);
+        }
     }
 }
 
@@ -246,10 +281,11 @@ pub fn encode_msg(m: &LinkMsg, out: &mut BytesMut) {
             map_epoch,
             addr,
             ws,
+            caps,
         } => {
             let a = &addr.as_bytes()[..addr.len().min(u16::MAX as usize)];
             let w = &ws.as_bytes()[..ws.len().min(u16::MAX as usize)];
-            put_len_kind(out, 11 + 2 + a.len() + 2 + w.len(), 32);
+            put_len_kind(out, 11 + 2 + a.len() + 2 + w.len() + 1, 32);
             out.put_u8(*role as u8);
             out.put_u16(*id);
             out.put_u64(*map_epoch);
@@ -257,6 +293,7 @@ pub fn encode_msg(m: &LinkMsg, out: &mut BytesMut) {
             out.put_slice(a);
             out.put_u16(w.len() as u16);
             out.put_slice(w);
+            out.put_u8(*caps);
         }
         LinkMsg::Ping => put_len_kind(out, 0, 33),
         LinkMsg::Pong => put_len_kind(out, 0, 34),
@@ -274,7 +311,7 @@ pub fn decode_msg(buf: &mut BytesMut) -> Result<Option<LinkMsg>, LinkError> {
     };
     Ok(Some(match kind {
         1 | 2 => LinkMsg::Up(up_body(kind, b)?),
-        16..=18 => LinkMsg::Down(down_body(kind, b)?),
+        16..=19 => LinkMsg::Down(down_body(kind, b)?),
         32 => {
             need(&b, 11)?;
             let role = match b.get_u8() {
@@ -295,12 +332,14 @@ pub fn decode_msg(buf: &mut BytesMut) -> Result<Option<LinkMsg>, LinkError> {
             };
             let addr = opt_str()?;
             let ws = opt_str()?;
+            let caps = if b.has_remaining() { b.get_u8() } else { 0 };
             LinkMsg::Hello {
                 role,
                 id,
                 map_epoch,
                 addr,
                 ws,
+                caps,
             }
         }
         33 => LinkMsg::Ping,
@@ -405,6 +444,16 @@ fn down_body(kind: u8, mut b: Bytes) -> Result<Down, LinkError> {
                 data: b,
             }
         }
+        19 => {
+            need(&b, 4)?;
+            let count = b.get_u32() as usize;
+            if count == 0 {
+                return Err(LinkError::NoConnections);
+            }
+            need(&b, count.saturating_mul(8))?;
+            let conns = (0..count).map(|_| ConnId(b.get_u64())).collect();
+            Down::SendMany { conns, data: b }
+        }
         k => return Err(LinkError::UnknownKind(k)),
     })
 }
@@ -443,6 +492,14 @@ mod tests {
                 conn: ConnId(4),
                 data: Bytes::from_static(b"bye"),
             },
+            Down::SendMany {
+                conns: vec![ConnId::new(1, 2, 3), ConnId::new(1, 2, 9)],
+                data: Bytes::from_static(b"post"),
+            },
+            Down::SendMany {
+                conns: vec![ConnId(7)],
+                data: Bytes::new(),
+            },
         ];
         let mut b = BytesMut::new();
         ups.iter().for_each(|u| encode_up(u, &mut b));
@@ -473,6 +530,13 @@ mod tests {
         assert_eq!(decode_up(&mut b), Err(LinkError::Truncated));
         let mut b = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
         assert!(matches!(decode_down(&mut b), Err(LinkError::TooLarge(_))));
+        // SendMany: no connection; more connections than bytes.
+        let mut b = BytesMut::from(&[0, 0, 0, 5, 19, 0, 0, 0, 0][..]);
+        assert_eq!(decode_down(&mut b), Err(LinkError::NoConnections));
+        let mut b = BytesMut::from(&[0, 0, 0, 13, 19, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert_eq!(decode_down(&mut b), Err(LinkError::Truncated));
+        let mut b = BytesMut::from(&[0, 0, 0, 5, 19, 0xff, 0xff, 0xff, 0xff][..]);
+        assert_eq!(decode_down(&mut b), Err(LinkError::Truncated));
     }
 
     #[test]
@@ -484,6 +548,7 @@ mod tests {
                 map_epoch: 9,
                 addr: "127.0.0.1:7000".into(),
                 ws: "wss://127.0.0.1:7443/ws".into(),
+                caps: CAP_SEND_MANY,
             },
             LinkMsg::Hello {
                 role: Role::Logic,
@@ -491,6 +556,7 @@ mod tests {
                 map_epoch: 0,
                 addr: String::new(),
                 ws: String::new(),
+                caps: 0,
             },
             LinkMsg::Ping,
             LinkMsg::Pong,
@@ -501,6 +567,10 @@ mod tests {
             }),
             LinkMsg::Down(Down::Send {
                 conn: ConnId(1),
+                data: Bytes::from_static(b"d"),
+            }),
+            LinkMsg::Down(Down::SendMany {
+                conns: vec![ConnId(1), ConnId(2)],
                 data: Bytes::from_static(b"d"),
             }),
         ];
@@ -532,6 +602,7 @@ mod tests {
             map_epoch: 5,
             addr: addr.into(),
             ws: ws.into(),
+            caps: 0,
         };
         assert_eq!(decode_msg(&mut frame(&head)).unwrap(), Some(hello("", "")));
         head.extend_from_slice(&[0, 3]);

@@ -31,13 +31,23 @@ pub struct DownFrame {
 }
 
 impl DownFrame {
-    /// Decodes a [`Down`]; logic sends one client frame per `Down`, and anything else (no frame,
-    /// two frames, a frame or body that does not decode) fails the test.
-    pub fn decode(d: &Down) -> DownFrame {
-        let (conn, data, close, bind) = match d {
-            Down::Send { conn, data } => (*conn, data, false, false),
-            Down::Close { conn, data } => (*conn, data, true, false),
-            Down::Bind { conn, data, .. } => (*conn, data, false, true),
+    /// Decodes a [`Down`] into the frame each of its connections receives (one, or one per
+    /// connection of a [`Down::SendMany`]); logic sends one client frame per `Down`, and anything
+    /// else (no frame, two frames, a frame or body that does not decode, a `SendMany` for no
+    /// connection or for connections of several gate cores) fails the test.
+    pub fn decode(d: &Down) -> Vec<DownFrame> {
+        let (conns, data, close, bind) = match d {
+            Down::Send { conn, data } => (std::slice::from_ref(conn), data, false, false),
+            Down::Close { conn, data } => (std::slice::from_ref(conn), data, true, false),
+            Down::Bind { conn, data, .. } => (std::slice::from_ref(conn), data, false, true),
+            Down::SendMany { conns, data } => {
+                assert!(!conns.is_empty(), "SendMany for no connection");
+                assert!(
+                    conns.iter().all(|c| c.0 >> 32 == conns[0].0 >> 32),
+                    "SendMany across gate cores: {conns:?}"
+                );
+                (&conns[..], data, false, false)
+            }
         };
         let mut buf = BytesMut::from(&data[..]);
         let f = FrameCodec::new(1 << 24)
@@ -45,13 +55,17 @@ impl DownFrame {
             .expect("a valid frame")
             .expect("a whole frame");
         assert!(buf.is_empty(), "one frame per down");
-        DownFrame {
-            conn,
-            req_id: f.req_id,
-            cmd: Command::decode(&f).expect("a valid body"),
-            close,
-            bind,
-        }
+        let cmd = Command::decode(&f).expect("a valid body");
+        conns
+            .iter()
+            .map(|&conn| DownFrame {
+                conn,
+                req_id: f.req_id,
+                cmd: cmd.clone(),
+                close,
+                bind,
+            })
+            .collect()
     }
 }
 
@@ -64,7 +78,7 @@ impl RecordingSink {
     pub fn take(&self) -> Vec<DownFrame> {
         std::mem::take(&mut *self.downs())
             .iter()
-            .map(DownFrame::decode)
+            .flat_map(DownFrame::decode)
             .collect()
     }
 
@@ -79,7 +93,7 @@ impl RecordingSink {
 
     /// Everything received since the last `take`, decoded (kept).
     pub fn frames(&self) -> Vec<DownFrame> {
-        self.downs().iter().map(DownFrame::decode).collect()
+        self.downs().iter().flat_map(DownFrame::decode).collect()
     }
 
     /// Waits until `pred` holds for [`RecordingSink::frames`]; panics naming `what` after

@@ -421,7 +421,7 @@ impl<S: Store> Worker<S> {
             };
             let seq = msg.seq.0;
             let frame = Command::GroupDeliver(msg).to_bytes(0);
-            let mut sent = 0u64;
+            let mut conns = Vec::with_capacity(users.len());
             for u in users {
                 if self.large.muted.contains(&(*u, g)) {
                     let head = self
@@ -434,14 +434,19 @@ impl<S: Store> Worker<S> {
                     *head = (*head).max(seq);
                     continue;
                 }
-                for d in self.routes.get(u).map(Vec::as_slice).unwrap_or(&[]) {
-                    round.send(d.conn, frame.clone());
-                    sent += 1;
-                }
+                conns.extend(
+                    self.routes
+                        .get(u)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|d| d.conn),
+                );
             }
             self.metrics
                 .large_delivered
-                .fetch_add(sent, Ordering::Relaxed);
+                .fetch_add(conns.len() as u64, Ordering::Relaxed);
+            round.send_many(conns, frame);
         }
     }
 

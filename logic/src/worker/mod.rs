@@ -473,6 +473,25 @@ impl Round {
             .push(Down::Send { conn, data });
     }
 
+    /// The same `data` to many connections: one [`Down::SendMany`] per gate core (a
+    /// [`Down::Send`] where a core has one of them), so it crosses a link once per core.
+    fn send_many(&mut self, mut conns: Vec<ConnId>, data: Bytes) {
+        conns.sort_unstable();
+        for same_core in conns.chunk_by(|a, b| a.0 >> 32 == b.0 >> 32) {
+            let downs = self.downs.entry(same_core[0].0 >> 32).or_default();
+            match same_core {
+                [conn] => downs.push(Down::Send {
+                    conn: *conn,
+                    data: data.clone(),
+                }),
+                many => downs.push(Down::SendMany {
+                    conns: many.to_vec(),
+                    data: data.clone(),
+                }),
+            }
+        }
+    }
+
     fn close(&mut self, conn: ConnId, data: Bytes) {
         self.downs
             .entry(conn.0 >> 32)

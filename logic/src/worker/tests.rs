@@ -1900,6 +1900,45 @@ fn post(client_msg_id: u64, group: GroupId, body: &'static str) -> Command {
     }
 }
 
+#[test]
+fn one_post_to_many_connections_is_one_down_per_gate_core() {
+    let mut r = Round::new(1);
+    let data = Bytes::from_static(b"frame");
+    let (g1c0a, g1c0b) = (ConnId::new(1, 0, 5), ConnId::new(1, 0, 3));
+    let (g1c1, g2c0) = (ConnId::new(1, 1, 4), ConnId::new(2, 0, 1));
+    r.send(g1c0a, Bytes::from_static(b"before"));
+    r.send_many(vec![g1c0a, g2c0, g1c0b, g1c1], data.clone());
+    let mut downs: Vec<(u64, Vec<Down>)> = r.downs.into_iter().collect();
+    downs.sort_by_key(|(core, _)| *core);
+    assert_eq!(
+        downs,
+        vec![
+            (
+                0x1_0000,
+                vec![
+                    Down::Send {
+                        conn: g1c0a,
+                        data: Bytes::from_static(b"before"),
+                    },
+                    Down::SendMany {
+                        conns: vec![g1c0b, g1c0a],
+                        data: data.clone(),
+                    },
+                ],
+            ),
+            // A core with one of them gets a plain Send.
+            (
+                0x1_0001,
+                vec![Down::Send {
+                    conn: g1c1,
+                    data: data.clone()
+                }]
+            ),
+            (0x2_0000, vec![Down::Send { conn: g2c0, data }]),
+        ]
+    );
+}
+
 /// A node of two workers where groups with more than 3 members are large.
 async fn large_fx() -> Fx {
     let cfg = LogicConfig {
