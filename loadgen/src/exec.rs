@@ -1433,6 +1433,10 @@ fn start_conn(ex: &Rc<Exec>, c: &Conn) {
     if c.first_try.get().is_none() {
         c.first_try.set(Some(Instant::now()));
     }
+    // Frames queued while the user had no connection (a request of a phase that went on) are not
+    // the new connection's: it starts with its `Login`.
+    ex.out.borrow_mut().remove(&c.local);
+    ex.partial.borrow_mut().remove(&c.local);
     {
         let mut r = ex.rep.borrow_mut();
         r.attempted += 1;
@@ -2196,6 +2200,9 @@ mod tests {
         large_seq_swap: Option<u64>,
         /// The first `GroupAdd` is refused with `Overloaded` (retryable).
         refuse_first_add: bool,
+        /// Answers are written 7 bytes at a time (separate segments): frames reach the loadgen
+        /// in pieces, split anywhere.
+        dribble: bool,
     }
 
     /// A large group of the fake server: members in the order they joined, its own timeline,
@@ -2596,7 +2603,12 @@ mod tests {
                     }
                     _ => {}
                 }
-                if !out.is_empty() {
+                if g.faults.dribble {
+                    let _ = s.set_nodelay(true);
+                    for piece in out.chunks(7) {
+                        let _ = s.write_all(piece);
+                    }
+                } else if !out.is_empty() {
                     let _ = s.write_all(&out);
                 }
             }
@@ -2734,6 +2746,28 @@ mod tests {
         assert_eq!((j.lost, j.phantom), (0, 0));
         assert_eq!(r.deliver_us.len(), r.sent);
         assert_eq!(hx.live.logged_in.load(Relaxed), n as u64);
+        hx.quit();
+    }
+
+    /// Frames that arrive in pieces (split anywhere, over several reads) are put together: the
+    /// partial frame is kept per connection between reads, and nothing is lost or doubled.
+    #[test]
+    fn frames_split_over_many_reads_are_reassembled() {
+        let n = 20;
+        let hx = Harness::start(plan(
+            fake_server_with(Faults {
+                dribble: true,
+                ..Default::default()
+            }),
+            n,
+            0,
+            0,
+        ));
+        let r = c2c_run(&hx, n, 500.0);
+        assert!(r.sent >= 400, "sent {}", r.sent);
+        assert_eq!((r.acked, r.delivered), (r.sent, r.sent));
+        assert_eq!((r.raw_dups, r.dedup_dups, r.out_of_order), (0, 0, 0));
+        assert_eq!(join(&r).lost, 0);
         hx.quit();
     }
 
