@@ -8,7 +8,8 @@
 //! > #<group id> hello team       # post to a group
 //! > /groups  /group info <id>  /group add <id> 4  /group rm <id> 4  /group leave <id>
 //! > /group sync <id> [after]  /group members <id> [after]   # a large group's posts, its members
-//! > /group posting <id> owner  # only the owner posts (a broadcast channel); `all` opens it again
+//! > /group posting <id> owner  # only the owner and admins post (a channel); `all` opens it again
+//! > /group admin <id> <uid> on  # make a member an admin (`off`: a member again); owner only
 //! > /recall <msg id>             # recall your own message (within the recall window)
 //! > /org  /org <dept> [offset]   # the organisation tree: top level, a department (50 a page)
 //! > /who <uid>  /find <text>     # a person's departments; departments and people by name
@@ -206,6 +207,8 @@ fn group_event_line(group: u64, from: u64, is_me: bool, e: &GroupEvent) -> Strin
         GroupEventKind::BecameLarge => {
             "is now a large group: its posts come live and are read with /group sync".to_owned()
         }
+        GroupEventKind::AdminAdded => format!("{who} made {users} admin"),
+        GroupEventKind::AdminRemoved => format!("{who} made {users} a member again"),
     };
     format!("#{group}: {what}")
 }
@@ -283,7 +286,12 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
             let (d, members) = c.group_info(g)?;
             println!("#{} {:?} owner {} announcement {:?}", d.group, d.name, d.owner, d.announcement);
             for (u, role) in members {
-                println!("  {u}{}", if role == im_shared::proto::ROLE_OWNER { " (owner)" } else { "" });
+                let role = match role {
+                    im_shared::proto::ROLE_OWNER => " (owner)",
+                    im_shared::proto::ROLE_ADMIN => " (admin)",
+                    _ => "",
+                };
+                println!("  {u}{role}");
             }
         }
         ["/group", op @ ("add" | "rm"), _, list] => {
@@ -305,6 +313,14 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
             };
             c.group_leave(g)?;
             println!("  ✓ left #{g}");
+        }
+        ["/group", "admin", _, uid, on @ ("on" | "off")] => {
+            let (Some(g), Ok(u)) = (gid(2), uid.parse::<u64>()) else {
+                println!("! usage: /group admin <id> <uid> on|off");
+                return Ok(());
+            };
+            c.group_role(g, UserId(u), *on == "on")?;
+            println!("  ✓ {u} is {} of #{g}", if *on == "on" { "an admin" } else { "a member" });
         }
         ["/group", "posting", _, who @ ("owner" | "all")] => {
             let Some(g) = gid(2) else {
@@ -352,7 +368,7 @@ fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientErro
                 println!("  … /group members {g} {u}");
             }
         }
-        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid> | /group sync <id> [after] | /group members <id> [after] | /group posting <id> owner|all"),
+        _ => println!("! usage: /groups | /group new <name> <uid,uid> | /group info|leave <id> | /group add|rm <id> <uid,uid> | /group sync <id> [after] | /group members <id> [after] | /group posting <id> owner|all | /group admin <id> <uid> on|off"),
     }
     Ok(())
 }
@@ -804,7 +820,7 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave|sync|members  groups\n/group posting <id> owner|all  make a group a channel (owner only)\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave|sync|members  groups\n/group posting <id> owner|all  make a group a channel (owner and admins post)\n/group admin <id> <uid> on|off  make a member an admin (owner only)\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
                     continue;
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {
@@ -1225,6 +1241,14 @@ mod tests {
         assert_eq!(
             group_event_line(7, 9, false, &ev(GroupEventKind::MemberLeft, &[9])),
             "#7: 9 left"
+        );
+        assert_eq!(
+            group_event_line(7, 5, true, &ev(GroupEventKind::AdminAdded, &[9])),
+            "#7: you made 9 admin"
+        );
+        assert_eq!(
+            group_event_line(7, 5, false, &ev(GroupEventKind::AdminRemoved, &[9])),
+            "#7: 5 made 9 a member again"
         );
     }
 }

@@ -410,6 +410,23 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Makes member `uid` of `group` an admin (`admin` true: manages members and settings, posts
+    /// in a channel) or a plain member again. Owner only.
+    pub fn group_role(
+        &mut self,
+        group: GroupId,
+        uid: UserId,
+        admin: bool,
+    ) -> Result<(), ClientError> {
+        let role = if admin {
+            im_shared::proto::ROLE_ADMIN
+        } else {
+            im_shared::proto::ROLE_MEMBER
+        };
+        self.op(&Command::GroupRole { group, uid, role })
+            .map(|_| ())
+    }
+
     pub fn group_update(
         &mut self,
         group: GroupId,

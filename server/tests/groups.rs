@@ -10,7 +10,7 @@ use im_client::ClientError;
 use im_client::Timeline;
 use im_shared::proto::{
     GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
-    CONV_READ, CONV_RECALL, MAX_GROUP_MEMBERS, ROLE_MEMBER, ROLE_OWNER,
+    CONV_READ, CONV_RECALL, MAX_GROUP_MEMBERS, ROLE_ADMIN, ROLE_MEMBER, ROLE_OWNER,
 };
 use im_shared::{Command, DeviceType, ErrorCode, GroupId, MsgId, Seq, UserId};
 
@@ -121,6 +121,52 @@ fn a_broadcast_channel_takes_posts_from_its_owner_only_until_it_is_opened_again(
     assert_eq!(
         code(member.group_posting(GroupId(987_654), true).unwrap_err()),
         ErrorCode::NotFound
+    );
+}
+
+#[test]
+fn an_admin_posts_in_a_channel_and_manages_members_and_only_the_owner_names_admins() {
+    let s = start();
+    let mut owner = login(s.addr, 2201);
+    let mut admin = login(s.addr, 2202);
+    let mut member = login(s.addr, 2203);
+    let g = owner
+        .create_group("ops", &[UserId(2202), UserId(2203)])
+        .unwrap();
+    assert_eq!(
+        code(admin.group_role(g, UserId(2202), true).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    owner.group_role(g, UserId(2202), true).unwrap();
+    let (_, members) = member.group_info(g).unwrap();
+    assert!(members.contains(&(UserId(2202), ROLE_ADMIN)), "{members:?}");
+    // The member hears of it as a group event, after the group's creation.
+    let created = GroupEvent::decode(next_of(&mut member, CONV_GROUP_EVENT).body).unwrap();
+    assert_eq!(created.kind, GroupEventKind::Created);
+    let e = GroupEvent::decode(next_of(&mut member, CONV_GROUP_EVENT).body).unwrap();
+    assert_eq!(
+        (e.kind, e.users),
+        (GroupEventKind::AdminAdded, vec![UserId(2202)])
+    );
+    admin.group_posting(g, true).unwrap();
+    admin.send_c2g(g, 1, "from the admin").unwrap();
+    assert_eq!(
+        code(member.send_c2g(g, 1, "from a member").unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    admin.group_add(g, &[UserId(2204)]).unwrap();
+    assert_eq!(
+        code(admin.group_remove(g, &[UserId(2201)]).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(owner.group_role(g, UserId(2299), true).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    owner.group_role(g, UserId(2202), false).unwrap();
+    assert_eq!(
+        code(admin.send_c2g(g, 2, "no longer").unwrap_err()),
+        ErrorCode::Forbidden
     );
 }
 

@@ -57,6 +57,7 @@ pub enum Cmd {
     GroupRead = 0x2A,
     GroupMembers = 0x2B,
     GroupPosting = 0x2C,
+    GroupRole = 0x2D,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -119,6 +120,7 @@ impl Cmd {
             0x2A => GroupRead,
             0x2B => GroupMembers,
             0x2C => GroupPosting,
+            0x2D => GroupRole,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,

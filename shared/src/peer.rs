@@ -21,6 +21,7 @@
 //!   group op 9 Typing: state:u8
 //!   group op 10 Sync: after:u64 limit:u16    op 11 Members: after:u64 limit:u16
 //!   group op 12 Head: read:u64               op 13 Posting: owner_only:u8
+//!   group op 14 Role: uid:u64 role:u8
 //! kind 10 GroupLive : group:u64 msg_len:u32 msg (a large group's post, for online members)
 //! ```
 //! `GroupLive` goes from a large group's owner to every worker of the cluster once per post (not
@@ -130,6 +131,11 @@ pub enum GroupOp {
     /// The owner lets everyone post (`owner_only` false) or only itself (`GroupPosting`).
     Posting {
         owner_only: bool,
+    },
+    /// The owner makes a member an admin or a plain member again (`GroupRole`).
+    Role {
+        uid: UserId,
+        role: u8,
     },
 }
 
@@ -522,6 +528,11 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u8(13);
             b.put_u8(*owner_only as u8);
         }
+        GroupOp::Role { uid, role } => {
+            b.put_u8(14);
+            b.put_u64(uid.0);
+            b.put_u8(*role);
+        }
     }
 }
 
@@ -613,6 +624,13 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
             need(b, 1)?;
             GroupOp::Posting {
                 owner_only: b.get_u8() != 0,
+            }
+        }
+        14 => {
+            need(b, 9)?;
+            GroupOp::Role {
+                uid: UserId(b.get_u64()),
+                role: b.get_u8(),
             }
         }
         _ => return Err(PeerError("group request kind")),
@@ -707,6 +725,10 @@ mod tests {
             PeerMsg::GroupLive(vec![(GroupId(9), msg()), (GroupId(u64::MAX), msg())]),
             call(GroupOp::Head { read: Seq(7) }),
             call(GroupOp::Posting { owner_only: true }),
+            call(GroupOp::Role {
+                uid: UserId(u64::MAX),
+                role: 1,
+            }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,

@@ -83,6 +83,10 @@ pub enum GroupEventKind {
     /// The group passed the large-group threshold: its posts from now on are in the group's own
     /// timeline (`GroupDeliver`, `GroupSync`), no longer appended to members' timelines.
     BecameLarge = 6,
+    /// The owner made `users` admins (`GroupRole`).
+    AdminAdded = 7,
+    /// The owner made `users` plain members again (`GroupRole`).
+    AdminRemoved = 8,
 }
 
 /// Body of a [`CONV_GROUP_EVENT`] message: `kind:u8 count:u16 uid:u64*` (the users concerned).
@@ -112,6 +116,8 @@ impl GroupEvent {
             4 => GroupEventKind::MemberLeft,
             5 => GroupEventKind::Updated,
             6 => GroupEventKind::BecameLarge,
+            7 => GroupEventKind::AdminAdded,
+            8 => GroupEventKind::AdminRemoved,
             _ => {
                 return Err(BodyError::Invalid {
                     field: "kind",
@@ -126,6 +132,8 @@ impl GroupEvent {
 
 /// Role of a group member.
 pub const ROLE_MEMBER: u8 = 0;
+/// A member the owner made an admin (`GroupRole`): manages members and posts in a channel.
+pub const ROLE_ADMIN: u8 = 1;
 pub const ROLE_OWNER: u8 = 2;
 
 /// A group as `GroupInfoReply` describes it.
@@ -549,6 +557,13 @@ pub enum Command {
         group: GroupId,
         owner_only: bool,
     },
+    /// Makes member `uid` an admin (`role` [`ROLE_ADMIN`]) or a plain member again
+    /// ([`ROLE_MEMBER`]). Owner only. Answered with `OpResult`.
+    GroupRole {
+        group: GroupId,
+        uid: UserId,
+        role: u8,
+    },
     /// Server push: a post of a large group, live. `seq`/`prev_seq` are the group timeline's
     /// (not the user's), `to` is the group.
     GroupDeliver(Message),
@@ -642,6 +657,7 @@ impl Command {
             Command::GroupRead { .. } => Cmd::GroupRead,
             Command::GroupMembers { .. } => Cmd::GroupMembers,
             Command::GroupPosting { .. } => Cmd::GroupPosting,
+            Command::GroupRole { .. } => Cmd::GroupRole,
             Command::GroupDeliver(_) => Cmd::GroupDeliver,
             Command::GroupSyncPage { .. } => Cmd::GroupSyncPage,
             Command::GroupHeads { .. } => Cmd::GroupHeads,
@@ -719,6 +735,7 @@ impl Command {
             Command::GroupRead { .. } => 8 + 8,
             Command::GroupMembers { .. } => 8 + 8 + 2,
             Command::GroupPosting { .. } => 8 + 1,
+            Command::GroupRole { .. } => 8 + 8 + 1,
             Command::GroupDeliver(m) => m.encoded_len(),
             Command::GroupSyncPage { messages, .. } => {
                 8 + 8 + 1 + 2 + messages.iter().map(Message::encoded_len).sum::<usize>()
@@ -1013,6 +1030,11 @@ impl Command {
             Command::GroupPosting { group, owner_only } => {
                 out.put_u64(group.0);
                 out.put_u8(*owner_only as u8);
+            }
+            Command::GroupRole { group, uid, role } => {
+                out.put_u64(group.0);
+                out.put_u64(uid.0);
+                out.put_u8(*role);
             }
             Command::GroupDeliver(m) => m.encode(out),
             Command::GroupSyncPage {
@@ -1363,6 +1385,11 @@ impl Command {
                 group: GroupId(r.u64("group")?),
                 owner_only: r.u8("owner_only")? != 0,
             },
+            Cmd::GroupRole => Command::GroupRole {
+                group: GroupId(r.u64("group")?),
+                uid: UserId(r.u64("uid")?),
+                role: r.u8("role")?,
+            },
             Cmd::GroupDeliver => Command::GroupDeliver(Message::read(&mut r)?),
             Cmd::GroupSyncPage => {
                 let group = GroupId(r.u64("group")?);
@@ -1690,6 +1717,11 @@ mod tests {
                 group: GroupId(9),
                 owner_only: true,
             },
+            Command::GroupRole {
+                group: GroupId(9),
+                uid: UserId(7),
+                role: ROLE_ADMIN,
+            },
             Command::GroupDeliver(Message {
                 seq: Seq(4),
                 prev_seq: Seq(3),
@@ -1731,6 +1763,26 @@ mod tests {
                 members: vec![(UserId(5), ROLE_OWNER), (UserId(7), ROLE_MEMBER)],
             },
         ]
+    }
+
+    /// The worked example of PROTOCOL.md's `GroupRole` section, byte for byte.
+    #[test]
+    fn group_role_encodes_as_the_protocol_document_shows() {
+        let f = Command::GroupRole {
+            group: GroupId(77),
+            uid: UserId(1002),
+            role: ROLE_ADMIN,
+        }
+        .to_bytes(5);
+        let hex: Vec<String> = f.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex.join(" "),
+            "49 4d 01 2d 00 00 00 05 00 00 00 11 00 00 00 00 \
+             00 00 00 4d 00 00 00 00 00 00 03 ea 01"
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
 
     #[test]

@@ -108,8 +108,11 @@ pub struct OutboxEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemberRecord {
     pub uid: UserId,
-    /// [`im_shared::proto::ROLE_MEMBER`] or [`im_shared::proto::ROLE_OWNER`].
+    /// [`im_shared::proto::ROLE_MEMBER`], [`im_shared::proto::ROLE_ADMIN`] or
+    /// [`im_shared::proto::ROLE_OWNER`].
     pub role: u8,
+    /// When the member joined, or when its role last changed (`GroupRole` writes the record
+    /// again).
     pub joined_ms: u64,
 }
 

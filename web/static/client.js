@@ -959,6 +959,15 @@ export class ImClient extends EventTarget {
       case P.GROUP_EVENT.Updated:
         text = `${actor} updated the group`;
         break;
+      case P.GROUP_EVENT.BecameLarge:
+        text = 'the group is large now: its posts are read from the group';
+        break;
+      case P.GROUP_EVENT.AdminAdded:
+        text = `${actor} made ${list} admin`;
+        break;
+      case P.GROUP_EVENT.AdminRemoved:
+        text = `${actor} made ${list} a member again`;
+        break;
       default:
         text = `group event ${ev.kind}`;
     }

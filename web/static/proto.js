@@ -51,6 +51,7 @@ export const CMD = Object.freeze({
   GroupRead: 0x2a,
   GroupMembers: 0x2b,
   GroupPosting: 0x2c,
+  GroupRole: 0x2d,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -138,8 +139,11 @@ export const GROUP_EVENT = Object.freeze({
   MembersRemoved: 3,
   MemberLeft: 4,
   Updated: 5,
+  BecameLarge: 6,
+  AdminAdded: 7,
+  AdminRemoved: 8,
 });
-export const ROLE = Object.freeze({ Member: 0, Owner: 2 });
+export const ROLE = Object.freeze({ Member: 0, Admin: 1, Owner: 2 });
 /** Kinds of organisation-tree records (the record's tag byte): `record.kind` is the key. */
 export const ORG_TAG = Object.freeze({ dept: 1, person: 2, member: 3 });
 /** Most records the server puts in one OrgPage or OrgReply (a larger limit is capped). */
@@ -675,6 +679,11 @@ const LAYOUT = {
   GroupPosting: [
     ['group', T.u64],
     ['ownerOnly', T.bool],
+  ],
+  GroupRole: [
+    ['group', T.u64],
+    ['uid', T.u64],
+    ['role', T.u8],
   ],
   GroupDeliver: [['message', MESSAGE]],
   GroupSyncPage: [

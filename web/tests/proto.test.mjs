@@ -215,6 +215,7 @@ const SAMPLES = [
   { type: 'GroupRead', group: 9n, seq: 4n },
   { type: 'GroupMembers', group: 9n, after: 7n, limit: 0 },
   { type: 'GroupPosting', group: 9n, ownerOnly: true },
+  { type: 'GroupRole', group: 9n, uid: 7n, role: 1 },
   { type: 'GroupDeliver', message: msg({ seq: 4n, prevSeq: 3n, conv: CONV.C2G }) },
   { type: 'GroupSyncPage', group: 9n, head: 4n, hasMore: false, messages: [msg()] },
   { type: 'GroupHeads', heads: [{ group: 9n, head: 5n, read: 3n }] },

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use im_shared::peer::{GroupCall, GroupOp};
 use im_shared::proto::{
     GroupDesc, GroupEvent, GroupEventKind, Message, CONV_GROUP_EVENT, MAX_ANNOUNCEMENT_LEN,
-    MAX_NAME_LEN, ROLE_MEMBER, ROLE_OWNER,
+    MAX_NAME_LEN, ROLE_ADMIN, ROLE_MEMBER, ROLE_OWNER,
 };
 use im_shared::shard::vshard_of;
 use im_shared::{Command, ErrorCode, GroupId, UserId};
@@ -86,6 +86,7 @@ pub(super) fn group_op(cmd: Command) -> Option<(GroupId, GroupOp)> {
         } => (group, GroupOp::Update { name, announcement }),
         Command::GroupInfo { group } => (group, GroupOp::Info),
         Command::GroupPosting { group, owner_only } => (group, GroupOp::Posting { owner_only }),
+        Command::GroupRole { group, uid, role } => (group, GroupOp::Role { uid, role }),
         _ => return None,
     })
 }
@@ -351,9 +352,10 @@ impl<S: Store> Worker<S> {
             }
             Err(e) => return self.refuse(reply, &op, unavailable(&e), round),
         }
-        let (owner, is_member) = {
+        let (owner, is_member, is_admin) = {
             let g = &self.groups[&group];
-            (g.desc.owner, g.members.contains_key(&actor))
+            let role = g.members.get(&actor).copied();
+            (g.desc.owner, role.is_some(), role == Some(ROLE_ADMIN))
         };
         if let GroupOp::Head { read } = op {
             // A push that nobody asked for by a request: nothing on a refusal.
@@ -367,8 +369,16 @@ impl<S: Store> Worker<S> {
             op,
             GroupOp::Add(_) | GroupOp::Remove(_) | GroupOp::Update { .. } | GroupOp::Posting { .. }
         );
-        if !admin && needs_owner && actor != owner {
-            let e = ApiError::new(ErrorCode::Forbidden, "only the group owner may do this");
+        // The owner's admins manage members and settings too; roles are the owner's alone.
+        if !admin && needs_owner && actor != owner && !is_admin {
+            let e = ApiError::new(
+                ErrorCode::Forbidden,
+                "only the group owner or an admin may do this",
+            );
+            return self.refuse(reply, &op, e, round);
+        }
+        if !admin && matches!(op, GroupOp::Role { .. }) && actor != owner {
+            let e = ApiError::new(ErrorCode::Forbidden, "only the group owner sets roles");
             return self.refuse(reply, &op, e, round);
         }
         let needs_member = matches!(
@@ -392,9 +402,11 @@ impl<S: Store> Worker<S> {
                 body,
                 mentions,
             } => {
-                if self.groups[&group].owner_posts && !admin && actor != owner {
-                    let e =
-                        ApiError::new(ErrorCode::Forbidden, "only the owner posts in this group");
+                if self.groups[&group].owner_posts && !admin && actor != owner && !is_admin {
+                    let e = ApiError::new(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins post in this group",
+                    );
                     return self.refuse(reply, &POST, e, round);
                 }
                 // A business push to a group arrives here without the sender worker's check.
@@ -417,6 +429,14 @@ impl<S: Store> Worker<S> {
             GroupOp::Remove(gone) => {
                 if gone.contains(&owner) {
                     let e = ApiError::new(ErrorCode::Forbidden, "the owner cannot be removed");
+                    return self.refuse(reply, &GroupOp::Info, e, round);
+                }
+                let members = &self.groups[&group].members;
+                if !admin
+                    && actor != owner
+                    && gone.iter().any(|u| members.get(u) == Some(&ROLE_ADMIN))
+                {
+                    let e = ApiError::new(ErrorCode::Forbidden, "only the owner removes an admin");
                     return self.refuse(reply, &GroupOp::Info, e, round);
                 }
                 self.remove(
@@ -496,6 +516,7 @@ impl<S: Store> Worker<S> {
                 self.members_page(group, after, limit, reply, round)
             }
             GroupOp::Head { .. } => unreachable!("handled above"),
+            GroupOp::Role { uid, role } => self.set_role(group, actor, uid, role, reply, round),
             GroupOp::Posting { owner_only } => {
                 let g = self.groups.get_mut(&group).expect("loaded");
                 if g.owner_posts != owner_only {
@@ -653,6 +674,62 @@ impl<S: Store> Worker<S> {
     }
 
     /// An `Updated` event: in a large group's timeline, else to every member.
+    /// `GroupRole`: the owner makes member `uid` an admin or a plain member again; every member
+    /// is told (a large group: one entry in the group's timeline).
+    fn set_role(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        uid: UserId,
+        role: u8,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let op = GroupOp::Role { uid, role };
+        if role != ROLE_ADMIN && role != ROLE_MEMBER {
+            let e = ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("role {role}: 0 (member) or 1 (admin)"),
+            );
+            return self.refuse(reply, &op, e, round);
+        }
+        let g = self.groups.get_mut(&group).expect("loaded");
+        let Some(&was) = g.members.get(&uid) else {
+            let e = ApiError::new(
+                ErrorCode::NotMember,
+                format!("{uid} is not a member of {group}"),
+            );
+            return self.refuse(reply, &op, e, round);
+        };
+        if was == ROLE_OWNER {
+            let e = ApiError::new(ErrorCode::Forbidden, "the owner's role does not change");
+            return self.refuse(reply, &op, e, round);
+        }
+        if was != role {
+            g.members.insert(uid, role);
+            round.batch.push(Op::MemberPut {
+                group,
+                member: MemberRecord {
+                    uid,
+                    role,
+                    joined_ms: self.now,
+                },
+            });
+            let kind = if role == ROLE_ADMIN {
+                GroupEventKind::AdminAdded
+            } else {
+                GroupEventKind::AdminRemoved
+            };
+            if g.large.is_some() {
+                self.large_event(group, actor, kind, vec![uid], round);
+            } else {
+                let all = g.members.keys().copied().collect();
+                self.group_event(group, actor, kind, vec![uid], all, round);
+            }
+        }
+        round.reply(reply, ApiOk::Done, |r| op_ok(r, group.0));
+    }
+
     fn announce_update(&mut self, group: GroupId, actor: UserId, round: &mut Round) {
         let g = &self.groups[&group];
         if g.large.is_some() {

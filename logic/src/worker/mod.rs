@@ -1406,7 +1406,8 @@ impl<S: Store> Worker<S> {
                     | Command::GroupLeave { .. }
                     | Command::GroupUpdate { .. }
                     | Command::GroupInfo { .. }
-                    | Command::GroupPosting { .. }) => {
+                    | Command::GroupPosting { .. }
+                    | Command::GroupRole { .. }) => {
                         if let Some((group, op)) = groups::group_op(cmd) {
                             self.forward_group(uid, group, op, Reply::Conn { conn, req_id }, round);
                         }

@@ -5,7 +5,9 @@
 //! workers (their inboxes, which the test pumps) and the store.
 
 use super::large::MUTED_HEADS_EVERY_MS;
-use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT};
+use im_shared::proto::{
+    GroupEvent, GroupEventKind, GroupHead, CONV_GROUP_EVENT, ROLE_ADMIN, ROLE_MEMBER, ROLE_OWNER,
+};
 use im_shared::token::HmacTokens;
 use im_store::FjallStore;
 use im_testkit::{DownFrame, FaultyStore, RecordingSink};
@@ -2654,4 +2656,174 @@ async fn a_broadcast_channel_takes_posts_from_its_owner_only_across_a_restart() 
     let out = fx.out();
     assert!(refused(&out).is_empty(), "{out:?}");
     assert_eq!(acks(&out).len(), 1);
+}
+
+#[tokio::test]
+async fn admins_manage_members_and_post_in_a_channel_and_only_the_owner_sets_roles() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = fx.user_on(0, a.0 + 1);
+    let d = fx.user_on(1, b.0 + 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.login(conn(3), c, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    let role = |uid: UserId, role: u8| Command::GroupRole { group, uid, role };
+    // One request, its OpResult code.
+    async fn one(fx: &mut Fx, on: ConnId, who: UserId, cmd: Command) -> ErrorCode {
+        fx.client(on, who, vec![(7, cmd)]).await;
+        fx.pump().await;
+        let r = op_results(&fx.out(), on);
+        assert_eq!(r.len(), 1, "{r:?}");
+        r[0].0
+    }
+    // Only the owner sets roles, of members only, never its own, to member or admin only.
+    assert_eq!(
+        one(&mut fx, conn(2), b, role(b, ROLE_ADMIN)).await,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(d, ROLE_ADMIN)).await,
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(a, ROLE_MEMBER)).await,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(b, ROLE_OWNER)).await,
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(b, ROLE_ADMIN)).await,
+        ErrorCode::Ok
+    );
+    // Every member is told, once (setting it again changes nothing).
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(b, ROLE_ADMIN)).await,
+        ErrorCode::Ok
+    );
+    for m in [a, b, c] {
+        let ev = events_of(&fx, m, group).await;
+        let admin_events: Vec<_> = ev
+            .iter()
+            .filter(|e| e.0 == GroupEventKind::AdminAdded)
+            .collect();
+        assert_eq!(
+            admin_events,
+            vec![&(GroupEventKind::AdminAdded, vec![b])],
+            "{m}"
+        );
+    }
+    // The admin manages members, but neither the owner nor another admin, nor roles.
+    let add = Command::GroupAdd {
+        group,
+        members: vec![d],
+    };
+    assert_eq!(one(&mut fx, conn(2), b, add).await, ErrorCode::Ok);
+    let remove = |u: UserId| Command::GroupRemove {
+        group,
+        members: vec![u],
+    };
+    assert_eq!(
+        one(&mut fx, conn(2), b, remove(a)).await,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        one(&mut fx, conn(2), b, role(c, ROLE_ADMIN)).await,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(c, ROLE_ADMIN)).await,
+        ErrorCode::Ok
+    );
+    assert_eq!(
+        one(&mut fx, conn(2), b, remove(c)).await,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(one(&mut fx, conn(2), b, remove(d)).await, ErrorCode::Ok);
+    // A channel: the owner and its admins post, a member does not.
+    let posting = Command::GroupPosting {
+        group,
+        owner_only: true,
+    };
+    assert_eq!(one(&mut fx, conn(2), b, posting).await, ErrorCode::Ok);
+    assert_eq!(
+        one(&mut fx, conn(1), a, role(c, ROLE_MEMBER)).await,
+        ErrorCode::Ok
+    );
+    let refused = |out: &[Out]| -> Vec<ErrorCode> {
+        out.iter()
+            .filter_map(|o| match &o.cmd {
+                Command::Error { code, .. } => Some(*code),
+                _ => None,
+            })
+            .collect()
+    };
+    for round in 0..2u64 {
+        let (ca, cb, cc) = if round == 0 {
+            (conn(1), conn(2), conn(3))
+        } else {
+            // Roles are stored with the members: a restarted owner knows them.
+            fx.restart().await;
+            fx.login(conn(11), a, DeviceType::Phone).await;
+            fx.login(conn(12), b, DeviceType::Phone).await;
+            fx.login(conn(13), c, DeviceType::Phone).await;
+            fx.out();
+            (conn(11), conn(12), conn(13))
+        };
+        fx.client(ca, a, vec![(20, post(100 + round, group, "owner"))])
+            .await;
+        fx.client(cb, b, vec![(21, post(200 + round, group, "admin"))])
+            .await;
+        fx.client(cc, c, vec![(22, post(300 + round, group, "member"))])
+            .await;
+        fx.pump().await;
+        let out = fx.out();
+        assert_eq!(refused(&out), vec![ErrorCode::Forbidden], "round {round}");
+        assert_eq!(acks(&out).len(), 2, "round {round}");
+    }
+    // Made a member again, the former admin no longer posts.
+    assert_eq!(
+        one(&mut fx, conn(11), a, role(b, ROLE_MEMBER)).await,
+        ErrorCode::Ok
+    );
+    fx.client(conn(12), b, vec![(23, post(400, group, "admin?"))])
+        .await;
+    fx.pump().await;
+    assert_eq!(refused(&fx.out()), vec![ErrorCode::Forbidden]);
+    // The first change went to every member's timeline; adding d made the group large, so
+    // the later ones are single entries of the group's own timeline.
+    let roles = |ev: Vec<(GroupEventKind, Vec<UserId>)>| -> Vec<(GroupEventKind, Vec<UserId>)> {
+        ev.into_iter()
+            .filter(|e| {
+                matches!(
+                    e.0,
+                    GroupEventKind::AdminAdded | GroupEventKind::AdminRemoved
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        roles(events_of(&fx, c, group).await),
+        vec![(GroupEventKind::AdminAdded, vec![b])]
+    );
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    let in_group = gt
+        .into_iter()
+        .filter(|m| m.conv == CONV_GROUP_EVENT)
+        .map(|m| {
+            let e = GroupEvent::decode(m.body).unwrap();
+            (e.kind, e.users)
+        })
+        .collect();
+    assert_eq!(
+        roles(in_group),
+        vec![
+            (GroupEventKind::AdminAdded, vec![c]),
+            (GroupEventKind::AdminRemoved, vec![c]),
+            (GroupEventKind::AdminRemoved, vec![b]),
+        ]
+    );
 }
