@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use im_shared::proto::{ROLE_MEMBER, ROLE_OWNER};
+use im_shared::proto::{ROLE_ADMIN, ROLE_MEMBER, ROLE_OWNER};
 use im_shared::token::HmacTokens;
 use im_shared::{ErrorCode, GroupId, UserId};
 use serde_json::{json, Value};
@@ -1079,7 +1079,7 @@ fn role_name(role: u8) -> &'static str {
     match role {
         ROLE_OWNER => "owner",
         ROLE_MEMBER => "member",
-        1 => "admin",
+        ROLE_ADMIN => "admin",
         _ => "other",
     }
 }
