@@ -22,6 +22,7 @@
 //!   group op 10 Sync: after:u64 limit:u16    op 11 Members: after:u64 limit:u16
 //!   group op 12 Head: read:u64               op 13 Posting: owner_only:u8
 //!   group op 14 Role: uid:u64 role:u8
+//!   group op 15 Heads: count:u32 (group:u64 read:u64)*   (the call's `group` is the first)
 //! kind 10 GroupLive : group:u64 msg_len:u32 msg (a large group's post, for online members)
 //! ```
 //! `GroupLive` goes from a large group's owner to every worker of the cluster once per post (not
@@ -136,6 +137,12 @@ pub enum GroupOp {
     Role {
         uid: UserId,
         role: u8,
+    },
+    /// [`GroupOp::Head`] for several large groups of one owner worker at once: one `GroupHeads`
+    /// push lists them all (groups the actor is not a member of, or that are not large, are left
+    /// out). Nothing on a refusal.
+    Heads {
+        heads: Vec<(GroupId, Seq)>,
     },
 }
 
@@ -533,6 +540,14 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u64(uid.0);
             b.put_u8(*role);
         }
+        GroupOp::Heads { heads } => {
+            b.put_u8(15);
+            b.put_u32(heads.len() as u32);
+            for (g, read) in heads {
+                b.put_u64(g.0);
+                b.put_u64(read.0);
+            }
+        }
     }
 }
 
@@ -633,6 +648,16 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
                 role: b.get_u8(),
             }
         }
+        15 => {
+            need(b, 4)?;
+            let n = b.get_u32() as usize;
+            need(b, n.saturating_mul(16))?;
+            GroupOp::Heads {
+                heads: (0..n)
+                    .map(|_| (GroupId(b.get_u64()), Seq(b.get_u64())))
+                    .collect(),
+            }
+        }
         _ => return Err(PeerError("group request kind")),
     };
     Ok(GroupCall {
@@ -729,6 +754,10 @@ mod tests {
                 uid: UserId(u64::MAX),
                 role: 1,
             }),
+            call(GroupOp::Heads {
+                heads: vec![(GroupId(9), Seq(3)), (GroupId(u64::MAX), Seq(0))],
+            }),
+            call(GroupOp::Heads { heads: vec![] }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,

@@ -174,7 +174,7 @@ impl<S: Store> Worker<S> {
     /// Answers a refused request: `Error` for a post (like a refused c2c send), `OpResult` for
     /// management commands.
     pub(super) fn refuse(&mut self, reply: Reply, op: &GroupOp, e: ApiError, round: &mut Round) {
-        if matches!(op, GroupOp::Head { .. }) {
+        if matches!(op, GroupOp::Head { .. } | GroupOp::Heads { .. }) {
             // A login's head request: no request of the client's to answer.
             return;
         }
@@ -249,7 +249,7 @@ impl<S: Store> Worker<S> {
         self.forward_group(actor, group, op, reply, round);
     }
 
-    async fn load_group(&mut self, g: GroupId) -> Result<bool, StoreError> {
+    pub(super) async fn load_group(&mut self, g: GroupId) -> Result<bool, StoreError> {
         let touched = self.now_secs();
         if let Some(s) = self.groups.get_mut(&g) {
             s.touched = touched;
@@ -326,6 +326,9 @@ impl<S: Store> Worker<S> {
             reply,
             op,
         } = req;
+        if let GroupOp::Heads { heads } = op {
+            return self.large_heads(actor, heads, reply, round).await;
+        }
         if let GroupOp::Create { name, members } = op {
             // A retried create (same derived id) finds the group in memory or in the store.
             return match self.load_group(group).await {
@@ -515,7 +518,7 @@ impl<S: Store> Worker<S> {
             GroupOp::Members { after, limit } => {
                 self.members_page(group, after, limit, reply, round)
             }
-            GroupOp::Head { .. } => unreachable!("handled above"),
+            GroupOp::Head { .. } | GroupOp::Heads { .. } => unreachable!("handled above"),
             GroupOp::Role { uid, role } => self.set_role(group, actor, uid, role, reply, round),
             GroupOp::Posting { owner_only } => {
                 let g = self.groups.get_mut(&group).expect("loaded");

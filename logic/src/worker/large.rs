@@ -230,6 +230,36 @@ impl<S: Store> Worker<S> {
         }
     }
 
+    /// Owner side: the heads of several large groups (all of this worker) for a member's device
+    /// that logged in, in one `GroupHeads` push. A group that cannot be loaded, is not large or
+    /// does not have `actor` as a member is left out (its `GroupSync` still tells the head).
+    pub(super) async fn large_heads(
+        &mut self,
+        actor: UserId,
+        heads: Vec<(GroupId, Seq)>,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let mut out = Vec::with_capacity(heads.len());
+        for (group, read) in heads {
+            if !matches!(self.load_group(group).await, Ok(true)) {
+                continue;
+            }
+            let g = &self.groups[&group];
+            if let (Some(l), true) = (g.large, g.members.contains_key(&actor)) {
+                out.push(GroupHead {
+                    group,
+                    head: Seq(l.head),
+                    read,
+                });
+            }
+        }
+        if let (Reply::Conn { conn, .. }, false) = (reply, out.is_empty()) {
+            out.sort_unstable_by_key(|h| h.group);
+            round.send(conn, Command::GroupHeads { heads: out }.to_bytes(0));
+        }
+    }
+
     /// User side: a group event reached `r`'s timeline (in this round's batch). `BecameLarge`
     /// makes `r` a member of a large group, the event of `r`'s removal ends it: the user's index
     /// entry is written with the event, and live posts reach `r`'s devices from now on (or no

@@ -1598,9 +1598,34 @@ impl<S: Store> Worker<S> {
                 self.router.send(self.idx, w, WorkerMsg::Typing(notes));
             }
         }
-        // After the `LoginResult` went to its gate: the owners' `GroupHeads` come after it.
+        // After the `LoginResult` went to its gate: the owners' `GroupHeads` come after it, one
+        // request (and one push) per owner worker and device, whatever the number of groups.
+        let mut per_owner: HashMap<(usize, ConnId), Vec<GroupReq>> = HashMap::new();
         for req in round.heads_out {
             let owner = self.router.owner(UserId(req.group.0));
+            let conn = match &req.reply {
+                Reply::Conn { conn, .. } => *conn,
+                _ => ConnId(0),
+            };
+            per_owner.entry((owner, conn)).or_default().push(req);
+        }
+        for ((owner, _), mut reqs) in per_owner {
+            let req = if reqs.len() == 1 {
+                reqs.pop().expect("one")
+            } else {
+                let heads = reqs
+                    .iter()
+                    .filter_map(|r| match r.op {
+                        GroupOp::Head { read } => Some((r.group, read)),
+                        _ => None,
+                    })
+                    .collect();
+                let first = reqs.swap_remove(0);
+                GroupReq {
+                    op: GroupOp::Heads { heads },
+                    ..first
+                }
+            };
             self.router.send(self.idx, owner, WorkerMsg::Group(req));
         }
         if !round.live.is_empty() {

@@ -2827,3 +2827,73 @@ async fn admins_manage_members_and_post_in_a_channel_and_only_the_owner_sets_rol
         ]
     );
 }
+
+#[tokio::test]
+async fn a_member_of_many_large_groups_gets_one_heads_push_per_owner_worker_at_login() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let (b, c, d, e) = (
+        UserId(a.0 + 1),
+        UserId(a.0 + 2),
+        UserId(a.0 + 3),
+        UserId(a.0 + 4),
+    );
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let mut groups = vec![];
+    for i in 0..4 {
+        // Distinct client ids: a create with the same one is a retry of the first.
+        let create = Command::GroupCreate {
+            name: format!("g{i}"),
+            members: vec![b, c],
+            client_id: i,
+        };
+        fx.client(conn(1), a, vec![(1, create)]).await;
+        fx.pump().await;
+        let g = created(&fx.out(), conn(1));
+        let add = Command::GroupAdd {
+            group: g,
+            members: vec![d, e],
+        };
+        fx.client(conn(1), a, vec![(2, add)]).await;
+        fx.pump().await;
+        let r = op_results(&fx.out(), conn(1));
+        assert_eq!(r, vec![(ErrorCode::Ok, String::new())], "add to group {i}");
+        groups.push(g);
+    }
+    groups.dedup();
+    assert_eq!(groups.len(), 4, "{groups:?}");
+    fx.client(conn(1), a, vec![(3, post(1, groups[2], "p"))])
+        .await;
+    fx.pump().await;
+    fx.out();
+    assert_eq!(fx.store.large_groups_of(c).await.unwrap().len(), 4);
+    fx.login(conn(3), c, DeviceType::Phone).await;
+    fx.pump().await;
+    let pushes: Vec<Vec<GroupHead>> = fx
+        .out()
+        .into_iter()
+        .filter(|o| o.conn == conn(3))
+        .filter_map(|o| match o.cmd {
+            Command::GroupHeads { heads } => Some(heads),
+            _ => None,
+        })
+        .collect();
+    // Two workers own the four groups: at most two pushes, together every group once.
+    assert!(
+        (1..=2).contains(&pushes.len()),
+        "{} pushes: {pushes:?}",
+        pushes.len()
+    );
+    let mut all: Vec<GroupHead> = pushes.concat();
+    all.sort_unstable_by_key(|h| h.group);
+    let mut want: Vec<GroupHead> = groups
+        .iter()
+        .map(|&g| GroupHead {
+            group: g,
+            head: Seq(if g == groups[2] { 2 } else { 1 }),
+            read: Seq(0),
+        })
+        .collect();
+    want.sort_unstable_by_key(|h| h.group);
+    assert_eq!(all, want);
+}
