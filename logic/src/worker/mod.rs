@@ -1609,10 +1609,18 @@ impl<S: Store> Worker<S> {
             };
             per_owner.entry((owner, conn)).or_default().push(req);
         }
+        let here = self.router.node_of(self.router.global(self.idx));
         for ((owner, _), mut reqs) in per_owner {
-            let req = if reqs.len() == 1 {
-                reqs.pop().expect("one")
-            } else {
+            // An owner on another node gets a request per group: a node of an older release
+            // does not know the batch (it would end the peer link), and nodes are upgraded one
+            // at a time.
+            if reqs.len() == 1 || self.router.node_of(owner) != here {
+                for req in reqs {
+                    self.router.send(self.idx, owner, WorkerMsg::Group(req));
+                }
+                continue;
+            }
+            let req = {
                 let heads = reqs
                     .iter()
                     .filter_map(|r| match r.op {
