@@ -47,4 +47,4 @@ sleep 15
 r2=$(rss)
 echo "logic RSS ${r0} KiB -> ${r1} KiB: $(( (r1 - r0) * 1024 / users )) B per user; 15 s later ${r2} KiB"
 grep VmHWM "/proc/$lpid/status"
-curl -s 127.0.0.1:10080/metrics | grep -E '^im_(users_cached|logic_queued|logic_gate_queue_bytes)' || true
+curl -s 127.0.0.1:10080/metrics | grep -E '^im_(users_cached|logic_queued|logic_gate_queue_bytes|directory_)' || true
