@@ -8,9 +8,14 @@
 //! slow or down while users log in and out) drops it and, once there is room again, sends one
 //! [`DirOp::Resync`] with every route it holds, which replaces this task's view: routes it had
 //! published and the worker no longer holds are removed (compare-and-delete by connection), the
-//! others written again. So memory stays bounded and the directory converges after any loss.
+//! others written again. So memory stays bounded and the directory converges after any loss. A
+//! resync holds every route of the worker, so at most one is queued or being applied at a time
+//! ([`InFlight`]); changes dropped meanwhile are covered by the next one. (Before, a starved
+//! node queued a resync per round: 228 copies of 90 000 routes in 15 s, ~900 MB that stayed.)
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use im_shared::{ConnId, UserId};
@@ -37,8 +42,28 @@ pub enum DirOp {
         device_type: u8,
         conn: ConnId,
     },
-    /// Every route the worker holds now (after changes were dropped at a full queue).
-    Resync(Vec<(UserId, RouteEntry)>),
+    /// Every route the worker holds now (after changes were dropped at a full queue), and the
+    /// worker's mark that a resync is on its way, cleared when this one is applied (or dropped).
+    Resync(Vec<(UserId, RouteEntry)>, InFlight),
+}
+
+/// The worker's "a resync is queued or being applied" mark: set by [`InFlight::start`], cleared
+/// when the value is dropped, i.e. when the publisher is done with the resync that carries it
+/// (or gone).
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicBool>);
+
+impl InFlight {
+    /// Marks a resync as on its way through `flag`, unless one already is.
+    pub fn start(flag: &Arc<AtomicBool>) -> Option<InFlight> {
+        (!flag.swap(true, Ordering::AcqRel)).then(|| InFlight(flag.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Runs until the worker drops its sender.
@@ -64,7 +89,7 @@ pub async fn run<D: Directory>(dir: D, mut rx: mpsc::Receiver<DirOp>) {
                     }
                     retry(|| dir.remove_route(uid, device_type, conn.0)).await;
                 }
-                Some(DirOp::Resync(routes)) => {
+                Some(DirOp::Resync(routes, _in_flight)) => {
                     let now: HashMap<(UserId, u8), RouteEntry> = routes
                         .into_iter()
                         .map(|(uid, r)| ((uid, r.device_type), r))
@@ -191,8 +216,21 @@ mod tests {
             (UserId(3), route(1, 32)),
             (UserId(4), route(1, 41)),
         ];
-        tx.send(DirOp::Resync(held)).await.unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let in_flight = InFlight::start(&flag).expect("none yet");
+        assert!(InFlight::start(&flag).is_none(), "one at a time");
+        tx.send(DirOp::Resync(held, in_flight)).await.unwrap();
         settle(&dir, 4, &[41]).await;
+        // Applied: the next one may go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while flag.load(Ordering::Acquire) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resync's mark was never cleared"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(InFlight::start(&flag).is_some());
         assert_eq!(conns(&dir, 1).await, [11]);
         assert_eq!(conns(&dir, 2).await, Vec::<u64>::new());
         assert_eq!(conns(&dir, 3).await, [32]);

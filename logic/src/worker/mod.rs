@@ -535,6 +535,8 @@ pub struct Worker<S> {
     /// A route change did not fit the publisher's queue: a full [`crate::publish::DirOp::Resync`]
     /// goes out once there is room.
     dir_lost: bool,
+    /// A resync is queued at the publisher or being applied ([`crate::publish::InFlight`]).
+    dir_resyncing: Arc<std::sync::atomic::AtomicBool>,
     /// Groups this worker owns (loaded on first use).
     groups: HashMap<GroupId, groups::GroupState>,
     services: Services,
@@ -714,6 +716,7 @@ impl<S: Store> Worker<S> {
             routes: HashMap::new(),
             dir: None,
             dir_lost: false,
+            dir_resyncing: Arc::default(),
             groups: HashMap::new(),
             services,
             metrics,
@@ -774,6 +777,10 @@ impl<S: Store> Worker<S> {
         let Some(Ok(permit)) = self.dir.as_ref().map(|tx| tx.try_reserve()) else {
             return;
         };
+        // One at a time: each holds every route; a later one covers what is dropped meanwhile.
+        let Some(in_flight) = crate::publish::InFlight::start(&self.dir_resyncing) else {
+            return;
+        };
         let routes = self
             .routes
             .iter()
@@ -790,7 +797,7 @@ impl<S: Store> Worker<S> {
                 (uid, route)
             })
             .collect();
-        permit.send(crate::publish::DirOp::Resync(routes));
+        permit.send(crate::publish::DirOp::Resync(routes, in_flight));
         self.dir_lost = false;
         Metrics::inc(&self.metrics.dir_resyncs);
     }

@@ -1845,7 +1845,7 @@ async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there
         ]
     ));
     fx.step(0, Vec::new()).await.unwrap();
-    let Ok(crate::publish::DirOp::Resync(mut routes)) = rx.try_recv() else {
+    let Ok(crate::publish::DirOp::Resync(mut routes, in_flight)) = rx.try_recv() else {
         panic!("no resync");
     };
     routes.sort_by_key(|(u, _)| u.0);
@@ -1856,6 +1856,27 @@ async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there
         .all(|(u, r)| r.device_id == format!("dev-{}", u.0)));
     assert!(!fx.workers[0].dir_lost);
     assert_eq!(fx.workers[0].metrics.dir_resyncs.load(Ordering::Relaxed), 1);
+    // More changes dropped while that resync is not applied yet: no second copy of every route
+    // is queued behind it (a starved node used to queue one per round) ...
+    for u in 4..=6 {
+        fx.login(conn(u as u32), UserId(u), DeviceType::Phone).await;
+    }
+    assert!(fx.workers[0].dir_lost);
+    let _ = std::iter::from_fn(|| rx.try_recv().ok()).count();
+    fx.step(0, Vec::new()).await.unwrap();
+    assert!(
+        rx.try_recv().is_err(),
+        "a second resync while the first is in flight"
+    );
+    assert_eq!(fx.workers[0].metrics.dir_resyncs.load(Ordering::Relaxed), 1);
+    // ... and once the publisher is done with it, the next one holds every route.
+    drop(in_flight);
+    fx.step(0, Vec::new()).await.unwrap();
+    let Ok(crate::publish::DirOp::Resync(routes, _)) = rx.try_recv() else {
+        panic!("no resync after the first was applied");
+    };
+    assert_eq!(routes.len(), 6);
+    assert_eq!(fx.workers[0].metrics.dir_resyncs.load(Ordering::Relaxed), 2);
 }
 
 /// Posts of large groups delivered live to `c` (`GroupDeliver`), in order.
