@@ -1891,6 +1891,16 @@ fn group_delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
 }
 
 /// `(code, message)` of every `OpResult` sent to `c`, in order.
+/// Codes of the `Error` frames in `out` (refused sends), in order.
+fn refused(out: &[Out]) -> Vec<ErrorCode> {
+    out.iter()
+        .filter_map(|o| match &o.cmd {
+            Command::Error { code, .. } => Some(*code),
+            _ => None,
+        })
+        .collect()
+}
+
 fn op_results(out: &[Out], c: ConnId) -> Vec<(ErrorCode, String)> {
     out.iter()
         .filter(|o| o.conn == c)
@@ -2638,14 +2648,6 @@ async fn a_broadcast_channel_takes_posts_from_its_owner_only_across_a_restart() 
         op_results(&out, conn(1)),
         vec![(ErrorCode::Ok, String::new())]
     );
-    let refused = |out: &[Out]| -> Vec<ErrorCode> {
-        out.iter()
-            .filter_map(|o| match &o.cmd {
-                Command::Error { code, .. } => Some(*code),
-                _ => None,
-            })
-            .collect()
-    };
     for round in 0..2 {
         if round == 1 {
             // The setting is stored: a restarted owner loads it with the group.
@@ -2774,14 +2776,6 @@ async fn admins_manage_members_and_post_in_a_channel_and_only_the_owner_sets_rol
         one(&mut fx, conn(1), a, role(c, ROLE_MEMBER)).await,
         ErrorCode::Ok
     );
-    let refused = |out: &[Out]| -> Vec<ErrorCode> {
-        out.iter()
-            .filter_map(|o| match &o.cmd {
-                Command::Error { code, .. } => Some(*code),
-                _ => None,
-            })
-            .collect()
-    };
     for round in 0..2u64 {
         let (ca, cb, cc) = if round == 0 {
             (conn(1), conn(2), conn(3))
