@@ -537,6 +537,9 @@ pub struct Worker<S> {
     dir_lost: bool,
     /// A resync is queued at the publisher or being applied ([`crate::publish::InFlight`]).
     dir_resyncing: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the publisher when a write to the directory failed: the routes are sent again
+    /// whole, as after dropped changes ([`crate::publish::run`]).
+    dir_heal: Arc<std::sync::atomic::AtomicBool>,
     /// Groups this worker owns (loaded on first use).
     groups: HashMap<GroupId, groups::GroupState>,
     services: Services,
@@ -717,6 +720,7 @@ impl<S: Store> Worker<S> {
             dir: None,
             dir_lost: false,
             dir_resyncing: Arc::default(),
+            dir_heal: Arc::default(),
             groups: HashMap::new(),
             services,
             metrics,
@@ -740,7 +744,7 @@ impl<S: Store> Worker<S> {
             match crate::directory::RedisDirectory::connect(self.cfg.redis_nodes.clone()).await {
                 Ok(d) => {
                     let (tx, rx) = mpsc::channel(crate::publish::QUEUE);
-                    tokio::spawn(crate::publish::run(d, rx));
+                    tokio::spawn(crate::publish::run(d, rx, self.dir_heal.clone()));
                     self.dir = Some(tx);
                 }
                 Err(e) => tracing::error!(
@@ -771,6 +775,12 @@ impl<S: Store> Worker<S> {
     /// After route changes were dropped: every route this worker holds, as one resync, once the
     /// publisher's queue has room.
     fn resync_directory(&mut self) {
+        if self
+            .dir_heal
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.dir_lost = true;
+        }
         if !self.dir_lost {
             return;
         }
@@ -1010,6 +1020,9 @@ impl<S: Store> Worker<S> {
             Tick::Org => self.org_refresh().await,
             Tick::Presence => self.presence_due(now),
         }
+        // A resync owed (dropped changes, or the publisher's failed writes) goes out even while
+        // no round runs.
+        self.resync_directory();
     }
 
     /// Resyncs every peer link that changed since this worker last looked.

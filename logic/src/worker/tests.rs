@@ -1879,6 +1879,30 @@ async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there
     assert_eq!(fx.workers[0].metrics.dir_resyncs.load(Ordering::Relaxed), 2);
 }
 
+/// The publisher asks for a resync when a write to the directory failed (`publish.rs` test
+/// `a_write_that_failed_makes_the_next_refresh_ask_for_one_resync`): the worker sends every
+/// route it holds at its next timer, with no client round needed.
+#[tokio::test]
+async fn a_publishers_failed_write_gets_every_route_at_the_next_timer() {
+    let mut fx = Fx::new(1).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    fx.workers[0].dir = Some(tx);
+    for u in 1..=2 {
+        fx.login(conn(u as u32), UserId(u), DeviceType::Phone).await;
+    }
+    let _ = std::iter::from_fn(|| rx.try_recv().ok()).count();
+    let now = fx.now;
+    fx.workers[0].tick(Tick::Retry, now).await;
+    assert!(rx.try_recv().is_err(), "a resync nobody asked for");
+    fx.workers[0].dir_heal.store(true, Ordering::Release);
+    fx.workers[0].tick(Tick::Retry, now).await;
+    let Ok(crate::publish::DirOp::Resync(routes, _)) = rx.try_recv() else {
+        panic!("no resync after the publisher asked");
+    };
+    assert_eq!(routes.len(), 2);
+    assert!(!fx.workers[0].dir_heal.load(Ordering::Acquire));
+}
+
 /// Posts of large groups delivered live to `c` (`GroupDeliver`), in order.
 fn group_delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
     out.iter()
