@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use im_client::{Client, ClientError, Timeline};
+use im_client::core::{Config, Event, Gate};
+use im_client::session::Session;
+use im_client::{ClientError, Requests};
 use im_shared::files::{FileKind, FileRef};
 use im_shared::org::{OrgEntity, OrgRecord, OrgTree};
 use im_shared::proto::{
@@ -38,7 +40,7 @@ use im_shared::proto::{
     CONV_READ, CONV_RECALL, CONV_S2C,
 };
 use im_shared::token::{now_secs, HmacTokens};
-use im_shared::{Command, DeviceType, GroupId, MsgId, Seq, UserId};
+use im_shared::{DeviceType, GroupId, MsgId, Seq, UserId};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -74,10 +76,7 @@ struct Args {
     state_dir: PathBuf,
 }
 
-fn show(m: &Message, me: UserId, sent_here: &std::collections::HashSet<u64>) {
-    if sent_here.contains(&m.msg_id.0) {
-        return; // already shown when it was sent from this terminal
-    }
+fn show(m: &Message, me: UserId) {
     let body = match file_line(&m.body) {
         Some(f) => format!("{f} — `/fetch {} <path>`", m.seq),
         None => String::from_utf8_lossy(&m.body).into_owned(),
@@ -158,8 +157,9 @@ fn guess_kind(path: &std::path::Path) -> (FileKind, &'static str) {
     }
 }
 
-/// `/send <uid>|#<group> <path>`: uploads the file and sends a message that references it.
-fn send_file(c: &mut Client, target: &str, path: &str, cmid: u64) -> anyhow::Result<String> {
+/// `/send <uid>|#<group> <path>`: uploads the file and sends a message that references it;
+/// returns the message's `client_msg_id` and what to print when it is acknowledged.
+fn send_file(s: &mut Session, target: &str, path: &str) -> anyhow::Result<(u64, Option<String>)> {
     let path = std::path::Path::new(path);
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (kind, mime) = guess_kind(path);
@@ -168,19 +168,17 @@ fn send_file(c: &mut Client, target: &str, path: &str, cmid: u64) -> anyhow::Res
         .and_then(|n| n.to_str())
         .unwrap_or("file")
         .to_owned();
-    let f = c.upload_file(kind, mime, &name, &data, 1 << 20)?;
+    let f = s.upload_file(kind, mime, &name, &data, 1 << 20)?;
     let line = file_line(&f.to_body()).unwrap_or_default();
     if let Some(g) = target.strip_prefix('#') {
         let g: u64 = g.parse().context("bad group id")?;
-        c.send_c2g(GroupId(g), cmid, f.to_body())?;
-        Ok(format!("  ✓ posted {line} to #{g}"))
+        let cmid = s.send_c2g(GroupId(g), None, f.to_body(), Vec::new())?;
+        println!("  (posting {line} to #{g})");
+        Ok((cmid, None))
     } else {
         let u: u64 = target.parse().context("bad user id")?;
-        let ack = c.send_c2c(UserId(u), cmid, f.to_body())?;
-        Ok(format!(
-            "  ✓ sent {line} (msg {}, seq {})",
-            ack.msg_id, ack.seq
-        ))
+        let cmid = s.send_c2c(UserId(u), None, f.to_body())?;
+        Ok((cmid, Some(format!(" {line}"))))
     }
 }
 
@@ -261,7 +259,7 @@ fn uids(s: &str) -> Option<Vec<UserId>> {
 }
 
 /// `/group …` and `/groups`; prints what happened.
-fn group_command(c: &mut Client, line: &str) -> Result<(), im_client::ClientError> {
+fn group_command(c: &mut impl Requests, line: &str) -> Result<(), im_client::ClientError> {
     let parts: Vec<&str> = line.split_whitespace().collect();
     let gid = |i: usize| parts.get(i).and_then(|p| p.parse().ok()).map(GroupId);
     match parts.as_slice() {
@@ -610,7 +608,7 @@ struct Org {
 
 impl Org {
     /// Syncs what changed since the last complete sync; returns whether the version moved.
-    fn sync(&mut self, c: &mut Client) -> Result<bool, ClientError> {
+    fn sync(&mut self, c: &mut impl Requests) -> Result<bool, ClientError> {
         let v = c.org_sync_all(&mut self.tree, self.at)?;
         let moved = v != self.at;
         self.at = v;
@@ -619,7 +617,7 @@ impl Org {
     }
 
     /// Brings the local copy up to `version` (seen in a reply or a push) if it is behind.
-    fn catch_up(&mut self, c: &mut Client, version: u64) -> Result<bool, ClientError> {
+    fn catch_up(&mut self, c: &mut impl Requests, version: u64) -> Result<bool, ClientError> {
         if self.synced && version <= self.at {
             return Ok(false);
         }
@@ -628,7 +626,7 @@ impl Org {
 }
 
 /// `/org`, `/who`, `/find`: asks the server, prints the answer.
-fn org_command(c: &mut Client, org: &mut Org, cmd: OrgCmd) -> Result<(), ClientError> {
+fn org_command(c: &mut impl Requests, org: &mut Org, cmd: OrgCmd) -> Result<(), ClientError> {
     let lines = match cmd {
         OrgCmd::Dept { dept, offset } => {
             let (version, total, records) = c.org_dept(dept, offset, ORG_PAGE)?;
@@ -652,6 +650,115 @@ fn org_command(c: &mut Client, org: &mut Org, cmd: OrgCmd) -> Result<(), ClientE
     Ok(())
 }
 
+/// What the terminal shows for one event of the session; `Some(())` when the session ended.
+struct Term {
+    me: UserId,
+    state: PathBuf,
+    /// `client_msg_id`s of c2c messages sent from this terminal (already shown when typed).
+    sent_here: std::collections::HashSet<u64>,
+    /// What to print when a send is acknowledged: ` [file …]` or "" (c2c), `None`: a post.
+    labels: std::collections::HashMap<u64, Option<String>>,
+    /// Timeline entries shown (for `/recall`).
+    held: Vec<Message>,
+}
+
+impl Term {
+    fn on_event(&mut self, s: &mut Session, org: &mut Org, e: Event) -> anyhow::Result<bool> {
+        match e {
+            Event::Message(m) => {
+                // A message typed here was shown when it was typed.
+                if !(m.from == self.me && self.sent_here.contains(&m.client_msg_id)) {
+                    show(&m, self.me);
+                }
+                self.held.push(m);
+                std::fs::write(&self.state, s.core().last_seq().0.to_string())?;
+            }
+            Event::Synced { last_seq } => std::fs::write(&self.state, last_seq.0.to_string())?,
+            Event::SendAcked {
+                client_msg_id,
+                msg_id,
+                seq,
+                ..
+            } => match self.labels.remove(&client_msg_id) {
+                Some(Some(label)) => println!("  ✓ sent{label} (msg {msg_id}, seq {seq})"),
+                Some(None) => println!("  ✓ posted (msg {msg_id})"),
+                None => {}
+            },
+            Event::SendFailed {
+                client_msg_id,
+                code,
+            } => {
+                self.labels.remove(&client_msg_id);
+                println!("! not sent: {code:?}");
+            }
+            Event::Delivered { msg_id, recipient } => {
+                println!("  ✓✓ msg {msg_id} delivered to {recipient}")
+            }
+            // A large group's post (its seq is the group's): shown, not kept in the timeline.
+            Event::GroupPost(m) => show(&m, self.me),
+            Event::GroupHeads(heads) => {
+                for h in &heads {
+                    println!("{}", heads_line(h));
+                }
+            }
+            Event::Kicked {
+                message,
+                will_reconnect,
+                ..
+            } => {
+                println!("! kicked out: {message}");
+                return Ok(!will_reconnect);
+            }
+            Event::Error { code, message } => println!("! server error {code:?}: {message}"),
+            Event::Presence(entries) => {
+                for e in &entries {
+                    println!("{}", presence_line(e));
+                }
+            }
+            Event::Typing {
+                conv,
+                peer,
+                from,
+                typing,
+            } => println!("{}", typing_line(conv, peer, from, typing as u8)),
+            Event::OrgChanged { version } => match org.catch_up(s, version) {
+                Ok(true) => println!("(organisation tree updated to v{})", org.at),
+                Ok(false) => {}
+                Err(e) => println!("! organisation tree not synced: {e}"),
+            },
+            Event::Disconnected { why } => println!("! connection lost: {why}"),
+            Event::Reconnecting { after_ms, .. } => println!("(reconnecting in {after_ms} ms)"),
+            Event::LoggedIn { max_seq, .. } => {
+                println!("(logged in again; server max seq {max_seq})")
+            }
+            Event::LoginFailed {
+                code,
+                message,
+                will_retry,
+            } => {
+                println!("! login refused: {code:?} {message}");
+                return Ok(!will_retry);
+            }
+            Event::LoggedOut => return Ok(true),
+            Event::Connecting { .. } | Event::Response { .. } | Event::RequestLost { .. } => {}
+        }
+        Ok(false)
+    }
+
+    /// Shows events until nothing is in flight (the sync, sends, the ack), at most `for_`.
+    fn settle(&mut self, s: &mut Session, org: &mut Org, for_: Duration) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + for_;
+        while !s.core().is_settled() && !s.core().is_stopped() && Instant::now() < deadline {
+            if let Some(e) = s.next_event(Duration::from_millis(50)) {
+                if self.on_event(s, org, e)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let me = UserId(a.uid);
@@ -667,25 +774,56 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
 
-    let mut c = Client::connect(a.server).with_context(|| format!("connecting to {}", a.server))?;
-    let info = c.login(me, &token, device, &device_id, Seq(last))?;
-    println!(
-        "logged in as {me} ({device:?}, {device_id}); server max seq {}, you hold {last}",
-        info.max_seq
-    );
-    let mut tl = Timeline::new(Seq(last));
-    let mut sent_here = std::collections::HashSet::new();
-    if info.max_seq.0 > last {
-        let n = tl.sync(&mut c)?;
-        println!("synced {n} message(s) you missed:");
-        for m in &tl.messages {
-            show(m, me, &sent_here);
-        }
-        c.deliver_ack(tl.last_seq)?;
-    }
-    std::fs::write(&state, tl.last_seq.0.to_string())?;
+    // The session (im_client::core): login, heartbeats, reconnects, dedup, gap syncs, acks and
+    // resends are its rules; this loop prints what it reports and turns lines into calls.
+    let gate = Gate {
+        id: 1,
+        addr: a.server.to_string(),
+    };
+    let mut cfg = Config::new(me, token, device, device_id.clone(), vec![gate]);
+    cfg.last_seq = Seq(last);
+    cfg.seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ a.uid.rotate_left(32);
+    let mut s = Session::new(cfg);
+    s.start();
     let mut org = Org::default();
-    match org.sync(&mut c) {
+    let mut t = Term {
+        me,
+        state: state.clone(),
+        sent_here: Default::default(),
+        labels: Default::default(),
+        held: Vec::new(),
+    };
+    // The first login: up to 15 s (the session would go on trying; a terminal says why).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut why = String::from("no answer");
+    loop {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "could not log in to {}: {why}",
+            a.server
+        );
+        match s.next_event(Duration::from_millis(100)) {
+            Some(Event::LoggedIn { max_seq, .. }) => {
+                println!(
+                    "logged in as {me} ({device:?}, {device_id}); server max seq {max_seq}, you hold {last}"
+                );
+                break;
+            }
+            Some(Event::LoginFailed {
+                code,
+                message,
+                will_retry: false,
+            }) => anyhow::bail!("login refused: {code:?} {message}"),
+            Some(Event::Disconnected { why: w }) => why = w,
+            _ => {}
+        }
+    }
+    t.settle(&mut s, &mut org, Duration::from_secs(30))?;
+    std::fs::write(&state, s.core().last_seq().0.to_string())?;
+    match org.sync(&mut s) {
         Ok(_) if org.at == 0 => {}
         Ok(_) => println!(
             "organisation tree v{} ({} departments); `/org` to browse",
@@ -704,8 +842,6 @@ fn main() -> anyhow::Result<()> {
             }
         }
     });
-    let heartbeat = Duration::from_secs(u64::from(info.heartbeat_secs.max(5)));
-    let mut last_beat = Instant::now();
     let mut peer: Option<UserId> = None;
     let mut next_cmid = now_secs() * 1_000_000;
     loop {
@@ -738,9 +874,10 @@ fn main() -> anyhow::Result<()> {
                         println!("! usage: /send <uid>|#<group> <path>");
                         continue;
                     };
-                    next_cmid += 1;
-                    match send_file(&mut c, target, path.trim(), next_cmid) {
-                        Ok(m) => println!("{m}"),
+                    match send_file(&mut s, target, path.trim()) {
+                        Ok((cmid, label)) => {
+                            t.labels.insert(cmid, label);
+                        }
                         Err(e) => println!("! not sent: {e:#}"),
                     }
                     continue;
@@ -753,7 +890,7 @@ fn main() -> anyhow::Result<()> {
                         println!("! usage: /fetch <seq> <path>");
                         continue;
                     };
-                    match c.fetch_file(Seq(seq)) {
+                    match s.fetch_file(Seq(seq)) {
                         Ok(b) => match std::fs::write(path, &b) {
                             Ok(()) => println!("  ✓ {} bytes written to {path}", b.len()),
                             Err(e) => println!("! cannot write {path}: {e}"),
@@ -770,7 +907,7 @@ fn main() -> anyhow::Result<()> {
                     match list {
                         Ok(list) => {
                             let users: Vec<UserId> = list.into_iter().map(UserId).collect();
-                            match c.presence_subscribe(&users) {
+                            match s.presence_subscribe(&users) {
                                 Ok(()) => println!(
                                     "  ✓ following the presence of {} user(s)",
                                     users.len()
@@ -790,7 +927,7 @@ fn main() -> anyhow::Result<()> {
                             continue;
                         }
                     };
-                    match c.set_presence_hidden(hidden) {
+                    match s.set_presence_hidden(hidden) {
                         Ok(()) if hidden => println!("  ✓ your presence is hidden"),
                         Ok(()) => println!("  ✓ your presence is shown"),
                         Err(e) => println!("! {e}"),
@@ -804,7 +941,7 @@ fn main() -> anyhow::Result<()> {
                     };
                     match target {
                         Ok((conv, peer)) => {
-                            if let Err(e) = c.typing(conv, peer, true) {
+                            if let Err(e) = s.typing(conv, peer, true) {
                                 println!("! {e}");
                             }
                         }
@@ -812,11 +949,14 @@ fn main() -> anyhow::Result<()> {
                     }
                     continue;
                 } else if line == "/sync" {
-                    let n = tl.sync(&mut c)?;
-                    println!("synced {n} new message(s); last seq {}", tl.last_seq);
+                    match s.sync() {
+                        Ok(()) => println!("(syncing from seq {})", s.core().last_seq()),
+                        Err(e) => println!("! {e}"),
+                    }
                     continue;
                 } else if line == "/quit" {
-                    c.logout()?;
+                    t.settle(&mut s, &mut org, Duration::from_secs(10))?;
+                    s.logout(Duration::from_secs(5));
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
@@ -825,7 +965,7 @@ fn main() -> anyhow::Result<()> {
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {
                         Ok(cmd) => {
-                            if let Err(e) = org_command(&mut c, &mut org, cmd) {
+                            if let Err(e) = org_command(&mut s, &mut org, cmd) {
                                 println!("! {e}");
                             }
                         }
@@ -833,19 +973,20 @@ fn main() -> anyhow::Result<()> {
                     }
                     continue;
                 } else if line.starts_with("/group") {
-                    if let Err(e) = group_command(&mut c, line) {
+                    if let Err(e) = group_command(&mut s, line) {
                         println!("! {e}");
                     }
                     continue;
                 } else if let Some(rest) = line.strip_prefix('#') {
-                    let (g, t) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let (g, text) = rest.split_once(' ').unwrap_or((rest, ""));
                     let Ok(g) = g.parse() else {
                         println!("! bad group id {g:?}");
                         continue;
                     };
-                    next_cmid += 1;
-                    match c.send_c2g(GroupId(g), next_cmid, t.to_owned()) {
-                        Ok(ack) => println!("  ✓ posted (msg {})", ack.msg_id),
+                    match s.send_c2g(GroupId(g), None, text.to_owned(), Vec::new()) {
+                        Ok(cmid) => {
+                            t.labels.insert(cmid, None);
+                        }
                         Err(e) => println!("! not posted: {e}"),
                     }
                     continue;
@@ -855,7 +996,7 @@ fn main() -> anyhow::Result<()> {
                         .parse()
                         .ok()
                         .and_then(|id| {
-                            tl.messages
+                            t.held
                                 .iter()
                                 .find(|m| m.msg_id == MsgId(id) && m.from == me)
                         })
@@ -870,7 +1011,7 @@ fn main() -> anyhow::Result<()> {
                         CONV_C2C
                     };
                     next_cmid += 1;
-                    match c.recall(conv, m.to.0, m.msg_id, next_cmid) {
+                    match s.recall(conv, m.to.0, m.msg_id, next_cmid) {
                         Ok(_) => println!("  ✓ recalled msg {}", m.msg_id),
                         Err(e) => println!("! not recalled: {e}"),
                     }
@@ -882,70 +1023,27 @@ fn main() -> anyhow::Result<()> {
                     println!("! no peer: use `@<uid> text` or `/to <uid>`");
                     continue;
                 };
-                next_cmid += 1;
-                match c.send_c2c(to, next_cmid, text.clone()) {
-                    Ok(ack) => {
-                        sent_here.insert(ack.msg_id.0);
-                        tl.on_sent(&ack, me, to, text.into());
-                        println!("  ✓ sent (msg {}, seq {})", ack.msg_id, ack.seq)
+                // Kept and sent again (same id) until acknowledged, across reconnects.
+                match s.send_c2c(to, None, text) {
+                    Ok(cmid) => {
+                        t.sent_here.insert(cmid);
+                        t.labels.insert(cmid, Some(String::new()));
                     }
-                    Err(e) => println!("! not sent: {e} (retry is safe)"),
+                    Err(e) => println!("! not sent: {e}"),
                 }
             }
             Err(mpsc::TryRecvError::Disconnected) => {
-                c.logout().ok();
+                // End of input: let what is in flight finish, then log out.
+                t.settle(&mut s, &mut org, Duration::from_secs(10))?;
+                s.logout(Duration::from_secs(5));
                 return Ok(());
             }
             Err(mpsc::TryRecvError::Empty) => {}
         }
-        match c.recv(Duration::from_millis(100))? {
-            Some(Command::Deliver(m)) => {
-                let before = tl.messages.len();
-                tl.on_deliver(&mut c, &m)?;
-                for m in &tl.messages[before..] {
-                    show(m, me, &sent_here);
-                }
-                std::fs::write(&state, tl.last_seq.0.to_string())?;
-            }
-            Some(Command::Delivered { msg_id, recipient }) => {
-                println!("  ✓✓ msg {msg_id} delivered to {recipient}");
-            }
-            // A large group's post (its seq is the group's): shown, not kept in the timeline.
-            Some(Command::GroupDeliver(m)) => show(&m, me, &sent_here),
-            Some(Command::GroupHeads { heads }) => {
-                for h in &heads {
-                    println!("{}", heads_line(h));
-                }
-            }
-            Some(Command::Kickout { message, .. }) => {
-                println!("! kicked out: {message}");
+        if let Some(e) = s.next_event(Duration::from_millis(100)) {
+            if t.on_event(&mut s, &mut org, e)? {
                 return Ok(());
             }
-            Some(Command::Error { code, message }) => {
-                println!("! server error {code:?}: {message}")
-            }
-            Some(Command::PresenceNotice { entries }) => {
-                for e in &entries {
-                    println!("{}", presence_line(e));
-                }
-            }
-            Some(Command::TypingNotice {
-                conv,
-                peer,
-                from,
-                state,
-                ..
-            }) => println!("{}", typing_line(conv, peer, from, state)),
-            Some(Command::OrgChanged { version }) => match org.catch_up(&mut c, version) {
-                Ok(true) => println!("(organisation tree updated to v{})", org.at),
-                Ok(false) => {}
-                Err(e) => println!("! organisation tree not synced: {e}"),
-            },
-            Some(_) | None => {}
-        }
-        if last_beat.elapsed() >= heartbeat {
-            c.send_cmd(&Command::Heartbeat)?;
-            last_beat = Instant::now();
         }
     }
 }

@@ -1,11 +1,24 @@
-//! Blocking Rust client SDK (std sockets): used by the terminal client and the integration tests.
+//! Blocking Rust client SDK (std sockets): used by the terminal client, the bindings
+//! (`im-client-ffi`) and the integration tests.
 //!
-//! [`Client`] speaks protocol v1 over one TCP connection. Server pushes that arrive while a call
+//! [`core::Core`] is the sans-io client core: every client rule (login, heartbeat, reconnect
+//! with the iplist's backoff, dedup by seq, gap → sync, resend with the same `client_msg_id`,
+//! delivery acks) with no I/O (docs/CLIENT.md). [`session::Session`] drives it over std sockets
+//! (TLS under the `tls` feature): the reconnecting session of `im-cli` and the bindings, with the
+//! request helpers of [`Requests`].
+//!
+//! [`Client`] speaks protocol v1 over one TCP connection, with no rules of its own (the
+//! integration tests drive the server with it, misbehaving on purpose where they need to). Server pushes that arrive while a call
 //! waits for its response are queued and returned by [`Client::recv`]. [`Timeline`] is the
 //! client-side half of the message model: it drops duplicates by seq and detects gaps through
 //! `prev_seq`, so a caller knows when to sync.
 
+pub mod core;
 pub mod files;
+pub mod requests;
+pub mod session;
+
+pub use requests::Requests;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -754,16 +767,8 @@ pub struct Timeline {
     pub messages: Vec<Message>,
 }
 
-/// What [`Timeline::offer`] did with a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Offer {
-    /// Appended: it follows the last held seq.
-    Accepted,
-    /// Already held (seq not above the last one): dropped.
-    Duplicate,
-    /// Its `prev_seq` is above the last held seq: messages are missing, sync first.
-    Gap,
-}
+/// What [`Timeline::offer`] did with a message (the rule of [`core::classify`]).
+pub use crate::core::Offer;
 
 impl Timeline {
     pub fn new(last_seq: Seq) -> Self {
@@ -774,15 +779,12 @@ impl Timeline {
     }
 
     pub fn offer(&mut self, m: &Message) -> Offer {
-        if m.seq <= self.last_seq {
-            Offer::Duplicate
-        } else if m.prev_seq > self.last_seq {
-            Offer::Gap
-        } else {
+        let o = core::classify(self.last_seq, m.seq, m.prev_seq);
+        if o == Offer::Accepted {
             self.last_seq = m.seq;
             self.messages.push(m.clone());
-            Offer::Accepted
         }
+        o
     }
 
     /// Places a message this device sent (it is in the sender's own timeline too): accepted when

@@ -50,6 +50,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use glommio::timer::sleep;
+use im_client::core::{classify, resend_due, Attempts, Offer};
 use im_shared::frame::encode_header;
 use im_shared::iplist::rendezvous_weight;
 use im_shared::proto::{GroupEventKind, Message, CONV_C2G, CONV_GROUP_EVENT};
@@ -59,8 +60,7 @@ use im_shared::{
 };
 
 use crate::msg::{
-    group_member, group_members, Backoff, Hist, Op, Plan, Report, Request, BODY_HEADER,
-    PROGRESS_EVERY,
+    group_member, group_members, Hist, Op, Plan, Report, Request, BODY_HEADER, PROGRESS_EVERY,
 };
 use crate::net::{errno_name, start_connect};
 
@@ -192,7 +192,7 @@ struct Conn {
     in_storm: Cell<bool>,
     reconnects: Cell<u32>,
     /// Failed attempts in a row (the backoff exponent); reset by a connection that stayed logged
-    /// in for [`Backoff::STABLE_MS`].
+    /// in for [`im_client::core::STABLE_MS`] (`im_client::core::Attempts`).
     attempt: Cell<u32>,
     /// Position in the user's gate order of the gate tried next (walks on after each failure).
     gate_pos: Cell<u32>,
@@ -525,17 +525,20 @@ impl Exec {
     /// Applies one timeline entry with the client rules of PROTOCOL.md section 10.
     fn offer(&self, c: &Conn, m: &Message, via_sync: bool) {
         c.seen_max.set(c.seen_max.get().max(m.seq.0));
-        if m.seq.0 <= c.last_seq.get() {
-            self.rep.borrow_mut().raw_dups += 1;
-            return;
-        }
-        if m.prev_seq.0 > c.last_seq.get() {
-            // Gap: the sync in progress, or a new one, picks it up.
-            if !c.syncing.get() {
-                self.rep.borrow_mut().gaps += 1;
-                self.start_sync(c);
+        match classify(Seq(c.last_seq.get()), m.seq, m.prev_seq) {
+            Offer::Duplicate => {
+                self.rep.borrow_mut().raw_dups += 1;
+                return;
             }
-            return;
+            Offer::Gap => {
+                // The sync in progress, or a new one, picks it up.
+                if !c.syncing.get() {
+                    self.rep.borrow_mut().gaps += 1;
+                    self.start_sync(c);
+                }
+                return;
+            }
+            Offer::Accepted => {}
         }
         c.last_seq.set(m.seq.0);
         self.mark_dirty(c);
@@ -1131,7 +1134,11 @@ impl Exec {
     fn resend_older(&self, c: &Conn, age: Duration) {
         let mut pend = c.pending.borrow_mut();
         let mut n = 0;
-        for p in pend.iter_mut().filter(|p| p.last_try.elapsed() >= age) {
+        let age = age.as_millis() as u64;
+        for p in pend
+            .iter_mut()
+            .filter(|p| age == 0 || resend_due(0, p.last_try.elapsed().as_millis() as u64, age))
+        {
             p.req = c.req();
             p.last_try = Instant::now();
             p.tries = p.tries.saturating_add(1);
@@ -1539,13 +1546,14 @@ fn end_conn(ex: &Rc<Exec>, c: &Conn, why: End) {
                 c.storm_t0.set(Some(Instant::now()));
             }
         }
-        // The connection that just ended stayed up long enough: start the backoff over.
-        if up_for >= Duration::from_millis(Backoff::STABLE_MS) {
-            c.attempt.set(0);
-        }
+        // The core's rule: a connection that stayed up long enough starts the backoff over.
+        let mut attempts = Attempts {
+            next: c.attempt.get(),
+        };
+        let attempt = attempts.on_end(up_for.as_millis() as u64);
+        c.attempt.set(attempts.next);
         let unit = (ex.rand() >> 11) as f64 / (1u64 << 53) as f64;
-        let wait = Duration::from_millis(p.backoff.wait_ms(c.attempt.get(), unit));
-        c.attempt.set(c.attempt.get().saturating_add(1));
+        let wait = Duration::from_millis(p.backoff.wait_ms(attempt, unit));
         c.gate_pos.set(c.gate_pos.get().wrapping_add(1));
         c.st.set(St::Idle);
         ex.rep.borrow_mut().retries += 1;
@@ -1607,7 +1615,7 @@ async fn ticker_1s(ex: Rc<Exec>) {
     let mut tick: u64 = 0;
     let hb = ex.plan.heartbeat_secs.max(1) as u64;
     let login_timeout = Duration::from_millis(ex.plan.login_timeout_ms);
-    let resend = Duration::from_millis(ex.plan.resend_ms);
+    let resend = ex.plan.resend_ms;
     loop {
         sleep(Duration::from_secs(1)).await;
         tick += 1;
@@ -1618,9 +1626,9 @@ async fn ticker_1s(ex: Rc<Exec>) {
                     .pending
                     .borrow()
                     .iter()
-                    .any(|p| p.last_try.elapsed() >= resend);
+                    .any(|p| resend_due(0, p.last_try.elapsed().as_millis() as u64, resend));
                 if due {
-                    ex.resend_older(c, resend);
+                    ex.resend_older(c, Duration::from_millis(resend));
                 }
             }
             match c.st.get() {
@@ -2660,7 +2668,7 @@ mod tests {
             group_size,
             gate_ids: Vec::new(),
             // Short waits: the tests reconnect within a few hundred ms.
-            backoff: Backoff {
+            backoff: crate::msg::Backoff {
                 initial_ms: 20,
                 max_ms: 200,
                 multiplier: 2.0,

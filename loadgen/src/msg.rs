@@ -73,7 +73,7 @@ fn default_login_retry_ms() -> u64 {
 }
 
 /// Reconnect backoff, as the iplist hands it out: the wait before attempt `n` (0-based, reset
-/// after a connection that stayed logged in for [`Backoff::STABLE_MS`]) is
+/// after a connection that stayed logged in for [`im_client::core::STABLE_MS`]) is
 /// `min(max_ms, initial_ms * multiplier^n)` times a random factor in `[1 - jitter, 1 + jitter]`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Backoff {
@@ -84,19 +84,19 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// A connection that stayed logged in this long resets the attempt count.
-    pub const STABLE_MS: u64 = 10_000;
-
     /// The wait before attempt `attempt`, with `unit` uniform in `[0, 1)`.
     pub fn wait_ms(&self, attempt: u32, unit: f64) -> u64 {
-        im_shared::iplist::reconnect_wait_ms(
-            self.initial_ms,
-            self.max_ms,
-            self.multiplier,
-            self.jitter,
-            attempt,
-            unit,
-        )
+        self.core().wait_ms(attempt, unit)
+    }
+
+    /// The client core's backoff (this one only adds serde for the plan).
+    pub fn core(&self) -> im_client::core::Backoff {
+        im_client::core::Backoff {
+            initial_ms: self.initial_ms,
+            max_ms: self.max_ms,
+            multiplier: self.multiplier,
+            jitter: self.jitter,
+        }
     }
 }
 
