@@ -49,6 +49,9 @@ storm_rate=${STORM_RATE:-5000}
 lg_nice=${LOADGEN_NICE:-10}
 sample_secs=${SAMPLE_SECS:-5}
 bin=${BIN_DIR:-$here/target/release}
+# Absolute: the process lookups below match the command lines the cluster was started with (a
+# relative BIN_DIR once made them find nothing, and the script stopped without a word).
+case $bin in /*) ;; *) bin=$PWD/$bin ;; esac
 out=${OUT:-/tmp/im-million-$(date +%Y%m%d-%H%M%S)}
 base=${BASE_PORT:-7000}
 
@@ -117,8 +120,9 @@ done
 grep -q "cluster ready" "$out/cluster.log" || die "the cluster was not ready after 120 s"
 
 servers=$(seq -s, "$base" $(( base + gates - 1 )) | sed 's/\([0-9][0-9]*\)/127.0.0.1:\1/g')
-gate_pids=$(pgrep -f -- "^$bin/im-server gate " | tr '\n' ' ')
-logic_pids=$(pgrep -f -- "im-server logic .*--data-dir $out/cluster/" | tr '\n' ' ')
+gate_pids=$(pgrep -f -- "^$bin/im-server gate " | tr '\n' ' ') || die "no gate process of $bin found"
+logic_pids=$(pgrep -f -- "im-server logic .*--data-dir $out/cluster/" | tr '\n' ' ') ||
+  die "no logic process with a data directory under $out/cluster found"
 redis_pids=$(pgrep -f -- "redis-server 127.0.0.1:$(( (base + 300) / 100 ))[0-9][0-9] " | tr '\n' ' ' || true)
 server_args=""
 for p in $gate_pids $logic_pids; do server_args+=" --server-pid $p"; done
