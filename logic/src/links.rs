@@ -252,13 +252,26 @@ fn serve_peer(
     logic: &LogicHandle,
 ) -> std::io::Result<()> {
     tracing::info!(peer, "peer link in");
+    let mut unknown = 0u64;
     loop {
         while let Some(m) = link::decode_msg(&mut buf).map_err(invalid)? {
             match m {
-                LinkMsg::Peer(p) => {
-                    let (w, msg) = crate::peer::decode(p).map_err(invalid)?;
-                    logic.deliver_peer(w, msg);
-                }
+                LinkMsg::Peer(p) => match crate::peer::decode(p) {
+                    Ok((w, msg)) => logic.deliver_peer(w, msg),
+                    // A newer node's message kind (rolling upgrade): skipped, the link stays
+                    // (ended, the same message would come again after the resync).
+                    Err(e) if e.is_unknown_kind() => {
+                        unknown += 1;
+                        if unknown.is_power_of_two() {
+                            tracing::warn!(
+                                peer,
+                                skipped = unknown,
+                                "peer message of a kind this build does not know: skipped"
+                            );
+                        }
+                    }
+                    Err(e) => return Err(invalid(e)),
+                },
                 LinkMsg::Ping | LinkMsg::Pong => {}
                 other => return Err(invalid(format!("unexpected on a peer link: {other:?}"))),
             }

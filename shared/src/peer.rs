@@ -138,6 +138,10 @@ pub enum GroupOp {
         uid: UserId,
         role: u8,
     },
+    /// An operation this build does not know (kind byte), sent by a newer node during a rolling
+    /// upgrade: answered `UnknownCommand` by the group's owner instead of ending the peer link
+    /// (the operation's own bytes are skipped). Never encoded by this build's own requests.
+    Unsupported(u8),
     /// [`GroupOp::Head`] for several large groups of one owner worker at once: one `GroupHeads`
     /// push lists them all (groups the actor is not a member of, or that are not large, are left
     /// out). Nothing on a refusal.
@@ -216,6 +220,17 @@ impl PeerMsg {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bad peer payload: {0}")]
 pub struct PeerError(&'static str);
+
+const UNKNOWN_KIND: &str = "unknown kind";
+
+impl PeerError {
+    /// A message of a kind this build does not know: a newer node's, during a rolling upgrade.
+    /// The payload is whole (the link's framing delimits it), so a receiver skips it and keeps
+    /// the link, rather than ending it and being sent the same message again after the resync.
+    pub fn is_unknown_kind(&self) -> bool {
+        self.0 == UNKNOWN_KIND
+    }
+}
 
 /// Encodes `msg` for worker `worker` of another node.
 pub fn encode(worker: u16, msg: PeerMsgRef<'_>) -> Bytes {
@@ -444,7 +459,7 @@ pub fn decode(mut b: Bytes) -> Result<(u16, PeerMsg), PeerError> {
             }
             PeerMsg::GroupLive(v)
         }
-        _ => return Err(PeerError("kind")),
+        _ => return Err(PeerError(UNKNOWN_KIND)),
     };
     Ok((worker, msg))
 }
@@ -540,6 +555,7 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u64(uid.0);
             b.put_u8(*role);
         }
+        GroupOp::Unsupported(k) => b.put_u8(*k),
         GroupOp::Heads { heads } => {
             b.put_u8(15);
             b.put_u32(heads.len() as u32);
@@ -658,7 +674,10 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
                     .collect(),
             }
         }
-        _ => return Err(PeerError("group request kind")),
+        k => {
+            b.advance(b.remaining());
+            GroupOp::Unsupported(k)
+        }
     };
     Ok(GroupCall {
         group,
@@ -799,7 +818,7 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_and_an_unknown_kind_are_refused() {
+    fn every_truncation_is_refused_and_unknown_kinds_are_told_apart() {
         for m in every_kind() {
             let enc = encode(0, m.as_ref());
             // A post is complete before its optional mentions (one stray byte reads as none).
@@ -814,13 +833,35 @@ mod tests {
                 if optional.is_some_and(|at| cut == at || cut == at + 1) {
                     continue;
                 }
-                assert!(decode(enc.slice(..cut)).is_err(), "{m:?} cut at {cut}");
+                let e = decode(enc.slice(..cut)).expect_err(&format!("{m:?} cut at {cut}"));
+                assert!(!e.is_unknown_kind(), "{m:?} cut at {cut}: {e}");
             }
         }
-        assert!(decode(Bytes::from_static(&[0, 0, 99, 0, 0, 0, 0])).is_err());
-        let mut bad_op = encode(0, every_kind()[8].as_ref()).to_vec();
-        *bad_op.last_mut().unwrap() = 99;
-        assert!(decode(Bytes::from(bad_op)).is_err());
+        let unknown = decode(Bytes::from_static(&[0, 0, 99, 0, 0, 0, 0])).unwrap_err();
+        assert!(unknown.is_unknown_kind());
+        // A newer node's group operation: decoded as such (with its own bytes skipped), so the
+        // group's owner can refuse it and the link stays.
+        let info = encode(0, every_kind()[8].as_ref()).to_vec();
+        let PeerMsg::Group(GroupCall {
+            op: GroupOp::Info, ..
+        }) = decode(Bytes::from(info.clone())).unwrap().1
+        else {
+            panic!("every_kind()[8] is no longer an Info");
+        };
+        let mut newer = info;
+        *newer.last_mut().unwrap() = 99;
+        newer.extend_from_slice(&[1, 2, 3]);
+        let (_, m) = decode(Bytes::from(newer)).unwrap();
+        assert!(
+            matches!(
+                m,
+                PeerMsg::Group(GroupCall {
+                    op: GroupOp::Unsupported(99),
+                    ..
+                })
+            ),
+            "{m:?}"
+        );
     }
 
     #[test]

@@ -329,6 +329,14 @@ impl<S: Store> Worker<S> {
         if let GroupOp::Heads { heads } = op {
             return self.large_heads(actor, heads, reply, round).await;
         }
+        if let GroupOp::Unsupported(kind) = op {
+            // A newer node's operation, in a rolling upgrade: its client gets a clear refusal.
+            let e = ApiError::new(
+                ErrorCode::UnknownCommand,
+                format!("group operation {kind} is not supported by the group's logic node yet"),
+            );
+            return self.refuse(reply, &op, e, round);
+        }
         if let GroupOp::Create { name, members } = op {
             // A retried create (same derived id) finds the group in memory or in the store.
             return match self.load_group(group).await {
@@ -518,7 +526,9 @@ impl<S: Store> Worker<S> {
             GroupOp::Members { after, limit } => {
                 self.members_page(group, after, limit, reply, round)
             }
-            GroupOp::Head { .. } | GroupOp::Heads { .. } => unreachable!("handled above"),
+            GroupOp::Head { .. } | GroupOp::Heads { .. } | GroupOp::Unsupported(_) => {
+                unreachable!("handled above")
+            }
             GroupOp::Role { uid, role } => self.set_role(group, actor, uid, role, reply, round),
             GroupOp::Posting { owner_only } => {
                 let g = self.groups.get_mut(&group).expect("loaded");

@@ -1903,6 +1903,32 @@ async fn a_publishers_failed_write_gets_every_route_at_the_next_timer() {
     assert!(!fx.workers[0].dir_heal.load(Ordering::Acquire));
 }
 
+/// A group operation of a newer build (a rolling upgrade: it came over a peer link as
+/// `GroupOp::Unsupported`) is refused `UnknownCommand` to its client, and the group is untouched.
+#[tokio::test]
+async fn a_newer_nodes_group_operation_is_refused_unknown_command() {
+    let mut fx = Fx::new(1).await;
+    let a = UserId(1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let _ = fx.out();
+    let req = GroupReq {
+        group: GroupId(77),
+        actor: a,
+        admin: false,
+        reply: Reply::Conn {
+            conn: conn(1),
+            req_id: 5,
+        },
+        op: GroupOp::Unsupported(99),
+    };
+    fx.step(0, vec![WorkerMsg::Group(req)]).await.unwrap();
+    let out = fx.out();
+    let got = op_results(&out, conn(1));
+    assert_eq!(got.len(), 1, "{out:?}");
+    assert_eq!(got[0].0, ErrorCode::UnknownCommand);
+    assert!(got[0].1.contains("group operation 99"), "{}", got[0].1);
+}
+
 /// Posts of large groups delivered live to `c` (`GroupDeliver`), in order.
 fn group_delivered_to(out: &[Out], c: ConnId) -> Vec<Message> {
     out.iter()
