@@ -95,7 +95,7 @@ pub(super) fn group_op(cmd: Command) -> Option<(GroupId, GroupOp)> {
 pub(super) struct GroupState {
     /// Second of the last use (LRU stamp for `trim_caches`).
     pub(super) touched: u32,
-    desc: GroupDesc,
+    pub(super) desc: GroupDesc,
     pub(super) members: BTreeMap<UserId, u8>,
     /// `Some` for a large group (read diffusion, `worker/large.rs`).
     pub(super) large: Option<super::large::Large>,
@@ -105,7 +105,7 @@ pub(super) struct GroupState {
     dedup_order: VecDeque<(UserId, u64)>,
 }
 
-fn unavailable(e: &StoreError) -> ApiError {
+pub(super) fn unavailable(e: &StoreError) -> ApiError {
     tracing::warn!("group store access: {e}");
     ApiError::new(ErrorCode::Unavailable, "store unavailable, retry")
 }
@@ -799,6 +799,12 @@ impl<S: Store> Worker<S> {
             }
         }
         let large = self.groups[&group].large.is_some();
+        if large && conv == im_shared::proto::CONV_RECALL {
+            // The recalling member's shard could not check: the post is in the group's timeline.
+            if let Err(e) = self.large_recall_check(group, actor, &body).await {
+                return self.refuse(reply, &POST, e, round);
+            }
+        }
         if large && mentions.contains(&UserId(0)) {
             let e = ApiError::new(
                 ErrorCode::InvalidArgument,

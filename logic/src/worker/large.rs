@@ -29,7 +29,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use im_shared::proto::{GroupEvent, GroupEventKind, GroupHead, CONV_MENTION, ROLE_MEMBER};
+use im_shared::proto::{
+    GroupEvent, GroupEventKind, GroupHead, MarkerBody, CONV_C2G, CONV_MENTION, ROLE_ADMIN,
+    ROLE_MEMBER,
+};
 use im_shared::shard::vshard_of;
 use im_store::MemberRecord;
 
@@ -41,6 +44,15 @@ pub const MEMBERS_PAGE: usize = 1000;
 
 /// How often a member gets the heads of the large groups it muted that moved (one push for all).
 pub const MUTED_HEADS_EVERY_MS: u64 = 1_000;
+
+/// Posts read per step of a recall's walk back through a large group's timeline.
+const RECALL_PAGE: usize = 256;
+/// Steps of that walk at most (65 536 posts: the default rate limit, 100 posts a second, over the
+/// default recall window of 120 s is 12 000).
+const RECALL_PAGES: usize = 256;
+/// How much older than the recalled post a page may be before the walk gives up (ids of a later
+/// owner's clock may be slightly behind an earlier owner's).
+const RECALL_SKEW_MS: u64 = 10_000;
 
 /// This worker's online users in large groups, both ways.
 #[derive(Default)]
@@ -434,6 +446,72 @@ impl<S: Store> Worker<S> {
         };
         self.metrics.accepted(CONV_MENTION);
         self.fan_out(vshard_of(UserId(group.0)), &m, to, round);
+    }
+
+    /// Owner side: whether `actor` may recall, in large group `group`, the post that the recall
+    /// marker `body` names. The post must be one of the group's timeline (a post made before the
+    /// group became large is in the members' own timelines: `NotFound`), a post (not an event or
+    /// a marker), within the recall window, and `actor`'s own, or `actor` the group's owner or an
+    /// admin (moderation of a channel). The timeline is walked back from its head a page at a
+    /// time: ids grow with seq, so the walk ends at the first page that is older than the post
+    /// by more than [`RECALL_SKEW_MS`], and after [`RECALL_PAGES`] pages in any case (the posting
+    /// rate limit times the recall window is far below that at the defaults).
+    pub(super) async fn large_recall_check(
+        &self,
+        group: GroupId,
+        actor: UserId,
+        body: &Bytes,
+    ) -> Result<(), ApiError> {
+        let Ok(marker) = MarkerBody::decode(body.clone()) else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "bad recall marker",
+            ));
+        };
+        let target = marker.msg_id;
+        let window = self.cfg.recall_window_secs * 1000;
+        if self.now.saturating_sub(target.timestamp_ms()) > window {
+            return Err(ApiError::new(
+                ErrorCode::RecallRefused,
+                "recall window has passed",
+            ));
+        }
+        let g = &self.groups[&group];
+        let head = g.large.map_or(0, |l| l.head);
+        let moderator = actor == g.desc.owner || g.members.get(&actor) == Some(&ROLE_ADMIN);
+        let mut end = head;
+        for _ in 0..RECALL_PAGES {
+            if end == 0 {
+                break;
+            }
+            let from = end.saturating_sub(RECALL_PAGE as u64);
+            let page = self
+                .store
+                .group_timeline(group, Seq(from), RECALL_PAGE)
+                .await
+                .map_err(|e| super::groups::unavailable(&e))?;
+            if let Some(m) = page.iter().find(|m| m.msg_id == target) {
+                if m.conv != CONV_C2G {
+                    return Err(ApiError::new(
+                        ErrorCode::RecallRefused,
+                        "only a post can be recalled",
+                    ));
+                }
+                if m.from != actor && !moderator {
+                    return Err(ApiError::new(
+                        ErrorCode::RecallRefused,
+                        "not your message in this conversation",
+                    ));
+                }
+                return Ok(());
+            }
+            let newest = page.iter().map(|m| m.server_time_ms).max().unwrap_or(0);
+            if newest.saturating_add(RECALL_SKEW_MS) < target.timestamp_ms() {
+                break;
+            }
+            end = from;
+        }
+        Err(ApiError::new(ErrorCode::NotFound, "no such message"))
     }
 
     /// Owner side: whether large group `group` takes one more post now.

@@ -36,6 +36,17 @@ impl<S: Store> Worker<S> {
         if self.now.saturating_sub(msg_id.timestamp_ms()) > window {
             return refuse(round, ErrorCode::RecallRefused, "recall window has passed");
         }
+        if conv == CONV_C2G && self.large.groups_of(uid).contains(&GroupId(peer)) {
+            // A large group's post is in the group's timeline, not the sender's: its owner
+            // checks it (`large_recall_check`), and the marker is one post of that timeline.
+            let op = GroupOp::Post {
+                client_msg_id,
+                conv: CONV_RECALL,
+                body: MarkerBody { conv, msg_id }.to_bytes(),
+                mentions: Vec::new(),
+            };
+            return self.forward_group(uid, GroupId(peer), op, Reply::Conn { conn, req_id }, round);
+        }
         // The message must be in the sender's own timeline, sent by them, in this conversation.
         let found = async {
             let Some(seq) = self.store.seq_of(uid, msg_id).await? else {

@@ -2589,6 +2589,120 @@ async fn a_muted_large_group_sends_one_coalesced_heads_push_instead_of_every_pos
     assert!(heads_to(&out).is_empty());
 }
 
+/// Recall in a large group: the post is in the group's timeline, so its owner checks it. The
+/// poster (and the owner or an admin, moderating) recall it with one marker post in the group's
+/// timeline, live to the online members; another member, a group event, an unknown id and a post
+/// past the window are refused.
+#[tokio::test]
+async fn a_large_groups_post_is_recalled_through_its_owner() {
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = UserId(b.0 + 100);
+    let d = fx.user_on(1, b.0 + 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.login(conn(4), d, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    let add = Command::GroupAdd {
+        group,
+        members: vec![d],
+    };
+    fx.client(conn(1), a, vec![(2, add)]).await;
+    fx.pump().await;
+    fx.out();
+    fx.client(conn(2), b, vec![(3, post(1, group, "b's"))])
+        .await;
+    fx.client(conn(4), d, vec![(4, post(2, group, "d's"))])
+        .await;
+    fx.pump().await;
+    let posted = acks(&fx.out());
+    let (b_post, d_post) = (posted[0].1, posted[1].1);
+    let recall = |cid: u64, msg_id: MsgId| Command::Recall {
+        client_msg_id: cid,
+        conv: CONV_C2G,
+        peer: group.0,
+        msg_id,
+    };
+    let refusals = |out: &[Out], c: ConnId| -> Vec<(u32, ErrorCode)> {
+        out.iter()
+            .filter(|o| o.conn == c)
+            .filter_map(|o| match &o.cmd {
+                Command::Error { code, .. } => Some((o.req_id, *code)),
+                _ => None,
+            })
+            .collect()
+    };
+    // d may not recall b's post; b recalls it.
+    fx.client(conn(4), d, vec![(5, recall(10, b_post))]).await;
+    fx.client(conn(2), b, vec![(6, recall(11, b_post))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(refusals(&out, conn(4)), vec![(5, ErrorCode::RecallRefused)]);
+    assert_eq!(acks(&out).len(), 1, "{out:?}");
+    for c in [conn(1), conn(2), conn(4)] {
+        let live = group_delivered_to(&out, c);
+        assert_eq!(live.len(), 1, "{c:?}");
+        assert_eq!(live[0].conv, im_shared::proto::CONV_RECALL);
+        assert_eq!(
+            im_shared::proto::MarkerBody::decode(live[0].body.clone())
+                .unwrap()
+                .msg_id,
+            b_post
+        );
+    }
+    // The owner moderates: it recalls d's post. A group event, an unknown id: refused.
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    let became_large = gt[0].msg_id;
+    let unknown = MsgId(d_post.0 + 1000);
+    fx.client(
+        conn(1),
+        a,
+        vec![
+            (7, recall(12, d_post)),
+            (8, recall(13, became_large)),
+            (9, recall(14, unknown)),
+        ],
+    )
+    .await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(acks(&out).len(), 1, "{out:?}");
+    assert_eq!(
+        refusals(&out, conn(1)),
+        vec![(8, ErrorCode::RecallRefused), (9, ErrorCode::NotFound)]
+    );
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    let markers: Vec<(UserId, MsgId)> = gt
+        .iter()
+        .filter(|m| m.conv == im_shared::proto::CONV_RECALL)
+        .map(|m| {
+            (
+                m.from,
+                im_shared::proto::MarkerBody::decode(m.body.clone())
+                    .unwrap()
+                    .msg_id,
+            )
+        })
+        .collect();
+    assert_eq!(markers, vec![(b, b_post), (a, d_post)]);
+    // Past the recall window: refused, nothing written.
+    fx.client(conn(2), b, vec![(10, post(3, group, "late"))])
+        .await;
+    fx.pump().await;
+    let late = acks(&fx.out())[0].1;
+    fx.now += 121_000;
+    fx.client(conn(2), b, vec![(11, recall(15, late))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(
+        refusals(&out, conn(2)),
+        vec![(11, ErrorCode::RecallRefused)]
+    );
+    let after = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    assert_eq!(after.len(), gt.len() + 1, "only the late post was added");
+}
+
 #[tokio::test]
 async fn a_mention_in_a_large_group_reaches_the_mentioned_members_own_timelines_only() {
     let mut fx = large_fx().await;
