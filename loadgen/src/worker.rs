@@ -29,6 +29,33 @@ enum In {
 /// so the worker reports it as fatal instead.
 const STALLED: Duration = Duration::from_secs(60);
 
+/// An executor silent this long is nudged: its thread gets a `SIGUSR1` (whose handler does
+/// nothing), which ends its `io_uring_enter` with `EINTR`, so glommio looks at its timers again
+/// even if the wakeup it slept for was lost. Once a second while the silence lasts; a nudge is
+/// harmless to an executor that was only slow. The run still stops at [`STALLED`] if the
+/// executor never resumes.
+const NUDGE_AFTER: Duration = Duration::from_secs(3);
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Installs the no-op `SIGUSR1` handler of the nudges, without `SA_RESTART` (the interrupted
+/// `io_uring_enter` must return).
+fn install_nudge_handler() {
+    // SAFETY: a zeroed sigaction with a handler that does nothing (async-signal-safe).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+}
+
+/// Sends the nudge to thread `tid` of this process.
+fn nudge(tid: i32) -> bool {
+    // SAFETY: tgkill to a thread of this process with a signal whose handler is installed.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) == 0 }
+}
+
 fn emit(ev: &Event) {
     let mut out = std::io::stdout().lock();
     // The coordinator reads line by line; a broken pipe means it is gone, so exit quietly.
@@ -88,7 +115,10 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut senders = Vec::new();
     let mut handles = Vec::new();
-    for i in 0..cores {
+    install_nudge_handler();
+    // Each executor's thread id, for the nudges (0 until its thread runs).
+    let tids: Vec<Arc<std::sync::atomic::AtomicI32>> = (0..cores).map(|_| Arc::default()).collect();
+    for (i, tid) in tids.iter().enumerate() {
         let lo = plan.first + (plan.count as u64 * i as u64 / cores as u64) as u32;
         let hi = plan.first + (plan.count as u64 * (i as u64 + 1) / cores as u64) as u32;
         let share = if plan.total == 0 {
@@ -109,7 +139,14 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
             // Only sockets here: glommio's registered buffer is for file I/O, keep it small so
             // it fits the memlock limit (8 MiB here) even with several executors.
             .io_memory(plan.io_memory_kib * 1024)
-            .spawn(move || exec::run(p, i, lo..hi, share, l, rrx, e))
+            .spawn({
+                let tid = tid.clone();
+                move || {
+                    // SAFETY: gettid has no preconditions.
+                    tid.store(unsafe { libc::gettid() }, Relaxed);
+                    exec::run(p, i, lo..hi, share, l, rrx, e)
+                }
+            })
             .map_err(|e| anyhow::anyhow!("glommio executor {i}: {e}"))?;
         handles.push(h);
     }
@@ -155,6 +192,8 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
     let mut next_progress = Instant::now() + PROGRESS_EVERY;
     let mut quitting: Option<u64> = None;
     let mut last_tick = vec![Instant::now(); cores];
+    // Nudges sent to each executor during its current silence.
+    let mut nudged = vec![0u32; cores];
     loop {
         let wait = next_progress.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
@@ -180,6 +219,16 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
             }
             Ok(In::Exec(i, ExecMsg::Interval { ack, deliver })) => {
                 if let Some(t) = last_tick.get_mut(i) {
+                    if nudged[i] > 0 {
+                        eprintln!(
+                            "im-loadgen: worker {} executor {i} resumed after {:.1} s of silence \
+                             and {} nudge(s)",
+                            plan.worker,
+                            t.elapsed().as_secs_f64(),
+                            nudged[i]
+                        );
+                        nudged[i] = 0;
+                    }
                     *t = Instant::now();
                 }
                 iv_ack.merge(&ack);
@@ -211,14 +260,30 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 next_progress += PROGRESS_EVERY;
+                for i in 0..cores {
+                    let silent = last_tick[i].elapsed();
+                    let tid = tids[i].load(Relaxed);
+                    // A nudge per progress interval (250 ms) of silence past NUDGE_AFTER.
+                    if silent >= NUDGE_AFTER && tid != 0 && nudge(tid) {
+                        if nudged[i] == 0 {
+                            eprintln!(
+                                "im-loadgen: worker {} executor {i} silent for {:.1} s: nudging it",
+                                plan.worker,
+                                silent.as_secs_f64()
+                            );
+                        }
+                        nudged[i] += 1;
+                    }
+                }
                 if let Some(i) = (0..cores).find(|&i| last_tick[i].elapsed() >= STALLED) {
                     emit(&Event::Fatal {
                         message: format!(
                             "executor {i} of worker {} ran no timer for {} s (stuck in \
-                             io_uring_enter: a lost wakeup in glommio); its users cannot be \
-                             accounted, the run stops",
+                             io_uring_enter: a lost wakeup in glommio; {} nudges did not wake \
+                             it); its users cannot be accounted, the run stops",
                             plan.worker,
-                            STALLED.as_secs()
+                            STALLED.as_secs(),
+                            nudged[i]
                         ),
                     });
                     std::process::exit(3);
@@ -250,6 +315,41 @@ pub fn main(plan_json: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// A nudge ends a thread's blocking system call with `EINTR` (the handler is installed
+    /// without `SA_RESTART`), which is what brings a glommio executor asleep in `io_uring_enter`
+    /// back to its loop.
+    #[test]
+    fn a_nudge_interrupts_a_blocked_system_call() {
+        install_nudge_handler();
+        let mut fds = [0i32; 2];
+        // SAFETY: a pipe into a stack array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let reader = fds[0];
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let mut b = [0u8; 1];
+            // SAFETY: a read into a stack buffer; nothing is ever written to the pipe.
+            let r = unsafe { libc::read(reader, b.as_mut_ptr().cast(), 1) };
+            (r, std::io::Error::last_os_error().raw_os_error())
+        });
+        let tid = tid_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Nudge until the read returns (the first signal may come before the read blocks).
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "the read was never interrupted");
+            assert!(nudge(tid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(t.join().unwrap(), (-1, Some(libc::EINTR)));
+        // SAFETY: closing the two ends made above.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+    }
 
     #[test]
     fn cpu_ticks_reads_this_process_and_grows_with_work() {
