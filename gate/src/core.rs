@@ -2,6 +2,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+
+use im_shared::fast::FastMap;
 use std::net::TcpListener as StdListener;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -71,14 +73,14 @@ pub struct CoreCtx {
 pub struct Core {
     pub ctx: CoreCtx,
     pub codec: FrameCodec,
-    pub conns: RefCell<HashMap<u32, Rc<Conn>>>,
+    pub conns: RefCell<FastMap<u32, Rc<Conn>>>,
     next_serial: Cell<u32>,
     started: Instant,
     /// Seconds since the core started, advanced by the ticker.
     pub now: Cell<u32>,
     wheel: RefCell<Wheel>,
     /// Upstream messages waiting for the flusher, per lane.
-    pending: RefCell<HashMap<usize, Vec<Up>>>,
+    pending: RefCell<FastMap<usize, Vec<Up>>>,
     flush_waker: RefCell<Option<Waker>>,
     flush_scheduled: Cell<bool>,
     pub(crate) stopping: Cell<bool>,
@@ -99,7 +101,7 @@ pub struct Core {
     pub sender_waker: RefCell<Option<Waker>>,
     /// Requests being timed for the latency histograms: `(conn serial, req_id)` → when the gate
     /// read them and whether it is a login (bounded by [`MAX_TIMED`]).
-    timed: RefCell<HashMap<(u32, u32), (Instant, bool)>>,
+    timed: RefCell<FastMap<(u32, u32), (Instant, bool)>>,
     /// Sends seen, to time one in [`SEND_SAMPLE`].
     sends: Cell<u32>,
 }
@@ -536,12 +538,12 @@ impl Core {
         Rc::new(Core {
             codec: FrameCodec::new(ctx.cfg.max_body),
             ctx,
-            conns: RefCell::new(HashMap::new()),
+            conns: RefCell::new(FastMap::default()),
             next_serial: Cell::new(1),
             started: Instant::now(),
             now: Cell::new(0),
             wheel: RefCell::new(Wheel::new(0)),
-            pending: RefCell::new(HashMap::new()),
+            pending: RefCell::new(FastMap::default()),
             flush_waker: RefCell::new(None),
             flush_scheduled: Cell::new(false),
             stopping: Cell::new(false),

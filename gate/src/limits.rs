@@ -406,12 +406,12 @@ impl Admission {
 pub struct CoreLimits {
     /// Message-rate buckets of users with a logged-in connection here (or that left with a
     /// bucket that was not full yet: see `lingering`).
-    users: HashMap<UserId, UserRate>,
+    users: im_shared::fast::FastMap<UserId, UserRate>,
     /// Users whose last connection closed while their bucket was not full: their entry stays
     /// until it is, so that reconnecting does not refill it. Checked every second.
     lingering: Vec<UserId>,
     /// Failed logins per user id.
-    uid_fails: HashMap<UserId, Fails>,
+    uid_fails: im_shared::fast::FastMap<UserId, Fails>,
 }
 
 struct UserRate {

@@ -9,6 +9,7 @@
 pub mod b64;
 pub mod codes;
 pub mod errors;
+pub mod fast;
 pub mod files;
 pub mod frame;
 pub mod ids;

@@ -592,7 +592,7 @@ impl FjallStore {
 }
 
 /// Value of one key after a batch: `Some` = insert, `None` = remove.
-type Writes = HashMap<(Kind, Vec<u8>), Option<Vec<u8>>>;
+type Writes = im_shared::fast::FastMap<(Kind, Vec<u8>), Option<Vec<u8>>>;
 
 /// One write of a batch: keyspace, key, value (`None` = remove).
 type Write = (Kind, Vec<u8>, Option<Vec<u8>>);
@@ -677,7 +677,7 @@ fn apply(
 }
 
 fn collect(batch: WriteBatch) -> Writes {
-    let mut w: Writes = HashMap::with_capacity(batch.ops.len() * 2);
+    let mut w: Writes = Writes::with_capacity_and_hasher(batch.ops.len() * 2, Default::default());
     for op in batch.ops {
         match op {
             Op::IdFloor { generator, ms } => {
@@ -1721,7 +1721,7 @@ mod tests {
 
     #[test]
     fn a_log_record_decodes_to_the_writes_it_was_made_of_and_garbage_does_not() {
-        let mut w: Writes = HashMap::new();
+        let mut w: Writes = Writes::default();
         w.insert((Kind::Timeline, vec![1, 2]), Some(b"v".to_vec()));
         w.insert((Kind::Outbox, vec![3]), None);
         w.insert((Kind::IdFloor, vec![]), Some(Vec::new()));

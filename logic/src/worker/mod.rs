@@ -23,6 +23,8 @@
 //! | `presence.rs` | presence subscriptions and changes, typing indicators (ephemeral, never stored) |
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use im_shared::fast::{FastMap, FastSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -313,7 +315,7 @@ struct UserState {
 
 #[derive(Default)]
 struct Active {
-    dedup: HashMap<u64, DedupEntry>,
+    dedup: FastMap<u64, DedupEntry>,
     dedup_order: VecDeque<u64>,
     /// Messages from others not yet acknowledged by any device, by seq.
     pending: PendingList,
@@ -423,7 +425,7 @@ struct Round {
     batch: WriteBatch,
     /// Downstream messages per gate core, in order.
     /// Keyed by gate and core (`ConnId` bits 32..64).
-    downs: HashMap<u64, Vec<Down>>,
+    downs: FastMap<u64, Vec<Down>>,
     appends_out: Vec<Vec<AppendReq>>,
     done_out: Vec<Vec<(ShardId, MsgId, UserId)>>,
     delivered_out: Vec<Vec<DeliveredNote>>,
@@ -433,7 +435,7 @@ struct Round {
     heads_out: Vec<GroupReq>,
     /// Posts of large groups this worker owns, for every worker's online members.
     live: Vec<(GroupId, Message)>,
-    appended: HashSet<(UserId, MsgId)>,
+    appended: FastSet<(UserId, MsgId)>,
     /// API answers, released after the commit.
     api: Vec<(ApiReplyTx, Result<ApiOk, ApiError>)>,
     /// c2s records of this round with the acks that wait for their enqueue.
@@ -444,14 +446,14 @@ impl Round {
     fn new(workers: usize) -> Round {
         Round {
             batch: WriteBatch::default(),
-            downs: HashMap::new(),
+            downs: FastMap::default(),
             appends_out: (0..workers).map(|_| Vec::new()).collect(),
             done_out: (0..workers).map(|_| Vec::new()).collect(),
             delivered_out: (0..workers).map(|_| Vec::new()).collect(),
             typing_out: (0..workers).map(|_| Vec::new()).collect(),
             heads_out: Vec::new(),
             live: Vec::new(),
-            appended: HashSet::new(),
+            appended: FastSet::default(),
             api: Vec::new(),
             c2s: Vec::new(),
         }
@@ -508,7 +510,7 @@ pub struct Worker<S> {
     gate: Arc<dyn DownstreamSink>,
     router: Arc<Router>,
     depth: Arc<AtomicUsize>,
-    users: HashMap<UserId, UserState>,
+    users: FastMap<UserId, UserState>,
     /// This worker's share of the `im_users_cached` / `im_groups_cached` gauges, as last added.
     cached_users: u64,
     cached_groups: u64,
@@ -523,7 +525,7 @@ pub struct Worker<S> {
     /// The logged-in connections of this worker's users, by user: a connection is logged in
     /// here exactly while it has a [`Device`] in its user's list (the gate's frames carry the
     /// user id, so no map by connection is needed).
-    routes: HashMap<UserId, Vec<Device>>,
+    routes: FastMap<UserId, Vec<Device>>,
     ids: MsgIdGen,
     /// This worker's msg-id generator number (global worker index).
     gen_id: u16,
@@ -541,7 +543,7 @@ pub struct Worker<S> {
     /// whole, as after dropped changes ([`crate::publish::run`]).
     dir_heal: Arc<std::sync::atomic::AtomicBool>,
     /// Groups this worker owns (loaded on first use).
-    groups: HashMap<GroupId, groups::GroupState>,
+    groups: FastMap<GroupId, groups::GroupState>,
     services: Services,
     metrics: Arc<Metrics>,
     c2s: Option<Box<dyn C2sQueue>>,
@@ -578,7 +580,7 @@ pub struct Worker<S> {
 #[derive(Default)]
 struct Lazy {
     /// Newest cursor per (user, device id).
-    cursors: HashMap<(UserId, String), Seq>,
+    cursors: FastMap<(UserId, String), Seq>,
     outbox_deletes: Vec<(ShardId, MsgId)>,
     /// Push watches whose push was decided.
     unwatch: Vec<(ShardId, UserId, Seq)>,
@@ -709,19 +711,19 @@ impl<S: Store> Worker<S> {
             gate,
             router,
             depth,
-            users: HashMap::new(),
+            users: FastMap::default(),
             cached_users: 0,
             cached_groups: 0,
             dedup_entries: 0,
             pending_entries: 0,
             active_users: 0,
             cached_bytes: 0,
-            routes: HashMap::new(),
+            routes: FastMap::default(),
             dir: None,
             dir_lost: false,
             dir_resyncing: Arc::default(),
             dir_heal: Arc::default(),
-            groups: HashMap::new(),
+            groups: FastMap::default(),
             services,
             metrics,
             c2s: None,

@@ -17,7 +17,7 @@
 //!   Appends to this node's own workers travel in-process and are never lost, so they are not
 //!   retried.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use im_shared::proto::Message;
@@ -93,7 +93,7 @@ pub(super) type Resend = Vec<(ShardId, Message, Vec<UserId>)>;
 /// The unconfirmed fan-outs of one worker, by outbox key.
 #[derive(Default)]
 pub(super) struct Outbox {
-    pending: HashMap<(ShardId, MsgId), Fanout>,
+    pending: im_shared::fast::FastMap<(ShardId, MsgId), Fanout>,
 }
 
 impl Outbox {
