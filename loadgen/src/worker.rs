@@ -31,10 +31,11 @@ const STALLED: Duration = Duration::from_secs(60);
 
 /// An executor silent this long is nudged: its thread gets a `SIGUSR1` (whose handler does
 /// nothing), which ends its `io_uring_enter` with `EINTR`, so glommio looks at its timers again
-/// even if the wakeup it slept for was lost. Once a second while the silence lasts; a nudge is
-/// harmless to an executor that was only slow. The run still stops at [`STALLED`] if the
-/// executor never resumes.
-const NUDGE_AFTER: Duration = Duration::from_secs(3);
+/// even if the wakeup it slept for was lost. Four times a second while the silence lasts; a nudge
+/// is harmless to an executor that was only slow (starved executors at a million connections on 2
+/// CPUs were silent for 3-4 s now and then: hence 10 s). The run still stops at [`STALLED`] if
+/// the executor never resumes.
+const NUDGE_AFTER: Duration = Duration::from_secs(10);
 
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
