@@ -8,8 +8,8 @@
 # Starts deploy/local-cluster.sh with 1 logic node (one worker), GATES gates (18 000 users each at
 # most) and a Redis Cluster of 3 + 3 on BASE_PORT 9000, logs USERS in with `im-loadgen idle` at
 # RATE (6000) logins/s while BUSY busy loops (0) compete for the CPUs, and prints the logic node's
-# VmRSS before the logins, after them and 15 s later, with its cache and queue gauges. Stops the
-# cluster on exit.
+# VmRSS before the logins, after them and every 5 s for SETTLE_SECS (15) after them, with its
+# cache and queue gauges. Stops the cluster on exit.
 set -euo pipefail
 bin=${1:?usage: logic-mem.sh BIN_DIR [users]}
 users=${2:-18000}
@@ -43,8 +43,12 @@ timeout 300 "$bin/im-loadgen" idle -n "$users" --hold-secs 5 --rate "${RATE:-600
 for p in "${busy[@]}"; do kill "$p" 2>/dev/null || true; done
 busy=()
 r1=$(rss)
-sleep 15
-r2=$(rss)
-echo "logic RSS ${r0} KiB -> ${r1} KiB: $(( (r1 - r0) * 1024 / users )) B per user; 15 s later ${r2} KiB"
+settle=${SETTLE_SECS:-15}
+for t in $(seq 5 5 "$settle"); do
+  sleep 5
+  r2=$(rss)
+  echo "  ${t} s after the logins: ${r2} KiB, $(( (r2 - r0) * 1024 / users )) B per user"
+done
+echo "logic RSS ${r0} KiB -> ${r1} KiB: $(( (r1 - r0) * 1024 / users )) B per user; ${settle} s later ${r2} KiB: $(( (r2 - r0) * 1024 / users )) B per user"
 grep VmHWM "/proc/$lpid/status"
 curl -s 127.0.0.1:10080/metrics | grep -E '^im_(users_cached|logic_queued|logic_gate_queue_bytes|directory_)' || true

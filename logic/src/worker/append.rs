@@ -93,8 +93,8 @@ impl<S: Store> Worker<S> {
         }
         let seq = msg.seq;
         let deliver = Command::Deliver(msg).to_bytes(0);
-        if let Some(devs) = self.routes.get_mut(&r) {
-            for d in devs {
+        {
+            for d in devices_of_mut(&mut self.users, r) {
                 d.sent = d.sent.max(seq);
                 round.send(d.conn, deliver.clone());
             }

@@ -162,8 +162,8 @@ impl<S: Store> Worker<S> {
         round.send(conn, ack(entry));
         // Roaming: the sender's other devices see their own message.
         let deliver = Command::Deliver(msg).to_bytes(0);
-        if let Some(devs) = self.routes.get_mut(&uid) {
-            for d in devs.iter_mut() {
+        {
+            for d in devices_of_mut(&mut self.users, uid) {
                 // The sending device got its own message's place in the ack.
                 d.sent = d.sent.max(seq);
                 if d.conn != conn {

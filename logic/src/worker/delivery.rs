@@ -20,11 +20,7 @@ impl<S: Store> Worker<S> {
             return;
         };
         let seq = Seq(seq.0.min(u.last_seq));
-        let Some(dev) = self
-            .routes
-            .get_mut(&uid)
-            .and_then(|ds| ds.iter_mut().find(|d| d.conn == conn))
-        else {
+        let Some(dev) = u.devices.iter_mut().find(|d| d.conn == conn) else {
             return;
         };
         // Only what this connection was given (or declared at login) can be acknowledged.
@@ -33,7 +29,8 @@ impl<S: Store> Worker<S> {
             return;
         }
         dev.cursor = seq;
-        self.lazy.cursor(uid, dev.device_id.clone(), seq, self.now);
+        self.lazy
+            .cursor(uid, dev.device_id.to_string(), seq, self.now);
         let Some(a) = u.active.as_mut() else {
             return;
         };
@@ -65,9 +62,10 @@ impl<S: Store> Worker<S> {
 
     pub(super) fn on_delivered(&mut self, notes: Vec<DeliveredNote>, round: &mut Round) {
         for n in notes {
-            let Some(devs) = self.routes.get(&n.sender) else {
+            let devs = devices_of(&self.users, n.sender);
+            if devs.is_empty() {
                 continue;
-            };
+            }
             let f = Command::Delivered {
                 msg_id: n.msg_id,
                 recipient: n.recipient,

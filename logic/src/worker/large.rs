@@ -289,7 +289,7 @@ impl<S: Store> Worker<S> {
             _ => return,
         };
         round.batch.push(Op::LargeMember { group, uid: r, on });
-        if !self.routes.contains_key(&r) {
+        if !self.online(r) {
             return;
         }
         if on {
@@ -542,14 +542,7 @@ impl<S: Store> Worker<S> {
                     *head = (*head).max(seq);
                     continue;
                 }
-                conns.extend(
-                    self.routes
-                        .get(u)
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[])
-                        .iter()
-                        .map(|d| d.conn),
-                );
+                conns.extend(devices_of(&self.users, *u).iter().map(|d| d.conn));
             }
             self.metrics
                 .large_delivered
@@ -578,7 +571,7 @@ impl<S: Store> Worker<S> {
             }
             heads.sort_unstable_by_key(|h| h.group);
             let frame = Command::GroupHeads { heads }.to_bytes(0);
-            for d in self.routes.get(&uid).map(Vec::as_slice).unwrap_or(&[]) {
+            for d in devices_of(&self.users, uid) {
                 round.send(d.conn, frame.clone());
             }
         }

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use im_shared::fast::{FastMap, FastSet};
+use im_shared::fast::{FastIndexMap, FastMap, FastSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,12 +100,12 @@ fn notifies(conv: u8) -> bool {
 /// Most undelivered-notice entries kept per user.
 const MAX_PENDING_NOTICES: usize = 10_000;
 
-/// Estimated bytes of one cached user state (its map slot and [`UserState`]), of the [`Active`]
+/// Estimated bytes of one cached user state (its dense entry and index slot), of the [`Active`]
 /// part of a user that sends or has pending notices (the box and the first allocations of its
 /// map and queues), of one remembered `client_msg_id` (map slot, order entry) and of one pending
 /// notice (entry and preview copy): what [`Worker::trim_caches`] counts against
 /// `max_cache_bytes`. Pinned against the types' sizes by `cache_byte_estimates_cover_the_types`.
-const USER_BYTES: usize = 72;
+const USER_BYTES: usize = 96;
 const ACTIVE_BYTES: usize = 256;
 const DEDUP_BYTES: usize = 64;
 const PENDING_BYTES: usize = 160;
@@ -288,7 +288,8 @@ pub enum ApiReq {
 struct Device {
     conn: ConnId,
     device_type: DeviceType,
-    device_id: String,
+    /// 1..=[`MAX_DEVICE_ID_LEN`] bytes; a `Box<str>`, not a `String`: 8 bytes less per device.
+    device_id: Box<str>,
     cursor: Seq,
     /// Highest seq this connection was given (`Deliver`, `SyncPage`) or declared at login
     /// (`last_seq`): a `DeliverAck` cannot move the cursor past it.
@@ -297,8 +298,73 @@ struct Device {
     typing_tat: u64,
 }
 
-/// Live state of one user, reloadable from the store at any time. Kept small (48 bytes) for
-/// users who only sit online; the parts that only active users need live in [`Active`].
+/// The devices a user has logged in on this worker (usually one, none when offline): a boxed
+/// slice, 16 bytes and no allocation when empty, reallocated at a login or a close (rare next
+/// to messages). A connection is logged in here exactly while it has a [`Device`] in its
+/// user's list (the gate's frames carry the user id, so no map by connection is needed).
+#[derive(Default)]
+struct Devices(Box<[Device]>);
+
+impl std::ops::Deref for Devices {
+    type Target = [Device];
+    fn deref(&self) -> &[Device] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Devices {
+    fn deref_mut(&mut self) -> &mut [Device] {
+        &mut self.0
+    }
+}
+
+impl Devices {
+    fn push(&mut self, d: Device) {
+        let mut v = Vec::with_capacity(self.0.len() + 1);
+        v.extend(std::mem::take(&mut self.0).into_vec());
+        v.push(d);
+        self.0 = v.into_boxed_slice();
+    }
+
+    fn remove(&mut self, i: usize) -> Device {
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let d = v.remove(i);
+        self.0 = v.into_boxed_slice();
+        d
+    }
+
+    /// Removes the devices `take` says true of, and returns them.
+    fn take_if(&mut self, mut take: impl FnMut(&Device) -> bool) -> Vec<Device> {
+        if !self.0.iter().any(&mut take) {
+            return Vec::new();
+        }
+        let (taken, kept) = std::mem::take(&mut self.0)
+            .into_vec()
+            .into_iter()
+            .partition(take);
+        self.0 = Vec::into_boxed_slice(kept);
+        taken
+    }
+}
+
+/// The users of a worker: a dense map (see [`FastIndexMap`]). At a million users per node the
+/// table is half empty right after it doubles; with the states inline that cost ~120 bytes
+/// per user, with dense entries ~100 (entry and index slot), devices included.
+type Users = FastIndexMap<UserId, UserState>;
+
+/// The devices `uid` has logged in here (empty if it has none or is not loaded).
+fn devices_of(users: &Users, uid: UserId) -> &[Device] {
+    users.get(&uid).map_or(&[], |u| &u.devices)
+}
+
+/// [`devices_of`], to update them.
+fn devices_of_mut(users: &mut Users, uid: UserId) -> &mut [Device] {
+    users.get_mut(&uid).map_or(&mut [], |u| &mut u.devices)
+}
+
+/// Live state of one user, reloadable from the store at any time (but its devices, which are
+/// why an online user is never evicted). Kept small (64 bytes) for users who only sit online;
+/// the parts that only active users need live in [`Active`].
 struct UserState {
     next_seq: u64,
     bound: u64,
@@ -311,6 +377,7 @@ struct UserState {
     /// evicted first ([`Worker::trim_caches`]).
     touched: u32,
     active: Option<Box<Active>>,
+    devices: Devices,
 }
 
 #[derive(Default)]
@@ -510,7 +577,7 @@ pub struct Worker<S> {
     gate: Arc<dyn DownstreamSink>,
     router: Arc<Router>,
     depth: Arc<AtomicUsize>,
-    users: FastMap<UserId, UserState>,
+    users: Users,
     /// This worker's share of the `im_users_cached` / `im_groups_cached` gauges, as last added.
     cached_users: u64,
     cached_groups: u64,
@@ -522,10 +589,6 @@ pub struct Worker<S> {
     active_users: usize,
     /// The estimate last added to the node's `cache_bytes` gauge.
     cached_bytes: u64,
-    /// The logged-in connections of this worker's users, by user: a connection is logged in
-    /// here exactly while it has a [`Device`] in its user's list (the gate's frames carry the
-    /// user id, so no map by connection is needed).
-    routes: FastMap<UserId, Vec<Device>>,
     ids: MsgIdGen,
     /// This worker's msg-id generator number (global worker index).
     gen_id: u16,
@@ -711,14 +774,13 @@ impl<S: Store> Worker<S> {
             gate,
             router,
             depth,
-            users: FastMap::default(),
+            users: Users::default(),
             cached_users: 0,
             cached_groups: 0,
             dedup_entries: 0,
             pending_entries: 0,
             active_users: 0,
             cached_bytes: 0,
-            routes: FastMap::default(),
             dir: None,
             dir_lost: false,
             dir_resyncing: Arc::default(),
@@ -794,13 +856,13 @@ impl<S: Store> Worker<S> {
             return;
         };
         let routes = self
-            .routes
+            .users
             .iter()
-            .flat_map(|(&uid, devs)| devs.iter().map(move |d| (uid, d)))
+            .flat_map(|(&uid, u)| u.devices.iter().map(move |d| (uid, d)))
             .map(|(uid, d)| {
                 let route = crate::directory::RouteEntry {
                     device_type: d.device_type as u8,
-                    device_id: d.device_id.clone(),
+                    device_id: d.device_id.to_string(),
                     gate: d.conn.gate(),
                     core: d.conn.core(),
                     conn: d.conn.0,
@@ -816,10 +878,16 @@ impl<S: Store> Worker<S> {
 
     /// The device of `uid` logged in on `conn`, if that connection is logged in as `uid` here.
     fn device(&mut self, uid: UserId, conn: ConnId) -> Option<&mut Device> {
-        self.routes
+        self.users
             .get_mut(&uid)?
+            .devices
             .iter_mut()
             .find(|d| d.conn == conn)
+    }
+
+    /// Whether `uid` has a device logged in here.
+    fn online(&self, uid: UserId) -> bool {
+        !devices_of(&self.users, uid).is_empty()
     }
 
     /// Global worker owning `uid` (see [`Router`]).
@@ -1082,6 +1150,7 @@ impl<S: Store> Worker<S> {
                 loaded_last: last,
                 touched,
                 active: None,
+                devices: Devices::default(),
             },
         );
         Ok(())
@@ -1107,7 +1176,7 @@ impl<S: Store> Worker<S> {
             let mut idle: Vec<(u32, UserId)> = self
                 .users
                 .iter()
-                .filter(|(uid, _)| !self.routes.contains_key(uid))
+                .filter(|(_, u)| u.devices.is_empty())
                 .map(|(uid, u)| (u.touched, *uid))
                 .collect();
             let drop = (self.users.len() - keep).min(idle.len());
@@ -1116,7 +1185,7 @@ impl<S: Store> Worker<S> {
                     idle.select_nth_unstable(drop - 1);
                 }
                 for (_, uid) in &idle[..drop] {
-                    if let Some(u) = self.users.remove(uid) {
+                    if let Some(u) = self.users.swap_remove(uid) {
                         let (d, p) = u.entries();
                         self.dedup_entries -= d;
                         self.pending_entries -= p;
@@ -1186,8 +1255,8 @@ impl<S: Store> Worker<S> {
         let mut order: Vec<(bool, u32, UserId)> = self
             .users
             .iter()
-            .filter(|(uid, u)| u.active.is_some() || !self.routes.contains_key(uid))
-            .map(|(uid, u)| (self.routes.contains_key(uid), u.touched, *uid))
+            .filter(|(_, u)| u.active.is_some() || u.devices.is_empty())
+            .map(|(uid, u)| (!u.devices.is_empty(), u.touched, *uid))
             .collect();
         order.sort_unstable();
         let (mut evicted, mut trimmed) = (0u64, 0u64);
@@ -1210,7 +1279,7 @@ impl<S: Store> Worker<S> {
                 u.active = None;
                 trimmed += 1;
             } else {
-                self.users.remove(&uid);
+                self.users.swap_remove(&uid);
                 evicted += 1;
             }
         }
@@ -1241,12 +1310,7 @@ impl<S: Store> Worker<S> {
             return Ok(());
         }
         let stored = self.store.cursors(uid).await?;
-        let live = self
-            .routes
-            .get(&uid)
-            .into_iter()
-            .flatten()
-            .map(|d| d.cursor.0);
+        let live = devices_of(&self.users, uid).iter().map(|d| d.cursor.0);
         // Cursors acknowledged but not written yet (`lazy`) count too.
         let waiting = self
             .lazy

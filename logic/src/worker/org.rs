@@ -131,7 +131,7 @@ impl<S: Store> Worker<S> {
         }
         self.org_notice = (self.now, None);
         let frame = Command::OrgChanged { version }.to_bytes(0);
-        for d in self.routes.values().flatten() {
+        for d in self.users.values().flat_map(|u| u.devices.iter()) {
             round.send(d.conn, frame.clone());
         }
     }

@@ -230,7 +230,7 @@ impl<S: Store> Worker<S> {
                 last_seen_ms: 0,
             };
         }
-        let online = self.routes.contains_key(&u) || self.presence.going.contains(&u);
+        let online = self.online(u) || self.presence.going.contains(&u);
         PresenceEntry {
             uid: u,
             online,
@@ -286,7 +286,7 @@ impl<S: Store> Worker<S> {
                 break;
             }
             self.presence.going_due.pop_front();
-            if self.presence.going.remove(&u) && !self.routes.contains_key(&u) {
+            if self.presence.going.remove(&u) && !self.online(u) {
                 gone.push(u);
             }
         }
@@ -466,7 +466,7 @@ impl<S: Store> Worker<S> {
             }
             .to_bytes(0);
             for u in &n.to {
-                for d in self.routes.get(u).into_iter().flatten() {
+                for d in devices_of(&self.users, *u) {
                     round.send(d.conn, frame.clone());
                 }
             }

@@ -5,7 +5,7 @@ use im_shared::proto::MAX_PUSH_TOKEN_LEN;
 use im_shared::shard::{vshard_of, VSHARDS};
 use im_shared::{ConnId, ErrorCode, ShardId, UserId};
 
-use super::{error_frame, op_ok, Round, Worker};
+use super::{devices_of, error_frame, op_ok, Round, Worker};
 use crate::metrics::Metrics;
 use crate::push::PushNotification;
 use crate::store::{Op, PushToken, Store};
@@ -26,11 +26,10 @@ impl<S: Store> Worker<S> {
             round.send(conn, error_frame(ErrorCode::InvalidArgument, req_id, &m));
             return;
         }
-        let Some(device_id) = self
-            .routes
-            .get(&uid)
-            .and_then(|ds| ds.iter().find(|d| d.conn == conn))
-            .map(|d| d.device_id.clone())
+        let Some(device_id) = devices_of(&self.users, uid)
+            .iter()
+            .find(|d| d.conn == conn)
+            .map(|d| d.device_id.to_string())
         else {
             return;
         };

@@ -6,9 +6,9 @@ use super::*;
 impl<S: Store> Worker<S> {
     pub(super) fn on_gate_down(&mut self, gate: u16) {
         let gone: Vec<(ConnId, UserId)> = self
-            .routes
+            .users
             .iter()
-            .flat_map(|(&uid, devs)| devs.iter().map(move |d| (d.conn, uid)))
+            .flat_map(|(&uid, u)| u.devices.iter().map(move |d| (d.conn, uid)))
             .filter(|(c, _)| c.gate() == gate)
             .collect();
         for (conn, uid) in gone {
@@ -19,7 +19,7 @@ impl<S: Store> Worker<S> {
     pub(super) fn on_closed(&mut self, conn: ConnId, uid: UserId) {
         self.unsubscribe_all(conn);
         // A connection kicked by a newer login of the same device type has no device any more.
-        let Some(devs) = self.routes.get_mut(&uid) else {
+        let Some(devs) = self.users.get_mut(&uid).map(|u| &mut u.devices) else {
             return;
         };
         let Some(i) = devs.iter().position(|d| d.conn == conn) else {
@@ -33,7 +33,6 @@ impl<S: Store> Worker<S> {
             conn,
         });
         if empty {
-            self.routes.remove(&uid);
             self.large.offline(uid);
             self.went_offline(uid);
         }
@@ -116,24 +115,15 @@ impl<S: Store> Worker<S> {
                 return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
             }
         };
-        let was_online = self.routes.contains_key(&uid);
+        let was_online = self.online(uid);
+        let u = self.users.get_mut(&uid).expect("loaded above");
         // One device per type: kick the previous one.
-        let devs = self
-            .routes
-            .entry(uid)
-            .or_insert_with(|| Vec::with_capacity(1));
-        let mut kicked = Vec::new();
-        devs.retain(|d| {
-            if d.device_type == device_type {
-                kicked.push(d.conn);
-                false
-            } else {
-                true
-            }
-        });
+        let kicked = u.devices.take_if(|d| d.device_type == device_type);
         // What the device may acknowledge: what it had acknowledged, or what it says it holds.
-        let sent = cursor.max(Seq(last_seq.0.min(self.users[&uid].last_seq)));
-        devs.push(Device {
+        let sent = cursor.max(Seq(last_seq.0.min(u.last_seq)));
+        let device_id = device_id.into_boxed_str();
+        let route_device_id = device_id.to_string();
+        u.devices.push(Device {
             conn,
             device_type,
             device_id,
@@ -141,7 +131,7 @@ impl<S: Store> Worker<S> {
             sent,
             typing_tat: 0,
         });
-        for old in kicked {
+        for old in kicked.into_iter().map(|d| d.conn) {
             // Its presence subscriptions go with it now, not when the gate's close report comes
             // back (until then it would still be sent notices).
             self.unsubscribe_all(old);
@@ -160,10 +150,7 @@ impl<S: Store> Worker<S> {
             uid,
             route: crate::directory::RouteEntry {
                 device_type: device_type as u8,
-                device_id: self.routes[&uid]
-                    .last()
-                    .map(|d| d.device_id.clone())
-                    .unwrap_or_default(),
+                device_id: route_device_id,
                 gate: conn.gate(),
                 core: conn.core(),
                 conn: conn.0,

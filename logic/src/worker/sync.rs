@@ -48,11 +48,7 @@ impl<S: Store> Worker<S> {
             has_more = true;
         }
         if let Some(last) = msgs.last() {
-            if let Some(d) = self
-                .routes
-                .get_mut(&uid)
-                .and_then(|ds| ds.iter_mut().find(|d| d.conn == conn))
-            {
+            if let Some(d) = self.device(uid, conn) {
                 d.sent = d.sent.max(last.seq);
             }
         }

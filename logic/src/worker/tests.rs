@@ -669,7 +669,7 @@ async fn an_ack_beyond_what_the_device_was_given_counts_only_up_to_it() {
             .count()
     };
     assert_eq!(notes(&fx.out()), 0);
-    assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(0));
+    assert_eq!(fx.workers[0].users[&b].devices[0].cursor, Seq(0));
     // A sync page of the first two: an ack of 3 counts up to 2.
     fx.client(
         conn(2),
@@ -688,7 +688,7 @@ async fn an_ack_beyond_what_the_device_was_given_counts_only_up_to_it() {
         .await;
     fx.pump().await;
     assert_eq!(notes(&fx.out()), 2);
-    assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(2));
+    assert_eq!(fx.workers[0].users[&b].devices[0].cursor, Seq(2));
     // A live delivery of a fourth: now everything up to 4 can be acknowledged.
     fx.client(conn(1), a, vec![(4, send(4, b, "m4"))]).await;
     let got = delivered_to(&fx.out(), conn(2));
@@ -697,14 +697,15 @@ async fn an_ack_beyond_what_the_device_was_given_counts_only_up_to_it() {
         .await;
     fx.pump().await;
     assert_eq!(notes(&fx.out()), 2);
-    assert_eq!(fx.workers[0].routes[&b][0].cursor, Seq(4));
+    assert_eq!(fx.workers[0].users[&b].devices[0].cursor, Seq(4));
     // A device that declares at login what it holds may acknowledge up to that.
     let login = fx.login_cmd(b, DeviceType::Desktop, "desk", Seq(3));
     fx.client(conn(3), b, vec![(1, login)]).await;
     fx.out();
     fx.client(conn(3), b, vec![(0, Command::DeliverAck { seq: Seq(4) })])
         .await;
-    let desk = fx.workers[0].routes[&b]
+    let desk = fx.workers[0].users[&b]
+        .devices
         .iter()
         .find(|d| d.conn == conn(3))
         .map(|d| d.cursor);
@@ -737,7 +738,7 @@ async fn a_waiting_cursor_rides_with_the_next_commit_and_a_relogin_sees_it() {
     let relogin = fx.login_cmd(b, DeviceType::Phone, "dev-2", Seq(0));
     fx.client(conn(3), b, vec![(1, relogin)]).await;
     assert!(fx.out().iter().any(|o| o.conn == conn(3) && o.bind));
-    let dev = &fx.workers[0].routes[&b][0];
+    let dev = &fx.workers[0].users[&b].devices[0];
     assert_eq!((dev.conn, dev.cursor), (conn(3), got[0].seq));
     // The next commit (a's next send) carries the cursor.
     fx.client(conn(1), a, vec![(2, send(2, b, "m2"))]).await;
@@ -1736,10 +1737,54 @@ fn cache_byte_estimates_cover_the_types() {
     use std::mem::size_of;
     // A hash map slot is the entry plus a control byte, at a load of at most 7/8.
     let slot = |entry: usize| (entry + 1) * 8 / 7;
-    assert!(slot(size_of::<(UserId, UserState)>()) <= USER_BYTES);
+    // A user is a dense entry (hash, key, state) and an index slot of 8 bytes.
+    assert!(size_of::<(UserId, UserState)>() + 8 + slot(8) <= USER_BYTES);
+    // What an online user costs besides: pinned, as they are per user at a million.
+    assert_eq!(size_of::<UserState>(), 64);
+    assert_eq!(size_of::<Device>(), 56);
     assert!(size_of::<Active>() + 16 <= ACTIVE_BYTES);
     assert!(slot(size_of::<(u64, DedupEntry)>()) + size_of::<u64>() <= DEDUP_BYTES);
     assert!(size_of::<(u64, Pending)>() + PREVIEW_BYTES + 16 <= PENDING_BYTES);
+}
+
+/// A user's device list: adds at the end, removes one or those of a kind, keeps the others in
+/// their order, and holds no allocation once empty.
+#[test]
+fn a_device_list_keeps_its_order_through_logins_and_closes() {
+    let dev = |conn: u32, device_type| Device {
+        conn: ConnId::new(1, 0, conn),
+        device_type,
+        device_id: format!("d{conn}").into_boxed_str(),
+        cursor: Seq(0),
+        sent: Seq(0),
+        typing_tat: 0,
+    };
+    let conns = |ds: &Devices| ds.iter().map(|d| d.conn.serial()).collect::<Vec<_>>();
+    let mut ds = Devices::default();
+    assert!(ds.is_empty());
+    ds.push(dev(1, DeviceType::Phone));
+    ds.push(dev(2, DeviceType::Desktop));
+    ds.push(dev(3, DeviceType::Web));
+    assert_eq!(conns(&ds), [1, 2, 3]);
+    assert!(ds
+        .take_if(|d| d.device_type == DeviceType::Tablet)
+        .is_empty());
+    assert_eq!(conns(&ds), [1, 2, 3]);
+    let kicked = ds.take_if(|d| d.device_type == DeviceType::Desktop);
+    assert_eq!(
+        kicked.iter().map(|d| d.conn.serial()).collect::<Vec<_>>(),
+        [2]
+    );
+    assert_eq!(conns(&ds), [1, 3]);
+    assert_eq!(&*ds.remove(1).device_id, "d3");
+    assert_eq!(conns(&ds), [1]);
+    ds.remove(0);
+    assert!(ds.is_empty());
+    assert_eq!(
+        std::mem::size_of_val(&*ds.0),
+        0,
+        "an empty list holds no allocation"
+    );
 }
 
 /// Past `max_cache_bytes`, an online user's remembered ids and pending notices are dropped
