@@ -148,8 +148,13 @@ sample() {
       for p in $pids; do
         [ -r "/proc/$p/status" ] || continue
         n=$((n + 1))
-        rss=$(( rss + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0) ))
-        ticks=$(( ticks + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) ))
+        # A process that exits meanwhile (a zombie has no VmRSS line) counts 0: an empty value
+        # here once ended the sampler with a syntax error at the end of phase 1 (run 8).
+        local v
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+        rss=$(( rss + ${v:-0} ))
+        v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true)
+        ticks=$(( ticks + ${v:-0} ))
       done
       echo "$((SECONDS - t0)),$kind,$n,$rss,$(awk -v t="$ticks" -v h="$tck" 'BEGIN {printf "%.2f", t / h}'),$inuse,$mem,$slab"
     done

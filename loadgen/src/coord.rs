@@ -653,7 +653,7 @@ pub fn main(cli: &Cli) -> anyhow::Result<()> {
         | Scenario::Max { users, .. }
         | Scenario::Group { users, .. }
         | Scenario::LargeGroup { users, .. } => *users,
-        Scenario::Worker { .. } => unreachable!("handled in main"),
+        Scenario::Worker { .. } | Scenario::Logins { .. } => unreachable!("handled in main"),
     };
     if total == 0 {
         bail!("nothing to do: 0 users");
@@ -1440,7 +1440,7 @@ fn run(
                 },
             });
         }
-        Scenario::Worker { .. } => unreachable!("handled in main"),
+        Scenario::Worker { .. } | Scenario::Logins { .. } => unreachable!("handled in main"),
     }
     Ok((t, result))
 }

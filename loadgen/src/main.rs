@@ -5,6 +5,7 @@
 //! executor (io_uring, thread-per-core) per core it is given. See `loadgen/README.md`.
 
 mod account;
+mod burst;
 mod coord;
 mod exec;
 mod msg;
@@ -273,6 +274,18 @@ pub enum Scenario {
         #[arg(long, default_value_t = 50.0)]
         p99_bound_ms: f64,
     },
+    /// Logins per second with the handshakes kept out of the window: one process connects N
+    /// sockets first, then sends N `Login`s at once and reads every `LoginResult`; R rounds of
+    /// new users. Reports logins/s, send->result latency and each side's CPU per login
+    /// (`--server-pid`). Needs no worker processes; N is at most 19 000 (one process).
+    Logins {
+        /// Connections (one new user each) per round.
+        #[arg(long, short = 'n', default_value_t = 18_000)]
+        conns: u32,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Internal: a worker process started by the coordinator.
     #[command(hide = true)]
     Worker {
@@ -292,6 +305,7 @@ fn main() {
     let cli = Cli::parse();
     let res = match &cli.scenario {
         Scenario::Worker { plan } => worker::main(plan),
+        Scenario::Logins { conns, rounds } => burst::main(&cli.common, *conns, *rounds),
         _ => coord::main(&cli),
     };
     if let Err(e) = res {
