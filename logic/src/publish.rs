@@ -6,16 +6,22 @@
 //!
 //! The queue is bounded ([`QUEUE`] changes): a worker whose change does not fit (the directory is
 //! slow or down while users log in and out) drops it and, once there is room again, sends one
-//! [`DirOp::Resync`] with every route it holds, which replaces this task's view: routes it had
-//! published and the worker no longer holds are removed (compare-and-delete by connection), the
-//! others written again. So memory stays bounded and the directory converges after any loss. A
-//! resync holds every route of the worker, so at most one is queued or being applied at a time
-//! ([`InFlight`]); changes dropped meanwhile are covered by the next one. (Before, a starved
-//! node queued a resync per round: 228 copies of 90 000 routes in 15 s, ~900 MB that stayed.)
+//! [`DirOp::Resync`] with every route it holds and the routes whose `Offline` it dropped: those
+//! are removed (compare-and-delete by connection), the others written again. So memory stays
+//! bounded and the directory converges after any loss. A resync holds every route of the worker,
+//! so at most one is queued or being applied at a time ([`InFlight`]); changes dropped meanwhile
+//! are covered by the next one. (Before, a starved node queued a resync per round: 228 copies of
+//! 90 000 routes in 15 s, ~900 MB that stayed.)
+//!
+//! This task keeps no copy of what it published: the worker holds the routes, sends the users to
+//! refresh ([`DirOp::Touch`], every [`REFRESH_EVERY`]) and the removals a resync must make. (A
+//! table of every published route's connection cost ~52 B per online user at 500 000 users per
+//! worker, issue 15.) What it keeps is the removals that failed their retries, tried again
+//! before the next resync or refresh.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use im_shared::{ConnId, UserId};
@@ -25,8 +31,15 @@ use crate::directory::{Directory, RouteEntry};
 
 /// Presence lives this long in the directory unless refreshed.
 pub const PRESENCE_TTL_SECS: u64 = 90;
-/// Refresh period of presence and routes.
-const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Refresh period of presence (and with it of the route hashes' TTL), driven by the worker.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Route removals kept for a later attempt at most (by the worker: `Offline`s it dropped; here:
+/// removals that failed). Beyond, the oldest are forgotten: such a route stays in the directory
+/// until its user's presence expires (when no other device of the user refreshes it).
+pub const MAX_GONE: usize = 65_536;
+
+/// A route to remove: `(user, device type, connection)`, compare-and-delete by connection.
+pub type Gone = (UserId, u8, ConnId);
 /// Route changes a worker may have queued for its publisher.
 pub const QUEUE: usize = 16_384;
 
@@ -42,9 +55,13 @@ pub enum DirOp {
         device_type: u8,
         conn: ConnId,
     },
-    /// Every route the worker holds now (after changes were dropped at a full queue), and the
-    /// worker's mark that a resync is on its way, cleared when this one is applied (or dropped).
-    Resync(Vec<(UserId, RouteEntry)>, InFlight),
+    /// Every route the worker holds now (after changes were dropped at a full queue), the routes
+    /// whose `Offline` was dropped, and the worker's mark that a resync is on its way, cleared
+    /// when this one is applied (or dropped).
+    Resync(Vec<(UserId, RouteEntry)>, Vec<Gone>, InFlight),
+    /// The users with a route on the worker: their presence (and the route hash's TTL) is
+    /// refreshed. A refresh that fails asks the worker for a resync at the next period.
+    Touch(Vec<UserId>),
 }
 
 /// The worker's "a resync is queued or being applied" mark: set by [`InFlight::start`], cleared
@@ -66,13 +83,6 @@ impl Drop for InFlight {
     }
 }
 
-/// The publisher's view of what it published: the connection of each `(user, device type)`
-/// route, the key of a compare-and-delete. Only the connection: the worker holds the rest of the
-/// route, and re-sends it whole in a resync. (It held a whole [`RouteEntry`] per route before,
-/// ~76 MB per 500 000 routes with the table's growth: the largest per-user item of a logic node
-/// at the million, issue 15.)
-type Published = HashMap<(UserId, u8), u64>;
-
 /// Changes written to the directory at once: a batch of queued changes, a slice of a resync or
 /// of a refresh. The Redis client pipelines them on its connections, so a batch costs about one
 /// round trip instead of one per change (one at a time, a node fell behind at ~4 000 logins/s and
@@ -84,9 +94,10 @@ const WINDOW: usize = 256;
 /// the routes written meanwhile, or lost, are written again from the worker's own state, at most
 /// once per [`REFRESH_EVERY`].
 pub async fn run<D: Directory>(dir: D, mut rx: mpsc::Receiver<DirOp>, heal: Arc<AtomicBool>) {
-    let mut online: Published = HashMap::new();
     let mut failed = false;
-    // The first refresh one period after the start (nothing is published before).
+    // Removals that failed their retries.
+    let undone = Mutex::new(Vec::<Gone>::new());
+    // The first check one period after the start.
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -101,24 +112,29 @@ pub async fn run<D: Directory>(dir: D, mut rx: mpsc::Receiver<DirOp>, heal: Arc<
                 while !batch.is_empty() {
                     let cut = batch
                         .iter()
-                        .position(|op| matches!(op, DirOp::Resync(..)))
+                        .position(|op| matches!(op, DirOp::Resync(..) | DirOp::Touch(_)))
                         .unwrap_or(batch.len());
                     let changes: Vec<DirOp> = batch.drain(..cut).collect();
                     if !changes.is_empty() {
-                        failed |= !apply_changes(&dir, &mut online, changes).await;
+                        failed |= !apply_changes(&dir, changes, &undone).await;
                     }
-                    if let Some(DirOp::Resync(routes, _in_flight)) =
-                        (!batch.is_empty()).then(|| batch.remove(0))
-                    {
-                        failed = !resync(&dir, &mut online, routes).await;
+                    match (!batch.is_empty()).then(|| batch.remove(0)) {
+                        Some(DirOp::Resync(routes, mut gone, _in_flight)) => {
+                            gone.extend(take_undone(&undone));
+                            failed = !resync(&dir, routes, gone, &undone).await;
+                        }
+                        Some(DirOp::Touch(uids)) => {
+                            let gone = take_undone(&undone);
+                            let ok = remove_all(&dir, gone, &undone).await;
+                            failed |= !(ok && touch(&dir, &uids).await);
+                        }
+                        _ => {}
                     }
                 }
             }
             _ = tick.tick() => {
                 if std::mem::take(&mut failed) {
                     heal.store(true, Ordering::Release);
-                } else {
-                    failed = !touch_all(&dir, &online).await;
                 }
             }
         }
@@ -126,26 +142,21 @@ pub async fn run<D: Directory>(dir: D, mut rx: mpsc::Receiver<DirOp>, heal: Arc<
 }
 
 /// Applies queued `Online` / `Offline` changes: those of one `(user, device type)` in their order,
-/// the others side by side. Whether every write succeeded.
-async fn apply_changes<D: Directory>(dir: &D, online: &mut Published, changes: Vec<DirOp>) -> bool {
+/// the others side by side. A removal that fails its retries is kept in `undone`. Whether every
+/// write succeeded.
+async fn apply_changes<D: Directory>(
+    dir: &D,
+    changes: Vec<DirOp>,
+    undone: &Mutex<Vec<Gone>>,
+) -> bool {
     let mut chains: HashMap<(UserId, u8), Vec<DirOp>> = HashMap::new();
     for op in changes {
         let key = match &op {
-            DirOp::Online { uid, route } => {
-                online.insert((*uid, route.device_type), route.conn);
-                (*uid, route.device_type)
-            }
+            DirOp::Online { uid, route } => (*uid, route.device_type),
             DirOp::Offline {
-                uid,
-                device_type,
-                conn,
-            } => {
-                if online.get(&(*uid, *device_type)) == Some(&conn.0) {
-                    online.remove(&(*uid, *device_type));
-                }
-                (*uid, *device_type)
-            }
-            DirOp::Resync(..) => unreachable!("resyncs are applied on their own"),
+                uid, device_type, ..
+            } => (*uid, *device_type),
+            DirOp::Resync(..) | DirOp::Touch(_) => unreachable!("applied on their own"),
         };
         chains.entry(key).or_default().push(op);
     }
@@ -158,8 +169,14 @@ async fn apply_changes<D: Directory>(dir: &D, online: &mut Published, changes: V
                     uid,
                     device_type,
                     conn,
-                } => retry(|| dir.remove_route(uid, device_type, conn.0)).await,
-                DirOp::Resync(..) => true,
+                } => {
+                    let removed = retry(|| dir.remove_route(uid, device_type, conn.0)).await;
+                    if !removed {
+                        keep_undone(undone, vec![(uid, device_type, conn)]);
+                    }
+                    removed
+                }
+                DirOp::Resync(..) | DirOp::Touch(_) => true,
             };
         }
         ok
@@ -167,32 +184,49 @@ async fn apply_changes<D: Directory>(dir: &D, online: &mut Published, changes: V
     .await
 }
 
-/// Replaces the published view with every route the worker holds: removes the routes it no
-/// longer holds (compare-and-delete) and writes the others. Stops at the first window with a
-/// failure (routes not removed expire with their presence TTL). Whether it all succeeded.
-async fn resync<D: Directory>(
-    dir: &D,
-    online: &mut Published,
-    routes: Vec<(UserId, RouteEntry)>,
-) -> bool {
-    let now: Published = routes
-        .iter()
-        .map(|(uid, r)| ((*uid, r.device_type), r.conn))
-        .collect();
-    let gone: Vec<((UserId, u8), u64)> = online
-        .iter()
-        .filter(|(k, conn)| now.get(k) != Some(conn))
-        .map(|(k, conn)| (*k, *conn))
-        .collect();
-    *online = now;
-    for part in gone.chunks(WINDOW) {
-        let ok = all_of(part.iter().map(|&((uid, device_type), conn)| async move {
-            retry(|| dir.remove_route(uid, device_type, conn)).await
+/// Takes the removals kept for another attempt.
+fn take_undone(undone: &Mutex<Vec<Gone>>) -> Vec<Gone> {
+    std::mem::take(&mut *undone.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Keeps removals for another attempt, at most [`MAX_GONE`] (the newest).
+fn keep_undone(undone: &Mutex<Vec<Gone>>, more: Vec<Gone>) {
+    let mut u = undone.lock().unwrap_or_else(|e| e.into_inner());
+    u.extend(more);
+    if u.len() > MAX_GONE {
+        let extra = u.len() - MAX_GONE;
+        tracing::warn!("{extra} directory route removals forgotten (they expire with presence)");
+        u.drain(..extra);
+    }
+}
+
+/// Removes `gone` (compare-and-delete), a window at a time; at the first window with a failure,
+/// it and the rest are kept in `undone`. Whether all were done.
+async fn remove_all<D: Directory>(dir: &D, gone: Vec<Gone>, undone: &Mutex<Vec<Gone>>) -> bool {
+    for (i, part) in gone.chunks(WINDOW).enumerate() {
+        let ok = all_of(part.iter().map(|&(uid, device_type, conn)| async move {
+            retry(|| dir.remove_route(uid, device_type, conn.0)).await
         }))
         .await;
         if !ok {
+            keep_undone(undone, gone[i * WINDOW..].to_vec());
             return false;
         }
+    }
+    true
+}
+
+/// Writes every route the worker holds, after removing those whose `Offline` was dropped
+/// (compare-and-delete: a route the worker holds again on a newer connection stays). Stops at
+/// the first window with a failure. Whether it all succeeded.
+async fn resync<D: Directory>(
+    dir: &D,
+    routes: Vec<(UserId, RouteEntry)>,
+    gone: Vec<Gone>,
+    undone: &Mutex<Vec<Gone>>,
+) -> bool {
+    if !remove_all(dir, gone, undone).await {
+        return false;
     }
     for part in routes.chunks(WINDOW) {
         if !all_of(part.iter().map(|(uid, route)| write(dir, *uid, route))).await {
@@ -233,14 +267,11 @@ async fn write<D: Directory>(dir: &D, uid: UserId, route: &RouteEntry) -> bool {
     .await
 }
 
-/// Refreshes the presence (and with it the route hash's TTL) of every user with a published
-/// route, a window at a time; stops at the first window with a refresh that failed its retries
-/// (the directory is down: the next tick asks the worker for a resync). Whether every refresh
-/// succeeded.
-async fn touch_all<D: Directory>(dir: &D, online: &Published) -> bool {
-    let mut uids: Vec<UserId> = online.keys().map(|&(uid, _)| uid).collect();
-    uids.sort_unstable();
-    uids.dedup(); // a user's devices share one presence key
+/// Refreshes the presence (and with it the route hash's TTL) of `uids`, the users with a route on
+/// the worker, a window at a time; stops at the first window with a refresh that failed its
+/// retries (the directory is down: the next period asks the worker for a resync). Whether every
+/// refresh succeeded.
+async fn touch<D: Directory>(dir: &D, uids: &[UserId]) -> bool {
     for part in uids.chunks(WINDOW) {
         let ok = all_of(
             part.iter()
@@ -317,11 +348,11 @@ mod tests {
         }
     }
 
-    /// A resync replaces the publisher's view: routes the worker no longer holds are removed,
-    /// held ones written (also those whose `Online` was dropped), a newer route of the same
-    /// device type replaces the old one.
+    /// A resync removes the routes whose `Offline` the worker dropped (compare-and-delete: one
+    /// held again on a newer connection stays) and writes the held ones (also those whose
+    /// `Online` was dropped).
     #[tokio::test]
-    async fn a_resync_removes_what_the_worker_no_longer_holds_and_writes_the_rest() {
+    async fn a_resync_removes_the_routes_whose_offline_was_dropped_and_writes_the_rest() {
         let dir = MemoryDirectory::new();
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(dir.clone(), rx, Arc::default()));
@@ -345,7 +376,8 @@ mod tests {
         let flag = Arc::new(AtomicBool::new(false));
         let in_flight = InFlight::start(&flag).expect("none yet");
         assert!(InFlight::start(&flag).is_none(), "one at a time");
-        tx.send(DirOp::Resync(held, in_flight)).await.unwrap();
+        let gone = vec![(UserId(2), 1, ConnId(21)), (UserId(3), 1, ConnId(31))];
+        tx.send(DirOp::Resync(held, gone, in_flight)).await.unwrap();
         settle(&dir, 4, &[41]).await;
         // Applied: the next one may go.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -575,20 +607,64 @@ mod tests {
         // The worker answers with every route it holds.
         let flag = Arc::new(AtomicBool::new(false));
         let in_flight = InFlight::start(&flag).expect("none yet");
-        tx.send(DirOp::Resync(vec![(UserId(7), route(1, 71))], in_flight))
-            .await
-            .unwrap();
+        tx.send(DirOp::Resync(
+            vec![(UserId(7), route(1, 71))],
+            Vec::new(),
+            in_flight,
+        ))
+        .await
+        .unwrap();
         settle(&mem, 7, &[71]).await;
+        // The worker's refreshes (one per period) touch presence and ask nothing more.
         let touched = dir.touches.load(Ordering::Relaxed);
-        tokio::time::sleep(REFRESH_EVERY * 3).await;
+        for _ in 0..3 {
+            tx.send(DirOp::Touch(vec![UserId(7)])).await.unwrap();
+            tokio::time::sleep(REFRESH_EVERY).await;
+        }
         assert!(
             !heal.load(Ordering::Acquire),
             "asked again with nothing failed"
         );
-        assert_eq!(
-            dir.touches.load(Ordering::Relaxed),
-            touched + 3,
-            "one presence refresh per period"
-        );
+        assert_eq!(dir.touches.load(Ordering::Relaxed), touched + 3);
+    }
+
+    /// A removal that fails its retries (the directory was down) is not forgotten: the next
+    /// refresh removes it, and a failed refresh asks the worker for a resync.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_removal_is_done_at_the_next_refresh() {
+        let mem = MemoryDirectory::new();
+        let dir = Flaky {
+            inner: mem.clone(),
+            down: Arc::new(AtomicBool::new(false)),
+            touches: Arc::default(),
+            slow_conn: 0,
+        };
+        let heal = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(dir.clone(), rx, heal.clone()));
+        tx.send(DirOp::Online {
+            uid: UserId(8),
+            route: route(1, 81),
+        })
+        .await
+        .unwrap();
+        settle(&mem, 8, &[81]).await;
+        dir.down.store(true, Ordering::Release);
+        tx.send(DirOp::Offline {
+            uid: UserId(8),
+            device_type: 1,
+            conn: ConnId(81),
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(conns(&mem, 8).await, [81], "removed while down");
+        // A refresh while still down fails; the period's end asks for a resync.
+        tx.send(DirOp::Touch(vec![UserId(9)])).await.unwrap();
+        tokio::time::sleep(REFRESH_EVERY).await;
+        assert!(heal.swap(false, Ordering::AcqRel), "no resync asked");
+        dir.down.store(false, Ordering::Release);
+        tx.send(DirOp::Touch(vec![UserId(9)])).await.unwrap();
+        settle(&mem, 8, &[]).await;
     }
 }

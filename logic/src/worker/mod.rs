@@ -600,6 +600,12 @@ pub struct Worker<S> {
     /// A route change did not fit the publisher's queue: a full [`crate::publish::DirOp::Resync`]
     /// goes out once there is room.
     dir_lost: bool,
+    /// Routes whose `Offline` did not fit the publisher's queue: the next resync removes them
+    /// (at most [`crate::publish::MAX_GONE`], the newest).
+    dir_gone: Vec<crate::publish::Gone>,
+    /// When the users with a device here were last sent to the publisher to refresh their
+    /// presence ([`crate::publish::DirOp::Touch`]), ms.
+    dir_touched: u64,
     /// A resync is queued at the publisher or being applied ([`crate::publish::InFlight`]).
     dir_resyncing: Arc<std::sync::atomic::AtomicBool>,
     /// Set by the publisher when a write to the directory failed: the routes are sent again
@@ -783,6 +789,8 @@ impl<S: Store> Worker<S> {
             cached_bytes: 0,
             dir: None,
             dir_lost: false,
+            dir_gone: Vec::new(),
+            dir_touched: 0,
             dir_resyncing: Arc::default(),
             dir_heal: Arc::default(),
             groups: FastMap::default(),
@@ -823,7 +831,18 @@ impl<S: Store> Worker<S> {
     /// next [`Worker::resync_directory`] send every route.
     fn publish(&mut self, op: crate::publish::DirOp) {
         if let Some(tx) = &self.dir {
-            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(op) {
+            if let Err(mpsc::error::TrySendError::Full(op)) = tx.try_send(op) {
+                if let crate::publish::DirOp::Offline {
+                    uid,
+                    device_type,
+                    conn,
+                } = op
+                {
+                    self.dir_gone.push((uid, device_type, conn));
+                    if self.dir_gone.len() > crate::publish::MAX_GONE {
+                        self.dir_gone.remove(0);
+                    }
+                }
                 if !self.dir_lost {
                     tracing::warn!(
                         worker = self.idx,
@@ -871,9 +890,38 @@ impl<S: Store> Worker<S> {
                 (uid, route)
             })
             .collect();
-        permit.send(crate::publish::DirOp::Resync(routes, in_flight));
+        let gone = std::mem::take(&mut self.dir_gone);
+        permit.send(crate::publish::DirOp::Resync(routes, gone, in_flight));
         self.dir_lost = false;
         Metrics::inc(&self.metrics.dir_resyncs);
+    }
+
+    /// Every [`crate::publish::REFRESH_EVERY`]: the users with a device here, for the publisher
+    /// to refresh their presence (it keeps no list of its own). A full queue tries again at the
+    /// next round or timer; presence lives three periods.
+    fn touch_directory(&mut self) {
+        let every = crate::publish::REFRESH_EVERY.as_millis() as u64;
+        if self.dir.is_none() || self.now < self.dir_touched + every {
+            return;
+        }
+        if self.dir_touched == 0 {
+            // The first one period after the start (a login writes its presence itself).
+            self.dir_touched = self.now;
+            return;
+        }
+        let Some(Ok(permit)) = self.dir.as_ref().map(|tx| tx.try_reserve()) else {
+            return;
+        };
+        let uids: Vec<UserId> = self
+            .users
+            .iter()
+            .filter(|(_, u)| !u.devices.is_empty())
+            .map(|(&uid, _)| uid)
+            .collect();
+        self.dir_touched = self.now;
+        if !uids.is_empty() {
+            permit.send(crate::publish::DirOp::Touch(uids));
+        }
     }
 
     /// The device of `uid` logged in on `conn`, if that connection is logged in as `uid` here.
@@ -1077,6 +1125,7 @@ impl<S: Store> Worker<S> {
         self.finish(round, stop).await?;
         self.trim_caches();
         self.resync_directory();
+        self.touch_directory();
         Ok(if stop { Step::Stop } else { Step::Continue })
     }
 
@@ -1093,6 +1142,7 @@ impl<S: Store> Worker<S> {
         // A resync owed (dropped changes, or the publisher's failed writes) goes out even while
         // no round runs.
         self.resync_directory();
+        self.touch_directory();
     }
 
     /// Resyncs every peer link that changed since this worker last looked.

@@ -1890,7 +1890,7 @@ async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there
         ]
     ));
     fx.step(0, Vec::new()).await.unwrap();
-    let Ok(crate::publish::DirOp::Resync(mut routes, in_flight)) = rx.try_recv() else {
+    let Ok(crate::publish::DirOp::Resync(mut routes, _, in_flight)) = rx.try_recv() else {
         panic!("no resync");
     };
     routes.sort_by_key(|(u, _)| u.0);
@@ -1917,7 +1917,7 @@ async fn a_full_directory_queue_drops_changes_and_resyncs_every_route_once_there
     // ... and once the publisher is done with it, the next one holds every route.
     drop(in_flight);
     fx.step(0, Vec::new()).await.unwrap();
-    let Ok(crate::publish::DirOp::Resync(routes, _)) = rx.try_recv() else {
+    let Ok(crate::publish::DirOp::Resync(routes, _, _)) = rx.try_recv() else {
         panic!("no resync after the first was applied");
     };
     assert_eq!(routes.len(), 6);
@@ -1941,11 +1941,82 @@ async fn a_publishers_failed_write_gets_every_route_at_the_next_timer() {
     assert!(rx.try_recv().is_err(), "a resync nobody asked for");
     fx.workers[0].dir_heal.store(true, Ordering::Release);
     fx.workers[0].tick(Tick::Retry, now).await;
-    let Ok(crate::publish::DirOp::Resync(routes, _)) = rx.try_recv() else {
+    let Ok(crate::publish::DirOp::Resync(routes, _, _)) = rx.try_recv() else {
         panic!("no resync after the publisher asked");
     };
     assert_eq!(routes.len(), 2);
     assert!(!fx.workers[0].dir_heal.load(Ordering::Acquire));
+}
+
+/// A logout whose `Offline` does not fit the publisher's queue is not lost: the next resync
+/// carries it for removal (the publisher keeps no copy of what it published).
+#[tokio::test]
+async fn a_dropped_offline_is_removed_by_the_next_resync() {
+    let mut fx = Fx::new(1).await;
+    let (tx, mut rx) = mpsc::channel(1);
+    fx.workers[0].dir = Some(tx);
+    fx.login(conn(1), UserId(1), DeviceType::Phone).await;
+    fx.login(conn(2), UserId(2), DeviceType::Phone).await;
+    // The queue holds user 1's `Online`; user 2's was dropped, so is user 1's `Offline`.
+    let close = WorkerMsg::Gate(vec![Up::Closed {
+        conn: conn(1),
+        uid: UserId(1),
+    }]);
+    fx.step(0, vec![close]).await.unwrap();
+    assert!(matches!(
+        rx.try_recv(),
+        Ok(crate::publish::DirOp::Online { uid: UserId(1), .. })
+    ));
+    fx.step(0, Vec::new()).await.unwrap();
+    let Ok(crate::publish::DirOp::Resync(routes, gone, _)) = rx.try_recv() else {
+        panic!("no resync");
+    };
+    let held: Vec<u64> = routes.iter().map(|(u, _)| u.0).collect();
+    assert_eq!(held, [2]);
+    assert_eq!(gone, [(UserId(1), DeviceType::Phone as u8, conn(1))]);
+    assert!(fx.workers[0].dir_gone.is_empty(), "sent once");
+}
+
+/// The presence of the users with a device here is refreshed through the publisher once per
+/// period, first one period after the start, and not for users who left.
+#[tokio::test]
+async fn online_users_are_sent_for_a_presence_refresh_once_per_period() {
+    let mut fx = Fx::new(1).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    fx.workers[0].dir = Some(tx);
+    for u in 1..=3 {
+        fx.login(conn(u as u32), UserId(u), DeviceType::Phone).await;
+    }
+    let close = WorkerMsg::Gate(vec![Up::Closed {
+        conn: conn(2),
+        uid: UserId(2),
+    }]);
+    fx.step(0, vec![close]).await.unwrap();
+    let every = crate::publish::REFRESH_EVERY.as_millis() as u64;
+    let touches = |rx: &mut mpsc::Receiver<crate::publish::DirOp>| {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|op| match op {
+                crate::publish::DirOp::Touch(mut uids) => {
+                    uids.sort_unstable();
+                    Some(uids)
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(touches(&mut rx).is_empty(), "before a period passed");
+    fx.now += every - 1;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert!(touches(&mut rx).is_empty(), "before a period passed");
+    fx.now += 1;
+    let now = fx.now;
+    fx.workers[0].tick(Tick::Retry, now).await;
+    assert_eq!(touches(&mut rx), [vec![UserId(1), UserId(3)]]);
+    fx.step(0, Vec::new()).await.unwrap();
+    assert!(touches(&mut rx).is_empty(), "twice in one period");
+    fx.now += every;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert_eq!(touches(&mut rx), [vec![UserId(1), UserId(3)]]);
 }
 
 /// A group operation of a newer build (a rolling upgrade: it came over a peer link as
