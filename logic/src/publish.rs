@@ -34,7 +34,7 @@ pub const PRESENCE_TTL_SECS: u64 = 90;
 /// Refresh period of presence (and with it of the route hashes' TTL), driven by the worker.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// Route removals kept for a later attempt at most (by the worker: `Offline`s it dropped; here:
-/// removals that failed). Beyond, the oldest are forgotten: such a route stays in the directory
+/// removals that failed). Beyond, newer ones are forgotten: such a route stays in the directory
 /// until its user's presence expires (when no other device of the user refreshes it).
 pub const MAX_GONE: usize = 65_536;
 
@@ -189,15 +189,15 @@ fn take_undone(undone: &Mutex<Vec<Gone>>) -> Vec<Gone> {
     std::mem::take(&mut *undone.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Keeps removals for another attempt, at most [`MAX_GONE`] (the newest).
+/// Keeps removals for another attempt, at most [`MAX_GONE`] (the first ones).
 fn keep_undone(undone: &Mutex<Vec<Gone>>, more: Vec<Gone>) {
     let mut u = undone.lock().unwrap_or_else(|e| e.into_inner());
-    u.extend(more);
-    if u.len() > MAX_GONE {
-        let extra = u.len() - MAX_GONE;
-        tracing::warn!("{extra} directory route removals forgotten (they expire with presence)");
-        u.drain(..extra);
+    let room = MAX_GONE.saturating_sub(u.len());
+    if more.len() > room {
+        let n = more.len() - room;
+        tracing::warn!("{n} directory route removals forgotten (they expire with presence)");
     }
+    u.extend(more.into_iter().take(room));
 }
 
 /// Removes `gone` (compare-and-delete), a window at a time; at the first window with a failure,
