@@ -31,6 +31,7 @@ use im_shared::token::HmacTokens;
 use im_shared::{DeviceType, ErrorCode, Seq, UserId};
 
 use crate::net::{errno_name, start_connect};
+use crate::worker::cpu_ticks;
 use crate::Common;
 
 /// One round's result.
@@ -51,16 +52,6 @@ pub struct Round {
     pub server_cpu_us_per_login: Option<f64>,
     /// This process's CPU over the window, per login.
     pub loadgen_cpu_us_per_login: f64,
-}
-
-/// utime + stime of `pid` in clock ticks.
-fn proc_ticks(pid: u32) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("server pid {pid}"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &s[s.rfind(')').context("malformed stat")? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
 fn ticks_per_sec() -> f64 {
@@ -208,8 +199,12 @@ fn round(c: &Common, n: u32, first: u64, src: &[Ipv4Addr]) -> anyhow::Result<Rou
         ep.ctl(libc::EPOLL_CTL_ADD, fd, ev, i as u64)?;
     }
     let tps = ticks_per_sec();
-    let server_ticks =
-        || -> anyhow::Result<u64> { c.server_pid.iter().map(|&p| proc_ticks(p)).sum() };
+    let server_ticks = || -> anyhow::Result<u64> {
+        c.server_pid
+            .iter()
+            .map(|p| cpu_ticks(&p.to_string()).with_context(|| format!("server pid {p}")))
+            .sum()
+    };
     let server0 = if c.server_pid.is_empty() {
         None
     } else {

@@ -572,21 +572,27 @@ mod tests {
         }
     }
 
-    /// A route written while the directory was down is not lost for good: the next refresh asks
-    /// the worker for a resync (once, not at every failure), the resync writes it, and the refresh
-    /// after that keeps presence alive without another resync.
-    #[tokio::test(start_paused = true)]
-    async fn a_write_that_failed_makes_the_next_refresh_ask_for_one_resync() {
+    /// A publisher over a [`Flaky`] directory (down or not) with its heal mark and its queue.
+    fn start_flaky(down: bool) -> (MemoryDirectory, Flaky, Arc<AtomicBool>, mpsc::Sender<DirOp>) {
         let mem = MemoryDirectory::new();
         let dir = Flaky {
             inner: mem.clone(),
-            down: Arc::new(AtomicBool::new(true)),
+            down: Arc::new(AtomicBool::new(down)),
             touches: Arc::default(),
             slow_conn: 0,
         };
         let heal = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(dir.clone(), rx, heal.clone()));
+        (mem, dir, heal, tx)
+    }
+
+    /// A route written while the directory was down is not lost for good: the next refresh asks
+    /// the worker for a resync (once, not at every failure), the resync writes it, and the refresh
+    /// after that keeps presence alive without another resync.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_failed_makes_the_next_refresh_ask_for_one_resync() {
+        let (mem, dir, heal, tx) = start_flaky(true);
         tx.send(DirOp::Online {
             uid: UserId(7),
             route: route(1, 71),
@@ -632,16 +638,7 @@ mod tests {
     /// refresh removes it, and a failed refresh asks the worker for a resync.
     #[tokio::test(start_paused = true)]
     async fn a_failed_removal_is_done_at_the_next_refresh() {
-        let mem = MemoryDirectory::new();
-        let dir = Flaky {
-            inner: mem.clone(),
-            down: Arc::new(AtomicBool::new(false)),
-            touches: Arc::default(),
-            slow_conn: 0,
-        };
-        let heal = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(dir.clone(), rx, heal.clone()));
+        let (mem, dir, heal, tx) = start_flaky(false);
         tx.send(DirOp::Online {
             uid: UserId(8),
             route: route(1, 81),
