@@ -6,18 +6,18 @@
 //! links of the other logic nodes (their outbound end is [`crate::peer`]).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use crossbeam_channel::{Receiver, Sender};
 use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLink};
 use im_shared::{Command, ErrorCode};
 
 use crate::handle::LogicHandle;
+use crate::writer::{LinkWriter, Sent};
 
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -29,16 +29,14 @@ pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// log in again and sync, so nothing acknowledged is lost.
 pub const MAX_GATE_QUEUE_BYTES: usize = 64 << 20;
 
-/// Writer channel of one gate link, with the link's generation and what the gate announced in
-/// its `Hello`: (client address, WebSocket URL).
+/// Writer of one gate link (write-through, `writer.rs`), with the link's generation and what
+/// the gate announced in its `Hello`: (client address, WebSocket URL).
 struct LinkTx {
     gen: u64,
-    tx: Sender<Vec<LinkMsg>>,
+    w: Arc<LinkWriter>,
+    /// Whether the gate announced [`link::CAP_SEND_MANY`].
+    send_many: bool,
     announced: (String, String),
-    /// Bytes of `Down` data queued for the writer.
-    queued: Arc<AtomicUsize>,
-    /// The link's socket (a clone), shut down by a reset.
-    stream: TcpStream,
 }
 
 /// The writers of the connected gates, by gate id: logic's [`DownstreamSink`] in the
@@ -80,7 +78,7 @@ impl GateLinks {
         let mut v: Vec<_> = self
             .lock()
             .iter()
-            .map(|(id, l)| (*id, l.queued.load(Ordering::Relaxed)))
+            .map(|(id, l)| (*id, l.w.pending().1))
             .collect();
         v.sort_unstable();
         v
@@ -129,20 +127,25 @@ impl GateLinks {
 
 impl DownstreamSink for GateLinks {
     fn send(&self, gate: u16, _core: u16, batch: Vec<Down>) {
-        let bytes: usize = batch.iter().map(down_bytes).sum();
-        let links = self.lock();
-        let Some(l) = links.get(&gate) else {
-            return; // the gate's sessions are gone with its link
+        let (w, send_many) = {
+            let links = self.lock();
+            let Some(l) = links.get(&gate) else {
+                return; // the gate's sessions are gone with its link
+            };
+            (l.w.clone(), l.send_many)
         };
-        if l.queued.fetch_add(bytes, Ordering::AcqRel) + bytes > self.max_queue_bytes {
-            l.queued.fetch_sub(bytes, Ordering::AcqRel);
+        // Written by this thread when nothing waits (no writer thread to wake), else queued.
+        let sent = w.send(None, |out| {
+            for d in batch {
+                encode_for_gate(&LinkMsg::Down(d), send_many, out);
+            }
+        });
+        if sent == Sent::Overflow {
             // The gate does not read: reset its link (sessions dropped, clients reconnect).
             self.resets.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(gate, "gate link queue full: resetting the link");
-            let _ = l.stream.shutdown(std::net::Shutdown::Both);
-            return;
+            w.shut_down();
         }
-        let _ = l.tx.send(batch.into_iter().map(LinkMsg::Down).collect());
     }
 }
 
@@ -198,37 +201,41 @@ fn serve_link(
             None => read_more(&mut stream, &mut buf)?,
         }
     };
-    let (tx, rx) = crossbeam_channel::unbounded();
     let gen = links.next.fetch_add(1, Ordering::Relaxed);
-    let _ = tx.send(vec![LinkMsg::Hello {
-        role: Role::Logic,
-        id: node_id,
-        map_epoch: 0,
-        addr: String::new(),
-        ws: String::new(),
-        caps: 0,
-    }]);
+    let w = LinkWriter::new(links.max_queue_bytes);
+    w.attach(stream.try_clone()?, gen);
+    w.send(None, |out| {
+        link::encode_msg(
+            &LinkMsg::Hello {
+                role: Role::Logic,
+                id: node_id,
+                map_epoch: 0,
+                addr: String::new(),
+                ws: String::new(),
+                caps: 0,
+            },
+            out,
+        )
+    });
     // A newer link of the same gate replaces an older one (whose writer then ends).
-    let queued = Arc::new(AtomicUsize::new(0));
-    let counted = queued.clone();
     links.lock().insert(
         gate,
         LinkTx {
             gen,
-            tx: tx.clone(),
+            w: w.clone(),
+            send_many: caps & link::CAP_SEND_MANY != 0,
             announced: gate_addr,
-            queued: queued.clone(),
-            stream: stream.try_clone()?,
         },
     );
     tracing::info!(gate, "gate link up");
-    let writer = {
-        let s = stream.try_clone()?;
+    // Writes what the senders could not write at once (the gate reads slower than they send).
+    let flusher = {
+        let w = w.clone();
         std::thread::Builder::new()
             .name("link-write".into())
-            .spawn(move || write_loop(s, rx, &queued, caps & link::CAP_SEND_MANY != 0))?
+            .spawn(move || w.flush(gen, None))?
     };
-    let res = read_loop(&mut stream, &mut buf, gate, &tx, &counted, logic);
+    let res = read_loop(&mut stream, &mut buf, gate, &w, logic);
     let _ = stream.shutdown(std::net::Shutdown::Both);
     {
         let mut l = links.lock();
@@ -236,8 +243,8 @@ fn serve_link(
             l.remove(&gate);
         }
     }
-    drop(tx);
-    let _ = writer.join();
+    w.detach();
+    let _ = flusher.join();
     // Sessions of this gate are gone with the link; its clients reconnect and sync.
     logic.gate_down(gate);
     tracing::warn!(gate, "gate link down");
@@ -305,8 +312,7 @@ fn read_loop(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     gate: u16,
-    tx: &Sender<Vec<LinkMsg>>,
-    queued: &AtomicUsize,
+    w: &LinkWriter,
     logic: &LogicHandle,
 ) -> std::io::Result<()> {
     let mut lanes: HashMap<usize, Vec<Up>> = HashMap::new();
@@ -350,7 +356,7 @@ fn read_loop(
                     lanes.entry(lane).or_default().push(up);
                 }
                 LinkMsg::Ping => {
-                    let _ = tx.send(vec![LinkMsg::Pong]);
+                    w.send(None, |out| link::encode_msg(&LinkMsg::Pong, out));
                 }
                 LinkMsg::Pong => {}
                 other => return Err(invalid(format!("unexpected on a gate link: {other:?}"))),
@@ -360,32 +366,14 @@ fn read_loop(
             logic.send(lane, batch);
         }
         if !refused.is_empty() {
-            queued.fetch_add(batch_bytes(&refused), Ordering::AcqRel);
-            let _ = tx.send(refused);
+            w.send(None, |out| {
+                for m in &refused {
+                    link::encode_msg(m, out);
+                }
+            });
         }
         read_more(stream, buf)?;
     }
-}
-
-/// Bytes a `Down` message holds for the writer's queue bound.
-fn down_bytes(d: &Down) -> usize {
-    match d {
-        Down::Send { data, .. } | Down::Bind { data, .. } | Down::Close { data, .. } => {
-            data.len() + 16
-        }
-        Down::SendMany { conns, data } => data.len() + 8 * conns.len() + 16,
-    }
-}
-
-/// Bytes of a queued batch (only `Down`s are counted on the way in).
-fn batch_bytes(batch: &[LinkMsg]) -> usize {
-    batch
-        .iter()
-        .map(|m| match m {
-            LinkMsg::Down(d) => down_bytes(d),
-            _ => 0,
-        })
-        .sum()
 }
 
 /// Encodes `m` for a gate; `send_many`: whether it announced [`link::CAP_SEND_MANY`] (a gate
@@ -402,36 +390,6 @@ fn encode_for_gate(m: &LinkMsg, send_many: bool, out: &mut BytesMut) {
             }
         }
         m => link::encode_msg(m, out),
-    }
-}
-
-fn write_loop(
-    mut stream: TcpStream,
-    rx: Receiver<Vec<LinkMsg>>,
-    queued: &AtomicUsize,
-    send_many: bool,
-) {
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    while let Ok(first) = rx.recv() {
-        out.clear();
-        queued.fetch_sub(batch_bytes(&first), Ordering::AcqRel);
-        for m in &first {
-            encode_for_gate(m, send_many, &mut out);
-        }
-        // Batch everything already queued into one write.
-        while let Ok(more) = rx.try_recv() {
-            queued.fetch_sub(batch_bytes(&more), Ordering::AcqRel);
-            for m in &more {
-                encode_for_gate(m, send_many, &mut out);
-            }
-            if out.len() > 1024 * 1024 {
-                break;
-            }
-        }
-        if stream.write_all(&out).is_err() {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            return;
-        }
     }
 }
 
@@ -544,35 +502,44 @@ mod queue_bound_tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut theirs, _) = l.accept().unwrap();
-        // No writer drains the queue: as if it were stuck writing to the gate.
-        let (tx, _rx) = crossbeam_channel::unbounded();
-        let queued = Arc::new(AtomicUsize::new(0));
+        // The gate never reads: the socket fills, then the writer's queue (no flusher runs: as
+        // if it were stuck writing to the gate).
+        let w = LinkWriter::new(BOUND);
+        w.attach(ours, 0);
         links.lock().insert(
             3,
             LinkTx {
                 gen: 0,
-                tx,
+                w: w.clone(),
+                send_many: true,
                 announced: (String::new(), String::new()),
-                queued: queued.clone(),
-                stream: ours,
             },
         );
         let down = || Down::Send {
             conn: ConnId::new(3, 0, 1),
             data: bytes::Bytes::from(vec![0u8; 1000]),
         };
-        for _ in 0..200 {
+        let mut sends = 0;
+        while links.resets() == 0 {
+            assert!(sends < 1_000_000, "never reset");
             links.send(3, 0, vec![down()]);
-            assert!(queued.load(Ordering::Relaxed) <= BOUND);
+            sends += 1;
+            assert!(w.pending().1 <= BOUND);
         }
-        assert!(links.resets() > 0);
-        assert_eq!(links.queue_depths(), [(3, queued.load(Ordering::Relaxed))]);
-        // The gate's end sees the link closed.
+        assert_eq!(links.queue_depths(), [(3, w.pending().1)]);
+        // The gate's end sees the link closed, after what the socket had taken.
         theirs
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let mut b = [0u8; 16];
-        assert_eq!(theirs.read(&mut b).unwrap(), 0, "link not shut down");
+        let mut b = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            match theirs.read(&mut b).expect("link not shut down") {
+                0 => break,
+                n => got += n,
+            }
+            assert!(got <= sends * 1100, "more bytes than were sent");
+        }
         let mut out = String::new();
         links.render(&mut out);
         assert!(out.contains("im_logic_gate_link_resets_total"), "{out}");

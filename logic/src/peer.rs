@@ -24,22 +24,34 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, Sender};
 use im_shared::link::{self, LinkMsg, Role};
 use im_shared::peer::{self, PeerError, PeerMsg, PeerMsgRef};
 
 use crate::worker::{GroupReq, WorkerMsg};
+use crate::writer::{LinkWriter, Sent};
 
 /// Outbound links to the other logic nodes.
 pub struct PeerLinks {
-    txs: Vec<Option<Sender<(u64, Bytes)>>>,
+    /// Per node (`None`: this one): the link's writer (write-through, `writer.rs`): a worker
+    /// writes its payloads itself when nothing waits, and the link's thread writes the rest.
+    writers: Vec<Option<Arc<LinkWriter>>>,
     state: Vec<Arc<LinkState>>,
-    max_queue_bytes: usize,
+}
+
+impl Drop for PeerLinks {
+    fn drop(&mut self) {
+        for (st, w) in self.state.iter().zip(&self.writers) {
+            st.stop.store(true, Ordering::Release);
+            if let Some(w) = w {
+                w.detach();
+            }
+        }
+    }
 }
 
 /// Default bytes of payloads one outbound link may hold queued (`peer_queue_bytes`). Past it the link is reset: the queue
@@ -57,13 +69,10 @@ pub struct LinkState {
     epoch: AtomicU64,
     /// Per local worker: the epoch it has resynced.
     resynced: Mutex<HashMap<usize, u64>>,
-    /// Bytes of payloads queued for the writer.
-    queued: AtomicUsize,
-    /// The current connection (a clone), so that a reset can unblock a writer stuck in a write
-    /// to a peer that does not read.
-    conn: Mutex<Option<TcpStream>>,
     /// Resets because the queue passed [`MAX_QUEUE_BYTES`].
     resets: AtomicU64,
+    /// The links are dropped: the link's thread ends.
+    stop: AtomicBool,
 }
 
 impl PeerLinks {
@@ -74,36 +83,33 @@ impl PeerLinks {
 
     /// [`PeerLinks::start`] with another queue bound (`peer_queue_bytes`).
     pub fn start_with(me: usize, nodes: Vec<SocketAddr>, max_queue_bytes: usize) -> PeerLinks {
-        let mut txs = Vec::new();
+        let mut writers = Vec::new();
         let mut state = Vec::new();
         for (i, addr) in nodes.into_iter().enumerate() {
             let st = Arc::new(LinkState::default());
             state.push(st.clone());
             if i == me {
-                txs.push(None);
+                writers.push(None);
                 continue;
             }
-            let (tx, rx) = crossbeam_channel::unbounded();
-            txs.push(Some(tx));
+            let w = LinkWriter::new(max_queue_bytes);
+            writers.push(Some(w.clone()));
             let _ = std::thread::Builder::new()
                 .name(format!("peer-{i}"))
-                .spawn(move || run(me as u16, addr, rx, &st));
+                .spawn(move || run(me as u16, addr, &w, &st));
         }
-        PeerLinks {
-            txs,
-            state,
-            max_queue_bytes,
-        }
+        PeerLinks { writers, state }
     }
 
-    /// Payloads queued for each other node's link writer: `(node, payloads, bytes)`.
+    /// Payloads waiting for each other node's link thread (those the socket did not take at
+    /// once): `(node, payloads, bytes)`.
     pub fn queue_depths(&self) -> Vec<(usize, usize, usize)> {
-        self.txs
+        self.writers
             .iter()
             .enumerate()
-            .filter_map(|(n, tx)| {
-                let bytes = self.state[n].queued.load(Ordering::Relaxed);
-                tx.as_ref().map(|tx| (n, tx.len(), bytes))
+            .filter_map(|(n, w)| {
+                let (sends, bytes) = w.as_ref()?.pending();
+                Some((n, sends, bytes))
             })
             .collect()
     }
@@ -146,7 +152,7 @@ impl PeerLinks {
     pub fn needs_resync(&self, worker: usize) -> Vec<(usize, u64)> {
         let mut v = Vec::new();
         for (node, st) in self.state.iter().enumerate() {
-            if self.txs[node].is_none() || !st.up.load(Ordering::Acquire) {
+            if self.writers[node].is_none() || !st.up.load(Ordering::Acquire) {
                 continue;
             }
             let epoch = st.epoch.load(Ordering::Acquire);
@@ -179,17 +185,16 @@ impl PeerLinks {
         self.send_in(node, worker, msg, epoch);
     }
 
-    /// Queues `msg` for the connection of `epoch` only: dropped if the link has moved on.
+    /// Writes `msg` on the connection of `epoch` only (now, or behind what waits): dropped if
+    /// the link has moved on.
     pub fn send_in(&self, node: usize, worker: usize, msg: &WorkerMsg, epoch: u64) {
-        if let (Some(Some(tx)), Some(p)) = (self.txs.get(node), encode(worker, msg)) {
-            let st = &self.state[node];
-            let len = p.len();
-            if st.queued.fetch_add(len, Ordering::AcqRel) + len > self.max_queue_bytes {
-                st.queued.fetch_sub(len, Ordering::AcqRel);
-                reset(st);
-                return;
+        if let (Some(Some(w)), Some(p)) = (self.writers.get(node), encode(worker, msg)) {
+            let sent = w.send(Some(epoch), |out| {
+                link::encode_msg(&LinkMsg::Peer(p), out);
+            });
+            if sent == Sent::Overflow {
+                reset(&self.state[node], w);
             }
-            let _ = tx.send((epoch, p));
         }
     }
 }
@@ -197,36 +202,28 @@ impl PeerLinks {
 /// Resets a link whose queue is full (see [`MAX_QUEUE_BYTES`]): marks it down, so that no worker
 /// sends in the current epoch any more, and shuts its connection down under the writer, which
 /// then drops the queue and reconnects in a new epoch.
-fn reset(st: &LinkState) {
+fn reset(st: &LinkState, w: &LinkWriter) {
     if st.up.load(Ordering::Acquire) {
         st.resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("peer link queue full: resetting the link (outboxes replay)");
     }
     // Whoever sends next finds the link down (`ready` is None) until the new epoch's resync.
     st.up.store(false, Ordering::Release);
-    if let Some(c) = st.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let _ = c.shutdown(std::net::Shutdown::Both);
-    }
+    w.shut_down();
 }
 
-/// Takes a payload off the queue (its bytes no longer count).
-fn took(st: &LinkState, p: &Bytes) {
-    st.queued.fetch_sub(p.len(), Ordering::AcqRel);
-}
-
-fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
+fn run(me: u16, addr: SocketAddr, w: &LinkWriter, st: &LinkState) {
     let mut backoff = Duration::from_millis(50);
-    loop {
+    let ping = |out: &mut BytesMut| link::encode_msg(&LinkMsg::Ping, out);
+    while !st.stop.load(Ordering::Acquire) {
         if st.up.swap(false, Ordering::AcqRel) {
             st.epoch.fetch_add(1, Ordering::AcqRel);
         }
+        // No connection: what workers send meanwhile is dropped (outboxes re-send appends).
+        w.detach();
         let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => s,
             Err(_) => {
-                // The peer is down: what is queued for it is dropped (outboxes re-send appends).
-                while let Ok((_, p)) = rx.try_recv() {
-                    took(st, &p);
-                }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -249,47 +246,22 @@ fn run(me: u16, addr: SocketAddr, rx: Receiver<(u64, Bytes)>, st: &LinkState) {
         if s.write_all(&out).is_err() {
             continue;
         }
-        *st.conn.lock().unwrap_or_else(|e| e.into_inner()) = s.try_clone().ok();
-        // Nothing queued for an earlier connection goes on this one (the workers resync first):
-        // payloads of older epochs are skipped below.
+        // Nothing sent for an earlier connection goes on this one (the workers resync first):
+        // the writer takes only sends of this epoch.
         let epoch = st.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        w.attach(s, epoch);
+        if st.stop.load(Ordering::Acquire) {
+            break;
+        }
         st.up.store(true, Ordering::Release);
         tracing::info!(%addr, "peer link up");
-        loop {
-            let first = match rx.recv_timeout(Duration::from_secs(5)) {
-                Ok(p) => Some(p),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            };
-            out.clear();
-            match first {
-                Some((e, p)) => {
-                    took(st, &p);
-                    if e == epoch {
-                        link::encode_msg(&LinkMsg::Peer(p), &mut out);
-                    }
-                    while let Ok((e, p)) = rx.try_recv() {
-                        took(st, &p);
-                        if e == epoch {
-                            link::encode_msg(&LinkMsg::Peer(p), &mut out);
-                        }
-                        if out.len() > 1024 * 1024 {
-                            break;
-                        }
-                    }
-                    if out.is_empty() {
-                        continue;
-                    }
-                }
-                None => link::encode_msg(&LinkMsg::Ping, &mut out),
-            }
-            if s.write_all(&out).is_err() {
-                tracing::warn!(%addr, "peer link down");
-                break;
-            }
+        // Writes what the workers could not write at once, and pings a quiet link, until the
+        // connection fails or is reset.
+        if w.flush(epoch, Some((Duration::from_secs(5), &ping))).is_err() {
+            tracing::warn!(%addr, "peer link down");
         }
-        st.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+    w.detach();
 }
 
 /// Encodes a worker message for worker `worker` of another node (`None` for local-only kinds and
@@ -343,6 +315,7 @@ mod tests {
     use super::*;
     use crate::worker::{GroupOp, Reply};
     use im_shared::{ConnId, GroupId, UserId};
+    use std::sync::atomic::AtomicUsize;
 
     /// Issue 14: a peer that accepts the link but never reads cannot make the sender queue
     /// without bound: past the bound the link is reset (queue dropped, new connection, new

@@ -1,0 +1,354 @@
+//! The writing end of a logic node's TCP links (to gates, `links.rs`, and to other logic nodes,
+//! `peer.rs`): **write-through**. A sender (a worker's thread, mostly) encodes its messages into
+//! the link's buffer and, when nothing is waiting to be written before them, writes them itself
+//! at once with a non-blocking `send`; only what the socket does not take is left to the link's
+//! flusher thread, which writes it with blocking writes and keeps the order.
+//!
+//! Before this, every batch went through a channel to a writer thread of its own: one thread
+//! wake-up per batch on each side of every hop (on the project's 2-vCPU VM a wake-up of an idle
+//! thread costs ~15 µs, more than the write), and a message crossing gate → logic → logic →
+//! gate woke four such threads (`docs/BENCHMARKS.md`, "The distributed shape").
+//!
+//! Order: the buffer is non-empty exactly while the flusher owns the socket (`flushing`); a
+//! sender that finds it so appends behind the flusher's bytes, and never writes itself. Bytes
+//! leave in the order they were appended, under one lock.
+//!
+//! Bound: the bytes waiting in the buffer are at most `max_pending`; a send that would pass it is
+//! refused whole ([`Sent::Overflow`]) and the caller resets the link (its peer does not read).
+
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+
+/// What became of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Written to the socket (or nothing to write).
+    Written,
+    /// Left to the flusher, behind bytes that wait.
+    Queued,
+    /// No connection (of that epoch): dropped.
+    Dropped,
+    /// The bound would be passed: refused, nothing of it appended.
+    Overflow,
+}
+
+/// One link's writer (one connection at a time; see the module docs).
+pub struct LinkWriter {
+    st: Mutex<St>,
+    cv: Condvar,
+    max_pending: usize,
+}
+
+struct St {
+    /// The connection written to, and its epoch; `None` while there is none.
+    sock: Option<(Arc<TcpStream>, u64)>,
+    /// Bytes that wait for the flusher (non-empty exactly while `flushing`).
+    out: BytesMut,
+    /// Sends whose bytes wait in `out`.
+    sends: usize,
+    /// The flusher owns the socket's writes.
+    flushing: bool,
+    /// A write failed: the connection is over (the flusher returns).
+    broken: bool,
+    /// When bytes last went out (the flusher pings after a quiet `ping_every`).
+    wrote_at: Instant,
+}
+
+impl LinkWriter {
+    pub fn new(max_pending: usize) -> Arc<LinkWriter> {
+        Arc::new(LinkWriter {
+            st: Mutex::new(St {
+                sock: None,
+                out: BytesMut::new(),
+                sends: 0,
+                flushing: false,
+                broken: false,
+                wrote_at: Instant::now(),
+            }),
+            cv: Condvar::new(),
+            max_pending,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, St> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes from now on go to `sock` (a new connection, of `epoch`); whatever waited for an
+    /// earlier one is dropped.
+    pub fn attach(&self, sock: TcpStream, epoch: u64) {
+        let mut st = self.lock();
+        st.sock = Some((Arc::new(sock), epoch));
+        st.out.clear();
+        st.sends = 0;
+        st.flushing = false;
+        st.broken = false;
+        st.wrote_at = Instant::now();
+        self.cv.notify_all();
+    }
+
+    /// No connection any more: what waits is dropped, sends are dropped, the flusher returns.
+    pub fn detach(&self) {
+        let mut st = self.lock();
+        st.sock = None;
+        st.out.clear();
+        st.sends = 0;
+        st.flushing = false;
+        self.cv.notify_all();
+    }
+
+    /// Shuts the connection down (a reset: its peer does not read); the flusher returns, and
+    /// the link's reader sees the end.
+    pub fn shut_down(&self) {
+        let mut st = self.lock();
+        if let Some((s, _)) = &st.sock {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        st.broken = true;
+        st.out.clear();
+        st.sends = 0;
+        st.flushing = false;
+        self.cv.notify_all();
+    }
+
+    /// `(sends, bytes)` waiting for the flusher.
+    pub fn pending(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.sends, st.out.len())
+    }
+
+    /// Encodes with `encode` and writes it now if nothing waits, else behind what waits. With
+    /// `epoch`, only on the connection of that epoch (else dropped).
+    pub fn send(&self, epoch: Option<u64>, encode: impl FnOnce(&mut BytesMut)) -> Sent {
+        let mut st = self.lock();
+        let sock = match &st.sock {
+            Some((s, e)) if !st.broken && epoch.is_none_or(|want| want == *e) => s.clone(),
+            _ => return Sent::Dropped,
+        };
+        let before = st.out.len();
+        encode(&mut st.out);
+        if st.out.len() == before {
+            return Sent::Written;
+        }
+        if st.out.len() > self.max_pending {
+            st.out.truncate(before);
+            return Sent::Overflow;
+        }
+        st.sends += 1;
+        if st.flushing {
+            return Sent::Queued;
+        }
+        match write_now(&sock, &st.out) {
+            Ok(n) if n == st.out.len() => {
+                st.out.clear();
+                st.sends = 0;
+                st.wrote_at = Instant::now();
+                Sent::Written
+            }
+            Ok(n) => {
+                st.out.advance(n);
+                st.flushing = true;
+                self.cv.notify_all();
+                Sent::Queued
+            }
+            Err(_) => {
+                let _ = sock.shutdown(Shutdown::Both);
+                st.broken = true;
+                st.out.clear();
+                st.sends = 0;
+                self.cv.notify_all();
+                Sent::Dropped
+            }
+        }
+    }
+
+    /// The flusher of the connection of `epoch`: writes what senders left, with blocking writes,
+    /// until that connection is detached, replaced or broken (then `Err`). With `ping`, encodes a
+    /// ping after `every` without a write.
+    pub fn flush(
+        &self,
+        epoch: u64,
+        ping: Option<(Duration, &dyn Fn(&mut BytesMut))>,
+    ) -> std::io::Result<()> {
+        let over = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        let mut st = self.lock();
+        loop {
+            let sock = match &st.sock {
+                Some((s, e)) if *e == epoch && !st.broken => s.clone(),
+                Some((_, e)) if *e == epoch => return Err(over()),
+                _ => return Ok(()),
+            };
+            if !st.flushing {
+                let wait = match ping {
+                    Some((every, encode)) => {
+                        let quiet = st.wrote_at.elapsed();
+                        if quiet >= every {
+                            encode(&mut st.out);
+                            st.flushing = !st.out.is_empty();
+                            continue;
+                        }
+                        every - quiet
+                    }
+                    None => Duration::from_secs(3600),
+                };
+                st = self
+                    .cv
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            let chunk = st.out.split();
+            st.sends = 0;
+            drop(st);
+            let r = (&*sock).write_all(&chunk);
+            st = self.lock();
+            st.wrote_at = Instant::now();
+            if r.is_err() {
+                let _ = sock.shutdown(Shutdown::Both);
+                if st.sock.as_ref().is_some_and(|(_, e)| *e == epoch) {
+                    st.broken = true;
+                    st.out.clear();
+                    st.sends = 0;
+                    st.flushing = false;
+                }
+                return Err(over());
+            }
+            if st.out.is_empty() {
+                st.flushing = false;
+            }
+        }
+    }
+}
+
+/// One non-blocking `send` of `buf` (the socket itself stays blocking for the flusher): the
+/// bytes the socket took, 0 if it had no room.
+fn write_now(sock: &TcpStream, buf: &[u8]) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is readable for its length; the descriptor is the stream's.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    fn read_exact_within(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut v = vec![0u8; n];
+        s.read_exact(&mut v).expect("bytes within 10 s");
+        v
+    }
+
+    #[test]
+    fn a_send_with_nothing_waiting_is_written_by_the_sender_itself() {
+        let (a, mut b) = pair();
+        let w = LinkWriter::new(1 << 20);
+        w.attach(a, 1);
+        // No flusher runs: the bytes can only have been written by `send`.
+        assert_eq!(w.send(None, |o| o.extend_from_slice(b"hello")), Sent::Written);
+        assert_eq!(w.send(Some(1), |o| o.extend_from_slice(b" you")), Sent::Written);
+        assert_eq!(read_exact_within(&mut b, 9), b"hello you");
+        assert_eq!(w.pending(), (0, 0));
+        assert_eq!(w.send(Some(2), |o| o.extend_from_slice(b"x")), Sent::Dropped);
+        w.detach();
+        assert_eq!(w.send(None, |o| o.extend_from_slice(b"x")), Sent::Dropped);
+    }
+
+    /// A reader that stops makes the socket full: later sends queue behind the flusher's bytes
+    /// (never written past them), the bound refuses a send whole, and once the reader reads
+    /// everything arrives once, in order.
+    #[test]
+    fn what_the_socket_does_not_take_leaves_in_order_through_the_flusher() {
+        let (a, mut b) = pair();
+        const BOUND: usize = 4 << 20;
+        let w = LinkWriter::new(BOUND);
+        w.attach(a, 7);
+        let mut sent = 0u32;
+        let mut queued = false;
+        let mut overflow = false;
+        // 1 KiB records numbered in order, until the bound refuses one.
+        while !overflow {
+            assert!(sent < 1_000_000, "the bound never refused a send");
+            let r = w.send(None, |o| {
+                o.extend_from_slice(&sent.to_be_bytes());
+                o.extend_from_slice(&[0xAB; 1020]);
+            });
+            match r {
+                Sent::Written => assert!(!queued, "written past queued bytes"),
+                Sent::Queued => queued = true,
+                Sent::Overflow => overflow = true,
+                Sent::Dropped => panic!("dropped"),
+            }
+            if r != Sent::Overflow {
+                sent += 1;
+            }
+        }
+        let (_, bytes) = w.pending();
+        assert!(bytes <= BOUND && bytes > 0, "{bytes} pending");
+        let flusher = {
+            let w = w.clone();
+            std::thread::spawn(move || w.flush(7, None))
+        };
+        for i in 0..sent {
+            let rec = read_exact_within(&mut b, 1024);
+            assert_eq!(u32::from_be_bytes(rec[..4].try_into().unwrap()), i);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.pending() != (0, 0) {
+            assert!(Instant::now() < deadline, "never flushed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.detach();
+        assert!(flusher.join().unwrap().is_ok());
+    }
+
+    #[test]
+    fn the_flusher_pings_a_quiet_link_and_returns_when_it_is_shut_down() {
+        let (a, mut b) = pair();
+        let w = LinkWriter::new(1 << 20);
+        w.attach(a, 1);
+        let flusher = {
+            let w = w.clone();
+            std::thread::spawn(move || {
+                let ping = |o: &mut BytesMut| o.extend_from_slice(b"P");
+                w.flush(1, Some((Duration::from_millis(20), &ping)))
+            })
+        };
+        assert_eq!(read_exact_within(&mut b, 2), b"PP");
+        w.shut_down();
+        assert!(flusher.join().unwrap().is_err(), "a shut-down link is an error");
+        assert_eq!(w.send(None, |o| o.extend_from_slice(b"x")), Sent::Dropped);
+    }
+}
