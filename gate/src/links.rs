@@ -1,7 +1,9 @@
-//! TCP links to logic nodes (the distributed shape): one persistent link per logic node, with a
-//! writer thread that batches every queued upstream message into one write and pings when idle,
-//! and a reader thread that routes downstream batches to the gate cores. Virtual shards are split
-//! evenly over the configured nodes (the same map on every gate).
+//! TCP links to logic nodes (the distributed shape): one persistent link per logic node. A gate
+//! core writes its round's upstream messages to the link itself when nothing waits to be written
+//! before them (write-through, `im_shared::link_writer`: no thread to wake); the link's thread
+//! writes what the socket did not take at once, pings when idle and reconnects; a reader thread
+//! routes downstream batches to the gate cores. Virtual shards are split evenly over the
+//! configured nodes (the same map on every gate).
 //!
 //! While a link is down its lane refuses new work with the retryable `Unavailable`; frames that
 //! were queued but not written are answered with `Unavailable` too (the client retries with the
@@ -11,15 +13,15 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLink};
+use im_shared::link_writer::{LinkWriter, Sent};
 use im_shared::shard::{owner_of_vshard, vshard_of};
-use im_shared::{Command, ErrorCode, UserId};
+use im_shared::{Command, ConnId, ErrorCode, UserId};
 
 use crate::GateSink;
 
@@ -35,9 +37,29 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_QUEUED: usize = 100_000;
 
 struct NodeLink {
-    tx: Sender<Vec<Up>>,
+    /// Tagged with the client frames (connection, `req_id`) of bytes not written yet.
+    w: Arc<LinkWriter<(ConnId, u32)>>,
     up: AtomicBool,
-    queued: Arc<AtomicUsize>,
+    /// The link's `Ping` in flight (reset with every connection).
+    ping: PingClock,
+    /// Frames sent while the link had no connection: the link's thread answers them.
+    unsent: Mutex<Vec<(ConnId, u32)>>,
+}
+
+impl NodeLink {
+    fn new() -> NodeLink {
+        NodeLink {
+            w: LinkWriter::new(usize::MAX),
+            up: AtomicBool::new(false),
+            ping: PingClock::default(),
+            unsent: Mutex::default(),
+        }
+    }
+
+    /// Client frames written to neither the socket nor the flusher's bytes yet.
+    fn queued(&self) -> usize {
+        self.w.pending().0
+    }
 }
 
 /// The gate's upstream over TCP: one lane per logic node.
@@ -67,19 +89,9 @@ impl TcpUpstream {
         sink: Arc<GateSink>,
         max_queued: usize,
     ) -> Arc<TcpUpstream> {
-        let mut nodes = Vec::new();
-        let mut rxs = Vec::new();
-        for _ in &logic {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            nodes.push(NodeLink {
-                tx,
-                up: AtomicBool::new(false),
-                queued: Arc::new(AtomicUsize::new(0)),
-            });
-            rxs.push(rx);
-        }
+        let nodes = logic.iter().map(|_| NodeLink::new()).collect();
         let me = Arc::new(TcpUpstream { nodes, max_queued });
-        for (lane, (addr, rx)) in logic.into_iter().zip(rxs).enumerate() {
+        for (lane, addr) in logic.into_iter().enumerate() {
             let (me, sink, client_addr) = (me.clone(), sink.clone(), client_addr.clone());
             std::thread::Builder::new()
                 .name(format!("link-{lane}"))
@@ -90,7 +102,7 @@ impl TcpUpstream {
                         }
                         std::thread::sleep(Duration::from_millis(5));
                     };
-                    me.run_link(lane, gate_id, client_addr, addr, rx, sink)
+                    me.run_link(lane, gate_id, client_addr, addr, sink)
                 })
                 .expect("spawn link thread");
         }
@@ -111,10 +123,7 @@ impl TcpUpstream {
             "Client frames queued for a logic node's link and not written yet (bound: \
              max_link_queued, then new ones are refused with Overloaded).",
             "node",
-            self.nodes
-                .iter()
-                .map(|n| n.queued.load(Ordering::Relaxed) as u64)
-                .enumerate(),
+            self.nodes.iter().map(|n| n.queued() as u64).enumerate(),
         );
         im_shared::prom::labeled(
             out,
@@ -131,16 +140,17 @@ impl TcpUpstream {
     }
 
     fn run_link(
-        &self,
+        self: &Arc<Self>,
         lane: usize,
         gate_id: u16,
         client_addr: Announce,
         addr: SocketAddr,
-        rx: Receiver<Vec<Up>>,
         sink: Arc<GateSink>,
     ) {
         let node = &self.nodes[lane];
         let mut backoff = Duration::from_millis(50);
+        let mut epoch = 0u64;
+        let ping = |out: &mut BytesMut| node.ping.maybe_ping(out);
         // Failed connects since the link was last up: the first and then one every
         // `UNREACHABLE_WARN_EVERY` are warnings (an operator must see a node the gate cannot
         // reach), the rest debug.
@@ -150,26 +160,34 @@ impl TcpUpstream {
                 Ok(stream) => {
                     backoff = Duration::from_millis(50);
                     failing = None;
+                    epoch += 1;
+                    node.ping.reset();
+                    let theirs = stream.try_clone();
+                    node.w.attach(stream, epoch);
+                    let reader = theirs.map(|s| {
+                        let (sink, me) = (sink.clone(), self.clone());
+                        std::thread::spawn(move || {
+                            let node = &me.nodes[lane];
+                            read_loop(s, gate_id, &sink, &node.ping, &node.w)
+                        })
+                    });
                     tracing::info!(lane, %addr, "logic link up");
                     node.up.store(true, Ordering::Relaxed);
-                    let ping = Arc::new(PingClock::default());
-                    let reader = stream.try_clone().map(|s| {
-                        let (sink, ping) = (sink.clone(), ping.clone());
-                        std::thread::spawn(move || read_loop(s, gate_id, &sink, &ping))
-                    });
-                    write_loop(&stream, &rx, &node.queued, &ping);
+                    // Until the connection fails (a write here or of a sender, or the reader's end).
+                    let _ = node.w.flush(epoch, Some((PING_EVERY, &ping)));
                     node.up.store(false, Ordering::Relaxed);
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    node.w.shut_down();
                     if let Ok(r) = reader {
                         let _ = r.join();
                     }
                     tracing::warn!(lane, %addr, "logic link down");
-                    self.fail_queued(lane, &rx, &sink, gate_id);
+                    let unwritten = node.w.detach();
+                    self.fail(lane, unwritten, &sink, gate_id);
                     sink.lane_down(lane);
                 }
                 Err(e) => {
-                    // Queued work cannot wait for a node that is not there.
-                    self.fail_queued(lane, &rx, &sink, gate_id);
+                    // Work cannot wait for a node that is not there.
+                    self.fail(lane, Vec::new(), &sink, gate_id);
                     let now = std::time::Instant::now();
                     match &mut failing {
                         None => {
@@ -196,27 +214,26 @@ impl TcpUpstream {
         }
     }
 
-    /// Answers every queued, unsent client frame with the retryable `Unavailable`.
-    fn fail_queued(&self, lane: usize, rx: &Receiver<Vec<Up>>, sink: &GateSink, gate_id: u16) {
+    /// Answers the client frames that were never written (`unwritten`, and those sent while
+    /// the link had no connection) with the retryable `Unavailable`.
+    fn fail(&self, lane: usize, mut unwritten: Vec<(ConnId, u32)>, sink: &GateSink, gate_id: u16) {
+        unwritten.append(
+            &mut self.nodes[lane]
+                .unsent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         let mut per_core: HashMap<u16, Vec<Down>> = HashMap::new();
-        let mut n = 0;
-        while let Ok(batch) = rx.try_recv() {
-            for up in batch {
-                if let Up::Frame { conn, req_id, .. } = up {
-                    n += 1;
-                    per_core.entry(conn.core()).or_default().push(Down::Send {
-                        conn,
-                        data: Command::Error {
-                            code: ErrorCode::Unavailable,
-                            message: "logic link down, retry".into(),
-                        }
-                        .to_bytes(req_id),
-                    });
+        for (conn, req_id) in unwritten {
+            per_core.entry(conn.core()).or_default().push(Down::Send {
+                conn,
+                data: Command::Error {
+                    code: ErrorCode::Unavailable,
+                    message: "logic link down, retry".into(),
                 }
-            }
+                .to_bytes(req_id),
+            });
         }
-        let q = &self.nodes[lane].queued;
-        q.fetch_sub(n.min(q.load(Ordering::Relaxed)), Ordering::Relaxed);
         for (core, downs) in per_core {
             sink.send(gate_id, core, downs);
         }
@@ -262,6 +279,12 @@ impl Default for PingClock {
 }
 
 impl PingClock {
+    /// A new connection: no `Ping` in flight, one due at once.
+    fn reset(&self) {
+        self.sent_ns.store(0, Ordering::Relaxed);
+        self.last_ns.store(0, Ordering::Relaxed);
+    }
+
     fn now_ns(&self) -> u64 {
         (self.base.elapsed().as_nanos() as u64).max(1)
     }
@@ -285,51 +308,13 @@ impl PingClock {
     }
 }
 
-fn write_loop(stream: &TcpStream, rx: &Receiver<Vec<Up>>, queued: &AtomicUsize, ping: &PingClock) {
-    let mut s = stream;
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    loop {
-        out.clear();
-        let first = match rx.recv_timeout(PING_EVERY) {
-            Ok(b) => b,
-            Err(RecvTimeoutError::Timeout) => {
-                ping.maybe_ping(&mut out);
-                if s.write_all(&out).is_err() {
-                    return;
-                }
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        // A busy link is timed too: a `Ping` rides with the batch when one is due.
-        ping.maybe_ping(&mut out);
-        let mut frames = 0;
-        let mut add = |batch: Vec<Up>, out: &mut BytesMut| {
-            for up in &batch {
-                frames += matches!(up, Up::Frame { .. }) as usize;
-                link::encode_up(up, out);
-            }
-        };
-        add(first, &mut out);
-        while out.len() < 1024 * 1024 {
-            match rx.try_recv() {
-                Ok(b) => add(b, &mut out),
-                Err(_) => break,
-            }
-        }
-        queued.fetch_sub(
-            frames.min(queued.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
-        if s.write_all(&out).is_err() {
-            // What was in `out` may or may not have arrived: clients time out and retry with
-            // the same client_msg_id (deduplicated by logic).
-            return;
-        }
-    }
-}
-
-fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink, ping: &PingClock) {
+fn read_loop(
+    mut s: TcpStream,
+    gate_id: u16,
+    sink: &GateSink,
+    ping: &PingClock,
+    w: &LinkWriter<(ConnId, u32)>,
+) {
     let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut tmp = vec![0u8; 64 * 1024];
@@ -367,8 +352,8 @@ fn read_loop(mut s: TcpStream, gate_id: u16, sink: &GateSink, ping: &PingClock) 
             sink.send(gate_id, core, downs);
         }
     }
-    // Make the writer notice too.
-    let _ = s.shutdown(std::net::Shutdown::Both);
+    // Make the link's thread notice too (it may be waiting for something to write).
+    w.shut_down();
 }
 
 impl UpstreamLink for TcpUpstream {
@@ -380,7 +365,7 @@ impl UpstreamLink for TcpUpstream {
         let n = &self.nodes[lane];
         if !n.up.load(Ordering::Relaxed) {
             Err(ErrorCode::Unavailable)
-        } else if n.queued.load(Ordering::Relaxed) + unsent >= self.max_queued {
+        } else if n.queued() + unsent >= self.max_queued {
             Err(ErrorCode::Overloaded)
         } else {
             Ok(())
@@ -389,12 +374,24 @@ impl UpstreamLink for TcpUpstream {
 
     fn send(&self, lane: usize, batch: Vec<Up>) {
         let n = &self.nodes[lane];
-        let frames = batch
-            .iter()
-            .filter(|u| matches!(u, Up::Frame { .. }))
-            .count();
-        n.queued.fetch_add(frames, Ordering::Relaxed);
-        let _ = n.tx.send(batch);
+        // Written by this core's thread when nothing waits; a busy link is timed too: a `Ping`
+        // rides with the batch when one is due.
+        let (sent, unsent) = n.w.send_tagged(None, |out, frames| {
+            n.ping.maybe_ping(out);
+            for up in &batch {
+                if let Up::Frame { conn, req_id, .. } = up {
+                    frames.push((*conn, *req_id));
+                }
+                link::encode_up(up, out);
+            }
+        });
+        if sent == Sent::Dropped {
+            // No connection (it failed after `admit`): the link's thread answers them.
+            n.unsent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(unsent);
+        }
     }
 }
 
@@ -402,19 +399,31 @@ impl UpstreamLink for TcpUpstream {
 mod bound_tests {
     use super::*;
 
-    fn upstream(max_queued: usize) -> (TcpUpstream, Receiver<Vec<Up>>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let node = NodeLink {
-            tx,
-            up: AtomicBool::new(true),
-            queued: Arc::new(AtomicUsize::new(0)),
-        };
+    /// An upstream of one link connected to a logic end that never reads, whose socket is
+    /// already full: what is sent now waits for the flusher (none runs here).
+    fn upstream(max_queued: usize) -> (TcpUpstream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (theirs, _) = l.accept().unwrap();
+        let node = NodeLink::new();
+        node.w.attach(ours, 1);
+        node.up.store(true, Ordering::Relaxed);
+        let mut filled = 0;
+        while node
+            .w
+            .send_tagged(None, |out, _| out.extend_from_slice(&[0; 64 * 1024]))
+            .0
+            == Sent::Written
+        {
+            filled += 1;
+            assert!(filled < 10_000, "the socket never filled");
+        }
         (
             TcpUpstream {
                 nodes: vec![node],
                 max_queued,
             },
-            rx,
+            theirs,
         )
     }
 
@@ -432,7 +441,7 @@ mod bound_tests {
     /// refuses with `Unavailable`; the depth is on `/metrics`.
     #[test]
     fn a_link_refuses_past_its_configured_bound_and_shows_its_depth() {
-        let (up, _rx) = upstream(3);
+        let (up, _logic) = upstream(3);
         assert_eq!(up.admit(0, 0), Ok(()));
         up.send(0, vec![frame(1), frame(2)]);
         assert_eq!(up.admit(0, 0), Ok(()));
@@ -448,5 +457,14 @@ mod bound_tests {
         assert!(out.contains("\nim_gate_link_up{node=\"0\"} 1\n"), "{out}");
         up.nodes[0].up.store(false, Ordering::Relaxed);
         assert_eq!(up.admit(0, 0), Err(ErrorCode::Unavailable));
+        // The link fails: the frames never written come back, for the link's thread to answer
+        // them `Unavailable`.
+        let unwritten = up.nodes[0].w.detach();
+        assert_eq!(unwritten.iter().map(|f| f.1).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(up.nodes[0].queued(), 0);
+        // So does a frame sent while the link has no connection (it failed after `admit`).
+        up.send(0, vec![frame(4)]);
+        let unsent = up.nodes[0].unsent.lock().unwrap().clone();
+        assert_eq!(unsent.iter().map(|f| f.1).collect::<Vec<_>>(), [4]);
     }
 }

@@ -19,7 +19,6 @@ mod publish;
 mod router;
 mod services;
 pub mod worker;
-mod writer;
 
 // The crates logic is built on, under the paths logic's users know.
 /// The HTTP server API (crate `im-api`).

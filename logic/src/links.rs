@@ -17,7 +17,7 @@ use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLin
 use im_shared::{Command, ErrorCode};
 
 use crate::handle::LogicHandle;
-use crate::writer::{LinkWriter, Sent};
+use im_shared::link_writer::{LinkWriter, Sent};
 
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -29,7 +29,7 @@ pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// log in again and sync, so nothing acknowledged is lost.
 pub const MAX_GATE_QUEUE_BYTES: usize = 64 << 20;
 
-/// Writer of one gate link (write-through, `writer.rs`), with the link's generation and what
+/// Writer of one gate link (write-through, `im_shared::link_writer`), with the link's generation and what
 /// the gate announced in its `Hello`: (client address, WebSocket URL).
 struct LinkTx {
     gen: u64,

@@ -11,10 +11,10 @@
 //! - a worker sends live appends to a node only while the link is up and the worker has
 //!   *resynced* the current epoch: re-sent, in msg_id order, every outbox entry bound for that
 //!   node (whatever the dead connection may have swallowed);
-//! - every payload is queued with the epoch it was meant for (a live append: the epoch its worker
-//!   found ready), and the link thread writes only payloads of its current connection's epoch:
-//!   one queued for a connection that has since been replaced is dropped, never written to the
-//!   new one ahead of that epoch's resync.
+//! - every payload is sent with the epoch it was meant for (a live append: the epoch its worker
+//!   found ready), and the link's writer (write-through, `im_shared::link_writer`) takes only
+//!   payloads of its current connection's epoch: one meant for a connection that has since been
+//!   replaced is dropped, never written to the new one ahead of that epoch's resync.
 //!
 //! So on every connection an append never overtakes an older unconfirmed one of the same sender
 //! worker, and recipients drop duplicates by their `(uid, msg_id)` index. An outbox entry lives
@@ -33,11 +33,11 @@ use im_shared::link::{self, LinkMsg, Role};
 use im_shared::peer::{self, PeerError, PeerMsg, PeerMsgRef};
 
 use crate::worker::{GroupReq, WorkerMsg};
-use crate::writer::{LinkWriter, Sent};
+use im_shared::link_writer::{LinkWriter, Sent};
 
 /// Outbound links to the other logic nodes.
 pub struct PeerLinks {
-    /// Per node (`None`: this one): the link's writer (write-through, `writer.rs`): a worker
+    /// Per node (`None`: this one): the link's writer (write-through, `im_shared::link_writer`): a worker
     /// writes its payloads itself when nothing waits, and the link's thread writes the rest.
     writers: Vec<Option<Arc<LinkWriter>>>,
     state: Vec<Arc<LinkState>>,
@@ -54,7 +54,8 @@ impl Drop for PeerLinks {
     }
 }
 
-/// Default bytes of payloads one outbound link may hold queued (`peer_queue_bytes`). Past it the link is reset: the queue
+/// Default bytes of payloads one outbound link may hold waiting for its thread (those the socket
+/// did not take at once; `peer_queue_bytes`). Past it the link is reset: the queue
 /// is dropped, the connection closed and reopened in a new epoch, and every worker re-sends its
 /// outbox for that node before any new append (what a link failure does). Appends are never
 /// lost by it (they are in the outbox); confirmations are re-earned by the replay; `Delivered`
@@ -257,7 +258,9 @@ fn run(me: u16, addr: SocketAddr, w: &LinkWriter, st: &LinkState) {
         tracing::info!(%addr, "peer link up");
         // Writes what the workers could not write at once, and pings a quiet link, until the
         // connection fails or is reset.
-        if w.flush(epoch, Some((Duration::from_secs(5), &ping))).is_err() {
+        if w.flush(epoch, Some((Duration::from_secs(5), &ping)))
+            .is_err()
+        {
             tracing::warn!(%addr, "peer link down");
         }
     }

@@ -15,6 +15,7 @@ pub mod frame;
 pub mod ids;
 pub mod iplist;
 pub mod link;
+pub mod link_writer;
 pub mod msgid;
 pub mod org;
 pub mod peer;

@@ -1,5 +1,6 @@
-//! The writing end of a logic node's TCP links (to gates, `links.rs`, and to other logic nodes,
-//! `peer.rs`): **write-through**. A sender (a worker's thread, mostly) encodes its messages into
+//! The writing end of the distributed shape's TCP links (gate → logic: `gate/src/links.rs`;
+//! logic → gate: `logic/src/links.rs`; logic → logic: `logic/src/peer.rs`): **write-through**.
+//! The only I/O of this crate. A sender (a gate core or a logic worker) encodes its messages into
 //! the link's buffer and, when nothing is waiting to be written before them, writes them itself
 //! at once with a non-blocking `send`; only what the socket does not take is left to the link's
 //! flusher thread, which writes it with blocking writes and keeps the order.
@@ -15,6 +16,10 @@
 //!
 //! Bound: the bytes waiting in the buffer are at most `max_pending`; a send that would pass it is
 //! refused whole ([`Sent::Overflow`]) and the caller resets the link (its peer does not read).
+//!
+//! Tags: a send may leave tags with its bytes (the gate's: the client frames in them, to answer
+//! them `Unavailable` if the link fails before they are written). They count as waiting until
+//! the flusher takes the bytes; [`LinkWriter::detach`] hands back those of bytes never taken.
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
@@ -37,20 +42,23 @@ pub enum Sent {
     Overflow,
 }
 
+/// Encodes a ping into the buffer (or declines: nothing appended).
+pub type Ping<'a> = dyn Fn(&mut BytesMut) + 'a;
+
 /// One link's writer (one connection at a time; see the module docs).
-pub struct LinkWriter {
-    st: Mutex<St>,
+pub struct LinkWriter<T = ()> {
+    st: Mutex<St<T>>,
     cv: Condvar,
     max_pending: usize,
 }
 
-struct St {
+struct St<T> {
     /// The connection written to, and its epoch; `None` while there is none.
     sock: Option<(Arc<TcpStream>, u64)>,
     /// Bytes that wait for the flusher (non-empty exactly while `flushing`).
     out: BytesMut,
-    /// Sends whose bytes wait in `out`.
-    sends: usize,
+    /// Tags of the bytes in `out`.
+    tags: Vec<T>,
     /// The flusher owns the socket's writes.
     flushing: bool,
     /// A write failed: the connection is over (the flusher returns).
@@ -59,13 +67,25 @@ struct St {
     wrote_at: Instant,
 }
 
-impl LinkWriter {
-    pub fn new(max_pending: usize) -> Arc<LinkWriter> {
+impl LinkWriter<()> {
+    /// Encodes with `encode` and writes it now if nothing waits, else behind what waits (one
+    /// tag: the send). With `epoch`, only on the connection of that epoch (else dropped).
+    pub fn send(&self, epoch: Option<u64>, encode: impl FnOnce(&mut BytesMut)) -> Sent {
+        self.send_tagged(epoch, |out, tags| {
+            encode(out);
+            tags.push(());
+        })
+        .0
+    }
+}
+
+impl<T> LinkWriter<T> {
+    pub fn new(max_pending: usize) -> Arc<LinkWriter<T>> {
         Arc::new(LinkWriter {
             st: Mutex::new(St {
                 sock: None,
                 out: BytesMut::new(),
-                sends: 0,
+                tags: Vec::new(),
                 flushing: false,
                 broken: false,
                 wrote_at: Instant::now(),
@@ -75,7 +95,7 @@ impl LinkWriter {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, St> {
+    fn lock(&self) -> MutexGuard<'_, St<T>> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -85,21 +105,22 @@ impl LinkWriter {
         let mut st = self.lock();
         st.sock = Some((Arc::new(sock), epoch));
         st.out.clear();
-        st.sends = 0;
+        st.tags.clear();
         st.flushing = false;
         st.broken = false;
         st.wrote_at = Instant::now();
         self.cv.notify_all();
     }
 
-    /// No connection any more: what waits is dropped, sends are dropped, the flusher returns.
-    pub fn detach(&self) {
+    /// No connection any more: what waits is dropped (its tags are returned), later sends are
+    /// dropped, the flusher returns.
+    pub fn detach(&self) -> Vec<T> {
         let mut st = self.lock();
         st.sock = None;
         st.out.clear();
-        st.sends = 0;
         st.flushing = false;
         self.cv.notify_all();
+        std::mem::take(&mut st.tags)
     }
 
     /// Shuts the connection down (a reset: its peer does not read); the flusher returns, and
@@ -111,58 +132,67 @@ impl LinkWriter {
         }
         st.broken = true;
         st.out.clear();
-        st.sends = 0;
         st.flushing = false;
         self.cv.notify_all();
     }
 
-    /// `(sends, bytes)` waiting for the flusher.
+    /// `(tags, bytes)` waiting for the flusher.
     pub fn pending(&self) -> (usize, usize) {
         let st = self.lock();
-        (st.sends, st.out.len())
+        (st.tags.len(), st.out.len())
     }
 
-    /// Encodes with `encode` and writes it now if nothing waits, else behind what waits. With
-    /// `epoch`, only on the connection of that epoch (else dropped).
-    pub fn send(&self, epoch: Option<u64>, encode: impl FnOnce(&mut BytesMut)) -> Sent {
+    /// Encodes with `encode` (bytes, and tags for them) and writes them now if nothing waits,
+    /// else behind what waits. With `epoch`, only on the connection of that epoch. A send that is
+    /// not kept (dropped, refused) hands its tags back.
+    pub fn send_tagged(
+        &self,
+        epoch: Option<u64>,
+        encode: impl FnOnce(&mut BytesMut, &mut Vec<T>),
+    ) -> (Sent, Vec<T>) {
         let mut st = self.lock();
+        let mut tags = Vec::new();
         let sock = match &st.sock {
             Some((s, e)) if !st.broken && epoch.is_none_or(|want| want == *e) => s.clone(),
-            _ => return Sent::Dropped,
+            _ => {
+                encode(&mut BytesMut::new(), &mut tags);
+                return (Sent::Dropped, tags);
+            }
         };
         let before = st.out.len();
-        encode(&mut st.out);
+        encode(&mut st.out, &mut tags);
         if st.out.len() == before {
-            return Sent::Written;
+            return (Sent::Written, Vec::new());
         }
         if st.out.len() > self.max_pending {
             st.out.truncate(before);
-            return Sent::Overflow;
+            return (Sent::Overflow, tags);
         }
-        st.sends += 1;
         if st.flushing {
-            return Sent::Queued;
+            st.tags.append(&mut tags);
+            return (Sent::Queued, Vec::new());
         }
         match write_now(&sock, &st.out) {
             Ok(n) if n == st.out.len() => {
                 st.out.clear();
-                st.sends = 0;
                 st.wrote_at = Instant::now();
-                Sent::Written
+                (Sent::Written, Vec::new())
             }
             Ok(n) => {
                 st.out.advance(n);
+                st.tags.append(&mut tags);
                 st.flushing = true;
                 self.cv.notify_all();
-                Sent::Queued
+                (Sent::Queued, Vec::new())
             }
             Err(_) => {
+                // Part of it may have arrived: as with a failed write of the flusher, its tags
+                // are not handed back (the client times out and retries).
                 let _ = sock.shutdown(Shutdown::Both);
                 st.broken = true;
                 st.out.clear();
-                st.sends = 0;
                 self.cv.notify_all();
-                Sent::Dropped
+                (Sent::Dropped, Vec::new())
             }
         }
     }
@@ -170,11 +200,7 @@ impl LinkWriter {
     /// The flusher of the connection of `epoch`: writes what senders left, with blocking writes,
     /// until that connection is detached, replaced or broken (then `Err`). With `ping`, encodes a
     /// ping after `every` without a write.
-    pub fn flush(
-        &self,
-        epoch: u64,
-        ping: Option<(Duration, &dyn Fn(&mut BytesMut))>,
-    ) -> std::io::Result<()> {
+    pub fn flush(&self, epoch: u64, ping: Option<(Duration, &Ping)>) -> std::io::Result<()> {
         let over = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
         let mut st = self.lock();
         loop {
@@ -188,7 +214,9 @@ impl LinkWriter {
                     Some((every, encode)) => {
                         let quiet = st.wrote_at.elapsed();
                         if quiet >= every {
+                            // (The encoder may decline: then the next try is `every` later.)
                             encode(&mut st.out);
+                            st.wrote_at = Instant::now();
                             st.flushing = !st.out.is_empty();
                             continue;
                         }
@@ -204,7 +232,7 @@ impl LinkWriter {
                 continue;
             }
             let chunk = st.out.split();
-            st.sends = 0;
+            st.tags.clear();
             drop(st);
             let r = (&*sock).write_all(&chunk);
             st = self.lock();
@@ -214,7 +242,6 @@ impl LinkWriter {
                 if st.sock.as_ref().is_some_and(|(_, e)| *e == epoch) {
                     st.broken = true;
                     st.out.clear();
-                    st.sends = 0;
                     st.flushing = false;
                 }
                 return Err(over());
@@ -277,11 +304,20 @@ mod tests {
         let w = LinkWriter::new(1 << 20);
         w.attach(a, 1);
         // No flusher runs: the bytes can only have been written by `send`.
-        assert_eq!(w.send(None, |o| o.extend_from_slice(b"hello")), Sent::Written);
-        assert_eq!(w.send(Some(1), |o| o.extend_from_slice(b" you")), Sent::Written);
+        assert_eq!(
+            w.send(None, |o| o.extend_from_slice(b"hello")),
+            Sent::Written
+        );
+        assert_eq!(
+            w.send(Some(1), |o| o.extend_from_slice(b" you")),
+            Sent::Written
+        );
         assert_eq!(read_exact_within(&mut b, 9), b"hello you");
         assert_eq!(w.pending(), (0, 0));
-        assert_eq!(w.send(Some(2), |o| o.extend_from_slice(b"x")), Sent::Dropped);
+        assert_eq!(
+            w.send(Some(2), |o| o.extend_from_slice(b"x")),
+            Sent::Dropped
+        );
         w.detach();
         assert_eq!(w.send(None, |o| o.extend_from_slice(b"x")), Sent::Dropped);
     }
@@ -334,6 +370,43 @@ mod tests {
         assert!(flusher.join().unwrap().is_ok());
     }
 
+    /// The gate's tags (client frames) of bytes that never left come back at a detach, to be
+    /// answered; those of written bytes do not, nor those of a send into no connection.
+    #[test]
+    fn tags_of_bytes_never_taken_come_back_at_a_detach() {
+        let (a, _b) = pair(); // never read
+        let w: Arc<LinkWriter<u32>> = LinkWriter::new(64 << 20);
+        w.attach(a, 1);
+        let mut i = 0u32;
+        loop {
+            assert!(i < 100_000, "the socket never filled");
+            let (r, back) = w.send_tagged(None, |o, t| {
+                o.extend_from_slice(&[0; 4096]);
+                t.push(i);
+            });
+            assert!(back.is_empty());
+            i += 1;
+            match r {
+                Sent::Written => {}
+                Sent::Queued => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        let (r, _) = w.send_tagged(None, |o, t| {
+            o.extend_from_slice(b"x");
+            t.push(i);
+        });
+        assert_eq!(r, Sent::Queued);
+        assert_eq!(w.pending().0, 2);
+        assert_eq!(w.detach(), vec![i - 1, i]);
+        assert_eq!(w.pending(), (0, 0));
+        let (r, back) = w.send_tagged(None, |o, t| {
+            o.extend_from_slice(b"y");
+            t.push(99);
+        });
+        assert_eq!((r, back), (Sent::Dropped, vec![99]));
+    }
+
     #[test]
     fn the_flusher_pings_a_quiet_link_and_returns_when_it_is_shut_down() {
         let (a, mut b) = pair();
@@ -348,7 +421,10 @@ mod tests {
         };
         assert_eq!(read_exact_within(&mut b, 2), b"PP");
         w.shut_down();
-        assert!(flusher.join().unwrap().is_err(), "a shut-down link is an error");
+        assert!(
+            flusher.join().unwrap().is_err(),
+            "a shut-down link is an error"
+        );
         assert_eq!(w.send(None, |o| o.extend_from_slice(b"x")), Sent::Dropped);
     }
 }
