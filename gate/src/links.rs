@@ -173,6 +173,9 @@ impl TcpUpstream {
                     });
                     tracing::info!(lane, %addr, "logic link up");
                     node.up.store(true, Ordering::Relaxed);
+                    // Frames that found no connection just before this one (admitted while the
+                    // last one was up) are answered now rather than at the next failure.
+                    self.fail(lane, Vec::new(), &sink, gate_id);
                     // Until the connection fails (a write here or of a sender, or the reader's end).
                     let _ = node.w.flush(epoch, Some((PING_EVERY, &ping)));
                     node.up.store(false, Ordering::Relaxed);
