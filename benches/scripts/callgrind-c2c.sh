@@ -9,9 +9,13 @@
 # zeroes the counters once the sends run, dumps them 15 s later, and prints the dump's
 # instructions divided by the new messages in it (calls of `stored_dedup`, one per new message).
 # The profile stays in OUT_PREFIX.cg.* for callgrind_annotate. Everything started is killed on exit.
+# `--fair-sched=yes`: with valgrind's default lock a thread that keeps running (a gate core's loop)
+# starved the others, and the second gate core came up minutes after the first (2026-12-06);
+# counts taken with and without it are not comparable: compare builds with the same script.
 set -u
 bin=${1:?usage: callgrind-c2c.sh BIN_DIR OUT_PREFIX}
 out=${2:?usage: callgrind-c2c.sh BIN_DIR OUT_PREFIX}
+mkdir -p "$(dirname "$out")"
 port=${PORT:-7471}
 d=$(mktemp -d /tmp/im-callgrind.XXXXXX)
 vpid= lpid=
@@ -22,11 +26,11 @@ cleanup() {
   rm -rf "$d"
 }
 trap cleanup EXIT
-valgrind --tool=callgrind --callgrind-out-file="$out.cg" --dump-instr=no "$bin/im-server" run \
+valgrind --tool=callgrind --fair-sched=yes --callgrind-out-file="$out.cg" --dump-instr=no "$bin/im-server" run \
   --listen "127.0.0.1:$port" --api-listen 127.0.0.1:0 --data-dir "$d/data" >"$d/server.log" 2>&1 &
 vpid=$!
 for _ in $(seq 120); do grep -q listening "$d/server.log" && break; sleep 1; done
-grep -q listening "$d/server.log" || { echo "the server did not start" >&2; exit 1; }
+grep -q listening "$d/server.log" || { echo "the server did not start:" >&2; tail -5 "$d/server.log" >&2; exit 1; }
 "$bin/im-loadgen" c2c -n 200 --msg-rate 500 --secs 25 --server "127.0.0.1:$port" >"$out.lg" 2>&1 &
 lpid=$!
 for _ in $(seq 120); do grep -q "sent  *[1-9]" "$out.lg" && break; sleep 0.5; done
