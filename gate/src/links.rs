@@ -56,9 +56,10 @@ impl NodeLink {
         }
     }
 
-    /// Client frames written to neither the socket nor the flusher's bytes yet.
+    /// Client frames written to neither the socket nor the flusher's bytes yet (read for every
+    /// frame admitted: no lock).
     fn queued(&self) -> usize {
-        self.w.pending().0
+        self.w.waiting()
     }
 }
 

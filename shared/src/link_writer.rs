@@ -24,6 +24,7 @@
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ pub struct LinkWriter<T = ()> {
     st: Mutex<St<T>>,
     cv: Condvar,
     max_pending: usize,
+    /// `st.tags.len()`, readable without the lock (the gate asks it for every client frame).
+    waiting: AtomicUsize,
 }
 
 struct St<T> {
@@ -92,6 +95,7 @@ impl<T> LinkWriter<T> {
             }),
             cv: Condvar::new(),
             max_pending,
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -106,6 +110,7 @@ impl<T> LinkWriter<T> {
         st.sock = Some((Arc::new(sock), epoch));
         st.out.clear();
         st.tags.clear();
+        self.waiting.store(0, Ordering::Relaxed);
         st.flushing = false;
         st.broken = false;
         st.wrote_at = Instant::now();
@@ -120,6 +125,7 @@ impl<T> LinkWriter<T> {
         st.out.clear();
         st.flushing = false;
         self.cv.notify_all();
+        self.waiting.store(0, Ordering::Relaxed);
         std::mem::take(&mut st.tags)
     }
 
@@ -134,6 +140,11 @@ impl<T> LinkWriter<T> {
         st.out.clear();
         st.flushing = false;
         self.cv.notify_all();
+    }
+
+    /// Tags waiting for the flusher, without taking the writer's lock.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// `(tags, bytes)` waiting for the flusher.
@@ -170,6 +181,7 @@ impl<T> LinkWriter<T> {
         }
         if st.flushing {
             st.tags.append(&mut tags);
+            self.waiting.store(st.tags.len(), Ordering::Relaxed);
             return (Sent::Queued, Vec::new());
         }
         match write_now(&sock, &st.out) {
@@ -181,6 +193,7 @@ impl<T> LinkWriter<T> {
             Ok(n) => {
                 st.out.advance(n);
                 st.tags.append(&mut tags);
+                self.waiting.store(st.tags.len(), Ordering::Relaxed);
                 st.flushing = true;
                 self.cv.notify_all();
                 (Sent::Queued, Vec::new())
@@ -233,6 +246,7 @@ impl<T> LinkWriter<T> {
             }
             let chunk = st.out.split();
             st.tags.clear();
+            self.waiting.store(0, Ordering::Relaxed);
             drop(st);
             let r = (&*sock).write_all(&chunk);
             st = self.lock();
