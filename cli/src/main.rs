@@ -6,6 +6,8 @@
 //! > /to 2                        # make user 2 the default peer, then type plain lines
 //! > /group new team 2,3          # create a group with users 2 and 3 (prints its id)
 //! > #<group id> hello team       # post to a group
+//! > #<group id> @4 @all look      # `@<uid>` and `@all` words mention (in a large group, @all:
+//!                                # owner and admins, every member gets it in its own timeline)
 //! > /groups  /group info <id>  /group add <id> 4  /group rm <id> 4  /group leave <id>
 //! > /group sync <id> [after]  /group members <id> [after]   # a large group's posts, its members
 //! > /group posting <id> owner  # only the owner and admins post (a channel); `all` opens it again
@@ -37,7 +39,7 @@ use im_shared::files::{FileKind, FileRef};
 use im_shared::org::{OrgEntity, OrgRecord, OrgTree};
 use im_shared::proto::{
     GroupEvent, GroupEventKind, MarkerBody, Message, CONV_C2C, CONV_C2G, CONV_GROUP_EVENT,
-    CONV_READ, CONV_RECALL, CONV_S2C,
+    CONV_MENTION, CONV_READ, CONV_RECALL, CONV_S2C, MAX_MENTIONS,
 };
 use im_shared::token::{now_secs, HmacTokens};
 use im_shared::{DeviceType, GroupId, MsgId, Seq, UserId};
@@ -91,6 +93,7 @@ fn show(m: &Message, me: UserId) {
         CONV_C2C => println!("[{}] {} → you: {}", m.seq, m.from, body),
         CONV_C2G => println!("[{}] #{} {}: {}", m.seq, m.to, who, body),
         CONV_S2C => println!("[{}] (service {}): {}", m.seq, m.from, body),
+        CONV_MENTION => println!("[{}] #{} {} mentioned you: {}", m.seq, m.to, who, body),
         CONV_RECALL => match MarkerBody::decode(m.body.clone()) {
             Ok(r) => println!("[{}] {} recalled msg {}", m.seq, who, r.msg_id),
             Err(_) => println!("[{}] {} recalled a message", m.seq, who),
@@ -109,6 +112,29 @@ fn show(m: &Message, me: UserId) {
         },
         k => println!("[{}] kind {k} from {}: {}", m.seq, who, body),
     }
+}
+
+/// The members a post's text mentions: every `@<uid>` word, and `@all` as uid 0 (at most
+/// [`MAX_MENTIONS`], the first ones; repeats once).
+fn mentions_in(text: &str) -> Vec<UserId> {
+    let mut out: Vec<UserId> = Vec::new();
+    for w in text.split_whitespace() {
+        let Some(name) = w.strip_prefix('@') else {
+            continue;
+        };
+        let name = name.trim_end_matches(|c: char| c.is_ascii_punctuation());
+        let uid = match name {
+            "all" => UserId(0),
+            n => match n.parse() {
+                Ok(u) if u != 0 => UserId(u),
+                _ => continue,
+            },
+        };
+        if !out.contains(&uid) && out.len() < MAX_MENTIONS {
+            out.push(uid);
+        }
+    }
+    out
 }
 
 /// A file message in words (`None`: not one): `[image cat.png, image/png, 640×480, 12 345 bytes]`.
@@ -983,7 +1009,8 @@ fn main() -> anyhow::Result<()> {
                         println!("! bad group id {g:?}");
                         continue;
                     };
-                    match s.send_c2g(GroupId(g), None, text.to_owned(), Vec::new()) {
+                    let mentions = mentions_in(text);
+                    match s.send_c2g(GroupId(g), None, text.to_owned(), mentions) {
                         Ok(cmid) => {
                             t.labels.insert(cmid, None);
                         }
@@ -1053,6 +1080,17 @@ mod tests {
     use super::*;
 
     use im_shared::org::{OrgDept, OrgMember, OrgPerson};
+
+    #[test]
+    fn mentions_are_read_from_the_words_of_a_post() {
+        assert_eq!(
+            mentions_in("@4 see this, @all: and @4 again @x @0 mail@7"),
+            vec![UserId(4), UserId(0)]
+        );
+        assert!(mentions_in("no one").is_empty());
+        let many: String = (1..=30).map(|i| format!("@{i} ")).collect();
+        assert_eq!(mentions_in(&many).len(), MAX_MENTIONS);
+    }
 
     #[test]
     fn a_large_groups_head_and_switch_are_printed_with_the_command_to_read_it() {

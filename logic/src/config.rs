@@ -66,6 +66,9 @@ pub struct LogicConfig {
     /// Posts per second a large group accepts (a burst of as many); more are refused with
     /// `Overloaded` (retryable).
     pub large_group_posts_per_sec: u32,
+    /// Seconds between two `@all` posts of one large group (each writes a mention entry to
+    /// every member); one sooner is refused with `Overloaded` (retryable).
+    pub large_group_mention_all_secs: u64,
 }
 
 /// Largest image and voice clip a client may upload (a video or a document: up to
@@ -136,6 +139,7 @@ impl Default for LogicConfig {
             large_group_threshold: im_shared::proto::MAX_GROUP_MEMBERS,
             max_group_members: 1_000_000,
             large_group_posts_per_sec: 100,
+            large_group_mention_all_secs: 60,
             lease: None,
             org_visibility: false,
             files: None,

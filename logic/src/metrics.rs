@@ -4,12 +4,14 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use im_shared::prom::Histogram;
-use im_shared::proto::{CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_READ, CONV_RECALL, CONV_S2C};
+use im_shared::proto::{
+    CONV_C2C, CONV_C2G, CONV_GROUP_EVENT, CONV_MENTION, CONV_READ, CONV_RECALL, CONV_S2C,
+};
 
 /// Shared by every worker of a node (relaxed atomics: monotonic counters only).
 #[derive(Debug)]
 pub struct Metrics {
-    by_conv: [AtomicU64; 7],
+    by_conv: [AtomicU64; 8],
     pub logins: AtomicU64,
     /// `Typing` commands forwarded, and refused by the per-connection rate limit.
     pub typing_sent: AtomicU64,
@@ -17,6 +19,10 @@ pub struct Metrics {
     pub groups_created: AtomicU64,
     pub groups_made_large: AtomicU64,
     pub large_delivered: AtomicU64,
+    /// `@all` posts of large groups whose mention entries are still being fanned out (all
+    /// workers; a gauge), and the members whose entry such a fan-out sent.
+    pub mention_all_running: AtomicU64,
+    pub mention_all_entries: AtomicU64,
     pub c2s_queued: AtomicU64,
     pub c2s_failed: AtomicU64,
     pub pushes: AtomicU64,
@@ -69,6 +75,8 @@ impl Default for Metrics {
             groups_created: AtomicU64::new(0),
             groups_made_large: AtomicU64::new(0),
             large_delivered: AtomicU64::new(0),
+            mention_all_running: AtomicU64::new(0),
+            mention_all_entries: AtomicU64::new(0),
             c2s_queued: AtomicU64::new(0),
             c2s_failed: AtomicU64::new(0),
             pushes: AtomicU64::new(0),
@@ -199,6 +207,7 @@ impl Metrics {
             (CONV_RECALL, "recall"),
             (CONV_READ, "read"),
             (CONV_GROUP_EVENT, "group_event"),
+            (CONV_MENTION, "mention"),
         ] {
             let v = self.by_conv[conv as usize].load(Ordering::Relaxed);
             let _ = writeln!(out, "im_messages_accepted_total{{kind=\"{name}\"}} {v}");
@@ -229,6 +238,11 @@ impl Metrics {
                 "im_large_group_deliveries_total",
                 "Live posts of large groups handed to members' devices.",
                 &self.large_delivered,
+            ),
+            (
+                "im_mention_all_entries_total",
+                "Mention entries sent to members by @all posts of large groups (one per member).",
+                &self.mention_all_entries,
             ),
             (
                 "im_c2s_enqueued_total",
@@ -306,6 +320,11 @@ impl Metrics {
                 "im_groups_cached",
                 "Group states held in logic memory.",
                 &self.groups_cached,
+            ),
+            (
+                "im_mention_all_running",
+                "@all posts of large groups whose mention entries are still being fanned out.",
+                &self.mention_all_running,
             ),
             (
                 "im_users_cached_bytes",

@@ -94,6 +94,8 @@ pub struct ServerConfig {
     pub max_group_members: usize,
     /// Posts per second a large group accepts.
     pub large_group_posts_per_sec: u32,
+    /// Seconds between two `@all` posts of one large group.
+    pub large_group_mention_all_secs: u64,
     /// The organisation tree's c2c policy: a user may start a chat only with users visible to
     /// it in the tree (docs/API.md "Organisation tree"). Default off.
     pub org_visibility: bool,
@@ -189,6 +191,7 @@ impl Default for ServerConfig {
             large_group_threshold: l.large_group_threshold,
             max_group_members: l.max_group_members,
             large_group_posts_per_sec: l.large_group_posts_per_sec,
+            large_group_mention_all_secs: l.large_group_mention_all_secs,
             org_visibility: l.org_visibility,
             shard_lease_ms: 10_000,
             api: Some(ApiConfig::default()),
@@ -268,6 +271,7 @@ pub(crate) fn logic_config(cfg: &ServerConfig) -> LogicConfig {
         large_group_threshold: cfg.large_group_threshold,
         max_group_members: cfg.max_group_members,
         large_group_posts_per_sec: cfg.large_group_posts_per_sec,
+        large_group_mention_all_secs: cfg.large_group_mention_all_secs,
         org_visibility: cfg.org_visibility,
         files: crate::files::policy(cfg),
         ..LogicConfig::default()

@@ -77,6 +77,7 @@ const LOGIC_KEYS: &[&str] = &[
     "large_group_threshold",
     "max_group_members",
     "large_group_posts_per_sec",
+    "large_group_mention_all_secs",
     "org_visibility",
     "scylla_nodes",
     "scylla_keyspace",

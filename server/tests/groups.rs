@@ -600,3 +600,51 @@ fn a_group_past_the_threshold_is_read_from_its_own_timeline() {
     });
     assert_eq!(heads[0].read, Seq(2));
 }
+
+/// `@all` in a large group: the owner's post reaches every member's own timeline as a mention
+/// entry, in chunks of 1 000 members (here three), the offline ones included; a plain member
+/// may not, and a second one within the interval is refused (PROTOCOL.md "SendC2g").
+#[test]
+fn an_all_mention_in_a_large_group_reaches_every_member_chunk_after_chunk() {
+    let s = start_with(|cfg| cfg.large_group_threshold = 3);
+    let mut a = login(s.addr, 1201);
+    let mut b = login(s.addr, 1202);
+    let g = a.create_group("everyone", &[UserId(1202)]).unwrap();
+    let offline: Vec<UserId> = (0..2_100).map(|i| UserId(20_000 + i)).collect();
+    for part in offline.chunks(1_050) {
+        a.group_add(g, part).unwrap();
+    }
+    let all = [UserId(0)];
+    assert_eq!(
+        code(b.send_c2g_mentioning(g, 1, "@all", &all).unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    let post = a.send_c2g_mentioning(g, 1, "@all standup", &all).unwrap();
+    // An online member: the post live, and the mention in its own timeline.
+    let m = next_of(&mut b, im_shared::proto::CONV_MENTION);
+    assert_eq!((m.msg_id, m.from, m.to.0), (post.msg_id, UserId(1201), g.0));
+    assert_eq!(&m.body[..], b"@all standup");
+    let err = a.send_c2g_mentioning(g, 2, "@all again", &all).unwrap_err();
+    assert_eq!(code(err), ErrorCode::Overloaded);
+    // The last member in uid order is in the third chunk; offline, it finds the mention when it
+    // syncs (once its chunk is through).
+    let last = offline.last().unwrap().0;
+    let mut c = login(s.addr, last);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        let (page, _, _) = c.sync_page(Seq(0), 100).unwrap();
+        let mentions: Vec<&Message> = page
+            .iter()
+            .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+            .collect();
+        if !mentions.is_empty() {
+            break mentions.iter().map(|m| m.msg_id).collect::<Vec<_>>();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mention for {last} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(found, vec![post.msg_id], "exactly one, the post's");
+}

@@ -591,7 +591,8 @@ pub async fn push_watches<S: Store>(store: &S, base: u64) {
 }
 
 /// Outbox: put, scan in msg_id order, scan returns only its own shard, delete (also of an absent
-/// entry), entries with no and with many recipients.
+/// entry), entries with no and with many recipients; a recipient list comes back in the order it
+/// was written, a leading uid 0 included (the mark of an `@all` chunk, logic's `ALL_MARK`).
 pub async fn outbox<S: Store>(store: &S, base: u64) {
     let (s, other) = (shard(base, 0), shard(base, 1));
     let sender = uid(base, 6, 0);
@@ -604,7 +605,7 @@ pub async fn outbox<S: Store>(store: &S, base: u64) {
     };
     let many: Vec<UserId> = (1..BLOCK).map(|i| uid(base, 6, i)).collect();
     let e256 = entry(256, vec![uid(base, 6, 1)]);
-    let e1 = entry(1, vec![uid(base, 6, 2), uid(base, 6, 3)]);
+    let e1 = entry(1, vec![UserId(0), uid(base, 6, 3), uid(base, 6, 2)]);
     let e255 = entry(255, many);
     let e_none = entry(1 << 40, Vec::new());
     let foreign = OutboxEntry {

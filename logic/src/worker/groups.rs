@@ -413,7 +413,16 @@ impl<S: Store> Worker<S> {
                 body,
                 mentions,
             } => {
-                if self.groups[&group].owner_posts && !admin && actor != owner && !is_admin {
+                let manager = admin || actor == owner || is_admin;
+                if self.groups[&group].large.is_some() && mentions.contains(&UserId(0)) && !manager
+                {
+                    let e = ApiError::new(
+                        ErrorCode::Forbidden,
+                        "only the owner and admins may mention @all (uid 0) in a large group",
+                    );
+                    return self.refuse(reply, &POST, e, round);
+                }
+                if self.groups[&group].owner_posts && !manager {
                     let e = ApiError::new(
                         ErrorCode::Forbidden,
                         "only the owner and admins post in this group",
@@ -805,12 +814,11 @@ impl<S: Store> Worker<S> {
                 return self.refuse(reply, &POST, e, round);
             }
         }
-        if large && mentions.contains(&UserId(0)) {
-            let e = ApiError::new(
-                ErrorCode::InvalidArgument,
-                "@all (uid 0) is not available in a large group: mention members by uid",
-            );
-            return self.refuse(reply, &POST, e, round);
+        let all = large && mentions.contains(&UserId(0));
+        if all {
+            if let Some(e) = self.mention_all_refusal(group) {
+                return self.refuse(reply, &POST, e, round);
+            }
         }
         if !self.large_admit(group) {
             let rate = self.cfg.large_group_posts_per_sec;
@@ -842,7 +850,11 @@ impl<S: Store> Worker<S> {
         // The members it mentions get it in their own timelines too (the offline push with it).
         if large {
             (entry.seq, entry.prev_seq) = self.large_append(group, msg.clone(), round);
-            self.mention(group, actor, &msg, mentions, round);
+            if all {
+                self.mention_all(group, &msg, round);
+            } else {
+                self.mention(group, actor, &msg, mentions, round);
+            }
         }
         let g = self.groups.get_mut(&group).expect("loaded");
         if client_msg_id != 0 {

@@ -143,6 +143,20 @@ impl LargeIndex {
     }
 }
 
+/// Members one chunk of an `@all` fan-out names: the chunk's outbox entry lists them, and the
+/// next chunk is written when all of them confirmed.
+/// (A handful in unit tests, so a small group spans several chunks.)
+pub(super) const MENTION_ALL_CHUNK: usize = if cfg!(test) { 4 } else { 1_000 };
+
+/// An `@all` post of a large group whose mention entries are still being fanned out: the
+/// members up to `after` (in uid order) have had theirs sent.
+pub(super) struct MentionAll {
+    pub(super) group: GroupId,
+    /// The [`CONV_MENTION`] copy of the post.
+    pub(super) msg: Message,
+    pub(super) after: UserId,
+}
+
 /// A large group's state on its owner.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Large {
@@ -446,6 +460,119 @@ impl<S: Store> Worker<S> {
         };
         self.metrics.accepted(CONV_MENTION);
         self.fan_out(vshard_of(UserId(group.0)), &m, to, round);
+    }
+
+    /// Owner side: whether large group `group` may start an `@all` now: not while the last one
+    /// is still being fanned out, nor within `large_group_mention_all_secs` of its start.
+    pub(super) fn mention_all_refusal(&self, group: GroupId) -> Option<ApiError> {
+        if self.mention_all.values().any(|j| j.group == group) {
+            return Some(ApiError::new(
+                ErrorCode::Overloaded,
+                "the group's last @all is still being delivered; retry later",
+            ));
+        }
+        let every = self.cfg.large_group_mention_all_secs;
+        let last = self.mention_all_at.get(&group).copied();
+        if last.is_some_and(|t| self.now < t.saturating_add(every * 1000)) {
+            return Some(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("a large group takes at most one @all every {every} s; retry later"),
+            ));
+        }
+        None
+    }
+
+    /// Owner side: `@all` in large group `group`: every member but the poster gets post `msg`
+    /// as a [`CONV_MENTION`] entry in its own timeline (live, synced, pushed like any mention),
+    /// fanned out [`MENTION_ALL_CHUNK`] members at a time in uid order. Each chunk is the
+    /// post's outbox entry, marked as a chunk of an `@all` ([`outbox::ALL_MARK`]); when all its
+    /// members confirmed, the next chunk replaces it (`on_append_done`), and a restart resumes
+    /// from the stored chunk ([`Worker::resume_mention_all`]). So the cost is a write per
+    /// member, spread over rounds, with one chunk of appends in flight per post.
+    pub(super) fn mention_all(&mut self, group: GroupId, msg: &Message, round: &mut Round) {
+        let now = self.now;
+        let every = self.cfg.large_group_mention_all_secs.saturating_mul(1000);
+        self.mention_all_at
+            .retain(|_, t| now < t.saturating_add(every));
+        self.mention_all_at.insert(group, now);
+        self.metrics.accepted(CONV_MENTION);
+        let job = MentionAll {
+            group,
+            msg: Message {
+                conv: CONV_MENTION,
+                ..msg.clone()
+            },
+            after: UserId(0),
+        };
+        self.mention_all_chunk(job, round);
+    }
+
+    /// The next chunk of `job`: up to [`MENTION_ALL_CHUNK`] members after `job.after`, not the
+    /// poster, fanned out in this round. False when no member is left (or the group is gone).
+    pub(super) fn mention_all_chunk(&mut self, job: MentionAll, round: &mut Round) -> bool {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Some(g) = self.groups.get(&job.group) else {
+            return false;
+        };
+        let from = job.msg.from;
+        let chunk: Vec<UserId> = g
+            .members
+            .range((Excluded(job.after), Unbounded))
+            .map(|(u, _)| *u)
+            .filter(|u| *u != from)
+            .take(MENTION_ALL_CHUNK)
+            .collect();
+        let Some(&last) = chunk.last() else {
+            return false;
+        };
+        let shard = vshard_of(UserId(job.group.0));
+        self.metrics
+            .mention_all_entries
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.fan_out_marked(shard, &job.msg, chunk, true, round);
+        self.mention_all
+            .insert((shard, job.msg.msg_id), MentionAll { after: last, ..job });
+        true
+    }
+
+    /// At a replay of an `@all` chunk read from the store (`recipients` without the mark): the
+    /// fan-out goes on after this chunk once it is confirmed. Loads the group (retrying a
+    /// failing store, as the outbox read does); a group that is gone ends the fan-out with this
+    /// chunk.
+    pub(super) async fn resume_mention_all(
+        &mut self,
+        shard: ShardId,
+        msg: &Message,
+        recipients: &[UserId],
+    ) {
+        let group = GroupId(msg.to.0);
+        let Some(&after) = recipients.iter().max() else {
+            return;
+        };
+        if self.mention_all.contains_key(&(shard, msg.msg_id)) {
+            return;
+        }
+        loop {
+            match self.load_group(group).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(worker = self.idx, "@all of {group}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    // As for an unreadable outbox: this chunk is replayed, the rest needs an
+                    // operator (the entry stays).
+                    tracing::error!(worker = self.idx, "@all of {group} stops here: {e}");
+                    return;
+                }
+            }
+        }
+        let job = MentionAll {
+            group,
+            msg: msg.clone(),
+            after,
+        };
+        self.mention_all.insert((shard, msg.msg_id), job);
     }
 
     /// Owner side: whether `actor` may recall, in large group `group`, the post that the recall

@@ -581,6 +581,8 @@ pub struct Worker<S> {
     /// This worker's share of the `im_users_cached` / `im_groups_cached` gauges, as last added.
     cached_users: u64,
     cached_groups: u64,
+    /// `mention_all.len()` as last added to the node's gauge.
+    counted_mention_all: u64,
     /// Remembered `client_msg_id`s and pending notices held by this worker's users' [`Active`]
     /// parts (kept up to date where they change, for the byte budget).
     dedup_entries: usize,
@@ -620,6 +622,11 @@ pub struct Worker<S> {
     push_due: VecDeque<(u64, UserId, u64)>,
     /// Fan-outs not yet confirmed by every recipient.
     outbox: outbox::Outbox,
+    /// `@all` posts of large groups whose mention entries are still being fanned out, one
+    /// chunk of members at a time, by outbox key (`worker/large.rs`, "@all").
+    mention_all: FastMap<(ShardId, MsgId), large::MentionAll>,
+    /// When each large group of this worker last started an `@all` (ms; in memory only).
+    mention_all_at: FastMap<GroupId, u64>,
     /// Writes that need no commit of their own, with the time the oldest of them waits since:
     /// they ride with the next commit, or are written alone after [`LAZY_FLUSH_MS`].
     lazy: Lazy,
@@ -783,6 +790,7 @@ impl<S: Store> Worker<S> {
             users: Users::default(),
             cached_users: 0,
             cached_groups: 0,
+            counted_mention_all: 0,
             dedup_entries: 0,
             pending_entries: 0,
             active_users: 0,
@@ -799,6 +807,8 @@ impl<S: Store> Worker<S> {
             c2s: None,
             push_due: VecDeque::new(),
             outbox: outbox::Outbox::default(),
+            mention_all: FastMap::default(),
+            mention_all_at: FastMap::default(),
             lazy: Lazy::default(),
             now: 0,
             org_notice: (0, None),
@@ -1103,7 +1113,7 @@ impl<S: Store> Worker<S> {
                         self.on_append(a, &mut round).await;
                     }
                 }
-                WorkerMsg::AppendDone(done) => self.on_append_done(done),
+                WorkerMsg::AppendDone(done) => self.on_append_done(done, &mut round),
                 WorkerMsg::Delivered(notes) => self.on_delivered(notes, &mut round),
                 WorkerMsg::GateDown(gate) => self.on_gate_down(gate),
                 WorkerMsg::Group(req) => self.on_group(req, &mut round).await,
@@ -1255,10 +1265,18 @@ impl<S: Store> Worker<S> {
         let max_groups = (self.cfg.max_cached_groups / workers).max(1);
         if self.groups.len() > max_groups {
             let keep = max_groups - max_groups / 10;
-            let mut all: Vec<(u32, GroupId)> =
-                self.groups.iter().map(|(g, s)| (s.touched, *g)).collect();
-            let drop = self.groups.len() - keep;
-            all.select_nth_unstable(drop - 1);
+            // A group whose `@all` is being fanned out stays: its next chunk reads the members.
+            let busy: FastSet<GroupId> = self.mention_all.values().map(|j| j.group).collect();
+            let mut all: Vec<(u32, GroupId)> = self
+                .groups
+                .iter()
+                .filter(|(g, _)| !busy.contains(*g))
+                .map(|(g, s)| (s.touched, *g))
+                .collect();
+            let drop = (self.groups.len() - keep).min(all.len());
+            if drop > 0 && drop < all.len() {
+                all.select_nth_unstable(drop - 1);
+            }
             for (_, g) in &all[..drop] {
                 self.groups.remove(g);
             }
@@ -1275,6 +1293,12 @@ impl<S: Store> Worker<S> {
         self.metrics.users_cached.fetch_add(du, Ordering::Relaxed);
         self.metrics.groups_cached.fetch_add(dg, Ordering::Relaxed);
         (self.cached_users, self.cached_groups) = (users, groups);
+        let running = self.mention_all.len() as u64;
+        self.metrics.mention_all_running.fetch_add(
+            running.wrapping_sub(self.counted_mention_all),
+            Ordering::Relaxed,
+        );
+        self.counted_mention_all = running;
         let bytes = self.cache_bytes() as u64;
         self.metrics
             .cache_bytes

@@ -2,7 +2,8 @@
 //! sent after the commit, the recipients' confirmations, replays and retries.
 //!
 //! One outbox entry `(shard, msg_id)` lists every recipient of one message (one for c2c, every
-//! member for a group post, every user of an s2c). It stays in the store until **every**
+//! member for a group post, every user of an s2c), except for an `@all` in a large group: there
+//! it lists one chunk of the members at a time, behind the mark [`ALL_MARK`] (`worker/large.rs`). It stays in the store until **every**
 //! recipient's worker confirmed its append: an `AppendDone` names the recipient, and the worker
 //! keeps the recipients still unconfirmed in memory ([`Outbox`]), rebuilt from the store at start.
 //! (Deleting the entry on the first confirmation lost the post for the others whenever their
@@ -26,6 +27,10 @@ use im_shared::{MsgId, ShardId, UserId};
 
 use super::{AppendReq, Round, Worker, WorkerMsg};
 use crate::store::{Op, OutboxEntry, Store};
+
+/// The mark in front of a stored outbox entry's recipients (uid 0, never a user) that makes it
+/// one chunk of an `@all` fan-out (`worker/large.rs`).
+pub(super) const ALL_MARK: UserId = UserId(0);
 
 /// First re-send of appends that a worker of another node has not confirmed ...
 pub(super) const RETRY_FIRST_MS: u64 = 5_000;
@@ -168,6 +173,20 @@ impl<S: Store> Worker<S> {
         recipients: Vec<UserId>,
         round: &mut Round,
     ) {
+        self.fan_out_marked(shard, msg, recipients, false, round);
+    }
+
+    /// [`Worker::fan_out`]; with `all_mark`, the stored entry's recipient list starts with
+    /// [`ALL_MARK`]: one chunk of an `@all` fan-out, continued after its last recipient once
+    /// every one of them confirmed (`worker/large.rs`), also after a restart.
+    pub(super) fn fan_out_marked(
+        &mut self,
+        shard: ShardId,
+        msg: &Message,
+        recipients: Vec<UserId>,
+        all_mark: bool,
+        round: &mut Round,
+    ) {
         for r in &recipients {
             round.appends_out[self.owner(*r)].push(AppendReq {
                 recipient: *r,
@@ -177,6 +196,11 @@ impl<S: Store> Worker<S> {
             });
         }
         self.outbox.track(shard, msg, &recipients, self.now);
+        let recipients = if all_mark {
+            std::iter::once(ALL_MARK).chain(recipients).collect()
+        } else {
+            recipients
+        };
         round.batch.push(Op::OutboxPut(OutboxEntry {
             shard,
             msg_id: msg.msg_id,
@@ -186,10 +210,20 @@ impl<S: Store> Worker<S> {
     }
 
     /// Recipients' workers confirmed these appends: an entry is deleted once all did (a lazy
-    /// write: see `Lazy`).
-    pub(super) fn on_append_done(&mut self, done: Vec<(ShardId, MsgId, UserId)>) {
+    /// write: see `Lazy`), unless it is a chunk of an `@all` with members left: then the next
+    /// chunk replaces it, in this round's batch.
+    pub(super) fn on_append_done(
+        &mut self,
+        done: Vec<(ShardId, MsgId, UserId)>,
+        round: &mut Round,
+    ) {
         for (shard, msg_id, recipient) in done {
             if self.outbox.confirm(shard, msg_id, recipient) {
+                if let Some(job) = self.mention_all.remove(&(shard, msg_id)) {
+                    if self.mention_all_chunk(job, round) {
+                        continue;
+                    }
+                }
                 self.lazy.outbox_delete(shard, msg_id, self.now);
             }
         }
@@ -230,11 +264,15 @@ impl<S: Store> Worker<S> {
             };
             for OutboxEntry {
                 shard,
-                recipients,
+                mut recipients,
                 msg,
                 ..
             } in entries
             {
+                if recipients.contains(&ALL_MARK) {
+                    recipients.retain(|r| *r != ALL_MARK);
+                    self.resume_mention_all(shard, &msg, &recipients).await;
+                }
                 self.outbox.track(shard, &msg, &recipients, now);
                 for r in recipients {
                     if !self.outbox.is_unconfirmed(shard, msg.msg_id, r)

@@ -217,6 +217,28 @@ impl Fx {
     async fn timeline(&self, uid: UserId) -> Vec<Message> {
         self.store.timeline(uid, Seq(0), 1000).await.unwrap()
     }
+
+    /// Runs one round of the worker that owns `group` with what waits in its inbox.
+    async fn step_owner(&mut self, group: GroupId) {
+        let w = self.worker_of(UserId(group.0));
+        let msgs = self.inbox(w);
+        self.step(w, msgs).await.unwrap();
+    }
+
+    /// Whether none of `users` has a mention entry.
+    async fn mentions_none(&self, users: &[UserId]) -> bool {
+        for u in users {
+            if self
+                .timeline(*u)
+                .await
+                .iter()
+                .any(|m| m.conv == im_shared::proto::CONV_MENTION)
+            {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 fn conn(serial: u32) -> ConnId {
@@ -2883,14 +2905,9 @@ async fn a_mention_in_a_large_group_reaches_the_mentioned_members_own_timelines_
             .count(),
         1
     );
-    // @all (uid 0) is refused in a large group, and more than 20 mentions anywhere.
+    // More than 20 mentions are refused anywhere.
     let many: Vec<UserId> = (1..=21).map(|i| UserId(b.0 + 300 + i)).collect();
-    fx.client(
-        conn(1),
-        a,
-        vec![(4, mention(2, vec![UserId(0)])), (5, mention(3, many))],
-    )
-    .await;
+    fx.client(conn(1), a, vec![(5, mention(3, many))]).await;
     fx.pump().await;
     let refused: Vec<(u32, ErrorCode)> = fx
         .out()
@@ -2900,13 +2917,191 @@ async fn a_mention_in_a_large_group_reaches_the_mentioned_members_own_timelines_
             _ => None,
         })
         .collect();
+    assert_eq!(refused, vec![(5, ErrorCode::InvalidArgument)]);
+}
+
+/// A large group of the owner `a` (worker 0, online on `conn(1)`), `b` (worker 1, online on
+/// `conn(2)`), `c` (worker 0, online on `conn(3)`) and eleven offline members spread over both
+/// workers: 14 members, four chunks of an `@all` at the test chunk size.
+async fn all_hands(fx: &mut Fx) -> (UserId, UserId, UserId, GroupId, Vec<UserId>) {
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = fx.user_on(0, a.0 + 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.login(conn(3), c, DeviceType::Phone).await;
+    let group = create_group(fx, a, vec![b, c]).await;
+    let offline: Vec<UserId> = (0..11).map(|i| UserId(b.0 + 1_000 + i * 7)).collect();
+    let add = Command::GroupAdd {
+        group,
+        members: offline.clone(),
+    };
+    fx.client(conn(1), a, vec![(2, add)]).await;
+    fx.pump().await;
+    fx.out();
+    (a, b, c, group, offline)
+}
+
+fn mention_all(client_msg_id: u64, group: GroupId) -> Command {
+    Command::SendC2g {
+        client_msg_id,
+        group,
+        body: Bytes::from_static(b"@all meeting at 10"),
+        mentions: vec![UserId(0)],
+    }
+}
+
+/// The mention entries (`msg_id`s) in `uid`'s timeline.
+async fn mentions_of(fx: &Fx, uid: UserId) -> Vec<MsgId> {
+    fx.timeline(uid)
+        .await
+        .iter()
+        .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+        .map(|m| m.msg_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_all_mention_in_a_large_group_reaches_every_member_once_chunk_by_chunk() {
+    let mut fx = large_fx().await;
+    let (a, b, c, group, offline) = all_hands(&mut fx).await;
+    // A plain member may not; the owner may.
+    fx.client(conn(2), b, vec![(3, mention_all(1, group))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
     assert_eq!(
-        refused,
-        vec![
-            (5, ErrorCode::InvalidArgument),
-            (4, ErrorCode::InvalidArgument)
-        ]
+        error_to(&out, conn(2), 3).map(|e| e.0),
+        Some(ErrorCode::Forbidden)
     );
+    assert!(fx.mentions_none(&[a, b, c]).await);
+    fx.client(conn(1), a, vec![(4, mention_all(2, group))])
+        .await;
+    fx.step_owner(group).await;
+    let ack = acks(&fx.out())[0];
+    // The post's outbox entry is the first chunk: the @all mark and 4 members, in uid order.
+    let shard = vshard_of(UserId(group.0));
+    let entries = fx.store.outbox(shard).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].recipients.len(), 5);
+    assert_eq!(entries[0].recipients[0], UserId(0));
+    assert!(entries[0].recipients[1..].is_sorted());
+    assert_eq!(entries[0].msg.conv, im_shared::proto::CONV_MENTION);
+    fx.pump().await;
+    let out = fx.out();
+    // Every member but the poster: exactly one mention entry, the post's.
+    for u in [b, c].iter().chain(&offline) {
+        assert_eq!(mentions_of(&fx, *u).await, vec![ack.1], "member {u}");
+    }
+    assert!(mentions_of(&fx, a).await.is_empty(), "not the poster");
+    // The online members got it live too (and the post itself, once).
+    for cn in [conn(2), conn(3)] {
+        let live: Vec<MsgId> = delivered_to(&out, cn)
+            .iter()
+            .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+            .map(|m| m.msg_id)
+            .collect();
+        assert_eq!(live, vec![ack.1], "{cn:?}");
+        assert_eq!(group_delivered_to(&out, cn).len(), 1, "{cn:?}");
+    }
+    // The group timeline has the post once; the last chunk's entry goes once it is confirmed.
+    let gt = fx.store.group_timeline(group, Seq(0), 100).await.unwrap();
+    assert_eq!(gt.iter().filter(|m| m.msg_id == ack.1).count(), 1);
+    fx.settle().await;
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
+    // Another @all within the interval is refused (retryable), even by an admin; after it, an
+    // admin's is taken.
+    let role = Command::GroupRole {
+        group,
+        uid: c,
+        role: ROLE_ADMIN,
+    };
+    fx.client(conn(1), a, vec![(5, role)]).await;
+    fx.pump().await;
+    fx.out();
+    fx.client(conn(3), c, vec![(6, mention_all(3, group))])
+        .await;
+    fx.pump().await;
+    let out = fx.out();
+    let (code, why) = error_to(&out, conn(3), 6).expect("refused");
+    assert_eq!(code, ErrorCode::Overloaded);
+    assert!(why.contains("one @all every 60 s"), "{why}");
+    fx.now += 60_000;
+    fx.client(conn(3), c, vec![(7, mention_all(3, group))])
+        .await;
+    fx.pump().await;
+    let second = acks(&fx.out())[0].1;
+    assert_eq!(mentions_of(&fx, a).await, vec![second], "the owner too now");
+    assert_eq!(mentions_of(&fx, b).await, vec![ack.1, second]);
+    assert_eq!(mentions_of(&fx, c).await, vec![ack.1], "not the poster");
+}
+
+#[tokio::test]
+async fn an_all_mention_is_refused_while_the_last_one_is_still_being_delivered() {
+    let mut fx = large_fx().await;
+    let (a, _b, _c, group, _offline) = all_hands(&mut fx).await;
+    fx.client(conn(1), a, vec![(3, mention_all(1, group))])
+        .await;
+    fx.step_owner(group).await;
+    assert_eq!(acks(&fx.out()).len(), 1);
+    // The first chunk's appends are not confirmed yet; even past the interval, a second waits.
+    fx.now += 120_000;
+    fx.client(conn(1), a, vec![(4, mention_all(2, group))])
+        .await;
+    fx.step_owner(group).await;
+    let (code, why) = error_to(&fx.out(), conn(1), 4).expect("refused");
+    assert_eq!(code, ErrorCode::Overloaded);
+    assert!(why.contains("still being delivered"), "{why}");
+    // A retry of the first (same client_msg_id) is its ack again, not a refusal.
+    fx.client(conn(1), a, vec![(5, mention_all(1, group))])
+        .await;
+    fx.step_owner(group).await;
+    assert_eq!(acks(&fx.out()).len(), 1);
+}
+
+#[tokio::test]
+async fn an_all_mention_interrupted_by_a_crash_resumes_after_the_restart_and_stores_nothing_twice()
+{
+    let mut fx = large_fx().await;
+    let (a, b, c, group, offline) = all_hands(&mut fx).await;
+    fx.client(conn(1), a, vec![(3, mention_all(1, group))])
+        .await;
+    fx.step_owner(group).await;
+    let ack = acks(&fx.out())[0];
+    // The members' workers append the first chunk and confirm; the confirmations die with the
+    // process, before the owner wrote the second chunk.
+    let mut lost = 0;
+    for _ in 0..2 {
+        for w in 0..2 {
+            let mut msgs = fx.inbox(w);
+            let n = msgs.len();
+            msgs.retain(|m| !matches!(m, WorkerMsg::AppendDone(_)));
+            lost += n - msgs.len();
+            fx.step(w, msgs).await.unwrap();
+        }
+    }
+    let appended: usize = {
+        let mut n = 0;
+        for u in [b, c].iter().chain(&offline) {
+            n += mentions_of(&fx, *u).await.len();
+        }
+        n
+    };
+    assert_eq!(appended, 4, "one chunk");
+    assert!(lost > 0);
+    fx.restart().await;
+    // The stored chunk is replayed (found by the members' msg index: no second copy) and the
+    // fan-out goes on after it.
+    fx.pump().await;
+    for u in [b, c].iter().chain(&offline) {
+        assert_eq!(mentions_of(&fx, *u).await, vec![ack.1], "member {u}");
+    }
+    fx.settle().await;
+    let shard = vshard_of(UserId(group.0));
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
+    // Nothing is left to replay at the next start.
+    fx.restart().await;
+    assert!(fx.inbox(0).is_empty() && fx.inbox(1).is_empty());
 }
 
 #[tokio::test]
