@@ -627,10 +627,38 @@ pub(crate) fn verdict(result: &Value) -> Vec<String> {
         ),
         ("posts with two seqs", &large["seqs"]["posts_with_two_seqs"]),
         ("seqs with two posts", &large["seqs"]["seqs_with_two_posts"]),
+        (
+            "members without the @all mention entry",
+            &large["mention_all"]["missing"],
+        ),
+        (
+            "duplicate @all mention entries",
+            &large["mention_all"]["duplicates"],
+        ),
+        (
+            "@all mention entries to the poster",
+            &large["mention_all"]["to_poster"],
+        ),
     ] {
         if let Some(n) = v.as_u64().filter(|&n| n > 0) {
             bad.push(format!("large-group: {n} {k}"));
         }
+    }
+    let mention = &large["mention_all"];
+    if mention["acked"].as_u64() == Some(0) {
+        bad.push(format!(
+            "large-group: the @all post was not acknowledged (errors {}, ack timeouts {})",
+            mention["send_errors"], mention["ack_timeouts"]
+        ));
+    }
+    if mention["other_msg_ids"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        bad.push(format!(
+            "large-group: @all mention entries with another msg_id than the post's: {}",
+            mention["other_msg_ids"]
+        ));
     }
     for k in ["c2c", "group", "warmup"] {
         if let Some(n) = result[k]["not_back"].as_u64().filter(|&n| n > 0) {
@@ -985,6 +1013,63 @@ fn large_table(r: &Report, j: Option<&GroupJoin>, seqs: Option<&SeqCheck>, secs:
     s
 }
 
+/// `large-group --mention-all`, after the posts drained: the owner posts one `@all` to group
+/// `id`; then every executor waits (at most `secs`) until each member that was online, but the
+/// owner, holds its mention entry. The table rows and the JSON of the phase.
+fn mention_all_phase(
+    coord: &mut Coord,
+    c: &Common,
+    id: u64,
+    secs: f64,
+) -> anyhow::Result<(String, Value)> {
+    let t0 = Instant::now();
+    let mut m = coord.request(Op::MentionAll { group: id })?;
+    // Not acked: nothing to wait for; every expected entry is missing.
+    let got = coord.request(Op::MentionWait {
+        max_secs: if m.acked > 0 { secs } else { 0.0 },
+        quiet_ms: c.drain_quiet_ms,
+    })?;
+    let wait_secs = t0.elapsed().as_secs_f64();
+    // Entries that came before the wait began are in the first report.
+    m.merge(&got);
+    let msg_id = m.mention_msg_id;
+    let other_ids: Vec<u64> = m
+        .mention_msg_ids
+        .iter()
+        .copied()
+        .filter(|i| *i != msg_id)
+        .collect();
+    let mut t = format!(
+        "  @all (owner's post mentioning uid 0; msg_id {msg_id}): sent {}, acked {}, errors {:?}, ack timeouts {}; its post copies (GroupDeliver) {}\n",
+        m.sent, m.acked, m.send_errors, m.ack_timeouts, m.delivered
+    );
+    t += &format!(
+        "  @all mention entries: expected {} (members online but the owner), received {}, missing {}, duplicates {}, to the poster {}, with another msg_id {other_ids:?}; {wait_secs:.2} s from the send to the end of the wait\n",
+        m.mention_expected, m.mention_received, m.mention_missing, m.mention_dups, m.mention_to_poster
+    );
+    t += &lat_row("@all send→ack", &m.ack_us);
+    t += &lat_row("@all send→mention", &m.mention_us);
+    let j = json!({
+        "group": id,
+        "msg_id": msg_id,
+        "sent": m.sent,
+        "acked": m.acked,
+        "send_errors": m.send_errors,
+        "ack_timeouts": m.ack_timeouts,
+        "ack_latency": lat(&m.ack_us),
+        "post_copies": m.delivered,
+        "expected": m.mention_expected,
+        "received": m.mention_received,
+        "missing": m.mention_missing,
+        "duplicates": m.mention_dups,
+        "to_poster": m.mention_to_poster,
+        "other_msg_ids": other_ids,
+        "seconds": wait_secs,
+        "deliver_latency": lat(&m.mention_us),
+    });
+    Ok((t, j))
+}
+
 fn drain(c: &Common) -> Op {
     Op::Drain {
         quiet_ms: c.drain_quiet_ms,
@@ -1285,6 +1370,8 @@ fn run(
             create_members,
             ready_secs,
             p99_bound_ms,
+            mention_all,
+            mention_all_secs,
             ..
         } => {
             result["scenario"] = "large-group".into();
@@ -1390,6 +1477,13 @@ fn run(
                 );
             }
             result["cpu"] = cj;
+            let mention = if *mention_all {
+                let (mt, mj) = mention_all_phase(coord, c, id, *mention_all_secs)?;
+                t += &mt;
+                mj
+            } else {
+                Value::Null
+            };
             result["login"] = login_json(&login);
             result["members"] = (*members).into();
             result["msg_rate"] = (*msg_rate).into();
@@ -1438,6 +1532,7 @@ fn run(
                     "p99_ms": p99,
                     "met": met,
                 },
+                "mention_all": mention,
             });
         }
         Scenario::Worker { .. } | Scenario::Logins { .. } => unreachable!("handled in main"),
@@ -1518,6 +1613,35 @@ mod verdict_tests {
                 "large-group: 1 batches never added",
                 "large-group: 2 holes in the group's timeline",
                 "large-group: 3 seqs with two posts"
+            ]
+        );
+        // large-group --mention-all: missing, duplicated or misplaced mention entries fail
+        // the run, and so does an @all that was not acknowledged.
+        let mention = |m: serde_json::Value| {
+            json!({"login": {"attempted": 4, "logged_in": 4},
+                   "group": {"accounting": {"lost": 0}},
+                   "large": {"mention_all": m}})
+        };
+        let clean = json!({"acked": 1, "expected": 3, "received": 3, "missing": 0,
+                           "duplicates": 0, "to_poster": 0, "other_msg_ids": []});
+        assert!(verdict(&mention(clean)).is_empty());
+        let bad = json!({"acked": 1, "expected": 3, "received": 2, "missing": 1,
+                         "duplicates": 2, "to_poster": 1, "other_msg_ids": [5]});
+        assert_eq!(
+            verdict(&mention(bad)),
+            [
+                "large-group: 1 members without the @all mention entry",
+                "large-group: 2 duplicate @all mention entries",
+                "large-group: 1 @all mention entries to the poster",
+                "large-group: @all mention entries with another msg_id than the post's: [5]"
+            ]
+        );
+        let unacked = json!({"acked": 0, "send_errors": {"Forbidden": 1}, "ack_timeouts": 0,
+                             "expected": 0, "missing": 0, "other_msg_ids": []});
+        assert_eq!(
+            verdict(&mention(unacked)),
+            [
+                r#"large-group: the @all post was not acknowledged (errors {"Forbidden":1}, ack timeouts 0)"#
             ]
         );
         // Untracked runs (--no-track) have no counts: nothing to judge.

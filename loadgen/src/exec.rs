@@ -53,7 +53,7 @@ use glommio::timer::sleep;
 use im_client::core::{classify, resend_due, Attempts, Offer};
 use im_shared::frame::encode_header;
 use im_shared::iplist::rendezvous_weight;
-use im_shared::proto::{GroupEventKind, Message, CONV_C2G, CONV_GROUP_EVENT};
+use im_shared::proto::{GroupEventKind, Message, CONV_C2G, CONV_GROUP_EVENT, CONV_MENTION};
 use im_shared::token::HmacTokens;
 use im_shared::{
     Cmd, Command, DeviceType, ErrorCode, FrameCodec, GroupId, KickReason, Seq, UserId,
@@ -113,6 +113,8 @@ struct Pending {
     last_try: Instant,
     /// Repetitions so far (carried in the body: [`BODY_HEADER`]).
     tries: u8,
+    /// An `@all` post (its mentions are uid 0; a repetition keeps them).
+    all: bool,
 }
 
 /// An optional instant in 10 µs units since the process's first use of it (0 = none), 4 bytes
@@ -324,6 +326,10 @@ struct Exec {
     head_req: Cell<Option<u64>>,
     /// `(poster << 32 | counter, group seq)` pairs seen here (each reported once).
     post_seq: RefCell<HashSet<(u64, u64)>>,
+    /// `@all`: mention entries of this run held per local conn (the poster's not counted), and
+    /// how many conns hold one.
+    mentions: RefCell<HashMap<u32, u32>>,
+    mention_members: Cell<u64>,
     /// Open connections plus reconnects waiting for their backoff (drains and quits wait for
     /// them).
     tasks: Cell<u32>,
@@ -552,6 +558,12 @@ impl Exec {
             self.rep.borrow_mut().group_events += 1;
             return;
         }
+        if m.conv == CONV_MENTION {
+            // A mention entry (`@all` in a large group): a timeline entry, acked as any, and
+            // the post's content, not a message of its own: counted apart.
+            self.count_mention(c, m);
+            return;
+        }
         // A group post reaches its poster too (that copy is one of the member deliveries); a
         // c2c message's copy in the sender's own timeline is an echo.
         let group = m.conv == CONV_C2G;
@@ -614,6 +626,47 @@ impl Exec {
             }
         }
         Some((from_idx, counter))
+    }
+
+    /// Counts one accepted mention entry of this run's `@all`: a member's first (with its
+    /// send → entry latency from the body), a duplicate, or one the poster should not get.
+    fn count_mention(&self, c: &Conn, m: &Message) {
+        if (m.client_msg_id >> 32) as u32 != self.run_id || m.body.len() < BODY_HEADER {
+            return; // an earlier run's
+        }
+        let send_ns = u64::from_be_bytes(m.body[0..8].try_into().expect("8 bytes"));
+        let mut r = self.rep.borrow_mut();
+        if !r.mention_msg_ids.contains(&m.msg_id.0) {
+            r.mention_msg_ids.push(m.msg_id.0);
+        }
+        if m.from == c.uid {
+            r.mention_to_poster += 1;
+            return;
+        }
+        let mut held = self.mentions.borrow_mut();
+        let n = held.entry(c.local).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.mention_members.set(self.mention_members.get() + 1);
+            r.mention_us.record(now_ns().saturating_sub(send_ns) / 1000);
+        } else {
+            r.mention_dups += 1;
+        }
+    }
+
+    /// End of the `@all` wait: every user that was online, but the poster (user 0), holds a
+    /// mention entry or misses it.
+    fn count_mentions(&self) {
+        let held = self.mentions.borrow();
+        let mut r = self.rep.borrow_mut();
+        for c in self.conns.iter().filter(|c| c.ever_in.get() && c.idx != 0) {
+            r.mention_expected += 1;
+            if held.contains_key(&c.local) {
+                r.mention_received += 1;
+            } else {
+                r.mention_missing += 1;
+            }
+        }
     }
 
     /// Records that post `(from, counter)` has group seq `seq` (once per distinct pair).
@@ -742,16 +795,20 @@ impl Exec {
             Command::SendAck {
                 code,
                 client_msg_id,
+                msg_id,
                 seq,
                 prev_seq,
                 ..
             } => {
-                let post = c
+                let (post, all) = c
                     .pending
                     .borrow()
                     .iter()
                     .find(|p| p.req == req || p.counter == client_msg_id as u32)
-                    .is_some_and(|p| p.cmd == Cmd::SendC2g);
+                    .map_or((false, false), |p| (p.cmd == Cmd::SendC2g, p.all));
+                if all && code == ErrorCode::Ok {
+                    self.rep.borrow_mut().mention_msg_id = msg_id.0;
+                }
                 if post {
                     // A large group's post: `seq` is its place in the group's timeline (0 for a
                     // small group), not in the poster's.
@@ -1057,23 +1114,24 @@ impl Exec {
         if to >= c.idx {
             to += 1;
         }
-        self.send_msg(c, Cmd::SendC2c, to, self.plan.uid_base + to as u64);
+        self.send_msg(c, Cmd::SendC2c, to, self.plan.uid_base + to as u64, false);
     }
 
     /// A post to group number `g` (the caller checked it has an id).
     fn send_post(&self, c: &Conn, g: u32) {
         let id = self.group_ids.borrow()[g as usize];
-        self.send_msg(c, Cmd::SendC2g, g, id);
+        self.send_msg(c, Cmd::SendC2g, g, id, false);
     }
 
     /// `SendC2c` and `SendC2g` share their layout: `client_msg_id:u64 to:u64 body:bytes`; `to`
-    /// is the recipient's index or the group number, `wire_to` the uid or group id.
-    fn send_msg(&self, c: &Conn, cmd: Cmd, to: u32, wire_to: u64) {
+    /// is the recipient's index or the group number, `wire_to` the uid or group id. `all`: a
+    /// `SendC2g` mentioning uid 0 (`@all`; the trailing `count:u16 mention:u64`).
+    fn send_msg(&self, c: &Conn, cmd: Cmd, to: u32, wire_to: u64, all: bool) {
         let counter = c.counter.get() + 1;
         c.counter.set(counter);
         let req = c.req();
         let sent_ns = now_ns();
-        self.encode_send(c, cmd, req, counter, wire_to, sent_ns, 0);
+        self.encode_send(c, cmd, req, counter, wire_to, sent_ns, 0, all);
         c.pending.borrow_mut().push_back(Pending {
             counter,
             to,
@@ -1084,6 +1142,7 @@ impl Exec {
             sent_ns,
             last_try: Instant::now(),
             tries: 0,
+            all,
         });
         self.pending_total.set(self.pending_total.get() + 1);
         let mut r = self.rep.borrow_mut();
@@ -1106,11 +1165,13 @@ impl Exec {
         wire_to: u64,
         sent_ns: u64,
         tries: u8,
+        all: bool,
     ) {
         let body_len = self.plan.body_size.max(BODY_HEADER);
+        let mentions = if all { 2 + 8 } else { 0 };
         let mut outs = self.out.borrow_mut();
         let out = outs.entry(c.local).or_default();
-        encode_header(out, cmd, req, 8 + 8 + 4 + body_len);
+        encode_header(out, cmd, req, 8 + 8 + 4 + body_len + mentions);
         out.put_u64((self.run_id as u64) << 32 | counter as u64);
         out.put_u64(wire_to);
         out.put_u32(body_len as u32);
@@ -1119,6 +1180,10 @@ impl Exec {
         out.put_u32(counter);
         out.put_u8(tries);
         out.put_bytes(b'x', body_len - BODY_HEADER);
+        if all {
+            out.put_u16(1);
+            out.put_u64(0);
+        }
     }
 
     /// After a login: every send still waiting for its ack (its connection was lost) is sent
@@ -1142,7 +1207,9 @@ impl Exec {
             p.req = c.req();
             p.last_try = Instant::now();
             p.tries = p.tries.saturating_add(1);
-            self.encode_send(c, p.cmd, p.req, p.counter, p.wire_to, p.sent_ns, p.tries);
+            self.encode_send(
+                c, p.cmd, p.req, p.counter, p.wire_to, p.sent_ns, p.tries, p.all,
+            );
             n += 1;
         }
         drop(pend);
@@ -1943,6 +2010,8 @@ pub async fn run(
         add_retry: RefCell::default(),
         head_req: Cell::new(None),
         post_seq: RefCell::default(),
+        mentions: RefCell::default(),
+        mention_members: Cell::new(0),
         tasks: Cell::new(0),
         pending_total: Cell::new(0),
         last_activity: Cell::new(Instant::now()),
@@ -2062,6 +2131,47 @@ pub async fn run(
                 let share = ex.memberships.len() as f64 / all.max(1.0);
                 send_phase(&ex, rate * share, secs, true).await;
                 None
+            }
+            Op::MentionAll { group } => {
+                match ex.conn_of(0).filter(|c| c.st.get() == St::LoggedIn) {
+                    Some(c) => {
+                        ex.send_msg(c, Cmd::SendC2g, 0, group, true);
+                        let e2 = ex.clone();
+                        wait_until(
+                            move || e2.pending_total.get() == 0,
+                            Duration::from_millis(ex.plan.ack_timeout_ms),
+                        )
+                        .await;
+                        ex.expire_pending();
+                    }
+                    None if ex.conn_of(0).is_some() => {
+                        *ex.rep
+                            .borrow_mut()
+                            .send_errors
+                            .entry("owner not logged in".into())
+                            .or_default() += 1;
+                    }
+                    None => {}
+                }
+                Some(Box::new(ex.take_report()))
+            }
+            Op::MentionWait { max_secs, quiet_ms } => {
+                let expected = ex
+                    .conns
+                    .iter()
+                    .filter(|c| c.ever_in.get() && c.idx != 0)
+                    .count() as u64;
+                let quiet = Duration::from_millis(quiet_ms);
+                wait_until(
+                    || {
+                        ex.mention_members.get() >= expected
+                            && ex.last_activity.get().elapsed() >= quiet
+                    },
+                    Duration::from_secs_f64(max_secs),
+                )
+                .await;
+                ex.count_mentions();
+                Some(Box::new(ex.take_report()))
             }
             Op::Drain { quiet_ms, max_secs } => {
                 let start = Instant::now();
@@ -2208,6 +2318,10 @@ mod tests {
         large_seq_swap: Option<u64>,
         /// The first `GroupAdd` is refused with `Overloaded` (retryable).
         refuse_first_add: bool,
+        /// `@all` in a large group: this user never gets its mention entry.
+        mention_drop: Option<u64>,
+        /// `@all` in a large group: this user gets its mention entry twice (two seqs).
+        mention_dup: Option<u64>,
         /// Answers are written 7 bytes at a time (separate segments): frames reach the loadgen
         /// in pieces, split anywhere.
         dribble: bool,
@@ -2239,8 +2353,9 @@ mod tests {
         sends: u64,
         logins: HashSet<u64>,
         senders: HashSet<u64>,
-        /// `DeliverAck`s received.
+        /// `DeliverAck`s received, and the highest seq each user acknowledged.
         deliver_acks: u64,
+        acked_seq: HashMap<u64, u64>,
         /// Large groups (made large by their first `GroupAdd`).
         large: HashMap<u64, LargeFake>,
         /// `(user, group seq)` entries a user never sees (`large_drop`).
@@ -2466,14 +2581,31 @@ mod tests {
                         client_msg_id,
                         group: GroupId(id),
                         body,
-                        ..
+                        mentions,
                     } if g.large.contains_key(&id) => {
-                        let m = msg(CONV_C2G, me, id, client_msg_id, body);
+                        let m = msg(CONV_C2G, me, id, client_msg_id, body.clone());
                         let (seq, prev_seq) = g.large_append(id, m);
+                        // `@all`: every member but the poster gets a mention entry (msg_id 99,
+                        // the post's) in its own timeline.
+                        let all = mentions.contains(&UserId(0));
+                        if all {
+                            let mut e = msg(CONV_MENTION, me, id, client_msg_id, body);
+                            e.msg_id = MsgId(99);
+                            let f = g.faults;
+                            for u in g.large[&id].members.clone() {
+                                if u == me || f.mention_drop == Some(u) {
+                                    continue;
+                                }
+                                g.append(u, e.clone());
+                                if f.mention_dup == Some(u) {
+                                    g.append(u, e.clone());
+                                }
+                            }
+                        }
                         Command::SendAck {
                             code: ErrorCode::Ok,
                             client_msg_id,
-                            msg_id: MsgId(1),
+                            msg_id: MsgId(if all { 99 } else { 1 }),
                             seq,
                             server_time_ms: 0,
                             prev_seq,
@@ -2595,7 +2727,11 @@ mod tests {
                     Command::Heartbeat => {
                         Command::HeartbeatAck { server_time_ms: 0 }.encode(f.req_id, &mut out)
                     }
-                    Command::DeliverAck { .. } => g.deliver_acks += 1,
+                    Command::DeliverAck { seq } => {
+                        g.deliver_acks += 1;
+                        let a = g.acked_seq.entry(me).or_insert(0);
+                        *a = (*a).max(seq.0);
+                    }
                     Command::SyncRequest { after_seq, limit } => {
                         let all = g.timelines.get(&me).cloned().unwrap_or_default();
                         let rest: Vec<Message> =
@@ -3097,6 +3233,85 @@ mod tests {
         assert_eq!(q.posts, r.sent);
         assert_eq!((q.posts_with_two_seqs, q.seqs_with_two_posts), (0, 0));
         hx.quit();
+    }
+
+    /// `@all` (`--mention-all`): after the posts, the owner posts one `@all` and every other
+    /// connected member gets one mention entry (a `Deliver` of conv 7) in its own timeline,
+    /// acknowledged like any entry and counted apart from the messages. Once clean (the wait
+    /// ends as soon as every member holds its entry), once with user 7 never getting its entry
+    /// and user 11 getting it twice (two seqs).
+    #[test]
+    fn an_at_all_reaches_every_member_once_and_missing_and_duplicate_entries_are_counted() {
+        let n = 20;
+        for faulty in [false, true] {
+            let (addr, state) = fake_server_state(Faults {
+                mention_drop: faulty.then_some(1000 + 7),
+                mention_dup: faulty.then_some(1000 + 11),
+                ..Default::default()
+            });
+            let hx = Harness::start(plan(addr, n, 1, n));
+            let (built, _, r) = large_run(&hx, 30, 10, 10, 100.0);
+            assert_eq!(r.acked, r.sent);
+            assert_eq!((r.mention_us.len(), r.mention_dups), (0, 0));
+            let sent = *hx
+                .ask(
+                    8,
+                    Op::MentionAll {
+                        group: built.group_ids[0].1,
+                    },
+                )
+                .unwrap();
+            assert_eq!((sent.sent, sent.acked, sent.ack_us.len()), (1, 1, 1));
+            assert_eq!(sent.mention_msg_id, 99);
+            let t0 = Instant::now();
+            let got = *hx
+                .ask(
+                    9,
+                    Op::MentionWait {
+                        max_secs: 3.0,
+                        quiet_ms: 200,
+                    },
+                )
+                .unwrap();
+            let waited = t0.elapsed();
+            let mut m = sent;
+            m.merge(&got);
+            assert_eq!(m.mention_msg_ids, vec![99]);
+            assert_eq!(m.mention_expected, n as u64 - 1, "all but the owner");
+            assert_eq!(m.mention_to_poster, 0);
+            if faulty {
+                assert_eq!((m.mention_received, m.mention_missing), (n as u64 - 2, 1));
+                assert_eq!(m.mention_dups, 1);
+                assert!(waited >= Duration::from_secs(3), "{waited:?}");
+            } else {
+                assert_eq!((m.mention_received, m.mention_missing), (n as u64 - 1, 0));
+                assert_eq!(m.mention_dups, 0);
+                assert!(waited < Duration::from_secs(2), "{waited:?}");
+            }
+            assert_eq!(m.mention_us.len(), m.mention_received);
+            // Not messages: only the @all post's own copies (GroupDeliver, the poster's
+            // included) are deliveries, and nothing is a duplicate or an echo.
+            assert_eq!(m.delivered, n as u64);
+            assert_eq!((m.dedup_dups, m.echoes, m.raw_dups, m.gaps), (0, 0, 0, 0));
+            // Acknowledged like any entry: every user's DeliverAck reaches its timeline's end.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let g = state.lock().unwrap();
+                let behind: Vec<u64> = (1000..1000 + n as u64)
+                    .filter(|u| g.acked_seq.get(u) != g.seqs.get(u))
+                    .collect();
+                if behind.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "not acked to the end: {behind:?}"
+                );
+                drop(g);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            hx.quit();
+        }
     }
 
     #[test]

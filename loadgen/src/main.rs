@@ -241,7 +241,7 @@ pub enum Scenario {
     /// the first (users N..M never connect); user 0 creates it with up to --create-members and
     /// adds the rest with `GroupAdd`s of --add-batch; then random connected members post at R
     /// posts/s for D seconds and every connected member must get every post (`GroupDeliver`)
-    /// once, in the group's seq order.
+    /// once, in the group's seq order; with --mention-all the owner then posts one `@all`.
     LargeGroup {
         /// Connected users (online members), one connection each.
         #[arg(long, short = 'n', default_value_t = 10_000)]
@@ -273,6 +273,14 @@ pub enum Scenario {
         /// miss does not fail the run).
         #[arg(long, default_value_t = 50.0)]
         p99_bound_ms: f64,
+        /// After the posts drained: the owner (user 0) posts ONE `@all` (a `SendC2g` mentioning
+        /// uid 0) and every other connected member must get exactly one mention entry
+        /// (`Deliver` of conv 7 with the post's msg_id) in its own timeline.
+        #[arg(long)]
+        mention_all: bool,
+        /// Wait at most this long for every connected member's `@all` mention entry.
+        #[arg(long, default_value_t = 120.0)]
+        mention_all_secs: f64,
     },
     /// Logins per second with the handshakes kept out of the window: one process connects N
     /// sockets first, then sends N `Login`s at once and reads every `LoginResult`; R rounds of

@@ -172,6 +172,15 @@ pub enum Op {
         head: u64,
         max_secs: f64,
     },
+    /// `large-group` scenario, after the posts drained: the executor owning user 0 (the owner)
+    /// posts one `@all` to large group `group` (a `SendC2g` whose mentions are uid 0, with the
+    /// usual body, send time included) and waits for its ack (at most the ack timeout); every
+    /// other executor answers at once. The report carries the ack and `mention_msg_id`.
+    MentionAll { group: u64 },
+    /// `large-group` scenario, after `MentionAll`: wait until every user that was online, but
+    /// the poster, holds the `@all`'s mention entry and nothing arrived for `quiet_ms` (at most
+    /// `max_secs`). The report carries the `mention_*` counts.
+    MentionWait { max_secs: f64, quiet_ms: u64 },
     /// Wait until no message arrived for `quiet_ms` (at most `max_secs`).
     Drain { quiet_ms: u64, max_secs: f64 },
     /// Return the counters of the current step and reset them.
@@ -364,6 +373,29 @@ pub struct Report {
     /// with (at a member, or in the poster's `SendAck`): every post has exactly one seq.
     #[serde(default)]
     pub post_seqs: Packed,
+    /// `@all` (`--mention-all`): the msg_id of the owner's `SendAck` (0 = none).
+    #[serde(default)]
+    pub mention_msg_id: u64,
+    /// Distinct msg_ids the mention entries of this run carried (all must be the post's).
+    #[serde(default)]
+    pub mention_msg_ids: Vec<u64>,
+    /// Users that were online, but the poster (`MentionWait`): expected to hold one mention
+    /// entry each; those that hold one, those that hold none.
+    #[serde(default)]
+    pub mention_expected: u64,
+    #[serde(default)]
+    pub mention_received: u64,
+    #[serde(default)]
+    pub mention_missing: u64,
+    /// Mention entries beyond a member's first (a new seq each: not the client's raw
+    /// duplicates), and entries the poster got (it gets none).
+    #[serde(default)]
+    pub mention_dups: u64,
+    #[serde(default)]
+    pub mention_to_poster: u64,
+    /// Send → mention entry, each member's first.
+    #[serde(default)]
+    pub mention_us: Hist,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -457,6 +489,16 @@ impl Report {
         self.group_sync_requests += o.group_sync_requests;
         self.group_holes += o.group_holes;
         self.post_seqs.extend(&o.post_seqs);
+        self.mention_msg_id = self.mention_msg_id.max(o.mention_msg_id);
+        self.mention_msg_ids.extend_from_slice(&o.mention_msg_ids);
+        self.mention_msg_ids.sort_unstable();
+        self.mention_msg_ids.dedup();
+        self.mention_expected += o.mention_expected;
+        self.mention_received += o.mention_received;
+        self.mention_missing += o.mention_missing;
+        self.mention_dups += o.mention_dups;
+        self.mention_to_poster += o.mention_to_poster;
+        self.mention_us.merge(&o.mention_us);
     }
 }
 
@@ -730,6 +772,28 @@ mod tests {
         assert_eq!(
             (a.first_connect_ns, a.last_login_ns, a.sent),
             (Some(5), Some(20), 12)
+        );
+        // `@all`: the owner's msg_id, the entries' distinct msg_ids, the counts.
+        let mut m = Report {
+            mention_msg_id: 9,
+            mention_msg_ids: vec![9],
+            mention_received: 2,
+            ..Default::default()
+        };
+        m.merge(&Report {
+            mention_msg_ids: vec![9],
+            mention_received: 3,
+            mention_dups: 1,
+            ..Default::default()
+        });
+        assert_eq!(
+            (
+                m.mention_msg_id,
+                m.mention_msg_ids,
+                m.mention_received,
+                m.mention_dups
+            ),
+            (9, vec![9], 5, 1)
         );
     }
 }
