@@ -14,6 +14,11 @@
 # the loadgen run) per sent message of the gates, the logic nodes, Redis, and the sum.
 # Environment: USERS (2000), SECS (10), LOGIC (2), GATES (2), REDIS (3), OUT (results dir),
 # BASE_PORT (7700). Every process started is stopped on exit.
+# SCENARIO=large-group runs `im-loadgen large-group` instead (one group of MEMBERS (100000)
+# members of which USERS are online; the rates are posts/s) and reports CPU per member copy
+# delivered: the large group's posts cross the links once per gate core (`SendMany`). The
+# per-process split then covers the whole run (the group's build too); the loadgen's own
+# measure of every server process (`--server-pid`) over the posting alone is the "posting" figure.
 set -euo pipefail
 bin=${1:?usage: c2c-cluster.sh BIN_DIR [rate...]}
 case $bin in /*) ;; *) bin=$PWD/$bin ;; esac
@@ -21,6 +26,11 @@ shift
 rates=("$@")
 [ ${#rates[@]} -gt 0 ] || rates=(2000 5000)
 users=${USERS:-2000}
+scenario=${SCENARIO:-c2c}
+case $scenario in
+  c2c | large-group) ;;
+  *) echo "SCENARIO is c2c or large-group" >&2; exit 2 ;;
+esac
 secs=${SECS:-10}
 logic=${LOGIC:-2}
 gates=${GATES:-2}
@@ -90,17 +100,25 @@ for rate in "${rates[@]}"; do
   g0=$(ticks "${gate_pids[@]}")
   l0=$(ticks "${logic_pids[@]}")
   r0=$(ticks ${redis_pids[@]+"${redis_pids[@]}"})
-  timeout 300 "$bin/im-loadgen" c2c -n "$users" --msg-rate "$rate" --secs "$secs" \
+  args=(c2c -n "$users")
+  if [ "$scenario" = large-group ]; then
+    args=(large-group -n "$users" -m "${MEMBERS:-100000}")
+    for p in "${gate_pids[@]}" "${logic_pids[@]}" ${redis_pids[@]+"${redis_pids[@]}"}; do
+      args+=(--server-pid "$p")
+    done
+  fi
+  timeout 600 "$bin/im-loadgen" "${args[@]}" --msg-rate "$rate" --secs "$secs" \
     --server "$server_list" --json-out "$out/c2c-$rate.json" >"$out/c2c-$rate.txt" 2>&1 || true
   g1=$(ticks "${gate_pids[@]}")
   l1=$(ticks "${logic_pids[@]}")
   r1=$(ticks ${redis_pids[@]+"${redis_pids[@]}"})
   stop
-  python3 - "$out/c2c-$rate.json" "$rate" "$load" "$tck" "$((g1 - g0))" "$((l1 - l0))" "$((r1 - r0))" <<'PY'
+  python3 - "$out/c2c-$rate.json" "$rate" "$load" "$tck" "$((g1 - g0))" "$((l1 - l0))" "$((r1 - r0))" "$scenario" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
 rate, load, tck = sys.argv[2], sys.argv[3], int(sys.argv[4])
 g, l, r = (int(x) for x in sys.argv[5:8])
+scenario = sys.argv[8]
 def find(d, key):
     """The first value under `key` anywhere in the report."""
     if isinstance(d, dict):
@@ -115,10 +133,16 @@ lat = find(j, "deliver_latency") or {}
 sent = find(j, "sent") or 0
 lost = find(j, "lost")
 lg = (j.get("cpu") or {}).get("loadgen_us_per_msg")
-per = lambda t: t / tck * 1e6 / sent if sent else float("nan")
-print(f"rate {rate}/s  load {load}  send->deliver p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} ms"
-      f"  sent {sent} lost {lost}  cpu us/msg: gates {per(g):.1f} logic {per(l):.1f}"
+unit, n = "msg", sent
+if scenario == "large-group":
+    unit, n = "copy", find(j, "delivered") or 0
+    lg = lg / (n / sent) if lg is not None and sent and n else None
+per = lambda t: t / tck * 1e6 / n if n else float("nan")
+print(f"rate {rate}/s  load {load}  send->deliver p50 {lat.get('p50_ms')} p99 {lat.get('p99_ms')} p99.9 {lat.get('p999_ms')} ms"
+      f"  sent {sent} lost {lost}  cpu us/{unit}: gates {per(g):.1f} logic {per(l):.1f}"
       f" redis {per(r):.1f} total {per(g + l + r):.1f}"
-      + (f"  loadgen {lg:.1f}" if lg is not None else ""))
+      + (f"  loadgen {lg:.1f}" if lg is not None else "")
+      + (f"  posting: servers {j['cpu']['server_us_per_copy']:.2f} us/copy"
+         if scenario == "large-group" and (j.get("cpu") or {}).get("server_us_per_copy") else ""))
 PY
 done

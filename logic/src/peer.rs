@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use im_shared::link::{self, LinkMsg, Role};
-use im_shared::peer::{self, PeerError, PeerMsg, PeerMsgRef};
+use im_shared::peer::{self, AppendReq, PeerError, PeerMsg, PeerMsgRef};
 
 use crate::worker::{GroupReq, WorkerMsg};
 use im_shared::link_writer::{LinkWriter, Sent};
@@ -189,15 +189,56 @@ impl PeerLinks {
     /// Writes `msg` on the connection of `epoch` only (now, or behind what waits): dropped if
     /// the link has moved on.
     pub fn send_in(&self, node: usize, worker: usize, msg: &WorkerMsg, epoch: u64) {
-        if let (Some(Some(w)), Some(p)) = (self.writers.get(node), encode(worker, msg)) {
+        let Some(Some(w)) = self.writers.get(node) else {
+            return;
+        };
+        let payloads: Vec<Bytes> = match msg {
+            // A batch of appends can be large (a replay of an outbox, a round's fan-out of many
+            // large messages): it goes as several link messages, in order.
+            WorkerMsg::Append(v) => append_parts(v, APPEND_MSG_BUDGET)
+                .map(|part| peer::encode(worker as u16, PeerMsgRef::Append(part)))
+                .collect(),
+            m => encode(worker, m).into_iter().collect(),
+        };
+        for p in payloads {
             let sent = w.send(Some(epoch), |out| {
                 link::encode_msg(&LinkMsg::Peer(p), out);
             });
-            if sent == Sent::Overflow {
-                reset(&self.state[node], w);
+            match sent {
+                Sent::Overflow => return reset(&self.state[node], w),
+                Sent::Dropped => return,
+                Sent::Written | Sent::Queued => {}
             }
         }
     }
+}
+
+/// Most bytes of messages one link message of appends carries (a single larger one goes alone):
+/// far below the receiver's [`link::MAX_LINK_MSG`], which ends the link (seen with a replay of a
+/// large group's member events: 16.8 MB in one message, refused, replayed again after the
+/// reconnect, refused again).
+pub const APPEND_MSG_BUDGET: usize = 1 << 20;
+
+/// `reqs` in consecutive runs whose messages add up to at most `budget` bytes each (a run holds
+/// at least one request).
+fn append_parts(reqs: &[AppendReq], budget: usize) -> impl Iterator<Item = &[AppendReq]> {
+    let mut rest = reqs;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .position(|a| {
+                bytes += a.msg.encoded_len() + 32;
+                bytes > budget
+            })
+            .map_or(rest.len(), |i| i.max(1));
+        let (part, tail) = rest.split_at(n);
+        rest = tail;
+        Some(part)
+    })
 }
 
 /// Resets a link whose queue is full (see [`MAX_QUEUE_BYTES`]): marks it down, so that no worker
@@ -377,6 +418,87 @@ mod tests {
         });
         let (_, _, bytes) = links.queue_depths()[0];
         assert!(bytes <= BOUND);
+    }
+
+    fn append(i: u64, body: usize) -> AppendReq {
+        AppendReq {
+            recipient: UserId(i),
+            shard: im_shared::ShardId(1),
+            replay: true,
+            msg: im_shared::proto::Message {
+                seq: im_shared::Seq(0),
+                prev_seq: im_shared::Seq(0),
+                msg_id: im_shared::MsgId(i),
+                conv: 6,
+                from: UserId(1),
+                to: UserId(2),
+                client_msg_id: 0,
+                server_time_ms: 0,
+                body: Bytes::from(vec![b'x'; body]),
+            },
+        }
+    }
+
+    #[test]
+    fn appends_are_cut_into_runs_within_the_budget_in_order() {
+        let reqs: Vec<AppendReq> = (0..100).map(|i| append(i, 1000)).collect();
+        let parts: Vec<&[AppendReq]> = append_parts(&reqs, 10_000).collect();
+        assert!(parts.len() >= 10, "{} parts", parts.len());
+        for p in &parts {
+            let bytes: usize = p.iter().map(|a| a.msg.encoded_len() + 32).sum();
+            assert!(!p.is_empty() && bytes <= 10_000, "{bytes}");
+        }
+        assert_eq!(parts.concat(), reqs, "every request once, in order");
+        // One larger than the budget goes alone; none at all gives no part.
+        let big = [append(1, 50_000), append(2, 10)];
+        let parts: Vec<usize> = append_parts(&big, 10_000).map(|p| p.len()).collect();
+        assert_eq!(parts, vec![1, 1]);
+        assert_eq!(append_parts(&[], 10_000).count(), 0);
+    }
+
+    /// A batch of appends far above the receiver's message limit (the replay that kept a link
+    /// in a reset loop) reaches a real peer socket as messages it accepts, whole and in order.
+    #[test]
+    fn a_batch_above_the_link_message_limit_arrives_whole_as_several_messages() {
+        use std::io::Read;
+        let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = peer.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = peer.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let (mut buf, mut got, mut messages) = (BytesMut::new(), Vec::new(), 0);
+            let mut chunk = vec![0u8; 1 << 16];
+            while got.len() < 1_100 {
+                match link::decode_msg(&mut buf).expect("a message within the limit") {
+                    Some(LinkMsg::Peer(p)) => {
+                        messages += 1;
+                        let (_, m) = decode(p).unwrap();
+                        let WorkerMsg::Append(v) = m else { panic!() };
+                        got.extend(v.into_iter().map(|a| a.msg.msg_id.0));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let n = s.read(&mut chunk).expect("read within 20 s");
+                        assert!(n > 0, "closed after {} appends", got.len());
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+            }
+            (got, messages)
+        });
+        let links = PeerLinks::start_with(0, vec!["127.0.0.1:9".parse().unwrap(), addr], 64 << 20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !links.state[1].up.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "no link");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // 1 100 appends of 16 KB: 17.6 MB, above MAX_LINK_MSG (16 MiB).
+        let reqs: Vec<AppendReq> = (0..1_100).map(|i| append(i, 16 << 10)).collect();
+        links.send(1, 0, &WorkerMsg::Append(reqs));
+        let (got, messages) = reader.join().unwrap();
+        assert_eq!(got, (0..1_100).collect::<Vec<u64>>());
+        assert!(messages >= 17, "{messages} link messages");
+        assert_eq!(links.resets(), 0);
     }
 
     #[test]

@@ -143,6 +143,10 @@ impl LargeIndex {
     }
 }
 
+/// Most members one membership event of a large group lists (and goes to): an add or removal of
+/// more is told in several events, each to the members it lists.
+pub(super) const MEMBER_EVENT_CHUNK: usize = 64;
+
 /// Members one chunk of an `@all` fan-out names: the chunk's outbox entry lists them, and the
 /// next chunk is written when all of them confirmed.
 /// (A handful in unit tests, so a small group spans several chunks.)
@@ -365,15 +369,19 @@ impl<S: Store> Worker<S> {
         // group's posts are in its own timeline). Nobody else is told: in a group of 100 000 a
         // join announced to every member costs as much as a post (an add of 2 000 listed 16 KB
         // of uids to every online member); the member list and its count are paged on demand
-        // (`GroupMembers`).
-        self.group_event(
-            group,
-            actor,
-            GroupEventKind::MembersAdded,
-            new.clone(),
-            new.clone(),
-            round,
-        );
+        // (`GroupMembers`). Each event lists the members it goes to, [`MEMBER_EVENT_CHUNK`] at
+        // most: one listing all 2 000 of an add was 16 KB in every new member's timeline, 32 MB
+        // of appends per add.
+        for part in new.chunks(MEMBER_EVENT_CHUNK) {
+            self.group_event(
+                group,
+                actor,
+                GroupEventKind::MembersAdded,
+                part.to_vec(),
+                part.to_vec(),
+                round,
+            );
+        }
         self.group_event(
             group,
             actor,
@@ -394,7 +402,9 @@ impl<S: Store> Worker<S> {
         kind: GroupEventKind,
         round: &mut Round,
     ) {
-        self.group_event(group, actor, kind, gone.clone(), gone, round);
+        for part in gone.chunks(MEMBER_EVENT_CHUNK) {
+            self.group_event(group, actor, kind, part.to_vec(), part.to_vec(), round);
+        }
     }
 
     /// Owner side: a group event stored once in a large group's timeline and sent live.

@@ -3387,3 +3387,56 @@ async fn a_member_of_many_large_groups_gets_one_heads_push_per_owner_worker_at_l
     want.sort_unstable_by_key(|h| h.group);
     assert_eq!(all, want);
 }
+
+/// An add of many members to a large group tells each of them in an event that lists at most
+/// `MEMBER_EVENT_CHUNK` of the added members, itself among them; a removal the same way.
+#[tokio::test]
+async fn a_large_groups_member_events_list_at_most_a_chunk_each_the_member_itself_included() {
+    use super::large::MEMBER_EVENT_CHUNK;
+    let mut fx = large_fx().await;
+    let a = fx.user_on(0, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let b = UserId(a.0 + 1);
+    let group = create_group(&mut fx, a, vec![b]).await;
+    let new: Vec<UserId> = (0..150).map(|i| UserId(a.0 + 100 + i)).collect();
+    let add = Command::GroupAdd {
+        group,
+        members: new.clone(),
+    };
+    fx.client(conn(1), a, vec![(2, add)]).await;
+    fx.pump().await;
+    let mut told: Vec<UserId> = Vec::new();
+    for u in &new {
+        let ev = events_of(&fx, *u, group).await;
+        assert_eq!(ev.len(), 2, "{u}: {ev:?}");
+        let (kind, users) = &ev[0];
+        assert_eq!(*kind, GroupEventKind::MembersAdded);
+        assert!(
+            users.contains(u) && users.len() <= MEMBER_EVENT_CHUNK,
+            "{u}"
+        );
+        assert_eq!(ev[1].0, GroupEventKind::BecameLarge);
+        if users[0] == *u {
+            told.extend(users);
+        }
+    }
+    assert_eq!(
+        told, new,
+        "the events' lists cover the add, each member once"
+    );
+    let remove = Command::GroupRemove {
+        group,
+        members: new[..100].to_vec(),
+    };
+    fx.client(conn(1), a, vec![(3, remove)]).await;
+    fx.pump().await;
+    for u in &new[..100] {
+        let ev = events_of(&fx, *u, group).await;
+        let (kind, users) = ev.last().unwrap();
+        assert_eq!(*kind, GroupEventKind::MembersRemoved);
+        assert!(
+            users.contains(u) && users.len() <= MEMBER_EVENT_CHUNK,
+            "{u}"
+        );
+    }
+}
