@@ -41,6 +41,8 @@ pub struct PeerLinks {
     /// writes its payloads itself when nothing waits, and the link's thread writes the rest.
     writers: Vec<Option<Arc<LinkWriter>>>,
     state: Vec<Arc<LinkState>>,
+    /// The queue bound of every link (`peer_queue_bytes`).
+    bound: usize,
 }
 
 impl Drop for PeerLinks {
@@ -99,7 +101,52 @@ impl PeerLinks {
                 .name(format!("peer-{i}"))
                 .spawn(move || run(me as u16, addr, &w, &st));
         }
-        PeerLinks { writers, state }
+        PeerLinks {
+            writers,
+            state,
+            bound: max_queue_bytes,
+        }
+    }
+
+    /// Writes one part of a replay (appends for worker `worker` of `node`) on the link's
+    /// connection of `epoch`, once the link holds at most half its queue bound for its thread
+    /// (waiting at most `max`, polling): paced, a replay never passes the bound, which would
+    /// reset the link. False if the link is down or in another epoch (that epoch's own resync
+    /// replays everything), or if the wait ran out: then the peer does not read, and the link is
+    /// reset as at the bound (its next epoch's resync replays again).
+    pub async fn send_replay(
+        &self,
+        node: usize,
+        worker: usize,
+        part: &[AppendReq],
+        epoch: u64,
+        max: Duration,
+    ) -> bool {
+        let Some(Some(w)) = self.writers.get(node) else {
+            return false;
+        };
+        let p = peer::encode(worker as u16, PeerMsgRef::Append(part));
+        let deadline = std::time::Instant::now() + max;
+        loop {
+            let sent = w.send_within(Some(epoch), self.bound / 2, |out| {
+                link::encode_msg(&LinkMsg::Peer(p.clone()), out);
+            });
+            match sent {
+                Sent::Written | Sent::Queued => return true,
+                Sent::Dropped => return false,
+                Sent::Overflow if std::time::Instant::now() >= deadline => {
+                    reset(&self.state[node], w);
+                    return false;
+                }
+                Sent::Overflow => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
+    /// Most bytes of messages one part of a replay carries: an eighth of the queue bound, at
+    /// most [`APPEND_MSG_BUDGET`].
+    pub fn replay_part_bytes(&self) -> usize {
+        (self.bound / 8).clamp(1, APPEND_MSG_BUDGET)
     }
 
     /// Payloads waiting for each other node's link thread (those the socket did not take at
@@ -221,7 +268,10 @@ pub const APPEND_MSG_BUDGET: usize = 1 << 20;
 
 /// `reqs` in consecutive runs whose messages add up to at most `budget` bytes each (a run holds
 /// at least one request).
-fn append_parts(reqs: &[AppendReq], budget: usize) -> impl Iterator<Item = &[AppendReq]> {
+pub(crate) fn append_parts(
+    reqs: &[AppendReq],
+    budget: usize,
+) -> impl Iterator<Item = &[AppendReq]> {
     let mut rest = reqs;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -499,6 +549,87 @@ mod tests {
         assert_eq!(got, (0..1_100).collect::<Vec<u64>>());
         assert!(messages >= 17, "{messages} link messages");
         assert_eq!(links.resets(), 0);
+    }
+
+    /// A peer that reads slowly, and a replay 24× the link's queue bound: sent at once it
+    /// overflows the bound and resets the link (whose resync would replay it again); paced part
+    /// by part it arrives whole and in order without a reset.
+    #[tokio::test]
+    async fn a_replay_above_the_queue_bound_is_paced_to_the_link_without_a_reset() {
+        use std::io::Read;
+        const BOUND: usize = 1 << 20;
+        // 24 MiB: more than the loopback socket's buffers can take on top of the bound.
+        const N: u64 = 1536;
+        let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = peer.local_addr().unwrap();
+        let reqs: Vec<AppendReq> = (0..N).map(|i| append(i, 16 << 10)).collect();
+        let reader = std::thread::spawn(move || {
+            let mut per_conn = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = peer.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let (mut buf, mut got) = (BytesMut::new(), Vec::new());
+                let mut chunk = vec![0u8; 64 << 10];
+                while got.len() < N as usize {
+                    match link::decode_msg(&mut buf).expect("a well-formed message") {
+                        Some(LinkMsg::Peer(p)) => {
+                            let (_, WorkerMsg::Append(v)) = decode(p).unwrap() else {
+                                panic!()
+                            };
+                            got.extend(v.into_iter().map(|a| a.msg.msg_id.0));
+                        }
+                        Some(_) => {}
+                        None => match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => break, // reset by the sender
+                            Ok(n) => {
+                                buf.extend_from_slice(&chunk[..n]);
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                        },
+                    }
+                }
+                per_conn.push(got);
+            }
+            per_conn
+        });
+        let links = PeerLinks::start_with(0, vec!["127.0.0.1:9".parse().unwrap(), addr], BOUND);
+        let up = |links: &PeerLinks, after: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let e = links.epoch(1);
+                if links.is_up(1) && e > after {
+                    return e;
+                }
+                assert!(std::time::Instant::now() < deadline, "no link");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        // At once: past the bound, the link is reset.
+        let first = up(&links, 0);
+        links.send_in(1, 0, &WorkerMsg::Append(reqs.clone()), first);
+        assert_eq!(links.resets(), 1);
+        // Paced, on the new connection.
+        let epoch = up(&links, first);
+        let budget = links.replay_part_bytes();
+        assert!(budget <= BOUND / 8);
+        for part in append_parts(&reqs, budget) {
+            assert!(
+                links
+                    .send_replay(1, 0, part, epoch, Duration::from_secs(20))
+                    .await,
+                "a part was not sent"
+            );
+            assert!(links.queue_depths()[0].2 <= BOUND / 2 + budget);
+        }
+        let per_conn = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            per_conn[0].len() < N as usize,
+            "the first connection was cut short"
+        );
+        assert_eq!(per_conn[1], (0..N).collect::<Vec<u64>>());
+        assert_eq!(links.resets(), 1, "no reset while paced");
     }
 
     #[test]

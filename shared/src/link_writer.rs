@@ -80,6 +80,23 @@ impl LinkWriter<()> {
         })
         .0
     }
+
+    /// [`LinkWriter::send`] that keeps what waits within `limit` bytes, except that it always
+    /// takes a send when nothing waits; past it the send is refused as [`Sent::Overflow`] and,
+    /// unlike a send past the writer's own bound, nothing is wrong with the link: the caller
+    /// tries again once the flusher has written some (a replay paced to the link).
+    pub fn send_within(
+        &self,
+        epoch: Option<u64>,
+        limit: usize,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Sent {
+        self.send_inner(epoch, Some(limit), |out, tags| {
+            encode(out);
+            tags.push(());
+        })
+        .0
+    }
 }
 
 impl<T> LinkWriter<T> {
@@ -161,6 +178,16 @@ impl<T> LinkWriter<T> {
         epoch: Option<u64>,
         encode: impl FnOnce(&mut BytesMut, &mut Vec<T>),
     ) -> (Sent, Vec<T>) {
+        self.send_inner(epoch, None, encode)
+    }
+
+    /// `send_tagged`, and with `within`, [`LinkWriter::send_within`]'s limit.
+    fn send_inner(
+        &self,
+        epoch: Option<u64>,
+        within: Option<usize>,
+        encode: impl FnOnce(&mut BytesMut, &mut Vec<T>),
+    ) -> (Sent, Vec<T>) {
         let mut st = self.lock();
         let mut tags = Vec::new();
         let sock = match &st.sock {
@@ -175,7 +202,11 @@ impl<T> LinkWriter<T> {
         if st.out.len() == before {
             return (Sent::Written, Vec::new());
         }
-        if st.out.len() > self.max_pending {
+        let over = match within {
+            Some(limit) => before > 0 && st.out.len() > limit.min(self.max_pending),
+            None => st.out.len() > self.max_pending,
+        };
+        if over {
             st.out.truncate(before);
             return (Sent::Overflow, tags);
         }
@@ -440,5 +471,52 @@ mod tests {
             "a shut-down link is an error"
         );
         assert_eq!(w.send(None, |o| o.extend_from_slice(b"x")), Sent::Dropped);
+    }
+
+    /// `send_within` refuses past its limit while bytes wait (the link stays usable: the next
+    /// send goes through), takes anything when nothing waits, and never passes the bound.
+    #[test]
+    fn a_send_within_a_limit_is_refused_past_it_and_the_link_stays() {
+        let (a, mut b) = pair();
+        let w = LinkWriter::new(4 << 20);
+        w.attach(a, 3);
+        // Nothing waits: taken even above the limit (written, or partly queued).
+        let big = w.send_within(Some(3), 1024, |o| o.extend_from_slice(&[1; 8192]));
+        assert!(matches!(big, Sent::Written | Sent::Queued), "{big:?}");
+        // Fill the socket until bytes wait, then a send past the limit is refused whole.
+        while w.pending().1 == 0 {
+            w.send(Some(3), |o| o.extend_from_slice(&[2; 65536]));
+        }
+        let (_, before) = w.pending();
+        let limit = before + 100;
+        assert_eq!(
+            w.send_within(Some(3), limit, |o| o.extend_from_slice(&[3; 200])),
+            Sent::Overflow
+        );
+        assert_eq!(w.pending().1, before, "nothing of it kept");
+        assert_eq!(
+            w.send_within(Some(3), limit, |o| o.extend_from_slice(&[4; 50])),
+            Sent::Queued,
+            "within the limit"
+        );
+        assert_eq!(w.send_within(Some(4), usize::MAX, |_| {}), Sent::Dropped);
+        // The link is fine: a flusher writes everything once the reader reads.
+        let flusher = {
+            let w = w.clone();
+            std::thread::spawn(move || w.flush(3, None))
+        };
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut last = 0u8;
+        while w.pending().1 > 0 || got == 0 || last != 4 {
+            let n = b.read(&mut buf).expect("bytes within 10 s");
+            assert!(n > 0);
+            got += n;
+            last = buf[n - 1];
+        }
+        assert_eq!(last, 4, "the last send arrived last");
+        w.detach();
+        let _ = flusher.join().unwrap();
     }
 }

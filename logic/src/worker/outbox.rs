@@ -32,6 +32,10 @@ use crate::store::{Op, OutboxEntry, Store};
 /// one chunk of an `@all` fan-out (`worker/large.rs`).
 pub(super) const ALL_MARK: UserId = UserId(0);
 
+/// How long a replay waits for room on a link before it resets the link as one whose peer does
+/// not read (the worker serves nothing else meanwhile; the next epoch's resync replays again).
+const REPLAY_WAIT: Duration = Duration::from_secs(10);
+
 /// First re-send of appends that a worker of another node has not confirmed ...
 pub(super) const RETRY_FIRST_MS: u64 = 5_000;
 /// ... doubling up to this.
@@ -293,7 +297,46 @@ impl<S: Store> Worker<S> {
         if n > 0 {
             tracing::info!(worker = self.idx, appends = n, "replaying outbox");
         }
-        self.send_appends(out);
+        self.send_replay(out).await;
+    }
+
+    /// A replay's appends: to this node's workers at once; to another node's in parts, each
+    /// written once that link has room for it ([`crate::peer::PeerLinks::send_replay`]). Sent at once,
+    /// a replay larger than the link's queue bound (a node away for long under heavy traffic, or
+    /// large messages) overflowed it, reset the link, and the new link's resync replayed it
+    /// again: a loop. A link that changed epoch meanwhile gets no more of this one (its own
+    /// resync replays everything), and nothing of it can reach the new connection first.
+    async fn send_replay(&self, out: Vec<Vec<AppendReq>>) {
+        for (w, reqs) in out.into_iter().enumerate() {
+            if reqs.is_empty() {
+                continue;
+            }
+            let node = self.router.node_of(w);
+            let peers = match self.router.peers() {
+                Some(p) if node != self.router.node => p,
+                _ => {
+                    self.router.send(self.idx, w, WorkerMsg::Append(reqs));
+                    continue;
+                }
+            };
+            let (epoch, local) = (peers.epoch(node), w % self.router.workers);
+            let (mut sent, total) = (0, reqs.len());
+            for part in crate::peer::append_parts(&reqs, peers.replay_part_bytes()) {
+                if !peers
+                    .send_replay(node, local, part, epoch, REPLAY_WAIT)
+                    .await
+                {
+                    tracing::warn!(
+                        worker = self.idx,
+                        node,
+                        left = total - sent,
+                        "replay to node stopped: its link went down, or did not drain and was reset"
+                    );
+                    break;
+                }
+                sent += part.len();
+            }
+        }
     }
 
     /// Re-sends the appends that recipients on other nodes have not confirmed in time.
@@ -330,14 +373,6 @@ impl<S: Store> Worker<S> {
             if !reqs.is_empty() {
                 self.router
                     .send_if_resynced(self.idx, w, WorkerMsg::Append(reqs));
-            }
-        }
-    }
-
-    fn send_appends(&self, out: Vec<Vec<AppendReq>>) {
-        for (w, reqs) in out.into_iter().enumerate() {
-            if !reqs.is_empty() {
-                self.router.send(self.idx, w, WorkerMsg::Append(reqs));
             }
         }
     }
