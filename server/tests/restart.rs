@@ -349,3 +349,82 @@ fn delivered_notices_and_offline_pushes_pending_at_a_kill_9_still_happen_after_t
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// An `@all` of a large group cut by a kill -9 right after its ack, while its mention entries
+/// go out 1 000 members at a time, is finished after the restart: every member but the poster
+/// ends up with exactly one entry (the chunk in flight is replayed, members deduplicate it;
+/// checked on a quarter of the 8 001 members and every chunk's edges).
+#[test]
+fn an_all_mention_cut_by_a_kill_9_reaches_every_member_once_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("large.toml");
+    std::fs::write(&conf, "large_group_threshold = 3\n").unwrap();
+    let data = dir.path().join("data");
+    let spawn = || spawn_server_with(&data, &["--config", conf.to_str().unwrap()]);
+    let (mut child, addr) = spawn();
+    let owner = 5001u64;
+    let mut a = login(addr, owner);
+    let g = a.create_group("company", &[UserId(5002)]).unwrap();
+    let offline: Vec<UserId> = (0..8_000).map(|i| UserId(50_000 + i)).collect();
+    for part in offline.chunks(2_000) {
+        a.group_add(g, part).unwrap();
+    }
+    let post = a
+        .send_c2g_mentioning(g, 1, "@all fire drill", &[UserId(0)])
+        .unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (mut child, addr) = spawn();
+    let members: Vec<u64> = std::iter::once(5002)
+        .chain(offline.iter().map(|u| u.0))
+        .collect();
+    let mentions_of = |uid: u64| -> Vec<im_shared::MsgId> {
+        let mut c = login(addr, uid);
+        let (page, _, _) = c.sync_page(Seq(0), 100).unwrap();
+        page.iter()
+            .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+            .map(|m| m.msg_id)
+            .collect()
+    };
+    // The last member in uid order is in the last chunk.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while mentions_of(*members.last().unwrap()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the @all was not finished within 60 s of the restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A quarter of the members, and every one at a chunk's edge: a login each, within the
+    // gate's per-address connection rate (a burst of 5 000).
+    let sample: Vec<u64> = members
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 4 == 0 || matches!(i % 1_000, 0 | 1 | 999) || *i == members.len() - 1)
+        .map(|(_, u)| *u)
+        .collect();
+    let wrong: Vec<(u64, usize)> = std::thread::scope(|sc| {
+        let parts: Vec<_> = sample
+            .chunks(sample.len().div_ceil(4))
+            .map(|part| {
+                sc.spawn(move || {
+                    part.iter()
+                        .map(|&u| (u, mentions_of(u)))
+                        .filter(|(_, m)| m != &vec![post.msg_id])
+                        .map(|(u, m)| (u, m.len()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        wrong.is_empty(),
+        "members without exactly one entry (uid, entries): {:?}",
+        &wrong[..wrong.len().min(20)]
+    );
+    assert!(mentions_of(owner).is_empty(), "not the poster");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
