@@ -299,7 +299,12 @@ async function urlOf(seq) {
 function fileView(r) {
   const f = r.file;
   if (!f) return null;
-  const seq = r.seq ?? r.ackSeq;
+  // A large group's post is in the group's timeline, not the user's: FileDownload (by a seq of
+  // the user's timeline) reaches it only through a mention entry of it.
+  const seq = r.seq ?? r.ackSeq ?? r.mentionSeq;
+  if (!seq && r.gseq) {
+    return el('span', { class: 'file' }, `${r.text} (not downloadable here)`);
+  }
   if (!seq) return el('span', { class: 'file pending' }, `${r.text} (sending…)`);
   if (f.kind === 1) {
     const img = el('img', { class: 'file-image', alt: f.name || 'picture', title: f.name });
@@ -513,7 +518,13 @@ function convItem(c, title) {
       title: c.key,
     },
     el('span', { class: 'name' }, title),
-    c.unread ? el('span', { class: 'badge' }, String(c.unread)) : el('span'),
+    c.unread || c.mentions
+      ? el(
+          'span',
+          { class: c.mentions ? 'badge mention' : 'badge', title: c.mentions ? 'you were mentioned' : undefined },
+          `${c.mentions ? '@ ' : ''}${c.unread || ''}`.trim(),
+        )
+      : el('span'),
     el('span', { class: 'preview' }, preview(c.last)),
   );
 }
@@ -601,7 +612,9 @@ function renderMessages() {
       return el('li', { class: 'msg system', dataset: { msgId: r.msgId ?? '' } }, r.text);
     }
     const mine = r.from === client.me;
-    const cls = ['msg', mine ? 'mine' : 'theirs', r.recalled ? 'recalled' : ''].join(' ');
+    const cls = ['msg', mine ? 'mine' : 'theirs', r.recalled ? 'recalled' : '', r.mentioned ? 'mentioned' : '']
+      .filter(Boolean)
+      .join(' ');
     const tick = mine
       ? el(
           'span',
@@ -622,11 +635,19 @@ function renderMessages() {
           msgId: r.msgId ?? '',
           clientMsgId: r.clientMsgId,
           seq: r.seq ?? '',
+          gseq: r.gseq ?? '',
           status: mine ? r.status : 'received',
           from: r.from,
         },
       },
-      kind !== 'u' && !mine ? el('div', { class: 'from' }, `User ${r.from}`) : null,
+      kind !== 'u' && !mine
+        ? el(
+            'div',
+            { class: 'from' },
+            `User ${r.from}`,
+            r.mentioned ? el('span', { class: 'mention-badge', title: 'you were mentioned' }, '@you') : null,
+          )
+        : null,
       el('div', { class: 'text' }, r.recalled ? 'message recalled' : (fileView(r) ?? r.text)),
       el('div', { class: 'meta' }, fmtTime(r.timeMs), tick),
     );

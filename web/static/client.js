@@ -1,8 +1,9 @@
 // The chat session of one user on one web device, without any DOM: the WebSocket connection,
 // login and reconnects, heartbeats, the local timeline (last seq, gap detection by prev_seq,
 // sync pages, DeliverAck), sending with retries, delivery ticks, groups and the organisation tree
-// (contacts). docs/PROTOCOL.md sections 9 and 10 describe the rules implemented here; the
-// organisation tree's records and their rules are shared/src/org.rs.
+// (contacts), large groups (their own timelines: GroupDeliver, GroupHeads, GroupSync, GroupRead)
+// and mentions. docs/PROTOCOL.md sections 9 and 10 and "Large groups" describe the rules
+// implemented here; the organisation tree's records and their rules are shared/src/org.rs.
 //
 // Events (EventTarget): 'state' (detail: the new state), 'change' (the timeline, conversations
 // or groups changed), 'org' (detail: {version, changed} when the organisation tree was synced,
@@ -19,6 +20,14 @@ const REQUEST_TIMEOUT_MS = 10_000;
 /** While the user types, `Typing` is repeated at most this often (a notice stands for 6 s). */
 export const TYPING_REPEAT_MS = 3_000;
 const MAX_RECORDS = 5000;
+/** Retryable refusals of one GroupSync (Unavailable, Overloaded) before that sync gives up. */
+const GROUP_SYNC_RETRIES = 5;
+/**
+ * A large group never read (read cursor 0) of which the page holds nothing is synced from this
+ * many seqs below its head at most: its latest posts, not its whole history.
+ */
+export const GROUP_FIRST_SYNC_SPAN = 1000n;
+const U64_MAX = (1n << 64n) - 1n;
 const STATUS_RANK = { '': 0, failed: 0, pending: 1, sent: 2, delivered: 3, read: 4 };
 
 /** A random non-zero u64 as a decimal string (client_msg_id, section 10). */
@@ -44,6 +53,76 @@ export function cmpId(a, b) {
 }
 
 const byOrderThenId = (idOf) => (a, b) => a.order - b.order || cmpId(idOf(a), idOf(b));
+
+/**
+ * The users a post mentions, from its text: `@<uid>` words and `@all` (uid 0), as decimal
+ * strings in order of appearance, without duplicates, at most `P.MAX_MENTIONS` (SendC2g).
+ */
+export function parseMentions(text) {
+  const out = [];
+  if (typeof text !== 'string') return out;
+  const re = /(?<![\p{L}\p{N}_@])@(all|[1-9][0-9]*)(?![\p{L}\p{N}_])/giu;
+  for (const m of text.matchAll(re)) {
+    const word = m[1].toLowerCase();
+    const uid = word === 'all' ? '0' : word;
+    if (word !== 'all' && BigInt(uid) > U64_MAX) continue;
+    if (out.includes(uid)) continue;
+    out.push(uid);
+    if (out.length === P.MAX_MENTIONS) break;
+  }
+  return out;
+}
+
+/**
+ * What the page keeps of one large group's own timeline (PROTOCOL.md "Large groups"), seqs of
+ * that timeline as BigInt: `seq` the last one held (0: none), `read` the user's read cursor as
+ * last known, `head` the group's last seq as last known, `top` the highest seq shown, `readSent`
+ * the highest GroupRead sent, `known` whether a GroupHeads told the cursor, `adopted` whether
+ * `seq` was taken from a push that came before anything else was known.
+ */
+function largeState(s = {}) {
+  const big = (v) => BigInt(v ?? '0');
+  return {
+    seq: big(s.seq),
+    read: big(s.read),
+    head: big(s.head),
+    top: big(s.top),
+    readSent: 0n,
+    known: !!s.known,
+    adopted: !!s.adopted,
+    running: null, // the GroupSync loop in progress
+    resync: false, // a gap was seen while it ran: go once more
+  };
+}
+
+/** Copies the timeline place of `from` (user seq and/or group seq) onto record `r`. */
+function place(r, from) {
+  if (from.seq) r.seq = from.seq;
+  if (from.gseq) r.gseq = from.gseq;
+}
+
+/**
+ * Display order within a conversation: entries of the same timeline by seq (the user's, or a
+ * large group's own), entries of different timelines by msg id (time ordered), unplaced ones
+ * (pending sends) last in the order they were made.
+ */
+function byPlace(a, b) {
+  const ka = a.gseq ? 'g' : a.seq ? 'u' : '';
+  const kb = b.gseq ? 'g' : b.seq ? 'u' : '';
+  if (ka && kb) {
+    if (ka === kb) {
+      const x = BigInt(ka === 'g' ? a.gseq : a.seq);
+      const y = BigInt(kb === 'g' ? b.gseq : b.seq);
+      if (x !== y) return x < y ? -1 : 1;
+    } else if (a.msgId && b.msgId && a.msgId !== b.msgId) {
+      return cmpId(a.msgId, b.msgId);
+    }
+    return a.order - b.order;
+  }
+  if (ka) return -1;
+  if (kb) return 1;
+  return a.order - b.order;
+}
 
 /** The identity of an org record: a newer record of the same key replaces it. */
 export function orgKey(rec) {
@@ -352,7 +431,8 @@ export class ImClient extends EventTarget {
     // fetch() for the file service's HTTP endpoints (a test passes its own).
     this.fetch = fetchFn;
     this.groups = new Map(); // group id → {name, left}
-    this.convs = new Map(); // conv key → {unread}
+    this.convs = new Map(); // conv key → {unread, mentions}
+    this.large = new Map(); // group id → largeState() of each large group
     this.presence = new Map(); // uid (string) → {online, lastSeenMs} from PresenceNotice
     this.typers = new Map(); // conv key → Map(uid string → local ms its notice expires)
     this.presenceList = null; // the users followed on this connection (sorted, joined)
@@ -382,6 +462,7 @@ export class ImClient extends EventTarget {
     for (const r of s.records ?? []) this.index(r);
     for (const [id, g] of Object.entries(s.groups ?? {})) this.groups.set(id, g);
     for (const [k, c] of Object.entries(s.convs ?? {})) this.convs.set(k, c);
+    for (const [id, g] of Object.entries(s.large ?? {})) this.large.set(id, largeState(g));
     this.order = s.order ?? this.records.size;
   }
 
@@ -399,6 +480,19 @@ export class ImClient extends EventTarget {
       records: recs,
       groups: Object.fromEntries(this.groups),
       convs: Object.fromEntries(this.convs),
+      large: Object.fromEntries(
+        [...this.large].map(([id, g]) => [
+          id,
+          {
+            seq: g.seq.toString(),
+            read: g.read.toString(),
+            head: g.head.toString(),
+            top: g.top.toString(),
+            known: g.known,
+            adopted: g.adopted,
+          },
+        ]),
+      ),
     };
     try {
       this.storage.setItem(this.storeKey, JSON.stringify(s));
@@ -432,6 +526,7 @@ export class ImClient extends EventTarget {
     this.changePending = true;
     queueMicrotask(() => {
       this.changePending = false;
+      this.readActiveGroup();
       this.save();
       this.dispatchEvent(new CustomEvent('change'));
     });
@@ -617,7 +712,8 @@ export class ImClient extends EventTarget {
       }
       if (cmd.type !== 'HeartbeatAck') this.log('in', describe(cmd, f.reqId));
       const pending = f.reqId !== 0 ? this.requests.get(f.reqId) : undefined;
-      if (pending && cmd.type !== 'Deliver' && cmd.type !== 'Delivered') {
+      const push = cmd.type === 'Deliver' || cmd.type === 'Delivered' || cmd.type === 'GroupDeliver' || cmd.type === 'GroupHeads';
+      if (pending && !push) {
         clearTimeout(pending.timer);
         this.requests.delete(f.reqId);
         pending.resolve(cmd);
@@ -634,6 +730,12 @@ export class ImClient extends EventTarget {
         break;
       case 'Delivered':
         this.onDelivered(cmd.msgId.toString(), cmd.recipient.toString());
+        break;
+      case 'GroupDeliver':
+        this.onGroupDeliver(cmd.message);
+        break;
+      case 'GroupHeads':
+        this.onGroupHeads(cmd.heads);
         break;
       case 'PresenceNotice':
         for (const e of cmd.entries) {
@@ -826,30 +928,60 @@ export class ImClient extends EventTarget {
     }
   }
 
-  /** Stores an applied entry in the conversation it belongs to. */
-  ingest(m) {
+  /**
+   * Stores an applied entry in the conversation it belongs to. `gid`: the entry is one of that
+   * large group's own timeline (its seq is the group's: kept as `gseq`, not as the user's `seq`).
+   */
+  ingest(m, gid = null) {
     const from = m.from.toString();
     const to = m.to.toString();
     const base = {
       msgId: m.msgId.toString(),
-      seq: m.seq.toString(),
       conv: m.conv,
       from,
       to,
       clientMsgId: m.clientMsgId.toString(),
       timeMs: Number(m.serverTimeMs),
     };
+    if (gid) base.gseq = m.seq.toString();
+    else base.seq = m.seq.toString();
+    if (gid) {
+      const g = this.largeGroup(gid);
+      if (m.seq > g.top) g.top = m.seq;
+      switch (m.conv) {
+        case P.CONV.C2G:
+        case P.CONV.S2C: // a business push to the group
+          // Posts at or below the read cursor were read on some device of this user.
+          this.upsert({ ...base, conv: P.CONV.C2G, convKey: `g:${gid}`, ...bodyContent(m.body) }, m.seq <= g.read);
+          return;
+        case P.CONV.RECALL:
+        case P.CONV.GROUP_EVENT:
+          break; // as in the user's timeline
+        default:
+          return; // a kind this page does not know
+      }
+    }
     const content = bodyContent(m.body);
     switch (m.conv) {
       case P.CONV.C2C:
         this.upsert({ ...base, convKey: `u:${from === this.me ? to : from}`, ...content });
         break;
-      case P.CONV.C2G:
+      case P.CONV.C2G: {
         this.knowGroup(to);
-        this.upsert({ ...base, convKey: `g:${to}`, ...content });
+        // A small group: every member gets the post, mentions are read from the text.
+        const said = from !== this.me ? parseMentions(content.text) : [];
+        const mentioned = said.includes('0') || said.includes(this.me);
+        this.upsert({ ...base, convKey: `g:${to}`, ...content, ...(mentioned ? { mentioned } : {}) });
         break;
+      }
       case P.CONV.S2C:
         this.upsert({ ...base, convKey: `s:${from}`, ...content });
+        break;
+      case P.CONV.MENTION:
+        // The user was mentioned in a large group's post: the post's content, msg id and from.
+        this.knowGroup(to);
+        this.largeGroup(to);
+        this.mention({ ...base, conv: P.CONV.C2G, convKey: `g:${to}`, ...content });
         break;
       case P.CONV.RECALL: {
         const mk = safe(() => P.decodeMarker(m.body));
@@ -885,13 +1017,14 @@ export class ImClient extends EventTarget {
     }
   }
 
-  upsert(rec) {
+  /** Adds a message, or places one already held (by msg id, or by client_msg_id if own). */
+  upsert(rec, quiet = false) {
     if (rec.from === this.me) {
       const rid = this.ownByCid.get(rec.clientMsgId) ?? this.byMsgId.get(rec.msgId);
       const r = rid && this.records.get(rid);
       if (r) {
         r.msgId = rec.msgId;
-        r.seq = rec.seq;
+        place(r, rec);
         r.timeMs = rec.timeMs;
         this.byMsgId.set(r.msgId, r.rid);
         upgrade(r, 'sent');
@@ -903,12 +1036,41 @@ export class ImClient extends EventTarget {
       return;
     }
     const rid = this.byMsgId.get(rec.msgId);
-    if (rid) {
-      this.records.get(rid).seq = rec.seq;
+    const held = rid && this.records.get(rid);
+    if (held) {
+      place(held, rec);
       return;
     }
     this.add({ ...rec, rid: `m:${rec.msgId}`, status: '' });
-    if (rec.convKey !== this.activeConv) this.conv(rec.convKey).unread++;
+    if (rec.convKey !== this.activeConv && !quiet) {
+      const c = this.conv(rec.convKey);
+      c.unread++;
+      if (rec.mentioned) c.mentions = (c.mentions ?? 0) + 1;
+    }
+  }
+
+  /**
+   * A mention entry (kind 7): marks the post it repeats when it is shown, else shows it (marked)
+   * in the group's conversation, unread like a message. Never shown twice (same msg id).
+   */
+  mention(rec) {
+    const rid = this.byMsgId.get(rec.msgId);
+    const r = rid && this.records.get(rid);
+    const c = this.conv(rec.convKey);
+    if (r) {
+      r.mentionSeq = rec.seq;
+      if (!r.mentioned) {
+        r.mentioned = true;
+        if (r.convKey !== this.activeConv && !r.recalled) c.mentions = (c.mentions ?? 0) + 1;
+      }
+      return;
+    }
+    // The entry's seq (the user's timeline) places it until the group's timeline brings the post.
+    this.add({ ...rec, rid: `m:${rec.msgId}`, status: '', mentioned: true, mentionSeq: rec.seq });
+    if (rec.convKey !== this.activeConv) {
+      c.unread++;
+      c.mentions = (c.mentions ?? 0) + 1;
+    }
   }
 
   add(r) {
@@ -919,7 +1081,7 @@ export class ImClient extends EventTarget {
   conv(key) {
     let c = this.convs.get(key);
     if (!c) {
-      c = { unread: 0 };
+      c = { unread: 0, mentions: 0 };
       this.convs.set(key, c);
     }
     return c;
@@ -936,6 +1098,21 @@ export class ImClient extends EventTarget {
     const ev = safe(() => P.decodeGroupEvent(m.body));
     const gid = base.to;
     if (!ev) return;
+    const shown = this.records.get(this.byMsgId.get(base.msgId));
+    if (shown) {
+      place(shown, base); // the same event again (a large group's timeline synced twice)
+      return;
+    }
+    if (ev.kind === P.GROUP_EVENT.BecameLarge) {
+      // From now on the group's posts come from its own timeline.
+      this.largeGroup(gid);
+      if (
+        base.gseq &&
+        [...this.records.values()].some((r) => r.convKey === `g:${gid}` && r.event === P.GROUP_EVENT.BecameLarge)
+      ) {
+        return; // the first entry of the group's timeline, already told in the user's own
+      }
+    }
     const users = ev.users.map((u) => u.toString());
     const mine = users.includes(this.me);
     const who = (u) => (u === this.me ? 'you' : `user ${u}`);
@@ -978,7 +1155,7 @@ export class ImClient extends EventTarget {
       if (mine) g.left = true;
     }
     this.groups.set(gid, g);
-    this.add({ ...base, rid: `m:${base.msgId}`, convKey: `g:${gid}`, text, system: true, status: '' });
+    this.add({ ...base, rid: `m:${base.msgId}`, convKey: `g:${gid}`, text, system: true, event: ev.kind, status: '' });
     this.refreshGroupsSoon();
   }
 
@@ -993,6 +1170,174 @@ export class ImClient extends EventTarget {
     if (!r.deliveredTo.includes(recipient)) r.deliveredTo.push(recipient);
     upgrade(r, 'delivered');
     this.changed();
+  }
+
+  // ---- large groups (read diffusion) ---------------------------------------------------------
+
+  /** The state kept of large group `gid` (string), made when the page first learns of it. */
+  largeGroup(gid) {
+    let g = this.large.get(gid);
+    if (!g) {
+      g = largeState();
+      this.large.set(gid, g);
+    }
+    return g;
+  }
+
+  isLarge(gid) {
+    return this.large.has(String(gid));
+  }
+
+  /**
+   * A live post of a large group (its own timeline's seq / prev_seq, section 10's rules against
+   * the last group seq held): a duplicate is dropped, the next one shown, a gap synced. Not
+   * acknowledged; the user's own timeline (last seq, acks, sync) is not touched.
+   */
+  onGroupDeliver(m) {
+    const gid = m.to.toString();
+    this.knowGroup(gid);
+    const g = this.largeGroup(gid);
+    if (g.seq > 0n && m.seq <= g.seq) return; // duplicate
+    if (g.seq === 0n && !g.known) {
+      // Nothing held and no read cursor known yet (a push before the group's GroupHeads, or the
+      // group became large just now): shown and taken as the place to go on from; a GroupHeads
+      // that follows syncs from the read cursor what is before it.
+      g.adopted = true;
+    } else {
+      const held = g.seq > 0n ? g.seq : g.read;
+      if (m.seq <= held) return;
+      if (m.prevSeq > held) {
+        this.log('info', `group ${gid}: gap: prev_seq ${m.prevSeq} > ${held}; syncing`);
+        this.groupSync(gid);
+        return;
+      }
+    }
+    g.seq = m.seq;
+    this.ingest(m, gid);
+    this.changed();
+  }
+
+  /**
+   * GroupHeads (after the login; later for muted groups): each group's head and the user's read
+   * cursor. A group whose head is above what the page holds is synced.
+   */
+  onGroupHeads(heads) {
+    for (const h of heads) {
+      const gid = h.group.toString();
+      this.knowGroup(gid);
+      const g = this.largeGroup(gid);
+      g.known = true;
+      if (h.read > g.read) g.read = h.read;
+      if (h.read > g.readSent) g.readSent = h.read;
+      if (h.head > g.head) g.head = h.head;
+      if (h.head > this.groupStart(g)) this.groupSync(gid);
+      else g.adopted = false;
+    }
+    this.changed();
+  }
+
+  /**
+   * Where a GroupSync of `g` starts: the last seq held; when nothing is held, the read cursor
+   * (showing what was not read is enough), or for a group never read the last
+   * GROUP_FIRST_SYNC_SPAN seqs below its head; for a place taken from a lone push, the read
+   * cursor if that is below it.
+   */
+  groupStart(g) {
+    let from = g.read;
+    if (from === 0n && g.head > GROUP_FIRST_SYNC_SPAN) from = g.head - GROUP_FIRST_SYNC_SPAN;
+    if (g.seq === 0n) return from;
+    if (g.adopted && g.known && from < g.seq) return from;
+    return g.seq;
+  }
+
+  /**
+   * Pulls a large group's posts after `groupStart` with GroupSync, page after page while
+   * `has_more`, each page shown in order (duplicates by msg id). A gap seen meanwhile makes it
+   * go once more. Resolves when done (a refusal or a lost connection is logged: the next
+   * GroupHeads or gap starts again).
+   */
+  groupSync(gid) {
+    const g = this.largeGroup(gid);
+    if (g.running) {
+      g.resync = true;
+      return g.running;
+    }
+    const run = async () => {
+      let tries = 0;
+      do {
+        g.resync = false;
+        let after = this.groupStart(g);
+        for (;;) {
+          const page = await this.request({ type: 'GroupSync', group: BigInt(gid), afterSeq: after, limit: SYNC_LIMIT });
+          if (page.type !== 'GroupSyncPage') {
+            if (P.isRetryable(page.code) && ++tries < GROUP_SYNC_RETRIES) {
+              await sleep(Math.min(5000, 300 * 2 ** tries) * (0.5 + Math.random()));
+              continue;
+            }
+            throw refused(page, 'GroupSyncPage');
+          }
+          tries = 0;
+          if (page.head > g.head) g.head = page.head;
+          for (const m of page.messages) {
+            if (m.seq > g.seq) g.seq = m.seq;
+            this.ingest(m, gid);
+          }
+          if (page.messages.length) {
+            after = page.messages.at(-1).seq;
+            this.changed();
+          }
+          if (!page.hasMore || page.messages.length === 0) break;
+        }
+        g.adopted = false;
+      } while (g.resync);
+    };
+    g.running = run()
+      .catch((e) => this.log('info', `group ${gid} sync: ${e.message}`))
+      .finally(() => {
+        g.running = null;
+      });
+    return g.running;
+  }
+
+  /** The ack of an own post to a large group: its place in the group's timeline. */
+  ownGroupPost(r, ack) {
+    const g = this.largeGroup(r.to);
+    r.gseq = ack.seq.toString();
+    if (ack.seq > g.top) g.top = ack.seq;
+    // Next in order (as a GroupDeliver would be): the group's last seq moves there.
+    const held = g.seq > 0n ? g.seq : g.known ? g.read : null;
+    if (held !== null && ack.prevSeq <= held && ack.seq > held) g.seq = ack.seq;
+  }
+
+  /**
+   * GroupRead of the large group the user views, up to the highest group seq shown, when that
+   * moved since the last one sent (or since the cursor the server reported).
+   */
+  readActiveGroup() {
+    const key = this.activeConv;
+    if (!key || convKind(key) !== 'g') return;
+    const gid = convPeer(key);
+    const g = this.large.get(gid);
+    if (!g || g.top <= g.readSent || g.top <= g.read) return;
+    if ((this.state !== 'online' && this.state !== 'syncing') || !this.ws || this.ws.readyState !== 1) return;
+    if (this.groups.get(gid)?.left) return;
+    const seq = g.top;
+    const before = g.readSent;
+    g.readSent = seq;
+    const undo = () => {
+      if (g.readSent === seq) g.readSent = before;
+    };
+    this.request({ type: 'GroupRead', group: BigInt(gid), seq }).then(
+      (res) => {
+        if (res.type === 'OpResult' && res.code === P.ERR.Ok) {
+          if (seq > g.read) g.read = seq;
+          return;
+        }
+        this.log('info', `group ${gid} read: ${refusal(res)}`);
+        if (P.isRetryable(res.code)) undo();
+      },
+      undo,
+    );
   }
 
   // ---- sending -------------------------------------------------------------------------------
@@ -1057,6 +1402,9 @@ export class ImClient extends EventTarget {
       ...content,
       status: 'pending',
     };
+    // `@<uid>` and `@all` in a group post's text: its mentions (kept for the retries).
+    const mentions = kind === 'g' && !content.file ? parseMentions(content.text) : [];
+    if (mentions.length) r.mentions = mentions;
     this.add(r);
     this.changed();
     this.trySend(r);
@@ -1088,6 +1436,7 @@ export class ImClient extends EventTarget {
       r.conv === P.CONV.C2G
         ? { type: 'SendC2g', clientMsgId: r.clientMsgId, group: r.to, body }
         : { type: 'SendC2c', clientMsgId: r.clientMsgId, to: r.to, body };
+    if (r.conv === P.CONV.C2G && r.mentions?.length) cmd.mentions = r.mentions.map((u) => BigInt(u));
     let res;
     try {
       res = await this.request(cmd);
@@ -1112,16 +1461,20 @@ export class ImClient extends EventTarget {
 
   onSendAck(r, ack) {
     r.msgId = ack.msgId.toString();
-    // The own entry's seq (c2c; 0 for a group post), even when it is not next in order yet: a
-    // file message's download URL is asked by it.
-    if (ack.seq !== 0n) r.ackSeq = ack.seq.toString();
+    // The own entry's seq (c2c; 0 for a group post, a large group's seq is not the user's), even
+    // when it is not next in order yet: a file message's download URL is asked by it.
+    if (ack.seq !== 0n && r.conv !== P.CONV.C2G) r.ackSeq = ack.seq.toString();
     r.timeMs = Number(ack.serverTimeMs);
     this.byMsgId.set(r.msgId, r.rid);
     upgrade(r, 'sent');
     if (this.earlyDelivered.delete(r.msgId)) upgrade(r, 'delivered');
-    // c2c: the own entry is next in order when prev_seq is our last seq (section 5, SendAck);
-    // otherwise a later push shows the gap and a sync brings it. c2g acks carry seq 0.
-    if (ack.seq !== 0n && ack.prevSeq === this.lastSeq && ack.seq > this.lastSeq) {
+    if (r.conv === P.CONV.C2G) {
+      // A small group's ack carries seq 0 (the post comes back as a Deliver); a large group's
+      // carries the post's place in the group's own timeline, never the user's.
+      if (ack.seq !== 0n) this.ownGroupPost(r, ack);
+    } else if (ack.seq !== 0n && ack.prevSeq === this.lastSeq && ack.seq > this.lastSeq) {
+      // c2c: the own entry is next in order when prev_seq is our last seq (section 5, SendAck);
+      // otherwise a later push shows the gap and a sync brings it.
       this.lastSeq = ack.seq;
       r.seq = ack.seq.toString();
       this.scheduleAck();
@@ -1298,27 +1651,28 @@ export class ImClient extends EventTarget {
 
   // ---- queries for the UI --------------------------------------------------------------------
 
+  /**
+   * The conversation the user views: its unread count and mentions are cleared, and a large
+   * group's read cursor is moved to the highest post shown (GroupRead, once per change).
+   */
   setActive(key) {
     this.activeConv = key;
     if (key) {
-      this.conv(key).unread = 0;
+      const c = this.conv(key);
+      c.unread = 0;
+      c.mentions = 0;
+      this.readActiveGroup();
       this.changed();
     }
   }
 
-  /** A conversation's records in display order: seq order, unsequenced (pending) last. */
+  /**
+   * A conversation's records in display order: timeline order (seq; a large group's own seq for
+   * its posts, msg id between the two timelines), unsequenced (pending) last.
+   */
   messages(key) {
     const rs = [...this.records.values()].filter((r) => r.convKey === key);
-    rs.sort((a, b) => {
-      if (a.seq && b.seq) {
-        const x = BigInt(a.seq);
-        const y = BigInt(b.seq);
-        return x < y ? -1 : x > y ? 1 : 0;
-      }
-      if (a.seq) return -1;
-      if (b.seq) return 1;
-      return a.order - b.order;
-    });
+    rs.sort(byPlace);
     return rs;
   }
 
@@ -1331,7 +1685,7 @@ export class ImClient extends EventTarget {
     }
     const out = [];
     for (const [key, c] of this.convs) {
-      out.push({ key, unread: c.unread, last: last.get(key) ?? null });
+      out.push({ key, unread: c.unread, mentions: c.mentions ?? 0, last: last.get(key) ?? null });
     }
     out.sort((a, b) => (b.last?.order ?? 0) - (a.last?.order ?? 0));
     return out;

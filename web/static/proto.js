@@ -90,7 +90,11 @@ export const CONV = Object.freeze({
   RECALL: 4,
   READ: 5,
   GROUP_EVENT: 6,
+  MENTION: 7,
 });
+
+/** Most users one post mentions (`SendC2g` mentions; uid 0 = `@all`). */
+export const MAX_MENTIONS = 20;
 
 /** Error codes (section 7). Unknown codes decode as plain numbers too. */
 export const ERR = Object.freeze({
@@ -353,20 +357,40 @@ function fixed(n) {
   };
 }
 
+/**
+ * An optional field at the end of a body (section 13): an absent or empty value is not written,
+ * and a body that ends before it (or with fewer than `minBytes` left) decodes without the field.
+ */
+function trailing(t, minBytes) {
+  const none = (v) => v === undefined || v === null || (Array.isArray(v) && v.length === 0);
+  return {
+    optional: true,
+    size: (v, f) => (none(v) ? 0 : t.size(v, f)),
+    put: (w, v, f) => {
+      if (!none(v)) t.put(w, v, f);
+    },
+    get: (r, f) => (r.remaining() < minBytes ? undefined : t.get(r, f)),
+  };
+}
+
 /** A record type from a field list `[[name, type], …]`. */
 function record(fields) {
+  const value = (v, name, f, t) => (t.optional ? v?.[name] : field(v, name, f));
   return {
     size(v, f) {
       let n = 0;
-      for (const [name, t] of fields) n += t.size(field(v, name, f), name);
+      for (const [name, t] of fields) n += t.size(value(v, name, f, t), name);
       return n;
     },
     put(w, v, f) {
-      for (const [name, t] of fields) t.put(w, field(v, name, f), name);
+      for (const [name, t] of fields) t.put(w, value(v, name, f, t), name);
     },
     get(r) {
       const o = {};
-      for (const [name, t] of fields) o[name] = t.get(r, name);
+      for (const [name, t] of fields) {
+        const x = t.get(r, name);
+        if (x !== undefined || !t.optional) o[name] = x;
+      }
       return o;
     },
   };
@@ -496,10 +520,13 @@ const LAYOUT = {
     ['afterSeq', T.u64],
     ['limit', T.u16],
   ],
+  // `mentions` (optional, trailing): `count:u16 uid:u64*`, uid 0 = @all; omitted when empty.
+  // Decoded only when at least its count is there (like the server: one stray byte reads as none).
   SendC2g: [
     ['clientMsgId', T.u64],
     ['group', T.u64],
     ['body', T.bytes],
+    ['mentions', trailing(list(T.u16, T.u64), 2)],
   ],
   Recall: [
     ['clientMsgId', T.u64],

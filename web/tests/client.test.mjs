@@ -1,14 +1,15 @@
 // Unit tests of the page's session logic (web/static/client.js) against a scripted fake
 // WebSocket: login with the stored last seq, sync pages, gap detection by prev_seq, dedup,
 // batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout, the
-// organisation tree's local model (apply by version, tombstones, paged and incremental sync), and
-// file messages (resumable upload against a fake fetch, the reference sent, URLs cached).
+// organisation tree's local model (apply by version, tombstones, paged and incremental sync),
+// file messages (resumable upload against a fake fetch, the reference sent, URLs cached), and
+// large groups (GroupDeliver, GroupHeads → GroupSync pages, GroupRead) with mentions.
 // Run: node --test web/tests/
 import './node-globals.mjs';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { ImClient, OrgModel } from '../static/client.js';
+import { GROUP_FIRST_SYNC_SPAN, ImClient, OrgModel, parseMentions } from '../static/client.js';
 import {
   CONV,
   ERR,
@@ -19,6 +20,7 @@ import {
   encode,
   encodeFileRef,
   encodeGroupEvent,
+  encodeMarker,
   utf8,
 } from '../static/proto.js';
 
@@ -680,5 +682,265 @@ test('presence privacy: the setting is sent and a refusal rejects', async () => 
   assert.equal(r2.hidden, false);
   ws.push({ type: 'Error', code: ERR.Unavailable, message: 'store unavailable' }, r2.reqId);
   await assert.rejects(p2, /store unavailable/);
+  c.finish('test', '');
+});
+
+// ---- large groups and mentions ----------------------------------------------------------------
+
+const GROUP = 50n;
+/** A post of a large group's own timeline (its seqs are the group's). */
+const post = (seq, prevSeq, over = {}) =>
+  entry(seq, prevSeq, { conv: CONV.C2G, to: GROUP, body: utf8(`post ${seq}`), ...over });
+const texts = (c, key = `g:${GROUP}`) => c.messages(key).map((r) => r.text);
+
+/** A client logged in whose user timeline holds seq 11, told that group 50 is at head = read = 10. */
+async function inLargeGroup(opts = {}) {
+  const s = await loggedIn({ maxSeq: 11n, backlog: [entry(11n, 0n)], ...opts });
+  s.ws.push({ type: 'GroupHeads', heads: [{ group: GROUP, head: 10n, read: 10n }] });
+  await tick(5);
+  return s;
+}
+
+test('large groups: a GroupDeliver is shown once in the group, never acked, the user timeline untouched', async () => {
+  const { c, ws } = await inLargeGroup();
+  assert.equal(ws.frames('GroupSync').length, 0, 'head = read: nothing to fetch');
+  const acks = ws.frames('DeliverAck').length;
+  ws.push({ type: 'GroupDeliver', message: post(11n, 10n) });
+  ws.push({ type: 'GroupDeliver', message: post(11n, 10n) }); // duplicate
+  await tick();
+  assert.deepEqual(texts(c), ['post 11']);
+  assert.equal(c.messages(`g:${GROUP}`)[0].gseq, '11');
+  assert.equal(c.messages(`g:${GROUP}`)[0].seq, undefined, 'no seq of the user timeline');
+  assert.equal(c.large.get('50').seq, 11n);
+  assert.equal(c.lastSeq, 11n);
+  assert.equal(ws.frames('DeliverAck').length, acks, 'GroupDeliver is not acked');
+  assert.equal(ws.frames('SyncRequest').length, 1, 'no sync of the user timeline');
+  assert.equal(ws.frames('GroupSync').length, 0);
+  assert.equal(c.conversations().find((x) => x.key === `g:${GROUP}`).unread, 1);
+
+  // An own post: the ack's seq / prev_seq are the group's, even when prev_seq equals the user's
+  // last seq (11 in both timelines here); the post coming back live is a duplicate.
+  const r = c.sendText(`g:${GROUP}`, 'mine');
+  const s = await ws.next('SendC2g');
+  ws.push({ type: 'SendAck', code: 0, clientMsgId: s.clientMsgId, msgId: 900n, seq: 12n, serverTimeMs: 2n, prevSeq: 11n }, s.reqId);
+  await tick();
+  assert.equal(r.status, 'sent');
+  assert.equal(r.gseq, '12');
+  assert.equal(r.ackSeq, undefined);
+  assert.equal(c.lastSeq, 11n, 'the user timeline did not move');
+  assert.equal(c.large.get('50').seq, 12n, 'next in the group timeline');
+  ws.push({ type: 'GroupDeliver', message: post(12n, 11n, { from: ME, msgId: 900n, clientMsgId: BigInt(s.clientMsgId), body: utf8('mine') }) });
+  await tick();
+  assert.deepEqual(texts(c), ['post 11', 'mine']);
+  assert.equal(ws.frames('DeliverAck').length, acks);
+  c.finish('test', '');
+});
+
+test('large groups: a GroupDeliver after a gap syncs the group from the last seq held', async () => {
+  const { c, ws } = await inLargeGroup();
+  ws.push({ type: 'GroupDeliver', message: post(11n, 10n) });
+  ws.push({ type: 'GroupDeliver', message: post(15n, 14n) }); // 12..14 missing
+  const gs = await ws.next('GroupSync');
+  assert.deepEqual([gs.group, gs.afterSeq, gs.limit], [GROUP, 11n, 200]);
+  assert.deepEqual(texts(c), ['post 11'], 'the gap post is not shown by itself');
+  ws.push({ type: 'GroupDeliver', message: post(16n, 15n) }); // during the sync: a gap still
+  ws.push(
+    { type: 'GroupSyncPage', group: GROUP, head: 15n, hasMore: false, messages: [post(13n, 11n), post(15n, 13n)] },
+    gs.reqId,
+  );
+  // The gap seen during the sync makes it go once more, from the seq now held.
+  const gs2 = await ws.next('GroupSync');
+  assert.equal(gs2.afterSeq, 15n);
+  ws.push({ type: 'GroupSyncPage', group: GROUP, head: 16n, hasMore: false, messages: [post(16n, 15n)] }, gs2.reqId);
+  await tick();
+  assert.deepEqual(texts(c), ['post 11', 'post 13', 'post 15', 'post 16']);
+  assert.equal(c.large.get('50').seq, 16n);
+  assert.equal(c.lastSeq, 11n);
+  assert.equal(ws.frames('SyncRequest').length, 1);
+  assert.equal(ws.frames('GroupSync').length, 2);
+  c.finish('test', '');
+});
+
+test('large groups: GroupHeads after login syncs from the read cursor page after page; events and recalls apply', async () => {
+  const { c, ws, storage } = await loggedIn({ maxSeq: 3n, backlog: [entry(3n, 0n)] });
+  ws.push({
+    type: 'GroupHeads',
+    heads: [
+      { group: 60n, head: 30n, read: 20n },
+      { group: 61n, head: 5n, read: 5n }, // read up to its head: nothing to fetch
+    ],
+  });
+  const p1 = await ws.next('GroupSync');
+  assert.deepEqual([p1.group, p1.afterSeq], [60n, 20n], 'nothing held: from the read cursor');
+  const updated = post(25n, 21n, { conv: CONV.GROUP_EVENT, to: 60n, clientMsgId: 0n, body: encodeGroupEvent({ kind: 5, users: [] }) });
+  const p21 = post(21n, 20n, { to: 60n });
+  ws.push({ type: 'GroupSyncPage', group: 60n, head: 30n, hasMore: true, messages: [p21, updated] }, p1.reqId);
+  const p2 = await ws.next('GroupSync');
+  assert.equal(p2.afterSeq, 25n, 'the next page after the last seq received');
+  const recall = post(30n, 25n, { conv: CONV.RECALL, to: 60n, from: PEER, body: encodeMarker({ conv: CONV.C2G, msgId: p21.msgId }) });
+  ws.push(
+    { type: 'GroupSyncPage', group: 60n, head: 30n, hasMore: false, messages: [post(28n, 25n, { to: 60n }), recall] },
+    p2.reqId,
+  );
+  await tick();
+  assert.equal(ws.frames('GroupSync').length, 2, 'has_more 0: done; group 61 not synced');
+  const ms = c.messages('g:60');
+  assert.deepEqual(ms.map((r) => r.text), ['', 'user 6 updated the group', 'post 28']);
+  assert.equal(ms[0].recalled, true, 'a recall marker of the group timeline');
+  assert.equal(ms[1].system, true);
+  assert.equal(c.large.get('60').seq, 30n);
+  assert.equal(c.lastSeq, 3n);
+  assert.ok(c.isLarge(61n) && c.isLarge('60'));
+
+  // The last group seq held survives a reload: the next GroupHeads syncs from it.
+  c.finish('test', '');
+  const again = await loggedIn({ storage, maxSeq: 3n });
+  assert.equal(again.c.large.get('60').seq, 30n);
+  again.ws.push({ type: 'GroupHeads', heads: [{ group: 60n, head: 33n, read: 20n }] });
+  const p3 = await again.ws.next('GroupSync');
+  assert.deepEqual([p3.group, p3.afterSeq], [60n, 30n]);
+  again.ws.push({ type: 'GroupSyncPage', group: 60n, head: 33n, hasMore: false, messages: [post(33n, 30n, { to: 60n })] }, p3.reqId);
+  await tick();
+  assert.deepEqual(texts(again.c, 'g:60'), ['', 'user 6 updated the group', 'post 28', 'post 33']);
+  again.c.finish('test', '');
+});
+
+test('large groups: a group never read is synced from its latest seqs only', async () => {
+  const { c, ws } = await loggedIn();
+  ws.push({ type: 'GroupHeads', heads: [{ group: 70n, head: 5000n, read: 0n }] });
+  const p = await ws.next('GroupSync');
+  assert.equal(p.afterSeq, 5000n - GROUP_FIRST_SYNC_SPAN);
+  ws.push({ type: 'GroupSyncPage', group: 70n, head: 5000n, hasMore: false, messages: [] }, p.reqId);
+  await tick();
+  c.finish('test', '');
+});
+
+test('large groups: GroupRead when the group is viewed, once per change; not for a small group', async () => {
+  const { c, ws } = await inLargeGroup();
+  ws.push({ type: 'GroupDeliver', message: post(11n, 10n) });
+  ws.push({ type: 'GroupDeliver', message: post(12n, 11n) });
+  await tick();
+  assert.equal(ws.frames('GroupRead').length, 0, 'not viewed yet');
+  c.setActive(`g:${GROUP}`);
+  const r1 = await ws.next('GroupRead');
+  assert.deepEqual([r1.group, r1.seq], [GROUP, 12n]);
+  ws.push({ type: 'OpResult', code: ERR.Ok, id: GROUP, message: '' }, r1.reqId);
+  assert.equal(c.conversations().find((x) => x.key === `g:${GROUP}`).unread, 0);
+  c.setActive(`g:${GROUP}`); // viewed again, nothing new
+  await tick();
+  assert.equal(ws.frames('GroupRead').length, 1);
+  // A post while the group is viewed moves the cursor again, once.
+  ws.push({ type: 'GroupDeliver', message: post(14n, 12n) });
+  const r2 = await ws.next('GroupRead');
+  assert.equal(r2.seq, 14n);
+  ws.push({ type: 'OpResult', code: ERR.Ok, id: GROUP, message: '' }, r2.reqId);
+  await tick();
+  assert.equal(ws.frames('GroupRead').length, 2);
+  // A small group (posts in the user's own timeline) sends none.
+  ws.push({ type: 'Deliver', message: entry(12n, 11n, { conv: CONV.C2G, to: 77n }) });
+  c.setActive('g:77');
+  await tick();
+  assert.deepEqual(texts(c, 'g:77'), ['message 12']);
+  assert.equal(ws.frames('GroupRead').length, 2);
+  c.finish('test', '');
+});
+
+test('mentions: an entry marks the post shown, or adds it once, unread; acked like any entry', async () => {
+  const { c, ws } = await inLargeGroup();
+  const p11 = post(11n, 10n);
+  ws.push({ type: 'GroupDeliver', message: p11 });
+  await tick();
+  // Mention entries are the user's own timeline's: the post's content, msg id and from, to = the group.
+  const mention = (seq, prevSeq, p) =>
+    entry(seq, prevSeq, { conv: CONV.MENTION, from: p.from, to: GROUP, msgId: p.msgId, clientMsgId: p.clientMsgId, body: p.body });
+  ws.push({ type: 'Deliver', message: mention(12n, 11n, p11) });
+  await tick();
+  let ms = c.messages(`g:${GROUP}`);
+  assert.equal(ms.length, 1, 'the post is not shown twice');
+  assert.equal(ms[0].mentioned, true);
+  assert.equal(c.lastSeq, 12n);
+  assert.equal(ws.frames('DeliverAck').at(-1).seq, 12n, 'acked as usual');
+  let conv = c.conversations().find((x) => x.key === `g:${GROUP}`);
+  assert.deepEqual([conv.unread, conv.mentions], [1, 1], 'the post counted once');
+
+  // A mention of a post not shown yet: added, marked, unread; the post itself later is the same record.
+  const p13 = post(13n, 11n, { body: utf8('hey @5') });
+  ws.push({ type: 'Deliver', message: mention(13n, 12n, p13) });
+  ws.push({ type: 'Deliver', message: mention(13n, 12n, p13) }); // duplicate entry
+  await tick();
+  ms = c.messages(`g:${GROUP}`);
+  assert.deepEqual(ms.map((r) => [r.text, !!r.mentioned]), [['post 11', true], ['hey @5', true]]);
+  conv = c.conversations().find((x) => x.key === `g:${GROUP}`);
+  assert.deepEqual([conv.unread, conv.mentions], [2, 2]);
+  ws.push({ type: 'GroupDeliver', message: post(12n, 11n) });
+  ws.push({ type: 'GroupDeliver', message: p13 });
+  await tick();
+  ms = c.messages(`g:${GROUP}`);
+  assert.deepEqual(ms.map((r) => r.text), ['post 11', 'post 12', 'hey @5'], 'in the group order, once');
+  assert.equal(ms[2].gseq, '13');
+  conv = c.conversations().find((x) => x.key === `g:${GROUP}`);
+  assert.deepEqual([conv.unread, conv.mentions], [3, 2]);
+  c.setActive(`g:${GROUP}`);
+  conv = c.conversations().find((x) => x.key === `g:${GROUP}`);
+  assert.deepEqual([conv.unread, conv.mentions], [0, 0]);
+  c.finish('test', '');
+});
+
+test('mentions: @all and @uid words of a group post become the SendC2g mentions', async () => {
+  assert.deepEqual(parseMentions('hi @all, @7 and @7 again; mail x@8, @0 @012 @9x (@42) @ALL'), ['0', '7', '42']);
+  assert.deepEqual(parseMentions('no one'), []);
+  const many = Array.from({ length: 30 }, (_, i) => `@${i + 1}`).join(' ');
+  assert.equal(parseMentions(many).length, 20, 'at most 20');
+
+  const { c, ws } = await loggedIn();
+  const r = c.sendText(`g:${GROUP}`, '@all meeting at 3, @7 @7 bring @12');
+  const s1 = await ws.next('SendC2g');
+  assert.deepEqual(s1.mentions, [0n, 7n, 12n]);
+  assert.deepEqual(r.mentions, ['0', '7', '12']);
+  // A retry sends the same mentions.
+  ws.push({ type: 'Error', code: ERR.Overloaded, message: 'later' }, s1.reqId);
+  const s2 = await ws.next('SendC2g');
+  assert.deepEqual([s2.clientMsgId, s2.mentions], [s1.clientMsgId, [0n, 7n, 12n]]);
+  ws.push({ type: 'SendAck', code: 0, clientMsgId: s2.clientMsgId, msgId: 901n, seq: 0n, serverTimeMs: 2n, prevSeq: 0n }, s2.reqId);
+  c.sendText(`g:${GROUP}`, 'plain');
+  const s3 = await ws.next('SendC2g');
+  assert.equal(s3.mentions, undefined, 'no mentions: the field is left out');
+  c.sendText(`u:${PEER}`, 'hi @7');
+  const s4 = await ws.next('SendC2c');
+  assert.equal(s4.mentions, undefined);
+  // A small group's post from someone else that says @<me> or @all is marked from its text.
+  ws.push({ type: 'Deliver', message: entry(1n, 0n, { conv: CONV.C2G, to: 77n, body: utf8(`@${ME} look`) }) });
+  await tick();
+  assert.equal(c.messages('g:77')[0].mentioned, true);
+  c.finish('test', '');
+});
+
+test('large groups: a post before anything is known is shown; the GroupHeads then fills from the read cursor', async () => {
+  const { c, ws } = await loggedIn({ maxSeq: 3n, backlog: [entry(3n, 0n)] });
+  // The group becomes large now: BecameLarge in the user's timeline, then its first live post.
+  const became = entry(4n, 3n, { conv: CONV.GROUP_EVENT, to: 80n, clientMsgId: 0n, body: encodeGroupEvent({ kind: 6, users: [] }) });
+  const p2 = post(2n, 1n, { to: 80n });
+  ws.push({ type: 'Deliver', message: became });
+  ws.push({ type: 'GroupDeliver', message: p2 });
+  await tick();
+  assert.ok(c.isLarge('80'));
+  assert.equal(ws.frames('GroupSync').length, 0);
+  assert.deepEqual(texts(c, 'g:80'), ['the group is large now: its posts are read from the group', 'post 2']);
+  // The heads tell the read cursor (0): what is before the post is fetched; the group timeline's
+  // own BecameLarge (seq 1) is not shown a second time, nor post 2.
+  ws.push({ type: 'GroupHeads', heads: [{ group: 80n, head: 2n, read: 0n }] });
+  const gs = await ws.next('GroupSync');
+  assert.deepEqual([gs.group, gs.afterSeq], [80n, 0n]);
+  const own = post(1n, 0n, { to: 80n, conv: CONV.GROUP_EVENT, clientMsgId: 0n, body: encodeGroupEvent({ kind: 6, users: [] }) });
+  ws.push({ type: 'GroupSyncPage', group: 80n, head: 2n, hasMore: false, messages: [own, p2] }, gs.reqId);
+  await tick();
+  assert.deepEqual(texts(c, 'g:80'), ['the group is large now: its posts are read from the group', 'post 2']);
+  assert.equal(c.large.get('80').seq, 2n);
+  // From now on the usual rules: the next post is next in order.
+  ws.push({ type: 'GroupDeliver', message: post(3n, 2n, { to: 80n }) });
+  await tick();
+  assert.equal(texts(c, 'g:80').at(-1), 'post 3');
+  assert.equal(ws.frames('GroupSync').length, 1);
+  assert.equal(c.lastSeq, 4n);
   c.finish('test', '');
 });

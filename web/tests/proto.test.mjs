@@ -16,6 +16,7 @@ import {
   FrameReader,
   GROUP_EVENT,
   HEADER_LEN,
+  MAX_MENTIONS,
   ORG_TAG,
   ProtoError,
   decode,
@@ -498,4 +499,28 @@ test('a file reference is the typed body the server checks; text is not typed', 
   assert.throws(() => decodeFileRef(new Uint8Array([0xff, 1, 0])), /truncated/);
   assert.throws(() => decodeFileRef(encodeFileRef({ ...f, kind: 9 })), /unknown kind 9/);
   assert.throws(() => encodeFileRef({ ...f, key: new Uint8Array(3) }), /16 bytes/);
+});
+
+test('SendC2g: the optional trailing mentions (count:u16 uid:u64*, uid 0 = @all)', () => {
+  const c = { type: 'SendC2g', clientMsgId: 1n, group: 9n, body: utf8('hi'), mentions: [0n, 7n] };
+  const bytes = encode(c, 3);
+  assert.equal(
+    hex(bytes),
+    '49 4d 01 13 00 00 00 03 00 00 00 28 ' + // header, body 40 bytes
+      '00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 09 00 00 00 02 68 69 ' + // cid, group, body
+      '00 02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 07', // 2 mentions: 0 (@all), 7
+  );
+  assert.deepEqual(decode(bytes), { ...c, reqId: 3 });
+  // None: the field is left out (the body as before), whether absent or empty.
+  const plain = encode({ type: 'SendC2g', clientMsgId: 1n, group: 9n, body: utf8('hi') }, 3);
+  assert.equal(plain.length - HEADER_LEN, 22);
+  assert.equal(hex(encode({ ...c, mentions: [] }, 3)), hex(plain));
+  assert.equal(decode(plain).mentions, undefined);
+  // As the server reads it: one stray byte after the body is no mentions; a cut list is truncated.
+  const body = plain.slice(HEADER_LEN);
+  assert.equal(decodeBody(CMD.SendC2g, new Uint8Array([...body, 0])).mentions, undefined);
+  assert.deepEqual(decodeBody(CMD.SendC2g, new Uint8Array([...body, 0, 0])).mentions, []);
+  assert.throws(() => decodeBody(CMD.SendC2g, bytes.slice(HEADER_LEN, -1)), ProtoError);
+  assert.equal(CONV.MENTION, 7);
+  assert.equal(MAX_MENTIONS, 20);
 });
