@@ -1528,7 +1528,8 @@ fn presence_and_typing_cross_logic_nodes() {
 
 /// A large group (read diffusion) whose members are spread over two logic nodes, each with its
 /// own store: live posts reach online members on both nodes (one `GroupLive` per worker), a
-/// member who logs in later gets the group's head from the owner's node and syncs it there.
+/// member who logs in later gets the group's head from the owner's node and syncs it there, and
+/// an `@all` reaches every member's own timeline on both nodes.
 #[test]
 fn a_large_group_spans_logic_nodes() {
     let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -1616,6 +1617,55 @@ fn a_large_group_spans_logic_nodes() {
         assert_eq!((posts.len(), more, head), (2, false, Seq(2)));
         assert_eq!(posts[1].msg_id, ack.msg_id);
         c.group_read(group, Seq(2)).unwrap();
+    }
+    // @all by the owner, with 2 500 more members (three chunks, spread over both nodes): every
+    // member gets one mention entry through the peer links, the online ones live.
+    let offline: Vec<UserId> = (0..2_500).map(|i| UserId(200_000 + i)).collect();
+    for part in offline.chunks(1_250) {
+        retry(&mut || clients[0].group_add(group, part));
+    }
+    let all = clients[0]
+        .send_c2g_mentioning(group, 2, "@all", &[UserId(0)])
+        .unwrap();
+    for (i, c) in clients.iter_mut().enumerate().skip(1) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "no mention for {}", online[i]);
+            if let Some(Cmd::Deliver(m)) = c.recv(Duration::from_millis(200)).unwrap() {
+                c.deliver_ack(m.seq).unwrap();
+                if m.conv == im_shared::proto::CONV_MENTION {
+                    assert_eq!(m.msg_id, all.msg_id);
+                    break;
+                }
+            }
+        }
+    }
+    // Offline members on each node, the last one in uid order among them: exactly one.
+    let last_on = |n| {
+        offline
+            .iter()
+            .rev()
+            .find(|u| node_of(u.0, 2) == n)
+            .unwrap()
+            .0
+    };
+    for u in [last_on(0), last_on(1), offline[1_000].0] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (mut c, _) = login_retry(a1, u, Seq(0));
+            let (page, _, _) = c.sync_page(Seq(0), 100).unwrap();
+            let got: Vec<_> = page
+                .iter()
+                .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+                .map(|m| m.msg_id)
+                .collect();
+            if !got.is_empty() {
+                assert_eq!(got, vec![all.msg_id], "member {u}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no mention for {u} within 30 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     for p in [&mut n0, &mut n1, &mut g1] {
         p.kill().unwrap();
