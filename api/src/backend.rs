@@ -43,8 +43,9 @@ pub type GroupWithMembers = (GroupDesc, Vec<(UserId, u8)>);
 pub enum PushTarget {
     /// One or more users (each gets the message in their timeline).
     Users(Vec<UserId>),
-    /// Every member of a group (write diffusion through the group's owner).
-    Group(GroupId),
+    /// Every member of a group (through the group's owner), mentioning these members (`@user`;
+    /// uid 0 is `@all`; they matter in a large group only: PROTOCOL.md "SendC2g").
+    Group(GroupId, Vec<UserId>),
 }
 
 /// A message the logic tier accepted (durably, with its fan-out recorded in the outbox).

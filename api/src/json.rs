@@ -71,7 +71,13 @@ pub(crate) struct SendReq {
     /// `null` is the same as absent (as for every other optional field).
     #[serde(default)]
     pub request_id: Option<Id>,
+    /// With `to_group`: members mentioned (0 = `@all`), at most [`MAX_MENTIONS`].
+    #[serde(default, deserialize_with = "present")]
+    pub mentions: Option<Vec<Id>>,
 }
+
+/// Most `mentions` of one `POST /v1/messages` (the protocol's limit for one post).
+pub const MAX_MENTIONS: usize = im_shared::proto::MAX_MENTIONS;
 
 /// `POST /v1/groups`.
 #[derive(Debug, Deserialize)]

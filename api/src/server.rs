@@ -986,6 +986,11 @@ async fn send_message(state: &State, body: &[u8]) -> Result<Resp, Fail> {
     if req.from.0 == 0 {
         return Err(bad_request("`from` must be a positive user id"));
     }
+    if req.mentions.is_some() && req.to_group.is_none() {
+        return Err(bad_request(
+            "`mentions` go with `to_group` only (a mention is of a group's member)",
+        ));
+    }
     let target = match (&req.to_users, req.to_group) {
         (Some(users), None) => PushTarget::Users(
             json::user_list("to_users", users, json::MAX_RECIPIENTS, false)
@@ -994,7 +999,20 @@ async fn send_message(state: &State, body: &[u8]) -> Result<Resp, Fail> {
                 .map(UserId)
                 .collect(),
         ),
-        (None, Some(g)) if g.0 != 0 => PushTarget::Group(GroupId(g.0)),
+        (None, Some(g)) if g.0 != 0 => {
+            let mentions = req.mentions.as_deref().unwrap_or_default();
+            if mentions.len() > json::MAX_MENTIONS {
+                return Err(bad_request(format!(
+                    "`mentions` lists {} users; at most {} are allowed",
+                    mentions.len(),
+                    json::MAX_MENTIONS
+                )));
+            }
+            let mut m: Vec<UserId> = mentions.iter().map(|i| UserId(i.0)).collect();
+            m.sort_unstable();
+            m.dedup();
+            PushTarget::Group(GroupId(g.0), m)
+        }
         (None, Some(_)) => return Err(bad_request("`to_group` must be a positive group id")),
         (Some(_), Some(_)) => {
             return Err(bad_request(

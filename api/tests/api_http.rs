@@ -936,7 +936,7 @@ mod api {
             [
                 Call::Send {
                     from: u64::MAX,
-                    target: PushTarget::Group(GroupId(77)),
+                    target: PushTarget::Group(GroupId(77), vec![]),
                     body: vec![0, 255, 1, 2],
                     request_id: 0,
                 },
@@ -947,6 +947,27 @@ mod api {
                     request_id: 0,
                 }
             ]
+        );
+    }
+
+    /// A group message may mention members (0 = `@all`), repeated ones once.
+    #[test]
+    fn send_to_group_with_mentions() {
+        let api = Api::start();
+        let r = api.signed(
+            "POST",
+            "/v1/messages",
+            r#"{"from":1000,"to_group":77,"body":"all hands at 10","mentions":[0,"12",12]}"#,
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            api.backend.calls(),
+            [Call::Send {
+                from: 1000,
+                target: PushTarget::Group(GroupId(77), vec![UserId(0), UserId(12)]),
+                body: b"all hands at 10".to_vec(),
+                request_id: 0,
+            }]
         );
     }
 
@@ -1005,6 +1026,22 @@ mod api {
                 r#"{"from":1,"to_users":[2],"to_group":3,"body":"x"}"#.into(),
                 "invalid_argument",
                 "not both",
+            ),
+            (
+                r#"{"from":1,"to_users":[2],"body":"x","mentions":[2]}"#.into(),
+                "invalid_argument",
+                "`mentions` go with `to_group` only",
+            ),
+            (
+                json!({"from": 1, "to_group": 3, "body": "x", "mentions": (1..=21).collect::<Vec<u64>>()})
+                    .to_string(),
+                "invalid_argument",
+                "`mentions` lists 21 users; at most 20 are allowed",
+            ),
+            (
+                r#"{"from":1,"to_group":3,"body":"x","mentions":null}"#.into(),
+                "bad_json",
+                "invalid type",
             ),
             (
                 r#"{"from":1,"to_users":[],"body":"x"}"#.into(),

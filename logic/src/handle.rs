@@ -406,12 +406,12 @@ impl ApiBackend for LogicHandle {
                     let w = self.router.local_of(from);
                     self.call(w, WorkerMsg::Api(req), rx).await?
                 }
-                PushTarget::Group(g) => {
+                PushTarget::Group(g, mentions) => {
                     let op = GroupOp::Post {
                         client_msg_id: request_id,
                         conv: CONV_S2C,
                         body,
-                        mentions: Vec::new(),
+                        mentions,
                     };
                     self.group_call(g, from, op).await?
                 }

@@ -1276,3 +1276,52 @@ fn group_creates_with_a_client_id_are_idempotent_over_the_api_and_the_protocol()
     assert_eq!(created, want);
     assert_no_deliver(&mut member, Duration::from_millis(300));
 }
+
+/// A business message to a large group may mention members, `@all` (0) included: every member
+/// gets it as a mention entry in its own timeline; the metrics count the fan-out.
+#[test]
+fn a_business_message_to_a_large_group_mentions_all_members() {
+    let (s, api) = start_biz(|cfg| cfg.large_group_threshold = 2);
+    let (a, b, c) = (51171, 51172, 51173);
+    let mut ac = login(s.addr, a);
+    let g = ac.create_group("company", &[UserId(b)]).unwrap();
+    ac.group_add(g, &[UserId(c)]).unwrap();
+    let mut bc = login(s.addr, b);
+    let body = format!(
+        r#"{{"from":9000,"to_group":{},"body":"office closed","mentions":[0]}}"#,
+        g.0
+    );
+    let id = api.send(&body);
+    let m = next_of(&mut bc, im_shared::proto::CONV_MENTION);
+    assert_eq!((m.msg_id, m.from, m.to.0), (id, UserId(9000), g.0));
+    assert_eq!(&m.body[..], b"office closed");
+    // Offline c and the owner a get it too (the sender is not a member).
+    for u in [a, c] {
+        let mut uc = login(s.addr, u);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (page, _, _) = uc.sync_page(Seq(0), 100).unwrap();
+            let got: Vec<MsgId> = page
+                .iter()
+                .filter(|m| m.conv == im_shared::proto::CONV_MENTION)
+                .map(|m| m.msg_id)
+                .collect();
+            if !got.is_empty() {
+                assert_eq!(got, vec![id], "user {u}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no mention for {u}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    api.wait_metric("im_mention_all_entries_total", 3);
+    api.wait_metric("im_mention_all_running", 0);
+    api.wait_metric("im_messages_accepted_total{kind=\"mention\"}", 1);
+    // Mentions go with a group only.
+    let r = api.signed(
+        "POST",
+        "/v1/messages",
+        r#"{"from":9000,"to_users":[51172],"body":"x","mentions":[51172]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+}
