@@ -117,6 +117,20 @@ test('section 12: SendC2c encodes byte for byte, numbers or BigInts', () => {
   assert.equal(text(c.body), 'hi');
 });
 
+test('section 12: SendC2g with mentions encodes byte for byte', () => {
+  const want = fromDump(`
+0000: 49 4d 01 13 00 00 00 03 00 00 00 28 00 00 00 00
+0010: 00 00 00 05 00 00 00 00 00 00 00 07 00 00 00 02
+0020: 68 69 00 02 00 00 00 00 00 00 00 00 00 00 00 00
+0030: 00 00 00 0c`);
+  assert.equal(want.length, 52);
+  const a = encode({ type: 'SendC2g', clientMsgId: 5n, group: 7n, body: 'hi', mentions: [0n, 12n] }, 3);
+  assert.equal(hex(a), hex(want));
+  const c = decode(want);
+  assert.equal(c.type, 'SendC2g');
+  assert.deepEqual([c.clientMsgId, c.group, c.mentions], [5n, 7n, [0n, 12n]]);
+});
+
 test('section 11: the development token of the example', async () => {
   assert.equal(await mintDevToken('dev-secret', 42, 1767225600), DOC_TOKEN);
   const t = await mintDevToken(DEV_SECRET, 7n);
