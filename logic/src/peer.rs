@@ -239,22 +239,31 @@ impl PeerLinks {
         let Some(Some(w)) = self.writers.get(node) else {
             return;
         };
-        let payloads: Vec<Bytes> = match msg {
+        // False once the link took no more (reset, or moved to another epoch).
+        let write = |p: Bytes| match w.send(Some(epoch), |out| {
+            link::encode_msg(&LinkMsg::Peer(p), out);
+        }) {
+            Sent::Overflow => {
+                reset(&self.state[node], w);
+                false
+            }
+            Sent::Dropped => false,
+            Sent::Written | Sent::Queued => true,
+        };
+        match msg {
             // A batch of appends can be large (a replay of an outbox, a round's fan-out of many
             // large messages): it goes as several link messages, in order.
-            WorkerMsg::Append(v) => append_parts(v, APPEND_MSG_BUDGET)
-                .map(|part| peer::encode(worker as u16, PeerMsgRef::Append(part)))
-                .collect(),
-            m => encode(worker, m).into_iter().collect(),
-        };
-        for p in payloads {
-            let sent = w.send(Some(epoch), |out| {
-                link::encode_msg(&LinkMsg::Peer(p), out);
-            });
-            match sent {
-                Sent::Overflow => return reset(&self.state[node], w),
-                Sent::Dropped => return,
-                Sent::Written | Sent::Queued => {}
+            WorkerMsg::Append(v) => {
+                for part in append_parts(v, APPEND_MSG_BUDGET) {
+                    if !write(peer::encode(worker as u16, PeerMsgRef::Append(part))) {
+                        return;
+                    }
+                }
+            }
+            m => {
+                if let Some(p) = encode(worker, m) {
+                    write(p);
+                }
             }
         }
     }
