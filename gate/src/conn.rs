@@ -101,6 +101,8 @@ pub fn is_heavy(cmd: Cmd) -> bool {
             | Cmd::OrgDept
             | Cmd::OrgUser
             | Cmd::OrgSearch
+            | Cmd::GroupSync
+            | Cmd::GroupMembers
     )
 }
 
@@ -245,7 +247,9 @@ impl Conn {
                     | Cmd::GroupInfoReply
                     | Cmd::GroupList
                     | Cmd::OrgPage
-                    | Cmd::OrgReply,
+                    | Cmd::OrgReply
+                    | Cmd::GroupSyncPage
+                    | Cmd::GroupMembersPage,
                 ) => true,
                 // A refusal answers the heavy request if it carries its id.
                 Some(Cmd::OpResult | Cmd::Error) if self.heavy.get() == Some(req_id) => true,
@@ -912,6 +916,67 @@ mod tests {
             c.answered(&frames(&[(refused, 7)]));
             assert_eq!(c.heavy.get(), None);
             assert_eq!(c.inflight.get(), 1, "the light request is still out");
+        });
+    }
+
+    #[test]
+    fn the_answer_of_every_large_group_and_file_request_frees_its_place() {
+        with_conn(|core, c| {
+            let url = || Command::FileUrl {
+                url: "u".into(),
+                expires_ms: 1,
+            };
+            let cases = [
+                (
+                    Cmd::GroupSync,
+                    Command::GroupSyncPage {
+                        group: im_shared::GroupId(9),
+                        head: im_shared::Seq(3),
+                        has_more: false,
+                        messages: Vec::new(),
+                    },
+                ),
+                (
+                    Cmd::GroupMembers,
+                    Command::GroupMembersPage {
+                        group: im_shared::GroupId(9),
+                        total: 2,
+                        more: false,
+                        members: vec![(UserId(1), 0)],
+                    },
+                ),
+                (Cmd::FileDownload, url()),
+                (Cmd::GroupFileDownload, url()),
+                (
+                    Cmd::FileUpload,
+                    Command::FileTicket {
+                        url: "u".into(),
+                        ticket: "t".into(),
+                        expires_ms: 1,
+                    },
+                ),
+            ];
+            for (req, answer) in cases {
+                // As many as a connection may have in flight, answered one by one: the reader
+                // never stays paused once every answer is out.
+                let max = core.ctx.cfg.max_inflight as u32;
+                for r in 1..=max {
+                    c.forwarded(req, r);
+                    c.answered(&frames(&[(answer.clone(), r)]));
+                    assert_eq!(c.pause(core), None, "{req:?}: {r} answered");
+                }
+                assert_eq!((c.inflight.get(), c.heavy.get()), (0, None), "{req:?}");
+            }
+            // A sync page of a large group may be 64 KiB: one at a time, like a timeline's.
+            c.forwarded(Cmd::GroupSync, 5);
+            assert_eq!(c.pause(core), Some(Pause::Inflight));
+            let refused = Command::OpResult {
+                code: ErrorCode::NotMember,
+                id: 0,
+                message: "not a member".into(),
+            };
+            c.answered(&frames(&[(refused, 5)]));
+            assert_eq!(c.pause(core), None);
         });
     }
 
