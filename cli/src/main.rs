@@ -78,9 +78,20 @@ struct Args {
     state_dir: PathBuf,
 }
 
+/// A message of the user's own timeline.
 fn show(m: &Message, me: UserId) {
+    show_with(m, me, &format!("/fetch {}", m.seq));
+}
+
+/// A post of a large group's own timeline (its seq is the group's).
+fn show_group_post(m: &Message, me: UserId) {
+    show_with(m, me, &format!("/fetch #{} {}", m.to, m.seq));
+}
+
+/// What a message says; `fetch` is the command that saves its file, if it is a file message.
+fn show_with(m: &Message, me: UserId, fetch: &str) {
     let body = match file_line(&m.body) {
-        Some(f) => format!("{f} — `/fetch {} <path>`", m.seq),
+        Some(f) => format!("{f} — `{fetch} <path>`"),
         None => String::from_utf8_lossy(&m.body).into_owned(),
     };
     let who = if m.from == me {
@@ -367,7 +378,11 @@ fn group_command(c: &mut impl Requests, line: &str) -> Result<(), im_client::Cli
             let (posts, more, head) = c.group_sync(g, Seq(after), 50)?;
             let last = posts.last().map_or(after, |m| m.seq.0);
             for m in &posts {
-                println!("  #{g} [{}] {}: {}", m.seq, m.from, String::from_utf8_lossy(&m.body));
+                let body = match file_line(&m.body) {
+                    Some(f) => format!("{f} — `/fetch #{g} {} <path>`", m.seq),
+                    None => String::from_utf8_lossy(&m.body).into_owned(),
+                };
+                println!("  #{g} [{}] {}: {body}", m.seq, m.from);
             }
             if more {
                 println!("  … more up to {head}: /group sync {g} {last}");
@@ -721,7 +736,7 @@ impl Term {
                 println!("  ✓✓ msg {msg_id} delivered to {recipient}")
             }
             // A large group's post (its seq is the group's): shown, not kept in the timeline.
-            Event::GroupPost(m) => show(&m, self.me),
+            Event::GroupPost(m) => show_group_post(&m, self.me),
             Event::GroupHeads(heads) => {
                 for h in &heads {
                     println!("{}", heads_line(h));
@@ -908,15 +923,29 @@ fn main() -> anyhow::Result<()> {
                     }
                     continue;
                 } else if let Some(rest) = line.strip_prefix("/fetch ") {
-                    let Some((seq, path)) = rest
-                        .trim()
-                        .split_once(' ')
-                        .and_then(|(s, p)| Some((s.parse::<u64>().ok()?, p.trim())))
-                    else {
-                        println!("! usage: /fetch <seq> <path>");
+                    // `/fetch <seq> <path>`, or `/fetch #<group> <seq> <path>` for a large
+                    // group's post (its seq is the group's).
+                    let rest = rest.trim();
+                    let (group, rest) = match rest.strip_prefix('#') {
+                        Some(r) => match r.split_once(' ') {
+                            Some((g, r)) => (g.parse::<u64>().ok().map(GroupId), r.trim()),
+                            None => (None, ""),
+                        },
+                        None => (Some(GroupId(0)), rest),
+                    };
+                    let Some((group, (seq, path))) = group.zip(
+                        rest.split_once(' ')
+                            .and_then(|(s, p)| Some((s.parse::<u64>().ok()?, p.trim()))),
+                    ) else {
+                        println!("! usage: /fetch <seq> <path>, or /fetch #<group> <seq> <path>");
                         continue;
                     };
-                    match s.fetch_file(Seq(seq)) {
+                    let got = if group.0 == 0 {
+                        s.fetch_file(Seq(seq))
+                    } else {
+                        s.fetch_group_file(group, Seq(seq))
+                    };
+                    match got {
                         Ok(b) => match std::fs::write(path, &b) {
                             Ok(()) => println!("  ✓ {} bytes written to {path}", b.len()),
                             Err(e) => println!("! cannot write {path}: {e}"),
@@ -986,7 +1015,7 @@ fn main() -> anyhow::Result<()> {
                     println!("logged out");
                     return Ok(());
                 } else if line == "/help" {
-                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave|sync|members  groups\n/group posting <id> owner|all  make a group a channel (owner and admins post)\n/group admin <id> <uid> on|off  make a member an admin (owner only)\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
+                    println!("@<uid> <text>  send to a user\n/to <uid>      set the default peer\n#<group> <text> post to a group\n/groups, /group new|info|add|rm|leave|sync|members  groups\n/group posting <id> owner|all  make a group a channel (owner and admins post)\n/group admin <id> <uid> on|off  make a member an admin (owner only)\n/recall <msg>  recall your message\n/send <uid>|#<group> <path>  send a file (picture, voice, video, document)\n/fetch <seq> <path>  save the file of message <seq>\n/fetch #<group> <seq> <path>  save the file of a large group's post <seq>\n/org           top-level departments\n/org <dept> [offset]  a department: path, sub-departments, members\n/who <uid>     a person's departments and titles\n/find <text>   departments and people by name\n/follow <uid>… follow users' presence (none: stop)\n/typing <uid>|#<group>  show them you are typing\n/hide on|off   hide your presence from everyone (or show it)\n/sync          fetch missed messages\n/quit          log out");
                     continue;
                 } else if let Some(cmd) = parse_org_command(line) {
                     match cmd {

@@ -84,3 +84,84 @@ fn a_picture_sent_with_send_is_saved_by_the_recipient_with_fetch() {
     assert!(out.contains("! not fetched"), "{out}");
     server.shutdown();
 }
+
+/// The group id in `created group #<id>`.
+fn created_group(out: &str) -> u64 {
+    let at = out.find("created group #").expect("a created group") + "created group #".len();
+    out[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no group id in {out}"))
+}
+
+#[test]
+fn a_file_posted_in_a_large_group_is_saved_with_fetch_and_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = im_server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        gate_cores: 1,
+        logic_workers: 1,
+        large_group_threshold: 2,
+        ..Default::default()
+    };
+    cfg.api.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
+    let server = im_server::start(&cfg).unwrap();
+    let addr = server.local_addr();
+    let doc: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let src = dir.path().join("plan.pdf");
+    std::fs::write(&src, &doc).unwrap();
+    let state = dir.path().join("state");
+
+    // Two members, then a third: past the threshold, the group is large and keeps its own
+    // timeline (seq 1 the switch's marker, seq 2 the post).
+    let out = cli(addr, &state, 1, "/group new big 2\n");
+    let g = created_group(&out);
+    let out = cli(
+        addr,
+        &state,
+        1,
+        &format!("/group add {g} 3\n/send #{g} {}\n", src.display()),
+    );
+    assert!(out.contains("(posting [file plan.pdf"), "{out}");
+
+    let saved = dir.path().join("saved.pdf");
+    let out = cli(
+        addr,
+        &state,
+        2,
+        &format!("/group sync {g}\n/fetch #{g} 2 {}\n", saved.display()),
+    );
+    assert!(
+        out.contains(&format!(
+            "#{g} [2] 1: [file plan.pdf, application/pdf, 30000 bytes] — `/fetch #{g} 2 <path>`"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("✓ 30000 bytes written"), "{out}");
+    assert_eq!(std::fs::read(&saved).unwrap(), doc);
+
+    // Not a member: refused; the seq of the group's marker: not a file message.
+    let out = cli(
+        addr,
+        &state,
+        4,
+        &format!("/fetch #{g} 2 {}\n", saved.display()),
+    );
+    assert!(
+        out.contains("! not fetched") && out.contains("NotMember"),
+        "{out}"
+    );
+    let out = cli(
+        addr,
+        &state,
+        3,
+        &format!("/fetch #{g} 1 {}\n", saved.display()),
+    );
+    assert!(
+        out.contains("! not fetched") && out.contains("not a file message"),
+        "{out}"
+    );
+    server.shutdown();
+}

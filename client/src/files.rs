@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use im_shared::files::{hex, key_from_hex, sha256_from_hex, FileKind, FileRef};
-use im_shared::{Command, Seq};
+use im_shared::{Command, GroupId, Seq};
 use sha2::{Digest, Sha256};
 
 use crate::{Client, ClientError};
@@ -200,10 +200,34 @@ impl Client {
         })
     }
 
+    /// A download URL for the file of post `seq` of large group `group`'s own timeline (members
+    /// only): `(url, expires_ms)`.
+    pub fn group_file_url(
+        &mut self,
+        group: GroupId,
+        seq: Seq,
+    ) -> Result<(String, u64), ClientError> {
+        let req = self.send_cmd(&Command::GroupFileDownload { group, seq })?;
+        self.wait_for(|r, c| match c {
+            Command::FileUrl { url, expires_ms } if r == req => Some((url.clone(), *expires_ms)),
+            _ => None,
+        })
+    }
+
     /// Fetches the file of message `seq` whole (a URL, then the bytes).
     pub fn fetch_file(&mut self, seq: Seq) -> Result<Vec<u8>, ClientError> {
         let (url, _) = self.file_url(seq)?;
-        let r = http_request("GET", &url, &[], &[], self.timeout)?;
+        self.get_file(&url)
+    }
+
+    /// Fetches the file of post `seq` of large group `group` whole.
+    pub fn fetch_group_file(&mut self, group: GroupId, seq: Seq) -> Result<Vec<u8>, ClientError> {
+        let (url, _) = self.group_file_url(group, seq)?;
+        self.get_file(&url)
+    }
+
+    fn get_file(&self, url: &str) -> Result<Vec<u8>, ClientError> {
+        let r = http_request("GET", url, &[], &[], self.timeout)?;
         if r.status != 200 {
             return Err(http_err(format!(
                 "GET of the file: HTTP {} {}",

@@ -329,7 +329,17 @@ pub trait Requests {
 
     /// The file of message `seq`, whole.
     fn fetch_file(&mut self, seq: Seq) -> Result<Vec<u8>, ClientError> {
-        let url = match self.call(&Command::FileDownload { seq })? {
+        self.fetch_from(&Command::FileDownload { seq })
+    }
+
+    /// The file of post `seq` of large group `group`'s own timeline, whole (members only).
+    fn fetch_group_file(&mut self, group: GroupId, seq: Seq) -> Result<Vec<u8>, ClientError> {
+        self.fetch_from(&Command::GroupFileDownload { group, seq })
+    }
+
+    /// The file that `ask` (a `FileDownload` or `GroupFileDownload`) gives a URL of, whole.
+    fn fetch_from(&mut self, ask: &Command) -> Result<Vec<u8>, ClientError> {
+        let url = match self.call(ask)? {
             Command::FileUrl { url, .. } => url,
             c => return Err(unexpected(c)),
         };

@@ -272,6 +272,77 @@ fn a_group_file_is_fetched_by_members_only() {
 }
 
 #[test]
+fn a_large_groups_file_is_fetched_from_the_groups_timeline_by_members_only() {
+    let s = start_with(|cfg| {
+        cfg.files.max_chunk = CHUNK_MAX;
+        cfg.large_group_threshold = 2;
+    });
+    let (mut a, mut b) = (login(s.addr, 31), login(s.addr, 32));
+    let g = a.create_group("big", &[UserId(32)]).unwrap();
+    // Small (2 members): its posts are in the members' timelines, FileDownload's.
+    let e = b.group_file_url(g, Seq(1)).unwrap_err();
+    assert!(e.to_string().contains("is not large"), "{e}");
+    assert_eq!(code(e), ErrorCode::InvalidArgument);
+    a.group_add(g, &[UserId(33)]).unwrap();
+    let mut c = login(s.addr, 33);
+    let bytes = data(20_000, 3);
+    let f = a
+        .upload_file(
+            FileKind::File,
+            "application/pdf",
+            "big.pdf",
+            &bytes,
+            CHUNK_MAX,
+        )
+        .unwrap();
+    let post = a.send_c2g(g, 2, f.to_body()).unwrap();
+    // Seq 1 of the group's timeline is the switch's marker, the file post seq 2.
+    assert_eq!(post.seq, Seq(2));
+    for cl in [&mut b, &mut c] {
+        let (url, _) = cl.group_file_url(g, post.seq).unwrap();
+        let r = get(&url, &[]);
+        assert_eq!((r.status, r.body.as_slice()), (200, bytes.as_slice()));
+    }
+    assert_eq!(b.fetch_group_file(g, post.seq).unwrap(), bytes);
+    // Not a member, no such post, not a file message, seq 0.
+    let mut d = login(s.addr, 34);
+    assert_eq!(
+        code(d.group_file_url(g, post.seq).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    let text = a.send_c2g(g, 3, "just text").unwrap();
+    for (seq, why) in [
+        (Seq(99), "no post 99"),
+        (Seq(0), "no post 0"),
+        (Seq(1), "not a file message"),
+        (text.seq, "not a file message"),
+    ] {
+        let e = b.group_file_url(g, seq).unwrap_err();
+        assert!(e.to_string().contains(why), "{seq:?}: {e}");
+        assert_eq!(code(e), ErrorCode::NotFound, "{seq:?}");
+    }
+    // No such group.
+    assert_eq!(
+        code(b.group_file_url(GroupId(g.0 + 1), post.seq).unwrap_err()),
+        ErrorCode::NotFound
+    );
+    // Removed, the member no longer gets a URL; recalled, nobody does.
+    a.group_remove(g, &[UserId(33)]).unwrap();
+    assert_eq!(
+        code(c.group_file_url(g, post.seq).unwrap_err()),
+        ErrorCode::NotMember
+    );
+    a.recall(CONV_C2G, g.0, post.msg_id, 4).unwrap();
+    for cl in [&mut a, &mut b] {
+        let e = cl.group_file_url(g, post.seq).unwrap_err();
+        assert!(e.to_string().contains("was recalled"), "{e}");
+        assert_eq!(code(e), ErrorCode::NotFound);
+    }
+    // The connection is still usable after every refusal.
+    b.send_c2g(g, 5, "still here").unwrap();
+}
+
+#[test]
 fn refusals_over_the_binary_protocol() {
     let s = start_files();
     let (mut a, mut b) = (login(s.addr, 21), login(s.addr, 22));

@@ -58,6 +58,7 @@ pub enum Cmd {
     GroupMembers = 0x2B,
     GroupPosting = 0x2C,
     GroupRole = 0x2D,
+    GroupFileDownload = 0x2E,
 
     LoginResult = 0x81,
     LogoutAck = 0x82,
@@ -121,6 +122,7 @@ impl Cmd {
             0x2B => GroupMembers,
             0x2C => GroupPosting,
             0x2D => GroupRole,
+            0x2E => GroupFileDownload,
             0x81 => LoginResult,
             0x82 => LogoutAck,
             0x83 => HeartbeatAck,

@@ -148,6 +148,12 @@ pub enum GroupOp {
     Heads {
         heads: Vec<(GroupId, Seq)>,
     },
+    /// A member asks for a download URL of the file of post `seq` of a large group's own
+    /// timeline (`GroupFileDownload`): the owner reads the post, checks it is a file message
+    /// that was not recalled, and answers with `FileUrl`.
+    PostFile {
+        seq: Seq,
+    },
 }
 
 /// A client's group request, forwarded to the node that owns the group. The owner answers the
@@ -564,6 +570,10 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
                 b.put_u64(read.0);
             }
         }
+        GroupOp::PostFile { seq } => {
+            b.put_u8(16);
+            b.put_u64(seq.0);
+        }
     }
 }
 
@@ -674,6 +684,12 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
                     .collect(),
             }
         }
+        16 => {
+            need(b, 8)?;
+            GroupOp::PostFile {
+                seq: Seq(b.get_u64()),
+            }
+        }
         k => {
             b.advance(b.remaining());
             GroupOp::Unsupported(k)
@@ -777,6 +793,7 @@ mod tests {
                 heads: vec![(GroupId(9), Seq(3)), (GroupId(u64::MAX), Seq(0))],
             }),
             call(GroupOp::Heads { heads: vec![] }),
+            call(GroupOp::PostFile { seq: Seq(u64::MAX) }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,

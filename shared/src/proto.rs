@@ -564,6 +564,12 @@ pub enum Command {
         uid: UserId,
         role: u8,
     },
+    /// "Give me a download URL for the file of post `seq` of large group `group`'s timeline"
+    /// (members only). Answered with `FileUrl` or an `Error`.
+    GroupFileDownload {
+        group: GroupId,
+        seq: Seq,
+    },
     /// Server push: a post of a large group, live. `seq`/`prev_seq` are the group timeline's
     /// (not the user's), `to` is the group.
     GroupDeliver(Message),
@@ -655,6 +661,7 @@ impl Command {
             Command::PresenceNotice { .. } => Cmd::PresenceNotice,
             Command::GroupSync { .. } => Cmd::GroupSync,
             Command::GroupRead { .. } => Cmd::GroupRead,
+            Command::GroupFileDownload { .. } => Cmd::GroupFileDownload,
             Command::GroupMembers { .. } => Cmd::GroupMembers,
             Command::GroupPosting { .. } => Cmd::GroupPosting,
             Command::GroupRole { .. } => Cmd::GroupRole,
@@ -732,7 +739,7 @@ impl Command {
             Command::TypingNotice { .. } => 1 + 8 + 8 + 1 + 4,
             Command::PresenceNotice { entries } => 2 + 17 * entries.len(),
             Command::GroupSync { .. } => 8 + 8 + 2,
-            Command::GroupRead { .. } => 8 + 8,
+            Command::GroupRead { .. } | Command::GroupFileDownload { .. } => 8 + 8,
             Command::GroupMembers { .. } => 8 + 8 + 2,
             Command::GroupPosting { .. } => 8 + 1,
             Command::GroupRole { .. } => 8 + 8 + 1,
@@ -1014,7 +1021,7 @@ impl Command {
                 out.put_u64(after_seq.0);
                 out.put_u16(*limit);
             }
-            Command::GroupRead { group, seq } => {
+            Command::GroupRead { group, seq } | Command::GroupFileDownload { group, seq } => {
                 out.put_u64(group.0);
                 out.put_u64(seq.0);
             }
@@ -1376,6 +1383,10 @@ impl Command {
                 group: GroupId(r.u64("group")?),
                 seq: Seq(r.u64("seq")?),
             },
+            Cmd::GroupFileDownload => Command::GroupFileDownload {
+                group: GroupId(r.u64("group")?),
+                seq: Seq(r.u64("seq")?),
+            },
             Cmd::GroupMembers => Command::GroupMembers {
                 group: GroupId(r.u64("group")?),
                 after: UserId(r.u64("after")?),
@@ -1708,6 +1719,10 @@ mod tests {
                 group: GroupId(9),
                 seq: Seq(4),
             },
+            Command::GroupFileDownload {
+                group: GroupId(9),
+                seq: Seq(5),
+            },
             Command::GroupMembers {
                 group: GroupId(9),
                 after: UserId(7),
@@ -1878,6 +1893,14 @@ mod tests {
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 5]);
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]);
         assert_eq!(&heads[..], &want[..]);
+        let file = Command::GroupFileDownload {
+            group: GroupId(9),
+            seq: Seq(5),
+        }
+        .to_bytes(42);
+        let mut want = vec![0x49, 0x4d, 0x01, 0x2e, 0, 0, 0, 42, 0, 0, 0, 0x10];
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(&file[..], &want[..]);
     }
 
     #[test]

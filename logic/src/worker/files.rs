@@ -155,7 +155,7 @@ impl<S: Store> Worker<S> {
             }
         };
         // A recalled message's file is not handed out any more.
-        match self.recalled(uid, &m).await {
+        match self.recalled(Timeline::User(uid), &m).await {
             Ok(false) => {}
             Ok(true) => {
                 let f = error_frame(
@@ -195,16 +195,32 @@ impl<S: Store> Worker<S> {
     }
 }
 
+/// A timeline a file message is read from.
+#[derive(Clone, Copy)]
+pub(super) enum Timeline {
+    /// A user's own.
+    User(UserId),
+    /// A large group's.
+    Group(GroupId),
+}
+
 impl<S: Store> Worker<S> {
-    /// Whether `uid`'s timeline holds a recall of `m` after it. A recall is accepted within the
+    /// Whether `timeline` holds a recall of `m` after it. A recall is accepted within the
     /// recall window of the message's time, so only the entries written until then (plus a
     /// margin for clock steps between nodes) are read, at most [`RECALL_SCAN`] of them.
-    async fn recalled(&self, uid: UserId, m: &Message) -> Result<bool, StoreError> {
+    pub(super) async fn recalled(
+        &self,
+        timeline: Timeline,
+        m: &Message,
+    ) -> Result<bool, StoreError> {
         let until = m.server_time_ms + self.cfg.recall_window_secs * 1000 + 60_000;
         let mut after = m.seq;
         let mut read = 0;
         while read < RECALL_SCAN {
-            let page = self.store.timeline(uid, after, 200).await?;
+            let page = match timeline {
+                Timeline::User(uid) => self.store.timeline(uid, after, 200).await?,
+                Timeline::Group(g) => self.store.group_timeline(g, after, 200).await?,
+            };
             let Some(last) = page.last() else {
                 return Ok(false);
             };

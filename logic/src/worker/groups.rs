@@ -179,9 +179,10 @@ impl<S: Store> Worker<S> {
             return;
         }
         let frame = |req_id: u32| match op {
-            GroupOp::Post { .. } | GroupOp::FileUrl { .. } | GroupOp::Typing { .. } => {
-                error_frame(e.code, req_id, &e.message)
-            }
+            GroupOp::Post { .. }
+            | GroupOp::FileUrl { .. }
+            | GroupOp::PostFile { .. }
+            | GroupOp::Typing { .. } => error_frame(e.code, req_id, &e.message),
             _ => op_err(req_id, &e),
         };
         match reply {
@@ -398,6 +399,7 @@ impl<S: Store> Worker<S> {
                 | GroupOp::Info
                 | GroupOp::Leave
                 | GroupOp::FileUrl { .. }
+                | GroupOp::PostFile { .. }
                 | GroupOp::Typing { .. }
                 | GroupOp::Sync { .. }
                 | GroupOp::Members { .. }
@@ -532,6 +534,7 @@ impl<S: Store> Worker<S> {
             GroupOp::Sync { after, limit } => {
                 self.large_sync(group, after, limit, reply, round).await
             }
+            GroupOp::PostFile { seq } => self.large_file_url(group, actor, seq, reply, round).await,
             GroupOp::Members { after, limit } => {
                 self.members_page(group, after, limit, reply, round)
             }

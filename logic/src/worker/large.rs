@@ -29,9 +29,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use im_shared::files::FileRef;
 use im_shared::proto::{
-    GroupEvent, GroupEventKind, GroupHead, MarkerBody, CONV_C2G, CONV_MENTION, ROLE_ADMIN,
-    ROLE_MEMBER,
+    GroupEvent, GroupEventKind, GroupHead, MarkerBody, CONV_C2G, CONV_MENTION, CONV_RECALL,
+    ROLE_ADMIN, ROLE_MEMBER,
 };
 use im_shared::shard::vshard_of;
 use im_store::MemberRecord;
@@ -809,6 +810,76 @@ impl<S: Store> Worker<S> {
             };
             round.send(conn, page.to_bytes(req_id));
         }
+    }
+
+    /// Owner side of `GroupFileDownload`: a download URL for the file of post `seq` of large
+    /// group `group`'s own timeline, for member `actor` (the caller checked the membership, so a
+    /// removed member gets `NotMember`). `NotFound` when there is no such post, it is not a file
+    /// message, or it was recalled (a recalled file is handed out to nobody), as `FileDownload`.
+    pub(super) async fn large_file_url(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        seq: Seq,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let op = GroupOp::PostFile { seq };
+        let (conn, req_id) = match reply {
+            Reply::Conn { conn, req_id } => (conn, req_id),
+            reply => {
+                let e = ApiError::new(ErrorCode::InvalidArgument, "file URLs go to clients");
+                return self.refuse(reply, &op, e, round);
+            }
+        };
+        let refuse = |round: &mut Round, code: ErrorCode, why: &str| {
+            round.send(conn, error_frame(code, req_id, why));
+        };
+        if self.groups[&group].large.is_none() {
+            let why = format!(
+                "group {group} is not large: its posts are in your own timeline (FileDownload)"
+            );
+            return refuse(round, ErrorCode::InvalidArgument, &why);
+        }
+        let Some(p) = self.cfg.files.clone() else {
+            let why = "the file service is not configured on this server";
+            return refuse(round, ErrorCode::Unavailable, why);
+        };
+        let found = match self
+            .store
+            .group_timeline(group, Seq(seq.0.saturating_sub(1)), 1)
+            .await
+        {
+            Ok(v) => v.into_iter().next().filter(|m| m.seq == seq && seq.0 != 0),
+            Err(e) => {
+                tracing::warn!("file download of group {group}: {e}");
+                return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+            }
+        };
+        let Some(m) = found else {
+            let why = format!("no post {} in group {group}", seq.0);
+            return refuse(round, ErrorCode::NotFound, &why);
+        };
+        let file = match FileRef::from_body(&m.body) {
+            Ok(Some(f)) if m.conv != CONV_RECALL => f,
+            _ => {
+                let why = format!("post {} is not a file message", seq.0);
+                return refuse(round, ErrorCode::NotFound, &why);
+            }
+        };
+        match self.recalled(files::Timeline::Group(group), &m).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let why = format!("post {} was recalled", seq.0);
+                return refuse(round, ErrorCode::NotFound, &why);
+            }
+            Err(e) => {
+                tracing::warn!("file download of group {group}: {e}");
+                return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
+            }
+        }
+        let url = files::file_url(&p, self.now, actor, &file.sha256, &file.mime, req_id);
+        round.send(conn, url);
     }
 
     /// Owner side: a page of the member list (`GroupMembers`).

@@ -1630,6 +1630,10 @@ impl<S: Store> Worker<S> {
                         self.on_group_read(conn, uid, req_id, group, seq, round)
                             .await
                     }
+                    Command::GroupFileDownload { group, seq } => {
+                        let op = GroupOp::PostFile { seq };
+                        self.forward_group(uid, group, op, Reply::Conn { conn, req_id }, round);
+                    }
                     _ => round.close(
                         conn,
                         error_frame(ErrorCode::UnknownCommand, req_id, "not a client command"),
