@@ -279,19 +279,36 @@ function onSend(e) {
 
 // ---- files ------------------------------------------------------------------------------------
 
-/** Download URLs by seq, reused for 50 minutes (a URL lives an hour). */
+/** Download URLs by `fileSource` key, reused for 50 minutes (a URL lives an hour). */
 const fileUrls = new Map();
 
-function cachedUrl(seq) {
-  const hit = fileUrls.get(seq);
+/**
+ * Where the download URL of file message `r` is asked, or null while it has no place yet (being
+ * sent). A message of the user's own timeline, the own entry's ack seq, or a mention entry of a
+ * large group's post: by that seq of the user's timeline (FileDownload). A large group's post
+ * otherwise: by its seq in the group's own timeline, `gseq`, and the group of its conversation
+ * (`g:<group>`): GroupFileDownload.
+ */
+function fileSource(r) {
+  const seq = r.seq ?? r.ackSeq ?? r.mentionSeq;
+  if (seq) return { key: `u:${seq}`, ask: () => client.fileUrl(seq) };
+  if (r.gseq && r.convKey && convKind(r.convKey) === 'g') {
+    const group = convPeer(r.convKey);
+    return { key: `g:${group}:${r.gseq}`, ask: () => client.groupFileUrl(group, r.gseq) };
+  }
+  return null;
+}
+
+function cachedUrl(src) {
+  const hit = fileUrls.get(src.key);
   return hit && Date.now() - hit.at < 50 * 60_000 ? hit.url : null;
 }
 
-async function urlOf(seq) {
-  const known = cachedUrl(seq);
+async function urlOf(src) {
+  const known = cachedUrl(src);
   if (known) return known;
-  const url = await client.fileUrl(seq);
-  fileUrls.set(seq, { url, at: Date.now() });
+  const url = await src.ask();
+  fileUrls.set(src.key, { url, at: Date.now() });
   return url;
 }
 
@@ -299,20 +316,15 @@ async function urlOf(seq) {
 function fileView(r) {
   const f = r.file;
   if (!f) return null;
-  // A large group's post is in the group's timeline, not the user's: FileDownload (by a seq of
-  // the user's timeline) reaches it only through a mention entry of it.
-  const seq = r.seq ?? r.ackSeq ?? r.mentionSeq;
-  if (!seq && r.gseq) {
-    return el('span', { class: 'file' }, `${r.text} (not downloadable here)`);
-  }
-  if (!seq) return el('span', { class: 'file pending' }, `${r.text} (sending…)`);
+  const src = fileSource(r);
+  if (!src) return el('span', { class: 'file pending' }, `${r.text} (sending…)`);
   if (f.kind === 1) {
     const img = el('img', { class: 'file-image', alt: f.name || 'picture', title: f.name });
     if (f.width && f.height) img.style.aspectRatio = `${f.width} / ${f.height}`;
-    const known = cachedUrl(seq);
+    const known = cachedUrl(src);
     if (known) img.src = known;
     else
-      urlOf(seq)
+      urlOf(src)
         .then((u) => (img.src = u))
         .catch((e) => img.replaceWith(el('span', { class: 'file error' }, `${r.text}: ${e.message}`)));
     return img;
@@ -326,7 +338,7 @@ function fileView(r) {
       onclick: async (e) => {
         e.preventDefault();
         try {
-          window.open(await urlOf(seq), '_blank', 'noopener');
+          window.open(await urlOf(src), '_blank', 'noopener');
         } catch (err) {
           toast(`file: ${err.message}`);
         }

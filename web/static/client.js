@@ -427,7 +427,8 @@ export class ImClient extends EventTarget {
     this.ownByCid = new Map(); // client_msg_id of this user's messages → rid
     this.earlyDelivered = new Set(); // Delivered before we knew the msg id
     this.inFlight = new Set(); // rids with a send request outstanding
-    this.urls = new Map(); // seq → {url, expiresMs} of files
+    this.urls = new Map(); // seq → {url, expiresMs} of files of the user's timeline
+    this.groupUrls = new Map(); // `g:<group>:<seq>` → {url, expiresMs} of files of large groups' posts
     // fetch() for the file service's HTTP endpoints (a test passes its own).
     this.fetch = fetchFn;
     this.groups = new Map(); // group id → {name, left}
@@ -1381,6 +1382,22 @@ export class ImClient extends EventTarget {
     const res = await this.request({ type: 'FileDownload', seq: P.toU64(seq, 'seq') });
     if (res.type !== 'FileUrl') throw new Error(refusal(res));
     this.urls.set(String(seq), { url: res.url, expiresMs: Number(res.expiresMs) });
+    return res.url;
+  }
+
+  /**
+   * A download URL of the file of post `seq` of large group `group`'s own timeline (its `gseq`:
+   * GroupFileDownload), cached like fileUrl's.
+   */
+  async groupFileUrl(group, seq) {
+    const g = P.toU64(group, 'group');
+    const n = P.toU64(seq, 'seq');
+    const key = `g:${g}:${n}`;
+    const hit = this.groupUrls.get(key);
+    if (hit && hit.expiresMs - 60_000 > Date.now()) return hit.url;
+    const res = await this.request({ type: 'GroupFileDownload', group: g, seq: n });
+    if (res.type !== 'FileUrl') throw new Error(refusal(res));
+    this.groupUrls.set(key, { url: res.url, expiresMs: Number(res.expiresMs) });
     return res.url;
   }
 

@@ -52,6 +52,7 @@ export const CMD = Object.freeze({
   GroupMembers: 0x2b,
   GroupPosting: 0x2c,
   GroupRole: 0x2d,
+  GroupFileDownload: 0x2e,
   LoginResult: 0x81,
   LogoutAck: 0x82,
   HeartbeatAck: 0x83,
@@ -711,6 +712,10 @@ const LAYOUT = {
     ['group', T.u64],
     ['uid', T.u64],
     ['role', T.u8],
+  ],
+  GroupFileDownload: [
+    ['group', T.u64],
+    ['seq', T.u64],
   ],
   GroupDeliver: [['message', MESSAGE]],
   GroupSyncPage: [

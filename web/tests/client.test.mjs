@@ -3,7 +3,8 @@
 // batched DeliverAck, the SendAck prev_seq rule, delivery ticks, refusals, kickout, the
 // organisation tree's local model (apply by version, tombstones, paged and incremental sync),
 // file messages (resumable upload against a fake fetch, the reference sent, URLs cached), and
-// large groups (GroupDeliver, GroupHeads → GroupSync pages, GroupRead) with mentions.
+// large groups (GroupDeliver, GroupHeads → GroupSync pages, GroupRead, GroupFileDownload) with
+// mentions.
 // Run: node --test web/tests/
 import './node-globals.mjs';
 import { test } from 'node:test';
@@ -842,6 +843,58 @@ test('large groups: GroupRead when the group is viewed, once per change; not for
   await tick();
   assert.deepEqual(texts(c, 'g:77'), ['message 12']);
   assert.equal(ws.frames('GroupRead').length, 2);
+  c.finish('test', '');
+});
+
+test('large groups: file URLs of posts by group and group seq (GroupFileDownload), cached; refusals reject', async () => {
+  const { c, ws } = await inLargeGroup();
+  const file = {
+    kind: FILE_KIND.File,
+    sha256: new Uint8Array(32).fill(1),
+    size: 2048n,
+    key: new Uint8Array(16).fill(2),
+    mime: 'application/pdf',
+    name: 'plan.pdf',
+    width: 0,
+    height: 0,
+    durationMs: 0,
+    thumb: new Uint8Array(0),
+  };
+  ws.push({ type: 'GroupDeliver', message: post(11n, 10n, { body: encodeFileRef(file) }) });
+  await tick();
+  const r = c.messages(`g:${GROUP}`).at(-1);
+  assert.equal(r.file.name, 'plan.pdf');
+  assert.deepEqual([r.convKey, r.to, r.gseq, r.seq], [`g:${GROUP}`, String(GROUP), '11', undefined]);
+
+  // Asked by the group of the post's conversation and its group seq, never by FileDownload.
+  const u1 = c.groupFileUrl(r.convKey.slice(2), r.gseq);
+  const dl = await ws.next('GroupFileDownload');
+  assert.deepEqual([dl.group, dl.seq], [GROUP, 11n]);
+  ws.push({ type: 'FileUrl', url: 'http://api/v1/files/g?s=1', expiresMs: BigInt(Date.now() + 3_600_000) }, dl.reqId);
+  assert.equal(await u1, 'http://api/v1/files/g?s=1');
+  assert.equal(await c.groupFileUrl(GROUP, 11n), 'http://api/v1/files/g?s=1', 'cached (BigInt arguments, same key)');
+  await tick(5);
+  assert.equal(ws.frames('GroupFileDownload').length, 1, 'the second call sent nothing');
+  assert.equal(ws.frames('FileDownload').length, 0);
+
+  // The same seq in another group is another file.
+  const other = c.groupFileUrl(51n, 11n);
+  const dl2 = await ws.next('GroupFileDownload');
+  assert.deepEqual([dl2.group, dl2.seq], [51n, 11n]);
+  ws.push({ type: 'Error', code: ERR.NotMember, message: 'not a member of group 51' }, dl2.reqId);
+  await assert.rejects(other, /NotMember: not a member of group 51/);
+
+  // Refusals reject with the server's reason and are not cached.
+  const gone = c.groupFileUrl(GROUP, 12n);
+  const dl3 = await ws.next('GroupFileDownload');
+  ws.push({ type: 'Error', code: ERR.NotFound, message: 'no file post 12' }, dl3.reqId);
+  await assert.rejects(gone, /NotFound: no file post 12/);
+  const again = c.groupFileUrl(GROUP, 12n);
+  const dl4 = await ws.next('GroupFileDownload');
+  assert.equal(dl4.seq, 12n);
+  ws.push({ type: 'Error', code: ERR.InvalidArgument, message: 'the group is not large' }, dl4.reqId);
+  await assert.rejects(again, /InvalidArgument/);
+  assert.equal(ws.frames('GroupFileDownload').length, 4);
   c.finish('test', '');
 });
 

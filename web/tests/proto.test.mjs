@@ -231,6 +231,7 @@ const SAMPLES = [
   { type: 'GroupMembers', group: 9n, after: 7n, limit: 0 },
   { type: 'GroupPosting', group: 9n, ownerOnly: true },
   { type: 'GroupRole', group: 9n, uid: 7n, role: 1 },
+  { type: 'GroupFileDownload', group: 9n, seq: 5n },
   { type: 'GroupDeliver', message: msg({ seq: 4n, prevSeq: 3n, conv: CONV.C2G }) },
   { type: 'GroupSyncPage', group: 9n, head: 4n, hasMore: false, messages: [msg()] },
   { type: 'GroupHeads', heads: [{ group: 9n, head: 5n, read: 3n }] },
@@ -487,6 +488,20 @@ test('section 12: the FileUpload example, byte for byte', () => {
   const want = [0x49, 0x4d, 0x01, 0x24, 0, 0, 0, 4, 0, 0, 0, 0x34, 1, 0, 0, 0, 0, 0, 0, 0x04, 0xd2];
   want.push(...new Array(32).fill(0xab), 0, 9, ...new TextEncoder().encode('image/png'));
   assert.deepEqual([...bytes], want);
+});
+
+test('GroupFileDownload (0x2E) encodes byte for byte: the PROTOCOL.md example', () => {
+  // group 9, seq 5, req_id 42: header, then group:u64 seq:u64 big-endian (16 bytes).
+  const want = bytesOf(`
+    49 4d 01 2e | 00 00 00 2a | 00 00 00 10
+    00 00 00 00 00 00 00 09 | 00 00 00 00 00 00 00 05`);
+  assert.equal(CMD.GroupFileDownload, 0x2e);
+  assert.equal(CMD_NAME[0x2e], 'GroupFileDownload');
+  assert.equal(hex(encode({ type: 'GroupFileDownload', group: 9n, seq: 5n }, 42)), hex(want));
+  assert.equal(hex(encode({ type: 'GroupFileDownload', group: 9, seq: '5' }, 42)), hex(want), 'Numbers and strings');
+  assert.equal(encode({ type: 'GroupFileDownload', group: 9n, seq: 5n }, 42).length - HEADER_LEN, 16);
+  assert.deepEqual(decode(want), { type: 'GroupFileDownload', reqId: 42, group: 9n, seq: 5n });
+  assert.throws(() => encode({ type: 'GroupFileDownload', group: 9n }), /missing field seq/);
 });
 
 test('a file reference is the typed body the server checks; text is not typed', () => {
