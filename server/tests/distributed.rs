@@ -1345,7 +1345,7 @@ fn file_messages_span_logic_nodes() {
         std::fs::write(
             &f,
             format!(
-                "[files]\npublic_url = \"http://127.0.0.1:{p0}\"\n\
+                "large_group_threshold = 2\n[files]\npublic_url = \"http://127.0.0.1:{p0}\"\n\
                  secret = \"a-shared-file-secret-of-the-cluster\"\n"
             ),
         )
@@ -1429,6 +1429,15 @@ fn file_messages_span_logic_nodes() {
         assert!(url.starts_with(&format!("http://127.0.0.1:{p0}/")), "{url}");
         assert_eq!(c1.fetch_file(*seq).unwrap(), bytes, "conv {conv}");
     }
+    // Past the threshold (a third member) the group keeps its own timeline: u1, on node 1, gets
+    // the file of a post by the group's seq, from the group's owner on node 0.
+    let u2 = (u1 + 1..).find(|&u| node_of(u, 2) == 1).unwrap();
+    c0.group_add(group, &[UserId(u2)]).unwrap();
+    let post = c0.send_c2g(group, 3, f.to_body()).unwrap();
+    assert_eq!(post.seq, Seq(2), "the post follows the switch's marker");
+    let (url, _) = c1.group_file_url(group, post.seq).unwrap();
+    assert!(url.starts_with(&format!("http://127.0.0.1:{p0}/")), "{url}");
+    assert_eq!(c1.fetch_group_file(group, post.seq).unwrap(), bytes);
     // Removed on node 0, refused for the group's file on node 1; the c2c copy stays readable.
     c0.group_remove(group, &[UserId(u1)]).unwrap();
     for (conv, seq) in files {
@@ -1439,6 +1448,8 @@ fn file_messages_span_logic_nodes() {
             r.unwrap();
         }
     }
+    let r = c1.group_file_url(group, post.seq);
+    assert_eq!(r.unwrap_err().code(), Some(ErrorCode::NotMember));
     for p in [&mut n0, &mut n1, &mut g1] {
         p.kill().unwrap();
         p.wait().unwrap();
