@@ -928,7 +928,10 @@ fn main() -> anyhow::Result<()> {
                     let rest = rest.trim();
                     let (group, rest) = match rest.strip_prefix('#') {
                         Some(r) => match r.split_once(' ') {
-                            Some((g, r)) => (g.parse::<u64>().ok().map(GroupId), r.trim()),
+                            Some((g, r)) => (
+                                g.parse::<u64>().ok().filter(|g| *g != 0).map(GroupId),
+                                r.trim(),
+                            ),
                             None => (None, ""),
                         },
                         None => (Some(GroupId(0)), rest),

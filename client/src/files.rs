@@ -208,10 +208,17 @@ impl Client {
         seq: Seq,
     ) -> Result<(String, u64), ClientError> {
         let req = self.send_cmd(&Command::GroupFileDownload { group, seq })?;
+        // A group's node of an older release answers `OpResult UnknownCommand`.
         self.wait_for(|r, c| match c {
-            Command::FileUrl { url, expires_ms } if r == req => Some((url.clone(), *expires_ms)),
+            Command::FileUrl { url, expires_ms } if r == req => {
+                Some(Ok((url.clone(), *expires_ms)))
+            }
+            Command::OpResult { code, message, .. } if r == req => Some(Err(ClientError::Server {
+                code: *code,
+                message: message.clone(),
+            })),
             _ => None,
-        })
+        })?
     }
 
     /// Fetches the file of message `seq` whole (a URL, then the bytes).

@@ -14,7 +14,7 @@ use common::*;
 use im_client::files::{file_hex, http_request, resume, upload, HttpResponse};
 use im_client::{Client, ClientError};
 use im_shared::files::{FileKind, FileRef, TYPED_BODY};
-use im_shared::proto::{MarkerBody, CONV_C2C, CONV_C2G, CONV_RECALL};
+use im_shared::proto::{MarkerBody, CONV_C2C, CONV_C2G, CONV_MENTION, CONV_RECALL};
 use im_shared::{ErrorCode, GroupId, Seq, UserId};
 use sha2_free::sha256;
 
@@ -271,6 +271,26 @@ fn a_group_file_is_fetched_by_members_only() {
     assert_eq!(b.fetch_file(mb.seq).unwrap(), bytes);
 }
 
+/// The seq of the mention entry of `msg_id` in the client's own timeline (it comes through the
+/// outbox, so it may follow the post's ack by a moment).
+fn mention_entry(c: &mut Client, msg_id: im_shared::MsgId) -> Seq {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (mine, _, _) = c.sync_page(Seq(0), 200).unwrap();
+        if let Some(m) = mine
+            .iter()
+            .find(|m| m.conv == CONV_MENTION && m.msg_id == msg_id)
+        {
+            return m.seq;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mention entry of {msg_id}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_large_groups_file_is_fetched_from_the_groups_timeline_by_members_only() {
     let s = start_with(|cfg| {
@@ -326,18 +346,36 @@ fn a_large_groups_file_is_fetched_from_the_groups_timeline_by_members_only() {
         code(b.group_file_url(GroupId(g.0 + 1), post.seq).unwrap_err()),
         ErrorCode::NotFound
     );
+    // A post that mentions b and c is also a mention entry in their own timelines:
+    // FileDownload of that entry works while a member and until the post is recalled (its
+    // recall marker is in the group's timeline, not theirs).
+    let mentioned = a
+        .send_c2g_mentioning(g, 6, f.to_body(), &[UserId(32), UserId(33)])
+        .unwrap();
+    let (b_entry, c_entry) = (
+        mention_entry(&mut b, mentioned.msg_id),
+        mention_entry(&mut c, mentioned.msg_id),
+    );
+    assert_eq!(b.fetch_file(b_entry).unwrap(), bytes);
+    assert_eq!(c.fetch_file(c_entry).unwrap(), bytes);
     // Removed, the member no longer gets a URL; recalled, nobody does.
     a.group_remove(g, &[UserId(33)]).unwrap();
     assert_eq!(
         code(c.group_file_url(g, post.seq).unwrap_err()),
         ErrorCode::NotMember
     );
+    assert_eq!(code(c.file_url(c_entry).unwrap_err()), ErrorCode::NotMember);
     a.recall(CONV_C2G, g.0, post.msg_id, 4).unwrap();
     for cl in [&mut a, &mut b] {
         let e = cl.group_file_url(g, post.seq).unwrap_err();
         assert!(e.to_string().contains("was recalled"), "{e}");
         assert_eq!(code(e), ErrorCode::NotFound);
     }
+    b.file_url(b_entry).unwrap();
+    a.recall(CONV_C2G, g.0, mentioned.msg_id, 7).unwrap();
+    let e = b.file_url(b_entry).unwrap_err();
+    assert!(e.to_string().contains("was recalled"), "{e}");
+    assert_eq!(code(e), ErrorCode::NotFound);
     // The connection is still usable after every refusal.
     b.send_c2g(g, 5, "still here").unwrap();
 }

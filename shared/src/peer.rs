@@ -154,6 +154,15 @@ pub enum GroupOp {
     PostFile {
         seq: Seq,
     },
+    /// A member asks for a download URL of the file of a large group's post `msg_id` (made at
+    /// `time_ms`) that it holds as a mention entry of its own timeline (`FileDownload`): the owner
+    /// checks the membership and the post's recall (its marker is in the group's timeline).
+    MentionFile {
+        msg_id: MsgId,
+        time_ms: u64,
+        sha256: [u8; 32],
+        mime: String,
+    },
 }
 
 /// A client's group request, forwarded to the node that owns the group. The owner answers the
@@ -574,6 +583,18 @@ fn encode_group(call: &GroupCall, b: &mut BytesMut) {
             b.put_u8(16);
             b.put_u64(seq.0);
         }
+        GroupOp::MentionFile {
+            msg_id,
+            time_ms,
+            sha256,
+            mime,
+        } => {
+            b.put_u8(17);
+            b.put_u64(msg_id.0);
+            b.put_u64(*time_ms);
+            b.put_slice(sha256);
+            put_str(b, mime);
+        }
     }
 }
 
@@ -690,6 +711,19 @@ fn decode_group(b: &mut Bytes) -> Result<GroupCall, PeerError> {
                 seq: Seq(b.get_u64()),
             }
         }
+        17 => {
+            need(b, 8 + 8 + 32)?;
+            let msg_id = MsgId(b.get_u64());
+            let time_ms = b.get_u64();
+            let mut sha256 = [0u8; 32];
+            b.copy_to_slice(&mut sha256);
+            GroupOp::MentionFile {
+                msg_id,
+                time_ms,
+                sha256,
+                mime: string(b)?,
+            }
+        }
         k => {
             b.advance(b.remaining());
             GroupOp::Unsupported(k)
@@ -794,6 +828,12 @@ mod tests {
             }),
             call(GroupOp::Heads { heads: vec![] }),
             call(GroupOp::PostFile { seq: Seq(u64::MAX) }),
+            call(GroupOp::MentionFile {
+                msg_id: MsgId(u64::MAX),
+                time_ms: 1_700_000_000_000,
+                sha256: [0xCD; 32],
+                mime: "image/png".into(),
+            }),
             PeerMsg::OrgPull {
                 reply_to: 7,
                 since: 1 << 40,

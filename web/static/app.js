@@ -105,6 +105,7 @@ function start({ ws, uid, token }) {
   window.im = c; // for the console and the browser test
   active = null;
   expanded.clear();
+  fileUrls.clear(); // signed for the previous user
   orgDirty = true;
   orgShown = false;
   let shown = false;
@@ -191,6 +192,7 @@ async function onLogout() {
   const c = client;
   if (c) await c.logout();
   client = null;
+  fileUrls.clear();
   showLogin('');
   $('#login-token').value = '';
 }
@@ -284,18 +286,19 @@ const fileUrls = new Map();
 
 /**
  * Where the download URL of file message `r` is asked, or null while it has no place yet (being
- * sent). A message of the user's own timeline, the own entry's ack seq, or a mention entry of a
- * large group's post: by that seq of the user's timeline (FileDownload). A large group's post
- * otherwise: by its seq in the group's own timeline, `gseq`, and the group of its conversation
- * (`g:<group>`): GroupFileDownload.
+ * sent). A large group's post: by its seq in the group's own timeline, `gseq`, and the group of
+ * its conversation (`g:<group>`): GroupFileDownload. Otherwise a message of the user's own
+ * timeline, the own entry's ack seq, or a mention entry (of a large group's post not synced from
+ * the group yet): by that seq of the user's timeline (FileDownload). URLs are signed for the
+ * user: the cache is emptied at logout and when another session starts.
  */
 function fileSource(r) {
-  const seq = r.seq ?? r.ackSeq ?? r.mentionSeq;
-  if (seq) return { key: `u:${seq}`, ask: () => client.fileUrl(seq) };
   if (r.gseq && r.convKey && convKind(r.convKey) === 'g') {
     const group = convPeer(r.convKey);
     return { key: `g:${group}:${r.gseq}`, ask: () => client.groupFileUrl(group, r.gseq) };
   }
+  const seq = r.seq ?? r.ackSeq ?? r.mentionSeq;
+  if (seq) return { key: `u:${seq}`, ask: () => client.fileUrl(seq) };
   return null;
 }
 

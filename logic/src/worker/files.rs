@@ -3,7 +3,7 @@
 //! only while the user is a member). The bytes go over HTTP (im-api), never through a worker.
 
 use im_shared::files::{check_mime, FileKind, FileRef, Ticket};
-use im_shared::proto::{MarkerBody, CONV_RECALL};
+use im_shared::proto::{MarkerBody, CONV_MENTION, CONV_RECALL};
 
 use super::*;
 use crate::config::FilesPolicy;
@@ -155,7 +155,7 @@ impl<S: Store> Worker<S> {
             }
         };
         // A recalled message's file is not handed out any more.
-        match self.recalled(Timeline::User(uid), &m).await {
+        match self.recalled(uid, &m).await {
             Ok(false) => {}
             Ok(true) => {
                 let f = error_frame(
@@ -172,9 +172,24 @@ impl<S: Store> Worker<S> {
             }
         }
         // A group's post (or a business push to a group: `to` is then the group, neither the
-        // user nor 0) is fetched while a member only.
+        // user nor 0) is fetched while a member only. A mention entry is a copy of a large
+        // group's post, whose recall marker is in the group's timeline: the owner checks both.
         let group = m.conv == CONV_C2G || (m.conv == CONV_S2C && m.to != uid && m.to.0 != 0);
-        if group {
+        if m.conv == CONV_MENTION {
+            let op = GroupOp::MentionFile {
+                msg_id: m.msg_id,
+                time_ms: m.server_time_ms,
+                sha256: file.sha256,
+                mime: file.mime,
+            };
+            self.forward_group(
+                uid,
+                GroupId(m.to.0),
+                op,
+                Reply::Conn { conn, req_id },
+                round,
+            );
+        } else if group {
             let op = GroupOp::FileUrl {
                 sha256: file.sha256,
                 mime: file.mime,
@@ -195,32 +210,16 @@ impl<S: Store> Worker<S> {
     }
 }
 
-/// A timeline a file message is read from.
-#[derive(Clone, Copy)]
-pub(super) enum Timeline {
-    /// A user's own.
-    User(UserId),
-    /// A large group's.
-    Group(GroupId),
-}
-
 impl<S: Store> Worker<S> {
-    /// Whether `timeline` holds a recall of `m` after it. A recall is accepted within the
+    /// Whether `uid`'s timeline holds a recall of `m` after it. A recall is accepted within the
     /// recall window of the message's time, so only the entries written until then (plus a
     /// margin for clock steps between nodes) are read, at most [`RECALL_SCAN`] of them.
-    pub(super) async fn recalled(
-        &self,
-        timeline: Timeline,
-        m: &Message,
-    ) -> Result<bool, StoreError> {
+    async fn recalled(&self, uid: UserId, m: &Message) -> Result<bool, StoreError> {
         let until = m.server_time_ms + self.cfg.recall_window_secs * 1000 + 60_000;
         let mut after = m.seq;
         let mut read = 0;
         while read < RECALL_SCAN {
-            let page = match timeline {
-                Timeline::User(uid) => self.store.timeline(uid, after, 200).await?,
-                Timeline::Group(g) => self.store.group_timeline(g, after, 200).await?,
-            };
+            let page = self.store.timeline(uid, after, 200).await?;
             let Some(last) = page.last() else {
                 return Ok(false);
             };

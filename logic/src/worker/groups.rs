@@ -182,6 +182,7 @@ impl<S: Store> Worker<S> {
             GroupOp::Post { .. }
             | GroupOp::FileUrl { .. }
             | GroupOp::PostFile { .. }
+            | GroupOp::MentionFile { .. }
             | GroupOp::Typing { .. } => error_frame(e.code, req_id, &e.message),
             _ => op_err(req_id, &e),
         };
@@ -400,6 +401,7 @@ impl<S: Store> Worker<S> {
                 | GroupOp::Leave
                 | GroupOp::FileUrl { .. }
                 | GroupOp::PostFile { .. }
+                | GroupOp::MentionFile { .. }
                 | GroupOp::Typing { .. }
                 | GroupOp::Sync { .. }
                 | GroupOp::Members { .. }
@@ -535,6 +537,9 @@ impl<S: Store> Worker<S> {
                 self.large_sync(group, after, limit, reply, round).await
             }
             GroupOp::PostFile { seq } => self.large_file_url(group, actor, seq, reply, round).await,
+            op @ GroupOp::MentionFile { .. } => {
+                self.mention_file_url(group, actor, op, reply, round).await
+            }
             GroupOp::Members { after, limit } => {
                 self.members_page(group, after, limit, reply, round)
             }

@@ -652,6 +652,111 @@ impl<S: Store> Worker<S> {
         Err(ApiError::new(ErrorCode::NotFound, "no such message"))
     }
 
+    /// Owner side of a `FileDownload` of a mention entry (`GroupOp::MentionFile`, the member
+    /// checked by the caller): the file's URL unless the post was recalled in large group
+    /// `group`'s timeline.
+    pub(super) async fn mention_file_url(
+        &mut self,
+        group: GroupId,
+        actor: UserId,
+        op: GroupOp,
+        reply: Reply,
+        round: &mut Round,
+    ) {
+        let GroupOp::MentionFile {
+            msg_id,
+            time_ms,
+            ref sha256,
+            ref mime,
+        } = op
+        else {
+            unreachable!("called with a MentionFile");
+        };
+        let (conn, req_id) = match reply {
+            Reply::Conn { conn, req_id } => (conn, req_id),
+            reply => {
+                let e = ApiError::new(ErrorCode::InvalidArgument, "file URLs go to clients");
+                return self.refuse(reply, &op, e, round);
+            }
+        };
+        let Some(p) = self.cfg.files.clone() else {
+            let why = "the file service is not configured on this server";
+            return round.send(conn, error_frame(ErrorCode::Unavailable, req_id, why));
+        };
+        if self.groups[&group].large.is_some() {
+            let recalled = match self.large_seq_at(group, time_ms).await {
+                Ok(start) => self.large_recalled(group, msg_id, time_ms, start).await,
+                Err(e) => Err(e),
+            };
+            match recalled {
+                Ok(false) => {}
+                Ok(true) => {
+                    let why = format!("message {msg_id} was recalled");
+                    return round.send(conn, error_frame(ErrorCode::NotFound, req_id, &why));
+                }
+                Err(e) => {
+                    tracing::warn!("file download of group {group}: {e}");
+                    let why = "store unavailable, retry";
+                    return round.send(conn, error_frame(ErrorCode::Unavailable, req_id, why));
+                }
+            }
+        }
+        let url = files::file_url(&p, self.now, actor, sha256, mime, req_id);
+        round.send(conn, url);
+    }
+
+    /// Owner side: the seq of large group `group`'s timeline before the first entry made at
+    /// most [`RECALL_SKEW_MS`] before `time_ms` (entries are in time order, give or take the
+    /// clock steps between the nodes that owned the group): a binary search, one entry read per
+    /// step.
+    async fn large_seq_at(&self, group: GroupId, time_ms: u64) -> Result<Seq, StoreError> {
+        let head = self.groups[&group].large.map_or(0, |l| l.head);
+        let t = time_ms.saturating_sub(RECALL_SKEW_MS);
+        // The first seq in lo..=hi whose entry is at or after `t` (hi + 1: none).
+        let (mut lo, mut hi) = (1u64, head);
+        while lo <= hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = self.store.group_timeline(group, Seq(mid - 1), 1).await?;
+            match at.first() {
+                Some(m) if m.server_time_ms < t => lo = mid + 1,
+                _ => hi = mid - 1,
+            }
+        }
+        Ok(Seq(lo - 1))
+    }
+
+    /// Owner side: whether post `msg_id` (made at `time_ms`) of large group `group` was
+    /// recalled. Its recall marker is an entry after it, accepted within the recall window of
+    /// the post, so the entries after seq `after` are read until that window ends (plus a
+    /// margin for clock steps), at most [`RECALL_PAGE`] × [`RECALL_PAGES`] of them (the most a
+    /// group takes in a window at the posting limit, see [`RECALL_PAGES`]).
+    pub(super) async fn large_recalled(
+        &self,
+        group: GroupId,
+        msg_id: MsgId,
+        time_ms: u64,
+        mut after: Seq,
+    ) -> Result<bool, StoreError> {
+        let until = time_ms + self.cfg.recall_window_secs * 1000 + RECALL_SKEW_MS;
+        for _ in 0..RECALL_PAGES {
+            let page = self.store.group_timeline(group, after, RECALL_PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(false);
+            };
+            after = last.seq;
+            if page.iter().any(|e| {
+                e.conv == CONV_RECALL
+                    && MarkerBody::decode(e.body.clone()).is_ok_and(|r| r.msg_id == msg_id)
+            }) {
+                return Ok(true);
+            }
+            if last.server_time_ms > until || page.len() < RECALL_PAGE {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
     /// Owner side: whether large group `group` takes one more post now.
     pub(super) fn large_admit(&mut self, group: GroupId) -> bool {
         let (now, rate) = (self.now, self.cfg.large_group_posts_per_sec);
@@ -867,7 +972,10 @@ impl<S: Store> Worker<S> {
                 return refuse(round, ErrorCode::NotFound, &why);
             }
         };
-        match self.recalled(files::Timeline::Group(group), &m).await {
+        match self
+            .large_recalled(group, m.msg_id, m.server_time_ms, m.seq)
+            .await
+        {
             Ok(false) => {}
             Ok(true) => {
                 let why = format!("post {} was recalled", seq.0);

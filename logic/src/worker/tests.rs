@@ -3440,3 +3440,119 @@ async fn a_large_groups_member_events_list_at_most_a_chunk_each_the_member_itsel
         );
     }
 }
+
+/// The download URL answered to `req_id` on `c`, or the refusal.
+fn file_answer(out: &[Out], c: ConnId, req_id: u32) -> Result<String, (ErrorCode, String)> {
+    out.iter()
+        .filter(|o| o.conn == c && o.req_id == req_id)
+        .find_map(|o| match &o.cmd {
+            Command::FileUrl { url, .. } => Some(Ok(url.clone())),
+            Command::Error { code, message } => Some(Err((*code, message.clone()))),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no answer to {req_id}: {out:?}"))
+}
+
+#[tokio::test]
+async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_nobody() {
+    let keys = im_shared::files::FileKeys::new(b"a file secret".to_vec());
+    let sha256 = [7u8; 32];
+    let file = im_shared::files::FileRef {
+        kind: im_shared::files::FileKind::File,
+        sha256,
+        size: 10,
+        key: keys.file_key(&sha256),
+        mime: "application/pdf".into(),
+        name: "x.pdf".into(),
+        width: 0,
+        height: 0,
+        duration_ms: 0,
+        thumb: Bytes::new(),
+    };
+    let cfg = LogicConfig {
+        large_group_threshold: 3,
+        large_group_posts_per_sec: 1_000_000,
+        files: Some(Arc::new(crate::FilesPolicy {
+            keys,
+            base_url: std::sync::RwLock::new("http://files".into()),
+            max_size: 1 << 20,
+            ticket_ms: 60_000,
+            url_ms: 60_000,
+        })),
+        ..LogicConfig::default()
+    };
+    let mut fx = Fx::with(2, cfg).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let (c, d) = (UserId(b.0 + 100), UserId(b.0 + 101));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    let group = create_group(&mut fx, a, vec![b, c]).await;
+    let add = Command::GroupAdd {
+        group,
+        members: vec![d],
+    };
+    fx.client(conn(1), a, vec![(2, add)]).await;
+    fx.pump().await;
+    fx.out();
+    let send = Command::SendC2g {
+        client_msg_id: 1,
+        group,
+        body: file.to_body(),
+        mentions: vec![b],
+    };
+    fx.client(conn(1), a, vec![(3, send)]).await;
+    fx.pump().await;
+    let out = fx.out();
+    let (_, msg_id, seq, _) = acks(&out)[0];
+    // b's mention entry of the post, in its own timeline.
+    let entry = fx
+        .timeline(b)
+        .await
+        .into_iter()
+        .find(|m| m.conv == im_shared::proto::CONV_MENTION && m.msg_id == msg_id)
+        .expect("a mention entry")
+        .seq;
+    let ask = |req_id: u32| {
+        vec![
+            (req_id, Command::GroupFileDownload { group, seq }),
+            (req_id + 1, Command::FileDownload { seq: entry }),
+        ]
+    };
+    fx.client(conn(2), b, ask(10)).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert!(file_answer(&out, conn(2), 10).is_ok(), "{out:?}");
+    assert!(file_answer(&out, conn(2), 11).is_ok(), "{out:?}");
+    // More posts after it than a user's timeline scan reads (2 000), then its recall.
+    for i in 0..22u64 {
+        let posts = (0..100)
+            .map(|j| {
+                (
+                    100 + (i * 100 + j) as u32,
+                    post(100 + i * 100 + j, group, "text"),
+                )
+            })
+            .collect();
+        fx.client(conn(1), a, posts).await;
+        fx.pump().await;
+        assert_eq!(acks(&fx.out()).len(), 100, "posts accepted");
+    }
+    let recall = Command::Recall {
+        client_msg_id: 9_999,
+        conv: CONV_C2G,
+        peer: group.0,
+        msg_id,
+    };
+    fx.client(conn(1), a, vec![(9_999, recall)]).await;
+    fx.pump().await;
+    assert_eq!(acks(&fx.out()).len(), 1, "the recall is accepted");
+    fx.client(conn(2), b, ask(20)).await;
+    fx.pump().await;
+    let out = fx.out();
+    for req_id in [20, 21] {
+        let (code, why) = file_answer(&out, conn(2), req_id).unwrap_err();
+        assert_eq!(code, ErrorCode::NotFound, "{why}");
+        assert!(why.contains("recalled"), "{why}");
+    }
+}
