@@ -355,6 +355,24 @@ fn read_loop(
                     }
                     lanes.entry(lane).or_default().push(up);
                 }
+                LinkMsg::UnknownUp {
+                    conn, cmd, req_id, ..
+                } => {
+                    if conn.gate() != gate {
+                        return Err(invalid("connection id of another gate"));
+                    }
+                    refused.push(LinkMsg::Down(Down::Send {
+                        conn,
+                        data: Command::Error {
+                            code: ErrorCode::UnknownCommand,
+                            message: format!(
+                                "command 0x{cmd:02X} is not known to this logic node (an older \
+                                 release); retry after the upgrade"
+                            ),
+                        }
+                        .to_bytes(req_id),
+                    }));
+                }
                 LinkMsg::Ping => {
                     w.send(None, |out| link::encode_msg(&LinkMsg::Pong, out));
                 }

@@ -1683,3 +1683,87 @@ fn a_large_group_spans_logic_nodes() {
         p.wait().unwrap();
     }
 }
+
+/// A gate of a newer release may forward a client command that this logic node does not know
+/// yet (a rolling upgrade that reached the gates first): the request is answered `Error
+/// UnknownCommand` and the gate link stays up; ending it would close every connection of the
+/// gate's lane.
+#[test]
+fn a_command_unknown_to_logic_is_refused_and_the_gate_link_stays_up() {
+    use im_shared::link::{decode_msg, encode_msg, Down, LinkMsg, Role};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (_logic, link) = spawn_logic(dir.path(), "127.0.0.1:0");
+    let mut s = std::net::TcpStream::connect(link).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn = im_shared::ConnId::new(7, 0, 1);
+    let mut out = bytes::BytesMut::new();
+    encode_msg(
+        &LinkMsg::Hello {
+            role: Role::Gate,
+            id: 7,
+            map_epoch: 0,
+            addr: String::new(),
+            ws: String::new(),
+            caps: 0,
+        },
+        &mut out,
+    );
+    encode_msg(
+        &LinkMsg::UnknownUp {
+            conn,
+            uid: UserId(5),
+            cmd: 0x7E,
+            req_id: 42,
+        },
+        &mut out,
+    );
+    encode_msg(&LinkMsg::Ping, &mut out);
+    s.write_all(&out).unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while got.len() < 3 {
+        let n = s.read(&mut chunk).expect("the link ended or timed out");
+        assert!(n > 0, "logic closed the link; got {got:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(m) = decode_msg(&mut buf).unwrap() {
+            got.push(m);
+        }
+    }
+    assert!(
+        matches!(
+            got[0],
+            LinkMsg::Hello {
+                role: Role::Logic,
+                ..
+            }
+        ),
+        "{got:?}"
+    );
+    // The refusal and the answer to the ping, in either order.
+    let Some((to, data)) = got[1..].iter().find_map(|m| match m {
+        LinkMsg::Down(Down::Send { conn, data }) => Some((conn, data)),
+        _ => None,
+    }) else {
+        panic!("expected the refusal, got {got:?}");
+    };
+    assert_eq!(*to, conn);
+    let mut frame = bytes::BytesMut::from(&data[..]);
+    let f = im_shared::FrameCodec::new(1 << 16)
+        .decode(&mut frame)
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.req_id, 42);
+    match Cmd::decode(&f).unwrap() {
+        Cmd::Error { code, message } => {
+            assert_eq!(code, ErrorCode::UnknownCommand);
+            assert!(message.contains("0x7E"), "{message}");
+        }
+        other => panic!("expected an Error, got {other:?}"),
+    }
+    assert!(
+        got[1..].iter().any(|m| matches!(m, LinkMsg::Pong)),
+        "the link is still up: {got:?}"
+    );
+}

@@ -185,6 +185,16 @@ pub enum LinkMsg {
     Pong,
     /// Opaque logic↔logic payload.
     Peer(Bytes),
+    /// A client frame whose command byte this build does not know: a gate of a newer release
+    /// forwarded a command added since. Logic answers the request `Error UnknownCommand` and
+    /// keeps the link (ending it would close every connection of the gate's lane). Decoded,
+    /// never sent by this build (its encoding is the `Up::Frame` it came as, without the body).
+    UnknownUp {
+        conn: ConnId,
+        uid: UserId,
+        cmd: u8,
+        req_id: u32,
+    },
 }
 
 /// Why link bytes could not be decoded.
@@ -301,6 +311,18 @@ pub fn encode_msg(m: &LinkMsg, out: &mut BytesMut) {
             put_len_kind(out, p.len(), 48);
             out.put_slice(p);
         }
+        LinkMsg::UnknownUp {
+            conn,
+            uid,
+            cmd,
+            req_id,
+        } => {
+            put_len_kind(out, 8 + 8 + 1 + 4, 1);
+            out.put_u64(conn.0);
+            out.put_u64(uid.0);
+            out.put_u8(*cmd);
+            out.put_u32(*req_id);
+        }
     }
 }
 
@@ -310,6 +332,12 @@ pub fn decode_msg(buf: &mut BytesMut) -> Result<Option<LinkMsg>, LinkError> {
         return Ok(None);
     };
     Ok(Some(match kind {
+        1 if b.len() >= 21 && Cmd::from_u8(b[16]).is_none() => LinkMsg::UnknownUp {
+            conn: ConnId(b.get_u64()),
+            uid: UserId(b.get_u64()),
+            cmd: b.get_u8(),
+            req_id: b.get_u32(),
+        },
         1 | 2 => LinkMsg::Up(up_body(kind, b)?),
         16..=19 => LinkMsg::Down(down_body(kind, b)?),
         32 => {
@@ -541,7 +569,7 @@ mod tests {
 
     #[test]
     fn control_and_peer_messages_round_trip() {
-        let msgs = vec![
+        let mut msgs = vec![
             LinkMsg::Hello {
                 role: Role::Gate,
                 id: 3,
@@ -573,9 +601,30 @@ mod tests {
                 conns: vec![ConnId(1), ConnId(2)],
                 data: Bytes::from_static(b"d"),
             }),
+            // A command byte of a newer release, body left behind.
+            LinkMsg::UnknownUp {
+                conn: ConnId(3),
+                uid: UserId(4),
+                cmd: 0x7E,
+                req_id: 5,
+            },
         ];
         let mut b = BytesMut::new();
         msgs.iter().for_each(|m| encode_msg(m, &mut b));
+        // The same, sent as a gate sends it, with a body: decoded without the body.
+        encode_up(
+            &Up::Frame {
+                conn: ConnId(3),
+                uid: UserId(4),
+                cmd: Cmd::Heartbeat,
+                req_id: 5,
+                body: Bytes::from_static(b"body"),
+            },
+            &mut b,
+        );
+        let at = b.len() - 4 - 5; // the command byte: before req_id and the body
+        b[at] = 0x7E;
+        msgs.push(msgs.last().unwrap().clone());
         let mut got = vec![];
         while let Some(m) = decode_msg(&mut b).unwrap() {
             got.push(m);
