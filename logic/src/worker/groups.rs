@@ -836,6 +836,13 @@ impl<S: Store> Worker<S> {
             );
             return self.refuse(reply, &POST, e, round);
         }
+        if large && conv == im_shared::proto::CONV_RECALL {
+            // Accepted: the recalled post's file goes to nobody from now on (its marker is in
+            // this round's batch; a worker whose commit fails halts and forgets this).
+            if let Ok(r) = im_shared::proto::MarkerBody::decode(body.clone()) {
+                self.large.recalls.insert((group, r.msg_id), true);
+            }
+        }
         let now = self.now;
         let msg = Message {
             seq: im_shared::Seq(0),

@@ -68,7 +68,15 @@ pub(super) struct LargeIndex {
     moved: HashMap<UserId, HashMap<GroupId, u64>>,
     /// When the last heads push of muted groups went out.
     pushed_at: u64,
+    /// Owner side: whether posts of large groups whose files members asked for were recalled
+    /// (a post's file is asked for by many members, and each check reads the recall window
+    /// after the post). Set to true when this owner accepts a post's recall: all of a group's
+    /// recalls go through its owner. At most [`RECALL_VERDICTS`], then forgotten at once.
+    pub(super) recalls: HashMap<(GroupId, MsgId), bool>,
 }
+
+/// Most recall verdicts an owner worker keeps ([`LargeIndex::recalls`]).
+const RECALL_VERDICTS: usize = 4096;
 
 impl LargeIndex {
     fn add(&mut self, uid: UserId, g: GroupId) {
@@ -684,11 +692,7 @@ impl<S: Store> Worker<S> {
             return round.send(conn, error_frame(ErrorCode::Unavailable, req_id, why));
         };
         if self.groups[&group].large.is_some() {
-            let recalled = match self.large_seq_at(group, time_ms).await {
-                Ok(start) => self.large_recalled(group, msg_id, time_ms, start).await,
-                Err(e) => Err(e),
-            };
-            match recalled {
+            match self.large_recalled_once(group, msg_id, time_ms, None).await {
                 Ok(false) => {}
                 Ok(true) => {
                     let why = format!("message {msg_id} was recalled");
@@ -703,6 +707,31 @@ impl<S: Store> Worker<S> {
         }
         let url = files::file_url(&p, self.now, actor, sha256, mime, req_id);
         round.send(conn, url);
+    }
+
+    /// Owner side: [`Self::large_recalled`], remembered ([`LargeIndex::recalls`]). `at`: the
+    /// post's seq, if known; else the scan starts where the post's time is
+    /// ([`Self::large_seq_at`]).
+    async fn large_recalled_once(
+        &mut self,
+        group: GroupId,
+        msg_id: MsgId,
+        time_ms: u64,
+        at: Option<Seq>,
+    ) -> Result<bool, StoreError> {
+        if let Some(v) = self.large.recalls.get(&(group, msg_id)) {
+            return Ok(*v);
+        }
+        let after = match at {
+            Some(s) => s,
+            None => self.large_seq_at(group, time_ms).await?,
+        };
+        let v = self.large_recalled(group, msg_id, time_ms, after).await?;
+        if self.large.recalls.len() >= RECALL_VERDICTS {
+            self.large.recalls.clear();
+        }
+        self.large.recalls.insert((group, msg_id), v);
+        Ok(v)
     }
 
     /// Owner side: the seq of large group `group`'s timeline before the first entry made at
@@ -973,7 +1002,7 @@ impl<S: Store> Worker<S> {
             }
         };
         match self
-            .large_recalled(group, m.msg_id, m.server_time_ms, m.seq)
+            .large_recalled_once(group, m.msg_id, m.server_time_ms, Some(m.seq))
             .await
         {
             Ok(false) => {}

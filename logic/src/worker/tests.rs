@@ -3555,4 +3555,18 @@ async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_
         assert_eq!(code, ErrorCode::NotFound, "{why}");
         assert!(why.contains("recalled"), "{why}");
     }
+    // After a restart the owner remembers nothing: it reads the timeline after the post, past
+    // the 2 200 posts, to the recall.
+    fx.restart().await;
+    fx.login(conn(5), b, DeviceType::Phone).await;
+    fx.pump().await;
+    fx.out();
+    fx.client(conn(5), b, ask(30)).await;
+    fx.pump().await;
+    let out = fx.out();
+    for req_id in [30, 31] {
+        let (code, why) = file_answer(&out, conn(5), req_id).unwrap_err();
+        assert_eq!(code, ErrorCode::NotFound, "{why}");
+        assert!(why.contains("recalled"), "{why}");
+    }
 }
