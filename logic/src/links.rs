@@ -356,10 +356,26 @@ fn read_loop(
                     lanes.entry(lane).or_default().push(up);
                 }
                 LinkMsg::UnknownUp {
-                    conn, cmd, req_id, ..
+                    conn,
+                    uid,
+                    cmd,
+                    req_id,
                 } => {
                     if conn.gate() != gate {
                         return Err(invalid("connection id of another gate"));
+                    }
+                    // A gate with a stale shard map: the same refusal as for a known command,
+                    // so the client goes to the owner (which may know the command).
+                    if !logic.owns(uid) {
+                        refused.push(LinkMsg::Down(Down::Close {
+                            conn,
+                            data: Command::Error {
+                                code: ErrorCode::Unavailable,
+                                message: "user not owned by this logic node".into(),
+                            }
+                            .to_bytes(req_id),
+                        }));
+                        continue;
                     }
                     refused.push(LinkMsg::Down(Down::Send {
                         conn,

@@ -71,12 +71,27 @@ pub(super) struct LargeIndex {
     /// Owner side: whether posts of large groups whose files members asked for were recalled
     /// (a post's file is asked for by many members, and each check reads the recall window
     /// after the post). Set to true when this owner accepts a post's recall: all of a group's
-    /// recalls go through its owner. At most [`RECALL_VERDICTS`], then forgotten at once.
+    /// recalls go through its owner. Past [`RECALL_VERDICTS`] at a round's end, forgotten at
+    /// once.
     pub(super) recalls: HashMap<(GroupId, MsgId), bool>,
 }
 
-/// Most recall verdicts an owner worker keeps ([`LargeIndex::recalls`]).
+/// Most recall verdicts an owner worker keeps after a round ([`LargeIndex::recalls`]).
 const RECALL_VERDICTS: usize = 4096;
+
+/// How far before a mention entry's time its post is looked for in the group's timeline when
+/// it is not found within [`RECALL_SKEW_MS`] (a larger clock step between the group's owners).
+const WIDE_SKEW_MS: u64 = 600_000;
+
+impl LargeIndex {
+    /// After a round's commit: forgets the recall verdicts once there are too many (a verdict
+    /// set by an accepted recall is kept until its marker is in the store).
+    pub(super) fn trim_recalls(&mut self) {
+        if self.recalls.len() > RECALL_VERDICTS {
+            self.recalls.clear();
+        }
+    }
+}
 
 impl LargeIndex {
     fn add(&mut self, uid: UserId, g: GroupId) {
@@ -189,6 +204,12 @@ impl Large {
         let per_sec = u64::from(per_sec.max(1));
         let interval = 1_000_000 / per_sec;
         let now = now_ms.saturating_mul(1000);
+        // The next arrival time is never more than a burst (a second) ahead of the clock, unless
+        // the wall clock stepped back: then it starts from the clock again, instead of refusing
+        // every post until the clock has caught up.
+        if self.tat_us > now + interval * per_sec {
+            self.tat_us = now;
+        }
         let tat = self.tat_us.max(now);
         if tat - now > interval * (per_sec - 1) {
             return false;
@@ -693,9 +714,14 @@ impl<S: Store> Worker<S> {
         };
         if self.groups[&group].large.is_some() {
             match self.large_recalled_once(group, msg_id, time_ms, None).await {
-                Ok(false) => {}
-                Ok(true) => {
+                Ok(Some(false)) => {}
+                Ok(Some(true)) => {
                     let why = format!("message {msg_id} was recalled");
+                    return round.send(conn, error_frame(ErrorCode::NotFound, req_id, &why));
+                }
+                Ok(None) => {
+                    // Not where its time says (nor 10 minutes before): no verdict, no file.
+                    let why = format!("message {msg_id} is not in the group's timeline");
                     return round.send(conn, error_frame(ErrorCode::NotFound, req_id, &why));
                 }
                 Err(e) => {
@@ -718,29 +744,52 @@ impl<S: Store> Worker<S> {
         msg_id: MsgId,
         time_ms: u64,
         at: Option<Seq>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         if let Some(v) = self.large.recalls.get(&(group, msg_id)) {
-            return Ok(*v);
+            return Ok(Some(*v));
         }
-        let after = match at {
-            Some(s) => s,
-            None => self.large_seq_at(group, time_ms).await?,
+        let v = match at {
+            Some(s) => {
+                self.large_recalled(group, msg_id, time_ms, s, false)
+                    .await?
+            }
+            None => {
+                // From where the post's time is; the post itself must be met on the way (a
+                // clock step back between owners larger than the margin: once more from
+                // further back, then no verdict).
+                let mut v = None;
+                for skew in [RECALL_SKEW_MS, WIDE_SKEW_MS] {
+                    let start = self.large_seq_at(group, time_ms, skew).await?;
+                    v = self
+                        .large_recalled(group, msg_id, time_ms, start, true)
+                        .await?;
+                    if v.is_some() {
+                        break;
+                    }
+                }
+                v
+            }
         };
-        let v = self.large_recalled(group, msg_id, time_ms, after).await?;
-        if self.large.recalls.len() >= RECALL_VERDICTS {
-            self.large.recalls.clear();
+        // Kept at most until the round's end ([`LargeIndex::trim_recalls`]): a verdict set by a
+        // recall of this round must not be forgotten before its marker is in the store.
+        if let Some(v) = v {
+            self.large.recalls.insert((group, msg_id), v);
         }
-        self.large.recalls.insert((group, msg_id), v);
         Ok(v)
     }
 
     /// Owner side: the seq of large group `group`'s timeline before the first entry made at
-    /// most [`RECALL_SKEW_MS`] before `time_ms` (entries are in time order, give or take the
+    /// most `skew` before `time_ms` (entries are in time order, give or take the
     /// clock steps between the nodes that owned the group): a binary search, one entry read per
     /// step.
-    async fn large_seq_at(&self, group: GroupId, time_ms: u64) -> Result<Seq, StoreError> {
+    async fn large_seq_at(
+        &self,
+        group: GroupId,
+        time_ms: u64,
+        skew: u64,
+    ) -> Result<Seq, StoreError> {
         let head = self.groups[&group].large.map_or(0, |l| l.head);
-        let t = time_ms.saturating_sub(RECALL_SKEW_MS);
+        let t = time_ms.saturating_sub(skew);
         // The first seq in lo..=hi whose entry is at or after `t` (hi + 1: none).
         let (mut lo, mut hi) = (1u64, head);
         while lo <= hi {
@@ -758,32 +807,40 @@ impl<S: Store> Worker<S> {
     /// recalled. Its recall marker is an entry after it, accepted within the recall window of
     /// the post, so the entries after seq `after` are read until that window ends (plus a
     /// margin for clock steps), at most [`RECALL_PAGE`] × [`RECALL_PAGES`] of them (the most a
-    /// group takes in a window at the posting limit, see [`RECALL_PAGES`]).
+    /// group takes in a window at the posting limit, see [`RECALL_PAGES`]). `find_post`: the
+    /// scan starts before the post, which it must meet for a "not recalled" (`None` if it
+    /// does not: the start was wrong).
     pub(super) async fn large_recalled(
         &self,
         group: GroupId,
         msg_id: MsgId,
         time_ms: u64,
         mut after: Seq,
-    ) -> Result<bool, StoreError> {
+        find_post: bool,
+    ) -> Result<Option<bool>, StoreError> {
         let until = time_ms + self.cfg.recall_window_secs * 1000 + RECALL_SKEW_MS;
+        let mut met = !find_post;
+        let not_recalled = |met: bool| Ok(met.then_some(false));
         for _ in 0..RECALL_PAGES {
             let page = self.store.group_timeline(group, after, RECALL_PAGE).await?;
             let Some(last) = page.last() else {
-                return Ok(false);
+                return not_recalled(met);
             };
             after = last.seq;
-            if page.iter().any(|e| {
-                e.conv == CONV_RECALL
-                    && MarkerBody::decode(e.body.clone()).is_ok_and(|r| r.msg_id == msg_id)
-            }) {
-                return Ok(true);
+            for e in &page {
+                if e.conv == CONV_RECALL {
+                    if MarkerBody::decode(e.body.clone()).is_ok_and(|r| r.msg_id == msg_id) {
+                        return Ok(Some(true));
+                    }
+                } else if e.msg_id == msg_id {
+                    met = true;
+                }
             }
             if last.server_time_ms > until || page.len() < RECALL_PAGE {
-                return Ok(false);
+                return not_recalled(met);
             }
         }
-        Ok(false)
+        not_recalled(met)
     }
 
     /// Owner side: whether large group `group` takes one more post now.
@@ -1005,8 +1062,8 @@ impl<S: Store> Worker<S> {
             .large_recalled_once(group, m.msg_id, m.server_time_ms, Some(m.seq))
             .await
         {
-            Ok(false) => {}
-            Ok(true) => {
+            Ok(Some(false)) => {}
+            Ok(_) => {
                 let why = format!("post {} was recalled", seq.0);
                 return refuse(round, ErrorCode::NotFound, &why);
             }
@@ -1047,5 +1104,24 @@ impl<S: Store> Worker<S> {
             };
             round.send(conn, page.to_bytes(req_id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Large;
+
+    #[test]
+    fn the_posting_limit_takes_a_burst_then_the_rate_and_survives_a_clock_step_back() {
+        let mut l = Large::at(0);
+        let t = 1_700_000_000_000;
+        assert!((0..10).all(|_| l.admit(t, 10)), "a burst of 10");
+        assert!(!l.admit(t, 10), "the 11th in the same ms");
+        assert!(l.admit(t + 100, 10), "one more 100 ms later");
+        assert!(!l.admit(t + 100, 10));
+        // The wall clock steps back a minute: posts go on at the rate instead of being refused
+        // until the clock has caught up.
+        assert!((0..10).all(|_| l.admit(t - 60_000, 10)));
+        assert!(!l.admit(t - 60_000, 10));
     }
 }

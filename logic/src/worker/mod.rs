@@ -1230,6 +1230,7 @@ impl<S: Store> Worker<S> {
     /// users are never evicted. One pass drops the least recently used down to 90 % of the
     /// budget (`select_nth_unstable`, linear in the cache size), so passes are rare.
     fn trim_caches(&mut self) {
+        self.large.trim_recalls();
         let workers = self.cfg.workers.max(1);
         let max_users = (self.cfg.max_cached_users / workers).max(1);
         if self.users.len() > max_users {

@@ -3453,8 +3453,10 @@ fn file_answer(out: &[Out], c: ConnId, req_id: u32) -> Result<String, (ErrorCode
         .unwrap_or_else(|| panic!("no answer to {req_id}: {out:?}"))
 }
 
-#[tokio::test]
-async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_nobody() {
+/// A large group (a, b, c, d; a and b online on conns 1 and 2) on a node with the file service,
+/// and a's post of a file mentioning b: `(fx, group, a, b, the post's msg_id and group seq, b's
+/// mention entry's seq)`.
+async fn large_group_file_post() -> (Fx, GroupId, UserId, UserId, MsgId, Seq, Seq) {
     let keys = im_shared::files::FileKeys::new(b"a file secret".to_vec());
     let sha256 = [7u8; 32];
     let file = im_shared::files::FileRef {
@@ -3505,7 +3507,6 @@ async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_
     fx.pump().await;
     let out = fx.out();
     let (_, msg_id, seq, _) = acks(&out)[0];
-    // b's mention entry of the post, in its own timeline.
     let entry = fx
         .timeline(b)
         .await
@@ -3513,6 +3514,12 @@ async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_
         .find(|m| m.conv == im_shared::proto::CONV_MENTION && m.msg_id == msg_id)
         .expect("a mention entry")
         .seq;
+    (fx, group, a, b, msg_id, seq, entry)
+}
+
+#[tokio::test]
+async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_nobody() {
+    let (mut fx, group, a, b, msg_id, seq, entry) = large_group_file_post().await;
     let ask = |req_id: u32| {
         vec![
             (req_id, Command::GroupFileDownload { group, seq }),
@@ -3569,4 +3576,38 @@ async fn a_large_groups_file_recalled_thousands_of_posts_later_is_handed_out_to_
         assert_eq!(code, ErrorCode::NotFound, "{why}");
         assert!(why.contains("recalled"), "{why}");
     }
+}
+
+#[tokio::test]
+async fn a_mention_entrys_file_is_checked_whatever_the_clock_of_the_groups_owner_did() {
+    let (mut fx, group, a, b, msg_id, _, entry) = large_group_file_post().await;
+    // The owner's clock steps back a minute (another node took over with a slower clock): the
+    // entries after the post, its recall included, are older than it.
+    fx.now -= 60_000;
+    let posts = (0..8)
+        .map(|j| (100 + j as u32, post(100 + j, group, "text")))
+        .collect();
+    fx.client(conn(1), a, posts).await;
+    let recall = Command::Recall {
+        client_msg_id: 9_999,
+        conv: CONV_C2G,
+        peer: group.0,
+        msg_id,
+    };
+    fx.client(conn(1), a, vec![(9_999, recall)]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(acks(&out).len(), 9, "posts and recall accepted: {out:?}");
+    // Nothing remembered: the owner looks for the post where its time says, does not meet it
+    // there, and looks again from further back.
+    fx.restart().await;
+    fx.login(conn(5), b, DeviceType::Phone).await;
+    fx.pump().await;
+    fx.out();
+    fx.client(conn(5), b, vec![(30, Command::FileDownload { seq: entry })])
+        .await;
+    fx.pump().await;
+    let (code, why) = file_answer(&fx.out(), conn(5), 30).unwrap_err();
+    assert_eq!(code, ErrorCode::NotFound, "{why}");
+    assert!(why.contains("recalled"), "{why}");
 }
