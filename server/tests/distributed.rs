@@ -19,11 +19,7 @@ fn spawn(args: &[&str], prefix: &str) -> (Proc, SocketAddr) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    im_testkit::ports::reserve()
 }
 
 fn spawn_node(dir: &Path, id: usize, nodes: &str) -> Proc {

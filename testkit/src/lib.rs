@@ -23,6 +23,7 @@ pub mod directory_conformance;
 mod downstream;
 mod faulty_store;
 pub mod http;
+pub mod ports;
 mod redis_cluster;
 mod resp;
 pub mod s3s;

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -500,15 +499,10 @@ fn check_installed(bin: &str) -> io::Result<()> {
     }
 }
 
-/// `n` distinct ports that were free on 127.0.0.1 a moment ago (all probed at once, so distinct).
+/// `n` distinct ports that were free on 127.0.0.1 a moment ago, outside the ephemeral range
+/// ([`crate::ports`]).
 fn free_ports(n: usize) -> io::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<io::Result<Vec<_>>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    Ok((0..n).map(|_| crate::ports::reserve()).collect())
 }
 
 fn write_config(node: &Node, node_timeout_ms: u64) -> io::Result<()> {
