@@ -307,6 +307,15 @@ struct Exec {
     /// (kind, from, conversation, recipient) → last counter accepted: order check. The
     /// conversation is the recipient for c2c and the group for c2g.
     order: RefCell<HashMap<u128, u32>>,
+    /// `large-group`: the posts some member here already accepted, and each poster's last
+    /// counter among them. A large group's copies need neither `seen` nor `order` (whose maps
+    /// grow by one entry per copy, millions in a run, and stall the executor while they rehash):
+    /// a member accepts the group's entries only in the group's seq order, once each, so a
+    /// post's first copy here comes in the group's order, and the sender order is checked once
+    /// per post; a post under two seqs is caught by `check_post_seqs`, a member whose order
+    /// differs from the others' by the accounting's order check.
+    large_first: RefCell<HashSet<u64>>,
+    large_sender_last: RefCell<HashMap<u32, u32>>,
     /// `group` scenario: `(local conn, group number)` of every membership of this executor's
     /// users.
     memberships: Vec<(u32, u32)>,
@@ -571,12 +580,21 @@ impl Exec {
             self.rep.borrow_mut().echoes += 1;
             return;
         }
-        self.count_post(c, m, via_sync, group);
+        self.count_post(c, m, via_sync, group, false);
     }
 
     /// Counts one accepted message or member copy of this run (latency, identity, duplicates,
     /// per-sender order); its `(sender index, counter)`, or `None` when it is not this run's.
-    fn count_post(&self, c: &Conn, m: &Message, via_sync: bool, group: bool) -> Option<(u32, u32)> {
+    /// `chained`: a large group's entry, accepted by [`Exec::offer_group`] in the group's seq
+    /// order (see `large_first`).
+    fn count_post(
+        &self,
+        c: &Conn,
+        m: &Message,
+        via_sync: bool,
+        group: bool,
+        chained: bool,
+    ) -> Option<(u32, u32)> {
         let p = &self.plan;
         if (m.client_msg_id >> 32) as u32 != self.run_id || m.body.len() < BODY_HEADER {
             // Left over from an earlier run (synced after a reconnect): not ours to count.
@@ -597,7 +615,21 @@ impl Exec {
         }
         r.deliver_us.record(lat_us);
         r.last_deliver_ns = Some(now_ns());
-        if p.track {
+        if p.track && chained {
+            r.received_ids.push(from_idx, c.idx, counter);
+            let post = (from_idx as u64) << 32 | counter as u64;
+            if self.large_first.borrow_mut().insert(post) {
+                let mut last = self.large_sender_last.borrow_mut();
+                let last = last.entry(from_idx).or_insert(0);
+                if counter < *last && repeated {
+                    r.reordered_by_resend += 1;
+                } else if counter < *last {
+                    r.out_of_order += 1;
+                } else {
+                    *last = counter;
+                }
+            }
+        } else if p.track {
             let key = (c.idx as u128) << 64 | (from_idx as u128) << 32 | counter as u128;
             if !self.seen.borrow_mut().insert(key) {
                 r.dedup_dups += 1;
@@ -752,7 +784,7 @@ impl Exec {
         match m.conv {
             CONV_GROUP_EVENT => self.rep.borrow_mut().group_events += 1,
             CONV_C2G => {
-                if let Some((from, counter)) = self.count_post(c, m, via_sync, true) {
+                if let Some((from, counter)) = self.count_post(c, m, via_sync, true, true) {
                     self.note_post_seq(from, counter, m.seq.0);
                 }
             }
@@ -2001,6 +2033,8 @@ pub async fn run(
         dirty: RefCell::default(),
         seen: RefCell::default(),
         order: RefCell::default(),
+        large_first: RefCell::default(),
+        large_sender_last: RefCell::default(),
         memberships,
         group_ids: RefCell::default(),
         group_of: RefCell::default(),
@@ -2316,6 +2350,9 @@ mod tests {
         /// Large group: this user gets the group's first two posts in the opposite order, each
         /// with the other's seq (a consistent chain, but another order than the members').
         large_seq_swap: Option<u64>,
+        /// Large group: this user's first post is held, unacked, and stored after its second
+        /// one (every member gets them in that order, with consistent seqs; both acked then).
+        large_sender_swap: Option<u64>,
         /// The first `GroupAdd` is refused with `Overloaded` (retryable).
         refuse_first_add: bool,
         /// `@all` in a large group: this user never gets its mention entry.
@@ -2363,6 +2400,10 @@ mod tests {
         /// Copies held back for `large_reorder` and `large_seq_swap`.
         held_reorder: Option<Message>,
         held_swap: Option<Message>,
+        /// `large_sender_swap`: the held first post (its req_id, client msg id and message), and
+        /// whether the swap is done.
+        held_post: Option<(u32, u64, Message)>,
+        sender_swapped: bool,
         add_refused: bool,
     }
 
@@ -2584,6 +2625,34 @@ mod tests {
                         mentions,
                     } if g.large.contains_key(&id) => {
                         let m = msg(CONV_C2G, me, id, client_msg_id, body.clone());
+                        if g.faults.large_sender_swap == Some(me) && !g.sender_swapped {
+                            match g.held_post.take() {
+                                None => {
+                                    g.held_post = Some((f.req_id, client_msg_id, m));
+                                    continue;
+                                }
+                                Some((req, held_id, held)) => {
+                                    // The second post first, then the held one: both acked.
+                                    g.sender_swapped = true;
+                                    for (req, cmid, m) in
+                                        [(f.req_id, client_msg_id, m), (req, held_id, held)]
+                                    {
+                                        let (seq, prev_seq) = g.large_append(id, m);
+                                        Command::SendAck {
+                                            code: ErrorCode::Ok,
+                                            client_msg_id: cmid,
+                                            msg_id: MsgId(1),
+                                            seq,
+                                            server_time_ms: 0,
+                                            prev_seq,
+                                        }
+                                        .encode(req, &mut out);
+                                    }
+                                    let _ = s.write_all(&out);
+                                    continue;
+                                }
+                            }
+                        }
                         let (seq, prev_seq) = g.large_append(id, m);
                         // `@all`: every member but the poster gets a mention entry (msg_id 99,
                         // the post's) in its own timeline.
@@ -3312,6 +3381,33 @@ mod tests {
             }
             hx.quit();
         }
+    }
+
+    #[test]
+    fn large_group_accounting_catches_a_sender_stored_out_of_order() {
+        // User 7's first two posts are stored in the opposite order, for every member alike:
+        // each member's chain is intact and all members agree, so only the sender order can
+        // tell. Large-group copies skip the per-copy order map: the check runs once per post.
+        let n = 12;
+        let faults = Faults {
+            large_sender_swap: Some(1000 + 7),
+            ..Default::default()
+        };
+        let hx = Harness::start(plan(fake_server_with(faults), n, 1, n));
+        let (_, ready, r) = large_run(&hx, 20, 10, 10, 300.0);
+        assert_eq!(ready.large_ready, n as u64);
+        assert_eq!(r.acked, r.sent);
+        assert_eq!(r.delivered, r.sent * n as u64);
+        assert_eq!(
+            r.out_of_order, 1,
+            "one post, counted once, not once per member"
+        );
+        let j = join_group(&r, n, n);
+        assert_eq!((j.lost, j.order_mismatch_members), (0, 0));
+        let q = crate::account::check_post_seqs(&r.post_seqs);
+        assert_eq!((q.posts_with_two_seqs, q.seqs_with_two_posts), (0, 0));
+        assert_eq!((r.dedup_dups, r.group_raw_dups), (0, 0));
+        hx.quit();
     }
 
     #[test]
