@@ -84,9 +84,15 @@ const RETRY_CHECK_EVERY: Duration = Duration::from_millis(1_000);
 const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// Writes whose loss in a crash is harmless (a device's delivery cursor, the deletion of a
-/// confirmed outbox entry) are made with the next commit their worker makes anyway, or on their
-/// own once they have waited this long (see `Worker::lazy`).
+/// confirmed outbox entry) wait this long, then go with the commit their worker makes anyway, or
+/// on their own (see `Worker::lazy`). Waiting coalesces a device's cursor moves into one write:
+/// with one write per ack, the cursors were one memtable insert per message of the
+/// skiplist-bound commit apply.
 const LAZY_FLUSH_MS: u64 = 1_000;
+
+/// Lazy writes waiting at most (outbox deletions and push watches; cursors are one per device):
+/// at this many they are due whatever their age.
+const LAZY_MAX: usize = 65_536;
 
 /// Whether a message of this kind counts as unread content: it may trigger an offline push and
 /// waits for a device's ack. Recalls, read receipts and group events do not.
@@ -667,6 +673,14 @@ struct Lazy {
 impl Lazy {
     fn is_empty(&self) -> bool {
         self.cursors.is_empty() && self.outbox_deletes.is_empty() && self.unwatch.is_empty()
+    }
+
+    /// The oldest has waited [`LAZY_FLUSH_MS`], too many wait, or the wall clock stepped back
+    /// (they would wait until it caught up).
+    fn due(&self, now: u64) -> bool {
+        now >= self.since + LAZY_FLUSH_MS
+            || now < self.since
+            || self.outbox_deletes.len() + self.unwatch.len() + self.cursors.len() >= LAZY_MAX
     }
 
     fn note(&mut self, now: u64) {
@@ -1664,9 +1678,8 @@ impl<S: Store> Worker<S> {
             reserve = Some(ms);
         }
         self.enqueue_c2s(&mut round).await;
-        // Lazy writes go with a commit that happens anyway; alone only when due.
-        let due = self.now >= self.lazy.since + LAZY_FLUSH_MS;
-        if !self.lazy.is_empty() && (!round.batch.is_empty() || due || last) {
+        // Lazy writes wait until due, then go with this round's commit, or alone.
+        if !self.lazy.is_empty() && (self.lazy.due(self.now) || last) {
             self.lazy.drain_into(&mut round.batch);
         }
         let mut batch = std::mem::take(&mut round.batch);

@@ -735,7 +735,7 @@ async fn an_ack_beyond_what_the_device_was_given_counts_only_up_to_it() {
 }
 
 #[tokio::test]
-async fn a_waiting_cursor_rides_with_the_next_commit_and_a_relogin_sees_it() {
+async fn a_waiting_cursor_rides_with_a_commit_once_due_and_a_relogin_sees_it() {
     let mut fx = Fx::new(1).await;
     let (a, b) = (UserId(1), UserId(2));
     fx.login(conn(1), a, DeviceType::Phone).await;
@@ -762,9 +762,15 @@ async fn a_waiting_cursor_rides_with_the_next_commit_and_a_relogin_sees_it() {
     assert!(fx.out().iter().any(|o| o.conn == conn(3) && o.bind));
     let dev = &fx.workers[0].users[&b].devices[0];
     assert_eq!((dev.conn, dev.cursor), (conn(3), got[0].seq));
-    // The next commit (a's next send) carries the cursor.
+    // A commit before it is due (a's next send) does not carry it: a device's acks within the
+    // second are coalesced into one write.
     fx.client(conn(1), a, vec![(2, send(2, b, "m2"))]).await;
     assert_eq!(fx.store.attempts().len(), commits + 1);
+    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), Seq(0));
+    // Due, it rides with the next commit (a's third send): no commit of its own.
+    fx.now += LAZY_FLUSH_MS;
+    fx.client(conn(1), a, vec![(3, send(3, b, "m3"))]).await;
+    assert_eq!(fx.store.attempts().len(), commits + 2);
     assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), got[0].seq);
 }
 
@@ -2975,6 +2981,9 @@ async fn an_all_mention_in_a_large_group_reaches_every_member_once_chunk_by_chun
         Some(ErrorCode::Forbidden)
     );
     assert!(fx.mentions_none(&[a, b, c]).await);
+    // The set-up's confirmed outbox entries are deleted once due.
+    fx.settle().await;
+    fx.out();
     fx.client(conn(1), a, vec![(4, mention_all(2, group))])
         .await;
     fx.step_owner(group).await;
@@ -3610,4 +3619,26 @@ async fn a_mention_entrys_file_is_checked_whatever_the_clock_of_the_groups_owner
     let (code, why) = file_answer(&fx.out(), conn(5), 30).unwrap_err();
     assert_eq!(code, ErrorCode::NotFound, "{why}");
     assert!(why.contains("recalled"), "{why}");
+}
+
+#[test]
+fn lazy_writes_fall_due_by_age_by_count_and_on_a_clock_step_back() {
+    let mut l = super::Lazy::default();
+    l.cursor(UserId(1), "d".into(), Seq(3), 10_000);
+    assert!(!l.due(10_000 + LAZY_FLUSH_MS - 1));
+    assert!(l.due(10_000 + LAZY_FLUSH_MS), "by age");
+    assert!(
+        l.due(9_999),
+        "the wall clock stepped back: not held until it catches up"
+    );
+    for i in 0..super::LAZY_MAX as u64 - 2 {
+        l.outbox_delete(im_shared::shard::vshard_of(UserId(1)), MsgId(i), 10_000);
+    }
+    assert!(!l.due(10_000));
+    l.outbox_delete(
+        im_shared::shard::vshard_of(UserId(1)),
+        MsgId(u64::MAX),
+        10_000,
+    );
+    assert!(l.due(10_000), "by count");
 }
