@@ -242,6 +242,11 @@ impl<S: Store> Worker<S> {
         let now = self.now;
         let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
         let mut n = 0usize;
+        // Confirmed entries whose deletion waits (a lazy write) are still in the store: skip
+        // them instead of fanning them out again (harmless, a replayed append is idempotent, but
+        // up to a second of entries for nothing).
+        let deleting: HashSet<(ShardId, MsgId)> =
+            self.lazy.outbox_deletes.iter().copied().collect();
         for s in 0..VSHARDS {
             let shard = ShardId(s);
             if self.router.owner_of_shard(shard) != me {
@@ -273,6 +278,9 @@ impl<S: Store> Worker<S> {
                 ..
             } in entries
             {
+                if deleting.contains(&(shard, msg.msg_id)) {
+                    continue;
+                }
                 if recipients.contains(&ALL_MARK) {
                     recipients.retain(|r| *r != ALL_MARK);
                     self.resume_mention_all(shard, &msg, &recipients).await;

@@ -3642,3 +3642,25 @@ fn lazy_writes_fall_due_by_age_by_count_and_on_a_clock_step_back() {
     );
     assert!(l.due(10_000), "by count");
 }
+
+#[tokio::test]
+async fn a_replay_skips_confirmed_entries_whose_deletion_waits() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "one"))]).await;
+    fx.pump().await;
+    // Confirmed by b's worker; the entry's deletion waits (lazy), so it is still in the store.
+    let shard = im_shared::shard::vshard_of(a);
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), 1);
+    assert!(fx.inboxes[1].try_recv().is_err());
+    // A replay (a peer link's reset does one) leaves it alone: nothing for b's worker.
+    fx.workers[0].replay_outbox(None).await;
+    assert!(
+        fx.inboxes[1].try_recv().is_err(),
+        "a confirmed entry was fanned out again"
+    );
+    fx.settle().await;
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
+}
