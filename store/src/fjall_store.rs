@@ -679,6 +679,7 @@ fn apply(
 fn collect(batch: WriteBatch) -> Writes {
     let mut w: Writes = Writes::with_capacity_and_hasher(batch.ops.len() * 2, Default::default());
     for op in batch.ops {
+        let indexed = !matches!(op, Op::AppendUnindexed { .. });
         match op {
             Op::IdFloor { generator, ms } => {
                 w.insert(
@@ -692,11 +693,13 @@ fn collect(batch: WriteBatch) -> Writes {
                     Some(bound.0.to_be_bytes().to_vec()),
                 );
             }
-            Op::Append { uid, msg } => {
-                w.insert(
-                    (Kind::MsgIdx, key_u64_u64(uid.0, msg.msg_id.0).to_vec()),
-                    Some(msg.seq.0.to_be_bytes().to_vec()),
-                );
+            Op::Append { uid, msg } | Op::AppendUnindexed { uid, msg } => {
+                if indexed {
+                    w.insert(
+                        (Kind::MsgIdx, key_u64_u64(uid.0, msg.msg_id.0).to_vec()),
+                        Some(msg.seq.0.to_be_bytes().to_vec()),
+                    );
+                }
                 let mut v = Vec::with_capacity(msg.encoded_len());
                 msg.encode(&mut v);
                 w.insert(
@@ -1318,6 +1321,27 @@ mod tests {
             seq: Seq(seq),
         });
         b
+    }
+
+    #[tokio::test]
+    async fn an_unindexed_append_writes_the_timeline_entry_and_no_msg_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FjallStore::open(dir.path()).unwrap();
+        let mut b = WriteBatch::default();
+        b.push(Op::AppendUnindexed {
+            uid: UserId(5),
+            msg: msg(5, 1),
+        });
+        store.commit(b).await.unwrap();
+        assert_eq!(seqs(&store, 5).await, [1]);
+        assert_eq!(store.seq_of(UserId(5), MsgId(1001)).await.unwrap(), None);
+        let idx = &store.spaces[Kind::MsgIdx as usize];
+        assert_eq!(idx.iter().count(), 0, "no msg index entry at all");
+        // After a restart too (replayed from the commit log or read from fjall).
+        drop(store);
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(seqs(&store, 5).await, [1]);
+        assert_eq!(store.seq_of(UserId(5), MsgId(1001)).await.unwrap(), None);
     }
 
     async fn seqs(store: &FjallStore, uid: u64) -> Vec<u64> {

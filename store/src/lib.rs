@@ -138,6 +138,14 @@ pub enum Op {
         uid: UserId,
         msg: Message,
     },
+    /// [`Op::Append`] of a copy that no lookup by msg id needs: the sender's own copy of a
+    /// message whose recipient's copy is indexed (a recall finds the message there). The embedded
+    /// store writes no `(uid, msg_id)` index entry for it (one memtable insert less per c2c
+    /// message); a backend may index it anyway, so [`Store::seq_of`] may or may not find it.
+    AppendUnindexed {
+        uid: UserId,
+        msg: Message,
+    },
     /// Remember an accepted `(uid, client_msg_id)`.
     Dedup {
         uid: UserId,

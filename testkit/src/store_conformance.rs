@@ -103,6 +103,7 @@ pub async fn run_all_at<S: Store>(store: &S, base: u64) {
     timeline_range(store, base).await;
     last_seq(store, base).await;
     seq_of(store, base).await;
+    append_unindexed(store, base).await;
     dedup(store, base).await;
     cursor(store, base).await;
     cursors(store, base).await;
@@ -394,6 +395,38 @@ pub async fn seq_of<S: Store>(store: &S, base: u64) {
         store.seq_of(sender, MsgId(id - 1)).await.expect("seq_of"),
         None
     );
+}
+
+/// `AppendUnindexed`: the entry is in the timeline like any append, in seq order with indexed
+/// ones; whether `seq_of` finds it is the backend's choice (the embedded store does not index
+/// it, see its own test), so only that it answers without error is checked here.
+pub async fn append_unindexed<S: Store>(store: &S, base: u64) {
+    let u = uid(base, 3, 2);
+    let id = 0x0fed_cba9_8765_4321;
+    commit(
+        store,
+        vec![
+            Op::Append {
+                uid: u,
+                msg: message(u, 1, id, b"indexed"),
+            },
+            Op::AppendUnindexed {
+                uid: u,
+                msg: message(u, 2, id + 1, b"own copy"),
+            },
+        ],
+    )
+    .await;
+    let t = timeline(store, u, 0, 10).await;
+    assert_eq!(t.len(), 2);
+    assert_eq!((t[1].seq, t[1].msg_id), (Seq(2), MsgId(id + 1)));
+    assert_eq!(&t[1].body[..], b"own copy");
+    assert_eq!(
+        store.seq_of(u, MsgId(id)).await.expect("seq_of"),
+        Some(Seq(1))
+    );
+    let unindexed = store.seq_of(u, MsgId(id + 1)).await.expect("seq_of");
+    assert!(matches!(unindexed, None | Some(Seq(2))), "{unindexed:?}");
 }
 
 /// Dedup entries: absent, round trip, overwrite, per user.

@@ -143,9 +143,13 @@ impl<S: Store> Worker<S> {
             prev_seq,
         };
         self.remember(uid, client_msg_id, entry);
-        round.batch.push(Op::Append {
-            uid,
-            msg: msg.clone(),
+        // The recipient's copy carries the msg index (a recall looks the message up there), so
+        // the sender's copy needs none; a message to oneself is its only copy.
+        let msg_c = msg.clone();
+        round.batch.push(if to != uid && (local || fan_out) {
+            Op::AppendUnindexed { uid, msg: msg_c }
+        } else {
+            Op::Append { uid, msg: msg_c }
         });
         round.batch.push(Op::Dedup {
             uid,

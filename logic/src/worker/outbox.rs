@@ -124,7 +124,7 @@ impl Outbox {
     }
 
     /// Whether `recipient` has yet to confirm the entry `(shard, msg_id)`.
-    fn is_unconfirmed(&self, shard: ShardId, msg_id: MsgId, recipient: UserId) -> bool {
+    pub(super) fn is_unconfirmed(&self, shard: ShardId, msg_id: MsgId, recipient: UserId) -> bool {
         self.pending
             .get(&(shard, msg_id))
             .is_some_and(|f| f.left.contains(recipient))

@@ -2,6 +2,7 @@
 //! (or every member) gets a recall marker.
 
 use im_shared::proto::{MarkerBody, CONV_C2C, CONV_C2G, CONV_RECALL};
+use im_shared::shard::vshard_of;
 use im_shared::{ConnId, ErrorCode, GroupId, MsgId, Seq, UserId};
 
 use super::GroupOp;
@@ -47,17 +48,39 @@ impl<S: Store> Worker<S> {
             };
             return self.forward_group(uid, GroupId(peer), op, Reply::Conn { conn, req_id }, round);
         }
-        // The message must be in the sender's own timeline, sent by them, in this conversation.
-        let found = async {
-            let Some(seq) = self.store.seq_of(uid, msg_id).await? else {
+        // The message must be the caller's, in this conversation. A c2c message is looked up in
+        // the peer's timeline (the recipient's copy is indexed, the sender's own copy is not),
+        // then in the caller's (a message it received, or a group post's copy).
+        let store = &self.store;
+        let at = |owner: UserId| async move {
+            let Some(seq) = store.seq_of(owner, msg_id).await? else {
                 return Ok(None);
             };
-            let m = self.store.timeline(uid, Seq(seq.0 - 1), 1).await?;
+            let m = store.timeline(owner, Seq(seq.0 - 1), 1).await?;
             Ok::<_, crate::store::StoreError>(m.into_iter().next().filter(|m| m.msg_id == msg_id))
-        }
-        .await;
+        };
+        let found = match conv == CONV_C2C && peer != uid.0 {
+            true => match at(UserId(peer)).await {
+                Ok(None) => at(uid).await,
+                r => r,
+            },
+            false => at(uid).await,
+        };
         let msg = match found {
             Ok(Some(m)) => m,
+            Ok(None)
+                if conv == CONV_C2C
+                    && self
+                        .outbox
+                        .is_unconfirmed(vshard_of(uid), msg_id, UserId(peer)) =>
+            {
+                // Sent, not yet in the recipient's timeline (its worker has not stored it).
+                return refuse(
+                    round,
+                    ErrorCode::Unavailable,
+                    "the message is still being delivered; try again",
+                );
+            }
             Ok(None) => return refuse(round, ErrorCode::NotFound, "no such message"),
             Err(e) => {
                 tracing::warn!("recall by {uid}: {e}");

@@ -3664,3 +3664,67 @@ async fn a_replay_skips_confirmed_entries_whose_deletion_waits() {
     fx.settle().await;
     assert!(fx.store.outbox(shard).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_c2c_recall_finds_the_message_in_the_recipients_timeline_and_waits_for_it_there() {
+    let mut fx = Fx::new(2).await;
+    let (a, b) = (fx.user_on(0, 1), fx.user_on(1, 1));
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(2), b, DeviceType::Phone).await;
+    fx.client(conn(1), a, vec![(1, send(1, b, "oops"))]).await;
+    let (_, msg_id, a_seq, _) = acks(&fx.out())[0];
+    // The sender's copy is in its timeline without a msg index: one store entry less.
+    let mine = fx.store.timeline(a, Seq(a_seq.0 - 1), 1).await.unwrap();
+    assert_eq!(mine[0].msg_id, msg_id);
+    assert_eq!(fx.store.seq_of(a, msg_id).await.unwrap(), None);
+    let recall = |cid: u64| Command::Recall {
+        client_msg_id: cid,
+        conv: CONV_C2C,
+        peer: b.0,
+        msg_id,
+    };
+    // Not yet stored for b (b's worker has not run): a retryable refusal, not NotFound.
+    fx.client(conn(1), a, vec![(2, recall(2))]).await;
+    assert_eq!(
+        error_to(&fx.out(), conn(1), 2).map(|e| e.0),
+        Some(ErrorCode::Unavailable)
+    );
+    fx.pump().await;
+    assert!(fx.store.seq_of(b, msg_id).await.unwrap().is_some());
+    fx.out();
+    // b cannot recall a's message, whichever peer it names; a can.
+    for (req, peer) in [(3, a.0), (4, b.0)] {
+        let cmd = Command::Recall {
+            client_msg_id: 10 + req as u64,
+            conv: CONV_C2C,
+            peer,
+            msg_id,
+        };
+        fx.client(conn(2), b, vec![(req, cmd)]).await;
+        assert_eq!(
+            error_to(&fx.out(), conn(2), req).map(|e| e.0),
+            Some(ErrorCode::RecallRefused),
+            "peer {peer}"
+        );
+    }
+    fx.client(conn(1), a, vec![(5, recall(5))]).await;
+    fx.pump().await;
+    let out = fx.out();
+    assert_eq!(error_to(&out, conn(1), 5), None);
+    let marker = delivered_to(&out, conn(2));
+    assert_eq!(marker.len(), 1);
+    assert_eq!(marker[0].conv, im_shared::proto::CONV_RECALL);
+    // A message to oneself is its only copy: indexed, and recallable.
+    fx.client(conn(1), a, vec![(6, send(6, a, "note"))]).await;
+    let own = acks(&fx.out())[0].1;
+    assert!(fx.store.seq_of(a, own).await.unwrap().is_some());
+    let cmd = Command::Recall {
+        client_msg_id: 7,
+        conv: CONV_C2C,
+        peer: a.0,
+        msg_id: own,
+    };
+    fx.client(conn(1), a, vec![(7, cmd)]).await;
+    fx.pump().await;
+    assert_eq!(error_to(&fx.out(), conn(1), 7), None);
+}

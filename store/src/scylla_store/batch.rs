@@ -139,7 +139,8 @@ pub(super) fn merge(ops: Vec<Op>) -> Result<Vec<Row>, StoreError> {
                 uid: b(uid.0),
                 bound: b(bound.0),
             }),
-            Op::Append { uid, msg } => {
+            // The unindexed copy is indexed here too (one more row in the same batch).
+            Op::Append { uid, msg } | Op::AppendUnindexed { uid, msg } => {
                 let seq = ordered("seq", msg.seq.0)?;
                 let bucket = ordered("bucket", timeline_bucket(msg.seq.0))?;
                 m.put(Row::Bucket {
