@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use im_client::{Client, ClientError, Timeline};
+use im_shared::proto::{CONV_C2C, CONV_RECALL};
 use im_shared::{Command as Cmd, DeviceType, ErrorCode, Seq, UserId};
 use im_testkit::http::http_json;
 
@@ -323,6 +324,17 @@ fn cross_node_fan_out_and_crash_recovery(store_args: &[String]) {
     }
     let back = bob.send_c2c(UserId(alice_uid), 1, "hello node 0").unwrap();
     assert_eq!(next_deliver(&mut alice).msg_id, back.msg_id);
+    // Recall across nodes: bob's timeline is in node 1's store, which node 0 may not read, so
+    // alice's own copy keeps its msg index; bob cannot recall alice's message.
+    assert_eq!(
+        bob.recall(CONV_C2C, alice_uid, ack.msg_id, 1000)
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::RecallRefused)
+    );
+    alice.recall(CONV_C2C, bob_uid, ack.msg_id, 1000).unwrap();
+    let marker = next_deliver(&mut bob);
+    assert_eq!((marker.conv, marker.from), (CONV_RECALL, UserId(alice_uid)));
 
     // Node 1 dies: bob is disconnected; alice (node 0) keeps sending and gets acks, because her
     // messages are durable in her timeline and outbox.
@@ -356,7 +368,7 @@ fn cross_node_fan_out_and_crash_recovery(store_args: &[String]) {
         let got: Vec<_> = tl
             .messages
             .iter()
-            .filter(|m| m.from == UserId(alice_uid))
+            .filter(|m| m.from == UserId(alice_uid) && m.conv == CONV_C2C)
             .map(|m| m.msg_id)
             .collect();
         if got.len() >= acked.len() {
