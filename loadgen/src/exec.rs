@@ -629,6 +629,11 @@ impl Exec {
                     *last = counter;
                 }
             }
+        } else if p.track && group && m.to.0 != 0 && m.to.0 == self.large_group.get() {
+            // A post of the tracked large group in a member's own timeline: its one route is the
+            // group's timeline (the branch above), so this copy is one too many.
+            r.dedup_dups += 1;
+            return Some((from_idx, counter));
         } else if p.track {
             let key = (c.idx as u128) << 64 | (from_idx as u128) << 32 | counter as u128;
             if !self.seen.borrow_mut().insert(key) {
@@ -2353,6 +2358,9 @@ mod tests {
         /// Large group: this user's first post is held, unacked, and stored after its second
         /// one (every member gets them in that order, with consistent seqs; both acked then).
         large_sender_swap: Option<u64>,
+        /// Large group: this user also gets the group's first post in its own timeline (as
+        /// write diffusion would store it): a copy too many.
+        large_own_copy: Option<u64>,
         /// The first `GroupAdd` is refused with `Overloaded` (retryable).
         refuse_first_add: bool,
         /// `@all` in a large group: this user never gets its mention entry.
@@ -2651,6 +2659,11 @@ mod tests {
                                     let _ = s.write_all(&out);
                                     continue;
                                 }
+                            }
+                        }
+                        if let Some(u) = g.faults.large_own_copy {
+                            if g.large[&id].posts == 0 {
+                                g.append(u, m.clone());
                             }
                         }
                         let (seq, prev_seq) = g.large_append(id, m);
@@ -3381,6 +3394,23 @@ mod tests {
             }
             hx.quit();
         }
+    }
+
+    #[test]
+    fn large_group_accounting_catches_a_post_also_in_a_members_own_timeline() {
+        let n = 12;
+        let faults = Faults {
+            large_own_copy: Some(1000 + 4),
+            ..Default::default()
+        };
+        let hx = Harness::start(plan(fake_server_with(faults), n, 1, n));
+        let (_, ready, r) = large_run(&hx, 20, 10, 10, 300.0);
+        assert_eq!(ready.large_ready, n as u64);
+        assert_eq!(r.acked, r.sent);
+        assert_eq!(r.dedup_dups, 1, "the copy in user 4's own timeline");
+        let j = join_group(&r, n, n);
+        assert_eq!(j.lost, 0);
+        hx.quit();
     }
 
     #[test]

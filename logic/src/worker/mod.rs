@@ -634,7 +634,8 @@ pub struct Worker<S> {
     /// When each large group of this worker last started an `@all` (ms; in memory only).
     mention_all_at: FastMap<GroupId, u64>,
     /// Writes that need no commit of their own, with the time the oldest of them waits since:
-    /// they ride with the next commit, or are written alone after [`LAZY_FLUSH_MS`].
+    /// once that one has waited [`LAZY_FLUSH_MS`] they ride with the round's commit, or are
+    /// written alone (see `Lazy::due`).
     lazy: Lazy,
     /// The time of the current round or tick (ms since the epoch), given by the caller of
     /// [`Worker::step`] / [`Worker::tick`]: the only clock handlers read.

@@ -103,7 +103,7 @@ impl<S: Store> Worker<S> {
             }
             self.push_due.pop_front();
             due.push((uid, seq));
-            // Decided below (pushed, or no longer needed): its watch goes with the next commit.
+            // Decided below (pushed, or no longer needed): its watch is deleted lazily.
             self.lazy
                 .unwatch(vshard_of(uid), uid, im_shared::Seq(seq), now);
         }

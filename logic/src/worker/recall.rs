@@ -60,8 +60,11 @@ impl<S: Store> Worker<S> {
             Ok::<_, crate::store::StoreError>(m.into_iter().next().filter(|m| m.msg_id == msg_id))
         };
         let found = match conv == CONV_C2C && peer != uid.0 {
+            // What the peer's timeline holds from others is not the caller's to learn: only its
+            // own message counts there, anything else is looked for in the caller's timeline.
             true => match at(UserId(peer)).await {
-                Ok(None) => at(uid).await,
+                Ok(Some(m)) if m.from == uid => Ok(Some(m)),
+                Ok(_) => at(uid).await,
                 r => r,
             },
             false => at(uid).await,

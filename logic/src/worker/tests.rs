@@ -3707,6 +3707,26 @@ async fn a_c2c_recall_finds_the_message_in_the_recipients_timeline_and_waits_for
             "peer {peer}"
         );
     }
+    // What a's timeline holds from others is not b's to learn: a message c sent to a, which b
+    // never got, is "not found" for b, not "someone else's".
+    let c = fx.user_on(1, b.0 + 1);
+    fx.login(conn(3), c, DeviceType::Phone).await;
+    fx.client(conn(3), c, vec![(1, send(1, a, "private"))])
+        .await;
+    fx.pump().await;
+    let c_msg = acks(&fx.out())[0].1;
+    assert!(fx.store.seq_of(a, c_msg).await.unwrap().is_some());
+    let probe = Command::Recall {
+        client_msg_id: 20,
+        conv: CONV_C2C,
+        peer: a.0,
+        msg_id: c_msg,
+    };
+    fx.client(conn(2), b, vec![(20, probe)]).await;
+    assert_eq!(
+        error_to(&fx.out(), conn(2), 20).map(|e| e.0),
+        Some(ErrorCode::NotFound)
+    );
     fx.client(conn(1), a, vec![(5, recall(5))]).await;
     fx.pump().await;
     let out = fx.out();
