@@ -146,15 +146,14 @@ impl<S: Store> Worker<S> {
         // The recipient's copy carries the msg index (a recall looks the message up there), so
         // the sender's copy needs none, if the recipient's timeline is in this node's store (a
         // node of a cluster may have a store of its own); a message to oneself is its only copy.
+        // (`local` is a case of the same store.)
         let msg_c = msg.clone();
         let same_store = self.router.node_of(self.owner(to)) == self.router.node;
-        round
-            .batch
-            .push(if to != uid && (local || (fan_out && same_store)) {
-                Op::AppendUnindexed { uid, msg: msg_c }
-            } else {
-                Op::Append { uid, msg: msg_c }
-            });
+        round.batch.push(if fan_out && to != uid && same_store {
+            Op::AppendUnindexed { uid, msg: msg_c }
+        } else {
+            Op::Append { uid, msg: msg_c }
+        });
         round.batch.push(Op::Dedup {
             uid,
             client_msg_id,

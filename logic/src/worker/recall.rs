@@ -59,15 +59,16 @@ impl<S: Store> Worker<S> {
             let m = store.timeline(owner, Seq(seq.0 - 1), 1).await?;
             Ok::<_, crate::store::StoreError>(m.into_iter().next().filter(|m| m.msg_id == msg_id))
         };
-        let found = match conv == CONV_C2C && peer != uid.0 {
-            // What the peer's timeline holds from others is not the caller's to learn: only its
-            // own message counts there, anything else is looked for in the caller's timeline.
-            true => match at(UserId(peer)).await {
+        // What the peer's timeline holds from others is not the caller's to learn: only its own
+        // message counts there, anything else is looked for in the caller's timeline.
+        let found = if conv == CONV_C2C && peer != uid.0 {
+            match at(UserId(peer)).await {
                 Ok(Some(m)) if m.from == uid => Ok(Some(m)),
                 Ok(_) => at(uid).await,
                 r => r,
-            },
-            false => at(uid).await,
+            }
+        } else {
+            at(uid).await
         };
         let msg = match found {
             Ok(Some(m)) => m,
