@@ -94,6 +94,14 @@ const LAZY_FLUSH_MS: u64 = 1_000;
 /// at this many they are due whatever their age.
 const LAZY_MAX: usize = 65_536;
 
+/// Due lazy writes a round takes at least (if that many wait); a round with more writes of its
+/// own takes up to twice as many as it has. Writing a second's worth at once (thousands of
+/// memtable inserts at ~2 µs each) held its core, and the other worker waiting for its turn to
+/// apply, for 10–25 ms once a second at 20 000 msg/s; spread over the rounds that follow, a
+/// round grows by at most a few hundred inserts, or in proportion to what it writes anyway (so
+/// the drain keeps up with what a loaded worker adds: about two lazy writes per message).
+const LAZY_PER_ROUND: usize = 256;
+
 /// Whether a message of this kind counts as unread content: it may trigger an offline push and
 /// waits for a device's ack. Recalls, read receipts and group events do not.
 fn notifies(conv: u8) -> bool {
@@ -660,6 +668,9 @@ pub struct Worker<S> {
 ///   a crash forgets at most [`LAZY_FLUSH_MS`] of cursor movement and no message;
 /// - a confirmed outbox entry that is not yet deleted is replayed after a crash, and the
 ///   recipient's append of a replay is idempotent (its msg index): nothing is stored twice.
+///
+/// Waiting writes are *fresh* until due, then *draining*: written a few hundred per round
+/// ([`LAZY_PER_ROUND`]), oldest first, so that no round takes a second's worth at once.
 #[derive(Default)]
 struct Lazy {
     /// Newest cursor per (user, device id).
@@ -667,25 +678,73 @@ struct Lazy {
     outbox_deletes: Vec<(ShardId, MsgId)>,
     /// Push watches whose push was decided.
     unwatch: Vec<(ShardId, UserId, Seq)>,
-    /// When the oldest waiting write was made.
+    /// When the oldest fresh write was made.
     since: u64,
+    /// Due, not written yet: the ops, in the order they are written.
+    draining: VecDeque<Op>,
 }
 
 impl Lazy {
     fn is_empty(&self) -> bool {
+        self.fresh_is_empty() && self.draining.is_empty()
+    }
+
+    fn fresh_is_empty(&self) -> bool {
         self.cursors.is_empty() && self.outbox_deletes.is_empty() && self.unwatch.is_empty()
+    }
+
+    /// The newest cursor of a device that waits (fresh or draining).
+    fn cursor_of(&self, uid: UserId, device_id: &str) -> Option<Seq> {
+        if let Some(&s) = self.cursors.get(&(uid, device_id.to_string())) {
+            return Some(s);
+        }
+        self.draining.iter().rev().find_map(|op| match op {
+            Op::Cursor {
+                uid: u,
+                device_id: d,
+                seq,
+            } if *u == uid && d == device_id => Some(*seq),
+            _ => None,
+        })
+    }
+
+    /// Every waiting cursor of `uid`'s devices (a device may come twice: fresh and draining).
+    fn cursors_of(&self, uid: UserId) -> impl Iterator<Item = Seq> + '_ {
+        let fresh = self
+            .cursors
+            .iter()
+            .filter(move |((u, _), _)| *u == uid)
+            .map(|(_, s)| *s);
+        let draining = self.draining.iter().filter_map(move |op| match op {
+            Op::Cursor { uid: u, seq, .. } if *u == uid => Some(*seq),
+            _ => None,
+        });
+        fresh.chain(draining)
+    }
+
+    /// Every outbox entry whose deletion waits (fresh or draining).
+    fn outbox_deleting(&self) -> impl Iterator<Item = (ShardId, MsgId)> + '_ {
+        let draining = self.draining.iter().filter_map(|op| match op {
+            Op::OutboxDelete { shard, msg_id } => Some((*shard, *msg_id)),
+            _ => None,
+        });
+        self.outbox_deletes.iter().copied().chain(draining)
     }
 
     /// The oldest has waited [`LAZY_FLUSH_MS`], too many wait, or the wall clock stepped back
     /// (they would wait until it caught up).
     fn due(&self, now: u64) -> bool {
+        !self.fresh_is_empty() && self.fresh_due(now)
+    }
+
+    fn fresh_due(&self, now: u64) -> bool {
         now >= self.since + LAZY_FLUSH_MS
             || now < self.since
             || self.outbox_deletes.len() + self.unwatch.len() + self.cursors.len() >= LAZY_MAX
     }
 
     fn note(&mut self, now: u64) {
-        if self.is_empty() {
+        if self.fresh_is_empty() {
             self.since = now;
         }
     }
@@ -705,25 +764,33 @@ impl Lazy {
         self.unwatch.push((shard, uid, seq));
     }
 
-    fn drain_into(&mut self, batch: &mut WriteBatch) {
+    /// Moves every fresh write to the draining ones (behind those already draining).
+    fn start_draining(&mut self) {
+        let d = &mut self.draining;
         for ((uid, device_id), seq) in self.cursors.drain() {
-            batch.push(Op::Cursor {
+            d.push_back(Op::Cursor {
                 uid,
                 device_id,
                 seq,
             });
         }
         for (shard, msg_id) in self.outbox_deletes.drain(..) {
-            batch.push(Op::OutboxDelete { shard, msg_id });
+            d.push_back(Op::OutboxDelete { shard, msg_id });
         }
         for (shard, uid, seq) in self.unwatch.drain(..) {
-            batch.push(Op::PushWatch {
+            d.push_back(Op::PushWatch {
                 shard,
                 uid,
                 seq,
                 on: false,
             });
         }
+    }
+
+    /// Takes up to `max` draining writes into `batch`, oldest first.
+    fn take_into(&mut self, batch: &mut WriteBatch, max: usize) {
+        let n = max.min(self.draining.len());
+        batch.ops.extend(self.draining.drain(..n));
     }
 }
 
@@ -1403,12 +1470,7 @@ impl<S: Store> Worker<S> {
         let stored = self.store.cursors(uid).await?;
         let live = devices_of(&self.users, uid).iter().map(|d| d.cursor.0);
         // Cursors acknowledged but not written yet (`lazy`) count too.
-        let waiting = self
-            .lazy
-            .cursors
-            .iter()
-            .filter(|((u, _), _)| *u == uid)
-            .map(|(_, s)| s.0);
+        let waiting = self.lazy.cursors_of(uid).map(|s| s.0);
         let acked = stored
             .iter()
             .map(|(_, s)| s.0)
@@ -1679,9 +1741,21 @@ impl<S: Store> Worker<S> {
             reserve = Some(ms);
         }
         self.enqueue_c2s(&mut round).await;
-        // Lazy writes wait until due, then go with this round's commit, or alone.
-        if !self.lazy.is_empty() && (self.lazy.due(self.now) || last) {
-            self.lazy.drain_into(&mut round.batch);
+        // Lazy writes wait until due, then go with this round's commit, or alone, a few
+        // hundred a round (all of them in the last round).
+        if self.lazy.due(self.now) || (last && !self.lazy.is_empty()) {
+            self.lazy.start_draining();
+        }
+        if !self.lazy.draining.is_empty() {
+            let max = if last {
+                usize::MAX
+            } else if round.batch.is_empty() {
+                // A round of the lazy timer (nothing else to write): a bigger share.
+                4 * LAZY_PER_ROUND
+            } else {
+                (2 * round.batch.len()).max(LAZY_PER_ROUND)
+            };
+            self.lazy.take_into(&mut round.batch, max);
         }
         let mut batch = std::mem::take(&mut round.batch);
         // Appends for the other workers of this node go as soon as this round's record is

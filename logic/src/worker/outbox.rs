@@ -245,8 +245,7 @@ impl<S: Store> Worker<S> {
         // Confirmed entries whose deletion waits (a lazy write) are still in the store: skip
         // them instead of fanning them out again (harmless, a replayed append is idempotent, but
         // up to a second of entries for nothing).
-        let deleting: HashSet<(ShardId, MsgId)> =
-            self.lazy.outbox_deletes.iter().copied().collect();
+        let deleting: HashSet<(ShardId, MsgId)> = self.lazy.outbox_deleting().collect();
         for s in 0..VSHARDS {
             let shard = ShardId(s);
             if self.router.owner_of_shard(shard) != me {

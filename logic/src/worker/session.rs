@@ -96,8 +96,8 @@ impl<S: Store> Worker<S> {
             return refuse(round, ErrorCode::Unavailable, "store unavailable, retry");
         }
         // A cursor not yet written (see `Worker::lazy`) is newer than the store's.
-        let cursor = match self.lazy.cursors.get(&(uid, device_id.clone())) {
-            Some(&c) => Ok(c),
+        let cursor = match self.lazy.cursor_of(uid, &device_id) {
+            Some(c) => Ok(c),
             None => self.store.cursor(uid, &device_id).await,
         };
         let cursor = match cursor {

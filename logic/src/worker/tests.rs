@@ -125,7 +125,14 @@ impl Fx {
     async fn settle(&mut self) {
         self.now += LAZY_FLUSH_MS;
         for w in 0..self.workers.len() {
-            self.step(w, Vec::new()).await.unwrap();
+            // Due writes go a share per round.
+            for _ in 0..1_000 {
+                self.step(w, Vec::new()).await.unwrap();
+                if self.workers[w].lazy.is_empty() {
+                    break;
+                }
+            }
+            assert!(self.workers[w].lazy.is_empty(), "lazy writes left");
         }
     }
 
@@ -3641,6 +3648,82 @@ fn lazy_writes_fall_due_by_age_by_count_and_on_a_clock_step_back() {
         10_000,
     );
     assert!(l.due(10_000), "by count");
+}
+
+#[test]
+fn due_lazy_writes_drain_a_share_at_a_time_oldest_first_and_stay_visible_until_written() {
+    let mut l = super::Lazy::default();
+    let shard = im_shared::shard::vshard_of(UserId(1));
+    l.cursor(UserId(1), "d".into(), Seq(3), 10_000);
+    for i in 0..1_000 {
+        l.outbox_delete(shard, MsgId(i), 10_000);
+    }
+    assert!(l.due(10_000 + LAZY_FLUSH_MS));
+    l.start_draining();
+    assert!(l.fresh_is_empty() && !l.due(10_000 + LAZY_FLUSH_MS));
+    // A newer cursor of the same device while the older one drains: the newer one is seen.
+    l.cursor(UserId(1), "d".into(), Seq(5), 10_500);
+    assert_eq!(l.cursor_of(UserId(1), "d"), Some(Seq(5)));
+    l.cursors.clear();
+    assert_eq!(
+        l.cursor_of(UserId(1), "d"),
+        Some(Seq(3)),
+        "a draining cursor"
+    );
+    assert_eq!(l.cursors_of(UserId(1)).collect::<Vec<_>>(), vec![Seq(3)]);
+    assert!(l.cursors_of(UserId(2)).next().is_none());
+    let mut b = WriteBatch::default();
+    l.take_into(&mut b, super::LAZY_PER_ROUND);
+    assert_eq!(b.len(), super::LAZY_PER_ROUND);
+    assert!(
+        matches!(b.ops[0], Op::Cursor { seq: Seq(3), .. }),
+        "oldest first"
+    );
+    assert!(matches!(
+        b.ops[1],
+        Op::OutboxDelete {
+            msg_id: MsgId(0),
+            ..
+        }
+    ));
+    // What is not written yet still counts as deleting (a replay skips it).
+    let deleting: HashSet<_> = l.outbox_deleting().collect();
+    assert_eq!(deleting.len(), 1_000 - (super::LAZY_PER_ROUND - 1));
+    assert!(deleting.contains(&(shard, MsgId(999))));
+    assert!(!deleting.contains(&(shard, MsgId(0))));
+    let mut rest = WriteBatch::default();
+    l.take_into(&mut rest, usize::MAX);
+    assert_eq!(b.len() + rest.len(), 1_001);
+    assert!(l.is_empty());
+}
+
+#[tokio::test]
+async fn a_round_takes_a_share_of_the_due_lazy_writes_and_the_last_round_all_of_them() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    let n = 6 * super::LAZY_PER_ROUND as u64;
+    let sends: Vec<_> = (0..n)
+        .map(|i| (i as u32 + 1, send(i + 1, b, "x")))
+        .collect();
+    fx.client(conn(1), a, sends).await;
+    fx.pump().await;
+    // b's worker confirmed every append: a's worker has one outbox deletion waiting for each.
+    let shard = im_shared::shard::vshard_of(a);
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), n as usize);
+    fx.now += LAZY_FLUSH_MS;
+    fx.step(0, Vec::new()).await.unwrap();
+    let left = fx.store.outbox(shard).await.unwrap().len();
+    assert!(
+        left > 0 && left < n as usize,
+        "a timer round writes a share of the due deletions, not none or all: {left} of {n} left"
+    );
+    // The last round (the worker stops) writes everything that waits.
+    let total = fx.workers[0].router.total();
+    fx.workers[0].finish(Round::new(total), true).await.unwrap();
+    assert!(fx.store.outbox(shard).await.unwrap().is_empty());
+    assert!(fx.workers[0].lazy.is_empty());
 }
 
 #[tokio::test]
