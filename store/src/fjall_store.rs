@@ -591,21 +591,49 @@ impl FjallStore {
     }
 }
 
-/// Value of one key after a batch: `Some` = insert, `None` = remove.
-type Writes = im_shared::fast::FastMap<(Kind, Vec<u8>), Option<Vec<u8>>>;
-
 /// One write of a batch: keyspace, key, value (`None` = remove).
 type Write = (Kind, Vec<u8>, Option<Vec<u8>>);
 
+/// The writes of a batch after merging: one per key, in (keyspace, key) order.
+type Writes = Vec<Write>;
+
+/// The writes of a batch's ops, in op order, before [`Collected::merged`].
+struct Collected(Vec<Write>);
+
+impl Collected {
+    fn insert(&mut self, (kind, key): (Kind, Vec<u8>), value: Option<Vec<u8>>) {
+        self.0.push((kind, key, value));
+    }
+
+    /// In (keyspace, key) order, the last write of each key only (as if the ops were applied
+    /// one after another). The order is what the apply wants too: each memtable insert searches
+    /// a skiplist from its top, and consecutive inserts of nearby keys find most of that path
+    /// already in the CPU cache.
+    fn merged(self) -> Writes {
+        let mut w = self.0;
+        // Stable: the writes of one key stay in op order.
+        w.sort_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
+        // `dedup_by` keeps the first of a run; carrying each later value into it keeps the last.
+        w.dedup_by(|later, kept| {
+            let same = later.0 == kept.0 && later.1 == kept.1;
+            if same {
+                std::mem::swap(&mut later.2, &mut kept.2);
+            }
+            same
+        });
+        w
+    }
+}
+
 /// The commit-log record of a batch (layout in the module docs).
-fn encode_writes(w: &Writes) -> Vec<u8> {
+fn encode_writes(w: &[Write]) -> Vec<u8> {
     let size: usize = w
         .iter()
-        .map(|((_, k), v)| 8 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
+        .map(|(_, k, v)| 8 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
         .sum();
     let mut out = Vec::with_capacity(4 + size);
     out.extend_from_slice(&(w.len() as u32).to_be_bytes());
-    for ((kind, key), value) in w {
+    for (kind, key, value) in w {
         out.push(*kind as u8);
         // Keys are ids and device ids, far below 64 KiB (the protocol bounds device ids).
         out.extend_from_slice(&(key.len() as u16).to_be_bytes());
@@ -656,14 +684,11 @@ fn apply(
     db: &Database,
     spaces: &[Keyspace; 18],
     meta: &Keyspace,
-    writes: impl IntoIterator<Item = Write>,
+    writes: Writes,
     seq: u64,
 ) -> Result<(), StoreError> {
-    // In key order, keyspace by keyspace: each memtable insert searches a skiplist from its top,
-    // and consecutive inserts of nearby keys find most of that path already in the CPU cache
-    // (the skiplist searches were a fifth of the server's CPU at 15 000 c2c/s).
-    let mut writes: Vec<Write> = writes.into_iter().collect();
-    writes.sort_unstable_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
+    // In the order they come: a commit's are in key order, keyspace by keyspace
+    // ([`Collected::merged`]), and so are the records replayed from the log since they were.
     let mut b = db.batch().durability(None);
     for (kind, key, value) in writes {
         let space = &spaces[kind as usize];
@@ -677,7 +702,7 @@ fn apply(
 }
 
 fn collect(batch: WriteBatch) -> Writes {
-    let mut w: Writes = Writes::with_capacity_and_hasher(batch.ops.len() * 2, Default::default());
+    let mut w = Collected(Vec::with_capacity(batch.ops.len() * 2));
     for op in batch.ops {
         let indexed = !matches!(op, Op::AppendUnindexed { .. });
         match op {
@@ -829,7 +854,7 @@ fn collect(batch: WriteBatch) -> Writes {
             }
         }
     }
-    w
+    w.merged()
 }
 
 impl FjallStore {
@@ -903,13 +928,7 @@ impl FjallStore {
             if self.skip_apply.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(());
             }
-            apply(
-                &self.db,
-                &self.spaces,
-                &self.meta,
-                writes.into_iter().map(|((k, key), v)| (k, key, v)),
-                seq,
-            )
+            apply(&self.db, &self.spaces, &self.meta, writes, seq)
         });
         drop(fences);
         r
@@ -935,6 +954,11 @@ impl Store for FjallStore {
             return Ok(());
         }
         self.commit_inner(batch, Some(written))
+    }
+
+    /// Its errors are I/O and corruption, never [`StoreError::Unavailable`].
+    fn commit_retryable(&self) -> bool {
+        false
     }
 
     async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
@@ -1744,18 +1768,35 @@ mod tests {
     }
 
     #[test]
+    fn a_batchs_writes_merge_to_the_last_of_each_key_in_key_order() {
+        let mut w = Collected(Vec::new());
+        w.insert((Kind::Timeline, vec![2]), Some(b"a".to_vec()));
+        w.insert((Kind::Cursor, vec![1]), Some(b"b".to_vec()));
+        w.insert((Kind::Timeline, vec![1]), Some(b"c".to_vec()));
+        w.insert((Kind::Timeline, vec![2]), None);
+        w.insert((Kind::Timeline, vec![2]), Some(b"d".to_vec()));
+        w.insert((Kind::Timeline, vec![1]), None);
+        w.insert((Kind::Timeline, vec![3]), Some(b"e".to_vec()));
+        assert_eq!(
+            w.merged(),
+            vec![
+                (Kind::Timeline, vec![1], None),
+                (Kind::Timeline, vec![2], Some(b"d".to_vec())),
+                (Kind::Timeline, vec![3], Some(b"e".to_vec())),
+                (Kind::Cursor, vec![1], Some(b"b".to_vec())),
+            ]
+        );
+    }
+
+    #[test]
     fn a_log_record_decodes_to_the_writes_it_was_made_of_and_garbage_does_not() {
-        let mut w: Writes = Writes::default();
+        let mut w = Collected(Vec::new());
         w.insert((Kind::Timeline, vec![1, 2]), Some(b"v".to_vec()));
         w.insert((Kind::Outbox, vec![3]), None);
         w.insert((Kind::IdFloor, vec![]), Some(Vec::new()));
+        let w = w.merged();
         let rec = encode_writes(&w);
-        let back: Writes = decode_writes(&rec)
-            .unwrap()
-            .into_iter()
-            .map(|(k, key, v)| ((k, key), v))
-            .collect();
-        assert_eq!(back, w);
+        assert_eq!(decode_writes(&rec).unwrap(), w);
         for cut in 0..rec.len() {
             assert!(decode_writes(&rec[..cut]).is_none(), "cut at {cut}");
         }

@@ -296,6 +296,11 @@ pub trait Store: Clone + 'static {
         written();
         Ok(())
     }
+    /// Whether [`Store::commit`] may fail with a retryable error ([`StoreError::is_retryable`]).
+    /// A caller that retries a commit keeps a copy of the batch for it only then.
+    fn commit_retryable(&self) -> bool {
+        true
+    }
     /// Raises the fence of `node` to `incarnation`: from now on every batch of that node with a
     /// lower incarnation is refused. Never lowers it. Returns the fence in effect afterwards
     /// (`max(old, incarnation)`). Durable before it returns.

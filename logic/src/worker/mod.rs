@@ -1772,6 +1772,8 @@ impl<S: Store> Worker<S> {
                 }
             }
             let mut backoff = Duration::from_millis(20);
+            // A copy of the batch for a retry, only if the store's commit may ask for one.
+            let keep = self.store.commit_retryable();
             loop {
                 if let Some(lease) = &self.cfg.lease {
                     // Checked before every attempt: a stale owner must not write.
@@ -1779,12 +1781,17 @@ impl<S: Store> Worker<S> {
                     batch.writer = Some(lease.writer());
                 }
                 let began = std::time::Instant::now();
+                let attempt = if keep {
+                    batch.clone()
+                } else {
+                    std::mem::take(&mut batch)
+                };
                 let committed = if early.is_empty() {
-                    self.store.commit(batch.clone()).await
+                    self.store.commit(attempt).await
                 } else {
                     let (router, from, early) = (&self.router, self.idx, &mut early);
                     self.store
-                        .commit_then(batch.clone(), move || {
+                        .commit_then(attempt, move || {
                             for (w, reqs) in early.drain(..) {
                                 router.send(from, w, WorkerMsg::Append(reqs));
                             }
@@ -1801,7 +1808,7 @@ impl<S: Store> Worker<S> {
                         break;
                     }
                     Err(e @ StoreError::Fenced { .. }) => return Err(Halt::Fenced(e)),
-                    Err(e) if e.is_retryable() => {
+                    Err(e) if e.is_retryable() && keep => {
                         tracing::warn!(worker = self.idx, "commit failed, retrying: {e}");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
