@@ -688,7 +688,8 @@ fn apply(
     seq: u64,
 ) -> Result<(), StoreError> {
     // In the order they come: a commit's are in key order, keyspace by keyspace
-    // ([`Collected::merged`]), and so are the records replayed from the log since they were.
+    // ([`Collected::merged`]), and so are the records it wrote to the log (records of an older
+    // release replay in their own order: one write per key there too, so only slower).
     let mut b = db.batch().durability(None);
     for (kind, key, value) in writes {
         let space = &spaces[kind as usize];

@@ -242,9 +242,9 @@ impl<S: Store> Worker<S> {
         let now = self.now;
         let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
         let mut n = 0usize;
-        // Confirmed entries whose deletion waits (a lazy write) are still in the store: skip
-        // them instead of fanning them out again (harmless, a replayed append is idempotent, but
-        // up to a second of entries for nothing).
+        // Confirmed entries whose deletion waits (a lazy write, fresh or draining) are still in
+        // the store: skip them instead of fanning them out again (harmless, a replayed append is
+        // idempotent, but a second's worth of entries or more for nothing).
         let deleting: HashSet<(ShardId, MsgId)> = self.lazy.outbox_deleting().collect();
         for s in 0..VSHARDS {
             let shard = ShardId(s);

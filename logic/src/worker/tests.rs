@@ -3672,9 +3672,25 @@ fn due_lazy_writes_drain_a_share_at_a_time_oldest_first_and_stay_visible_until_w
     );
     assert_eq!(l.cursors_of(UserId(1)).collect::<Vec<_>>(), vec![Seq(3)]);
     assert!(l.cursors_of(UserId(2)).next().is_none());
+    // The round's own op stays behind the older lazy writes (on a shared key it wins).
     let mut b = WriteBatch::default();
+    b.push(Op::Cursor {
+        uid: UserId(9),
+        device_id: "own".into(),
+        seq: Seq(1),
+    });
     l.take_into(&mut b, super::LAZY_PER_ROUND);
-    assert_eq!(b.len(), super::LAZY_PER_ROUND);
+    assert_eq!(b.len(), super::LAZY_PER_ROUND + 1);
+    assert!(matches!(
+        b.ops.last(),
+        Some(Op::Cursor { uid: UserId(9), .. })
+    ));
+    b.ops.pop();
+    assert_eq!(
+        l.cursor_of(UserId(1), "d"),
+        None,
+        "written: no longer waiting"
+    );
     assert!(
         matches!(b.ops[0], Op::Cursor { seq: Seq(3), .. }),
         "oldest first"
@@ -3724,6 +3740,94 @@ async fn a_round_takes_a_share_of_the_due_lazy_writes_and_the_last_round_all_of_
     fx.workers[0].finish(Round::new(total), true).await.unwrap();
     assert!(fx.store.outbox(shard).await.unwrap().is_empty());
     assert!(fx.workers[0].lazy.is_empty());
+}
+
+#[tokio::test]
+async fn a_round_leaves_at_most_lazy_max_writes_draining() {
+    let mut fx = Fx::new(1).await;
+    let shard = im_shared::shard::vshard_of(UserId(1));
+    for i in 0..super::LAZY_MAX as u64 + 5_000 {
+        fx.workers[0].lazy.draining.push_back(Op::OutboxDelete {
+            shard,
+            msg_id: MsgId(i),
+        });
+    }
+    fx.step(0, Vec::new()).await.unwrap();
+    assert_eq!(fx.workers[0].lazy.draining.len(), super::LAZY_MAX);
+}
+
+#[tokio::test]
+async fn draining_lazy_writes_are_seen_by_a_login_and_a_replay_until_written() {
+    let mut fx = Fx::new(2).await;
+    let a = fx.user_on(0, 1);
+    let b = fx.user_on(1, 1);
+    let c = fx.user_on(1, 2);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.login(conn(3), c, DeviceType::Phone).await;
+    // A backlog: 3 072 confirmed deletions fall due on a's worker; its next rounds write a share
+    // each.
+    let n = 12 * super::LAZY_PER_ROUND as u64;
+    let sends: Vec<_> = (0..n)
+        .map(|i| (i as u32 + 1, send(i + 1, b, "x")))
+        .collect();
+    fx.client(conn(1), a, sends).await;
+    fx.pump().await;
+    fx.out();
+    fx.now += LAZY_FLUSH_MS;
+    fx.step(0, Vec::new()).await.unwrap();
+    // c's message reaches a, whose device acknowledges it: a fresh cursor.
+    fx.client(conn(3), c, vec![(1, send(1, a, "hi"))]).await;
+    fx.pump().await;
+    let seq = delivered_to(&fx.out(), conn(1))[0].seq;
+    fx.client(conn(1), a, vec![(0, Command::DeliverAck { seq })])
+        .await;
+    // Due again: the cursor goes behind the deletions still draining, and this round (one send
+    // of its own) writes only a share.
+    fx.now += LAZY_FLUSH_MS;
+    fx.client(conn(1), a, vec![(9_999, send(n + 1, b, "y"))])
+        .await;
+    let lazy = &fx.workers[0].lazy;
+    assert!(lazy.fresh_is_empty());
+    assert!(
+        lazy.draining.len() > 1 && lazy.draining_cursors.len() == 1,
+        "the cursor drains behind {} writes",
+        lazy.draining.len()
+    );
+    assert_eq!(
+        fx.store.cursor(a, "dev-1").await.unwrap(),
+        Seq(0),
+        "not written yet"
+    );
+    let shard = im_shared::shard::vshard_of(a);
+    let stored = fx.store.outbox(shard).await.unwrap().len();
+    assert!(
+        stored > 1,
+        "deletions still draining: {stored} entries stored"
+    );
+    // A replay fans out only the entry nobody confirmed ("y"), not those whose deletion drains.
+    while fx.inboxes[1].try_recv().is_ok() {}
+    fx.workers[0].replay_outbox(None).await;
+    let mut replayed = 0;
+    while let Ok(m) = fx.inboxes[1].try_recv() {
+        let m = match m {
+            WorkerMsg::Local { msg, .. } => *msg,
+            m => m,
+        };
+        if let WorkerMsg::Append(reqs) = m {
+            replayed += reqs.len();
+        }
+    }
+    assert_eq!(replayed, 1, "draining deletions were fanned out again");
+    // A login of the same device reads its draining cursor, not the store's.
+    let login = fx.login_cmd(a, DeviceType::Phone, "dev-1", Seq(0));
+    fx.client(conn(4), a, vec![(1, login)]).await;
+    let dev = devices_of(&fx.workers[0].users, a)
+        .iter()
+        .find(|d| d.conn == conn(4))
+        .expect("logged in");
+    assert_eq!(dev.cursor, seq);
+    fx.settle().await;
+    assert_eq!(fx.store.cursor(a, "dev-1").await.unwrap(), seq);
 }
 
 #[tokio::test]
