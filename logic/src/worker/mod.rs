@@ -735,13 +735,10 @@ impl Lazy {
     /// The oldest has waited [`LAZY_FLUSH_MS`], too many wait, or the wall clock stepped back
     /// (they would wait until it caught up).
     fn due(&self, now: u64) -> bool {
-        !self.fresh_is_empty() && self.fresh_due(now)
-    }
-
-    fn fresh_due(&self, now: u64) -> bool {
-        now >= self.since + LAZY_FLUSH_MS
-            || now < self.since
-            || self.outbox_deletes.len() + self.unwatch.len() + self.cursors.len() >= LAZY_MAX
+        !self.fresh_is_empty()
+            && (now >= self.since + LAZY_FLUSH_MS
+                || now < self.since
+                || self.outbox_deletes.len() + self.unwatch.len() + self.cursors.len() >= LAZY_MAX)
     }
 
     fn note(&mut self, now: u64) {

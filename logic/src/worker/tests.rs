@@ -120,6 +120,16 @@ impl Fx {
         self.workers[w].step(msgs, self.now).await
     }
 
+    /// `n` messages from `from` (logged in on `conn`) to `to`, client msg ids 1..=n, pumped
+    /// until every worker is idle.
+    async fn send_many(&mut self, conn: ConnId, from: UserId, to: UserId, n: u64) {
+        let sends = (0..n)
+            .map(|i| (i as u32 + 1, send(i + 1, to, "x")))
+            .collect();
+        self.client(conn, from, sends).await;
+        self.pump().await;
+    }
+
     /// Lets the lazy writes of every worker fall due and runs an empty round on each (what the
     /// worker's timer does).
     async fn settle(&mut self) {
@@ -3720,11 +3730,7 @@ async fn a_round_takes_a_share_of_the_due_lazy_writes_and_the_last_round_all_of_
     let b = fx.user_on(1, 1);
     fx.login(conn(1), a, DeviceType::Phone).await;
     let n = 6 * super::LAZY_PER_ROUND as u64;
-    let sends: Vec<_> = (0..n)
-        .map(|i| (i as u32 + 1, send(i + 1, b, "x")))
-        .collect();
-    fx.client(conn(1), a, sends).await;
-    fx.pump().await;
+    fx.send_many(conn(1), a, b, n).await;
     // b's worker confirmed every append: a's worker has one outbox deletion waiting for each.
     let shard = im_shared::shard::vshard_of(a);
     assert_eq!(fx.store.outbox(shard).await.unwrap().len(), n as usize);
@@ -3767,11 +3773,7 @@ async fn draining_lazy_writes_are_seen_by_a_login_and_a_replay_until_written() {
     // A backlog: 3 072 confirmed deletions fall due on a's worker; its next rounds write a share
     // each.
     let n = 12 * super::LAZY_PER_ROUND as u64;
-    let sends: Vec<_> = (0..n)
-        .map(|i| (i as u32 + 1, send(i + 1, b, "x")))
-        .collect();
-    fx.client(conn(1), a, sends).await;
-    fx.pump().await;
+    fx.send_many(conn(1), a, b, n).await;
     fx.out();
     fx.now += LAZY_FLUSH_MS;
     fx.step(0, Vec::new()).await.unwrap();
