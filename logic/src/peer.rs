@@ -33,7 +33,7 @@ use im_shared::link::{self, LinkMsg, Role};
 use im_shared::peer::{self, AppendReq, PeerError, PeerMsg, PeerMsgRef};
 
 use crate::worker::{GroupReq, WorkerMsg};
-use im_shared::link_writer::{LinkWriter, Sent};
+use im_shared::link_writer::{self, LinkWriter, Sent};
 
 /// Outbound links to the other logic nodes.
 pub struct PeerLinks {
@@ -64,6 +64,11 @@ impl Drop for PeerLinks {
 /// notices in the queue are lost (informational); group requests in it get no answer and the
 /// client retries.
 pub const MAX_QUEUE_BYTES: usize = 64 << 20;
+
+/// The longest wait between two connection attempts of a peer link: after a partition heals or a
+/// node restarts, the outboxes replay at most this long (plus a connect) later. A node has a link
+/// to each other node only, so the attempts cost nothing that matters.
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
 
 /// Up/down state of one outbound link, shared with the workers.
 #[derive(Default)]
@@ -326,12 +331,17 @@ fn run(me: u16, addr: SocketAddr, w: &LinkWriter, st: &LinkState) {
             Ok(s) => s,
             Err(_) => {
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(RECONNECT_MAX);
                 continue;
             }
         };
         backoff = Duration::from_millis(50);
         let _ = s.set_nodelay(true);
+        // A partition ends this connection within seconds, not TCP's minutes: the next one's
+        // resync replays what it swallowed, soon after the heal.
+        if let Err(e) = link_writer::bound_unacked(&s, link_writer::UNACKED_MAX) {
+            tracing::warn!(%addr, "peer link: TCP_USER_TIMEOUT not set: {e}");
+        }
         let mut out = BytesMut::new();
         link::encode_msg(
             &LinkMsg::Hello {

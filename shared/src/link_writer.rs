@@ -298,6 +298,40 @@ impl<T> LinkWriter<T> {
     }
 }
 
+/// How long the bytes a link sent may stay unacknowledged by the peer's kernel before the
+/// connection is aborted ([`bound_unacked`]). A partition (packets dropped, no reset) otherwise
+/// holds a link "up" for TCP's whole retransmission schedule (about 15 minutes), and after the
+/// heal its backlog waits for the next retransmission, which backs off exponentially: 5 s after
+/// a 7 s partition in a chaos run (issue 16's partitions), minutes after a long one.
+pub const UNACKED_MAX: Duration = Duration::from_secs(5);
+
+/// Aborts `sock`'s connection once bytes it sent stay unacknowledged for `max`
+/// (`TCP_USER_TIMEOUT`, RFC 5482; the kernel also shortens the retransmission backoff to fit in
+/// it). A link's next write (or its flusher's blocking one) then fails, and the link reconnects
+/// in a new epoch: the senders' replays take over (`logic/src/peer.rs`), or a gate answers what
+/// it did not write with `Unavailable` and closes its users of that node (`gate/src/links.rs`).
+/// Links that are quiet still send a `Ping` every few seconds, so a partition of a quiet link is
+/// found too.
+pub fn bound_unacked(sock: &TcpStream, max: Duration) -> std::io::Result<()> {
+    let ms = libc::c_uint::try_from(max.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the option value is a `c_uint` that lives across the call; the descriptor is the
+    // stream's.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// One non-blocking `send` of `buf` (the socket itself stays blocking for the flusher): the
 /// bytes the socket took, 0 if it had no room.
 fn write_now(sock: &TcpStream, buf: &[u8]) -> std::io::Result<usize> {
@@ -413,6 +447,35 @@ mod tests {
         }
         w.detach();
         assert!(flusher.join().unwrap().is_ok());
+    }
+
+    /// A peer whose kernel acknowledges nothing more for [`bound_unacked`]'s time (here: it
+    /// stops reading, so its window stays shut, as a stopped or partitioned node's would) has
+    /// its connection aborted: the flusher's blocking write fails and a sender is dropped, so the
+    /// link reconnects. Without the bound the flusher would wait in its write for TCP's ~15
+    /// minutes.
+    #[test]
+    fn a_connection_whose_peer_acknowledges_nothing_is_aborted_after_the_bound() {
+        let (a, _b) = pair(); // never read
+        bound_unacked(&a, Duration::from_millis(500)).unwrap();
+        let w = LinkWriter::new(64 << 20);
+        w.attach(a, 3);
+        // Until the socket takes no more (the peer's window and our send buffer are full).
+        let mut n = 0;
+        while w.send(None, |o| o.extend_from_slice(&[7; 64 * 1024])) == Sent::Written {
+            n += 1;
+            assert!(n < 10_000, "the socket never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let w = w.clone();
+            std::thread::spawn(move || tx.send(w.flush(3, None)));
+        }
+        let r = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the flusher's write still blocks 20 s later: the connection was not aborted");
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(w.send(None, |o| o.extend_from_slice(b"x")), Sent::Dropped);
     }
 
     /// The gate's tags (client frames) of bytes that never left come back at a detach, to be
