@@ -90,18 +90,35 @@ const PUSH_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// skiplist-bound commit apply.
 const LAZY_FLUSH_MS: u64 = 1_000;
 
+/// How long a drain of the lazy writes that fell due together is paced over ([`Lazy::share`]):
+/// the worker's timer period, so an idle worker finishes one in its next tick. Long enough to
+/// spread a second's worth thin (at 20 000 msg/s, tens of writes a ms per worker), short enough that a
+/// confirmed outbox entry is deleted soon after it fell due (a whole second of pacing cost ~4 %
+/// more server CPU at 20 000/s in one sitting, this ~2 %, both near the noise).
+const LAZY_DRAIN_MS: u64 = LAZY_FLUSH_MS / 4;
+
 /// Lazy writes waiting at most (outbox deletions and push watches; cursors are one per device):
 /// at this many fresh ones they are due whatever their age, and a round never leaves more than
 /// this many draining.
 const LAZY_MAX: usize = 65_536;
 
-/// Due lazy writes a round takes at least (if that many wait); a round with more writes of its
-/// own takes up to twice as many as it has. Writing a second's worth at once (thousands of
-/// memtable inserts at ~2 µs each) held its core, and the other worker waiting for its turn to
-/// apply, for 10–25 ms once a second at 20 000 msg/s; spread over the rounds that follow, a
-/// round grows by at most a few hundred inserts, or in proportion to what it writes anyway (so
-/// the drain keeps up with what a loaded worker adds: about two lazy writes per message).
+/// A round with no writes of its own takes due lazy writes only once this many are due (or the
+/// last of a drain): it commits for them alone, and a commit costs a sync.
+///
+/// How the drain is paced: the lazy writes that fall due together (a second's worth) go out
+/// evenly over the next [`LAZY_DRAIN_MS`], each round taking those the pace has made due by its
+/// time ([`Lazy::share`]). Writing a second's worth at once (thousands of memtable inserts at
+/// ~2 µs each) held its core, and the other worker waiting for its turn to apply, for 10–25 ms
+/// once a second at 20 000 msg/s. Then a share of at least this many per round (1 024 in a
+/// round with nothing else to write) still came in bursts: a second's worth in the first tens
+/// of rounds after it fell due, a few ms of apply each, which the other worker waited for too.
 const LAZY_PER_ROUND: usize = 256;
+
+/// A round with writes of its own takes due lazy writes once this many are due (or the last of a
+/// drain), not a handful in every round: each batch that carries some writes to the cursor and
+/// outbox keyspaces too, and with every round taking what was due callgrind counted ~1 % more
+/// user-space instructions per c2c message (at the edge of its run-to-run spread).
+const LAZY_MIN_RIDE: usize = 64;
 
 /// Whether a message of this kind counts as unread content: it may trigger an offline push and
 /// waits for a device's ack. Recalls, read receipts and group events do not.
@@ -643,8 +660,8 @@ pub struct Worker<S> {
     /// When each large group of this worker last started an `@all` (ms; in memory only).
     mention_all_at: FastMap<GroupId, u64>,
     /// Writes that need no commit of their own, with the time the oldest of them waits since:
-    /// once that one has waited [`LAZY_FLUSH_MS`] they ride with the commits of the rounds that
-    /// follow, a share each, or are written alone (see `Lazy::due`, [`LAZY_PER_ROUND`]).
+    /// once that one has waited [`LAZY_FLUSH_MS`] they ride with the commits of the rounds of
+    /// the next [`LAZY_DRAIN_MS`], evenly, or are written alone (see `Lazy::due`, `Lazy::share`).
     lazy: Lazy,
     /// The time of the current round or tick (ms since the epoch), given by the caller of
     /// [`Worker::step`] / [`Worker::tick`]: the only clock handlers read.
@@ -666,14 +683,14 @@ pub struct Worker<S> {
 
 /// Writes that may wait for a commit (see [`Worker::lazy`]). Losing them in a crash is harmless:
 /// - a device's delivery cursor is only read back at its next login, to ignore acks below it, so
-///   a crash forgets the cursor movement not yet written (about [`LAZY_FLUSH_MS`] and the drain
-///   after it: tens of ms under load, up to ~16 s for a 65 536-write backlog of an idle worker)
-///   and no message;
+///   a crash forgets the cursor movement not yet written (at most about [`LAZY_FLUSH_MS`] and
+///   [`LAZY_DRAIN_MS`]: the second a write waits fresh, and the drain it is paced over) and no
+///   message;
 /// - a confirmed outbox entry that is not yet deleted is replayed after a crash, and the
 ///   recipient's append of a replay is idempotent (its msg index): nothing is stored twice.
 ///
-/// Waiting writes are *fresh* until due, then *draining*: written a few hundred per round
-/// ([`LAZY_PER_ROUND`]), oldest first, so that no round takes a second's worth at once.
+/// Waiting writes are *fresh* until due, then *draining*: written oldest first, evenly over the
+/// next [`LAZY_DRAIN_MS`] ([`Lazy::share`]), so that no round takes a second's worth at once.
 #[derive(Default)]
 struct Lazy {
     /// Newest cursor per (user, device id).
@@ -688,6 +705,12 @@ struct Lazy {
     /// The newest draining cursor of each device, and how many of its cursors drain (a
     /// device's cursor may be due twice before the first is written).
     draining_cursors: FastMap<(UserId, String), (Seq, u32)>,
+    /// The drain's pace ([`Lazy::share`]): the `drain_len` writes draining at `drain_from` (the
+    /// last `start_draining`) go out evenly over the [`LAZY_DRAIN_MS`] after it; `drained` of
+    /// them are written.
+    drain_from: u64,
+    drain_len: usize,
+    drained: usize,
 }
 
 impl Lazy {
@@ -762,8 +785,34 @@ impl Lazy {
         self.unwatch.push((shard, uid, seq));
     }
 
-    /// Moves every fresh write to the draining ones (behind those already draining).
-    fn start_draining(&mut self) {
+    /// How many draining writes a round at `now` takes: those the pace has made due by `now`
+    /// (all of them once the drain's [`LAZY_DRAIN_MS`] is over, or if the clock stepped back).
+    /// A round takes them only once [`LAZY_MIN_RIDE`] are due ([`LAZY_PER_ROUND`] if it has no
+    /// writes of its own, `own_ops` false), or the last of them.
+    fn share(&self, now: u64, own_ops: bool) -> usize {
+        let left = self.draining.len();
+        let due = match now.checked_sub(self.drain_from) {
+            Some(t) if t < LAZY_DRAIN_MS => {
+                let paced = (self.drain_len as u64 * t).div_ceil(LAZY_DRAIN_MS) as usize;
+                paced.saturating_sub(self.drained).min(left)
+            }
+            _ => left,
+        };
+        let least = if own_ops {
+            LAZY_MIN_RIDE
+        } else {
+            LAZY_PER_ROUND
+        };
+        if due >= least || due == left {
+            due
+        } else {
+            0
+        }
+    }
+
+    /// Moves every fresh write to the draining ones (behind those already draining), and
+    /// paces them all (these and any left of the last drain) over the next [`LAZY_DRAIN_MS`].
+    fn start_draining(&mut self, now: u64) {
         let d = &mut self.draining;
         for ((uid, device_id), seq) in self.cursors.drain() {
             // A fresh cursor is never older than a draining one of the same device.
@@ -789,12 +838,19 @@ impl Lazy {
                 on: false,
             });
         }
+        self.drain_from = now;
+        self.drain_len = d.len();
+        self.drained = 0;
     }
 
     /// Takes up to `max` draining writes, oldest first, and puts them in front of `batch`'s
     /// own ops: they are older, so on a key both write the batch's own op wins.
     fn take_into(&mut self, batch: &mut WriteBatch, max: usize) {
         let n = max.min(self.draining.len());
+        if n == 0 {
+            return;
+        }
+        self.drained += n;
         let taken: Vec<Op> = self.draining.drain(..n).collect();
         for op in &taken {
             if let Op::Cursor { uid, device_id, .. } = op {
@@ -1069,7 +1125,7 @@ impl<S: Store> Worker<S> {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut push_tick = tokio::time::interval(PUSH_CHECK_EVERY);
         push_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lazy_tick = tokio::time::interval(Duration::from_millis(LAZY_FLUSH_MS / 4));
+        let mut lazy_tick = tokio::time::interval(Duration::from_millis(LAZY_DRAIN_MS));
         lazy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let multi = self.router.nodes > 1;
         let push = self.services.push.is_some();
@@ -1761,16 +1817,13 @@ impl<S: Store> Worker<S> {
         // Lazy writes wait until due, then go with the commits of the rounds that follow, or
         // alone, a share a round (all of them in the last round).
         if self.lazy.due(self.now) || (last && !self.lazy.is_empty()) {
-            self.lazy.start_draining();
+            self.lazy.start_draining(self.now);
         }
         if !self.lazy.draining.is_empty() {
             let share = if last {
                 usize::MAX
-            } else if round.batch.is_empty() {
-                // Nothing else to write (a round of the lazy timer): a bigger share.
-                4 * LAZY_PER_ROUND
             } else {
-                (2 * round.batch.len()).max(LAZY_PER_ROUND)
+                self.lazy.share(self.now, !round.batch.is_empty())
             };
             // Never more than LAZY_MAX left draining.
             let max = share.max(self.lazy.draining.len().saturating_sub(LAZY_MAX));

@@ -130,18 +130,17 @@ impl Fx {
         self.pump().await;
     }
 
-    /// Lets the lazy writes of every worker fall due and runs an empty round on each (what the
-    /// worker's timer does).
+    /// Lets the lazy writes of every worker fall due and runs empty rounds on each (what the
+    /// worker's timer does) until they are written: the first starts the drain, paced over the
+    /// next `LAZY_FLUSH_MS`, one at its end writes the rest.
     async fn settle(&mut self) {
-        self.now += LAZY_FLUSH_MS;
-        for w in 0..self.workers.len() {
-            // Due writes go a share per round.
-            for _ in 0..1_000 {
+        for _ in 0..3 {
+            self.now += LAZY_FLUSH_MS;
+            for w in 0..self.workers.len() {
                 self.step(w, Vec::new()).await.unwrap();
-                if self.workers[w].lazy.is_empty() {
-                    break;
-                }
             }
+        }
+        for w in 0..self.workers.len() {
             assert!(self.workers[w].lazy.is_empty(), "lazy writes left");
         }
     }
@@ -680,6 +679,11 @@ async fn a_device_ack_moves_its_cursor_and_tells_the_sender_across_workers() {
     let wb = fx.worker_of(b);
     fx.step(wb, Vec::new()).await.unwrap();
     assert_eq!(fx.store.attempts().len(), commits, "not due yet");
+    // Due: its drain starts, paced over the next second; a round 1 ms later writes it (the
+    // whole of a one-write drain is due by then).
+    fx.now += 1;
+    fx.step(wb, Vec::new()).await.unwrap();
+    assert_eq!(fx.store.attempts().len(), commits);
     fx.now += 1;
     fx.step(wb, Vec::new()).await.unwrap();
     assert_eq!(fx.store.attempts().len(), commits + 1);
@@ -784,10 +788,15 @@ async fn a_waiting_cursor_rides_with_a_commit_once_due_and_a_relogin_sees_it() {
     fx.client(conn(1), a, vec![(2, send(2, b, "m2"))]).await;
     assert_eq!(fx.store.attempts().len(), commits + 1);
     assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), Seq(0));
-    // Due, it rides with the next commit (a's third send): no commit of its own.
+    // Due, its drain starts (with a's third send), and it rides with the next commit after
+    // that (a's fourth send): no commit of its own.
     fx.now += LAZY_FLUSH_MS;
     fx.client(conn(1), a, vec![(3, send(3, b, "m3"))]).await;
     assert_eq!(fx.store.attempts().len(), commits + 2);
+    assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), Seq(0));
+    fx.now += 1;
+    fx.client(conn(1), a, vec![(4, send(4, b, "m4"))]).await;
+    assert_eq!(fx.store.attempts().len(), commits + 3);
     assert_eq!(fx.store.cursor(b, "dev-2").await.unwrap(), got[0].seq);
 }
 
@@ -3669,7 +3678,7 @@ fn due_lazy_writes_drain_a_share_at_a_time_oldest_first_and_stay_visible_until_w
         l.outbox_delete(shard, MsgId(i), 10_000);
     }
     assert!(l.due(10_000 + LAZY_FLUSH_MS));
-    l.start_draining();
+    l.start_draining(10_000 + LAZY_FLUSH_MS);
     assert!(l.fresh_is_empty() && !l.due(10_000 + LAZY_FLUSH_MS));
     // A newer cursor of the same device while the older one drains: the newer one is seen.
     l.cursor(UserId(1), "d".into(), Seq(5), 10_500);
@@ -3724,24 +3733,56 @@ fn due_lazy_writes_drain_a_share_at_a_time_oldest_first_and_stay_visible_until_w
 }
 
 #[tokio::test]
-async fn a_round_takes_a_share_of_the_due_lazy_writes_and_the_last_round_all_of_them() {
+async fn due_lazy_writes_go_out_evenly_over_the_drain_and_the_last_round_takes_all() {
     let mut fx = Fx::new(2).await;
     let a = fx.user_on(0, 1);
     let b = fx.user_on(1, 1);
     fx.login(conn(1), a, DeviceType::Phone).await;
-    let n = 6 * super::LAZY_PER_ROUND as u64;
-    fx.send_many(conn(1), a, b, n).await;
+    let n = 6 * super::LAZY_PER_ROUND; // 1 536
+    fx.send_many(conn(1), a, b, n as u64).await;
     // b's worker confirmed every append: a's worker has one outbox deletion waiting for each.
     let shard = im_shared::shard::vshard_of(a);
-    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), n as usize);
+    let stored = fx.store.outbox(shard).await.unwrap().len();
+    assert_eq!(stored, n);
+    // How many of them the pace has made due `t` ms into the drain.
+    let paced = |t: u64| (n as u64 * t).div_ceil(super::LAZY_DRAIN_MS) as usize;
+    // Due: the round that starts the drain writes none of it yet.
     fx.now += LAZY_FLUSH_MS;
     fx.step(0, Vec::new()).await.unwrap();
-    let left = fx.store.outbox(shard).await.unwrap().len();
-    assert!(
-        left > 0 && left < n as usize,
-        "a timer round writes a share of the due deletions, not none or all: {left} of {n} left"
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), n);
+    // 100 ms into it, what is due by then (615: enough for a commit of their own).
+    fx.now += 100;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert!(paced(100) >= super::LAZY_PER_ROUND);
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), n - paced(100));
+    // 2 ms later 12 more are due: not worth a commit alone ...
+    fx.now += 2;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), n - paced(100));
+    // ... nor to ride with a round that commits anyway (its send adds one entry) ...
+    fx.client(conn(1), a, vec![(9_998, send(n as u64 + 1, b, "x"))])
+        .await;
+    assert_eq!(
+        fx.store.outbox(shard).await.unwrap().len(),
+        n - paced(100) + 1
     );
-    // The last round (the worker stops) writes everything that waits.
+    // ... which takes them once LAZY_MIN_RIDE are due (92, at 115 ms).
+    fx.now += 13;
+    fx.client(conn(1), a, vec![(9_999, send(n as u64 + 2, b, "y"))])
+        .await;
+    assert!(paced(115) - paced(100) >= super::LAZY_MIN_RIDE);
+    assert_eq!(
+        fx.store.outbox(shard).await.unwrap().len(),
+        n - paced(115) + 2
+    );
+    // Once the drain's time is over, a round writes all that is left of it.
+    fx.now += super::LAZY_DRAIN_MS;
+    fx.step(0, Vec::new()).await.unwrap();
+    assert_eq!(fx.store.outbox(shard).await.unwrap().len(), 2);
+    assert!(fx.workers[0].lazy.draining.is_empty());
+    // The last round (the worker stops) writes everything that waits, the fresh writes too.
+    fx.pump().await;
+    assert!(!fx.workers[0].lazy.is_empty());
     let total = fx.workers[0].router.total();
     fx.workers[0].finish(Round::new(total), true).await.unwrap();
     assert!(fx.store.outbox(shard).await.unwrap().is_empty());
@@ -3758,6 +3799,9 @@ async fn a_round_leaves_at_most_lazy_max_writes_draining() {
             msg_id: MsgId(i),
         });
     }
+    // A drain that has just started: the pace allows none of them yet.
+    let lazy = &mut fx.workers[0].lazy;
+    (lazy.drain_from, lazy.drain_len) = (fx.now, lazy.draining.len());
     fx.step(0, Vec::new()).await.unwrap();
     assert_eq!(fx.workers[0].lazy.draining.len(), super::LAZY_MAX);
 }
