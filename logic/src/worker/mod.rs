@@ -92,9 +92,9 @@ const LAZY_FLUSH_MS: u64 = 1_000;
 
 /// How long a drain of the lazy writes that fell due together is paced over ([`Lazy::share`]):
 /// the worker's timer period, so an idle worker finishes one in its next tick. Long enough to
-/// spread a second's worth thin (at 20 000 msg/s, tens of writes a ms per worker), short enough that a
-/// confirmed outbox entry is deleted soon after it fell due (a whole second of pacing cost ~4 %
-/// more server CPU at 20 000/s in one sitting, this ~2 %, both near the noise).
+/// spread a second's worth thin (at 20 000 msg/s, tens of writes a ms per worker), short enough
+/// that a confirmed outbox entry is deleted soon after it fell due (a whole second of pacing cost
+/// ~4 % more server CPU at 20 000/s in one sitting, this ~2 %, both near the noise).
 const LAZY_DRAIN_MS: u64 = LAZY_FLUSH_MS / 4;
 
 /// Lazy writes waiting at most (outbox deletions and push watches; cursors are one per device):
