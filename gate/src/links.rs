@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLink};
-use im_shared::link_writer::{self, LinkWriter, Sent};
+use im_shared::link_writer::{LinkWriter, Sent};
 use im_shared::shard::{owner_of_vshard, vshard_of};
 use im_shared::{Command, ConnId, ErrorCode, UserId};
 
@@ -247,9 +247,6 @@ impl TcpUpstream {
 fn connect(addr: SocketAddr, gate_id: u16, me: &Announce) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_nodelay(true)?;
-    // A partition ends the link within seconds rather than TCP's minutes (its users are closed
-    // and log in again, and sync, once it is back).
-    link_writer::bound_unacked(&s, link_writer::UNACKED_MAX)?;
     let mut out = BytesMut::new();
     link::encode_msg(
         &LinkMsg::Hello {

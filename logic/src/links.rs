@@ -17,7 +17,7 @@ use im_shared::link::{self, Down, DownstreamSink, LinkMsg, Role, Up, UpstreamLin
 use im_shared::{Command, ErrorCode};
 
 use crate::handle::LogicHandle;
-use im_shared::link_writer::{self, LinkWriter, Sent};
+use im_shared::link_writer::{LinkWriter, Sent};
 
 /// A link is considered dead after this long without any byte (gates ping every few seconds).
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -181,9 +181,6 @@ fn serve_link(
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(LINK_IDLE_TIMEOUT))?;
-    // What this end writes (downstream frames to a gate, `Pong`s) aborts the connection if a
-    // partition leaves it unacknowledged (see `link_writer::UNACKED_MAX`).
-    link_writer::bound_unacked(&stream, link_writer::UNACKED_MAX)?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let (gate, gate_addr, caps) = loop {
         match link::decode_msg(&mut buf).map_err(invalid)? {

@@ -33,7 +33,7 @@ use im_shared::link::{self, LinkMsg, Role};
 use im_shared::peer::{self, AppendReq, PeerError, PeerMsg, PeerMsgRef};
 
 use crate::worker::{GroupReq, WorkerMsg};
-use im_shared::link_writer::{self, LinkWriter, Sent};
+use im_shared::link_writer::{LinkWriter, Sent};
 
 /// Outbound links to the other logic nodes.
 pub struct PeerLinks {
@@ -337,11 +337,6 @@ fn run(me: u16, addr: SocketAddr, w: &LinkWriter, st: &LinkState) {
         };
         backoff = Duration::from_millis(50);
         let _ = s.set_nodelay(true);
-        // A partition ends this connection within seconds, not TCP's minutes: the next one's
-        // resync replays what it swallowed, soon after the heal.
-        if let Err(e) = link_writer::bound_unacked(&s, link_writer::UNACKED_MAX) {
-            tracing::warn!(%addr, "peer link: TCP_USER_TIMEOUT not set: {e}");
-        }
         let mut out = BytesMut::new();
         link::encode_msg(
             &LinkMsg::Hello {

@@ -121,8 +121,11 @@ impl<T> LinkWriter<T> {
     }
 
     /// Writes from now on go to `sock` (a new connection, of `epoch`); whatever waited for an
-    /// earlier one is dropped.
+    /// earlier one is dropped. A partition ends the connection within [`UNACKED_MAX`], not TCP's
+    /// minutes ([`bound_unacked`]; should the option fail, which no Linux since 2.6.37 does, the
+    /// link still works, with TCP's own timeouts).
     pub fn attach(&self, sock: TcpStream, epoch: u64) {
+        let _ = bound_unacked(&sock, UNACKED_MAX);
         let mut st = self.lock();
         st.sock = Some((Arc::new(sock), epoch));
         st.out.clear();
@@ -457,9 +460,11 @@ mod tests {
     #[test]
     fn a_connection_whose_peer_acknowledges_nothing_is_aborted_after_the_bound() {
         let (a, _b) = pair(); // never read
-        bound_unacked(&a, Duration::from_millis(500)).unwrap();
+        let same = a.try_clone().unwrap();
         let w = LinkWriter::new(64 << 20);
         w.attach(a, 3);
+        // Shorter than `attach`'s UNACKED_MAX, for the test's sake.
+        bound_unacked(&same, Duration::from_millis(500)).unwrap();
         // Until the socket takes no more (the peer's window and our send buffer are full).
         let mut n = 0;
         while w.send(None, |o| o.extend_from_slice(&[7; 64 * 1024])) == Sent::Written {

@@ -1815,7 +1815,7 @@ impl<S: Store> Worker<S> {
         }
         self.enqueue_c2s(&mut round).await;
         // Lazy writes wait until due, then go with the commits of the rounds that follow, or
-        // alone, a share a round (all of them in the last round).
+        // alone, paced over LAZY_DRAIN_MS (all of them in the last round).
         if self.lazy.due(self.now) || (last && !self.lazy.is_empty()) {
             self.lazy.start_draining(self.now);
         }
