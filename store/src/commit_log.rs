@@ -251,6 +251,8 @@ pub(crate) struct Syncer {
     covered: Condvar,
     /// `fdatasync` calls made (for tests and benchmarks).
     syncs: AtomicU64,
+    /// [`Synced::upto`], readable without the lock.
+    durable: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -274,6 +276,7 @@ impl Syncer {
             }),
             covered: Condvar::new(),
             syncs: AtomicU64::new(0),
+            durable: AtomicU64::new(upto),
         }
     }
 
@@ -344,8 +347,14 @@ impl Syncer {
             }
         }
         synced.upto = upto;
+        self.durable.store(upto, Ordering::Release);
         self.covered.notify_all();
         Ok(())
+    }
+
+    /// Every record up to this seq is durable (no lock: it may be a little behind).
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
     }
 
     /// `fdatasync` calls made so far.

@@ -48,15 +48,21 @@
 //! 20 ms, so that a checkpoint's `fsync` finds little left to write.
 //!
 //! A commit takes three steps, so that concurrent commits (one per logic worker) share syncs:
-//! 1. under the *writer lock*, its record is written to the log and gets the next seq;
+//! 1. under the *writer lock*, its record is written to the log and gets the next seq; its
+//!    writes join the queue of records waiting to be applied;
 //! 2. [`Syncer::sync`] returns once the record is durable (group commit: one `fdatasync` covers
-//!    every record written before it started, see `commit_log`);
-//! 3. it waits for its *turn* and applies its batch to fjall: batches are applied strictly in seq
-//!    order, so `meta/applied` only grows and fjall never holds a batch whose predecessors it lacks.
+//!    every record written before it started, see `commit_log`), and the commit returns;
+//! 3. later, off the committer's path, durable records are applied to fjall, one batch at a time
+//!    and strictly in seq order, so `meta/applied` only grows and fjall never holds a batch whose
+//!    predecessors it lacks. Whoever comes first applies them ([`Turns::settle`]): every read,
+//!    before it reads; a checkpoint; [`Store::settle`], which a logic worker calls once its
+//!    round's replies went out. A logic worker's acknowledgements and deliveries so wait for
+//!    one `fdatasync`, not for fjall's memtable inserts nor for another worker's.
 //!
-//! A batch is visible to reads only after it is durable. A checkpoint (under the writer lock)
-//! first waits until every record written so far is applied. A failed sync or apply breaks the
-//! store: every later commit fails with [`StoreError::Io`], which stops the worker.
+//! A batch is visible to reads once its commit returned (never before it is durable). A
+//! checkpoint (under the writer lock) first makes every record written so far durable and
+//! applies it. A failed sync or apply breaks the store: every later commit, read and settle
+//! fails with [`StoreError::Io`], which stops the worker; a restart replays the log.
 //!
 //! The log record of a batch lists its writes after merging (last op on a key wins):
 //! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
@@ -66,11 +72,11 @@
 //! Reads are plain point lookups and range scans on the latest committed state. Every method is
 //! blocking and completes inline: each logic worker is a dedicated thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Buf, Bytes};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -184,30 +190,39 @@ pub struct FjallStore {
     skip_apply: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Step 3 of a commit: batches are applied to fjall one at a time, in the seq order of their
-/// log records.
+/// Step 3 of a commit, off the committer's path: every record's writes wait here from the
+/// moment the record is in the log, in seq order, and are applied to fjall one batch at a time,
+/// strictly in that order, once the record is durable ([`Turns::settle`]). A committer returns
+/// once its record is durable, without applying it: whoever settles next applies it (a read, a
+/// checkpoint, or the committer itself once its reply went out, [`Store::settle`]).
 #[derive(Debug)]
 struct Turns {
-    state: Mutex<Turn>,
-    changed: Condvar,
+    /// Records written to the log and not applied yet, oldest first. `None`: a test's record
+    /// that is never applied, as if the process died before fjall got it.
+    waiting: Mutex<VecDeque<(u64, Option<Writes>)>>,
+    /// Held while applying: one applier at a time, in seq order.
+    turn: Mutex<Turn>,
+    /// Seq of the next record to apply ([`Turn::next`], readable without a lock).
+    next: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Turn {
     /// Seq of the next record to apply.
     next: u64,
-    /// A commit failed after its record took a seq: nothing after it may be applied.
+    /// An apply or a sync failed: nothing after it may be applied.
     broken: bool,
 }
 
 impl Turns {
     fn new(next: u64) -> Turns {
         Turns {
-            state: Mutex::new(Turn {
+            waiting: Mutex::new(VecDeque::new()),
+            turn: Mutex::new(Turn {
                 next,
                 broken: false,
             }),
-            changed: Condvar::new(),
+            next: AtomicU64::new(next),
         }
     }
 
@@ -215,44 +230,70 @@ impl Turns {
         StoreError::Io("an earlier commit failed after its log record was written".into())
     }
 
-    /// Waits until every record up to `seq` is applied.
-    fn wait_applied(&self, seq: u64) -> Result<(), StoreError> {
-        let mut t = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while t.next <= seq {
-            if t.broken {
-                return Err(Turns::broken());
-            }
-            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
-        }
-        Ok(())
+    fn is_broken(&self) -> bool {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner()).broken
     }
 
-    /// Runs `f` when it is record `seq`'s turn; the next one's turn comes when `f` succeeds.
-    fn apply(
+    /// Record `seq` was just written to the log (under the writer lock, so in seq order).
+    fn push(&self, seq: u64, writes: Option<Writes>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((seq, writes));
+    }
+
+    /// Records written and not applied yet.
+    fn waiting(&self) -> usize {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether records up to `durable` wait to be applied (lock-free).
+    fn behind(&self, durable: u64) -> bool {
+        self.next.load(Ordering::Acquire) <= durable
+    }
+
+    /// Applies, with `f`, every waiting record up to `upto` (all durable), in seq order. Never
+    /// waits for another committer: a record is waiting from the moment it is written, and one
+    /// that is durable but not waiting yet belongs to a commit that has not returned (so nobody
+    /// can have seen its effects), and nothing after it can be waiting either.
+    fn settle(
         &self,
-        seq: u64,
-        f: impl FnOnce() -> Result<(), StoreError>,
+        upto: u64,
+        mut f: impl FnMut(u64, Writes) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut t = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while t.next != seq {
+        let mut t = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
             if t.broken {
                 return Err(Turns::broken());
             }
-            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
+            if t.next > upto {
+                return Ok(());
+            }
+            let head = {
+                let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                match w.front() {
+                    Some(&(seq, _)) if seq <= upto => w.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((seq, writes)) = head else {
+                return Ok(());
+            };
+            debug_assert_eq!(seq, t.next, "records wait in seq order");
+            if let Some(writes) = writes {
+                if let Err(e) = f(seq, writes) {
+                    t.broken = true;
+                    return Err(e);
+                }
+            }
+            t.next = seq + 1;
+            self.next.store(t.next, Ordering::Release);
         }
-        let r = f();
-        match r {
-            Ok(()) => t.next = seq + 1,
-            Err(_) => t.broken = true,
-        }
-        self.changed.notify_all();
-        r
     }
 
-    /// Record `seq` will never be applied (its sync failed).
+    /// A record's sync failed: it and everything after it will never be applied.
     fn break_at(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).broken = true;
-        self.changed.notify_all();
+        self.turn.lock().unwrap_or_else(|p| p.into_inner()).broken = true;
     }
 }
 
@@ -568,19 +609,21 @@ impl FjallStore {
         let lo = key_u64_u64(id, first);
         let hi = key_u64_u64(id, u64::MAX);
         let mut out = Vec::with_capacity(limit.min(256));
-        for guard in self.space(kind).range(lo..=hi).take(limit) {
+        for guard in self.space(kind)?.range(lo..=hi).take(limit) {
             let (k, v) = guard.into_inner().map_err(io)?;
             out.push(decode_in(kind, &k, &v)?);
         }
         Ok(out)
     }
 
-    fn space(&self, kind: Kind) -> &Keyspace {
-        &self.spaces[kind as usize]
+    /// Keyspace `kind`, for a read: every commit that returned is applied first.
+    fn space(&self, kind: Kind) -> Result<&Keyspace, StoreError> {
+        self.settle_durable()?;
+        Ok(&self.spaces[kind as usize])
     }
 
     fn get(&self, kind: Kind, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
-        self.space(kind).get(key).map_err(io)
+        self.space(kind)?.get(key).map_err(io)
     }
 
     fn get_u64(&self, kind: Kind, key: &[u8]) -> Result<Option<u64>, StoreError> {
@@ -892,21 +935,37 @@ impl FjallStore {
                     .fetch_max(entry.server_time_ms, Ordering::Relaxed);
             }
         }
+        if self.turns.is_broken() {
+            return Err(Turns::broken());
+        }
+        // A committer that never reads nor settles (a worker busy with appends alone) must not
+        // pile up unapplied records (memory, and a long apply at the next checkpoint).
+        if self.turns.waiting() >= MAX_WAITING {
+            self.settle_durable()?;
+        }
         let writes = collect(batch);
         let record = encode_writes(&writes);
-        // 1. The record, under the writer lock. A checkpoint (before a segment is reused) first
-        // waits until every record written so far is in fjall, then persists fjall.
+        #[cfg(test)]
+        let writes = (!self.skip_apply.load(Ordering::Relaxed)).then_some(writes);
+        #[cfg(not(test))]
+        let writes = Some(writes);
+        // 1. The record, under the writer lock; its writes wait from now on to be applied. A
+        // checkpoint (before a segment is reused) first makes every record written so far
+        // durable and applied, then persists fjall.
         let seq = {
             let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-            let (db, turns) = (&self.db, &self.turns);
-            log.write(&record, |last| {
-                turns
-                    .wait_applied(last)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                db.persist(PersistMode::SyncAll)
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            })
-            .map_err(|e| StoreError::Io(format!("commit log: {e}")))?
+            let seq = log
+                .write(&record, |last| {
+                    self.syncer.sync(last)?;
+                    self.settle_to(last)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    self.db
+                        .persist(PersistMode::SyncAll)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+                .map_err(|e| StoreError::Io(format!("commit log: {e}")))?;
+            self.turns.push(seq, writes);
+            seq
         };
         // 2. Durable, with whatever other commits were written meanwhile. Work handed on now
         // can only be committed after this record, so it never becomes durable without it.
@@ -923,18 +982,31 @@ impl FjallStore {
             self.turns.break_at();
             return Err(StoreError::Io(format!("commit log sync: {e}")));
         }
-        // 3. Into fjall, in seq order.
-        let r = self.turns.apply(seq, || {
-            #[cfg(test)]
-            if self.skip_apply.load(std::sync::atomic::Ordering::Relaxed) {
-                return Ok(());
-            }
-            apply(&self.db, &self.spaces, &self.meta, writes, seq)
-        });
+        // 3. Into fjall later, in seq order: by the next read (of anyone), checkpoint or
+        // `settle` (the worker's, once its round's replies went out).
         drop(fences);
-        r
+        Ok(())
+    }
+
+    /// Applies every durable record that waits, up to `upto`.
+    fn settle_to(&self, upto: u64) -> Result<(), StoreError> {
+        self.turns.settle(upto, |seq, writes| {
+            apply(&self.db, &self.spaces, &self.meta, writes, seq)
+        })
+    }
+
+    /// Applies every record that is durable and not applied yet: what a read sees first.
+    fn settle_durable(&self) -> Result<(), StoreError> {
+        let durable = self.syncer.durable();
+        if self.turns.behind(durable) {
+            self.settle_to(durable)?;
+        }
+        Ok(())
     }
 }
+
+/// A commit that finds this many records waiting to be applied applies the durable ones first.
+const MAX_WAITING: usize = 64;
 
 /// Default of [`FjallStore::set_handoff_linger`], in µs: about what it takes here to wake
 /// another worker's thread and have it write its record (the sync saved costs ~0.1 ms).
@@ -960,6 +1032,14 @@ impl Store for FjallStore {
     /// Its errors are I/O and corruption, never [`StoreError::Unavailable`].
     fn commit_retryable(&self) -> bool {
         false
+    }
+
+    fn unsettled(&self) -> bool {
+        self.turns.behind(self.syncer.durable())
+    }
+
+    fn settle(&self) -> Result<(), StoreError> {
+        self.settle_durable()
     }
 
     async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
@@ -993,7 +1073,7 @@ impl Store for FjallStore {
 
     async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
         let Some(guard) = self
-            .space(Kind::Timeline)
+            .space(Kind::Timeline)?
             .prefix(key_u64(uid.0))
             .next_back()
         else {
@@ -1064,7 +1144,7 @@ impl Store for FjallStore {
 
     async fn cursors(&self, uid: UserId) -> Result<Vec<(String, Seq)>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Cursor).prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::Cursor)?.prefix(key_u64(uid.0)) {
             let (k, v) = guard.into_inner().map_err(io)?;
             let device_id = std::str::from_utf8(&k[8..])
                 .map_err(|_| corrupt(Kind::Cursor, &k, "device id is not UTF-8"))?;
@@ -1075,7 +1155,7 @@ impl Store for FjallStore {
 
     async fn push_watches(&self, shard: ShardId) -> Result<Vec<(UserId, Seq)>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::PushWatch).prefix(shard.0.to_be_bytes()) {
+        for guard in self.space(Kind::PushWatch)?.prefix(shard.0.to_be_bytes()) {
             let (k, _) = guard.into_inner().map_err(io)?;
             let Some(rest) = k.get(2..18).filter(|_| k.len() == 18) else {
                 return Err(corrupt(Kind::PushWatch, &k, "key is not 18 bytes"));
@@ -1088,7 +1168,7 @@ impl Store for FjallStore {
 
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Outbox).prefix(shard.0.to_be_bytes()) {
+        for guard in self.space(Kind::Outbox)?.prefix(shard.0.to_be_bytes()) {
             let (k, v) = guard.into_inner().map_err(io)?;
             out.push(decode_outbox(&k, &v)?);
         }
@@ -1114,7 +1194,7 @@ impl Store for FjallStore {
 
     async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Member).prefix(key_u64(group.0)) {
+        for guard in self.space(Kind::Member)?.prefix(key_u64(group.0)) {
             let (k, v) = guard.into_inner().map_err(io)?;
             let uid = second_u64(Kind::Member, &k)?;
             if v.len() != 9 {
@@ -1137,7 +1217,7 @@ impl Store for FjallStore {
 
     async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::UGroup).prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::UGroup)?.prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(GroupId(second_u64(Kind::UGroup, &k)?));
         }
@@ -1146,7 +1226,7 @@ impl Store for FjallStore {
 
     async fn large_groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::ULarge).prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::ULarge)?.prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(GroupId(second_u64(Kind::ULarge, &k)?));
         }
@@ -1155,7 +1235,7 @@ impl Store for FjallStore {
 
     async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError> {
         let Some(guard) = self
-            .space(Kind::GTimeline)
+            .space(Kind::GTimeline)?
             .prefix(key_u64(group.0))
             .next_back()
         else {
@@ -1182,7 +1262,7 @@ impl Store for FjallStore {
 
     async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Flag).prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::Flag)?.prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             let f = second_u64(Kind::Flag, &k)?;
             out.push(u8::try_from(f).map_err(|_| StoreError::Corrupt {
@@ -1195,7 +1275,7 @@ impl Store for FjallStore {
 
     async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Mute).prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::Mute)?.prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(second_u64(Kind::Mute, &k)?);
         }
@@ -1207,7 +1287,7 @@ impl Store for FjallStore {
         let Some(from) = after.checked_add(1) else {
             return Ok(out);
         };
-        for guard in self.space(Kind::Org).range(key_u64(from)..) {
+        for guard in self.space(Kind::Org)?.range(key_u64(from)..) {
             if out.len() >= limit {
                 break;
             }
@@ -1224,7 +1304,7 @@ impl Store for FjallStore {
 
     async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::PushTok).prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::PushTok)?.prefix(key_u64(uid.0)) {
             let (k, v) = guard.into_inner().map_err(io)?;
             let device_id = std::str::from_utf8(&k[8..])
                 .map_err(|_| corrupt(Kind::PushTok, &k, "device id is not UTF-8"))?;
@@ -1393,6 +1473,7 @@ mod tests {
     fn raw_dedup(store: &FjallStore) -> Vec<u64> {
         store
             .space(Kind::Dedup)
+            .unwrap()
             .iter()
             .map(|g| {
                 let (k, _) = g.into_inner().unwrap();
@@ -1402,7 +1483,7 @@ mod tests {
     }
 
     fn compact_dedup(store: &FjallStore) {
-        let ks = store.space(Kind::Dedup);
+        let ks = store.space(Kind::Dedup).unwrap();
         ks.rotate_memtable_and_wait().unwrap();
         ks.major_compact().unwrap();
     }
@@ -1479,6 +1560,75 @@ mod tests {
         drop(store);
         let store = FjallStore::open(dir.path()).unwrap();
         assert_eq!(seqs(&store, 7).await, vec![1, 2, 3, 4]);
+    }
+
+    /// `meta/applied` as fjall holds it (read without applying anything first).
+    fn applied_in_fjall(store: &FjallStore) -> u64 {
+        store
+            .meta
+            .get(APPLIED)
+            .unwrap()
+            .map_or(0, |v| u64::from_be_bytes((*v).try_into().unwrap()))
+    }
+
+    #[test]
+    fn a_returned_commit_is_applied_by_the_next_read_or_settle_and_replayed_if_neither_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        {
+            let store = FjallStore::open(dir.path()).unwrap();
+            let base = applied_in_fjall(&store);
+            // A commit returns once durable, its writes not yet in fjall.
+            rt.block_on(store.commit(append(7, 1))).unwrap();
+            assert!(store.unsettled());
+            assert_eq!(applied_in_fjall(&store), base);
+            // A read, on any thread, applies it first: it sees what the commit wrote.
+            let other = store.clone();
+            let seen = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(seqs(&other, 7))
+            })
+            .join()
+            .unwrap();
+            assert_eq!(seen, vec![1]);
+            assert!(!store.unsettled());
+            assert_eq!(applied_in_fjall(&store), base + 1);
+            // `settle` applies it without a read.
+            rt.block_on(store.commit(append(7, 2))).unwrap();
+            assert!(store.unsettled());
+            store.settle().unwrap();
+            assert!(!store.unsettled());
+            assert_eq!(applied_in_fjall(&store), base + 2);
+            // Commits with no read between them do not pile up unapplied records.
+            for seq in 1..=3 * MAX_WAITING as u64 {
+                rt.block_on(store.commit(append(8, seq))).unwrap();
+                assert!(store.turns.waiting() <= MAX_WAITING);
+            }
+            store.settle().unwrap();
+            // Neither came: the process dies with the commit durable in the log only.
+            let applied = applied_in_fjall(&store);
+            rt.block_on(store.commit(append(7, 3))).unwrap();
+            assert_eq!(applied_in_fjall(&store), applied);
+        }
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(rt.block_on(seqs(&store, 7)), vec![1, 2, 3]);
+        assert_eq!(
+            rt.block_on(seqs(&store, 8)),
+            (1..=3 * MAX_WAITING as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            rt.block_on(store.seq_of(UserId(7), MsgId(1003))).unwrap(),
+            Some(Seq(3))
+        );
+        // Replayed once: a later commit and a restart leave each message once.
+        rt.block_on(store.commit(append(7, 4))).unwrap();
+        drop(store);
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(rt.block_on(seqs(&store, 7)), vec![1, 2, 3, 4]);
     }
 
     /// Copies every file of `from` into `to` (a store's directory, two levels deep at most).
@@ -1744,28 +1894,58 @@ mod tests {
     }
 
     #[test]
-    fn after_a_failed_apply_nothing_later_is_applied_and_waiters_are_told() {
+    fn records_are_applied_in_seq_order_once_durable_and_nothing_after_a_failed_apply() {
         let turns = Turns::new(1);
-        turns.apply(1, || Ok(())).unwrap();
-        let r = turns.apply(2, || Err(StoreError::Io("disk gone".into())));
+        let mut applied = Vec::new();
+        for seq in 1..=4 {
+            turns.push(seq, Some(Vec::new()));
+        }
+        // Only what is durable, in order.
+        assert!(turns.behind(2));
+        turns
+            .settle(2, |seq, _| {
+                applied.push(seq);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(applied, vec![1, 2]);
+        assert!(!turns.behind(2) && turns.behind(3));
+        // A record durable before its committer queued it is not waited for (its commit has
+        // not returned), and nothing after it can be queued yet.
+        turns
+            .settle(9, |seq, _| {
+                applied.push(seq);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(applied, vec![1, 2, 3, 4]);
+        // A test's record that "died" before fjall got it is skipped, not applied.
+        turns.push(5, None);
+        turns.push(6, Some(Vec::new()));
+        turns
+            .settle(6, |seq, _| {
+                applied.push(seq);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(applied, vec![1, 2, 3, 4, 6]);
+        // A failed apply breaks the turns: nothing later is applied, every settle says so.
+        turns.push(7, Some(Vec::new()));
+        turns.push(8, Some(Vec::new()));
+        let r = turns.settle(8, |_, _| Err(StoreError::Io("disk gone".into())));
         assert!(matches!(r, Err(StoreError::Io(_))));
         let mut ran = false;
-        let r = turns.apply(3, || {
+        let r = turns.settle(8, |_, _| {
             ran = true;
             Ok(())
         });
         assert!(matches!(r, Err(StoreError::Io(_))) && !ran);
-        assert!(matches!(turns.wait_applied(3), Err(StoreError::Io(_))));
-        // A failed sync breaks the turns the same way, waking a committer that waits for its turn.
-        let turns = Arc::new(Turns::new(1));
-        let waiter = {
-            let turns = turns.clone();
-            std::thread::spawn(move || turns.apply(2, || Ok(())))
-        };
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(turns.is_broken());
+        // A failed sync breaks them the same way.
+        let turns = Turns::new(1);
+        turns.push(1, Some(Vec::new()));
         turns.break_at();
-        assert!(matches!(waiter.join().unwrap(), Err(StoreError::Io(_))));
-        assert!(turns.wait_applied(1).is_err());
+        assert!(turns.settle(1, |_, _| Ok(())).is_err());
     }
 
     #[test]

@@ -296,6 +296,17 @@ pub trait Store: Clone + 'static {
         written();
         Ok(())
     }
+    /// Whether commits that returned are still to be applied to the store's indexes (the
+    /// embedded store applies a durable batch after its commit returned: see [`Store::settle`]).
+    fn unsettled(&self) -> bool {
+        false
+    }
+    /// Applies what committed batches left to apply. Never needed for correctness (every read
+    /// applies them first, and a restart replays them from the commit log): a logic worker calls
+    /// it once its round's replies went out, so that the next round's reads find nothing to do.
+    fn settle(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether [`Store::commit`] may fail with a retryable error ([`StoreError::is_retryable`]).
     /// A caller that retries a commit keeps a copy of the batch for it only then.
     fn commit_retryable(&self) -> bool {

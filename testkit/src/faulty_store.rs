@@ -135,6 +135,12 @@ impl<S: Store> Store for FaultyStore<S> {
     ) -> Result<(), StoreError> {
         self.attempt(batch, Some(written)).await
     }
+    fn unsettled(&self) -> bool {
+        self.inner.unsettled()
+    }
+    fn settle(&self) -> Result<(), StoreError> {
+        self.inner.settle()
+    }
     async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
         self.inner.fence(node, incarnation).await
     }

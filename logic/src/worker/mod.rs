@@ -1177,6 +1177,17 @@ impl<S: Store> Worker<S> {
             let began = std::time::Instant::now();
             let stepped = self.step(msgs.drain(..), wall_clock_ms()).await;
             self.metrics.round_seconds.observe(began.elapsed());
+            if matches!(stepped, Ok(Step::Continue)) && rx.is_empty() && self.store.unsettled() {
+                // The round's commit returned once durable. With nothing else to do, its
+                // writes are applied to the store's indexes now, after the core this worker may
+                // share a thread with has written the round's replies; with more to do, the
+                // next round's first read applies them (a read applies every durable commit).
+                YieldOnce(false).await;
+                if let Err(e) = self.store.settle() {
+                    tracing::error!(worker = self.idx, "applying a commit failed, aborting: {e}");
+                    std::process::abort();
+                }
+            }
             self.metrics.set_inbox(self.idx, rx.len());
             self.metrics
                 .set_worker_backlog(self.idx, self.router.waiting_at(self.idx));
@@ -1977,5 +1988,24 @@ impl<S: Store> Worker<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Returns `Pending` once, waking itself: lets every other task of the thread's runtime run
+/// (whatever the runtime) before the worker goes on.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
