@@ -1193,7 +1193,13 @@ impl<S: Store> Worker<S> {
                 .set_worker_backlog(self.idx, self.router.waiting_at(self.idx));
             match stepped {
                 Ok(Step::Continue) => {}
-                Ok(Step::Stop) => return,
+                Ok(Step::Stop) => {
+                    // Applied now, so that the next start has nothing of it to replay.
+                    if let Err(e) = self.store.settle() {
+                        tracing::warn!(worker = self.idx, "applying the last commits failed: {e}");
+                    }
+                    return;
+                }
                 Err(Halt::Fenced(e)) => crate::ownership::exit_fenced(&e.to_string()),
                 Err(Halt::Fatal(e)) => {
                     tracing::error!(worker = self.idx, "commit failed, aborting: {e}");
