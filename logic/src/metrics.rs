@@ -342,7 +342,7 @@ impl Metrics {
         self.commit_seconds.render(
             out,
             "im_store_commit_seconds",
-            "A round's store commit as the worker waited for it (durable, and applied for the embedded store).",
+            "A round's store commit as the worker waited for it (until durable; the embedded store applies it to its indexes afterwards).",
         );
         im_shared::prom::labeled(
             out,

@@ -55,14 +55,16 @@
 //! 3. later, off the committer's path, durable records are applied to fjall, one batch at a time
 //!    and strictly in seq order, so `meta/applied` only grows and fjall never holds a batch whose
 //!    predecessors it lacks. Whoever comes first applies them ([`Turns::settle`]): every read,
-//!    before it reads; a checkpoint; [`Store::settle`], which a logic worker calls once its
-//!    round's replies went out. A logic worker's acknowledgements and deliveries so wait for
-//!    one `fdatasync`, not for fjall's memtable inserts nor for another worker's.
+//!    before it reads; a checkpoint; a commit that finds [`MAX_WAITING`] records waiting;
+//!    [`Store::settle`], which an idle logic worker calls once its round's replies went out. A
+//!    logic worker's acknowledgements and deliveries so wait for one `fdatasync`, not for
+//!    fjall's memtable inserts nor for another worker's.
 //!
 //! A batch is visible to reads once its commit returned (never before it is durable). A
 //! checkpoint (under the writer lock) first makes every record written so far durable and
-//! applies it. A failed sync or apply breaks the store: every later commit, read and settle
-//! fails with [`StoreError::Io`], which stops the worker; a restart replays the log.
+//! applies it. A failed sync poisons the log: every later commit fails with [`StoreError::Io`],
+//! which stops the worker. A failed apply stops the process (acknowledged writes could no
+//! longer be read); a restart replays the log.
 //!
 //! The log record of a batch lists its writes after merging (last op on a key wins):
 //! `count:u32 (kind:u8 key_len:u16 key present:u8 [value_len:u32 value])*`, `kind` being the
@@ -279,21 +281,23 @@ impl Turns {
             let Some((seq, writes)) = head else {
                 return Ok(());
             };
-            debug_assert_eq!(seq, t.next, "records wait in seq order");
+            if seq != t.next {
+                // (A record skipped: only if an apply panicked after taking it.)
+                t.broken = true;
+                return Err(StoreError::Io(format!(
+                    "commit log record {seq} waits to be applied after {}",
+                    t.next
+                )));
+            }
             if let Some(writes) = writes {
-                if let Err(e) = f(seq, writes) {
-                    t.broken = true;
-                    return Err(e);
-                }
+                // Broken until the apply returns: an apply that panics leaves it so.
+                t.broken = true;
+                f(seq, writes)?;
+                t.broken = false;
             }
             t.next = seq + 1;
             self.next.store(t.next, Ordering::Release);
         }
-    }
-
-    /// A record's sync failed: it and everything after it will never be applied.
-    fn break_at(&self) {
-        self.turn.lock().unwrap_or_else(|p| p.into_inner()).broken = true;
     }
 }
 
@@ -978,8 +982,9 @@ impl FjallStore {
             }
             None => self.syncer.sync(seq),
         };
+        // (A failed sync poisons the log: no later record becomes durable, so none is applied,
+        // and every later commit fails.)
         if let Err(e) = synced {
-            self.turns.break_at();
             return Err(StoreError::Io(format!("commit log sync: {e}")));
         }
         // 3. Into fjall later, in seq order: by the next read (of anyone), checkpoint or
@@ -988,8 +993,17 @@ impl FjallStore {
         Ok(())
     }
 
-    /// Applies every durable record that waits, up to `upto`.
+    /// Applies every durable record that waits, up to `upto`. A failed apply stops the process:
+    /// acknowledged writes could no longer be read, and a restart replays them from the log.
     fn settle_to(&self, upto: u64) -> Result<(), StoreError> {
+        if let Err(e) = self.settle_to_inner(upto) {
+            tracing::error!("store: applying the commit log to fjall failed, aborting: {e}");
+            std::process::abort();
+        }
+        Ok(())
+    }
+
+    fn settle_to_inner(&self, upto: u64) -> Result<(), StoreError> {
         self.turns.settle(upto, |seq, writes| {
             apply(&self.db, &self.spaces, &self.meta, writes, seq)
         })
@@ -1673,10 +1687,17 @@ mod tests {
             ends.push(written_len(&std::fs::read(&path).unwrap()));
             for seq in 1..=N {
                 store.commit(append(7, seq)).await.unwrap();
+                // A commit returns before its apply: apply it, so that its batch is in fjall's
+                // journal now.
+                store.settle().unwrap();
                 store.db.persist(PersistMode::Buffer).unwrap();
                 ends.push(written_len(&std::fs::read(&path).unwrap()));
             }
         }
+        assert!(
+            ends.windows(2).all(|w| w[0] < w[1]),
+            "every batch went to the journal: {ends:?}"
+        );
         let mut journal = std::fs::read(base.path().join(&journal_name)).unwrap();
         let file_len = journal.len() as u64;
         let full = ends[N as usize];
@@ -1894,7 +1915,8 @@ mod tests {
     }
 
     #[test]
-    fn records_are_applied_in_seq_order_once_durable_and_nothing_after_a_failed_apply() {
+    fn records_are_applied_in_seq_order_once_durable_and_nothing_after_a_failed_or_panicked_apply()
+    {
         let turns = Turns::new(1);
         let mut applied = Vec::new();
         for seq in 1..=4 {
@@ -1941,11 +1963,25 @@ mod tests {
         });
         assert!(matches!(r, Err(StoreError::Io(_))) && !ran);
         assert!(turns.is_broken());
-        // A failed sync breaks them the same way.
-        let turns = Turns::new(1);
+        // So does an apply that panics (it took its record from the queue).
+        let turns = std::sync::Arc::new(Turns::new(1));
         turns.push(1, Some(Vec::new()));
-        turns.break_at();
-        assert!(turns.settle(1, |_, _| Ok(())).is_err());
+        turns.push(2, Some(Vec::new()));
+        let t = turns.clone();
+        let panicked = std::thread::spawn(move || {
+            let _ = t.settle(1, |_, _| panic!("apply panicked"));
+        })
+        .join();
+        assert!(panicked.is_err());
+        let mut ran = false;
+        let r = turns.settle(2, |_, _| {
+            ran = true;
+            Ok(())
+        });
+        assert!(
+            r.is_err() && !ran,
+            "record 2 is not applied without record 1"
+        );
     }
 
     #[test]
