@@ -7,7 +7,8 @@
 #
 # Starts BIN_DIR/im-server under callgrind, runs `im-loadgen c2c -n 200 --msg-rate 500 --secs 25`,
 # zeroes the counters once the sends run, dumps them 15 s later, and prints the dump's
-# instructions divided by the new messages in it (calls of `stored_dedup`, one per new message).
+# instructions divided by the new messages in it (calls of `stored_dedup`, one per new message: the
+# largest count among the lines that name it, since its callees name it too).
 # The profile stays in OUT_PREFIX.cg.* for callgrind_annotate. Everything started is killed on exit.
 # `--fair-sched=yes`: with valgrind's default lock a thread that keeps running (a gate core's loop)
 # starved the others, and the second gate core came up minutes after the first (2026-12-06);
@@ -43,7 +44,7 @@ lpid=
 f=$(ls -t "$out".cg* | head -1)
 total=$(callgrind_annotate --threshold=100 "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 msgs=$(callgrind_annotate --tree=caller --threshold=100 "$f" 2>/dev/null |
-  grep "stored_dedup::{{closure}} (" | head -1 | sed 's/.*(\([0-9,]*\)x).*/\1/' | tr -d ,)
+  grep "stored_dedup::{{closure}} (" | sed 's/.*(\([0-9,]*\)x).*/\1/' | tr -d , | sort -n | tail -1)
 [ -n "$total" ] && [ -n "$msgs" ] && [ "$msgs" -gt 0 ] || { echo "no profile in $f" >&2; exit 1; }
 echo "$out: $total instructions, $msgs new messages: $(( total / msgs )) per message"
 grep -E "lost|sent [0-9]" "$out.lg" | head -2
