@@ -232,10 +232,6 @@ impl Turns {
         StoreError::Io("an earlier commit failed after its log record was written".into())
     }
 
-    fn is_broken(&self) -> bool {
-        self.turn.lock().unwrap_or_else(|p| p.into_inner()).broken
-    }
-
     /// Record `seq` was just written to the log (under the writer lock, so in seq order).
     fn push(&self, seq: u64, writes: Option<Writes>) {
         self.waiting
@@ -613,7 +609,7 @@ impl FjallStore {
         let lo = key_u64_u64(id, first);
         let hi = key_u64_u64(id, u64::MAX);
         let mut out = Vec::with_capacity(limit.min(256));
-        for guard in self.space(kind)?.range(lo..=hi).take(limit) {
+        for guard in self.space(kind).range(lo..=hi).take(limit) {
             let (k, v) = guard.into_inner().map_err(io)?;
             out.push(decode_in(kind, &k, &v)?);
         }
@@ -621,13 +617,13 @@ impl FjallStore {
     }
 
     /// Keyspace `kind`, for a read: every commit that returned is applied first.
-    fn space(&self, kind: Kind) -> Result<&Keyspace, StoreError> {
-        self.settle_durable()?;
-        Ok(&self.spaces[kind as usize])
+    fn space(&self, kind: Kind) -> &Keyspace {
+        self.settle_durable();
+        &self.spaces[kind as usize]
     }
 
     fn get(&self, kind: Kind, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
-        self.space(kind)?.get(key).map_err(io)
+        self.space(kind).get(key).map_err(io)
     }
 
     fn get_u64(&self, kind: Kind, key: &[u8]) -> Result<Option<u64>, StoreError> {
@@ -939,13 +935,10 @@ impl FjallStore {
                     .fetch_max(entry.server_time_ms, Ordering::Relaxed);
             }
         }
-        if self.turns.is_broken() {
-            return Err(Turns::broken());
-        }
         // A committer that never reads nor settles (a worker busy with appends alone) must not
         // pile up unapplied records (memory, and a long apply at the next checkpoint).
         if self.turns.waiting() >= MAX_WAITING {
-            self.settle_durable()?;
+            self.settle_durable();
         }
         let writes = collect(batch);
         let record = encode_writes(&writes);
@@ -961,8 +954,7 @@ impl FjallStore {
             let seq = log
                 .write(&record, |last| {
                     self.syncer.sync(last)?;
-                    self.settle_to(last)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    self.settle_to(last);
                     self.db
                         .persist(PersistMode::SyncAll)
                         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -995,27 +987,22 @@ impl FjallStore {
 
     /// Applies every durable record that waits, up to `upto`. A failed apply stops the process:
     /// acknowledged writes could no longer be read, and a restart replays them from the log.
-    fn settle_to(&self, upto: u64) -> Result<(), StoreError> {
-        if let Err(e) = self.settle_to_inner(upto) {
+    fn settle_to(&self, upto: u64) {
+        let applied = self.turns.settle(upto, |seq, writes| {
+            apply(&self.db, &self.spaces, &self.meta, writes, seq)
+        });
+        if let Err(e) = applied {
             tracing::error!("store: applying the commit log to fjall failed, aborting: {e}");
             std::process::abort();
         }
-        Ok(())
-    }
-
-    fn settle_to_inner(&self, upto: u64) -> Result<(), StoreError> {
-        self.turns.settle(upto, |seq, writes| {
-            apply(&self.db, &self.spaces, &self.meta, writes, seq)
-        })
     }
 
     /// Applies every record that is durable and not applied yet: what a read sees first.
-    fn settle_durable(&self) -> Result<(), StoreError> {
+    fn settle_durable(&self) {
         let durable = self.syncer.durable();
         if self.turns.behind(durable) {
-            self.settle_to(durable)?;
+            self.settle_to(durable);
         }
-        Ok(())
     }
 }
 
@@ -1053,7 +1040,8 @@ impl Store for FjallStore {
     }
 
     fn settle(&self) -> Result<(), StoreError> {
-        self.settle_durable()
+        self.settle_durable();
+        Ok(())
     }
 
     async fn fence(&self, node: u16, incarnation: u64) -> Result<u64, StoreError> {
@@ -1087,7 +1075,7 @@ impl Store for FjallStore {
 
     async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
         let Some(guard) = self
-            .space(Kind::Timeline)?
+            .space(Kind::Timeline)
             .prefix(key_u64(uid.0))
             .next_back()
         else {
@@ -1158,7 +1146,7 @@ impl Store for FjallStore {
 
     async fn cursors(&self, uid: UserId) -> Result<Vec<(String, Seq)>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Cursor)?.prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::Cursor).prefix(key_u64(uid.0)) {
             let (k, v) = guard.into_inner().map_err(io)?;
             let device_id = std::str::from_utf8(&k[8..])
                 .map_err(|_| corrupt(Kind::Cursor, &k, "device id is not UTF-8"))?;
@@ -1169,7 +1157,7 @@ impl Store for FjallStore {
 
     async fn push_watches(&self, shard: ShardId) -> Result<Vec<(UserId, Seq)>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::PushWatch)?.prefix(shard.0.to_be_bytes()) {
+        for guard in self.space(Kind::PushWatch).prefix(shard.0.to_be_bytes()) {
             let (k, _) = guard.into_inner().map_err(io)?;
             let Some(rest) = k.get(2..18).filter(|_| k.len() == 18) else {
                 return Err(corrupt(Kind::PushWatch, &k, "key is not 18 bytes"));
@@ -1182,7 +1170,7 @@ impl Store for FjallStore {
 
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Outbox)?.prefix(shard.0.to_be_bytes()) {
+        for guard in self.space(Kind::Outbox).prefix(shard.0.to_be_bytes()) {
             let (k, v) = guard.into_inner().map_err(io)?;
             out.push(decode_outbox(&k, &v)?);
         }
@@ -1208,7 +1196,7 @@ impl Store for FjallStore {
 
     async fn members(&self, group: GroupId) -> Result<Vec<MemberRecord>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Member)?.prefix(key_u64(group.0)) {
+        for guard in self.space(Kind::Member).prefix(key_u64(group.0)) {
             let (k, v) = guard.into_inner().map_err(io)?;
             let uid = second_u64(Kind::Member, &k)?;
             if v.len() != 9 {
@@ -1231,7 +1219,7 @@ impl Store for FjallStore {
 
     async fn groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::UGroup)?.prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::UGroup).prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(GroupId(second_u64(Kind::UGroup, &k)?));
         }
@@ -1240,7 +1228,7 @@ impl Store for FjallStore {
 
     async fn large_groups_of(&self, uid: UserId) -> Result<Vec<GroupId>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::ULarge)?.prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::ULarge).prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(GroupId(second_u64(Kind::ULarge, &k)?));
         }
@@ -1249,7 +1237,7 @@ impl Store for FjallStore {
 
     async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError> {
         let Some(guard) = self
-            .space(Kind::GTimeline)?
+            .space(Kind::GTimeline)
             .prefix(key_u64(group.0))
             .next_back()
         else {
@@ -1276,7 +1264,7 @@ impl Store for FjallStore {
 
     async fn user_flags(&self, uid: UserId) -> Result<Vec<u8>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Flag)?.prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::Flag).prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             let f = second_u64(Kind::Flag, &k)?;
             out.push(u8::try_from(f).map_err(|_| StoreError::Corrupt {
@@ -1289,7 +1277,7 @@ impl Store for FjallStore {
 
     async fn mutes(&self, uid: UserId) -> Result<Vec<u64>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::Mute)?.prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::Mute).prefix(key_u64(uid.0)) {
             let k = guard.key().map_err(io)?;
             out.push(second_u64(Kind::Mute, &k)?);
         }
@@ -1301,7 +1289,7 @@ impl Store for FjallStore {
         let Some(from) = after.checked_add(1) else {
             return Ok(out);
         };
-        for guard in self.space(Kind::Org)?.range(key_u64(from)..) {
+        for guard in self.space(Kind::Org).range(key_u64(from)..) {
             if out.len() >= limit {
                 break;
             }
@@ -1318,7 +1306,7 @@ impl Store for FjallStore {
 
     async fn push_tokens(&self, uid: UserId) -> Result<Vec<PushToken>, StoreError> {
         let mut out = Vec::new();
-        for guard in self.space(Kind::PushTok)?.prefix(key_u64(uid.0)) {
+        for guard in self.space(Kind::PushTok).prefix(key_u64(uid.0)) {
             let (k, v) = guard.into_inner().map_err(io)?;
             let device_id = std::str::from_utf8(&k[8..])
                 .map_err(|_| corrupt(Kind::PushTok, &k, "device id is not UTF-8"))?;
@@ -1487,7 +1475,6 @@ mod tests {
     fn raw_dedup(store: &FjallStore) -> Vec<u64> {
         store
             .space(Kind::Dedup)
-            .unwrap()
             .iter()
             .map(|g| {
                 let (k, _) = g.into_inner().unwrap();
@@ -1497,7 +1484,7 @@ mod tests {
     }
 
     fn compact_dedup(store: &FjallStore) {
-        let ks = store.space(Kind::Dedup).unwrap();
+        let ks = store.space(Kind::Dedup);
         ks.rotate_memtable_and_wait().unwrap();
         ks.major_compact().unwrap();
     }
@@ -1991,7 +1978,6 @@ mod tests {
             Ok(())
         });
         assert!(matches!(r, Err(StoreError::Io(_))) && !ran);
-        assert!(turns.is_broken());
         // So does an apply that panics (it took its record from the queue).
         let turns = std::sync::Arc::new(Turns::new(1));
         turns.push(1, Some(Vec::new()));

@@ -1182,7 +1182,7 @@ impl<S: Store> Worker<S> {
                 // writes are applied to the store's indexes now, after the core this worker may
                 // share a thread with has written the round's replies; with more to do, the
                 // next round's first read applies them (a read applies every durable commit).
-                YieldOnce(false).await;
+                tokio::task::yield_now().await;
                 if let Err(e) = self.store.settle() {
                     tracing::error!(worker = self.idx, "applying a commit failed, aborting: {e}");
                     std::process::abort();
@@ -1994,24 +1994,5 @@ impl<S: Store> Worker<S> {
             }
         }
         Ok(())
-    }
-}
-
-/// Returns `Pending` once, waking itself: lets every other task of the thread's runtime run
-/// (whatever the runtime) before the worker goes on.
-struct YieldOnce(bool);
-
-impl std::future::Future for YieldOnce {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
     }
 }
