@@ -11,7 +11,7 @@
 //! | `seqbound` | uid `u64`                                   | bound `u64`                                    |
 //! | `dedup`    | uid `u64` ++ client_msg_id `u64`            | msg_id `u64` ++ seq `u64` ++ server_time_ms `u64` ++ prev_seq `u64` |
 //! | `cursor`   | uid `u64` ++ device_id (UTF-8, rest of key) | seq `u64`                                      |
-//! | `outbox`   | shard `u16` ++ msg_id `u64`                 | count `u32` ++ count × uid `u64` ++ [`Message::encode`] bytes |
+//! | `outbox`   | shard `u16` ++ msg_id `u64`                 | count `u32` ++ count × uid `u64` ++ [`Message::encode`] bytes (held in memory until a checkpoint, see below) |
 //! | `group`    | group `u64`                                 | [`GroupDesc::to_bytes`]                        |
 //! | `member`   | group `u64` ++ uid `u64`                    | role `u8` ++ joined_ms `u64`                   |
 //! | `ugroup`   | uid `u64` ++ group `u64`                    | empty (index for `groups_of`)                  |
@@ -62,7 +62,17 @@
 //!
 //! A batch is visible to reads once its commit returned (never before it is durable). A
 //! checkpoint (under the writer lock) first makes every record written so far durable and
-//! applies it. A failed sync poisons the log: every later commit fails with [`StoreError::Io`],
+//! applies it.
+//!
+//! **Outbox writes wait in memory until a checkpoint** (`Deferred`): an outbox entry is put when
+//! a fan-out starts and deleted once its recipients confirmed it, most often well within the
+//! time the log takes to fill a segment, so the apply keeps them in a map instead of fjall's
+//! memtable, where a put and its delete cancel out. The checkpoint writes what is left to fjall
+//! before it persists, so nothing the log is about to reuse is needed for them. After a crash the
+//! log hands back every record of its newest segment (the ones since the last checkpoint) even if
+//! fjall already has them, which rebuilds the map, and the open writes it to fjall before the log
+//! leaves the segment it recovered. `outbox` reads fjall's entries with the map on top, under the
+//! map's lock. A failed sync poisons the log: every later commit fails with [`StoreError::Io`],
 //! which stops the worker. A failed apply stops the process (acknowledged writes could no
 //! longer be read); a restart replays the log.
 //!
@@ -178,6 +188,8 @@ pub struct FjallStore {
     syncer: Arc<Syncer>,
     /// Whose turn it is to apply (step 3).
     turns: Arc<Turns>,
+    /// Outbox writes applied and not yet in fjall: they go there at the next checkpoint.
+    deferred: Arc<Mutex<Deferred>>,
     /// Newest `server_time_ms` of a dedup record committed since open: the clock of the dedup
     /// expiry ([`DedupExpiry`]).
     dedup_clock: Arc<AtomicU64>,
@@ -190,6 +202,63 @@ pub struct FjallStore {
     /// Test hook: commits stop after the log sync, as if the process died before fjall got them.
     #[cfg(test)]
     skip_apply: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The writes of the `outbox` keyspace that were applied and are not in fjall yet. An outbox
+/// entry is put when a fan-out starts and deleted once every recipient confirmed it, most often
+/// within a second or two: kept here, a put and its delete cancel out and never reach fjall's
+/// memtable. What is still here at a checkpoint is written to fjall then ([`Deferred::flush`]),
+/// and so before the log starts a segment: after a crash, the records of the newest segment,
+/// which the log always hands back, rebuild it (and the store's open writes it to fjall before
+/// the log leaves the segment it recovered). Reads of the outbox see fjall's entries with these
+/// on top, under this lock (so a checkpoint cannot move an entry between the two while one
+/// reads).
+#[derive(Debug, Default)]
+struct Deferred {
+    /// Outbox key → value to write, or `None`: delete it from fjall.
+    writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Outbox keys fjall holds (as of the last checkpoint): a delete of a key not among them
+    /// only cancels the put held here.
+    in_fjall: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Deferred {
+    /// Applies one write of the outbox keyspace (in seq order, as fjall would).
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match value {
+            Some(v) => {
+                self.writes.insert(key, Some(v));
+            }
+            None if self.in_fjall.contains(&key) => {
+                self.writes.insert(key, None);
+            }
+            None => {
+                self.writes.remove(&key);
+            }
+        }
+    }
+
+    /// Writes everything held to fjall as one unsynced batch: the checkpoint's `persist` makes
+    /// it durable.
+    fn flush(&mut self, db: &Database, outbox: &Keyspace) -> Result<(), StoreError> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let mut b = db.batch().durability(None);
+        for (key, value) in std::mem::take(&mut self.writes) {
+            match value {
+                Some(v) => {
+                    b.insert(outbox, key.as_slice(), v);
+                    self.in_fjall.insert(key);
+                }
+                None => {
+                    b.remove(outbox, key.as_slice());
+                    self.in_fjall.remove(&key);
+                }
+            }
+        }
+        b.commit().map_err(io)
+    }
 }
 
 /// Step 3 of a commit, off the committer's path: every record's writes wait here from the
@@ -522,6 +591,13 @@ impl FjallStore {
                 })?,
             None => 0,
         };
+        let deferred = Mutex::new(Deferred::default());
+        {
+            let mut d = deferred.lock().unwrap_or_else(|p| p.into_inner());
+            for guard in spaces[Kind::Outbox as usize].iter() {
+                d.in_fjall.insert(guard.key().map_err(io)?.to_vec());
+            }
+        }
         let mut replayed = 0u64;
         let log = CommitLog::open(&dir.join("commitlog"), shape, applied, |seq, payload| {
             let writes = decode_writes(payload).ok_or_else(|| {
@@ -530,7 +606,7 @@ impl FjallStore {
                     format!("commit log record {seq} does not decode"),
                 ))
             })?;
-            apply(&db, &spaces, &meta, writes, seq)
+            apply(&db, &spaces, &meta, &deferred, writes, seq)
                 .map_err(|e| LogError::Io(std::io::Error::other(e.to_string())))?;
             replayed += 1;
             Ok(())
@@ -539,6 +615,12 @@ impl FjallStore {
         if replayed > 0 {
             tracing::info!(dir = %dir.display(), replayed, "store: replayed the commit log");
         }
+        // What the replay kept in memory goes to fjall now: the log is about to leave the segment
+        // it recovered, and is not asked for it again.
+        deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(&db, &spaces[Kind::Outbox as usize])?;
         db.persist(PersistMode::SyncAll).map_err(io)?;
         let mut log = log;
         log.leave_recovered_segment()
@@ -562,6 +644,7 @@ impl FjallStore {
             fences: Arc::new(RwLock::new(fences)),
             syncer: log.syncer(),
             turns: Arc::new(Turns::new(log.next_seq())),
+            deferred: Arc::new(deferred),
             log: Arc::new(Mutex::new(log)),
             dedup_clock,
             dir: dir.to_path_buf(),
@@ -722,11 +805,13 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
     b.is_empty().then_some(out)
 }
 
-/// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq.
+/// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq;
+/// its outbox writes to `deferred` instead (until the next checkpoint).
 fn apply(
     db: &Database,
     spaces: &[Keyspace; 18],
     meta: &Keyspace,
+    deferred: &Mutex<Deferred>,
     writes: Writes,
     seq: u64,
 ) -> Result<(), StoreError> {
@@ -734,13 +819,20 @@ fn apply(
     // ([`Collected::merged`]), and so are the records it wrote to the log (records of an older
     // release replay in their own order: one write per key there too, so only slower).
     let mut b = db.batch().durability(None);
+    let mut held = None;
     for (kind, key, value) in writes {
+        if kind == Kind::Outbox {
+            held.get_or_insert_with(|| deferred.lock().unwrap_or_else(|p| p.into_inner()))
+                .write(key, value);
+            continue;
+        }
         let space = &spaces[kind as usize];
         match value {
             Some(v) => b.insert(space, key, v),
             None => b.remove(space, key),
         }
     }
+    drop(held);
     b.insert(meta, APPLIED, seq.to_be_bytes());
     b.commit().map_err(io)
 }
@@ -955,6 +1047,11 @@ impl FjallStore {
                 .write(&record, |last| {
                     self.syncer.sync(last)?;
                     self.settle_to(last);
+                    self.deferred
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .flush(&self.db, &self.spaces[Kind::Outbox as usize])
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
                     self.db
                         .persist(PersistMode::SyncAll)
                         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -989,7 +1086,14 @@ impl FjallStore {
     /// acknowledged writes could no longer be read, and a restart replays them from the log.
     fn settle_to(&self, upto: u64) {
         let applied = self.turns.settle(upto, |seq, writes| {
-            apply(&self.db, &self.spaces, &self.meta, writes, seq)
+            apply(
+                &self.db,
+                &self.spaces,
+                &self.meta,
+                &self.deferred,
+                writes,
+                seq,
+            )
         });
         if let Err(e) = applied {
             tracing::error!("store: applying the commit log to fjall failed, aborting: {e}");
@@ -1169,12 +1273,26 @@ impl Store for FjallStore {
     }
 
     async fn outbox(&self, shard: ShardId) -> Result<Vec<OutboxEntry>, StoreError> {
-        let mut out = Vec::new();
-        for guard in self.space(Kind::Outbox).prefix(shard.0.to_be_bytes()) {
+        let space = self.space(Kind::Outbox);
+        // fjall's entries with the ones kept in memory on top, under their lock.
+        let deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        let prefix = shard.0.to_be_bytes();
+        let mut entries = std::collections::BTreeMap::new();
+        for guard in space.prefix(prefix) {
             let (k, v) = guard.into_inner().map_err(io)?;
-            out.push(decode_outbox(&k, &v)?);
+            entries.insert(k.to_vec(), v.to_vec());
         }
-        Ok(out)
+        for (k, v) in deferred.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            match v {
+                Some(v) => entries.insert(k.clone(), v.clone()),
+                None => entries.remove(k),
+            };
+        }
+        drop(deferred);
+        entries.iter().map(|(k, v)| decode_outbox(k, v)).collect()
     }
 
     async fn group(&self, group: GroupId) -> Result<Option<GroupDesc>, StoreError> {
@@ -1766,6 +1884,99 @@ mod tests {
         }
         let store = FjallStore::open(dir.path()).unwrap();
         assert!(store.outbox(ShardId(1)).await.unwrap().is_empty());
+    }
+
+    /// Message ids of the outbox entries fjall itself holds (not those kept in memory).
+    fn outbox_in_fjall(store: &FjallStore) -> Vec<u64> {
+        store.settle().unwrap();
+        store.spaces[Kind::Outbox as usize]
+            .iter()
+            .map(|g| {
+                let k = g.key().unwrap();
+                u64::from_be_bytes(k[2..10].try_into().unwrap())
+            })
+            .collect()
+    }
+
+    /// Commits filler appends (uid 9, seqs from `seq` on) until fjall holds an outbox entry:
+    /// the log started its next segment, and its checkpoint wrote what was kept in memory.
+    /// Returns the next filler seq.
+    async fn until_checkpoint(store: &FjallStore, mut seq: u64) -> u64 {
+        while outbox_in_fjall(store).is_empty() {
+            store.commit(append(9, seq)).await.unwrap();
+            seq += 1;
+            assert!(seq < 2_000, "no checkpoint wrote the outbox to fjall");
+        }
+        seq
+    }
+
+    #[tokio::test]
+    async fn outbox_entries_wait_in_memory_until_a_checkpoint_and_a_crash_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let shape = LogShape {
+            segments: 3,
+            segment_bytes: 8192,
+        };
+        let entry = |id: u64| OutboxEntry {
+            shard: ShardId(1),
+            msg_id: MsgId(id),
+            recipients: vec![UserId(2)],
+            msg: msg(2, id),
+        };
+        let put = |id: u64| {
+            let mut b = WriteBatch::default();
+            b.push(Op::OutboxPut(entry(id)));
+            b
+        };
+        let del = |id: u64| {
+            let mut b = WriteBatch::default();
+            b.push(Op::OutboxDelete {
+                shard: ShardId(1),
+                msg_id: MsgId(id),
+            });
+            b
+        };
+        let ids = |v: Vec<OutboxEntry>| v.iter().map(|e| e.msg_id.0).collect::<Vec<_>>();
+        let filler;
+        {
+            let store = FjallStore::open_with(dir.path(), shape).unwrap();
+            for id in [1, 2, 5] {
+                store.commit(put(id)).await.unwrap();
+            }
+            assert_eq!(ids(store.outbox(ShardId(1)).await.unwrap()), [1, 2, 5]);
+            assert!(outbox_in_fjall(&store).is_empty(), "kept in memory");
+            // A put and its delete before a checkpoint never reach fjall.
+            store.commit(del(1)).await.unwrap();
+            assert_eq!(ids(store.outbox(ShardId(1)).await.unwrap()), [2, 5]);
+            filler = until_checkpoint(&store, 1).await;
+            assert_eq!(outbox_in_fjall(&store), [2, 5], "written by the checkpoint");
+            assert_eq!(ids(store.outbox(ShardId(1)).await.unwrap()), [2, 5]);
+            // A delete of what fjall holds waits in memory too, and hides it from reads.
+            store.commit(del(2)).await.unwrap();
+            store.commit(put(3)).await.unwrap();
+            assert_eq!(ids(store.outbox(ShardId(1)).await.unwrap()), [3, 5]);
+            assert_eq!(outbox_in_fjall(&store), [2, 5]);
+            // Everything applied and fjall's journal durable, nothing checkpointed: then the
+            // process dies (the memory is gone, `meta/applied` is past every record).
+            store.settle().unwrap();
+            assert!(!store.unsettled());
+            store.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        {
+            let store = FjallStore::open_with(dir.path(), shape).unwrap();
+            assert_eq!(ids(store.outbox(ShardId(1)).await.unwrap()), [3, 5]);
+            assert_eq!(
+                outbox_in_fjall(&store),
+                [3, 5],
+                "the open wrote it to fjall"
+            );
+            // And a commit synced but never applied.
+            store.skip_apply.store(true, Ordering::Relaxed);
+            store.commit(put(4)).await.unwrap();
+        }
+        let store = FjallStore::open_with(dir.path(), shape).unwrap();
+        assert_eq!(ids(store.outbox(ShardId(1)).await.unwrap()), [3, 4, 5]);
+        assert_eq!(seqs(&store, 9).await, (1..filler).collect::<Vec<_>>());
     }
 
     #[tokio::test]
