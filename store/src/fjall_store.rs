@@ -239,25 +239,27 @@ impl Deferred {
     }
 
     /// Writes everything held to fjall as one unsynced batch: the checkpoint's `persist` makes
-    /// it durable.
+    /// it durable. Kept here until fjall took the batch (a failed checkpoint is tried again).
     fn flush(&mut self, db: &Database, outbox: &Keyspace) -> Result<(), StoreError> {
         if self.writes.is_empty() {
             return Ok(());
         }
         let mut b = db.batch().durability(None);
-        for (key, value) in std::mem::take(&mut self.writes) {
+        for (key, value) in &self.writes {
             match value {
-                Some(v) => {
-                    b.insert(outbox, key.as_slice(), v);
-                    self.in_fjall.insert(key);
-                }
-                None => {
-                    b.remove(outbox, key.as_slice());
-                    self.in_fjall.remove(&key);
-                }
+                Some(v) => b.insert(outbox, key.as_slice(), v.as_slice()),
+                None => b.remove(outbox, key.as_slice()),
             }
         }
-        b.commit().map_err(io)
+        b.commit().map_err(io)?;
+        for (key, value) in std::mem::take(&mut self.writes) {
+            if value.is_some() {
+                self.in_fjall.insert(key);
+            } else {
+                self.in_fjall.remove(&key);
+            }
+        }
+        Ok(())
     }
 }
 
