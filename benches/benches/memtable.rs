@@ -18,7 +18,8 @@
 //!   then the memtable's flush, against appends to the index of our own and then fjall's bulk
 //!   ingestion of the same entries in key order (new tables written directly, no memtable: what
 //!   moving the index into fjall at a checkpoint would cost). Both write table files to
-//!   `$TMPDIR`; compactions that follow them are counted only while the bench runs.
+//!   `$TMPDIR`; compactions that follow them are counted only while the bench runs (so an
+//!   iteration also pays for compactions earlier ones started: compare rows of one full run).
 //! - `memtable/cpu_append_and_ingest_chunks/65536`: the same, but each user's entries of the
 //!   checkpoint reach fjall as one key (a chunk of the timeline: `seq ++ len ++ value` each).
 
@@ -69,6 +70,31 @@ fn cpu_time() -> Duration {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
+/// A checkpoint's worth of entries from message `from` on ([`RUN`]), as [`BATCH`]-entry batches.
+fn batches(from: u64) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    (0..RUN / BATCH)
+        .map(|i| entries(from + (i * BATCH) as u64, BATCH))
+        .collect()
+}
+
+/// One unsynced fjall batch of `e`, as the store's apply writes a record.
+fn insert_batch(db: &Database, ks: &Keyspace, e: Vec<(Vec<u8>, Vec<u8>)>) {
+    let mut wb = db.batch().durability(None);
+    for (k, v) in e {
+        wb.insert(ks, k, v);
+    }
+    wb.commit().expect("commit");
+}
+
+/// Appends `e` to the index of our own: timelines by user, each in seq order.
+fn append_by_user(recent: &mut FastMap<u64, Vec<(u64, Vec<u8>)>>, e: Vec<(Vec<u8>, Vec<u8>)>) {
+    for (k, v) in e {
+        let uid = u64::from_be_bytes(k[..8].try_into().expect("uid"));
+        let seq = u64::from_be_bytes(k[8..].try_into().expect("seq"));
+        recent.entry(uid).or_default().push((seq, v));
+    }
+}
+
 fn open(dir: &std::path::Path) -> (Database, Keyspace) {
     let db = Database::builder(dir)
         .manual_journal_persist(true)
@@ -102,11 +128,7 @@ fn bench_memtable(c: &mut Criterion) {
                 let e = entries(next, BATCH);
                 next += BATCH as u64;
                 let t = Instant::now();
-                let mut wb = db.batch().durability(None);
-                for (k, v) in e {
-                    wb.insert(&ks, k, v);
-                }
-                wb.commit().expect("commit");
+                insert_batch(&db, &ks, e);
                 spent += t.elapsed();
             }
             spent
@@ -131,11 +153,7 @@ fn bench_memtable(c: &mut Criterion) {
                 let e = entries(next, BATCH);
                 next += BATCH as u64;
                 let t = Instant::now();
-                for (k, v) in e {
-                    let uid = u64::from_be_bytes(k[..8].try_into().expect("uid"));
-                    let seq = u64::from_be_bytes(k[8..].try_into().expect("seq"));
-                    recent.entry(uid).or_default().push((seq, v));
-                }
+                append_by_user(&mut recent, e);
                 spent += t.elapsed();
                 held += BATCH;
             }
@@ -157,17 +175,11 @@ fn bench_memtable(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
-                let runs: Vec<_> = (0..RUN / BATCH)
-                    .map(|i| entries(next + (i * BATCH) as u64, BATCH))
-                    .collect();
+                let runs = batches(next);
                 next += RUN as u64;
                 let t = cpu_time();
                 for e in runs {
-                    let mut wb = db.batch().durability(None);
-                    for (k, v) in e {
-                        wb.insert(&ks, k, v);
-                    }
-                    wb.commit().expect("commit");
+                    insert_batch(&db, &ks, e);
                 }
                 ks.rotate_memtable_and_wait().expect("flush");
                 spent += cpu_time() - t;
@@ -184,18 +196,12 @@ fn bench_memtable(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
-                let runs: Vec<_> = (0..RUN / BATCH)
-                    .map(|i| entries(next + (i * BATCH) as u64, BATCH))
-                    .collect();
+                let runs = batches(next);
                 next += RUN as u64;
                 let t = cpu_time();
                 let mut recent: FastMap<u64, Vec<(u64, Vec<u8>)>> = FastMap::default();
                 for e in runs {
-                    for (k, v) in e {
-                        let uid = u64::from_be_bytes(k[..8].try_into().expect("uid"));
-                        let seq = u64::from_be_bytes(k[8..].try_into().expect("seq"));
-                        recent.entry(uid).or_default().push((seq, v));
-                    }
+                    append_by_user(&mut recent, e);
                 }
                 let mut users: Vec<_> = recent.into_iter().collect();
                 users.sort_unstable_by_key(|(uid, _)| *uid);
@@ -220,9 +226,7 @@ fn bench_memtable(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for i in 0..iters {
-                let runs: Vec<_> = (0..RUN / BATCH)
-                    .map(|i| entries(next + (i * BATCH) as u64, BATCH))
-                    .collect();
+                let runs = batches(next);
                 next += RUN as u64;
                 let t = cpu_time();
                 let mut recent: FastMap<u64, Vec<u8>> = FastMap::default();

@@ -18,8 +18,8 @@
 //! ```
 //!
 //! Latency is from the moment the message was queued for its `send` (CLOCK_MONOTONIC, both
-//! processes) to the `recv` that returned its `Deliver`; CPU is each process's utime+stime over the run, per message.
-//! BENCHMARKS.md, "What loopback TCP alone allows for c2c", has the numbers.
+//! processes) to the `recv` that returned its `Deliver`; CPU is each process's utime+stime over
+//! the run, per message. BENCHMARKS.md, "What loopback TCP alone allows for c2c", has the numbers.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -27,6 +27,9 @@ use std::os::fd::{IntoRawFd, RawFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+mod floor_util;
+use floor_util::{arg, cpu_secs, mono_ns};
 
 /// How long a client connection waits after a delivery before acknowledging it with every
 /// delivery that came meanwhile (the loadgen's `ACK_DELAY`).
@@ -71,28 +74,6 @@ impl Frame {
             at: u64_at(24),
         }
     }
-}
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn cpu_secs() -> f64 {
-    // SAFETY: `ru` is a valid out-parameter.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
-fn arg(args: &[String], i: usize, default: u64) -> u64 {
-    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
 
 fn epoll_with(fds: &[(usize, RawFd)]) -> RawFd {

@@ -20,29 +20,9 @@ use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod floor_util;
+use floor_util::{arg, cpu_secs, mono_ns};
 const FRAME: usize = 64;
-
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn cpu_secs() -> f64 {
-    // SAFETY: `ru` is a valid out-parameter.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
-fn arg(args: &[String], i: usize, default: u64) -> u64 {
-    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
