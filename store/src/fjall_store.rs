@@ -54,15 +54,21 @@
 //!    every record written before it started, see `commit_log`), and the commit returns;
 //! 3. later, off the committer's path, durable records are applied to fjall, one batch at a time
 //!    and strictly in seq order, so `meta/applied` only grows and fjall never holds a batch whose
-//!    predecessors it lacks. Whoever comes first applies them ([`Turns::settle`]): every read,
-//!    before it reads; a checkpoint; a commit that finds [`MAX_WAITING`] records waiting;
-//!    [`Store::settle`], which an idle logic worker calls once its round's replies went out. A
-//!    logic worker's acknowledgements and deliveries so wait for one `fdatasync`, not for
-//!    fjall's memtable inserts nor for another worker's.
+//!    predecessors it lacks. Whoever comes first applies them ([`Turns::settle`]): the store's
+//!    apply thread (`Applier`, at a lower CPU priority), woken by [`Store::settle`] (which an
+//!    idle logic worker calls once its round's replies went out) or by a commit that finds
+//!    [`WAKE_APPLIER`] records waiting; every read but a dedup lookup, before it reads; a
+//!    checkpoint; a commit that finds [`MAX_WAITING`] records waiting. A logic worker's
+//!    acknowledgements and deliveries so wait for one `fdatasync`, not for fjall's memtable
+//!    inserts nor for another worker's, and its thread (a gate core's) mostly does not make
+//!    them at all.
 //!
 //! A batch is visible to reads once its commit returned (never before it is durable). A
 //! checkpoint (under the writer lock) first makes every record written so far durable and
-//! applies it.
+//! applies it. The dedup lookup of every send ([`Store::dedup`]) applies nothing: the dedup
+//! writes of the records still waiting are kept in a map by key ([`Turns::pending_dedup`]) from
+//! the moment their record is written until fjall has them, and a lookup finds a key there
+//! (if its record is durable) or else in fjall.
 //!
 //! **Outbox writes wait in memory until a checkpoint** (`Deferred`): an outbox entry is put when
 //! a fan-out starts and deleted once its recipients confirmed it, most often well within the
@@ -199,6 +205,8 @@ pub struct FjallStore {
     handoff_linger_us: Arc<AtomicU64>,
     /// Writes fjall's journal back a little at a time (see `trickle`); stops with the last clone.
     _trickle: Option<Arc<crate::trickle::Trickle>>,
+    /// Applies durable records off the committers' threads; stops with the last clone.
+    applier: Option<Arc<Applier>>,
     /// Test hook: commits stop after the log sync, as if the process died before fjall got them.
     #[cfg(test)]
     skip_apply: Arc<std::sync::atomic::AtomicBool>,
@@ -277,7 +285,14 @@ struct Turns {
     turn: Mutex<Turn>,
     /// Seq of the next record to apply ([`Turn::next`], readable without a lock).
     next: AtomicU64,
+    /// The dedup writes of the waiting records, newest per key: dedup key → (record seq,
+    /// value). A key leaves once fjall has its record, so a dedup read finds it here or in
+    /// fjall, without applying anything first ([`FjallStore::dedup_read`]).
+    pending_dedup: Mutex<PendingDedup>,
 }
+
+/// Dedup key → (seq of the newest waiting record that writes it, the value it writes).
+type PendingDedup = HashMap<[u8; 16], (u64, Option<Vec<u8>>)>;
 
 #[derive(Debug)]
 struct Turn {
@@ -296,6 +311,7 @@ impl Turns {
                 broken: false,
             }),
             next: AtomicU64::new(next),
+            pending_dedup: Mutex::new(HashMap::new()),
         }
     }
 
@@ -305,6 +321,18 @@ impl Turns {
 
     /// Record `seq` was just written to the log (under the writer lock, so in seq order).
     fn push(&self, seq: u64, writes: Option<Writes>) {
+        if let Some(w) = &writes {
+            let mut pending = None;
+            for (kind, key, value) in w {
+                if let (Kind::Dedup, Ok(k)) = (kind, <[u8; 16]>::try_from(key.as_slice())) {
+                    pending
+                        .get_or_insert_with(|| {
+                            self.pending_dedup.lock().unwrap_or_else(|p| p.into_inner())
+                        })
+                        .insert(k, (seq, value.clone()));
+                }
+            }
+        }
         self.waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -357,10 +385,23 @@ impl Turns {
                 )));
             }
             if let Some(writes) = writes {
+                let dedup: Vec<[u8; 16]> = writes
+                    .iter()
+                    .filter(|(kind, _, _)| *kind == Kind::Dedup)
+                    .filter_map(|(_, key, _)| <[u8; 16]>::try_from(key.as_slice()).ok())
+                    .collect();
                 // Broken until the apply returns: an apply that panics leaves it so.
                 t.broken = true;
                 f(seq, writes)?;
                 t.broken = false;
+                if !dedup.is_empty() {
+                    let mut pending = self.pending_dedup.lock().unwrap_or_else(|p| p.into_inner());
+                    for k in dedup {
+                        if pending.get(&k).is_some_and(|&(s, _)| s == seq) {
+                            pending.remove(&k);
+                        }
+                    }
+                }
             }
             t.next = seq + 1;
             self.next.store(t.next, Ordering::Release);
@@ -638,7 +679,7 @@ impl FjallStore {
                 .map_err(|_| fence_corrupt(&k, "value is not 8 bytes"))?;
             fences.insert(node, inc);
         }
-        Ok(FjallStore {
+        let mut store = FjallStore {
             db,
             spaces,
             fence_space,
@@ -657,9 +698,15 @@ impl FjallStore {
                 .inspect_err(|e| tracing::warn!("store: no journal writeback thread: {e}"))
                 .ok()
                 .map(Arc::new),
+            applier: None,
             #[cfg(test)]
             skip_apply: Arc::default(),
-        })
+        };
+        store.applier = Applier::start(&store)
+            .inspect_err(|e| tracing::warn!("store: no apply thread: {e}"))
+            .ok()
+            .map(Arc::new);
+        Ok(store)
     }
 
     /// Sets how long a commit that handed work to another committer (a logic worker's appends
@@ -1081,6 +1128,11 @@ impl FjallStore {
         // 3. Into fjall later, in seq order: by the next read (of anyone), checkpoint or
         // `settle` (the worker's, once its round's replies went out).
         drop(fences);
+        if let Some(a) = &self.applier {
+            if self.turns.waiting() >= WAKE_APPLIER {
+                a.wake();
+            }
+        }
         Ok(())
     }
 
@@ -1115,6 +1167,120 @@ impl FjallStore {
 /// A commit that finds this many records waiting to be applied applies the durable ones first.
 const MAX_WAITING: usize = 64;
 
+/// A commit that finds this many records waiting wakes the apply thread.
+const WAKE_APPLIER: usize = 8;
+
+impl FjallStore {
+    /// The dedup record under `key` as of every commit that returned, without applying waiting
+    /// records first: a waiting record's dedup write is in [`Turns::pending_dedup`] until fjall
+    /// has it.
+    fn dedup_read(&self, key: &[u8; 16]) -> Result<Option<Vec<u8>>, StoreError> {
+        let pending = self
+            .turns
+            .pending_dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        match pending {
+            Some((seq, value)) if seq <= self.syncer.durable() => Ok(value),
+            // Written and not durable yet: whatever is durable is older, applied first.
+            Some(_) => Ok(self.get(Kind::Dedup, key)?.map(|v| v.to_vec())),
+            None => Ok(self.spaces[Kind::Dedup as usize]
+                .get(key)
+                .map_err(io)?
+                .map(|v| v.to_vec())),
+        }
+    }
+}
+
+/// The store's apply thread (`store-apply`): applies durable records to fjall off the logic
+/// workers' threads, at a lower CPU priority ([`APPLY_NICE`]), when woken ([`Store::settle`], a
+/// commit that finds [`WAKE_APPLIER`] records waiting) or, failing that, within [`APPLY_POLL`].
+/// It applies what is durable once more when it stops (the last clone of the store is
+/// dropped), so a store closed in order leaves little to replay.
+#[derive(Debug)]
+struct Applier {
+    /// (woken, stop), and the thread's wake-up.
+    signal: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Nice value of the apply thread: under a full CPU the scheduler prefers the cores' threads
+/// (connections and logic rounds) to it; a commit that finds [`MAX_WAITING`] records waiting
+/// applies them itself, so it never falls behind without bound.
+const APPLY_NICE: libc::c_int = 10;
+
+/// The apply thread looks for durable records this often when nobody woke it.
+const APPLY_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Applier {
+    fn start(store: &FjallStore) -> std::io::Result<Applier> {
+        let signal = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
+        let mut headless = store.clone();
+        headless.applier = None;
+        headless._trickle = None;
+        let s = signal.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-apply".into())
+            .spawn(move || {
+                // Linux keeps a nice value per thread: this one only. A failure leaves it at the
+                // default priority, which is slower for the cores, never wrong.
+                // SAFETY: plain syscalls about the calling thread.
+                let niced = unsafe {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, APPLY_NICE)
+                };
+                if niced != 0 {
+                    tracing::debug!("store: the apply thread keeps its priority");
+                }
+                let mut st = s.0.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    while !st.0 && !st.1 {
+                        st =
+                            s.1.wait_timeout(st, APPLY_POLL)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
+                        if !st.0 && !st.1 {
+                            st.0 = headless.turns.behind(headless.syncer.durable());
+                        }
+                    }
+                    let stop = st.1;
+                    st.0 = false;
+                    drop(st);
+                    headless.settle_durable();
+                    if stop {
+                        return;
+                    }
+                    st = s.0.lock().unwrap_or_else(|p| p.into_inner());
+                }
+            })?;
+        Ok(Applier {
+            signal,
+            thread: Some(thread),
+        })
+    }
+
+    /// Has the thread apply what is durable (returns at once).
+    fn wake(&self) {
+        let mut st = self.signal.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.0 {
+            st.0 = true;
+            self.signal.1.notify_one();
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.signal.0.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.signal.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Default of [`FjallStore::set_handoff_linger`], in µs: about what it takes here to wake
 /// another worker's thread and have it write its record (the sync saved costs ~0.1 ms).
 pub const DEFAULT_HANDOFF_LINGER_US: u64 = 250;
@@ -1146,7 +1312,10 @@ impl Store for FjallStore {
     }
 
     fn settle(&self) -> Result<(), StoreError> {
-        self.settle_durable();
+        match &self.applier {
+            Some(a) => a.wake(),
+            None => self.settle_durable(),
+        }
         Ok(())
     }
 
@@ -1221,7 +1390,7 @@ impl Store for FjallStore {
         client_msg_id: u64,
     ) -> Result<Option<DedupEntry>, StoreError> {
         let key = key_u64_u64(uid.0, client_msg_id);
-        let Some(v) = self.get(Kind::Dedup, &key)? else {
+        let Some(v) = self.dedup_read(&key)? else {
             return Ok(None);
         };
         let v = <[u8; 32]>::try_from(&*v).map_err(|_| {
@@ -1699,7 +1868,10 @@ mod tests {
             .build()
             .unwrap();
         {
-            let store = FjallStore::open(dir.path()).unwrap();
+            // Without the apply thread (tested on its own below), so that nothing applies a
+            // commit behind the test's back.
+            let mut store = FjallStore::open(dir.path()).unwrap();
+            store.applier = None;
             let base = applied_in_fjall(&store);
             // A commit returns once durable, its writes not yet in fjall.
             rt.block_on(store.commit(append(7, 1))).unwrap();
@@ -1752,6 +1924,78 @@ mod tests {
         assert_eq!(rt.block_on(seqs(&store, 7)), vec![1, 2, 3, 4]);
     }
 
+    /// The dedup lookup of a send applies nothing: a returned commit's record is found where it
+    /// waits, before and after its apply, and never one whose record is not durable yet.
+    #[test]
+    fn a_dedup_lookup_finds_a_returned_commit_without_applying_it_and_nothing_not_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut store = FjallStore::open(dir.path()).unwrap();
+        store.applier = None;
+        let lookup = |cid| rt.block_on(store.dedup(UserId(5), cid)).unwrap();
+        rt.block_on(store.commit(dedup_put(5, 1, 100))).unwrap();
+        assert!(store.unsettled());
+        assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(100));
+        assert_eq!(lookup(2), None);
+        // Nothing was applied for it.
+        assert!(store.unsettled());
+        // A later commit of the same key: the newest wins, applied or not.
+        rt.block_on(store.commit(dedup_put(5, 1, 200))).unwrap();
+        assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
+        store.settle().unwrap();
+        assert!(!store.unsettled());
+        assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
+        // Once applied, fjall answers: nothing is left behind in the map.
+        assert!(store.turns.pending_dedup.lock().unwrap().is_empty());
+        // A record written and not durable yet (as a commit between its write and its sync):
+        // its dedup write is not seen.
+        let next = store.log.lock().unwrap().next_seq();
+        store.turns.push(next, Some(collect(dedup_put(5, 3, 300))));
+        assert_eq!(lookup(3), None);
+        assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
+    }
+
+    /// `settle` hands the apply to the store's thread, which also finds durable records by
+    /// itself; the store applies what is durable when it closes.
+    #[test]
+    fn the_apply_thread_applies_durable_commits_when_woken_and_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let wait_applied = |store: &FjallStore, want: u64| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while applied_in_fjall(store) < want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the apply thread did not apply record {want}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert!(store.applier.is_some());
+        let base = applied_in_fjall(&store);
+        rt.block_on(store.commit(append(7, 1))).unwrap();
+        store.settle().unwrap();
+        wait_applied(&store, base + 1);
+        // Nobody wakes it: it finds the record within its poll.
+        rt.block_on(store.commit(append(7, 2))).unwrap();
+        wait_applied(&store, base + 2);
+        assert!(!store.unsettled());
+        // Many commits with no read nor settle: it is woken and keeps up.
+        for seq in 3..=200 {
+            rt.block_on(store.commit(append(7, seq))).unwrap();
+        }
+        wait_applied(&store, base + 200);
+        assert_eq!(rt.block_on(seqs(&store, 7)), (1..=200).collect::<Vec<_>>());
+        drop(store);
+        let store = FjallStore::open(dir.path()).unwrap();
+        assert_eq!(rt.block_on(seqs(&store, 7)), (1..=200).collect::<Vec<_>>());
+    }
+
     /// Copies every file of `from` into `to` (a store's directory, two levels deep at most).
     fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
@@ -1796,7 +2040,7 @@ mod tests {
                 store.commit(append(7, seq)).await.unwrap();
                 // A commit returns before its apply: apply it, so that its batch is in fjall's
                 // journal now.
-                store.settle().unwrap();
+                store.settle_durable();
                 store.db.persist(PersistMode::Buffer).unwrap();
                 ends.push(written_len(&std::fs::read(&path).unwrap()));
             }
@@ -1890,7 +2134,7 @@ mod tests {
 
     /// Message ids of the outbox entries fjall itself holds (not those kept in memory).
     fn outbox_in_fjall(store: &FjallStore) -> Vec<u64> {
-        store.settle().unwrap();
+        store.settle_durable();
         store.spaces[Kind::Outbox as usize]
             .iter()
             .map(|g| {
@@ -1960,7 +2204,7 @@ mod tests {
             assert_eq!(outbox_in_fjall(&store), [2, 5]);
             // Everything applied and fjall's journal durable, nothing checkpointed: then the
             // process dies (the memory is gone, `meta/applied` is past every record).
-            store.settle().unwrap();
+            store.settle_durable();
             assert!(!store.unsettled());
             store.db.persist(PersistMode::SyncAll).unwrap();
         }

@@ -301,9 +301,11 @@ pub trait Store: Clone + 'static {
     fn unsettled(&self) -> bool {
         false
     }
-    /// Applies what committed batches left to apply. Never needed for correctness (every read
-    /// applies them first, and a restart replays them from the commit log): a logic worker calls
-    /// it once its round's replies went out, so that the next round's reads find nothing to do.
+    /// Applies what committed batches left to apply, or has a thread of the store's own apply
+    /// it (the embedded store: then it returns at once). Never needed for correctness (every
+    /// read applies them first or finds them where they wait, and a restart replays them from
+    /// the commit log): a logic worker calls it once its round's replies went out, so that the
+    /// next round's reads find nothing to do.
     fn settle(&self) -> Result<(), StoreError> {
         Ok(())
     }

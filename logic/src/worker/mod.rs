@@ -1179,9 +1179,10 @@ impl<S: Store> Worker<S> {
             self.metrics.round_seconds.observe(began.elapsed());
             if matches!(stepped, Ok(Step::Continue)) && rx.is_empty() && self.store.unsettled() {
                 // The round's commit returned once durable. With nothing else to do, its
-                // writes are applied to the store's indexes now, after the core this worker may
-                // share a thread with has written the round's replies; with more to do, the
-                // next round's first read applies them (a read applies every durable commit).
+                // writes are applied to the store's indexes now (by the embedded store's apply
+                // thread), after the core this worker may share a thread with has written the
+                // round's replies; with more to do, the next round's first read applies them
+                // (a read applies every durable commit) or the store's thread does.
                 tokio::task::yield_now().await;
                 if let Err(e) = self.store.settle() {
                     tracing::error!(worker = self.idx, "applying a commit failed, aborting: {e}");
@@ -1194,7 +1195,9 @@ impl<S: Store> Worker<S> {
             match stepped {
                 Ok(Step::Continue) => {}
                 Ok(Step::Stop) => {
-                    // Applied now, so that the next start has nothing of it to replay.
+                    // Applied now (or by the store's own thread, which applies what is durable once
+                    // more when the store closes), so that the next start has nothing of it to
+                    // replay.
                     if let Err(e) = self.store.settle() {
                         tracing::warn!(worker = self.idx, "applying the last commits failed: {e}");
                     }
