@@ -55,10 +55,11 @@
 //! 3. later, off the committer's path, durable records are applied to fjall, one batch at a time
 //!    and strictly in seq order, so `meta/applied` only grows and fjall never holds a batch whose
 //!    predecessors it lacks. Whoever comes first applies them ([`Turns::settle`]): the store's
-//!    apply thread (`Applier`, at a lower CPU priority), woken by [`Store::settle`] (which an
-//!    idle logic worker calls once its round's replies went out) or by a commit that finds
-//!    [`WAKE_APPLIER`] records waiting; every read but a dedup lookup, before it reads; a
-//!    checkpoint; a commit that finds [`MAX_WAITING`] records waiting. A logic worker's
+//!    apply thread (`Applier`, at a lower CPU priority), woken by a commit or a
+//!    [`Store::settle`] (which an idle logic worker calls once its round's replies went out)
+//!    that finds [`WAKE_APPLIER`] records waiting, and looking every [`APPLY_POLL`] otherwise;
+//!    every read but a dedup lookup, before it reads; a checkpoint; a commit that finds
+//!    [`MAX_WAITING`] records waiting. A logic worker's
 //!    acknowledgements and deliveries so wait for one `fdatasync`, not for fjall's memtable
 //!    inserts nor for another worker's, and its thread (a gate core's) mostly does not make
 //!    them at all.
@@ -1167,7 +1168,8 @@ impl FjallStore {
 /// A commit that finds this many records waiting to be applied applies the durable ones first.
 const MAX_WAITING: usize = 64;
 
-/// A commit that finds this many records waiting wakes the apply thread.
+/// A commit (or a [`Store::settle`]) that finds this many records waiting wakes the apply
+/// thread.
 const WAKE_APPLIER: usize = 8;
 
 impl FjallStore {
@@ -1195,8 +1197,11 @@ impl FjallStore {
 }
 
 /// The store's apply thread (`store-apply`): applies durable records to fjall off the logic
-/// workers' threads, at a lower CPU priority ([`APPLY_NICE`]), when woken ([`Store::settle`], a
-/// commit that finds [`WAKE_APPLIER`] records waiting) or, failing that, within [`APPLY_POLL`].
+/// workers' threads, at a lower CPU priority ([`APPLY_NICE`]), when woken (a commit or a
+/// [`Store::settle`] that finds [`WAKE_APPLIER`] records waiting) or, failing that, within
+/// [`APPLY_POLL`]. Woken for fewer records, it cost more CPU in wake-ups and context switches on
+/// the project's 2-CPU VM than it saved the cores (docs/BENCHMARKS.md, "The apply on a thread of
+/// its own").
 /// It applies what is durable once more when it stops (the last clone of the store is
 /// dropped), so a store closed in order leaves little to replay.
 #[derive(Debug)]
@@ -1212,7 +1217,7 @@ struct Applier {
 const APPLY_NICE: libc::c_int = 10;
 
 /// The apply thread looks for durable records this often when nobody woke it.
-const APPLY_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+const APPLY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Applier {
     fn start(store: &FjallStore) -> std::io::Result<Applier> {
@@ -1248,7 +1253,20 @@ impl Applier {
                     let stop = st.1;
                     st.0 = false;
                     drop(st);
-                    headless.settle_durable();
+                    // One record per turn: a read that needs the turn meanwhile (this thread
+                    // may wait for a CPU while holding it) waits for one apply, not for all.
+                    loop {
+                        let next = headless.turns.next.load(Ordering::Acquire);
+                        if next > headless.syncer.durable() {
+                            break;
+                        }
+                        headless.settle_to(next);
+                        if headless.turns.next.load(Ordering::Acquire) == next {
+                            // Durable, not queued yet (its committer is between the two): it
+                            // comes back with the next wake-up or look.
+                            break;
+                        }
+                    }
                     if stop {
                         return;
                     }
@@ -1313,7 +1331,8 @@ impl Store for FjallStore {
 
     fn settle(&self) -> Result<(), StoreError> {
         match &self.applier {
-            Some(a) => a.wake(),
+            Some(a) if self.turns.waiting() >= WAKE_APPLIER => a.wake(),
+            Some(_) => {}
             None => self.settle_durable(),
         }
         Ok(())
