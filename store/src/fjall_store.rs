@@ -1976,8 +1976,9 @@ mod tests {
         assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
     }
 
-    /// `settle` hands the apply to the store's thread, which also finds durable records by
-    /// itself; the store applies what is durable when it closes.
+    /// The store's thread applies durable records: by itself within its poll (a `settle` with
+    /// few records waiting leaves them to it), and woken by commits that pile records up;
+    /// nothing is lost across a close.
     #[test]
     fn the_apply_thread_applies_durable_commits_when_woken_and_by_itself() {
         let dir = tempfile::tempdir().unwrap();
@@ -1997,10 +1998,11 @@ mod tests {
         let store = FjallStore::open(dir.path()).unwrap();
         assert!(store.applier.is_some());
         let base = applied_in_fjall(&store);
+        // One record waiting: `settle` does not apply it (nor wake the thread for it).
         rt.block_on(store.commit(append(7, 1))).unwrap();
         store.settle().unwrap();
         wait_applied(&store, base + 1);
-        // Nobody wakes it: it finds the record within its poll.
+        // Nobody calls anything: it finds the record within its poll.
         rt.block_on(store.commit(append(7, 2))).unwrap();
         wait_applied(&store, base + 2);
         assert!(!store.unsettled());

@@ -1179,10 +1179,11 @@ impl<S: Store> Worker<S> {
             self.metrics.round_seconds.observe(began.elapsed());
             if matches!(stepped, Ok(Step::Continue)) && rx.is_empty() && self.store.unsettled() {
                 // The round's commit returned once durable. With nothing else to do, its
-                // writes are applied to the store's indexes now (by the embedded store's apply
-                // thread), after the core this worker may share a thread with has written the
-                // round's replies; with more to do, the next round's first read applies them
-                // (a read applies every durable commit) or the store's thread does.
+                // writes are handed to be applied to the store's indexes now, after the core
+                // this worker may share a thread with has written the round's replies (the
+                // embedded store's own thread applies them, woken if several wait); with more
+                // to do, the next round's first read applies them (a read applies every durable
+                // commit) unless the store's thread came first.
                 tokio::task::yield_now().await;
                 if let Err(e) = self.store.settle() {
                     tracing::error!(worker = self.idx, "applying a commit failed, aborting: {e}");
