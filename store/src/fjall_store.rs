@@ -1880,6 +1880,14 @@ mod tests {
             .map_or(0, |v| u64::from_be_bytes((*v).try_into().unwrap()))
     }
 
+    /// The store in `dir` without its apply thread, so that nothing applies a commit behind the
+    /// test's back (`settle` then applies inline).
+    fn open_without_apply_thread(dir: &Path) -> FjallStore {
+        let mut store = FjallStore::open(dir).unwrap();
+        store.applier = None;
+        store
+    }
+
     #[test]
     fn a_returned_commit_is_applied_by_the_next_read_or_settle_and_replayed_if_neither_came() {
         let dir = tempfile::tempdir().unwrap();
@@ -1887,10 +1895,8 @@ mod tests {
             .build()
             .unwrap();
         {
-            // Without the apply thread (tested on its own below), so that nothing applies a
-            // commit behind the test's back.
-            let mut store = FjallStore::open(dir.path()).unwrap();
-            store.applier = None;
+            // (The apply thread is tested on its own below.)
+            let store = open_without_apply_thread(dir.path());
             let base = applied_in_fjall(&store);
             // A commit returns once durable, its writes not yet in fjall.
             rt.block_on(store.commit(append(7, 1))).unwrap();
@@ -1951,8 +1957,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let mut store = FjallStore::open(dir.path()).unwrap();
-        store.applier = None;
+        let store = open_without_apply_thread(dir.path());
         let lookup = |cid| rt.block_on(store.dedup(UserId(5), cid)).unwrap();
         rt.block_on(store.commit(dedup_put(5, 1, 100))).unwrap();
         assert!(store.unsettled());
