@@ -59,9 +59,9 @@
 //!    [`Store::settle`] (which an idle logic worker calls once its round's replies went out)
 //!    that finds [`WAKE_APPLIER`] records waiting, and looking every [`APPLY_POLL`] otherwise;
 //!    every read but a dedup lookup, before it reads; a checkpoint; a commit that finds
-//!    [`MAX_WAITING`] records waiting and nobody applying, or waiting records that hold
-//!    [`MAX_WAITING_BYTES`] (then it waits for its turn: the bound on their memory), applies a
-//!    few of them ([`FjallStore::help_apply`]). A logic worker's
+//!    [`MAX_WAITING`] records waiting and nobody applying; one that finds waiting records that
+//!    hold [`MAX_WAITING_BYTES`] (it waits for its turn, and applies a few: the bound on their
+//!    memory; [`FjallStore::help_apply`]). A logic worker's
 //!    acknowledgements and deliveries so wait for one `fdatasync`, not for fjall's memtable
 //!    inserts nor for another worker's, and its thread (a gate core's) mostly does not make
 //!    them at all.
@@ -1213,7 +1213,7 @@ impl FjallStore {
     }
 
     /// What a commit that finds [`MAX_WAITING`] records waiting does. Without an apply thread it
-    /// applies every durable one. With one, it applies the oldest [`HELP_RECORDS`] if nobody is
+    /// applies every durable one. With one, it applies every durable one too if nobody is
     /// applying (the thread waits for a CPU the cores keep busy), and nothing if somebody is
     /// (the thread applies, or waits in fjall, which stalls its writers now and then for tens
     /// of milliseconds: a flush's journal sync, a rotation; a core that queued up behind it
@@ -1231,11 +1231,10 @@ impl FjallStore {
             return;
         }
         let wait = self.turns.waiting_bytes() >= MAX_WAITING_BYTES;
+        let limit = if wait { HELP_RECORDS } else { usize::MAX };
         applied_or_abort(
             self.turns
-                .settle_some(durable, HELP_RECORDS, wait, |seq, w| {
-                    self.apply_record(seq, w)
-                }),
+                .settle_some(durable, limit, wait, |seq, w| self.apply_record(seq, w)),
         );
     }
 
@@ -1260,7 +1259,8 @@ fn applied_or_abort(applied: Result<(), StoreError>) {
 /// ([`FjallStore::help_apply`]).
 const MAX_WAITING: usize = 64;
 
-/// How many records a commit that helps applies at most: each of its commits adds one.
+/// How many records a commit that finds the waiting records at [`MAX_WAITING_BYTES`] applies
+/// (after waiting for its turn): each of its commits adds one.
 const HELP_RECORDS: usize = 8;
 
 /// Bytes of keys and values the waiting records may hold before a commit waits for its turn to
