@@ -14,9 +14,12 @@ if dpkg -s im-server >/dev/null 2>&1; then
 fi
 fail() { echo "deb test: FAILED: $*" >&2; exit 1; }
 pid=""
+# The server's output and the client's state directory.
+work=$(mktemp -d /tmp/im-deb-test.XXXXXX)
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   dpkg --purge im-server >/dev/null 2>&1 || true
+  rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -36,7 +39,7 @@ as_im /usr/bin/im-server check-config --config /etc/im/im-server.toml \
   --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >/dev/null || fail "check-config as im"
 
 # Start it as the unit would (systemd is not required here): user im, /var/lib/im, the secret.
-out=$(mktemp)
+out=$work/server.log
 set -a; . /etc/im/im-server.env; set +a
 ( cd /var/lib/im && exec setpriv --reuid=im --regid=im --init-groups \
     /usr/bin/im-server run --config /etc/im/im-server.toml \
@@ -55,7 +58,7 @@ echo "$health" | grep -q '"status":"ok"' || fail "healthz: $health"
 [ "$(stat -c %U /var/lib/im/data)" = im ] || fail "the data directory is not im's"
 # A client logs in with a token of the installed secret and sends a message.
 printf '@2 hello from the package\n' | timeout 20 /usr/bin/im-cli --server "$gate" --uid 1 \
-  --state-dir "$(mktemp -d)" --secret "$IM_TOKEN_SECRET" | grep -q '✓ sent' || fail "im-cli could not send"
+  --state-dir "$work/cli" --secret "$IM_TOKEN_SECRET" | grep -q '✓ sent' || fail "im-cli could not send"
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 
 dpkg --remove im-server >/dev/null
@@ -65,4 +68,5 @@ dpkg --purge im-server >/dev/null
 for f in /etc/im /var/lib/im; do [ ! -e "$f" ] || fail "$f is left after purge"; done
 ! getent passwd im >/dev/null || fail "user im is left after purge"
 trap - EXIT
+rm -rf "$work"
 echo "deb test: installed, ran (healthz ok, a client sent), removed and purged: ok"
