@@ -328,10 +328,10 @@ impl Turns {
     /// Record `seq` was just written to the log (under the writer lock, so in seq order).
     fn push(&self, seq: u64, writes: Option<Writes>) {
         if let Some(w) = &writes {
-            self.waiting_bytes
-                .fetch_add(writes_bytes(w), Ordering::Relaxed);
             let mut pending = None;
+            let mut bytes = 0;
             for (kind, key, value) in w {
+                bytes += key.len() + value.as_ref().map_or(0, Vec::len);
                 if let (Kind::Dedup, Ok(k)) = (kind, <[u8; 16]>::try_from(key.as_slice())) {
                     pending
                         .get_or_insert_with(|| {
@@ -340,6 +340,7 @@ impl Turns {
                         .insert(k, (seq, value.clone()));
                 }
             }
+            self.waiting_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         self.waiting
             .lock()
@@ -371,8 +372,7 @@ impl Turns {
         upto: u64,
         f: impl FnMut(u64, Writes) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut t = self.turn.lock().unwrap_or_else(|p| p.into_inner());
-        self.apply_in_turn(&mut t, upto, usize::MAX, f)
+        self.settle_some(upto, usize::MAX, true, f)
     }
 
     /// As [`Turns::settle`], but at most `limit` records, and, unless `wait`, only if nobody
@@ -383,7 +383,7 @@ impl Turns {
         upto: u64,
         limit: usize,
         wait: bool,
-        f: impl FnMut(u64, Writes) -> Result<(), StoreError>,
+        mut f: impl FnMut(u64, Writes) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut t = match self.turn.try_lock() {
             Ok(t) => t,
@@ -393,16 +393,6 @@ impl Turns {
             }
             Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
         };
-        self.apply_in_turn(&mut t, upto, limit, f)
-    }
-
-    fn apply_in_turn(
-        &self,
-        t: &mut Turn,
-        upto: u64,
-        limit: usize,
-        mut f: impl FnMut(u64, Writes) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
         for _ in 0..limit {
             if t.broken {
                 return Err(Turns::broken());
