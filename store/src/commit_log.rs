@@ -49,12 +49,15 @@
 //!
 //! **Checkpoints and reuse.** Before a segment is started (and so before an older lap of it is
 //! overwritten) the caller's checkpoint runs: the store persists fjall, after which every record
-//! written so far is durable in fjall and the log holds nothing else that is needed.
+//! written before the segment that is ending is durable in fjall and the log holds nothing else
+//! that is needed (the store hands the dedup writes of the ending segment's records to fjall in
+//! the background, before the next checkpoint: see `fjall_store`).
 //!
 //! **Recovery** ([`CommitLog::open`]): the caller says up to which seq its state is durable
 //! (`applied`, which the store writes into fjall with every batch); the log hands back every
-//! record after it and every record since the last checkpoint (the newest segment's), in order,
-//! and goes on writing after the last valid record. Replaying a record again is harmless (its
+//! record after it and every record since the checkpoint before the last one (the newest two
+//! segments', when the older of them leads into the newer), in order, and goes on writing after
+//! the last valid record. Replaying a record again is harmless (its
 //! writes are plain puts and deletes, re-applied in order), and it repairs a store whose
 //! recovery kept a later batch and lost an earlier one.
 
@@ -474,9 +477,9 @@ fn scan(
 
 impl CommitLog {
     /// Opens (creating if needed) the log in `dir` and replays it: `replay` gets every record
-    /// with a seq above `applied`, in order, and before them those of the newest segment that
-    /// are not (the ones since the last checkpoint: see the comment inside). Fails if records
-    /// after `applied` are missing.
+    /// with a seq above `applied`, in order, and before them those of the newest two segments
+    /// that are not (the ones since the checkpoint before the last one: see the comment
+    /// inside). Fails if records after `applied` are missing.
     pub(crate) fn open(
         dir: &Path,
         shape: LogShape,
@@ -548,22 +551,37 @@ impl CommitLog {
             log.ask_ahead(0);
             return Ok(log);
         };
-        // Replayed: every record after `applied`, and every record of the newest segment. The
-        // newest segment was started right after a checkpoint made everything before it durable
-        // in the store, so that far the store's state needs no log; after it, the store's own
-        // word (`applied`) is trusted only as far as the store's recovery deserves: a torn
-        // journal may come back with a later batch kept and an earlier one dropped (it then
-        // says `applied` of the later one). Replaying a record the store already has writes the
-        // same values again, in the same order, and then every later write on the same keys:
-        // that changes nothing, provided the log goes on at least to `applied`. A store ahead
-        // of its log (a log restored from an older backup) gets only what is after `applied`.
+        // Replayed: every record after `applied`, and every record of the newest two segments.
+        // The newest segment was started right after a checkpoint that made everything before
+        // the segment before it durable in the store (the store's dedup writes of that one's
+        // records may still be on their way to fjall when the process dies), so that far the
+        // store's state needs no log; after it, the store's own word (`applied`) is trusted
+        // only as far as the store's recovery deserves: a torn journal may come back with a
+        // later batch kept and an earlier one dropped (it then says `applied` of the later
+        // one). Replaying a record the store already has writes the same values again, in the
+        // same order, and then every later write on the same keys: that changes nothing,
+        // provided the log goes on at least to `applied`. A store ahead of its log (a log
+        // restored from an older backup) gets only what is after `applied`.
         let newest = order[order.len() - 1];
         let newest_first = log.segs[newest].first_seq;
         let mut data = Vec::new();
         read_whole(&log.segs[newest].file, &mut data)?;
         let (_, newest_end) = scan(&data, newest_first, |_, _| Ok(()))?;
+        // The segment before the newest, if the newest continues it (not after a fresh start
+        // behind a store that was ahead of its log).
+        let mut since = newest_first;
+        if let [.., before, _] = order[..] {
+            let seg = &log.segs[before];
+            if seg.generation + 1 == log.segs[newest].generation {
+                read_whole(&seg.file, &mut data)?;
+                let (_, end) = scan(&data, seg.first_seq, |_, _| Ok(()))?;
+                if end == newest_first {
+                    since = seg.first_seq;
+                }
+            }
+        }
         let from = if newest_end > applied {
-            applied.min(newest_first.saturating_sub(1))
+            applied.min(since.saturating_sub(1))
         } else {
             applied
         };
@@ -903,21 +921,33 @@ mod tests {
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
             (1..=50).collect::<Vec<_>>()
         );
-        // After a checkpoint (the next segment started), only what follows it and `applied`.
+        // After a checkpoint (the next segment started), still the segment before it: the
+        // checkpoint before the last one is where the store's word starts to count.
         log.leave_recovered_segment().unwrap();
         for i in 51..=60 {
             assert_eq!(log.append(&payload(i), || Ok(())).unwrap(), i);
         }
         drop(log);
-        let (_, got) = reopen(dir.path(), LogShape::default(), 55);
+        let (mut log, got) = reopen(dir.path(), LogShape::default(), 55);
         assert_eq!(
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
-            (51..=60).collect::<Vec<_>>()
+            (1..=60).collect::<Vec<_>>()
+        );
+        // After a second checkpoint, only what follows the first one and `applied`.
+        log.leave_recovered_segment().unwrap();
+        for i in 61..=70 {
+            assert_eq!(log.append(&payload(i), || Ok(())).unwrap(), i);
+        }
+        drop(log);
+        let (_, got) = reopen(dir.path(), LogShape::default(), 65);
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (51..=70).collect::<Vec<_>>()
         );
         let (_, got) = reopen(dir.path(), LogShape::default(), 42);
         assert_eq!(
             got.iter().map(|g| g.0).collect::<Vec<_>>(),
-            (43..=60).collect::<Vec<_>>()
+            (43..=70).collect::<Vec<_>>()
         );
     }
 
@@ -1009,13 +1039,15 @@ mod tests {
         log.leave_recovered_segment().unwrap();
         assert_eq!(log.append(&[b'B'; 100], || Ok(())).unwrap(), 2);
         drop(log);
+        // (1 comes again, from the segment before the newest; the scan of that segment stops
+        // at the torn record, so the old 3 behind it never comes back.)
         let (mut log, got) = reopen(dir.path(), LogShape::default(), 1);
-        assert_eq!(got, vec![(2, vec![b'B'; 100])]);
+        assert_eq!(got, vec![(1, b"one".to_vec()), (2, vec![b'B'; 100])]);
         log.leave_recovered_segment().unwrap();
         assert_eq!(log.append(b"three", || Ok(())).unwrap(), 3);
         drop(log);
         let (_, got) = reopen(dir.path(), LogShape::default(), 2);
-        assert_eq!(got, vec![(3, b"three".to_vec())]);
+        assert_eq!(got, vec![(2, vec![b'B'; 100]), (3, b"three".to_vec())]);
     }
 
     #[test]
@@ -1131,12 +1163,14 @@ mod tests {
     fn the_ring_is_reused_only_after_a_checkpoint_and_old_laps_are_never_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = reopen(dir.path(), small(), 0);
-        // The caller's durable point: the last seq before each checkpoint.
+        // The caller's durable point: the last seq before each checkpoint; and the one before.
         let mut durable = 0;
+        let mut before = 0;
         let mut checkpoints = 0;
         for i in 1..=400 {
             let last = log.next_seq() - 1;
             log.append(&payload(i), || {
+                before = durable;
                 durable = last;
                 checkpoints += 1;
                 Ok(())
@@ -1155,9 +1189,10 @@ mod tests {
             assert_eq!(len, CHUNK);
         }
         drop(log);
+        // Everything since the checkpoint before the last one: the newest two segments.
         let (mut log, got) = reopen(dir.path(), small(), durable);
         let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
-        assert_eq!(seqs, (durable + 1..=400).collect::<Vec<_>>());
+        assert_eq!(seqs, (before + 1..=400).collect::<Vec<_>>());
         for (s, p) in &got {
             assert_eq!(p, &payload(*s));
         }

@@ -43,7 +43,7 @@
 //! fjall's journal is made durable only at a checkpoint (`Database::persist`, before the log
 //! reuses a segment) and when the store is opened; so after a crash fjall holds some prefix of
 //! the batches, `meta/applied` says which, and [`FjallStore::open`] replays the log's records
-//! after it and those since the last checkpoint (a torn journal may keep a later batch and lose
+//! after it and those since the checkpoint before the last one (a torn journal may keep a later batch and lose
 //! an earlier one; one fjall refuses to recover is cut by `journal_repair` first). A thread of the store (`trickle`) starts the writeback of fjall's journal every
 //! 20 ms, so that a checkpoint's `fsync` finds little left to write.
 //!
@@ -68,17 +68,31 @@
 //!
 //! A batch is visible to reads once its commit returned (never before it is durable). A
 //! checkpoint (under the writer lock) first makes every record written so far durable and
-//! applies it. The dedup lookup of every send ([`Store::dedup`]) applies nothing: the dedup
-//! writes of the records still waiting are kept in a map by key ([`Turns::pending_dedup`]) from
-//! the moment their record is written until fjall has them, and a lookup finds a key there
-//! (if its record is durable) or else in fjall.
+//! applies it.
+//!
+//! **Dedup writes never go through fjall's memtable.** Every send writes one dedup record and
+//! looks one up first, which is nearly always a miss: in a memtable of hundreds of thousands of
+//! entries, that insert and that miss were a skiplist walk each (docs/BENCHMARKS.md, "Dedup
+//! records handed to fjall as tables"). So the dedup writes are kept in a map by key
+//! ([`Turns::pending_dedup`]) from the moment their record is written. A checkpoint seals the
+//! map (and starts a new one), and a thread of the store (`store-dedup`) hands the sealed
+//! writes to fjall as one sorted table (fjall's ingestion: no memtable; table and version
+//! synced before it returns: ~50 ms for a segment's ~85 000 writes, which the checkpoint,
+//! under the writer lock, must not wait for), then drops them. The next checkpoint does it
+//! itself if they are still sealed: after it, the log no longer hands their records back. The
+//! lookup of a send ([`Store::dedup`]) applies nothing: it finds a key in the map (the newest
+//! write whose record is durable), then in the sealed one, or else in fjall's tables. After a
+//! crash, the log hands back the records of its newest two segments (since the checkpoint
+//! before the last one: `commit_log`), and the open hands their dedup writes to fjall before it
+//! serves. The maps hold the dedup writes of at most two segments' records (~170 000 c2c
+//! messages, ~20 MB).
 //!
 //! **Outbox writes wait in memory until a checkpoint** (`Deferred`): an outbox entry is put when
 //! a fan-out starts and deleted once its recipients confirmed it, most often well within the
 //! time the log takes to fill a segment, so the apply keeps them in a map instead of fjall's
 //! memtable, where a put and its delete cancel out. The checkpoint writes what is left to fjall
 //! before it persists, so nothing the log is about to reuse is needed for them. After a crash the
-//! log hands back every record of its newest segment (the ones since the last checkpoint) even if
+//! log hands back every record of its newest two segments (all since the last checkpoint) even if
 //! fjall already has them, which rebuilds the map, and the open writes it to fjall before the log
 //! leaves the segment it recovered. `outbox` reads fjall's entries with the map on top, under the
 //! map's lock. A failed sync poisons the log: every later commit fails with [`StoreError::Io`],
@@ -219,7 +233,7 @@ pub struct FjallStore {
 /// entry is put when a fan-out starts and deleted once every recipient confirmed it, most often
 /// within a second or two: kept here, a put and its delete cancel out and never reach fjall's
 /// memtable. What is still here at a checkpoint is written to fjall then ([`Deferred::flush`]),
-/// and so before the log starts a segment: after a crash, the records of the newest segment,
+/// and so before the log starts a segment: after a crash, the records of the newest segments,
 /// which the log always hands back, rebuild it (and the store's open writes it to fjall before
 /// the log leaves the segment it recovered). Reads of the outbox see fjall's entries with these
 /// on top, under this lock (so a checkpoint cannot move an entry between the two while one
@@ -290,14 +304,52 @@ struct Turns {
     next: AtomicU64,
     /// Bytes of keys and values the waiting records hold (what bounds the queue's memory).
     waiting_bytes: AtomicUsize,
-    /// The dedup writes of the waiting records, newest per key: dedup key → (record seq,
-    /// value). A key leaves once fjall has its record, so a dedup read finds it here or in
-    /// fjall, without applying anything first ([`FjallStore::dedup_read`]).
-    pending_dedup: Mutex<PendingDedup>,
+    /// The dedup writes that fjall does not have yet, by key. They never go through fjall's
+    /// memtable: each checkpoint seals those of the records since the checkpoint before, and
+    /// the apply thread hands them to fjall as one sorted table
+    /// ([`FjallStore::ingest_sealed_dedup`]); until then a dedup read finds them here, without
+    /// applying anything first ([`FjallStore::dedup_read`]). Bounded by what two segments of
+    /// the commit log hold.
+    pending_dedup: Mutex<DedupMaps>,
+    /// Held while the sealed dedup writes go to fjall: by the apply thread, or by a checkpoint
+    /// that finds them still sealed.
+    ingesting: Mutex<()>,
 }
 
-/// Dedup key → (seq of the newest waiting record that writes it, the value it writes).
-type PendingDedup = HashMap<[u8; 16], (u64, Option<Vec<u8>>)>;
+/// The dedup writes that fjall does not have yet.
+#[derive(Debug, Default)]
+struct DedupMaps {
+    /// Those of the records written since the last checkpoint.
+    current: PendingDedup,
+    /// Those of the records between the checkpoint before and the last one (all durable and
+    /// applied), on their way to fjall; `None` once fjall has them. The next checkpoint waits
+    /// for them if they are still here: after it, the log no longer hands their records back.
+    sealed: Option<Arc<PendingDedup>>,
+}
+
+/// Dedup key → its writes since the last checkpoint.
+type PendingDedup = HashMap<[u8; 16], DedupWrites>;
+
+/// The writes of one dedup key since the last checkpoint, by record seq. A key is written once
+/// in practice (a retry finds the record and writes nothing), so `older` stays empty and
+/// allocates nothing; it keeps an earlier write for a read while the newest is not durable.
+#[derive(Debug)]
+struct DedupWrites {
+    /// The newest: (record seq, value; `None` deletes).
+    newest: (u64, Option<Vec<u8>>),
+    /// Earlier writes, oldest first.
+    older: Vec<(u64, Option<Vec<u8>>)>,
+}
+
+impl DedupWrites {
+    /// The newest write whose record is durable (up to `durable`), if any.
+    fn durable(&self, durable: u64) -> Option<&Option<Vec<u8>>> {
+        std::iter::once(&self.newest)
+            .chain(self.older.iter().rev())
+            .find(|(seq, _)| *seq <= durable)
+            .map(|(_, v)| v)
+    }
+}
 
 #[derive(Debug)]
 struct Turn {
@@ -317,7 +369,8 @@ impl Turns {
             }),
             next: AtomicU64::new(next),
             waiting_bytes: AtomicUsize::new(0),
-            pending_dedup: Mutex::new(HashMap::new()),
+            pending_dedup: Mutex::new(DedupMaps::default()),
+            ingesting: Mutex::new(()),
         }
     }
 
@@ -333,11 +386,26 @@ impl Turns {
             for (kind, key, value) in w {
                 bytes += key.len() + value.as_ref().map_or(0, Vec::len);
                 if let (Kind::Dedup, Ok(k)) = (kind, <[u8; 16]>::try_from(key.as_slice())) {
-                    pending
+                    let write = (seq, value.clone());
+                    match pending
                         .get_or_insert_with(|| {
                             self.pending_dedup.lock().unwrap_or_else(|p| p.into_inner())
                         })
-                        .insert(k, (seq, value.clone()));
+                        .current
+                        .entry(k)
+                    {
+                        std::collections::hash_map::Entry::Occupied(mut e) => {
+                            let w = e.get_mut();
+                            let earlier = std::mem::replace(&mut w.newest, write);
+                            w.older.push(earlier);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(DedupWrites {
+                                newest: write,
+                                older: Vec::new(),
+                            });
+                        }
+                    }
                 }
             }
             self.waiting_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -420,24 +488,11 @@ impl Turns {
             }
             if let Some(writes) = writes {
                 let bytes = writes_bytes(&writes);
-                let dedup: Vec<[u8; 16]> = writes
-                    .iter()
-                    .filter(|(kind, _, _)| *kind == Kind::Dedup)
-                    .filter_map(|(_, key, _)| <[u8; 16]>::try_from(key.as_slice()).ok())
-                    .collect();
                 // Broken until the apply returns: an apply that panics leaves it so.
                 t.broken = true;
                 f(seq, writes)?;
                 t.broken = false;
                 self.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                if !dedup.is_empty() {
-                    let mut pending = self.pending_dedup.lock().unwrap_or_else(|p| p.into_inner());
-                    for k in dedup {
-                        if pending.get(&k).is_some_and(|&(s, _)| s == seq) {
-                            pending.remove(&k);
-                        }
-                    }
-                }
             }
             t.next = seq + 1;
             self.next.store(t.next, Ordering::Release);
@@ -679,6 +734,9 @@ impl FjallStore {
             }
         }
         let mut replayed = 0u64;
+        // The dedup writes of the replayed records (the newest two segments', since the
+        // checkpoint before the last one, and any after `applied`): they go to fjall below.
+        let mut dedup: HashMap<[u8; 16], Option<Vec<u8>>> = HashMap::new();
         let log = CommitLog::open(&dir.join("commitlog"), shape, applied, |seq, payload| {
             let writes = decode_writes(payload).ok_or_else(|| {
                 LogError::Io(std::io::Error::new(
@@ -686,6 +744,11 @@ impl FjallStore {
                     format!("commit log record {seq} does not decode"),
                 ))
             })?;
+            for (kind, key, value) in &writes {
+                if let (Kind::Dedup, Ok(k)) = (kind, <[u8; 16]>::try_from(key.as_slice())) {
+                    dedup.insert(k, value.clone());
+                }
+            }
             apply(&db, &spaces, &meta, &deferred, writes, seq)
                 .map_err(|e| LogError::Io(std::io::Error::other(e.to_string())))?;
             replayed += 1;
@@ -701,6 +764,7 @@ impl FjallStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush(&db, &spaces[Kind::Outbox as usize])?;
+        ingest_dedup(&spaces[Kind::Dedup as usize], dedup.iter())?;
         db.persist(PersistMode::SyncAll).map_err(io)?;
         let mut log = log;
         log.leave_recovered_segment()
@@ -899,8 +963,41 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
     b.is_empty().then_some(out)
 }
 
+/// Hands dedup writes (key, value; `None` deletes) to fjall's `dedup` keyspace as one sorted
+/// table (fjall's ingestion: it bypasses the memtable, and the table and fjall's version are
+/// synced before it returns). The last write of a key in `writes` wins.
+fn ingest_dedup<'a>(
+    space: &Keyspace,
+    writes: impl Iterator<Item = (&'a [u8; 16], &'a Option<Vec<u8>>)>,
+) -> Result<(), StoreError> {
+    let mut w: Vec<_> = writes.collect();
+    if w.is_empty() {
+        return Ok(());
+    }
+    // Stable: of two writes of one key, the later stays last, and is the one kept.
+    w.sort_by_key(|(k, _)| **k);
+    w.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+    let mut ingestion = space.start_ingestion().map_err(io)?;
+    for (key, value) in w {
+        match value {
+            Some(v) => ingestion.write(&key[..], v.as_slice()),
+            None => ingestion.write_tombstone(&key[..]),
+        }
+        .map_err(io)?;
+    }
+    ingestion.finish().map_err(io)
+}
+
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq;
-/// its outbox writes to `deferred` instead (until the next checkpoint).
+/// its outbox writes to `deferred` instead (until the next checkpoint), and its dedup writes
+/// not at all: they wait in [`Turns::pending_dedup`] to be handed to fjall as a table (or,
+/// replayed at open, in the open's own map).
 fn apply(
     db: &Database,
     spaces: &[Keyspace; 18],
@@ -915,6 +1012,9 @@ fn apply(
     let mut b = db.batch().durability(None);
     let mut held = None;
     for (kind, key, value) in writes {
+        if kind == Kind::Dedup {
+            continue;
+        }
         if kind == Kind::Outbox {
             held.get_or_insert_with(|| deferred.lock().unwrap_or_else(|p| p.into_inner()))
                 .write(key, value);
@@ -1138,18 +1238,7 @@ impl FjallStore {
         let seq = {
             let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
             let seq = log
-                .write(&record, |last| {
-                    self.syncer.sync(last)?;
-                    self.settle_to(last);
-                    self.deferred
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .flush(&self.db, &self.spaces[Kind::Outbox as usize])
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    self.db
-                        .persist(PersistMode::SyncAll)
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                })
+                .write(&record, |last| self.checkpoint(last))
                 .map_err(|e| StoreError::Io(format!("commit log: {e}")))?;
             self.turns.push(seq, writes);
             seq
@@ -1179,6 +1268,27 @@ impl FjallStore {
             }
         }
         Ok(())
+    }
+
+    /// A checkpoint, before the log starts a segment (under the writer lock; `last` is the seq
+    /// of the last record written): every record becomes durable and applied, the outbox
+    /// writes waiting in memory go to fjall, the dedup writes since the last checkpoint are
+    /// sealed (and those sealed by it are in fjall), and fjall's journal is synced. After it,
+    /// nothing in the log's older segments is needed but the segment that is ending (for its
+    /// sealed dedup writes, until `store-dedup` has handed them over).
+    fn checkpoint(&self, last: u64) -> std::io::Result<()> {
+        let failed = |e: StoreError| std::io::Error::other(e.to_string());
+        self.syncer.sync(last)?;
+        self.settle_to(last);
+        self.deferred
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(&self.db, &self.spaces[Kind::Outbox as usize])
+            .map_err(failed)?;
+        self.checkpoint_dedup().map_err(failed)?;
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     /// Applies every durable record that waits, up to `upto`. A failed apply stops the process:
@@ -1228,6 +1338,15 @@ impl FjallStore {
         );
     }
 
+    /// Test: a checkpoint now, as the log makes before it starts a segment, and the dedup
+    /// writes it sealed in fjall before it returns (not left to `store-dedup`).
+    #[cfg(test)]
+    fn checkpoint_now(&self) {
+        let log = self.log.lock().unwrap();
+        self.checkpoint(log.next_seq() - 1).unwrap();
+        self.ingest_sealed_dedup(true).unwrap();
+    }
+
     /// Applies every record that is durable and not applied yet: what a read sees first.
     fn settle_durable(&self) {
         let durable = self.syncer.durable();
@@ -1264,25 +1383,103 @@ const WAKE_APPLIER: usize = 8;
 
 impl FjallStore {
     /// The dedup record under `key` as of every commit that returned, without applying waiting
-    /// records first: a waiting record's dedup write is in [`Turns::pending_dedup`] until fjall
-    /// has it.
+    /// records first: the dedup writes fjall does not have yet are in [`Turns::pending_dedup`]
+    /// (the newest whose record is durable wins), fjall has the older ones (tables handed over
+    /// after the checkpoints).
     fn dedup_read(&self, key: &[u8; 16]) -> Result<Option<Vec<u8>>, StoreError> {
-        let pending = self
-            .turns
-            .pending_dedup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned();
+        let durable = self.syncer.durable();
+        let pending = {
+            let maps = self
+                .turns
+                .pending_dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            maps.current
+                .get(key)
+                .and_then(|w| w.durable(durable).cloned())
+                .or_else(|| {
+                    maps.sealed
+                        .as_ref()?
+                        .get(key)
+                        .and_then(|w| w.durable(durable).cloned())
+                })
+        };
         match pending {
-            Some((seq, value)) if seq <= self.syncer.durable() => Ok(value),
-            // Written and not durable yet: whatever is durable is older, applied first.
-            Some(_) => Ok(self.get(Kind::Dedup, key)?.map(|v| v.to_vec())),
+            Some(value) => Ok(value),
+            // The sealed writes leave the map only once fjall has them.
             None => Ok(self.spaces[Kind::Dedup as usize]
                 .get(key)
                 .map_err(io)?
                 .map(|v| v.to_vec())),
         }
+    }
+
+    /// The checkpoint's part for the dedup writes (under the writer lock, every record durable
+    /// and applied): those sealed by the checkpoint before, if the apply thread has not handed
+    /// them to fjall yet, go now (the log is about to stop handing their records back); then
+    /// those since are sealed, and the apply thread hands them over in the background (a store
+    /// without the thread does it now).
+    fn checkpoint_dedup(&self) -> Result<(), StoreError> {
+        self.ingest_sealed_dedup(true)?;
+        {
+            let mut maps = self
+                .turns
+                .pending_dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let current = std::mem::take(&mut maps.current);
+            if !current.is_empty() {
+                maps.sealed = Some(Arc::new(current));
+            }
+        }
+        match &self.applier {
+            Some(a) => a.wake_ingest(),
+            None => self.ingest_sealed_dedup(true)?,
+        }
+        Ok(())
+    }
+
+    /// Hands the sealed dedup writes to fjall as one sorted table (fjall's ingestion: no
+    /// memtable; the table and fjall's version are synced before it returns), then drops them
+    /// from [`Turns::pending_dedup`] (kept if it fails: tried again later). Unless `wait`, only
+    /// if nobody else is at it.
+    fn ingest_sealed_dedup(&self, wait: bool) -> Result<(), StoreError> {
+        let sealed = |store: &FjallStore| {
+            store
+                .turns
+                .pending_dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sealed
+                .clone()
+        };
+        if sealed(self).is_none() {
+            return Ok(());
+        }
+        let _ingesting = match self.turns.ingesting.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if wait => self
+                .turns
+                .ingesting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
+        // (Another one may have handed them over meanwhile.)
+        let Some(sealed) = sealed(self) else {
+            return Ok(());
+        };
+        ingest_dedup(
+            &self.spaces[Kind::Dedup as usize],
+            sealed.iter().map(|(k, w)| (k, &w.newest.1)),
+        )?;
+        self.turns
+            .pending_dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sealed = None;
+        Ok(())
     }
 }
 
@@ -1299,6 +1496,25 @@ struct Applier {
     /// (woken, stop), and the thread's wake-up.
     signal: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The same for the thread that hands the dedup writes a checkpoint sealed to fjall
+    /// (`store-dedup`, [`FjallStore::ingest_sealed_dedup`]): its own, so that the applies go on
+    /// meanwhile.
+    ingest_signal: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
+    ingest_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Lowers the calling thread's CPU priority to [`APPLY_NICE`] (Linux keeps a nice value per
+/// thread). A failure leaves it at the default priority, which is slower for the cores, never
+/// wrong.
+fn nice_this_thread() {
+    // SAFETY: plain syscalls about the calling thread.
+    let niced = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, APPLY_NICE)
+    };
+    if niced != 0 {
+        tracing::debug!("store: a thread of the store keeps its priority");
+    }
 }
 
 /// Nice value of the apply thread: under a full CPU the scheduler prefers the cores' threads
@@ -1319,16 +1535,7 @@ impl Applier {
         let thread = std::thread::Builder::new()
             .name("store-apply".into())
             .spawn(move || {
-                // Linux keeps a nice value per thread: this one only. A failure leaves it at the
-                // default priority, which is slower for the cores, never wrong.
-                // SAFETY: plain syscalls about the calling thread.
-                let niced = unsafe {
-                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, tid, APPLY_NICE)
-                };
-                if niced != 0 {
-                    tracing::debug!("store: the apply thread keeps its priority");
-                }
+                nice_this_thread();
                 let mut st = s.0.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
                     while !st.0 && !st.1 {
@@ -1363,10 +1570,65 @@ impl Applier {
                     st = s.0.lock().unwrap_or_else(|p| p.into_inner());
                 }
             })?;
+        let ingest_signal = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
+        let s = ingest_signal.clone();
+        let mut headless = store.clone();
+        headless.applier = None;
+        headless._trickle = None;
+        let ingest_thread = std::thread::Builder::new()
+            .name("store-dedup".into())
+            .spawn(move || {
+                nice_this_thread();
+                let mut st = s.0.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    while !st.0 && !st.1 {
+                        st = s.1.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    let stop = st.1;
+                    st.0 = false;
+                    drop(st);
+                    if stop {
+                        // What is still sealed goes with the next open's replay.
+                        return;
+                    }
+                    // (A failure keeps them sealed: the next checkpoint tries again, and fails
+                    // if it cannot.)
+                    if let Err(e) = headless.ingest_sealed_dedup(false) {
+                        tracing::warn!("store: dedup records not handed to fjall yet: {e}");
+                    }
+                    st = s.0.lock().unwrap_or_else(|p| p.into_inner());
+                }
+            });
+        let ingest_thread = match ingest_thread {
+            Ok(t) => t,
+            Err(e) => {
+                // Stop the apply thread started above.
+                drop(Applier {
+                    signal,
+                    thread: Some(thread),
+                    ingest_signal,
+                    ingest_thread: None,
+                });
+                return Err(e);
+            }
+        };
         Ok(Applier {
             signal,
             thread: Some(thread),
+            ingest_signal,
+            ingest_thread: Some(ingest_thread),
         })
+    }
+
+    /// Has the `store-dedup` thread hand the sealed dedup writes to fjall (returns at once).
+    fn wake_ingest(&self) {
+        let mut st = self
+            .ingest_signal
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        st.0 = true;
+        self.ingest_signal.1.notify_one();
     }
 
     /// Has the thread apply what is durable (returns at once).
@@ -1381,10 +1643,15 @@ impl Applier {
 
 impl Drop for Applier {
     fn drop(&mut self) {
-        self.signal.0.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-        self.signal.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        for (signal, thread) in [
+            (&self.ingest_signal, self.ingest_thread.take()),
+            (&self.signal, self.thread.take()),
+        ] {
+            signal.0.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+            signal.1.notify_all();
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -1882,6 +2149,8 @@ mod tests {
     }
 
     fn compact_dedup(store: &FjallStore) {
+        // Dedup writes reach fjall at a checkpoint.
+        store.checkpoint_now();
         let ks = store.space(Kind::Dedup);
         ks.rotate_memtable_and_wait().unwrap();
         ks.major_compact().unwrap();
@@ -2061,14 +2330,203 @@ mod tests {
         store.settle().unwrap();
         assert!(!store.unsettled());
         assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
-        // Once applied, fjall answers: nothing is left behind in the map.
-        assert!(store.turns.pending_dedup.lock().unwrap().is_empty());
+        // Applied, the dedup writes are still only in the map: fjall's memtable never gets them.
+        assert!(raw_dedup(&store).is_empty());
         // A record written and not durable yet (as a commit between its write and its sync):
-        // its dedup write is not seen.
+        // its dedup write is not seen, and the key's durable write is.
         let next = store.log.lock().unwrap().next_seq();
         store.turns.push(next, Some(collect(dedup_put(5, 3, 300))));
+        store
+            .turns
+            .push(next + 1, Some(collect(dedup_put(5, 1, 400))));
         assert_eq!(lookup(3), None);
         assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
+    }
+
+    /// Opens a store on a log of small segments (a few commits cross a checkpoint), with or
+    /// without the store's threads (without them, a checkpoint hands the dedup writes to fjall
+    /// itself).
+    fn open_small_log(dir: &Path, threads: bool) -> FjallStore {
+        let shape = LogShape {
+            segments: 3,
+            segment_bytes: 1024,
+        };
+        let mut store = FjallStore::open_with(dir, shape).unwrap();
+        if !threads {
+            store.applier = None;
+        }
+        store
+    }
+
+    /// The dedup writes fjall does not have yet: (since the last checkpoint, sealed).
+    fn pending_dedup(store: &FjallStore) -> (usize, usize) {
+        let maps = store.turns.pending_dedup.lock().unwrap();
+        (
+            maps.current.len(),
+            maps.sealed.as_ref().map_or(0, |s| s.len()),
+        )
+    }
+
+    /// Every dedup record committed is found, and none that was not.
+    fn assert_dedup_found(rt: &tokio::runtime::Runtime, store: &FjallStore, committed: &[u64]) {
+        for &c in committed {
+            let e = rt.block_on(store.dedup(UserId(5), c)).unwrap();
+            assert_eq!(e.map(|e| e.server_time_ms), Some(1_000 + c), "cid {c}");
+        }
+        let next = committed.last().map_or(1, |c| c + 1);
+        assert_eq!(rt.block_on(store.dedup(UserId(5), next)).unwrap(), None);
+    }
+
+    /// Dedup writes wait in memory until a checkpoint seals them and they are handed to fjall
+    /// as a table (here by the checkpoint itself: no store threads); reads find every returned
+    /// commit's record before, during and after that, and across a crash at any point of it.
+    #[test]
+    fn dedup_writes_reach_fjall_at_a_checkpoint_and_survive_a_crash_on_either_side_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut store = open_small_log(dir.path(), false);
+        let mut committed = vec![];
+        let mut crossed = 0;
+        let mut in_fjall = 0;
+        for cid in 1..=200u64 {
+            rt.block_on(store.commit(dedup_put(5, cid, 1_000 + cid)))
+                .unwrap();
+            committed.push(cid);
+            // fjall holds the writes up to the last checkpoint, the map the rest.
+            let raw = raw_dedup(&store);
+            assert_eq!(raw, committed[..raw.len()], "after commit {cid}");
+            let (pending, sealed) = pending_dedup(&store);
+            assert_eq!(
+                sealed, 0,
+                "without the store's threads a checkpoint ingests itself"
+            );
+            assert_eq!(raw.len() + pending, committed.len(), "after commit {cid}");
+            if raw.len() > in_fjall {
+                // A checkpoint before this commit's record: only that record's write is left.
+                crossed += 1;
+                assert_eq!(pending, 1, "after the checkpoint of commit {cid}");
+                in_fjall = raw.len();
+            }
+            if cid % 50 == 25 {
+                // A crash in a checkpoint, after fjall took the map's writes and before the
+                // map was emptied and the log started a segment: the open hands them to fjall
+                // again (same keys, same values).
+                store.settle().unwrap();
+                let maps = store.turns.pending_dedup.lock().unwrap();
+                ingest_dedup(
+                    store.space(Kind::Dedup),
+                    maps.current.iter().map(|(k, w)| (k, &w.newest.1)),
+                )
+                .unwrap();
+                drop(maps);
+                assert_eq!(raw_dedup(&store), committed);
+            }
+            if cid % 25 == 0 {
+                // A crash: the map is lost with the process (a store dropped without a
+                // checkpoint).
+                drop(store);
+                store = open_small_log(dir.path(), false);
+                // The open replayed the newest two segments and handed their dedup writes to
+                // fjall.
+                assert_eq!(pending_dedup(&store), (0, 0));
+                assert_eq!(raw_dedup(&store), committed);
+                in_fjall = committed.len();
+            }
+            assert_dedup_found(&rt, &store, &committed);
+        }
+        assert!(crossed >= 5, "only {crossed} checkpoints");
+        // Nothing of it ever went through fjall's dedup memtable (a rotation of an empty one
+        // does nothing).
+        let ks = store.space(Kind::Dedup);
+        assert_eq!(ks.sealed_memtable_count(), 0);
+        assert!(
+            !ks.rotate_memtable().unwrap(),
+            "the dedup memtable holds entries"
+        );
+    }
+
+    /// With the store's threads, a checkpoint only seals the dedup writes, and `store-dedup`
+    /// hands them to fjall; a crash before it did loses none of them (the log hands back the
+    /// records of the newest two segments), and a checkpoint that finds them still sealed
+    /// hands them over itself before the log stops handing their records back.
+    #[test]
+    fn sealed_dedup_writes_reach_fjall_off_the_committers_and_a_crash_before_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let wait_sealed_gone = |store: &FjallStore| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while pending_dedup(store).1 > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "store-dedup did not hand the sealed writes to fjall"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        };
+        let mut store = open_small_log(dir.path(), true);
+        let mut committed: Vec<u64> = vec![];
+        let mut cid = 0;
+        // Commits up to the next checkpoint (fjall's tables or the sealed map grow).
+        let commit_to_checkpoint = |store: &FjallStore, cid: &mut u64, committed: &mut Vec<u64>| {
+            let seen = |store: &FjallStore| raw_dedup(store).len() + pending_dedup(store).1;
+            let before = seen(store);
+            for _ in 0..100 {
+                *cid += 1;
+                rt.block_on(store.commit(dedup_put(5, *cid, 1_000 + *cid)))
+                    .unwrap();
+                committed.push(*cid);
+                if seen(store) > before {
+                    return;
+                }
+            }
+            panic!("no checkpoint in 100 commits");
+        };
+        // In the background: the sealed writes reach fjall, the map forgets them.
+        commit_to_checkpoint(&store, &mut cid, &mut committed);
+        wait_sealed_gone(&store);
+        assert_eq!(raw_dedup(&store), committed[..committed.len() - 1]);
+        assert_dedup_found(&rt, &store, &committed);
+        // The thread kept from them (as if it had no CPU): sealed they stay, and are read.
+        let held = store.turns.ingesting.lock().unwrap();
+        commit_to_checkpoint(&store, &mut cid, &mut committed);
+        let in_fjall = raw_dedup(&store).len();
+        assert!(pending_dedup(&store).1 > 0);
+        assert_dedup_found(&rt, &store, &committed);
+        // A crash now: the sealed writes and the later ones are lost with the process, and the
+        // log hands their records back.
+        drop(held);
+        let turns = store.turns.clone();
+        let keep_held = turns.ingesting.lock().unwrap();
+        drop(store);
+        drop(keep_held);
+        drop(turns);
+        store = open_small_log(dir.path(), true);
+        assert_eq!(pending_dedup(&store), (0, 0));
+        assert_eq!(raw_dedup(&store), committed);
+        assert!(in_fjall < committed.len());
+        assert_dedup_found(&rt, &store, &committed);
+        // A checkpoint that finds the last one's writes still sealed hands them over first.
+        let held = store.turns.ingesting.lock().unwrap();
+        commit_to_checkpoint(&store, &mut cid, &mut committed);
+        let sealed_first = pending_dedup(&store).1;
+        assert!(sealed_first > 0);
+        drop(held);
+        // (The thread may take them now; either way the next checkpoint finds them in fjall.)
+        let held_from = committed.len();
+        commit_to_checkpoint(&store, &mut cid, &mut committed);
+        assert!(raw_dedup(&store).len() >= held_from - 1);
+        wait_sealed_gone(&store);
+        assert_eq!(raw_dedup(&store), committed[..committed.len() - 1]);
+        assert_dedup_found(&rt, &store, &committed);
+        let ks = store.space(Kind::Dedup);
+        assert!(
+            !ks.rotate_memtable().unwrap(),
+            "the dedup memtable holds entries"
+        );
     }
 
     /// The store's thread applies durable records: by itself within its poll (a `settle` with
