@@ -88,7 +88,8 @@ const PACE: Duration = Duration::from_micros(500);
 /// Sizes of the ring.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LogShape {
-    /// Number of segment files.
+    /// Number of segment files; at least 2: a crash replays the newest two, so starting a
+    /// segment must never overwrite the one before it.
     pub segments: usize,
     /// A segment is left for the next one once a record would end past this many bytes (a
     /// single record larger than a segment still fits: its segment grows for it).
@@ -486,6 +487,7 @@ impl CommitLog {
         applied: u64,
         mut replay: impl FnMut(u64, &[u8]) -> Result<(), LogError>,
     ) -> Result<CommitLog, LogError> {
+        debug_assert!(shape.segments >= 2, "a log of {} segments", shape.segments);
         std::fs::create_dir_all(dir)?;
         let mut segs = Vec::with_capacity(shape.segments);
         let mut lens = Vec::with_capacity(shape.segments);

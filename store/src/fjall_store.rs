@@ -43,8 +43,9 @@
 //! fjall's journal is made durable only at a checkpoint (`Database::persist`, before the log
 //! reuses a segment) and when the store is opened; so after a crash fjall holds some prefix of
 //! the batches, `meta/applied` says which, and [`FjallStore::open`] replays the log's records
-//! after it and those since the checkpoint before the last one (a torn journal may keep a later batch and lose
-//! an earlier one; one fjall refuses to recover is cut by `journal_repair` first). A thread of the store (`trickle`) starts the writeback of fjall's journal every
+//! after it and those since the checkpoint before the last one (a torn journal may keep a later
+//! batch and lose an earlier one; one fjall refuses to recover is cut by `journal_repair`
+//! first). A thread of the store (`trickle`) starts the writeback of fjall's journal every
 //! 20 ms, so that a checkpoint's `fsync` finds little left to write.
 //!
 //! A commit takes three steps, so that concurrent commits (one per logic worker) share syncs:
@@ -306,12 +307,12 @@ struct Turns {
     waiting_bytes: AtomicUsize,
     /// The dedup writes that fjall does not have yet, by key. They never go through fjall's
     /// memtable: each checkpoint seals those of the records since the checkpoint before, and
-    /// the apply thread hands them to fjall as one sorted table
+    /// `store-dedup` hands them to fjall as one sorted table
     /// ([`FjallStore::ingest_sealed_dedup`]); until then a dedup read finds them here, without
     /// applying anything first ([`FjallStore::dedup_read`]). Bounded by what two segments of
     /// the commit log hold.
     pending_dedup: Mutex<DedupMaps>,
-    /// Held while the sealed dedup writes go to fjall: by the apply thread, or by a checkpoint
+    /// Held while the sealed dedup writes go to fjall: by `store-dedup`, or by a checkpoint
     /// that finds them still sealed.
     ingesting: Mutex<()>,
 }
@@ -1415,10 +1416,10 @@ impl FjallStore {
     }
 
     /// The checkpoint's part for the dedup writes (under the writer lock, every record durable
-    /// and applied): those sealed by the checkpoint before, if the apply thread has not handed
+    /// and applied): those sealed by the checkpoint before, if `store-dedup` has not handed
     /// them to fjall yet, go now (the log is about to stop handing their records back); then
-    /// those since are sealed, and the apply thread hands them over in the background (a store
-    /// without the thread does it now).
+    /// those since are sealed, and `store-dedup` hands them over in the background (a store
+    /// without the store's threads does it now).
     fn checkpoint_dedup(&self) -> Result<(), StoreError> {
         self.ingest_sealed_dedup(true)?;
         {
