@@ -11,7 +11,6 @@
 mod conformance;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::Path;
 
 use conformance::{data, upload, Harness, MAX};
@@ -344,12 +343,9 @@ async fn failures_of_the_store_are_io_errors_that_say_what_failed() {
 
 #[tokio::test]
 async fn an_unreachable_store_is_an_io_error_naming_it() {
-    // A port nothing listens on (no s3s-fs needed).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port nothing listens on (no s3s-fs needed), handed out once in this process: a port
+    // from `bind(0)`, once dropped, could go to another test's server by its next `bind(0)`.
+    let port = im_testkit::ports::reserve();
     let s = S3Files::new(config_at(format!("http://127.0.0.1:{port}"), ""), MAX).unwrap();
     let e = s.status(UploadId::random()).await.unwrap_err();
     let FileError::Io(m) = e else { panic!("{e:?}") };

@@ -160,12 +160,9 @@ fn a_gate_serves_health_and_metrics_on_its_status_listener() {
 #[test]
 fn a_gate_warns_when_it_cannot_reach_a_logic_node() {
     use std::io::BufRead;
-    // A port nobody listens on: bound, then closed.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    // A port nobody listens on, handed out once in this process (a port from `bind(0)`, once
+    // dropped, could go to another test's server by its next `bind(0)`).
+    let dead = format!("127.0.0.1:{}", im_testkit::ports::reserve());
     let mut gate = spawn_reaped(
         std::process::Command::new(env!("CARGO_BIN_EXE_im-server"))
             .args(["gate", "--gate-id", "1", "--logic", &dead])

@@ -381,10 +381,9 @@ mod tests {
 
     #[test]
     fn try_http_reports_a_refused_connection() {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Handed out once in this process: a port from `bind(0)`, once dropped, could go to
+        // another test's listener by its next `bind(0)`.
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], crate::ports::reserve()).into();
         assert!(try_http(addr, "GET", "/", &[], b"", Deadlines::default()).is_err());
     }
 

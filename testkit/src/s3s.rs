@@ -7,7 +7,7 @@
 //! returns `None`, except under CI (`CI` set), where it panics: CI must run these tests.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,13 +74,17 @@ impl S3sFs {
 
     /// Starts the process on a free port, waiting (with a deadline) until it accepts
     /// connections. A port taken between the probe and the bind is retried with another.
+    ///
+    /// The port comes from [`crate::ports::reserve`], which hands a port out once per test
+    /// process. It came from `bind(0)`, and two tests of one process running in parallel could
+    /// get the same port a moment apart: the second server failed to bind it, the second
+    /// test's probe below connected to the first test's server and took it for its own, and
+    /// once the first test ended and killed it, the second one's requests found nothing there
+    /// ("Connection refused", seen once in CI). The probe also checks that its own server is
+    /// still running.
     fn spawn(&mut self) {
         for _attempt in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = crate::ports::reserve();
             let log = self.log.reopen().unwrap();
             let mut cmd = Command::new(&self.bin);
             cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -112,7 +116,9 @@ impl S3sFs {
                     }
                     panic!("s3s-fs exited at startup ({status}):\n{log}");
                 }
-                if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+                    && child.try_wait().unwrap().is_none()
+                {
                     return;
                 }
                 assert!(
