@@ -360,6 +360,18 @@ struct Turn {
     broken: bool,
 }
 
+/// `m` locked; unless `wait`, only if nobody holds it (`None` then).
+fn lock_unless_held<T>(m: &Mutex<T>, wait: bool) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) if wait => {
+            Some(m.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 impl Turns {
     fn new(next: u64) -> Turns {
         Turns {
@@ -454,13 +466,8 @@ impl Turns {
         wait: bool,
         mut f: impl FnMut(u64, Writes) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut t = match self.turn.try_lock() {
-            Ok(t) => t,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) if wait => {
-                self.turn.lock().unwrap_or_else(|p| p.into_inner())
-            }
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        let Some(mut t) = lock_unless_held(&self.turn, wait) else {
+            return Ok(());
         };
         for _ in 0..limit {
             if t.broken {
@@ -1339,6 +1346,15 @@ impl FjallStore {
         );
     }
 
+    /// A clone for a thread of the store's own: without the threads, so that the last clone
+    /// of the store's users stops them.
+    fn headless(&self) -> FjallStore {
+        let mut headless = self.clone();
+        headless.applier = None;
+        headless._trickle = None;
+        headless
+    }
+
     /// Test: a checkpoint now, as the log makes before it starts a segment, and the dedup
     /// writes it sealed in fjall before it returns (not left to `store-dedup`).
     #[cfg(test)]
@@ -1457,15 +1473,8 @@ impl FjallStore {
         if sealed(self).is_none() {
             return Ok(());
         }
-        let _ingesting = match self.turns.ingesting.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) if wait => self
-                .turns
-                .ingesting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        let Some(_ingesting) = lock_unless_held(&self.turns.ingesting, wait) else {
+            return Ok(());
         };
         // (Another one may have handed them over meanwhile.)
         let Some(sealed) = sealed(self) else {
@@ -1529,9 +1538,7 @@ const APPLY_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 impl Applier {
     fn start(store: &FjallStore) -> std::io::Result<Applier> {
         let signal = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
-        let mut headless = store.clone();
-        headless.applier = None;
-        headless._trickle = None;
+        let headless = store.headless();
         let s = signal.clone();
         let thread = std::thread::Builder::new()
             .name("store-apply".into())
@@ -1573,9 +1580,7 @@ impl Applier {
             })?;
         let ingest_signal = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
         let s = ingest_signal.clone();
-        let mut headless = store.clone();
-        headless.applier = None;
-        headless._trickle = None;
+        let headless = store.headless();
         let ingest_thread = std::thread::Builder::new()
             .name("store-dedup".into())
             .spawn(move || {
@@ -2378,6 +2383,16 @@ mod tests {
         assert_eq!(rt.block_on(store.dedup(UserId(5), next)).unwrap(), None);
     }
 
+    /// Nothing went through fjall's dedup memtable (a rotation of an empty one does nothing).
+    fn assert_dedup_memtable_empty(store: &FjallStore) {
+        let ks = store.space(Kind::Dedup);
+        assert_eq!(ks.sealed_memtable_count(), 0);
+        assert!(
+            !ks.rotate_memtable().unwrap(),
+            "the dedup memtable holds entries"
+        );
+    }
+
     /// Dedup writes wait in memory until a checkpoint seals them and they are handed to fjall
     /// as a table (here by the checkpoint itself: no store threads); reads find every returned
     /// commit's record before, during and after that, and across a crash at any point of it.
@@ -2438,14 +2453,7 @@ mod tests {
             assert_dedup_found(&rt, &store, &committed);
         }
         assert!(crossed >= 5, "only {crossed} checkpoints");
-        // Nothing of it ever went through fjall's dedup memtable (a rotation of an empty one
-        // does nothing).
-        let ks = store.space(Kind::Dedup);
-        assert_eq!(ks.sealed_memtable_count(), 0);
-        assert!(
-            !ks.rotate_memtable().unwrap(),
-            "the dedup memtable holds entries"
-        );
+        assert_dedup_memtable_empty(&store);
     }
 
     /// With the store's threads, a checkpoint only seals the dedup writes, and `store-dedup`
@@ -2523,11 +2531,7 @@ mod tests {
         wait_sealed_gone(&store);
         assert_eq!(raw_dedup(&store), committed[..committed.len() - 1]);
         assert_dedup_found(&rt, &store, &committed);
-        let ks = store.space(Kind::Dedup);
-        assert!(
-            !ks.rotate_memtable().unwrap(),
-            "the dedup memtable holds entries"
-        );
+        assert_dedup_memtable_empty(&store);
     }
 
     /// The store's thread applies durable records: by itself within its poll (a `settle` with
