@@ -50,8 +50,8 @@
 //! **Checkpoints and reuse.** Before a segment is started (and so before an older lap of it is
 //! overwritten) the caller's checkpoint runs: the store persists fjall, after which every record
 //! written before the segment that is ending is durable in fjall and the log holds nothing else
-//! that is needed (the store hands the dedup writes of the ending segment's records to fjall in
-//! the background, before the next checkpoint: see `fjall_store`).
+//! that is needed (the store hands the dedup and msg-index writes of the ending segment's
+//! records to fjall in the background, before the next checkpoint: see `fjall_store`).
 //!
 //! **Recovery** ([`CommitLog::open`]): the caller says up to which seq its state is durable
 //! (`applied`, which the store writes into fjall with every batch); the log hands back every
@@ -555,7 +555,7 @@ impl CommitLog {
         };
         // Replayed: every record after `applied`, and every record of the newest two segments.
         // The newest segment was started right after a checkpoint that made everything before
-        // the segment before it durable in the store (the store's dedup writes of that one's
+        // the segment before it durable in the store (the store's tabled writes of that one's
         // records may still be on their way to fjall when the process dies), so that far the
         // store's state needs no log; after it, the store's own word (`applied`) is trusted
         // only as far as the store's recovery deserves: a torn journal may come back with a

@@ -59,10 +59,10 @@
 //!    apply thread (`Applier`, at a lower CPU priority), woken by a commit or a
 //!    [`Store::settle`] (which an idle logic worker calls once its round's replies went out)
 //!    that finds [`WAKE_APPLIER`] records waiting, and looking every [`APPLY_POLL`] otherwise;
-//!    every read but a dedup lookup, before it reads; a checkpoint; a commit that finds
-//!    [`MAX_WAITING`] records waiting and nobody applying; one that finds waiting records that
-//!    hold [`MAX_WAITING_BYTES`] (it waits for its turn, and applies a few: the bound on their
-//!    memory; [`FjallStore::help_apply`]). A logic worker's
+//!    every read but a dedup or msg-index lookup, before it reads; a checkpoint; a commit that
+//!    finds [`MAX_WAITING`] records waiting and nobody applying; one that finds waiting records
+//!    that hold [`MAX_WAITING_BYTES`] (it waits for its turn, and applies a few: the bound on
+//!    their memory; [`FjallStore::help_apply`]). A logic worker's
 //!    acknowledgements and deliveries so wait for one `fdatasync`, not for fjall's memtable
 //!    inserts nor for another worker's, and its thread (a gate core's) mostly does not make
 //!    them at all.
@@ -71,22 +71,24 @@
 //! checkpoint (under the writer lock) first makes every record written so far durable and
 //! applies it.
 //!
-//! **Dedup writes never go through fjall's memtable.** Every send writes one dedup record and
-//! looks one up first, which is nearly always a miss: in a memtable of hundreds of thousands of
-//! entries, that insert and that miss were a skiplist walk each (docs/BENCHMARKS.md, "Dedup
-//! records handed to fjall as tables"). So the dedup writes are kept in a map by key
-//! ([`Turns::pending_dedup`]) from the moment their record is written. A checkpoint seals the
-//! map (and starts a new one), and a thread of the store (`store-dedup`) hands the sealed
-//! writes to fjall as one sorted table (fjall's ingestion: no memtable; table and version
-//! synced before it returns: ~50 ms for a segment's ~85 000 writes, which the checkpoint,
-//! under the writer lock, must not wait for), then drops them. The next checkpoint does it
-//! itself if they are still sealed: after it, the log no longer hands their records back. The
-//! lookup of a send ([`Store::dedup`]) applies nothing: it finds a key in the map (the newest
-//! write whose record is durable), then in the sealed one, or else in fjall's tables. After a
-//! crash, the log hands back the records of its newest two segments (since the checkpoint
-//! before the last one: `commit_log`), and the open hands their dedup writes to fjall before it
-//! serves. The maps hold the dedup writes of at most two segments' records (~170 000 c2c
-//! messages, ~20 MB).
+//! **Dedup and msg-index writes never go through fjall's memtable** (the *tabled* keyspaces,
+//! [`TABLED`]). Every send writes one dedup record and looks one up first, which is nearly always
+//! a miss, and every message's copy writes one msg-index entry; in a memtable of hundreds of
+//! thousands of entries, each insert and each miss was a skiplist walk (docs/BENCHMARKS.md, "Dedup
+//! records handed to fjall as tables", "Msg-index entries handed to fjall as tables too"). Both
+//! are written once per key in practice and read only by key. So their writes are kept in a map by
+//! key per keyspace ([`Turns::pending`]) from the moment their record is written. A checkpoint
+//! seals the maps (and starts new ones), and a thread of the store (`store-ingest`) hands the
+//! sealed writes to fjall as one sorted table per keyspace (fjall's ingestion: no memtable; table
+//! and version synced before it returns: ~50 ms for a segment's ~85 000 dedup writes, which the
+//! checkpoint, under the writer lock, must not wait for), then drops them. The next checkpoint
+//! does it itself if they are still sealed: after it, the log no longer hands their records back.
+//! A lookup ([`Store::dedup`], [`Store::seq_of`]) applies nothing: it finds a key in the map (the
+//! newest write whose record is durable), then in the sealed one, or else in fjall's tables. After
+//! a crash, the log hands back the records of its newest two segments (since the checkpoint before
+//! the last one: `commit_log`), and the open hands their tabled writes to fjall before it serves.
+//! The maps hold the tabled writes of at most two segments' records (~170 000 c2c messages,
+//! ~40 MB).
 //!
 //! **Outbox writes wait in memory until a checkpoint** (`Deferred`): an outbox entry is put when
 //! a fan-out starts and deleted once its recipients confirmed it, most often well within the
@@ -305,44 +307,65 @@ struct Turns {
     next: AtomicU64,
     /// Bytes of keys and values the waiting records hold (what bounds the queue's memory).
     waiting_bytes: AtomicUsize,
-    /// The dedup writes that fjall does not have yet, by key. They never go through fjall's
-    /// memtable: each checkpoint seals those of the records since the checkpoint before, and
-    /// `store-dedup` hands them to fjall as one sorted table
-    /// ([`FjallStore::ingest_sealed_dedup`]); until then a dedup read finds them here, without
-    /// applying anything first ([`FjallStore::dedup_read`]). Bounded by what two segments of
-    /// the commit log hold.
-    pending_dedup: Mutex<DedupMaps>,
-    /// Held while the sealed dedup writes go to fjall: by `store-dedup`, or by a checkpoint
-    /// that finds them still sealed.
+    /// The writes of the tabled keyspaces ([`TABLED`]: dedup, msgidx) that fjall does not have
+    /// yet, by key. They never go through fjall's memtable: each checkpoint seals those of the
+    /// records since the checkpoint before, and `store-ingest` hands them to fjall as one sorted
+    /// table per keyspace ([`FjallStore::ingest_sealed`]); until then a read finds them here,
+    /// without applying anything first ([`FjallStore::tabled_read`]). Bounded by what two
+    /// segments of the commit log hold.
+    pending: Mutex<TabledMaps>,
+    /// Held while the sealed writes go to fjall: by `store-ingest`, or by a checkpoint that
+    /// finds them still sealed.
     ingesting: Mutex<()>,
 }
 
-/// The dedup writes that fjall does not have yet.
+/// The keyspaces whose writes never go through fjall's memtable (module docs, "Dedup and
+/// msg-index writes"): written once per key in practice, read only by key, 16-byte keys.
+const TABLED: [Kind; 2] = [Kind::Dedup, Kind::MsgIdx];
+
+/// Index of `kind` in [`TABLED`].
+fn tabled(kind: Kind) -> Option<usize> {
+    TABLED.iter().position(|k| *k == kind)
+}
+
+/// The writes of the tabled keyspaces that fjall does not have yet.
 #[derive(Debug, Default)]
-struct DedupMaps {
-    /// Those of the records written since the last checkpoint.
-    current: PendingDedup,
+struct TabledMaps {
+    /// Those of the records written since the last checkpoint, one map per [`TABLED`] keyspace.
+    current: [PendingWrites; TABLED.len()],
     /// Those of the records between the checkpoint before and the last one (all durable and
     /// applied), on their way to fjall; `None` once fjall has them. The next checkpoint waits
     /// for them if they are still here: after it, the log no longer hands their records back.
-    sealed: Option<Arc<PendingDedup>>,
+    sealed: Option<Arc<[PendingWrites; TABLED.len()]>>,
 }
 
-/// Dedup key → its writes since the last checkpoint.
-type PendingDedup = HashMap<[u8; 16], DedupWrites>;
+impl TabledMaps {
+    /// The newest write of key `key` of tabled keyspace `t` whose record is durable (up to
+    /// `durable`): `Some(None)` if it deletes, `None` if the maps have none.
+    fn durable(&self, t: usize, key: &[u8; 16], durable: u64) -> Option<Option<Vec<u8>>> {
+        let found = |maps: &[PendingWrites; TABLED.len()]| {
+            maps[t].get(key).and_then(|w| w.durable(durable).cloned())
+        };
+        found(&self.current).or_else(|| found(self.sealed.as_deref()?))
+    }
+}
 
-/// The writes of one dedup key since the last checkpoint, by record seq. A key is written once
-/// in practice (a retry finds the record and writes nothing), so `older` stays empty and
-/// allocates nothing; it keeps an earlier write for a read while the newest is not durable.
+/// Key → its writes since the last checkpoint (of one tabled keyspace).
+type PendingWrites = HashMap<[u8; 16], KeyWrites>;
+
+/// The writes of one key since the last checkpoint, by record seq. A key is written once in
+/// practice (a retried send finds its dedup record and writes nothing; a replayed append finds
+/// its msg index), so `older` stays empty and allocates nothing; it keeps an earlier write for
+/// a read while the newest is not durable.
 #[derive(Debug)]
-struct DedupWrites {
+struct KeyWrites {
     /// The newest: (record seq, value; `None` deletes).
     newest: (u64, Option<Vec<u8>>),
     /// Earlier writes, oldest first.
     older: Vec<(u64, Option<Vec<u8>>)>,
 }
 
-impl DedupWrites {
+impl KeyWrites {
     /// The newest write whose record is durable (up to `durable`), if any.
     fn durable(&self, durable: u64) -> Option<&Option<Vec<u8>>> {
         std::iter::once(&self.newest)
@@ -382,7 +405,7 @@ impl Turns {
             }),
             next: AtomicU64::new(next),
             waiting_bytes: AtomicUsize::new(0),
-            pending_dedup: Mutex::new(DedupMaps::default()),
+            pending: Mutex::new(TabledMaps::default()),
             ingesting: Mutex::new(()),
         }
     }
@@ -391,36 +414,37 @@ impl Turns {
         StoreError::Io("an earlier commit failed after its log record was written".into())
     }
 
-    /// Record `seq` was just written to the log (under the writer lock, so in seq order).
-    fn push(&self, seq: u64, writes: Option<Writes>) {
-        if let Some(w) = &writes {
+    /// Record `seq` was just written to the log (under the writer lock, so in seq order). Its
+    /// writes of the tabled keyspaces move to [`Turns::pending`]; the rest wait for the apply.
+    fn push(&self, seq: u64, mut writes: Option<Writes>) {
+        if let Some(w) = &mut writes {
             let mut pending = None;
             let mut bytes = 0;
-            for (kind, key, value) in w {
-                bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-                if let (Kind::Dedup, Ok(k)) = (kind, <[u8; 16]>::try_from(key.as_slice())) {
-                    let write = (seq, value.clone());
-                    match pending
-                        .get_or_insert_with(|| {
-                            self.pending_dedup.lock().unwrap_or_else(|p| p.into_inner())
-                        })
-                        .current
-                        .entry(k)
-                    {
-                        std::collections::hash_map::Entry::Occupied(mut e) => {
-                            let w = e.get_mut();
-                            let earlier = std::mem::replace(&mut w.newest, write);
-                            w.older.push(earlier);
-                        }
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(DedupWrites {
-                                newest: write,
-                                older: Vec::new(),
-                            });
-                        }
+            w.retain_mut(|(kind, key, value)| {
+                let (Some(t), Ok(k)) = (tabled(*kind), <[u8; 16]>::try_from(key.as_slice())) else {
+                    bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+                    return true;
+                };
+                let write = (seq, value.take());
+                match pending
+                    .get_or_insert_with(|| self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+                    .current[t]
+                    .entry(k)
+                {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        let w = e.get_mut();
+                        let earlier = std::mem::replace(&mut w.newest, write);
+                        w.older.push(earlier);
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(KeyWrites {
+                            newest: write,
+                            older: Vec::new(),
+                        });
                     }
                 }
-            }
+                false
+            });
             self.waiting_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
         self.waiting
@@ -742,9 +766,9 @@ impl FjallStore {
             }
         }
         let mut replayed = 0u64;
-        // The dedup writes of the replayed records (the newest two segments', since the
-        // checkpoint before the last one, and any after `applied`): they go to fjall below.
-        let mut dedup: HashMap<[u8; 16], Option<Vec<u8>>> = HashMap::new();
+        // The tabled keyspaces' writes of the replayed records (the newest two segments', since
+        // the checkpoint before the last one, and any after `applied`): they go to fjall below.
+        let mut tables: [HashMap<[u8; 16], Option<Vec<u8>>>; TABLED.len()] = Default::default();
         let log = CommitLog::open(&dir.join("commitlog"), shape, applied, |seq, payload| {
             let writes = decode_writes(payload).ok_or_else(|| {
                 LogError::Io(std::io::Error::new(
@@ -753,8 +777,8 @@ impl FjallStore {
                 ))
             })?;
             for (kind, key, value) in &writes {
-                if let (Kind::Dedup, Ok(k)) = (kind, <[u8; 16]>::try_from(key.as_slice())) {
-                    dedup.insert(k, value.clone());
+                if let (Some(t), Ok(k)) = (tabled(*kind), <[u8; 16]>::try_from(key.as_slice())) {
+                    tables[t].insert(k, value.clone());
                 }
             }
             apply(&db, &spaces, &meta, &deferred, writes, seq)
@@ -772,7 +796,9 @@ impl FjallStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush(&db, &spaces[Kind::Outbox as usize])?;
-        ingest_dedup(&spaces[Kind::Dedup as usize], dedup.iter())?;
+        for (kind, writes) in TABLED.iter().zip(&tables) {
+            ingest_table(&spaces[*kind as usize], writes.iter())?;
+        }
         db.persist(PersistMode::SyncAll).map_err(io)?;
         let mut log = log;
         log.leave_recovered_segment()
@@ -971,10 +997,10 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
     b.is_empty().then_some(out)
 }
 
-/// Hands dedup writes (key, value; `None` deletes) to fjall's `dedup` keyspace as one sorted
-/// table (fjall's ingestion: it bypasses the memtable, and the table and fjall's version are
-/// synced before it returns). The last write of a key in `writes` wins.
-fn ingest_dedup<'a>(
+/// Hands writes (key, value; `None` deletes) of a tabled keyspace to fjall as one sorted table
+/// (fjall's ingestion: it bypasses the memtable, and the table and fjall's version are synced
+/// before it returns). The last write of a key in `writes` wins.
+fn ingest_table<'a>(
     space: &Keyspace,
     writes: impl Iterator<Item = (&'a [u8; 16], &'a Option<Vec<u8>>)>,
 ) -> Result<(), StoreError> {
@@ -1003,9 +1029,9 @@ fn ingest_dedup<'a>(
 }
 
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq;
-/// its outbox writes to `deferred` instead (until the next checkpoint), and its dedup writes
-/// not at all: they wait in [`Turns::pending_dedup`] to be handed to fjall as a table (or,
-/// replayed at open, in the open's own map).
+/// its outbox writes to `deferred` instead (until the next checkpoint), and those of the tabled
+/// keyspaces not at all: they wait in [`Turns::pending`] to be handed to fjall as tables (or,
+/// replayed at open, in the open's own maps).
 fn apply(
     db: &Database,
     spaces: &[Keyspace; 18],
@@ -1020,7 +1046,7 @@ fn apply(
     let mut b = db.batch().durability(None);
     let mut held = None;
     for (kind, key, value) in writes {
-        if kind == Kind::Dedup {
+        if tabled(kind).is_some() {
             continue;
         }
         if kind == Kind::Outbox {
@@ -1280,10 +1306,10 @@ impl FjallStore {
 
     /// A checkpoint, before the log starts a segment (under the writer lock; `last` is the seq
     /// of the last record written): every record becomes durable and applied, the outbox
-    /// writes waiting in memory go to fjall, the dedup writes since the last checkpoint are
-    /// sealed (and those sealed by it are in fjall), and fjall's journal is synced. After it,
-    /// nothing in the log's older segments is needed but the segment that is ending (for its
-    /// sealed dedup writes, until `store-dedup` has handed them over).
+    /// writes waiting in memory go to fjall, the tabled keyspaces' writes since the last
+    /// checkpoint are sealed (and those sealed by it are in fjall), and fjall's journal is
+    /// synced. After it, nothing in the log's older segments is needed but the segment that is
+    /// ending (for its sealed writes, until `store-ingest` has handed them over).
     fn checkpoint(&self, last: u64) -> std::io::Result<()> {
         let failed = |e: StoreError| std::io::Error::other(e.to_string());
         self.syncer.sync(last)?;
@@ -1293,7 +1319,7 @@ impl FjallStore {
             .unwrap_or_else(|p| p.into_inner())
             .flush(&self.db, &self.spaces[Kind::Outbox as usize])
             .map_err(failed)?;
-        self.checkpoint_dedup().map_err(failed)?;
+        self.checkpoint_tabled().map_err(failed)?;
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| std::io::Error::other(e.to_string()))
@@ -1355,13 +1381,13 @@ impl FjallStore {
         headless
     }
 
-    /// Test: a checkpoint now, as the log makes before it starts a segment, and the dedup
-    /// writes it sealed in fjall before it returns (not left to `store-dedup`).
+    /// Test: a checkpoint now, as the log makes before it starts a segment, and the tabled
+    /// writes it sealed in fjall before it returns (not left to `store-ingest`).
     #[cfg(test)]
     fn checkpoint_now(&self) {
         let log = self.log.lock().unwrap();
         self.checkpoint(log.next_seq() - 1).unwrap();
-        self.ingest_sealed_dedup(true).unwrap();
+        self.ingest_sealed(true).unwrap();
     }
 
     /// Applies every record that is durable and not applied yet: what a read sees first.
@@ -1399,72 +1425,59 @@ const MAX_WAITING_BYTES: usize = 16 << 20;
 const WAKE_APPLIER: usize = 8;
 
 impl FjallStore {
-    /// The dedup record under `key` as of every commit that returned, without applying waiting
-    /// records first: the dedup writes fjall does not have yet are in [`Turns::pending_dedup`]
-    /// (the newest whose record is durable wins), fjall has the older ones (tables handed over
-    /// after the checkpoints).
-    fn dedup_read(&self, key: &[u8; 16]) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The value under `key` of tabled keyspace `kind` as of every commit that returned,
+    /// without applying waiting records first: the writes fjall does not have yet are in
+    /// [`Turns::pending`] (the newest whose record is durable wins), fjall has the older ones
+    /// (tables handed over after the checkpoints).
+    fn tabled_read(&self, kind: Kind, key: &[u8; 16]) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = tabled(kind).expect("a tabled keyspace");
         let durable = self.syncer.durable();
-        let pending = {
-            let maps = self
-                .turns
-                .pending_dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            maps.current
-                .get(key)
-                .and_then(|w| w.durable(durable).cloned())
-                .or_else(|| {
-                    maps.sealed
-                        .as_ref()?
-                        .get(key)
-                        .and_then(|w| w.durable(durable).cloned())
-                })
-        };
+        let pending = self
+            .turns
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .durable(t, key, durable);
         match pending {
             Some(value) => Ok(value),
-            // The sealed writes leave the map only once fjall has them.
-            None => Ok(self.spaces[Kind::Dedup as usize]
+            // The sealed writes leave the maps only once fjall has them.
+            None => Ok(self.spaces[kind as usize]
                 .get(key)
                 .map_err(io)?
                 .map(|v| v.to_vec())),
         }
     }
 
-    /// The checkpoint's part for the dedup writes (under the writer lock, every record durable
-    /// and applied): those sealed by the checkpoint before, if `store-dedup` has not handed
-    /// them to fjall yet, go now (the log is about to stop handing their records back); then
-    /// those since are sealed, and `store-dedup` hands them over in the background (a store
-    /// without the store's threads does it now).
-    fn checkpoint_dedup(&self) -> Result<(), StoreError> {
-        self.ingest_sealed_dedup(true)?;
+    /// The checkpoint's part for the tabled keyspaces (under the writer lock, every record
+    /// durable and applied): the writes sealed by the checkpoint before, if `store-ingest` has
+    /// not handed them to fjall yet, go now (the log is about to stop handing their records
+    /// back); then those since are sealed, and `store-ingest` hands them over in the background
+    /// (a store without the store's threads does it now).
+    fn checkpoint_tabled(&self) -> Result<(), StoreError> {
+        self.ingest_sealed(true)?;
         {
-            let mut maps = self
-                .turns
-                .pending_dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut maps = self.turns.pending.lock().unwrap_or_else(|p| p.into_inner());
             let current = std::mem::take(&mut maps.current);
-            if !current.is_empty() {
+            if current.iter().any(|m| !m.is_empty()) {
                 maps.sealed = Some(Arc::new(current));
             }
         }
         match &self.applier {
             Some(a) => a.wake_ingest(),
-            None => self.ingest_sealed_dedup(true)?,
+            None => self.ingest_sealed(true)?,
         }
         Ok(())
     }
 
-    /// Hands the sealed dedup writes to fjall as one sorted table (fjall's ingestion: no
-    /// memtable; the table and fjall's version are synced before it returns), then drops them
-    /// from [`Turns::pending_dedup`] (kept if it fails: tried again later). Unless `wait`, only
-    /// if nobody else is at it.
-    fn ingest_sealed_dedup(&self, wait: bool) -> Result<(), StoreError> {
+    /// Hands the sealed writes to fjall as one sorted table per tabled keyspace (fjall's
+    /// ingestion: no memtable; the table and fjall's version are synced before it returns),
+    /// then drops them from [`Turns::pending`] (kept if it fails: tried again later; handing a
+    /// keyspace's over again is harmless). Unless `wait`, only if nobody else is at it.
+    fn ingest_sealed(&self, wait: bool) -> Result<(), StoreError> {
         let sealed = |store: &FjallStore| {
             store
                 .turns
-                .pending_dedup
+                .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .sealed
@@ -1480,12 +1493,14 @@ impl FjallStore {
         let Some(sealed) = sealed(self) else {
             return Ok(());
         };
-        ingest_dedup(
-            &self.spaces[Kind::Dedup as usize],
-            sealed.iter().map(|(k, w)| (k, &w.newest.1)),
-        )?;
+        for (kind, writes) in TABLED.iter().zip(sealed.iter()) {
+            ingest_table(
+                &self.spaces[*kind as usize],
+                writes.iter().map(|(k, w)| (k, &w.newest.1)),
+            )?;
+        }
         self.turns
-            .pending_dedup
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .sealed = None;
@@ -1506,8 +1521,8 @@ struct Applier {
     /// (woken, stop), and the thread's wake-up.
     signal: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// The same for the thread that hands the dedup writes a checkpoint sealed to fjall
-    /// (`store-dedup`, [`FjallStore::ingest_sealed_dedup`]): its own, so that the applies go on
+    /// The same for the thread that hands the tabled keyspaces' writes a checkpoint sealed to
+    /// fjall (`store-ingest`, [`FjallStore::ingest_sealed`]): its own, so that the applies go on
     /// meanwhile.
     ingest_signal: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
     ingest_thread: Option<std::thread::JoinHandle<()>>,
@@ -1582,7 +1597,7 @@ impl Applier {
         let s = ingest_signal.clone();
         let headless = store.headless();
         let ingest_thread = std::thread::Builder::new()
-            .name("store-dedup".into())
+            .name("store-ingest".into())
             .spawn(move || {
                 nice_this_thread();
                 let mut st = s.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -1599,8 +1614,8 @@ impl Applier {
                     }
                     // (A failure keeps them sealed: the next checkpoint tries again, and fails
                     // if it cannot.)
-                    if let Err(e) = headless.ingest_sealed_dedup(false) {
-                        tracing::warn!("store: dedup records not handed to fjall yet: {e}");
+                    if let Err(e) = headless.ingest_sealed(false) {
+                        tracing::warn!("store: sealed writes not handed to fjall yet: {e}");
                     }
                     st = s.0.lock().unwrap_or_else(|p| p.into_inner());
                 }
@@ -1626,7 +1641,7 @@ impl Applier {
         })
     }
 
-    /// Has the `store-dedup` thread hand the sealed dedup writes to fjall (returns at once).
+    /// Has the `store-ingest` thread hand the sealed writes to fjall (returns at once).
     fn wake_ingest(&self) {
         let mut st = self
             .ingest_signal
@@ -1761,9 +1776,11 @@ impl Store for FjallStore {
     }
 
     async fn seq_of(&self, uid: UserId, msg_id: MsgId) -> Result<Option<Seq>, StoreError> {
-        Ok(self
-            .get_u64(Kind::MsgIdx, &key_u64_u64(uid.0, msg_id.0))?
-            .map(Seq))
+        let key = key_u64_u64(uid.0, msg_id.0);
+        match self.tabled_read(Kind::MsgIdx, &key)? {
+            Some(v) => val_u64(Kind::MsgIdx, &key, &v).map(|s| Some(Seq(s))),
+            None => Ok(None),
+        }
     }
 
     async fn dedup(
@@ -1772,7 +1789,7 @@ impl Store for FjallStore {
         client_msg_id: u64,
     ) -> Result<Option<DedupEntry>, StoreError> {
         let key = key_u64_u64(uid.0, client_msg_id);
-        let Some(v) = self.dedup_read(&key)? else {
+        let Some(v) = self.tabled_read(Kind::Dedup, &key)? else {
             return Ok(None);
         };
         let v = <[u8; 32]>::try_from(&*v).map_err(|_| {
@@ -2324,11 +2341,19 @@ mod tests {
             .unwrap();
         let store = open_without_apply_thread(dir.path());
         let lookup = |cid| rt.block_on(store.dedup(UserId(5), cid)).unwrap();
+        let seq_of = |seq: u64| {
+            rt.block_on(store.seq_of(UserId(5), MsgId(1000 + seq)))
+                .unwrap()
+        };
         rt.block_on(store.commit(dedup_put(5, 1, 100))).unwrap();
+        rt.block_on(store.commit(append(5, 1))).unwrap();
         assert!(store.unsettled());
         assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(100));
         assert_eq!(lookup(2), None);
-        // Nothing was applied for it.
+        // The msg index entry the same way.
+        assert_eq!(seq_of(1), Some(Seq(1)));
+        assert_eq!(seq_of(2), None);
+        // Nothing was applied for them.
         assert!(store.unsettled());
         // A later commit of the same key: the newest wins, applied or not.
         rt.block_on(store.commit(dedup_put(5, 1, 200))).unwrap();
@@ -2336,8 +2361,11 @@ mod tests {
         store.settle().unwrap();
         assert!(!store.unsettled());
         assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
-        // Applied, the dedup writes are still only in the map: fjall's memtable never gets them.
+        // Applied, the dedup and msg index writes are still only in the maps: fjall's memtables
+        // never get them.
         assert!(raw_dedup(&store).is_empty());
+        assert_eq!(store.spaces[Kind::MsgIdx as usize].iter().count(), 0);
+        assert_eq!(seq_of(1), Some(Seq(1)));
         // A record written and not durable yet (as a commit between its write and its sync):
         // its dedup write is not seen, and the key's durable write is.
         let next = store.log.lock().unwrap().next_seq();
@@ -2345,13 +2373,16 @@ mod tests {
         store
             .turns
             .push(next + 1, Some(collect(dedup_put(5, 1, 400))));
+        store.turns.push(next + 2, Some(collect(append(5, 2))));
         assert_eq!(lookup(3), None);
         assert_eq!(lookup(1).map(|e| e.server_time_ms), Some(200));
+        assert_eq!(seq_of(2), None);
+        assert_eq!(seq_of(1), Some(Seq(1)));
     }
 
     /// Opens a store on a log of small segments (a few commits cross a checkpoint), with or
-    /// without the store's threads (without them, a checkpoint hands the dedup writes to fjall
-    /// itself).
+    /// without the store's threads (without them, a checkpoint hands the tabled keyspaces'
+    /// writes to fjall itself).
     fn open_small_log(dir: &Path, threads: bool) -> FjallStore {
         let shape = LogShape {
             segments: 3,
@@ -2364,40 +2395,93 @@ mod tests {
         store
     }
 
-    /// The dedup writes fjall does not have yet: (since the last checkpoint, sealed).
-    fn pending_dedup(store: &FjallStore) -> (usize, usize) {
-        let maps = store.turns.pending_dedup.lock().unwrap();
-        (
-            maps.current.len(),
-            maps.sealed.as_ref().map_or(0, |s| s.len()),
-        )
+    /// A send as the tabled keyspaces see it: its dedup record (client_msg_id `cid`, server
+    /// time 1 000 + `cid`) and its recipient's copy (msg index entry msg_id 1 000 + `cid` →
+    /// seq `cid`).
+    fn send(cid: u64) -> WriteBatch {
+        let mut b = dedup_put(5, cid, 1_000 + cid);
+        b.ops.extend(append(5, cid).ops);
+        b
     }
 
-    /// Every dedup record committed is found, and none that was not.
-    fn assert_dedup_found(rt: &tokio::runtime::Runtime, store: &FjallStore, committed: &[u64]) {
+    /// The client_msg_ids of the sends whose tabled writes fjall has (the dedup and msg index
+    /// entries of the same sends: they travel together; `store-ingest` hands the dedup table
+    /// over first, so a read may find the msg index table still on its way for a moment).
+    fn tabled_in_fjall(store: &FjallStore) -> Vec<u64> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let dedup = raw_dedup(store);
+            let msgidx: Vec<u64> = store
+                .space(Kind::MsgIdx)
+                .iter()
+                .map(|g| {
+                    let (k, _) = g.into_inner().unwrap();
+                    u64::from_be_bytes(k[8..16].try_into().unwrap()) - 1000
+                })
+                .collect();
+            if dedup == msgidx || std::time::Instant::now() > deadline {
+                assert_eq!(dedup, msgidx, "dedup and msg index entries in fjall");
+                return dedup;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// The writes of the tabled keyspaces fjall does not have yet, in sends: (since the last
+    /// checkpoint, sealed).
+    fn pending_tabled(store: &FjallStore) -> (usize, usize) {
+        let maps = store.turns.pending.lock().unwrap();
+        let counts = |t: usize| {
+            (
+                maps.current[t].len(),
+                maps.sealed.as_ref().map_or(0, |s| s[t].len()),
+            )
+        };
+        assert_eq!(
+            counts(0),
+            counts(1),
+            "dedup and msg index writes in the maps"
+        );
+        counts(0)
+    }
+
+    /// Every send committed is found (its dedup record and its msg index entry), and none that
+    /// was not.
+    fn assert_sends_found(rt: &tokio::runtime::Runtime, store: &FjallStore, committed: &[u64]) {
+        let found = |c: u64| {
+            let dedup = rt.block_on(store.dedup(UserId(5), c)).unwrap();
+            let seq = rt
+                .block_on(store.seq_of(UserId(5), MsgId(1000 + c)))
+                .unwrap();
+            (dedup.map(|e| e.server_time_ms), seq)
+        };
         for &c in committed {
-            let e = rt.block_on(store.dedup(UserId(5), c)).unwrap();
-            assert_eq!(e.map(|e| e.server_time_ms), Some(1_000 + c), "cid {c}");
+            assert_eq!(found(c), (Some(1_000 + c), Some(Seq(c))), "cid {c}");
         }
         let next = committed.last().map_or(1, |c| c + 1);
-        assert_eq!(rt.block_on(store.dedup(UserId(5), next)).unwrap(), None);
+        assert_eq!(found(next), (None, None));
     }
 
-    /// Nothing went through fjall's dedup memtable (a rotation of an empty one does nothing).
-    fn assert_dedup_memtable_empty(store: &FjallStore) {
-        let ks = store.space(Kind::Dedup);
-        assert_eq!(ks.sealed_memtable_count(), 0);
-        assert!(
-            !ks.rotate_memtable().unwrap(),
-            "the dedup memtable holds entries"
-        );
+    /// Nothing went through fjall's dedup and msg index memtables (a rotation of an empty one
+    /// does nothing).
+    fn assert_tabled_memtables_empty(store: &FjallStore) {
+        for kind in TABLED {
+            let ks = store.space(kind);
+            assert_eq!(ks.sealed_memtable_count(), 0);
+            assert!(
+                !ks.rotate_memtable().unwrap(),
+                "the {} memtable holds entries",
+                kind.name()
+            );
+        }
     }
 
-    /// Dedup writes wait in memory until a checkpoint seals them and they are handed to fjall
-    /// as a table (here by the checkpoint itself: no store threads); reads find every returned
-    /// commit's record before, during and after that, and across a crash at any point of it.
+    /// Dedup and msg index writes wait in memory until a checkpoint seals them and they are
+    /// handed to fjall as tables (here by the checkpoint itself: no store threads); reads find
+    /// every returned commit's entries before, during and after that, and across a crash at any
+    /// point of it.
     #[test]
-    fn dedup_writes_reach_fjall_at_a_checkpoint_and_survive_a_crash_on_either_side_of_it() {
+    fn tabled_writes_reach_fjall_at_a_checkpoint_and_survive_a_crash_on_either_side_of_it() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -2407,71 +2491,72 @@ mod tests {
         let mut crossed = 0;
         let mut in_fjall = 0;
         for cid in 1..=200u64 {
-            rt.block_on(store.commit(dedup_put(5, cid, 1_000 + cid)))
-                .unwrap();
+            rt.block_on(store.commit(send(cid))).unwrap();
             committed.push(cid);
-            // fjall holds the writes up to the last checkpoint, the map the rest.
-            let raw = raw_dedup(&store);
+            // fjall holds the writes up to the last checkpoint, the maps the rest.
+            let raw = tabled_in_fjall(&store);
             assert_eq!(raw, committed[..raw.len()], "after commit {cid}");
-            let (pending, sealed) = pending_dedup(&store);
+            let (pending, sealed) = pending_tabled(&store);
             assert_eq!(
                 sealed, 0,
                 "without the store's threads a checkpoint ingests itself"
             );
             assert_eq!(raw.len() + pending, committed.len(), "after commit {cid}");
             if raw.len() > in_fjall {
-                // A checkpoint before this commit's record: only that record's write is left.
+                // A checkpoint before this commit's record: only that record's writes are left.
                 crossed += 1;
                 assert_eq!(pending, 1, "after the checkpoint of commit {cid}");
                 in_fjall = raw.len();
             }
             if cid % 50 == 25 {
-                // A crash in a checkpoint, after fjall took the map's writes and before the
-                // map was emptied and the log started a segment: the open hands them to fjall
+                // A crash in a checkpoint, after fjall took the maps' writes and before the
+                // maps were emptied and the log started a segment: the open hands them to fjall
                 // again (same keys, same values).
                 store.settle().unwrap();
-                let maps = store.turns.pending_dedup.lock().unwrap();
-                ingest_dedup(
-                    store.space(Kind::Dedup),
-                    maps.current.iter().map(|(k, w)| (k, &w.newest.1)),
-                )
-                .unwrap();
+                let maps = store.turns.pending.lock().unwrap();
+                for (kind, writes) in TABLED.iter().zip(&maps.current) {
+                    ingest_table(
+                        store.space(*kind),
+                        writes.iter().map(|(k, w)| (k, &w.newest.1)),
+                    )
+                    .unwrap();
+                }
                 drop(maps);
-                assert_eq!(raw_dedup(&store), committed);
+                assert_eq!(tabled_in_fjall(&store), committed);
             }
             if cid % 25 == 0 {
-                // A crash: the map is lost with the process (a store dropped without a
+                // A crash: the maps are lost with the process (a store dropped without a
                 // checkpoint).
                 drop(store);
                 store = open_small_log(dir.path(), false);
-                // The open replayed the newest two segments and handed their dedup writes to
+                // The open replayed the newest two segments and handed their tabled writes to
                 // fjall.
-                assert_eq!(pending_dedup(&store), (0, 0));
-                assert_eq!(raw_dedup(&store), committed);
+                assert_eq!(pending_tabled(&store), (0, 0));
+                assert_eq!(tabled_in_fjall(&store), committed);
                 in_fjall = committed.len();
             }
-            assert_dedup_found(&rt, &store, &committed);
+            assert_sends_found(&rt, &store, &committed);
         }
         assert!(crossed >= 5, "only {crossed} checkpoints");
-        assert_dedup_memtable_empty(&store);
+        assert_tabled_memtables_empty(&store);
     }
 
-    /// With the store's threads, a checkpoint only seals the dedup writes, and `store-dedup`
-    /// hands them to fjall; a crash before it did loses none of them (the log hands back the
-    /// records of the newest two segments), and a checkpoint that finds them still sealed
-    /// hands them over itself before the log stops handing their records back.
+    /// With the store's threads, a checkpoint only seals the dedup and msg index writes, and
+    /// `store-ingest` hands them to fjall; a crash before it did loses none of them (the log
+    /// hands back the records of the newest two segments), and a checkpoint that finds them
+    /// still sealed hands them over itself before the log stops handing their records back.
     #[test]
-    fn sealed_dedup_writes_reach_fjall_off_the_committers_and_a_crash_before_loses_none() {
+    fn sealed_writes_reach_fjall_off_the_committers_and_a_crash_before_loses_none() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let wait_sealed_gone = |store: &FjallStore| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while pending_dedup(store).1 > 0 {
+            while pending_tabled(store).1 > 0 {
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "store-dedup did not hand the sealed writes to fjall"
+                    "store-ingest did not hand the sealed writes to fjall"
                 );
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
@@ -2479,14 +2564,13 @@ mod tests {
         let mut store = open_small_log(dir.path(), true);
         let mut committed: Vec<u64> = vec![];
         let mut cid = 0;
-        // Commits up to the next checkpoint (fjall's tables or the sealed map grow).
+        // Commits up to the next checkpoint (fjall's tables or the sealed maps grow).
         let commit_to_checkpoint = |store: &FjallStore, cid: &mut u64, committed: &mut Vec<u64>| {
-            let seen = |store: &FjallStore| raw_dedup(store).len() + pending_dedup(store).1;
+            let seen = |store: &FjallStore| tabled_in_fjall(store).len() + pending_tabled(store).1;
             let before = seen(store);
             for _ in 0..100 {
                 *cid += 1;
-                rt.block_on(store.commit(dedup_put(5, *cid, 1_000 + *cid)))
-                    .unwrap();
+                rt.block_on(store.commit(send(*cid))).unwrap();
                 committed.push(*cid);
                 if seen(store) > before {
                     return;
@@ -2494,17 +2578,17 @@ mod tests {
             }
             panic!("no checkpoint in 100 commits");
         };
-        // In the background: the sealed writes reach fjall, the map forgets them.
+        // In the background: the sealed writes reach fjall, the maps forget them.
         commit_to_checkpoint(&store, &mut cid, &mut committed);
         wait_sealed_gone(&store);
-        assert_eq!(raw_dedup(&store), committed[..committed.len() - 1]);
-        assert_dedup_found(&rt, &store, &committed);
+        assert_eq!(tabled_in_fjall(&store), committed[..committed.len() - 1]);
+        assert_sends_found(&rt, &store, &committed);
         // The thread kept from them (as if it had no CPU): sealed they stay, and are read.
         let held = store.turns.ingesting.lock().unwrap();
         commit_to_checkpoint(&store, &mut cid, &mut committed);
-        let in_fjall = raw_dedup(&store).len();
-        assert!(pending_dedup(&store).1 > 0);
-        assert_dedup_found(&rt, &store, &committed);
+        let in_fjall = tabled_in_fjall(&store).len();
+        assert!(pending_tabled(&store).1 > 0);
+        assert_sends_found(&rt, &store, &committed);
         // A crash now: the sealed writes and the later ones are lost with the process, and the
         // log hands their records back.
         drop(held);
@@ -2514,24 +2598,24 @@ mod tests {
         drop(keep_held);
         drop(turns);
         store = open_small_log(dir.path(), true);
-        assert_eq!(pending_dedup(&store), (0, 0));
-        assert_eq!(raw_dedup(&store), committed);
+        assert_eq!(pending_tabled(&store), (0, 0));
+        assert_eq!(tabled_in_fjall(&store), committed);
         assert!(in_fjall < committed.len());
-        assert_dedup_found(&rt, &store, &committed);
+        assert_sends_found(&rt, &store, &committed);
         // A checkpoint that finds the last one's writes still sealed hands them over first.
         let held = store.turns.ingesting.lock().unwrap();
         commit_to_checkpoint(&store, &mut cid, &mut committed);
-        let sealed_first = pending_dedup(&store).1;
+        let sealed_first = pending_tabled(&store).1;
         assert!(sealed_first > 0);
         drop(held);
         // (The thread may take them now; either way the next checkpoint finds them in fjall.)
         let held_from = committed.len();
         commit_to_checkpoint(&store, &mut cid, &mut committed);
-        assert!(raw_dedup(&store).len() >= held_from - 1);
+        assert!(tabled_in_fjall(&store).len() >= held_from - 1);
         wait_sealed_gone(&store);
-        assert_eq!(raw_dedup(&store), committed[..committed.len() - 1]);
-        assert_dedup_found(&rt, &store, &committed);
-        assert_dedup_memtable_empty(&store);
+        assert_eq!(tabled_in_fjall(&store), committed[..committed.len() - 1]);
+        assert_sends_found(&rt, &store, &committed);
+        assert_tabled_memtables_empty(&store);
     }
 
     /// The store's thread applies durable records: by itself within its poll (a `settle` with
