@@ -90,6 +90,17 @@
 //! The maps hold the tabled writes of at most two segments' records (~170 000 c2c messages,
 //! ~40 MB).
 //!
+//! **Timeline entries do not go through fjall's memtable either** (the *ranged* keyspaces,
+//! [`RANGED`]: `timeline`, `gtimeline`). Every c2c message puts two (the sender's copy and the
+//! recipient's), and they were the last of a message's memtable inserts that cost a skiplist walk
+//! each (docs/BENCHMARKS.md, "Timeline entries handed to fjall as tables"). They are read by range
+//! (a sync page, the newest seq), so the apply keeps them in a map in key order
+//! ([`RangedMaps`]) instead; a checkpoint seals it with the tabled maps, and `store-ingest`
+//! hands it to fjall as one table per keyspace. A read applies what waits first (as every read
+//! but the two lookups above), then merges the current map, the sealed one and fjall's entries,
+//! newest first ([`FjallStore::ranged_scan`]). After a crash the replay of the newest two
+//! segments rebuilds the map, and the open hands it to fjall before it serves.
+//!
 //! **Outbox writes wait in memory until a checkpoint** (`Deferred`): an outbox entry is put when
 //! a fan-out starts and deleted once its recipients confirmed it, most often well within the
 //! time the log takes to fill a segment, so the apply keeps them in a map instead of fjall's
@@ -216,6 +227,9 @@ pub struct FjallStore {
     turns: Arc<Turns>,
     /// Outbox writes applied and not yet in fjall: they go there at the next checkpoint.
     deferred: Arc<Mutex<Deferred>>,
+    /// Timeline entries applied and not yet in fjall: they go there as tables after the
+    /// checkpoints ([`RangedMaps`]).
+    ranged: Arc<Mutex<RangedMaps>>,
     /// Newest `server_time_ms` of a dedup record committed since open: the clock of the dedup
     /// expiry ([`DedupExpiry`]).
     dedup_clock: Arc<AtomicU64>,
@@ -373,6 +387,99 @@ impl KeyWrites {
             .find(|(seq, _)| *seq <= durable)
             .map(|(_, v)| v)
     }
+}
+
+/// The keyspaces whose entries the apply keeps in memory, in key order, instead of putting them
+/// in fjall's memtable (module docs, "Timeline entries"): the users' and the groups' timelines,
+/// range-read, 16-byte keys.
+const RANGED: [Kind; 2] = [Kind::Timeline, Kind::GTimeline];
+
+/// Index of `kind` in [`RANGED`].
+fn ranged(kind: Kind) -> Option<usize> {
+    RANGED.iter().position(|k| *k == kind)
+}
+
+/// Key → the last write applied (`None` deletes), of one [`RANGED`] keyspace.
+type RangedMap = std::collections::BTreeMap<[u8; 16], Option<Vec<u8>>>;
+
+/// The entries of the [`RANGED`] keyspaces that were applied and are not in fjall yet. Only
+/// durable records are applied, so everything here is durable. A checkpoint (every record
+/// applied) seals `current`, and `store-ingest` hands the sealed maps to fjall as one table per
+/// keyspace, as it does for the tabled ones ([`FjallStore::ingest_sealed`]). Reads merge these
+/// over fjall's entries ([`FjallStore::ranged_scan`]). Bounded by the entries of two segments
+/// of the commit log.
+#[derive(Debug, Default)]
+struct RangedMaps {
+    /// Those of the records applied since the last checkpoint.
+    current: [RangedMap; RANGED.len()],
+    /// Those of the records between the checkpoint before and the last one, on their way to
+    /// fjall; `None` once fjall has them.
+    sealed: Option<Arc<[RangedMap; RANGED.len()]>>,
+}
+
+/// A key and its value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// One entry of a run for [`merge_newer`]: key, write (`None` deletes).
+type RunEntry = (Vec<u8>, Option<Vec<u8>>);
+
+/// A run of a map's entries for [`merge_newer`] (reading a map never fails).
+type HeldRun<'a> = Box<dyn Iterator<Item = Result<RunEntry, std::convert::Infallible>> + 'a>;
+
+/// The entries of `map` (if any) with keys in `lo..=hi`, in key order (descending if `rev`), as
+/// a run for [`merge_newer`].
+fn held_run(map: Option<&RangedMap>, lo: [u8; 16], hi: [u8; 16], rev: bool) -> HeldRun<'_> {
+    let range = map.into_iter().flat_map(move |m| m.range(lo..=hi));
+    let owned = |(k, v): (&[u8; 16], &Option<Vec<u8>>)| Ok((k.to_vec(), v.clone()));
+    if rev {
+        Box::new(range.rev().map(owned))
+    } else {
+        Box::new(range.map(owned))
+    }
+}
+
+/// Merges two runs of (key, write; `None` deletes), both in key order (descending if `rev`),
+/// `newer` winning a key both hold, and returns the merged run up to and including its
+/// `limit`-th live entry (with the deletes met before it: they still hide what an older run
+/// holds). Stops reading either run there.
+fn merge_newer<E>(
+    newer: impl Iterator<Item = Result<RunEntry, E>>,
+    older: impl Iterator<Item = Result<RunEntry, E>>,
+    rev: bool,
+    limit: usize,
+) -> Result<Vec<RunEntry>, E> {
+    let mut newer = newer.peekable();
+    let mut older = older.peekable();
+    let mut out = Vec::new();
+    let mut live = 0;
+    while live < limit {
+        // Which run holds the next key (both: the newer one, and the older's is dropped).
+        let ord = match (newer.peek(), older.peek()) {
+            (None, None) => break,
+            (Some(_), None) | (Some(Err(_)), _) => std::cmp::Ordering::Less,
+            (None, Some(_)) | (_, Some(Err(_))) => std::cmp::Ordering::Greater,
+            (Some(Ok((a, _))), Some(Ok((b, _)))) => {
+                if rev {
+                    b.cmp(a)
+                } else {
+                    a.cmp(b)
+                }
+            }
+        };
+        if ord == std::cmp::Ordering::Equal {
+            older.next();
+        }
+        let next = if ord == std::cmp::Ordering::Greater {
+            older.next()
+        } else {
+            newer.next()
+        };
+        let Some(next) = next else { break };
+        let (k, v) = next?;
+        live += usize::from(v.is_some());
+        out.push((k, v));
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]
@@ -759,6 +866,7 @@ impl FjallStore {
             None => 0,
         };
         let deferred = Mutex::new(Deferred::default());
+        let ranged_maps = Mutex::new(RangedMaps::default());
         {
             let mut d = deferred.lock().unwrap_or_else(|p| p.into_inner());
             for guard in spaces[Kind::Outbox as usize].iter() {
@@ -781,7 +889,7 @@ impl FjallStore {
                     tables[t].insert(k, value.clone());
                 }
             }
-            apply(&db, &spaces, &meta, &deferred, writes, seq)
+            apply(&db, &spaces, &meta, &deferred, &ranged_maps, writes, seq)
                 .map_err(|e| LogError::Io(std::io::Error::other(e.to_string())))?;
             replayed += 1;
             Ok(())
@@ -798,6 +906,13 @@ impl FjallStore {
             .flush(&db, &spaces[Kind::Outbox as usize])?;
         for (kind, writes) in TABLED.iter().zip(&tables) {
             ingest_table(&spaces[*kind as usize], writes.iter())?;
+        }
+        {
+            let mut r = ranged_maps.lock().unwrap_or_else(|p| p.into_inner());
+            for (kind, writes) in RANGED.iter().zip(&r.current) {
+                ingest_table(&spaces[*kind as usize], writes.iter())?;
+            }
+            r.current = Default::default();
         }
         db.persist(PersistMode::SyncAll).map_err(io)?;
         let mut log = log;
@@ -823,6 +938,7 @@ impl FjallStore {
             syncer: log.syncer(),
             turns: Arc::new(Turns::new(log.next_seq())),
             deferred: Arc::new(deferred),
+            ranged: Arc::new(ranged_maps),
             log: Arc::new(Mutex::new(log)),
             dedup_clock,
             dir: dir.to_path_buf(),
@@ -875,12 +991,20 @@ impl FjallStore {
         }
         let lo = key_u64_u64(id, first);
         let hi = key_u64_u64(id, u64::MAX);
-        let mut out = Vec::with_capacity(limit.min(256));
-        for guard in self.space(kind).range(lo..=hi).take(limit) {
-            let (k, v) = guard.into_inner().map_err(io)?;
-            out.push(decode_in(kind, &k, &v)?);
+        self.ranged_scan(kind, lo, hi, limit, false)?
+            .iter()
+            .map(|(k, v)| decode_in(kind, k, v))
+            .collect()
+    }
+
+    /// Seq of the newest entry of timeline `id` (a user's or a group's: `kind`), 0 if none.
+    fn last_of(&self, kind: Kind, id: u64) -> Result<Seq, StoreError> {
+        let lo = key_u64_u64(id, 0);
+        let hi = key_u64_u64(id, u64::MAX);
+        match self.ranged_scan(kind, lo, hi, 1, true)?.first() {
+            Some((k, _)) => Ok(Seq(second_u64(kind, k)?)),
+            None => Ok(Seq(0)),
         }
-        Ok(out)
     }
 
     /// Keyspace `kind`, for a read: every commit that returned is applied first.
@@ -1029,14 +1153,16 @@ fn ingest_table<'a>(
 }
 
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq;
-/// its outbox writes to `deferred` instead (until the next checkpoint), and those of the tabled
-/// keyspaces not at all: they wait in [`Turns::pending`] to be handed to fjall as tables (or,
-/// replayed at open, in the open's own maps).
+/// its outbox writes to `deferred` instead (until the next checkpoint), its timeline entries to
+/// `ranged` (until `store-ingest` hands them to fjall as tables after a checkpoint), and those of
+/// the tabled keyspaces not at all: they wait in [`Turns::pending`] to be handed to fjall as
+/// tables (or, replayed at open, in the open's own maps).
 fn apply(
     db: &Database,
     spaces: &[Keyspace; 18],
     meta: &Keyspace,
     deferred: &Mutex<Deferred>,
+    ranged_maps: &Mutex<RangedMaps>,
     writes: Writes,
     seq: u64,
 ) -> Result<(), StoreError> {
@@ -1045,8 +1171,16 @@ fn apply(
     // release replay in their own order: one write per key there too, so only slower).
     let mut b = db.batch().durability(None);
     let mut held = None;
+    let mut held_ranged = None;
     for (kind, key, value) in writes {
         if tabled(kind).is_some() {
+            continue;
+        }
+        if let (Some(t), Ok(k)) = (ranged(kind), <[u8; 16]>::try_from(key.as_slice())) {
+            held_ranged
+                .get_or_insert_with(|| ranged_maps.lock().unwrap_or_else(|p| p.into_inner()))
+                .current[t]
+                .insert(k, value);
             continue;
         }
         if kind == Kind::Outbox {
@@ -1061,6 +1195,7 @@ fn apply(
         }
     }
     drop(held);
+    drop(held_ranged);
     b.insert(meta, APPLIED, seq.to_be_bytes());
     b.commit().map_err(io)
 }
@@ -1319,7 +1454,7 @@ impl FjallStore {
             .unwrap_or_else(|p| p.into_inner())
             .flush(&self.db, &self.spaces[Kind::Outbox as usize])
             .map_err(failed)?;
-        self.checkpoint_tabled().map_err(failed)?;
+        self.checkpoint_seal().map_err(failed)?;
         self.db
             .persist(PersistMode::SyncAll)
             .map_err(|e| std::io::Error::other(e.to_string()))
@@ -1341,6 +1476,7 @@ impl FjallStore {
             &self.spaces,
             &self.meta,
             &self.deferred,
+            &self.ranged,
             writes,
             seq,
         )
@@ -1448,15 +1584,22 @@ impl FjallStore {
         }
     }
 
-    /// The checkpoint's part for the tabled keyspaces (under the writer lock, every record
-    /// durable and applied): the writes sealed by the checkpoint before, if `store-ingest` has
-    /// not handed them to fjall yet, go now (the log is about to stop handing their records
-    /// back); then those since are sealed, and `store-ingest` hands them over in the background
-    /// (a store without the store's threads does it now).
-    fn checkpoint_tabled(&self) -> Result<(), StoreError> {
+    /// The checkpoint's part for the tabled and the ranged keyspaces (under the writer lock,
+    /// every record durable and applied): the writes sealed by the checkpoint before, if
+    /// `store-ingest` has not handed them to fjall yet, go now (the log is about to stop handing
+    /// their records back); then those since are sealed, and `store-ingest` hands them over in
+    /// the background (a store without the store's threads does it now).
+    fn checkpoint_seal(&self) -> Result<(), StoreError> {
         self.ingest_sealed(true)?;
         {
             let mut maps = self.turns.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let current = std::mem::take(&mut maps.current);
+            if current.iter().any(|m| !m.is_empty()) {
+                maps.sealed = Some(Arc::new(current));
+            }
+        }
+        {
+            let mut maps = self.ranged.lock().unwrap_or_else(|p| p.into_inner());
             let current = std::mem::take(&mut maps.current);
             if current.iter().any(|m| !m.is_empty()) {
                 maps.sealed = Some(Arc::new(current));
@@ -1469,12 +1612,13 @@ impl FjallStore {
         Ok(())
     }
 
-    /// Hands the sealed writes to fjall as one sorted table per tabled keyspace (fjall's
-    /// ingestion: no memtable; the table and fjall's version are synced before it returns),
-    /// then drops them from [`Turns::pending`] (kept if it fails: tried again later; handing a
-    /// keyspace's over again is harmless). Unless `wait`, only if nobody else is at it.
+    /// Hands the sealed writes to fjall as one sorted table per tabled and per ranged keyspace
+    /// (fjall's ingestion: no memtable; the table and fjall's version are synced before it
+    /// returns), then drops them from [`Turns::pending`] and [`FjallStore::ranged`] (kept if it
+    /// fails: tried again later; handing a keyspace's over again is harmless). Unless `wait`,
+    /// only if nobody else is at it.
     fn ingest_sealed(&self, wait: bool) -> Result<(), StoreError> {
-        let sealed = |store: &FjallStore| {
+        let tabled = |store: &FjallStore| {
             store
                 .turns
                 .pending
@@ -1483,28 +1627,81 @@ impl FjallStore {
                 .sealed
                 .clone()
         };
-        if sealed(self).is_none() {
+        let ranged = |store: &FjallStore| {
+            store
+                .ranged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sealed
+                .clone()
+        };
+        if tabled(self).is_none() && ranged(self).is_none() {
             return Ok(());
         }
         let Some(_ingesting) = lock_unless_held(&self.turns.ingesting, wait) else {
             return Ok(());
         };
         // (Another one may have handed them over meanwhile.)
-        let Some(sealed) = sealed(self) else {
-            return Ok(());
-        };
-        for (kind, writes) in TABLED.iter().zip(sealed.iter()) {
-            ingest_table(
-                &self.spaces[*kind as usize],
-                writes.iter().map(|(k, w)| (k, &w.newest.1)),
-            )?;
+        if let Some(sealed) = tabled(self) {
+            for (kind, writes) in TABLED.iter().zip(sealed.iter()) {
+                ingest_table(
+                    &self.spaces[*kind as usize],
+                    writes.iter().map(|(k, w)| (k, &w.newest.1)),
+                )?;
+            }
+            self.turns
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sealed = None;
         }
-        self.turns
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sealed = None;
+        if let Some(sealed) = ranged(self) {
+            for (kind, writes) in RANGED.iter().zip(sealed.iter()) {
+                ingest_table(&self.spaces[*kind as usize], writes.iter())?;
+            }
+            self.ranged.lock().unwrap_or_else(|p| p.into_inner()).sealed = None;
+        }
         Ok(())
+    }
+
+    /// Up to `limit` entries of ranged keyspace `kind` with keys in `lo..=hi`, in key order
+    /// (descending if `rev`), as of every commit that returned: fjall's entries with those not
+    /// in fjall yet ([`RangedMaps`]) on top. Those are read first: the sealed ones leave the maps
+    /// only once fjall has them, so one that moves meanwhile is read in fjall.
+    fn ranged_scan(
+        &self,
+        kind: Kind,
+        lo: [u8; 16],
+        hi: [u8; 16],
+        limit: usize,
+        rev: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let t = ranged(kind).expect("a ranged keyspace");
+        let space = self.space(kind);
+        let held = {
+            let maps = self.ranged.lock().unwrap_or_else(|p| p.into_inner());
+            let run = |m| held_run(m, lo, hi, rev);
+            let sealed = maps.sealed.as_deref().map(|s| &s[t]);
+            match merge_newer(run(Some(&maps.current[t])), run(sealed), rev, limit) {
+                Ok(held) => held,
+                Err(never) => match never {},
+            }
+        };
+        let range = space.range(lo..=hi);
+        let in_fjall = |g: fjall::Guard| {
+            let (k, v) = g.into_inner().map_err(io)?;
+            Ok((k.to_vec(), Some(v.to_vec())))
+        };
+        let held = held.into_iter().map(Ok);
+        let merged = if rev {
+            merge_newer(held, range.rev().map(in_fjall), rev, limit)?
+        } else {
+            merge_newer(held, range.map(in_fjall), rev, limit)?
+        };
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect())
     }
 }
 
@@ -1746,24 +1943,7 @@ impl Store for FjallStore {
     }
 
     async fn last_seq(&self, uid: UserId) -> Result<Seq, StoreError> {
-        let Some(guard) = self
-            .space(Kind::Timeline)
-            .prefix(key_u64(uid.0))
-            .next_back()
-        else {
-            return Ok(Seq(0));
-        };
-        let key = guard.key().map_err(io)?;
-        match <[u8; 16]>::try_from(&*key) {
-            Ok(k) => Ok(Seq(u64::from_be_bytes([
-                k[8], k[9], k[10], k[11], k[12], k[13], k[14], k[15],
-            ]))),
-            Err(_) => Err(corrupt(
-                Kind::Timeline,
-                &key,
-                format!("key of {} bytes, want 16", key.len()),
-            )),
-        }
+        self.last_of(Kind::Timeline, uid.0)
     }
 
     async fn timeline(
@@ -1924,15 +2104,7 @@ impl Store for FjallStore {
     }
 
     async fn group_head(&self, group: GroupId) -> Result<Seq, StoreError> {
-        let Some(guard) = self
-            .space(Kind::GTimeline)
-            .prefix(key_u64(group.0))
-            .next_back()
-        else {
-            return Ok(Seq(0));
-        };
-        let key = guard.key().map_err(io)?;
-        Ok(Seq(second_u64(Kind::GTimeline, &key)?))
+        self.last_of(Kind::GTimeline, group.0)
     }
 
     async fn group_timeline(
@@ -2380,6 +2552,70 @@ mod tests {
         assert_eq!(seq_of(1), Some(Seq(1)));
     }
 
+    /// The merge of a newer run over an older one (the timelines' reads): the newer wins a key
+    /// both hold, a delete hides the older's entry and counts for nothing against the limit,
+    /// both directions, and an error of either run is the result.
+    #[test]
+    fn merge_newer_prefers_the_newer_run_honours_deletes_and_stops_at_the_limit() {
+        type Run = Vec<Result<(Vec<u8>, Option<Vec<u8>>), String>>;
+        let run = |entries: &[(u8, Option<u8>)]| -> Run {
+            entries
+                .iter()
+                .map(|(k, v)| Ok((vec![*k], v.map(|v| vec![v]))))
+                .collect()
+        };
+        let rev = |entries: &[(u8, Option<u8>)]| -> Run {
+            let mut r = run(entries);
+            r.reverse();
+            r
+        };
+        let live = |out: Vec<(Vec<u8>, Option<Vec<u8>>)>| -> Vec<(u8, u8)> {
+            out.into_iter()
+                .filter_map(|(k, v)| Some((k[0], v?[0])))
+                .collect()
+        };
+        let newer = [(2, Some(20)), (3, None), (5, Some(50))];
+        let older = [
+            (1, Some(1)),
+            (2, Some(2)),
+            (3, Some(3)),
+            (4, Some(4)),
+            (5, Some(5)),
+            (6, Some(6)),
+        ];
+        let merged = |n: Run, o: Run, back: bool, limit: usize| {
+            merge_newer(n.into_iter(), o.into_iter(), back, limit)
+        };
+        let fwd = |limit| live(merged(run(&newer), run(&older), false, limit).unwrap());
+        assert_eq!(fwd(100), [(1, 1), (2, 20), (4, 4), (5, 50), (6, 6)]);
+        assert_eq!(fwd(2), [(1, 1), (2, 20)]);
+        assert_eq!(fwd(3), [(1, 1), (2, 20), (4, 4)]);
+        assert_eq!(fwd(0), []);
+        // The deletes met before the limit come out too: what they hide in a run older still
+        // must stay hidden when this result is merged over it.
+        let out = merged(run(&newer), run(&older), false, 3).unwrap();
+        assert!(out.contains(&(vec![3], None)));
+        let back = |limit| live(merged(rev(&newer), rev(&older), true, limit).unwrap());
+        assert_eq!(back(100), [(6, 6), (5, 50), (4, 4), (2, 20), (1, 1)]);
+        assert_eq!(back(2), [(6, 6), (5, 50)]);
+        // Either run alone.
+        assert_eq!(
+            live(merged(run(&newer), run(&[]), false, 10).unwrap()),
+            [(2, 20), (5, 50)]
+        );
+        assert_eq!(
+            live(merged(run(&[]), run(&older[..2]), false, 10).unwrap()),
+            [(1, 1), (2, 2)]
+        );
+        // An error of either run is the result.
+        let mut bad = run(&older);
+        bad[2] = Err("torn".into());
+        assert_eq!(merged(run(&newer), bad, false, 100).unwrap_err(), "torn");
+        let mut bad = run(&newer);
+        bad[1] = Err("torn".into());
+        assert_eq!(merged(bad, run(&older), false, 100).unwrap_err(), "torn");
+    }
+
     /// Opens a store on a log of small segments (a few commits cross a checkpoint), with or
     /// without the store's threads (without them, a checkpoint hands the tabled keyspaces'
     /// writes to fjall itself).
@@ -2395,19 +2631,38 @@ mod tests {
         store
     }
 
-    /// A send as the tabled keyspaces see it: its dedup record (client_msg_id `cid`, server
-    /// time 1 000 + `cid`) and its recipient's copy (msg index entry msg_id 1 000 + `cid` →
-    /// seq `cid`).
+    /// A send as the tabled and the ranged keyspaces see it: its dedup record (client_msg_id
+    /// `cid`, server time 1 000 + `cid`), its recipient's copy (user 5, seq `cid`, msg index
+    /// entry msg_id 1 000 + `cid` → seq `cid`), a copy without msg index for user 6 (whose
+    /// timeline follows user 5's in key order) and a post to group 9's timeline (seq `cid`).
     fn send(cid: u64) -> WriteBatch {
         let mut b = dedup_put(5, cid, 1_000 + cid);
         b.ops.extend(append(5, cid).ops);
+        b.push(Op::AppendUnindexed {
+            uid: UserId(6),
+            msg: msg(6, cid),
+        });
+        b.push(Op::GroupAppend {
+            group: GroupId(9),
+            msg: msg(9, cid),
+        });
         b
     }
 
-    /// The client_msg_ids of the sends whose tabled writes fjall has (the dedup and msg index
-    /// entries of the same sends: they travel together; `store-ingest` hands the dedup table
-    /// over first, so a read may find the msg index table still on its way for a moment).
-    fn tabled_in_fjall(store: &FjallStore) -> Vec<u64> {
+    /// The seqs of timeline `id` of ranged keyspace `kind` that fjall itself holds.
+    fn raw_seqs(store: &FjallStore, kind: Kind, id: u64) -> Vec<u64> {
+        store
+            .space(kind)
+            .prefix(key_u64(id))
+            .map(|g| second_u64(kind, &g.key().unwrap()).unwrap())
+            .collect()
+    }
+
+    /// The client_msg_ids of the sends whose tabled and ranged writes fjall has (the dedup,
+    /// msg index and timeline entries of the same sends: they travel together; `store-ingest`
+    /// hands the tables over one after another, so a read may find one still on its way for a
+    /// moment).
+    fn sends_in_fjall(store: &FjallStore) -> Vec<u64> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             let dedup = raw_dedup(store);
@@ -2419,12 +2674,35 @@ mod tests {
                     u64::from_be_bytes(k[8..16].try_into().unwrap()) - 1000
                 })
                 .collect();
-            if dedup == msgidx || std::time::Instant::now() > deadline {
-                assert_eq!(dedup, msgidx, "dedup and msg index entries in fjall");
+            let others = [
+                msgidx,
+                raw_seqs(store, Kind::Timeline, 5),
+                raw_seqs(store, Kind::Timeline, 6),
+                raw_seqs(store, Kind::GTimeline, 9),
+            ];
+            if others.iter().all(|o| *o == dedup) || std::time::Instant::now() > deadline {
+                for o in others {
+                    assert_eq!(dedup, o, "dedup, msg index and timeline entries in fjall");
+                }
                 return dedup;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
+    }
+
+    /// The timeline entries applied and not in fjall yet, in sends: (since the last
+    /// checkpoint, sealed).
+    fn ranged_held(store: &FjallStore) -> (usize, usize) {
+        let maps = store.ranged.lock().unwrap();
+        let counts = |t: usize| {
+            (
+                maps.current[t].len(),
+                maps.sealed.as_ref().map_or(0, |s| s[t].len()),
+            )
+        };
+        let (users, groups) = (counts(0), counts(1));
+        assert_eq!((users.0, users.1), (2 * groups.0, 2 * groups.1));
+        groups
     }
 
     /// The writes of the tabled keyspaces fjall does not have yet, in sends: (since the last
@@ -2460,12 +2738,43 @@ mod tests {
         }
         let next = committed.last().map_or(1, |c| c + 1);
         assert_eq!(found(next), (None, None));
+        // The timelines (the sends' seqs are 1, 2, …): whole, in pages from anywhere, and
+        // their newest seq.
+        let n = committed.len() as u64;
+        assert_eq!(committed, (1..=n).collect::<Vec<_>>());
+        let page = |kind: Kind, id: u64, after: u64, limit: usize| -> Vec<u64> {
+            let msgs = match kind {
+                Kind::Timeline => rt.block_on(store.timeline(UserId(id), Seq(after), limit)),
+                _ => rt.block_on(store.group_timeline(GroupId(id), Seq(after), limit)),
+            };
+            msgs.unwrap().iter().map(|m| m.seq.0).collect()
+        };
+        for (kind, id) in [
+            (Kind::Timeline, 5),
+            (Kind::Timeline, 6),
+            (Kind::GTimeline, 9),
+        ] {
+            assert_eq!(page(kind, id, 0, 10_000), committed, "{} {id}", kind.name());
+            for after in [0, n / 3, n / 2, n.saturating_sub(2), n] {
+                let want: Vec<u64> = (after + 1..=n).take(3).collect();
+                assert_eq!(
+                    page(kind, id, after, 3),
+                    want,
+                    "{} {id} after {after}",
+                    kind.name()
+                );
+            }
+        }
+        assert_eq!(rt.block_on(store.last_seq(UserId(5))).unwrap(), Seq(n));
+        assert_eq!(rt.block_on(store.last_seq(UserId(6))).unwrap(), Seq(n));
+        assert_eq!(rt.block_on(store.last_seq(UserId(7))).unwrap(), Seq(0));
+        assert_eq!(rt.block_on(store.group_head(GroupId(9))).unwrap(), Seq(n));
     }
 
-    /// Nothing went through fjall's dedup and msg index memtables (a rotation of an empty one
-    /// does nothing).
-    fn assert_tabled_memtables_empty(store: &FjallStore) {
-        for kind in TABLED {
+    /// Nothing went through fjall's dedup, msg index and timeline memtables (a rotation of an
+    /// empty one does nothing).
+    fn assert_memtables_empty(store: &FjallStore) {
+        for kind in TABLED.into_iter().chain(RANGED) {
             let ks = store.space(kind);
             assert_eq!(ks.sealed_memtable_count(), 0);
             assert!(
@@ -2476,12 +2785,12 @@ mod tests {
         }
     }
 
-    /// Dedup and msg index writes wait in memory until a checkpoint seals them and they are
-    /// handed to fjall as tables (here by the checkpoint itself: no store threads); reads find
-    /// every returned commit's entries before, during and after that, and across a crash at any
-    /// point of it.
+    /// Dedup, msg index and timeline writes wait in memory until a checkpoint seals them and
+    /// they are handed to fjall as tables (here by the checkpoint itself: no store threads);
+    /// reads find every returned commit's entries before, during and after that (the timelines'
+    /// pages merged from memory and fjall), and across a crash at any point of it.
     #[test]
-    fn tabled_writes_reach_fjall_at_a_checkpoint_and_survive_a_crash_on_either_side_of_it() {
+    fn dedup_index_and_timeline_writes_reach_fjall_at_a_checkpoint_and_survive_a_crash_anywhere() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -2494,7 +2803,7 @@ mod tests {
             rt.block_on(store.commit(send(cid))).unwrap();
             committed.push(cid);
             // fjall holds the writes up to the last checkpoint, the maps the rest.
-            let raw = tabled_in_fjall(&store);
+            let raw = sends_in_fjall(&store);
             assert_eq!(raw, committed[..raw.len()], "after commit {cid}");
             let (pending, sealed) = pending_tabled(&store);
             assert_eq!(
@@ -2502,6 +2811,8 @@ mod tests {
                 "without the store's threads a checkpoint ingests itself"
             );
             assert_eq!(raw.len() + pending, committed.len(), "after commit {cid}");
+            // (`sends_in_fjall` applied every durable record: the timeline maps hold the same sends.)
+            assert_eq!(ranged_held(&store), (pending, 0), "after commit {cid}");
             if raw.len() > in_fjall {
                 // A checkpoint before this commit's record: only that record's writes are left.
                 crossed += 1;
@@ -2522,7 +2833,13 @@ mod tests {
                     .unwrap();
                 }
                 drop(maps);
-                assert_eq!(tabled_in_fjall(&store), committed);
+                let maps = store.ranged.lock().unwrap();
+                for (kind, writes) in RANGED.iter().zip(&maps.current) {
+                    ingest_table(&store.spaces[*kind as usize], writes.iter()).unwrap();
+                }
+                drop(maps);
+                // (The reads below then find these entries in fjall and in memory at once.)
+                assert_eq!(sends_in_fjall(&store), committed);
             }
             if cid % 25 == 0 {
                 // A crash: the maps are lost with the process (a store dropped without a
@@ -2532,19 +2849,22 @@ mod tests {
                 // The open replayed the newest two segments and handed their tabled writes to
                 // fjall.
                 assert_eq!(pending_tabled(&store), (0, 0));
-                assert_eq!(tabled_in_fjall(&store), committed);
+                assert_eq!(ranged_held(&store), (0, 0));
+                assert_eq!(sends_in_fjall(&store), committed);
                 in_fjall = committed.len();
             }
             assert_sends_found(&rt, &store, &committed);
         }
         assert!(crossed >= 5, "only {crossed} checkpoints");
-        assert_tabled_memtables_empty(&store);
+        assert_memtables_empty(&store);
     }
 
-    /// With the store's threads, a checkpoint only seals the dedup and msg index writes, and
-    /// `store-ingest` hands them to fjall; a crash before it did loses none of them (the log
-    /// hands back the records of the newest two segments), and a checkpoint that finds them
-    /// still sealed hands them over itself before the log stops handing their records back.
+    /// With the store's threads, a checkpoint only seals the dedup, msg index and timeline
+    /// writes, and `store-ingest` hands them to fjall (meanwhile the timelines' pages are
+    /// merged from the current map, the sealed one and fjall); a crash before it did loses none
+    /// of them (the log hands back the records of the newest two segments), and a checkpoint
+    /// that finds them still sealed hands them over itself before the log stops handing their
+    /// records back.
     #[test]
     fn sealed_writes_reach_fjall_off_the_committers_and_a_crash_before_loses_none() {
         let dir = tempfile::tempdir().unwrap();
@@ -2553,7 +2873,7 @@ mod tests {
             .unwrap();
         let wait_sealed_gone = |store: &FjallStore| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while pending_tabled(store).1 > 0 {
+            while pending_tabled(store).1 > 0 || ranged_held(store).1 > 0 {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "store-ingest did not hand the sealed writes to fjall"
@@ -2566,7 +2886,7 @@ mod tests {
         let mut cid = 0;
         // Commits up to the next checkpoint (fjall's tables or the sealed maps grow).
         let commit_to_checkpoint = |store: &FjallStore, cid: &mut u64, committed: &mut Vec<u64>| {
-            let seen = |store: &FjallStore| tabled_in_fjall(store).len() + pending_tabled(store).1;
+            let seen = |store: &FjallStore| sends_in_fjall(store).len() + pending_tabled(store).1;
             let before = seen(store);
             for _ in 0..100 {
                 *cid += 1;
@@ -2581,13 +2901,14 @@ mod tests {
         // In the background: the sealed writes reach fjall, the maps forget them.
         commit_to_checkpoint(&store, &mut cid, &mut committed);
         wait_sealed_gone(&store);
-        assert_eq!(tabled_in_fjall(&store), committed[..committed.len() - 1]);
+        assert_eq!(sends_in_fjall(&store), committed[..committed.len() - 1]);
         assert_sends_found(&rt, &store, &committed);
         // The thread kept from them (as if it had no CPU): sealed they stay, and are read.
         let held = store.turns.ingesting.lock().unwrap();
         commit_to_checkpoint(&store, &mut cid, &mut committed);
-        let in_fjall = tabled_in_fjall(&store).len();
+        let in_fjall = sends_in_fjall(&store).len();
         assert!(pending_tabled(&store).1 > 0);
+        assert!(ranged_held(&store).1 > 0);
         assert_sends_found(&rt, &store, &committed);
         // A crash now: the sealed writes and the later ones are lost with the process, and the
         // log hands their records back.
@@ -2599,7 +2920,8 @@ mod tests {
         drop(turns);
         store = open_small_log(dir.path(), true);
         assert_eq!(pending_tabled(&store), (0, 0));
-        assert_eq!(tabled_in_fjall(&store), committed);
+        assert_eq!(ranged_held(&store), (0, 0));
+        assert_eq!(sends_in_fjall(&store), committed);
         assert!(in_fjall < committed.len());
         assert_sends_found(&rt, &store, &committed);
         // A checkpoint that finds the last one's writes still sealed hands them over first.
@@ -2611,11 +2933,11 @@ mod tests {
         // (The thread may take them now; either way the next checkpoint finds them in fjall.)
         let held_from = committed.len();
         commit_to_checkpoint(&store, &mut cid, &mut committed);
-        assert!(tabled_in_fjall(&store).len() >= held_from - 1);
+        assert!(sends_in_fjall(&store).len() >= held_from - 1);
         wait_sealed_gone(&store);
-        assert_eq!(tabled_in_fjall(&store), committed[..committed.len() - 1]);
+        assert_eq!(sends_in_fjall(&store), committed[..committed.len() - 1]);
         assert_sends_found(&rt, &store, &committed);
-        assert_tabled_memtables_empty(&store);
+        assert_memtables_empty(&store);
     }
 
     /// The store's thread applies durable records: by itself within its poll (a `settle` with
