@@ -1121,9 +1121,9 @@ fn decode_writes(mut b: &[u8]) -> Option<Vec<Write>> {
     b.is_empty().then_some(out)
 }
 
-/// Hands writes (key, value; `None` deletes) of a tabled keyspace to fjall as one sorted table
-/// (fjall's ingestion: it bypasses the memtable, and the table and fjall's version are synced
-/// before it returns). The last write of a key in `writes` wins.
+/// Hands writes (key, value; `None` deletes) of a tabled or a ranged keyspace to fjall as one
+/// sorted table (fjall's ingestion: it bypasses the memtable, and the table and fjall's version
+/// are synced before it returns). The last write of a key in `writes` wins.
 fn ingest_table<'a>(
     space: &Keyspace,
     writes: impl Iterator<Item = (&'a [u8; 16], &'a Option<Vec<u8>>)>,
@@ -1441,9 +1441,9 @@ impl FjallStore {
 
     /// A checkpoint, before the log starts a segment (under the writer lock; `last` is the seq
     /// of the last record written): every record becomes durable and applied, the outbox
-    /// writes waiting in memory go to fjall, the tabled keyspaces' writes since the last
-    /// checkpoint are sealed (and those sealed by it are in fjall), and fjall's journal is
-    /// synced. After it, nothing in the log's older segments is needed but the segment that is
+    /// writes waiting in memory go to fjall, the tabled and the ranged keyspaces' writes since
+    /// the last checkpoint are sealed (and those sealed by it are in fjall), and fjall's journal
+    /// is synced. After it, nothing in the log's older segments is needed but the segment that is
     /// ending (for its sealed writes, until `store-ingest` has handed them over).
     fn checkpoint(&self, last: u64) -> std::io::Result<()> {
         let failed = |e: StoreError| std::io::Error::other(e.to_string());
