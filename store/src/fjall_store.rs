@@ -342,18 +342,68 @@ fn tabled(kind: Kind) -> Option<usize> {
     TABLED.iter().position(|k| *k == kind)
 }
 
-/// The writes of the tabled keyspaces that fjall does not have yet.
-#[derive(Debug, Default)]
-struct TabledMaps {
-    /// Those of the records written since the last checkpoint, one map per [`TABLED`] keyspace.
-    current: [PendingWrites; TABLED.len()],
+/// Writes on their way to fjall as tables, one map per keyspace of a group (the [`TABLED`] or
+/// the [`RANGED`] keyspaces).
+#[derive(Debug)]
+struct Staged<M, const N: usize> {
+    /// Those of the records since the last checkpoint.
+    current: [M; N],
     /// Those of the records between the checkpoint before and the last one (all durable and
     /// applied), on their way to fjall; `None` once fjall has them. The next checkpoint waits
     /// for them if they are still here: after it, the log no longer hands their records back.
-    sealed: Option<Arc<[PendingWrites; TABLED.len()]>>,
+    sealed: Option<Arc<[M; N]>>,
 }
 
-impl TabledMaps {
+impl<M: StagedMap, const N: usize> Default for Staged<M, N> {
+    fn default() -> Self {
+        Staged {
+            current: std::array::from_fn(|_| M::default()),
+            sealed: None,
+        }
+    }
+}
+
+impl<M: StagedMap, const N: usize> Staged<M, N> {
+    /// At a checkpoint: what was written since the last one is sealed (if anything was).
+    fn seal(&mut self) {
+        let current = std::mem::replace(&mut self.current, std::array::from_fn(|_| M::default()));
+        if current.iter().any(|m| m.len() > 0) {
+            self.sealed = Some(Arc::new(current));
+        }
+    }
+
+    /// Entries of keyspace `t` (since the last checkpoint, sealed).
+    #[cfg(test)]
+    fn counts(&self, t: usize) -> (usize, usize) {
+        (
+            self.current[t].len(),
+            self.sealed.as_ref().map_or(0, |s| s[t].len()),
+        )
+    }
+}
+
+/// A map of [`Staged`] writes.
+trait StagedMap: Default {
+    fn len(&self) -> usize;
+}
+
+impl<K, V> StagedMap for HashMap<K, V> {
+    fn len(&self) -> usize {
+        HashMap::len(self)
+    }
+}
+
+impl<K, V> StagedMap for std::collections::BTreeMap<K, V> {
+    fn len(&self) -> usize {
+        std::collections::BTreeMap::len(self)
+    }
+}
+
+/// The writes of the tabled keyspaces that fjall does not have yet (since the record was
+/// written, durable or not).
+type TabledMaps = Staged<PendingWrites, { TABLED.len() }>;
+
+impl Staged<PendingWrites, { TABLED.len() }> {
     /// The newest write of key `key` of tabled keyspace `t` whose record is durable (up to
     /// `durable`): `Some(None)` if it deletes, `None` if the maps have none.
     fn durable(&self, t: usize, key: &[u8; 16], durable: u64) -> Option<Option<Vec<u8>>> {
@@ -408,14 +458,7 @@ type RangedMap = std::collections::BTreeMap<[u8; 16], Option<Vec<u8>>>;
 /// keyspace, as it does for the tabled ones ([`FjallStore::ingest_sealed`]). Reads merge these
 /// over fjall's entries ([`FjallStore::ranged_scan`]). Bounded by the entries of two segments
 /// of the commit log.
-#[derive(Debug, Default)]
-struct RangedMaps {
-    /// Those of the records applied since the last checkpoint.
-    current: [RangedMap; RANGED.len()],
-    /// Those of the records between the checkpoint before and the last one, on their way to
-    /// fjall; `None` once fjall has them.
-    sealed: Option<Arc<[RangedMap; RANGED.len()]>>,
-}
+type RangedMaps = Staged<RangedMap, { RANGED.len() }>;
 
 /// A key and its value.
 type KeyValue = (Vec<u8>, Vec<u8>);
@@ -1152,6 +1195,33 @@ fn ingest_table<'a>(
     ingestion.finish().map_err(io)
 }
 
+/// Whether a checkpoint sealed writes of `staged` that fjall does not have yet.
+fn is_sealed<M, const N: usize>(staged: &Mutex<Staged<M, N>>) -> bool {
+    staged
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .sealed
+        .is_some()
+}
+
+/// Hands the sealed writes of `staged` (keyspaces `kinds`) to fjall with `ingest`, one map at a
+/// time, then drops them (kept if it fails).
+fn hand_over<M, const N: usize>(
+    staged: &Mutex<Staged<M, N>>,
+    kinds: [Kind; N],
+    ingest: impl Fn(Kind, &M) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let lock = || staged.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(sealed) = lock().sealed.clone() else {
+        return Ok(());
+    };
+    for (kind, writes) in kinds.into_iter().zip(sealed.iter()) {
+        ingest(kind, writes)?;
+    }
+    lock().sealed = None;
+    Ok(())
+}
+
 /// Applies the writes of log record `seq` to fjall as one unsynced batch, with the record's seq;
 /// its outbox writes to `deferred` instead (until the next checkpoint), its timeline entries to
 /// `ranged` (until `store-ingest` hands them to fjall as tables after a checkpoint), and those of
@@ -1591,20 +1661,12 @@ impl FjallStore {
     /// the background (a store without the store's threads does it now).
     fn checkpoint_seal(&self) -> Result<(), StoreError> {
         self.ingest_sealed(true)?;
-        {
-            let mut maps = self.turns.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let current = std::mem::take(&mut maps.current);
-            if current.iter().any(|m| !m.is_empty()) {
-                maps.sealed = Some(Arc::new(current));
-            }
-        }
-        {
-            let mut maps = self.ranged.lock().unwrap_or_else(|p| p.into_inner());
-            let current = std::mem::take(&mut maps.current);
-            if current.iter().any(|m| !m.is_empty()) {
-                maps.sealed = Some(Arc::new(current));
-            }
-        }
+        self.turns
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seal();
+        self.ranged.lock().unwrap_or_else(|p| p.into_inner()).seal();
         match &self.applier {
             Some(a) => a.wake_ingest(),
             None => self.ingest_sealed(true)?,
@@ -1618,50 +1680,22 @@ impl FjallStore {
     /// fails: tried again later; handing a keyspace's over again is harmless). Unless `wait`,
     /// only if nobody else is at it.
     fn ingest_sealed(&self, wait: bool) -> Result<(), StoreError> {
-        let tabled = |store: &FjallStore| {
-            store
-                .turns
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .sealed
-                .clone()
-        };
-        let ranged = |store: &FjallStore| {
-            store
-                .ranged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .sealed
-                .clone()
-        };
-        if tabled(self).is_none() && ranged(self).is_none() {
+        if !is_sealed(&self.turns.pending) && !is_sealed(&self.ranged) {
             return Ok(());
         }
         let Some(_ingesting) = lock_unless_held(&self.turns.ingesting, wait) else {
             return Ok(());
         };
-        // (Another one may have handed them over meanwhile.)
-        if let Some(sealed) = tabled(self) {
-            for (kind, writes) in TABLED.iter().zip(sealed.iter()) {
-                ingest_table(
-                    &self.spaces[*kind as usize],
-                    writes.iter().map(|(k, w)| (k, &w.newest.1)),
-                )?;
-            }
-            self.turns
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .sealed = None;
-        }
-        if let Some(sealed) = ranged(self) {
-            for (kind, writes) in RANGED.iter().zip(sealed.iter()) {
-                ingest_table(&self.spaces[*kind as usize], writes.iter())?;
-            }
-            self.ranged.lock().unwrap_or_else(|p| p.into_inner()).sealed = None;
-        }
-        Ok(())
+        // (Another one may have handed them over meanwhile: `hand_over` finds nothing then.)
+        hand_over(&self.turns.pending, TABLED, |kind, writes| {
+            ingest_table(
+                &self.spaces[kind as usize],
+                writes.iter().map(|(k, w)| (k, &w.newest.1)),
+            )
+        })?;
+        hand_over(&self.ranged, RANGED, |kind, writes| {
+            ingest_table(&self.spaces[kind as usize], writes.iter())
+        })
     }
 
     /// Up to `limit` entries of ranged keyspace `kind` with keys in `lo..=hi`, in key order
@@ -2694,13 +2728,7 @@ mod tests {
     /// checkpoint, sealed).
     fn ranged_held(store: &FjallStore) -> (usize, usize) {
         let maps = store.ranged.lock().unwrap();
-        let counts = |t: usize| {
-            (
-                maps.current[t].len(),
-                maps.sealed.as_ref().map_or(0, |s| s[t].len()),
-            )
-        };
-        let (users, groups) = (counts(0), counts(1));
+        let (users, groups) = (maps.counts(0), maps.counts(1));
         assert_eq!((users.0, users.1), (2 * groups.0, 2 * groups.1));
         groups
     }
@@ -2709,12 +2737,7 @@ mod tests {
     /// checkpoint, sealed).
     fn pending_tabled(store: &FjallStore) -> (usize, usize) {
         let maps = store.turns.pending.lock().unwrap();
-        let counts = |t: usize| {
-            (
-                maps.current[t].len(),
-                maps.sealed.as_ref().map_or(0, |s| s[t].len()),
-            )
-        };
+        let counts = |t: usize| maps.counts(t);
         assert_eq!(
             counts(0),
             counts(1),
