@@ -366,7 +366,8 @@ impl<M: StagedMap, const N: usize> Default for Staged<M, N> {
 impl<M: StagedMap, const N: usize> Staged<M, N> {
     /// At a checkpoint: what was written since the last one is sealed (if anything was).
     fn seal(&mut self) {
-        let current = std::mem::replace(&mut self.current, std::array::from_fn(|_| M::default()));
+        let next = std::array::from_fn(|t| self.current[t].next());
+        let current = std::mem::replace(&mut self.current, next);
         if current.iter().any(|m| m.len() > 0) {
             self.sealed = Some(Arc::new(current));
         }
@@ -385,11 +386,21 @@ impl<M: StagedMap, const N: usize> Staged<M, N> {
 /// A map of [`Staged`] writes.
 trait StagedMap: Default {
     fn len(&self) -> usize;
+    /// The empty map that follows this one at a checkpoint.
+    fn next(&self) -> Self {
+        Self::default()
+    }
 }
 
-impl<K, V> StagedMap for HashMap<K, V> {
+impl<K, V, S: std::hash::BuildHasher + Default> StagedMap for HashMap<K, V, S> {
     fn len(&self) -> usize {
         HashMap::len(self)
+    }
+
+    /// Room for as many keys as this one took: the next segment's records write about as many,
+    /// and a map that grows from empty hashes every key again at each doubling.
+    fn next(&self) -> Self {
+        HashMap::with_capacity_and_hasher(self.len(), S::default())
     }
 }
 
@@ -414,8 +425,9 @@ impl Staged<PendingWrites, { TABLED.len() }> {
     }
 }
 
-/// Key → its writes since the last checkpoint (of one tabled keyspace).
-type PendingWrites = HashMap<[u8; 16], KeyWrites>;
+/// Key → its writes since the last checkpoint (of one tabled keyspace). foldhash, seeded per
+/// process (`im_shared::fast`): dedup keys hold a client's `client_msg_id`.
+type PendingWrites = im_shared::fast::FastMap<[u8; 16], KeyWrites>;
 
 /// The writes of one key since the last checkpoint, by record seq. A key is written once in
 /// practice (a retried send finds its dedup record and writes nothing; a replayed append finds
