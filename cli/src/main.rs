@@ -45,7 +45,7 @@ use im_shared::token::{now_secs, HmacTokens};
 use im_shared::{DeviceType, GroupId, MsgId, Seq, UserId};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: im_shared::alloc::Mimalloc = im_shared::alloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(version, about = "Terminal IM client")]

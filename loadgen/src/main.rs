@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use clap::{Args, Parser, Subcommand};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: im_shared::alloc::Mimalloc = im_shared::alloc::Mimalloc;
 
 #[derive(Parser, Debug)]
 #[command(

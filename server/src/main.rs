@@ -11,7 +11,7 @@ use im_shared::UserId;
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: im_shared::alloc::Mimalloc = im_shared::alloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(

@@ -6,6 +6,8 @@
 //!
 //! The byte layout of everything in this crate is specified in `docs/PROTOCOL.md`.
 
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod b64;
 pub mod codes;
 pub mod errors;
