@@ -503,8 +503,10 @@ impl<S: Store> Worker<S> {
     }
 
     /// Owner side: whether large group `group` may start an `@all` now: not while the last one
-    /// is still being fanned out, nor within `large_group_mention_all_secs` of its start.
-    pub(super) fn mention_all_refusal(&self, group: GroupId) -> Option<ApiError> {
+    /// is still being fanned out, nor within `large_group_mention_all_secs` of its start. A
+    /// start stamped after now (the wall clock stepped back) counts from now: the interval is
+    /// kept from the step on instead of refusing until the clock catches up with the stamp.
+    pub(super) fn mention_all_refusal(&mut self, group: GroupId) -> Option<ApiError> {
         if self.mention_all.values().any(|j| j.group == group) {
             return Some(ApiError::new(
                 ErrorCode::Overloaded,
@@ -512,8 +514,12 @@ impl<S: Store> Worker<S> {
             ));
         }
         let every = self.cfg.large_group_mention_all_secs;
-        let last = self.mention_all_at.get(&group).copied();
-        if last.is_some_and(|t| self.now < t.saturating_add(every * 1000)) {
+        let now = self.now;
+        let last = self.mention_all_at.get_mut(&group).map(|t| {
+            *t = (*t).min(now);
+            *t
+        });
+        if last.is_some_and(|t| now < t.saturating_add(every.saturating_mul(1000))) {
             return Some(ApiError::new(
                 ErrorCode::Overloaded,
                 format!("a large group takes at most one @all every {every} s; retry later"),
@@ -533,7 +539,7 @@ impl<S: Store> Worker<S> {
         let now = self.now;
         let every = self.cfg.large_group_mention_all_secs.saturating_mul(1000);
         self.mention_all_at
-            .retain(|_, t| now < t.saturating_add(every));
+            .retain(|_, t| (*t).min(now).saturating_add(every) > now);
         self.mention_all_at.insert(group, now);
         self.metrics.accepted(CONV_MENTION);
         let job = MentionAll {

@@ -3069,6 +3069,22 @@ async fn an_all_mention_in_a_large_group_reaches_every_member_once_chunk_by_chun
     assert_eq!(mentions_of(&fx, a).await, vec![second], "the owner too now");
     assert_eq!(mentions_of(&fx, b).await, vec![ack.1, second]);
     assert_eq!(mentions_of(&fx, c).await, vec![ack.1], "not the poster");
+    // The owner's wall clock steps back an hour (NTP, or another node's slower clock): the
+    // interval counts from the step, not until the clock is back at the last @all.
+    fx.settle().await;
+    fx.now -= 3_600_000;
+    fx.client(conn(3), c, vec![(8, mention_all(4, group))])
+        .await;
+    fx.pump().await;
+    let (code, why) = error_to(&fx.out(), conn(3), 8).expect("refused");
+    assert_eq!(code, ErrorCode::Overloaded);
+    assert!(why.contains("one @all every 60 s"), "{why}");
+    fx.now += 60_000;
+    fx.client(conn(3), c, vec![(9, mention_all(4, group))])
+        .await;
+    fx.pump().await;
+    let third = acks(&fx.out())[0].1;
+    assert_eq!(mentions_of(&fx, b).await, vec![ack.1, second, third]);
 }
 
 #[tokio::test]
