@@ -3069,8 +3069,8 @@ async fn an_all_mention_in_a_large_group_reaches_every_member_once_chunk_by_chun
     assert_eq!(mentions_of(&fx, a).await, vec![second], "the owner too now");
     assert_eq!(mentions_of(&fx, b).await, vec![ack.1, second]);
     assert_eq!(mentions_of(&fx, c).await, vec![ack.1], "not the poster");
-    // The owner's wall clock steps back an hour (NTP, or another node's slower clock): the
-    // interval counts from the step, not until the clock is back at the last @all.
+    // The owner's wall clock steps back an hour (an NTP step, say): the interval counts from
+    // the step, not until the clock is back at the last @all.
     fx.settle().await;
     fx.now -= 3_600_000;
     fx.client(conn(3), c, vec![(8, mention_all(4, group))])
