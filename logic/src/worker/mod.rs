@@ -1218,7 +1218,7 @@ impl<S: Store> Worker<S> {
     pub(crate) async fn start(&mut self, now: u64) {
         self.now = now;
         self.resume_ids().await;
-        self.replay_outbox(None).await;
+        self.replay_outbox().await;
         self.replay_push_watches().await;
         if self.keeps_org() {
             self.org_refresh().await;
@@ -1339,7 +1339,7 @@ impl<S: Store> Worker<S> {
             None => return,
         };
         for (node, epoch) in todo {
-            self.replay_outbox(Some(node)).await;
+            self.replay_to_node(node).await;
             // The node may have restarted and forgotten who follows its users.
             self.rewatch(node);
             if let Some(p) = self.router.peers() {

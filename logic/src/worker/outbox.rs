@@ -145,6 +145,21 @@ impl Outbox {
         true
     }
 
+    /// The unconfirmed recipients for which `pick` holds, of every fan-out, in each shard's
+    /// order (as [`Outbox::take_overdue`]); no fan-out's re-send time moves.
+    fn unconfirmed(&self, pick: impl Fn(UserId) -> bool) -> Resend {
+        let mut out: Resend = self
+            .pending
+            .iter()
+            .filter_map(|(&(shard, _), f)| {
+                let to: Vec<UserId> = f.left.iter().filter(|r| pick(*r)).collect();
+                (!to.is_empty()).then(|| (shard, f.msg.clone(), to))
+            })
+            .collect();
+        out.sort_unstable_by_key(|(shard, m, _)| (shard.0, m.msg_id.0));
+        out
+    }
+
     /// The unconfirmed recipients for which `remote` holds, of every fan-out due at `now`; each
     /// such fan-out's next re-send moves out by its doubled backoff.
     fn take_overdue(&mut self, now: u64, remote: impl Fn(UserId) -> bool) -> Resend {
@@ -233,10 +248,10 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Re-sends the fan-out of this worker's outbox entries (all of them at start: everything a
-    /// crash interrupted; with `only_node`, those bound for that node), to the recipients that
-    /// have not confirmed.
-    pub(super) async fn replay_outbox(&mut self, only_node: Option<usize>) {
+    /// Re-sends the fan-out of every outbox entry of this worker's shards (at start: everything
+    /// a crash interrupted), read from the store, to the recipients that have not confirmed; the
+    /// entries are tracked in memory from then on.
+    pub(super) async fn replay_outbox(&mut self) {
         let total = self.router.total();
         let me = self.router.global(self.idx);
         let now = self.now;
@@ -286,9 +301,7 @@ impl<S: Store> Worker<S> {
                 }
                 self.outbox.track(shard, &msg, &recipients, now);
                 for r in recipients {
-                    if !self.outbox.is_unconfirmed(shard, msg.msg_id, r)
-                        || only_node.is_some_and(|n| self.router.node_of(self.owner(r)) != n)
-                    {
+                    if !self.outbox.is_unconfirmed(shard, msg.msg_id, r) {
                         continue;
                     }
                     n += 1;
@@ -305,6 +318,41 @@ impl<S: Store> Worker<S> {
             tracing::info!(worker = self.idx, appends = n, "replaying outbox");
         }
         self.send_replay(out).await;
+    }
+
+    /// A resync of the link to `node`: re-sends the appends its workers' users have not
+    /// confirmed, from memory. The worker's shards do not change while it runs, so every
+    /// unconfirmed recipient of their entries is tracked there since [`Worker::replay_outbox`]
+    /// (an entry whose last confirmation came is not), and reading every shard's outbox from
+    /// the store at each link change would read the same thing again.
+    pub(super) async fn replay_to_node(&mut self, node: usize) {
+        let router = &self.router;
+        let resend = self
+            .outbox
+            .unconfirmed(|r| router.node_of(router.owner(r)) == node);
+        let (out, n) = self.appends_of(resend);
+        if n > 0 {
+            tracing::info!(worker = self.idx, node, appends = n, "replaying outbox");
+        }
+        self.send_replay(out).await;
+    }
+
+    /// Re-sends as appends by recipient worker, and how many.
+    fn appends_of(&self, resend: Resend) -> (Vec<Vec<AppendReq>>, usize) {
+        let mut out: Vec<Vec<AppendReq>> = (0..self.router.total()).map(|_| Vec::new()).collect();
+        let mut n = 0usize;
+        for (shard, msg, to) in resend {
+            for r in to {
+                n += 1;
+                out[self.owner(r)].push(AppendReq {
+                    recipient: r,
+                    shard,
+                    msg: msg.clone(),
+                    replay: true,
+                });
+            }
+        }
+        (out, n)
     }
 
     /// A replay's appends: to this node's workers at once; to another node's in parts, each
@@ -352,19 +400,7 @@ impl<S: Store> Worker<S> {
         let resend = self
             .outbox
             .take_overdue(now, |r| router.node_of(router.owner(r)) != router.node);
-        let mut out: Vec<Vec<AppendReq>> = (0..router.total()).map(|_| Vec::new()).collect();
-        let mut n = 0usize;
-        for (shard, msg, to) in resend {
-            for r in to {
-                n += 1;
-                out[self.owner(r)].push(AppendReq {
-                    recipient: r,
-                    shard,
-                    msg: msg.clone(),
-                    replay: true,
-                });
-            }
-        }
+        let (out, n) = self.appends_of(resend);
         if n > 0 {
             tracing::info!(
                 worker = self.idx,
@@ -507,6 +543,43 @@ mod tests {
         assert!(!o.confirm(s, a.msg_id, UserId(1)));
         assert!(o.confirm(s, a.msg_id, UserId(100)));
         assert!(o.take_overdue(u64::MAX / 2, remote).is_empty());
+    }
+
+    /// A resync's replay (`Worker::replay_to_node`) comes from memory: the unconfirmed
+    /// recipients on that node of every fan-out, in each shard's msg_id order; confirmed ones
+    /// and completed fan-outs are not in it, and it moves no re-send time.
+    #[test]
+    fn a_resync_replays_the_unconfirmed_recipients_on_its_node_in_shard_order() {
+        let mut o = Outbox::default();
+        // Users 100..200 live on the node that resyncs; 1..100 elsewhere.
+        let on_node = |u: UserId| (100..200).contains(&u.0);
+        o.track(ShardId(2), &msg(5), &[UserId(100), UserId(1)], 0);
+        o.track(
+            ShardId(1),
+            &msg(9),
+            &[UserId(101), UserId(102), UserId(2)],
+            0,
+        );
+        o.track(ShardId(1), &msg(7), &[UserId(103)], 0);
+        o.track(ShardId(1), &msg(8), &[UserId(3)], 0);
+        o.track(ShardId(0), &msg(6), &[UserId(104)], 0);
+        assert!(!o.confirm(ShardId(1), MsgId(9), UserId(102)));
+        assert!(o.confirm(ShardId(0), MsgId(6), UserId(104)));
+        let got: Vec<(u16, u64, Vec<u64>)> = o
+            .unconfirmed(on_node)
+            .into_iter()
+            .map(|(s, m, mut to)| {
+                to.sort();
+                (s.0, m.msg_id.0, to.iter().map(|u| u.0).collect())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1, 7, vec![103]), (1, 9, vec![101]), (2, 5, vec![100])]
+        );
+        // The retries are still due when they were.
+        assert!(o.take_overdue(RETRY_FIRST_MS - 1, on_node).is_empty());
+        assert_eq!(o.take_overdue(RETRY_FIRST_MS, on_node).len(), 3);
     }
 
     #[test]

@@ -36,6 +36,8 @@ struct Fx {
     /// Frames decoded but not yet taken by [`Fx::out`].
     kept: Vec<Out>,
     now: u64,
+    /// Links to a second node (this fixture's node is node 0 of 2), if any.
+    peers: Option<Arc<crate::peer::PeerLinks>>,
 }
 
 impl Fx {
@@ -58,7 +60,16 @@ impl Fx {
             depth: Arc::default(),
             kept: Vec::new(),
             now: T0,
+            peers: None,
         };
+        fx.restart().await;
+        fx
+    }
+
+    /// A fixture whose node is node 0 of 2, with `peers` its links to node 1.
+    async fn with_peers(n: usize, peers: Arc<crate::peer::PeerLinks>) -> Fx {
+        let mut fx = Self::new(n).await;
+        fx.peers = Some(peers);
         fx.restart().await;
         fx
     }
@@ -68,7 +79,8 @@ impl Fx {
     async fn restart(&mut self) {
         let n = self.cfg.workers;
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
-        let router = Arc::new(Router::new(0, 1, txs, None));
+        let nodes = if self.peers.is_some() { 2 } else { 1 };
+        let router = Arc::new(Router::new(0, nodes, txs, self.peers.clone()));
         self.workers = (0..n)
             .map(|i| {
                 Worker::new(
@@ -624,6 +636,114 @@ async fn a_fan_out_across_workers_is_kept_in_the_outbox_until_confirmed_and_repl
     // Nothing left to replay at the next start.
     fx.restart().await;
     assert!(fx.inbox(1).is_empty());
+}
+
+/// A link to another node that comes up (again) is resynced from the worker's memory: every
+/// append to that node's users not confirmed yet goes out as a replay, in msg_id order, and a
+/// confirmed one does not (`Worker::replay_to_node`).
+#[tokio::test]
+async fn a_resync_of_a_peer_link_replays_the_unconfirmed_appends_bound_for_that_node() {
+    use im_shared::link::{self, LinkMsg};
+    use std::io::Read;
+    use std::sync::Mutex;
+    // Node 1: takes connections one after the other and records the appends that arrive; it
+    // ends a connection once it got `cut` appends on it (the link comes back in a new epoch).
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = peer.local_addr().unwrap();
+    type Got = Arc<Mutex<Vec<Vec<(UserId, MsgId, bool)>>>>;
+    let got: Got = Arc::default();
+    let cut = 2usize;
+    {
+        let got = got.clone();
+        std::thread::spawn(move || {
+            for mut s in peer.incoming().flatten() {
+                got.lock().unwrap().push(Vec::new());
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let (mut buf, mut chunk) = (bytes::BytesMut::new(), vec![0u8; 64 << 10]);
+                loop {
+                    match link::decode_msg(&mut buf) {
+                        Ok(Some(LinkMsg::Peer(p))) => {
+                            if let Ok((_, WorkerMsg::Append(v))) = crate::peer::decode(p) {
+                                let mut g = got.lock().unwrap();
+                                let on_this = g.last_mut().unwrap();
+                                on_this.extend(
+                                    v.iter().map(|a| (a.recipient, a.msg.msg_id, a.replay)),
+                                );
+                                if on_this.len() >= cut {
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        },
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+    }
+    let links = Arc::new(crate::peer::PeerLinks::start(
+        0,
+        vec!["127.0.0.1:9".parse().unwrap(), addr],
+    ));
+    let mut fx = Fx::with_peers(1, links.clone()).await;
+    let router = fx.workers[0].router.clone();
+    let on = |node: usize| -> Vec<UserId> {
+        (1..)
+            .map(UserId)
+            .filter(|&u| router.node_of(router.owner(u)) == node)
+            .take(2)
+            .collect()
+    };
+    let a = on(0)[0];
+    let (b, c) = (on(1)[0], on(1)[1]);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.client(
+        conn(1),
+        a,
+        vec![(1, send(1, b, "to b")), (2, send(2, c, "to c"))],
+    )
+    .await;
+    let ids: Vec<MsgId> = acks(&fx.out()).iter().map(|a| a.1).collect();
+    assert_eq!(ids.len(), 2);
+    // (A link notices that node 1 ended the connection at its next write: its ping after 5 s
+    // of quiet.)
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // The link comes up; the worker's resync replays both appends.
+    wait_for("the link", &|| !links.needs_resync(0).is_empty());
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    wait_for("the replay", &|| {
+        got.lock().unwrap().first().is_some_and(|v| v.len() >= 2)
+    });
+    assert_eq!(
+        got.lock().unwrap()[0],
+        vec![(b, ids[0], true), (c, ids[1], true)]
+    );
+    // b's worker confirms; node 1 ends the connection and the link comes back: only c's
+    // append is replayed.
+    let shard = vshard_of(a);
+    fx.step(0, vec![WorkerMsg::AppendDone(vec![(shard, ids[0], b)])])
+        .await
+        .unwrap();
+    wait_for("the new link", &|| !links.needs_resync(0).is_empty());
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    wait_for("the second replay", &|| {
+        got.lock().unwrap().get(1).is_some_and(|v| !v.is_empty())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(got.lock().unwrap()[1], vec![(c, ids[1], true)]);
 }
 
 #[tokio::test]
@@ -3868,7 +3988,7 @@ async fn draining_lazy_writes_are_seen_by_a_login_and_a_replay_until_written() {
     );
     // A replay fans out only the entry nobody confirmed ("y"), not those whose deletion drains.
     while fx.inboxes[1].try_recv().is_ok() {}
-    fx.workers[0].replay_outbox(None).await;
+    fx.workers[0].replay_outbox().await;
     let mut replayed = 0;
     while let Ok(m) = fx.inboxes[1].try_recv() {
         let m = match m {
@@ -3905,7 +4025,7 @@ async fn a_replay_skips_confirmed_entries_whose_deletion_waits() {
     assert_eq!(fx.store.outbox(shard).await.unwrap().len(), 1);
     assert!(fx.inboxes[1].try_recv().is_err());
     // A replay (a peer link's reset does one) leaves it alone: nothing for b's worker.
-    fx.workers[0].replay_outbox(None).await;
+    fx.workers[0].replay_outbox().await;
     assert!(
         fx.inboxes[1].try_recv().is_err(),
         "a confirmed entry was fanned out again"
