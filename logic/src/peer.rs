@@ -45,6 +45,17 @@ pub struct PeerLinks {
     bound: usize,
 }
 
+/// What became of one part of a replay ([`PeerLinks::send_replay_part`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartSent {
+    /// Written to the connection of its epoch, or queued for the link's thread.
+    Written,
+    /// More than half the link's queue bound waits: try again later.
+    Full,
+    /// The link is down or in another epoch: that epoch's resync replays everything.
+    Gone,
+}
+
 impl Drop for PeerLinks {
     fn drop(&mut self) {
         for (st, w) in self.state.iter().zip(&self.writers) {
@@ -114,11 +125,37 @@ impl PeerLinks {
     }
 
     /// Writes one part of a replay (appends for worker `worker` of `node`) on the link's
-    /// connection of `epoch`, once the link holds at most half its queue bound for its thread
-    /// (waiting at most `max`, polling): paced, a replay never passes the bound, which would
-    /// reset the link. False if the link is down or in another epoch (that epoch's own resync
-    /// replays everything), or if the wait ran out: then the peer does not read, and the link is
-    /// reset as at the bound (its next epoch's resync replays again).
+    /// connection of `epoch` if the link holds at most half its queue bound for its thread now:
+    /// paced, a replay never passes the bound, which would reset the link. Never waits.
+    pub fn send_replay_part(
+        &self,
+        node: usize,
+        worker: usize,
+        part: &[AppendReq],
+        epoch: u64,
+    ) -> PartSent {
+        let p = peer::encode(worker as u16, PeerMsgRef::Append(part));
+        self.send_paced(node, &p, epoch)
+    }
+
+    /// [`PeerLinks::send_replay_part`] of an encoded part.
+    fn send_paced(&self, node: usize, p: &Bytes, epoch: u64) -> PartSent {
+        let Some(Some(w)) = self.writers.get(node) else {
+            return PartSent::Gone;
+        };
+        match w.send_within(Some(epoch), self.bound / 2, |out| {
+            link::encode_msg(&LinkMsg::Peer(p.clone()), out);
+        }) {
+            Sent::Written | Sent::Queued => PartSent::Written,
+            Sent::Dropped => PartSent::Gone,
+            Sent::Overflow => PartSent::Full,
+        }
+    }
+
+    /// [`PeerLinks::send_replay_part`], waiting (polling) at most `max` for room. False if the
+    /// link is down or in another epoch (that epoch's own resync replays everything), or if the
+    /// wait ran out: then the peer does not read, and the link is reset as at the bound (its
+    /// next epoch's resync replays again).
     pub async fn send_replay(
         &self,
         node: usize,
@@ -127,24 +164,25 @@ impl PeerLinks {
         epoch: u64,
         max: Duration,
     ) -> bool {
-        let Some(Some(w)) = self.writers.get(node) else {
-            return false;
-        };
         let p = peer::encode(worker as u16, PeerMsgRef::Append(part));
         let deadline = std::time::Instant::now() + max;
         loop {
-            let sent = w.send_within(Some(epoch), self.bound / 2, |out| {
-                link::encode_msg(&LinkMsg::Peer(p.clone()), out);
-            });
-            match sent {
-                Sent::Written | Sent::Queued => return true,
-                Sent::Dropped => return false,
-                Sent::Overflow if std::time::Instant::now() >= deadline => {
-                    reset(&self.state[node], w);
+            match self.send_paced(node, &p, epoch) {
+                PartSent::Written => return true,
+                PartSent::Gone => return false,
+                PartSent::Full if std::time::Instant::now() >= deadline => {
+                    self.reset_link(node);
                     return false;
                 }
-                Sent::Overflow => tokio::time::sleep(Duration::from_millis(2)).await,
+                PartSent::Full => tokio::time::sleep(Duration::from_millis(2)).await,
             }
+        }
+    }
+
+    /// Resets the link to `node` as one whose peer does not read (see [`PeerLinks::send_replay`]).
+    pub fn reset_link(&self, node: usize) {
+        if let Some(Some(w)) = self.writers.get(node) {
+            reset(&self.state[node], w);
         }
     }
 

@@ -654,6 +654,8 @@ pub struct Worker<S> {
     push_due: VecDeque<(u64, UserId, u64)>,
     /// Fan-outs not yet confirmed by every recipient.
     outbox: outbox::Outbox,
+    /// Resyncs of peer links in progress, by node ([`Worker::pump_resyncs`]).
+    resyncs: FastMap<usize, outbox::Resync>,
     /// `@all` posts of large groups whose mention entries are still being fanned out, one
     /// chunk of members at a time, by outbox key (`worker/large.rs`, "@all").
     mention_all: FastMap<(ShardId, MsgId), large::MentionAll>,
@@ -962,6 +964,7 @@ impl<S: Store> Worker<S> {
             c2s: None,
             push_due: VecDeque::new(),
             outbox: outbox::Outbox::default(),
+            resyncs: FastMap::default(),
             mention_all: FastMap::default(),
             mention_all_at: FastMap::default(),
             lazy: Lazy::default(),
@@ -1339,13 +1342,9 @@ impl<S: Store> Worker<S> {
             None => return,
         };
         for (node, epoch) in todo {
-            self.replay_to_node(node).await;
-            // The node may have restarted and forgotten who follows its users.
-            self.rewatch(node);
-            if let Some(p) = self.router.peers() {
-                p.resynced(node, self.idx, epoch);
-            }
+            self.start_resync(node, epoch);
         }
+        self.pump_resyncs();
     }
 
     /// Resumes the msg-id generator above the floor reserved before the restart, so no id is

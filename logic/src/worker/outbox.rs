@@ -18,8 +18,10 @@
 //!   Appends to this node's own workers travel in-process and are never lost, so they are not
 //!   retried.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
+
+use crate::peer::PartSent;
 
 use im_shared::proto::Message;
 use im_shared::shard::VSHARDS;
@@ -32,9 +34,25 @@ use crate::store::{Op, OutboxEntry, Store};
 /// one chunk of an `@all` fan-out (`worker/large.rs`).
 pub(super) const ALL_MARK: UserId = UserId(0);
 
-/// How long a replay waits for room on a link before it resets the link as one whose peer does
-/// not read (the worker serves nothing else meanwhile; the next epoch's resync replays again).
+/// How long a replay at start waits for room on a link before it resets the link as one whose
+/// peer does not read (the worker serves nothing else meanwhile; the next epoch's resync replays
+/// again).
 const REPLAY_WAIT: Duration = Duration::from_secs(10);
+/// How long a resync's parts may find no room on their link before it is reset as one whose
+/// peer does not read ([`Worker::pump_resyncs`]; rounds go on meanwhile).
+const REPLAY_WAIT_MS: u64 = 10_000;
+
+/// A resync of the link to another node in progress ([`Worker::pump_resyncs`]).
+pub(super) struct Resync {
+    /// The link's epoch it is for.
+    epoch: u64,
+    /// Parts not written yet: (the node's local worker, its appends).
+    parts: VecDeque<(usize, Vec<AppendReq>)>,
+    /// The fan-outs tracked from this generation on are not in `parts` yet.
+    since: u64,
+    /// When a part was last written, or the resync started (ms).
+    progress_ms: u64,
+}
 
 /// First re-send of appends that a worker of another node has not confirmed ...
 pub(super) const RETRY_FIRST_MS: u64 = 5_000;
@@ -45,6 +63,8 @@ pub(super) const RETRY_MAX_MS: u64 = 60_000;
 struct Fanout {
     msg: Message,
     left: Left,
+    /// When it was first tracked, in [`Outbox::gen`] order.
+    gen: u64,
     /// When the recipients on other nodes that are still in `left` get the next re-send.
     due_ms: u64,
     backoff_ms: u64,
@@ -103,6 +123,8 @@ pub(super) type Resend = Vec<(ShardId, Message, Vec<UserId>)>;
 #[derive(Default)]
 pub(super) struct Outbox {
     pending: im_shared::fast::FastMap<(ShardId, MsgId), Fanout>,
+    /// The generation the next fan-out tracked gets.
+    next_gen: u64,
 }
 
 impl Outbox {
@@ -113,11 +135,14 @@ impl Outbox {
 
     /// Starts tracking a fan-out (at `now`); one already tracked keeps its confirmations.
     fn track(&mut self, shard: ShardId, msg: &Message, recipients: &[UserId], now: u64) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
         self.pending
             .entry((shard, msg.msg_id))
             .or_insert_with(|| Fanout {
                 msg: msg.clone(),
                 left: Left::new(recipients),
+                gen,
                 due_ms: now + RETRY_FIRST_MS,
                 backoff_ms: RETRY_FIRST_MS,
             });
@@ -145,12 +170,20 @@ impl Outbox {
         true
     }
 
-    /// The unconfirmed recipients for which `pick` holds, of every fan-out, in each shard's
-    /// order (as [`Outbox::take_overdue`]); no fan-out's re-send time moves.
-    fn unconfirmed(&self, pick: impl Fn(UserId) -> bool) -> Resend {
+    /// The generation of the next fan-out to be tracked: those tracked from now on have it or a
+    /// later one.
+    pub(super) fn gen(&self) -> u64 {
+        self.next_gen
+    }
+
+    /// The unconfirmed recipients for which `pick` holds, of every fan-out tracked since
+    /// generation `since`, in each shard's order (as [`Outbox::take_overdue`]); no fan-out's
+    /// re-send time moves.
+    fn unconfirmed(&self, since: u64, pick: impl Fn(UserId) -> bool) -> Resend {
         let mut out: Resend = self
             .pending
             .iter()
+            .filter(|(_, f)| f.gen >= since)
             .filter_map(|(&(shard, _), f)| {
                 let to: Vec<UserId> = f.left.iter().filter(|r| pick(*r)).collect();
                 (!to.is_empty()).then(|| (shard, f.msg.clone(), to))
@@ -320,21 +353,104 @@ impl<S: Store> Worker<S> {
         self.send_replay(out).await;
     }
 
-    /// A resync of the link to `node`: re-sends the appends its workers' users have not
-    /// confirmed, from memory. The worker's shards do not change while it runs, so every
-    /// unconfirmed recipient of their entries is tracked there since [`Worker::replay_outbox`]
-    /// (an entry whose last confirmation came is not), and reading every shard's outbox from
-    /// the store at each link change would read the same thing again.
-    pub(super) async fn replay_to_node(&mut self, node: usize) {
-        let router = &self.router;
-        let resend = self
-            .outbox
-            .unconfirmed(|r| router.node_of(router.owner(r)) == node);
-        let (out, n) = self.appends_of(resend);
-        if n > 0 {
-            tracing::info!(worker = self.idx, node, appends = n, "replaying outbox");
+    /// Starts the resync of the link to `node` in `epoch` (one of an older epoch is dropped):
+    /// [`Worker::pump_resyncs`] re-sends the appends that node's users have not confirmed.
+    pub(super) fn start_resync(&mut self, node: usize, epoch: u64) {
+        if self.resyncs.get(&node).is_some_and(|r| r.epoch == epoch) {
+            return;
         }
-        self.send_replay(out).await;
+        self.resyncs.insert(
+            node,
+            Resync {
+                epoch,
+                parts: VecDeque::new(),
+                since: 0,
+                progress_ms: self.now,
+            },
+        );
+    }
+
+    /// Moves every resync in progress on as far as its link has room, without waiting. A
+    /// resync re-sends, from memory, the appends to its node's users that are not confirmed:
+    /// every fan-out's at first (the worker's shards do not change while it runs, so every
+    /// unconfirmed recipient of their entries is tracked there since [`Worker::replay_outbox`],
+    /// and an entry whose last confirmation came is not), in parts of at most
+    /// [`crate::peer::PeerLinks::replay_part_bytes`], each written once the link holds at most
+    /// half its queue bound. Rounds go on meanwhile; their live appends to that node are
+    /// dropped (the link is not resynced), so once the parts are out, those of the fan-outs
+    /// tracked since are sent the same way, until there are none: then the link is marked
+    /// resynced for this worker, and live appends go out again after everything it replayed.
+    /// A link that takes no part for [`REPLAY_WAIT_MS`] is reset as one whose peer does not
+    /// read (its next epoch's resync starts over); one that changed epoch meanwhile gets no more
+    /// of this resync, whose parts are dropped.
+    pub(super) fn pump_resyncs(&mut self) {
+        if self.resyncs.is_empty() {
+            return;
+        }
+        let router = self.router.clone();
+        let Some(peers) = router.peers() else {
+            self.resyncs.clear();
+            return;
+        };
+        let nodes: Vec<usize> = self.resyncs.keys().copied().collect();
+        for node in nodes {
+            loop {
+                let now = self.now;
+                let Some(r) = self.resyncs.get_mut(&node) else {
+                    break;
+                };
+                let Some((local, part)) = r.parts.front() else {
+                    let since = std::mem::replace(&mut r.since, self.outbox.gen());
+                    let resend = self
+                        .outbox
+                        .unconfirmed(since, |u| router.node_of(router.owner(u)) == node);
+                    if resend.is_empty() {
+                        let epoch = r.epoch;
+                        self.resyncs.remove(&node);
+                        // The node may have restarted and forgotten who follows its users.
+                        self.rewatch(node);
+                        peers.resynced(node, self.idx, epoch);
+                        break;
+                    }
+                    let (out, n) = self.appends_of(resend);
+                    tracing::info!(worker = self.idx, node, appends = n, "replaying outbox");
+                    let budget = peers.replay_part_bytes();
+                    let r = self.resyncs.get_mut(&node).expect("just seen");
+                    for (w, reqs) in out.iter().enumerate() {
+                        for part in crate::peer::append_parts(reqs, budget) {
+                            r.parts.push_back((w % router.workers, part.to_vec()));
+                        }
+                    }
+                    continue;
+                };
+                match peers.send_replay_part(node, *local, part, r.epoch) {
+                    PartSent::Written => {
+                        r.parts.pop_front();
+                        r.progress_ms = now;
+                    }
+                    PartSent::Gone => {
+                        tracing::warn!(
+                            worker = self.idx,
+                            node,
+                            "replay to node stopped: its link went down"
+                        );
+                        self.resyncs.remove(&node);
+                        break;
+                    }
+                    PartSent::Full if now >= r.progress_ms.saturating_add(REPLAY_WAIT_MS) => {
+                        tracing::warn!(
+                            worker = self.idx,
+                            node,
+                            "replay to node stopped: its link did not drain and was reset"
+                        );
+                        peers.reset_link(node);
+                        self.resyncs.remove(&node);
+                        break;
+                    }
+                    PartSent::Full => break,
+                }
+            }
+        }
     }
 
     /// Re-sends as appends by recipient worker, and how many.
@@ -545,7 +661,7 @@ mod tests {
         assert!(o.take_overdue(u64::MAX / 2, remote).is_empty());
     }
 
-    /// A resync's replay (`Worker::replay_to_node`) comes from memory: the unconfirmed
+    /// A resync's replay (`Worker::pump_resyncs`) comes from memory: the unconfirmed
     /// recipients on that node of every fan-out, in each shard's msg_id order; confirmed ones
     /// and completed fan-outs are not in it, and it moves no re-send time.
     #[test]
@@ -565,21 +681,32 @@ mod tests {
         o.track(ShardId(0), &msg(6), &[UserId(104)], 0);
         assert!(!o.confirm(ShardId(1), MsgId(9), UserId(102)));
         assert!(o.confirm(ShardId(0), MsgId(6), UserId(104)));
-        let got: Vec<(u16, u64, Vec<u64>)> = o
-            .unconfirmed(on_node)
-            .into_iter()
-            .map(|(s, m, mut to)| {
-                to.sort();
-                (s.0, m.msg_id.0, to.iter().map(|u| u.0).collect())
-            })
-            .collect();
+        let list = |o: &Outbox, since: u64| -> Vec<(u16, u64, Vec<u64>)> {
+            o.unconfirmed(since, on_node)
+                .into_iter()
+                .map(|(s, m, mut to)| {
+                    to.sort();
+                    (s.0, m.msg_id.0, to.iter().map(|u| u.0).collect())
+                })
+                .collect()
+        };
         assert_eq!(
-            got,
+            list(&o, 0),
             vec![(1, 7, vec![103]), (1, 9, vec![101]), (2, 5, vec![100])]
+        );
+        // What a resync sends once its first parts are out: the fan-outs tracked since.
+        let since = o.gen();
+        assert!(list(&o, since).is_empty());
+        o.track(ShardId(0), &msg(12), &[UserId(105)], 0);
+        o.track(ShardId(1), &msg(10), &[UserId(106), UserId(4)], 0);
+        o.track(ShardId(1), &msg(7), &[UserId(103)], 0); // tracked again: not new
+        assert_eq!(
+            list(&o, since),
+            vec![(0, 12, vec![105]), (1, 10, vec![106])]
         );
         // The retries are still due when they were.
         assert!(o.take_overdue(RETRY_FIRST_MS - 1, on_node).is_empty());
-        assert_eq!(o.take_overdue(RETRY_FIRST_MS, on_node).len(), 3);
+        assert_eq!(o.take_overdue(RETRY_FIRST_MS, on_node).len(), 5);
     }
 
     #[test]

@@ -638,68 +638,87 @@ async fn a_fan_out_across_workers_is_kept_in_the_outbox_until_confirmed_and_repl
     assert!(fx.inbox(1).is_empty());
 }
 
-/// A link to another node that comes up (again) is resynced from the worker's memory: every
-/// append to that node's users not confirmed yet goes out as a replay, in msg_id order, and a
-/// confirmed one does not (`Worker::replay_to_node`).
-#[tokio::test]
-async fn a_resync_of_a_peer_link_replays_the_unconfirmed_appends_bound_for_that_node() {
+/// Appends a fake node received, one list per connection: `(recipient, msg_id, replay)`.
+type Got = Arc<std::sync::Mutex<Vec<Vec<(UserId, MsgId, bool)>>>>;
+
+/// A fake node 1 for a node-0 worker's peer link: takes connections one after the other and
+/// records the appends that arrive on each; reads nothing until `go` is set; ends a connection
+/// once it got `cut` appends on it (the link then comes back in a new epoch).
+fn fake_node(cut: usize, go: Arc<std::sync::atomic::AtomicBool>) -> (std::net::SocketAddr, Got) {
     use im_shared::link::{self, LinkMsg};
     use std::io::Read;
-    use std::sync::Mutex;
-    // Node 1: takes connections one after the other and records the appends that arrive; it
-    // ends a connection once it got `cut` appends on it (the link comes back in a new epoch).
     let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = peer.local_addr().unwrap();
-    type Got = Arc<Mutex<Vec<Vec<(UserId, MsgId, bool)>>>>;
     let got: Got = Arc::default();
-    let cut = 2usize;
-    {
-        let got = got.clone();
-        std::thread::spawn(move || {
-            for mut s in peer.incoming().flatten() {
-                got.lock().unwrap().push(Vec::new());
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let (mut buf, mut chunk) = (bytes::BytesMut::new(), vec![0u8; 64 << 10]);
-                loop {
-                    match link::decode_msg(&mut buf) {
-                        Ok(Some(LinkMsg::Peer(p))) => {
-                            if let Ok((_, WorkerMsg::Append(v))) = crate::peer::decode(p) {
-                                let mut g = got.lock().unwrap();
-                                let on_this = g.last_mut().unwrap();
-                                on_this.extend(
-                                    v.iter().map(|a| (a.recipient, a.msg.msg_id, a.replay)),
-                                );
-                                if on_this.len() >= cut {
-                                    break;
-                                }
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for mut s in peer.incoming().flatten() {
+            g.lock().unwrap().push(Vec::new());
+            while !go.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let (mut buf, mut chunk) = (bytes::BytesMut::new(), vec![0u8; 64 << 10]);
+            loop {
+                match link::decode_msg(&mut buf) {
+                    Ok(Some(LinkMsg::Peer(p))) => {
+                        if let Ok((_, WorkerMsg::Append(v))) = crate::peer::decode(p) {
+                            let mut g = g.lock().unwrap();
+                            let on_this = g.last_mut().unwrap();
+                            on_this.extend(v.iter().map(|a| (a.recipient, a.msg.msg_id, a.replay)));
+                            if on_this.len() >= cut {
+                                break;
                             }
                         }
-                        Ok(Some(_)) => {}
-                        Ok(None) => match s.read(&mut chunk) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        },
-                        Err(_) => break,
                     }
+                    Ok(Some(_)) => {}
+                    Ok(None) => match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    },
+                    Err(_) => break,
                 }
             }
-        });
+        }
+    });
+    (addr, got)
+}
+
+/// Waits (60 s at most) until `cond` holds.
+fn wait_for(what: &str, cond: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The first two users of node `node` (of 2) by `router`.
+fn users_on_node(router: &Router, node: usize) -> Vec<UserId> {
+    (1..)
+        .map(UserId)
+        .filter(|&u| router.node_of(router.owner(u)) == node)
+        .take(2)
+        .collect()
+}
+
+/// A link to another node that comes up (again) is resynced from the worker's memory: every
+/// append to that node's users not confirmed yet goes out as a replay, in msg_id order, and a
+/// confirmed one does not (`Worker::pump_resyncs`).
+#[tokio::test]
+async fn a_resync_of_a_peer_link_replays_the_unconfirmed_appends_bound_for_that_node() {
+    let (addr, got) = fake_node(2, Arc::new(std::sync::atomic::AtomicBool::new(true)));
     let links = Arc::new(crate::peer::PeerLinks::start(
         0,
         vec!["127.0.0.1:9".parse().unwrap(), addr],
     ));
     let mut fx = Fx::with_peers(1, links.clone()).await;
     let router = fx.workers[0].router.clone();
-    let on = |node: usize| -> Vec<UserId> {
-        (1..)
-            .map(UserId)
-            .filter(|&u| router.node_of(router.owner(u)) == node)
-            .take(2)
-            .collect()
-    };
-    let a = on(0)[0];
-    let (b, c) = (on(1)[0], on(1)[1]);
+    let a = users_on_node(&router, 0)[0];
+    let (b, c) = (users_on_node(&router, 1)[0], users_on_node(&router, 1)[1]);
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.client(
         conn(1),
@@ -709,18 +728,6 @@ async fn a_resync_of_a_peer_link_replays_the_unconfirmed_appends_bound_for_that_
     .await;
     let ids: Vec<MsgId> = acks(&fx.out()).iter().map(|a| a.1).collect();
     assert_eq!(ids.len(), 2);
-    // (A link notices that node 1 ended the connection at its next write: its ping after 5 s
-    // of quiet.)
-    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     // The link comes up; the worker's resync replays both appends.
     wait_for("the link", &|| !links.needs_resync(0).is_empty());
     fx.workers[0].tick(Tick::Resync, fx.now).await;
@@ -731,8 +738,8 @@ async fn a_resync_of_a_peer_link_replays_the_unconfirmed_appends_bound_for_that_
         got.lock().unwrap()[0],
         vec![(b, ids[0], true), (c, ids[1], true)]
     );
-    // b's worker confirms; node 1 ends the connection and the link comes back: only c's
-    // append is replayed.
+    // b's worker confirms; node 1 ends the connection and the link comes back (it notices at
+    // its next write: its ping after 5 s of quiet): only c's append is replayed.
     let shard = vshard_of(a);
     fx.step(0, vec![WorkerMsg::AppendDone(vec![(shard, ids[0], b)])])
         .await
@@ -744,6 +751,106 @@ async fn a_resync_of_a_peer_link_replays_the_unconfirmed_appends_bound_for_that_
     });
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(got.lock().unwrap()[1], vec![(c, ids[1], true)]);
+}
+
+/// The 400 sends of 32 KiB from `a` to `b` that fill a peer link (client msg ids from `from`).
+fn big_sends(b: UserId, from: u64, n: u64) -> Vec<(u32, Command)> {
+    let body = Bytes::from(vec![b'x'; 32 << 10]);
+    (from..from + n)
+        .map(|i| {
+            let c = Command::SendC2c {
+                client_msg_id: i,
+                to: b,
+                body: body.clone(),
+            };
+            (i as u32, c)
+        })
+        .collect()
+}
+
+/// A resync whose link has no room does not hold the worker: its rounds go on (their live
+/// appends to that node wait, as the link is not resynced), and once the node reads, the
+/// resync sends everything, those too, in msg_id order, then marks the link resynced.
+#[tokio::test]
+async fn a_resync_waiting_for_room_on_its_link_lets_the_worker_go_on() {
+    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (addr, got) = fake_node(usize::MAX, go.clone());
+    // A small queue bound: the replay (~13 MiB) passes it and the sockets' buffers at once.
+    let links = Arc::new(crate::peer::PeerLinks::start_with(
+        0,
+        vec!["127.0.0.1:9".parse().unwrap(), addr],
+        256 << 10,
+    ));
+    let mut fx = Fx::with_peers(1, links.clone()).await;
+    let router = fx.workers[0].router.clone();
+    let (a, b) = (users_on_node(&router, 0)[0], users_on_node(&router, 1)[0]);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.client(conn(1), a, big_sends(b, 1, 400)).await;
+    let mut ids: Vec<MsgId> = acks(&fx.out()).iter().map(|a| a.1).collect();
+    assert_eq!(ids.len(), 400);
+    wait_for("the link", &|| !links.needs_resync(0).is_empty());
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    assert!(
+        !links.needs_resync(0).is_empty(),
+        "resynced with node 1 reading nothing"
+    );
+    // The worker serves meanwhile: a round, whose append to node 1 waits too.
+    fx.client(conn(1), a, big_sends(b, 401, 1)).await;
+    let late = acks(&fx.out());
+    assert_eq!(late.len(), 1, "no round while the resync waits");
+    ids.push(late[0].1);
+    // Nothing taken for 10 s less a ms: the link stays.
+    fx.now += 9_999;
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    assert_eq!(links.resets(), 0);
+    // Node 1 reads: the resync goes on at each tick, and ends.
+    go.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !links.needs_resync(0).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resync never ended"
+        );
+        fx.workers[0].tick(Tick::Resync, fx.now).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for("every append", &|| got.lock().unwrap()[0].len() >= 401);
+    let want: Vec<(UserId, MsgId, bool)> = ids.iter().map(|&m| (b, m, true)).collect();
+    assert_eq!(got.lock().unwrap()[0], want);
+    assert_eq!(links.resets(), 0);
+    // Live appends go out at once now.
+    fx.client(conn(1), a, big_sends(b, 402, 1)).await;
+    let last = acks(&fx.out())[0].1;
+    wait_for("the live append", &|| got.lock().unwrap()[0].len() == 402);
+    assert_eq!(got.lock().unwrap()[0][401], (b, last, false));
+}
+
+/// A resync whose link takes no part for 10 s resets the link (a peer that does not read; the
+/// next epoch's resync starts over).
+#[tokio::test]
+async fn a_resync_whose_link_takes_nothing_for_10_s_resets_it() {
+    let (addr, _got) = fake_node(
+        usize::MAX,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let links = Arc::new(crate::peer::PeerLinks::start_with(
+        0,
+        vec!["127.0.0.1:9".parse().unwrap(), addr],
+        256 << 10,
+    ));
+    let mut fx = Fx::with_peers(1, links.clone()).await;
+    let router = fx.workers[0].router.clone();
+    let (a, b) = (users_on_node(&router, 0)[0], users_on_node(&router, 1)[0]);
+    fx.login(conn(1), a, DeviceType::Phone).await;
+    fx.client(conn(1), a, big_sends(b, 1, 400)).await;
+    wait_for("the link", &|| !links.needs_resync(0).is_empty());
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    fx.now += 9_999;
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    assert_eq!(links.resets(), 0);
+    fx.now += 1;
+    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    assert_eq!(links.resets(), 1, "the link was not reset");
 }
 
 #[tokio::test]
