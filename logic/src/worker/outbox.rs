@@ -437,7 +437,10 @@ impl<S: Store> Worker<S> {
                         self.resyncs.remove(&node);
                         break;
                     }
-                    PartSent::Full if now >= r.progress_ms.saturating_add(REPLAY_WAIT_MS) => {
+                    // (A wall clock that stepped back restarts the wait from the step.)
+                    PartSent::Full
+                        if now >= r.progress_ms.min(now).saturating_add(REPLAY_WAIT_MS) =>
+                    {
                         tracing::warn!(
                             worker = self.idx,
                             node,
@@ -447,7 +450,10 @@ impl<S: Store> Worker<S> {
                         self.resyncs.remove(&node);
                         break;
                     }
-                    PartSent::Full => break,
+                    PartSent::Full => {
+                        r.progress_ms = r.progress_ms.min(now);
+                        break;
+                    }
                 }
             }
         }

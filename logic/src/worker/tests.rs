@@ -844,7 +844,12 @@ async fn a_resync_whose_link_takes_nothing_for_10_s_resets_it() {
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.client(conn(1), a, big_sends(b, 1, 400)).await;
     wait_for("the link", &|| !links.needs_resync(0).is_empty());
-    fx.workers[0].tick(Tick::Resync, fx.now).await;
+    // Ticks for a second at the same time: the link's thread and the sockets' buffers take what
+    // they can, then nothing more (node 1 reads nothing).
+    for _ in 0..20 {
+        fx.workers[0].tick(Tick::Resync, fx.now).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     fx.now += 9_999;
     fx.workers[0].tick(Tick::Resync, fx.now).await;
     assert_eq!(links.resets(), 0);
