@@ -285,11 +285,9 @@ impl<S: Store> Worker<S> {
     /// a crash interrupted), read from the store, to the recipients that have not confirmed; the
     /// entries are tracked in memory from then on.
     pub(super) async fn replay_outbox(&mut self) {
-        let total = self.router.total();
         let me = self.router.global(self.idx);
         let now = self.now;
-        let mut out: Vec<Vec<AppendReq>> = (0..total).map(|_| Vec::new()).collect();
-        let mut n = 0usize;
+        let mut resend: Resend = Vec::new();
         // Confirmed entries whose deletion waits (a lazy write, fresh or draining) are still in
         // the store: skip them instead of fanning them out again (harmless, a replayed append is
         // idempotent, but a second's worth of entries or more for nothing).
@@ -333,20 +331,16 @@ impl<S: Store> Worker<S> {
                     self.resume_mention_all(shard, &msg, &recipients).await;
                 }
                 self.outbox.track(shard, &msg, &recipients, now);
-                for r in recipients {
-                    if !self.outbox.is_unconfirmed(shard, msg.msg_id, r) {
-                        continue;
-                    }
-                    n += 1;
-                    out[self.owner(r)].push(AppendReq {
-                        recipient: r,
-                        shard,
-                        msg: msg.clone(),
-                        replay: true,
-                    });
+                let to: Vec<UserId> = recipients
+                    .into_iter()
+                    .filter(|&r| self.outbox.is_unconfirmed(shard, msg.msg_id, r))
+                    .collect();
+                if !to.is_empty() {
+                    resend.push((shard, msg, to));
                 }
             }
         }
+        let (out, n) = self.appends_of(resend);
         if n > 0 {
             tracing::info!(worker = self.idx, appends = n, "replaying outbox");
         }

@@ -768,14 +768,14 @@ fn big_sends(b: UserId, from: u64, n: u64) -> Vec<(u32, Command)> {
         .collect()
 }
 
-/// A resync whose link has no room does not hold the worker: its rounds go on (their live
-/// appends to that node wait, as the link is not resynced), and once the node reads, the
-/// resync sends everything, those too, in msg_id order, then marks the link resynced.
-#[tokio::test]
-async fn a_resync_waiting_for_room_on_its_link_lets_the_worker_go_on() {
-    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (addr, got) = fake_node(usize::MAX, go.clone());
-    // A small queue bound: the replay (~13 MiB) passes it and the sockets' buffers at once.
+/// A node-0 worker with 400 appends of 32 KiB for a user of node 1 (`b`, from `a`, logged in
+/// on `conn(1)`), whose link to the fake node 1 is up with a small queue bound (256 KiB: the
+/// replay passes it and the sockets' buffers at once): `(fx, links, a, b, got)`. The fake node
+/// reads nothing until `go` is set.
+async fn stalled_link(
+    go: Arc<std::sync::atomic::AtomicBool>,
+) -> (Fx, Arc<crate::peer::PeerLinks>, UserId, UserId, Got) {
+    let (addr, got) = fake_node(usize::MAX, go);
     let links = Arc::new(crate::peer::PeerLinks::start_with(
         0,
         vec!["127.0.0.1:9".parse().unwrap(), addr],
@@ -786,9 +786,19 @@ async fn a_resync_waiting_for_room_on_its_link_lets_the_worker_go_on() {
     let (a, b) = (users_on_node(&router, 0)[0], users_on_node(&router, 1)[0]);
     fx.login(conn(1), a, DeviceType::Phone).await;
     fx.client(conn(1), a, big_sends(b, 1, 400)).await;
+    wait_for("the link", &|| !links.needs_resync(0).is_empty());
+    (fx, links, a, b, got)
+}
+
+/// A resync whose link has no room does not hold the worker: its rounds go on (their live
+/// appends to that node wait, as the link is not resynced), and once the node reads, the
+/// resync sends everything, those too, in msg_id order, then marks the link resynced.
+#[tokio::test]
+async fn a_resync_waiting_for_room_on_its_link_lets_the_worker_go_on() {
+    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut fx, links, a, b, got) = stalled_link(go.clone()).await;
     let mut ids: Vec<MsgId> = acks(&fx.out()).iter().map(|a| a.1).collect();
     assert_eq!(ids.len(), 400);
-    wait_for("the link", &|| !links.needs_resync(0).is_empty());
     fx.workers[0].tick(Tick::Resync, fx.now).await;
     assert!(
         !links.needs_resync(0).is_empty(),
@@ -829,21 +839,8 @@ async fn a_resync_waiting_for_room_on_its_link_lets_the_worker_go_on() {
 /// next epoch's resync starts over).
 #[tokio::test]
 async fn a_resync_whose_link_takes_nothing_for_10_s_resets_it() {
-    let (addr, _got) = fake_node(
-        usize::MAX,
-        Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    );
-    let links = Arc::new(crate::peer::PeerLinks::start_with(
-        0,
-        vec!["127.0.0.1:9".parse().unwrap(), addr],
-        256 << 10,
-    ));
-    let mut fx = Fx::with_peers(1, links.clone()).await;
-    let router = fx.workers[0].router.clone();
-    let (a, b) = (users_on_node(&router, 0)[0], users_on_node(&router, 1)[0]);
-    fx.login(conn(1), a, DeviceType::Phone).await;
-    fx.client(conn(1), a, big_sends(b, 1, 400)).await;
-    wait_for("the link", &|| !links.needs_resync(0).is_empty());
+    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut fx, links, _, _, _) = stalled_link(go).await;
     // Ticks for a second at the same time: the link's thread and the sockets' buffers take what
     // they can, then nothing more (node 1 reads nothing).
     for _ in 0..20 {
